@@ -1,0 +1,5 @@
+import sys
+
+from qflare.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure differential-privacy core: mechanism and accounting decisions."""

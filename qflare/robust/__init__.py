@@ -1,0 +1,1 @@
+"""Pure Byzantine-robust aggregation, detection and attacks."""
