@@ -1,0 +1,80 @@
+"""Transport port (DESIGN §5): ``connect_bus`` picks the adapter from the URL.
+
+``memory://[name]`` (or no URL) gives the embedded broker, ``amqp://``/``amqps://`` RabbitMQ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from qflare.bus import topology
+from qflare.bus.port import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Bus,
+    BusClosed,
+    BusError,
+    BusUnavailable,
+    Delivery,
+    Handler,
+    InvalidHeaders,
+    MessageTooLarge,
+    Outcome,
+    PublishFailed,
+    QueueSpec,
+    Subscription,
+    TopologyError,
+)
+
+
+async def connect_bus(
+    url: str | None = None,
+    prefix: str = "",
+    *,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    **options: Any,
+) -> Bus:
+    """Connect and declare QFLARE's exchanges (idempotent).
+
+    ``options`` go to the RabbitMQ adapter (``connect_timeout``, ``publish_timeout``,
+    ``connection_name``); the in-memory adapter takes none.
+    """
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be str, got {type(prefix).__name__}")
+    if not isinstance(max_message_size, int) or max_message_size < 1:
+        raise ValueError(f"max_message_size must be a positive int, got {max_message_size!r}")
+    scheme = urlsplit(url).scheme if url else "memory"
+    if scheme == "memory":
+        if options:
+            raise TypeError(f"the in-memory bus takes no options, got {sorted(options)}")
+        from qflare.bus.memory import MemoryBus
+
+        name = urlsplit(url).netloc if url else ""
+        return MemoryBus(name, prefix=prefix, max_message_size=max_message_size)
+    if scheme in ("amqp", "amqps"):
+        from qflare.bus.rabbitmq import RabbitBus
+
+        return await RabbitBus.connect(
+            url, prefix=prefix, max_message_size=max_message_size, **options
+        )
+    raise ValueError(f"unsupported bus URL scheme {scheme!r}; use memory:// or amqp://")
+
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "Bus",
+    "BusClosed",
+    "BusError",
+    "BusUnavailable",
+    "Delivery",
+    "Handler",
+    "InvalidHeaders",
+    "MessageTooLarge",
+    "Outcome",
+    "PublishFailed",
+    "QueueSpec",
+    "Subscription",
+    "TopologyError",
+    "connect_bus",
+    "topology",
+]
