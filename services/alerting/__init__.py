@@ -1,0 +1,1 @@
+"""Alerting service: stores, deduplicates, rate-limits, escalates and republishes alerts."""
