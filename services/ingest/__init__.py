@@ -1,0 +1,1 @@
+"""Ingest service: verifies, unseals and validates client updates (stateless, N replicas)."""

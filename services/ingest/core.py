@@ -1,0 +1,242 @@
+"""Ingest's pure core: what an update must satisfy to enter an open round.
+
+Ingest is stateless (DESIGN.md §1): it holds only a cache of the rounds that are open,
+learnt from ``round.opened`` / ``round.closed`` events, and a bounded memory of the
+``(job, round, client)`` triples it has accepted. Everything here works on plain data
+(numpy arrays, ints, strings) and raises :class:`MessageRejected` with a stable
+:class:`Reason`, so each rule is unit-tested without a broker, and the service shell only
+decodes, calls :func:`check_update` and publishes.
+
+Order of checks: identity and round first (cheap, and they decide whether the tensors are
+worth looking at), then tensor names, dtypes and shapes (metadata only), then the values
+(finiteness, L2 norm), computed in float64 so a float32 overflow cannot hide an infinite
+norm. Duplicate suppression is best effort (per replica, bounded); the aggregator, which
+stores updates keyed by ``(job, round, client)``, is authoritative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qflare.crypto.errors import MessageRejected, Reason
+
+#: Rounds remembered as closed per job, so a late ``round.opened`` redelivery cannot reopen one.
+_CLOSED_MEMORY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """The expected dtype (numpy name, e.g. ``"float32"``) and shape of one tensor."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRound:
+    """What ingest knows about one open round (from ``round.opened``).
+
+    ``participants`` is ``None`` when every certified client may contribute.
+    ``deadline`` is a unix time (``None``: no deadline at ingest; the aggregator closes).
+    ``max_norm`` bounds the L2 norm of the whole update (``None``: only finiteness).
+    """
+
+    job: str
+    round: int
+    base_version: int
+    tensors: Mapping[str, TensorSpec]
+    participants: frozenset[str] | None = None
+    deadline: float | None = None
+    max_norm: float | None = None
+
+    @property
+    def update_nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass
+class RoundBook:
+    """The open rounds per job, as seen through possibly reordered, redelivered events."""
+
+    _open: dict[str, OpenRound] = field(default_factory=dict)
+    _closed: dict[str, OrderedDict[int, None]] = field(default_factory=dict)
+    _latest: dict[str, int] = field(default_factory=dict)
+
+    def opened(self, info: OpenRound) -> bool:
+        """Record ``round.opened``; returns False when it is stale (an older or closed
+        round, e.g. a redelivered or periodically re-announced event)."""
+        if info.round in self._closed.get(info.job, ()):
+            return False
+        if info.round < self._latest.get(info.job, -1):
+            return False
+        self._open[info.job] = info
+        self._latest[info.job] = info.round
+        return True
+
+    def closed(self, job: str, round_: int) -> None:
+        closed = self._closed.setdefault(job, OrderedDict())
+        closed[round_] = None
+        while len(closed) > _CLOSED_MEMORY:
+            closed.popitem(last=False)
+        current = self._open.get(job)
+        if current is not None and current.round == round_:
+            del self._open[job]
+        self._latest[job] = max(self._latest.get(job, -1), round_)
+
+    def ended(self, job: str) -> None:
+        self._open.pop(job, None)
+
+    def get(self, job: str) -> OpenRound | None:
+        return self._open.get(job)
+
+    def knows(self, job: str) -> bool:
+        return job in self._latest
+
+    def latest(self, job: str) -> int | None:
+        return self._latest.get(job)
+
+    def was_closed(self, job: str, round_: int) -> bool:
+        return round_ in self._closed.get(job, ())
+
+    def jobs(self) -> list[str]:
+        return sorted(self._open)
+
+
+def check_round(book: RoundBook, *, job: str, round_: int, base_version: int,
+                client: str, now: float) -> OpenRound:
+    """The update's job/round/base version/sender against the open round; returns it."""
+    info = book.get(job)
+    if info is None:
+        if book.was_closed(job, round_):
+            raise MessageRejected(Reason.ROUND_CLOSED, f"round {round_} of job {job!r} is closed")
+        if book.knows(job):
+            raise MessageRejected(
+                Reason.STALE_ROUND,
+                f"job {job!r} has no open round (latest {book.latest(job)}), update is for round {round_}",
+            )
+        raise MessageRejected(Reason.WRONG_JOB, f"no open round for job {job!r}")
+    if round_ != info.round:
+        if book.was_closed(job, round_):
+            raise MessageRejected(Reason.ROUND_CLOSED, f"round {round_} of job {job!r} is closed")
+        raise MessageRejected(
+            Reason.STALE_ROUND, f"update for round {round_}, job {job!r} has round {info.round} open"
+        )
+    if base_version != info.base_version:
+        raise MessageRejected(
+            Reason.STALE_BASE,
+            f"update computed on model version {base_version}, round {info.round} uses {info.base_version}",
+        )
+    if info.participants is not None and client not in info.participants:
+        raise MessageRejected(
+            Reason.NOT_PARTICIPANT, f"{client!r} was not selected for round {info.round} of {job!r}"
+        )
+    if info.deadline is not None and now > info.deadline:
+        raise MessageRejected(
+            Reason.ROUND_CLOSED, f"round {info.round} of {job!r} passed its deadline {now - info.deadline:.1f}s ago"
+        )
+    return info
+
+
+def check_tensors(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
+    """Names, dtypes, shapes, finiteness and L2 norm of an update; returns the norm."""
+    expected, got = set(info.tensors), set(tensors)
+    if expected != got:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        raise MessageRejected(
+            Reason.SHAPE_MISMATCH, f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name in sorted(expected):
+        spec, arr = info.tensors[name], tensors[name]
+        if not isinstance(arr, np.ndarray):
+            raise MessageRejected(Reason.MALFORMED, f"tensor {name!r} is not an array")
+        if arr.dtype != np.dtype(spec.dtype):
+            raise MessageRejected(
+                Reason.DTYPE_NOT_ALLOWED, f"tensor {name!r} has dtype {arr.dtype}, round expects {spec.dtype}"
+            )
+        if tuple(arr.shape) != spec.shape:
+            raise MessageRejected(
+                Reason.SHAPE_MISMATCH, f"tensor {name!r} has shape {tuple(arr.shape)}, round expects {spec.shape}"
+            )
+    total = 0.0
+    for name in sorted(expected):
+        arr = tensors[name]
+        if arr.size == 0:
+            continue
+        if not np.isfinite(arr).all():
+            raise MessageRejected(Reason.NON_FINITE, f"tensor {name!r} contains NaN or Inf")
+        flat = arr.reshape(-1)
+        # float64 accumulation: a float32 sum of squares overflows near 1.8e19 per element.
+        total += float(np.dot(flat.astype(np.float64, copy=False), flat.astype(np.float64, copy=False)))
+    norm = math.sqrt(total)
+    if not math.isfinite(norm):
+        raise MessageRejected(Reason.NON_FINITE, "update norm overflows float64")
+    if info.max_norm is not None and norm > info.max_norm:
+        raise MessageRejected(Reason.TOO_LARGE, f"update L2 norm {norm:.4g} exceeds the limit {info.max_norm:.4g}")
+    return norm
+
+
+def max_envelope_bytes(info: OpenRound, *, slack: float = 1.25, overhead: int = 64 * 1024) -> int:
+    """The largest envelope an honest update for ``info`` can be: tensor bytes plus
+    headers, certificate, signature and (sealed) AEAD overhead. Checked before decoding,
+    so an oversized message costs no allocation."""
+    return int(info.update_nbytes * slack) + overhead
+
+
+@dataclass
+class SeenUpdates:
+    """Bounded memory of accepted ``(job, round, client)`` triples (best effort, per replica)."""
+
+    capacity: int = 100_000
+    _seen: OrderedDict[tuple[str, int, str], str] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {self.capacity!r}")
+
+    def check(self, job: str, round_: int, client: str) -> None:
+        digest = self._seen.get((job, round_, client))
+        if digest is not None:
+            raise MessageRejected(
+                Reason.DUPLICATE, f"{client!r} already sent an update for round {round_} of {job!r} ({digest[:16]})"
+            )
+
+    def add(self, job: str, round_: int, client: str, digest: str) -> None:
+        self._seen[(job, round_, client)] = digest
+        self._seen.move_to_end((job, round_, client))
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def forget_round(self, job: str, keep_from: int) -> None:
+        """Drop triples of rounds older than ``keep_from`` (the round book rejects them anyway)."""
+        for key in [k for k in self._seen if k[0] == job and k[1] < keep_from]:
+            del self._seen[key]
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def tensor_specs(pairs: Iterable[tuple[str, str, Iterable[int]]]) -> dict[str, TensorSpec]:
+    """``[(name, dtype, shape), ...]`` to a spec map, validating each entry."""
+    out: dict[str, TensorSpec] = {}
+    for name, dtype, shape in pairs:
+        shape_t = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape_t):
+            raise ValueError(f"tensor {name!r}: negative dimension in {shape_t}")
+        np.dtype(dtype)  # raises TypeError for an unknown dtype name
+        if name in out:
+            raise ValueError(f"tensor {name!r} listed twice")
+        out[name] = TensorSpec(str(np.dtype(dtype)), shape_t)
+    return out

@@ -1,0 +1,144 @@
+"""Ingest's pure checks: every rule raises its reason code, plain data only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qflare.crypto.errors import MessageRejected, Reason
+from qflare.services.ingest.core import (
+    OpenRound,
+    RoundBook,
+    SeenUpdates,
+    check_round,
+    check_tensors,
+    max_envelope_bytes,
+    tensor_specs,
+)
+
+SPEC = tensor_specs([("w", "float32", (3, 2)), ("b", "float32", (2,))])
+
+
+def _round(**kw) -> OpenRound:
+    base = dict(job="j1", round=4, base_version=3, tensors=SPEC, participants=frozenset({"c1", "c2"}),
+                deadline=100.0, max_norm=10.0)
+    base.update(kw)
+    return OpenRound(**base)
+
+
+def _book(*rounds: OpenRound) -> RoundBook:
+    book = RoundBook()
+    for r in rounds or (_round(),):
+        book.opened(r)
+    return book
+
+
+def _good() -> dict[str, np.ndarray]:
+    return {"w": np.full((3, 2), 0.5, np.float32), "b": np.ones(2, np.float32)}
+
+
+def _code(fn, *a, **kw) -> Reason:
+    with pytest.raises(MessageRejected) as e:
+        fn(*a, **kw)
+    return e.value.reason
+
+
+def test_good_update_passes_and_returns_norm() -> None:
+    info = check_round(_book(), job="j1", round_=4, base_version=3, client="c1", now=50)
+    assert info.round == 4
+    assert check_tensors(info, _good()) == pytest.approx(np.sqrt(6 * 0.25 + 2))
+
+
+@pytest.mark.parametrize("kw,reason", [
+    ({"job": "jx"}, Reason.WRONG_JOB),
+    ({"round_": 3}, Reason.STALE_ROUND),
+    ({"round_": 5}, Reason.STALE_ROUND),
+    ({"base_version": 2}, Reason.STALE_BASE),
+    ({"client": "c9"}, Reason.NOT_PARTICIPANT),
+    ({"now": 100.5}, Reason.ROUND_CLOSED),
+], ids=["wrong-job", "older-round", "future-round", "stale-base", "not-selected", "past-deadline"])
+def test_round_checks(kw: dict, reason: Reason) -> None:
+    args = dict(job="j1", round_=4, base_version=3, client="c1", now=50.0)
+    args.update(kw)
+    assert _code(check_round, _book(), **args) is reason
+
+
+def test_closed_round_and_job_without_open_round() -> None:
+    book = _book()
+    book.closed("j1", 4)
+    assert _code(check_round, book, job="j1", round_=4, base_version=3, client="c1", now=1) is Reason.ROUND_CLOSED
+    assert _code(check_round, book, job="j1", round_=2, base_version=3, client="c1", now=1) is Reason.STALE_ROUND
+
+
+def test_round_book_ignores_stale_and_redelivered_events() -> None:
+    book = _book(_round(round=4))
+    assert not book.opened(_round(round=3))          # older announcement
+    book.closed("j1", 4)
+    assert not book.opened(_round(round=4))          # redelivered opened after close
+    assert book.get("j1") is None
+    assert book.opened(_round(round=5)) and book.get("j1").round == 5
+    book.closed("j1", 3)                             # late close of an old round leaves 5 open
+    assert book.get("j1").round == 5
+    book.ended("j1")
+    assert book.get("j1") is None and book.jobs() == []
+
+
+def test_open_for_everyone_and_no_deadline() -> None:
+    book = _book(_round(participants=None, deadline=None))
+    assert check_round(book, job="j1", round_=4, base_version=3, client="anyone", now=1e12).job == "j1"
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda t: t.pop("b"), Reason.SHAPE_MISMATCH),
+    (lambda t: t.update(extra=np.zeros(1, np.float32)), Reason.SHAPE_MISMATCH),
+    (lambda t: t.update(w=np.zeros((2, 3), np.float32)), Reason.SHAPE_MISMATCH),
+    (lambda t: t.update(w=np.zeros(6, np.float32)), Reason.SHAPE_MISMATCH),
+    (lambda t: t.update(b=np.ones(2, np.float64)), Reason.DTYPE_NOT_ALLOWED),
+    (lambda t: t["w"].__setitem__((0, 0), np.nan), Reason.NON_FINITE),
+    (lambda t: t["b"].__setitem__(1, -np.inf), Reason.NON_FINITE),
+    (lambda t: t.update(b=np.full(2, 100, np.float32)), Reason.TOO_LARGE),
+    (lambda t: t.update(b="not an array"), Reason.MALFORMED),
+], ids=["missing", "extra", "transposed", "flattened", "dtype", "nan", "inf", "norm", "not-array"])
+def test_tensor_checks(mutate, reason: Reason) -> None:
+    tensors = _good()
+    mutate(tensors)
+    assert _code(check_tensors, _round(), tensors) is reason
+
+
+def test_float32_overflowing_squares_are_caught() -> None:
+    # each element is finite, but its square overflows float32: the norm is computed in float64
+    big = {"w": np.full((3, 2), 3e38, np.float32), "b": np.zeros(2, np.float32)}
+    norm = check_tensors(_round(max_norm=None), big)
+    assert np.isfinite(norm) and norm > 1e38
+    assert _code(check_tensors, _round(max_norm=1e6), big) is Reason.TOO_LARGE
+
+
+def test_seen_updates_rejects_duplicates_and_is_bounded() -> None:
+    seen = SeenUpdates(capacity=2)
+    seen.check("j1", 4, "c1")
+    seen.add("j1", 4, "c1", "ab" * 32)
+    assert _code(seen.check, "j1", 4, "c1") is Reason.DUPLICATE
+    seen.check("j1", 5, "c1")  # another round is fine
+    seen.add("j1", 4, "c2", "d")
+    seen.add("j1", 4, "c3", "d")
+    assert len(seen) == 2
+    seen.check("j1", 4, "c1")  # evicted: best effort, the aggregator is authoritative
+    seen.forget_round("j1", keep_from=5)
+    assert len(seen) == 0
+    with pytest.raises(ValueError):
+        SeenUpdates(capacity=0)
+
+
+def test_envelope_bound_scales_with_the_round() -> None:
+    small = max_envelope_bytes(_round())
+    big = max_envelope_bytes(_round(tensors=tensor_specs([("w", "float32", (1000, 1000))])))
+    assert small >= 8 * 4 and big - small >= 4_000_000
+
+
+def test_tensor_specs_validates() -> None:
+    with pytest.raises(ValueError):
+        tensor_specs([("w", "float32", (-1,))])
+    with pytest.raises(ValueError):
+        tensor_specs([("w", "float32", (1,)), ("w", "float32", (1,))])
+    with pytest.raises(TypeError):
+        tensor_specs([("w", "float99", (1,))])
