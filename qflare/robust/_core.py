@@ -1,0 +1,184 @@
+"""Shared plumbing for the robust rules: input checks, array kinds, pairwise geometry.
+
+Every rule computes on NumPy views of its input (``torch.Tensor.numpy()`` is zero-copy on
+CPU) and hands back the same kind it was given. Pairwise geometry goes through one
+centred Gram matrix: FACTS.md measured X @ X.T 4-9x faster than cdist here, and centring
+block by block keeps float32 cancellation out of squared distances between nearby updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# Columns per block of the centred Gram pass: n x block float32 stays in cache.
+_BLOCK_BYTES = 4 << 20
+
+
+def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
+    """Validate an integer hyperparameter at construction."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:
+    """Validate a real hyperparameter at construction (ints are accepted as reals)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not np.isfinite(v) or v < minimum or (strict and v == minimum):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be finite and {op} {minimum}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated [n, d] input as a NumPy view plus how to hand results back."""
+
+    x: np.ndarray
+    weights: np.ndarray | None
+    is_torch: bool
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    def back(self, out: np.ndarray) -> ArrayLike:
+        out = np.ascontiguousarray(out, dtype=self.x.dtype)
+        return torch.from_numpy(out) if self.is_torch else out
+
+
+def as_batch(updates: Any, weights: Any = None) -> Batch:
+    """Check an [n, d] float array or CPU tensor (and optional [n] weights)."""
+    if isinstance(updates, torch.Tensor):
+        if updates.device.type != "cpu":
+            raise ValueError(f"updates must be on the CPU, got device {updates.device}")
+        x = updates.detach().numpy()
+        is_torch = True
+    elif isinstance(updates, np.ndarray):
+        x, is_torch = updates, False
+    else:
+        raise TypeError(f"updates must be a numpy array or torch tensor, got {type(updates).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"updates must have shape [n, d], got shape {tuple(x.shape)}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"updates must be float32 or float64, got {x.dtype}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"updates must have n >= 1 and d >= 1, got shape {tuple(x.shape)}")
+    return Batch(x, check_weights(weights, x.shape[0]), is_torch)
+
+
+def check_weights(weights: Any, n: int) -> np.ndarray | None:
+    """Validate optional per-update weights: [n], finite, >= 0, positive sum."""
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().numpy()
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have shape [{n}], got {tuple(w.shape)}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be finite, non-negative and sum to a positive value")
+    return w
+
+
+def require(cond: bool, rule: str, text: str) -> None:
+    """Raise the call-time requirement error with the numbers in it."""
+    if not cond:
+        raise ValueError(f"{rule}: requirement violated: {text}")
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """Boolean mask of rows whose every entry is finite (one pass, row sums)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = x.sum(axis=1, dtype=np.float64)
+    return np.isfinite(s)
+
+
+def centred_gram(x: np.ndarray) -> np.ndarray:
+    """Gram matrix of the rows of x after subtracting their mean, in float64.
+
+    Squared distances follow as G_ii + G_jj - 2 G_ij. Blocked over columns so that the
+    centred block is cache-sized: no n x d copy is made.
+    """
+    n, d = x.shape
+    block = max(1024, _BLOCK_BYTES // (4 * n))
+    g = np.zeros((n, n), dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, d, block):
+            xb = x[:, start:start + block]
+            xc = xb - xb.mean(axis=0, dtype=x.dtype)
+            g += (xc @ xc.T).astype(np.float64)
+    return g
+
+
+def sq_dists_from_gram(g: np.ndarray) -> np.ndarray:
+    """Squared pairwise distances from a Gram matrix, clamped at 0, exact 0 diagonal."""
+    diag = np.diag(g)
+    d2 = diag[:, None] + diag[None, :] - 2.0 * g
+    np.maximum(d2, 0.0, out=d2)
+    np.fill_diagonal(d2, 0.0)
+    return d2
+
+
+def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
+    """Squared pairwise distances of the rows of x (n x n, float64)."""
+    return sq_dists_from_gram(centred_gram(x))
+
+
+def weighted_mean(x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """Mean of rows (weighted when w is given) as float64 via one gemv."""
+    n = x.shape[0]
+    coef = np.full(n, 1.0 / n) if w is None else w / w.sum()
+    return combine(x, coef)
+
+
+def combine(x: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """sum_i coef_i x_i, skipping zero coefficients so that non-finite dropped rows stay out."""
+    nz = np.flatnonzero(coef)
+    if len(nz) == x.shape[0]:
+        return (coef.astype(x.dtype) @ x).astype(np.float64)
+    return (coef[nz].astype(x.dtype) @ x[nz]).astype(np.float64)
+
+
+def sorted_rows(x: np.ndarray) -> np.ndarray:
+    """Copy of x sorted along axis 0 (NaN last); FACTS.md: faster than median/partition."""
+    return np.sort(x, axis=0)
+
+
+def median_from_sorted(s: np.ndarray) -> np.ndarray:
+    """Coordinate-wise median (mean of the two middle values for even n, as np.median)."""
+    n = s.shape[0]
+    if n % 2:
+        return s[n // 2].astype(np.float64)
+    return (s[n // 2 - 1].astype(np.float64) + s[n // 2]) * 0.5
+
+
+def closest_window_mean(s: np.ndarray, centre: np.ndarray, k: int) -> np.ndarray:
+    """Per coordinate, the mean of the k sorted values closest to centre.
+
+    The k values nearest a point form a contiguous window of the sorted column, so slide
+    the window over the n - k + 1 starts instead of materialising |x - centre| (n x d).
+    """
+    n = s.shape[0]
+    acc = s[:k].sum(axis=0, dtype=np.float64)
+    best = acc.copy()
+    with np.errstate(invalid="ignore"):
+        best_far = np.maximum(centre - s[0], s[k - 1] - centre)
+        for j in range(1, n - k + 1):
+            acc += s[j + k - 1]
+            acc -= s[j - 1]
+            far = np.maximum(centre - s[j], s[j + k - 1] - centre)
+            better = far < best_far
+            best_far = np.where(better, far, best_far)
+            best = np.where(better, acc, best)
+    return best / k

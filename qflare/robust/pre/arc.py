@@ -1,0 +1,42 @@
+"""Adaptive robust clipping (ARC).
+
+Allouah, Guerraoui, Gupta, Jellouli, Rizk and Stephan, "The Vital Role of Gradient
+Clipping in Byzantine-Resilient Distributed Learning", arXiv:2405.14432, 2024.
+Requirement: f <= n. The k = floor(2 f (n - f) / n) largest updates are clipped to the
+norm of the largest one left unclipped (ByzFL's ARC, which modifies its input in place;
+this returns new rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._base import PreAggregator, register_pre
+from .._core import check_int, require
+from .clipping import clip_rows, row_norms
+
+
+@register_pre
+class ARC(PreAggregator):
+    name = "arc"
+
+    def __init__(self, f: int = 0) -> None:
+        self.f = check_int("f", f)
+
+    def params(self) -> dict[str, Any]:
+        return {"f": self.f}
+
+    def transform(self, x, w, *, rng=None):  # type: ignore[override]
+        n = x.shape[0]
+        require(self.f <= n, self.name, f"needs f <= n, got f={self.f}, n={n}")
+        k = int(2 * self.f / n * (n - self.f))
+        if k == 0:
+            return x.copy(), w
+        norms = row_norms(x)
+        order = np.argsort(norms, kind="stable")
+        limit = norms[order[n - k - 1]]
+        limits = np.full(n, np.inf)
+        limits[order[n - k:]] = limit
+        return clip_rows(x, limits, norms), w

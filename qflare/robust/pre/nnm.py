@@ -1,0 +1,44 @@
+"""Nearest-neighbour mixing (NNM).
+
+Allouah, Farhadkhani, Guerraoui, Gupta, Pinot and Stephan, "Fixing by Mixing: A Recipe
+for Optimal Byzantine ML under Heterogeneity", AISTATS 2023. Requirement: f < n.
+Each update is replaced by the mean of its n - f nearest updates (itself included), as
+ByzFL's NNM. Built as a sparse n x n mixing matrix times X: O(n^2 + n d) memory where
+ByzFL's gather of n x (n - f) x d rows needs gigabytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._base import PreAggregator, drop_nonfinite, register_pre
+from .._core import check_int, pairwise_sq_dists, require
+
+
+def nnm_matrix(d2: np.ndarray, f: int) -> np.ndarray:
+    n = d2.shape[0]
+    k = n - f
+    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    m = np.zeros((n, n))
+    np.put_along_axis(m, idx, 1.0 / k, axis=1)
+    return m
+
+
+@register_pre
+class NNM(PreAggregator):
+    name = "nnm"
+
+    def __init__(self, f: int = 0) -> None:
+        self.f = check_int("f", f)
+
+    def params(self) -> dict[str, Any]:
+        return {"f": self.f}
+
+    def transform(self, x, w, *, rng=None):  # type: ignore[override]
+        n = x.shape[0]
+        require(self.f < n, self.name, f"needs f < n, got f={self.f}, n={n}")
+        x, w, f = drop_nonfinite(x, w, self.f, self.name)
+        m = nnm_matrix(pairwise_sq_dists(x), f)
+        return (m.astype(x.dtype) @ x), w

@@ -1,0 +1,55 @@
+"""Bulyan.
+
+El Mhamdi, Guerraoui and Rouault, "The Hidden Vulnerability of Distributed Learning in
+Byzantium", ICML 2018. Requirement: n >= 4f + 3.
+theta = n - 2f updates are picked one at a time by Krum over those not yet picked (Krum
+scores in ByzFL's convention: n' - f - 1 neighbours among the n' left); then per
+coordinate the beta = theta - 2f values closest to the median of the picked ones are
+averaged. ByzFL has no Bulyan; Flower's aggregate_bulyan scores Krum with n' - f - 2
+neighbours (``bulyan(x, f, neighbour_offset=2)`` reproduces it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._base import drop_nonfinite, register_rule
+from .._core import (closest_window_mean, median_from_sorted, pairwise_sq_dists, require,
+                     sorted_rows)
+from ._fbase import FRule
+
+
+def bulyan_select(d2: np.ndarray, f: int, theta: int, neighbour_offset: int = 1) -> list[int]:
+    """Indices picked by repeated Krum over the remaining rows."""
+    left = list(range(d2.shape[0]))
+    picked: list[int] = []
+    for _ in range(theta):
+        sub = d2[np.ix_(left, left)]
+        k = max(1, len(left) - f - neighbour_offset)
+        scores = np.sort(sub, axis=1)[:, 1:k + 1].sum(axis=1)
+        best = left[int(np.argmin(scores))]
+        picked.append(best)
+        left.remove(best)
+    return picked
+
+
+def bulyan(x: np.ndarray, f: int, neighbour_offset: int = 1) -> np.ndarray:
+    n = x.shape[0]
+    require(n >= 4 * f + 3, "bulyan", f"needs n >= 4f + 3, got n={n}, f={f} (4f + 3 = {4 * f + 3})")
+    theta = n - 2 * f
+    beta = theta - 2 * f
+    picked = bulyan_select(pairwise_sq_dists(x), f, theta, neighbour_offset)
+    s = sorted_rows(x[np.sort(picked)])
+    return closest_window_mean(s, median_from_sorted(s), beta)
+
+
+@register_rule
+class Bulyan(FRule):
+    name = "bulyan"
+
+    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+        n = x.shape[0]
+        require(n >= 4 * self.f + 3, self.name,
+                f"needs n >= 4f + 3, got n={n}, f={self.f} (4f + 3 = {4 * self.f + 3})")
+        x, _, f = drop_nonfinite(x, None, self.f, self.name)
+        return bulyan(x, f)

@@ -1,0 +1,54 @@
+"""Geometric median by smoothed Weiszfeld iterations (RFA).
+
+Pillutla, Kakade and Harchaoui, "Robust Aggregation for Federated Learning", IEEE TSP
+2022; Weiszfeld, Tohoku Math. J. 1937. Requirement: n >= 1 (breakdown point 1/2).
+Convention as ByzFL's GeometricMedian(nu, T): start at the origin, rows with NaN/Inf left
+out, T iterations with distances floored at nu. Every iterate after the first is an
+affine combination of the rows, so the iterations run on the n x n Gram matrix and the
+[d] result is formed once at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._base import Aggregator, register_rule
+from .._core import centred_gram, check_float, check_int, combine, finite_rows, require
+
+
+@register_rule
+class GeometricMedian(Aggregator):
+    name = "geomed"
+    weighted = True
+
+    def __init__(self, nu: float = 0.1, T: int = 3) -> None:
+        self.nu = check_float("nu", nu, strict=True)
+        self.T = check_int("T", T)
+
+    def params(self) -> dict[str, Any]:
+        return {"nu": self.nu, "T": self.T}
+
+    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+        mask = finite_rows(x)
+        require(bool(mask.any()), self.name, f"all {x.shape[0]} updates are non-finite")
+        if not mask.all():
+            x = x[mask]
+            w = None if w is None else w[mask]
+        n = x.shape[0]
+        alpha = np.full(n, 1.0 / n) if w is None else w / w.sum()
+        if self.T == 0:
+            return np.zeros(x.shape[1])
+        g = centred_gram(x)
+        # First step from the origin needs the raw norms, one pass of row dot products.
+        norms = np.sqrt(np.fromiter((float(np.dot(r, r)) for r in x), np.float64, n))
+        beta = alpha / np.maximum(norms, self.nu)
+        a = beta / beta.sum()
+        diag = np.diag(g)
+        for _ in range(self.T - 1):
+            ga = g @ a
+            dist = np.sqrt(np.maximum(diag - 2.0 * ga + a @ ga, 0.0))
+            beta = alpha / np.maximum(dist, self.nu)
+            a = beta / beta.sum()
+        return combine(x, a)

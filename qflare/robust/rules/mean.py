@@ -1,0 +1,21 @@
+"""Weighted mean (FedAvg).
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017. Not robust (one update moves it arbitrarily); requirement: n >= 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._base import Aggregator, register_rule
+from .._core import weighted_mean
+
+
+@register_rule
+class Mean(Aggregator):
+    name = "mean"
+    weighted = True
+
+    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+        return weighted_mean(x, w)

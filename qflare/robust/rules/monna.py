@@ -1,0 +1,46 @@
+"""MoNNA: mean of the n - f nearest neighbours of one trusted update.
+
+Farhadkhani, Guerraoui, Gupta, Hoang, Pinot and Stephan, "Robust Collaborative Learning
+with Linear Gradient Overhead", ICML 2023. Requirement: n > 2f and idx < n, the update at
+``idx`` being trusted (a server-side or verified client update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._base import register_rule
+from .._core import check_int, combine, finite_rows, require
+from ._fbase import FRule
+
+
+@register_rule
+class MoNNA(FRule):
+    name = "monna"
+    weighted = True
+
+    def __init__(self, f: int = 0, idx: int = 0) -> None:
+        super().__init__(f)
+        self.idx = check_int("idx", idx)
+
+    def params(self) -> dict[str, Any]:
+        return {"f": self.f, "idx": self.idx}
+
+    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+        n = x.shape[0]
+        self.check_n(n)
+        require(self.idx < n, self.name, f"needs idx < n, got idx={self.idx}, n={n}")
+        anchor = x[self.idx]
+        # Distances to one row: a direct pass is cheaper than a Gram matrix.
+        d2 = np.fromiter((float(np.dot(r - anchor, r - anchor)) for r in x), np.float64, n)
+        ok = finite_rows(x) if not np.all(np.isfinite(d2)) else np.ones(n, bool)
+        require(bool(ok[self.idx]), self.name, f"the trusted update idx={self.idx} is non-finite")
+        d2 = np.where(ok, np.nan_to_num(d2, nan=np.inf), np.inf)
+        k = n - self.f
+        require(int(ok.sum()) >= k, self.name, f"{n - int(ok.sum())} updates are non-finite but f={self.f}")
+        chosen = np.argsort(d2, kind="stable")[:k]
+        coef = np.zeros(n)
+        coef[chosen] = 1.0 if w is None else w[chosen]
+        return combine(x, coef / coef.sum())

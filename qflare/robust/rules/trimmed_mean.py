@@ -1,0 +1,27 @@
+"""Coordinate-wise trimmed mean: drop the f largest and f smallest values per coordinate.
+
+Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+ICML 2018. Requirement: n > 2f. Same convention as ByzFL's TrMean(f); Flower's
+aggregate_trimmed_avg(p) cuts int(p * n) per side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._base import register_rule
+from .._core import sorted_rows
+from ._fbase import FRule
+
+
+@register_rule
+class TrimmedMean(FRule):
+    name = "trimmed_mean"
+
+    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+        n = x.shape[0]
+        self.check_n(n)
+        if self.f == 0:
+            return x.mean(axis=0, dtype=np.float64)
+        s = sorted_rows(x)
+        return s[self.f:n - self.f].mean(axis=0, dtype=np.float64)

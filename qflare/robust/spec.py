@@ -1,0 +1,116 @@
+"""Building rule chains from text specs or config data.
+
+``"nnm+multikrum(f=3)"``: parts joined by ``+``; every part but the last is a
+pre-aggregator, the last is a rule; arguments are Python literals. The config forms
+build the same chain: a list of parts (strings or ``{"name": ..., **params}``), or a
+mapping ``{"rule": name | part, "pre": [parts], **params_of_the_rule}``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from typing import Any, Mapping, Sequence
+
+from . import pre as _pre  # noqa: F401  (registers pre-aggregators)
+from . import rules as _rules  # noqa: F401  (registers rules)
+from ._base import PRE_AGGREGATORS, RULES, Aggregator, Chain, PreAggregator
+
+ALIASES = {"fedavg": "mean", "average": "mean", "trmean": "trimmed_mean",
+           "multi_krum": "multikrum", "geometric_median": "geomed", "rfa": "geomed",
+           "centered_clipping": "cc", "clipping": "clip", "static_clip": "clip"}
+
+_PART = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def list_rules() -> dict[str, list[str]]:
+    """Registered names: {"rules": [...], "pre": [...]}."""
+    return {"rules": sorted(RULES), "pre": sorted(PRE_AGGREGATORS)}
+
+
+def _parse_part(text: str) -> tuple[str, dict[str, Any]]:
+    m = _PART.match(text)
+    if not m:
+        raise ValueError(f"cannot parse rule part {text!r}; expected name or name(k=v, ...)")
+    name, args = m.group(1).lower(), m.group(2)
+    params: dict[str, Any] = {}
+    if args and args.strip():
+        try:
+            call = ast.parse(f"_({args})", mode="eval").body
+        except SyntaxError as exc:
+            raise ValueError(f"cannot parse arguments of {text!r}: {exc.msg}") from None
+        assert isinstance(call, ast.Call)
+        if call.args:
+            raise ValueError(f"arguments of {text!r} must be named, e.g. f=2")
+        for kw in call.keywords:
+            try:
+                params[str(kw.arg)] = ast.literal_eval(kw.value)
+            except ValueError:
+                raise ValueError(f"argument {kw.arg} of {text!r} must be a literal") from None
+    return name, params
+
+
+def _as_part(item: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(item, str):
+        return _parse_part(item)
+    if isinstance(item, Mapping):
+        if "name" not in item:
+            raise ValueError(f"rule part {dict(item)!r} has no 'name'")
+        params = {k: v for k, v in item.items() if k != "name"}
+        name, inline = _parse_part(str(item["name"]))
+        return name, {**inline, **params}
+    raise TypeError(f"rule part must be a string or mapping, got {type(item).__name__}")
+
+
+def _accepts(cls: type, key: str) -> bool:
+    return key in inspect.signature(cls.__init__).parameters
+
+
+def _build(cls: type, name: str, params: dict[str, Any]) -> Any:
+    for key in params:
+        if not _accepts(cls, key):
+            allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+            raise TypeError(f"{name} takes no parameter {key!r}; it takes {allowed}")
+    return cls(**params)
+
+
+def get_rule(spec: str | Sequence[Any] | Mapping[str, Any], **overrides: Any) -> Aggregator:
+    """Build a rule or chain. ``overrides`` go to every part that takes that parameter."""
+    if isinstance(spec, str):
+        parts = [_parse_part(p) for p in spec.split("+")] if spec.strip() else []
+    elif isinstance(spec, Mapping):
+        if "rule" not in spec:
+            raise ValueError(f"rule config {dict(spec)!r} has no 'rule'")
+        rname, rparams = _as_part(spec["rule"])
+        rparams = {**rparams, **{k: v for k, v in spec.items() if k not in ("rule", "pre")}}
+        pres = spec.get("pre", [])
+        if isinstance(pres, (str, Mapping)):
+            pres = [pres]
+        parts = [_as_part(p) for p in pres] + [(rname, rparams)]
+    elif isinstance(spec, Sequence):
+        parts = [_as_part(p) for p in spec]
+    else:
+        raise TypeError(f"rule spec must be a string, list or mapping, got {type(spec).__name__}")
+    if not parts:
+        raise ValueError("empty rule spec; expected e.g. 'median' or 'nnm+krum(f=2)'")
+    resolved = []
+    for i, (name, params) in enumerate(parts):
+        name = ALIASES.get(name, name)
+        table = RULES if i == len(parts) - 1 else PRE_AGGREGATORS
+        if name not in table:
+            kind = "rule" if table is RULES else "pre-aggregator"
+            hint = "" if name not in (PRE_AGGREGATORS if table is RULES else RULES) else (
+                " (rules go last, pre-aggregators before them)")
+            raise ValueError(f"unknown {kind} {name!r}{hint}; known: {sorted(table)}")
+        resolved.append((table[name], name, dict(params)))
+    for key, value in overrides.items():
+        takers = [r for r in resolved if _accepts(r[0], key)]
+        if not takers:
+            raise TypeError(f"no part of {spec!r} takes parameter {key!r}")
+        for r in takers:
+            r[2][key] = value
+    built = [_build(cls, name, params) for cls, name, params in resolved]
+    rule = built[-1]
+    pres: list[PreAggregator] = built[:-1]
+    return Chain(pres, rule) if pres else rule
