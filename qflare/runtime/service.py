@@ -1,0 +1,231 @@
+"""The Service base and the ONE handler wrapper every QFLARE service goes through.
+
+A service is a domain core plus a thin shell (STYLE.md item 3, after cosmicpython's
+``service_layer/handlers.py``): each consumer handler opens the envelope, calls the core,
+persists, publishes, and ends. How a delivery is settled is decided here only (STYLE.md
+item 5, after aio-pika ``patterns/master.py`` and FastStream ``exceptions.py``):
+
+* the handler returns ``None`` or ``Outcome.ACK``         -> ACK (its effect is durable)
+* it raises :class:`~qflare.messages.MessageRejected`      -> an ``alert.raised`` is published
+  (reason code, detail, routing key), then REJECT (no requeue: to the dead-letter exchange)
+* it raises one of :data:`TRANSIENT_ERRORS`                -> RETRY (bounded by the queue's
+  delivery limit, then dead-lettered)
+* it returns ``Outcome.RETRY`` itself                      -> RETRY (e.g. "wait for the rest")
+* anything else propagates to the bus's ``settle_outcome``, which logs it with the traceback
+  and retries within the delivery limit: a handler bug never stops a consumer.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from qflare.bus import (
+    Bus,
+    BusClosed,
+    BusUnavailable,
+    Delivery,
+    Outcome,
+    PublishFailed,
+    QueueSpec,
+    Subscription,
+)
+from qflare.crypto.errors import MessageRejected
+from qflare.runtime.config import Settings
+from qflare.runtime.logging import event
+
+#: Faults that may clear by themselves: the broker is away, the disk or DB is busy.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    BusUnavailable,
+    PublishFailed,
+    BusClosed,
+    sqlite3.OperationalError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+ServiceHandler = Callable[[Delivery], Awaitable[Outcome | None]]
+
+
+@dataclass
+class ServiceContext:
+    """What bootstrap hands a service: settings, the bus, its identity and trust store,
+    its own data folder, and a clock (tests pass a fake one through the same bootstrap)."""
+
+    name: str
+    settings: Settings
+    bus: Bus
+    identity: Any = None  # qflare.crypto.keystore.Identity; None only in pure-bus tests
+    trust: Any = None  # qflare.crypto.pki.TrustStore
+    data_dir: Path = field(default_factory=lambda: Path("."))
+    clock: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One queue a service consumes, and the handler for its deliveries."""
+
+    spec: QueueSpec
+    handler: ServiceHandler
+    prefetch: int = 16
+
+
+class Service(abc.ABC):
+    """Base of every service. Subclasses set ``name``, return their :class:`Consumer` list
+    from :meth:`consumers`, and may override :meth:`open` (stores), :meth:`started`
+    (timers, start-up publishes) and :meth:`close`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.bus = ctx.bus
+        self.settings = ctx.settings
+        self.log = logging.getLogger(f"qflare.services.{self.name}")
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._running = False
+
+    # -- life cycle ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def consumers(self) -> list[Consumer]: ...
+
+    async def open(self) -> None:
+        """Open stores and rebuild in-flight state, before any delivery arrives."""
+
+    async def started(self) -> None:
+        """Called once consumers run: start timers, publish start-up messages."""
+
+    async def close(self) -> None:
+        """Close stores (after consumers and background tasks stopped)."""
+
+    async def start(self) -> None:
+        await self.open()
+        self._running = True
+        for consumer in self.consumers():
+            sub = await self.bus.consume(
+                consumer.spec, self._wrap(consumer.handler), prefetch=consumer.prefetch
+            )
+            self._subs.append(sub)
+        await self.started()
+        event(self.log, "service.started", queues=[c.spec.name for c in self.consumers()])
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming (in-flight handlers finish), stop background work, close stores."""
+        self._running = False
+        for sub in self._subs:
+            await sub.cancel(timeout)
+        self._subs.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.close()
+        event(self.log, "service.stopped")
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        """Run background work owned by the service; cancelled at :meth:`stop`; a crash
+        is logged, not swallowed."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def _done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.log.error("background task %s failed", t.get_name(), exc_info=t.exception())
+
+        task.add_done_callback(_done)
+        return task
+
+    # -- the one handler wrapper ----------------------------------------------------------
+    def _wrap(self, handler: ServiceHandler) -> Callable[[Delivery], Awaitable[Outcome]]:
+        async def settle(delivery: Delivery) -> Outcome:
+            return await self.handle(handler, delivery)
+
+        return settle
+
+    async def handle(self, handler: ServiceHandler, delivery: Delivery) -> Outcome:
+        try:
+            result = await handler(delivery)
+        except MessageRejected as exc:
+            event(
+                self.log,
+                "message.rejected",
+                logging.WARNING,
+                reason=exc.reason.value,
+                detail=exc.detail,
+                routing_key=delivery.routing_key,
+                exchange=delivery.exchange,
+            )
+            try:
+                await self.on_rejected(delivery, exc)
+            except TRANSIENT_ERRORS as err:
+                # The alert could not go out; keep the message so the rejection is reported.
+                event(self.log, "alert.deferred", logging.WARNING, error=repr(err))
+                return Outcome.RETRY
+            return Outcome.REJECT
+        except TRANSIENT_ERRORS as exc:
+            event(
+                self.log,
+                "handler.transient",
+                logging.WARNING,
+                error=repr(exc),
+                routing_key=delivery.routing_key,
+                delivery_count=delivery.delivery_count,
+            )
+            return Outcome.RETRY
+        if result is None:
+            return Outcome.ACK
+        return result
+
+    async def on_rejected(self, delivery: Delivery, exc: MessageRejected) -> None:
+        """Report a rejected message. Default: an ``alert.raised`` naming the reason.
+        Services that answer bad input themselves (ingest's ``update.rejected``) override."""
+        job = _job_of(delivery.routing_key)
+        await self.alert(
+            kind=f"rejected.{exc.reason.value.lower()}",
+            severity="warning",
+            job=job,
+            round=0,
+            subject=delivery.routing_key,
+            reason=exc.reason.value,
+            detail=exc.detail or str(exc),
+        )
+
+    # -- publishing -----------------------------------------------------------------------
+    async def alert(
+        self,
+        *,
+        kind: str,
+        severity: str,
+        job: str,
+        round: int,
+        subject: str = "",
+        reason: str = "",
+        detail: str = "",
+    ) -> None:
+        """Publish an ``alert.raised`` (signed) on ``qflare.events``; alerting stores,
+        deduplicates and republishes it on ``qflare.alerts``."""
+        from qflare.runtime.envelopes import publish_alert
+
+        await publish_alert(
+            self, kind=kind, severity=severity, job=job, round=round,
+            subject=subject, reason=reason, detail=detail,
+        )
+
+
+def _job_of(routing_key: str) -> str:
+    # events are `<kind>.<job>`: the job is the last word.
+    return routing_key.rsplit(".", 1)[-1] if routing_key else "-"

@@ -1,0 +1,104 @@
+"""The SQLite helper every service store uses (aiosqlite).
+
+WAL mode lets readers (``qflare status``, the TUI) read while the service writes;
+``synchronous=FULL`` makes a committed transaction survive power loss in WAL mode, which is
+what "durable before ack" needs. Transactions are explicit (``BEGIN IMMEDIATE`` takes the
+write lock up front, so two writers fail fast with ``busy_timeout`` instead of deadlocking
+on lock upgrade).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+#: Errors worth retrying: a locked database or a full/failing disk may clear.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+
+
+class Database:
+    """One aiosqlite connection with a schema, WAL, and explicit transactions."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], schema: str = "") -> Database:
+        path = Path(path)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=FULL")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        db = cls(conn, path)
+        if schema:
+            async with db.transaction():
+                for statement in _split(schema):
+                    await conn.execute(statement)
+        return db
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception)."""
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            await self.conn.execute("ROLLBACK")
+            raise
+        await self.conn.execute("COMMIT")
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        async with self.conn.execute(sql, tuple(params)) as cur:
+            return await cur.fetchone()
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        async with self.conn.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
+        """One statement in its own (autocommit) transaction."""
+        await self.conn.execute(sql, tuple(params))
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+def _split(schema: str) -> list[str]:
+    # executescript would COMMIT our explicit transaction; run statements one by one.
+    return [s.strip() for s in schema.split(";") if s.strip()]
+
+
+def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """A synchronous read-only connection for CLI commands that read a service's state
+    while it runs (WAL lets them)."""
+    uri = f"file:{Path(path).resolve()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def fsync_write(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically and durably: temp file, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
