@@ -12,10 +12,11 @@ RabbitMQ server. Nothing survives the process.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as _dt
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +167,7 @@ class _Consumer(Subscription):
     def deliver(self, message: _Message) -> None:
         message.deliveries += 1
         reason, death_queue = death_info(message.headers)
-        headers = dict(message.headers)
+        headers = copy.deepcopy(message.headers)
         if message.deliveries > 1:
             # Quorum queues count returns in this header; the first delivery has none.
             headers["x-delivery-count"] = message.deliveries - 1
@@ -232,6 +233,7 @@ class MemoryBus(Bus):
         self.max_message_size = max_message_size
         self._broker = _broker_for(broker_name)
         self._subscriptions: set[_Consumer] = set()
+        self._declared: set[str] = set()
         self._closed = False
         for exchange in topology.EXCHANGES:
             self._broker.exchanges.add(self.name(exchange))
@@ -285,6 +287,7 @@ class MemoryBus(Bus):
             raise TopologyError(
                 f"queue {spec.name!r} exists with {queue.args}, declared again with {args}"
             )
+        self._declared.add(spec.name)
         for exchange, pattern in spec.bindings:
             queue.bindings.add((self.name(exchange), pattern))
         return queue
@@ -296,9 +299,15 @@ class MemoryBus(Bus):
         subs = list(self._subscriptions)
         await asyncio.gather(*(s.cancel(timeout) for s in subs))
 
-    async def delete_all(self) -> None:
+    @property
+    def declared_queues(self) -> frozenset[str]:
+        return frozenset(self._declared)
+
+    async def delete_all(self, queues: Iterable[str] = ()) -> None:
         if not self.prefix:
             raise ValueError("delete_all needs a non-empty prefix; it would delete everything")
+        del queues  # every queue with the prefix goes anyway
+        await asyncio.gather(*(s.cancel(timeout=0) for s in list(self._subscriptions)))
         for name in [q for q in self._broker.queues if q.startswith(self.prefix)]:
             queue = self._broker.queues.pop(name)
             for consumer in list(queue.consumers):

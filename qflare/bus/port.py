@@ -24,7 +24,7 @@ import datetime as _dt
 import decimal
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,12 +194,20 @@ class Bus(abc.ABC):
         most ``prefetch`` unsettled messages at a time."""
 
     @abc.abstractmethod
-    async def close(self) -> None:
-        """Cancel every subscription (unsettled messages are redelivered) and disconnect."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Cancel every subscription, letting in-flight handlers finish for up to
+        ``timeout`` seconds (unsettled messages are redelivered), and disconnect."""
 
     @abc.abstractmethod
-    async def delete_all(self) -> None:
-        """Delete this bus's exchanges and the queues it declared (tests, teardown)."""
+    async def delete_all(self, queues: Iterable[str] = ()) -> None:
+        """Cancel this bus's subscriptions and delete its prefixed exchanges, the queues it
+        declared and the logical ``queues`` named (declared by other buses with the same
+        prefix). Refuses an empty prefix. For tests and teardown."""
+
+    @property
+    @abc.abstractmethod
+    def declared_queues(self) -> frozenset[str]:
+        """Logical names of the queues this bus declared."""
 
     async def __aenter__(self) -> Bus:
         return self
@@ -232,12 +240,15 @@ def check_routing_key(key: str, *, pattern: bool = False) -> None:
         raise ValueError(f"{what} longer than 255 bytes (AMQP shortstr): {key[:40]!r}...")
 
 
-_HEADER_SCALARS = (str, bytes, bool, int, float, decimal.Decimal, _dt.datetime, type(None))
+# Only what crosses an AMQP table unchanged: pamqp sends floats as 32-bit and timestamps
+# in whole seconds, so those would come back different from what was sent.
+_HEADER_SCALARS = (str, bytes, bool, int, type(None))
 
 
 def check_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Return a private copy of ``headers`` after checking that an AMQP table carries it,
-    so both adapters accept exactly the same headers."""
+    """Return a private copy of ``headers`` after checking that an AMQP table carries it
+    unchanged, so both adapters accept exactly the same headers: str keys; str, bytes,
+    bool, 64-bit int, None, and lists/dicts of those."""
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
@@ -259,6 +270,11 @@ def _check_table(table: Mapping[Any, Any], depth: int) -> dict[str, Any]:
 def _check_value(key: str, value: Any, depth: int) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
         raise InvalidHeaders(f"header {key!r}: int {value} does not fit 64 bits")
+    if isinstance(value, (float, decimal.Decimal, _dt.datetime)):
+        raise InvalidHeaders(
+            f"header {key!r}: {type(value).__name__} does not survive AMQP tables exactly; "
+            "send it as str or int"
+        )
     if isinstance(value, _HEADER_SCALARS):
         return value
     if isinstance(value, Mapping):
