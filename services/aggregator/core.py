@@ -1,0 +1,235 @@
+"""The aggregator's pure core: client selection, the round state machine's decisions,
+and the deterministic robust + DP aggregation of one round.
+
+Nothing here does I/O; the shell (``service.py``) feeds it stored rows and arrays.
+
+* Selection is Poisson sampling at rate ``q`` (each enrolled client independently), the
+  sampling that the privacy amplification of DP-SGD/DP-FedAvg assumes (Abadi et al., "Deep
+  Learning with Differential Privacy", CCS 2016; McMahan et al., "Learning Differentially
+  Private Recurrent Language Models", ICLR 2018). It is seeded per (job, round) from the
+  job's secret seed, so a restarted aggregator selects the same clients.
+* Aggregation follows DP-FedAvg: each kept update (a delta from the round's base model) is
+  clipped to L2 norm ``C``; the configured robust rule (``qflare.robust``) combines the
+  clipped updates in client-id order; Gaussian noise of std ``z*C`` is added to the sum, and
+  the sum is divided by the expected number of participants ``q*N`` (the fixed denominator of
+  DP-FedAvg, so the denominator itself leaks nothing). The noise generator is seeded per
+  (job, round) from the secret seed, so the same inputs give the same model bit for bit.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qflare.robust import get_rule
+
+Tensors = Mapping[str, np.ndarray]
+
+# Distinct streams drawn from one job seed (SeedSequence spawn keys).
+_SELECT = 1
+_NOISE = 2
+_RULE = 3
+
+
+class RoundState(enum.StrEnum):
+    """Where a round is. ``REQUESTED``: privacy.request sent, waiting for the grant;
+    ``OPEN``: collecting updates; ``CLOSED``: round.closed sent, waiting for the verdict;
+    ``PUBLISHED``: the new model is stored and announced; ``DENIED``/``ABORTED``: the job ended
+    in this round."""
+
+    REQUESTED = "requested"
+    OPEN = "open"
+    CLOSED = "closed"
+    PUBLISHED = "published"
+    DENIED = "denied"
+    ABORTED = "aborted"
+
+
+class CloseDecision(enum.StrEnum):
+    WAIT = "wait"
+    CLOSE = "close"
+    EXTEND = "extend"
+    ABORT = "abort"
+
+
+def _job_word(job: str) -> int:
+    return int.from_bytes(hashlib.sha256(job.encode()).digest()[:8], "big")
+
+
+def round_rng(seed: int, job: str, round_no: int, stream: int) -> np.random.Generator:
+    """A generator for one (job, round, purpose), derived from the job's secret seed."""
+    ss = np.random.SeedSequence(entropy=seed, spawn_key=(_job_word(job), round_no, stream))
+    return np.random.Generator(np.random.PCG64(ss))
+
+
+def select_participants(
+    participants: Sequence[str], q: float, seed: int, job: str, round_no: int
+) -> tuple[str, ...]:
+    """Poisson sampling: each client in independently with probability ``q``."""
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"sample rate q must be in (0, 1], got {q}")
+    ordered = sorted(participants)
+    if q == 1.0:
+        return tuple(ordered)
+    draws = round_rng(seed, job, round_no, _SELECT).random(len(ordered))
+    return tuple(c for c, u in zip(ordered, draws, strict=True) if u < q)
+
+
+def close_decision(
+    *,
+    received: int,
+    selected: int,
+    min_updates: int,
+    now: float,
+    deadline: float,
+    extensions: int,
+    max_extensions: int,
+    on_short: str,
+) -> CloseDecision:
+    """Close when every selected client is in, or at the deadline with at least
+    ``min_updates`` (or everyone selected, when fewer were selected); otherwise extend up to
+    ``max_extensions`` times, then abort (or abort at once when ``on_short == "abort"``)."""
+    if selected > 0 and received >= selected:
+        return CloseDecision.CLOSE
+    if now < deadline:
+        return CloseDecision.WAIT
+    if received >= min(min_updates, selected) and received > 0:
+        return CloseDecision.CLOSE
+    if on_short == "extend" and extensions < max_extensions:
+        return CloseDecision.EXTEND
+    return CloseDecision.ABORT
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensor names (sorted), shapes and dtypes of a model: how a dict of tensors maps to
+    one flat vector and back."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, tensors: Tensors) -> Layout:
+        names = tuple(sorted(tensors))
+        return cls(
+            names,
+            tuple(tuple(int(s) for s in tensors[n].shape) for n in names),
+            tuple(str(tensors[n].dtype) for n in names),
+        )
+
+    @property
+    def size(self) -> int:
+        return int(sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes))
+
+    def check(self, tensors: Tensors, who: str) -> None:
+        other = Layout.of(tensors)
+        if other.names != self.names or other.shapes != self.shapes:
+            raise ValueError(
+                f"{who}: tensors {list(zip(other.names, other.shapes))} do not match the "
+                f"model's {list(zip(self.names, self.shapes))}"
+            )
+
+    def flatten(self, tensors: Tensors, dtype: type = np.float32) -> np.ndarray:
+        out = np.empty(self.size, dtype=dtype)
+        offset = 0
+        for name in self.names:
+            a = np.asarray(tensors[name])
+            out[offset : offset + a.size] = a.reshape(-1)
+            offset += a.size
+        return out
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            n = int(np.prod(shape, dtype=np.int64))
+            out[name] = np.ascontiguousarray(flat[offset : offset + n].reshape(shape)).astype(
+                dtype, copy=False
+            )
+            offset += n
+        return out
+
+
+def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
+    """Scale each row to L2 norm at most ``clip`` (rows already inside are untouched)."""
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+    return (x * scale[:, None].astype(x.dtype)).astype(x.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    model: dict[str, np.ndarray]
+    kept: tuple[str, ...]
+    update_norm: float  # L2 norm of the applied step (after noise), for metrics
+
+
+def aggregate_round(
+    *,
+    job: str,
+    round_no: int,
+    seed: int,
+    base: Tensors,
+    updates: Mapping[str, Tensors],
+    kept: Sequence[str],
+    rule: str,
+    f: int,
+    clip: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    server_lr: float = 1.0,
+) -> AggregationResult:
+    """The new model after one round: ``base + lr * (robust(clipped kept) * n + noise) /
+    expected_clients``. Deterministic for equal inputs (kept sorted, seeded noise).
+
+    ``updates`` maps client id -> delta tensors; only ``kept`` clients enter. ``f`` is
+    passed to the rule when it takes one (capped so that ``2f < n`` holds for the kept set).
+    """
+    layout = Layout.of(base)
+    chosen = tuple(sorted(set(kept)))
+    missing = [c for c in chosen if c not in updates]
+    if missing:
+        raise ValueError(f"kept clients {missing} have no stored update")
+    if expected_clients <= 0:
+        raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
+    step = np.zeros(layout.size, dtype=np.float64)
+    if chosen:
+        for c in chosen:
+            layout.check(updates[c], f"update of {c}")
+        x = np.stack([layout.flatten(updates[c]) for c in chosen])
+        x = clip_rows(x, clip)
+        n = len(chosen)
+        f_eff = min(f, (n - 1) // 2)
+        agg = get_rule(rule, f=f_eff) if _takes_f(rule) else get_rule(rule)
+        combined = np.asarray(
+            agg(x, rng=round_rng(seed, job, round_no, _RULE)), dtype=np.float64
+        )
+        # A robust rule can leave the clip ball (e.g. coordinate-wise median); the noise is
+        # calibrated to C, so keep the combined contribution per client inside it.
+        norm = float(np.linalg.norm(combined))
+        if norm > clip:
+            combined *= clip / norm
+        step += combined * n
+    if noise_multiplier > 0:
+        noise = round_rng(seed, job, round_no, _NOISE).normal(
+            0.0, noise_multiplier * clip, size=layout.size
+        )
+        step += noise
+    step /= expected_clients
+    step *= server_lr
+    base_flat = layout.flatten(base, dtype=np.float64)
+    new = layout.unflatten(base_flat + step)
+    return AggregationResult(new, chosen, float(np.linalg.norm(step)))
+
+
+def _takes_f(rule: str) -> bool:
+    try:
+        get_rule(rule, f=0)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,119 @@
+"""The aggregator's pure core: selection, close decisions, deterministic DP aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qflare.services.aggregator.core import (
+    CloseDecision,
+    Layout,
+    aggregate_round,
+    clip_rows,
+    close_decision,
+    select_participants,
+)
+
+CLIENTS = [f"c{i:02d}" for i in range(40)]
+
+
+def test_selection_is_seeded_per_job_and_round() -> None:
+    a = select_participants(CLIENTS, 0.3, seed=7, job="j1", round_no=1)
+    assert a == select_participants(list(reversed(CLIENTS)), 0.3, seed=7, job="j1", round_no=1)
+    assert a != select_participants(CLIENTS, 0.3, seed=7, job="j1", round_no=2)
+    assert a != select_participants(CLIENTS, 0.3, seed=8, job="j1", round_no=1)
+    assert a != select_participants(CLIENTS, 0.3, seed=7, job="j2", round_no=1)
+    assert list(a) == sorted(a) and set(a) <= set(CLIENTS)
+
+
+def test_selection_rate_is_q() -> None:
+    sizes = [len(select_participants(CLIENTS, 0.25, 3, "j", r)) for r in range(400)]
+    # Binomial(40, 0.25): mean 10, std of the mean over 400 rounds ~0.14.
+    assert abs(np.mean(sizes) - 10.0) < 0.6
+    assert select_participants(CLIENTS, 1.0, 3, "j", 1) == tuple(CLIENTS)
+    with pytest.raises(ValueError, match="q must be"):
+        select_participants(CLIENTS, 0.0, 3, "j", 1)
+
+
+@pytest.mark.parametrize(
+    ("received", "now", "ext", "on_short", "expected"),
+    [
+        (5, 0.0, 0, "extend", CloseDecision.CLOSE),  # everyone in before the deadline
+        (3, 0.0, 0, "extend", CloseDecision.WAIT),
+        (3, 10.0, 0, "extend", CloseDecision.CLOSE),  # deadline, >= min_updates
+        (1, 10.0, 0, "extend", CloseDecision.EXTEND),
+        (1, 10.0, 2, "extend", CloseDecision.ABORT),  # extensions used up
+        (1, 10.0, 0, "abort", CloseDecision.ABORT),
+        (0, 10.0, 2, "extend", CloseDecision.ABORT),
+    ],
+)
+def test_close_decision(received: int, now: float, ext: int, on_short: str, expected: CloseDecision) -> None:
+    got = close_decision(
+        received=received, selected=5, min_updates=2, now=now, deadline=5.0,
+        extensions=ext, max_extensions=2, on_short=on_short,
+    )
+    assert got == expected
+
+
+def test_layout_round_trip_and_mismatch() -> None:
+    model = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), dtype=np.float32)}
+    layout = Layout.of(model)
+    flat = layout.flatten(model)
+    assert flat.tolist() == [1, 1, 1, 1, 0, 1, 2]
+    back = layout.unflatten(flat)
+    assert all(np.array_equal(back[k], model[k]) and back[k].dtype == np.float32 for k in model)
+    with pytest.raises(ValueError, match="do not match"):
+        layout.check({"a": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}, "x")
+
+
+def test_clip_rows() -> None:
+    x = np.array([[3.0, 4.0], [0.3, 0.4]], dtype=np.float32)
+    out = clip_rows(x, 1.0)
+    assert np.allclose(np.linalg.norm(out, axis=1), [1.0, 0.5])
+
+
+def _round(kept: list[str], updates: dict, *, z: float = 0.0, rule: str = "mean", f: int = 0, seed: int = 1):
+    base = {"w": np.zeros(4, np.float32)}
+    return aggregate_round(
+        job="j", round_no=3, seed=seed, base=base, updates=updates, kept=kept, rule=rule, f=f,
+        clip=10.0, noise_multiplier=z, expected_clients=len(kept) or 1,
+    )
+
+
+def test_mean_without_noise_is_fedavg_of_kept() -> None:
+    updates = {
+        "a": {"w": np.array([1, 0, 0, 0], np.float32)},
+        "b": {"w": np.array([0, 1, 0, 0], np.float32)},
+        "evil": {"w": np.array([9, 9, 9, 9], np.float32)},
+    }
+    res = _round(["b", "a"], updates)
+    assert res.kept == ("a", "b")
+    assert np.allclose(res.model["w"], [0.5, 0.5, 0, 0])
+    assert res.model["w"].dtype == np.float32
+
+
+def test_noise_is_deterministic_per_seed_and_scaled() -> None:
+    updates = {c: {"w": np.full(4, 0.1, np.float32)} for c in "abcd"}
+    one = _round(list("abcd"), updates, z=1.0)
+    two = _round(list("dcba"), updates, z=1.0)
+    other = _round(list("abcd"), updates, z=1.0, seed=2)
+    assert np.array_equal(one.model["w"], two.model["w"])
+    assert not np.array_equal(one.model["w"], other.model["w"])
+    noiseless = _round(list("abcd"), updates)
+    assert not np.allclose(one.model["w"], noiseless.model["w"])
+
+
+def test_robust_rule_resists_outlier_and_median_is_clipped() -> None:
+    rng = np.random.default_rng(0)
+    honest = {f"h{i}": {"w": (np.ones(4) + 0.01 * rng.standard_normal(4)).astype(np.float32)} for i in range(7)}
+    evil = {f"e{i}": {"w": np.full(4, -50.0, np.float32)} for i in range(2)}
+    updates = {**honest, **evil}
+    res = _round(sorted(updates), updates, rule="median")
+    assert np.allclose(res.model["w"], 1.0, atol=0.05)
+    krum = _round(sorted(updates), updates, rule="multikrum", f=2)
+    assert np.allclose(krum.model["w"], 1.0, atol=0.05)
+
+
+def test_missing_update_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no stored update"):
+        _round(["ghost"], {})
