@@ -1,1 +1,52 @@
-"""qflare.messages"""
+"""qflare.messages: the wire contract.
+
+Signed envelopes (ML-DSA-65 over the header, SHA-256 binding the body), one strict pydantic
+body per kind, tensors as a msgpack ext type decoded zero-copy, limits checked before
+allocation, and typed errors with stable reason codes (:class:`Reason`).
+"""
+
+from qflare.crypto.errors import MessageRejected, QflareError, Reason
+from qflare.messages.bodies import (
+    BODY_TYPES,
+    KINDS,
+    AlertRaised,
+    Body,
+    Chunk,
+    ChunkManifest,
+    Flagged,
+    JobEnded,
+    MetricsEvaluated,
+    ModelPublished,
+    PrivacyDenied,
+    PrivacyGranted,
+    PrivacyRequest,
+    RoundClosed,
+    RoundOpened,
+    RoundVerdict,
+    TensorSpec,
+    Update,
+    UpdateAccepted,
+    UpdateRef,
+    UpdateRejected,
+)
+from qflare.messages.chunks import DEFAULT_CHUNK_SIZE, Reassembler, split
+from qflare.messages.codec import packb, unpack
+from qflare.messages.envelope import (
+    Envelope,
+    encode,
+    encode_parts,
+    open_envelope,
+    peek_kind,
+)
+from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, Limits
+from qflare.messages.validate import validate_update
+
+__all__ = [
+    "ALLOWED_DTYPES", "BODY_TYPES", "DEFAULT_CHUNK_SIZE", "DEFAULT_LIMITS", "KINDS",
+    "AlertRaised", "Body", "Chunk", "ChunkManifest", "Envelope", "Flagged", "JobEnded",
+    "Limits", "MessageRejected", "MetricsEvaluated", "ModelPublished", "PrivacyDenied",
+    "PrivacyGranted", "PrivacyRequest", "QflareError", "Reason", "Reassembler",
+    "RoundClosed", "RoundOpened", "RoundVerdict", "TensorSpec", "Update", "UpdateAccepted",
+    "UpdateRef", "UpdateRejected", "encode", "encode_parts", "open_envelope", "packb",
+    "peek_kind", "split", "unpack", "validate_update",
+]

@@ -1,0 +1,262 @@
+"""The signed envelope: ``{v, kind, sender, cert, job, round, ts, nonce, body_digest, body, sig}``.
+
+``sig`` is ML-DSA-65 (FIPS 204) over the canonical msgpack (keys sorted) of every field but
+``sig`` and ``body``, under the context string ``qflare/v1/<kind>``; ``body_digest`` is the
+SHA-256 of the ``body`` bytes, so a large body is hashed once and ML-DSA only sees ~6 KB.
+``cert`` is the sender's CA-issued certificate, so a verifier needs nothing but the CA
+certificate and the revocation list (:class:`qflare.crypto.TrustStore`).
+
+``body`` is the msgpack of the kind's body model, or, when sealed, msgpack ext type 2
+holding ``sha256(recipient KEM key)[:8] || qflare.crypto.seal(...)`` with the canonical
+signed header minus ``body_digest`` as associated data. ``ts`` is integer Unix milliseconds,
+``nonce`` 16 random bytes (a natural de-duplication key together with ``sender``).
+
+:func:`open_envelope` checks, cheapest first: size, msgpack well-formedness, field types,
+version, known kind, the caller's expected kind/job, certificate chain/validity/revocation,
+sender = certificate id, role allowed for the kind, signature, timestamp skew, body digest,
+unsealing, body limits and schema, the expected round. Every failure is MessageRejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from qflare.crypto.errors import MessageRejected, Reason
+from qflare.crypto.keystore import Identity
+from qflare.crypto.pki import Certificate, TrustStore, canonical
+from qflare.crypto.sealing import KemPrivateKey, open_sealed, seal
+from qflare.crypto.signing import SIGNATURE_SIZE, context_for, verify
+from qflare.messages.bodies import BODY_TYPES, Body, body_from_wire, body_to_wire, make_body
+from qflare.messages.codec import (
+    SEALED_EXT,
+    Part,
+    bin_header,
+    ext_header,
+    pack_parts,
+    unpack,
+)
+from qflare.messages.limits import DEFAULT_LIMITS, Limits
+
+VERSION = 1
+NONCE_SIZE = 16
+DIGEST_SIZE = 32
+KEY_ID_SIZE = 8
+_HEADER_TYPES: dict[str, type] = {
+    "v": int, "kind": str, "sender": str, "job": str, "round": int, "ts": int,
+}
+_BIN_FIELDS = ("cert", "nonce", "body_digest", "body", "sig")
+FIELDS = frozenset(_HEADER_TYPES) | frozenset(_BIN_FIELDS)
+_MAX_HEADER_STR = 256
+
+
+def key_id(kem_public_key: bytes) -> bytes:
+    """Short identifier of a hybrid KEM public key, carried in sealed bodies."""
+    return hashlib.sha256(kem_public_key).digest()[:KEY_ID_SIZE]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An opened (verified) envelope."""
+
+    kind: str
+    sender: str
+    cert: Certificate
+    job: str
+    round: int
+    ts: int
+    nonce: bytes
+    body_digest: bytes
+    body: Body
+    sealed: bool
+    size: int
+    v: int = VERSION
+
+
+def _header(kind: str, sender: str, cert: bytes, job: str, round_: int, ts: int,
+            nonce: bytes) -> dict[str, Any]:
+    return {"v": VERSION, "kind": kind, "sender": sender, "cert": cert, "job": job,
+            "round": round_, "ts": ts, "nonce": nonce}
+
+
+def _seal_aad(header: dict[str, Any]) -> bytes:
+    return b"qflare/v1/seal-aad" + canonical(header)
+
+
+def encode_parts(kind: str, body: Body | dict[str, Any], identity: Identity, *, job: str,
+                 round: int, seal_to: Certificate | bytes | None = None,
+                 ts: int | None = None, nonce: bytes | None = None) -> list[Part]:
+    """The envelope as a list of parts (tensor data by reference), for callers that write
+    them out without joining; :func:`encode` joins them."""
+    if not isinstance(job, str) or not 0 < len(job) <= _MAX_HEADER_STR:
+        raise ValueError(f"job must be a non-empty string of at most {_MAX_HEADER_STR} chars")
+    if not isinstance(round, int) or round < 0:
+        raise ValueError(f"round must be a non-negative int, got {round!r}")
+    model = make_body(kind, body)
+    if identity.role not in model.SENDERS:
+        raise ValueError(f"role {identity.role!r} may not send {kind!r} "
+                         f"(allowed: {', '.join(model.SENDERS)})")
+    header = _header(kind, identity.id, identity.cert.to_bytes(), job, round,
+                     int(time.time() * 1000) if ts is None else ts,
+                     os.urandom(NONCE_SIZE) if nonce is None else nonce)
+    parts = pack_parts(body_to_wire(model))
+    if seal_to is not None:
+        recipient = seal_to.kem_public_key if isinstance(seal_to, Certificate) else seal_to
+        if recipient is None:
+            raise ValueError("the recipient certificate carries no KEM public key")
+        payload = key_id(recipient) + seal(recipient, b"".join(parts), _seal_aad(header))
+        parts = [ext_header(len(payload), SEALED_EXT), payload]
+    digest = hashlib.sha256()
+    size = 0
+    for part in parts:
+        digest.update(part)
+        size += len(part)
+    header["body_digest"] = digest.digest()
+    sig = identity.key.sign(canonical(header), context_for(kind))
+    head = [b"\x8b"]
+    for name, value in header.items():
+        head.append(_pack_small(name))
+        head.append(_pack_small(value))
+    head += [_pack_small("sig"), _pack_small(sig), _pack_small("body"), bin_header(size)]
+    return [b"".join(head), *parts]
+
+
+def _pack_small(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def encode(kind: str, body: Body | dict[str, Any], identity: Identity, *, job: str,
+           round: int, seal_to: Certificate | bytes | None = None, ts: int | None = None,
+           nonce: bytes | None = None) -> bytes:
+    """Sign and encode one message. ``body`` is the kind's model or a dict for it;
+    ``seal_to`` (a certificate with a KEM key, or the raw hybrid key) encrypts the body.
+    Configuration mistakes (unknown kind, role not allowed, bad body) raise ValueError."""
+    return b"".join(encode_parts(kind, body, identity, job=job, round=round,
+                                 seal_to=seal_to, ts=ts, nonce=nonce))
+
+
+def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
+    value = obj[name]
+    if typ is bytes:
+        if not isinstance(value, memoryview):
+            raise MessageRejected(Reason.MALFORMED, f"envelope field {name} must be bin")
+    elif type(value) is not typ:
+        raise MessageRejected(Reason.MALFORMED, f"envelope field {name} must be {typ.__name__}")
+    elif typ is str and len(value) > _MAX_HEADER_STR:
+        raise MessageRejected(Reason.TOO_LARGE, f"envelope field {name} longer than "
+                                                f"{_MAX_HEADER_STR}")
+    return value
+
+
+def peek_kind(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The (unverified) kind of an envelope, for routing before a full open."""
+    obj = _parse(data, limits, limits.max_envelope_bytes)
+    return _field(obj, "kind", str)
+
+
+def _parse(data: bytes | bytearray | memoryview, limits: Limits, cap: int) -> dict[str, Any]:
+    if len(data) > cap:
+        raise MessageRejected(Reason.TOO_LARGE, f"envelope of {len(data)} bytes exceeds {cap}")
+    obj = unpack(data, limits.with_(max_depth=1, max_container_len=16, max_bin_len=cap),
+                 bin_as_view=True, max_bytes=cap)
+    if not isinstance(obj, dict):
+        raise MessageRejected(Reason.MALFORMED, "envelope is not a map")
+    if set(obj) != FIELDS:
+        missing = sorted(FIELDS - set(obj))
+        extra = sorted(set(obj) - FIELDS)[:5]
+        raise MessageRejected(Reason.MALFORMED,
+                              f"envelope fields: missing {missing}, unexpected {extra}")
+    return obj
+
+
+def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, *,
+                  limits: Limits = DEFAULT_LIMITS, expect_kind: str | None = None,
+                  expect_job: str | None = None, expect_round: int | None = None,
+                  kem_key: KemPrivateKey | None = None, now: float | None = None,
+                  max_bytes: int | None = None) -> Envelope:
+    """Verify and decode one envelope; any problem raises :class:`MessageRejected`.
+
+    Tensors in the body are read-only views into ``data`` (zero-copy). ``kem_key`` opens
+    sealed bodies. ``max_bytes`` overrides ``limits.max_envelope_bytes`` (reassembled chunked
+    envelopes use ``limits.max_body_bytes``).
+    """
+    cap = limits.max_envelope_bytes if max_bytes is None else max_bytes
+    obj = _parse(data, limits, cap)
+    values = {name: _field(obj, name, typ) for name, typ in _HEADER_TYPES.items()}
+    views = {name: _field(obj, name, bytes) for name in _BIN_FIELDS}
+    if values["v"] != VERSION:
+        raise MessageRejected(Reason.UNSUPPORTED_VERSION, f"envelope v={values['v']}")
+    kind = values["kind"]
+    body_type = BODY_TYPES.get(kind)
+    if body_type is None:
+        raise MessageRejected(Reason.UNKNOWN_KIND, f"unknown kind {kind[:64]!r}")
+    if expect_kind is not None and kind != expect_kind:
+        raise MessageRejected(Reason.WRONG_KIND, f"expected {expect_kind!r}, got {kind!r}")
+    if expect_job is not None and values["job"] != expect_job:
+        raise MessageRejected(Reason.WRONG_JOB,
+                              f"expected job {expect_job!r}, got {values['job']!r}")
+    if len(views["nonce"]) != NONCE_SIZE or len(views["body_digest"]) != DIGEST_SIZE:
+        raise MessageRejected(Reason.MALFORMED, "nonce or body_digest has the wrong size")
+    if len(views["sig"]) != SIGNATURE_SIZE:
+        raise MessageRejected(Reason.BAD_SIGNATURE, f"signature of {len(views['sig'])} bytes")
+    t = time.time() if now is None else now
+    cert_bytes = views["cert"].tobytes()
+    cert = trust.verify_certificate(cert_bytes, now=t)
+    if values["sender"] != cert.id:
+        raise MessageRejected(Reason.SENDER_MISMATCH,
+                              f"sender {values['sender']!r} holds the certificate of {cert.id!r}")
+    if cert.role not in body_type.SENDERS:
+        raise MessageRejected(Reason.ROLE_NOT_ALLOWED,
+                              f"role {cert.role!r} may not send {kind!r}")
+    header = _header(kind, values["sender"], cert_bytes, values["job"], values["round"],
+                     values["ts"], views["nonce"].tobytes())
+    signed = {**header, "body_digest": views["body_digest"].tobytes()}
+    if not verify(cert.public_key, views["sig"], canonical(signed), context_for(kind)):
+        raise MessageRejected(Reason.BAD_SIGNATURE,
+                              f"{kind} signature of {cert.id!r} does not verify")
+    if values["ts"] > (t + limits.max_clock_skew_s) * 1000:
+        raise MessageRejected(Reason.CLOCK_SKEW, f"timestamp {values['ts']} ms is in the future")
+    body = views["body"]
+    if hashlib.sha256(body).digest() != signed["body_digest"]:
+        raise MessageRejected(Reason.BAD_DIGEST, "body does not match the signed body_digest")
+    sealed = len(body) > 0 and body[0] in (0xC7, 0xC8, 0xC9)
+    if sealed:
+        body = _unseal(body, kem_key, _seal_aad(header))
+    decoded = unpack(body, limits, max_bytes=cap)
+    model = body_from_wire(kind, decoded)
+    if expect_round is not None and values["round"] != expect_round:
+        raise MessageRejected(Reason.STALE_ROUND,
+                              f"expected round {expect_round}, got {values['round']}")
+    return Envelope(kind=kind, sender=cert.id, cert=cert, job=values["job"],
+                    round=values["round"], ts=values["ts"], nonce=header["nonce"],
+                    body_digest=signed["body_digest"], body=model, sealed=sealed,
+                    size=len(data))
+
+
+def _unseal(body: memoryview, kem_key: KemPrivateKey | None, aad: bytes) -> memoryview:
+    code = body[0]
+    try:
+        if code == 0xC7:
+            n, ext, start = body[1], struct.unpack_from(">b", body, 2)[0], 3
+        elif code == 0xC8:
+            n, ext, start = struct.unpack_from(">H", body, 1)[0], struct.unpack_from(">b", body, 3)[0], 4
+        else:
+            n, ext, start = struct.unpack_from(">I", body, 1)[0], struct.unpack_from(">b", body, 5)[0], 6
+    except struct.error:
+        raise MessageRejected(Reason.MALFORMED, "truncated sealed body") from None
+    if ext != SEALED_EXT or start + n != len(body) or n < KEY_ID_SIZE:
+        raise MessageRejected(Reason.MALFORMED, "sealed body framing")
+    if kem_key is None:
+        raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed but no KEM key was given")
+    if body[start:start + KEY_ID_SIZE] != key_id(kem_key.public_key):
+        raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed to another recipient")
+    return memoryview(open_sealed(kem_key, body[start + KEY_ID_SIZE:], aad))
+
+
+open = open_envelope  # noqa: A001  (the name the contracts use; prefer open_envelope)
