@@ -195,13 +195,12 @@ class Service(abc.ABC):
         Services that answer bad input themselves (ingest's ``update.rejected``) override."""
         job = _job_of(delivery.routing_key)
         await self.alert(
-            kind=f"rejected.{exc.reason.value.lower()}",
+            kind="message.rejected",
             severity="warning",
             job=job,
             round=0,
-            subject=delivery.routing_key,
             reason=exc.reason.value,
-            detail=exc.detail or str(exc),
+            detail=f"{delivery.exchange}/{delivery.routing_key}: {exc.detail or exc}",
         )
 
     # -- publishing -----------------------------------------------------------------------
@@ -212,9 +211,9 @@ class Service(abc.ABC):
         severity: str,
         job: str,
         round: int,
-        subject: str = "",
         reason: str = "",
         detail: str = "",
+        client: str | None = None,
     ) -> None:
         """Publish an ``alert.raised`` (signed) on ``qflare.events``; alerting stores,
         deduplicates and republishes it on ``qflare.alerts``."""
@@ -222,10 +221,11 @@ class Service(abc.ABC):
 
         await publish_alert(
             self, kind=kind, severity=severity, job=job, round=round,
-            subject=subject, reason=reason, detail=detail,
+            reason=reason, detail=detail, client=client,
         )
 
 
 def _job_of(routing_key: str) -> str:
-    # events are `<kind>.<job>`: the job is the last word.
-    return routing_key.rsplit(".", 1)[-1] if routing_key else "-"
+    # events are `<kind>.<job>`: the job is the last word (a routing-key word is a valid id).
+    word = routing_key.rsplit(".", 1)[-1] if routing_key else ""
+    return word if word and len(word) <= 64 else "-"

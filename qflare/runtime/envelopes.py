@@ -1,0 +1,108 @@
+"""Signed envelopes in and out of a service: the only place services touch the codec.
+
+Every message a service publishes is an envelope signed with the service's own identity
+(DESIGN §4); every message it consumes is opened against the CA trust store, so a forged
+or revoked sender is a :class:`MessageRejected` like any other bad input. Large bodies are
+encoded/verified in a worker thread (ML-DSA and SHA-256 release the GIL, FACTS.md) so the
+event loop keeps serving.
+
+Routing keys: ``qflare.events`` carries ``<kind>.<job>``; ``qflare.broadcast`` carries
+``<job>.<kind>`` (clients bind ``<job>.#``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from qflare.bus import Delivery, topology
+from qflare.messages import Body, Envelope, encode, open_envelope
+
+if TYPE_CHECKING:
+    from qflare.runtime.service import Service
+
+#: Bodies above this size are encoded/opened off the event loop.
+THREAD_THRESHOLD = 256 * 1024
+
+
+def event_key(kind: str, job: str) -> str:
+    return f"{kind}.{job}"
+
+
+def broadcast_key(job: str, kind: str) -> str:
+    return f"{job}.{kind}"
+
+
+async def seal(service: Service, kind: str, body: Body | dict[str, Any], *, job: str, round: int) -> bytes:
+    """Encode and sign ``body`` as ``kind`` with the service's identity."""
+    identity = service.ctx.identity
+    if identity is None:
+        raise ValueError(f"service {service.name!r} has no identity to sign {kind!r} with")
+    big = isinstance(body, Body) and _has_tensors(body)
+    if big:
+        return await asyncio.to_thread(encode, kind, body, identity, job=job, round=round)
+    return encode(kind, body, identity, job=job, round=round)
+
+
+async def emit(
+    service: Service,
+    kind: str,
+    body: Body | dict[str, Any],
+    *,
+    job: str,
+    round: int,
+    exchange: str = topology.EVENTS,
+    routing_key: str | None = None,
+) -> bytes:
+    """Sign and publish one envelope (``<kind>.<job>`` on ``qflare.events`` by default);
+    returns the bytes sent, so a caller can re-send the same envelope."""
+    data = await seal(service, kind, body, job=job, round=round)
+    key = routing_key or (
+        broadcast_key(job, kind) if exchange == topology.BROADCAST else event_key(kind, job)
+    )
+    await service.bus.publish(exchange, key, data)
+    return data
+
+
+async def open_delivery(
+    service: Service,
+    delivery: Delivery,
+    *,
+    expect_kind: str | None = None,
+    expect_job: str | None = None,
+) -> Envelope:
+    """Verify and decode a delivered envelope; any defect raises MessageRejected."""
+    trust = service.ctx.trust
+    if trust is None:
+        raise ValueError(f"service {service.name!r} has no trust store to verify with")
+    if len(delivery.body) > THREAD_THRESHOLD:
+        return await asyncio.to_thread(
+            open_envelope, delivery.body, trust, expect_kind=expect_kind, expect_job=expect_job
+        )
+    return open_envelope(delivery.body, trust, expect_kind=expect_kind, expect_job=expect_job)
+
+
+async def publish_alert(
+    service: Service,
+    *,
+    kind: str,
+    severity: str,
+    job: str,
+    round: int,
+    reason: str,
+    detail: str = "",
+    client: str | None = None,
+) -> None:
+    """A signed ``alert.raised`` on ``qflare.events`` (``alert.raised.<job>``)."""
+    body: dict[str, Any] = {
+        "severity": severity,
+        "alert_kind": kind,
+        "client": client,
+        "reason": reason or kind,
+        "detail": detail[:4000],
+    }
+    await emit(service, "alert.raised", body, job=job or "-", round=max(0, int(round)))
+
+
+def _has_tensors(body: Body) -> bool:
+    return bool(getattr(body, "tensors", None))

@@ -1,0 +1,244 @@
+"""qflare.runtime: settings, job specs, the SQLite helper and the one handler wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.crypto import Federation, provision
+from qflare.messages import MessageRejected, Reason, open_envelope
+from qflare.runtime import (
+    Consumer,
+    Database,
+    JobSpec,
+    Service,
+    ServiceContext,
+    fsync_write,
+    load_settings,
+)
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.logging import JsonFormatter
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    return provision(tmp_path_factory.mktemp("pki"), clients=1)
+
+
+def _job(**kw: object) -> dict[str, object]:
+    return {"job_id": "j1", "rounds": 3, "participants": ["a", "b", "c"], **kw}
+
+
+# -- settings ---------------------------------------------------------------------------
+def test_settings_file_env_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(
+        '[qflare]\nbroker = "amqp://u:secret@h:5672/"\ndata_dir = "state"\nprefix = "p-"\n'
+        "[services.aggregator]\nreopen_interval_s = 2.5\n"
+        '[[jobs]]\njob_id = "j1"\nrounds = 2\nparticipants = ["b", "a", "c"]\nseed = 99\n'
+        'initial_model = "m.safetensors"\n'
+    )
+    s = load_settings(cfg, env={"QFLARE_PREFIX": "env-", "QFLARE_PASSPHRASE": "pw"})
+    assert s.broker == "amqp://u:secret@h:5672/" and s.prefix == "env-"
+    assert s.data_dir == tmp_path / "state" and s.passphrase == "pw"
+    assert s.options("aggregator")["reopen_interval_s"] == 2.5
+    job = s.job("j1")
+    assert job.participants == ("a", "b", "c") and job.initial_model == tmp_path / "m.safetensors"
+    assert "secret" not in json.dumps(s.safe_dict()) and "pw" not in repr(s)
+    assert "99" not in repr(job) and "seed" not in job.public()
+    assert load_settings(cfg, env={}, broker="memory://").embedded
+    assert load_settings(None, env={}).broker == "memory://"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[qflare]\nbrokr = 1\n", "unknown \\[qflare\\] keys"),
+        ("[other]\n", "unknown top-level"),
+        ("[qflare\n", "not valid TOML"),
+        ('[qflare]\nbroker = "http://x"\n', "memory://, amqp://"),
+        ('[qflare]\nlog_format = "xml"\n', "log_format"),
+    ],
+)
+def test_settings_errors_name_the_value(tmp_path: Path, text: str, match: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_settings(cfg, env={})
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_settings(tmp_path / "none.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"f": 2}, "2f < n"),
+        ({"participants": ["a", "a", "b"]}, "duplicates"),
+        ({"participants": ["a b"]}, "routing-key word"),
+        ({"job_id": "j.1"}, "routing-key word"),
+        ({"min_updates": 4}, "exceeds"),
+        ({"sample_rate": 0.0}, "greater than 0"),
+        ({"surprise": 1}, "Extra inputs"),
+    ],
+)
+def test_jobspec_rejects_inconsistent_jobs(change: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        JobSpec.model_validate(_job(**change))
+
+
+# -- sqlite + files -----------------------------------------------------------------------
+async def test_database_transactions_and_wal(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "s.sqlite", "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INT);")
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO t VALUES ('a', 1)")
+    with pytest.raises(sqlite3.IntegrityError):
+        async with db.transaction() as conn:
+            await conn.execute("INSERT INTO t VALUES ('b', 2)")
+            await conn.execute("INSERT INTO t VALUES ('a', 3)")  # violates the key: all rolled back
+    rows = await db.fetchall("SELECT k, v FROM t ORDER BY k")
+    assert [tuple(r) for r in rows] == [("a", 1)]
+    assert (await db.fetchone("PRAGMA journal_mode"))[0] == "wal"
+    await db.close()
+    # The schema is idempotent: reopening keeps the data.
+    db = await Database.open(tmp_path / "s.sqlite", "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INT);")
+    assert (await db.fetchone("SELECT v FROM t WHERE k='a'"))[0] == 1
+    await db.close()
+
+
+def test_fsync_write_replaces_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "d" / "x.bin"
+    fsync_write(target, b"one")
+    fsync_write(target, memoryview(b"two"))
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["x.bin"]
+
+
+def test_json_log_lines_carry_fields() -> None:
+    record = logging.LogRecord("qflare.x", logging.INFO, __file__, 1, "round.opened", None, None)
+    record.fields = {"job": "j1", "round": 2}
+    line = json.loads(JsonFormatter("aggregator").format(record))
+    assert line["event"] == "round.opened" and line["service"] == "aggregator"
+    assert line["job"] == "j1" and line["round"] == 2 and line["level"] == "INFO"
+
+
+# -- the handler wrapper ------------------------------------------------------------------
+class Probe(Service):
+    """Settles each message as its body says, through the real wrapper."""
+
+    name = "detector"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.seen: list[tuple[str, int]] = []
+
+    def consumers(self) -> list[Consumer]:
+        return [Consumer(QueueSpec("probe", bindings=((topology.EVENTS, "probe.*"),), delivery_limit=3), self.on_probe)]
+
+    async def on_probe(self, delivery: Delivery) -> Outcome | None:
+        self.seen.append((delivery.body.decode(), delivery.delivery_count))
+        match delivery.body:
+            case b"ok":
+                return None
+            case b"bad":
+                raise MessageRejected(Reason.MALFORMED, "probe says bad")
+            case b"flaky" if delivery.delivery_count == 1:
+                raise OSError("disk busy")
+            case b"flaky":
+                return None
+            case b"wait" if delivery.delivery_count < 2:
+                return Outcome.RETRY
+            case b"wait":
+                return Outcome.ACK
+            case _:
+                raise RuntimeError("a bug")
+
+
+async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(federation: Federation, tmp_path: Path) -> None:
+    bus = await connect_bus("memory://wrapper")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))
+    ctx = ServiceContext(
+        name="detector", settings=settings, bus=bus,
+        identity=federation.identity("detector"), trust=federation.trust(), data_dir=tmp_path,
+    )
+    probe = Probe(ctx)
+    alerts: list[bytes] = []
+    dead: list[Delivery] = []
+    got_alert = asyncio.Event()
+
+    async def on_alert(d: Delivery) -> Outcome:
+        alerts.append(d.body)
+        got_alert.set()
+        return Outcome.ACK
+
+    async def on_dead(d: Delivery) -> Outcome:
+        dead.append(d)
+        return Outcome.ACK
+
+    await bus.consume(QueueSpec("alerts", bindings=((topology.EVENTS, "alert.raised.*"),)), on_alert)
+    await bus.consume(topology.dead_letters(), on_dead)
+    await probe.start()
+    for body in (b"ok", b"bad", b"flaky", b"wait", b"bug"):
+        await bus.publish(topology.EVENTS, "probe.j7", body)
+    await asyncio.wait_for(got_alert.wait(), 5)
+    for _ in range(200):
+        if len(dead) >= 2 and len(probe.seen) >= 9:
+            break
+        await asyncio.sleep(0.01)
+    await probe.stop()
+    await bus.close()
+
+    counts: dict[str, int] = {}
+    for body, _n in probe.seen:
+        counts[body] = counts.get(body, 0) + 1
+    assert counts == {"ok": 1, "bad": 1, "flaky": 2, "wait": 2, "bug": 3}
+    assert sorted((d.body, d.death_reason) for d in dead) == [
+        (b"bad", "rejected"), (b"bug", "delivery_limit")
+    ]
+    assert len(alerts) == 1
+    env = open_envelope(alerts[0], federation.trust(), expect_kind="alert.raised")
+    assert env.sender == "detector" and env.job == "j7"
+    assert env.body.reason == "MALFORMED" and env.body.alert_kind == "message.rejected"
+    assert "probe says bad" in env.body.detail
+
+
+async def test_envelopes_round_trip_and_forgery_is_rejected(federation: Federation, tmp_path: Path) -> None:
+    bus = await connect_bus("memory://env")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))
+    ctx = ServiceContext(
+        name="detector", settings=settings, bus=bus,
+        identity=federation.identity("detector"), trust=federation.trust(), data_dir=tmp_path,
+    )
+    probe = Probe(ctx)
+    got: list[Delivery] = []
+    await bus.consume(QueueSpec("v", bindings=((topology.EVENTS, "round.verdict.*"),)), lambda d: _keep(got, d))
+    sent = await emit(probe, "round.verdict", {"kept": ["a"], "flagged": []}, job="j1", round=4)
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.01)
+    env = await open_delivery(probe, got[0], expect_kind="round.verdict")
+    assert got[0].routing_key == "round.verdict.j1" and got[0].body == sent
+    assert env.round == 4 and env.body.kept == ["a"]
+    forged = bytearray(sent)
+    forged[-3] ^= 0xFF
+    with pytest.raises(MessageRejected) as err:
+        await open_delivery(probe, Delivery(bytes(forged), "round.verdict.j1", topology.EVENTS, {}, False, 1))
+    assert err.value.reason in (Reason.BAD_DIGEST, Reason.BAD_SIGNATURE, Reason.MALFORMED)
+    with pytest.raises(ValueError, match="may not send"):
+        await emit(probe, "model.published", {"version": 1, "digest": b"x" * 32, "epsilon": 0.0}, job="j1", round=1)
+    await bus.close()
+
+
+async def _keep(box: list[Delivery], d: Delivery) -> Outcome:
+    box.append(d)
+    return Outcome.ACK
