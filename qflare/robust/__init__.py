@@ -7,7 +7,11 @@ the Byzantine updates used in simulation and tests. See docs/robust.md.
 """
 
 from ._base import PRE_AGGREGATORS, RULES, Aggregator, Chain, PreAggregator
+from .attacks import Attack, LabelFlip, flip_labels, get_attack, list_attacks
+from .detection import INSUFFICIENT, OK, Thresholds, Verdict, detect
+from .reputation import Reputation
 from .spec import get_rule, list_rules
 
-__all__ = ["Aggregator", "Chain", "PreAggregator", "PRE_AGGREGATORS", "RULES", "get_rule",
-           "list_rules"]
+__all__ = ["Aggregator", "Attack", "Chain", "INSUFFICIENT", "LabelFlip", "OK", "PreAggregator",
+           "PRE_AGGREGATORS", "RULES", "Reputation", "Thresholds", "Verdict", "detect",
+           "flip_labels", "get_attack", "get_rule", "list_attacks", "list_rules"]

@@ -1,0 +1,313 @@
+"""Byzantine attacks for simulation and tests: ``attack(honest [h, d], f) -> [f, d]``.
+
+Threat model (as ByzFL's): the f Byzantine clients collude and see every honest update
+of the round before sending theirs (omniscient, the strongest usual assumption); the
+"optimal" variants also know the server's rule. Label flipping is data-level: a function
+the Byzantine client applies to its labels before training.
+
+- sign flip: Allen-Zhu et al., "Byzantine-Resilient Non-Convex SGD", ICLR 2021.
+- IPM: Xie, Koyejo and Gupta, "Fall of Empires: Breaking Byzantine-tolerant SGD by Inner
+  Product Manipulation", UAI 2019 (-tau * mean).
+- ALIE: Baruch, Baruch and Goldberg, "A Little Is Enough", NeurIPS 2019 (mean + tau * std;
+  ByzFL's sign convention).
+- Mimic: Karimireddy, He and Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets
+  via Bucketing", ICLR 2022 (copy one honest update).
+- min-max / min-sum: Shejwalkar and Houmansadr, "Manipulating the Byzantine: Optimizing
+  Model Poisoning Attacks and Defenses for Federated Learning", NDSS 2021. The largest
+  gamma with max_i ||m - gamma p - x_i|| <= max_ij ||x_i - x_j|| (min-max) or
+  sum_i ||m - gamma p - x_i||^2 <= max_j sum_i ||x_j - x_i||^2 (min-sum) is found in closed
+  form: each side is a quadratic in gamma, so no bisection is needed.
+- optimal IPM/ALIE: Allouah et al., "Fixing by Mixing", AISTATS 2023 (ByzFL's search of
+  the scale that moves the rule's output furthest from the honest mean).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from ._base import Aggregator
+from ._core import ArrayLike, as_batch, centred_gram, check_float, check_int, sq_dists_from_gram
+
+ATTACKS: dict[str, type["Attack"]] = {}
+
+
+def _register(cls: type["Attack"]) -> type["Attack"]:
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+class Attack:
+    """Callable ``attack(honest [h, d], f, rng=None) -> [f, d]`` of the input's kind."""
+
+    name: ClassVar[str]
+
+    def __call__(self, honest: ArrayLike, f: int, *, rng: np.random.Generator | int | None = None) -> ArrayLike:
+        b = as_batch(honest)
+        f = check_int("f", f)
+        if f == 0:
+            return b.back(np.zeros((0, b.x.shape[1]), dtype=b.x.dtype))
+        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        out = np.asarray(self.forge(b.x, f, gen))
+        if out.ndim == 1:
+            out = np.broadcast_to(out, (f, b.x.shape[1]))
+        out = np.ascontiguousarray(out, dtype=b.x.dtype)
+        return torch.from_numpy(out) if b.is_torch else out
+
+    def forge(self, h: np.ndarray, f: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+@_register
+class SignFlip(Attack):
+    name = "sign_flip"
+
+    def forge(self, h, f, rng):
+        return -h.mean(axis=0, dtype=np.float64)
+
+
+@_register
+class Gaussian(Attack):
+    name = "gaussian"
+
+    def __init__(self, mu: float = 0.0, sigma: float = 1.0) -> None:
+        self.mu = check_float("mu", mu, minimum=-np.inf)
+        self.sigma = check_float("sigma", sigma)
+
+    def forge(self, h, f, rng):
+        return rng.normal(self.mu, self.sigma, size=(f, h.shape[1]))
+
+
+@_register
+class Inf(Attack):
+    """Every coordinate +inf: the degenerate large-deviation attack."""
+
+    name = "inf"
+
+    def forge(self, h, f, rng):
+        return np.full(h.shape[1], np.inf)
+
+
+@_register
+class LargeDeviation(Attack):
+    """A finite update far away: -scale times the honest mean."""
+
+    name = "large"
+
+    def __init__(self, scale: float = 1e6) -> None:
+        self.scale = check_float("scale", scale)
+
+    def forge(self, h, f, rng):
+        return -self.scale * h.mean(axis=0, dtype=np.float64)
+
+
+@_register
+class IPM(Attack):
+    name = "ipm"
+
+    def __init__(self, tau: float = 2.0) -> None:
+        self.tau = check_float("tau", tau, minimum=-np.inf)
+
+    def forge(self, h, f, rng):
+        return -self.tau * h.mean(axis=0, dtype=np.float64)
+
+
+@_register
+class ALIE(Attack):
+    name = "alie"
+
+    def __init__(self, tau: float = 1.5) -> None:
+        self.tau = check_float("tau", tau, minimum=-np.inf)
+
+    def forge(self, h, f, rng):
+        mean = h.mean(axis=0, dtype=np.float64)
+        std = h.std(axis=0, ddof=1, dtype=np.float64) if h.shape[0] > 1 else np.zeros_like(mean)
+        return mean + self.tau * std
+
+
+@_register
+class Mimic(Attack):
+    name = "mimic"
+
+    def __init__(self, idx: int = 0) -> None:
+        self.idx = check_int("idx", idx)
+
+    def forge(self, h, f, rng):
+        if self.idx >= h.shape[0]:
+            raise ValueError(f"mimic: idx={self.idx} but only {h.shape[0]} honest updates")
+        return h[self.idx]
+
+
+def _direction(h: np.ndarray, kind: str) -> np.ndarray:
+    mean = h.mean(axis=0, dtype=np.float64)
+    if kind == "std":
+        return h.std(axis=0, dtype=np.float64)
+    if kind == "sign":
+        return np.sign(mean)
+    norm = np.linalg.norm(mean)
+    return mean / norm if norm > 0 else mean
+
+
+class _MinMaxBase(Attack):
+    """m - gamma * p with the largest gamma passing the distance test (closed form)."""
+
+    def __init__(self, direction: str = "std") -> None:
+        if direction not in ("std", "sign", "unit"):
+            raise ValueError(f"direction must be 'std', 'sign' or 'unit', got {direction!r}")
+        self.direction = direction
+
+    def _quadratics(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        m = h.mean(axis=0, dtype=np.float64)
+        p = _direction(h, self.direction)
+        # ||m - g p - x_i||^2 = a g^2 - 2 b_i g + c_i
+        diff = m[None, :] - h
+        a = float(p @ p)
+        b = diff @ p
+        c = np.einsum("ij,ij->i", diff, diff)
+        return m, p, np.full_like(b, a), np.stack([b, c])
+
+    def forge(self, h, f, rng):
+        m, p, a, bc = self._quadratics(h)
+        d2 = sq_dists_from_gram(centred_gram(h))
+        gamma = self._gamma(a, bc[0], bc[1], d2)
+        return m - gamma * p
+
+    @staticmethod
+    def _root(a: float, b: float, c: float, limit: float) -> float:
+        """Largest g >= 0 with a g^2 - 2 b g + c <= limit (inf when a == 0)."""
+        if a <= 0:
+            return 0.0 if c > limit else float("inf")
+        disc = b * b - a * (c - limit)
+        return max(0.0, (b + np.sqrt(max(disc, 0.0))) / a)
+
+    def _gamma(self, a, b, c, d2) -> float:
+        raise NotImplementedError
+
+
+@_register
+class MinMax(_MinMaxBase):
+    name = "minmax"
+
+    def _gamma(self, a, b, c, d2):
+        limit = float(d2.max())
+        return float(min(self._root(float(a[i]), float(b[i]), float(c[i]), limit) for i in range(len(b))))
+
+
+@_register
+class MinSum(_MinMaxBase):
+    name = "minsum"
+
+    def _gamma(self, a, b, c, d2):
+        limit = float(d2.sum(axis=1).max())
+        return self._root(float(a.sum()), float(b.sum()), float(c.sum()), limit)
+
+
+class _Optimal(Attack):
+    """ByzFL's search over the attack scale tau against a known rule."""
+
+    base: ClassVar[Callable[[float], Attack]]
+
+    def __init__(self, rule: Aggregator | str = "mean", evals: int = 20, start: float = 0.0,
+                 delta: float = 10.0, ratio: float = 0.8) -> None:
+        from .spec import get_rule
+
+        self.rule = get_rule(rule) if isinstance(rule, str) else rule
+        if not isinstance(self.rule, Aggregator):
+            raise TypeError(f"rule must be a rule spec or Aggregator, got {rule!r}")
+        self.evals = check_int("evals", evals, minimum=1)
+        self.start = check_float("start", start, minimum=-np.inf)
+        self.delta = check_float("delta", delta, minimum=-np.inf)
+        if self.delta == 0:
+            raise ValueError("delta must be non-zero")
+        self.ratio = check_float("ratio", ratio)
+        if not 0.5 < self.ratio < 1:
+            raise ValueError(f"ratio must be in (0.5, 1), got {ratio!r}")
+
+    def _damage(self, h: np.ndarray, f: int, tau: float, mean: np.ndarray, rng) -> float:
+        byz = np.broadcast_to(type(self).base(tau).forge(h, f, rng), (f, h.shape[1]))
+        agg = self.rule.aggregate(np.concatenate([h, byz.astype(h.dtype)]), None, rng=rng)
+        return float(np.linalg.norm(np.asarray(agg, np.float64) - mean))
+
+    def search(self, h: np.ndarray, f: int, rng: np.random.Generator) -> float:
+        mean = h.mean(axis=0, dtype=np.float64)
+        best_x, delta = self.start, self.delta
+        best_y = self._damage(h, f, best_x, mean, rng)
+        left = self.evals - 1
+        while left > 0:  # expand while it helps
+            y = self._damage(h, f, best_x + delta, mean, rng)
+            left -= 1
+            if y > best_y:
+                best_x, best_y, delta = best_x + delta, y, delta * 2
+            else:
+                delta *= self.ratio
+                break
+        while left > 0:  # then contract around the best
+            y = self._damage(h, f, best_x + delta, mean, rng)
+            left -= 1
+            if y > best_y:
+                best_x, best_y = best_x + delta, y
+            delta *= self.ratio
+        return best_x
+
+    def forge(self, h, f, rng):
+        tau = self.search(h, f, rng)
+        return type(self).base(tau).forge(h, f, rng)
+
+
+@_register
+class OptimalIPM(_Optimal):
+    name = "optimal_ipm"
+    base = IPM
+
+
+@_register
+class OptimalALIE(_Optimal):
+    name = "optimal_alie"
+    base = ALIE
+
+
+def flip_labels(labels: Any, num_classes: int) -> Any:
+    """Label flipping (data-level): y -> num_classes - 1 - y, as ByzFL's LabelFlipping."""
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    if isinstance(labels, torch.Tensor):
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes})")
+        return num_classes - 1 - labels
+    y = np.asarray(labels)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    return num_classes - 1 - y
+
+
+class LabelFlip:
+    """``get_attack("label_flip", num_classes=10)``: a function on labels, not updates."""
+
+    name = "label_flip"
+    data_level = True
+
+    def __init__(self, num_classes: int = 10) -> None:
+        self.num_classes = check_int("num_classes", num_classes, minimum=1)
+
+    def __call__(self, labels: Any) -> Any:
+        return flip_labels(labels, self.num_classes)
+
+
+def list_attacks() -> list[str]:
+    return sorted([*ATTACKS, LabelFlip.name])
+
+
+def get_attack(name: str, **kwargs: Any) -> Attack | LabelFlip:
+    """An attack by name (see ``list_attacks()``), constructed with ``kwargs``."""
+    key = name.strip().lower()
+    if key == LabelFlip.name:
+        return LabelFlip(**kwargs)
+    if key not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known: {list_attacks()}")
+    try:
+        return ATTACKS[key](**kwargs)
+    except TypeError as exc:
+        raise TypeError(f"attack {key}: {exc}") from None

@@ -1,0 +1,190 @@
+"""Per-round detection of suspicious updates.
+
+Each update gets five scores, computed on the n x n Gram matrix (so d costs two passes):
+- ``krum``: the Krum score (Blanchard et al., NeurIPS 2017), sum of squared distances to
+  the n - f - 1 nearest others, as a robust z-score (median / MAD) across the round;
+- ``distance``: distance to the robust centre (geometric median by Weiszfeld, Pillutla et
+  al. 2022), robust z-score;
+- ``cosine``: cosine between the update and the robust centre, robust z-score (low side);
+- ``norm``: the update's norm, robust z-score, both sides;
+- ``cluster``: two-means on the updates (Lloyd iterations in Gram space, seeded with the
+  two farthest points, cf. Auror, Shen et al., ACSAC 2016); the smaller group is suspect
+  when it has at most f members and its centre lies far from the other's relative to the
+  spread inside the groups.
+A score past its threshold gives a reason; a client with any reason is flagged. NaN/Inf
+updates are flagged ``non_finite`` before anything else. With fewer finite updates than
+``max(3, 2f + 1)`` the verdict says ``insufficient`` and flags only non-finite ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._core import as_batch, centred_gram, check_float, check_int, finite_rows, sq_dists_from_gram
+from .rules.krum import krum_scores
+
+OK = "ok"
+INSUFFICIENT = "insufficient"
+
+# Floors on the robust scale so that a round of near-identical honest updates does not
+# turn rounding noise into outliers.
+_MIN_REL_SCALE = 0.05
+_COS_MIN_SCALE = 0.05
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Kept and flagged clients of one round, with reasons and per-score values."""
+
+    status: str
+    kept: tuple[str, ...]
+    flagged: tuple[str, ...]
+    reasons: dict[str, tuple[str, ...]]
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    message: str = ""
+    n: int = 0
+    f: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "kept": list(self.kept), "flagged": list(self.flagged),
+                "reasons": {k: list(v) for k, v in self.reasons.items()},
+                "scores": {k: dict(v) for k, v in self.scores.items()},
+                "message": self.message, "n": self.n, "f": self.f}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    z: float = 3.5          # robust z-score beyond which krum/distance/norm are outliers
+    cosine_z: float = 3.5   # low-side robust z for the cosine
+    separation: float = 3.0  # cluster centres apart / within-group spread
+
+    def __post_init__(self) -> None:
+        for k in ("z", "cosine_z", "separation"):
+            check_float(k, getattr(self, k), strict=True)
+
+
+def robust_z(v: np.ndarray, min_scale: float = 0.0) -> np.ndarray:
+    med = float(np.median(v))
+    mad = 1.4826 * float(np.median(np.abs(v - med)))
+    scale = max(mad, min_scale, 1e-12)
+    return (v - med) / scale
+
+
+def _geomed_coef(g: np.ndarray, iters: int = 50, eps: float = 1e-9) -> np.ndarray:
+    n = g.shape[0]
+    a = np.full(n, 1.0 / n)
+    diag = np.diag(g)
+    for _ in range(iters):
+        ga = g @ a
+        dist = np.sqrt(np.maximum(diag - 2 * ga + a @ ga, 0.0))
+        beta = 1.0 / np.maximum(dist, eps * (1 + dist.max()))
+        new = beta / beta.sum()
+        if np.abs(new - a).max() < 1e-10:
+            return new
+        a = new
+    return a
+
+
+def two_means(d2: np.ndarray, g: np.ndarray, iters: int = 20) -> tuple[np.ndarray, float]:
+    """Labels (0/1) and separation (centre distance / mean within-group distance)."""
+    n = g.shape[0]
+    i, j = np.unravel_index(int(np.argmax(d2)), d2.shape)
+    labels = (d2[:, j] < d2[:, i]).astype(int)
+    diag = np.diag(g)
+    for _ in range(iters):
+        dists = []
+        for k in (0, 1):
+            members = labels == k
+            if not members.any():
+                return labels, 0.0
+            a = members / members.sum()
+            ga = g @ a
+            dists.append(diag - 2 * ga + a @ ga)
+        new = (dists[1] < dists[0]).astype(int)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    a0 = (labels == 0) / max(1, (labels == 0).sum())
+    a1 = (labels == 1) / max(1, (labels == 1).sum())
+    diff = a0 - a1
+    centre_gap = float(np.sqrt(max(diff @ g @ diff, 0.0)))
+    within = []
+    for a, k in ((a0, 0), (a1, 1)):
+        ga = g @ a
+        dd = np.sqrt(np.maximum(diag - 2 * ga + a @ ga, 0.0))[labels == k]
+        within.append(dd)
+    spread = float(np.mean(np.concatenate(within)))
+    return labels, centre_gap / max(spread, 1e-12 * (1 + centre_gap))
+
+
+def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
+           thresholds: Thresholds | None = None) -> Verdict:
+    """Score the round's updates [n, d]; ``ids`` name the rows (default "0".."n-1")."""
+    b = as_batch(updates)
+    x = b.x
+    n = x.shape[0]
+    f = check_int("f", f)
+    th = thresholds or Thresholds()
+    names = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
+    if len(names) != n or len(set(names)) != n:
+        raise ValueError(f"ids must be {n} distinct names, got {len(names)} ({len(set(names))} distinct)")
+    finite = finite_rows(x)
+    reasons: dict[str, list[str]] = {nm: [] for nm in names}
+    for i in np.flatnonzero(~finite):
+        reasons[names[i]].append("non_finite")
+    idx = np.flatnonzero(finite)
+    m = len(idx)
+    need = max(3, 2 * f + 1)
+    if m < need:
+        flagged = tuple(names[i] for i in np.flatnonzero(~finite))
+        return Verdict(INSUFFICIENT, tuple(names[i] for i in idx), flagged,
+                       {k: tuple(v) for k, v in reasons.items() if v}, {},
+                       f"{m} finite updates, detection needs at least {need} for f={f}; "
+                       "only non-finite updates were flagged", n, f)
+    xf = x[idx] if m < n else x
+    g = centred_gram(xf)
+    d2 = sq_dists_from_gram(g)
+    scores: dict[str, np.ndarray] = {}
+    krum = krum_scores(d2, min(f, m - 2))
+    scores["krum"] = krum
+    scores["krum_z"] = robust_z(krum, _MIN_REL_SCALE * float(np.median(krum)))
+    a = _geomed_coef(g)
+    ga = g @ a
+    dist = np.sqrt(np.maximum(np.diag(g) - 2 * ga + a @ ga, 0.0))
+    scores["distance"] = dist
+    scores["distance_z"] = robust_z(dist, _MIN_REL_SCALE * float(np.median(dist)))
+    # Raw (uncentred) geometry for norms and cosines: x_i . z with z = sum_j a_j x_j.
+    norms = np.sqrt(np.fromiter((float(np.dot(r, r)) for r in xf), np.float64, m))
+    centre = (a.astype(xf.dtype) @ xf).astype(np.float64)
+    dots = (xf @ centre.astype(xf.dtype)).astype(np.float64)
+    cnorm = float(np.linalg.norm(centre))
+    cos = dots / np.maximum(norms * cnorm, 1e-30)
+    scores["norm"] = norms
+    scores["norm_z"] = robust_z(norms, _MIN_REL_SCALE * float(np.median(norms)))
+    scores["cosine"] = cos
+    scores["cosine_z"] = robust_z(cos, _COS_MIN_SCALE)
+    labels, sep = two_means(d2, g)
+    minority = int(labels.sum() <= m / 2)
+    small = labels == minority
+    scores["cluster_minority"] = small.astype(float)
+    cluster_hit = bool(0 < small.sum() <= f and sep >= th.separation)
+    for r, i in enumerate(idx):
+        why = reasons[names[i]]
+        if scores["krum_z"][r] > th.z:
+            why.append("krum")
+        if scores["distance_z"][r] > th.z:
+            why.append("distance")
+        if scores["cosine_z"][r] < -th.cosine_z:
+            why.append("cosine")
+        if abs(scores["norm_z"][r]) > th.z:
+            why.append("norm")
+        if cluster_hit and small[r]:
+            why.append("cluster")
+    flagged = tuple(nm for nm in names if reasons[nm])
+    kept = tuple(nm for nm in names if not reasons[nm])
+    per_client = {names[i]: {k: float(v[r]) for k, v in scores.items()} for r, i in enumerate(idx)}
+    return Verdict(OK, kept, flagged, {k: tuple(v) for k, v in reasons.items() if v}, per_client,
+                   f"separation of two groups {sep:.2f}", n, f)
