@@ -112,7 +112,6 @@ def provision(out: Path | str, clients: int, *, passphrase: bytes | None = None,
     (root / "ca" / "issued").mkdir(parents=True)
     ca = CertificateAuthority.create(valid_days=ca_expiry_days)
     crl = ca.revocation_list()
-    (root / "ca" / CERT_FILE).write_bytes(ca.cert.to_bytes())
     (root / "ca" / CA_FILE).write_bytes(ca.cert.to_bytes())
     _write_private(root / "ca" / KEY_FILE, signing_key_to_pem(ca.key, passphrase))
     (root / "ca" / CRL_FILE).write_bytes(crl.to_bytes())

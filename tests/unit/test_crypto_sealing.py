@@ -1,0 +1,73 @@
+"""Hybrid ML-KEM-768 + X25519 sealing: round trip and every way it must fail."""
+
+from __future__ import annotations
+
+import pytest
+
+from qflare.crypto import KemPrivateKey, MessageRejected, Reason, open_sealed, seal
+from qflare.crypto.sealing import MLKEM_CIPHERTEXT_SIZE, OVERHEAD, X25519_SIZE
+
+
+@pytest.fixture(scope="module")
+def key() -> KemPrivateKey:
+    return KemPrivateKey.generate()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 1 << 20])
+def test_round_trip(key: KemPrivateKey, size: int) -> None:
+    plaintext = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    blob = seal(key.public_key, plaintext, b"header")
+    assert len(blob) == len(plaintext) + OVERHEAD
+    assert open_sealed(key, blob, b"header") == plaintext
+    assert plaintext not in blob or size < 4
+
+
+def test_two_seals_of_the_same_plaintext_differ(key: KemPrivateKey) -> None:
+    assert seal(key.public_key, b"same", b"") != seal(key.public_key, b"same", b"")
+
+
+@pytest.mark.parametrize("offset", [0, MLKEM_CIPHERTEXT_SIZE - 1, MLKEM_CIPHERTEXT_SIZE,
+                                    MLKEM_CIPHERTEXT_SIZE + X25519_SIZE, -1],
+                         ids=["mlkem-ct", "mlkem-ct-end", "x25519-ct", "aes-ct", "tag"])
+def test_tampering_anywhere_fails(key: KemPrivateKey, offset: int) -> None:
+    blob = bytearray(seal(key.public_key, b"secret update", b"hdr"))
+    blob[offset] ^= 0x01
+    with pytest.raises(MessageRejected) as exc:
+        open_sealed(key, bytes(blob), b"hdr")
+    assert exc.value.reason is Reason.UNSEAL_FAILED
+
+
+def test_wrong_key_fails(key: KemPrivateKey) -> None:
+    blob = seal(key.public_key, b"secret", b"hdr")
+    with pytest.raises(MessageRejected) as exc:
+        open_sealed(KemPrivateKey.generate(), blob, b"hdr")
+    assert exc.value.reason is Reason.UNSEAL_FAILED
+
+
+def test_wrong_associated_data_fails(key: KemPrivateKey) -> None:
+    blob = seal(key.public_key, b"secret", b"header of envelope A")
+    with pytest.raises(MessageRejected) as exc:
+        open_sealed(key, blob, b"header of envelope B")
+    assert exc.value.reason is Reason.UNSEAL_FAILED
+
+
+def test_truncated_blob_fails(key: KemPrivateKey) -> None:
+    blob = seal(key.public_key, b"secret", b"")
+    for cut in (0, 10, OVERHEAD - 1, len(blob) - 1):
+        with pytest.raises(MessageRejected) as exc:
+            open_sealed(key, blob[:cut], b"")
+        assert exc.value.reason is Reason.UNSEAL_FAILED
+
+
+def test_bad_recipient_key_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError, match="1216 bytes"):
+        seal(b"short", b"x", b"")
+
+
+def test_pem_round_trip_with_passphrase(key: KemPrivateKey) -> None:
+    pem = key.to_pem(b"pass")
+    assert b"ENCRYPTED PRIVATE KEY" in pem
+    again = KemPrivateKey.from_pem(pem, b"pass")
+    assert again.public_key == key.public_key
+    with pytest.raises((ValueError, TypeError)):
+        KemPrivateKey.from_pem(pem, b"wrong")
