@@ -7,7 +7,7 @@ Fixtures
   bus_factory   ``await bus_factory(**options)`` -> another bus on the same backend and prefix
                 (a second "process"); all are closed and the topology deleted afterwards
   bus           the first bus of ``bus_factory``: runs each test on both adapters
-  memory_bus / rabbit_bus   one adapter only
+  memory_bus / rabbit_bus / rabbit_bus_factory   one adapter only
   wait_for      ``await wait_for(event | predicate | awaitable, timeout=5.0)``
 
 RabbitMQ unreachable: the test is skipped locally, but fails when CI=true.
@@ -106,6 +106,13 @@ async def _bus_factory(url: str, prefix: str) -> AsyncIterator[BusFactory]:
 @pytest.fixture
 async def bus_factory(bus_url: str, bus_prefix: str) -> AsyncIterator[BusFactory]:
     async for make in _bus_factory(bus_url, bus_prefix):
+        yield make
+
+
+@pytest.fixture
+async def rabbit_bus_factory(amqp_url: str, bus_prefix: str) -> AsyncIterator[BusFactory]:
+    require_rabbitmq(amqp_url)
+    async for make in _bus_factory(amqp_url, bus_prefix):
         yield make
 
 
