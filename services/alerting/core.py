@@ -38,7 +38,6 @@ class Severity(enum.IntEnum):
 
     INFO = 10
     WARNING = 20
-    ERROR = 30
     CRITICAL = 40
 
     @property
@@ -217,13 +216,14 @@ def dead_letter_alert(
 
     Routing keys end in the job (``update.<job>``, ``<kind>.<job>``), so the last word
     names the job; a poison message that exhausted its delivery limit points at a handler
-    fault and is an error, a rejected one was already alerted on by its rejecter and is a
-    warning.
+    fault (or a service that cannot keep up) and is critical; a rejected one was already
+    alerted on by its rejecter and is a warning. (``alert.raised`` knows info, warning and
+    critical only.)
     """
     reason = death_reason or "unknown"
     words = routing_key.split(".") if routing_key else []
     job = words[-1] if len(words) >= 2 else "-"
-    severity = Severity.ERROR if reason == "delivery_limit" else Severity.WARNING
+    severity = Severity.CRITICAL if reason == "delivery_limit" else Severity.WARNING
     detail = f"dead letter from queue {death_queue or '?'} (exchange {exchange or '?'}, key {routing_key!r})"
     return Alert(
         job=job,

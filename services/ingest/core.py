@@ -117,20 +117,21 @@ class RoundBook:
 
 def check_round(book: RoundBook, *, job: str, round_: int, base_version: int,
                 client: str, now: float) -> OpenRound:
-    """The update's job/round/base version/sender against the open round; returns it."""
+    """The update's job/round/base version/sender against the open round; returns it.
+
+    An update for an older round (a replay, or a straggler) is STALE_ROUND; one for the
+    latest round after it closed, or past its deadline, is ROUND_CLOSED."""
     info = book.get(job)
     if info is None:
-        if book.was_closed(job, round_):
+        latest = book.latest(job)
+        if latest is None:
+            raise MessageRejected(Reason.WRONG_JOB, f"no open round for job {job!r}")
+        if round_ == latest and book.was_closed(job, round_):
             raise MessageRejected(Reason.ROUND_CLOSED, f"round {round_} of job {job!r} is closed")
-        if book.knows(job):
-            raise MessageRejected(
-                Reason.STALE_ROUND,
-                f"job {job!r} has no open round (latest {book.latest(job)}), update is for round {round_}",
-            )
-        raise MessageRejected(Reason.WRONG_JOB, f"no open round for job {job!r}")
+        raise MessageRejected(
+            Reason.STALE_ROUND, f"job {job!r} has no open round (latest {latest}), update is for round {round_}"
+        )
     if round_ != info.round:
-        if book.was_closed(job, round_):
-            raise MessageRejected(Reason.ROUND_CLOSED, f"round {round_} of job {job!r} is closed")
         raise MessageRejected(
             Reason.STALE_ROUND, f"update for round {round_}, job {job!r} has round {info.round} open"
         )
@@ -148,6 +149,14 @@ def check_round(book: RoundBook, *, job: str, round_: int, base_version: int,
             Reason.ROUND_CLOSED, f"round {info.round} of {job!r} passed its deadline {now - info.deadline:.1f}s ago"
         )
     return info
+
+
+def needs_round_news(book: RoundBook, job: str, round_: int) -> bool:
+    """True when the update is for a job or round this replica has not heard of yet: the
+    ``round.opened`` event may simply not have reached it (a fresh replica, a race between
+    its two queues), so the shell waits briefly for news before rejecting."""
+    latest = book.latest(job)
+    return latest is None or round_ > latest
 
 
 def check_tensors(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
@@ -170,16 +179,24 @@ def check_tensors(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
             raise MessageRejected(
                 Reason.SHAPE_MISMATCH, f"tensor {name!r} has shape {tuple(arr.shape)}, round expects {spec.shape}"
             )
-    total = 0.0
     for name in sorted(expected):
         arr = tensors[name]
-        if arr.size == 0:
-            continue
-        if not np.isfinite(arr).all():
+        if arr.size and not np.isfinite(arr).all():
             raise MessageRejected(Reason.NON_FINITE, f"tensor {name!r} contains NaN or Inf")
-        flat = arr.reshape(-1)
+    return check_norm(info, tensors)
+
+
+def check_norm(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of the whole update against ``info.max_norm``; returns the norm.
+    Assumes finite values (checked before)."""
+    total = 0.0
+    for name in sorted(tensors):
+        flat = tensors[name].reshape(-1)
+        if flat.size == 0:
+            continue
         # float64 accumulation: a float32 sum of squares overflows near 1.8e19 per element.
-        total += float(np.dot(flat.astype(np.float64, copy=False), flat.astype(np.float64, copy=False)))
+        f64 = flat.astype(np.float64, copy=False)
+        total += float(np.dot(f64, f64))
     norm = math.sqrt(total)
     if not math.isfinite(norm):
         raise MessageRejected(Reason.NON_FINITE, "update norm overflows float64")

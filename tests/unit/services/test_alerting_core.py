@@ -101,7 +101,7 @@ def test_severity_parse() -> None:
 
 def test_dead_letter_alert_names_job_reason_and_queue() -> None:
     a = dead_letter_alert("update.j7", "delivery_limit", "ingest", exchange="qflare.client")
-    assert (a.job, a.kind, a.reason, a.severity) == ("j7", "dead_letter", "delivery_limit", Severity.ERROR)
-    assert "ingest" in a.detail and a.routing_key() == "error.dead_letter.j7"
+    assert (a.job, a.kind, a.reason, a.severity) == ("j7", "dead_letter", "delivery_limit", Severity.CRITICAL)
+    assert "ingest" in a.detail and a.routing_key() == "critical.dead_letter.j7"
     b = dead_letter_alert("garbage", "rejected", None)
     assert (b.job, b.severity) == ("-", Severity.WARNING)

@@ -13,6 +13,7 @@ from qflare.services.ingest.core import (
     check_round,
     check_tensors,
     max_envelope_bytes,
+    needs_round_news,
     tensor_specs,
 )
 
@@ -68,6 +69,14 @@ def test_closed_round_and_job_without_open_round() -> None:
     book.closed("j1", 4)
     assert _code(check_round, book, job="j1", round_=4, base_version=3, client="c1", now=1) is Reason.ROUND_CLOSED
     assert _code(check_round, book, job="j1", round_=2, base_version=3, client="c1", now=1) is Reason.STALE_ROUND
+    assert _code(check_round, book, job="j1", round_=5, base_version=3, client="c1", now=1) is Reason.STALE_ROUND
+
+
+def test_needs_round_news_only_for_unknown_jobs_and_future_rounds() -> None:
+    book = _book()
+    assert needs_round_news(book, "jx", 0)
+    assert needs_round_news(book, "j1", 5)
+    assert not needs_round_news(book, "j1", 4) and not needs_round_news(book, "j1", 1)
 
 
 def test_round_book_ignores_stale_and_redelivered_events() -> None:

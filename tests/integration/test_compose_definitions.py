@@ -1,0 +1,208 @@
+"""The RabbitMQ definitions file, loaded into a throwaway vhost of the real broker.
+
+Shows the broker half of DESIGN.md §4: a client user can publish only to ``qflare.client``
+(with ``update.*`` keys) and read only its own broadcast queue; a service user cannot publish
+where its role does not. Needs ``rabbitmqctl`` with rights on the local node (root here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import aiormq
+import pytest
+
+from qflare.bus import QueueSpec, topology
+from qflare.commands.broker import BrokerUser, build_definitions, client_queue, rabbit_password_hash
+
+pytestmark = [pytest.mark.rabbitmq]
+
+HOST = "127.0.0.1:5672"
+
+
+def _ctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60,
+                          input=stdin)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> Iterator[dict]:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed")
+    tag = uuid.uuid4().hex[:8]
+    vhost = f"qflare-test-{tag}"
+    names = {"a": f"ca{tag}", "b": f"cb{tag}", "ingest": f"qflare-ingest-{tag}"}
+    pw = {k: uuid.uuid4().hex for k in names}
+    doc = build_definitions(
+        [BrokerUser(names["a"], pw["a"]), BrokerUser(names["b"], pw["b"])],
+        [],
+        vhost=vhost,
+        queues=[QueueSpec("ingest", bindings=((topology.CLIENT, "update.*"),))],
+    )
+    # a service user under a unique name with the ingest role's permissions
+    from qflare.commands.broker import permissions
+
+    doc["users"].append({"name": names["ingest"], "password_hash": rabbit_password_hash(pw["ingest"]),
+                         "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []})
+    doc["permissions"].append(permissions("ingest", names["ingest"], vhost))
+    # Debian's rabbitmqctl runs as the rabbitmq user: the file must be readable by it
+    # (pytest's tmp_path is 0700), and this rabbitmqctl does not read "-" (stdin).
+    fd, name = tempfile.mkstemp(prefix="qflare-defs-", suffix=".json")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh)
+        path.chmod(0o644)
+        result = _ctl("import_definitions", str(path))
+        assert result.returncode == 0, result.stderr + result.stdout
+        _wait_imported(vhost, names["b"])
+        # the test itself plays operator through guest
+        assert _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*").returncode == 0
+        yield {"vhost": vhost, "names": names, "pw": pw, "doc": doc}
+    finally:
+        path.unlink(missing_ok=True)
+        _ctl("delete_vhost", vhost)
+        for user in names.values():
+            _ctl("delete_user", user)
+
+
+def _wait_imported(vhost: str, last_user: str, timeout: float = 30.0) -> None:
+    # import_definitions returns before the import finished ("asynchronous" in 3.10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = _ctl("list_permissions", "-p", vhost)
+        if out.returncode == 0 and last_user in out.stdout:
+            queues = _ctl("list_queues", "-p", vhost, "name")
+            if "client." + last_user in queues.stdout:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"definitions for {vhost} not imported within {timeout}s")
+
+
+def _url(loaded: dict, who: str) -> str:
+    return f"amqp://{loaded['names'][who]}:{loaded['pw'][who]}@{HOST}/{loaded['vhost']}"
+
+
+async def _publish(conn: aio_pika.abc.AbstractConnection, exchange: str, key: str) -> None:
+    ch = await conn.channel(publisher_confirms=True)
+    ex = await ch.get_exchange(exchange, ensure=True)  # passive declare: no configure right needed
+    await ex.publish(aio_pika.Message(b"x"), key, timeout=10)
+    await ch.close()
+
+
+async def _read(conn: aio_pika.abc.AbstractConnection, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+    ch = await conn.channel()
+    q = await ch.get_queue(queue, ensure=True)
+    async with q.iterator(timeout=5) as it:
+        async for message in it:
+            await message.ack()
+            await ch.close()
+            return message
+    return None
+
+
+def test_definitions_declare_the_topology(loaded: dict) -> None:
+    doc = loaded["doc"]
+    assert {e["name"] for e in doc["exchanges"]} == set(topology.EXCHANGES)
+    queues = {q["name"]: q for q in doc["queues"]}
+    a = loaded["names"]["a"]
+    assert queues[f"client.{a}"]["arguments"]["x-queue-type"] == "quorum"
+    listed = _ctl("list_queues", "-p", loaded["vhost"], "name", "policy")
+    assert f"client.{a}" in listed.stdout and "qflare-client-queues" in listed.stdout
+    users = _ctl("list_users").stdout
+    assert a in users and loaded["names"]["b"] in users
+
+
+async def test_client_writes_only_to_qflare_client_and_reads_only_its_queue(loaded: dict) -> None:
+    a, b = loaded["names"]["a"], loaded["names"]["b"]
+    conn = await aio_pika.connect(_url(loaded, "a"), timeout=10)
+    try:
+        await _publish(conn, topology.CLIENT, "update.j1")  # allowed
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _publish(conn, topology.EVENTS, "update.accepted.j1")
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _publish(conn, topology.BROADCAST, "j1.model.published")
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _publish(conn, topology.CLIENT, "round.opened.j1")  # topic permission: update.* only
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _read(conn, f"client.{b}")
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _read(conn, "ingest")
+        ch = await conn.channel()
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await ch.declare_exchange(topology.EVENTS, aio_pika.ExchangeType.TOPIC, durable=True)
+    finally:
+        await conn.close()
+
+    # the broadcast the aggregator (here: the ingest-role user cannot, see below) would send
+    # reaches client a's own queue, which it may read and bind to a job.
+    admin = await aio_pika.connect(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", timeout=10)
+    try:
+        await _publish(admin, topology.BROADCAST, "j1.round.opened")
+    finally:
+        await admin.close()
+    conn = await aio_pika.connect(_url(loaded, "a"), timeout=10)
+    try:
+        message = await _read(conn, f"client.{a}")
+        assert message is not None and message.routing_key == "j1.round.opened"
+        ch = await conn.channel()
+        spec = client_queue(a, "j2.#")
+        from qflare.bus.rabbitmq import queue_arguments
+
+        q = await ch.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec, ""))
+        await q.bind(topology.BROADCAST, "j2.#")  # binding its own queue is allowed
+        await ch.close()
+    finally:
+        await conn.close()
+
+
+async def test_ingest_role_publishes_events_but_not_broadcasts(loaded: dict) -> None:
+    conn = await aio_pika.connect(_url(loaded, "ingest"), timeout=10)
+    try:
+        await _publish(conn, topology.EVENTS, "update.accepted.j1")
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _publish(conn, topology.BROADCAST, "j1.model.published")
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await _publish(conn, topology.ALERTS, "critical.x.j1")
+    finally:
+        await conn.close()
+
+
+def test_wrong_password_cannot_log_in(loaded: dict) -> None:
+    async def attempt() -> None:
+        url = f"amqp://{loaded['names']['a']}:nope@{HOST}/{loaded['vhost']}"
+        conn = await aio_pika.connect(url, timeout=10)
+        await conn.close()
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(attempt())
+    assert "ACCESS_REFUSED" in repr(info.value) or "authentication" in repr(info.value).lower() \
+        or isinstance(info.value, (aiormq.exceptions.ProbableAuthenticationError, ConnectionError))
+
+
+def test_password_hash_matches_rabbitmq_scheme() -> None:
+    import base64
+    import hashlib
+
+    h = base64.b64decode(rabbit_password_hash("secret", salt=b"abcd"))
+    assert h[:4] == b"abcd" and h[4:] == hashlib.sha256(b"abcdsecret").digest()
+    with pytest.raises(ValueError):
+        rabbit_password_hash("x", salt=b"ab")
+
+
+def test_example_file_in_compose_is_current() -> None:
+    path = Path(__file__).resolve().parents[2] / "compose" / "definitions.json"
+    doc = json.loads(path.read_text())
+    assert {e["name"] for e in doc["exchanges"]} == set(topology.EXCHANGES)
+    clients = [p for p in doc["permissions"] if p["user"].startswith("client-")]
+    assert clients and all(p["read"].endswith(f"client\\.{p['user']})$") for p in clients)
