@@ -34,7 +34,10 @@ def validate_update(tensors: Mapping[str, np.ndarray], spec: Sequence[TensorSpec
                                   f"{name}: shape {list(array.shape)}, round expects {s.shape}")
     for name in expected:
         array = tensors[name]
-        # One pass, no temporary boolean array of the tensor's size.
-        if array.size and not np.isfinite(np.add.reduce(array.ravel(), dtype=np.float64)):
+        # A sum is one pass with no temporary of the tensor's size; it is finite only if
+        # every element is (an overflow to inf falls through to the exact check).
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.add.reduce(array.ravel(), dtype=np.float64)
+        if array.size and not np.isfinite(total):
             if not np.isfinite(array).all():
                 raise MessageRejected(Reason.NON_FINITE, f"{name} contains NaN or Inf")
