@@ -233,3 +233,19 @@ def _takes_f(rule: str) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def model_digest(tensors: Tensors) -> bytes:
+    """SHA-256 of a model in canonical form: for each tensor by sorted name, the name,
+    dtype, shape and little-endian C-order bytes. ``round.opened``/``model.published``
+    carry it; a client recomputes it over the tensors it loads."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        le = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        h.update(name.encode())
+        h.update(b"\x00")
+        h.update(le.dtype.str.encode())
+        h.update(repr(tuple(int(s) for s in a.shape)).encode())
+        h.update(np.ascontiguousarray(le).data)
+    return h.digest()

@@ -1,0 +1,476 @@
+"""The aggregator's shell: the round state machine over the bus (DESIGN §2).
+
+Per job: ``privacy.request`` -> (``privacy.granted``) select participants, ``round.opened``
+(on ``qflare.events`` for ingest/detector, and with the signed base model on
+``qflare.broadcast`` for clients) -> ``update.accepted`` stored on disk before the ack ->
+``round.closed`` with the exact (client, digest) set, when everyone is in or at the deadline
+-> (``round.verdict``) robust rule + DP noise over the kept updates -> new model version ->
+``model.published`` -> next round, until the job's rounds are done or the accountant denies
+(``job.ended``).
+
+Every handler is idempotent on its natural key and every transition is a compare-and-set
+on the round's stored state, so a redelivered message is acknowledged without effect. At
+start the service re-announces whatever its stored rounds wait for (a request, an open
+round, a closed round, a published model), so a restart after ``kill -9`` picks up where
+the last commit left off; peers are idempotent too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.messages import (
+    JobEnded,
+    MessageRejected,
+    ModelPublished,
+    PrivacyRequest,
+    Reason,
+    RoundClosed,
+    RoundOpened,
+    TensorSpec,
+    UpdateRef,
+)
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.services.aggregator.core import (
+    CloseDecision,
+    Layout,
+    RoundState,
+    aggregate_round,
+    close_decision,
+    model_digest,
+    select_participants,
+)
+from qflare.services.aggregator.store import AggregatorStore, RoundRow
+
+QUEUE = "aggregator"
+KINDS = ("update.accepted", "round.verdict", "privacy.granted", "privacy.denied")
+
+
+class Aggregator(Service):
+    name = "aggregator"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        opts = self.settings.options(self.name)
+        self.tick_s = float(opts.get("tick_s", 0.2))
+        self.reopen_interval_s = float(opts.get("reopen_interval_s", 3.0))
+        self.store: AggregatorStore | None = None
+        self.specs: dict[str, JobSpec] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._ended: dict[str, asyncio.Event] = {}
+        self._models: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    def consumers(self) -> list[Consumer]:
+        spec = QueueSpec(
+            QUEUE,
+            bindings=tuple((topology.EVENTS, f"{kind}.*") for kind in KINDS),
+            single_active=True,
+            delivery_limit=20,
+            retry_delay=0.2,
+        )
+        return [Consumer(spec, self.on_event, prefetch=32)]
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        self.store = await AggregatorStore.open(self.ctx.data_dir)
+        for spec, ended, _reason in await self.store.jobs():
+            self.specs[spec.job_id] = spec
+            if ended:
+                self._ended_event(spec.job_id).set()
+
+    async def started(self) -> None:
+        for spec in self.settings.jobs:
+            await self.submit_job(spec)
+        for job_id in list(self.specs):
+            await self._resume(job_id)
+        self.spawn(self._ticker(), name="aggregator-ticker")
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+    async def submit_job(self, spec: JobSpec, model: dict[str, np.ndarray] | None = None) -> None:
+        """Start ``spec`` (idempotent: a job already stored resumes with its stored spec).
+        ``model`` gives the version-0 tensors in-process; otherwise ``spec.initial_model``."""
+        assert self.store is not None
+        async with self._lock(spec.job_id):
+            stored = await self.store.job_spec(spec.job_id)
+            if stored is not None:
+                if stored != spec:
+                    event(self.log, "job.spec_differs", logging.WARNING, job=spec.job_id,
+                          note="running the stored spec; use a new job id to change it")
+                self.specs[spec.job_id] = stored
+                return
+            if model is None:
+                if spec.initial_model is None:
+                    raise ValueError(f"job {spec.job_id!r} needs initial_model (a safetensors file)")
+                model = st_load(Path(spec.initial_model).read_bytes())
+            model = {k: np.ascontiguousarray(v) for k, v in model.items()}
+            await self.store.add_job(spec, model, model_digest(model))
+            self.specs[spec.job_id] = spec
+            event(self.log, "job.submitted", **spec.public())
+        if self.running:
+            await self._resume(spec.job_id)
+
+    async def wait_job(self, job_id: str, timeout: float | None = None) -> str | None:
+        """Wait until ``job_id`` ends; returns its end reason."""
+        await asyncio.wait_for(self._ended_event(job_id).wait(), timeout)
+        assert self.store is not None
+        for spec, _ended, reason in await self.store.jobs():
+            if spec.job_id == job_id:
+                return reason
+        return None
+
+    # -- dispatch ---------------------------------------------------------------------------
+    async def on_event(self, delivery: Delivery) -> None:
+        kind = delivery.routing_key.rsplit(".", 1)[0]
+        if kind not in KINDS:
+            raise MessageRejected(Reason.UNKNOWN_KIND, f"aggregator does not take {kind!r}")
+        env = await open_delivery(self, delivery, expect_kind=kind)
+        spec = self.specs.get(env.job)
+        if spec is None:
+            raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} here")
+        if kind == "update.accepted":
+            await self._on_update(spec, env)
+        elif kind == "round.verdict":
+            await self._on_verdict(spec, env)
+        elif kind == "privacy.granted":
+            await self._on_granted(spec, env)
+        else:
+            await self._on_denied(spec, env)
+
+    # -- privacy ----------------------------------------------------------------------------
+    async def _on_granted(self, spec: JobSpec, env: Any) -> None:
+        assert self.store is not None
+        async with self._lock(spec.job_id):
+            r = await self.store.get_round(spec.job_id, env.round)
+            if r is None or r.state != RoundState.REQUESTED:
+                return  # redelivered grant: the round moved on already
+            participants = select_participants(
+                spec.participants, spec.sample_rate, spec.seed, spec.job_id, env.round
+            )
+            deadline = self.ctx.clock() + spec.deadline_s
+            await self.store.transition(
+                spec.job_id, env.round, RoundState.REQUESTED, RoundState.OPEN,
+                participants=participants, deadline=deadline, epsilon=env.body.epsilon_total,
+            )
+            r = await self.store.get_round(spec.job_id, env.round)
+            assert r is not None
+            event(self.log, "round.opened", job=spec.job_id, round=r.round,
+                  participants=len(participants), epsilon=env.body.epsilon_total)
+            await self._announce_open(spec, r, broadcast=True)
+
+    async def _on_denied(self, spec: JobSpec, env: Any) -> None:
+        assert self.store is not None
+        async with self._lock(spec.job_id):
+            r = await self.store.get_round(spec.job_id, env.round)
+            if r is None or r.state != RoundState.REQUESTED:
+                return
+            await self.store.transition(spec.job_id, env.round, RoundState.REQUESTED, RoundState.DENIED)
+            body = env.body
+            await self.alert(
+                kind="budget.exhausted", severity="warning", job=spec.job_id, round=env.round,
+                reason=body.reason,
+                detail=f"epsilon spent {body.epsilon_spent:.4g} of {body.budget:.4g}; round {env.round} not released",
+            )
+            await self._end(spec, env.round, "budget_exhausted",
+                            f"accountant denied round {env.round}: {body.reason}")
+
+    # -- updates ----------------------------------------------------------------------------
+    async def _on_update(self, spec: JobSpec, env: Any) -> None:
+        assert self.store is not None
+        body = env.body
+        r = await self.store.get_round(spec.job_id, env.round)
+        if r is None or r.state == RoundState.REQUESTED:
+            raise MessageRejected(Reason.STALE_ROUND, f"round {env.round} of {spec.job_id} is not open")
+        if r.state != RoundState.OPEN:
+            held = await self._held_digest(spec.job_id, env.round, body.client)
+            if held == body.update_digest:
+                return  # redelivery of an update the round already holds
+            raise MessageRejected(Reason.ROUND_CLOSED,
+                                  f"update of {body.client} for round {env.round} after it closed")
+        if body.client not in r.participants:
+            raise MessageRejected(Reason.NOT_PARTICIPANT,
+                                  f"{body.client} is not selected for round {env.round}")
+        if body.base_version != r.base_version:
+            raise MessageRejected(Reason.STALE_BASE,
+                                  f"update on version {body.base_version}, round uses {r.base_version}")
+        base = await self._model(spec.job_id, r.base_version)
+        try:
+            Layout.of(base).check(body.tensors, f"update of {body.client}")
+        except ValueError as exc:
+            raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
+        held = await self.store.add_update(
+            spec.job_id, env.round, body.client, body.update_digest, body.num_samples,
+            dict(body.tensors),
+        )
+        if held is not None:
+            if held == body.update_digest:
+                return
+            raise MessageRejected(Reason.DUPLICATE,
+                                  f"{body.client} already has an update in round {env.round}")
+        event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
+        await self._maybe_close(spec, env.round)
+
+    async def _held_digest(self, job_id: str, round_no: int, client: str) -> bytes | None:
+        assert self.store is not None
+        for c, digest, _n in await self.store.round_updates(job_id, round_no):
+            if c == client:
+                return digest
+        return None
+
+    async def _maybe_close(self, spec: JobSpec, round_no: int) -> None:
+        assert self.store is not None
+        async with self._lock(spec.job_id):
+            r = await self.store.get_round(spec.job_id, round_no)
+            if r is None or r.state != RoundState.OPEN or r.deadline is None:
+                return
+            received = await self.store.round_updates(spec.job_id, round_no)
+            decision = close_decision(
+                received=len(received), selected=len(r.participants),
+                min_updates=spec.min_updates, now=self.ctx.clock(), deadline=r.deadline,
+                extensions=r.extensions, max_extensions=spec.max_extensions,
+                on_short=spec.on_short,
+            )
+            if decision == CloseDecision.WAIT:
+                return
+            if decision == CloseDecision.CLOSE:
+                closed = tuple((c, d) for c, d, _n in received)
+                await self.store.transition(spec.job_id, round_no, RoundState.OPEN,
+                                            RoundState.CLOSED, closed_set=closed)
+                r = await self.store.get_round(spec.job_id, round_no)
+                assert r is not None
+                event(self.log, "round.closed", job=spec.job_id, round=round_no, updates=len(closed))
+                await self._send_closed(spec, r)
+            elif decision == CloseDecision.EXTEND:
+                deadline = self.ctx.clock() + spec.deadline_s
+                await self.store.extend(spec.job_id, round_no, deadline, r.extensions + 1)
+                await self.alert(
+                    kind="round.extended", severity="info", job=spec.job_id, round=round_no,
+                    reason="too_few_updates",
+                    detail=f"{len(received)} of {len(r.participants)} updates at the deadline; "
+                           f"extension {r.extensions + 1} of {spec.max_extensions}",
+                )
+                r = await self.store.get_round(spec.job_id, round_no)
+                assert r is not None
+                await self._announce_open(spec, r, broadcast=False)
+            else:
+                await self.store.transition(spec.job_id, round_no, RoundState.OPEN, RoundState.ABORTED)
+                await self.alert(
+                    kind="round.aborted", severity="critical", job=spec.job_id, round=round_no,
+                    reason="too_few_updates",
+                    detail=f"{len(received)} updates, {spec.min_updates} needed",
+                )
+                await self._end(spec, round_no, "too_few_updates",
+                                f"round {round_no} had {len(received)} updates")
+
+    # -- verdict and aggregation --------------------------------------------------------------
+    async def _on_verdict(self, spec: JobSpec, env: Any) -> None:
+        assert self.store is not None
+        async with self._lock(spec.job_id):
+            r = await self.store.get_round(spec.job_id, env.round)
+            if r is not None and r.state == RoundState.PUBLISHED:
+                return
+            if r is None or r.state != RoundState.CLOSED or r.closed_set is None:
+                raise MessageRejected(Reason.STALE_ROUND, f"round {env.round} is not waiting for a verdict")
+            kept = list(env.body.kept)
+            flagged = [f.client for f in env.body.flagged]
+            closed = [c for c, _d in r.closed_set]
+            if sorted(kept + flagged) != sorted(closed):
+                raise MessageRejected(
+                    Reason.BAD_SCHEMA,
+                    f"verdict covers {sorted(kept + flagged)}, round {env.round} closed with {sorted(closed)}",
+                )
+            base = await self._model(spec.job_id, r.base_version)
+            updates = await self.store.load_updates(spec.job_id, env.round, kept)
+            result = await asyncio.to_thread(
+                aggregate_round,
+                job=spec.job_id, round_no=env.round, seed=spec.seed, base=base, updates=updates,
+                kept=kept, rule=spec.rule, f=spec.f, clip=spec.clip,
+                noise_multiplier=spec.noise_multiplier,
+                expected_clients=max(spec.sample_rate * len(spec.participants), 1.0),
+                server_lr=spec.server_lr,
+            )
+            digest = model_digest(result.model)
+            verdict = {"kept": sorted(kept), "flagged": sorted(flagged),
+                       "step_norm": result.update_norm}
+            stored = await self.store.publish_model(
+                spec.job_id, env.round, env.round, result.model, digest, r.epsilon or 0.0, verdict
+            )
+            if not stored:
+                return
+            self._models[(spec.job_id, env.round)] = result.model
+            event(self.log, "model.published", job=spec.job_id, round=env.round,
+                  version=env.round, kept=len(kept), flagged=len(flagged), epsilon=r.epsilon)
+            r = await self.store.get_round(spec.job_id, env.round)
+            assert r is not None
+            await self._announce_published(spec, r)
+            await self.store.drop_round_files(spec.job_id, env.round)
+            await self._next(spec, r)
+
+    # -- announcements ------------------------------------------------------------------------
+    async def _announce_open(self, spec: JobSpec, r: RoundRow, *, broadcast: bool) -> None:
+        assert self.store is not None and r.deadline is not None
+        base = await self._model(spec.job_id, r.base_version)
+        row = await self.store.model(spec.job_id, r.base_version)
+        assert row is not None
+        layout = Layout.of(base)
+        body = RoundOpened(
+            model_version=r.base_version,
+            model_digest=row.digest,
+            participants=list(r.participants),
+            deadline=r.deadline,
+            min_updates=max(1, min(spec.min_updates, len(r.participants))),
+            clip_norm=spec.clip,
+            tensor_spec=[
+                TensorSpec(name=n, dtype=d, shape=list(s))
+                for n, s, d in zip(layout.names, layout.shapes, layout.dtypes, strict=True)
+            ],
+            rule=spec.rule,
+        )
+        await emit(self, "round.opened", body, job=spec.job_id, round=r.round)
+        if broadcast:
+            await self._broadcast_model(spec, r.base_version)
+            await emit(self, "round.opened", body, job=spec.job_id, round=r.round,
+                       exchange=topology.BROADCAST)
+
+    async def _broadcast_model(self, spec: JobSpec, version: int) -> None:
+        assert self.store is not None
+        row = await self.store.model(spec.job_id, version)
+        assert row is not None
+        tensors = await self._model(spec.job_id, version)
+        body = ModelPublished(version=version, digest=row.digest, epsilon=row.epsilon,
+                              tensors=tensors)
+        await emit(self, "model.published", body, job=spec.job_id, round=row.round,
+                   exchange=topology.BROADCAST)
+
+    async def _announce_published(self, spec: JobSpec, r: RoundRow) -> None:
+        assert self.store is not None
+        row = await self.store.model(spec.job_id, r.round)
+        assert row is not None
+        verdict = r.verdict or {}
+        metrics = {
+            "kept": float(len(verdict.get("kept", []))),
+            "flagged": float(len(verdict.get("flagged", []))),
+            "step_norm": float(verdict.get("step_norm", 0.0)),
+        }
+        body = ModelPublished(version=row.version, digest=row.digest, epsilon=row.epsilon,
+                              metrics=metrics)
+        await emit(self, "model.published", body, job=spec.job_id, round=r.round)
+
+    async def _send_closed(self, spec: JobSpec, r: RoundRow) -> None:
+        assert r.closed_set is not None
+        body = RoundClosed(updates=[UpdateRef(client=c, digest=d) for c, d in r.closed_set])
+        await emit(self, "round.closed", body, job=spec.job_id, round=r.round)
+
+    async def _send_request(self, spec: JobSpec, round_no: int) -> None:
+        body = PrivacyRequest(q=spec.sample_rate, z=spec.noise_multiplier, clip=spec.clip)
+        await emit(self, "privacy.request", body, job=spec.job_id, round=round_no)
+
+    async def _next(self, spec: JobSpec, r: RoundRow) -> None:
+        assert self.store is not None
+        if r.round >= spec.rounds:
+            await self._end(spec, r.round, "completed", f"{spec.rounds} rounds done")
+            return
+        await self.store.request_round(spec.job_id, r.round + 1, base_version=r.round)
+        await self._send_request(spec, r.round + 1)
+
+    async def _end(self, spec: JobSpec, round_no: int, reason: str, detail: str) -> None:
+        assert self.store is not None
+        await self.store.end_job(spec.job_id, reason)
+        latest = await self.store.latest_model(spec.job_id)
+        if latest is not None:
+            await self._broadcast_model(spec, latest.version)
+        body = JobEnded(reason=reason, detail=detail)
+        await emit(self, "job.ended", body, job=spec.job_id, round=round_no)
+        await emit(self, "job.ended", body, job=spec.job_id, round=round_no,
+                   exchange=topology.BROADCAST)
+        event(self.log, "job.ended", job=spec.job_id, round=round_no, reason=reason)
+        self._ended_event(spec.job_id).set()
+
+    # -- restart and timers -------------------------------------------------------------------
+    async def _resume(self, job_id: str) -> None:
+        """Re-announce whatever the job's latest stored round waits for."""
+        assert self.store is not None
+        spec = self.specs[job_id]
+        async with self._lock(job_id):
+            for stored, ended, _reason in await self.store.jobs():
+                if stored.job_id == job_id and ended:
+                    self._ended_event(job_id).set()
+                    return
+            r = await self.store.latest_round(job_id)
+            if r is None:
+                await self.store.request_round(job_id, 1, base_version=0)
+                await self._send_request(spec, 1)
+            elif r.state == RoundState.REQUESTED:
+                await self._send_request(spec, r.round)
+            elif r.state == RoundState.OPEN:
+                await self._announce_open(spec, r, broadcast=True)
+            elif r.state == RoundState.CLOSED:
+                await self._send_closed(spec, r)
+            elif r.state == RoundState.PUBLISHED:
+                await self._announce_published(spec, r)
+                await self._next(spec, r)
+            else:
+                reason = "budget_exhausted" if r.state == RoundState.DENIED else "too_few_updates"
+                await self._end(spec, r.round, reason, f"round {r.round} {r.state.value}")
+
+    async def _ticker(self) -> None:
+        """Deadlines, and periodic ``round.opened`` re-announcements so that an ingest
+        replica started mid-round learns the open rounds."""
+        assert self.store is not None
+        last_announce = self.ctx.clock()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                rounds = await self.store.open_rounds()
+                announce = self.ctx.clock() - last_announce >= self.reopen_interval_s
+                for r in rounds:
+                    spec = self.specs.get(r.job_id)
+                    if spec is None:
+                        continue
+                    await self._maybe_close(spec, r.round)
+                    if announce:
+                        fresh = await self.store.get_round(r.job_id, r.round)
+                        if fresh is not None and fresh.state == RoundState.OPEN:
+                            await self._announce_open(spec, fresh, broadcast=False)
+                if announce:
+                    last_announce = self.ctx.clock()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the broker may be away; try again next tick
+                self.log.warning("ticker pass failed; retrying", exc_info=True)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _lock(self, job_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    def _ended_event(self, job_id: str) -> asyncio.Event:
+        return self._ended.setdefault(job_id, asyncio.Event())
+
+    async def _model(self, job_id: str, version: int) -> dict[str, np.ndarray]:
+        key = (job_id, version)
+        cached = self._models.get(key)
+        if cached is not None:
+            return cached
+        assert self.store is not None
+        row = await self.store.model(job_id, version)
+        if row is None:
+            raise LookupError(f"no model version {version} of job {job_id}")
+        model = await self.store.load_model(row)
+        if len(self._models) > 8:
+            self._models.pop(next(iter(self._models)))
+        self._models[key] = model
+        return model
+
+
+def build(ctx: ServiceContext) -> Service:
+    return Aggregator(ctx)

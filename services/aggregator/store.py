@@ -1,0 +1,320 @@
+"""The aggregator's durable state: jobs, rounds, updates held for open rounds, and model
+versions (safetensors files indexed in SQLite).
+
+Files are written (fsynced, atomically renamed) before the row that names them commits, and
+the delivery is acknowledged only after that commit, so an acknowledged update or a
+published model survives ``kill -9``. Natural keys: (job, round) for rounds,
+(job, round, client) for updates (first wins), (job, version) for models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from qflare.runtime import Database, fsync_write
+from qflare.runtime.jobs import JobSpec
+from qflare.services.aggregator.core import RoundState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    ended INTEGER NOT NULL DEFAULT 0,
+    end_reason TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    participants TEXT NOT NULL DEFAULT '[]',
+    base_version INTEGER NOT NULL,
+    deadline REAL,
+    extensions INTEGER NOT NULL DEFAULT 0,
+    epsilon REAL,
+    closed_set TEXT,
+    verdict TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    num_samples INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (job_id, round, client)
+);
+CREATE TABLE IF NOT EXISTS models (
+    job_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    path TEXT NOT NULL,
+    epsilon REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    PRIMARY KEY (job_id, version)
+)
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    job_id: str
+    round: int
+    state: RoundState
+    participants: tuple[str, ...]
+    base_version: int
+    deadline: float | None
+    extensions: int
+    epsilon: float | None
+    closed_set: tuple[tuple[str, bytes], ...] | None
+    verdict: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    job_id: str
+    version: int
+    round: int
+    digest: bytes
+    path: Path
+    epsilon: float
+
+
+def _round(row: Any) -> RoundRow:
+    closed = json.loads(row["closed_set"]) if row["closed_set"] else None
+    return RoundRow(
+        job_id=row["job_id"],
+        round=row["round"],
+        state=RoundState(row["state"]),
+        participants=tuple(json.loads(row["participants"])),
+        base_version=row["base_version"],
+        deadline=row["deadline"],
+        extensions=row["extensions"],
+        epsilon=row["epsilon"],
+        closed_set=None if closed is None else tuple((c, bytes.fromhex(d)) for c, d in closed),
+        verdict=json.loads(row["verdict"]) if row["verdict"] else None,
+    )
+
+
+def _model(row: Any, root: Path) -> ModelRow:
+    return ModelRow(row["job_id"], row["version"], row["round"], bytes(row["digest"]),
+                    root / row["path"], row["epsilon"])
+
+
+class AggregatorStore:
+    def __init__(self, db: Database, root: Path) -> None:
+        self.db = db
+        self.root = root
+
+    @classmethod
+    async def open(cls, root: Path) -> AggregatorStore:
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(await Database.open(root / "aggregator.sqlite", SCHEMA), root)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- jobs ------------------------------------------------------------------------------
+    async def add_job(self, spec: JobSpec, model: dict[str, np.ndarray], digest: bytes) -> bool:
+        """Register a job with its version-0 model; False when it exists already."""
+        if await self.db.fetchone("SELECT 1 FROM jobs WHERE job_id=?", (spec.job_id,)):
+            return False
+        rel = await self._write_model_file(spec.job_id, 0, model)
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO jobs (job_id, spec, created) VALUES (?, ?, ?)",
+                (spec.job_id, spec.model_dump_json(), time.time()),
+            )
+            await conn.execute(
+                "INSERT INTO models VALUES (?, 0, 0, ?, ?, 0, ?)",
+                (spec.job_id, digest, rel, time.time()),
+            )
+        return True
+
+    async def job_spec(self, job_id: str) -> JobSpec | None:
+        row = await self.db.fetchone("SELECT spec FROM jobs WHERE job_id=?", (job_id,))
+        return None if row is None else JobSpec.model_validate_json(row["spec"])
+
+    async def jobs(self) -> list[tuple[JobSpec, bool, str | None]]:
+        rows = await self.db.fetchall("SELECT spec, ended, end_reason FROM jobs ORDER BY created")
+        return [(JobSpec.model_validate_json(r["spec"]), bool(r["ended"]), r["end_reason"]) for r in rows]
+
+    async def end_job(self, job_id: str, reason: str) -> None:
+        await self.db.execute(
+            "UPDATE jobs SET ended=1, end_reason=? WHERE job_id=? AND ended=0", (reason, job_id)
+        )
+
+    # -- rounds ----------------------------------------------------------------------------
+    async def latest_round(self, job_id: str) -> RoundRow | None:
+        row = await self.db.fetchone(
+            "SELECT * FROM rounds WHERE job_id=? ORDER BY round DESC LIMIT 1", (job_id,)
+        )
+        return None if row is None else _round(row)
+
+    async def get_round(self, job_id: str, round_no: int) -> RoundRow | None:
+        row = await self.db.fetchone(
+            "SELECT * FROM rounds WHERE job_id=? AND round=?", (job_id, round_no)
+        )
+        return None if row is None else _round(row)
+
+    async def open_rounds(self) -> list[RoundRow]:
+        rows = await self.db.fetchall("SELECT * FROM rounds WHERE state=?", (RoundState.OPEN.value,))
+        return [_round(r) for r in rows]
+
+    async def request_round(self, job_id: str, round_no: int, base_version: int) -> bool:
+        """Create round ``round_no`` in REQUESTED; False when it exists already."""
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT OR IGNORE INTO rounds (job_id, round, state, base_version, updated) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (job_id, round_no, RoundState.REQUESTED.value, base_version, time.time()),
+            )
+            return cur.rowcount == 1
+
+    async def transition(
+        self, job_id: str, round_no: int, old: RoundState, new: RoundState, **fields: Any
+    ) -> bool:
+        """Compare-and-set the round's state (and fields); False when it was not ``old``,
+        i.e. this is a redelivery of a message already handled."""
+        sets = ["state=?", "updated=?"]
+        values: list[Any] = [new.value, time.time()]
+        for key, value in fields.items():
+            if key in ("participants",):
+                value = json.dumps(list(value))
+            elif key == "closed_set":
+                value = json.dumps([[c, d.hex()] for c, d in value])
+            elif key == "verdict":
+                value = json.dumps(value)
+            elif key not in ("deadline", "extensions", "epsilon"):
+                raise ValueError(f"unknown round field {key!r}")
+            sets.append(f"{key}=?")
+            values.append(value)
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                f"UPDATE rounds SET {', '.join(sets)} WHERE job_id=? AND round=? AND state=?",
+                (*values, job_id, round_no, old.value),
+            )
+            return cur.rowcount == 1
+
+    async def extend(self, job_id: str, round_no: int, deadline: float, extensions: int) -> None:
+        await self.db.execute(
+            "UPDATE rounds SET deadline=?, extensions=?, updated=? WHERE job_id=? AND round=? AND state=?",
+            (deadline, extensions, time.time(), job_id, round_no, RoundState.OPEN.value),
+        )
+
+    # -- updates ---------------------------------------------------------------------------
+    async def add_update(
+        self, job_id: str, round_no: int, client: str, digest: bytes, num_samples: int,
+        tensors: dict[str, np.ndarray],
+    ) -> bytes | None:
+        """Store an update (file, then row). Returns None when stored now, else the digest
+        already held for (job, round, client) — first wins."""
+        existing = await self.db.fetchone(
+            "SELECT digest FROM updates WHERE job_id=? AND round=? AND client=?",
+            (job_id, round_no, client),
+        )
+        if existing is not None:
+            return bytes(existing["digest"])
+        rel = f"updates/{job_id}/r{round_no}/{client}.safetensors"
+        data = st_save(dict(tensors))
+        await asyncio.to_thread(fsync_write, self.root / rel, data)
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, round_no, client, digest, num_samples, rel, time.time()),
+            )
+            if cur.rowcount == 0:  # a concurrent handler won the race
+                row = await (await conn.execute(
+                    "SELECT digest FROM updates WHERE job_id=? AND round=? AND client=?",
+                    (job_id, round_no, client),
+                )).fetchone()
+                return bytes(row["digest"])
+        return None
+
+    async def round_updates(self, job_id: str, round_no: int) -> list[tuple[str, bytes, int]]:
+        rows = await self.db.fetchall(
+            "SELECT client, digest, num_samples FROM updates WHERE job_id=? AND round=? ORDER BY client",
+            (job_id, round_no),
+        )
+        return [(r["client"], bytes(r["digest"]), r["num_samples"]) for r in rows]
+
+    async def load_updates(self, job_id: str, round_no: int, clients: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for client in clients:
+            row = await self.db.fetchone(
+                "SELECT path FROM updates WHERE job_id=? AND round=? AND client=?",
+                (job_id, round_no, client),
+            )
+            if row is None:
+                raise LookupError(f"no stored update of {client} in {job_id} round {round_no}")
+            out[client] = await asyncio.to_thread(_load_file, self.root / row["path"])
+        return out
+
+    async def drop_round_files(self, job_id: str, round_no: int) -> None:
+        """Delete a published round's update files (their rows stay as the round's record)."""
+        folder = self.root / "updates" / job_id / f"r{round_no}"
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink(missing_ok=True)
+            folder.rmdir()
+
+    # -- models ----------------------------------------------------------------------------
+    async def _write_model_file(self, job_id: str, version: int, model: dict[str, np.ndarray]) -> str:
+        rel = f"models/{job_id}/v{version:05d}.safetensors"
+        data = st_save({k: np.ascontiguousarray(v) for k, v in model.items()})
+        await asyncio.to_thread(fsync_write, self.root / rel, data)
+        return rel
+
+    async def publish_model(
+        self, job_id: str, round_no: int, version: int, model: dict[str, np.ndarray],
+        digest: bytes, epsilon: float, verdict: dict[str, Any],
+    ) -> bool:
+        """Store version ``version`` and mark the round PUBLISHED, atomically; False when
+        the round was not CLOSED (already published: a redelivered verdict)."""
+        rel = await self._write_model_file(job_id, version, model)
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE rounds SET state=?, verdict=?, updated=? WHERE job_id=? AND round=? AND state=?",
+                (RoundState.PUBLISHED.value, json.dumps(verdict), time.time(), job_id, round_no,
+                 RoundState.CLOSED.value),
+            )
+            if cur.rowcount != 1:
+                return False
+            await conn.execute(
+                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, version, round_no, digest, rel, epsilon, time.time()),
+            )
+        return True
+
+    async def latest_model(self, job_id: str) -> ModelRow | None:
+        row = await self.db.fetchone(
+            "SELECT * FROM models WHERE job_id=? ORDER BY version DESC LIMIT 1", (job_id,)
+        )
+        return None if row is None else _model(row, self.root)
+
+    async def model(self, job_id: str, version: int) -> ModelRow | None:
+        row = await self.db.fetchone(
+            "SELECT * FROM models WHERE job_id=? AND version=?", (job_id, version)
+        )
+        return None if row is None else _model(row, self.root)
+
+    async def load_model(self, row: ModelRow) -> dict[str, np.ndarray]:
+        return await asyncio.to_thread(_load_file, row.path)
+
+
+def _load_file(path: Path) -> dict[str, np.ndarray]:
+    # Our own files, written by this service; safetensors never executes code on load.
+    return st_load(path.read_bytes())

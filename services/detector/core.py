@@ -1,0 +1,78 @@
+"""The detector's pure core: one round's verdict from its updates and the job's reputation.
+
+Detection itself is :func:`qflare.robust.detect` (Krum scores after Blanchard et al.,
+NeurIPS 2017; distance/cosine to the geometric median; norm outliers; two-means
+clustering after Auror, Shen et al., ACSAC 2016). This module adds what a round needs
+around it: the updates in client-id order (so the verdict does not depend on arrival
+order), quarantine from :class:`qflare.robust.Reputation` (a client quarantined in earlier
+rounds is dropped even when it behaves in this one), a score per flagged client, and the
+"detection off" case, which keeps every update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from qflare.robust import Reputation, detect
+
+Tensors = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FlaggedClient:
+    client: str
+    score: float
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoundVerdict:
+    kept: tuple[str, ...]
+    flagged: tuple[FlaggedClient, ...]
+    newly_quarantined: tuple[str, ...]
+    note: str
+
+
+def flatten(tensors: Tensors) -> np.ndarray:
+    """One float32 row per update, tensors in sorted-name order."""
+    return np.concatenate(
+        [np.asarray(tensors[name], dtype=np.float32).reshape(-1) for name in sorted(tensors)]
+    )
+
+
+def decide(
+    round_no: int,
+    updates: Mapping[str, Tensors],
+    *,
+    f: int,
+    detection: bool,
+    reputation: Reputation,
+) -> RoundVerdict:
+    """The verdict over exactly ``updates`` (client -> delta tensors); updates
+    ``reputation`` in place with this round's flags."""
+    clients = sorted(updates)
+    if not detection or not clients:
+        return RoundVerdict(tuple(clients), (), (), "detection off" if not detection else "empty round")
+    x = np.stack([flatten(updates[c]) for c in clients])
+    verdict = detect(x, f, ids=clients)
+    reasons: dict[str, list[str]] = {c: list(verdict.reasons.get(c, ())) for c in clients}
+    for c in clients:
+        if reputation.is_quarantined(c, round_no):
+            reasons[c].append("quarantined")
+    flagged_ids = [c for c in clients if reasons[c]]
+    newly = reputation.observe(round_no, [c for c in clients if c in verdict.flagged])
+    flagged = tuple(
+        FlaggedClient(c, _score(verdict.scores.get(c, {})), tuple(reasons[c])) for c in flagged_ids
+    )
+    kept = tuple(c for c in clients if not reasons[c])
+    return RoundVerdict(kept, flagged, tuple(newly), f"{verdict.status}: {verdict.message}")
+
+
+def _score(scores: Mapping[str, float]) -> float:
+    """The largest robust z-score that fired (0 when the client was not scored, e.g. a
+    non-finite or quarantined update)."""
+    zs = [abs(v) for k, v in scores.items() if k.endswith("_z") and np.isfinite(v)]
+    return float(max(zs)) if zs else 0.0

@@ -1,0 +1,150 @@
+"""The detector's shell: keeps the updates of open rounds, and on ``round.closed`` judges
+exactly the listed (client, digest) set once it holds all of them, then publishes
+``round.verdict`` and an alert per flagged client (DESIGN §2 step 6).
+
+``round.closed`` is stored as pending before it is acknowledged, so a verdict waits for a
+late ``update.accepted`` without holding the message; the verdict and the reputation it
+changes commit together, so redeliveries do not count twice. A redelivered
+``round.closed`` of a decided round re-publishes the stored verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.messages import Flagged, MessageRejected, Reason, RoundVerdict
+from qflare.robust import Reputation
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.services.detector.core import decide
+from qflare.services.detector.store import DetectorStore
+
+QUEUE = "detector"
+KINDS = ("update.accepted", "round.closed")
+
+
+class Detector(Service):
+    name = "detector"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        opts = self.settings.options(self.name)
+        self.reputation_params = {
+            k: opts[k] for k in ("decay", "penalty", "threshold", "quarantine_rounds") if k in opts
+        }
+        self.store: DetectorStore | None = None
+        self.specs: dict[str, JobSpec] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def consumers(self) -> list[Consumer]:
+        spec = QueueSpec(
+            QUEUE,
+            bindings=tuple((topology.EVENTS, f"{kind}.*") for kind in KINDS),
+            single_active=True,
+            delivery_limit=20,
+            retry_delay=0.2,
+        )
+        return [Consumer(spec, self.on_event, prefetch=32)]
+
+    async def open(self) -> None:
+        self.store = await DetectorStore.open(self.ctx.data_dir)
+        for spec in self.settings.jobs:
+            self.specs[spec.job_id] = spec
+
+    async def started(self) -> None:
+        assert self.store is not None
+        for job_id, round_no, verdict in await self.store.unpublished():
+            await self._publish(job_id, round_no, verdict)
+        for job_id, round_no, _refs in await self.store.pending():
+            await self._try_decide(job_id, round_no)
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+    async def submit_job(self, spec: JobSpec, model: Any = None) -> None:
+        self.specs.setdefault(spec.job_id, spec)
+
+    async def on_event(self, delivery: Delivery) -> None:
+        assert self.store is not None
+        kind = delivery.routing_key.rsplit(".", 1)[0]
+        if kind not in KINDS:
+            raise MessageRejected(Reason.UNKNOWN_KIND, f"detector does not take {kind!r}")
+        env = await open_delivery(self, delivery, expect_kind=kind)
+        if env.job not in self.specs:
+            raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} configured here")
+        if kind == "update.accepted":
+            body = env.body
+            await self.store.add_update(env.job, env.round, body.client, body.update_digest,
+                                        dict(body.tensors))
+            if await self.store.pending(env.job):
+                await self._try_decide(env.job, env.round)
+            return
+        refs = [(u.client, u.digest) for u in env.body.updates]
+        if len({c for c, _d in refs}) != len(refs):
+            raise MessageRejected(Reason.BAD_SCHEMA, "round.closed lists a client twice")
+        stored = await self.store.verdict(env.job, env.round)
+        if stored is not None:
+            await self._publish(env.job, env.round, stored)
+            return
+        await self.store.add_pending(env.job, env.round, refs)
+        await self._try_decide(env.job, env.round)
+
+    async def _try_decide(self, job_id: str, round_no: int) -> None:
+        assert self.store is not None
+        async with self._locks.setdefault(job_id, asyncio.Lock()):
+            pending = [p for p in await self.store.pending(job_id) if p[1] == round_no]
+            if not pending:
+                return
+            refs = pending[0][2]
+            missing = set(refs) - await self.store.held(job_id, round_no)
+            if missing:
+                event(self.log, "verdict.waiting", job=job_id, round=round_no, missing=len(missing))
+                return
+            spec = self.specs[job_id]
+            reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
+            updates = await self.store.load(job_id, round_no, refs)
+            result = await asyncio.to_thread(
+                decide, round_no, updates, f=spec.f, detection=spec.detection, reputation=reputation
+            )
+            verdict = {
+                "kept": list(result.kept),
+                "flagged": [{"client": x.client, "score": x.score, "reasons": list(x.reasons)}
+                            for x in result.flagged],
+                "quarantined": list(result.newly_quarantined),
+                "note": result.note[:2000],
+            }
+            if await self.store.record_verdict(job_id, round_no, verdict, reputation):
+                event(self.log, "round.verdict", job=job_id, round=round_no,
+                      kept=len(result.kept), flagged=[x.client for x in result.flagged])
+                await self._publish(job_id, round_no, verdict)
+                await self.store.drop_round_files(job_id, round_no)
+
+    async def _publish(self, job_id: str, round_no: int, verdict: dict[str, Any]) -> None:
+        assert self.store is not None
+        body = RoundVerdict(
+            kept=verdict["kept"],
+            flagged=[Flagged(client=f["client"], score=float(f["score"]), reasons=f["reasons"])
+                     for f in verdict["flagged"]],
+            note=verdict.get("note", ""),
+        )
+        for f in verdict["flagged"]:
+            await self.alert(
+                kind="client.flagged", severity="warning", job=job_id, round=round_no,
+                client=f["client"], reason=",".join(f["reasons"])[:200] or "flagged",
+                detail=f"score {f['score']:.2f}; reasons {', '.join(f['reasons'])}",
+            )
+        for client in verdict.get("quarantined", []):
+            await self.alert(
+                kind="client.quarantined", severity="critical", job=job_id, round=round_no,
+                client=client, reason="reputation",
+                detail=f"{client} quarantined after repeated flags",
+            )
+        await emit(self, "round.verdict", body, job=job_id, round=round_no)
+        await self.store.mark_published(job_id, round_no)
+
+
+def build(ctx: ServiceContext) -> Service:
+    return Detector(ctx)

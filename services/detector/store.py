@@ -1,0 +1,159 @@
+"""The detector's durable state: updates of open rounds (safetensors files + rows), the
+closed rounds it still has to judge, its verdicts, and each job's reputation.
+
+A verdict, the reputation after it and the removal of the pending round commit in one
+transaction, so a redelivered ``round.closed`` never counts a client's flag twice; a
+verdict not yet known to be published is published again at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from qflare.robust import Reputation
+from qflare.runtime import Database, fsync_write
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS updates (
+    job_id TEXT NOT NULL, round INTEGER NOT NULL, client TEXT NOT NULL, digest BLOB NOT NULL,
+    path TEXT NOT NULL, received REAL NOT NULL,
+    PRIMARY KEY (job_id, round, client, digest)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    job_id TEXT NOT NULL, round INTEGER NOT NULL, closed_set TEXT NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS verdicts (
+    job_id TEXT NOT NULL, round INTEGER NOT NULL, verdict TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0, decided REAL NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS reputation (
+    job_id TEXT PRIMARY KEY, state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients (
+    job_id TEXT NOT NULL, client TEXT NOT NULL, score REAL NOT NULL, offences INTEGER NOT NULL,
+    last_round INTEGER NOT NULL, quarantined_until INTEGER NOT NULL,
+    PRIMARY KEY (job_id, client)
+)
+"""
+
+
+class DetectorStore:
+    def __init__(self, db: Database, root: Path) -> None:
+        self.db = db
+        self.root = root
+
+    @classmethod
+    async def open(cls, root: Path) -> DetectorStore:
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(await Database.open(root / "detector.sqlite", SCHEMA), root)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def add_update(self, job_id: str, round_no: int, client: str, digest: bytes,
+                         tensors: dict[str, np.ndarray]) -> bool:
+        if await self.db.fetchone(
+            "SELECT 1 FROM updates WHERE job_id=? AND round=? AND client=? AND digest=?",
+            (job_id, round_no, client, digest),
+        ):
+            return False
+        rel = f"updates/{job_id}/r{round_no}/{client}-{digest.hex()[:16]}.safetensors"
+        await asyncio.to_thread(fsync_write, self.root / rel, st_save(dict(tensors)))
+        await self.db.execute(
+            "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, round_no, client, digest, rel, time.time()),
+        )
+        return True
+
+    async def held(self, job_id: str, round_no: int) -> set[tuple[str, bytes]]:
+        rows = await self.db.fetchall(
+            "SELECT client, digest FROM updates WHERE job_id=? AND round=?", (job_id, round_no)
+        )
+        return {(r["client"], bytes(r["digest"])) for r in rows}
+
+    async def load(self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]) -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for client, digest in refs:
+            row = await self.db.fetchone(
+                "SELECT path FROM updates WHERE job_id=? AND round=? AND client=? AND digest=?",
+                (job_id, round_no, client, digest),
+            )
+            if row is None:
+                raise LookupError(f"no update {client}/{digest.hex()[:16]} in {job_id} round {round_no}")
+            out[client] = await asyncio.to_thread(lambda p: st_load(p.read_bytes()), self.root / row["path"])
+        return out
+
+    async def add_pending(self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]) -> None:
+        await self.db.execute(
+            "INSERT OR IGNORE INTO pending VALUES (?, ?, ?)",
+            (job_id, round_no, json.dumps([[c, d.hex()] for c, d in refs])),
+        )
+
+    async def pending(self, job_id: str | None = None) -> list[tuple[str, int, list[tuple[str, bytes]]]]:
+        sql, args = "SELECT * FROM pending", ()
+        if job_id is not None:
+            sql, args = sql + " WHERE job_id=?", (job_id,)
+        rows = await self.db.fetchall(sql, args)
+        return [(r["job_id"], r["round"], [(c, bytes.fromhex(d)) for c, d in json.loads(r["closed_set"])])
+                for r in rows]
+
+    async def verdict(self, job_id: str, round_no: int) -> dict[str, Any] | None:
+        row = await self.db.fetchone(
+            "SELECT verdict FROM verdicts WHERE job_id=? AND round=?", (job_id, round_no)
+        )
+        return None if row is None else json.loads(row["verdict"])
+
+    async def unpublished(self) -> list[tuple[str, int, dict[str, Any]]]:
+        rows = await self.db.fetchall("SELECT * FROM verdicts WHERE published=0 ORDER BY decided")
+        return [(r["job_id"], r["round"], json.loads(r["verdict"])) for r in rows]
+
+    async def mark_published(self, job_id: str, round_no: int) -> None:
+        await self.db.execute(
+            "UPDATE verdicts SET published=1 WHERE job_id=? AND round=?", (job_id, round_no)
+        )
+
+    async def reputation(self, job_id: str, default: Reputation) -> Reputation:
+        row = await self.db.fetchone("SELECT state FROM reputation WHERE job_id=?", (job_id,))
+        return default if row is None else Reputation.from_dict(json.loads(row["state"]))
+
+    async def record_verdict(self, job_id: str, round_no: int, verdict: dict[str, Any],
+                             reputation: Reputation) -> bool:
+        """Verdict + reputation + pending removal, atomically; False if already decided."""
+        state = reputation.to_dict()
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT OR IGNORE INTO verdicts (job_id, round, verdict, decided) VALUES (?, ?, ?, ?)",
+                (job_id, round_no, json.dumps(verdict), time.time()),
+            )
+            if cur.rowcount != 1:
+                return False
+            await conn.execute(
+                "INSERT INTO reputation VALUES (?, ?) ON CONFLICT(job_id) DO UPDATE SET state=excluded.state",
+                (job_id, json.dumps(state)),
+            )
+            for client, rec in state["clients"].items():
+                await conn.execute(
+                    "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(job_id, client) DO UPDATE SET "
+                    "score=excluded.score, offences=excluded.offences, last_round=excluded.last_round, "
+                    "quarantined_until=excluded.quarantined_until",
+                    (job_id, client, rec["score"], rec["offences"], rec["last_round"], rec["quarantined_until"]),
+                )
+            await conn.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
+        return True
+
+    async def drop_round_files(self, job_id: str, round_no: int) -> None:
+        folder = self.root / "updates" / job_id / f"r{round_no}"
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink(missing_ok=True)
+            folder.rmdir()
