@@ -177,7 +177,7 @@ class _RabbitSubscription(Subscription):
         if self.consumer_tag is not None:
             try:
                 await self.queue.cancel(self.consumer_tag)
-            except RETRYABLE_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - the channel may already be gone
                 log.debug("basic.cancel on %s failed: %r", self.spec.name, exc)
         pending = set(self.in_flight)
         if pending and timeout > 0:
@@ -187,7 +187,10 @@ class _RabbitSubscription(Subscription):
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         # Closing the channel hands every unsettled message back to the broker.
-        await self.channel.close()
+        try:
+            await self.channel.close()
+        except Exception as exc:  # noqa: BLE001 - a dead connection already returned them
+            log.debug("closing the channel of %s failed: %r", self.spec.name, exc)
 
 
 class RabbitBus(Bus):
@@ -375,7 +378,10 @@ class RabbitBus(Bus):
         await asyncio.gather(
             *(s.cancel(timeout) for s in list(self._subscriptions)), return_exceptions=True
         )
-        await self._connection.close()
+        try:
+            await self._connection.close()
+        except Exception as exc:  # noqa: BLE001 - closing a broken connection is done anyway
+            log.debug("closing the connection failed: %r", exc)
 
     @property
     def declared_queues(self) -> frozenset[str]:

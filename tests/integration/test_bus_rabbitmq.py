@@ -17,7 +17,7 @@ import uuid
 import aio_pika
 import pytest
 
-from qflare.bus import BusUnavailable, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.bus import BusUnavailable, PublishFailed, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.bus.rabbitmq import RabbitBus
 
 pytestmark = pytest.mark.rabbitmq
@@ -120,6 +120,38 @@ async def test_server_closed_connection_mid_stream_loses_nothing(
     await wait_for(lambda: rec.seen >= set(range(i)), timeout=30,
                    message="every message across the forced close")
     assert rec.count >= i
+
+
+@needs_ctl
+async def test_publish_during_a_long_outage_raises_typed_error(rabbit_bus_factory) -> None:
+    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
+    bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=30.0, publish_timeout=1.0)
+    await _close_our_connection(name)
+    started = time.monotonic()
+    with pytest.raises(BusUnavailable) as info:
+        await bus.publish(topology.EVENTS, "k", b"lost")
+    assert info.value.reason == "UNAVAILABLE"
+    assert 0.5 < time.monotonic() - started < 10
+    await bus.close(timeout=0)  # closing a bus whose connection is down must not hang
+
+
+async def test_negative_confirm_raises_publish_failed(rabbit_bus, amqp_url, bus_prefix) -> None:
+    # A queue that refuses every message makes the broker nack the publish.
+    admin = await aio_pika.connect(amqp_url)
+    async with admin:
+        channel = await admin.channel()
+        full = await channel.declare_queue(
+            bus_prefix + "full", durable=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        await full.bind(bus_prefix + topology.EVENTS, "full.#")
+        try:
+            with pytest.raises(PublishFailed) as info:
+                await rabbit_bus.publish(topology.EVENTS, "full.k", b"refused")
+            assert info.value.reason == "PUBLISH_FAILED"
+            assert await rabbit_bus.publish(topology.EVENTS, "other", b"") is False  # still usable
+        finally:
+            await full.delete(if_unused=False, if_empty=False)
 
 
 @needs_ctl
