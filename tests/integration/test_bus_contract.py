@@ -347,3 +347,32 @@ async def test_many_messages_are_each_delivered_once_when_all_ack(bus: Bus, bus_
     await wait_for(lambda: sum(len(r.seen) for r in recs) >= n)
     counts = Counter(b for r in recs for b in r.bodies)
     assert len(counts) == n and set(counts.values()) == {1}
+
+
+async def test_retry_delay_spaces_redeliveries(bus: Bus, wait_for) -> None:
+    times: list[float] = []
+
+    async def flaky(delivery: Delivery) -> Outcome:
+        times.append(asyncio.get_running_loop().time())
+        return Outcome.RETRY if len(times) < 3 else Outcome.ACK
+
+    spec = QueueSpec("slow-retry", bindings=((EVENTS, "#"),), delivery_limit=3, retry_delay=0.1)
+    await bus.consume(spec, flaky)
+    await bus.publish(EVENTS, "k", b"m")
+    await wait_for(lambda: len(times) == 3)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 0.09, gaps
+
+
+async def test_handler_may_publish_while_handling(bus: Bus, wait_for) -> None:
+    out = Recorder()
+    await bus.consume(QueueSpec("out", bindings=((ALERTS, "#"),)), out)
+
+    async def relay(delivery: Delivery) -> Outcome:
+        await bus.publish(ALERTS, "info.relay.j1", delivery.body[::-1])
+        return Outcome.ACK
+
+    await bus.consume(QueueSpec("relay", bindings=((EVENTS, "#"),)), relay)
+    await bus.publish(EVENTS, "k", b"abc")
+    await wait_for(out.changed)
+    assert out.bodies == [b"cba"] and out.seen[0].exchange == ALERTS
