@@ -1,0 +1,334 @@
+"""Ingest's shell: open the client's envelope, check it against the open round, re-sign it.
+
+Stateless and replicated (DESIGN.md §1): every replica consumes the shared ``ingest`` quorum
+queue (competing consumers) and keeps only a cache of open rounds, learnt from
+``round.opened`` / ``round.closed`` / ``job.ended`` on its own queue
+``ingest.rounds.<replica>`` (the aggregator re-announces open rounds, so a fresh replica
+catches up). Per update:
+
+1. size bound from the open round's tensor spec, before any decoding (TOO_LARGE);
+2. :func:`qflare.messages.open_envelope`: certificate chain, expiry, revocation, sender,
+   role, ML-DSA signature under ``qflare/v1/update``, body digest, unsealing with ingest's
+   KEM key, body limits and schema;
+3. :mod:`.core`: job, round, base version, participant, deadline, best-effort duplicate;
+4. :func:`qflare.messages.validate_update` (names, dtypes, shapes, finiteness) and the norm;
+5. ``update.accepted`` signed by ingest, with ``update_digest`` = the client's body digest.
+
+Any failure is a :class:`MessageRejected`: the handler wrapper rejects the delivery
+without requeue (dead letter), and :meth:`IngestService.on_rejected` publishes
+``update.rejected`` and an ``alert.raised`` naming the reason. A client is named in them
+only once its signature verified, so a forger cannot get an honest client flagged.
+
+The revocation list is re-read when its file changes (``qflare revoke`` rewrites it), so a
+revocation takes effect on the next message without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.crypto.errors import MessageRejected, Reason
+from qflare.crypto.pki import RevocationList
+from qflare.messages import (
+    DEFAULT_LIMITS,
+    Envelope,
+    Limits,
+    RoundOpened,
+    UpdateAccepted,
+    UpdateRejected,
+    open_envelope,
+    unpack,
+    validate_update,
+)
+from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
+from qflare.runtime.logging import event
+from qflare.runtime.service import Consumer, Service, ServiceContext
+from qflare.services.ingest.core import (
+    OpenRound,
+    RoundBook,
+    SeenUpdates,
+    check_norm,
+    check_round,
+    check_tensors,
+    max_envelope_bytes,
+    needs_round_news,
+    tensor_specs,
+)
+
+#: The shared work queue: every replica competes on it.
+UPDATES = QueueSpec("ingest", bindings=((topology.CLIENT, "update.*"),), delivery_limit=3)
+QUEUES: tuple[QueueSpec, ...] = (UPDATES,)
+
+_WORD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def rounds_queue(replica: str) -> QueueSpec:
+    """This replica's own queue of round events (each replica needs all of them)."""
+    return QueueSpec(
+        f"ingest.rounds.{replica}",
+        bindings=(
+            (topology.EVENTS, "round.opened.*"),
+            (topology.EVENTS, "round.closed.*"),
+            (topology.EVENTS, "job.ended.*"),
+        ),
+        delivery_limit=3,
+    )
+
+
+def default_replica() -> str:
+    name = os.environ.get("QFLARE_REPLICA") or socket.gethostname() or "ingest"
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64]
+
+
+class _Refused(MessageRejected):
+    """A rejection with what ingest knew about the update when it refused it."""
+
+    def __init__(self, exc: MessageRejected, *, job: str, round_: int, client: str | None,
+                 claimed: str | None, digest: bytes | None) -> None:
+        super().__init__(exc.reason, exc.detail)
+        self.job = job
+        self.round = round_
+        self.client = client
+        self.claimed = claimed
+        self.digest = digest
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """``[services.ingest]`` options."""
+
+    replica: str
+    max_update_norm: float | None = None
+    round_news_wait_s: float = 5.0
+    dedup_capacity: int = 100_000
+    crl_path: Path | None = None
+
+    @classmethod
+    def from_settings(cls, options: Any, pki_dir: Path | None) -> IngestOptions:
+        norm = options.get("max_update_norm")
+        crl = options.get("crl_path")
+        if crl is None and pki_dir is not None:
+            crl = Path(pki_dir) / "services" / "ingest" / "crl.qrl"
+        replica = str(options.get("replica") or default_replica())
+        if not _WORD.match(replica):
+            raise ValueError(f"ingest replica must be a routing-key word, got {replica!r}")
+        wait = float(options.get("round_news_wait_s", 5.0))
+        if wait < 0:
+            raise ValueError(f"round_news_wait_s must be >= 0, got {wait}")
+        return cls(
+            replica=replica,
+            max_update_norm=float(norm) if norm else None,
+            round_news_wait_s=wait,
+            dedup_capacity=int(options.get("dedup_capacity", 100_000)),
+            crl_path=Path(crl) if crl else None,
+        )
+
+
+class IngestService(Service):
+    name = "ingest"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.options = IngestOptions.from_settings(ctx.settings.options("ingest"), ctx.settings.pki_dir)
+        self.book = RoundBook()
+        self.seen = SeenUpdates(self.options.dedup_capacity)
+        self.limits: Limits = DEFAULT_LIMITS
+        self._news = asyncio.Event()
+        self._crl_stamp: tuple[int, int] | None = None
+        self.counts: dict[str, int] = {"accepted": 0, "rejected": 0}
+        # the wire form of each open round's tensor spec, for messages.validate_update
+        self._specs: dict[tuple[str, int], Any] = {}
+
+    def consumers(self) -> list[Consumer]:
+        return [
+            Consumer(UPDATES, self.on_update, prefetch=8),
+            Consumer(rounds_queue(self.options.replica), self.on_round_event, prefetch=32),
+        ]
+
+    async def open(self) -> None:
+        if self.ctx.identity is None or self.ctx.trust is None:
+            raise ValueError("ingest needs its identity (to re-sign and unseal) and the CA trust store")
+        self.reload_crl()
+
+    # -- revocation list ------------------------------------------------------------------
+    def reload_crl(self) -> bool:
+        """Adopt the revocation list file if it changed; True when a newer one was adopted.
+        A half-written or foreign file is ignored until it is whole and CA-signed."""
+        path = self.options.crl_path
+        if path is None:
+            return False
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._crl_stamp:
+            return False
+        try:
+            crl = RevocationList.from_bytes(path.read_bytes())
+            adopted = self.ctx.trust.update_crl(crl)
+        except (MessageRejected, OSError, ValueError) as exc:
+            event(self.log, "crl.unreadable", path=str(path), error=repr(exc))
+            return False
+        self._crl_stamp = stamp
+        if adopted:
+            event(self.log, "crl.reloaded", number=crl.number, revoked=len(crl.serials))
+        return adopted
+
+    # -- round events ---------------------------------------------------------------------
+    async def on_round_event(self, delivery: Delivery) -> None:
+        env = await open_delivery(self, delivery)
+        if env.kind == "round.opened":
+            body: RoundOpened = env.body  # type: ignore[assignment]
+            info = OpenRound(
+                job=env.job,
+                round=env.round,
+                base_version=body.model_version,
+                tensors=tensor_specs((t.name, t.dtype, t.shape) for t in body.tensor_spec),
+                participants=frozenset(body.participants),
+                deadline=body.deadline,
+                max_norm=self.options.max_update_norm,
+            )
+            self._specs[(env.job, env.round)] = body.tensor_spec
+            if self.book.opened(info):
+                event(self.log, "round.learned", job=env.job, round=env.round,
+                      participants=len(body.participants))
+        elif env.kind == "round.closed":
+            self.book.closed(env.job, env.round)
+            self.seen.forget_round(env.job, env.round + 1)
+            self._specs = {k: v for k, v in self._specs.items() if k[0] != env.job or k[1] > env.round}
+        elif env.kind == "job.ended":
+            self.book.ended(env.job)
+        else:
+            raise MessageRejected(Reason.WRONG_KIND, f"ingest's round queue got {env.kind!r}")
+        self._news.set()
+        self._news = asyncio.Event()
+
+    async def _await_news(self, job: str, round_: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.round_news_wait_s
+        while needs_round_news(self.book, job, round_):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._news.wait(), remaining)
+            except TimeoutError:
+                return
+
+    # -- updates --------------------------------------------------------------------------
+    async def on_update(self, delivery: Delivery) -> None:
+        key_job = _job_from_key(delivery.routing_key)
+        env: Envelope | None = None
+        try:
+            self.reload_crl()
+            info = self.book.get(key_job) if key_job else None
+            if info is not None and len(delivery.body) > max_envelope_bytes(info):
+                raise MessageRejected(
+                    Reason.TOO_LARGE,
+                    f"{len(delivery.body)} bytes exceed the {max_envelope_bytes(info)} an update "
+                    f"for round {info.round} of {key_job!r} can take",
+                )
+            env = await self._open(delivery.body)
+            if key_job is not None and env.job != key_job:
+                raise MessageRejected(
+                    Reason.WRONG_JOB, f"routing key names job {key_job!r}, the signed header {env.job!r}"
+                )
+            body = env.body
+            if needs_round_news(self.book, env.job, env.round):
+                await self._await_news(env.job, env.round)
+            info = check_round(self.book, job=env.job, round_=env.round,
+                               base_version=body.base_version, client=env.sender,
+                               now=self.ctx.clock())
+            self.seen.check(env.job, env.round, env.sender)
+            spec = self._specs.get((env.job, env.round))
+            if spec is not None:
+                validate_update(body.tensors, spec)
+                norm = check_norm(info, body.tensors)
+            else:
+                norm = check_tensors(info, body.tensors)
+        except MessageRejected as exc:
+            raise _Refused(
+                exc,
+                job=env.job if env is not None else (key_job or "-"),
+                round_=env.round if env is not None else 0,
+                client=env.sender if env is not None else None,
+                claimed=None if env is not None else _claimed_sender(delivery.body),
+                digest=env.body_digest if env is not None else None,
+            ) from None
+        accepted = UpdateAccepted(
+            client=env.sender,
+            update_digest=env.body_digest,
+            base_version=body.base_version,
+            num_samples=body.num_samples,
+            tensors=dict(body.tensors),
+        )
+        await emit(self, "update.accepted", accepted, job=env.job, round=env.round)
+        self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())
+        self.counts["accepted"] += 1
+        event(self.log, "update.accepted", job=env.job, round=env.round, client=env.sender,
+              norm=round(norm, 6), bytes=len(delivery.body), sealed=env.sealed)
+
+    async def _open(self, data: bytes) -> Envelope:
+        kem = self.ctx.identity.kem
+        if len(data) > THREAD_THRESHOLD:
+            return await asyncio.to_thread(open_envelope, data, self.ctx.trust, limits=self.limits,
+                                           expect_kind="update", kem_key=kem, now=self.ctx.clock())
+        return open_envelope(data, self.ctx.trust, limits=self.limits, expect_kind="update",
+                             kem_key=kem, now=self.ctx.clock())
+
+    async def on_rejected(self, delivery: Delivery, exc: MessageRejected) -> None:
+        if not isinstance(exc, _Refused):
+            await super().on_rejected(delivery, exc)
+            return
+        self.counts["rejected"] += 1
+        who = exc.client or (f"{exc.claimed} (unverified)" if exc.claimed else "?")
+        rejected = UpdateRejected(
+            client=who[:256],
+            reason=exc.reason,
+            detail=exc.detail[:2048],
+            update_digest=exc.digest,
+        )
+        await emit(self, "update.rejected", rejected, job=exc.job, round=exc.round)
+        await self.alert(
+            kind="update.rejected",
+            severity="warning",
+            job=exc.job,
+            round=exc.round,
+            reason=exc.reason.value,
+            detail=f"{who}: {exc.detail}"[:4000],
+            client=exc.client,
+        )
+
+
+def _job_from_key(routing_key: str) -> str | None:
+    parts = routing_key.split(".")
+    if len(parts) == 2 and parts[0] == "update" and _WORD.match(parts[1]):
+        return parts[1]
+    return None
+
+
+def _claimed_sender(data: bytes) -> str | None:
+    """The sender an envelope claims, for the rejection report only (never trusted)."""
+    try:
+        header = unpack(data, _HEADER_LIMITS, bin_as_view=True, max_bytes=_HEADER_LIMITS.max_bin_len)
+    except MessageRejected:
+        return None
+    sender = header.get("sender") if isinstance(header, dict) else None
+    return sender[:64] if isinstance(sender, str) else None
+
+
+# One level of the envelope map, no tensors: enough to read the claimed sender.
+_HEADER_LIMITS = DEFAULT_LIMITS.with_(max_depth=1, max_container_len=16,
+                                      max_bin_len=DEFAULT_LIMITS.max_envelope_bytes)
+
+
+def build(ctx: ServiceContext) -> Service:
+    return IngestService(ctx)
