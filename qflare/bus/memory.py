@@ -17,7 +17,7 @@ import datetime as _dt
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qflare.bus import topology

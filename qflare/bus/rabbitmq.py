@@ -268,9 +268,15 @@ class RabbitBus(Bus):
     async def _declare_exchanges(self) -> None:
         # Declared through the robust channel, so they are declared again on reconnect.
         for logical in topology.EXCHANGES:
-            self._exchanges[logical] = await self._channel.declare_exchange(
-                self.name(logical), aio_pika.ExchangeType.TOPIC, durable=True
-            )
+            try:
+                self._exchanges[logical] = await self._channel.declare_exchange(
+                    self.name(logical), aio_pika.ExchangeType.TOPIC, durable=True
+                )
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise TopologyError(
+                    f"exchange {self.name(logical)!r} exists but is not a durable topic "
+                    f"exchange: {exc}"
+                ) from exc
 
     def _check_open(self) -> None:
         if self._closed:

@@ -17,7 +17,7 @@ import uuid
 import aio_pika
 import pytest
 
-from qflare.bus import BusUnavailable, PublishFailed, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.bus import BusUnavailable, PublishFailed, TopologyError, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.bus.rabbitmq import RabbitBus
 
 pytestmark = pytest.mark.rabbitmq
@@ -203,3 +203,17 @@ async def test_broker_restart_consumer_and_publisher_recover(rabbit_bus_factory,
 
 async def test_adapter_type(rabbit_bus) -> None:
     assert isinstance(rabbit_bus, RabbitBus)
+
+
+async def test_conflicting_exchange_is_a_topology_error(amqp_url, bus_prefix) -> None:
+    admin = await aio_pika.connect(amqp_url)
+    async with admin:
+        channel = await admin.channel()
+        await channel.declare_exchange(bus_prefix + topology.EVENTS, aio_pika.ExchangeType.FANOUT)
+        try:
+            with pytest.raises(TopologyError):
+                await connect_bus(amqp_url, prefix=bus_prefix, connect_timeout=5)
+        finally:
+            channel = await admin.channel()
+            for name in topology.EXCHANGES:
+                await channel.exchange_delete(bus_prefix + name)
