@@ -44,7 +44,9 @@ class JobSpec(BaseModel):
     f: int = Field(default=0, ge=0, description="Byzantine clients tolerated per round")
     detection: bool = Field(default=True, description="run the detector; off keeps every update")
     sample_rate: float = Field(default=1.0, gt=0.0, le=1.0, description="Poisson rate q")
-    noise_multiplier: float = Field(default=1.0, ge=0.0, description="z: noise std = z * clip")
+    noise_multiplier: float = Field(
+        default=1.0, ge=0.0, description="z: noise std = z * clip; 0 turns DP off (no accountant, epsilon inf)"
+    )
     clip: float = Field(default=1.0, gt=0.0, description="L2 clip norm C per update")
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     epsilon_budget: float = Field(default=10.0, gt=0.0)

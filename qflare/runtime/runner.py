@@ -62,14 +62,31 @@ class InProcess:
     """The services of one ``run_in_process``, started on one bus."""
 
     bus: Bus
+    settings: Settings
     services: dict[str, Service] = field(default_factory=dict)
 
-    async def submit_job(self, spec: JobSpec) -> None:
-        """Hand a job to every service that runs jobs (the aggregator starts it)."""
+    async def submit_job(self, spec: JobSpec, model: dict[str, Any] | None = None) -> None:
+        """Hand a job to every service that runs jobs, the aggregator last (it starts the
+        job). ``model`` gives the version-0 tensors instead of ``spec.initial_model``."""
         for service in self.services.values():
             submit = getattr(service, "submit_job", None)
             if submit is not None:
-                await submit(spec)
+                await submit(spec, model)
+
+    async def wait_job(self, job_id: str, timeout: float | None = None) -> str | None:
+        """Wait for ``job_id`` to end; returns the end reason (``completed``,
+        ``budget_exhausted``, ``too_few_updates``)."""
+        return await self.services["aggregator"].wait_job(job_id, timeout)  # type: ignore[attr-defined]
+
+    async def restart(self, name: str, identities: dict[str, tuple[Any, Any]] | None = None) -> Service:
+        """Stop service ``name`` and start a fresh instance on the same state (tests of
+        restart safety; a crash is ``kill -9`` of a ``qflare serve`` process)."""
+        await self.services[name].stop()
+        identity, trust = (identities or {}).get(name, (None, None))
+        service = await build_service(name, self.settings, bus=self.bus, identity=identity, trust=trust)
+        await service.start()
+        self.services[name] = service
+        return service
 
 
 @contextlib.asynccontextmanager
@@ -87,7 +104,7 @@ async def run_in_process(
     own_bus = bus is None
     if bus is None:
         bus = await connect_bus(settings.broker, prefix=settings.prefix)
-    running = InProcess(bus=bus)
+    running = InProcess(bus=bus, settings=settings)
     names = [n for n in SERVICES if n in set(services)]
     try:
         for name in names:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -149,24 +150,29 @@ class Aggregator(Service):
 
     # -- privacy ----------------------------------------------------------------------------
     async def _on_granted(self, spec: JobSpec, env: Any) -> None:
-        assert self.store is not None
         async with self._lock(spec.job_id):
-            r = await self.store.get_round(spec.job_id, env.round)
-            if r is None or r.state != RoundState.REQUESTED:
-                return  # redelivered grant: the round moved on already
-            participants = select_participants(
-                spec.participants, spec.sample_rate, spec.seed, spec.job_id, env.round
-            )
-            deadline = self.ctx.clock() + spec.deadline_s
-            await self.store.transition(
-                spec.job_id, env.round, RoundState.REQUESTED, RoundState.OPEN,
-                participants=participants, deadline=deadline, epsilon=env.body.epsilon_total,
-            )
-            r = await self.store.get_round(spec.job_id, env.round)
-            assert r is not None
-            event(self.log, "round.opened", job=spec.job_id, round=r.round,
-                  participants=len(participants), epsilon=env.body.epsilon_total)
-            await self._announce_open(spec, r, broadcast=True)
+            await self._open_round(spec, env.round, env.body.epsilon_total)
+
+    async def _open_round(self, spec: JobSpec, round_no: int, epsilon: float) -> None:
+        """REQUESTED -> OPEN: select participants, set the deadline, announce. Caller holds
+        the job lock."""
+        assert self.store is not None
+        r = await self.store.get_round(spec.job_id, round_no)
+        if r is None or r.state != RoundState.REQUESTED:
+            return  # redelivered grant: the round moved on already
+        participants = select_participants(
+            spec.participants, spec.sample_rate, spec.seed, spec.job_id, round_no
+        )
+        deadline = self.ctx.clock() + spec.deadline_s
+        await self.store.transition(
+            spec.job_id, round_no, RoundState.REQUESTED, RoundState.OPEN,
+            participants=participants, deadline=deadline, epsilon=epsilon,
+        )
+        r = await self.store.get_round(spec.job_id, round_no)
+        assert r is not None
+        event(self.log, "round.opened", job=spec.job_id, round=r.round,
+              participants=len(participants), epsilon=epsilon)
+        await self._announce_open(spec, r, broadcast=True)
 
     async def _on_denied(self, spec: JobSpec, env: Any) -> None:
         assert self.store is not None
@@ -372,6 +378,10 @@ class Aggregator(Service):
         await emit(self, "round.closed", body, job=spec.job_id, round=r.round)
 
     async def _send_request(self, spec: JobSpec, round_no: int) -> None:
+        if spec.noise_multiplier == 0:
+            # DP off: nothing to account; epsilon is unbounded and reported as such.
+            await self._open_round(spec, round_no, math.inf)
+            return
         body = PrivacyRequest(q=spec.sample_rate, z=spec.noise_multiplier, clip=spec.clip)
         await emit(self, "privacy.request", body, job=spec.job_id, round=round_no)
 

@@ -1,0 +1,173 @@
+"""The aggregator and detector services together on the embedded bus, driven through the
+same bootstrap as production. The test itself plays ingest and the accountant: it signs
+``update.accepted`` with ingest's identity and ``privacy.granted`` with the accountant's."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.crypto import Federation, provision
+from qflare.messages import encode, open_envelope
+from qflare.runtime import JobSpec, load_settings, run_in_process
+from qflare.services.aggregator.core import model_digest
+
+CLIENTS = tuple(f"c{i}" for i in range(10))
+BYZANTINE = {"c7", "c8", "c9"}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    return provision(tmp_path_factory.mktemp("pki"), clients=0)
+
+
+def initial_model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"w": rng.standard_normal((8, 6)).astype(np.float32), "b": np.zeros(6, np.float32)}
+
+
+def delta(client: str, round_no: int) -> dict[str, np.ndarray]:
+    direction = np.random.default_rng(round_no).standard_normal(54).astype(np.float32)
+    seed = int.from_bytes(hashlib.sha256(f"{client}/{round_no}".encode()).digest()[:4], "big")
+    noise = 0.2 * np.random.default_rng(seed).standard_normal(54).astype(np.float32)
+    flat = (-6.0 * direction) if client in BYZANTINE else (0.1 * direction + 0.02 * noise)
+    return {"w": flat[:48].reshape(8, 6), "b": flat[48:]}
+
+
+@dataclass
+class Harness:
+    """Plays ingest and the accountant; records what the services publish."""
+
+    fed: Federation
+    bus: Bus
+    epsilon_per_round: float = 0.5
+    budget_rounds: int = 99
+    hold_round: int | None = None  # send only half the updates of this round until released
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    published: dict[int, bytes] = field(default_factory=dict)
+    verdicts: dict[int, tuple[list[str], list[str]]] = field(default_factory=dict)
+    alerts: list[tuple[str, str | None, str]] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+    opened: list[int] = field(default_factory=list)
+
+    async def start(self) -> None:
+        watch = QueueSpec("harness", bindings=(
+            (topology.EVENTS, "privacy.request.*"), (topology.EVENTS, "round.opened.*"),
+            (topology.EVENTS, "model.published.*"), (topology.EVENTS, "round.verdict.*"),
+            (topology.EVENTS, "alert.raised.*"), (topology.EVENTS, "job.ended.*"),
+        ))
+        await self.bus.consume(watch, self.on_event, prefetch=64)
+
+    async def on_event(self, d: Delivery) -> Outcome:
+        env = open_envelope(d.body, self.fed.trust())
+        if env.kind == "privacy.request":
+            if env.round > self.budget_rounds:
+                body = {"reason": "budget", "epsilon_spent": self.epsilon_per_round * self.budget_rounds, "budget": 1.0}
+                await self.send("accountant", "privacy.denied", body, env.job, env.round)
+            else:
+                body = {"epsilon_round": self.epsilon_per_round, "epsilon_total": self.epsilon_per_round * env.round, "delta": 1e-5}
+                await self.send("accountant", "privacy.granted", body, env.job, env.round)
+        elif env.kind == "round.opened" and env.round not in self.opened:
+            self.opened.append(env.round)
+            asyncio.get_running_loop().create_task(self.send_updates(env.job, env.round, env.body))
+        elif env.kind == "model.published":
+            self.published[env.body.version] = env.body.digest
+        elif env.kind == "round.verdict":
+            self.verdicts[env.round] = (list(env.body.kept), [f.client for f in env.body.flagged])
+        elif env.kind == "alert.raised":
+            self.alerts.append((env.body.alert_kind, env.body.client, env.body.reason))
+        elif env.kind == "job.ended":
+            self.end_reason = env.body.reason
+            self.ended.set()
+        return Outcome.ACK
+
+    async def send(self, role: str, kind: str, body: dict, job: str, round_no: int) -> None:
+        data = encode(kind, body, self.fed.identity(role), job=job, round=round_no)
+        await self.bus.publish(topology.EVENTS, f"{kind}.{job}", data)
+
+    async def send_update(self, job: str, round_no: int, client: str, version: int, tensors: dict) -> None:
+        digest = hashlib.sha256(b"".join(t.tobytes() for t in tensors.values()) + client.encode()).digest()
+        body = {"client": client, "update_digest": digest, "base_version": version, "num_samples": 10, "tensors": tensors}
+        await self.send("ingest", "update.accepted", body, job, round_no)
+
+    async def send_updates(self, job: str, round_no: int, opened) -> None:
+        clients = list(opened.participants)
+        first, rest = (clients[:5], clients[5:]) if round_no == self.hold_round else (clients, [])
+        for c in first:
+            await self.send_update(job, round_no, c, opened.model_version, delta(c, round_no))
+        if rest:
+            await self.release.wait()
+            for c in rest:
+                await self.send_update(job, round_no, c, opened.model_version, delta(c, round_no))
+
+
+def job(**kw: object) -> JobSpec:
+    base = dict(job_id="j1", rounds=3, participants=CLIENTS, rule="median", f=3, detection=True,
+                noise_multiplier=0.5, clip=2.0, seed=1234, deadline_s=30.0, min_updates=7,
+                epsilon_budget=10.0)
+    base.update(kw)
+    return JobSpec.model_validate(base)
+
+
+async def run_job(fed: Federation, data: Path, spec: JobSpec, harness_kw: dict | None = None,
+                  restart_in_round: int | None = None) -> tuple[Harness, dict[str, np.ndarray]]:
+    bus = await connect_bus(f"memory://agg-{data.name}")
+    settings = load_settings(None, env={}, data_dir=str(data))
+    ids = {n: (fed.identity(n), fed.trust()) for n in ("detector", "aggregator")}
+    h = Harness(fed, bus, hold_round=restart_in_round, **(harness_kw or {}))
+    await h.start()
+    async with run_in_process(settings, bus, services=["detector", "aggregator"], identities=ids) as running:
+        await running.submit_job(spec, initial_model())
+        if restart_in_round is not None:
+            while len(h.opened) < restart_in_round:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # the first half of the round is stored
+            await running.restart("aggregator", identities=ids)
+            h.release.set()
+        await asyncio.wait_for(h.ended.wait(), 30)
+        agg = running.services["aggregator"]
+        latest = await agg.store.latest_model(spec.job_id)
+        final = await agg.store.load_model(latest)
+    await bus.close()
+    return h, final
+
+
+async def test_rounds_flag_byzantine_change_model_and_end(federation: Federation, tmp_path: Path) -> None:
+    spec = job()
+    h, final = await run_job(federation, tmp_path / "a", spec)
+    assert h.end_reason == "completed"
+    assert sorted(h.published) == [1, 2, 3]
+    digests = [model_digest(initial_model()), *(h.published[v] for v in (1, 2, 3))]
+    assert len(set(digests)) == 4, "the model changes every round"
+    assert digests[3] == model_digest(final)
+    for r in (1, 2, 3):
+        kept, flagged = h.verdicts[r]
+        assert set(flagged) == BYZANTINE and set(kept) == set(CLIENTS) - BYZANTINE
+    flagged_alerts = {(c, k) for k, c, _ in h.alerts if k == "client.flagged"}
+    assert {c for c, _ in flagged_alerts} == BYZANTINE
+    # The robust step moved the model towards the honest direction despite the attackers.
+    honest_mean = np.mean([delta(c, 1)["w"] for c in CLIENTS if c not in BYZANTINE], axis=0)
+    assert np.dot(honest_mean.ravel(), (final["w"] - initial_model()["w"]).ravel()) > 0
+
+
+async def test_restart_mid_round_gives_the_same_model(federation: Federation, tmp_path: Path) -> None:
+    spec = job(rounds=2)
+    _, uninterrupted = await run_job(federation, tmp_path / "x", spec)
+    h, restarted = await run_job(federation, tmp_path / "y", spec, restart_in_round=2)
+    assert h.end_reason == "completed"
+    assert all(np.array_equal(uninterrupted[k], restarted[k]) for k in uninterrupted)
+
+
+async def test_denied_budget_ends_the_job(federation: Federation, tmp_path: Path) -> None:
+    h, final = await run_job(federation, tmp_path / "d", job(rounds=5), {"budget_rounds": 2})
+    assert h.end_reason == "budget_exhausted"
+    assert sorted(h.published) == [1, 2]
+    assert any(k == "budget.exhausted" for k, _c, _r in h.alerts)
+    assert model_digest(final) == h.published[2]
