@@ -197,10 +197,14 @@ class Aggregator(Service):
         r = await self.store.get_round(spec.job_id, env.round)
         if r is None or r.state == RoundState.REQUESTED:
             raise MessageRejected(Reason.STALE_ROUND, f"round {env.round} of {spec.job_id} is not open")
+        mine = (body.update_digest, env.nonce)
         if r.state != RoundState.OPEN:
-            held = await self._held_digest(spec.job_id, env.round, body.client)
-            if held == body.update_digest:
+            held = await self.store.held(spec.job_id, env.round, body.client)
+            if held == mine:
                 return  # redelivery of an update the round already holds
+            if held is not None:
+                raise MessageRejected(Reason.DUPLICATE,
+                                      f"{body.client} already has an update in round {env.round}")
             raise MessageRejected(Reason.ROUND_CLOSED,
                                   f"update of {body.client} for round {env.round} after it closed")
         if body.client not in r.participants:
@@ -215,23 +219,19 @@ class Aggregator(Service):
         except ValueError as exc:
             raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
         held = await self.store.add_update(
-            spec.job_id, env.round, body.client, body.update_digest, body.num_samples,
-            dict(body.tensors),
+            spec.job_id, env.round, body.client, body.update_digest, env.nonce,
+            body.num_samples, dict(body.tensors),
         )
         if held is not None:
-            if held == body.update_digest:
+            # The same update.accepted envelope again (same ingest nonce) is a redelivery;
+            # another envelope for the client - even with the same content, accepted by a
+            # second ingest replica - is a duplicate submission.
+            if held == mine:
                 return
             raise MessageRejected(Reason.DUPLICATE,
                                   f"{body.client} already has an update in round {env.round}")
         event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
         await self._maybe_close(spec, env.round)
-
-    async def _held_digest(self, job_id: str, round_no: int, client: str) -> bytes | None:
-        assert self.store is not None
-        for c, digest, _n in await self.store.round_updates(job_id, round_no):
-            if c == client:
-                return digest
-        return None
 
     async def _maybe_close(self, spec: JobSpec, round_no: int) -> None:
         assert self.store is not None

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL,
     client TEXT NOT NULL,
     digest BLOB NOT NULL,
+    nonce BLOB NOT NULL,
     num_samples INTEGER NOT NULL,
     path TEXT NOT NULL,
     received REAL NOT NULL,
@@ -216,33 +217,33 @@ class AggregatorStore:
         )
 
     # -- updates ---------------------------------------------------------------------------
-    async def add_update(
-        self, job_id: str, round_no: int, client: str, digest: bytes, num_samples: int,
-        tensors: dict[str, np.ndarray],
-    ) -> bytes | None:
-        """Store an update (file, then row). Returns None when stored now, else the digest
-        already held for (job, round, client) — first wins."""
-        existing = await self.db.fetchone(
-            "SELECT digest FROM updates WHERE job_id=? AND round=? AND client=?",
+    async def held(self, job_id: str, round_no: int, client: str) -> tuple[bytes, bytes] | None:
+        """(digest, nonce of the update.accepted envelope) held for (job, round, client)."""
+        row = await self.db.fetchone(
+            "SELECT digest, nonce FROM updates WHERE job_id=? AND round=? AND client=?",
             (job_id, round_no, client),
         )
+        return None if row is None else (bytes(row["digest"]), bytes(row["nonce"]))
+
+    async def add_update(
+        self, job_id: str, round_no: int, client: str, digest: bytes, nonce: bytes,
+        num_samples: int, tensors: dict[str, np.ndarray],
+    ) -> tuple[bytes, bytes] | None:
+        """Store an update (file, then row). Returns None when stored now, else the
+        (digest, nonce) already held for (job, round, client) — first wins."""
+        existing = await self.held(job_id, round_no, client)
         if existing is not None:
-            return bytes(existing["digest"])
+            return existing
         rel = f"updates/{job_id}/r{round_no}/{client}.safetensors"
         data = st_save(dict(tensors))
         await asyncio.to_thread(fsync_write, self.root / rel, data)
         async with self.db.transaction() as conn:
             cur = await conn.execute(
-                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, round_no, client, digest, num_samples, rel, time.time()),
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, round_no, client, digest, nonce, num_samples, rel, time.time()),
             )
-            if cur.rowcount == 0:  # a concurrent handler won the race
-                row = await (await conn.execute(
-                    "SELECT digest FROM updates WHERE job_id=? AND round=? AND client=?",
-                    (job_id, round_no, client),
-                )).fetchone()
-                return bytes(row["digest"])
-        return None
+            won = cur.rowcount == 1
+        return None if won else await self.held(job_id, round_no, client)
 
     async def round_updates(self, job_id: str, round_no: int) -> list[tuple[str, bytes, int]]:
         rows = await self.db.fetchall(

@@ -56,6 +56,7 @@ class Harness:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str = ""
     opened: list[int] = field(default_factory=list)
+    dup_round: int | None = None  # in this round, c0's update goes out again twice
 
     async def start(self) -> None:
         watch = QueueSpec("harness", bindings=(
@@ -95,7 +96,13 @@ class Harness:
     async def send_update(self, job: str, round_no: int, client: str, version: int, tensors: dict) -> None:
         digest = hashlib.sha256(b"".join(t.tobytes() for t in tensors.values()) + client.encode()).digest()
         body = {"client": client, "update_digest": digest, "base_version": version, "num_samples": 10, "tensors": tensors}
-        await self.send("ingest", "update.accepted", body, job, round_no)
+        data = encode("update.accepted", body, self.fed.identity("ingest"), job=job, round=round_no)
+        await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
+        if round_no == self.dup_round and client == "c0":
+            # the same envelope again is a redelivery (no effect, no alert) ...
+            await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
+            # ... a second acceptance of the same update (another ingest replica) is a duplicate
+            await self.send("ingest", "update.accepted", body, job, round_no)
 
     async def send_updates(self, job: str, round_no: int, opened) -> None:
         clients = list(opened.participants)
@@ -141,7 +148,7 @@ async def run_job(fed: Federation, data: Path, spec: JobSpec, harness_kw: dict |
 
 async def test_rounds_flag_byzantine_change_model_and_end(federation: Federation, tmp_path: Path) -> None:
     spec = job()
-    h, final = await run_job(federation, tmp_path / "a", spec)
+    h, final = await run_job(federation, tmp_path / "a", spec, {"dup_round": 1})
     assert h.end_reason == "completed"
     assert sorted(h.published) == [1, 2, 3]
     digests = [model_digest(initial_model()), *(h.published[v] for v in (1, 2, 3))]
@@ -150,6 +157,7 @@ async def test_rounds_flag_byzantine_change_model_and_end(federation: Federation
     for r in (1, 2, 3):
         kept, flagged = h.verdicts[r]
         assert set(flagged) == BYZANTINE and set(kept) == set(CLIENTS) - BYZANTINE
+    assert [r for k, _c, r in h.alerts if k == "message.rejected"] == ["DUPLICATE"]
     flagged_alerts = {(c, k) for k, c, _ in h.alerts if k == "client.flagged"}
     assert {c for c, _ in flagged_alerts} == BYZANTINE
     # The robust step moved the model towards the honest direction despite the attackers.
