@@ -1,0 +1,84 @@
+"""``qflare tui``: the live operator console (Textual) on a broker."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_OPTIONS = 2
+
+
+def _budget(text: str) -> tuple[str, float]:
+    job, sep, value = text.partition("=")
+    try:
+        eps = float(value)
+    except ValueError:
+        eps = -1.0
+    if not sep or not job or eps <= 0:
+        raise argparse.ArgumentTypeError(f"expected JOB=EPSILON with EPSILON > 0, got {text!r}")
+    return job, eps
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "tui",
+        help="watch a federation live: rounds, alerts, clients, privacy budget, accuracy",
+        description="A terminal console subscribed to qflare.events and qflare.alerts. "
+        "Keys: p pause/resume the feed, f filter alerts (sev:warning kind:client.flagged "
+        "client:client-003 words), s cycle the minimum severity, a acknowledge, d details, "
+        "q quit.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--broker", default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
+                   help="amqp://user:pass@host:port/ ($QFLARE_BROKER)")
+    p.add_argument("--prefix", default=os.environ.get("QFLARE_PREFIX", ""),
+                   help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)")
+    p.add_argument("--pki", type=Path, default=os.environ.get("QFLARE_PKI_DIR") or None,
+                   help="a `qflare provision` folder or any kit folder holding ca.qc and "
+                   "crl.qrl: verify every signature ($QFLARE_PKI_DIR); without it the feed "
+                   "is decoded but not verified")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the services' data folder: load recent alerts and rounds from their "
+                   "SQLite files (read-only) on start")
+    p.add_argument("--budget", type=_budget, action="append", default=[], metavar="JOB=EPSILON",
+                   help="a job's epsilon budget, for the gauge (the wire carries spend only)")
+    p.add_argument("--raw-alerts", action="store_true",
+                   help="also show alert.raised from qflare.events (when no alerting service runs)")
+    p.set_defaults(func=main)
+
+
+def load_trust_from(path: Path) -> Any:
+    """The trust store of a provision root (``ca/``) or of a kit folder."""
+    from qflare.crypto import load_trust
+
+    for folder in (path, path / "ca"):
+        if (folder / "ca.qc").is_file():
+            return load_trust(folder)
+    raise ValueError(f"{path} holds no ca.qc (give the `qflare provision --out` folder or a kit)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import time
+
+    from qflare.tui.console import build_console
+    from qflare.tui.events import JobDeclared
+
+    try:
+        trust = load_trust_from(args.pki) if args.pki else None
+        if args.state_dir is not None and not args.state_dir.is_dir():
+            raise ValueError(f"--state-dir {args.state_dir} is not a folder")
+        if args.broker.startswith("memory"):
+            raise ValueError("the in-memory bus lives inside one process: use "
+                             "`qflare simulate --tui` to watch it, or --broker amqp://...")
+    except (ValueError, OSError) as exc:
+        print(f"qflare tui: {exc}", file=sys.stderr)
+        return EXIT_BAD_OPTIONS
+    now = time.time()
+    jobs = [JobDeclared(job, 0, now, epsilon_budget=eps) for job, eps in args.budget]
+    app = build_console(url=args.broker, prefix=args.prefix, trust=trust,
+                        state_dir=args.state_dir, jobs=jobs, raw_alerts=args.raw_alerts)
+    app.run()
+    return 0

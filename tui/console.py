@@ -1,0 +1,68 @@
+"""Building and running the console: ``qflare tui`` and ``qflare simulate --tui``.
+
+``build_console`` wires a :class:`~qflare.tui.app.ConsoleApp` to a feed (own connection from
+a URL, or a shared in-process bus), an optional trust store and the history loader.
+``run_console_in_process`` runs it inside an event loop that already runs the services and
+a simulation on the same bus, so one process shows its own federation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from qflare.bus import Bus
+from qflare.crypto.pki import TrustStore
+from qflare.tui.app import ConsoleApp
+from qflare.tui.events import Event, JobDeclared
+from qflare.tui.feed import Feed, describe_source
+
+
+def build_console(
+    *,
+    url: str | None = None,
+    bus: Bus | None = None,
+    prefix: str = "",
+    trust: TrustStore | None = None,
+    state_dir: Path | None = None,
+    jobs: Iterable[JobDeclared] = (),
+    raw_alerts: bool = False,
+    clock: Callable[[], float] = time.time,
+) -> ConsoleApp:
+    """A console on ``url`` (its own connection) or ``bus`` (shared); see :class:`Feed`."""
+    declared = list(jobs)
+
+    def history() -> list[Event]:
+        events: list[Event] = list(declared)
+        if state_dir is not None:
+            from qflare.tui.history import load_history
+
+            events += load_history(state_dir)
+        return events
+
+    def feed(sink: Callable[[Sequence[Event]], None]) -> Feed:
+        return Feed(sink, url=url, bus=bus, prefix=prefix, trust=trust,
+                    raw_alerts=raw_alerts, clock=clock)
+
+    source = describe_source(url) + ("" if trust is not None else "  (signatures not verified)")
+    return ConsoleApp(feed=feed, history=history, clock=clock, source=source)
+
+
+async def run_console_in_process(
+    bus: Bus,
+    *,
+    trust: TrustStore | None = None,
+    jobs: Iterable[JobDeclared] = (),
+    state_dir: Path | None = None,
+    raw_alerts: bool = False,
+    headless: bool = False,
+) -> ConsoleApp:
+    """Run the console on ``bus`` in the running event loop until the operator quits
+    (``q``) or someone calls ``app.exit()``; returns the app (its ``state`` holds what was
+    shown). ``jobs`` declares epsilon budgets the wire does not carry. The console binds its
+    own queue on ``bus`` and deletes it on exit; it never closes ``bus``."""
+    app = build_console(bus=bus, trust=trust, jobs=jobs, state_dir=state_dir,
+                        raw_alerts=raw_alerts)
+    await app.run_async(headless=headless)
+    return app

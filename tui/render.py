@@ -1,0 +1,271 @@
+"""Pure rendering helpers: state in, rich renderables / table cells out.
+
+Every ``make_*`` function depends only on its arguments (times come from the state's
+``now``, never a clock), so each panel's text is unit-tested and the snapshot of the
+whole screen is deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from qflare.tui.events import Link, Severity
+from qflare.tui.state import AlertRow, ClientRow, ConsoleState, RoundRow
+
+SEVERITY_STYLE: dict[Severity, str] = {
+    Severity.INFO: "cyan",
+    Severity.WARNING: "yellow",
+    Severity.CRITICAL: "bold white on red",
+}
+STATE_STYLE: dict[str, str] = {
+    "granted": "dim", "open": "cyan", "collecting": "bold cyan", "closed": "yellow",
+    "verdict": "magenta", "published": "green", "denied": "bold red", "ended": "red",
+}
+LINK_STYLE: dict[Link, str] = {
+    Link.CONNECTING: "bold yellow", Link.CONNECTED: "bold green",
+    Link.RECONNECTING: "bold white on dark_red", Link.CLOSED: "bold red",
+}
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+DASH = "–"
+
+
+def format_clock(ts: float | None) -> str:
+    """HH:MM:SS in UTC (operators of a federation rarely share a time zone)."""
+    if ts is None:
+        return DASH
+    return time.strftime("%H:%M:%S", time.gmtime(ts))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_countdown(deadline: float | None, now: float) -> str:
+    """Time left until ``deadline``; ``overdue 3s`` once it has passed."""
+    if deadline is None:
+        return DASH
+    left = deadline - now
+    if left >= 0:
+        return format_duration(left)
+    return f"overdue {format_duration(-left)}"
+
+
+def format_age(ts: float | None, now: float) -> str:
+    if ts is None:
+        return DASH
+    return f"{format_duration(now - ts)} ago"
+
+
+def format_epsilon(value: float | None) -> str:
+    return DASH if value is None else f"{value:.3f}"
+
+
+def make_link_banner(state: ConsoleState, source: str = "") -> Text:
+    """The header line: broker link, feed pause, unacknowledged alerts."""
+    text = Text()
+    link = state.link
+    if link is Link.CONNECTED:
+        text.append(" ● connected ", LINK_STYLE[link])
+    elif link is Link.RECONNECTING:
+        text.append(f" ⟳ reconnecting for {format_duration(state.now - state.link_since)} ",
+                    LINK_STYLE[link])
+    else:
+        text.append(f" {link.value} ", LINK_STYLE[link])
+    if source:
+        text.append(f" {source}", "dim")
+    if state.link_detail and link is not Link.CONNECTED:
+        text.append(f"  {state.link_detail}", "dim")
+    if state.paused:
+        text.append(f"   ⏸ feed paused ({len(state.pending)} waiting)", "bold yellow")
+    unacked = state.unacknowledged
+    if unacked:
+        text.append(f"   ⚠ {unacked} unacknowledged", "bold yellow")
+    text.append(f"   {state.events_seen} events", "dim")
+    return text
+
+
+def make_updates_cell(row: RoundRow) -> str:
+    expected = row.expected or DASH
+    return f"{len(row.received)}/{expected}"
+
+
+def make_round_panel(state: ConsoleState) -> RenderableType:
+    """The current round of each job: state, updates received/expected, deadline."""
+    if not state.jobs:
+        return Text("waiting for round events…", style="dim")
+    table = Table(expand=True, box=None, pad_edge=False, header_style="bold")
+    for name in ("job", "round", "state", "updates", "deadline", "model"):
+        table.add_column(name, no_wrap=True)
+    for job in sorted(state.jobs):
+        view = state.jobs[job]
+        row = state.current_round(job)
+        if row is None:
+            table.add_row(job, DASH, Text("no round yet", "dim"), DASH, DASH, DASH)
+            continue
+        status = Text(row.state, STATE_STYLE.get(row.state, ""))
+        if view.ended:
+            status = Text(f"ended: {view.ended}", "red" if view.denied else "green")
+        countdown = (format_countdown(row.deadline, state.now)
+                     if row.state in ("open", "collecting") else DASH)
+        total = f"/{view.rounds_planned}" if view.rounds_planned else ""
+        table.add_row(job, f"{row.round}{total}", status, make_updates_cell(row), countdown,
+                      DASH if view.model_version is None else f"v{view.model_version}")
+    return table
+
+
+def make_round_cells(row: RoundRow) -> tuple[RenderableType, ...]:
+    """One line of the rounds table."""
+    flagged = Text(str(len(row.flagged)), "bold red" if row.flagged else "")
+    latency = DASH if row.latency is None else f"{row.latency:.2f}s"
+    return (
+        row.job,
+        str(row.round),
+        Text(row.state, STATE_STYLE.get(row.state, "")),
+        make_updates_cell(row),
+        DASH if row.kept is None else str(row.kept),
+        flagged,
+        row.rule or DASH,
+        format_epsilon(row.epsilon_total),
+        latency,
+    )
+
+
+ROUND_COLUMNS = ("job", "round", "state", "upd", "kept", "flagged", "rule", "ε", "latency")
+
+
+def make_alert_cells(alert: AlertRow) -> tuple[RenderableType, ...]:
+    style = SEVERITY_STYLE[alert.severity]
+    ack = "✓" if alert.acknowledged else ""
+    return (
+        format_clock(alert.ts),
+        Text(alert.severity.label, style),
+        Text(alert.kind, style if alert.severity >= Severity.CRITICAL else ""),
+        alert.job,
+        alert.client or DASH,
+        alert.reason,
+        ack,
+        _clip(alert.detail, 70),
+    )
+
+
+ALERT_COLUMNS = ("time", "severity", "kind", "job", "client", "reason", "ack", "detail")
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def make_client_cells(client: ClientRow, now: float) -> tuple[RenderableType, ...]:
+    rep = client.reputation
+    if rep is None:
+        rep_cell = Text(DASH)
+    else:
+        rep_cell = Text(f"{rep:.2f}", "green" if rep >= 0.9 else "yellow" if rep >= 0.5 else "bold red")
+    flags = Text(str(client.rounds_flagged), "bold red" if client.rounds_flagged else "")
+    revoked = Text("REVOKED", "bold white on red") if client.revoked else Text("")
+    return (
+        client.client,
+        rep_cell,
+        flags,
+        revoked,
+        format_age(client.last_seen, now),
+        DASH if client.last_flag_round is None else str(client.last_flag_round),
+        str(client.updates),
+        str(client.rejected),
+    )
+
+
+CLIENT_COLUMNS = ("client", "rep", "flags", "revoked", "last seen", "flag rnd", "upd", "rej")
+
+
+def client_order(clients: Sequence[ClientRow]) -> list[ClientRow]:
+    """Most suspicious first: revoked, then most flagged, then by name."""
+    return sorted(clients, key=lambda c: (not c.revoked, -c.rounds_flagged, -c.rejected, c.client))
+
+
+def make_budget_gauge(spent: float, budget: float | None, width: int = 20) -> Text:
+    """``[██████░░░░] 1.23/4.00 ε (31%)``; red past 90% of the budget."""
+    if budget is None or budget <= 0:
+        return Text(f"ε {spent:.3f} spent (budget unknown)", "dim" if spent == 0 else "")
+    frac = min(1.0, max(0.0, spent / budget))
+    filled = int(round(frac * width))
+    style = "green" if frac < 0.7 else "yellow" if frac < 0.9 else "bold red"
+    text = Text("[")
+    text.append("█" * filled, style)
+    text.append("░" * (width - filled), "dim")
+    text.append(f"] {spent:.2f}/{budget:.2f} ε ({100 * spent / budget:.0f}%)")
+    return text
+
+
+def make_sparkline(values: Sequence[float], width: int = 30, lo: float = 0.0,
+                   hi: float = 1.0) -> str:
+    """The last ``width`` values as block characters scaled over [lo, hi]."""
+    if not values or width <= 0:
+        return ""
+    span = hi - lo if hi > lo else 1.0
+    top = len(SPARK_BLOCKS) - 1
+    out = []
+    for v in list(values)[-width:]:
+        level = int(round((min(hi, max(lo, v)) - lo) / span * top))
+        out.append(SPARK_BLOCKS[level])
+    return "".join(out)
+
+
+def make_privacy_panel(state: ConsoleState, width: int = 20) -> RenderableType:
+    if not state.jobs:
+        return Text("no jobs yet", style="dim")
+    lines = []
+    for job in sorted(state.jobs):
+        view = state.jobs[job]
+        line = Text(f"{job} ", "bold")
+        line.append_text(make_budget_gauge(view.epsilon_spent, view.epsilon_budget, width))
+        if view.denied:
+            line.append("  DENIED", "bold red")
+        lines.append(line)
+    return Group(*lines)
+
+
+def make_accuracy_panel(state: ConsoleState, width: int = 30) -> RenderableType:
+    lines = []
+    for job in sorted(state.jobs):
+        series = state.jobs[job].accuracy
+        if not series:
+            continue
+        line = Text(f"{job} ", "bold")
+        line.append(make_sparkline([acc for _, acc in series], width), "green")
+        version, acc = series[-1]
+        line.append(f"  {100 * acc:.1f}% (v{version})")
+        lines.append(line)
+    if not lines:
+        return Text("no evaluation metrics published yet", style="dim")
+    return Group(*lines)
+
+
+def make_alert_detail(alert: AlertRow) -> RenderableType:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    table.add_row("alert", f"#{alert.seq}")
+    table.add_row("time", f"{format_clock(alert.ts)} UTC")
+    table.add_row("severity", Text(alert.severity.label, SEVERITY_STYLE[alert.severity]))
+    table.add_row("kind", alert.kind)
+    table.add_row("job / round", f"{alert.job} / {alert.round}")
+    table.add_row("client", alert.client or DASH)
+    table.add_row("reason", alert.reason)
+    table.add_row("source", alert.source or DASH)
+    table.add_row("acknowledged", "yes" if alert.acknowledged else "no")
+    table.add_row("detail", alert.detail or DASH)
+    return table
