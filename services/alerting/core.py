@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 #: Alert kind the detector raises for a client its verdict flagged.
 KIND_CLIENT_FLAGGED = "client.flagged"
@@ -81,7 +84,9 @@ class Alert:
     def routing_key(self) -> str:
         """``<severity>.<kind>.<job>`` on ``qflare.alerts``; a dotted kind keeps its dots so
         operators can bind e.g. ``critical.#`` or ``*.client.flagged.*``."""
-        return f"{self.severity.label}.{self.kind}.{self.job}"
+        kind = _UNSAFE.sub("_", self.kind)[:120].strip(".") or "alert"
+        job = _UNSAFE.sub("_", self.job)[:64] or "-"
+        return f"{self.severity.label}.{kind}.{job}"
 
 
 class Action(enum.Enum):
@@ -174,6 +179,10 @@ class AlertDesk:
         for client in clients:
             self._streaks.pop((job, client), None)
 
+    def restore_streak(self, job: str, client: str, length: int, last_round: int | None) -> None:
+        """Reload a streak persisted by an earlier run."""
+        self._streaks[(job, client)] = _Streak(length, last_round)
+
     def streak(self, job: str, client: str) -> int:
         s = self._streaks.get((job, client))
         return s.length if s else 0
@@ -223,6 +232,8 @@ def dead_letter_alert(
     reason = death_reason or "unknown"
     words = routing_key.split(".") if routing_key else []
     job = words[-1] if len(words) >= 2 else "-"
+    if death_queue and death_queue.startswith("client.") and words:
+        job = words[0]  # broadcast keys are `<job>.<kind>`
     severity = Severity.CRITICAL if reason == "delivery_limit" else Severity.WARNING
     detail = f"dead letter from queue {death_queue or '?'} (exchange {exchange or '?'}, key {routing_key!r})"
     return Alert(

@@ -103,5 +103,14 @@ def test_dead_letter_alert_names_job_reason_and_queue() -> None:
     a = dead_letter_alert("update.j7", "delivery_limit", "ingest", exchange="qflare.client")
     assert (a.job, a.kind, a.reason, a.severity) == ("j7", "dead_letter", "delivery_limit", Severity.CRITICAL)
     assert "ingest" in a.detail and a.routing_key() == "critical.dead_letter.j7"
+    c = dead_letter_alert("j3.model.published", "rejected", "client.client-001")
+    assert c.job == "j3"
     b = dead_letter_alert("garbage", "rejected", None)
     assert (b.job, b.severity) == ("-", Severity.WARNING)
+
+
+def test_restored_streak_continues() -> None:
+    desk = AlertDesk(AlertPolicy(dedup_window_s=0, escalate_after=3))
+    desk.restore_streak("j1", "c1", 2, 5)
+    d = desk.decide(_alert(KIND_CLIENT_FLAGGED, round_=6), now=0)
+    assert d.streak == 3 and d.escalated

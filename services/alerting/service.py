@@ -1,0 +1,161 @@
+"""Alerting's shell: every ``alert.raised`` and every dead letter becomes a stored alert,
+and the ones the policy lets through are republished on ``qflare.alerts`` as
+``<severity>.<kind>.<job>``, signed by alerting.
+
+Two queues (competing consumers: replicas share the work, each with its own dedup state):
+
+* ``alerting`` - ``alert.raised.*`` (the alerts) and ``round.verdict.*`` (a verdict that
+  keeps a client ends its flag streak, :meth:`AlertDesk.note_kept`);
+* ``alerting.dead`` - everything dead-lettered to ``qflare.dead``, with the death reason
+  (``rejected``: bad input already refused; ``delivery_limit``: a poison message).
+
+Idempotence: the delivered message's id (envelope nonce, or a hash of a dead letter) is
+stored with the alert in one transaction before the ack, so a redelivered message is not
+counted twice; if the publish failed after the commit, the redelivery publishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.messages import AlertRaised, RoundVerdict
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.logging import event
+from qflare.runtime.service import Consumer, Service, ServiceContext
+from qflare.services.alerting.core import (
+    Alert,
+    AlertDesk,
+    AlertPolicy,
+    Severity,
+    dead_letter_alert,
+)
+from qflare.services.alerting.store import AlertStore
+
+ALERTS_IN = QueueSpec(
+    "alerting",
+    bindings=((topology.EVENTS, "alert.raised.*"), (topology.EVENTS, "round.verdict.*")),
+    delivery_limit=5,
+)
+DEAD_IN = topology.dead_letters("alerting.dead", "#")
+QUEUES: tuple[QueueSpec, ...] = (ALERTS_IN, DEAD_IN)
+
+
+def policy_from(options: Any) -> AlertPolicy:
+    keys = ("dedup_window_s", "burst", "rate_per_s", "escalate_after", "max_keys")
+    unknown = set(options) - set(keys)
+    if unknown:
+        raise ValueError(f"[services.alerting]: unknown options {sorted(unknown)}; known: {', '.join(keys)}")
+    return AlertPolicy(**{k: options[k] for k in keys if k in options})
+
+
+@dataclass
+class Counters:
+    published: int = 0
+    duplicate: int = 0
+    rate_limited: int = 0
+    dead_letters: int = 0
+
+
+class AlertingService(Service):
+    name = "alerting"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.desk = AlertDesk(policy_from(ctx.settings.options("alerting")))
+        self.store: AlertStore | None = None
+        self.counters = Counters()
+        # One SQLite connection and a check-then-record per message: handlers run
+        # concurrently (prefetch), so each message's store work is serialised.
+        self._lock = asyncio.Lock()
+
+    def consumers(self) -> list[Consumer]:
+        return [Consumer(ALERTS_IN, self.on_event, prefetch=32), Consumer(DEAD_IN, self.on_dead, prefetch=32)]
+
+    async def open(self) -> None:
+        self.store = await AlertStore.open(self.ctx.data_dir)
+        for job, client, length, last_round in await self.store.streaks():
+            self.desk.restore_streak(job, client, length, last_round)
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+    async def on_event(self, delivery: Delivery) -> None:
+        env = await open_delivery(self, delivery)
+        if env.kind == "round.verdict":
+            verdict: RoundVerdict = env.body  # type: ignore[assignment]
+            async with self._lock:
+                self.desk.note_kept(env.job, verdict.kept, env.round)
+                assert self.store is not None
+                await self.store.reset_streaks(env.job, list(verdict.kept))
+            return
+        if env.kind != "alert.raised":
+            return  # bound to two kinds only; anything else is not ours to judge
+        body: AlertRaised = env.body  # type: ignore[assignment]
+        alert = Alert(
+            job=env.job,
+            kind=body.alert_kind,
+            severity=Severity.parse(body.severity),
+            reason=body.reason,
+            detail=body.detail,
+            client=body.client,
+            round=env.round,
+            source=env.sender,
+            ts=env.ts / 1000.0,
+        )
+        await self._handle(f"{env.sender}:{env.nonce.hex()}", alert)
+
+    async def on_dead(self, delivery: Delivery) -> None:
+        self.counters.dead_letters += 1
+        alert = dead_letter_alert(delivery.routing_key, delivery.death_reason, delivery.death_queue,
+                                  exchange=delivery.exchange, ts=self.ctx.clock())
+        h = hashlib.sha256(delivery.body)
+        h.update(f"|{delivery.routing_key}|{delivery.death_reason}|{delivery.death_queue}".encode())
+        await self._handle("dead:" + h.hexdigest(), alert)
+
+    async def _handle(self, message_id: str, alert: Alert) -> None:
+        async with self._lock:
+            await self._handle_locked(message_id, alert)
+
+    async def _handle_locked(self, message_id: str, alert: Alert) -> None:
+        assert self.store is not None
+        seen = await self.store.seen(message_id)
+        if seen is not None:
+            if seen.needs_publish and not seen.published:
+                await self._publish(seen.alert_id, await self.store.alert(seen.alert_id))
+            return
+        now = self.ctx.clock()
+        decision = self.desk.decide(alert, now)
+        alert_id = await self.store.record(message_id, decision, now)
+        if decision.publish:
+            await self._publish(alert_id, decision.alert)
+        elif decision.action.value == "duplicate":
+            self.counters.duplicate += 1
+        else:
+            self.counters.rate_limited += 1
+            event(self.log, "alert.rate_limited", job=alert.job, kind=alert.kind)
+
+    async def _publish(self, alert_id: int, alert: Alert) -> None:
+        assert self.store is not None
+        body = AlertRaised(
+            severity=alert.severity.label,  # type: ignore[arg-type]
+            alert_kind=alert.kind,
+            client=alert.client,
+            reason=alert.reason,
+            detail=alert.detail[:4096],
+        )
+        await emit(self, "alert.raised", body, job=alert.job, round=max(0, alert.round or 0),
+                   exchange=topology.ALERTS, routing_key=alert.routing_key())
+        await self.store.mark_published(alert_id)
+        self.counters.published += 1
+        event(self.log, "alert.published", routing_key=alert.routing_key(), client=alert.client,
+              reason=alert.reason)
+
+
+def build(ctx: ServiceContext) -> Service:
+    return AlertingService(ctx)
