@@ -46,7 +46,7 @@ class Body(BaseModel):
     """Base of every body: strict, frozen, unknown fields rejected."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
-                              arbitrary_types_allowed=True)
+                              arbitrary_types_allowed=True, use_attribute_docstrings=True)
     KIND: ClassVar[str]
     SENDERS: ClassVar[tuple[str, ...]]
 
@@ -54,30 +54,39 @@ class Body(BaseModel):
 class Part(BaseModel):
     """Base of nested records inside bodies."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
+                              use_attribute_docstrings=True)
 
 
 class TensorSpec(Part):
     """One tensor of the global model: the shape and dtype every update must match."""
 
     name: Name
+    """Tensor name (a key of every update's `tensors`)."""
     dtype: Literal["float16", "float32", "float64"]
+    """dtype every update must use for it."""
     shape: list[NonNegInt] = Field(max_length=8)
+    """Exact shape every update must use for it."""
 
 
 class UpdateRef(Part):
     """An update in a closed round, by client and the digest ingest assigned to it."""
 
     client: Id
+    """Client id."""
     digest: Digest
+    """The update's digest (`update.accepted.update_digest`)."""
 
 
 class Flagged(Part):
     """A client the detector flagged, its anomaly score and the detectors that fired."""
 
     client: Id
+    """Client id."""
     score: float
+    """Anomaly score (higher is more suspicious)."""
     reasons: list[Name]
+    """Names of the detectors that flagged it."""
 
 
 class Update(Body):
@@ -86,8 +95,11 @@ class Update(Body):
     KIND = "update"
     SENDERS = ("client",)
     base_version: NonNegInt
+    """Global model version the update was computed on."""
     num_samples: int = Field(gt=0)
+    """Local training examples used (FedAvg weight)."""
     tensors: Tensors
+    """The update (model delta) per tensor name; must match the round's `tensor_spec`."""
 
 
 class UpdateAccepted(Body):
@@ -96,11 +108,15 @@ class UpdateAccepted(Body):
     KIND = "update.accepted"
     SENDERS = ("ingest",)
     client: Id
+    """The client that sent the update."""
     update_digest: Digest
     """SHA-256 of the client's update body as received (its envelope ``body_digest``)."""
     base_version: NonNegInt
+    """As in the client's update."""
     num_samples: int = Field(gt=0)
+    """As in the client's update."""
     tensors: Tensors
+    """The validated tensors, unchanged."""
 
 
 class UpdateRejected(Body):
@@ -109,9 +125,13 @@ class UpdateRejected(Body):
     KIND = "update.rejected"
     SENDERS = ("ingest",)
     client: str = Field(max_length=256)
+    """The claimed sender (may be unauthenticated when the signature failed)."""
     reason: Reason
+    """Why."""
     detail: str = Field(default="", max_length=2048)
+    """Human-readable detail for logs."""
     update_digest: Digest | None = None
+    """The update's body digest when it was readable."""
 
 
 class RoundOpened(Body):
@@ -120,14 +140,21 @@ class RoundOpened(Body):
     KIND = "round.opened"
     SENDERS = ("aggregator",)
     model_version: NonNegInt
+    """Version of the global model clients train on."""
     model_digest: Digest
+    """SHA-256 of that model (as in `model.published`)."""
     participants: list[Id]
+    """Clients selected for this round."""
     deadline: float
     """Unix seconds after which ingest refuses updates (ROUND_CLOSED)."""
     min_updates: int = Field(gt=0)
+    """Updates needed to close at the deadline."""
     clip_norm: float = Field(gt=0)
+    """L2 clip norm C applied to each update (DP-FedAvg)."""
     tensor_spec: list[TensorSpec]
+    """Names, dtypes and shapes every update must have."""
     rule: Name
+    """Robust aggregation rule by registry name, e.g. `nnm+multikrum(f=3)`."""
 
 
 class RoundClosed(Body):
@@ -136,6 +163,7 @@ class RoundClosed(Body):
     KIND = "round.closed"
     SENDERS = ("aggregator",)
     updates: list[UpdateRef]
+    """The accepted updates in the round."""
 
 
 class RoundVerdict(Body):
@@ -144,8 +172,11 @@ class RoundVerdict(Body):
     KIND = "round.verdict"
     SENDERS = ("detector",)
     kept: list[Id]
+    """Clients whose updates are aggregated."""
     flagged: list[Flagged]
+    """Clients excluded, with scores and reasons."""
     note: str = Field(default="", max_length=2048)
+    """Free text for operators."""
 
 
 class PrivacyRequest(Body):
@@ -155,9 +186,13 @@ class PrivacyRequest(Body):
     KIND = "privacy.request"
     SENDERS = ("aggregator",)
     q: float = Field(gt=0, le=1)
+    """Client sampling rate."""
     z: float = Field(gt=0)
+    """Noise multiplier (std = z * clip)."""
     clip: float = Field(gt=0)
+    """L2 clip norm."""
     mechanism: Literal["gaussian"] = "gaussian"
+    """Noise mechanism."""
 
 
 class PrivacyGranted(Body):
@@ -166,8 +201,11 @@ class PrivacyGranted(Body):
     KIND = "privacy.granted"
     SENDERS = ("accountant",)
     epsilon_round: NonNegFloat | None = None
+    """Epsilon attributable to this round, when defined."""
     epsilon_total: NonNegFloat
+    """Epsilon spent so far including this round."""
     delta: float = Field(gt=0, lt=1)
+    """The delta the epsilons are for."""
 
 
 class PrivacyDenied(Body):
@@ -176,8 +214,11 @@ class PrivacyDenied(Body):
     KIND = "privacy.denied"
     SENDERS = ("accountant",)
     reason: Name
+    """Why (e.g. `budget_exhausted`)."""
     epsilon_spent: NonNegFloat
+    """Epsilon spent before this request."""
     budget: NonNegFloat
+    """The job's epsilon budget."""
 
 
 class ModelPublished(Body):
@@ -186,10 +227,15 @@ class ModelPublished(Body):
     KIND = "model.published"
     SENDERS = ("aggregator",)
     version: NonNegInt
+    """New global model version."""
     digest: Digest
+    """SHA-256 of the model file (safetensors)."""
     epsilon: NonNegFloat
+    """Total epsilon spent to produce it."""
     metrics: dict[Name, float] = Field(default_factory=dict)
+    """Round metrics (e.g. updates kept)."""
     tensors: Tensors | None = None
+    """The model's tensors when broadcast to clients."""
 
 
 class MetricsEvaluated(Body):
@@ -198,10 +244,15 @@ class MetricsEvaluated(Body):
     KIND = "metrics.evaluated"
     SENDERS = ("aggregator", "operator")
     model_version: NonNegInt
+    """Evaluated model version."""
     accuracy: float = Field(ge=0, le=1)
+    """Accuracy on held-out data."""
     loss: float
+    """Mean loss on held-out data."""
     num_examples: NonNegInt = 0
+    """Held-out examples used."""
     metrics: dict[Name, float] = Field(default_factory=dict)
+    """Further metrics by name."""
 
 
 class AlertRaised(Body):
@@ -210,10 +261,15 @@ class AlertRaised(Body):
     KIND = "alert.raised"
     SENDERS = ("ingest", "detector", "aggregator", "accountant", "alerting", "operator")
     severity: Literal["info", "warning", "critical"]
+    """How urgent."""
     alert_kind: Name
+    """What happened, e.g. `update_rejected`, `client_flagged`, `budget_denied`."""
     client: Id | None = None
+    """The client concerned, if any."""
     reason: Name
+    """A reason code or short cause."""
     detail: str = Field(default="", max_length=4096)
+    """Human-readable detail."""
 
 
 class JobEnded(Body):
@@ -222,7 +278,9 @@ class JobEnded(Body):
     KIND = "job.ended"
     SENDERS = ("aggregator", "operator")
     reason: Name
+    """Why, e.g. `completed`, `budget_exhausted`, `operator`."""
     detail: str = Field(default="", max_length=4096)
+    """Human-readable detail."""
 
 
 class Chunk(Body):
@@ -232,8 +290,11 @@ class Chunk(Body):
     SENDERS = ("client", "ingest", "detector", "aggregator", "accountant", "alerting",
                "operator")
     transfer: bytes = Field(min_length=16, max_length=16)
+    """Transfer id from the manifest."""
     index: NonNegInt
+    """Position of this chunk (0-based)."""
     data: bytes
+    """The chunk's bytes of the inner envelope."""
 
 
 class ChunkManifest(Body):
@@ -242,11 +303,17 @@ class ChunkManifest(Body):
     KIND = "chunk.manifest"
     SENDERS = Chunk.SENDERS
     transfer: bytes = Field(min_length=16, max_length=16)
+    """Random transfer id (per sender)."""
     inner_kind: Name
+    """Kind of the chunked envelope."""
     total_size: int = Field(gt=0)
+    """Bytes of the inner envelope."""
     chunk_size: int = Field(gt=0)
+    """Bytes per chunk (the last may be shorter)."""
     chunk_digests: list[Digest] = Field(min_length=1)
+    """SHA-256 of each chunk, in order."""
     envelope_digest: Digest
+    """SHA-256 of the whole inner envelope."""
 
 
 BODY_TYPES: dict[str, type[Body]] = {
