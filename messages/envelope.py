@@ -24,6 +24,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import msgpack
@@ -102,7 +103,7 @@ def encode_parts(kind: str, body: Body | dict[str, Any], identity: Identity, *, 
     if identity.role not in model.SENDERS:
         raise ValueError(f"role {identity.role!r} may not send {kind!r} "
                          f"(allowed: {', '.join(model.SENDERS)})")
-    header = _header(kind, identity.id, identity.cert.to_bytes(), job, round,
+    header = _header(kind, identity.id, _cert_bytes(identity.cert), job, round,
                      int(time.time() * 1000) if ts is None else ts,
                      os.urandom(NONCE_SIZE) if nonce is None else nonce)
     parts = pack_parts(body_to_wire(model))
@@ -125,6 +126,11 @@ def encode_parts(kind: str, body: Body | dict[str, Any], identity: Identity, *, 
         head.append(_pack_small(value))
     head += [_pack_small("sig"), _pack_small(sig), _pack_small("body"), bin_header(size)]
     return [b"".join(head), *parts]
+
+
+@lru_cache(maxsize=64)
+def _cert_bytes(cert: Certificate) -> bytes:
+    return cert.to_bytes()
 
 
 def _pack_small(value: Any) -> bytes:
@@ -192,6 +198,8 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, *,
     views = {name: _field(obj, name, bytes) for name in _BIN_FIELDS}
     if values["v"] != VERSION:
         raise MessageRejected(Reason.UNSUPPORTED_VERSION, f"envelope v={values['v']}")
+    if values["round"] < 0 or not values["job"]:
+        raise MessageRejected(Reason.MALFORMED, "round must be >= 0 and job non-empty")
     kind = values["kind"]
     body_type = BODY_TYPES.get(kind)
     if body_type is None:

@@ -261,6 +261,8 @@ def test_truncated_and_garbled_envelopes_are_malformed(fed, tensors) -> None:  #
     env = msgpack.unpackb(data)
     env["round"] = "1"
     assert reason_of(msgpack.packb(env), fed) is Reason.MALFORMED
+    assert reason_of(raw_envelope(fed["client-000"], "update", _plain_body(), round=-1), fed
+                     ) is Reason.MALFORMED
 
 
 def test_declared_length_larger_than_data_is_malformed(fed, tensors) -> None:  # type: ignore[no-untyped-def]
