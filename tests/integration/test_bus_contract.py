@@ -376,3 +376,62 @@ async def test_handler_may_publish_while_handling(bus: Bus, wait_for) -> None:
     await bus.publish(EVENTS, "k", b"abc")
     await wait_for(out.changed)
     assert out.bodies == [b"cba"] and out.seen[0].exchange == ALERTS
+
+
+async def test_every_message_ends_exactly_once_under_mixed_outcomes(
+    bus: Bus, bus_factory, wait_for
+) -> None:
+    """Random but reproducible outcomes over competing consumers: each message is settled
+    for good exactly once (acked, or dead-lettered with the right reason), and no message
+    is ever in two handlers at the same time."""
+    import random
+
+    n, limit = 150, 3
+    plan = random.Random(7)
+    # Per message: the outcome of each delivery attempt (the last one always applies).
+    script = {
+        str(i).encode(): [plan.choice(["ack", "retry", "reject", "raise"]) for _ in range(limit)]
+        for i in range(n)
+    }
+    acked: Counter[bytes] = Counter()
+    active: set[bytes] = set()
+    overlaps: list[bytes] = []
+
+    async def handler(delivery: Delivery) -> Outcome:
+        if delivery.body in active:
+            overlaps.append(delivery.body)
+        active.add(delivery.body)
+        try:
+            await asyncio.sleep(0)
+            step = script[delivery.body][delivery.delivery_count - 1]
+            if step == "raise":
+                raise RuntimeError("scripted failure")
+            if step == "ack":
+                acked[delivery.body] += 1
+                return Outcome.ACK
+            return Outcome.REJECT if step == "reject" else Outcome.RETRY
+        finally:
+            active.discard(delivery.body)
+
+    dead = Recorder()
+    await bus.consume(topology.dead_letters(), dead, prefetch=64)
+    spec = QueueSpec("mixed", bindings=((CLIENT, "#"),), delivery_limit=limit)
+    for _ in range(3):
+        await (await bus_factory()).consume(spec, handler, prefetch=8)
+    await asyncio.gather(*(bus.publish(CLIENT, "u", body) for body in script))
+
+    def expected_end(steps: list[str]) -> str:
+        for step in steps:
+            if step in ("ack", "reject"):
+                return step
+        return "delivery_limit"
+
+    want = {body: expected_end(steps) for body, steps in script.items()}
+    await wait_for(lambda: len(acked) + len(dead.seen) >= n, timeout=30)
+    await asyncio.sleep(0.2)  # room for any duplicate settlement to show up
+    assert not overlaps
+    assert set(acked.values()) == {1}
+    assert {b for b, end in want.items() if end == "ack"} == set(acked)
+    got_dead = {d.body: d.death_reason for d in dead.seen}
+    assert len(got_dead) == len(dead.seen), "a message was dead-lettered twice"
+    assert got_dead == {b: ("rejected" if e == "reject" else e) for b, e in want.items() if e != "ack"}
