@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from rich.console import Console
 
@@ -13,7 +15,7 @@ from .scenario import JOB, NOW, job_events
 
 
 def plain(renderable: object, width: int = 100) -> str:
-    console = Console(width=width, record=True, color_system=None)
+    console = Console(width=width, record=True, color_system=None, file=io.StringIO())
     console.print(renderable)
     return console.export_text()
 
