@@ -1,0 +1,131 @@
+"""The participant SDK's pure parts: tensors in and out of torch, the kit, compute_update."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qflare.client import Kit, LocalUpdate, Participant, RoundInfo, delta, load_tensors, model_tensors
+from qflare.crypto.testing import make_federation
+from qflare.messages import MessageRejected, Reason
+
+
+@pytest.fixture(scope="module")
+def fed():
+    return make_federation(clients=2)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+
+
+def _info(client: str = "client-000", participants: tuple[str, ...] = ("client-000",)) -> RoundInfo:
+    return RoundInfo(job="j1", round=1, client=client, model_version=0, model_digest=b"\0" * 32,
+                     deadline=1e12, clip_norm=1.0, participants=participants, rule="mean")
+
+
+def test_tensors_round_trip_through_the_state_dict_including_buffers() -> None:
+    m = _model()
+    t = model_tensors(m)
+    assert set(t) == set(m.state_dict())
+    zeros = {k: np.zeros_like(v) for k, v in t.items()}
+    ro = {k: v.copy() for k, v in zeros.items()}
+    for v in ro.values():
+        v.flags.writeable = False  # as decoded from a message
+    load_tensors(m, ro)
+    assert all(float(v.abs().sum()) == 0 for v in m.state_dict().values())
+
+
+def test_load_refuses_unknown_names_and_wrong_shapes() -> None:
+    m = _model()
+    with pytest.raises(MessageRejected) as e:
+        load_tensors(m, {"nope": np.zeros(1, np.float32)})
+    assert e.value.reason is Reason.SHAPE_MISMATCH
+    with pytest.raises(MessageRejected):
+        load_tensors(m, {"0.weight": np.zeros((3, 2), np.float32)})
+
+
+def test_delta_is_local_minus_global_in_the_global_dtype() -> None:
+    g = {"w": np.array([1.0, 2.0], np.float16)}
+    d = delta({"w": np.array([1.5, 1.0], np.float32)}, g)
+    assert d["w"].dtype == np.float16 and d["w"].tolist() == [0.5, -1.0]
+
+
+def test_compute_update_trains_on_the_global_model_and_returns_the_delta(fed) -> None:
+    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+    m = torch.nn.Linear(2, 1)
+
+    def train(model: torch.nn.Module, info: RoundInfo) -> int:
+        assert info.selected
+        with torch.no_grad():
+            model.weight += 0.25
+        return 7
+
+    p = Participant(kit, m, train)
+    g = {"weight": np.ones((1, 2), np.float32), "bias": np.zeros(1, np.float32)}
+    up = p._make_update(g, _info())
+    assert up.num_samples == 7
+    np.testing.assert_allclose(up.tensors["weight"], 0.25)
+    np.testing.assert_allclose(up.tensors["bias"], 0.0)
+
+
+def test_update_transform_replaces_the_update(fed) -> None:
+    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+
+    def poison(update: dict[str, np.ndarray], info: RoundInfo) -> dict[str, np.ndarray]:
+        return {k: -10.0 * v for k, v in update.items()}
+
+    class Fixed(Participant):
+        def compute_update(self, global_tensors, info):  # no torch at all
+            return LocalUpdate({k: np.ones_like(v) for k, v in global_tensors.items()}, 3)
+
+    p = Fixed(kit, None, None, update_transform=poison)
+    up = p._make_update({"w": np.zeros(4, np.float32)}, _info())
+    assert up.num_samples == 3 and up.tensors["w"].tolist() == [-10.0] * 4
+
+
+def test_train_must_return_a_sample_count(fed) -> None:
+    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+    p = Participant(kit, torch.nn.Linear(1, 1), lambda model, info: None)
+    with pytest.raises(TypeError, match="number of samples"):
+        p._make_update({"weight": np.zeros((1, 1), np.float32)}, _info())
+
+
+def test_participant_needs_train_or_an_override_and_an_ingest_cert_to_seal(fed) -> None:
+    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+    with pytest.raises(TypeError):
+        Participant(kit, None, None)
+    with pytest.raises(ValueError, match="ingest certificate"):
+        Participant(Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1)
+    assert Participant(Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1, seal=False).id == "client-000"
+
+
+def test_kit_checks_roles_and_fills_broker_credentials(fed) -> None:
+    with pytest.raises(ValueError, match="client identity"):
+        Kit(fed["ingest"], fed.trust())
+    with pytest.raises(ValueError, match="not ingest"):
+        Kit(fed["client-000"], fed.trust(), fed["detector"].cert)
+    kit = Kit(fed["client-000"], fed.trust(), broker_password="p@ss")
+    assert kit.broker_url("amqp://h:5672/qflare") == "amqp://client-000:p%40ss@h:5672/qflare"
+    assert kit.broker_url("amqp://u:x@h/") == "amqp://u:x@h/"
+    assert kit.broker_url("memory://") == "memory://"
+
+
+def test_kit_loads_from_a_provisioned_folder(tmp_path) -> None:
+    from qflare.crypto import provision
+
+    provision(tmp_path, clients=1)
+    kit = Kit.load(tmp_path / "clients" / "client-000")
+    assert kit.id == "client-000" and kit.ingest_cert is not None and kit.ingest_cert.role == "ingest"
+    with pytest.raises(ValueError, match="not a client kit"):
+        Kit.load(tmp_path)
+
+
+def test_queue_binds_only_the_followed_jobs(fed) -> None:
+    kit = Kit(fed["client-001"], fed.trust(), fed["ingest"].cert)
+    p = Participant(kit, None, lambda m, i: 1, jobs=["b", "a"])
+    assert p.queue_spec().name == "client.client-001"
+    assert [b[1] for b in p.queue_spec().bindings] == ["a.#", "b.#"]
+    assert [b[1] for b in Participant(kit, None, lambda m, i: 1).queue_spec().bindings] == ["#"]
