@@ -435,3 +435,13 @@ async def test_every_message_ends_exactly_once_under_mixed_outcomes(
     got_dead = {d.body: d.death_reason for d in dead.seen}
     assert len(got_dead) == len(dead.seen), "a message was dead-lettered twice"
     assert got_dead == {b: ("rejected" if e == "reject" else e) for b, e in want.items() if e != "ack"}
+
+
+async def test_one_consumer_sees_publish_order(bus: Bus, wait_for) -> None:
+    rec = Recorder()
+    await bus.consume(QueueSpec("fifo", bindings=((EVENTS, "#"),)), rec, prefetch=1)
+    bodies = [str(i).encode() for i in range(100)]
+    for body in bodies:
+        await bus.publish(EVENTS, "o", body)
+    await wait_for(lambda: len(rec.seen) == len(bodies))
+    assert rec.bodies == bodies
