@@ -119,7 +119,11 @@ class Certificate:
             raise MessageRejected(Reason.MALFORMED, "certificate kem_public_key")
         if len(obj["public_key"]) != PUBLIC_KEY_SIZE:
             raise MessageRejected(Reason.MALFORMED, "certificate public_key size")
-        return cls(**obj)
+        cert = cls(**obj)
+        if cert.to_bytes() != bytes(data):
+            # One encoding per certificate: no malleable variants of the same signed content.
+            raise MessageRejected(Reason.MALFORMED, "certificate is not canonically encoded")
+        return cert
 
     def is_valid_at(self, now: float) -> bool:
         return self.not_before <= now < self.not_after
@@ -160,8 +164,11 @@ class RevocationList:
         if (type(obj["issuer"]) is not str or type(obj["number"]) is not int
                 or type(obj["issued_at"]) is not int or type(obj["sig"]) is not bytes):
             raise MessageRejected(Reason.MALFORMED, "revocation list field types")
-        return cls(obj["issuer"], obj["number"], obj["issued_at"], frozenset(serials),
-                   obj["sig"], obj["v"])
+        crl = cls(obj["issuer"], obj["number"], obj["issued_at"], frozenset(serials),
+                  obj["sig"], obj["v"])
+        if crl.to_bytes() != bytes(data):
+            raise MessageRejected(Reason.MALFORMED, "revocation list is not canonically encoded")
+        return crl
 
     def __contains__(self, cert: object) -> bool:
         serial = cert.serial if isinstance(cert, Certificate) else cert

@@ -179,3 +179,35 @@ def test_cli_provision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("QFLARE_TEST_PASS")
     assert main(["provision", "--out", str(tmp_path / "x"), "--clients", "1",
                  "--passphrase-env", "QFLARE_TEST_PASS"]) == 2
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ANCHOR = CertificateAuthority.create("fuzz-ca")
+_TRUST = TrustStore(_ANCHOR.cert, _ANCHOR.revocation_list())
+_CERT = _ANCHOR.issue("c", "client", generate_signing_key().public_key).to_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.one_of(st.binary(max_size=512),
+                      st.tuples(st.integers(0, len(_CERT) - 1), st.integers(0, 255)).map(
+                          lambda e: _CERT[:e[0]] + bytes([e[1]]) + _CERT[e[0] + 1:])))
+def test_random_or_mutated_certificates_raise_only_message_rejected(data: bytes) -> None:
+    if data == _CERT:
+        return
+    with pytest.raises(MessageRejected):
+        _TRUST.verify_certificate(data)
+    try:
+        RevocationList.from_bytes(data)
+    except MessageRejected:
+        pass
+
+
+def test_non_canonical_certificate_encoding_is_refused(ca: CertificateAuthority) -> None:
+    import msgpack
+
+    fields = msgpack.unpackb(_issue(ca).to_bytes())
+    reordered = msgpack.packb(dict(reversed(list(fields.items()))))  # same content
+    assert _reason(Certificate.from_bytes, reordered) is Reason.MALFORMED
+    assert _reason(TrustStore(ca.cert).verify_certificate, reordered) is Reason.UNKNOWN_SIGNER
