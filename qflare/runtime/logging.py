@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -29,10 +30,17 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            line.update({k: v for k, v in fields.items() if k not in line})
+            line.update({k: _finite(v) for k, v in fields.items() if k not in line})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str, separators=(",", ":"))
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no Infinity/NaN (epsilon is inf with DP off): write them as strings.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:

@@ -9,6 +9,7 @@ on lock upgrade).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -23,11 +24,17 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError
 
 
 class Database:
-    """One aiosqlite connection with a schema, WAL, and explicit transactions."""
+    """One aiosqlite connection with a schema, WAL, and explicit transactions.
+
+    Handlers run concurrently (prefetch > 1) on one connection, and SQLite has one
+    transaction per connection: writes are serialised by a lock, so one handler's statement
+    never lands inside another's transaction. Reads do not take it.
+    """
 
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        self._write = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], schema: str = "") -> Database:
@@ -50,13 +57,14 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception)."""
-        await self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            await self.conn.execute("ROLLBACK")
-            raise
-        await self.conn.execute("COMMIT")
+        async with self._write:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                await self.conn.execute("ROLLBACK")
+                raise
+            await self.conn.execute("COMMIT")
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
         async with self.conn.execute(sql, tuple(params)) as cur:
@@ -68,7 +76,8 @@ class Database:
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
         """One statement in its own (autocommit) transaction."""
-        await self.conn.execute(sql, tuple(params))
+        async with self._write:
+            await self.conn.execute(sql, tuple(params))
 
     async def close(self) -> None:
         await self.conn.close()

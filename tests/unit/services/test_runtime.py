@@ -115,6 +115,20 @@ async def test_database_transactions_and_wal(tmp_path: Path) -> None:
     await db.close()
 
 
+async def test_concurrent_writers_on_one_connection_do_not_collide(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "c.sqlite", "CREATE TABLE t (k INT PRIMARY KEY)")
+
+    async def txn(i: int) -> None:
+        async with db.transaction() as conn:
+            await conn.execute("INSERT INTO t VALUES (?)", (i,))
+            await asyncio.sleep(0)  # let the others try to interleave
+            await conn.execute("INSERT INTO t VALUES (?)", (1000 + i,))
+
+    await asyncio.gather(*(txn(i) for i in range(20)), *(db.execute("INSERT INTO t VALUES (?)", (5000 + i,)) for i in range(20)))
+    assert (await db.fetchone("SELECT COUNT(*) FROM t"))[0] == 60
+    await db.close()
+
+
 def test_fsync_write_replaces_atomically(tmp_path: Path) -> None:
     target = tmp_path / "d" / "x.bin"
     fsync_write(target, b"one")
@@ -125,8 +139,9 @@ def test_fsync_write_replaces_atomically(tmp_path: Path) -> None:
 
 def test_json_log_lines_carry_fields() -> None:
     record = logging.LogRecord("qflare.x", logging.INFO, __file__, 1, "round.opened", None, None)
-    record.fields = {"job": "j1", "round": 2}
-    line = json.loads(JsonFormatter("aggregator").format(record))
+    record.fields = {"job": "j1", "round": 2, "epsilon": float("inf")}
+    line = json.loads(JsonFormatter("aggregator").format(record), parse_constant=lambda c: pytest.fail(c))
+    assert line["epsilon"] == "inf"
     assert line["event"] == "round.opened" and line["service"] == "aggregator"
     assert line["job"] == "j1" and line["round"] == 2 and line["level"] == "INFO"
 

@@ -1,0 +1,473 @@
+"""What the end-to-end tests run: QFLARE's services as OS processes, small numpy clients,
+a recorder of everything on ``qflare.events`` and ``qflare.alerts``, and hostile senders.
+
+The clients are real participants on the wire (signed, sealed ``update`` envelopes on
+``qflare.client``; the signed model from ``qflare.broadcast`` checked against its digest
+before use); their model is a softmax regression of 650 parameters trained for a few
+gradient steps, so a round costs milliseconds and the test measures the system, not torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.crypto import Certificate, Federation
+from qflare.messages import MessageRejected, encode, open_envelope
+from qflare.services.aggregator.core import model_digest
+
+FEATURES, CLASSES = 64, 10
+PARTICIPANTS = tuple(f"client-{i:03d}" for i in range(10))
+BYZANTINE = ("client-007", "client-008", "client-009")
+REVOKED = "client-010"
+
+
+def require_broker(url: str) -> None:
+    """Skip when RabbitMQ is not reachable (fail under CI=true), as tests/conftest does."""
+    import socket
+    from urllib.parse import urlsplit
+
+    import pytest
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 1.0):
+            return
+    except OSError:
+        message = f"RabbitMQ is not reachable at {parts.hostname}:{parts.port or 5672}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+SERVICE_NAMES = ("alerting", "accountant", "detector", "ingest", "aggregator")
+
+
+# -- the model -------------------------------------------------------------------------------
+def initial_model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": (0.01 * rng.standard_normal((FEATURES, CLASSES))).astype(np.float32),
+            "b": np.zeros(CLASSES, np.float32)}
+
+
+def write_initial_model(path: Path, seed: int = 0) -> Path:
+    save_file(initial_model(seed), str(path))
+    return path
+
+
+def _client_data(client: str, n: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    seed = int.from_bytes(hashlib.sha256(client.encode()).digest()[:4], "big")
+    rng = np.random.default_rng(seed)
+    truth = np.random.default_rng(99).standard_normal((FEATURES, CLASSES))
+    x = rng.standard_normal((n, FEATURES))
+    y = np.argmax(x @ truth + 0.5 * rng.standard_normal((n, CLASSES)), axis=1)
+    return x, y
+
+
+def train_delta(client: str, model: dict[str, np.ndarray], steps: int = 5, lr: float = 0.5) -> dict[str, np.ndarray]:
+    """A few full-batch gradient steps of softmax regression; returns trained - base."""
+    x, y = _client_data(client)
+    w = model["w"].astype(np.float64)
+    b = model["b"].astype(np.float64)
+    onehot = np.eye(CLASSES)[y]
+    for _ in range(steps):
+        logits = x @ w + b
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) / len(x)
+        w -= lr * (x.T @ g)
+        b -= lr * g.sum(axis=0)
+    return {"w": (w - model["w"]).astype(np.float32), "b": (b - model["b"]).astype(np.float32)}
+
+
+def byzantine_delta(client: str, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sign flip, scaled: the update an attacker sends to push the model backwards."""
+    honest = train_delta(client, model)
+    return {k: (-4.0 * v).astype(np.float32) for k, v in honest.items()}
+
+
+# -- clients ------------------------------------------------------------------------------------
+@dataclass
+class Participant:
+    """One client on the wire: follows ``<job>.#`` broadcasts on its own queue."""
+
+    fed: Federation
+    client_id: str
+    job: str
+    byzantine: bool = False
+    hold: Callable[[int], asyncio.Event | None] = lambda _round: None
+    models: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    sent: dict[int, bytes] = field(default_factory=dict)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    bad_models: int = 0
+
+    def __post_init__(self) -> None:
+        self.identity = self.fed.identity(self.client_id)
+        kit = self.fed.clients[self.client_id]
+        self.ingest_cert = Certificate.from_bytes((kit / "ingest.qc").read_bytes())
+        self.trust = self.fed.trust()
+
+    async def start(self, bus: Bus) -> None:
+        self.bus = bus
+        spec = QueueSpec(f"client.{self.client_id}", bindings=((topology.BROADCAST, f"{self.job}.#"),))
+        await bus.consume(spec, self.on_broadcast, prefetch=4)
+
+    async def on_broadcast(self, d: Delivery) -> Outcome:
+        try:
+            env = open_envelope(d.body, self.trust, expect_job=self.job)
+        except MessageRejected:
+            return Outcome.REJECT
+        if env.sender != "aggregator":
+            return Outcome.REJECT
+        if env.kind == "model.published" and env.body.tensors is not None:
+            tensors = {k: np.array(v) for k, v in env.body.tensors.items()}
+            if model_digest(tensors) != env.body.digest:
+                self.bad_models += 1
+                return Outcome.REJECT
+            self.models[env.body.version] = tensors
+        elif env.kind == "round.opened":
+            body = env.body
+            if self.client_id in body.participants and env.round not in self.sent:
+                base = self.models.get(body.model_version)
+                if base is None or model_digest(base) != body.model_digest:
+                    return Outcome.RETRY  # the model broadcast comes first; wait for it
+                gate = self.hold(env.round)
+                if gate is not None:
+                    asyncio.get_running_loop().create_task(self._send_later(gate, env.round, body.model_version, base))
+                else:
+                    await self.send(env.round, body.model_version, base)
+        elif env.kind == "job.ended":
+            self.ended.set()
+        return Outcome.ACK
+
+    async def _send_later(self, gate: asyncio.Event, round_no: int, version: int, base: dict[str, np.ndarray]) -> None:
+        await gate.wait()
+        await self.send(round_no, version, base)
+
+    async def send(self, round_no: int, version: int, base: dict[str, np.ndarray]) -> None:
+        if round_no in self.sent:
+            return
+        delta = byzantine_delta(self.client_id, base) if self.byzantine else train_delta(self.client_id, base)
+        data = encode("update", {"base_version": version, "num_samples": 48, "tensors": delta},
+                      self.identity, job=self.job, round=round_no, seal_to=self.ingest_cert)
+        self.sent[round_no] = data
+        await self.publish(data)
+
+    async def publish(self, data: bytes) -> None:
+        for attempt in range(60):
+            try:
+                await self.bus.publish(topology.CLIENT, f"update.{self.job}", data)
+                return
+            except Exception:  # noqa: BLE001 - broker away (restart test): try again
+                if attempt == 59:
+                    raise
+                await asyncio.sleep(0.5)
+
+
+# -- the recorder -----------------------------------------------------------------------------
+@dataclass
+class Recorder:
+    """Everything the services publish for the job, decoded and verified."""
+
+    fed: Federation
+    job: str
+    events: list[tuple[float, str, int, Any]] = field(default_factory=list)
+    alerts: list[tuple[str, Any]] = field(default_factory=list)
+    hooks: list[Callable[[str, int, Any], Any]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self, bus: Bus, name: str) -> None:
+        self.trust = self.fed.trust()
+        await bus.consume(QueueSpec(f"rec.{name}", bindings=((topology.EVENTS, f"*.{self.job}"), (topology.EVENTS, f"*.*.{self.job}"))), self.on_event, prefetch=64)
+        await bus.consume(QueueSpec(f"rec-alerts.{name}", bindings=((topology.ALERTS, "#"),)), self.on_alert, prefetch=64)
+
+    async def on_event(self, d: Delivery) -> Outcome:
+        env = open_envelope(d.body, self.trust)
+        self.events.append((time.monotonic(), env.kind, env.round, env.body))
+        for hook in list(self.hooks):
+            result = hook(env.kind, env.round, env.body)
+            if asyncio.iscoroutine(result):
+                await result
+        self._poke()
+        return Outcome.ACK
+
+    async def on_alert(self, d: Delivery) -> Outcome:
+        try:
+            env = open_envelope(d.body, self.trust)
+            body: Any = env.body
+        except MessageRejected:
+            body = d.body
+        self.alerts.append((d.routing_key, body))
+        self._poke()
+        return Outcome.ACK
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def of(self, kind: str) -> list[tuple[int, Any]]:
+        return [(r, b) for _t, k, r, b in self.events if k == kind]
+
+    async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not predicate():
+            left = end - loop.time()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                     f"saw {[(k, r) for _t, k, r, _b in self.events][-15:]}")
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
+
+
+# -- service processes -------------------------------------------------------------------------
+@dataclass
+class Cluster:
+    """``qflare serve <name>`` processes sharing a config, a broker prefix and a data dir."""
+
+    root: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    starts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def log_path(self, key: str) -> Path:
+        return self.root / "logs" / f"{key}-{self.starts[key]}.log"
+
+    def start(self, name: str, replica: str | None = None) -> None:
+        key = replica or name
+        self.starts[key] += 1
+        env = {**os.environ, **self.env}
+        if replica:
+            env["QFLARE_REPLICA"] = replica
+        path = self.log_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as log:
+            self.procs[key] = subprocess.Popen(
+                [sys.executable, "-m", "qflare", "serve", name], env=env, stdout=log,
+                stderr=subprocess.STDOUT, cwd=self.root,
+            )
+
+    def logs(self, key: str) -> list[dict[str, Any]]:
+        lines = []
+        for n in range(1, self.starts[key] + 1):
+            path = self.root / "logs" / f"{key}-{n}.log"
+            for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+                if line.startswith("{"):
+                    try:
+                        lines.append(json.loads(line))
+                    except ValueError:
+                        pass
+        return lines
+
+    async def ready(self, key: str, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(rec.get("event") == "serve.ready" for rec in self._current_log(key)):
+                return
+            if self.procs[key].poll() is not None:
+                raise AssertionError(f"{key} exited with {self.procs[key].returncode}:\n{self.log_path(key).read_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{key} not ready after {timeout}s:\n{self.log_path(key).read_text()[-3000:]}")
+
+    def _current_log(self, key: str) -> list[dict[str, Any]]:
+        path = self.log_path(key)
+        out = []
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def kill9(self, key: str) -> None:
+        proc = self.procs[key]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self, timeout: float = 15.0) -> dict[str, int]:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = {}
+        for key, proc in self.procs.items():
+            try:
+                codes[key] = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[key] = proc.wait(5)
+        return codes
+
+
+def config_text(job: dict[str, Any], options: dict[str, dict[str, Any]] | None = None) -> str:
+    """A TOML config with one job (values: str, int, float, bool, list of str)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = []
+    for name, opts in (options or {}).items():
+        lines.append(f"[services.{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in opts.items()]
+    lines.append("[[jobs]]")
+    lines += [f"{k} = {value(v)}" for k, v in job.items()]
+    return "\n".join(lines) + "\n"
+
+
+# -- one job run -------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    recorder: Recorder
+    cluster: Cluster
+    participants: dict[str, Participant]
+    final_version: int
+    final_model: dict[str, np.ndarray]
+    hostile_sent: dict[str, bytes] = field(default_factory=dict)
+    kills: list[tuple[str, str, int]] = field(default_factory=list)
+    seconds: float = 0.0
+    end_reason: str = ""
+
+
+HostileFn = Callable[["Scenario", Participant, Bus], Any]
+
+
+@dataclass
+class Scenario:
+    """How one run goes: which replicas, which kills (``(service, kind, round, count)``: kill
+    -9 ``service`` when the ``count``-th ``kind`` event of ``round`` is seen, then restart
+    it), and an optional hostile routine run when round ``hostile_round`` opens."""
+
+    name: str
+    ingest_replicas: tuple[str, ...] = ("ingest-a",)
+    kills: tuple[tuple[str, str, int, int], ...] = ()
+    hostile_round: int | None = None
+    hostile: Callable[..., Any] | None = None
+    hold_client: str | None = None
+    timeout: float = 120.0
+    stateful: tuple[str, ...] = ("alerting", "accountant", "detector")
+
+
+async def run_scenario(
+    fed: Federation, root: Path, amqp: str, prefix: str, job: dict[str, Any],
+    participants: tuple[str, ...], byzantine: tuple[str, ...], scenario: Scenario,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> RunResult:
+    from qflare.bus import connect_bus
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "qflare.toml"
+    config.write_text(config_text(job, options))
+    cluster = Cluster(root, {
+        "QFLARE_BROKER": amqp, "QFLARE_PREFIX": prefix, "QFLARE_DATA_DIR": str(root / "state"),
+        "QFLARE_PKI_DIR": str(fed.root), "QFLARE_CONFIG": str(config), "QFLARE_LOG_LEVEL": "INFO",
+    })
+    job_id = job["job_id"]
+    bus = await connect_bus(amqp, prefix=prefix)
+    recorder = Recorder(fed, job_id)
+    gate = asyncio.Event()
+    hold = scenario.hold_client
+
+    def holder(cid: str) -> Callable[[int], asyncio.Event | None]:
+        return lambda r: gate if (cid == hold and r == scenario.hostile_round) else None
+
+    clients = {
+        cid: Participant(fed, cid, job_id, byzantine=cid in byzantine, hold=holder(cid))
+        for cid in participants
+    }
+    result = RunResult(recorder, cluster, clients, -1, {})
+    started = time.monotonic()
+    try:
+        await recorder.start(bus, scenario.name)
+        for p in clients.values():
+            await p.start(bus)
+        _install_kills(scenario, recorder, cluster, result)
+        if scenario.hostile is not None:
+            async def on_open(kind: str, round_no: int, _body: Any) -> None:
+                if kind == "round.opened" and round_no == scenario.hostile_round and not result.hostile_sent:
+                    result.hostile_sent["started"] = b""
+                    asyncio.get_running_loop().create_task(
+                        _run_hostile(scenario, clients, bus, recorder, result, gate))
+            recorder.hooks.append(on_open)
+        order = [*scenario.stateful, *scenario.ingest_replicas]
+        for key in order:
+            cluster.start("ingest" if key.startswith("ingest") else key,
+                          replica=key if key.startswith("ingest") else None)
+        for key in order:
+            await cluster.ready(key)
+        cluster.start("aggregator")
+        await cluster.ready("aggregator")
+        await recorder.until(lambda: bool(recorder.of("job.ended")), scenario.timeout, "job.ended")
+        result.end_reason = recorder.of("job.ended")[-1][1].reason
+        # the final model reaches the clients on the broadcast after job.ended is decided
+        await recorder.until(lambda: all(p.ended.is_set() for p in clients.values()), 30, "clients see job.ended")
+        some = clients[participants[0]]
+        result.final_version = max(some.models)
+        result.final_model = some.models[result.final_version]
+        result.seconds = time.monotonic() - started
+    finally:
+        cluster.stop_all()
+        queues = ["aggregator", "detector", "accountant", "alerting", "alerting.dead", "ingest",
+                  *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas)]
+        try:
+            await bus.delete_all(queues)
+        finally:
+            await bus.close()
+    return result
+
+
+def _install_kills(scenario: Scenario, recorder: Recorder, cluster: Cluster, result: RunResult) -> None:
+    counts: dict[tuple[str, int], int] = defaultdict(int)
+    pending = list(scenario.kills)
+
+    async def hook(kind: str, round_no: int, _body: Any) -> None:
+        counts[(kind, round_no)] += 1
+        for item in list(pending):
+            service, k, r, n = item
+            if k == kind and r == round_no and counts[(kind, round_no)] >= n:
+                pending.remove(item)
+                cluster.kill9(service)
+                result.kills.append((service, kind, round_no))
+                await asyncio.sleep(0.3)
+                cluster.start(service)
+                await cluster.ready(service)
+
+    recorder.hooks.append(hook)
+
+
+async def _run_hostile(scenario: Scenario, clients: dict[str, Participant], bus: Bus,
+                       recorder: Recorder, result: RunResult, gate: asyncio.Event) -> None:
+    try:
+        assert scenario.hostile is not None and scenario.hostile_round is not None
+        await scenario.hostile(scenario.hostile_round, clients, bus, result.hostile_sent)
+        before = len(result.hostile_sent) - 1
+        await recorder.until(
+            lambda: len(recorder.of("update.rejected")) + _duplicate_alerts(recorder) >= before,
+            30, "every hostile message rejected")
+    finally:
+        gate.set()
+
+
+def _duplicate_alerts(recorder: Recorder) -> int:
+    return sum(1 for _r, b in recorder.of("alert.raised")
+               if b.alert_kind == "message.rejected" and b.reason == "DUPLICATE")

@@ -1,0 +1,195 @@
+"""A whole federated job over the real RabbitMQ, services as separate OS processes.
+
+Two runs of the same job (same seeds) are shared by the tests below:
+
+* ``clean_run``: two ingest replicas, 10 clients of which 3 Byzantine, hostile traffic in
+  round 2 (forged, replayed from round 1, duplicated, oversized, malformed, revoked client);
+* ``crash_run``: one ingest, no hostile traffic, and ``kill -9`` of the aggregator, the
+  detector and the accountant inside rounds, each restarted.
+
+The model each run ends with must be identical bit for bit: hostile traffic changed
+nothing, and the crashes lost no update and charged no round twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from qflare.bus import Bus, topology
+from qflare.crypto import Federation
+from qflare.messages import encode
+from qflare.services.aggregator.core import model_digest
+from e2e_harness import (
+    BYZANTINE,
+    PARTICIPANTS,
+    REVOKED,
+    Participant,
+    RunResult,
+    Scenario,
+    require_broker,
+    run_scenario,
+    write_initial_model,
+)
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow, pytest.mark.timeout(400)]
+
+ROUNDS = 6
+BUDGET = 6.5  # with z=1.5, q=1, delta=1e-5 the PLD epsilon passes 6.5 in round 5
+
+
+def job(root: Path) -> dict[str, Any]:
+    return {
+        "job_id": "e2e", "rounds": ROUNDS, "participants": list(PARTICIPANTS),
+        "rule": "nnm+multikrum", "f": 3, "detection": True, "sample_rate": 1.0,
+        "noise_multiplier": 1.5, "clip": 2.0, "delta": 1e-5, "epsilon_budget": BUDGET,
+        "min_updates": 7, "deadline_s": 90.0, "seed": 20261127,
+        "initial_model": str(write_initial_model(root / "model0.safetensors")),
+    }
+
+
+OPTIONS = {"aggregator": {"reopen_interval_s": 1.0}}
+HOSTILE_REASONS = {"BAD_SIGNATURE", "STALE_ROUND", "DUPLICATE", "TOO_LARGE", "MALFORMED", "REVOKED"}
+
+
+async def hostile(round_no: int, clients: dict[str, Participant], bus: Bus, sent: dict[str, bytes]) -> None:
+    """Six bad messages while round ``round_no`` is open (one honest client is held back
+    until all six are rejected, so the round is still open for each)."""
+    while not all(round_no in clients[c].sent for c in ("client-000", "client-002")):
+        await asyncio.sleep(0.02)
+    fields = msgpack.unpackb(clients["client-000"].sent[round_no], raw=False)
+    body = bytearray(fields["body"])
+    body[len(body) // 2] ^= 0x01  # tampered ciphertext under a recomputed digest
+    fields["body"] = bytes(body)
+    fields["body_digest"] = hashlib.sha256(body).digest()
+    sent["forged"] = msgpack.packb(fields, use_bin_type=True)
+    sent["replayed"] = clients["client-001"].sent[round_no - 1]
+    sent["duplicate"] = clients["client-002"].sent[round_no]
+    sent["oversized"] = b"\x00" * (4 << 20)
+    sent["malformed"] = b"\xc1 not an envelope"
+    revoked = clients["client-000"].fed.identity(REVOKED)
+    delta = {"w": np.zeros((64, 10), np.float32), "b": np.zeros(10, np.float32)}
+    sent["revoked"] = encode("update", {"base_version": round_no - 1, "num_samples": 1, "tensors": delta},
+                             revoked, job="e2e", round=round_no, seal_to=clients["client-000"].ingest_cert)
+    for name in ("forged", "replayed", "duplicate", "oversized", "malformed", "revoked"):
+        await bus.publish(topology.CLIENT, "update.e2e", sent[name])
+
+
+def _run(fed: Federation, root: Path, scenario: Scenario) -> RunResult:
+    import os
+
+    amqp = os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+    require_broker(amqp)
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}-"
+    return asyncio.run(run_scenario(fed, root, amqp, prefix, job(root), PARTICIPANTS, BYZANTINE,
+                                    scenario, OPTIONS))
+
+
+@pytest.fixture(scope="module")
+def clean_run(e2e_federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    scenario = Scenario("clean", ingest_replicas=("ingest-a", "ingest-b"), hostile_round=2,
+                        hostile=hostile, hold_client="client-006")
+    return _run(e2e_federation, tmp_path_factory.mktemp("clean"), scenario)
+
+
+@pytest.fixture(scope="module")
+def crash_run(e2e_federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    scenario = Scenario("crash", kills=(
+        ("aggregator", "update.accepted", 1, 4),   # mid-collection: updates in flight
+        ("detector", "round.closed", 2, 1),        # between close and verdict
+        ("accountant", "privacy.request", 3, 1),   # while the round is being charged
+        ("aggregator", "round.verdict", 3, 1),     # while aggregating
+    ))
+    return _run(e2e_federation, tmp_path_factory.mktemp("crash"), scenario)
+
+
+def released_rounds(run: RunResult) -> list[int]:
+    return sorted(b.version for _r, b in run.recorder.of("model.published") if b.tensors is None)
+
+
+def test_job_stops_at_the_budget_with_epsilon_growing(clean_run: RunResult) -> None:
+    granted = sorted((r, b.epsilon_total) for r, b in clean_run.recorder.of("privacy.granted"))
+    rounds = [r for r, _e in granted]
+    eps = [e for _r, e in granted]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= 2
+    assert all(b > a for a, b in zip(eps, eps[1:])), eps
+    assert eps[-1] <= BUDGET
+    denied = clean_run.recorder.of("privacy.denied")
+    assert [r for r, _b in denied] == [len(rounds) + 1]
+    assert clean_run.end_reason == "budget_exhausted"
+    assert released_rounds(clean_run) == rounds
+    published_eps = {b.version: b.epsilon for _r, b in clean_run.recorder.of("model.published") if b.tensors is None}
+    assert [published_eps[r] for r in rounds] == eps
+
+
+def test_flagged_clients_are_the_byzantine_ones(clean_run: RunResult) -> None:
+    verdicts = clean_run.recorder.of("round.verdict")
+    assert verdicts, "no verdicts"
+    for round_no, v in verdicts:
+        assert sorted(f.client for f in v.flagged) == sorted(BYZANTINE), (round_no, v)
+        assert sorted(v.kept) == sorted(set(PARTICIPANTS) - set(BYZANTINE))
+
+
+def test_the_model_changes_every_round_and_clients_verify_it(clean_run: RunResult) -> None:
+    digests = {b.version: b.digest for _r, b in clean_run.recorder.of("model.published")}
+    versions = sorted(digests)
+    assert versions[0] == 0 and versions == list(range(len(versions)))
+    assert len({digests[v] for v in versions}) == len(versions)
+    assert model_digest(clean_run.final_model) == digests[clean_run.final_version]
+    assert all(p.bad_models == 0 for p in clean_run.participants.values())
+
+
+def test_alerts_arrive_on_qflare_alerts(clean_run: RunResult) -> None:
+    keys = [k for k, _b in clean_run.recorder.alerts]
+    assert all(len(k.split(".")) >= 3 and k.endswith(".e2e") for k in keys), keys
+    assert any(".client.flagged." in f".{k}" for k in keys), keys
+    assert any(".update.rejected." in f".{k}" for k in keys), keys
+    assert any(".budget.exhausted." in f".{k}" for k in keys), keys
+    flagged = {getattr(b, "client", None) for k, b in clean_run.recorder.alerts if "client.flagged" in k}
+    assert flagged == set(BYZANTINE)
+
+
+def test_hostile_traffic_is_rejected_with_reason_codes(clean_run: RunResult) -> None:
+    assert set(clean_run.hostile_sent) - {"started"} == {"forged", "replayed", "duplicate", "oversized", "malformed", "revoked"}
+    reasons = {b.reason.value for _r, b in clean_run.recorder.of("update.rejected")}
+    reasons |= {b.reason for _r, b in clean_run.recorder.of("alert.raised")
+                if b.alert_kind == "message.rejected"}
+    assert HOSTILE_REASONS <= reasons, reasons
+    alert_reasons = {b.reason for _r, b in clean_run.recorder.of("alert.raised")}
+    assert HOSTILE_REASONS <= alert_reasons, alert_reasons
+    # the round still holds exactly one update per participant
+    closed = {r: sorted(u.client for u in b.updates) for r, b in clean_run.recorder.of("round.closed")}
+    assert closed[2] == sorted(PARTICIPANTS)
+
+
+def test_two_ingest_replicas_share_the_load(clean_run: RunResult) -> None:
+    per_replica = {
+        key: sum(1 for rec in clean_run.cluster.logs(key) if rec.get("event") == "update.accepted")
+        for key in ("ingest-a", "ingest-b")
+    }
+    total = len(clean_run.recorder.of("update.accepted"))
+    assert sum(per_replica.values()) == total >= 10 * len(released_rounds(clean_run))
+    assert all(n >= 3 for n in per_replica.values()), per_replica
+
+
+def test_crashes_lose_nothing_and_change_nothing(clean_run: RunResult, crash_run: RunResult) -> None:
+    assert [k[0] for k in crash_run.kills] == ["aggregator", "detector", "accountant", "aggregator"]
+    assert crash_run.end_reason == clean_run.end_reason == "budget_exhausted"
+    # no round charged twice: the same epsilon after each round as the undisturbed run
+    def grants(run: RunResult) -> dict[int, float]:
+        return {r: b.epsilon_total for r, b in run.recorder.of("privacy.granted")}
+    assert grants(crash_run) == grants(clean_run)
+    # no update lost: every released round decided over all ten participants
+    for round_no, b in crash_run.recorder.of("round.closed"):
+        assert sorted(u.client for u in b.updates) == sorted(PARTICIPANTS), round_no
+    assert released_rounds(crash_run) == released_rounds(clean_run)
+    assert crash_run.final_version == clean_run.final_version
+    for name, tensor in clean_run.final_model.items():
+        assert np.array_equal(tensor, crash_run.final_model[name]), name
