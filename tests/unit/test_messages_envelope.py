@@ -347,7 +347,11 @@ def test_mutated_envelopes_raise_only_message_rejected(fed, valid_envelope, edit
         data[pos % len(data)] = value
     if cut is not None:
         data = data[:cut % len(data)]
-    if bytes(data) == valid_envelope:
+    try:
+        env = open_envelope(bytes(data), fed.trust())
+    except MessageRejected:
         return
-    with pytest.raises(MessageRejected):
-        open_envelope(bytes(data), fed.trust())
+    # Only an edit that keeps every signed value (e.g. another msgpack int width) may pass.
+    orig = open_envelope(valid_envelope, fed.trust())
+    assert (env.kind, env.sender, env.job, env.round, env.ts, env.nonce, env.body_digest) == (
+        orig.kind, orig.sender, orig.job, orig.round, orig.ts, orig.nonce, orig.body_digest)
