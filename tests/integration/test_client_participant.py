@@ -1,0 +1,264 @@
+"""Participants on a real bus (memory and RabbitMQ) against a real ingest, with the
+aggregator's broadcasts played by a test driver signing with the aggregator's identity."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.client import Kit, Participant, RoundInfo
+from qflare.crypto.testing import MemoryFederation, make_federation
+from qflare.messages import Envelope, JobEnded, ModelPublished, RoundOpened, encode, open_envelope
+from qflare.runtime import Settings, build_service
+from qflare.services.aggregator.core import model_digest
+
+JOB = "jc"
+
+
+def global_model(version: int) -> dict[str, np.ndarray]:
+    return {"weight": np.full((1, 2), float(version), np.float32), "bias": np.zeros(1, np.float32)}
+
+
+def spec() -> list[dict[str, Any]]:
+    return [{"name": "bias", "dtype": "float32", "shape": [1]},
+            {"name": "weight", "dtype": "float32", "shape": [1, 2]}]
+
+
+def add_quarter(model: torch.nn.Module, info: RoundInfo) -> int:
+    with torch.no_grad():
+        model.weight += 0.25
+    return 5
+
+
+@dataclass
+class Driver:
+    bus: Bus
+    fed: MemoryFederation
+    accepted: asyncio.Queue[Envelope] = field(default_factory=asyncio.Queue)
+    rejected: list[Envelope] = field(default_factory=list)
+
+    async def on_event(self, d: Delivery) -> Outcome:
+        env = open_envelope(d.body, self.fed.trust())
+        if env.kind == "update.accepted":
+            await self.accepted.put(env)
+        else:
+            self.rejected.append(env)
+        return Outcome.ACK
+
+    async def publish_model(self, version: int, *, tensors: dict | None = None, digest: bytes | None = None) -> None:
+        t = tensors if tensors is not None else global_model(version)
+        body = ModelPublished(version=version, digest=digest or model_digest(t), epsilon=0.0, tensors=t)
+        data = encode("model.published", body, self.fed["aggregator"], job=JOB, round=version)
+        await self.bus.publish(topology.BROADCAST, f"{JOB}.model.published", data)
+
+    async def open_round(self, round_: int, participants: list[str], *, digest: bytes | None = None,
+                         broadcast: bool = True) -> bytes:
+        body = RoundOpened(model_version=round_ - 1, model_digest=digest or model_digest(global_model(round_ - 1)),
+                           participants=sorted(participants), deadline=time.time() + 120, min_updates=1,
+                           clip_norm=1.0, tensor_spec=spec(), rule="mean")
+        data = encode("round.opened", body, self.fed["aggregator"], job=JOB, round=round_)
+        await self.bus.publish(topology.EVENTS, f"round.opened.{JOB}", data)
+        if broadcast:
+            await self.bus.publish(topology.BROADCAST, f"{JOB}.round.opened", data)
+        return data
+
+    async def end(self) -> None:
+        data = encode("job.ended", JobEnded(reason="completed"), self.fed["aggregator"], job=JOB, round=9)
+        await self.bus.publish(topology.BROADCAST, f"{JOB}.job.ended", data)
+
+    async def next_accepted(self, timeout: float = 20.0) -> Envelope:
+        return await asyncio.wait_for(self.accepted.get(), timeout)
+
+
+@pytest.fixture
+async def world(bus_factory, tmp_path: Path) -> AsyncIterator[tuple[Driver, MemoryFederation, Any]]:
+    bus = await bus_factory()
+    fed = make_federation(clients=3, client_prefix=f"p{uuid.uuid4().hex[:6]}")
+    settings = Settings(data_dir=tmp_path, services=MappingProxyType({"ingest": {"replica": "r1"}}))
+    ingest = await build_service("ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust())
+    await ingest.start()
+    driver = Driver(bus, fed)
+    sub = await bus.consume(QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event)
+    try:
+        yield driver, fed, bus_factory
+    finally:
+        await sub.cancel()
+        await ingest.stop()
+
+
+def participant(fed: MemoryFederation, cid: str, bus: Bus, **kw: Any) -> Participant:
+    kit = Kit(fed[cid], fed.trust(), fed["ingest"].cert)
+    torch.manual_seed(0)
+    return Participant(kit, torch.nn.Linear(2, 1), kw.pop("train", add_quarter), broker=bus, prefix=bus.prefix,
+                       jobs=[JOB], **kw)
+
+
+async def _delete_client_queues(bus_factory: Any, parts: list[Participant]) -> None:
+    # declare through a factory bus so the fixture's teardown deletes them
+    cleaner = await bus_factory()
+    for p in parts:
+        sub = await cleaner.consume(p.queue_spec(), _ack)
+        await sub.cancel()
+
+
+async def _ack(_: Delivery) -> Outcome:
+    return Outcome.ACK
+
+
+async def test_selected_participants_send_sealed_deltas_that_ingest_accepts(world) -> None:
+    driver, fed, bus_factory = world
+    a, b, c = fed.clients
+    parts = [participant(fed, cid, await bus_factory(), seal=(cid != c)) for cid in (a, b, c)]
+    for p in parts:
+        await p.start()
+    try:
+        await driver.publish_model(0)
+        await driver.open_round(1, [a, b])  # c is not selected
+        got = {}
+        for _ in range(2):
+            env = await driver.next_accepted()
+            got[env.body.client] = env
+        assert set(got) == {a, b}
+        for env in got.values():
+            np.testing.assert_allclose(env.body.tensors["weight"], 0.25)
+            np.testing.assert_allclose(env.body.tensors["bias"], 0.0)
+            assert env.body.num_samples == 5 and env.body.base_version == 0
+        assert parts[2].stats.rounds_seen == 1 and parts[2].stats.updates_sent == 0
+        # round 2 from the new model: every participant trains from the global, not its own state
+        await driver.publish_model(1)
+        await driver.open_round(2, [a, b, c])
+        for _ in range(3):
+            env = await driver.next_accepted()
+            assert env.round == 2
+            np.testing.assert_allclose(env.body.tensors["weight"], 0.25)
+        await driver.end()
+        for p in parts:
+            await asyncio.wait_for(p.ended_event(JOB).wait(), 10)
+            assert p.ended[JOB] == "completed"
+            # the final global model is left in the user's model
+            np.testing.assert_allclose(p.model.weight.detach().numpy(), 1.0)
+        assert driver.rejected == []
+    finally:
+        for p in parts:
+            await p.stop()
+        await _delete_client_queues(bus_factory, parts)
+
+
+async def test_tampered_or_mismatched_models_are_never_trained_on(world) -> None:
+    driver, fed, bus_factory = world
+    a = fed.clients[0]
+    p = participant(fed, a, await bus_factory())
+    await p.start()
+    try:
+        # 1. a model whose tensors do not hash to the digest the aggregator signed
+        await driver.publish_model(0, digest=model_digest(global_model(5)))
+        await asyncio.wait_for(_until(lambda: p.stats.rejected == 1), 10)
+        assert p.latest_model(JOB) is None
+        # 2. the right model, but a round that names another digest
+        await driver.publish_model(0)
+        await asyncio.wait_for(_until(lambda: p.stats.models_verified == 1), 10)
+        await driver.open_round(1, [a], digest=model_digest(global_model(7)), broadcast=True)
+        await asyncio.wait_for(_until(lambda: p.stats.rejected == 2), 10)
+        assert p.stats.updates_sent == 0 and "BAD_DIGEST" in p.stats.last_error
+        # 3. bytes altered in transit: the envelope digest fails
+        body = ModelPublished(version=0, digest=model_digest(global_model(0)), epsilon=0.0,
+                              tensors=global_model(0))
+        data = bytearray(encode("model.published", body, fed["aggregator"], job=JOB, round=0))
+        data[-2] ^= 0x40
+        await driver.bus.publish(topology.BROADCAST, f"{JOB}.model.published", bytes(data))
+        await asyncio.wait_for(_until(lambda: p.stats.rejected == 3), 10)
+        # the honest round still works, and a redelivered round.opened sends nothing twice
+        opened = await driver.open_round(2, [a], digest=model_digest(global_model(1)), broadcast=False)
+        await driver.publish_model(1)
+        await driver.bus.publish(topology.BROADCAST, f"{JOB}.round.opened", opened)
+        env = await driver.next_accepted()
+        assert env.round == 2 and env.body.client == a
+        await driver.bus.publish(topology.BROADCAST, f"{JOB}.round.opened", opened)
+        await asyncio.sleep(0.3)
+        assert p.stats.updates_sent == 1 and driver.accepted.empty()
+    finally:
+        await p.stop()
+        await _delete_client_queues(bus_factory, [p])
+
+
+async def test_byzantine_hook_replaces_the_update(world) -> None:
+    driver, fed, bus_factory = world
+    a = fed.clients[0]
+
+    def flip(update: dict[str, np.ndarray], info: RoundInfo) -> dict[str, np.ndarray]:
+        return {k: -4.0 * v for k, v in update.items()}
+
+    p = participant(fed, a, await bus_factory(), update_transform=flip)
+    await p.start()
+    try:
+        await driver.publish_model(0)
+        await driver.open_round(1, [a])
+        env = await driver.next_accepted()
+        np.testing.assert_allclose(env.body.tensors["weight"], -1.0)
+    finally:
+        await p.stop()
+        await _delete_client_queues(bus_factory, [p])
+
+
+@pytest.mark.rabbitmq
+async def test_participant_recovers_after_its_connection_is_cut(rabbit_bus_factory, tmp_path: Path) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed")
+    bus = await rabbit_bus_factory()
+    fed = make_federation(clients=1, client_prefix=f"r{uuid.uuid4().hex[:6]}")
+    settings = Settings(data_dir=tmp_path, services=MappingProxyType({"ingest": {"replica": "r1"}}))
+    ingest = await build_service("ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust())
+    await ingest.start()
+    driver = Driver(bus, fed)
+    sub = await bus.consume(QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event)
+    name = f"qflare-test-client-{uuid.uuid4().hex[:8]}"
+    a = fed.clients[0]
+    p = participant(fed, a, await rabbit_bus_factory(connection_name=name, reconnect_interval=0.5))
+    await p.start()
+    try:
+        await driver.publish_model(0)
+        await driver.open_round(1, [a])
+        assert (await driver.next_accepted()).round == 1
+        await _close_our_connection(name)
+        await driver.publish_model(1)
+        await driver.open_round(2, [a])
+        env = await driver.next_accepted(timeout=30)
+        assert env.round == 2 and env.body.client == a
+    finally:
+        await p.stop()
+        await sub.cancel()
+        await ingest.stop()
+        await _delete_client_queues(rabbit_bus_factory, [p])
+
+
+async def _close_our_connection(name: str) -> None:
+    """Close our participant's connection from the broker side (found by its name), so
+    other users of the shared broker are not disturbed."""
+    async def ctl(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec("rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    listing = await ctl("list_connections", "pid", "client_properties", "-q", "--no-table-headers")
+    pids = [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
+    assert len(pids) == 1, f"expected one connection named {name}, got {pids}"
+    await ctl("close_connection", pids[0], "qflare test: forced close")
+
+
+async def _until(pred: Any) -> None:
+    while not pred():
+        await asyncio.sleep(0.01)
