@@ -1,6 +1,6 @@
 """Per-round detection of suspicious updates.
 
-Each update gets five scores, computed on the n x n Gram matrix (so d costs two passes):
+Each update gets five scores, computed on the n x n Gram matrix (so d costs one GEMM):
 - ``krum``: the Krum score (Blanchard et al., NeurIPS 2017), sum of squared distances to
   the n - f - 1 nearest others, as a robust z-score (median / MAD) across the round;
 - ``distance``: distance to the robust centre (geometric median by Weiszfeld, Pillutla et
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._core import as_batch, centred_gram, check_float, check_int, finite_rows, sq_dists_from_gram
+from ._core import as_batch, centre_gram, check_float, check_int, finite_rows, gram, sq_dists_from_gram
 from .rules.krum import krum_scores
 
 OK = "ok"
@@ -145,7 +145,8 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
                        f"{m} finite updates, detection needs at least {need} for f={f}; "
                        "only non-finite updates were flagged", n, f)
     xf = x[idx] if m < n else x
-    g = centred_gram(xf)
+    g_raw = gram(xf)
+    g = centre_gram(g_raw)
     d2 = sq_dists_from_gram(g)
     scores: dict[str, np.ndarray] = {}
     krum = krum_scores(d2, min(f, m - 2))
@@ -157,10 +158,9 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
     scores["distance"] = dist
     scores["distance_z"] = robust_z(dist, _MIN_REL_SCALE * float(np.median(dist)))
     # Raw (uncentred) geometry for norms and cosines: x_i . z with z = sum_j a_j x_j.
-    norms = np.sqrt(np.fromiter((float(np.dot(r, r)) for r in xf), np.float64, m))
-    centre = (a.astype(xf.dtype) @ xf).astype(np.float64)
-    dots = (xf @ centre.astype(xf.dtype)).astype(np.float64)
-    cnorm = float(np.linalg.norm(centre))
+    norms = np.sqrt(np.maximum(np.diag(g_raw), 0.0))
+    dots = g_raw @ a
+    cnorm = float(np.sqrt(max(a @ dots, 0.0)))
     cos = dots / np.maximum(norms * cnorm, 1e-30)
     scores["norm"] = norms
     scores["norm_z"] = robust_z(norms, _MIN_REL_SCALE * float(np.median(norms)))

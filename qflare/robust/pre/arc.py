@@ -15,7 +15,8 @@ import numpy as np
 
 from .._base import PreAggregator, register_pre
 from .._core import check_int, require
-from .clipping import clip_rows, row_norms
+from .._core import row_norms
+from .clipping import clip_rows
 
 
 @register_pre

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .._base import PreAggregator, register_pre
-from .._core import check_int
+from .._core import check_int, mm
 
 
 def bucket_means(x: np.ndarray, s: int, perm: np.ndarray) -> np.ndarray:
@@ -43,6 +43,6 @@ class Bucketing(PreAggregator):
             gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             perm = gen.permutation(n)
         m = bucket_means(x, self.s, np.asarray(perm))
-        out = m.astype(x.dtype) @ x
+        out = mm(m, x)
         wout = None if w is None else (m > 0).astype(np.float64) @ w
         return out, wout

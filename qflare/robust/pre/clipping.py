@@ -12,11 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._base import PreAggregator, register_pre
-from .._core import check_float
-
-
-def row_norms(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.fromiter((float(np.dot(r, r)) for r in x), np.float64, x.shape[0]))
+from .._core import check_float, row_norms
 
 
 def clip_rows(x: np.ndarray, limits: np.ndarray, norms: np.ndarray) -> np.ndarray:

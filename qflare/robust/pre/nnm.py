@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .._base import PreAggregator, drop_nonfinite, register_pre
-from .._core import check_int, pairwise_sq_dists, require
+from .._core import check_int, mm, pairwise_sq_dists, require
 
 
 def nnm_matrix(d2: np.ndarray, f: int) -> np.ndarray:
@@ -41,4 +41,4 @@ class NNM(PreAggregator):
         require(self.f < n, self.name, f"needs f < n, got f={self.f}, n={n}")
         x, w, f = drop_nonfinite(x, w, self.f, self.name)
         m = nnm_matrix(pairwise_sq_dists(x), f)
-        return (m.astype(x.dtype) @ x), w
+        return mm(m, x), w

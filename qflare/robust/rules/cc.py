@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._base import Aggregator, drop_nonfinite, register_rule
-from .._core import check_float, check_int, combine
+from .._core import check_float, check_int, combine, row_norms
 
 
 @register_rule
@@ -40,7 +40,7 @@ class CenteredClipping(Aggregator):
         base = np.full(n, 1.0 / n) if w is None else w / w.sum()
         for _ in range(self.L):
             diffs = x - v.astype(x.dtype)
-            norms = np.sqrt(np.fromiter((float(np.dot(r, r)) for r in diffs), np.float64, n))
+            norms = row_norms(diffs)
             with np.errstate(divide="ignore"):
                 scale = np.minimum(1.0, self.tau / norms)
             v = v + combine(diffs, base * scale)

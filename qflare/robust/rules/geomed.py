@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .._base import Aggregator, register_rule
-from .._core import centred_gram, check_float, check_int, combine, finite_rows, require
+from .._core import centre_gram, check_float, check_int, combine, finite_rows, gram, require
 
 
 @register_rule
@@ -40,9 +40,9 @@ class GeometricMedian(Aggregator):
         alpha = np.full(n, 1.0 / n) if w is None else w / w.sum()
         if self.T == 0:
             return np.zeros(x.shape[1])
-        g = centred_gram(x)
-        # First step from the origin needs the raw norms, one pass of row dot products.
-        norms = np.sqrt(np.fromiter((float(np.dot(r, r)) for r in x), np.float64, n))
+        g_raw = gram(x)
+        g = centre_gram(g_raw)
+        norms = np.sqrt(np.maximum(np.diag(g_raw), 0.0))  # first step starts at the origin
         beta = alpha / np.maximum(norms, self.nu)
         a = beta / beta.sum()
         diag = np.diag(g)
