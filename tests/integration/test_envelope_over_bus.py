@@ -178,3 +178,36 @@ async def test_consumer_rejects_each_bad_message_and_keeps_serving(
     assert opener.rejected == {tag: r for tag, _, r in cases if r is not None}
     await wait_for(lambda: len(dead) == len(cases) - 2, timeout=15)
     assert {d.headers.get("tag") for d in dead} == set(opener.rejected)
+
+
+async def test_chunked_envelope_round_trip(bus: Bus, fed: MemoryFederation,
+                                           wait_for: Callable[..., Awaitable[Any]]) -> None:
+    from qflare.messages import Limits, Reassembler, split
+
+    reassembler = Reassembler(fed.trust())
+    opened: list[Any] = []
+    got = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> Outcome:
+        try:
+            whole = reassembler.feed(delivery.body)
+            if whole is not None:
+                opened.append(open_envelope(whole, fed.trust(), expect_kind="update",
+                                            max_bytes=Limits().max_body_bytes))
+                got.set()
+        except MessageRejected:
+            return Outcome.REJECT
+        return Outcome.ACK
+
+    await bus.consume(QueueSpec("ingest", bindings=((topology.CLIENT, "update.#"),),
+                                single_active=True), handler, prefetch=2)
+    tensors = {"w": np.random.default_rng(5).standard_normal(3 << 18).astype(np.float32)}
+    data = encode("update", Update(base_version=0, num_samples=1, tensors=tensors),
+                  fed["client-001"], job=JOB, round=1)
+    parts = list(split(data, fed["client-001"], job=JOB, round=1, chunk_size=1 << 20))
+    assert len(parts) == 1 + 4
+    for part in parts:
+        await bus.publish(topology.CLIENT, ROUTE, part)
+    await wait_for(got, timeout=15)
+    assert opened[0].sender == "client-001"
+    assert opened[0].body.tensors["w"].tobytes() == tensors["w"].tobytes()
