@@ -83,8 +83,12 @@ def rounds_queue(replica: str) -> QueueSpec:
 
 
 def default_replica() -> str:
-    name = os.environ.get("QFLARE_REPLICA") or socket.gethostname() or "ingest"
-    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64]
+    """``$QFLARE_REPLICA`` if set (a stable name reuses its queue across restarts), else
+    ``<host>-<pid>``: two replicas must never share a round queue, or each would see only
+    half the round events. A dead replica's queue is removed by the broker policy
+    ``qflare-ingest-rounds`` (queue expiry) of compose/definitions.json."""
+    name = os.environ.get("QFLARE_REPLICA") or f"{socket.gethostname() or 'ingest'}-{os.getpid()}"
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:]
 
 
 class _Refused(MessageRejected):

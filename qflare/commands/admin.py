@@ -1,0 +1,281 @@
+"""Operator commands: ``qflare status``, ``qflare alerts``, ``qflare clients``, ``qflare revoke``.
+
+The first three read the services' SQLite files read-only (WAL lets them do so while the
+services write): the aggregator's jobs, rounds and models, the detector's reputation, the
+alerting history. A file or table that does not exist yet (a service that never ran) is
+reported as empty, not as an error. ``revoke`` issues a new revocation list through
+:func:`qflare.crypto.provision.revoke`, which rewrites ``crl.qrl`` in every identity folder;
+ingest re-reads its copy when the file changes, so the revocation takes effect on the next
+update without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qflare.runtime.config import Settings, load_settings
+from qflare.runtime.sqlite import open_readonly
+
+SEVERITIES = ("info", "warning", "critical")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (default $QFLARE_CONFIG)")
+    p.add_argument("--data-dir", help="the services' state folder (default from the config)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, data_dir=getattr(args, "data_dir", None),
+                         pki_dir=getattr(args, "pki_dir", None))
+
+
+@contextlib.contextmanager
+def _db(data_dir: Path, service: str) -> Iterator[sqlite3.Connection | None]:
+    path = data_dir / service / f"{service}.sqlite"
+    if not path.exists():
+        yield None
+        return
+    conn = open_readonly(path)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _rows(conn: sqlite3.Connection | None, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    if conn is None:
+        return []
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+
+
+# -- data gathering (plain dicts, so --json and the tables share one source) -------------------
+def status_data(data_dir: Path) -> dict[str, Any]:
+    jobs: list[dict[str, Any]] = []
+    with _db(data_dir, "aggregator") as agg, _db(data_dir, "detector") as det, _db(data_dir, "alerting") as al:
+        for job in _rows(agg, "SELECT job_id, ended, end_reason, created FROM jobs ORDER BY created"):
+            jid = job["job_id"]
+            spec = {}
+            with contextlib.suppress(Exception):
+                spec = json.loads(_rows(agg, "SELECT spec FROM jobs WHERE job_id=?", (jid,))[0]["spec"])
+            last = _rows(agg, "SELECT round, state, participants, epsilon FROM rounds WHERE job_id=? "
+                              "ORDER BY round DESC LIMIT 1", (jid,))
+            model = _rows(agg, "SELECT version, epsilon, digest FROM models WHERE job_id=? "
+                               "ORDER BY version DESC LIMIT 1", (jid,))
+            updates = (_rows(agg, "SELECT COUNT(*) AS n FROM updates WHERE job_id=? AND round=?",
+                             (jid, last[0]["round"])) if last else [])
+            quarantined = _rows(det, "SELECT client FROM clients WHERE job_id=? AND quarantined_until >= "
+                                     "(SELECT IFNULL(MAX(round),0) FROM verdicts WHERE job_id=?)", (jid, jid))
+            alerts = _rows(al, "SELECT severity, SUM(count) AS n FROM alerts WHERE job=? GROUP BY severity", (jid,))
+            jobs.append({
+                "job": jid,
+                "state": ("ended: " + (job["end_reason"] or "")) if job["ended"] else "running",
+                "rounds": spec.get("rounds"),
+                "round": last[0]["round"] if last else None,
+                "round_state": last[0]["state"] if last else None,
+                "participants": len(json.loads(last[0]["participants"] or "[]")) if last else 0,
+                "updates": updates[0]["n"] if updates else 0,
+                "model_version": model[0]["version"] if model else None,
+                "model_digest": bytes(model[0]["digest"]).hex()[:16] if model else None,
+                "epsilon": model[0]["epsilon"] if model else None,
+                "epsilon_budget": spec.get("epsilon_budget"),
+                "quarantined": [r["client"] for r in quarantined],
+                "alerts": {r["severity"]: r["n"] for r in alerts},
+            })
+    services = {name: (data_dir / name / f"{name}.sqlite").exists()
+                for name in ("aggregator", "detector", "accountant", "alerting")}
+    return {"data_dir": str(data_dir), "stores": services, "jobs": jobs}
+
+
+def alerts_data(data_dir: Path, *, job: str | None, severity: str | None, client: str | None,
+                limit: int) -> list[dict[str, Any]]:
+    where, params = [], []
+    if job:
+        where.append("job = ?")
+        params.append(job)
+    if client:
+        where.append("client = ?")
+        params.append(client)
+    if severity:
+        allowed = SEVERITIES[SEVERITIES.index(severity):]
+        where.append(f"severity IN ({','.join('?' * len(allowed))})")
+        params.extend(allowed)
+    sql = ("SELECT id, job, kind, severity, client, round, reason, detail, source, first_ts, last_ts, "
+           "count, action FROM alerts" + (" WHERE " + " AND ".join(where) if where else "")
+           + " ORDER BY id DESC LIMIT ?")
+    with _db(data_dir, "alerting") as al:
+        return [dict(r) for r in _rows(al, sql, (*params, limit))]
+
+
+def clients_data(settings: Settings, job: str | None) -> list[dict[str, Any]]:
+    data_dir = settings.data_dir
+    revoked: set[bytes] = set()
+    kits: dict[str, Any] = {}
+    if settings.pki_dir is not None and (Path(settings.pki_dir) / "ca").exists():
+        from qflare.crypto.pki import Certificate, RevocationList
+
+        root = Path(settings.pki_dir)
+        crl_path = root / "ca" / "crl.qrl"
+        if crl_path.exists():
+            revoked = set(RevocationList.from_bytes(crl_path.read_bytes()).serials)
+        for issued in sorted((root / "ca" / "issued").glob("*.qc")):
+            cert = Certificate.from_bytes(issued.read_bytes())
+            if cert.role == "client":
+                kits[cert.id] = cert
+    out: dict[str, dict[str, Any]] = {}
+    for cid, cert in kits.items():
+        out[cid] = {"client": cid, "revoked": cert.serial in revoked,
+                    "expires": time.strftime("%Y-%m-%d", time.gmtime(cert.not_after)),
+                    "updates": 0, "flags": 0, "score": None, "quarantined": False, "alerts": 0}
+    with _db(data_dir, "aggregator") as agg, _db(data_dir, "detector") as det, _db(data_dir, "alerting") as al:
+        jf, jp = (" WHERE job_id = ?", (job,)) if job else ("", ())
+        for r in _rows(agg, "SELECT client, COUNT(*) AS n FROM updates" + jf + " GROUP BY client", jp):
+            out.setdefault(r["client"], _blank(r["client"]))["updates"] = r["n"]
+        for r in _rows(det, "SELECT client, SUM(offences) AS flags, MIN(score) AS score, "
+                            "MAX(quarantined_until) AS q FROM clients" + jf + " GROUP BY client", jp):
+            row = out.setdefault(r["client"], _blank(r["client"]))
+            row.update(flags=r["flags"], score=r["score"], quarantined=bool(r["q"] and r["q"] > 0))
+        af, ap = (" AND job = ?", (job,)) if job else ("", ())
+        for r in _rows(al, "SELECT client, SUM(count) AS n FROM alerts WHERE client IS NOT NULL" + af
+                           + " GROUP BY client", ap):
+            out.setdefault(r["client"], _blank(r["client"]))["alerts"] = r["n"]
+    return [out[k] for k in sorted(out)]
+
+
+def _blank(client: str) -> dict[str, Any]:
+    return {"client": client, "revoked": None, "expires": None, "updates": 0, "flags": 0,
+            "score": None, "quarantined": False, "alerts": 0}
+
+
+# -- rendering ------------------------------------------------------------------------------------
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    Console(width=160).print(table)
+
+
+def _ts(value: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(value)) if value else ""
+
+
+def run_status(args: argparse.Namespace) -> int:
+    data = status_data(_settings(args).data_dir)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    stores = ", ".join(f"{k}{'' if v else ' (none)'}" for k, v in data["stores"].items())
+    print(f"data dir {data['data_dir']}: {stores}")
+    if not data["jobs"]:
+        print("no jobs yet (is the aggregator running with this --data-dir?)")
+        return 0
+    _table("jobs", ["job", "state", "round", "phase", "updates/selected", "model", "epsilon", "alerts",
+                    "quarantined"],
+           [[j["job"], j["state"], f"{j['round']}/{j['rounds']}" if j["rounds"] else j["round"],
+             j["round_state"], f"{j['updates']}/{j['participants']}",
+             f"v{j['model_version']} {j['model_digest']}" if j["model_version"] is not None else "",
+             (f"{j['epsilon']:.3f}" if j["epsilon"] is not None else "")
+             + (f" / {j['epsilon_budget']}" if j["epsilon_budget"] else ""),
+             " ".join(f"{k}:{v}" for k, v in sorted(j["alerts"].items())), ", ".join(j["quarantined"])]
+            for j in data["jobs"]])
+    return 0
+
+
+def run_alerts(args: argparse.Namespace) -> int:
+    rows = alerts_data(_settings(args).data_dir, job=args.job, severity=args.severity,
+                       client=args.client, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no alerts")
+        return 0
+    _table("alerts (newest first)", ["#", "time", "severity", "job", "kind", "client", "round", "reason",
+                                     "count", "state", "detail"],
+           [[r["id"], _ts(r["last_ts"]), r["severity"], r["job"], r["kind"], r["client"], r["round"],
+             r["reason"], r["count"], "sent" if r["action"] == "publish" else r["action"], r["detail"][:60]]
+            for r in rows])
+    return 0
+
+
+def run_clients(args: argparse.Namespace) -> int:
+    rows = clients_data(_settings(args), args.job)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no clients known (give --pki-dir, or run a job first)")
+        return 0
+    _table("clients" + (f" of {args.job}" if args.job else ""),
+           ["client", "revoked", "expires", "updates", "flags", "score", "quarantined", "alerts"],
+           [[r["client"], r["revoked"], r["expires"], r["updates"], r["flags"],
+             f"{r['score']:.3f}" if isinstance(r["score"], float) else r["score"], r["quarantined"], r["alerts"]]
+            for r in rows])
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from qflare.crypto.keystore import passphrase_from_env
+    from qflare.crypto.provision import revoke
+
+    settings = _settings(args)
+    if settings.pki_dir is None:
+        print("qflare revoke: give --pki-dir (the folder `qflare provision` wrote) or set QFLARE_PKI_DIR",
+              file=sys.stderr)
+        return 2
+    try:
+        passphrase = passphrase_from_env(args.passphrase_env) if args.passphrase_env else (
+            settings.passphrase.encode() if settings.passphrase else None)
+        crl = revoke(settings.pki_dir, args.clients, passphrase)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"qflare revoke: {exc}", file=sys.stderr)
+        return 2
+    print(f"revoked {', '.join(args.clients)}: revocation list #{crl.number} ({len(crl.serials)} "
+          f"certificates) written to every kit under {settings.pki_dir}; ingest applies it on its next update")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    s = subparsers.add_parser("status", help="jobs, rounds, models, budget and alerts from the services' state")
+    _common(s)
+    s.set_defaults(func=run_status)
+
+    a = subparsers.add_parser("alerts", help="stored alerts, newest first")
+    _common(a)
+    a.add_argument("--job")
+    a.add_argument("--client")
+    a.add_argument("--severity", choices=SEVERITIES, help="this severity and above")
+    a.add_argument("--limit", type=int, default=50)
+    a.set_defaults(func=run_alerts)
+
+    c = subparsers.add_parser("clients", help="enrolled clients: revocation, updates, flags, reputation")
+    _common(c)
+    c.add_argument("--job")
+    c.add_argument("--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)")
+    c.set_defaults(func=run_clients)
+
+    r = subparsers.add_parser("revoke", help="revoke client certificates (takes effect without restarts)")
+    r.add_argument("clients", nargs="+", metavar="CLIENT", help="client id (or certificate serial in hex)")
+    r.add_argument("--config", help="TOML config file (default $QFLARE_CONFIG)")
+    r.add_argument("--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)")
+    r.add_argument("--passphrase-env", metavar="VAR", help="env variable holding the CA key passphrase "
+                   "(default QFLARE_PASSPHRASE)")
+    r.set_defaults(func=run_revoke)
