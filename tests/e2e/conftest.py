@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_harness import REVOKED
+from e2e_harness import REVOKED  # noqa: I001
 
 from qflare.crypto import Federation, provision, revoke
 

@@ -16,9 +16,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
-from qflare.crypto import Certificate, Federation
-from qflare.messages import MessageRejected, encode, open_envelope
-from qflare.services.aggregator.core import model_digest
+from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
+from qflare.crypto import Federation
+from qflare.messages import MessageRejected, open_envelope
 
 FEATURES, CLASSES = 64, 10
 PARTICIPANTS = tuple(f"client-{i:03d}" for i in range(10))
@@ -100,81 +101,25 @@ def byzantine_delta(client: str, model: dict[str, np.ndarray]) -> dict[str, np.n
 
 
 # -- clients ------------------------------------------------------------------------------------
-@dataclass
-class Participant:
-    """One client on the wire: follows ``<job>.#`` broadcasts on its own queue."""
+class NumpyParticipant(Participant):
+    """A participant through the client SDK (``qflare.client``): the SDK follows rounds,
+    verifies the signed model, signs and seals the update and reconnects; this class only
+    computes the update (numpy instead of a torch model). A Byzantine one sends the scaled,
+    sign-flipped update; ``gate`` holds its update for round ``gate_round`` until set."""
 
-    fed: Federation
-    client_id: str
-    job: str
-    byzantine: bool = False
-    hold: Callable[[int], asyncio.Event | None] = lambda _round: None
-    models: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    sent: dict[int, bytes] = field(default_factory=dict)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    bad_models: int = 0
+    def __init__(self, kit: Kit, *, byzantine: bool = False, gate: threading.Event | None = None,
+                 gate_round: int | None = None, **kwargs: Any) -> None:
+        super().__init__(kit, None, None, **kwargs)
+        self.byzantine = byzantine
+        self.gate = gate
+        self.gate_round = gate_round
 
-    def __post_init__(self) -> None:
-        self.identity = self.fed.identity(self.client_id)
-        kit = self.fed.clients[self.client_id]
-        self.ingest_cert = Certificate.from_bytes((kit / "ingest.qc").read_bytes())
-        self.trust = self.fed.trust()
-
-    async def start(self, bus: Bus) -> None:
-        self.bus = bus
-        spec = QueueSpec(f"client.{self.client_id}", bindings=((topology.BROADCAST, f"{self.job}.#"),))
-        await bus.consume(spec, self.on_broadcast, prefetch=4)
-
-    async def on_broadcast(self, d: Delivery) -> Outcome:
-        try:
-            env = open_envelope(d.body, self.trust, expect_job=self.job)
-        except MessageRejected:
-            return Outcome.REJECT
-        if env.sender != "aggregator":
-            return Outcome.REJECT
-        if env.kind == "model.published" and env.body.tensors is not None:
-            tensors = {k: np.array(v) for k, v in env.body.tensors.items()}
-            if model_digest(tensors) != env.body.digest:
-                self.bad_models += 1
-                return Outcome.REJECT
-            self.models[env.body.version] = tensors
-        elif env.kind == "round.opened":
-            body = env.body
-            if self.client_id in body.participants and env.round not in self.sent:
-                base = self.models.get(body.model_version)
-                if base is None or model_digest(base) != body.model_digest:
-                    return Outcome.RETRY  # the model broadcast comes first; wait for it
-                gate = self.hold(env.round)
-                if gate is not None:
-                    asyncio.get_running_loop().create_task(self._send_later(gate, env.round, body.model_version, base))
-                else:
-                    await self.send(env.round, body.model_version, base)
-        elif env.kind == "job.ended":
-            self.ended.set()
-        return Outcome.ACK
-
-    async def _send_later(self, gate: asyncio.Event, round_no: int, version: int, base: dict[str, np.ndarray]) -> None:
-        await gate.wait()
-        await self.send(round_no, version, base)
-
-    async def send(self, round_no: int, version: int, base: dict[str, np.ndarray]) -> None:
-        if round_no in self.sent:
-            return
-        delta = byzantine_delta(self.client_id, base) if self.byzantine else train_delta(self.client_id, base)
-        data = encode("update", {"base_version": version, "num_samples": 48, "tensors": delta},
-                      self.identity, job=self.job, round=round_no, seal_to=self.ingest_cert)
-        self.sent[round_no] = data
-        await self.publish(data)
-
-    async def publish(self, data: bytes) -> None:
-        for attempt in range(60):
-            try:
-                await self.bus.publish(topology.CLIENT, f"update.{self.job}", data)
-                return
-            except Exception:  # noqa: BLE001 - broker away (restart test): try again
-                if attempt == 59:
-                    raise
-                await asyncio.sleep(0.5)
+    def compute_update(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> LocalUpdate:
+        if self.gate is not None and info.round == self.gate_round:
+            self.gate.wait(60)
+        base = {k: np.asarray(v) for k, v in global_tensors.items()}
+        make = byzantine_delta if self.byzantine else train_delta
+        return LocalUpdate(make(self.id, base), 48)
 
 
 # -- the recorder -----------------------------------------------------------------------------
@@ -340,16 +285,13 @@ def config_text(job: dict[str, Any], options: dict[str, dict[str, Any]] | None =
 class RunResult:
     recorder: Recorder
     cluster: Cluster
-    participants: dict[str, Participant]
+    participants: dict[str, NumpyParticipant]
     final_version: int
     final_model: dict[str, np.ndarray]
     hostile_sent: dict[str, bytes] = field(default_factory=dict)
     kills: list[tuple[str, str, int]] = field(default_factory=list)
     seconds: float = 0.0
     end_reason: str = ""
-
-
-HostileFn = Callable[["Scenario", Participant, Bus], Any]
 
 
 @dataclass
@@ -385,14 +327,13 @@ async def run_scenario(
     job_id = job["job_id"]
     bus = await connect_bus(amqp, prefix=prefix)
     recorder = Recorder(fed, job_id)
-    gate = asyncio.Event()
-    hold = scenario.hold_client
-
-    def holder(cid: str) -> Callable[[int], asyncio.Event | None]:
-        return lambda r: gate if (cid == hold and r == scenario.hostile_round) else None
-
+    gate = threading.Event()
     clients = {
-        cid: Participant(fed, cid, job_id, byzantine=cid in byzantine, hold=holder(cid))
+        cid: NumpyParticipant(
+            Kit.load(fed.clients[cid]), byzantine=cid in byzantine,
+            gate=gate if cid == scenario.hold_client else None, gate_round=scenario.hostile_round,
+            broker=amqp, prefix=prefix, jobs=[job_id],
+        )
         for cid in participants
     }
     result = RunResult(recorder, cluster, clients, -1, {})
@@ -400,7 +341,7 @@ async def run_scenario(
     try:
         await recorder.start(bus, scenario.name)
         for p in clients.values():
-            await p.start(bus)
+            await p.start()
         _install_kills(scenario, recorder, cluster, result)
         if scenario.hostile is not None:
             async def on_open(kind: str, round_no: int, _body: Any) -> None:
@@ -420,14 +361,18 @@ async def run_scenario(
         await recorder.until(lambda: bool(recorder.of("job.ended")), scenario.timeout, "job.ended")
         result.end_reason = recorder.of("job.ended")[-1][1].reason
         # the final model reaches the clients on the broadcast after job.ended is decided
-        await recorder.until(lambda: all(p.ended.is_set() for p in clients.values()), 30, "clients see job.ended")
-        some = clients[participants[0]]
-        result.final_version = max(some.models)
-        result.final_model = some.models[result.final_version]
+        await recorder.until(lambda: all(job_id in p.ended for p in clients.values()), 30, "clients see job.ended")
+        latest = clients[participants[0]].latest_model(job_id)
+        assert latest is not None
+        result.final_version = latest[0]
+        result.final_model = {k: np.array(v) for k, v in latest[1].items()}
         result.seconds = time.monotonic() - started
     finally:
+        gate.set()
+        for p in clients.values():
+            await p.stop()
         cluster.stop_all()
-        queues = ["aggregator", "detector", "accountant", "alerting", "alerting.dead", "ingest",
+        queues = [*(f"client.{c}" for c in participants), "aggregator", "detector", "accountant", "alerting", "alerting.dead", "ingest",
                   *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas)]
         try:
             await bus.delete_all(queues)
@@ -455,11 +400,11 @@ def _install_kills(scenario: Scenario, recorder: Recorder, cluster: Cluster, res
     recorder.hooks.append(hook)
 
 
-async def _run_hostile(scenario: Scenario, clients: dict[str, Participant], bus: Bus,
-                       recorder: Recorder, result: RunResult, gate: asyncio.Event) -> None:
+async def _run_hostile(scenario: Scenario, clients: dict[str, NumpyParticipant], bus: Bus,
+                       recorder: Recorder, result: RunResult, gate: threading.Event) -> None:
     try:
         assert scenario.hostile is not None and scenario.hostile_round is not None
-        await scenario.hostile(scenario.hostile_round, clients, bus, result.hostile_sent)
+        await scenario.hostile(scenario.hostile_round, clients, bus, recorder, result.hostile_sent)
         before = len(result.hostile_sent) - 1
         await recorder.until(
             lambda: len(recorder.of("update.rejected")) + _duplicate_alerts(recorder) >= before,
