@@ -18,6 +18,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.widgets.data_table import RowDoesNotExist
@@ -150,7 +151,15 @@ class ConsoleApp(App[None]):
             self.state.apply(event)
         if not self._redraw_pending and self.is_running:
             self._redraw_pending = True
-            self.set_timer(COALESCE_S, self._redraw_now)
+            # Bus handlers run in tasks the bus started (outside the app's context), so
+            # the timer is set from the app's own message loop.
+            self.post_message(self.Changed())
+
+    class Changed(Message):
+        """The state changed outside the app's message loop."""
+
+    def on_console_app_changed(self, message: Changed) -> None:
+        self.set_timer(COALESCE_S, self._redraw_now)
 
     def _redraw_now(self) -> None:
         self._redraw_pending = False

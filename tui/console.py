@@ -8,8 +8,13 @@ a simulation on the same bus, so one process shows its own federation.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from qflare.bus import Bus
@@ -49,6 +54,31 @@ def build_console(
     return ConsoleApp(feed=feed, history=history, clock=clock, source=source)
 
 
+@contextlib.contextmanager
+def terminal_logs_to(path: Path | None) -> Iterator[None]:
+    """While the console owns the terminal, send log handlers that write to it (the
+    services' JSON lines in the same process) to ``path`` (os.devnull when None), so they
+    do not tear the screen; restore them afterwards."""
+    terminal = {sys.__stderr__, sys.__stdout__, sys.stderr, sys.stdout}
+    moved: list[tuple[logging.StreamHandler, object]] = []
+    sink = open(path if path is not None else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.root.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    try:
+        for logger in loggers:
+            for handler in logger.handlers:
+                if (type(handler) is logging.StreamHandler
+                        and getattr(handler, "stream", None) in terminal):
+                    moved.append((handler, handler.setStream(sink)))
+        yield
+    finally:
+        for handler, stream in moved:
+            handler.setStream(stream)  # type: ignore[arg-type]
+        sink.close()
+
+
 async def run_console_in_process(
     bus: Bus,
     *,
@@ -56,13 +86,29 @@ async def run_console_in_process(
     jobs: Iterable[JobDeclared] = (),
     state_dir: Path | None = None,
     raw_alerts: bool = False,
+    log_file: Path | None = None,
+    exit_when: Awaitable[object] | None = None,
     headless: bool = False,
 ) -> ConsoleApp:
     """Run the console on ``bus`` in the running event loop until the operator quits
     (``q``) or someone calls ``app.exit()``; returns the app (its ``state`` holds what was
     shown). ``jobs`` declares epsilon budgets the wire does not carry. The console binds its
-    own queue on ``bus`` and deletes it on exit; it never closes ``bus``."""
+    own queue on ``bus`` and deletes it on exit; it never closes ``bus``. Log handlers that
+    write to the terminal go to ``log_file`` (or nowhere) while it runs. ``exit_when``
+    (e.g. the simulation's task) closes the console when it completes."""
     app = build_console(bus=bus, trust=trust, jobs=jobs, state_dir=state_dir,
                         raw_alerts=raw_alerts)
-    await app.run_async(headless=headless)
+
+    async def close_after(done: Awaitable[object]) -> None:
+        with contextlib.suppress(Exception):
+            await done
+        await app.action_quit()
+
+    watcher = asyncio.ensure_future(close_after(exit_when)) if exit_when is not None else None
+    try:
+        with terminal_logs_to(log_file):
+            await app.run_async(headless=headless)
+    finally:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
     return app

@@ -4,6 +4,7 @@ broker shows a reconnecting state."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 import uuid
@@ -186,3 +187,41 @@ async def test_unreachable_broker_shows_reconnecting() -> None:
         assert "reconnecting for" in shown and "UNAVAILABLE" in shown
         assert "amqp://127.0.0.1:9" in shown and "guest" not in shown
         await pilot.press("q")
+
+
+async def test_run_console_in_process_shares_the_bus_and_keeps_logs_off_the_screen(fed, tmp_path) -> None:
+    import logging
+    import sys
+
+    from qflare.tui.console import run_console_in_process
+
+    bus = await connect_bus(f"memory://{uuid.uuid4().hex}")
+    pub = Publisher(bus, fed, "j")
+    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("qflare.test.tui")
+    logger.addHandler(handler)
+    done = asyncio.Event()
+    log_file = tmp_path / "services.log"
+
+    async def simulation() -> None:
+        t = time.time()
+        await asyncio.sleep(0.5)
+        await pub.round_opened(1, t, ["client-000"], deadline=t + 30)
+        logger.warning("service line while the console runs")
+        await asyncio.sleep(0.5)
+        done.set()
+
+    try:
+        sim = asyncio.create_task(simulation())
+        app = await asyncio.wait_for(run_console_in_process(
+            bus, trust=fed.trust(), jobs=[ev.JobDeclared("j", 0, 0.0, epsilon_budget=3.0)],
+            log_file=log_file, exit_when=done.wait(), headless=True), timeout=20)
+        await sim
+        assert app.state.rounds[("j", 1)].state == "open"
+        assert app.state.jobs["j"].epsilon_budget == 3.0
+        assert app.state.link is ev.Link.CLOSED
+        assert "service line while the console runs" in log_file.read_text()
+        assert handler.stream is sys.stderr                 # restored afterwards
+    finally:
+        logger.removeHandler(handler)
+        await bus.close()
