@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -394,8 +395,9 @@ class Aggregator(Service):
         await self._send_request(spec, r.round + 1)
 
     async def _end(self, spec: JobSpec, round_no: int, reason: str, detail: str) -> None:
+        """Announce the end (final model, job.ended), then mark the job ended: a failed
+        publish leaves it unmarked, so the next nudge announces it again."""
         assert self.store is not None
-        await self.store.end_job(spec.job_id, reason)
         latest = await self.store.latest_model(spec.job_id)
         if latest is not None:
             await self._broadcast_model(spec, latest.version)
@@ -403,20 +405,27 @@ class Aggregator(Service):
         await emit(self, "job.ended", body, job=spec.job_id, round=round_no)
         await emit(self, "job.ended", body, job=spec.job_id, round=round_no,
                    exchange=topology.BROADCAST)
+        await self.store.end_job(spec.job_id, reason)
         event(self.log, "job.ended", job=spec.job_id, round=round_no, reason=reason)
         self._ended_event(spec.job_id).set()
 
     # -- restart and timers -------------------------------------------------------------------
-    async def _resume(self, job_id: str) -> None:
-        """Re-announce whatever the job's latest stored round waits for."""
+    async def _resume(self, job_id: str, *, stale_after: float | None = None) -> None:
+        """Re-announce whatever the job's latest stored round waits for. At start
+        (``stale_after`` None) always; from the ticker only for a round whose state has not
+        moved for ``stale_after`` seconds (a publish lost to a broker outage). Every peer is
+        idempotent on (job, round), so a repeat costs a message, never an effect."""
         assert self.store is not None
         spec = self.specs[job_id]
         async with self._lock(job_id):
-            for stored, ended, _reason in await self.store.jobs():
-                if stored.job_id == job_id and ended:
-                    self._ended_event(job_id).set()
-                    return
+            if await self.store.job_ended(job_id):
+                self._ended_event(job_id).set()
+                return
             r = await self.store.latest_round(job_id)
+            if stale_after is not None and (
+                r is None or r.state == RoundState.OPEN or time.time() - r.updated < stale_after
+            ):
+                return  # open rounds are re-announced by the ticker itself
             if r is None:
                 await self.store.request_round(job_id, 1, base_version=0)
                 await self._send_request(spec, 1)
@@ -427,15 +436,17 @@ class Aggregator(Service):
             elif r.state == RoundState.CLOSED:
                 await self._send_closed(spec, r)
             elif r.state == RoundState.PUBLISHED:
-                await self._announce_published(spec, r)
+                if stale_after is None:
+                    await self._announce_published(spec, r)
                 await self._next(spec, r)
             else:
                 reason = "budget_exhausted" if r.state == RoundState.DENIED else "too_few_updates"
                 await self._end(spec, r.round, reason, f"round {r.round} {r.state.value}")
 
     async def _ticker(self) -> None:
-        """Deadlines, and periodic ``round.opened`` re-announcements so that an ingest
-        replica started mid-round learns the open rounds."""
+        """Deadlines; periodic ``round.opened`` re-announcements so that an ingest replica
+        started mid-round learns the open rounds; and nudges for rounds stuck because a
+        publish was lost."""
         assert self.store is not None
         last_announce = self.ctx.clock()
         while True:
@@ -454,6 +465,8 @@ class Aggregator(Service):
                             await self._announce_open(spec, fresh, broadcast=False)
                 if announce:
                     last_announce = self.ctx.clock()
+                    for job_id in list(self.specs):
+                        await self._resume(job_id, stale_after=self.reopen_interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the broker may be away; try again next tick

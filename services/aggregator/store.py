@@ -82,6 +82,7 @@ class RoundRow:
     epsilon: float | None
     closed_set: tuple[tuple[str, bytes], ...] | None
     verdict: dict[str, Any] | None
+    updated: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def _round(row: Any) -> RoundRow:
         epsilon=row["epsilon"],
         closed_set=None if closed is None else tuple((c, bytes.fromhex(d)) for c, d in closed),
         verdict=json.loads(row["verdict"]) if row["verdict"] else None,
+        updated=row["updated"],
     )
 
 
@@ -152,6 +154,10 @@ class AggregatorStore:
     async def jobs(self) -> list[tuple[JobSpec, bool, str | None]]:
         rows = await self.db.fetchall("SELECT spec, ended, end_reason FROM jobs ORDER BY created")
         return [(JobSpec.model_validate_json(r["spec"]), bool(r["ended"]), r["end_reason"]) for r in rows]
+
+    async def job_ended(self, job_id: str) -> bool:
+        row = await self.db.fetchone("SELECT ended FROM jobs WHERE job_id=?", (job_id,))
+        return bool(row and row["ended"])
 
     async def end_job(self, job_id: str, reason: str) -> None:
         await self.db.execute(

@@ -34,6 +34,7 @@ class Detector(Service):
         self.reputation_params = {
             k: opts[k] for k in ("decay", "penalty", "threshold", "quarantine_rounds") if k in opts
         }
+        self.republish_s = float(opts.get("republish_s", 2.0))
         self.store: DetectorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -59,6 +60,20 @@ class Detector(Service):
             await self._publish(job_id, round_no, verdict)
         for job_id, round_no, _refs in await self.store.pending():
             await self._try_decide(job_id, round_no)
+        self.spawn(self._republisher(), name="detector-republisher")
+
+    async def _republisher(self) -> None:
+        """Verdicts whose publish failed (broker away) go out again."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.republish_s)
+            try:
+                for job_id, round_no, verdict in await self.store.unpublished():
+                    await self._publish(job_id, round_no, verdict)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the broker may be away; next pass
+                self.log.warning("republishing verdicts failed; retrying", exc_info=True)
 
     async def close(self) -> None:
         if self.store is not None:
