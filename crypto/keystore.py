@@ -54,7 +54,8 @@ def signing_key_from_pem(data: bytes, passphrase: bytes | None = None) -> Signin
     return signing_key_from_seed(private.private_bytes_raw())
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file readable by its owner only."""
     # Create with 0600 from the start so the key is never briefly world-readable.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -87,9 +88,9 @@ class Identity:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CERT_FILE).write_bytes(self.cert.to_bytes())
-        _write_private(d / KEY_FILE, signing_key_to_pem(self.key, passphrase))
+        write_private(d / KEY_FILE, signing_key_to_pem(self.key, passphrase))
         if self.kem is not None:
-            _write_private(d / KEM_FILE, self.kem.to_pem(passphrase))
+            write_private(d / KEM_FILE, self.kem.to_pem(passphrase))
 
     @classmethod
     def load(cls, directory: Path | str, passphrase: bytes | None = None) -> Identity:

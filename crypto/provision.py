@@ -25,7 +25,7 @@ from qflare.crypto.keystore import (
     CRL_FILE,
     KEY_FILE,
     Identity,
-    _write_private,
+    write_private,
     load_trust,
     signing_key_from_pem,
     signing_key_to_pem,
@@ -113,7 +113,7 @@ def provision(out: Path | str, clients: int, *, passphrase: bytes | None = None,
     ca = CertificateAuthority.create(valid_days=ca_expiry_days)
     crl = ca.revocation_list()
     (root / "ca" / CA_FILE).write_bytes(ca.cert.to_bytes())
-    _write_private(root / "ca" / KEY_FILE, signing_key_to_pem(ca.key, passphrase))
+    write_private(root / "ca" / KEY_FILE, signing_key_to_pem(ca.key, passphrase))
     (root / "ca" / CRL_FILE).write_bytes(crl.to_bytes())
     fed = Federation(root)
     for role in services:

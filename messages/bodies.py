@@ -126,8 +126,8 @@ class UpdateRejected(Body):
     SENDERS = ("ingest",)
     client: str = Field(max_length=256)
     """The claimed sender (may be unauthenticated when the signature failed)."""
-    reason: Reason
-    """Why."""
+    reason: Reason = Field(strict=False)
+    """Why (a reason code; on the wire its string value)."""
     detail: str = Field(default="", max_length=2048)
     """Human-readable detail for logs."""
     update_digest: Digest | None = None
@@ -349,12 +349,6 @@ def body_from_wire(kind: str, obj: Any) -> Body:
         raise MessageRejected(Reason.UNKNOWN_KIND, f"unknown kind {kind[:64]!r}")
     if not isinstance(obj, dict):
         raise MessageRejected(Reason.BAD_SCHEMA, f"{kind} body must be a map")
-    if kind == "update.rejected" and isinstance(obj.get("reason"), str):
-        # StrEnum fields are strict about the enum type; a known code string is the wire form.
-        try:
-            obj = {**obj, "reason": Reason(obj["reason"])}
-        except ValueError:
-            pass
     try:
         return cls.model_validate(obj)
     except ValidationError as exc:
