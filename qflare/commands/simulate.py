@@ -1,0 +1,152 @@
+"""``qflare simulate``: a federated job with simulated participants, under attack, reported.
+
+Every setting is checked before anything starts (exit code 2 with the reason); a run
+writes report.json, report.md and plots into ``--out``. ``--sweep`` runs a grid of
+attacks x rules and writes one comparison table and a heat map.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_OPTIONS = 2
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="run a federated job with simulated clients (attacks, defences, DP) and write a report",
+        description="Run a federated job with simulated participants against the real services "
+        "(embedded bus by default, RabbitMQ with --broker amqp://...) and write a report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("federation")
+    g.add_argument("--dataset", default="digits", help="digits (bundled with scikit-learn) or fashion-mnist")
+    g.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    g.add_argument("--clients", type=int, default=20)
+    g.add_argument("--byzantine", type=int, default=6, help="Byzantine clients (an omniscient coalition)")
+    g.add_argument("--attack", default="sign-flip", help="attack name; 'none' for no attack (see --list)")
+    g.add_argument("--attack-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="parameter passed to the attack, e.g. scale=3")
+    g.add_argument("--rule", default="nnm+multikrum",
+                   help="aggregation spec, pre-aggregators first; f is filled from --byzantine")
+    g.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the detector and drop flagged updates")
+    g.add_argument("--rounds", type=int, default=20)
+    g.add_argument("--local-epochs", type=int, default=2)
+    g.add_argument("--lr", type=float, default=0.1, help="client SGD learning rate")
+    g.add_argument("--batch-size", type=int, default=16)
+    split = g.add_mutually_exclusive_group()
+    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID split)")
+    split.add_argument("--iid", action="store_true", help="IID split instead of Dirichlet")
+    g.add_argument("--sample-rate", type=float, default=1.0, help="Poisson client sampling rate q")
+    g.add_argument("--server-lr", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+
+    d = p.add_argument_group("differential privacy (off unless --noise-multiplier or --target-epsilon)")
+    z = d.add_mutually_exclusive_group()
+    z.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std = z * clip")
+    z.add_argument("--target-epsilon", type=float, default=None,
+                   help="plan z so the whole run spends this epsilon")
+    d.add_argument("--clip", type=float, default=5.0, help="L2 clip norm C of each update")
+    d.add_argument("--delta", type=float, default=1e-5)
+    d.add_argument("--epsilon-budget", type=float, default=None,
+                   help="the accountant refuses rounds past this epsilon (default: target or none)")
+
+    r = p.add_argument_group("running")
+    r.add_argument("--out", type=Path, default=Path("qflare-sim"), help="output folder")
+    r.add_argument("--broker", default="memory://", help="memory:// or amqp://user:pass@host:port/")
+    r.add_argument("--direct", action="store_true",
+                   help="call the pure cores in a loop instead of running the services (faster)")
+    r.add_argument("--baseline", action="store_true", help="also run the same job without attack")
+    r.add_argument("--tui", action="store_true", help="watch the run in the terminal UI")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--list", action="store_true", help="list attacks, rules and data sets, then exit")
+
+    s = p.add_argument_group("sweep")
+    s.add_argument("--sweep", action="store_true",
+                   help="run every attack x rule of --sweep-attacks/--sweep-rules and compare")
+    s.add_argument("--sweep-attacks", default=None, help="comma-separated attacks (default: all)")
+    s.add_argument("--sweep-rules", default=None,
+                   help="comma-separated rule specs (default: a set of defences)")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from qflare.sim.config import SimConfig
+
+    return SimConfig(
+        dataset=args.dataset,
+        model=args.model,
+        clients=args.clients,
+        byzantine=args.byzantine,
+        attack=args.attack,
+        rule=args.rule,
+        detection=args.detection,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        alpha=None if args.iid else args.alpha,
+        sample_rate=args.sample_rate,
+        server_lr=args.server_lr,
+        noise_multiplier=args.noise_multiplier or 0.0,
+        target_epsilon=args.target_epsilon,
+        clip=args.clip,
+        delta=args.delta,
+        epsilon_budget=args.epsilon_budget,
+        seed=args.seed,
+        attack_options=dict(args.attack_option),
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qflare.sim.config import SimConfigError
+    from qflare.sim.run import prepare, run_simulation
+
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    if args.list:
+        from qflare.sim.run import list_choices
+
+        console.print(list_choices())
+        return 0
+    try:
+        config = prepare(config_from_args(args), broker=args.broker)
+        if args.sweep:
+            from qflare.sim.sweep import plan_sweep, run_sweep
+
+            plan = plan_sweep(config, args.sweep_attacks, args.sweep_rules)
+    except SimConfigError as exc:
+        err.print(f"[bold red]qflare simulate:[/] {exc}")
+        return EXIT_BAD_OPTIONS
+    if args.sweep:
+        return run_sweep(plan, out=args.out, direct=args.direct, broker=args.broker, console=console,
+                         progress=not args.quiet)
+    return run_simulation(
+        config,
+        out=args.out,
+        broker=args.broker,
+        direct=args.direct,
+        baseline=args.baseline,
+        tui=args.tui,
+        console=console,
+        progress=not args.quiet,
+    )
+

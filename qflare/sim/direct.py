@@ -1,0 +1,103 @@
+"""The direct path: the same rounds as the services run, by calling the pure cores in a loop.
+
+No bus, no signatures, no stores: selection, detection, the robust rule and the DP-FedAvg
+step are called as functions. It exists for sweeps (dozens of runs, where the services'
+per-message costs add up) and as a cross-check of the services path; ``qflare simulate``
+uses the services path unless ``--direct`` is given.
+
+Selection, the verdict and aggregation are the services' own pure functions
+(``qflare.services.aggregator.core.select_participants`` / ``aggregate_round`` and
+``qflare.services.detector.core.decide`` with a default :class:`Reputation`) with the same
+job id and seed, so a direct run and a services run of one configuration agree round by
+round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from qflare.robust import Reputation
+from qflare.services.aggregator.core import aggregate_round, select_participants
+from qflare.services.detector.core import decide
+
+from qflare.sim import robust_glue
+from qflare.sim.config import SIM_JOB, SimConfig
+from qflare.sim.federation import Federation
+from qflare.sim.report import RoundRecord, RunResult
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+def run_direct(
+    config: SimConfig, federation: Federation | None = None, on_round: RoundCallback | None = None
+) -> RunResult:
+    fed = federation if federation is not None else Federation.build(config)
+    names = fed.names
+    params = {k: v.copy() for k, v in fed.initial.items()}
+    model = fed.new_model()
+    records: list[RoundRecord] = []
+    notes: list[str] = []
+    ended = "completed"
+    reputation = Reputation()
+    start = time.perf_counter()
+    for round_index in range(1, config.rounds + 1):
+        epsilon = (
+            robust_glue.epsilon_spent(config.sample_rate, config.noise_multiplier, round_index, config.delta)
+            if config.dp_on
+            else None
+        )
+        if config.epsilon_budget is not None and epsilon is not None and epsilon > config.epsilon_budget:
+            # As the accountant does: refuse the round before anything is released.
+            ended = "budget exhausted"
+            notes.append(f"round {round_index} refused: epsilon would reach {epsilon:.3f}")
+            break
+        t0 = time.perf_counter()
+        participants = select_participants(fed.ids, config.sample_rate, config.seed, SIM_JOB, round_index)
+        updates = fed.round_updates(round_index, params, participants)
+        verdict = decide(
+            round_index, updates, f=config.byzantine, detection=config.detection, reputation=reputation
+        )
+        flagged = tuple(sorted(x.client for x in verdict.flagged))
+        kept = list(verdict.kept)
+        result = aggregate_round(
+            job=SIM_JOB,
+            round_no=round_index,
+            seed=config.seed,
+            base=params,
+            updates=updates,
+            kept=kept,
+            rule=config.rule_spec,
+            f=config.byzantine,
+            clip=config.clip,
+            noise_multiplier=config.noise_multiplier,
+            expected_clients=config.sample_rate * config.clients,
+            server_lr=config.server_lr,
+        )
+        params = {k: result.model[k].astype(np.float32) for k in names}
+        evaluation = fed.evaluate(params, model)
+        record = RoundRecord(
+            round=round_index,
+            accuracy=evaluation.accuracy,
+            loss=evaluation.loss,
+            participants=tuple(participants),
+            flagged=flagged,
+            byzantine=tuple(c for c in participants if c in fed.byzantine),
+            epsilon=epsilon,
+            latency_s=time.perf_counter() - t0,
+        )
+        records.append(record)
+        if on_round is not None:
+            on_round(record)
+    return RunResult(
+        config=config.to_json(),
+        rounds=records,
+        byzantine_clients=fed.byzantine,
+        path="direct",
+        broker=None,
+        wall_s=time.perf_counter() - start,
+        ended=ended,
+        notes=notes,
+    )

@@ -1,0 +1,123 @@
+"""Entry points behind ``qflare simulate``: check everything, run, write the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from qflare.sim.config import NO_ATTACK, SimConfig, SimConfigError, validate
+from qflare.sim.console import round_progress, summary_table
+from qflare.sim.data import DatasetUnavailable, dataset_names, load_dataset
+from qflare.sim.federation import Federation
+from qflare.sim.report import RunResult, write_report
+
+BROKER_SCHEMES = ("memory://", "amqp://", "amqps://")
+
+
+def plan_noise(config: SimConfig) -> SimConfig:
+    """Turn ``target_epsilon`` into a noise multiplier for the whole run (and a budget)."""
+    if config.target_epsilon is None:
+        return config
+    from qflare.sim.robust_glue import noise_for_epsilon
+
+    try:
+        z = noise_for_epsilon(config.target_epsilon, config.sample_rate, config.rounds, config.delta)
+    except ValueError as exc:
+        raise SimConfigError(f"--target-epsilon {config.target_epsilon}: {exc}") from None
+    budget = config.epsilon_budget if config.epsilon_budget is not None else config.target_epsilon
+    return replace(config, noise_multiplier=z, epsilon_budget=budget)
+
+
+def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
+    """Validate everything that can be checked before a run starts; return the config to run.
+
+    Raises :class:`SimConfigError` (exit code 2 at the command line) for any problem.
+    """
+    if not broker.startswith(BROKER_SCHEMES):
+        raise SimConfigError(f"--broker must start with one of {', '.join(BROKER_SCHEMES)}, got {broker!r}")
+    validate(config)
+    if config.dp_on and config.target_epsilon is not None:
+        raise SimConfigError("give either --noise-multiplier or --target-epsilon, not both")
+    config = plan_noise(config)
+    if config.dataset not in dataset_names():  # pragma: no cover - validate() checked it
+        raise SimConfigError(f"unknown data set {config.dataset!r}")
+    try:
+        data = load_dataset(config.dataset)
+    except DatasetUnavailable as exc:
+        raise SimConfigError(str(exc)) from None
+    try:
+        Federation.split(config, data)
+    except ValueError as exc:
+        raise SimConfigError(f"cannot split {config.dataset} among {config.clients} clients: {exc}") from None
+    return config
+
+
+def list_choices() -> Table:
+    from qflare.robust import list_rules
+
+    from qflare.sim.robust_glue import attack_names
+
+    rules = list_rules()
+    table = Table(title="qflare simulate: choices", show_header=True, header_style="bold")
+    table.add_column("option")
+    table.add_column("values")
+    table.add_row("--attack", ", ".join(attack_names()))
+    table.add_row("--rule (last part)", ", ".join(rules["rules"]))
+    table.add_row("--rule (pre-aggregators)", ", ".join(rules["pre"]))
+    table.add_row("--dataset", ", ".join(dataset_names()))
+    return table
+
+
+def execute(
+    config: SimConfig,
+    *,
+    direct: bool,
+    broker: str,
+    console: Console,
+    progress: bool,
+    label: str,
+    tui: bool = False,
+) -> RunResult:
+    """One run by the chosen path, with a progress bar."""
+    federation = Federation.build(config)
+    with round_progress(console, label, config.rounds, enabled=progress) as on_round:
+        if direct:
+            from qflare.sim.direct import run_direct
+
+            return run_direct(config, federation, on_round=on_round)
+        from qflare.sim.services import run_services
+
+        return run_services(config, federation, broker=broker, on_round=on_round, tui=tui)
+
+
+def run_simulation(
+    config: SimConfig,
+    *,
+    out: Path,
+    broker: str,
+    direct: bool,
+    baseline: bool,
+    tui: bool,
+    console: Console,
+    progress: bool,
+) -> int:
+    result = execute(
+        config, direct=direct, broker=broker, console=console, progress=progress and not tui,
+        label=f"{config.attack} vs {config.rule}", tui=tui,
+    )
+    base: RunResult | None = None
+    if baseline:
+        base_config = replace(config, attack=NO_ATTACK)
+        base = execute(
+            base_config, direct=direct, broker=broker, console=console, progress=progress,
+            label="no-attack baseline",
+        )
+    written = write_report(out, result, base)
+    console.print(summary_table(result, base))
+    console.print(f"report: {', '.join(str(p) for p in written)}")
+    acc = result.final_accuracy
+    return 0 if acc is not None and math.isfinite(acc) else 1

@@ -1,0 +1,348 @@
+"""The services path: the real services on one bus, simulated participants using the SDK.
+
+One run:
+
+1. a fresh federation is provisioned into a temporary folder (CA, one identity per
+   service, one kit per client: ``qflare provision``'s own code);
+2. the services start in-process on the chosen bus (``memory://`` or RabbitMQ, under a
+   per-run name prefix) with ``run_in_process``; the job is submitted with the initial
+   model;
+3. every client is a :class:`qflare.client.Participant` (verifies the aggregator's model,
+   signs and seals its update to ingest). Its ``compute_update`` is the simulator's local
+   training; a Byzantine client's update goes through the SDK's ``update_transform`` hook,
+   which swaps in the coalition's poisoned update;
+4. an observer queue reads what the services publish — ``round.opened`` (who was
+   selected), ``round.verdict`` (who was flagged), ``model.published`` (epsilon, and on the
+   broadcast exchange the model's tensors) and ``job.ended`` — verifies each envelope,
+   evaluates every published model on the test set and publishes ``metrics.evaluated``
+   (signed as the operator) for the TUI. The report is built only from those messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
+from qflare.crypto import provision
+from qflare.messages import MetricsEvaluated, encode, open_envelope
+from qflare.runtime import JobSpec, load_settings, run_in_process
+from qflare.sim.config import SIM_JOB, SimConfig
+from qflare.sim.federation import Federation
+from qflare.sim.model import Params
+from qflare.sim.report import RoundRecord, RunResult
+
+RoundCallback = Callable[[RoundRecord], None]
+
+#: Seconds a whole job may take before the run is abandoned as stuck.
+JOB_TIMEOUT_S = 1800.0
+#: A round closes when every selected client is in; the deadline only guards a stuck run,
+#: since closing on a deadline would make the round's set depend on timing.
+ROUND_DEADLINE_S = 300.0
+
+
+class SimulationFailed(RuntimeError):
+    """The services did not finish the job (timeout, or it ended without rounds)."""
+
+
+class RoundCache:
+    """One round's training, computed once for all of its participants.
+
+    Participants ask from worker threads; the first computes every participant's update
+    (the coalition needs all honest updates before any Byzantine one can be sent).
+    """
+
+    def __init__(self, federation: Federation) -> None:
+        self.federation = federation
+        self._lock = threading.Lock()
+        self._key: tuple[int, int] | None = None
+        self._trained: dict[str, Params] = {}
+        self._poisoned: dict[str, Params] = {}
+
+    def _ensure(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> None:
+        key = (info.round, info.model_version)
+        with self._lock:
+            if self._key == key:
+                return
+            params = {k: np.asarray(v, dtype=np.float32) for k, v in global_tensors.items()}
+            participants = sorted(info.participants)
+            trained = self.federation.honest_updates(info.round, params, participants)
+            self._poisoned = self.federation.poison(info.round, trained, participants)
+            self._trained = trained
+            self._key = key
+
+    def trained(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> Params:
+        self._ensure(global_tensors, info)
+        return self._trained[info.client]
+
+    def poisoned(self, info: RoundInfo, update: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        with self._lock:
+            return self._poisoned.get(info.client, update)
+
+
+class SimParticipant(Participant):
+    """A participant whose local training is the simulator's (no torch model of its own)."""
+
+    def __init__(self, kit: Kit, cache: RoundCache, num_samples: int, **kwargs: Any) -> None:
+        super().__init__(kit, None, None, **kwargs)
+        self.cache = cache
+        self.num_samples = num_samples
+
+    def compute_update(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> LocalUpdate:
+        return LocalUpdate(dict(self.cache.trained(global_tensors, info)), self.num_samples)
+
+
+@dataclass
+class _Round:
+    participants: tuple[str, ...] | None = None
+    flagged: tuple[str, ...] | None = None
+    epsilon: float | None = None
+    published: bool = False
+    opened_at: float | None = None
+    published_at: float | None = None
+    tensors: Mapping[str, np.ndarray] | None = None
+
+
+@dataclass
+class Observer:
+    """Assembles per-round records from the services' messages, in round order."""
+
+    federation: Federation
+    trust: Any
+    dp_on: bool
+    on_round: RoundCallback | None
+    publish_metrics: Callable[[int, int, float, float], Any] | None = None
+    rounds: dict[int, _Round] = field(default_factory=dict)
+    records: list[RoundRecord] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+    end_detail: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._model = self.federation.new_model()
+
+    def _round(self, r: int) -> _Round:
+        return self.rounds.setdefault(r, _Round())
+
+    async def on_delivery(self, delivery: Delivery) -> Outcome:
+        try:
+            env = open_envelope(delivery.body, self.trust)
+        except Exception as exc:  # noqa: BLE001 - a bad message is a finding, not a crash
+            self.errors.append(f"{delivery.routing_key}: {exc}")
+            return Outcome.REJECT
+        if env.job != SIM_JOB:
+            return Outcome.ACK
+        now = time.perf_counter()
+        body = env.body
+        if env.kind == "round.opened" and delivery.exchange.endswith(topology.EVENTS):
+            r = self._round(env.round)
+            if r.participants is None:
+                r.participants = tuple(sorted(body.participants))
+                r.opened_at = now
+        elif env.kind == "round.verdict":
+            r = self._round(env.round)
+            if r.flagged is None:
+                r.flagged = tuple(sorted(x.client for x in body.flagged))
+        elif env.kind == "model.published":
+            r = self._round(env.round)
+            if body.tensors is not None and body.version == env.round and env.round > 0:
+                r.tensors = body.tensors
+            if body.tensors is None and not r.published:
+                r.published = True
+                r.published_at = now
+                r.epsilon = float(body.epsilon) if self.dp_on and math.isfinite(body.epsilon) else None
+        elif env.kind == "job.ended":
+            self.end_reason = body.reason
+            self.end_detail = body.detail
+        await self._emit_ready()
+        if env.kind == "job.ended" and delivery.exchange.endswith(topology.EVENTS):
+            self.ended.set()
+        return Outcome.ACK
+
+    async def _emit_ready(self) -> None:
+        while True:
+            n = len(self.records) + 1
+            r = self.rounds.get(n)
+            if r is None or r.participants is None or not r.published or r.tensors is None:
+                return
+            if r.flagged is None:
+                r.flagged = ()
+            params = {k: np.asarray(v, dtype=np.float32) for k, v in r.tensors.items()}
+            evaluation = await asyncio.to_thread(self.federation.evaluate, params, self._model)
+            record = RoundRecord(
+                round=n,
+                accuracy=evaluation.accuracy,
+                loss=evaluation.loss,
+                participants=r.participants,
+                flagged=r.flagged,
+                byzantine=tuple(c for c in r.participants if c in self.federation.byzantine),
+                epsilon=r.epsilon,
+                latency_s=(r.published_at or 0.0) - (r.opened_at or 0.0),
+            )
+            r.tensors = None  # the model is evaluated; drop it
+            self.records.append(record)
+            if self.publish_metrics is not None:
+                await self.publish_metrics(n, n, evaluation.accuracy, evaluation.loss)
+            if self.on_round is not None:
+                self.on_round(record)
+
+
+def job_spec(config: SimConfig, ids: tuple[str, ...]) -> JobSpec:
+    budget = config.epsilon_budget if config.epsilon_budget is not None else 1e12
+    return JobSpec(
+        job_id=SIM_JOB,
+        rounds=config.rounds,
+        participants=ids,
+        rule=config.rule_spec,
+        f=config.byzantine,
+        detection=config.detection,
+        sample_rate=config.sample_rate,
+        noise_multiplier=config.noise_multiplier,
+        clip=config.clip,
+        delta=config.delta,
+        epsilon_budget=budget,
+        server_lr=config.server_lr,
+        min_updates=1,
+        deadline_s=ROUND_DEADLINE_S,
+        on_short="abort",
+        seed=config.seed,
+    )
+
+
+async def run_services_async(
+    config: SimConfig,
+    federation: Federation,
+    *,
+    broker: str = "memory://",
+    on_round: RoundCallback | None = None,
+    tui: bool = False,
+    workdir: Path | None = None,
+) -> RunResult:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qflare-sim-") as tmp:
+        root = Path(workdir) if workdir is not None else Path(tmp)
+        pki = provision(root / "pki", clients=config.clients)
+        if tuple(sorted(pki.clients)) != federation.ids:
+            raise SimulationFailed(f"provisioned ids {sorted(pki.clients)[:3]}... differ from the simulation's")
+        trust = pki.trust()
+        amqp = not broker.startswith("memory")
+        # A per-run prefix keeps concurrent runs (and tests) on one RabbitMQ apart.
+        prefix = f"qsim-{uuid.uuid4().hex[:8]}." if amqp else ""
+        url = broker if amqp else f"memory://qflare-sim-{uuid.uuid4().hex[:8]}"
+        bus = await connect_bus(url, prefix=prefix)
+        settings = load_settings(
+            None, env={}, broker=url, prefix=prefix, data_dir=str(root / "data"),
+            pki_dir=str(pki.root), log_level="WARNING",
+        )
+        names = ["alerting", "detector", "ingest", "aggregator"] + (["accountant"] if config.dp_on else [])
+        identities = {n: (pki.identity(n), trust) for n in names}
+        operator = pki.identity("operator")
+
+        async def publish_metrics(round_no: int, version: int, accuracy: float, loss: float) -> None:
+            body = MetricsEvaluated(
+                model_version=version, accuracy=accuracy,
+                loss=loss if math.isfinite(loss) else 1e30, num_examples=len(federation.data.test),
+            )
+            data = encode("metrics.evaluated", body, operator, job=SIM_JOB, round=round_no)
+            await bus.publish(topology.EVENTS, f"metrics.evaluated.{SIM_JOB}", data)
+
+        observer = Observer(federation, trust, config.dp_on, on_round, publish_metrics)
+        cache = RoundCache(federation)
+        participants = []
+        for cid in federation.ids:
+            kit = Kit.load(pki.clients[cid])
+            byzantine = cid in federation.byzantine
+            participants.append(
+                SimParticipant(
+                    kit, cache, len(federation.shards[cid]), broker=bus, jobs=[SIM_JOB],
+                    update_transform=(lambda update, info: cache.poisoned(info, update)) if byzantine else None,
+                )
+            )
+        spec = job_spec(config, federation.ids)
+        watch = QueueSpec(
+            f"sim-observer-{uuid.uuid4().hex[:8]}",
+            bindings=(
+                (topology.EVENTS, f"round.opened.{SIM_JOB}"),
+                (topology.EVENTS, f"round.verdict.{SIM_JOB}"),
+                (topology.EVENTS, f"model.published.{SIM_JOB}"),
+                (topology.EVENTS, f"job.ended.{SIM_JOB}"),
+                (topology.BROADCAST, f"{SIM_JOB}.model.published"),
+            ),
+            single_active=True,
+        )
+        try:
+            sub = await bus.consume(watch, observer.on_delivery, prefetch=1)
+            async with run_in_process(settings, bus, services=names, identities=identities) as running:
+                for p in participants:
+                    await p.start()
+                try:
+                    await running.submit_job(spec, dict(federation.initial))
+                    job = asyncio.ensure_future(observer.ended.wait())
+                    if tui:
+                        await _watch_in_tui(bus, trust, spec, settings, job)
+                    await asyncio.wait_for(job, JOB_TIMEOUT_S)
+                finally:
+                    for p in participants:
+                        await p.stop()
+            await sub.cancel()
+        finally:
+            if amqp:
+                await _delete_topology(bus)
+            await bus.close()
+    if observer.errors:
+        raise SimulationFailed(f"the observer rejected messages: {observer.errors[:3]}")
+    ended = observer.end_reason or "unknown"
+    notes = [f"job ended: {ended} ({observer.end_detail})"] if ended != "completed" else []
+    return RunResult(
+        config=config.to_json(),
+        rounds=observer.records,
+        byzantine_clients=federation.byzantine,
+        path="services",
+        broker=broker.split("@")[-1] if amqp else "memory://",
+        wall_s=time.perf_counter() - start,
+        ended=ended,
+        notes=notes,
+    )
+
+
+async def _delete_topology(bus: Bus) -> None:
+    delete_all = getattr(bus, "delete_all", None)
+    if delete_all is not None:
+        try:
+            await delete_all()
+        except Exception:  # noqa: BLE001 - cleanup must not hide the run's result
+            pass
+
+
+async def _watch_in_tui(bus: Bus, trust: Any, spec: JobSpec, settings: Any, job: asyncio.Future) -> None:
+    from qflare.tui import run_console_in_process  # type: ignore[attr-defined]
+    from qflare.tui.events import JobDeclared  # type: ignore[import-not-found]
+
+    await run_console_in_process(
+        bus, trust=trust,
+        jobs=[JobDeclared(spec.job_id, 0, time.time(), epsilon_budget=spec.epsilon_budget, rounds=spec.rounds)],
+        state_dir=settings.data_dir,
+    )
+
+
+def run_services(
+    config: SimConfig,
+    federation: Federation,
+    *,
+    broker: str = "memory://",
+    on_round: RoundCallback | None = None,
+    tui: bool = False,
+) -> RunResult:
+    return asyncio.run(run_services_async(config, federation, broker=broker, on_round=on_round, tui=tui))

@@ -1,0 +1,76 @@
+"""Option validation: impossible settings fail before anything starts, with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from qflare.cli import main
+from qflare.sim.config import SimConfig, SimConfigError, validate
+from qflare.sim.robust_glue import resolve_rule_spec
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rule": "krum", "clients": 10, "byzantine": 5, "detection": False}, "needs n > 2f, got n=10, f=5"),
+        ({"rule": "bulyan", "clients": 20, "byzantine": 5}, r"n >= 4f \+ 3, got n=20, f=5"),
+        ({"byzantine": 21}, "must be smaller than --clients"),
+        ({"attack": "teleport"}, "unknown attack 'teleport'"),
+        ({"rule": "nnm+wishful"}, "unknown rule 'wishful'"),
+        ({"rule": "median+mean"}, "unknown pre-aggregator 'median'"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": -0.5}, "alpha"),
+        ({"byzantine": 0}, "needs --byzantine >= 1"),
+        ({"rounds": 0}, "--rounds must be >= 1"),
+        ({"lr": 0.0}, "--lr must be a positive number"),
+        ({"clip": -1.0}, "--clip must be > 0"),
+        ({"delta": 1.0}, r"--delta must be in \(0, 1\)"),
+        ({"dataset": "imagenet"}, "unknown data set 'imagenet'"),
+        ({"attack": "gaussian", "attack_options": {"sigma": -1.0}}, "sigma"),
+        ({"byzantine": 10, "clients": 20, "rule": "mean"}, "detection needs 2f < n"),
+    ],
+)
+def test_impossible_settings_are_refused(changes: dict, message: str) -> None:
+    with pytest.raises(SimConfigError, match=message):
+        validate(SimConfig(**changes))
+
+
+def test_defaults_and_crude_attack_aliases_are_valid() -> None:
+    validate(SimConfig())
+    assert SimConfig(attack="sign-flip").attack == "sign_flip"
+    assert SimConfig(attack="large-deviation").attack == "large"
+    assert SimConfig(attack="min-max").attack == "minmax"
+    validate(SimConfig(attack="optimal-alie", rule="nnm+multikrum"))
+
+
+def test_rule_spec_gets_f_only_where_missing() -> None:
+    assert resolve_rule_spec("nnm+multikrum", 6) == "nnm(f=6)+multikrum(f=6)"
+    assert resolve_rule_spec("krum(f=2)", 6) == "krum(f=2)"
+    assert resolve_rule_spec("mean", 6) == "mean"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rule", "krum", "--clients", "8", "--byzantine", "4", "--no-detection"], "n > 2f"),
+        (["--byzantine", "30"], "smaller than --clients"),
+        (["--attack", "nope"], "unknown attack"),
+        (["--alpha", "0"], "alpha"),
+        (["--broker", "http://x"], "--broker must start with"),
+        (["--dataset", "fashion-mnist-typo"], "unknown data set"),
+    ],
+)
+def test_cli_exits_2_before_starting(argv: list[str], message: str, capsys, tmp_path) -> None:
+    out = tmp_path / "out"
+    code = main(["simulate", "--out", str(out), *argv])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert message in " ".join((captured.out + captured.err).split())
+    assert not out.exists()
+
+
+def test_cli_refuses_both_noise_and_target_epsilon(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--noise-multiplier", "1", "--target-epsilon", "3"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
