@@ -11,6 +11,7 @@ import asyncio
 import json
 import shutil
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,8 @@ def loaded() -> Iterator[dict]:
     doc["users"].append({"name": names["ingest"], "password_hash": rabbit_password_hash(pw["ingest"]),
                          "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []})
     doc["permissions"].append(permissions("ingest", names["ingest"], vhost))
+    # the test itself plays operator through guest
+    doc["permissions"].append({"user": "guest", "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
     # Debian's rabbitmqctl runs as the rabbitmq user: the file must be readable by it
     # (pytest's tmp_path is 0700), and this rabbitmqctl does not read "-" (stdin).
     fd, name = tempfile.mkstemp(prefix="qflare-defs-", suffix=".json")
@@ -65,28 +68,34 @@ def loaded() -> Iterator[dict]:
         path.chmod(0o644)
         result = _ctl("import_definitions", str(path))
         assert result.returncode == 0, result.stderr + result.stdout
-        _wait_imported(vhost, names["b"])
-        # the test itself plays operator through guest
-        assert _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*").returncode == 0
+        asyncio.run(_wait_imported(vhost, names["b"], pw["b"]))
         yield {"vhost": vhost, "names": names, "pw": pw, "doc": doc}
     finally:
         path.unlink(missing_ok=True)
-        _ctl("delete_vhost", vhost)
-        for user in names.values():
-            _ctl("delete_user", user)
+        # in parallel: each rabbitmqctl start costs about a second of Erlang boot
+        procs = [subprocess.Popen(["rabbitmqctl", "-q", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for cmd in (["delete_vhost", vhost], *(["delete_user", u] for u in names.values()))]
+        for proc in procs:
+            proc.wait(timeout=60)
 
 
-def _wait_imported(vhost: str, last_user: str, timeout: float = 30.0) -> None:
-    # import_definitions returns before the import finished ("asynchronous" in 3.10)
+async def _wait_imported(vhost: str, user: str, password: str, timeout: float = 30.0) -> None:
+    # import_definitions returns before the import finished ("asynchronous" in 3.10): wait
+    # until the last user can log in and see its queue (over AMQP: cheaper than rabbitmqctl)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = _ctl("list_permissions", "-p", vhost)
-        if out.returncode == 0 and last_user in out.stdout:
-            queues = _ctl("list_queues", "-p", vhost, "name")
-            if "client." + last_user in queues.stdout:
+    while True:
+        try:
+            conn = await aio_pika.connect(f"amqp://{user}:{password}@{HOST}/{vhost}", timeout=5)
+            try:
+                ch = await conn.channel()
+                await ch.get_queue(f"client.{user}", ensure=True)
                 return
-        time.sleep(0.3)
-    raise AssertionError(f"definitions for {vhost} not imported within {timeout}s")
+            finally:
+                await conn.close()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"definitions for {vhost} not imported within {timeout}s") from None
+            await asyncio.sleep(0.3)
 
 
 def _url(loaded: dict, who: str) -> str:
@@ -119,8 +128,6 @@ def test_definitions_declare_the_topology(loaded: dict) -> None:
     assert queues[f"client.{a}"]["arguments"]["x-queue-type"] == "quorum"
     listed = _ctl("list_queues", "-p", loaded["vhost"], "name", "policy")
     assert f"client.{a}" in listed.stdout and "qflare-client-queues" in listed.stdout
-    users = _ctl("list_users").stdout
-    assert a in users and loaded["names"]["b"] in users
 
 
 async def test_client_writes_only_to_qflare_client_and_reads_only_its_queue(loaded: dict) -> None:
@@ -205,4 +212,40 @@ def test_example_file_in_compose_is_current() -> None:
     doc = json.loads(path.read_text())
     assert {e["name"] for e in doc["exchanges"]} == set(topology.EXCHANGES)
     clients = [p for p in doc["permissions"] if p["user"].startswith("client-")]
-    assert clients and all(p["read"].endswith(f"client\\.{p['user']})$") for p in clients)
+    assert clients and all(p["read"].endswith(re.escape(f"client.{p['user']}") + ")$") for p in clients)
+    assert {q["name"] for q in doc["queues"]} >= {"ingest", "alerting", "alerting.dead", "client.client-000"}
+
+
+def test_compose_file_runs_a_service_per_role_with_its_own_broker_user() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "compose"
+    doc = yaml.safe_load((root / "docker-compose.yml").read_text())
+    services = doc["services"]
+    replicas = {name: services[name]["deploy"]["replicas"]
+                for name in ("ingest", "detector", "aggregator", "accountant", "alerting")}
+    assert replicas["ingest"] >= 2 and replicas["alerting"] >= 1
+    assert all(replicas[n] == 1 for n in ("detector", "aggregator", "accountant"))
+    for name in replicas:
+        command = " ".join(services[name]["command"])
+        assert f"qflare serve {name}" in command
+        assert f"amqp://qflare-{name}:" in command and f"/pki/services/{name}/broker_password" in command
+    assert "load_definitions = /pki/definitions.json" in (root / "rabbitmq.conf").read_text()
+    assert "qflare broker-definitions --kit /pki" in " ".join(services["provision"]["command"])
+
+
+def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> None:
+    from qflare.commands.broker import definitions_for_kit
+    from qflare.crypto import provision
+
+    provision(tmp_path, clients=2)
+    doc = definitions_for_kit(tmp_path, vhost="qflare", prefix="", example=False)
+    pw = (tmp_path / "clients" / "client-000" / "broker_password")
+    assert pw.exists() and oct(pw.stat().st_mode & 0o777) == "0o600"
+    users = {u["name"]: u for u in doc["users"]}
+    assert set(users) >= {"client-000", "client-001", "qflare-ingest", "qflare-aggregator"}
+    assert all(u["password_hash"] for u in users.values())
+    # a second run keeps the passwords (so running services keep working)
+    first = pw.read_text()
+    again = definitions_for_kit(tmp_path, vhost="qflare", prefix="", example=False)
+    assert pw.read_text() == first and len(again["users"]) == len(doc["users"])
