@@ -9,7 +9,8 @@ wall times of ours, of a plain vectorised NumPy floor (the same maths written th
 shortest fast way: Gram-matrix distances, a sort along axis 0), of ByzFL 0.0.11 (NumPy
 and torch inputs, the faster counts) and of Flower 1.42's aggregate.py where it has the
 rule. Printed: ours / floor, fastest peer / ours, and the peak extra memory of ours as a
-multiple of the input (resident memory sampled during a separate untimed call). Peers
+multiple of the input (kernel high-water mark of resident memory over a separate untimed
+call). Peers
 whose memory would not fit (ByzFL NNM gathers n x (n - f) x d) or whose Python loops
 would run for minutes are skipped with the reason printed. Then the detection table:
 precision / recall of ``detect`` at n=20, f=6, d=1e4 under each attack.
@@ -22,8 +23,7 @@ import gc
 import math
 import sys
 import time
-import os
-import threading
+import ctypes
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +39,6 @@ SIZES = [(10, 1_000_000), (50, 1_000_000), (100, 100_000), (200, 100_000)]
 RULES = ["mean", "median", "trimmed_mean", "krum", "multikrum", "geomed", "cc", "bulyan",
          "mda", "monna", "meamed", "caf", "smea", "nnm", "bucketing", "clip", "arc"]
 MAX_SUBSETS = 200_000
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ---------------------------------------------------------------- floors (plain NumPy)
@@ -245,37 +244,33 @@ def best_time(fn: Callable[[Any], Any], arg: Any, repeats: int) -> float:
     return min(ts)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
+_LIBC = ctypes.CDLL("libc.so.6")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def peak_extra(fn: Callable[[Any], Any], arg: Any) -> int:
-    """Peak resident memory above the level before the call, sampled every 0.5 ms.
+    """Peak resident memory of one call above the level before it.
 
-    RSS rather than tracemalloc because torch's allocations are invisible to the latter;
-    large blocks are mmap'ed and returned on free, so each call starts from a clean level.
+    Free heap pages are handed back first (malloc_trim) so that the call must fault in
+    what it allocates, then the kernel's high-water mark is reset (clear_refs 5) and read
+    after (VmHWM). Unlike tracemalloc this sees torch's allocations too.
     """
     gc.collect()
-    base = _rss()
-    peak = [base]
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.0005)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    try:
-        out = fn(arg)
-        peak[0] = max(peak[0], _rss())
-        del out
-    finally:
-        done.set()
-        th.join()
-    return max(0, peak[0] - base)
+    _LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _status("VmRSS:")
+    out = fn(arg)
+    peak = _status("VmHWM:")
+    del out
+    return max(0, peak - base)
 
 
 def feasible(rule: str, n: int, f: int) -> str | None:
@@ -288,7 +283,7 @@ def feasible(rule: str, n: int, f: int) -> str | None:
 
 def bench_size(n: int, d: int, rules: list[str], repeats: int, use_peers: bool, bz: Any, fa: Any) -> None:
     f = n // 5
-    x = np.random.default_rng(n + d).normal(size=(n, d)).astype(np.float32)
+    x = np.random.default_rng(n + d).standard_normal((n, d), dtype=np.float32)
     xt = torch.from_numpy(x)
     in_bytes = x.nbytes
     res = [([row], 1) for row in x]

@@ -192,6 +192,12 @@ def closest_window_mean(s: np.ndarray, centre: np.ndarray, k: int) -> np.ndarray
     The k values nearest a point form a contiguous window of the sorted column, so slide
     the window over the n - k + 1 starts instead of materialising |x - centre| (n x d).
     """
+    d = s.shape[1]
+    step = 1 << 14
+    if d > step:
+        # Column blocks keep the float64 running sums small next to s.
+        return np.concatenate([closest_window_mean(s[:, j:j + step], centre[j:j + step], k)
+                               for j in range(0, d, step)])
     n = s.shape[0]
     acc = s[:k].sum(axis=0, dtype=np.float64)
     best = acc.copy()

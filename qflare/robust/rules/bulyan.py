@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import drop_nonfinite, register_rule
-from .._core import (closest_window_mean, median_from_sorted, pairwise_sq_dists, require,
-                     sorted_rows)
+from .._core import closest_window_mean, median_from_sorted, pairwise_sq_dists, require
 from ._fbase import FRule
 
 
@@ -39,7 +38,8 @@ def bulyan(x: np.ndarray, f: int, neighbour_offset: int = 1) -> np.ndarray:
     theta = n - 2 * f
     beta = theta - 2 * f
     picked = bulyan_select(pairwise_sq_dists(x), f, theta, neighbour_offset)
-    s = sorted_rows(x[np.sort(picked)])
+    s = x[np.sort(picked)]
+    s.sort(axis=0)  # in place on the gathered copy: one n x d copy, not two
     return closest_window_mean(s, median_from_sorted(s), beta)
 
 

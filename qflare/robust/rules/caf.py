@@ -5,7 +5,8 @@ Participants", ICML 2025. Requirement: n > 2f.
 Soft weights c (all 1 at first) are lowered, while sum(c) > n - 2f, in proportion to
 each update's squared projection on the top eigenvector of the c-weighted covariance;
 the weighted mean with the smallest top eigenvalue seen is returned. The eigenpair is
-exact, computed on the n x n Gram matrix (the top eigenvector lies in the span of the
+exact, computed on the n x n Gram matrix, and tau_max is taken over the updates with
+positive weight (see the loop) (the top eigenvector lies in the span of the
 centred updates); ByzFL uses one power iteration from a random start, so the two agree
 exactly only where that estimate is exact (d = 1).
 """
@@ -19,34 +20,41 @@ from .._core import centred_gram, combine
 from ._fbase import FRule
 
 
+def caf(x: np.ndarray, f: int, tau_over: str = "weighted") -> np.ndarray:
+    """CAF on finite rows; ``tau_over="all"`` reproduces ByzFL's tau_max (tests only)."""
+    n = x.shape[0]
+    g = centred_gram(x)
+    c = np.ones(n)
+    best_a, best_val = c / n, np.inf
+    while c.sum() > n - 2 * f:
+        a = c / c.sum()
+        ga = g @ a
+        # Gram of the differences x_i - mu_c.
+        gd = g - ga[:, None] - ga[None, :] + a @ ga
+        s = np.sqrt(c)
+        vals, vecs = np.linalg.eigh(s[:, None] * gd * s[None, :] / c.sum())
+        lam, u = vals[-1], vecs[:, -1]
+        if lam < best_val:
+            best_val, best_a = lam, a
+        if lam <= 0:
+            break
+        proj = gd @ (s * u)
+        tau = proj * proj
+        # Max over the updates still weighted: each pass zeroes at least one weight, so
+        # the loop ends within n passes. ByzFL takes it over all updates; once a far
+        # outlier is zeroed its tau dwarfs the rest and the weights barely move.
+        tau_max = tau.max() if tau_over == "all" else tau[c > 0].max()
+        if tau_max <= 0:
+            break
+        c = np.maximum(c * (1.0 - tau / tau_max), 0.0)
+    return combine(x, best_a)
+
+
 @register_rule
 class CAF(FRule):
     name = "caf"
 
     def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
-        n0 = x.shape[0]
-        self.check_n(n0)
+        self.check_n(x.shape[0])
         x, _, f = drop_nonfinite(x, None, self.f, self.name)
-        n = x.shape[0]
-        g = centred_gram(x)
-        c = np.ones(n)
-        best_a, best_val = c / n, np.inf
-        while c.sum() > n - 2 * f:
-            a = c / c.sum()
-            ga = g @ a
-            # Gram of the differences x_i - mu_c.
-            gd = g - ga[:, None] - ga[None, :] + a @ ga
-            s = np.sqrt(c)
-            vals, vecs = np.linalg.eigh(s[:, None] * gd * s[None, :] / c.sum())
-            lam, u = vals[-1], vecs[:, -1]
-            if lam < best_val:
-                best_val, best_a = lam, a
-            if lam <= 0:
-                break
-            proj = gd @ (s * u)
-            tau = proj * proj
-            tau_max = tau.max()
-            if tau_max <= 0:
-                break
-            c = c * (1.0 - tau / tau_max)
-        return combine(x, best_a)
+        return caf(x, f)

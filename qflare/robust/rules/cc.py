@@ -38,10 +38,14 @@ class CenteredClipping(Aggregator):
         n = x.shape[0]
         v = np.zeros(x.shape[1]) if reference is None else reference.astype(np.float64)
         base = np.full(n, 1.0 / n) if w is None else w / w.sum()
+        step = max(1, n // 16)
         for _ in range(self.L):
-            diffs = x - v.astype(x.dtype)
-            norms = row_norms(diffs)
+            vf = v.astype(x.dtype)
+            # Norms of x_i - v in row blocks: no n x d difference array.
+            norms = np.concatenate([row_norms(x[i:i + step] - vf) for i in range(0, n, step)])
             with np.errstate(divide="ignore"):
                 scale = np.minimum(1.0, self.tau / norms)
-            v = v + combine(diffs, base * scale)
+            coef = base * scale
+            # mean_i s_i (x_i - v) = sum_i coef_i x_i - v sum_i coef_i
+            v = v + combine(x, coef) - v * coef.sum()
         return v

@@ -34,7 +34,7 @@ class MoNNA(FRule):
         require(self.idx < n, self.name, f"needs idx < n, got idx={self.idx}, n={n}")
         anchor = x[self.idx]
         # Distances to one row: a direct pass in row blocks, no n x d difference array.
-        step = 8
+        step = max(1, n // 16)
         d2 = np.concatenate([row_norms(x[i:i + step] - anchor) for i in range(0, n, step)]) ** 2
         ok = finite_rows(x) if not np.all(np.isfinite(d2)) else np.ones(n, bool)
         require(bool(ok[self.idx]), self.name, f"the trusted update idx={self.idx} is non-finite")
