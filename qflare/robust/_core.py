@@ -125,8 +125,10 @@ def centred_gram(x: np.ndarray) -> np.ndarray:
 
 
 def centre_gram(g: np.ndarray) -> np.ndarray:
-    r = g.mean(axis=1, keepdims=True)
-    return g - r - r.T + g.mean()
+    # Non-finite rows poison g; callers test the result and drop them (no warning noise).
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = g.mean(axis=1, keepdims=True)
+        return g - r - r.T + g.mean()
 
 
 def row_norms(x: np.ndarray) -> np.ndarray:
