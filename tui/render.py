@@ -7,6 +7,7 @@ whole screen is deterministic.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -154,7 +155,7 @@ def make_alert_cells(alert: AlertRow) -> tuple[RenderableType, ...]:
         Text(alert.kind, style if alert.severity >= Severity.CRITICAL else ""),
         alert.job,
         alert.client or DASH,
-        alert.reason,
+        _clip(alert.reason, 24),
         ack,
         _clip(alert.detail, 70),
     )
@@ -198,6 +199,8 @@ def client_order(clients: Sequence[ClientRow]) -> list[ClientRow]:
 
 def make_budget_gauge(spent: float, budget: float | None, width: int = 20) -> Text:
     """``[██████░░░░] 1.23/4.00 ε (31%)``; red past 90% of the budget."""
+    if math.isinf(spent):
+        return Text("DP off: models released without a privacy guarantee (ε = ∞)", "yellow")
     if budget is None or budget <= 0:
         return Text(f"ε {spent:.3f} spent (budget unknown)", "dim" if spent == 0 else "")
     frac = min(1.0, max(0.0, spent / budget))

@@ -59,6 +59,7 @@ class RoundRow:
     state: str = "granted"
     opened_ts: float | None = None
     closed_ts: float | None = None
+    verdict_ts: float | None = None
     published_ts: float | None = None
     deadline: float | None = None
     expected: int = 0
@@ -382,6 +383,7 @@ class ConsoleState:
         row = self._round(e.job, e.round)
         row.kept = len(e.kept)
         row.flagged = tuple(sorted(f.client for f in e.flagged))
+        row.verdict_ts = e.ts
         row.advance("verdict")
         key = (e.job, e.round)
         for name in e.kept:

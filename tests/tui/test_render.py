@@ -43,6 +43,7 @@ def test_budget_gauge_fill_and_unknown_budget() -> None:
     assert full.plain == "[████] 5.00/4.00 ε (125%)"
     assert "bold red" in {str(span.style) for span in full.spans}
     assert render.make_budget_gauge(0.5, None).plain == "ε 0.500 spent (budget unknown)"
+    assert "DP off" in render.make_budget_gauge(float("inf"), 4.0).plain
 
 
 def test_sparkline_scales_over_unit_interval_and_keeps_the_latest() -> None:
