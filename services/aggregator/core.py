@@ -134,8 +134,9 @@ class Layout:
                 f"model's {list(zip(self.names, self.shapes))}"
             )
 
-    def flatten(self, tensors: Tensors, dtype: type = np.float32) -> np.ndarray:
-        out = np.empty(self.size, dtype=dtype)
+    def flatten(self, tensors: Tensors, dtype: type = np.float32, out: np.ndarray | None = None) -> np.ndarray:
+        """One flat vector (written into ``out`` when given: no intermediate copy)."""
+        out = np.empty(self.size, dtype=dtype) if out is None else out
         offset = 0
         for name in self.names:
             a = np.asarray(tensors[name])
@@ -155,11 +156,22 @@ class Layout:
         return out
 
 
+def row_norm(row: np.ndarray) -> float:
+    """L2 norm accumulated in float64 by pairwise summation: the same bits on every run
+    (BLAS dot products may split the sum by thread count)."""
+    r = row.astype(np.float64)
+    np.square(r, out=r)
+    return float(np.sqrt(np.add.reduce(r)))
+
+
 def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
-    """Scale each row to L2 norm at most ``clip`` (rows already inside are untouched)."""
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
-    return (x * scale[:, None].astype(x.dtype)).astype(x.dtype, copy=False)
+    """Scale each row of ``x`` in place to L2 norm at most ``clip`` (rows already inside are
+    untouched); returns ``x``."""
+    for i in range(x.shape[0]):
+        norm = row_norm(x[i])
+        if norm > clip:
+            x[i] *= np.float32(clip / norm) if x.dtype == np.float32 else clip / norm
+    return x
 
 
 @dataclass(frozen=True)
@@ -199,10 +211,11 @@ def aggregate_round(
         raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
     step = np.zeros(layout.size, dtype=np.float64)
     if chosen:
-        for c in chosen:
+        x = np.empty((len(chosen), layout.size), dtype=np.float32)
+        for i, c in enumerate(chosen):
             layout.check(updates[c], f"update of {c}")
-        x = np.stack([layout.flatten(updates[c]) for c in chosen])
-        x = clip_rows(x, clip)
+            layout.flatten(updates[c], out=x[i])
+        clip_rows(x, clip)
         n = len(chosen)
         f_eff = min(f, (n - 1) // 2)
         agg = get_rule(rule, f=f_eff) if _takes_f(rule) else get_rule(rule)

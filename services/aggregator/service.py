@@ -69,6 +69,9 @@ class Aggregator(Service):
         self._locks: dict[str, asyncio.Lock] = {}
         self._ended: dict[str, asyncio.Event] = {}
         self._models: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        # Updates of open rounds also kept in memory, so aggregation does not read back
+        # what was just written; the files serve restarts.
+        self._held: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = {}
 
     def consumers(self) -> list[Consumer]:
         spec = QueueSpec(
@@ -231,6 +234,7 @@ class Aggregator(Service):
                 return
             raise MessageRejected(Reason.DUPLICATE,
                                   f"{body.client} already has an update in round {env.round}")
+        self._held.setdefault((spec.job_id, env.round), {})[body.client] = dict(body.tensors)
         event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
         await self._maybe_close(spec, env.round)
 
@@ -297,7 +301,11 @@ class Aggregator(Service):
                     f"verdict covers {sorted(kept + flagged)}, round {env.round} closed with {sorted(closed)}",
                 )
             base = await self._model(spec.job_id, r.base_version)
-            updates = await self.store.load_updates(spec.job_id, env.round, kept)
+            held = self._held.get((spec.job_id, env.round), {})
+            missing = [c for c in kept if c not in held]
+            updates = {c: held[c] for c in kept if c in held}
+            if missing:
+                updates.update(await self.store.load_updates(spec.job_id, env.round, missing))
             result = await asyncio.to_thread(
                 aggregate_round,
                 job=spec.job_id, round_no=env.round, seed=spec.seed, base=base, updates=updates,
@@ -320,6 +328,7 @@ class Aggregator(Service):
             r = await self.store.get_round(spec.job_id, env.round)
             assert r is not None
             await self._announce_published(spec, r)
+            self._held.pop((spec.job_id, env.round), None)
             await self.store.drop_round_files(spec.job_id, env.round)
             await self._next(spec, r)
 

@@ -38,6 +38,9 @@ class Detector(Service):
         self.store: DetectorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # (job, round) -> (client, digest) -> tensors: this run's copies, so a verdict does
+        # not read back what was just written; the files serve restarts.
+        self._held: dict[tuple[str, int], dict[tuple[str, bytes], dict[str, Any]]] = {}
 
     def consumers(self) -> list[Consumer]:
         spec = QueueSpec(
@@ -94,6 +97,7 @@ class Detector(Service):
             body = env.body
             await self.store.add_update(env.job, env.round, body.client, body.update_digest,
                                         dict(body.tensors))
+            self._held.setdefault((env.job, env.round), {})[(body.client, body.update_digest)] = dict(body.tensors)
             if await self.store.pending(env.job):
                 await self._try_decide(env.job, env.round)
             return
@@ -120,7 +124,11 @@ class Detector(Service):
                 return
             spec = self.specs[job_id]
             reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
-            updates = await self.store.load(job_id, round_no, refs)
+            held = self._held.get((job_id, round_no), {})
+            updates = {c: held[(c, d)] for c, d in refs if (c, d) in held}
+            rest = [(c, d) for c, d in refs if (c, d) not in held]
+            if rest:
+                updates.update(await self.store.load(job_id, round_no, rest))
             result = await asyncio.to_thread(
                 decide, round_no, updates, f=spec.f, detection=spec.detection, reputation=reputation
             )
@@ -134,6 +142,7 @@ class Detector(Service):
             if await self.store.record_verdict(job_id, round_no, verdict, reputation):
                 event(self.log, "round.verdict", job=job_id, round=round_no,
                       kept=len(result.kept), flagged=[x.client for x in result.flagged])
+                self._held.pop((job_id, round_no), None)
                 await self._publish(job_id, round_no, verdict)
                 await self.store.drop_round_files(job_id, round_no)
 
