@@ -1,1 +1,47 @@
-"""Pure differential-privacy core: mechanism and accounting decisions."""
+"""Pure differential-privacy core: DP-FedAvg mechanism, accounting, budget decisions.
+
+See docs/privacy.md for what the guarantee covers. No I/O here: the accountant service
+(``qflare.services.accountant``) persists the ledger.
+"""
+
+from qflare.privacy.accounting import (
+    VALUE_DISCRETIZATION,
+    Charge,
+    RunningAccount,
+    epsilon,
+    filtered_noise_multiplier,
+    plan_noise,
+    plan_rounds,
+    round_event,
+)
+from qflare.privacy.errors import (
+    BUDGET_EXHAUSTED,
+    CONFLICTING_REQUEST,
+    INVALID_PARAMETERS,
+    UNKNOWN_JOB,
+    PrivacyError,
+)
+from qflare.privacy.ledger import BudgetPolicy, Decision, Ledger, check_request
+from qflare.privacy.mechanism import (
+    AdaptiveClipping,
+    DPFedAvg,
+    NoiseSource,
+    RoundResult,
+    adaptive_sum_noise_multiplier,
+    clip_l2,
+    local_dp_update,
+    local_epsilon,
+    noisy_clipped_sum,
+    poisson_sample,
+)
+
+__all__ = [
+    "VALUE_DISCRETIZATION", "Charge", "RunningAccount", "epsilon", "filtered_noise_multiplier",
+    "plan_noise", "plan_rounds", "round_event",
+    "BUDGET_EXHAUSTED", "CONFLICTING_REQUEST", "INVALID_PARAMETERS", "UNKNOWN_JOB",
+    "PrivacyError",
+    "BudgetPolicy", "Decision", "Ledger", "check_request",
+    "AdaptiveClipping", "DPFedAvg", "NoiseSource", "RoundResult",
+    "adaptive_sum_noise_multiplier", "clip_l2", "local_dp_update", "local_epsilon",
+    "noisy_clipped_sum", "poisson_sample",
+]
