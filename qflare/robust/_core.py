@@ -181,35 +181,36 @@ def sorted_rows(x: np.ndarray) -> np.ndarray:
 
 
 def median_from_sorted(s: np.ndarray) -> np.ndarray:
-    """Coordinate-wise median (mean of the two middle values for even n, as np.median)."""
+    """Coordinate-wise median in s's dtype (mean of the two middle values for even n,
+    as np.median)."""
     n = s.shape[0]
     if n % 2:
-        return s[n // 2].astype(np.float64)
-    return (s[n // 2 - 1].astype(np.float64) + s[n // 2]) * 0.5
+        return s[n // 2].copy()
+    return (s[n // 2 - 1] + s[n // 2]) * s.dtype.type(0.5)
 
 
 def closest_window_mean(s: np.ndarray, centre: np.ndarray, k: int) -> np.ndarray:
-    """Per coordinate, the mean of the k sorted values closest to centre.
+    """Per coordinate, the mean of the k sorted values closest to centre (s's dtype).
 
     The k values nearest a point form a contiguous window of the sorted column, so slide
-    the window over the n - k + 1 starts instead of materialising |x - centre| (n x d).
+    the window over the n - k + 1 starts instead of materialising |x - centre| (n x d);
+    column blocks keep the float64 running sums small next to s.
     """
-    d = s.shape[1]
+    n, d = s.shape
+    out = np.empty(d, dtype=s.dtype)
     step = 1 << 14
-    if d > step:
-        # Column blocks keep the float64 running sums small next to s.
-        return np.concatenate([closest_window_mean(s[:, j:j + step], centre[j:j + step], k)
-                               for j in range(0, d, step)])
-    n = s.shape[0]
-    acc = s[:k].sum(axis=0, dtype=np.float64)
-    best = acc.copy()
-    with np.errstate(invalid="ignore"):
-        best_far = np.maximum(centre - s[0], s[k - 1] - centre)
-        for j in range(1, n - k + 1):
-            acc += s[j + k - 1]
-            acc -= s[j - 1]
-            far = np.maximum(centre - s[j], s[j + k - 1] - centre)
-            better = far < best_far
-            best_far = np.where(better, far, best_far)
-            best = np.where(better, acc, best)
-    return best / k
+    for j in range(0, d, step):
+        sb, cb = s[:, j:j + step], centre[j:j + step].astype(np.float64)
+        acc = sb[:k].sum(axis=0, dtype=np.float64)
+        best = acc.copy()
+        with np.errstate(invalid="ignore"):
+            best_far = np.maximum(cb - sb[0], sb[k - 1] - cb)
+            for i in range(1, n - k + 1):
+                acc += sb[i + k - 1]
+                acc -= sb[i - 1]
+                far = np.maximum(cb - sb[i], sb[i + k - 1] - cb)
+                better = far < best_far
+                best_far = np.where(better, far, best_far)
+                best = np.where(better, acc, best)
+        out[j:j + step] = best / k
+    return out

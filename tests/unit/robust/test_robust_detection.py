@@ -1,0 +1,158 @@
+"""Detection verdicts, reputation across rounds, attacks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qflare.robust import (INSUFFICIENT, OK, Reputation, detect, flip_labels, get_attack,
+                           get_rule, list_attacks)
+
+N, F, D = 20, 6, 10_000
+
+
+def round_with(attack: str, seed: int, **kw):
+    rng = np.random.default_rng(seed)
+    mu = 0.1 * rng.normal(size=D)           # common direction: cosine to mu about 0.7
+    honest = (mu + 0.1 * rng.normal(size=(N - F, D))).astype(np.float32)
+    byz = get_attack(attack, **kw)(honest, F, rng=seed)
+    return np.concatenate([honest, byz])
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "gaussian", "inf", "large", "ipm"])
+def test_crude_attacks_are_caught(attack: str) -> None:
+    tp = fp = 0
+    for seed in range(3):
+        v = detect(round_with(attack, seed), F)
+        assert v.status == OK
+        flagged = {int(c) for c in v.flagged}
+        tp += len(flagged & set(range(N - F, N)))
+        fp += len(flagged - set(range(N - F, N)))
+    assert tp / (3 * F) >= 0.9, f"recall {tp / (3 * F):.2f}"
+    assert tp / max(1, tp + fp) >= 0.9, f"precision {tp / max(1, tp + fp):.2f}"
+
+
+def test_honest_round_mostly_kept() -> None:
+    rng = np.random.default_rng(11)
+    mu = 0.1 * rng.normal(size=D)
+    x = (mu + 0.1 * rng.normal(size=(N, D))).astype(np.float32)
+    v = detect(x, F)
+    assert len(v.flagged) <= 1 and len(v.kept) >= N - 1
+
+
+def test_verdict_content_and_ids() -> None:
+    x = round_with("sign_flip", 0)
+    ids = [f"client-{i}" for i in range(N)]
+    v = detect(torch.from_numpy(x), F, ids=ids)
+    assert set(v.kept) | set(v.flagged) == set(ids) and not set(v.kept) & set(v.flagged)
+    bad = v.reasons["client-19"]
+    assert "krum" in bad and "cosine" in bad
+    assert set(v.scores["client-0"]) >= {"krum", "krum_z", "distance", "cosine", "norm", "norm_z"}
+    assert v.scores["client-19"]["cosine"] < 0 < v.scores["client-0"]["cosine"]
+    json.dumps(v.to_dict())
+    with pytest.raises(ValueError, match="ids must be 20 distinct names"):
+        detect(x, F, ids=ids[:-1])
+
+
+def test_too_few_updates_is_a_verdict_not_an_error() -> None:
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    x[2] = np.nan
+    v = detect(x, 2)
+    assert v.status == INSUFFICIENT
+    assert v.flagged == ("2",) and v.kept == ("0", "1", "3")
+    assert "3 finite updates, detection needs at least 5 for f=2" in v.message
+    assert detect(x[:1], 0).status == INSUFFICIENT
+
+
+def test_reputation_quarantines_repeat_offenders_only() -> None:
+    rep = Reputation(decay=0.8, penalty=1.0, threshold=2.5, quarantine_rounds=5)
+    # "a" is flagged every round: 1, 1.8, 2.44, 2.952 -> quarantined at round 4 until 9
+    # "b" every fifth round: 1, 1 + 0.8**5, ... stays below 2.5
+    got = {r: rep.observe(r, ["a"] + (["b"] if r % 5 == 1 else [])) for r in range(1, 12)}
+    assert got[4] == ["a"] and all(got[r] == [] for r in (1, 2, 3, 5, 6, 7, 8, 9))
+    assert rep.is_quarantined("a", 9) and not rep.is_quarantined("b", 9)
+    fresh = Reputation(decay=0.8, penalty=1.0, threshold=2.5)
+    for r in (1, 2, 3):
+        fresh.observe(r, ["a"])
+    assert fresh.score("a", 3) == pytest.approx(2.44)
+    assert fresh.score("a", 5) == pytest.approx(2.44 * 0.64)
+    assert fresh.score("never", 5) == 0.0
+    assert rep.quarantined(9) == {"a"}
+    state = json.loads(json.dumps(rep.to_dict()))
+    back = Reputation.from_dict(state)
+    assert back.to_dict() == rep.to_dict()
+    with pytest.raises(ValueError, match="older than its last recorded round 11"):
+        rep.observe(3, ["a"])
+    with pytest.raises(ValueError, match="lacks 'decay'"):
+        Reputation.from_dict({"clients": {}})
+    with pytest.raises(ValueError, match="decay must be in"):
+        Reputation(decay=1.5)
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+
+
+def test_attacks_shapes_kinds_and_byzfl() -> None:
+    import peers
+
+    bz = peers.load_byzfl()
+    h = np.random.default_rng(2).normal(size=(9, 25)).astype(np.float32)
+    for name in list_attacks():
+        if name == "label_flip":
+            continue
+        kw = {"rule": "trimmed_mean(f=3)"} if name.startswith("optimal") else {}
+        out = get_attack(name, **kw)(h, 3, rng=0)
+        assert out.shape == (3, 25) and out.dtype == np.float32
+        assert isinstance(get_attack(name, **kw)(torch.from_numpy(h), 3, rng=0), torch.Tensor)
+    np.testing.assert_allclose(get_attack("sign_flip")(h, 1)[0], bz.SignFlipping()(h.copy()), rtol=1e-5)
+    np.testing.assert_allclose(get_attack("ipm", tau=0.5)(h, 1)[0], bz.InnerProductManipulation(0.5)(h.copy()), rtol=1e-5)
+    np.testing.assert_allclose(get_attack("alie")(h, 1)[0], bz.ALittleIsEnough(1.5)(h.copy()), rtol=1e-5)
+    np.testing.assert_array_equal(get_attack("mimic", idx=4)(h, 2), np.stack([h[4], h[4]]))
+    peer = bz.Optimal_InnerProductManipulation(agg=bz.TrMean(3), pre_agg_list=[], f=3)
+    np.testing.assert_allclose(get_attack("optimal_ipm", rule="trimmed_mean(f=3)")(h, 3)[0],
+                               peer(h.copy()), rtol=1e-4)
+    np.testing.assert_array_equal(get_attack("gaussian")(h, 2, rng=5), get_attack("gaussian")(h, 2, rng=5))
+    assert np.all(np.isinf(get_attack("inf")(h, 2)))
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        get_attack("nope")
+    with pytest.raises(TypeError, match="attack ipm"):
+        get_attack("ipm", scale=3)
+
+
+def test_optimal_search_beats_the_default_scale() -> None:
+    h = np.random.default_rng(4).normal(loc=1.0, size=(14, 30)).astype(np.float32)
+    rule = get_rule("trimmed_mean(f=4)")
+    mean = h.mean(0)
+
+    def damage(byz):
+        return float(np.linalg.norm(rule(np.concatenate([h, byz])) - mean))
+
+    assert damage(get_attack("optimal_alie", rule=rule)(h, 4)) >= damage(get_attack("alie")(h, 4))
+    assert damage(get_attack("optimal_ipm", rule=rule)(h, 4)) >= damage(get_attack("ipm")(h, 4))
+
+
+@pytest.mark.parametrize("name", ["minmax", "minsum"])
+def test_min_max_min_sum_sit_on_their_bound(name: str) -> None:
+    h = np.random.default_rng(6).normal(size=(10, 40)).astype(np.float64)
+    z = get_attack(name)(h, 1)[0]
+    d_h = ((h[:, None, :] - h[None, :, :]) ** 2).sum(-1)
+    d_z = ((h - z) ** 2).sum(-1)
+    if name == "minmax":   # max distance to honest equals the largest honest distance
+        assert d_z.max() == pytest.approx(d_h.max(), rel=1e-6)
+    else:                  # sum of squared distances equals the largest honest sum
+        assert d_z.sum() == pytest.approx(d_h.sum(1).max(), rel=1e-6)
+    assert not np.allclose(z, h.mean(0))
+
+
+def test_label_flip() -> None:
+    np.testing.assert_array_equal(flip_labels(np.array([0, 1, 9]), 10), [9, 8, 0])
+    assert torch.equal(get_attack("label_flip", num_classes=3)(torch.tensor([0, 2])), torch.tensor([2, 0]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        flip_labels(np.array([10]), 10)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        flip_labels(np.array([0.5]), 10)
