@@ -191,11 +191,15 @@ class IngestService(Service):
         env = await open_delivery(self, delivery)
         if env.kind == "round.opened":
             body: RoundOpened = env.body  # type: ignore[assignment]
+            try:
+                specs = tensor_specs((t.name, t.dtype, t.shape) for t in body.tensor_spec)
+            except (ValueError, TypeError) as exc:
+                raise MessageRejected(Reason.BAD_SCHEMA, f"round.opened tensor_spec: {exc}") from None
             info = OpenRound(
                 job=env.job,
                 round=env.round,
                 base_version=body.model_version,
-                tensors=tensor_specs((t.name, t.dtype, t.shape) for t in body.tensor_spec),
+                tensors=specs,
                 participants=frozenset(body.participants),
                 deadline=body.deadline,
                 max_norm=self.options.max_update_norm,

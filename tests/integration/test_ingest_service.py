@@ -173,6 +173,18 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
         data[i] ^= 0x01
         return bytes(data)
 
+    def signed_under_another_context() -> bytes:
+        # a valid update envelope whose ML-DSA signature was made with the context string
+        # of another kind (qflare/v1/chunk): domain separation must refuse it
+        import qflare.messages.envelope as envelope_module
+
+        real = envelope_module.context_for
+        envelope_module.context_for = lambda kind: real("chunk")
+        try:
+            return update(fed, "client-009", 1)
+        finally:
+            envelope_module.context_for = real
+
     def chunk_as_update() -> bytes:
         body = {"transfer": b"\x00" * 16, "index": 0, "data": b"x"}
         return encode("chunk", body, fed["client-009"], job=JOB, round=1)
@@ -183,6 +195,7 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
     cases: list[tuple[str, Callable[[], bytes], Reason, str]] = [
         ("forged", forged, Reason.BAD_SIGNATURE, JOB),
         ("wrong-kind", chunk_as_update, Reason.WRONG_KIND, JOB),
+        ("wrong-context", signed_under_another_context, Reason.BAD_SIGNATURE, JOB),
         ("unknown-signer", lambda: update(fed, "client-000", 1, identity=_other_ca_client()),
          Reason.UNKNOWN_SIGNER, JOB),
         ("expired", lambda: update(fed, "client-old", 1, identity=expired), Reason.EXPIRED, JOB),
