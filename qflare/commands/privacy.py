@@ -1,0 +1,116 @@
+"""``qflare privacy epsilon|plan``: privacy budget arithmetic before a job starts.
+
+``epsilon`` reports the PLD epsilon (dp-accounting) of T rounds of DP-FedAvg with Poisson
+client sampling at rate q and noise multiplier z; ``plan`` inverts it for z or for T. The
+numbers hold under the assumptions in docs/privacy.md (user-level add/remove neighbours,
+Poisson sampling, no data-dependent filtering before the noisy sum) and no further.
+Bad arguments exit with code 2 and a message naming the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from qflare.privacy import PrivacyError, epsilon, plan_noise, plan_rounds
+
+
+def _float_in(name: str, low: float, high: float, low_open: bool, high_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text}")
+        return value
+    return parse
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {text}")
+        return value
+    return parse
+
+
+_Q = _float_in("--q", 0.0, 1.0, True, False)
+_Z = _float_in("--z", 0.0, math.inf, True, True)
+_DELTA = _float_in("--delta", 0.0, 1.0, True, True)
+_EPS = _float_in("--epsilon", 0.0, math.inf, True, True)
+_ROUNDS = _positive_int("--rounds")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "privacy", help="privacy budget arithmetic (epsilon of a plan, noise or rounds for a budget)",
+        description="User-level DP-FedAvg accounting with dp-accounting's PLD accountant; "
+                    "see docs/privacy.md for what the numbers cover.")
+    sub = parser.add_subparsers(dest="privacy_command", metavar="ACTION", required=True)
+
+    eps = sub.add_parser("epsilon", help="epsilon of T rounds at sampling rate q, noise z")
+    eps.add_argument("--q", type=_Q, required=True, help="client sampling rate, in (0, 1]")
+    eps.add_argument("--z", type=_Z, required=True, help="noise multiplier (> 0)")
+    eps.add_argument("--rounds", type=_ROUNDS, required=True, help="number of rounds T (>= 1)")
+    eps.add_argument("--delta", type=_DELTA, required=True, help="delta, in (0, 1)")
+    eps.add_argument("--json", action="store_true", help='print {"epsilon": ...}')
+    eps.set_defaults(func=_epsilon)
+
+    plan = sub.add_parser("plan", help="noise multiplier for T rounds, or rounds for noise z")
+    plan.add_argument("--epsilon", type=_EPS, required=True, help="epsilon budget (> 0)")
+    plan.add_argument("--delta", type=_DELTA, required=True, help="delta, in (0, 1)")
+    plan.add_argument("--q", type=_Q, required=True, help="client sampling rate, in (0, 1]")
+    which = plan.add_mutually_exclusive_group(required=True)
+    which.add_argument("--rounds", type=_ROUNDS, help="plan the noise multiplier for T rounds")
+    which.add_argument("--z", type=_Z, help="plan the most rounds at noise multiplier z")
+    plan.add_argument("--json", action="store_true", help='print {"z": ...} or {"rounds": ...}')
+    plan.set_defaults(func=_plan)
+
+
+def _fail(error: PrivacyError) -> int:
+    print(f"qflare privacy: error: {error.detail}", file=sys.stderr)
+    return 2
+
+
+def _epsilon(args: argparse.Namespace) -> int:
+    try:
+        value = epsilon(args.q, args.z, args.rounds, args.delta)
+    except PrivacyError as error:
+        return _fail(error)
+    if args.json:
+        print(json.dumps({"epsilon": value}))
+    else:
+        print(f"epsilon = {value:.4f} at delta = {args.delta:g} after {args.rounds} rounds "
+              f"(q = {args.q:g}, z = {args.z:g}; PLD accountant, user-level, Poisson sampling)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    try:
+        if args.rounds is not None:
+            z = plan_noise(args.epsilon, args.delta, args.q, args.rounds)
+            if args.json:
+                print(json.dumps({"z": z}))
+            else:
+                print(f"z = {z:.4f} keeps {args.rounds} rounds at q = {args.q:g} within "
+                      f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)")
+        else:
+            rounds = plan_rounds(args.epsilon, args.delta, args.q, args.z)
+            if args.json:
+                print(json.dumps({"rounds": rounds}))
+            else:
+                print(f"at most {rounds} rounds at q = {args.q:g}, z = {args.z:g} fit in "
+                      f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)")
+    except PrivacyError as error:
+        return _fail(error)
+    return 0
