@@ -297,3 +297,27 @@ async def test_forged_round_announcement_is_ignored(rig: Rig) -> None:
     alert = await rig.watcher.alert()
     assert alert.body.reason in (Reason.BAD_DIGEST.value, Reason.BAD_SIGNATURE.value)
     assert rig.service.book.get(JOB).round == 1
+
+
+async def test_two_replicas_share_the_load_and_each_learns_the_rounds(rig: Rig, tmp_path: Path) -> None:
+    second = await build_service(
+        "ingest",
+        Settings(data_dir=tmp_path / "second",
+                 services=MappingProxyType({"ingest": {"replica": "r2", "round_news_wait_s": 0.3}})),
+        bus=rig.bus, identity=rig.fed["ingest"], trust=rig.fed.trust(),
+    )
+    await second.start()
+    try:
+        # the second replica learns round 2 from its own round queue
+        await rig.open_round(2, version=1)
+        await asyncio.wait_for(_until(lambda: (second.book.get(JOB) or _NoRound).round == 2), 10)
+        clients = rig.fed.clients[:20]
+        for c in clients:
+            await rig.send(update(rig.fed, c, 2, version=1))
+        got = [await rig.watcher.outcome() for _ in clients]
+        assert all(e.kind == "update.accepted" for e in got)
+        assert sorted(e.body.client for e in got) == sorted(clients)
+        a, b = rig.service.counts["accepted"], second.counts["accepted"]
+        assert a + b == len(clients) and a > 0 and b > 0, (a, b)
+    finally:
+        await second.stop()
