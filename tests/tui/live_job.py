@@ -4,6 +4,14 @@ participants in this process, watched by the console on the same embedded bus.
     tmux new -d -s q -x 160 -y 48 'python -m tests.tui.live_job --out /tmp/qflare-live'
     tmux capture-pane -p -t q
 
+Over RabbitMQ, with the console as its own process (the `qflare tui` command):
+
+    qflare provision --out /tmp/qflare-rmq/pki --clients 8
+    tmux new -d -s q -x 160 -y 48 'qflare tui --broker amqp://guest:guest@127.0.0.1:5672/ \
+        --prefix live- --pki /tmp/qflare-rmq/pki --budget demo=30'
+    python -m tests.tui.live_job --out /tmp/qflare-rmq --broker amqp://guest:guest@127.0.0.1:5672/ \
+        --prefix live- --no-console
+
 Eight participants train a small classifier; two of them (``client-006``, ``client-007``)
 send sign-flipped, scaled updates. An evaluator with the operator identity publishes
 ``metrics.evaluated`` for each new model version (held-out accuracy), so the sparkline
@@ -28,7 +36,7 @@ import torch
 
 from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.client import Participant, RoundInfo, load_tensors, model_tensors
-from qflare.crypto import provision
+from qflare.crypto import Federation, provision
 from qflare.messages import encode, open_envelope
 from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.tui.app import ConsoleApp
@@ -134,9 +142,13 @@ class LatencyProbe:
                 "flagged": sorted({c for (_, _, c) in self.flagged})}
 
 
-async def main(out: Path, rounds: int, exit_after: float | None) -> None:
+async def main(out: Path, rounds: int, exit_after: float | None, broker: str, prefix: str,
+               console: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    fed = provision(out / "pki", clients=CLIENTS, force=True)
+    if (out / "pki" / "ca" / "ca.qc").is_file():     # provisioned beforehand (qflare provision)
+        fed = Federation.at(out / "pki")
+    else:
+        fed = provision(out / "pki", clients=CLIENTS)
     clients = sorted(fed.clients)
     # DP needs the accountant service; without it the job runs with DP off (z = 0).
     dp = importlib.util.find_spec("qflare.services.accountant.service") is not None
@@ -146,13 +158,17 @@ async def main(out: Path, rounds: int, exit_after: float | None) -> None:
         job_id="demo", rounds=rounds, participants=clients, rule="median", f=2, detection=True,
         noise_multiplier=0.3 if dp else 0.0, clip=20.0, epsilon_budget=30.0, seed=11,
         deadline_s=20.0, min_updates=CLIENTS))
-    bus = await connect_bus(f"memory://live-{time.time_ns()}")
+    if broker.startswith("memory"):
+        bus = await connect_bus(f"memory://live-{time.time_ns()}")
+    else:
+        bus = await connect_bus(broker, prefix=prefix)
     settings = load_settings(None, env={}, data_dir=str(out / "data"), pki_dir=str(fed.root))
     ids = {n: (fed.identity(n), fed.trust()) for n in services}
     app = build_console(bus=bus, trust=fed.trust(), state_dir=out / "data",
                         jobs=[JobDeclared("demo", 0, time.time(), rounds=spec.rounds,
                                           epsilon_budget=spec.epsilon_budget if dp else None)])
     probe = LatencyProbe(app)
+    ended = asyncio.Event()
     with terminal_logs_to(out / "services.log"):
         async with run_in_process(settings, bus, services=services, identities=ids) as running:
             evaluator = Evaluator(bus, fed.identity("operator"), fed.trust(), "demo")
@@ -170,14 +186,21 @@ async def main(out: Path, rounds: int, exit_after: float | None) -> None:
                 if exit_after is not None:
                     await asyncio.sleep(exit_after)
                     await app.action_quit()
+                ended.set()
 
             task = asyncio.create_task(job())
-            await app.run_async()
-            task.cancel()
+            if console:
+                await app.run_async()
+                task.cancel()
+            else:
+                await ended.wait()
             for p in parts:
                 await p.stop()
+    if prefix:
+        await bus.delete_all()
     await bus.close()
-    (out / "latency.json").write_text(json.dumps(probe.summary(), indent=2))
+    if console:
+        (out / "latency.json").write_text(json.dumps(probe.summary(), indent=2))
 
 
 if __name__ == "__main__":
@@ -186,5 +209,12 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--exit-after", type=float, default=None,
                         help="quit this many seconds after the job ends (default: wait for q)")
+    parser.add_argument("--broker", default="memory://",
+                        help="amqp://... runs the job over RabbitMQ (watch it with `qflare tui`)")
+    parser.add_argument("--prefix", default="", help="name prefix on RabbitMQ (deleted at the end)")
+    parser.add_argument("--no-console", dest="console", action="store_false",
+                        help="run the job only (watch it from another terminal with `qflare tui`)")
     args = parser.parse_args()
-    asyncio.run(main(args.out, args.rounds, args.exit_after))
+    if not args.console and args.exit_after is None:
+        args.exit_after = 0.0
+    asyncio.run(main(args.out, args.rounds, args.exit_after, args.broker, args.prefix, args.console))
