@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,6 +58,7 @@ class Harness:
     end_reason: str = ""
     opened: list[int] = field(default_factory=list)
     dup_round: int | None = None  # in this round, c0's update goes out again twice
+    aggregator: Any = None
 
     async def start(self) -> None:
         watch = QueueSpec("harness", bindings=(
@@ -99,9 +101,12 @@ class Harness:
         data = encode("update.accepted", body, self.fed.identity("ingest"), job=job, round=round_no)
         await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
         if round_no == self.dup_round and client == "c0":
-            # the same envelope again is a redelivery (no effect, no alert) ...
+            # once the first is stored: the same envelope again is a redelivery (no effect,
+            # no alert); a second acceptance of the same update (another ingest replica) is
+            # a duplicate
+            while self.aggregator is None or await self.aggregator.store.held(job, round_no, client) is None:
+                await asyncio.sleep(0.01)
             await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
-            # ... a second acceptance of the same update (another ingest replica) is a duplicate
             await self.send("ingest", "update.accepted", body, job, round_no)
 
     async def send_updates(self, job: str, round_no: int, opened) -> None:
@@ -131,6 +136,7 @@ async def run_job(fed: Federation, data: Path, spec: JobSpec, harness_kw: dict |
     h = Harness(fed, bus, hold_round=restart_in_round, **(harness_kw or {}))
     await h.start()
     async with run_in_process(settings, bus, services=["detector", "aggregator"], identities=ids) as running:
+        h.aggregator = running.services["aggregator"]
         await running.submit_job(spec, initial_model())
         if restart_in_round is not None:
             while len(h.opened) < restart_in_round:
