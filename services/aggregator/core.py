@@ -8,6 +8,8 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   Learning with Differential Privacy", CCS 2016; McMahan et al., "Learning Differentially
   Private Recurrent Language Models", ICLR 2018). It is seeded per (job, round) from the
   job's secret seed, so a restarted aggregator selects the same clients.
+* Sampling coins and noise come from :class:`qflare.privacy.NoiseSource`
+  (:func:`qflare.privacy.poisson_sample`), seeded per (job, round, purpose).
 * Aggregation follows DP-FedAvg: each kept update (a delta from the round's base model) is
   clipped to L2 norm ``C``; the configured robust rule (``qflare.robust``) combines the
   clipped updates in client-id order; Gaussian noise of std ``z*C`` is added to the sum, and
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qflare.privacy import NoiseSource, poisson_sample
 from qflare.robust import get_rule
 
 Tensors = Mapping[str, np.ndarray]
@@ -60,10 +63,20 @@ def _job_word(job: str) -> int:
     return int.from_bytes(hashlib.sha256(job.encode()).digest()[:8], "big")
 
 
+def round_seed(seed: int, job: str, round_no: int, stream: int) -> int:
+    """A 256-bit seed for one (job, round, purpose), derived from the job's secret seed."""
+    ss = np.random.SeedSequence(entropy=seed, spawn_key=(_job_word(job), round_no, stream))
+    return int.from_bytes(ss.generate_state(8, np.uint32).tobytes(), "little")
+
+
 def round_rng(seed: int, job: str, round_no: int, stream: int) -> np.random.Generator:
     """A generator for one (job, round, purpose), derived from the job's secret seed."""
-    ss = np.random.SeedSequence(entropy=seed, spawn_key=(_job_word(job), round_no, stream))
-    return np.random.Generator(np.random.PCG64(ss))
+    return np.random.Generator(np.random.PCG64(round_seed(seed, job, round_no, stream)))
+
+
+def round_noise(seed: int, job: str, round_no: int, stream: int) -> NoiseSource:
+    """qflare.privacy's noise source for one (job, round, purpose)."""
+    return NoiseSource(round_seed(seed, job, round_no, stream))
 
 
 def select_participants(
@@ -75,8 +88,7 @@ def select_participants(
     ordered = sorted(participants)
     if q == 1.0:
         return tuple(ordered)
-    draws = round_rng(seed, job, round_no, _SELECT).random(len(ordered))
-    return tuple(c for c, u in zip(ordered, draws, strict=True) if u < q)
+    return tuple(poisson_sample(ordered, q, round_noise(seed, job, round_no, _SELECT)))
 
 
 def close_decision(
@@ -229,10 +241,7 @@ def aggregate_round(
             combined *= clip / norm
         step += combined * n
     if noise_multiplier > 0:
-        noise = round_rng(seed, job, round_no, _NOISE).normal(
-            0.0, noise_multiplier * clip, size=layout.size
-        )
-        step += noise
+        step += round_noise(seed, job, round_no, _NOISE).gaussian(noise_multiplier * clip, (layout.size,))
     step /= expected_clients
     step *= server_lr
     base_flat = layout.flatten(base, dtype=np.float64)
