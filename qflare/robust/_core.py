@@ -137,8 +137,15 @@ def row_norms(x: np.ndarray) -> np.ndarray:
 
 
 def mm(a: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """a [m, n] @ x [n, d] in x's dtype through torch (see ``gram``)."""
-    return (torch.from_numpy(np.ascontiguousarray(a, dtype=x.dtype)) @ _t(x)).numpy()
+    """a [m, n] @ x [n, d] in x's dtype: GEMV by NumPy, GEMM through torch (see ``gram``).
+
+    Measured here at n=50, d=1e6: NumPy's GEMV 29 ms, torch's 44 ms.
+    """
+    a = np.ascontiguousarray(a, dtype=x.dtype)
+    if a.shape[0] == 1:
+        with np.errstate(invalid="ignore", over="ignore"):  # see combine's fallback
+            return a @ x
+    return (torch.from_numpy(a) @ _t(x)).numpy()
 
 
 def sq_dists_from_gram(g: np.ndarray) -> np.ndarray:
