@@ -313,8 +313,8 @@ def bench_size(n: int, d: int, rules: list[str], repeats: int, use_peers: bool, 
             peer_cells.append("-")
         if use_peers and fa is not None and flwr_fn(fa, rule, f, n) is not None:
             fn = flwr_fn(fa, rule, f, n)
-            if rule == "bulyan" and n > 50:
-                probe = best_time(lambda r: fa.aggregate_krum(r, f, 0), res, 1)
+            probe = best_time(lambda r: fa.aggregate_krum(r, f, 0), res, 1) if rule == "bulyan" else 0.0
+            if probe * (n - 2 * f) > 60:
                 est = probe * (n - 2 * f)
                 peer_cells.append(f"skipped: ~{est:.0f} s ({n - 2 * f} Krum passes of {probe:.1f} s)")
             else:
