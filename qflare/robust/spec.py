@@ -2,7 +2,8 @@
 
 ``"nnm+multikrum(f=3)"``: parts joined by ``+``; every part but the last is a
 pre-aggregator, the last is a rule; arguments are Python literals. The config forms
-build the same chain: a list of parts (strings or ``{"name": ..., **params}``), or a
+build the same chain. A pre-aggregator that takes f and is given none inherits the
+rule's f: ``"nnm+multikrum(f=3)"`` is ``"nnm(f=3)+multikrum(f=3)"``. Config forms: a list of parts (strings or ``{"name": ..., **params}``), or a
 mapping ``{"rule": name | part, "pre": [parts], **params_of_the_rule}``.
 """
 
@@ -110,6 +111,13 @@ def get_rule(spec: str | Sequence[Any] | Mapping[str, Any], **overrides: Any) ->
             raise TypeError(f"no part of {spec!r} takes parameter {key!r}")
         for r in takers:
             r[2][key] = value
+    # "nnm+multikrum(f=3)": a pre-aggregator that takes f and was given none inherits the
+    # rule's f (NNM with f=0 would average everything into the mean).
+    rule_f = resolved[-1][2].get("f")
+    if rule_f is not None:
+        for cls, _, params in resolved[:-1]:
+            if "f" not in params and _accepts(cls, "f"):
+                params["f"] = rule_f
     built = [_build(cls, name, params) for cls, name, params in resolved]
     rule = built[-1]
     pres: list[PreAggregator] = built[:-1]

@@ -87,8 +87,11 @@ def test_chain_and_config_forms_build_the_same() -> None:
     b = get_rule({"rule": "multikrum", "f": 3, "pre": [{"name": "nnm", "f": 3}]})
     c = get_rule(["nnm(f=3)", {"name": "multikrum", "f": 3}])
     d = get_rule("nnm+multikrum", f=3)
-    assert isinstance(a, Chain) and repr(a) == repr(b) == repr(c) == repr(d) == "nnm(f=3)+multikrum(f=3)"
-    for r in (b, c, d):
+    e = get_rule("nnm+multikrum(f=3)")   # the pre-aggregator inherits the rule's f
+    assert isinstance(a, Chain)
+    assert repr(a) == repr(b) == repr(c) == repr(d) == repr(e) == "nnm(f=3)+multikrum(f=3)"
+    assert repr(get_rule("nnm(f=1)+multikrum(f=3)")) == "nnm(f=1)+multikrum(f=3)"
+    for r in (b, c, d, e):
         np.testing.assert_array_equal(a(x), r(x))
     np.testing.assert_array_equal(get_rule("bucketing(s=2)+cc(f=2,tau=1.0)")(x, rng=7),
                                   get_rule("bucketing(s=2)+cc(f=2,tau=1.0)")(x, rng=7))
