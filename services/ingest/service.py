@@ -149,6 +149,7 @@ class IngestService(Service):
         self.counts: dict[str, int] = {"accepted": 0, "rejected": 0}
         # the wire form of each open round's tensor spec, for messages.validate_update
         self._specs: dict[tuple[str, int], Any] = {}
+        self._inflight: set[tuple[str, int, str]] = set()
 
     def consumers(self) -> list[Consumer]:
         return [
@@ -214,6 +215,7 @@ class IngestService(Service):
             self._specs = {k: v for k, v in self._specs.items() if k[0] != env.job or k[1] > env.round}
         elif env.kind == "job.ended":
             self.book.ended(env.job)
+            self._specs = {k: v for k, v in self._specs.items() if k[0] != env.job}
         else:
             raise MessageRejected(Reason.WRONG_KIND, f"ingest's round queue got {env.kind!r}")
         self._news.set()
@@ -262,6 +264,14 @@ class IngestService(Service):
                 norm = await asyncio.to_thread(_check_values, info, spec, body.tensors)
             else:
                 norm = _check_values(info, spec, body.tensors)
+            # check again after the awaits above, and reserve: two copies of one client's
+            # update handled concurrently must not both pass
+            natural = (env.job, env.round, env.sender)
+            self.seen.check(*natural)
+            if natural in self._inflight:
+                raise MessageRejected(Reason.DUPLICATE, f"{env.sender!r} has an update for round "
+                                                        f"{env.round} of {env.job!r} in flight")
+            self._inflight.add(natural)
         except MessageRejected as exc:
             raise _Refused(
                 exc,
@@ -278,8 +288,11 @@ class IngestService(Service):
             num_samples=body.num_samples,
             tensors=dict(body.tensors),
         )
-        await emit(self, "update.accepted", accepted, job=env.job, round=env.round)
-        self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())
+        try:
+            await emit(self, "update.accepted", accepted, job=env.job, round=env.round)
+            self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())
+        finally:
+            self._inflight.discard(natural)
         self.counts["accepted"] += 1
         event(self.log, "update.accepted", job=env.job, round=env.round, client=env.sender,
               norm=round(norm, 6), bytes=len(delivery.body), sealed=env.sealed)

@@ -321,3 +321,12 @@ async def test_two_replicas_share_the_load_and_each_learns_the_rounds(rig: Rig, 
         assert a + b == len(clients) and a > 0 and b > 0, (a, b)
     finally:
         await second.stop()
+
+
+async def test_concurrent_copies_of_one_update_are_accepted_once(rig: Rig) -> None:
+    data = update(rig.fed, "client-005", 1)
+    for _ in range(4):  # delivered together: ingest handles up to its prefetch concurrently
+        await rig.send(data)
+    got = [await rig.watcher.outcome() for _ in range(4)]
+    assert sorted(e.kind for e in got) == ["update.accepted"] + ["update.rejected"] * 3
+    assert {e.body.reason for e in got if e.kind == "update.rejected"} == {Reason.DUPLICATE}
