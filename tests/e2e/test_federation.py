@@ -210,7 +210,9 @@ def test_crashes_lose_nothing_and_change_nothing(clean_run: RunResult, crash_run
     # no round charged twice: the same epsilon after each round as the undisturbed run
     def grants(run: RunResult) -> dict[int, float]:
         return {r: b.epsilon_total for r, b in run.recorder.of("privacy.granted")}
-    assert grants(crash_run) == grants(clean_run)
+    # (a restored ledger may differ in the last bits; a double charge adds a whole round)
+    assert sorted(grants(crash_run)) == sorted(grants(clean_run))
+    assert grants(crash_run) == pytest.approx(grants(clean_run), rel=1e-9)
     # no update lost: every released round decided over all ten participants
     for round_no, b in crash_run.recorder.of("round.closed"):
         assert sorted(u.client for u in b.updates) == sorted(PARTICIPANTS), round_no
