@@ -70,7 +70,9 @@ def format_age(ts: float | None, now: float) -> str:
 
 
 def format_epsilon(value: float | None) -> str:
-    return DASH if value is None else f"{value:.3f}"
+    if value is None:
+        return DASH
+    return "∞" if math.isinf(value) else f"{value:.3f}"
 
 
 def make_link_banner(state: ConsoleState, source: str = "") -> Text:

@@ -405,6 +405,8 @@ class ConsoleState:
         row = self._round(e.job, e.round)
         row.published_ts = e.ts
         row.model_version = e.version
+        if row.epsilon_total is None:      # DP off: no grant, the model says epsilon = inf
+            row.epsilon_total = e.epsilon
         row.advance("published")
         view = self._job(e.job)
         view.model_version = max(view.model_version or 0, e.version)

@@ -32,6 +32,12 @@ def test_countdown_and_overdue() -> None:
     assert render.format_countdown(None, 1.0) == render.DASH
 
 
+def test_epsilon_cell() -> None:
+    assert render.format_epsilon(None) == render.DASH
+    assert render.format_epsilon(float("inf")) == "∞"
+    assert render.format_epsilon(1.23456) == "1.235"
+
+
 def test_clock_is_utc() -> None:
     assert render.format_clock(0.0) == "00:00:00"
     assert render.format_clock(1_790_000_000.0) == "14:13:20"
