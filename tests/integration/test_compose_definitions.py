@@ -47,8 +47,7 @@ def loaded() -> Iterator[dict]:
     doc = build_definitions(
         [BrokerUser(names["a"], pw["a"]), BrokerUser(names["b"], pw["b"])],
         [],
-        vhost=vhost,
-        queues=[QueueSpec("ingest", bindings=((topology.CLIENT, "update.*"),))],
+        vhost=vhost,  # queues: the services' own QUEUES
     )
     # a service user under a unique name with the ingest role's permissions
     from qflare.commands.broker import permissions
@@ -249,3 +248,30 @@ def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> No
     first = pw.read_text()
     again = definitions_for_kit(tmp_path, vhost="qflare", prefix="", example=False)
     assert pw.read_text() == first and len(again["users"]) == len(doc["users"])
+
+
+async def test_services_declare_their_queues_against_the_file_without_conflict(loaded: dict) -> None:
+    # a re-declaration with other arguments fails (PRECONDITION_FAILED -> TopologyError), so
+    # this shows the file and the services agree on every queue the file declares
+    from qflare.bus import connect_bus
+    from qflare.commands.broker import service_queues
+    from qflare.services.ingest.service import UPDATES
+    from qflare.services.alerting.service import ALERTS_IN, DEAD_IN
+
+    specs = service_queues()
+    assert {s.name for s in specs} >= {UPDATES.name, ALERTS_IN.name, DEAD_IN.name}
+    declared = {q["name"] for q in loaded["doc"]["queues"]}
+    bus = await connect_bus(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", connect_timeout=5)
+    try:
+        for spec in [*specs, client_queue(loaded["names"]["a"], "j1.#")]:
+            assert spec.name in declared
+            sub = await bus.consume(spec, _noop)
+            await sub.cancel()
+    finally:
+        await bus.close()
+
+
+async def _noop(_: object) -> object:
+    from qflare.bus import Outcome
+
+    return Outcome.ACK
