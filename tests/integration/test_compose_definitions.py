@@ -23,7 +23,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from qflare.bus import QueueSpec, topology
+from qflare.bus import topology
 from qflare.commands.broker import BrokerUser, build_definitions, client_queue, rabbit_password_hash
 
 pytestmark = [pytest.mark.rabbitmq]
