@@ -10,9 +10,9 @@ what happens on the bus is on screen well within a second.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -170,8 +170,6 @@ class ConsoleApp(App[None]):
     async def run_feed(self) -> None:
         """History first (read in a thread), then the live feed until the app stops."""
         if self._history is not None:
-            import asyncio
-
             loader = self._history
             events = await asyncio.to_thread(lambda: list(loader()))
             self.ingest(events)
@@ -307,7 +305,3 @@ def _replace_rows(table: DataTable, rows: list[tuple[str, tuple]]) -> None:
             table.move_cursor(row=table.get_row_index(selected), animate=False)
         except RowDoesNotExist:
             table.move_cursor(row=0, animate=False)  # it left the table: back to the newest
-
-
-def console_css_path() -> Path:
-    return Path(__file__).with_name("console.tcss")
