@@ -9,11 +9,11 @@ rounds (centered clipping's reference, bucketing's shuffle) is an explicit call 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ._core import ArrayLike, Batch, as_batch, finite_rows, require
+from ._core import ArrayLike, as_batch, finite_rows, require
 
 RULES: dict[str, type["Aggregator"]] = {}
 PRE_AGGREGATORS: dict[str, type["PreAggregator"]] = {}
@@ -150,5 +150,3 @@ def as_reference(reference: ArrayLike, d: int) -> np.ndarray:
     require(b.x.shape == (1, d), "reference", f"reference must have {d} entries, got {b.x.size}")
     return b.x[0]
 
-
-Factory = Callable[..., Any]

@@ -6,8 +6,6 @@ Data", AISTATS 2017. Not robust (one update moves it arbitrarily); requirement: 
 
 from __future__ import annotations
 
-import numpy as np
-
 from .._base import Aggregator, register_rule
 from .._core import weighted_mean
 
