@@ -128,6 +128,8 @@ def main(args: argparse.Namespace) -> int:
         console.print(list_choices())
         return 0
     try:
+        if args.tui and (args.direct or args.sweep):
+            raise SimConfigError("--tui watches the services; it does not combine with --direct or --sweep")
         config = prepare(config_from_args(args), broker=args.broker)
         if args.sweep:
             from qflare.sim.sweep import plan_sweep, run_sweep

@@ -41,7 +41,7 @@ class SimConfig:
     detection: bool = True
     rounds: int = 20
     local_epochs: int = 2
-    lr: float = 0.05
+    lr: float = 0.1
     batch_size: int = 16
     alpha: float | None = 0.5
     sample_rate: float = 1.0

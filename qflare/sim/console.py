@@ -31,12 +31,12 @@ def round_progress(console: Console, label: str, total: int, enabled: bool = Tru
         task = progress.add_task(label, total=total, acc="-", flagged="-", eps="-")
 
         def on_round(record: RoundRecord) -> None:
-            caught = len(set(record.flagged) & set(record.byzantine))
+            caught = len(record.stopped & set(record.byzantine))
             progress.update(
                 task,
                 advance=1,
                 acc=f"{100 * record.accuracy:5.1f}%",
-                flagged=f"{len(record.flagged)} ({caught}/{len(record.byzantine)} byz)",
+                flagged=f"{len(record.stopped)} ({caught}/{len(record.byzantine)} byz)",
                 eps="off" if record.epsilon is None else f"{record.epsilon:.2f}",
             )
 

@@ -56,7 +56,10 @@ def run_direct(
             break
         t0 = time.perf_counter()
         participants = select_participants(fed.ids, config.sample_rate, config.seed, SIM_JOB, round_index)
-        updates = fed.round_updates(round_index, params, participants)
+        sent = fed.round_updates(round_index, params, participants)
+        # Ingest refuses non-finite tensors (NON_FINITE) before the detector sees anything.
+        rejected = tuple(c for c in participants if not all(np.isfinite(v).all() for v in sent[c].values()))
+        updates = {c: u for c, u in sent.items() if c not in rejected}
         verdict = decide(
             round_index, updates, f=config.byzantine, detection=config.detection, reputation=reputation
         )
@@ -87,6 +90,7 @@ def run_direct(
             byzantine=tuple(c for c in participants if c in fed.byzantine),
             epsilon=epsilon,
             latency_s=time.perf_counter() - t0,
+            rejected=rejected,
         )
         records.append(record)
         if on_round is not None:

@@ -27,12 +27,20 @@ class RoundRecord:
     byzantine: tuple[str, ...]
     epsilon: float | None
     latency_s: float
+    #: clients whose update ingest refused (e.g. NON_FINITE); they never reached the detector
+    rejected: tuple[str, ...] = ()
+
+    @property
+    def stopped(self) -> set[str]:
+        """Clients kept out of the round, by ingest or by the detector."""
+        return set(self.flagged) | set(self.rejected)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["participants"] = list(self.participants)
         data["flagged"] = list(self.flagged)
         data["byzantine"] = list(self.byzantine)
+        data["rejected"] = list(self.rejected)
         data["loss"] = _finite_or_none(self.loss)
         return data
 
@@ -74,10 +82,12 @@ class DetectionScore:
 
 
 def score_detection(rounds: Sequence[RoundRecord]) -> DetectionScore:
+    """A Byzantine client counts as caught when ingest rejected its update or the detector
+    flagged it; an honest client stopped either way is a false positive."""
     tp = fp = fn = tn = 0
     for r in rounds:
         byz = set(r.byzantine)
-        flagged = set(r.flagged)
+        flagged = r.stopped
         for client in r.participants:
             if client in byz:
                 tp += client in flagged
@@ -210,14 +220,14 @@ def render_markdown(result: RunResult, baseline: RunResult | None = None) -> str
         "",
         "## Rounds",
         "",
-        "| round | accuracy | loss | flagged | Byzantine flagged | epsilon | latency (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| round | accuracy | loss | flagged | rejected at ingest | Byzantine stopped | epsilon | latency (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result.rounds:
-        caught = len(set(r.flagged) & set(r.byzantine))
+        caught = len(r.stopped & set(r.byzantine))
         lines.append(
             f"| {r.round} | {_pct(r.accuracy)} | "
-            f"{'inf' if not math.isfinite(r.loss) else f'{r.loss:.4f}'} | {len(r.flagged)} | "
+            f"{'inf' if not math.isfinite(r.loss) else f'{r.loss:.4f}'} | {len(r.flagged)} | {len(r.rejected)} | "
             f"{caught}/{len(r.byzantine)} | {_eps(r.epsilon)} | {r.latency_s:.3f} |"
         )
     if result.notes:

@@ -123,6 +123,14 @@ def label_flipper(num_classes: int) -> Any:
 
 
 def epsilon_spent(sample_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
-    from qflare.privacy import epsilon  # type: ignore[attr-defined]
+    """Epsilon after ``rounds`` DP-FedAvg rounds (qflare.privacy's PLD accounting)."""
+    from qflare.privacy.accounting import epsilon
 
     return float(epsilon(sample_rate, noise_multiplier, rounds, delta))
+
+
+def noise_for_epsilon(target_epsilon: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier whose ``rounds`` rounds stay within ``target_epsilon``."""
+    from qflare.privacy.accounting import plan_noise
+
+    return float(plan_noise(target_epsilon, delta, sample_rate, rounds))

@@ -81,6 +81,7 @@ def execute(
     progress: bool,
     label: str,
     tui: bool = False,
+    log_path: Path | None = None,
 ) -> RunResult:
     """One run by the chosen path, with a progress bar."""
     federation = Federation.build(config)
@@ -91,7 +92,7 @@ def execute(
             return run_direct(config, federation, on_round=on_round)
         from qflare.sim.services import run_services
 
-        return run_services(config, federation, broker=broker, on_round=on_round, tui=tui)
+        return run_services(config, federation, broker=broker, on_round=on_round, tui=tui, log_path=log_path)
 
 
 def run_simulation(
@@ -107,14 +108,14 @@ def run_simulation(
 ) -> int:
     result = execute(
         config, direct=direct, broker=broker, console=console, progress=progress and not tui,
-        label=f"{config.attack} vs {config.rule}", tui=tui,
+        label=f"{config.attack} vs {config.rule}", tui=tui, log_path=out / "services.log",
     )
     base: RunResult | None = None
     if baseline:
         base_config = replace(config, attack=NO_ATTACK)
         base = execute(
             base_config, direct=direct, broker=broker, console=console, progress=progress,
-            label="no-attack baseline",
+            label="no-attack baseline", log_path=out / "services-baseline.log",
         )
     written = write_report(out, result, base)
     console.print(summary_table(result, base))

@@ -21,12 +21,14 @@ One run:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,10 @@ JOB_TIMEOUT_S = 1800.0
 #: A round closes when every selected client is in; the deadline only guards a stuck run,
 #: since closing on a deadline would make the round's set depend on timing.
 ROUND_DEADLINE_S = 300.0
+#: ... except when ingest refuses the Byzantine updates (``inf``: NON_FINITE): those
+#: clients never count as "in", so each round closes at this deadline with the rest.
+REJECTED_ROUND_DEADLINE_S = 8.0
+ATTACKS_INGEST_REJECTS = ("inf",)
 
 
 class SimulationFailed(RuntimeError):
@@ -107,6 +113,7 @@ class SimParticipant(Participant):
 class _Round:
     participants: tuple[str, ...] | None = None
     flagged: tuple[str, ...] | None = None
+    rejected: set[str] = field(default_factory=set)
     epsilon: float | None = None
     published: bool = False
     opened_at: float | None = None
@@ -151,6 +158,8 @@ class Observer:
             if r.participants is None:
                 r.participants = tuple(sorted(body.participants))
                 r.opened_at = now
+        elif env.kind == "update.rejected":
+            self._round(env.round).rejected.add(body.client)
         elif env.kind == "round.verdict":
             r = self._round(env.round)
             if r.flagged is None:
@@ -190,6 +199,7 @@ class Observer:
                 byzantine=tuple(c for c in r.participants if c in self.federation.byzantine),
                 epsilon=r.epsilon,
                 latency_s=(r.published_at or 0.0) - (r.opened_at or 0.0),
+                rejected=tuple(sorted(r.rejected)),
             )
             r.tensors = None  # the model is evaluated; drop it
             self.records.append(record)
@@ -215,7 +225,7 @@ def job_spec(config: SimConfig, ids: tuple[str, ...]) -> JobSpec:
         epsilon_budget=budget,
         server_lr=config.server_lr,
         min_updates=1,
-        deadline_s=ROUND_DEADLINE_S,
+        deadline_s=REJECTED_ROUND_DEADLINE_S if config.attack in ATTACKS_INGEST_REJECTS else ROUND_DEADLINE_S,
         on_short="abort",
         seed=config.seed,
     )
@@ -229,9 +239,10 @@ async def run_services_async(
     on_round: RoundCallback | None = None,
     tui: bool = False,
     workdir: Path | None = None,
+    log_path: Path | None = None,
 ) -> RunResult:
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qflare-sim-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qflare-sim-") as tmp, _logs_to(log_path):
         root = Path(workdir) if workdir is not None else Path(tmp)
         pki = provision(root / "pki", clients=config.clients)
         if tuple(sorted(pki.clients)) != federation.ids:
@@ -276,6 +287,7 @@ async def run_services_async(
             bindings=(
                 (topology.EVENTS, f"round.opened.{SIM_JOB}"),
                 (topology.EVENTS, f"round.verdict.{SIM_JOB}"),
+                (topology.EVENTS, f"update.rejected.{SIM_JOB}"),
                 (topology.EVENTS, f"model.published.{SIM_JOB}"),
                 (topology.EVENTS, f"job.ended.{SIM_JOB}"),
                 (topology.BROADCAST, f"{SIM_JOB}.model.published"),
@@ -305,6 +317,11 @@ async def run_services_async(
         raise SimulationFailed(f"the observer rejected messages: {observer.errors[:3]}")
     ended = observer.end_reason or "unknown"
     notes = [f"job ended: {ended} ({observer.end_detail})"] if ended != "completed" else []
+    if config.attack in ATTACKS_INGEST_REJECTS:
+        notes.append(
+            f"ingest refuses {config.attack} updates, so every round closed at its "
+            f"{REJECTED_ROUND_DEADLINE_S:.0f} s deadline without them (latencies show it)"
+        )
     return RunResult(
         config=config.to_json(),
         rounds=observer.records,
@@ -317,6 +334,27 @@ async def run_services_async(
     )
 
 
+@contextlib.contextmanager
+def _logs_to(path: Path | None) -> Iterator[None]:
+    """The services' warnings (a rejected update is one, by design) go to a file, not over
+    the progress bar; without a file they are dropped."""
+    root = logging.getLogger()
+    handler: logging.Handler
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    handler.setLevel(logging.WARNING)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 async def _delete_topology(bus: Bus) -> None:
     delete_all = getattr(bus, "delete_all", None)
     if delete_all is not None:
@@ -327,9 +365,11 @@ async def _delete_topology(bus: Bus) -> None:
 
 
 async def _watch_in_tui(bus: Bus, trust: Any, spec: JobSpec, settings: Any, job: asyncio.Future) -> None:
-    from qflare.tui import run_console_in_process  # type: ignore[attr-defined]
-    from qflare.tui.events import JobDeclared  # type: ignore[import-not-found]
+    from qflare.tui import run_console_in_process
+    from qflare.tui.events import JobDeclared
 
+    # The console stays up after the job ends so the operator can read it; `q` closes it
+    # and the run then finishes writing its report.
     await run_console_in_process(
         bus, trust=trust,
         jobs=[JobDeclared(spec.job_id, 0, time.time(), epsilon_budget=spec.epsilon_budget, rounds=spec.rounds)],
@@ -344,5 +384,8 @@ def run_services(
     broker: str = "memory://",
     on_round: RoundCallback | None = None,
     tui: bool = False,
+    log_path: Path | None = None,
 ) -> RunResult:
-    return asyncio.run(run_services_async(config, federation, broker=broker, on_round=on_round, tui=tui))
+    return asyncio.run(
+        run_services_async(config, federation, broker=broker, on_round=on_round, tui=tui, log_path=log_path)
+    )

@@ -119,7 +119,8 @@ def run_sweep(
         for defence in plan.defences:
             config = plan.config(attack, defence)
             label = f"[{len(cells) + 1}/{total}] {attack} vs {defence.label}"
-            result = execute(config, direct=direct, broker=broker, console=console, progress=progress, label=label)
+            result = execute(config, direct=direct, broker=broker, console=console, progress=progress,
+                             label=label, log_path=out / "services.log")
             cells.append(Cell(attack, defence, result))
     wall = time.perf_counter() - start
     written = write_sweep(out, plan, cells, path="direct" if direct else "services", wall_s=wall)
