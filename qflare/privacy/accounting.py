@@ -18,6 +18,7 @@ What the numbers cover, and what they do not, is written down in ``docs/privacy.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -193,12 +194,36 @@ class Charge:
     count: int
 
 
+@functools.lru_cache(maxsize=256)
+def _round_pld(q: float, z: float) -> privacy_loss_distribution.PrivacyLossDistribution:
+    """One round's PLD, shared by every job with the same (q, z): PLD objects are never
+    mutated by compose/self_compose, so sharing is safe."""
+    check_round_parameters(q, z)
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=z,
+        sensitivity=1.0,
+        sampling_prob=q,
+        value_discretization_interval=VALUE_DISCRETIZATION,
+        pessimistic_estimate=True,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _round_rdp(q: float, z: float) -> tuple[float, ...]:
+    """One round's RDP curve at dp-accounting's default orders."""
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(round_event(q, z))
+    # dp-accounting keeps the curve in a private attribute; reading it once per (q, z)
+    # avoids recomputing the fractional-order curve (about 0.2 s) every round.
+    return tuple(float(v) for v in accountant._rdp)  # noqa: SLF001
+
+
 class RunningAccount:
     """Composition of the rounds charged so far, kept in memory so that the epsilon after
     one more round costs one PLD composition.
 
     The running PLD is dp-accounting's own ``PrivacyLossDistribution``; rounds with the
-    same (q, z) share one cached single-round PLD and one RDP vector. ``restore`` rebuilds
+    same (q, z) share one cached single-round PLD and one RDP vector (across jobs too). ``restore`` rebuilds
     the composition from a ledger by self-composing each (q, z) group, which is fast and
     equals the round-by-round composition up to floating-point rounding.
     """
@@ -207,8 +232,6 @@ class RunningAccount:
         self._pld: privacy_loss_distribution.PrivacyLossDistribution | None = None
         self._rdp: list[float] | None = None
         self._rounds = 0
-        self._round_pld: dict[tuple[float, float], privacy_loss_distribution.PrivacyLossDistribution] = {}
-        self._round_rdp: dict[tuple[float, float], list[float]] = {}
 
     @property
     def rounds(self) -> int:
@@ -229,31 +252,10 @@ class RunningAccount:
         return account
 
     def _single_pld(self, q: float, z: float) -> privacy_loss_distribution.PrivacyLossDistribution:
-        key = (float(q), float(z))
-        pld = self._round_pld.get(key)
-        if pld is None:
-            check_round_parameters(q, z)
-            pld = privacy_loss_distribution.from_gaussian_mechanism(
-                standard_deviation=float(z),
-                sensitivity=1.0,
-                sampling_prob=float(q),
-                value_discretization_interval=VALUE_DISCRETIZATION,
-                pessimistic_estimate=True,
-            )
-            self._round_pld[key] = pld
-        return pld
+        return _round_pld(float(q), float(z))
 
-    def _single_rdp(self, q: float, z: float) -> list[float]:
-        key = (float(q), float(z))
-        rdp = self._round_rdp.get(key)
-        if rdp is None:
-            accountant = rdp_privacy_accountant.RdpAccountant()
-            accountant.compose(round_event(q, z))
-            # dp-accounting keeps the RDP curve in a private attribute; reading it once per
-            # (q, z) avoids recomputing the fractional-order curve (about 0.2 s) each round.
-            rdp = [float(v) for v in accountant._rdp]  # noqa: SLF001
-            self._round_rdp[key] = rdp
-        return rdp
+    def _single_rdp(self, q: float, z: float) -> tuple[float, ...]:
+        return _round_rdp(float(q), float(z))
 
     def _add_rdp(self, total: list[float] | None, q: float, z: float, count: int) -> list[float]:
         one = self._single_rdp(q, z)
