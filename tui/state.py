@@ -57,6 +57,7 @@ class RoundRow:
     job: str
     round: int
     state: str = "granted"
+    first_ts: float = 0.0
     opened_ts: float | None = None
     closed_ts: float | None = None
     verdict_ts: float | None = None
@@ -273,7 +274,8 @@ class ConsoleState:
 
     def round_rows(self) -> list[RoundRow]:
         """Newest first."""
-        return sorted(self.rounds.values(), key=lambda r: (r.opened_ts or 0.0, r.round), reverse=True)
+        return sorted(self.rounds.values(), key=lambda r: (r.opened_ts or r.first_ts, r.round),
+                      reverse=True)
 
     def current_round(self, job: str) -> RoundRow | None:
         view = self.jobs.get(job)
@@ -298,11 +300,11 @@ class ConsoleState:
             view = self.jobs[job] = JobView(job)
         return view
 
-    def _round(self, job: str, round_: int) -> RoundRow:
+    def _round(self, job: str, round_: int, ts: float) -> RoundRow:
         key = (job, round_)
         row = self.rounds.get(key)
         if row is None:
-            row = self.rounds[key] = RoundRow(job, round_)
+            row = self.rounds[key] = RoundRow(job, round_, first_ts=ts)
             while len(self.rounds) > MAX_ROUNDS:
                 self.rounds.popitem(last=False)
         view = self._job(job)
@@ -330,7 +332,7 @@ class ConsoleState:
             view.rounds_planned = e.rounds
 
     def _on_PrivacyGranted(self, e: PrivacyGranted) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.epsilon_round = e.epsilon_round
         row.epsilon_total = e.epsilon_total
         view = self._job(e.job)
@@ -338,7 +340,7 @@ class ConsoleState:
         view.delta = e.delta
 
     def _on_PrivacyDenied(self, e: PrivacyDenied) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.advance("denied")
         view = self._job(e.job)
         view.denied = True
@@ -346,7 +348,7 @@ class ConsoleState:
         view.epsilon_budget = e.budget
 
     def _on_RoundOpened(self, e: RoundOpened) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.opened_ts = e.ts if row.opened_ts is None else min(row.opened_ts, e.ts)
         row.deadline = e.deadline
         row.expected = len(e.participants)
@@ -357,7 +359,7 @@ class ConsoleState:
         self._job(e.job).model_version = e.model_version
 
     def _on_UpdateAccepted(self, e: UpdateAccepted) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.received.add(e.client)
         row.advance("collecting")
         client = self._client(e.client)
@@ -365,7 +367,7 @@ class ConsoleState:
         client.last_seen = max(client.last_seen or e.ts, e.ts)
 
     def _on_UpdateRejected(self, e: UpdateRejected) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.rejected += 1
         client = self._client(e.client)
         client.rejected += 1
@@ -374,13 +376,13 @@ class ConsoleState:
             client.revoked = True
 
     def _on_RoundClosed(self, e: RoundClosed) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.closed_ts = e.ts
         row.received |= set(e.clients)
         row.advance("closed")
 
     def _on_RoundVerdict(self, e: RoundVerdict) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.kept = len(e.kept)
         row.flagged = tuple(sorted(f.client for f in e.flagged))
         row.verdict_ts = e.ts
@@ -402,7 +404,7 @@ class ConsoleState:
                 client.rounds_flagged += 1
 
     def _on_ModelPublished(self, e: ModelPublished) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.published_ts = e.ts
         row.model_version = e.version
         if row.epsilon_total is None:      # DP off: no grant, the model says epsilon = inf
@@ -440,7 +442,7 @@ class ConsoleState:
                 client.revoked = True
 
     def _on_RoundSnapshot(self, e: RoundSnapshot) -> None:
-        row = self._round(e.job, e.round)
+        row = self._round(e.job, e.round, e.ts)
         row.expected = max(row.expected, len(e.participants))
         row.received |= set(e.received)
         row.deadline = e.deadline if row.deadline is None else row.deadline

@@ -147,3 +147,11 @@ def test_history_snapshot_rebuilds_rows_without_latency() -> None:
     row = s.rounds[("j", 2)]
     assert (row.state, row.kept, row.flagged, row.latency) == ("published", 2, ("c",), None)
     assert s.clients["c"].rounds_flagged == 1 and s.jobs["j"].epsilon_spent == 0.7
+
+
+def test_a_denied_round_sorts_as_the_newest() -> None:
+    s = ConsoleState()
+    s.apply(ev.RoundOpened("j", 1, T0, participants=("a",)))
+    s.apply(ev.ModelPublished("j", 1, T0 + 2, version=1))
+    s.apply(ev.PrivacyDenied("j", 2, T0 + 3, reason="BUDGET", epsilon_spent=1.0, budget=1.0))
+    assert [r.round for r in s.round_rows()] == [2, 1]
