@@ -49,3 +49,10 @@ def test_report_files(tmp_path: Path) -> None:
     assert comparable(other) == comparable(data)
     other["rounds"][0]["flagged"] = []
     assert comparable(other) != comparable(data)
+
+
+def test_an_update_refused_at_ingest_counts_as_stopped() -> None:
+    rec = RoundRecord(1, 0.5, 1.0, ("a", "b", "c"), ("c",), ("a",), None, 0.1, rejected=("a",))
+    score = score_detection([rec])
+    assert (score.true_positives, score.false_positives, score.false_negatives) == (1, 1, 0)
+    assert rec.to_json()["rejected"] == ["a"]
