@@ -308,6 +308,7 @@ class Scenario:
     hold_client: str | None = None
     timeout: float = 120.0
     stateful: tuple[str, ...] = ("alerting", "accountant", "detector")
+    broker_restart: tuple[str, int, int] | None = None  # (kind, round, count): stop_app/start_app
 
 
 async def run_scenario(
@@ -343,6 +344,7 @@ async def run_scenario(
         for p in clients.values():
             await p.start()
         _install_kills(scenario, recorder, cluster, result)
+        _install_broker_restart(scenario, recorder, result)
         if scenario.hostile is not None:
             async def on_open(kind: str, round_no: int, _body: Any) -> None:
                 if kind == "round.opened" and round_no == scenario.hostile_round and not result.hostile_sent:
@@ -398,6 +400,39 @@ def _install_kills(scenario: Scenario, recorder: Recorder, cluster: Cluster, res
                 await cluster.ready(service)
 
     recorder.hooks.append(hook)
+
+
+def _install_broker_restart(scenario: Scenario, recorder: Recorder, result: RunResult) -> None:
+    if scenario.broker_restart is None:
+        return
+    kind, round_no, count = scenario.broker_restart
+    seen = 0
+
+    def hook(k: str, r: int, _body: Any) -> None:
+        nonlocal seen
+        if k == kind and r == round_no:
+            seen += 1
+            if seen == count:
+                # not inside the handler: its own connection goes down with the broker
+                asyncio.get_running_loop().create_task(_restart_broker(result))
+
+    recorder.hooks.append(hook)
+
+
+async def _restart_broker(result: RunResult) -> None:
+    result.kills.append(("broker", "stop_app", 0))
+    await _ctl("stop_app")
+    await asyncio.sleep(2.0)
+    await _ctl("start_app")
+    result.kills.append(("broker", "start_app", 0))
+
+
+async def _ctl(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _out, err = await asyncio.wait_for(proc.communicate(), 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode()[-500:]}")
 
 
 async def _run_hostile(scenario: Scenario, clients: dict[str, NumpyParticipant], bus: Bus,
