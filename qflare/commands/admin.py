@@ -65,7 +65,8 @@ def _rows(conn: sqlite3.Connection | None, sql: str, params: tuple[Any, ...] = (
 # -- data gathering (plain dicts, so --json and the tables share one source) -------------------
 def status_data(data_dir: Path) -> dict[str, Any]:
     jobs: list[dict[str, Any]] = []
-    with _db(data_dir, "aggregator") as agg, _db(data_dir, "detector") as det, _db(data_dir, "alerting") as al:
+    with _db(data_dir, "aggregator") as agg, _db(data_dir, "detector") as det, \
+            _db(data_dir, "alerting") as al, _db(data_dir, "accountant") as acc:
         for job in _rows(agg, "SELECT job_id, ended, end_reason, created FROM jobs ORDER BY created"):
             jid = job["job_id"]
             spec = {}
@@ -80,6 +81,9 @@ def status_data(data_dir: Path) -> dict[str, Any]:
             quarantined = _rows(det, "SELECT client FROM clients WHERE job_id=? AND quarantined_until >= "
                                      "(SELECT IFNULL(MAX(round),0) FROM verdicts WHERE job_id=?)", (jid, jid))
             alerts = _rows(al, "SELECT severity, SUM(count) AS n FROM alerts WHERE job=? GROUP BY severity", (jid,))
+            ledger = _rows(acc, "SELECT SUM(granted) AS granted, SUM(1 - granted) AS denied, "
+                                "MAX(CASE WHEN granted THEN epsilon_total END) AS spent FROM decisions "
+                                "WHERE job=?", (jid,))
             jobs.append({
                 "job": jid,
                 "state": ("ended: " + (job["end_reason"] or "")) if job["ended"] else "running",
@@ -94,6 +98,8 @@ def status_data(data_dir: Path) -> dict[str, Any]:
                 "epsilon_budget": spec.get("epsilon_budget"),
                 "quarantined": [r["client"] for r in quarantined],
                 "alerts": {r["severity"]: r["n"] for r in alerts},
+                "ledger": ({"granted": ledger[0]["granted"] or 0, "denied": ledger[0]["denied"] or 0,
+                            "epsilon_spent": ledger[0]["spent"]} if ledger else None),
             })
     services = {name: (data_dir / name / f"{name}.sqlite").exists()
                 for name in ("aggregator", "detector", "accountant", "alerting")}
@@ -189,7 +195,7 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
     _table("jobs", ["job", "state", "round", "phase", "updates/selected", "model", "epsilon", "alerts",
                     "quarantined"],
-           [[j["job"], j["state"], f"{j['round']}/{j['rounds']}" if j["rounds"] else j["round"],
+           [[j["job"], j["state"] + (f" (denied {j['ledger']['denied']})" if j["ledger"] and j["ledger"]["denied"] else ""), f"{j['round']}/{j['rounds']}" if j["rounds"] else j["round"],
              j["round_state"], f"{j['updates']}/{j['participants']}",
              f"v{j['model_version']} {j['model_digest']}" if j["model_version"] is not None else "",
              (f"{j['epsilon']:.3f}" if j["epsilon"] is not None else "")

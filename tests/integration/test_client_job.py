@@ -1,8 +1,6 @@
-"""A whole job in one process on the embedded bus: the real services and SDK participants
-with torch models, then the operator commands reading what the services stored.
-
-DP is off here (noise_multiplier 0: the aggregator asks the accountant nothing); the
-accountant, detection and DP across processes are the end-to-end tests' business."""
+"""A whole job in one process on the embedded bus: the five real services and SDK
+participants with torch models, then the operator commands reading what the services stored.
+Detection and Byzantine clients across processes are the end-to-end tests' business."""
 
 from __future__ import annotations
 
@@ -10,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ def make_model() -> torch.nn.Module:
 
 def train(model: torch.nn.Module, info: RoundInfo) -> int:
     """A few SGD steps towards y = TARGET x on data seeded by client and round."""
-    g = torch.Generator().manual_seed(hash((info.client, info.round)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{info.client}/{info.round}".encode()))
     x = torch.randn(64, 3, generator=g)
     y = x @ TARGET.T
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -61,11 +60,12 @@ async def test_participants_run_a_job_and_operators_see_it(fed: Federation, tmp_
     clients = sorted(fed.clients)
     spec = JobSpec.model_validate(dict(
         job_id="lin", rounds=3, participants=clients, rule="mean", f=0, detection=False,
-        noise_multiplier=0.0, clip=10.0, seed=7, deadline_s=30.0, min_updates=CLIENTS))
+        noise_multiplier=0.5, clip=2.0, epsilon_budget=1000.0, seed=7, deadline_s=30.0,
+        min_updates=CLIENTS))
     initial = model_tensors(make_model())
     bus = await connect_bus(f"memory://{tmp_path.name}")
     settings = load_settings(None, env={}, data_dir=str(tmp_path / "data"), pki_dir=str(fed.root))
-    services = ["alerting", "detector", "ingest", "aggregator"]
+    services = ["alerting", "accountant", "detector", "ingest", "aggregator"]
     ids = {n: (fed.identity(n), fed.trust()) for n in services}
     parts = [Participant.from_kit(fed.clients[c], make_model(), train, broker=bus, jobs=["lin"]) for c in clients]
     async with run_in_process(settings, bus, services=services, identities=ids) as running:
@@ -89,6 +89,8 @@ async def test_participants_run_a_job_and_operators_see_it(fed: Federation, tmp_
     status = cli_json("status", "--data-dir", data)
     (job,) = status["jobs"]
     assert job["job"] == "lin" and job["state"].startswith("ended") and job["model_version"] == 3
+    assert job["ledger"]["granted"] == 3 and job["ledger"]["denied"] == 0
+    assert 0 < job["ledger"]["epsilon_spent"] == pytest.approx(job["epsilon"])
     rows = {r["client"]: r for r in cli_json("clients", "--data-dir", data, "--pki-dir", str(fed.root))}
     assert set(rows) == set(clients)
     assert all(rows[c]["updates"] == 3 and rows[c]["revoked"] is False for c in clients)
