@@ -108,9 +108,15 @@ def _up_in_process(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with run_in_process(settings):
+            print("qflare up: all services running in this process; SIGTERM or Ctrl-C stops them",
+                  file=sys.stderr, flush=True)
             await stop.wait()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"qflare up: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -60,11 +60,12 @@ async def build_service(
 ) -> Service:
     """Build service ``name``; connects a bus when none is given (the caller owns a bus it
     passes in, the service's runner closes one built here)."""
-    module = importlib.import_module(service_module(name))
+    module_name = service_module(name)
     if identity is None or trust is None:
         loaded_identity, loaded_trust = load_identity(settings, name)
         identity = identity or loaded_identity
         trust = trust or loaded_trust
+    module = importlib.import_module(module_name)
     if bus is None:
         bus = await connect_bus(settings.broker, prefix=settings.prefix, **_bus_options(settings, name))
     ctx = ServiceContext(

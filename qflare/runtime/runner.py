@@ -53,7 +53,12 @@ def run_service(name: str, settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(name, settings, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # configuration mistakes found while wiring (keys, job specs, model files)
+        event(log, "serve.failed", logging.ERROR, service=name, error=str(exc))
+        return 2
     return 0
 
 

@@ -292,6 +292,7 @@ class RunResult:
     kills: list[tuple[str, str, int]] = field(default_factory=list)
     seconds: float = 0.0
     end_reason: str = ""
+    stop_codes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -373,7 +374,7 @@ async def run_scenario(
         gate.set()
         for p in clients.values():
             await p.stop()
-        cluster.stop_all()
+        result.stop_codes = cluster.stop_all()
         queues = [*(f"client.{c}" for c in participants), "aggregator", "detector", "accountant", "alerting", "alerting.dead", "ingest",
                   *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas)]
         try:

@@ -203,6 +203,12 @@ def test_hostile_traffic_is_rejected_with_reason_codes(clean_run: RunResult) -> 
     assert closed[2] == sorted(PARTICIPANTS)
 
 
+def test_services_stop_cleanly_on_sigterm(clean_run: RunResult) -> None:
+    assert clean_run.stop_codes == {k: 0 for k in ("alerting", "accountant", "detector", "ingest-a", "ingest-b", "aggregator")}
+    stopped = {k for k in clean_run.stop_codes if any(r.get("event") == "service.stopped" for r in clean_run.cluster.logs(k))}
+    assert stopped == set(clean_run.stop_codes)
+
+
 def test_two_ingest_replicas_share_the_load(clean_run: RunResult) -> None:
     per_replica = {
         key: sum(1 for rec in clean_run.cluster.logs(key) if rec.get("event") == "update.accepted")
