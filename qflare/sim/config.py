@@ -156,3 +156,12 @@ def validate(config: SimConfig) -> None:
         fail(
             f"detection needs 2f < n: --byzantine {config.byzantine} with --clients {config.clients}"
         )
+
+
+#: The budget a job gets when DP is on but no budget was asked for: large enough never to
+#: bind, finite because the ledger takes finite budgets only.
+UNBOUNDED_BUDGET = 1e12
+
+
+def job_budget(config: SimConfig) -> float:
+    return config.epsilon_budget if config.epsilon_budget is not None else UNBOUNDED_BUDGET

@@ -7,7 +7,8 @@ uses the services path unless ``--direct`` is given.
 
 Selection, the verdict and aggregation are the services' own pure functions
 (``qflare.services.aggregator.core.select_participants`` / ``aggregate_round`` and
-``qflare.services.detector.core.decide`` with a default :class:`Reputation`) with the same
+``qflare.services.detector.core.decide`` with a default :class:`Reputation`, and the
+accountant's ``AccountantCore`` ledger) with the same
 job id and seed, so a direct run and a services run of one configuration agree round by
 round.
 """
@@ -19,12 +20,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qflare.privacy import BudgetPolicy
 from qflare.robust import Reputation
+from qflare.services.accountant.core import AccountantCore
 from qflare.services.aggregator.core import aggregate_round, select_participants
 from qflare.services.detector.core import decide
 
-from qflare.sim import robust_glue
-from qflare.sim.config import SIM_JOB, SimConfig
+from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.report import RoundRecord, RunResult
 
@@ -42,18 +44,23 @@ def run_direct(
     notes: list[str] = []
     ended = "completed"
     reputation = Reputation()
+    accountant = (
+        AccountantCore(BudgetPolicy(epsilon=job_budget(config), delta=config.delta)) if config.dp_on else None
+    )
     start = time.perf_counter()
     for round_index in range(1, config.rounds + 1):
-        epsilon = (
-            robust_glue.epsilon_spent(config.sample_rate, config.noise_multiplier, round_index, config.delta)
-            if config.dp_on
-            else None
-        )
-        if config.epsilon_budget is not None and epsilon is not None and epsilon > config.epsilon_budget:
-            # As the accountant does: refuse the round before anything is released.
-            ended = "budget exhausted"
-            notes.append(f"round {round_index} refused: epsilon would reach {epsilon:.3f}")
-            break
+        epsilon: float | None = None
+        if accountant is not None:
+            # As the services do: the accountant decides before the round opens, and a
+            # denial ends the job with nothing more released.
+            decision = accountant.decide(SIM_JOB, round_index, config.sample_rate, config.noise_multiplier, config.clip)
+            if not decision.granted:
+                ended = "budget_exhausted"
+                notes.append(f"job ended: budget_exhausted (round {round_index} would reach "
+                             f"epsilon {decision.epsilon_requested:.3f} > {decision.budget_epsilon})")
+                break
+            accountant.apply(decision)
+            epsilon = decision.epsilon_total
         t0 = time.perf_counter()
         participants = select_participants(fed.ids, config.sample_rate, config.seed, SIM_JOB, round_index)
         sent = fed.round_updates(round_index, params, participants)

@@ -40,7 +40,7 @@ from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
 from qflare.crypto import provision
 from qflare.messages import MetricsEvaluated, encode, open_envelope
 from qflare.runtime import JobSpec, load_settings, run_in_process
-from qflare.sim.config import SIM_JOB, SimConfig
+from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.model import Params
 from qflare.sim.report import RoundRecord, RunResult
@@ -210,7 +210,7 @@ class Observer:
 
 
 def job_spec(config: SimConfig, ids: tuple[str, ...]) -> JobSpec:
-    budget = config.epsilon_budget if config.epsilon_budget is not None else 1e12
+    budget = job_budget(config)
     return JobSpec(
         job_id=SIM_JOB,
         rounds=config.rounds,

@@ -45,8 +45,12 @@ def test_cli_runs_a_short_job_and_writes_the_report(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"attack": "alie"}, {"attack": "label_flip", "sample_rate": 0.7, "rule": "nnm+multikrum"}],
-    ids=["alie", "label_flip-sampled"],
+    [
+        {"attack": "label_flip", "sample_rate": 0.7, "rule": "nnm+multikrum"},
+        # DP on with a budget that ends the job: the accountant denies round 3
+        {"attack": "alie", "noise_multiplier": 1.0, "clip": 2.0, "epsilon_budget": 7.0},
+    ],
+    ids=["label_flip-sampled", "alie-dp-budget"],
 )
 def test_services_path_matches_the_direct_path(changes: dict) -> None:
     config = SimConfig(clients=8, byzantine=2, rounds=3, **changes)
@@ -55,3 +59,7 @@ def test_services_path_matches_the_direct_path(changes: dict) -> None:
     services = run_services(config, federation)
     assert services.path == "services" and direct.path == "direct"
     assert comparable(services.to_json()) == comparable(direct.to_json())
+    assert services.ended == direct.ended
+    if config.dp_on:
+        assert services.ended == "budget_exhausted" and len(services.rounds) == 2
+        assert 0 < services.rounds[0].epsilon < services.rounds[1].epsilon <= 7.0
