@@ -229,7 +229,8 @@ def test_compose_file_runs_a_service_per_role_with_its_own_broker_user() -> None
         command = " ".join(services[name]["command"])
         assert f"qflare serve {name}" in command
         assert f"amqp://qflare-{name}:" in command and f"/pki/services/{name}/broker_password" in command
-    assert "load_definitions = /pki/definitions.json" in (root / "rabbitmq.conf").read_text()
+    assert "load_definitions = /etc/qflare-broker/definitions.json" in (root / "rabbitmq.conf").read_text()
+    assert all(not v.startswith("pki:") for v in services["rabbitmq"]["volumes"]), "the broker sees no keys"
     assert "qflare broker-definitions --kit /pki" in " ".join(services["provision"]["command"])
 
 
