@@ -276,3 +276,13 @@ async def _noop(_: object) -> object:
     from qflare.bus import Outcome
 
     return Outcome.ACK
+
+
+def test_compose_config_file_loads() -> None:
+    from qflare.runtime import load_settings
+    from qflare.services.ingest.service import IngestOptions
+
+    root = Path(__file__).resolve().parents[2] / "compose"
+    settings = load_settings(root / "qflare.toml", env={"QFLARE_BROKER": "amqp://u:p@rabbitmq:5672/qflare"})
+    assert settings.broker.startswith("amqp://") and str(settings.data_dir) == "/data"
+    assert IngestOptions.from_settings(settings.options("ingest"), None).max_update_norm is None
