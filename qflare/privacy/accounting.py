@@ -79,13 +79,16 @@ def epsilon(q: float, z: float, rounds: int, delta: float, method: str = "pld") 
     if rounds == 0:
         return 0.0
     if method == "pld":
-        accountant = _pld_accountant()
-    elif method == "rdp":
+        # What PLDAccountant.compose(event, rounds) does, with the single-round PLD cached so
+        # that planning (many horizons at one (q, z)) builds it once.
+        one = _round_pld(float(q), float(z))
+        composed = one.self_compose(rounds) if rounds > 1 else one
+        return float(composed.get_epsilon_for_delta(delta))
+    if method == "rdp":
         accountant = rdp_privacy_accountant.RdpAccountant()
-    else:
-        raise ValueError(f"method={method!r}; use one of {METHODS}")
-    accountant.compose(round_event(q, z), rounds)
-    return float(accountant.get_epsilon(delta))
+        accountant.compose(round_event(q, z), rounds)
+        return float(accountant.get_epsilon(delta))
+    raise ValueError(f"method={method!r}; use one of {METHODS}")
 
 
 def _check_budget(target_epsilon: float, delta: float) -> None:
