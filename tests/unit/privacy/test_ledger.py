@@ -16,6 +16,7 @@ from qflare.privacy import (
     BudgetPolicy,
     Ledger,
     PrivacyError,
+    epsilon,
 )
 from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 
@@ -47,6 +48,10 @@ def test_refuses_exactly_the_first_round_that_would_exceed(allowed: int) -> None
     assert first_denied.epsilon_requested == pytest.approx(_fresh(allowed + 1), rel=1e-6)
     assert first_denied.epsilon_total == ledger.epsilon == pytest.approx(_fresh(allowed), rel=1e-6)
     assert ledger.rounds_granted == allowed
+    # the RDP cross-check recorded with each grant is dp-accounting's RDP of the same rounds
+    for k, granted in enumerate(decisions[:allowed], start=1):
+        assert granted.epsilon_rdp == pytest.approx(epsilon(Q, Z, k, DELTA, method="rdp"), rel=1e-9)
+        assert granted.epsilon_rdp >= granted.epsilon_total
     # a cheaper round may still fit after a denial: denials charge nothing
     cheap = _run(ledger, 100, q=Q, z=50.0)
     assert cheap.granted and cheap.epsilon_total <= budget
