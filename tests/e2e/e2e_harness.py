@@ -293,6 +293,9 @@ class RunResult:
     seconds: float = 0.0
     end_reason: str = ""
     stop_codes: dict[str, int] = field(default_factory=dict)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    broker_down: float = 0.0
+    broker_up: float = 0.0
 
 
 @dataclass
@@ -372,6 +375,8 @@ async def run_scenario(
         result.seconds = time.monotonic() - started
     finally:
         gate.set()
+        for task in result.tasks:  # a broker restart in progress finishes first
+            await asyncio.gather(task, return_exceptions=True)
         for p in clients.values():
             await p.stop()
         result.stop_codes = cluster.stop_all()
@@ -379,6 +384,8 @@ async def run_scenario(
                   *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas)]
         try:
             await bus.delete_all(queues)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the run's own error
+            print(f"e2e cleanup of {prefix!r} failed: {exc!r}", file=sys.stderr)
         finally:
             await bus.close()
     return result
@@ -415,17 +422,22 @@ def _install_broker_restart(scenario: Scenario, recorder: Recorder, result: RunR
             seen += 1
             if seen == count:
                 # not inside the handler: its own connection goes down with the broker
-                asyncio.get_running_loop().create_task(_restart_broker(result))
+                result.tasks.append(asyncio.get_running_loop().create_task(_restart_broker(result)))
 
     recorder.hooks.append(hook)
 
 
 async def _restart_broker(result: RunResult) -> None:
     result.kills.append(("broker", "stop_app", 0))
-    await _ctl("stop_app")
-    await asyncio.sleep(2.0)
-    await _ctl("start_app")
-    result.kills.append(("broker", "start_app", 0))
+    result.broker_down = time.monotonic()
+    try:
+        await _ctl("stop_app")
+        await asyncio.sleep(2.0)
+    finally:
+        # whatever happens, the shared broker comes back
+        await asyncio.shield(_ctl("start_app"))
+        result.broker_up = time.monotonic()
+        result.kills.append(("broker", "start_app", 0))
 
 
 async def _ctl(*args: str) -> None:

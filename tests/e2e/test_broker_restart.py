@@ -42,6 +42,10 @@ def test_job_finishes_across_a_broker_restart(e2e_federation: Federation, tmp_pa
                                    job, PARTICIPANTS, BYZANTINE, scenario, {"aggregator": {"reopen_interval_s": 1.0}}))
     assert [k[1] for k in run.kills] == ["stop_app", "start_app"]
     assert run.end_reason == "completed"
+    # the restart really fell inside the job: round 2 closed and the job ended after it
+    closed_at = {r: t for t, k, r, _b in run.recorder.events if k == "round.closed"}
+    ended_at = min(t for t, k, _r, _b in run.recorder.events if k == "job.ended")
+    assert closed_at[2] > run.broker_up > run.broker_down and ended_at > run.broker_up
     assert run.final_version == 3
     closed = {r: sorted(u.client for u in b.updates) for r, b in run.recorder.of("round.closed")}
     assert closed == {r: sorted(PARTICIPANTS) for r in (1, 2, 3)}
