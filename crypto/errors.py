@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from qflare.errors import QflareError
+
 
 class Reason(StrEnum):
     """Stable reason codes for rejected input. Values never change meaning once released;
@@ -139,10 +141,6 @@ class Reason(StrEnum):
         "A chunk does not fit its manifest: unknown transfer, index out of range, wrong "
         "size, or the transfer is incomplete.",
     )
-
-
-class QflareError(Exception):
-    """Root of every error QFLARE raises on purpose."""
 
 
 class MessageRejected(QflareError):

@@ -6,6 +6,8 @@ the accountant's ledger; callers match on ``error.reason``, never on the message
 
 from __future__ import annotations
 
+from qflare.errors import QflareError
+
 INVALID_PARAMETERS = "INVALID_PARAMETERS"
 """A request's q, z, clip, round or job is outside its allowed range."""
 CONFLICTING_REQUEST = "CONFLICTING_REQUEST"
@@ -18,7 +20,7 @@ UNKNOWN_JOB = "UNKNOWN_JOB"
 REASONS = (INVALID_PARAMETERS, CONFLICTING_REQUEST, BUDGET_EXHAUSTED, UNKNOWN_JOB)
 
 
-class PrivacyError(ValueError):
+class PrivacyError(QflareError, ValueError):
     """Bad input to the privacy core; ``reason`` is one of :data:`REASONS`."""
 
     def __init__(self, reason: str, detail: str) -> None:
