@@ -14,17 +14,11 @@ from typing import Any
 import numpy as np
 
 from .._base import PreAggregator, register_pre
-from .._core import check_int, mm
+from .._core import check_int
 
 
-def bucket_means(x: np.ndarray, s: int, perm: np.ndarray) -> np.ndarray:
-    n = x.shape[0]
-    nb = -(-n // s)
-    m = np.zeros((nb, n))
-    for b in range(nb):
-        members = perm[b * s:(b + 1) * s]
-        m[b, members] = 1.0 / len(members)
-    return m
+def buckets(n: int, s: int, perm: np.ndarray) -> list[np.ndarray]:
+    return [perm[b:b + s] for b in range(0, n, s)]
 
 
 @register_pre
@@ -42,7 +36,9 @@ class Bucketing(PreAggregator):
         if perm is None:
             gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             perm = gen.permutation(n)
-        m = bucket_means(x, self.s, np.asarray(perm))
-        out = mm(m, x)
-        wout = None if w is None else (m > 0).astype(np.float64) @ w
+        groups = buckets(n, self.s, np.asarray(perm))
+        out = np.empty((len(groups), x.shape[1]), dtype=x.dtype)
+        for i, g in enumerate(groups):
+            out[i] = x[g].mean(axis=0)   # s rows gathered at a time: no n x d temporary
+        wout = None if w is None else np.array([w[g].sum() for g in groups])
         return out, wout
