@@ -42,8 +42,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--attack", default="sign-flip", help="attack name; 'none' for no attack (see --list)")
     g.add_argument("--attack-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="parameter passed to the attack, e.g. scale=3")
-    g.add_argument("--rule", default="nnm+multikrum",
-                   help="aggregation spec, pre-aggregators first; f is filled from --byzantine")
+    g.add_argument("--rule", default="mean",
+                   help="aggregation spec, pre-aggregators first (e.g. nnm+multikrum, median); f is "
+                   "filled from --byzantine. mean = FedAvg; with --detection flagged updates are dropped first")
     g.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True,
                    help="run the detector and drop flagged updates")
     g.add_argument("--rounds", type=int, default=20)

@@ -37,7 +37,7 @@ class SimConfig:
     clients: int = 20
     byzantine: int = 6
     attack: str = "sign_flip"
-    rule: str = "nnm+multikrum"
+    rule: str = "mean"
     detection: bool = True
     rounds: int = 20
     local_epochs: int = 2

@@ -368,12 +368,13 @@ async def _watch_in_tui(bus: Bus, trust: Any, spec: JobSpec, settings: Any, job:
     from qflare.tui import run_console_in_process
     from qflare.tui.events import JobDeclared
 
-    # The console stays up after the job ends so the operator can read it; `q` closes it
-    # and the run then finishes writing its report.
+    # The console closes by itself when the job ends (or earlier on `q`); the summary
+    # table and the report follow on the terminal.
     await run_console_in_process(
         bus, trust=trust,
         jobs=[JobDeclared(spec.job_id, 0, time.time(), epsilon_budget=spec.epsilon_budget, rounds=spec.rounds)],
         state_dir=settings.data_dir,
+        exit_when=job,
     )
 
 

@@ -122,6 +122,13 @@ def run_sweep(
             result = execute(config, direct=direct, broker=broker, console=console, progress=progress,
                              label=label, log_path=out / "services.log")
             cells.append(Cell(attack, defence, result))
+            if not progress:
+                det = result.detection
+                console.print(
+                    f"{label}: accuracy {_pct(result.final_accuracy)}"
+                    + (f", recall {_pct(det.recall)}, FPR {_pct(det.false_positive_rate)}" if defence.detection else "")
+                    + f" ({result.wall_s:.1f} s)"
+                )
     wall = time.perf_counter() - start
     written = write_sweep(out, plan, cells, path="direct" if direct else "services", wall_s=wall)
     console.print(sweep_table(plan, cells))

@@ -63,3 +63,26 @@ def test_services_path_matches_the_direct_path(changes: dict) -> None:
     if config.dp_on:
         assert services.ended == "budget_exhausted" and len(services.rounds) == 2
         assert 0 < services.rounds[0].epsilon < services.rounds[1].epsilon <= 7.0
+
+
+def test_tui_watches_the_run_on_the_same_bus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tui hands the bus to the operator console (here headless) until the job ends; the
+    console must have seen every round of the job."""
+    import qflare.tui
+    from qflare.tui.console import run_console_in_process
+
+    apps: list[object] = []
+
+    async def headless(bus, **kwargs):  # type: ignore[no-untyped-def]
+        app = await run_console_in_process(bus, headless=True, **kwargs)
+        apps.append(app)
+        return app
+
+    monkeypatch.setattr(qflare.tui, "run_console_in_process", headless)
+    config = SimConfig(clients=5, byzantine=1, rounds=2)
+    result = run_services(config, Federation.build(config), tui=True)
+    assert result.ended == "completed" and len(result.rounds) == 2
+    (app,) = apps
+    state = app.state  # type: ignore[attr-defined]
+    assert "sim" in state.jobs
+    assert sorted(r for j, r in state.rounds if j == "sim") == [1, 2]
