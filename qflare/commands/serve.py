@@ -3,7 +3,8 @@
 ``serve`` runs one service in this process until SIGTERM/SIGINT. ``up`` runs all five:
 against a broker URL (``amqp://``) each service is its own OS process (``qflare serve``
 children, ``--replicas ingest=2`` for more ingest replicas; a child that dies is restarted
-unless ``--no-restart``); on the embedded bus (``memory://``, the default) or with
+unless ``--no-restart``; they start in dependency order, each once the previous are
+ready); on the embedded bus (``memory://``, the default) or with
 ``--in-process`` they share one process and one bus. Configuration comes from ``--config``
 (or ``$QFLARE_CONFIG``) plus ``QFLARE_*`` variables; flags override both.
 """
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -121,17 +123,34 @@ def _up_in_process(settings: Settings) -> int:
 
 
 def _up_processes(args: argparse.Namespace, replicas: dict[str, int]) -> int:
-    """Supervise one ``qflare serve`` child per service replica; forward SIGTERM."""
+    """Supervise one ``qflare serve`` child per service replica; forward SIGTERM.
+
+    Children start in :data:`SERVICES` order, each once the previous ones reported
+    ``serve.ready`` (their queues exist), so nothing the aggregator publishes at start-up
+    falls on an undeclared queue. Their log lines pass through this process's stderr."""
     flags: list[str] = []
     for name in ("config", "broker", "prefix", "data_dir", "pki_dir", "log_level"):
         value = getattr(args, name)
         if value:
             flags += [f"--{name.replace('_', '-')}", value]
     children: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
+    ready: dict[tuple[str, int], threading.Event] = {}
+
+    def forward(key: tuple[str, int], stream: Any, flag: threading.Event) -> None:
+        for line in iter(stream.readline, b""):
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+            if b'"event":"serve.ready"' in line:
+                flag.set()
+        stream.close()
 
     def spawn(name: str, index: int) -> None:
         cmd = [sys.executable, "-m", "qflare", "serve", name, *flags]
-        children[(name, index)] = subprocess.Popen(cmd, env=os.environ.copy())
+        child = subprocess.Popen(cmd, env=os.environ.copy(), stderr=subprocess.PIPE)
+        flag = threading.Event()
+        children[(name, index)] = child
+        ready[(name, index)] = flag
+        threading.Thread(target=forward, args=((name, index), child.stderr, flag), daemon=True).start()
 
     stopping = False
 
@@ -147,6 +166,13 @@ def _up_processes(args: argparse.Namespace, replicas: dict[str, int]) -> int:
     for name in SERVICES:
         for i in range(replicas[name]):
             spawn(name, i)
+        for i in range(replicas[name]):
+            while not stopping and not ready[(name, i)].wait(0.2):
+                if children[(name, i)].poll() is not None:
+                    print(f"qflare up: {name}[{i}] exited with {children[(name, i)].returncode} "
+                          "before it was ready", file=sys.stderr)
+                    stop(signal.SIGTERM, None)
+                    break
     code = 0
     while children:
         time.sleep(0.5)

@@ -25,6 +25,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "service": self.service,
+            "pid": record.process,
             "logger": record.name,
             "event": record.getMessage(),
         }
