@@ -415,6 +415,8 @@ class Aggregator(Service):
         await emit(self, "job.ended", body, job=spec.job_id, round=round_no,
                    exchange=topology.BROADCAST)
         await self.store.end_job(spec.job_id, reason)
+        for key in [k for k in self._held if k[0] == spec.job_id]:
+            del self._held[key]
         event(self.log, "job.ended", job=spec.job_id, round=round_no, reason=reason)
         self._ended_event(spec.job_id).set()
 
