@@ -234,6 +234,17 @@ class Aggregator(Service):
                 return
             raise MessageRejected(Reason.DUPLICATE,
                                   f"{body.client} already has an update in round {env.round}")
+        async with self._lock(spec.job_id):
+            now = await self.store.get_round(spec.job_id, env.round)
+            in_set = now is not None and (
+                now.state == RoundState.OPEN
+                or any(c == body.client and d == body.update_digest for c, d in now.closed_set or ())
+            )
+            if not in_set:
+                # closed at its deadline while this update was being written: it is not in
+                # the round's set, and the sender hears so
+                raise MessageRejected(Reason.ROUND_CLOSED,
+                                      f"round {env.round} closed while {body.client}'s update was stored")
         self._held.setdefault((spec.job_id, env.round), {})[body.client] = dict(body.tensors)
         event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
         await self._maybe_close(spec, env.round)
