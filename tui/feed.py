@@ -1,15 +1,20 @@
 """The console's broker side: one private queue on ``qflare.events`` and ``qflare.alerts``.
 
 The console binds one queue of its own to both exchanges (``#``), named per console
-(``console.<host>.<pid>.<random>``) so several operators each see every message, and deletes
-it when it stops. The queue does not dead-letter: a message the console cannot read is
-shown as a local alert and acknowledged, never fed back into ``qflare.dead`` (which the
-alerting service turns into alerts for everyone).
+(``console.<host>.<pid>.<random>``) so several operators each see every message. The queue
+is transient (``QueueSpec.transient``: exclusive, auto-delete on RabbitMQ), so the broker
+removes it when the console stops, however it stops: a killed console leaves nothing behind.
+The queue does not dead-letter: a message the console cannot read is shown as a local
+alert and acknowledged, never fed back into ``qflare.dead`` (which the alerting service
+turns into alerts for everyone).
 
-Broker drops: the RabbitMQ adapter's connection is robust (it reconnects and restores the
-consumer by itself, DESIGN §5); the feed only watches it and reports ``LinkChanged``
-events, so the screen says "reconnecting" while the link is down and "connected" when it is
-back. A first connection that fails is retried the same way.
+Broker drops: the RabbitMQ adapter's connection is robust (it reconnects and declares the
+queue and consumer again by itself, DESIGN §5); the feed only watches it and reports
+``LinkChanged`` events, so the screen says "reconnecting" while the link is down and
+"connected" when it is back. The transient queue goes with the dropped connection, so what
+was published while the link was down is not shown; the feed says so with a local
+``console.gap`` alert when the link comes back. A first connection that fails is retried
+the same way.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from typing import Any
 from qflare.bus import Bus, BusError, Delivery, Outcome, QueueSpec, Subscription, connect_bus, topology
 from qflare.crypto.pki import TrustStore
 from qflare.tui.adapter import decode_delivery
-from qflare.tui.events import Event, Link, LinkChanged
+from qflare.tui.events import AlertRaised, Event, Link, LinkChanged, Severity
 
 log = logging.getLogger("qflare.tui")
 
 #: Deliveries above this size are verified off the event loop (tensors in update.accepted).
 THREAD_THRESHOLD = 256 * 1024
+#: The local alert shown after a reconnect: events published meanwhile were missed.
+KIND_CONSOLE_GAP = "console.gap"
 Sink = Callable[[Sequence[Event]], None]
 
 
@@ -63,7 +70,8 @@ def link_up(bus: Bus) -> bool:
 
 
 async def delete_queue(bus: Bus, queue: str) -> None:
-    """Remove the console's queue (RabbitMQ keeps durable queues after their consumer)."""
+    """Remove a console queue by name (a durable one left by an older console; the
+    console's own queue is transient and goes by itself)."""
     delete = getattr(bus, "delete_queue", None)
     if delete is not None:
         await delete(queue)
@@ -114,6 +122,7 @@ class Feed:
         self.retry_interval = retry_interval
         self._sub: Subscription | None = None
         self._closed = False
+        self._down_since: float | None = None
 
     @property
     def source(self) -> str:
@@ -121,6 +130,20 @@ class Feed:
 
     def _link(self, link: Link, detail: str = "") -> None:
         self.sink([LinkChanged(link, self.clock(), detail)])
+
+    def _on_reconnect(self, *_: object) -> None:
+        # Called by the robust connection once the queue is declared again; the probe
+        # may miss a drop shorter than its interval, this callback does not.
+        now = self.clock()
+        down = f" for about {now - self._down_since:.0f}s" if self._down_since else ""
+        self._down_since = None
+        self.sink([AlertRaised(
+            job="-", round=0, ts=now, severity=Severity.WARNING, kind=KIND_CONSOLE_GAP,
+            reason="RECONNECTED",
+            detail=f"the broker link was down{down}; events published meanwhile were not "
+                   "received (the console's queue is transient)",
+            source="console",
+        )])
 
     async def _handle(self, delivery: Delivery) -> Outcome:
         args = (delivery.body, delivery.exchange, delivery.routing_key, self.trust, self.clock())
@@ -150,7 +173,7 @@ class Feed:
             if self.bus is None:
                 self.bus = await self._connect()
             spec = QueueSpec(self.queue, bindings=((topology.EVENTS, "#"), (topology.ALERTS, "#")),
-                             dead_letter=False)
+                             dead_letter=False, transient=True)
             while self._sub is None:
                 try:
                     self._sub = await self.bus.consume(spec, self._handle, prefetch=256)
@@ -159,30 +182,37 @@ class Feed:
                     await asyncio.sleep(self.retry_interval)
             up = True
             self._link(Link.CONNECTED)
+            callbacks: Any = getattr(getattr(self.bus, "connection", None), "reconnect_callbacks", None)
+            if callbacks is not None:
+                callbacks.add(self._on_reconnect)
             while not self._closed:
                 await asyncio.sleep(self.probe_interval)
                 now_up = link_up(self.bus)
                 if now_up != up:
                     up = now_up
+                    if not up:
+                        self._down_since = self.clock()
                     self._link(Link.CONNECTED if up else Link.RECONNECTING,
                                "" if up else "broker connection lost")
         finally:
             await self.close()
 
     async def close(self) -> None:
-        """Stop consuming, delete the console's queue and close an owned connection."""
+        """Stop consuming (the broker deletes the transient queue) and close an owned
+        connection."""
         if self._closed and self._sub is None:
             return
         self._closed = True
         sub, self._sub = self._sub, None
         bus = self.bus
+        callbacks: Any = getattr(getattr(bus, "connection", None), "reconnect_callbacks", None)
+        if callbacks is not None:
+            callbacks.discard(self._on_reconnect)
         try:
             if sub is not None:
-                await sub.cancel(timeout=1.0)
-            if bus is not None and sub is not None:
-                await asyncio.wait_for(delete_queue(bus, self.queue), 3.0)
+                await asyncio.wait_for(sub.cancel(timeout=1.0), 3.0)
         except Exception as exc:  # noqa: BLE001 - a failed cleanup must not block quitting
-            log.warning("console queue %s not deleted: %r", self.queue, exc)
+            log.warning("console queue %s: cancel failed: %r", self.queue, exc)
         finally:
             if bus is not None and self.owns_bus:
                 await bus.close(timeout=1.0)

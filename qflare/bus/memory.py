@@ -37,6 +37,7 @@ from qflare.bus.port import (
     death_info,
     log,
     settle_outcome,
+    transient_name,
 )
 
 
@@ -55,12 +56,15 @@ class _QueueArgs:
     single_active: bool
     delivery_limit: int
     dead_letter_exchange: str | None
+    transient: bool = False
 
 
 class _Queue:
-    def __init__(self, name: str, args: _QueueArgs) -> None:
+    def __init__(self, name: str, args: _QueueArgs, owner: MemoryBus | None = None) -> None:
         self.name = name
         self.args = args
+        # A transient queue's bus, as RabbitMQ ties an exclusive queue to its connection.
+        self.owner = owner
         self.bindings: set[tuple[str, str]] = set()
         self.ready: deque[_Message] = deque()
         self.consumers: list[_Consumer] = []
@@ -107,7 +111,10 @@ class _Broker:
     def give_back(self, queue: _Queue, message: _Message) -> None:
         """A delivery came back unsettled-or-retried: requeue it within the limit."""
         if message.deliveries >= queue.args.delivery_limit:
-            self.dead_letter(queue, message, topology.DEATH_DELIVERY_LIMIT)
+            # A transient (classic) queue has no broker-side limit: its subscription
+            # rejects the message, so RabbitMQ records "rejected".
+            reason = topology.DEATH_REJECTED if queue.args.transient else topology.DEATH_DELIVERY_LIMIT
+            self.dead_letter(queue, message, reason)
         elif queue.name in self.queues:
             queue.ready.appendleft(message)
         queue.dispatch(self)
@@ -161,6 +168,7 @@ class _Consumer(Subscription):
         self.handler = handler
         self.prefetch = prefetch
         self.spec = spec
+        self.queue_name = bus.logical(queue.name) or queue.name
         self.in_flight: dict[asyncio.Task[None], _Message] = {}
         self._cancelled = False
 
@@ -219,8 +227,15 @@ class _Consumer(Subscription):
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        broker = self.bus._broker
+        if self.queue.args.transient and not self.queue.consumers:
+            # auto-delete: the last consumer of a transient queue takes it with it
+            if broker.queues.get(self.queue.name) is self.queue:
+                del broker.queues[self.queue.name]
+            self.queue.ready.clear()
+            return
         # Another consumer (e.g. the next single-active one) takes over what is queued.
-        self.queue.dispatch(self.bus._broker)
+        self.queue.dispatch(broker)
 
 
 class MemoryBus(Bus):
@@ -278,16 +293,24 @@ class MemoryBus(Bus):
             single_active=spec.single_active,
             delivery_limit=spec.delivery_limit,
             dead_letter_exchange=self.name(topology.DEAD) if spec.dead_letter else None,
+            transient=spec.transient,
         )
-        name = self.name(spec.name)
+        logical = spec.name or transient_name()
+        name = self.name(logical)
         queue = self._broker.queues.get(name)
         if queue is None:
-            queue = self._broker.queues[name] = _Queue(name, args)
+            queue = self._broker.queues[name] = _Queue(
+                name, args, owner=self if spec.transient else None
+            )
         elif queue.args != args:
             raise TopologyError(
-                f"queue {spec.name!r} exists with {queue.args}, declared again with {args}"
+                f"queue {logical!r} exists with {queue.args}, declared again with {args}"
             )
-        self._declared.add(spec.name)
+        elif queue.owner is not None and queue.owner is not self:
+            # RabbitMQ answers RESOURCE_LOCKED for another connection's exclusive queue.
+            raise TopologyError(f"transient queue {logical!r} belongs to another bus")
+        if not spec.transient:
+            self._declared.add(logical)
         for exchange, pattern in spec.bindings:
             queue.bindings.add((self.name(exchange), pattern))
         return queue

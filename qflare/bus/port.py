@@ -24,6 +24,7 @@ import datetime as _dt
 import decimal
 import enum
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,13 +120,23 @@ Handler = Callable[[Delivery], Awaitable[Outcome]]
 
 @dataclass(frozen=True, slots=True)
 class QueueSpec:
-    """A durable queue and what feeds it.
+    """A queue and what feeds it.
 
     ``bindings`` pairs a logical exchange name with a topic pattern (``*`` one word,
     ``#`` zero or more). ``single_active`` lets only one consumer receive at a time (the
     stateful services); the next takes over when it goes away. ``delivery_limit`` counts
     deliveries, the first included. ``dead_letter`` routes rejected/exhausted messages to
     ``qflare.dead``; it is off only for the queue that drains ``qflare.dead`` itself.
+
+    ``transient`` queues belong to the bus (connection) that declared them and vanish
+    with its subscription: the broker deletes them when the last consumer is cancelled or
+    the connection dies, so a killed console or ingest replica leaves nothing behind.
+    Messages published while nobody consumes are lost, also across a reconnect (the
+    queue is declared afresh). An empty ``name`` lets the bus pick a unique one
+    (``Subscription.queue_name``). Another bus declaring the same transient queue gets
+    :class:`TopologyError`. Classic RabbitMQ queues have no delivery limit, so for a
+    transient queue the subscription counts retries itself; a message that exhausts
+    ``delivery_limit`` is dead-lettered as ``rejected`` (not ``delivery_limit``).
     """
 
     name: str
@@ -134,10 +145,13 @@ class QueueSpec:
     delivery_limit: int = 5
     dead_letter: bool = True
     retry_delay: float = field(default=0.0)
+    transient: bool = False
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 200:
+        if (not self.name and not self.transient) or len(self.name) > 200:
             raise ValueError(f"queue name must be 1..200 characters, got {self.name!r}")
+        if self.transient and self.single_active:
+            raise ValueError("a transient queue has one owner; single_active makes no sense")
         if not isinstance(self.delivery_limit, int) or self.delivery_limit < 1:
             raise ValueError(
                 f"delivery_limit must be an int >= 1 (deliveries, first included), "
@@ -158,7 +172,11 @@ class QueueSpec:
 class Subscription(abc.ABC):
     """A running consumer. ``cancel`` stops new deliveries, lets in-flight handlers finish
     for up to ``timeout`` seconds, then abandons the rest; abandoned (unacked) messages are
-    delivered again to another consumer."""
+    delivered again to another consumer (a transient queue is deleted instead).
+    ``queue_name`` is the logical name of the queue (generated for a nameless transient
+    spec)."""
+
+    queue_name: str
 
     @abc.abstractmethod
     async def cancel(self, timeout: float = 10.0) -> None: ...
@@ -222,6 +240,12 @@ class Bus(abc.ABC):
         if physical is not None and self.prefix and physical.startswith(self.prefix):
             return physical[len(self.prefix) :]
         return physical
+
+
+def transient_name() -> str:
+    """A unique logical name for a nameless transient queue. Not server-named
+    (``amq.gen-*``): the client cannot declare such a name again after a reconnect."""
+    return f"transient.{uuid.uuid4().hex}"
 
 
 def check_body(body: bytes, limit: int) -> None:

@@ -16,11 +16,20 @@ size is checked before sending.
 RabbitMQ's ``x-delivery-limit`` counts *returns* (a message is dead-lettered when it was
 returned more than that many times); :class:`QueueSpec.delivery_limit` counts deliveries,
 hence ``x-delivery-limit = delivery_limit - 1``.
+
+Transient queues (``QueueSpec.transient``) are classic, non-durable, exclusive and
+auto-delete: the broker removes them when their consumer is cancelled or the connection
+dies. After a reconnect the robust channel declares them again (the old connection is gone,
+so its exclusive queue is too and the name is free; should the broker not have noticed the
+old connection's death yet, the restore fails with RESOURCE_LOCKED and aio-pika retries the
+reconnect). Classic queues have no ``x-delivery-limit``, so the subscription runs RETRY
+itself, on the same message, up to the limit, then rejects it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -58,6 +67,7 @@ from qflare.bus.port import (
     check_routing_key,
     death_info,
     settle_outcome,
+    transient_name,
 )
 
 log = logging.getLogger("qflare.bus.rabbitmq")
@@ -101,7 +111,14 @@ def _from_amqp(value: Any) -> Any:
 def queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
     """The ``x-`` arguments of ``spec``: part of the topology contract (a re-declaration
     with other arguments fails with PRECONDITION_FAILED)."""
-    args: dict[str, Any] = {
+    if spec.transient:
+        # exclusive/auto-delete queues cannot be quorum queues; say "classic" explicitly
+        # so a vhost whose default queue type is quorum does not refuse them
+        args: dict[str, Any] = {"x-queue-type": "classic"}
+        if spec.dead_letter:
+            args["x-dead-letter-exchange"] = prefix + topology.DEAD
+        return args
+    args = {
         "x-queue-type": "quorum",
         "x-delivery-limit": spec.delivery_limit - 1,
     }
@@ -126,6 +143,7 @@ class _RabbitSubscription(Subscription):
         self.handler = handler
         self.channel = channel
         self.queue = queue
+        self.queue_name = bus.logical(queue.name) or queue.name
         self.consumer_tag: str | None = None
         self.in_flight: set[asyncio.Task[Any]] = set()
         self._cancelled = False
@@ -157,6 +175,18 @@ class _RabbitSubscription(Subscription):
         outcome = await settle_outcome(self.handler, delivery)
         if outcome is Outcome.RETRY and self.spec.retry_delay:
             await asyncio.sleep(self.spec.retry_delay)
+        if self.spec.transient:
+            # no broker-side count on a classic queue: retry here, then give up
+            while outcome is Outcome.RETRY and not self._cancelled:
+                if delivery.delivery_count >= self.spec.delivery_limit:
+                    outcome = Outcome.REJECT
+                    break
+                delivery = dataclasses.replace(
+                    delivery, redelivered=True, delivery_count=delivery.delivery_count + 1
+                )
+                outcome = await settle_outcome(self.handler, delivery)
+                if outcome is Outcome.RETRY and self.spec.retry_delay:
+                    await asyncio.sleep(self.spec.retry_delay)
         try:
             if outcome is Outcome.ACK:
                 await message.ack()
@@ -354,18 +384,30 @@ class RabbitBus(Bus):
         # One channel per subscription: QoS is per channel, and closing it is how a
         # consumer hands its unsettled messages back (single-active takeover).
         channel = await self._connection.channel(publisher_confirms=False)
+        logical = spec.name or transient_name()
         try:
             await channel.set_qos(prefetch_count=prefetch)
             try:
                 queue = await channel.declare_queue(
-                    self.name(spec.name), durable=True, arguments=queue_arguments(spec, self.prefix)
+                    self.name(logical),
+                    durable=not spec.transient,
+                    exclusive=spec.transient,
+                    auto_delete=spec.transient,
+                    arguments=queue_arguments(spec, self.prefix),
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise TopologyError(
-                    f"queue {spec.name!r} exists with other arguments than "
+                    f"queue {logical!r} exists with other arguments than "
                     f"{queue_arguments(spec, self.prefix)}: {exc}"
                 ) from exc
-            self._declared_queues.add(spec.name)
+            except aiormq.exceptions.ChannelLockedResource as exc:
+                raise TopologyError(
+                    f"transient queue {logical!r} belongs to another connection: {exc}"
+                ) from exc
+            if not spec.transient:
+                # transient queues clean up after themselves; delete_all must not touch
+                # another connection's exclusive queue (RESOURCE_LOCKED)
+                self._declared_queues.add(logical)
             for exchange, pattern in spec.bindings:
                 await queue.bind(self.name(exchange), pattern)
             sub = _RabbitSubscription(self, spec, handler, channel, queue)

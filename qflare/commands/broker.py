@@ -58,10 +58,10 @@ SERVICE_READS: dict[str, tuple[str, ...]] = {
     "operator": (topology.EVENTS, topology.ALERTS),
 }
 
-#: Policies (bounded backlogs). A client offline for long keeps only its latest broadcasts;
-#: a dead ingest replica's round queue deletes itself after an hour unused.
+#: Policies (bounded backlogs). A client offline for long keeps only its latest broadcasts.
+#: Ingest's per-replica round queues and the consoles' queues need none: they are transient
+#: (exclusive, auto-delete), so the broker removes them with their connection.
 CLIENT_QUEUE_MAX_LENGTH = 64
-ROUND_QUEUE_EXPIRES_MS = 3_600_000
 DEAD_QUEUE_MAX_LENGTH = 100_000
 
 
@@ -117,7 +117,10 @@ def permissions(role: str, user: str, vhost: str, prefix: str = "") -> dict[str,
         "user": user,
         "vhost": vhost,
         "configure": f"^({_alt(exchanges)}|{own})$",
-        "write": f"^({_alt(p + e for e in SERVICE_WRITES[role])}|{own})$",
+        # write on qflare.dead: RabbitMQ checks it when a queue with that dead-letter
+    # exchange is created (the broker republishes into it on the queue's behalf); services
+    # create queues the file does not pre-declare (e.g. ingest.rounds.<replica>).
+    "write": f"^({_alt(p + e for e in (*SERVICE_WRITES[role], topology.DEAD))}|{own})$",
         "read": f"^({_alt(p + e for e in SERVICE_READS[role])}|{own})$",
     }
 
@@ -190,7 +193,9 @@ def build_definitions(
         perms.append(permissions(role, u.name, vhost, prefix))
     queues_out, bindings_out, seen = [], [], set()
     for spec in specs:
-        if spec.name in seen:
+        # a transient queue belongs to the connection that declares it; pre-declared as
+        # durable here it would refuse that declaration (PRECONDITION_FAILED)
+        if spec.name in seen or spec.transient:
             continue
         seen.add(spec.name)
         q, b = _queue(spec, vhost, prefix)
@@ -201,9 +206,6 @@ def build_definitions(
         {"vhost": vhost, "name": "qflare-client-queues", "pattern": f"^{p}client\\.",
          "apply-to": "queues", "priority": 1,
          "definition": {"max-length": CLIENT_QUEUE_MAX_LENGTH, "overflow": "drop-head"}},
-        {"vhost": vhost, "name": "qflare-ingest-rounds", "pattern": f"^{p}ingest\\.rounds\\.",
-         "apply-to": "queues", "priority": 1,
-         "definition": {"expires": ROUND_QUEUE_EXPIRES_MS}},
         {"vhost": vhost, "name": "qflare-dead-letters", "pattern": f"^{p}alerting\\.dead$",
          "apply-to": "queues", "priority": 1,
          "definition": {"max-length": DEAD_QUEUE_MAX_LENGTH, "overflow": "drop-head"}},

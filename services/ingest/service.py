@@ -2,9 +2,11 @@
 
 Stateless and replicated (DESIGN.md §1): every replica consumes the shared ``ingest`` quorum
 queue (competing consumers) and keeps only a cache of open rounds, learnt from
-``round.opened`` / ``round.closed`` / ``job.ended`` on its own queue
-``ingest.rounds.<replica>`` (the aggregator re-announces open rounds, so a fresh replica
-catches up). Per update:
+``round.opened`` / ``round.closed`` / ``job.ended`` on its own transient queue
+``ingest.rounds.<replica>`` (exclusive to the replica's connection: the broker deletes it
+when the replica stops or dies, and declares it afresh after a reconnect, so round events
+published while the link was down are not seen; the aggregator re-announces open rounds
+when it starts or extends a round). Per update:
 
 1. size bound from the open round's tensor spec, before any decoding (TOO_LARGE);
 2. :func:`qflare.messages.open_envelope`: certificate chain, expiry, revocation, sender,
@@ -70,7 +72,8 @@ _WORD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def rounds_queue(replica: str) -> QueueSpec:
-    """This replica's own queue of round events (each replica needs all of them)."""
+    """This replica's own queue of round events (each replica needs all of them). It is
+    transient: a killed replica leaves no queue behind that would fill up forever."""
     return QueueSpec(
         f"ingest.rounds.{replica}",
         bindings=(
@@ -79,14 +82,15 @@ def rounds_queue(replica: str) -> QueueSpec:
             (topology.EVENTS, "job.ended.*"),
         ),
         delivery_limit=3,
+        transient=True,
     )
 
 
 def default_replica() -> str:
-    """``$QFLARE_REPLICA`` if set (a stable name reuses its queue across restarts), else
-    ``<host>-<pid>``: two replicas must never share a round queue, or each would see only
-    half the round events. A dead replica's queue is removed by the broker policy
-    ``qflare-ingest-rounds`` (queue expiry) of compose/definitions.json."""
+    """``$QFLARE_REPLICA`` if set (a readable name in the broker's queue list), else
+    ``<host>-<pid>``: two live replicas cannot share a round queue (it is exclusive to one
+    connection; the second gets TopologyError), and a dead replica's queue is gone with
+    its connection, so a restart may reuse the name."""
     name = os.environ.get("QFLARE_REPLICA") or f"{socket.gethostname() or 'ingest'}-{os.getpid()}"
     return re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:]
 

@@ -445,3 +445,65 @@ async def test_one_consumer_sees_publish_order(bus: Bus, wait_for) -> None:
         await bus.publish(EVENTS, "o", body)
     await wait_for(lambda: len(rec.seen) == len(bodies))
     assert rec.bodies == bodies
+
+
+# -- transient queues: owned by one bus, gone with its subscription -------------------------
+
+
+async def test_transient_queue_receives_and_vanishes_on_cancel(bus: Bus, wait_for) -> None:
+    rec = Recorder()
+    sub = await bus.consume(QueueSpec("viewer", bindings=((EVENTS, "t.#"),), transient=True), rec)
+    assert sub.queue_name == "viewer"
+    assert "viewer" not in bus.declared_queues, "it cleans up after itself"
+    assert await bus.publish(EVENTS, "t.1", b"one") is True
+    await wait_for(rec.changed)
+    assert rec.bodies == [b"one"]
+    await sub.cancel()
+    # nothing is bound any more: the broker deleted the queue with its consumer
+    assert await bus.publish(EVENTS, "t.2", b"two") is False
+
+
+async def test_nameless_transient_queue_gets_a_unique_name(bus: Bus, wait_for) -> None:
+    a, b = Recorder(), Recorder()
+    spec = QueueSpec("", bindings=((ALERTS, "#"),), transient=True)
+    sub_a = await bus.consume(spec, a)
+    sub_b = await bus.consume(spec, b)
+    assert sub_a.queue_name and sub_a.queue_name != sub_b.queue_name
+    await bus.publish(ALERTS, "critical.x.j1", b"both")
+    await wait_for(lambda: a.bodies == [b"both"] and b.bodies == [b"both"])
+    with pytest.raises(ValueError):
+        QueueSpec("", bindings=((ALERTS, "#"),))  # only a transient queue may be nameless
+
+
+async def test_transient_queue_vanishes_when_its_bus_closes(bus: Bus, bus_factory, wait_for) -> None:
+    owner = await bus_factory()
+    rec = Recorder()
+    await owner.consume(QueueSpec("", bindings=((EVENTS, "c.#"),), transient=True), rec)
+    assert await bus.publish(EVENTS, "c.1", b"seen") is True
+    await wait_for(rec.changed)
+    await owner.close()
+    assert await bus.publish(EVENTS, "c.2", b"unseen") is False
+
+
+async def test_transient_queue_belongs_to_its_bus(bus: Bus, bus_factory) -> None:
+    other = await bus_factory()
+    spec = QueueSpec("mine", bindings=((EVENTS, "#"),), transient=True)
+    await bus.consume(spec, Recorder())
+    with pytest.raises(TopologyError):
+        await other.consume(spec, Recorder())
+    with pytest.raises(TopologyError):  # nor can it be taken over as a durable queue
+        await bus.consume(QueueSpec("mine", bindings=((EVENTS, "#"),)), Recorder())
+
+
+async def test_transient_retry_is_bounded_then_dead_letters_as_rejected(bus: Bus, wait_for) -> None:
+    dead = Recorder()
+    await bus.consume(topology.dead_letters(), dead)
+    flaky = Recorder(Outcome.RETRY)
+    await bus.consume(
+        QueueSpec("", bindings=((EVENTS, "#"),), delivery_limit=3, transient=True), flaky
+    )
+    await bus.publish(EVENTS, "r.k", b"poison")
+    await wait_for(dead.changed)
+    assert [d.delivery_count for d in flaky.seen] == [1, 2, 3]
+    assert [d.redelivered for d in flaky.seen] == [False, True, True]
+    assert dead.seen[0].death_reason == "rejected"

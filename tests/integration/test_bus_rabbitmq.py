@@ -15,6 +15,7 @@ import time
 import uuid
 
 import aio_pika
+import aiormq
 import pytest
 
 from qflare.bus import BusUnavailable, PublishFailed, TopologyError, Delivery, Outcome, QueueSpec, connect_bus, topology
@@ -217,3 +218,64 @@ async def test_conflicting_exchange_is_a_topology_error(amqp_url, bus_prefix) ->
             channel = await admin.channel()
             for name in topology.EXCHANGES:
                 await channel.exchange_delete(bus_prefix + name)
+
+
+async def _exists(amqp_url: str, physical: str) -> bool:
+    """A passive declare on a fresh connection: fails (NOT_FOUND) once the queue is gone."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(physical, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        except aiormq.exceptions.ChannelLockedResource:
+            return True  # it exists, exclusive to its owner
+        return True
+
+
+async def test_transient_queue_is_classic_exclusive_and_gone_after_cancel_and_close(
+    amqp_url, bus_prefix, rabbit_bus_factory
+) -> None:
+    bus = await rabbit_bus_factory()
+    sub = await bus.consume(QueueSpec("tq", bindings=((topology.EVENTS, "#"),), transient=True), Sequence())
+    physical = bus_prefix + "tq"
+    assert await _exists(amqp_url, physical)
+    # Another connection cannot use it: RESOURCE_LOCKED proves exclusive.
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelLockedResource):
+            await channel.declare_queue(physical, exclusive=True, auto_delete=True,
+                                        arguments={"x-queue-type": "classic"})
+    await sub.cancel()
+    assert not await _exists(amqp_url, physical)
+
+    sub = await bus.consume(QueueSpec("", bindings=((topology.EVENTS, "#"),), transient=True), Sequence())
+    physical = bus_prefix + sub.queue_name
+    assert await _exists(amqp_url, physical)
+    await bus.close()
+    assert not await _exists(amqp_url, physical)
+
+
+@needs_ctl
+async def test_transient_queue_is_declared_again_after_a_server_side_close(
+    amqp_url, bus_prefix, rabbit_bus_factory, wait_for
+) -> None:
+    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
+    bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=0.3)
+    rec = Sequence()
+    sub = await bus.consume(QueueSpec("", bindings=((topology.EVENTS, "v.#"),), transient=True), rec)
+    await bus.publish(topology.EVENTS, "v.1", b"1")
+    await wait_for(lambda: 1 in rec.seen)
+    await _close_our_connection(name)
+    # The server dropped the exclusive queue with the connection; the robust connection
+    # declares it again (same name), binds it and consumes from it.
+    deadline = time.monotonic() + 20
+    while not await bus.publish(topology.EVENTS, "v.2", b"2"):
+        assert time.monotonic() < deadline, "transient queue was not declared again"
+        await asyncio.sleep(0.1)
+    await wait_for(lambda: 2 in rec.seen, timeout=10)
+    assert await _exists(amqp_url, bus_prefix + sub.queue_name)
+    await sub.cancel()
+    assert not await _exists(amqp_url, bus_prefix + sub.queue_name)

@@ -213,6 +213,9 @@ def test_example_file_in_compose_is_current() -> None:
     clients = [p for p in doc["permissions"] if p["user"].startswith("client-")]
     assert clients and all(p["read"].endswith(re.escape(f"client.{p['user']}") + ")$") for p in clients)
     assert {q["name"] for q in doc["queues"]} >= {"ingest", "alerting", "alerting.dead", "client.client-000"}
+    # ingest's round queues are transient: no expiry policy, nothing pre-declared
+    assert "qflare-ingest-rounds" not in {p["name"] for p in doc["policies"]}
+    assert not any(q["name"].startswith("ingest.rounds.") for q in doc["queues"])
 
 
 def test_compose_file_runs_a_service_per_role_with_its_own_broker_user() -> None:
@@ -270,6 +273,27 @@ async def test_services_declare_their_queues_against_the_file_without_conflict(l
             await sub.cancel()
     finally:
         await bus.close()
+
+
+async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(loaded: dict) -> None:
+    from qflare.bus import TopologyError, connect_bus
+    from qflare.services.ingest.service import rounds_queue
+
+    spec = rounds_queue("r-test")
+    bus = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
+    try:
+        sub = await bus.consume(spec, _noop)
+        other = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
+        try:
+            with pytest.raises(TopologyError):  # a second live replica of the same name
+                await other.consume(spec, _noop)
+        finally:
+            await other.close()
+        await sub.cancel()
+    finally:
+        await bus.close()
+    listed = _ctl("list_queues", "-p", loaded["vhost"], "name")
+    assert "ingest.rounds.r-test" not in listed.stdout, "the broker removed it with its consumer"
 
 
 async def _noop(_: object) -> object:
