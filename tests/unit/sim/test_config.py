@@ -74,3 +74,25 @@ def test_cli_refuses_both_noise_and_target_epsilon(capsys) -> None:
         main(["simulate", "--noise-multiplier", "1", "--target-epsilon", "3"])
     assert exc.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_names_the_debian_package_when_fashion_mnist_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys
+) -> None:
+    import qflare.sim.data as data
+
+    monkeypatch.setitem(data._LOADERS, "fashion-mnist", lambda: data.load_fashion_mnist(tmp_path / "absent"))
+    code = main(["simulate", "--dataset", "fashion-mnist", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "apt-get install dataset-fashion-mnist" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_lists_the_choices(capsys) -> None:
+    assert main(["simulate", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "sign_flip" in out and "label_flip" in out and "multikrum" in out and "digits" in out
+
+
+def test_tui_does_not_combine_with_the_direct_path(capsys) -> None:
+    assert main(["simulate", "--tui", "--direct"]) == 2
+    assert "--tui" in capsys.readouterr().err
