@@ -39,6 +39,7 @@ from qflare.bus import (
 )
 from qflare.crypto.errors import MessageRejected
 from qflare.runtime.config import Settings
+from qflare.runtime.envelopes import publish_alert
 from qflare.runtime.logging import event
 
 #: Faults that may clear by themselves: the broker is away, the disk or DB is busy.
@@ -217,8 +218,6 @@ class Service(abc.ABC):
     ) -> None:
         """Publish an ``alert.raised`` (signed) on ``qflare.events``; alerting stores,
         deduplicates and republishes it on ``qflare.alerts``."""
-        from qflare.runtime.envelopes import publish_alert
-
         await publish_alert(
             self, kind=kind, severity=severity, job=job, round=round,
             reason=reason, detail=detail, client=client,
