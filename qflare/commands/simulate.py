@@ -36,8 +36,8 @@ def register(subparsers: Any) -> None:
     )
     g = p.add_argument_group("federation")
     g.add_argument("--dataset", default="digits", help="digits (bundled with scikit-learn) or fashion-mnist")
-    g.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
-    g.add_argument("--clients", type=int, default=20)
+    g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="mlp (64 hidden units) or a small cnn")
+    g.add_argument("--clients", type=int, default=20, help="simulated participants")
     g.add_argument("--byzantine", type=int, default=6, help="Byzantine clients (an omniscient coalition)")
     g.add_argument("--attack", default="sign-flip", help="attack name; 'none' for no attack (see --list)")
     g.add_argument("--attack-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -47,16 +47,16 @@ def register(subparsers: Any) -> None:
                    "filled from --byzantine. mean = FedAvg; with --detection flagged updates are dropped first")
     g.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True,
                    help="run the detector and drop flagged updates")
-    g.add_argument("--rounds", type=int, default=20)
-    g.add_argument("--local-epochs", type=int, default=2)
+    g.add_argument("--rounds", type=int, default=20, help="federated rounds")
+    g.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     g.add_argument("--lr", type=float, default=0.1, help="client SGD learning rate")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="local SGD batch size")
     split = g.add_mutually_exclusive_group()
     split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID split)")
     split.add_argument("--iid", action="store_true", help="IID split instead of Dirichlet")
     g.add_argument("--sample-rate", type=float, default=1.0, help="Poisson client sampling rate q")
-    g.add_argument("--server-lr", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--server-lr", type=float, default=1.0, help="step applied to the aggregate")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, training, attacks, selection and noise")
 
     d = p.add_argument_group("differential privacy (off unless --noise-multiplier or --target-epsilon)")
     z = d.add_mutually_exclusive_group()
@@ -64,9 +64,9 @@ def register(subparsers: Any) -> None:
     z.add_argument("--target-epsilon", type=float, default=None,
                    help="plan z so the whole run spends this epsilon")
     d.add_argument("--clip", type=float, default=5.0, help="L2 clip norm C of each update")
-    d.add_argument("--delta", type=float, default=1e-5)
+    d.add_argument("--delta", type=float, default=1e-5, help="DP delta")
     d.add_argument("--epsilon-budget", type=float, default=None,
-                   help="the accountant refuses rounds past this epsilon (default: target or none)")
+                   help="the accountant refuses rounds past this epsilon (unset: the target, or no limit)")
 
     r = p.add_argument_group("running")
     r.add_argument("--out", type=Path, default=Path("qflare-sim"), help="output folder")
