@@ -309,7 +309,7 @@ class Scenario:
     kills: tuple[tuple[str, str, int, int], ...] = ()
     hostile_round: int | None = None
     hostile: Callable[..., Any] | None = None
-    hold_client: str | None = None
+    hold_client: str | None = None  # held in hostile_round until the hostile routine or restart is done
     timeout: float = 120.0
     stateful: tuple[str, ...] = ("alerting", "accountant", "detector")
     broker_restart: tuple[str, int, int] | None = None  # (kind, round, count): stop_app/start_app
@@ -348,7 +348,7 @@ async def run_scenario(
         for p in clients.values():
             await p.start()
         _install_kills(scenario, recorder, cluster, result)
-        _install_broker_restart(scenario, recorder, result)
+        _install_broker_restart(scenario, recorder, result, gate)
         if scenario.hostile is not None:
             async def on_open(kind: str, round_no: int, _body: Any) -> None:
                 if kind == "round.opened" and round_no == scenario.hostile_round and not result.hostile_sent:
@@ -410,7 +410,8 @@ def _install_kills(scenario: Scenario, recorder: Recorder, cluster: Cluster, res
     recorder.hooks.append(hook)
 
 
-def _install_broker_restart(scenario: Scenario, recorder: Recorder, result: RunResult) -> None:
+def _install_broker_restart(scenario: Scenario, recorder: Recorder, result: RunResult,
+                            gate: threading.Event) -> None:
     if scenario.broker_restart is None:
         return
     kind, round_no, count = scenario.broker_restart
@@ -422,12 +423,12 @@ def _install_broker_restart(scenario: Scenario, recorder: Recorder, result: RunR
             seen += 1
             if seen == count:
                 # not inside the handler: its own connection goes down with the broker
-                result.tasks.append(asyncio.get_running_loop().create_task(_restart_broker(result)))
+                result.tasks.append(asyncio.get_running_loop().create_task(_restart_broker(result, gate)))
 
     recorder.hooks.append(hook)
 
 
-async def _restart_broker(result: RunResult) -> None:
+async def _restart_broker(result: RunResult, gate: threading.Event) -> None:
     result.kills.append(("broker", "stop_app", 0))
     result.broker_down = time.monotonic()
     try:
@@ -438,6 +439,7 @@ async def _restart_broker(result: RunResult) -> None:
         await asyncio.shield(_ctl("start_app"))
         result.broker_up = time.monotonic()
         result.kills.append(("broker", "start_app", 0))
+        gate.set()  # the held client sends now, over its reconnected connection
 
 
 async def _ctl(*args: str) -> None:

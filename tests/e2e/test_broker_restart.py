@@ -37,7 +37,10 @@ def test_job_finishes_across_a_broker_restart(e2e_federation: Federation, tmp_pa
         "f": 3, "noise_multiplier": 1.5, "clip": 2.0, "epsilon_budget": 100.0, "min_updates": 7,
         "deadline_s": 120.0, "seed": 7, "initial_model": str(write_initial_model(tmp_path / "m0.safetensors")),
     }
-    scenario = Scenario("restart", broker_restart=("update.accepted", 2, 4), timeout=300)
+    # client-006 holds its round-2 update until the broker is back: the round is open across
+    # the restart, and its last update travels over reconnected connections
+    scenario = Scenario("restart", broker_restart=("update.accepted", 2, 4), hold_client="client-006",
+                        hostile_round=2, timeout=300)
     run = asyncio.run(run_scenario(e2e_federation, tmp_path / "run", amqp, f"e2e-{uuid.uuid4().hex[:8]}-",
                                    job, PARTICIPANTS, BYZANTINE, scenario, {"aggregator": {"reopen_interval_s": 1.0}}))
     assert [k[1] for k in run.kills] == ["stop_app", "start_app"]
