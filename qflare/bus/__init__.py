@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from qflare.bus import topology
 from qflare.bus.port import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    AccessRefused,
     Bus,
     BusClosed,
     BusError,
@@ -37,7 +38,11 @@ async def connect_bus(
     """Connect and declare QFLARE's exchanges (idempotent).
 
     ``options`` go to the RabbitMQ adapter (``connect_timeout``, ``publish_timeout``,
-    ``connection_name``); the in-memory adapter takes none.
+    ``reconnect_interval``, ``connection_name``, ``declare``); the in-memory adapter takes
+    none. ``declare="passive"`` only checks that the exchanges (and the durable queues it
+    consumes) exist, for a broker user without configure permission on them, such as a
+    participant's user from ``qflare broker-definitions``; ``declare="full"`` (default)
+    creates them.
     """
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be str, got {type(prefix).__name__}")
@@ -62,6 +67,7 @@ async def connect_bus(
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "AccessRefused",
     "Bus",
     "BusClosed",
     "BusError",

@@ -83,6 +83,14 @@ class TopologyError(BusError):
     reason = "TOPOLOGY"
 
 
+class AccessRefused(BusError):
+    """The broker user lacks the permission (configure, write, read, or a topic
+    permission) for what was asked. A restricted participant user gets this for a publish
+    outside ``qflare.client``/``update.*``. Fix the permissions, do not retry."""
+
+    reason = "ACCESS_REFUSED"
+
+
 class BusClosed(BusError):
     """The bus was closed by its owner."""
 

@@ -24,6 +24,12 @@ so its exclusive queue is too and the name is free; should the broker not have n
 old connection's death yet, the restore fails with RESOURCE_LOCKED and aio-pika retries the
 reconnect). Classic queues have no ``x-delivery-limit``, so the subscription runs RETRY
 itself, on the same message, up to the limit, then rejects it.
+
+Restricted broker users (a participant's, DESIGN §4) have no configure permission on the
+exchanges: with ``declare="passive"`` the bus only checks, by passive declarations, that the
+exchanges and the durable queues it consumes exist (the definitions file creates them), and
+binds queues, which needs only write on the queue and read on the exchange. A refused
+permission is :class:`AccessRefused`, never retried.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from aio_pika.abc import (
 from qflare.bus import topology
 from qflare.bus.port import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    AccessRefused,
     Bus,
     BusClosed,
     BusUnavailable,
@@ -71,6 +78,9 @@ from qflare.bus.port import (
 )
 
 log = logging.getLogger("qflare.bus.rabbitmq")
+
+#: ``declare=`` values: create the topology, or only check that it exists.
+DECLARE_MODES = ("full", "passive")
 
 #: Faults that a reconnect can cure; everything else is the caller's problem.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -239,6 +249,7 @@ class RabbitBus(Bus):
         self.max_message_size = max_message_size
         self.publish_timeout = publish_timeout
         self.connection_name = connection_name
+        self.passive = False
         self._connection = connection
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -257,9 +268,15 @@ class RabbitBus(Bus):
         publish_timeout: float = 30.0,
         reconnect_interval: float = 1.0,
         connection_name: str | None = None,
+        declare: str = "full",
     ) -> RabbitBus:
         """Connect, retrying for up to ``connect_timeout`` seconds, and declare the
-        exchanges. Raises :class:`BusUnavailable` when the broker stays unreachable."""
+        exchanges (``declare="passive"``: check that they exist). Raises
+        :class:`BusUnavailable` when the broker stays unreachable, :class:`TopologyError`
+        when a passively declared exchange is missing, :class:`AccessRefused` when the user
+        may not declare them."""
+        if declare not in DECLARE_MODES:
+            raise ValueError(f"declare must be one of {DECLARE_MODES}, got {declare!r}")
         name = connection_name or (
             f"qflare:{prefix or '-'}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
@@ -289,6 +306,7 @@ class RabbitBus(Bus):
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
             bus = cls(connection, channel, prefix, max_message_size, publish_timeout, name)
+            bus.passive = declare == "passive"
             await bus._declare_exchanges()
         except BaseException:
             await connection.close()
@@ -300,12 +318,23 @@ class RabbitBus(Bus):
         for logical in topology.EXCHANGES:
             try:
                 self._exchanges[logical] = await self._channel.declare_exchange(
-                    self.name(logical), aio_pika.ExchangeType.TOPIC, durable=True
+                    self.name(logical), aio_pika.ExchangeType.TOPIC, durable=True,
+                    passive=self.passive,
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise TopologyError(
                     f"exchange {self.name(logical)!r} exists but is not a durable topic "
                     f"exchange: {exc}"
+                ) from exc
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise TopologyError(
+                    f"exchange {self.name(logical)!r} does not exist; with declare='passive' "
+                    f"the broker's definitions must create it (qflare broker-definitions): {exc}"
+                ) from exc
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise AccessRefused(
+                    f"may not declare exchange {self.name(logical)!r} (a restricted broker "
+                    f"user connects with declare='passive'): {exc}"
                 ) from exc
 
     def _check_open(self) -> None:
@@ -349,6 +378,11 @@ class RabbitBus(Bus):
                 raise PublishFailed(
                     f"broker refused the message to {exchange}/{routing_key}: {exc!r}"
                 ) from exc
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                # before RETRYABLE_ERRORS: a missing permission does not heal by retrying
+                raise AccessRefused(
+                    f"this broker user may not publish to {exchange}/{routing_key}: {exc}"
+                ) from exc
             except RETRYABLE_ERRORS as exc:
                 if self._closed:
                     raise BusClosed("the bus was closed during publish") from exc
@@ -385,6 +419,8 @@ class RabbitBus(Bus):
         # consumer hands its unsettled messages back (single-active takeover).
         channel = await self._connection.channel(publisher_confirms=False)
         logical = spec.name or transient_name()
+        # a transient queue cannot pre-exist, so even a passive bus declares it
+        passive = self.passive and not spec.transient
         try:
             await channel.set_qos(prefetch_count=prefetch)
             try:
@@ -394,6 +430,7 @@ class RabbitBus(Bus):
                     exclusive=spec.transient,
                     auto_delete=spec.transient,
                     arguments=queue_arguments(spec, self.prefix),
+                    passive=passive,
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise TopologyError(
@@ -404,6 +441,11 @@ class RabbitBus(Bus):
                 raise TopologyError(
                     f"transient queue {logical!r} belongs to another connection: {exc}"
                 ) from exc
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise TopologyError(
+                    f"queue {logical!r} does not exist; with declare='passive' the broker's "
+                    f"definitions must create it: {exc}"
+                ) from exc
             if not spec.transient:
                 # transient queues clean up after themselves; delete_all must not touch
                 # another connection's exclusive queue (RESOURCE_LOCKED)
@@ -412,6 +454,10 @@ class RabbitBus(Bus):
                 await queue.bind(self.name(exchange), pattern)
             sub = _RabbitSubscription(self, spec, handler, channel, queue)
             sub.consumer_tag = await queue.consume(sub.on_message, no_ack=False)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            if not channel.is_closed:
+                await channel.close()
+            raise AccessRefused(f"this broker user may not declare, bind or read {logical!r}: {exc}") from exc
         except BaseException:
             if not channel.is_closed:
                 await channel.close()
@@ -467,4 +513,4 @@ def _redact(url: str) -> str:
     return urlunsplit(parts)
 
 
-__all__ = ["RETRYABLE_ERRORS", "RabbitBus", "queue_arguments"]
+__all__ = ["DECLARE_MODES", "RETRYABLE_ERRORS", "RabbitBus", "queue_arguments"]

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -98,6 +99,14 @@ class Stats:
     sent: list[tuple[str, int]] = field(default_factory=list)
 
 
+def declare_mode(url: str, client_id: str) -> str:
+    """``"passive"`` when ``url`` logs in as the client's own broker user (named by its id
+    in the definitions, and without configure permission on the exchanges), else
+    ``"full"``."""
+    user = urlsplit(url).username
+    return "passive" if user is not None and unquote(user) == client_id else "full"
+
+
 class Participant:
     """One federated-learning participant.
 
@@ -105,6 +114,13 @@ class Participant:
     filled in when the URL names none) or an already connected :class:`Bus` (in-process
     simulations share one). ``jobs`` limits the jobs followed (default: every job the
     broadcast exchange carries for this client).
+
+    ``declare`` (RabbitMQ): ``"passive"`` only checks that the exchanges and the queue
+    ``client.<id>`` exist, as a participant's own broker user must (the definitions file of
+    ``qflare broker-definitions`` creates them; the user has no configure right on the
+    exchanges); ``"full"`` creates them (guest/admin URLs, a broker without definitions).
+    Default: passive when the URL's user is this client's id (its own, restricted user, as
+    when the kit's ``broker_password`` is filled in), full otherwise.
     """
 
     def __init__(
@@ -121,6 +137,7 @@ class Participant:
         model_wait_s: float = 30.0,
         prefetch: int = 4,
         clock: Callable[[], float] = time.time,
+        declare: str | None = None,
     ) -> None:
         if train is None and type(self).compute_update is Participant.compute_update:
             raise TypeError("give a train(model, round_info) function, or override compute_update")
@@ -136,6 +153,9 @@ class Participant:
         self.prefetch = prefetch
         self.clock = clock
         self.jobs = tuple(sorted(set(jobs))) if jobs is not None else None
+        if declare not in (None, "full", "passive"):
+            raise ValueError(f"declare must be 'full', 'passive' or None (auto), got {declare!r}")
+        self.declare = declare
         self._broker = broker
         self._prefix = prefix
         self.bus: Bus | None = broker if isinstance(broker, Bus) else None
@@ -169,6 +189,7 @@ class Participant:
             options: dict[str, Any] = {}
             if not url.startswith("memory"):
                 options["connection_name"] = f"qflare-client-{self.id}"
+                options["declare"] = self.declare or declare_mode(url, self.id)
             self.bus = await connect_bus(url, prefix=self._prefix, **options)
         self._sub = await self.bus.consume(self.queue_spec(), self._on_broadcast, prefetch=self.prefetch)
         log.info("participant %s following %s", self.id, ", ".join(self.jobs or ("every job",)))

@@ -279,3 +279,22 @@ async def test_transient_queue_is_declared_again_after_a_server_side_close(
     assert await _exists(amqp_url, bus_prefix + sub.queue_name)
     await sub.cancel()
     assert not await _exists(amqp_url, bus_prefix + sub.queue_name)
+
+
+async def test_passive_declaration_needs_the_topology_to_exist(amqp_url, bus_prefix, rabbit_bus) -> None:
+    with pytest.raises(ValueError):
+        await connect_bus(amqp_url, prefix=bus_prefix, declare="lazy", connect_timeout=5)
+    with pytest.raises(TopologyError) as info:  # nothing declared under this prefix
+        await connect_bus(amqp_url, prefix=bus_prefix + "x-", declare="passive", connect_timeout=5)
+    assert "does not exist" in str(info.value)
+    passive = await connect_bus(amqp_url, prefix=bus_prefix, declare="passive", connect_timeout=5)
+    try:  # rabbit_bus declared the exchanges; a durable queue must exist too
+        with pytest.raises(TopologyError):
+            await passive.consume(QueueSpec("missing", bindings=((topology.EVENTS, "#"),)), Sequence())
+        await rabbit_bus.consume(QueueSpec("made", bindings=((topology.EVENTS, "m.#"),)), Sequence())
+        rec = Sequence()
+        await passive.consume(QueueSpec("made", bindings=((topology.EVENTS, "m.#"),)), rec)
+        await passive.consume(QueueSpec("", bindings=((topology.EVENTS, "m.#"),), transient=True), rec)
+        assert await passive.publish(topology.EVENTS, "m.1", b"1") is True
+    finally:
+        await passive.close()

@@ -40,12 +40,16 @@ def _ctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
 def loaded() -> Iterator[dict]:
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not installed")
+    from qflare.crypto.testing import make_federation
+
     tag = uuid.uuid4().hex[:8]
     vhost = f"qflare-test-{tag}"
-    names = {"a": f"ca{tag}", "b": f"cb{tag}", "ingest": f"qflare-ingest-{tag}"}
+    # a real client identity whose id is its broker user, for the SDK test
+    fed = make_federation(1, services=("aggregator",), client_prefix=f"cp{tag}")
+    names = {"a": f"ca{tag}", "b": f"cb{tag}", "ingest": f"qflare-ingest-{tag}", "p": f"cp{tag}-000"}
     pw = {k: uuid.uuid4().hex for k in names}
     doc = build_definitions(
-        [BrokerUser(names["a"], pw["a"]), BrokerUser(names["b"], pw["b"])],
+        [BrokerUser(names["a"], pw["a"]), BrokerUser(names["b"], pw["b"]), BrokerUser(names["p"], pw["p"])],
         [],
         vhost=vhost,  # queues: the services' own QUEUES
     )
@@ -68,7 +72,7 @@ def loaded() -> Iterator[dict]:
         result = _ctl("import_definitions", str(path))
         assert result.returncode == 0, result.stderr + result.stdout
         asyncio.run(_wait_imported(vhost, names["b"], pw["b"]))
-        yield {"vhost": vhost, "names": names, "pw": pw, "doc": doc}
+        yield {"vhost": vhost, "names": names, "pw": pw, "doc": doc, "fed": fed}
     finally:
         path.unlink(missing_ok=True)
         # in parallel: each rabbitmqctl start costs about a second of Erlang boot
@@ -294,6 +298,78 @@ async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user
         await bus.close()
     listed = _ctl("list_queues", "-p", loaded["vhost"], "name")
     assert "ingest.rounds.r-test" not in listed.stdout, "the broker removed it with its consumer"
+
+
+async def test_participant_connects_through_the_bus_as_its_restricted_user(loaded: dict) -> None:
+    from qflare.bus import AccessRefused, Delivery, Outcome, QueueSpec, connect_bus
+
+    a = loaded["names"]["a"]
+    # full declaration needs configure on the exchanges, which a client user lacks
+    with pytest.raises(AccessRefused) as info:
+        await connect_bus(_url(loaded, "a"), connect_timeout=5)
+    assert info.value.reason == "ACCESS_REFUSED" and "passive" in str(info.value)
+
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def keep(d: Delivery) -> Outcome:
+        await got.put(d)
+        return Outcome.ACK
+
+    bus = await connect_bus(_url(loaded, "a"), connect_timeout=5, declare="passive")
+    admin = await connect_bus(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", connect_timeout=5)
+    try:
+        # the queue the file created, bound to one job as the SDK does
+        await bus.consume(QueueSpec(f"client.{a}", bindings=((topology.BROADCAST, "j7.#"),)), keep)
+        assert await admin.publish(topology.BROADCAST, "j7.round.opened", b"broadcast") is True
+        d = await asyncio.wait_for(got.get(), 10)
+        assert (d.body, d.exchange, d.routing_key) == (b"broadcast", topology.BROADCAST, "j7.round.opened")
+
+        with pytest.raises(AccessRefused) as info:
+            await bus.publish(topology.EVENTS, "update.accepted.j7", b"forged")
+        assert info.value.reason == "ACCESS_REFUSED"
+        with pytest.raises(AccessRefused):  # topic permission: update.<job> only
+            await bus.publish(topology.CLIENT, "round.opened.j7", b"forged")
+        # the refusals closed a channel, not the bus: its own kind of message still goes
+        seen: asyncio.Queue[Delivery] = asyncio.Queue()
+
+        async def keep_update(d: Delivery) -> Outcome:
+            await seen.put(d)
+            return Outcome.ACK
+
+        await admin.consume(QueueSpec("", bindings=((topology.CLIENT, "update.*"),), transient=True), keep_update)
+        assert await bus.publish(topology.CLIENT, "update.j7", b"delta") is True
+        assert (await asyncio.wait_for(seen.get(), 10)).body == b"delta"
+        with pytest.raises(AccessRefused):  # another client's queue
+            await bus.consume(QueueSpec(f"client.{loaded['names']['b']}"), keep)
+    finally:
+        await bus.close()
+        await admin.close()
+
+
+async def test_sdk_declares_passively_as_its_own_broker_user(loaded: dict) -> None:
+    from qflare.client import Kit, Participant
+    from qflare.client.participant import declare_mode
+
+    fed, pid = loaded["fed"], loaded["names"]["p"]
+    assert declare_mode(_url(loaded, "p"), pid) == "passive"
+    assert declare_mode(f"amqp://guest:guest@{HOST}/", pid) == "full"
+    kit = Kit(fed[pid], fed.trust(), None, broker_password=loaded["pw"]["p"])
+    p = Participant(kit, None, lambda model, info: 1, broker=f"amqp://{HOST}/{loaded['vhost']}",
+                    jobs=["j8"], seal=False)
+    await p.start()  # the kit's credentials are filled in: its own user, so passive
+    try:
+        assert p.bus is not None and getattr(p.bus, "passive") is True
+        admin = await aio_pika.connect(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", timeout=10)
+        try:
+            await _publish(admin, topology.BROADCAST, "j8.round.opened")  # not an envelope
+        finally:
+            await admin.close()
+        deadline = time.monotonic() + 10
+        while p.stats.rejected < 1:  # it arrived, and was refused as garbage
+            assert time.monotonic() < deadline, "the broadcast did not reach the participant"
+            await asyncio.sleep(0.05)
+    finally:
+        await p.stop()
 
 
 async def _noop(_: object) -> object:
