@@ -102,10 +102,12 @@ def close_decision(
     max_extensions: int,
     on_short: str,
 ) -> CloseDecision:
-    """Close when every selected client is in, or at the deadline with at least
-    ``min_updates`` (or everyone selected, when fewer were selected); otherwise extend up to
+    """Close when every selected client is in (at once when nobody was selected), or at the
+    deadline with at least ``min_updates`` (or everyone selected, when fewer were selected); otherwise extend up to
     ``max_extensions`` times, then abort (or abort at once when ``on_short == "abort"``)."""
-    if selected > 0 and received >= selected:
+    if received >= selected:
+        # everyone is in; with nobody sampled the round closes at once and releases noise
+        # only (DP-FedAvg: whether anyone was sampled must not change what is released)
         return CloseDecision.CLOSE
     if now < deadline:
         return CloseDecision.WAIT

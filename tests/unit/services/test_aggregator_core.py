@@ -55,6 +55,16 @@ def test_close_decision(received: int, now: float, ext: int, on_short: str, expe
     assert got == expected
 
 
+def test_an_empty_sample_closes_at_once_and_releases_noise_only() -> None:
+    got = close_decision(received=0, selected=0, min_updates=3, now=0.0, deadline=5.0,
+                         extensions=0, max_extensions=2, on_short="extend")
+    assert got == CloseDecision.CLOSE
+    base = {"w": np.zeros(4, np.float32)}
+    res = aggregate_round(job="j", round_no=1, seed=3, base=base, updates={}, kept=[], rule="mean", f=0,
+                          clip=1.0, noise_multiplier=1.0, expected_clients=2.0)
+    assert res.kept == () and np.all(res.model["w"] != 0)
+
+
 def test_layout_round_trip_and_mismatch() -> None:
     model = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), dtype=np.float32)}
     layout = Layout.of(model)
