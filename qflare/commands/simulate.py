@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_BAD_OPTIONS = 2
+EXIT_FAILED = 1
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -139,17 +140,27 @@ def main(args: argparse.Namespace) -> int:
     except SimConfigError as exc:
         err.print(f"[bold red]qflare simulate:[/] {exc}")
         return EXIT_BAD_OPTIONS
-    if args.sweep:
-        return run_sweep(plan, out=args.out, direct=args.direct, broker=args.broker, console=console,
-                         progress=not args.quiet)
-    return run_simulation(
-        config,
-        out=args.out,
-        broker=args.broker,
-        direct=args.direct,
-        baseline=args.baseline,
-        tui=args.tui,
-        console=console,
-        progress=not args.quiet,
-    )
+    from qflare.bus import BusError
+    from qflare.sim.services import SimulationFailed
+
+    try:
+        if args.sweep:
+            return run_sweep(plan, out=args.out, direct=args.direct, broker=args.broker, console=console,
+                             progress=not args.quiet)
+        return run_simulation(
+            config,
+            out=args.out,
+            broker=args.broker,
+            direct=args.direct,
+            baseline=args.baseline,
+            tui=args.tui,
+            console=console,
+            progress=not args.quiet,
+        )
+    except BusError as exc:
+        err.print(f"[bold red]qflare simulate:[/] the broker failed ({exc.reason}): {exc}")
+        return EXIT_FAILED
+    except (SimulationFailed, TimeoutError) as exc:
+        err.print(f"[bold red]qflare simulate:[/] the run did not finish: {exc}")
+        return EXIT_FAILED
 

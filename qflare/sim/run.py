@@ -39,6 +39,8 @@ def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
     """
     if not broker.startswith(BROKER_SCHEMES):
         raise SimConfigError(f"--broker must start with one of {', '.join(BROKER_SCHEMES)}, got {broker!r}")
+    if not broker.startswith("memory://"):
+        check_broker_reachable(broker)
     validate(config)
     if config.dp_on and config.target_epsilon is not None:
         raise SimConfigError("give either --noise-multiplier or --target-epsilon, not both")
@@ -54,6 +56,25 @@ def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
     except ValueError as exc:
         raise SimConfigError(f"cannot split {config.dataset} among {config.clients} clients: {exc}") from None
     return config
+
+
+def check_broker_reachable(url: str, timeout: float = 3.0) -> None:
+    """A TCP connect to the broker, so a wrong URL fails in seconds, before anything starts
+    (the bus itself retries for half a minute, as a service should)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise SimConfigError(
+            f"cannot reach the broker at {host}:{port} ({exc.strerror or exc}); is RabbitMQ running "
+            "(rabbitmq-server -detached)?"
+        ) from None
 
 
 def list_choices() -> Table:

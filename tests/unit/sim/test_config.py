@@ -57,6 +57,7 @@ def test_rule_spec_gets_f_only_where_missing() -> None:
         (["--attack", "nope"], "unknown attack"),
         (["--alpha", "0"], "alpha"),
         (["--broker", "http://x"], "--broker must start with"),
+        (["--broker", "amqp://guest:guest@127.0.0.1:1/"], "cannot reach the broker at 127.0.0.1:1"),
         (["--dataset", "fashion-mnist-typo"], "unknown data set"),
     ],
 )
