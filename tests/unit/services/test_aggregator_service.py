@@ -60,6 +60,8 @@ class Harness:
     dup_round: int | None = None  # in this round, c0's update goes out again twice
     aggregator: Any = None
     play_accountant: bool = True
+    send_only: int | None = None  # participants that answer each round (the rest stay silent)
+    closed: dict[int, list[str]] = field(default_factory=dict)
     grants: list[tuple[int, float]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -67,7 +69,7 @@ class Harness:
             (topology.EVENTS, "privacy.request.*"), (topology.EVENTS, "round.opened.*"),
             (topology.EVENTS, "model.published.*"), (topology.EVENTS, "round.verdict.*"),
             (topology.EVENTS, "alert.raised.*"), (topology.EVENTS, "job.ended.*"),
-            (topology.EVENTS, "privacy.granted.*"),
+            (topology.EVENTS, "privacy.granted.*"), (topology.EVENTS, "round.closed.*"),
         ))
         await self.bus.consume(watch, self.on_event, prefetch=64)
 
@@ -87,6 +89,8 @@ class Harness:
             self.grants.append((env.round, env.body.epsilon_total))
         elif env.kind == "model.published":
             self.published[env.body.version] = env.body.digest
+        elif env.kind == "round.closed":
+            self.closed[env.round] = [u.client for u in env.body.updates]
         elif env.kind == "round.verdict":
             self.verdicts[env.round] = (list(env.body.kept), [f.client for f in env.body.flagged])
         elif env.kind == "alert.raised":
@@ -115,7 +119,7 @@ class Harness:
             await self.send("ingest", "update.accepted", body, job, round_no)
 
     async def send_updates(self, job: str, round_no: int, opened) -> None:
-        clients = list(opened.participants)
+        clients = list(opened.participants)[: self.send_only]
         first, rest = (clients[:5], clients[5:]) if round_no == self.hold_round else (clients, [])
         for c in first:
             await self.send_update(job, round_no, c, opened.model_version, delta(c, round_no))
@@ -215,3 +219,19 @@ async def test_restarting_the_accountant_charges_no_round_twice(federation: Fede
     # last bits; a second charge would add a whole round (about +1.1 here).
     assert sorted(dict(twice.grants)) == [1, 2, 3]
     assert dict(twice.grants) == pytest.approx(dict(once.grants), rel=1e-9)
+
+
+async def test_deadline_closes_with_min_updates(federation: Federation, tmp_path: Path) -> None:
+    spec = job(rounds=1, deadline_s=1.0, min_updates=7, f=2)
+    h, _final = await run_job(federation, tmp_path / "dl", spec, {"send_only": 8})
+    assert h.end_reason == "completed"
+    assert h.closed[1] == list(CLIENTS[:8])  # closed at the deadline with the 8 that came
+
+
+async def test_too_few_updates_extend_then_abort(federation: Federation, tmp_path: Path) -> None:
+    spec = job(rounds=2, deadline_s=0.5, min_updates=7, max_extensions=1)
+    h, final = await run_job(federation, tmp_path / "ab", spec, {"send_only": 3})
+    assert h.end_reason == "too_few_updates"
+    kinds = [k for k, _c, _r in h.alerts]
+    assert kinds.count("round.extended") == 1 and "round.aborted" in kinds
+    assert h.published == {} and model_digest(final) == model_digest(initial_model())
