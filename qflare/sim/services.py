@@ -114,6 +114,7 @@ class _Round:
     participants: tuple[str, ...] | None = None
     flagged: tuple[str, ...] | None = None
     rejected: set[str] = field(default_factory=set)
+    in_round: set[str] = field(default_factory=set)
     epsilon: float | None = None
     published: bool = False
     opened_at: float | None = None
@@ -164,6 +165,7 @@ class Observer:
             r = self._round(env.round)
             if r.flagged is None:
                 r.flagged = tuple(sorted(x.client for x in body.flagged))
+                r.in_round = set(body.kept) | set(r.flagged)
         elif env.kind == "model.published":
             r = self._round(env.round)
             if body.tensors is not None and body.version == env.round and env.round > 0:
@@ -199,7 +201,9 @@ class Observer:
                 byzantine=tuple(c for c in r.participants if c in self.federation.byzantine),
                 epsilon=r.epsilon,
                 latency_s=(r.published_at or 0.0) - (r.opened_at or 0.0),
-                rejected=tuple(sorted(r.rejected)),
+                # A refusal counts only for a client whose update never entered the round (a
+                # refused duplicate of an accepted update is not a stopped attack).
+                rejected=tuple(sorted(r.rejected - r.in_round)),
             )
             r.tensors = None  # the model is evaluated; drop it
             self.records.append(record)

@@ -86,3 +86,21 @@ def test_tui_watches_the_run_on_the_same_bus(monkeypatch: pytest.MonkeyPatch) ->
     state = app.state  # type: ignore[attr-defined]
     assert "sim" in state.jobs
     assert sorted(r for j, r in state.rounds if j == "sim") == [1, 2]
+
+
+def test_updates_refused_at_ingest_are_reported_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """+inf updates never reach the detector: ingest refuses them (NON_FINITE), the round
+    closes at its deadline without them, and the report counts them as stopped — the same
+    rounds as the direct path, which applies ingest's finiteness check itself."""
+    import qflare.sim.services as services
+
+    monkeypatch.setattr(services, "REJECTED_ROUND_DEADLINE_S", 2.0)
+    config = SimConfig(clients=6, byzantine=1, rounds=2, attack="inf", rule="median")
+    federation = Federation.build(config)
+    via_services = run_services(config, federation)
+    direct = run_direct(config, federation)
+    assert comparable(via_services.to_json()) == comparable(direct.to_json())
+    (byz,) = federation.byzantine
+    assert all(r.rejected == (byz,) and byz not in r.flagged for r in via_services.rounds)
+    assert via_services.detection.recall == 1.0
+    assert all(r.latency_s >= 2.0 for r in via_services.rounds)
