@@ -317,6 +317,9 @@ async def test_two_replicas_share_the_load_and_each_learns_the_rounds(rig: Rig, 
         got = [await rig.watcher.outcome() for _ in clients]
         assert all(e.kind == "update.accepted" for e in got)
         assert sorted(e.body.client for e in got) == sorted(clients)
+        # a replica counts an update just after publishing it: wait for the counters too
+        await asyncio.wait_for(_until(lambda: rig.service.counts["accepted"]
+                                      + second.counts["accepted"] >= len(clients)), 10)
         a, b = rig.service.counts["accepted"], second.counts["accepted"]
         assert a + b == len(clients) and a > 0 and b > 0, (a, b)
     finally:
