@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
 from qflare.sim import robust_glue
 from qflare.sim.config import LABEL_FLIP, NO_ATTACK, SimConfig
@@ -82,7 +83,8 @@ class Federation:
         model = build_model(config.model, data.train.sample_shape, data.train.num_classes, config.seed)
         return cls(config, data, ids, byzantine, shards, get_params(model))
 
-    def new_model(self):  # -> torch.nn.Module; one per thread of work, weights set per call
+    def new_model(self) -> nn.Module:
+        """A fresh model of the run's architecture (weights are set per call that uses it)."""
         return build_model(
             self.config.model, self.data.train.sample_shape, self.data.train.num_classes, self.config.seed
         )
@@ -151,5 +153,5 @@ class Federation:
         updates.update(self.poison(round_index, updates, participants))
         return updates
 
-    def evaluate(self, params: Mapping[str, np.ndarray], model=None) -> Evaluation:
+    def evaluate(self, params: Mapping[str, np.ndarray], model: nn.Module | None = None) -> Evaluation:
         return evaluate(model if model is not None else self.new_model(), params, self.data.test)
