@@ -10,7 +10,10 @@ and encoding are not timed. Two figures, measured in the same run on the same br
 * floor: the same envelopes published with publisher confirms to one durable quorum queue
   and consumed (manual acks) by a separate process: the transport alone.
 
-The ratio latency / floor is what the round costs on top of moving its bytes once. Between
+The ratio latency / floor is what the round costs on top of moving its bytes once. A third
+figure, the "path floor", moves the same bytes along QFLARE's route without its processing
+(a relay process re-publishes each message to two queues drained by two processes), so
+latency / path floor is what the crypto, storage, detection and aggregation add. Between
 those the round also moves each update a second time (ingest re-publishes it to the
 aggregator and detector queues), decrypts and verifies it, writes it to disk twice (fsync),
 runs detection over all of them (O(n^2 d) Gram matrix) and aggregates; the per-stage
@@ -57,11 +60,34 @@ def parse() -> argparse.Namespace:
     p.add_argument("--window", type=int, default=8, help="publishes in flight")
     p.add_argument("--url", default=os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, state)")
-    p.add_argument("--floor-consumer", nargs=3, metavar=("PREFIX", "QUEUE", "COUNT"), help=argparse.SUPPRESS)
+    p.add_argument("--floor-consumer", nargs=4, metavar=("PREFIX", "QUEUE", "COUNT", "KEY"), help=argparse.SUPPRESS)
+    p.add_argument("--relay", nargs=2, metavar=("PREFIX", "COUNT"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-async def floor_consumer(url: str, prefix: str, queue: str, count: int) -> None:
+async def relay(url: str, prefix: str, count: int) -> None:
+    """Child process: what ingest does on the wire, without the crypto: consume each message
+    from ``relay.in`` and publish it again (confirmed) before acking."""
+    bus = await connect_bus(url, prefix=prefix)
+    done = asyncio.Event()
+    seen = 0
+
+    async def handler(d: Delivery) -> Outcome:
+        nonlocal seen
+        await bus.publish(topology.EVENTS, "floor2.out", d.body)
+        seen += 1
+        if seen >= count:
+            done.set()
+        return Outcome.ACK
+
+    await bus.consume(QueueSpec("relay.in", bindings=((topology.EVENTS, "floor2.in"),)), handler, prefetch=8)
+    print("ready", flush=True)
+    await done.wait()
+    await asyncio.sleep(0.2)
+    await bus.close()
+
+
+async def floor_consumer(url: str, prefix: str, queue: str, count: int, key: str = "floor.#") -> None:
     """Child process: consume ``count`` messages, print the wall time of the last ack."""
     bus = await connect_bus(url, prefix=prefix)
     done = asyncio.Event()
@@ -74,7 +100,7 @@ async def floor_consumer(url: str, prefix: str, queue: str, count: int) -> None:
             done.set()
         return Outcome.ACK
 
-    await bus.consume(QueueSpec(queue, bindings=((topology.EVENTS, "floor.#"),)), handler, prefetch=8)
+    await bus.consume(QueueSpec(queue, bindings=((topology.EVENTS, key),)), handler, prefetch=8)
     print("ready", flush=True)
     await done.wait()
     print(f"done {time.time():.6f}", flush=True)
@@ -96,7 +122,7 @@ async def measure_floor(args: argparse.Namespace, prefix: str, envelopes: list[b
     bus = await connect_bus(args.url, prefix=prefix)
     queue = "floor"
     child = subprocess.Popen(
-        [sys.executable, __file__, "--url", args.url, "--floor-consumer", prefix, queue, str(len(envelopes))],
+        [sys.executable, __file__, "--url", args.url, "--floor-consumer", prefix, queue, str(len(envelopes)), "floor.#"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -112,6 +138,39 @@ async def measure_floor(args: argparse.Namespace, prefix: str, envelopes: list[b
         if child.poll() is None:
             child.kill()
         await bus.delete_all([queue])
+        await bus.close()
+
+
+async def measure_topology_floor(args: argparse.Namespace, prefix: str, envelopes: list[bytes]) -> float:
+    """The same bytes along QFLARE's path without its processing: publish to one queue, a
+    relay process re-publishes each message to two queues, two consumer processes drain
+    them (the aggregator's and the detector's copies). Returns seconds until both are done."""
+    bus = await connect_bus(args.url, prefix=prefix)
+    n = str(len(envelopes))
+    children = [
+        subprocess.Popen([sys.executable, __file__, "--url", args.url, "--floor-consumer", prefix, q, n, "floor2.out"],
+                         stdout=subprocess.PIPE, text=True)
+        for q in ("out.a", "out.b")
+    ]
+    children.append(subprocess.Popen([sys.executable, __file__, "--url", args.url, "--relay", prefix, n],
+                                     stdout=subprocess.PIPE, text=True))
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        t0 = time.time()
+        await publish_all(bus, topology.EVENTS, "floor2.in", envelopes, args.window)
+        ends = []
+        for child in children[:2]:
+            line = await asyncio.to_thread(child.stdout.readline)  # type: ignore[union-attr]
+            ends.append(float(line.split()[1]))
+        for child in children:
+            child.wait(30)
+        return max(ends) - t0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        await bus.delete_all(["relay.in", "out.a", "out.b"])
         await bus.close()
 
 
@@ -224,6 +283,7 @@ async def run(args: argparse.Namespace) -> None:
         await bus.close()
     floor_after = await measure_floor(args, prefix + "f2-", envelopes)
     floor = min(floor_before, floor_after)
+    path_floor = await measure_topology_floor(args, prefix + "f3-", envelopes)
     print(f"\nclients published all updates in   {t_sent - t0:7.2f} s")
     for key in sorted(marks, key=marks.get):
         if key.startswith(("first update.accepted", "last update.accepted", "last update.stored",
@@ -232,6 +292,8 @@ async def run(args: argparse.Namespace) -> None:
     print(f"round latency (opened -> published)  {latency:7.2f} s")
     print(f"floor: same bytes, confirms, 1 queue {floor_before:7.2f} s before, {floor_after:.2f} s after the round")
     print(f"ratio latency / floor                {latency / floor:7.2f}x   (goal <= 1.5x)")
+    print(f"path floor: relay + 2 queues, no crypto/disk/detection {path_floor:7.2f} s; "
+          f"latency / path floor {latency / path_floor:.2f}x")
     if args.keep:
         print(f"work folder: {work}")
     else:
@@ -241,8 +303,12 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     args = parse()
     if args.floor_consumer:
-        prefix, queue, count = args.floor_consumer
-        asyncio.run(floor_consumer(args.url, prefix, queue, int(count)))
+        prefix, queue, count, key = args.floor_consumer
+        asyncio.run(floor_consumer(args.url, prefix, queue, int(count), key))
+        return
+    if args.relay:
+        prefix, count = args.relay
+        asyncio.run(relay(args.url, prefix, int(count)))
         return
     asyncio.run(run(args))
 
