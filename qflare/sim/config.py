@@ -141,9 +141,27 @@ def validate(config: SimConfig) -> None:
         rule = robust_glue.build_rule(config.rule_spec)
     except (ValueError, TypeError, KeyError) as exc:
         fail(f"--rule {config.rule!r}: {exc}")
-    # The rule sees at most every participant's update; ask the rule itself whether it can
-    # run on that many with f Byzantine among them.
-    expected = config.clients if config.sample_rate == 1 else max(1, round(config.clients * config.sample_rate))
+    expected = config.clients
+    if config.sample_rate < 1:
+        # The aggregator's own seeded Poisson selection, round by round: a round that selects
+        # nobody would wait for its deadline and end the job, so refuse it now.
+        from qflare.services.aggregator.core import select_participants
+        from qflare.sim.federation import client_ids
+
+        ids = client_ids(config.clients)
+        sizes = [
+            len(select_participants(ids, config.sample_rate, config.seed, SIM_JOB, r))
+            for r in range(1, config.rounds + 1)
+        ]
+        if min(sizes) == 0:
+            fail(
+                f"--sample-rate {config.sample_rate} with --clients {config.clients} and --seed "
+                f"{config.seed} selects nobody in round {sizes.index(0) + 1}; raise the rate or "
+                "the number of clients, or change the seed"
+            )
+        expected = min(sizes)
+    # Ask the rule itself whether it can run on a round of that many updates with f
+    # Byzantine among them.
     probe = np.random.default_rng(0).normal(size=(expected, 4)).astype(np.float32)
     try:
         rule(probe)

@@ -28,6 +28,7 @@ from qflare.sim.robust_glue import resolve_rule_spec
         ({"dataset": "imagenet"}, "unknown data set 'imagenet'"),
         ({"attack": "gaussian", "attack_options": {"sigma": -1.0}}, "sigma"),
         ({"byzantine": 10, "clients": 20, "rule": "mean"}, "detection needs 2f < n"),
+        ({"clients": 4, "byzantine": 1, "sample_rate": 0.05, "rounds": 5}, "selects nobody in round"),
     ],
 )
 def test_impossible_settings_are_refused(changes: dict, message: str) -> None:
