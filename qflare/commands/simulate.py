@@ -70,7 +70,8 @@ def register(subparsers: Any) -> None:
                    help="the accountant refuses rounds past this epsilon (unset: the target, or no limit)")
 
     r = p.add_argument_group("running")
-    r.add_argument("--out", type=Path, default=Path("qflare-sim"), help="output folder")
+    r.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: runs/simulate, or runs/sweep with --sweep)")
     r.add_argument("--broker", default="memory://", help="memory:// or amqp://user:pass@host:port/")
     r.add_argument("--direct", action="store_true",
                    help="call the pure cores in a loop instead of running the services (faster)")
@@ -124,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console(stderr=False)
     err = Console(stderr=True)
+    if args.out is None:
+        args.out = Path("runs/sweep" if args.sweep else "runs/simulate")
     if args.list:
         from qflare.sim.run import list_choices
 
