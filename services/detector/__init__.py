@@ -1,0 +1,1 @@
+"""The detector: per-round verdicts over exactly the closed set, reputation (core.py pure, store.py, service.py)."""
