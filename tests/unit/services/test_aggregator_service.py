@@ -235,3 +235,34 @@ async def test_too_few_updates_extend_then_abort(federation: Federation, tmp_pat
     kinds = [k for k, _c, _r in h.alerts]
     assert kinds.count("round.extended") == 1 and "round.aborted" in kinds
     assert h.published == {} and model_digest(final) == model_digest(initial_model())
+
+
+async def test_a_request_lost_before_the_accountant_existed_is_sent_again(federation: Federation, tmp_path: Path) -> None:
+    """Started before the accountant, the aggregator's first privacy.request is unroutable
+    (dropped); its ticker re-sends a request that waits too long, and the job runs."""
+    from types import MappingProxyType
+
+    from qflare.runtime import build_service
+
+    bus = await connect_bus("memory://lost")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))
+    settings = type(settings)(data_dir=tmp_path, services=MappingProxyType(
+        {"aggregator": MappingProxyType({"reopen_interval_s": 0.3, "tick_s": 0.05})}))
+    ids = {n: (federation.identity(n), federation.trust()) for n in ("detector", "aggregator", "accountant")}
+    spec = job(rounds=1, noise_multiplier=1.5, epsilon_budget=50.0)
+    h = Harness(federation, bus, play_accountant=False)
+    await h.start()
+    async with run_in_process(settings, bus, services=["detector", "aggregator"], identities=ids) as running:
+        await running.submit_job(spec, initial_model())
+        await asyncio.sleep(0.5)  # the first request went nowhere
+        assert h.grants == [] and h.opened == []
+        accountant = await build_service("accountant", settings, bus=bus, identity=ids["accountant"][0],
+                                         trust=ids["accountant"][1])
+        await accountant.start()
+        await accountant.submit_job(spec)
+        try:
+            assert await running.wait_job("j1", timeout=20) == "completed"
+        finally:
+            await accountant.stop()
+    await bus.close()
+    assert h.opened == [1] and [r for r, _e in h.grants][:1] == [1]
