@@ -142,10 +142,10 @@ class Layout:
 
     def check(self, tensors: Tensors, who: str) -> None:
         other = Layout.of(tensors)
-        if other.names != self.names or other.shapes != self.shapes:
+        if other.names != self.names or other.shapes != self.shapes or other.dtypes != self.dtypes:
             raise ValueError(
-                f"{who}: tensors {list(zip(other.names, other.shapes))} do not match the "
-                f"model's {list(zip(self.names, self.shapes))}"
+                f"{who}: tensors {list(zip(other.names, other.shapes, other.dtypes))} do not match "
+                f"the model's {list(zip(self.names, self.shapes, self.dtypes))}"
             )
 
     def flatten(self, tensors: Tensors, dtype: type = np.float32, out: np.ndarray | None = None) -> np.ndarray:

@@ -74,6 +74,8 @@ def test_layout_round_trip_and_mismatch() -> None:
     assert all(np.array_equal(back[k], model[k]) and back[k].dtype == np.float32 for k in model)
     with pytest.raises(ValueError, match="do not match"):
         layout.check({"a": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}, "x")
+    with pytest.raises(ValueError, match="do not match"):
+        layout.check({"a": np.ones((2, 2), np.float64), "b": np.zeros(3, np.float32)}, "x")
 
 
 def test_clip_rows() -> None:
