@@ -56,7 +56,13 @@ def decide(
     clients = sorted(updates)
     if not detection or not clients:
         return RoundVerdict(tuple(clients), (), (), "detection off" if not detection else "empty round")
-    x = np.stack([flatten(updates[c]) for c in clients])
+    names = sorted(updates[clients[0]])
+    d = sum(int(np.asarray(updates[clients[0]][n]).size) for n in names)
+    x = np.empty((len(clients), d), dtype=np.float32)  # one copy of the round, no stacking
+    for i, c in enumerate(clients):
+        if sorted(updates[c]) != names:
+            raise ValueError(f"update of {c} has tensors {sorted(updates[c])}, expected {names}")
+        x[i] = flatten(updates[c])
     verdict = detect(x, f, ids=clients)
     reasons: dict[str, list[str]] = {c: list(verdict.reasons.get(c, ())) for c in clients}
     for c in clients:
