@@ -29,13 +29,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qflare.errors import QflareError
+
 log = logging.getLogger("qflare.bus")
 
 #: RabbitMQ's default ``max_message_size`` (FACTS.md). Larger bodies must go as chunks.
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 
 
-class BusError(Exception):
+class BusError(QflareError):
     """Root of every transport failure; ``reason`` is a stable code for logs and alerts."""
 
     reason: str = "BUS_ERROR"

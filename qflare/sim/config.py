@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from qflare.errors import QflareError
 from qflare.sim.data import dataset_names
 from qflare.sim.model import MODEL_NAMES
 
@@ -26,7 +27,7 @@ LABEL_FLIP = "label_flip"
 SIM_JOB = "sim"
 
 
-class SimConfigError(ValueError):
+class SimConfigError(QflareError, ValueError):
     """A simulation setting (or combination) that cannot run; the message says why."""
 
 
