@@ -59,6 +59,87 @@ def test_verdict_content_and_ids() -> None:
         detect(x, F, ids=ids[:-1])
 
 
+def non_iid_honest(seed: int, n: int = N, d: int = 2_000, classes: int = 10,
+                   alpha: float = 0.5) -> np.ndarray:
+    """Honest updates shaped like non-IID clients: each mixes per-class directions by its
+    own Dirichlet(alpha) class weights, plus its own SGD noise."""
+    rng = np.random.default_rng(seed)
+    per_class = rng.normal(size=(classes, d))
+    mix = rng.dirichlet(np.full(classes, alpha), size=n)
+    return (mix @ per_class + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_identical_copies_are_a_coalition_even_inside_the_honest_cloud() -> None:
+    # Late in training: a small common direction, large per-client spread, and six copies
+    # of minus the mean, whose norm is below the honest ones (the case that used to pull
+    # the geometric median towards the copies and pass every distance/cosine test).
+    rng = np.random.default_rng(3)
+    mu = 0.02 * rng.normal(size=D)
+    honest = (mu + 0.1 * rng.normal(size=(N - F, D))).astype(np.float32)
+    byz = np.repeat(-honest.mean(0, keepdims=True), F, axis=0)
+    v = detect(np.concatenate([honest, byz]), F)
+    assert set(v.flagged) == {str(i) for i in range(N - F, N)}
+    assert all("duplicate" in v.reasons[str(i)] for i in range(N - F, N))
+    assert v.scores["0"]["duplicate"] == 0.0 and v.scores[str(N - 1)]["duplicate"] == 1.0
+    assert "6 in duplicate groups" in v.message
+    # Non-IID honest clients: with the copies in the reference the old detector's centre
+    # and MAD shifted and an honest client went out with them; out of it, only the copies.
+    for seed in (0, 1):
+        honest = non_iid_honest(seed)[: N - F]
+        byz = np.repeat(-honest.mean(0, keepdims=True), F, axis=0)
+        v = detect(np.concatenate([honest, byz]), F)
+        assert set(v.flagged) == {str(i) for i in range(N - F, N)}, v.flagged
+
+
+def test_near_copies_are_duplicates_but_independent_noise_is_not() -> None:
+    honest = non_iid_honest(5)[: N - F]
+    spread = float(np.median(np.linalg.norm(honest - honest.mean(0), axis=1)))
+    rng = np.random.default_rng(6)
+    base = honest.mean(0) + 0.5 * (honest[0] - honest.mean(0))   # inside the cloud
+    unit = rng.normal(size=(F, honest.shape[1]))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    near = (base + 0.01 * spread * unit).astype(np.float32)      # 1% of the spread apart
+    v = detect(np.concatenate([honest, near]), F)
+    assert {c for c in v.flagged if "duplicate" in v.reasons[c]} == {str(i) for i in range(N - F, N)}
+    apart = (base + 1.0 * spread * unit).astype(np.float32)      # as far apart as honest
+    v = detect(np.concatenate([honest, apart]), F)
+    assert not any("duplicate" in r for r in v.reasons.values())
+
+
+def test_honest_non_iid_rounds_are_not_flagged() -> None:
+    flagged = 0
+    for seed in range(5):
+        v = detect(non_iid_honest(seed), F)
+        assert not any("duplicate" in r for r in v.reasons.values())
+        flagged += len(v.flagged)
+    assert flagged <= 3, f"{flagged} of {5 * N} honest client-rounds flagged"
+
+
+def test_duplicate_groups_by_hand() -> None:
+    from qflare.robust.detection import duplicate_groups
+
+    # Points on a line: 0, 0, 10, 20, 30, 40, 50 -> median pairwise distance 20;
+    # 0 and 0 are one group of two (a minority of 7), the rest are apart.
+    pts = np.array([0.0, 0.0, 10.0, 20.0, 30.0, 40.0, 50.0])
+    d2 = (pts[:, None] - pts[None, :]) ** 2
+    assert duplicate_groups(d2, 0.1).tolist() == [True, True] + [False] * 5
+    # 1.5 apart is within 0.1 x 20 = 2: a chain 50, 51.5 joins the group of its own.
+    pts2 = np.array([0.0, 0.0, 10.0, 20.0, 30.0, 48.5, 50.0])
+    d2 = (pts2[:, None] - pts2[None, :]) ** 2
+    assert duplicate_groups(d2, 0.1).tolist() == [True, True, False, False, False, True, True]
+    # Four identical of seven are the majority: the round's consensus, not a coalition.
+    pts3 = np.array([0.0, 0.0, 0.0, 0.0, 10.0, 20.0, 30.0])
+    d2 = (pts3[:, None] - pts3[None, :]) ** 2
+    assert not duplicate_groups(d2, 0.1).any()
+
+
+def test_majority_of_zero_updates_is_not_a_coalition() -> None:
+    x = np.zeros((N, 50), dtype=np.float32)
+    x[:8] = np.random.default_rng(1).normal(size=(8, 50))
+    v = detect(x, F)
+    assert not any("duplicate" in r for r in v.reasons.values())
+
+
 def test_too_few_updates_is_a_verdict_not_an_error() -> None:
     x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     x[2] = np.nan
