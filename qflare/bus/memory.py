@@ -24,17 +24,13 @@ from qflare.bus import topology
 from qflare.bus.port import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Bus,
-    BusClosed,
     Delivery,
     Handler,
     Outcome,
     QueueSpec,
     Subscription,
     TopologyError,
-    check_body,
-    check_headers,
-    check_routing_key,
-    death_info,
+    finish_tasks,
     log,
     settle_outcome,
     transient_name,
@@ -174,20 +170,17 @@ class _Consumer(Subscription):
 
     def deliver(self, message: _Message) -> None:
         message.deliveries += 1
-        reason, death_queue = death_info(message.headers)
         headers = copy.deepcopy(message.headers)
         if message.deliveries > 1:
             # Quorum queues count returns in this header; the first delivery has none.
             headers["x-delivery-count"] = message.deliveries - 1
-        delivery = Delivery(
-            body=message.body,
-            routing_key=message.routing_key,
-            exchange=self.bus.logical(message.exchange) or "",
-            headers=headers,
+        delivery = self.bus._delivery(
+            message.body,
+            message.routing_key,
+            message.exchange,
+            headers,
             redelivered=message.deliveries > 1,
             delivery_count=message.deliveries,
-            death_reason=reason,
-            death_queue=self.bus.logical(death_queue),
         )
         task = asyncio.get_running_loop().create_task(self._handle(delivery, message))
         self.in_flight[task] = message
@@ -195,9 +188,7 @@ class _Consumer(Subscription):
     async def _handle(self, delivery: Delivery, message: _Message) -> None:
         broker = self.bus._broker
         try:
-            outcome = await settle_outcome(self.handler, delivery)
-            if outcome is Outcome.RETRY and self.spec.retry_delay:
-                await asyncio.sleep(self.spec.retry_delay)
+            outcome = await settle_outcome(self.handler, delivery, self.spec.retry_delay)
         except asyncio.CancelledError:
             # Abandoned mid-handler (consumer cancelled or bus closed): the broker takes
             # the message back, exactly as RabbitMQ does when a channel closes.
@@ -220,13 +211,7 @@ class _Consumer(Subscription):
         if self in self.queue.consumers:
             self.queue.consumers.remove(self)
         self.bus._subscriptions.discard(self)
-        pending = set(self.in_flight)
-        if pending and timeout > 0:
-            _, pending = await asyncio.wait(pending, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_tasks(self.in_flight, timeout)
         broker = self.bus._broker
         if self.queue.args.transient and not self.queue.consumers:
             # auto-delete: the last consumer of a transient queue takes it with it
@@ -253,10 +238,6 @@ class MemoryBus(Bus):
         for exchange in topology.EXCHANGES:
             self._broker.exchanges.add(self.name(exchange))
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BusClosed("this bus was closed")
-
     async def publish(
         self,
         exchange: str,
@@ -264,10 +245,7 @@ class MemoryBus(Bus):
         body: bytes,
         headers: Mapping[str, Any] | None = None,
     ) -> bool:
-        self._check_open()
-        check_body(body, self.max_message_size)
-        check_routing_key(routing_key)
-        table = check_headers(headers)
+        table = self._check_publish(routing_key, body, headers)
         physical = self.name(exchange)
         if exchange not in topology.EXCHANGES or physical not in self._broker.exchanges:
             raise TopologyError(f"exchange {exchange!r} is not part of QFLARE's topology")
@@ -327,8 +305,7 @@ class MemoryBus(Bus):
         return frozenset(self._declared)
 
     async def delete_all(self, queues: Iterable[str] = ()) -> None:
-        if not self.prefix:
-            raise ValueError("delete_all needs a non-empty prefix; it would delete everything")
+        self._check_deletable()
         del queues  # every queue with the prefix goes anyway
         await asyncio.gather(*(s.cancel(timeout=0) for s in list(self._subscriptions)))
         for name in [q for q in self._broker.queues if q.startswith(self.prefix)]:

@@ -20,6 +20,7 @@ never stops the consumer.
 from __future__ import annotations
 
 import abc
+import asyncio
 import datetime as _dt
 import decimal
 import enum
@@ -198,6 +199,7 @@ class Bus(abc.ABC):
 
     prefix: str
     max_message_size: int
+    _closed: bool
 
     @abc.abstractmethod
     async def publish(
@@ -250,6 +252,48 @@ class Bus(abc.ABC):
         if physical is not None and self.prefix and physical.startswith(self.prefix):
             return physical[len(self.prefix) :]
         return physical
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosed("this bus was closed")
+
+    def _check_publish(
+        self, routing_key: str, body: bytes, headers: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Refuse, before anything is sent, what either adapter would refuse, so both
+        accept exactly the same messages; returns the checked header table."""
+        self._check_open()
+        check_body(body, self.max_message_size)
+        check_routing_key(routing_key)
+        return check_headers(headers)
+
+    def _check_deletable(self) -> None:
+        if not self.prefix:
+            raise ValueError("delete_all needs a non-empty prefix; it would delete everything")
+
+    def _delivery(
+        self,
+        body: bytes,
+        routing_key: str,
+        physical_exchange: str | None,
+        headers: Mapping[str, Any],
+        *,
+        redelivered: bool,
+        delivery_count: int,
+    ) -> Delivery:
+        """A :class:`Delivery` with logical names and the dead-lettering facts read from
+        the broker's ``x-first-death-*`` headers."""
+        reason, death_queue = death_info(headers)
+        return Delivery(
+            body=body,
+            routing_key=routing_key,
+            exchange=self.logical(physical_exchange) or "",
+            headers=headers,
+            redelivered=redelivered,
+            delivery_count=delivery_count,
+            death_reason=reason,
+            death_queue=self.logical(death_queue),
+        )
 
 
 def transient_name() -> str:
@@ -318,8 +362,16 @@ def _check_value(key: str, value: Any, depth: int) -> Any:
     raise InvalidHeaders(f"header {key!r}: type {type(value).__name__} cannot travel in AMQP")
 
 
-async def settle_outcome(handler: Handler, delivery: Delivery) -> Outcome:
-    """Run ``handler`` and turn anything it does into exactly one outcome."""
+async def settle_outcome(handler: Handler, delivery: Delivery, retry_delay: float = 0.0) -> Outcome:
+    """Run ``handler`` and turn anything it does into exactly one outcome; a RETRY is
+    returned only after ``retry_delay`` seconds (``QueueSpec.retry_delay``)."""
+    outcome = await _outcome_of(handler, delivery)
+    if outcome is Outcome.RETRY and retry_delay:
+        await asyncio.sleep(retry_delay)
+    return outcome
+
+
+async def _outcome_of(handler: Handler, delivery: Delivery) -> Outcome:
     try:
         outcome = await handler(delivery)
     except Exception:  # noqa: BLE001 - a handler bug must not stop the consumer
@@ -339,6 +391,18 @@ async def settle_outcome(handler: Handler, delivery: Delivery) -> Outcome:
         )
         return Outcome.RETRY
     return outcome
+
+
+async def finish_tasks(tasks: Iterable[asyncio.Task[Any]], timeout: float) -> None:
+    """Let ``tasks`` (in-flight handlers) finish for up to ``timeout`` seconds, then cancel
+    the rest and wait until they have unwound."""
+    pending = set(tasks)
+    if pending and timeout > 0:
+        _, pending = await asyncio.wait(pending, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def death_info(headers: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -62,17 +62,13 @@ from qflare.bus.port import (
     Bus,
     BusClosed,
     BusUnavailable,
-    Delivery,
     Handler,
     Outcome,
     PublishFailed,
     QueueSpec,
     Subscription,
     TopologyError,
-    check_body,
-    check_headers,
-    check_routing_key,
-    death_info,
+    finish_tasks,
     settle_outcome,
     transient_name,
 )
@@ -171,20 +167,15 @@ class _RabbitSubscription(Subscription):
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         headers = _from_amqp(dict(message.headers or {}))
         returns = headers.get("x-delivery-count", 0)
-        reason, death_queue = death_info(headers)
-        delivery = Delivery(
-            body=message.body,
-            routing_key=message.routing_key or "",
-            exchange=self.bus.logical(message.exchange) or "",
-            headers=headers,
+        delivery = self.bus._delivery(
+            message.body,
+            message.routing_key or "",
+            message.exchange,
+            headers,
             redelivered=bool(message.redelivered),
             delivery_count=int(returns) + 1 if isinstance(returns, int) else 1,
-            death_reason=reason,
-            death_queue=self.bus.logical(death_queue),
         )
-        outcome = await settle_outcome(self.handler, delivery)
-        if outcome is Outcome.RETRY and self.spec.retry_delay:
-            await asyncio.sleep(self.spec.retry_delay)
+        outcome = await settle_outcome(self.handler, delivery, self.spec.retry_delay)
         if self.spec.transient:
             # no broker-side count on a classic queue: retry here, then give up
             while outcome is Outcome.RETRY and not self._cancelled:
@@ -194,9 +185,7 @@ class _RabbitSubscription(Subscription):
                 delivery = dataclasses.replace(
                     delivery, redelivered=True, delivery_count=delivery.delivery_count + 1
                 )
-                outcome = await settle_outcome(self.handler, delivery)
-                if outcome is Outcome.RETRY and self.spec.retry_delay:
-                    await asyncio.sleep(self.spec.retry_delay)
+                outcome = await settle_outcome(self.handler, delivery, self.spec.retry_delay)
         try:
             if outcome is Outcome.ACK:
                 await message.ack()
@@ -219,13 +208,7 @@ class _RabbitSubscription(Subscription):
                 await self.queue.cancel(self.consumer_tag)
             except Exception as exc:  # noqa: BLE001 - the channel may already be gone
                 log.debug("basic.cancel on %s failed: %r", self.spec.name, exc)
-        pending = set(self.in_flight)
-        if pending and timeout > 0:
-            _, pending = await asyncio.wait(pending, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_tasks(self.in_flight, timeout)
         # Closing the channel hands every unsettled message back to the broker.
         try:
             await self.channel.close()
@@ -337,10 +320,6 @@ class RabbitBus(Bus):
                     f"user connects with declare='passive'): {exc}"
                 ) from exc
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BusClosed("this bus was closed")
-
     async def publish(
         self,
         exchange: str,
@@ -348,10 +327,7 @@ class RabbitBus(Bus):
         body: bytes,
         headers: Mapping[str, Any] | None = None,
     ) -> bool:
-        self._check_open()
-        check_body(body, self.max_message_size)
-        check_routing_key(routing_key)
-        table = check_headers(headers)
+        table = self._check_publish(routing_key, body, headers)
         target = self._exchanges.get(exchange)
         if target is None:
             raise TopologyError(f"exchange {exchange!r} is not part of QFLARE's topology")
@@ -483,8 +459,7 @@ class RabbitBus(Bus):
 
     async def delete_all(self, queues: Iterable[str] = ()) -> None:
         # AMQP cannot list queues by prefix, so the bus deletes what it knows of.
-        if not self.prefix:
-            raise ValueError("delete_all needs a non-empty prefix; it would delete everything")
+        self._check_deletable()
         self._check_open()
         await asyncio.gather(
             *(s.cancel(1.0) for s in list(self._subscriptions)), return_exceptions=True
