@@ -11,43 +11,22 @@ whenever d > 1.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from .._base import drop_nonfinite, register_rule
-from .._core import centred_gram, check_int, combine
-from ._fbase import FRule
-from ._subsets import DEFAULT_MAX_SUBSETS, subset_chunks
+from .._base import register_rule
+from .._core import centred_gram
+from ._subsets import SubsetRule
 
 
 @register_rule
-class SMEA(FRule):
+class SMEA(SubsetRule):
     name = "smea"
-    weighted = True
 
-    def __init__(self, f: int = 0, max_subsets: int = DEFAULT_MAX_SUBSETS) -> None:
-        super().__init__(f)
-        self.max_subsets = check_int("max_subsets", max_subsets, minimum=1)
+    def pair_matrix(self, x: np.ndarray) -> np.ndarray:
+        return centred_gram(x)
 
-    def params(self) -> dict[str, Any]:
-        return {"f": self.f}
-
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
-        self.check_n(x.shape[0])
-        x, w, f = drop_nonfinite(x, w, self.f, self.name)
-        n = x.shape[0]
-        k = n - f
-        g = centred_gram(x)
-        best, best_val = None, np.inf
-        for c in subset_chunks(n, k, self.name, self.max_subsets):
-            gs = g[c[:, :, None], c[:, None, :]]
-            gs = (gs - gs.mean(axis=1, keepdims=True) - gs.mean(axis=2, keepdims=True)
-                  + gs.mean(axis=(1, 2), keepdims=True))
-            top = np.linalg.eigvalsh(gs)[:, -1]
-            i = int(np.argmin(top))
-            if top[i] < best_val:
-                best, best_val = c[i], top[i]
-        coef = np.zeros(n)
-        coef[best] = 1.0 if w is None else w[best]
-        return combine(x, coef / coef.sum())
+    def block_scores(self, blocks: np.ndarray) -> np.ndarray:
+        # re-centre each block on its own subset's mean: its top eigenvalue is the scatter's
+        gs = (blocks - blocks.mean(axis=1, keepdims=True) - blocks.mean(axis=2, keepdims=True)
+              + blocks.mean(axis=(1, 2), keepdims=True))
+        return np.linalg.eigvalsh(gs)[:, -1]
