@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._core import ArrayLike, as_batch, finite_rows, require
+from ._core import ArrayLike, as_batch, check_int, finite_rows, require
 
 RULES: dict[str, type["Aggregator"]] = {}
 PRE_AGGREGATORS: dict[str, type["PreAggregator"]] = {}
@@ -46,7 +46,31 @@ def drop_nonfinite(
     return x[mask], (None if w is None else w[mask]), f - bad
 
 
-class Aggregator(ABC):
+class _Named(ABC):
+    """Registered by ``name``; shown as ``name(param=value, ...)``, which parses back."""
+
+    name: ClassVar[str]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{self.name}({params})"
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+
+class FParam:
+    """Mixin for a rule or pre-aggregator parametrised by f, the number of Byzantine
+    updates it tolerates (ByzFL's f)."""
+
+    def __init__(self, f: int = 0) -> None:
+        self.f = check_int("f", f)
+
+    def params(self) -> dict[str, Any]:
+        return {"f": self.f}
+
+
+class Aggregator(_Named):
     """A robust aggregation rule: ``rule(updates [n, d], weights [n] | None) -> [d]``.
 
     Returns the same kind (NumPy array or CPU tensor) and dtype it was given and never
@@ -54,7 +78,6 @@ class Aggregator(ABC):
     (centered clipping); ``rng`` only by randomised pre-aggregators (bucketing).
     """
 
-    name: ClassVar[str]
     #: whether the rule has a defined weighted form; others refuse unequal weights.
     weighted: ClassVar[bool] = False
 
@@ -84,18 +107,9 @@ class Aggregator(ABC):
     ) -> np.ndarray:
         """The rule on a validated NumPy view; returns [d] (any float dtype)."""
 
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{self.name}({params})"
 
-    def params(self) -> dict[str, Any]:
-        return {}
-
-
-class PreAggregator(ABC):
+class PreAggregator(_Named):
     """Maps ``(updates [n, d], weights) -> (updates' [m, d], weights')`` ahead of a rule."""
-
-    name: ClassVar[str]
 
     def __call__(
         self, updates: ArrayLike, weights: Any = None, *, rng: np.random.Generator | int | None = None
@@ -109,13 +123,6 @@ class PreAggregator(ABC):
         self, x: np.ndarray, w: np.ndarray | None, *, rng: np.random.Generator | int | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """New rows (never a view that aliases the input when values change)."""
-
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{self.name}({params})"
-
-    def params(self) -> dict[str, Any]:
-        return {}
 
 
 class Chain(Aggregator):

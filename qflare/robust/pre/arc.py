@@ -9,25 +9,17 @@ this returns new rows).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from .._base import PreAggregator, register_pre
-from .._core import check_int, require
+from .._base import FParam, PreAggregator, register_pre
+from .._core import require
 from .._core import row_norms
 from .clipping import clip_rows
 
 
 @register_pre
-class ARC(PreAggregator):
+class ARC(FParam, PreAggregator):
     name = "arc"
-
-    def __init__(self, f: int = 0) -> None:
-        self.f = check_int("f", f)
-
-    def params(self) -> dict[str, Any]:
-        return {"f": self.f}
 
     def transform(self, x, w, *, rng=None):  # type: ignore[override]
         n = x.shape[0]

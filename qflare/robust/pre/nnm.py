@@ -9,12 +9,10 @@ ByzFL's gather of n x (n - f) x d rows needs gigabytes.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from .._base import PreAggregator, drop_nonfinite, register_pre
-from .._core import check_int, mm, pairwise_sq_dists, require
+from .._base import FParam, PreAggregator, drop_nonfinite, register_pre
+from .._core import mm, pairwise_sq_dists, require
 
 
 def nnm_matrix(d2: np.ndarray, f: int) -> np.ndarray:
@@ -27,14 +25,8 @@ def nnm_matrix(d2: np.ndarray, f: int) -> np.ndarray:
 
 
 @register_pre
-class NNM(PreAggregator):
+class NNM(FParam, PreAggregator):
     name = "nnm"
-
-    def __init__(self, f: int = 0) -> None:
-        self.f = check_int("f", f)
-
-    def params(self) -> dict[str, Any]:
-        return {"f": self.f}
 
     def transform(self, x, w, *, rng=None):  # type: ignore[override]
         n = x.shape[0]

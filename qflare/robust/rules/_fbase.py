@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from .._base import Aggregator
-from .._core import check_int, require
+from .._base import Aggregator, FParam
+from .._core import require
 
 
-class FRule(Aggregator):
-    #: smallest n as a function of f, with the text for the error.
-    def __init__(self, f: int = 0) -> None:
-        self.f = check_int("f", f)
-
-    def params(self) -> dict[str, Any]:
-        return {"f": self.f}
-
+class FRule(FParam, Aggregator):
     def check_n(self, n: int) -> None:
         require(n > 2 * self.f, self.name, f"needs n > 2f, got n={n}, f={self.f}")
