@@ -15,26 +15,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
-class Severity(enum.IntEnum):
-    """Alert severities in escalation order (``AlertRaised.severity``)."""
-
-    INFO = 10
-    WARNING = 20
-    CRITICAL = 40
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, value: str) -> Severity:
-        try:
-            return cls[value.strip().upper()]
-        except KeyError:
-            raise ValueError(
-                f"unknown severity {value!r}; use one of {', '.join(s.label for s in cls)}"
-            ) from None
+# One severity scale for the whole system: the alerting service's (a pure module).
+from qflare.services.alerting.core import Severity
 
 
 class Link(enum.Enum):
@@ -108,6 +90,7 @@ class PrivacyGranted(FeedEvent):
     epsilon_round: float | None = None
     epsilon_total: float = 0.0
     delta: float = 0.0
+    coverage: str | None = None  # clipped_sum | filter_bounded | noise_only (docs/privacy.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +98,7 @@ class PrivacyDenied(FeedEvent):
     reason: str = ""
     epsilon_spent: float = 0.0
     budget: float = 0.0
+    coverage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

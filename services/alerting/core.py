@@ -37,7 +37,8 @@ KIND_DEAD_LETTER = "dead_letter"
 
 
 class Severity(enum.IntEnum):
-    """Ordered so that escalation is ``max``; routing keys use the lower-case name."""
+    """Ordered so that escalation is ``max``; routing keys use the lower-case name. The
+    console (``qflare.tui.events``) shows alerts with this same enum."""
 
     INFO = 10
     WARNING = 20
@@ -54,7 +55,7 @@ class Severity(enum.IntEnum):
         if isinstance(value, int):
             return cls(value)
         try:
-            return cls[str(value).upper()]
+            return cls[str(value).strip().upper()]
         except KeyError:
             raise ValueError(
                 f"unknown severity {value!r}; expected one of "
