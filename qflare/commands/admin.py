@@ -17,7 +17,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,37 +205,40 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listing(args: argparse.Namespace, rows: list[dict[str, Any]], empty: str, title: str,
+             columns: list[str], cells: Callable[[dict[str, Any]], list[Any]]) -> int:
+    """Print ``rows`` as JSON (``--json``), as ``empty`` when there are none, or as a table."""
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(empty)
+    else:
+        _table(title, columns, [cells(r) for r in rows])
+    return 0
+
+
 def run_alerts(args: argparse.Namespace) -> int:
     rows = alerts_data(_settings(args).data_dir, job=args.job, severity=args.severity,
                        client=args.client, limit=args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no alerts")
-        return 0
-    _table("alerts (newest first)", ["#", "time", "severity", "job", "kind", "client", "round", "reason",
-                                     "count", "state", "detail"],
-           [[r["id"], _ts(r["last_ts"]), r["severity"], r["job"], r["kind"], r["client"], r["round"],
-             r["reason"], r["count"], "sent" if r["action"] == "publish" else r["action"], r["detail"][:60]]
-            for r in rows])
-    return 0
+    return _listing(
+        args, rows, "no alerts", "alerts (newest first)",
+        ["#", "time", "severity", "job", "kind", "client", "round", "reason", "count", "state", "detail"],
+        lambda r: [r["id"], _ts(r["last_ts"]), r["severity"], r["job"], r["kind"], r["client"], r["round"],
+                   r["reason"], r["count"], "sent" if r["action"] == "publish" else r["action"],
+                   r["detail"][:60]],
+    )
 
 
 def run_clients(args: argparse.Namespace) -> int:
     rows = clients_data(_settings(args), args.job)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no clients known (give --pki-dir, or run a job first)")
-        return 0
-    _table("clients" + (f" of {args.job}" if args.job else ""),
-           ["client", "revoked", "expires", "updates", "flags", "score", "quarantined", "alerts"],
-           [[r["client"], r["revoked"], r["expires"], r["updates"], r["flags"],
-             f"{r['score']:.3f}" if isinstance(r["score"], float) else r["score"], r["quarantined"], r["alerts"]]
-            for r in rows])
-    return 0
+    return _listing(
+        args, rows, "no clients known (give --pki-dir, or run a job first)",
+        "clients" + (f" of {args.job}" if args.job else ""),
+        ["client", "revoked", "expires", "updates", "flags", "score", "quarantined", "alerts"],
+        lambda r: [r["client"], r["revoked"], r["expires"], r["updates"], r["flags"],
+                   f"{r['score']:.3f}" if isinstance(r["score"], float) else r["score"], r["quarantined"],
+                   r["alerts"]],
+    )
 
 
 def run_revoke(args: argparse.Namespace) -> int:
