@@ -18,7 +18,12 @@ Each update then gets five scores, computed on the n x n Gram matrix (so d costs
   spread), as a robust z-score (median / MAD over the reference) across the round;
 - ``distance``: distance to the robust centre (geometric median by Weiszfeld, Pillutla et
   al. 2022, of the reference updates), robust z-score;
-- ``cosine``: cosine between the update and the robust centre, robust z-score (low side);
+- ``cosine``: cosine between the update and the robust centre, robust z-score (low side)
+  with a one-sided reweighted scale: median and MAD are recomputed once without the
+  updates already more than ``cosine_trim`` robust deviations below the median
+  (one-step reweighting, cf. Rousseeuw & Leroy 1987, ch. 4). Updates that disagree in direction all sit on the low
+  side; left in, they lower the median and inflate the MAD, which hid label flipping
+  (cosine about 0.15 against 0.35-0.6 for honest clients) for the first 4-8 rounds;
 - ``norm``: the update's norm, robust z-score, both sides;
 - ``cluster``: two-means on the updates (Lloyd iterations in Gram space, seeded with the
   two farthest points, cf. Auror, Shen et al., ACSAC 2016); the smaller group is suspect
@@ -78,9 +83,12 @@ class Thresholds:
     # Two updates closer than this fraction of the round's median pairwise distance are
     # copies; honest non-IID digits clients measured >= 0.5 (nearest pair / median).
     duplicate: float = 0.1
+    # Cosine scale: updates this many robust deviations below the median are left out of
+    # the median/MAD (one reweighting step); see the module docstring.
+    cosine_trim: float = 1.5
 
     def __post_init__(self) -> None:
-        for k in ("z", "cosine_z", "separation", "duplicate"):
+        for k in ("z", "cosine_z", "separation", "duplicate", "cosine_trim"):
             check_float(k, getattr(self, k), strict=True)
 
 
@@ -91,6 +99,19 @@ def robust_z(v: np.ndarray, min_scale: float = 0.0, ref: np.ndarray | None = Non
     mad = 1.4826 * float(np.median(np.abs(r - med)))
     scale = max(mad, min_scale, 1e-12)
     return (v - med) / scale
+
+
+def low_side_z(v: np.ndarray, ref: np.ndarray, trim: float, min_scale: float) -> np.ndarray:
+    """Robust z of ``v`` whose median/MAD leave out the ``ref`` entries already below
+    ``-trim`` by the plain robust z (one reweighting step): a one-sided contamination
+    (many low values) then does not set its own scale. One step, not iterated to a fixed
+    point: iterating keeps trimming the honest lower tail (on 20 Gaussian values it
+    flagged 4% of them at z 3.5, one step 1.6%, plain MAD 0.3%)."""
+    z = robust_z(v, min_scale=min_scale, ref=ref)
+    use = ref & (z > -trim)
+    if use.sum() < max(2, (int(ref.sum()) + 1) // 2):
+        return z
+    return robust_z(v, min_scale=min_scale, ref=use)
 
 
 def duplicate_groups(d2: np.ndarray, ratio: float) -> np.ndarray:
@@ -231,7 +252,7 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
     scores["norm"] = norms
     scores["norm_z"] = robust_z(norms, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(norms[ref])))
     scores["cosine"] = cos
-    scores["cosine_z"] = robust_z(cos, ref=ref, min_scale=_COS_MIN_SCALE)
+    scores["cosine_z"] = low_side_z(cos, ref, th.cosine_trim, _COS_MIN_SCALE)
     labels, sep = two_means(d2, g)
     minority = int(labels.sum() <= m / 2)
     small = labels == minority

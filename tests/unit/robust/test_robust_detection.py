@@ -133,6 +133,26 @@ def test_duplicate_groups_by_hand() -> None:
     assert not duplicate_groups(d2, 0.1).any()
 
 
+def test_low_side_cosine_scale_is_not_set_by_the_low_group() -> None:
+    from qflare.robust.detection import low_side_z, robust_z
+
+    # Cosines to the centre as measured with label flipping: 14 honest in 0.42-0.66, six
+    # flippers at 0.12-0.22. Left in, the six lower the median (0.485) and widen the MAD
+    # (0.156): none reaches -3.5. One reweighting step without the rows below -1.5 gives
+    # median 0.525, MAD 0.1 (the floor): the four lowest pass -3.5.
+    honest = np.array([0.42, 0.45, 0.47, 0.48, 0.50, 0.50, 0.52, 0.53, 0.55, 0.56, 0.58,
+                       0.60, 0.62, 0.66])
+    low = np.array([0.12, 0.14, 0.15, 0.17, 0.20, 0.22])
+    v = np.concatenate([honest, low])
+    everyone = np.ones(20, dtype=bool)
+    assert robust_z(v, 0.1).min() > -3.5
+    z = low_side_z(v, everyone, 1.5, 0.1)
+    np.testing.assert_allclose(z[14:], (low - 0.525) / 0.1, atol=1e-9)
+    assert (z[14:] < -3.5).sum() == 4 and (z[:14] > -1.1).all()
+    # Without a low group nothing is trimmed: the same z as the plain robust one.
+    np.testing.assert_allclose(low_side_z(honest, everyone[:14], 1.5, 0.1), robust_z(honest, 0.1))
+
+
 def test_majority_of_zero_updates_is_not_a_coalition() -> None:
     x = np.zeros((N, 50), dtype=np.float32)
     x[:8] = np.random.default_rng(1).normal(size=(8, 50))
