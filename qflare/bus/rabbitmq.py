@@ -41,7 +41,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aio_pika
@@ -93,25 +93,21 @@ def _backoff(attempt: int, cap: float = 2.0) -> float:
     return min(cap, 0.1 * 2**attempt)
 
 
+def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_leaves(v, leaf) for v in value]
+    return leaf(value)
+
+
 def _to_amqp(value: Any) -> Any:
     # pamqp encodes only bytearray as a byte array (type 'x'), not bytes.
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, dict):
-        return {k: _to_amqp(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_amqp(v) for v in value]
-    return value
+    return _map_leaves(value, lambda v: bytearray(v) if isinstance(v, bytes) else v)
 
 
 def _from_amqp(value: Any) -> Any:
-    if isinstance(value, bytearray):
-        return bytes(value)
-    if isinstance(value, dict):
-        return {k: _from_amqp(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_amqp(v) for v in value]
-    return value
+    return _map_leaves(value, lambda v: bytes(v) if isinstance(v, bytearray) else v)
 
 
 def queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
