@@ -13,17 +13,19 @@ fraction of the honest spread is not a duplicate group and meets the scores belo
 
 Each update then gets five scores, computed on the n x n Gram matrix (so d costs one GEMM):
 - ``krum``: the Krum score (Blanchard et al., NeurIPS 2017) taken as the root mean square
-  of the distances to the n - f - 1 nearest reference updates (a distance, like the next
-  score: a sum of squares is right-skewed and its robust z overstated honest non-IID
-  spread), as a robust z-score (median / MAD over the reference) across the round;
+  of the distances to the r - f' - 1 nearest reference updates (r of them, f' = f less
+  the copies already flagged; a distance, like the next score: a sum of squares is
+  right-skewed and its robust z overstated honest non-IID spread), as a robust z-score
+  (median / MAD over the reference) across the round;
 - ``distance``: distance to the robust centre (geometric median by Weiszfeld, Pillutla et
   al. 2022, of the reference updates), robust z-score;
 - ``cosine``: cosine between the update and the robust centre, robust z-score (low side)
   with a one-sided reweighted scale: median and MAD are recomputed once without the
-  updates already more than ``cosine_trim`` robust deviations below the median
-  (one-step reweighting, cf. Rousseeuw & Leroy 1987, ch. 4). Updates that disagree in direction all sit on the low
-  side; left in, they lower the median and inflate the MAD, which hid label flipping
-  (cosine about 0.15 against 0.35-0.6 for honest clients) for the first 4-8 rounds;
+  updates already more than ``cosine_trim`` robust deviations below the median (one-step
+  reweighting, cf. Rousseeuw & Leroy 1987, ch. 4). Updates that disagree in direction
+  all sit on the low side; left in, they lower the median and inflate the MAD, which hid
+  label flipping (cosine about 0.15 against 0.35-0.6 for honest clients) for the first
+  4-8 rounds;
 - ``norm``: the update's norm, robust z-score, both sides;
 - ``cluster``: two-means on the updates (Lloyd iterations in Gram space, seeded with the
   two farthest points, cf. Auror, Shen et al., ACSAC 2016); the smaller group is suspect
