@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# A whole federation on one machine, over RabbitMQ: provision, initial model, ten
+# participants (examples/participant.py), the five services (`qflare up`, one process
+# each), wait for the job to end, then `qflare status`, and remove the broker topology.
+#
+#   examples/run_federation.sh [WORK_DIR]         # default: a fresh temporary folder
+#
+# Environment: QFLARE_BROKER (default amqp://guest:guest@127.0.0.1:5672/), QFLARE_PREFIX
+# (default example-<pid>-: exchanges and queues of this run, deleted at the end),
+# ROUNDS (default: the 5 of examples/federation.toml), KEEP_TOPOLOGY=1 keeps them.
+#
+# Why RabbitMQ and not memory://: `qflare up` on memory:// runs the services in one process
+# on an embedded bus that no other process can reach, so separate participant processes
+# need a broker. Why participants start first: this script connects everyone as guest,
+# without loading the definitions file, so a participant's queue `client.<id>` exists only
+# once it runs; the aggregator broadcasts each round once, and a participant whose queue did
+# not exist then misses that round. With `defs.json` imported into the broker the queues
+# exist beforehand and the order does not matter.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+WORK=${1:-$(mktemp -d -t qflare-federation-XXXXXX)}
+BROKER=${QFLARE_BROKER:-amqp://guest:guest@127.0.0.1:5672/}
+PREFIX=${QFLARE_PREFIX:-example-$$-}
+CLIENTS=10
+mkdir -p "$WORK"
+cd "$WORK"
+echo "work folder: $WORK   broker prefix: $PREFIX"
+
+pids=()
+up_pid=""
+cleanup() {
+    local rc=$?
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    if [[ -n "$up_pid" ]] && kill -0 "$up_pid" 2>/dev/null; then
+        kill -TERM "$up_pid"           # qflare up forwards SIGTERM to its children
+        wait "$up_pid" 2>/dev/null || true
+    fi
+    if [[ "${KEEP_TOPOLOGY:-0}" != 1 ]]; then
+        python "$HERE/teardown.py" --broker "$BROKER" --prefix "$PREFIX" --pki pki || true
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+
+# 1. identities: a CA, one per service, a kit per client; broker users and queues
+[[ -d pki ]] || qflare provision --out pki --clients "$CLIENTS"
+qflare broker-definitions --kit pki --prefix "$PREFIX" --out defs.json  # for a real broker (rabbitmqctl import_definitions); unused here
+
+# 2. the job and its round-0 model
+cp "$HERE/federation.toml" federation.toml
+if [[ -n "${ROUNDS:-}" ]]; then
+    sed -i "s/^rounds = .*/rounds = $ROUNDS/" federation.toml
+fi
+python "$HERE/make_model.py" --out digits-mlp.safetensors
+
+# 3. participants, each in its own process with its own kit and share of digits
+for i in $(seq 0 $((CLIENTS - 1))); do
+    id=$(printf 'client-%03d' "$i")
+    python "$HERE/participant.py" --kit "pki/clients/$id" --broker "$BROKER" --prefix "$PREFIX" \
+        --job digits --clients "$CLIENTS" --timeout 600 > "$id.log" 2>&1 &
+    pids+=($!)
+done
+for i in $(seq 0 $((CLIENTS - 1))); do
+    id=$(printf 'client-%03d' "$i")
+    for _ in $(seq 600); do
+        grep -q "following" "$id.log" && break
+        kill -0 "${pids[$i]}" 2>/dev/null || { echo "$id exited:"; cat "$id.log"; exit 1; }
+        sleep 0.1
+    done
+    grep -q "following" "$id.log" || { echo "$id did not connect in 60 s"; cat "$id.log"; exit 1; }
+done
+echo "$CLIENTS participants connected"
+
+# 4. the five services, one process each (logs: up.log)
+qflare up --config federation.toml --broker "$BROKER" --prefix "$PREFIX" > up.log 2>&1 &
+up_pid=$!
+
+# 5. the job ends when every participant has received job.ended
+failed=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || failed=1
+done
+pids=()
+tail -n 1 -q client-*.log
+[[ $failed == 0 ]] || { echo "a participant failed; see $WORK/client-*.log and up.log"; exit 1; }
+
+# 6. what the services stored
+qflare status --config federation.toml
+qflare alerts --config federation.toml --limit 10
