@@ -179,9 +179,17 @@ class RoundVerdict(Body):
     """Free text for operators."""
 
 
+Coverage = Literal["clipped_sum", "filter_bounded", "noise_only"]
+"""What a job's epsilon covers (docs/privacy.md): ``clipped_sum`` a DP guarantee (rule mean,
+nothing filtered); ``filter_bounded`` a DP guarantee for a filter removing at most k updates
+per round, charged at z/(2k+1) and q=1; ``noise_only`` the epsilon of the noise added, NOT a
+DP guarantee (a data-dependent filter or robust rule ran before the noisy sum)."""
+
+
 class PrivacyRequest(Body):
     """The aggregator asks to release one DP-FedAvg round: sampling rate q, noise multiplier
-    z, clip norm."""
+    z, clip norm, as charged (for ``filter_bounded`` these are q=1 and z/(2k+1), not the
+    noise actually added), and what the resulting epsilon covers."""
 
     KIND = "privacy.request"
     SENDERS = ("aggregator",)
@@ -193,6 +201,8 @@ class PrivacyRequest(Body):
     """L2 clip norm."""
     mechanism: Literal["gaussian"] = "gaussian"
     """Noise mechanism."""
+    coverage: Coverage
+    """What the epsilon covers: `clipped_sum`, `filter_bounded` or `noise_only` (not a DP guarantee)."""
 
 
 class PrivacyGranted(Body):
@@ -206,6 +216,8 @@ class PrivacyGranted(Body):
     """Epsilon spent so far including this round."""
     delta: float = Field(gt=0, lt=1)
     """The delta the epsilons are for."""
+    coverage: Coverage
+    """The request's coverage, echoed: `noise_only` means the epsilon is not a DP guarantee."""
 
 
 class PrivacyDenied(Body):
@@ -219,6 +231,8 @@ class PrivacyDenied(Body):
     """Epsilon spent before this request."""
     budget: NonNegFloat
     """The job's epsilon budget."""
+    coverage: Coverage
+    """The request's coverage, echoed."""
 
 
 class ModelPublished(Body):

@@ -111,10 +111,11 @@ def to_events(msg: Opened, exchange: str, routing_key: str = "", *,
             ev.FlaggedClient(f.client, f.score, tuple(f.reasons)) for f in body.flagged))]
     if isinstance(body, wire.PrivacyGranted):
         return [ev.PrivacyGranted(**head, epsilon_round=body.epsilon_round,
-                                  epsilon_total=body.epsilon_total, delta=body.delta)]
+                                  epsilon_total=body.epsilon_total, delta=body.delta,
+                                  coverage=body.coverage)]
     if isinstance(body, wire.PrivacyDenied):
         return [ev.PrivacyDenied(**head, reason=body.reason, epsilon_spent=body.epsilon_spent,
-                                 budget=body.budget)]
+                                 budget=body.budget, coverage=body.coverage)]
     if isinstance(body, wire.ModelPublished):
         out: list[ev.FeedEvent] = [ev.ModelPublished(**head, version=body.version,
                                                      epsilon=body.epsilon)]

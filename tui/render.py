@@ -199,8 +199,26 @@ def client_order(clients: Sequence[ClientRow]) -> list[ClientRow]:
     return sorted(clients, key=lambda c: (not c.revoked, -c.rounds_flagged, -c.rejected, c.client))
 
 
-def make_budget_gauge(spent: float, budget: float | None, width: int = 20) -> Text:
-    """``[██████░░░░] 1.23/4.00 ε (31%)``; red past 90% of the budget."""
+COVERAGE_MARKS = {
+    "clipped_sum": ("DP", "green"),
+    "filter_bounded": ("DP, filter ≤ k", "green"),
+    "noise_only": ("noise only: not a DP guarantee", "bold yellow"),
+}
+
+
+def make_budget_gauge(spent: float, budget: float | None, width: int = 20,
+                      coverage: str | None = None) -> Text:
+    """``[██████░░░░] 1.23/4.00 ε (31%) DP``; red past 90% of the budget. ``coverage`` (from
+    the accountant's answers, docs/privacy.md) is marked after the gauge: ``noise_only``
+    says the ε is that of the noise added, not a DP guarantee."""
+    text = _gauge(spent, budget, width)
+    mark = COVERAGE_MARKS.get(coverage or "")
+    if mark is not None and not math.isinf(spent):
+        text.append(f" [{mark[0]}]", mark[1])
+    return text
+
+
+def _gauge(spent: float, budget: float | None, width: int) -> Text:
     if math.isinf(spent):
         return Text("DP off: models released without a privacy guarantee (ε = ∞)", "yellow")
     if budget is None or budget <= 0:
@@ -236,7 +254,8 @@ def make_privacy_panel(state: ConsoleState, width: int = 20) -> RenderableType:
     for job in sorted(state.jobs):
         view = state.jobs[job]
         line = Text(f"{job} ", "bold")
-        line.append_text(make_budget_gauge(view.epsilon_spent, view.epsilon_budget, width))
+        line.append_text(make_budget_gauge(view.epsilon_spent, view.epsilon_budget, width,
+                                           view.coverage))
         if view.denied:
             line.append("  DENIED", "bold red")
         lines.append(line)

@@ -96,6 +96,7 @@ class JobView:
     epsilon_spent: float = 0.0
     epsilon_budget: float | None = None
     delta: float | None = None
+    coverage: str | None = None  # what epsilon_spent covers, from the accountant's answers
     rounds_planned: int | None = None
     model_version: int | None = None
     accuracy: list[tuple[int, float]] = field(default_factory=list)
@@ -338,6 +339,7 @@ class ConsoleState:
         view = self._job(e.job)
         view.epsilon_spent = max(view.epsilon_spent, e.epsilon_total)
         view.delta = e.delta
+        view.coverage = e.coverage or view.coverage
 
     def _on_PrivacyDenied(self, e: PrivacyDenied) -> None:
         row = self._round(e.job, e.round, e.ts)
@@ -346,6 +348,7 @@ class ConsoleState:
         view.denied = True
         view.epsilon_spent = max(view.epsilon_spent, e.epsilon_spent)
         view.epsilon_budget = e.budget
+        view.coverage = e.coverage or view.coverage
 
     def _on_RoundOpened(self, e: RoundOpened) -> None:
         row = self._round(e.job, e.round, e.ts)

@@ -9,15 +9,36 @@ Recurrent Language Models", ICLR 2018): each round samples clients by Poisson sa
 rate ``q``, clips each update to L2 norm ``clip``, and adds Gaussian noise of standard
 deviation ``noise_multiplier * clip`` to the sum. The accountant refuses a round that would
 push the job's epsilon (at ``delta``) past ``epsilon_budget``.
+
+What that epsilon covers depends on what runs before the noisy sum (docs/privacy.md,
+"Byzantine filtering before the noisy sum"); :func:`privacy_charge` decides, from the spec
+alone, the (q, z) the aggregator asks the accountant to charge and the ``coverage`` the
+request, the grant and every report carry:
+
+* ``clipped_sum``: rule ``mean`` and no removal by detection (detection off, or
+  ``dp_filter_bound = 0``): the clipped-sum Gaussian mechanism of DP-FedAvg, charged at
+  (q, z). The epsilon is a guarantee under the page's assumptions.
+* ``filter_bounded``: rule ``mean``, detection on, at most ``k = dp_filter_bound`` updates
+  removed per round. One client moves the kept sum by at most (2k + 1) C, so the round is
+  charged at ``filtered_noise_multiplier(z, k) = z / (2k + 1)``. The detector's reputation
+  quarantines clients from earlier rounds' updates, so a client that is *not* sampled in a
+  round can still change which others are removed in it: amplification by sampling does not
+  hold, and the round is charged at q = 1. The noise added stays z * C.
+* ``noise_only``: any other filtering (detection with no bound, or a rule other than
+  ``mean``): charged at (q, z), but the epsilon is only that of the noise added, not a DP
+  guarantee for the pipeline that ran.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Coverage = Literal["clipped_sum", "filter_bounded", "noise_only"]
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -50,6 +71,12 @@ class JobSpec(BaseModel):
     clip: float = Field(default=1.0, gt=0.0, description="L2 clip norm C per update")
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     epsilon_budget: float = Field(default=10.0, gt=0.0)
+    dp_filter_bound: int | None = Field(
+        default=None, ge=0,
+        description="k: detection removes at most k updates per round (the k highest-scored "
+                    "flagged) and rounds are charged at z/(2k+1), q=1; None: no bound, the "
+                    "epsilon of a filtering job is not a DP guarantee",
+    )
     server_lr: float = Field(default=1.0, gt=0.0, description="step applied to the noised mean")
     min_updates: int = Field(default=1, ge=1, description="fewest updates a round closes with")
     deadline_s: float = Field(default=60.0, gt=0.0, description="seconds a round stays open")
@@ -93,11 +120,57 @@ class JobSpec(BaseModel):
 
     __str__ = __repr__
 
+    def privacy_charge(self) -> PrivacyCharge:
+        """What the accountant is asked to charge for each round of this job."""
+        return privacy_charge(
+            rule=self.rule, detection=self.detection, sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier, dp_filter_bound=self.dp_filter_bound,
+        )
+
     def public(self) -> dict[str, Any]:
         """The spec without its secret seed, for logs, status and round messages."""
         data = self.model_dump(mode="json")
         data.pop("seed")
         return data
+
+
+@dataclass(frozen=True)
+class PrivacyCharge:
+    """The sampling rate and noise multiplier a round is charged at, and what the resulting
+    epsilon covers (module docstring; docs/privacy.md)."""
+
+    coverage: Coverage
+    q: float
+    z: float
+
+
+def privacy_charge(
+    *, rule: str, detection: bool, sample_rate: float, noise_multiplier: float,
+    dp_filter_bound: int | None = None,
+) -> PrivacyCharge:
+    """The charge for one round with noise ``noise_multiplier * C`` actually added.
+
+    Only the exact rule ``mean`` keeps the clipped-sum argument: any other rule (Krum,
+    medians, NNM pre-mixing, ...) chooses or mixes updates from all of them. ``detection``
+    removes updates, unless ``dp_filter_bound`` is 0.
+    """
+    # here, not at the top: qflare.privacy loads dp_accounting (seconds), and this module is
+    # loaded by every CLI command
+    from qflare.privacy import filtered_noise_multiplier
+
+    if noise_multiplier <= 0:
+        raise ValueError("DP is off (noise_multiplier 0): nothing is charged")
+    removes = detection and dp_filter_bound != 0
+    if rule.strip() != "mean":
+        return PrivacyCharge("noise_only", sample_rate, noise_multiplier)
+    if not removes:
+        return PrivacyCharge("clipped_sum", sample_rate, noise_multiplier)
+    if dp_filter_bound is None:
+        return PrivacyCharge("noise_only", sample_rate, noise_multiplier)
+    # q = 1: the detector's reputation carries earlier rounds' updates into this round's
+    # removals, so a client's presence matters even in rounds it is not sampled for.
+    return PrivacyCharge("filter_bounded", 1.0,
+                         filtered_noise_multiplier(noise_multiplier, dp_filter_bound))
 
 
 def load_jobs(tables: list[dict[str, Any]], base_dir: Path | None = None) -> tuple[JobSpec, ...]:

@@ -3,6 +3,11 @@
 ``report.json`` is the machine-readable record (configuration, one entry per round, the
 summary); ``report.md`` says the same for a person; ``accuracy.png`` and ``epsilon.png`` plot
 accuracy (with the no-attack baseline when one was run) and epsilon spent per round.
+
+Every epsilon is reported with its coverage (``qflare.runtime.jobs.privacy_charge``, the
+function the aggregator charges with; docs/privacy.md): with detection on or a rule other
+than ``mean`` the epsilon is that of the noise added, not a DP guarantee, and both files say
+so next to it.
 """
 
 from __future__ import annotations
@@ -123,13 +128,21 @@ class RunResult:
     def final_epsilon(self) -> float | None:
         return self.rounds[-1].epsilon if self.rounds else None
 
+    @property
+    def epsilon_coverage(self) -> str | None:
+        """``clipped_sum`` / ``filter_bounded`` / ``noise_only``; None with DP off."""
+        return coverage_of(self.config)
+
     def summary(self) -> dict[str, Any]:
+        coverage = self.epsilon_coverage
         return {
             "rounds_completed": len(self.rounds),
             "final_accuracy": self.final_accuracy,
             "best_accuracy": max((r.accuracy for r in self.rounds), default=None),
             "final_loss": _finite_or_none(self.rounds[-1].loss) if self.rounds else None,
             "final_epsilon": self.final_epsilon,
+            "epsilon_coverage": coverage,
+            "epsilon_note": COVERAGE_NOTES.get(coverage or "", "DP off: no privacy guarantee"),
             "detection": self.detection.to_json(),
             "ended": self.ended,
             "wall_s": round(self.wall_s, 3),
@@ -145,6 +158,28 @@ class RunResult:
             "summary": self.summary(),
             "notes": list(self.notes),
         }
+
+
+COVERAGE_NOTES = {
+    "clipped_sum": "DP guarantee (rule mean, nothing filtered before the noisy sum)",
+    "filter_bounded": "DP guarantee for a filter removing at most k updates per round "
+                      "(charged at z/(2k+1), q=1)",
+    "noise_only": "epsilon of the noise added; NOT a DP guarantee: a data-dependent filter "
+                  "or robust rule ran before the noisy sum",
+}
+
+
+def coverage_of(cfg: dict[str, Any]) -> str | None:
+    """What a run's epsilon covers, from its configuration (None with DP off)."""
+    from qflare.runtime.jobs import privacy_charge
+
+    if not _dp_on(cfg):
+        return None
+    return privacy_charge(
+        rule=str(cfg.get("rule_resolved", cfg.get("rule"))), detection=bool(cfg.get("detection")),
+        sample_rate=float(cfg.get("sample_rate", 1.0)), noise_multiplier=float(cfg["noise_multiplier"]),
+        dp_filter_bound=cfg.get("dp_filter_bound"),
+    ).coverage
 
 
 def comparable(report: dict[str, Any]) -> dict[str, Any]:
@@ -216,11 +251,15 @@ def render_markdown(result: RunResult, baseline: RunResult | None = None) -> str
         f"| detection precision | {_pct(det.precision)} |",
         f"| detection recall | {_pct(det.recall)} |",
         f"| detection false-positive rate | {_pct(det.false_positive_rate)} |",
-        f"| epsilon spent | {_eps(result.final_epsilon)} |",
+        f"| epsilon spent | {_eps(result.final_epsilon)}"
+        + (f" ({result.epsilon_coverage}: {COVERAGE_NOTES[result.epsilon_coverage]})"
+           if result.epsilon_coverage else "") + " |",
         "",
         "## Rounds",
         "",
-        "| round | accuracy | loss | flagged | rejected at ingest | Byzantine stopped | epsilon | latency (s) |",
+        "| round | accuracy | loss | flagged | rejected at ingest | Byzantine stopped | "
+        f"epsilon{' (noise only, not a DP guarantee)' if result.epsilon_coverage == 'noise_only' else ''} "
+        "| latency (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result.rounds:

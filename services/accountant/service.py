@@ -8,6 +8,9 @@ answer. A redelivered or repeated request is answered from the ledger and charge
 so a restart between the commit and the ack (or an aggregator re-sending its request) never
 charges a round twice. Decisions are taken one at a time: each composes on the last.
 
+The request's ``coverage`` (what the epsilon covers, docs/privacy.md) is echoed in the
+answer, so whoever reads an epsilon off the bus reads whether it is a DP guarantee with it.
+
 A job's budget (``epsilon_budget``, ``delta``) comes from its JobSpec (configuration file or
 ``submit_job``); a request for a job with no budget is refused (``WRONG_JOB`` alert).
 """
@@ -76,12 +79,13 @@ class Accountant(Service):
                 self.core.apply(decision)
                 event(self.log, "privacy.decided", job=env.job, round=env.round,
                       granted=decision.granted, epsilon=decision.epsilon_total,
-                      requested=decision.epsilon_requested, budget=decision.budget_epsilon)
+                      requested=decision.epsilon_requested, budget=decision.budget_epsilon,
+                      coverage=body.coverage)
         if decision.granted:
-            await emit(self, "privacy.granted", PrivacyGranted(**granted_fields(decision)),
+            await emit(self, "privacy.granted", PrivacyGranted(**granted_fields(decision), coverage=body.coverage),
                        job=env.job, round=env.round)
         else:
-            await emit(self, "privacy.denied", PrivacyDenied(**denied_fields(decision)),
+            await emit(self, "privacy.denied", PrivacyDenied(**denied_fields(decision), coverage=body.coverage),
                        job=env.job, round=env.round)
 
 

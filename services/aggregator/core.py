@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,7 @@ def close_decision(
     *,
     received: int,
     selected: int,
+    refused: int = 0,
     min_updates: int,
     now: float,
     deadline: float,
@@ -104,14 +106,22 @@ def close_decision(
 ) -> CloseDecision:
     """Close when every selected client is in (at once when nobody was selected), or at the
     deadline with at least ``min_updates`` (or everyone selected, when fewer were selected); otherwise extend up to
-    ``max_extensions`` times, then abort (or abort at once when ``on_short == "abort"``)."""
+    ``max_extensions`` times, then abort (or abort at once when ``on_short == "abort"``).
+
+    ``refused`` counts selected clients with no update in the round whose update ingest
+    refused: they answered, so once ``received + refused`` covers everyone selected the round
+    closes before its deadline, provided it has its ``min_updates`` (otherwise it waits: a
+    refused client may still send a valid update)."""
+    enough = received >= min(min_updates, selected) and received > 0
     if received >= selected:
         # everyone is in; with nobody sampled the round closes at once and releases noise
         # only (DP-FedAvg: whether anyone was sampled must not change what is released)
         return CloseDecision.CLOSE
+    if received + refused >= selected and enough:
+        return CloseDecision.CLOSE
     if now < deadline:
         return CloseDecision.WAIT
-    if received >= min(min_updates, selected) and received > 0:
+    if enough:
         return CloseDecision.CLOSE
     if on_short == "extend" and extensions < max_extensions:
         return CloseDecision.EXTEND
@@ -186,6 +196,24 @@ def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
         if norm > clip:
             x[i] *= np.float32(clip / norm) if x.dtype == np.float32 else clip / norm
     return x
+
+
+def cap_removals(
+    kept: Sequence[str], flagged: Sequence[tuple[str, float]], bound: int | None
+) -> tuple[list[str], list[str]]:
+    """Apply a job's ``dp_filter_bound``: of the ``(client, score)`` pairs the detector
+    flagged, remove only the ``bound`` highest-scored (ties by client id) and keep the rest
+    with ``kept``. Returns (kept, removed), each sorted. ``bound`` None removes every flagged
+    client. This is what makes "at most k removed per round" (docs/privacy.md) true whatever
+    the detector decides."""
+    def suspicion(cs: tuple[str, float]) -> tuple[float, str]:
+        # a NaN score counts as most suspicious, never silently least
+        return (-(math.inf if math.isnan(cs[1]) else cs[1]), cs[0])
+
+    order = [c for c, _s in sorted(flagged, key=suspicion)]
+    removed = order if bound is None else order[:bound]
+    back = order[len(removed):]
+    return sorted([*kept, *back]), sorted(removed)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 Per job: ``privacy.request`` -> (``privacy.granted``) select participants, ``round.opened``
 (on ``qflare.events`` for ingest/detector, and with the signed base model on
 ``qflare.broadcast`` for clients) -> ``update.accepted`` stored on disk before the ack ->
-``round.closed`` with the exact (client, digest) set, when everyone is in or at the deadline
--> (``round.verdict``) robust rule + DP noise over the kept updates -> new model version ->
+``round.closed`` with the exact (client, digest) set, when every selected client is in or
+was refused by ingest (``update.rejected``, signed by ingest), or at the deadline
+-> (``round.verdict``, at most ``dp_filter_bound`` removals) robust rule + DP noise over the
+kept updates -> new model version ->
 ``model.published`` -> next round, until the job's rounds are done or the accountant denies
 (``job.ended``).
 
@@ -46,6 +48,7 @@ from qflare.services.aggregator.core import (
     Layout,
     RoundState,
     aggregate_round,
+    cap_removals,
     close_decision,
     model_digest,
     select_participants,
@@ -53,7 +56,7 @@ from qflare.services.aggregator.core import (
 from qflare.services.aggregator.store import AggregatorStore, RoundRow
 
 QUEUE = "aggregator"
-KINDS = ("update.accepted", "round.verdict", "privacy.granted", "privacy.denied")
+KINDS = ("update.accepted", "update.rejected", "round.verdict", "privacy.granted", "privacy.denied")
 
 
 class Aggregator(Service):
@@ -141,6 +144,12 @@ class Aggregator(Service):
             raise MessageRejected(Reason.UNKNOWN_KIND, f"aggregator does not take {kind!r}")
         env = await open_delivery(self, delivery, expect_kind=kind)
         spec = self.specs.get(env.job)
+        if kind == "update.rejected":
+            # ingest reports every refusal, also for jobs and rounds that are not ours
+            # (or not open); only a refusal of a selected client of an open round counts
+            if spec is not None:
+                await self._on_refused(spec, env)
+            return
         if spec is None:
             raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} here")
         if kind == "update.accepted":
@@ -249,6 +258,23 @@ class Aggregator(Service):
         event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
         await self._maybe_close(spec, env.round)
 
+    async def _on_refused(self, spec: JobSpec, env: Any) -> None:
+        """Ingest refused a client's update (a signed ``update.rejected``): that client has
+        answered, so the round need not wait for its deadline on its account. Ingest names a
+        client only once its signature verified (an unverified claim reads "<id>
+        (unverified)", which is no participant id), so a forger cannot close a round early
+        in an honest client's name. A refusal does not ban: a later valid update of the
+        client still enters the round while it is open."""
+        assert self.store is not None
+        client = env.body.client
+        r = await self.store.get_round(spec.job_id, env.round)
+        if r is None or r.state != RoundState.OPEN or client not in r.participants:
+            return
+        await self.store.add_refusal(spec.job_id, env.round, client, str(env.body.reason))
+        event(self.log, "update.refused", job=spec.job_id, round=env.round, client=client,
+              reason=str(env.body.reason))
+        await self._maybe_close(spec, env.round)
+
     async def _maybe_close(self, spec: JobSpec, round_no: int) -> None:
         assert self.store is not None
         async with self._lock(spec.job_id):
@@ -256,8 +282,11 @@ class Aggregator(Service):
             if r is None or r.state != RoundState.OPEN or r.deadline is None:
                 return
             received = await self.store.round_updates(spec.job_id, round_no)
+            refused = await self.store.refused(spec.job_id, round_no)
+            refused -= {c for c, _d, _n in received}
             decision = close_decision(
                 received=len(received), selected=len(r.participants),
+                refused=len(refused & set(r.participants)),
                 min_updates=spec.min_updates, now=self.ctx.clock(), deadline=r.deadline,
                 extensions=r.extensions, max_extensions=spec.max_extensions,
                 on_short=spec.on_short,
@@ -311,6 +340,15 @@ class Aggregator(Service):
                     Reason.BAD_SCHEMA,
                     f"verdict covers {sorted(kept + flagged)}, round {env.round} closed with {sorted(closed)}",
                 )
+            # dp_filter_bound k: the privacy charge (z/(2k+1)) holds only if at most k
+            # updates are removed, whatever the detector flagged; the rest are kept
+            kept, flagged = cap_removals(
+                kept, [(f.client, float(f.score)) for f in env.body.flagged], spec.dp_filter_bound
+            )
+            if spec.dp_filter_bound is not None and len(env.body.flagged) > spec.dp_filter_bound:
+                event(self.log, "verdict.capped", job=spec.job_id, round=env.round,
+                      flagged=len(env.body.flagged), removed=len(flagged),
+                      bound=spec.dp_filter_bound)
             base = await self._model(spec.job_id, r.base_version)
             held = self._held.get((spec.job_id, env.round), {})
             missing = [c for c in kept if c not in held]
@@ -403,7 +441,9 @@ class Aggregator(Service):
             # DP off: nothing to account; epsilon is unbounded and reported as such.
             await self._open_round(spec, round_no, math.inf)
             return
-        body = PrivacyRequest(q=spec.sample_rate, z=spec.noise_multiplier, clip=spec.clip)
+        # charged (q, z) and coverage per docs/privacy.md; the noise added stays z * C
+        charge = spec.privacy_charge()
+        body = PrivacyRequest(q=charge.q, z=charge.z, clip=spec.clip, coverage=charge.coverage)
         await emit(self, "privacy.request", body, job=spec.job_id, round=round_no)
 
     async def _next(self, spec: JobSpec, r: RoundRow) -> None:

@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS updates (
     received REAL NOT NULL,
     PRIMARY KEY (job_id, round, client)
 );
+CREATE TABLE IF NOT EXISTS refusals (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (job_id, round, client)
+);
 CREATE TABLE IF NOT EXISTS models (
     job_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -257,6 +265,20 @@ class AggregatorStore:
             (job_id, round_no),
         )
         return [(r["client"], bytes(r["digest"]), r["num_samples"]) for r in rows]
+
+    async def add_refusal(self, job_id: str, round_no: int, client: str, reason: str) -> None:
+        """Ingest refused ``client``'s update for the round (the first refusal is kept)."""
+        async with self.db.transaction() as conn:
+            await conn.execute("INSERT OR IGNORE INTO refusals VALUES (?, ?, ?, ?, ?)",
+                               (job_id, round_no, client, reason, time.time()))
+
+    async def refused(self, job_id: str, round_no: int) -> set[str]:
+        """Clients of the round whose update ingest refused (they may still have a valid one
+        in ``updates``: a refusal does not ban)."""
+        rows = await self.db.fetchall(
+            "SELECT client FROM refusals WHERE job_id=? AND round=?", (job_id, round_no)
+        )
+        return {r["client"] for r in rows}
 
     async def load_updates(self, job_id: str, round_no: int, clients: list[str]) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {}

@@ -89,12 +89,13 @@ def test_tui_watches_the_run_on_the_same_bus(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_updates_refused_at_ingest_are_reported_alike(monkeypatch: pytest.MonkeyPatch) -> None:
-    """+inf updates never reach the detector: ingest refuses them (NON_FINITE), the round
-    closes at its deadline without them, and the report counts them as stopped — the same
-    rounds as the direct path, which applies ingest's finiteness check itself."""
+    """+inf updates never reach the detector: ingest refuses them (NON_FINITE), the
+    aggregator counts the refused client as answered and closes the round without waiting
+    for its deadline, and the report counts them as stopped — the same rounds as the direct
+    path, which applies ingest's finiteness check itself."""
     import qflare.sim.services as services
 
-    monkeypatch.setattr(services, "REJECTED_ROUND_DEADLINE_S", 2.0)
+    monkeypatch.setattr(services, "REJECTED_ROUND_DEADLINE_S", 60.0)
     config = SimConfig(clients=6, byzantine=1, rounds=2, attack="inf", rule="median")
     federation = Federation.build(config)
     via_services = run_services(config, federation)
@@ -103,4 +104,4 @@ def test_updates_refused_at_ingest_are_reported_alike(monkeypatch: pytest.Monkey
     (byz,) = federation.byzantine
     assert all(r.rejected == (byz,) and byz not in r.flagged for r in via_services.rounds)
     assert via_services.detection.recall == 1.0
-    assert all(r.latency_s >= 2.0 for r in via_services.rounds)
+    assert all(r.latency_s < 30.0 for r in via_services.rounds), "a refusal must not make the round wait"

@@ -39,10 +39,12 @@ def test_every_round_kind_maps_to_its_event(fed) -> None:
                                                               "reasons": ["norm"]}]),
          ev.RoundVerdict("j", 3, T, kept=("client-000",),
                          flagged=(ev.FlaggedClient("client-002", 7.5, ("norm",)),))),
-        ("privacy.granted", dict(epsilon_round=0.2, epsilon_total=1.1, delta=1e-5),
-         ev.PrivacyGranted("j", 3, T, epsilon_round=0.2, epsilon_total=1.1, delta=1e-5)),
-        ("privacy.denied", dict(reason="BUDGET", epsilon_spent=3.9, budget=4.0),
-         ev.PrivacyDenied("j", 3, T, reason="BUDGET", epsilon_spent=3.9, budget=4.0)),
+        ("privacy.granted", dict(epsilon_round=0.2, epsilon_total=1.1, delta=1e-5, coverage="noise_only"),
+         ev.PrivacyGranted("j", 3, T, epsilon_round=0.2, epsilon_total=1.1, delta=1e-5,
+                           coverage="noise_only")),
+        ("privacy.denied", dict(reason="BUDGET", epsilon_spent=3.9, budget=4.0, coverage="clipped_sum"),
+         ev.PrivacyDenied("j", 3, T, reason="BUDGET", epsilon_spent=3.9, budget=4.0,
+                          coverage="clipped_sum")),
         ("metrics.evaluated", dict(model_version=3, accuracy=0.9, loss=0.3),
          ev.MetricsEvaluated("j", 3, T, model_version=3, accuracy=0.9, loss=0.3)),
         ("job.ended", dict(reason="completed"), ev.JobEnded("j", 3, T, reason="completed")),
@@ -77,7 +79,7 @@ def test_alerts_come_from_the_alerts_exchange_with_routing_key_severity(fed) -> 
 
 
 def test_uploads_and_requests_are_ignored(fed) -> None:
-    data = envelope(fed, "privacy.request", dict(q=1.0, z=1.0, clip=1.0), job="j", round=1, ts=T)
+    data = envelope(fed, "privacy.request", dict(q=1.0, z=1.0, clip=1.0, coverage="clipped_sum"), job="j", round=1, ts=T)
     assert decode_delivery(data, topology.EVENTS, "privacy.request.j", fed.trust(), T) == []
 
 

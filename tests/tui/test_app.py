@@ -67,7 +67,8 @@ async def test_live_signed_events_appear_in_the_right_panels(fed) -> None:
         await until(pilot, lambda: "● connected" in banner(app))
         assert "in-process bus" in banner(app)
         participants = [f"client-{i:03d}" for i in range(4)]
-        await pub.event("privacy.granted", 1, t, epsilon_round=0.5, epsilon_total=0.5, delta=1e-5)
+        await pub.event("privacy.granted", 1, t, epsilon_round=0.5, epsilon_total=0.5, delta=1e-5,
+                        coverage="noise_only")
         await pub.round_opened(1, t, participants, deadline=t + 60)
         for c in participants[:3]:
             await pub.accepted(1, t + 0.5, c)
@@ -78,6 +79,7 @@ async def test_live_signed_events_appear_in_the_right_panels(fed) -> None:
         current = text(app, "#current")
         assert "collecting" in current and "3/4" in current
         assert "0.50/2.00 ε (25%)" in text(app, "#privacy")
+        assert "not a DP guarantee" in text(app, "#privacy")
 
         await pub.verdict(1, t + 1, kept=participants[:2], flagged=["client-002"])
         await pub.alert(1, t + 1.1, severity="warning", kind="client.flagged", reason="FLAGGED",

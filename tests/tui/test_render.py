@@ -50,6 +50,8 @@ def test_budget_gauge_fill_and_unknown_budget() -> None:
     assert "bold red" in {str(span.style) for span in full.spans}
     assert render.make_budget_gauge(0.5, None).plain == "ε 0.500 spent (budget unknown)"
     assert "DP off" in render.make_budget_gauge(float("inf"), 4.0).plain
+    assert render.make_budget_gauge(1.0, 4.0, width=8, coverage="clipped_sum").plain.endswith("(25%) [DP]")
+    assert "not a DP guarantee" in render.make_budget_gauge(1.0, 4.0, coverage="noise_only").plain
 
 
 def test_sparkline_scales_over_unit_interval_and_keeps_the_latest() -> None:

@@ -140,9 +140,9 @@ def test_decisions_fill_the_message_bodies() -> None:
     granted = core.decide("j", 0, Q, Z, 1.0)
     core.apply(granted)
     denied = core.decide("j", 1, Q, Z, 1.0)
-    body = PrivacyGranted(**granted_fields(granted))
+    body = PrivacyGranted(**granted_fields(granted), coverage="clipped_sum")
     assert body.epsilon_total == granted.epsilon_total and body.delta == DELTA
-    refusal = PrivacyDenied(**denied_fields(denied))
+    refusal = PrivacyDenied(**denied_fields(denied), coverage="clipped_sum")
     assert refusal.reason == BUDGET_EXHAUSTED and refusal.epsilon_spent == granted.epsilon_total
     with pytest.raises(ValueError):
         granted_fields(denied)

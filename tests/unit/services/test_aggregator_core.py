@@ -129,3 +129,40 @@ def test_robust_rule_resists_outlier_and_median_is_clipped() -> None:
 def test_missing_update_is_an_error() -> None:
     with pytest.raises(ValueError, match="no stored update"):
         _round(["ghost"], {})
+
+
+def test_refused_clients_close_the_round_once_it_has_its_minimum() -> None:
+    from qflare.services.aggregator.core import close_decision as cd
+
+    kw = dict(selected=10, min_updates=7, now=0.0, deadline=5.0, extensions=0, max_extensions=1,
+              on_short="extend")
+    assert cd(received=8, refused=2, **kw) == CloseDecision.CLOSE
+    assert cd(received=8, refused=1, **kw) == CloseDecision.WAIT      # one still silent
+    assert cd(received=6, refused=4, **kw) == CloseDecision.WAIT      # below min_updates: wait
+    assert cd(received=0, refused=10, **kw) == CloseDecision.WAIT
+
+
+def test_cap_removals_removes_only_the_k_highest_scored() -> None:
+    from qflare.services.aggregator.core import cap_removals
+
+    flagged = [("a", 1.0), ("b", 9.0), ("c", float("nan")), ("d", 5.0)]
+    assert cap_removals(["x"], flagged, None) == (["x"], ["a", "b", "c", "d"])
+    assert cap_removals(["x"], flagged, 2) == (["a", "d", "x"], ["b", "c"])  # NaN counts as worst
+    assert cap_removals(["x"], flagged, 0) == (["a", "b", "c", "d", "x"], [])
+    assert cap_removals(["x"], [("a", 1.0)], 3) == (["x"], ["a"])
+
+
+@pytest.mark.parametrize(("rule", "detection", "bound", "expected"), [
+    ("mean", False, None, ("clipped_sum", 0.1, 1.2)),
+    ("mean", True, 0, ("clipped_sum", 0.1, 1.2)),       # detection may remove nobody
+    ("mean", True, None, ("noise_only", 0.1, 1.2)),
+    ("median", False, None, ("noise_only", 0.1, 1.2)),
+    ("median", True, 2, ("noise_only", 0.1, 1.2)),      # the rule itself is not covered
+    ("mean", True, 2, ("filter_bounded", 1.0, 1.2 / 5)),
+])
+def test_privacy_charge(rule: str, detection: bool, bound: int | None, expected: tuple) -> None:
+    from qflare.runtime.jobs import privacy_charge
+
+    got = privacy_charge(rule=rule, detection=detection, sample_rate=0.1, noise_multiplier=1.2,
+                         dp_filter_bound=bound)
+    assert (got.coverage, got.q) == expected[:2] and got.z == pytest.approx(expected[2])

@@ -63,6 +63,11 @@ class Harness:
     send_only: int | None = None  # participants that answer each round (the rest stay silent)
     closed: dict[int, list[str]] = field(default_factory=dict)
     grants: list[tuple[int, float]] = field(default_factory=list)
+    requests: list[tuple[int, float, float, str]] = field(default_factory=list)
+    coverages: list[str] = field(default_factory=list)  # of privacy.granted, as echoed
+    refuse: tuple[str, ...] = ()  # ingest refuses these clients' updates (update.rejected)
+    refuse_label: str = "{}"  # how ingest names the client ("{} (unverified)": signature failed)
+    refuse_then_send: tuple[str, ...] = ()  # refused first, then a valid update
 
     async def start(self) -> None:
         watch = QueueSpec("harness", bindings=(
@@ -77,16 +82,20 @@ class Harness:
         env = open_envelope(d.body, self.fed.trust())
         if env.kind == "privacy.request" and self.play_accountant:
             if env.round > self.budget_rounds:
-                body = {"reason": "budget", "epsilon_spent": self.epsilon_per_round * self.budget_rounds, "budget": 1.0}
+                body = {"reason": "budget", "epsilon_spent": self.epsilon_per_round * self.budget_rounds, "budget": 1.0,
+                        "coverage": env.body.coverage}
                 await self.send("accountant", "privacy.denied", body, env.job, env.round)
             else:
-                body = {"epsilon_round": self.epsilon_per_round, "epsilon_total": self.epsilon_per_round * env.round, "delta": 1e-5}
+                body = {"epsilon_round": self.epsilon_per_round, "epsilon_total": self.epsilon_per_round * env.round, "delta": 1e-5,
+                        "coverage": env.body.coverage}
+                self.requests.append((env.round, env.body.q, env.body.z, env.body.coverage))
                 await self.send("accountant", "privacy.granted", body, env.job, env.round)
         elif env.kind == "round.opened" and env.round not in self.opened:
             self.opened.append(env.round)
             asyncio.get_running_loop().create_task(self.send_updates(env.job, env.round, env.body))
         elif env.kind == "privacy.granted":
             self.grants.append((env.round, env.body.epsilon_total))
+            self.coverages.append(env.body.coverage)
         elif env.kind == "model.published":
             self.published[env.body.version] = env.body.digest
         elif env.kind == "round.closed":
@@ -120,6 +129,10 @@ class Harness:
 
     async def send_updates(self, job: str, round_no: int, opened) -> None:
         clients = list(opened.participants)[: self.send_only]
+        for c in (*self.refuse, *self.refuse_then_send):
+            body = {"client": self.refuse_label.format(c), "reason": "NON_FINITE", "detail": "w[0] is inf"}
+            await self.send("ingest", "update.rejected", body, job, round_no)
+        clients = [c for c in clients if c not in self.refuse]
         first, rest = (clients[:5], clients[5:]) if round_no == self.hold_round else (clients, [])
         for c in first:
             await self.send_update(job, round_no, c, opened.model_version, delta(c, round_no))
@@ -266,3 +279,76 @@ async def test_a_request_lost_before_the_accountant_existed_is_sent_again(federa
             await accountant.stop()
     await bus.close()
     assert h.opened == [1] and [r for r, _e in h.grants][:1] == [1]
+
+
+# -- what the epsilon covers (docs/privacy.md) ------------------------------------------------
+
+async def test_mean_without_detection_is_charged_as_the_clipped_sum(federation: Federation, tmp_path: Path) -> None:
+    h, _ = await run_job(federation, tmp_path / "cs", job(rounds=1, rule="mean", detection=False))
+    assert h.requests == [(1, 1.0, 0.5, "clipped_sum")] and h.coverages == ["clipped_sum"]
+
+
+async def test_detection_without_a_bound_is_noise_only(federation: Federation, tmp_path: Path) -> None:
+    h, _ = await run_job(federation, tmp_path / "no", job(rounds=1, rule="mean", detection=True))
+    assert h.requests == [(1, 1.0, 0.5, "noise_only")] and h.coverages == ["noise_only"]
+    kept, flagged = h.verdicts[1]
+    assert set(flagged) == BYZANTINE  # no bound: every flagged update is removed
+
+
+async def test_a_bound_caps_removals_and_is_charged_at_z_over_2k_plus_1(federation: Federation, tmp_path: Path) -> None:
+    """k = 1: the detector flags the three attackers, the aggregator removes only the
+    highest-scored one; the real accountant's ledger holds z/(2k+1) = 1.5/3 at q = 1."""
+    from qflare.services.accountant.store import LedgerStore
+
+    spec = job(rounds=2, rule="mean", detection=True, dp_filter_bound=1, noise_multiplier=1.5,
+               epsilon_budget=1000.0)
+    h, _ = await run_job(federation, tmp_path / "fb", spec, accountant=True)
+    assert h.end_reason == "completed" and h.coverages == ["filter_bounded"] * 2
+    (ledger_file,) = (tmp_path / "fb").rglob("accountant.sqlite")
+    store = await LedgerStore.open(ledger_file)
+    try:
+        _jobs, decisions = await store.load()
+    finally:
+        await store.close()
+    assert [(d.round, d.q, d.z) for d in decisions] == [(1, 1.0, pytest.approx(0.5)), (2, 1.0, pytest.approx(0.5))]
+    from qflare.services.aggregator.store import AggregatorStore
+
+    agg = await AggregatorStore.open(ledger_file.parent.parent / "aggregator")
+    try:
+        for r in (1, 2):
+            assert set(h.verdicts[r][1]) == BYZANTINE  # the detector flagged all three
+            row = await agg.get_round("j1", r)
+            assert row is not None and row.verdict is not None
+            assert len(row.verdict["flagged"]) == 1 and set(row.verdict["flagged"]) <= BYZANTINE
+            assert len(row.verdict["kept"]) == len(CLIENTS) - 1
+    finally:
+        await agg.close()
+
+
+# -- refusals by ingest close a round early ----------------------------------------------------
+
+async def test_refused_clients_count_as_answered(federation: Federation, tmp_path: Path) -> None:
+    spec = job(rounds=1, deadline_s=25.0, min_updates=7, f=2)
+    t0 = asyncio.get_running_loop().time()
+    h, _ = await run_job(federation, tmp_path / "rf", spec, {"refuse": ("c8", "c9")})
+    assert h.end_reason == "completed"
+    assert h.closed[1] == list(CLIENTS[:8])  # the refused are not in the round's set
+    assert asyncio.get_running_loop().time() - t0 < 10.0, "closed without waiting for the deadline"
+
+
+async def test_a_refusal_does_not_ban_a_later_valid_update(federation: Federation, tmp_path: Path) -> None:
+    spec = job(rounds=1, deadline_s=25.0, min_updates=7, f=2)
+    h, _ = await run_job(federation, tmp_path / "rv", spec, {"refuse_then_send": ("c0",)})
+    assert h.end_reason == "completed" and h.closed[1] == list(CLIENTS)
+
+
+async def test_a_refusal_of_an_unverified_sender_does_not_count(federation: Federation, tmp_path: Path) -> None:
+    """Ingest names a client whose signature failed "<id> (unverified)": anyone can claim
+    an id, so such a refusal must not close the round in that client's name. (A refusal
+    signed by anyone but ingest is refused by the envelope's sender check.)"""
+    spec = job(rounds=1, deadline_s=1.5, min_updates=7, f=2)
+    t0 = asyncio.get_running_loop().time()
+    h, _ = await run_job(federation, tmp_path / "rx", spec,
+                         {"send_only": 8, "refuse": ("c8", "c9"), "refuse_label": "{} (unverified)"})
+    assert h.end_reason == "completed" and h.closed[1] == list(CLIENTS[:8])
+    assert asyncio.get_running_loop().time() - t0 >= 1.5, "an unverified refusal must not close the round"

@@ -42,6 +42,15 @@ def test_report_files(tmp_path: Path) -> None:
     assert data["baseline"]["summary"]["final_accuracy"] == pytest.approx(0.7)
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| detection recall | 75.0% |" in (tmp_path / "report.md").read_text()
+    # detection on: the epsilon is that of the noise added, and both files say so next to it
+    assert data["summary"]["epsilon_coverage"] == "noise_only"
+    assert "NOT a DP guarantee" in data["summary"]["epsilon_note"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| epsilon spent | 0.800 (noise_only: epsilon of the noise added; NOT a DP guarantee" in md
+    clean = RunResult(dict(config, detection=False), result.rounds, ("a", "b"), "services", None, 1.0)
+    assert clean.summary()["epsilon_coverage"] == "clipped_sum"
+    off = RunResult(dict(config, noise_multiplier=0.0), result.rounds, ("a", "b"), "services", None, 1.0)
+    assert off.summary()["epsilon_coverage"] is None
     # Latency and broker differ between transports; nothing else may.
     other = json.loads(json.dumps(data))
     other["rounds"][0]["latency_s"] = 9.0
