@@ -19,10 +19,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qflare.runtime.config import Settings, load_settings
-from qflare.runtime.sqlite import open_readonly
+if TYPE_CHECKING:  # qflare.runtime loads messages, numpy, pydantic models: only in handlers
+    from qflare.runtime.config import Settings
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -34,6 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from qflare.runtime.config import load_settings
+
     return load_settings(args.config, data_dir=getattr(args, "data_dir", None),
                          pki_dir=getattr(args, "pki_dir", None))
 
@@ -44,6 +46,8 @@ def _db(data_dir: Path, service: str) -> Iterator[sqlite3.Connection | None]:
     if not path.exists():
         yield None
         return
+    from qflare.runtime.sqlite import open_readonly
+
     conn = open_readonly(path)
     try:
         yield conn

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from qflare.bus import QueueSpec, topology
-from qflare.bus.rabbitmq import queue_arguments
 
 #: Service roles that get a broker user, with the exchanges each may publish to.
 SERVICE_WRITES: dict[str, tuple[str, ...]] = {
@@ -125,13 +124,19 @@ def permissions(role: str, user: str, vhost: str, prefix: str = "") -> dict[str,
     }
 
 
+def _queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
+    from qflare.bus.rabbitmq import queue_arguments  # loads aio_pika: only when needed
+
+    return queue_arguments(spec, prefix)
+
+
 def _queue(spec: QueueSpec, vhost: str, prefix: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     queue = {
         "name": prefix + spec.name,
         "vhost": vhost,
         "durable": True,
         "auto_delete": False,
-        "arguments": queue_arguments(spec, prefix),
+        "arguments": _queue_arguments(spec, prefix),
     }
     bindings = [
         {

@@ -14,7 +14,10 @@ import json
 import math
 import sys
 
-from qflare.privacy import PrivacyError, epsilon, plan_noise, plan_rounds
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # qflare.privacy loads dp_accounting and scipy (about 1 s): only in handlers
+    from qflare.privacy import PrivacyError
 
 
 def _float_in(name: str, low: float, high: float, low_open: bool, high_open: bool):
@@ -83,6 +86,8 @@ def _fail(error: PrivacyError) -> int:
 
 
 def _epsilon(args: argparse.Namespace) -> int:
+    from qflare.privacy import PrivacyError, epsilon
+
     try:
         value = epsilon(args.q, args.z, args.rounds, args.delta)
     except PrivacyError as error:
@@ -96,6 +101,8 @@ def _epsilon(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from qflare.privacy import PrivacyError, plan_noise, plan_rounds
+
     try:
         if args.rounds is not None:
             z = plan_noise(args.epsilon, args.delta, args.q, args.rounds)

@@ -19,10 +19,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qflare.runtime.bootstrap import SERVICES
-from qflare.runtime.config import Settings, load_settings
+if TYPE_CHECKING:  # qflare.runtime loads messages, numpy, pydantic models: only in handlers
+    from qflare.runtime.config import Settings
+
+#: ``qflare.runtime.SERVICES`` (start order), spelled out so that building the CLI does not
+#: load the runtime; tests/unit/test_cli_startup.py checks that the two agree.
+SERVICES: tuple[str, ...] = ("alerting", "accountant", "detector", "ingest", "aggregator")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,6 +60,8 @@ def register(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from qflare.runtime.config import load_settings
+
     return load_settings(
         args.config, broker=args.broker, prefix=args.prefix, data_dir=args.data_dir,
         pki_dir=args.pki_dir, log_level=args.log_level,
