@@ -11,11 +11,10 @@
 #
 # Why RabbitMQ and not memory://: `qflare up` on memory:// runs the services in one process
 # on an embedded bus that no other process can reach, so separate participant processes
-# need a broker. Why participants start first: this script connects everyone as guest,
-# without loading the definitions file, so a participant's queue `client.<id>` exists only
-# once it runs; the aggregator broadcasts each round once, and a participant whose queue did
-# not exist then misses that round. With `defs.json` imported into the broker the queues
-# exist beforehand and the order does not matter.
+# need a broker. Everyone connects as guest here; the definitions file (defs.json: per-client
+# and per-role users, permissions, queues) is written but not imported, since importing it
+# (`rabbitmqctl import_definitions`) changes the whole broker. What it would create that
+# the run needs, the participants' queues, examples/topology.py declares instead.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -37,7 +36,7 @@ cleanup() {
         wait "$up_pid" 2>/dev/null || true
     fi
     if [[ "${KEEP_TOPOLOGY:-0}" != 1 ]]; then
-        python "$HERE/teardown.py" --broker "$BROKER" --prefix "$PREFIX" --pki pki || true
+        python "$HERE/topology.py" delete --broker "$BROKER" --prefix "$PREFIX" --pki pki || true
     fi
     exit $rc
 }
@@ -53,28 +52,23 @@ if [[ -n "${ROUNDS:-}" ]]; then
     sed -i "s/^rounds = .*/rounds = $ROUNDS/" federation.toml
 fi
 python "$HERE/make_model.py" --out digits-mlp.safetensors
+echo "[$(date -u +%T)] kits and model ready"
 
-# 3. participants, each in its own process with its own kit and share of digits
+# 3. the participants' queues (what importing defs.json does on a real broker): the
+#    aggregator broadcasts each round once, to the queues that exist at that moment
+python "$HERE/topology.py" declare --broker "$BROKER" --prefix "$PREFIX" --pki pki --job digits
+
+# 4. the five services, one process each (logs: up.log), and ten participants, each in
+#    its own process with its own kit and share of digits (logs: client-<i>.log)
+qflare up --config federation.toml --broker "$BROKER" --prefix "$PREFIX" > up.log 2>&1 &
+up_pid=$!
 for i in $(seq 0 $((CLIENTS - 1))); do
     id=$(printf 'client-%03d' "$i")
     python "$HERE/participant.py" --kit "pki/clients/$id" --broker "$BROKER" --prefix "$PREFIX" \
         --job digits --clients "$CLIENTS" --timeout 600 > "$id.log" 2>&1 &
     pids+=($!)
 done
-for i in $(seq 0 $((CLIENTS - 1))); do
-    id=$(printf 'client-%03d' "$i")
-    for _ in $(seq 600); do
-        grep -q "following" "$id.log" && break
-        kill -0 "${pids[$i]}" 2>/dev/null || { echo "$id exited:"; cat "$id.log"; exit 1; }
-        sleep 0.1
-    done
-    grep -q "following" "$id.log" || { echo "$id did not connect in 60 s"; cat "$id.log"; exit 1; }
-done
-echo "$CLIENTS participants connected"
-
-# 4. the five services, one process each (logs: up.log)
-qflare up --config federation.toml --broker "$BROKER" --prefix "$PREFIX" > up.log 2>&1 &
-up_pid=$!
+echo "[$(date -u +%T)] qflare up and $CLIENTS participants started"
 
 # 5. the job ends when every participant has received job.ended
 failed=0
@@ -82,6 +76,7 @@ for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || failed=1
 done
 pids=()
+echo "[$(date -u +%T)] the job ended"
 tail -n 1 -q client-*.log
 [[ $failed == 0 ]] || { echo "a participant failed; see $WORK/client-*.log and up.log"; exit 1; }
 
