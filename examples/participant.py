@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -68,9 +69,10 @@ def client_index(kit: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kit", required=True, type=Path, help="clients/<id>/ folder written by `qflare provision`")
-    p.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/",
-                   help="amqp:// URL; without user:pass the kit's broker_password is used")
-    p.add_argument("--prefix", default="", help="exchange/queue name prefix of the federation")
+    p.add_argument("--broker", default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
+                   help="amqp:// URL ($QFLARE_BROKER); without user:pass the kit's broker_password is used")
+    p.add_argument("--prefix", default=os.environ.get("QFLARE_PREFIX", ""),
+                   help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)")
     p.add_argument("--job", default="digits", help="job id to follow")
     p.add_argument("--clients", type=int, default=10, help="how many shares the training set is cut in")
     p.add_argument("--index", type=int, help="this client's share (default: the number ending the kit's name)")
