@@ -4,7 +4,10 @@ versions (safetensors files indexed in SQLite).
 Files are written (fsynced, atomically renamed) before the row that names them commits, and
 the delivery is acknowledged only after that commit, so an acknowledged update or a
 published model survives ``kill -9``. Natural keys: (job, round) for rounds,
-(job, round, client) for updates (first wins), (job, version) for models.
+(job, round, client) for updates (first wins), (job, version) for models. A published
+round's update files are dropped only once no write for that round is in flight (a late
+update written while the round closed would otherwise lose its temporary file or stay
+behind in a folder nobody removes).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +133,9 @@ class AggregatorStore:
     def __init__(self, db: Database, root: Path) -> None:
         self.db = db
         self.root = root
+        # (job, round) -> update files being written, and an event set when that is zero
+        self._writing: Counter[tuple[str, int]] = Counter()
+        self._idle: dict[tuple[str, int], asyncio.Event] = {}
 
     @classmethod
     async def open(cls, root: Path) -> AggregatorStore:
@@ -250,13 +257,22 @@ class AggregatorStore:
             return existing
         rel = f"updates/{job_id}/r{round_no}/{client}.safetensors"
         data = st_save(dict(tensors))
-        await asyncio.to_thread(fsync_write, self.root / rel, data)
-        async with self.db.transaction() as conn:
-            cur = await conn.execute(
-                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, round_no, client, digest, nonce, num_samples, rel, time.time()),
-            )
-            won = cur.rowcount == 1
+        key = (job_id, round_no)
+        self._writing[key] += 1
+        self._idle.setdefault(key, asyncio.Event())
+        try:
+            await asyncio.to_thread(fsync_write, self.root / rel, data)
+            async with self.db.transaction() as conn:
+                cur = await conn.execute(
+                    "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, round_no, client, digest, nonce, num_samples, rel, time.time()),
+                )
+                won = cur.rowcount == 1
+        finally:
+            self._writing[key] -= 1
+            if self._writing[key] <= 0:
+                del self._writing[key]
+                self._idle.pop(key).set()
         return None if won else await self.held(job_id, round_no, client)
 
     async def round_updates(self, job_id: str, round_no: int) -> list[tuple[str, bytes, int]]:
@@ -293,7 +309,10 @@ class AggregatorStore:
         return out
 
     async def drop_round_files(self, job_id: str, round_no: int) -> None:
-        """Delete a published round's update files (their rows stay as the round's record)."""
+        """Delete a published round's update files (their rows stay as the round's record),
+        once no write for the round is in flight."""
+        while (idle := self._idle.get((job_id, round_no))) is not None:
+            await idle.wait()
         folder = self.root / "updates" / job_id / f"r{round_no}"
         if folder.is_dir():
             for path in folder.iterdir():

@@ -95,9 +95,18 @@ class Detector(Service):
             raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} configured here")
         if kind == "update.accepted":
             body = env.body
-            await self.store.add_update(env.job, env.round, body.client, body.update_digest,
-                                        dict(body.tensors))
-            self._held.setdefault((env.job, env.round), {})[(body.client, body.update_digest)] = dict(body.tensors)
+            key, ref = (env.job, env.round), (body.client, body.update_digest)
+            # kept in memory before the store's verdict check, so a verdict that pops the
+            # round's copies after that check pops this one too
+            self._held.setdefault(key, {})[ref] = dict(body.tensors)
+            added = await self.store.add_update(env.job, env.round, body.client, body.update_digest,
+                                                dict(body.tensors))
+            if added == "decided":
+                # a copy after the verdict, or a client outside the closed set: not needed
+                self._held.get(key, {}).pop(ref, None)
+                if not self._held.get(key, True):
+                    self._held.pop(key, None)
+                return
             if await self.store.pending(env.job):
                 await self._try_decide(env.job, env.round)
             return
@@ -116,6 +125,9 @@ class Detector(Service):
         async with self._locks.setdefault(job_id, asyncio.Lock()):
             pending = [p for p in await self.store.pending(job_id) if p[1] == round_no]
             if not pending:
+                return
+            if await self.store.decided(job_id, round_no):
+                await self.store.discard_pending(job_id, round_no)
                 return
             refs = pending[0][2]
             missing = set(refs) - await self.store.held(job_id, round_no)

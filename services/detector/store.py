@@ -4,6 +4,12 @@ closed rounds it still has to judge, its verdicts, and each job's reputation.
 A verdict, the reputation after it and the removal of the pending round commit in one
 transaction, so a redelivered ``round.closed`` never counts a client's flag twice; a
 verdict not yet known to be published is published again at start.
+
+Once a round has its verdict its update files are deleted, so nothing may bring the round
+back: a round becomes pending only while it has no verdict (one statement, so a copy of
+``round.closed`` that checked before the verdict committed cannot re-insert it after), an
+update of a decided round is not written, and the files are dropped only once no write
+for the round is in flight.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -47,10 +54,18 @@ CREATE TABLE IF NOT EXISTS clients (
 """
 
 
+#: What ``add_update`` did: wrote it, already held it, or left it (its round is decided).
+Added = Literal["stored", "held", "decided"]
+
+
 class DetectorStore:
     def __init__(self, db: Database, root: Path) -> None:
         self.db = db
         self.root = root
+        # (job, round) -> update files being written, and an event set when that is zero;
+        # dropping a round's files waits for it
+        self._writing: Counter[tuple[str, int]] = Counter()
+        self._idle: dict[tuple[str, int], asyncio.Event] = {}
 
     @classmethod
     async def open(cls, root: Path) -> DetectorStore:
@@ -61,19 +76,36 @@ class DetectorStore:
         await self.db.close()
 
     async def add_update(self, job_id: str, round_no: int, client: str, digest: bytes,
-                         tensors: dict[str, np.ndarray]) -> bool:
-        if await self.db.fetchone(
-            "SELECT 1 FROM updates WHERE job_id=? AND round=? AND client=? AND digest=?",
-            (job_id, round_no, client, digest),
-        ):
-            return False
-        rel = f"updates/{job_id}/r{round_no}/{client}-{digest.hex()[:16]}.safetensors"
-        await asyncio.to_thread(fsync_write, self.root / rel, st_save(dict(tensors)))
-        await self.db.execute(
-            "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, round_no, client, digest, rel, time.time()),
-        )
-        return True
+                         tensors: dict[str, np.ndarray]) -> Added:
+        key = (job_id, round_no)
+        # counted before the verdict check: a drop that starts after the check waits for us
+        self._writing[key] += 1
+        self._idle.setdefault(key, asyncio.Event())
+        try:
+            if await self.decided(job_id, round_no):
+                return "decided"
+            if await self.db.fetchone(
+                "SELECT 1 FROM updates WHERE job_id=? AND round=? AND client=? AND digest=?",
+                (job_id, round_no, client, digest),
+            ):
+                return "held"
+            rel = f"updates/{job_id}/r{round_no}/{client}-{digest.hex()[:16]}.safetensors"
+            await asyncio.to_thread(fsync_write, self.root / rel, st_save(dict(tensors)))
+            await self.db.execute(
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, round_no, client, digest, rel, time.time()),
+            )
+            return "stored"
+        finally:
+            self._writing[key] -= 1
+            if self._writing[key] <= 0:
+                del self._writing[key]
+                self._idle.pop(key).set()
+
+    async def decided(self, job_id: str, round_no: int) -> bool:
+        return await self.db.fetchone(
+            "SELECT 1 FROM verdicts WHERE job_id=? AND round=?", (job_id, round_no)
+        ) is not None
 
     async def held(self, job_id: str, round_no: int) -> set[tuple[str, bytes]]:
         rows = await self.db.fetchall(
@@ -94,10 +126,18 @@ class DetectorStore:
         return out
 
     async def add_pending(self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]) -> None:
+        """Store the closed round as waiting for its verdict, unless it has one already
+        (checked in the same statement: see the module docstring)."""
         await self.db.execute(
-            "INSERT OR IGNORE INTO pending VALUES (?, ?, ?)",
-            (job_id, round_no, json.dumps([[c, d.hex()] for c, d in refs])),
+            "INSERT OR IGNORE INTO pending SELECT ?, ?, ? "
+            "WHERE NOT EXISTS (SELECT 1 FROM verdicts WHERE job_id=? AND round=?)",
+            (job_id, round_no, json.dumps([[c, d.hex()] for c, d in refs]), job_id, round_no),
         )
+
+    async def discard_pending(self, job_id: str, round_no: int) -> None:
+        """Forget a pending round that has its verdict (a row a detector before this check
+        could leave behind)."""
+        await self.db.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
 
     async def pending(self, job_id: str | None = None) -> list[tuple[str, int, list[tuple[str, bytes]]]]:
         sql, args = "SELECT * FROM pending", ()
@@ -136,6 +176,7 @@ class DetectorStore:
                 (job_id, round_no, json.dumps(verdict), time.time()),
             )
             if cur.rowcount != 1:
+                await conn.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
                 return False
             await conn.execute(
                 "INSERT INTO reputation VALUES (?, ?) ON CONFLICT(job_id) DO UPDATE SET state=excluded.state",
@@ -152,6 +193,10 @@ class DetectorStore:
         return True
 
     async def drop_round_files(self, job_id: str, round_no: int) -> None:
+        """Delete a decided round's update files (their rows stay as the record), once no
+        write for the round is in flight; writes starting later see the verdict and skip."""
+        while (idle := self._idle.get((job_id, round_no))) is not None:
+            await idle.wait()
         folder = self.root / "updates" / job_id / f"r{round_no}"
         if folder.is_dir():
             for path in folder.iterdir():
