@@ -66,6 +66,11 @@ def register(subparsers: Any) -> None:
                    help="plan z so the whole run spends this epsilon")
     d.add_argument("--clip", type=float, default=5.0, help="L2 clip norm C of each update")
     d.add_argument("--delta", type=float, default=1e-5, help="DP delta")
+    d.add_argument("--dp-filter-bound", type=int, default=None, metavar="K",
+                   help="detection removes at most K updates per round (the K highest-scored "
+                   "flagged) and rounds are charged at z/(2K+1), q=1, so the epsilon covers the "
+                   "filter (filter_bounded); needs DP and detection on. Unset: with detection the "
+                   "epsilon is noise_only, not a DP guarantee")
     d.add_argument("--epsilon-budget", type=float, default=None,
                    help="the accountant refuses rounds past this epsilon (unset: the target, or no limit)")
 
@@ -112,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         clip=args.clip,
         delta=args.delta,
         epsilon_budget=args.epsilon_budget,
+        dp_filter_bound=args.dp_filter_bound,
         seed=args.seed,
         attack_options=dict(args.attack_option),
     )

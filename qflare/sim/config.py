@@ -3,7 +3,8 @@
 Every impossible combination is refused here with a message naming the numbers: more
 Byzantine clients than clients, a rule whose own requirement (``2f < n`` for Krum,
 ``n >= 4f + 3`` for Bulyan, ...) the numbers break, an unknown attack or rule, a Dirichlet
-alpha that is not positive, DP asked for both by noise multiplier and by target epsilon.
+alpha that is not positive, DP asked for both by noise multiplier and by target epsilon, a
+filter bound without DP or without detection.
 The rule's requirement is checked by calling the rule itself on a batch of the size it
 will see, so the check can never drift from the rule.
 """
@@ -52,6 +53,9 @@ class SimConfig:
     clip: float = 5.0
     delta: float = 1e-5
     epsilon_budget: float | None = None
+    #: k: detection removes at most k updates per round, charged at z/(2k+1), q=1
+    #: (JobSpec.dp_filter_bound); None: no bound
+    dp_filter_bound: int | None = None
     seed: int = 0
     attack_options: dict[str, Any] = field(default_factory=dict)
 
@@ -128,6 +132,20 @@ def validate(config: SimConfig) -> None:
         fail(f"--epsilon-budget must be > 0, got {config.epsilon_budget}")
     if config.seed < 0:
         fail(f"--seed must be >= 0, got {config.seed}")
+    k = config.dp_filter_bound
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            fail(f"--dp-filter-bound must be an integer >= 0, got {k!r}")
+        if not (config.dp_on or config.target_epsilon is not None):
+            fail(
+                f"--dp-filter-bound {k} only applies with DP on (--noise-multiplier or "
+                "--target-epsilon): it bounds what detection removes so that the epsilon covers it"
+            )
+        if not config.detection:
+            fail(
+                f"--dp-filter-bound {k} bounds what detection removes, and detection is off "
+                "(--no-detection): nothing is removed, drop the bound"
+            )
 
     attacks = robust_glue.attack_names()
     if config.attack not in attacks:

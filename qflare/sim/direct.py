@@ -21,9 +21,10 @@ from collections.abc import Callable
 import numpy as np
 
 from qflare.privacy import BudgetPolicy
+from qflare.runtime.jobs import privacy_charge
 from qflare.robust import Reputation
 from qflare.services.accountant.core import AccountantCore
-from qflare.services.aggregator.core import aggregate_round, select_participants
+from qflare.services.aggregator.core import aggregate_round, cap_removals, select_participants
 from qflare.services.detector.core import decide
 
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
@@ -47,13 +48,19 @@ def run_direct(
     accountant = (
         AccountantCore(BudgetPolicy(epsilon=job_budget(config), delta=config.delta)) if config.dp_on else None
     )
+    # what the aggregator asks the accountant to charge (coverage, q, z): docs/privacy.md
+    charge = privacy_charge(
+        rule=config.rule_spec, detection=config.detection, sample_rate=config.sample_rate,
+        noise_multiplier=config.noise_multiplier, dp_filter_bound=config.dp_filter_bound,
+    ) if accountant is not None else None
     start = time.perf_counter()
     for round_index in range(1, config.rounds + 1):
         epsilon: float | None = None
         if accountant is not None:
             # As the services do: the accountant decides before the round opens, and a
             # denial ends the job with nothing more released.
-            decision = accountant.decide(SIM_JOB, round_index, config.sample_rate, config.noise_multiplier, config.clip)
+            assert charge is not None
+            decision = accountant.decide(SIM_JOB, round_index, charge.q, charge.z, config.clip)
             if not decision.granted:
                 ended = "budget_exhausted"
                 notes.append(f"job ended: budget_exhausted (round {round_index} would reach "
@@ -71,7 +78,10 @@ def run_direct(
             round_index, updates, f=config.byzantine, detection=config.detection, reputation=reputation
         )
         flagged = tuple(sorted(x.client for x in verdict.flagged))
-        kept = list(verdict.kept)
+        # as the aggregator does: with dp_filter_bound k only the k highest-scored go
+        kept, removed = cap_removals(
+            list(verdict.kept), [(x.client, float(x.score)) for x in verdict.flagged], config.dp_filter_bound
+        )
         result = aggregate_round(
             job=SIM_JOB,
             round_no=round_index,
@@ -98,6 +108,7 @@ def run_direct(
             epsilon=epsilon,
             latency_s=time.perf_counter() - t0,
             rejected=rejected,
+            kept_flagged=tuple(sorted(set(flagged) - set(removed))),
         )
         records.append(record)
         if on_round is not None:

@@ -5,9 +5,9 @@ summary); ``report.md`` says the same for a person; ``accuracy.png`` and ``epsil
 accuracy (with the no-attack baseline when one was run) and epsilon spent per round.
 
 Every epsilon is reported with its coverage (``qflare.runtime.jobs.privacy_charge``, the
-function the aggregator charges with; docs/privacy.md): with detection on or a rule other
-than ``mean`` the epsilon is that of the noise added, not a DP guarantee, and both files say
-so next to it.
+function the aggregator charges with; docs/privacy.md): with detection on and no
+``dp_filter_bound``, or a rule other than ``mean``, the epsilon is that of the noise added,
+not a DP guarantee, and both files say so next to it.
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ class RoundRecord:
     latency_s: float
     #: clients whose update ingest refused (e.g. NON_FINITE); they never reached the detector
     rejected: tuple[str, ...] = ()
+    #: flagged by the detector but kept in the round: the job's dp_filter_bound k lets the
+    #: aggregator remove only the k highest-scored
+    kept_flagged: tuple[str, ...] = ()
 
     @property
     def stopped(self) -> set[str]:
         """Clients kept out of the round, by ingest or by the detector."""
-        return set(self.flagged) | set(self.rejected)
+        return (set(self.flagged) - set(self.kept_flagged)) | set(self.rejected)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -46,6 +49,7 @@ class RoundRecord:
         data["flagged"] = list(self.flagged)
         data["byzantine"] = list(self.byzantine)
         data["rejected"] = list(self.rejected)
+        data["kept_flagged"] = list(self.kept_flagged)
         data["loss"] = _finite_or_none(self.loss)
         return data
 
@@ -88,11 +92,12 @@ class DetectionScore:
 
 def score_detection(rounds: Sequence[RoundRecord]) -> DetectionScore:
     """A Byzantine client counts as caught when ingest rejected its update or the detector
-    flagged it; an honest client stopped either way is a false positive."""
+    flagged it (also when a dp_filter_bound then kept it: this scores the detector); an
+    honest client caught either way is a false positive."""
     tp = fp = fn = tn = 0
     for r in rounds:
         byz = set(r.byzantine)
-        flagged = r.stopped
+        flagged = set(r.flagged) | set(r.rejected)
         for client in r.participants:
             if client in byz:
                 tp += client in flagged

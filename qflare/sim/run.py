@@ -24,8 +24,20 @@ def plan_noise(config: SimConfig) -> SimConfig:
         return config
     from qflare.sim.robust_glue import noise_for_epsilon
 
+    from qflare.runtime.jobs import privacy_charge
+
+    k = config.dp_filter_bound
+    coverage = privacy_charge(
+        rule=config.rule_spec, detection=config.detection, sample_rate=config.sample_rate,
+        noise_multiplier=1.0, dp_filter_bound=k,
+    ).coverage
     try:
-        z = noise_for_epsilon(config.target_epsilon, config.sample_rate, config.rounds, config.delta)
+        if coverage == "filter_bounded" and k is not None:
+            # charged at z/(2k+1) and q = 1 (JobSpec.privacy_charge): plan that charged
+            # multiplier for the target, and add (2k+1) times it
+            z = (2 * k + 1) * noise_for_epsilon(config.target_epsilon, 1.0, config.rounds, config.delta)
+        else:
+            z = noise_for_epsilon(config.target_epsilon, config.sample_rate, config.rounds, config.delta)
     except ValueError as exc:
         raise SimConfigError(f"--target-epsilon {config.target_epsilon}: {exc}") from None
     budget = config.epsilon_budget if config.epsilon_budget is not None else config.target_epsilon

@@ -40,6 +40,7 @@ from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
 from qflare.crypto import provision
 from qflare.messages import MetricsEvaluated, encode, open_envelope
 from qflare.runtime import JobSpec, load_settings, run_in_process
+from qflare.services.aggregator.core import cap_removals
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.model import Params
@@ -114,6 +115,7 @@ class SimParticipant(Participant):
 class _Round:
     participants: tuple[str, ...] | None = None
     flagged: tuple[str, ...] | None = None
+    kept_flagged: tuple[str, ...] = ()
     rejected: set[str] = field(default_factory=set)
     in_round: set[str] = field(default_factory=set)
     epsilon: float | None = None
@@ -132,6 +134,7 @@ class Observer:
     dp_on: bool
     on_round: RoundCallback | None
     publish_metrics: Callable[[int, int, float, float], Any] | None = None
+    dp_filter_bound: int | None = None
     rounds: dict[int, _Round] = field(default_factory=dict)
     records: list[RoundRecord] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -167,6 +170,11 @@ class Observer:
             if r.flagged is None:
                 r.flagged = tuple(sorted(x.client for x in body.flagged))
                 r.in_round = set(body.kept) | set(r.flagged)
+                # which flagged ones the aggregator keeps under the bound: its own function
+                _kept, removed = cap_removals(
+                    list(body.kept), [(x.client, float(x.score)) for x in body.flagged], self.dp_filter_bound
+                )
+                r.kept_flagged = tuple(sorted(set(r.flagged) - set(removed)))
         elif env.kind == "model.published":
             r = self._round(env.round)
             if body.tensors is not None and body.version == env.round and env.round > 0:
@@ -205,6 +213,7 @@ class Observer:
                 # A refusal counts only for a client whose update never entered the round (a
                 # refused duplicate of an accepted update is not a stopped attack).
                 rejected=tuple(sorted(r.rejected - r.in_round)),
+                kept_flagged=r.kept_flagged,
             )
             r.tensors = None  # the model is evaluated; drop it
             self.records.append(record)
@@ -228,6 +237,7 @@ def job_spec(config: SimConfig, ids: tuple[str, ...]) -> JobSpec:
         clip=config.clip,
         delta=config.delta,
         epsilon_budget=budget,
+        dp_filter_bound=config.dp_filter_bound,
         server_lr=config.server_lr,
         min_updates=1,
         deadline_s=REJECTED_ROUND_DEADLINE_S if config.attack in ATTACKS_INGEST_REJECTS else ROUND_DEADLINE_S,
@@ -274,7 +284,8 @@ async def run_services_async(
             data = encode("metrics.evaluated", body, operator, job=SIM_JOB, round=round_no)
             await bus.publish(topology.EVENTS, f"metrics.evaluated.{SIM_JOB}", data)
 
-        observer = Observer(federation, trust, config.dp_on, on_round, publish_metrics)
+        observer = Observer(federation, trust, config.dp_on, on_round, publish_metrics,
+                            dp_filter_bound=config.dp_filter_bound)
         cache = RoundCache(federation)
         participants = []
         for cid in federation.ids:

@@ -50,7 +50,9 @@ class SweepPlan:
     defences: tuple[Defence, ...]
 
     def config(self, attack: str, defence: Defence) -> SimConfig:
+        # the filter bound limits detection; a column without detection has nothing to bound
         return replace(self.base, attack=attack, rule=defence.rule, detection=defence.detection,
+                       dp_filter_bound=self.base.dp_filter_bound if defence.detection else None,
                        attack_options={} if attack != self.base.attack else self.base.attack_options)
 
 

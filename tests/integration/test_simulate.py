@@ -65,6 +65,25 @@ def test_services_path_matches_the_direct_path(changes: dict) -> None:
         assert 0 < services.rounds[0].epsilon < services.rounds[1].epsilon <= 7.0
 
 
+def test_a_filter_bound_removes_at_most_k_alike_on_both_paths() -> None:
+    """--dp-filter-bound 1: the detector flags both attackers, the aggregator removes only
+    the higher-scored one and keeps the other (reported as kept_flagged, not stopped); the
+    rounds are charged as filter_bounded (z/3, q=1) on both paths."""
+    from qflare.privacy import epsilon
+
+    config = SimConfig(clients=8, byzantine=2, rounds=2, attack="sign_flip", noise_multiplier=1.5,
+                       clip=2.0, dp_filter_bound=1)
+    federation = Federation.build(config)
+    direct = run_direct(config, federation)
+    services = run_services(config, federation)
+    assert comparable(services.to_json()) == comparable(direct.to_json())
+    for r in services.rounds:
+        assert set(r.flagged) == set(federation.byzantine), r
+        assert len(r.kept_flagged) == 1 and len(r.stopped) == 1, r
+    assert services.epsilon_coverage == "filter_bounded"
+    assert services.rounds[-1].epsilon == pytest.approx(epsilon(1.0, 0.5, 2, config.delta), rel=1e-6)
+
+
 def test_tui_watches_the_run_on_the_same_bus(monkeypatch: pytest.MonkeyPatch) -> None:
     """--tui hands the bus to the operator console (here headless) until the job ends; the
     console must have seen every round of the job."""

@@ -29,6 +29,10 @@ from qflare.sim.robust_glue import resolve_rule_spec
         ({"attack": "gaussian", "attack_options": {"sigma": -1.0}}, "sigma"),
         ({"byzantine": 10, "clients": 20, "rule": "mean"}, "detection needs 2f < n"),
         ({"clients": 4, "byzantine": 1, "sample_rate": 0.05, "rounds": 5}, "selects nobody in round"),
+        ({"dp_filter_bound": 1}, "only applies with DP on"),
+        ({"dp_filter_bound": 1, "noise_multiplier": 1.0, "detection": False}, "detection is off"),
+        ({"dp_filter_bound": -1, "noise_multiplier": 1.0}, "must be an integer >= 0, got -1"),
+        ({"dp_filter_bound": 1.5, "noise_multiplier": 1.0}, "must be an integer >= 0, got 1.5"),
     ],
 )
 def test_impossible_settings_are_refused(changes: dict, message: str) -> None:
@@ -60,6 +64,9 @@ def test_rule_spec_gets_f_only_where_missing() -> None:
         (["--broker", "http://x"], "--broker must start with"),
         (["--broker", "amqp://guest:guest@127.0.0.1:1/"], "cannot reach the broker at 127.0.0.1:1"),
         (["--dataset", "fashion-mnist-typo"], "unknown data set"),
+        (["--dp-filter-bound", "1"], "--dp-filter-bound 1 only applies with DP on"),
+        (["--dp-filter-bound", "2", "--noise-multiplier", "1", "--no-detection"], "detection is off"),
+        (["--dp-filter-bound", "-1", "--noise-multiplier", "1"], "--dp-filter-bound must be an integer >= 0"),
     ],
 )
 def test_cli_exits_2_before_starting(argv: list[str], message: str, capsys, tmp_path) -> None:
@@ -98,3 +105,36 @@ def test_cli_lists_the_choices(capsys) -> None:
 def test_tui_does_not_combine_with_the_direct_path(capsys) -> None:
     assert main(["simulate", "--tui", "--direct"]) == 2
     assert "--tui" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_filter_bound_that_is_not_an_integer(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--dp-filter-bound", "1.5", "--noise-multiplier", "1"])
+    assert exc.value.code == 2
+    assert "invalid int value: '1.5'" in capsys.readouterr().err
+
+
+def test_a_filter_bound_with_dp_and_detection_is_valid_and_reaches_the_job() -> None:
+    from qflare.sim.federation import client_ids
+    from qflare.sim.services import job_spec
+
+    config = SimConfig(noise_multiplier=1.0, dp_filter_bound=0)
+    validate(config)
+    spec = job_spec(config, client_ids(config.clients))
+    assert spec.dp_filter_bound == 0 and spec.privacy_charge().coverage == "clipped_sum"
+    spec = job_spec(config.with_(dp_filter_bound=2), client_ids(config.clients))
+    assert spec.dp_filter_bound == 2 and spec.privacy_charge().coverage == "filter_bounded"
+
+
+def test_a_target_epsilon_with_a_filter_bound_is_planned_at_the_charged_noise() -> None:
+    """filter_bounded rounds are charged at z/(2k+1) with q=1: the planned z must keep the
+    run at the target under that charge, not under (q, z)."""
+    from qflare.privacy import epsilon
+    from qflare.sim.run import plan_noise
+
+    config = plan_noise(SimConfig(target_epsilon=8.0, dp_filter_bound=1, rounds=5, sample_rate=0.5,
+                                  clients=40, byzantine=4))
+    charged = config.noise_multiplier / 3
+    spent = epsilon(1.0, charged, 5, config.delta)
+    assert spent <= 8.0 and spent > 7.5, (config.noise_multiplier, spent)
+    assert config.epsilon_budget == 8.0
