@@ -312,7 +312,10 @@ class Aggregator(Service):
                 )
                 r = await self.store.get_round(spec.job_id, round_no)
                 assert r is not None
-                await self._announce_open(spec, r, broadcast=False)
+                # broadcast again with the model: a participant whose queue did not exist when
+                # the round opened (it connected late) gets its chance in the extension; the
+                # SDK sends at most once per round, so the others are not disturbed
+                await self._announce_open(spec, r, broadcast=True)
             else:
                 await self.store.transition(spec.job_id, round_no, RoundState.OPEN, RoundState.ABORTED)
                 await self.alert(

@@ -68,6 +68,7 @@ class Harness:
     refuse: tuple[str, ...] = ()  # ingest refuses these clients' updates (update.rejected)
     refuse_label: str = "{}"  # how ingest names the client ("{} (unverified)": signature failed)
     refuse_then_send: tuple[str, ...] = ()  # refused first, then a valid update
+    broadcast_opened: list[int] = field(default_factory=list)  # round.opened seen by clients
 
     async def start(self) -> None:
         watch = QueueSpec("harness", bindings=(
@@ -77,6 +78,14 @@ class Harness:
             (topology.EVENTS, "privacy.granted.*"), (topology.EVENTS, "round.closed.*"),
         ))
         await self.bus.consume(watch, self.on_event, prefetch=64)
+        await self.bus.consume(QueueSpec("harness.broadcast", bindings=((topology.BROADCAST, "#"),)),
+                               self.on_broadcast, prefetch=64)
+
+    async def on_broadcast(self, d: Delivery) -> Outcome:
+        env = open_envelope(d.body, self.fed.trust())
+        if env.kind == "round.opened":
+            self.broadcast_opened.append(env.round)
+        return Outcome.ACK
 
     async def on_event(self, d: Delivery) -> Outcome:
         env = open_envelope(d.body, self.fed.trust())
@@ -247,6 +256,8 @@ async def test_too_few_updates_extend_then_abort(federation: Federation, tmp_pat
     assert h.end_reason == "too_few_updates"
     kinds = [k for k, _c, _r in h.alerts]
     assert kinds.count("round.extended") == 1 and "round.aborted" in kinds
+    # the extension is broadcast to the clients again, so one that connected late can join
+    assert h.broadcast_opened.count(1) == 2
     assert h.published == {} and model_digest(final) == model_digest(initial_model())
 
 
