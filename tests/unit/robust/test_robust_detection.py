@@ -153,6 +153,75 @@ def test_low_side_cosine_scale_is_not_set_by_the_low_group() -> None:
     np.testing.assert_allclose(low_side_z(honest, everyone[:14], 1.5, 0.1), robust_z(honest, 0.1))
 
 
+def label_flip_like(seed: int, d: int = 2_000) -> np.ndarray:
+    """14 honest non-IID updates and 6 that share a direction of their own: each mixes
+    per-class directions by its Dirichlet(0.5) class weights, but the six use other class
+    directions (as training on 9 - y does) and half the honest common part."""
+    rng = np.random.default_rng(seed)
+    common = 0.25 * rng.normal(size=d)
+    honest_cls, flipped_cls = rng.normal(size=(10, d)), rng.normal(size=(10, d))
+    mix = rng.dirichlet(np.full(10, 0.5), size=N)
+    noise = 0.5 * rng.normal(size=(N, d))
+    honest = common + mix[: N - F] @ honest_cls + noise[: N - F]
+    flipped = 0.5 * common + mix[N - F:] @ flipped_cls + noise[N - F:]
+    return np.concatenate([honest, flipped]).astype(np.float32)
+
+
+def test_compact_minority_with_its_own_direction_is_flagged_by_its_neighbourhood() -> None:
+    from qflare.robust.detection import Thresholds
+
+    caught = caught_without = 0
+    for seed in range(1, 6):
+        x = label_flip_like(seed)
+        v = detect(x, F)
+        assert set(v.flagged) == {str(i) for i in range(N - F, N)}, (seed, v.flagged)
+        assert all("neighbourhood" in v.reasons[str(i)] for i in range(N - F, N))
+        caught += F
+        # The per-client scores alone: the six's cosines (0.2-0.35) sit below the honest
+        # ones (0.45 and up) but not 3.5 robust deviations below.
+        off = detect(x, F, thresholds=Thresholds(neighbourhood_z=1e9))
+        caught_without += len(set(off.flagged) & {str(i) for i in range(N - F, N)})
+    assert caught_without <= 2 < caught
+
+
+def test_honest_non_iid_spread_is_not_a_neighbourhood() -> None:
+    for seed in range(10):
+        v = detect(non_iid_honest(seed), F)
+        assert not any("neighbourhood" in r for r in v.reasons.values()), (seed, v.reasons)
+    # Fewer than 2f + 1 honest rows told f = 6 (e.g. ingest refused the rest): the scale
+    # keeps two thirds of the rows, and a lone low neighbourhood is no coalition.
+    for seed in range(10):
+        v = detect(non_iid_honest(seed, n=14), F)
+        assert not any("neighbourhood" in r for r in v.reasons.values()), (seed, v.reasons)
+
+
+def test_neighbourhood_mean_and_upper_z_by_hand() -> None:
+    from qflare.robust.detection import neighbourhood_mean, upper_z
+
+    # Rows 0-2 are one direction, 3-4 another; each row's nearest neighbours are its own kind.
+    sim = np.array([[1.0, 0.9, 0.8, 0.1, 0.0],
+                    [0.9, 1.0, 0.7, 0.0, 0.1],
+                    [0.8, 0.7, 1.0, 0.2, 0.0],
+                    [0.1, 0.0, 0.2, 1.0, 0.9],
+                    [0.0, 0.1, 0.0, 0.9, 1.0]])
+    v = np.array([0.6, 0.5, 0.4, 0.0, 0.1])
+    everyone = np.ones(5, dtype=bool)
+    np.testing.assert_allclose(neighbourhood_mean(v, sim, everyone, 1),
+                               [0.55, 0.55, 0.5, 0.05, 0.05])
+    np.testing.assert_allclose(neighbourhood_mean(v, sim, everyone, 2),
+                               [0.5, 0.5, 0.5, (0.0 + 0.1 + 0.4) / 3, (0.1 + 0.0 + 0.5) / 3])
+    # Neighbours come from the reference rows only (row 1 left out: row 0 takes row 2).
+    ref = np.array([True, False, True, True, True])
+    np.testing.assert_allclose(neighbourhood_mean(v, sim, ref, 1)[0], 0.5)
+    # k larger than the reference allows: capped; k = 0: the values themselves.
+    np.testing.assert_allclose(neighbourhood_mean(v, sim, everyone, 0), v)
+    np.testing.assert_allclose(neighbourhood_mean(v, sim, everyone, 10), np.full(5, v.mean()))
+    # upper_z: the two lowest dropped, median/MAD of 0.6, 0.5, 0.4 = 0.5 and 0.1 x 1.4826.
+    z = upper_z(v, everyone, 2, 0.01)
+    np.testing.assert_allclose(z, (v - 0.5) / 0.14826)
+    assert upper_z(v, everyone, 2, 0.5)[3] == pytest.approx(-1.0)  # the floor
+
+
 def test_majority_of_zero_updates_is_not_a_coalition() -> None:
     x = np.zeros((N, 50), dtype=np.float32)
     x[:8] = np.random.default_rng(1).normal(size=(8, 50))
