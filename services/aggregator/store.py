@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from qflare.runtime import Database, fsync_write
+from qflare.runtime.sqlite import RoundFiles
 from qflare.runtime.jobs import JobSpec
 from qflare.services.aggregator.core import RoundState
 
@@ -133,9 +133,7 @@ class AggregatorStore:
     def __init__(self, db: Database, root: Path) -> None:
         self.db = db
         self.root = root
-        # (job, round) -> update files being written, and an event set when that is zero
-        self._writing: Counter[tuple[str, int]] = Counter()
-        self._idle: dict[tuple[str, int], asyncio.Event] = {}
+        self.files = RoundFiles(root)
 
     @classmethod
     async def open(cls, root: Path) -> AggregatorStore:
@@ -257,10 +255,7 @@ class AggregatorStore:
             return existing
         rel = f"updates/{job_id}/r{round_no}/{client}.safetensors"
         data = st_save(dict(tensors))
-        key = (job_id, round_no)
-        self._writing[key] += 1
-        self._idle.setdefault(key, asyncio.Event())
-        try:
+        with self.files.writing(job_id, round_no):
             await asyncio.to_thread(fsync_write, self.root / rel, data)
             async with self.db.transaction() as conn:
                 cur = await conn.execute(
@@ -268,11 +263,6 @@ class AggregatorStore:
                     (job_id, round_no, client, digest, nonce, num_samples, rel, time.time()),
                 )
                 won = cur.rowcount == 1
-        finally:
-            self._writing[key] -= 1
-            if self._writing[key] <= 0:
-                del self._writing[key]
-                self._idle.pop(key).set()
         return None if won else await self.held(job_id, round_no, client)
 
     async def round_updates(self, job_id: str, round_no: int) -> list[tuple[str, bytes, int]]:
@@ -311,13 +301,7 @@ class AggregatorStore:
     async def drop_round_files(self, job_id: str, round_no: int) -> None:
         """Delete a published round's update files (their rows stay as the round's record),
         once no write for the round is in flight."""
-        while (idle := self._idle.get((job_id, round_no))) is not None:
-            await idle.wait()
-        folder = self.root / "updates" / job_id / f"r{round_no}"
-        if folder.is_dir():
-            for path in folder.iterdir():
-                path.unlink(missing_ok=True)
-            folder.rmdir()
+        await self.files.drop(job_id, round_no)
 
     # -- models ----------------------------------------------------------------------------
     async def _write_model_file(self, job_id: str, version: int, model: dict[str, np.ndarray]) -> str:

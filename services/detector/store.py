@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ from safetensors.numpy import save as st_save
 
 from qflare.robust import Reputation
 from qflare.runtime import Database, fsync_write
+from qflare.runtime.sqlite import RoundFiles
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (
@@ -62,10 +62,7 @@ class DetectorStore:
     def __init__(self, db: Database, root: Path) -> None:
         self.db = db
         self.root = root
-        # (job, round) -> update files being written, and an event set when that is zero;
-        # dropping a round's files waits for it
-        self._writing: Counter[tuple[str, int]] = Counter()
-        self._idle: dict[tuple[str, int], asyncio.Event] = {}
+        self.files = RoundFiles(root)
 
     @classmethod
     async def open(cls, root: Path) -> DetectorStore:
@@ -77,11 +74,8 @@ class DetectorStore:
 
     async def add_update(self, job_id: str, round_no: int, client: str, digest: bytes,
                          tensors: dict[str, np.ndarray]) -> Added:
-        key = (job_id, round_no)
         # counted before the verdict check: a drop that starts after the check waits for us
-        self._writing[key] += 1
-        self._idle.setdefault(key, asyncio.Event())
-        try:
+        with self.files.writing(job_id, round_no):
             if await self.decided(job_id, round_no):
                 return "decided"
             if await self.db.fetchone(
@@ -96,11 +90,6 @@ class DetectorStore:
                 (job_id, round_no, client, digest, rel, time.time()),
             )
             return "stored"
-        finally:
-            self._writing[key] -= 1
-            if self._writing[key] <= 0:
-                del self._writing[key]
-                self._idle.pop(key).set()
 
     async def decided(self, job_id: str, round_no: int) -> bool:
         return await self.db.fetchone(
@@ -195,10 +184,4 @@ class DetectorStore:
     async def drop_round_files(self, job_id: str, round_no: int) -> None:
         """Delete a decided round's update files (their rows stay as the record), once no
         write for the round is in flight; writes starting later see the verdict and skip."""
-        while (idle := self._idle.get((job_id, round_no))) is not None:
-            await idle.wait()
-        folder = self.root / "updates" / job_id / f"r{round_no}"
-        if folder.is_dir():
-            for path in folder.iterdir():
-                path.unlink(missing_ok=True)
-            folder.rmdir()
+        await self.files.drop(job_id, round_no)
