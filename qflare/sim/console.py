@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qflare.sim.report import RoundRecord, RunResult
+from qflare.sim.report import COVERAGE_NOTES, RoundRecord, RunResult
 
 
 @contextmanager
@@ -65,6 +65,9 @@ def summary_table(result: RunResult, baseline: RunResult | None = None) -> Table
     table.add_row("false-positive rate", _pct(det.false_positive_rate))
     eps = result.final_epsilon
     table.add_row("epsilon spent", "DP off" if eps is None else f"{eps:.3f} (delta={cfg['delta']})")
+    if eps is not None and result.epsilon_coverage:
+        # never show an epsilon without what it covers (docs/privacy.md)
+        table.add_row("epsilon covers", COVERAGE_NOTES[result.epsilon_coverage])
     table.add_row("run by", result.path + (f" over {result.broker}" if result.broker else ""))
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     return table

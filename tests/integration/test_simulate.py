@@ -124,3 +124,18 @@ def test_updates_refused_at_ingest_are_reported_alike(monkeypatch: pytest.Monkey
     assert all(r.rejected == (byz,) and byz not in r.flagged for r in via_services.rounds)
     assert via_services.detection.recall == 1.0
     assert all(r.latency_s < 30.0 for r in via_services.rounds), "a refusal must not make the round wait"
+
+
+@pytest.mark.parametrize(("detection", "coverage"), [("--no-detection", "clipped_sum"), ("--detection", "noise_only")])
+def test_printed_summary_says_what_the_epsilon_covers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      detection: str, coverage: str) -> None:
+    code = main([
+        "simulate", "--clients", "6", "--byzantine", "0", "--attack", "none", "--rounds", "1",
+        "--noise-multiplier", "2.0", detection, "--out", str(tmp_path / "dp"), "--direct", "--quiet",
+    ])
+    assert code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    report = json.loads((tmp_path / "dp" / "report.json").read_text())
+    assert report["summary"]["epsilon_coverage"] == coverage
+    assert "epsilon covers" in printed
+    assert ("NOT a DP guarantee" in printed) == (coverage == "noise_only")
