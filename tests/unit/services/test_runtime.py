@@ -45,13 +45,13 @@ def test_settings_file_env_and_overrides(tmp_path: Path) -> None:
         '[[jobs]]\njob_id = "j1"\nrounds = 2\nparticipants = ["b", "a", "c"]\nseed = 7182818284\n'
         'initial_model = "m.safetensors"\n'
     )
-    s = load_settings(cfg, env={"QFLARE_PREFIX": "env-", "QFLARE_PASSPHRASE": "pw"})
+    s = load_settings(cfg, env={"QFLARE_PREFIX": "env-", "QFLARE_PASSPHRASE": "pass-Zq81"})
     assert s.broker == "amqp://u:secret@h:5672/" and s.prefix == "env-"
-    assert s.data_dir == tmp_path / "state" and s.passphrase == "pw"
+    assert s.data_dir == tmp_path / "state" and s.passphrase == "pass-Zq81"
     assert s.options("aggregator")["reopen_interval_s"] == 2.5
     job = s.job("j1")
     assert job.participants == ("a", "b", "c") and job.initial_model == tmp_path / "m.safetensors"
-    assert "secret" not in json.dumps(s.safe_dict()) and "pw" not in repr(s)
+    assert "secret" not in json.dumps(s.safe_dict()) and "pass-Zq81" not in repr(s)
     # a seed no temporary path can contain by chance
     assert "7182818284" not in repr(job) and "seed" not in job.public()
     assert load_settings(cfg, env={}, broker="memory://").embedded
