@@ -54,6 +54,8 @@ class Detector(Service):
 
     async def open(self) -> None:
         self.store = await DetectorStore.open(self.ctx.data_dir)
+        for spec in await self.store.jobs():  # submitted at run time before a restart
+            self.specs[spec.job_id] = spec
         for spec in self.settings.jobs:
             self.specs[spec.job_id] = spec
 
@@ -84,6 +86,8 @@ class Detector(Service):
 
     async def submit_job(self, spec: JobSpec, model: Any = None) -> None:
         self.specs.setdefault(spec.job_id, spec)
+        if self.store is not None:
+            await self.store.add_job(spec)
 
     async def on_event(self, delivery: Delivery) -> None:
         assert self.store is not None

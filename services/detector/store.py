@@ -26,6 +26,7 @@ from safetensors.numpy import save as st_save
 
 from qflare.robust import Reputation
 from qflare.runtime import Database, fsync_write
+from qflare.runtime.jobs import JobSpec
 from qflare.runtime.sqlite import RoundFiles
 
 SCHEMA = """
@@ -45,6 +46,9 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE TABLE IF NOT EXISTS reputation (
     job_id TEXT PRIMARY KEY, state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, spec TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS clients (
     job_id TEXT NOT NULL, client TEXT NOT NULL, score REAL NOT NULL, offences INTEGER NOT NULL,
@@ -71,6 +75,17 @@ class DetectorStore:
 
     async def close(self) -> None:
         await self.db.close()
+
+    async def add_job(self, spec: JobSpec) -> None:
+        """Remember a job submitted at run time (not in the configuration), without its
+        secret seed (the detector does not use it), so a restart still knows its f and
+        detection settings for the rounds it has pending."""
+        await self.db.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)",
+                              (spec.job_id, json.dumps(spec.public(), default=str)))
+
+    async def jobs(self) -> list[JobSpec]:
+        rows = await self.db.fetchall("SELECT spec FROM jobs ORDER BY job_id")
+        return [JobSpec.model_validate(json.loads(row["spec"])) for row in rows]
 
     async def add_update(self, job_id: str, round_no: int, client: str, digest: bytes,
                          tensors: dict[str, np.ndarray]) -> Added:

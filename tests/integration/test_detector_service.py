@@ -230,8 +230,8 @@ async def test_dropping_a_round_waits_for_a_write_in_flight(tmp_path: Path, monk
         await store.close()
 
 
-async def _held(store: DetectorStore, round_no: int) -> bool:
-    return len(await store.held(JOB, round_no)) == len(CLIENTS)
+async def _held(store: DetectorStore, round_no: int, count: int = len(CLIENTS)) -> bool:
+    return len(await store.held(JOB, round_no)) == count
 
 
 async def _no_files(root: Path, round_no: int) -> bool:
@@ -271,3 +271,35 @@ async def test_the_aggregator_drops_a_round_only_after_its_writes(tmp_path: Path
     finally:
         gate.set()
         await store.close()
+
+
+async def test_a_job_submitted_at_run_time_survives_a_restart(federation: Federation, tmp_path: Path) -> None:
+    """A job given to the detector in process (not in its configuration) is remembered in
+    its store: after a restart in the middle of a round it still takes the round's last
+    update and decides the pending round."""
+    bus = await connect_bus(f"memory://det-{tmp_path.name}")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))  # no [[jobs]]
+    ids = {"detector": (federation.identity("detector"), federation.trust())}
+    wire = Wire(federation, bus)
+    await wire.start()
+    try:
+        async with run_in_process(settings, bus, services=["detector"], identities=ids) as running:
+            await running.services["detector"].submit_job(spec())
+            for c in CLIENTS[:-1]:
+                await wire.update(c, 1)
+            store = running.services["detector"].store
+            await until(lambda: _held(store, 1, len(CLIENTS) - 1))
+            await wire.closed(1)  # pending: the last client's update is still on its way
+            await until(lambda: _pending(store, 1))
+            await running.restart("detector", identities=ids)  # no submit_job this time
+            restarted = running.services["detector"]
+            assert restarted.specs[JOB].f == 1 and restarted.specs[JOB].detection
+            assert restarted.specs[JOB].seed == 0, "the secret seed is not kept by the detector"
+            await wire.update(CLIENTS[-1], 1)
+            await wire.verdict_count(1, 1)
+    finally:
+        await bus.close()
+
+
+async def _pending(store: DetectorStore, round_no: int) -> bool:
+    return any(r == round_no for _j, r, _refs in await store.pending(JOB))
