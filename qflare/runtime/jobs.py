@@ -36,7 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from qflare.errors import QflareError
+from qflare.messages import DEFAULT_LIMITS
 
 Coverage = Literal["clipped_sum", "filter_bounded", "noise_only"]
 
@@ -171,6 +175,46 @@ def privacy_charge(
     # removals, so a client's presence matters even in rounds it is not sampled for.
     return PrivacyCharge("filter_bounded", 1.0,
                          filtered_noise_multiplier(noise_multiplier, dp_filter_bound))
+
+
+#: What one envelope carries besides the tensors: header, certificate, signature, sealing
+#: (a KEM ciphertext and an AEAD tag), with room to spare; plus per tensor its name and shape.
+ENVELOPE_OVERHEAD = 64 * 1024
+TENSOR_OVERHEAD = 1024
+
+
+class ModelTooLarge(ValueError, QflareError):
+    """A job's model does not fit in one message: the services would fail to broadcast it
+    and no update for it would pass ingest. Refused at submission, before the job is
+    stored."""
+
+    reason = "TOO_LARGE"
+
+    def __init__(self, job_id: str, nbytes: int, limit: int) -> None:
+        self.job_id, self.nbytes, self.limit = job_id, nbytes, limit
+        super().__init__(
+            f"TOO_LARGE: job {job_id!r}: the model's tensors take {nbytes / 2**20:.1f} MiB, and one "
+            f"message (the global model broadcast, each client update) carries at most "
+            f"{limit / 2**20:.1f} MiB of tensors (the envelope limit under RabbitMQ's 128 MiB "
+            f"message size); the services do not yet send models or updates in chunks"
+        )
+
+
+def max_model_bytes(num_tensors: int, envelope_limit: int = DEFAULT_LIMITS.max_envelope_bytes) -> int:
+    """The most tensor bytes a model of ``num_tensors`` tensors may have so that its
+    broadcast and its updates each fit in one envelope."""
+    return envelope_limit - ENVELOPE_OVERHEAD - TENSOR_OVERHEAD * num_tensors
+
+
+def check_model_size(job_id: str, model: dict[str, Any],
+                     envelope_limit: int = DEFAULT_LIMITS.max_envelope_bytes) -> int:
+    """Raise :class:`ModelTooLarge` when ``model`` (name -> array) does not fit in one
+    message; returns its tensor bytes."""
+    nbytes = sum(int(np.asarray(v).nbytes) for v in model.values())
+    limit = max_model_bytes(len(model), envelope_limit)
+    if nbytes > limit:
+        raise ModelTooLarge(job_id, nbytes, limit)
+    return nbytes
 
 
 def load_jobs(tables: list[dict[str, Any]], base_dir: Path | None = None) -> tuple[JobSpec, ...]:

@@ -42,6 +42,7 @@ from qflare.messages import (
     UpdateRef,
 )
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
+from qflare.runtime.jobs import check_model_size
 from qflare.runtime.envelopes import emit, open_delivery
 from qflare.services.aggregator.core import (
     CloseDecision,
@@ -122,6 +123,7 @@ class Aggregator(Service):
                     raise ValueError(f"job {spec.job_id!r} needs initial_model (a safetensors file)")
                 model = st_load(Path(spec.initial_model).read_bytes())
             model = {k: np.ascontiguousarray(v) for k, v in model.items()}
+            check_model_size(spec.job_id, model)  # before storing: a job that cannot run is not kept
             await self.store.add_job(spec, model, model_digest(model))
             self.specs[spec.job_id] = spec
             event(self.log, "job.submitted", **spec.public())
