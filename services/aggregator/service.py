@@ -42,8 +42,8 @@ from qflare.messages import (
     UpdateRef,
 )
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
-from qflare.runtime.jobs import check_model_size
 from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.jobs import check_model_size
 from qflare.services.aggregator.core import (
     CloseDecision,
     Layout,
