@@ -11,14 +11,15 @@ changes commit together, so redeliveries do not count twice. A redelivered
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from qflare.bus import Delivery, QueueSpec, topology
 from qflare.messages import Flagged, MessageRejected, Reason, RoundVerdict
 from qflare.robust import Reputation
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
-from qflare.runtime.envelopes import emit, open_delivery
-from qflare.services.detector.core import decide
+from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
+from qflare.services.detector.core import RoundRows, decide, decide_rows
 from qflare.services.detector.store import DetectorStore
 
 QUEUE = "detector"
@@ -38,9 +39,10 @@ class Detector(Service):
         self.store: DetectorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # (job, round) -> (client, digest) -> tensors: this run's copies, so a verdict does
-        # not read back what was just written; the files serve restarts.
-        self._held: dict[tuple[str, int], dict[tuple[str, bytes], dict[str, Any]]] = {}
+        # (job, round) -> the round's updates as matrix rows (detection on only): this run's
+        # copies, so a verdict neither reads back what was just written nor stacks the
+        # round after it closed; the files serve restarts.
+        self._rows: dict[tuple[str, int], RoundRows] = {}
 
     def consumers(self) -> list[Consumer]:
         spec = QueueSpec(
@@ -100,16 +102,23 @@ class Detector(Service):
         if kind == "update.accepted":
             body = env.body
             key, ref = (env.job, env.round), (body.client, body.update_digest)
-            # kept in memory before the store's verdict check, so a verdict that pops the
-            # round's copies after that check pops this one too
-            self._held.setdefault(key, {})[ref] = dict(body.tensors)
+            spec = self.specs[env.job]
+            if spec.detection:
+                # a row before the store's verdict check, so a verdict that drops the round's
+                # rows after that check drops this one too
+                rows = self._rows.setdefault(key, RoundRows(_expected_updates(spec)))
+                try:
+                    if len(delivery.body) > THREAD_THRESHOLD:
+                        await asyncio.to_thread(rows.add, ref, body.tensors)
+                    else:
+                        rows.add(ref, body.tensors)
+                except ValueError as exc:
+                    raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
             added = await self.store.add_update(env.job, env.round, body.client, body.update_digest,
                                                 dict(body.tensors))
             if added == "decided":
-                # a copy after the verdict, or a client outside the closed set: not needed
-                self._held.get(key, {}).pop(ref, None)
-                if not self._held.get(key, True):
-                    self._held.pop(key, None)
+                # a copy after the verdict: the round needs no rows any more
+                self._rows.pop(key, None)
                 return
             if await self.store.pending(env.job):
                 await self._try_decide(env.job, env.round)
@@ -140,14 +149,21 @@ class Detector(Service):
                 return
             spec = self.specs[job_id]
             reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
-            held = self._held.get((job_id, round_no), {})
-            updates = {c: held[(c, d)] for c, d in refs if (c, d) in held}
-            rest = [(c, d) for c, d in refs if (c, d) not in held]
-            if rest:
-                updates.update(await self.store.load(job_id, round_no, rest))
-            result = await asyncio.to_thread(
-                decide, round_no, updates, f=spec.f, detection=spec.detection, reputation=reputation
-            )
+            if spec.detection:
+                rows = self._rows.setdefault((job_id, round_no), RoundRows(max(1, len(refs))))
+                rest = [r for r in refs if r not in rows]
+                if rest:  # stored before a restart
+                    for client, tensors in (await self.store.load(job_id, round_no, rest)).items():
+                        rows.add(next(r for r in rest if r[0] == client), tensors)
+
+                def judge() -> Any:
+                    clients, x = rows.matrix(list(refs))
+                    return decide_rows(round_no, clients, x, f=spec.f, reputation=reputation)
+
+                result = await asyncio.to_thread(judge)
+            else:
+                result = decide(round_no, {c: {} for c, _d in refs}, f=spec.f, detection=False,
+                                reputation=reputation)
             verdict = {
                 "kept": list(result.kept),
                 "flagged": [{"client": x.client, "score": x.score, "reasons": list(x.reasons)}
@@ -158,7 +174,7 @@ class Detector(Service):
             if await self.store.record_verdict(job_id, round_no, verdict, reputation):
                 event(self.log, "round.verdict", job=job_id, round=round_no,
                       kept=len(result.kept), flagged=[x.client for x in result.flagged])
-                self._held.pop((job_id, round_no), None)
+                self._rows.pop((job_id, round_no), None)
                 await self._publish(job_id, round_no, verdict)
                 await self.store.drop_round_files(job_id, round_no)
 
@@ -184,6 +200,15 @@ class Detector(Service):
             )
         await emit(self, "round.verdict", body, job=job_id, round=round_no)
         await self.store.mark_published(job_id, round_no)
+
+
+def _expected_updates(spec: JobSpec) -> int:
+    """Rows to reserve for a round: every participant at q = 1, else the Poisson mean with
+    room (more rows double the reservation)."""
+    n = len(spec.participants)
+    if spec.sample_rate >= 1.0:
+        return n
+    return max(1, min(n, math.ceil(n * spec.sample_rate * 1.25) + 8))
 
 
 def build(ctx: ServiceContext) -> Service:
