@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
@@ -186,7 +187,13 @@ class ConsoleApp(App[None]):
     # ---- drawing -------------------------------------------------------------------
     def redraw(self, force: bool = False) -> None:
         state = self.state
-        self.query_one("#banner", Static).update(render.make_link_banner(state, self.source))
+        try:
+            banner = self.query_one("#banner", Static)
+        except NoMatches:
+            # a redraw timer that fires while the console closes (or before it is composed):
+            # there is nothing to draw on
+            return
+        banner.update(render.make_link_banner(state, self.source))
         self.query_one("#current", Static).update(render.make_round_panel(state))
         changed = force or state.version != self._drawn_version
         if changed:

@@ -140,6 +140,17 @@ async def test_filter_bar_severity_cycle_and_clear() -> None:
         assert alerts.row_count == 1 and box.display
 
 
+async def test_a_redraw_while_the_console_closes_draws_nothing_and_does_not_raise() -> None:
+    """A coalesced redraw timer (set when events arrive) can fire after the widgets are gone:
+    history loaded just as the console closes once took the app down with NoMatches."""
+    app = static_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+    app.ingest([])      # nothing pending: the app no longer runs, so no timer is set
+    app._redraw_now()   # what the timer would run
+    app.redraw(force=True)
+
+
 async def test_acknowledge_and_detail_view() -> None:
     app = static_app()
     async with app.run_test(size=SIZE) as pilot:
