@@ -14,6 +14,7 @@ from qflare.runtime.service import (
     Consumer,
     Service,
     ServiceContext,
+    stateful_queue,
 )
 from qflare.runtime.sqlite import Database, fsync_write, open_readonly
 
@@ -36,4 +37,5 @@ __all__ = [
     "run_in_process",
     "run_service",
     "serve",
+    "stateful_queue",
 ]

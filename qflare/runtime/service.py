@@ -36,6 +36,7 @@ from qflare.bus import (
     PublishFailed,
     QueueSpec,
     Subscription,
+    topology,
 )
 from qflare.crypto.errors import MessageRejected
 from qflare.runtime.config import Settings
@@ -77,6 +78,19 @@ class Consumer:
     spec: QueueSpec
     handler: ServiceHandler
     prefetch: int = 16
+
+
+def stateful_queue(name: str, kinds: tuple[str, ...]) -> QueueSpec:
+    """The work queue of a stateful service (aggregator, detector, accountant): bound to
+    ``<kind>.*`` on ``qflare.events`` for each of ``kinds``, one active consumer at a time,
+    a failed delivery retried 0.2 s later, dead-lettered after 20 deliveries."""
+    return QueueSpec(
+        name,
+        bindings=tuple((topology.EVENTS, f"{kind}.*") for kind in kinds),
+        single_active=True,
+        delivery_limit=20,
+        retry_delay=0.2,
+    )
 
 
 class Service(abc.ABC):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 
-from qflare.bus import Delivery, QueueSpec, topology
+from qflare.bus import Delivery
 from qflare.messages import MessageRejected, PrivacyDenied, PrivacyGranted, Reason
 from qflare.privacy import BudgetPolicy, PrivacyError
 from qflare.privacy.errors import UNKNOWN_JOB
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit, open_delivery
 from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 from qflare.services.accountant.store import LedgerStore
@@ -42,9 +42,7 @@ class Accountant(Service):
         self._lock = asyncio.Lock()
 
     def consumers(self) -> list[Consumer]:
-        spec = QueueSpec(QUEUE, bindings=((topology.EVENTS, "privacy.request.*"),),
-                         single_active=True, delivery_limit=20, retry_delay=0.2)
-        return [Consumer(spec, self.on_request, prefetch=8)]
+        return [Consumer(stateful_queue(QUEUE, ("privacy.request",)), self.on_request, prefetch=8)]
 
     def policy_for(self, job: str) -> BudgetPolicy | None:
         spec = self.specs.get(job)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from qflare.bus import Delivery, QueueSpec, topology
+from qflare.bus import Delivery, topology
 from qflare.messages import (
     JobEnded,
     MessageRejected,
@@ -41,7 +41,7 @@ from qflare.messages import (
     TensorSpec,
     UpdateRef,
 )
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit, open_delivery
 from qflare.runtime.jobs import check_model_size
 from qflare.services.aggregator.core import (
@@ -78,14 +78,7 @@ class Aggregator(Service):
         self._held: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = {}
 
     def consumers(self) -> list[Consumer]:
-        spec = QueueSpec(
-            QUEUE,
-            bindings=tuple((topology.EVENTS, f"{kind}.*") for kind in KINDS),
-            single_active=True,
-            delivery_limit=20,
-            retry_delay=0.2,
-        )
-        return [Consumer(spec, self.on_event, prefetch=32)]
+        return [Consumer(stateful_queue(QUEUE, KINDS), self.on_event, prefetch=32)]
 
     # -- life cycle -------------------------------------------------------------------------
     async def open(self) -> None:

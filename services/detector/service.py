@@ -14,10 +14,10 @@ import asyncio
 import math
 from typing import Any
 
-from qflare.bus import Delivery, QueueSpec, topology
+from qflare.bus import Delivery
 from qflare.messages import Flagged, MessageRejected, Reason, RoundVerdict
 from qflare.robust import Reputation
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
 from qflare.services.detector.core import RoundRows, decide, decide_rows
 from qflare.services.detector.store import DetectorStore
@@ -45,14 +45,7 @@ class Detector(Service):
         self._rows: dict[tuple[str, int], RoundRows] = {}
 
     def consumers(self) -> list[Consumer]:
-        spec = QueueSpec(
-            QUEUE,
-            bindings=tuple((topology.EVENTS, f"{kind}.*") for kind in KINDS),
-            single_active=True,
-            delivery_limit=20,
-            retry_delay=0.2,
-        )
-        return [Consumer(spec, self.on_event, prefetch=32)]
+        return [Consumer(stateful_queue(QUEUE, KINDS), self.on_event, prefetch=32)]
 
     async def open(self) -> None:
         self.store = await DetectorStore.open(self.ctx.data_dir)
