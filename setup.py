@@ -3,8 +3,12 @@ installed as subpackages of ``qflare`` (DESIGN.md section 6)."""
 
 from setuptools import find_packages, setup
 
-MAPPED = {"messages": "qflare.messages", "crypto": "qflare.crypto",
-          "services": "qflare.services", "tui": "qflare.tui"}
+MAPPED = {
+    "messages": "qflare.messages",
+    "crypto": "qflare.crypto",
+    "services": "qflare.services",
+    "tui": "qflare.tui",
+}
 
 packages = find_packages(include=["qflare", "qflare.*"])
 package_dir = {"qflare": "qflare"}

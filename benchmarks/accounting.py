@@ -32,10 +32,25 @@ OTHER = (0.02, 1.2)
 
 def _stored(rounds: int) -> list[Decision]:
     # Only the fields restore reads matter here; epsilons are placeholders, not results.
-    return [Decision(job="bench", round=r, q=Q, z=Z, clip=1.0, granted=True, reason=None,
-                     epsilon_total=0.0, epsilon_requested=0.0, epsilon_rdp=0.0,
-                     epsilon_before=0.0, budget_epsilon=1e9, delta=DELTA, rounds_granted=r + 1)
-            for r in range(rounds)]
+    return [
+        Decision(
+            job="bench",
+            round=r,
+            q=Q,
+            z=Z,
+            clip=1.0,
+            granted=True,
+            reason=None,
+            epsilon_total=0.0,
+            epsilon_requested=0.0,
+            epsilon_rdp=0.0,
+            epsilon_before=0.0,
+            budget_epsilon=1e9,
+            delta=DELTA,
+            rounds_granted=r + 1,
+        )
+        for r in range(rounds)
+    ]
 
 
 def _time_decisions(ledger: Ledger, params: list[tuple[float, float]]) -> list[float]:
@@ -52,8 +67,9 @@ def _time_decisions(ledger: Ledger, params: list[tuple[float, float]]) -> list[f
 def _peer(rounds: int, vdi: float) -> float:
     t0 = time.perf_counter()
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=vdi)
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(Z)),
-                       rounds + 1)
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(Z)), rounds + 1
+    )
     accountant.get_epsilon(DELTA)
     return time.perf_counter() - t0
 
@@ -64,10 +80,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     policy = BudgetPolicy(1e9, DELTA)
-    print(f"q={Q} z={Z} delta={DELTA}; ours = Ledger.decide + apply (PLD grid {VALUE_DISCRETIZATION})")
-    header = (f"{'T':>6} {'restore ms':>10} {'same ms':>8} {'mixed ms':>9} {'new ms':>8} "
-              f"{'peer1e-3 ms':>11} {'peer1e-4 ms':>11} {'peer1e-3/same':>13} "
-              f"{'peer1e-4/same':>13} {'<100ms':>6}")
+    print(
+        f"q={Q} z={Z} delta={DELTA}; ours = Ledger.decide + apply (PLD grid {VALUE_DISCRETIZATION})"
+    )
+    header = (
+        f"{'T':>6} {'restore ms':>10} {'same ms':>8} {'mixed ms':>9} {'new ms':>8} "
+        f"{'peer1e-3 ms':>11} {'peer1e-4 ms':>11} {'peer1e-3/same':>13} "
+        f"{'peer1e-4/same':>13} {'<100ms':>6}"
+    )
     print(header)
     for rounds in args.rounds:
         t0 = time.perf_counter()
@@ -81,9 +101,11 @@ def main() -> None:
         peer3 = _peer(rounds, 1e-3)
         peer4 = _peer(rounds, 1e-4)
         ok = "yes" if max(same, mixed) < 0.1 else "NO"
-        print(f"{rounds:>6} {restore * 1e3:>10.1f} {same * 1e3:>8.1f} {mixed * 1e3:>9.1f} "
-              f"{new * 1e3:>8.1f} {peer3 * 1e3:>11.1f} {peer4 * 1e3:>11.1f} "
-              f"{peer3 / same:>13.1f} {peer4 / same:>13.1f} {ok:>6}")
+        print(
+            f"{rounds:>6} {restore * 1e3:>10.1f} {same * 1e3:>8.1f} {mixed * 1e3:>9.1f} "
+            f"{new * 1e3:>8.1f} {peer3 * 1e3:>11.1f} {peer4 * 1e3:>11.1f} "
+            f"{peer3 / same:>13.1f} {peer4 / same:>13.1f} {ok:>6}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,32 +19,52 @@ precision / recall of ``detect`` at n=20, f=6, d=1e4 under each attack.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import math
 import sys
 import time
-import ctypes
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
+import peers
 
-from qflare.robust import detect, get_attack, get_rule, list_attacks  # noqa: E402
+from qflare.robust import detect, get_attack, get_rule, list_attacks
 
 SIZES = [(10, 1_000_000), (50, 1_000_000), (100, 100_000), (200, 100_000)]
-RULES = ["mean", "median", "trimmed_mean", "krum", "multikrum", "geomed", "cc", "bulyan",
-         "mda", "monna", "meamed", "caf", "smea", "nnm", "bucketing", "clip", "arc"]
+RULES = [
+    "mean",
+    "median",
+    "trimmed_mean",
+    "krum",
+    "multikrum",
+    "geomed",
+    "cc",
+    "bulyan",
+    "mda",
+    "monna",
+    "meamed",
+    "caf",
+    "smea",
+    "nnm",
+    "bucketing",
+    "clip",
+    "arc",
+]
 MAX_SUBSETS = 200_000
 
 
 # ---------------------------------------------------------------- floors (plain NumPy)
 def tmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # torch GEMM: NumPy's bundled OpenBLAS ran X @ X.T 5-15x slower here.
-    return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
+    return (
+        torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))
+    ).numpy()
 
 
 def _sqd(x: np.ndarray) -> np.ndarray:
@@ -55,7 +75,7 @@ def _sqd(x: np.ndarray) -> np.ndarray:
 
 def _krum_scores(d2: np.ndarray, f: int) -> np.ndarray:
     n = len(d2)
-    return np.sort(d2, axis=1)[:, 1:n - f].sum(1)
+    return np.sort(d2, axis=1)[:, 1 : n - f].sum(1)
 
 
 def _closest_mean(s: np.ndarray, k: int) -> np.ndarray:
@@ -75,13 +95,13 @@ def floor_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
         return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
     def trimmed(x):
-        return np.sort(x, axis=0)[f:len(x) - f].mean(0)
+        return np.sort(x, axis=0)[f : len(x) - f].mean(0)
 
     def krum(x):
         return x[np.argmin(_krum_scores(_sqd(x), f))]
 
     def multikrum(x):
-        return x[np.argsort(_krum_scores(_sqd(x), f))[:len(x) - f]].mean(0)
+        return x[np.argsort(_krum_scores(_sqd(x), f))[: len(x) - f]].mean(0)
 
     def geomed(x):
         z = np.zeros(x.shape[1], np.float32)
@@ -102,7 +122,7 @@ def floor_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
         for _ in range(len(x) - 2 * f):
             sub = d2[np.ix_(left, left)]
             k = len(left) - f - 1
-            best = left[int(np.argmin(np.sort(sub, 1)[:, 1:k + 1].sum(1)))]
+            best = left[int(np.argmin(np.sort(sub, 1)[:, 1 : k + 1].sum(1)))]
             picked.append(best)
             left.remove(best)
         s = np.sort(x[picked], axis=0)
@@ -111,6 +131,7 @@ def floor_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
     def subset_mean(score):
         def run(x):
             import itertools
+
             n = len(x)
             d2 = _sqd(x)
             best, bv = None, np.inf
@@ -119,18 +140,19 @@ def floor_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
                 if v < bv:
                     best, bv = c, v
             return x[list(best)].mean(0)
+
         return run
 
     def mda_score(d2, x, c):
         return d2[np.ix_(c, c)].max()
 
     def smea_score(d2, x, c):
-        g = (x[c] - x[c].mean(0))
+        g = x[c] - x[c].mean(0)
         return np.linalg.eigvalsh(tmm(g, g.T).astype(np.float64))[-1]
 
     def monna(x):
         dist = np.linalg.norm(x - x[0], axis=1)
-        return x[np.argpartition(dist, len(x) - f - 1)[:len(x) - f]].mean(0)
+        return x[np.argpartition(dist, len(x) - f - 1)[: len(x) - f]].mean(0)
 
     def meamed(x):
         return _closest_mean(x, len(x) - f)
@@ -149,13 +171,13 @@ def floor_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
             if vals[-1] < bv:
                 best, bv = mu, vals[-1]
             proj = gd @ (s * vecs[:, -1])
-            tau = proj ** 2
+            tau = proj**2
             c = c * (1 - tau / tau.max())
         return best
 
     def nnm(x):
         n = len(x)
-        idx = np.argsort(_sqd(x), axis=1)[:, :n - f]
+        idx = np.argsort(_sqd(x), axis=1)[:, : n - f]
         w = np.zeros((n, n), np.float32)
         np.put_along_axis(w, idx, 1.0 / (n - f), axis=1)
         return tmm(w, x)
@@ -176,18 +198,39 @@ def floor_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
         lim = np.sort(nr)[n - k - 1]
         return x * np.minimum(1.0, lim / nr).astype(np.float32)[:, None]
 
-    table = {"mean": mean, "median": median, "trimmed_mean": trimmed, "krum": krum,
-             "multikrum": multikrum, "geomed": geomed, "cc": cc, "bulyan": bulyan,
-             "mda": subset_mean(mda_score), "smea": subset_mean(smea_score), "monna": monna,
-             "meamed": meamed, "caf": caf, "nnm": nnm, "bucketing": bucketing, "clip": clip,
-             "arc": arc}
+    table = {
+        "mean": mean,
+        "median": median,
+        "trimmed_mean": trimmed,
+        "krum": krum,
+        "multikrum": multikrum,
+        "geomed": geomed,
+        "cc": cc,
+        "bulyan": bulyan,
+        "mda": subset_mean(mda_score),
+        "smea": subset_mean(smea_score),
+        "monna": monna,
+        "meamed": meamed,
+        "caf": caf,
+        "nnm": nnm,
+        "bucketing": bucketing,
+        "clip": clip,
+        "arc": arc,
+    }
     return table[rule]
 
 
 def ours_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
-    spec = {"mean": "mean", "median": "median", "geomed": "geomed", "cc": "cc",
-            "nnm": f"nnm(f={f})+mean", "bucketing": "bucketing(s=2)+mean",
-            "clip": "clip(c=1.0)+mean", "arc": f"arc(f={f})+mean"}.get(rule, f"{rule}(f={f})")
+    spec = {
+        "mean": "mean",
+        "median": "median",
+        "geomed": "geomed",
+        "cc": "cc",
+        "nnm": f"nnm(f={f})+mean",
+        "bucketing": "bucketing(s=2)+mean",
+        "clip": "clip(c=1.0)+mean",
+        "arc": f"arc(f={f})+mean",
+    }.get(rule, f"{rule}(f={f})")
     r = get_rule(spec)
     if rule in ("nnm", "bucketing", "clip", "arc"):
         p = r.pres[0]  # time the pre-aggregator alone, as the floor and ByzFL do
@@ -197,17 +240,30 @@ def ours_fn(rule: str, f: int) -> Callable[[np.ndarray], Any]:
 
 # ---------------------------------------------------------------- peers
 def byzfl_fn(bz: Any, rule: str, f: int) -> Callable[[Any], Any] | None:
-    make = {"mean": lambda: bz.Average(), "median": lambda: bz.Median(),
-            "trimmed_mean": lambda: bz.TrMean(f), "krum": lambda: bz.Krum(f),
-            "multikrum": lambda: bz.MultiKrum(f), "geomed": lambda: bz.GeometricMedian(),
-            "cc": lambda: bz.CenteredClipping(), "mda": lambda: bz.MDA(f),
-            "monna": lambda: bz.MoNNA(f), "meamed": lambda: bz.Meamed(f), "caf": lambda: bz.CAF(f),
-            "smea": lambda: bz.SMEA(f), "nnm": lambda: bz.NNM(f), "bucketing": lambda: bz.Bucketing(2),
-            "clip": lambda: bz.Clipping(1.0), "arc": lambda: bz.ARC(f)}.get(rule)
+    make = {
+        "mean": lambda: bz.Average(),
+        "median": lambda: bz.Median(),
+        "trimmed_mean": lambda: bz.TrMean(f),
+        "krum": lambda: bz.Krum(f),
+        "multikrum": lambda: bz.MultiKrum(f),
+        "geomed": lambda: bz.GeometricMedian(),
+        "cc": lambda: bz.CenteredClipping(),
+        "mda": lambda: bz.MDA(f),
+        "monna": lambda: bz.MoNNA(f),
+        "meamed": lambda: bz.Meamed(f),
+        "caf": lambda: bz.CAF(f),
+        "smea": lambda: bz.SMEA(f),
+        "nnm": lambda: bz.NNM(f),
+        "bucketing": lambda: bz.Bucketing(2),
+        "clip": lambda: bz.Clipping(1.0),
+        "arc": lambda: bz.ARC(f),
+    }.get(rule)
     if make is None:
         return None
     inplace = rule in ("clip", "arc")
-    return lambda x: make()(x.clone() if inplace and isinstance(x, torch.Tensor) else (x.copy() if inplace else x))
+    return lambda x: make()(
+        x.clone() if inplace and isinstance(x, torch.Tensor) else (x.copy() if inplace else x)
+    )
 
 
 def flwr_fn(fa: Any, rule: str, f: int, n: int) -> Callable[[Any], Any] | None:
@@ -281,14 +337,18 @@ def feasible(rule: str, n: int, f: int) -> str | None:
     return None
 
 
-def bench_size(n: int, d: int, rules: list[str], repeats: int, use_peers: bool, bz: Any, fa: Any) -> None:
+def bench_size(
+    n: int, d: int, rules: list[str], repeats: int, use_peers: bool, bz: Any, fa: Any
+) -> None:
     f = n // 5
     x = np.random.default_rng(n + d).standard_normal((n, d), dtype=np.float32)
     xt = torch.from_numpy(x)
     in_bytes = x.nbytes
     res = [([row], 1) for row in x]
     print(f"\n## n={n}, d={d:.0e}, f={f}, input {in_bytes / 2**20:.0f} MiB, best of {repeats}")
-    print(f"| rule | ours ms | floor ms | ours/floor | ByzFL ms | Flower ms | fastest peer/ours | ours peak extra / input |")
+    print(
+        "| rule | ours ms | floor ms | ours/floor | ByzFL ms | Flower ms | fastest peer/ours | ours peak extra / input |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for rule in rules:
         why = feasible(rule, n, f)
@@ -304,7 +364,9 @@ def bench_size(n: int, d: int, rules: list[str], repeats: int, use_peers: bool, 
             fn = byzfl_fn(bz, rule, f)
             need = int(n * (n - f) * d * 4 * 1.1) if rule == "nnm" else 0
             if need and need > 0.7 * mem_available():
-                peer_cells.append(f"skipped: needs ~{need / 2**30:.1f} GiB, {mem_available() / 2**30:.1f} GiB free")
+                peer_cells.append(
+                    f"skipped: needs ~{need / 2**30:.1f} GiB, {mem_available() / 2**30:.1f} GiB free"
+                )
             else:
                 tt = [best_time(fn, a, 1) for a in (x, xt)]
                 peer_times.append(min(tt))
@@ -313,10 +375,14 @@ def bench_size(n: int, d: int, rules: list[str], repeats: int, use_peers: bool, 
             peer_cells.append("-")
         if use_peers and fa is not None and flwr_fn(fa, rule, f, n) is not None:
             fn = flwr_fn(fa, rule, f, n)
-            probe = best_time(lambda r: fa.aggregate_krum(r, f, 0), res, 1) if rule == "bulyan" else 0.0
+            probe = (
+                best_time(lambda r: fa.aggregate_krum(r, f, 0), res, 1) if rule == "bulyan" else 0.0
+            )
             if probe * (n - 2 * f) > 60:
                 est = probe * (n - 2 * f)
-                peer_cells.append(f"skipped: ~{est:.0f} s ({n - 2 * f} Krum passes of {probe:.1f} s)")
+                peer_cells.append(
+                    f"skipped: ~{est:.0f} s ({n - 2 * f} Krum passes of {probe:.1f} s)"
+                )
             else:
                 tf = best_time(fn, res, 1)
                 peer_times.append(tf)
@@ -324,14 +390,19 @@ def bench_size(n: int, d: int, rules: list[str], repeats: int, use_peers: bool, 
         else:
             peer_cells.append("-")
         speed = f"{min(peer_times) / t_ours:.1f}x" if peer_times else "-"
-        print(f"| {rule} | {t_ours * 1e3:.1f} | {t_floor * 1e3:.1f} | {t_ours / t_floor:.2f} | "
-              f"{peer_cells[0]} | {peer_cells[1]} | {speed} | {mem:.2f} |", flush=True)
+        print(
+            f"| {rule} | {t_ours * 1e3:.1f} | {t_floor * 1e3:.1f} | {t_ours / t_floor:.2f} | "
+            f"{peer_cells[0]} | {peer_cells[1]} | {speed} | {mem:.2f} |",
+            flush=True,
+        )
 
 
 def detection_table(seeds: int = 5) -> None:
     n, f, d = 20, 6, 10_000
-    print(f"\n## detection: n={n}, f={f}, d={d:.0e}, honest = mu + 0.1 N(0, I), mu ~ 0.1 N(0, I) "
-          f"(cosine to mu about 0.7), {seeds} seeds")
+    print(
+        f"\n## detection: n={n}, f={f}, d={d:.0e}, honest = mu + 0.1 N(0, I), mu ~ 0.1 N(0, I) "
+        f"(cosine to mu about 0.7), {seeds} seeds"
+    )
     print("| attack | precision | recall | false-positive rate | most common reason |")
     print("|---|---|---|---|---|")
     for name in list_attacks():
@@ -361,9 +432,14 @@ def detection_table(seeds: int = 5) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default=",".join(f"{n}x{d}" for n, d in SIZES),
-                    help="comma-separated NxD, e.g. 50x1000000")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--sizes",
+        default=",".join(f"{n}x{d}" for n, d in SIZES),
+        help="comma-separated NxD, e.g. 50x1000000",
+    )
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-peers", action="store_true")
@@ -386,7 +462,9 @@ def main() -> None:
                 fa = peers.load_flwr_aggregate()
             except ImportError as exc:
                 print(f"Flower not available: {exc}")
-        print(f"torch threads {torch.get_num_threads()}, numpy {np.__version__}, torch {torch.__version__}")
+        print(
+            f"torch threads {torch.get_num_threads()}, numpy {np.__version__}, torch {torch.__version__}"
+        )
         for n, d in sizes:
             bench_size(n, d, rules, a.repeats, not a.no_peers, bz, fa)
     if not a.no_detection:

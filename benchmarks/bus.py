@@ -65,16 +65,22 @@ async def _publish_window(publish, count: int, window: int) -> None:
     await asyncio.gather(*(one(i) for i in range(count)))
 
 
-async def trial_raw(url: str, body: bytes, count: int, window: int, prefetch: int) -> tuple[float, float, float]:
+async def trial_raw(
+    url: str, body: bytes, count: int, window: int, prefetch: int
+) -> tuple[float, float, float]:
     prefix = f"bench-raw-{uuid.uuid4().hex[:8]}-"
     connection = await aio_pika.connect_robust(url)
     try:
         pub = await connection.channel(publisher_confirms=True)
-        exchange = await pub.declare_exchange(prefix + topology.EVENTS, aio_pika.ExchangeType.TOPIC, durable=True)
+        exchange = await pub.declare_exchange(
+            prefix + topology.EVENTS, aio_pika.ExchangeType.TOPIC, durable=True
+        )
         sub = await connection.channel(publisher_confirms=False)
         await sub.set_qos(prefetch_count=prefetch)
         spec = QueueSpec("q", bindings=((topology.EVENTS, "#"),))
-        queue = await sub.declare_queue(prefix + "q", durable=True, arguments=queue_arguments(spec, prefix))
+        queue = await sub.declare_queue(
+            prefix + "q", durable=True, arguments=queue_arguments(spec, prefix)
+        )
         await queue.bind(exchange, "#")
         done = asyncio.Event()
         got = 0
@@ -89,7 +95,9 @@ async def trial_raw(url: str, body: bytes, count: int, window: int, prefetch: in
         tag = await queue.consume(on_message, no_ack=False)
 
         async def publish(i: int) -> None:
-            message = aio_pika.Message(body, headers={"i": i}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            message = aio_pika.Message(
+                body, headers={"i": i}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
             await exchange.publish(message, "bench.k", mandatory=True)
 
         with LoopStall() as stall:
@@ -105,7 +113,9 @@ async def trial_raw(url: str, body: bytes, count: int, window: int, prefetch: in
         await connection.close()
 
 
-async def trial_ours(url: str, body: bytes, count: int, window: int, prefetch: int) -> tuple[float, float, float]:
+async def trial_ours(
+    url: str, body: bytes, count: int, window: int, prefetch: int
+) -> tuple[float, float, float]:
     bus = await connect_bus(url, prefix=f"bench-bus-{uuid.uuid4().hex[:8]}-")
     try:
         done = asyncio.Event()
@@ -118,7 +128,9 @@ async def trial_ours(url: str, body: bytes, count: int, window: int, prefetch: i
                 done.set()
             return Outcome.ACK
 
-        await bus.consume(QueueSpec("q", bindings=((topology.EVENTS, "#"),)), handler, prefetch=prefetch)
+        await bus.consume(
+            QueueSpec("q", bindings=((topology.EVENTS, "#"),)), handler, prefetch=prefetch
+        )
 
         async def publish(i: int) -> None:
             await bus.publish(topology.EVENTS, "bench.k", body, {"i": i})
@@ -136,15 +148,21 @@ async def trial_ours(url: str, body: bytes, count: int, window: int, prefetch: i
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument(
+        "--url", default=os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+    )
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a quarter of the messages")
     args = parser.parse_args()
     prefetch = 16
-    print(f"quorum queue, persistent, confirms, manual ack, prefetch {prefetch}; "
-          f"median of {args.trials} alternating trials; one process publishes and consumes")
-    print(f"{'size':>6} {'msgs':>5} {'window':>6} | {'raw aio-pika':>18} | {'qflare bus':>18} | "
-          f"{'ratio':>5} | client CPU per msg raw / ours (ratio) | worst loop stall raw / ours")
+    print(
+        f"quorum queue, persistent, confirms, manual ack, prefetch {prefetch}; "
+        f"median of {args.trials} alternating trials; one process publishes and consumes"
+    )
+    print(
+        f"{'size':>6} {'msgs':>5} {'window':>6} | {'raw aio-pika':>18} | {'qflare bus':>18} | "
+        f"{'ratio':>5} | client CPU per msg raw / ours (ratio) | worst loop stall raw / ours"
+    )
     for size, count, window in SIZES:
         if args.quick:
             count = max(4, count // 4)
@@ -169,9 +187,11 @@ async def main() -> int:
             return f"{count * size / t / 2**20:8.1f} MiB/s"
 
         label = f"{size // 1024} KB" if size < 2**20 else f"{size // 2**20} MB"
-        print(f"{label:>6} {count:>5} {window:>6} | {rate(t_raw):>18} | {rate(t_ours):>18} | "
-              f"{t_raw / t_ours:5.2f} | {cpu_raw:8.0f} / {cpu_ours:8.0f} us ({cpu_raw / cpu_ours:4.2f}) | "
-              f"{max(raw_stalls) * 1000:.1f} ms / {max(stalls) * 1000:.1f} ms")
+        print(
+            f"{label:>6} {count:>5} {window:>6} | {rate(t_raw):>18} | {rate(t_ours):>18} | "
+            f"{t_raw / t_ours:5.2f} | {cpu_raw:8.0f} / {cpu_ours:8.0f} us ({cpu_raw / cpu_ours:4.2f}) | "
+            f"{max(raw_stalls) * 1000:.1f} ms / {max(stalls) * 1000:.1f} ms"
+        )
     return 0
 
 

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
 from qflare.crypto import context_for, verify
 from qflare.crypto.testing import make_federation
 from qflare.messages import Update, encode, open_envelope
@@ -87,17 +86,23 @@ def main() -> None:
         t_floor, t_sign_floor, t_enc, t_dec = best([floor, sign_floor, enc, dec], repeats)
         rows.append((label, len(data), t_floor, t_sign_floor, t_enc, t_dec))
 
-    print(f"{'body':>6} {'envelope':>10} {'floor ms':>9} {'enc+sign ms':>12} {'ratio':>6} "
-          f"{'sign-floor ms':>14} {'ratio':>6} {'verify+dec ms':>14} {'ratio':>6} "
-          f"{'enc MB/s':>9} {'dec MB/s':>9}")
+    print(
+        f"{'body':>6} {'envelope':>10} {'floor ms':>9} {'enc+sign ms':>12} {'ratio':>6} "
+        f"{'sign-floor ms':>14} {'ratio':>6} {'verify+dec ms':>14} {'ratio':>6} "
+        f"{'enc MB/s':>9} {'dec MB/s':>9}"
+    )
     for label, n, tf, tsf, te, td in rows:
         mb = SIZES[label] / 1e6
-        print(f"{label:>6} {n:>10} {tf * 1e3:>9.3f} {te * 1e3:>12.3f} {tf / te:>6.2f} "
-              f"{tsf * 1e3:>14.3f} {tsf / te:>6.2f} {td * 1e3:>14.3f} {tf / td:>6.2f} "
-              f"{mb / te:>9.0f} {mb / td:>9.0f}")
-    print("ratio = floor / operation; floor = SHA-256 of body + 1 ML-DSA-65 verify + 1 copy "
-          "into a new buffer; sign-floor = the same with 1 signature instead of the verify. "
-          "Goal >= 0.8 at 1 MB and 64 MB.")
+        print(
+            f"{label:>6} {n:>10} {tf * 1e3:>9.3f} {te * 1e3:>12.3f} {tf / te:>6.2f} "
+            f"{tsf * 1e3:>14.3f} {tsf / te:>6.2f} {td * 1e3:>14.3f} {tf / td:>6.2f} "
+            f"{mb / te:>9.0f} {mb / td:>9.0f}"
+        )
+    print(
+        "ratio = floor / operation; floor = SHA-256 of body + 1 ML-DSA-65 verify + 1 copy "
+        "into a new buffer; sign-floor = the same with 1 signature instead of the verify. "
+        "Goal >= 0.8 at 1 MB and 64 MB."
+    )
 
 
 if __name__ == "__main__":

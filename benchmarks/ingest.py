@@ -22,15 +22,20 @@ import statistics
 import time
 
 import numpy as np
-
 from qflare.crypto.pki import canonical
 from qflare.crypto.sealing import seal
 from qflare.crypto.signing import context_for, verify
 from qflare.crypto.testing import make_federation
-from qflare.messages import RoundOpened, Update, UpdateAccepted, encode, open_envelope
+from qflare.messages import (
+    RoundOpened,
+    Update,
+    UpdateAccepted,
+    encode,
+    open_envelope,
+    validate_update,
+)
 from qflare.services.aggregator.core import model_digest
 from qflare.services.ingest.core import RoundBook, check_norm, check_round, tensor_specs
-from qflare.messages import validate_update
 
 
 def main() -> None:
@@ -46,21 +51,48 @@ def main() -> None:
     rows = max(1, args.params // 1000)
     spec = [{"name": "w", "dtype": "float32", "shape": [rows, 1000]}]
     rng = np.random.default_rng(0)
-    tensors = [{"w": rng.standard_normal((rows, 1000)).astype(np.float32) * 0.01} for _ in fed.clients]
-    updates = [encode("update", Update(base_version=0, num_samples=10, tensors=t), fed[c], job="b", round=1,
-                      seal_to=ingest.cert) for c, t in zip(fed.clients, tensors, strict=True)]
-    opened = RoundOpened(model_version=0, model_digest=model_digest(tensors[0]), participants=fed.clients,
-                         deadline=time.time() + 3600, min_updates=1, clip_norm=1.0, tensor_spec=spec, rule="mean")
+    tensors = [
+        {"w": rng.standard_normal((rows, 1000)).astype(np.float32) * 0.01} for _ in fed.clients
+    ]
+    updates = [
+        encode(
+            "update",
+            Update(base_version=0, num_samples=10, tensors=t),
+            fed[c],
+            job="b",
+            round=1,
+            seal_to=ingest.cert,
+        )
+        for c, t in zip(fed.clients, tensors, strict=True)
+    ]
+    opened = RoundOpened(
+        model_version=0,
+        model_digest=model_digest(tensors[0]),
+        participants=fed.clients,
+        deadline=time.time() + 3600,
+        min_updates=1,
+        clip_norm=1.0,
+        tensor_spec=spec,
+        rule="mean",
+    )
     book = RoundBook()
     from qflare.services.ingest.core import OpenRound
 
-    info = OpenRound(job="b", round=1, base_version=0,
-                     tensors=tensor_specs((t.name, t.dtype, t.shape) for t in opened.tensor_spec),
-                     participants=frozenset(fed.clients))
+    info = OpenRound(
+        job="b",
+        round=1,
+        base_version=0,
+        tensors=tensor_specs((t.name, t.dtype, t.shape) for t in opened.tensor_spec),
+        participants=frozenset(fed.clients),
+    )
     book.opened(info)
     # the floor's inputs: the same bytes, sealed the same way
-    plain = [encode("update", Update(base_version=0, num_samples=10, tensors=t), fed[c], job="b", round=1)
-             for c, t in zip(fed.clients, tensors, strict=True)]
+    plain = [
+        encode(
+            "update", Update(base_version=0, num_samples=10, tensors=t), fed[c], job="b", round=1
+        )
+        for c, t in zip(fed.clients, tensors, strict=True)
+    ]
     aad = b"qflare/v1/seal-aad" + canonical({"x": 1})
     sealed = [seal(ingest.kem.public_key, p, aad) for p in plain]
     header = canonical({"kind": "update", "body_digest": b"\0" * 32})
@@ -70,12 +102,12 @@ def main() -> None:
     def floor() -> float:
         t0 = time.perf_counter()
         for data, box in zip(updates, sealed, strict=True):
-            hashlib.sha256(data).digest()                                  # bind received body
-            verify(pub, sig, header, context_for("update"))                # sender's signature
+            hashlib.sha256(data).digest()  # bind received body
+            verify(pub, sig, header, context_for("update"))  # sender's signature
             trust.verify_certificate(fed[fed.clients[0]].cert.to_bytes())  # its certificate
-            body = ingest.kem.open(box, aad)                               # KEM + AES-GCM
-            hashlib.sha256(body).digest()                                  # re-signed body hash
-            ingest.key.sign(header, context_for("update.accepted"))        # re-sign
+            body = ingest.kem.open(box, aad)  # KEM + AES-GCM
+            hashlib.sha256(body).digest()  # re-signed body hash
+            ingest.key.sign(header, context_for("update.accepted"))  # re-sign
         return time.perf_counter() - t0
 
     def pipeline() -> float:
@@ -83,13 +115,29 @@ def main() -> None:
         for data in updates:
             env = open_envelope(data, trust, expect_kind="update", kem_key=ingest.kem)
             body = env.body
-            got = check_round(book, job=env.job, round_=env.round, base_version=body.base_version,
-                              client=env.sender, now=time.time())
+            got = check_round(
+                book,
+                job=env.job,
+                round_=env.round,
+                base_version=body.base_version,
+                client=env.sender,
+                now=time.time(),
+            )
             validate_update(body.tensors, opened.tensor_spec)
             check_norm(got, body.tensors)
-            encode("update.accepted", UpdateAccepted(client=env.sender, update_digest=env.body_digest,
-                                                     base_version=0, num_samples=body.num_samples,
-                                                     tensors=dict(body.tensors)), ingest, job="b", round=1)
+            encode(
+                "update.accepted",
+                UpdateAccepted(
+                    client=env.sender,
+                    update_digest=env.body_digest,
+                    base_version=0,
+                    num_samples=body.num_samples,
+                    tensors=dict(body.tensors),
+                ),
+                ingest,
+                job="b",
+                round=1,
+            )
         return time.perf_counter() - t0
 
     floor()
@@ -100,10 +148,16 @@ def main() -> None:
         pl.append(pipeline())
     f, p = statistics.median(fl), statistics.median(pl)
     mb = args.updates * rows * 1000 * 4 / 1e6
-    print(f"ingest, {args.updates} sealed updates of {rows * 1000} float32 params ({mb / args.updates:.1f} MB each), "
-          f"median of {args.trials} trials")
-    print(f"  floor (hash, verify, unseal, hash, sign): {f / args.updates * 1e3:8.2f} ms/update  {mb / f:7.0f} MB/s")
-    print(f"  ingest pipeline (no broker):               {p / args.updates * 1e3:8.2f} ms/update  {mb / p:7.0f} MB/s")
+    print(
+        f"ingest, {args.updates} sealed updates of {rows * 1000} float32 params ({mb / args.updates:.1f} MB each), "
+        f"median of {args.trials} trials"
+    )
+    print(
+        f"  floor (hash, verify, unseal, hash, sign): {f / args.updates * 1e3:8.2f} ms/update  {mb / f:7.0f} MB/s"
+    )
+    print(
+        f"  ingest pipeline (no broker):               {p / args.updates * 1e3:8.2f} ms/update  {mb / p:7.0f} MB/s"
+    )
     print(f"  ratio pipeline / floor: {p / f:.2f}x")
 
 

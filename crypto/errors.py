@@ -48,13 +48,11 @@ class Reason(StrEnum):
     )
     BAD_SCHEMA = (
         "BAD_SCHEMA",
-        "The body does not match its kind's schema (missing/unknown field, wrong "
-        "type/range).",
+        "The body does not match its kind's schema (missing/unknown field, wrong type/range).",
     )
     BAD_DIGEST = (
         "BAD_DIGEST",
-        "The body does not hash to the signed ``body_digest`` (or a chunk to its "
-        "manifest entry).",
+        "The body does not hash to the signed ``body_digest`` (or a chunk to its manifest entry).",
     )
     BAD_SIGNATURE = (
         "BAD_SIGNATURE",
@@ -83,8 +81,7 @@ class Reason(StrEnum):
     )
     ROLE_NOT_ALLOWED = (
         "ROLE_NOT_ALLOWED",
-        "The certificate's role may not send this kind (e.g. a client publishing a "
-        "model).",
+        "The certificate's role may not send this kind (e.g. a client publishing a model).",
     )
     CLOCK_SKEW = (
         "CLOCK_SKEW",
@@ -133,8 +130,7 @@ class Reason(StrEnum):
     )
     UNSEAL_FAILED = (
         "UNSEAL_FAILED",
-        "A sealed body could not be opened (wrong recipient key, tampered ciphertext or "
-        "header).",
+        "A sealed body could not be opened (wrong recipient key, tampered ciphertext or header).",
     )
     CHUNK_MISMATCH = (
         "CHUNK_MISMATCH",

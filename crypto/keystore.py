@@ -21,7 +21,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa
-
 from qflare.crypto.pki import Certificate, RevocationList, TrustStore
 from qflare.crypto.sealing import KemPrivateKey
 from qflare.crypto.signing import SigningKey, signing_key_from_seed
@@ -34,15 +33,19 @@ CRL_FILE = "crl.qrl"
 
 
 def _encryption(passphrase: bytes | None) -> serialization.KeySerializationEncryption:
-    return (serialization.BestAvailableEncryption(passphrase) if passphrase
-            else serialization.NoEncryption())
+    return (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
 
 
 def signing_key_to_pem(key: SigningKey, passphrase: bytes | None = None) -> bytes:
     """PKCS#8 PEM of an ML-DSA-65 key, encrypted when ``passphrase`` is given."""
     private = mldsa.MLDSA65PrivateKey.from_seed_bytes(key.seed)
-    return private.private_bytes(serialization.Encoding.PEM,
-                                 serialization.PrivateFormat.PKCS8, _encryption(passphrase))
+    return private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _encryption(passphrase)
+    )
 
 
 def signing_key_from_pem(data: bytes, passphrase: bytes | None = None) -> SigningKey:
@@ -98,7 +101,9 @@ class Identity:
         cert = Certificate.from_bytes((d / CERT_FILE).read_bytes())
         key = signing_key_from_pem((d / KEY_FILE).read_bytes(), passphrase)
         kem_path = d / KEM_FILE
-        kem = KemPrivateKey.from_pem(kem_path.read_bytes(), passphrase) if kem_path.exists() else None
+        kem = (
+            KemPrivateKey.from_pem(kem_path.read_bytes(), passphrase) if kem_path.exists() else None
+        )
         return cls(cert, key, kem)
 
     def __repr__(self) -> str:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
-
 from qflare.crypto.errors import MessageRejected, Reason
 from qflare.crypto.signing import (
     PUBLIC_KEY_SIZE,
@@ -64,8 +63,14 @@ def _unpack_map(data: bytes, limit: int, what: str) -> dict[str, Any]:
         raise MessageRejected(Reason.TOO_LARGE, f"{what} is {len(data)} bytes, limit {limit}")
     try:
         obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, max_str_len=4096, max_bin_len=limit, max_array_len=limit // 16,
-            max_map_len=32, max_ext_len=0,
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=4096,
+            max_bin_len=limit,
+            max_array_len=limit // 16,
+            max_map_len=32,
+            max_ext_len=0,
         )
     except (ValueError, msgpack.UnpackException) as exc:
         raise MessageRejected(Reason.MALFORMED, f"{what}: {exc}") from None
@@ -91,9 +96,15 @@ class Certificate:
 
     def signed_fields(self) -> dict[str, Any]:
         return {
-            "v": self.v, "serial": self.serial, "id": self.id, "role": self.role,
-            "public_key": self.public_key, "kem_public_key": self.kem_public_key,
-            "issuer": self.issuer, "not_before": self.not_before, "not_after": self.not_after,
+            "v": self.v,
+            "serial": self.serial,
+            "id": self.id,
+            "role": self.role,
+            "public_key": self.public_key,
+            "kem_public_key": self.kem_public_key,
+            "issuer": self.issuer,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
         }
 
     def to_bytes(self) -> bytes:
@@ -103,14 +114,32 @@ class Certificate:
     def from_bytes(cls, data: bytes) -> Certificate:
         """Parse (not verify) a certificate; bad bytes raise MessageRejected(MALFORMED)."""
         obj = _unpack_map(bytes(data), MAX_CERT_BYTES, "certificate")
-        expected = {"v", "serial", "id", "role", "public_key", "kem_public_key", "issuer",
-                    "not_before", "not_after", "sig"}
+        expected = {
+            "v",
+            "serial",
+            "id",
+            "role",
+            "public_key",
+            "kem_public_key",
+            "issuer",
+            "not_before",
+            "not_after",
+            "sig",
+        }
         if set(obj) != expected:
             raise MessageRejected(Reason.MALFORMED, f"certificate fields {sorted(obj)}")
         if obj["v"] != CERT_VERSION:
             raise MessageRejected(Reason.UNSUPPORTED_VERSION, f"certificate v={obj['v']!r}")
-        types = {"serial": bytes, "id": str, "role": str, "public_key": bytes, "issuer": str,
-                 "not_before": int, "not_after": int, "sig": bytes}
+        types = {
+            "serial": bytes,
+            "id": str,
+            "role": str,
+            "public_key": bytes,
+            "issuer": str,
+            "not_before": int,
+            "not_after": int,
+            "sig": bytes,
+        }
         for name, typ in types.items():
             if type(obj[name]) is not typ:
                 raise MessageRejected(Reason.MALFORMED, f"certificate field {name} type")
@@ -129,8 +158,10 @@ class Certificate:
         return self.not_before <= now < self.not_after
 
     def __repr__(self) -> str:
-        return (f"Certificate(id={self.id!r}, role={self.role!r}, serial={self.serial.hex()}, "
-                f"not_after={self.not_after})")
+        return (
+            f"Certificate(id={self.id!r}, role={self.role!r}, serial={self.serial.hex()}, "
+            f"not_after={self.not_after})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +176,13 @@ class RevocationList:
     v: int = CERT_VERSION
 
     def signed_fields(self) -> dict[str, Any]:
-        return {"v": self.v, "issuer": self.issuer, "number": self.number,
-                "issued_at": self.issued_at, "serials": sorted(self.serials)}
+        return {
+            "v": self.v,
+            "issuer": self.issuer,
+            "number": self.number,
+            "issued_at": self.issued_at,
+            "serials": sorted(self.serials),
+        }
 
     def to_bytes(self) -> bytes:
         return canonical({**self.signed_fields(), "sig": self.sig})
@@ -161,11 +197,16 @@ class RevocationList:
         serials = obj["serials"]
         if not isinstance(serials, list) or not all(type(s) is bytes for s in serials):
             raise MessageRejected(Reason.MALFORMED, "revocation list serials")
-        if (type(obj["issuer"]) is not str or type(obj["number"]) is not int
-                or type(obj["issued_at"]) is not int or type(obj["sig"]) is not bytes):
+        if (
+            type(obj["issuer"]) is not str
+            or type(obj["number"]) is not int
+            or type(obj["issued_at"]) is not int
+            or type(obj["sig"]) is not bytes
+        ):
             raise MessageRejected(Reason.MALFORMED, "revocation list field types")
-        crl = cls(obj["issuer"], obj["number"], obj["issued_at"], frozenset(serials),
-                  obj["sig"], obj["v"])
+        crl = cls(
+            obj["issuer"], obj["number"], obj["issued_at"], frozenset(serials), obj["sig"], obj["v"]
+        )
         if crl.to_bytes() != bytes(data):
             raise MessageRejected(Reason.MALFORMED, "revocation list is not canonically encoded")
         return crl
@@ -183,14 +224,20 @@ class CertificateAuthority:
     cert: Certificate
 
     @classmethod
-    def create(cls, ca_id: str = "qflare-ca", valid_days: float = 3650,
-               now: float | None = None) -> CertificateAuthority:
+    def create(
+        cls, ca_id: str = "qflare-ca", valid_days: float = 3650, now: float | None = None
+    ) -> CertificateAuthority:
         key = generate_signing_key()
         start = int(time.time() if now is None else now)
         cert = Certificate(
-            serial=os.urandom(SERIAL_SIZE), id=check_id(ca_id), role="ca",
-            public_key=key.public_key, kem_public_key=None, issuer=ca_id,
-            not_before=start - 300, not_after=start + int(valid_days * _DAY),
+            serial=os.urandom(SERIAL_SIZE),
+            id=check_id(ca_id),
+            role="ca",
+            public_key=key.public_key,
+            kem_public_key=None,
+            issuer=ca_id,
+            not_before=start - 300,
+            not_after=start + int(valid_days * _DAY),
         )
         cert = replace(cert, sig=key.sign(canonical(cert.signed_fields()), CERT_CONTEXT))
         return cls(key, cert)
@@ -199,9 +246,15 @@ class CertificateAuthority:
     def id(self) -> str:
         return self.cert.id
 
-    def issue(self, holder_id: str, role: str, public_key: bytes,
-              kem_public_key: bytes | None = None, valid_days: float = 365,
-              now: float | None = None) -> Certificate:
+    def issue(
+        self,
+        holder_id: str,
+        role: str,
+        public_key: bytes,
+        kem_public_key: bytes | None = None,
+        valid_days: float = 365,
+        now: float | None = None,
+    ) -> Certificate:
         """A certificate for ``holder_id`` in ``role``. ``valid_days`` may be negative in
         tests that need an already expired certificate."""
         if role not in ROLES or role == "ca":
@@ -213,21 +266,28 @@ class CertificateAuthority:
         start = int(time.time() if now is None else now)
         end = start + int(valid_days * _DAY)
         cert = Certificate(
-            serial=os.urandom(SERIAL_SIZE), id=check_id(holder_id), role=role,
+            serial=os.urandom(SERIAL_SIZE),
+            id=check_id(holder_id),
+            role=role,
             public_key=bytes(public_key),
             kem_public_key=None if kem_public_key is None else bytes(kem_public_key),
-            issuer=self.cert.id, not_before=min(start - 300, end - 1), not_after=end,
+            issuer=self.cert.id,
+            not_before=min(start - 300, end - 1),
+            not_after=end,
         )
         return replace(cert, sig=self.key.sign(canonical(cert.signed_fields()), CERT_CONTEXT))
 
-    def revocation_list(self, serials: frozenset[bytes] = frozenset(), number: int = 1,
-                        now: float | None = None) -> RevocationList:
-        crl = RevocationList(self.cert.id, number, int(time.time() if now is None else now),
-                             frozenset(serials))
+    def revocation_list(
+        self, serials: frozenset[bytes] = frozenset(), number: int = 1, now: float | None = None
+    ) -> RevocationList:
+        crl = RevocationList(
+            self.cert.id, number, int(time.time() if now is None else now), frozenset(serials)
+        )
         return replace(crl, sig=self.key.sign(canonical(crl.signed_fields()), CRL_CONTEXT))
 
-    def revoke(self, crl: RevocationList, *revoked: Certificate | bytes,
-               now: float | None = None) -> RevocationList:
+    def revoke(
+        self, crl: RevocationList, *revoked: Certificate | bytes, now: float | None = None
+    ) -> RevocationList:
         """A new, higher-numbered list that also revokes ``revoked`` (certs or serials)."""
         serials = {c.serial if isinstance(c, Certificate) else bytes(c) for c in revoked}
         return self.revocation_list(crl.serials | serials, crl.number + 1, now)
@@ -269,8 +329,9 @@ class TrustStore:
         self.crl = crl
         return True
 
-    def verify_certificate(self, cert: bytes | Certificate, now: float | None = None
-                           ) -> Certificate:
+    def verify_certificate(
+        self, cert: bytes | Certificate, now: float | None = None
+    ) -> Certificate:
         """The certificate if it chains to the CA, is within validity and not revoked;
         otherwise MessageRejected with UNKNOWN_SIGNER / NOT_YET_VALID / EXPIRED / REVOKED."""
         raw = cert.to_bytes() if isinstance(cert, Certificate) else bytes(cert)
@@ -279,8 +340,9 @@ class TrustStore:
             try:
                 parsed = Certificate.from_bytes(raw)
             except MessageRejected as exc:
-                raise MessageRejected(Reason.UNKNOWN_SIGNER,
-                                      f"unreadable certificate ({exc})") from None
+                raise MessageRejected(
+                    Reason.UNKNOWN_SIGNER, f"unreadable certificate ({exc})"
+                ) from None
             if parsed.issuer != self.ca.id or not verify(
                 self.ca.public_key, parsed.sig, canonical(parsed.signed_fields()), CERT_CONTEXT
             ):
@@ -295,12 +357,15 @@ class TrustStore:
         if not self.ca.is_valid_at(t):
             raise MessageRejected(Reason.EXPIRED, f"CA certificate {self.ca.id!r} not valid now")
         if t < parsed.not_before:
-            raise MessageRejected(Reason.NOT_YET_VALID,
-                                  f"certificate of {parsed.id!r} valid from {parsed.not_before}")
+            raise MessageRejected(
+                Reason.NOT_YET_VALID, f"certificate of {parsed.id!r} valid from {parsed.not_before}"
+            )
         if t >= parsed.not_after:
-            raise MessageRejected(Reason.EXPIRED,
-                                  f"certificate of {parsed.id!r} expired at {parsed.not_after}")
+            raise MessageRejected(
+                Reason.EXPIRED, f"certificate of {parsed.id!r} expired at {parsed.not_after}"
+            )
         if self.crl is not None and parsed.serial in self.crl.serials:
-            raise MessageRejected(Reason.REVOKED,
-                                  f"certificate of {parsed.id!r} ({parsed.serial.hex()}) revoked")
+            raise MessageRejected(
+                Reason.REVOKED, f"certificate of {parsed.id!r} ({parsed.serial.hex()}) revoked"
+            )
         return parsed

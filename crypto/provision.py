@@ -25,10 +25,10 @@ from qflare.crypto.keystore import (
     CRL_FILE,
     KEY_FILE,
     Identity,
-    write_private,
     load_trust,
     signing_key_from_pem,
     signing_key_to_pem,
+    write_private,
 )
 from qflare.crypto.pki import (
     SERVICE_ROLES,
@@ -72,8 +72,15 @@ class Federation:
         return load_trust(self.root / "ca")
 
 
-def _issue_into(ca: CertificateAuthority, directory: Path, holder: str, role: str,
-                valid_days: float, passphrase: bytes | None, crl: RevocationList) -> Identity:
+def _issue_into(
+    ca: CertificateAuthority,
+    directory: Path,
+    holder: str,
+    role: str,
+    valid_days: float,
+    passphrase: bytes | None,
+    crl: RevocationList,
+) -> Identity:
     key = generate_signing_key()
     kem = KemPrivateKey.generate()
     cert = ca.issue(holder, role, key.public_key, kem.public_key, valid_days)
@@ -89,10 +96,17 @@ def ca_dir(root: Path) -> Path:
     return root / "ca"
 
 
-def provision(out: Path | str, clients: int, *, passphrase: bytes | None = None,
-              expiry_days: float = 365, ca_expiry_days: float = 3650,
-              client_prefix: str = "client", services: Iterable[str] = SERVICES,
-              force: bool = False) -> Federation:
+def provision(
+    out: Path | str,
+    clients: int,
+    *,
+    passphrase: bytes | None = None,
+    expiry_days: float = 365,
+    ca_expiry_days: float = 3650,
+    client_prefix: str = "client",
+    services: Iterable[str] = SERVICES,
+    force: bool = False,
+) -> Federation:
     """Create a CA, identities for ``services`` and ``clients`` client kits under ``out``.
 
     Refuses to overwrite an existing CA unless ``force`` (a new CA invalidates every kit).
@@ -100,13 +114,15 @@ def provision(out: Path | str, clients: int, *, passphrase: bytes | None = None,
     if clients < 0:
         raise ValueError(f"clients must be >= 0, got {clients}")
     if expiry_days <= 0 or ca_expiry_days < expiry_days:
-        raise ValueError(f"need 0 < expiry_days ({expiry_days}) <= ca_expiry_days "
-                         f"({ca_expiry_days})")
+        raise ValueError(
+            f"need 0 < expiry_days ({expiry_days}) <= ca_expiry_days ({ca_expiry_days})"
+        )
     root = Path(out)
     if (root / "ca").exists():
         if not force:
-            raise FileExistsError(f"{root / 'ca'} exists; pass force=True (--force) to replace "
-                                  "the whole federation")
+            raise FileExistsError(
+                f"{root / 'ca'} exists; pass force=True (--force) to replace the whole federation"
+            )
         for sub in ("ca", "services", "clients"):
             shutil.rmtree(root / sub, ignore_errors=True)
     (root / "ca" / "issued").mkdir(parents=True)
@@ -120,7 +136,7 @@ def provision(out: Path | str, clients: int, *, passphrase: bytes | None = None,
         d = root / "services" / role
         _issue_into(ca, d, role, role, expiry_days, passphrase, crl)
         fed.services[role] = d
-    ingest_cert = (root / "services" / "ingest" / CERT_FILE)
+    ingest_cert = root / "services" / "ingest" / CERT_FILE
     width = max(3, len(str(max(clients - 1, 0))))
     for i in range(clients):
         cid = check_id(f"{client_prefix}-{i:0{width}d}")
@@ -142,8 +158,9 @@ def load_ca(root: Path | str, passphrase: bytes | None = None) -> CertificateAut
     return CertificateAuthority(key, cert)
 
 
-def revoke(root: Path | str, targets: Iterable[str | bytes],
-           passphrase: bytes | None = None) -> RevocationList:
+def revoke(
+    root: Path | str, targets: Iterable[str | bytes], passphrase: bytes | None = None
+) -> RevocationList:
     """Revoke participants by id (or certificate serial, bytes or hex) and write the new,
     higher-numbered revocation list to ``ca/`` and to every kit under ``root``.
 
@@ -163,12 +180,16 @@ def revoke(root: Path | str, targets: Iterable[str | bytes],
             try:
                 serials.append(bytes.fromhex(target))
             except ValueError:
-                raise ValueError(f"{target!r} is neither an issued id under {r} nor a hex "
-                                 "serial") from None
+                raise ValueError(
+                    f"{target!r} is neither an issued id under {r} nor a hex serial"
+                ) from None
     crl = ca.revoke(current, *serials)
     data = crl.to_bytes()
-    for path in [r / "ca" / CRL_FILE, *r.glob("services/*/" + CRL_FILE),
-                 *r.glob("clients/*/" + CRL_FILE)]:
+    for path in [
+        r / "ca" / CRL_FILE,
+        *r.glob("services/*/" + CRL_FILE),
+        *r.glob("clients/*/" + CRL_FILE),
+    ]:
         path.write_bytes(data)
     return crl
 

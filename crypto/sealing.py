@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from qflare.crypto.errors import MessageRejected, Reason
 
 Buffer = bytes | bytearray | memoryview
@@ -38,8 +37,9 @@ OVERHEAD = MLKEM_CIPHERTEXT_SIZE + X25519_SIZE + 16
 SEAL_LABEL = b"qflare/v1/seal"
 
 
-def _derive(ss_m: bytes, ss_x: bytes, ct_m: bytes, ct_x: bytes, pk_m: bytes, pk_x: bytes
-            ) -> tuple[bytes, bytes]:
+def _derive(
+    ss_m: bytes, ss_x: bytes, ct_m: bytes, ct_x: bytes, pk_m: bytes, pk_x: bytes
+) -> tuple[bytes, bytes]:
     okm = HKDF(hashes.SHA256(), 32 + 12, SEAL_LABEL, ct_m + ct_x + pk_m + pk_x).derive(ss_m + ss_x)
     return okm[:32], okm[32:]
 
@@ -58,17 +58,21 @@ class KemPrivateKey:
     @property
     def public_key(self) -> bytes:
         """``pk_mlkem (1184 B) || pk_x25519 (32 B)``, as carried in certificates."""
-        return (self.mlkem.public_key().public_bytes_raw()
-                + self.x25519.public_key().public_bytes_raw())
+        return (
+            self.mlkem.public_key().public_bytes_raw() + self.x25519.public_key().public_bytes_raw()
+        )
 
     def to_pem(self, passphrase: bytes | None = None) -> bytes:
         """Both keys as PKCS#8 PEM blocks, encrypted with ``passphrase`` when given."""
         enc: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(passphrase) if passphrase
-            else serialization.NoEncryption())
+            serialization.BestAvailableEncryption(passphrase)
+            if passphrase
+            else serialization.NoEncryption()
+        )
         return b"".join(
             k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-            for k in (self.mlkem, self.x25519))
+            for k in (self.mlkem, self.x25519)
+        )
 
     @classmethod
     def from_pem(cls, data: bytes, passphrase: bytes | None = None) -> KemPrivateKey:
@@ -78,7 +82,8 @@ class KemPrivateKey:
         first = serialization.load_pem_private_key(data[:cut], passphrase)
         second = serialization.load_pem_private_key(data[cut:], passphrase)
         if not isinstance(first, mlkem.MLKEM768PrivateKey) or not isinstance(
-                second, x25519.X25519PrivateKey):
+            second, x25519.X25519PrivateKey
+        ):
             raise ValueError("KEM key file must hold an ML-KEM-768 then an X25519 PKCS#8 key")
         return cls(first, second)
 
@@ -91,8 +96,9 @@ def seal(recipient_public_key: bytes, plaintext: Buffer, aad: Buffer) -> bytes:
     """Encrypt ``plaintext`` to the holder of ``recipient_public_key`` (1216-byte hybrid key)
     with ``aad`` authenticated but not encrypted."""
     if len(recipient_public_key) != PUBLIC_KEY_SIZE:
-        raise ValueError(f"hybrid public key must be {PUBLIC_KEY_SIZE} bytes, "
-                         f"got {len(recipient_public_key)}")
+        raise ValueError(
+            f"hybrid public key must be {PUBLIC_KEY_SIZE} bytes, got {len(recipient_public_key)}"
+        )
     pk_m = bytes(recipient_public_key[:MLKEM_PUBLIC_SIZE])
     pk_x = bytes(recipient_public_key[MLKEM_PUBLIC_SIZE:])
     ss_m, ct_m = mlkem.MLKEM768PublicKey.from_public_bytes(pk_m).encapsulate()
@@ -107,17 +113,21 @@ def open_sealed(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> byte
     """Inverse of :func:`seal`."""
     view = memoryview(sealed)
     if len(view) < OVERHEAD:
-        raise MessageRejected(Reason.UNSEAL_FAILED, f"sealed body of {len(view)} bytes is too short")
+        raise MessageRejected(
+            Reason.UNSEAL_FAILED, f"sealed body of {len(view)} bytes is too short"
+        )
     ct_m = bytes(view[:MLKEM_CIPHERTEXT_SIZE])
-    ct_x = bytes(view[MLKEM_CIPHERTEXT_SIZE:MLKEM_CIPHERTEXT_SIZE + X25519_SIZE])
+    ct_x = bytes(view[MLKEM_CIPHERTEXT_SIZE : MLKEM_CIPHERTEXT_SIZE + X25519_SIZE])
     public = private_key.public_key
     try:
         ss_m = private_key.mlkem.decapsulate(ct_m)
         ss_x = private_key.x25519.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x))
-        key, nonce = _derive(ss_m, ss_x, ct_m, ct_x, public[:MLKEM_PUBLIC_SIZE],
-                             public[MLKEM_PUBLIC_SIZE:])
-        return AESGCM(key).decrypt(nonce, view[MLKEM_CIPHERTEXT_SIZE + X25519_SIZE:], bytes(aad))
+        key, nonce = _derive(
+            ss_m, ss_x, ct_m, ct_x, public[:MLKEM_PUBLIC_SIZE], public[MLKEM_PUBLIC_SIZE:]
+        )
+        return AESGCM(key).decrypt(nonce, view[MLKEM_CIPHERTEXT_SIZE + X25519_SIZE :], bytes(aad))
     except (InvalidTag, ValueError) as exc:
-        raise MessageRejected(Reason.UNSEAL_FAILED,
-                              "sealed body does not open with this key and header "
-                              f"({type(exc).__name__})") from None
+        raise MessageRejected(
+            Reason.UNSEAL_FAILED,
+            f"sealed body does not open with this key and header ({type(exc).__name__})",
+        ) from None

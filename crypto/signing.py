@@ -23,7 +23,6 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import mldsa
-
 from qflare.crypto.errors import CryptoUnavailable
 
 Buffer = bytes | bytearray | memoryview
@@ -253,7 +252,12 @@ def signing_key_from_seed(seed: bytes) -> SigningKey:
     return get_backend("cryptography").from_seed(seed)
 
 
-def verify(public_key: bytes, signature: Buffer, data: Buffer, context: bytes,
-           backend: SignatureBackend | None = None) -> bool:
+def verify(
+    public_key: bytes,
+    signature: Buffer,
+    data: Buffer,
+    context: bytes,
+    backend: SignatureBackend | None = None,
+) -> bool:
     """Verify with the default (or given) backend; never raises for a bad signature."""
     return (backend or get_backend()).verify(public_key, signature, data, context)

@@ -29,8 +29,9 @@ class MemoryFederation:
     def trust(self) -> TrustStore:
         return TrustStore(self.ca.cert, self.crl)
 
-    def add(self, holder: str, role: str, *, valid_days: float = 365,
-            now: float | None = None) -> Identity:
+    def add(
+        self, holder: str, role: str, *, valid_days: float = 365, now: float | None = None
+    ) -> Identity:
         key = generate_signing_key()
         kem = KemPrivateKey.generate()
         cert = self.ca.issue(holder, role, key.public_key, kem.public_key, valid_days, now=now)
@@ -42,8 +43,9 @@ class MemoryFederation:
         return self.crl
 
 
-def make_federation(clients: int = 3, services: tuple[str, ...] = SERVICES,
-                    client_prefix: str = "client") -> MemoryFederation:
+def make_federation(
+    clients: int = 3, services: tuple[str, ...] = SERVICES, client_prefix: str = "client"
+) -> MemoryFederation:
     """A fresh CA, one identity per service role (id = role) and ``clients`` clients."""
     ca = CertificateAuthority.create()
     fed = MemoryFederation(ca, ca.revocation_list())

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from participant import build_model  # noqa: E402
+from participant import build_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,24 +68,40 @@ def client_index(kit: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kit", required=True, type=Path, help="clients/<id>/ folder written by `qflare provision`")
-    p.add_argument("--broker", default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
-                   help="amqp:// URL ($QFLARE_BROKER); without user:pass the kit's broker_password is used")
-    p.add_argument("--prefix", default=os.environ.get("QFLARE_PREFIX", ""),
-                   help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)")
+    p.add_argument(
+        "--kit", required=True, type=Path, help="clients/<id>/ folder written by `qflare provision`"
+    )
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
+        help="amqp:// URL ($QFLARE_BROKER); without user:pass the kit's broker_password is used",
+    )
+    p.add_argument(
+        "--prefix",
+        default=os.environ.get("QFLARE_PREFIX", ""),
+        help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)",
+    )
     p.add_argument("--job", default="digits", help="job id to follow")
-    p.add_argument("--clients", type=int, default=10, help="how many shares the training set is cut in")
-    p.add_argument("--index", type=int, help="this client's share (default: the number ending the kit's name)")
+    p.add_argument(
+        "--clients", type=int, default=10, help="how many shares the training set is cut in"
+    )
+    p.add_argument(
+        "--index", type=int, help="this client's share (default: the number ending the kit's name)"
+    )
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     p.add_argument("--lr", type=float, default=0.3, help="local SGD learning rate")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job to end")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the job to end"
+    )
     args = p.parse_args(argv)
     # the SDK logs "participant <id> following <job>" once its queue is bound (run_federation.sh waits for it)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     index = client_index(args.kit) if args.index is None else args.index
     share, test = load_share(index, args.clients)
-    my_loader = DataLoader(share, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(index))
+    my_loader = DataLoader(
+        share, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(index)
+    )
     torch.set_num_threads(1)  # ten of these share one machine in examples/run_federation.sh
 
     model = build_model()
@@ -99,14 +115,25 @@ def main(argv: list[str] | None = None) -> int:
                 opt.step()
         return len(my_loader.dataset)
 
-    participant = Participant.from_kit(args.kit, model, train, broker=args.broker, prefix=args.prefix,
-                                       jobs=[args.job])
+    participant = Participant.from_kit(
+        args.kit, model, train, broker=args.broker, prefix=args.prefix, jobs=[args.job]
+    )
     reason = participant.run_blocking(timeout=args.timeout)
     stats = participant.stats
-    print(json.dumps({"client": participant.id, "job": args.job, "ended": reason,
-                      "samples": len(share), "updates_sent": stats.updates_sent,
-                      "final_accuracy": round(accuracy(model, test), 4), "test_samples": len(test)}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "client": participant.id,
+                "job": args.job,
+                "ended": reason,
+                "samples": len(share),
+                "updates_sent": stats.updates_sent,
+                "final_accuracy": round(accuracy(model, test), 4),
+                "test_samples": len(test),
+            }
+        ),
+        flush=True,
+    )
     return 0 if reason == "completed" else 1
 
 

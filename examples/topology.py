@@ -63,11 +63,19 @@ async def delete(broker: str, prefix: str, pki: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("declare", "delete"))
-    p.add_argument("--broker", default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
-                   help="amqp:// URL ($QFLARE_BROKER)")
-    p.add_argument("--prefix", default=os.environ.get("QFLARE_PREFIX", ""),
-                   help="the federation's exchange/queue name prefix ($QFLARE_PREFIX)")
-    p.add_argument("--pki", type=Path, required=True, help="`qflare provision` folder (for the client ids)")
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
+        help="amqp:// URL ($QFLARE_BROKER)",
+    )
+    p.add_argument(
+        "--prefix",
+        default=os.environ.get("QFLARE_PREFIX", ""),
+        help="the federation's exchange/queue name prefix ($QFLARE_PREFIX)",
+    )
+    p.add_argument(
+        "--pki", type=Path, required=True, help="`qflare provision` folder (for the client ids)"
+    )
     p.add_argument("--job", default="digits", help="declare: the job the participants follow")
     args = p.parse_args(argv)
     if args.action == "declare":

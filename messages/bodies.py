@@ -21,7 +21,6 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
-
 from qflare.crypto.errors import MessageRejected, Reason
 
 Digest = Annotated[bytes, Field(min_length=32, max_length=32)]
@@ -37,16 +36,24 @@ def _tensor(value: Any) -> np.ndarray:
     return value
 
 
-Tensor = Annotated[np.ndarray, PlainValidator(_tensor),
-                   WithJsonSchema({"type": "tensor", "description": "dtype, shape, raw LE bytes"})]
+Tensor = Annotated[
+    np.ndarray,
+    PlainValidator(_tensor),
+    WithJsonSchema({"type": "tensor", "description": "dtype, shape, raw LE bytes"}),
+]
 Tensors = dict[Name, Tensor]
 
 
 class Body(BaseModel):
     """Base of every body: strict, frozen, unknown fields rejected."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
-                              arbitrary_types_allowed=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        arbitrary_types_allowed=True,
+        use_attribute_docstrings=True,
+    )
     KIND: ClassVar[str]
     SENDERS: ClassVar[tuple[str, ...]]
 
@@ -54,8 +61,9 @@ class Body(BaseModel):
 class Part(BaseModel):
     """Base of nested records inside bodies."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True
+    )
 
 
 class TensorSpec(Part):
@@ -301,8 +309,7 @@ class Chunk(Body):
     """One slice of a large envelope (see :mod:`qflare.messages.chunks`)."""
 
     KIND = "chunk"
-    SENDERS = ("client", "ingest", "detector", "aggregator", "accountant", "alerting",
-               "operator")
+    SENDERS = ("client", "ingest", "detector", "aggregator", "accountant", "alerting", "operator")
     transfer: bytes = Field(min_length=16, max_length=16)
     """Transfer id from the manifest."""
     index: NonNegInt
@@ -332,9 +339,23 @@ class ChunkManifest(Body):
 
 BODY_TYPES: dict[str, type[Body]] = {
     cls.KIND: cls
-    for cls in (Update, UpdateAccepted, UpdateRejected, RoundOpened, RoundClosed,
-                RoundVerdict, PrivacyRequest, PrivacyGranted, PrivacyDenied, ModelPublished,
-                MetricsEvaluated, AlertRaised, JobEnded, Chunk, ChunkManifest)
+    for cls in (
+        Update,
+        UpdateAccepted,
+        UpdateRejected,
+        RoundOpened,
+        RoundClosed,
+        RoundVerdict,
+        PrivacyRequest,
+        PrivacyGranted,
+        PrivacyDenied,
+        ModelPublished,
+        MetricsEvaluated,
+        AlertRaised,
+        JobEnded,
+        Chunk,
+        ChunkManifest,
+    )
 }
 KINDS: tuple[str, ...] = tuple(BODY_TYPES)
 

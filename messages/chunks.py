@@ -25,15 +25,21 @@ from qflare.crypto.keystore import Identity
 from qflare.crypto.pki import TrustStore
 from qflare.messages.bodies import Chunk, ChunkManifest
 from qflare.messages.envelope import encode, open_envelope, peek_kind
-from qflare.messages.limits import DEFAULT_LIMITS, MiB, Limits
+from qflare.messages.limits import DEFAULT_LIMITS, Limits, MiB
 
 DEFAULT_CHUNK_SIZE = 8 * MiB
 """A few MB: RabbitMQ's client copies whole bodies, so mid-sized frames move fastest."""
 CHUNK_KINDS = frozenset({"chunk", "chunk.manifest"})
 
 
-def split(envelope: bytes | bytearray | memoryview, identity: Identity, *, job: str,
-          round: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+def split(
+    envelope: bytes | bytearray | memoryview,
+    identity: Identity,
+    *,
+    job: str,
+    round: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[bytes]:
     """Yield the manifest, then the chunks, of an encoded envelope (one chunk in memory at
     a time). Send them in this order over one route."""
     if chunk_size <= 0:
@@ -46,7 +52,10 @@ def split(envelope: bytes | bytearray | memoryview, identity: Identity, *, job: 
     bounds = [(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
     transfer = os.urandom(16)
     manifest = ChunkManifest(
-        transfer=transfer, inner_kind=inner_kind, total_size=total, chunk_size=chunk_size,
+        transfer=transfer,
+        inner_kind=inner_kind,
+        total_size=total,
+        chunk_size=chunk_size,
         chunk_digests=[hashlib.sha256(view[a:b]).digest() for a, b in bounds],
         envelope_digest=hashlib.sha256(view).digest(),
     )
@@ -80,12 +89,19 @@ class Reassembler:
     ``ttl_s`` drops a transfer whose chunks stop coming.
     """
 
-    def __init__(self, trust: TrustStore, limits: Limits = DEFAULT_LIMITS, *,
-                 max_inflight_bytes: int | None = None, ttl_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        trust: TrustStore,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        max_inflight_bytes: int | None = None,
+        ttl_s: float = 600.0,
+    ) -> None:
         self.trust = trust
         self.limits = limits
-        self.max_inflight_bytes = (limits.max_body_bytes if max_inflight_bytes is None
-                                   else max_inflight_bytes)
+        self.max_inflight_bytes = (
+            limits.max_body_bytes if max_inflight_bytes is None else max_inflight_bytes
+        )
         self.ttl_s = ttl_s
         self._transfers: dict[tuple[str, bytes], _Transfer] = {}
 
@@ -101,8 +117,9 @@ class Reassembler:
             del self._transfers[key]
         return dead
 
-    def feed(self, data: bytes | bytearray | memoryview, *, now: float | None = None
-             ) -> bytes | bytearray | memoryview | None:
+    def feed(
+        self, data: bytes | bytearray | memoryview, *, now: float | None = None
+    ) -> bytes | bytearray | memoryview | None:
         """Returns a complete envelope to open (``data`` itself when it is not part of a
         chunked transfer, the reassembled bytes after the last chunk), else None.
         Bad chunks raise MessageRejected."""
@@ -121,42 +138,51 @@ class Reassembler:
         if key in self._transfers:
             raise MessageRejected(Reason.DUPLICATE, f"manifest {m.transfer.hex()} seen before")
         if m.total_size > self.limits.max_body_bytes:
-            raise MessageRejected(Reason.TOO_LARGE, f"chunked envelope of {m.total_size} bytes "
-                                                    f"exceeds {self.limits.max_body_bytes}")
+            raise MessageRejected(
+                Reason.TOO_LARGE,
+                f"chunked envelope of {m.total_size} bytes exceeds {self.limits.max_body_bytes}",
+            )
         if m.chunk_size > self.limits.max_envelope_bytes:
             raise MessageRejected(Reason.TOO_LARGE, f"chunk size {m.chunk_size} too large")
         count = -(-m.total_size // m.chunk_size)
         if count != len(m.chunk_digests):
-            raise MessageRejected(Reason.CHUNK_MISMATCH,
-                                  f"{len(m.chunk_digests)} digests for {count} chunks")
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH, f"{len(m.chunk_digests)} digests for {count} chunks"
+            )
         if self.inflight_bytes + m.total_size > self.max_inflight_bytes:
             raise MessageRejected(Reason.TOO_LARGE, "too many bytes in unfinished transfers")
-        self._transfers[key] = _Transfer(sender, job, round_, m, bytearray(m.total_size),
-                                         bytearray(count), time.monotonic())
+        self._transfers[key] = _Transfer(
+            sender, job, round_, m, bytearray(m.total_size), bytearray(count), time.monotonic()
+        )
 
-    def _add(self, sender: str, job: str, round_: int, c: Chunk
-             ) -> bytearray | None:
+    def _add(self, sender: str, job: str, round_: int, c: Chunk) -> bytearray | None:
         key = (sender, c.transfer)
         tr = self._transfers.get(key)
         if tr is None:
-            raise MessageRejected(Reason.CHUNK_MISMATCH,
-                                  f"chunk of unknown transfer {c.transfer.hex()} from {sender!r}")
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH,
+                f"chunk of unknown transfer {c.transfer.hex()} from {sender!r}",
+            )
         m = tr.manifest
         if (job, round_) != (tr.job, tr.round):
             raise MessageRejected(Reason.CHUNK_MISMATCH, "chunk job/round differ from manifest")
         if c.index >= len(m.chunk_digests):
-            raise MessageRejected(Reason.CHUNK_MISMATCH,
-                                  f"chunk index {c.index} out of range 0..{len(m.chunk_digests) - 1}")
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH,
+                f"chunk index {c.index} out of range 0..{len(m.chunk_digests) - 1}",
+            )
         if tr.received[c.index]:
             raise MessageRejected(Reason.DUPLICATE, f"chunk {c.index} received twice")
         start = c.index * m.chunk_size
         expected = min(m.chunk_size, m.total_size - start)
         if len(c.data) != expected:
-            raise MessageRejected(Reason.CHUNK_MISMATCH,
-                                  f"chunk {c.index} has {len(c.data)} bytes, expected {expected}")
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH,
+                f"chunk {c.index} has {len(c.data)} bytes, expected {expected}",
+            )
         if hashlib.sha256(c.data).digest() != m.chunk_digests[c.index]:
             raise MessageRejected(Reason.BAD_DIGEST, f"chunk {c.index} does not match manifest")
-        tr.buffer[start:start + expected] = c.data
+        tr.buffer[start : start + expected] = c.data
         tr.received[c.index] = 1
         tr.remaining -= 1
         if tr.remaining:

@@ -22,7 +22,6 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
 from qflare.crypto.errors import MessageRejected, Reason
 from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, Limits
 
@@ -63,8 +62,9 @@ def tensor_parts(array: np.ndarray) -> list[Part]:
     array is already little-endian and C-contiguous."""
     name = array.dtype.name
     if name not in ALLOWED_DTYPES:
-        raise ValueError(f"dtype {array.dtype} is not allowed on the wire; "
-                         f"use one of {sorted(ALLOWED_DTYPES)}")
+        raise ValueError(
+            f"dtype {array.dtype} is not allowed on the wire; use one of {sorted(ALLOWED_DTYPES)}"
+        )
     wire = ALLOWED_DTYPES[name]
     if array.dtype != wire or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire)
@@ -132,11 +132,11 @@ _F64 = struct.Struct(">d")
 class _Reader:
     """Bounded recursive-descent msgpack reader over a memoryview."""
 
-    __slots__ = ("buf", "pos", "end", "limits", "bin_as_view", "tensors", "elements",
-                 "allow_ext")
+    __slots__ = ("allow_ext", "bin_as_view", "buf", "elements", "end", "limits", "pos", "tensors")
 
-    def __init__(self, buf: memoryview, limits: Limits, bin_as_view: bool,
-                 allow_ext: bool = True) -> None:
+    def __init__(
+        self, buf: memoryview, limits: Limits, bin_as_view: bool, allow_ext: bool = True
+    ) -> None:
         self.allow_ext = allow_ext
         self.buf = buf
         self.pos = 0
@@ -151,8 +151,8 @@ class _Reader:
         if n > self.end - start:
             raise MessageRejected(
                 Reason.MALFORMED,
-                f"declared length {n} at offset {start} exceeds the {self.end - start} "
-                "bytes left")
+                f"declared length {n} at offset {start} exceeds the {self.end - start} bytes left",
+            )
         self.pos = start + n
         return start
 
@@ -240,25 +240,25 @@ class _Reader:
         self._length(n, self.limits.max_str_len, "string length")
         start = self._take(n)
         try:
-            return str(self.buf[start:start + n], "utf-8")
+            return str(self.buf[start : start + n], "utf-8")
         except UnicodeDecodeError:
             raise MessageRejected(Reason.MALFORMED, f"invalid UTF-8 string at {start}") from None
 
     def _bin(self, n: int) -> bytes | memoryview:
         self._length(n, self.limits.max_bin_len, "binary length")
         start = self._take(n)
-        view = self.buf[start:start + n]
+        view = self.buf[start : start + n]
         return view if self.bin_as_view else view.tobytes()
 
     def _enter(self, n: int, depth: int, min_item: int) -> None:
         if depth + 1 > self.limits.max_depth:
-            raise MessageRejected(Reason.TOO_DEEP,
-                                  f"nesting deeper than {self.limits.max_depth}")
+            raise MessageRejected(Reason.TOO_DEEP, f"nesting deeper than {self.limits.max_depth}")
         self._length(n, self.limits.max_container_len, "container length")
         if n * min_item > self.end - self.pos:
             raise MessageRejected(
                 Reason.MALFORMED,
-                f"container declares {n} entries but only {self.end - self.pos} bytes remain")
+                f"container declares {n} entries but only {self.end - self.pos} bytes remain",
+            )
 
     def _array(self, n: int, depth: int) -> list[Any]:
         self._enter(n, depth, 1)
@@ -280,23 +280,29 @@ class _Reader:
         if code != TENSOR_EXT or not self.allow_ext:
             raise MessageRejected(Reason.MALFORMED, f"unexpected ext type {code}")
         start = self._take(n)
-        sub = _Reader(self.buf[start:start + n], self.limits, False, allow_ext=False)
+        sub = _Reader(self.buf[start : start + n], self.limits, False, allow_ext=False)
         header = sub.read(self.limits.max_depth - 2)  # [dtype, [dims]] needs two levels
-        return self._tensor(header, sub.buf[sub.pos:])
+        return self._tensor(header, sub.buf[sub.pos :])
 
     def _tensor(self, header: Any, data: memoryview) -> np.ndarray:
         lim = self.limits
         self.tensors += 1
         if self.tensors > lim.max_tensors:
             raise MessageRejected(Reason.TOO_LARGE, f"more than {lim.max_tensors} tensors")
-        if (not isinstance(header, list) or len(header) != 2 or type(header[0]) is not str
-                or not isinstance(header[1], list)):
+        if (
+            not isinstance(header, list)
+            or len(header) != 2
+            or type(header[0]) is not str
+            or not isinstance(header[1], list)
+        ):
             raise MessageRejected(Reason.MALFORMED, "tensor header must be [dtype, shape]")
         name, shape = header
         dtype = ALLOWED_DTYPES.get(name)
         if dtype is None:
-            raise MessageRejected(Reason.DTYPE_NOT_ALLOWED,
-                                  f"tensor dtype {name[:32]!r} not in {sorted(ALLOWED_DTYPES)}")
+            raise MessageRejected(
+                Reason.DTYPE_NOT_ALLOWED,
+                f"tensor dtype {name[:32]!r} not in {sorted(ALLOWED_DTYPES)}",
+            )
         if len(shape) > lim.max_ndim:
             raise MessageRejected(Reason.TOO_LARGE, f"tensor ndim {len(shape)} > {lim.max_ndim}")
         count = 1
@@ -305,24 +311,32 @@ class _Reader:
                 raise MessageRejected(Reason.MALFORMED, f"tensor dimension {dim!r}")
             count *= dim
             if count > lim.max_elements:
-                raise MessageRejected(Reason.TOO_LARGE,
-                                      f"tensor of shape {shape} exceeds {lim.max_elements} elements")
+                raise MessageRejected(
+                    Reason.TOO_LARGE, f"tensor of shape {shape} exceeds {lim.max_elements} elements"
+                )
         self.elements += count
         if self.elements > lim.max_total_elements:
-            raise MessageRejected(Reason.TOO_LARGE,
-                                  f"tensors exceed {lim.max_total_elements} elements in total")
+            raise MessageRejected(
+                Reason.TOO_LARGE, f"tensors exceed {lim.max_total_elements} elements in total"
+            )
         if count * dtype.itemsize != len(data):
             raise MessageRejected(
                 Reason.SHAPE_MISMATCH,
                 f"tensor {name}{tuple(shape)} needs {count * dtype.itemsize} bytes, "
-                f"carries {len(data)}")
+                f"carries {len(data)}",
+            )
         array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
         array.flags.writeable = False  # views into a bytearray would otherwise be writable
         return array
 
 
-def unpack(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS, *,
-           bin_as_view: bool = False, max_bytes: int | None = None) -> Any:
+def unpack(
+    data: bytes | bytearray | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    bin_as_view: bool = False,
+    max_bytes: int | None = None,
+) -> Any:
     """Decode one msgpack value from ``data`` (all of it) under ``limits``.
 
     Tensors come back as read-only arrays sharing ``data``'s memory; keep ``data`` alive

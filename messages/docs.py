@@ -13,26 +13,32 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-
 from qflare.crypto.errors import Reason
 from qflare.messages.bodies import BODY_TYPES, Part
 from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS
 
 ENVELOPE_FIELDS = [
     ("v", "int", "Envelope version, 1."),
-    ("kind", "str", "One of the kinds below; selects the body model and the signature "
-                    "context `qflare/v1/<kind>`."),
+    (
+        "kind",
+        "str",
+        "One of the kinds below; selects the body model and the signature "
+        "context `qflare/v1/<kind>`.",
+    ),
     ("sender", "str", "The sender's id; must equal the id in `cert`."),
     ("cert", "bin", "The sender's certificate (msgpack, CA-signed; see qflare.crypto.pki)."),
     ("job", "str", "The federated job (1-256 chars)."),
     ("round", "int", "The round within the job (>= 0)."),
-    ("ts", "int", "Sender's clock, Unix milliseconds (at most 5 minutes ahead of the "
-                  "receiver's)."),
+    ("ts", "int", "Sender's clock, Unix milliseconds (at most 5 minutes ahead of the receiver's)."),
     ("nonce", "bin", "16 random bytes."),
     ("body_digest", "bin", "SHA-256 of `body` (32 bytes)."),
     ("body", "bin", "msgpack of the kind's body (below), or ext type 2 when sealed."),
-    ("sig", "bin", "ML-DSA-65 signature (3309 bytes) over the canonical msgpack of every "
-                   "other field except `body`, with context `qflare/v1/<kind>`."),
+    (
+        "sig",
+        "bin",
+        "ML-DSA-65 signature (3309 bytes) over the canonical msgpack of every "
+        "other field except `body`, with context `qflare/v1/<kind>`.",
+    ),
 ]
 
 
@@ -63,8 +69,15 @@ def _type_name(tp: Any) -> str:
 
 def _constraints(info: FieldInfo) -> str:
     out = []
-    names = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "min len",
-             "max_length": "max len", "pattern": "pattern"}
+    names = {
+        "gt": ">",
+        "ge": ">=",
+        "lt": "<",
+        "le": "<=",
+        "min_length": "min len",
+        "max_length": "max len",
+        "pattern": "pattern",
+    }
     metas = list(info.metadata)
     for arg in typing.get_args(info.annotation):
         metas += getattr(arg, "metadata", []) if hasattr(arg, "metadata") else []
@@ -86,8 +99,10 @@ def _field_rows(model: type[BaseModel]) -> list[str]:
         else:
             required = f"no (default `{info.default!r}`)"
         doc = (info.description or "").replace("\n", " ")
-        rows.append(f"| `{name}` | {_type_name(info.annotation)} | {required} | "
-                    f"{_constraints(info)} | {doc} |")
+        rows.append(
+            f"| `{name}` | {_type_name(info.annotation)} | {required} | "
+            f"{_constraints(info)} | {doc} |"
+        )
     return rows
 
 
@@ -101,7 +116,8 @@ def render_reference() -> str:
         "Every message is one msgpack map, the **envelope**; its `body` is the msgpack of a",
         "per-kind body. Tensors are msgpack ext type 1: `msgpack([dtype, [dims...]])` followed",
         "by the raw little-endian C-order bytes. Allowed dtypes: "
-        + ", ".join(f"`{d}`" for d in ALLOWED_DTYPES) + ".",
+        + ", ".join(f"`{d}`" for d in ALLOWED_DTYPES)
+        + ".",
         "Sealed bodies are ext type 2: `sha256(recipient KEM key)[:8] || ct_mlkem768 (1088) ||"
         " ct_x25519 (32) || AES-256-GCM(ciphertext || tag)`, key and nonce from",
         "HKDF-SHA256 over both shared secrets, the signed header (minus `body_digest`) as",
@@ -134,15 +150,22 @@ def render_reference() -> str:
             inspect.cleandoc(model.__doc__ or ""),
             "",
             f"Body model `{model.__name__}`; may be sent by: "
-            + ", ".join(f"`{r}`" for r in model.SENDERS) + ".",
+            + ", ".join(f"`{r}`" for r in model.SENDERS)
+            + ".",
             "",
             *_field_rows(model),
             "",
         ]
     lines += ["## Nested records", ""]
     for model in sorted(Part.__subclasses__(), key=lambda m: m.__name__):
-        lines += [f"### {model.__name__}", "", inspect.cleandoc(model.__doc__ or ""), "",
-                  *_field_rows(model), ""]
+        lines += [
+            f"### {model.__name__}",
+            "",
+            inspect.cleandoc(model.__doc__ or ""),
+            "",
+            *_field_rows(model),
+            "",
+        ]
     lines += ["## Reason codes", "", "| code | when |", "|---|---|"]
     lines += [f"| `{r.value}` | {r.doc} |" for r in Reason]
     return "\n".join(lines) + "\n"

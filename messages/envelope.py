@@ -28,7 +28,6 @@ from functools import lru_cache
 from typing import Any
 
 import msgpack
-
 from qflare.crypto.errors import MessageRejected, Reason
 from qflare.crypto.keystore import Identity
 from qflare.crypto.pki import Certificate, TrustStore, canonical
@@ -50,7 +49,12 @@ NONCE_SIZE = 16
 DIGEST_SIZE = 32
 KEY_ID_SIZE = 8
 _HEADER_TYPES: dict[str, type] = {
-    "v": int, "kind": str, "sender": str, "job": str, "round": int, "ts": int,
+    "v": int,
+    "kind": str,
+    "sender": str,
+    "job": str,
+    "round": int,
+    "ts": int,
 }
 _BIN_FIELDS = ("cert", "nonce", "body_digest", "body", "sig")
 FIELDS = frozenset(_HEADER_TYPES) | frozenset(_BIN_FIELDS)
@@ -80,19 +84,36 @@ class Envelope:
     v: int = VERSION
 
 
-def _header(kind: str, sender: str, cert: bytes, job: str, round_: int, ts: int,
-            nonce: bytes) -> dict[str, Any]:
-    return {"v": VERSION, "kind": kind, "sender": sender, "cert": cert, "job": job,
-            "round": round_, "ts": ts, "nonce": nonce}
+def _header(
+    kind: str, sender: str, cert: bytes, job: str, round_: int, ts: int, nonce: bytes
+) -> dict[str, Any]:
+    return {
+        "v": VERSION,
+        "kind": kind,
+        "sender": sender,
+        "cert": cert,
+        "job": job,
+        "round": round_,
+        "ts": ts,
+        "nonce": nonce,
+    }
 
 
 def _seal_aad(header: dict[str, Any]) -> bytes:
     return b"qflare/v1/seal-aad" + canonical(header)
 
 
-def encode_parts(kind: str, body: Body | dict[str, Any], identity: Identity, *, job: str,
-                 round: int, seal_to: Certificate | bytes | None = None,
-                 ts: int | None = None, nonce: bytes | None = None) -> list[Part]:
+def encode_parts(
+    kind: str,
+    body: Body | dict[str, Any],
+    identity: Identity,
+    *,
+    job: str,
+    round: int,
+    seal_to: Certificate | bytes | None = None,
+    ts: int | None = None,
+    nonce: bytes | None = None,
+) -> list[Part]:
     """The envelope as a list of parts (tensor data by reference), for callers that write
     them out without joining; :func:`encode` joins them."""
     if not isinstance(job, str) or not 0 < len(job) <= _MAX_HEADER_STR:
@@ -101,11 +122,18 @@ def encode_parts(kind: str, body: Body | dict[str, Any], identity: Identity, *, 
         raise ValueError(f"round must be a non-negative int, got {round!r}")
     model = make_body(kind, body)
     if identity.role not in model.SENDERS:
-        raise ValueError(f"role {identity.role!r} may not send {kind!r} "
-                         f"(allowed: {', '.join(model.SENDERS)})")
-    header = _header(kind, identity.id, _cert_bytes(identity.cert), job, round,
-                     int(time.time() * 1000) if ts is None else ts,
-                     os.urandom(NONCE_SIZE) if nonce is None else nonce)
+        raise ValueError(
+            f"role {identity.role!r} may not send {kind!r} (allowed: {', '.join(model.SENDERS)})"
+        )
+    header = _header(
+        kind,
+        identity.id,
+        _cert_bytes(identity.cert),
+        job,
+        round,
+        int(time.time() * 1000) if ts is None else ts,
+        os.urandom(NONCE_SIZE) if nonce is None else nonce,
+    )
     parts = pack_parts(body_to_wire(model))
     if seal_to is not None:
         recipient = seal_to.kem_public_key if isinstance(seal_to, Certificate) else seal_to
@@ -137,14 +165,25 @@ def _pack_small(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def encode(kind: str, body: Body | dict[str, Any], identity: Identity, *, job: str,
-           round: int, seal_to: Certificate | bytes | None = None, ts: int | None = None,
-           nonce: bytes | None = None) -> bytes:
+def encode(
+    kind: str,
+    body: Body | dict[str, Any],
+    identity: Identity,
+    *,
+    job: str,
+    round: int,
+    seal_to: Certificate | bytes | None = None,
+    ts: int | None = None,
+    nonce: bytes | None = None,
+) -> bytes:
     """Sign and encode one message. ``body`` is the kind's model or a dict for it;
     ``seal_to`` (a certificate with a KEM key, or the raw hybrid key) encrypts the body.
     Configuration mistakes (unknown kind, role not allowed, bad body) raise ValueError."""
-    return b"".join(encode_parts(kind, body, identity, job=job, round=round,
-                                 seal_to=seal_to, ts=ts, nonce=nonce))
+    return b"".join(
+        encode_parts(
+            kind, body, identity, job=job, round=round, seal_to=seal_to, ts=ts, nonce=nonce
+        )
+    )
 
 
 def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
@@ -155,8 +194,9 @@ def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
     elif type(value) is not typ:
         raise MessageRejected(Reason.MALFORMED, f"envelope field {name} must be {typ.__name__}")
     elif typ is str and len(value) > _MAX_HEADER_STR:
-        raise MessageRejected(Reason.TOO_LARGE, f"envelope field {name} longer than "
-                                                f"{_MAX_HEADER_STR}")
+        raise MessageRejected(
+            Reason.TOO_LARGE, f"envelope field {name} longer than {_MAX_HEADER_STR}"
+        )
     return value
 
 
@@ -169,23 +209,35 @@ def peek_kind(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIM
 def _parse(data: bytes | bytearray | memoryview, limits: Limits, cap: int) -> dict[str, Any]:
     if len(data) > cap:
         raise MessageRejected(Reason.TOO_LARGE, f"envelope of {len(data)} bytes exceeds {cap}")
-    obj = unpack(data, limits.with_(max_depth=1, max_container_len=16, max_bin_len=cap),
-                 bin_as_view=True, max_bytes=cap)
+    obj = unpack(
+        data,
+        limits.with_(max_depth=1, max_container_len=16, max_bin_len=cap),
+        bin_as_view=True,
+        max_bytes=cap,
+    )
     if not isinstance(obj, dict):
         raise MessageRejected(Reason.MALFORMED, "envelope is not a map")
     if set(obj) != FIELDS:
         missing = sorted(FIELDS - set(obj))
         extra = sorted(set(obj) - FIELDS)[:5]
-        raise MessageRejected(Reason.MALFORMED,
-                              f"envelope fields: missing {missing}, unexpected {extra}")
+        raise MessageRejected(
+            Reason.MALFORMED, f"envelope fields: missing {missing}, unexpected {extra}"
+        )
     return obj
 
 
-def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, *,
-                  limits: Limits = DEFAULT_LIMITS, expect_kind: str | None = None,
-                  expect_job: str | None = None, expect_round: int | None = None,
-                  kem_key: KemPrivateKey | None = None, now: float | None = None,
-                  max_bytes: int | None = None) -> Envelope:
+def open_envelope(
+    data: bytes | bytearray | memoryview,
+    trust: TrustStore,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    expect_kind: str | None = None,
+    expect_job: str | None = None,
+    expect_round: int | None = None,
+    kem_key: KemPrivateKey | None = None,
+    now: float | None = None,
+    max_bytes: int | None = None,
+) -> Envelope:
     """Verify and decode one envelope; any problem raises :class:`MessageRejected`.
 
     Tensors in the body are read-only views into ``data`` (zero-copy). ``kem_key`` opens
@@ -207,8 +259,9 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, *,
     if expect_kind is not None and kind != expect_kind:
         raise MessageRejected(Reason.WRONG_KIND, f"expected {expect_kind!r}, got {kind!r}")
     if expect_job is not None and values["job"] != expect_job:
-        raise MessageRejected(Reason.WRONG_JOB,
-                              f"expected job {expect_job!r}, got {values['job']!r}")
+        raise MessageRejected(
+            Reason.WRONG_JOB, f"expected job {expect_job!r}, got {values['job']!r}"
+        )
     if len(views["nonce"]) != NONCE_SIZE or len(views["body_digest"]) != DIGEST_SIZE:
         raise MessageRejected(Reason.MALFORMED, "nonce or body_digest has the wrong size")
     if len(views["sig"]) != SIGNATURE_SIZE:
@@ -217,17 +270,26 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, *,
     cert_bytes = views["cert"].tobytes()
     cert = trust.verify_certificate(cert_bytes, now=t)
     if values["sender"] != cert.id:
-        raise MessageRejected(Reason.SENDER_MISMATCH,
-                              f"sender {values['sender']!r} holds the certificate of {cert.id!r}")
+        raise MessageRejected(
+            Reason.SENDER_MISMATCH,
+            f"sender {values['sender']!r} holds the certificate of {cert.id!r}",
+        )
     if cert.role not in body_type.SENDERS:
-        raise MessageRejected(Reason.ROLE_NOT_ALLOWED,
-                              f"role {cert.role!r} may not send {kind!r}")
-    header = _header(kind, values["sender"], cert_bytes, values["job"], values["round"],
-                     values["ts"], views["nonce"].tobytes())
+        raise MessageRejected(Reason.ROLE_NOT_ALLOWED, f"role {cert.role!r} may not send {kind!r}")
+    header = _header(
+        kind,
+        values["sender"],
+        cert_bytes,
+        values["job"],
+        values["round"],
+        values["ts"],
+        views["nonce"].tobytes(),
+    )
     signed = {**header, "body_digest": views["body_digest"].tobytes()}
     if not verify(cert.public_key, views["sig"], canonical(signed), context_for(kind)):
-        raise MessageRejected(Reason.BAD_SIGNATURE,
-                              f"{kind} signature of {cert.id!r} does not verify")
+        raise MessageRejected(
+            Reason.BAD_SIGNATURE, f"{kind} signature of {cert.id!r} does not verify"
+        )
     if values["ts"] > (t + limits.max_clock_skew_s) * 1000:
         raise MessageRejected(Reason.CLOCK_SKEW, f"timestamp {values['ts']} ms is in the future")
     body = views["body"]
@@ -239,12 +301,22 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, *,
     decoded = unpack(body, limits, max_bytes=cap)
     model = body_from_wire(kind, decoded)
     if expect_round is not None and values["round"] != expect_round:
-        raise MessageRejected(Reason.STALE_ROUND,
-                              f"expected round {expect_round}, got {values['round']}")
-    return Envelope(kind=kind, sender=cert.id, cert=cert, job=values["job"],
-                    round=values["round"], ts=values["ts"], nonce=header["nonce"],
-                    body_digest=signed["body_digest"], body=model, sealed=sealed,
-                    size=len(data))
+        raise MessageRejected(
+            Reason.STALE_ROUND, f"expected round {expect_round}, got {values['round']}"
+        )
+    return Envelope(
+        kind=kind,
+        sender=cert.id,
+        cert=cert,
+        job=values["job"],
+        round=values["round"],
+        ts=values["ts"],
+        nonce=header["nonce"],
+        body_digest=signed["body_digest"],
+        body=model,
+        sealed=sealed,
+        size=len(data),
+    )
 
 
 def _unseal(body: memoryview, kem_key: KemPrivateKey | None, aad: bytes) -> memoryview:
@@ -253,18 +325,26 @@ def _unseal(body: memoryview, kem_key: KemPrivateKey | None, aad: bytes) -> memo
         if code == 0xC7:
             n, ext, start = body[1], struct.unpack_from(">b", body, 2)[0], 3
         elif code == 0xC8:
-            n, ext, start = struct.unpack_from(">H", body, 1)[0], struct.unpack_from(">b", body, 3)[0], 4
+            n, ext, start = (
+                struct.unpack_from(">H", body, 1)[0],
+                struct.unpack_from(">b", body, 3)[0],
+                4,
+            )
         else:
-            n, ext, start = struct.unpack_from(">I", body, 1)[0], struct.unpack_from(">b", body, 5)[0], 6
+            n, ext, start = (
+                struct.unpack_from(">I", body, 1)[0],
+                struct.unpack_from(">b", body, 5)[0],
+                6,
+            )
     except struct.error:
         raise MessageRejected(Reason.MALFORMED, "truncated sealed body") from None
     if ext != SEALED_EXT or start + n != len(body) or n < KEY_ID_SIZE:
         raise MessageRejected(Reason.MALFORMED, "sealed body framing")
     if kem_key is None:
         raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed but no KEM key was given")
-    if body[start:start + KEY_ID_SIZE] != key_id(kem_key.public_key):
+    if body[start : start + KEY_ID_SIZE] != key_id(kem_key.public_key):
         raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed to another recipient")
-    return memoryview(open_sealed(kem_key, body[start + KEY_ID_SIZE:], aad))
+    return memoryview(open_sealed(kem_key, body[start + KEY_ID_SIZE :], aad))
 
 
 open = open_envelope  # noqa: A001  (the name the contracts use; prefer open_envelope)

@@ -9,8 +9,17 @@ import numpy as np
 #: Tensor dtypes accepted on the wire, by their canonical name (always little-endian).
 ALLOWED_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
-    for name in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64",
-                 "bool")
+    for name in (
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
+    )
 }
 
 MiB = 1024 * 1024

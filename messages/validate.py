@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from qflare.crypto.errors import MessageRejected, Reason
 from qflare.messages.bodies import TensorSpec
 
@@ -22,16 +21,21 @@ def validate_update(tensors: Mapping[str, np.ndarray], spec: Sequence[TensorSpec
     missing = sorted(expected.keys() - tensors.keys())
     extra = sorted(tensors.keys() - expected.keys())
     if missing or extra:
-        raise MessageRejected(Reason.SHAPE_MISMATCH,
-                              f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise MessageRejected(
+            Reason.SHAPE_MISMATCH,
+            f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}",
+        )
     for name, s in expected.items():
         array = tensors[name]
         if array.dtype.name != s.dtype:
-            raise MessageRejected(Reason.DTYPE_NOT_ALLOWED,
-                                  f"{name}: dtype {array.dtype.name}, round expects {s.dtype}")
+            raise MessageRejected(
+                Reason.DTYPE_NOT_ALLOWED,
+                f"{name}: dtype {array.dtype.name}, round expects {s.dtype}",
+            )
         if list(array.shape) != s.shape:
-            raise MessageRejected(Reason.SHAPE_MISMATCH,
-                                  f"{name}: shape {list(array.shape)}, round expects {s.shape}")
+            raise MessageRejected(
+                Reason.SHAPE_MISMATCH, f"{name}: shape {list(array.shape)}, round expects {s.shape}"
+            )
     for name in expected:
         array = tensors[name]
         # A sum is one pass with no temporary of the tensor's size; it is finite only if

@@ -9,8 +9,14 @@ turns stored rows into the same events. Importing this package does not import T
 from qflare.tui.events import Link, Severity
 from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
 
-__all__ = ["AlertFilter", "ConsoleState", "Link", "Severity", "parse_filter",
-           "run_console_in_process"]
+__all__ = [
+    "AlertFilter",
+    "ConsoleState",
+    "Link",
+    "Severity",
+    "parse_filter",
+    "run_console_in_process",
+]
 
 
 async def run_console_in_process(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -18,17 +18,19 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from qflare.bus import topology
 from qflare.crypto.pki import TrustStore
 from qflare.messages import DEFAULT_LIMITS, MessageRejected, Reason, open_envelope, unpack
 from qflare.messages import bodies as wire
 from qflare.tui import events as ev
 
+from qflare.bus import topology
+
 #: Kinds the console draws nothing from (client uploads, chunks, the aggregator's requests).
 IGNORED_KINDS = frozenset({"update", "privacy.request", "chunk", "chunk.manifest"})
 KIND_CONSOLE_REJECTED = "console.rejected"
-_FIELDS = frozenset({"v", "kind", "sender", "cert", "job", "round", "ts", "nonce",
-                     "body_digest", "body", "sig"})
+_FIELDS = frozenset(
+    {"v", "kind", "sender", "cert", "job", "round", "ts", "nonce", "body_digest", "body", "sig"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +52,30 @@ def open_message(data: bytes, trust: TrustStore | None) -> Opened:
     anything wrong with it."""
     if trust is not None:
         env = open_envelope(data, trust)
-        return Opened(env.kind, env.sender, env.job, env.round, env.ts / 1000.0, env.nonce,
-                      env.body, True)
+        return Opened(
+            env.kind, env.sender, env.job, env.round, env.ts / 1000.0, env.nonce, env.body, True
+        )
     return _decode_unverified(data)
 
 
 def _decode_unverified(data: bytes) -> Opened:
     cap = DEFAULT_LIMITS.max_envelope_bytes
-    obj = unpack(data, DEFAULT_LIMITS.with_(max_depth=1, max_container_len=16, max_bin_len=cap),
-                 bin_as_view=True, max_bytes=cap)
+    obj = unpack(
+        data,
+        DEFAULT_LIMITS.with_(max_depth=1, max_container_len=16, max_bin_len=cap),
+        bin_as_view=True,
+        max_bytes=cap,
+    )
     if not isinstance(obj, dict) or set(obj) != _FIELDS:
         raise MessageRejected(Reason.MALFORMED, "not a QFLARE envelope")
     kind, sender, job, round_, ts = (obj[k] for k in ("kind", "sender", "job", "round", "ts"))
-    if not (isinstance(kind, str) and isinstance(sender, str) and isinstance(job, str)
-            and type(round_) is int and type(ts) is int):
+    if not (
+        isinstance(kind, str)
+        and isinstance(sender, str)
+        and isinstance(job, str)
+        and type(round_) is int
+        and type(ts) is int
+    ):
         raise MessageRejected(Reason.MALFORMED, "envelope header field types")
     if kind not in wire.BODY_TYPES:
         raise MessageRejected(Reason.UNKNOWN_KIND, f"unknown kind {kind[:64]!r}")
@@ -76,12 +88,21 @@ def _decode_unverified(data: bytes) -> Opened:
         raise MessageRejected(Reason.UNSEAL_FAILED, "sealed body; the console holds no KEM key")
     model = wire.body_from_wire(kind, unpack(body, DEFAULT_LIMITS, max_bytes=cap))
     nonce = obj["nonce"]
-    return Opened(kind, sender, job, round_, ts / 1000.0,
-                  bytes(nonce) if isinstance(nonce, memoryview) else b"", model, False)
+    return Opened(
+        kind,
+        sender,
+        job,
+        round_,
+        ts / 1000.0,
+        bytes(nonce) if isinstance(nonce, memoryview) else b"",
+        model,
+        False,
+    )
 
 
-def to_events(msg: Opened, exchange: str, routing_key: str = "", *,
-              raw_alerts: bool = False) -> list[ev.FeedEvent]:
+def to_events(
+    msg: Opened, exchange: str, routing_key: str = "", *, raw_alerts: bool = False
+) -> list[ev.FeedEvent]:
     """The console events one opened envelope stands for (often one, sometimes none)."""
     head: dict[str, Any] = {"job": msg.job, "round": msg.round, "ts": msg.ts}
     body = msg.body
@@ -91,42 +112,89 @@ def to_events(msg: Opened, exchange: str, routing_key: str = "", *,
     if isinstance(body, wire.AlertRaised):
         if exchange != topology.ALERTS and not raw_alerts:
             return []
-        return [ev.AlertRaised(**head, severity=_alert_severity(body.severity, exchange, routing_key),
-                               kind=body.alert_kind, reason=body.reason, client=body.client,
-                               detail=body.detail, source=msg.sender,
-                               key=f"{msg.sender}:{msg.nonce.hex()}")]
+        return [
+            ev.AlertRaised(
+                **head,
+                severity=_alert_severity(body.severity, exchange, routing_key),
+                kind=body.alert_kind,
+                reason=body.reason,
+                client=body.client,
+                detail=body.detail,
+                source=msg.sender,
+                key=f"{msg.sender}:{msg.nonce.hex()}",
+            )
+        ]
     if isinstance(body, wire.RoundOpened):
-        return [ev.RoundOpened(**head, participants=tuple(body.participants),
-                               deadline=body.deadline, min_updates=body.min_updates,
-                               rule=body.rule, model_version=body.model_version)]
+        return [
+            ev.RoundOpened(
+                **head,
+                participants=tuple(body.participants),
+                deadline=body.deadline,
+                min_updates=body.min_updates,
+                rule=body.rule,
+                model_version=body.model_version,
+            )
+        ]
     if isinstance(body, wire.UpdateAccepted):
         return [ev.UpdateAccepted(**head, client=body.client)]
     if isinstance(body, wire.UpdateRejected):
-        return [ev.UpdateRejected(**head, client=body.client, reason=str(body.reason),
-                                  detail=body.detail)]
+        return [
+            ev.UpdateRejected(
+                **head, client=body.client, reason=str(body.reason), detail=body.detail
+            )
+        ]
     if isinstance(body, wire.RoundClosed):
         return [ev.RoundClosed(**head, clients=tuple(u.client for u in body.updates))]
     if isinstance(body, wire.RoundVerdict):
-        return [ev.RoundVerdict(**head, kept=tuple(body.kept), flagged=tuple(
-            ev.FlaggedClient(f.client, f.score, tuple(f.reasons)) for f in body.flagged))]
+        return [
+            ev.RoundVerdict(
+                **head,
+                kept=tuple(body.kept),
+                flagged=tuple(
+                    ev.FlaggedClient(f.client, f.score, tuple(f.reasons)) for f in body.flagged
+                ),
+            )
+        ]
     if isinstance(body, wire.PrivacyGranted):
-        return [ev.PrivacyGranted(**head, epsilon_round=body.epsilon_round,
-                                  epsilon_total=body.epsilon_total, delta=body.delta,
-                                  coverage=body.coverage)]
+        return [
+            ev.PrivacyGranted(
+                **head,
+                epsilon_round=body.epsilon_round,
+                epsilon_total=body.epsilon_total,
+                delta=body.delta,
+                coverage=body.coverage,
+            )
+        ]
     if isinstance(body, wire.PrivacyDenied):
-        return [ev.PrivacyDenied(**head, reason=body.reason, epsilon_spent=body.epsilon_spent,
-                                 budget=body.budget, coverage=body.coverage)]
+        return [
+            ev.PrivacyDenied(
+                **head,
+                reason=body.reason,
+                epsilon_spent=body.epsilon_spent,
+                budget=body.budget,
+                coverage=body.coverage,
+            )
+        ]
     if isinstance(body, wire.ModelPublished):
-        out: list[ev.FeedEvent] = [ev.ModelPublished(**head, version=body.version,
-                                                     epsilon=body.epsilon)]
+        out: list[ev.FeedEvent] = [
+            ev.ModelPublished(**head, version=body.version, epsilon=body.epsilon)
+        ]
         if "accuracy" in body.metrics:
-            out.append(ev.MetricsEvaluated(**head, model_version=body.version,
-                                           accuracy=body.metrics["accuracy"],
-                                           loss=body.metrics.get("loss", float("nan"))))
+            out.append(
+                ev.MetricsEvaluated(
+                    **head,
+                    model_version=body.version,
+                    accuracy=body.metrics["accuracy"],
+                    loss=body.metrics.get("loss", float("nan")),
+                )
+            )
         return out
     if isinstance(body, wire.MetricsEvaluated):
-        return [ev.MetricsEvaluated(**head, model_version=body.model_version,
-                                    accuracy=body.accuracy, loss=body.loss)]
+        return [
+            ev.MetricsEvaluated(
+                **head, model_version=body.model_version, accuracy=body.accuracy, loss=body.loss
+            )
+        ]
     if isinstance(body, wire.JobEnded):
         return [ev.JobEnded(**head, reason=body.reason, detail=body.detail)]
     return []
@@ -146,16 +214,31 @@ def _alert_severity(body_severity: str, exchange: str, routing_key: str) -> ev.S
         return ev.Severity.WARNING
 
 
-def rejected_event(exc: MessageRejected, exchange: str, routing_key: str, now: float) -> ev.AlertRaised:
+def rejected_event(
+    exc: MessageRejected, exchange: str, routing_key: str, now: float
+) -> ev.AlertRaised:
     """A message the console could not accept, shown as a local alert."""
-    return ev.AlertRaised(job="-", round=0, ts=now, severity=ev.Severity.WARNING,
-                          kind=KIND_CONSOLE_REJECTED, reason=str(exc.reason),
-                          detail=f"{exchange}/{routing_key}: {exc.detail}"[:4000],
-                          source="console")
+    return ev.AlertRaised(
+        job="-",
+        round=0,
+        ts=now,
+        severity=ev.Severity.WARNING,
+        kind=KIND_CONSOLE_REJECTED,
+        reason=str(exc.reason),
+        detail=f"{exchange}/{routing_key}: {exc.detail}"[:4000],
+        source="console",
+    )
 
 
-def decode_delivery(data: bytes, exchange: str, routing_key: str, trust: TrustStore | None,
-                    now: float, *, raw_alerts: bool = False) -> list[ev.FeedEvent]:
+def decode_delivery(
+    data: bytes,
+    exchange: str,
+    routing_key: str,
+    trust: TrustStore | None,
+    now: float,
+    *,
+    raw_alerts: bool = False,
+) -> list[ev.FeedEvent]:
     """One delivery -> console events; bad input becomes a ``console.rejected`` alert."""
     try:
         msg = open_message(data, trust)

@@ -14,20 +14,19 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from textual import on, work
-from textual.app import App, ComposeResult
-from textual.binding import Binding
-from textual.css.query import NoMatches
-from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.screen import ModalScreen
-from textual.widgets import DataTable, Footer, Input, Static
-from textual.widgets.data_table import RowDoesNotExist
-
 from qflare.tui import render
 from qflare.tui.events import Event, Severity
 from qflare.tui.feed import Feed
 from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets.data_table import RowDoesNotExist
 
 REFRESH_S = 0.25
 COALESCE_S = 0.05
@@ -124,8 +123,10 @@ class ConsoleApp(App[None]):
             yield DataTable(id="rounds", classes="panel", cursor_type="row", zebra_stripes=True)
             yield DataTable(id="clients", classes="panel", cursor_type="row", zebra_stripes=True)
         yield DataTable(id="alerts", classes="panel", cursor_type="row", zebra_stripes=True)
-        yield Input(placeholder="filter: sev:warning kind:client.flagged client:client-003 words",
-                    id="filter")
+        yield Input(
+            placeholder="filter: sev:warning kind:client.flagged client:client-003 words",
+            id="filter",
+        )
         yield Footer()
 
     def on_mount(self) -> None:
@@ -222,10 +223,13 @@ class ConsoleApp(App[None]):
     def _draw_alerts(self) -> None:
         table = self.query_one("#alerts", DataTable)
         visible = self.state.visible_alerts(self.alert_filter)
-        _replace_rows(table, [(str(a.seq), render.make_alert_cells(a))
-                              for a in visible[:MAX_ALERT_ROWS]])
-        table.border_title = (f"alerts [{len(visible)}/{len(self.state.alerts)}] "
-                              f"filter: {self.alert_filter.describe()}")
+        _replace_rows(
+            table, [(str(a.seq), render.make_alert_cells(a)) for a in visible[:MAX_ALERT_ROWS]]
+        )
+        table.border_title = (
+            f"alerts [{len(visible)}/{len(self.state.alerts)}] "
+            f"filter: {self.alert_filter.describe()}"
+        )
         self._drawn_filter = self.alert_filter
 
     # ---- actions -------------------------------------------------------------------

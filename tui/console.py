@@ -17,11 +17,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from qflare.bus import Bus
 from qflare.crypto.pki import TrustStore
 from qflare.tui.app import ConsoleApp
 from qflare.tui.events import Event, JobDeclared
 from qflare.tui.feed import Feed, describe_source
+
+from qflare.bus import Bus
 
 
 def build_console(
@@ -47,8 +48,9 @@ def build_console(
         return events
 
     def feed(sink: Callable[[Sequence[Event]], None]) -> Feed:
-        return Feed(sink, url=url, bus=bus, prefix=prefix, trust=trust,
-                    raw_alerts=raw_alerts, clock=clock)
+        return Feed(
+            sink, url=url, bus=bus, prefix=prefix, trust=trust, raw_alerts=raw_alerts, clock=clock
+        )
 
     source = describe_source(url) + ("" if trust is not None else "  (signatures not verified)")
     return ConsoleApp(feed=feed, history=history, clock=clock, source=source)
@@ -63,14 +65,17 @@ def terminal_logs_to(path: Path | None) -> Iterator[None]:
     moved: list[tuple[logging.StreamHandler, object]] = []
     sink = open(path if path is not None else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
     loggers = [logging.getLogger()] + [
-        logger for logger in logging.root.manager.loggerDict.values()
+        logger
+        for logger in logging.root.manager.loggerDict.values()
         if isinstance(logger, logging.Logger)
     ]
     try:
         for logger in loggers:
             for handler in logger.handlers:
-                if (type(handler) is logging.StreamHandler
-                        and getattr(handler, "stream", None) in terminal):
+                if (
+                    type(handler) is logging.StreamHandler
+                    and getattr(handler, "stream", None) in terminal
+                ):
                     moved.append((handler, handler.setStream(sink)))
         yield
     finally:
@@ -96,8 +101,7 @@ async def run_console_in_process(
     own queue on ``bus`` and deletes it on exit; it never closes ``bus``. Log handlers that
     write to the terminal go to ``log_file`` (or nowhere) while it runs. ``exit_when``
     (e.g. the simulation's task) closes the console when it completes."""
-    app = build_console(bus=bus, trust=trust, jobs=jobs, state_dir=state_dir,
-                        raw_alerts=raw_alerts)
+    app = build_console(bus=bus, trust=trust, jobs=jobs, state_dir=state_dir, raw_alerts=raw_alerts)
 
     async def close_after(done: Awaitable[object]) -> None:
         with contextlib.suppress(Exception):

@@ -28,10 +28,20 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qflare.bus import Bus, BusError, Delivery, Outcome, QueueSpec, Subscription, connect_bus, topology
 from qflare.crypto.pki import TrustStore
 from qflare.tui.adapter import decode_delivery
 from qflare.tui.events import AlertRaised, Event, Link, LinkChanged, Severity
+
+from qflare.bus import (
+    Bus,
+    BusError,
+    Delivery,
+    Outcome,
+    QueueSpec,
+    Subscription,
+    connect_bus,
+    topology,
+)
 
 log = logging.getLogger("qflare.tui")
 
@@ -137,13 +147,21 @@ class Feed:
         now = self.clock()
         down = f" for about {now - self._down_since:.0f}s" if self._down_since else ""
         self._down_since = None
-        self.sink([AlertRaised(
-            job="-", round=0, ts=now, severity=Severity.WARNING, kind=KIND_CONSOLE_GAP,
-            reason="RECONNECTED",
-            detail=f"the broker link was down{down}; events published meanwhile were not "
-                   "received (the console's queue is transient)",
-            source="console",
-        )])
+        self.sink(
+            [
+                AlertRaised(
+                    job="-",
+                    round=0,
+                    ts=now,
+                    severity=Severity.WARNING,
+                    kind=KIND_CONSOLE_GAP,
+                    reason="RECONNECTED",
+                    detail=f"the broker link was down{down}; events published meanwhile were not "
+                    "received (the console's queue is transient)",
+                    source="console",
+                )
+            ]
+        )
 
     async def _handle(self, delivery: Delivery) -> Outcome:
         args = (delivery.body, delivery.exchange, delivery.routing_key, self.trust, self.clock())
@@ -159,7 +177,9 @@ class Feed:
         attempt = 0
         while True:
             try:
-                options = {"connect_timeout": 2.0} if not (self.url or "").startswith("memory") else {}
+                options = (
+                    {"connect_timeout": 2.0} if not (self.url or "").startswith("memory") else {}
+                )
                 return await connect_bus(self.url, prefix=self.prefix, **options)
             except BusError as exc:
                 attempt += 1
@@ -172,8 +192,12 @@ class Feed:
         try:
             if self.bus is None:
                 self.bus = await self._connect()
-            spec = QueueSpec(self.queue, bindings=((topology.EVENTS, "#"), (topology.ALERTS, "#")),
-                             dead_letter=False, transient=True)
+            spec = QueueSpec(
+                self.queue,
+                bindings=((topology.EVENTS, "#"), (topology.ALERTS, "#")),
+                dead_letter=False,
+                transient=True,
+            )
             while self._sub is None:
                 try:
                     self._sub = await self.bus.consume(spec, self._handle, prefetch=256)
@@ -182,7 +206,9 @@ class Feed:
                     await asyncio.sleep(self.retry_interval)
             up = True
             self._link(Link.CONNECTED)
-            callbacks: Any = getattr(getattr(self.bus, "connection", None), "reconnect_callbacks", None)
+            callbacks: Any = getattr(
+                getattr(self.bus, "connection", None), "reconnect_callbacks", None
+            )
             if callbacks is not None:
                 callbacks.add(self._on_reconnect)
             while not self._closed:
@@ -192,8 +218,10 @@ class Feed:
                     up = now_up
                     if not up:
                         self._down_since = self.clock()
-                    self._link(Link.CONNECTED if up else Link.RECONNECTING,
-                               "" if up else "broker connection lost")
+                    self._link(
+                        Link.CONNECTED if up else Link.RECONNECTING,
+                        "" if up else "broker connection lost",
+                    )
         finally:
             await self.close()
 
@@ -211,7 +239,7 @@ class Feed:
         try:
             if sub is not None:
                 await asyncio.wait_for(sub.cancel(timeout=1.0), 3.0)
-        except Exception as exc:  # noqa: BLE001 - a failed cleanup must not block quitting
+        except Exception as exc:
             log.warning("console queue %s: cancel failed: %r", self.queue, exc)
         finally:
             if bus is not None and self.owns_bus:

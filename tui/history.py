@@ -32,8 +32,14 @@ from qflare.tui.events import (
 MAX_ROUNDS_PER_JOB = 200
 MAX_ALERTS = 500
 #: aggregator round states -> the console's.
-_ROUND_STATE = {"requested": "granted", "open": "open", "closed": "closed",
-                "published": "published", "denied": "denied", "aborted": "ended"}
+_ROUND_STATE = {
+    "requested": "granted",
+    "open": "open",
+    "closed": "closed",
+    "published": "published",
+    "denied": "denied",
+    "aborted": "ended",
+}
 
 
 @contextmanager
@@ -63,8 +69,18 @@ def load_history(state_dir: Path) -> list[FeedEvent]:
         events += _alerting(Path(state_dir) / "alerting" / "alerting.sqlite")
     except sqlite3.Error as exc:
         # A store being migrated or locked for too long: start with what the feed brings.
-        events.append(AlertRaised("-", 0, 0.0, severity=Severity.INFO, kind="console.history",
-                                  reason="HISTORY_UNREADABLE", detail=str(exc), source="console"))
+        events.append(
+            AlertRaised(
+                "-",
+                0,
+                0.0,
+                severity=Severity.INFO,
+                kind="console.history",
+                reason="HISTORY_UNREADABLE",
+                detail=str(exc),
+                source="console",
+            )
+        )
     events.sort(key=lambda e: e.ts)
     return events
 
@@ -89,10 +105,17 @@ def _aggregator(path: Path) -> list[FeedEvent]:
                 spec = _json(row["spec"]) or {}
                 dp = float(spec.get("noise_multiplier") or 0.0) > 0
                 rules[row["job_id"]] = str(spec.get("rule", ""))
-                out.append(JobDeclared(
-                    row["job_id"], 0, float(row["created"]),
-                    epsilon_budget=float(spec["epsilon_budget"]) if dp and "epsilon_budget" in spec else None,
-                    rounds=int(spec["rounds"]) if "rounds" in spec else None))
+                out.append(
+                    JobDeclared(
+                        row["job_id"],
+                        0,
+                        float(row["created"]),
+                        epsilon_budget=float(spec["epsilon_budget"])
+                        if dp and "epsilon_budget" in spec
+                        else None,
+                        rounds=int(spec["rounds"]) if "rounds" in spec else None,
+                    )
+                )
         received: dict[tuple[str, int], list[str]] = {}
         if _has(conn, "updates", "job_id", "round", "client"):
             for row in conn.execute("SELECT job_id, round, client FROM updates"):
@@ -102,7 +125,9 @@ def _aggregator(path: Path) -> list[FeedEvent]:
         cols = _columns(conn, "rounds")
         rows = conn.execute(
             "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY job_id ORDER BY round DESC) "
-            "AS n FROM rounds) WHERE n <= ? ORDER BY job_id, round", (MAX_ROUNDS_PER_JOB,))
+            "AS n FROM rounds) WHERE n <= ? ORDER BY job_id, round",
+            (MAX_ROUNDS_PER_JOB,),
+        )
         for row in rows:
             job, rnd = row["job_id"], int(row["round"])
             verdict = _json(row["verdict"]) if "verdict" in cols else None
@@ -110,48 +135,82 @@ def _aggregator(path: Path) -> list[FeedEvent]:
             got = list(received.get((job, rnd), ()))
             if isinstance(closed, list):
                 got += [c[0] for c in closed if isinstance(c, list) and c]
-            out.append(RoundSnapshot(
-                job, rnd, float(row["updated"]),
-                state=_ROUND_STATE.get(str(row["state"]), "open"),
-                participants=tuple(_json(row["participants"]) or ()),
-                received=tuple(got),
-                kept=tuple(verdict["kept"]) if isinstance(verdict, dict) and "kept" in verdict else None,
-                flagged=tuple(verdict.get("flagged", ())) if isinstance(verdict, dict) else (),
-                deadline=row["deadline"] if "deadline" in cols else None,
-                rule=rules.get(job, ""),
-                epsilon_total=row["epsilon"] if "epsilon" in cols else None,
-                model_version=int(row["base_version"]) if "base_version" in cols else None))
+            out.append(
+                RoundSnapshot(
+                    job,
+                    rnd,
+                    float(row["updated"]),
+                    state=_ROUND_STATE.get(str(row["state"]), "open"),
+                    participants=tuple(_json(row["participants"]) or ()),
+                    received=tuple(got),
+                    kept=tuple(verdict["kept"])
+                    if isinstance(verdict, dict) and "kept" in verdict
+                    else None,
+                    flagged=tuple(verdict.get("flagged", ())) if isinstance(verdict, dict) else (),
+                    deadline=row["deadline"] if "deadline" in cols else None,
+                    rule=rules.get(job, ""),
+                    epsilon_total=row["epsilon"] if "epsilon" in cols else None,
+                    model_version=int(row["base_version"]) if "base_version" in cols else None,
+                )
+            )
         if _has(conn, "jobs", "ended", "end_reason"):
             for row in conn.execute(
-                    "SELECT j.job_id, j.end_reason, j.created, MAX(r.round) AS last, "
-                    "MAX(r.updated) AS at FROM jobs j LEFT JOIN rounds r ON r.job_id = j.job_id "
-                    "WHERE j.ended != 0 GROUP BY j.job_id"):
-                out.append(JobEnded(row["job_id"], int(row["last"] or 0),
-                                    float(row["at"] or row["created"]),
-                                    reason=row["end_reason"] or "ended"))
+                "SELECT j.job_id, j.end_reason, j.created, MAX(r.round) AS last, "
+                "MAX(r.updated) AS at FROM jobs j LEFT JOIN rounds r ON r.job_id = j.job_id "
+                "WHERE j.ended != 0 GROUP BY j.job_id"
+            ):
+                out.append(
+                    JobEnded(
+                        row["job_id"],
+                        int(row["last"] or 0),
+                        float(row["at"] or row["created"]),
+                        reason=row["end_reason"] or "ended",
+                    )
+                )
     return out
 
 
 def _alerting(path: Path) -> list[FeedEvent]:
     out: list[FeedEvent] = []
     with _readonly(path) as conn:
-        needed = ("id", "job", "kind", "severity", "client", "round", "reason", "detail",
-                  "source", "last_ts")
+        needed = (
+            "id",
+            "job",
+            "kind",
+            "severity",
+            "client",
+            "round",
+            "reason",
+            "detail",
+            "source",
+            "last_ts",
+        )
         if conn is None or not _has(conn, "alerts", *needed):
             return out
         where = "WHERE published != 0" if _has(conn, "alerts", "published") else ""
         count = ", count" if _has(conn, "alerts", "count") else ", 1 AS count"
-        rows = conn.execute(f"SELECT {', '.join(needed)}{count} FROM alerts {where} "
-                            f"ORDER BY id DESC LIMIT ?", (MAX_ALERTS,)).fetchall()
+        rows = conn.execute(
+            f"SELECT {', '.join(needed)}{count} FROM alerts {where} ORDER BY id DESC LIMIT ?",
+            (MAX_ALERTS,),
+        ).fetchall()
         for row in reversed(rows):
             try:
                 severity = Severity.parse(row["severity"])
             except ValueError:
                 severity = Severity.WARNING
             times = f" (x{row['count']})" if row["count"] and row["count"] > 1 else ""
-            out.append(AlertRaised(
-                row["job"], int(row["round"] or 0), float(row["last_ts"]), severity=severity,
-                kind=row["kind"], reason=row["reason"], client=row["client"],
-                detail=f"{row['detail']}{times}", source=row["source"],
-                key=f"alerting.sqlite:{row['id']}"))
+            out.append(
+                AlertRaised(
+                    row["job"],
+                    int(row["round"] or 0),
+                    float(row["last_ts"]),
+                    severity=severity,
+                    kind=row["kind"],
+                    reason=row["reason"],
+                    client=row["client"],
+                    detail=f"{row['detail']}{times}",
+                    source=row["source"],
+                    key=f"alerting.sqlite:{row['id']}",
+                )
+            )
     return out

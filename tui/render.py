@@ -11,12 +11,11 @@ import math
 import time
 from collections.abc import Sequence
 
+from qflare.tui.events import Link, Severity
+from qflare.tui.state import AlertRow, ClientRow, ConsoleState, RoundRow
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
-
-from qflare.tui.events import Link, Severity
-from qflare.tui.state import AlertRow, ClientRow, ConsoleState, RoundRow
 
 SEVERITY_STYLE: dict[Severity, str] = {
     Severity.INFO: "cyan",
@@ -24,12 +23,20 @@ SEVERITY_STYLE: dict[Severity, str] = {
     Severity.CRITICAL: "bold white on red",
 }
 STATE_STYLE: dict[str, str] = {
-    "granted": "dim", "open": "cyan", "collecting": "bold cyan", "closed": "yellow",
-    "verdict": "magenta", "published": "green", "denied": "bold red", "ended": "red",
+    "granted": "dim",
+    "open": "cyan",
+    "collecting": "bold cyan",
+    "closed": "yellow",
+    "verdict": "magenta",
+    "published": "green",
+    "denied": "bold red",
+    "ended": "red",
 }
 LINK_STYLE: dict[Link, str] = {
-    Link.CONNECTING: "bold yellow", Link.CONNECTED: "bold green",
-    Link.RECONNECTING: "bold white on dark_red", Link.CLOSED: "bold red",
+    Link.CONNECTING: "bold yellow",
+    Link.CONNECTED: "bold green",
+    Link.RECONNECTING: "bold white on dark_red",
+    Link.CLOSED: "bold red",
 }
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 DASH = "–"
@@ -82,8 +89,10 @@ def make_link_banner(state: ConsoleState, source: str = "") -> Text:
     if link is Link.CONNECTED:
         text.append(" ● connected ", LINK_STYLE[link])
     elif link is Link.RECONNECTING:
-        text.append(f" ⟳ reconnecting for {format_duration(state.now - state.link_since)} ",
-                    LINK_STYLE[link])
+        text.append(
+            f" ⟳ reconnecting for {format_duration(state.now - state.link_since)} ",
+            LINK_STYLE[link],
+        )
     else:
         text.append(f" {link.value} ", LINK_STYLE[link])
     if source:
@@ -120,11 +129,20 @@ def make_round_panel(state: ConsoleState) -> RenderableType:
         status = Text(row.state, STATE_STYLE.get(row.state, ""))
         if view.ended:
             status = Text(f"ended: {view.ended}", "red" if view.denied else "green")
-        countdown = (format_countdown(row.deadline, state.now)
-                     if row.state in ("open", "collecting") else DASH)
+        countdown = (
+            format_countdown(row.deadline, state.now)
+            if row.state in ("open", "collecting")
+            else DASH
+        )
         total = f"/{view.rounds_planned}" if view.rounds_planned else ""
-        table.add_row(job, f"{row.round}{total}", status, make_updates_cell(row), countdown,
-                      DASH if view.model_version is None else f"v{view.model_version}")
+        table.add_row(
+            job,
+            f"{row.round}{total}",
+            status,
+            make_updates_cell(row),
+            countdown,
+            DASH if view.model_version is None else f"v{view.model_version}",
+        )
     return table
 
 
@@ -176,7 +194,9 @@ def make_client_cells(client: ClientRow, now: float) -> tuple[RenderableType, ..
     if rep is None:
         rep_cell = Text(DASH)
     else:
-        rep_cell = Text(f"{rep:.2f}", "green" if rep >= 0.9 else "yellow" if rep >= 0.5 else "bold red")
+        rep_cell = Text(
+            f"{rep:.2f}", "green" if rep >= 0.9 else "yellow" if rep >= 0.5 else "bold red"
+        )
     flags = Text(str(client.rounds_flagged), "bold red" if client.rounds_flagged else "")
     revoked = Text("REVOKED", "bold white on red") if client.revoked else Text("")
     return (
@@ -206,8 +226,9 @@ COVERAGE_MARKS = {
 }
 
 
-def make_budget_gauge(spent: float, budget: float | None, width: int = 20,
-                      coverage: str | None = None) -> Text:
+def make_budget_gauge(
+    spent: float, budget: float | None, width: int = 20, coverage: str | None = None
+) -> Text:
     """``[██████░░░░] 1.23/4.00 ε (31%) DP``; red past 90% of the budget. ``coverage`` (from
     the accountant's answers, docs/privacy.md) is marked after the gauge: ``noise_only``
     says the ε is that of the noise added, not a DP guarantee."""
@@ -233,8 +254,9 @@ def _gauge(spent: float, budget: float | None, width: int) -> Text:
     return text
 
 
-def make_sparkline(values: Sequence[float], width: int = 30, lo: float = 0.0,
-                   hi: float = 1.0) -> str:
+def make_sparkline(
+    values: Sequence[float], width: int = 30, lo: float = 0.0, hi: float = 1.0
+) -> str:
     """The last ``width`` values as block characters scaled over [lo, hi]."""
     if not values or width <= 0:
         return ""
@@ -254,8 +276,9 @@ def make_privacy_panel(state: ConsoleState, width: int = 20) -> RenderableType:
     for job in sorted(state.jobs):
         view = state.jobs[job]
         line = Text(f"{job} ", "bold")
-        line.append_text(make_budget_gauge(view.epsilon_spent, view.epsilon_budget, width,
-                                           view.coverage))
+        line.append_text(
+            make_budget_gauge(view.epsilon_spent, view.epsilon_budget, width, view.coverage)
+        )
         if view.denied:
             line.append("  DENIED", "bold red")
         lines.append(line)

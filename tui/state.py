@@ -180,8 +180,14 @@ class AlertFilter:
         return " ".join(parts) or "all"
 
 
-_FILTER_KEYS = {"sev": "min_severity", "severity": "min_severity", "kind": "kind",
-                "client": "client", "job": "job", "text": "text"}
+_FILTER_KEYS = {
+    "sev": "min_severity",
+    "severity": "min_severity",
+    "kind": "kind",
+    "client": "client",
+    "job": "job",
+    "text": "text",
+}
 
 
 def parse_filter(query: str) -> AlertFilter:
@@ -275,8 +281,9 @@ class ConsoleState:
 
     def round_rows(self) -> list[RoundRow]:
         """Newest first."""
-        return sorted(self.rounds.values(), key=lambda r: (r.opened_ts or r.first_ts, r.round),
-                      reverse=True)
+        return sorted(
+            self.rounds.values(), key=lambda r: (r.opened_ts or r.first_ts, r.round), reverse=True
+        )
 
     def current_round(self, job: str) -> RoundRow | None:
         view = self.jobs.get(job)
@@ -410,7 +417,7 @@ class ConsoleState:
         row = self._round(e.job, e.round, e.ts)
         row.published_ts = e.ts
         row.model_version = e.version
-        if row.epsilon_total is None:      # DP off: no grant, the model says epsilon = inf
+        if row.epsilon_total is None:  # DP off: no grant, the model says epsilon = inf
             row.epsilon_total = e.epsilon
         row.advance("published")
         view = self._job(e.job)
@@ -433,10 +440,20 @@ class ConsoleState:
             while len(self._alert_keys) > 4 * MAX_ALERTS:
                 self._alert_keys.popitem(last=False)
         self._seq += 1
-        self.alerts.append(AlertRow(
-            seq=self._seq, ts=e.ts, severity=e.severity, kind=e.kind, job=e.job,
-            round=e.round, reason=e.reason, client=e.client, detail=e.detail, source=e.source,
-        ))
+        self.alerts.append(
+            AlertRow(
+                seq=self._seq,
+                ts=e.ts,
+                severity=e.severity,
+                kind=e.kind,
+                job=e.job,
+                round=e.round,
+                reason=e.reason,
+                client=e.client,
+                detail=e.detail,
+                source=e.source,
+            )
+        )
         if e.job and e.job != "-":
             self._job(e.job)
         if e.client:
@@ -459,8 +476,15 @@ class ConsoleState:
         if e.state in ROUND_STATES or e.state in FAILED_STATES:
             row.advance(e.state)
         if e.kept is not None:
-            self._on_RoundVerdict(RoundVerdict(e.job, e.round, e.ts, kept=e.kept, flagged=tuple(
-                FlaggedClient(c, float("nan")) for c in e.flagged)))
+            self._on_RoundVerdict(
+                RoundVerdict(
+                    e.job,
+                    e.round,
+                    e.ts,
+                    kept=e.kept,
+                    flagged=tuple(FlaggedClient(c, float("nan")) for c in e.flagged),
+                )
+            )
 
     def _on_JobEnded(self, e: JobEnded) -> None:
         view = self._job(e.job)

@@ -109,7 +109,9 @@ class _Broker:
         if message.deliveries >= queue.args.delivery_limit:
             # A transient (classic) queue has no broker-side limit: its subscription
             # rejects the message, so RabbitMQ records "rejected".
-            reason = topology.DEATH_REJECTED if queue.args.transient else topology.DEATH_DELIVERY_LIMIT
+            reason = (
+                topology.DEATH_REJECTED if queue.args.transient else topology.DEATH_DELIVERY_LIMIT
+            )
             self.dead_letter(queue, message, reason)
         elif queue.name in self.queues:
             queue.ready.appendleft(message)
@@ -134,7 +136,7 @@ class _Broker:
                     "queue": queue.name,
                     "exchange": message.exchange,
                     "routing-keys": [message.routing_key],
-                    "time": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0),
+                    "time": _dt.datetime.now(_dt.UTC).replace(microsecond=0),
                 },
             )
         headers["x-death"] = deaths
@@ -227,7 +229,10 @@ class MemoryBus(Bus):
     """The in-memory adapter. Use :func:`qflare.bus.connect_bus` with ``memory://``."""
 
     def __init__(
-        self, broker_name: str = "", prefix: str = "", max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+        self,
+        broker_name: str = "",
+        prefix: str = "",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.prefix = prefix
         self.max_message_size = max_message_size
@@ -265,7 +270,10 @@ class MemoryBus(Bus):
 
     def _declare(self, spec: QueueSpec) -> _Queue:
         for exchange, _ in spec.bindings:
-            if exchange not in topology.EXCHANGES or self.name(exchange) not in self._broker.exchanges:
+            if (
+                exchange not in topology.EXCHANGES
+                or self.name(exchange) not in self._broker.exchanges
+            ):
                 raise TopologyError(f"cannot bind {spec.name!r} to unknown exchange {exchange!r}")
         args = _QueueArgs(
             single_active=spec.single_active,

@@ -374,7 +374,7 @@ async def settle_outcome(handler: Handler, delivery: Delivery, retry_delay: floa
 async def _outcome_of(handler: Handler, delivery: Delivery) -> Outcome:
     try:
         outcome = await handler(delivery)
-    except Exception:  # noqa: BLE001 - a handler bug must not stop the consumer
+    except Exception:
         log.exception(
             "handler failed on %s/%s (delivery %d); retrying within the delivery limit",
             delivery.exchange,

@@ -191,8 +191,12 @@ class _RabbitSubscription(Subscription):
                 await message.nack(requeue=True)
         except RETRYABLE_ERRORS as exc:
             # The channel that carried it is gone; the broker redelivers the message.
-            log.warning("could not %s a message on %s: %r; it will be redelivered",
-                        outcome.value, self.spec.name, exc)
+            log.warning(
+                "could not %s a message on %s: %r; it will be redelivered",
+                outcome.value,
+                self.spec.name,
+                exc,
+            )
 
     async def cancel(self, timeout: float = 10.0) -> None:
         if self._cancelled:
@@ -202,13 +206,13 @@ class _RabbitSubscription(Subscription):
         if self.consumer_tag is not None:
             try:
                 await self.queue.cancel(self.consumer_tag)
-            except Exception as exc:  # noqa: BLE001 - the channel may already be gone
+            except Exception as exc:
                 log.debug("basic.cancel on %s failed: %r", self.spec.name, exc)
         await finish_tasks(self.in_flight, timeout)
         # Closing the channel hands every unsettled message back to the broker.
         try:
             await self.channel.close()
-        except Exception as exc:  # noqa: BLE001 - a dead connection already returned them
+        except Exception as exc:
             log.debug("closing the channel of %s failed: %r", self.spec.name, exc)
 
 
@@ -297,7 +301,9 @@ class RabbitBus(Bus):
         for logical in topology.EXCHANGES:
             try:
                 self._exchanges[logical] = await self._channel.declare_exchange(
-                    self.name(logical), aio_pika.ExchangeType.TOPIC, durable=True,
+                    self.name(logical),
+                    aio_pika.ExchangeType.TOPIC,
+                    durable=True,
                     passive=self.passive,
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
@@ -377,7 +383,7 @@ class RabbitBus(Bus):
             return
         try:
             await asyncio.wait_for(self._channel.ready(), remaining)
-        except (asyncio.TimeoutError, *RETRYABLE_ERRORS):
+        except (TimeoutError, *RETRYABLE_ERRORS):
             pass
 
     async def consume(self, spec: QueueSpec, handler: Handler, prefetch: int = 16) -> Subscription:
@@ -429,7 +435,9 @@ class RabbitBus(Bus):
         except aiormq.exceptions.ChannelAccessRefused as exc:
             if not channel.is_closed:
                 await channel.close()
-            raise AccessRefused(f"this broker user may not declare, bind or read {logical!r}: {exc}") from exc
+            raise AccessRefused(
+                f"this broker user may not declare, bind or read {logical!r}: {exc}"
+            ) from exc
         except BaseException:
             if not channel.is_closed:
                 await channel.close()
@@ -446,7 +454,7 @@ class RabbitBus(Bus):
         )
         try:
             await self._connection.close()
-        except Exception as exc:  # noqa: BLE001 - closing a broken connection is done anyway
+        except Exception as exc:
             log.debug("closing the connection failed: %r", exc)
 
     @property

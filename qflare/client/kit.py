@@ -31,7 +31,9 @@ class Kit:
 
     def __post_init__(self) -> None:
         if self.identity.role != "client":
-            raise ValueError(f"a participant kit holds a client identity, got role {self.identity.role!r}")
+            raise ValueError(
+                f"a participant kit holds a client identity, got role {self.identity.role!r}"
+            )
         if self.ingest_cert is not None:
             # the sealing key must itself be certified as ingest's, or a swapped file would
             # make the client encrypt its update to someone else
@@ -47,8 +49,10 @@ class Kit:
     def load(cls, folder: str | Path, passphrase: bytes | None = None) -> Kit:
         d = Path(folder)
         if not (d / "cert.qc").exists():
-            raise ValueError(f"{d} is not a client kit (no cert.qc); pass a clients/<id>/ folder "
-                             "written by `qflare provision`")
+            raise ValueError(
+                f"{d} is not a client kit (no cert.qc); pass a clients/<id>/ folder "
+                "written by `qflare provision`"
+            )
         ingest = d / INGEST_CERT_FILE
         password = d / PASSWORD_FILE
         return cls(

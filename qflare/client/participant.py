@@ -41,10 +41,10 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, Subscription, connect_bus, topology
-from qflare.crypto.errors import MessageRejected, Reason
-from qflare.messages import Envelope, ModelPublished, RoundOpened, Update, encode, open_envelope
 from qflare.client.kit import Kit
 from qflare.client.tensors import delta, load_tensors, model_tensors
+from qflare.crypto.errors import MessageRejected, Reason
+from qflare.messages import Envelope, ModelPublished, RoundOpened, Update, encode, open_envelope
 from qflare.services.aggregator.core import model_digest
 
 log = logging.getLogger("qflare.client")
@@ -142,8 +142,10 @@ class Participant:
         if train is None and type(self).compute_update is Participant.compute_update:
             raise TypeError("give a train(model, round_info) function, or override compute_update")
         if seal and kit.ingest_cert is None:
-            raise ValueError(f"kit of {kit.id!r} has no ingest certificate to seal to; pass seal=False "
-                             "or provision it with `qflare provision`")
+            raise ValueError(
+                f"kit of {kit.id!r} has no ingest certificate to seal to; pass seal=False "
+                "or provision it with `qflare provision`"
+            )
         self.kit = kit
         self.model = model
         self.train = train
@@ -170,8 +172,14 @@ class Participant:
         self.stats = Stats()
 
     @classmethod
-    def from_kit(cls, folder: str | Path, model: Any, train: TrainFn | None,
-                 passphrase: bytes | None = None, **kwargs: Any) -> Participant:
+    def from_kit(
+        cls,
+        folder: str | Path,
+        model: Any,
+        train: TrainFn | None,
+        passphrase: bytes | None = None,
+        **kwargs: Any,
+    ) -> Participant:
         return cls(Kit.load(folder, passphrase), model, train, **kwargs)
 
     @property
@@ -181,7 +189,9 @@ class Participant:
     # -- life cycle -------------------------------------------------------------------------
     def queue_spec(self) -> QueueSpec:
         patterns = [f"{job}.#" for job in self.jobs] if self.jobs else ["#"]
-        return QueueSpec(f"client.{self.id}", bindings=tuple((topology.BROADCAST, p) for p in patterns))
+        return QueueSpec(
+            f"client.{self.id}", bindings=tuple((topology.BROADCAST, p) for p in patterns)
+        )
 
     async def start(self) -> None:
         if self.bus is None:
@@ -191,7 +201,9 @@ class Participant:
                 options["connection_name"] = f"qflare-client-{self.id}"
                 options["declare"] = self.declare or declare_mode(url, self.id)
             self.bus = await connect_bus(url, prefix=self._prefix, **options)
-        self._sub = await self.bus.consume(self.queue_spec(), self._on_broadcast, prefetch=self.prefetch)
+        self._sub = await self.bus.consume(
+            self.queue_spec(), self._on_broadcast, prefetch=self.prefetch
+        )
         log.info("participant %s following %s", self.id, ", ".join(self.jobs or ("every job",)))
 
     async def stop(self) -> None:
@@ -230,13 +242,17 @@ class Participant:
         return asyncio.run(self.run(job, timeout))
 
     # -- the one hook simulations override ---------------------------------------------------
-    def compute_update(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> LocalUpdate:
+    def compute_update(
+        self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo
+    ) -> LocalUpdate:
         """Load the global model, train, and return ``local - global``. Runs in a worker
         thread. Override it to produce updates without torch (simulations, attacks)."""
         load_tensors(self.model, global_tensors)
         num_samples = self.train(self.model, info)  # type: ignore[misc]
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise TypeError(f"train() must return the number of samples (an int >= 1), got {num_samples!r}")
+            raise TypeError(
+                f"train() must return the number of samples (an int >= 1), got {num_samples!r}"
+            )
         local = model_tensors(self.model, list(global_tensors))
         return LocalUpdate(delta(local, global_tensors), num_samples)
 
@@ -258,7 +274,12 @@ class Participant:
         except MessageRejected as exc:
             self.stats.rejected += 1
             self.stats.last_error = f"{exc.reason.value}: {exc.detail}"
-            log.warning("participant %s rejected a broadcast (%s): %s", self.id, exc.reason.value, exc.detail)
+            log.warning(
+                "participant %s rejected a broadcast (%s): %s",
+                self.id,
+                exc.reason.value,
+                exc.detail,
+            )
             return Outcome.REJECT
 
     async def _open(self, data: bytes) -> Envelope:
@@ -268,8 +289,10 @@ class Participant:
             env = open_envelope(data, self.kit.trust, now=self.clock())
         allowed = ("aggregator", "operator") if env.kind == "job.ended" else ("aggregator",)
         if env.cert.role not in allowed:
-            raise MessageRejected(Reason.ROLE_NOT_ALLOWED,
-                                  f"{env.kind} from a {env.cert.role!r} certificate; only {allowed} are trusted")
+            raise MessageRejected(
+                Reason.ROLE_NOT_ALLOWED,
+                f"{env.kind} from a {env.cert.role!r} certificate; only {allowed} are trusted",
+            )
         return env
 
     def _on_model(self, env: Envelope) -> None:
@@ -277,8 +300,10 @@ class Participant:
         if body.tensors is None:
             return  # the events-side announcement; clients need the tensors
         if model_digest(body.tensors) != body.digest:
-            raise MessageRejected(Reason.BAD_DIGEST,
-                                  f"model version {body.version} of {env.job!r} does not hash to its signed digest")
+            raise MessageRejected(
+                Reason.BAD_DIGEST,
+                f"model version {body.version} of {env.job!r} does not hash to its signed digest",
+            )
         versions = self.models.setdefault(env.job, {})
         versions[body.version] = (body.digest, body.tensors)
         for old in sorted(versions)[:-_MODELS_KEPT]:
@@ -299,9 +324,17 @@ class Participant:
     async def _on_round(self, env: Envelope) -> Outcome:
         body: RoundOpened = env.body  # type: ignore[assignment]
         self.stats.rounds_seen += 1
-        info = RoundInfo(job=env.job, round=env.round, client=self.id, model_version=body.model_version,
-                         model_digest=body.model_digest, deadline=body.deadline, clip_norm=body.clip_norm,
-                         participants=tuple(body.participants), rule=body.rule)
+        info = RoundInfo(
+            job=env.job,
+            round=env.round,
+            client=self.id,
+            model_version=body.model_version,
+            model_digest=body.model_digest,
+            deadline=body.deadline,
+            clip_norm=body.clip_norm,
+            participants=tuple(body.participants),
+            rule=body.rule,
+        )
         if not info.selected or (env.job, env.round) in self.submitted or env.job in self.ended:
             return Outcome.ACK
         self.stats.rounds_selected += 1
@@ -311,14 +344,20 @@ class Participant:
         try:
             await asyncio.wait_for(arrived.wait(), self.model_wait_s)
         except TimeoutError:
-            log.warning("participant %s: model version %d of %s did not arrive; retrying the round",
-                        self.id, body.model_version, env.job)
+            log.warning(
+                "participant %s: model version %d of %s did not arrive; retrying the round",
+                self.id,
+                body.model_version,
+                env.job,
+            )
             return Outcome.RETRY
         digest, global_tensors = self.models[env.job][body.model_version]
         if digest != body.model_digest:
-            raise MessageRejected(Reason.BAD_DIGEST,
-                                  f"round {env.round} names model digest {body.model_digest.hex()[:16]}, "
-                                  f"the verified version {body.model_version} is {digest.hex()[:16]}")
+            raise MessageRejected(
+                Reason.BAD_DIGEST,
+                f"round {env.round} names model digest {body.model_digest.hex()[:16]}, "
+                f"the verified version {body.model_version} is {digest.hex()[:16]}",
+            )
         async with self._train_lock:
             if (env.job, env.round) in self.submitted:
                 return Outcome.ACK
@@ -332,21 +371,39 @@ class Participant:
             self.submitted.add((env.job, env.round))
             self.stats.updates_sent += 1
             self.stats.sent.append((env.job, env.round))
-        log.info("participant %s sent its update for round %d of %s (%d samples)",
-                 self.id, env.round, env.job, update.num_samples)
+        log.info(
+            "participant %s sent its update for round %d of %s (%d samples)",
+            self.id,
+            env.round,
+            env.job,
+            update.num_samples,
+        )
         return Outcome.ACK
 
-    def _make_update(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> LocalUpdate:
+    def _make_update(
+        self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo
+    ) -> LocalUpdate:
         update = self.compute_update(global_tensors, info)
         if self.update_transform is not None:
-            update = LocalUpdate(dict(self.update_transform(dict(update.tensors), info)), update.num_samples)
+            update = LocalUpdate(
+                dict(self.update_transform(dict(update.tensors), info)), update.num_samples
+            )
         return update
 
     async def _encode(self, update: LocalUpdate, info: RoundInfo) -> bytes:
-        body = Update(base_version=info.model_version, num_samples=update.num_samples, tensors=update.tensors)
+        body = Update(
+            base_version=info.model_version, num_samples=update.num_samples, tensors=update.tensors
+        )
         seal_to = self.kit.ingest_cert if self.seal else None
-        return await asyncio.to_thread(encode, "update", body, self.kit.identity, job=info.job,
-                                       round=info.round, seal_to=seal_to)
+        return await asyncio.to_thread(
+            encode,
+            "update",
+            body,
+            self.kit.identity,
+            job=info.job,
+            round=info.round,
+            seal_to=seal_to,
+        )
 
     def _on_ended(self, env: Envelope) -> None:
         reason = getattr(env.body, "reason", "ended")
@@ -358,7 +415,9 @@ class Participant:
         self.ended_event(env.job).set()
 
 
-async def run_participants(participants: Iterable[Participant], job: str, timeout: float | None = None) -> dict[str, str]:
+async def run_participants(
+    participants: Iterable[Participant], job: str, timeout: float | None = None
+) -> dict[str, str]:
     """Run many participants (e.g. in one simulation process) until ``job`` ends for all."""
     parts = list(participants)
     for p in parts:
@@ -369,4 +428,3 @@ async def run_participants(participants: Iterable[Participant], job: str, timeou
         for p in parts:
             await p.stop()
     return {p.id: p.ended[job] for p in parts}
-

@@ -50,7 +50,9 @@ def load_tensors(model: torch.nn.Module, tensors: Mapping[str, np.ndarray]) -> N
             target.copy_(torch.from_numpy(np.array(array, copy=True)).to(target.dtype))
 
 
-def delta(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def delta(
+    local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """``local - global`` per tensor, in the global tensor's dtype (the round's spec),
     computed in float64 so a float16 model does not lose the small differences."""
     out: dict[str, np.ndarray] = {}

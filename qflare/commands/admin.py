@@ -36,8 +36,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     from qflare.runtime.config import load_settings
 
-    return load_settings(args.config, data_dir=getattr(args, "data_dir", None),
-                         pki_dir=getattr(args, "pki_dir", None))
+    return load_settings(
+        args.config,
+        data_dir=getattr(args, "data_dir", None),
+        pki_dir=getattr(args, "pki_dir", None),
+    )
 
 
 @contextlib.contextmanager
@@ -55,7 +58,9 @@ def _db(data_dir: Path, service: str) -> Iterator[sqlite3.Connection | None]:
         conn.close()
 
 
-def _rows(conn: sqlite3.Connection | None, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+def _rows(
+    conn: sqlite3.Connection | None, sql: str, params: tuple[Any, ...] = ()
+) -> list[sqlite3.Row]:
     if conn is None:
         return []
     try:
@@ -69,49 +74,96 @@ def _rows(conn: sqlite3.Connection | None, sql: str, params: tuple[Any, ...] = (
 # -- data gathering (plain dicts, so --json and the tables share one source) -------------------
 def status_data(data_dir: Path) -> dict[str, Any]:
     jobs: list[dict[str, Any]] = []
-    with _db(data_dir, "aggregator") as agg, _db(data_dir, "detector") as det, \
-            _db(data_dir, "alerting") as al, _db(data_dir, "accountant") as acc:
-        for job in _rows(agg, "SELECT job_id, ended, end_reason, created FROM jobs ORDER BY created"):
+    with (
+        _db(data_dir, "aggregator") as agg,
+        _db(data_dir, "detector") as det,
+        _db(data_dir, "alerting") as al,
+        _db(data_dir, "accountant") as acc,
+    ):
+        for job in _rows(
+            agg, "SELECT job_id, ended, end_reason, created FROM jobs ORDER BY created"
+        ):
             jid = job["job_id"]
             spec = {}
             with contextlib.suppress(Exception):
-                spec = json.loads(_rows(agg, "SELECT spec FROM jobs WHERE job_id=?", (jid,))[0]["spec"])
-            last = _rows(agg, "SELECT round, state, participants, epsilon FROM rounds WHERE job_id=? "
-                              "ORDER BY round DESC LIMIT 1", (jid,))
-            model = _rows(agg, "SELECT version, epsilon, digest FROM models WHERE job_id=? "
-                               "ORDER BY version DESC LIMIT 1", (jid,))
-            updates = (_rows(agg, "SELECT COUNT(*) AS n FROM updates WHERE job_id=? AND round=?",
-                             (jid, last[0]["round"])) if last else [])
-            quarantined = _rows(det, "SELECT client FROM clients WHERE job_id=? AND quarantined_until >= "
-                                     "(SELECT IFNULL(MAX(round),0) FROM verdicts WHERE job_id=?)", (jid, jid))
-            alerts = _rows(al, "SELECT severity, SUM(count) AS n FROM alerts WHERE job=? GROUP BY severity", (jid,))
-            ledger = _rows(acc, "SELECT SUM(granted) AS granted, SUM(1 - granted) AS denied, "
-                                "MAX(CASE WHEN granted THEN epsilon_total END) AS spent FROM decisions "
-                                "WHERE job=?", (jid,))
-            jobs.append({
-                "job": jid,
-                "state": ("ended: " + (job["end_reason"] or "")) if job["ended"] else "running",
-                "rounds": spec.get("rounds"),
-                "round": last[0]["round"] if last else None,
-                "round_state": last[0]["state"] if last else None,
-                "participants": len(json.loads(last[0]["participants"] or "[]")) if last else 0,
-                "updates": updates[0]["n"] if updates else 0,
-                "model_version": model[0]["version"] if model else None,
-                "model_digest": bytes(model[0]["digest"]).hex()[:16] if model else None,
-                "epsilon": model[0]["epsilon"] if model else None,
-                "epsilon_budget": spec.get("epsilon_budget"),
-                "quarantined": [r["client"] for r in quarantined],
-                "alerts": {r["severity"]: r["n"] for r in alerts},
-                "ledger": ({"granted": ledger[0]["granted"] or 0, "denied": ledger[0]["denied"] or 0,
-                            "epsilon_spent": ledger[0]["spent"]} if ledger else None),
-            })
-    services = {name: (data_dir / name / f"{name}.sqlite").exists()
-                for name in ("aggregator", "detector", "accountant", "alerting")}
+                spec = json.loads(
+                    _rows(agg, "SELECT spec FROM jobs WHERE job_id=?", (jid,))[0]["spec"]
+                )
+            last = _rows(
+                agg,
+                "SELECT round, state, participants, epsilon FROM rounds WHERE job_id=? "
+                "ORDER BY round DESC LIMIT 1",
+                (jid,),
+            )
+            model = _rows(
+                agg,
+                "SELECT version, epsilon, digest FROM models WHERE job_id=? "
+                "ORDER BY version DESC LIMIT 1",
+                (jid,),
+            )
+            updates = (
+                _rows(
+                    agg,
+                    "SELECT COUNT(*) AS n FROM updates WHERE job_id=? AND round=?",
+                    (jid, last[0]["round"]),
+                )
+                if last
+                else []
+            )
+            quarantined = _rows(
+                det,
+                "SELECT client FROM clients WHERE job_id=? AND quarantined_until >= "
+                "(SELECT IFNULL(MAX(round),0) FROM verdicts WHERE job_id=?)",
+                (jid, jid),
+            )
+            alerts = _rows(
+                al,
+                "SELECT severity, SUM(count) AS n FROM alerts WHERE job=? GROUP BY severity",
+                (jid,),
+            )
+            ledger = _rows(
+                acc,
+                "SELECT SUM(granted) AS granted, SUM(1 - granted) AS denied, "
+                "MAX(CASE WHEN granted THEN epsilon_total END) AS spent FROM decisions "
+                "WHERE job=?",
+                (jid,),
+            )
+            jobs.append(
+                {
+                    "job": jid,
+                    "state": ("ended: " + (job["end_reason"] or "")) if job["ended"] else "running",
+                    "rounds": spec.get("rounds"),
+                    "round": last[0]["round"] if last else None,
+                    "round_state": last[0]["state"] if last else None,
+                    "participants": len(json.loads(last[0]["participants"] or "[]")) if last else 0,
+                    "updates": updates[0]["n"] if updates else 0,
+                    "model_version": model[0]["version"] if model else None,
+                    "model_digest": bytes(model[0]["digest"]).hex()[:16] if model else None,
+                    "epsilon": model[0]["epsilon"] if model else None,
+                    "epsilon_budget": spec.get("epsilon_budget"),
+                    "quarantined": [r["client"] for r in quarantined],
+                    "alerts": {r["severity"]: r["n"] for r in alerts},
+                    "ledger": (
+                        {
+                            "granted": ledger[0]["granted"] or 0,
+                            "denied": ledger[0]["denied"] or 0,
+                            "epsilon_spent": ledger[0]["spent"],
+                        }
+                        if ledger
+                        else None
+                    ),
+                }
+            )
+    services = {
+        name: (data_dir / name / f"{name}.sqlite").exists()
+        for name in ("aggregator", "detector", "accountant", "alerting")
+    }
     return {"data_dir": str(data_dir), "stores": services, "jobs": jobs}
 
 
-def alerts_data(data_dir: Path, *, job: str | None, severity: str | None, client: str | None,
-                limit: int) -> list[dict[str, Any]]:
+def alerts_data(
+    data_dir: Path, *, job: str | None, severity: str | None, client: str | None, limit: int
+) -> list[dict[str, Any]]:
     where, params = [], []
     if job:
         where.append("job = ?")
@@ -120,12 +172,15 @@ def alerts_data(data_dir: Path, *, job: str | None, severity: str | None, client
         where.append("client = ?")
         params.append(client)
     if severity:
-        allowed = SEVERITIES[SEVERITIES.index(severity):]
+        allowed = SEVERITIES[SEVERITIES.index(severity) :]
         where.append(f"severity IN ({','.join('?' * len(allowed))})")
         params.extend(allowed)
-    sql = ("SELECT id, job, kind, severity, client, round, reason, detail, source, first_ts, last_ts, "
-           "count, action FROM alerts" + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY id DESC LIMIT ?")
+    sql = (
+        "SELECT id, job, kind, severity, client, round, reason, detail, source, first_ts, last_ts, "
+        "count, action FROM alerts"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY id DESC LIMIT ?"
+    )
     with _db(data_dir, "alerting") as al:
         return [dict(r) for r in _rows(al, sql, (*params, limit))]
 
@@ -147,27 +202,57 @@ def clients_data(settings: Settings, job: str | None) -> list[dict[str, Any]]:
                 kits[cert.id] = cert
     out: dict[str, dict[str, Any]] = {}
     for cid, cert in kits.items():
-        out[cid] = {"client": cid, "revoked": cert.serial in revoked,
-                    "expires": time.strftime("%Y-%m-%d", time.gmtime(cert.not_after)),
-                    "updates": 0, "flags": 0, "score": None, "quarantined": False, "alerts": 0}
-    with _db(data_dir, "aggregator") as agg, _db(data_dir, "detector") as det, _db(data_dir, "alerting") as al:
+        out[cid] = {
+            "client": cid,
+            "revoked": cert.serial in revoked,
+            "expires": time.strftime("%Y-%m-%d", time.gmtime(cert.not_after)),
+            "updates": 0,
+            "flags": 0,
+            "score": None,
+            "quarantined": False,
+            "alerts": 0,
+        }
+    with (
+        _db(data_dir, "aggregator") as agg,
+        _db(data_dir, "detector") as det,
+        _db(data_dir, "alerting") as al,
+    ):
         jf, jp = (" WHERE job_id = ?", (job,)) if job else ("", ())
-        for r in _rows(agg, "SELECT client, COUNT(*) AS n FROM updates" + jf + " GROUP BY client", jp):
+        for r in _rows(
+            agg, "SELECT client, COUNT(*) AS n FROM updates" + jf + " GROUP BY client", jp
+        ):
             out.setdefault(r["client"], _blank(r["client"]))["updates"] = r["n"]
-        for r in _rows(det, "SELECT client, SUM(offences) AS flags, MIN(score) AS score, "
-                            "MAX(quarantined_until) AS q FROM clients" + jf + " GROUP BY client", jp):
+        for r in _rows(
+            det,
+            "SELECT client, SUM(offences) AS flags, MIN(score) AS score, "
+            "MAX(quarantined_until) AS q FROM clients" + jf + " GROUP BY client",
+            jp,
+        ):
             row = out.setdefault(r["client"], _blank(r["client"]))
             row.update(flags=r["flags"], score=r["score"], quarantined=bool(r["q"] and r["q"] > 0))
         af, ap = (" AND job = ?", (job,)) if job else ("", ())
-        for r in _rows(al, "SELECT client, SUM(count) AS n FROM alerts WHERE client IS NOT NULL" + af
-                           + " GROUP BY client", ap):
+        for r in _rows(
+            al,
+            "SELECT client, SUM(count) AS n FROM alerts WHERE client IS NOT NULL"
+            + af
+            + " GROUP BY client",
+            ap,
+        ):
             out.setdefault(r["client"], _blank(r["client"]))["alerts"] = r["n"]
     return [out[k] for k in sorted(out)]
 
 
 def _blank(client: str) -> dict[str, Any]:
-    return {"client": client, "revoked": None, "expires": None, "updates": 0, "flags": 0,
-            "score": None, "quarantined": False, "alerts": 0}
+    return {
+        "client": client,
+        "revoked": None,
+        "expires": None,
+        "updates": 0,
+        "flags": 0,
+        "score": None,
+        "quarantined": False,
+        "alerts": 0,
+    }
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -197,20 +282,53 @@ def run_status(args: argparse.Namespace) -> int:
     if not data["jobs"]:
         print("no jobs yet (is the aggregator running with this --data-dir?)")
         return 0
-    _table("jobs", ["job", "state", "round", "phase", "updates/selected", "model", "epsilon", "alerts",
-                    "quarantined"],
-           [[j["job"], j["state"] + (f" (denied {j['ledger']['denied']})" if j["ledger"] and j["ledger"]["denied"] else ""), f"{j['round']}/{j['rounds']}" if j["rounds"] else j["round"],
-             j["round_state"], f"{j['updates']}/{j['participants']}",
-             f"v{j['model_version']} {j['model_digest']}" if j["model_version"] is not None else "",
-             (f"{j['epsilon']:.3f}" if j["epsilon"] is not None else "")
-             + (f" / {j['epsilon_budget']}" if j["epsilon_budget"] else ""),
-             " ".join(f"{k}:{v}" for k, v in sorted(j["alerts"].items())), ", ".join(j["quarantined"])]
-            for j in data["jobs"]])
+    _table(
+        "jobs",
+        [
+            "job",
+            "state",
+            "round",
+            "phase",
+            "updates/selected",
+            "model",
+            "epsilon",
+            "alerts",
+            "quarantined",
+        ],
+        [
+            [
+                j["job"],
+                j["state"]
+                + (
+                    f" (denied {j['ledger']['denied']})"
+                    if j["ledger"] and j["ledger"]["denied"]
+                    else ""
+                ),
+                f"{j['round']}/{j['rounds']}" if j["rounds"] else j["round"],
+                j["round_state"],
+                f"{j['updates']}/{j['participants']}",
+                f"v{j['model_version']} {j['model_digest']}"
+                if j["model_version"] is not None
+                else "",
+                (f"{j['epsilon']:.3f}" if j["epsilon"] is not None else "")
+                + (f" / {j['epsilon_budget']}" if j["epsilon_budget"] else ""),
+                " ".join(f"{k}:{v}" for k, v in sorted(j["alerts"].items())),
+                ", ".join(j["quarantined"]),
+            ]
+            for j in data["jobs"]
+        ],
+    )
     return 0
 
 
-def _listing(args: argparse.Namespace, rows: list[dict[str, Any]], empty: str, title: str,
-             columns: list[str], cells: Callable[[dict[str, Any]], list[Any]]) -> int:
+def _listing(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    empty: str,
+    title: str,
+    columns: list[str],
+    cells: Callable[[dict[str, Any]], list[Any]],
+) -> int:
     """Print ``rows`` as JSON (``--json``), as ``empty`` when there are none, or as a table."""
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -222,26 +340,65 @@ def _listing(args: argparse.Namespace, rows: list[dict[str, Any]], empty: str, t
 
 
 def run_alerts(args: argparse.Namespace) -> int:
-    rows = alerts_data(_settings(args).data_dir, job=args.job, severity=args.severity,
-                       client=args.client, limit=args.limit)
+    rows = alerts_data(
+        _settings(args).data_dir,
+        job=args.job,
+        severity=args.severity,
+        client=args.client,
+        limit=args.limit,
+    )
     return _listing(
-        args, rows, "no alerts", "alerts (newest first)",
-        ["#", "time", "severity", "job", "kind", "client", "round", "reason", "count", "state", "detail"],
-        lambda r: [r["id"], _ts(r["last_ts"]), r["severity"], r["job"], r["kind"], r["client"], r["round"],
-                   r["reason"], r["count"], "sent" if r["action"] == "publish" else r["action"],
-                   r["detail"][:60]],
+        args,
+        rows,
+        "no alerts",
+        "alerts (newest first)",
+        [
+            "#",
+            "time",
+            "severity",
+            "job",
+            "kind",
+            "client",
+            "round",
+            "reason",
+            "count",
+            "state",
+            "detail",
+        ],
+        lambda r: [
+            r["id"],
+            _ts(r["last_ts"]),
+            r["severity"],
+            r["job"],
+            r["kind"],
+            r["client"],
+            r["round"],
+            r["reason"],
+            r["count"],
+            "sent" if r["action"] == "publish" else r["action"],
+            r["detail"][:60],
+        ],
     )
 
 
 def run_clients(args: argparse.Namespace) -> int:
     rows = clients_data(_settings(args), args.job)
     return _listing(
-        args, rows, "no clients known (give --pki-dir, or run a job first)",
+        args,
+        rows,
+        "no clients known (give --pki-dir, or run a job first)",
         "clients" + (f" of {args.job}" if args.job else ""),
         ["client", "revoked", "expires", "updates", "flags", "score", "quarantined", "alerts"],
-        lambda r: [r["client"], r["revoked"], r["expires"], r["updates"], r["flags"],
-                   f"{r['score']:.3f}" if isinstance(r["score"], float) else r["score"], r["quarantined"],
-                   r["alerts"]],
+        lambda r: [
+            r["client"],
+            r["revoked"],
+            r["expires"],
+            r["updates"],
+            r["flags"],
+            f"{r['score']:.3f}" if isinstance(r["score"], float) else r["score"],
+            r["quarantined"],
+            r["alerts"],
+        ],
     )
 
 
@@ -251,23 +408,32 @@ def run_revoke(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if settings.pki_dir is None:
-        print("qflare revoke: give --pki-dir (the folder `qflare provision` wrote) or set QFLARE_PKI_DIR",
-              file=sys.stderr)
+        print(
+            "qflare revoke: give --pki-dir (the folder `qflare provision` wrote) or set QFLARE_PKI_DIR",
+            file=sys.stderr,
+        )
         return 2
     try:
-        passphrase = passphrase_from_env(args.passphrase_env) if args.passphrase_env else (
-            settings.passphrase.encode() if settings.passphrase else None)
+        passphrase = (
+            passphrase_from_env(args.passphrase_env)
+            if args.passphrase_env
+            else (settings.passphrase.encode() if settings.passphrase else None)
+        )
         crl = revoke(settings.pki_dir, args.clients, passphrase)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"qflare revoke: {exc}", file=sys.stderr)
         return 2
-    print(f"revoked {', '.join(args.clients)}: revocation list #{crl.number} ({len(crl.serials)} "
-          f"certificates) written to every kit under {settings.pki_dir}; ingest applies it on its next update")
+    print(
+        f"revoked {', '.join(args.clients)}: revocation list #{crl.number} ({len(crl.serials)} "
+        f"certificates) written to every kit under {settings.pki_dir}; ingest applies it on its next update"
+    )
     return 0
 
 
 def register(subparsers: Any) -> None:
-    s = subparsers.add_parser("status", help="jobs, rounds, models, budget and alerts from the services' state")
+    s = subparsers.add_parser(
+        "status", help="jobs, rounds, models, budget and alerts from the services' state"
+    )
     _common(s)
     s.set_defaults(func=run_status)
 
@@ -279,16 +445,29 @@ def register(subparsers: Any) -> None:
     a.add_argument("--limit", type=int, default=50)
     a.set_defaults(func=run_alerts)
 
-    c = subparsers.add_parser("clients", help="enrolled clients: revocation, updates, flags, reputation")
+    c = subparsers.add_parser(
+        "clients", help="enrolled clients: revocation, updates, flags, reputation"
+    )
     _common(c)
     c.add_argument("--job")
-    c.add_argument("--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)")
+    c.add_argument(
+        "--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)"
+    )
     c.set_defaults(func=run_clients)
 
-    r = subparsers.add_parser("revoke", help="revoke client certificates (takes effect without restarts)")
-    r.add_argument("clients", nargs="+", metavar="CLIENT", help="client id (or certificate serial in hex)")
+    r = subparsers.add_parser(
+        "revoke", help="revoke client certificates (takes effect without restarts)"
+    )
+    r.add_argument(
+        "clients", nargs="+", metavar="CLIENT", help="client id (or certificate serial in hex)"
+    )
     r.add_argument("--config", help="TOML config file (default $QFLARE_CONFIG)")
-    r.add_argument("--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)")
-    r.add_argument("--passphrase-env", metavar="VAR", help="env variable holding the CA key passphrase "
-                   "(default QFLARE_PASSPHRASE)")
+    r.add_argument(
+        "--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)"
+    )
+    r.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="env variable holding the CA key passphrase (default QFLARE_PASSPHRASE)",
+    )
     r.set_defaults(func=run_revoke)

@@ -109,7 +109,9 @@ def permissions(role: str, user: str, vhost: str, prefix: str = "") -> dict[str,
             "read": f"^({re.escape(p + topology.BROADCAST)}|{own})$",
         }
     if role not in SERVICE_WRITES:
-        raise ValueError(f"no broker permissions for role {role!r}; known: client, {', '.join(SERVICE_WRITES)}")
+        raise ValueError(
+            f"no broker permissions for role {role!r}; known: client, {', '.join(SERVICE_WRITES)}"
+        )
     exchanges = [p + e for e in topology.EXCHANGES]
     own = _own(p, role)
     return {
@@ -117,9 +119,9 @@ def permissions(role: str, user: str, vhost: str, prefix: str = "") -> dict[str,
         "vhost": vhost,
         "configure": f"^({_alt(exchanges)}|{own})$",
         # write on qflare.dead: RabbitMQ checks it when a queue with that dead-letter
-    # exchange is created (the broker republishes into it on the queue's behalf); services
-    # create queues the file does not pre-declare (e.g. ingest.rounds.<replica>).
-    "write": f"^({_alt(p + e for e in (*SERVICE_WRITES[role], topology.DEAD))}|{own})$",
+        # exchange is created (the broker republishes into it on the queue's behalf); services
+        # create queues the file does not pre-declare (e.g. ingest.rounds.<replica>).
+        "write": f"^({_alt(p + e for e in (*SERVICE_WRITES[role], topology.DEAD))}|{own})$",
         "read": f"^({_alt(p + e for e in SERVICE_READS[role])}|{own})$",
     }
 
@@ -185,13 +187,15 @@ def build_definitions(
     for u in clients:
         users.append(_user(u))
         perms.append(permissions("client", u.name, vhost, prefix))
-        topic_perms.append({
-            "user": u.name,
-            "vhost": vhost,
-            "exchange": prefix + topology.CLIENT,
-            "write": "^update\\.[^.]+$",
-            "read": "^$",
-        })
+        topic_perms.append(
+            {
+                "user": u.name,
+                "vhost": vhost,
+                "exchange": prefix + topology.CLIENT,
+                "write": "^update\\.[^.]+$",
+                "read": "^$",
+            }
+        )
     for u in services:
         role = u.name.removeprefix("qflare-")
         users.append(_user(u))
@@ -208,12 +212,22 @@ def build_definitions(
         bindings_out.extend(b)
     p = re.escape(prefix)
     policies = [
-        {"vhost": vhost, "name": "qflare-client-queues", "pattern": f"^{p}client\\.",
-         "apply-to": "queues", "priority": 1,
-         "definition": {"max-length": CLIENT_QUEUE_MAX_LENGTH, "overflow": "drop-head"}},
-        {"vhost": vhost, "name": "qflare-dead-letters", "pattern": f"^{p}alerting\\.dead$",
-         "apply-to": "queues", "priority": 1,
-         "definition": {"max-length": DEAD_QUEUE_MAX_LENGTH, "overflow": "drop-head"}},
+        {
+            "vhost": vhost,
+            "name": "qflare-client-queues",
+            "pattern": f"^{p}client\\.",
+            "apply-to": "queues",
+            "priority": 1,
+            "definition": {"max-length": CLIENT_QUEUE_MAX_LENGTH, "overflow": "drop-head"},
+        },
+        {
+            "vhost": vhost,
+            "name": "qflare-dead-letters",
+            "pattern": f"^{p}alerting\\.dead$",
+            "apply-to": "queues",
+            "priority": 1,
+            "definition": {"max-length": DEAD_QUEUE_MAX_LENGTH, "overflow": "drop-head"},
+        },
     ]
     return {
         "vhosts": [{"name": vhost}],
@@ -221,8 +235,15 @@ def build_definitions(
         "permissions": perms,
         "topic_permissions": topic_perms,
         "exchanges": [
-            {"name": prefix + e, "vhost": vhost, "type": "topic", "durable": True,
-             "auto_delete": False, "internal": False, "arguments": {}}
+            {
+                "name": prefix + e,
+                "vhost": vhost,
+                "type": "topic",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
             for e in topology.EXCHANGES
         ],
         "queues": queues_out,
@@ -271,7 +292,9 @@ def definitions_for_kit(kit: Path, *, vhost: str, prefix: str, example: bool) ->
     for role in SERVICE_WRITES:
         folder = kit / "services" / role
         folder = folder if folder.is_dir() else None
-        services.append(BrokerUser(f"qflare-{role}", None if example else _password_for(folder, True)))
+        services.append(
+            BrokerUser(f"qflare-{role}", None if example else _password_for(folder, True))
+        )
     return build_definitions(clients, services, vhost=vhost, prefix=prefix)
 
 
@@ -281,13 +304,15 @@ def _cmd(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.kit is not None:
-            doc = definitions_for_kit(Path(args.kit), vhost=args.vhost, prefix=args.prefix,
-                                      example=args.example)
+            doc = definitions_for_kit(
+                Path(args.kit), vhost=args.vhost, prefix=args.prefix, example=args.example
+            )
         else:
             doc = build_definitions(
                 [BrokerUser(c, None) for c in args.clients],
                 [BrokerUser(f"qflare-{r}", None) for r in SERVICE_WRITES],
-                vhost=args.vhost, prefix=args.prefix,
+                vhost=args.vhost,
+                prefix=args.prefix,
             )
     except ValueError as exc:
         print(f"qflare broker-definitions: {exc}", file=sys.stderr)
@@ -297,7 +322,10 @@ def _cmd(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     else:
         Path(args.out).write_text(text)
-        print(f"wrote {args.out}: {len(doc['users'])} users, {len(doc['queues'])} queues", file=sys.stderr)
+        print(
+            f"wrote {args.out}: {len(doc['users'])} users, {len(doc['queues'])} queues",
+            file=sys.stderr,
+        )
     return 0
 
 

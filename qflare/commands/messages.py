@@ -12,8 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="messages_command", metavar="ACTION", required=True)
     docs = sub.add_parser("docs", help="write the generated reference (docs/messages.md)")
     docs.add_argument("--out", default="-", help="file to write, '-' for stdout (default)")
-    docs.add_argument("--check", action="store_true",
-                      help="exit 1 if --out differs from what would be generated")
+    docs.add_argument(
+        "--check", action="store_true", help="exit 1 if --out differs from what would be generated"
+    )
     docs.set_defaults(func=run_docs)
 
 
@@ -28,8 +29,7 @@ def run_docs(args: argparse.Namespace) -> int:
     if args.check:
         current = path.read_text() if path.exists() else ""
         if current != text:
-            print(f"{path} is out of date; run: qflare messages docs --out {path}",
-                  file=sys.stderr)
+            print(f"{path} is out of date; run: qflare messages docs --out {path}", file=sys.stderr)
             return 1
         return 0
     path.write_text(text)

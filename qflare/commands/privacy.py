@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import sys
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # qflare.privacy loads dp_accounting and scipy (about 1 s): only in handlers
@@ -26,12 +25,16 @@ def _float_in(name: str, low: float, high: float, low_open: bool, high_open: boo
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high)
+        ok = (
+            math.isfinite(value)
+            and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high)
+        )
         if not ok:
             interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text}")
         return value
+
     return parse
 
 
@@ -44,6 +47,7 @@ def _positive_int(name: str):
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {text}")
         return value
+
     return parse
 
 
@@ -56,9 +60,11 @@ _ROUNDS = _positive_int("--rounds")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "privacy", help="privacy budget arithmetic (epsilon of a plan, noise or rounds for a budget)",
+        "privacy",
+        help="privacy budget arithmetic (epsilon of a plan, noise or rounds for a budget)",
         description="User-level DP-FedAvg accounting with dp-accounting's PLD accountant; "
-                    "see docs/privacy.md for what the numbers cover.")
+        "see docs/privacy.md for what the numbers cover.",
+    )
     sub = parser.add_subparsers(dest="privacy_command", metavar="ACTION", required=True)
 
     eps = sub.add_parser("epsilon", help="epsilon of T rounds at sampling rate q, noise z")
@@ -95,8 +101,10 @@ def _epsilon(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"epsilon": value}))
     else:
-        print(f"epsilon = {value:.4f} at delta = {args.delta:g} after {args.rounds} rounds "
-              f"(q = {args.q:g}, z = {args.z:g}; PLD accountant, user-level, Poisson sampling)")
+        print(
+            f"epsilon = {value:.4f} at delta = {args.delta:g} after {args.rounds} rounds "
+            f"(q = {args.q:g}, z = {args.z:g}; PLD accountant, user-level, Poisson sampling)"
+        )
     return 0
 
 
@@ -109,15 +117,19 @@ def _plan(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"z": z}))
             else:
-                print(f"z = {z:.4f} keeps {args.rounds} rounds at q = {args.q:g} within "
-                      f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)")
+                print(
+                    f"z = {z:.4f} keeps {args.rounds} rounds at q = {args.q:g} within "
+                    f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)"
+                )
         else:
             rounds = plan_rounds(args.epsilon, args.delta, args.q, args.z)
             if args.json:
                 print(json.dumps({"rounds": rounds}))
             else:
-                print(f"at most {rounds} rounds at q = {args.q:g}, z = {args.z:g} fit in "
-                      f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)")
+                print(
+                    f"at most {rounds} rounds at q = {args.q:g}, z = {args.z:g} fit in "
+                    f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)"
+                )
     except PrivacyError as error:
         return _fail(error)
     return 0

@@ -19,24 +19,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--clients", type=int, required=True, help="number of client kits")
-    p.add_argument("--passphrase-env", metavar="VAR",
-                   help="encrypt every private key (PKCS#8) with the passphrase in env VAR")
-    p.add_argument("--expiry-days", type=float, default=365.0,
-                   help="validity of service and client certificates (default 365)")
-    p.add_argument("--ca-expiry-days", type=float, default=3650.0,
-                   help="validity of the CA certificate (default 3650)")
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt every private key (PKCS#8) with the passphrase in env VAR",
+    )
+    p.add_argument(
+        "--expiry-days",
+        type=float,
+        default=365.0,
+        help="validity of service and client certificates (default 365)",
+    )
+    p.add_argument(
+        "--ca-expiry-days",
+        type=float,
+        default=3650.0,
+        help="validity of the CA certificate (default 3650)",
+    )
     p.add_argument("--client-prefix", default="client", help="client ids are PREFIX-000, ...")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing federation in --out (invalidates every old kit)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing federation in --out (invalidates every old kit)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         passphrase = passphrase_from_env(args.passphrase_env)
-        fed = provision(args.out, args.clients, passphrase=passphrase,
-                        expiry_days=args.expiry_days, ca_expiry_days=args.ca_expiry_days,
-                        client_prefix=args.client_prefix, force=args.force)
+        fed = provision(
+            args.out,
+            args.clients,
+            passphrase=passphrase,
+            expiry_days=args.expiry_days,
+            ca_expiry_days=args.ca_expiry_days,
+            client_prefix=args.client_prefix,
+            force=args.force,
+        )
     except (ValueError, FileExistsError) as exc:
         print(f"qflare provision: {exc}", file=sys.stderr)
         return 2

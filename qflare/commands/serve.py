@@ -31,7 +31,9 @@ SERVICES: tuple[str, ...] = ("alerting", "accountant", "detector", "ingest", "ag
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (default $QFLARE_CONFIG)")
-    p.add_argument("--broker", help="memory:// or amqp://user:pass@host:port/ (default $QFLARE_BROKER)")
+    p.add_argument(
+        "--broker", help="memory:// or amqp://user:pass@host:port/ (default $QFLARE_BROKER)"
+    )
     p.add_argument("--prefix", help="exchange/queue name prefix (default $QFLARE_PREFIX)")
     p.add_argument("--data-dir", help="state folder, one sub-folder per service")
     p.add_argument("--pki-dir", help="folder written by `qflare provision`")
@@ -39,22 +41,34 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    s = subparsers.add_parser("serve", help="run one service until SIGTERM",
-                              description="Run one QFLARE service in this process.")
+    s = subparsers.add_parser(
+        "serve",
+        help="run one service until SIGTERM",
+        description="Run one QFLARE service in this process.",
+    )
     s.add_argument("service", choices=SERVICES)
     _common(s)
     s.set_defaults(func=run_serve)
 
     u = subparsers.add_parser(
-        "up", help="run all services (separate processes on RabbitMQ, one process on memory://)",
+        "up",
+        help="run all services (separate processes on RabbitMQ, one process on memory://)",
         description="Run every QFLARE service: one OS process each against a broker URL, or "
         "all in one process on the embedded bus.",
     )
     _common(u)
-    u.add_argument("--in-process", action="store_true",
-                   help="one process and one bus connection for all services, even on amqp://")
-    u.add_argument("--replicas", action="append", default=[], metavar="SERVICE=N",
-                   help="replicas of a stateless service (ingest, alerting), e.g. ingest=2")
+    u.add_argument(
+        "--in-process",
+        action="store_true",
+        help="one process and one bus connection for all services, even on amqp://",
+    )
+    u.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="SERVICE=N",
+        help="replicas of a stateless service (ingest, alerting), e.g. ingest=2",
+    )
     u.add_argument("--no-restart", action="store_true", help="do not restart a child that exits")
     u.set_defaults(func=run_up)
 
@@ -63,8 +77,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     from qflare.runtime.config import load_settings
 
     return load_settings(
-        args.config, broker=args.broker, prefix=args.prefix, data_dir=args.data_dir,
-        pki_dir=args.pki_dir, log_level=args.log_level,
+        args.config,
+        broker=args.broker,
+        prefix=args.prefix,
+        data_dir=args.data_dir,
+        pki_dir=args.pki_dir,
+        log_level=args.log_level,
     )
 
 
@@ -116,8 +134,11 @@ def _up_in_process(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with run_in_process(settings):
-            print("qflare up: all services running in this process; SIGTERM or Ctrl-C stops them",
-                  file=sys.stderr, flush=True)
+            print(
+                "qflare up: all services running in this process; SIGTERM or Ctrl-C stops them",
+                file=sys.stderr,
+                flush=True,
+            )
             await stop.wait()
 
     try:
@@ -156,7 +177,9 @@ def _up_processes(args: argparse.Namespace, replicas: dict[str, int]) -> int:
         flag = threading.Event()
         children[(name, index)] = child
         ready[(name, index)] = flag
-        threading.Thread(target=forward, args=((name, index), child.stderr, flag), daemon=True).start()
+        threading.Thread(
+            target=forward, args=((name, index), child.stderr, flag), daemon=True
+        ).start()
 
     stopping = False
 
@@ -175,8 +198,11 @@ def _up_processes(args: argparse.Namespace, replicas: dict[str, int]) -> int:
         for i in range(replicas[name]):
             while not stopping and not ready[(name, i)].wait(0.2):
                 if children[(name, i)].poll() is not None:
-                    print(f"qflare up: {name}[{i}] exited with {children[(name, i)].returncode} "
-                          "before it was ready", file=sys.stderr)
+                    print(
+                        f"qflare up: {name}[{i}] exited with {children[(name, i)].returncode} "
+                        "before it was ready",
+                        file=sys.stderr,
+                    )
                     stop(signal.SIGTERM, None)
                     break
     code = 0

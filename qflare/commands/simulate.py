@@ -36,61 +36,122 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("federation")
-    g.add_argument("--dataset", default="digits", help="digits (bundled with scikit-learn) or fashion-mnist")
-    g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="mlp (64 hidden units) or a small cnn")
+    g.add_argument(
+        "--dataset", default="digits", help="digits (bundled with scikit-learn) or fashion-mnist"
+    )
+    g.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "cnn"],
+        help="mlp (64 hidden units) or a small cnn",
+    )
     g.add_argument("--clients", type=int, default=20, help="simulated participants")
-    g.add_argument("--byzantine", type=int, default=6, help="Byzantine clients (an omniscient coalition)")
-    g.add_argument("--attack", default="sign-flip", help="attack name; 'none' for no attack (see --list)")
-    g.add_argument("--attack-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="parameter passed to the attack, e.g. scale=3")
-    g.add_argument("--rule", default="mean",
-                   help="aggregation spec, pre-aggregators first (e.g. nnm+multikrum, median); f is "
-                   "filled from --byzantine. mean = FedAvg; with --detection flagged updates are dropped first")
-    g.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the detector and drop flagged updates")
+    g.add_argument(
+        "--byzantine", type=int, default=6, help="Byzantine clients (an omniscient coalition)"
+    )
+    g.add_argument(
+        "--attack", default="sign-flip", help="attack name; 'none' for no attack (see --list)"
+    )
+    g.add_argument(
+        "--attack-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="parameter passed to the attack, e.g. scale=3",
+    )
+    g.add_argument(
+        "--rule",
+        default="mean",
+        help="aggregation spec, pre-aggregators first (e.g. nnm+multikrum, median); f is "
+        "filled from --byzantine. mean = FedAvg; with --detection flagged updates are dropped first",
+    )
+    g.add_argument(
+        "--detection",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the detector and drop flagged updates",
+    )
     g.add_argument("--rounds", type=int, default=20, help="federated rounds")
     g.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     g.add_argument("--lr", type=float, default=0.1, help="client SGD learning rate")
     g.add_argument("--batch-size", type=int, default=16, help="local SGD batch size")
     split = g.add_mutually_exclusive_group()
-    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID split)")
+    split.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration (non-IID split)"
+    )
     split.add_argument("--iid", action="store_true", help="IID split instead of Dirichlet")
     g.add_argument("--sample-rate", type=float, default=1.0, help="Poisson client sampling rate q")
     g.add_argument("--server-lr", type=float, default=1.0, help="step applied to the aggregate")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, training, attacks, selection and noise")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the split, training, attacks, selection and noise",
+    )
 
-    d = p.add_argument_group("differential privacy (off unless --noise-multiplier or --target-epsilon)")
+    d = p.add_argument_group(
+        "differential privacy (off unless --noise-multiplier or --target-epsilon)"
+    )
     z = d.add_mutually_exclusive_group()
     z.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std = z * clip")
-    z.add_argument("--target-epsilon", type=float, default=None,
-                   help="plan z so the whole run spends this epsilon")
+    z.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help="plan z so the whole run spends this epsilon",
+    )
     d.add_argument("--clip", type=float, default=5.0, help="L2 clip norm C of each update")
     d.add_argument("--delta", type=float, default=1e-5, help="DP delta")
-    d.add_argument("--dp-filter-bound", type=int, default=None, metavar="K",
-                   help="detection removes at most K updates per round (the K highest-scored "
-                   "flagged) and rounds are charged at z/(2K+1), q=1, so the epsilon covers the "
-                   "filter (filter_bounded); needs DP and detection on. Unset: with detection the "
-                   "epsilon is noise_only, not a DP guarantee")
-    d.add_argument("--epsilon-budget", type=float, default=None,
-                   help="the accountant refuses rounds past this epsilon (unset: the target, or no limit)")
+    d.add_argument(
+        "--dp-filter-bound",
+        type=int,
+        default=None,
+        metavar="K",
+        help="detection removes at most K updates per round (the K highest-scored "
+        "flagged) and rounds are charged at z/(2K+1), q=1, so the epsilon covers the "
+        "filter (filter_bounded); needs DP and detection on. Unset: with detection the "
+        "epsilon is noise_only, not a DP guarantee",
+    )
+    d.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=None,
+        help="the accountant refuses rounds past this epsilon (unset: the target, or no limit)",
+    )
 
     r = p.add_argument_group("running")
-    r.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: runs/simulate, or runs/sweep with --sweep)")
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: runs/simulate, or runs/sweep with --sweep)",
+    )
     r.add_argument("--broker", default="memory://", help="memory:// or amqp://user:pass@host:port/")
-    r.add_argument("--direct", action="store_true",
-                   help="call the pure cores in a loop instead of running the services (faster)")
+    r.add_argument(
+        "--direct",
+        action="store_true",
+        help="call the pure cores in a loop instead of running the services (faster)",
+    )
     r.add_argument("--baseline", action="store_true", help="also run the same job without attack")
     r.add_argument("--tui", action="store_true", help="watch the run in the terminal UI")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--list", action="store_true", help="list attacks, rules and data sets, then exit")
+    r.add_argument(
+        "--list", action="store_true", help="list attacks, rules and data sets, then exit"
+    )
 
     s = p.add_argument_group("sweep")
-    s.add_argument("--sweep", action="store_true",
-                   help="run every attack x rule of --sweep-attacks/--sweep-rules and compare")
+    s.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run every attack x rule of --sweep-attacks/--sweep-rules and compare",
+    )
     s.add_argument("--sweep-attacks", default=None, help="comma-separated attacks (default: all)")
-    s.add_argument("--sweep-rules", default=None,
-                   help="comma-separated rule specs (default: a set of defences)")
+    s.add_argument(
+        "--sweep-rules",
+        default=None,
+        help="comma-separated rule specs (default: a set of defences)",
+    )
     p.set_defaults(func=main)
 
 
@@ -140,7 +201,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         if args.tui and (args.direct or args.sweep):
-            raise SimConfigError("--tui watches the services; it does not combine with --direct or --sweep")
+            raise SimConfigError(
+                "--tui watches the services; it does not combine with --direct or --sweep"
+            )
         config = prepare(config_from_args(args), broker=args.broker)
         if args.sweep:
             from qflare.sim.sweep import plan_sweep, run_sweep
@@ -154,8 +217,14 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         if args.sweep:
-            return run_sweep(plan, out=args.out, direct=args.direct, broker=args.broker, console=console,
-                             progress=not args.quiet)
+            return run_sweep(
+                plan,
+                out=args.out,
+                direct=args.direct,
+                broker=args.broker,
+                console=console,
+                progress=not args.quiet,
+            )
         return run_simulation(
             config,
             out=args.out,
@@ -172,4 +241,3 @@ def main(args: argparse.Namespace) -> int:
     except (SimulationFailed, TimeoutError) as exc:
         err.print(f"[bold red]qflare simulate:[/] the run did not finish: {exc}")
         return EXIT_FAILED
-

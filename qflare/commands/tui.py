@@ -32,21 +32,44 @@ def register(subparsers: Any) -> None:
         "q quit.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--broker", default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
-                   help="amqp://user:pass@host:port/ ($QFLARE_BROKER)")
-    p.add_argument("--prefix", default=os.environ.get("QFLARE_PREFIX", ""),
-                   help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)")
-    p.add_argument("--pki", type=Path, default=os.environ.get("QFLARE_PKI_DIR") or None,
-                   help="a `qflare provision` folder or any kit folder holding ca.qc and "
-                   "crl.qrl: verify every signature ($QFLARE_PKI_DIR); without it the feed "
-                   "is decoded but not verified")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="the services' data folder: load recent alerts and rounds from their "
-                   "SQLite files (read-only) on start")
-    p.add_argument("--budget", type=_budget, action="append", default=[], metavar="JOB=EPSILON",
-                   help="a job's epsilon budget, for the gauge (the wire carries spend only)")
-    p.add_argument("--raw-alerts", action="store_true",
-                   help="also show alert.raised from qflare.events (when no alerting service runs)")
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
+        help="amqp://user:pass@host:port/ ($QFLARE_BROKER)",
+    )
+    p.add_argument(
+        "--prefix",
+        default=os.environ.get("QFLARE_PREFIX", ""),
+        help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)",
+    )
+    p.add_argument(
+        "--pki",
+        type=Path,
+        default=os.environ.get("QFLARE_PKI_DIR") or None,
+        help="a `qflare provision` folder or any kit folder holding ca.qc and "
+        "crl.qrl: verify every signature ($QFLARE_PKI_DIR); without it the feed "
+        "is decoded but not verified",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="the services' data folder: load recent alerts and rounds from their "
+        "SQLite files (read-only) on start",
+    )
+    p.add_argument(
+        "--budget",
+        type=_budget,
+        action="append",
+        default=[],
+        metavar="JOB=EPSILON",
+        help="a job's epsilon budget, for the gauge (the wire carries spend only)",
+    )
+    p.add_argument(
+        "--raw-alerts",
+        action="store_true",
+        help="also show alert.raised from qflare.events (when no alerting service runs)",
+    )
     p.set_defaults(func=main)
 
 
@@ -71,14 +94,22 @@ def main(args: argparse.Namespace) -> int:
         if args.state_dir is not None and not args.state_dir.is_dir():
             raise ValueError(f"--state-dir {args.state_dir} is not a folder")
         if args.broker.startswith("memory"):
-            raise ValueError("the in-memory bus lives inside one process: use "
-                             "`qflare simulate --tui` to watch it, or --broker amqp://...")
+            raise ValueError(
+                "the in-memory bus lives inside one process: use "
+                "`qflare simulate --tui` to watch it, or --broker amqp://..."
+            )
     except (ValueError, OSError) as exc:
         print(f"qflare tui: {exc}", file=sys.stderr)
         return EXIT_BAD_OPTIONS
     now = time.time()
     jobs = [JobDeclared(job, 0, now, epsilon_budget=eps) for job, eps in args.budget]
-    app = build_console(url=args.broker, prefix=args.prefix, trust=trust,
-                        state_dir=args.state_dir, jobs=jobs, raw_alerts=args.raw_alerts)
+    app = build_console(
+        url=args.broker,
+        prefix=args.prefix,
+        trust=trust,
+        state_dir=args.state_dir,
+        jobs=jobs,
+        raw_alerts=args.raw_alerts,
+    )
     app.run()
     return 0

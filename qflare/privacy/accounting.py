@@ -92,8 +92,11 @@ def epsilon(q: float, z: float, rounds: int, delta: float, method: str = "pld") 
 
 
 def _check_budget(target_epsilon: float, delta: float) -> None:
-    if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon)
-            and target_epsilon > 0):
+    if not (
+        isinstance(target_epsilon, (int, float))
+        and math.isfinite(target_epsilon)
+        and target_epsilon > 0
+    ):
         raise PrivacyError(INVALID_PARAMETERS, f"epsilon={target_epsilon!r} must be > 0")
     check_delta(delta)
 
@@ -122,8 +125,9 @@ def plan_noise(target_epsilon: float, delta: float, q: float, rounds: int) -> fl
     while not fits(hi):
         hi *= 2.0
         if hi > 1e6:
-            raise PrivacyError(INVALID_PARAMETERS,
-                               f"no noise multiplier up to 1e6 meets epsilon={target_epsilon}")
+            raise PrivacyError(
+                INVALID_PARAMETERS, f"no noise multiplier up to 1e6 meets epsilon={target_epsilon}"
+            )
     lo = hi / 2.0
     while lo >= PLAN_MIN_Z and fits(lo):
         hi, lo = lo, lo / 2.0
@@ -142,8 +146,9 @@ def plan_noise(target_epsilon: float, delta: float, q: float, rounds: int) -> fl
     return float(z)
 
 
-def plan_rounds(target_epsilon: float, delta: float, q: float, z: float,
-                max_rounds: int = 1_000_000) -> int:
+def plan_rounds(
+    target_epsilon: float, delta: float, q: float, z: float, max_rounds: int = 1_000_000
+) -> int:
     """Most rounds at (q, z) that stay within (target_epsilon, delta); 0 if not even one.
 
     Raises :class:`PrivacyError` if ``max_rounds`` rounds still fit (the budget does not
@@ -161,8 +166,9 @@ def plan_rounds(target_epsilon: float, delta: float, q: float, z: float,
     lo, hi = 1, 2
     while fits(hi):
         if hi >= max_rounds:
-            raise PrivacyError(INVALID_PARAMETERS,
-                               f"at least {max_rounds} rounds fit in epsilon={target_epsilon}")
+            raise PrivacyError(
+                INVALID_PARAMETERS, f"at least {max_rounds} rounds fit in epsilon={target_epsilon}"
+            )
         lo, hi = hi, min(2 * hi, max_rounds)
     while hi - lo > 1:  # invariant: fits(lo) and not fits(hi)
         mid = (lo + hi) // 2
@@ -218,7 +224,7 @@ def _round_rdp(q: float, z: float) -> tuple[float, ...]:
     accountant.compose(round_event(q, z))
     # dp-accounting keeps the curve in a private attribute; reading it once per (q, z)
     # avoids recomputing the fractional-order curve (about 0.2 s) every round.
-    return tuple(float(v) for v in accountant._rdp)  # noqa: SLF001
+    return tuple(float(v) for v in accountant._rdp)
 
 
 class RunningAccount:
@@ -271,8 +277,12 @@ class RunningAccount:
         one = self._single_pld(q, z)
         return one if self._pld is None else self._pld.compose(one)
 
-    def charge(self, q: float, z: float,
-               composed: privacy_loss_distribution.PrivacyLossDistribution | None = None) -> None:
+    def charge(
+        self,
+        q: float,
+        z: float,
+        composed: privacy_loss_distribution.PrivacyLossDistribution | None = None,
+    ) -> None:
         """Add one round at (q, z); ``composed`` is a :meth:`preview` result to reuse."""
         self._pld = composed if composed is not None else self.preview(q, z)
         self._rdp = self._add_rdp(self._rdp, q, z, 1)
@@ -293,5 +303,6 @@ class RunningAccount:
         if rdp is None:
             return 0.0
         eps, _ = rdp_privacy_accountant.compute_epsilon(
-            rdp_privacy_accountant.DEFAULT_RDP_ORDERS, rdp, delta)
+            rdp_privacy_accountant.DEFAULT_RDP_ORDERS, rdp, delta
+        )
         return float(eps)

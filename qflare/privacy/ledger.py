@@ -46,8 +46,11 @@ class BudgetPolicy:
     delta: float
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon)
-                and self.epsilon > 0):
+        if not (
+            isinstance(self.epsilon, (int, float))
+            and math.isfinite(self.epsilon)
+            and self.epsilon > 0
+        ):
             raise PrivacyError(INVALID_PARAMETERS, f"budget epsilon={self.epsilon!r} must be > 0")
         check_delta(self.delta)
 
@@ -103,12 +106,15 @@ class Ledger:
         self._decisions: dict[int, Decision] = {}
         self._account = RunningAccount()
         self._epsilon = 0.0
-        self._pending: tuple[int, float, float,
-                             privacy_loss_distribution.PrivacyLossDistribution] | None = None
+        self._pending: (
+            tuple[int, float, float, privacy_loss_distribution.PrivacyLossDistribution] | None
+        ) = None
 
     def __repr__(self) -> str:
-        return (f"Ledger(job={self.job!r}, budget={self.policy.epsilon}, delta={self.policy.delta}, "
-                f"rounds_granted={self.rounds_granted}, epsilon={self._epsilon:.6g})")
+        return (
+            f"Ledger(job={self.job!r}, budget={self.policy.epsilon}, delta={self.policy.delta}, "
+            f"rounds_granted={self.rounds_granted}, epsilon={self._epsilon:.6g})"
+        )
 
     @classmethod
     def restore(cls, job: str, policy: BudgetPolicy, decisions: Iterable[Decision]) -> Ledger:
@@ -157,7 +163,8 @@ class Ledger:
                 raise PrivacyError(
                     CONFLICTING_REQUEST,
                     f"job {self.job!r} round {round_no} was decided for q={known.q}, z={known.z}, "
-                    f"clip={known.clip}; now asked with q={q}, z={z}, clip={clip}")
+                    f"clip={known.clip}; now asked with q={q}, z={z}, clip={clip}",
+                )
             return known
         composed = self._account.preview(q, z)
         requested = float(composed.get_epsilon_for_delta(self.policy.delta))
@@ -165,13 +172,19 @@ class Ledger:
         self._pending = (round_no, float(q), float(z), composed) if granted else None
         rdp_after = self._account.epsilon_rdp(self.policy.delta, plus=(q, z) if granted else None)
         return Decision(
-            job=self.job, round=round_no, q=float(q), z=float(z), clip=float(clip),
-            granted=granted, reason=None if granted else BUDGET_EXHAUSTED,
+            job=self.job,
+            round=round_no,
+            q=float(q),
+            z=float(z),
+            clip=float(clip),
+            granted=granted,
+            reason=None if granted else BUDGET_EXHAUSTED,
             epsilon_total=requested if granted else self._epsilon,
             epsilon_requested=requested,
             epsilon_rdp=rdp_after,
             epsilon_before=self._epsilon,
-            budget_epsilon=self.policy.epsilon, delta=self.policy.delta,
+            budget_epsilon=self.policy.epsilon,
+            delta=self.policy.delta,
             rounds_granted=self.rounds_granted + (1 if granted else 0),
             fresh=True,
         )

@@ -38,8 +38,12 @@ Update = np.ndarray | Mapping[str, np.ndarray]
 
 
 def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise PrivacyError(INVALID_PARAMETERS, f"{name}={value!r} must be a finite number > 0")
     return float(value)
 
@@ -100,12 +104,13 @@ def flatten(update: Update) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]
     layout = [(name, update[name].shape, update[name].dtype) for name in sorted(update)]
     if not layout:
         return np.zeros(0), layout
-    vec = np.concatenate([np.asarray(update[name], dtype=np.float64).ravel() for name, _, _ in layout])
+    vec = np.concatenate(
+        [np.asarray(update[name], dtype=np.float64).ravel() for name, _, _ in layout]
+    )
     return vec, layout
 
 
-def unflatten(vec: np.ndarray,
-              layout: list[tuple[str, tuple[int, ...], np.dtype]]) -> Update:
+def unflatten(vec: np.ndarray, layout: list[tuple[str, tuple[int, ...], np.dtype]]) -> Update:
     if len(layout) == 1 and layout[0][0] == "":
         _, shape, dtype = layout[0]
         return vec.reshape(shape).astype(dtype)
@@ -113,7 +118,7 @@ def unflatten(vec: np.ndarray,
     offset = 0
     for name, shape, dtype in layout:
         size = int(np.prod(shape, dtype=np.int64))
-        out[name] = vec[offset:offset + size].reshape(shape).astype(dtype)
+        out[name] = vec[offset : offset + size].reshape(shape).astype(dtype)
         offset += size
     return out
 
@@ -134,8 +139,13 @@ def clip_l2(vec: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     return vec * (clip / norm * (1.0 - 1e-12)), norm
 
 
-def noisy_clipped_sum(updates: Sequence[np.ndarray], clip: float, noise_multiplier: float,
-                      noise: NoiseSource, dim: int | None = None) -> tuple[np.ndarray, list[float]]:
+def noisy_clipped_sum(
+    updates: Sequence[np.ndarray],
+    clip: float,
+    noise_multiplier: float,
+    noise: NoiseSource,
+    dim: int | None = None,
+) -> tuple[np.ndarray, list[float]]:
     """Sum of the clipped vectors plus N(0, (noise_multiplier * clip)^2 I); also the norms.
 
     An empty sample still gets noise (``dim`` gives its length): whether anyone was sampled
@@ -165,11 +175,12 @@ def adaptive_sum_noise_multiplier(z: float, count_noise_std: float) -> float:
     Thm. 1: z^-2 = z_delta^-2 + (2 sigma_b)^-2). Needs ``2 sigma_b > z``."""
     z = _positive("z", z)
     sigma_b = _positive("count_noise_std", count_noise_std)
-    rest = z ** -2 - (2.0 * sigma_b) ** -2
+    rest = z**-2 - (2.0 * sigma_b) ** -2
     if rest <= 0:
-        raise PrivacyError(INVALID_PARAMETERS,
-                           f"count_noise_std={sigma_b} too small for z={z}: need 2*sigma_b > z")
-    return rest ** -0.5
+        raise PrivacyError(
+            INVALID_PARAMETERS, f"count_noise_std={sigma_b} too small for z={z}: need 2*sigma_b > z"
+        )
+    return rest**-0.5
 
 
 @dataclass
@@ -187,8 +198,9 @@ class AdaptiveClipping:
     def __post_init__(self) -> None:
         _positive("clip", self.clip)
         if not (0.0 <= self.target_quantile <= 1.0):
-            raise PrivacyError(INVALID_PARAMETERS,
-                               f"target_quantile={self.target_quantile!r} must be in [0, 1]")
+            raise PrivacyError(
+                INVALID_PARAMETERS, f"target_quantile={self.target_quantile!r} must be in [0, 1]"
+            )
         _positive("learning_rate", self.learning_rate)
         _positive("count_noise_std", self.count_noise_std)
         _positive("expected_clients", self.expected_clients)
@@ -227,8 +239,13 @@ class DPFedAvg:
     Every client has weight 1 (weighting by sample count would need bounded weights).
     """
 
-    def __init__(self, clip: float, noise_multiplier: float, expected_clients: float,
-                 adaptive: AdaptiveClipping | None = None) -> None:
+    def __init__(
+        self,
+        clip: float,
+        noise_multiplier: float,
+        expected_clients: float,
+        adaptive: AdaptiveClipping | None = None,
+    ) -> None:
         self.clip = _positive("clip", clip)
         self.noise_multiplier = _positive("noise_multiplier", noise_multiplier)
         self.expected_clients = _positive("expected_clients", expected_clients)
@@ -236,16 +253,20 @@ class DPFedAvg:
         if adaptive is not None:
             adaptive.clip = self.clip
             self.sum_noise_multiplier = adaptive_sum_noise_multiplier(
-                self.noise_multiplier, adaptive.count_noise_std)
+                self.noise_multiplier, adaptive.count_noise_std
+            )
         else:
             self.sum_noise_multiplier = self.noise_multiplier
 
     def __repr__(self) -> str:
-        return (f"DPFedAvg(clip={self.clip}, noise_multiplier={self.noise_multiplier}, "
-                f"expected_clients={self.expected_clients}, adaptive={self.adaptive is not None})")
+        return (
+            f"DPFedAvg(clip={self.clip}, noise_multiplier={self.noise_multiplier}, "
+            f"expected_clients={self.expected_clients}, adaptive={self.adaptive is not None})"
+        )
 
-    def __call__(self, updates: Sequence[Update], noise: NoiseSource,
-                 template: Update | None = None) -> RoundResult:
+    def __call__(
+        self, updates: Sequence[Update], noise: NoiseSource, template: Update | None = None
+    ) -> RoundResult:
         """Clip, sum, add noise, divide by the expected count. ``template`` gives the layout
         when no client was sampled (the noise is released anyway)."""
         layout_source = updates[0] if updates else template
@@ -264,13 +285,19 @@ class DPFedAvg:
         mean = unflatten(total / self.expected_clients, layout)
         if self.adaptive is not None:
             self.clip = self.adaptive.update(norms, noise)
-        return RoundResult(mean=mean, clip=clip, sum_noise_std=self.sum_noise_multiplier * clip,
-                           sampled=len(vecs), clipped=sum(1 for n in norms if n > clip),
-                           norms=norms)
+        return RoundResult(
+            mean=mean,
+            clip=clip,
+            sum_noise_std=self.sum_noise_multiplier * clip,
+            sampled=len(vecs),
+            clipped=sum(1 for n in norms if n > clip),
+            norms=norms,
+        )
 
 
-def local_dp_update(update: Update, clip: float, noise_multiplier: float,
-                    noise: NoiseSource | None = None) -> Update:
+def local_dp_update(
+    update: Update, clip: float, noise_multiplier: float, noise: NoiseSource | None = None
+) -> Update:
     """What a client sends under local DP: its update clipped to ``clip`` plus
     N(0, (noise_multiplier * clip)^2 I), in the update's own layout and dtypes.
 
@@ -280,8 +307,11 @@ def local_dp_update(update: Update, clip: float, noise_multiplier: float,
     noise = noise if noise is not None else NoiseSource()
     vec, layout = flatten(update)
     clipped, _ = clip_l2(vec, clip)
-    return unflatten(clipped + noise.gaussian(_positive("noise_multiplier", noise_multiplier) * clip,
-                                              clipped.shape), layout)
+    return unflatten(
+        clipped
+        + noise.gaussian(_positive("noise_multiplier", noise_multiplier) * clip, clipped.shape),
+        layout,
+    )
 
 
 def local_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -12,6 +12,23 @@ from .detection import INSUFFICIENT, OK, Thresholds, Verdict, detect
 from .reputation import Reputation
 from .spec import get_rule, list_rules
 
-__all__ = ["Aggregator", "Attack", "Chain", "INSUFFICIENT", "LabelFlip", "OK", "PreAggregator",
-           "PRE_AGGREGATORS", "RULES", "Reputation", "Thresholds", "Verdict", "detect",
-           "flip_labels", "get_attack", "get_rule", "list_attacks", "list_rules"]
+__all__ = [
+    "INSUFFICIENT",
+    "OK",
+    "PRE_AGGREGATORS",
+    "RULES",
+    "Aggregator",
+    "Attack",
+    "Chain",
+    "LabelFlip",
+    "PreAggregator",
+    "Reputation",
+    "Thresholds",
+    "Verdict",
+    "detect",
+    "flip_labels",
+    "get_attack",
+    "get_rule",
+    "list_attacks",
+    "list_rules",
+]

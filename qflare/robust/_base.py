@@ -15,16 +15,16 @@ import numpy as np
 
 from ._core import ArrayLike, as_batch, check_int, finite_rows, require
 
-RULES: dict[str, type["Aggregator"]] = {}
-PRE_AGGREGATORS: dict[str, type["PreAggregator"]] = {}
+RULES: dict[str, type[Aggregator]] = {}
+PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {}
 
 
-def register_rule(cls: type["Aggregator"]) -> type["Aggregator"]:
+def register_rule(cls: type[Aggregator]) -> type[Aggregator]:
     RULES[cls.name] = cls
     return cls
 
 
-def register_pre(cls: type["PreAggregator"]) -> type["PreAggregator"]:
+def register_pre(cls: type[PreAggregator]) -> type[PreAggregator]:
     PRE_AGGREGATORS[cls.name] = cls
     return cls
 
@@ -92,7 +92,9 @@ class Aggregator(_Named):
         b = as_batch(updates, weights)
         w = b.weights
         if w is not None and not self.weighted and not np.all(w == w[0]):
-            raise ValueError(f"{self.name} has no weighted form; pass weights=None or equal weights")
+            raise ValueError(
+                f"{self.name} has no weighted form; pass weights=None or equal weights"
+            )
         ref = None if reference is None else as_reference(reference, b.x.shape[1])
         return b.back(self.aggregate(b.x, w, reference=ref, rng=rng))
 
@@ -112,7 +114,11 @@ class PreAggregator(_Named):
     """Maps ``(updates [n, d], weights) -> (updates' [m, d], weights')`` ahead of a rule."""
 
     def __call__(
-        self, updates: ArrayLike, weights: Any = None, *, rng: np.random.Generator | int | None = None
+        self,
+        updates: ArrayLike,
+        weights: Any = None,
+        *,
+        rng: np.random.Generator | int | None = None,
     ) -> tuple[ArrayLike, np.ndarray | None]:
         b = as_batch(updates, weights)
         out, w = self.transform(b.x, b.weights, rng=rng)
@@ -145,7 +151,9 @@ class Chain(Aggregator):
         for p in self.pres:
             x, w = p.transform(x, w, rng=gen)
         if w is not None and not self.rule.weighted and not np.all(w == w[0]):
-            raise ValueError(f"{self.rule.name} has no weighted form; its pre-aggregators left unequal weights")
+            raise ValueError(
+                f"{self.rule.name} has no weighted form; its pre-aggregators left unequal weights"
+            )
         return self.rule.aggregate(x, w, reference=reference, rng=gen)
 
     def __repr__(self) -> str:
@@ -156,4 +164,3 @@ def as_reference(reference: ArrayLike, d: int) -> np.ndarray:
     b = as_batch(reference.reshape(1, -1) if hasattr(reference, "reshape") else reference)
     require(b.x.shape == (1, d), "reference", f"reference must have {d} entries, got {b.x.size}")
     return b.x[0]
-

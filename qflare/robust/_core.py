@@ -16,6 +16,7 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
+
 def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
     """Validate an integer hyperparameter at construction."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -63,7 +64,9 @@ def as_batch(updates: Any, weights: Any = None) -> Batch:
     elif isinstance(updates, np.ndarray):
         x, is_torch = updates, False
     else:
-        raise TypeError(f"updates must be a numpy array or torch tensor, got {type(updates).__name__}")
+        raise TypeError(
+            f"updates must be a numpy array or torch tensor, got {type(updates).__name__}"
+        )
     if x.ndim != 2:
         raise ValueError(f"updates must have shape [n, d], got shape {tuple(x.shape)}")
     if x.dtype not in (np.float32, np.float64):
@@ -211,7 +214,7 @@ def closest_window_mean(s: np.ndarray, centre: np.ndarray, k: int) -> np.ndarray
     out = np.empty(d, dtype=s.dtype)
     step = 1 << 14
     for j in range(0, d, step):
-        sb, cb = s[:, j:j + step], centre[j:j + step].astype(np.float64)
+        sb, cb = s[:, j : j + step], centre[j : j + step].astype(np.float64)
         acc = sb[:k].sum(axis=0, dtype=np.float64)
         best = acc.copy()
         with np.errstate(invalid="ignore"):
@@ -223,5 +226,5 @@ def closest_window_mean(s: np.ndarray, centre: np.ndarray, k: int) -> np.ndarray
                 better = far < best_far
                 best_far = np.where(better, far, best_far)
                 best = np.where(better, acc, best)
-        out[j:j + step] = best / k
+        out[j : j + step] = best / k
     return out

@@ -23,7 +23,8 @@ the Byzantine client applies to its labels before training.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,10 +32,10 @@ import torch
 from ._base import Aggregator
 from ._core import ArrayLike, as_batch, centred_gram, check_float, check_int, sq_dists_from_gram
 
-ATTACKS: dict[str, type["Attack"]] = {}
+ATTACKS: dict[str, type[Attack]] = {}
 
 
-def _register(cls: type["Attack"]) -> type["Attack"]:
+def _register(cls: type[Attack]) -> type[Attack]:
     ATTACKS[cls.name] = cls
     return cls
 
@@ -44,7 +45,9 @@ class Attack:
 
     name: ClassVar[str]
 
-    def __call__(self, honest: ArrayLike, f: int, *, rng: np.random.Generator | int | None = None) -> ArrayLike:
+    def __call__(
+        self, honest: ArrayLike, f: int, *, rng: np.random.Generator | int | None = None
+    ) -> ArrayLike:
         b = as_batch(honest)
         f = check_int("f", f)
         if f == 0:
@@ -192,7 +195,9 @@ class MinMax(_MinMaxBase):
 
     def _gamma(self, a, b, c, d2):
         limit = float(d2.max())
-        return float(min(self._root(float(a[i]), float(b[i]), float(c[i]), limit) for i in range(len(b))))
+        return float(
+            min(self._root(float(a[i]), float(b[i]), float(c[i]), limit) for i in range(len(b)))
+        )
 
 
 @_register
@@ -209,8 +214,14 @@ class _Optimal(Attack):
 
     base: ClassVar[Callable[[float], Attack]]
 
-    def __init__(self, rule: Aggregator | str = "mean", evals: int = 20, start: float = 0.0,
-                 delta: float = 10.0, ratio: float = 0.8) -> None:
+    def __init__(
+        self,
+        rule: Aggregator | str = "mean",
+        evals: int = 20,
+        start: float = 0.0,
+        delta: float = 10.0,
+        ratio: float = 0.8,
+    ) -> None:
         from .spec import get_rule
 
         self.rule = get_rule(rule) if isinstance(rule, str) else rule

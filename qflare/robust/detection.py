@@ -50,12 +50,21 @@ updates are flagged ``non_finite`` before anything else. With fewer finite updat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ._core import as_batch, centre_gram, check_float, check_int, finite_rows, gram, sq_dists_from_gram
+from ._core import (
+    as_batch,
+    centre_gram,
+    check_float,
+    check_int,
+    finite_rows,
+    gram,
+    sq_dists_from_gram,
+)
 
 OK = "ok"
 INSUFFICIENT = "insufficient"
@@ -86,16 +95,22 @@ class Verdict:
     f: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "kept": list(self.kept), "flagged": list(self.flagged),
-                "reasons": {k: list(v) for k, v in self.reasons.items()},
-                "scores": {k: dict(v) for k, v in self.scores.items()},
-                "message": self.message, "n": self.n, "f": self.f}
+        return {
+            "status": self.status,
+            "kept": list(self.kept),
+            "flagged": list(self.flagged),
+            "reasons": {k: list(v) for k, v in self.reasons.items()},
+            "scores": {k: dict(v) for k, v in self.scores.items()},
+            "message": self.message,
+            "n": self.n,
+            "f": self.f,
+        }
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    z: float = 3.5          # robust z-score beyond which krum/distance/norm are outliers
-    cosine_z: float = 3.5   # low-side robust z for the cosine
+    z: float = 3.5  # robust z-score beyond which krum/distance/norm are outliers
+    cosine_z: float = 3.5  # low-side robust z for the cosine
     separation: float = 3.0  # cluster centres apart / within-group spread
     # Two updates closer than this fraction of the round's median pairwise distance are
     # copies; honest non-IID digits clients measured >= 0.5 (nearest pair / median).
@@ -183,8 +198,9 @@ def duplicate_groups(d2: np.ndarray, ratio: float) -> np.ndarray:
     return out
 
 
-def _geomed_coef(g: np.ndarray, iters: int = 50, eps: float = 1e-9,
-                 mask: np.ndarray | None = None) -> np.ndarray:
+def _geomed_coef(
+    g: np.ndarray, iters: int = 50, eps: float = 1e-9, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Weiszfeld coefficients a (centre = sum_i a_i x_i) over the rows in ``mask``."""
     n = g.shape[0]
     if mask is not None and not mask.all():
@@ -237,8 +253,9 @@ def two_means(d2: np.ndarray, g: np.ndarray, iters: int = 20) -> tuple[np.ndarra
     return labels, centre_gap / max(spread, 1e-12 * (1 + centre_gap))
 
 
-def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
-           thresholds: Thresholds | None = None) -> Verdict:
+def detect(
+    updates: Any, f: int, *, ids: Sequence[str] | None = None, thresholds: Thresholds | None = None
+) -> Verdict:
     """Score the round's updates [n, d]; ``ids`` name the rows (default "0".."n-1")."""
     b = as_batch(updates)
     x = b.x
@@ -247,7 +264,9 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
     th = thresholds or Thresholds()
     names = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
     if len(names) != n or len(set(names)) != n:
-        raise ValueError(f"ids must be {n} distinct names, got {len(names)} ({len(set(names))} distinct)")
+        raise ValueError(
+            f"ids must be {n} distinct names, got {len(names)} ({len(set(names))} distinct)"
+        )
     finite = finite_rows(x)
     reasons: dict[str, list[str]] = {nm: [] for nm in names}
     for i in np.flatnonzero(~finite):
@@ -257,10 +276,17 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
     need = max(3, 2 * f + 1)
     if m < need:
         flagged = tuple(names[i] for i in np.flatnonzero(~finite))
-        return Verdict(INSUFFICIENT, tuple(names[i] for i in idx), flagged,
-                       {k: tuple(v) for k, v in reasons.items() if v}, {},
-                       f"{m} finite updates, detection needs at least {need} for f={f}; "
-                       "only non-finite updates were flagged", n, f)
+        return Verdict(
+            INSUFFICIENT,
+            tuple(names[i] for i in idx),
+            flagged,
+            {k: tuple(v) for k, v in reasons.items() if v},
+            {},
+            f"{m} finite updates, detection needs at least {need} for f={f}; "
+            "only non-finite updates were flagged",
+            n,
+            f,
+        )
     xf = x[idx] if m < n else x
     g_raw = gram(xf)
     g = centre_gram(g_raw)
@@ -273,25 +299,31 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
     f_left = max(0, f - int(dup.sum()))
     k = int(ref.sum()) - f_left - 1
     to_ref = d2[:, ref].copy()
-    to_ref[np.flatnonzero(ref), np.arange(int(ref.sum()))] = np.inf   # not oneself
+    to_ref[np.flatnonzero(ref), np.arange(int(ref.sum()))] = np.inf  # not oneself
     if k > 0:
         krum = np.sqrt(np.sort(to_ref, axis=1)[:, :k].mean(axis=1))
     else:
         krum = np.zeros(m)
     scores["krum"] = krum
-    scores["krum_z"] = robust_z(krum, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(krum[ref])))
+    scores["krum_z"] = robust_z(
+        krum, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(krum[ref]))
+    )
     a = _geomed_coef(g, mask=ref)
     ga = g @ a
     dist = np.sqrt(np.maximum(np.diag(g) - 2 * ga + a @ ga, 0.0))
     scores["distance"] = dist
-    scores["distance_z"] = robust_z(dist, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(dist[ref])))
+    scores["distance_z"] = robust_z(
+        dist, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(dist[ref]))
+    )
     # Raw (uncentred) geometry for norms and cosines: x_i . z with z = sum_j a_j x_j.
     norms = np.sqrt(np.maximum(np.diag(g_raw), 0.0))
     dots = g_raw @ a
     cnorm = float(np.sqrt(max(a @ dots, 0.0)))
     cos = dots / np.maximum(norms * cnorm, 1e-30)
     scores["norm"] = norms
-    scores["norm_z"] = robust_z(norms, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(norms[ref])))
+    scores["norm_z"] = robust_z(
+        norms, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(norms[ref]))
+    )
     scores["cosine"] = cos
     scores["cosine_z"] = low_side_z(cos, ref, th.cosine_trim, _COS_MIN_SCALE)
     # A coalition of f' has f' - 1 fellows to be neighbours with; a lone attacker is the
@@ -305,8 +337,11 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
         # outliers when f' is large against r (14 updates left after ingest refused six).
         drop = min(f_left, int(ref.sum()) // 3)
         scores["neighbourhood_z"] = upper_z(nbhd, ref, drop, _NBHD_MIN_SCALE)
-    low_nbhd = (scores["neighbourhood_z"] < -th.neighbourhood_z) if "neighbourhood_z" in scores \
+    low_nbhd = (
+        (scores["neighbourhood_z"] < -th.neighbourhood_z)
+        if "neighbourhood_z" in scores
         else np.zeros(m, dtype=bool)
+    )
     # The signal is about coalitions: one update alone below the threshold is an unusual
     # honest client next to ordinary-but-different ones (seen on the 14 honest updates of
     # the Inf attack, seed 2: one client in 2 of 20 rounds), not a group sharing a
@@ -337,5 +372,13 @@ def detect(updates: Any, f: int, *, ids: Sequence[str] | None = None,
     flagged = tuple(nm for nm in names if reasons[nm])
     kept = tuple(nm for nm in names if not reasons[nm])
     per_client = {names[i]: {k: float(v[r]) for k, v in scores.items()} for r, i in enumerate(idx)}
-    return Verdict(OK, kept, flagged, {k: tuple(v) for k, v in reasons.items() if v}, per_client,
-                   f"{int(dup.sum())} in duplicate groups; separation of two groups {sep:.2f}", n, f)
+    return Verdict(
+        OK,
+        kept,
+        flagged,
+        {k: tuple(v) for k, v in reasons.items() if v},
+        per_client,
+        f"{int(dup.sum())} in duplicate groups; separation of two groups {sep:.2f}",
+        n,
+        f,
+    )

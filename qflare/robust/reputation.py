@@ -9,8 +9,9 @@ Pure: the state exports to and imports from plain dicts (the detector service pe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from ._core import check_float, check_int
 
@@ -20,16 +21,25 @@ class ClientRecord:
     score: float = 0.0
     last_round: int = 0
     offences: int = 0
-    quarantined_until: int = -1   # last round of the quarantine; -1 when never
+    quarantined_until: int = -1  # last round of the quarantine; -1 when never
 
     def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "last_round": self.last_round, "offences": self.offences,
-                "quarantined_until": self.quarantined_until}
+        return {
+            "score": self.score,
+            "last_round": self.last_round,
+            "offences": self.offences,
+            "quarantined_until": self.quarantined_until,
+        }
 
 
 class Reputation:
-    def __init__(self, decay: float = 0.8, penalty: float = 1.0, threshold: float = 2.5,
-                 quarantine_rounds: int = 5) -> None:
+    def __init__(
+        self,
+        decay: float = 0.8,
+        penalty: float = 1.0,
+        threshold: float = 2.5,
+        quarantine_rounds: int = 5,
+    ) -> None:
         self.decay = check_float("decay", decay)
         if self.decay > 1:
             raise ValueError(f"decay must be in [0, 1], got {decay!r}")
@@ -58,8 +68,10 @@ class Reputation:
         for client in sorted(set(map(str, flagged))):
             rec = self.clients.setdefault(client, ClientRecord(last_round=round_))
             if round_ < rec.last_round:
-                raise ValueError(f"round {round_} for client {client!r} is older than its "
-                                 f"last recorded round {rec.last_round}")
+                raise ValueError(
+                    f"round {round_} for client {client!r} is older than its "
+                    f"last recorded round {rec.last_round}"
+                )
             rec.score = self.score(client, round_) + self.penalty
             rec.last_round = round_
             rec.offences += 1
@@ -69,21 +81,32 @@ class Reputation:
         return newly
 
     def to_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "penalty": self.penalty, "threshold": self.threshold,
-                "quarantine_rounds": self.quarantine_rounds,
-                "clients": {c: r.to_dict() for c, r in sorted(self.clients.items())}}
+        return {
+            "decay": self.decay,
+            "penalty": self.penalty,
+            "threshold": self.threshold,
+            "quarantine_rounds": self.quarantine_rounds,
+            "clients": {c: r.to_dict() for c, r in sorted(self.clients.items())},
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Reputation":
+    def from_dict(cls, data: dict[str, Any]) -> Reputation:
         try:
-            rep = cls(decay=data["decay"], penalty=data["penalty"], threshold=data["threshold"],
-                      quarantine_rounds=data["quarantine_rounds"])
+            rep = cls(
+                decay=data["decay"],
+                penalty=data["penalty"],
+                threshold=data["threshold"],
+                quarantine_rounds=data["quarantine_rounds"],
+            )
             for c, r in data.get("clients", {}).items():
                 rep.clients[str(c)] = ClientRecord(
                     score=check_float("score", r["score"]),
                     last_round=check_int("last_round", r["last_round"]),
                     offences=check_int("offences", r["offences"]),
-                    quarantined_until=check_int("quarantined_until", r["quarantined_until"], minimum=-1))
+                    quarantined_until=check_int(
+                        "quarantined_until", r["quarantined_until"], minimum=-1
+                    ),
+                )
         except KeyError as exc:
             raise ValueError(f"reputation state lacks {exc.args[0]!r}") from None
         return rep

@@ -12,15 +12,24 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import pre as _pre  # noqa: F401  (registers pre-aggregators)
 from . import rules as _rules  # noqa: F401  (registers rules)
 from ._base import PRE_AGGREGATORS, RULES, Aggregator, Chain, PreAggregator
 
-ALIASES = {"fedavg": "mean", "average": "mean", "trmean": "trimmed_mean",
-           "multi_krum": "multikrum", "geometric_median": "geomed", "rfa": "geomed",
-           "centered_clipping": "cc", "clipping": "clip", "static_clip": "clip"}
+ALIASES = {
+    "fedavg": "mean",
+    "average": "mean",
+    "trmean": "trimmed_mean",
+    "multi_krum": "multikrum",
+    "geometric_median": "geomed",
+    "rfa": "geomed",
+    "centered_clipping": "cc",
+    "clipping": "clip",
+    "static_clip": "clip",
+}
 
 _PART = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 
@@ -101,8 +110,11 @@ def get_rule(spec: str | Sequence[Any] | Mapping[str, Any], **overrides: Any) ->
         table = RULES if i == len(parts) - 1 else PRE_AGGREGATORS
         if name not in table:
             kind = "rule" if table is RULES else "pre-aggregator"
-            hint = "" if name not in (PRE_AGGREGATORS if table is RULES else RULES) else (
-                " (rules go last, pre-aggregators before them)")
+            hint = (
+                ""
+                if name not in (PRE_AGGREGATORS if table is RULES else RULES)
+                else (" (rules go last, pre-aggregators before them)")
+            )
             raise ValueError(f"unknown {kind} {name!r}{hint}; known: {sorted(table)}")
         resolved.append((table[name], name, dict(params)))
     for key, value in overrides.items():

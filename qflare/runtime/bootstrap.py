@@ -67,7 +67,9 @@ async def build_service(
         trust = trust or loaded_trust
     module = importlib.import_module(module_name)
     if bus is None:
-        bus = await connect_bus(settings.broker, prefix=settings.prefix, **_bus_options(settings, name))
+        bus = await connect_bus(
+            settings.broker, prefix=settings.prefix, **_bus_options(settings, name)
+        )
     ctx = ServiceContext(
         name=name,
         settings=settings,

@@ -64,7 +64,7 @@ class Settings:
     source: Path | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.broker, str) or not self.broker.split("://")[0] in (
+        if not isinstance(self.broker, str) or self.broker.split("://")[0] not in (
             "memory",
             "amqp",
             "amqps",

@@ -33,7 +33,9 @@ def broadcast_key(job: str, kind: str) -> str:
     return f"{job}.{kind}"
 
 
-async def seal(service: Service, kind: str, body: Body | dict[str, Any], *, job: str, round: int) -> bytes:
+async def seal(
+    service: Service, kind: str, body: Body | dict[str, Any], *, job: str, round: int
+) -> bytes:
     """Encode and sign ``body`` as ``kind`` with the service's identity."""
     identity = service.ctx.identity
     if identity is None:

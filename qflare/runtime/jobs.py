@@ -63,29 +63,35 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: str
-    rounds: int = Field(ge=1, le=100_000, description="rounds to run unless the budget ends it first")
+    rounds: int = Field(
+        ge=1, le=100_000, description="rounds to run unless the budget ends it first"
+    )
     participants: tuple[str, ...] = Field(min_length=1, description="enrolled client ids")
     rule: str = Field(default="mean", description="robust rule spec for qflare.robust.get_rule")
     f: int = Field(default=0, ge=0, description="Byzantine clients tolerated per round")
     detection: bool = Field(default=True, description="run the detector; off keeps every update")
     sample_rate: float = Field(default=1.0, gt=0.0, le=1.0, description="Poisson rate q")
     noise_multiplier: float = Field(
-        default=1.0, ge=0.0, description="z: noise std = z * clip; 0 turns DP off (no accountant, epsilon inf)"
+        default=1.0,
+        ge=0.0,
+        description="z: noise std = z * clip; 0 turns DP off (no accountant, epsilon inf)",
     )
     clip: float = Field(default=1.0, gt=0.0, description="L2 clip norm C per update")
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     epsilon_budget: float = Field(default=10.0, gt=0.0)
     dp_filter_bound: int | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="k: detection removes at most k updates per round (the k highest-scored "
-                    "flagged) and rounds are charged at z/(2k+1), q=1; None: no bound, the "
-                    "epsilon of a filtering job is not a DP guarantee",
+        "flagged) and rounds are charged at z/(2k+1), q=1; None: no bound, the "
+        "epsilon of a filtering job is not a DP guarantee",
     )
     server_lr: float = Field(default=1.0, gt=0.0, description="step applied to the noised mean")
     min_updates: int = Field(default=1, ge=1, description="fewest updates a round closes with")
     deadline_s: float = Field(default=60.0, gt=0.0, description="seconds a round stays open")
     on_short: Literal["extend", "abort"] = Field(
-        default="extend", description="at the deadline with < min_updates: extend once more or abort the job"
+        default="extend",
+        description="at the deadline with < min_updates: extend once more or abort the job",
     )
     max_extensions: int = Field(default=3, ge=0)
     seed: int = Field(default=0, ge=0, lt=2**63, description="secret job seed: selection and noise")
@@ -127,8 +133,11 @@ class JobSpec(BaseModel):
     def privacy_charge(self) -> PrivacyCharge:
         """What the accountant is asked to charge for each round of this job."""
         return privacy_charge(
-            rule=self.rule, detection=self.detection, sample_rate=self.sample_rate,
-            noise_multiplier=self.noise_multiplier, dp_filter_bound=self.dp_filter_bound,
+            rule=self.rule,
+            detection=self.detection,
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            dp_filter_bound=self.dp_filter_bound,
         )
 
     def public(self) -> dict[str, Any]:
@@ -149,7 +158,11 @@ class PrivacyCharge:
 
 
 def privacy_charge(
-    *, rule: str, detection: bool, sample_rate: float, noise_multiplier: float,
+    *,
+    rule: str,
+    detection: bool,
+    sample_rate: float,
+    noise_multiplier: float,
     dp_filter_bound: int | None = None,
 ) -> PrivacyCharge:
     """The charge for one round with noise ``noise_multiplier * C`` actually added.
@@ -173,8 +186,9 @@ def privacy_charge(
         return PrivacyCharge("noise_only", sample_rate, noise_multiplier)
     # q = 1: the detector's reputation carries earlier rounds' updates into this round's
     # removals, so a client's presence matters even in rounds it is not sampled for.
-    return PrivacyCharge("filter_bounded", 1.0,
-                         filtered_noise_multiplier(noise_multiplier, dp_filter_bound))
+    return PrivacyCharge(
+        "filter_bounded", 1.0, filtered_noise_multiplier(noise_multiplier, dp_filter_bound)
+    )
 
 
 #: What one envelope carries besides the tensors: header, certificate, signature, sealing
@@ -200,14 +214,17 @@ class ModelTooLarge(ValueError, QflareError):
         )
 
 
-def max_model_bytes(num_tensors: int, envelope_limit: int = DEFAULT_LIMITS.max_envelope_bytes) -> int:
+def max_model_bytes(
+    num_tensors: int, envelope_limit: int = DEFAULT_LIMITS.max_envelope_bytes
+) -> int:
     """The most tensor bytes a model of ``num_tensors`` tensors may have so that its
     broadcast and its updates each fit in one envelope."""
     return envelope_limit - ENVELOPE_OVERHEAD - TENSOR_OVERHEAD * num_tensors
 
 
-def check_model_size(job_id: str, model: dict[str, Any],
-                     envelope_limit: int = DEFAULT_LIMITS.max_envelope_bytes) -> int:
+def check_model_size(
+    job_id: str, model: dict[str, Any], envelope_limit: int = DEFAULT_LIMITS.max_envelope_bytes
+) -> int:
     """Raise :class:`ModelTooLarge` when ``model`` (name -> array) does not fit in one
     message; returns its tensor bytes."""
     nbytes = sum(int(np.asarray(v).nbytes) for v in model.values())

@@ -86,12 +86,16 @@ class InProcess:
         ``budget_exhausted``, ``too_few_updates``)."""
         return await self.services["aggregator"].wait_job(job_id, timeout)  # type: ignore[attr-defined]
 
-    async def restart(self, name: str, identities: dict[str, tuple[Any, Any]] | None = None) -> Service:
+    async def restart(
+        self, name: str, identities: dict[str, tuple[Any, Any]] | None = None
+    ) -> Service:
         """Stop service ``name`` and start a fresh instance on the same state (tests of
         restart safety; a crash is ``kill -9`` of a ``qflare serve`` process)."""
         await self.services[name].stop()
         identity, trust = (identities or {}).get(name, (None, None))
-        service = await build_service(name, self.settings, bus=self.bus, identity=identity, trust=trust)
+        service = await build_service(
+            name, self.settings, bus=self.bus, identity=identity, trust=trust
+        )
         await service.start()
         self.services[name] = service
         return service

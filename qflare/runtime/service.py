@@ -233,8 +233,14 @@ class Service(abc.ABC):
         """Publish an ``alert.raised`` (signed) on ``qflare.events``; alerting stores,
         deduplicates and republishes it on ``qflare.alerts``."""
         await publish_alert(
-            self, kind=kind, severity=severity, job=job, round=round,
-            reason=reason, detail=detail, client=client,
+            self,
+            kind=kind,
+            severity=severity,
+            job=job,
+            round=round,
+            reason=reason,
+            detail=detail,
+            client=client,
         )
 
 

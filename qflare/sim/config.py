@@ -115,7 +115,9 @@ def validate(config: SimConfig) -> None:
     if config.batch_size < 1:
         fail(f"--batch-size must be >= 1, got {config.batch_size}")
     if config.alpha is not None and not (config.alpha > 0 and math.isfinite(config.alpha)):
-        fail(f"--alpha (Dirichlet concentration) must be > 0, got {config.alpha}; use --iid for an IID split")
+        fail(
+            f"--alpha (Dirichlet concentration) must be > 0, got {config.alpha}; use --iid for an IID split"
+        )
     if not 0 < config.sample_rate <= 1:
         fail(f"--sample-rate must be in (0, 1], got {config.sample_rate}")
     if not config.server_lr > 0:
@@ -165,6 +167,7 @@ def validate(config: SimConfig) -> None:
         # The aggregator's own seeded Poisson selection, round by round: a round that selects
         # nobody would wait for its deadline and end the job, so refuse it now.
         from qflare.services.aggregator.core import select_participants
+
         from qflare.sim.federation import client_ids
 
         ids = client_ids(config.clients)

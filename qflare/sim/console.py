@@ -22,7 +22,9 @@ def round_progress(console: Console, label: str, total: int, enabled: bool = Tru
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("acc {task.fields[acc]}  flagged {task.fields[flagged]}  eps {task.fields[eps]}"),
+        TextColumn(
+            "acc {task.fields[acc]}  flagged {task.fields[flagged]}  eps {task.fields[eps]}"
+        ),
         TimeElapsedColumn(),
         console=console,
         transient=False,

@@ -157,7 +157,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims)) if dims else 0
     if len(raw) - header != expected:
-        raise ValueError(f"{path}: header says {expected} bytes of data, file has {len(raw) - header}")
+        raise ValueError(
+            f"{path}: header says {expected} bytes of data, file has {len(raw) - header}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -172,7 +174,9 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(root: Path | str = FASHION_MNIST_DIR, train_limit: int | None = None) -> SplitData:
+def load_fashion_mnist(
+    root: Path | str = FASHION_MNIST_DIR, train_limit: int | None = None
+) -> SplitData:
     """Fashion-MNIST (60000 + 10000 images of 28x28, 10 classes) from local IDX files.
 
     ``train_limit`` keeps the first that many training images (a quicker sweep); the test set
@@ -193,7 +197,11 @@ def load_fashion_mnist(root: Path | str = FASHION_MNIST_DIR, train_limit: int | 
     train_y = read_idx(paths["train-labels-idx1-ubyte"]).astype(np.int64)
     test_x = read_idx(paths["t10k-images-idx3-ubyte"]).astype(np.float32) / 255.0
     test_y = read_idx(paths["t10k-labels-idx1-ubyte"]).astype(np.int64)
-    if train_x.ndim != 3 or train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
+    if (
+        train_x.ndim != 3
+        or train_x.shape[0] != train_y.shape[0]
+        or test_x.shape[0] != test_y.shape[0]
+    ):
         raise ValueError(f"unexpected Fashion-MNIST shapes {train_x.shape}, {train_y.shape}")
     if train_limit is not None:
         if train_limit < 1:
@@ -232,7 +240,9 @@ def load_dataset(name: str) -> SplitData:
     try:
         loader = _LOADERS[name]
     except KeyError:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(dataset_names())}") from None
+        raise ValueError(
+            f"unknown data set {name!r}; known: {', '.join(dataset_names())}"
+        ) from None
     return loader()
 
 

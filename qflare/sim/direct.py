@@ -19,14 +19,13 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
-from qflare.privacy import BudgetPolicy
-from qflare.runtime.jobs import privacy_charge
-from qflare.robust import Reputation
 from qflare.services.accountant.core import AccountantCore
 from qflare.services.aggregator.core import aggregate_round, cap_removals, select_participants
 from qflare.services.detector.core import decide
 
+from qflare.privacy import BudgetPolicy
+from qflare.robust import Reputation
+from qflare.runtime.jobs import privacy_charge
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.report import RoundRecord, RunResult
@@ -46,13 +45,22 @@ def run_direct(
     ended = "completed"
     reputation = Reputation()
     accountant = (
-        AccountantCore(BudgetPolicy(epsilon=job_budget(config), delta=config.delta)) if config.dp_on else None
+        AccountantCore(BudgetPolicy(epsilon=job_budget(config), delta=config.delta))
+        if config.dp_on
+        else None
     )
     # what the aggregator asks the accountant to charge (coverage, q, z): docs/privacy.md
-    charge = privacy_charge(
-        rule=config.rule_spec, detection=config.detection, sample_rate=config.sample_rate,
-        noise_multiplier=config.noise_multiplier, dp_filter_bound=config.dp_filter_bound,
-    ) if accountant is not None else None
+    charge = (
+        privacy_charge(
+            rule=config.rule_spec,
+            detection=config.detection,
+            sample_rate=config.sample_rate,
+            noise_multiplier=config.noise_multiplier,
+            dp_filter_bound=config.dp_filter_bound,
+        )
+        if accountant is not None
+        else None
+    )
     start = time.perf_counter()
     for round_index in range(1, config.rounds + 1):
         epsilon: float | None = None
@@ -63,24 +71,36 @@ def run_direct(
             decision = accountant.decide(SIM_JOB, round_index, charge.q, charge.z, config.clip)
             if not decision.granted:
                 ended = "budget_exhausted"
-                notes.append(f"job ended: budget_exhausted (round {round_index} would reach "
-                             f"epsilon {decision.epsilon_requested:.3f} > {decision.budget_epsilon})")
+                notes.append(
+                    f"job ended: budget_exhausted (round {round_index} would reach "
+                    f"epsilon {decision.epsilon_requested:.3f} > {decision.budget_epsilon})"
+                )
                 break
             accountant.apply(decision)
             epsilon = decision.epsilon_total
         t0 = time.perf_counter()
-        participants = select_participants(fed.ids, config.sample_rate, config.seed, SIM_JOB, round_index)
+        participants = select_participants(
+            fed.ids, config.sample_rate, config.seed, SIM_JOB, round_index
+        )
         sent = fed.round_updates(round_index, params, participants)
         # Ingest refuses non-finite tensors (NON_FINITE) before the detector sees anything.
-        rejected = tuple(c for c in participants if not all(np.isfinite(v).all() for v in sent[c].values()))
+        rejected = tuple(
+            c for c in participants if not all(np.isfinite(v).all() for v in sent[c].values())
+        )
         updates = {c: u for c, u in sent.items() if c not in rejected}
         verdict = decide(
-            round_index, updates, f=config.byzantine, detection=config.detection, reputation=reputation
+            round_index,
+            updates,
+            f=config.byzantine,
+            detection=config.detection,
+            reputation=reputation,
         )
         flagged = tuple(sorted(x.client for x in verdict.flagged))
         # as the aggregator does: with dp_filter_bound k only the k highest-scored go
         kept, removed = cap_removals(
-            list(verdict.kept), [(x.client, float(x.score)) for x in verdict.flagged], config.dp_filter_bound
+            list(verdict.kept),
+            [(x.client, float(x.score)) for x in verdict.flagged],
+            config.dp_filter_bound,
         )
         result = aggregate_round(
             job=SIM_JOB,

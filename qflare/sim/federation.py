@@ -23,7 +23,13 @@ from torch import nn
 
 from qflare.sim import robust_glue
 from qflare.sim.config import LABEL_FLIP, NO_ATTACK, SimConfig
-from qflare.sim.data import ArrayDataset, SplitData, dirichlet_partition, iid_partition, load_dataset
+from qflare.sim.data import (
+    ArrayDataset,
+    SplitData,
+    dirichlet_partition,
+    iid_partition,
+    load_dataset,
+)
 from qflare.sim.model import (
     Evaluation,
     Params,
@@ -78,15 +84,22 @@ class Federation:
             shard = data.train.subset(idx)
             if config.attack == LABEL_FLIP and cid in byzantine:
                 flip = robust_glue.label_flipper(shard.num_classes)
-                shard = ArrayDataset(shard.x, np.asarray(flip(shard.y), np.int64), shard.num_classes)
+                shard = ArrayDataset(
+                    shard.x, np.asarray(flip(shard.y), np.int64), shard.num_classes
+                )
             shards[cid] = shard
-        model = build_model(config.model, data.train.sample_shape, data.train.num_classes, config.seed)
+        model = build_model(
+            config.model, data.train.sample_shape, data.train.num_classes, config.seed
+        )
         return cls(config, data, ids, byzantine, shards, get_params(model))
 
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (weights are set per call that uses it)."""
         return build_model(
-            self.config.model, self.data.train.sample_shape, self.data.train.num_classes, self.config.seed
+            self.config.model,
+            self.data.train.sample_shape,
+            self.data.train.num_classes,
+            self.config.seed,
         )
 
     @property
@@ -153,5 +166,7 @@ class Federation:
         updates.update(self.poison(round_index, updates, participants))
         return updates
 
-    def evaluate(self, params: Mapping[str, np.ndarray], model: nn.Module | None = None) -> Evaluation:
+    def evaluate(
+        self, params: Mapping[str, np.ndarray], model: nn.Module | None = None
+    ) -> Evaluation:
         return evaluate(model if model is not None else self.new_model(), params, self.data.test)

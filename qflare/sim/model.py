@@ -70,14 +70,19 @@ def build_model(name: str, sample_shape: tuple[int, ...], num_classes: int, seed
 
 
 def get_params(model: nn.Module) -> Params:
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in model.state_dict().items()}
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+        for k, v in model.state_dict().items()
+    }
 
 
 def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     state = model.state_dict()
     if set(state) != set(params):
         raise ValueError(f"parameter names differ: model {sorted(state)} vs given {sorted(params)}")
-    model.load_state_dict({k: torch.from_numpy(np.array(params[k], dtype=np.float32)) for k in state})
+    model.load_state_dict(
+        {k: torch.from_numpy(np.array(params[k], dtype=np.float32)) for k in state}
+    )
 
 
 def flatten(params: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
@@ -146,7 +151,9 @@ class Evaluation:
     loss: float
 
 
-def evaluate(model: nn.Module, params: Mapping[str, np.ndarray], data: ArrayDataset, batch: int = 4096) -> Evaluation:
+def evaluate(
+    model: nn.Module, params: Mapping[str, np.ndarray], data: ArrayDataset, batch: int = 4096
+) -> Evaluation:
     """Accuracy and mean cross-entropy of ``params`` on ``data``; a non-finite model scores 0."""
     if not all(np.isfinite(np.asarray(v)).all() for v in params.values()):
         return Evaluation(0.0, float("inf"))

@@ -168,9 +168,9 @@ class RunResult:
 COVERAGE_NOTES = {
     "clipped_sum": "DP guarantee (rule mean, nothing filtered before the noisy sum)",
     "filter_bounded": "DP guarantee for a filter removing at most k updates per round "
-                      "(charged at z/(2k+1), q=1)",
+    "(charged at z/(2k+1), q=1)",
     "noise_only": "epsilon of the noise added; NOT a DP guarantee: a data-dependent filter "
-                  "or robust rule ran before the noisy sum",
+    "or robust rule ran before the noisy sum",
 }
 
 
@@ -181,8 +181,10 @@ def coverage_of(cfg: dict[str, Any]) -> str | None:
     if not _dp_on(cfg):
         return None
     return privacy_charge(
-        rule=str(cfg.get("rule_resolved", cfg.get("rule"))), detection=bool(cfg.get("detection")),
-        sample_rate=float(cfg.get("sample_rate", 1.0)), noise_multiplier=float(cfg["noise_multiplier"]),
+        rule=str(cfg.get("rule_resolved", cfg.get("rule"))),
+        detection=bool(cfg.get("detection")),
+        sample_rate=float(cfg.get("sample_rate", 1.0)),
+        noise_multiplier=float(cfg["noise_multiplier"]),
         dp_filter_bound=cfg.get("dp_filter_bound"),
     ).coverage
 
@@ -257,8 +259,12 @@ def render_markdown(result: RunResult, baseline: RunResult | None = None) -> str
         f"| detection recall | {_pct(det.recall)} |",
         f"| detection false-positive rate | {_pct(det.false_positive_rate)} |",
         f"| epsilon spent | {_eps(result.final_epsilon)}"
-        + (f" ({result.epsilon_coverage}: {COVERAGE_NOTES[result.epsilon_coverage]})"
-           if result.epsilon_coverage else "") + " |",
+        + (
+            f" ({result.epsilon_coverage}: {COVERAGE_NOTES[result.epsilon_coverage]})"
+            if result.epsilon_coverage
+            else ""
+        )
+        + " |",
         "",
         "## Rounds",
         "",
@@ -276,7 +282,12 @@ def render_markdown(result: RunResult, baseline: RunResult | None = None) -> str
         )
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
-    lines += ["", "Plots: `accuracy.png`" + (", `epsilon.png`" if _dp_on(cfg) else " (DP off: no epsilon plot)"), ""]
+    lines += [
+        "",
+        "Plots: `accuracy.png`"
+        + (", `epsilon.png`" if _dp_on(cfg) else " (DP off: no epsilon plot)"),
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -6,13 +6,12 @@ parameter dicts) and a change in the robustness core's call shapes touches one f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from qflare.robust import Aggregator, get_rule
-
 from qflare.sim.config import LABEL_FLIP, NO_ATTACK
 
 
@@ -48,10 +47,19 @@ def build_rule(spec: str) -> Aggregator:
 
 
 _ALIASES = {
-    "sign-flip": "sign_flip", "signflip": "sign_flip", "label-flip": "label_flip",
-    "labelflip": "label_flip", "large-deviation": "large", "large_deviation": "large",
-    "min-max": "minmax", "min_max": "minmax", "min-sum": "minsum", "min_sum": "minsum",
-    "optimal-ipm": "optimal_ipm", "optimal-alie": "optimal_alie", "no": "none",
+    "sign-flip": "sign_flip",
+    "signflip": "sign_flip",
+    "label-flip": "label_flip",
+    "labelflip": "label_flip",
+    "large-deviation": "large",
+    "large_deviation": "large",
+    "min-max": "minmax",
+    "min_max": "minmax",
+    "min-sum": "minsum",
+    "min_sum": "minsum",
+    "optimal-ipm": "optimal_ipm",
+    "optimal-alie": "optimal_alie",
+    "no": "none",
 }
 
 
@@ -111,7 +119,9 @@ def coalition_updates(
     fn = get_attack(attack, **_attack_kwargs(attack, options, rule_spec))
     out = np.asarray(fn(honest, f, rng=rng), dtype=np.float32)
     if out.shape != (f, honest.shape[1]):
-        raise ValueError(f"attack {attack} returned shape {out.shape}, expected ({f}, {honest.shape[1]})")
+        raise ValueError(
+            f"attack {attack} returned shape {out.shape}, expected ({f}, {honest.shape[1]})"
+        )
     return out
 
 
@@ -129,7 +139,9 @@ def epsilon_spent(sample_rate: float, noise_multiplier: float, rounds: int, delt
     return float(epsilon(sample_rate, noise_multiplier, rounds, delta))
 
 
-def noise_for_epsilon(target_epsilon: float, sample_rate: float, rounds: int, delta: float) -> float:
+def noise_for_epsilon(
+    target_epsilon: float, sample_rate: float, rounds: int, delta: float
+) -> float:
     """The smallest noise multiplier whose ``rounds`` rounds stay within ``target_epsilon``."""
     from qflare.privacy.accounting import plan_noise
 

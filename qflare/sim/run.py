@@ -22,22 +22,28 @@ def plan_noise(config: SimConfig) -> SimConfig:
     """Turn ``target_epsilon`` into a noise multiplier for the whole run (and a budget)."""
     if config.target_epsilon is None:
         return config
-    from qflare.sim.robust_glue import noise_for_epsilon
-
     from qflare.runtime.jobs import privacy_charge
+    from qflare.sim.robust_glue import noise_for_epsilon
 
     k = config.dp_filter_bound
     coverage = privacy_charge(
-        rule=config.rule_spec, detection=config.detection, sample_rate=config.sample_rate,
-        noise_multiplier=1.0, dp_filter_bound=k,
+        rule=config.rule_spec,
+        detection=config.detection,
+        sample_rate=config.sample_rate,
+        noise_multiplier=1.0,
+        dp_filter_bound=k,
     ).coverage
     try:
         if coverage == "filter_bounded" and k is not None:
             # charged at z/(2k+1) and q = 1 (JobSpec.privacy_charge): plan that charged
             # multiplier for the target, and add (2k+1) times it
-            z = (2 * k + 1) * noise_for_epsilon(config.target_epsilon, 1.0, config.rounds, config.delta)
+            z = (2 * k + 1) * noise_for_epsilon(
+                config.target_epsilon, 1.0, config.rounds, config.delta
+            )
         else:
-            z = noise_for_epsilon(config.target_epsilon, config.sample_rate, config.rounds, config.delta)
+            z = noise_for_epsilon(
+                config.target_epsilon, config.sample_rate, config.rounds, config.delta
+            )
     except ValueError as exc:
         raise SimConfigError(f"--target-epsilon {config.target_epsilon}: {exc}") from None
     budget = config.epsilon_budget if config.epsilon_budget is not None else config.target_epsilon
@@ -50,7 +56,9 @@ def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
     Raises :class:`SimConfigError` (exit code 2 at the command line) for any problem.
     """
     if not broker.startswith(BROKER_SCHEMES):
-        raise SimConfigError(f"--broker must start with one of {', '.join(BROKER_SCHEMES)}, got {broker!r}")
+        raise SimConfigError(
+            f"--broker must start with one of {', '.join(BROKER_SCHEMES)}, got {broker!r}"
+        )
     if not broker.startswith("memory://"):
         check_broker_reachable(broker)
     validate(config)
@@ -66,7 +74,9 @@ def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
     try:
         Federation.split(config, data)
     except ValueError as exc:
-        raise SimConfigError(f"cannot split {config.dataset} among {config.clients} clients: {exc}") from None
+        raise SimConfigError(
+            f"cannot split {config.dataset} among {config.clients} clients: {exc}"
+        ) from None
     return config
 
 
@@ -91,7 +101,6 @@ def check_broker_reachable(url: str, timeout: float = 3.0) -> None:
 
 def list_choices() -> Table:
     from qflare.robust import list_rules
-
     from qflare.sim.robust_glue import attack_names
 
     rules = list_rules()
@@ -125,7 +134,9 @@ def execute(
             return run_direct(config, federation, on_round=on_round)
         from qflare.sim.services import run_services
 
-        return run_services(config, federation, broker=broker, on_round=on_round, tui=tui, log_path=log_path)
+        return run_services(
+            config, federation, broker=broker, on_round=on_round, tui=tui, log_path=log_path
+        )
 
 
 def run_simulation(
@@ -140,15 +151,26 @@ def run_simulation(
     progress: bool,
 ) -> int:
     result = execute(
-        config, direct=direct, broker=broker, console=console, progress=progress and not tui,
-        label=f"{config.attack} vs {config.rule}", tui=tui, log_path=out / "services.log",
+        config,
+        direct=direct,
+        broker=broker,
+        console=console,
+        progress=progress and not tui,
+        label=f"{config.attack} vs {config.rule}",
+        tui=tui,
+        log_path=out / "services.log",
     )
     base: RunResult | None = None
     if baseline:
         base_config = replace(config, attack=NO_ATTACK)
         base = execute(
-            base_config, direct=direct, broker=broker, console=console, progress=progress,
-            label="no-attack baseline", log_path=out / "services-baseline.log",
+            base_config,
+            direct=direct,
+            broker=broker,
+            console=console,
+            progress=progress,
+            label="no-attack baseline",
+            log_path=out / "services-baseline.log",
         )
     written = write_report(out, result, base)
     console.print(summary_table(result, base))

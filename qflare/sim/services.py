@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qflare.crypto import provision
+from qflare.messages import MetricsEvaluated, encode, open_envelope
+from qflare.services.aggregator.core import cap_removals
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
-from qflare.crypto import provision
-from qflare.messages import MetricsEvaluated, encode, open_envelope
 from qflare.runtime import JobSpec, load_settings, run_in_process
-from qflare.services.aggregator.core import cap_removals
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.model import Params
@@ -94,7 +94,9 @@ class RoundCache:
         self._ensure(global_tensors, info)
         return self._trained[info.client]
 
-    def poisoned(self, info: RoundInfo, update: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    def poisoned(
+        self, info: RoundInfo, update: Mapping[str, np.ndarray]
+    ) -> Mapping[str, np.ndarray]:
         with self._lock:
             return self._poisoned.get(info.client, update)
 
@@ -107,7 +109,9 @@ class SimParticipant(Participant):
         self.cache = cache
         self.num_samples = num_samples
 
-    def compute_update(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> LocalUpdate:
+    def compute_update(
+        self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo
+    ) -> LocalUpdate:
         return LocalUpdate(dict(self.cache.trained(global_tensors, info)), self.num_samples)
 
 
@@ -151,7 +155,7 @@ class Observer:
     async def on_delivery(self, delivery: Delivery) -> Outcome:
         try:
             env = open_envelope(delivery.body, self.trust)
-        except Exception as exc:  # noqa: BLE001 - a bad message is a finding, not a crash
+        except Exception as exc:
             self.errors.append(f"{delivery.routing_key}: {exc}")
             return Outcome.REJECT
         if env.job != SIM_JOB:
@@ -172,7 +176,9 @@ class Observer:
                 r.in_round = set(body.kept) | set(r.flagged)
                 # which flagged ones the aggregator keeps under the bound: its own function
                 _kept, removed = cap_removals(
-                    list(body.kept), [(x.client, float(x.score)) for x in body.flagged], self.dp_filter_bound
+                    list(body.kept),
+                    [(x.client, float(x.score)) for x in body.flagged],
+                    self.dp_filter_bound,
                 )
                 r.kept_flagged = tuple(sorted(set(r.flagged) - set(removed)))
         elif env.kind == "model.published":
@@ -182,7 +188,9 @@ class Observer:
             if body.tensors is None and not r.published:
                 r.published = True
                 r.published_at = now
-                r.epsilon = float(body.epsilon) if self.dp_on and math.isfinite(body.epsilon) else None
+                r.epsilon = (
+                    float(body.epsilon) if self.dp_on and math.isfinite(body.epsilon) else None
+                )
         elif env.kind == "job.ended":
             self.end_reason = body.reason
             self.end_detail = body.detail
@@ -240,7 +248,9 @@ def job_spec(config: SimConfig, ids: tuple[str, ...]) -> JobSpec:
         dp_filter_bound=config.dp_filter_bound,
         server_lr=config.server_lr,
         min_updates=1,
-        deadline_s=REJECTED_ROUND_DEADLINE_S if config.attack in ATTACKS_INGEST_REJECTS else ROUND_DEADLINE_S,
+        deadline_s=REJECTED_ROUND_DEADLINE_S
+        if config.attack in ATTACKS_INGEST_REJECTS
+        else ROUND_DEADLINE_S,
         on_short="abort",
         seed=config.seed,
     )
@@ -261,7 +271,9 @@ async def run_services_async(
         root = Path(workdir) if workdir is not None else Path(tmp)
         pki = provision(root / "pki", clients=config.clients)
         if tuple(sorted(pki.clients)) != federation.ids:
-            raise SimulationFailed(f"provisioned ids {sorted(pki.clients)[:3]}... differ from the simulation's")
+            raise SimulationFailed(
+                f"provisioned ids {sorted(pki.clients)[:3]}... differ from the simulation's"
+            )
         trust = pki.trust()
         amqp = not broker.startswith("memory")
         # A per-run prefix keeps concurrent runs (and tests) on one RabbitMQ apart.
@@ -269,23 +281,40 @@ async def run_services_async(
         url = broker if amqp else f"memory://qflare-sim-{uuid.uuid4().hex[:8]}"
         bus = await connect_bus(url, prefix=prefix)
         settings = load_settings(
-            None, env={}, broker=url, prefix=prefix, data_dir=str(root / "data"),
-            pki_dir=str(pki.root), log_level="WARNING",
+            None,
+            env={},
+            broker=url,
+            prefix=prefix,
+            data_dir=str(root / "data"),
+            pki_dir=str(pki.root),
+            log_level="WARNING",
         )
-        names = ["alerting", "detector", "ingest", "aggregator"] + (["accountant"] if config.dp_on else [])
+        names = ["alerting", "detector", "ingest", "aggregator"] + (
+            ["accountant"] if config.dp_on else []
+        )
         identities = {n: (pki.identity(n), trust) for n in names}
         operator = pki.identity("operator")
 
-        async def publish_metrics(round_no: int, version: int, accuracy: float, loss: float) -> None:
+        async def publish_metrics(
+            round_no: int, version: int, accuracy: float, loss: float
+        ) -> None:
             body = MetricsEvaluated(
-                model_version=version, accuracy=accuracy,
-                loss=loss if math.isfinite(loss) else 1e30, num_examples=len(federation.data.test),
+                model_version=version,
+                accuracy=accuracy,
+                loss=loss if math.isfinite(loss) else 1e30,
+                num_examples=len(federation.data.test),
             )
             data = encode("metrics.evaluated", body, operator, job=SIM_JOB, round=round_no)
             await bus.publish(topology.EVENTS, f"metrics.evaluated.{SIM_JOB}", data)
 
-        observer = Observer(federation, trust, config.dp_on, on_round, publish_metrics,
-                            dp_filter_bound=config.dp_filter_bound)
+        observer = Observer(
+            federation,
+            trust,
+            config.dp_on,
+            on_round,
+            publish_metrics,
+            dp_filter_bound=config.dp_filter_bound,
+        )
         cache = RoundCache(federation)
         participants = []
         for cid in federation.ids:
@@ -293,8 +322,14 @@ async def run_services_async(
             byzantine = cid in federation.byzantine
             participants.append(
                 SimParticipant(
-                    kit, cache, len(federation.shards[cid]), broker=bus, jobs=[SIM_JOB],
-                    update_transform=(lambda update, info: cache.poisoned(info, update)) if byzantine else None,
+                    kit,
+                    cache,
+                    len(federation.shards[cid]),
+                    broker=bus,
+                    jobs=[SIM_JOB],
+                    update_transform=(lambda update, info: cache.poisoned(info, update))
+                    if byzantine
+                    else None,
                 )
             )
         spec = job_spec(config, federation.ids)
@@ -312,7 +347,9 @@ async def run_services_async(
         )
         try:
             sub = await bus.consume(watch, observer.on_delivery, prefetch=1)
-            async with run_in_process(settings, bus, services=names, identities=identities) as running:
+            async with run_in_process(
+                settings, bus, services=names, identities=identities
+            ) as running:
                 for p in participants:
                     await p.start()
                 try:
@@ -376,19 +413,26 @@ async def _delete_topology(bus: Bus) -> None:
     if delete_all is not None:
         try:
             await delete_all()
-        except Exception:  # noqa: BLE001 - cleanup must not hide the run's result
+        except Exception:
             pass
 
 
-async def _watch_in_tui(bus: Bus, trust: Any, spec: JobSpec, settings: Any, job: asyncio.Future) -> None:
+async def _watch_in_tui(
+    bus: Bus, trust: Any, spec: JobSpec, settings: Any, job: asyncio.Future
+) -> None:
     from qflare.tui import run_console_in_process
     from qflare.tui.events import JobDeclared
 
     # The console closes by itself when the job ends (or earlier on `q`); the summary
     # table and the report follow on the terminal.
     await run_console_in_process(
-        bus, trust=trust,
-        jobs=[JobDeclared(spec.job_id, 0, time.time(), epsilon_budget=spec.epsilon_budget, rounds=spec.rounds)],
+        bus,
+        trust=trust,
+        jobs=[
+            JobDeclared(
+                spec.job_id, 0, time.time(), epsilon_budget=spec.epsilon_budget, rounds=spec.rounds
+            )
+        ],
         state_dir=settings.data_dir,
         exit_when=job,
     )
@@ -404,5 +448,7 @@ def run_services(
     log_path: Path | None = None,
 ) -> RunResult:
     return asyncio.run(
-        run_services_async(config, federation, broker=broker, on_round=on_round, tui=tui, log_path=log_path)
+        run_services_async(
+            config, federation, broker=broker, on_round=on_round, tui=tui, log_path=log_path
+        )
     )

@@ -23,8 +23,19 @@ from qflare.sim.config import NO_ATTACK, SimConfig, SimConfigError, validate
 from qflare.sim.report import RunResult
 
 DEFAULT_ATTACKS = (
-    "none", "sign_flip", "gaussian", "label_flip", "large", "inf", "ipm", "alie", "mimic",
-    "minmax", "minsum", "optimal_ipm", "optimal_alie",
+    "none",
+    "sign_flip",
+    "gaussian",
+    "label_flip",
+    "large",
+    "inf",
+    "ipm",
+    "alie",
+    "mimic",
+    "minmax",
+    "minsum",
+    "optimal_ipm",
+    "optimal_alie",
 )
 DEFAULT_RULES = ("mean", "nnm+multikrum", "median", "cc")
 #: Attacks the issue calls crude: detection should catch them (recall >= 95%, FPR <= 5%).
@@ -51,9 +62,14 @@ class SweepPlan:
 
     def config(self, attack: str, defence: Defence) -> SimConfig:
         # the filter bound limits detection; a column without detection has nothing to bound
-        return replace(self.base, attack=attack, rule=defence.rule, detection=defence.detection,
-                       dp_filter_bound=self.base.dp_filter_bound if defence.detection else None,
-                       attack_options={} if attack != self.base.attack else self.base.attack_options)
+        return replace(
+            self.base,
+            attack=attack,
+            rule=defence.rule,
+            detection=defence.detection,
+            dp_filter_bound=self.base.dp_filter_bound if defence.detection else None,
+            attack_options={} if attack != self.base.attack else self.base.attack_options,
+        )
 
 
 def _split(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -69,7 +85,9 @@ def plan_sweep(base: SimConfig, attacks: str | None, rules: str | None) -> Sweep
     """Check every cell of the grid before running any (exit code 2 on the first bad one)."""
     from qflare.sim.robust_glue import canonical_attack
 
-    attack_list = tuple(dict.fromkeys(canonical_attack(a) for a in _split(attacks, DEFAULT_ATTACKS)))
+    attack_list = tuple(
+        dict.fromkeys(canonical_attack(a) for a in _split(attacks, DEFAULT_ATTACKS))
+    )
     defences = [Defence("mean", False)] + [
         Defence(r, base.detection) for r in _split(rules, DEFAULT_RULES)
     ]
@@ -121,14 +139,25 @@ def run_sweep(
         for defence in plan.defences:
             config = plan.config(attack, defence)
             label = f"[{len(cells) + 1}/{total}] {attack} vs {defence.label}"
-            result = execute(config, direct=direct, broker=broker, console=console, progress=progress,
-                             label=label, log_path=out / "services.log")
+            result = execute(
+                config,
+                direct=direct,
+                broker=broker,
+                console=console,
+                progress=progress,
+                label=label,
+                log_path=out / "services.log",
+            )
             cells.append(Cell(attack, defence, result))
             if not progress:
                 det = result.detection
                 console.print(
                     f"{label}: accuracy {_pct(result.final_accuracy)}"
-                    + (f", recall {_pct(det.recall)}, FPR {_pct(det.false_positive_rate)}" if defence.detection else "")
+                    + (
+                        f", recall {_pct(det.recall)}, FPR {_pct(det.false_positive_rate)}"
+                        if defence.detection
+                        else ""
+                    )
                     + f" ({result.wall_s:.1f} s)"
                 )
     wall = time.perf_counter() - start
@@ -158,18 +187,24 @@ def summary_rows(plan: SweepPlan, cells: list[Cell]) -> list[dict[str, Any]]:
         best = best_defence(plan, cells, attack)
         det = best.result.detection if best else None
         defended = best.result.final_accuracy if best else None
-        rows.append({
-            "attack": attack,
-            "fedavg_accuracy": fedavg.result.final_accuracy if fedavg else None,
-            "best_defence": best.defence.label if best else None,
-            "defended_accuracy": defended,
-            "vs_no_attack_points": (
-                None if ref_acc is None or defended is None else round(100 * (defended - ref_acc), 2)
-            ),
-            "precision": det.precision if best and best.defence.detection else None,
-            "recall": det.recall if best and best.defence.detection else None,
-            "false_positive_rate": det.false_positive_rate if best and best.defence.detection else None,
-        })
+        rows.append(
+            {
+                "attack": attack,
+                "fedavg_accuracy": fedavg.result.final_accuracy if fedavg else None,
+                "best_defence": best.defence.label if best else None,
+                "defended_accuracy": defended,
+                "vs_no_attack_points": (
+                    None
+                    if ref_acc is None or defended is None
+                    else round(100 * (defended - ref_acc), 2)
+                ),
+                "precision": det.precision if best and best.defence.detection else None,
+                "recall": det.recall if best and best.defence.detection else None,
+                "false_positive_rate": det.false_positive_rate
+                if best and best.defence.detection
+                else None,
+            }
+        )
     return rows
 
 
@@ -218,7 +253,9 @@ def render_sweep_markdown(plan: SweepPlan, cells: list[Cell], path: str, wall_s:
     return "\n".join(lines)
 
 
-def write_sweep(out: Path, plan: SweepPlan, cells: list[Cell], *, path: str, wall_s: float) -> list[Path]:
+def write_sweep(
+    out: Path, plan: SweepPlan, cells: list[Cell], *, path: str, wall_s: float
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     data = {
         "base_config": plan.base.to_json(),
@@ -243,17 +280,29 @@ def heatmap(path: Path, plan: SweepPlan, cells: list[Cell]) -> None:
     import numpy as np
 
     by = {(c.attack, c.defence.label): c for c in cells}
-    grid = np.array([
-        [100 * (by[(a, d.label)].result.final_accuracy or 0.0) for d in plan.defences] for a in plan.attacks
-    ])
+    grid = np.array(
+        [
+            [100 * (by[(a, d.label)].result.final_accuracy or 0.0) for d in plan.defences]
+            for a in plan.attacks
+        ]
+    )
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(plan.defences), 1.2 + 0.45 * len(plan.attacks)))
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(plan.defences)), [d.label for d in plan.defences], rotation=30, ha="right")
+    ax.set_xticks(
+        range(len(plan.defences)), [d.label for d in plan.defences], rotation=30, ha="right"
+    )
     ax.set_yticks(range(len(plan.attacks)), list(plan.attacks))
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center",
-                    color="white" if grid[i, j] < 60 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{grid[i, j]:.0f}",
+                ha="center",
+                va="center",
+                color="white" if grid[i, j] < 60 else "black",
+                fontsize=8,
+            )
     fig.colorbar(im, ax=ax, label="final test accuracy (%)")
     ax.set_title("accuracy: attacks x defences")
     fig.tight_layout()
@@ -263,13 +312,27 @@ def heatmap(path: Path, plan: SweepPlan, cells: list[Cell]) -> None:
 
 def sweep_table(plan: SweepPlan, cells: list[Cell]) -> Table:
     table = Table(title="qflare simulate --sweep: FedAvg vs best defence", header_style="bold")
-    for col in ("attack", "FedAvg", "best defence", "defended", "vs no-attack", "precision", "recall", "FPR"):
+    for col in (
+        "attack",
+        "FedAvg",
+        "best defence",
+        "defended",
+        "vs no-attack",
+        "precision",
+        "recall",
+        "FPR",
+    ):
         table.add_column(col, justify="left" if col in ("attack", "best defence") else "right")
     for row in summary_rows(plan, cells):
         gap = row["vs_no_attack_points"]
         table.add_row(
-            row["attack"], _pct(row["fedavg_accuracy"]), str(row["best_defence"]),
-            _pct(row["defended_accuracy"]), "n/a" if gap is None else f"{gap:+.1f}",
-            _pct(row["precision"]), _pct(row["recall"]), _pct(row["false_positive_rate"]),
+            row["attack"],
+            _pct(row["fedavg_accuracy"]),
+            str(row["best_defence"]),
+            _pct(row["defended_accuracy"]),
+            "n/a" if gap is None else f"{gap:+.1f}",
+            _pct(row["precision"]),
+            _pct(row["recall"]),
+            _pct(row["false_positive_rate"]),
         )
     return table

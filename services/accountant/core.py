@@ -38,9 +38,12 @@ class AccountantCore:
         self._ledgers: dict[str, Ledger] = {}
 
     @classmethod
-    def restore(cls, policy_for: PolicyFor | BudgetPolicy,
-                jobs: Mapping[str, BudgetPolicy],
-                decisions: Iterable[Decision]) -> AccountantCore:
+    def restore(
+        cls,
+        policy_for: PolicyFor | BudgetPolicy,
+        jobs: Mapping[str, BudgetPolicy],
+        decisions: Iterable[Decision],
+    ) -> AccountantCore:
         """Rebuild from the store's jobs (with their stored budgets) and decisions."""
         core = cls(policy_for)
         by_job: dict[str, list[Decision]] = {job: [] for job in jobs}

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import asyncio
 
-from qflare.bus import Delivery
 from qflare.messages import MessageRejected, PrivacyDenied, PrivacyGranted, Reason
+from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
+from qflare.services.accountant.store import LedgerStore
+
+from qflare.bus import Delivery
 from qflare.privacy import BudgetPolicy, PrivacyError
 from qflare.privacy.errors import UNKNOWN_JOB
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit, open_delivery
-from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
-from qflare.services.accountant.store import LedgerStore
 
 QUEUE = "accountant"
 
@@ -75,16 +76,33 @@ class Accountant(Service):
             if decision.fresh:
                 await self.store.record(decision)
                 self.core.apply(decision)
-                event(self.log, "privacy.decided", job=env.job, round=env.round,
-                      granted=decision.granted, epsilon=decision.epsilon_total,
-                      requested=decision.epsilon_requested, budget=decision.budget_epsilon,
-                      coverage=body.coverage)
+                event(
+                    self.log,
+                    "privacy.decided",
+                    job=env.job,
+                    round=env.round,
+                    granted=decision.granted,
+                    epsilon=decision.epsilon_total,
+                    requested=decision.epsilon_requested,
+                    budget=decision.budget_epsilon,
+                    coverage=body.coverage,
+                )
         if decision.granted:
-            await emit(self, "privacy.granted", PrivacyGranted(**granted_fields(decision), coverage=body.coverage),
-                       job=env.job, round=env.round)
+            await emit(
+                self,
+                "privacy.granted",
+                PrivacyGranted(**granted_fields(decision), coverage=body.coverage),
+                job=env.job,
+                round=env.round,
+            )
         else:
-            await emit(self, "privacy.denied", PrivacyDenied(**denied_fields(decision), coverage=body.coverage),
-                       job=env.job, round=env.round)
+            await emit(
+                self,
+                "privacy.denied",
+                PrivacyDenied(**denied_fields(decision), coverage=body.coverage),
+                job=env.job,
+                round=env.round,
+            )
 
 
 def build(ctx: ServiceContext) -> Service:

@@ -37,8 +37,20 @@ CREATE TABLE IF NOT EXISTS decisions (
 );
 """
 
-_COLUMNS = ("job", "round", "q", "z", "clip", "granted", "reason", "epsilon_total",
-            "epsilon_requested", "epsilon_rdp", "epsilon_before", "rounds_granted")
+_COLUMNS = (
+    "job",
+    "round",
+    "q",
+    "z",
+    "clip",
+    "granted",
+    "reason",
+    "epsilon_total",
+    "epsilon_requested",
+    "epsilon_rdp",
+    "epsilon_before",
+    "rounds_granted",
+)
 
 
 class LedgerStore:
@@ -64,13 +76,25 @@ class LedgerStore:
         """Persist a fresh decision (and its job's budget on the job's first decision)."""
         await self._db.execute(
             "INSERT OR IGNORE INTO jobs (job, epsilon, delta) VALUES (?, ?, ?)",
-            (decision.job, decision.budget_epsilon, decision.delta))
+            (decision.job, decision.budget_epsilon, decision.delta),
+        )
         await self._db.execute(
             f"INSERT INTO decisions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-            (decision.job, decision.round, decision.q, decision.z, decision.clip,
-             int(decision.granted), decision.reason, decision.epsilon_total,
-             decision.epsilon_requested, decision.epsilon_rdp, decision.epsilon_before,
-             decision.rounds_granted))
+            (
+                decision.job,
+                decision.round,
+                decision.q,
+                decision.z,
+                decision.clip,
+                int(decision.granted),
+                decision.reason,
+                decision.epsilon_total,
+                decision.epsilon_requested,
+                decision.epsilon_rdp,
+                decision.epsilon_before,
+                decision.rounds_granted,
+            ),
+        )
         await self._db.commit()
 
     async def load(self) -> tuple[dict[str, BudgetPolicy], list[Decision]]:
@@ -81,16 +105,28 @@ class LedgerStore:
                 jobs[job] = BudgetPolicy(epsilon=eps, delta=delta)
         decisions: list[Decision] = []
         async with self._db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM decisions ORDER BY job, round") as cursor:
+            f"SELECT {', '.join(_COLUMNS)} FROM decisions ORDER BY job, round"
+        ) as cursor:
             async for row in cursor:
                 values = dict(zip(_COLUMNS, row))
                 policy = jobs[values["job"]]
-                decisions.append(Decision(
-                    job=values["job"], round=values["round"], q=values["q"], z=values["z"],
-                    clip=values["clip"], granted=bool(values["granted"]), reason=values["reason"],
-                    epsilon_total=values["epsilon_total"],
-                    epsilon_requested=values["epsilon_requested"],
-                    epsilon_rdp=values["epsilon_rdp"], epsilon_before=values["epsilon_before"],
-                    budget_epsilon=policy.epsilon, delta=policy.delta,
-                    rounds_granted=values["rounds_granted"], fresh=False))
+                decisions.append(
+                    Decision(
+                        job=values["job"],
+                        round=values["round"],
+                        q=values["q"],
+                        z=values["z"],
+                        clip=values["clip"],
+                        granted=bool(values["granted"]),
+                        reason=values["reason"],
+                        epsilon_total=values["epsilon_total"],
+                        epsilon_requested=values["epsilon_requested"],
+                        epsilon_rdp=values["epsilon_rdp"],
+                        epsilon_before=values["epsilon_before"],
+                        budget_epsilon=policy.epsilon,
+                        delta=policy.delta,
+                        rounds_granted=values["rounds_granted"],
+                        fresh=False,
+                    )
+                )
         return jobs, decisions

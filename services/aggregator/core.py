@@ -158,7 +158,9 @@ class Layout:
                 f"the model's {list(zip(self.names, self.shapes, self.dtypes))}"
             )
 
-    def flatten(self, tensors: Tensors, dtype: type = np.float32, out: np.ndarray | None = None) -> np.ndarray:
+    def flatten(
+        self, tensors: Tensors, dtype: type = np.float32, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """One flat vector (written into ``out`` when given: no intermediate copy)."""
         out = np.empty(self.size, dtype=dtype) if out is None else out
         offset = 0
@@ -206,13 +208,14 @@ def cap_removals(
     with ``kept``. Returns (kept, removed), each sorted. ``bound`` None removes every flagged
     client. This is what makes "at most k removed per round" (docs/privacy.md) true whatever
     the detector decides."""
+
     def suspicion(cs: tuple[str, float]) -> tuple[float, str]:
         # a NaN score counts as most suspicious, never silently least
         return (-(math.inf if math.isnan(cs[1]) else cs[1]), cs[0])
 
     order = [c for c, _s in sorted(flagged, key=suspicion)]
     removed = order if bound is None else order[:bound]
-    back = order[len(removed):]
+    back = order[len(removed) :]
     return sorted([*kept, *back]), sorted(removed)
 
 
@@ -261,9 +264,7 @@ def aggregate_round(
         n = len(chosen)
         f_eff = min(f, (n - 1) // 2)
         agg = get_rule(rule, f=f_eff) if _takes_f(rule) else get_rule(rule)
-        combined = np.asarray(
-            agg(x, rng=round_rng(seed, job, round_no, _RULE)), dtype=np.float64
-        )
+        combined = np.asarray(agg(x, rng=round_rng(seed, job, round_no, _RULE)), dtype=np.float64)
         # A robust rule can leave the clip ball (e.g. coordinate-wise median); the noise is
         # calibrated to C, so keep the combined contribution per client inside it.
         norm = float(np.linalg.norm(combined))
@@ -271,7 +272,9 @@ def aggregate_round(
             combined *= clip / norm
         step += combined * n
     if noise_multiplier > 0:
-        step += round_noise(seed, job, round_no, _NOISE).gaussian(noise_multiplier * clip, (layout.size,))
+        step += round_noise(seed, job, round_no, _NOISE).gaussian(
+            noise_multiplier * clip, (layout.size,)
+        )
     step /= expected_clients
     step *= server_lr
     base_flat = layout.flatten(base, dtype=np.float64)

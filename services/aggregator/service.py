@@ -27,9 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as st_load
-
-from qflare.bus import Delivery, topology
 from qflare.messages import (
     JobEnded,
     MessageRejected,
@@ -41,9 +38,6 @@ from qflare.messages import (
     TensorSpec,
     UpdateRef,
 )
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
-from qflare.runtime.envelopes import emit, open_delivery
-from qflare.runtime.jobs import check_model_size
 from qflare.services.aggregator.core import (
     CloseDecision,
     Layout,
@@ -55,6 +49,12 @@ from qflare.services.aggregator.core import (
     select_participants,
 )
 from qflare.services.aggregator.store import AggregatorStore, RoundRow
+from safetensors.numpy import load as st_load
+
+from qflare.bus import Delivery, topology
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.jobs import check_model_size
 
 QUEUE = "aggregator"
 KINDS = ("update.accepted", "update.rejected", "round.verdict", "privacy.granted", "privacy.denied")
@@ -107,16 +107,25 @@ class Aggregator(Service):
             stored = await self.store.job_spec(spec.job_id)
             if stored is not None:
                 if stored != spec:
-                    event(self.log, "job.spec_differs", logging.WARNING, job=spec.job_id,
-                          note="running the stored spec; use a new job id to change it")
+                    event(
+                        self.log,
+                        "job.spec_differs",
+                        logging.WARNING,
+                        job=spec.job_id,
+                        note="running the stored spec; use a new job id to change it",
+                    )
                 self.specs[spec.job_id] = stored
                 return
             if model is None:
                 if spec.initial_model is None:
-                    raise ValueError(f"job {spec.job_id!r} needs initial_model (a safetensors file)")
+                    raise ValueError(
+                        f"job {spec.job_id!r} needs initial_model (a safetensors file)"
+                    )
                 model = st_load(Path(spec.initial_model).read_bytes())
             model = {k: np.ascontiguousarray(v) for k, v in model.items()}
-            check_model_size(spec.job_id, model)  # before storing: a job that cannot run is not kept
+            check_model_size(
+                spec.job_id, model
+            )  # before storing: a job that cannot run is not kept
             await self.store.add_job(spec, model, model_digest(model))
             self.specs[spec.job_id] = spec
             event(self.log, "job.submitted", **spec.public())
@@ -173,13 +182,24 @@ class Aggregator(Service):
         )
         deadline = self.ctx.clock() + spec.deadline_s
         await self.store.transition(
-            spec.job_id, round_no, RoundState.REQUESTED, RoundState.OPEN,
-            participants=participants, deadline=deadline, epsilon=epsilon,
+            spec.job_id,
+            round_no,
+            RoundState.REQUESTED,
+            RoundState.OPEN,
+            participants=participants,
+            deadline=deadline,
+            epsilon=epsilon,
         )
         r = await self.store.get_round(spec.job_id, round_no)
         assert r is not None
-        event(self.log, "round.opened", job=spec.job_id, round=r.round,
-              participants=len(participants), epsilon=epsilon)
+        event(
+            self.log,
+            "round.opened",
+            job=spec.job_id,
+            round=r.round,
+            participants=len(participants),
+            epsilon=epsilon,
+        )
         await self._announce_open(spec, r, broadcast=True)
 
     async def _on_denied(self, spec: JobSpec, env: Any) -> None:
@@ -188,15 +208,24 @@ class Aggregator(Service):
             r = await self.store.get_round(spec.job_id, env.round)
             if r is None or r.state != RoundState.REQUESTED:
                 return
-            await self.store.transition(spec.job_id, env.round, RoundState.REQUESTED, RoundState.DENIED)
+            await self.store.transition(
+                spec.job_id, env.round, RoundState.REQUESTED, RoundState.DENIED
+            )
             body = env.body
             await self.alert(
-                kind="budget.exhausted", severity="warning", job=spec.job_id, round=env.round,
+                kind="budget.exhausted",
+                severity="warning",
+                job=spec.job_id,
+                round=env.round,
                 reason=body.reason,
                 detail=f"epsilon spent {body.epsilon_spent:.4g} of {body.budget:.4g}; round {env.round} not released",
             )
-            await self._end(spec, env.round, "budget_exhausted",
-                            f"accountant denied round {env.round}: {body.reason}")
+            await self._end(
+                spec,
+                env.round,
+                "budget_exhausted",
+                f"accountant denied round {env.round}: {body.reason}",
+            )
 
     # -- updates ----------------------------------------------------------------------------
     async def _on_update(self, spec: JobSpec, env: Any) -> None:
@@ -204,31 +233,44 @@ class Aggregator(Service):
         body = env.body
         r = await self.store.get_round(spec.job_id, env.round)
         if r is None or r.state == RoundState.REQUESTED:
-            raise MessageRejected(Reason.STALE_ROUND, f"round {env.round} of {spec.job_id} is not open")
+            raise MessageRejected(
+                Reason.STALE_ROUND, f"round {env.round} of {spec.job_id} is not open"
+            )
         mine = (body.update_digest, env.nonce)
         if r.state != RoundState.OPEN:
             held = await self.store.held(spec.job_id, env.round, body.client)
             if held == mine:
                 return  # redelivery of an update the round already holds
             if held is not None:
-                raise MessageRejected(Reason.DUPLICATE,
-                                      f"{body.client} already has an update in round {env.round}")
-            raise MessageRejected(Reason.ROUND_CLOSED,
-                                  f"update of {body.client} for round {env.round} after it closed")
+                raise MessageRejected(
+                    Reason.DUPLICATE, f"{body.client} already has an update in round {env.round}"
+                )
+            raise MessageRejected(
+                Reason.ROUND_CLOSED,
+                f"update of {body.client} for round {env.round} after it closed",
+            )
         if body.client not in r.participants:
-            raise MessageRejected(Reason.NOT_PARTICIPANT,
-                                  f"{body.client} is not selected for round {env.round}")
+            raise MessageRejected(
+                Reason.NOT_PARTICIPANT, f"{body.client} is not selected for round {env.round}"
+            )
         if body.base_version != r.base_version:
-            raise MessageRejected(Reason.STALE_BASE,
-                                  f"update on version {body.base_version}, round uses {r.base_version}")
+            raise MessageRejected(
+                Reason.STALE_BASE,
+                f"update on version {body.base_version}, round uses {r.base_version}",
+            )
         base = await self._model(spec.job_id, r.base_version)
         try:
             Layout.of(base).check(body.tensors, f"update of {body.client}")
         except ValueError as exc:
             raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
         held = await self.store.add_update(
-            spec.job_id, env.round, body.client, body.update_digest, env.nonce,
-            body.num_samples, dict(body.tensors),
+            spec.job_id,
+            env.round,
+            body.client,
+            body.update_digest,
+            env.nonce,
+            body.num_samples,
+            dict(body.tensors),
         )
         if held is not None:
             # The same update.accepted envelope again (same ingest nonce) is a redelivery;
@@ -236,19 +278,24 @@ class Aggregator(Service):
             # second ingest replica - is a duplicate submission.
             if held == mine:
                 return
-            raise MessageRejected(Reason.DUPLICATE,
-                                  f"{body.client} already has an update in round {env.round}")
+            raise MessageRejected(
+                Reason.DUPLICATE, f"{body.client} already has an update in round {env.round}"
+            )
         async with self._lock(spec.job_id):
             now = await self.store.get_round(spec.job_id, env.round)
             in_set = now is not None and (
                 now.state == RoundState.OPEN
-                or any(c == body.client and d == body.update_digest for c, d in now.closed_set or ())
+                or any(
+                    c == body.client and d == body.update_digest for c, d in now.closed_set or ()
+                )
             )
             if not in_set:
                 # closed at its deadline while this update was being written: it is not in
                 # the round's set, and the sender hears so
-                raise MessageRejected(Reason.ROUND_CLOSED,
-                                      f"round {env.round} closed while {body.client}'s update was stored")
+                raise MessageRejected(
+                    Reason.ROUND_CLOSED,
+                    f"round {env.round} closed while {body.client}'s update was stored",
+                )
         self._held.setdefault((spec.job_id, env.round), {})[body.client] = dict(body.tensors)
         event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
         await self._maybe_close(spec, env.round)
@@ -266,8 +313,14 @@ class Aggregator(Service):
         if r is None or r.state != RoundState.OPEN or client not in r.participants:
             return
         await self.store.add_refusal(spec.job_id, env.round, client, str(env.body.reason))
-        event(self.log, "update.refused", job=spec.job_id, round=env.round, client=client,
-              reason=str(env.body.reason))
+        event(
+            self.log,
+            "update.refused",
+            job=spec.job_id,
+            round=env.round,
+            client=client,
+            reason=str(env.body.reason),
+        )
         await self._maybe_close(spec, env.round)
 
     async def _maybe_close(self, spec: JobSpec, round_no: int) -> None:
@@ -280,30 +333,40 @@ class Aggregator(Service):
             refused = await self.store.refused(spec.job_id, round_no)
             refused -= {c for c, _d, _n in received}
             decision = close_decision(
-                received=len(received), selected=len(r.participants),
+                received=len(received),
+                selected=len(r.participants),
                 refused=len(refused & set(r.participants)),
-                min_updates=spec.min_updates, now=self.ctx.clock(), deadline=r.deadline,
-                extensions=r.extensions, max_extensions=spec.max_extensions,
+                min_updates=spec.min_updates,
+                now=self.ctx.clock(),
+                deadline=r.deadline,
+                extensions=r.extensions,
+                max_extensions=spec.max_extensions,
                 on_short=spec.on_short,
             )
             if decision == CloseDecision.WAIT:
                 return
             if decision == CloseDecision.CLOSE:
                 closed = tuple((c, d) for c, d, _n in received)
-                await self.store.transition(spec.job_id, round_no, RoundState.OPEN,
-                                            RoundState.CLOSED, closed_set=closed)
+                await self.store.transition(
+                    spec.job_id, round_no, RoundState.OPEN, RoundState.CLOSED, closed_set=closed
+                )
                 r = await self.store.get_round(spec.job_id, round_no)
                 assert r is not None
-                event(self.log, "round.closed", job=spec.job_id, round=round_no, updates=len(closed))
+                event(
+                    self.log, "round.closed", job=spec.job_id, round=round_no, updates=len(closed)
+                )
                 await self._send_closed(spec, r)
             elif decision == CloseDecision.EXTEND:
                 deadline = self.ctx.clock() + spec.deadline_s
                 await self.store.extend(spec.job_id, round_no, deadline, r.extensions + 1)
                 await self.alert(
-                    kind="round.extended", severity="info", job=spec.job_id, round=round_no,
+                    kind="round.extended",
+                    severity="info",
+                    job=spec.job_id,
+                    round=round_no,
                     reason="too_few_updates",
                     detail=f"{len(received)} of {len(r.participants)} updates at the deadline; "
-                           f"extension {r.extensions + 1} of {spec.max_extensions}",
+                    f"extension {r.extensions + 1} of {spec.max_extensions}",
                 )
                 r = await self.store.get_round(spec.job_id, round_no)
                 assert r is not None
@@ -312,14 +375,23 @@ class Aggregator(Service):
                 # SDK sends at most once per round, so the others are not disturbed
                 await self._announce_open(spec, r, broadcast=True)
             else:
-                await self.store.transition(spec.job_id, round_no, RoundState.OPEN, RoundState.ABORTED)
+                await self.store.transition(
+                    spec.job_id, round_no, RoundState.OPEN, RoundState.ABORTED
+                )
                 await self.alert(
-                    kind="round.aborted", severity="critical", job=spec.job_id, round=round_no,
+                    kind="round.aborted",
+                    severity="critical",
+                    job=spec.job_id,
+                    round=round_no,
                     reason="too_few_updates",
                     detail=f"{len(received)} updates, {spec.min_updates} needed",
                 )
-                await self._end(spec, round_no, "too_few_updates",
-                                f"round {round_no} had {len(received)} updates")
+                await self._end(
+                    spec,
+                    round_no,
+                    "too_few_updates",
+                    f"round {round_no} had {len(received)} updates",
+                )
 
     # -- verdict and aggregation --------------------------------------------------------------
     async def _on_verdict(self, spec: JobSpec, env: Any) -> None:
@@ -329,7 +401,9 @@ class Aggregator(Service):
             if r is not None and r.state == RoundState.PUBLISHED:
                 return
             if r is None or r.state != RoundState.CLOSED or r.closed_set is None:
-                raise MessageRejected(Reason.STALE_ROUND, f"round {env.round} is not waiting for a verdict")
+                raise MessageRejected(
+                    Reason.STALE_ROUND, f"round {env.round} is not waiting for a verdict"
+                )
             kept = list(env.body.kept)
             flagged = [f.client for f in env.body.flagged]
             closed = [c for c, _d in r.closed_set]
@@ -344,9 +418,15 @@ class Aggregator(Service):
                 kept, [(f.client, float(f.score)) for f in env.body.flagged], spec.dp_filter_bound
             )
             if spec.dp_filter_bound is not None and len(env.body.flagged) > spec.dp_filter_bound:
-                event(self.log, "verdict.capped", job=spec.job_id, round=env.round,
-                      flagged=len(env.body.flagged), removed=len(flagged),
-                      bound=spec.dp_filter_bound)
+                event(
+                    self.log,
+                    "verdict.capped",
+                    job=spec.job_id,
+                    round=env.round,
+                    flagged=len(env.body.flagged),
+                    removed=len(flagged),
+                    bound=spec.dp_filter_bound,
+                )
             base = await self._model(spec.job_id, r.base_version)
             held = self._held.get((spec.job_id, env.round), {})
             missing = [c for c in kept if c not in held]
@@ -355,23 +435,41 @@ class Aggregator(Service):
                 updates.update(await self.store.load_updates(spec.job_id, env.round, missing))
             result = await asyncio.to_thread(
                 aggregate_round,
-                job=spec.job_id, round_no=env.round, seed=spec.seed, base=base, updates=updates,
-                kept=kept, rule=spec.rule, f=spec.f, clip=spec.clip,
+                job=spec.job_id,
+                round_no=env.round,
+                seed=spec.seed,
+                base=base,
+                updates=updates,
+                kept=kept,
+                rule=spec.rule,
+                f=spec.f,
+                clip=spec.clip,
                 noise_multiplier=spec.noise_multiplier,
                 expected_clients=max(spec.sample_rate * len(spec.participants), 1.0),
                 server_lr=spec.server_lr,
             )
             digest = model_digest(result.model)
-            verdict = {"kept": sorted(kept), "flagged": sorted(flagged),
-                       "step_norm": result.update_norm}
+            verdict = {
+                "kept": sorted(kept),
+                "flagged": sorted(flagged),
+                "step_norm": result.update_norm,
+            }
             stored = await self.store.publish_model(
                 spec.job_id, env.round, env.round, result.model, digest, r.epsilon or 0.0, verdict
             )
             if not stored:
                 return
             self._models[(spec.job_id, env.round)] = result.model
-            event(self.log, "model.published", job=spec.job_id, round=env.round,
-                  version=env.round, kept=len(kept), flagged=len(flagged), epsilon=r.epsilon)
+            event(
+                self.log,
+                "model.published",
+                job=spec.job_id,
+                round=env.round,
+                version=env.round,
+                kept=len(kept),
+                flagged=len(flagged),
+                epsilon=r.epsilon,
+            )
             r = await self.store.get_round(spec.job_id, env.round)
             assert r is not None
             await self._announce_published(spec, r)
@@ -402,18 +500,31 @@ class Aggregator(Service):
         await emit(self, "round.opened", body, job=spec.job_id, round=r.round)
         if broadcast:
             await self._broadcast_model(spec, r.base_version)
-            await emit(self, "round.opened", body, job=spec.job_id, round=r.round,
-                       exchange=topology.BROADCAST)
+            await emit(
+                self,
+                "round.opened",
+                body,
+                job=spec.job_id,
+                round=r.round,
+                exchange=topology.BROADCAST,
+            )
 
     async def _broadcast_model(self, spec: JobSpec, version: int) -> None:
         assert self.store is not None
         row = await self.store.model(spec.job_id, version)
         assert row is not None
         tensors = await self._model(spec.job_id, version)
-        body = ModelPublished(version=version, digest=row.digest, epsilon=row.epsilon,
-                              tensors=tensors)
-        await emit(self, "model.published", body, job=spec.job_id, round=row.round,
-                   exchange=topology.BROADCAST)
+        body = ModelPublished(
+            version=version, digest=row.digest, epsilon=row.epsilon, tensors=tensors
+        )
+        await emit(
+            self,
+            "model.published",
+            body,
+            job=spec.job_id,
+            round=row.round,
+            exchange=topology.BROADCAST,
+        )
 
     async def _announce_published(self, spec: JobSpec, r: RoundRow) -> None:
         assert self.store is not None
@@ -425,8 +536,9 @@ class Aggregator(Service):
             "flagged": float(len(verdict.get("flagged", []))),
             "step_norm": float(verdict.get("step_norm", 0.0)),
         }
-        body = ModelPublished(version=row.version, digest=row.digest, epsilon=row.epsilon,
-                              metrics=metrics)
+        body = ModelPublished(
+            version=row.version, digest=row.digest, epsilon=row.epsilon, metrics=metrics
+        )
         await emit(self, "model.published", body, job=spec.job_id, round=r.round)
 
     async def _send_closed(self, spec: JobSpec, r: RoundRow) -> None:
@@ -461,8 +573,9 @@ class Aggregator(Service):
             await self._broadcast_model(spec, latest.version)
         body = JobEnded(reason=reason, detail=detail)
         await emit(self, "job.ended", body, job=spec.job_id, round=round_no)
-        await emit(self, "job.ended", body, job=spec.job_id, round=round_no,
-                   exchange=topology.BROADCAST)
+        await emit(
+            self, "job.ended", body, job=spec.job_id, round=round_no, exchange=topology.BROADCAST
+        )
         await self.store.end_job(spec.job_id, reason)
         for key in [k for k in self._held if k[0] == spec.job_id]:
             del self._held[key]
@@ -529,7 +642,7 @@ class Aggregator(Service):
                         await self._resume(job_id, stale_after=self.reopen_interval_s)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the broker may be away; try again next tick
+            except Exception:
                 self.log.warning("ticker pass failed; retrying", exc_info=True)
 
     # -- helpers --------------------------------------------------------------------------------

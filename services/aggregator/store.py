@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qflare.services.aggregator.core import RoundState
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from qflare.runtime import Database, fsync_write
-from qflare.runtime.sqlite import RoundFiles
 from qflare.runtime.jobs import JobSpec
-from qflare.services.aggregator.core import RoundState
+from qflare.runtime.sqlite import RoundFiles
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -125,8 +125,14 @@ def _round(row: Any) -> RoundRow:
 
 
 def _model(row: Any, root: Path) -> ModelRow:
-    return ModelRow(row["job_id"], row["version"], row["round"], bytes(row["digest"]),
-                    root / row["path"], row["epsilon"])
+    return ModelRow(
+        row["job_id"],
+        row["version"],
+        row["round"],
+        bytes(row["digest"]),
+        root / row["path"],
+        row["epsilon"],
+    )
 
 
 class AggregatorStore:
@@ -166,7 +172,10 @@ class AggregatorStore:
 
     async def jobs(self) -> list[tuple[JobSpec, bool, str | None]]:
         rows = await self.db.fetchall("SELECT spec, ended, end_reason FROM jobs ORDER BY created")
-        return [(JobSpec.model_validate_json(r["spec"]), bool(r["ended"]), r["end_reason"]) for r in rows]
+        return [
+            (JobSpec.model_validate_json(r["spec"]), bool(r["ended"]), r["end_reason"])
+            for r in rows
+        ]
 
     async def job_ended(self, job_id: str) -> bool:
         row = await self.db.fetchone("SELECT ended FROM jobs WHERE job_id=?", (job_id,))
@@ -191,7 +200,9 @@ class AggregatorStore:
         return None if row is None else _round(row)
 
     async def open_rounds(self) -> list[RoundRow]:
-        rows = await self.db.fetchall("SELECT * FROM rounds WHERE state=?", (RoundState.OPEN.value,))
+        rows = await self.db.fetchall(
+            "SELECT * FROM rounds WHERE state=?", (RoundState.OPEN.value,)
+        )
         return [_round(r) for r in rows]
 
     async def request_round(self, job_id: str, round_no: int, base_version: int) -> bool:
@@ -245,8 +256,14 @@ class AggregatorStore:
         return None if row is None else (bytes(row["digest"]), bytes(row["nonce"]))
 
     async def add_update(
-        self, job_id: str, round_no: int, client: str, digest: bytes, nonce: bytes,
-        num_samples: int, tensors: dict[str, np.ndarray],
+        self,
+        job_id: str,
+        round_no: int,
+        client: str,
+        digest: bytes,
+        nonce: bytes,
+        num_samples: int,
+        tensors: dict[str, np.ndarray],
     ) -> tuple[bytes, bytes] | None:
         """Store an update (file, then row). Returns None when stored now, else the
         (digest, nonce) already held for (job, round, client) — first wins."""
@@ -275,8 +292,10 @@ class AggregatorStore:
     async def add_refusal(self, job_id: str, round_no: int, client: str, reason: str) -> None:
         """Ingest refused ``client``'s update for the round (the first refusal is kept)."""
         async with self.db.transaction() as conn:
-            await conn.execute("INSERT OR IGNORE INTO refusals VALUES (?, ?, ?, ?, ?)",
-                               (job_id, round_no, client, reason, time.time()))
+            await conn.execute(
+                "INSERT OR IGNORE INTO refusals VALUES (?, ?, ?, ?, ?)",
+                (job_id, round_no, client, reason, time.time()),
+            )
 
     async def refused(self, job_id: str, round_no: int) -> set[str]:
         """Clients of the round whose update ingest refused (they may still have a valid one
@@ -286,7 +305,9 @@ class AggregatorStore:
         )
         return {r["client"] for r in rows}
 
-    async def load_updates(self, job_id: str, round_no: int, clients: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    async def load_updates(
+        self, job_id: str, round_no: int, clients: list[str]
+    ) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {}
         for client in clients:
             row = await self.db.fetchone(
@@ -304,15 +325,23 @@ class AggregatorStore:
         await self.files.drop(job_id, round_no)
 
     # -- models ----------------------------------------------------------------------------
-    async def _write_model_file(self, job_id: str, version: int, model: dict[str, np.ndarray]) -> str:
+    async def _write_model_file(
+        self, job_id: str, version: int, model: dict[str, np.ndarray]
+    ) -> str:
         rel = f"models/{job_id}/v{version:05d}.safetensors"
         data = st_save({k: np.ascontiguousarray(v) for k, v in model.items()})
         await asyncio.to_thread(fsync_write, self.root / rel, data)
         return rel
 
     async def publish_model(
-        self, job_id: str, round_no: int, version: int, model: dict[str, np.ndarray],
-        digest: bytes, epsilon: float, verdict: dict[str, Any],
+        self,
+        job_id: str,
+        round_no: int,
+        version: int,
+        model: dict[str, np.ndarray],
+        digest: bytes,
+        epsilon: float,
+        verdict: dict[str, Any],
     ) -> bool:
         """Store version ``version`` and mark the round PUBLISHED, atomically; False when
         the round was not CLOSED (already published: a redelivered verdict)."""
@@ -320,8 +349,14 @@ class AggregatorStore:
         async with self.db.transaction() as conn:
             cur = await conn.execute(
                 "UPDATE rounds SET state=?, verdict=?, updated=? WHERE job_id=? AND round=? AND state=?",
-                (RoundState.PUBLISHED.value, json.dumps(verdict), time.time(), job_id, round_no,
-                 RoundState.CLOSED.value),
+                (
+                    RoundState.PUBLISHED.value,
+                    json.dumps(verdict),
+                    time.time(),
+                    job_id,
+                    round_no,
+                    RoundState.CLOSED.value,
+                ),
             )
             if cur.rowcount != 1:
                 return False

@@ -58,8 +58,7 @@ class Severity(enum.IntEnum):
             return cls[str(value).strip().upper()]
         except KeyError:
             raise ValueError(
-                f"unknown severity {value!r}; expected one of "
-                f"{', '.join(s.label for s in cls)}"
+                f"unknown severity {value!r}; expected one of {', '.join(s.label for s in cls)}"
             ) from None
 
 
@@ -123,7 +122,9 @@ class AlertPolicy:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.dedup_window_s) or self.dedup_window_s < 0:
-            raise ValueError(f"dedup_window_s must be a finite number >= 0, got {self.dedup_window_s!r}")
+            raise ValueError(
+                f"dedup_window_s must be a finite number >= 0, got {self.dedup_window_s!r}"
+            )
         if not isinstance(self.burst, int) or self.burst < 1:
             raise ValueError(f"burst must be an int >= 1, got {self.burst!r}")
         if not math.isfinite(self.rate_per_s) or self.rate_per_s < 0:
@@ -200,7 +201,9 @@ class AlertDesk:
         b = self._buckets.get(job)
         if b is None:
             b = self._buckets[job] = _Bucket(float(self.policy.burst), now)
-        b.tokens = min(float(self.policy.burst), b.tokens + max(0.0, now - b.stamp) * self.policy.rate_per_s)
+        b.tokens = min(
+            float(self.policy.burst), b.tokens + max(0.0, now - b.stamp) * self.policy.rate_per_s
+        )
         b.stamp = now
         if b.tokens >= 1.0:
             b.tokens -= 1.0

@@ -21,11 +21,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from qflare.bus import Delivery, QueueSpec, topology
 from qflare.messages import AlertRaised, RoundVerdict
-from qflare.runtime.envelopes import emit, open_delivery
-from qflare.runtime.logging import event
-from qflare.runtime.service import Consumer, Service, ServiceContext
 from qflare.services.alerting.core import (
     Alert,
     AlertDesk,
@@ -34,6 +30,11 @@ from qflare.services.alerting.core import (
     dead_letter_alert,
 )
 from qflare.services.alerting.store import AlertStore
+
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.logging import event
+from qflare.runtime.service import Consumer, Service, ServiceContext
 
 ALERTS_IN = QueueSpec(
     "alerting",
@@ -48,7 +49,9 @@ def policy_from(options: Any) -> AlertPolicy:
     keys = ("dedup_window_s", "burst", "rate_per_s", "escalate_after", "max_keys")
     unknown = set(options) - set(keys)
     if unknown:
-        raise ValueError(f"[services.alerting]: unknown options {sorted(unknown)}; known: {', '.join(keys)}")
+        raise ValueError(
+            f"[services.alerting]: unknown options {sorted(unknown)}; known: {', '.join(keys)}"
+        )
     return AlertPolicy(**{k: options[k] for k in keys if k in options})
 
 
@@ -73,7 +76,10 @@ class AlertingService(Service):
         self._lock = asyncio.Lock()
 
     def consumers(self) -> list[Consumer]:
-        return [Consumer(ALERTS_IN, self.on_event, prefetch=32), Consumer(DEAD_IN, self.on_dead, prefetch=32)]
+        return [
+            Consumer(ALERTS_IN, self.on_event, prefetch=32),
+            Consumer(DEAD_IN, self.on_dead, prefetch=32),
+        ]
 
     async def open(self) -> None:
         self.store = await AlertStore.open(self.ctx.data_dir)
@@ -112,8 +118,13 @@ class AlertingService(Service):
 
     async def on_dead(self, delivery: Delivery) -> None:
         self.counters.dead_letters += 1
-        alert = dead_letter_alert(delivery.routing_key, delivery.death_reason, delivery.death_queue,
-                                  exchange=delivery.exchange, ts=self.ctx.clock())
+        alert = dead_letter_alert(
+            delivery.routing_key,
+            delivery.death_reason,
+            delivery.death_queue,
+            exchange=delivery.exchange,
+            ts=self.ctx.clock(),
+        )
         h = hashlib.sha256(delivery.body)
         h.update(f"|{delivery.routing_key}|{delivery.death_reason}|{delivery.death_queue}".encode())
         await self._handle("dead:" + h.hexdigest(), alert)
@@ -149,12 +160,24 @@ class AlertingService(Service):
             reason=alert.reason,
             detail=alert.detail[:4096],
         )
-        await emit(self, "alert.raised", body, job=alert.job, round=max(0, alert.round or 0),
-                   exchange=topology.ALERTS, routing_key=alert.routing_key())
+        await emit(
+            self,
+            "alert.raised",
+            body,
+            job=alert.job,
+            round=max(0, alert.round or 0),
+            exchange=topology.ALERTS,
+            routing_key=alert.routing_key(),
+        )
         await self.store.mark_published(alert_id)
         self.counters.published += 1
-        event(self.log, "alert.published", routing_key=alert.routing_key(), client=alert.client,
-              reason=alert.reason)
+        event(
+            self.log,
+            "alert.published",
+            routing_key=alert.routing_key(),
+            client=alert.client,
+            reason=alert.reason,
+        )
 
 
 def build(ctx: ServiceContext) -> Service:

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qflare.runtime.sqlite import Database
 from qflare.services.alerting.core import Action, Alert, Decision
+
+from qflare.runtime.sqlite import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -97,15 +98,28 @@ class AlertStore:
                 if row is not None:
                     alert_id = int(row[0])
                     await conn.execute(
-                        "UPDATE alerts SET count = count + 1, last_ts = ? WHERE id = ?", (now, alert_id)
+                        "UPDATE alerts SET count = count + 1, last_ts = ? WHERE id = ?",
+                        (now, alert_id),
                     )
             if alert_id is None:
                 cur = await conn.execute(
                     "INSERT INTO alerts (job, kind, severity, client, round, reason, detail, source, "
                     "first_ts, last_ts, count, action, escalated, published) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,1,?,?,0)",
-                    (a.job, a.kind, a.severity.label, a.client, a.round, a.reason, a.detail,
-                     a.source, now, now, decision.action.value, int(decision.escalated)),
+                    (
+                        a.job,
+                        a.kind,
+                        a.severity.label,
+                        a.client,
+                        a.round,
+                        a.reason,
+                        a.detail,
+                        a.source,
+                        now,
+                        now,
+                        decision.action.value,
+                        int(decision.escalated),
+                    ),
                 )
                 alert_id = int(cur.lastrowid)
             await conn.execute(
@@ -129,16 +143,25 @@ class AlertStore:
 
         row = await self.db.fetchone("SELECT * FROM alerts WHERE id = ?", (alert_id,))
         assert row is not None
-        return Alert(job=row["job"], kind=row["kind"], severity=Severity.parse(row["severity"]),
-                     reason=row["reason"], detail=row["detail"], client=row["client"],
-                     round=row["round"], source=row["source"], ts=row["first_ts"])
+        return Alert(
+            job=row["job"],
+            kind=row["kind"],
+            severity=Severity.parse(row["severity"]),
+            reason=row["reason"],
+            detail=row["detail"],
+            client=row["client"],
+            round=row["round"],
+            source=row["source"],
+            ts=row["first_ts"],
+        )
 
     async def reset_streaks(self, job: str, clients: list[str]) -> None:
         if not clients:
             return
         async with self.db.transaction() as conn:
-            await conn.executemany("DELETE FROM streaks WHERE job = ? AND client = ?",
-                                   [(job, c) for c in clients])
+            await conn.executemany(
+                "DELETE FROM streaks WHERE job = ? AND client = ?", [(job, c) for c in clients]
+            )
 
     async def streaks(self) -> list[tuple[str, str, int, int | None]]:
         rows = await self.db.fetchall("SELECT job, client, length, last_round FROM streaks")

@@ -77,7 +77,9 @@ class RoundRows:
                 self._layout = layout
                 self._x = np.empty((self._capacity, sum(n for _, n in layout)), np.float32)
             elif layout != self._layout:
-                raise ValueError(f"update of {ref[0]} has tensors {list(layout)}, expected {list(self._layout)}")
+                raise ValueError(
+                    f"update of {ref[0]} has tensors {list(layout)}, expected {list(self._layout)}"
+                )
             i = len(self._rows)
             if i == self._x.shape[0]:
                 grown = np.empty((2 * i, self._x.shape[1]), np.float32)
@@ -85,7 +87,7 @@ class RoundRows:
                 self._x = grown
             row, offset = self._x[i], 0
             for name, size in layout:
-                row[offset:offset + size] = np.asarray(tensors[name]).reshape(-1)
+                row[offset : offset + size] = np.asarray(tensors[name]).reshape(-1)
                 offset += size
             self._rows[ref] = i
 
@@ -141,7 +143,9 @@ def decide(
     ``reputation`` in place with this round's flags."""
     clients = sorted(updates)
     if not detection or not clients:
-        return RoundVerdict(tuple(clients), (), (), "detection off" if not detection else "empty round")
+        return RoundVerdict(
+            tuple(clients), (), (), "detection off" if not detection else "empty round"
+        )
     rows = RoundRows(len(clients))
     for c in clients:
         rows.add((c, b""), updates[c])

@@ -14,13 +14,14 @@ import asyncio
 import math
 from typing import Any
 
-from qflare.bus import Delivery
 from qflare.messages import Flagged, MessageRejected, Reason, RoundVerdict
+from qflare.services.detector.core import RoundRows, decide, decide_rows
+from qflare.services.detector.store import DetectorStore
+
+from qflare.bus import Delivery
 from qflare.robust import Reputation
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
-from qflare.services.detector.core import RoundRows, decide, decide_rows
-from qflare.services.detector.store import DetectorStore
 
 QUEUE = "detector"
 KINDS = ("update.accepted", "round.closed")
@@ -72,7 +73,7 @@ class Detector(Service):
                     await self._publish(job_id, round_no, verdict)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the broker may be away; next pass
+            except Exception:
                 self.log.warning("republishing verdicts failed; retrying", exc_info=True)
 
     async def close(self) -> None:
@@ -107,8 +108,9 @@ class Detector(Service):
                         rows.add(ref, body.tensors)
                 except ValueError as exc:
                     raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
-            added = await self.store.add_update(env.job, env.round, body.client, body.update_digest,
-                                                dict(body.tensors))
+            added = await self.store.add_update(
+                env.job, env.round, body.client, body.update_digest, dict(body.tensors)
+            )
             if added == "decided":
                 # a copy after the verdict: the round needs no rows any more
                 self._rows.pop(key, None)
@@ -155,18 +157,31 @@ class Detector(Service):
 
                 result = await asyncio.to_thread(judge)
             else:
-                result = decide(round_no, {c: {} for c, _d in refs}, f=spec.f, detection=False,
-                                reputation=reputation)
+                result = decide(
+                    round_no,
+                    {c: {} for c, _d in refs},
+                    f=spec.f,
+                    detection=False,
+                    reputation=reputation,
+                )
             verdict = {
                 "kept": list(result.kept),
-                "flagged": [{"client": x.client, "score": x.score, "reasons": list(x.reasons)}
-                            for x in result.flagged],
+                "flagged": [
+                    {"client": x.client, "score": x.score, "reasons": list(x.reasons)}
+                    for x in result.flagged
+                ],
                 "quarantined": list(result.newly_quarantined),
                 "note": result.note[:2000],
             }
             if await self.store.record_verdict(job_id, round_no, verdict, reputation):
-                event(self.log, "round.verdict", job=job_id, round=round_no,
-                      kept=len(result.kept), flagged=[x.client for x in result.flagged])
+                event(
+                    self.log,
+                    "round.verdict",
+                    job=job_id,
+                    round=round_no,
+                    kept=len(result.kept),
+                    flagged=[x.client for x in result.flagged],
+                )
                 self._rows.pop((job_id, round_no), None)
                 await self._publish(job_id, round_no, verdict)
                 await self.store.drop_round_files(job_id, round_no)
@@ -175,20 +190,30 @@ class Detector(Service):
         assert self.store is not None
         body = RoundVerdict(
             kept=verdict["kept"],
-            flagged=[Flagged(client=f["client"], score=float(f["score"]), reasons=f["reasons"])
-                     for f in verdict["flagged"]],
+            flagged=[
+                Flagged(client=f["client"], score=float(f["score"]), reasons=f["reasons"])
+                for f in verdict["flagged"]
+            ],
             note=verdict.get("note", ""),
         )
         for f in verdict["flagged"]:
             await self.alert(
-                kind="client.flagged", severity="warning", job=job_id, round=round_no,
-                client=f["client"], reason=",".join(f["reasons"])[:200] or "flagged",
+                kind="client.flagged",
+                severity="warning",
+                job=job_id,
+                round=round_no,
+                client=f["client"],
+                reason=",".join(f["reasons"])[:200] or "flagged",
                 detail=f"score {f['score']:.2f}; reasons {', '.join(f['reasons'])}",
             )
         for client in verdict.get("quarantined", []):
             await self.alert(
-                kind="client.quarantined", severity="critical", job=job_id, round=round_no,
-                client=client, reason="reputation",
+                kind="client.quarantined",
+                severity="critical",
+                job=job_id,
+                round=round_no,
+                client=client,
+                reason="reputation",
                 detail=f"{client} quarantined after repeated flags",
             )
         await emit(self, "round.verdict", body, job=job_id, round=round_no)

@@ -80,15 +80,18 @@ class DetectorStore:
         """Remember a job submitted at run time (not in the configuration), without its
         secret seed (the detector does not use it), so a restart still knows its f and
         detection settings for the rounds it has pending."""
-        await self.db.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)",
-                              (spec.job_id, json.dumps(spec.public(), default=str)))
+        await self.db.execute(
+            "INSERT OR IGNORE INTO jobs VALUES (?, ?)",
+            (spec.job_id, json.dumps(spec.public(), default=str)),
+        )
 
     async def jobs(self) -> list[JobSpec]:
         rows = await self.db.fetchall("SELECT spec FROM jobs ORDER BY job_id")
         return [JobSpec.model_validate(json.loads(row["spec"])) for row in rows]
 
-    async def add_update(self, job_id: str, round_no: int, client: str, digest: bytes,
-                         tensors: dict[str, np.ndarray]) -> Added:
+    async def add_update(
+        self, job_id: str, round_no: int, client: str, digest: bytes, tensors: dict[str, np.ndarray]
+    ) -> Added:
         # counted before the verdict check: a drop that starts after the check waits for us
         with self.files.writing(job_id, round_no):
             if await self.decided(job_id, round_no):
@@ -107,9 +110,12 @@ class DetectorStore:
             return "stored"
 
     async def decided(self, job_id: str, round_no: int) -> bool:
-        return await self.db.fetchone(
-            "SELECT 1 FROM verdicts WHERE job_id=? AND round=?", (job_id, round_no)
-        ) is not None
+        return (
+            await self.db.fetchone(
+                "SELECT 1 FROM verdicts WHERE job_id=? AND round=?", (job_id, round_no)
+            )
+            is not None
+        )
 
     async def held(self, job_id: str, round_no: int) -> set[tuple[str, bytes]]:
         rows = await self.db.fetchall(
@@ -117,7 +123,9 @@ class DetectorStore:
         )
         return {(r["client"], bytes(r["digest"])) for r in rows}
 
-    async def load(self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]) -> dict[str, dict[str, np.ndarray]]:
+    async def load(
+        self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]
+    ) -> dict[str, dict[str, np.ndarray]]:
         out = {}
         for client, digest in refs:
             row = await self.db.fetchone(
@@ -125,8 +133,12 @@ class DetectorStore:
                 (job_id, round_no, client, digest),
             )
             if row is None:
-                raise LookupError(f"no update {client}/{digest.hex()[:16]} in {job_id} round {round_no}")
-            out[client] = await asyncio.to_thread(lambda p: st_load(p.read_bytes()), self.root / row["path"])
+                raise LookupError(
+                    f"no update {client}/{digest.hex()[:16]} in {job_id} round {round_no}"
+                )
+            out[client] = await asyncio.to_thread(
+                lambda p: st_load(p.read_bytes()), self.root / row["path"]
+            )
         return out
 
     async def add_pending(self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]) -> None:
@@ -143,13 +155,21 @@ class DetectorStore:
         could leave behind)."""
         await self.db.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
 
-    async def pending(self, job_id: str | None = None) -> list[tuple[str, int, list[tuple[str, bytes]]]]:
+    async def pending(
+        self, job_id: str | None = None
+    ) -> list[tuple[str, int, list[tuple[str, bytes]]]]:
         sql, args = "SELECT * FROM pending", ()
         if job_id is not None:
             sql, args = sql + " WHERE job_id=?", (job_id,)
         rows = await self.db.fetchall(sql, args)
-        return [(r["job_id"], r["round"], [(c, bytes.fromhex(d)) for c, d in json.loads(r["closed_set"])])
-                for r in rows]
+        return [
+            (
+                r["job_id"],
+                r["round"],
+                [(c, bytes.fromhex(d)) for c, d in json.loads(r["closed_set"])],
+            )
+            for r in rows
+        ]
 
     async def verdict(self, job_id: str, round_no: int) -> dict[str, Any] | None:
         row = await self.db.fetchone(
@@ -170,8 +190,9 @@ class DetectorStore:
         row = await self.db.fetchone("SELECT state FROM reputation WHERE job_id=?", (job_id,))
         return default if row is None else Reputation.from_dict(json.loads(row["state"]))
 
-    async def record_verdict(self, job_id: str, round_no: int, verdict: dict[str, Any],
-                             reputation: Reputation) -> bool:
+    async def record_verdict(
+        self, job_id: str, round_no: int, verdict: dict[str, Any], reputation: Reputation
+    ) -> bool:
         """Verdict + reputation + pending removal, atomically; False if already decided."""
         state = reputation.to_dict()
         async with self.db.transaction() as conn:
@@ -180,7 +201,9 @@ class DetectorStore:
                 (job_id, round_no, json.dumps(verdict), time.time()),
             )
             if cur.rowcount != 1:
-                await conn.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
+                await conn.execute(
+                    "DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no)
+                )
                 return False
             await conn.execute(
                 "INSERT INTO reputation VALUES (?, ?) ON CONFLICT(job_id) DO UPDATE SET state=excluded.state",
@@ -191,7 +214,14 @@ class DetectorStore:
                     "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(job_id, client) DO UPDATE SET "
                     "score=excluded.score, offences=excluded.offences, last_round=excluded.last_round, "
                     "quarantined_until=excluded.quarantined_until",
-                    (job_id, client, rec["score"], rec["offences"], rec["last_round"], rec["quarantined_until"]),
+                    (
+                        job_id,
+                        client,
+                        rec["score"],
+                        rec["offences"],
+                        rec["last_round"],
+                        rec["quarantined_until"],
+                    ),
                 )
             await conn.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
         return True

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from qflare.crypto.errors import MessageRejected, Reason
 
 #: Rounds remembered as closed per job, so a late ``round.opened`` redelivery cannot reopen one.
@@ -115,8 +114,9 @@ class RoundBook:
         return sorted(self._open)
 
 
-def check_round(book: RoundBook, *, job: str, round_: int, base_version: int,
-                client: str, now: float) -> OpenRound:
+def check_round(
+    book: RoundBook, *, job: str, round_: int, base_version: int, client: str, now: float
+) -> OpenRound:
     """The update's job/round/base version/sender against the open round; returns it.
 
     An update for an older round (a replay, or a straggler) is STALE_ROUND; one for the
@@ -129,11 +129,13 @@ def check_round(book: RoundBook, *, job: str, round_: int, base_version: int,
         if round_ == latest and book.was_closed(job, round_):
             raise MessageRejected(Reason.ROUND_CLOSED, f"round {round_} of job {job!r} is closed")
         raise MessageRejected(
-            Reason.STALE_ROUND, f"job {job!r} has no open round (latest {latest}), update is for round {round_}"
+            Reason.STALE_ROUND,
+            f"job {job!r} has no open round (latest {latest}), update is for round {round_}",
         )
     if round_ != info.round:
         raise MessageRejected(
-            Reason.STALE_ROUND, f"update for round {round_}, job {job!r} has round {info.round} open"
+            Reason.STALE_ROUND,
+            f"update for round {round_}, job {job!r} has round {info.round} open",
         )
     if base_version != info.base_version:
         raise MessageRejected(
@@ -146,7 +148,8 @@ def check_round(book: RoundBook, *, job: str, round_: int, base_version: int,
         )
     if info.deadline is not None and now > info.deadline:
         raise MessageRejected(
-            Reason.ROUND_CLOSED, f"round {info.round} of {job!r} passed its deadline {now - info.deadline:.1f}s ago"
+            Reason.ROUND_CLOSED,
+            f"round {info.round} of {job!r} passed its deadline {now - info.deadline:.1f}s ago",
         )
     return info
 
@@ -165,7 +168,8 @@ def check_tensors(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
     if expected != got:
         missing, extra = sorted(expected - got), sorted(got - expected)
         raise MessageRejected(
-            Reason.SHAPE_MISMATCH, f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}"
+            Reason.SHAPE_MISMATCH,
+            f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}",
         )
     for name in sorted(expected):
         spec, arr = info.tensors[name], tensors[name]
@@ -173,11 +177,13 @@ def check_tensors(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
             raise MessageRejected(Reason.MALFORMED, f"tensor {name!r} is not an array")
         if arr.dtype != np.dtype(spec.dtype):
             raise MessageRejected(
-                Reason.DTYPE_NOT_ALLOWED, f"tensor {name!r} has dtype {arr.dtype}, round expects {spec.dtype}"
+                Reason.DTYPE_NOT_ALLOWED,
+                f"tensor {name!r} has dtype {arr.dtype}, round expects {spec.dtype}",
             )
         if tuple(arr.shape) != spec.shape:
             raise MessageRejected(
-                Reason.SHAPE_MISMATCH, f"tensor {name!r} has shape {tuple(arr.shape)}, round expects {spec.shape}"
+                Reason.SHAPE_MISMATCH,
+                f"tensor {name!r} has shape {tuple(arr.shape)}, round expects {spec.shape}",
             )
     for name in sorted(expected):
         arr = tensors[name]
@@ -210,7 +216,9 @@ def check_norm(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
     if not math.isfinite(norm):
         raise MessageRejected(Reason.NON_FINITE, "update norm overflows float64")
     if info.max_norm is not None and norm > info.max_norm:
-        raise MessageRejected(Reason.TOO_LARGE, f"update L2 norm {norm:.4g} exceeds the limit {info.max_norm:.4g}")
+        raise MessageRejected(
+            Reason.TOO_LARGE, f"update L2 norm {norm:.4g} exceeds the limit {info.max_norm:.4g}"
+        )
     return norm
 
 
@@ -236,7 +244,8 @@ class SeenUpdates:
         digest = self._seen.get((job, round_, client))
         if digest is not None:
             raise MessageRejected(
-                Reason.DUPLICATE, f"{client!r} already sent an update for round {round_} of {job!r} ({digest[:16]})"
+                Reason.DUPLICATE,
+                f"{client!r} already sent an update for round {round_} of {job!r} ({digest[:16]})",
             )
 
     def add(self, job: str, round_: int, client: str, digest: str) -> None:

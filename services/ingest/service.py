@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qflare.bus import Delivery, QueueSpec, topology
 from qflare.crypto.errors import MessageRejected, Reason
 from qflare.crypto.pki import RevocationList
 from qflare.messages import (
@@ -49,9 +48,6 @@ from qflare.messages import (
     unpack,
     validate_update,
 )
-from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
-from qflare.runtime.logging import event
-from qflare.runtime.service import Consumer, Service, ServiceContext
 from qflare.services.ingest.core import (
     OpenRound,
     RoundBook,
@@ -63,6 +59,11 @@ from qflare.services.ingest.core import (
     needs_round_news,
     tensor_specs,
 )
+
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
+from qflare.runtime.logging import event
+from qflare.runtime.service import Consumer, Service, ServiceContext
 
 #: The shared work queue: every replica competes on it.
 UPDATES = QueueSpec("ingest", bindings=((topology.CLIENT, "update.*"),), delivery_limit=3)
@@ -98,8 +99,16 @@ def default_replica() -> str:
 class _Refused(MessageRejected):
     """A rejection with what ingest knew about the update when it refused it."""
 
-    def __init__(self, exc: MessageRejected, *, job: str, round_: int, client: str | None,
-                 claimed: str | None, digest: bytes | None) -> None:
+    def __init__(
+        self,
+        exc: MessageRejected,
+        *,
+        job: str,
+        round_: int,
+        client: str | None,
+        claimed: str | None,
+        digest: bytes | None,
+    ) -> None:
         super().__init__(exc.reason, exc.detail)
         self.job = job
         self.round = round_
@@ -144,7 +153,9 @@ class IngestService(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.options = IngestOptions.from_settings(ctx.settings.options("ingest"), ctx.settings.pki_dir)
+        self.options = IngestOptions.from_settings(
+            ctx.settings.options("ingest"), ctx.settings.pki_dir
+        )
         self.book = RoundBook()
         self.seen = SeenUpdates(self.options.dedup_capacity)
         self.limits: Limits = DEFAULT_LIMITS
@@ -163,7 +174,9 @@ class IngestService(Service):
 
     async def open(self) -> None:
         if self.ctx.identity is None or self.ctx.trust is None:
-            raise ValueError("ingest needs its identity (to re-sign and unseal) and the CA trust store")
+            raise ValueError(
+                "ingest needs its identity (to re-sign and unseal) and the CA trust store"
+            )
         self.reload_crl()
 
     # -- revocation list ------------------------------------------------------------------
@@ -199,7 +212,9 @@ class IngestService(Service):
             try:
                 specs = tensor_specs((t.name, t.dtype, t.shape) for t in body.tensor_spec)
             except (ValueError, TypeError) as exc:
-                raise MessageRejected(Reason.BAD_SCHEMA, f"round.opened tensor_spec: {exc}") from None
+                raise MessageRejected(
+                    Reason.BAD_SCHEMA, f"round.opened tensor_spec: {exc}"
+                ) from None
             info = OpenRound(
                 job=env.job,
                 round=env.round,
@@ -211,12 +226,19 @@ class IngestService(Service):
             )
             self._specs[(env.job, env.round)] = body.tensor_spec
             if self.book.opened(info):
-                event(self.log, "round.learned", job=env.job, round=env.round,
-                      participants=len(body.participants))
+                event(
+                    self.log,
+                    "round.learned",
+                    job=env.job,
+                    round=env.round,
+                    participants=len(body.participants),
+                )
         elif env.kind == "round.closed":
             self.book.closed(env.job, env.round)
             self.seen.forget_round(env.job, env.round + 1)
-            self._specs = {k: v for k, v in self._specs.items() if k[0] != env.job or k[1] > env.round}
+            self._specs = {
+                k: v for k, v in self._specs.items() if k[0] != env.job or k[1] > env.round
+            }
         elif env.kind == "job.ended":
             self.book.ended(env.job)
             self._specs = {k: v for k, v in self._specs.items() if k[0] != env.job}
@@ -253,14 +275,20 @@ class IngestService(Service):
             env = await self._open(delivery.body)
             if key_job is not None and env.job != key_job:
                 raise MessageRejected(
-                    Reason.WRONG_JOB, f"routing key names job {key_job!r}, the signed header {env.job!r}"
+                    Reason.WRONG_JOB,
+                    f"routing key names job {key_job!r}, the signed header {env.job!r}",
                 )
             body = env.body
             if needs_round_news(self.book, env.job, env.round):
                 await self._await_news(env.job, env.round)
-            info = check_round(self.book, job=env.job, round_=env.round,
-                               base_version=body.base_version, client=env.sender,
-                               now=self.ctx.clock())
+            info = check_round(
+                self.book,
+                job=env.job,
+                round_=env.round,
+                base_version=body.base_version,
+                client=env.sender,
+                now=self.ctx.clock(),
+            )
             self.seen.check(env.job, env.round, env.sender)
             spec = self._specs.get((env.job, env.round))
             if len(delivery.body) > THREAD_THRESHOLD:
@@ -273,8 +301,10 @@ class IngestService(Service):
             natural = (env.job, env.round, env.sender)
             self.seen.check(*natural)
             if natural in self._inflight:
-                raise MessageRejected(Reason.DUPLICATE, f"{env.sender!r} has an update for round "
-                                                        f"{env.round} of {env.job!r} in flight")
+                raise MessageRejected(
+                    Reason.DUPLICATE,
+                    f"{env.sender!r} has an update for round {env.round} of {env.job!r} in flight",
+                )
             self._inflight.add(natural)
         except MessageRejected as exc:
             raise _Refused(
@@ -298,16 +328,37 @@ class IngestService(Service):
         finally:
             self._inflight.discard(natural)
         self.counts["accepted"] += 1
-        event(self.log, "update.accepted", job=env.job, round=env.round, client=env.sender,
-              norm=round(norm, 6), bytes=len(delivery.body), sealed=env.sealed)
+        event(
+            self.log,
+            "update.accepted",
+            job=env.job,
+            round=env.round,
+            client=env.sender,
+            norm=round(norm, 6),
+            bytes=len(delivery.body),
+            sealed=env.sealed,
+        )
 
     async def _open(self, data: bytes) -> Envelope:
         kem = self.ctx.identity.kem
         if len(data) > THREAD_THRESHOLD:
-            return await asyncio.to_thread(open_envelope, data, self.ctx.trust, limits=self.limits,
-                                           expect_kind="update", kem_key=kem, now=self.ctx.clock())
-        return open_envelope(data, self.ctx.trust, limits=self.limits, expect_kind="update",
-                             kem_key=kem, now=self.ctx.clock())
+            return await asyncio.to_thread(
+                open_envelope,
+                data,
+                self.ctx.trust,
+                limits=self.limits,
+                expect_kind="update",
+                kem_key=kem,
+                now=self.ctx.clock(),
+            )
+        return open_envelope(
+            data,
+            self.ctx.trust,
+            limits=self.limits,
+            expect_kind="update",
+            kem_key=kem,
+            now=self.ctx.clock(),
+        )
 
     async def on_rejected(self, delivery: Delivery, exc: MessageRejected) -> None:
         if not isinstance(exc, _Refused):
@@ -352,7 +403,9 @@ def _job_from_key(routing_key: str) -> str | None:
 def _claimed_sender(data: bytes) -> str | None:
     """The sender an envelope claims, for the rejection report only (never trusted)."""
     try:
-        header = unpack(data, _HEADER_LIMITS, bin_as_view=True, max_bytes=_HEADER_LIMITS.max_bin_len)
+        header = unpack(
+            data, _HEADER_LIMITS, bin_as_view=True, max_bytes=_HEADER_LIMITS.max_bin_len
+        )
     except MessageRejected:
         return None
     sender = header.get("sender") if isinstance(header, dict) else None
@@ -360,8 +413,9 @@ def _claimed_sender(data: bytes) -> str | None:
 
 
 # One level of the envelope map, no tensors: enough to read the claimed sender.
-_HEADER_LIMITS = DEFAULT_LIMITS.with_(max_depth=1, max_container_len=16,
-                                      max_bin_len=DEFAULT_LIMITS.max_envelope_bytes)
+_HEADER_LIMITS = DEFAULT_LIMITS.with_(
+    max_depth=1, max_container_len=16, max_bin_len=DEFAULT_LIMITS.max_envelope_bytes
+)
 
 
 def build(ctx: ServiceContext) -> Service:

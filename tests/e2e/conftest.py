@@ -4,9 +4,7 @@ the RabbitMQ URL. Runs are shared per module (each costs seconds of process star
 from __future__ import annotations
 
 import pytest
-
-from e2e_harness import REVOKED  # noqa: I001
-
+from e2e_harness import REVOKED
 from qflare.crypto import Federation, provision, revoke
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qflare.crypto import Federation
+from qflare.messages import MessageRejected, open_envelope
 from safetensors.numpy import save_file
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
-from qflare.crypto import Federation
-from qflare.messages import MessageRejected, open_envelope
 
 FEATURES, CLASSES = 64, 10
 PARTICIPANTS = tuple(f"client-{i:03d}" for i in range(10))
@@ -54,14 +54,18 @@ def require_broker(url: str) -> None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
 SERVICE_NAMES = ("alerting", "accountant", "detector", "ingest", "aggregator")
 
 
 # -- the model -------------------------------------------------------------------------------
 def initial_model(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"w": (0.01 * rng.standard_normal((FEATURES, CLASSES))).astype(np.float32),
-            "b": np.zeros(CLASSES, np.float32)}
+    return {
+        "w": (0.01 * rng.standard_normal((FEATURES, CLASSES))).astype(np.float32),
+        "b": np.zeros(CLASSES, np.float32),
+    }
 
 
 def write_initial_model(path: Path, seed: int = 0) -> Path:
@@ -78,7 +82,9 @@ def _client_data(client: str, n: int = 48) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def train_delta(client: str, model: dict[str, np.ndarray], steps: int = 5, lr: float = 0.5) -> dict[str, np.ndarray]:
+def train_delta(
+    client: str, model: dict[str, np.ndarray], steps: int = 5, lr: float = 0.5
+) -> dict[str, np.ndarray]:
     """A few full-batch gradient steps of softmax regression; returns trained - base."""
     x, y = _client_data(client)
     w = model["w"].astype(np.float64)
@@ -107,14 +113,23 @@ class NumpyParticipant(Participant):
     computes the update (numpy instead of a torch model). A Byzantine one sends the scaled,
     sign-flipped update; ``gate`` holds its update for round ``gate_round`` until set."""
 
-    def __init__(self, kit: Kit, *, byzantine: bool = False, gate: threading.Event | None = None,
-                 gate_round: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        kit: Kit,
+        *,
+        byzantine: bool = False,
+        gate: threading.Event | None = None,
+        gate_round: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(kit, None, None, **kwargs)
         self.byzantine = byzantine
         self.gate = gate
         self.gate_round = gate_round
 
-    def compute_update(self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo) -> LocalUpdate:
+    def compute_update(
+        self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo
+    ) -> LocalUpdate:
         if self.gate is not None and info.round == self.gate_round:
             self.gate.wait(60)
         base = {k: np.asarray(v) for k, v in global_tensors.items()}
@@ -136,8 +151,19 @@ class Recorder:
 
     async def start(self, bus: Bus, name: str) -> None:
         self.trust = self.fed.trust()
-        await bus.consume(QueueSpec(f"rec.{name}", bindings=((topology.EVENTS, f"*.{self.job}"), (topology.EVENTS, f"*.*.{self.job}"))), self.on_event, prefetch=64)
-        await bus.consume(QueueSpec(f"rec-alerts.{name}", bindings=((topology.ALERTS, "#"),)), self.on_alert, prefetch=64)
+        await bus.consume(
+            QueueSpec(
+                f"rec.{name}",
+                bindings=((topology.EVENTS, f"*.{self.job}"), (topology.EVENTS, f"*.*.{self.job}")),
+            ),
+            self.on_event,
+            prefetch=64,
+        )
+        await bus.consume(
+            QueueSpec(f"rec-alerts.{name}", bindings=((topology.ALERTS, "#"),)),
+            self.on_alert,
+            prefetch=64,
+        )
 
     async def on_event(self, d: Delivery) -> Outcome:
         env = open_envelope(d.body, self.trust)
@@ -172,8 +198,10 @@ class Recorder:
         while not predicate():
             left = end - loop.time()
             if left <= 0:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                     f"saw {[(k, r) for _t, k, r, _b in self.events][-15:]}")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}; "
+                    f"saw {[(k, r) for _t, k, r, _b in self.events][-15:]}"
+                )
             try:
                 await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
             except TimeoutError:
@@ -203,8 +231,11 @@ class Cluster:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as log:
             self.procs[key] = subprocess.Popen(
-                [sys.executable, "-m", "qflare", "serve", name], env=env, stdout=log,
-                stderr=subprocess.STDOUT, cwd=self.root,
+                [sys.executable, "-m", "qflare", "serve", name],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
             )
 
     def logs(self, key: str) -> list[dict[str, Any]]:
@@ -225,9 +256,13 @@ class Cluster:
             if any(rec.get("event") == "serve.ready" for rec in self._current_log(key)):
                 return
             if self.procs[key].poll() is not None:
-                raise AssertionError(f"{key} exited with {self.procs[key].returncode}:\n{self.log_path(key).read_text()[-3000:]}")
+                raise AssertionError(
+                    f"{key} exited with {self.procs[key].returncode}:\n{self.log_path(key).read_text()[-3000:]}"
+                )
             await asyncio.sleep(0.1)
-        raise AssertionError(f"{key} not ready after {timeout}s:\n{self.log_path(key).read_text()[-3000:]}")
+        raise AssertionError(
+            f"{key} not ready after {timeout}s:\n{self.log_path(key).read_text()[-3000:]}"
+        )
 
     def _current_log(self, key: str) -> list[dict[str, Any]]:
         path = self.log_path(key)
@@ -309,15 +344,23 @@ class Scenario:
     kills: tuple[tuple[str, str, int, int], ...] = ()
     hostile_round: int | None = None
     hostile: Callable[..., Any] | None = None
-    hold_client: str | None = None  # held in hostile_round until the hostile routine or restart is done
+    hold_client: str | None = (
+        None  # held in hostile_round until the hostile routine or restart is done
+    )
     timeout: float = 120.0
     stateful: tuple[str, ...] = ("alerting", "accountant", "detector")
     broker_restart: tuple[str, int, int] | None = None  # (kind, round, count): stop_app/start_app
 
 
 async def run_scenario(
-    fed: Federation, root: Path, amqp: str, prefix: str, job: dict[str, Any],
-    participants: tuple[str, ...], byzantine: tuple[str, ...], scenario: Scenario,
+    fed: Federation,
+    root: Path,
+    amqp: str,
+    prefix: str,
+    job: dict[str, Any],
+    participants: tuple[str, ...],
+    byzantine: tuple[str, ...],
+    scenario: Scenario,
     options: dict[str, dict[str, Any]] | None = None,
 ) -> RunResult:
     from qflare.bus import connect_bus
@@ -325,19 +368,30 @@ async def run_scenario(
     root.mkdir(parents=True, exist_ok=True)
     config = root / "qflare.toml"
     config.write_text(config_text(job, options))
-    cluster = Cluster(root, {
-        "QFLARE_BROKER": amqp, "QFLARE_PREFIX": prefix, "QFLARE_DATA_DIR": str(root / "state"),
-        "QFLARE_PKI_DIR": str(fed.root), "QFLARE_CONFIG": str(config), "QFLARE_LOG_LEVEL": "INFO",
-    })
+    cluster = Cluster(
+        root,
+        {
+            "QFLARE_BROKER": amqp,
+            "QFLARE_PREFIX": prefix,
+            "QFLARE_DATA_DIR": str(root / "state"),
+            "QFLARE_PKI_DIR": str(fed.root),
+            "QFLARE_CONFIG": str(config),
+            "QFLARE_LOG_LEVEL": "INFO",
+        },
+    )
     job_id = job["job_id"]
     bus = await connect_bus(amqp, prefix=prefix)
     recorder = Recorder(fed, job_id)
     gate = threading.Event()
     clients = {
         cid: NumpyParticipant(
-            Kit.load(fed.clients[cid]), byzantine=cid in byzantine,
-            gate=gate if cid == scenario.hold_client else None, gate_round=scenario.hostile_round,
-            broker=amqp, prefix=prefix, jobs=[job_id],
+            Kit.load(fed.clients[cid]),
+            byzantine=cid in byzantine,
+            gate=gate if cid == scenario.hold_client else None,
+            gate_round=scenario.hostile_round,
+            broker=amqp,
+            prefix=prefix,
+            jobs=[job_id],
         )
         for cid in participants
     }
@@ -350,16 +404,25 @@ async def run_scenario(
         _install_kills(scenario, recorder, cluster, result)
         _install_broker_restart(scenario, recorder, result, gate)
         if scenario.hostile is not None:
+
             async def on_open(kind: str, round_no: int, _body: Any) -> None:
-                if kind == "round.opened" and round_no == scenario.hostile_round and not result.hostile_sent:
+                if (
+                    kind == "round.opened"
+                    and round_no == scenario.hostile_round
+                    and not result.hostile_sent
+                ):
                     result.hostile_sent["started"] = b""
                     asyncio.get_running_loop().create_task(
-                        _run_hostile(scenario, clients, bus, recorder, result, gate))
+                        _run_hostile(scenario, clients, bus, recorder, result, gate)
+                    )
+
             recorder.hooks.append(on_open)
         order = [*scenario.stateful, *scenario.ingest_replicas]
         for key in order:
-            cluster.start("ingest" if key.startswith("ingest") else key,
-                          replica=key if key.startswith("ingest") else None)
+            cluster.start(
+                "ingest" if key.startswith("ingest") else key,
+                replica=key if key.startswith("ingest") else None,
+            )
         for key in order:
             await cluster.ready(key)
         cluster.start("aggregator")
@@ -367,7 +430,9 @@ async def run_scenario(
         await recorder.until(lambda: bool(recorder.of("job.ended")), scenario.timeout, "job.ended")
         result.end_reason = recorder.of("job.ended")[-1][1].reason
         # the final model reaches the clients on the broadcast after job.ended is decided
-        await recorder.until(lambda: all(job_id in p.ended for p in clients.values()), 30, "clients see job.ended")
+        await recorder.until(
+            lambda: all(job_id in p.ended for p in clients.values()), 30, "clients see job.ended"
+        )
         latest = clients[participants[0]].latest_model(job_id)
         assert latest is not None
         result.final_version = latest[0]
@@ -380,18 +445,28 @@ async def run_scenario(
         for p in clients.values():
             await p.stop()
         result.stop_codes = cluster.stop_all()
-        queues = [*(f"client.{c}" for c in participants), "aggregator", "detector", "accountant", "alerting", "alerting.dead", "ingest",
-                  *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas)]
+        queues = [
+            *(f"client.{c}" for c in participants),
+            "aggregator",
+            "detector",
+            "accountant",
+            "alerting",
+            "alerting.dead",
+            "ingest",
+            *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas),
+        ]
         try:
             await bus.delete_all(queues)
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the run's own error
+        except Exception as exc:
             print(f"e2e cleanup of {prefix!r} failed: {exc!r}", file=sys.stderr)
         finally:
             await bus.close()
     return result
 
 
-def _install_kills(scenario: Scenario, recorder: Recorder, cluster: Cluster, result: RunResult) -> None:
+def _install_kills(
+    scenario: Scenario, recorder: Recorder, cluster: Cluster, result: RunResult
+) -> None:
     counts: dict[tuple[str, int], int] = defaultdict(int)
     pending = list(scenario.kills)
 
@@ -410,8 +485,9 @@ def _install_kills(scenario: Scenario, recorder: Recorder, cluster: Cluster, res
     recorder.hooks.append(hook)
 
 
-def _install_broker_restart(scenario: Scenario, recorder: Recorder, result: RunResult,
-                            gate: threading.Event) -> None:
+def _install_broker_restart(
+    scenario: Scenario, recorder: Recorder, result: RunResult, gate: threading.Event
+) -> None:
     if scenario.broker_restart is None:
         return
     kind, round_no, count = scenario.broker_restart
@@ -423,7 +499,9 @@ def _install_broker_restart(scenario: Scenario, recorder: Recorder, result: RunR
             seen += 1
             if seen == count:
                 # not inside the handler: its own connection goes down with the broker
-                result.tasks.append(asyncio.get_running_loop().create_task(_restart_broker(result, gate)))
+                result.tasks.append(
+                    asyncio.get_running_loop().create_task(_restart_broker(result, gate))
+                )
 
     recorder.hooks.append(hook)
 
@@ -444,25 +522,37 @@ async def _restart_broker(result: RunResult, gate: threading.Event) -> None:
 
 async def _ctl(*args: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
     _out, err = await asyncio.wait_for(proc.communicate(), 120)
     if proc.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode()[-500:]}")
 
 
-async def _run_hostile(scenario: Scenario, clients: dict[str, NumpyParticipant], bus: Bus,
-                       recorder: Recorder, result: RunResult, gate: threading.Event) -> None:
+async def _run_hostile(
+    scenario: Scenario,
+    clients: dict[str, NumpyParticipant],
+    bus: Bus,
+    recorder: Recorder,
+    result: RunResult,
+    gate: threading.Event,
+) -> None:
     try:
         assert scenario.hostile is not None and scenario.hostile_round is not None
         await scenario.hostile(scenario.hostile_round, clients, bus, recorder, result.hostile_sent)
         before = len(result.hostile_sent) - 1
         await recorder.until(
             lambda: len(recorder.of("update.rejected")) + _duplicate_alerts(recorder) >= before,
-            30, "every hostile message rejected")
+            30,
+            "every hostile message rejected",
+        )
     finally:
         gate.set()
 
 
 def _duplicate_alerts(recorder: Recorder) -> int:
-    return sum(1 for _r, b in recorder.of("alert.raised")
-               if b.alert_kind == "message.rejected" and b.reason == "DUPLICATE")
+    return sum(
+        1
+        for _r, b in recorder.of("alert.raised")
+        if b.alert_kind == "message.rejected" and b.reason == "DUPLICATE"
+    )

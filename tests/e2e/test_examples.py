@@ -47,9 +47,14 @@ async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
     work = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith("QFLARE_")}
     env.update(QFLARE_BROKER=amqp, QFLARE_PREFIX=prefix, ROUNDS=str(ROUNDS))
-    proc = subprocess.Popen(["bash", str(EXAMPLES / "run_federation.sh"), str(work)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(EXAMPLES / "run_federation.sh"), str(work)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -60,8 +65,20 @@ async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         if (work / "pki").is_dir():  # idempotent; covers a script killed before its trap ran
-            subprocess.run([sys.executable, str(EXAMPLES / "teardown.py"), "--broker", amqp,
-                            "--prefix", prefix, "--pki", str(work / "pki")], capture_output=True, timeout=60)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(EXAMPLES / "teardown.py"),
+                    "--broker",
+                    amqp,
+                    "--prefix",
+                    prefix,
+                    "--pki",
+                    str(work / "pki"),
+                ],
+                capture_output=True,
+                timeout=60,
+            )
     log = out + "".join(p.read_text()[-2000:] for p in sorted(work.glob("*.log")))
     assert proc.returncode == 0, log[-6000:]
 
@@ -74,9 +91,21 @@ async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
 
     # qflare status, as the script printed it and as JSON from the services' stores
     assert "ended: completed" in out and f"{ROUNDS}/{ROUNDS}" in out, out[-3000:]
-    status = subprocess.run([sys.executable, "-m", "qflare", "status", "--json", "--config",
-                             str(work / "federation.toml")], env=env, capture_output=True, text=True,
-                            timeout=60)
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qflare",
+            "status",
+            "--json",
+            "--config",
+            str(work / "federation.toml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     (job,) = json.loads(status.stdout)["jobs"]
     assert job["job"] == "digits" and job["state"] == "ended: completed"

@@ -22,11 +22,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-
-from qflare.bus import Bus, topology
-from qflare.crypto import Federation
-from qflare.messages import encode
-from qflare.services.aggregator.core import model_digest
 from e2e_harness import (
     BYZANTINE,
     PARTICIPANTS,
@@ -41,7 +36,11 @@ from e2e_harness import (
     train_delta,
     write_initial_model,
 )
+from qflare.crypto import Federation
+from qflare.messages import encode
+from qflare.services.aggregator.core import model_digest
 
+from qflare.bus import Bus, topology
 from qflare.client import Kit
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow, pytest.mark.timeout(400)]
@@ -52,10 +51,20 @@ BUDGET = 5.5  # with z=1.5, q=1, delta=1e-5 the PLD epsilon is 2.75, 4.09, 5.17,
 
 def job(root: Path) -> dict[str, Any]:
     return {
-        "job_id": "e2e", "rounds": ROUNDS, "participants": list(PARTICIPANTS),
-        "rule": "nnm+multikrum", "f": 3, "detection": True, "sample_rate": 1.0,
-        "noise_multiplier": 1.5, "clip": 2.0, "delta": 1e-5, "epsilon_budget": BUDGET,
-        "min_updates": 7, "deadline_s": 90.0, "seed": 20261127,
+        "job_id": "e2e",
+        "rounds": ROUNDS,
+        "participants": list(PARTICIPANTS),
+        "rule": "nnm+multikrum",
+        "f": 3,
+        "detection": True,
+        "sample_rate": 1.0,
+        "noise_multiplier": 1.5,
+        "clip": 2.0,
+        "delta": 1e-5,
+        "epsilon_budget": BUDGET,
+        "min_updates": 7,
+        "deadline_s": 90.0,
+        "seed": 20261127,
         "initial_model": str(write_initial_model(root / "model0.safetensors")),
     }
 
@@ -64,8 +73,13 @@ OPTIONS = {"aggregator": {"reopen_interval_s": 1.0}}
 HOSTILE_REASONS = {"BAD_SIGNATURE", "STALE_ROUND", "DUPLICATE", "TOO_LARGE", "MALFORMED", "REVOKED"}
 
 
-async def hostile(round_no: int, clients: dict[str, NumpyParticipant], bus: Bus, recorder: Recorder,
-                  sent: dict[str, bytes]) -> None:
+async def hostile(
+    round_no: int,
+    clients: dict[str, NumpyParticipant],
+    bus: Bus,
+    recorder: Recorder,
+    sent: dict[str, bytes],
+) -> None:
     """Six bad messages while round ``round_no`` is open (one honest client is held back
     until all six are rejected, so the round is still open for each)."""
     fed_kit = clients["client-000"].kit
@@ -74,8 +88,14 @@ async def hostile(round_no: int, clients: dict[str, NumpyParticipant], bus: Bus,
 
     def update(cid: str, r: int, tensors: dict[str, np.ndarray]) -> bytes:
         kit = clients[cid].kit if cid in clients else Kit.load(fed_kit_dir(cid))
-        return encode("update", {"base_version": r - 1, "num_samples": 48, "tensors": tensors},
-                      kit.identity, job="e2e", round=r, seal_to=fed_kit.ingest_cert)
+        return encode(
+            "update",
+            {"base_version": r - 1, "num_samples": 48, "tensors": tensors},
+            kit.identity,
+            job="e2e",
+            round=r,
+            seal_to=fed_kit.ingest_cert,
+        )
 
     def fed_kit_dir(cid: str) -> Path:
         folder = clients["client-000"].kit.folder
@@ -97,8 +117,12 @@ async def hostile(round_no: int, clients: dict[str, NumpyParticipant], bus: Bus,
     # A second submission of client-002's update, sent once its first one is in: a copy of
     # the same update under a new signature (so even if it won, the result would not move).
     await recorder.until(
-        lambda: any(r == round_no and b.client == "client-002" for r, b in recorder.of("update.accepted")),
-        30, "client-002's update")
+        lambda: any(
+            r == round_no and b.client == "client-002" for r, b in recorder.of("update.accepted")
+        ),
+        30,
+        "client-002's update",
+    )
     version, model = clients["client-002"].latest_model("e2e") or (None, None)
     assert version == round_no - 1 and model is not None
     again = train_delta("client-002", {k: np.asarray(v) for k, v in model.items()})
@@ -112,24 +136,33 @@ def _run(fed: Federation, root: Path, scenario: Scenario) -> RunResult:
     amqp = os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
     require_broker(amqp)
     prefix = f"e2e-{uuid.uuid4().hex[:8]}-"
-    return asyncio.run(run_scenario(fed, root, amqp, prefix, job(root), PARTICIPANTS, BYZANTINE,
-                                    scenario, OPTIONS))
+    return asyncio.run(
+        run_scenario(fed, root, amqp, prefix, job(root), PARTICIPANTS, BYZANTINE, scenario, OPTIONS)
+    )
 
 
 @pytest.fixture(scope="module")
 def clean_run(e2e_federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-    scenario = Scenario("clean", ingest_replicas=("ingest-a", "ingest-b"), hostile_round=2,
-                        hostile=hostile, hold_client="client-006")
+    scenario = Scenario(
+        "clean",
+        ingest_replicas=("ingest-a", "ingest-b"),
+        hostile_round=2,
+        hostile=hostile,
+        hold_client="client-006",
+    )
     return _run(e2e_federation, tmp_path_factory.mktemp("clean"), scenario)
 
 
 @pytest.fixture(scope="module")
 def crash_run(e2e_federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-    scenario = Scenario("crash", kills=(
-        ("aggregator", "update.accepted", 1, 4),   # mid-collection: updates in flight
-        ("detector", "round.closed", 2, 1),        # between close and verdict
-        ("accountant", "privacy.request", 3, 1),   # while the round is being charged
-    ))
+    scenario = Scenario(
+        "crash",
+        kills=(
+            ("aggregator", "update.accepted", 1, 4),  # mid-collection: updates in flight
+            ("detector", "round.closed", 2, 1),  # between close and verdict
+            ("accountant", "privacy.request", 3, 1),  # while the round is being charged
+        ),
+    )
     return _run(e2e_federation, tmp_path_factory.mktemp("crash"), scenario)
 
 
@@ -157,7 +190,11 @@ def test_job_stops_at_the_budget_with_epsilon_growing(clean_run: RunResult) -> N
     assert {r for r, _b in denied} == {len(rounds) + 1}
     assert clean_run.end_reason == "budget_exhausted"
     assert released_rounds(clean_run) == rounds
-    published_eps = {b.version: b.epsilon for _r, b in clean_run.recorder.of("model.published") if b.tensors is None}
+    published_eps = {
+        b.version: b.epsilon
+        for _r, b in clean_run.recorder.of("model.published")
+        if b.tensors is None
+    }
     assert [published_eps[r] for r in rounds] == eps
 
 
@@ -176,8 +213,10 @@ def test_the_model_changes_every_round_and_clients_verify_it(clean_run: RunResul
     assert versions == list(range(len(versions))) and len(versions) >= 3
     assert len({digests[v] for v in versions}) == len(versions)
     assert model_digest(clean_run.final_model) == digests[clean_run.final_version]
-    assert all(p.stats.rejected == 0 and p.stats.models_verified >= len(versions) - 1
-               for p in clean_run.participants.values())
+    assert all(
+        p.stats.rejected == 0 and p.stats.models_verified >= len(versions) - 1
+        for p in clean_run.participants.values()
+    )
 
 
 def test_alerts_arrive_on_qflare_alerts(clean_run: RunResult) -> None:
@@ -186,26 +225,46 @@ def test_alerts_arrive_on_qflare_alerts(clean_run: RunResult) -> None:
     assert any(".client.flagged." in f".{k}" for k in keys), keys
     assert any(".update.rejected." in f".{k}" for k in keys), keys
     assert any(".budget.exhausted." in f".{k}" for k in keys), keys
-    flagged = {getattr(b, "client", None) for k, b in clean_run.recorder.alerts if "client.flagged" in k}
+    flagged = {
+        getattr(b, "client", None) for k, b in clean_run.recorder.alerts if "client.flagged" in k
+    }
     assert flagged == set(BYZANTINE)
 
 
 def test_hostile_traffic_is_rejected_with_reason_codes(clean_run: RunResult) -> None:
-    assert set(clean_run.hostile_sent) - {"started"} == {"forged", "replayed", "duplicate", "oversized", "malformed", "revoked"}
+    assert set(clean_run.hostile_sent) - {"started"} == {
+        "forged",
+        "replayed",
+        "duplicate",
+        "oversized",
+        "malformed",
+        "revoked",
+    }
     reasons = {b.reason.value for _r, b in clean_run.recorder.of("update.rejected")}
-    reasons |= {b.reason for _r, b in clean_run.recorder.of("alert.raised")
-                if b.alert_kind == "message.rejected"}
-    assert HOSTILE_REASONS <= reasons, reasons
+    reasons |= {
+        b.reason
+        for _r, b in clean_run.recorder.of("alert.raised")
+        if b.alert_kind == "message.rejected"
+    }
+    assert reasons >= HOSTILE_REASONS, reasons
     alert_reasons = {b.reason for _r, b in clean_run.recorder.of("alert.raised")}
-    assert HOSTILE_REASONS <= alert_reasons, alert_reasons
+    assert alert_reasons >= HOSTILE_REASONS, alert_reasons
     # the round still holds exactly one update per participant
-    closed = {r: sorted(u.client for u in b.updates) for r, b in clean_run.recorder.of("round.closed")}
+    closed = {
+        r: sorted(u.client for u in b.updates) for r, b in clean_run.recorder.of("round.closed")
+    }
     assert closed[2] == sorted(PARTICIPANTS)
 
 
 def test_services_stop_cleanly_on_sigterm(clean_run: RunResult) -> None:
-    assert clean_run.stop_codes == {k: 0 for k in ("alerting", "accountant", "detector", "ingest-a", "ingest-b", "aggregator")}
-    stopped = {k for k in clean_run.stop_codes if any(r.get("event") == "service.stopped" for r in clean_run.cluster.logs(k))}
+    assert clean_run.stop_codes == {
+        k: 0 for k in ("alerting", "accountant", "detector", "ingest-a", "ingest-b", "aggregator")
+    }
+    stopped = {
+        k
+        for k in clean_run.stop_codes
+        if any(r.get("event") == "service.stopped" for r in clean_run.cluster.logs(k))
+    }
     assert stopped == set(clean_run.stop_codes)
 
 
@@ -219,7 +278,9 @@ def test_two_ingest_replicas_share_the_load(clean_run: RunResult) -> None:
     assert all(n >= 3 for n in per_replica.values()), per_replica
 
 
-def test_crashes_lose_nothing_and_change_nothing(clean_run: RunResult, crash_run: RunResult) -> None:
+def test_crashes_lose_nothing_and_change_nothing(
+    clean_run: RunResult, crash_run: RunResult
+) -> None:
     assert [k[0] for k in crash_run.kills] == ["aggregator", "detector", "accountant"]
     assert crash_run.end_reason == clean_run.end_reason == "budget_exhausted"
     # no round charged twice: the same epsilon after each round as the undisturbed run

@@ -6,16 +6,17 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
-from qflare.privacy import BudgetPolicy, Decision, epsilon
 from qflare.services.accountant.core import AccountantCore
 from qflare.services.accountant.store import LedgerStore
+
+from qflare.privacy import BudgetPolicy, Decision, epsilon
 
 Q, Z, DELTA = 0.1, 1.0, 1e-5
 
 
-async def _ask(core: AccountantCore, store: LedgerStore, job: str, round_no: int,
-               q: float = Q, z: float = Z) -> Decision:
+async def _ask(
+    core: AccountantCore, store: LedgerStore, job: str, round_no: int, q: float = Q, z: float = Z
+) -> Decision:
     """What the service shell does: decide, persist if fresh, then apply."""
     decision = core.decide(job, round_no, q, z, 1.0)
     if decision.fresh:
@@ -25,8 +26,15 @@ async def _ask(core: AccountantCore, store: LedgerStore, job: str, round_no: int
 
 
 def _answer(d: Decision) -> tuple:
-    return (d.job, d.round, d.granted, d.reason, d.epsilon_total, d.epsilon_requested,
-            d.rounds_granted)
+    return (
+        d.job,
+        d.round,
+        d.granted,
+        d.reason,
+        d.epsilon_total,
+        d.epsilon_requested,
+        d.rounds_granted,
+    )
 
 
 async def test_restart_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
@@ -56,8 +64,9 @@ async def test_restart_continues_exactly_where_it_stopped(tmp_path: Path) -> Non
                 assert not again.fresh and _answer(again) == _answer(d)
         for job in ("a", "b"):
             answers.append(await _ask(core, store, job, r))
-    assert [(d.job, d.round, d.granted, d.reason, d.rounds_granted) for d in answers] == \
-        [(d.job, d.round, d.granted, d.reason, d.rounds_granted) for d in reference]
+    assert [(d.job, d.round, d.granted, d.reason, d.rounds_granted) for d in answers] == [
+        (d.job, d.round, d.granted, d.reason, d.rounds_granted) for d in reference
+    ]
     for mine, theirs in zip(answers, reference):
         assert mine.epsilon_total == pytest.approx(theirs.epsilon_total, rel=1e-9)
     assert [d.granted for d in answers if d.job == "a"] == [True] * 5 + [False] * 3

@@ -11,12 +11,12 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import Envelope, encode, open_envelope
-from qflare.runtime import Settings, build_service, open_readonly
 from qflare.services.alerting.store import DB_FILE
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.runtime import Settings, build_service, open_readonly
 
 JOB = "j1"
 
@@ -33,9 +33,23 @@ class Rig:
         await self.out.put((d.routing_key, open_envelope(d.body, self.fed.trust())))
         return Outcome.ACK
 
-    def raised(self, kind: str, *, client: str | None = None, reason: str = "R", round_: int = 1,
-               severity: str = "warning", sender: str = "detector") -> bytes:
-        body = {"severity": severity, "alert_kind": kind, "client": client, "reason": reason, "detail": "d"}
+    def raised(
+        self,
+        kind: str,
+        *,
+        client: str | None = None,
+        reason: str = "R",
+        round_: int = 1,
+        severity: str = "warning",
+        sender: str = "detector",
+    ) -> bytes:
+        body = {
+            "severity": severity,
+            "alert_kind": kind,
+            "client": client,
+            "reason": reason,
+            "detail": "d",
+        }
         return encode("alert.raised", body, self.fed[sender], job=JOB, round=round_)
 
     async def send(self, data: bytes) -> None:
@@ -56,9 +70,22 @@ class Rig:
 @pytest.fixture
 async def rig(bus: Bus, tmp_path: Path) -> AsyncIterator[Rig]:
     fed = make_federation(clients=3)
-    settings = Settings(data_dir=tmp_path, services=MappingProxyType(
-        {"alerting": {"dedup_window_s": 60, "burst": 4, "rate_per_s": 0.01, "escalate_after": 3}}))
-    service = await build_service("alerting", settings, bus=bus, identity=fed["alerting"], trust=fed.trust())
+    settings = Settings(
+        data_dir=tmp_path,
+        services=MappingProxyType(
+            {
+                "alerting": {
+                    "dedup_window_s": 60,
+                    "burst": 4,
+                    "rate_per_s": 0.01,
+                    "escalate_after": 3,
+                }
+            }
+        ),
+    )
+    service = await build_service(
+        "alerting", settings, bus=bus, identity=fed["alerting"], trust=fed.trust()
+    )
     rig = Rig(bus, fed, service, tmp_path)
     sub = await bus.consume(QueueSpec("ops", bindings=((topology.ALERTS, "#"),)), rig.on_alert)
     await service.start()
@@ -79,8 +106,13 @@ async def test_escalation_after_k_flagged_rounds_and_reset_by_a_kept_verdict(rig
         assert key == ("critical" if r == 3 else "warning") + ".client.flagged.j1", key
     assert "3 rounds in a row" in env.body.detail
     # a verdict that keeps the client ends its streak
-    verdict = encode("round.verdict", {"kept": ["client-001"], "flagged": []}, rig.fed["detector"],
-                     job=JOB, round=4)
+    verdict = encode(
+        "round.verdict",
+        {"kept": ["client-001"], "flagged": []},
+        rig.fed["detector"],
+        job=JOB,
+        round=4,
+    )
     await rig.bus.publish(topology.EVENTS, f"round.verdict.{JOB}", verdict)
     await asyncio.wait_for(_until(lambda: rig.service.desk.streak(JOB, "client-001") == 0), 10)
     await rig.send(rig.raised("client.flagged", client="client-001", round_=5, reason="krum"))
@@ -95,14 +127,21 @@ async def test_duplicates_fold_into_one_alert_and_redelivery_counts_once(rig: Ri
     await rig.send(same)
     key, env = await rig.next()
     assert key == "warning.update.rejected.j1" and env.body.reason == "NON_FINITE"
-    await rig.send(rig.raised("update.rejected", client="client-002", reason="NON_FINITE", sender="ingest"))
+    await rig.send(
+        rig.raised("update.rejected", client="client-002", reason="NON_FINITE", sender="ingest")
+    )
     await rig.send(same)  # the very same message again (a redelivery): not counted
-    await rig.send(rig.raised("update.rejected", client="client-002", reason="REVOKED", sender="ingest"))
+    await rig.send(
+        rig.raised("update.rejected", client="client-002", reason="REVOKED", sender="ingest")
+    )
     key, env = await rig.next()
     assert env.body.reason == "REVOKED"
     await rig.quiet(0.3)
     rows = rig.rows()
-    assert [(r["reason"], r["count"], r["published"]) for r in rows] == [("NON_FINITE", 2, 1), ("REVOKED", 1, 1)]
+    assert [(r["reason"], r["count"], r["published"]) for r in rows] == [
+        ("NON_FINITE", 2, 1),
+        ("REVOKED", 1, 1),
+    ]
 
 
 async def test_rate_limit_holds_back_a_flood_but_never_critical(rig: Rig) -> None:
@@ -110,7 +149,9 @@ async def test_rate_limit_holds_back_a_flood_but_never_critical(rig: Rig) -> Non
         await rig.send(rig.raised("update.rejected", client=None, reason=f"R{i}", sender="ingest"))
     got = [(await rig.next())[0] for _ in range(4)]
     assert got == ["warning.update.rejected.j1"] * 4
-    await rig.send(rig.raised("round.aborted", reason="short", severity="critical", sender="aggregator"))
+    await rig.send(
+        rig.raised("round.aborted", reason="short", severity="critical", sender="aggregator")
+    )
     key, _ = await rig.next()
     assert key == "critical.round.aborted.j1"
     await rig.quiet(0.3)
@@ -126,9 +167,15 @@ async def test_dead_letters_become_alerts_with_the_death_reason(rig: Rig) -> Non
         return Outcome.RETRY
 
     subs = [
-        await rig.bus.consume(QueueSpec("victim-reject", bindings=((topology.EVENTS, "victim.reject.*"),)), refuse),
-        await rig.bus.consume(QueueSpec("victim-retry", bindings=((topology.EVENTS, "victim.retry.*"),),
-                                        delivery_limit=2), fail),
+        await rig.bus.consume(
+            QueueSpec("victim-reject", bindings=((topology.EVENTS, "victim.reject.*"),)), refuse
+        ),
+        await rig.bus.consume(
+            QueueSpec(
+                "victim-retry", bindings=((topology.EVENTS, "victim.retry.*"),), delivery_limit=2
+            ),
+            fail,
+        ),
     ]
     try:
         await rig.bus.publish(topology.EVENTS, "victim.reject.j7", b"not an envelope")

@@ -61,15 +61,30 @@ async def test_topic_wildcards(bus: Bus, wait_for) -> None:
     await bus.consume(
         QueueSpec("wild", bindings=((EVENTS, "round.*"), (EVENTS, "alert.#.job1"))), rec
     )
-    keys = ["round.opened", "round.closed.x", "round", "alert.job1", "alert.hi.kind.job1",
-            "alert.job2", "other"]
+    keys = [
+        "round.opened",
+        "round.closed.x",
+        "round",
+        "alert.job1",
+        "alert.hi.kind.job1",
+        "alert.job2",
+        "other",
+    ]
     routed = {k: await bus.publish(EVENTS, k, k.encode()) for k in keys}
     await bus.publish(EVENTS, "round.end", b"end")
     await wait_for(lambda: b"end" in rec.bodies)
-    assert sorted(rec.bodies) == sorted([b"round.opened", b"alert.job1", b"alert.hi.kind.job1", b"end"])
-    assert routed == {"round.opened": True, "round.closed.x": False, "round": False,
-                      "alert.job1": True, "alert.hi.kind.job1": True, "alert.job2": False,
-                      "other": False}
+    assert sorted(rec.bodies) == sorted(
+        [b"round.opened", b"alert.job1", b"alert.hi.kind.job1", b"end"]
+    )
+    assert routed == {
+        "round.opened": True,
+        "round.closed.x": False,
+        "round": False,
+        "alert.job1": True,
+        "alert.hi.kind.job1": True,
+        "alert.job2": False,
+        "other": False,
+    }
 
 
 async def test_competing_consumers_share_a_queue(bus: Bus, bus_factory, wait_for) -> None:
@@ -99,9 +114,16 @@ async def test_headers_are_preserved(bus: Bus, wait_for) -> None:
     rec = Recorder()
     await bus.consume(QueueSpec("hdr", bindings=((EVENTS, "#"),)), rec)
     headers = {
-        "kind": "update", "round": 7, "neg": -3, "big": 2**62, "flag": True,
-        "raw": b"\x00\xff", "nested": {"a": "b", "n": 1, "b": b"\x01"}, "list": ["x", 2, b"y"],
-        "none": None, "utf8": "pr\u00fcfung",
+        "kind": "update",
+        "round": 7,
+        "neg": -3,
+        "big": 2**62,
+        "flag": True,
+        "raw": b"\x00\xff",
+        "nested": {"a": "b", "n": 1, "b": b"\x01"},
+        "list": ["x", 2, b"y"],
+        "none": None,
+        "utf8": "pr\u00fcfung",
     }
     await bus.publish(EVENTS, "h", b"body", headers)
     await wait_for(rec.changed)
@@ -306,9 +328,7 @@ async def test_bad_requests_get_typed_errors(bus: Bus) -> None:
         QueueSpec("q", delivery_limit=0)
 
 
-async def test_redeclaring_with_other_arguments_is_a_topology_error(
-    bus: Bus, wait_for
-) -> None:
+async def test_redeclaring_with_other_arguments_is_a_topology_error(bus: Bus, wait_for) -> None:
     rec = Recorder()
     await bus.consume(QueueSpec("contract", bindings=((EVENTS, "#"),), delivery_limit=5), rec)
     with pytest.raises(TopologyError):
@@ -337,7 +357,9 @@ async def test_dead_letter_headers_match_rabbitmq_shape(bus: Bus, wait_for) -> N
     assert isinstance(death["time"], dt.datetime)
 
 
-async def test_many_messages_are_each_delivered_once_when_all_ack(bus: Bus, bus_factory, wait_for) -> None:
+async def test_many_messages_are_each_delivered_once_when_all_ack(
+    bus: Bus, bus_factory, wait_for
+) -> None:
     spec = QueueSpec("bulk", bindings=((CLIENT, "#"),))
     recs = [Recorder() for _ in range(3)]
     for rec in recs:
@@ -434,7 +456,9 @@ async def test_every_message_ends_exactly_once_under_mixed_outcomes(
     assert {b for b, end in want.items() if end == "ack"} == set(acked)
     got_dead = {d.body: d.death_reason for d in dead.seen}
     assert len(got_dead) == len(dead.seen), "a message was dead-lettered twice"
-    assert got_dead == {b: ("rejected" if e == "reject" else e) for b, e in want.items() if e != "ack"}
+    assert got_dead == {
+        b: ("rejected" if e == "reject" else e) for b, e in want.items() if e != "ack"
+    }
 
 
 async def test_one_consumer_sees_publish_order(bus: Bus, wait_for) -> None:
@@ -475,7 +499,9 @@ async def test_nameless_transient_queue_gets_a_unique_name(bus: Bus, wait_for) -
         QueueSpec("", bindings=((ALERTS, "#"),))  # only a transient queue may be nameless
 
 
-async def test_transient_queue_vanishes_when_its_bus_closes(bus: Bus, bus_factory, wait_for) -> None:
+async def test_transient_queue_vanishes_when_its_bus_closes(
+    bus: Bus, bus_factory, wait_for
+) -> None:
     owner = await bus_factory()
     rec = Recorder()
     await owner.consume(QueueSpec("", bindings=((EVENTS, "c.#"),), transient=True), rec)

@@ -18,7 +18,16 @@ import aio_pika
 import aiormq
 import pytest
 
-from qflare.bus import BusUnavailable, PublishFailed, TopologyError, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.bus import (
+    BusUnavailable,
+    Delivery,
+    Outcome,
+    PublishFailed,
+    QueueSpec,
+    TopologyError,
+    connect_bus,
+    topology,
+)
 from qflare.bus.rabbitmq import RabbitBus
 
 pytestmark = pytest.mark.rabbitmq
@@ -64,7 +73,9 @@ async def test_queues_are_quorum_with_dead_lettering(rabbit_bus, bus_prefix) -> 
     )
     # A passive re-declaration with other arguments is refused by the broker, so declare
     # the expected ones on a raw channel: success proves the broker holds exactly these.
-    connection = await aio_pika.connect(os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"))
+    connection = await aio_pika.connect(
+        os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+    )
     async with connection:
         channel = await connection.channel()
         await channel.declare_queue(
@@ -102,7 +113,9 @@ async def test_server_closed_connection_mid_stream_loses_nothing(
     reconnected = asyncio.Event()
     bus.connection.reconnect_callbacks.add(lambda *_: reconnected.set())
     rec = Sequence()
-    await bus.consume(QueueSpec("stream", bindings=((topology.CLIENT, "update.#"),)), rec, prefetch=8)
+    await bus.consume(
+        QueueSpec("stream", bindings=((topology.CLIENT, "update.#"),)), rec, prefetch=8
+    )
     closer: asyncio.Task[None] | None = None
     i, after = 0, 0
     # Keep a steady stream from before the close until well after the reconnect.
@@ -118,15 +131,20 @@ async def test_server_closed_connection_mid_stream_loses_nothing(
         assert i < 5000, "never reconnected"
     assert closer is not None
     await closer
-    await wait_for(lambda: rec.seen >= set(range(i)), timeout=30,
-                   message="every message across the forced close")
+    await wait_for(
+        lambda: rec.seen >= set(range(i)),
+        timeout=30,
+        message="every message across the forced close",
+    )
     assert rec.count >= i
 
 
 @needs_ctl
 async def test_publish_during_a_long_outage_raises_typed_error(rabbit_bus_factory) -> None:
     name = f"qflare-test-{uuid.uuid4().hex[:8]}"
-    bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=30.0, publish_timeout=1.0)
+    bus = await rabbit_bus_factory(
+        connection_name=name, reconnect_interval=30.0, publish_timeout=1.0
+    )
     await _close_our_connection(name)
     started = time.monotonic()
     with pytest.raises(BusUnavailable) as info:
@@ -142,7 +160,8 @@ async def test_negative_confirm_raises_publish_failed(rabbit_bus, amqp_url, bus_
     async with admin:
         channel = await admin.channel()
         full = await channel.declare_queue(
-            bus_prefix + "full", durable=True,
+            bus_prefix + "full",
+            durable=True,
             arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
         )
         await full.bind(bus_prefix + topology.EVENTS, "full.#")
@@ -157,7 +176,9 @@ async def test_negative_confirm_raises_publish_failed(rabbit_bus, amqp_url, bus_
 
 @needs_ctl
 @pytest.mark.slow
-async def test_topology_is_declared_again_after_reconnect(amqp_url, bus_prefix, rabbit_bus_factory, wait_for) -> None:
+async def test_topology_is_declared_again_after_reconnect(
+    amqp_url, bus_prefix, rabbit_bus_factory, wait_for
+) -> None:
     name = f"qflare-test-{uuid.uuid4().hex[:8]}"
     bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=2.0)
     rec = Sequence()
@@ -238,7 +259,9 @@ async def test_transient_queue_is_classic_exclusive_and_gone_after_cancel_and_cl
     amqp_url, bus_prefix, rabbit_bus_factory
 ) -> None:
     bus = await rabbit_bus_factory()
-    sub = await bus.consume(QueueSpec("tq", bindings=((topology.EVENTS, "#"),), transient=True), Sequence())
+    sub = await bus.consume(
+        QueueSpec("tq", bindings=((topology.EVENTS, "#"),), transient=True), Sequence()
+    )
     physical = bus_prefix + "tq"
     assert await _exists(amqp_url, physical)
     # Another connection cannot use it: RESOURCE_LOCKED proves exclusive.
@@ -246,12 +269,15 @@ async def test_transient_queue_is_classic_exclusive_and_gone_after_cancel_and_cl
     async with connection:
         channel = await connection.channel()
         with pytest.raises(aiormq.exceptions.ChannelLockedResource):
-            await channel.declare_queue(physical, exclusive=True, auto_delete=True,
-                                        arguments={"x-queue-type": "classic"})
+            await channel.declare_queue(
+                physical, exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
+            )
     await sub.cancel()
     assert not await _exists(amqp_url, physical)
 
-    sub = await bus.consume(QueueSpec("", bindings=((topology.EVENTS, "#"),), transient=True), Sequence())
+    sub = await bus.consume(
+        QueueSpec("", bindings=((topology.EVENTS, "#"),), transient=True), Sequence()
+    )
     physical = bus_prefix + sub.queue_name
     assert await _exists(amqp_url, physical)
     await bus.close()
@@ -265,7 +291,9 @@ async def test_transient_queue_is_declared_again_after_a_server_side_close(
     name = f"qflare-test-{uuid.uuid4().hex[:8]}"
     bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=0.3)
     rec = Sequence()
-    sub = await bus.consume(QueueSpec("", bindings=((topology.EVENTS, "v.#"),), transient=True), rec)
+    sub = await bus.consume(
+        QueueSpec("", bindings=((topology.EVENTS, "v.#"),), transient=True), rec
+    )
     await bus.publish(topology.EVENTS, "v.1", b"1")
     await wait_for(lambda: 1 in rec.seen)
     await _close_our_connection(name)
@@ -281,7 +309,9 @@ async def test_transient_queue_is_declared_again_after_a_server_side_close(
     assert not await _exists(amqp_url, bus_prefix + sub.queue_name)
 
 
-async def test_passive_declaration_needs_the_topology_to_exist(amqp_url, bus_prefix, rabbit_bus) -> None:
+async def test_passive_declaration_needs_the_topology_to_exist(
+    amqp_url, bus_prefix, rabbit_bus
+) -> None:
     with pytest.raises(ValueError):
         await connect_bus(amqp_url, prefix=bus_prefix, declare="lazy", connect_timeout=5)
     with pytest.raises(TopologyError) as info:  # nothing declared under this prefix
@@ -290,11 +320,17 @@ async def test_passive_declaration_needs_the_topology_to_exist(amqp_url, bus_pre
     passive = await connect_bus(amqp_url, prefix=bus_prefix, declare="passive", connect_timeout=5)
     try:  # rabbit_bus declared the exchanges; a durable queue must exist too
         with pytest.raises(TopologyError):
-            await passive.consume(QueueSpec("missing", bindings=((topology.EVENTS, "#"),)), Sequence())
-        await rabbit_bus.consume(QueueSpec("made", bindings=((topology.EVENTS, "m.#"),)), Sequence())
+            await passive.consume(
+                QueueSpec("missing", bindings=((topology.EVENTS, "#"),)), Sequence()
+            )
+        await rabbit_bus.consume(
+            QueueSpec("made", bindings=((topology.EVENTS, "m.#"),)), Sequence()
+        )
         rec = Sequence()
         await passive.consume(QueueSpec("made", bindings=((topology.EVENTS, "m.#"),)), rec)
-        await passive.consume(QueueSpec("", bindings=((topology.EVENTS, "m.#"),), transient=True), rec)
+        await passive.consume(
+            QueueSpec("", bindings=((topology.EVENTS, "m.#"),), transient=True), rec
+        )
         assert await passive.publish(topology.EVENTS, "m.1", b"1") is True
     finally:
         await passive.close()

@@ -9,16 +9,37 @@ import pytest
 from qflare.bus import Delivery, Outcome, QueueSpec, topology
 from qflare.bus.topology import topic_matches
 
-PATTERNS = ["#", "*", "a", "a.*", "a.#", "*.b", "#.b", "a.#.b", "a.*.b", "*.*", "#.#", "a.#.#.c", "#.a.#"]
+PATTERNS = [
+    "#",
+    "*",
+    "a",
+    "a.*",
+    "a.#",
+    "*.b",
+    "#.b",
+    "a.#.b",
+    "a.*.b",
+    "*.*",
+    "#.#",
+    "a.#.#.c",
+    "#.a.#",
+]
 KEYS = ["a", "b", "a.b", "a.c", "a.b.b", "a.x.y.b", "x.a.y", "a.b.c", "c.b", "a.a"]
 
 
 @pytest.mark.parametrize(
     ("pattern", "key", "expected"),
     [
-        ("#", "a.b.c", True), ("a.#", "a", True), ("a.*", "a", False), ("a.*", "a.b.c", False),
-        ("a.#.b", "a.b", True), ("a.#.b", "a.x.y.b", True), ("a.#.b", "a.b.c", False),
-        ("*.*", "a", False), ("#.a.#", "x.a.y", True), ("update.*", "update.j1", True),
+        ("#", "a.b.c", True),
+        ("a.#", "a", True),
+        ("a.*", "a", False),
+        ("a.*", "a.b.c", False),
+        ("a.#.b", "a.b", True),
+        ("a.#.b", "a.x.y.b", True),
+        ("a.#.b", "a.b.c", False),
+        ("*.*", "a", False),
+        ("#.a.#", "x.a.y", True),
+        ("update.*", "update.j1", True),
     ],
 )
 def test_topic_matches_amqp_rules(pattern: str, key: str, expected: bool) -> None:
@@ -37,10 +58,13 @@ async def test_memory_routing_agrees_with_rabbitmq(rabbit_bus, wait_for) -> None
             else:
                 seen.append((pattern, delivery.routing_key))
             return Outcome.ACK
+
         return handle
 
     for i, pattern in enumerate(PATTERNS):
-        await rabbit_bus.consume(QueueSpec(f"p{i}", bindings=((topology.EVENTS, pattern),)), recorder(pattern))
+        await rabbit_bus.consume(
+            QueueSpec(f"p{i}", bindings=((topology.EVENTS, pattern),)), recorder(pattern)
+        )
     for key in KEYS:
         await rabbit_bus.publish(topology.EVENTS, key, b"")
     # Queues are FIFO with one consumer each: once a queue's end marker arrived, every

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qflare.bus import Bus, topology
 from qflare.crypto import Federation, provision
 from qflare.messages import Update, encode, split
+
+from qflare.bus import Bus, topology
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -27,7 +27,8 @@ BODY_MB = 200
 CHUNK = 8 * 1024 * 1024
 JOB = "job-big"
 
-CONSUMER = r"""
+CONSUMER = (
+    r"""
 import asyncio, hashlib, json, sys, tracemalloc
 
 def status_kb(field):
@@ -84,17 +85,22 @@ async def main(url, prefix, trust_dir, queue):
     print(json.dumps(stats), flush=True)
 
 asyncio.run(main(*sys.argv[1:]))
-""" % JOB
+"""
+    % JOB
+)
 
 
-async def test_200mb_body_over_rabbitmq_in_chunks(rabbit_bus: Bus, amqp_url: str,
-                                                  bus_prefix: str, tmp_path: Path) -> None:
+async def test_200mb_body_over_rabbitmq_in_chunks(
+    rabbit_bus: Bus, amqp_url: str, bus_prefix: str, tmp_path: Path
+) -> None:
     fed: Federation = provision(tmp_path / "fed", clients=1)
     client = fed.identity("client-000")
     rng = np.random.default_rng(3)
     n = BODY_MB * 1024 * 1024 // 4
-    tensors = {"a": rng.standard_normal(n // 2, dtype=np.float32),
-               "b": rng.standard_normal((n // 2 // 1024, 1024), dtype=np.float32)}
+    tensors = {
+        "a": rng.standard_normal(n // 2, dtype=np.float32),
+        "b": rng.standard_normal((n // 2 // 1024, 1024), dtype=np.float32),
+    }
     body_bytes = sum(t.nbytes for t in tensors.values())
     expected = hashlib.sha256()
     for name in sorted(tensors):
@@ -102,13 +108,26 @@ async def test_200mb_body_over_rabbitmq_in_chunks(rabbit_bus: Bus, amqp_url: str
 
     queue = "big-ingest"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CONSUMER, amqp_url, bus_prefix, str(fed.root / "ca"), queue,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        CONSUMER,
+        amqp_url,
+        bus_prefix,
+        str(fed.root / "ca"),
+        queue,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert line.strip() == b"READY", (line, await proc.stderr.read())
-        data = encode("update", Update(base_version=0, num_samples=1, tensors=tensors),
-                      client, job=JOB, round=1)
+        data = encode(
+            "update",
+            Update(base_version=0, num_samples=1, tensors=tensors),
+            client,
+            job=JOB,
+            round=1,
+        )
         del tensors
         sent = 0
         for part in split(data, client, job=JOB, round=1, chunk_size=CHUNK):
@@ -125,11 +144,16 @@ async def test_200mb_body_over_rabbitmq_in_chunks(rabbit_bus: Bus, amqp_url: str
     stats = json.loads(out.decode().strip().splitlines()[-1])
     extra = stats["peak"] - stats["base"]
     rss_extra = (stats["rss1_kb"] - stats["rss0_kb"]) * 1024 if stats["hwm_reset"] else None
-    rss = ("n/a" if rss_extra is None
-           else f"{rss_extra / 2**20:.0f} MiB = {rss_extra / body_bytes:.2f}x")
-    print(f"\nbody {body_bytes / 2**20:.0f} MiB in {sent - 1} chunks + manifest; consumer "
-          f"peak extra (tracemalloc) {extra / 2**20:.0f} MiB = {extra / body_bytes:.2f}x; "
-          f"peak RSS growth {rss}")
+    rss = (
+        "n/a"
+        if rss_extra is None
+        else f"{rss_extra / 2**20:.0f} MiB = {rss_extra / body_bytes:.2f}x"
+    )
+    print(
+        f"\nbody {body_bytes / 2**20:.0f} MiB in {sent - 1} chunks + manifest; consumer "
+        f"peak extra (tracemalloc) {extra / 2**20:.0f} MiB = {extra / body_bytes:.2f}x; "
+        f"peak RSS growth {rss}"
+    )
     assert stats["digest"] == expected.hexdigest(), "tensors differ after the trip"
     assert stats["chunks"] == sent
     assert extra < 1.5 * body_bytes

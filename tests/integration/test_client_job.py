@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from qflare.crypto import Federation, provision
 
 from qflare.bus import connect_bus
 from qflare.cli import main as cli
 from qflare.client import Participant, RoundInfo, model_tensors
-from qflare.crypto import Federation, provision
 from qflare.runtime import JobSpec, load_settings, run_in_process
 
 CLIENTS = 4
@@ -55,19 +55,35 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     return provision(tmp_path_factory.mktemp("pki"), clients=CLIENTS)
 
 
-async def test_participants_run_a_job_and_operators_see_it(fed: Federation, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_participants_run_a_job_and_operators_see_it(
+    fed: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clients = sorted(fed.clients)
-    spec = JobSpec.model_validate(dict(
-        job_id="lin", rounds=3, participants=clients, rule="mean", f=0, detection=False,
-        noise_multiplier=0.5, clip=2.0, epsilon_budget=1000.0, seed=7, deadline_s=30.0,
-        min_updates=CLIENTS))
+    spec = JobSpec.model_validate(
+        dict(
+            job_id="lin",
+            rounds=3,
+            participants=clients,
+            rule="mean",
+            f=0,
+            detection=False,
+            noise_multiplier=0.5,
+            clip=2.0,
+            epsilon_budget=1000.0,
+            seed=7,
+            deadline_s=30.0,
+            min_updates=CLIENTS,
+        )
+    )
     initial = model_tensors(make_model())
     bus = await connect_bus(f"memory://{tmp_path.name}")
     settings = load_settings(None, env={}, data_dir=str(tmp_path / "data"), pki_dir=str(fed.root))
     services = ["alerting", "accountant", "detector", "ingest", "aggregator"]
     ids = {n: (fed.identity(n), fed.trust()) for n in services}
-    parts = [Participant.from_kit(fed.clients[c], make_model(), train, broker=bus, jobs=["lin"]) for c in clients]
+    parts = [
+        Participant.from_kit(fed.clients[c], make_model(), train, broker=bus, jobs=["lin"])
+        for c in clients
+    ]
     async with run_in_process(settings, bus, services=services, identities=ids) as running:
         for p in parts:
             await p.start()
@@ -91,7 +107,9 @@ async def test_participants_run_a_job_and_operators_see_it(fed: Federation, tmp_
     assert job["job"] == "lin" and job["state"].startswith("ended") and job["model_version"] == 3
     assert job["ledger"]["granted"] == 3 and job["ledger"]["denied"] == 0
     assert 0 < job["ledger"]["epsilon_spent"] == pytest.approx(job["epsilon"])
-    rows = {r["client"]: r for r in cli_json("clients", "--data-dir", data, "--pki-dir", str(fed.root))}
+    rows = {
+        r["client"]: r for r in cli_json("clients", "--data-dir", data, "--pki-dir", str(fed.root))
+    }
     assert set(rows) == set(clients)
     assert all(rows[c]["updates"] == 3 and rows[c]["revoked"] is False for c in clients)
     assert isinstance(cli_json("alerts", "--data-dir", data), list)
@@ -110,11 +128,15 @@ async def test_participants_run_a_job_and_operators_see_it(fed: Federation, tmp_
         assert cli(["revoke", clients[1], "--pki-dir", str(fed.root)]) == 0
     assert "revocation list #2" in out.getvalue()
     assert ingest_crl.read_bytes() != before
-    rows = {r["client"]: r for r in cli_json("clients", "--data-dir", data, "--pki-dir", str(fed.root))}
+    rows = {
+        r["client"]: r for r in cli_json("clients", "--data-dir", data, "--pki-dir", str(fed.root))
+    }
     assert rows[clients[1]]["revoked"] is True and rows[clients[0]]["revoked"] is False
 
 
-def test_revoke_of_an_unknown_client_fails_cleanly(fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+def test_revoke_of_an_unknown_client_fails_cleanly(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli(["revoke", "no-such-client", "--pki-dir", str(fed.root)]) == 2
     assert "neither an issued id" in capsys.readouterr().err
 

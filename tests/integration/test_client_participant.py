@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from qflare.crypto.testing import MemoryFederation, make_federation
+from qflare.messages import Envelope, JobEnded, ModelPublished, RoundOpened, encode, open_envelope
+from qflare.services.aggregator.core import model_digest
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.client import Kit, Participant, RoundInfo
-from qflare.crypto.testing import MemoryFederation, make_federation
-from qflare.messages import Envelope, JobEnded, ModelPublished, RoundOpened, encode, open_envelope
 from qflare.runtime import Settings, build_service
-from qflare.services.aggregator.core import model_digest
 
 JOB = "jc"
 
@@ -32,8 +32,10 @@ def global_model(version: int) -> dict[str, np.ndarray]:
 
 
 def spec() -> list[dict[str, Any]]:
-    return [{"name": "bias", "dtype": "float32", "shape": [1]},
-            {"name": "weight", "dtype": "float32", "shape": [1, 2]}]
+    return [
+        {"name": "bias", "dtype": "float32", "shape": [1]},
+        {"name": "weight", "dtype": "float32", "shape": [1, 2]},
+    ]
 
 
 def add_quarter(model: torch.nn.Module, info: RoundInfo) -> int:
@@ -57,17 +59,34 @@ class Driver:
             self.rejected.append(env)
         return Outcome.ACK
 
-    async def publish_model(self, version: int, *, tensors: dict | None = None, digest: bytes | None = None) -> None:
+    async def publish_model(
+        self, version: int, *, tensors: dict | None = None, digest: bytes | None = None
+    ) -> None:
         t = tensors if tensors is not None else global_model(version)
-        body = ModelPublished(version=version, digest=digest or model_digest(t), epsilon=0.0, tensors=t)
+        body = ModelPublished(
+            version=version, digest=digest or model_digest(t), epsilon=0.0, tensors=t
+        )
         data = encode("model.published", body, self.fed["aggregator"], job=JOB, round=version)
         await self.bus.publish(topology.BROADCAST, f"{JOB}.model.published", data)
 
-    async def open_round(self, round_: int, participants: list[str], *, digest: bytes | None = None,
-                         broadcast: bool = True) -> bytes:
-        body = RoundOpened(model_version=round_ - 1, model_digest=digest or model_digest(global_model(round_ - 1)),
-                           participants=sorted(participants), deadline=time.time() + 120, min_updates=1,
-                           clip_norm=1.0, tensor_spec=spec(), rule="mean")
+    async def open_round(
+        self,
+        round_: int,
+        participants: list[str],
+        *,
+        digest: bytes | None = None,
+        broadcast: bool = True,
+    ) -> bytes:
+        body = RoundOpened(
+            model_version=round_ - 1,
+            model_digest=digest or model_digest(global_model(round_ - 1)),
+            participants=sorted(participants),
+            deadline=time.time() + 120,
+            min_updates=1,
+            clip_norm=1.0,
+            tensor_spec=spec(),
+            rule="mean",
+        )
         data = encode("round.opened", body, self.fed["aggregator"], job=JOB, round=round_)
         await self.bus.publish(topology.EVENTS, f"round.opened.{JOB}", data)
         if broadcast:
@@ -75,7 +94,9 @@ class Driver:
         return data
 
     async def end(self) -> None:
-        data = encode("job.ended", JobEnded(reason="completed"), self.fed["aggregator"], job=JOB, round=9)
+        data = encode(
+            "job.ended", JobEnded(reason="completed"), self.fed["aggregator"], job=JOB, round=9
+        )
         await self.bus.publish(topology.BROADCAST, f"{JOB}.job.ended", data)
 
     async def next_accepted(self, timeout: float = 20.0) -> Envelope:
@@ -87,10 +108,14 @@ async def world(bus_factory, tmp_path: Path) -> AsyncIterator[tuple[Driver, Memo
     bus = await bus_factory()
     fed = make_federation(clients=3, client_prefix=f"p{uuid.uuid4().hex[:6]}")
     settings = Settings(data_dir=tmp_path, services=MappingProxyType({"ingest": {"replica": "r1"}}))
-    ingest = await build_service("ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust())
+    ingest = await build_service(
+        "ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust()
+    )
     await ingest.start()
     driver = Driver(bus, fed)
-    sub = await bus.consume(QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event)
+    sub = await bus.consume(
+        QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event
+    )
     try:
         yield driver, fed, bus_factory
     finally:
@@ -101,8 +126,15 @@ async def world(bus_factory, tmp_path: Path) -> AsyncIterator[tuple[Driver, Memo
 def participant(fed: MemoryFederation, cid: str, bus: Bus, **kw: Any) -> Participant:
     kit = Kit(fed[cid], fed.trust(), fed["ingest"].cert)
     torch.manual_seed(0)
-    return Participant(kit, torch.nn.Linear(2, 1), kw.pop("train", add_quarter), broker=bus, prefix=bus.prefix,
-                       jobs=[JOB], **kw)
+    return Participant(
+        kit,
+        torch.nn.Linear(2, 1),
+        kw.pop("train", add_quarter),
+        broker=bus,
+        prefix=bus.prefix,
+        jobs=[JOB],
+        **kw,
+    )
 
 
 async def _delete_client_queues(bus_factory: Any, parts: list[Participant]) -> None:
@@ -173,14 +205,17 @@ async def test_tampered_or_mismatched_models_are_never_trained_on(world) -> None
         await asyncio.wait_for(_until(lambda: p.stats.rejected == 2), 10)
         assert p.stats.updates_sent == 0 and "BAD_DIGEST" in p.stats.last_error
         # 3. bytes altered in transit: the envelope digest fails
-        body = ModelPublished(version=0, digest=model_digest(global_model(0)), epsilon=0.0,
-                              tensors=global_model(0))
+        body = ModelPublished(
+            version=0, digest=model_digest(global_model(0)), epsilon=0.0, tensors=global_model(0)
+        )
         data = bytearray(encode("model.published", body, fed["aggregator"], job=JOB, round=0))
         data[-2] ^= 0x40
         await driver.bus.publish(topology.BROADCAST, f"{JOB}.model.published", bytes(data))
         await asyncio.wait_for(_until(lambda: p.stats.rejected == 3), 10)
         # the honest round still works, and a redelivered round.opened sends nothing twice
-        opened = await driver.open_round(2, [a], digest=model_digest(global_model(1)), broadcast=False)
+        opened = await driver.open_round(
+            2, [a], digest=model_digest(global_model(1)), broadcast=False
+        )
         await driver.publish_model(1)
         await driver.bus.publish(topology.BROADCAST, f"{JOB}.round.opened", opened)
         env = await driver.next_accepted()
@@ -213,16 +248,22 @@ async def test_byzantine_hook_replaces_the_update(world) -> None:
 
 
 @pytest.mark.rabbitmq
-async def test_participant_recovers_after_its_connection_is_cut(rabbit_bus_factory, tmp_path: Path) -> None:
+async def test_participant_recovers_after_its_connection_is_cut(
+    rabbit_bus_factory, tmp_path: Path
+) -> None:
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not installed")
     bus = await rabbit_bus_factory()
     fed = make_federation(clients=1, client_prefix=f"r{uuid.uuid4().hex[:6]}")
     settings = Settings(data_dir=tmp_path, services=MappingProxyType({"ingest": {"replica": "r1"}}))
-    ingest = await build_service("ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust())
+    ingest = await build_service(
+        "ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust()
+    )
     await ingest.start()
     driver = Driver(bus, fed)
-    sub = await bus.consume(QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event)
+    sub = await bus.consume(
+        QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event
+    )
     name = f"qflare-test-client-{uuid.uuid4().hex[:8]}"
     a = fed.clients[0]
     p = participant(fed, a, await rabbit_bus_factory(connection_name=name, reconnect_interval=0.5))
@@ -246,9 +287,11 @@ async def test_participant_recovers_after_its_connection_is_cut(rabbit_bus_facto
 async def _close_our_connection(name: str) -> None:
     """Close our participant's connection from the broker side (found by its name), so
     other users of the shared broker are not disturbed."""
+
     async def ctl(*args: str) -> str:
-        proc = await asyncio.create_subprocess_exec("rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
         return out.decode()

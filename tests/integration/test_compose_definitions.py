@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -32,8 +32,9 @@ HOST = "127.0.0.1:5672"
 
 
 def _ctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60,
-                          input=stdin)
+    return subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, input=stdin
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +47,38 @@ def loaded() -> Iterator[dict]:
     vhost = f"qflare-test-{tag}"
     # a real client identity whose id is its broker user, for the SDK test
     fed = make_federation(1, services=("aggregator",), client_prefix=f"cp{tag}")
-    names = {"a": f"ca{tag}", "b": f"cb{tag}", "ingest": f"qflare-ingest-{tag}", "p": f"cp{tag}-000"}
+    names = {
+        "a": f"ca{tag}",
+        "b": f"cb{tag}",
+        "ingest": f"qflare-ingest-{tag}",
+        "p": f"cp{tag}-000",
+    }
     pw = {k: uuid.uuid4().hex for k in names}
     doc = build_definitions(
-        [BrokerUser(names["a"], pw["a"]), BrokerUser(names["b"], pw["b"]), BrokerUser(names["p"], pw["p"])],
+        [
+            BrokerUser(names["a"], pw["a"]),
+            BrokerUser(names["b"], pw["b"]),
+            BrokerUser(names["p"], pw["p"]),
+        ],
         [],
         vhost=vhost,  # queues: the services' own QUEUES
     )
     # a service user under a unique name with the ingest role's permissions
     from qflare.commands.broker import permissions
 
-    doc["users"].append({"name": names["ingest"], "password_hash": rabbit_password_hash(pw["ingest"]),
-                         "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []})
+    doc["users"].append(
+        {
+            "name": names["ingest"],
+            "password_hash": rabbit_password_hash(pw["ingest"]),
+            "hashing_algorithm": "rabbit_password_hashing_sha256",
+            "tags": [],
+        }
+    )
     doc["permissions"].append(permissions("ingest", names["ingest"], vhost))
     # the test itself plays operator through guest
-    doc["permissions"].append({"user": "guest", "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
+    doc["permissions"].append(
+        {"user": "guest", "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+    )
     # Debian's rabbitmqctl runs as the rabbitmq user: the file must be readable by it
     # (pytest's tmp_path is 0700), and this rabbitmqctl does not read "-" (stdin).
     fd, name = tempfile.mkstemp(prefix="qflare-defs-", suffix=".json")
@@ -76,8 +94,12 @@ def loaded() -> Iterator[dict]:
     finally:
         path.unlink(missing_ok=True)
         # in parallel: each rabbitmqctl start costs about a second of Erlang boot
-        procs = [subprocess.Popen(["rabbitmqctl", "-q", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for cmd in (["delete_vhost", vhost], *(["delete_user", u] for u in names.values()))]
+        procs = [
+            subprocess.Popen(
+                ["rabbitmqctl", "-q", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            for cmd in (["delete_vhost", vhost], *(["delete_user", u] for u in names.values()))
+        ]
         for proc in procs:
             proc.wait(timeout=60)
 
@@ -97,7 +119,9 @@ async def _wait_imported(vhost: str, user: str, password: str, timeout: float = 
                 await conn.close()
         except Exception:
             if time.monotonic() > deadline:
-                raise AssertionError(f"definitions for {vhost} not imported within {timeout}s") from None
+                raise AssertionError(
+                    f"definitions for {vhost} not imported within {timeout}s"
+                ) from None
             await asyncio.sleep(0.3)
 
 
@@ -112,7 +136,9 @@ async def _publish(conn: aio_pika.abc.AbstractConnection, exchange: str, key: st
     await ch.close()
 
 
-async def _read(conn: aio_pika.abc.AbstractConnection, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+async def _read(
+    conn: aio_pika.abc.AbstractConnection, queue: str
+) -> aio_pika.abc.AbstractIncomingMessage | None:
     ch = await conn.channel()
     q = await ch.get_queue(queue, ensure=True)
     async with q.iterator(timeout=5) as it:
@@ -143,7 +169,9 @@ async def test_client_writes_only_to_qflare_client_and_reads_only_its_queue(load
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
             await _publish(conn, topology.BROADCAST, "j1.model.published")
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _publish(conn, topology.CLIENT, "round.opened.j1")  # topic permission: update.* only
+            await _publish(
+                conn, topology.CLIENT, "round.opened.j1"
+            )  # topic permission: update.* only
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
             await _read(conn, f"client.{b}")
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
@@ -196,8 +224,11 @@ def test_wrong_password_cannot_log_in(loaded: dict) -> None:
 
     with pytest.raises(Exception) as info:
         asyncio.run(attempt())
-    assert "ACCESS_REFUSED" in repr(info.value) or "authentication" in repr(info.value).lower() \
+    assert (
+        "ACCESS_REFUSED" in repr(info.value)
+        or "authentication" in repr(info.value).lower()
         or isinstance(info.value, (aiormq.exceptions.ProbableAuthenticationError, ConnectionError))
+    )
 
 
 def test_password_hash_matches_rabbitmq_scheme() -> None:
@@ -215,8 +246,15 @@ def test_example_file_in_compose_is_current() -> None:
     doc = json.loads(path.read_text())
     assert {e["name"] for e in doc["exchanges"]} == set(topology.EXCHANGES)
     clients = [p for p in doc["permissions"] if p["user"].startswith("client-")]
-    assert clients and all(p["read"].endswith(re.escape(f"client.{p['user']}") + ")$") for p in clients)
-    assert {q["name"] for q in doc["queues"]} >= {"ingest", "alerting", "alerting.dead", "client.client-000"}
+    assert clients and all(
+        p["read"].endswith(re.escape(f"client.{p['user']}") + ")$") for p in clients
+    )
+    assert {q["name"] for q in doc["queues"]} >= {
+        "ingest",
+        "alerting",
+        "alerting.dead",
+        "client.client-000",
+    }
     # ingest's round queues are transient: no expiry policy, nothing pre-declared
     assert "qflare-ingest-rounds" not in {p["name"] for p in doc["policies"]}
     assert not any(q["name"].startswith("ingest.rounds.") for q in doc["queues"])
@@ -228,26 +266,37 @@ def test_compose_file_runs_a_service_per_role_with_its_own_broker_user() -> None
     root = Path(__file__).resolve().parents[2] / "compose"
     doc = yaml.safe_load((root / "docker-compose.yml").read_text())
     services = doc["services"]
-    replicas = {name: services[name]["deploy"]["replicas"]
-                for name in ("ingest", "detector", "aggregator", "accountant", "alerting")}
+    replicas = {
+        name: services[name]["deploy"]["replicas"]
+        for name in ("ingest", "detector", "aggregator", "accountant", "alerting")
+    }
     assert replicas["ingest"] >= 2 and replicas["alerting"] >= 1
     assert all(replicas[n] == 1 for n in ("detector", "aggregator", "accountant"))
     for name in replicas:
         command = " ".join(services[name]["command"])
         assert f"qflare serve {name}" in command
-        assert f"amqp://qflare-{name}:" in command and f"/pki/services/{name}/broker_password" in command
-    assert "load_definitions = /etc/qflare-broker/definitions.json" in (root / "rabbitmq.conf").read_text()
-    assert all(not v.startswith("pki:") for v in services["rabbitmq"]["volumes"]), "the broker sees no keys"
+        assert (
+            f"amqp://qflare-{name}:" in command
+            and f"/pki/services/{name}/broker_password" in command
+        )
+    assert (
+        "load_definitions = /etc/qflare-broker/definitions.json"
+        in (root / "rabbitmq.conf").read_text()
+    )
+    assert all(not v.startswith("pki:") for v in services["rabbitmq"]["volumes"]), (
+        "the broker sees no keys"
+    )
     assert "qflare broker-definitions --kit /pki" in " ".join(services["provision"]["command"])
 
 
 def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> None:
-    from qflare.commands.broker import definitions_for_kit
     from qflare.crypto import provision
+
+    from qflare.commands.broker import definitions_for_kit
 
     provision(tmp_path, clients=2)
     doc = definitions_for_kit(tmp_path, vhost="qflare", prefix="", example=False)
-    pw = (tmp_path / "clients" / "client-000" / "broker_password")
+    pw = tmp_path / "clients" / "client-000" / "broker_password"
     assert pw.exists() and oct(pw.stat().st_mode & 0o777) == "0o600"
     users = {u["name"]: u for u in doc["users"]}
     assert set(users) >= {"client-000", "client-001", "qflare-ingest", "qflare-aggregator"}
@@ -258,13 +307,16 @@ def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> No
     assert pw.read_text() == first and len(again["users"]) == len(doc["users"])
 
 
-async def test_services_declare_their_queues_against_the_file_without_conflict(loaded: dict) -> None:
+async def test_services_declare_their_queues_against_the_file_without_conflict(
+    loaded: dict,
+) -> None:
     # a re-declaration with other arguments fails (PRECONDITION_FAILED -> TopologyError), so
     # this shows the file and the services agree on every queue the file declares
+    from qflare.services.alerting.service import ALERTS_IN, DEAD_IN
+    from qflare.services.ingest.service import UPDATES
+
     from qflare.bus import connect_bus
     from qflare.commands.broker import service_queues
-    from qflare.services.ingest.service import UPDATES
-    from qflare.services.alerting.service import ALERTS_IN, DEAD_IN
 
     specs = service_queues()
     assert {s.name for s in specs} >= {UPDATES.name, ALERTS_IN.name, DEAD_IN.name}
@@ -279,9 +331,12 @@ async def test_services_declare_their_queues_against_the_file_without_conflict(l
         await bus.close()
 
 
-async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(loaded: dict) -> None:
-    from qflare.bus import TopologyError, connect_bus
+async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(
+    loaded: dict,
+) -> None:
     from qflare.services.ingest.service import rounds_queue
+
+    from qflare.bus import TopologyError, connect_bus
 
     spec = rounds_queue("r-test")
     bus = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
@@ -322,7 +377,11 @@ async def test_participant_connects_through_the_bus_as_its_restricted_user(loade
         await bus.consume(QueueSpec(f"client.{a}", bindings=((topology.BROADCAST, "j7.#"),)), keep)
         assert await admin.publish(topology.BROADCAST, "j7.round.opened", b"broadcast") is True
         d = await asyncio.wait_for(got.get(), 10)
-        assert (d.body, d.exchange, d.routing_key) == (b"broadcast", topology.BROADCAST, "j7.round.opened")
+        assert (d.body, d.exchange, d.routing_key) == (
+            b"broadcast",
+            topology.BROADCAST,
+            "j7.round.opened",
+        )
 
         with pytest.raises(AccessRefused) as info:
             await bus.publish(topology.EVENTS, "update.accepted.j7", b"forged")
@@ -336,7 +395,9 @@ async def test_participant_connects_through_the_bus_as_its_restricted_user(loade
             await seen.put(d)
             return Outcome.ACK
 
-        await admin.consume(QueueSpec("", bindings=((topology.CLIENT, "update.*"),), transient=True), keep_update)
+        await admin.consume(
+            QueueSpec("", bindings=((topology.CLIENT, "update.*"),), transient=True), keep_update
+        )
         assert await bus.publish(topology.CLIENT, "update.j7", b"delta") is True
         assert (await asyncio.wait_for(seen.get(), 10)).body == b"delta"
         with pytest.raises(AccessRefused):  # another client's queue
@@ -354,11 +415,17 @@ async def test_sdk_declares_passively_as_its_own_broker_user(loaded: dict) -> No
     assert declare_mode(_url(loaded, "p"), pid) == "passive"
     assert declare_mode(f"amqp://guest:guest@{HOST}/", pid) == "full"
     kit = Kit(fed[pid], fed.trust(), None, broker_password=loaded["pw"]["p"])
-    p = Participant(kit, None, lambda model, info: 1, broker=f"amqp://{HOST}/{loaded['vhost']}",
-                    jobs=["j8"], seal=False)
+    p = Participant(
+        kit,
+        None,
+        lambda model, info: 1,
+        broker=f"amqp://{HOST}/{loaded['vhost']}",
+        jobs=["j8"],
+        seal=False,
+    )
     await p.start()  # the kit's credentials are filled in: its own user, so passive
     try:
-        assert p.bus is not None and getattr(p.bus, "passive") is True
+        assert p.bus is not None and p.bus.passive is True
         admin = await aio_pika.connect(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", timeout=10)
         try:
             await _publish(admin, topology.BROADCAST, "j8.round.opened")  # not an envelope
@@ -379,10 +446,13 @@ async def _noop(_: object) -> object:
 
 
 def test_compose_config_file_loads() -> None:
-    from qflare.runtime import load_settings
     from qflare.services.ingest.service import IngestOptions
 
+    from qflare.runtime import load_settings
+
     root = Path(__file__).resolve().parents[2] / "compose"
-    settings = load_settings(root / "qflare.toml", env={"QFLARE_BROKER": "amqp://u:p@rabbitmq:5672/qflare"})
+    settings = load_settings(
+        root / "qflare.toml", env={"QFLARE_BROKER": "amqp://u:p@rabbitmq:5672/qflare"}
+    )
     assert settings.broker.startswith("amqp://") and str(settings.data_dir) == "/data"
     assert IngestOptions.from_settings(settings.options("ingest"), None).max_update_norm is None

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.crypto import Federation, provision
 from qflare.messages import encode, open_envelope
-from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.services.detector.store import DetectorStore
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.runtime import JobSpec, load_settings, run_in_process
 
 CLIENTS = tuple(f"c{i}" for i in range(6))
 JOB = "jd"
@@ -35,11 +35,22 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
 
 
 def spec() -> JobSpec:
-    return JobSpec.model_validate(dict(
-        job_id=JOB, rounds=3, participants=CLIENTS, rule="median", f=1, detection=True,
-        noise_multiplier=0.0, clip=2.0, seed=7, deadline_s=30.0, min_updates=4,
-        initial_model=None,
-    ))
+    return JobSpec.model_validate(
+        dict(
+            job_id=JOB,
+            rounds=3,
+            participants=CLIENTS,
+            rule="median",
+            f=1,
+            detection=True,
+            noise_multiplier=0.0,
+            clip=2.0,
+            seed=7,
+            deadline_s=30.0,
+            min_updates=4,
+            initial_model=None,
+        )
+    )
 
 
 def tensors(client: str, round_no: int) -> dict[str, np.ndarray]:
@@ -60,8 +71,9 @@ class Wire:
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
-        await self.bus.consume(QueueSpec("watch", bindings=((topology.EVENTS, "round.verdict.*"),)),
-                               self.on_verdict)
+        await self.bus.consume(
+            QueueSpec("watch", bindings=((topology.EVENTS, "round.verdict.*"),)), self.on_verdict
+        )
 
     async def on_verdict(self, d: Delivery) -> Outcome:
         self.verdicts.append(open_envelope(d.body, self.fed.trust()).round)
@@ -73,19 +85,33 @@ class Wire:
         await self.bus.publish(topology.EVENTS, f"{kind}.{JOB}", data)
 
     async def update(self, client: str, round_no: int) -> None:
-        await self.send("ingest", "update.accepted", {
-            "client": client, "update_digest": digest(client, round_no), "base_version": round_no - 1,
-            "num_samples": 10, "tensors": tensors(client, round_no)}, round_no)
+        await self.send(
+            "ingest",
+            "update.accepted",
+            {
+                "client": client,
+                "update_digest": digest(client, round_no),
+                "base_version": round_no - 1,
+                "num_samples": 10,
+                "tensors": tensors(client, round_no),
+            },
+            round_no,
+        )
 
     async def closed(self, round_no: int) -> None:
-        await self.send("aggregator", "round.closed", {
-            "updates": [{"client": c, "digest": digest(c, round_no)} for c in CLIENTS]}, round_no)
+        await self.send(
+            "aggregator",
+            "round.closed",
+            {"updates": [{"client": c, "digest": digest(c, round_no)} for c in CLIENTS]},
+            round_no,
+        )
 
     async def verdict_count(self, round_no: int, n: int, timeout: float = 10.0) -> None:
         async def wait() -> None:
             while self.verdicts.count(round_no) < n:
                 self.changed.clear()
                 await self.changed.wait()
+
         await asyncio.wait_for(wait(), timeout)
 
 
@@ -93,11 +119,13 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
     async def wait() -> None:
         while not await predicate():
             await asyncio.sleep(0.01)
+
     await asyncio.wait_for(wait(), timeout)
 
 
 async def test_a_round_closed_copy_racing_the_verdict_leaves_no_pending_round(
-        federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Copy B of ``round.closed`` reads "no verdict" while copy A decides; B stores the
     round as pending only after A's verdict committed and its files were dropped. B must
     not bring the decided round back, and the detector must start again afterwards."""
@@ -168,7 +196,8 @@ async def test_a_round_closed_copy_racing_the_verdict_leaves_no_pending_round(
 
 
 async def test_a_late_update_of_a_decided_round_writes_no_file(
-        federation: Federation, tmp_path: Path) -> None:
+    federation: Federation, tmp_path: Path
+) -> None:
     """An ``update.accepted`` of a round already decided (a client outside the closed set,
     or a copy arriving after the verdict) is acknowledged without a file: the round's files
     are gone and nothing would ever remove a new one."""
@@ -180,9 +209,14 @@ async def test_a_late_update_of_a_decided_round_writes_no_file(
         from qflare.robust import Reputation
 
         await store.add_pending(JOB, 1, [(c, digest(c, 1)) for c in CLIENTS])
-        assert await store.record_verdict(JOB, 1, {"kept": list(CLIENTS), "flagged": []}, Reputation())
+        assert await store.record_verdict(
+            JOB, 1, {"kept": list(CLIENTS), "flagged": []}, Reputation()
+        )
         await store.drop_round_files(JOB, 1)
-        assert await store.add_update(JOB, 1, "late", digest("late", 1), tensors("late", 1)) == "decided"
+        assert (
+            await store.add_update(JOB, 1, "late", digest("late", 1), tensors("late", 1))
+            == "decided"
+        )
         assert not (tmp_path / "updates" / JOB / "r1").exists()
         # a round.closed copy after the verdict does not make the round pending again
         await store.add_pending(JOB, 1, [(c, digest(c, 1)) for c in CLIENTS])
@@ -191,14 +225,17 @@ async def test_a_late_update_of_a_decided_round_writes_no_file(
         await store.close()
 
 
-async def test_dropping_a_round_waits_for_a_write_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_dropping_a_round_waits_for_a_write_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A late update whose file is being written when the round's files are dropped: the
     drop waits for it, so the write neither loses its temporary file nor leaves a file
     behind in a folder nobody will clean."""
     import threading
 
-    from qflare.robust import Reputation
     from qflare.services.detector import store as store_module
+
+    from qflare.robust import Reputation
 
     gate = threading.Event()
     entered = threading.Event()
@@ -215,9 +252,13 @@ async def test_dropping_a_round_waits_for_a_write_in_flight(tmp_path: Path, monk
     try:
         for c in CLIENTS:
             await store.add_update(JOB, 1, c, digest(c, 1), tensors(c, 1))
-        late = asyncio.create_task(store.add_update(JOB, 1, "late", digest("late", 1), tensors("late", 1)))
+        late = asyncio.create_task(
+            store.add_update(JOB, 1, "late", digest("late", 1), tensors("late", 1))
+        )
         await asyncio.to_thread(entered.wait, 10)
-        assert await store.record_verdict(JOB, 1, {"kept": list(CLIENTS), "flagged": []}, Reputation())
+        assert await store.record_verdict(
+            JOB, 1, {"kept": list(CLIENTS), "flagged": []}, Reputation()
+        )
         drop = asyncio.create_task(store.drop_round_files(JOB, 1))
         await asyncio.sleep(0.1)
         assert not drop.done(), "the drop did not wait for the write in flight"
@@ -238,7 +279,9 @@ async def _no_files(root: Path, round_no: int) -> bool:
     return not (root / "updates" / JOB / f"r{round_no}").exists()
 
 
-async def test_the_aggregator_drops_a_round_only_after_its_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_aggregator_drops_a_round_only_after_its_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The aggregator's store has the same hazard: a late update being written (the round
     closed at its deadline meanwhile) while the published round's files are dropped."""
     import threading
@@ -259,7 +302,9 @@ async def test_the_aggregator_drops_a_round_only_after_its_writes(tmp_path: Path
     store = await AggregatorStore.open(tmp_path)
     try:
         await store.add_update(JOB, 1, "c0", digest("c0", 1), b"n0", 10, tensors("c0", 1))
-        late = asyncio.create_task(store.add_update(JOB, 1, "late", digest("late", 1), b"n1", 10, tensors("late", 1)))
+        late = asyncio.create_task(
+            store.add_update(JOB, 1, "late", digest("late", 1), b"n1", 10, tensors("late", 1))
+        )
         await asyncio.to_thread(entered.wait, 10)
         drop = asyncio.create_task(store.drop_round_files(JOB, 1))
         await asyncio.sleep(0.1)
@@ -273,7 +318,9 @@ async def test_the_aggregator_drops_a_round_only_after_its_writes(tmp_path: Path
         await store.close()
 
 
-async def test_a_job_submitted_at_run_time_survives_a_restart(federation: Federation, tmp_path: Path) -> None:
+async def test_a_job_submitted_at_run_time_survives_a_restart(
+    federation: Federation, tmp_path: Path
+) -> None:
     """A job given to the detector in process (not in its configuration) is remembered in
     its store: after a restart in the middle of a round it still takes the round's last
     update and decides the pending round."""

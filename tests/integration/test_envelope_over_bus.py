@@ -17,8 +17,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.crypto import context_for
 from qflare.crypto.pki import canonical
 from qflare.crypto.testing import MemoryFederation, make_federation
@@ -31,6 +29,8 @@ from qflare.messages import (
     open_envelope,
     validate_update,
 )
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 
 JOB = "job-bus"
 ROUTE = f"update.{JOB}"
@@ -60,8 +60,9 @@ def model_tensors(seed: int) -> dict[str, np.ndarray]:
 class Opener:
     """A consume handler in the shape services use: open, validate, ack or reject."""
 
-    def __init__(self, fed: MemoryFederation, spec: list[TensorSpec] | None = None,
-                 sealed: bool = False) -> None:
+    def __init__(
+        self, fed: MemoryFederation, spec: list[TensorSpec] | None = None, sealed: bool = False
+    ) -> None:
         self.trust = fed.trust()
         self.kem = fed["ingest"].kem if sealed else None
         self.spec = spec
@@ -72,8 +73,14 @@ class Opener:
     async def __call__(self, delivery: Delivery) -> Outcome:
         tag = str(delivery.headers.get("tag"))
         try:
-            env = open_envelope(delivery.body, self.trust, expect_kind="update",
-                                expect_job=JOB, expect_round=1, kem_key=self.kem)
+            env = open_envelope(
+                delivery.body,
+                self.trust,
+                expect_kind="update",
+                expect_job=JOB,
+                expect_round=1,
+                kem_key=self.kem,
+            )
             if self.spec is not None:
                 validate_update(env.body.tensors, self.spec)
         except MessageRejected as exc:
@@ -90,17 +97,23 @@ class Opener:
 
 
 @pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
-async def test_round_trip_is_bit_exact(bus: Bus, fed: MemoryFederation, sealed: bool,
-                                       wait_for: Callable[..., Awaitable[Any]]) -> None:
+async def test_round_trip_is_bit_exact(
+    bus: Bus, fed: MemoryFederation, sealed: bool, wait_for: Callable[..., Awaitable[Any]]
+) -> None:
     opener = Opener(fed, sealed=sealed)
     await bus.consume(QueueSpec("ingest", bindings=((topology.CLIENT, "update.#"),)), opener)
     sent = {}
     for i, client in enumerate(("client-000", "client-001")):
         tensors = model_tensors(i)
         sent[client] = tensors
-        data = encode("update", Update(base_version=0, num_samples=10 + i, tensors=tensors),
-                      fed[client], job=JOB, round=1,
-                      seal_to=fed["ingest"].cert if sealed else None)
+        data = encode(
+            "update",
+            Update(base_version=0, num_samples=10 + i, tensors=tensors),
+            fed[client],
+            job=JOB,
+            round=1,
+            seal_to=fed["ingest"].cert if sealed else None,
+        )
         assert await bus.publish(topology.CLIENT, ROUTE, data, {"tag": client})
     await wait_for(lambda: opener.count == 2, timeout=10)
     assert opener.rejected == {}
@@ -114,22 +127,35 @@ async def test_round_trip_is_bit_exact(bus: Bus, fed: MemoryFederation, sealed: 
 
 def _raw(fed: MemoryFederation, body: bytes, ctx: str = "update") -> bytes:
     ident = fed["client-000"]
-    h = {"v": 1, "kind": "update", "sender": ident.id, "cert": ident.cert.to_bytes(),
-         "job": JOB, "round": 1, "ts": int(time.time() * 1000), "nonce": b"n" * 16}
+    h = {
+        "v": 1,
+        "kind": "update",
+        "sender": ident.id,
+        "cert": ident.cert.to_bytes(),
+        "job": JOB,
+        "round": 1,
+        "ts": int(time.time() * 1000),
+        "nonce": b"n" * 16,
+    }
     h["body_digest"] = hashlib.sha256(body).digest()
-    return msgpack.packb({**h, "sig": ident.key.sign(canonical(h), context_for(ctx)),
-                          "body": body})
+    return msgpack.packb({**h, "sig": ident.key.sign(canonical(h), context_for(ctx)), "body": body})
 
 
 async def test_consumer_rejects_each_bad_message_and_keeps_serving(
-        bus: Bus, fed: MemoryFederation, wait_for: Callable[..., Awaitable[Any]]) -> None:
+    bus: Bus, fed: MemoryFederation, wait_for: Callable[..., Awaitable[Any]]
+) -> None:
     spec = [TensorSpec(name="w", dtype="float32", shape=[4, 4])]
     good_t = {"w": np.arange(16, dtype=np.float32).reshape(4, 4)}
 
-    def upd(who: str = "client-000", tensors: dict[str, np.ndarray] = good_t, **kw: Any
-            ) -> bytes:
-        return encode("update", Update(base_version=0, num_samples=1, tensors=tensors),
-                      fed[who], job=JOB, round=kw.pop("round", 1), **kw)
+    def upd(who: str = "client-000", tensors: dict[str, np.ndarray] = good_t, **kw: Any) -> bytes:
+        return encode(
+            "update",
+            Update(base_version=0, num_samples=1, tensors=tensors),
+            fed[who],
+            job=JOB,
+            round=kw.pop("round", 1),
+            **kw,
+        )
 
     good = upd()
     fields = msgpack.unpackb(good)
@@ -147,10 +173,17 @@ async def test_consumer_rejects_each_bad_message_and_keeps_serving(
         ("garbled", b"\x8b\xc1" + good[2:200], Reason.MALFORMED),
         ("truncated", good[: len(good) // 2], Reason.MALFORMED),
         ("bomb", b"\x91" * 50_000 + b"\xc0", Reason.TOO_DEEP),
-        ("unknown-signer", encode("update", Update(base_version=0, num_samples=1,
-                                                   tensors=good_t),
-                                  make_federation(1, services=())["client-000"], job=JOB,
-                                  round=1), Reason.UNKNOWN_SIGNER),
+        (
+            "unknown-signer",
+            encode(
+                "update",
+                Update(base_version=0, num_samples=1, tensors=good_t),
+                make_federation(1, services=())["client-000"],
+                job=JOB,
+                round=1,
+            ),
+            Reason.UNKNOWN_SIGNER,
+        ),
         ("expired", upd("expired"), Reason.EXPIRED),
         ("revoked", upd("revoked"), Reason.REVOKED),
         ("stale", upd(round=0), Reason.STALE_ROUND),
@@ -169,8 +202,9 @@ async def test_consumer_rejects_each_bad_message_and_keeps_serving(
         return Outcome.ACK
 
     await bus.consume(topology.dead_letters("dead", "update.#"), drain)
-    await bus.consume(QueueSpec("ingest", bindings=((topology.CLIENT, "update.#"),)), opener,
-                      prefetch=4)
+    await bus.consume(
+        QueueSpec("ingest", bindings=((topology.CLIENT, "update.#"),)), opener, prefetch=4
+    )
     for tag, data, _ in cases:
         await bus.publish(topology.CLIENT, ROUTE, data, {"tag": tag})
     await wait_for(lambda: opener.count == len(cases), timeout=15)
@@ -180,8 +214,9 @@ async def test_consumer_rejects_each_bad_message_and_keeps_serving(
     assert {d.headers.get("tag") for d in dead} == set(opener.rejected)
 
 
-async def test_chunked_envelope_round_trip(bus: Bus, fed: MemoryFederation,
-                                           wait_for: Callable[..., Awaitable[Any]]) -> None:
+async def test_chunked_envelope_round_trip(
+    bus: Bus, fed: MemoryFederation, wait_for: Callable[..., Awaitable[Any]]
+) -> None:
     from qflare.messages import Limits, Reassembler, split
 
     reassembler = Reassembler(fed.trust())
@@ -192,18 +227,29 @@ async def test_chunked_envelope_round_trip(bus: Bus, fed: MemoryFederation,
         try:
             whole = reassembler.feed(delivery.body)
             if whole is not None:
-                opened.append(open_envelope(whole, fed.trust(), expect_kind="update",
-                                            max_bytes=Limits().max_body_bytes))
+                opened.append(
+                    open_envelope(
+                        whole, fed.trust(), expect_kind="update", max_bytes=Limits().max_body_bytes
+                    )
+                )
                 got.set()
         except MessageRejected:
             return Outcome.REJECT
         return Outcome.ACK
 
-    await bus.consume(QueueSpec("ingest", bindings=((topology.CLIENT, "update.#"),),
-                                single_active=True), handler, prefetch=2)
+    await bus.consume(
+        QueueSpec("ingest", bindings=((topology.CLIENT, "update.#"),), single_active=True),
+        handler,
+        prefetch=2,
+    )
     tensors = {"w": np.random.default_rng(5).standard_normal(3 << 18).astype(np.float32)}
-    data = encode("update", Update(base_version=0, num_samples=1, tensors=tensors),
-                  fed["client-001"], job=JOB, round=1)
+    data = encode(
+        "update",
+        Update(base_version=0, num_samples=1, tensors=tensors),
+        fed["client-001"],
+        job=JOB,
+        round=1,
+    )
     parts = list(split(data, fed["client-001"], job=JOB, round=1, chunk_size=1 << 20))
     assert len(parts) == 1 + 4
     for part in parts:

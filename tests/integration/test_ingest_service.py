@@ -14,23 +14,33 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import Envelope, Reason, RoundOpened, Update, encode, open_envelope
-from qflare.runtime import Settings, build_service
 from qflare.services.aggregator.core import model_digest
 
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.runtime import Settings, build_service
+
 JOB = "j1"
-SPEC = [{"name": "w", "dtype": "float32", "shape": [4, 3]}, {"name": "b", "dtype": "float32", "shape": [3]}]
+SPEC = [
+    {"name": "w", "dtype": "float32", "shape": [4, 3]},
+    {"name": "b", "dtype": "float32", "shape": [3]},
+]
 
 
 def tensors(scale: float = 0.1) -> dict[str, np.ndarray]:
     return {"w": np.full((4, 3), scale, np.float32), "b": np.full(3, scale, np.float32)}
 
 
-def round_opened(fed: MemoryFederation, round_: int, *, version: int, participants: list[str],
-                 deadline: float | None = None, job: str = JOB) -> bytes:
+def round_opened(
+    fed: MemoryFederation,
+    round_: int,
+    *,
+    version: int,
+    participants: list[str],
+    deadline: float | None = None,
+    job: str = JOB,
+) -> bytes:
     body = RoundOpened(
         model_version=version,
         model_digest=model_digest(tensors(0.0)),
@@ -44,12 +54,22 @@ def round_opened(fed: MemoryFederation, round_: int, *, version: int, participan
     return encode("round.opened", body, fed["aggregator"], job=job, round=round_)
 
 
-def update(fed: MemoryFederation, client: str, round_: int, *, version: int = 0, job: str = JOB,
-           t: dict[str, np.ndarray] | None = None, seal: bool = False, identity: Any = None) -> bytes:
+def update(
+    fed: MemoryFederation,
+    client: str,
+    round_: int,
+    *,
+    version: int = 0,
+    job: str = JOB,
+    t: dict[str, np.ndarray] | None = None,
+    seal: bool = False,
+    identity: Any = None,
+) -> bytes:
     ident = identity or fed[client]
     body = Update(base_version=version, num_samples=10, tensors=t if t is not None else tensors())
-    return encode("update", body, ident, job=job, round=round_,
-                  seal_to=fed["ingest"].cert if seal else None)
+    return encode(
+        "update", body, ident, job=job, round=round_, seal_to=fed["ingest"].cert if seal else None
+    )
 
 
 @dataclass
@@ -105,15 +125,22 @@ class Rig:
         await self.bus.publish(topology.CLIENT, f"update.{job}", data)
 
     async def open_round(self, round_: int, version: int, **kw: Any) -> None:
-        await self.bus.publish(topology.EVENTS, f"round.opened.{kw.get('job', JOB)}",
-                               round_opened(self.fed, round_, version=version,
-                                            participants=self.fed.clients, **kw))
-        await asyncio.wait_for(_until(lambda: (self.service.book.get(kw.get("job", JOB)) or _NoRound).round == round_), 10)
+        await self.bus.publish(
+            topology.EVENTS,
+            f"round.opened.{kw.get('job', JOB)}",
+            round_opened(self.fed, round_, version=version, participants=self.fed.clients, **kw),
+        )
+        await asyncio.wait_for(
+            _until(lambda: (self.service.book.get(kw.get("job", JOB)) or _NoRound).round == round_),
+            10,
+        )
 
     async def close_round(self, round_: int) -> None:
         from qflare.messages import RoundClosed
 
-        data = encode("round.closed", RoundClosed(updates=[]), self.fed["aggregator"], job=JOB, round=round_)
+        data = encode(
+            "round.closed", RoundClosed(updates=[]), self.fed["aggregator"], job=JOB, round=round_
+        )
         await self.bus.publish(topology.EVENTS, f"round.closed.{JOB}", data)
         await asyncio.wait_for(_until(lambda: self.service.book.get(JOB) is None), 10)
 
@@ -134,16 +161,28 @@ async def rig(bus: Bus, tmp_path: Path) -> AsyncIterator[Rig]:
     crl_path.write_bytes(fed.crl.to_bytes())
     settings = Settings(
         data_dir=tmp_path,
-        services=MappingProxyType({"ingest": {"replica": "r1", "crl_path": str(crl_path),
-                                              "round_news_wait_s": 0.3, "max_update_norm": 100.0}}),
+        services=MappingProxyType(
+            {
+                "ingest": {
+                    "replica": "r1",
+                    "crl_path": str(crl_path),
+                    "round_news_wait_s": 0.3,
+                    "max_update_norm": 100.0,
+                }
+            }
+        ),
     )
     watcher = Watcher(fed.trust())
     watch = await bus.consume(
-        QueueSpec("watch", bindings=((topology.EVENTS, "update.*.*"), (topology.EVENTS, "alert.raised.*"))),
+        QueueSpec(
+            "watch", bindings=((topology.EVENTS, "update.*.*"), (topology.EVENTS, "alert.raised.*"))
+        ),
         watcher.on_event,
     )
     dead = await bus.consume(topology.dead_letters("watch-dead", "update.*"), watcher.on_dead)
-    service = await build_service("ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust())
+    service = await build_service(
+        "ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust()
+    )
     await service.start()
     rig = Rig(bus, fed, watcher, service, crl_path)
     await rig.open_round(1, version=0)
@@ -161,7 +200,9 @@ def _other_ca_client() -> Any:
 
 async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowing(rig: Rig) -> None:
     fed = rig.fed
-    good_clients = iter([c for c in fed.clients if c not in ("client-009", "client-010", "client-011")])
+    good_clients = iter(
+        [c for c in fed.clients if c not in ("client-009", "client-010", "client-011")]
+    )
     expired = fed.add("client-old", "client", valid_days=1, now=time.time() - 3 * 86400)
     revoked_client = "client-011"
     first_good = update(fed, "client-010", 1)
@@ -196,32 +237,73 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
         ("forged", forged, Reason.BAD_SIGNATURE, JOB),
         ("wrong-kind", chunk_as_update, Reason.WRONG_KIND, JOB),
         ("wrong-context", signed_under_another_context, Reason.BAD_SIGNATURE, JOB),
-        ("unknown-signer", lambda: update(fed, "client-000", 1, identity=_other_ca_client()),
-         Reason.UNKNOWN_SIGNER, JOB),
+        (
+            "unknown-signer",
+            lambda: update(fed, "client-000", 1, identity=_other_ca_client()),
+            Reason.UNKNOWN_SIGNER,
+            JOB,
+        ),
         ("expired", lambda: update(fed, "client-old", 1, identity=expired), Reason.EXPIRED, JOB),
         ("revoked", lambda: update(fed, revoked_client, 1), Reason.REVOKED, JOB),
         ("malformed", lambda: b"\x8b\xa1v\x01garbage", Reason.MALFORMED, JOB),
-        ("oversized", lambda: update(fed, "client-009", 1, t={"w": np.zeros((4, 3), np.float32),
-                                                              "b": np.zeros(200_000, np.float32)}),
-         Reason.TOO_LARGE, JOB),
+        (
+            "oversized",
+            lambda: update(
+                fed,
+                "client-009",
+                1,
+                t={"w": np.zeros((4, 3), np.float32), "b": np.zeros(200_000, np.float32)},
+            ),
+            Reason.TOO_LARGE,
+            JOB,
+        ),
         ("nan", lambda: update(fed, "client-009", 1, t=nan), Reason.NON_FINITE, JOB),
-        ("wrong-shape", lambda: update(fed, "client-009", 1, t={"w": np.zeros((3, 4), np.float32),
-                                                                "b": np.zeros(3, np.float32)}),
-         Reason.SHAPE_MISMATCH, JOB),
-        ("wrong-dtype", lambda: update(fed, "client-009", 1, t={"w": np.zeros((4, 3), np.float64),
-                                                                "b": np.zeros(3, np.float32)}),
-         Reason.DTYPE_NOT_ALLOWED, JOB),
+        (
+            "wrong-shape",
+            lambda: update(
+                fed,
+                "client-009",
+                1,
+                t={"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)},
+            ),
+            Reason.SHAPE_MISMATCH,
+            JOB,
+        ),
+        (
+            "wrong-dtype",
+            lambda: update(
+                fed,
+                "client-009",
+                1,
+                t={"w": np.zeros((4, 3), np.float64), "b": np.zeros(3, np.float32)},
+            ),
+            Reason.DTYPE_NOT_ALLOWED,
+            JOB,
+        ),
         ("huge-norm", lambda: update(fed, "client-009", 1, t=tensors(1e3)), Reason.TOO_LARGE, JOB),
         ("wrong-job", lambda: update(fed, "client-009", 1, job="j9"), Reason.WRONG_JOB, "j9"),
         ("job-key-mismatch", lambda: update(fed, "client-009", 1, job="j9"), Reason.WRONG_JOB, JOB),
         ("future-round", lambda: update(fed, "client-009", 7), Reason.STALE_ROUND, JOB),
         ("stale-base", lambda: update(fed, "client-009", 1, version=5), Reason.STALE_BASE, JOB),
-        ("not-participant", lambda: update(fed, "client-old2", 1, identity=fed.add("client-x", "client")),
-         Reason.NOT_PARTICIPANT, JOB),
-        ("sealed-to-another", lambda: encode("update", Update(base_version=0, num_samples=1, tensors=tensors()),
-                                             fed["client-009"], job=JOB, round=1,
-                                             seal_to=fed["detector"].cert),
-         Reason.UNSEAL_FAILED, JOB),
+        (
+            "not-participant",
+            lambda: update(fed, "client-old2", 1, identity=fed.add("client-x", "client")),
+            Reason.NOT_PARTICIPANT,
+            JOB,
+        ),
+        (
+            "sealed-to-another",
+            lambda: encode(
+                "update",
+                Update(base_version=0, num_samples=1, tensors=tensors()),
+                fed["client-009"],
+                job=JOB,
+                round=1,
+                seal_to=fed["detector"].cert,
+            ),
+            Reason.UNSEAL_FAILED,
+            JOB,
+        ),
         ("duplicate", lambda: first_good, Reason.DUPLICATE, JOB),
     ]
     # an honest update first, so "duplicate" has something to duplicate
@@ -237,7 +319,9 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
         assert got.kind == "update.rejected", f"{name}: expected a rejection, got {got.kind}"
         assert got.body.reason is reason, f"{name}: {got.body.reason} ({got.body.detail})"
         alert = await rig.watcher.alert()
-        assert alert.body.reason == reason.value and alert.body.alert_kind == "update.rejected", name
+        assert alert.body.reason == reason.value and alert.body.alert_kind == "update.rejected", (
+            name
+        )
         # the service keeps serving: the next honest update goes through, re-signed by ingest
         client = next(good_clients)
         sealed = name.endswith("another")
@@ -283,8 +367,11 @@ async def test_update_racing_its_round_announcement_waits_for_it(rig: Rig) -> No
     # the update for round 2 arrives before round.opened(2): ingest waits for the news
     await rig.send(update(rig.fed, "client-004", 2, version=1))
     await asyncio.sleep(0.05)
-    await rig.bus.publish(topology.EVENTS, f"round.opened.{JOB}",
-                          round_opened(rig.fed, 2, version=1, participants=rig.fed.clients))
+    await rig.bus.publish(
+        topology.EVENTS,
+        f"round.opened.{JOB}",
+        round_opened(rig.fed, 2, version=1, participants=rig.fed.clients),
+    )
     got = await rig.watcher.outcome()
     assert got.kind == "update.accepted" and got.round == 2
 
@@ -299,12 +386,18 @@ async def test_forged_round_announcement_is_ignored(rig: Rig) -> None:
     assert rig.service.book.get(JOB).round == 1
 
 
-async def test_two_replicas_share_the_load_and_each_learns_the_rounds(rig: Rig, tmp_path: Path) -> None:
+async def test_two_replicas_share_the_load_and_each_learns_the_rounds(
+    rig: Rig, tmp_path: Path
+) -> None:
     second = await build_service(
         "ingest",
-        Settings(data_dir=tmp_path / "second",
-                 services=MappingProxyType({"ingest": {"replica": "r2", "round_news_wait_s": 0.3}})),
-        bus=rig.bus, identity=rig.fed["ingest"], trust=rig.fed.trust(),
+        Settings(
+            data_dir=tmp_path / "second",
+            services=MappingProxyType({"ingest": {"replica": "r2", "round_news_wait_s": 0.3}}),
+        ),
+        bus=rig.bus,
+        identity=rig.fed["ingest"],
+        trust=rig.fed.trust(),
     )
     await second.start()
     try:
@@ -318,8 +411,12 @@ async def test_two_replicas_share_the_load_and_each_learns_the_rounds(rig: Rig, 
         assert all(e.kind == "update.accepted" for e in got)
         assert sorted(e.body.client for e in got) == sorted(clients)
         # a replica counts an update just after publishing it: wait for the counters too
-        await asyncio.wait_for(_until(lambda: rig.service.counts["accepted"]
-                                      + second.counts["accepted"] >= len(clients)), 10)
+        await asyncio.wait_for(
+            _until(
+                lambda: rig.service.counts["accepted"] + second.counts["accepted"] >= len(clients)
+            ),
+            10,
+        )
         a, b = rig.service.counts["accepted"], second.counts["accepted"]
         assert a + b == len(clients) and a > 0 and b > 0, (a, b)
     finally:

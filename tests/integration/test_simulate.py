@@ -20,14 +20,31 @@ pytestmark = pytest.mark.slow
 
 def test_cli_runs_a_short_job_and_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code = main([
-        "simulate", "--clients", "6", "--byzantine", "1", "--rounds", "2", "--attack", "gaussian",
-        "--rule", "median", "--out", str(out), "--quiet", "--baseline",
-    ])
+    code = main(
+        [
+            "simulate",
+            "--clients",
+            "6",
+            "--byzantine",
+            "1",
+            "--rounds",
+            "2",
+            "--attack",
+            "gaussian",
+            "--rule",
+            "median",
+            "--out",
+            str(out),
+            "--quiet",
+            "--baseline",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["path"] == "services" and report["broker"] == "memory://"
-    assert report["config"]["attack"] == "gaussian" and report["config"]["rule_resolved"] == "median"
+    assert (
+        report["config"]["attack"] == "gaussian" and report["config"]["rule_resolved"] == "median"
+    )
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     (byz,) = report["byzantine_clients"]
@@ -71,8 +88,15 @@ def test_a_filter_bound_removes_at_most_k_alike_on_both_paths() -> None:
     rounds are charged as filter_bounded (z/3, q=1) on both paths."""
     from qflare.privacy import epsilon
 
-    config = SimConfig(clients=8, byzantine=2, rounds=2, attack="sign_flip", noise_multiplier=1.5,
-                       clip=2.0, dp_filter_bound=1)
+    config = SimConfig(
+        clients=8,
+        byzantine=2,
+        rounds=2,
+        attack="sign_flip",
+        noise_multiplier=1.5,
+        clip=2.0,
+        dp_filter_bound=1,
+    )
     federation = Federation.build(config)
     direct = run_direct(config, federation)
     services = run_services(config, federation)
@@ -81,7 +105,9 @@ def test_a_filter_bound_removes_at_most_k_alike_on_both_paths() -> None:
         assert set(r.flagged) == set(federation.byzantine), r
         assert len(r.kept_flagged) == 1 and len(r.stopped) == 1, r
     assert services.epsilon_coverage == "filter_bounded"
-    assert services.rounds[-1].epsilon == pytest.approx(epsilon(1.0, 0.5, 2, config.delta), rel=1e-6)
+    assert services.rounds[-1].epsilon == pytest.approx(
+        epsilon(1.0, 0.5, 2, config.delta), rel=1e-6
+    )
 
 
 def test_tui_watches_the_run_on_the_same_bus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,16 +149,37 @@ def test_updates_refused_at_ingest_are_reported_alike(monkeypatch: pytest.Monkey
     (byz,) = federation.byzantine
     assert all(r.rejected == (byz,) and byz not in r.flagged for r in via_services.rounds)
     assert via_services.detection.recall == 1.0
-    assert all(r.latency_s < 30.0 for r in via_services.rounds), "a refusal must not make the round wait"
+    assert all(r.latency_s < 30.0 for r in via_services.rounds), (
+        "a refusal must not make the round wait"
+    )
 
 
-@pytest.mark.parametrize(("detection", "coverage"), [("--no-detection", "clipped_sum"), ("--detection", "noise_only")])
-def test_printed_summary_says_what_the_epsilon_covers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                      detection: str, coverage: str) -> None:
-    code = main([
-        "simulate", "--clients", "6", "--byzantine", "0", "--attack", "none", "--rounds", "1",
-        "--noise-multiplier", "2.0", detection, "--out", str(tmp_path / "dp"), "--direct", "--quiet",
-    ])
+@pytest.mark.parametrize(
+    ("detection", "coverage"), [("--no-detection", "clipped_sum"), ("--detection", "noise_only")]
+)
+def test_printed_summary_says_what_the_epsilon_covers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], detection: str, coverage: str
+) -> None:
+    code = main(
+        [
+            "simulate",
+            "--clients",
+            "6",
+            "--byzantine",
+            "0",
+            "--attack",
+            "none",
+            "--rounds",
+            "1",
+            "--noise-multiplier",
+            "2.0",
+            detection,
+            "--out",
+            str(tmp_path / "dp"),
+            "--direct",
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed = " ".join(capsys.readouterr().out.split())
     report = json.loads((tmp_path / "dp" / "report.json").read_text())

@@ -14,9 +14,26 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 
 def test_rabbitmq_report_equals_embedded_report(  # rabbit_bus: the suite's broker check (skip, or fail on CI)
-tmp_path: Path, amqp_url: str, rabbit_bus: object) -> None:
-    common = ["simulate", "--clients", "8", "--byzantine", "2", "--rounds", "3", "--attack", "sign_flip",
-              "--noise-multiplier", "0.5", "--clip", "2", "--seed", "11", "--quiet"]
+    tmp_path: Path, amqp_url: str, rabbit_bus: object
+) -> None:
+    common = [
+        "simulate",
+        "--clients",
+        "8",
+        "--byzantine",
+        "2",
+        "--rounds",
+        "3",
+        "--attack",
+        "sign_flip",
+        "--noise-multiplier",
+        "0.5",
+        "--clip",
+        "2",
+        "--seed",
+        "11",
+        "--quiet",
+    ]
     assert main([*common, "--out", str(tmp_path / "mem")]) == 0
     assert main([*common, "--out", str(tmp_path / "amqp"), "--broker", amqp_url]) == 0
     mem = json.loads((tmp_path / "mem" / "report.json").read_text())

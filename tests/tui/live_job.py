@@ -33,15 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
-from qflare.client import Participant, RoundInfo, load_tensors, model_tensors
 from qflare.crypto import Federation, provision
 from qflare.messages import encode, open_envelope
-from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.tui.app import ConsoleApp
 from qflare.tui.console import build_console, terminal_logs_to
 from qflare.tui.events import JobDeclared
+
+from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.client import Participant, RoundInfo, load_tensors, model_tensors
+from qflare.runtime import JobSpec, load_settings, run_in_process
 
 CLIENTS = 8
 BYZANTINE = ("client-006", "client-007")
@@ -82,7 +82,9 @@ class Evaluator:
         self.x, self.y = batch(10_000, 2000)
 
     async def start(self) -> None:
-        spec = QueueSpec(f"evaluator.{self.job}", bindings=((topology.BROADCAST, f"{self.job}.model.published"),))
+        spec = QueueSpec(
+            f"evaluator.{self.job}", bindings=((topology.BROADCAST, f"{self.job}.model.published"),)
+        )
         await self.bus.consume(spec, self.on_model)
 
     async def on_model(self, delivery: Delivery) -> Outcome:
@@ -94,7 +96,9 @@ class Evaluator:
             logits = self.model(self.x)
             acc = float((logits.argmax(dim=1) == self.y).float().mean())
             loss = float(torch.nn.functional.cross_entropy(logits, self.y))
-        body = dict(model_version=env.body.version, accuracy=acc, loss=loss, num_examples=len(self.y))
+        body = dict(
+            model_version=env.body.version, accuracy=acc, loss=loss, num_examples=len(self.y)
+        )
         data = encode("metrics.evaluated", body, self.identity, job=self.job, round=env.round)
         await self.bus.publish(topology.EVENTS, f"metrics.evaluated.{self.job}", data)
         return Outcome.ACK
@@ -133,52 +137,92 @@ class LatencyProbe:
         def stats(values: list[float]) -> dict[str, float | int]:
             if not values:
                 return {"n": 0}
-            return {"n": len(values), "median_s": round(statistics.median(values), 4),
-                    "max_s": round(max(values), 4)}
+            return {
+                "n": len(values),
+                "median_s": round(statistics.median(values), 4),
+                "max_s": round(max(values), 4),
+            }
 
-        return {"flagged_clients": stats(list(self.flagged.values())),
-                "alerts": stats(list(self.alerts.values())),
-                "flag_alerts_from_verdict": stats(list(self.flag_alerts.values())),
-                "flagged": sorted({c for (_, _, c) in self.flagged})}
+        return {
+            "flagged_clients": stats(list(self.flagged.values())),
+            "alerts": stats(list(self.alerts.values())),
+            "flag_alerts_from_verdict": stats(list(self.flag_alerts.values())),
+            "flagged": sorted({c for (_, _, c) in self.flagged}),
+        }
 
 
-async def main(out: Path, rounds: int, exit_after: float | None, broker: str, prefix: str,
-               console: bool) -> None:
+async def main(
+    out: Path, rounds: int, exit_after: float | None, broker: str, prefix: str, console: bool
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "pki" / "ca" / "ca.qc").is_file():     # provisioned beforehand (qflare provision)
+    if (out / "pki" / "ca" / "ca.qc").is_file():  # provisioned beforehand (qflare provision)
         fed = Federation.at(out / "pki")
     else:
         fed = provision(out / "pki", clients=CLIENTS)
     clients = sorted(fed.clients)
     # DP needs the accountant service; without it the job runs with DP off (z = 0).
     dp = importlib.util.find_spec("qflare.services.accountant.service") is not None
-    services = [n for n in ("alerting", "accountant", "detector", "ingest", "aggregator")
-                if dp or n != "accountant"]
-    spec = JobSpec.model_validate(dict(
-        job_id="demo", rounds=rounds, participants=clients, rule="median", f=2, detection=True,
-        noise_multiplier=0.3 if dp else 0.0, clip=20.0, epsilon_budget=30.0, seed=11,
-        deadline_s=20.0, min_updates=CLIENTS))
+    services = [
+        n
+        for n in ("alerting", "accountant", "detector", "ingest", "aggregator")
+        if dp or n != "accountant"
+    ]
+    spec = JobSpec.model_validate(
+        dict(
+            job_id="demo",
+            rounds=rounds,
+            participants=clients,
+            rule="median",
+            f=2,
+            detection=True,
+            noise_multiplier=0.3 if dp else 0.0,
+            clip=20.0,
+            epsilon_budget=30.0,
+            seed=11,
+            deadline_s=20.0,
+            min_updates=CLIENTS,
+        )
+    )
     if broker.startswith("memory"):
         bus = await connect_bus(f"memory://live-{time.time_ns()}")
     else:
         bus = await connect_bus(broker, prefix=prefix)
     settings = load_settings(None, env={}, data_dir=str(out / "data"), pki_dir=str(fed.root))
     ids = {n: (fed.identity(n), fed.trust()) for n in services}
-    app = build_console(bus=bus, trust=fed.trust(), state_dir=out / "data",
-                        jobs=[JobDeclared("demo", 0, time.time(), rounds=spec.rounds,
-                                          epsilon_budget=spec.epsilon_budget if dp else None)])
+    app = build_console(
+        bus=bus,
+        trust=fed.trust(),
+        state_dir=out / "data",
+        jobs=[
+            JobDeclared(
+                "demo",
+                0,
+                time.time(),
+                rounds=spec.rounds,
+                epsilon_budget=spec.epsilon_budget if dp else None,
+            )
+        ],
+    )
     probe = LatencyProbe(app)
     ended = asyncio.Event()
     with terminal_logs_to(out / "services.log"):
         async with run_in_process(settings, bus, services=services, identities=ids) as running:
             evaluator = Evaluator(bus, fed.identity("operator"), fed.trust(), "demo")
             await evaluator.start()
-            parts = [Participant.from_kit(fed.clients[c], make_model(), train, broker=bus, jobs=["demo"],
-                                          update_transform=sign_flip if c in BYZANTINE else None)
-                     for c in clients]
+            parts = [
+                Participant.from_kit(
+                    fed.clients[c],
+                    make_model(),
+                    train,
+                    broker=bus,
+                    jobs=["demo"],
+                    update_transform=sign_flip if c in BYZANTINE else None,
+                )
+                for c in clients
+            ]
 
             async def job() -> None:
-                await asyncio.sleep(2.0)          # the console is up and subscribed first
+                await asyncio.sleep(2.0)  # the console is up and subscribed first
                 for p in parts:
                     await p.start()
                 await running.submit_job(spec, model_tensors(make_model()))
@@ -207,14 +251,27 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/qflare-live"))
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--exit-after", type=float, default=None,
-                        help="quit this many seconds after the job ends (default: wait for q)")
-    parser.add_argument("--broker", default="memory://",
-                        help="amqp://... runs the job over RabbitMQ (watch it with `qflare tui`)")
+    parser.add_argument(
+        "--exit-after",
+        type=float,
+        default=None,
+        help="quit this many seconds after the job ends (default: wait for q)",
+    )
+    parser.add_argument(
+        "--broker",
+        default="memory://",
+        help="amqp://... runs the job over RabbitMQ (watch it with `qflare tui`)",
+    )
     parser.add_argument("--prefix", default="", help="name prefix on RabbitMQ (deleted at the end)")
-    parser.add_argument("--no-console", dest="console", action="store_false",
-                        help="run the job only (watch it from another terminal with `qflare tui`)")
+    parser.add_argument(
+        "--no-console",
+        dest="console",
+        action="store_false",
+        help="run the job only (watch it from another terminal with `qflare tui`)",
+    )
     args = parser.parse_args()
     if not args.console and args.exit_after is None:
         args.exit_after = 0.0
-    asyncio.run(main(args.out, args.rounds, args.exit_after, args.broker, args.prefix, args.console))
+    asyncio.run(
+        main(args.out, args.rounds, args.exit_after, args.broker, args.prefix, args.console)
+    )

@@ -15,11 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
 import pytest
-from textual.widgets import DataTable
-
 from qflare.tui import events as ev
 from qflare.tui.console import build_console
 from qflare.tui.feed import delete_queue
+from textual.widgets import DataTable
 
 from .test_app import SIZE, banner, cells, keys, until
 from .wire import Publisher, federation
@@ -70,14 +69,18 @@ class Relay:
             await self.cut()
 
 
-async def test_broker_drop_shows_reconnecting_then_recovers(amqp_url, bus_prefix, rabbit_bus_factory) -> None:
+async def test_broker_drop_shows_reconnecting_then_recovers(
+    amqp_url, bus_prefix, rabbit_bus_factory
+) -> None:
     fed = federation(2)
     direct = await rabbit_bus_factory()
     pub = Publisher(direct, fed, "j")
     target = urlsplit(amqp_url)
     relay = Relay(target.hostname or "127.0.0.1", target.port or 5672)
     await relay.start()
-    via_relay = urlunsplit(target._replace(netloc=f"{target.username}:{target.password}@127.0.0.1:{relay.port}"))
+    via_relay = urlunsplit(
+        target._replace(netloc=f"{target.username}:{target.password}@127.0.0.1:{relay.port}")
+    )
     app = build_console(url=via_relay, prefix=bus_prefix, trust=fed.trust())
     t = time.time()
     try:
@@ -99,7 +102,9 @@ async def test_broker_drop_shows_reconnecting_then_recovers(amqp_url, bus_prefix
 
             await relay.start()
             await until(pilot, lambda: "● connected" in banner(app), timeout=20)
-            await until(pilot, lambda: any(a.kind == "console.gap" for a in app.state.alerts), timeout=10)
+            await until(
+                pilot, lambda: any(a.kind == "console.gap" for a in app.state.alerts), timeout=10
+            )
             assert time.monotonic() - down_at > 1.5
             await pub.accepted(1, t + 2, "client-001")
             await until(pilot, lambda: cells(rounds, "j:1")[3] == "1/2", timeout=10)

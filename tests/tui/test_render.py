@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from rich.console import Console
-
-from qflare.tui import render
 from qflare.tui import events as ev
+from qflare.tui import render
 from qflare.tui.state import ConsoleState
+from rich.console import Console
 
 from .scenario import JOB, NOW, job_events
 
@@ -20,8 +19,9 @@ def plain(renderable: object, width: int = 100) -> str:
     return console.export_text()
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.4, "59s"), (65, "1m05s"),
-                                               (3725, "1h02m"), (-3, "0s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0s"), (59.4, "59s"), (65, "1m05s"), (3725, "1h02m"), (-3, "0s")]
+)
 def test_format_duration(seconds: float, text: str) -> None:
     assert render.format_duration(seconds) == text
 
@@ -50,7 +50,9 @@ def test_budget_gauge_fill_and_unknown_budget() -> None:
     assert "bold red" in {str(span.style) for span in full.spans}
     assert render.make_budget_gauge(0.5, None).plain == "ε 0.500 spent (budget unknown)"
     assert "DP off" in render.make_budget_gauge(float("inf"), 4.0).plain
-    assert render.make_budget_gauge(1.0, 4.0, width=8, coverage="clipped_sum").plain.endswith("(25%) [DP]")
+    assert render.make_budget_gauge(1.0, 4.0, width=8, coverage="clipped_sum").plain.endswith(
+        "(25%) [DP]"
+    )
     assert "not a DP guarantee" in render.make_budget_gauge(1.0, 4.0, coverage="noise_only").plain
 
 
@@ -58,7 +60,7 @@ def test_sparkline_scales_over_unit_interval_and_keeps_the_latest() -> None:
     assert render.make_sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert render.make_sparkline([0.1] * 5 + [1.0], width=3) == "▂▂█"
     assert render.make_sparkline([]) == ""
-    assert render.make_sparkline([2.0, -1.0]) == "█▁"      # clamped
+    assert render.make_sparkline([2.0, -1.0]) == "█▁"  # clamped
 
 
 def test_link_banner_states() -> None:
@@ -88,7 +90,13 @@ def test_round_cells_and_alert_cells() -> None:
     alert = s.visible_alerts()[1]
     cells = render.make_alert_cells(alert)
     assert [str(getattr(c, "plain", c)) for c in cells[:6]] == [
-        "14:13:43", "critical", "client.flagged", JOB, "client-006", "FLAGGED"]
+        "14:13:43",
+        "critical",
+        "client.flagged",
+        JOB,
+        "client-006",
+        "FLAGGED",
+    ]
     assert str(cells[1].style) == render.SEVERITY_STYLE[ev.Severity.CRITICAL]
 
 
@@ -99,15 +107,29 @@ def test_clients_sorted_most_suspicious_first() -> None:
     assert order[:3] == ["client-007", "client-005", "client-006"]
     cells = render.make_client_cells(s.clients["client-005"], NOW)
     assert [str(getattr(c, "plain", c)) for c in cells] == [
-        "client-005", "0.00", "3", "", "14s ago", "3", "3", "0"]
+        "client-005",
+        "0.00",
+        "3",
+        "",
+        "14s ago",
+        "3",
+        "3",
+        "0",
+    ]
 
 
 def test_alert_detail_lists_every_field() -> None:
     s = ConsoleState(now=NOW)
     s.apply_all(job_events())
     text = plain(render.make_alert_detail(s.visible_alerts()[0]))
-    for needle in ("REVOKED", "client-007", "certificate serial 7 is revoked", "alerting",
-                   "14:13:52 UTC", "acknowledged  no"):
+    for needle in (
+        "REVOKED",
+        "client-007",
+        "certificate serial 7 is revoked",
+        "alerting",
+        "14:13:52 UTC",
+        "acknowledged  no",
+    ):
         assert needle in text
 
 

@@ -15,7 +15,9 @@ SIZE = (160, 48)
 
 def make_app(link: ev.Link = ev.Link.CONNECTED, since: float = NOW - 60) -> ConsoleApp:
     state = ConsoleState(now=NOW)
-    state.apply(ev.LinkChanged(link, since, "" if link is ev.Link.CONNECTED else "broker connection lost"))
+    state.apply(
+        ev.LinkChanged(link, since, "" if link is ev.Link.CONNECTED else "broker connection lost")
+    )
     state.apply_all(job_events())
     state.apply_all(job_events(rounds=1, job="cifar-2", t0=NOW - 20))
     return ConsoleApp(state=state, clock=lambda: NOW, source="amqp://127.0.0.1:5672")
@@ -27,7 +29,7 @@ def test_main_screen(snap_compare) -> None:
 
 def test_main_screen_reconnecting_and_filtered(snap_compare) -> None:
     async def run_before(pilot) -> None:
-        await pilot.press("s", "s")          # critical alerts only
+        await pilot.press("s", "s")  # critical alerts only
         await pilot.pause()
 
     app = make_app(ev.Link.RECONNECTING, since=NOW - 7)

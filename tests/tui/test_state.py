@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from qflare.tui import events as ev
 from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
 
@@ -51,7 +50,7 @@ def test_clients_reputation_flags_and_revocation(state: ConsoleState) -> None:
 def test_privacy_budget_and_accuracy_series(state: ConsoleState) -> None:
     view = state.jobs[JOB]
     assert view.epsilon_budget == 4.0
-    assert view.epsilon_spent == pytest.approx(1.4)   # granted for the open round 4 too
+    assert view.epsilon_spent == pytest.approx(1.4)  # granted for the open round 4 too
     assert [v for v, _ in view.accuracy] == [1, 2, 3]
     assert view.accuracy[-1][1] == pytest.approx(0.8)
 
@@ -69,7 +68,7 @@ def test_late_messages_never_rewind_a_round() -> None:
     s = ConsoleState()
     s.apply(ev.RoundOpened("j", 1, T0, participants=("a", "b")))
     s.apply(ev.ModelPublished("j", 1, T0 + 2, version=1))
-    s.apply(ev.UpdateAccepted("j", 1, T0 + 3, client="a"))   # redelivered, late
+    s.apply(ev.UpdateAccepted("j", 1, T0 + 3, client="a"))  # redelivered, late
     assert s.rounds[("j", 1)].state == "published"
 
 
@@ -79,7 +78,7 @@ def test_alerts_dedup_by_message_identity_and_acknowledge(state: ConsoleState) -
     assert len(state.alerts) == n
     newest = state.visible_alerts()[0]
     assert newest.reason == "REVOKED"
-    assert state.unacknowledged == 6       # info alerts do not count
+    assert state.unacknowledged == 6  # info alerts do not count
     assert state.acknowledge(state.visible_alerts(parse_filter("sev:critical"))[0].seq)
     assert state.unacknowledged == 5
     assert not state.acknowledge(10_000)
@@ -87,7 +86,9 @@ def test_alerts_dedup_by_message_identity_and_acknowledge(state: ConsoleState) -
 
 def test_redelivered_verdict_counts_a_round_once(state: ConsoleState) -> None:
     before = state.clients["client-005"].rounds_flagged
-    state.apply(ev.RoundVerdict(JOB, 3, T0, kept=(), flagged=(ev.FlaggedClient("client-005", 1.0),)))
+    state.apply(
+        ev.RoundVerdict(JOB, 3, T0, kept=(), flagged=(ev.FlaggedClient("client-005", 1.0),))
+    )
     assert state.clients["client-005"].rounds_flagged == before
 
 
@@ -100,7 +101,7 @@ def test_redelivered_verdict_counts_a_round_once(state: ConsoleState) -> None:
         ("client:client-006", 3),
         ("client:client-006 sev:critical", 1),
         ("kind:update", 1),
-        ("round 2", 2),          # bare words search the detail
+        ("round 2", 2),  # bare words search the detail
         ("", 7),
     ],
     ids=lambda v: str(v),
@@ -125,7 +126,7 @@ def test_pause_holds_events_and_resume_applies_them_in_order() -> None:
     s.apply(ev.UpdateAccepted("j", 1, T0 + 1, client="a"))
     s.apply(ev.LinkChanged(ev.Link.RECONNECTING, T0 + 2))
     assert not s.rounds and len(s.pending) == 2
-    assert s.link is ev.Link.RECONNECTING           # the link is shown even while paused
+    assert s.link is ev.Link.RECONNECTING  # the link is shown even while paused
     s.resume()
     assert s.rounds[("j", 1)].state == "collecting" and not s.pending
 
@@ -141,9 +142,21 @@ def test_link_since_tracks_changes_only() -> None:
 
 def test_history_snapshot_rebuilds_rows_without_latency() -> None:
     s = ConsoleState()
-    s.apply(ev.RoundSnapshot("j", 2, T0, state="published", participants=("a", "b", "c"),
-                             received=("a", "b", "c"), kept=("a", "b"), flagged=("c",),
-                             rule="median", epsilon_total=0.7, model_version=1))
+    s.apply(
+        ev.RoundSnapshot(
+            "j",
+            2,
+            T0,
+            state="published",
+            participants=("a", "b", "c"),
+            received=("a", "b", "c"),
+            kept=("a", "b"),
+            flagged=("c",),
+            rule="median",
+            epsilon_total=0.7,
+            model_version=1,
+        )
+    )
     row = s.rounds[("j", 2)]
     assert (row.state, row.kept, row.flagged, row.latency) == ("published", 2, ("c",), None)
     assert s.clients["c"].rounds_flagged == 1 and s.jobs["j"].epsilon_spent == 0.7

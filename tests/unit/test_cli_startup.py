@@ -13,7 +13,9 @@ HEAVY = ("dp_accounting", "scipy", "torch", "qflare.runtime", "qflare.privacy", 
 
 
 def _loaded_after(code: str) -> list[str]:
-    probe = code + f"\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    probe = (
+        code + f"\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -23,8 +25,10 @@ def test_building_the_cli_loads_no_heavy_library() -> None:
 
 
 def test_provision_loads_no_heavy_library(tmp_path: Path) -> None:
-    code = (f"from qflare.cli import main\n"
-            f"assert main(['provision', '--out', {str(tmp_path / 'pki')!r}, '--clients', '1']) == 0")
+    code = (
+        f"from qflare.cli import main\n"
+        f"assert main(['provision', '--out', {str(tmp_path / 'pki')!r}, '--clients', '1']) == 0"
+    )
     assert _loaded_after(code) == []
     assert (tmp_path / "pki" / "clients").is_dir()
 

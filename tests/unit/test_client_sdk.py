@@ -5,10 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from qflare.client import Kit, LocalUpdate, Participant, RoundInfo, delta, load_tensors, model_tensors
 from qflare.crypto.testing import make_federation
 from qflare.messages import MessageRejected, Reason
+
+from qflare.client import (
+    Kit,
+    LocalUpdate,
+    Participant,
+    RoundInfo,
+    delta,
+    load_tensors,
+    model_tensors,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +30,17 @@ def _model() -> torch.nn.Module:
 
 
 def _info(client: str = "client-000", participants: tuple[str, ...] = ("client-000",)) -> RoundInfo:
-    return RoundInfo(job="j1", round=1, client=client, model_version=0, model_digest=b"\0" * 32,
-                     deadline=1e12, clip_norm=1.0, participants=participants, rule="mean")
+    return RoundInfo(
+        job="j1",
+        round=1,
+        client=client,
+        model_version=0,
+        model_digest=b"\0" * 32,
+        deadline=1e12,
+        clip_norm=1.0,
+        participants=participants,
+        rule="mean",
+    )
 
 
 def test_tensors_round_trip_through_the_state_dict_including_buffers() -> None:
@@ -99,7 +116,10 @@ def test_participant_needs_train_or_an_override_and_an_ingest_cert_to_seal(fed) 
         Participant(kit, None, None)
     with pytest.raises(ValueError, match="ingest certificate"):
         Participant(Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1)
-    assert Participant(Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1, seal=False).id == "client-000"
+    assert (
+        Participant(Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1, seal=False).id
+        == "client-000"
+    )
 
 
 def test_kit_checks_roles_and_fills_broker_credentials(fed) -> None:
@@ -118,7 +138,9 @@ def test_kit_loads_from_a_provisioned_folder(tmp_path) -> None:
 
     provision(tmp_path, clients=1)
     kit = Kit.load(tmp_path / "clients" / "client-000")
-    assert kit.id == "client-000" and kit.ingest_cert is not None and kit.ingest_cert.role == "ingest"
+    assert (
+        kit.id == "client-000" and kit.ingest_cert is not None and kit.ingest_cert.role == "ingest"
+    )
     with pytest.raises(ValueError, match="not a client kit"):
         Kit.load(tmp_path)
 

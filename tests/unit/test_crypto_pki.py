@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from qflare.cli import main
 from qflare.crypto import (
     Certificate,
     CertificateAuthority,
@@ -25,6 +23,8 @@ from qflare.crypto import (
     revoke,
 )
 from qflare.crypto.keystore import signing_key_from_pem, signing_key_to_pem
+
+from qflare.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,8 @@ def test_provision_layout_passphrase_and_revoke(tmp_path: Path) -> None:
     fed = provision(tmp_path, 3, passphrase=b"s3cret", expiry_days=30)
     assert sorted(fed.clients) == ["client-000", "client-001", "client-002"]
     assert {"ingest", "detector", "aggregator", "accountant", "alerting", "operator"} <= set(
-        fed.services)
+        fed.services
+    )
     kit = fed.clients["client-001"]
     for name in ("cert.qc", "key.pem", "kem.pem", "ca.qc", "crl.qrl", "ingest.qc"):
         assert (kit / name).is_file(), name
@@ -165,20 +166,47 @@ def test_revoke_unknown_target_is_a_configuration_error(tmp_path: Path) -> None:
         revoke(tmp_path, ["nobody"])
 
 
-def test_cli_provision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_provision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("QFLARE_TEST_PASS", "pw")
     out = tmp_path / "fed"
-    assert main(["provision", "--out", str(out), "--clients", "2",
-                 "--passphrase-env", "QFLARE_TEST_PASS", "--expiry-days", "7"]) == 0
+    assert (
+        main(
+            [
+                "provision",
+                "--out",
+                str(out),
+                "--clients",
+                "2",
+                "--passphrase-env",
+                "QFLARE_TEST_PASS",
+                "--expiry-days",
+                "7",
+            ]
+        )
+        == 0
+    )
     assert "encrypted" in capsys.readouterr().out
     ident = Federation.at(out).identity("client-001", b"pw")
     assert ident.cert.not_after - time.time() < 7 * 86400 + 60
     assert main(["provision", "--out", str(out), "--clients", "2"]) == 2
     assert "exists" in capsys.readouterr().err
     monkeypatch.delenv("QFLARE_TEST_PASS")
-    assert main(["provision", "--out", str(tmp_path / "x"), "--clients", "1",
-                 "--passphrase-env", "QFLARE_TEST_PASS"]) == 2
+    assert (
+        main(
+            [
+                "provision",
+                "--out",
+                str(tmp_path / "x"),
+                "--clients",
+                "1",
+                "--passphrase-env",
+                "QFLARE_TEST_PASS",
+            ]
+        )
+        == 2
+    )
 
 
 from hypothesis import given, settings  # noqa: E402
@@ -190,9 +218,14 @@ _CERT = _ANCHOR.issue("c", "client", generate_signing_key().public_key).to_bytes
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.one_of(st.binary(max_size=512),
-                      st.tuples(st.integers(0, len(_CERT) - 1), st.integers(0, 255)).map(
-                          lambda e: _CERT[:e[0]] + bytes([e[1]]) + _CERT[e[0] + 1:])))
+@given(
+    data=st.one_of(
+        st.binary(max_size=512),
+        st.tuples(st.integers(0, len(_CERT) - 1), st.integers(0, 255)).map(
+            lambda e: _CERT[: e[0]] + bytes([e[1]]) + _CERT[e[0] + 1 :]
+        ),
+    )
+)
 def test_random_or_mutated_certificates_raise_only_message_rejected(data: bytes) -> None:
     if data == _CERT:
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from qflare.crypto import KemPrivateKey, MessageRejected, Reason, open_sealed, seal
 from qflare.crypto.sealing import MLKEM_CIPHERTEXT_SIZE, OVERHEAD, X25519_SIZE
 
@@ -26,9 +25,11 @@ def test_two_seals_of_the_same_plaintext_differ(key: KemPrivateKey) -> None:
     assert seal(key.public_key, b"same", b"") != seal(key.public_key, b"same", b"")
 
 
-@pytest.mark.parametrize("offset", [0, MLKEM_CIPHERTEXT_SIZE - 1, MLKEM_CIPHERTEXT_SIZE,
-                                    MLKEM_CIPHERTEXT_SIZE + X25519_SIZE, -1],
-                         ids=["mlkem-ct", "mlkem-ct-end", "x25519-ct", "aes-ct", "tag"])
+@pytest.mark.parametrize(
+    "offset",
+    [0, MLKEM_CIPHERTEXT_SIZE - 1, MLKEM_CIPHERTEXT_SIZE, MLKEM_CIPHERTEXT_SIZE + X25519_SIZE, -1],
+    ids=["mlkem-ct", "mlkem-ct-end", "x25519-ct", "aes-ct", "tag"],
+)
 def test_tampering_anywhere_fails(key: KemPrivateKey, offset: int) -> None:
     blob = bytearray(seal(key.public_key, b"secret update", b"hdr"))
     blob[offset] ^= 0x01

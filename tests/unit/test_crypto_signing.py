@@ -9,7 +9,6 @@ import sys
 
 import pytest
 from dilithium_py.ml_dsa import ML_DSA_65
-
 from qflare.crypto import (
     CryptoUnavailable,
     context_for,
@@ -80,8 +79,7 @@ def test_unknown_backend_is_a_configuration_error() -> None:
         get_backend("nope")
 
 
-def test_oqs_backend_without_liboqs_says_how_to_install(monkeypatch: pytest.MonkeyPatch
-                                                        ) -> None:
+def test_oqs_backend_without_liboqs_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     from qflare.crypto import signing
 
     monkeypatch.setattr(signing, "find_liboqs", lambda: None)
@@ -92,12 +90,15 @@ def test_oqs_backend_without_liboqs_says_how_to_install(monkeypatch: pytest.Monk
 
 def test_importing_qflare_never_imports_oqs() -> None:
     # A fresh interpreter: importing oqs without liboqs would start a git clone + build.
-    code = ("import sys, qflare.crypto, qflare.messages; "
-            "from qflare.crypto import get_backend, CryptoUnavailable\n"
-            "try: get_backend('oqs')\nexcept CryptoUnavailable: pass\n"
-            "import qflare.crypto.signing as s\n"
-            "print('oqs' in sys.modules, s.find_liboqs() is None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout.split()
+    code = (
+        "import sys, qflare.crypto, qflare.messages; "
+        "from qflare.crypto import get_backend, CryptoUnavailable\n"
+        "try: get_backend('oqs')\nexcept CryptoUnavailable: pass\n"
+        "import qflare.crypto.signing as s\n"
+        "print('oqs' in sys.modules, s.find_liboqs() is None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
     if out[1] == "True":  # no liboqs here: oqs must not have been imported
         assert out[0] == "False"

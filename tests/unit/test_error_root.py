@@ -9,8 +9,19 @@ from qflare.errors import QflareError
 from qflare.sim.config import SimConfigError
 
 
-@pytest.mark.parametrize("cls", [bus.BusError, bus.MessageTooLarge, bus.BusUnavailable, bus.PublishFailed,
-                                 bus.TopologyError, bus.AccessRefused, bus.BusClosed, bus.InvalidHeaders])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        bus.BusError,
+        bus.MessageTooLarge,
+        bus.BusUnavailable,
+        bus.PublishFailed,
+        bus.TopologyError,
+        bus.AccessRefused,
+        bus.BusClosed,
+        bus.InvalidHeaders,
+    ],
+)
 def test_bus_errors_share_the_root(cls: type[Exception]) -> None:
     assert issubclass(cls, QflareError)
 

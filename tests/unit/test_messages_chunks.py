@@ -5,7 +5,6 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
-
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import (
     Limits,
@@ -29,12 +28,18 @@ def fed() -> MemoryFederation:
 @pytest.fixture(scope="module")
 def envelope(fed: MemoryFederation) -> bytes:
     tensors = {"w": np.random.default_rng(1).standard_normal(50_000).astype(np.float32)}
-    return encode("update", Update(base_version=0, num_samples=1, tensors=tensors),
-                  fed["client-000"], job=JOB, round=2)
+    return encode(
+        "update",
+        Update(base_version=0, num_samples=1, tensors=tensors),
+        fed["client-000"],
+        job=JOB,
+        round=2,
+    )
 
 
-def parts(fed: MemoryFederation, envelope: bytes, who: str = "client-000",
-          chunk_size: int = 30_000) -> list[bytes]:
+def parts(
+    fed: MemoryFederation, envelope: bytes, who: str = "client-000", chunk_size: int = 30_000
+) -> list[bytes]:
     return list(split(envelope, fed[who], job=JOB, round=2, chunk_size=chunk_size))
 
 
@@ -56,8 +61,10 @@ def test_reassembles_in_any_chunk_order(fed, envelope) -> None:  # type: ignore[
         assert (out is None) == (i < len(chunks) - 1)
     assert bytes(out) == envelope and r.inflight_bytes == 0
     env = open_envelope(out, fed.trust(), max_bytes=Limits().max_body_bytes)
-    assert env.body.tensors["w"].tobytes() == open_envelope(envelope, fed.trust()
-                                                            ).body.tensors["w"].tobytes()
+    assert (
+        env.body.tensors["w"].tobytes()
+        == open_envelope(envelope, fed.trust()).body.tensors["w"].tobytes()
+    )
 
 
 def test_unchunked_messages_pass_through(fed, envelope) -> None:  # type: ignore[no-untyped-def]
@@ -87,9 +94,13 @@ def test_chunk_from_another_sender_or_transfer(fed, envelope) -> None:  # type: 
 def test_chunk_not_matching_manifest_digest(fed, envelope) -> None:  # type: ignore[no-untyped-def]
     # Same sender, two transfers: a chunk re-labelled with the other transfer's id is
     # validly signed but its bytes do not match the manifest entry.
-    other = encode("update", Update(base_version=0, num_samples=2,
-                                    tensors={"w": np.ones(50_000, np.float32)}),
-                   fed["client-000"], job=JOB, round=2)
+    other = encode(
+        "update",
+        Update(base_version=0, num_samples=2, tensors={"w": np.ones(50_000, np.float32)}),
+        fed["client-000"],
+        job=JOB,
+        round=2,
+    )
     a, b = parts(fed, envelope), parts(fed, other)
     r = Reassembler(fed.trust())
     r.feed(a[0])
@@ -97,8 +108,13 @@ def test_chunk_not_matching_manifest_digest(fed, envelope) -> None:  # type: ign
     transfer = msgpack.unpackb(msgpack.unpackb(a[0])["body"])["transfer"]
     from qflare.messages import Chunk
 
-    forged = encode("chunk", Chunk(transfer=transfer, index=0, data=body["data"]),
-                    fed["client-000"], job=JOB, round=2)
+    forged = encode(
+        "chunk",
+        Chunk(transfer=transfer, index=0, data=body["data"]),
+        fed["client-000"],
+        job=JOB,
+        round=2,
+    )
     assert reason(r, forged) is Reason.BAD_DIGEST
 
 
@@ -110,14 +126,25 @@ def test_out_of_range_and_wrong_size(fed, envelope) -> None:  # type: ignore[no-
     r.feed(ps[0])
     transfer = msgpack.unpackb(msgpack.unpackb(ps[0])["body"])["transfer"]
     n = len(ps) - 1
-    out_of_range = encode("chunk", Chunk(transfer=transfer, index=n, data=b"x"),
-                          fed["client-000"], job=JOB, round=2)
+    out_of_range = encode(
+        "chunk", Chunk(transfer=transfer, index=n, data=b"x"), fed["client-000"], job=JOB, round=2
+    )
     assert reason(r, out_of_range) is Reason.CHUNK_MISMATCH
-    oversized = encode("chunk", Chunk(transfer=transfer, index=0, data=b"x" * 30_001),
-                       fed["client-000"], job=JOB, round=2)
+    oversized = encode(
+        "chunk",
+        Chunk(transfer=transfer, index=0, data=b"x" * 30_001),
+        fed["client-000"],
+        job=JOB,
+        round=2,
+    )
     assert reason(r, oversized) is Reason.CHUNK_MISMATCH
-    other_round = encode("chunk", Chunk(transfer=transfer, index=0, data=b"x" * 30_000),
-                         fed["client-000"], job=JOB, round=3)
+    other_round = encode(
+        "chunk",
+        Chunk(transfer=transfer, index=0, data=b"x" * 30_000),
+        fed["client-000"],
+        job=JOB,
+        round=3,
+    )
     assert reason(r, other_round) is Reason.CHUNK_MISMATCH
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from qflare.messages import ALLOWED_DTYPES, Limits, MessageRejected, Reason, packb, unpack
 from qflare.messages.codec import TENSOR_EXT
 
@@ -46,8 +45,16 @@ def test_big_endian_and_non_contiguous_inputs_are_normalised() -> None:
 
 
 def test_scalars_and_containers_match_msgpack() -> None:
-    value = {"i": [0, 1, -1, -33, 127, 128, 65536, 2**40, -(2**40)], "f": 1.5, "s": "é" * 40,
-             "b": b"\x00" * 300, "n": None, "t": True, "e": [], "m": {"x": {"y": [1]}}}
+    value = {
+        "i": [0, 1, -1, -33, 127, 128, 65536, 2**40, -(2**40)],
+        "f": 1.5,
+        "s": "é" * 40,
+        "b": b"\x00" * 300,
+        "n": None,
+        "t": True,
+        "e": [],
+        "m": {"x": {"y": [1]}},
+    }
     assert unpack(packb(value)) == value
     assert unpack(msgpack.packb(value, use_bin_type=True)) == value
     assert unpack(msgpack.packb(np.float32(2.5).item())) == 2.5
@@ -73,28 +80,46 @@ def test_encoder_refuses_what_the_wire_does_not_carry() -> None:
 
 # --- each limit / malformation, with its reason ---------------------------------------
 
+
 def test_truncated_input_is_malformed() -> None:
     data = packb({"t": np.arange(10, dtype=np.float32), "s": "hello"})
     for cut in range(len(data)):
         assert _reason(data[:cut]) is Reason.MALFORMED
 
 
-@pytest.mark.parametrize("data", [b"\xc1", b"\x81\x01\x02", b"\x82\xa1a\x01\xa1a\x02",
-                                  b"\xa2\xff\xfe", b"\xc0\xc0", b"\xd4\x05\x00"],
-                         ids=["never-used-byte", "int-key", "duplicate-key", "bad-utf8",
-                              "trailing", "foreign-ext"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xc1",
+        b"\x81\x01\x02",
+        b"\x82\xa1a\x01\xa1a\x02",
+        b"\xa2\xff\xfe",
+        b"\xc0\xc0",
+        b"\xd4\x05\x00",
+    ],
+    ids=["never-used-byte", "int-key", "duplicate-key", "bad-utf8", "trailing", "foreign-ext"],
+)
 def test_garbled_msgpack_is_malformed(data: bytes) -> None:
     assert _reason(data) is Reason.MALFORMED
 
 
-@pytest.mark.parametrize("data", [b"\xc6\xff\xff\xff\xf0abc", b"\xdb\x00\x10\x00\x00abc",
-                                  b"\xdd\x7f\xff\xff\xff\xc0", b"\xdf\x00\x01\x00\x00\xa1a",
-                                  b"\xc9\x00\x00\x10\x00\x01abc"],
-                         ids=["bin", "str", "array", "map", "ext"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xc6\xff\xff\xff\xf0abc",
+        b"\xdb\x00\x10\x00\x00abc",
+        b"\xdd\x7f\xff\xff\xff\xc0",
+        b"\xdf\x00\x01\x00\x00\xa1a",
+        b"\xc9\x00\x00\x10\x00\x01abc",
+    ],
+    ids=["bin", "str", "array", "map", "ext"],
+)
 def test_declared_length_larger_than_data_is_malformed(data: bytes) -> None:
     # The bounds are checked against the bytes present before anything is allocated.
-    assert _reason(data, Limits(max_container_len=2**32, max_str_len=2**32,
-                                max_bin_len=2**32)) is Reason.MALFORMED
+    assert (
+        _reason(data, Limits(max_container_len=2**32, max_str_len=2**32, max_bin_len=2**32))
+        is Reason.MALFORMED
+    )
 
 
 def test_nesting_bomb_is_too_deep() -> None:
@@ -116,8 +141,9 @@ def test_tensor_limits() -> None:
     assert _reason(packb([t, t, t]), small) is Reason.TOO_LARGE
     assert _reason(packb(np.zeros((1, 1, 1, 1))), small) is Reason.TOO_LARGE
     assert _reason(packb(np.zeros(101, dtype=np.uint8)), small) is Reason.TOO_LARGE
-    assert _reason(packb([np.zeros(80, np.uint8), np.zeros(80, np.uint8)]), small
-                   ) is Reason.TOO_LARGE
+    assert (
+        _reason(packb([np.zeros(80, np.uint8), np.zeros(80, np.uint8)]), small) is Reason.TOO_LARGE
+    )
     # A huge declared shape is refused from the header alone, before any allocation.
     assert _reason(_ext(["float32", [2**40, 2**40]], b"")) is Reason.TOO_LARGE
 
@@ -133,11 +159,14 @@ def test_declared_shape_must_match_the_data() -> None:
     assert _reason(_ext(["float32", [-1]], b"")) is Reason.MALFORMED
     assert _reason(_ext(["float32", [1.5]], b"")) is Reason.MALFORMED
     assert _reason(_ext(["float32"], b"")) is Reason.MALFORMED
-    assert _reason(msgpack.packb(msgpack.ExtType(TENSOR_EXT, b"\x92\xa7float32\xd4\x01\x00")
-                                 )) is Reason.MALFORMED  # no ext inside a tensor header
+    assert (
+        _reason(msgpack.packb(msgpack.ExtType(TENSOR_EXT, b"\x92\xa7float32\xd4\x01\x00")))
+        is Reason.MALFORMED
+    )  # no ext inside a tensor header
 
 
 # --- properties ---------------------------------------------------------------------
+
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=512))
@@ -148,15 +177,24 @@ def test_random_bytes_raise_only_message_rejected(data: bytes) -> None:
         pass
 
 
-_VALID = packb({"w": np.arange(6, dtype=np.float32).reshape(2, 3), "s": "name",
-                "l": [1, 2.5, None, b"bytes"], "m": {"k": True}})
+_VALID = packb(
+    {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "s": "name",
+        "l": [1, 2.5, None, b"bytes"],
+        "m": {"k": True},
+    }
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=4),
-       st.integers(0, len(_VALID)))
-def test_mutated_valid_bodies_raise_only_message_rejected(edits: list[tuple[int, int]],
-                                                          cut: int) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=4),
+    st.integers(0, len(_VALID)),
+)
+def test_mutated_valid_bodies_raise_only_message_rejected(
+    edits: list[tuple[int, int]], cut: int
+) -> None:
     data = bytearray(_VALID)
     for pos, value in edits:
         data[pos] = value

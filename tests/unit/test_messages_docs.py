@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qflare.cli import main
 from qflare.messages import BODY_TYPES, Reason
 from qflare.messages.docs import render_reference
+
+from qflare.cli import main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "messages.md"
 
@@ -23,7 +24,8 @@ def test_reference_lists_every_kind_field_and_reason() -> None:
 
 def test_committed_reference_is_up_to_date() -> None:
     assert DOC.read_text() == render_reference(), (
-        "docs/messages.md is stale: run `qflare messages docs --out docs/messages.md`")
+        "docs/messages.md is stale: run `qflare messages docs --out docs/messages.md`"
+    )
 
 
 def test_cli_check(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-
 from qflare.crypto import context_for
 from qflare.crypto.pki import canonical
 from qflare.crypto.testing import MemoryFederation, make_federation
@@ -44,15 +43,24 @@ T = {"w": np.ones(4, np.float32)}
 
 
 def env(who: str = "client-000", fed: MemoryFederation = FED, **kw: Any) -> bytes:
-    return encode("update", Update(base_version=0, num_samples=1, tensors=T), fed[who],
-                  job="j", round=1, **kw)
+    return encode(
+        "update", Update(base_version=0, num_samples=1, tensors=T), fed[who], job="j", round=1, **kw
+    )
 
 
 def raw(body: bytes = b"", ctx: str | None = None, **over: Any) -> bytes:
     ident = FED["client-000"]
     body = body or packb({"base_version": 0, "num_samples": 1, "tensors": T})
-    h = {"v": 1, "kind": "update", "sender": ident.id, "cert": ident.cert.to_bytes(),
-         "job": "j", "round": 1, "ts": int(time.time() * 1000), "nonce": os.urandom(16)}
+    h = {
+        "v": 1,
+        "kind": "update",
+        "sender": ident.id,
+        "cert": ident.cert.to_bytes(),
+        "job": "j",
+        "round": 1,
+        "ts": int(time.time() * 1000),
+        "nonce": os.urandom(16),
+    }
     h.update(over)
     h["body_digest"] = hashlib.sha256(body).digest()
     sig = ident.key.sign(canonical(h), context_for(ctx or h["kind"]))
@@ -83,8 +91,16 @@ def chunk_case(kind: str) -> Callable[[], object]:
             r.feed(ps[1])
             return r.feed(ps[1])
         transfer = msgpack.unpackb(msgpack.unpackb(ps[0])["body"])["transfer"]
-        return r.feed(encode("chunk", Chunk(transfer=transfer, index=99, data=b"x"),
-                             FED["client-000"], job="j", round=1))
+        return r.feed(
+            encode(
+                "chunk",
+                Chunk(transfer=transfer, index=99, data=b"x"),
+                FED["client-000"],
+                job="j",
+                round=1,
+            )
+        )
+
     return run
 
 
@@ -95,8 +111,9 @@ CASES: dict[Reason, Callable[[], object]] = {
     Reason.TOO_DEEP: opened(b"\x91" * 1000 + b"\xc0"),
     Reason.UNSUPPORTED_VERSION: opened(raw(v=9)),
     Reason.UNKNOWN_KIND: opened(raw(kind="nope")),
-    Reason.BAD_SCHEMA: opened(raw(packb({"base_version": 0, "num_samples": 1, "tensors": T,
-                                         "x": 1}))),
+    Reason.BAD_SCHEMA: opened(
+        raw(packb({"base_version": 0, "num_samples": 1, "tensors": T, "x": 1}))
+    ),
     Reason.BAD_DIGEST: opened(flip(env(), -2)),
     Reason.BAD_SIGNATURE: opened(raw(ctx="update.accepted")),
     Reason.UNKNOWN_SIGNER: opened(env(fed=OTHER)),
@@ -104,8 +121,9 @@ CASES: dict[Reason, Callable[[], object]] = {
     Reason.NOT_YET_VALID: opened(env("early")),
     Reason.REVOKED: opened(env("gone")),
     Reason.SENDER_MISMATCH: opened(raw(sender="someone")),
-    Reason.ROLE_NOT_ALLOWED: opened(raw(packb({"version": 1, "digest": bytes(32),
-                                               "epsilon": 0.0}), kind="model.published")),
+    Reason.ROLE_NOT_ALLOWED: opened(
+        raw(packb({"version": 1, "digest": bytes(32), "epsilon": 0.0}), kind="model.published")
+    ),
     Reason.CLOCK_SKEW: opened(raw(ts=int(time.time() * 1000) + 10**8)),
     Reason.WRONG_KIND: opened(env(), expect_kind="update.accepted"),
     Reason.WRONG_JOB: opened(env(), expect_job="other"),
@@ -113,10 +131,10 @@ CASES: dict[Reason, Callable[[], object]] = {
     Reason.DUPLICATE: chunk_case("dup"),
     Reason.DTYPE_NOT_ALLOWED: opened(raw(tensor_body(["complex64", [1]], bytes(8)))),
     Reason.SHAPE_MISMATCH: opened(raw(tensor_body(["float32", [9]], bytes(16)))),
-    Reason.NON_FINITE: lambda: validate_update({"w": np.array([0, 1, np.nan, 2], np.float32)},
-                                               SPEC),
-    Reason.UNSEAL_FAILED: opened(env(seal_to=FED["ingest"].cert),
-                                 kem_key=FED["aggregator"].kem),
+    Reason.NON_FINITE: lambda: validate_update(
+        {"w": np.array([0, 1, np.nan, 2], np.float32)}, SPEC
+    ),
+    Reason.UNSEAL_FAILED: opened(env(seal_to=FED["ingest"].cert), kem_key=FED["aggregator"].kem),
     Reason.CHUNK_MISMATCH: chunk_case("range"),
 }
 
@@ -131,4 +149,3 @@ def test_reason(reason: Reason) -> None:
         CASES[reason]()
     assert exc.value.reason is reason
     assert str(exc.value).startswith(reason.value)
-

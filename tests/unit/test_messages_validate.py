@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from qflare.messages import MessageRejected, Reason, TensorSpec, validate_update
 
-SPEC = [TensorSpec(name="w", dtype="float32", shape=[4, 3]),
-        TensorSpec(name="b", dtype="float32", shape=[3])]
+SPEC = [
+    TensorSpec(name="w", dtype="float32", shape=[4, 3]),
+    TensorSpec(name="b", dtype="float32", shape=[3]),
+]
 
 
 def good() -> dict[str, np.ndarray]:

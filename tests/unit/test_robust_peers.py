@@ -31,7 +31,7 @@ from qflare.robust.rules.bulyan import bulyan
 from qflare.robust.rules.caf import caf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import peers  # noqa: E402
+import peers
 
 byzfl = peers.load_byzfl()
 flwr = peers.load_flwr_aggregate()
@@ -91,7 +91,10 @@ def test_krum_family(n: int, d: int) -> None:
 def test_bulyan_against_flower(n: int, d: int) -> None:
     x = data(n, d, 3 * n + d)
     f = (n - 3) // 4
-    close(bulyan(x, f, neighbour_offset=2), flwr.aggregate_bulyan(fl(x), f, flwr.aggregate_krum, to_keep=0)[0])
+    close(
+        bulyan(x, f, neighbour_offset=2),
+        flwr.aggregate_bulyan(fl(x), f, flwr.aggregate_krum, to_keep=0)[0],
+    )
 
 
 @pytest.mark.parametrize("n,d", SHAPES)
@@ -160,8 +163,12 @@ def test_pre_aggregators(n: int, d: int) -> None:
 def test_torch_inputs_match_numpy_and_peer() -> None:
     x = data(12, 30, 9)
     t = torch.from_numpy(x.copy())
-    for spec, peer in [("median", byzfl.Median()), ("krum(f=2)", byzfl.Krum(2)),
-                       ("trimmed_mean(f=2)", byzfl.TrMean(2)), ("meamed(f=2)", byzfl.Meamed(2))]:
+    for spec, peer in [
+        ("median", byzfl.Median()),
+        ("krum(f=2)", byzfl.Krum(2)),
+        ("trimmed_mean(f=2)", byzfl.TrMean(2)),
+        ("meamed(f=2)", byzfl.Meamed(2)),
+    ]:
         out = get_rule(spec)(t)
         assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
         close(out, get_rule(spec)(x))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import FParam, PreAggregator, register_pre
-from .._core import require
-from .._core import row_norms
+from .._core import require, row_norms
 from .clipping import clip_rows
 
 
@@ -31,5 +30,5 @@ class ARC(FParam, PreAggregator):
         order = np.argsort(norms, kind="stable")
         limit = norms[order[n - k - 1]]
         limits = np.full(n, np.inf)
-        limits[order[n - k:]] = limit
+        limits[order[n - k :]] = limit
         return clip_rows(x, limits, norms), w

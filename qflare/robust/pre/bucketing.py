@@ -18,7 +18,7 @@ from .._core import check_int
 
 
 def buckets(n: int, s: int, perm: np.ndarray) -> list[np.ndarray]:
-    return [perm[b:b + s] for b in range(0, n, s)]
+    return [perm[b : b + s] for b in range(0, n, s)]
 
 
 @register_pre
@@ -39,6 +39,6 @@ class Bucketing(PreAggregator):
         groups = buckets(n, self.s, np.asarray(perm))
         out = np.empty((len(groups), x.shape[1]), dtype=x.dtype)
         for i, g in enumerate(groups):
-            out[i] = x[g].mean(axis=0)   # s rows gathered at a time: no n x d temporary
+            out[i] = x[g].mean(axis=0)  # s rows gathered at a time: no n x d temporary
         wout = None if w is None else np.array([w[g].sum() for g in groups])
         return out, wout

@@ -2,5 +2,17 @@
 
 from . import bulyan, caf, cc, geomed, krum, mda, meamed, mean, median, monna, smea, trimmed_mean
 
-__all__ = ["bulyan", "caf", "cc", "geomed", "krum", "mda", "meamed", "mean", "median",
-           "monna", "smea", "trimmed_mean"]
+__all__ = [
+    "bulyan",
+    "caf",
+    "cc",
+    "geomed",
+    "krum",
+    "mda",
+    "meamed",
+    "mean",
+    "median",
+    "monna",
+    "smea",
+    "trimmed_mean",
+]

@@ -25,7 +25,7 @@ def bulyan_select(d2: np.ndarray, f: int, theta: int, neighbour_offset: int = 1)
     for _ in range(theta):
         sub = d2[np.ix_(left, left)]
         k = max(1, len(left) - f - neighbour_offset)
-        scores = np.sort(sub, axis=1)[:, 1:k + 1].sum(axis=1)
+        scores = np.sort(sub, axis=1)[:, 1 : k + 1].sum(axis=1)
         best = left[int(np.argmin(scores))]
         picked.append(best)
         left.remove(best)
@@ -49,7 +49,10 @@ class Bulyan(FRule):
 
     def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
         n = x.shape[0]
-        require(n >= 4 * self.f + 3, self.name,
-                f"needs n >= 4f + 3, got n={n}, f={self.f} (4f + 3 = {4 * self.f + 3})")
+        require(
+            n >= 4 * self.f + 3,
+            self.name,
+            f"needs n >= 4f + 3, got n={n}, f={self.f} (4f + 3 = {4 * self.f + 3})",
+        )
         x, _, f = drop_nonfinite(x, None, self.f, self.name)
         return bulyan(x, f)

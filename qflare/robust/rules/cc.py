@@ -42,7 +42,7 @@ class CenteredClipping(Aggregator):
         for _ in range(self.L):
             vf = v.astype(x.dtype)
             # Norms of x_i - v in row blocks: no n x d difference array.
-            norms = np.concatenate([row_norms(x[i:i + step] - vf) for i in range(0, n, step)])
+            norms = np.concatenate([row_norms(x[i : i + step] - vf) for i in range(0, n, step)])
             with np.errstate(divide="ignore"):
                 scale = np.minimum(1.0, self.tau / norms)
             coef = base * scale

@@ -23,7 +23,7 @@ def krum_scores(d2: np.ndarray, f: int) -> np.ndarray:
     k = n - f - 1
     if k <= 0:
         return np.zeros(n)
-    s = np.sort(d2, axis=1)[:, 1:k + 1]
+    s = np.sort(d2, axis=1)[:, 1 : k + 1]
     return s.sum(axis=1)
 
 

@@ -35,12 +35,16 @@ class MoNNA(FRule):
         anchor = x[self.idx]
         # Distances to one row: a direct pass in row blocks, no n x d difference array.
         step = max(1, n // 16)
-        d2 = np.concatenate([row_norms(x[i:i + step] - anchor) for i in range(0, n, step)]) ** 2
+        d2 = np.concatenate([row_norms(x[i : i + step] - anchor) for i in range(0, n, step)]) ** 2
         ok = finite_rows(x) if not np.all(np.isfinite(d2)) else np.ones(n, bool)
         require(bool(ok[self.idx]), self.name, f"the trusted update idx={self.idx} is non-finite")
         d2 = np.where(ok, np.nan_to_num(d2, nan=np.inf), np.inf)
         k = n - self.f
-        require(int(ok.sum()) >= k, self.name, f"{n - int(ok.sum())} updates are non-finite but f={self.f}")
+        require(
+            int(ok.sum()) >= k,
+            self.name,
+            f"{n - int(ok.sum())} updates are non-finite but f={self.f}",
+        )
         chosen = np.argsort(d2, kind="stable")[:k]
         coef = np.zeros(n)
         coef[chosen] = 1.0 if w is None else w[chosen]

@@ -27,6 +27,10 @@ class SMEA(SubsetRule):
 
     def block_scores(self, blocks: np.ndarray) -> np.ndarray:
         # re-centre each block on its own subset's mean: its top eigenvalue is the scatter's
-        gs = (blocks - blocks.mean(axis=1, keepdims=True) - blocks.mean(axis=2, keepdims=True)
-              + blocks.mean(axis=(1, 2), keepdims=True))
+        gs = (
+            blocks
+            - blocks.mean(axis=1, keepdims=True)
+            - blocks.mean(axis=2, keepdims=True)
+            + blocks.mean(axis=(1, 2), keepdims=True)
+        )
         return np.linalg.eigvalsh(gs)[:, -1]

@@ -23,4 +23,4 @@ class TrimmedMean(FRule):
             return x.mean(axis=0)
         s = sorted_rows(x)
         # float32 accumulation over at most n rows; a float64 pass took 2-3x longer here.
-        return s[self.f:n - self.f].mean(axis=0)
+        return s[self.f : n - self.f].mean(axis=0)

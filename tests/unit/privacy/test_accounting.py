@@ -17,8 +17,8 @@ from qflare.privacy import (
     PrivacyError,
     RunningAccount,
     epsilon,
-    plan_noise,
     filtered_noise_multiplier,
+    plan_noise,
     plan_rounds,
 )
 
@@ -39,19 +39,23 @@ def _mnist_steps(epochs: int) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("z,epochs,published", MNIST, ids=lambda v: str(v))
-def test_tf_privacy_mnist_table_under_its_own_accounting(z: float, epochs: int,
-                                                          published: float) -> None:
+def test_tf_privacy_mnist_table_under_its_own_accounting(
+    z: float, epochs: int, published: float
+) -> None:
     q, steps = _mnist_steps(epochs)
     accountant = rdp_privacy_accountant.RdpAccountant(orders=TF_PRIVACY_ORDERS)
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
-    rdp = np.asarray(accountant._rdp)  # noqa: SLF001 - the curve TF-Privacy converted
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps
+    )
+    rdp = np.asarray(accountant._rdp)
     classic = float(np.min(rdp - math.log(1e-5) / (np.asarray(TF_PRIVACY_ORDERS) - 1)))
     assert round(classic, 2) == published
 
 
 @pytest.mark.parametrize("z,epochs,published", MNIST, ids=lambda v: str(v))
-def test_mnist_tighter_accountants_stay_below_published(z: float, epochs: int,
-                                                         published: float) -> None:
+def test_mnist_tighter_accountants_stay_below_published(
+    z: float, epochs: int, published: float
+) -> None:
     """dp-accounting's RDP (more orders, tighter conversion) and PLD give smaller epsilons for
     the same mechanism, PLD the smallest: e.g. 2.597 (RDP) and 2.38 (PLD) for the 3.01 row."""
     q, steps = _mnist_steps(epochs)
@@ -64,7 +68,7 @@ def test_mnist_tighter_accountants_stay_below_published(z: float, epochs: int,
     assert ours_pld > 0.7 * published  # same mechanism, not a different one
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fresh_round_pld(q: float, z: float) -> privacy_loss_distribution.PrivacyLossDistribution:
     # Exactly what PLDAccountant.compose builds for PoissonSampled(Gaussian) at its default
     # discretisation (1e-4); cached so the grid pays for each (q, z) once.
@@ -82,12 +86,17 @@ def _fresh_pld(events: list[tuple[float, float, int]], delta: float) -> float:
 
 def test_fresh_helper_is_the_pld_accountant() -> None:
     accountant = pld_privacy_accountant.PLDAccountant()
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(2.0)), 7)
-    assert _fresh_pld([(0.1, 2.0, 7)], 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-8)
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(2.0)), 7
+    )
+    assert _fresh_pld([(0.1, 2.0, 7)], 1e-5) == pytest.approx(
+        accountant.get_epsilon(1e-5), rel=1e-8
+    )
 
 
-@pytest.mark.parametrize("q,z", [(q, z) for q in (0.01, 0.1) for z in (1.0, 2.0)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "q,z", [(q, z) for q in (0.01, 0.1) for z in (1.0, 2.0)], ids=lambda v: str(v)
+)
 def test_incremental_path_within_one_percent_of_fresh_pld(q: float, z: float) -> None:
     account = RunningAccount()
     for rounds in range(1, 41):
@@ -118,8 +127,9 @@ def test_heterogeneous_rounds_compose_like_fresh_accountant() -> None:
     # composition commutes, so the fresh accountant may take each (q, z) group at once
     fresh = _fresh_pld([(0.01, 1.0, 10), (0.1, 2.0, 10), (0.01, 2.0, 10)], 1e-6)
     assert account.epsilon(1e-6) == pytest.approx(fresh, rel=0.01)
-    regrouped = RunningAccount.restore([Charge(0.01, 1.0, 10), Charge(0.1, 2.0, 10),
-                                        Charge(0.01, 2.0, 10)])
+    regrouped = RunningAccount.restore(
+        [Charge(0.01, 1.0, 10), Charge(0.1, 2.0, 10), Charge(0.01, 2.0, 10)]
+    )
     assert regrouped.epsilon(1e-6) == pytest.approx(account.epsilon(1e-6), rel=1e-6)
     # the RDP cross-check is an upper bound of the same composition
     assert account.epsilon_rdp(1e-6) >= account.epsilon(1e-6)
@@ -140,18 +150,22 @@ def test_filtered_noise_multiplier_scales_by_sensitivity() -> None:
         filtered_noise_multiplier(3.0, -1)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: epsilon(0.0, 1.0, 10, 1e-5),
-    lambda: epsilon(1.5, 1.0, 10, 1e-5),
-    lambda: epsilon(0.1, 0.0, 10, 1e-5),
-    lambda: epsilon(0.1, float("nan"), 10, 1e-5),
-    lambda: epsilon(0.1, 1.0, -1, 1e-5),
-    lambda: epsilon(0.1, 1.0, 10, 0.0),
-    lambda: epsilon(0.1, 1.0, 10, 1.0),
-    lambda: plan_noise(0.0, 1e-5, 0.1, 10),
-    lambda: plan_noise(1.0, 1e-5, 0.1, 0),
-    lambda: plan_rounds(1.0, 1e-5, 0.1, -2.0),
-], ids=["q0", "q>1", "z0", "znan", "T<0", "delta0", "delta1", "eps0", "plan-T0", "plan-z<0"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: epsilon(0.0, 1.0, 10, 1e-5),
+        lambda: epsilon(1.5, 1.0, 10, 1e-5),
+        lambda: epsilon(0.1, 0.0, 10, 1e-5),
+        lambda: epsilon(0.1, float("nan"), 10, 1e-5),
+        lambda: epsilon(0.1, 1.0, -1, 1e-5),
+        lambda: epsilon(0.1, 1.0, 10, 0.0),
+        lambda: epsilon(0.1, 1.0, 10, 1.0),
+        lambda: plan_noise(0.0, 1e-5, 0.1, 10),
+        lambda: plan_noise(1.0, 1e-5, 0.1, 0),
+        lambda: plan_rounds(1.0, 1e-5, 0.1, -2.0),
+    ],
+    ids=["q0", "q>1", "z0", "znan", "T<0", "delta0", "delta1", "eps0", "plan-T0", "plan-z<0"],
+)
 def test_invalid_parameters_are_typed_errors(call) -> None:
     with pytest.raises(PrivacyError) as info:
         call()

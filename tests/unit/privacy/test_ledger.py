@@ -5,8 +5,9 @@ from __future__ import annotations
 import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
-
 from qflare.messages.bodies import PrivacyDenied, PrivacyGranted
+from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
+
 from qflare.privacy import (
     BUDGET_EXHAUSTED,
     CONFLICTING_REQUEST,
@@ -18,14 +19,17 @@ from qflare.privacy import (
     PrivacyError,
     epsilon,
 )
-from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 
 Q, Z, DELTA = 0.1, 1.0, 1e-5
 
 
 def _fresh(rounds: int) -> float:
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=VALUE_DISCRETIZATION)
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(Z)), rounds)
+    accountant = pld_privacy_accountant.PLDAccountant(
+        value_discretization_interval=VALUE_DISCRETIZATION
+    )
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(Z)), rounds
+    )
     return float(accountant.get_epsilon(DELTA))
 
 
@@ -104,12 +108,19 @@ def test_decide_changes_nothing_until_applied() -> None:
         ledger.apply(stale)  # decided on an older state
 
 
-@pytest.mark.parametrize("args", [
-    dict(round_no=-1, q=Q, z=Z, clip=1.0), dict(round_no=0, q=0.0, z=Z, clip=1.0),
-    dict(round_no=0, q=1.01, z=Z, clip=1.0), dict(round_no=0, q=Q, z=-1.0, clip=1.0),
-    dict(round_no=0, q=Q, z=Z, clip=0.0), dict(round_no=0, q=Q, z=Z, clip=float("inf")),
-    dict(round_no=True, q=Q, z=Z, clip=1.0),
-], ids=["round<0", "q0", "q>1", "z<0", "clip0", "clipinf", "round-bool"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(round_no=-1, q=Q, z=Z, clip=1.0),
+        dict(round_no=0, q=0.0, z=Z, clip=1.0),
+        dict(round_no=0, q=1.01, z=Z, clip=1.0),
+        dict(round_no=0, q=Q, z=-1.0, clip=1.0),
+        dict(round_no=0, q=Q, z=Z, clip=0.0),
+        dict(round_no=0, q=Q, z=Z, clip=float("inf")),
+        dict(round_no=True, q=Q, z=Z, clip=1.0),
+    ],
+    ids=["round<0", "q0", "q>1", "z<0", "clip0", "clipinf", "round-bool"],
+)
 def test_malformed_requests_are_typed_errors(args: dict) -> None:
     ledger = Ledger("job", BudgetPolicy(5.0, DELTA))
     with pytest.raises(PrivacyError) as info:

@@ -15,9 +15,9 @@ from qflare.privacy import (
     PrivacyError,
     adaptive_sum_noise_multiplier,
     clip_l2,
+    epsilon,
     local_dp_update,
     local_epsilon,
-    epsilon,
     noisy_clipped_sum,
     poisson_sample,
 )
@@ -66,12 +66,19 @@ def test_empirical_noise_std_matches_z_times_clip(z: float, clip: float) -> None
 
 def test_dpfedavg_is_clipped_sum_plus_noise_over_expected_count() -> None:
     rng = np.random.default_rng(5)
-    updates = [{"w": rng.standard_normal((4, 3)).astype(np.float32) * s,
-                "b": rng.standard_normal(3).astype(np.float32)} for s in (0.1, 1.0, 30.0)]
+    updates = [
+        {
+            "w": rng.standard_normal((4, 3)).astype(np.float32) * s,
+            "b": rng.standard_normal(3).astype(np.float32),
+        }
+        for s in (0.1, 1.0, 30.0)
+    ]
     mech = DPFedAvg(clip=1.5, noise_multiplier=0.8, expected_clients=4.0)
     result = mech(updates, NoiseSource(seed=99))
-    vecs = [np.concatenate([u["b"].astype(np.float64), u["w"].astype(np.float64).ravel()])
-            for u in updates]
+    vecs = [
+        np.concatenate([u["b"].astype(np.float64), u["w"].astype(np.float64).ravel()])
+        for u in updates
+    ]
     clipped = sum(clip_l2(v, 1.5)[0] for v in vecs)
     noise = NoiseSource(seed=99).gaussian(0.8 * 1.5, (15,))
     expected = (clipped + noise) / 4.0
@@ -114,15 +121,16 @@ def test_adaptive_split_composes_back_to_z() -> None:
     z, sigma_b = 1.0, 5.0
     z_delta = adaptive_sum_noise_multiplier(z, sigma_b)
     assert z_delta > z
-    assert (z_delta ** -2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z)
+    assert (z_delta**-2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(z)
     with pytest.raises(PrivacyError):
         adaptive_sum_noise_multiplier(1.0, 0.5)  # 2 * sigma_b must exceed z
 
 
 def test_adaptive_clipping_tracks_the_target_quantile() -> None:
     rng = np.random.default_rng(2)
-    adaptive = AdaptiveClipping(clip=0.1, target_quantile=0.5, learning_rate=0.2,
-                                count_noise_std=2.0, expected_clients=100)
+    adaptive = AdaptiveClipping(
+        clip=0.1, target_quantile=0.5, learning_rate=0.2, count_noise_std=2.0, expected_clients=100
+    )
     mech = DPFedAvg(clip=0.1, noise_multiplier=1.0, expected_clients=100, adaptive=adaptive)
     assert mech.sum_noise_multiplier == pytest.approx(adaptive_sum_noise_multiplier(1.0, 2.0))
     noise = NoiseSource(seed=4)
@@ -147,9 +155,14 @@ def test_local_epsilon_uses_half_the_multiplier_without_amplification() -> None:
     assert local_epsilon(4.0, 10, 1e-5) > epsilon(1.0, 4.0, 10, 1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(clip=0.0, noise_multiplier=1.0, expected_clients=1.0),
-                                    dict(clip=1.0, noise_multiplier=-1.0, expected_clients=1.0),
-                                    dict(clip=1.0, noise_multiplier=1.0, expected_clients=0.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(clip=0.0, noise_multiplier=1.0, expected_clients=1.0),
+        dict(clip=1.0, noise_multiplier=-1.0, expected_clients=1.0),
+        dict(clip=1.0, noise_multiplier=1.0, expected_clients=0.0),
+    ],
+)
 def test_dpfedavg_checks_its_configuration(kwargs: dict) -> None:
     with pytest.raises(PrivacyError):
         DPFedAvg(**kwargs)

@@ -10,15 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from qflare.robust import (INSUFFICIENT, OK, Reputation, detect, flip_labels, get_attack,
-                           get_rule, list_attacks)
+from qflare.robust import (
+    INSUFFICIENT,
+    OK,
+    Reputation,
+    detect,
+    flip_labels,
+    get_attack,
+    get_rule,
+    list_attacks,
+)
 
 N, F, D = 20, 6, 10_000
 
 
 def round_with(attack: str, seed: int, **kw):
     rng = np.random.default_rng(seed)
-    mu = 0.1 * rng.normal(size=D)           # common direction: cosine to mu about 0.7
+    mu = 0.1 * rng.normal(size=D)  # common direction: cosine to mu about 0.7
     honest = (mu + 0.1 * rng.normal(size=(N - F, D))).astype(np.float32)
     byz = get_attack(attack, **kw)(honest, F, rng=seed)
     return np.concatenate([honest, byz])
@@ -59,8 +67,9 @@ def test_verdict_content_and_ids() -> None:
         detect(x, F, ids=ids[:-1])
 
 
-def non_iid_honest(seed: int, n: int = N, d: int = 2_000, classes: int = 10,
-                   alpha: float = 0.5) -> np.ndarray:
+def non_iid_honest(
+    seed: int, n: int = N, d: int = 2_000, classes: int = 10, alpha: float = 0.5
+) -> np.ndarray:
     """Honest updates shaped like non-IID clients: each mixes per-class directions by its
     own Dirichlet(alpha) class weights, plus its own SGD noise."""
     rng = np.random.default_rng(seed)
@@ -95,13 +104,15 @@ def test_near_copies_are_duplicates_but_independent_noise_is_not() -> None:
     honest = non_iid_honest(5)[: N - F]
     spread = float(np.median(np.linalg.norm(honest - honest.mean(0), axis=1)))
     rng = np.random.default_rng(6)
-    base = honest.mean(0) + 0.5 * (honest[0] - honest.mean(0))   # inside the cloud
+    base = honest.mean(0) + 0.5 * (honest[0] - honest.mean(0))  # inside the cloud
     unit = rng.normal(size=(F, honest.shape[1]))
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    near = (base + 0.01 * spread * unit).astype(np.float32)      # 1% of the spread apart
+    near = (base + 0.01 * spread * unit).astype(np.float32)  # 1% of the spread apart
     v = detect(np.concatenate([honest, near]), F)
-    assert {c for c in v.flagged if "duplicate" in v.reasons[c]} == {str(i) for i in range(N - F, N)}
-    apart = (base + 1.0 * spread * unit).astype(np.float32)      # as far apart as honest
+    assert {c for c in v.flagged if "duplicate" in v.reasons[c]} == {
+        str(i) for i in range(N - F, N)
+    }
+    apart = (base + 1.0 * spread * unit).astype(np.float32)  # as far apart as honest
     v = detect(np.concatenate([honest, apart]), F)
     assert not any("duplicate" in r for r in v.reasons.values())
 
@@ -140,8 +151,9 @@ def test_low_side_cosine_scale_is_not_set_by_the_low_group() -> None:
     # flippers at 0.12-0.22. Left in, the six lower the median (0.485) and widen the MAD
     # (0.156): none reaches -3.5. One reweighting step without the rows below -1.5 gives
     # median 0.525, MAD 0.1 (the floor): the four lowest pass -3.5.
-    honest = np.array([0.42, 0.45, 0.47, 0.48, 0.50, 0.50, 0.52, 0.53, 0.55, 0.56, 0.58,
-                       0.60, 0.62, 0.66])
+    honest = np.array(
+        [0.42, 0.45, 0.47, 0.48, 0.50, 0.50, 0.52, 0.53, 0.55, 0.56, 0.58, 0.60, 0.62, 0.66]
+    )
     low = np.array([0.12, 0.14, 0.15, 0.17, 0.20, 0.22])
     v = np.concatenate([honest, low])
     everyone = np.ones(20, dtype=bool)
@@ -163,7 +175,7 @@ def label_flip_like(seed: int, d: int = 2_000) -> np.ndarray:
     mix = rng.dirichlet(np.full(10, 0.5), size=N)
     noise = 0.5 * rng.normal(size=(N, d))
     honest = common + mix[: N - F] @ honest_cls + noise[: N - F]
-    flipped = 0.5 * common + mix[N - F:] @ flipped_cls + noise[N - F:]
+    flipped = 0.5 * common + mix[N - F :] @ flipped_cls + noise[N - F :]
     return np.concatenate([honest, flipped]).astype(np.float32)
 
 
@@ -199,17 +211,24 @@ def test_neighbourhood_mean_and_upper_z_by_hand() -> None:
     from qflare.robust.detection import neighbourhood_mean, upper_z
 
     # Rows 0-2 are one direction, 3-4 another; each row's nearest neighbours are its own kind.
-    sim = np.array([[1.0, 0.9, 0.8, 0.1, 0.0],
-                    [0.9, 1.0, 0.7, 0.0, 0.1],
-                    [0.8, 0.7, 1.0, 0.2, 0.0],
-                    [0.1, 0.0, 0.2, 1.0, 0.9],
-                    [0.0, 0.1, 0.0, 0.9, 1.0]])
+    sim = np.array(
+        [
+            [1.0, 0.9, 0.8, 0.1, 0.0],
+            [0.9, 1.0, 0.7, 0.0, 0.1],
+            [0.8, 0.7, 1.0, 0.2, 0.0],
+            [0.1, 0.0, 0.2, 1.0, 0.9],
+            [0.0, 0.1, 0.0, 0.9, 1.0],
+        ]
+    )
     v = np.array([0.6, 0.5, 0.4, 0.0, 0.1])
     everyone = np.ones(5, dtype=bool)
-    np.testing.assert_allclose(neighbourhood_mean(v, sim, everyone, 1),
-                               [0.55, 0.55, 0.5, 0.05, 0.05])
-    np.testing.assert_allclose(neighbourhood_mean(v, sim, everyone, 2),
-                               [0.5, 0.5, 0.5, (0.0 + 0.1 + 0.4) / 3, (0.1 + 0.0 + 0.5) / 3])
+    np.testing.assert_allclose(
+        neighbourhood_mean(v, sim, everyone, 1), [0.55, 0.55, 0.5, 0.05, 0.05]
+    )
+    np.testing.assert_allclose(
+        neighbourhood_mean(v, sim, everyone, 2),
+        [0.5, 0.5, 0.5, (0.0 + 0.1 + 0.4) / 3, (0.1 + 0.0 + 0.5) / 3],
+    )
     # Neighbours come from the reference rows only (row 1 left out: row 0 takes row 2).
     ref = np.array([True, False, True, True, True])
     np.testing.assert_allclose(neighbourhood_mean(v, sim, ref, 1)[0], 0.5)
@@ -279,14 +298,23 @@ def test_attacks_shapes_kinds_and_byzfl() -> None:
         out = get_attack(name, **kw)(h, 3, rng=0)
         assert out.shape == (3, 25) and out.dtype == np.float32
         assert isinstance(get_attack(name, **kw)(torch.from_numpy(h), 3, rng=0), torch.Tensor)
-    np.testing.assert_allclose(get_attack("sign_flip")(h, 1)[0], bz.SignFlipping()(h.copy()), rtol=1e-5)
-    np.testing.assert_allclose(get_attack("ipm", tau=0.5)(h, 1)[0], bz.InnerProductManipulation(0.5)(h.copy()), rtol=1e-5)
-    np.testing.assert_allclose(get_attack("alie")(h, 1)[0], bz.ALittleIsEnough(1.5)(h.copy()), rtol=1e-5)
+    np.testing.assert_allclose(
+        get_attack("sign_flip")(h, 1)[0], bz.SignFlipping()(h.copy()), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        get_attack("ipm", tau=0.5)(h, 1)[0], bz.InnerProductManipulation(0.5)(h.copy()), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        get_attack("alie")(h, 1)[0], bz.ALittleIsEnough(1.5)(h.copy()), rtol=1e-5
+    )
     np.testing.assert_array_equal(get_attack("mimic", idx=4)(h, 2), np.stack([h[4], h[4]]))
     peer = bz.Optimal_InnerProductManipulation(agg=bz.TrMean(3), pre_agg_list=[], f=3)
-    np.testing.assert_allclose(get_attack("optimal_ipm", rule="trimmed_mean(f=3)")(h, 3)[0],
-                               peer(h.copy()), rtol=1e-4)
-    np.testing.assert_array_equal(get_attack("gaussian")(h, 2, rng=5), get_attack("gaussian")(h, 2, rng=5))
+    np.testing.assert_allclose(
+        get_attack("optimal_ipm", rule="trimmed_mean(f=3)")(h, 3)[0], peer(h.copy()), rtol=1e-4
+    )
+    np.testing.assert_array_equal(
+        get_attack("gaussian")(h, 2, rng=5), get_attack("gaussian")(h, 2, rng=5)
+    )
     assert np.all(np.isinf(get_attack("inf")(h, 2)))
     with pytest.raises(ValueError, match="unknown attack 'nope'"):
         get_attack("nope")
@@ -312,16 +340,18 @@ def test_min_max_min_sum_sit_on_their_bound(name: str) -> None:
     z = get_attack(name)(h, 1)[0]
     d_h = ((h[:, None, :] - h[None, :, :]) ** 2).sum(-1)
     d_z = ((h - z) ** 2).sum(-1)
-    if name == "minmax":   # max distance to honest equals the largest honest distance
+    if name == "minmax":  # max distance to honest equals the largest honest distance
         assert d_z.max() == pytest.approx(d_h.max(), rel=1e-6)
-    else:                  # sum of squared distances equals the largest honest sum
+    else:  # sum of squared distances equals the largest honest sum
         assert d_z.sum() == pytest.approx(d_h.sum(1).max(), rel=1e-6)
     assert not np.allclose(z, h.mean(0))
 
 
 def test_label_flip() -> None:
     np.testing.assert_array_equal(flip_labels(np.array([0, 1, 9]), 10), [9, 8, 0])
-    assert torch.equal(get_attack("label_flip", num_classes=3)(torch.tensor([0, 2])), torch.tensor([2, 0]))
+    assert torch.equal(
+        get_attack("label_flip", num_classes=3)(torch.tensor([0, 2])), torch.tensor([2, 0])
+    )
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         flip_labels(np.array([10]), 10)
     with pytest.raises(TypeError, match="labels must be integers"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from qflare.services.aggregator.core import (
     CloseDecision,
     Layout,
@@ -47,21 +46,48 @@ def test_selection_rate_is_q() -> None:
         (0, 10.0, 2, "extend", CloseDecision.ABORT),
     ],
 )
-def test_close_decision(received: int, now: float, ext: int, on_short: str, expected: CloseDecision) -> None:
+def test_close_decision(
+    received: int, now: float, ext: int, on_short: str, expected: CloseDecision
+) -> None:
     got = close_decision(
-        received=received, selected=5, min_updates=2, now=now, deadline=5.0,
-        extensions=ext, max_extensions=2, on_short=on_short,
+        received=received,
+        selected=5,
+        min_updates=2,
+        now=now,
+        deadline=5.0,
+        extensions=ext,
+        max_extensions=2,
+        on_short=on_short,
     )
     assert got == expected
 
 
 def test_an_empty_sample_closes_at_once_and_releases_noise_only() -> None:
-    got = close_decision(received=0, selected=0, min_updates=3, now=0.0, deadline=5.0,
-                         extensions=0, max_extensions=2, on_short="extend")
+    got = close_decision(
+        received=0,
+        selected=0,
+        min_updates=3,
+        now=0.0,
+        deadline=5.0,
+        extensions=0,
+        max_extensions=2,
+        on_short="extend",
+    )
     assert got == CloseDecision.CLOSE
     base = {"w": np.zeros(4, np.float32)}
-    res = aggregate_round(job="j", round_no=1, seed=3, base=base, updates={}, kept=[], rule="mean", f=0,
-                          clip=1.0, noise_multiplier=1.0, expected_clients=2.0)
+    res = aggregate_round(
+        job="j",
+        round_no=1,
+        seed=3,
+        base=base,
+        updates={},
+        kept=[],
+        rule="mean",
+        f=0,
+        clip=1.0,
+        noise_multiplier=1.0,
+        expected_clients=2.0,
+    )
     assert res.kept == () and np.all(res.model["w"] != 0)
 
 
@@ -84,11 +110,22 @@ def test_clip_rows() -> None:
     assert np.allclose(np.linalg.norm(out, axis=1), [1.0, 0.5])
 
 
-def _round(kept: list[str], updates: dict, *, z: float = 0.0, rule: str = "mean", f: int = 0, seed: int = 1):
+def _round(
+    kept: list[str], updates: dict, *, z: float = 0.0, rule: str = "mean", f: int = 0, seed: int = 1
+):
     base = {"w": np.zeros(4, np.float32)}
     return aggregate_round(
-        job="j", round_no=3, seed=seed, base=base, updates=updates, kept=kept, rule=rule, f=f,
-        clip=10.0, noise_multiplier=z, expected_clients=len(kept) or 1,
+        job="j",
+        round_no=3,
+        seed=seed,
+        base=base,
+        updates=updates,
+        kept=kept,
+        rule=rule,
+        f=f,
+        clip=10.0,
+        noise_multiplier=z,
+        expected_clients=len(kept) or 1,
     )
 
 
@@ -117,7 +154,10 @@ def test_noise_is_deterministic_per_seed_and_scaled() -> None:
 
 def test_robust_rule_resists_outlier_and_median_is_clipped() -> None:
     rng = np.random.default_rng(0)
-    honest = {f"h{i}": {"w": (np.ones(4) + 0.01 * rng.standard_normal(4)).astype(np.float32)} for i in range(7)}
+    honest = {
+        f"h{i}": {"w": (np.ones(4) + 0.01 * rng.standard_normal(4)).astype(np.float32)}
+        for i in range(7)
+    }
     evil = {f"e{i}": {"w": np.full(4, -50.0, np.float32)} for i in range(2)}
     updates = {**honest, **evil}
     res = _round(sorted(updates), updates, rule="median")
@@ -134,11 +174,18 @@ def test_missing_update_is_an_error() -> None:
 def test_refused_clients_close_the_round_once_it_has_its_minimum() -> None:
     from qflare.services.aggregator.core import close_decision as cd
 
-    kw = dict(selected=10, min_updates=7, now=0.0, deadline=5.0, extensions=0, max_extensions=1,
-              on_short="extend")
+    kw = dict(
+        selected=10,
+        min_updates=7,
+        now=0.0,
+        deadline=5.0,
+        extensions=0,
+        max_extensions=1,
+        on_short="extend",
+    )
     assert cd(received=8, refused=2, **kw) == CloseDecision.CLOSE
-    assert cd(received=8, refused=1, **kw) == CloseDecision.WAIT      # one still silent
-    assert cd(received=6, refused=4, **kw) == CloseDecision.WAIT      # below min_updates: wait
+    assert cd(received=8, refused=1, **kw) == CloseDecision.WAIT  # one still silent
+    assert cd(received=6, refused=4, **kw) == CloseDecision.WAIT  # below min_updates: wait
     assert cd(received=0, refused=10, **kw) == CloseDecision.WAIT
 
 
@@ -152,17 +199,21 @@ def test_cap_removals_removes_only_the_k_highest_scored() -> None:
     assert cap_removals(["x"], [("a", 1.0)], 3) == (["x"], ["a"])
 
 
-@pytest.mark.parametrize(("rule", "detection", "bound", "expected"), [
-    ("mean", False, None, ("clipped_sum", 0.1, 1.2)),
-    ("mean", True, 0, ("clipped_sum", 0.1, 1.2)),       # detection may remove nobody
-    ("mean", True, None, ("noise_only", 0.1, 1.2)),
-    ("median", False, None, ("noise_only", 0.1, 1.2)),
-    ("median", True, 2, ("noise_only", 0.1, 1.2)),      # the rule itself is not covered
-    ("mean", True, 2, ("filter_bounded", 1.0, 1.2 / 5)),
-])
+@pytest.mark.parametrize(
+    ("rule", "detection", "bound", "expected"),
+    [
+        ("mean", False, None, ("clipped_sum", 0.1, 1.2)),
+        ("mean", True, 0, ("clipped_sum", 0.1, 1.2)),  # detection may remove nobody
+        ("mean", True, None, ("noise_only", 0.1, 1.2)),
+        ("median", False, None, ("noise_only", 0.1, 1.2)),
+        ("median", True, 2, ("noise_only", 0.1, 1.2)),  # the rule itself is not covered
+        ("mean", True, 2, ("filter_bounded", 1.0, 1.2 / 5)),
+    ],
+)
 def test_privacy_charge(rule: str, detection: bool, bound: int | None, expected: tuple) -> None:
     from qflare.runtime.jobs import privacy_charge
 
-    got = privacy_charge(rule=rule, detection=detection, sample_rate=0.1, noise_multiplier=1.2,
-                         dp_filter_bound=bound)
+    got = privacy_charge(
+        rule=rule, detection=detection, sample_rate=0.1, noise_multiplier=1.2, dp_filter_bound=bound
+    )
     assert (got.coverage, got.q) == expected[:2] and got.z == pytest.approx(expected[2])

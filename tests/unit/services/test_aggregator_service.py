@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.crypto import Federation, provision
 from qflare.messages import encode, open_envelope
-from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.services.aggregator.core import model_digest
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.runtime import JobSpec, load_settings, run_in_process
 
 CLIENTS = tuple(f"c{i}" for i in range(10))
 BYZANTINE = {"c7", "c8", "c9"}
@@ -71,15 +71,25 @@ class Harness:
     broadcast_opened: list[int] = field(default_factory=list)  # round.opened seen by clients
 
     async def start(self) -> None:
-        watch = QueueSpec("harness", bindings=(
-            (topology.EVENTS, "privacy.request.*"), (topology.EVENTS, "round.opened.*"),
-            (topology.EVENTS, "model.published.*"), (topology.EVENTS, "round.verdict.*"),
-            (topology.EVENTS, "alert.raised.*"), (topology.EVENTS, "job.ended.*"),
-            (topology.EVENTS, "privacy.granted.*"), (topology.EVENTS, "round.closed.*"),
-        ))
+        watch = QueueSpec(
+            "harness",
+            bindings=(
+                (topology.EVENTS, "privacy.request.*"),
+                (topology.EVENTS, "round.opened.*"),
+                (topology.EVENTS, "model.published.*"),
+                (topology.EVENTS, "round.verdict.*"),
+                (topology.EVENTS, "alert.raised.*"),
+                (topology.EVENTS, "job.ended.*"),
+                (topology.EVENTS, "privacy.granted.*"),
+                (topology.EVENTS, "round.closed.*"),
+            ),
+        )
         await self.bus.consume(watch, self.on_event, prefetch=64)
-        await self.bus.consume(QueueSpec("harness.broadcast", bindings=((topology.BROADCAST, "#"),)),
-                               self.on_broadcast, prefetch=64)
+        await self.bus.consume(
+            QueueSpec("harness.broadcast", bindings=((topology.BROADCAST, "#"),)),
+            self.on_broadcast,
+            prefetch=64,
+        )
 
     async def on_broadcast(self, d: Delivery) -> Outcome:
         env = open_envelope(d.body, self.fed.trust())
@@ -91,12 +101,20 @@ class Harness:
         env = open_envelope(d.body, self.fed.trust())
         if env.kind == "privacy.request" and self.play_accountant:
             if env.round > self.budget_rounds:
-                body = {"reason": "budget", "epsilon_spent": self.epsilon_per_round * self.budget_rounds, "budget": 1.0,
-                        "coverage": env.body.coverage}
+                body = {
+                    "reason": "budget",
+                    "epsilon_spent": self.epsilon_per_round * self.budget_rounds,
+                    "budget": 1.0,
+                    "coverage": env.body.coverage,
+                }
                 await self.send("accountant", "privacy.denied", body, env.job, env.round)
             else:
-                body = {"epsilon_round": self.epsilon_per_round, "epsilon_total": self.epsilon_per_round * env.round, "delta": 1e-5,
-                        "coverage": env.body.coverage}
+                body = {
+                    "epsilon_round": self.epsilon_per_round,
+                    "epsilon_total": self.epsilon_per_round * env.round,
+                    "delta": 1e-5,
+                    "coverage": env.body.coverage,
+                }
                 self.requests.append((env.round, env.body.q, env.body.z, env.body.coverage))
                 await self.send("accountant", "privacy.granted", body, env.job, env.round)
         elif env.kind == "round.opened" and env.round not in self.opened:
@@ -122,16 +140,29 @@ class Harness:
         data = encode(kind, body, self.fed.identity(role), job=job, round=round_no)
         await self.bus.publish(topology.EVENTS, f"{kind}.{job}", data)
 
-    async def send_update(self, job: str, round_no: int, client: str, version: int, tensors: dict) -> None:
-        digest = hashlib.sha256(b"".join(t.tobytes() for t in tensors.values()) + client.encode()).digest()
-        body = {"client": client, "update_digest": digest, "base_version": version, "num_samples": 10, "tensors": tensors}
+    async def send_update(
+        self, job: str, round_no: int, client: str, version: int, tensors: dict
+    ) -> None:
+        digest = hashlib.sha256(
+            b"".join(t.tobytes() for t in tensors.values()) + client.encode()
+        ).digest()
+        body = {
+            "client": client,
+            "update_digest": digest,
+            "base_version": version,
+            "num_samples": 10,
+            "tensors": tensors,
+        }
         data = encode("update.accepted", body, self.fed.identity("ingest"), job=job, round=round_no)
         await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
         if round_no == self.dup_round and client == "c0":
             # once the first is stored: the same envelope again is a redelivery (no effect,
             # no alert); a second acceptance of the same update (another ingest replica) is
             # a duplicate
-            while self.aggregator is None or await self.aggregator.store.held(job, round_no, client) is None:
+            while (
+                self.aggregator is None
+                or await self.aggregator.store.held(job, round_no, client) is None
+            ):
                 await asyncio.sleep(0.01)
             await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
             await self.send("ingest", "update.accepted", body, job, round_no)
@@ -139,7 +170,11 @@ class Harness:
     async def send_updates(self, job: str, round_no: int, opened) -> None:
         clients = list(opened.participants)[: self.send_only]
         for c in (*self.refuse, *self.refuse_then_send):
-            body = {"client": self.refuse_label.format(c), "reason": "NON_FINITE", "detail": "w[0] is inf"}
+            body = {
+                "client": self.refuse_label.format(c),
+                "reason": "NON_FINITE",
+                "detail": "w[0] is inf",
+            }
             await self.send("ingest", "update.rejected", body, job, round_no)
         clients = [c for c in clients if c not in self.refuse]
         first, rest = (clients[:5], clients[5:]) if round_no == self.hold_round else (clients, [])
@@ -152,21 +187,40 @@ class Harness:
 
 
 def job(**kw: object) -> JobSpec:
-    base = dict(job_id="j1", rounds=3, participants=CLIENTS, rule="median", f=3, detection=True,
-                noise_multiplier=0.5, clip=2.0, seed=1234, deadline_s=30.0, min_updates=7,
-                epsilon_budget=10.0)
+    base = dict(
+        job_id="j1",
+        rounds=3,
+        participants=CLIENTS,
+        rule="median",
+        f=3,
+        detection=True,
+        noise_multiplier=0.5,
+        clip=2.0,
+        seed=1234,
+        deadline_s=30.0,
+        min_updates=7,
+        epsilon_budget=10.0,
+    )
     base.update(kw)
     return JobSpec.model_validate(base)
 
 
-async def run_job(fed: Federation, data: Path, spec: JobSpec, harness_kw: dict | None = None,
-                  restart_in_round: int | None = None, restart: str = "aggregator",
-                  accountant: bool = False) -> tuple[Harness, dict[str, np.ndarray]]:
+async def run_job(
+    fed: Federation,
+    data: Path,
+    spec: JobSpec,
+    harness_kw: dict | None = None,
+    restart_in_round: int | None = None,
+    restart: str = "aggregator",
+    accountant: bool = False,
+) -> tuple[Harness, dict[str, np.ndarray]]:
     bus = await connect_bus(f"memory://agg-{data.name}")
     settings = load_settings(None, env={}, data_dir=str(data))
     names = ["detector", "aggregator", *(["accountant"] if accountant else [])]
     ids = {n: (fed.identity(n), fed.trust()) for n in names}
-    h = Harness(fed, bus, hold_round=restart_in_round, play_accountant=not accountant, **(harness_kw or {}))
+    h = Harness(
+        fed, bus, hold_round=restart_in_round, play_accountant=not accountant, **(harness_kw or {})
+    )
     await h.start()
     async with run_in_process(settings, bus, services=names, identities=ids) as running:
         h.aggregator = running.services["aggregator"]
@@ -185,7 +239,9 @@ async def run_job(fed: Federation, data: Path, spec: JobSpec, harness_kw: dict |
     return h, final
 
 
-async def test_rounds_flag_byzantine_change_model_and_end(federation: Federation, tmp_path: Path) -> None:
+async def test_rounds_flag_byzantine_change_model_and_end(
+    federation: Federation, tmp_path: Path
+) -> None:
     spec = job()
     h, final = await run_job(federation, tmp_path / "a", spec, {"dup_round": 1})
     assert h.end_reason == "completed"
@@ -204,7 +260,9 @@ async def test_rounds_flag_byzantine_change_model_and_end(federation: Federation
     assert np.dot(honest_mean.ravel(), (final["w"] - initial_model()["w"]).ravel()) > 0
 
 
-async def test_restart_mid_round_gives_the_same_model(federation: Federation, tmp_path: Path) -> None:
+async def test_restart_mid_round_gives_the_same_model(
+    federation: Federation, tmp_path: Path
+) -> None:
     spec = job(rounds=2)
     _, uninterrupted = await run_job(federation, tmp_path / "x", spec)
     h, restarted = await run_job(federation, tmp_path / "y", spec, restart_in_round=2)
@@ -220,7 +278,9 @@ async def test_denied_budget_ends_the_job(federation: Federation, tmp_path: Path
     assert model_digest(final) == h.published[2]
 
 
-async def test_the_accountant_stops_the_job_at_the_budget(federation: Federation, tmp_path: Path) -> None:
+async def test_the_accountant_stops_the_job_at_the_budget(
+    federation: Federation, tmp_path: Path
+) -> None:
     # z=1.5, q=1, delta=1e-5: PLD epsilon 2.75, 4.09, 5.17, ... per rounds granted
     spec = job(rounds=6, noise_multiplier=1.5, epsilon_budget=4.5)
     h, final = await run_job(federation, tmp_path / "acc", spec, accountant=True)
@@ -231,11 +291,14 @@ async def test_the_accountant_stops_the_job_at_the_budget(federation: Federation
     assert sorted(h.published) == [1, 2] and model_digest(final) == h.published[2]
 
 
-async def test_restarting_the_accountant_charges_no_round_twice(federation: Federation, tmp_path: Path) -> None:
+async def test_restarting_the_accountant_charges_no_round_twice(
+    federation: Federation, tmp_path: Path
+) -> None:
     spec = job(rounds=3, noise_multiplier=1.5, epsilon_budget=100.0)
     once, _ = await run_job(federation, tmp_path / "a1", spec, accountant=True)
-    twice, _ = await run_job(federation, tmp_path / "a2", spec, accountant=True, restart_in_round=2,
-                             restart="accountant")
+    twice, _ = await run_job(
+        federation, tmp_path / "a2", spec, accountant=True, restart_in_round=2, restart="accountant"
+    )
     assert once.end_reason == twice.end_reason == "completed"
     # A restored ledger composes the stored rounds in one go, so epsilon may differ in the
     # last bits; a second charge would add a whole round (about +1.1 here).
@@ -261,7 +324,9 @@ async def test_too_few_updates_extend_then_abort(federation: Federation, tmp_pat
     assert h.published == {} and model_digest(final) == model_digest(initial_model())
 
 
-async def test_a_request_lost_before_the_accountant_existed_is_sent_again(federation: Federation, tmp_path: Path) -> None:
+async def test_a_request_lost_before_the_accountant_existed_is_sent_again(
+    federation: Federation, tmp_path: Path
+) -> None:
     """Started before the accountant, the aggregator's first privacy.request is unroutable
     (dropped); its ticker re-sends a request that waits too long, and the job runs."""
     from types import MappingProxyType
@@ -270,18 +335,32 @@ async def test_a_request_lost_before_the_accountant_existed_is_sent_again(federa
 
     bus = await connect_bus("memory://lost")
     settings = load_settings(None, env={}, data_dir=str(tmp_path))
-    settings = type(settings)(data_dir=tmp_path, services=MappingProxyType(
-        {"aggregator": MappingProxyType({"reopen_interval_s": 0.3, "tick_s": 0.05})}))
-    ids = {n: (federation.identity(n), federation.trust()) for n in ("detector", "aggregator", "accountant")}
+    settings = type(settings)(
+        data_dir=tmp_path,
+        services=MappingProxyType(
+            {"aggregator": MappingProxyType({"reopen_interval_s": 0.3, "tick_s": 0.05})}
+        ),
+    )
+    ids = {
+        n: (federation.identity(n), federation.trust())
+        for n in ("detector", "aggregator", "accountant")
+    }
     spec = job(rounds=1, noise_multiplier=1.5, epsilon_budget=50.0)
     h = Harness(federation, bus, play_accountant=False)
     await h.start()
-    async with run_in_process(settings, bus, services=["detector", "aggregator"], identities=ids) as running:
+    async with run_in_process(
+        settings, bus, services=["detector", "aggregator"], identities=ids
+    ) as running:
         await running.submit_job(spec, initial_model())
         await asyncio.sleep(0.5)  # the first request went nowhere
         assert h.grants == [] and h.opened == []
-        accountant = await build_service("accountant", settings, bus=bus, identity=ids["accountant"][0],
-                                         trust=ids["accountant"][1])
+        accountant = await build_service(
+            "accountant",
+            settings,
+            bus=bus,
+            identity=ids["accountant"][0],
+            trust=ids["accountant"][1],
+        )
         await accountant.start()
         await accountant.submit_job(spec)
         try:
@@ -294,25 +373,38 @@ async def test_a_request_lost_before_the_accountant_existed_is_sent_again(federa
 
 # -- what the epsilon covers (docs/privacy.md) ------------------------------------------------
 
-async def test_mean_without_detection_is_charged_as_the_clipped_sum(federation: Federation, tmp_path: Path) -> None:
+
+async def test_mean_without_detection_is_charged_as_the_clipped_sum(
+    federation: Federation, tmp_path: Path
+) -> None:
     h, _ = await run_job(federation, tmp_path / "cs", job(rounds=1, rule="mean", detection=False))
     assert h.requests == [(1, 1.0, 0.5, "clipped_sum")] and h.coverages == ["clipped_sum"]
 
 
-async def test_detection_without_a_bound_is_noise_only(federation: Federation, tmp_path: Path) -> None:
+async def test_detection_without_a_bound_is_noise_only(
+    federation: Federation, tmp_path: Path
+) -> None:
     h, _ = await run_job(federation, tmp_path / "no", job(rounds=1, rule="mean", detection=True))
     assert h.requests == [(1, 1.0, 0.5, "noise_only")] and h.coverages == ["noise_only"]
     kept, flagged = h.verdicts[1]
     assert set(flagged) == BYZANTINE  # no bound: every flagged update is removed
 
 
-async def test_a_bound_caps_removals_and_is_charged_at_z_over_2k_plus_1(federation: Federation, tmp_path: Path) -> None:
+async def test_a_bound_caps_removals_and_is_charged_at_z_over_2k_plus_1(
+    federation: Federation, tmp_path: Path
+) -> None:
     """k = 1: the detector flags the three attackers, the aggregator removes only the
     highest-scored one; the real accountant's ledger holds z/(2k+1) = 1.5/3 at q = 1."""
     from qflare.services.accountant.store import LedgerStore
 
-    spec = job(rounds=2, rule="mean", detection=True, dp_filter_bound=1, noise_multiplier=1.5,
-               epsilon_budget=1000.0)
+    spec = job(
+        rounds=2,
+        rule="mean",
+        detection=True,
+        dp_filter_bound=1,
+        noise_multiplier=1.5,
+        epsilon_budget=1000.0,
+    )
     h, _ = await run_job(federation, tmp_path / "fb", spec, accountant=True)
     assert h.end_reason == "completed" and h.coverages == ["filter_bounded"] * 2
     (ledger_file,) = (tmp_path / "fb").rglob("accountant.sqlite")
@@ -321,7 +413,10 @@ async def test_a_bound_caps_removals_and_is_charged_at_z_over_2k_plus_1(federati
         _jobs, decisions = await store.load()
     finally:
         await store.close()
-    assert [(d.round, d.q, d.z) for d in decisions] == [(1, 1.0, pytest.approx(0.5)), (2, 1.0, pytest.approx(0.5))]
+    assert [(d.round, d.q, d.z) for d in decisions] == [
+        (1, 1.0, pytest.approx(0.5)),
+        (2, 1.0, pytest.approx(0.5)),
+    ]
     from qflare.services.aggregator.store import AggregatorStore
 
     agg = await AggregatorStore.open(ledger_file.parent.parent / "aggregator")
@@ -338,6 +433,7 @@ async def test_a_bound_caps_removals_and_is_charged_at_z_over_2k_plus_1(federati
 
 # -- refusals by ingest close a round early ----------------------------------------------------
 
+
 async def test_refused_clients_count_as_answered(federation: Federation, tmp_path: Path) -> None:
     spec = job(rounds=1, deadline_s=25.0, min_updates=7, f=2)
     t0 = asyncio.get_running_loop().time()
@@ -347,19 +443,29 @@ async def test_refused_clients_count_as_answered(federation: Federation, tmp_pat
     assert asyncio.get_running_loop().time() - t0 < 10.0, "closed without waiting for the deadline"
 
 
-async def test_a_refusal_does_not_ban_a_later_valid_update(federation: Federation, tmp_path: Path) -> None:
+async def test_a_refusal_does_not_ban_a_later_valid_update(
+    federation: Federation, tmp_path: Path
+) -> None:
     spec = job(rounds=1, deadline_s=25.0, min_updates=7, f=2)
     h, _ = await run_job(federation, tmp_path / "rv", spec, {"refuse_then_send": ("c0",)})
     assert h.end_reason == "completed" and h.closed[1] == list(CLIENTS)
 
 
-async def test_a_refusal_of_an_unverified_sender_does_not_count(federation: Federation, tmp_path: Path) -> None:
+async def test_a_refusal_of_an_unverified_sender_does_not_count(
+    federation: Federation, tmp_path: Path
+) -> None:
     """Ingest names a client whose signature failed "<id> (unverified)": anyone can claim
     an id, so such a refusal must not close the round in that client's name. (A refusal
     signed by anyone but ingest is refused by the envelope's sender check.)"""
     spec = job(rounds=1, deadline_s=1.5, min_updates=7, f=2)
     t0 = asyncio.get_running_loop().time()
-    h, _ = await run_job(federation, tmp_path / "rx", spec,
-                         {"send_only": 8, "refuse": ("c8", "c9"), "refuse_label": "{} (unverified)"})
+    h, _ = await run_job(
+        federation,
+        tmp_path / "rx",
+        spec,
+        {"send_only": 8, "refuse": ("c8", "c9"), "refuse_label": "{} (unverified)"},
+    )
     assert h.end_reason == "completed" and h.closed[1] == list(CLIENTS[:8])
-    assert asyncio.get_running_loop().time() - t0 >= 1.5, "an unverified refusal must not close the round"
+    assert asyncio.get_running_loop().time() - t0 >= 1.5, (
+        "an unverified refusal must not close the round"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from qflare.services.alerting.core import (
     KIND_CLIENT_FLAGGED,
     Action,
@@ -15,8 +14,15 @@ from qflare.services.alerting.core import (
 )
 
 
-def _alert(kind: str = "update.rejected", *, client: str | None = "c1", reason: str = "BAD_SIGNATURE",
-           job: str = "j1", round_: int | None = 1, severity: Severity = Severity.WARNING) -> Alert:
+def _alert(
+    kind: str = "update.rejected",
+    *,
+    client: str | None = "c1",
+    reason: str = "BAD_SIGNATURE",
+    job: str = "j1",
+    round_: int | None = 1,
+    severity: Severity = Severity.WARNING,
+) -> Alert:
     return Alert(job=job, kind=kind, severity=severity, reason=reason, client=client, round=round_)
 
 
@@ -27,7 +33,9 @@ def test_same_key_within_window_is_a_duplicate_and_after_it_publishes_again() ->
     assert desk.decide(_alert(), now=10.0).action is Action.PUBLISH
 
 
-@pytest.mark.parametrize("change", [{"job": "j2"}, {"kind": "other"}, {"client": "c2"}, {"reason": "REVOKED"}])
+@pytest.mark.parametrize(
+    "change", [{"job": "j2"}, {"kind": "other"}, {"client": "c2"}, {"reason": "REVOKED"}]
+)
 def test_any_key_field_makes_a_new_alert(change: dict) -> None:
     desk = AlertDesk(AlertPolicy(dedup_window_s=10))
     assert desk.decide(_alert(), now=0).publish
@@ -49,9 +57,16 @@ def test_rate_limit_is_a_token_bucket_per_job_and_critical_passes() -> None:
 
 def test_client_flagged_k_rounds_in_a_row_escalates_to_critical() -> None:
     desk = AlertDesk(AlertPolicy(dedup_window_s=0, escalate_after=3))
-    decisions = [desk.decide(_alert(KIND_CLIENT_FLAGGED, round_=r, reason="KRUM"), now=r) for r in (1, 2, 3, 4)]
-    assert [d.alert.severity for d in decisions] == [Severity.WARNING, Severity.WARNING,
-                                                     Severity.CRITICAL, Severity.CRITICAL]
+    decisions = [
+        desk.decide(_alert(KIND_CLIENT_FLAGGED, round_=r, reason="KRUM"), now=r)
+        for r in (1, 2, 3, 4)
+    ]
+    assert [d.alert.severity for d in decisions] == [
+        Severity.WARNING,
+        Severity.WARNING,
+        Severity.CRITICAL,
+        Severity.CRITICAL,
+    ]
     assert [d.streak for d in decisions] == [1, 2, 3, 4]
     assert decisions[2].escalated and "3 rounds in a row" in decisions[2].alert.detail
     assert decisions[2].alert.routing_key() == "critical.client.flagged.j1"
@@ -85,8 +100,16 @@ def test_dedup_state_is_bounded() -> None:
     assert desk.decide(_alert(client="c"), now=1).action is Action.DUPLICATE
 
 
-@pytest.mark.parametrize("kwargs", [{"dedup_window_s": -1}, {"burst": 0}, {"rate_per_s": float("nan")},
-                                    {"escalate_after": 0}, {"max_keys": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dedup_window_s": -1},
+        {"burst": 0},
+        {"rate_per_s": float("nan")},
+        {"escalate_after": 0},
+        {"max_keys": 0},
+    ],
+)
 def test_policy_rejects_bad_tunables(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         AlertPolicy(**kwargs)
@@ -101,7 +124,12 @@ def test_severity_parse() -> None:
 
 def test_dead_letter_alert_names_job_reason_and_queue() -> None:
     a = dead_letter_alert("update.j7", "delivery_limit", "ingest", exchange="qflare.client")
-    assert (a.job, a.kind, a.reason, a.severity) == ("j7", "dead_letter", "delivery_limit", Severity.CRITICAL)
+    assert (a.job, a.kind, a.reason, a.severity) == (
+        "j7",
+        "dead_letter",
+        "delivery_limit",
+        Severity.CRITICAL,
+    )
     assert "ingest" in a.detail and a.routing_key() == "critical.dead_letter.j7"
     c = dead_letter_alert("j3.model.published", "rejected", "client.client-001")
     assert c.job == "j3"

@@ -6,12 +6,14 @@ import itertools
 
 import numpy as np
 import pytest
-
-from qflare.robust import Reputation
 from qflare.services.detector.core import RoundRows, _gather_rows, decide, decide_rows
 
+from qflare.robust import Reputation
 
-def _round(seed: int, byzantine: tuple[str, ...] = ("c7", "c8", "c9")) -> dict[str, dict[str, np.ndarray]]:
+
+def _round(
+    seed: int, byzantine: tuple[str, ...] = ("c7", "c8", "c9")
+) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     direction = rng.standard_normal(200).astype(np.float32)
     out = {}
@@ -19,7 +21,10 @@ def _round(seed: int, byzantine: tuple[str, ...] = ("c7", "c8", "c9")) -> dict[s
         cid = f"c{i}"
         honest = direction + 0.3 * rng.standard_normal(200).astype(np.float32)
         w = -8.0 * direction if cid in byzantine else honest
-        out[cid] = {"w": w[:150].reshape(10, 15).astype(np.float32), "b": w[150:].astype(np.float32)}
+        out[cid] = {
+            "w": w[:150].reshape(10, 15).astype(np.float32),
+            "b": w[150:].astype(np.float32),
+        }
     return out
 
 
@@ -63,9 +68,14 @@ def test_rows_hold_tensors_in_name_order_as_float32() -> None:
 @pytest.mark.parametrize("capacity", [1, 3, 10])
 def test_rows_in_any_arrival_order_give_the_sorted_matrix(capacity: int) -> None:
     updates = _round(5)
-    expected = np.stack([np.concatenate([updates[c]["b"], updates[c]["w"].ravel()]) for c in sorted(updates)])
-    for arrival in (sorted(updates), sorted(updates, reverse=True),
-                    list(np.random.default_rng(0).permutation(sorted(updates)))):
+    expected = np.stack(
+        [np.concatenate([updates[c]["b"], updates[c]["w"].ravel()]) for c in sorted(updates)]
+    )
+    for arrival in (
+        sorted(updates),
+        sorted(updates, reverse=True),
+        list(np.random.default_rng(0).permutation(sorted(updates))),
+    ):
         rows = RoundRows(capacity)  # small capacities grow while rows arrive
         for c in arrival:
             rows.add((c, c.encode()), updates[c])

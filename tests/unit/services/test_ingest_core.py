@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from qflare.crypto.errors import MessageRejected, Reason
 from qflare.services.ingest.core import (
     OpenRound,
@@ -21,8 +20,15 @@ SPEC = tensor_specs([("w", "float32", (3, 2)), ("b", "float32", (2,))])
 
 
 def _round(**kw) -> OpenRound:
-    base = dict(job="j1", round=4, base_version=3, tensors=SPEC, participants=frozenset({"c1", "c2"}),
-                deadline=100.0, max_norm=10.0)
+    base = dict(
+        job="j1",
+        round=4,
+        base_version=3,
+        tensors=SPEC,
+        participants=frozenset({"c1", "c2"}),
+        deadline=100.0,
+        max_norm=10.0,
+    )
     base.update(kw)
     return OpenRound(**base)
 
@@ -50,14 +56,18 @@ def test_good_update_passes_and_returns_norm() -> None:
     assert check_tensors(info, _good()) == pytest.approx(np.sqrt(6 * 0.25 + 2))
 
 
-@pytest.mark.parametrize("kw,reason", [
-    ({"job": "jx"}, Reason.WRONG_JOB),
-    ({"round_": 3}, Reason.STALE_ROUND),
-    ({"round_": 5}, Reason.STALE_ROUND),
-    ({"base_version": 2}, Reason.STALE_BASE),
-    ({"client": "c9"}, Reason.NOT_PARTICIPANT),
-    ({"now": 100.5}, Reason.ROUND_CLOSED),
-], ids=["wrong-job", "older-round", "future-round", "stale-base", "not-selected", "past-deadline"])
+@pytest.mark.parametrize(
+    "kw,reason",
+    [
+        ({"job": "jx"}, Reason.WRONG_JOB),
+        ({"round_": 3}, Reason.STALE_ROUND),
+        ({"round_": 5}, Reason.STALE_ROUND),
+        ({"base_version": 2}, Reason.STALE_BASE),
+        ({"client": "c9"}, Reason.NOT_PARTICIPANT),
+        ({"now": 100.5}, Reason.ROUND_CLOSED),
+    ],
+    ids=["wrong-job", "older-round", "future-round", "stale-base", "not-selected", "past-deadline"],
+)
 def test_round_checks(kw: dict, reason: Reason) -> None:
     args = dict(job="j1", round_=4, base_version=3, client="c1", now=50.0)
     args.update(kw)
@@ -67,9 +77,18 @@ def test_round_checks(kw: dict, reason: Reason) -> None:
 def test_closed_round_and_job_without_open_round() -> None:
     book = _book()
     book.closed("j1", 4)
-    assert _code(check_round, book, job="j1", round_=4, base_version=3, client="c1", now=1) is Reason.ROUND_CLOSED
-    assert _code(check_round, book, job="j1", round_=2, base_version=3, client="c1", now=1) is Reason.STALE_ROUND
-    assert _code(check_round, book, job="j1", round_=5, base_version=3, client="c1", now=1) is Reason.STALE_ROUND
+    assert (
+        _code(check_round, book, job="j1", round_=4, base_version=3, client="c1", now=1)
+        is Reason.ROUND_CLOSED
+    )
+    assert (
+        _code(check_round, book, job="j1", round_=2, base_version=3, client="c1", now=1)
+        is Reason.STALE_ROUND
+    )
+    assert (
+        _code(check_round, book, job="j1", round_=5, base_version=3, client="c1", now=1)
+        is Reason.STALE_ROUND
+    )
 
 
 def test_needs_round_news_only_for_unknown_jobs_and_future_rounds() -> None:
@@ -81,12 +100,12 @@ def test_needs_round_news_only_for_unknown_jobs_and_future_rounds() -> None:
 
 def test_round_book_ignores_stale_and_redelivered_events() -> None:
     book = _book(_round(round=4))
-    assert not book.opened(_round(round=3))          # older announcement
+    assert not book.opened(_round(round=3))  # older announcement
     book.closed("j1", 4)
-    assert not book.opened(_round(round=4))          # redelivered opened after close
+    assert not book.opened(_round(round=4))  # redelivered opened after close
     assert book.get("j1") is None
     assert book.opened(_round(round=5)) and book.get("j1").round == 5
-    book.closed("j1", 3)                             # late close of an old round leaves 5 open
+    book.closed("j1", 3)  # late close of an old round leaves 5 open
     assert book.get("j1").round == 5
     book.ended("j1")
     assert book.get("j1") is None and book.jobs() == []
@@ -94,20 +113,26 @@ def test_round_book_ignores_stale_and_redelivered_events() -> None:
 
 def test_open_for_everyone_and_no_deadline() -> None:
     book = _book(_round(participants=None, deadline=None))
-    assert check_round(book, job="j1", round_=4, base_version=3, client="anyone", now=1e12).job == "j1"
+    assert (
+        check_round(book, job="j1", round_=4, base_version=3, client="anyone", now=1e12).job == "j1"
+    )
 
 
-@pytest.mark.parametrize("mutate,reason", [
-    (lambda t: t.pop("b"), Reason.SHAPE_MISMATCH),
-    (lambda t: t.update(extra=np.zeros(1, np.float32)), Reason.SHAPE_MISMATCH),
-    (lambda t: t.update(w=np.zeros((2, 3), np.float32)), Reason.SHAPE_MISMATCH),
-    (lambda t: t.update(w=np.zeros(6, np.float32)), Reason.SHAPE_MISMATCH),
-    (lambda t: t.update(b=np.ones(2, np.float64)), Reason.DTYPE_NOT_ALLOWED),
-    (lambda t: t["w"].__setitem__((0, 0), np.nan), Reason.NON_FINITE),
-    (lambda t: t["b"].__setitem__(1, -np.inf), Reason.NON_FINITE),
-    (lambda t: t.update(b=np.full(2, 100, np.float32)), Reason.TOO_LARGE),
-    (lambda t: t.update(b="not an array"), Reason.MALFORMED),
-], ids=["missing", "extra", "transposed", "flattened", "dtype", "nan", "inf", "norm", "not-array"])
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda t: t.pop("b"), Reason.SHAPE_MISMATCH),
+        (lambda t: t.update(extra=np.zeros(1, np.float32)), Reason.SHAPE_MISMATCH),
+        (lambda t: t.update(w=np.zeros((2, 3), np.float32)), Reason.SHAPE_MISMATCH),
+        (lambda t: t.update(w=np.zeros(6, np.float32)), Reason.SHAPE_MISMATCH),
+        (lambda t: t.update(b=np.ones(2, np.float64)), Reason.DTYPE_NOT_ALLOWED),
+        (lambda t: t["w"].__setitem__((0, 0), np.nan), Reason.NON_FINITE),
+        (lambda t: t["b"].__setitem__(1, -np.inf), Reason.NON_FINITE),
+        (lambda t: t.update(b=np.full(2, 100, np.float32)), Reason.TOO_LARGE),
+        (lambda t: t.update(b="not an array"), Reason.MALFORMED),
+    ],
+    ids=["missing", "extra", "transposed", "flattened", "dtype", "nan", "inf", "norm", "not-array"],
+)
 def test_tensor_checks(mutate, reason: Reason) -> None:
     tensors = _good()
     mutate(tensors)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qflare.crypto import Federation, provision
+from qflare.messages import DEFAULT_LIMITS
 from safetensors.numpy import save_file
 
 from qflare.bus import connect_bus
-from qflare.crypto import Federation, provision
 from qflare.errors import QflareError
-from qflare.messages import DEFAULT_LIMITS
 from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.runtime.jobs import ModelTooLarge, check_model_size, max_model_bytes
 
@@ -36,7 +36,9 @@ def _model(nbytes: int, tensors: int = 1) -> dict[str, np.ndarray]:
 
 def test_the_limit_is_the_envelope_limit_less_headers() -> None:
     limit = max_model_bytes(1)
-    assert DEFAULT_LIMITS.max_envelope_bytes - 128 * 1024 < limit < DEFAULT_LIMITS.max_envelope_bytes
+    assert (
+        DEFAULT_LIMITS.max_envelope_bytes - 128 * 1024 < limit < DEFAULT_LIMITS.max_envelope_bytes
+    )
     assert max_model_bytes(10) < limit  # each tensor's name and shape take room too
     assert check_model_size("j", _model(limit // 4 * 4)) == limit // 4 * 4
 
@@ -53,12 +55,25 @@ def test_one_element_over_the_limit_is_refused_with_a_reason(tensors: int) -> No
 
 
 def _spec(job_id: str) -> JobSpec:
-    return JobSpec.model_validate(dict(
-        job_id=job_id, rounds=1, participants=["client-000", "client-001"], rule="mean", f=0,
-        detection=False, noise_multiplier=0.0, epsilon_budget=10.0, seed=1, min_updates=2))
+    return JobSpec.model_validate(
+        dict(
+            job_id=job_id,
+            rounds=1,
+            participants=["client-000", "client-001"],
+            rule="mean",
+            f=0,
+            detection=False,
+            noise_multiplier=0.0,
+            epsilon_budget=10.0,
+            seed=1,
+            min_updates=2,
+        )
+    )
 
 
-async def test_services_refuse_the_job_before_storing_it_and_keep_running(fed: Federation, tmp_path: Path) -> None:
+async def test_services_refuse_the_job_before_storing_it_and_keep_running(
+    fed: Federation, tmp_path: Path
+) -> None:
     bus = await connect_bus(f"memory://size-{tmp_path.name}")
     settings = load_settings(None, env={}, data_dir=str(tmp_path / "data"))
     names = ["detector", "accountant", "aggregator"]
@@ -80,7 +95,9 @@ async def test_services_refuse_the_job_before_storing_it_and_keep_running(fed: F
     await bus.close()
 
 
-def test_serve_exits_2_naming_the_job_when_its_model_file_is_too_large(fed: Federation, tmp_path: Path) -> None:
+def test_serve_exits_2_naming_the_job_when_its_model_file_is_too_large(
+    fed: Federation, tmp_path: Path
+) -> None:
     elements = (max_model_bytes(1) + 4) // 4 + 1
     save_file({"w": np.zeros(elements, np.float32)}, str(tmp_path / "big.safetensors"))
     (tmp_path / "q.toml").write_text(
@@ -90,10 +107,28 @@ def test_serve_exits_2_naming_the_job_when_its_model_file_is_too_large(fed: Fede
     env = {k: v for k, v in os.environ.items() if not k.startswith("QFLARE_")}
     env["QFLARE_DATA_DIR"] = str(tmp_path / "state")
     proc = subprocess.run(
-        [sys.executable, "-m", "qflare", "serve", "aggregator", "--config", str(tmp_path / "q.toml"),
-         "--pki-dir", str(fed.root), "--broker", "memory://"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "qflare",
+            "serve",
+            "aggregator",
+            "--config",
+            str(tmp_path / "q.toml"),
+            "--pki-dir",
+            str(fed.root),
+            "--broker",
+            "memory://",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    failed = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{") and '"serve.failed"' in x]
+    failed = [
+        json.loads(x)
+        for x in proc.stderr.splitlines()
+        if x.startswith("{") and '"serve.failed"' in x
+    ]
     assert failed and "TOO_LARGE" in failed[0]["error"] and "'huge'" in failed[0]["error"]

@@ -9,10 +9,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
-from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.crypto import Federation, provision
 from qflare.messages import MessageRejected, Reason, open_envelope
+
+from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.runtime import (
     Consumer,
     Database,
@@ -99,7 +99,9 @@ def test_jobspec_rejects_inconsistent_jobs(change: dict[str, object], match: str
 
 # -- sqlite + files -----------------------------------------------------------------------
 async def test_database_transactions_and_wal(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "s.sqlite", "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INT);")
+    db = await Database.open(
+        tmp_path / "s.sqlite", "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INT);"
+    )
     async with db.transaction() as conn:
         await conn.execute("INSERT INTO t VALUES ('a', 1)")
     with pytest.raises(sqlite3.IntegrityError):
@@ -111,7 +113,9 @@ async def test_database_transactions_and_wal(tmp_path: Path) -> None:
     assert (await db.fetchone("PRAGMA journal_mode"))[0] == "wal"
     await db.close()
     # The schema is idempotent: reopening keeps the data.
-    db = await Database.open(tmp_path / "s.sqlite", "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INT);")
+    db = await Database.open(
+        tmp_path / "s.sqlite", "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INT);"
+    )
     assert (await db.fetchone("SELECT v FROM t WHERE k='a'"))[0] == 1
     await db.close()
 
@@ -125,7 +129,10 @@ async def test_concurrent_writers_on_one_connection_do_not_collide(tmp_path: Pat
             await asyncio.sleep(0)  # let the others try to interleave
             await conn.execute("INSERT INTO t VALUES (?)", (1000 + i,))
 
-    await asyncio.gather(*(txn(i) for i in range(20)), *(db.execute("INSERT INTO t VALUES (?)", (5000 + i,)) for i in range(20)))
+    await asyncio.gather(
+        *(txn(i) for i in range(20)),
+        *(db.execute("INSERT INTO t VALUES (?)", (5000 + i,)) for i in range(20)),
+    )
     assert (await db.fetchone("SELECT COUNT(*) FROM t"))[0] == 60
     await db.close()
 
@@ -141,7 +148,9 @@ def test_fsync_write_replaces_atomically(tmp_path: Path) -> None:
 def test_json_log_lines_carry_fields() -> None:
     record = logging.LogRecord("qflare.x", logging.INFO, __file__, 1, "round.opened", None, None)
     record.fields = {"job": "j1", "round": 2, "epsilon": float("inf")}
-    line = json.loads(JsonFormatter("aggregator").format(record), parse_constant=lambda c: pytest.fail(c))
+    line = json.loads(
+        JsonFormatter("aggregator").format(record), parse_constant=lambda c: pytest.fail(c)
+    )
     assert line["epsilon"] == "inf"
     assert line["event"] == "round.opened" and line["service"] == "aggregator"
     assert line["job"] == "j1" and line["round"] == 2 and line["level"] == "INFO"
@@ -158,7 +167,12 @@ class Probe(Service):
         self.seen: list[tuple[str, int]] = []
 
     def consumers(self) -> list[Consumer]:
-        return [Consumer(QueueSpec("probe", bindings=((topology.EVENTS, "probe.*"),), delivery_limit=3), self.on_probe)]
+        return [
+            Consumer(
+                QueueSpec("probe", bindings=((topology.EVENTS, "probe.*"),), delivery_limit=3),
+                self.on_probe,
+            )
+        ]
 
     async def on_probe(self, delivery: Delivery) -> Outcome | None:
         self.seen.append((delivery.body.decode(), delivery.delivery_count))
@@ -179,12 +193,18 @@ class Probe(Service):
                 raise RuntimeError("a bug")
 
 
-async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(federation: Federation, tmp_path: Path) -> None:
+async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(
+    federation: Federation, tmp_path: Path
+) -> None:
     bus = await connect_bus("memory://wrapper")
     settings = load_settings(None, env={}, data_dir=str(tmp_path))
     ctx = ServiceContext(
-        name="detector", settings=settings, bus=bus,
-        identity=federation.identity("detector"), trust=federation.trust(), data_dir=tmp_path,
+        name="detector",
+        settings=settings,
+        bus=bus,
+        identity=federation.identity("detector"),
+        trust=federation.trust(),
+        data_dir=tmp_path,
     )
     probe = Probe(ctx)
     alerts: list[bytes] = []
@@ -200,7 +220,9 @@ async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(federation: Fede
         dead.append(d)
         return Outcome.ACK
 
-    await bus.consume(QueueSpec("alerts", bindings=((topology.EVENTS, "alert.raised.*"),)), on_alert)
+    await bus.consume(
+        QueueSpec("alerts", bindings=((topology.EVENTS, "alert.raised.*"),)), on_alert
+    )
     await bus.consume(topology.dead_letters(), on_dead)
     await probe.start()
     for body in (b"ok", b"bad", b"flaky", b"wait", b"bug"):
@@ -218,7 +240,8 @@ async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(federation: Fede
         counts[body] = counts.get(body, 0) + 1
     assert counts == {"ok": 1, "bad": 1, "flaky": 2, "wait": 2, "bug": 3}
     assert sorted((d.body, d.death_reason) for d in dead) == [
-        (b"bad", "rejected"), (b"bug", "delivery_limit")
+        (b"bad", "rejected"),
+        (b"bug", "delivery_limit"),
     ]
     assert len(alerts) == 1
     env = open_envelope(alerts[0], federation.trust(), expect_kind="alert.raised")
@@ -227,16 +250,24 @@ async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(federation: Fede
     assert "probe says bad" in env.body.detail
 
 
-async def test_envelopes_round_trip_and_forgery_is_rejected(federation: Federation, tmp_path: Path) -> None:
+async def test_envelopes_round_trip_and_forgery_is_rejected(
+    federation: Federation, tmp_path: Path
+) -> None:
     bus = await connect_bus("memory://env")
     settings = load_settings(None, env={}, data_dir=str(tmp_path))
     ctx = ServiceContext(
-        name="detector", settings=settings, bus=bus,
-        identity=federation.identity("detector"), trust=federation.trust(), data_dir=tmp_path,
+        name="detector",
+        settings=settings,
+        bus=bus,
+        identity=federation.identity("detector"),
+        trust=federation.trust(),
+        data_dir=tmp_path,
     )
     probe = Probe(ctx)
     got: list[Delivery] = []
-    await bus.consume(QueueSpec("v", bindings=((topology.EVENTS, "round.verdict.*"),)), lambda d: _keep(got, d))
+    await bus.consume(
+        QueueSpec("v", bindings=((topology.EVENTS, "round.verdict.*"),)), lambda d: _keep(got, d)
+    )
     sent = await emit(probe, "round.verdict", {"kept": ["a"], "flagged": []}, job="j1", round=4)
     for _ in range(100):
         if got:
@@ -248,10 +279,18 @@ async def test_envelopes_round_trip_and_forgery_is_rejected(federation: Federati
     forged = bytearray(sent)
     forged[-3] ^= 0xFF
     with pytest.raises(MessageRejected) as err:
-        await open_delivery(probe, Delivery(bytes(forged), "round.verdict.j1", topology.EVENTS, {}, False, 1))
+        await open_delivery(
+            probe, Delivery(bytes(forged), "round.verdict.j1", topology.EVENTS, {}, False, 1)
+        )
     assert err.value.reason in (Reason.BAD_DIGEST, Reason.BAD_SIGNATURE, Reason.MALFORMED)
     with pytest.raises(ValueError, match="may not send"):
-        await emit(probe, "model.published", {"version": 1, "digest": b"x" * 32, "epsilon": 0.0}, job="j1", round=1)
+        await emit(
+            probe,
+            "model.published",
+            {"version": 1, "digest": b"x" * 32, "epsilon": 0.0},
+            job="j1",
+            round=1,
+        )
     await bus.close()
 
 

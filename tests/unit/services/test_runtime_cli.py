@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-
 from qflare.crypto import provision
+from safetensors.numpy import save_file
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -23,7 +22,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _wait_for(proc: subprocess.Popen[str], lines: list[str], predicate, timeout: float = 60.0) -> None:
+def _wait_for(
+    proc: subprocess.Popen[str], lines: list[str], predicate, timeout: float = 60.0
+) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         line = proc.stderr.readline() if proc.stderr else ""
@@ -45,9 +46,20 @@ def test_up_runs_all_services_in_one_process_and_stops_on_sigterm(tmp_path: Path
         'noise_multiplier = 0.0\ninitial_model = "m.safetensors"\n'
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qflare", "up", "--config", str(tmp_path / "q.toml"),
-         "--pki-dir", str(fed.root)],
-        env=_env(tmp_path), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "qflare",
+            "up",
+            "--config",
+            str(tmp_path / "q.toml"),
+            "--pki-dir",
+            str(fed.root),
+        ],
+        env=_env(tmp_path),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
     lines: list[str] = []
     try:
@@ -57,7 +69,9 @@ def test_up_runs_all_services_in_one_process_and_stops_on_sigterm(tmp_path: Path
     finally:
         if proc.poll() is None:
             proc.kill()
-    records = [json.loads(x) for x in lines + (rest or "").splitlines(keepends=True) if x.startswith("{")]
+    records = [
+        json.loads(x) for x in lines + (rest or "").splitlines(keepends=True) if x.startswith("{")
+    ]
     started = {r["service"] for r in records if r["event"] == "service.started"}
     stopped = {r["logger"].rsplit(".", 1)[-1] for r in records if r["event"] == "service.stopped"}
     assert proc.returncode == 0
@@ -74,8 +88,15 @@ def test_up_runs_all_services_in_one_process_and_stops_on_sigterm(tmp_path: Path
         (["serve", "aggregator", "--broker", "memory://"], "needs its keys"),
     ],
 )
-def test_configuration_mistakes_exit_2_with_the_reason(tmp_path: Path, argv: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "qflare", *argv], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=60)
+def test_configuration_mistakes_exit_2_with_the_reason(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qflare", *argv],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr

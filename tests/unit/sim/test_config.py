@@ -12,7 +12,10 @@ from qflare.sim.robust_glue import resolve_rule_spec
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rule": "krum", "clients": 10, "byzantine": 5, "detection": False}, "needs n > 2f, got n=10, f=5"),
+        (
+            {"rule": "krum", "clients": 10, "byzantine": 5, "detection": False},
+            "needs n > 2f, got n=10, f=5",
+        ),
         ({"rule": "bulyan", "clients": 20, "byzantine": 5}, r"n >= 4f \+ 3, got n=20, f=5"),
         ({"byzantine": 21}, "must be smaller than --clients"),
         ({"attack": "teleport"}, "unknown attack 'teleport'"),
@@ -28,7 +31,10 @@ from qflare.sim.robust_glue import resolve_rule_spec
         ({"dataset": "imagenet"}, "unknown data set 'imagenet'"),
         ({"attack": "gaussian", "attack_options": {"sigma": -1.0}}, "sigma"),
         ({"byzantine": 10, "clients": 20, "rule": "mean"}, "detection needs 2f < n"),
-        ({"clients": 4, "byzantine": 1, "sample_rate": 0.05, "rounds": 5}, "selects nobody in round"),
+        (
+            {"clients": 4, "byzantine": 1, "sample_rate": 0.05, "rounds": 5},
+            "selects nobody in round",
+        ),
         ({"dp_filter_bound": 1}, "only applies with DP on"),
         ({"dp_filter_bound": 1, "noise_multiplier": 1.0, "detection": False}, "detection is off"),
         ({"dp_filter_bound": -1, "noise_multiplier": 1.0}, "must be an integer >= 0, got -1"),
@@ -65,8 +71,14 @@ def test_rule_spec_gets_f_only_where_missing() -> None:
         (["--broker", "amqp://guest:guest@127.0.0.1:1/"], "cannot reach the broker at 127.0.0.1:1"),
         (["--dataset", "fashion-mnist-typo"], "unknown data set"),
         (["--dp-filter-bound", "1"], "--dp-filter-bound 1 only applies with DP on"),
-        (["--dp-filter-bound", "2", "--noise-multiplier", "1", "--no-detection"], "detection is off"),
-        (["--dp-filter-bound", "-1", "--noise-multiplier", "1"], "--dp-filter-bound must be an integer >= 0"),
+        (
+            ["--dp-filter-bound", "2", "--noise-multiplier", "1", "--no-detection"],
+            "detection is off",
+        ),
+        (
+            ["--dp-filter-bound", "-1", "--noise-multiplier", "1"],
+            "--dp-filter-bound must be an integer >= 0",
+        ),
     ],
 )
 def test_cli_exits_2_before_starting(argv: list[str], message: str, capsys, tmp_path) -> None:
@@ -90,7 +102,9 @@ def test_cli_names_the_debian_package_when_fashion_mnist_is_missing(
 ) -> None:
     import qflare.sim.data as data
 
-    monkeypatch.setitem(data._LOADERS, "fashion-mnist", lambda: data.load_fashion_mnist(tmp_path / "absent"))
+    monkeypatch.setitem(
+        data._LOADERS, "fashion-mnist", lambda: data.load_fashion_mnist(tmp_path / "absent")
+    )
     code = main(["simulate", "--dataset", "fashion-mnist", "--out", str(tmp_path / "out")])
     assert code == 2
     assert "apt-get install dataset-fashion-mnist" in " ".join(capsys.readouterr().err.split())
@@ -132,8 +146,16 @@ def test_a_target_epsilon_with_a_filter_bound_is_planned_at_the_charged_noise() 
     from qflare.privacy import epsilon
     from qflare.sim.run import plan_noise
 
-    config = plan_noise(SimConfig(target_epsilon=8.0, dp_filter_bound=1, rounds=5, sample_rate=0.5,
-                                  clients=40, byzantine=4))
+    config = plan_noise(
+        SimConfig(
+            target_epsilon=8.0,
+            dp_filter_bound=1,
+            rounds=5,
+            sample_rate=0.5,
+            clients=40,
+            byzantine=4,
+        )
+    )
     charged = config.noise_multiplier / 3
     spent = epsilon(1.0, charged, 5, config.delta)
     assert spent <= 8.0 and spent > 7.5, (config.noise_multiplier, spent)

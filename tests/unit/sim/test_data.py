@@ -85,8 +85,12 @@ def test_a_torch_dataset_plugs_in() -> None:
 def test_dirichlet_split_is_seeded_disjoint_equal_and_skewed() -> None:
     labels = load_digits().train.y
     a = dirichlet_partition(labels, 20, 0.5, seed=1)
-    assert [p.tolist() for p in a] == [p.tolist() for p in dirichlet_partition(labels, 20, 0.5, seed=1)]
-    assert [p.tolist() for p in a] != [p.tolist() for p in dirichlet_partition(labels, 20, 0.5, seed=2)]
+    assert [p.tolist() for p in a] == [
+        p.tolist() for p in dirichlet_partition(labels, 20, 0.5, seed=1)
+    ]
+    assert [p.tolist() for p in a] != [
+        p.tolist() for p in dirichlet_partition(labels, 20, 0.5, seed=2)
+    ]
     joined = np.concatenate(a)
     assert len(np.unique(joined)) == len(joined)
     assert {len(p) for p in a} == {len(labels) // 20}

@@ -12,8 +12,14 @@ from qflare.sim.report import RoundRecord, RunResult, comparable, score_detectio
 
 def _round(i: int, flagged: tuple[str, ...], eps: float | None = None) -> RoundRecord:
     return RoundRecord(
-        round=i, accuracy=0.5 + i / 10, loss=1.0 / i, participants=("a", "b", "c", "d", "e"),
-        flagged=flagged, byzantine=("a", "b"), epsilon=eps, latency_s=0.01 * i,
+        round=i,
+        accuracy=0.5 + i / 10,
+        loss=1.0 / i,
+        participants=("a", "b", "c", "d", "e"),
+        flagged=flagged,
+        byzantine=("a", "b"),
+        epsilon=eps,
+        latency_s=0.01 * i,
     )
 
 
@@ -28,12 +34,34 @@ def test_detection_counts_client_rounds() -> None:
 
 
 def test_report_files(tmp_path: Path) -> None:
-    config = {"attack": "sign_flip", "rule": "mean", "byzantine": 2, "clients": 5, "detection": True,
-              "rounds": 2, "noise_multiplier": 1.1, "delta": 1e-5, "clip": 1.0, "broker": "x"}
-    result = RunResult(config, [_round(1, ("a",), 0.5), _round(2, ("a", "b"), 0.8)], ("a", "b"),
-                       "services", "memory://", 1.5)
-    base = RunResult(dict(config, attack="none"), [_round(1, ()), _round(2, ())], ("a", "b"),
-                     "services", "memory://", 1.0)
+    config = {
+        "attack": "sign_flip",
+        "rule": "mean",
+        "byzantine": 2,
+        "clients": 5,
+        "detection": True,
+        "rounds": 2,
+        "noise_multiplier": 1.1,
+        "delta": 1e-5,
+        "clip": 1.0,
+        "broker": "x",
+    }
+    result = RunResult(
+        config,
+        [_round(1, ("a",), 0.5), _round(2, ("a", "b"), 0.8)],
+        ("a", "b"),
+        "services",
+        "memory://",
+        1.5,
+    )
+    base = RunResult(
+        dict(config, attack="none"),
+        [_round(1, ()), _round(2, ())],
+        ("a", "b"),
+        "services",
+        "memory://",
+        1.0,
+    )
     written = write_report(tmp_path, result, base)
     assert {p.name for p in written} == {"report.json", "report.md", "accuracy.png", "epsilon.png"}
     data = json.loads((tmp_path / "report.json").read_text())
@@ -46,10 +74,16 @@ def test_report_files(tmp_path: Path) -> None:
     assert data["summary"]["epsilon_coverage"] == "noise_only"
     assert "NOT a DP guarantee" in data["summary"]["epsilon_note"]
     md = (tmp_path / "report.md").read_text()
-    assert "| epsilon spent | 0.800 (noise_only: epsilon of the noise added; NOT a DP guarantee" in md
-    clean = RunResult(dict(config, detection=False), result.rounds, ("a", "b"), "services", None, 1.0)
+    assert (
+        "| epsilon spent | 0.800 (noise_only: epsilon of the noise added; NOT a DP guarantee" in md
+    )
+    clean = RunResult(
+        dict(config, detection=False), result.rounds, ("a", "b"), "services", None, 1.0
+    )
     assert clean.summary()["epsilon_coverage"] == "clipped_sum"
-    off = RunResult(dict(config, noise_multiplier=0.0), result.rounds, ("a", "b"), "services", None, 1.0)
+    off = RunResult(
+        dict(config, noise_multiplier=0.0), result.rounds, ("a", "b"), "services", None, 1.0
+    )
     assert off.summary()["epsilon_coverage"] is None
     # Latency and broker differ between transports; nothing else may.
     other = json.loads(json.dumps(data))

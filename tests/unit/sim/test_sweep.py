@@ -42,7 +42,11 @@ def test_summary_picks_the_best_defence_per_attack(tmp_path: Path) -> None:
     g = rows["gaussian"]
     assert g["fedavg_accuracy"] == 0.10 and g["best_defence"] == "mean +det"
     assert g["vs_no_attack_points"] == pytest.approx(-1.0)
-    assert (g["precision"], g["recall"], g["false_positive_rate"]) == (0.5, 1.0, pytest.approx(1 / 3))
+    assert (g["precision"], g["recall"], g["false_positive_rate"]) == (
+        0.5,
+        1.0,
+        pytest.approx(1 / 3),
+    )
     written = write_sweep(tmp_path, plan, cells, path="direct", wall_s=3.0)
     assert [p.name for p in written] == ["sweep.json", "sweep.md", "sweep_heatmap.png"]
     data = json.loads((tmp_path / "sweep.json").read_text())
