@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from qflare.crypto import context_for, verify
 from qflare.crypto.testing import make_federation
 from qflare.messages import Update, encode, open_envelope

@@ -22,6 +22,7 @@ import statistics
 import time
 
 import numpy as np
+
 from qflare.crypto.pki import canonical
 from qflare.crypto.sealing import seal
 from qflare.crypto.signing import context_for, verify
@@ -34,7 +35,7 @@ from qflare.messages import (
     open_envelope,
     validate_update,
 )
-from qflare.services.aggregator.core import model_digest
+from qflare.messages.tensors import model_digest
 from qflare.services.ingest.core import RoundBook, check_norm, check_round, tensor_specs
 
 

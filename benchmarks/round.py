@@ -50,11 +50,11 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from qflare.crypto import Certificate, provision
-from qflare.messages import encode, open_envelope
 from safetensors.numpy import save_file
 
 from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.crypto import Certificate, provision
+from qflare.messages import encode, open_envelope
 from qflare.runtime.sqlite import fsync_write
 
 JOB = "bench"

@@ -7,7 +7,7 @@
   encrypted key files; provisioning of a whole federation.
 """
 
-from qflare.crypto.errors import CryptoUnavailable, MessageRejected, QflareError, Reason
+from qflare.crypto.errors import CryptoUnavailable, TrustRejected
 from qflare.crypto.keystore import (
     Identity,
     load_trust,
@@ -38,6 +38,7 @@ from qflare.crypto.signing import (
     signing_key_from_seed,
     verify,
 )
+from qflare.errors import QflareError
 
 __all__ = [
     "ALGORITHM",
@@ -50,13 +51,12 @@ __all__ = [
     "Federation",
     "Identity",
     "KemPrivateKey",
-    "MessageRejected",
     "OqsBackend",
     "QflareError",
-    "Reason",
     "RevocationList",
     "SignatureBackend",
     "SigningKey",
+    "TrustRejected",
     "TrustStore",
     "context_for",
     "find_liboqs",

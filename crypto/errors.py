@@ -1,158 +1,41 @@
-"""The error vocabulary shared by :mod:`qflare.crypto` and :mod:`qflare.messages`.
+"""The errors of :mod:`qflare.crypto`: cryptographic failures only.
 
-It lives in the lowest layer (crypto) so that both packages raise the same types without an
-import cycle; :mod:`qflare.messages` re-exports every name here. A consumer needs to catch one
-type, :class:`MessageRejected`, and can route on its stable :class:`Reason` code.
+:class:`TrustRejected` is what a failed check of untrusted bytes raises (a certificate or
+revocation list that is malformed, unsigned by the CA, expired, not yet valid or revoked; a
+sealed body that does not open). Its ``code`` is one of the reason codes of
+:class:`qflare.messages.errors.Reason`; where a message is opened it becomes a
+``MessageRejected`` with that code (``MessageRejected.of``).
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from typing import Literal
 
 from qflare.errors import QflareError
 
-
-class Reason(StrEnum):
-    """Stable reason codes for rejected input. Values never change meaning once released;
-    each member's ``doc`` says when it is used (rendered into docs/messages.md)."""
-
-    doc: str
-
-    def __new__(cls, value: str, doc: str = "") -> Reason:
-        member = str.__new__(cls, value)
-        member._value_ = value
-        member.doc = doc
-        return member
-
-    MALFORMED = (
-        "MALFORMED",
-        "Bytes are not a well-formed envelope/body: garbled or truncated msgpack, a "
-        "declared length larger than the data, wrong field types, trailing bytes.",
-    )
-    TOO_LARGE = (
-        "TOO_LARGE",
-        "A size limit was exceeded: envelope bytes, string/bytes length, container "
-        "length, tensor count, ndim or element count.",
-    )
-    TOO_DEEP = (
-        "TOO_DEEP",
-        "Containers nested deeper than the limit (nesting bomb).",
-    )
-    UNSUPPORTED_VERSION = (
-        "UNSUPPORTED_VERSION",
-        "Envelope or certificate version this build does not speak.",
-    )
-    UNKNOWN_KIND = (
-        "UNKNOWN_KIND",
-        "The envelope's kind is not one of the registered kinds.",
-    )
-    BAD_SCHEMA = (
-        "BAD_SCHEMA",
-        "The body does not match its kind's schema (missing/unknown field, wrong type/range).",
-    )
-    BAD_DIGEST = (
-        "BAD_DIGEST",
-        "The body does not hash to the signed ``body_digest`` (or a chunk to its manifest entry).",
-    )
-    BAD_SIGNATURE = (
-        "BAD_SIGNATURE",
-        "The ML-DSA-65 signature does not verify, including a signature made for "
-        "another kind (the context string ``qflare/v1/<kind>`` differs).",
-    )
-    UNKNOWN_SIGNER = (
-        "UNKNOWN_SIGNER",
-        "The sender's certificate is unreadable or not issued by the trusted CA.",
-    )
-    EXPIRED = (
-        "EXPIRED",
-        "The sender's certificate is past its expiry.",
-    )
-    NOT_YET_VALID = (
-        "NOT_YET_VALID",
-        "The sender's certificate is not valid yet.",
-    )
-    REVOKED = (
-        "REVOKED",
-        "The sender's certificate is on the revocation list.",
-    )
-    SENDER_MISMATCH = (
-        "SENDER_MISMATCH",
-        "The envelope's ``sender`` is not the id in its certificate.",
-    )
-    ROLE_NOT_ALLOWED = (
-        "ROLE_NOT_ALLOWED",
-        "The certificate's role may not send this kind (e.g. a client publishing a model).",
-    )
-    CLOCK_SKEW = (
-        "CLOCK_SKEW",
-        "The envelope's timestamp is too far in the future.",
-    )
-    WRONG_KIND = (
-        "WRONG_KIND",
-        "A valid envelope of another kind than the caller expected.",
-    )
-    WRONG_JOB = (
-        "WRONG_JOB",
-        "A valid envelope for another job than the caller expected.",
-    )
-    STALE_ROUND = (
-        "STALE_ROUND",
-        "A valid envelope for another round than the open one.",
-    )
-    STALE_BASE = (
-        "STALE_BASE",
-        "An update computed on another model version than the round's.",
-    )
-    NOT_PARTICIPANT = (
-        "NOT_PARTICIPANT",
-        "The sender was not selected for this round.",
-    )
-    ROUND_CLOSED = (
-        "ROUND_CLOSED",
-        "The round no longer accepts updates (closed or past its deadline).",
-    )
-    DUPLICATE = (
-        "DUPLICATE",
-        "Already seen (same natural key: job, round, client / digest / chunk index).",
-    )
-    DTYPE_NOT_ALLOWED = (
-        "DTYPE_NOT_ALLOWED",
-        "A tensor dtype outside the whitelist, or not the one the round expects.",
-    )
-    SHAPE_MISMATCH = (
-        "SHAPE_MISMATCH",
-        "Tensor names or shapes differ from the round's tensor spec, or a tensor's "
-        "declared shape does not match its data.",
-    )
-    NON_FINITE = (
-        "NON_FINITE",
-        "A tensor contains NaN or +/-Inf.",
-    )
-    UNSEAL_FAILED = (
-        "UNSEAL_FAILED",
-        "A sealed body could not be opened (wrong recipient key, tampered ciphertext or header).",
-    )
-    CHUNK_MISMATCH = (
-        "CHUNK_MISMATCH",
-        "A chunk does not fit its manifest: unknown transfer, index out of range, wrong "
-        "size, or the transfer is incomplete.",
-    )
+TrustCode = Literal[
+    "MALFORMED",
+    "TOO_LARGE",
+    "UNSUPPORTED_VERSION",
+    "BAD_SIGNATURE",
+    "UNKNOWN_SIGNER",
+    "EXPIRED",
+    "NOT_YET_VALID",
+    "REVOKED",
+    "UNSEAL_FAILED",
+]
 
 
-class MessageRejected(QflareError):
-    """Bad input: the message is refused with a stable :class:`Reason` and a human detail.
+class TrustRejected(QflareError):
+    """Untrusted bytes failed a cryptographic check; ``code`` says which (stable)."""
 
-    Consumers reject such a message without requeue (it goes to the dead-letter exchange)
-    and keep serving; the detail is for logs and alerts, the reason for routing and metrics.
-    """
-
-    def __init__(self, reason: Reason, detail: str = "") -> None:
-        self.reason = Reason(reason)
+    def __init__(self, code: TrustCode, detail: str = "") -> None:
+        self.code: TrustCode = code
         self.detail = detail
-        super().__init__(f"{self.reason.value}: {detail}" if detail else self.reason.value)
+        super().__init__(f"{code}: {detail}" if detail else code)
 
-    def __reduce__(self) -> tuple[type, tuple[Reason, str]]:
-        return (type(self), (self.reason, self.detail))
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.code, self.detail))
 
 
 class CryptoUnavailable(QflareError, RuntimeError):

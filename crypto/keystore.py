@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa
+
 from qflare.crypto.pki import Certificate, RevocationList, TrustStore
 from qflare.crypto.sealing import KemPrivateKey
 from qflare.crypto.signing import SigningKey, signing_key_from_seed

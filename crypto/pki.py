@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
-from qflare.crypto.errors import MessageRejected, Reason
+
+from qflare.crypto.errors import TrustRejected
 from qflare.crypto.signing import (
     PUBLIC_KEY_SIZE,
     SigningKey,
@@ -60,7 +61,7 @@ def check_id(value: str) -> str:
 
 def _unpack_map(data: bytes, limit: int, what: str) -> dict[str, Any]:
     if len(data) > limit:
-        raise MessageRejected(Reason.TOO_LARGE, f"{what} is {len(data)} bytes, limit {limit}")
+        raise TrustRejected("TOO_LARGE", f"{what} is {len(data)} bytes, limit {limit}")
     try:
         obj = msgpack.unpackb(
             data,
@@ -73,9 +74,9 @@ def _unpack_map(data: bytes, limit: int, what: str) -> dict[str, Any]:
             max_ext_len=0,
         )
     except (ValueError, msgpack.UnpackException) as exc:
-        raise MessageRejected(Reason.MALFORMED, f"{what}: {exc}") from None
+        raise TrustRejected("MALFORMED", f"{what}: {exc}") from None
     if not isinstance(obj, dict):
-        raise MessageRejected(Reason.MALFORMED, f"{what} is not a map")
+        raise TrustRejected("MALFORMED", f"{what} is not a map")
     return obj
 
 
@@ -112,7 +113,7 @@ class Certificate:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Certificate:
-        """Parse (not verify) a certificate; bad bytes raise MessageRejected(MALFORMED)."""
+        """Parse (not verify) a certificate; bad bytes raise TrustRejected(MALFORMED)."""
         obj = _unpack_map(bytes(data), MAX_CERT_BYTES, "certificate")
         expected = {
             "v",
@@ -127,9 +128,9 @@ class Certificate:
             "sig",
         }
         if set(obj) != expected:
-            raise MessageRejected(Reason.MALFORMED, f"certificate fields {sorted(obj)}")
+            raise TrustRejected("MALFORMED", f"certificate fields {sorted(obj)}")
         if obj["v"] != CERT_VERSION:
-            raise MessageRejected(Reason.UNSUPPORTED_VERSION, f"certificate v={obj['v']!r}")
+            raise TrustRejected("UNSUPPORTED_VERSION", f"certificate v={obj['v']!r}")
         types = {
             "serial": bytes,
             "id": str,
@@ -142,16 +143,16 @@ class Certificate:
         }
         for name, typ in types.items():
             if type(obj[name]) is not typ:
-                raise MessageRejected(Reason.MALFORMED, f"certificate field {name} type")
+                raise TrustRejected("MALFORMED", f"certificate field {name} type")
         kem = obj["kem_public_key"]
         if kem is not None and (type(kem) is not bytes or len(kem) != KEM_PUBLIC_KEY_SIZE):
-            raise MessageRejected(Reason.MALFORMED, "certificate kem_public_key")
+            raise TrustRejected("MALFORMED", "certificate kem_public_key")
         if len(obj["public_key"]) != PUBLIC_KEY_SIZE:
-            raise MessageRejected(Reason.MALFORMED, "certificate public_key size")
+            raise TrustRejected("MALFORMED", "certificate public_key size")
         cert = cls(**obj)
         if cert.to_bytes() != bytes(data):
             # One encoding per certificate: no malleable variants of the same signed content.
-            raise MessageRejected(Reason.MALFORMED, "certificate is not canonically encoded")
+            raise TrustRejected("MALFORMED", "certificate is not canonically encoded")
         return cert
 
     def is_valid_at(self, now: float) -> bool:
@@ -191,24 +192,24 @@ class RevocationList:
     def from_bytes(cls, data: bytes) -> RevocationList:
         obj = _unpack_map(bytes(data), MAX_CRL_BYTES, "revocation list")
         if set(obj) != {"v", "issuer", "number", "issued_at", "serials", "sig"}:
-            raise MessageRejected(Reason.MALFORMED, f"revocation list fields {sorted(obj)}")
+            raise TrustRejected("MALFORMED", f"revocation list fields {sorted(obj)}")
         if obj["v"] != CERT_VERSION:
-            raise MessageRejected(Reason.UNSUPPORTED_VERSION, f"revocation list v={obj['v']!r}")
+            raise TrustRejected("UNSUPPORTED_VERSION", f"revocation list v={obj['v']!r}")
         serials = obj["serials"]
         if not isinstance(serials, list) or not all(type(s) is bytes for s in serials):
-            raise MessageRejected(Reason.MALFORMED, "revocation list serials")
+            raise TrustRejected("MALFORMED", "revocation list serials")
         if (
             type(obj["issuer"]) is not str
             or type(obj["number"]) is not int
             or type(obj["issued_at"]) is not int
             or type(obj["sig"]) is not bytes
         ):
-            raise MessageRejected(Reason.MALFORMED, "revocation list field types")
+            raise TrustRejected("MALFORMED", "revocation list field types")
         crl = cls(
             obj["issuer"], obj["number"], obj["issued_at"], frozenset(serials), obj["sig"], obj["v"]
         )
         if crl.to_bytes() != bytes(data):
-            raise MessageRejected(Reason.MALFORMED, "revocation list is not canonically encoded")
+            raise TrustRejected("MALFORMED", "revocation list is not canonically encoded")
         return crl
 
     def __contains__(self, cert: object) -> bool:
@@ -321,9 +322,9 @@ class TrustStore:
 
     def update_crl(self, crl: RevocationList) -> bool:
         """Adopt a newer revocation list; returns False for one not newer than the current.
-        A list not signed by the CA raises MessageRejected(BAD_SIGNATURE)."""
+        A list not signed by the CA raises TrustRejected(BAD_SIGNATURE)."""
         if not self._crl_ok(crl):
-            raise MessageRejected(Reason.BAD_SIGNATURE, "revocation list not signed by the CA")
+            raise TrustRejected("BAD_SIGNATURE", "revocation list not signed by the CA")
         if self.crl is not None and crl.number <= self.crl.number:
             return False
         self.crl = crl
@@ -333,21 +334,19 @@ class TrustStore:
         self, cert: bytes | Certificate, now: float | None = None
     ) -> Certificate:
         """The certificate if it chains to the CA, is within validity and not revoked;
-        otherwise MessageRejected with UNKNOWN_SIGNER / NOT_YET_VALID / EXPIRED / REVOKED."""
+        otherwise TrustRejected with UNKNOWN_SIGNER / NOT_YET_VALID / EXPIRED / REVOKED."""
         raw = cert.to_bytes() if isinstance(cert, Certificate) else bytes(cert)
         parsed = self._verified.get(raw)
         if parsed is None:
             try:
                 parsed = Certificate.from_bytes(raw)
-            except MessageRejected as exc:
-                raise MessageRejected(
-                    Reason.UNKNOWN_SIGNER, f"unreadable certificate ({exc})"
+            except TrustRejected as exc:
+                raise TrustRejected("UNKNOWN_SIGNER", f"unreadable certificate ({exc})"
                 ) from None
             if parsed.issuer != self.ca.id or not verify(
                 self.ca.public_key, parsed.sig, canonical(parsed.signed_fields()), CERT_CONTEXT
             ):
-                raise MessageRejected(
-                    Reason.UNKNOWN_SIGNER,
+                raise TrustRejected("UNKNOWN_SIGNER",
                     f"certificate of {parsed.id!r} is not issued by CA {self.ca.id!r}",
                 )
             if len(self._verified) >= self.cache_size:
@@ -355,17 +354,14 @@ class TrustStore:
             self._verified[raw] = parsed
         t = time.time() if now is None else now
         if not self.ca.is_valid_at(t):
-            raise MessageRejected(Reason.EXPIRED, f"CA certificate {self.ca.id!r} not valid now")
+            raise TrustRejected("EXPIRED", f"CA certificate {self.ca.id!r} not valid now")
         if t < parsed.not_before:
-            raise MessageRejected(
-                Reason.NOT_YET_VALID, f"certificate of {parsed.id!r} valid from {parsed.not_before}"
+            raise TrustRejected("NOT_YET_VALID", f"certificate of {parsed.id!r} valid from {parsed.not_before}"
             )
         if t >= parsed.not_after:
-            raise MessageRejected(
-                Reason.EXPIRED, f"certificate of {parsed.id!r} expired at {parsed.not_after}"
+            raise TrustRejected("EXPIRED", f"certificate of {parsed.id!r} expired at {parsed.not_after}"
             )
         if self.crl is not None and parsed.serial in self.crl.serials:
-            raise MessageRejected(
-                Reason.REVOKED, f"certificate of {parsed.id!r} ({parsed.serial.hex()}) revoked"
+            raise TrustRejected("REVOKED", f"certificate of {parsed.id!r} ({parsed.serial.hex()}) revoked"
             )
         return parsed

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from qflare.crypto.errors import MessageRejected, Reason
+
+from qflare.crypto.errors import TrustRejected
 
 Buffer = bytes | bytearray | memoryview
 
@@ -88,7 +89,7 @@ class KemPrivateKey:
         return cls(first, second)
 
     def open(self, sealed: Buffer, aad: Buffer) -> bytes:
-        """Decrypt a sealed blob; any failure is MessageRejected(UNSEAL_FAILED)."""
+        """Decrypt a sealed blob; any failure is TrustRejected(UNSEAL_FAILED)."""
         return open_sealed(self, sealed, aad)
 
 
@@ -113,8 +114,7 @@ def open_sealed(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> byte
     """Inverse of :func:`seal`."""
     view = memoryview(sealed)
     if len(view) < OVERHEAD:
-        raise MessageRejected(
-            Reason.UNSEAL_FAILED, f"sealed body of {len(view)} bytes is too short"
+        raise TrustRejected("UNSEAL_FAILED", f"sealed body of {len(view)} bytes is too short"
         )
     ct_m = bytes(view[:MLKEM_CIPHERTEXT_SIZE])
     ct_x = bytes(view[MLKEM_CIPHERTEXT_SIZE : MLKEM_CIPHERTEXT_SIZE + X25519_SIZE])
@@ -127,7 +127,6 @@ def open_sealed(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> byte
         )
         return AESGCM(key).decrypt(nonce, view[MLKEM_CIPHERTEXT_SIZE + X25519_SIZE :], bytes(aad))
     except (InvalidTag, ValueError) as exc:
-        raise MessageRejected(
-            Reason.UNSEAL_FAILED,
+        raise TrustRejected("UNSEAL_FAILED",
             f"sealed body does not open with this key and header ({type(exc).__name__})",
         ) from None

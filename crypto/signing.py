@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import mldsa
+
 from qflare.crypto.errors import CryptoUnavailable
 
 Buffer = bytes | bytearray | memoryview

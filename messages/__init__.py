@@ -5,7 +5,7 @@ body per kind, tensors as a msgpack ext type decoded zero-copy, limits checked b
 allocation, and typed errors with stable reason codes (:class:`Reason`).
 """
 
-from qflare.crypto.errors import MessageRejected, QflareError, Reason
+from qflare.errors import QflareError
 from qflare.messages.bodies import (
     BODY_TYPES,
     KINDS,
@@ -23,6 +23,7 @@ from qflare.messages.bodies import (
     RoundClosed,
     RoundOpened,
     RoundVerdict,
+    Severity,
     TensorSpec,
     Update,
     UpdateAccepted,
@@ -38,6 +39,7 @@ from qflare.messages.envelope import (
     open_envelope,
     peek_kind,
 )
+from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, Limits
 from qflare.messages.validate import validate_update
 
@@ -67,6 +69,7 @@ __all__ = [
     "RoundClosed",
     "RoundOpened",
     "RoundVerdict",
+    "Severity",
     "TensorSpec",
     "Update",
     "UpdateAccepted",

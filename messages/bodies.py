@@ -10,6 +10,7 @@ Models are strict (no coercion: ``"1"`` is not an int), frozen and ``extra="forb
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -21,7 +22,8 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
-from qflare.crypto.errors import MessageRejected, Reason
+
+from qflare.messages.errors import MessageRejected, Reason
 
 Digest = Annotated[bytes, Field(min_length=32, max_length=32)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -275,6 +277,33 @@ class MetricsEvaluated(Body):
     """Held-out examples used."""
     metrics: dict[Name, float] = Field(default_factory=dict)
     """Further metrics by name."""
+
+
+class Severity(enum.IntEnum):
+    """How urgent an alert is. Ordered so that escalation is ``max``; ``alert.raised``
+    carries and ``qflare.alerts`` routing keys use the lower-case name (:attr:`label`).
+    Alerting decides with it and the console shows it."""
+
+    INFO = 10
+    WARNING = 20
+    CRITICAL = 40
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: str | int | Severity) -> Severity:
+        if isinstance(value, Severity):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            raise ValueError(
+                f"unknown severity {value!r}; expected one of {', '.join(s.label for s in cls)}"
+            ) from None
 
 
 class AlertRaised(Body):

@@ -20,11 +20,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from qflare.crypto.errors import MessageRejected, Reason
 from qflare.crypto.keystore import Identity
 from qflare.crypto.pki import TrustStore
 from qflare.messages.bodies import Chunk, ChunkManifest
 from qflare.messages.envelope import encode, open_envelope, peek_kind
+from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import DEFAULT_LIMITS, Limits, MiB
 
 DEFAULT_CHUNK_SIZE = 8 * MiB

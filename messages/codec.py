@@ -22,7 +22,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from qflare.crypto.errors import MessageRejected, Reason
+
+from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, Limits
 
 TENSOR_EXT = 1

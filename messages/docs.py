@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from qflare.crypto.errors import Reason
+
 from qflare.messages.bodies import BODY_TYPES, Part
+from qflare.messages.errors import Reason
 from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS
 
 ENVELOPE_FIELDS = [

@@ -28,7 +28,8 @@ from functools import lru_cache
 from typing import Any
 
 import msgpack
-from qflare.crypto.errors import MessageRejected, Reason
+
+from qflare.crypto.errors import TrustRejected
 from qflare.crypto.keystore import Identity
 from qflare.crypto.pki import Certificate, TrustStore, canonical
 from qflare.crypto.sealing import KemPrivateKey, open_sealed, seal
@@ -42,6 +43,7 @@ from qflare.messages.codec import (
     pack_parts,
     unpack,
 )
+from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import DEFAULT_LIMITS, Limits
 
 VERSION = 1
@@ -268,7 +270,10 @@ def open_envelope(
         raise MessageRejected(Reason.BAD_SIGNATURE, f"signature of {len(views['sig'])} bytes")
     t = time.time() if now is None else now
     cert_bytes = views["cert"].tobytes()
-    cert = trust.verify_certificate(cert_bytes, now=t)
+    try:
+        cert = trust.verify_certificate(cert_bytes, now=t)
+    except TrustRejected as exc:
+        raise MessageRejected.of(exc) from None
     if values["sender"] != cert.id:
         raise MessageRejected(
             Reason.SENDER_MISMATCH,
@@ -344,7 +349,8 @@ def _unseal(body: memoryview, kem_key: KemPrivateKey | None, aad: bytes) -> memo
         raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed but no KEM key was given")
     if body[start : start + KEY_ID_SIZE] != key_id(kem_key.public_key):
         raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed to another recipient")
-    return memoryview(open_sealed(kem_key, body[start + KEY_ID_SIZE :], aad))
+    try:
+        return memoryview(open_sealed(kem_key, body[start + KEY_ID_SIZE :], aad))
+    except TrustRejected as exc:
+        raise MessageRejected.of(exc) from None
 
-
-open = open_envelope  # noqa: A001  (the name the contracts use; prefer open_envelope)

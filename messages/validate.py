@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from qflare.crypto.errors import MessageRejected, Reason
+
 from qflare.messages.bodies import TensorSpec
+from qflare.messages.errors import MessageRejected, Reason
 
 
 def validate_update(tensors: Mapping[str, np.ndarray], spec: Sequence[TensorSpec]) -> None:

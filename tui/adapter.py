@@ -18,12 +18,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from qflare.bus import topology
 from qflare.crypto.pki import TrustStore
 from qflare.messages import DEFAULT_LIMITS, MessageRejected, Reason, open_envelope, unpack
 from qflare.messages import bodies as wire
 from qflare.tui import events as ev
-
-from qflare.bus import topology
 
 #: Kinds the console draws nothing from (client uploads, chunks, the aggregator's requests).
 IGNORED_KINDS = frozenset({"update", "privacy.request", "chunk", "chunk.manifest"})

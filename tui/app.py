@@ -14,10 +14,6 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from qflare.tui import render
-from qflare.tui.events import Event, Severity
-from qflare.tui.feed import Feed
-from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -27,6 +23,11 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.widgets.data_table import RowDoesNotExist
+
+from qflare.tui import render
+from qflare.tui.events import Event, Severity
+from qflare.tui.feed import Feed
+from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
 
 REFRESH_S = 0.25
 COALESCE_S = 0.05

@@ -17,12 +17,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from qflare.bus import Bus
 from qflare.crypto.pki import TrustStore
 from qflare.tui.app import ConsoleApp
 from qflare.tui.events import Event, JobDeclared
 from qflare.tui.feed import Feed, describe_source
-
-from qflare.bus import Bus
 
 
 def build_console(

@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass, field
 
 # One severity scale for the whole system: the alerting service's (a pure module).
-from qflare.services.alerting.core import Severity
+from qflare.messages.bodies import Severity
 
 
 class Link(enum.Enum):

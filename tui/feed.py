@@ -28,10 +28,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qflare.crypto.pki import TrustStore
-from qflare.tui.adapter import decode_delivery
-from qflare.tui.events import AlertRaised, Event, Link, LinkChanged, Severity
-
 from qflare.bus import (
     Bus,
     BusError,
@@ -42,6 +38,9 @@ from qflare.bus import (
     connect_bus,
     topology,
 )
+from qflare.crypto.pki import TrustStore
+from qflare.tui.adapter import decode_delivery
+from qflare.tui.events import AlertRaised, Event, Link, LinkChanged, Severity
 
 log = logging.getLogger("qflare.tui")
 

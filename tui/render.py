@@ -11,11 +11,12 @@ import math
 import time
 from collections.abc import Sequence
 
-from qflare.tui.events import Link, Severity
-from qflare.tui.state import AlertRow, ClientRow, ConsoleState, RoundRow
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from qflare.tui.events import Link, Severity
+from qflare.tui.state import AlertRow, ClientRow, ConsoleState, RoundRow
 
 SEVERITY_STYLE: dict[Severity, str] = {
     Severity.INFO: "cyan",

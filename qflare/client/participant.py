@@ -43,9 +43,9 @@ import numpy as np
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, Subscription, connect_bus, topology
 from qflare.client.kit import Kit
 from qflare.client.tensors import delta, load_tensors, model_tensors
-from qflare.crypto.errors import MessageRejected, Reason
 from qflare.messages import Envelope, ModelPublished, RoundOpened, Update, encode, open_envelope
-from qflare.services.aggregator.core import model_digest
+from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.tensors import model_digest
 
 log = logging.getLogger("qflare.client")
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from qflare.crypto.errors import MessageRejected, Reason
+from qflare.messages.errors import MessageRejected, Reason
 
 
 def model_tensors(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, np.ndarray]:

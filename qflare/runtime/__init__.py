@@ -4,9 +4,9 @@ the Service base with its one handler wrapper, the per-service bootstrap and the
 See docs/CONTRACTS.md ("qflare.runtime") for how a service plugs in.
 """
 
+from qflare.messages.jobs import JobSpec
 from qflare.runtime.bootstrap import SERVICES, build_service
 from qflare.runtime.config import Settings, load_settings
-from qflare.runtime.jobs import JobSpec
 from qflare.runtime.logging import configure_logging, event
 from qflare.runtime.runner import InProcess, run_in_process, run_service, serve
 from qflare.runtime.service import (

@@ -31,7 +31,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from qflare.runtime.jobs import JobSpec, load_jobs
+from qflare.messages.jobs import JobSpec
+from qflare.runtime.jobs import load_jobs
 
 DEFAULT_BROKER = "memory://"
 LOG_FORMATS = ("json", "text")

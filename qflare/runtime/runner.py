@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qflare.bus import Bus, connect_bus
+from qflare.messages.jobs import JobSpec
 from qflare.runtime.bootstrap import SERVICES, build_service
 from qflare.runtime.config import Settings
-from qflare.runtime.jobs import JobSpec, check_model_size
+from qflare.runtime.jobs import check_model_size
 from qflare.runtime.logging import configure_logging, event
 from qflare.runtime.service import Service
 

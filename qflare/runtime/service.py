@@ -38,7 +38,7 @@ from qflare.bus import (
     Subscription,
     topology,
 )
-from qflare.crypto.errors import MessageRejected
+from qflare.messages.errors import MessageRejected
 from qflare.runtime.config import Settings
 from qflare.runtime.envelopes import publish_alert
 from qflare.runtime.logging import event

@@ -167,7 +167,6 @@ def validate(config: SimConfig) -> None:
         # The aggregator's own seeded Poisson selection, round by round: a round that selects
         # nobody would wait for its deadline and end the job, so refuse it now.
         from qflare.services.aggregator.core import select_participants
-
         from qflare.sim.federation import client_ids
 
         ids = client_ids(config.clients)

@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
+from qflare.privacy import BudgetPolicy
+from qflare.privacy.policy import privacy_charge
+from qflare.robust import Reputation
 from qflare.services.accountant.core import AccountantCore
 from qflare.services.aggregator.core import aggregate_round, cap_removals, select_participants
 from qflare.services.detector.core import decide
-
-from qflare.privacy import BudgetPolicy
-from qflare.robust import Reputation
-from qflare.runtime.jobs import privacy_charge
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.report import RoundRecord, RunResult

@@ -4,7 +4,7 @@
 summary); ``report.md`` says the same for a person; ``accuracy.png`` and ``epsilon.png`` plot
 accuracy (with the no-attack baseline when one was run) and epsilon spent per round.
 
-Every epsilon is reported with its coverage (``qflare.runtime.jobs.privacy_charge``, the
+Every epsilon is reported with its coverage (``qflare.privacy.policy.privacy_charge``, the
 function the aggregator charges with; docs/privacy.md): with detection on and no
 ``dp_filter_bound``, or a rule other than ``mean``, the epsilon is that of the noise added,
 not a DP guarantee, and both files say so next to it.
@@ -176,7 +176,7 @@ COVERAGE_NOTES = {
 
 def coverage_of(cfg: dict[str, Any]) -> str | None:
     """What a run's epsilon covers, from its configuration (None with DP off)."""
-    from qflare.runtime.jobs import privacy_charge
+    from qflare.privacy.policy import privacy_charge
 
     if not _dp_on(cfg):
         return None

@@ -22,7 +22,7 @@ def plan_noise(config: SimConfig) -> SimConfig:
     """Turn ``target_epsilon`` into a noise multiplier for the whole run (and a budget)."""
     if config.target_epsilon is None:
         return config
-    from qflare.runtime.jobs import privacy_charge
+    from qflare.privacy.policy import privacy_charge
     from qflare.sim.robust_glue import noise_for_epsilon
 
     k = config.dp_filter_bound
@@ -35,7 +35,7 @@ def plan_noise(config: SimConfig) -> SimConfig:
     ).coverage
     try:
         if coverage == "filter_bounded" and k is not None:
-            # charged at z/(2k+1) and q = 1 (JobSpec.privacy_charge): plan that charged
+            # charged at z/(2k+1) and q = 1 (qflare.privacy.policy.privacy_charge): plan that charged
             # multiplier for the target, and add (2k+1) times it
             z = (2 * k + 1) * noise_for_epsilon(
                 config.target_epsilon, 1.0, config.rounds, config.delta

@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qflare.crypto import provision
-from qflare.messages import MetricsEvaluated, encode, open_envelope
-from qflare.services.aggregator.core import cap_removals
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
+from qflare.crypto import provision
+from qflare.messages import MetricsEvaluated, encode, open_envelope
 from qflare.runtime import JobSpec, load_settings, run_in_process
+from qflare.services.aggregator.core import cap_removals
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.model import Params

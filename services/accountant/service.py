@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import asyncio
 
-from qflare.messages import MessageRejected, PrivacyDenied, PrivacyGranted, Reason
-from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
-from qflare.services.accountant.store import LedgerStore
-
 from qflare.bus import Delivery
+from qflare.messages import MessageRejected, PrivacyDenied, PrivacyGranted, Reason
 from qflare.privacy import BudgetPolicy, PrivacyError
 from qflare.privacy.errors import UNKNOWN_JOB
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit, open_delivery
+from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
+from qflare.services.accountant.store import LedgerStore
 
 QUEUE = "accountant"
 

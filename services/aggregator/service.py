@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load as st_load
+
+from qflare.bus import Delivery, topology
 from qflare.messages import (
     JobEnded,
     MessageRejected,
@@ -38,23 +41,20 @@ from qflare.messages import (
     TensorSpec,
     UpdateRef,
 )
+from qflare.messages.tensors import Layout, model_digest
+from qflare.privacy.policy import charge_of
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.jobs import check_model_size
 from qflare.services.aggregator.core import (
     CloseDecision,
-    Layout,
     RoundState,
     aggregate_round,
     cap_removals,
     close_decision,
-    model_digest,
     select_participants,
 )
 from qflare.services.aggregator.store import AggregatorStore, RoundRow
-from safetensors.numpy import load as st_load
-
-from qflare.bus import Delivery, topology
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
-from qflare.runtime.envelopes import emit, open_delivery
-from qflare.runtime.jobs import check_model_size
 
 QUEUE = "aggregator"
 KINDS = ("update.accepted", "update.rejected", "round.verdict", "privacy.granted", "privacy.denied")
@@ -552,7 +552,7 @@ class Aggregator(Service):
             await self._open_round(spec, round_no, math.inf)
             return
         # charged (q, z) and coverage per docs/privacy.md; the noise added stays z * C
-        charge = spec.privacy_charge()
+        charge = charge_of(spec)
         body = PrivacyRequest(q=charge.q, z=charge.z, clip=spec.clip, coverage=charge.coverage)
         await emit(self, "privacy.request", body, job=spec.job_id, round=round_no)
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qflare.services.aggregator.core import RoundState
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from qflare.messages.jobs import JobSpec
 from qflare.runtime import Database, fsync_write
-from qflare.runtime.jobs import JobSpec
 from qflare.runtime.sqlite import RoundFiles
+from qflare.services.aggregator.core import RoundState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

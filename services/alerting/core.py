@@ -28,38 +28,14 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from qflare.messages.bodies import Severity
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 #: Alert kind the detector raises for a client its verdict flagged.
 KIND_CLIENT_FLAGGED = "client.flagged"
 #: Alert kind made from a message drained from the dead-letter exchange.
 KIND_DEAD_LETTER = "dead_letter"
-
-
-class Severity(enum.IntEnum):
-    """Ordered so that escalation is ``max``; routing keys use the lower-case name. The
-    console (``qflare.tui.events``) shows alerts with this same enum."""
-
-    INFO = 10
-    WARNING = 20
-    CRITICAL = 40
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, value: str | int | Severity) -> Severity:
-        if isinstance(value, Severity):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        try:
-            return cls[str(value).strip().upper()]
-        except KeyError:
-            raise ValueError(
-                f"unknown severity {value!r}; expected one of {', '.join(s.label for s in cls)}"
-            ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,20 +21,18 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from qflare.messages import AlertRaised, RoundVerdict
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.messages import AlertRaised, RoundVerdict, Severity
+from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.logging import event
+from qflare.runtime.service import Consumer, Service, ServiceContext
 from qflare.services.alerting.core import (
     Alert,
     AlertDesk,
     AlertPolicy,
-    Severity,
     dead_letter_alert,
 )
 from qflare.services.alerting.store import AlertStore
-
-from qflare.bus import Delivery, QueueSpec, topology
-from qflare.runtime.envelopes import emit, open_delivery
-from qflare.runtime.logging import event
-from qflare.runtime.service import Consumer, Service, ServiceContext
 
 ALERTS_IN = QueueSpec(
     "alerting",

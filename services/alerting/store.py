@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qflare.services.alerting.core import Action, Alert, Decision
-
+from qflare.messages.bodies import Severity
 from qflare.runtime.sqlite import Database
+from qflare.services.alerting.core import Action, Alert, Decision
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -139,8 +139,6 @@ class AlertStore:
         await self.db.execute("UPDATE alerts SET published = 1 WHERE id = ?", (alert_id,))
 
     async def alert(self, alert_id: int) -> Alert:
-        from qflare.services.alerting.core import Severity
-
         row = await self.db.fetchone("SELECT * FROM alerts WHERE id = ?", (alert_id,))
         assert row is not None
         return Alert(

@@ -14,14 +14,13 @@ import asyncio
 import math
 from typing import Any
 
-from qflare.messages import Flagged, MessageRejected, Reason, RoundVerdict
-from qflare.services.detector.core import RoundRows, decide, decide_rows
-from qflare.services.detector.store import DetectorStore
-
 from qflare.bus import Delivery
+from qflare.messages import Flagged, MessageRejected, Reason, RoundVerdict
 from qflare.robust import Reputation
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
+from qflare.services.detector.core import RoundRows, decide, decide_rows
+from qflare.services.detector.store import DetectorStore
 
 QUEUE = "detector"
 KINDS = ("update.accepted", "round.closed")

@@ -24,9 +24,9 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from qflare.messages.jobs import JobSpec
 from qflare.robust import Reputation
 from qflare.runtime import Database, fsync_write
-from qflare.runtime.jobs import JobSpec
 from qflare.runtime.sqlite import RoundFiles
 
 SCHEMA = """

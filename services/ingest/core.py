@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from qflare.crypto.errors import MessageRejected, Reason
+
+from qflare.messages.errors import MessageRejected, Reason
 
 #: Rounds remembered as closed per job, so a late ``round.opened`` redelivery cannot reopen one.
 _CLOSED_MEMORY = 64

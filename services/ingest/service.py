@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qflare.crypto.errors import MessageRejected, Reason
+from qflare.bus import Delivery, QueueSpec, topology
+from qflare.crypto.errors import TrustRejected
 from qflare.crypto.pki import RevocationList
 from qflare.messages import (
     DEFAULT_LIMITS,
@@ -48,6 +49,10 @@ from qflare.messages import (
     unpack,
     validate_update,
 )
+from qflare.messages.errors import MessageRejected, Reason
+from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
+from qflare.runtime.logging import event
+from qflare.runtime.service import Consumer, Service, ServiceContext
 from qflare.services.ingest.core import (
     OpenRound,
     RoundBook,
@@ -59,11 +64,6 @@ from qflare.services.ingest.core import (
     needs_round_news,
     tensor_specs,
 )
-
-from qflare.bus import Delivery, QueueSpec, topology
-from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
-from qflare.runtime.logging import event
-from qflare.runtime.service import Consumer, Service, ServiceContext
 
 #: The shared work queue: every replica competes on it.
 UPDATES = QueueSpec("ingest", bindings=((topology.CLIENT, "update.*"),), delivery_limit=3)
@@ -196,7 +196,7 @@ class IngestService(Service):
         try:
             crl = RevocationList.from_bytes(path.read_bytes())
             adopted = self.ctx.trust.update_crl(crl)
-        except (MessageRejected, OSError, ValueError) as exc:
+        except (TrustRejected, OSError, ValueError) as exc:
             event(self.log, "crl.unreadable", path=str(path), error=repr(exc))
             return False
         self._crl_stamp = stamp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from e2e_harness import REVOKED
+
 from qflare.crypto import Federation, provision, revoke
 
 

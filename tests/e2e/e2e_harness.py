@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qflare.crypto import Federation
-from qflare.messages import MessageRejected, open_envelope
 from safetensors.numpy import save_file
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
+from qflare.crypto import Federation
+from qflare.messages import MessageRejected, open_envelope
 
 FEATURES, CLASSES = 64, 10
 PARTICIPANTS = tuple(f"client-{i:03d}" for i in range(10))

@@ -22,6 +22,7 @@ from e2e_harness import (
     run_scenario,
     write_initial_model,
 )
+
 from qflare.crypto import Federation
 
 pytestmark = [

@@ -36,12 +36,12 @@ from e2e_harness import (
     train_delta,
     write_initial_model,
 )
-from qflare.crypto import Federation
-from qflare.messages import encode
-from qflare.services.aggregator.core import model_digest
 
 from qflare.bus import Bus, topology
 from qflare.client import Kit
+from qflare.crypto import Federation
+from qflare.messages import encode
+from qflare.messages.tensors import model_digest
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow, pytest.mark.timeout(400)]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from e2e_harness import require_broker
-from qflare.crypto import Federation
 
 from qflare.bus import connect_bus
+from qflare.crypto import Federation
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow, pytest.mark.timeout(180)]
 

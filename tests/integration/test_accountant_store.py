@@ -6,10 +6,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from qflare.services.accountant.core import AccountantCore
-from qflare.services.accountant.store import LedgerStore
 
 from qflare.privacy import BudgetPolicy, Decision, epsilon
+from qflare.services.accountant.core import AccountantCore
+from qflare.services.accountant.store import LedgerStore
 
 Q, Z, DELTA = 0.1, 1.0, 1e-5
 

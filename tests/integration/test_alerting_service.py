@@ -11,12 +11,12 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from qflare.crypto.testing import MemoryFederation, make_federation
-from qflare.messages import Envelope, encode, open_envelope
-from qflare.services.alerting.store import DB_FILE
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.crypto.testing import MemoryFederation, make_federation
+from qflare.messages import Envelope, encode, open_envelope
 from qflare.runtime import Settings, build_service, open_readonly
+from qflare.services.alerting.store import DB_FILE
 
 JOB = "j1"
 

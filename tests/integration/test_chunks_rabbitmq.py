@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qflare.crypto import Federation, provision
-from qflare.messages import Update, encode, split
 
 from qflare.bus import Bus, topology
+from qflare.crypto import Federation, provision
+from qflare.messages import Update, encode, split
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from qflare.crypto import Federation, provision
 
 from qflare.bus import connect_bus
 from qflare.cli import main as cli
 from qflare.client import Participant, RoundInfo, model_tensors
+from qflare.crypto import Federation, provision
 from qflare.runtime import JobSpec, load_settings, run_in_process
 
 CLIENTS = 4

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from qflare.crypto.testing import MemoryFederation, make_federation
-from qflare.messages import Envelope, JobEnded, ModelPublished, RoundOpened, encode, open_envelope
-from qflare.services.aggregator.core import model_digest
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.client import Kit, Participant, RoundInfo
+from qflare.crypto.testing import MemoryFederation, make_federation
+from qflare.messages import Envelope, JobEnded, ModelPublished, RoundOpened, encode, open_envelope
+from qflare.messages.tensors import model_digest
 from qflare.runtime import Settings, build_service
 
 JOB = "jc"

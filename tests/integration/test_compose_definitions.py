@@ -290,9 +290,8 @@ def test_compose_file_runs_a_service_per_role_with_its_own_broker_user() -> None
 
 
 def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> None:
-    from qflare.crypto import provision
-
     from qflare.commands.broker import definitions_for_kit
+    from qflare.crypto import provision
 
     provision(tmp_path, clients=2)
     doc = definitions_for_kit(tmp_path, vhost="qflare", prefix="", example=False)
@@ -312,11 +311,10 @@ async def test_services_declare_their_queues_against_the_file_without_conflict(
 ) -> None:
     # a re-declaration with other arguments fails (PRECONDITION_FAILED -> TopologyError), so
     # this shows the file and the services agree on every queue the file declares
-    from qflare.services.alerting.service import ALERTS_IN, DEAD_IN
-    from qflare.services.ingest.service import UPDATES
-
     from qflare.bus import connect_bus
     from qflare.commands.broker import service_queues
+    from qflare.services.alerting.service import ALERTS_IN, DEAD_IN
+    from qflare.services.ingest.service import UPDATES
 
     specs = service_queues()
     assert {s.name for s in specs} >= {UPDATES.name, ALERTS_IN.name, DEAD_IN.name}
@@ -334,9 +332,8 @@ async def test_services_declare_their_queues_against_the_file_without_conflict(
 async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(
     loaded: dict,
 ) -> None:
-    from qflare.services.ingest.service import rounds_queue
-
     from qflare.bus import TopologyError, connect_bus
+    from qflare.services.ingest.service import rounds_queue
 
     spec = rounds_queue("r-test")
     bus = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
@@ -446,9 +443,8 @@ async def _noop(_: object) -> object:
 
 
 def test_compose_config_file_loads() -> None:
-    from qflare.services.ingest.service import IngestOptions
-
     from qflare.runtime import load_settings
+    from qflare.services.ingest.service import IngestOptions
 
     root = Path(__file__).resolve().parents[2] / "compose"
     settings = load_settings(

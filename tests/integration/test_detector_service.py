@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from qflare.crypto import Federation, provision
-from qflare.messages import encode, open_envelope
-from qflare.services.detector.store import DetectorStore
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.crypto import Federation, provision
+from qflare.messages import encode, open_envelope
 from qflare.runtime import JobSpec, load_settings, run_in_process
+from qflare.services.detector.store import DetectorStore
 
 CLIENTS = tuple(f"c{i}" for i in range(6))
 JOB = "jd"
@@ -233,9 +233,8 @@ async def test_dropping_a_round_waits_for_a_write_in_flight(
     behind in a folder nobody will clean."""
     import threading
 
-    from qflare.services.detector import store as store_module
-
     from qflare.robust import Reputation
+    from qflare.services.detector import store as store_module
 
     gate = threading.Event()
     entered = threading.Event()

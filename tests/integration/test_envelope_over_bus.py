@@ -17,6 +17,8 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 from qflare.crypto import context_for
 from qflare.crypto.pki import canonical
 from qflare.crypto.testing import MemoryFederation, make_federation
@@ -29,8 +31,6 @@ from qflare.messages import (
     open_envelope,
     validate_update,
 )
-
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
 
 JOB = "job-bus"
 ROUTE = f"update.{JOB}"

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from qflare.crypto.testing import MemoryFederation, make_federation
-from qflare.messages import Envelope, Reason, RoundOpened, Update, encode, open_envelope
-from qflare.services.aggregator.core import model_digest
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.crypto.testing import MemoryFederation, make_federation
+from qflare.messages import Envelope, Reason, RoundOpened, Update, encode, open_envelope
+from qflare.messages.tensors import model_digest
 from qflare.runtime import Settings, build_service
 
 JOB = "j1"

@@ -33,15 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from qflare.crypto import Federation, provision
-from qflare.messages import encode, open_envelope
-from qflare.tui.app import ConsoleApp
-from qflare.tui.console import build_console, terminal_logs_to
-from qflare.tui.events import JobDeclared
 
 from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.client import Participant, RoundInfo, load_tensors, model_tensors
+from qflare.crypto import Federation, provision
+from qflare.messages import encode, open_envelope
 from qflare.runtime import JobSpec, load_settings, run_in_process
+from qflare.tui.app import ConsoleApp
+from qflare.tui.console import build_console, terminal_logs_to
+from qflare.tui.events import JobDeclared
 
 CLIENTS = 8
 BYZANTINE = ("client-006", "client-007")

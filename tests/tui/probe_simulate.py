@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import qflare.tui.console as console
-
 from qflare.cli import main as cli
 from tests.tui.live_job import LatencyProbe
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from qflare.bus import topology
 from qflare.messages import Reason
 from qflare.tui import events as ev
 from qflare.tui.adapter import KIND_CONSOLE_REJECTED, decode_delivery
-
-from qflare.bus import topology
 
 from .wire import DIGEST, envelope, federation
 

@@ -11,14 +11,14 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from qflare.tui import events as ev
-from qflare.tui.app import AlertDetail, ConsoleApp
-from qflare.tui.console import build_console
-from qflare.tui.state import ConsoleState
 from rich.console import Console
 from textual.widgets import DataTable, Input, Static
 
 from qflare.bus import connect_bus
+from qflare.tui import events as ev
+from qflare.tui.app import AlertDetail, ConsoleApp
+from qflare.tui.console import build_console
+from qflare.tui.state import ConsoleState
 
 from .scenario import NOW, job_events
 from .wire import Publisher, federation

@@ -15,10 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
 import pytest
+from textual.widgets import DataTable
+
 from qflare.tui import events as ev
 from qflare.tui.console import build_console
 from qflare.tui.feed import delete_queue
-from textual.widgets import DataTable
 
 from .test_app import SIZE, banner, cells, keys, until
 from .wire import Publisher, federation

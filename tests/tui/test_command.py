@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from qflare.crypto import provision
 
 from qflare.cli import main as cli
 from qflare.commands.tui import load_trust_from
+from qflare.crypto import provision
 
 
 @pytest.mark.parametrize(

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from textual.widgets import DataTable
+
+from qflare.messages import Severity
+from qflare.messages.jobs import JobSpec
 from qflare.services.aggregator.core import RoundState
 from qflare.services.aggregator.store import AggregatorStore
-from qflare.services.alerting.core import Action, Alert, Decision, Severity
+from qflare.services.alerting.core import Action, Alert, Decision
 from qflare.services.alerting.store import AlertStore
 from qflare.tui.app import ConsoleApp
 from qflare.tui.history import load_history
 from qflare.tui.state import ConsoleState
-from textual.widgets import DataTable
-
-from qflare.runtime.jobs import JobSpec
 
 from .test_app import SIZE, cells, keys
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
+from rich.console import Console
+
 from qflare.tui import events as ev
 from qflare.tui import render
 from qflare.tui.state import ConsoleState
-from rich.console import Console
 
 from .scenario import JOB, NOW, job_events
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from qflare.tui import events as ev
 from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
 

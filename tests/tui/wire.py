@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from qflare.bus import Bus, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import encode
-
-from qflare.bus import Bus, topology
 
 SENDER = {
     "round.opened": "aggregator",

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from qflare.crypto.testing import make_federation
-from qflare.messages import MessageRejected, Reason
 
 from qflare.client import (
     Kit,
@@ -17,6 +15,8 @@ from qflare.client import (
     load_tensors,
     model_tensors,
 )
+from qflare.crypto.testing import make_federation
+from qflare.messages import MessageRejected, Reason
 
 
 @pytest.fixture(scope="module")

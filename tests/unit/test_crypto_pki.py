@@ -8,14 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+
+from qflare.cli import main
 from qflare.crypto import (
     Certificate,
     CertificateAuthority,
     Federation,
     Identity,
-    MessageRejected,
-    Reason,
     RevocationList,
+    TrustRejected,
     TrustStore,
     generate_signing_key,
     load_ca,
@@ -23,8 +24,7 @@ from qflare.crypto import (
     revoke,
 )
 from qflare.crypto.keystore import signing_key_from_pem, signing_key_to_pem
-
-from qflare.cli import main
+from qflare.messages.errors import Reason
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,9 @@ def _issue(ca: CertificateAuthority, holder: str = "client-1", **kw: object) -> 
 
 
 def _reason(fn, *args, **kw) -> Reason:  # type: ignore[no-untyped-def]
-    with pytest.raises(MessageRejected) as exc:
+    with pytest.raises(TrustRejected) as exc:
         fn(*args, **kw)
-    return exc.value.reason
+    return Reason(exc.value.code)
 
 
 def test_issued_certificate_verifies_and_round_trips(ca: CertificateAuthority) -> None:
@@ -229,11 +229,11 @@ _CERT = _ANCHOR.issue("c", "client", generate_signing_key().public_key).to_bytes
 def test_random_or_mutated_certificates_raise_only_message_rejected(data: bytes) -> None:
     if data == _CERT:
         return
-    with pytest.raises(MessageRejected):
+    with pytest.raises(TrustRejected):
         _TRUST.verify_certificate(data)
     try:
         RevocationList.from_bytes(data)
-    except MessageRejected:
+    except TrustRejected:
         pass
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from qflare.crypto import KemPrivateKey, MessageRejected, Reason, open_sealed, seal
+
+from qflare.crypto import KemPrivateKey, TrustRejected, open_sealed, seal
 from qflare.crypto.sealing import MLKEM_CIPHERTEXT_SIZE, OVERHEAD, X25519_SIZE
 
 
@@ -33,31 +34,31 @@ def test_two_seals_of_the_same_plaintext_differ(key: KemPrivateKey) -> None:
 def test_tampering_anywhere_fails(key: KemPrivateKey, offset: int) -> None:
     blob = bytearray(seal(key.public_key, b"secret update", b"hdr"))
     blob[offset] ^= 0x01
-    with pytest.raises(MessageRejected) as exc:
+    with pytest.raises(TrustRejected) as exc:
         open_sealed(key, bytes(blob), b"hdr")
-    assert exc.value.reason is Reason.UNSEAL_FAILED
+    assert exc.value.code == "UNSEAL_FAILED"
 
 
 def test_wrong_key_fails(key: KemPrivateKey) -> None:
     blob = seal(key.public_key, b"secret", b"hdr")
-    with pytest.raises(MessageRejected) as exc:
+    with pytest.raises(TrustRejected) as exc:
         open_sealed(KemPrivateKey.generate(), blob, b"hdr")
-    assert exc.value.reason is Reason.UNSEAL_FAILED
+    assert exc.value.code == "UNSEAL_FAILED"
 
 
 def test_wrong_associated_data_fails(key: KemPrivateKey) -> None:
     blob = seal(key.public_key, b"secret", b"header of envelope A")
-    with pytest.raises(MessageRejected) as exc:
+    with pytest.raises(TrustRejected) as exc:
         open_sealed(key, blob, b"header of envelope B")
-    assert exc.value.reason is Reason.UNSEAL_FAILED
+    assert exc.value.code == "UNSEAL_FAILED"
 
 
 def test_truncated_blob_fails(key: KemPrivateKey) -> None:
     blob = seal(key.public_key, b"secret", b"")
     for cut in (0, 10, OVERHEAD - 1, len(blob) - 1):
-        with pytest.raises(MessageRejected) as exc:
+        with pytest.raises(TrustRejected) as exc:
             open_sealed(key, blob[:cut], b"")
-        assert exc.value.reason is Reason.UNSEAL_FAILED
+        assert exc.value.code == "UNSEAL_FAILED"
 
 
 def test_bad_recipient_key_is_a_configuration_error() -> None:

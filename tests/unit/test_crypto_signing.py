@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from dilithium_py.ml_dsa import ML_DSA_65
+
 from qflare.crypto import (
     CryptoUnavailable,
     context_for,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
+
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import (
     Limits,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from qflare.messages import ALLOWED_DTYPES, Limits, MessageRejected, Reason, packb, unpack
 from qflare.messages.codec import TENSOR_EXT
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qflare.cli import main
 from qflare.messages import BODY_TYPES, Reason
 from qflare.messages.docs import render_reference
-
-from qflare.cli import main
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "messages.md"
 

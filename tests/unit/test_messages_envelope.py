@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qflare.crypto import Identity, context_for
 from qflare.crypto.pki import canonical
 from qflare.crypto.testing import MemoryFederation, make_federation

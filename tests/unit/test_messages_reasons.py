@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+
 from qflare.crypto import context_for
 from qflare.crypto.pki import canonical
 from qflare.crypto.testing import MemoryFederation, make_federation

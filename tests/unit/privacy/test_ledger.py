@@ -5,9 +5,8 @@ from __future__ import annotations
 import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
-from qflare.messages.bodies import PrivacyDenied, PrivacyGranted
-from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 
+from qflare.messages.bodies import PrivacyDenied, PrivacyGranted
 from qflare.privacy import (
     BUDGET_EXHAUSTED,
     CONFLICTING_REQUEST,
@@ -19,6 +18,7 @@ from qflare.privacy import (
     PrivacyError,
     epsilon,
 )
+from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 
 Q, Z, DELTA = 0.1, 1.0, 1e-5
 

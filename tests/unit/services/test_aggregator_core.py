@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from qflare.services.aggregator.core import (
     CloseDecision,
     Layout,
@@ -211,7 +212,7 @@ def test_cap_removals_removes_only_the_k_highest_scored() -> None:
     ],
 )
 def test_privacy_charge(rule: str, detection: bool, bound: int | None, expected: tuple) -> None:
-    from qflare.runtime.jobs import privacy_charge
+    from qflare.privacy.policy import privacy_charge
 
     got = privacy_charge(
         rule=rule, detection=detection, sample_rate=0.1, noise_multiplier=1.2, dp_filter_bound=bound

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from qflare.crypto import Federation, provision
-from qflare.messages import encode, open_envelope
-from qflare.services.aggregator.core import model_digest
 
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.crypto import Federation, provision
+from qflare.messages import encode, open_envelope
+from qflare.messages.tensors import model_digest
 from qflare.runtime import JobSpec, load_settings, run_in_process
 
 CLIENTS = tuple(f"c{i}" for i in range(10))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+
+from qflare.messages import Severity
 from qflare.services.alerting.core import (
     KIND_CLIENT_FLAGGED,
     Action,
     Alert,
     AlertDesk,
     AlertPolicy,
-    Severity,
     dead_letter_alert,
 )
 

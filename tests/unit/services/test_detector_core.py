@@ -6,9 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
-from qflare.services.detector.core import RoundRows, _gather_rows, decide, decide_rows
 
 from qflare.robust import Reputation
+from qflare.services.detector.core import RoundRows, _gather_rows, decide, decide_rows
 
 
 def _round(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from qflare.crypto.errors import MessageRejected, Reason
+
+from qflare.messages.errors import MessageRejected, Reason
 from qflare.services.ingest.core import (
     OpenRound,
     RoundBook,

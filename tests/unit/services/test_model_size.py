@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qflare.crypto import Federation, provision
-from qflare.messages import DEFAULT_LIMITS
 from safetensors.numpy import save_file
 
 from qflare.bus import connect_bus
+from qflare.crypto import Federation, provision
 from qflare.errors import QflareError
+from qflare.messages import DEFAULT_LIMITS
 from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.runtime.jobs import ModelTooLarge, check_model_size, max_model_bytes
 

@@ -9,10 +9,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from qflare.crypto import Federation, provision
-from qflare.messages import MessageRejected, Reason, open_envelope
 
 from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.crypto import Federation, provision
+from qflare.messages import MessageRejected, Reason, open_envelope
 from qflare.runtime import (
     Consumer,
     Database,

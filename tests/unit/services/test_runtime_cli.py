@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qflare.crypto import provision
 from safetensors.numpy import save_file
+
+from qflare.crypto import provision
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

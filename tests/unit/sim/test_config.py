@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qflare.cli import main
+from qflare.privacy.policy import charge_of
 from qflare.sim.config import SimConfig, SimConfigError, validate
 from qflare.sim.robust_glue import resolve_rule_spec
 
@@ -135,9 +136,9 @@ def test_a_filter_bound_with_dp_and_detection_is_valid_and_reaches_the_job() -> 
     config = SimConfig(noise_multiplier=1.0, dp_filter_bound=0)
     validate(config)
     spec = job_spec(config, client_ids(config.clients))
-    assert spec.dp_filter_bound == 0 and spec.privacy_charge().coverage == "clipped_sum"
+    assert spec.dp_filter_bound == 0 and charge_of(spec).coverage == "clipped_sum"
     spec = job_spec(config.with_(dp_filter_bound=2), client_ids(config.clients))
-    assert spec.dp_filter_bound == 2 and spec.privacy_charge().coverage == "filter_bounded"
+    assert spec.dp_filter_bound == 2 and charge_of(spec).coverage == "filter_bounded"
 
 
 def test_a_target_epsilon_with_a_filter_bound_is_planned_at_the_charged_noise() -> None:

@@ -1,0 +1,114 @@
+"""A federated job as configured: who takes part, how rounds are run, filtered and noised.
+
+A :class:`JobSpec` is read from the ``[[jobs]]`` tables of the configuration file (TOML)
+for ``qflare serve aggregator``/``qflare up``, or built in code and submitted in-process
+(``qflare simulate``). It is validated once, here, so every service can trust its fields. Privacy: what a
+job's rounds are charged and what its epsilon covers is decided from the spec by
+:func:`qflare.privacy.policy.privacy_charge`.
+
+The privacy fields follow DP-FedAvg (McMahan et al., "Learning Differentially Private
+Recurrent Language Models", ICLR 2018): each round samples clients by Poisson sampling at
+rate ``q``, clips each update to L2 norm ``clip``, and adds Gaussian noise of standard
+deviation ``noise_multiplier * clip`` to the sum. The accountant refuses a round that would
+push the job's epsilon (at ``delta``) past ``epsilon_budget``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_id(value: str, what: str) -> str:
+    """Job and client ids travel as routing-key words: letters, digits, ``_`` and ``-``."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ValueError(
+            f"{what} must be 1-64 characters of letters, digits, '_' or '-' "
+            f"(it is a routing-key word), got {value!r}"
+        )
+    return value
+
+
+class JobSpec(BaseModel):
+    """Everything the services need to run one job. Immutable once submitted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    rounds: int = Field(
+        ge=1, le=100_000, description="rounds to run unless the budget ends it first"
+    )
+    participants: tuple[str, ...] = Field(min_length=1, description="enrolled client ids")
+    rule: str = Field(default="mean", description="robust rule spec for qflare.robust.get_rule")
+    f: int = Field(default=0, ge=0, description="Byzantine clients tolerated per round")
+    detection: bool = Field(default=True, description="run the detector; off keeps every update")
+    sample_rate: float = Field(default=1.0, gt=0.0, le=1.0, description="Poisson rate q")
+    noise_multiplier: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="z: noise std = z * clip; 0 turns DP off (no accountant, epsilon inf)",
+    )
+    clip: float = Field(default=1.0, gt=0.0, description="L2 clip norm C per update")
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    epsilon_budget: float = Field(default=10.0, gt=0.0)
+    dp_filter_bound: int | None = Field(
+        default=None,
+        ge=0,
+        description="k: detection removes at most k updates per round (the k highest-scored "
+        "flagged) and rounds are charged at z/(2k+1), q=1; None: no bound, the "
+        "epsilon of a filtering job is not a DP guarantee",
+    )
+    server_lr: float = Field(default=1.0, gt=0.0, description="step applied to the noised mean")
+    min_updates: int = Field(default=1, ge=1, description="fewest updates a round closes with")
+    deadline_s: float = Field(default=60.0, gt=0.0, description="seconds a round stays open")
+    on_short: Literal["extend", "abort"] = Field(
+        default="extend",
+        description="at the deadline with < min_updates: extend once more or abort the job",
+    )
+    max_extensions: int = Field(default=3, ge=0)
+    seed: int = Field(default=0, ge=0, lt=2**63, description="secret job seed: selection and noise")
+    initial_model: Path | None = Field(
+        default=None, description="safetensors file of the round-0 model (required to run)"
+    )
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str) -> str:
+        return check_id(v, "job_id")
+
+    @field_validator("participants")
+    @classmethod
+    def _participants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for cid in v:
+            check_id(cid, "participant id")
+        if len(set(v)) != len(v):
+            raise ValueError(f"participants contain duplicates: {sorted(v)}")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        n = len(self.participants)
+        if self.min_updates > n:
+            raise ValueError(f"min_updates={self.min_updates} exceeds the {n} participants")
+        if 2 * self.f >= n:
+            raise ValueError(f"f={self.f} needs 2f < n participants, got n={n}")
+        return self
+
+    def __repr__(self) -> str:  # the seed is secret: never print it
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in self.model_dump().items() if k not in ("seed", "participants")
+        )
+        return f"JobSpec({fields}, participants=<{len(self.participants)}>, seed=<hidden>)"
+
+    __str__ = __repr__
+
+    def public(self) -> dict[str, Any]:
+        """The spec without its secret seed, for logs, status and round messages."""
+        data = self.model_dump(mode="json")
+        data.pop("seed")
+        return data
