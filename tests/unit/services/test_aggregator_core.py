@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -218,3 +220,126 @@ def test_privacy_charge(rule: str, detection: bool, bound: int | None, expected:
         rule=rule, detection=detection, sample_rate=0.1, noise_multiplier=1.2, dp_filter_bound=bound
     )
     assert (got.coverage, got.q) == expected[:2] and got.z == pytest.approx(expected[2])
+
+
+def _pinned_round(
+    rule: str, f: int, z: float, clip: float, expected: float, lr: float, n: int, seed: int
+) -> tuple[str, tuple[str, ...], str]:
+    """One round over a fixed three-tensor model; the last client is left out of ``kept``.
+    Odd seeds draw Gaussian updates of three scales (some inside the clip ball, some far
+    outside); even seeds draw sparse positive updates, whose coordinate-wise median leaves
+    the ball (so the combined output is clipped too)."""
+    rng = np.random.default_rng(seed)
+    base = {
+        "w": rng.standard_normal((7, 5)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float32),
+        "a.bias": rng.standard_normal(3).astype(np.float32),
+    }
+    updates = {}
+    for i in range(n):
+        if seed % 2:
+            scale = (0.01, 0.1, 50.0)[i % 3]
+            updates[f"c{i:02d}"] = {
+                k: (scale * rng.standard_normal(v.shape)).astype(np.float32)
+                for k, v in base.items()
+            }
+        else:
+            updates[f"c{i:02d}"] = {
+                k: (10.0 * (rng.random(v.shape) < 0.6)).astype(np.float32) for k, v in base.items()
+            }
+    res = aggregate_round(
+        job="pin",
+        round_no=4,
+        seed=seed,
+        base=base,
+        updates=updates,
+        kept=sorted(updates)[: n - 1],
+        rule=rule,
+        f=f,
+        clip=clip,
+        noise_multiplier=z,
+        expected_clients=expected,
+        server_lr=lr,
+    )
+    h = hashlib.sha256()
+    for name in sorted(res.model):
+        h.update(name.encode() + res.model[name].dtype.str.encode())
+        h.update(np.ascontiguousarray(res.model[name]).tobytes())
+    return h.hexdigest(), res.kept, res.update_norm.hex()
+
+
+# Pinned before the mechanism moved into qflare.privacy (bit-identical models since).
+PINNED = [
+    pytest.param(
+        ("mean", 0, 1.1, 0.5, 7.5, 1.0, 9, 11),
+        "3ff2f7791773a1da1f34a97a124e4b8fa14266dd518e9810f3d20cae4212f8b6",
+        8,
+        "0x1.039a1734b9341p-1",
+        id="mean-dp",
+    ),
+    pytest.param(
+        ("mean", 0, 1.3, 0.4, 5.0, 1.0, 9, 12),
+        "411bd0995bc224a9ff2735da7f6879ef09515b0d1059a528719e6e184b07429f",
+        8,
+        "0x1.8bf6218755276p-1",
+        id="mean-dp-sparse",
+    ),
+    pytest.param(
+        ("median", 2, 0.7, 0.3, 8.0, 0.5, 9, 13),
+        "ca98c9a17bd47b1c38682069e0f37527a68a0a980293860e56fbe7673a8af14e",
+        8,
+        "0x1.6a237df9d9bf5p-4",
+        id="median-dp",
+    ),
+    pytest.param(
+        ("median", 2, 0.7, 0.3, 8.0, 0.5, 9, 14),
+        "4442e040dea1db5b446de6a1562993eb353896a7a53d3d55186e54d1f6cd5fa4",
+        8,
+        "0x1.4fa2ce24535b7p-3",
+        id="median-dp-combined-clipped",
+    ),
+    pytest.param(
+        ("multikrum", 2, 1.5, 1.0, 10.0, 1.0, 12, 15),
+        "1f2ef663cd2ae3b8a0a78f63b9520df7afb936236b6a12206236ef4be7018421",
+        11,
+        "0x1.213fc187b3d39p+0",
+        id="multikrum-dp",
+    ),
+    pytest.param(
+        ("nnm+trimmed_mean", 2, 0.9, 0.2, 6.0, 1.0, 9, 17),
+        "32f88eff74e6797ebb4e0e9823f5ba508d4e1e359c5c9be5189eea9bc6467045",
+        8,
+        "0x1.9f3d8c33a52b4p-3",
+        id="nnm-trimmed-dp",
+    ),
+    pytest.param(
+        ("mean", 0, 0.0, 0.5, 8.0, 1.0, 9, 19),
+        "fe54e9bf7da3838fbf54964ce48428970372d56e2700582196c3d5a708cec3a4",
+        8,
+        "0x1.04af5e4b0051ap-3",
+        id="mean-dp-off-full",
+    ),
+    pytest.param(
+        ("median", 2, 0.0, 0.3, 8.0, 1.0, 9, 20),
+        "7d748d1bc2c3d85e964d7833179c44fab20e2d0914b343c3a0194a317dd8e9cf",
+        8,
+        "0x1.3333333333334p-2",
+        id="median-dp-off-combined-clipped",
+    ),
+    pytest.param(
+        ("mean", 0, 2.0, 0.5, 4.0, 1.0, 1, 21),
+        "86605cb16d8d36c1c573deb877cae6a57bd6a5a3744de7ea88ff9d32790e26f2",
+        0,
+        "0x1.a5748070ea5c0p+0",
+        id="nobody-kept-noise-only",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "digest", "kept", "norm"), PINNED)
+def test_aggregate_round_is_pinned_bit_for_bit(
+    args: tuple[str, int, float, float, float, float, int, int], digest: str, kept: int, norm: str
+) -> None:
+    """The same inputs give the same model, bit for bit, as before the DP mechanism moved
+    into qflare.privacy (and on every run: norms are float64 pairwise sums, not BLAS)."""
+    assert _pinned_round(*args) == (digest, tuple(f"c{i:02d}" for i in range(kept)), norm)
