@@ -1,5 +1,5 @@
 """Package mapping: the top-level folders messages/, crypto/, services/ and tui/ are
-installed as subpackages of ``qflare`` (DESIGN.md section 6)."""
+installed as subpackages of ``qflare`` (docs/architecture.md, "Layout")."""
 
 from setuptools import find_packages, setup
 

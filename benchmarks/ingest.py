@@ -36,7 +36,7 @@ from qflare.messages import (
     validate_update,
 )
 from qflare.messages.tensors import model_digest
-from qflare.services.ingest.core import RoundBook, check_norm, check_round, tensor_specs
+from qflare.services.ingest.core import RoundBook, check_norm, check_round
 
 
 def main() -> None:
@@ -83,7 +83,7 @@ def main() -> None:
         job="b",
         round=1,
         base_version=0,
-        tensors=tensor_specs((t.name, t.dtype, t.shape) for t in opened.tensor_spec),
+        tensors=tuple(opened.tensor_spec),
         participants=frozenset(fed.clients),
     )
     book.opened(info)

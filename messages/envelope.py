@@ -23,9 +23,10 @@ import hashlib
 import os
 import struct
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 
@@ -68,9 +69,13 @@ def key_id(kem_public_key: bytes) -> bytes:
     return hashlib.sha256(kem_public_key).digest()[:KEY_ID_SIZE]
 
 
+B = TypeVar("B", bound=Body, covariant=True)
+
+
 @dataclass(frozen=True, slots=True)
-class Envelope:
-    """An opened (verified) envelope."""
+class Envelope(Generic[B]):
+    """An opened (verified) envelope; ``body`` is the pydantic model of its kind (a handler
+    declared for ``UpdateAccepted`` receives an ``Envelope[UpdateAccepted]``)."""
 
     kind: str
     sender: str
@@ -80,7 +85,7 @@ class Envelope:
     ts: int
     nonce: bytes
     body_digest: bytes
-    body: Body
+    body: B
     sealed: bool
     size: int
     v: int = VERSION
@@ -233,14 +238,17 @@ def open_envelope(
     trust: TrustStore,
     *,
     limits: Limits = DEFAULT_LIMITS,
-    expect_kind: str | None = None,
+    expect_kind: str | Collection[str] | None = None,
     expect_job: str | None = None,
     expect_round: int | None = None,
     kem_key: KemPrivateKey | None = None,
     now: float | None = None,
     max_bytes: int | None = None,
-) -> Envelope:
+) -> Envelope[Body]:
     """Verify and decode one envelope; any problem raises :class:`MessageRejected`.
+
+    ``expect_kind`` (one kind or several) is checked before any signature work, so a kind
+    the caller does not take costs a parse, not a verification.
 
     Tensors in the body are read-only views into ``data`` (zero-copy). ``kem_key`` opens
     sealed bodies. ``max_bytes`` overrides ``limits.max_envelope_bytes`` (reassembled chunked
@@ -258,8 +266,9 @@ def open_envelope(
     body_type = BODY_TYPES.get(kind)
     if body_type is None:
         raise MessageRejected(Reason.UNKNOWN_KIND, f"unknown kind {kind[:64]!r}")
-    if expect_kind is not None and kind != expect_kind:
-        raise MessageRejected(Reason.WRONG_KIND, f"expected {expect_kind!r}, got {kind!r}")
+    if expect_kind is not None and kind not in _kinds(expect_kind):
+        wanted = " or ".join(repr(k) for k in sorted(_kinds(expect_kind)))
+        raise MessageRejected(Reason.WRONG_KIND, f"expected {wanted}, got {kind!r}")
     if expect_job is not None and values["job"] != expect_job:
         raise MessageRejected(
             Reason.WRONG_JOB, f"expected job {expect_job!r}, got {values['job']!r}"
@@ -324,6 +333,10 @@ def open_envelope(
     )
 
 
+def _kinds(expect: str | Collection[str]) -> Collection[str]:
+    return (expect,) if isinstance(expect, str) else expect
+
+
 def _unseal(body: memoryview, kem_key: KemPrivateKey | None, aad: bytes) -> memoryview:
     code = body[0]
     try:
@@ -353,4 +366,3 @@ def _unseal(body: memoryview, kem_key: KemPrivateKey | None, aad: bytes) -> memo
         return memoryview(open_sealed(kem_key, body[start + KEY_ID_SIZE :], aad))
     except TrustRejected as exc:
         raise MessageRejected.of(exc) from None
-

@@ -165,4 +165,3 @@ class MessageRejected(QflareError):
     def of(cls, exc: TrustRejected) -> MessageRejected:
         """The rejection for a failed cryptographic check (same code, same detail)."""
         return cls(Reason(exc.code), exc.detail)
-

@@ -24,6 +24,10 @@ ALLOWED_DTYPES: dict[str, np.dtype] = {
 
 MiB = 1024 * 1024
 
+#: Envelopes above this size are encoded, verified and decoded in a worker thread, so the
+#: event loop keeps serving (ML-DSA and SHA-256 release the GIL).
+OFF_LOOP_BYTES = 256 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:

@@ -16,7 +16,7 @@ from qflare.messages.errors import MessageRejected, Reason
 
 
 def validate_update(tensors: Mapping[str, np.ndarray], spec: Sequence[TensorSpec]) -> None:
-    """Raise MessageRejected (SHAPE_MISMATCH, DTYPE_NOT_ALLOWED, NON_FINITE) unless
+    """Raise MessageRejected (SHAPE_MISMATCH, DTYPE_NOT_ALLOWED, NON_FINITE, MALFORMED) unless
     ``tensors`` has exactly the spec's names with its dtypes and shapes, all finite."""
     expected = {s.name: s for s in spec}
     missing = sorted(expected.keys() - tensors.keys())
@@ -28,6 +28,8 @@ def validate_update(tensors: Mapping[str, np.ndarray], spec: Sequence[TensorSpec
         )
     for name, s in expected.items():
         array = tensors[name]
+        if not isinstance(array, np.ndarray):
+            raise MessageRejected(Reason.MALFORMED, f"{name}: not an array")
         if array.dtype.name != s.dtype:
             raise MessageRejected(
                 Reason.DTYPE_NOT_ALLOWED,
@@ -43,6 +45,5 @@ def validate_update(tensors: Mapping[str, np.ndarray], spec: Sequence[TensorSpec
         # every element is (an overflow to inf falls through to the exact check).
         with np.errstate(over="ignore", invalid="ignore"):
             total = np.add.reduce(array.ravel(), dtype=np.float64)
-        if array.size and not np.isfinite(total):
-            if not np.isfinite(array).all():
-                raise MessageRejected(Reason.NON_FINITE, f"{name} contains NaN or Inf")
+        if array.size and not np.isfinite(total) and not np.isfinite(array).all():
+            raise MessageRejected(Reason.NON_FINITE, f"{name} contains NaN or Inf")

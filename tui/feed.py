@@ -9,7 +9,7 @@ alert and acknowledged, never fed back into ``qflare.dead`` (which the alerting 
 turns into alerts for everyone).
 
 Broker drops: the RabbitMQ adapter's connection is robust (it reconnects and declares the
-queue and consumer again by itself, DESIGN §5); the feed only watches it and reports
+queue and consumer again by itself, docs/architecture.md); the feed only watches it and reports
 ``LinkChanged`` events, so the screen says "reconnecting" while the link is down and
 "connected" when it is back. The transient queue goes with the dropped connection, so what
 was published while the link was down is not shown; the feed says so with a local

@@ -6,7 +6,7 @@ queues whose shape is fixed (ingest, alerting, the dead-letter drain, one broadc
 per client, and every queue a service module lists in ``QUEUES``), policies that bound what
 can pile up, and one broker user per client and per service role.
 
-Permissions are the broker half of DESIGN.md §4: signatures already stop a client from
+Permissions are the broker half of the trust model (docs/architecture.md): signatures already stop a client from
 forging a model, the broker additionally stops it from *writing* anywhere but
 ``qflare.client`` (and only ``update.*`` routing keys there, via a topic permission) and from
 *reading* anything but its own queue ``client.<id>``. RabbitMQ permissions are three regexes

@@ -14,6 +14,7 @@ from qflare.runtime.service import (
     Consumer,
     Service,
     ServiceContext,
+    event_bindings,
     stateful_queue,
 )
 from qflare.runtime.sqlite import Database, fsync_write, open_readonly
@@ -31,6 +32,7 @@ __all__ = [
     "build_service",
     "configure_logging",
     "event",
+    "event_bindings",
     "fsync_write",
     "load_settings",
     "open_readonly",

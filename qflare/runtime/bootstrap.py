@@ -1,4 +1,4 @@
-"""The one wiring place per service (STYLE.md item 3, after cosmicpython's ``bootstrap.py``).
+"""The one wiring place per service (after cosmicpython's ``bootstrap.py``).
 
 :func:`build_service` turns a service name and :class:`Settings` into a ready (not yet
 started) service: it connects the bus named by ``settings.broker`` unless one is passed in,

@@ -1,9 +1,9 @@
 """Signed envelopes in and out of a service: the only place services touch the codec.
 
 Every message a service publishes is an envelope signed with the service's own identity
-(DESIGN §4); every message it consumes is opened against the CA trust store, so a forged
+(docs/architecture.md); every message it consumes is opened against the CA trust store, so a forged
 or revoked sender is a :class:`MessageRejected` like any other bad input. Large bodies are
-encoded/verified in a worker thread (ML-DSA and SHA-256 release the GIL, FACTS.md) so the
+encoded/verified in a worker thread (ML-DSA and SHA-256 release the GIL) so the
 event loop keeps serving.
 
 Routing keys: ``qflare.events`` carries ``<kind>.<job>``; ``qflare.broadcast`` carries
@@ -13,16 +13,15 @@ Routing keys: ``qflare.events`` carries ``<kind>.<job>``; ``qflare.broadcast`` c
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from qflare.bus import Delivery, topology
 from qflare.messages import Body, Envelope, encode, open_envelope
+from qflare.messages.limits import OFF_LOOP_BYTES
 
 if TYPE_CHECKING:
     from qflare.runtime.service import Service
-
-#: Bodies above this size are encoded/opened off the event loop.
-THREAD_THRESHOLD = 256 * 1024
 
 
 def event_key(kind: str, job: str) -> str:
@@ -70,14 +69,14 @@ async def open_delivery(
     service: Service,
     delivery: Delivery,
     *,
-    expect_kind: str | None = None,
+    expect_kind: str | Collection[str] | None = None,
     expect_job: str | None = None,
-) -> Envelope:
+) -> Envelope[Body]:
     """Verify and decode a delivered envelope; any defect raises MessageRejected."""
     trust = service.ctx.trust
     if trust is None:
         raise ValueError(f"service {service.name!r} has no trust store to verify with")
-    if len(delivery.body) > THREAD_THRESHOLD:
+    if len(delivery.body) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(
             open_envelope, delivery.body, trust, expect_kind=expect_kind, expect_job=expect_job
         )

@@ -1,9 +1,12 @@
 """The Service base and the ONE handler wrapper every QFLARE service goes through.
 
-A service is a domain core plus a thin shell (STYLE.md item 3, after cosmicpython's
-``service_layer/handlers.py``): each consumer handler opens the envelope, calls the core,
-persists, publishes, and ends. How a delivery is settled is decided here only (STYLE.md
-item 5, after aio-pika ``patterns/master.py`` and FastStream ``exceptions.py``):
+A service is a domain core plus a thin shell (after cosmicpython's
+``service_layer/handlers.py``). A consumer declares a map from message kind (body type) to
+its handler; the runtime opens and verifies each envelope, rejects a kind the map does not
+name, and hands the handler the typed envelope (``Envelope[UpdateAccepted]``, ...): no
+service parses routing keys. A handler calls the core, persists, publishes, and ends. How a
+delivery is settled is decided here only (after aio-pika ``patterns/master.py`` and
+FastStream ``exceptions.py``):
 
 * the handler returns ``None`` or ``Outcome.ACK``         -> ACK (its effect is durable)
 * it raises :class:`~qflare.messages.MessageRejected`      -> an ``alert.raised`` is published
@@ -22,7 +25,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,9 +41,12 @@ from qflare.bus import (
     Subscription,
     topology,
 )
+from qflare.crypto.keystore import Identity
+from qflare.crypto.pki import TrustStore
+from qflare.messages import Body, Envelope
 from qflare.messages.errors import MessageRejected
 from qflare.runtime.config import Settings
-from qflare.runtime.envelopes import publish_alert
+from qflare.runtime.envelopes import open_delivery, publish_alert
 from qflare.runtime.logging import event
 
 #: Faults that may clear by themselves: the broker is away, the disk or DB is busy.
@@ -55,6 +61,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 ServiceHandler = Callable[[Delivery], Awaitable[Outcome | None]]
+#: A handler of one message kind: receives the opened, verified envelope of that kind.
+EnvelopeHandler = Callable[[Envelope[Any]], Awaitable[Outcome | None]]
+#: A consumer's message map: body type (its ``KIND``) -> the handler of that kind.
+Routes = Mapping[type[Body], EnvelopeHandler]
 
 
 @dataclass
@@ -65,28 +75,43 @@ class ServiceContext:
     name: str
     settings: Settings
     bus: Bus
-    identity: Any = None  # qflare.crypto.keystore.Identity; None only in pure-bus tests
-    trust: Any = None  # qflare.crypto.pki.TrustStore
+    identity: Identity | None = None  # None only in pure-bus tests
+    trust: TrustStore | None = None
     data_dir: Path = field(default_factory=lambda: Path("."))
     clock: Callable[[], float] = time.time
 
 
 @dataclass(frozen=True)
 class Consumer:
-    """One queue a service consumes, and the handler for its deliveries."""
+    """One queue a service consumes, and what handles its deliveries: either ``routes``, a
+    map from body type to the handler of that kind (the runtime opens and verifies each
+    envelope against the kinds the map names, rejects any other kind as ``WRONG_KIND``
+    before verifying a signature, and calls the kind's handler with the typed envelope), or
+    ``handler`` for raw deliveries (client traffic that ingest must bound before opening it,
+    dead letters)."""
 
     spec: QueueSpec
-    handler: ServiceHandler
+    handler: ServiceHandler | None = None
+    routes: Routes = field(default_factory=dict)
     prefetch: int = 16
 
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (not self.routes):
+            raise TypeError(f"consumer of {self.spec.name!r}: give routes or a handler, not both")
 
-def stateful_queue(name: str, kinds: tuple[str, ...]) -> QueueSpec:
+
+def event_bindings(kinds: Iterable[type[Body]]) -> tuple[tuple[str, str], ...]:
+    """Bindings to ``<kind>.<job>`` on ``qflare.events`` for each body type of ``kinds``."""
+    return tuple((topology.EVENTS, f"{kind.KIND}.*") for kind in kinds)
+
+
+def stateful_queue(name: str, kinds: Iterable[type[Body]]) -> QueueSpec:
     """The work queue of a stateful service (aggregator, detector, accountant): bound to
-    ``<kind>.*`` on ``qflare.events`` for each of ``kinds``, one active consumer at a time,
-    a failed delivery retried 0.2 s later, dead-lettered after 20 deliveries."""
+    ``<kind>.*`` on ``qflare.events`` for each body type of ``kinds``, one active consumer at
+    a time, a failed delivery retried 0.2 s later, dead-lettered after 20 deliveries."""
     return QueueSpec(
         name,
-        bindings=tuple((topology.EVENTS, f"{kind}.*") for kind in kinds),
+        bindings=event_bindings(kinds),
         single_active=True,
         delivery_limit=20,
         retry_delay=0.2,
@@ -126,8 +151,9 @@ class Service(abc.ABC):
         await self.open()
         self._running = True
         for consumer in self.consumers():
+            handler = consumer.handler or self._dispatcher(consumer.routes)
             sub = await self.bus.consume(
-                consumer.spec, self._wrap(consumer.handler), prefetch=consumer.prefetch
+                consumer.spec, self._wrap(handler), prefetch=consumer.prefetch
             )
             self._subs.append(sub)
         await self.started()
@@ -164,7 +190,16 @@ class Service(abc.ABC):
         task.add_done_callback(_done)
         return task
 
-    # -- the one handler wrapper ----------------------------------------------------------
+    # -- dispatch by kind and the one handler wrapper -------------------------------------
+    def _dispatcher(self, routes: Routes) -> ServiceHandler:
+        by_kind = {body.KIND: handler for body, handler in routes.items()}
+
+        async def dispatch(delivery: Delivery) -> Outcome | None:
+            env = await open_delivery(self, delivery, expect_kind=by_kind.keys())
+            return await by_kind[env.kind](env)
+
+        return dispatch
+
     def _wrap(self, handler: ServiceHandler) -> Callable[[Delivery], Awaitable[Outcome]]:
         async def settle(delivery: Delivery) -> Outcome:
             return await self.handle(handler, delivery)

@@ -38,7 +38,17 @@ import numpy as np
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
 from qflare.crypto import provision
-from qflare.messages import MetricsEvaluated, encode, open_envelope
+from qflare.messages import (
+    Envelope,
+    JobEnded,
+    MetricsEvaluated,
+    ModelPublished,
+    RoundOpened,
+    RoundVerdict,
+    UpdateRejected,
+    encode,
+    open_envelope,
+)
 from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.services.aggregator.core import cap_removals
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
@@ -154,50 +164,63 @@ class Observer:
 
     async def on_delivery(self, delivery: Delivery) -> Outcome:
         try:
-            env = open_envelope(delivery.body, self.trust)
+            env = open_envelope(delivery.body, self.trust, expect_kind=self._routes.keys())
         except Exception as exc:
             self.errors.append(f"{delivery.routing_key}: {exc}")
             return Outcome.REJECT
         if env.job != SIM_JOB:
             return Outcome.ACK
-        now = time.perf_counter()
-        body = env.body
-        if env.kind == "round.opened" and delivery.exchange.endswith(topology.EVENTS):
-            r = self._round(env.round)
-            if r.participants is None:
-                r.participants = tuple(sorted(body.participants))
-                r.opened_at = now
-        elif env.kind == "update.rejected":
-            self._round(env.round).rejected.add(body.client)
-        elif env.kind == "round.verdict":
-            r = self._round(env.round)
-            if r.flagged is None:
-                r.flagged = tuple(sorted(x.client for x in body.flagged))
-                r.in_round = set(body.kept) | set(r.flagged)
-                # which flagged ones the aggregator keeps under the bound: its own function
-                _kept, removed = cap_removals(
-                    list(body.kept),
-                    [(x.client, float(x.score)) for x in body.flagged],
-                    self.dp_filter_bound,
-                )
-                r.kept_flagged = tuple(sorted(set(r.flagged) - set(removed)))
-        elif env.kind == "model.published":
-            r = self._round(env.round)
-            if body.tensors is not None and body.version == env.round and env.round > 0:
-                r.tensors = body.tensors
-            if body.tensors is None and not r.published:
-                r.published = True
-                r.published_at = now
-                r.epsilon = (
-                    float(body.epsilon) if self.dp_on and math.isfinite(body.epsilon) else None
-                )
-        elif env.kind == "job.ended":
-            self.end_reason = body.reason
-            self.end_detail = body.detail
+        from_events = delivery.exchange.endswith(topology.EVENTS)
+        self._routes[env.kind](env, from_events)
         await self._emit_ready()
-        if env.kind == "job.ended" and delivery.exchange.endswith(topology.EVENTS):
+        if env.kind == JobEnded.KIND and from_events:
             self.ended.set()
         return Outcome.ACK
+
+    @property
+    def _routes(self) -> dict[str, Callable[[Any, bool], None]]:
+        return {
+            RoundOpened.KIND: self._opened,
+            UpdateRejected.KIND: self._refused,
+            RoundVerdict.KIND: self._verdict,
+            ModelPublished.KIND: self._published,
+            JobEnded.KIND: self._job_ended,
+        }
+
+    def _opened(self, env: Envelope[RoundOpened], from_events: bool) -> None:
+        r = self._round(env.round)
+        if from_events and r.participants is None:
+            r.participants = tuple(sorted(env.body.participants))
+            r.opened_at = time.perf_counter()
+
+    def _refused(self, env: Envelope[UpdateRejected], from_events: bool) -> None:
+        self._round(env.round).rejected.add(env.body.client)
+
+    def _verdict(self, env: Envelope[RoundVerdict], from_events: bool) -> None:
+        body, r = env.body, self._round(env.round)
+        if r.flagged is None:
+            r.flagged = tuple(sorted(x.client for x in body.flagged))
+            r.in_round = set(body.kept) | set(r.flagged)
+            # which flagged ones the aggregator keeps under the bound: its own function
+            _kept, removed = cap_removals(
+                list(body.kept),
+                [(x.client, float(x.score)) for x in body.flagged],
+                self.dp_filter_bound,
+            )
+            r.kept_flagged = tuple(sorted(set(r.flagged) - set(removed)))
+
+    def _published(self, env: Envelope[ModelPublished], from_events: bool) -> None:
+        body, r = env.body, self._round(env.round)
+        if body.tensors is not None and body.version == env.round and env.round > 0:
+            r.tensors = body.tensors
+        if body.tensors is None and not r.published:
+            r.published = True
+            r.published_at = time.perf_counter()
+            r.epsilon = float(body.epsilon) if self.dp_on and math.isfinite(body.epsilon) else None
+
+    def _job_ended(self, env: Envelope[JobEnded], from_events: bool) -> None:
+        self.end_reason = env.body.reason
+        self.end_detail = env.body.detail
 
     async def _emit_ready(self) -> None:
         while True:

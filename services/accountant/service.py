@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import asyncio
 
-from qflare.bus import Delivery
-from qflare.messages import MessageRejected, PrivacyDenied, PrivacyGranted, Reason
+from qflare.messages import (
+    Envelope,
+    MessageRejected,
+    PrivacyDenied,
+    PrivacyGranted,
+    PrivacyRequest,
+    Reason,
+)
 from qflare.privacy import BudgetPolicy, PrivacyError
 from qflare.privacy.errors import UNKNOWN_JOB
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
-from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.envelopes import emit
 from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 from qflare.services.accountant.store import LedgerStore
 
@@ -42,7 +48,8 @@ class Accountant(Service):
         self._lock = asyncio.Lock()
 
     def consumers(self) -> list[Consumer]:
-        return [Consumer(stateful_queue(QUEUE, ("privacy.request",)), self.on_request, prefetch=8)]
+        routes = {PrivacyRequest: self.on_request}
+        return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=8)]
 
     def policy_for(self, job: str) -> BudgetPolicy | None:
         spec = self.specs.get(job)
@@ -60,9 +67,8 @@ class Accountant(Service):
     async def submit_job(self, spec: JobSpec, model: object = None) -> None:
         self.specs.setdefault(spec.job_id, spec)
 
-    async def on_request(self, delivery: Delivery) -> None:
+    async def on_request(self, env: Envelope[PrivacyRequest]) -> None:
         assert self.core is not None and self.store is not None
-        env = await open_delivery(self, delivery, expect_kind="privacy.request")
         body = env.body
         async with self._lock:
             try:

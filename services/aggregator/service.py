@@ -1,4 +1,5 @@
-"""The aggregator's shell: the round state machine over the bus (DESIGN §2).
+"""The aggregator's shell: the round state machine over the bus (docs/architecture.md,
+"One round").
 
 Per job: ``privacy.request`` -> (``privacy.granted``) select participants, ``round.opened``
 (on ``qflare.events`` for ingest/detector, and with the signed base model on
@@ -24,27 +25,33 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from qflare.bus import Delivery, topology
+from qflare.bus import topology
 from qflare.messages import (
+    Body,
+    Envelope,
     JobEnded,
     MessageRejected,
     ModelPublished,
+    PrivacyDenied,
+    PrivacyGranted,
     PrivacyRequest,
     Reason,
     RoundClosed,
     RoundOpened,
+    RoundVerdict,
     TensorSpec,
+    UpdateAccepted,
     UpdateRef,
+    UpdateRejected,
 )
 from qflare.messages.tensors import Layout, model_digest
 from qflare.privacy.policy import charge_of
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
-from qflare.runtime.envelopes import emit, open_delivery
+from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import check_model_size
 from qflare.services.aggregator.core import (
     CloseDecision,
@@ -57,7 +64,6 @@ from qflare.services.aggregator.core import (
 from qflare.services.aggregator.store import AggregatorStore, RoundRow
 
 QUEUE = "aggregator"
-KINDS = ("update.accepted", "update.rejected", "round.verdict", "privacy.granted", "privacy.denied")
 
 
 class Aggregator(Service):
@@ -78,7 +84,14 @@ class Aggregator(Service):
         self._held: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = {}
 
     def consumers(self) -> list[Consumer]:
-        return [Consumer(stateful_queue(QUEUE, KINDS), self.on_event, prefetch=32)]
+        routes = {
+            UpdateAccepted: self.on_update,
+            UpdateRejected: self.on_refused,
+            RoundVerdict: self.on_verdict,
+            PrivacyGranted: self.on_granted,
+            PrivacyDenied: self.on_denied,
+        }
+        return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=32)]
 
     # -- life cycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -142,34 +155,31 @@ class Aggregator(Service):
         return None
 
     # -- dispatch ---------------------------------------------------------------------------
-    async def on_event(self, delivery: Delivery) -> None:
-        kind = delivery.routing_key.rsplit(".", 1)[0]
-        if kind not in KINDS:
-            raise MessageRejected(Reason.UNKNOWN_KIND, f"aggregator does not take {kind!r}")
-        env = await open_delivery(self, delivery, expect_kind=kind)
+    def _job(self, env: Envelope[Body]) -> JobSpec:
         spec = self.specs.get(env.job)
-        if kind == "update.rejected":
-            # ingest reports every refusal, also for jobs and rounds that are not ours
-            # (or not open); only a refusal of a selected client of an open round counts
-            if spec is not None:
-                await self._on_refused(spec, env)
-            return
         if spec is None:
             raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} here")
-        if kind == "update.accepted":
-            await self._on_update(spec, env)
-        elif kind == "round.verdict":
-            await self._on_verdict(spec, env)
-        elif kind == "privacy.granted":
-            await self._on_granted(spec, env)
-        else:
-            await self._on_denied(spec, env)
+        return spec
 
-    # -- privacy ----------------------------------------------------------------------------
-    async def _on_granted(self, spec: JobSpec, env: Any) -> None:
+    async def on_refused(self, env: Envelope[UpdateRejected]) -> None:
+        # ingest reports every refusal, also for jobs and rounds that are not ours (or not
+        # open); only a refusal of a selected client of an open round counts
+        spec = self.specs.get(env.job)
+        if spec is not None:
+            await self._on_refused(spec, env)
+
+    async def on_update(self, env: Envelope[UpdateAccepted]) -> None:
+        await self._on_update(self._job(env), env)
+
+    async def on_verdict(self, env: Envelope[RoundVerdict]) -> None:
+        await self._on_verdict(self._job(env), env)
+
+    async def on_granted(self, env: Envelope[PrivacyGranted]) -> None:
+        spec = self._job(env)
         async with self._lock(spec.job_id):
             await self._open_round(spec, env.round, env.body.epsilon_total)
 
+    # -- privacy ----------------------------------------------------------------------------
     async def _open_round(self, spec: JobSpec, round_no: int, epsilon: float) -> None:
         """REQUESTED -> OPEN: select participants, set the deadline, announce. Caller holds
         the job lock."""
@@ -202,8 +212,9 @@ class Aggregator(Service):
         )
         await self._announce_open(spec, r, broadcast=True)
 
-    async def _on_denied(self, spec: JobSpec, env: Any) -> None:
+    async def on_denied(self, env: Envelope[PrivacyDenied]) -> None:
         assert self.store is not None
+        spec = self._job(env)
         async with self._lock(spec.job_id):
             r = await self.store.get_round(spec.job_id, env.round)
             if r is None or r.state != RoundState.REQUESTED:
@@ -228,7 +239,7 @@ class Aggregator(Service):
             )
 
     # -- updates ----------------------------------------------------------------------------
-    async def _on_update(self, spec: JobSpec, env: Any) -> None:
+    async def _on_update(self, spec: JobSpec, env: Envelope[UpdateAccepted]) -> None:
         assert self.store is not None
         body = env.body
         r = await self.store.get_round(spec.job_id, env.round)
@@ -300,7 +311,7 @@ class Aggregator(Service):
         event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
         await self._maybe_close(spec, env.round)
 
-    async def _on_refused(self, spec: JobSpec, env: Any) -> None:
+    async def _on_refused(self, spec: JobSpec, env: Envelope[UpdateRejected]) -> None:
         """Ingest refused a client's update (a signed ``update.rejected``): that client has
         answered, so the round need not wait for its deadline on its account. Ingest names a
         client only once its signature verified (an unverified claim reads "<id>
@@ -394,7 +405,7 @@ class Aggregator(Service):
                 )
 
     # -- verdict and aggregation --------------------------------------------------------------
-    async def _on_verdict(self, spec: JobSpec, env: Any) -> None:
+    async def _on_verdict(self, spec: JobSpec, env: Envelope[RoundVerdict]) -> None:
         assert self.store is not None
         async with self._lock(spec.job_id):
             r = await self.store.get_round(spec.job_id, env.round)

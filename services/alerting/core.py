@@ -1,6 +1,6 @@
 """Alert policy: deduplication, rate limiting and escalation, as pure logic.
 
-The alerting service (DESIGN.md §1) turns every ``alert.raised`` event and every dead
+The alerting service (docs/architecture.md, "Processes") turns every ``alert.raised`` event and every dead
 letter into a stored alert and republishes it on ``qflare.alerts`` as
 ``<severity>.<kind>.<job>``. Which alerts are republished is decided here, with plain data
 and an explicit clock, so the policy is unit-tested without a broker or a database:

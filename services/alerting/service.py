@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from qflare.bus import Delivery, QueueSpec, topology
-from qflare.messages import AlertRaised, RoundVerdict, Severity
-from qflare.runtime.envelopes import emit, open_delivery
+from qflare.messages import AlertRaised, Envelope, RoundVerdict, Severity
+from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
-from qflare.runtime.service import Consumer, Service, ServiceContext
+from qflare.runtime.service import Consumer, Service, ServiceContext, event_bindings
 from qflare.services.alerting.core import (
     Alert,
     AlertDesk,
@@ -36,7 +36,7 @@ from qflare.services.alerting.store import AlertStore
 
 ALERTS_IN = QueueSpec(
     "alerting",
-    bindings=((topology.EVENTS, "alert.raised.*"), (topology.EVENTS, "round.verdict.*")),
+    bindings=event_bindings((AlertRaised, RoundVerdict)),
     delivery_limit=5,
 )
 DEAD_IN = topology.dead_letters("alerting.dead", "#")
@@ -75,8 +75,12 @@ class AlertingService(Service):
 
     def consumers(self) -> list[Consumer]:
         return [
-            Consumer(ALERTS_IN, self.on_event, prefetch=32),
-            Consumer(DEAD_IN, self.on_dead, prefetch=32),
+            Consumer(
+                ALERTS_IN,
+                routes={AlertRaised: self.on_alert, RoundVerdict: self.on_verdict},
+                prefetch=32,
+            ),
+            Consumer(DEAD_IN, handler=self.on_dead, prefetch=32),
         ]
 
     async def open(self) -> None:
@@ -89,18 +93,15 @@ class AlertingService(Service):
             await self.store.close()
             self.store = None
 
-    async def on_event(self, delivery: Delivery) -> None:
-        env = await open_delivery(self, delivery)
-        if env.kind == "round.verdict":
-            verdict: RoundVerdict = env.body  # type: ignore[assignment]
-            async with self._lock:
-                self.desk.note_kept(env.job, verdict.kept, env.round)
-                assert self.store is not None
-                await self.store.reset_streaks(env.job, list(verdict.kept))
-            return
-        if env.kind != "alert.raised":
-            return  # bound to two kinds only; anything else is not ours to judge
-        body: AlertRaised = env.body  # type: ignore[assignment]
+    async def on_verdict(self, env: Envelope[RoundVerdict]) -> None:
+        verdict = env.body
+        async with self._lock:
+            self.desk.note_kept(env.job, verdict.kept, env.round)
+            assert self.store is not None
+            await self.store.reset_streaks(env.job, list(verdict.kept))
+
+    async def on_alert(self, env: Envelope[AlertRaised]) -> None:
+        body = env.body
         alert = Alert(
             job=env.job,
             kind=body.alert_kind,

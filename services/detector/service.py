@@ -1,6 +1,6 @@
 """The detector's shell: keeps the updates of open rounds, and on ``round.closed`` judges
 exactly the listed (client, digest) set once it holds all of them, then publishes
-``round.verdict`` and an alert per flagged client (DESIGN §2 step 6).
+``round.verdict`` and an alert per flagged client (docs/architecture.md, "One round" step 6).
 
 ``round.closed`` is stored as pending before it is acknowledged, so a verdict waits for a
 late ``update.accepted`` without holding the message; the verdict and the reputation it
@@ -14,16 +14,24 @@ import asyncio
 import math
 from typing import Any
 
-from qflare.bus import Delivery
-from qflare.messages import Flagged, MessageRejected, Reason, RoundVerdict
+from qflare.messages import (
+    Body,
+    Envelope,
+    Flagged,
+    MessageRejected,
+    Reason,
+    RoundClosed,
+    RoundVerdict,
+    UpdateAccepted,
+)
+from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.robust import Reputation
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
-from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
+from qflare.runtime.envelopes import emit
 from qflare.services.detector.core import RoundRows, decide, decide_rows
 from qflare.services.detector.store import DetectorStore
 
 QUEUE = "detector"
-KINDS = ("update.accepted", "round.closed")
 
 
 class Detector(Service):
@@ -45,7 +53,8 @@ class Detector(Service):
         self._rows: dict[tuple[str, int], RoundRows] = {}
 
     def consumers(self) -> list[Consumer]:
-        return [Consumer(stateful_queue(QUEUE, KINDS), self.on_event, prefetch=32)]
+        routes = {UpdateAccepted: self.on_update, RoundClosed: self.on_closed}
+        return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=32)]
 
     async def open(self) -> None:
         self.store = await DetectorStore.open(self.ctx.data_dir)
@@ -84,39 +93,41 @@ class Detector(Service):
         if self.store is not None:
             await self.store.add_job(spec)
 
-    async def on_event(self, delivery: Delivery) -> None:
-        assert self.store is not None
-        kind = delivery.routing_key.rsplit(".", 1)[0]
-        if kind not in KINDS:
-            raise MessageRejected(Reason.UNKNOWN_KIND, f"detector does not take {kind!r}")
-        env = await open_delivery(self, delivery, expect_kind=kind)
-        if env.job not in self.specs:
+    def _job(self, env: Envelope[Body]) -> JobSpec:
+        spec = self.specs.get(env.job)
+        if spec is None:
             raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} configured here")
-        if kind == "update.accepted":
-            body = env.body
-            key, ref = (env.job, env.round), (body.client, body.update_digest)
-            spec = self.specs[env.job]
-            if spec.detection:
-                # a row before the store's verdict check, so a verdict that drops the round's
-                # rows after that check drops this one too
-                rows = self._rows.setdefault(key, RoundRows(_expected_updates(spec)))
-                try:
-                    if len(delivery.body) > THREAD_THRESHOLD:
-                        await asyncio.to_thread(rows.add, ref, body.tensors)
-                    else:
-                        rows.add(ref, body.tensors)
-                except ValueError as exc:
-                    raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
-            added = await self.store.add_update(
-                env.job, env.round, body.client, body.update_digest, dict(body.tensors)
-            )
-            if added == "decided":
-                # a copy after the verdict: the round needs no rows any more
-                self._rows.pop(key, None)
-                return
-            if await self.store.pending(env.job):
-                await self._try_decide(env.job, env.round)
+        return spec
+
+    async def on_update(self, env: Envelope[UpdateAccepted]) -> None:
+        assert self.store is not None
+        spec = self._job(env)
+        body = env.body
+        key, ref = (env.job, env.round), (body.client, body.update_digest)
+        if spec.detection:
+            # a row before the store's verdict check, so a verdict that drops the round's
+            # rows after that check drops this one too
+            rows = self._rows.setdefault(key, RoundRows(_expected_updates(spec)))
+            try:
+                if env.size > OFF_LOOP_BYTES:
+                    await asyncio.to_thread(rows.add, ref, body.tensors)
+                else:
+                    rows.add(ref, body.tensors)
+            except ValueError as exc:
+                raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
+        added = await self.store.add_update(
+            env.job, env.round, body.client, body.update_digest, dict(body.tensors)
+        )
+        if added == "decided":
+            # a copy after the verdict: the round needs no rows any more
+            self._rows.pop(key, None)
             return
+        if await self.store.pending(env.job):
+            await self._try_decide(env.job, env.round)
+
+    async def on_closed(self, env: Envelope[RoundClosed]) -> None:
+        assert self.store is not None
+        self._job(env)
         refs = [(u.client, u.digest) for u in env.body.updates]
         if len({c for c, _d in refs}) != len(refs):
             raise MessageRejected(Reason.BAD_SCHEMA, "round.closed lists a client twice")

@@ -1,6 +1,6 @@
 """Ingest's pure core: what an update must satisfy to enter an open round.
 
-Ingest is stateless (DESIGN.md §1): it holds only a cache of the rounds that are open,
+Ingest is stateless (docs/architecture.md): it holds only a cache of the rounds that are open,
 learnt from ``round.opened`` / ``round.closed`` events, and a bounded memory of the
 ``(job, round, client)`` triples it has accepted. Everything here works on plain data
 (numpy arrays, ints, strings) and raises :class:`MessageRejected` with a stable
@@ -18,31 +18,17 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from qflare.messages.bodies import TensorSpec
 from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.validate import validate_update
 
 #: Rounds remembered as closed per job, so a late ``round.opened`` redelivery cannot reopen one.
 _CLOSED_MEMORY = 64
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """The expected dtype (numpy name, e.g. ``"float32"``) and shape of one tensor."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +43,14 @@ class OpenRound:
     job: str
     round: int
     base_version: int
-    tensors: Mapping[str, TensorSpec]
+    tensors: tuple[TensorSpec, ...]
     participants: frozenset[str] | None = None
     deadline: float | None = None
     max_norm: float | None = None
 
     @property
     def update_nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in self.tensors)
 
 
 @dataclass
@@ -164,32 +150,9 @@ def needs_round_news(book: RoundBook, job: str, round_: int) -> bool:
 
 
 def check_tensors(info: OpenRound, tensors: Mapping[str, np.ndarray]) -> float:
-    """Names, dtypes, shapes, finiteness and L2 norm of an update; returns the norm."""
-    expected, got = set(info.tensors), set(tensors)
-    if expected != got:
-        missing, extra = sorted(expected - got), sorted(got - expected)
-        raise MessageRejected(
-            Reason.SHAPE_MISMATCH,
-            f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}",
-        )
-    for name in sorted(expected):
-        spec, arr = info.tensors[name], tensors[name]
-        if not isinstance(arr, np.ndarray):
-            raise MessageRejected(Reason.MALFORMED, f"tensor {name!r} is not an array")
-        if arr.dtype != np.dtype(spec.dtype):
-            raise MessageRejected(
-                Reason.DTYPE_NOT_ALLOWED,
-                f"tensor {name!r} has dtype {arr.dtype}, round expects {spec.dtype}",
-            )
-        if tuple(arr.shape) != spec.shape:
-            raise MessageRejected(
-                Reason.SHAPE_MISMATCH,
-                f"tensor {name!r} has shape {tuple(arr.shape)}, round expects {spec.shape}",
-            )
-    for name in sorted(expected):
-        arr = tensors[name]
-        if arr.size and not np.isfinite(arr).all():
-            raise MessageRejected(Reason.NON_FINITE, f"tensor {name!r} contains NaN or Inf")
+    """Names, dtypes, shapes and finiteness against the round's tensor spec (the wire's
+    :func:`qflare.messages.validate_update`), then the L2 norm; returns the norm."""
+    validate_update(tensors, info.tensors)
     return check_norm(info, tensors)
 
 
@@ -262,17 +225,3 @@ class SeenUpdates:
 
     def __len__(self) -> int:
         return len(self._seen)
-
-
-def tensor_specs(pairs: Iterable[tuple[str, str, Iterable[int]]]) -> dict[str, TensorSpec]:
-    """``[(name, dtype, shape), ...]`` to a spec map, validating each entry."""
-    out: dict[str, TensorSpec] = {}
-    for name, dtype, shape in pairs:
-        shape_t = tuple(int(s) for s in shape)
-        if any(s < 0 for s in shape_t):
-            raise ValueError(f"tensor {name!r}: negative dimension in {shape_t}")
-        np.dtype(dtype)  # raises TypeError for an unknown dtype name
-        if name in out:
-            raise ValueError(f"tensor {name!r} listed twice")
-        out[name] = TensorSpec(str(np.dtype(dtype)), shape_t)
-    return out

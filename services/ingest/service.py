@@ -1,6 +1,6 @@
 """Ingest's shell: open the client's envelope, check it against the open round, re-sign it.
 
-Stateless and replicated (DESIGN.md §1): every replica consumes the shared ``ingest`` quorum
+Stateless and replicated (docs/architecture.md, "Processes"): every replica consumes the shared ``ingest`` quorum
 queue (competing consumers) and keeps only a cache of open rounds, learnt from
 ``round.opened`` / ``round.closed`` / ``job.ended`` on its own transient queue
 ``ingest.rounds.<replica>`` (exclusive to the replica's connection: the broker deletes it
@@ -41,28 +41,28 @@ from qflare.crypto.pki import RevocationList
 from qflare.messages import (
     DEFAULT_LIMITS,
     Envelope,
+    JobEnded,
     Limits,
+    RoundClosed,
     RoundOpened,
     UpdateAccepted,
     UpdateRejected,
     open_envelope,
     unpack,
-    validate_update,
 )
 from qflare.messages.errors import MessageRejected, Reason
-from qflare.runtime.envelopes import THREAD_THRESHOLD, emit, open_delivery
+from qflare.messages.limits import OFF_LOOP_BYTES
+from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
-from qflare.runtime.service import Consumer, Service, ServiceContext
+from qflare.runtime.service import Consumer, Service, ServiceContext, event_bindings
 from qflare.services.ingest.core import (
     OpenRound,
     RoundBook,
     SeenUpdates,
-    check_norm,
     check_round,
     check_tensors,
     max_envelope_bytes,
     needs_round_news,
-    tensor_specs,
 )
 
 #: The shared work queue: every replica competes on it.
@@ -77,11 +77,7 @@ def rounds_queue(replica: str) -> QueueSpec:
     transient: a killed replica leaves no queue behind that would fill up forever."""
     return QueueSpec(
         f"ingest.rounds.{replica}",
-        bindings=(
-            (topology.EVENTS, "round.opened.*"),
-            (topology.EVENTS, "round.closed.*"),
-            (topology.EVENTS, "job.ended.*"),
-        ),
+        bindings=event_bindings((RoundOpened, RoundClosed, JobEnded)),
         delivery_limit=3,
         transient=True,
     )
@@ -162,14 +158,20 @@ class IngestService(Service):
         self._news = asyncio.Event()
         self._crl_stamp: tuple[int, int] | None = None
         self.counts: dict[str, int] = {"accepted": 0, "rejected": 0}
-        # the wire form of each open round's tensor spec, for messages.validate_update
-        self._specs: dict[tuple[str, int], Any] = {}
         self._inflight: set[tuple[str, int, str]] = set()
 
     def consumers(self) -> list[Consumer]:
         return [
-            Consumer(UPDATES, self.on_update, prefetch=8),
-            Consumer(rounds_queue(self.options.replica), self.on_round_event, prefetch=32),
+            Consumer(UPDATES, handler=self.on_update, prefetch=8),
+            Consumer(
+                rounds_queue(self.options.replica),
+                routes={
+                    RoundOpened: self.on_round_opened,
+                    RoundClosed: self.on_round_closed,
+                    JobEnded: self.on_job_ended,
+                },
+                prefetch=32,
+            ),
         ]
 
     async def open(self) -> None:
@@ -205,45 +207,40 @@ class IngestService(Service):
         return adopted
 
     # -- round events ---------------------------------------------------------------------
-    async def on_round_event(self, delivery: Delivery) -> None:
-        env = await open_delivery(self, delivery)
-        if env.kind == "round.opened":
-            body: RoundOpened = env.body  # type: ignore[assignment]
-            try:
-                specs = tensor_specs((t.name, t.dtype, t.shape) for t in body.tensor_spec)
-            except (ValueError, TypeError) as exc:
-                raise MessageRejected(
-                    Reason.BAD_SCHEMA, f"round.opened tensor_spec: {exc}"
-                ) from None
-            info = OpenRound(
+    async def on_round_opened(self, env: Envelope[RoundOpened]) -> None:
+        body = env.body
+        if len({t.name for t in body.tensor_spec}) != len(body.tensor_spec):
+            raise MessageRejected(Reason.BAD_SCHEMA, "round.opened lists a tensor twice")
+        info = OpenRound(
+            job=env.job,
+            round=env.round,
+            base_version=body.model_version,
+            tensors=tuple(body.tensor_spec),
+            participants=frozenset(body.participants),
+            deadline=body.deadline,
+            max_norm=self.options.max_update_norm,
+        )
+        if self.book.opened(info):
+            event(
+                self.log,
+                "round.learned",
                 job=env.job,
                 round=env.round,
-                base_version=body.model_version,
-                tensors=specs,
-                participants=frozenset(body.participants),
-                deadline=body.deadline,
-                max_norm=self.options.max_update_norm,
+                participants=len(body.participants),
             )
-            self._specs[(env.job, env.round)] = body.tensor_spec
-            if self.book.opened(info):
-                event(
-                    self.log,
-                    "round.learned",
-                    job=env.job,
-                    round=env.round,
-                    participants=len(body.participants),
-                )
-        elif env.kind == "round.closed":
-            self.book.closed(env.job, env.round)
-            self.seen.forget_round(env.job, env.round + 1)
-            self._specs = {
-                k: v for k, v in self._specs.items() if k[0] != env.job or k[1] > env.round
-            }
-        elif env.kind == "job.ended":
-            self.book.ended(env.job)
-            self._specs = {k: v for k, v in self._specs.items() if k[0] != env.job}
-        else:
-            raise MessageRejected(Reason.WRONG_KIND, f"ingest's round queue got {env.kind!r}")
+        self._tell_news()
+
+    async def on_round_closed(self, env: Envelope[RoundClosed]) -> None:
+        self.book.closed(env.job, env.round)
+        self.seen.forget_round(env.job, env.round + 1)
+        self._tell_news()
+
+    async def on_job_ended(self, env: Envelope[JobEnded]) -> None:
+        self.book.ended(env.job)
+        self._tell_news()
+
+    def _tell_news(self) -> None:
+        """Wake the updates that wait for news of their round."""
         self._news.set()
         self._news = asyncio.Event()
 
@@ -290,12 +287,11 @@ class IngestService(Service):
                 now=self.ctx.clock(),
             )
             self.seen.check(env.job, env.round, env.sender)
-            spec = self._specs.get((env.job, env.round))
-            if len(delivery.body) > THREAD_THRESHOLD:
+            if len(delivery.body) > OFF_LOOP_BYTES:
                 # finiteness and norm read every element: off the loop for large updates
-                norm = await asyncio.to_thread(_check_values, info, spec, body.tensors)
+                norm = await asyncio.to_thread(check_tensors, info, body.tensors)
             else:
-                norm = _check_values(info, spec, body.tensors)
+                norm = check_tensors(info, body.tensors)
             # check again after the awaits above, and reserve: two copies of one client's
             # update handled concurrently must not both pass
             natural = (env.job, env.round, env.sender)
@@ -341,7 +337,7 @@ class IngestService(Service):
 
     async def _open(self, data: bytes) -> Envelope:
         kem = self.ctx.identity.kem
-        if len(data) > THREAD_THRESHOLD:
+        if len(data) > OFF_LOOP_BYTES:
             return await asyncio.to_thread(
                 open_envelope,
                 data,
@@ -382,15 +378,6 @@ class IngestService(Service):
             detail=f"{who}: {exc.detail}"[:4000],
             client=exc.client,
         )
-
-
-def _check_values(info: OpenRound, spec: Any, tensors: Any) -> float:
-    """Names, dtypes, shapes and finiteness (the wire's validate_update against the round's
-    spec as announced), then the norm; returns the norm."""
-    if spec is not None:
-        validate_update(tensors, spec)
-        return check_norm(info, tensors)
-    return check_tensors(info, tensors)
 
 
 def _job_from_key(routing_key: str) -> str | None:

@@ -1,6 +1,6 @@
 """The RabbitMQ definitions file, loaded into a throwaway vhost of the real broker.
 
-Shows the broker half of DESIGN.md §4: a client user can publish only to ``qflare.client``
+Shows the broker half of the trust model (docs/architecture.md): a client user can publish only to ``qflare.client``
 (with ``update.*`` keys) and read only its own broadcast queue; a service user cannot publish
 where its role does not. Needs ``rabbitmqctl`` with rights on the local node (root here).
 """
