@@ -23,6 +23,10 @@ from qflare.bus.port import (
     Outcome,
     PublishFailed,
     QueueSpec,
+    StreamNotFound,
+    StreamOffset,
+    StreamReader,
+    StreamSpec,
     Subscription,
     TopologyError,
 )
@@ -56,7 +60,7 @@ async def connect_bus(
 
         name = urlsplit(url).netloc if url else ""
         return MemoryBus(name, prefix=prefix, max_message_size=max_message_size)
-    if scheme in ("amqp", "amqps"):
+    if scheme in ("amqp", "amqps") and url:
         from qflare.bus.rabbitmq import RabbitBus
 
         return await RabbitBus.connect(
@@ -79,6 +83,10 @@ __all__ = [
     "Outcome",
     "PublishFailed",
     "QueueSpec",
+    "StreamNotFound",
+    "StreamOffset",
+    "StreamReader",
+    "StreamSpec",
     "Subscription",
     "TopologyError",
     "connect_bus",

@@ -7,6 +7,11 @@ single-active-consumer queues, a delivery limit, and dead-lettering with RabbitM
 ``x-death``/``x-first-death-*`` headers. One broker per (event loop, name): every
 ``connect_bus("memory://<name>")`` in the same loop shares it, as processes share a
 RabbitMQ server. Nothing survives the process.
+
+Streams are an append-only log per stream with offsets 0, 1, 2, ... Retention runs when a
+message is appended: the oldest messages go while the log holds more than ``max_bytes`` of
+bodies or is older than ``max_age_s``, the newest always stays. Each reader is a task that
+walks the log from its own position and waits for appends at its end.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as _dt
+import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +34,13 @@ from qflare.bus.port import (
     Handler,
     Outcome,
     QueueSpec,
+    StreamNotFound,
+    StreamOffset,
+    StreamReader,
+    StreamSpec,
     Subscription,
     TopologyError,
+    check_prefetch,
     finish_tasks,
     log,
     settle_outcome,
@@ -66,7 +77,11 @@ class _Queue:
         self.consumers: list[_Consumer] = []
         self._next = 0
 
-    def dispatch(self, broker: _Broker) -> None:
+    def accept(self, message: _Message) -> None:
+        self.ready.append(message)
+        self.dispatch()
+
+    def dispatch(self) -> None:
         while self.ready:
             consumer = self._pick()
             if consumer is None:
@@ -84,24 +99,91 @@ class _Queue:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _StreamArgs:
+    # What RabbitMQ compares on re-declaration of a stream.
+    max_age_s: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    offset: int
+    written: float  # time.time() at append, the clock RabbitMQ stamps chunks with
+    message: _Message
+
+
+class _Stream:
+    def __init__(self, name: str, args: _StreamArgs) -> None:
+        self.name = name
+        self.args = args
+        self.bindings: set[tuple[str, str]] = set()
+        self.log: deque[_Entry] = deque()
+        self.end = 0  # the offset the next message gets
+        self.size = 0
+        self.deleted = False
+        self._changed = asyncio.Event()
+
+    def accept(self, message: _Message) -> None:
+        now = time.time()
+        self.log.append(_Entry(self.end, now, message))
+        self.end += 1
+        self.size += len(message.body)
+        horizon = now - self.args.max_age_s
+        while len(self.log) > 1 and (
+            self.size > self.args.max_bytes or self.log[0].written < horizon
+        ):
+            self.size -= len(self.log.popleft().message.body)
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake every reader waiting at the end of the log (append, delete, cancel)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def position(self, start: StreamOffset) -> int:
+        """The offset a reader attached at ``start`` looks at first."""
+        first = self.log[0].offset if self.log else self.end
+        if start == "first":
+            return first
+        if start == "next":
+            return self.end
+        if start == "last":
+            return max(self.end - 1, first)
+        if isinstance(start, int):
+            return max(start, first)
+        assert isinstance(start, _dt.datetime)
+        since = start.timestamp()
+        return next((e.offset for e in self.log if e.written >= since), self.end)
+
+    def entry_at(self, offset: int) -> _Entry | None:
+        """The entry at ``offset``, or the oldest retained one after it; None at the end."""
+        if not self.log or offset >= self.end:
+            return None
+        return self.log[max(0, offset - self.log[0].offset)]
+
+
 class _Broker:
     def __init__(self) -> None:
         self.exchanges: set[str] = set()
         self.queues: dict[str, _Queue] = {}
+        self.streams: dict[str, _Stream] = {}
 
     def route(self, exchange: str, message: _Message) -> int:
         routed = 0
-        for queue in list(self.queues.values()):
-            for bound_exchange, pattern in queue.bindings:
-                if bound_exchange == exchange and topology.topic_matches(
-                    pattern, message.routing_key
-                ):
-                    queue.ready.append(
-                        _Message(message.body, exchange, message.routing_key, dict(message.headers))
-                    )
-                    queue.dispatch(self)
-                    routed += 1
-                    break
+        targets: list[_Queue | _Stream] = [*self.queues.values(), *self.streams.values()]
+        for target in targets:
+            if any(
+                bound == exchange and topology.topic_matches(pattern, message.routing_key)
+                for bound, pattern in target.bindings
+            ):
+                target.accept(
+                    _Message(message.body, exchange, message.routing_key, dict(message.headers))
+                )
+                routed += 1
         return routed
 
     def give_back(self, queue: _Queue, message: _Message) -> None:
@@ -115,7 +197,7 @@ class _Broker:
             self.dead_letter(queue, message, reason)
         elif queue.name in self.queues:
             queue.ready.appendleft(message)
-        queue.dispatch(self)
+        queue.dispatch()
 
     def dead_letter(self, queue: _Queue, message: _Message, reason: str) -> None:
         dlx = queue.args.dead_letter_exchange
@@ -199,10 +281,10 @@ class _Consumer(Subscription):
             raise
         self.in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         if outcome is Outcome.ACK:
-            self.queue.dispatch(broker)
+            self.queue.dispatch()
         elif outcome is Outcome.REJECT:
             broker.dead_letter(self.queue, message, topology.DEATH_REJECTED)
-            self.queue.dispatch(broker)
+            self.queue.dispatch()
         else:
             broker.give_back(self.queue, message)
 
@@ -222,7 +304,55 @@ class _Consumer(Subscription):
             self.queue.ready.clear()
             return
         # Another consumer (e.g. the next single-active one) takes over what is queued.
-        self.queue.dispatch(broker)
+        self.queue.dispatch()
+
+
+class _MemoryStreamReader(StreamReader):
+    def __init__(
+        self,
+        bus: MemoryBus,
+        stream: _Stream,
+        handler: Handler,
+        retry_delay: float,
+        start: StreamOffset,
+    ) -> None:
+        super().__init__(
+            bus.logical(stream.name) or stream.name,
+            handler,
+            retry_delay,
+            start if isinstance(start, int) else None,
+        )
+        self.bus = bus
+        self.stream = stream
+        self._position = stream.position(start)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while not (self._cancelled or self.stream.deleted):
+            entry = self.stream.entry_at(self._position)
+            if entry is None:
+                await self.stream.changed()
+                continue
+            self._position = entry.offset + 1
+            message = entry.message
+            delivery = self.bus._delivery(
+                message.body,
+                message.routing_key,
+                message.exchange,
+                copy.deepcopy(message.headers),
+                redelivered=False,
+                delivery_count=1,
+                offset=entry.offset,
+            )
+            await self._hand_over(delivery)
+
+    async def cancel(self, timeout: float = 10.0) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self.bus._subscriptions.discard(self)
+        self.stream.notify()
+        await finish_tasks([self._task], timeout)
 
 
 class MemoryBus(Bus):
@@ -237,44 +367,42 @@ class MemoryBus(Bus):
         self.prefix = prefix
         self.max_message_size = max_message_size
         self._broker = _broker_for(broker_name)
-        self._subscriptions: set[_Consumer] = set()
+        self._subscriptions: set[Subscription] = set()
         self._declared: set[str] = set()
         self._closed = False
         for exchange in topology.EXCHANGES:
             self._broker.exchanges.add(self.name(exchange))
 
-    async def publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        headers: Mapping[str, Any] | None = None,
+    async def _publish(
+        self, exchange: str, routing_key: str, body: bytes, table: dict[str, Any]
     ) -> bool:
-        table = self._check_publish(routing_key, body, headers)
         physical = self.name(exchange)
         if exchange not in topology.EXCHANGES or physical not in self._broker.exchanges:
             raise TopologyError(f"exchange {exchange!r} is not part of QFLARE's topology")
-        message = _Message(bytes(body), physical, routing_key, table)
-        return self._broker.route(physical, message) > 0
+        return self._broker.route(physical, _Message(body, physical, routing_key, table)) > 0
 
     async def consume(self, spec: QueueSpec, handler: Handler, prefetch: int = 16) -> Subscription:
         self._check_open()
-        if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        check_prefetch(prefetch)
         queue = self._declare(spec)
         consumer = _Consumer(self, queue, handler, prefetch, spec)
         queue.consumers.append(consumer)
         self._subscriptions.add(consumer)
-        queue.dispatch(self._broker)
+        queue.dispatch()
         return consumer
 
-    def _declare(self, spec: QueueSpec) -> _Queue:
-        for exchange, _ in spec.bindings:
+    def _check_bindable(self, name: str, bindings: Iterable[tuple[str, str]]) -> None:
+        for exchange, _ in bindings:
             if (
                 exchange not in topology.EXCHANGES
                 or self.name(exchange) not in self._broker.exchanges
             ):
-                raise TopologyError(f"cannot bind {spec.name!r} to unknown exchange {exchange!r}")
+                raise TopologyError(f"cannot bind {name!r} to unknown exchange {exchange!r}")
+
+    def _declare(self, spec: QueueSpec) -> _Queue:
+        self._check_bindable(spec.name, spec.bindings)
+        if self.name(spec.name) in self._broker.streams:
+            raise TopologyError(f"{spec.name!r} is a stream; read it with read_stream")
         args = _QueueArgs(
             single_active=spec.single_active,
             delivery_limit=spec.delivery_limit,
@@ -301,6 +429,51 @@ class MemoryBus(Bus):
             queue.bindings.add((self.name(exchange), pattern))
         return queue
 
+    async def declare_stream(self, spec: StreamSpec) -> None:
+        self._check_open()
+        self._check_bindable(spec.name, spec.bindings)
+        physical = self.name(spec.name)
+        if physical in self._broker.queues:
+            raise TopologyError(f"{spec.name!r} is a queue; a stream needs a name of its own")
+        args = _StreamArgs(max_age_s=spec.max_age_s, max_bytes=spec.max_bytes)
+        stream = self._broker.streams.get(physical)
+        if stream is None:
+            stream = self._broker.streams[physical] = _Stream(physical, args)
+        elif stream.args != args:
+            raise TopologyError(
+                f"stream {spec.name!r} exists with {stream.args}, declared again with {args}"
+            )
+        self._declared.add(spec.name)
+        for exchange, pattern in spec.bindings:
+            stream.bindings.add((self.name(exchange), pattern))
+
+    async def _read_stream(
+        self, name: str, handler: Handler, start: StreamOffset, prefetch: int, retry_delay: float
+    ) -> StreamReader:
+        del prefetch  # the log is in memory: nothing is read ahead
+        stream = self._broker.streams.get(self.name(name))
+        if stream is None:
+            what = "a queue, not a stream" if self.name(name) in self._broker.queues else "missing"
+            raise StreamNotFound(f"stream {name!r} is {what}; declare it with declare_stream")
+        reader = _MemoryStreamReader(self, stream, handler, retry_delay, start)
+        self._subscriptions.add(reader)
+        return reader
+
+    async def delete_stream(self, name: str) -> None:
+        self._check_open()
+        stream = self._broker.streams.pop(self.name(name), None)
+        self._declared.discard(name)
+        if stream is None:
+            return
+        stream.deleted = True
+        stream.notify()
+        mine = [
+            s
+            for s in self._subscriptions
+            if isinstance(s, _MemoryStreamReader) and s.stream is stream
+        ]
+        await asyncio.gather(*(s.cancel() for s in mine))
+
     async def close(self, timeout: float = 5.0) -> None:
         if self._closed:
             return
@@ -321,6 +494,10 @@ class MemoryBus(Bus):
             for consumer in list(queue.consumers):
                 await consumer.cancel(timeout=0)
             queue.ready.clear()
+        for name in [s for s in self._broker.streams if s.startswith(self.prefix)]:
+            stream = self._broker.streams.pop(name)
+            stream.deleted = True
+            stream.notify()
         self._broker.exchanges -= {e for e in self._broker.exchanges if e.startswith(self.prefix)}
         log.debug("deleted in-memory topology with prefix %r", self.prefix)
 

@@ -15,12 +15,33 @@ in one place (:func:`settle_outcome`), never by scattered ``try/except``:
 
 A handler that raises is treated as ``RETRY`` (bounded by the same limit) and logged; it
 never stops the consumer.
+
+Streams (:class:`StreamSpec`) are the other shape: an append-only log, written once (by
+``publish`` through an exchange it is bound to) and read by any number of readers, each from
+an offset of its own choosing (:meth:`Bus.read_stream`); it keeps its messages until its
+retention drops them, whatever the readers do. Nothing is requeued in a log, so a stream
+reader settles differently (:func:`hold_until_settled`):
+
+* the handler is called strictly in offset order, one delivery at a time per reader;
+* ``ACK`` and ``REJECT`` both move on to the next offset (the log keeps the message; a
+  reader that wants to park bad input records it itself);
+* ``RETRY`` calls the handler again with the same message (``delivery_count`` + 1,
+  ``redelivered``) after the spec's ``retry_delay``, for as long as it takes: the reader
+  holds its position, so a storage fault holds the reader and never drops a message;
+* a handler that raises (or returns a non-Outcome) is logged and treated like ``RETRY``.
+
+Offsets are ints that grow with every message of a stream. The in-memory log numbers its
+messages 0, 1, 2, ...; RabbitMQ may skip numbers (a new segment takes one), so a reader
+stores "the offset it handled + 1", never a count. A reader that the bus re-attaches after a
+reconnect resumes after the last offset it handed to its handler: nothing skipped, nothing
+handed twice.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import datetime as _dt
 import decimal
 import enum
@@ -28,7 +49,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 from qflare.errors import QflareError
 
@@ -36,6 +57,19 @@ log = logging.getLogger("qflare.bus")
 
 #: RabbitMQ's default ``max_message_size`` (FACTS.md). Larger bodies must go as chunks.
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
+
+#: ``read_stream(offset=...)``: a named position, an offset (int >= 0) or an aware datetime.
+StreamOffset: TypeAlias = Literal["first", "last", "next"] | int | _dt.datetime
+STREAM_POSITIONS = ("first", "last", "next")
+
+#: Stream retention: defaults and the accepted ranges (inclusive).
+DEFAULT_STREAM_MAX_AGE_S = 7 * 24 * 3600
+DEFAULT_STREAM_MAX_BYTES = 8 * 2**30
+STREAM_MAX_AGE_RANGE = (1, 366 * 24 * 3600)
+STREAM_MAX_BYTES_RANGE = (4096, 2**40)
+#: Seconds between two calls of a stream handler that answered RETRY (or raised).
+DEFAULT_STREAM_RETRY_DELAY = 1.0
+MAX_RETRY_DELAY = 3600.0
 
 
 class BusError(QflareError):
@@ -86,6 +120,14 @@ class TopologyError(BusError):
     reason = "TOPOLOGY"
 
 
+class StreamNotFound(TopologyError):
+    """A read of a stream that does not exist (never declared, or deleted). Declare it
+    first (``declare_stream``, or pass the :class:`StreamSpec` to ``read_stream``), or
+    check the name (it may name a queue that is not a stream)."""
+
+    reason = "NO_STREAM"
+
+
 class AccessRefused(BusError):
     """The broker user lacks the permission (configure, write, read, or a topic
     permission) for what was asked. A restricted participant user gets this for a publish
@@ -113,7 +155,8 @@ class Delivery:
     ``exchange`` and ``death_queue`` are logical names (without the bus prefix).
     ``delivery_count`` is 1 on the first delivery and grows with every redelivery.
     ``death_reason`` is set on messages read from the dead-letter exchange:
-    ``"rejected"`` or ``"delivery_limit"``.
+    ``"rejected"`` or ``"delivery_limit"``. ``offset`` is the message's place in its
+    stream (store ``offset + 1`` to resume after it); None for queue deliveries.
     """
 
     body: bytes
@@ -124,6 +167,7 @@ class Delivery:
     delivery_count: int
     death_reason: str | None = None
     death_queue: str | None = None
+    offset: int | None = None
 
 
 Handler = Callable[[Delivery], Awaitable[Outcome]]
@@ -170,14 +214,44 @@ class QueueSpec:
             )
         if self.retry_delay < 0:
             raise ValueError(f"retry_delay must be >= 0 seconds, got {self.retry_delay!r}")
-        bindings = tuple(tuple(b) for b in self.bindings)
-        for binding in bindings:
-            if len(binding) != 2 or not all(isinstance(p, str) for p in binding):
-                raise TypeError(
-                    f"each binding must be (exchange, pattern) strings, got {binding!r}"
-                )
-            check_routing_key(binding[1], pattern=True)
-        object.__setattr__(self, "bindings", bindings)
+        object.__setattr__(self, "bindings", check_bindings(self.bindings))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """An append-only log and what feeds it (RabbitMQ: a stream queue).
+
+    ``bindings`` work as for :class:`QueueSpec`: ``publish`` to a bound exchange with a
+    matching key appends the message. Retention is required and bounded: the log drops its
+    oldest messages once they are older than ``max_age_s`` seconds or once it holds more
+    than ``max_bytes``; the newest message is always kept. Retention is applied when a
+    message is written, and RabbitMQ drops whole segments (a quarter of ``max_bytes`` each,
+    at most 500 MB): a reader may rely on neither more data being kept nor old data being
+    gone earlier. ``retry_delay`` (> 0, seconds) spaces the calls of a handler that answers
+    RETRY; a reader that names the stream by its name alone gets
+    ``DEFAULT_STREAM_RETRY_DELAY``. Re-declaring a stream with other retention is a
+    :class:`TopologyError`.
+    """
+
+    name: str
+    bindings: tuple[tuple[str, str], ...] = ()
+    max_age_s: int = DEFAULT_STREAM_MAX_AGE_S
+    max_bytes: int = DEFAULT_STREAM_MAX_BYTES
+    retry_delay: float = DEFAULT_STREAM_RETRY_DELAY
+
+    def __post_init__(self) -> None:
+        check_stream_name(self.name)
+        check_int_range("max_age_s", self.max_age_s, STREAM_MAX_AGE_RANGE, "seconds")
+        check_int_range("max_bytes", self.max_bytes, STREAM_MAX_BYTES_RANGE, "bytes")
+        delay = self.retry_delay
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+            raise TypeError(f"retry_delay must be a number of seconds, got {delay!r}")
+        if not 0 < delay <= MAX_RETRY_DELAY:
+            raise ValueError(
+                f"retry_delay must be in (0, {MAX_RETRY_DELAY:.0f}] seconds (a stream retries "
+                f"until the handler settles, so 0 would spin), got {delay!r}"
+            )
+        object.__setattr__(self, "bindings", check_bindings(self.bindings))
 
 
 class Subscription(abc.ABC):
@@ -193,6 +267,38 @@ class Subscription(abc.ABC):
     async def cancel(self, timeout: float = 10.0) -> None: ...
 
 
+class StreamReader(Subscription):
+    """A running stream reader; ``queue_name`` is the logical stream name.
+
+    The adapters share the hand-over rules here (:meth:`_hand_over`); they only differ in
+    where messages come from. ``next_offset`` is the lowest offset the reader will still
+    hand to its handler: the start offset when attached at an int, else None until the
+    first hand-over; afterwards the last handed offset + 1.
+    """
+
+    def __init__(self, name: str, handler: Handler, retry_delay: float, start: int | None) -> None:
+        self.queue_name = name
+        self.handler = handler
+        self.retry_delay = retry_delay
+        self.next_offset = start
+        self._cancelled = False
+
+    async def _hand_over(self, delivery: Delivery) -> Outcome | None:
+        """Hand ``delivery`` to the handler unless it lies before ``next_offset`` (a
+        RabbitMQ consumer may get the start of the chunk holding its offset, or messages it
+        handled before a reconnect). None: skipped, or the reader was cancelled while the
+        handler kept answering RETRY."""
+        offset = delivery.offset
+        if offset is None:
+            raise TypeError("a stream delivery needs an offset")
+        if self.next_offset is not None and offset < self.next_offset:
+            return None
+        self.next_offset = offset + 1
+        return await hold_until_settled(
+            self.handler, delivery, self.retry_delay, lambda: self._cancelled
+        )
+
+
 class Bus(abc.ABC):
     """The port. ``prefix`` is prepended to every exchange and queue name (test isolation,
     several federations on one broker)."""
@@ -201,7 +307,6 @@ class Bus(abc.ABC):
     max_message_size: int
     _closed: bool
 
-    @abc.abstractmethod
     async def publish(
         self,
         exchange: str,
@@ -211,17 +316,81 @@ class Bus(abc.ABC):
     ) -> bool:
         """Publish durably and wait for the broker to take it.
 
-        Returns True when at least one queue took the message and False when no binding
-        matched: for topic fan-out an unroutable message is a normal event (nobody
+        Returns True when at least one queue or stream took the message and False when no
+        binding matched: for topic fan-out an unroutable message is a normal event (nobody
         listens yet), not an error. Raises :class:`MessageTooLarge` before sending,
         :class:`BusUnavailable` after bounded retries, :class:`PublishFailed` on a
         negative confirm, :class:`TopologyError` for an undeclared exchange.
         """
+        table = self._check_publish(routing_key, body, headers)
+        return await self._publish(
+            exchange, routing_key, body if isinstance(body, bytes) else bytes(body), table
+        )
+
+    @abc.abstractmethod
+    async def _publish(
+        self, exchange: str, routing_key: str, body: bytes, table: dict[str, Any]
+    ) -> bool:
+        """``publish`` after the checks every adapter shares."""
 
     @abc.abstractmethod
     async def consume(self, spec: QueueSpec, handler: Handler, prefetch: int = 16) -> Subscription:
         """Declare ``spec`` (idempotently) and start delivering to ``handler`` with at
         most ``prefetch`` unsettled messages at a time."""
+
+    @abc.abstractmethod
+    async def declare_stream(self, spec: StreamSpec) -> None:
+        """Create the stream and its bindings, or check that it exists with the same
+        retention (idempotent; other retention: :class:`TopologyError`, as is a queue of
+        that name). Bindings add up over declarations, as for queues. On RabbitMQ the
+        stream and its bindings are declared again after a reconnect; with
+        ``declare="passive"`` the stream must exist already."""
+
+    async def read_stream(
+        self,
+        stream: StreamSpec | str,
+        handler: Handler,
+        *,
+        offset: StreamOffset = "next",
+        prefetch: int = 16,
+    ) -> StreamReader:
+        """Start handing the stream's messages to ``handler``, in offset order, one at a
+        time, with the stream semantics of this module's docstring.
+
+        ``offset``: ``"first"`` (the oldest retained message), ``"last"`` (the newest
+        message, then new ones; new ones only if the stream is empty), ``"next"`` (only
+        messages written from now on), an int (that offset, or the oldest retained one if
+        it is gone; never anything before it), or an aware datetime (the first message
+        written at or after it; AMQP carries whole seconds, so both adapters round it down
+        to the second). ``prefetch`` (1..65535) bounds the messages read ahead of the
+        handler. A :class:`StreamSpec` is declared first (idempotently); a bare name must
+        exist, else :class:`StreamNotFound`. Readers of a stream that is deleted stop.
+        On RabbitMQ ``"last"`` takes a fraction of a second: the broker starts a reader at
+        the last chunk, and the reader hands over only its newest message.
+        """
+        self._check_open()
+        start = check_stream_offset(offset)
+        check_prefetch(prefetch)
+        if isinstance(stream, StreamSpec):
+            await self.declare_stream(stream)
+            name, retry_delay = stream.name, stream.retry_delay
+        elif isinstance(stream, str):
+            check_stream_name(stream)
+            name, retry_delay = stream, DEFAULT_STREAM_RETRY_DELAY
+        else:
+            raise TypeError(f"stream must be a StreamSpec or a name, got {type(stream).__name__}")
+        return await self._read_stream(name, handler, start, prefetch, retry_delay)
+
+    @abc.abstractmethod
+    async def _read_stream(
+        self, name: str, handler: Handler, start: StreamOffset, prefetch: int, retry_delay: float
+    ) -> StreamReader:
+        """``read_stream`` after the checks every adapter shares."""
+
+    @abc.abstractmethod
+    async def delete_stream(self, name: str) -> None:
+        """Delete the stream with its messages (a missing one is not an error); this bus's
+        readers of it are cancelled, other buses' readers stop."""
 
     @abc.abstractmethod
     async def close(self, timeout: float = 5.0) -> None:
@@ -280,6 +449,7 @@ class Bus(abc.ABC):
         *,
         redelivered: bool,
         delivery_count: int,
+        offset: int | None = None,
     ) -> Delivery:
         """A :class:`Delivery` with logical names and the dead-lettering facts read from
         the broker's ``x-first-death-*`` headers."""
@@ -293,6 +463,7 @@ class Bus(abc.ABC):
             delivery_count=delivery_count,
             death_reason=reason,
             death_queue=self.logical(death_queue),
+            offset=offset,
         )
 
 
@@ -300,6 +471,63 @@ def transient_name() -> str:
     """A unique logical name for a nameless transient queue. Not server-named
     (``amq.gen-*``): the client cannot declare such a name again after a reconnect."""
     return f"transient.{uuid.uuid4().hex}"
+
+
+def check_bindings(bindings: Iterable[Iterable[str]]) -> tuple[tuple[str, str], ...]:
+    """``bindings`` as a tuple of (exchange, topic pattern) pairs, each checked."""
+    checked = tuple(tuple(b) for b in bindings)
+    for binding in checked:
+        if len(binding) != 2 or not all(isinstance(p, str) for p in binding):
+            raise TypeError(f"each binding must be (exchange, pattern) strings, got {binding!r}")
+        check_routing_key(binding[1], pattern=True)
+    return checked  # type: ignore[return-value]  # pairs, checked just above
+
+
+def check_stream_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"stream name must be str, got {type(name).__name__}")
+    if not 1 <= len(name) <= 200:
+        raise ValueError(f"stream name must be 1..200 characters, got {name!r}")
+
+
+def check_int_range(what: str, value: int, bounds: tuple[int, int], unit: str) -> None:
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int ({unit}), got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be in {low}..{high} {unit}, got {value!r}")
+
+
+def check_prefetch(prefetch: int) -> None:
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= 65535:
+        raise ValueError(f"prefetch must be an int in 1..65535, got {prefetch!r}")
+
+
+def check_stream_offset(offset: StreamOffset) -> StreamOffset:
+    """``offset`` as both adapters take it; a datetime comes back in UTC, whole seconds."""
+    if isinstance(offset, str):
+        if offset not in STREAM_POSITIONS:
+            raise ValueError(
+                f"offset must be one of {STREAM_POSITIONS}, an int >= 0 or an aware datetime, "
+                f"got {offset!r}"
+            )
+        return offset
+    if isinstance(offset, bool):
+        raise TypeError(f"offset must be a position name, an int or a datetime, got {offset!r}")
+    if isinstance(offset, int):
+        if not 0 <= offset < 2**63:
+            raise ValueError(f"an int offset must be in 0..2**63-1, got {offset!r}")
+        return offset
+    if isinstance(offset, _dt.datetime):
+        if offset.utcoffset() is None:
+            raise ValueError(
+                f"a timestamp offset must be timezone-aware (e.g. tzinfo=datetime.UTC), "
+                f"got the naive {offset!r}"
+            )
+        return offset.astimezone(_dt.UTC).replace(microsecond=0)
+    raise TypeError(
+        f"offset must be a position name, an int or a datetime, got {type(offset).__name__}"
+    )
 
 
 def check_body(body: bytes, limit: int) -> None:
@@ -371,15 +599,35 @@ async def settle_outcome(handler: Handler, delivery: Delivery, retry_delay: floa
     return outcome
 
 
+async def hold_until_settled(
+    handler: Handler, delivery: Delivery, retry_delay: float, stopped: Callable[[], bool]
+) -> Outcome | None:
+    """A stream reader's settlement: call ``handler`` until it answers ACK or REJECT,
+    ``retry_delay`` seconds apart, each call with ``delivery_count`` one higher. There is no
+    limit: the reader holds its position rather than drop the message. None when
+    ``stopped()`` turns true between two calls (the reader was cancelled)."""
+    while True:
+        outcome = await _outcome_of(handler, delivery)
+        if outcome is not Outcome.RETRY:
+            return outcome
+        await asyncio.sleep(retry_delay)
+        if stopped():
+            return None
+        delivery = dataclasses.replace(
+            delivery, redelivered=True, delivery_count=delivery.delivery_count + 1
+        )
+
+
 async def _outcome_of(handler: Handler, delivery: Delivery) -> Outcome:
     try:
         outcome = await handler(delivery)
     except Exception:
         log.exception(
-            "handler failed on %s/%s (delivery %d); retrying within the delivery limit",
+            "handler failed on %s/%s (delivery %d, offset %s); treated as RETRY",
             delivery.exchange,
             delivery.routing_key,
             delivery.delivery_count,
+            delivery.offset,
         )
         return Outcome.RETRY
     if not isinstance(outcome, Outcome):

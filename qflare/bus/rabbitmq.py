@@ -25,6 +25,22 @@ old connection's death yet, the restore fails with RESOURCE_LOCKED and aio-pika 
 reconnect). Classic queues have no ``x-delivery-limit``, so the subscription runs RETRY
 itself, on the same message, up to the limit, then rejects it.
 
+Streams (:class:`StreamSpec`) are stream queues (``x-queue-type: stream``) with ``x-max-age``,
+``x-max-length-bytes`` and a segment size of a quarter of ``max_bytes`` (at most RabbitMQ's
+500 MB default), since the broker drops whole segments only, and only when a new one starts.
+They are declared through one robust channel of the bus, so a reconnect declares them and
+their bindings again. Each reader has its own channel (a prefetch is required for a stream
+consumer) and consumes with ``x-stream-offset``; the delivery's ``x-stream-offset`` header is
+its offset. One worker task per reader hands messages over in order, one at a time; acks
+only return credit. Over AMQP 0.9.1 a consumer attached at offset N may get the start of
+the chunk that holds N, and one attached at ``"last"`` gets the whole last chunk: the reader
+skips what lies before N, and for ``"last"`` keeps only the newest message of the burst that
+arrives in the first moments (``LAST_FIRST_WAIT``, ``LAST_QUIET``). Stream consumers are not
+registered with aio-pika's channel (it would consume again at the original offset): after a
+reconnect the reader consumes again itself, after the last offset it handed over; if it had
+handed nothing yet, from the original offset, or for "next"/"last" from the second it was
+attached (at least everything that is new to it).
+
 Restricted broker users (a participant's, DESIGN §4) have no configure permission on the
 exchanges: with ``declare="passive"`` the bus only checks, by passive declarations, that the
 exchanges and the durable queues it consumes exist (the definitions file creates them), and
@@ -35,13 +51,17 @@ permission is :class:`AccessRefused`, never retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import datetime as _dt
+import functools
 import logging
+import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import aio_pika
@@ -53,6 +73,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
+    AbstractRobustQueue,
 )
 
 from qflare.bus import topology
@@ -66,8 +87,13 @@ from qflare.bus.port import (
     Outcome,
     PublishFailed,
     QueueSpec,
+    StreamNotFound,
+    StreamOffset,
+    StreamReader,
+    StreamSpec,
     Subscription,
     TopologyError,
+    check_prefetch,
     finish_tasks,
     settle_outcome,
     transient_name,
@@ -89,8 +115,15 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: RabbitMQ's default stream segment size; smaller segments make retention finer.
+MAX_SEGMENT_BYTES = 500_000_000
+#: ``offset="last"``: how long to wait for the last chunk, and the gap that ends it.
+LAST_FIRST_WAIT = 0.5
+LAST_QUIET = 0.1
+
+
 def _backoff(attempt: int, cap: float = 2.0) -> float:
-    return min(cap, 0.1 * 2**attempt)
+    return min(cap, 0.1 * 2.0**attempt)
 
 
 def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
@@ -129,6 +162,51 @@ def queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
     if spec.single_active:
         args["x-single-active-consumer"] = True
     return args
+
+
+def stream_arguments(spec: StreamSpec) -> dict[str, Any]:
+    """The ``x-`` arguments of a stream: part of the topology contract, as for queues."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": f"{spec.max_age_s}s",
+        "x-max-length-bytes": spec.max_bytes,
+        "x-stream-max-segment-size-bytes": min(MAX_SEGMENT_BYTES, spec.max_bytes // 4),
+    }
+
+
+@contextlib.contextmanager
+def _declaring(what: str, logical: str, arguments: dict[str, Any]) -> Iterator[None]:
+    """Turn the broker's refusals of a declaration into :class:`TopologyError`."""
+    try:
+        yield
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyError(
+            f"{what} {logical!r} exists with other arguments than {arguments}: {exc}"
+        ) from exc
+    except aiormq.exceptions.ChannelLockedResource as exc:
+        raise TopologyError(
+            f"transient {what} {logical!r} belongs to another connection: {exc}"
+        ) from exc
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise TopologyError(
+            f"{what} {logical!r} does not exist; with declare='passive' the broker's "
+            f"definitions must create it: {exc}"
+        ) from exc
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    # On a stream an ack only returns credit; one that fails (channel gone) loses nothing.
+    try:
+        await message.ack()
+    except Exception as exc:
+        log.debug("ack on a stream failed: %r", exc)
+
+
+async def _close_quietly(channel: AbstractRobustChannel, what: str) -> None:
+    try:
+        await channel.close()
+    except Exception as exc:
+        log.debug("closing the channel of %s failed: %r", what, exc)
 
 
 class _RabbitSubscription(Subscription):
@@ -210,10 +288,187 @@ class _RabbitSubscription(Subscription):
                 log.debug("basic.cancel on %s failed: %r", self.spec.name, exc)
         await finish_tasks(self.in_flight, timeout)
         # Closing the channel hands every unsettled message back to the broker.
-        try:
-            await self.channel.close()
-        except Exception as exc:
-            log.debug("closing the channel of %s failed: %r", self.spec.name, exc)
+        await _close_quietly(self.channel, self.spec.name)
+
+
+class _RabbitStreamReader(StreamReader):
+    def __init__(
+        self,
+        bus: RabbitBus,
+        name: str,
+        handler: Handler,
+        retry_delay: float,
+        start: StreamOffset,
+        channel: AbstractRobustChannel,
+        queue: AbstractRobustQueue,
+    ) -> None:
+        super().__init__(name, handler, retry_delay, start if isinstance(start, int) else None)
+        self.bus = bus
+        self.start = start
+        self.channel = channel
+        self.queue = queue
+        self.consumer_tag: str | None = None
+        self._attached_at = time.time()
+        self._attached_to: object = None  # the underlying channel the consumer lives on
+        self._generation = 0
+        self._buffer: asyncio.Queue[tuple[int, AbstractIncomingMessage | None]] = asyncio.Queue()
+        self._settling = False
+        self._latest: AbstractIncomingMessage | None = None
+        self._arrived = asyncio.Event()
+        self._ended = False
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._spawn(self._run())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def attach(self) -> None:
+        """Start consuming at the offset asked for; for "last", wait for the last chunk
+        and keep only its newest message."""
+        async with self._lock:
+            self._settling = self.start == "last"
+            try:
+                await self._consume(self.start)
+                if self._settling:
+                    await self._settle_last()
+            finally:
+                self._settling = False
+        self.channel.reopen_callbacks.add(self._on_reopen)
+
+    async def _settle_last(self) -> None:
+        wait = LAST_FIRST_WAIT
+        while True:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait)
+            except TimeoutError:
+                break
+            wait = LAST_QUIET
+        self._settling = False
+        if self._latest is not None:
+            # the position is known now, so a reconnect before the hand-over resumes here
+            self.next_offset = _offset_of(self._latest)
+            self._buffer.put_nowait((self._generation, self._latest))
+            self._latest = None
+
+    async def _consume(self, offset: StreamOffset) -> None:
+        self._generation += 1
+        underlay = await self.channel.get_underlay_channel()
+        self.consumer_tag = await self.queue.consume(
+            functools.partial(self._on_message, self._generation),
+            no_ack=False,
+            arguments={"x-stream-offset": offset},
+            robust=False,  # aio-pika would consume again at the original offset
+        )
+        self._attached_to = underlay
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
+    async def _on_message(self, generation: int, message: AbstractIncomingMessage) -> None:
+        if generation != self._generation or self._cancelled:
+            return  # from a channel that is gone; the resumed consumer reads it again
+        if not self._settling:
+            self._buffer.put_nowait((generation, message))
+            return
+        # Only the newest message of the last chunk is handed over; ack the rest at once so
+        # the broker sends the whole chunk.
+        drop = self._latest
+        if drop is not None and _offset_of(message) < _offset_of(drop):
+            drop, message = message, drop
+        self._latest = message
+        self._arrived.set()
+        if drop is not None:
+            await _ack(drop)
+
+    async def _run(self) -> None:
+        while True:
+            generation, message = await self._buffer.get()
+            if self._cancelled or message is None:
+                return
+            if generation != self._generation:
+                continue
+            headers = _from_amqp(dict(message.headers or {}))
+            offset = headers.pop("x-stream-offset", None)
+            if not isinstance(offset, int):
+                log.error("a delivery from stream %s has no offset; skipped", self.queue_name)
+            else:
+                delivery = self.bus._delivery(
+                    message.body,
+                    message.routing_key or "",
+                    message.exchange,
+                    headers,
+                    redelivered=False,
+                    delivery_count=1,
+                    offset=offset,
+                )
+                await self._hand_over(delivery)
+            await _ack(message)
+
+    def _resume_at(self) -> StreamOffset:
+        if self.next_offset is not None:
+            return self.next_offset
+        if self.start in ("next", "last"):
+            # Nothing handed yet: all that was written since the attach is new to it.
+            return _dt.datetime.fromtimestamp(math.floor(self._attached_at), _dt.UTC)
+        return self.start
+
+    def _on_reopen(self, *_: object) -> None:
+        self._spawn(self._reattach())
+
+    async def _reattach(self) -> None:
+        attempt = 0
+        while not (self._cancelled or self._ended):
+            async with self._lock:
+                try:
+                    if await self.channel.get_underlay_channel() is self._attached_to:
+                        return  # another reopen got here first
+                    offset = self._resume_at()
+                    await self._consume(offset)
+                    log.info("stream reader %s resumed at %r", self.queue_name, offset)
+                    return
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    self._end("the stream is gone")
+                    return
+                except Exception as exc:
+                    attempt += 1
+                    log.warning(
+                        "stream reader %s could not resume (%r); retry %d",
+                        self.queue_name,
+                        exc,
+                        attempt,
+                    )
+            await asyncio.sleep(_backoff(attempt))
+
+    def _on_broker_cancel(self, frame: Any) -> None:
+        if getattr(frame, "consumer_tag", None) == self.consumer_tag:
+            self._end("the broker cancelled its consumer (stream deleted?)")
+
+    def _end(self, why: str) -> None:
+        if not self._ended:
+            self._ended = True
+            log.warning("stream reader %s stops: %s", self.queue_name, why)
+
+    async def cancel(self, timeout: float = 10.0) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self.bus._subscriptions.discard(self)
+        self.channel.reopen_callbacks.discard(self._on_reopen)
+        if self.consumer_tag is not None and not self._ended:
+            try:
+                await self.queue.cancel(self.consumer_tag)
+            except Exception as exc:
+                log.debug("basic.cancel on stream %s failed: %r", self.queue_name, exc)
+        self._buffer.put_nowait((-1, None))
+        await finish_tasks(self._tasks, timeout)
+        await _close_quietly(self.channel, self.queue_name)
+
+
+def _offset_of(message: AbstractIncomingMessage) -> int:
+    offset = (message.headers or {}).get("x-stream-offset")
+    return offset if isinstance(offset, int) else -1
 
 
 class RabbitBus(Bus):
@@ -237,7 +492,8 @@ class RabbitBus(Bus):
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
         self._declared_queues: set[str] = set()
-        self._subscriptions: set[_RabbitSubscription] = set()
+        self._subscriptions: set[Subscription] = set()
+        self._streams_channel: AbstractRobustChannel | None = None
         self._closed = False
 
     @classmethod
@@ -322,19 +578,14 @@ class RabbitBus(Bus):
                     f"user connects with declare='passive'): {exc}"
                 ) from exc
 
-    async def publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        headers: Mapping[str, Any] | None = None,
+    async def _publish(
+        self, exchange: str, routing_key: str, body: bytes, table: dict[str, Any]
     ) -> bool:
-        table = self._check_publish(routing_key, body, headers)
         target = self._exchanges.get(exchange)
         if target is None:
             raise TopologyError(f"exchange {exchange!r} is not part of QFLARE's topology")
         message = aio_pika.Message(
-            body if isinstance(body, bytes) else bytes(body),
+            body,
             headers=_to_amqp(table),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
@@ -381,18 +632,18 @@ class RabbitBus(Bus):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
-        try:
+        with contextlib.suppress(*RETRYABLE_ERRORS):  # asyncio.TimeoutError among them
             await asyncio.wait_for(self._channel.ready(), remaining)
-        except (TimeoutError, *RETRYABLE_ERRORS):
-            pass
+
+    def _check_bindable(self, name: str, bindings: Iterable[tuple[str, str]]) -> None:
+        for exchange, _ in bindings:
+            if exchange not in self._exchanges:
+                raise TopologyError(f"cannot bind {name!r} to unknown exchange {exchange!r}")
 
     async def consume(self, spec: QueueSpec, handler: Handler, prefetch: int = 16) -> Subscription:
         self._check_open()
-        if not isinstance(prefetch, int) or not 1 <= prefetch <= 65535:
-            raise ValueError(f"prefetch must be an int in 1..65535, got {prefetch!r}")
-        for exchange, _ in spec.bindings:
-            if exchange not in self._exchanges:
-                raise TopologyError(f"cannot bind {spec.name!r} to unknown exchange {exchange!r}")
+        check_prefetch(prefetch)
+        self._check_bindable(spec.name, spec.bindings)
         # One channel per subscription: QoS is per channel, and closing it is how a
         # consumer hands its unsettled messages back (single-active takeover).
         channel = await self._connection.channel(publisher_confirms=False)
@@ -401,29 +652,16 @@ class RabbitBus(Bus):
         passive = self.passive and not spec.transient
         try:
             await channel.set_qos(prefetch_count=prefetch)
-            try:
+            arguments = queue_arguments(spec, self.prefix)
+            with _declaring("queue", logical, arguments):
                 queue = await channel.declare_queue(
                     self.name(logical),
                     durable=not spec.transient,
                     exclusive=spec.transient,
                     auto_delete=spec.transient,
-                    arguments=queue_arguments(spec, self.prefix),
+                    arguments=arguments,
                     passive=passive,
                 )
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise TopologyError(
-                    f"queue {logical!r} exists with other arguments than "
-                    f"{queue_arguments(spec, self.prefix)}: {exc}"
-                ) from exc
-            except aiormq.exceptions.ChannelLockedResource as exc:
-                raise TopologyError(
-                    f"transient queue {logical!r} belongs to another connection: {exc}"
-                ) from exc
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise TopologyError(
-                    f"queue {logical!r} does not exist; with declare='passive' the broker's "
-                    f"definitions must create it: {exc}"
-                ) from exc
             if not spec.transient:
                 # transient queues clean up after themselves; delete_all must not touch
                 # another connection's exclusive queue (RESOURCE_LOCKED)
@@ -444,6 +682,87 @@ class RabbitBus(Bus):
             raise
         self._subscriptions.add(sub)
         return sub
+
+    async def _streams(self) -> AbstractRobustChannel:
+        """The robust channel that declares this bus's streams, again after a reconnect."""
+        if self._streams_channel is None or self._streams_channel.is_closed:
+            self._streams_channel = await self._connection.channel(publisher_confirms=False)
+        return self._streams_channel
+
+    async def declare_stream(self, spec: StreamSpec) -> None:
+        self._check_open()
+        self._check_bindable(spec.name, spec.bindings)
+        arguments = stream_arguments(spec)
+        physical = self.name(spec.name)
+        # A refused declaration closes its channel: try it on a channel of its own first,
+        # so that the channel which re-declares the streams on reconnect never sees one.
+        probe = await self._connection.channel(publisher_confirms=False)
+        try:
+            with self._access(spec.name), _declaring("stream", spec.name, arguments):
+                await probe.declare_queue(
+                    physical, durable=True, arguments=arguments, passive=self.passive, robust=False
+                )
+        finally:
+            await _close_quietly(probe, spec.name)
+        channel = await self._streams()
+        with self._access(spec.name):
+            queue = await channel.declare_queue(
+                physical, durable=True, arguments=arguments, passive=self.passive
+            )
+            self._declared_queues.add(spec.name)
+            for exchange, pattern in spec.bindings:
+                await queue.bind(self.name(exchange), pattern)
+
+    @contextlib.contextmanager
+    def _access(self, logical: str) -> Iterator[None]:
+        try:
+            yield
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise AccessRefused(
+                f"this broker user may not declare, bind, read or delete {logical!r}: {exc}"
+            ) from exc
+
+    async def _read_stream(
+        self, name: str, handler: Handler, start: StreamOffset, prefetch: int, retry_delay: float
+    ) -> StreamReader:
+        channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            with self._access(name):
+                await channel.set_qos(prefetch_count=prefetch)
+                try:
+                    queue = await channel.declare_queue(self.name(name), passive=True, robust=False)
+                except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                    raise StreamNotFound(
+                        f"stream {name!r} does not exist; declare it with declare_stream: {exc}"
+                    ) from exc
+        except BaseException:
+            await _close_quietly(channel, name)
+            raise
+        reader = _RabbitStreamReader(self, name, handler, retry_delay, start, channel, queue)
+        try:
+            with self._access(name):
+                await reader.attach()
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            await reader.cancel(0)
+            raise StreamNotFound(f"{name!r} is a queue, not a stream: {exc}") from exc
+        except BaseException:
+            await reader.cancel(0)
+            raise
+        self._subscriptions.add(reader)
+        return reader
+
+    async def delete_stream(self, name: str) -> None:
+        self._check_open()
+        mine = [
+            s
+            for s in self._subscriptions
+            if isinstance(s, _RabbitStreamReader) and s.queue_name == name
+        ]
+        await asyncio.gather(*(s.cancel(1.0) for s in mine), return_exceptions=True)
+        channel = await self._streams()
+        with self._access(name):
+            await channel.queue_delete(self.name(name))
+        self._declared_queues.discard(name)
 
     async def close(self, timeout: float = 5.0) -> None:
         if self._closed:
