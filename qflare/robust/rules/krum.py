@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import drop_nonfinite, register_rule
-from .._core import centred_gram, combine, finite_rows, sq_dists_from_gram
+from .._core import combine, finite_rows, gram, sq_dists_from_gram
 from ._fbase import FRule
 
 
@@ -28,13 +28,13 @@ def krum_scores(d2: np.ndarray, f: int) -> np.ndarray:
 
 
 def gram_finite(x: np.ndarray, w: np.ndarray | None, f: int, rule: str):
-    """Centred Gram of x; non-finite rows are dropped (each counts against f) first."""
-    g = centred_gram(x)
+    """Gram matrix of x; non-finite rows are dropped (each counts against f) first."""
+    g = gram(x)
     if np.all(np.isfinite(g)):
         return x, w, f, g, None
     mask = finite_rows(x)
     x2, w2, f2 = drop_nonfinite(x, w, f, rule, mask)
-    return x2, w2, f2, centred_gram(x2), mask
+    return x2, w2, f2, gram(x2), mask
 
 
 @register_rule
