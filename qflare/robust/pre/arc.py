@@ -4,7 +4,8 @@ Allouah, Guerraoui, Gupta, Jellouli, Rizk and Stephan, "The Vital Role of Gradie
 Clipping in Byzantine-Resilient Distributed Learning", arXiv:2405.14432, 2024.
 Requirement: f <= n. The k = floor(2 f (n - f) / n) largest updates are clipped to the
 norm of the largest one left unclipped (ByzFL's ARC, which modifies its input in place;
-this returns new rows).
+this returns new rows). k is the exact floor; ByzFL's floating-point product comes out
+one lower at some sizes (n=242, f=33).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class ARC(FParam, PreAggregator):
     def transform(self, x, w, *, rng=None):  # type: ignore[override]
         n = x.shape[0]
         require(self.f <= n, self.name, f"needs f <= n, got f={self.f}, n={n}")
-        k = int(2 * self.f / n * (n - self.f))
+        # Integer arithmetic: ByzFL's int(2 * f / n * (n - f)) rounds below the floor at
+        # some sizes (n=242, f=33: 28.999... -> 28, not 29).
+        k = 2 * self.f * (n - self.f) // n
         if k == 0:
             return x.copy(), w
         norms = row_norms(x)
