@@ -46,7 +46,8 @@ _DAY = 86400
 
 def canonical(obj: dict[str, Any]) -> bytes:
     """Canonical msgpack of a flat map: keys sorted, bin for bytes, smallest encodings."""
-    return msgpack.packb({k: obj[k] for k in sorted(obj)}, use_bin_type=True)
+    data: bytes = msgpack.packb({k: obj[k] for k in sorted(obj)}, use_bin_type=True)
+    return data
 
 
 def check_id(value: str) -> str:

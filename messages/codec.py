@@ -70,7 +70,7 @@ def tensor_parts(array: np.ndarray) -> list[Part]:
     if array.dtype != wire or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire)
     header = _packb([name, list(array.shape)])
-    data = memoryview(array).cast("B") if array.size else b""
+    data = memoryview(array.data).cast("B") if array.size else b""
     return [ext_header(len(header) + len(data), TENSOR_EXT), header, data]
 
 
@@ -158,7 +158,8 @@ class _Reader:
         return start
 
     def _u(self, st: struct.Struct) -> int:
-        return st.unpack_from(self.buf, self._take(st.size))[0]
+        value: int = st.unpack_from(self.buf, self._take(st.size))[0]
+        return value
 
     def _length(self, n: int, cap: int, what: str) -> int:
         if n > cap:

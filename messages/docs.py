@@ -96,7 +96,7 @@ def _field_rows(model: type[BaseModel]) -> list[str]:
         if info.is_required():
             required = "yes"
         elif info.default_factory is not None:
-            required = f"no (default `{info.default_factory()!r}`)"
+            required = f"no (default `{info.get_default(call_default_factory=True)!r}`)"
         else:
             required = f"no (default `{info.default!r}`)"
         doc = (info.description or "").replace("\n", " ")
@@ -158,13 +158,13 @@ def render_reference() -> str:
             "",
         ]
     lines += ["## Nested records", ""]
-    for model in sorted(Part.__subclasses__(), key=lambda m: m.__name__):
+    for part in sorted(Part.__subclasses__(), key=lambda m: m.__name__):
         lines += [
-            f"### {model.__name__}",
+            f"### {part.__name__}",
             "",
-            inspect.cleandoc(model.__doc__ or ""),
+            inspect.cleandoc(part.__doc__ or ""),
             "",
-            *_field_rows(model),
+            *_field_rows(part),
             "",
         ]
     lines += ["## Reason codes", "", "| code | when |", "|---|---|"]

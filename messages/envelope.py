@@ -19,14 +19,15 @@ unsealing, body limits and schema, the expected round. Every failure is MessageR
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import struct
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import msgpack
 
@@ -45,7 +46,7 @@ from qflare.messages.codec import (
     unpack,
 )
 from qflare.messages.errors import MessageRejected, Reason
-from qflare.messages.limits import DEFAULT_LIMITS, Limits
+from qflare.messages.limits import DEFAULT_LIMITS, OFF_LOOP_BYTES, Limits
 
 VERSION = 1
 NONCE_SIZE = 16
@@ -169,7 +170,8 @@ def _cert_bytes(cert: Certificate) -> bytes:
 
 
 def _pack_small(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
 
 
 def encode(
@@ -200,7 +202,7 @@ def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
             raise MessageRejected(Reason.MALFORMED, f"envelope field {name} must be bin")
     elif type(value) is not typ:
         raise MessageRejected(Reason.MALFORMED, f"envelope field {name} must be {typ.__name__}")
-    elif typ is str and len(value) > _MAX_HEADER_STR:
+    elif isinstance(value, str) and len(value) > _MAX_HEADER_STR:
         raise MessageRejected(
             Reason.TOO_LARGE, f"envelope field {name} longer than {_MAX_HEADER_STR}"
         )
@@ -210,7 +212,8 @@ def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
 def peek_kind(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> str:
     """The (unverified) kind of an envelope, for routing before a full open."""
     obj = _parse(data, limits, limits.max_envelope_bytes)
-    return _field(obj, "kind", str)
+    kind: str = _field(obj, "kind", str)
+    return kind
 
 
 def _parse(data: bytes | bytearray | memoryview, limits: Limits, cap: int) -> dict[str, Any]:
@@ -331,6 +334,37 @@ def open_envelope(
         sealed=sealed,
         size=len(data),
     )
+
+
+H = TypeVar("H")
+K = TypeVar("K", bound=Body)
+
+
+def of_kind(env: Envelope[Body], body_type: type[K]) -> Envelope[K]:
+    """``env`` typed by its body, for a caller that opened it with
+    ``expect_kind=body_type.KIND``; another kind is refused as ``WRONG_KIND``."""
+    if not isinstance(env.body, body_type):
+        raise MessageRejected(Reason.WRONG_KIND, f"expected {body_type.KIND!r}, got {env.kind!r}")
+    return cast("Envelope[K]", env)
+
+
+def by_kind(routes: Mapping[type[Body], H]) -> dict[str, H]:
+    """A map from body type to handler, keyed by wire kind for dispatch. Consumers declare
+    their handlers by body type; this is the one place a type becomes its ``KIND``. Open
+    with ``expect_kind=table.keys()`` so other kinds are refused before any signature work,
+    then call ``table[env.kind](env)``."""
+    return {body.KIND: handler for body, handler in routes.items()}
+
+
+async def open_off_loop(
+    data: bytes | bytearray | memoryview, trust: TrustStore, **options: Any
+) -> Envelope[Body]:
+    """:func:`open_envelope`, in a worker thread when the envelope is larger than
+    :data:`~qflare.messages.limits.OFF_LOOP_BYTES`, so an event loop keeps serving while a
+    large body is hashed, unsealed and decoded (SHA-256 and ML-DSA release the GIL)."""
+    if len(data) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(open_envelope, data, trust, **options)
+    return open_envelope(data, trust, **options)
 
 
 def _kinds(expect: str | Collection[str]) -> Collection[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ class Limits:
     max_clock_skew_s: float = 300.0
     """How far in the future an envelope's timestamp may lie."""
 
-    def with_(self, **changes: int | float) -> Limits:
+    def with_(self, **changes: Any) -> Limits:
         return replace(self, **changes)
 
 

@@ -6,7 +6,8 @@ turns stored rows into the same events. Importing this package does not import T
 :mod:`qflare.tui.app` does.
 """
 
-from qflare.tui.events import Link, Severity
+from qflare.messages import Severity
+from qflare.tui.events import Link
 from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
 
 __all__ = [

@@ -20,7 +20,7 @@ from typing import Any
 
 from qflare.bus import topology
 from qflare.crypto.pki import TrustStore
-from qflare.messages import DEFAULT_LIMITS, MessageRejected, Reason, open_envelope, unpack
+from qflare.messages import DEFAULT_LIMITS, MessageRejected, Reason, Severity, open_envelope, unpack
 from qflare.messages import bodies as wire
 from qflare.tui import events as ev
 
@@ -199,18 +199,18 @@ def to_events(
     return []
 
 
-def _alert_severity(body_severity: str, exchange: str, routing_key: str) -> ev.Severity:
+def _alert_severity(body_severity: str, exchange: str, routing_key: str) -> Severity:
     # qflare.alerts routes on <severity>.<kind>.<job>, the severity the alerting service
     # decided (after escalation), so the routing key wins there.
     if exchange == topology.ALERTS and routing_key:
         try:
-            return ev.Severity.parse(routing_key.split(".", 1)[0])
+            return Severity.parse(routing_key.split(".", 1)[0])
         except ValueError:
             pass
     try:
-        return ev.Severity.parse(body_severity)
+        return Severity.parse(body_severity)
     except ValueError:
-        return ev.Severity.WARNING
+        return Severity.WARNING
 
 
 def rejected_event(
@@ -221,7 +221,7 @@ def rejected_event(
         job="-",
         round=0,
         ts=now,
-        severity=ev.Severity.WARNING,
+        severity=Severity.WARNING,
         kind=KIND_CONSOLE_REJECTED,
         reason=str(exc.reason),
         detail=f"{exchange}/{routing_key}: {exc.detail}"[:4000],

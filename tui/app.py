@@ -13,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.coordinate import Coordinate
 from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.widgets.data_table import RowDoesNotExist
 
+from qflare.messages import Severity
 from qflare.tui import render
-from qflare.tui.events import Event, Severity
+from qflare.tui.events import Event
 from qflare.tui.feed import Feed
 from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
 
@@ -39,7 +42,7 @@ SEVERITY_CYCLE = (Severity.INFO, Severity.WARNING, Severity.CRITICAL)
 class AlertDetail(ModalScreen[None]):
     """One alert in full; ``a`` acknowledges it."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("escape,q,enter", "dismiss", "close"),
         Binding("a", "ack", "acknowledge"),
     ]
@@ -79,7 +82,7 @@ class ConsoleApp(App[None]):
 
     CSS_PATH = "console.tcss"
     TITLE = "QFLARE operator console"
-    BINDINGS = [
+    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("p", "toggle_pause", "pause/resume feed"),
         Binding("f", "filter", "filter alerts"),
         Binding("s", "cycle_severity", "min severity"),
@@ -238,7 +241,7 @@ class ConsoleApp(App[None]):
         table = self.query_one("#alerts", DataTable)
         if table.row_count == 0:
             return None
-        key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+        key = table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
         return int(key) if key is not None else None
 
     def action_toggle_pause(self) -> None:
@@ -304,11 +307,11 @@ class ConsoleApp(App[None]):
         self.exit()
 
 
-def _replace_rows(table: DataTable, rows: list[tuple[str, tuple]]) -> None:
+def _replace_rows(table: DataTable[Any], rows: list[tuple[str, tuple[Any, ...]]]) -> None:
     """Redraw a table's rows, keeping the cursor on the same key when it is still there."""
     selected = None
     if table.row_count:
-        selected = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+        selected = table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
     table.clear()
     for key, cells in rows:
         table.add_row(*cells, key=key)

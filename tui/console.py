@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from qflare.bus import Bus
 from qflare.crypto.pki import TrustStore
@@ -61,7 +62,7 @@ def terminal_logs_to(path: Path | None) -> Iterator[None]:
     services' JSON lines in the same process) to ``path`` (os.devnull when None), so they
     do not tear the screen; restore them afterwards."""
     terminal = {sys.__stderr__, sys.__stdout__, sys.stderr, sys.stdout}
-    moved: list[tuple[logging.StreamHandler, object]] = []
+    moved: list[tuple[logging.StreamHandler[Any], Any]] = []
     sink = open(path if path is not None else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
     loggers = [logging.getLogger()] + [
         logger
@@ -79,7 +80,7 @@ def terminal_logs_to(path: Path | None) -> Iterator[None]:
         yield
     finally:
         for handler, stream in moved:
-            handler.setStream(stream)  # type: ignore[arg-type]
+            handler.setStream(stream)
         sink.close()
 
 

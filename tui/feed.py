@@ -39,13 +39,13 @@ from qflare.bus import (
     topology,
 )
 from qflare.crypto.pki import TrustStore
+from qflare.messages import Severity
+from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.tui.adapter import decode_delivery
-from qflare.tui.events import AlertRaised, Event, Link, LinkChanged, Severity
+from qflare.tui.events import AlertRaised, Event, Link, LinkChanged
 
 log = logging.getLogger("qflare.tui")
 
-#: Deliveries above this size are verified off the event loop (tensors in update.accepted).
-THREAD_THRESHOLD = 256 * 1024
 #: The local alert shown after a reconnect: events published meanwhile were missed.
 KIND_CONSOLE_GAP = "console.gap"
 Sink = Callable[[Sequence[Event]], None]
@@ -164,7 +164,7 @@ class Feed:
 
     async def _handle(self, delivery: Delivery) -> Outcome:
         args = (delivery.body, delivery.exchange, delivery.routing_key, self.trust, self.clock())
-        if len(delivery.body) > THREAD_THRESHOLD:
+        if len(delivery.body) > OFF_LOOP_BYTES:
             events = await asyncio.to_thread(decode_delivery, *args, raw_alerts=self.raw_alerts)
         else:
             events = decode_delivery(*args, raw_alerts=self.raw_alerts)
@@ -176,7 +176,7 @@ class Feed:
         attempt = 0
         while True:
             try:
-                options = (
+                options: dict[str, Any] = (
                     {"connect_timeout": 2.0} if not (self.url or "").startswith("memory") else {}
                 )
                 return await connect_bus(self.url, prefix=self.prefix, **options)

@@ -20,13 +20,13 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+from qflare.messages import Severity
 from qflare.tui.events import (
     AlertRaised,
     FeedEvent,
     JobDeclared,
     JobEnded,
     RoundSnapshot,
-    Severity,
 )
 
 MAX_ROUNDS_PER_JOB = 200

@@ -15,7 +15,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from qflare.tui.events import Link, Severity
+from qflare.messages import Severity
+from qflare.tui.events import Link
 from qflare.tui.state import AlertRow, ClientRow, ConsoleState, RoundRow
 
 SEVERITY_STYLE: dict[Severity, str] = {

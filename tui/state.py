@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from qflare.messages import Severity
 from qflare.tui.events import (
     AlertRaised,
     Event,
@@ -36,7 +37,6 @@ from qflare.tui.events import (
     RoundOpened,
     RoundSnapshot,
     RoundVerdict,
-    Severity,
     UpdateAccepted,
     UpdateRejected,
 )

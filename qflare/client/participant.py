@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +43,13 @@ import numpy as np
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, Subscription, connect_bus, topology
 from qflare.client.kit import Kit
 from qflare.client.tensors import delta, load_tensors, model_tensors
-from qflare.messages import Envelope, ModelPublished, RoundOpened, Update, encode, open_envelope
+from qflare.messages import Body, Envelope, JobEnded, ModelPublished, RoundOpened, Update, encode
+from qflare.messages.envelope import by_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.tensors import model_digest
 
 log = logging.getLogger("qflare.client")
 
-#: Envelopes above this size are opened/encoded in a worker thread.
-_THREAD_BYTES = 256 * 1024
 #: Verified global models kept per job (the current one and its predecessor).
 _MODELS_KEPT = 2
 
@@ -262,15 +261,7 @@ class Participant:
             env = await self._open(delivery.body)
             if self.jobs is not None and env.job not in self.jobs:
                 return Outcome.ACK
-            if env.kind == "model.published":
-                self._on_model(env)
-                return Outcome.ACK
-            if env.kind == "round.opened":
-                return await self._on_round(env)
-            if env.kind == "job.ended":
-                self._on_ended(env)
-                return Outcome.ACK
-            raise MessageRejected(Reason.WRONG_KIND, f"a participant does not take {env.kind!r}")
+            return await self._routes[env.kind](env)
         except MessageRejected as exc:
             self.stats.rejected += 1
             self.stats.last_error = f"{exc.reason.value}: {exc.detail}"
@@ -282,11 +273,16 @@ class Participant:
             )
             return Outcome.REJECT
 
-    async def _open(self, data: bytes) -> Envelope:
-        if len(data) > _THREAD_BYTES:
-            env = await asyncio.to_thread(open_envelope, data, self.kit.trust, now=self.clock())
-        else:
-            env = open_envelope(data, self.kit.trust, now=self.clock())
+    @property
+    def _routes(self) -> dict[str, Callable[[Any], Awaitable[Outcome]]]:
+        return by_kind(
+            {ModelPublished: self._on_model, RoundOpened: self._on_round, JobEnded: self._on_ended}
+        )
+
+    async def _open(self, data: bytes) -> Envelope[Body]:
+        env = await open_off_loop(
+            data, self.kit.trust, expect_kind=self._routes.keys(), now=self.clock()
+        )
         allowed = ("aggregator", "operator") if env.kind == "job.ended" else ("aggregator",)
         if env.cert.role not in allowed:
             raise MessageRejected(
@@ -295,10 +291,10 @@ class Participant:
             )
         return env
 
-    def _on_model(self, env: Envelope) -> None:
-        body: ModelPublished = env.body  # type: ignore[assignment]
+    async def _on_model(self, env: Envelope[ModelPublished]) -> Outcome:
+        body = env.body
         if body.tensors is None:
-            return  # the events-side announcement; clients need the tensors
+            return Outcome.ACK  # the events-side announcement; clients need the tensors
         if model_digest(body.tensors) != body.digest:
             raise MessageRejected(
                 Reason.BAD_DIGEST,
@@ -310,6 +306,7 @@ class Participant:
             del versions[old]
         self.stats.models_verified += 1
         self._model_event(env.job, body.version).set()
+        return Outcome.ACK
 
     def _model_event(self, job: str, version: int) -> asyncio.Event:
         return self._model_arrived.setdefault((job, version), asyncio.Event())
@@ -321,8 +318,8 @@ class Participant:
         v = max(versions)
         return v, versions[v][1]
 
-    async def _on_round(self, env: Envelope) -> Outcome:
-        body: RoundOpened = env.body  # type: ignore[assignment]
+    async def _on_round(self, env: Envelope[RoundOpened]) -> Outcome:
+        body = env.body
         self.stats.rounds_seen += 1
         info = RoundInfo(
             job=env.job,
@@ -405,14 +402,15 @@ class Participant:
             seal_to=seal_to,
         )
 
-    def _on_ended(self, env: Envelope) -> None:
-        reason = getattr(env.body, "reason", "ended")
+    async def _on_ended(self, env: Envelope[JobEnded]) -> Outcome:
+        reason = env.body.reason
         self.ended[env.job] = reason
         latest = self.latest_model(env.job)
         if latest is not None and self.model is not None and self.train is not None:
             load_tensors(self.model, latest[1])  # leave the final global model in the user's model
         log.info("participant %s: job %s ended (%s)", self.id, env.job, reason)
         self.ended_event(env.job).set()
+        return Outcome.ACK
 
 
 async def run_participants(

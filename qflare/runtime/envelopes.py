@@ -17,8 +17,8 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from qflare.bus import Delivery, topology
-from qflare.messages import Body, Envelope, encode, open_envelope
-from qflare.messages.limits import OFF_LOOP_BYTES
+from qflare.messages import Body, Envelope, encode
+from qflare.messages.envelope import open_off_loop
 
 if TYPE_CHECKING:
     from qflare.runtime.service import Service
@@ -76,11 +76,7 @@ async def open_delivery(
     trust = service.ctx.trust
     if trust is None:
         raise ValueError(f"service {service.name!r} has no trust store to verify with")
-    if len(delivery.body) > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(
-            open_envelope, delivery.body, trust, expect_kind=expect_kind, expect_job=expect_job
-        )
-    return open_envelope(delivery.body, trust, expect_kind=expect_kind, expect_job=expect_job)
+    return await open_off_loop(delivery.body, trust, expect_kind=expect_kind, expect_job=expect_job)
 
 
 async def publish_alert(

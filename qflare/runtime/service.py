@@ -44,6 +44,7 @@ from qflare.bus import (
 from qflare.crypto.keystore import Identity
 from qflare.crypto.pki import TrustStore
 from qflare.messages import Body, Envelope
+from qflare.messages.envelope import by_kind
 from qflare.messages.errors import MessageRejected
 from qflare.runtime.config import Settings
 from qflare.runtime.envelopes import open_delivery, publish_alert
@@ -192,11 +193,11 @@ class Service(abc.ABC):
 
     # -- dispatch by kind and the one handler wrapper -------------------------------------
     def _dispatcher(self, routes: Routes) -> ServiceHandler:
-        by_kind = {body.KIND: handler for body, handler in routes.items()}
+        table = by_kind(routes)
 
         async def dispatch(delivery: Delivery) -> Outcome | None:
-            env = await open_delivery(self, delivery, expect_kind=by_kind.keys())
-            return await by_kind[env.kind](env)
+            env = await open_delivery(self, delivery, expect_kind=table.keys())
+            return await table[env.kind](env)
 
         return dispatch
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -13,7 +13,9 @@ from qflare.sim.report import COVERAGE_NOTES, RoundRecord, RunResult
 
 
 @contextmanager
-def round_progress(console: Console, label: str, total: int, enabled: bool = True) -> Iterator:
+def round_progress(
+    console: Console, label: str, total: int, enabled: bool = True
+) -> Iterator[Callable[[RoundRecord], None]]:
     """Yield a callback ``on_round(record)`` that advances a bar showing the last accuracy."""
     if not enabled:
         yield lambda record: None

@@ -49,6 +49,7 @@ from qflare.messages import (
     encode,
     open_envelope,
 )
+from qflare.messages.envelope import by_kind
 from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.services.aggregator.core import cap_removals
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
@@ -179,13 +180,15 @@ class Observer:
 
     @property
     def _routes(self) -> dict[str, Callable[[Any, bool], None]]:
-        return {
-            RoundOpened.KIND: self._opened,
-            UpdateRejected.KIND: self._refused,
-            RoundVerdict.KIND: self._verdict,
-            ModelPublished.KIND: self._published,
-            JobEnded.KIND: self._job_ended,
-        }
+        return by_kind(
+            {
+                RoundOpened: self._opened,
+                UpdateRejected: self._refused,
+                RoundVerdict: self._verdict,
+                ModelPublished: self._published,
+                JobEnded: self._job_ended,
+            }
+        )
 
     def _opened(self, env: Envelope[RoundOpened], from_events: bool) -> None:
         r = self._round(env.round)
@@ -441,9 +444,9 @@ async def _delete_topology(bus: Bus) -> None:
 
 
 async def _watch_in_tui(
-    bus: Bus, trust: Any, spec: JobSpec, settings: Any, job: asyncio.Future
+    bus: Bus, trust: Any, spec: JobSpec, settings: Any, job: asyncio.Future[Any]
 ) -> None:
-    from qflare.tui import run_console_in_process
+    from qflare.tui.console import run_console_in_process
     from qflare.tui.events import JobDeclared
 
     # The console closes by itself when the job ends (or earlier on `q`); the summary

@@ -198,10 +198,10 @@ def summary_rows(plan: SweepPlan, cells: list[Cell]) -> list[dict[str, Any]]:
                     if ref_acc is None or defended is None
                     else round(100 * (defended - ref_acc), 2)
                 ),
-                "precision": det.precision if best and best.defence.detection else None,
-                "recall": det.recall if best and best.defence.detection else None,
+                "precision": det.precision if det and best and best.defence.detection else None,
+                "recall": det.recall if det and best and best.defence.detection else None,
                 "false_positive_rate": det.false_positive_rate
-                if best and best.defence.detection
+                if det and best and best.defence.detection
                 else None,
             }
         )

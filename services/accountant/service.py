@@ -31,6 +31,7 @@ from qflare.privacy import BudgetPolicy, PrivacyError
 from qflare.privacy.errors import UNKNOWN_JOB
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit
+from qflare.runtime.service import Routes
 from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 from qflare.services.accountant.store import LedgerStore
 
@@ -48,7 +49,7 @@ class Accountant(Service):
         self._lock = asyncio.Lock()
 
     def consumers(self) -> list[Consumer]:
-        routes = {PrivacyRequest: self.on_request}
+        routes: Routes = {PrivacyRequest: self.on_request}
         return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=8)]
 
     def policy_for(self, job: str) -> BudgetPolicy | None:

@@ -53,6 +53,7 @@ from qflare.privacy.policy import charge_of
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import check_model_size
+from qflare.runtime.service import Routes
 from qflare.services.aggregator.core import (
     CloseDecision,
     RoundState,
@@ -84,7 +85,7 @@ class Aggregator(Service):
         self._held: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = {}
 
     def consumers(self) -> list[Consumer]:
-        routes = {
+        routes: Routes = {
             UpdateAccepted: self.on_update,
             UpdateRejected: self.on_refused,
             RoundVerdict: self.on_verdict,
@@ -503,7 +504,7 @@ class Aggregator(Service):
             min_updates=max(1, min(spec.min_updates, len(r.participants))),
             clip_norm=spec.clip,
             tensor_spec=[
-                TensorSpec(name=n, dtype=d, shape=list(s))
+                TensorSpec.model_validate({"name": n, "dtype": d, "shape": list(s)})
                 for n, s, d in zip(layout.names, layout.shapes, layout.dtypes, strict=True)
             ],
             rule=spec.rule,

@@ -149,7 +149,7 @@ class AlertDesk:
             return Decision(Action.DUPLICATE, alert, escalated, streak)
         if alert.severity < Severity.CRITICAL and not self._take_token(alert.job, now):
             return Decision(Action.RATE_LIMITED, alert, escalated, streak)
-        self._remember(key, now)  # type: ignore[arg-type]
+        self._remember(key, now)
         return Decision(Action.PUBLISH, alert, escalated, streak)
 
     def note_kept(self, job: str, clients: Iterable[str], round_: int | None = None) -> None:

@@ -121,6 +121,7 @@ class AlertStore:
                         int(decision.escalated),
                     ),
                 )
+                assert cur.lastrowid is not None
                 alert_id = int(cur.lastrowid)
             await conn.execute(
                 "INSERT INTO messages (message_id, alert_id, needs_publish) VALUES (?,?,?)",

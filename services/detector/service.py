@@ -28,6 +28,7 @@ from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.robust import Reputation
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit
+from qflare.runtime.service import Routes
 from qflare.services.detector.core import RoundRows, decide, decide_rows
 from qflare.services.detector.store import DetectorStore
 
@@ -53,7 +54,7 @@ class Detector(Service):
         self._rows: dict[tuple[str, int], RoundRows] = {}
 
     def consumers(self) -> list[Consumer]:
-        routes = {UpdateAccepted: self.on_update, RoundClosed: self.on_closed}
+        routes: Routes = {UpdateAccepted: self.on_update, RoundClosed: self.on_closed}
         return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=32)]
 
     async def open(self) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -158,7 +158,7 @@ class DetectorStore:
     async def pending(
         self, job_id: str | None = None
     ) -> list[tuple[str, int, list[tuple[str, bytes]]]]:
-        sql, args = "SELECT * FROM pending", ()
+        sql, args = "SELECT * FROM pending", cast(tuple[str, ...], ())
         if job_id is not None:
             sql, args = sql + " WHERE job_id=?", (job_id,)
         rows = await self.db.fetchall(sql, args)

@@ -45,11 +45,12 @@ from qflare.messages import (
     Limits,
     RoundClosed,
     RoundOpened,
+    Update,
     UpdateAccepted,
     UpdateRejected,
-    open_envelope,
     unpack,
 )
+from qflare.messages.envelope import of_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.runtime.envelopes import emit
@@ -197,6 +198,7 @@ class IngestService(Service):
             return False
         try:
             crl = RevocationList.from_bytes(path.read_bytes())
+            assert self.ctx.trust is not None
             adopted = self.ctx.trust.update_crl(crl)
         except (TrustRejected, OSError, ValueError) as exc:
             event(self.log, "crl.unreadable", path=str(path), error=repr(exc))
@@ -259,7 +261,7 @@ class IngestService(Service):
     # -- updates --------------------------------------------------------------------------
     async def on_update(self, delivery: Delivery) -> None:
         key_job = _job_from_key(delivery.routing_key)
-        env: Envelope | None = None
+        env: Envelope[Update] | None = None
         try:
             self.reload_crl()
             info = self.book.get(key_job) if key_job else None
@@ -335,26 +337,17 @@ class IngestService(Service):
             sealed=env.sealed,
         )
 
-    async def _open(self, data: bytes) -> Envelope:
-        kem = self.ctx.identity.kem
-        if len(data) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(
-                open_envelope,
-                data,
-                self.ctx.trust,
-                limits=self.limits,
-                expect_kind="update",
-                kem_key=kem,
-                now=self.ctx.clock(),
-            )
-        return open_envelope(
+    async def _open(self, data: bytes) -> Envelope[Update]:
+        assert self.ctx.identity is not None and self.ctx.trust is not None
+        env = await open_off_loop(
             data,
             self.ctx.trust,
             limits=self.limits,
-            expect_kind="update",
-            kem_key=kem,
+            expect_kind=Update.KIND,
+            kem_key=self.ctx.identity.kem,
             now=self.ctx.clock(),
         )
+        return of_kind(env, Update)
 
     async def on_rejected(self, delivery: Delivery, exc: MessageRejected) -> None:
         if not isinstance(exc, _Refused):
