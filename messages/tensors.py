@@ -12,10 +12,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-Tensors = Mapping[str, np.ndarray]
+Array = npt.NDArray[np.generic]
+Tensors = Mapping[str, Array]
+#: a flat vector of a model's values (float32 rows of a round's matrix, float64 sums)
+Flat = npt.NDArray[np.floating[Any]]
 
 
 @dataclass(frozen=True)
@@ -40,18 +45,23 @@ class Layout:
     def size(self) -> int:
         return int(sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes))
 
+    def entries(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape, dtype) of each tensor, in layout order."""
+        return list(zip(self.names, self.shapes, self.dtypes, strict=True))
+
     def check(self, tensors: Tensors, who: str) -> None:
+        """Raise ValueError (naming ``who``) unless ``tensors`` have exactly this layout."""
         other = Layout.of(tensors)
-        if other.names != self.names or other.shapes != self.shapes or other.dtypes != self.dtypes:
+        if other != self:
             raise ValueError(
-                f"{who}: tensors {list(zip(other.names, other.shapes, other.dtypes))} do not match "
-                f"the model's {list(zip(self.names, self.shapes, self.dtypes))}"
+                f"{who}: tensors {other.entries()} do not match the model's {self.entries()}"
             )
 
     def flatten(
-        self, tensors: Tensors, dtype: type = np.float32, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """One flat vector (written into ``out`` when given: no intermediate copy)."""
+        self, tensors: Tensors, dtype: npt.DTypeLike = np.float32, out: Flat | None = None
+    ) -> Flat:
+        """One flat vector of ``dtype`` (written into ``out`` when given, a vector of
+        :attr:`size` values of any float dtype: no intermediate copy)."""
         out = np.empty(self.size, dtype=dtype) if out is None else out
         offset = 0
         for name in self.names:
@@ -60,8 +70,12 @@ class Layout:
             offset += a.size
         return out
 
-    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+    def unflatten(self, flat: Flat) -> dict[str, Array]:
+        """The tensors of ``flat`` (a vector of :attr:`size` values), each in its own shape
+        and dtype (views of ``flat`` where the dtype is already the tensor's)."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"a vector of {self.size} values needed, got shape {flat.shape}")
+        out: dict[str, Array] = {}
         offset = 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
             n = int(np.prod(shape, dtype=np.int64))

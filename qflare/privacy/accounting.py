@@ -270,7 +270,7 @@ class RunningAccount:
         one = self._single_rdp(q, z)
         if total is None:
             return [count * v for v in one]
-        return [a + count * b for a, b in zip(total, one)]
+        return [a + count * b for a, b in zip(total, one, strict=True)]
 
     def preview(self, q: float, z: float) -> privacy_loss_distribution.PrivacyLossDistribution:
         """The composed PLD if one more round at (q, z) were charged (nothing changes)."""

@@ -5,15 +5,20 @@ Language Models" (ICLR): each round samples every client independently with prob
 ``q``, clips each sampled client's update to L2 norm ``C``, sums, adds N(0, (z C)^2 I) and
 divides by the *expected* number of clients ``q * N`` (their fixed-denominator estimator:
 the denominator does not depend on who was sampled, so it leaks nothing and the clipped sum
-keeps sensitivity ``C`` under adding or removing one client's whole data).
+keeps sensitivity ``C`` under adding or removing one client's whole data). With DP off the
+mean divides by the number of updates kept instead (docs/privacy.md, "Fixed denominator").
+
+:func:`dp_fedavg` is the one implementation: the aggregator (``services/aggregator/core.py``)
+calls it on the round's float32 matrix with the job's robust rule as ``combine`` (``mean``
+gives DP-FedAvg exactly; docs/architecture.md, "DP with a robust rule or detection").
 
 Adaptive clipping follows Andrew, Thakkar, McMahan and Ramaswamy 2021, "Differentially
-Private Learning with Adaptive Clipping" (NeurIPS): clients report whether their update
-norm was at most ``C``; the server adds N(0, sigma_b^2) to the (centred) count, estimates
-the fraction below ``C`` and moves ``C`` geometrically towards a target quantile. The two
-noisy sums of a round together are one Gaussian mechanism with multiplier ``z`` when the
-update sum uses ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (their Theorem 1), so the
-accountant charges ``z`` and nothing else.
+Private Learning with Adaptive Clipping" (NeurIPS): the server adds N(0, sigma_b^2) to the
+(centred) count of kept updates whose norm was at most ``C``, estimates that fraction and
+moves ``C`` geometrically towards a target quantile (:func:`next_clip`). The two noisy sums
+of a round together are one Gaussian mechanism with multiplier ``z`` when the update sum
+uses ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (their Theorem 1), so the accountant
+charges ``z`` and nothing else.
 
 Local DP (:func:`local_dp_update`) lets a client clip and noise its own update before it
 leaves the device, for clients that do not trust the server to add the noise.
@@ -27,14 +32,21 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from qflare.messages.tensors import Array, Layout, Tensors
 from qflare.privacy.errors import INVALID_PARAMETERS, PrivacyError
 
-Update = np.ndarray | Mapping[str, np.ndarray]
+Floats = npt.NDArray[np.floating[Any]]
+F64 = npt.NDArray[np.float64]
+
+#: A robust rule as :func:`dp_fedavg` sees it: the clipped rows in, one combined vector out.
+Combine = Callable[[Floats], npt.ArrayLike]
 
 
 def _positive(name: str, value: float) -> float:
@@ -45,6 +57,17 @@ def _positive(name: str, value: float) -> float:
         or value <= 0
     ):
         raise PrivacyError(INVALID_PARAMETERS, f"{name}={value!r} must be a finite number > 0")
+    return float(value)
+
+
+def _non_negative(name: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise PrivacyError(INVALID_PARAMETERS, f"{name}={value!r} must be a finite number >= 0")
     return float(value)
 
 
@@ -74,14 +97,14 @@ class NoiseSource:
     def __repr__(self) -> str:
         return "NoiseSource(<seed hidden>)"
 
-    def __reduce__(self) -> None:  # type: ignore[override]
+    def __reduce__(self) -> str | tuple[Any, ...]:
         raise TypeError("NoiseSource is not picklable: its state would reveal the noise")
 
-    def gaussian(self, std: float, shape: tuple[int, ...]) -> np.ndarray:
+    def gaussian(self, std: float, shape: tuple[int, ...]) -> F64:
         """float64 N(0, std^2) samples."""
         return self._generator.normal(0.0, std, size=shape)
 
-    def uniform(self, n: int) -> np.ndarray:
+    def uniform(self, n: int) -> F64:
         return self._generator.random(n)
 
 
@@ -94,79 +117,43 @@ def poisson_sample(clients: Sequence[str], q: float, noise: NoiseSource) -> list
     if not clients:
         return []
     coins = noise.uniform(len(clients))
-    return [c for c, u in zip(clients, coins) if u < q]
+    return [c for c, u in zip(clients, coins, strict=True) if u < q]
 
 
-def flatten(update: Update) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...], np.dtype]]]:
-    """A float64 vector of all tensors (sorted by name) and the layout to undo it."""
-    if isinstance(update, np.ndarray):
-        return update.astype(np.float64, copy=False).ravel(), [("", update.shape, update.dtype)]
-    layout = [(name, update[name].shape, update[name].dtype) for name in sorted(update)]
-    if not layout:
-        return np.zeros(0), layout
-    vec = np.concatenate(
-        [np.asarray(update[name], dtype=np.float64).ravel() for name, _, _ in layout]
-    )
-    return vec, layout
+def l2_norm(row: Floats) -> float:
+    """L2 norm of a vector accumulated in float64 by NumPy's pairwise summation: the same
+    bits on every run (a BLAS dot product may split the sum by its thread count)."""
+    r = row.astype(np.float64)
+    np.square(r, out=r)
+    return float(np.sqrt(np.add.reduce(r)))
 
 
-def unflatten(vec: np.ndarray, layout: list[tuple[str, tuple[int, ...], np.dtype]]) -> Update:
-    if len(layout) == 1 and layout[0][0] == "":
-        _, shape, dtype = layout[0]
-        return vec.reshape(shape).astype(dtype)
-    out: dict[str, np.ndarray] = {}
-    offset = 0
-    for name, shape, dtype in layout:
-        size = int(np.prod(shape, dtype=np.int64))
-        out[name] = vec[offset : offset + size].reshape(shape).astype(dtype)
-        offset += size
-    return out
-
-
-def clip_l2(vec: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
-    """``vec`` scaled to L2 norm at most ``clip`` (float64), and its norm before clipping.
-
-    A non-finite update would make the norm NaN and escape the bound, so it is refused.
-    """
+def clip_rows(x: Floats, clip: float) -> F64:
+    """Scale each row of ``x`` in place to L2 norm at most ``clip`` (rows already inside
+    are untouched; a float32 row is scaled by the float32 factor); returns the norms
+    before clipping. A non-finite row would escape the bound, so it is refused."""
     clip = _positive("clip", clip)
-    vec = np.asarray(vec, dtype=np.float64)
-    norm = float(np.linalg.norm(vec))
-    if not math.isfinite(norm):
-        raise PrivacyError(INVALID_PARAMETERS, "update has non-finite values; cannot clip")
-    if norm <= clip:
-        return vec, norm
-    # The tiny shrink keeps rounding from landing the clipped norm a hair above clip.
-    return vec * (clip / norm * (1.0 - 1e-12)), norm
+    if x.ndim != 2:
+        raise ValueError(f"clip_rows needs one row per update, got shape {x.shape}")
+    norms = np.empty(x.shape[0], dtype=np.float64)
+    for i in range(x.shape[0]):
+        norm = l2_norm(x[i])
+        if not math.isfinite(norm):
+            raise PrivacyError(INVALID_PARAMETERS, f"update {i} has non-finite values")
+        norms[i] = norm
+        if norm > clip:
+            x[i] *= np.float32(clip / norm) if x.dtype == np.float32 else clip / norm
+    return norms
 
 
-def noisy_clipped_sum(
-    updates: Sequence[np.ndarray],
-    clip: float,
-    noise_multiplier: float,
-    noise: NoiseSource,
-    dim: int | None = None,
-) -> tuple[np.ndarray, list[float]]:
-    """Sum of the clipped vectors plus N(0, (noise_multiplier * clip)^2 I); also the norms.
-
-    An empty sample still gets noise (``dim`` gives its length): whether anyone was sampled
-    must not be visible in the output.
-    """
-    clip = _positive("clip", clip)
-    noise_multiplier = _positive("noise_multiplier", noise_multiplier)
-    if not updates and dim is None:
-        raise ValueError("no updates and no dim: cannot size the noise")
-    size = dim if dim is not None else int(np.asarray(updates[0]).size)
-    total = np.zeros(size, dtype=np.float64)
-    norms: list[float] = []
-    for vec in updates:
-        vec = np.asarray(vec, dtype=np.float64).ravel()
-        if vec.size != size:
-            raise PrivacyError(INVALID_PARAMETERS, f"update of {vec.size} values, expected {size}")
-        clipped, norm = clip_l2(vec, clip)
-        total += clipped
-        norms.append(norm)
-    total += noise.gaussian(noise_multiplier * clip, (size,))
-    return total, norms
+def fedavg_denominator(kept: int, expected_clients: float, noise_multiplier: float) -> float:
+    """What the round's contribution is divided by: with DP on the expected count ``q*N``
+    (DP-FedAvg's fixed denominator: it does not depend on who took part, so it costs no
+    privacy), with DP off (``noise_multiplier`` 0) the number of updates kept, so a round
+    whose filter dropped updates still averages what it kept (docs/privacy.md)."""
+    if noise_multiplier > 0:
+        return _positive("expected_clients", expected_clients)
+    return float(max(kept, 1))
 
 
 def adaptive_sum_noise_multiplier(z: float, count_noise_std: float) -> float:
@@ -178,140 +165,161 @@ def adaptive_sum_noise_multiplier(z: float, count_noise_std: float) -> float:
     rest = z**-2 - (2.0 * sigma_b) ** -2
     if rest <= 0:
         raise PrivacyError(
-            INVALID_PARAMETERS, f"count_noise_std={sigma_b} too small for z={z}: need 2*sigma_b > z"
+            INVALID_PARAMETERS,
+            f"count_noise_std={sigma_b} too small for z={z}: need 2*count_noise_std > z "
+            f"(raise count_noise_std above {z / 2})",
         )
-    return rest**-0.5
+    return float(rest**-0.5)
 
 
-@dataclass
+def default_count_noise_std(expected_clients: float) -> float:
+    """Andrew et al.'s recommended noise on the clipped count: ``sigma_b = m / 20`` for
+    ``m`` expected clients per round."""
+    return _positive("expected_clients", expected_clients) / 20.0
+
+
+@dataclass(frozen=True)
 class AdaptiveClipping:
-    """Quantile-based clip norm (Andrew et al. 2021), updated geometrically each round:
-    ``C <- C * exp(-learning_rate * (b_hat - target_quantile))`` where ``b_hat`` is the noised
-    fraction of sampled clients whose update norm was at most ``C``."""
+    """Quantile-tracking clip norm (Andrew et al. 2021): after each round
+    ``C <- C * exp(-learning_rate * (b_hat - target_quantile))``, where ``b_hat`` is the
+    (noised, with DP on) fraction of kept updates whose norm was at most ``C``.
+    ``count_noise_std`` is sigma_b, the std of the noise on the count (unit sensitivity 1/2:
+    the indicators are centred)."""
 
-    clip: float
+    count_noise_std: float
     target_quantile: float = 0.5
     learning_rate: float = 0.2
-    count_noise_std: float = 1.0
-    expected_clients: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("clip", self.clip)
-        if not (0.0 <= self.target_quantile <= 1.0):
+        _positive("count_noise_std", self.count_noise_std)
+        if not (0.0 < self.target_quantile < 1.0):
             raise PrivacyError(
-                INVALID_PARAMETERS, f"target_quantile={self.target_quantile!r} must be in [0, 1]"
+                INVALID_PARAMETERS, f"target_quantile={self.target_quantile!r} must be in (0, 1)"
             )
         _positive("learning_rate", self.learning_rate)
-        _positive("count_noise_std", self.count_noise_std)
-        _positive("expected_clients", self.expected_clients)
 
-    def update(self, norms: Sequence[float], noise: NoiseSource) -> float:
-        """Move the clip norm using this round's pre-clipping norms; returns the new clip.
-
-        The indicator is centred (b - 1/2) so its sum has add/remove sensitivity 1/2, which
-        is what the z_delta split assumes."""
-        below = sum(1 for n in norms if n <= self.clip)
-        centred = below - 0.5 * len(norms) + float(noise.gaussian(self.count_noise_std, (1,))[0])
-        b_hat = centred / self.expected_clients + 0.5
-        self.clip = self.clip * math.exp(-self.learning_rate * (b_hat - self.target_quantile))
-        return self.clip
+    def sum_noise_multiplier(self, noise_multiplier: float) -> float:
+        """The multiplier of the update sum's noise when ``noise_multiplier`` is charged (0
+        with DP off)."""
+        if noise_multiplier == 0:
+            return 0.0
+        return adaptive_sum_noise_multiplier(noise_multiplier, self.count_noise_std)
 
 
-@dataclass
-class RoundResult:
-    """What one DP-FedAvg round produced. ``mean`` is safe to release; ``norms`` are not
-    (they are the clients' raw norms) and must stay inside the aggregator."""
+def next_clip(
+    clip: float,
+    norms: Sequence[float] | F64,
+    *,
+    adaptive: AdaptiveClipping,
+    expected_clients: float,
+    noise_multiplier: float,
+    noise: NoiseSource,
+) -> float:
+    """The clip norm of the next round, from this round's ``clip`` and the pre-clipping
+    ``norms`` of the updates it kept (a pure function of them and ``noise``).
 
-    mean: Update
-    clip: float
-    sum_noise_std: float
-    sampled: int
-    clipped: int
-    norms: list[float]
+    With DP on, the centred count ``sum(1[norm <= C] - 1/2)`` gets N(0, sigma_b^2) and is
+    divided by the fixed denominator, as the update sum is; the result depends on the
+    updates only through that noised count, so publishing the clip norm is post-processing.
+    With DP off the fraction is exact (and a round with nothing kept leaves ``clip``
+    unchanged)."""
+    clip = _positive("clip", clip)
+    z = _non_negative("noise_multiplier", noise_multiplier)
+    values = np.asarray(norms, dtype=np.float64)
+    below = int(np.count_nonzero(values <= clip))
+    if z > 0:
+        centred = (
+            below - 0.5 * values.size + float(noise.gaussian(adaptive.count_noise_std, (1,))[0])
+        )
+        b_hat = centred / fedavg_denominator(values.size, expected_clients, z) + 0.5
+    elif values.size == 0:
+        return clip
+    else:
+        b_hat = below / values.size
+    return clip * math.exp(-adaptive.learning_rate * (b_hat - adaptive.target_quantile))
 
 
-class DPFedAvg:
-    """One DP-FedAvg round over the sampled clients' updates (vectors or name->tensor maps).
+@dataclass(frozen=True)
+class DPStep:
+    """One round of :func:`dp_fedavg`. ``step`` is the noised mean update (safe to release);
+    ``norms`` are the kept updates' pre-clipping norms, which are not, and stay inside the
+    aggregator; ``next_clip`` is the clip norm of the next round (``clip`` unless adaptive)."""
 
-    ``noise_multiplier`` is the z the accountant charges. With ``adaptive`` set, the update
-    sum uses the smaller :func:`adaptive_sum_noise_multiplier` and the remainder of the
-    budget goes to the noised count that moves the clip norm; the charge is still ``z``.
-    Every client has weight 1 (weighting by sample count would need bounded weights).
+    step: F64
+    norms: F64
+    next_clip: float
+
+
+def dp_fedavg(
+    rows: Floats,
+    combine: Combine,
+    *,
+    clip: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    noise: NoiseSource,
+    adaptive: AdaptiveClipping | None = None,
+    clip_noise: NoiseSource | None = None,
+) -> DPStep:
+    """One DP-FedAvg round over ``rows`` (one kept update per row, modified in place).
+
+    Each row is clipped to ``clip`` (:func:`clip_rows`); ``combine`` maps the clipped rows
+    to one vector (the mean for DP-FedAvg, or a robust rule), which is clipped to ``clip``
+    as well, since a robust rule can leave the ball; that vector times the number of rows
+    stands for the clipped sum. N(0, (z C)^2) is added with ``z = noise_multiplier``
+    (``z_delta`` with ``adaptive``, the rest of the budget going to the count of
+    :func:`next_clip`, drawn from ``clip_noise``), also when no row was kept, and the
+    total is divided by :func:`fedavg_denominator`. With ``noise_multiplier`` 0 no noise
+    is drawn.
     """
-
-    def __init__(
-        self,
-        clip: float,
-        noise_multiplier: float,
-        expected_clients: float,
-        adaptive: AdaptiveClipping | None = None,
-    ) -> None:
-        self.clip = _positive("clip", clip)
-        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier)
-        self.expected_clients = _positive("expected_clients", expected_clients)
-        self.adaptive = adaptive
-        if adaptive is not None:
-            adaptive.clip = self.clip
-            self.sum_noise_multiplier = adaptive_sum_noise_multiplier(
-                self.noise_multiplier, adaptive.count_noise_std
-            )
-        else:
-            self.sum_noise_multiplier = self.noise_multiplier
-
-    def __repr__(self) -> str:
-        return (
-            f"DPFedAvg(clip={self.clip}, noise_multiplier={self.noise_multiplier}, "
-            f"expected_clients={self.expected_clients}, adaptive={self.adaptive is not None})"
+    clip = _positive("clip", clip)
+    z = _non_negative("noise_multiplier", noise_multiplier)
+    _positive("expected_clients", expected_clients)
+    if rows.ndim != 2:
+        raise ValueError(f"dp_fedavg needs one row per update, got shape {rows.shape}")
+    if adaptive is not None and z > 0 and clip_noise is None:
+        raise ValueError("adaptive clipping with DP on needs clip_noise for the count")
+    n, dim = rows.shape
+    step = np.zeros(dim, dtype=np.float64)
+    norms = clip_rows(rows, clip)
+    if n:
+        combined = np.array(combine(rows), dtype=np.float64)  # our own copy: clipped in place
+        if combined.shape != (dim,):
+            raise ValueError(f"combine returned shape {combined.shape}, expected ({dim},)")
+        clip_rows(combined.reshape(1, dim), clip)
+        step += combined * n
+    sum_z = adaptive.sum_noise_multiplier(z) if adaptive is not None else z
+    if sum_z > 0:
+        step += noise.gaussian(sum_z * clip, (dim,))
+    step /= fedavg_denominator(n, expected_clients, z)
+    following = clip
+    if adaptive is not None:
+        following = next_clip(
+            clip,
+            norms,
+            adaptive=adaptive,
+            expected_clients=expected_clients,
+            noise_multiplier=z,
+            noise=clip_noise if clip_noise is not None else noise,
         )
-
-    def __call__(
-        self, updates: Sequence[Update], noise: NoiseSource, template: Update | None = None
-    ) -> RoundResult:
-        """Clip, sum, add noise, divide by the expected count. ``template`` gives the layout
-        when no client was sampled (the noise is released anyway)."""
-        layout_source = updates[0] if updates else template
-        if layout_source is None:
-            raise ValueError("no updates and no template: cannot size the noise")
-        _, layout = flatten(layout_source)
-        vecs = []
-        for u in updates:
-            vec, other = flatten(u)
-            if [(n, s) for n, s, _ in other] != [(n, s) for n, s, _ in layout]:
-                raise PrivacyError(INVALID_PARAMETERS, "updates have different tensor layouts")
-            vecs.append(vec)
-        dim = int(sum(int(np.prod(s, dtype=np.int64)) for _, s, _ in layout))
-        clip = self.clip
-        total, norms = noisy_clipped_sum(vecs, clip, self.sum_noise_multiplier, noise, dim=dim)
-        mean = unflatten(total / self.expected_clients, layout)
-        if self.adaptive is not None:
-            self.clip = self.adaptive.update(norms, noise)
-        return RoundResult(
-            mean=mean,
-            clip=clip,
-            sum_noise_std=self.sum_noise_multiplier * clip,
-            sampled=len(vecs),
-            clipped=sum(1 for n in norms if n > clip),
-            norms=norms,
-        )
+    return DPStep(step, norms, following)
 
 
 def local_dp_update(
-    update: Update, clip: float, noise_multiplier: float, noise: NoiseSource | None = None
-) -> Update:
+    update: Tensors, clip: float, noise_multiplier: float, noise: NoiseSource | None = None
+) -> dict[str, Array]:
     """What a client sends under local DP: its update clipped to ``clip`` plus
     N(0, (noise_multiplier * clip)^2 I), in the update's own layout and dtypes.
 
     Any two updates of one client differ by at most ``2 * clip`` after clipping, so this
     release alone is a Gaussian mechanism with multiplier ``noise_multiplier / 2`` with
     respect to everything that client holds (see :func:`local_epsilon`)."""
+    z = _positive("noise_multiplier", noise_multiplier)
     noise = noise if noise is not None else NoiseSource()
-    vec, layout = flatten(update)
-    clipped, _ = clip_l2(vec, clip)
-    return unflatten(
-        clipped
-        + noise.gaussian(_positive("noise_multiplier", noise_multiplier) * clip, clipped.shape),
-        layout,
-    )
+    layout = Layout.of(update)
+    vec = layout.flatten(update, dtype=np.float64).reshape(1, layout.size)
+    clip_rows(vec, clip)
+    return layout.unflatten(vec[0] + noise.gaussian(z * clip, (layout.size,)))
 
 
 def local_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -10,12 +10,13 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   job's secret seed, so a restarted aggregator selects the same clients.
 * Sampling coins and noise come from :class:`qflare.privacy.NoiseSource`
   (:func:`qflare.privacy.poisson_sample`), seeded per (job, round, purpose).
-* Aggregation follows DP-FedAvg: each kept update (a delta from the round's base model) is
-  clipped to L2 norm ``C``; the configured robust rule (``qflare.robust``) combines the
-  clipped updates in client-id order; Gaussian noise of std ``z*C`` is added to the sum, and
-  the sum is divided by the expected number of participants ``q*N`` (the fixed denominator of
-  DP-FedAvg, so the denominator itself leaks nothing). The noise generator is seeded per
-  (job, round) from the secret seed, so the same inputs give the same model bit for bit.
+* Aggregation is :func:`qflare.privacy.dp_fedavg` over the kept updates (deltas from the
+  round's base model) as the rows of one float32 matrix in client-id order, with the job's
+  robust rule (``qflare.robust``) as the combining step: clip each row to ``C``, combine,
+  clip the result, scale by the number kept, add N(0, (zC)^2) and divide by the expected
+  number of participants ``q*N`` (DP off: by the number kept); docs/architecture.md, "One
+  round" step 7, and docs/privacy.md. With adaptive clipping the round also yields the
+  next round's clip norm. The same inputs give the same model bit for bit.
 """
 
 from __future__ import annotations
@@ -25,17 +26,20 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from qflare.messages.tensors import Layout, Tensors
-from qflare.privacy import NoiseSource, poisson_sample
+from qflare.messages.tensors import Array, Layout, Tensors
+from qflare.privacy import AdaptiveClipping, NoiseSource, dp_fedavg, poisson_sample
 from qflare.robust import get_rule
 
 # Distinct streams drawn from one job seed (SeedSequence spawn keys).
 _SELECT = 1
 _NOISE = 2
 _RULE = 3
+_CLIP = 4
 
 
 class RoundState(enum.StrEnum):
@@ -127,24 +131,6 @@ def close_decision(
     return CloseDecision.ABORT
 
 
-def row_norm(row: np.ndarray) -> float:
-    """L2 norm accumulated in float64 by pairwise summation: the same bits on every run
-    (BLAS dot products may split the sum by thread count)."""
-    r = row.astype(np.float64)
-    np.square(r, out=r)
-    return float(np.sqrt(np.add.reduce(r)))
-
-
-def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
-    """Scale each row of ``x`` in place to L2 norm at most ``clip`` (rows already inside are
-    untouched); returns ``x``."""
-    for i in range(x.shape[0]):
-        norm = row_norm(x[i])
-        if norm > clip:
-            x[i] *= np.float32(clip / norm) if x.dtype == np.float32 else clip / norm
-    return x
-
-
 def cap_removals(
     kept: Sequence[str], flagged: Sequence[tuple[str, float]], bound: int | None
 ) -> tuple[list[str], list[str]]:
@@ -164,11 +150,18 @@ def cap_removals(
     return sorted([*kept, *back]), sorted(removed)
 
 
+def expected_participants(sample_rate: float, population: int) -> float:
+    """DP-FedAvg's fixed denominator ``q*N`` for a job of ``population`` enrolled clients,
+    at least 1 (a fraction of a client would scale the step up)."""
+    return max(sample_rate * population, 1.0)
+
+
 @dataclass(frozen=True)
 class AggregationResult:
-    model: dict[str, np.ndarray]
+    model: dict[str, Array]
     kept: tuple[str, ...]
     update_norm: float  # L2 norm of the applied step (after noise), for metrics
+    next_clip: float  # the clip norm of the next round (the same as this one's unless adaptive)
 
 
 def aggregate_round(
@@ -185,12 +178,17 @@ def aggregate_round(
     noise_multiplier: float,
     expected_clients: float,
     server_lr: float = 1.0,
+    adaptive: AdaptiveClipping | None = None,
 ) -> AggregationResult:
     """The new model after one round: ``base + lr * (robust(clipped kept) * n + noise) /
-    expected_clients``. Deterministic for equal inputs (kept sorted, seeded noise).
+    denominator`` (:func:`qflare.privacy.dp_fedavg`; the denominator is
+    ``expected_clients`` with DP on, the number kept with DP off). Deterministic for equal
+    inputs (kept sorted, noise seeded per (job, round)).
 
     ``updates`` maps client id -> delta tensors; only ``kept`` clients enter. ``f`` is
     passed to the rule when it takes one (capped so that ``2f < n`` holds for the kept set).
+    ``clip`` is this round's clip norm; with ``adaptive`` the result's ``next_clip`` is the
+    next round's (its count noise seeded per (job, round) as well).
     """
     layout = Layout.of(base)
     chosen = tuple(sorted(set(kept)))
@@ -199,32 +197,31 @@ def aggregate_round(
         raise ValueError(f"kept clients {missing} have no stored update")
     if expected_clients <= 0:
         raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
-    step = np.zeros(layout.size, dtype=np.float64)
-    if chosen:
-        x = np.empty((len(chosen), layout.size), dtype=np.float32)
-        for i, c in enumerate(chosen):
-            layout.check(updates[c], f"update of {c}")
-            layout.flatten(updates[c], out=x[i])
-        clip_rows(x, clip)
-        n = len(chosen)
-        f_eff = min(f, (n - 1) // 2)
+    x = np.empty((len(chosen), layout.size), dtype=np.float32)
+    for i, c in enumerate(chosen):
+        layout.check(updates[c], f"update of {c}")
+        layout.flatten(updates[c], out=x[i])
+
+    def combine(rows: npt.NDArray[np.floating[Any]]) -> npt.ArrayLike:
+        f_eff = min(f, (rows.shape[0] - 1) // 2)
         agg = get_rule(rule, f=f_eff) if _takes_f(rule) else get_rule(rule)
-        combined = np.asarray(agg(x, rng=round_rng(seed, job, round_no, _RULE)), dtype=np.float64)
-        # A robust rule can leave the clip ball (e.g. coordinate-wise median); the noise is
-        # calibrated to C, so keep the combined contribution per client inside it.
-        norm = float(np.linalg.norm(combined))
-        if norm > clip:
-            combined *= clip / norm
-        step += combined * n
-    if noise_multiplier > 0:
-        step += round_noise(seed, job, round_no, _NOISE).gaussian(
-            noise_multiplier * clip, (layout.size,)
-        )
-    step /= expected_clients
+        return agg(rows, rng=round_rng(seed, job, round_no, _RULE))
+
+    dp = dp_fedavg(
+        x,
+        combine,
+        clip=clip,
+        noise_multiplier=noise_multiplier,
+        expected_clients=expected_clients,
+        noise=round_noise(seed, job, round_no, _NOISE),
+        adaptive=adaptive,
+        clip_noise=round_noise(seed, job, round_no, _CLIP) if adaptive is not None else None,
+    )
+    step = dp.step
     step *= server_lr
     base_flat = layout.flatten(base, dtype=np.float64)
     new = layout.unflatten(base_flat + step)
-    return AggregationResult(new, chosen, float(np.linalg.norm(step)))
+    return AggregationResult(new, chosen, float(np.linalg.norm(step)), dp.next_clip)
 
 
 def _takes_f(rule: str) -> bool:
