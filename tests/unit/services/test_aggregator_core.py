@@ -7,11 +7,15 @@ import hashlib
 import numpy as np
 import pytest
 
+from qflare.privacy import AdaptiveClipping, next_clip
 from qflare.services.aggregator.core import (
+    AggregationResult,
     CloseDecision,
     Layout,
     aggregate_round,
     close_decision,
+    expected_participants,
+    round_noise,
     select_participants,
 )
 
@@ -160,6 +164,94 @@ def test_robust_rule_resists_outlier_and_median_is_clipped() -> None:
     assert np.allclose(res.model["w"], 1.0, atol=0.05)
     krum = _round(sorted(updates), updates, rule="multikrum", f=2)
     assert np.allclose(krum.model["w"], 1.0, atol=0.05)
+
+
+def _updates(n: int, seed: int = 0, scale: float = 1.0) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {
+        f"c{i}": {
+            "w": (scale * rng.standard_normal((3, 2))).astype(np.float32),
+            "b": (scale * rng.standard_normal(2)).astype(np.float32),
+        }
+        for i in range(n)
+    }
+
+
+def _aggregate(updates: dict, kept: list[str], **kw: object) -> AggregationResult:
+    args: dict = dict(
+        job="j",
+        round_no=5,
+        seed=9,
+        base={"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)},
+        updates=updates,
+        kept=kept,
+        rule="mean",
+        f=0,
+        clip=1.0,
+        noise_multiplier=0.0,
+        expected_clients=4.0,
+    )
+    return aggregate_round(**{**args, **kw})
+
+
+def _flat(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    return Layout.of(tensors).flatten(tensors, dtype=np.float64)
+
+
+def test_dp_off_the_mean_over_kept_updates_divides_by_the_number_kept() -> None:
+    updates = _updates(4, scale=0.1)  # inside the clip ball: the mean is the plain mean
+    res = _aggregate(updates, ["c0", "c2"], expected_clients=4.0)
+    want = (_flat(updates["c0"]) + _flat(updates["c2"])) / 2
+    assert np.allclose(_flat(res.model), want, atol=1e-7)
+
+
+def test_dp_on_the_fixed_denominator_stays() -> None:
+    updates = _updates(4, scale=3.0)  # outside the ball: every update is clipped
+    res = _aggregate(updates, ["c0", "c2"], noise_multiplier=0.5, expected_clients=4.0)
+    clipped = [_flat(updates[c]) for c in ("c0", "c2")]
+    clipped = [v * min(1.0, 1.0 / np.linalg.norm(v)) for v in clipped]
+    noise = round_noise(9, "j", 5, 2).gaussian(0.5 * 1.0, (8,))  # the (job, round) noise stream
+    assert np.allclose(_flat(res.model), (sum(clipped) + noise) / 4.0, atol=1e-6)
+
+
+def test_the_denominator_is_expected_participants_floored_at_one() -> None:
+    assert expected_participants(0.1, 200) == 20.0
+    assert expected_participants(0.01, 20) == 1.0
+
+
+def test_adaptive_clipping_yields_the_next_clip_from_the_round_alone() -> None:
+    updates = _updates(6, seed=3)
+    kept = sorted(updates)
+    adaptive = AdaptiveClipping(count_noise_std=2.0, target_quantile=0.5, learning_rate=0.2)
+    plain = _aggregate(updates, kept, noise_multiplier=1.0)
+    assert plain.next_clip == 1.0
+    one = _aggregate(updates, kept, noise_multiplier=1.0, adaptive=adaptive)
+    again = _aggregate(updates, kept[::-1], noise_multiplier=1.0, adaptive=adaptive)
+    assert one.next_clip == again.next_clip and np.array_equal(one.model["w"], again.model["w"])
+    norms = [float(np.linalg.norm(_flat(updates[c]))) for c in kept]
+    want = next_clip(
+        1.0,
+        norms,
+        adaptive=adaptive,
+        expected_clients=4.0,
+        noise_multiplier=1.0,
+        noise=round_noise(9, "j", 5, 4),  # the (job, round) stream of the count
+    )
+    assert one.next_clip == pytest.approx(want, rel=1e-12) and one.next_clip != 1.0
+    # the update sum's noise is z_delta * C, not z * C: another model than without adaptive
+    assert not np.array_equal(one.model["w"], plain.model["w"])
+    # DP off: the model is the same as without adaptive clipping, the clip still moves
+    off = _aggregate(updates, kept, adaptive=adaptive)
+    assert np.array_equal(off.model["w"], _aggregate(updates, kept).model["w"])
+    below = sum(n <= 1.0 for n in norms) / len(norms)
+    assert off.next_clip == pytest.approx(np.exp(-0.2 * (below - 0.5)))
+
+
+def test_an_update_of_another_layout_is_an_error() -> None:
+    updates = _updates(2)
+    updates["c1"] = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match="update of c1"):
+        _aggregate(updates, ["c0", "c1"])
 
 
 def test_missing_update_is_an_error() -> None:
