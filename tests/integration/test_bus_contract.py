@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import os
 from collections import Counter
 
@@ -20,6 +21,8 @@ from qflare.bus import (
     MessageTooLarge,
     Outcome,
     QueueSpec,
+    StreamNotFound,
+    StreamSpec,
     TopologyError,
     topology,
 )
@@ -382,7 +385,7 @@ async def test_retry_delay_spaces_redeliveries(bus: Bus, wait_for) -> None:
     await bus.consume(spec, flaky)
     await bus.publish(EVENTS, "k", b"m")
     await wait_for(lambda: len(times) == 3)
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.09, gaps
 
 
@@ -533,3 +536,367 @@ async def test_transient_retry_is_bounded_then_dead_letters_as_rejected(bus: Bus
     assert [d.delivery_count for d in flaky.seen] == [1, 2, 3]
     assert [d.redelivered for d in flaky.seen] == [False, True, True]
     assert dead.seen[0].death_reason == "rejected"
+
+
+# -- streams: one write, many readers, each from its own offset -----------------------------
+
+
+def _stream(name: str = "log", pattern: str = "update.j1.#", **retention) -> StreamSpec:
+    return StreamSpec(name, bindings=((CLIENT, pattern),), retry_delay=0.05, **retention)
+
+
+class StreamRecorder(Recorder):
+    """A stream handler: records deliveries, fails if two calls ever overlap, and can
+    wait until it has seen a given body."""
+
+    def __init__(self, outcome: Outcome = Outcome.ACK) -> None:
+        super().__init__(outcome)
+        self.active = 0
+        self.overlaps = 0
+
+    async def __call__(self, delivery: Delivery) -> Outcome:
+        self.active += 1
+        self.overlaps += self.active > 1
+        try:
+            await asyncio.sleep(0)  # let any second call in, if the reader allowed one
+            return await super().__call__(delivery)
+        finally:
+            self.active -= 1
+
+    @property
+    def offsets(self) -> list[int]:
+        return [d.offset for d in self.seen]  # type: ignore[misc]
+
+    def has(self, body: bytes) -> bool:
+        return body in self.bodies
+
+
+async def _write(bus: Bus, bodies: list[bytes], key: str = "update.j1.c1") -> None:
+    for body in bodies:
+        assert await bus.publish(CLIENT, key, body, {"n": int(body) if body.isdigit() else -1})
+
+
+async def _read_all(bus: Bus, name: str, last: bytes, wait_for, **kwargs) -> list[Delivery]:
+    """Everything a new reader gets, up to and including the body ``last``."""
+    rec = StreamRecorder()
+    sub = await bus.read_stream(name, rec, **kwargs)
+    await wait_for(lambda: rec.has(last), timeout=10, message=f"{last[:8]!r} in {name}")
+    await sub.cancel()
+    return rec.seen
+
+
+def _numbers(n: int, start: int = 0) -> list[bytes]:
+    return [str(i).encode() for i in range(start, start + n)]
+
+
+async def test_stream_one_write_is_read_by_readers_at_different_offsets(
+    bus: Bus, bus_factory, wait_for
+) -> None:
+    await bus.declare_stream(_stream())
+    await _write(bus, _numbers(10))
+    first = StreamRecorder()
+    await bus.read_stream("log", first, offset="first")
+    await wait_for(lambda: len(first.seen) == 10)
+    assert first.bodies == _numbers(10)
+    assert first.offsets == sorted(set(first.offsets)), "offsets grow with every message"
+    middle, last, new = StreamRecorder(), StreamRecorder(), StreamRecorder()
+    other = await bus_factory()  # readers on another bus (process) read the same log
+    await other.read_stream("log", middle, offset=first.offsets[6])
+    await other.read_stream("log", last, offset="last")
+    await bus.read_stream("log", new, offset="next")
+    await wait_for(lambda: len(middle.seen) == 4 and len(last.seen) == 1)
+    await _write(bus, _numbers(3, start=10))
+    await wait_for(lambda: all(r.has(b"12") for r in (first, middle, last, new)))
+    assert first.bodies == _numbers(13)
+    assert middle.bodies == _numbers(7, start=6)
+    assert last.bodies == _numbers(4, start=9)
+    assert new.bodies == _numbers(3, start=10)
+    assert [d.offset for d in middle.seen] == first.offsets[6:]
+    d = first.seen[3]
+    assert (d.exchange, d.routing_key, d.headers["n"], d.delivery_count) == (
+        CLIENT,
+        "update.j1.c1",
+        3,
+        1,
+    )
+    assert "x-stream-offset" not in d.headers and not d.redelivered
+    assert not any(r.overlaps for r in (first, middle, last, new))
+
+
+async def test_stream_reader_resumes_from_a_stored_offset(bus: Bus, wait_for) -> None:
+    await bus.declare_stream(_stream())
+    await _write(bus, _numbers(20))
+    k, handled, stuck = 7, [], asyncio.Event()
+
+    async def crashes_after_k(delivery: Delivery) -> Outcome:
+        if len(handled) == k:
+            stuck.set()
+            await asyncio.Event().wait()  # dies mid-message: it never settles
+        handled.append(delivery)
+        return Outcome.ACK
+
+    sub = await bus.read_stream("log", crashes_after_k, offset="first")
+    await wait_for(stuck)
+    await sub.cancel(timeout=0)
+    stored = handled[-1].offset + 1  # what a service commits with its state
+    rest = StreamRecorder()
+    await bus.read_stream("log", rest, offset=stored)
+    await wait_for(lambda: rest.has(b"19"))
+    assert [d.body for d in handled] + rest.bodies == _numbers(20)
+
+
+async def test_stream_reader_sees_write_order_one_message_at_a_time(bus: Bus, wait_for) -> None:
+    await bus.declare_stream(_stream())
+    rec = StreamRecorder()
+    await bus.read_stream("log", rec, offset="first", prefetch=8)
+    await _write(bus, _numbers(100))
+    await wait_for(lambda: rec.has(b"99"))
+    assert rec.bodies == _numbers(100)
+    assert rec.offsets == sorted(set(rec.offsets))
+    assert rec.overlaps == 0
+
+
+async def test_stream_retry_holds_the_position_and_other_readers_move_on(
+    bus: Bus, wait_for, caplog: pytest.LogCaptureFixture
+) -> None:
+    await bus.declare_stream(_stream())
+    calls: list[tuple[bytes, int, bool, float]] = []
+
+    async def flaky(delivery: Delivery) -> Outcome:
+        calls.append(
+            (
+                delivery.body,
+                delivery.delivery_count,
+                delivery.redelivered,
+                asyncio.get_running_loop().time(),
+            )
+        )
+        if delivery.body == b"1" and delivery.delivery_count < 3:
+            return Outcome.RETRY
+        if delivery.body == b"2" and delivery.delivery_count == 1:
+            raise RuntimeError("storage fault")
+        if delivery.body == b"3":
+            return Outcome.REJECT  # bad input: moves on, never offered again
+        return Outcome.ACK
+
+    free = StreamRecorder()
+    await bus.read_stream("log", flaky, offset="first")
+    await bus.read_stream("log", free, offset="first")
+    await _write(bus, _numbers(5))
+    await wait_for(lambda: any(c[0] == b"4" for c in calls) and free.has(b"4"))
+    assert [(b, n, r) for b, n, r, _ in calls] == [
+        (b"0", 1, False),
+        (b"1", 1, False),
+        (b"1", 2, True),
+        (b"1", 3, True),
+        (b"2", 1, False),
+        (b"2", 2, True),
+        (b"3", 1, False),
+        (b"4", 1, False),
+    ]
+    times = [t for _, _, _, t in calls]
+    assert times[2] - times[1] >= 0.045 and times[5] - times[4] >= 0.045, "retry_delay"
+    assert free.bodies == _numbers(5)
+    assert "storage fault" in caplog.text
+
+
+async def test_stream_retention_drops_the_oldest_bytes(bus: Bus, wait_for) -> None:
+    max_bytes = 64 * 1024
+    await bus.declare_stream(_stream(max_bytes=max_bytes))
+    bodies = [i.to_bytes(4, "big") * 256 for i in range(160)]  # 1 KiB each, 2.5x max_bytes
+    await _write(bus, bodies)
+    kept = await _read_all(bus, "log", bodies[-1], wait_for, offset="first")
+    assert [d.body for d in kept] == bodies[-len(kept) :], "a contiguous tail stays"
+    assert kept[0].offset > 0
+    # RabbitMQ drops whole segments (a quarter of max_bytes): between half and all of it stays
+    assert max_bytes // 2 <= sum(len(d.body) for d in kept) <= max_bytes
+    # An offset that retention dropped starts at the oldest retained message.
+    again = await _read_all(bus, "log", bodies[-1], wait_for, offset=0)
+    assert [d.offset for d in again] == [d.offset for d in kept]
+
+
+async def test_stream_retention_drops_what_is_older_than_max_age(bus: Bus, wait_for) -> None:
+    # 600 KiB bodies fill a segment each (max_bytes / 4), so RabbitMQ can drop them singly.
+    await bus.declare_stream(_stream(max_age_s=1, max_bytes=2 * 2**20))
+    old = [bytes([i]) * 600 * 1024 for i in range(2)]
+    await _write(bus, old)
+    await asyncio.sleep(2.1)  # the clock is what is tested here
+    new = b"n" * 600 * 1024
+    await _write(bus, [new])
+
+    async def only_new() -> None:
+        while [d.body for d in await _read_all(bus, "log", new, wait_for, offset="first")] != [new]:
+            await asyncio.sleep(0.2)  # RabbitMQ applies retention just after the write
+
+    await wait_for(only_new(), timeout=15, message="messages older than max_age dropped")
+
+
+async def test_stream_bound_to_an_exchange_with_topic_patterns(bus: Bus, wait_for) -> None:
+    spec = StreamSpec("models", bindings=((CLIENT, "update.j1.*"), (EVENTS, "model.j1.#")))
+    await bus.declare_stream(spec)
+    await bus.declare_stream(spec)  # idempotent
+    routed = {
+        (CLIENT, "update.j1.c1"): True,
+        (CLIENT, "update.j2.c1"): False,
+        (CLIENT, "update.j1"): False,
+        (EVENTS, "model.j1"): True,
+        (EVENTS, "model.j1.v2.chunk3"): True,
+        (ALERTS, "model.j1"): False,
+    }
+    for (exchange, key), expected in routed.items():
+        assert await bus.publish(exchange, key, key.encode(), {"via": exchange}) is expected
+    await bus.publish(EVENTS, "model.j1.end", b"end")
+    seen = await _read_all(bus, "models", b"end", wait_for, offset="first")
+    assert [(d.exchange, d.routing_key, d.headers["via"]) for d in seen[:-1]] == [
+        (exchange, key, exchange) for (exchange, key), ok in routed.items() if ok
+    ]
+
+
+async def test_stream_from_a_timestamp(bus: Bus, wait_for) -> None:
+    await bus.declare_stream(_stream())
+    await _write(bus, _numbers(3))
+    now = dt.datetime.now(dt.UTC)
+    # Both adapters round a timestamp down to the second: start B in a second of its own.
+    await asyncio.sleep(1.05 - now.microsecond / 1e6)
+    since = dt.datetime.now(dt.UTC)
+    await _write(bus, _numbers(3, start=3))
+    seen = await _read_all(bus, "log", b"5", wait_for, offset=since)
+    assert [d.body for d in seen] == _numbers(3, start=3)
+    seen = await _read_all(bus, "log", b"5", wait_for, offset=since - dt.timedelta(hours=1))
+    assert [d.body for d in seen] == _numbers(6)
+    later = StreamRecorder()
+    await bus.read_stream("log", later, offset=since + dt.timedelta(days=1))
+    await _write(bus, [b"6"])
+    await wait_for(lambda: later.has(b"6"))
+    assert later.bodies == [b"6"], "a future timestamp reads only new messages"
+
+
+async def test_stream_reader_never_gets_offsets_before_its_start(bus: Bus, wait_for) -> None:
+    """Over AMQP 0.9.1 a stream consumer attached at offset N may be sent the start of the
+    chunk holding N; concurrent publishes make chunks of many messages."""
+    await bus.declare_stream(_stream())
+    bodies = _numbers(600)
+    await asyncio.gather(*(bus.publish(CLIENT, "update.j1.c1", b) for b in bodies))
+    first = StreamRecorder()
+    await bus.read_stream("log", first, offset="first", prefetch=64)
+    await wait_for(lambda: len(first.seen) == len(bodies), timeout=10)
+    offsets = first.offsets
+    for i in (1, 150, 151, 299, 450, len(offsets) - 2, len(offsets) - 1):
+        rec = StreamRecorder()
+        sub = await bus.read_stream("log", rec, offset=offsets[i], prefetch=64)
+        await wait_for(lambda rec=rec, i=i: len(rec.seen) >= len(offsets) - i, timeout=10)
+        await asyncio.sleep(0.05)  # room for anything extra to show up
+        await sub.cancel()
+        assert rec.offsets == offsets[i:], f"attached at {offsets[i]}"
+
+
+async def test_stream_delete(bus: Bus, bus_factory, wait_for) -> None:
+    other = await bus_factory()
+    await bus.declare_stream(_stream())
+    mine, theirs = StreamRecorder(), StreamRecorder()
+    await bus.read_stream("log", mine, offset="first")
+    await other.read_stream("log", theirs, offset="first")
+    await _write(bus, [b"0"])
+    await wait_for(lambda: mine.has(b"0") and theirs.has(b"0"))
+    await bus.delete_stream("log")
+    await bus.delete_stream("log")  # a missing stream is not an error
+    assert "log" not in bus.declared_queues
+    assert await bus.publish(CLIENT, "update.j1.c1", b"1") is False
+    with pytest.raises(StreamNotFound):
+        await other.read_stream("log", StreamRecorder())
+    await bus.declare_stream(_stream())  # a new, empty stream of the same name
+    await _write(bus, [b"2"])
+    fresh = await _read_all(bus, "log", b"2", wait_for, offset="first")
+    assert [d.body for d in fresh] == [b"2"]
+    assert mine.bodies == [b"0"] and theirs.bodies == [b"0"], "readers of the old one stopped"
+
+
+async def test_queue_deliveries_have_no_offset(bus: Bus, wait_for) -> None:
+    rec = Recorder()
+    await bus.consume(QueueSpec("plain", bindings=((EVENTS, "#"),)), rec)
+    await bus.publish(EVENTS, "k", b"m")
+    await wait_for(rec.changed)
+    assert rec.seen[0].offset is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "named"),
+    [
+        ({"name": ""}, ValueError, "''"),
+        ({"name": 7}, TypeError, "int"),
+        ({"name": "x" * 201}, ValueError, "1..200"),
+        ({"max_age_s": 0}, ValueError, "0"),
+        ({"max_age_s": 1.5}, TypeError, "1.5"),
+        ({"max_age_s": 400 * 24 * 3600}, ValueError, "34560000"),
+        ({"max_bytes": 100}, ValueError, "100"),
+        ({"max_bytes": True}, TypeError, "True"),
+        ({"max_bytes": 2**41}, ValueError, str(2**41)),
+        ({"retry_delay": 0}, ValueError, "0"),
+        ({"retry_delay": "1"}, TypeError, "'1'"),
+        ({"bindings": (("qflare.client",),)}, TypeError, "qflare.client"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_stream_specs_name_the_value(kwargs: dict, error: type, named: str) -> None:
+    args = {"name": "s", **kwargs}
+    with pytest.raises(error) as info:
+        StreamSpec(**args)
+    assert named in str(info.value)
+
+
+async def test_bad_stream_requests_get_typed_errors(bus: Bus) -> None:
+    with pytest.raises(StreamNotFound) as info:
+        await bus.read_stream("never-declared", StreamRecorder())
+    assert info.value.reason == "NO_STREAM" and isinstance(info.value, TopologyError)
+    await bus.declare_stream(_stream())
+    for offset, error in [
+        ("middle", ValueError),
+        (-1, ValueError),
+        (2**63, ValueError),
+        (True, TypeError),
+        (1.5, TypeError),
+        (dt.datetime(2026, 1, 1), ValueError),  # naive: which zone?
+    ]:
+        with pytest.raises(error, match="offset"):
+            await bus.read_stream("log", StreamRecorder(), offset=offset)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prefetch"):
+        await bus.read_stream("log", StreamRecorder(), prefetch=0)
+    with pytest.raises(TypeError):
+        await bus.read_stream(7, StreamRecorder())  # type: ignore[arg-type]
+    with pytest.raises(TopologyError):
+        await bus.declare_stream(StreamSpec("elsewhere", bindings=(("nope", "#"),)))
+    with pytest.raises(TopologyError):  # other retention: the topology is a contract
+        await bus.declare_stream(_stream(max_bytes=2**20))
+    with pytest.raises(TopologyError):  # a stream is not a queue
+        await bus.consume(QueueSpec("log"), Recorder())
+    await bus.consume(QueueSpec("work", bindings=((EVENTS, "w"),)), Recorder())
+    with pytest.raises(TopologyError):  # nor a queue a stream
+        await bus.declare_stream(StreamSpec("work"))
+    with pytest.raises(StreamNotFound):
+        await bus.read_stream("work", StreamRecorder())
+    # The bus still works after every refusal.
+    await _write(bus, [b"ok"])
+    rec = StreamRecorder()
+    await bus.read_stream("log", rec, offset="first")
+    assert await bus.publish(EVENTS, "w", b"") is True
+
+
+async def test_oversized_body_into_a_stream_is_refused_before_sending(
+    bus_factory, wait_for
+) -> None:
+    small = await bus_factory(max_message_size=1024)
+    await small.declare_stream(_stream())
+    with pytest.raises(MessageTooLarge) as info:
+        await small.publish(CLIENT, "update.j1.c1", b"x" * 1025)
+    assert info.value.size == 1025
+    assert await small.publish(CLIENT, "update.j1.c1", b"x" * 1024)
+    seen = await _read_all(small, "log", b"x" * 1024, wait_for, offset="first")
+    assert [len(d.body) for d in seen] == [1024]
+
+
+async def test_read_stream_declares_a_spec_it_is_given(bus: Bus, wait_for) -> None:
+    rec = StreamRecorder()
+    await bus.read_stream(_stream(), rec, offset="first")
+    assert "log" in bus.declared_queues
+    await _write(bus, [b"0"])
+    await wait_for(lambda: rec.has(b"0"))
