@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
+from qflare.messages.tensors import Layout, Tensors
 from qflare.robust import Reputation, detect
 
-Tensors = Mapping[str, np.ndarray]
+Rows = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ Ref = tuple[str, bytes]  # (client, digest of its update)
 
 
 class RoundRows:
-    """One round's updates as the rows of one float32 matrix, each tensor written straight
-    into its row as the update arrives (tensors in sorted-name order). A verdict then needs
+    """One round's updates as the rows of one float32 matrix, each update written straight
+    into its row as it arrives (:class:`qflare.messages.tensors.Layout`: tensors in
+    sorted-name order, the same coordinates as the aggregator's rows). A verdict then needs
     no stacking after the round closes - no second copy of the round, and no allocation of
     n x d at the moment latency counts (a fresh 400 MB array costs up to a second of page
     faults on these machines). Rows are in arrival order; :meth:`matrix` puts them in
@@ -55,8 +58,8 @@ class RoundRows:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self._capacity = capacity
-        self._x: np.ndarray | None = None
-        self._layout: tuple[tuple[str, int], ...] = ()
+        self._x: Rows | None = None
+        self._layout: Layout | None = None
         self._rows: dict[Ref, int] = {}
         self._lock = threading.Lock()
 
@@ -68,30 +71,25 @@ class RoundRows:
 
     def add(self, ref: Ref, tensors: Tensors) -> None:
         """Write ``tensors`` as the next row (a ref already held is ignored). Raises
-        ValueError when its names or sizes differ from the round's first update."""
-        layout = tuple((name, int(np.asarray(tensors[name]).size)) for name in sorted(tensors))
+        ValueError when their names, shapes or dtypes differ from the round's first
+        update."""
         with self._lock:
             if ref in self._rows:
                 return
-            if self._x is None:
-                self._layout = layout
-                self._x = np.empty((self._capacity, sum(n for _, n in layout)), np.float32)
-            elif layout != self._layout:
-                raise ValueError(
-                    f"update of {ref[0]} has tensors {list(layout)}, expected {list(self._layout)}"
-                )
+            if self._layout is None or self._x is None:
+                self._layout = Layout.of(tensors)
+                self._x = np.empty((self._capacity, self._layout.size), np.float32)
+            else:
+                self._layout.check(tensors, f"update of {ref[0]}")
             i = len(self._rows)
             if i == self._x.shape[0]:
                 grown = np.empty((2 * i, self._x.shape[1]), np.float32)
                 grown[:i] = self._x
                 self._x = grown
-            row, offset = self._x[i], 0
-            for name, size in layout:
-                row[offset : offset + size] = np.asarray(tensors[name]).reshape(-1)
-                offset += size
+            self._layout.flatten(tensors, out=self._x[i])
             self._rows[ref] = i
 
-    def matrix(self, refs: list[Ref]) -> tuple[list[str], np.ndarray]:
+    def matrix(self, refs: list[Ref]) -> tuple[list[str], Rows]:
         """The rows of ``refs`` (one per client, all held) in client-id order, and those
         clients. When ``refs`` are exactly the rows held, they are reordered in place and
         the result is a view; otherwise it is a copy of the rows asked for."""
@@ -110,7 +108,7 @@ class RoundRows:
             return clients, self._x[:n]
 
 
-def _gather_rows(x: np.ndarray, idx: list[int]) -> None:
+def _gather_rows(x: Rows, idx: list[int]) -> None:
     """``x[i] = x[idx[i]]`` for every i of the permutation ``idx``, in place, following its
     cycles with one spare row."""
     done = [False] * len(idx)
@@ -156,7 +154,7 @@ def decide(
 def decide_rows(
     round_no: int,
     clients: list[str],
-    x: np.ndarray,
+    x: Rows,
     *,
     f: int,
     reputation: Reputation,

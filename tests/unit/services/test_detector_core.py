@@ -107,6 +107,10 @@ def test_an_update_of_another_layout_is_refused() -> None:
         rows.add(("c1", b""), {"w": np.zeros(4, np.float32)})
     with pytest.raises(ValueError, match="c2"):
         rows.add(("c2", b""), {"v": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="c3"):  # same size, another shape
+        rows.add(("c3", b""), {"w": np.zeros((3, 1), np.float32)})
+    with pytest.raises(ValueError, match="c4"):  # same shape, another dtype
+        rows.add(("c4", b""), {"w": np.zeros(3, np.float64)})
     assert len(rows) == 1
     with pytest.raises(ValueError):
         RoundRows(0)
