@@ -5,12 +5,12 @@ step are called as functions. It exists for sweeps (dozens of runs, where the se
 per-message costs add up) and as a cross-check of the services path; ``qflare simulate``
 uses the services path unless ``--direct`` is given.
 
-Selection, the verdict and aggregation are the services' own pure functions
-(``qflare.services.aggregator.core.select_participants`` / ``aggregate_round`` and
-``qflare.services.detector.core.decide`` with a default :class:`Reputation`, and the
-accountant's ``AccountantCore`` ledger) with the same
-job id and seed, so a direct run and a services run of one configuration agree round by
-round.
+Selection, the verdict and aggregation are the services' own pure functions, called with
+the same job id and seed, so a direct run and a services run of one configuration agree
+round by round: the aggregator core's ``select_participants`` and ``aggregate_round``
+(whose step is ``qflare.privacy.dp_fedavg``: with DP off the kept updates' mean divides by
+the number kept, with DP on by the expected ``q*N``), the detector core's ``decide`` with
+a default :class:`Reputation`, and the accountant's ``AccountantCore`` ledger.
 """
 
 from __future__ import annotations
@@ -20,11 +20,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qflare.privacy import BudgetPolicy
+from qflare.privacy import AdaptiveClipping, BudgetPolicy
 from qflare.privacy.policy import privacy_charge
 from qflare.robust import Reputation
 from qflare.services.accountant.core import AccountantCore
-from qflare.services.aggregator.core import aggregate_round, cap_removals, select_participants
+from qflare.services.aggregator.core import (
+    aggregate_round,
+    cap_removals,
+    expected_participants,
+    select_participants,
+)
 from qflare.services.detector.core import decide
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
@@ -34,8 +39,14 @@ RoundCallback = Callable[[RoundRecord], None]
 
 
 def run_direct(
-    config: SimConfig, federation: Federation | None = None, on_round: RoundCallback | None = None
+    config: SimConfig,
+    federation: Federation | None = None,
+    on_round: RoundCallback | None = None,
+    adaptive: AdaptiveClipping | None = None,
 ) -> RunResult:
+    """Run ``config``'s rounds. With ``adaptive``, the clip norm starts at ``config.clip``
+    and each round's aggregation gives the next round's (docs/privacy.md, "Adaptive
+    clipping"); the accountant is asked about the clip norm of the round it charges."""
     fed = federation if federation is not None else Federation.build(config)
     names = fed.names
     params = {k: v.copy() for k, v in fed.initial.items()}
@@ -61,6 +72,7 @@ def run_direct(
         if accountant is not None
         else None
     )
+    clip = config.clip
     start = time.perf_counter()
     for round_index in range(1, config.rounds + 1):
         epsilon: float | None = None
@@ -68,7 +80,7 @@ def run_direct(
             # As the services do: the accountant decides before the round opens, and a
             # denial ends the job with nothing more released.
             assert charge is not None
-            decision = accountant.decide(SIM_JOB, round_index, charge.q, charge.z, config.clip)
+            decision = accountant.decide(SIM_JOB, round_index, charge.q, charge.z, clip)
             if not decision.granted:
                 ended = "budget_exhausted"
                 notes.append(
@@ -111,11 +123,13 @@ def run_direct(
             kept=kept,
             rule=config.rule_spec,
             f=config.byzantine,
-            clip=config.clip,
+            clip=clip,
             noise_multiplier=config.noise_multiplier,
-            expected_clients=config.sample_rate * config.clients,
+            expected_clients=expected_participants(config.sample_rate, config.clients),
             server_lr=config.server_lr,
+            adaptive=adaptive,
         )
+        clip = result.next_clip
         params = {k: result.model[k].astype(np.float32) for k in names}
         evaluation = fed.evaluate(params, model)
         record = RoundRecord(

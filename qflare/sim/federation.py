@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from qflare.messages.tensors import Layout
 from qflare.sim import robust_glue
 from qflare.sim.config import LABEL_FLIP, NO_ATTACK, SimConfig
 from qflare.sim.data import (
@@ -36,11 +37,9 @@ from qflare.sim.model import (
     TrainConfig,
     build_model,
     evaluate,
-    flatten,
     get_params,
     local_update,
     set_deterministic,
-    unflatten,
 )
 
 
@@ -80,7 +79,7 @@ class Federation:
         parts = cls.split(config, data)
         byzantine = choose_byzantine(ids, config.byzantine, config.seed)
         shards: dict[str, ArrayDataset] = {}
-        for cid, idx in zip(ids, parts):
+        for cid, idx in zip(ids, parts, strict=True):
             shard = data.train.subset(idx)
             if config.attack == LABEL_FLIP and cid in byzantine:
                 flip = robust_glue.label_flipper(shard.num_classes)
@@ -104,7 +103,13 @@ class Federation:
 
     @property
     def names(self) -> list[str]:
+        """Parameter names in the model's ``state_dict`` order."""
         return list(self.initial)
+
+    @property
+    def layout(self) -> Layout:
+        """How an update maps to one flat vector: sorted names, as in the services' rows."""
+        return Layout.of(self.initial)
 
     @property
     def train_config(self) -> TrainConfig:
@@ -142,8 +147,10 @@ class Federation:
         if not honest:
             # Nothing to observe: the attacks are defined relative to honest updates.
             return {}
-        names = self.names
-        honest_matrix = np.stack([flatten(trained[c], names) for c in honest])
+        layout = self.layout
+        honest_matrix = np.empty((len(honest), layout.size), np.float32)
+        for row, c in enumerate(honest):
+            layout.flatten(trained[c], out=honest_matrix[row])
         poisoned = robust_glue.coalition_updates(
             self.config.attack,
             honest_matrix,
@@ -152,11 +159,7 @@ class Federation:
             seed=(self.config.seed, round_index),
             options=self.config.attack_options,
         )
-        template = trained[attackers[0]]
-        return {
-            cid: unflatten(np.asarray(poisoned[row], dtype=np.float32), template)
-            for row, cid in enumerate(attackers)
-        }
+        return {cid: layout.unflatten(poisoned[row]) for row, cid in enumerate(attackers)}
 
     def round_updates(
         self, round_index: int, global_params: Mapping[str, np.ndarray], participants: Sequence[str]

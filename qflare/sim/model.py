@@ -1,8 +1,9 @@
 """Small torch models, deterministic local training and evaluation for simulations.
 
 Parameters travel as ``dict[str, numpy.ndarray]`` (float32, the model's ``state_dict``
-order), the shape the wire format and safetensors files use; robust rules see the same
-numbers as one flat vector (:func:`flatten` / :func:`unflatten`).
+order), the shape the wire format and safetensors files use; robust rules and attacks see
+the same numbers as one flat vector in sorted-name order, through the services' own
+:class:`qflare.messages.tensors.Layout`.
 
 Determinism: every client's local training draws its batch order from a generator seeded
 by ``(seed, round, client)`` and torch runs on one thread, so two runs with the same seed
@@ -46,7 +47,7 @@ def build_model(name: str, sample_shape: tuple[int, ...], num_classes: int, seed
         )
     if name == "cnn":
         if len(sample_shape) == 1:
-            side = int(round(in_features**0.5))
+            side = round(in_features**0.5)
             if side * side != in_features:
                 raise ValueError(f"cnn needs square images; got {in_features} features")
             channels, height, width = 1, side, side
@@ -83,22 +84,6 @@ def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     model.load_state_dict(
         {k: torch.from_numpy(np.array(params[k], dtype=np.float32)) for k in state}
     )
-
-
-def flatten(params: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
-    return np.concatenate([np.asarray(params[k], dtype=np.float32).ravel() for k in names])
-
-
-def unflatten(vector: np.ndarray, template: Mapping[str, np.ndarray]) -> Params:
-    out: Params = {}
-    offset = 0
-    for name, ref in template.items():
-        size = int(ref.size)
-        out[name] = vector[offset : offset + size].reshape(ref.shape).astype(np.float32)
-        offset += size
-    if offset != vector.size:
-        raise ValueError(f"vector has {vector.size} values, template needs {offset}")
-    return out
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qflare.messages.tensors import Layout
 from qflare.sim.data import load_digits
 from qflare.sim.model import (
     TrainConfig,
     build_model,
     evaluate,
-    flatten,
     get_params,
     local_update,
     set_deterministic,
-    unflatten,
 )
 
 
@@ -32,10 +31,10 @@ def test_local_update_is_deterministic_per_seed_round_client(digits) -> None:
     a = local_update(model, start, shard, cfg, seed=0, round_index=1, client_index=2)
     b = local_update(build_model("mlp", (64,), 10, seed=0), start, shard, cfg, 0, 1, 2)
     c = local_update(model, start, shard, cfg, seed=0, round_index=2, client_index=2)
-    names = list(start)
-    np.testing.assert_array_equal(flatten(a, names), flatten(b, names))
-    assert not np.array_equal(flatten(a, names), flatten(c, names))
-    assert np.linalg.norm(flatten(a, names)) > 0
+    flat = Layout.of(start).flatten
+    np.testing.assert_array_equal(flat(a), flat(b))
+    assert not np.array_equal(flat(a), flat(c))
+    assert np.linalg.norm(flat(a)) > 0
 
 
 def test_training_improves_accuracy_and_eval_is_sane(digits) -> None:
@@ -54,11 +53,12 @@ def test_training_improves_accuracy_and_eval_is_sane(digits) -> None:
 def test_cnn_on_images_and_flat_round_trip(digits) -> None:
     model = build_model("cnn", (64,), 10, seed=0)
     params = get_params(model)
-    names = list(params)
+    layout = Layout.of(params)
     assert all(v.dtype == np.float32 for v in params.values())
-    back = unflatten(flatten(params, names), params)
-    for k in names:
+    back = layout.unflatten(layout.flatten(params))
+    for k in params:
         np.testing.assert_array_equal(back[k], params[k])
+        assert back[k].shape == params[k].shape and back[k].dtype == np.float32
     assert 0.0 <= evaluate(model, params, digits.test).accuracy <= 1.0
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet", (64,), 10, seed=0)
