@@ -6,6 +6,8 @@ turns stored rows into the same events. Importing this package does not import T
 :mod:`qflare.tui.app` does.
 """
 
+from typing import Any
+
 from qflare.messages import Severity
 from qflare.tui.events import Link
 from qflare.tui.state import AlertFilter, ConsoleState, parse_filter
@@ -20,7 +22,7 @@ __all__ = [
 ]
 
 
-async def run_console_in_process(*args, **kwargs):  # type: ignore[no-untyped-def]
+async def run_console_in_process(*args: Any, **kwargs: Any) -> Any:
     """See :func:`qflare.tui.console.run_console_in_process` (imported lazily: Textual)."""
     from qflare.tui.console import run_console_in_process as run
 

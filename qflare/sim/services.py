@@ -446,7 +446,7 @@ async def _delete_topology(bus: Bus) -> None:
 async def _watch_in_tui(
     bus: Bus, trust: Any, spec: JobSpec, settings: Any, job: asyncio.Future[Any]
 ) -> None:
-    from qflare.tui.console import run_console_in_process
+    from qflare.tui import run_console_in_process
     from qflare.tui.events import JobDeclared
 
     # The console closes by itself when the job ends (or earlier on `q`); the summary
