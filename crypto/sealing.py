@@ -14,10 +14,19 @@ The caller passes the envelope header as AES-GCM associated data, so a sealed bo
 into another envelope does not open.
 
 Sealed blob: ``ct_mlkem (1088 B) || ct_x25519 (32 B) || AES-GCM ciphertext+tag``.
+
+A body read by several services is encrypted once (:func:`seal_for`): a fresh AES-256-GCM
+content key encrypts it, and that key is sealed as above to each reader's hybrid key.
+Sealed-for blob: ``n (1 B) || n x (key id (8 B) || sealed content key) || nonce (12 B) ||
+AES-GCM ciphertext+tag``; the same associated data binds every part, so neither a wrapped
+key nor the ciphertext can be moved to another envelope.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -36,6 +45,17 @@ X25519_SIZE = 32
 PUBLIC_KEY_SIZE = MLKEM_PUBLIC_SIZE + X25519_SIZE
 OVERHEAD = MLKEM_CIPHERTEXT_SIZE + X25519_SIZE + 16
 SEAL_LABEL = b"qflare/v1/seal"
+KEY_ID_SIZE = 8
+CONTENT_KEY_SIZE = 32
+NONCE_SIZE = 12
+#: Bytes each reader adds to a sealed-for body: its key id and its sealed content key.
+WRAP_SIZE = KEY_ID_SIZE + OVERHEAD + CONTENT_KEY_SIZE
+MAX_READERS = 16
+
+
+def key_id(kem_public_key: bytes) -> bytes:
+    """Short identifier of a hybrid KEM public key, carried in sealed-for bodies."""
+    return hashlib.sha256(kem_public_key).digest()[:KEY_ID_SIZE]
 
 
 def _derive(
@@ -114,8 +134,7 @@ def open_sealed(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> byte
     """Inverse of :func:`seal`."""
     view = memoryview(sealed)
     if len(view) < OVERHEAD:
-        raise TrustRejected("UNSEAL_FAILED", f"sealed body of {len(view)} bytes is too short"
-        )
+        raise TrustRejected("UNSEAL_FAILED", f"sealed body of {len(view)} bytes is too short")
     ct_m = bytes(view[:MLKEM_CIPHERTEXT_SIZE])
     ct_x = bytes(view[MLKEM_CIPHERTEXT_SIZE : MLKEM_CIPHERTEXT_SIZE + X25519_SIZE])
     public = private_key.public_key
@@ -127,6 +146,49 @@ def open_sealed(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> byte
         )
         return AESGCM(key).decrypt(nonce, view[MLKEM_CIPHERTEXT_SIZE + X25519_SIZE :], bytes(aad))
     except (InvalidTag, ValueError) as exc:
-        raise TrustRejected("UNSEAL_FAILED",
+        raise TrustRejected(
+            "UNSEAL_FAILED",
             f"sealed body does not open with this key and header ({type(exc).__name__})",
+        ) from None
+
+
+def seal_for(recipients: Sequence[bytes], plaintext: Buffer, aad: Buffer) -> bytes:
+    """Encrypt ``plaintext`` once for several holders of hybrid keys (module docstring)."""
+    if not 1 <= len(recipients) <= MAX_READERS:
+        raise ValueError(f"a body is sealed for 1..{MAX_READERS} readers, got {len(recipients)}")
+    ids = [key_id(pk) for pk in recipients]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a body is sealed for the same key twice")
+    content_key = AESGCM.generate_key(bit_length=8 * CONTENT_KEY_SIZE)
+    nonce = os.urandom(NONCE_SIZE)
+    parts = [bytes([len(recipients)])]
+    for pk, kid in zip(recipients, ids, strict=True):
+        parts += [kid, seal(pk, content_key, aad)]
+    parts += [nonce, AESGCM(content_key).encrypt(nonce, plaintext, bytes(aad))]
+    return b"".join(parts)
+
+
+def open_for(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> bytes:
+    """Inverse of :func:`seal_for` for one of its readers; any failure (not a reader,
+    tampered, truncated) is TrustRejected(UNSEAL_FAILED)."""
+    view = memoryview(sealed)
+    n = view[0] if len(view) else 0
+    start = 1 + n * WRAP_SIZE
+    if not 1 <= n <= MAX_READERS or len(view) < start + NONCE_SIZE + 16:
+        raise TrustRejected("UNSEAL_FAILED", f"sealed body of {len(view)} bytes is malformed")
+    mine = key_id(private_key.public_key)
+    for i in range(n):
+        entry = view[1 + i * WRAP_SIZE : 1 + (i + 1) * WRAP_SIZE]
+        if bytes(entry[:KEY_ID_SIZE]) == mine:
+            content_key = open_sealed(private_key, entry[KEY_ID_SIZE:], aad)
+            break
+    else:
+        raise TrustRejected("UNSEAL_FAILED", "body is not sealed for this key")
+    nonce = bytes(view[start : start + NONCE_SIZE])
+    try:
+        return AESGCM(content_key).decrypt(nonce, view[start + NONCE_SIZE :], bytes(aad))
+    except (InvalidTag, ValueError) as exc:
+        raise TrustRejected(
+            "UNSEAL_FAILED",
+            f"sealed body does not open with its content key ({type(exc).__name__})",
         ) from None

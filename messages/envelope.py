@@ -24,7 +24,7 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Generic, TypeVar, cast
@@ -34,7 +34,7 @@ import msgpack
 from qflare.crypto.errors import TrustRejected
 from qflare.crypto.keystore import Identity
 from qflare.crypto.pki import Certificate, TrustStore, canonical
-from qflare.crypto.sealing import KemPrivateKey, open_sealed, seal
+from qflare.crypto.sealing import KemPrivateKey, open_for, seal_for
 from qflare.crypto.signing import SIGNATURE_SIZE, context_for, verify
 from qflare.messages.bodies import BODY_TYPES, Body, body_from_wire, body_to_wire, make_body
 from qflare.messages.codec import (
@@ -51,7 +51,6 @@ from qflare.messages.limits import DEFAULT_LIMITS, OFF_LOOP_BYTES, Limits
 VERSION = 1
 NONCE_SIZE = 16
 DIGEST_SIZE = 32
-KEY_ID_SIZE = 8
 _HEADER_TYPES: dict[str, type] = {
     "v": int,
     "kind": str,
@@ -65,9 +64,20 @@ FIELDS = frozenset(_HEADER_TYPES) | frozenset(_BIN_FIELDS)
 _MAX_HEADER_STR = 256
 
 
-def key_id(kem_public_key: bytes) -> bytes:
-    """Short identifier of a hybrid KEM public key, carried in sealed bodies."""
-    return hashlib.sha256(kem_public_key).digest()[:KEY_ID_SIZE]
+#: What a body is sealed for: a certificate (its KEM key) or a raw hybrid key, or several.
+SealTo = Certificate | bytes | Sequence[Certificate | bytes]
+
+
+def _recipients(seal_to: SealTo) -> list[bytes]:
+    """The hybrid public keys a body is sealed for: one certificate or raw key, or several."""
+    items = [seal_to] if isinstance(seal_to, Certificate | bytes) else list(seal_to)
+    keys = []
+    for item in items:
+        key = item.kem_public_key if isinstance(item, Certificate) else item
+        if key is None:
+            raise ValueError(f"the certificate of {item.id!r} carries no KEM public key")
+        keys.append(key)
+    return keys
 
 
 B = TypeVar("B", bound=Body, covariant=True)
@@ -118,7 +128,7 @@ def encode_parts(
     *,
     job: str,
     round: int,
-    seal_to: Certificate | bytes | None = None,
+    seal_to: SealTo | None = None,
     ts: int | None = None,
     nonce: bytes | None = None,
 ) -> list[Part]:
@@ -144,10 +154,7 @@ def encode_parts(
     )
     parts = pack_parts(body_to_wire(model))
     if seal_to is not None:
-        recipient = seal_to.kem_public_key if isinstance(seal_to, Certificate) else seal_to
-        if recipient is None:
-            raise ValueError("the recipient certificate carries no KEM public key")
-        payload = key_id(recipient) + seal(recipient, b"".join(parts), _seal_aad(header))
+        payload = seal_for(_recipients(seal_to), b"".join(parts), _seal_aad(header))
         parts = [ext_header(len(payload), SEALED_EXT), payload]
     digest = hashlib.sha256()
     size = 0
@@ -181,12 +188,13 @@ def encode(
     *,
     job: str,
     round: int,
-    seal_to: Certificate | bytes | None = None,
+    seal_to: SealTo | None = None,
     ts: int | None = None,
     nonce: bytes | None = None,
 ) -> bytes:
     """Sign and encode one message. ``body`` is the kind's model or a dict for it;
-    ``seal_to`` (a certificate with a KEM key, or the raw hybrid key) encrypts the body.
+    ``seal_to`` (a certificate with a KEM key or a raw hybrid key, or several of them)
+    encrypts the body once, readable by each of them.
     Configuration mistakes (unknown kind, role not allowed, bad body) raise ValueError."""
     return b"".join(
         encode_parts(
@@ -390,13 +398,11 @@ def _unseal(body: memoryview, kem_key: KemPrivateKey | None, aad: bytes) -> memo
             )
     except struct.error:
         raise MessageRejected(Reason.MALFORMED, "truncated sealed body") from None
-    if ext != SEALED_EXT or start + n != len(body) or n < KEY_ID_SIZE:
+    if ext != SEALED_EXT or start + n != len(body):
         raise MessageRejected(Reason.MALFORMED, "sealed body framing")
     if kem_key is None:
         raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed but no KEM key was given")
-    if body[start : start + KEY_ID_SIZE] != key_id(kem_key.public_key):
-        raise MessageRejected(Reason.UNSEAL_FAILED, "body is sealed to another recipient")
     try:
-        return memoryview(open_sealed(kem_key, body[start + KEY_ID_SIZE :], aad))
+        return memoryview(open_for(kem_key, body[start:], aad))
     except TrustRejected as exc:
         raise MessageRejected.of(exc) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qflare.crypto import KemPrivateKey, TrustRejected, open_sealed, seal
-from qflare.crypto.sealing import MLKEM_CIPHERTEXT_SIZE, OVERHEAD, X25519_SIZE
+from qflare.crypto.sealing import MLKEM_CIPHERTEXT_SIZE, OVERHEAD, X25519_SIZE, open_for, seal_for
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,54 @@ def test_pem_round_trip_with_passphrase(key: KemPrivateKey) -> None:
     assert again.public_key == key.public_key
     with pytest.raises((ValueError, TypeError)):
         KemPrivateKey.from_pem(pem, b"wrong")
+
+
+# -- one encryption, several readers (seal_for / open_for) ------------------------------------
+def test_sealed_for_several_readers_opens_for_each_and_no_one_else() -> None:
+    readers = [KemPrivateKey.generate() for _ in range(3)]
+    outsider = KemPrivateKey.generate()
+    blob = seal_for([r.public_key for r in readers], b"update bytes", b"header")
+    for r in readers:
+        assert open_for(r, blob, b"header") == b"update bytes"
+    with pytest.raises(TrustRejected) as exc:
+        open_for(outsider, blob, b"header")
+    assert exc.value.code == "UNSEAL_FAILED"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda b: b[:-1] + bytes([b[-1] ^ 1]),  # ciphertext / tag
+        lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:],  # the first reader's wrapped key
+        lambda b: b[:-20],  # truncated
+        lambda b: bytes([0]) + b[1:],  # no readers
+        lambda b: bytes([200]) + b[1:],  # more readers than bytes
+        lambda b: b"",
+    ],
+    ids=["ciphertext", "wrapped-key", "truncated", "zero-readers", "reader-count", "empty"],
+)
+def test_tampered_sealed_for_body_is_refused(tamper) -> None:  # type: ignore[no-untyped-def]
+    reader = KemPrivateKey.generate()
+    blob = seal_for([reader.public_key, KemPrivateKey.generate().public_key], b"x" * 64, b"h")
+    with pytest.raises(TrustRejected) as exc:
+        open_for(reader, tamper(blob), b"h")
+    assert exc.value.code == "UNSEAL_FAILED"
+
+
+def test_sealed_for_binds_the_associated_data() -> None:
+    reader = KemPrivateKey.generate()
+    blob = seal_for([reader.public_key], b"body", b"header of envelope A")
+    with pytest.raises(TrustRejected):
+        open_for(reader, blob, b"header of envelope B")
+
+
+def test_sealed_for_refuses_bad_reader_lists() -> None:
+    key = KemPrivateKey.generate().public_key
+    with pytest.raises(ValueError, match=r"1\.\.16 readers"):
+        seal_for([], b"x", b"")
+    with pytest.raises(ValueError, match=r"1\.\.16 readers"):
+        seal_for([KemPrivateKey.generate().public_key for _ in range(17)], b"x", b"")
+    with pytest.raises(ValueError, match="twice"):
+        seal_for([key, key], b"x", b"")
+    with pytest.raises(ValueError, match="1216 bytes"):
+        seal_for([b"short"], b"x", b"")
