@@ -181,7 +181,7 @@ async def main() -> int:
         cpu_raw = statistics.median(raw_cpu) / count * 1e6
         cpu_ours = statistics.median(ours_cpu) / count * 1e6
 
-        def rate(t: float) -> str:
+        def rate(t: float, size: int = size, count: int = count) -> str:
             if size < 1024 * 1024:
                 return f"{count / t:8.0f} msg/s"
             return f"{count * size / t / 2**20:8.1f} MiB/s"

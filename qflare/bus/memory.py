@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from qflare.bus import topology
+from qflare.bus import port, topology
 from qflare.bus.port import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Bus,
@@ -34,10 +34,6 @@ from qflare.bus.port import (
     Handler,
     Outcome,
     QueueSpec,
-    StreamNotFound,
-    StreamOffset,
-    StreamReader,
-    StreamSpec,
     Subscription,
     TopologyError,
     check_prefetch,
@@ -144,7 +140,7 @@ class _Stream:
     async def changed(self) -> None:
         await self._changed.wait()
 
-    def position(self, start: StreamOffset) -> int:
+    def position(self, start: port.StreamOffset) -> int:
         """The offset a reader attached at ``start`` looks at first."""
         first = self.log[0].offset if self.log else self.end
         if start == "first":
@@ -307,24 +303,12 @@ class _Consumer(Subscription):
         self.queue.dispatch()
 
 
-class _MemoryStreamReader(StreamReader):
-    def __init__(
-        self,
-        bus: MemoryBus,
-        stream: _Stream,
-        handler: Handler,
-        retry_delay: float,
-        start: StreamOffset,
-    ) -> None:
-        super().__init__(
-            bus.logical(stream.name) or stream.name,
-            handler,
-            retry_delay,
-            start if isinstance(start, int) else None,
-        )
+class _MemoryStreamReader(port.StreamReader):
+    def __init__(self, bus: MemoryBus, stream: _Stream, read: port.StreamRead) -> None:
+        super().__init__(read)
         self.bus = bus
         self.stream = stream
-        self._position = stream.position(start)
+        self._position = stream.position(read.start)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -364,12 +348,8 @@ class MemoryBus(Bus):
         prefix: str = "",
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        self.prefix = prefix
-        self.max_message_size = max_message_size
+        super().__init__(prefix, max_message_size)
         self._broker = _broker_for(broker_name)
-        self._subscriptions: set[Subscription] = set()
-        self._declared: set[str] = set()
-        self._closed = False
         for exchange in topology.EXCHANGES:
             self._broker.exchanges.add(self.name(exchange))
 
@@ -429,7 +409,7 @@ class MemoryBus(Bus):
             queue.bindings.add((self.name(exchange), pattern))
         return queue
 
-    async def declare_stream(self, spec: StreamSpec) -> None:
+    async def declare_stream(self, spec: port.StreamSpec) -> None:
         self._check_open()
         self._check_bindable(spec.name, spec.bindings)
         physical = self.name(spec.name)
@@ -447,15 +427,14 @@ class MemoryBus(Bus):
         for exchange, pattern in spec.bindings:
             stream.bindings.add((self.name(exchange), pattern))
 
-    async def _read_stream(
-        self, name: str, handler: Handler, start: StreamOffset, prefetch: int, retry_delay: float
-    ) -> StreamReader:
-        del prefetch  # the log is in memory: nothing is read ahead
+    async def _read_stream(self, read: port.StreamRead) -> port.StreamReader:
+        # the log is in memory: nothing is read ahead, so read.prefetch has nothing to bound
+        name = read.name
         stream = self._broker.streams.get(self.name(name))
         if stream is None:
             what = "a queue, not a stream" if self.name(name) in self._broker.queues else "missing"
-            raise StreamNotFound(f"stream {name!r} is {what}; declare it with declare_stream")
-        reader = _MemoryStreamReader(self, stream, handler, retry_delay, start)
+            raise port.StreamNotFound(f"stream {name!r} is {what}; declare it with declare_stream")
+        reader = _MemoryStreamReader(self, stream, read)
         self._subscriptions.add(reader)
         return reader
 
@@ -480,10 +459,6 @@ class MemoryBus(Bus):
         self._closed = True
         subs = list(self._subscriptions)
         await asyncio.gather(*(s.cancel(timeout) for s in subs))
-
-    @property
-    def declared_queues(self) -> frozenset[str]:
-        return frozenset(self._declared)
 
     async def delete_all(self, queues: Iterable[str] = ()) -> None:
         self._check_deletable()

@@ -267,6 +267,18 @@ class Subscription(abc.ABC):
     async def cancel(self, timeout: float = 10.0) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class StreamRead:
+    """What ``read_stream`` was asked for, checked: the stream's logical name, the handler,
+    the start offset, the read-ahead bound and the pause between RETRY calls."""
+
+    name: str
+    handler: Handler
+    start: StreamOffset
+    prefetch: int
+    retry_delay: float
+
+
 class StreamReader(Subscription):
     """A running stream reader; ``queue_name`` is the logical stream name.
 
@@ -276,11 +288,11 @@ class StreamReader(Subscription):
     first hand-over; afterwards the last handed offset + 1.
     """
 
-    def __init__(self, name: str, handler: Handler, retry_delay: float, start: int | None) -> None:
-        self.queue_name = name
-        self.handler = handler
-        self.retry_delay = retry_delay
-        self.next_offset = start
+    def __init__(self, read: StreamRead) -> None:
+        self.read = read
+        self.queue_name = read.name
+        self.handler = read.handler
+        self.next_offset = read.start if isinstance(read.start, int) else None
         self._cancelled = False
 
     async def _hand_over(self, delivery: Delivery) -> Outcome | None:
@@ -295,7 +307,7 @@ class StreamReader(Subscription):
             return None
         self.next_offset = offset + 1
         return await hold_until_settled(
-            self.handler, delivery, self.retry_delay, lambda: self._cancelled
+            self.handler, delivery, self.read.retry_delay, lambda: self._cancelled
         )
 
 
@@ -303,9 +315,12 @@ class Bus(abc.ABC):
     """The port. ``prefix`` is prepended to every exchange and queue name (test isolation,
     several federations on one broker)."""
 
-    prefix: str
-    max_message_size: int
-    _closed: bool
+    def __init__(self, prefix: str, max_message_size: int) -> None:
+        self.prefix = prefix
+        self.max_message_size = max_message_size
+        self._closed = False
+        self._subscriptions: set[Subscription] = set()
+        self._declared: set[str] = set()  # logical names of durable queues and streams
 
     async def publish(
         self,
@@ -379,12 +394,10 @@ class Bus(abc.ABC):
             name, retry_delay = stream, DEFAULT_STREAM_RETRY_DELAY
         else:
             raise TypeError(f"stream must be a StreamSpec or a name, got {type(stream).__name__}")
-        return await self._read_stream(name, handler, start, prefetch, retry_delay)
+        return await self._read_stream(StreamRead(name, handler, start, prefetch, retry_delay))
 
     @abc.abstractmethod
-    async def _read_stream(
-        self, name: str, handler: Handler, start: StreamOffset, prefetch: int, retry_delay: float
-    ) -> StreamReader:
+    async def _read_stream(self, read: StreamRead) -> StreamReader:
         """``read_stream`` after the checks every adapter shares."""
 
     @abc.abstractmethod
@@ -404,9 +417,10 @@ class Bus(abc.ABC):
         prefix). Refuses an empty prefix. For tests and teardown."""
 
     @property
-    @abc.abstractmethod
     def declared_queues(self) -> frozenset[str]:
-        """Logical names of the queues this bus declared."""
+        """Logical names of the durable queues and the streams this bus declared (and did
+        not delete)."""
+        return frozenset(self._declared)
 
     async def __aenter__(self) -> Bus:
         return self
@@ -456,6 +470,7 @@ class Bus(abc.ABC):
         reason, death_queue = death_info(headers)
         return Delivery(
             body=body,
+            offset=offset,
             routing_key=routing_key,
             exchange=self.logical(physical_exchange) or "",
             headers=headers,
@@ -463,7 +478,6 @@ class Bus(abc.ABC):
             delivery_count=delivery_count,
             death_reason=reason,
             death_queue=self.logical(death_queue),
-            offset=offset,
         )
 
 

@@ -25,7 +25,7 @@ old connection's death yet, the restore fails with RESOURCE_LOCKED and aio-pika 
 reconnect). Classic queues have no ``x-delivery-limit``, so the subscription runs RETRY
 itself, on the same message, up to the limit, then rejects it.
 
-Streams (:class:`StreamSpec`) are stream queues (``x-queue-type: stream``) with ``x-max-age``,
+Streams (``StreamSpec``) are stream queues (``x-queue-type: stream``) with ``x-max-age``,
 ``x-max-length-bytes`` and a segment size of a quarter of ``max_bytes`` (at most RabbitMQ's
 500 MB default), since the broker drops whole segments only, and only when a new one starts.
 They are declared through one robust channel of the bus, so a reconnect declares them and
@@ -76,7 +76,7 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
-from qflare.bus import topology
+from qflare.bus import port, topology
 from qflare.bus.port import (
     DEFAULT_MAX_MESSAGE_SIZE,
     AccessRefused,
@@ -87,10 +87,6 @@ from qflare.bus.port import (
     Outcome,
     PublishFailed,
     QueueSpec,
-    StreamNotFound,
-    StreamOffset,
-    StreamReader,
-    StreamSpec,
     Subscription,
     TopologyError,
     check_prefetch,
@@ -164,7 +160,7 @@ def queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
     return args
 
 
-def stream_arguments(spec: StreamSpec) -> dict[str, Any]:
+def stream_arguments(spec: port.StreamSpec) -> dict[str, Any]:
     """The ``x-`` arguments of a stream: part of the topology contract, as for queues."""
     return {
         "x-queue-type": "stream",
@@ -209,24 +205,19 @@ async def _close_quietly(channel: AbstractRobustChannel, what: str) -> None:
         log.debug("closing the channel of %s failed: %r", what, exc)
 
 
+@dataclasses.dataclass(eq=False)  # subscriptions live in sets: hash by identity
 class _RabbitSubscription(Subscription):
-    def __init__(
-        self,
-        bus: RabbitBus,
-        spec: QueueSpec,
-        handler: Handler,
-        channel: AbstractRobustChannel,
-        queue: AbstractQueue,
-    ) -> None:
-        self.bus = bus
-        self.spec = spec
-        self.handler = handler
-        self.channel = channel
-        self.queue = queue
-        self.queue_name = bus.logical(queue.name) or queue.name
-        self.consumer_tag: str | None = None
-        self.in_flight: set[asyncio.Task[Any]] = set()
-        self._cancelled = False
+    bus: RabbitBus
+    spec: QueueSpec
+    handler: Handler
+    channel: AbstractRobustChannel
+    queue: AbstractQueue
+    consumer_tag: str | None = None
+    in_flight: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+    _cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.queue_name = self.bus.logical(self.queue.name) or self.queue.name
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -291,20 +282,16 @@ class _RabbitSubscription(Subscription):
         await _close_quietly(self.channel, self.spec.name)
 
 
-class _RabbitStreamReader(StreamReader):
+class _RabbitStreamReader(port.StreamReader):
     def __init__(
         self,
         bus: RabbitBus,
-        name: str,
-        handler: Handler,
-        retry_delay: float,
-        start: StreamOffset,
+        read: port.StreamRead,
         channel: AbstractRobustChannel,
         queue: AbstractRobustQueue,
     ) -> None:
-        super().__init__(name, handler, retry_delay, start if isinstance(start, int) else None)
+        super().__init__(read)
         self.bus = bus
-        self.start = start
         self.channel = channel
         self.queue = queue
         self.consumer_tag: str | None = None
@@ -329,9 +316,9 @@ class _RabbitStreamReader(StreamReader):
         """Start consuming at the offset asked for; for "last", wait for the last chunk
         and keep only its newest message."""
         async with self._lock:
-            self._settling = self.start == "last"
+            self._settling = self.read.start == "last"
             try:
-                await self._consume(self.start)
+                await self._consume(self.read.start)
                 if self._settling:
                     await self._settle_last()
             finally:
@@ -354,7 +341,7 @@ class _RabbitStreamReader(StreamReader):
             self._buffer.put_nowait((self._generation, self._latest))
             self._latest = None
 
-    async def _consume(self, offset: StreamOffset) -> None:
+    async def _consume(self, offset: port.StreamOffset) -> None:
         self._generation += 1
         underlay = await self.channel.get_underlay_channel()
         self.consumer_tag = await self.queue.consume(
@@ -406,13 +393,13 @@ class _RabbitStreamReader(StreamReader):
                 await self._hand_over(delivery)
             await _ack(message)
 
-    def _resume_at(self) -> StreamOffset:
+    def _resume_at(self) -> port.StreamOffset:
         if self.next_offset is not None:
             return self.next_offset
-        if self.start in ("next", "last"):
+        if self.read.start in ("next", "last"):
             # Nothing handed yet: all that was written since the attach is new to it.
             return _dt.datetime.fromtimestamp(math.floor(self._attached_at), _dt.UTC)
-        return self.start
+        return self.read.start
 
     def _on_reopen(self, *_: object) -> None:
         self._spawn(self._reattach())
@@ -483,18 +470,14 @@ class RabbitBus(Bus):
         publish_timeout: float,
         connection_name: str,
     ) -> None:
-        self.prefix = prefix
-        self.max_message_size = max_message_size
+        super().__init__(prefix, max_message_size)
         self.publish_timeout = publish_timeout
         self.connection_name = connection_name
         self.passive = False
         self._connection = connection
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
-        self._declared_queues: set[str] = set()
-        self._subscriptions: set[Subscription] = set()
         self._streams_channel: AbstractRobustChannel | None = None
-        self._closed = False
 
     @classmethod
     async def connect(
@@ -599,11 +582,10 @@ class RabbitBus(Bus):
                     mandatory=True,
                     timeout=max(0.5, deadline - time.monotonic()),
                 )
-            except aio_pika.exceptions.DeliveryError as exc:
-                raise PublishFailed(
-                    f"broker refused the message to {exchange}/{routing_key}: {exc!r}"
-                ) from exc
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            except (
+                aio_pika.exceptions.DeliveryError,
+                aiormq.exceptions.ChannelPreconditionFailed,
+            ) as exc:
                 raise PublishFailed(
                     f"broker refused the message to {exchange}/{routing_key}: {exc!r}"
                 ) from exc
@@ -665,7 +647,7 @@ class RabbitBus(Bus):
             if not spec.transient:
                 # transient queues clean up after themselves; delete_all must not touch
                 # another connection's exclusive queue (RESOURCE_LOCKED)
-                self._declared_queues.add(logical)
+                self._declared.add(logical)
             for exchange, pattern in spec.bindings:
                 await queue.bind(self.name(exchange), pattern)
             sub = _RabbitSubscription(self, spec, handler, channel, queue)
@@ -689,7 +671,7 @@ class RabbitBus(Bus):
             self._streams_channel = await self._connection.channel(publisher_confirms=False)
         return self._streams_channel
 
-    async def declare_stream(self, spec: StreamSpec) -> None:
+    async def declare_stream(self, spec: port.StreamSpec) -> None:
         self._check_open()
         self._check_bindable(spec.name, spec.bindings)
         arguments = stream_arguments(spec)
@@ -709,7 +691,7 @@ class RabbitBus(Bus):
             queue = await channel.declare_queue(
                 physical, durable=True, arguments=arguments, passive=self.passive
             )
-            self._declared_queues.add(spec.name)
+            self._declared.add(spec.name)
             for exchange, pattern in spec.bindings:
                 await queue.bind(self.name(exchange), pattern)
 
@@ -722,29 +704,28 @@ class RabbitBus(Bus):
                 f"this broker user may not declare, bind, read or delete {logical!r}: {exc}"
             ) from exc
 
-    async def _read_stream(
-        self, name: str, handler: Handler, start: StreamOffset, prefetch: int, retry_delay: float
-    ) -> StreamReader:
+    async def _read_stream(self, read: port.StreamRead) -> port.StreamReader:
+        name = read.name
         channel = await self._connection.channel(publisher_confirms=False)
         try:
             with self._access(name):
-                await channel.set_qos(prefetch_count=prefetch)
+                await channel.set_qos(prefetch_count=read.prefetch)
                 try:
                     queue = await channel.declare_queue(self.name(name), passive=True, robust=False)
                 except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                    raise StreamNotFound(
+                    raise port.StreamNotFound(
                         f"stream {name!r} does not exist; declare it with declare_stream: {exc}"
                     ) from exc
         except BaseException:
             await _close_quietly(channel, name)
             raise
-        reader = _RabbitStreamReader(self, name, handler, retry_delay, start, channel, queue)
+        reader = _RabbitStreamReader(self, read, channel, queue)
         try:
             with self._access(name):
                 await reader.attach()
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             await reader.cancel(0)
-            raise StreamNotFound(f"{name!r} is a queue, not a stream: {exc}") from exc
+            raise port.StreamNotFound(f"{name!r} is a queue, not a stream: {exc}") from exc
         except BaseException:
             await reader.cancel(0)
             raise
@@ -762,7 +743,7 @@ class RabbitBus(Bus):
         channel = await self._streams()
         with self._access(name):
             await channel.queue_delete(self.name(name))
-        self._declared_queues.discard(name)
+        self._declared.discard(name)
 
     async def close(self, timeout: float = 5.0) -> None:
         if self._closed:
@@ -776,10 +757,6 @@ class RabbitBus(Bus):
         except Exception as exc:
             log.debug("closing the connection failed: %r", exc)
 
-    @property
-    def declared_queues(self) -> frozenset[str]:
-        return frozenset(self._declared_queues)
-
     async def delete_all(self, queues: Iterable[str] = ()) -> None:
         # AMQP cannot list queues by prefix, so the bus deletes what it knows of.
         self._check_deletable()
@@ -789,7 +766,7 @@ class RabbitBus(Bus):
         )
         channel = await self._connection.channel()
         try:
-            for logical in sorted(self._declared_queues | set(queues)):
+            for logical in sorted(self._declared | set(queues)):
                 await channel.queue_delete(self.name(logical))
             for logical in topology.EXCHANGES:
                 await channel.exchange_delete(self.name(logical))

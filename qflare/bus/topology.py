@@ -1,12 +1,22 @@
-"""QFLARE's exchanges and the dead-letter queue helper (DESIGN §1, §5).
+"""QFLARE's exchanges, each job's streams and the dead-letter queue helper
+(docs/architecture.md, "Processes" and "The data plane").
 
 All exchanges are durable topic exchanges; adapters prefix every name with the bus prefix.
 Routing keys are dotted words; alerts use ``<severity>.<kind>.<job>``.
+
+Bulk bytes travel in three streams per job, written once and read by every service (and
+participant) that needs them, each from its own offset:
+
+* ``updates.<job>``: every client update (``update.<job>`` on ``qflare.client``);
+* ``models.<job>``: every model version, with its tensors (``<job>.model.published`` on
+  ``qflare.broadcast``);
+* ``broadcast.<job>``: the small announcements participants follow (``<job>.round.opened``,
+  ``<job>.job.ended`` on ``qflare.broadcast``).
 """
 
 from __future__ import annotations
 
-from qflare.bus.port import QueueSpec
+from qflare.bus.port import QueueSpec, StreamSpec
 
 CLIENT = "qflare.client"
 EVENTS = "qflare.events"
@@ -20,6 +30,55 @@ EXCHANGES: tuple[str, ...] = (CLIENT, EVENTS, BROADCAST, ALERTS, DEAD)
 #: Reasons a message reaches ``qflare.dead`` (the ``x-death`` reasons RabbitMQ uses).
 DEATH_REJECTED = "rejected"
 DEATH_DELIVERY_LIMIT = "delivery_limit"
+
+
+#: Retention of a job's streams (the aggregator deletes them when the job ends).
+UPDATE_RETENTION_S = 24 * 3600
+MODEL_RETENTION_S = 7 * 24 * 3600
+STREAM_MAX_BYTES = 8 * 2**30
+BROADCAST_MAX_BYTES = 64 * 2**20
+#: A stream reader waiting for something (an ingest verdict) is called again this soon.
+STREAM_RETRY_DELAY = 0.05
+
+
+def update_stream(job: str) -> StreamSpec:
+    """The job's update stream: each client update written once, read by ingest (which
+    checks it), the detector and the aggregator (which use it once ingest accepted it)."""
+    return StreamSpec(
+        f"updates.{job}",
+        bindings=((CLIENT, f"update.{job}"),),
+        max_age_s=UPDATE_RETENTION_S,
+        max_bytes=STREAM_MAX_BYTES,
+        retry_delay=STREAM_RETRY_DELAY,
+    )
+
+
+def model_stream(job: str) -> StreamSpec:
+    """The job's model stream: each global model version written once, with its tensors;
+    ``round.opened`` names the offset of the version a round trains on."""
+    return StreamSpec(
+        f"models.{job}",
+        bindings=((BROADCAST, f"{job}.model.published"),),
+        max_age_s=MODEL_RETENTION_S,
+        max_bytes=STREAM_MAX_BYTES,
+        retry_delay=STREAM_RETRY_DELAY,
+    )
+
+
+def broadcast_stream(job: str) -> StreamSpec:
+    """The job's announcements to participants (``round.opened``, ``job.ended``): a
+    participant that starts late reads the newest one and joins the open round."""
+    return StreamSpec(
+        f"broadcast.{job}",
+        bindings=((BROADCAST, f"{job}.round.opened"), (BROADCAST, f"{job}.job.ended")),
+        max_age_s=MODEL_RETENTION_S,
+        max_bytes=BROADCAST_MAX_BYTES,
+        retry_delay=STREAM_RETRY_DELAY,
+    )
+
+
+def job_streams(job: str) -> tuple[StreamSpec, ...]:
+    return (update_stream(job), model_stream(job), broadcast_stream(job))
 
 
 def dead_letters(name: str = "dead-letters", pattern: str = "#") -> QueueSpec:

@@ -13,6 +13,7 @@ import shutil
 import socket
 import time
 import uuid
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -38,6 +39,20 @@ needs_ctl = pytest.mark.skipif(
 )
 
 
+def restarts_broker(test):
+    """Stops and starts the shared broker: only with QFLARE_BROKER_RESTART=1."""
+    for mark in (
+        pytest.mark.skipif(
+            os.environ.get("QFLARE_BROKER_RESTART") != "1",
+            reason="restarts the shared broker; opt in with QFLARE_BROKER_RESTART=1",
+        ),
+        pytest.mark.broker_restart,
+        needs_ctl,
+    ):
+        test = mark(test)
+    return test
+
+
 async def _ctl(*args: str, timeout: float = 60.0) -> str:
     proc = await asyncio.create_subprocess_exec(
         "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -45,6 +60,12 @@ async def _ctl(*args: str, timeout: float = 60.0) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode == 0, f"rabbitmqctl {args} failed: {err.decode()}"
     return out.decode()
+
+
+async def _bus_we_can_close(factory, **options) -> tuple[Any, str]:
+    """A bus and the connection name by which ``_close_our_connection`` finds it."""
+    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
+    return await factory(connection_name=name, **options), name
 
 
 async def _close_our_connection(name: str) -> None:
@@ -72,23 +93,26 @@ async def test_queues_are_quorum_with_dead_lettering(rabbit_bus, bus_prefix) -> 
         QueueSpec("args", bindings=((topology.EVENTS, "#"),), single_active=True, delivery_limit=4),
         Sequence(),
     )
-    # A passive re-declaration with other arguments is refused by the broker, so declare
-    # the expected ones on a raw channel: success proves the broker holds exactly these.
+    await _holds_exactly(
+        bus_prefix + "args",
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": 3,
+            "x-dead-letter-exchange": bus_prefix + topology.DEAD,
+            "x-single-active-consumer": True,
+        },
+    )
+
+
+async def _holds_exactly(physical: str, arguments: dict) -> None:
+    """A re-declaration with other arguments is refused by the broker, so declaring the
+    expected ones on a raw channel succeeds only if the broker holds exactly these."""
     connection = await aio_pika.connect(
         os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
     )
     async with connection:
         channel = await connection.channel()
-        await channel.declare_queue(
-            bus_prefix + "args",
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": 3,
-                "x-dead-letter-exchange": bus_prefix + topology.DEAD,
-                "x-single-active-consumer": True,
-            },
-        )
+        await channel.declare_queue(physical, durable=True, arguments=arguments)
 
 
 async def test_first_connect_retries_then_fails_with_typed_error() -> None:
@@ -107,10 +131,9 @@ async def test_first_connect_retries_then_fails_with_typed_error() -> None:
 @needs_ctl
 @pytest.mark.slow
 async def test_server_closed_connection_mid_stream_loses_nothing(
-    amqp_url, bus_prefix, rabbit_bus_factory, wait_for
+    rabbit_bus_factory, wait_for
 ) -> None:
-    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
-    bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=0.5)
+    bus, name = await _bus_we_can_close(rabbit_bus_factory, reconnect_interval=0.5)
     reconnected = asyncio.Event()
     bus.connection.reconnect_callbacks.add(lambda *_: reconnected.set())
     rec = Sequence()
@@ -142,9 +165,8 @@ async def test_server_closed_connection_mid_stream_loses_nothing(
 
 @needs_ctl
 async def test_publish_during_a_long_outage_raises_typed_error(rabbit_bus_factory) -> None:
-    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
-    bus = await rabbit_bus_factory(
-        connection_name=name, reconnect_interval=30.0, publish_timeout=1.0
+    bus, name = await _bus_we_can_close(
+        rabbit_bus_factory, reconnect_interval=30.0, publish_timeout=1.0
     )
     await _close_our_connection(name)
     started = time.monotonic()
@@ -180,8 +202,7 @@ async def test_negative_confirm_raises_publish_failed(rabbit_bus, amqp_url, bus_
 async def test_topology_is_declared_again_after_reconnect(
     amqp_url, bus_prefix, rabbit_bus_factory, wait_for
 ) -> None:
-    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
-    bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=2.0)
+    bus, name = await _bus_we_can_close(rabbit_bus_factory, reconnect_interval=2.0)
     rec = Sequence()
     await bus.consume(QueueSpec("redeclared", bindings=((topology.EVENTS, "e.#"),)), rec)
     await _close_our_connection(name)
@@ -199,12 +220,7 @@ async def test_topology_is_declared_again_after_reconnect(
     await wait_for(lambda: 1 in rec.seen, timeout=10)
 
 
-@needs_ctl
-@pytest.mark.broker_restart
-@pytest.mark.skipif(
-    os.environ.get("QFLARE_BROKER_RESTART") != "1",
-    reason="restarts the shared broker; opt in with QFLARE_BROKER_RESTART=1",
-)
+@restarts_broker
 async def test_broker_restart_consumer_and_publisher_recover(rabbit_bus_factory, wait_for) -> None:
     bus = await rabbit_bus_factory(publish_timeout=60.0)
     rec = Sequence()
@@ -289,8 +305,7 @@ async def test_transient_queue_is_classic_exclusive_and_gone_after_cancel_and_cl
 async def test_transient_queue_is_declared_again_after_a_server_side_close(
     amqp_url, bus_prefix, rabbit_bus_factory, wait_for
 ) -> None:
-    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
-    bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=0.3)
+    bus, name = await _bus_we_can_close(rabbit_bus_factory, reconnect_interval=0.3)
     rec = Sequence()
     sub = await bus.consume(
         QueueSpec("", bindings=((topology.EVENTS, "v.#"),), transient=True), rec
@@ -338,25 +353,20 @@ async def test_passive_declaration_needs_the_topology_to_exist(
 
 
 async def test_streams_are_stream_queues_with_retention_and_segments(
-    rabbit_bus, amqp_url, bus_prefix
+    rabbit_bus, bus_prefix
 ) -> None:
     await rabbit_bus.declare_stream(
         StreamSpec("st", bindings=((topology.CLIENT, "u.#"),), max_age_s=3600, max_bytes=2**20)
     )
-    # As for quorum queues: declaring the expected arguments succeeds only if they are exact.
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        await channel.declare_queue(
-            bus_prefix + "st",
-            durable=True,
-            arguments={
-                "x-queue-type": "stream",
-                "x-max-age": "3600s",
-                "x-max-length-bytes": 2**20,
-                "x-stream-max-segment-size-bytes": 2**18,
-            },
-        )
+    await _holds_exactly(
+        bus_prefix + "st",
+        {
+            "x-queue-type": "stream",
+            "x-max-age": "3600s",
+            "x-max-length-bytes": 2**20,
+            "x-stream-max-segment-size-bytes": 2**18,
+        },
+    )
     big = StreamSpec("big", max_bytes=2**40)
     assert stream_arguments(big)["x-stream-max-segment-size-bytes"] == 500_000_000
 
@@ -368,9 +378,8 @@ async def test_stream_reader_resumes_after_a_server_closed_connection(
 ) -> None:
     """The reader's connection is closed mid-stream; after the reconnect it goes on after
     the last offset it handed over: every message once, in order."""
-    name = f"qflare-test-{uuid.uuid4().hex[:8]}"
     writer = await rabbit_bus_factory()
-    reader_bus = await rabbit_bus_factory(connection_name=name, reconnect_interval=0.5)
+    reader_bus, name = await _bus_we_can_close(rabbit_bus_factory, reconnect_interval=0.5)
     reconnected = asyncio.Event()
     reader_bus.connection.reconnect_callbacks.add(lambda *_: reconnected.set())
     await writer.declare_stream(StreamSpec("resumed", bindings=((topology.CLIENT, "update.#"),)))
@@ -395,12 +404,7 @@ async def test_stream_reader_resumes_after_a_server_closed_connection(
     assert offsets == sorted(set(offsets))
 
 
-@needs_ctl
-@pytest.mark.broker_restart
-@pytest.mark.skipif(
-    os.environ.get("QFLARE_BROKER_RESTART") != "1",
-    reason="restarts the shared broker; opt in with QFLARE_BROKER_RESTART=1",
-)
+@restarts_broker
 async def test_broker_restart_stream_reader_resumes(rabbit_bus_factory, wait_for) -> None:
     bus = await rabbit_bus_factory(publish_timeout=60.0)
     await bus.declare_stream(StreamSpec("restart-log", bindings=((topology.EVENTS, "#"),)))

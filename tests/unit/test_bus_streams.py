@@ -16,6 +16,7 @@ import pytest
 
 from qflare.bus import Delivery, Outcome, connect_bus
 from qflare.bus import rabbitmq as rabbit_adapter
+from qflare.bus.port import StreamRead
 from qflare.bus.rabbitmq import _RabbitStreamReader
 
 
@@ -55,7 +56,8 @@ class Handler:
 
 async def _reader(start: Any, handler: Handler) -> _RabbitStreamReader:
     bus = await connect_bus("memory://unit", prefix="p-")  # only for _delivery's names
-    return _RabbitStreamReader(bus, "log", handler, 0.01, start, FakeChannel(), None)  # type: ignore[arg-type]
+    read = StreamRead("log", handler, start, prefetch=16, retry_delay=0.01)
+    return _RabbitStreamReader(bus, read, FakeChannel(), None)  # type: ignore[arg-type]
 
 
 async def _settle(reader: _RabbitStreamReader, handler: Handler, count: int) -> None:

@@ -1,0 +1,185 @@
+"""One write, several readers: RabbitMQ streams against quorum queues, through QFLARE's bus.
+
+Reproduces the comparison in FACTS.md with the real adapter (``qflare.bus.connect_bus``):
+the same bodies (default 100 x 4 MiB) published with publisher confirms, a window of
+publishes in flight, and every consumer in a process of its own, on the same broker in one
+run. Each trial times from the first publish until the last consumer has handled the last
+message (wall clock, ``time.time()`` in every process). Routes:
+
+* ``quorum x1``   one quorum queue, one consumer: the floor, bytes moved once;
+* ``stream x1``   one stream, one reader from ``"first"``;
+* ``stream x3``   the same stream read by three reader processes;
+* ``fan-out x3``  the broker copies each publish into three quorum queues, one consumer
+  each (what three services that all need every message cost with queues).
+
+Trials of the routes alternate, so drift on a shared machine hits all of them; the ratio
+to the floor of the same repetition is the figure that matters. Every trial uses a prefix
+of its own and deletes its queues, streams and exchanges.
+
+    python benchmarks/streams.py [--url amqp://...] [--count 100] [--size-mib 4]
+                                 [--window 16] [--prefetch 16] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+from qflare.bus import Delivery, Outcome, QueueSpec, StreamSpec, connect_bus, topology
+
+KEY = "bench.stream"
+BINDINGS = ((topology.EVENTS, "bench.#"),)
+#: name: (kind, number of consumer processes); the first is the floor.
+ROUTES: dict[str, tuple[str, int]] = {
+    "quorum x1": ("queue", 1),
+    "stream x1": ("stream", 1),
+    "stream x3": ("stream", 3),
+    "fan-out x3": ("queue", 3),
+}
+#: FACTS.md, measured with raw aio-pika (100 x 4 MB, 16 in flight): time / floor.
+FACTS = {"quorum x1": 1.0, "stream x1": 0.81, "stream x3": 1.36, "fan-out x3": 2.40}
+
+
+class Countdown:
+    """A handler that acks everything and says when it has seen ``count`` messages."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+        self.done = asyncio.Event()
+
+    async def __call__(self, delivery: Delivery) -> Outcome:
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+        return Outcome.ACK
+
+
+async def consumer(url: str, prefix: str, kind: str, name: str, count: int, prefetch: int) -> None:
+    """A consumer process: prints ``ready`` once attached, ``done <time>`` after ``count``."""
+    bus = await connect_bus(url, prefix=prefix)
+    handler = Countdown(count)
+    try:
+        if kind == "queue":
+            await bus.consume(QueueSpec(name, bindings=BINDINGS), handler, prefetch=prefetch)
+        else:
+            await bus.read_stream(name, handler, offset="first", prefetch=prefetch)
+        print("ready", flush=True)
+        await handler.done.wait()
+        print(f"done {time.time():.6f}", flush=True)
+    finally:
+        await bus.close(timeout=1.0)
+
+
+def start_consumer(
+    args: argparse.Namespace, kind: str, prefix: str, name: str
+) -> subprocess.Popen[str]:
+    """This script again, as a consumer process (``--consumer``)."""
+    argv = [sys.executable, __file__, "--url", args.url, "--consumer", kind, prefix, name]
+    argv += [str(args.count), str(args.prefetch)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+async def trial(args: argparse.Namespace, route: str, body: bytes) -> float:
+    kind, readers = ROUTES[route]
+    prefix = f"bench-streams-{uuid.uuid4().hex[:8]}-"
+    bus = await connect_bus(args.url, prefix=prefix)
+    if kind == "stream":
+        # retention well above what one trial writes, so nothing is dropped mid-trial
+        await bus.declare_stream(StreamSpec("log", bindings=BINDINGS, max_bytes=2**32))
+        names = ["log"] * readers
+    else:
+        names = [f"q{i}" for i in range(readers)]
+    children = [start_consumer(args, kind, prefix, name) for name in names]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            line = await asyncio.to_thread(child.stdout.readline)
+            if line.strip() != "ready":
+                raise RuntimeError(f"consumer for {route} did not start: {line!r}")
+        sem = asyncio.Semaphore(args.window)
+
+        async def publish(i: int) -> None:
+            async with sem:
+                await bus.publish(topology.EVENTS, KEY, body, {"i": i})
+
+        t0 = time.time()
+        await asyncio.gather(*(publish(i) for i in range(args.count)))
+        ends = []
+        for child in children:
+            line = await asyncio.wait_for(
+                asyncio.to_thread(child.stdout.readline),  # type: ignore[union-attr]
+                timeout=300,
+            )
+            ends.append(float(line.split()[1]))
+        for child in children:
+            child.wait(30)
+        return max(ends) - t0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        await bus.delete_all(names)
+        await bus.close()
+
+
+async def main(args: argparse.Namespace) -> int:
+    body = os.urandom(args.size_mib * 2**20)
+    mib = args.count * args.size_mib
+    print(
+        f"{args.count} x {args.size_mib} MiB, publisher confirms, {args.window} in flight, "
+        f"prefetch {args.prefetch}, each consumer its own process; {args.reps} alternating reps"
+    )
+    times: dict[str, list[float]] = {route: [] for route in ROUTES}
+    floor = next(iter(ROUTES))
+    for rep in range(args.reps):
+        for route in ROUTES:
+            elapsed = await trial(args, route, body)
+            times[route].append(elapsed)
+            print(f"  rep {rep + 1} {route:<11} {elapsed:6.2f} s", flush=True)
+    print(
+        f"{'route':<11} | {'median s':>8} | {'MiB/s':>7} | {'x floor':>7} | "
+        f"{'per rep x floor':<22} | FACTS.md"
+    )
+    for route, runs in times.items():
+        ratios = [t / f for t, f in zip(runs, times[floor], strict=True)]
+        median = statistics.median(runs)
+        print(
+            f"{route:<11} | {median:8.2f} | {mib / median:7.0f} | "
+            f"{statistics.median(ratios):6.2f}x | "
+            f"{' '.join(f'{r:.2f}' for r in ratios):<22} | {FACTS[route]:.2f}x"
+        )
+    return 0
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--url", default=os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--size-mib", type=int, default=4)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--prefetch", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--consumer",
+        nargs=5,
+        metavar=("KIND", "PREFIX", "NAME", "COUNT", "PREFETCH"),
+        help=argparse.SUPPRESS,  # how the benchmark starts its consumer processes
+    )
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.consumer:
+        kind, prefix, name, count, prefetch = arguments.consumer
+        asyncio.run(consumer(arguments.url, prefix, kind, name, int(count), int(prefetch)))
+        sys.exit(0)
+    sys.exit(asyncio.run(main(arguments)))
