@@ -3,22 +3,18 @@
 ``serve`` runs one service in this process until SIGTERM/SIGINT. ``up`` runs all five:
 against a broker URL (``amqp://``) each service is its own OS process (``qflare serve``
 children, ``--replicas ingest=2`` for more ingest replicas; a child that dies is restarted
-unless ``--no-restart``; they start in dependency order, each once the previous are
-ready); on the embedded bus (``memory://``, the default) or with
+unless ``--no-restart``; they start in dependency order, each once the previous one's
+``/readyz`` answers, and if one fails to start the others are stopped:
+:mod:`qflare.runtime.supervisor`); on the embedded bus (``memory://``, the default) or with
 ``--in-process`` they share one process and one bus. Configuration comes from ``--config``
-(or ``$QFLARE_CONFIG``) plus ``QFLARE_*`` variables; flags override both.
+(or ``$QFLARE_CONFIG``) plus ``QFLARE_*`` variables; flags override both. It is checked
+whole (:mod:`qflare.runtime.config`) before anything starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # qflare.runtime loads messages, numpy, pydantic models: only in handlers
@@ -38,13 +34,35 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="state folder, one sub-folder per service")
     p.add_argument("--pki-dir", help="folder written by `qflare provision`")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--log-format", help="json (one object per line) or text")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="port of /metrics, /healthz and /readyz (default [qflare] metrics_port; 0: any "
+        "free port; `up` gives its children this port and the next ones)",
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {text!r}")
+    return value
+
+
+#: Flags a child of ``qflare up`` gets from its parent's command line.
+_PASSED = ("config", "broker", "prefix", "data_dir", "pki_dir", "log_level", "log_format")
 
 
 def register(subparsers: Any) -> None:
     s = subparsers.add_parser(
         "serve",
         help="run one service until SIGTERM",
-        description="Run one QFLARE service in this process.",
+        description="Run one QFLARE service in this process. It serves /healthz, /readyz "
+        "and /metrics on [qflare] metrics_host:metrics_port.",
     )
     s.add_argument("service", choices=SERVICES)
     _common(s)
@@ -53,8 +71,10 @@ def register(subparsers: Any) -> None:
     u = subparsers.add_parser(
         "up",
         help="run all services (separate processes on RabbitMQ, one process on memory://)",
-        description="Run every QFLARE service: one OS process each against a broker URL, or "
-        "all in one process on the embedded bus.",
+        description="Run every QFLARE service: one OS process each against a broker URL, "
+        "each started once the previous one's /readyz answers, or all in one process on the "
+        "embedded bus. The configuration is checked before any service starts; if one fails "
+        "to start, the others are stopped and up exits 1.",
     )
     _common(u)
     u.add_argument(
@@ -83,26 +103,25 @@ def _settings(args: argparse.Namespace) -> Settings:
         data_dir=args.data_dir,
         pki_dir=args.pki_dir,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_port=args.metrics_port,
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from qflare.runtime.runner import run_service
 
-    try:
-        settings = _settings(args)
-    except (ValueError, TypeError) as exc:
-        print(f"qflare serve: {exc}", file=sys.stderr)
-        return 2
-    return run_service(args.service, settings)
+    return run_service(args.service, _settings(args))
 
 
 def _replicas(values: list[str]) -> dict[str, int]:
+    from qflare.errors import UsageError
+
     out = {name: 1 for name in SERVICES}
     for item in values:
         name, sep, count = item.partition("=")
         if not sep or name not in ("ingest", "alerting") or not count.isdigit() or int(count) < 1:
-            raise ValueError(
+            raise UsageError(
                 f"--replicas takes ingest=N or alerting=N with N >= 1 (the other services run one "
                 f"active consumer each), got {item!r}"
             )
@@ -111,111 +130,62 @@ def _replicas(values: list[str]) -> dict[str, int]:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-        replicas = _replicas(args.replicas)
-    except (ValueError, TypeError) as exc:
-        print(f"qflare up: {exc}", file=sys.stderr)
-        return 2
+    replicas = _replicas(args.replicas)
+    settings = _settings(args)
+    from qflare.runtime.preflight import check_can_serve
+
+    check_can_serve(settings, SERVICES)
     if settings.embedded or args.in_process:
-        return _up_in_process(settings)
-    return _up_processes(args, replicas)
+        from qflare.runtime.runner import run_all
+
+        return run_all(settings)
+    return _up_processes(args, settings, replicas)
 
 
-def _up_in_process(settings: Settings) -> int:
-    from qflare.runtime.logging import configure_logging
-    from qflare.runtime.runner import run_in_process
+def _up_processes(args: argparse.Namespace, settings: Settings, replicas: dict[str, int]) -> int:
+    """Supervise one ``qflare serve`` child per service replica
+    (:class:`qflare.runtime.supervisor.Supervisor`), after checking that the broker takes
+    the login."""
+    import asyncio
 
-    configure_logging("up", settings.log_level, settings.log_format)
+    from qflare.errors import UsageError
+    from qflare.runtime.preflight import wait_for_broker
+    from qflare.runtime.supervisor import Child, Supervisor, free_ports
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with run_in_process(settings):
-            print(
-                "qflare up: all services running in this process; SIGTERM or Ctrl-C stops them",
-                file=sys.stderr,
-                flush=True,
+    asyncio.run(wait_for_broker(settings.broker, settings.connect_timeout_s))
+    plan = [(name, i) for name in SERVICES for i in range(replicas[name])]
+    if settings.metrics_port:
+        ports = [settings.metrics_port + k for k in range(len(plan))]
+        if ports[-1] > 65535:
+            raise UsageError(
+                f"metrics_port {settings.metrics_port} leaves no room for {len(plan)} services "
+                "(one port each, counting up); choose a lower one or 0"
             )
-            await stop.wait()
-
-    try:
-        asyncio.run(main())
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"qflare up: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _up_processes(args: argparse.Namespace, replicas: dict[str, int]) -> int:
-    """Supervise one ``qflare serve`` child per service replica; forward SIGTERM.
-
-    Children start in :data:`SERVICES` order, each once the previous ones reported
-    ``serve.ready`` (their queues exist), so nothing the aggregator publishes at start-up
-    falls on an undeclared queue. Their log lines pass through this process's stderr."""
+    else:
+        ports = free_ports(settings.metrics_host or "127.0.0.1", len(plan))
     flags: list[str] = []
-    for name in ("config", "broker", "prefix", "data_dir", "pki_dir", "log_level"):
+    for name in _PASSED:
         value = getattr(args, name)
         if value:
-            flags += [f"--{name.replace('_', '-')}", value]
-    children: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
-    ready: dict[tuple[str, int], threading.Event] = {}
+            flags += [f"--{name.replace('_', '-')}", str(value)]
 
-    def forward(key: tuple[str, int], stream: Any, flag: threading.Event) -> None:
-        for line in iter(stream.readline, b""):
-            sys.stderr.buffer.write(line)
-            sys.stderr.buffer.flush()
-            if b'"event":"serve.ready"' in line:
-                flag.set()
-        stream.close()
+    def command(child: Child) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "qflare",
+            "serve",
+            child.name,
+            *flags,
+            "--metrics-port",
+            str(child.port),
+        ]
 
-    def spawn(name: str, index: int) -> None:
-        cmd = [sys.executable, "-m", "qflare", "serve", name, *flags]
-        child = subprocess.Popen(cmd, env=os.environ.copy(), stderr=subprocess.PIPE)
-        flag = threading.Event()
-        children[(name, index)] = child
-        ready[(name, index)] = flag
-        threading.Thread(
-            target=forward, args=((name, index), child.stderr, flag), daemon=True
-        ).start()
-
-    stopping = False
-
-    def stop(_sig: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for name in SERVICES:
-        for i in range(replicas[name]):
-            spawn(name, i)
-        for i in range(replicas[name]):
-            while not stopping and not ready[(name, i)].wait(0.2):
-                if children[(name, i)].poll() is not None:
-                    print(
-                        f"qflare up: {name}[{i}] exited with {children[(name, i)].returncode} "
-                        "before it was ready",
-                        file=sys.stderr,
-                    )
-                    stop(signal.SIGTERM, None)
-                    break
-    code = 0
-    while children:
-        time.sleep(0.5)
-        for key, child in list(children.items()):
-            rc = child.poll()
-            if rc is None:
-                continue
-            del children[key]
-            if stopping or args.no_restart:
-                code = code or (rc if rc > 0 else 0)
-                continue
-            print(f"qflare up: {key[0]}[{key[1]}] exited with {rc}; restarting", file=sys.stderr)
-            spawn(*key)
-    return code
+    supervisor = Supervisor(
+        [Child(name, i, port) for (name, i), port in zip(plan, ports, strict=True)],
+        command,
+        host=settings.metrics_host,
+        start_timeout_s=settings.start_timeout_s,
+        restart=not args.no_restart,
+    )
+    return supervisor.run()

@@ -1,7 +1,7 @@
-"""Service configuration: one TOML file plus ``QFLARE_*`` environment variables.
+"""Service configuration as typed models: one TOML file, ``QFLARE_*`` variables, flags.
 
-Environment wins over the file, the file over the defaults. The file (``--config`` or
-``QFLARE_CONFIG``) looks like::
+Flags win over the environment, the environment over the file, the file over the defaults.
+The file (``--config`` or ``QFLARE_CONFIG``) looks like::
 
     [qflare]
     broker = "amqp://guest:guest@127.0.0.1:5672/"   # QFLARE_BROKER; default memory://
@@ -10,77 +10,318 @@ Environment wins over the file, the file over the defaults. The file (``--config
     pki_dir = "./pki"                                # QFLARE_PKI_DIR: output of `qflare provision`
     log_level = "INFO"                               # QFLARE_LOG_LEVEL
     log_format = "json"                              # QFLARE_LOG_FORMAT: json | text
+    metrics_host = "127.0.0.1"                       # QFLARE_METRICS_HOST: /metrics, /healthz, /readyz
+    metrics_port = 0                                 # QFLARE_METRICS_PORT: 0 = any free port
 
-    [services.aggregator]                            # free-form options per service
+    [services.aggregator]                            # one table per service: see *Options below
     reopen_interval_s = 3.0
 
-    [[jobs]]                                         # see qflare.runtime.jobs.JobSpec
+    [[jobs]]                                         # qflare.messages.jobs.JobSpec
     job_id = "j1"
     ...
+
+Every table is a pydantic model with ``extra="forbid"`` and everything is checked at load:
+types and ranges, each job's rule spec (by the robust core's own parser,
+:func:`qflare.robust.get_rule`), the job's model file, the data and PKI folders. A mistake is
+one :class:`~qflare.errors.ConfigError` naming the table and key, the value and what is
+allowed, e.g. ``[services.ingest] max_update_nrom: unknown option; allowed: crl_path, ...``.
+Relative paths in the file are taken relative to the file's folder.
 
 Secrets (key passphrase) come only from the environment (``QFLARE_PASSPHRASE``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from qflare.errors import ConfigError
 from qflare.messages.jobs import JobSpec
-from qflare.runtime.jobs import load_jobs
 
 DEFAULT_BROKER = "memory://"
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-_ENV = {
+#: ``QFLARE_*`` variable -> ``[qflare]`` key.
+ENV: dict[str, str] = {
     "QFLARE_BROKER": "broker",
     "QFLARE_PREFIX": "prefix",
     "QFLARE_DATA_DIR": "data_dir",
     "QFLARE_PKI_DIR": "pki_dir",
     "QFLARE_LOG_LEVEL": "log_level",
     "QFLARE_LOG_FORMAT": "log_format",
+    "QFLARE_METRICS_HOST": "metrics_host",
+    "QFLARE_METRICS_PORT": "metrics_port",
+    "QFLARE_CONNECT_TIMEOUT_S": "connect_timeout_s",
+    "QFLARE_START_TIMEOUT_S": "start_timeout_s",
 }
-_FILE_KEYS = frozenset(_ENV.values())
+
+_WORD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Validated settings shared by every service of one deployment."""
+class _Table(BaseModel):
+    """A configuration table: unknown keys are errors, values are not coerced across types
+    (``burst = true`` is not 1), and the result is immutable."""
 
-    broker: str = DEFAULT_BROKER
-    prefix: str = ""
-    data_dir: Path = Path("qflare-data")
-    pki_dir: Path | None = None
-    log_level: str = "INFO"
-    log_format: str = "json"
-    passphrase: str | None = field(default=None, repr=False)
-    jobs: tuple[JobSpec, ...] = ()
-    services: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# -- [services.<name>] ---------------------------------------------------------------------
+class AggregatorOptions(_Table):
+    """``[services.aggregator]`` (services/aggregator/service.py)."""
+
+    tick_s: float = Field(
+        default=0.2, gt=0, description="how often deadlines and reopenings are checked"
+    )
+    reopen_interval_s: float = Field(
+        default=3.0, gt=0, description="re-announce an open round this often"
+    )
+
+
+class DetectorOptions(_Table):
+    """``[services.detector]``: the reputation of :class:`qflare.robust.reputation.Reputation`
+    (same defaults) and how often pending verdicts are republished."""
+
+    decay: float = Field(default=0.8, ge=0, le=1, description="per-round decay of a score")
+    penalty: float = Field(default=1.0, gt=0, description="score added per flagged round")
+    threshold: float = Field(default=2.5, gt=0, description="score that quarantines a client")
+    quarantine_rounds: int = Field(default=5, ge=1, description="rounds a quarantine lasts")
+    republish_s: float = Field(default=2.0, gt=0, description="republish pending verdicts")
+
+
+class IngestOptions(_Table):
+    """``[services.ingest]`` (services/ingest/service.py ``IngestOptions``)."""
+
+    replica: str | None = Field(
+        default=None,
+        description="routing-key word naming this replica's round queue "
+        "(default $QFLARE_REPLICA or <host>-<pid>)",
+    )
+    max_update_norm: float | None = Field(
+        default=None, ge=0, description="L2 bound on an update; 0 or unset: finiteness only"
+    )
+    round_news_wait_s: float = Field(
+        default=5.0, ge=0, description="how long an update waits for news of its round"
+    )
+    dedup_capacity: int = Field(default=100_000, ge=1, description="updates remembered")
+    crl_path: Path | None = Field(
+        default=None,
+        strict=False,
+        description="revocation list (default <pki_dir>/services/ingest/crl.qrl)",
+    )
+
+    @field_validator("replica")
+    @classmethod
+    def _replica(cls, v: str | None) -> str | None:
+        if v is not None and not _WORD.match(v):
+            raise ValueError("must be 1-64 letters, digits, '_' or '-' (a routing-key word)")
+        return v
+
+
+class AccountantOptions(_Table):
+    """``[services.accountant]``: no options yet (the privacy policy is per job)."""
+
+
+class AlertingOptions(_Table):
+    """``[services.alerting]``: :class:`qflare.services.alerting.core.AlertPolicy`'s
+    tunables (same defaults)."""
+
+    dedup_window_s: float = Field(default=60.0, ge=0, description="one alert per key per window")
+    burst: int = Field(default=20, ge=1, description="token-bucket size per key")
+    rate_per_s: float = Field(default=1.0, ge=0, description="token-bucket refill per key")
+    escalate_after: int = Field(default=3, ge=1, description="rounds in a row that escalate")
+    max_keys: int = Field(default=10_000, ge=1, description="keys remembered")
+
+    @field_validator("dedup_window_s", "rate_per_s")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class ServicesConfig(_Table):
+    """The ``[services.<name>]`` tables, one model each."""
+
+    aggregator: AggregatorOptions = Field(default_factory=AggregatorOptions)
+    detector: DetectorOptions = Field(default_factory=DetectorOptions)
+    ingest: IngestOptions = Field(default_factory=IngestOptions)
+    accountant: AccountantOptions = Field(default_factory=AccountantOptions)
+    alerting: AlertingOptions = Field(default_factory=AlertingOptions)
+
+
+SERVICE_OPTIONS: dict[str, type[_Table]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in ServicesConfig.model_fields.items()
+}
+
+
+# -- [[jobs]] --------------------------------------------------------------------------------
+def check_rule_spec(spec: str, f: int = 0) -> None:
+    """Raise ``ValueError`` naming what is wrong with a rule spec, as the aggregator would
+    build it (``get_rule(spec, f=f)`` when a part takes ``f``)."""
+    from qflare.robust import get_rule
+
+    try:
+        get_rule(spec)
+        try:
+            get_rule(spec, f=f)
+        except TypeError as exc:
+            if "takes parameter 'f'" not in str(exc):
+                raise
+    except (ValueError, TypeError) as exc:
+        unknown = _unknown_rule_name(spec)
+        raise ValueError(unknown or str(exc)) from None
+
+
+def _unknown_rule_name(spec: str) -> str | None:
+    # get_rule checks the parts in order and by position, so "median+nosuch" is reported
+    # as a misplaced 'median'; a name that is neither a rule nor a pre-aggregator is the
+    # mistake to name first.
+    from qflare.robust import list_rules
+    from qflare.robust.spec import ALIASES
+
+    known = list_rules()
+    names = {*known["rules"], *known["pre"], *ALIASES}
+    for part in spec.split("+"):
+        name = part.split("(", 1)[0].strip().lower()
+        if name and name not in names:
+            what = (
+                f"unknown rule {name!r}"
+                if "+" not in spec
+                else f"unknown name {name!r} in {spec!r}"
+            )
+            return (
+                f"{what}; rules (the last part): "
+                f"{', '.join(known['rules'])}; pre-aggregators (before it): "
+                f"{', '.join(known['pre'])}"
+            )
+    return None
+
+
+def _check_job(spec: JobSpec, info: ValidationInfo) -> JobSpec:
+    try:
+        check_rule_spec(spec.rule, spec.f)
+    except ValueError as exc:
+        raise ValueError(f"rule = {spec.rule!r}: {exc}") from None
+    if spec.initial_model is None:
+        if info.context and info.context.get("from_file"):
+            raise ValueError(
+                "initial_model: missing; give the safetensors file of the job's round-0 model"
+            )
+    elif not Path(spec.initial_model).is_file():
+        raise ValueError(
+            f"initial_model = '{spec.initial_model}': no such file (the safetensors file of "
+            "the job's round-0 model; a relative path is taken from the config file's folder)"
+        )
+    return spec
+
+
+Job = Annotated[JobSpec, AfterValidator(_check_job)]
+
+
+# -- [qflare] ----------------------------------------------------------------------------------
+class QflareConfig(BaseModel):
+    """``[qflare]``: what every service of one deployment shares. Values may also come from
+    ``QFLARE_*`` variables and flags (strings), so they are converted where that is safe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    broker: str = Field(default=DEFAULT_BROKER, description="memory://, amqp:// or amqps:// URL")
+    prefix: str = Field(default="", description="exchange/queue name prefix")
+    data_dir: Path = Field(default=Path("qflare-data"), description="one sub-folder per service")
+    pki_dir: Path | None = Field(default=None, description="folder `qflare provision` wrote")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address of /metrics, /healthz and /readyz"
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of /metrics, /healthz and /readyz; 0: any free port. `qflare up` "
+        "gives its children this port and the next ones in start order",
+    )
+    connect_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long to wait for the broker at start-up"
+    )
+    start_timeout_s: float = Field(
+        default=120.0, gt=0, description="how long `qflare up` waits for a service to be ready"
+    )
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        if v.split("://")[0] not in ("memory", "amqp", "amqps") or "://" not in v:
+            raise ValueError("must be a memory://, amqp:// or amqps:// URL")
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, v: Path) -> Path:
+        if v.exists() and not v.is_dir():
+            raise ValueError("is a file; give a folder (one sub-folder per service)")
+        return v
+
+    @field_validator("pki_dir")
+    @classmethod
+    def _pki_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"no such folder; run `qflare provision --out {v}` or fix the path")
+        return v
+
+
+FILE_KEYS: tuple[str, ...] = tuple(QflareConfig.model_fields)
+
+
+class Settings(QflareConfig):
+    """Validated settings shared by every service of one deployment: ``[qflare]`` plus
+    the services' tables, the jobs, the passphrase (environment only) and the file."""
+
+    passphrase: str | None = Field(default=None, repr=False)
+    jobs: tuple[Job, ...] = ()
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
     source: Path | None = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.broker, str) or self.broker.split("://")[0] not in (
-            "memory",
-            "amqp",
-            "amqps",
-        ):
-            raise ValueError(
-                f"broker must be a memory://, amqp:// or amqps:// URL, got {self.broker!r}"
-            )
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
-        if self.log_level.upper() not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
-        object.__setattr__(self, "log_level", self.log_level.upper())
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
-        if self.pki_dir is not None:
-            object.__setattr__(self, "pki_dir", Path(self.pki_dir))
+    @field_validator("services", mode="before")
+    @classmethod
+    def _services(cls, v: Any) -> Any:
+        if isinstance(v, Mapping) and not isinstance(v, dict):
+            v = dict(v)
+        if isinstance(v, dict):
+            return {k: dict(o) if isinstance(o, Mapping) else o for k, o in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _unique_jobs(self) -> Settings:
+        ids = [j.job_id for j in self.jobs]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"[[jobs]] job_id {dup[0]!r} appears {ids.count(dup[0])} times")
+        return self
 
     @property
     def embedded(self) -> bool:
@@ -92,8 +333,19 @@ class Settings:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def service_options(self, service: str) -> BaseModel:
+        """The typed ``[services.<service>]`` table (defaults filled in)."""
+        if service not in SERVICE_OPTIONS:
+            raise KeyError(f"no service {service!r}; known: {', '.join(SERVICE_OPTIONS)}")
+        options: BaseModel = getattr(self.services, service)
+        return options
+
     def options(self, service: str) -> Mapping[str, Any]:
-        return self.services.get(service, MappingProxyType({}))
+        """The validated options the file set for ``service`` (unset ones are absent, so
+        a service's own defaults apply); prefer :meth:`service_options`."""
+        if service not in SERVICE_OPTIONS:
+            return MappingProxyType({})
+        return MappingProxyType(self.service_options(service).model_dump(exclude_unset=True))
 
     def job(self, job_id: str) -> JobSpec:
         for job in self.jobs:
@@ -102,16 +354,14 @@ class Settings:
         raise KeyError(f"no job {job_id!r} in the configuration ({[j.job_id for j in self.jobs]})")
 
     def with_jobs(self, *jobs: JobSpec) -> Settings:
-        return replace(self, jobs=load_jobs([j.model_dump() for j in (*self.jobs, *jobs)]))
+        data = {k: getattr(self, k) for k in type(self).model_fields}
+        data["jobs"] = (*self.jobs, *jobs)
+        return type(self).model_validate(data)
 
     def safe_dict(self) -> dict[str, Any]:
         """For logs: no passphrase, no job seeds, no broker password."""
-        broker = self.broker
-        if "@" in broker:
-            scheme, rest = broker.split("://", 1)
-            broker = f"{scheme}://***@{rest.split('@', 1)[1]}"
         return {
-            "broker": broker,
+            "broker": redact_url(self.broker),
             "prefix": self.prefix,
             "data_dir": str(self.data_dir),
             "pki_dir": str(self.pki_dir) if self.pki_dir else None,
@@ -119,55 +369,177 @@ class Settings:
         }
 
 
+def redact_url(url: str) -> str:
+    """``amqp://user:secret@host/`` -> ``amqp://user:***@host/``."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    userinfo, host = rest.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://{user}@{host}"
+
+
+# -- loading -----------------------------------------------------------------------------------
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
     """Read the file (``path`` or ``$QFLARE_CONFIG``, optional), apply ``QFLARE_*`` from
-    ``env`` (default ``os.environ``), then keyword ``overrides`` (command-line flags)."""
+    ``env`` (default ``os.environ``), then keyword ``overrides`` (command-line flags; None
+    means not given). Raises :class:`ConfigError` with one line naming the mistake."""
     env = os.environ if env is None else env
+    unknown = set(overrides) - set(FILE_KEYS)
+    if unknown:
+        raise TypeError(f"load_settings takes no override {sorted(unknown)}; known: {FILE_KEYS}")
+    origin = "" if path else " (from QFLARE_CONFIG)"
     path = path or env.get("QFLARE_CONFIG") or None
-    values: dict[str, Any] = {}
-    jobs: tuple[JobSpec, ...] = ()
-    services: dict[str, Mapping[str, Any]] = {}
+    data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     source = None
     if path is not None:
         source = Path(path)
-        try:
-            with source.open("rb") as fh:
-                doc = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ValueError(f"config file {source} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {source} is not valid TOML: {exc}") from None
-        unknown = set(doc) - {"qflare", "services", "jobs"}
-        if unknown:
-            raise ValueError(
-                f"config file {source}: unknown top-level tables {sorted(unknown)}; "
-                "use [qflare], [services.<name>] and [[jobs]]"
-            )
-        top = doc.get("qflare", {})
-        bad = set(top) - _FILE_KEYS
-        if bad:
-            raise ValueError(f"config file {source}: unknown [qflare] keys {sorted(bad)}")
-        values.update(top)
-        base = source.parent
-        for key in ("data_dir", "pki_dir"):
-            if key in values and not Path(values[key]).is_absolute():
-                values[key] = base / values[key]
-        jobs = load_jobs(doc.get("jobs", []), base_dir=base)
-        services = {
-            name: MappingProxyType(dict(opts)) for name, opts in doc.get("services", {}).items()
-        }
-    for var, key in _ENV.items():
+        data = _read_file(source, origin)
+    for var, key in ENV.items():
         if env.get(var):
-            values[key] = env[var]
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(
-        **values,
-        passphrase=env.get("QFLARE_PASSPHRASE") or None,
-        jobs=jobs,
-        services=MappingProxyType(services),
-        source=source,
+            data[key] = env[var]
+            origins[key] = var
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+            origins[key] = "--" + key.replace("_", "-")
+    data["passphrase"] = env.get("QFLARE_PASSPHRASE") or None
+    data["source"] = source
+    try:
+        return Settings.model_validate(data, context={"from_file": True})
+    except ValidationError as exc:
+        where = f"config file {source}: " if source is not None else ""
+        raise ConfigError(where + explain(exc, data, origins)) from None
+
+
+def _read_file(source: Path, origin: str) -> dict[str, Any]:
+    """The file's tables, flattened for :class:`Settings`, relative paths resolved."""
+    try:
+        with source.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source}{origin} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {source}{origin} is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {source}{origin} cannot be read: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+    tables = ("qflare", "services", "jobs")
+    for key in doc:
+        if key not in tables:
+            raise ConfigError(
+                f"config file {source}: [{key}]: unknown top-level table; allowed: [qflare], "
+                "[services.<name>], [[jobs]]"
+            )
+    top = doc.get("qflare", {})
+    if not isinstance(top, dict):
+        raise ConfigError(f"config file {source}: qflare = {top!r}: must be a table ([qflare])")
+    for key in top:
+        if key not in FILE_KEYS:
+            raise ConfigError(
+                f"config file {source}: [qflare] {key}: unknown option; allowed: "
+                f"{', '.join(FILE_KEYS)}"
+            )
+    base = source.parent
+    data: dict[str, Any] = dict(top)
+    for key in ("data_dir", "pki_dir"):
+        data[key] = _relative_to(base, data.get(key))
+        if data[key] is None:
+            del data[key]
+    services = doc.get("services", {})
+    if isinstance(services, dict) and isinstance(services.get("ingest"), dict):
+        ingest = dict(services["ingest"])
+        if "crl_path" in ingest:
+            ingest["crl_path"] = _relative_to(base, ingest["crl_path"])
+        services = {**services, "ingest": ingest}
+    jobs = doc.get("jobs", [])
+    if isinstance(jobs, list):
+        jobs = [
+            {**j, "initial_model": _relative_to(base, j["initial_model"])}
+            if isinstance(j, dict) and "initial_model" in j
+            else j
+            for j in jobs
+        ]
+    data["services"] = services
+    data["jobs"] = jobs
+    return data
+
+
+def _relative_to(base: Path, value: Any) -> Any:
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str(base / value)
+    return value
+
+
+def explain(exc: ValidationError, data: Mapping[str, Any], origins: Mapping[str, str]) -> str:
+    """One line for the first error of ``exc``: where (table and key), the value, what is
+    allowed; ``(and N more)`` when there are others."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = tuple(err["loc"])
+    where, allowed = _where(loc, data)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        what = "unknown service" if loc[:1] == ("services",) and len(loc) == 2 else "unknown option"
+        line = f"{where}: {what}; allowed: {', '.join(allowed) or '(none)'}"
+    else:
+        message = err["msg"].removeprefix("Value error, ")
+        message = message.replace("Input should be", "must be")
+        if kind in ("model_type", "dict_type", "model_attributes_type"):
+            message = "must be a table"
+        value = err.get("input")
+        shown = ""
+        if loc and isinstance(loc[-1], str) and kind != "missing" and _scalar(value):
+            shown = f" = {value!r}"
+        sep = ": "
+        if len(loc) == 2 and loc[0] == "jobs" and message.split(" ", 1)[0].rstrip(":") in allowed:
+            sep = " "  # a check of the whole job that names its key ("rule = ...: ...")
+        line = f"{where}{shown}{sep}{message}" if loc else message
+        if loc and loc[0] in origins and len(loc) == 1:
+            line += f" (from {origins[str(loc[0])]})"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more)"
+    return line
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, Path)) or (
+        isinstance(value, (list, tuple)) and len(value) <= 8
     )
+
+
+def _where(loc: tuple[Any, ...], data: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The TOML spelling of ``loc`` and the keys allowed there."""
+    head = loc[0] if loc else ""
+    if head == "services":
+        if len(loc) == 1:
+            return "[services]", list(SERVICE_OPTIONS)
+        name = str(loc[1])
+        if len(loc) == 2:
+            return f"[services.{name}]", list(SERVICE_OPTIONS)
+        model = SERVICE_OPTIONS.get(name)
+        keys = list(model.model_fields) if model else []
+        return f"[services.{name}] " + ".".join(map(str, loc[2:])), keys
+    if head == "jobs":
+        if len(loc) == 1:
+            return "[[jobs]]", list(JobSpec.model_fields)
+        index = loc[1]
+        where = f"[[jobs]] #{index + 1}" if isinstance(index, int) else "[[jobs]]"
+        jobs = data.get("jobs")
+        if isinstance(index, int) and isinstance(jobs, (list, tuple)) and index < len(jobs):
+            job = jobs[index]
+            job_id = job.get("job_id") if isinstance(job, dict) else getattr(job, "job_id", None)
+            if isinstance(job_id, str):
+                where += f" (job_id {job_id!r})"
+        if len(loc) > 2:
+            where += " " + ".".join(map(str, loc[2:]))
+        return where, list(JobSpec.model_fields)
+    if head in FILE_KEYS:
+        return f"[qflare] {'.'.join(map(str, loc))}", list(FILE_KEYS)
+    return ".".join(map(str, loc)) or "configuration", []
