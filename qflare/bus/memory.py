@@ -451,7 +451,7 @@ class MemoryBus(Bus):
             for s in self._subscriptions
             if isinstance(s, _MemoryStreamReader) and s.stream is stream
         ]
-        await asyncio.gather(*(s.cancel() for s in mine))
+        await asyncio.gather(*(s.cancel(1.0) for s in mine))
 
     async def close(self, timeout: float = 5.0) -> None:
         if self._closed:
