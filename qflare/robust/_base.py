@@ -9,29 +9,42 @@ rounds (centered clipping's reference, bucketing's shuffle) is an explicit call 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from ._core import ArrayLike, as_batch, check_int, finite_rows, require
+from ._core import (
+    F64,
+    ArrayLike,
+    BoolArray,
+    FloatArray,
+    RngLike,
+    as_batch,
+    check_int,
+    finite_rows,
+    require,
+)
+
+_A = TypeVar("_A", bound="type[Aggregator]")
+_P = TypeVar("_P", bound="type[PreAggregator]")
 
 RULES: dict[str, type[Aggregator]] = {}
 PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {}
 
 
-def register_rule(cls: type[Aggregator]) -> type[Aggregator]:
+def register_rule(cls: _A) -> _A:
     RULES[cls.name] = cls
     return cls
 
 
-def register_pre(cls: type[PreAggregator]) -> type[PreAggregator]:
+def register_pre(cls: _P) -> _P:
     PRE_AGGREGATORS[cls.name] = cls
     return cls
 
 
 def drop_nonfinite(
-    x: np.ndarray, w: np.ndarray | None, f: int, rule: str, mask: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray | None, int]:
+    x: FloatArray, w: F64 | None, f: int, rule: str, mask: BoolArray | None = None
+) -> tuple[FloatArray, F64 | None, int]:
     """Remove rows holding NaN/Inf; each removed row uses up one of the f tolerated.
 
     A non-finite update is Byzantine beyond doubt, so dropping it and lowering f keeps
@@ -87,7 +100,7 @@ class Aggregator(_Named):
         weights: Any = None,
         *,
         reference: ArrayLike | None = None,
-        rng: np.random.Generator | int | None = None,
+        rng: RngLike = None,
     ) -> ArrayLike:
         b = as_batch(updates, weights)
         w = b.weights
@@ -98,16 +111,24 @@ class Aggregator(_Named):
         ref = None if reference is None else as_reference(reference, b.x.shape[1])
         return b.back(self.aggregate(b.x, w, reference=ref, rng=rng))
 
-    @abstractmethod
     def aggregate(
         self,
-        x: np.ndarray,
-        w: np.ndarray | None,
+        x: FloatArray,
+        w: F64 | None,
         *,
-        reference: np.ndarray | None = None,
-        rng: np.random.Generator | int | None = None,
-    ) -> np.ndarray:
-        """The rule on a validated NumPy view; returns [d] (any float dtype)."""
+        reference: FloatArray | None = None,
+        rng: RngLike = None,
+    ) -> FloatArray:
+        """The rule on a validated NumPy view; returns [d] (any float dtype).
+
+        Rules that read ``reference`` or ``rng`` override this; the others implement
+        ``apply``.
+        """
+        return self.apply(x, w)
+
+    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+        """The rule on validated rows and weights, for rules without call arguments."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither aggregate nor apply")
 
 
 class PreAggregator(_Named):
@@ -118,16 +139,16 @@ class PreAggregator(_Named):
         updates: ArrayLike,
         weights: Any = None,
         *,
-        rng: np.random.Generator | int | None = None,
-    ) -> tuple[ArrayLike, np.ndarray | None]:
+        rng: RngLike = None,
+    ) -> tuple[ArrayLike, F64 | None]:
         b = as_batch(updates, weights)
         out, w = self.transform(b.x, b.weights, rng=rng)
         return b.back(out), w
 
     @abstractmethod
     def transform(
-        self, x: np.ndarray, w: np.ndarray | None, *, rng: np.random.Generator | int | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
+    ) -> tuple[FloatArray, F64 | None]:
         """New rows (never a view that aliases the input when values change)."""
 
 
@@ -146,7 +167,14 @@ class Chain(Aggregator):
         self.pres = list(pres)
         self.rule = rule
 
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+    def aggregate(
+        self,
+        x: FloatArray,
+        w: F64 | None,
+        *,
+        reference: FloatArray | None = None,
+        rng: RngLike = None,
+    ) -> FloatArray:
         gen = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
         for p in self.pres:
             x, w = p.transform(x, w, rng=gen)
@@ -160,7 +188,8 @@ class Chain(Aggregator):
         return "+".join([repr(p) for p in self.pres] + [repr(self.rule)])
 
 
-def as_reference(reference: ArrayLike, d: int) -> np.ndarray:
+def as_reference(reference: ArrayLike, d: int) -> FloatArray:
     b = as_batch(reference.reshape(1, -1) if hasattr(reference, "reshape") else reference)
     require(b.x.shape == (1, d), "reference", f"reference must have {d} entries, got {b.x.size}")
-    return b.x[0]
+    row: FloatArray = b.x[0]
+    return row

@@ -1,20 +1,30 @@
 """Shared plumbing for the robust rules: input checks, array kinds, pairwise geometry.
 
 Every rule computes on NumPy views of its input (``torch.Tensor.numpy()`` is zero-copy on
-CPU) and hands back the same kind it was given. Pairwise geometry goes through one
-centred Gram matrix: FACTS.md measured X @ X.T 4-9x faster than cdist here, and centring
-block by block keeps float32 cancellation out of squared distances between nearby updates.
+CPU) and hands back the same kind it was given. Pairwise geometry goes through one Gram
+matrix X X^T, several times faster here than cdist (measurements in docs/robust.md); its
+float32 GEMM rounds about eps |x_i| |x_j|, so squared distances between updates that
+share a large common component lose digits (docs/robust.md, "Precision").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+#: updates as the rules see them: float32 or float64 rows
+FloatArray: TypeAlias = npt.NDArray[np.floating[Any]]
+F64: TypeAlias = npt.NDArray[np.float64]
+BoolArray: TypeAlias = npt.NDArray[np.bool_]
+IntArray: TypeAlias = npt.NDArray[np.intp]
+#: what a rule accepts and returns: a NumPy array or a CPU tensor
+ArrayLike: TypeAlias = FloatArray | torch.Tensor
+#: a Generator, a seed, or None for fresh OS entropy
+RngLike: TypeAlias = np.random.Generator | int | None
 
 
 def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
@@ -41,17 +51,17 @@ def check_float(name: str, value: Any, *, minimum: float = 0.0, strict: bool = F
 class Batch:
     """A validated [n, d] input as a NumPy view plus how to hand results back."""
 
-    x: np.ndarray
-    weights: np.ndarray | None
+    x: FloatArray
+    weights: F64 | None
     is_torch: bool
 
     @property
     def n(self) -> int:
         return int(self.x.shape[0])
 
-    def back(self, out: np.ndarray) -> ArrayLike:
-        out = np.ascontiguousarray(out, dtype=self.x.dtype)
-        return torch.from_numpy(out) if self.is_torch else out
+    def back(self, out: FloatArray) -> ArrayLike:
+        res = np.ascontiguousarray(out, dtype=self.x.dtype)
+        return torch.from_numpy(res) if self.is_torch else res
 
 
 def as_batch(updates: Any, weights: Any = None) -> Batch:
@@ -59,7 +69,7 @@ def as_batch(updates: Any, weights: Any = None) -> Batch:
     if isinstance(updates, torch.Tensor):
         if updates.device.type != "cpu":
             raise ValueError(f"updates must be on the CPU, got device {updates.device}")
-        x = updates.detach().numpy()
+        x: npt.NDArray[Any] = updates.detach().numpy()
         is_torch = True
     elif isinstance(updates, np.ndarray):
         x, is_torch = updates, False
@@ -76,7 +86,7 @@ def as_batch(updates: Any, weights: Any = None) -> Batch:
     return Batch(x, check_weights(weights, x.shape[0]), is_torch)
 
 
-def check_weights(weights: Any, n: int) -> np.ndarray | None:
+def check_weights(weights: Any, n: int) -> F64 | None:
     """Validate optional per-update weights: [n], finite, >= 0, positive sum."""
     if weights is None:
         return None
@@ -96,32 +106,40 @@ def require(cond: bool, rule: str, text: str) -> None:
         raise ValueError(f"{rule}: requirement violated: {text}")
 
 
-def finite_rows(x: np.ndarray) -> np.ndarray:
-    """Boolean mask of rows whose every entry is finite (one pass, row sums)."""
+def finite_rows(x: FloatArray) -> BoolArray:
+    """Mask of the rows the geometry can use: every entry finite and the squared norm
+    representable in x's dtype (one BLAS dot per row).
+
+    A float32 row of entries near 1e20 is finite, but its squared norm overflows the
+    float32 GEMM behind ``gram``, and one such row turned the geometric median into NaN
+    and made CAF's and SMEA's eigensolvers fail. No honest update is that large, so it
+    counts as non-finite.
+    """
     with np.errstate(over="ignore", invalid="ignore"):
-        s = x.sum(axis=1, dtype=np.float64)
-    return np.isfinite(s)
+        sq = np.fromiter((np.dot(r, r) for r in x), np.float64, x.shape[0])
+    ok: BoolArray = np.isfinite(sq)
+    return ok
 
 
-def _t(a: np.ndarray) -> torch.Tensor:
+def _t(a: FloatArray) -> torch.Tensor:
     # torch.from_numpy shares memory but refuses negative strides.
     return torch.from_numpy(a if all(s >= 0 for s in a.strides) else np.ascontiguousarray(a))
 
 
-def gram(x: np.ndarray) -> np.ndarray:
+def gram(x: FloatArray) -> F64:
     """Raw Gram matrix X X^T (float64 result of a float32/64 GEMM).
 
     Through torch: on this shared 2-core machine NumPy's bundled OpenBLAS ran the same
     product 5-15x slower than torch's GEMM (``torch.from_numpy`` is zero-copy).
     """
     t = _t(x)
-    g = (t @ t.T).double().numpy()
+    g: F64 = (t @ t.T).double().numpy()
     # The GEMM may round G_ij and G_ji differently; a tie between d(i, j) and d(j, i)
     # (Krum's scores of two copies) must stay a tie, broken by index.
     return (g + g.T) * 0.5
 
 
-def centred_gram(x: np.ndarray) -> np.ndarray:
+def centred_gram(x: FloatArray) -> F64:
     """Gram matrix of the rows after subtracting their mean: H G H, in float64.
 
     Squared distances follow as G_ii + G_jj - 2 G_ij; centring in n x n space costs
@@ -130,35 +148,39 @@ def centred_gram(x: np.ndarray) -> np.ndarray:
     return centre_gram(gram(x))
 
 
-def centre_gram(g: np.ndarray) -> np.ndarray:
+def centre_gram(g: F64) -> F64:
     # Non-finite rows poison g; callers test the result and drop them (no warning noise).
     with np.errstate(invalid="ignore", over="ignore"):
         r = g.mean(axis=1, keepdims=True)
-        return g - r - r.T + g.mean()
+        out: F64 = g - r - r.T + g.mean()
+        return out
 
 
-def row_norms(x: np.ndarray) -> np.ndarray:
+def row_norms(x: FloatArray) -> F64:
     """Euclidean norm of every row: one BLAS dot per row, no temporary.
 
     Measured here (200 x 1e5): 19 ms, against 28 ms for einsum, 32 ms for torch's
     vector_norm and 90 ms for np.linalg.norm (which squares into a temporary).
     """
-    return np.sqrt(np.fromiter((float(np.dot(r, r)) for r in x), np.float64, x.shape[0]))
+    with np.errstate(over="ignore"):  # an overflowing row gives inf; callers drop it
+        sq = np.fromiter((float(np.dot(r, r)) for r in x), np.float64, x.shape[0])
+    return np.sqrt(sq)
 
 
-def mm(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+def mm(a: F64, x: FloatArray) -> FloatArray:
     """a [m, n] @ x [n, d] in x's dtype: GEMV by NumPy, GEMM through torch (see ``gram``).
 
     Measured here at n=50, d=1e6: NumPy's GEMV 29 ms, torch's 44 ms.
     """
-    a = np.ascontiguousarray(a, dtype=x.dtype)
-    if a.shape[0] == 1:
+    ax = np.ascontiguousarray(a, dtype=x.dtype)
+    if ax.shape[0] == 1:
         with np.errstate(invalid="ignore", over="ignore"):  # see combine's fallback
-            return a @ x
-    return (torch.from_numpy(a) @ _t(x)).numpy()
+            return ax @ x
+    out: FloatArray = (torch.from_numpy(ax) @ _t(x)).numpy()
+    return out
 
 
-def sq_dists_from_gram(g: np.ndarray) -> np.ndarray:
+def sq_dists_from_gram(g: F64) -> F64:
     """Squared pairwise distances from a Gram matrix, clamped at 0, exact 0 diagonal."""
     diag = np.diag(g)
     d2 = diag[:, None] + diag[None, :] - 2.0 * g
@@ -167,7 +189,7 @@ def sq_dists_from_gram(g: np.ndarray) -> np.ndarray:
     return d2
 
 
-def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
+def pairwise_sq_dists(x: FloatArray) -> F64:
     """Squared pairwise distances of the rows of x (n x n, float64).
 
     From the raw Gram matrix: centring it afterwards cannot restore what the GEMM rounded
@@ -177,41 +199,46 @@ def pairwise_sq_dists(x: np.ndarray) -> np.ndarray:
     return sq_dists_from_gram(gram(x))
 
 
-def weighted_mean(x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
-    """Mean of rows (weighted when w is given) as float64 via one gemv."""
+def weighted_mean(x: FloatArray, w: F64 | None) -> FloatArray:
+    """Mean of rows: unweighted in x's dtype, weighted as float64 via one GEMV."""
     if w is None:
-        return x.mean(axis=0)  # float32 accumulation over n rows only: fast and exact enough
+        out: FloatArray = x.mean(axis=0)  # float32 accumulation over n rows: fast, exact enough
+        return out
     return combine(x, w / w.sum())
 
 
-def combine(x: np.ndarray, coef: np.ndarray) -> np.ndarray:
+def combine(x: FloatArray, coef: F64) -> F64:
     """sum_i coef_i x_i; rows with a zero coefficient never reach the result.
 
     One GEMV over all rows; only if a zero-weighted non-finite row poisoned it (0 * inf)
     are the selected rows gathered and the product redone.
     """
-    out = mm(coef[None, :], x)[0].astype(np.float64)
+    out: F64 = mm(coef[None, :], x)[0].astype(np.float64)
     if np.all(np.isfinite(out)):
         return out
     nz = np.flatnonzero(coef)
-    return mm(coef[None, nz], x[nz])[0].astype(np.float64)
+    redone: F64 = mm(coef[None, nz], x[nz])[0].astype(np.float64)
+    return redone
 
 
-def sorted_rows(x: np.ndarray) -> np.ndarray:
-    """Copy of x sorted along axis 0 (NaN last); FACTS.md: faster than median/partition."""
+def sorted_rows(x: FloatArray) -> FloatArray:
+    """Copy of x sorted along axis 0 (NaN last); faster here than np.median, and on par
+    with one np.partition (docs/robust.md)."""
     return np.sort(x, axis=0)
 
 
-def median_from_sorted(s: np.ndarray) -> np.ndarray:
+def median_from_sorted(s: FloatArray) -> FloatArray:
     """Coordinate-wise median in s's dtype (mean of the two middle values for even n,
     as np.median)."""
     n = s.shape[0]
     if n % 2:
-        return s[n // 2].copy()
-    return (s[n // 2 - 1] + s[n // 2]) * s.dtype.type(0.5)
+        middle: FloatArray = s[n // 2].copy()
+        return middle
+    mid: FloatArray = (s[n // 2 - 1] + s[n // 2]) * s.dtype.type(0.5)
+    return mid
 
 
-def closest_window_mean(s: np.ndarray, centre: np.ndarray, k: int) -> np.ndarray:
+def closest_window_mean(s: FloatArray, centre: FloatArray, k: int) -> FloatArray:
     """Per coordinate, the mean of the k sorted values closest to centre (s's dtype).
 
     Ties in distance go to the smaller value. s must be finite (callers drop the other
@@ -229,7 +256,9 @@ def closest_window_mean(s: np.ndarray, centre: np.ndarray, k: int) -> np.ndarray
     step = 1 << 14
     for j in range(0, d, step):
         sb, cb = s[:, j : j + step], centre[j : j + step].astype(np.float64)
-        best = np.zeros(sb.shape[1], dtype=np.min_scalar_type(n - k))
+        best: npt.NDArray[np.unsignedinteger[Any]] = np.zeros(
+            sb.shape[1], dtype=np.min_scalar_type(n - k)
+        )
         for i in range(n - k):
             closer = np.abs(sb[i + k] - cb) < np.abs(sb[i] - cb)
             best = np.where(closer, i + 1, best)

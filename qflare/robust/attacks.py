@@ -23,19 +23,30 @@ the Byzantine client applies to its labels before training.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
 from ._base import Aggregator
-from ._core import ArrayLike, as_batch, centred_gram, check_float, check_int, sq_dists_from_gram
+from ._core import (
+    F64,
+    ArrayLike,
+    FloatArray,
+    RngLike,
+    as_batch,
+    check_float,
+    check_int,
+    pairwise_sq_dists,
+)
 
 ATTACKS: dict[str, type[Attack]] = {}
 
 
-def _register(cls: type[Attack]) -> type[Attack]:
+_AT = TypeVar("_AT", bound="type[Attack]")
+
+
+def _register(cls: _AT) -> _AT:
     ATTACKS[cls.name] = cls
     return cls
 
@@ -45,30 +56,30 @@ class Attack:
 
     name: ClassVar[str]
 
-    def __call__(
-        self, honest: ArrayLike, f: int, *, rng: np.random.Generator | int | None = None
-    ) -> ArrayLike:
+    def __call__(self, honest: ArrayLike, f: int, *, rng: RngLike = None) -> ArrayLike:
         b = as_batch(honest)
         f = check_int("f", f)
         if f == 0:
             return b.back(np.zeros((0, b.x.shape[1]), dtype=b.x.dtype))
-        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        out = np.asarray(self.forge(b.x, f, gen))
-        if out.ndim == 1:
-            out = np.broadcast_to(out, (f, b.x.shape[1]))
-        out = np.ascontiguousarray(out, dtype=b.x.dtype)
-        return torch.from_numpy(out) if b.is_torch else out
+        out = np.broadcast_to(self.forge(b.x, f, np.random.default_rng(rng)), (f, b.x.shape[1]))
+        return b.back(out)
 
-    def forge(self, h: np.ndarray, f: int, rng: np.random.Generator) -> np.ndarray:
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        """The f Byzantine updates [f, d], or the one [d] update all f of them send."""
         raise NotImplementedError
+
+
+def _mean(h: FloatArray) -> F64:
+    out: F64 = h.mean(axis=0, dtype=np.float64)
+    return out
 
 
 @_register
 class SignFlip(Attack):
     name = "sign_flip"
 
-    def forge(self, h, f, rng):
-        return -h.mean(axis=0, dtype=np.float64)
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        return -_mean(h)
 
 
 @_register
@@ -79,7 +90,7 @@ class Gaussian(Attack):
         self.mu = check_float("mu", mu, minimum=-np.inf)
         self.sigma = check_float("sigma", sigma)
 
-    def forge(self, h, f, rng):
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
         return rng.normal(self.mu, self.sigma, size=(f, h.shape[1]))
 
 
@@ -89,7 +100,7 @@ class Inf(Attack):
 
     name = "inf"
 
-    def forge(self, h, f, rng):
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
         return np.full(h.shape[1], np.inf)
 
 
@@ -102,30 +113,36 @@ class LargeDeviation(Attack):
     def __init__(self, scale: float = 1e6) -> None:
         self.scale = check_float("scale", scale)
 
-    def forge(self, h, f, rng):
-        return -self.scale * h.mean(axis=0, dtype=np.float64)
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        return -self.scale * _mean(h)
+
+
+class _Scaled(Attack):
+    """An attack with one real scale ``tau`` (either sign): what the optimal variants
+    search over."""
+
+    default_tau: ClassVar[float]
+
+    def __init__(self, tau: float | None = None) -> None:
+        self.tau = check_float("tau", self.default_tau if tau is None else tau, minimum=-np.inf)
 
 
 @_register
-class IPM(Attack):
+class IPM(_Scaled):
     name = "ipm"
+    default_tau = 2.0
 
-    def __init__(self, tau: float = 2.0) -> None:
-        self.tau = check_float("tau", tau, minimum=-np.inf)
-
-    def forge(self, h, f, rng):
-        return -self.tau * h.mean(axis=0, dtype=np.float64)
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        return -self.tau * _mean(h)
 
 
 @_register
-class ALIE(Attack):
+class ALIE(_Scaled):
     name = "alie"
+    default_tau = 1.5
 
-    def __init__(self, tau: float = 1.5) -> None:
-        self.tau = check_float("tau", tau, minimum=-np.inf)
-
-    def forge(self, h, f, rng):
-        mean = h.mean(axis=0, dtype=np.float64)
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        mean = _mean(h)
         std = h.std(axis=0, ddof=1, dtype=np.float64) if h.shape[0] > 1 else np.zeros_like(mean)
         return mean + self.tau * std
 
@@ -137,55 +154,54 @@ class Mimic(Attack):
     def __init__(self, idx: int = 0) -> None:
         self.idx = check_int("idx", idx)
 
-    def forge(self, h, f, rng):
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
         if self.idx >= h.shape[0]:
             raise ValueError(f"mimic: idx={self.idx} but only {h.shape[0]} honest updates")
-        return h[self.idx]
+        row: FloatArray = h[self.idx]
+        return row
 
 
-def _direction(h: np.ndarray, kind: str) -> np.ndarray:
-    mean = h.mean(axis=0, dtype=np.float64)
+def _direction(h: FloatArray, kind: str) -> F64:
+    mean = _mean(h)
     if kind == "std":
-        return h.std(axis=0, dtype=np.float64)
+        std: F64 = h.std(axis=0, dtype=np.float64)
+        return std
     if kind == "sign":
         return np.sign(mean)
-    norm = np.linalg.norm(mean)
+    norm = float(np.linalg.norm(mean))
     return mean / norm if norm > 0 else mean
 
 
+def _root(a: float, b: float, c: float, limit: float) -> float:
+    """Largest g >= 0 with a g^2 - 2 b g + c <= limit (inf when a == 0)."""
+    if a <= 0:
+        return 0.0 if c > limit else float("inf")
+    disc = b * b - a * (c - limit)
+    return max(0.0, (b + float(np.sqrt(max(disc, 0.0)))) / a)
+
+
 class _MinMaxBase(Attack):
-    """m - gamma * p with the largest gamma passing the distance test (closed form)."""
+    """m - gamma * p with the largest gamma passing the distance test (closed form).
+
+    ||m - g p - x_i||^2 = a g^2 - 2 b_i g + c_i with a = |p|^2, b_i = (m - x_i) . p and
+    c_i = |m - x_i|^2; ``gamma`` gets a, b, c and the honest squared distances.
+    """
 
     def __init__(self, direction: str = "std") -> None:
         if direction not in ("std", "sign", "unit"):
             raise ValueError(f"direction must be 'std', 'sign' or 'unit', got {direction!r}")
         self.direction = direction
 
-    def _quadratics(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        m = h.mean(axis=0, dtype=np.float64)
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        m = _mean(h)
         p = _direction(h, self.direction)
-        # ||m - g p - x_i||^2 = a g^2 - 2 b_i g + c_i
         diff = m[None, :] - h
-        a = float(p @ p)
-        b = diff @ p
-        c = np.einsum("ij,ij->i", diff, diff)
-        return m, p, np.full_like(b, a), np.stack([b, c])
-
-    def forge(self, h, f, rng):
-        m, p, a, bc = self._quadratics(h)
-        d2 = sq_dists_from_gram(centred_gram(h))
-        gamma = self._gamma(a, bc[0], bc[1], d2)
+        b: F64 = diff @ p
+        c: F64 = np.einsum("ij,ij->i", diff, diff)
+        gamma = self.gamma(float(p @ p), b, c, pairwise_sq_dists(h))
         return m - gamma * p
 
-    @staticmethod
-    def _root(a: float, b: float, c: float, limit: float) -> float:
-        """Largest g >= 0 with a g^2 - 2 b g + c <= limit (inf when a == 0)."""
-        if a <= 0:
-            return 0.0 if c > limit else float("inf")
-        disc = b * b - a * (c - limit)
-        return max(0.0, (b + np.sqrt(max(disc, 0.0))) / a)
-
-    def _gamma(self, a, b, c, d2) -> float:
+    def gamma(self, a: float, b: F64, c: F64, d2: F64) -> float:
         raise NotImplementedError
 
 
@@ -193,26 +209,24 @@ class _MinMaxBase(Attack):
 class MinMax(_MinMaxBase):
     name = "minmax"
 
-    def _gamma(self, a, b, c, d2):
+    def gamma(self, a: float, b: F64, c: F64, d2: F64) -> float:
         limit = float(d2.max())
-        return float(
-            min(self._root(float(a[i]), float(b[i]), float(c[i]), limit) for i in range(len(b)))
-        )
+        return min(_root(a, float(bi), float(ci), limit) for bi, ci in zip(b, c, strict=True))
 
 
 @_register
 class MinSum(_MinMaxBase):
     name = "minsum"
 
-    def _gamma(self, a, b, c, d2):
+    def gamma(self, a: float, b: F64, c: F64, d2: F64) -> float:
         limit = float(d2.sum(axis=1).max())
-        return self._root(float(a.sum()), float(b.sum()), float(c.sum()), limit)
+        return _root(a * len(b), float(b.sum()), float(c.sum()), limit)
 
 
 class _Optimal(Attack):
     """ByzFL's search over the attack scale tau against a known rule."""
 
-    base: ClassVar[Callable[[float], Attack]]
+    base: ClassVar[type[_Scaled]]
 
     def __init__(
         self,
@@ -236,13 +250,15 @@ class _Optimal(Attack):
         if not 0.5 < self.ratio < 1:
             raise ValueError(f"ratio must be in (0.5, 1), got {ratio!r}")
 
-    def _damage(self, h: np.ndarray, f: int, tau: float, mean: np.ndarray, rng) -> float:
-        byz = np.broadcast_to(type(self).base(tau).forge(h, f, rng), (f, h.shape[1]))
+    def _damage(
+        self, h: FloatArray, f: int, tau: float, mean: F64, rng: np.random.Generator
+    ) -> float:
+        byz = np.broadcast_to(self.base(tau).forge(h, f, rng), (f, h.shape[1]))
         agg = self.rule.aggregate(np.concatenate([h, byz.astype(h.dtype)]), None, rng=rng)
         return float(np.linalg.norm(np.asarray(agg, np.float64) - mean))
 
-    def search(self, h: np.ndarray, f: int, rng: np.random.Generator) -> float:
-        mean = h.mean(axis=0, dtype=np.float64)
+    def search(self, h: FloatArray, f: int, rng: np.random.Generator) -> float:
+        mean = _mean(h)
         best_x, delta = self.start, self.delta
         best_y = self._damage(h, f, best_x, mean, rng)
         left = self.evals - 1
@@ -262,9 +278,8 @@ class _Optimal(Attack):
             delta *= self.ratio
         return best_x
 
-    def forge(self, h, f, rng):
-        tau = self.search(h, f, rng)
-        return type(self).base(tau).forge(h, f, rng)
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        return self.base(self.search(h, f, rng)).forge(h, f, rng)
 
 
 @_register

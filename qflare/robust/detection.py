@@ -57,6 +57,9 @@ from typing import Any
 import numpy as np
 
 from ._core import (
+    F64,
+    BoolArray,
+    IntArray,
     as_batch,
     centre_gram,
     check_float,
@@ -125,7 +128,7 @@ class Thresholds:
             check_float(k, getattr(self, k), strict=True)
 
 
-def robust_z(v: np.ndarray, min_scale: float = 0.0, ref: np.ndarray | None = None) -> np.ndarray:
+def robust_z(v: F64, min_scale: float = 0.0, ref: BoolArray | None = None) -> F64:
     """Robust z of every entry of ``v``, median and MAD taken over ``v[ref]`` (default all)."""
     r = v if ref is None else v[ref]
     med = float(np.median(r))
@@ -134,7 +137,7 @@ def robust_z(v: np.ndarray, min_scale: float = 0.0, ref: np.ndarray | None = Non
     return (v - med) / scale
 
 
-def low_side_z(v: np.ndarray, ref: np.ndarray, trim: float, min_scale: float) -> np.ndarray:
+def low_side_z(v: F64, ref: BoolArray, trim: float, min_scale: float) -> F64:
     """Robust z of ``v`` whose median/MAD leave out the ``ref`` entries already below
     ``-trim`` by the plain robust z (one reweighting step): a one-sided contamination
     (many low values) then does not set its own scale. One step, not iterated to a fixed
@@ -147,7 +150,7 @@ def low_side_z(v: np.ndarray, ref: np.ndarray, trim: float, min_scale: float) ->
     return robust_z(v, min_scale=min_scale, ref=use)
 
 
-def neighbourhood_mean(v: np.ndarray, sim: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
+def neighbourhood_mean(v: F64, sim: F64, ref: BoolArray, k: int) -> F64:
     """Mean of ``v`` over each row and its ``k`` most similar ``ref`` rows (by ``sim``,
     larger is closer; a row is never its own neighbour)."""
     s = np.where(ref[None, :], sim, -np.inf)
@@ -156,10 +159,11 @@ def neighbourhood_mean(v: np.ndarray, sim: np.ndarray, ref: np.ndarray, k: int) 
     if k < 1:
         return v.copy()
     nn = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return (v + v[nn].sum(axis=1)) / (k + 1)
+    out: F64 = (v + v[nn].sum(axis=1)) / (k + 1)
+    return out
 
 
-def upper_z(v: np.ndarray, ref: np.ndarray, drop: int, min_scale: float) -> np.ndarray:
+def upper_z(v: F64, ref: BoolArray, drop: int, min_scale: float) -> F64:
     """Robust z of ``v`` with median/MAD over the ``ref`` entries left after dropping the
     ``drop`` lowest: up to ``drop`` low values (attackers) then cannot set the scale."""
     vals = np.sort(v[ref])[::-1]
@@ -170,7 +174,7 @@ def upper_z(v: np.ndarray, ref: np.ndarray, drop: int, min_scale: float) -> np.n
     return (v - med) / max(mad, min_scale, 1e-12)
 
 
-def duplicate_groups(d2: np.ndarray, ratio: float) -> np.ndarray:
+def duplicate_groups(d2: F64, ratio: float) -> BoolArray:
     """Mask of rows in a group of >= 2 (near-)copies that is a strict minority.
 
     Rows i, j are linked when their distance is at most ``ratio`` x the median pairwise
@@ -186,7 +190,7 @@ def duplicate_groups(d2: np.ndarray, ratio: float) -> np.ndarray:
     linked = dist <= ratio * scale
     np.fill_diagonal(linked, False)
     label = np.arange(n)
-    for i, j in zip(*np.nonzero(np.triu(linked))):
+    for i, j in zip(*np.nonzero(np.triu(linked)), strict=True):
         a, b = label[i], label[j]
         if a != b:
             label[label == b] = a
@@ -198,9 +202,7 @@ def duplicate_groups(d2: np.ndarray, ratio: float) -> np.ndarray:
     return out
 
 
-def _geomed_coef(
-    g: np.ndarray, iters: int = 50, eps: float = 1e-9, mask: np.ndarray | None = None
-) -> np.ndarray:
+def _geomed_coef(g: F64, iters: int = 50, eps: float = 1e-9, mask: BoolArray | None = None) -> F64:
     """Weiszfeld coefficients a (centre = sum_i a_i x_i) over the rows in ``mask``."""
     n = g.shape[0]
     if mask is not None and not mask.all():
@@ -214,16 +216,15 @@ def _geomed_coef(
         ga = g @ a
         dist = np.sqrt(np.maximum(diag - 2 * ga + a @ ga, 0.0))
         beta = 1.0 / np.maximum(dist, eps * (1 + dist.max()))
-        new = beta / beta.sum()
+        new: F64 = beta / beta.sum()
         if np.abs(new - a).max() < 1e-10:
             return new
         a = new
     return a
 
 
-def two_means(d2: np.ndarray, g: np.ndarray, iters: int = 20) -> tuple[np.ndarray, float]:
+def two_means(d2: F64, g: F64, iters: int = 20) -> tuple[IntArray, float]:
     """Labels (0/1) and separation (centre distance / mean within-group distance)."""
-    n = g.shape[0]
     i, j = np.unravel_index(int(np.argmax(d2)), d2.shape)
     labels = (d2[:, j] < d2[:, i]).astype(int)
     diag = np.diag(g)
@@ -291,7 +292,7 @@ def detect(
     g_raw = gram(xf)
     g = centre_gram(g_raw)
     d2 = sq_dists_from_gram(g)
-    scores: dict[str, np.ndarray] = {}
+    scores: dict[str, F64] = {}
     dup = duplicate_groups(d2, th.duplicate)
     ref = ~dup
     scores["duplicate"] = dup.astype(float)
@@ -300,10 +301,7 @@ def detect(
     k = int(ref.sum()) - f_left - 1
     to_ref = d2[:, ref].copy()
     to_ref[np.flatnonzero(ref), np.arange(int(ref.sum()))] = np.inf  # not oneself
-    if k > 0:
-        krum = np.sqrt(np.sort(to_ref, axis=1)[:, :k].mean(axis=1))
-    else:
-        krum = np.zeros(m)
+    krum = np.sqrt(np.sort(to_ref, axis=1)[:, :k].mean(axis=1)) if k > 0 else np.zeros(m)
     scores["krum"] = krum
     scores["krum_z"] = robust_z(
         krum, ref=ref, min_scale=_MIN_REL_SCALE * float(np.median(krum[ref]))
@@ -318,7 +316,7 @@ def detect(
     # Raw (uncentred) geometry for norms and cosines: x_i . z with z = sum_j a_j x_j.
     norms = np.sqrt(np.maximum(np.diag(g_raw), 0.0))
     dots = g_raw @ a
-    cnorm = float(np.sqrt(max(a @ dots, 0.0)))
+    cnorm = float(np.sqrt(max(float(a @ dots), 0.0)))
     cos = dots / np.maximum(norms * cnorm, 1e-30)
     scores["norm"] = norms
     scores["norm_z"] = robust_z(

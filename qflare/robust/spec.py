@@ -3,8 +3,9 @@
 ``"nnm+multikrum(f=3)"``: parts joined by ``+``; every part but the last is a
 pre-aggregator, the last is a rule; arguments are Python literals. The config forms
 build the same chain. A pre-aggregator that takes f and is given none inherits the
-rule's f: ``"nnm+multikrum(f=3)"`` is ``"nnm(f=3)+multikrum(f=3)"``. Config forms: a list of parts (strings or ``{"name": ..., **params}``), or a
-mapping ``{"rule": name | part, "pre": [parts], **params_of_the_rule}``.
+rule's f: ``"nnm+multikrum(f=3)"`` is ``"nnm(f=3)+multikrum(f=3)"``. Config forms: a
+list of parts (strings or ``{"name": ..., **params}``), or a mapping
+``{"rule": name | part, "pre": [parts], **params_of_the_rule}``.
 """
 
 from __future__ import annotations
@@ -73,14 +74,17 @@ def _as_part(item: Any) -> tuple[str, dict[str, Any]]:
     raise TypeError(f"rule part must be a string or mapping, got {type(item).__name__}")
 
 
-def _accepts(cls: type, key: str) -> bool:
-    return key in inspect.signature(cls.__init__).parameters
+Part = type[Aggregator] | type[PreAggregator]
 
 
-def _build(cls: type, name: str, params: dict[str, Any]) -> Any:
+def _accepts(cls: Part, key: str) -> bool:
+    return key in inspect.signature(cls).parameters
+
+
+def _build(cls: Part, name: str, params: dict[str, Any]) -> Aggregator | PreAggregator:
     for key in params:
         if not _accepts(cls, key):
-            allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+            allowed = list(inspect.signature(cls).parameters)
             raise TypeError(f"{name} takes no parameter {key!r}; it takes {allowed}")
     return cls(**params)
 
@@ -94,25 +98,26 @@ def get_rule(spec: str | Sequence[Any] | Mapping[str, Any], **overrides: Any) ->
             raise ValueError(f"rule config {dict(spec)!r} has no 'rule'")
         rname, rparams = _as_part(spec["rule"])
         rparams = {**rparams, **{k: v for k, v in spec.items() if k not in ("rule", "pre")}}
-        pres = spec.get("pre", [])
-        if isinstance(pres, (str, Mapping)):
-            pres = [pres]
-        parts = [_as_part(p) for p in pres] + [(rname, rparams)]
+        pre_parts = spec.get("pre", [])
+        if isinstance(pre_parts, (str, Mapping)):
+            pre_parts = [pre_parts]
+        parts = [_as_part(p) for p in pre_parts] + [(rname, rparams)]
     elif isinstance(spec, Sequence):
         parts = [_as_part(p) for p in spec]
     else:
         raise TypeError(f"rule spec must be a string, list or mapping, got {type(spec).__name__}")
     if not parts:
         raise ValueError("empty rule spec; expected e.g. 'median' or 'nnm+krum(f=2)'")
-    resolved = []
+    resolved: list[tuple[Part, str, dict[str, Any]]] = []
     for i, (name, params) in enumerate(parts):
         name = ALIASES.get(name, name)
-        table = RULES if i == len(parts) - 1 else PRE_AGGREGATORS
+        last = i == len(parts) - 1
+        table: Mapping[str, Part] = RULES if last else PRE_AGGREGATORS
         if name not in table:
-            kind = "rule" if table is RULES else "pre-aggregator"
+            kind = "rule" if last else "pre-aggregator"
             hint = (
                 ""
-                if name not in (PRE_AGGREGATORS if table is RULES else RULES)
+                if name not in (PRE_AGGREGATORS if last else RULES)
                 else (" (rules go last, pre-aggregators before them)")
             )
             raise ValueError(f"unknown {kind} {name!r}{hint}; known: {sorted(table)}")
@@ -131,6 +136,8 @@ def get_rule(spec: str | Sequence[Any] | Mapping[str, Any], **overrides: Any) ->
             if "f" not in params and _accepts(cls, "f"):
                 params["f"] = rule_f
     built = [_build(cls, name, params) for cls, name, params in resolved]
+    # The tables above put a rule last and only pre-aggregators before it.
     rule = built[-1]
-    pres: list[PreAggregator] = built[:-1]
+    assert isinstance(rule, Aggregator)
+    pres = [p for p in built[:-1] if isinstance(p, PreAggregator)]
     return Chain(pres, rule) if pres else rule

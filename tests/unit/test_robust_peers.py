@@ -49,7 +49,7 @@ def data(n: int, d: int, seed: int) -> np.ndarray:
 
 def fl(x: np.ndarray, counts: np.ndarray | None = None) -> list:
     counts = np.ones(len(x), int) if counts is None else counts
-    return [([row.astype(np.float64)], int(c)) for row, c in zip(x, counts)]
+    return [([row.astype(np.float64)], int(c)) for row, c in zip(x, counts, strict=True)]
 
 
 def close(a, b, tol: float = 2e-5) -> None:

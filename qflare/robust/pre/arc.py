@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import FParam, PreAggregator, register_pre
-from .._core import require, row_norms
+from .._core import F64, FloatArray, RngLike, require, row_norms
 from .clipping import clip_rows
 
 
@@ -21,7 +21,9 @@ from .clipping import clip_rows
 class ARC(FParam, PreAggregator):
     name = "arc"
 
-    def transform(self, x, w, *, rng=None):  # type: ignore[override]
+    def transform(
+        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
+    ) -> tuple[FloatArray, F64 | None]:
         n = x.shape[0]
         require(self.f <= n, self.name, f"needs f <= n, got f={self.f}, n={n}")
         # Integer arithmetic: ByzFL's int(2 * f / n * (n - f)) rounds below the floor at
@@ -32,6 +34,6 @@ class ARC(FParam, PreAggregator):
         norms = row_norms(x)
         order = np.argsort(norms, kind="stable")
         limit = norms[order[n - k - 1]]
-        limits = np.full(n, np.inf)
+        limits: F64 = np.full(n, np.inf)
         limits[order[n - k :]] = limit
         return clip_rows(x, limits, norms), w

@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .._base import PreAggregator, register_pre
-from .._core import check_int
+from .._core import F64, FloatArray, IntArray, RngLike, check_int
 
 
-def buckets(n: int, s: int, perm: np.ndarray) -> list[np.ndarray]:
+def buckets(n: int, s: int, perm: IntArray) -> list[IntArray]:
     return [perm[b : b + s] for b in range(0, n, s)]
 
 
@@ -31,14 +32,24 @@ class Bucketing(PreAggregator):
     def params(self) -> dict[str, Any]:
         return {"s": self.s}
 
-    def transform(self, x, w, *, rng=None, perm=None):  # type: ignore[override]
+    def transform(
+        self,
+        x: FloatArray,
+        w: F64 | None,
+        *,
+        rng: RngLike = None,
+        perm: npt.ArrayLike | None = None,
+    ) -> tuple[FloatArray, F64 | None]:
+        """``perm`` (tests: a peer's shuffle) replaces the one drawn from ``rng``."""
         n = x.shape[0]
         if perm is None:
             gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-            perm = gen.permutation(n)
-        groups = buckets(n, self.s, np.asarray(perm))
+            order = gen.permutation(n)
+        else:
+            order = np.asarray(perm, dtype=np.intp)
+        groups = buckets(n, self.s, order)
         out = np.empty((len(groups), x.shape[1]), dtype=x.dtype)
         for i, g in enumerate(groups):
             out[i] = x[g].mean(axis=0)  # s rows gathered at a time: no n x d temporary
-        wout = None if w is None else np.array([w[g].sum() for g in groups])
+        wout: F64 | None = None if w is None else np.array([w[g].sum() for g in groups])
         return out, wout

@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 
 from .._base import PreAggregator, register_pre
-from .._core import check_float, row_norms
+from .._core import F64, FloatArray, RngLike, check_float, row_norms
 
 
-def clip_rows(x: np.ndarray, limits: np.ndarray, norms: np.ndarray) -> np.ndarray:
+def clip_rows(x: FloatArray, limits: F64, norms: F64) -> FloatArray:
+    """New rows: row i scaled down to norm limits[i] where its norm is above it."""
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(norms > limits, limits / norms, 1.0)
-    return x * scale.astype(x.dtype)[:, None]
+    out: FloatArray = x * scale.astype(x.dtype)[:, None]
+    return out
 
 
 @register_pre
@@ -31,5 +33,7 @@ class Clipping(PreAggregator):
     def params(self) -> dict[str, Any]:
         return {"c": self.c}
 
-    def transform(self, x, w, *, rng=None):  # type: ignore[override]
+    def transform(
+        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
+    ) -> tuple[FloatArray, F64 | None]:
         return clip_rows(x, np.full(x.shape[0], self.c), row_norms(x)), w

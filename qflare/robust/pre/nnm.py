@@ -12,14 +12,16 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import FParam, PreAggregator, drop_nonfinite, register_pre
-from .._core import mm, pairwise_sq_dists, require
+from .._core import F64, FloatArray, RngLike, mm, pairwise_sq_dists, require
 
 
-def nnm_matrix(d2: np.ndarray, f: int) -> np.ndarray:
+def nnm_matrix(d2: F64, f: int) -> F64:
+    """Row i averages the n - f rows nearest row i (itself included; ties to the lower
+    index)."""
     n = d2.shape[0]
     k = n - f
     idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
-    m = np.zeros((n, n))
+    m: F64 = np.zeros((n, n))
     np.put_along_axis(m, idx, 1.0 / k, axis=1)
     return m
 
@@ -28,7 +30,9 @@ def nnm_matrix(d2: np.ndarray, f: int) -> np.ndarray:
 class NNM(FParam, PreAggregator):
     name = "nnm"
 
-    def transform(self, x, w, *, rng=None):  # type: ignore[override]
+    def transform(
+        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
+    ) -> tuple[FloatArray, F64 | None]:
         n = x.shape[0]
         require(self.f < n, self.name, f"needs f < n, got f={self.f}, n={n}")
         x, w, f = drop_nonfinite(x, w, self.f, self.name)

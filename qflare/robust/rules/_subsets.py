@@ -7,14 +7,13 @@ first subset as in ByzFL.
 from __future__ import annotations
 
 import itertools
-from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from math import comb
+from typing import ClassVar
 
 import numpy as np
 
-from .._base import drop_nonfinite
-from .._core import check_int, combine, require
+from .._core import F64, FloatArray, IntArray, check_int, combine, require
 from ._fbase import FRule
 
 DEFAULT_MAX_SUBSETS = 200_000
@@ -22,7 +21,7 @@ DEFAULT_MAX_SUBSETS = 200_000
 
 def subset_chunks(
     n: int, k: int, rule: str, max_subsets: int, chunk: int = 4096
-) -> Iterator[np.ndarray]:
+) -> Iterator[IntArray]:
     total = comb(n, k)
     require(
         total <= max_subsets,
@@ -40,35 +39,32 @@ def subset_chunks(
 class SubsetRule(FRule):
     """The (weighted) mean of the n - f updates whose subset scores lowest.
 
-    A subset's score is computed from its k x k block of an n x n matrix of the updates
-    (``pair_matrix``); exponential in n, so refused above ``max_subsets`` subsets.
+    A subset's score is computed from its k x k block of an n x n matrix of the updates;
+    exponential in n, so refused above ``max_subsets`` subsets.
     """
 
     weighted = True
+    #: the n x n matrix the subsets' blocks are taken from
+    pair_matrix: ClassVar[Callable[[FloatArray], F64]]
+    #: one score per [k, k] block of [m, k, k] blocks; the lowest wins
+    block_scores: ClassVar[Callable[[F64], F64]]
 
     def __init__(self, f: int = 0, max_subsets: int = DEFAULT_MAX_SUBSETS) -> None:
         super().__init__(f)
         self.max_subsets = check_int("max_subsets", max_subsets, minimum=1)
 
-    @abstractmethod
-    def pair_matrix(self, x: np.ndarray) -> np.ndarray:
-        """The n x n matrix the subsets' blocks are taken from."""
-
-    @abstractmethod
-    def block_scores(self, blocks: np.ndarray) -> np.ndarray:
-        """One score per [k, k] block of ``blocks`` [m, k, k]; lowest wins."""
-
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
-        self.check_n(x.shape[0])
-        x, w, f = drop_nonfinite(x, w, self.f, self.name)
+    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+        x, w, f = self.finite(x, w)
         n = x.shape[0]
-        m = self.pair_matrix(x)
-        best, best_score = None, np.inf
+        cls = type(self)
+        m = cls.pair_matrix(x)
+        best: IntArray = np.arange(n - f)
+        best_score = np.inf
         for c in subset_chunks(n, n - f, self.name, self.max_subsets):
-            scores = self.block_scores(m[c[:, :, None], c[:, None, :]])
+            scores = cls.block_scores(m[c[:, :, None], c[:, None, :]])
             i = int(np.argmin(scores))
             if scores[i] < best_score:
-                best, best_score = c[i], scores[i]
-        coef = np.zeros(n)
+                best, best_score = c[i], float(scores[i])
+        coef: F64 = np.zeros(n)
         coef[best] = 1.0 if w is None else w[best]
         return combine(x, coef / coef.sum())

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._base import drop_nonfinite, register_rule
-from .._core import closest_window_mean, median_from_sorted, pairwise_sq_dists, require
-from ._fbase import FRule
+from .._base import register_rule
+from .._core import (
+    F64,
+    FloatArray,
+    closest_window_mean,
+    median_from_sorted,
+    pairwise_sq_dists,
+    require,
+)
+from ._fbase import FiniteRule
 
 
-def bulyan_select(d2: np.ndarray, f: int, theta: int, neighbour_offset: int = 1) -> list[int]:
+def require_n(n: int, f: int) -> None:
+    require(n >= 4 * f + 3, "bulyan", f"needs n >= 4f + 3, got n={n}, f={f} (4f + 3 = {4 * f + 3})")
+
+
+def bulyan_select(d2: F64, f: int, theta: int, neighbour_offset: int = 1) -> list[int]:
     """Indices picked by repeated Krum over the remaining rows."""
     left = list(range(d2.shape[0]))
     picked: list[int] = []
@@ -32,9 +43,10 @@ def bulyan_select(d2: np.ndarray, f: int, theta: int, neighbour_offset: int = 1)
     return picked
 
 
-def bulyan(x: np.ndarray, f: int, neighbour_offset: int = 1) -> np.ndarray:
+def bulyan(x: FloatArray, f: int, neighbour_offset: int = 1) -> FloatArray:
+    """Bulyan of finite rows x."""
     n = x.shape[0]
-    require(n >= 4 * f + 3, "bulyan", f"needs n >= 4f + 3, got n={n}, f={f} (4f + 3 = {4 * f + 3})")
+    require_n(n, f)
     theta = n - 2 * f
     beta = theta - 2 * f
     picked = bulyan_select(pairwise_sq_dists(x), f, theta, neighbour_offset)
@@ -44,15 +56,9 @@ def bulyan(x: np.ndarray, f: int, neighbour_offset: int = 1) -> np.ndarray:
 
 
 @register_rule
-class Bulyan(FRule):
+class Bulyan(FiniteRule):
     name = "bulyan"
+    on_finite = bulyan
 
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
-        n = x.shape[0]
-        require(
-            n >= 4 * self.f + 3,
-            self.name,
-            f"needs n >= 4f + 3, got n={n}, f={self.f} (4f + 3 = {4 * self.f + 3})",
-        )
-        x, _, f = drop_nonfinite(x, None, self.f, self.name)
-        return bulyan(x, f)
+    def check_n(self, n: int) -> None:
+        require_n(n, self.f)

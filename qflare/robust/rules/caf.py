@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._base import drop_nonfinite, register_rule
-from .._core import centred_gram, combine
-from ._fbase import FRule
+from .._base import register_rule
+from .._core import F64, FloatArray, centred_gram, combine
+from ._fbase import FiniteRule
 
 
-def caf(x: np.ndarray, f: int, tau_over: str = "weighted") -> np.ndarray:
+def caf(x: FloatArray, f: int, tau_over: str = "weighted") -> F64:
     """CAF on finite rows; ``tau_over="all"`` reproduces ByzFL's tau_max (tests only)."""
     n = x.shape[0]
     g = centred_gram(x)
-    c = np.ones(n)
+    c: F64 = np.ones(n)
     best_a, best_val = c / n, np.inf
     while c.sum() > n - 2 * f:
         a = c / c.sum()
@@ -51,10 +51,6 @@ def caf(x: np.ndarray, f: int, tau_over: str = "weighted") -> np.ndarray:
 
 
 @register_rule
-class CAF(FRule):
+class CAF(FiniteRule):
     name = "caf"
-
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
-        self.check_n(x.shape[0])
-        x, _, f = drop_nonfinite(x, None, self.f, self.name)
-        return caf(x, f)
+    on_finite = caf

@@ -15,7 +15,17 @@ from typing import Any
 import numpy as np
 
 from .._base import Aggregator, register_rule
-from .._core import centre_gram, check_float, check_int, combine, finite_rows, gram, require
+from .._core import (
+    F64,
+    FloatArray,
+    centre_gram,
+    check_float,
+    check_int,
+    combine,
+    finite_rows,
+    gram,
+    require,
+)
 
 
 @register_rule
@@ -30,7 +40,7 @@ class GeometricMedian(Aggregator):
     def params(self) -> dict[str, Any]:
         return {"nu": self.nu, "T": self.T}
 
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
         mask = finite_rows(x)
         require(bool(mask.any()), self.name, f"all {x.shape[0]} updates are non-finite")
         if not mask.all():

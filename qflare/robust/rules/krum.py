@@ -12,40 +12,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._base import drop_nonfinite, register_rule
-from .._core import combine, finite_rows, gram, sq_dists_from_gram
+from .._base import register_rule
+from .._core import F64, FloatArray, combine, gram, sq_dists_from_gram
 from ._fbase import FRule
 
 
-def krum_scores(d2: np.ndarray, f: int) -> np.ndarray:
+def krum_scores(d2: F64, f: int) -> F64:
     """Sum of squared distances to the n - f - 1 nearest other rows."""
     n = d2.shape[0]
     k = n - f - 1
     if k <= 0:
         return np.zeros(n)
-    s = np.sort(d2, axis=1)[:, 1 : k + 1]
-    return s.sum(axis=1)
+    out: F64 = np.sort(d2, axis=1)[:, 1 : k + 1].sum(axis=1)
+    return out
 
 
-def gram_finite(x: np.ndarray, w: np.ndarray | None, f: int, rule: str):
-    """Gram matrix of x; non-finite rows are dropped (each counts against f) first."""
-    g = gram(x)
-    if np.all(np.isfinite(g)):
-        return x, w, f, g, None
-    mask = finite_rows(x)
-    x2, w2, f2 = drop_nonfinite(x, w, f, rule, mask)
-    return x2, w2, f2, gram(x2), mask
+def krum_setup(
+    rule: FRule, x: FloatArray, w: F64 | None
+) -> tuple[FloatArray, F64 | None, int, F64]:
+    """The finite rows, their weights, f less the rows dropped, and Krum scores."""
+    x, w, f = rule.finite(x, w)
+    return x, w, f, krum_scores(sq_dists_from_gram(gram(x)), f)
 
 
 @register_rule
 class Krum(FRule):
     name = "krum"
 
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
-        self.check_n(x.shape[0])
-        x, w, f, g, _ = gram_finite(x, w, self.f, self.name)
-        scores = krum_scores(sq_dists_from_gram(g), f)
-        return x[int(np.argmin(scores))].astype(np.float64)
+    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+        x, _, _, scores = krum_setup(self, x, w)
+        best: FloatArray = x[int(np.argmin(scores))]
+        return best
 
 
 @register_rule
@@ -53,13 +50,11 @@ class MultiKrum(FRule):
     name = "multikrum"
     weighted = True
 
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
-        self.check_n(x.shape[0])
-        x, w, f, g, _ = gram_finite(x, w, self.f, self.name)
+    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+        x, w, f, scores = krum_setup(self, x, w)
         n = x.shape[0]
-        scores = krum_scores(sq_dists_from_gram(g), f)
         chosen = np.argsort(scores, kind="stable")[: n - f]
-        coef = np.zeros(n)
+        coef: F64 = np.zeros(n)
         coef[chosen] = 1.0 if w is None else w[chosen]
         if coef.sum() == 0:
             coef[chosen] = 1.0

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._base import register_rule
-from .._core import check_int, combine, finite_rows, require, row_norms
+from .._core import F64, FloatArray, check_int, combine, finite_rows, require, row_norms
 from ._fbase import FRule
 
 
@@ -28,7 +28,7 @@ class MoNNA(FRule):
     def params(self) -> dict[str, Any]:
         return {"f": self.f, "idx": self.idx}
 
-    def aggregate(self, x, w, *, reference=None, rng=None):  # type: ignore[override]
+    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
         n = x.shape[0]
         self.check_n(n)
         require(self.idx < n, self.name, f"needs idx < n, got idx={self.idx}, n={n}")
@@ -46,6 +46,6 @@ class MoNNA(FRule):
             f"{n - int(ok.sum())} updates are non-finite but f={self.f}",
         )
         chosen = np.argsort(d2, kind="stable")[:k]
-        coef = np.zeros(n)
+        coef: F64 = np.zeros(n)
         coef[chosen] = 1.0 if w is None else w[chosen]
         return combine(x, coef / coef.sum())

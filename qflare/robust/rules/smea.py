@@ -14,23 +14,26 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import register_rule
-from .._core import centred_gram
+from .._core import F64, centred_gram
 from ._subsets import SubsetRule
+
+
+def top_scatter_eigenvalues(blocks: F64) -> F64:
+    """Top eigenvalue of each subset's scatter matrix, from its block of the Gram matrix
+    re-centred on the subset's own mean (the k x k Gram of the centred subset shares the
+    scatter's nonzero eigenvalues)."""
+    gs = (
+        blocks
+        - blocks.mean(axis=1, keepdims=True)
+        - blocks.mean(axis=2, keepdims=True)
+        + blocks.mean(axis=(1, 2), keepdims=True)
+    )
+    top: F64 = np.linalg.eigvalsh(gs)[:, -1]
+    return top
 
 
 @register_rule
 class SMEA(SubsetRule):
     name = "smea"
-
-    def pair_matrix(self, x: np.ndarray) -> np.ndarray:
-        return centred_gram(x)
-
-    def block_scores(self, blocks: np.ndarray) -> np.ndarray:
-        # re-centre each block on its own subset's mean: its top eigenvalue is the scatter's
-        gs = (
-            blocks
-            - blocks.mean(axis=1, keepdims=True)
-            - blocks.mean(axis=2, keepdims=True)
-            + blocks.mean(axis=(1, 2), keepdims=True)
-        )
-        return np.linalg.eigvalsh(gs)[:, -1]
+    pair_matrix = centred_gram
+    block_scores = top_scatter_eigenvalues

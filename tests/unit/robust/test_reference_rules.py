@@ -169,7 +169,9 @@ def ref_geomed_steps(x: Array, nu: float, T: int, w: Array | None = None) -> F64
     alpha = [v / sum(weights) for v in weights]
     z = np.zeros(x.shape[1])
     for _ in range(T):
-        beta = [a / max(nu, norm(np.asarray(r, np.float64) - z)) for a, r in zip(alpha, x)]
+        beta = [
+            a / max(nu, norm(np.asarray(r, np.float64) - z)) for a, r in zip(alpha, x, strict=True)
+        ]
         z = weighted_average(list(x), beta)
     return z
 
@@ -187,7 +189,10 @@ def ref_geometric_median(x: Array, w: Array | None = None) -> F64:
 
 def ref_geomed_steps_from(x: Array, z: F64, w: Array | None) -> F64:
     weights = unit_weights(len(x), w)
-    beta = [wi / max(1e-12, norm(np.asarray(r, np.float64) - z)) for wi, r in zip(weights, x)]
+    beta = [
+        wi / max(1e-12, norm(np.asarray(r, np.float64) - z))
+        for wi, r in zip(weights, x, strict=True)
+    ]
     return weighted_average(list(x), beta)
 
 
