@@ -14,11 +14,11 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from ._core import (
-    F64,
     ArrayLike,
     BoolArray,
     FloatArray,
     RngLike,
+    Weights,
     as_batch,
     check_int,
     finite_rows,
@@ -43,8 +43,8 @@ def register_pre(cls: _P) -> _P:
 
 
 def drop_nonfinite(
-    x: FloatArray, w: F64 | None, f: int, rule: str, mask: BoolArray | None = None
-) -> tuple[FloatArray, F64 | None, int]:
+    x: FloatArray, w: Weights, f: int, rule: str, mask: BoolArray | None = None
+) -> tuple[FloatArray, Weights, int]:
     """Remove rows holding NaN/Inf; each removed row uses up one of the f tolerated.
 
     A non-finite update is Byzantine beyond doubt, so dropping it and lowering f keeps
@@ -104,20 +104,12 @@ class Aggregator(_Named):
     ) -> ArrayLike:
         b = as_batch(updates, weights)
         w = b.weights
-        if w is not None and not self.weighted and not np.all(w == w[0]):
-            raise ValueError(
-                f"{self.name} has no weighted form; pass weights=None or equal weights"
-            )
+        refuse_unequal_weights(self, w, "pass weights=None or equal weights")
         ref = None if reference is None else as_reference(reference, b.x.shape[1])
         return b.back(self.aggregate(b.x, w, reference=ref, rng=rng))
 
     def aggregate(
-        self,
-        x: FloatArray,
-        w: F64 | None,
-        *,
-        reference: FloatArray | None = None,
-        rng: RngLike = None,
+        self, x: FloatArray, w: Weights, *, reference: FloatArray | None = None, rng: RngLike = None
     ) -> FloatArray:
         """The rule on a validated NumPy view; returns [d] (any float dtype).
 
@@ -126,7 +118,7 @@ class Aggregator(_Named):
         """
         return self.apply(x, w)
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         """The rule on validated rows and weights, for rules without call arguments."""
         raise NotImplementedError(f"{type(self).__name__} implements neither aggregate nor apply")
 
@@ -140,15 +132,15 @@ class PreAggregator(_Named):
         weights: Any = None,
         *,
         rng: RngLike = None,
-    ) -> tuple[ArrayLike, F64 | None]:
+    ) -> tuple[ArrayLike, Weights]:
         b = as_batch(updates, weights)
         out, w = self.transform(b.x, b.weights, rng=rng)
         return b.back(out), w
 
     @abstractmethod
     def transform(
-        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
-    ) -> tuple[FloatArray, F64 | None]:
+        self, x: FloatArray, w: Weights, *, rng: RngLike = None
+    ) -> tuple[FloatArray, Weights]:
         """New rows (never a view that aliases the input when values change)."""
 
 
@@ -168,24 +160,21 @@ class Chain(Aggregator):
         self.rule = rule
 
     def aggregate(
-        self,
-        x: FloatArray,
-        w: F64 | None,
-        *,
-        reference: FloatArray | None = None,
-        rng: RngLike = None,
+        self, x: FloatArray, w: Weights, *, reference: FloatArray | None = None, rng: RngLike = None
     ) -> FloatArray:
         gen = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
         for p in self.pres:
             x, w = p.transform(x, w, rng=gen)
-        if w is not None and not self.rule.weighted and not np.all(w == w[0]):
-            raise ValueError(
-                f"{self.rule.name} has no weighted form; its pre-aggregators left unequal weights"
-            )
+        refuse_unequal_weights(self.rule, w, "its pre-aggregators left unequal weights")
         return self.rule.aggregate(x, w, reference=reference, rng=gen)
 
     def __repr__(self) -> str:
         return "+".join([repr(p) for p in self.pres] + [repr(self.rule)])
+
+
+def refuse_unequal_weights(rule: Aggregator, w: Weights, fix: str) -> None:
+    if w is not None and not rule.weighted and not np.all(w == w[0]):
+        raise ValueError(f"{rule.name} has no weighted form; {fix}")
 
 
 def as_reference(reference: ArrayLike, d: int) -> FloatArray:

@@ -19,6 +19,8 @@ import torch
 #: updates as the rules see them: float32 or float64 rows
 FloatArray: TypeAlias = npt.NDArray[np.floating[Any]]
 F64: TypeAlias = npt.NDArray[np.float64]
+#: optional per-update weights [n], validated by ``check_weights``
+Weights: TypeAlias = F64 | None
 BoolArray: TypeAlias = npt.NDArray[np.bool_]
 IntArray: TypeAlias = npt.NDArray[np.intp]
 #: what a rule accepts and returns: a NumPy array or a CPU tensor
@@ -52,7 +54,7 @@ class Batch:
     """A validated [n, d] input as a NumPy view plus how to hand results back."""
 
     x: FloatArray
-    weights: F64 | None
+    weights: Weights
     is_torch: bool
 
     @property
@@ -86,7 +88,7 @@ def as_batch(updates: Any, weights: Any = None) -> Batch:
     return Batch(x, check_weights(weights, x.shape[0]), is_torch)
 
 
-def check_weights(weights: Any, n: int) -> F64 | None:
+def check_weights(weights: Any, n: int) -> Weights:
     """Validate optional per-update weights: [n], finite, >= 0, positive sum."""
     if weights is None:
         return None
@@ -199,7 +201,7 @@ def pairwise_sq_dists(x: FloatArray) -> F64:
     return sq_dists_from_gram(gram(x))
 
 
-def weighted_mean(x: FloatArray, w: F64 | None) -> FloatArray:
+def weighted_mean(x: FloatArray, w: Weights) -> FloatArray:
     """Mean of rows: unweighted in x's dtype, weighted as float64 via one GEMV."""
     if w is None:
         out: FloatArray = x.mean(axis=0)  # float32 accumulation over n rows: fast, exact enough

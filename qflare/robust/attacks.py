@@ -104,19 +104,6 @@ class Inf(Attack):
         return np.full(h.shape[1], np.inf)
 
 
-@_register
-class LargeDeviation(Attack):
-    """A finite update far away: -scale times the honest mean."""
-
-    name = "large"
-
-    def __init__(self, scale: float = 1e6) -> None:
-        self.scale = check_float("scale", scale)
-
-    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
-        return -self.scale * _mean(h)
-
-
 class _Scaled(Attack):
     """An attack with one real scale ``tau`` (either sign): what the optimal variants
     search over."""
@@ -134,6 +121,17 @@ class IPM(_Scaled):
 
     def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
         return -self.tau * _mean(h)
+
+
+@_register
+class LargeDeviation(IPM):
+    """A finite update far away: -scale times the honest mean (IPM with a huge scale)."""
+
+    name = "large"
+
+    def __init__(self, scale: float = 1e6) -> None:
+        self.scale = check_float("scale", scale)
+        super().__init__(self.scale)
 
 
 @_register

@@ -10,7 +10,7 @@ Pure: the state exports to and imports from plain dicts (the detector service pe
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._core import check_float, check_int
@@ -24,12 +24,7 @@ class ClientRecord:
     quarantined_until: int = -1  # last round of the quarantine; -1 when never
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "score": self.score,
-            "last_round": self.last_round,
-            "offences": self.offences,
-            "quarantined_until": self.quarantined_until,
-        }
+        return asdict(self)
 
 
 class Reputation:

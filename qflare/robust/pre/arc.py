@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import FParam, PreAggregator, register_pre
-from .._core import F64, FloatArray, RngLike, require, row_norms
+from .._core import F64, FloatArray, RngLike, Weights, require, row_norms
 from .clipping import clip_rows
 
 
@@ -22,8 +22,8 @@ class ARC(FParam, PreAggregator):
     name = "arc"
 
     def transform(
-        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
-    ) -> tuple[FloatArray, F64 | None]:
+        self, x: FloatArray, w: Weights, *, rng: RngLike = None
+    ) -> tuple[FloatArray, Weights]:
         n = x.shape[0]
         require(self.f <= n, self.name, f"needs f <= n, got f={self.f}, n={n}")
         # Integer arithmetic: ByzFL's int(2 * f / n * (n - f)) rounds below the floor at

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._base import PreAggregator, register_pre
-from .._core import F64, FloatArray, IntArray, RngLike, check_int
+from .._core import FloatArray, IntArray, RngLike, Weights, check_int
 
 
 def buckets(n: int, s: int, perm: IntArray) -> list[IntArray]:
@@ -35,11 +35,11 @@ class Bucketing(PreAggregator):
     def transform(
         self,
         x: FloatArray,
-        w: F64 | None,
+        w: Weights,
         *,
         rng: RngLike = None,
         perm: npt.ArrayLike | None = None,
-    ) -> tuple[FloatArray, F64 | None]:
+    ) -> tuple[FloatArray, Weights]:
         """``perm`` (tests: a peer's shuffle) replaces the one drawn from ``rng``."""
         n = x.shape[0]
         if perm is None:
@@ -51,5 +51,5 @@ class Bucketing(PreAggregator):
         out = np.empty((len(groups), x.shape[1]), dtype=x.dtype)
         for i, g in enumerate(groups):
             out[i] = x[g].mean(axis=0)  # s rows gathered at a time: no n x d temporary
-        wout: F64 | None = None if w is None else np.array([w[g].sum() for g in groups])
+        wout: Weights = None if w is None else np.array([w[g].sum() for g in groups])
         return out, wout

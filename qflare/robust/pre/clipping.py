@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._base import PreAggregator, register_pre
-from .._core import F64, FloatArray, RngLike, check_float, row_norms
+from .._core import F64, FloatArray, RngLike, Weights, check_float, row_norms
 
 
 def clip_rows(x: FloatArray, limits: F64, norms: F64) -> FloatArray:
@@ -34,6 +34,6 @@ class Clipping(PreAggregator):
         return {"c": self.c}
 
     def transform(
-        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
-    ) -> tuple[FloatArray, F64 | None]:
+        self, x: FloatArray, w: Weights, *, rng: RngLike = None
+    ) -> tuple[FloatArray, Weights]:
         return clip_rows(x, np.full(x.shape[0], self.c), row_norms(x)), w

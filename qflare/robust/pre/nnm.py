@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import FParam, PreAggregator, drop_nonfinite, register_pre
-from .._core import F64, FloatArray, RngLike, mm, pairwise_sq_dists, require
+from .._core import F64, FloatArray, RngLike, Weights, mm, pairwise_sq_dists, require
 
 
 def nnm_matrix(d2: F64, f: int) -> F64:
@@ -31,8 +31,8 @@ class NNM(FParam, PreAggregator):
     name = "nnm"
 
     def transform(
-        self, x: FloatArray, w: F64 | None, *, rng: RngLike = None
-    ) -> tuple[FloatArray, F64 | None]:
+        self, x: FloatArray, w: Weights, *, rng: RngLike = None
+    ) -> tuple[FloatArray, Weights]:
         n = x.shape[0]
         require(self.f < n, self.name, f"needs f < n, got f={self.f}, n={n}")
         x, w, f = drop_nonfinite(x, w, self.f, self.name)

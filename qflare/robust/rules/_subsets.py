@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._core import F64, FloatArray, IntArray, check_int, combine, require
+from .._core import F64, FloatArray, IntArray, Weights, check_int, combine, require
 from ._fbase import FRule
 
 DEFAULT_MAX_SUBSETS = 200_000
@@ -53,7 +53,7 @@ class SubsetRule(FRule):
         super().__init__(f)
         self.max_subsets = check_int("max_subsets", max_subsets, minimum=1)
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         x, w, f = self.finite(x, w)
         n = x.shape[0]
         cls = type(self)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._base import Aggregator, drop_nonfinite, register_rule
-from .._core import F64, FloatArray, RngLike, check_float, check_int, combine, row_norms
+from .._core import FloatArray, RngLike, Weights, check_float, check_int, combine, row_norms
 
 
 @register_rule
@@ -34,12 +34,7 @@ class CenteredClipping(Aggregator):
         return {"tau": self.tau, "L": self.L}
 
     def aggregate(
-        self,
-        x: FloatArray,
-        w: F64 | None,
-        *,
-        reference: FloatArray | None = None,
-        rng: RngLike = None,
+        self, x: FloatArray, w: Weights, *, reference: FloatArray | None = None, rng: RngLike = None
     ) -> FloatArray:
         x, w, _ = drop_nonfinite(x, w, x.shape[0] - 1 if self.f is None else self.f, self.name)
         n = x.shape[0]

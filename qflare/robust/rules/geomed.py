@@ -16,8 +16,8 @@ import numpy as np
 
 from .._base import Aggregator, register_rule
 from .._core import (
-    F64,
     FloatArray,
+    Weights,
     centre_gram,
     check_float,
     check_int,
@@ -40,7 +40,7 @@ class GeometricMedian(Aggregator):
     def params(self) -> dict[str, Any]:
         return {"nu": self.nu, "T": self.T}
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         mask = finite_rows(x)
         require(bool(mask.any()), self.name, f"all {x.shape[0]} updates are non-finite")
         if not mask.all():

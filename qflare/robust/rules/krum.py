@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import register_rule
-from .._core import F64, FloatArray, combine, gram, sq_dists_from_gram
+from .._core import F64, FloatArray, Weights, combine, gram, sq_dists_from_gram
 from ._fbase import FRule
 
 
@@ -27,9 +27,7 @@ def krum_scores(d2: F64, f: int) -> F64:
     return out
 
 
-def krum_setup(
-    rule: FRule, x: FloatArray, w: F64 | None
-) -> tuple[FloatArray, F64 | None, int, F64]:
+def krum_setup(rule: FRule, x: FloatArray, w: Weights) -> tuple[FloatArray, Weights, int, F64]:
     """The finite rows, their weights, f less the rows dropped, and Krum scores."""
     x, w, f = rule.finite(x, w)
     return x, w, f, krum_scores(sq_dists_from_gram(gram(x)), f)
@@ -39,7 +37,7 @@ def krum_setup(
 class Krum(FRule):
     name = "krum"
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         x, _, _, scores = krum_setup(self, x, w)
         best: FloatArray = x[int(np.argmin(scores))]
         return best
@@ -50,7 +48,7 @@ class MultiKrum(FRule):
     name = "multikrum"
     weighted = True
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         x, w, f, scores = krum_setup(self, x, w)
         n = x.shape[0]
         chosen = np.argsort(scores, kind="stable")[: n - f]

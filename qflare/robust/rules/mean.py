@@ -7,7 +7,7 @@ Data", AISTATS 2017. Not robust (one update moves it arbitrarily); requirement: 
 from __future__ import annotations
 
 from .._base import Aggregator, register_rule
-from .._core import F64, FloatArray, weighted_mean
+from .._core import FloatArray, Weights, weighted_mean
 
 
 @register_rule
@@ -15,5 +15,5 @@ class Mean(Aggregator):
     name = "mean"
     weighted = True
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         return weighted_mean(x, w)

@@ -10,12 +10,12 @@ updates are tolerated like any other outlier.
 from __future__ import annotations
 
 from .._base import Aggregator, register_rule
-from .._core import F64, FloatArray, median_from_sorted, sorted_rows
+from .._core import FloatArray, Weights, median_from_sorted, sorted_rows
 
 
 @register_rule
 class Median(Aggregator):
     name = "median"
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         return median_from_sorted(sorted_rows(x))

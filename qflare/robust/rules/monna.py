@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._base import register_rule
-from .._core import F64, FloatArray, check_int, combine, finite_rows, require, row_norms
+from .._core import F64, FloatArray, Weights, check_int, combine, finite_rows, require, row_norms
 from ._fbase import FRule
 
 
@@ -28,7 +28,7 @@ class MoNNA(FRule):
     def params(self) -> dict[str, Any]:
         return {"f": self.f, "idx": self.idx}
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         n = x.shape[0]
         self.check_n(n)
         require(self.idx < n, self.name, f"needs idx < n, got idx={self.idx}, n={n}")

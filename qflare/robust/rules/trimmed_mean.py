@@ -8,7 +8,7 @@ aggregate_trimmed_avg(p) cuts int(p * n) per side.
 from __future__ import annotations
 
 from .._base import register_rule
-from .._core import F64, FloatArray, sorted_rows
+from .._core import FloatArray, Weights, sorted_rows
 from ._fbase import FRule
 
 
@@ -16,7 +16,7 @@ from ._fbase import FRule
 class TrimmedMean(FRule):
     name = "trimmed_mean"
 
-    def apply(self, x: FloatArray, w: F64 | None) -> FloatArray:
+    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         n = x.shape[0]
         self.check_n(n)
         rows = x if self.f == 0 else sorted_rows(x)[self.f : n - self.f]
