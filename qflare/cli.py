@@ -7,7 +7,8 @@ raises.
 
 :func:`main` is the one place errors are reported: whatever a command raises becomes one
 line on stderr, ``qflare <command>: <what went wrong>``, never a traceback, and the exit
-code says what kind of failure it was:
+code says what kind of failure it was (a command line that does not parse raises
+``SystemExit(2)``, as argparse does):
 
 - 2: usage: bad flags, a bad or missing configuration, a value a command cannot use
   (:class:`~qflare.errors.UsageError`, and any QFLARE ``ValueError``/``TypeError``);
@@ -130,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             line += f" (see `{prog} --help`)"
         with contextlib.suppress(OSError, ValueError):  # stderr gone: the exit code says it
             print(line, file=sys.stderr, flush=True)
+        if isinstance(exc, ArgumentError) and parser is not None:
+            # argparse's convention, which callers of main() rely on: a command line that
+            # does not parse exits (code 2) rather than returning
+            raise SystemExit(EXIT_USAGE) from None
         return exit_code(exc)
 
 

@@ -3,7 +3,8 @@
 The first three read the services' SQLite files read-only (WAL lets them do so while the
 services write): the aggregator's jobs, rounds and models, the detector's reputation, the
 alerting history. A file or table that does not exist yet (a service that never ran) is
-reported as empty, not as an error. ``revoke`` issues a new revocation list through
+reported as empty, not as an error; a configuration, a data folder or a file that cannot be
+read is one line on stderr (:func:`qflare.cli.main`). ``revoke`` issues a new revocation list through
 :func:`qflare.crypto.provision.revoke`, which rewrites ``crl.qrl`` in every identity folder;
 ingest re-reads its copy when the file changes, so the revocation takes effect on the next
 update without a restart.
@@ -15,7 +16,6 @@ import argparse
 import contextlib
 import json
 import sqlite3
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,11 +49,17 @@ def _db(data_dir: Path, service: str) -> Iterator[sqlite3.Connection | None]:
     if not path.exists():
         yield None
         return
+    from qflare.errors import CommandFailed
     from qflare.runtime.sqlite import open_readonly
 
-    conn = open_readonly(path)
+    try:
+        conn = open_readonly(path)
+    except sqlite3.Error as exc:
+        raise CommandFailed(f"cannot read {path}: {exc}") from None
     try:
         yield conn
+    except sqlite3.Error as exc:
+        raise CommandFailed(f"cannot read {path}: {exc}") from None
     finally:
         conn.close()
 
@@ -405,14 +411,13 @@ def run_clients(args: argparse.Namespace) -> int:
 def run_revoke(args: argparse.Namespace) -> int:
     from qflare.crypto.keystore import passphrase_from_env
     from qflare.crypto.provision import revoke
+    from qflare.errors import UsageError
 
     settings = _settings(args)
     if settings.pki_dir is None:
-        print(
-            "qflare revoke: give --pki-dir (the folder `qflare provision` wrote) or set QFLARE_PKI_DIR",
-            file=sys.stderr,
+        raise UsageError(
+            "give --pki-dir (the folder `qflare provision` wrote) or set QFLARE_PKI_DIR"
         )
-        return 2
     try:
         passphrase = (
             passphrase_from_env(args.passphrase_env)
@@ -421,8 +426,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         )
         crl = revoke(settings.pki_dir, args.clients, passphrase)
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        print(f"qflare revoke: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     print(
         f"revoked {', '.join(args.clients)}: revocation list #{crl.number} ({len(crl.serials)} "
         f"certificates) written to every kit under {settings.pki_dir}; ingest applies it on its next update"

@@ -299,9 +299,13 @@ def definitions_for_kit(kit: Path, *, vhost: str, prefix: str, example: bool) ->
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from qflare.commands._common import output_file
+    from qflare.errors import UsageError
+
     if args.kit is None and not args.clients:
-        print("give --kit DIR (a `qflare provision` folder) or --clients ID ...", file=sys.stderr)
-        return 2
+        raise UsageError("give --kit DIR (a `qflare provision` folder) or --clients ID ...")
+    if args.out != "-":
+        output_file(args.out)
     try:
         if args.kit is not None:
             doc = definitions_for_kit(
@@ -315,8 +319,7 @@ def _cmd(args: argparse.Namespace) -> int:
                 prefix=args.prefix,
             )
     except ValueError as exc:
-        print(f"qflare broker-definitions: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     text = json.dumps(doc, indent=2, sort_keys=False) + "\n"
     if args.out == "-":
         sys.stdout.write(text)

@@ -19,18 +19,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_docs(args: argparse.Namespace) -> int:
+    from qflare.commands._common import output_file
+    from qflare.errors import CommandFailed
     from qflare.messages.docs import render_reference
 
+    if args.out != "-" and not args.check:
+        output_file(args.out)
     text = render_reference()
     if args.out == "-":
         sys.stdout.write(text)
         return 0
     path = Path(args.out)
     if args.check:
-        current = path.read_text() if path.exists() else ""
+        current = path.read_text() if path.is_file() else ""
         if current != text:
-            print(f"{path} is out of date; run: qflare messages docs --out {path}", file=sys.stderr)
-            return 1
+            raise CommandFailed(f"{path} is out of date; run: qflare messages docs --out {path}")
         return 0
     path.write_text(text)
     return 0

@@ -4,7 +4,7 @@
 client sampling at rate q and noise multiplier z; ``plan`` inverts it for z or for T. The
 numbers hold under the assumptions in docs/privacy.md (user-level add/remove neighbours,
 Poisson sampling, no data-dependent filtering before the noisy sum) and no further.
-Bad arguments exit with code 2 and a message naming the value.
+Bad arguments exit with code 2 and one line naming the value (:func:`qflare.cli.main`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:  # qflare.privacy loads dp_accounting and scipy (about 1 s): only in handlers
     from qflare.privacy import PrivacyError
@@ -86,9 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.set_defaults(func=_plan)
 
 
-def _fail(error: PrivacyError) -> int:
-    print(f"qflare privacy: error: {error.detail}", file=sys.stderr)
-    return 2
+def _fail(error: PrivacyError) -> NoReturn:
+    from qflare.errors import UsageError
+
+    raise UsageError(error.detail) from None
 
 
 def _epsilon(args: argparse.Namespace) -> int:

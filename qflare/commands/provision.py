@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from qflare.crypto.keystore import passphrase_from_env
 from qflare.crypto.provision import provision
@@ -46,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qflare.errors import UsageError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a file; give a folder")
     try:
         passphrase = passphrase_from_env(args.passphrase_env)
         fed = provision(
@@ -58,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
         )
     except (ValueError, FileExistsError) as exc:
-        print(f"qflare provision: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     encrypted = "encrypted" if passphrase else "UNENCRYPTED (no --passphrase-env)"
     print(f"CA          {fed.root / 'ca'}  (keep ca/key.pem offline)")
     print(f"services    {', '.join(fed.services)}  under {fed.root / 'services'}")

@@ -1,6 +1,7 @@
 """``qflare simulate``: a federated job with simulated participants, under attack, reported.
 
-Every setting is checked before anything starts (exit code 2 with the reason); a run
+Every setting is checked before anything starts (exit code 2 with the reason, on one line:
+:func:`qflare.cli.main`), the output folder and the broker's login too; a run
 writes report.json, report.md and plots into ``--out``. ``--sweep`` runs a grid of
 attacks x rules and writes one comparison table and a heat map.
 """
@@ -11,8 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-EXIT_BAD_OPTIONS = 2
-EXIT_FAILED = 1
+from qflare.commands._common import DefaultsHelpFormatter, output_folder
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
         help="run a federated job with simulated clients (attacks, defences, DP) and write a report",
         description="Run a federated job with simulated participants against the real services "
         "(embedded bus by default, RabbitMQ with --broker amqp://...) and write a report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     g = p.add_argument_group("federation")
     g.add_argument(
@@ -187,11 +187,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from qflare.errors import CommandFailed, UsageError
     from qflare.sim.config import SimConfigError
     from qflare.sim.run import prepare, run_simulation
 
     console = Console(stderr=False)
-    err = Console(stderr=True)
     if args.out is None:
         args.out = Path("runs/sweep" if args.sweep else "runs/simulate")
     if args.list:
@@ -204,14 +204,16 @@ def main(args: argparse.Namespace) -> int:
             raise SimConfigError(
                 "--tui watches the services; it does not combine with --direct or --sweep"
             )
+        _check_rule(args.rule, args.byzantine)
         config = prepare(config_from_args(args), broker=args.broker)
         if args.sweep:
             from qflare.sim.sweep import plan_sweep, run_sweep
 
             plan = plan_sweep(config, args.sweep_attacks, args.sweep_rules)
     except SimConfigError as exc:
-        err.print(f"[bold red]qflare simulate:[/] {exc}")
-        return EXIT_BAD_OPTIONS
+        raise UsageError(str(exc)) from None
+    _check_login(args.broker)
+    output_folder(args.out)
     from qflare.bus import BusError
     from qflare.sim.services import SimulationFailed
 
@@ -236,8 +238,30 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except BusError as exc:
-        err.print(f"[bold red]qflare simulate:[/] the broker failed ({exc.reason}): {exc}")
-        return EXIT_FAILED
+        raise CommandFailed(f"the broker failed: {exc}") from None
     except (SimulationFailed, TimeoutError) as exc:
-        err.print(f"[bold red]qflare simulate:[/] the run did not finish: {exc}")
-        return EXIT_FAILED
+        raise CommandFailed(f"the run did not finish: {exc}") from None
+
+
+def _check_rule(rule: str, byzantine: int) -> None:
+    """The rule spec alone, by the robust core's parser, before the settings that depend on
+    it (an attack that adapts to the rule) are checked: a mistake in it is named as such."""
+    from qflare.runtime.config import check_rule_spec
+    from qflare.sim.config import SimConfigError
+
+    try:
+        check_rule_spec(rule, max(byzantine, 0))
+    except ValueError as exc:
+        raise SimConfigError(f"--rule {rule!r}: {exc}") from None
+
+
+def _check_login(broker: str) -> None:
+    """A broker that refuses the login says so now, in one line, not after the services'
+    connect retries (the simulator's own check only opens a TCP connection)."""
+    if broker.startswith("memory"):
+        return
+    import asyncio
+
+    from qflare.runtime.preflight import connect_timeout_from_env, wait_for_broker
+
+    asyncio.run(wait_for_broker(broker, connect_timeout_from_env()))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_BAD_OPTIONS = 2
+from qflare.commands._common import DefaultsHelpFormatter
 
 
 def _budget(text: str) -> tuple[str, float]:
@@ -30,7 +29,7 @@ def register(subparsers: Any) -> None:
         "Keys: p pause/resume the feed, f filter alerts (sev:warning kind:client.flagged "
         "client:client-003 words), s cycle the minimum severity, a acknowledge, d details, "
         "q quit.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--broker",
@@ -84,8 +83,11 @@ def load_trust_from(path: Path) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
+    import asyncio
     import time
 
+    from qflare.errors import UsageError
+    from qflare.runtime.preflight import connect_timeout_from_env, wait_for_broker
     from qflare.tui.console import build_console
     from qflare.tui.events import JobDeclared
 
@@ -98,9 +100,12 @@ def main(args: argparse.Namespace) -> int:
                 "the in-memory bus lives inside one process: use "
                 "`qflare simulate --tui` to watch it, or --broker amqp://..."
             )
+        if not args.broker.startswith(("amqp://", "amqps://")):
+            raise ValueError(f"--broker must be an amqp:// or amqps:// URL, got {args.broker!r}")
     except (ValueError, OSError) as exc:
-        print(f"qflare tui: {exc}", file=sys.stderr)
-        return EXIT_BAD_OPTIONS
+        raise UsageError(str(exc)) from None
+    # before the screen takes the terminal: a refused login or an absent broker is one line
+    asyncio.run(wait_for_broker(args.broker, connect_timeout_from_env()))
     now = time.time()
     jobs = [JobDeclared(job, 0, now, epsilon_budget=eps) for job, eps in args.budget]
     app = build_console(

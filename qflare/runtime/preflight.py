@@ -90,6 +90,20 @@ async def _connect_once_ready(url: str, timeout: float, user: str, vhost: str, w
         return
 
 
+def connect_timeout_from_env(default: float = 30.0) -> float:
+    """``$QFLARE_CONNECT_TIMEOUT_S`` for commands that take no configuration file."""
+    text = os.environ.get("QFLARE_CONNECT_TIMEOUT_S")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"QFLARE_CONNECT_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _first(exc: BaseException) -> str:
     args = [a for a in exc.args if not isinstance(a, int)]  # (errno, text) from aiormq
     text = str(args[0]) if args else str(exc)

@@ -7,13 +7,14 @@ services themselves, not from their log lines, so any log format works.
 
 Fail fast: a child that exits, or is not ready within ``start_timeout_s``, before every
 service is up stops the ones already started, and ``up`` fails (exit code 1). SIGTERM or
-SIGINT at any time spawns nothing more and stops every child (SIGTERM, then SIGKILL after
-``grace_s``; a second signal kills at once); nothing is left behind. Once all are ready, a
+SIGINT at any time spawns nothing more and stops every child, one at a time in reverse
+start order (SIGTERM, then SIGKILL after ``grace_s``; a second signal kills at once);
+nothing is left behind. Once all are ready, a
 child that dies is restarted on its own port unless ``restart`` is off.
 
 Children run in their own process group, so a Ctrl-C in the terminal reaches the
-supervisor only and it stops them in reverse start order (producers before consumers); on
-Linux each child also gets SIGTERM if the supervisor itself dies.
+supervisor only and it stops them in order; on Linux each child also gets SIGTERM if the
+supervisor itself dies.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Supervisor:
         host: str = "127.0.0.1",
         start_timeout_s: float = 120.0,
         restart: bool = True,
-        grace_s: float = 30.0,
+        grace_s: float = 20.0,
         out: TextIO | None = None,
     ) -> None:
         self.children = list(children)
@@ -204,26 +205,24 @@ class Supervisor:
 
     # -- stopping --------------------------------------------------------------------------
     def _stop_all(self) -> None:
+        """SIGTERM each running child in reverse start order, waiting for each (up to
+        ``grace_s``, then SIGKILL) before the next, so consumers outlive their producers."""
         self._stopping = True
-        running = [c for c in reversed(self.children) if c.proc and c.proc.poll() is None]
-        for child in running:
+        for child in reversed(self.children):
+            proc = child.proc
+            if proc is None or proc.poll() is not None:
+                continue
             with contextlib.suppress(ProcessLookupError):
-                assert child.proc is not None
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        for child in running:
-            assert child.proc is not None
-            while child.proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace_s
+            while proc.poll() is None:
                 if time.monotonic() > deadline or self._force:
                     self.say(f"{child.label} did not stop in time; killing it")
                     with contextlib.suppress(ProcessLookupError):
-                        child.proc.kill()
-                    child.proc.wait()
+                        proc.kill()
+                    proc.wait()
                     break
                 time.sleep(0.05)
-        for child in self.children:
-            if child.proc is not None:
-                child.proc.poll()  # reap
 
 
 def _die_with_parent() -> Callable[[], None] | None:

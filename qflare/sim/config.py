@@ -155,7 +155,8 @@ def validate(config: SimConfig) -> None:
     try:
         robust_glue.check_attack(config.attack, config.attack_options, config.rule_spec)
     except (ValueError, TypeError) as exc:
-        fail(f"--attack {config.attack} with options {config.attack_options}: {exc}")
+        given = f" with options {config.attack_options}" if config.attack_options else ""
+        fail(f"--attack {config.attack}{given}: {exc}")
     if config.attack != NO_ATTACK and config.byzantine == 0:
         fail(f"--attack {config.attack} needs --byzantine >= 1 (or use --attack none)")
     try:
