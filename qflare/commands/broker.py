@@ -290,10 +290,12 @@ def definitions_for_kit(kit: Path, *, vhost: str, prefix: str, example: bool) ->
         folder = kit / "clients" / cid
         clients.append(BrokerUser(cid, None if example else _password_for(folder, True)))
     for role in SERVICE_WRITES:
-        folder = kit / "services" / role
-        folder = folder if folder.is_dir() else None
+        own = kit / "services" / role
         services.append(
-            BrokerUser(f"qflare-{role}", None if example else _password_for(folder, True))
+            BrokerUser(
+                f"qflare-{role}",
+                None if example else _password_for(own if own.is_dir() else None, True),
+            )
         )
     return build_definitions(clients, services, vhost=vhost, prefix=prefix)
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("messages", help="the wire contract (kinds, fields, reason codes)")
     sub = p.add_subparsers(dest="messages_command", metavar="ACTION", required=True)
     docs = sub.add_parser("docs", help="write the generated reference (docs/messages.md)")

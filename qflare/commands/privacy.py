@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:  # qflare.privacy loads dp_accounting and scipy (about 1 s): only in handlers
     from qflare.privacy import PrivacyError
 
 
-def _float_in(name: str, low: float, high: float, low_open: bool, high_open: bool):
+def _float_in(
+    name: str, low: float, high: float, low_open: bool, high_open: bool
+) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -37,7 +40,7 @@ def _float_in(name: str, low: float, high: float, low_open: bool, high_open: boo
     return parse
 
 
-def _positive_int(name: str):
+def _positive_int(name: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -57,7 +60,7 @@ _EPS = _float_in("--epsilon", 0.0, math.inf, True, True)
 _ROUNDS = _positive_int("--rounds")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "privacy",
         help="privacy budget arithmetic (epsilon of a plan, noise or rounds for a budget)",

@@ -8,7 +8,7 @@ from qflare.crypto.keystore import passphrase_from_env
 from qflare.crypto.provision import provision
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "provision",
         help="create a CA, a key and certificate per service, and a kit per client",

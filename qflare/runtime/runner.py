@@ -53,8 +53,10 @@ async def serve(
         await service.start()
         if health is not None:
             health.set_ready(name)
-        metrics = {"metrics": health.url} if health is not None else {}
-        event(log, "serve.ready", service=name, **metrics, **settings.safe_dict())
+        fields: dict[str, Any] = {"service": name, **settings.safe_dict()}
+        if health is not None:
+            fields["metrics"] = health.url
+        event(log, "serve.ready", **fields)
         await stop.wait()
     finally:
         if health is not None:
@@ -188,7 +190,8 @@ class InProcess:
     async def wait_job(self, job_id: str, timeout: float | None = None) -> str | None:
         """Wait for ``job_id`` to end; returns the end reason (``completed``,
         ``budget_exhausted``, ``too_few_updates``)."""
-        return await self.services["aggregator"].wait_job(job_id, timeout)  # type: ignore[attr-defined]
+        reason: str | None = await self.services["aggregator"].wait_job(job_id, timeout)  # type: ignore[attr-defined]
+        return reason
 
     async def restart(
         self, name: str, identities: dict[str, tuple[Any, Any]] | None = None
