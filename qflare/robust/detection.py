@@ -44,7 +44,8 @@ Each update then gets six scores, computed on the n x n Gram matrix (so d costs 
   when it has at most f members and its centre lies far from the other's relative to the
   spread inside the groups.
 A score past its threshold gives a reason; a client with any reason is flagged. NaN/Inf
-updates are flagged ``non_finite`` before anything else. With fewer finite updates than
+updates, and those whose squared norm overflows their dtype, are flagged ``non_finite``
+before anything else. With fewer finite updates than
 ``max(3, 2f + 1)`` the verdict says ``insufficient`` and flags only non-finite ones.
 """
 
