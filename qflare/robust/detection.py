@@ -30,11 +30,11 @@ Each update then gets six scores, computed on the n x n Gram matrix (so d costs 
   similar reference updates (cosine similarity), as a low-side robust z whose median and
   MAD are taken over the reference averages left after dropping the min(f', r/3) lowest
   (the honest majority the threshold assumes); it flags only when two or more updates
-  are past the threshold, since it is a coalition signal. A coalition that pushes one systematic direction (label flipping: every
-  attacker trains on 9 - y) has its fellow attackers as nearest neighbours, so the average
-  keeps their common disagreement with the centre and cancels the per-client spread of
-  non-IID data, while an honest client that is unusual on its own has ordinary
-  neighbours. On digits (20 clients, 6 flipping, Dirichlet 0.5) a flipped client's cosine
+  are past the threshold, since it is a coalition signal. A coalition that pushes one
+  systematic direction (label flipping: every attacker trains on 9 - y) has its fellow
+  attackers as nearest neighbours, so the average keeps their common disagreement with
+  the centre and cancels the per-client spread of non-IID data, while an honest client
+  that is unusual on its own has ordinary neighbours. On digits (20 clients, 6 flipping, Dirichlet 0.5) a flipped client's cosine
   to the centre (0.1-0.4 in round 1) overlaps the honest ones' (0.25-0.7); the
   neighbourhood average separates them from round 1-2 on (kNN smoothing of an outlier
   score, cf. the local outlier factor, Breunig et al., SIGMOD 2000);
