@@ -1,0 +1,1 @@
+"""Flower app of benchmarks/vs_flower.py."""
