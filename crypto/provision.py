@@ -8,8 +8,9 @@ Layout under the output directory::
     clients/<id>/{cert.qc,key.pem,kem.pem,ca.qc,crl.qrl}    (one kit per client)
 
 Every participant gets an ML-DSA-65 signing key and a hybrid KEM key whose public halves
-are in its certificate; clients seal updates to ingest's KEM key from ``services/ingest``'s
-certificate (also copied into each kit as ``ingest.qc``).
+are in its certificate. A client's update is sealed once for the three services that read it
+from the update stream (ingest, the aggregator, the detector): their certificates are copied
+into each kit (``ingest.qc``, ``aggregator.qc``, ``detector.qc``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from qflare.crypto.sealing import KemPrivateKey
 from qflare.crypto.signing import generate_signing_key
 
 SERVICES: tuple[str, ...] = (*SERVICE_ROLES, "operator")
-INGEST_CERT_FILE = "ingest.qc"
+#: The services that read a client's sealed update, and the file of each one's certificate
+#: in a client's kit.
+READER_CERT_FILES: dict[str, str] = {
+    "ingest": "ingest.qc",
+    "aggregator": "aggregator.qc",
+    "detector": "detector.qc",
+}
 
 
 @dataclass
@@ -136,14 +143,15 @@ def provision(
         d = root / "services" / role
         _issue_into(ca, d, role, role, expiry_days, passphrase, crl)
         fed.services[role] = d
-    ingest_cert = root / "services" / "ingest" / CERT_FILE
     width = max(3, len(str(max(clients - 1, 0))))
     for i in range(clients):
         cid = check_id(f"{client_prefix}-{i:0{width}d}")
         d = root / "clients" / cid
         _issue_into(ca, d, cid, "client", expiry_days, passphrase, crl)
-        if ingest_cert.exists():
-            shutil.copyfile(ingest_cert, d / INGEST_CERT_FILE)
+        for role, name in READER_CERT_FILES.items():
+            reader_cert = root / "services" / role / CERT_FILE
+            if reader_cert.exists():
+                shutil.copyfile(reader_cert, d / name)
         fed.clients[cid] = d
     return fed
 

@@ -80,12 +80,14 @@ class TensorSpec(Part):
 
 
 class UpdateRef(Part):
-    """An update in a closed round, by client and the digest ingest assigned to it."""
+    """An update in a closed round: client, digest and where it sits in the update stream."""
 
     client: Id
     """Client id."""
     digest: Digest
     """The update's digest (`update.accepted.update_digest`)."""
+    offset: NonNegInt
+    """Its offset in the job's update stream (`update.accepted.offset`)."""
 
 
 class Flagged(Part):
@@ -113,7 +115,9 @@ class Update(Body):
 
 
 class UpdateAccepted(Body):
-    """Ingest validated an update and re-signs it for the stateful services."""
+    """Ingest's verdict on one message of the job's update stream: the update at ``offset``
+    is valid for the round in the header. The bytes stay in the stream; the detector and
+    the aggregator read them there and use them only if they hash to ``update_digest``."""
 
     KIND = "update.accepted"
     SENDERS = ("ingest",)
@@ -125,8 +129,8 @@ class UpdateAccepted(Body):
     """As in the client's update."""
     num_samples: int = Field(gt=0)
     """As in the client's update."""
-    tensors: Tensors
-    """The validated tensors, unchanged."""
+    offset: NonNegInt
+    """Where the update sits in the job's update stream (`updates.<job>`)."""
 
 
 class UpdateRejected(Body):
@@ -142,6 +146,8 @@ class UpdateRejected(Body):
     """Human-readable detail for logs."""
     update_digest: Digest | None = None
     """The update's body digest when it was readable."""
+    offset: NonNegInt | None = None
+    """Where the refused message sits in the job's update stream."""
 
 
 class RoundOpened(Body):
@@ -165,6 +171,10 @@ class RoundOpened(Body):
     """Names, dtypes and shapes every update must have."""
     rule: Name
     """Robust aggregation rule by registry name, e.g. `nnm+multikrum(f=3)`."""
+    model_offset: NonNegInt
+    """Where `model_version` sits in the job's model stream (`models.<job>`)."""
+    updates_from: NonNegInt
+    """No update of this round sits before this offset of the job's update stream."""
 
 
 class RoundClosed(Body):
@@ -259,7 +269,7 @@ class ModelPublished(Body):
     metrics: dict[Name, float] = Field(default_factory=dict)
     """Round metrics (e.g. updates kept)."""
     tensors: Tensors | None = None
-    """The model's tensors when broadcast to clients."""
+    """The model's tensors: present in the job's model stream, absent on `qflare.events`."""
 
 
 class MetricsEvaluated(Body):
@@ -332,6 +342,12 @@ class JobEnded(Body):
     """Why, e.g. `completed`, `budget_exhausted`, `operator`."""
     detail: str = Field(default="", max_length=4096)
     """Human-readable detail."""
+    model_version: NonNegInt | None = None
+    """The final model's version, when the job has one."""
+    model_digest: Digest | None = None
+    """Its SHA-256 (as in `model.published`)."""
+    model_offset: NonNegInt | None = None
+    """Where it sits in the job's model stream."""
 
 
 class Chunk(Body):

@@ -219,9 +219,31 @@ def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
 
 def peek_kind(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> str:
     """The (unverified) kind of an envelope, for routing before a full open."""
+    return peek_header(data, limits).kind
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What an envelope claims before it is verified: for routing and for skipping what a
+    reader does not want, never for trusting."""
+
+    kind: str
+    sender: str
+    job: str
+    round: int
+    body_digest: bytes
+
+
+def peek_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """The (unverified) header of an envelope; a malformed one raises MessageRejected."""
     obj = _parse(data, limits, limits.max_envelope_bytes)
-    kind: str = _field(obj, "kind", str)
-    return kind
+    return Header(
+        kind=_field(obj, "kind", str),
+        sender=_field(obj, "sender", str),
+        job=_field(obj, "job", str),
+        round=_field(obj, "round", int),
+        body_digest=_field(obj, "body_digest", bytes).tobytes(),
+    )
 
 
 def _parse(data: bytes | bytearray | memoryview, limits: Limits, cap: int) -> dict[str, Any]:
@@ -255,8 +277,14 @@ def open_envelope(
     kem_key: KemPrivateKey | None = None,
     now: float | None = None,
     max_bytes: int | None = None,
+    vouched_digest: bytes | None = None,
 ) -> Envelope[Body]:
     """Verify and decode one envelope; any problem raises :class:`MessageRejected`.
+
+    ``vouched_digest``: the body digest under which a trusted verifier (ingest, in a signed
+    ``update.accepted``) accepted exactly these bytes. The certificate and signature are then
+    not checked again (a revocation after acceptance does not undo an accepted update); the
+    header's ``body_digest`` must equal it and the body must hash to it (``BAD_DIGEST``).
 
     ``expect_kind`` (one kind or several) is checked before any signature work, so a kind
     the caller does not take costs a parse, not a verification.
@@ -288,10 +316,15 @@ def open_envelope(
         raise MessageRejected(Reason.MALFORMED, "nonce or body_digest has the wrong size")
     if len(views["sig"]) != SIGNATURE_SIZE:
         raise MessageRejected(Reason.BAD_SIGNATURE, f"signature of {len(views['sig'])} bytes")
+    if vouched_digest is not None and views["body_digest"] != vouched_digest:
+        raise MessageRejected(Reason.BAD_DIGEST, "body_digest is not the one ingest accepted")
     t = time.time() if now is None else now
     cert_bytes = views["cert"].tobytes()
     try:
-        cert = trust.verify_certificate(cert_bytes, now=t)
+        if vouched_digest is None:
+            cert = trust.verify_certificate(cert_bytes, now=t)
+        else:
+            cert = Certificate.from_bytes(cert_bytes)
     except TrustRejected as exc:
         raise MessageRejected.of(exc) from None
     if values["sender"] != cert.id:
@@ -311,12 +344,15 @@ def open_envelope(
         views["nonce"].tobytes(),
     )
     signed = {**header, "body_digest": views["body_digest"].tobytes()}
-    if not verify(cert.public_key, views["sig"], canonical(signed), context_for(kind)):
-        raise MessageRejected(
-            Reason.BAD_SIGNATURE, f"{kind} signature of {cert.id!r} does not verify"
-        )
-    if values["ts"] > (t + limits.max_clock_skew_s) * 1000:
-        raise MessageRejected(Reason.CLOCK_SKEW, f"timestamp {values['ts']} ms is in the future")
+    if vouched_digest is None:
+        if not verify(cert.public_key, views["sig"], canonical(signed), context_for(kind)):
+            raise MessageRejected(
+                Reason.BAD_SIGNATURE, f"{kind} signature of {cert.id!r} does not verify"
+            )
+        if values["ts"] > (t + limits.max_clock_skew_s) * 1000:
+            raise MessageRejected(
+                Reason.CLOCK_SKEW, f"timestamp {values['ts']} ms is in the future"
+            )
     body = views["body"]
     if hashlib.sha256(body).digest() != signed["body_digest"]:
         raise MessageRejected(Reason.BAD_DIGEST, "body does not match the signed body_digest")

@@ -1,9 +1,10 @@
 """A participant's kit: what ``qflare provision`` wrote into ``clients/<id>/``.
 
 ``cert.qc`` + ``key.pem`` (+ ``kem.pem``) are the identity, ``ca.qc`` + ``crl.qrl`` the
-trust store that verifies the aggregator's model, ``ingest.qc`` the certificate whose KEM
-key updates are sealed to, and ``broker_password`` (written by ``qflare broker-definitions``)
-the client's RabbitMQ password. In-process participants (the simulator) build a
+trust store that verifies the aggregator's model, ``ingest.qc``, ``aggregator.qc`` and
+``detector.qc`` the certificates of the services that read the client's updates (each update
+is sealed once, for their three KEM keys), and ``broker_password`` (written by ``qflare
+broker-definitions``) the client's RabbitMQ password. In-process participants (the simulator) build a
 :class:`Kit` straight from an identity and a trust store.
 """
 
@@ -16,8 +17,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from qflare.crypto.keystore import Identity, load_trust
 from qflare.crypto.pki import Certificate, TrustStore
+from qflare.crypto.provision import READER_CERT_FILES
 
-INGEST_CERT_FILE = "ingest.qc"
 PASSWORD_FILE = "broker_password"
 
 
@@ -28,18 +29,40 @@ class Kit:
     ingest_cert: Certificate | None = None
     broker_password: str | None = None
     folder: Path | None = None
+    aggregator_cert: Certificate | None = None
+    detector_cert: Certificate | None = None
 
     def __post_init__(self) -> None:
         if self.identity.role != "client":
             raise ValueError(
                 f"a participant kit holds a client identity, got role {self.identity.role!r}"
             )
-        if self.ingest_cert is not None:
-            # the sealing key must itself be certified as ingest's, or a swapped file would
-            # make the client encrypt its update to someone else
-            cert = self.trust.verify_certificate(self.ingest_cert)
-            if cert.role != "ingest":
-                raise ValueError(f"{INGEST_CERT_FILE} is a {cert.role!r} certificate, not ingest's")
+        for role, cert in self._readers().items():
+            # each sealing key must itself be certified as that service's, or a swapped file
+            # would make the client encrypt its update to someone else
+            if cert is not None and self.trust.verify_certificate(cert).role != role:
+                raise ValueError(
+                    f"{READER_CERT_FILES[role]} is a {cert.role!r} certificate, not {role}'s"
+                )
+
+    def _readers(self) -> dict[str, Certificate | None]:
+        return {
+            "ingest": self.ingest_cert,
+            "aggregator": self.aggregator_cert,
+            "detector": self.detector_cert,
+        }
+
+    @property
+    def readers(self) -> tuple[Certificate, ...]:
+        """The certificates an update is sealed for (ingest, aggregator, detector); a
+        ValueError names the ones the kit lacks."""
+        missing = [READER_CERT_FILES[r] for r, c in self._readers().items() if c is None]
+        if missing:
+            raise ValueError(
+                f"kit of {self.id!r} lacks {', '.join(missing)}: an update is sealed for ingest, "
+                "the aggregator and the detector (`qflare provision` writes them)"
+            )
+        return tuple(c for c in self._readers().values() if c is not None)
 
     @property
     def id(self) -> str:
@@ -53,14 +76,19 @@ class Kit:
                 f"{d} is not a client kit (no cert.qc); pass a clients/<id>/ folder "
                 "written by `qflare provision`"
             )
-        ingest = d / INGEST_CERT_FILE
         password = d / PASSWORD_FILE
+        certs = {
+            role: Certificate.from_bytes((d / name).read_bytes()) if (d / name).exists() else None
+            for role, name in READER_CERT_FILES.items()
+        }
         return cls(
             identity=Identity.load(d, passphrase),
             trust=load_trust(d),
-            ingest_cert=Certificate.from_bytes(ingest.read_bytes()) if ingest.exists() else None,
+            ingest_cert=certs["ingest"],
             broker_password=password.read_text().strip() if password.exists() else None,
             folder=d,
+            aggregator_cert=certs["aggregator"],
+            detector_cert=certs["detector"],
         )
 
     def broker_url(self, url: str) -> str:

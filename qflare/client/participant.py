@@ -1,26 +1,29 @@
 """The participant: follow rounds, verify the global model, train, send a signed update.
 
-A participant's queue ``client.<id>`` is bound to ``<job>.#`` on ``qflare.broadcast``; the
-aggregator sends there, per round, ``<job>.model.published`` (the global model, with its
-tensors, signed) and then ``<job>.round.opened`` (who is selected, the model version and
-digest, the deadline), and ``<job>.job.ended`` at the end. For each round that selects it
-the participant
+A participant reads each of its jobs' broadcast stream ``broadcast.<job>`` from its newest
+message on, so one that starts late still sees the open round: the aggregator writes there
+``round.opened`` (who is selected, the model version, its digest and its offset in the job's
+model stream ``models.<job>``, where each version is written once, the deadline) and
+``job.ended`` at the end (naming the final model). For each round that selects it the
+participant
 
-1. verifies both envelopes (CA chain, revocation, ML-DSA signature) and accepts them only
-   from an *aggregator* certificate, and checks that the model's tensors hash to the digest
-   the signed messages name (:func:`qflare.services.aggregator.core.model_digest`);
+1. verifies each envelope (CA chain, revocation, ML-DSA signature) and accepts it only from
+   an *aggregator* certificate; reads the model version from the model stream at the offset
+   the signed ``round.opened`` names (once per version) and checks that its tensors hash to
+   the digest it names (:func:`qflare.messages.tensors.model_digest`);
 2. copies the global tensors into the torch model (numpy from the envelope; never
    ``torch.load``), calls the user's ``train(model, round_info) -> num_samples`` in a worker
    thread (the event loop keeps the broker connection alive meanwhile), and takes
    ``delta = local - global`` per tensor;
 3. applies ``update_transform`` if one is given (the simulator's Byzantine hook), signs the
-   update with its ML-DSA key, seals it to ingest's KEM key, and publishes it to
-   ``qflare.client`` as ``update.<job>`` with publisher confirms.
+   update with its ML-DSA key, seals it once for the three services that read it (ingest,
+   the aggregator, the detector: their KEM keys), and publishes it to ``qflare.client`` as
+   ``update.<job>``, which writes it into the job's update stream, with publisher confirms.
 
-Reconnection is the bus's: the robust connection re-opens the channel and the consumer
-after a broker restart, a publish during the outage is retried, and a broadcast whose
-handling was cut off is redelivered; the participant is idempotent per ``(job, round)``, so
-a redelivered ``round.opened`` after a sent update sends nothing twice.
+Reconnection is the bus's: the robust connection re-opens the channel and the stream reader
+after a broker restart (from the next message it had not handled), and a publish during the
+outage is retried; the participant is idempotent per ``(job, round)``, so an announcement
+read twice sends nothing twice.
 
 Extension points for simulations: override :meth:`Participant.compute_update` (any update,
 no torch needed) or pass ``update_transform(update, round_info) -> update`` (model
@@ -32,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +43,11 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, Subscription, connect_bus, topology
+from qflare.bus import Bus, Delivery, Outcome, StreamNotFound, StreamReader, connect_bus, topology
 from qflare.client.kit import Kit
 from qflare.client.tensors import delta, load_tensors, model_tensors
 from qflare.messages import Body, Envelope, JobEnded, ModelPublished, RoundOpened, Update, encode
-from qflare.messages.envelope import by_kind, open_off_loop
+from qflare.messages.envelope import by_kind, of_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.tensors import model_digest
 
@@ -52,6 +55,8 @@ log = logging.getLogger("qflare.client")
 
 #: Verified global models kept per job (the current one and its predecessor).
 _MODELS_KEPT = 2
+#: How often a participant looks for a job's streams that do not exist yet.
+STREAM_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,13 +116,12 @@ class Participant:
 
     ``broker`` is a URL (``memory://``, ``amqp://host/vhost``; the kit's credentials are
     filled in when the URL names none) or an already connected :class:`Bus` (in-process
-    simulations share one). ``jobs`` limits the jobs followed (default: every job the
-    broadcast exchange carries for this client).
+    simulations share one). ``jobs`` names the jobs followed (each has its own streams).
 
-    ``declare`` (RabbitMQ): ``"passive"`` only checks that the exchanges and the queue
-    ``client.<id>`` exist, as a participant's own broker user must (the definitions file of
-    ``qflare broker-definitions`` creates them; the user has no configure right on the
-    exchanges); ``"full"`` creates them (guest/admin URLs, a broker without definitions).
+    ``declare`` (RabbitMQ): ``"passive"`` only checks that the exchanges and the job's streams
+    exist, as a participant's own broker user must (it has no configure right: the
+    aggregator declares a job's streams when the job is submitted; the participant waits for
+    them); ``"full"`` creates them (guest/admin URLs, a broker without definitions).
     Default: passive when the URL's user is this client's id (its own, restricted user, as
     when the kit's ``broker_password`` is filled in), full otherwise.
     """
@@ -140,11 +144,10 @@ class Participant:
     ) -> None:
         if train is None and type(self).compute_update is Participant.compute_update:
             raise TypeError("give a train(model, round_info) function, or override compute_update")
-        if seal and kit.ingest_cert is None:
-            raise ValueError(
-                f"kit of {kit.id!r} has no ingest certificate to seal to; pass seal=False "
-                "or provision it with `qflare provision`"
-            )
+        if seal:
+            kit.readers  # noqa: B018  (raises a ValueError naming what the kit lacks)
+        if jobs is None or not list(jobs):
+            raise ValueError("name the jobs to follow (jobs=[...]): each job has its own streams")
         self.kit = kit
         self.model = model
         self.train = train
@@ -153,7 +156,7 @@ class Participant:
         self.model_wait_s = model_wait_s
         self.prefetch = prefetch
         self.clock = clock
-        self.jobs = tuple(sorted(set(jobs))) if jobs is not None else None
+        self.jobs: tuple[str, ...] = tuple(sorted(set(jobs)))
         if declare not in (None, "full", "passive"):
             raise ValueError(f"declare must be 'full', 'passive' or None (auto), got {declare!r}")
         self.declare = declare
@@ -161,9 +164,9 @@ class Participant:
         self._prefix = prefix
         self.bus: Bus | None = broker if isinstance(broker, Bus) else None
         self._own_bus = not isinstance(broker, Bus)
-        self._sub: Subscription | None = None
+        self._followers: list[asyncio.Task[None]] = []
+        self._readers: list[StreamReader] = []
         self.models: dict[str, dict[int, tuple[bytes, Mapping[str, np.ndarray]]]] = {}
-        self._model_arrived: dict[tuple[str, int], asyncio.Event] = {}
         self.submitted: set[tuple[str, int]] = set()
         self.ended: dict[str, str] = {}
         self._ended_events: dict[str, asyncio.Event] = {}
@@ -186,29 +189,51 @@ class Participant:
         return self.kit.id
 
     # -- life cycle -------------------------------------------------------------------------
-    def queue_spec(self) -> QueueSpec:
-        patterns = [f"{job}.#" for job in self.jobs] if self.jobs else ["#"]
-        return QueueSpec(
-            f"client.{self.id}", bindings=tuple((topology.BROADCAST, p) for p in patterns)
-        )
-
     async def start(self) -> None:
         if self.bus is None:
             url = self.kit.broker_url(str(self._broker))
             options: dict[str, Any] = {}
             if not url.startswith("memory"):
                 options["connection_name"] = f"qflare-client-{self.id}"
-                options["declare"] = self.declare or declare_mode(url, self.id)
+                options["declare"] = self._declare_mode(url)
             self.bus = await connect_bus(url, prefix=self._prefix, **options)
-        self._sub = await self.bus.consume(
-            self.queue_spec(), self._on_broadcast, prefetch=self.prefetch
-        )
-        log.info("participant %s following %s", self.id, ", ".join(self.jobs or ("every job",)))
+        for job in self.jobs:
+            task = asyncio.get_running_loop().create_task(self._follow(job))
+            self._followers.append(task)
+        log.info("participant %s following %s", self.id, ", ".join(self.jobs))
+
+    def _declare_mode(self, url: str | None = None) -> str:
+        if self.declare is not None:
+            return self.declare
+        if url is None and not isinstance(self._broker, str):
+            return "full"  # a bus handed in: the caller's own (simulations, tests)
+        return declare_mode(url or self.kit.broker_url(str(self._broker)), self.id)
+
+    async def _follow(self, job: str) -> None:
+        """Read the job's broadcast stream from its newest message on, once it exists (a
+        participant may start before its job is submitted)."""
+        assert self.bus is not None
+        stream = topology.broadcast_stream(job)
+        while True:
+            try:
+                target = stream if self._declare_mode() == "full" else stream.name
+                reader = await self.bus.read_stream(
+                    target, self._on_broadcast, offset="last", prefetch=self.prefetch
+                )
+            except StreamNotFound:
+                await asyncio.sleep(STREAM_WAIT_S)
+                continue
+            self._readers.append(reader)
+            return
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.cancel()
-            self._sub = None
+        for task in self._followers:
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
+        self._followers.clear()
+        for reader in self._readers:
+            await reader.cancel()
+        self._readers.clear()
         if self.bus is not None and self._own_bus:
             await self.bus.close()
             self.bus = None
@@ -275,13 +300,11 @@ class Participant:
 
     @property
     def _routes(self) -> dict[str, Callable[[Any], Awaitable[Outcome]]]:
-        return by_kind(
-            {ModelPublished: self._on_model, RoundOpened: self._on_round, JobEnded: self._on_ended}
-        )
+        return by_kind({RoundOpened: self._on_round, JobEnded: self._on_ended})
 
-    async def _open(self, data: bytes) -> Envelope[Body]:
+    async def _open(self, data: bytes, kinds: Collection[str] | None = None) -> Envelope[Body]:
         env = await open_off_loop(
-            data, self.kit.trust, expect_kind=self._routes.keys(), now=self.clock()
+            data, self.kit.trust, expect_kind=kinds or self._routes.keys(), now=self.clock()
         )
         allowed = ("aggregator", "operator") if env.kind == "job.ended" else ("aggregator",)
         if env.cert.role not in allowed:
@@ -291,25 +314,51 @@ class Participant:
             )
         return env
 
-    async def _on_model(self, env: Envelope[ModelPublished]) -> Outcome:
+    async def _fetch_model(
+        self, job: str, version: int, digest: bytes, offset: int
+    ) -> Mapping[str, np.ndarray]:
+        """Model ``version`` of ``job``: cached, or read from the job's model stream at
+        ``offset`` and checked against ``digest`` (both from a signed announcement)."""
+        cached = self.models.get(job, {}).get(version)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        assert self.bus is not None
+        got: asyncio.Future[Envelope[ModelPublished]] = asyncio.get_running_loop().create_future()
+
+        async def take(delivery: Delivery) -> Outcome:
+            if delivery.offset == offset and not got.done():
+                try:
+                    env = await self._open(delivery.body, (ModelPublished.KIND,))
+                    got.set_result(of_kind(env, ModelPublished))
+                except MessageRejected as exc:
+                    got.set_exception(exc)
+            return Outcome.ACK
+
+        reader = await self.bus.read_stream(
+            topology.model_stream(job).name, take, offset=offset, prefetch=1
+        )
+        try:
+            env = await asyncio.wait_for(got, self.model_wait_s)
+        finally:
+            await reader.cancel()
         body = env.body
-        if body.tensors is None:
-            return Outcome.ACK  # the events-side announcement; clients need the tensors
-        if model_digest(body.tensors) != body.digest:
+        if body.tensors is None or body.version != version or body.digest != digest:
             raise MessageRejected(
                 Reason.BAD_DIGEST,
-                f"model version {body.version} of {env.job!r} does not hash to its signed digest",
+                f"offset {offset} of the model stream of {job!r} is not version {version} "
+                f"with digest {digest.hex()[:16]}",
             )
-        versions = self.models.setdefault(env.job, {})
-        versions[body.version] = (body.digest, body.tensors)
+        if model_digest(body.tensors) != digest:
+            raise MessageRejected(
+                Reason.BAD_DIGEST,
+                f"model version {version} of {job!r} does not hash to its signed digest",
+            )
+        versions = self.models.setdefault(job, {})
+        versions[version] = (digest, body.tensors)
         for old in sorted(versions)[:-_MODELS_KEPT]:
             del versions[old]
         self.stats.models_verified += 1
-        self._model_event(env.job, body.version).set()
-        return Outcome.ACK
-
-    def _model_event(self, job: str, version: int) -> asyncio.Event:
-        return self._model_arrived.setdefault((job, version), asyncio.Event())
+        return body.tensors
 
     def latest_model(self, job: str) -> tuple[int, Mapping[str, np.ndarray]] | None:
         versions = self.models.get(job)
@@ -335,26 +384,18 @@ class Participant:
         if not info.selected or (env.job, env.round) in self.submitted or env.job in self.ended:
             return Outcome.ACK
         self.stats.rounds_selected += 1
-        # model.published precedes round.opened on this queue, but handlers run concurrently
-        # and a large model is decoded in a thread: wait for it a bounded time.
-        arrived = self._model_event(env.job, body.model_version)
         try:
-            await asyncio.wait_for(arrived.wait(), self.model_wait_s)
+            global_tensors = await self._fetch_model(
+                env.job, body.model_version, body.model_digest, body.model_offset
+            )
         except TimeoutError:
             log.warning(
-                "participant %s: model version %d of %s did not arrive; retrying the round",
+                "participant %s: model version %d of %s not read from its stream; retrying",
                 self.id,
                 body.model_version,
                 env.job,
             )
             return Outcome.RETRY
-        digest, global_tensors = self.models[env.job][body.model_version]
-        if digest != body.model_digest:
-            raise MessageRejected(
-                Reason.BAD_DIGEST,
-                f"round {env.round} names model digest {body.model_digest.hex()[:16]}, "
-                f"the verified version {body.model_version} is {digest.hex()[:16]}",
-            )
         async with self._train_lock:
             if (env.job, env.round) in self.submitted:
                 return Outcome.ACK
@@ -391,7 +432,7 @@ class Participant:
         body = Update(
             base_version=info.model_version, num_samples=update.num_samples, tensors=update.tensors
         )
-        seal_to = self.kit.ingest_cert if self.seal else None
+        seal_to = self.kit.readers if self.seal else None
         return await asyncio.to_thread(
             encode,
             "update",
@@ -403,7 +444,19 @@ class Participant:
         )
 
     async def _on_ended(self, env: Envelope[JobEnded]) -> Outcome:
-        reason = env.body.reason
+        body = env.body
+        reason = body.reason
+        if (
+            body.model_version is not None
+            and body.model_digest is not None
+            and body.model_offset is not None
+        ):
+            try:
+                await self._fetch_model(
+                    env.job, body.model_version, body.model_digest, body.model_offset
+                )
+            except TimeoutError:
+                log.warning("participant %s: the final model of %s was not read", self.id, env.job)
         self.ended[env.job] = reason
         latest = self.latest_model(env.job)
         if latest is not None and self.model is not None and self.train is not None:

@@ -151,6 +151,7 @@ def _up_processes(args: argparse.Namespace, settings: Settings, replicas: dict[s
     from qflare.errors import UsageError
     from qflare.runtime.preflight import wait_for_broker
     from qflare.runtime.supervisor import Child, Supervisor, free_ports
+    from qflare.services.ingest.service import SHARE_ENV
 
     asyncio.run(wait_for_broker(settings.broker, settings.connect_timeout_s))
     plan = [(name, i) for name in SERVICES for i in range(replicas[name])]
@@ -181,8 +182,17 @@ def _up_processes(args: argparse.Namespace, settings: Settings, replicas: dict[s
             str(child.port),
         ]
 
+    def child_env(name: str, i: int) -> dict[str, str]:
+        # ingest replicas split the offsets of each update stream: each update checked once
+        if name == "ingest":
+            return {SHARE_ENV: f"{i}/{replicas[name]}"}
+        return {}
+
     supervisor = Supervisor(
-        [Child(name, i, port) for (name, i), port in zip(plan, ports, strict=True)],
+        [
+            Child(name, i, port, env=child_env(name, i))
+            for (name, i), port in zip(plan, ports, strict=True)
+        ],
         command,
         host=settings.metrics_host,
         start_timeout_s=settings.start_timeout_s,

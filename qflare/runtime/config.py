@@ -93,6 +93,11 @@ class AggregatorOptions(_Table):
     reopen_interval_s: float = Field(
         default=3.0, gt=0, description="re-announce an open round this often"
     )
+    stream_linger_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="after a job ends, keep its model and broadcast streams this long",
+    )
 
 
 class DetectorOptions(_Table):
@@ -121,6 +126,12 @@ class IngestOptions(_Table):
         default=5.0, ge=0, description="how long an update waits for news of its round"
     )
     dedup_capacity: int = Field(default=100_000, ge=1, description="updates remembered")
+    share: str = Field(
+        default="0/1",
+        pattern=r"^[0-9]+/[1-9][0-9]*$",
+        description="i/N: this replica checks the update-stream offsets o with o % N == i "
+        "($QFLARE_INGEST_SHARE; qflare up sets it per replica)",
+    )
     crl_path: Path | None = Field(
         default=None,
         strict=False,

@@ -139,13 +139,13 @@ class Service(abc.ABC):
     @abc.abstractmethod
     def consumers(self) -> list[Consumer]: ...
 
-    async def open(self) -> None:
+    async def open(self) -> None:  # noqa: B027  (an optional hook)
         """Open stores and rebuild in-flight state, before any delivery arrives."""
 
-    async def started(self) -> None:
+    async def started(self) -> None:  # noqa: B027
         """Called once consumers run: start timers, publish start-up messages."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027
         """Close stores (after consumers and background tasks stopped)."""
 
     async def start(self) -> None:

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import TextIO
 
@@ -43,6 +43,7 @@ class Child:
     index: int
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -171,7 +172,7 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen(
             self.command(child),
-            env=os.environ.copy(),
+            env={**os.environ, **child.env},
             process_group=0,
             preexec_fn=_die_with_parent(),
         )

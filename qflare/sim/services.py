@@ -156,6 +156,8 @@ class Observer:
     end_reason: str = ""
     end_detail: str = ""
     errors: list[str] = field(default_factory=list)
+    # events and the model stream arrive on two readers: one round is recorded at a time
+    _emitting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self._model = self.federation.new_model()
@@ -226,6 +228,10 @@ class Observer:
         self.end_detail = env.body.detail
 
     async def _emit_ready(self) -> None:
+        async with self._emitting:
+            await self._emit_rounds()
+
+    async def _emit_rounds(self) -> None:
         while True:
             n = len(self.records) + 1
             r = self.rounds.get(n)
@@ -367,12 +373,15 @@ async def run_services_async(
                 (topology.EVENTS, f"update.rejected.{SIM_JOB}"),
                 (topology.EVENTS, f"model.published.{SIM_JOB}"),
                 (topology.EVENTS, f"job.ended.{SIM_JOB}"),
-                (topology.BROADCAST, f"{SIM_JOB}.model.published"),
             ),
             single_active=True,
         )
         try:
             sub = await bus.consume(watch, observer.on_delivery, prefetch=1)
+            # each model version with its tensors, for the evaluation
+            models = await bus.read_stream(
+                topology.model_stream(SIM_JOB), observer.on_delivery, offset="first", prefetch=1
+            )
             async with run_in_process(
                 settings, bus, services=names, identities=identities
             ) as running:
@@ -388,6 +397,7 @@ async def run_services_async(
                     for p in participants:
                         await p.stop()
             await sub.cancel()
+            await models.cancel()
         finally:
             if amqp:
                 await _delete_topology(bus)

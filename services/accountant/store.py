@@ -108,7 +108,7 @@ class LedgerStore:
             f"SELECT {', '.join(_COLUMNS)} FROM decisions ORDER BY job, round"
         ) as cursor:
             async for row in cursor:
-                values = dict(zip(_COLUMNS, row))
+                values = dict(zip(_COLUMNS, row, strict=True))
                 policy = jobs[values["job"]]
                 decisions.append(
                     Decision(

@@ -2,14 +2,17 @@
 "One round").
 
 Per job: ``privacy.request`` -> (``privacy.granted``) select participants, ``round.opened``
-(on ``qflare.events`` for ingest/detector, and with the signed base model on
-``qflare.broadcast`` for clients) -> ``update.accepted`` stored on disk before the ack ->
-``round.closed`` with the exact (client, digest) set, when every selected client is in or
-was refused by ingest (``update.rejected``, signed by ingest), or at the deadline
--> (``round.verdict``, at most ``dp_filter_bound`` removals) robust rule + DP noise over the
-kept updates -> new model version ->
+(on ``qflare.events`` for ingest/detector, and into the job's broadcast stream for clients;
+it names the base model's offset in the job's model stream, where each version is written
+once, and the offset from which the round's updates sit in the update stream) ->
+``update.accepted`` (ingest's verdict: client, digest, offset) recorded before the ack ->
+``round.closed`` with the exact (client, digest, offset) set, when every selected client is
+in or was refused by ingest (``update.rejected``, signed by ingest), or at the deadline ->
+(``round.verdict``, at most ``dp_filter_bound`` removals) robust rule + DP noise over the
+kept updates, read from the update stream under the digests ingest accepted (read ahead
+while the round collects, docs/architecture.md "The data plane") -> new model version ->
 ``model.published`` -> next round, until the job's rounds are done or the accountant denies
-(``job.ended``).
+(``job.ended``, naming the final model's offset).
 
 Every handler is idempotent on its natural key and every transition is a compare-and-set
 on the round's stored state, so a redelivered message is acknowledged without effect. At
@@ -24,12 +27,14 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from qflare.bus import topology
+from qflare.bus import Delivery, Outcome, StreamReader, topology
 from qflare.messages import (
     Body,
     Envelope,
@@ -48,12 +53,14 @@ from qflare.messages import (
     UpdateRef,
     UpdateRejected,
 )
+from qflare.messages.envelope import peek_header
 from qflare.messages.tensors import Layout, model_digest
 from qflare.privacy.policy import charge_of
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
-from qflare.runtime.envelopes import emit
+from qflare.runtime.envelopes import broadcast_key, emit, seal
 from qflare.runtime.jobs import check_model_size
 from qflare.runtime.service import Routes
+from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.aggregator.core import (
     CloseDecision,
     RoundState,
@@ -65,6 +72,8 @@ from qflare.services.aggregator.core import (
 from qflare.services.aggregator.store import AggregatorStore, RoundRow
 
 QUEUE = "aggregator"
+#: How long a model append may take to show up in the job's model stream.
+MODEL_APPEND_TIMEOUT_S = 30.0
 
 
 class Aggregator(Service):
@@ -75,14 +84,23 @@ class Aggregator(Service):
         opts = self.settings.options(self.name)
         self.tick_s = float(opts.get("tick_s", 0.2))
         self.reopen_interval_s = float(opts.get("reopen_interval_s", 3.0))
+        self.stream_linger_s = float(opts.get("stream_linger_s", 60.0))
         self.store: AggregatorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._ended: dict[str, asyncio.Event] = {}
         self._models: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-        # Updates of open rounds also kept in memory, so aggregation does not read back
-        # what was just written; the files serve restarts.
-        self._held: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = {}
+        # The job's update stream, read ahead: (job, round) -> client -> digest -> tensors of
+        # the rounds still collecting or waiting for their verdict (``_collecting``: their
+        # participants). A verdict uses only the digest ingest accepted; what the read-ahead
+        # missed is read again from the stream at the offsets the store recorded.
+        self._feeds: dict[str, UpdateFeed] = {}
+        self._collecting: dict[tuple[str, int], frozenset[str]] = {}
+        self._held: dict[tuple[str, int], dict[str, dict[bytes, Mapping[str, np.ndarray]]]] = {}
+        # The job's model stream, read from "next": the offset of each model this run
+        # appends, by the body digest of its envelope.
+        self._model_readers: dict[str, StreamReader] = {}
+        self._appended: dict[tuple[str, bytes], asyncio.Future[int]] = {}
 
     def consumers(self) -> list[Consumer]:
         routes: Routes = {
@@ -106,12 +124,87 @@ class Aggregator(Service):
         for spec in self.settings.jobs:
             await self.submit_job(spec)
         for job_id in list(self.specs):
+            await self._attach(job_id)
             await self._resume(job_id)
         self.spawn(self._ticker(), name="aggregator-ticker")
 
     async def close(self) -> None:
+        for feed in self._feeds.values():
+            await feed.stop()
+        for reader in self._model_readers.values():
+            await reader.cancel()
         if self.store is not None:
             await self.store.close()
+
+    # -- the job's streams ------------------------------------------------------------------
+    async def _attach(self, job_id: str) -> None:
+        """Declare the job's streams and start reading its update stream (from the earliest
+        offset a round not yet published needs) and its model stream (from now on)."""
+        assert self.store is not None and self.ctx.identity is not None
+        if job_id in self._feeds or await self.store.job_ended(job_id):
+            return
+        for stream in topology.job_streams(job_id):
+            await self.bus.declare_stream(stream)
+        latest = await self.store.latest_round(job_id)
+        if latest is not None and latest.state in (RoundState.OPEN, RoundState.CLOSED):
+            self._collecting[(job_id, latest.round)] = frozenset(latest.participants)
+        self._model_readers[job_id] = await self.bus.read_stream(
+            topology.model_stream(job_id), self._on_model_appended, offset="next", prefetch=4
+        )
+        assert self.ctx.trust is not None
+        feed = UpdateFeed(
+            self.bus,
+            job_id,
+            trust=self.ctx.trust,
+            kem_key=self.ctx.identity.kem,
+            wants=lambda round_no, sender: sender in self._collecting.get((job_id, round_no), ()),
+            sink=lambda update: self._keep(job_id, update),
+            log=self.log,
+        )
+        self._feeds[job_id] = feed
+        await feed.start(await self.store.feed_start(job_id))
+
+    async def _keep(self, job_id: str, update: StreamUpdate) -> None:
+        """Read-ahead sink: keep a participant's update of a collecting round (two digests
+        per client at most: a client that sends many cannot fill memory)."""
+        key = (job_id, update.round)
+        if update.client in self._collecting.get(key, ()):
+            held = self._held.setdefault(key, {}).setdefault(update.client, {})
+            if len(held) < 2:
+                held[update.digest] = update.tensors
+
+    async def _on_model_appended(self, delivery: Delivery) -> Outcome:
+        head = peek_header(delivery.body)
+        waiter = self._appended.get((head.job, head.body_digest))
+        if waiter is not None and not waiter.done() and delivery.offset is not None:
+            waiter.set_result(delivery.offset)
+        return Outcome.ACK
+
+    async def _model_offset(self, spec: JobSpec, version: int) -> int:
+        """Where model ``version`` sits in the job's model stream: appended (once) the first
+        time a round or the job's end names it."""
+        assert self.store is not None
+        row = await self.store.model(spec.job_id, version)
+        assert row is not None
+        if row.stream_offset is not None:
+            return row.stream_offset
+        tensors = await self._model(spec.job_id, version)
+        body = ModelPublished(
+            version=version, digest=row.digest, epsilon=row.epsilon, tensors=tensors
+        )
+        data = await seal(self, ModelPublished.KIND, body, job=spec.job_id, round=row.round)
+        key = (spec.job_id, peek_header(data).body_digest)
+        waiter = self._appended[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self.bus.publish(
+                topology.BROADCAST, broadcast_key(spec.job_id, ModelPublished.KIND), data
+            )
+            offset = await asyncio.wait_for(waiter, MODEL_APPEND_TIMEOUT_S)
+        finally:
+            self._appended.pop(key, None)
+        await self.store.set_model_offset(spec.job_id, version, offset)
+        event(self.log, "model.appended", job=spec.job_id, version=version, offset=offset)
+        return offset
 
     async def submit_job(self, spec: JobSpec, model: dict[str, np.ndarray] | None = None) -> None:
         """Start ``spec`` (idempotent: a job already stored resumes with its stored spec).
@@ -144,6 +237,7 @@ class Aggregator(Service):
             self.specs[spec.job_id] = spec
             event(self.log, "job.submitted", **spec.public())
         if self.running:
+            await self._attach(spec.job_id)
             await self._resume(spec.job_id)
 
     async def wait_job(self, job_id: str, timeout: float | None = None) -> str | None:
@@ -192,6 +286,10 @@ class Aggregator(Service):
             spec.participants, spec.sample_rate, spec.seed, spec.job_id, round_no
         )
         deadline = self.ctx.clock() + spec.deadline_s
+        # every update of this round is written after round.opened goes out, so no later
+        # than where the read-ahead stands now (a lower bound is all readers need)
+        feed = self._feeds[spec.job_id]
+        updates_from = feed.next_offset or await self.store.feed_start(spec.job_id)
         await self.store.transition(
             spec.job_id,
             round_no,
@@ -200,7 +298,9 @@ class Aggregator(Service):
             participants=participants,
             deadline=deadline,
             epsilon=epsilon,
+            updates_from=updates_from,
         )
+        self._collecting[(spec.job_id, round_no)] = frozenset(participants)
         r = await self.store.get_round(spec.job_id, round_no)
         assert r is not None
         event(
@@ -248,11 +348,11 @@ class Aggregator(Service):
             raise MessageRejected(
                 Reason.STALE_ROUND, f"round {env.round} of {spec.job_id} is not open"
             )
-        mine = (body.update_digest, env.nonce)
+        mine = body.update_digest
         if r.state != RoundState.OPEN:
             held = await self.store.held(spec.job_id, env.round, body.client)
-            if held == mine:
-                return  # redelivery of an update the round already holds
+            if held is not None and held[0] == mine:
+                return  # the same update again (a redelivery, or ingest checked it twice)
             if held is not None:
                 raise MessageRejected(
                     Reason.DUPLICATE, f"{body.client} already has an update in round {env.round}"
@@ -270,25 +370,14 @@ class Aggregator(Service):
                 Reason.STALE_BASE,
                 f"update on version {body.base_version}, round uses {r.base_version}",
             )
-        base = await self._model(spec.job_id, r.base_version)
-        try:
-            Layout.of(base).check(body.tensors, f"update of {body.client}")
-        except ValueError as exc:
-            raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
         held = await self.store.add_update(
-            spec.job_id,
-            env.round,
-            body.client,
-            body.update_digest,
-            env.nonce,
-            body.num_samples,
-            dict(body.tensors),
+            spec.job_id, env.round, body.client, body.update_digest, body.offset, body.num_samples
         )
         if held is not None:
-            # The same update.accepted envelope again (same ingest nonce) is a redelivery;
-            # another envelope for the client - even with the same content, accepted by a
-            # second ingest replica - is a duplicate submission.
-            if held == mine:
+            # The same digest again is the same update (a redelivered verdict, or ingest
+            # checking it twice after a restart); another digest for the client is a second
+            # submission.
+            if held[0] == mine:
                 return
             raise MessageRejected(
                 Reason.DUPLICATE, f"{body.client} already has an update in round {env.round}"
@@ -298,7 +387,8 @@ class Aggregator(Service):
             in_set = now is not None and (
                 now.state == RoundState.OPEN
                 or any(
-                    c == body.client and d == body.update_digest for c, d in now.closed_set or ()
+                    c == body.client and d == body.update_digest
+                    for c, d, _o in now.closed_set or ()
                 )
             )
             if not in_set:
@@ -308,8 +398,14 @@ class Aggregator(Service):
                     Reason.ROUND_CLOSED,
                     f"round {env.round} closed while {body.client}'s update was stored",
                 )
-        self._held.setdefault((spec.job_id, env.round), {})[body.client] = dict(body.tensors)
-        event(self.log, "update.stored", job=spec.job_id, round=env.round, client=body.client)
+        event(
+            self.log,
+            "update.held",
+            job=spec.job_id,
+            round=env.round,
+            client=body.client,
+            offset=body.offset,
+        )
         await self._maybe_close(spec, env.round)
 
     async def _on_refused(self, spec: JobSpec, env: Envelope[UpdateRejected]) -> None:
@@ -343,7 +439,7 @@ class Aggregator(Service):
                 return
             received = await self.store.round_updates(spec.job_id, round_no)
             refused = await self.store.refused(spec.job_id, round_no)
-            refused -= {c for c, _d, _n in received}
+            refused -= {c for c, _d, _o in received}
             decision = close_decision(
                 received=len(received),
                 selected=len(r.participants),
@@ -358,7 +454,7 @@ class Aggregator(Service):
             if decision == CloseDecision.WAIT:
                 return
             if decision == CloseDecision.CLOSE:
-                closed = tuple((c, d) for c, d, _n in received)
+                closed = tuple(received)
                 await self.store.transition(
                     spec.job_id, round_no, RoundState.OPEN, RoundState.CLOSED, closed_set=closed
                 )
@@ -418,7 +514,7 @@ class Aggregator(Service):
                 )
             kept = list(env.body.kept)
             flagged = [f.client for f in env.body.flagged]
-            closed = [c for c, _d in r.closed_set]
+            closed = [c for c, _d, _o in r.closed_set]
             if sorted(kept + flagged) != sorted(closed):
                 raise MessageRejected(
                     Reason.BAD_SCHEMA,
@@ -440,11 +536,7 @@ class Aggregator(Service):
                     bound=spec.dp_filter_bound,
                 )
             base = await self._model(spec.job_id, r.base_version)
-            held = self._held.get((spec.job_id, env.round), {})
-            missing = [c for c in kept if c not in held]
-            updates = {c: held[c] for c in kept if c in held}
-            if missing:
-                updates.update(await self.store.load_updates(spec.job_id, env.round, missing))
+            updates = await self._kept_updates(spec, r, kept)
             result = await asyncio.to_thread(
                 aggregate_round,
                 job=spec.job_id,
@@ -486,8 +578,26 @@ class Aggregator(Service):
             assert r is not None
             await self._announce_published(spec, r)
             self._held.pop((spec.job_id, env.round), None)
-            await self.store.drop_round_files(spec.job_id, env.round)
+            self._collecting.pop((spec.job_id, env.round), None)
             await self._next(spec, r)
+
+    async def _kept_updates(
+        self, spec: JobSpec, r: RoundRow, kept: list[str]
+    ) -> dict[str, Mapping[str, np.ndarray]]:
+        """The tensors of the kept clients' updates, each under the digest ingest accepted:
+        from the read-ahead, or read again from the stream at the recorded offsets."""
+        assert r.closed_set is not None
+        held = self._held.get((spec.job_id, r.round), {})
+        refs = {c: Ref(c, d, o) for c, d, o in r.closed_set if c in set(kept)}
+        updates = {
+            c: held[c][ref.digest] for c, ref in refs.items() if ref.digest in held.get(c, {})
+        }
+        missing = [ref for c, ref in refs.items() if c not in updates]
+        if missing:
+            event(self.log, "updates.rereading", job=spec.job_id, round=r.round, count=len(missing))
+            fetched = await self._feeds[spec.job_id].fetch(r.round, missing)
+            updates.update({c: u.tensors for c, u in fetched.items()})
+        return updates
 
     # -- announcements ------------------------------------------------------------------------
     async def _announce_open(self, spec: JobSpec, r: RoundRow, *, broadcast: bool) -> None:
@@ -508,10 +618,12 @@ class Aggregator(Service):
                 for n, s, d in zip(layout.names, layout.shapes, layout.dtypes, strict=True)
             ],
             rule=spec.rule,
+            model_offset=await self._model_offset(spec, r.base_version),
+            updates_from=r.updates_from,
         )
         await emit(self, "round.opened", body, job=spec.job_id, round=r.round)
         if broadcast:
-            await self._broadcast_model(spec, r.base_version)
+            # into the job's broadcast stream: a participant that starts later reads it there
             await emit(
                 self,
                 "round.opened",
@@ -520,23 +632,6 @@ class Aggregator(Service):
                 round=r.round,
                 exchange=topology.BROADCAST,
             )
-
-    async def _broadcast_model(self, spec: JobSpec, version: int) -> None:
-        assert self.store is not None
-        row = await self.store.model(spec.job_id, version)
-        assert row is not None
-        tensors = await self._model(spec.job_id, version)
-        body = ModelPublished(
-            version=version, digest=row.digest, epsilon=row.epsilon, tensors=tensors
-        )
-        await emit(
-            self,
-            "model.published",
-            body,
-            job=spec.job_id,
-            round=row.round,
-            exchange=topology.BROADCAST,
-        )
 
     async def _announce_published(self, spec: JobSpec, r: RoundRow) -> None:
         assert self.store is not None
@@ -555,7 +650,9 @@ class Aggregator(Service):
 
     async def _send_closed(self, spec: JobSpec, r: RoundRow) -> None:
         assert r.closed_set is not None
-        body = RoundClosed(updates=[UpdateRef(client=c, digest=d) for c, d in r.closed_set])
+        body = RoundClosed(
+            updates=[UpdateRef(client=c, digest=d, offset=o) for c, d, o in r.closed_set]
+        )
         await emit(self, "round.closed", body, job=spec.job_id, round=r.round)
 
     async def _send_request(self, spec: JobSpec, round_no: int) -> None:
@@ -581,9 +678,14 @@ class Aggregator(Service):
         publish leaves it unmarked, so the next nudge announces it again."""
         assert self.store is not None
         latest = await self.store.latest_model(spec.job_id)
+        final: dict[str, Any] = {}
         if latest is not None:
-            await self._broadcast_model(spec, latest.version)
-        body = JobEnded(reason=reason, detail=detail)
+            final = {
+                "model_version": latest.version,
+                "model_digest": latest.digest,
+                "model_offset": await self._model_offset(spec, latest.version),
+            }
+        body = JobEnded(reason=reason, detail=detail, **final)
         await emit(self, "job.ended", body, job=spec.job_id, round=round_no)
         await emit(
             self, "job.ended", body, job=spec.job_id, round=round_no, exchange=topology.BROADCAST
@@ -591,8 +693,27 @@ class Aggregator(Service):
         await self.store.end_job(spec.job_id, reason)
         for key in [k for k in self._held if k[0] == spec.job_id]:
             del self._held[key]
+        for key in [k for k in self._collecting if k[0] == spec.job_id]:
+            del self._collecting[key]
         event(self.log, "job.ended", job=spec.job_id, round=round_no, reason=reason)
         self._ended_event(spec.job_id).set()
+        self.spawn(self._retire(spec.job_id), name=f"retire-{spec.job_id}")
+
+    async def _retire(self, job_id: str) -> None:
+        """After a job ended: stop reading its streams and delete them: the update stream at
+        once (every update the job used is aggregated into a stored model), the model and
+        broadcast streams after ``stream_linger_s`` (participants read the final model)."""
+        feed = self._feeds.pop(job_id, None)
+        if feed is not None:
+            await feed.stop()
+        reader = self._model_readers.pop(job_id, None)
+        if reader is not None:
+            await reader.cancel()
+        await self.bus.delete_stream(topology.update_stream(job_id).name)
+        await asyncio.sleep(self.stream_linger_s)
+        await self.bus.delete_stream(topology.model_stream(job_id).name)
+        await self.bus.delete_stream(topology.broadcast_stream(job_id).name)
+        event(self.log, "job.streams_deleted", job=job_id)
 
     # -- restart and timers -------------------------------------------------------------------
     async def _resume(self, job_id: str, *, stale_after: float | None = None) -> None:

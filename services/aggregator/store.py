@@ -1,13 +1,14 @@
-"""The aggregator's durable state: jobs, rounds, updates held for open rounds, and model
+"""The aggregator's durable state: jobs, rounds, the updates each round holds, and model
 versions (safetensors files indexed in SQLite).
 
-Files are written (fsynced, atomically renamed) before the row that names them commits, and
-the delivery is acknowledged only after that commit, so an acknowledged update or a
-published model survives ``kill -9``. Natural keys: (job, round) for rounds,
-(job, round, client) for updates (first wins), (job, version) for models. A published
-round's update files are dropped only once no write for that round is in flight (a late
-update written while the round closed would otherwise lose its temporary file or stay
-behind in a folder nobody removes).
+An update's bytes stay in the job's update stream (the durable copy, docs/architecture.md
+"The data plane"): its row records the client, the digest ingest accepted and the offset, and
+commits before the ``update.accepted`` delivery is acknowledged, so a restarted aggregator
+reads exactly those offsets again. A round records the offset from which its updates can sit
+in the stream (``updates_from``), a model version the offset of its copy in the model stream.
+Model files are written (fsynced, atomically renamed) before the row that names them
+commits. Natural keys: (job, round) for rounds, (job, round, client) for updates (first
+wins), (job, version) for models.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from safetensors.numpy import save as st_save
 
 from qflare.messages.jobs import JobSpec
 from qflare.runtime import Database, fsync_write
-from qflare.runtime.sqlite import RoundFiles
 from qflare.services.aggregator.core import RoundState
 
 SCHEMA = """
@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     epsilon REAL,
     closed_set TEXT,
     verdict TEXT,
+    updates_from INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
     PRIMARY KEY (job_id, round)
 );
@@ -55,9 +56,8 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL,
     client TEXT NOT NULL,
     digest BLOB NOT NULL,
-    nonce BLOB NOT NULL,
+    stream_offset INTEGER NOT NULL,
     num_samples INTEGER NOT NULL,
-    path TEXT NOT NULL,
     received REAL NOT NULL,
     PRIMARY KEY (job_id, round, client)
 );
@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS models (
     path TEXT NOT NULL,
     epsilon REAL NOT NULL DEFAULT 0,
     created REAL NOT NULL,
+    stream_offset INTEGER,
     PRIMARY KEY (job_id, version)
 )
 """
@@ -92,9 +93,10 @@ class RoundRow:
     deadline: float | None
     extensions: int
     epsilon: float | None
-    closed_set: tuple[tuple[str, bytes], ...] | None
+    closed_set: tuple[tuple[str, bytes, int], ...] | None
     verdict: dict[str, Any] | None
     updated: float = 0.0
+    updates_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class ModelRow:
     digest: bytes
     path: Path
     epsilon: float
+    stream_offset: int | None = None
 
 
 def _round(row: Any) -> RoundRow:
@@ -118,9 +121,12 @@ def _round(row: Any) -> RoundRow:
         deadline=row["deadline"],
         extensions=row["extensions"],
         epsilon=row["epsilon"],
-        closed_set=None if closed is None else tuple((c, bytes.fromhex(d)) for c, d in closed),
+        closed_set=None
+        if closed is None
+        else tuple((c, bytes.fromhex(d), o) for c, d, o in closed),
         verdict=json.loads(row["verdict"]) if row["verdict"] else None,
         updated=row["updated"],
+        updates_from=row["updates_from"],
     )
 
 
@@ -132,6 +138,7 @@ def _model(row: Any, root: Path) -> ModelRow:
         bytes(row["digest"]),
         root / row["path"],
         row["epsilon"],
+        row["stream_offset"],
     )
 
 
@@ -139,7 +146,6 @@ class AggregatorStore:
     def __init__(self, db: Database, root: Path) -> None:
         self.db = db
         self.root = root
-        self.files = RoundFiles(root)
 
     @classmethod
     async def open(cls, root: Path) -> AggregatorStore:
@@ -161,7 +167,7 @@ class AggregatorStore:
                 (spec.job_id, spec.model_dump_json(), time.time()),
             )
             await conn.execute(
-                "INSERT INTO models VALUES (?, 0, 0, ?, ?, 0, ?)",
+                "INSERT INTO models VALUES (?, 0, 0, ?, ?, 0, ?, NULL)",
                 (spec.job_id, digest, rel, time.time()),
             )
         return True
@@ -226,10 +232,10 @@ class AggregatorStore:
             if key in ("participants",):
                 value = json.dumps(list(value))
             elif key == "closed_set":
-                value = json.dumps([[c, d.hex()] for c, d in value])
+                value = json.dumps([[c, d.hex(), o] for c, d, o in value])
             elif key == "verdict":
                 value = json.dumps(value)
-            elif key not in ("deadline", "extensions", "epsilon"):
+            elif key not in ("deadline", "extensions", "epsilon", "updates_from"):
                 raise ValueError(f"unknown round field {key!r}")
             sets.append(f"{key}=?")
             values.append(value)
@@ -247,47 +253,36 @@ class AggregatorStore:
         )
 
     # -- updates ---------------------------------------------------------------------------
-    async def held(self, job_id: str, round_no: int, client: str) -> tuple[bytes, bytes] | None:
-        """(digest, nonce of the update.accepted envelope) held for (job, round, client)."""
+    async def held(self, job_id: str, round_no: int, client: str) -> tuple[bytes, int] | None:
+        """(digest, stream offset) of the update the round holds for ``client``."""
         row = await self.db.fetchone(
-            "SELECT digest, nonce FROM updates WHERE job_id=? AND round=? AND client=?",
+            "SELECT digest, stream_offset FROM updates WHERE job_id=? AND round=? AND client=?",
             (job_id, round_no, client),
         )
-        return None if row is None else (bytes(row["digest"]), bytes(row["nonce"]))
+        return None if row is None else (bytes(row["digest"]), row["stream_offset"])
 
     async def add_update(
-        self,
-        job_id: str,
-        round_no: int,
-        client: str,
-        digest: bytes,
-        nonce: bytes,
-        num_samples: int,
-        tensors: dict[str, np.ndarray],
-    ) -> tuple[bytes, bytes] | None:
-        """Store an update (file, then row). Returns None when stored now, else the
-        (digest, nonce) already held for (job, round, client) — first wins."""
-        existing = await self.held(job_id, round_no, client)
-        if existing is not None:
-            return existing
-        rel = f"updates/{job_id}/r{round_no}/{client}.safetensors"
-        data = st_save(dict(tensors))
-        with self.files.writing(job_id, round_no):
-            await asyncio.to_thread(fsync_write, self.root / rel, data)
-            async with self.db.transaction() as conn:
-                cur = await conn.execute(
-                    "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, round_no, client, digest, nonce, num_samples, rel, time.time()),
-                )
-                won = cur.rowcount == 1
+        self, job_id: str, round_no: int, client: str, digest: bytes, offset: int, num_samples: int
+    ) -> tuple[bytes, int] | None:
+        """Record that the round holds ``client``'s update (its bytes stay in the stream at
+        ``offset``). Returns None when recorded now, else the (digest, offset) already held
+        for (job, round, client): first wins."""
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, round_no, client, digest, offset, num_samples, time.time()),
+            )
+            won = cur.rowcount == 1
         return None if won else await self.held(job_id, round_no, client)
 
     async def round_updates(self, job_id: str, round_no: int) -> list[tuple[str, bytes, int]]:
+        """(client, digest, stream offset) of every update the round holds, by client."""
         rows = await self.db.fetchall(
-            "SELECT client, digest, num_samples FROM updates WHERE job_id=? AND round=? ORDER BY client",
+            "SELECT client, digest, stream_offset FROM updates WHERE job_id=? AND round=? "
+            "ORDER BY client",
             (job_id, round_no),
         )
-        return [(r["client"], bytes(r["digest"]), r["num_samples"]) for r in rows]
+        return [(r["client"], bytes(r["digest"]), r["stream_offset"]) for r in rows]
 
     async def add_refusal(self, job_id: str, round_no: int, client: str, reason: str) -> None:
         """Ingest refused ``client``'s update for the round (the first refusal is kept)."""
@@ -305,24 +300,20 @@ class AggregatorStore:
         )
         return {r["client"] for r in rows}
 
-    async def load_updates(
-        self, job_id: str, round_no: int, clients: list[str]
-    ) -> dict[str, dict[str, np.ndarray]]:
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for client in clients:
-            row = await self.db.fetchone(
-                "SELECT path FROM updates WHERE job_id=? AND round=? AND client=?",
-                (job_id, round_no, client),
-            )
-            if row is None:
-                raise LookupError(f"no stored update of {client} in {job_id} round {round_no}")
-            out[client] = await asyncio.to_thread(_load_file, self.root / row["path"])
-        return out
-
-    async def drop_round_files(self, job_id: str, round_no: int) -> None:
-        """Delete a published round's update files (their rows stay as the round's record),
-        once no write for the round is in flight."""
-        await self.files.drop(job_id, round_no)
+    async def feed_start(self, job_id: str) -> int:
+        """Where a restarted aggregator reads the job's update stream from: the earliest
+        ``updates_from`` of a round not yet published, else of the latest round, else 0."""
+        row = await self.db.fetchone(
+            "SELECT MIN(updates_from) AS o FROM rounds WHERE job_id=? AND state IN (?, ?)",
+            (job_id, RoundState.OPEN.value, RoundState.CLOSED.value),
+        )
+        if row is not None and row["o"] is not None:
+            return int(row["o"])
+        row = await self.db.fetchone(
+            "SELECT updates_from AS o FROM rounds WHERE job_id=? ORDER BY round DESC LIMIT 1",
+            (job_id,),
+        )
+        return int(row["o"]) if row is not None else 0
 
     # -- models ----------------------------------------------------------------------------
     async def _write_model_file(
@@ -361,10 +352,17 @@ class AggregatorStore:
             if cur.rowcount != 1:
                 return False
             await conn.execute(
-                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
                 (job_id, version, round_no, digest, rel, epsilon, time.time()),
             )
         return True
+
+    async def set_model_offset(self, job_id: str, version: int, offset: int) -> None:
+        """Where version ``version`` sits in the job's model stream."""
+        await self.db.execute(
+            "UPDATE models SET stream_offset=? WHERE job_id=? AND version=?",
+            (offset, job_id, version),
+        )
 
     async def latest_model(self, job_id: str) -> ModelRow | None:
         row = await self.db.fetchone(

@@ -143,7 +143,7 @@ class AlertDesk:
                     detail=f"flagged {streak} rounds in a row; {alert.detail}".rstrip("; "),
                 )
                 escalated = True
-        key = alert.key + (alert.severity.label,)
+        key = (*alert.key, alert.severity.label)
         last = self._last.get(key)  # type: ignore[arg-type]
         if last is not None and now - last < self.policy.dedup_window_s:
             return Decision(Action.DUPLICATE, alert, escalated, streak)

@@ -1,11 +1,16 @@
-"""The detector's shell: keeps the updates of open rounds, and on ``round.closed`` judges
-exactly the listed (client, digest) set once it holds all of them, then publishes
-``round.verdict`` and an alert per flagged client (docs/architecture.md, "One round" step 6).
+"""The detector's shell: reads each job's update stream ahead while rounds collect, and on
+``round.closed`` judges exactly the listed (client, digest, offset) set, then publishes
+``round.verdict`` and an alert per flagged client (docs/architecture.md, "One round" step 6
+and "The data plane").
 
-``round.closed`` is stored as pending before it is acknowledged, so a verdict waits for a
-late ``update.accepted`` without holding the message; the verdict and the reputation it
-changes commit together, so redeliveries do not count twice. A redelivered
-``round.closed`` of a decided round re-publishes the stored verdict.
+The read-ahead keeps a participant's update as a row of its round's matrix under its
+(client, digest) key (verified in full: certificate, signature, digest, unsealed with the
+detector's own key); the verdict uses only the digests the aggregator's signed
+``round.closed`` lists, and reads whatever it does not hold again from the stream at their
+offsets (after a restart: all of them). ``round.closed`` is stored as pending before it is
+acknowledged; the verdict and the reputation it changes commit together, so redeliveries do
+not count twice. A redelivered ``round.closed`` of a decided round re-publishes the stored
+verdict.
 """
 
 from __future__ import annotations
@@ -22,13 +27,12 @@ from qflare.messages import (
     Reason,
     RoundClosed,
     RoundVerdict,
-    UpdateAccepted,
 )
-from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.robust import Reputation
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import emit
 from qflare.runtime.service import Routes
+from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.detector.core import RoundRows, decide, decide_rows
 from qflare.services.detector.store import DetectorStore
 
@@ -48,13 +52,15 @@ class Detector(Service):
         self.store: DetectorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # (job, round) -> the round's updates as matrix rows (detection on only): this run's
-        # copies, so a verdict neither reads back what was just written nor stacks the
-        # round after it closed; the files serve restarts.
+        # (job, round) -> the round's updates as matrix rows (detection on only), filled by
+        # the read-ahead as they arrive; the stream serves restarts
         self._rows: dict[tuple[str, int], RoundRows] = {}
+        self._per_client: dict[tuple[str, int, str], int] = {}
+        self._decided_up_to: dict[str, int] = {}
+        self._feeds: dict[str, UpdateFeed] = {}
 
     def consumers(self) -> list[Consumer]:
-        routes: Routes = {UpdateAccepted: self.on_update, RoundClosed: self.on_closed}
+        routes: Routes = {RoundClosed: self.on_closed}
         return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=32)]
 
     async def open(self) -> None:
@@ -66,6 +72,9 @@ class Detector(Service):
 
     async def started(self) -> None:
         assert self.store is not None
+        self._decided_up_to = await self.store.last_decided()
+        for job_id in list(self.specs):
+            await self._read_ahead(job_id)
         for job_id, round_no, verdict in await self.store.unpublished():
             await self._publish(job_id, round_no, verdict)
         for job_id, round_no, _refs in await self.store.pending():
@@ -86,6 +95,8 @@ class Detector(Service):
                 self.log.warning("republishing verdicts failed; retrying", exc_info=True)
 
     async def close(self) -> None:
+        for feed in self._feeds.values():
+            await feed.stop()
         if self.store is not None:
             await self.store.close()
 
@@ -93,6 +104,46 @@ class Detector(Service):
         self.specs.setdefault(spec.job_id, spec)
         if self.store is not None:
             await self.store.add_job(spec)
+        if self.running:
+            await self._read_ahead(spec.job_id)
+
+    async def _read_ahead(self, job_id: str) -> None:
+        """Start reading the job's update stream from now on (detection on only: without
+        detection the verdict needs no update)."""
+        spec = self.specs[job_id]
+        if not spec.detection or job_id in self._feeds:
+            return
+        assert self.ctx.identity is not None and self.ctx.trust is not None
+        participants = frozenset(spec.participants)
+        feed = UpdateFeed(
+            self.bus,
+            job_id,
+            trust=self.ctx.trust,
+            kem_key=self.ctx.identity.kem,
+            wants=lambda round_no, sender: (
+                sender in participants and round_no > self._decided_up_to.get(job_id, 0)
+            ),
+            sink=lambda update: self._keep(job_id, update),
+            log=self.log,
+        )
+        self._feeds[job_id] = feed
+        await feed.start("next")
+
+    async def _keep(self, job_id: str, update: StreamUpdate) -> None:
+        """Read-ahead sink: the update as a row of its round (two digests per client at
+        most); the copy into the row runs in a worker thread."""
+        if update.round <= self._decided_up_to.get(job_id, 0):
+            return
+        spec = self.specs[job_id]
+        count = (job_id, update.round, update.client)
+        if self._per_client.get(count, 0) >= 2:
+            return
+        rows = self._rows.setdefault((job_id, update.round), RoundRows(_expected_updates(spec)))
+        self._per_client[count] = self._per_client.get(count, 0) + 1
+        try:
+            await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+        except ValueError as exc:  # not the model's layout: ingest refuses it too
+            self.log.debug("read-ahead row refused: %s", exc)
 
     def _job(self, env: Envelope[Body]) -> JobSpec:
         spec = self.specs.get(env.job)
@@ -100,37 +151,11 @@ class Detector(Service):
             raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} configured here")
         return spec
 
-    async def on_update(self, env: Envelope[UpdateAccepted]) -> None:
-        assert self.store is not None
-        spec = self._job(env)
-        body = env.body
-        key, ref = (env.job, env.round), (body.client, body.update_digest)
-        if spec.detection:
-            # a row before the store's verdict check, so a verdict that drops the round's
-            # rows after that check drops this one too
-            rows = self._rows.setdefault(key, RoundRows(_expected_updates(spec)))
-            try:
-                if env.size > OFF_LOOP_BYTES:
-                    await asyncio.to_thread(rows.add, ref, body.tensors)
-                else:
-                    rows.add(ref, body.tensors)
-            except ValueError as exc:
-                raise MessageRejected(Reason.SHAPE_MISMATCH, str(exc)) from None
-        added = await self.store.add_update(
-            env.job, env.round, body.client, body.update_digest, dict(body.tensors)
-        )
-        if added == "decided":
-            # a copy after the verdict: the round needs no rows any more
-            self._rows.pop(key, None)
-            return
-        if await self.store.pending(env.job):
-            await self._try_decide(env.job, env.round)
-
     async def on_closed(self, env: Envelope[RoundClosed]) -> None:
         assert self.store is not None
         self._job(env)
-        refs = [(u.client, u.digest) for u in env.body.updates]
-        if len({c for c, _d in refs}) != len(refs):
+        refs = [(u.client, u.digest, u.offset) for u in env.body.updates]
+        if len({c for c, _d, _o in refs}) != len(refs):
             raise MessageRejected(Reason.BAD_SCHEMA, "round.closed lists a client twice")
         stored = await self.store.verdict(env.job, env.round)
         if stored is not None:
@@ -149,28 +174,31 @@ class Detector(Service):
                 await self.store.discard_pending(job_id, round_no)
                 return
             refs = pending[0][2]
-            missing = set(refs) - await self.store.held(job_id, round_no)
-            if missing:
-                event(self.log, "verdict.waiting", job=job_id, round=round_no, missing=len(missing))
-                return
             spec = self.specs[job_id]
             reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
             if spec.detection:
                 rows = self._rows.setdefault((job_id, round_no), RoundRows(max(1, len(refs))))
-                rest = [r for r in refs if r not in rows]
-                if rest:  # stored before a restart
-                    for client, tensors in (await self.store.load(job_id, round_no, rest)).items():
-                        rows.add(next(r for r in rest if r[0] == client), tensors)
+                rest = [Ref(c, d, o) for c, d, o in refs if (c, d) not in rows]
+                if rest:  # not read ahead (a restart, or it arrived before the reader)
+                    event(
+                        self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest)
+                    )
+                    await self._read_ahead(job_id)
+                    fetched = await self._feeds[job_id].fetch(round_no, rest)
+                    for update in fetched.values():
+                        await asyncio.to_thread(
+                            rows.add, (update.client, update.digest), update.tensors
+                        )
 
                 def judge() -> Any:
-                    clients, x = rows.matrix(list(refs))
+                    clients, x = rows.matrix([(c, d) for c, d, _o in refs])
                     return decide_rows(round_no, clients, x, f=spec.f, reputation=reputation)
 
                 result = await asyncio.to_thread(judge)
             else:
                 result = decide(
                     round_no,
-                    {c: {} for c, _d in refs},
+                    {c: {} for c, _d, _o in refs},
                     f=spec.f,
                     detection=False,
                     reputation=reputation,
@@ -193,9 +221,16 @@ class Detector(Service):
                     kept=len(result.kept),
                     flagged=[x.client for x in result.flagged],
                 )
-                self._rows.pop((job_id, round_no), None)
+                self._forget(job_id, round_no)
                 await self._publish(job_id, round_no, verdict)
-                await self.store.drop_round_files(job_id, round_no)
+
+    def _forget(self, job_id: str, round_no: int) -> None:
+        """A decided round needs no rows; nothing for it or earlier is read ahead again."""
+        self._decided_up_to[job_id] = max(self._decided_up_to.get(job_id, 0), round_no)
+        for key in [k for k in self._rows if k[0] == job_id and k[1] <= round_no]:
+            del self._rows[key]
+        for count in [k for k in self._per_client if k[0] == job_id and k[1] <= round_no]:
+            del self._per_client[count]
 
     async def _publish(self, job_id: str, round_no: int, verdict: dict[str, Any]) -> None:
         assert self.store is not None

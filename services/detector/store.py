@@ -1,40 +1,29 @@
-"""The detector's durable state: updates of open rounds (safetensors files + rows), the
-closed rounds it still has to judge, its verdicts, and each job's reputation.
+"""The detector's durable state: the closed rounds it still has to judge (with each
+update's digest and offset in the job's update stream), its verdicts, and each job's
+reputation.
 
-A verdict, the reputation after it and the removal of the pending round commit in one
-transaction, so a redelivered ``round.closed`` never counts a client's flag twice; a
-verdict not yet known to be published is published again at start.
-
-Once a round has its verdict its update files are deleted, so nothing may bring the round
-back: a round becomes pending only while it has no verdict (one statement, so a copy of
-``round.closed`` that checked before the verdict committed cannot re-insert it after), an
-update of a decided round is not written, and the files are dropped only once no write
-for the round is in flight.
+The updates themselves stay in the update stream (docs/architecture.md, "The data plane"):
+the detector reads them ahead while a round collects and, for whatever it does not hold when
+a round closes (a restart), again at the offsets ``round.closed`` lists. A verdict, the
+reputation after it and the removal of the pending round commit in one transaction, so a
+redelivered ``round.closed`` never counts a client's flag twice; a verdict not yet known to
+be published is published again at start. A round becomes pending only while it has no
+verdict (one statement, so a copy of ``round.closed`` that checked before the verdict
+committed cannot re-insert it after).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal, cast
-
-import numpy as np
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
+from typing import Any, cast
 
 from qflare.messages.jobs import JobSpec
 from qflare.robust import Reputation
-from qflare.runtime import Database, fsync_write
-from qflare.runtime.sqlite import RoundFiles
+from qflare.runtime import Database
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS updates (
-    job_id TEXT NOT NULL, round INTEGER NOT NULL, client TEXT NOT NULL, digest BLOB NOT NULL,
-    path TEXT NOT NULL, received REAL NOT NULL,
-    PRIMARY KEY (job_id, round, client, digest)
-);
 CREATE TABLE IF NOT EXISTS pending (
     job_id TEXT NOT NULL, round INTEGER NOT NULL, closed_set TEXT NOT NULL,
     PRIMARY KEY (job_id, round)
@@ -58,15 +47,14 @@ CREATE TABLE IF NOT EXISTS clients (
 """
 
 
-#: What ``add_update`` did: wrote it, already held it, or left it (its round is decided).
-Added = Literal["stored", "held", "decided"]
+#: An update of a closed round: client, digest (vouched by the aggregator) and stream offset.
+PendingRef = tuple[str, bytes, int]
 
 
 class DetectorStore:
     def __init__(self, db: Database, root: Path) -> None:
         self.db = db
         self.root = root
-        self.files = RoundFiles(root)
 
     @classmethod
     async def open(cls, root: Path) -> DetectorStore:
@@ -89,26 +77,6 @@ class DetectorStore:
         rows = await self.db.fetchall("SELECT spec FROM jobs ORDER BY job_id")
         return [JobSpec.model_validate(json.loads(row["spec"])) for row in rows]
 
-    async def add_update(
-        self, job_id: str, round_no: int, client: str, digest: bytes, tensors: dict[str, np.ndarray]
-    ) -> Added:
-        # counted before the verdict check: a drop that starts after the check waits for us
-        with self.files.writing(job_id, round_no):
-            if await self.decided(job_id, round_no):
-                return "decided"
-            if await self.db.fetchone(
-                "SELECT 1 FROM updates WHERE job_id=? AND round=? AND client=? AND digest=?",
-                (job_id, round_no, client, digest),
-            ):
-                return "held"
-            rel = f"updates/{job_id}/r{round_no}/{client}-{digest.hex()[:16]}.safetensors"
-            await asyncio.to_thread(fsync_write, self.root / rel, st_save(dict(tensors)))
-            await self.db.execute(
-                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, round_no, client, digest, rel, time.time()),
-            )
-            return "stored"
-
     async def decided(self, job_id: str, round_no: int) -> bool:
         return (
             await self.db.fetchone(
@@ -117,37 +85,13 @@ class DetectorStore:
             is not None
         )
 
-    async def held(self, job_id: str, round_no: int) -> set[tuple[str, bytes]]:
-        rows = await self.db.fetchall(
-            "SELECT client, digest FROM updates WHERE job_id=? AND round=?", (job_id, round_no)
-        )
-        return {(r["client"], bytes(r["digest"])) for r in rows}
-
-    async def load(
-        self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]
-    ) -> dict[str, dict[str, np.ndarray]]:
-        out = {}
-        for client, digest in refs:
-            row = await self.db.fetchone(
-                "SELECT path FROM updates WHERE job_id=? AND round=? AND client=? AND digest=?",
-                (job_id, round_no, client, digest),
-            )
-            if row is None:
-                raise LookupError(
-                    f"no update {client}/{digest.hex()[:16]} in {job_id} round {round_no}"
-                )
-            out[client] = await asyncio.to_thread(
-                lambda p: st_load(p.read_bytes()), self.root / row["path"]
-            )
-        return out
-
-    async def add_pending(self, job_id: str, round_no: int, refs: list[tuple[str, bytes]]) -> None:
+    async def add_pending(self, job_id: str, round_no: int, refs: list[PendingRef]) -> None:
         """Store the closed round as waiting for its verdict, unless it has one already
         (checked in the same statement: see the module docstring)."""
         await self.db.execute(
             "INSERT OR IGNORE INTO pending SELECT ?, ?, ? "
             "WHERE NOT EXISTS (SELECT 1 FROM verdicts WHERE job_id=? AND round=?)",
-            (job_id, round_no, json.dumps([[c, d.hex()] for c, d in refs]), job_id, round_no),
+            (job_id, round_no, json.dumps([[c, d.hex(), o] for c, d, o in refs]), job_id, round_no),
         )
 
     async def discard_pending(self, job_id: str, round_no: int) -> None:
@@ -155,9 +99,7 @@ class DetectorStore:
         could leave behind)."""
         await self.db.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
 
-    async def pending(
-        self, job_id: str | None = None
-    ) -> list[tuple[str, int, list[tuple[str, bytes]]]]:
+    async def pending(self, job_id: str | None = None) -> list[tuple[str, int, list[PendingRef]]]:
         sql, args = "SELECT * FROM pending", cast(tuple[str, ...], ())
         if job_id is not None:
             sql, args = sql + " WHERE job_id=?", (job_id,)
@@ -166,10 +108,17 @@ class DetectorStore:
             (
                 r["job_id"],
                 r["round"],
-                [(c, bytes.fromhex(d)) for c, d in json.loads(r["closed_set"])],
+                [(c, bytes.fromhex(d), o) for c, d, o in json.loads(r["closed_set"])],
             )
             for r in rows
         ]
+
+    async def last_decided(self) -> dict[str, int]:
+        """The latest round with a verdict, per job."""
+        rows = await self.db.fetchall(
+            "SELECT job_id, MAX(round) AS r FROM verdicts GROUP BY job_id"
+        )
+        return {row["job_id"]: int(row["r"]) for row in rows}
 
     async def verdict(self, job_id: str, round_no: int) -> dict[str, Any] | None:
         row = await self.db.fetchone(
@@ -225,8 +174,3 @@ class DetectorStore:
                 )
             await conn.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
         return True
-
-    async def drop_round_files(self, job_id: str, round_no: int) -> None:
-        """Delete a decided round's update files (their rows stay as the record), once no
-        write for the round is in flight; writes starting later see the verdict and skip."""
-        await self.files.drop(job_id, round_no)

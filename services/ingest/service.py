@@ -1,25 +1,31 @@
-"""Ingest's shell: open the client's envelope, check it against the open round, re-sign it.
+"""Ingest's shell: check each message of a job's update stream, publish a small signed verdict.
 
-Stateless and replicated (docs/architecture.md, "Processes"): every replica consumes the shared ``ingest`` quorum
-queue (competing consumers) and keeps only a cache of open rounds, learnt from
-``round.opened`` / ``round.closed`` / ``job.ended`` on its own transient queue
-``ingest.rounds.<replica>`` (exclusive to the replica's connection: the broker deletes it
-when the replica stops or dies, and declares it afresh after a reconnect, so round events
-published while the link was down are not seen; the aggregator re-announces open rounds
-when it starts or extends a round). Per update:
+Stateless and replicated (docs/architecture.md, "Processes" and "The data plane"). Clients
+write each update once, into the job's stream ``updates.<job>``; ingest reads it there (the
+detector and the aggregator read the same bytes) and never re-publishes it. A replica keeps
+only a cache of open rounds, learnt from ``round.opened`` / ``round.closed`` /
+``job.ended`` on its own transient queue ``ingest.rounds.<replica>``; ``round.opened`` names
+the offset from which the round's updates can sit in the stream, and a replica that does not
+yet read the job's stream starts there (a restarted replica re-checks what it may have missed;
+its verdicts are idempotent for the services). With ``share = "i/N"`` (``N`` replicas) a
+replica checks the offsets ``o`` with ``o % N == i``, so each update is checked once. Per
+update:
 
 1. size bound from the open round's tensor spec, before any decoding (TOO_LARGE);
 2. :func:`qflare.messages.open_envelope`: certificate chain, expiry, revocation, sender,
    role, ML-DSA signature under ``qflare/v1/update``, body digest, unsealing with ingest's
    KEM key, body limits and schema;
-3. :mod:`.core`: job, round, base version, participant, deadline, best-effort duplicate;
+3. :mod:`.core`: job, round, base version, participant, best-effort duplicate (deadlines
+   are the aggregator's: ingest refuses an update as ROUND_CLOSED only once it heard the
+   round closed);
 4. :func:`qflare.messages.validate_update` (names, dtypes, shapes, finiteness) and the norm;
-5. ``update.accepted`` signed by ingest, with ``update_digest`` = the client's body digest.
+5. ``update.accepted`` signed by ingest: client, ``update_digest`` = the client's body
+   digest, and the update's offset in the stream.
 
-Any failure is a :class:`MessageRejected`: the handler wrapper rejects the delivery
-without requeue (dead letter), and :meth:`IngestService.on_rejected` publishes
-``update.rejected`` and an ``alert.raised`` naming the reason. A client is named in them
-only once its signature verified, so a forger cannot get an honest client flagged.
+Any failure is a :class:`MessageRejected`: :meth:`IngestService.on_rejected` publishes
+``update.rejected`` (with the offset) and an ``alert.raised`` naming the reason, and the
+reader moves on. A client is named in them only once its signature verified, so a forger
+cannot get an honest client flagged.
 
 The revocation list is re-read when its file changes (``qflare revoke`` rewrites it), so a
 revocation takes effect on the next message without a restart.
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qflare.bus import Delivery, QueueSpec, topology
+from qflare.bus import Delivery, QueueSpec, StreamReader, topology
 from qflare.crypto.errors import TrustRejected
 from qflare.crypto.pki import RevocationList
 from qflare.messages import (
@@ -66,9 +72,9 @@ from qflare.services.ingest.core import (
     needs_round_news,
 )
 
-#: The shared work queue: every replica competes on it.
-UPDATES = QueueSpec("ingest", bindings=((topology.CLIENT, "update.*"),), delivery_limit=3)
-QUEUES: tuple[QueueSpec, ...] = (UPDATES,)
+#: Ingest's durable queues: none (updates are read from each job's stream, round events
+#: from a transient queue per replica).
+QUEUES: tuple[QueueSpec, ...] = ()
 
 _WORD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -105,6 +111,7 @@ class _Refused(MessageRejected):
         client: str | None,
         claimed: str | None,
         digest: bytes | None,
+        offset: int | None,
     ) -> None:
         super().__init__(exc.reason, exc.detail)
         self.job = job
@@ -112,6 +119,7 @@ class _Refused(MessageRejected):
         self.client = client
         self.claimed = claimed
         self.digest = digest
+        self.offset = offset
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,8 @@ class IngestOptions:
     round_news_wait_s: float = 5.0
     dedup_capacity: int = 100_000
     crl_path: Path | None = None
+    share: int = 0
+    shares: int = 1
 
     @classmethod
     def from_settings(cls, options: Any, pki_dir: Path | None) -> IngestOptions:
@@ -136,13 +146,31 @@ class IngestOptions:
         wait = float(options.get("round_news_wait_s", 5.0))
         if wait < 0:
             raise ValueError(f"round_news_wait_s must be >= 0, got {wait}")
+        share, shares = parse_share(str(os.environ.get(SHARE_ENV) or options.get("share", "0/1")))
         return cls(
             replica=replica,
             max_update_norm=float(norm) if norm else None,
             round_news_wait_s=wait,
             dedup_capacity=int(options.get("dedup_capacity", 100_000)),
             crl_path=Path(crl) if crl else None,
+            share=share,
+            shares=shares,
         )
+
+
+#: ``i/N``: this replica checks the stream offsets ``o`` with ``o % N == i``.
+SHARE_ENV = "QFLARE_INGEST_SHARE"
+
+
+def parse_share(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 0 <= i < N."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"ingest share must be 'i/N' (e.g. '0/2'), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"ingest share {text!r} needs 0 <= i < N")
+    return i, n
 
 
 class IngestService(Service):
@@ -160,10 +188,10 @@ class IngestService(Service):
         self._crl_stamp: tuple[int, int] | None = None
         self.counts: dict[str, int] = {"accepted": 0, "rejected": 0}
         self._inflight: set[tuple[str, int, str]] = set()
+        self._readers: dict[str, StreamReader] = {}
 
     def consumers(self) -> list[Consumer]:
         return [
-            Consumer(UPDATES, handler=self.on_update, prefetch=8),
             Consumer(
                 rounds_queue(self.options.replica),
                 routes={
@@ -219,7 +247,7 @@ class IngestService(Service):
             base_version=body.model_version,
             tensors=tuple(body.tensor_spec),
             participants=frozenset(body.participants),
-            deadline=body.deadline,
+            deadline=None,  # the aggregator closes rounds; ingest hears of it (round.closed)
             max_norm=self.options.max_update_norm,
         )
         if self.book.opened(info):
@@ -230,7 +258,29 @@ class IngestService(Service):
                 round=env.round,
                 participants=len(body.participants),
             )
+        await self._read_updates(env.job, body.updates_from)
         self._tell_news()
+
+    async def _read_updates(self, job: str, offset: int) -> None:
+        """Start checking the job's update stream from ``offset`` (once per job)."""
+        if job in self._readers or not self.running:
+            return
+        reader = await self.bus.read_stream(
+            topology.update_stream(job),
+            self._wrap(lambda delivery: self.on_update(job, delivery)),
+            offset=offset,
+            prefetch=8,
+        )
+        self._readers[job] = reader
+        self._subs.append(reader)
+        event(
+            self.log,
+            "updates.reading",
+            job=job,
+            offset=offset,
+            share=self.options.share,
+            shares=self.options.shares,
+        )
 
     async def on_round_closed(self, env: Envelope[RoundClosed]) -> None:
         self.book.closed(env.job, env.round)
@@ -239,6 +289,10 @@ class IngestService(Service):
 
     async def on_job_ended(self, env: Envelope[JobEnded]) -> None:
         self.book.ended(env.job)
+        reader = self._readers.pop(env.job, None)
+        if reader is not None:
+            self._subs.remove(reader)
+            await reader.cancel()
         self._tell_news()
 
     def _tell_news(self) -> None:
@@ -259,12 +313,15 @@ class IngestService(Service):
                 return
 
     # -- updates --------------------------------------------------------------------------
-    async def on_update(self, delivery: Delivery) -> None:
-        key_job = _job_from_key(delivery.routing_key)
+    async def on_update(self, key_job: str, delivery: Delivery) -> None:
+        """One message of the job's update stream (this replica's share of the offsets)."""
+        offset = delivery.offset
+        if offset is None or offset % self.options.shares != self.options.share:
+            return
         env: Envelope[Update] | None = None
         try:
             self.reload_crl()
-            info = self.book.get(key_job) if key_job else None
+            info = self.book.get(key_job)
             if info is not None and len(delivery.body) > max_envelope_bytes(info):
                 raise MessageRejected(
                     Reason.TOO_LARGE,
@@ -272,10 +329,10 @@ class IngestService(Service):
                     f"for round {info.round} of {key_job!r} can take",
                 )
             env = await self._open(delivery.body)
-            if key_job is not None and env.job != key_job:
+            if env.job != key_job:
                 raise MessageRejected(
                     Reason.WRONG_JOB,
-                    f"routing key names job {key_job!r}, the signed header {env.job!r}",
+                    f"the stream of job {key_job!r} holds an update for {env.job!r}",
                 )
             body = env.body
             if needs_round_news(self.book, env.job, env.round):
@@ -307,18 +364,19 @@ class IngestService(Service):
         except MessageRejected as exc:
             raise _Refused(
                 exc,
-                job=env.job if env is not None else (key_job or "-"),
+                job=env.job if env is not None else key_job,
                 round_=env.round if env is not None else 0,
                 client=env.sender if env is not None else None,
                 claimed=None if env is not None else _claimed_sender(delivery.body),
                 digest=env.body_digest if env is not None else None,
+                offset=offset,
             ) from None
         accepted = UpdateAccepted(
             client=env.sender,
             update_digest=env.body_digest,
             base_version=body.base_version,
             num_samples=body.num_samples,
-            tensors=dict(body.tensors),
+            offset=offset,
         )
         try:
             await emit(self, "update.accepted", accepted, job=env.job, round=env.round)
@@ -333,6 +391,7 @@ class IngestService(Service):
             round=env.round,
             client=env.sender,
             norm=round(norm, 6),
+            offset=offset,
             bytes=len(delivery.body),
             sealed=env.sealed,
         )
@@ -360,6 +419,7 @@ class IngestService(Service):
             reason=exc.reason,
             detail=exc.detail[:2048],
             update_digest=exc.digest,
+            offset=exc.offset,
         )
         await emit(self, "update.rejected", rejected, job=exc.job, round=exc.round)
         await self.alert(
@@ -371,13 +431,6 @@ class IngestService(Service):
             detail=f"{who}: {exc.detail}"[:4000],
             client=exc.client,
         )
-
-
-def _job_from_key(routing_key: str) -> str | None:
-    parts = routing_key.split(".")
-    if len(parts) == 2 and parts[0] == "update" and _WORD.match(parts[1]):
-        return parts[1]
-    return None
 
 
 def _claimed_sender(data: bytes) -> str | None:

@@ -1,6 +1,8 @@
 """The aggregator and detector services together on the embedded bus, driven through the
-same bootstrap as production. The test itself plays ingest and the accountant: it signs
-``update.accepted`` with ingest's identity and ``privacy.granted`` with the accountant's."""
+same bootstrap as production. The test itself plays the clients, ingest and the accountant:
+it writes real client updates (signed, sealed for ingest, aggregator and detector) into the
+job's update stream, reads them there as ingest would and signs ``update.accepted`` (with the
+offset) with ingest's identity, and ``privacy.granted`` with the accountant's."""
 
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ from qflare.messages import encode, open_envelope
 from qflare.messages.tensors import model_digest
 from qflare.runtime import JobSpec, load_settings, run_in_process
 
-CLIENTS = tuple(f"c{i}" for i in range(10))
-BYZANTINE = {"c7", "c8", "c9"}
+CLIENTS = tuple(f"c-{i:03d}" for i in range(10))
+BYZANTINE = {"c-007", "c-008", "c-009"}
+C0, C8, C9 = "c-000", "c-008", "c-009"
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
-    return provision(tmp_path_factory.mktemp("pki"), clients=0)
+    return provision(tmp_path_factory.mktemp("pki"), clients=10, client_prefix="c")
 
 
 def initial_model() -> dict[str, np.ndarray]:
@@ -57,7 +60,8 @@ class Harness:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str = ""
     opened: list[int] = field(default_factory=list)
-    dup_round: int | None = None  # in this round, c0's update goes out again twice
+    dup_round: int | None = None  # in this round, c0's verdict goes out twice, then a 2nd update
+    dup_sent: bool = False
     aggregator: Any = None
     play_accountant: bool = True
     send_only: int | None = None  # participants that answer each round (the rest stay silent)
@@ -85,6 +89,7 @@ class Harness:
             ),
         )
         await self.bus.consume(watch, self.on_event, prefetch=64)
+        self.streams: set[str] = set()
         await self.bus.consume(
             QueueSpec("harness.broadcast", bindings=((topology.BROADCAST, "#"),)),
             self.on_broadcast,
@@ -119,6 +124,11 @@ class Harness:
                 await self.send("accountant", "privacy.granted", body, env.job, env.round)
         elif env.kind == "round.opened" and env.round not in self.opened:
             self.opened.append(env.round)
+            if env.job not in self.streams:  # play ingest: check the job's update stream
+                self.streams.add(env.job)
+                await self.bus.read_stream(
+                    topology.update_stream(env.job), self.on_update, offset=env.body.updates_from
+                )
             asyncio.get_running_loop().create_task(self.send_updates(env.job, env.round, env.body))
         elif env.kind == "privacy.granted":
             self.grants.append((env.round, env.body.epsilon_total))
@@ -143,29 +153,44 @@ class Harness:
     async def send_update(
         self, job: str, round_no: int, client: str, version: int, tensors: dict
     ) -> None:
-        digest = hashlib.sha256(
-            b"".join(t.tobytes() for t in tensors.values()) + client.encode()
-        ).digest()
+        """The client's update, written into the job's update stream."""
+        readers = [self.fed.identity(r).cert for r in ("ingest", "aggregator", "detector")]
+        body = {"base_version": version, "num_samples": 10, "tensors": tensors}
+        data = encode(
+            "update", body, self.fed.identity(client), job=job, round=round_no, seal_to=readers
+        )
+        await self.bus.publish(topology.CLIENT, f"update.{job}", data)
+
+    async def on_update(self, d: Delivery) -> Outcome:
+        """Ingest's part: every update in the stream is accepted, with its offset."""
+        env = open_envelope(d.body, self.fed.trust(), kem_key=self.fed.identity("ingest").kem)
         body = {
-            "client": client,
-            "update_digest": digest,
-            "base_version": version,
-            "num_samples": 10,
-            "tensors": tensors,
+            "client": env.sender,
+            "update_digest": env.body_digest,
+            "base_version": env.body.base_version,
+            "num_samples": env.body.num_samples,
+            "offset": d.offset,
         }
-        data = encode("update.accepted", body, self.fed.identity("ingest"), job=job, round=round_no)
-        await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
-        if round_no == self.dup_round and client == "c0":
-            # once the first is stored: the same envelope again is a redelivery (no effect,
-            # no alert); a second acceptance of the same update (another ingest replica) is
-            # a duplicate
-            while (
-                self.aggregator is None
-                or await self.aggregator.store.held(job, round_no, client) is None
-            ):
-                await asyncio.sleep(0.01)
-            await self.bus.publish(topology.EVENTS, f"update.accepted.{job}", data)
-            await self.send("ingest", "update.accepted", body, job, round_no)
+        data = encode(
+            "update.accepted", body, self.fed.identity("ingest"), job=env.job, round=env.round
+        )
+        await self.bus.publish(topology.EVENTS, f"update.accepted.{env.job}", data)
+        if env.round == self.dup_round and env.sender == C0 and not self.dup_sent:
+            self.dup_sent = True
+            asyncio.get_running_loop().create_task(self.send_again(env, data))
+        return Outcome.ACK
+
+    async def send_again(self, env: Any, verdict: bytes) -> None:
+        # once the first is held: the same verdict again is a redelivery (no effect, no
+        # alert); a second, different update of the same client is a duplicate
+        while (
+            self.aggregator is None
+            or await self.aggregator.store.held(env.job, env.round, env.sender) is None
+        ):
+            await asyncio.sleep(0.01)
+        await self.bus.publish(topology.EVENTS, f"update.accepted.{env.job}", verdict)
+        other = {k: 2 * v for k, v in env.body.tensors.items()}
+        await self.send_update(env.job, env.round, env.sender, env.body.base_version, other)
 
     async def send_updates(self, job: str, round_no: int, opened) -> None:
         clients = list(opened.participants)[: self.send_only]
@@ -437,7 +462,7 @@ async def test_a_bound_caps_removals_and_is_charged_at_z_over_2k_plus_1(
 async def test_refused_clients_count_as_answered(federation: Federation, tmp_path: Path) -> None:
     spec = job(rounds=1, deadline_s=25.0, min_updates=7, f=2)
     t0 = asyncio.get_running_loop().time()
-    h, _ = await run_job(federation, tmp_path / "rf", spec, {"refuse": ("c8", "c9")})
+    h, _ = await run_job(federation, tmp_path / "rf", spec, {"refuse": (C8, C9)})
     assert h.end_reason == "completed"
     assert h.closed[1] == list(CLIENTS[:8])  # the refused are not in the round's set
     assert asyncio.get_running_loop().time() - t0 < 10.0, "closed without waiting for the deadline"
@@ -447,7 +472,7 @@ async def test_a_refusal_does_not_ban_a_later_valid_update(
     federation: Federation, tmp_path: Path
 ) -> None:
     spec = job(rounds=1, deadline_s=25.0, min_updates=7, f=2)
-    h, _ = await run_job(federation, tmp_path / "rv", spec, {"refuse_then_send": ("c0",)})
+    h, _ = await run_job(federation, tmp_path / "rv", spec, {"refuse_then_send": (C0,)})
     assert h.end_reason == "completed" and h.closed[1] == list(CLIENTS)
 
 
@@ -463,7 +488,7 @@ async def test_a_refusal_of_an_unverified_sender_does_not_count(
         federation,
         tmp_path / "rx",
         spec,
-        {"send_only": 8, "refuse": ("c8", "c9"), "refuse_label": "{} (unverified)"},
+        {"send_only": 8, "refuse": (C8, C9), "refuse_label": "{} (unverified)"},
     )
     assert h.end_reason == "completed" and h.closed[1] == list(CLIENTS[:8])
     assert asyncio.get_running_loop().time() - t0 >= 1.5, (

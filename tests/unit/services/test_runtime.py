@@ -61,7 +61,7 @@ def test_settings_file_env_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("[qflare]\nbrokr = 1\n", "unknown \\[qflare\\] keys"),
+        ("[qflare]\nbrokr = 1\n", "\\[qflare\\] brokr: unknown option"),
         ("[other]\n", "unknown top-level"),
         ("[qflare\n", "not valid TOML"),
         ('[qflare]\nbroker = "http://x"\n', "memory://, amqp://"),

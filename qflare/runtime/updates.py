@@ -1,0 +1,229 @@
+"""A job's update stream as the stateful services read it (docs/architecture.md, "The data
+plane").
+
+Each client update is written once, into the job's stream ``updates.<job>``. Ingest checks
+every message there and publishes a small signed verdict naming the update's digest and
+offset. The aggregator and the detector read the same bytes from the stream and use an
+update only under a digest that is vouched for: by ingest's ``update.accepted`` (the
+aggregator) or by the aggregator's signed ``round.closed`` (the detector).
+:meth:`UpdateFeed.fetch` reads exactly the vouched offsets and checks that the bytes hash to
+the vouched digest before unsealing them with the reader's own key.
+
+To overlap that work with the round, a feed also reads ahead (:meth:`UpdateFeed.start`):
+each message the service may want (its ``wants`` callback, asked with the unverified header)
+is verified in full (the client's certificate and signature, the body digest), unsealed and
+decoded, and handed to ``sink``; the service keeps it under its (client, digest) key and
+uses it only once a verdict names that digest. Whatever the read-ahead missed (a restart, a
+message it could not open) :meth:`fetch` reads again. Nothing is copied to disk: the stream
+is the durable copy, and each service commits the offsets it used with its own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qflare.bus import Bus, Delivery, Outcome, StreamReader, topology
+from qflare.bus.port import StreamOffset
+from qflare.crypto.pki import TrustStore
+from qflare.crypto.sealing import KemPrivateKey
+from qflare.errors import QflareError
+from qflare.messages import DEFAULT_LIMITS, Limits, Update
+from qflare.messages.envelope import Envelope, of_kind, open_off_loop, peek_header
+from qflare.messages.errors import MessageRejected, Reason
+
+#: Updates the read-ahead verifies and decodes at a time (hashing and AES-GCM release the GIL).
+READ_AHEAD_WORKERS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class StreamUpdate:
+    """One update read from the stream, opened with the reader's own key."""
+
+    round: int
+    client: str
+    digest: bytes
+    offset: int
+    base_version: int
+    num_samples: int
+    tensors: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """An update a verdict vouches for: its client, digest and offset in the stream."""
+
+    client: str
+    digest: bytes
+    offset: int
+
+
+class UpdateNotFound(QflareError):
+    """A vouched update cannot be read from the stream (dropped by retention, the stream
+    deleted, or its bytes are not the ones vouched for)."""
+
+    reason = "UPDATE_NOT_FOUND"
+
+
+class UpdateFeed:
+    """One job's update stream, read for a service that holds the KEM key it is sealed to."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        job: str,
+        *,
+        trust: TrustStore,
+        kem_key: KemPrivateKey,
+        wants: Callable[[int, str], bool],
+        sink: Callable[[StreamUpdate], Awaitable[None]],
+        limits: Limits = DEFAULT_LIMITS,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.bus = bus
+        self.job = job
+        self.trust = trust
+        self.kem_key = kem_key
+        self.wants = wants
+        self.sink = sink
+        self.limits = limits
+        self.log = log or logging.getLogger("qflare.updates")
+        self._reader: StreamReader | None = None
+        self._workers = asyncio.Semaphore(READ_AHEAD_WORKERS)
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def next_offset(self) -> int | None:
+        """The lowest offset the read-ahead has not handed over yet (None before it
+        started at an offset it was not given as a number)."""
+        return None if self._reader is None else self._reader.next_offset
+
+    @property
+    def running(self) -> bool:
+        return self._reader is not None
+
+    async def start(self, offset: StreamOffset = "next") -> None:
+        """Read ahead from ``offset`` (declares the stream: idempotent)."""
+        if self._reader is None:
+            self._reader = await self.bus.read_stream(
+                topology.update_stream(self.job), self._read_ahead, offset=offset, prefetch=8
+            )
+
+    async def stop(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.cancel()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def _read_ahead(self, delivery: Delivery) -> Outcome:
+        assert delivery.offset is not None
+        try:
+            head = peek_header(delivery.body, self.limits)
+        except MessageRejected:
+            return Outcome.ACK  # garbage: ingest reports it
+        if (
+            head.kind != Update.KIND
+            or head.job != self.job
+            or not self.wants(head.round, head.sender)
+        ):
+            return Outcome.ACK
+        await self._workers.acquire()
+        task = asyncio.get_running_loop().create_task(self._open_ahead(delivery))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return Outcome.ACK
+
+    async def _open_ahead(self, delivery: Delivery) -> None:
+        try:
+            env = await open_off_loop(
+                delivery.body,
+                self.trust,
+                limits=self.limits,
+                expect_kind=Update.KIND,
+                expect_job=self.job,
+                kem_key=self.kem_key,
+            )
+            assert delivery.offset is not None
+            await self.sink(_stream_update(of_kind(env, Update), delivery.offset))
+        except MessageRejected as exc:
+            # ingest judges and reports it; if a verdict vouches for it anyway, fetch reads it
+            self.log.debug("read-ahead skipped offset %s: %s", delivery.offset, exc)
+        finally:
+            self._workers.release()
+
+    async def fetch(
+        self, round_no: int, refs: Sequence[Ref], timeout: float = 60.0
+    ) -> dict[str, StreamUpdate]:
+        """Read exactly ``refs`` from the stream (one pass from the lowest offset), each under
+        its vouched digest; raises :class:`UpdateNotFound` if any is missing or not the
+        bytes vouched for."""
+        if not refs:
+            return {}
+        wanted = {r.offset: r for r in refs}
+        last = max(wanted)
+        found: dict[str, StreamUpdate] = {}
+        failed: list[str] = []
+        done = asyncio.Event()
+
+        async def take(delivery: Delivery) -> Outcome:
+            assert delivery.offset is not None
+            ref = wanted.get(delivery.offset)
+            if ref is not None and ref.client not in found:
+                try:
+                    env = await open_off_loop(
+                        delivery.body,
+                        self.trust,
+                        limits=self.limits,
+                        expect_kind=Update.KIND,
+                        expect_job=self.job,
+                        expect_round=round_no,
+                        kem_key=self.kem_key,
+                        vouched_digest=ref.digest,
+                    )
+                    if env.sender != ref.client:
+                        raise MessageRejected(
+                            Reason.SENDER_MISMATCH,
+                            f"offset {ref.offset} holds an update of {env.sender!r}, "
+                            f"vouched for {ref.client!r}",
+                        )
+                    found[ref.client] = _stream_update(of_kind(env, Update), delivery.offset)
+                except MessageRejected as exc:
+                    failed.append(f"offset {ref.offset} ({ref.client}): {exc}")
+            if delivery.offset >= last or len(found) + len(failed) == len(wanted):
+                done.set()
+            return Outcome.ACK
+
+        reader = await self.bus.read_stream(
+            topology.update_stream(self.job).name, take, offset=min(wanted), prefetch=8
+        )
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            await reader.cancel()
+        missing = sorted(r.client for r in refs if r.client not in found)
+        if missing:
+            detail = "; ".join(failed) or f"offsets {sorted(wanted)} not all in the stream"
+            raise UpdateNotFound(
+                f"round {round_no} of {self.job!r}: updates of {missing} cannot be read: {detail}"
+            )
+        return found
+
+
+def _stream_update(env: Envelope[Update], offset: int) -> StreamUpdate:
+    body = env.body
+    return StreamUpdate(
+        round=env.round,
+        client=env.sender,
+        digest=env.body_digest,
+        offset=offset,
+        base_version=body.base_version,
+        num_samples=body.num_samples,
+        tensors=body.tensors,
+    )
