@@ -1,5 +1,8 @@
 """Participants on a real bus (memory and RabbitMQ) against a real ingest, with the
-aggregator's broadcasts played by a test driver signing with the aggregator's identity."""
+aggregator played by a test driver signing with the aggregator's identity: it declares the
+job's streams, writes model versions into the model stream and announcements into the
+broadcast stream, and reads accepted updates back from the update stream with the
+aggregator's own KEM key (each update is sealed once for ingest, aggregator and detector)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import asyncio
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, StreamReader, topology
 from qflare.client import Kit, Participant, RoundInfo
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import Envelope, JobEnded, ModelPublished, RoundOpened, encode, open_envelope
@@ -50,6 +53,24 @@ class Driver:
     fed: MemoryFederation
     accepted: asyncio.Queue[Envelope] = field(default_factory=asyncio.Queue)
     rejected: list[Envelope] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    readers: list[StreamReader] = field(default_factory=list)
+
+    async def setup(self) -> None:
+        """What the aggregator does when the job is submitted: declare the job's streams;
+        and follow the model stream to learn where each version landed."""
+        for stream in topology.job_streams(JOB):
+            await self.bus.declare_stream(stream)
+        self.readers.append(
+            await self.bus.read_stream(
+                topology.model_stream(JOB), self.on_model, offset="first", prefetch=4
+            )
+        )
+
+    async def on_model(self, d: Delivery) -> Outcome:
+        assert d.offset is not None
+        self.offsets.append(d.offset)
+        return Outcome.ACK
 
     async def on_event(self, d: Delivery) -> Outcome:
         env = open_envelope(d.body, self.fed.trust())
@@ -59,20 +80,29 @@ class Driver:
             self.rejected.append(env)
         return Outcome.ACK
 
+    async def append_model(self, data: bytes) -> int:
+        """Write a model envelope into the model stream; returns its offset (the driver is
+        the stream's only writer, so the next offset it reads is this one's)."""
+        seen = len(self.offsets)
+        await self.bus.publish(topology.BROADCAST, f"{JOB}.model.published", data)
+        await asyncio.wait_for(_until(lambda: len(self.offsets) > seen), 10)
+        return self.offsets[seen]
+
     async def publish_model(
         self, version: int, *, tensors: dict | None = None, digest: bytes | None = None
-    ) -> None:
+    ) -> int:
         t = tensors if tensors is not None else global_model(version)
         body = ModelPublished(
             version=version, digest=digest or model_digest(t), epsilon=0.0, tensors=t
         )
         data = encode("model.published", body, self.fed["aggregator"], job=JOB, round=version)
-        await self.bus.publish(topology.BROADCAST, f"{JOB}.model.published", data)
+        return await self.append_model(data)
 
     async def open_round(
         self,
         round_: int,
         participants: list[str],
+        model_offset: int,
         *,
         digest: bytes | None = None,
         broadcast: bool = True,
@@ -86,6 +116,8 @@ class Driver:
             clip_norm=1.0,
             tensor_spec=spec(),
             rule="mean",
+            model_offset=model_offset,
+            updates_from=0,
         )
         data = encode("round.opened", body, self.fed["aggregator"], job=JOB, round=round_)
         await self.bus.publish(topology.EVENTS, f"round.opened.{JOB}", data)
@@ -93,14 +125,49 @@ class Driver:
             await self.bus.publish(topology.BROADCAST, f"{JOB}.round.opened", data)
         return data
 
-    async def end(self) -> None:
-        data = encode(
-            "job.ended", JobEnded(reason="completed"), self.fed["aggregator"], job=JOB, round=9
+    async def end(self, version: int, offset: int) -> None:
+        body = JobEnded(
+            reason="completed",
+            model_version=version,
+            model_digest=model_digest(global_model(version)),
+            model_offset=offset,
         )
+        data = encode("job.ended", body, self.fed["aggregator"], job=JOB, round=9)
         await self.bus.publish(topology.BROADCAST, f"{JOB}.job.ended", data)
 
     async def next_accepted(self, timeout: float = 20.0) -> Envelope:
         return await asyncio.wait_for(self.accepted.get(), timeout)
+
+    async def tensors_of(self, accepted: Envelope) -> Mapping[str, np.ndarray]:
+        """The accepted update's tensors, read from the update stream at its offset and
+        opened with the aggregator's KEM key under the digest ingest accepted."""
+        got: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+
+        async def take(d: Delivery) -> Outcome:
+            if d.offset == accepted.body.offset and not got.done():
+                got.set_result(
+                    open_envelope(
+                        d.body,
+                        self.fed.trust(),
+                        kem_key=self.fed["aggregator"].kem,
+                        vouched_digest=accepted.body.update_digest,
+                    )
+                )
+            return Outcome.ACK
+
+        reader = await self.bus.read_stream(
+            topology.update_stream(JOB).name, take, offset=accepted.body.offset
+        )
+        try:
+            env = await asyncio.wait_for(got, 10)
+        finally:
+            await reader.cancel()
+        assert env.sender == accepted.body.client
+        return env.body.tensors
+
+    async def close(self) -> None:
+        for reader in self.readers:
+            await reader.cancel()
 
 
 @pytest.fixture
@@ -113,6 +180,7 @@ async def world(bus_factory, tmp_path: Path) -> AsyncIterator[tuple[Driver, Memo
     )
     await ingest.start()
     driver = Driver(bus, fed)
+    await driver.setup()
     sub = await bus.consume(
         QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event
     )
@@ -120,11 +188,18 @@ async def world(bus_factory, tmp_path: Path) -> AsyncIterator[tuple[Driver, Memo
         yield driver, fed, bus_factory
     finally:
         await sub.cancel()
+        await driver.close()
         await ingest.stop()
 
 
 def participant(fed: MemoryFederation, cid: str, bus: Bus, **kw: Any) -> Participant:
-    kit = Kit(fed[cid], fed.trust(), fed["ingest"].cert)
+    kit = Kit(
+        fed[cid],
+        fed.trust(),
+        fed["ingest"].cert,
+        aggregator_cert=fed["aggregator"].cert,
+        detector_cert=fed["detector"].cert,
+    )
     torch.manual_seed(0)
     return Participant(
         kit,
@@ -137,45 +212,35 @@ def participant(fed: MemoryFederation, cid: str, bus: Bus, **kw: Any) -> Partici
     )
 
 
-async def _delete_client_queues(bus_factory: Any, parts: list[Participant]) -> None:
-    # declare through a factory bus so the fixture's teardown deletes them
-    cleaner = await bus_factory()
-    for p in parts:
-        sub = await cleaner.consume(p.queue_spec(), _ack)
-        await sub.cancel()
-
-
-async def _ack(_: Delivery) -> Outcome:
-    return Outcome.ACK
-
-
 async def test_selected_participants_send_sealed_deltas_that_ingest_accepts(world) -> None:
     driver, fed, bus_factory = world
     a, b, c = fed.clients
-    parts = [participant(fed, cid, await bus_factory(), seal=(cid != c)) for cid in (a, b, c)]
+    parts = [participant(fed, cid, await bus_factory()) for cid in (a, b, c)]
     for p in parts:
         await p.start()
     try:
-        await driver.publish_model(0)
-        await driver.open_round(1, [a, b])  # c is not selected
+        v0 = await driver.publish_model(0)
+        await driver.open_round(1, [a, b], v0)  # c is not selected
         got = {}
         for _ in range(2):
             env = await driver.next_accepted()
             got[env.body.client] = env
         assert set(got) == {a, b}
         for env in got.values():
-            np.testing.assert_allclose(env.body.tensors["weight"], 0.25)
-            np.testing.assert_allclose(env.body.tensors["bias"], 0.0)
+            tensors = await driver.tensors_of(env)
+            np.testing.assert_allclose(tensors["weight"], 0.25)
+            np.testing.assert_allclose(tensors["bias"], 0.0)
             assert env.body.num_samples == 5 and env.body.base_version == 0
-        assert parts[2].stats.rounds_seen == 1 and parts[2].stats.updates_sent == 0
+        await asyncio.wait_for(_until(lambda: parts[2].stats.rounds_seen == 1), 10)
+        assert parts[2].stats.updates_sent == 0
         # round 2 from the new model: every participant trains from the global, not its own state
-        await driver.publish_model(1)
-        await driver.open_round(2, [a, b, c])
+        v1 = await driver.publish_model(1)
+        await driver.open_round(2, [a, b, c], v1)
         for _ in range(3):
             env = await driver.next_accepted()
             assert env.round == 2
-            np.testing.assert_allclose(env.body.tensors["weight"], 0.25)
-        await driver.end()
+            np.testing.assert_allclose((await driver.tensors_of(env))["weight"], 0.25)
+        await driver.end(1, v1)
         for p in parts:
             await asyncio.wait_for(p.ended_event(JOB).wait(), 10)
             assert p.ended[JOB] == "completed"
@@ -185,7 +250,44 @@ async def test_selected_participants_send_sealed_deltas_that_ingest_accepts(worl
     finally:
         for p in parts:
             await p.stop()
-        await _delete_client_queues(bus_factory, parts)
+
+
+async def test_a_participant_that_starts_after_its_round_opened_trains_in_it(world) -> None:
+    """The announcement waits in the job's broadcast stream: a late participant reads the
+    newest one, fetches the model from the model stream and joins the open round."""
+    driver, fed, bus_factory = world
+    a = fed.clients[0]
+    v0 = await driver.publish_model(0)
+    await driver.open_round(1, [a], v0)
+    await asyncio.sleep(0.3)
+    p = participant(fed, a, await bus_factory())
+    await p.start()
+    try:
+        env = await driver.next_accepted()
+        assert env.round == 1 and env.body.client == a
+        np.testing.assert_allclose((await driver.tensors_of(env))["weight"], 0.25)
+    finally:
+        await p.stop()
+
+
+async def test_a_participant_started_before_its_job_exists_waits_for_the_streams(
+    bus_factory,
+) -> None:
+    bus = await bus_factory()
+    fed = make_federation(clients=1, client_prefix=f"w{uuid.uuid4().hex[:6]}")
+    p = participant(fed, fed.clients[0], await bus_factory(), declare="passive")
+    await p.start()
+    try:
+        await asyncio.sleep(0.3)  # no stream yet: the participant keeps looking
+        assert p.stats.rounds_seen == 0
+        driver = Driver(bus, fed)
+        await driver.setup()
+        v0 = await driver.publish_model(0)
+        await driver.open_round(1, [fed.clients[0]], v0)
+        await asyncio.wait_for(_until(lambda: p.stats.rounds_seen == 1), 15)
+        await driver.close()
+    finally:
+        await p.stop()
 
 
 async def test_tampered_or_mismatched_models_are_never_trained_on(world) -> None:
@@ -195,13 +297,13 @@ async def test_tampered_or_mismatched_models_are_never_trained_on(world) -> None
     await p.start()
     try:
         # 1. a model whose tensors do not hash to the digest the aggregator signed
-        await driver.publish_model(0, digest=model_digest(global_model(5)))
+        wrong = await driver.publish_model(0, digest=model_digest(global_model(5)))
+        await driver.open_round(1, [a], wrong, digest=model_digest(global_model(5)))
         await asyncio.wait_for(_until(lambda: p.stats.rejected == 1), 10)
         assert p.latest_model(JOB) is None
         # 2. the right model, but a round that names another digest
-        await driver.publish_model(0)
-        await asyncio.wait_for(_until(lambda: p.stats.models_verified == 1), 10)
-        await driver.open_round(1, [a], digest=model_digest(global_model(7)), broadcast=True)
+        good = await driver.publish_model(0)
+        await driver.open_round(1, [a], good, digest=model_digest(global_model(7)))
         await asyncio.wait_for(_until(lambda: p.stats.rejected == 2), 10)
         assert p.stats.updates_sent == 0 and "BAD_DIGEST" in p.stats.last_error
         # 3. bytes altered in transit: the envelope digest fails
@@ -210,13 +312,16 @@ async def test_tampered_or_mismatched_models_are_never_trained_on(world) -> None
         )
         data = bytearray(encode("model.published", body, fed["aggregator"], job=JOB, round=0))
         data[-2] ^= 0x40
-        await driver.bus.publish(topology.BROADCAST, f"{JOB}.model.published", bytes(data))
+        altered = await driver.append_model(bytes(data))
+        await driver.open_round(1, [a], altered)
         await asyncio.wait_for(_until(lambda: p.stats.rejected == 3), 10)
-        # the honest round still works, and a redelivered round.opened sends nothing twice
-        opened = await driver.open_round(
-            2, [a], digest=model_digest(global_model(1)), broadcast=False
-        )
-        await driver.publish_model(1)
+        # 4. an offset that holds something else than the named version
+        await driver.open_round(1, [a], good, digest=model_digest(global_model(1)))
+        await asyncio.wait_for(_until(lambda: p.stats.rejected == 4), 10)
+        assert p.stats.updates_sent == 0
+        # the honest round still works, and the same round.opened again sends nothing twice
+        v1 = await driver.publish_model(1)
+        opened = await driver.open_round(2, [a], v1, broadcast=False)
         await driver.bus.publish(topology.BROADCAST, f"{JOB}.round.opened", opened)
         env = await driver.next_accepted()
         assert env.round == 2 and env.body.client == a
@@ -225,7 +330,6 @@ async def test_tampered_or_mismatched_models_are_never_trained_on(world) -> None
         assert p.stats.updates_sent == 1 and driver.accepted.empty()
     finally:
         await p.stop()
-        await _delete_client_queues(bus_factory, [p])
 
 
 async def test_byzantine_hook_replaces_the_update(world) -> None:
@@ -238,13 +342,12 @@ async def test_byzantine_hook_replaces_the_update(world) -> None:
     p = participant(fed, a, await bus_factory(), update_transform=flip)
     await p.start()
     try:
-        await driver.publish_model(0)
-        await driver.open_round(1, [a])
+        v0 = await driver.publish_model(0)
+        await driver.open_round(1, [a], v0)
         env = await driver.next_accepted()
-        np.testing.assert_allclose(env.body.tensors["weight"], -1.0)
+        np.testing.assert_allclose((await driver.tensors_of(env))["weight"], -1.0)
     finally:
         await p.stop()
-        await _delete_client_queues(bus_factory, [p])
 
 
 @pytest.mark.rabbitmq
@@ -261,6 +364,7 @@ async def test_participant_recovers_after_its_connection_is_cut(
     )
     await ingest.start()
     driver = Driver(bus, fed)
+    await driver.setup()
     sub = await bus.consume(
         QueueSpec("driver", bindings=((topology.EVENTS, "update.*.*"),)), driver.on_event
     )
@@ -269,19 +373,19 @@ async def test_participant_recovers_after_its_connection_is_cut(
     p = participant(fed, a, await rabbit_bus_factory(connection_name=name, reconnect_interval=0.5))
     await p.start()
     try:
-        await driver.publish_model(0)
-        await driver.open_round(1, [a])
+        v0 = await driver.publish_model(0)
+        await driver.open_round(1, [a], v0)
         assert (await driver.next_accepted()).round == 1
         await _close_our_connection(name)
-        await driver.publish_model(1)
-        await driver.open_round(2, [a])
+        v1 = await driver.publish_model(1)
+        await driver.open_round(2, [a], v1)
         env = await driver.next_accepted(timeout=30)
         assert env.round == 2 and env.body.client == a
     finally:
         await p.stop()
         await sub.cancel()
+        await driver.close()
         await ingest.stop()
-        await _delete_client_queues(rabbit_bus_factory, [p])
 
 
 async def _close_our_connection(name: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from qflare.bus import topology
@@ -34,6 +33,8 @@ def test_every_round_kind_maps_to_its_event(fed) -> None:
                 clip_norm=1.0,
                 tensor_spec=[],
                 rule="median",
+                model_offset=0,
+                updates_from=0,
             ),
             ev.RoundOpened(
                 "j",
@@ -53,7 +54,7 @@ def test_every_round_kind_maps_to_its_event(fed) -> None:
                 update_digest=DIGEST,
                 base_version=2,
                 num_samples=5,
-                tensors={"w": np.ones(3, np.float32)},
+                offset=12,
             ),
             ev.UpdateAccepted("j", 3, T, client="client-000"),
         ),
@@ -64,7 +65,7 @@ def test_every_round_kind_maps_to_its_event(fed) -> None:
         ),
         (
             "round.closed",
-            dict(updates=[{"client": "client-000", "digest": DIGEST}]),
+            dict(updates=[{"client": "client-000", "digest": DIGEST, "offset": 12}]),
             ev.RoundClosed("j", 3, T, clients=("client-000",)),
         ),
         (

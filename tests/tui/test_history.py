@@ -52,13 +52,13 @@ async def write_state(root: Path) -> float:
             epsilon=0.5,
         )
         for i, c in enumerate(CLIENTS):
-            await agg.add_update("j", 1, c, bytes([i]) * 32, bytes([i]) * 16, 10, model)
+            await agg.add_update("j", 1, c, bytes([i]) * 32, i, 10)
         await agg.transition(
             "j",
             1,
             RoundState.OPEN,
             RoundState.CLOSED,
-            closed_set=[(c, bytes([i]) * 32) for i, c in enumerate(CLIENTS)],
+            closed_set=[(c, bytes([i]) * 32, i) for i, c in enumerate(CLIENTS)],
         )
         await agg.publish_model(
             "j", 1, 1, model, DIGEST, 0.5, {"kept": list(CLIENTS[:2]), "flagged": ["client-002"]}
@@ -73,7 +73,7 @@ async def write_state(root: Path) -> float:
             deadline=now + 90,
             epsilon=0.9,
         )
-        await agg.add_update("j", 2, "client-000", DIGEST, b"\x02" * 16, 10, model)
+        await agg.add_update("j", 2, "client-000", DIGEST, 20, 10)
     finally:
         await agg.close()
     alerts = await AlertStore.open(root / "alerting")

@@ -90,11 +90,11 @@ class Publisher:
             clip_norm=5.0,
             tensor_spec=[{"name": "w", "dtype": "float32", "shape": [4]}],
             rule=rule,
+            model_offset=round - 1,
+            updates_from=0,
         )
 
     async def accepted(self, round: int, ts: float, client: str) -> None:
-        import numpy as np
-
         await self.event(
             "update.accepted",
             round,
@@ -103,7 +103,7 @@ class Publisher:
             update_digest=hashlib.sha256(client.encode()).digest(),
             base_version=round - 1,
             num_samples=10,
-            tensors={"w": np.zeros(4, dtype=np.float32)},
+            offset=100 * round + int(client.rsplit("-", 1)[-1]) if client[-1].isdigit() else 0,
         )
 
     async def verdict(self, round: int, ts: float, kept: list[str], flagged: list[str]) -> None:

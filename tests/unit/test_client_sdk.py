@@ -29,6 +29,17 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
 
 
+def full_kit(fed, client: str) -> Kit:  # type: ignore[no-untyped-def]
+    """A kit as provisioned: the certificates of the three services that read updates."""
+    return Kit(
+        fed[client],
+        fed.trust(),
+        fed["ingest"].cert,
+        aggregator_cert=fed["aggregator"].cert,
+        detector_cert=fed["detector"].cert,
+    )
+
+
 def _info(client: str = "client-000", participants: tuple[str, ...] = ("client-000",)) -> RoundInfo:
     return RoundInfo(
         job="j1",
@@ -71,7 +82,7 @@ def test_delta_is_local_minus_global_in_the_global_dtype() -> None:
 
 
 def test_compute_update_trains_on_the_global_model_and_returns_the_delta(fed) -> None:
-    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+    kit = full_kit(fed, "client-000")
     m = torch.nn.Linear(2, 1)
 
     def train(model: torch.nn.Module, info: RoundInfo) -> int:
@@ -80,7 +91,7 @@ def test_compute_update_trains_on_the_global_model_and_returns_the_delta(fed) ->
             model.weight += 0.25
         return 7
 
-    p = Participant(kit, m, train)
+    p = Participant(kit, m, train, jobs=["j"])
     g = {"weight": np.ones((1, 2), np.float32), "bias": np.zeros(1, np.float32)}
     up = p._make_update(g, _info())
     assert up.num_samples == 7
@@ -89,7 +100,7 @@ def test_compute_update_trains_on_the_global_model_and_returns_the_delta(fed) ->
 
 
 def test_update_transform_replaces_the_update(fed) -> None:
-    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+    kit = full_kit(fed, "client-000")
 
     def poison(update: dict[str, np.ndarray], info: RoundInfo) -> dict[str, np.ndarray]:
         return {k: -10.0 * v for k, v in update.items()}
@@ -98,26 +109,33 @@ def test_update_transform_replaces_the_update(fed) -> None:
         def compute_update(self, global_tensors, info):  # no torch at all
             return LocalUpdate({k: np.ones_like(v) for k, v in global_tensors.items()}, 3)
 
-    p = Fixed(kit, None, None, update_transform=poison)
+    p = Fixed(kit, None, None, update_transform=poison, jobs=["j"])
     up = p._make_update({"w": np.zeros(4, np.float32)}, _info())
     assert up.num_samples == 3 and up.tensors["w"].tolist() == [-10.0] * 4
 
 
 def test_train_must_return_a_sample_count(fed) -> None:
-    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
-    p = Participant(kit, torch.nn.Linear(1, 1), lambda model, info: None)
+    kit = full_kit(fed, "client-000")
+    p = Participant(kit, torch.nn.Linear(1, 1), lambda model, info: None, jobs=["j"])
     with pytest.raises(TypeError, match="number of samples"):
         p._make_update({"weight": np.zeros((1, 1), np.float32)}, _info())
 
 
-def test_participant_needs_train_or_an_override_and_an_ingest_cert_to_seal(fed) -> None:
-    kit = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+def test_participant_needs_train_jobs_and_the_readers_certificates_to_seal(fed) -> None:
+    kit = full_kit(fed, "client-000")
     with pytest.raises(TypeError):
-        Participant(kit, None, None)
-    with pytest.raises(ValueError, match="ingest certificate"):
-        Participant(Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1)
+        Participant(kit, None, None, jobs=["j"])
+    with pytest.raises(ValueError, match="name the jobs"):
+        Participant(kit, None, lambda m, i: 1)
+    # an update is sealed once for ingest, the aggregator and the detector: each is needed
+    only_ingest = Kit(fed["client-000"], fed.trust(), fed["ingest"].cert)
+    with pytest.raises(ValueError, match=r"lacks aggregator\.qc, detector\.qc"):
+        Participant(only_ingest, None, lambda m, i: 1, jobs=["j"])
+    assert [c.role for c in kit.readers] == ["ingest", "aggregator", "detector"]
     assert (
-        Participant(Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1, seal=False).id
+        Participant(
+            Kit(fed["client-000"], fed.trust()), None, lambda m, i: 1, seal=False, jobs=["j"]
+        ).id
         == "client-000"
     )
 
@@ -127,6 +145,8 @@ def test_kit_checks_roles_and_fills_broker_credentials(fed) -> None:
         Kit(fed["ingest"], fed.trust())
     with pytest.raises(ValueError, match="not ingest"):
         Kit(fed["client-000"], fed.trust(), fed["detector"].cert)
+    with pytest.raises(ValueError, match="not aggregator"):
+        Kit(fed["client-000"], fed.trust(), aggregator_cert=fed["ingest"].cert)
     kit = Kit(fed["client-000"], fed.trust(), broker_password="p@ss")
     assert kit.broker_url("amqp://h:5672/qflare") == "amqp://client-000:p%40ss@h:5672/qflare"
     assert kit.broker_url("amqp://u:x@h/") == "amqp://u:x@h/"
@@ -138,16 +158,16 @@ def test_kit_loads_from_a_provisioned_folder(tmp_path) -> None:
 
     provision(tmp_path, clients=1)
     kit = Kit.load(tmp_path / "clients" / "client-000")
-    assert (
-        kit.id == "client-000" and kit.ingest_cert is not None and kit.ingest_cert.role == "ingest"
-    )
+    assert kit.id == "client-000" and [c.role for c in kit.readers] == [
+        "ingest",
+        "aggregator",
+        "detector",
+    ]
     with pytest.raises(ValueError, match="not a client kit"):
         Kit.load(tmp_path)
 
 
-def test_queue_binds_only_the_followed_jobs(fed) -> None:
-    kit = Kit(fed["client-001"], fed.trust(), fed["ingest"].cert)
-    p = Participant(kit, None, lambda m, i: 1, jobs=["b", "a"])
-    assert p.queue_spec().name == "client.client-001"
-    assert [b[1] for b in p.queue_spec().bindings] == ["a.#", "b.#"]
-    assert [b[1] for b in Participant(kit, None, lambda m, i: 1).queue_spec().bindings] == ["#"]
+def test_participant_follows_only_its_jobs(fed) -> None:
+    kit = full_kit(fed, "client-001")
+    p = Participant(kit, None, lambda m, i: 1, jobs=["b", "a", "b"])
+    assert p.jobs == ("a", "b")

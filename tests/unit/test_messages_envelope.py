@@ -149,6 +149,8 @@ def test_service_kinds_round_trip(fed: MemoryFederation) -> None:
         clip_norm=1.0,
         rule="median",
         tensor_spec=[TensorSpec(name="w", dtype="float32", shape=[16, 8])],
+        model_offset=7,
+        updates_from=120,
     )
     env = open_envelope(
         encode("round.opened", opened, fed["aggregator"], job=JOB, round=2), fed.trust()
@@ -162,6 +164,21 @@ def test_service_kinds_round_trip(fed: MemoryFederation) -> None:
         round=2,
     )
     assert open_envelope(rej, fed.trust()).body.reason is Reason.NON_FINITE
+    accepted = {
+        "client": "client-001",
+        "update_digest": b"\x02" * 32,
+        "base_version": 1,
+        "num_samples": 5,
+        "offset": 42,
+    }
+    env = open_envelope(
+        encode("update.accepted", accepted, fed["ingest"], job=JOB, round=2), fed.trust()
+    )
+    assert env.body.offset == 42
+    with pytest.raises(ValueError):  # a verdict carries no tensors: the bytes stay in the stream
+        encode(
+            "update.accepted", {**accepted, "tensors": {}}, fed["ingest"], job=JOB, round=2
+        )
 
 
 def test_sealed_round_trip(fed: MemoryFederation, tensors: dict[str, np.ndarray]) -> None:
@@ -172,6 +189,44 @@ def test_sealed_round_trip(fed: MemoryFederation, tensors: dict[str, np.ndarray]
     assert tensors["w"].tobytes()[:64] not in data
     env = open_envelope(data, fed.trust(), kem_key=ingest.kem)
     assert env.sealed and env.body.tensors["w"].tobytes() == tensors["w"].tobytes()
+
+
+def test_sealed_once_for_several_readers(
+    fed: MemoryFederation, tensors: dict[str, np.ndarray]
+) -> None:
+    readers = [fed[r] for r in ("ingest", "aggregator", "detector")]
+    data = encode(
+        "update",
+        update_body(tensors),
+        fed["client-000"],
+        job=JOB,
+        round=1,
+        seal_to=[r.cert for r in readers],
+    )
+    for reader in readers:
+        env = open_envelope(data, fed.trust(), kem_key=reader.kem)
+        assert env.body.tensors["w"].tobytes() == tensors["w"].tobytes()
+    with pytest.raises(MessageRejected) as exc:
+        open_envelope(data, fed.trust(), kem_key=fed["accountant"].kem)
+    assert exc.value.reason is Reason.UNSEAL_FAILED
+
+
+def test_vouched_digest_binds_the_bytes_without_a_second_signature_check(
+    fed: MemoryFederation, tensors: dict[str, np.ndarray]
+) -> None:
+    data = encode("update", update_body(tensors), fed["client-000"], job=JOB, round=1)
+    digest = open_envelope(data, fed.trust()).body_digest
+    assert open_envelope(data, fed.trust(), vouched_digest=digest).sender == "client-000"
+    # another digest than the one vouched for: refused before anything is decoded
+    with pytest.raises(MessageRejected) as exc:
+        open_envelope(data, fed.trust(), vouched_digest=b"\x00" * 32)
+    assert exc.value.reason is Reason.BAD_DIGEST
+    # the body changed under the same header: it no longer hashes to the vouched digest
+    tampered = bytearray(data)
+    tampered[-5] ^= 1
+    with pytest.raises(MessageRejected) as exc:
+        open_envelope(bytes(tampered), fed.trust(), vouched_digest=digest)
+    assert exc.value.reason in (Reason.BAD_DIGEST, Reason.MALFORMED)
 
 
 def test_encode_refuses_configuration_mistakes(
