@@ -65,22 +65,22 @@ def main() -> None:
         body = Update(base_version=0, num_samples=1, tensors={"w": tensor})
         raw = memoryview(tensor).cast("B")
 
-        def floor() -> None:
+        def floor(raw: memoryview = raw) -> None:
             hashlib.sha256(raw).digest()
             verify(client.cert.public_key, header_sig, b"h" * 6000, context_for("update"))
             bytes(raw)
 
-        def sign_floor() -> None:
+        def sign_floor(raw: memoryview = raw) -> None:
             hashlib.sha256(raw).digest()
             client.key.sign(b"h" * 6000, context_for("update"))
             bytes(raw)
 
-        def enc() -> bytes:
+        def enc(body: Update = body) -> bytes:
             return encode("update", body, client, job="bench", round=1)
 
         data = enc()
 
-        def dec() -> None:
+        def dec(data: bytes = data, size: int = size) -> None:
             env = open_envelope(data, trust, expect_kind="update")
             assert env.body.tensors["w"].nbytes == size
 

@@ -45,7 +45,9 @@ def load_flwr_aggregate() -> Any:
     spec = importlib.util.find_spec("flwr")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("flwr is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "server" / "strategy" / "aggregate.py"
+    path = (
+        Path(next(iter(spec.submodule_search_locations))) / "server" / "strategy" / "aggregate.py"
+    )
     stand_ins = {
         "flwr": types.ModuleType("flwr"),
         "flwr.common": types.ModuleType("flwr.common"),

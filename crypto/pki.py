@@ -342,12 +342,12 @@ class TrustStore:
             try:
                 parsed = Certificate.from_bytes(raw)
             except TrustRejected as exc:
-                raise TrustRejected("UNKNOWN_SIGNER", f"unreadable certificate ({exc})"
-                ) from None
+                raise TrustRejected("UNKNOWN_SIGNER", f"unreadable certificate ({exc})") from None
             if parsed.issuer != self.ca.id or not verify(
                 self.ca.public_key, parsed.sig, canonical(parsed.signed_fields()), CERT_CONTEXT
             ):
-                raise TrustRejected("UNKNOWN_SIGNER",
+                raise TrustRejected(
+                    "UNKNOWN_SIGNER",
                     f"certificate of {parsed.id!r} is not issued by CA {self.ca.id!r}",
                 )
             if len(self._verified) >= self.cache_size:
@@ -357,12 +357,15 @@ class TrustStore:
         if not self.ca.is_valid_at(t):
             raise TrustRejected("EXPIRED", f"CA certificate {self.ca.id!r} not valid now")
         if t < parsed.not_before:
-            raise TrustRejected("NOT_YET_VALID", f"certificate of {parsed.id!r} valid from {parsed.not_before}"
+            raise TrustRejected(
+                "NOT_YET_VALID", f"certificate of {parsed.id!r} valid from {parsed.not_before}"
             )
         if t >= parsed.not_after:
-            raise TrustRejected("EXPIRED", f"certificate of {parsed.id!r} expired at {parsed.not_after}"
+            raise TrustRejected(
+                "EXPIRED", f"certificate of {parsed.id!r} expired at {parsed.not_after}"
             )
         if self.crl is not None and parsed.serial in self.crl.serials:
-            raise TrustRejected("REVOKED", f"certificate of {parsed.id!r} ({parsed.serial.hex()}) revoked"
+            raise TrustRejected(
+                "REVOKED", f"certificate of {parsed.id!r} ({parsed.serial.hex()}) revoked"
             )
         return parsed

@@ -73,10 +73,12 @@ def _recipients(seal_to: SealTo) -> list[bytes]:
     items = [seal_to] if isinstance(seal_to, Certificate | bytes) else list(seal_to)
     keys = []
     for item in items:
-        key = item.kem_public_key if isinstance(item, Certificate) else item
-        if key is None:
-            raise ValueError(f"the certificate of {item.id!r} carries no KEM public key")
-        keys.append(key)
+        if isinstance(item, Certificate):
+            if item.kem_public_key is None:
+                raise ValueError(f"the certificate of {item.id!r} carries no KEM public key")
+            keys.append(item.kem_public_key)
+        else:
+            keys.append(item)
     return keys
 
 

@@ -52,7 +52,7 @@ def format_clock(ts: float | None) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
     minutes, secs = divmod(seconds, 60)
@@ -247,7 +247,7 @@ def _gauge(spent: float, budget: float | None, width: int) -> Text:
     if budget is None or budget <= 0:
         return Text(f"ε {spent:.3f} spent (budget unknown)", "dim" if spent == 0 else "")
     frac = min(1.0, max(0.0, spent / budget))
-    filled = int(round(frac * width))
+    filled = round(frac * width)
     style = "green" if frac < 0.7 else "yellow" if frac < 0.9 else "bold red"
     text = Text("[")
     text.append("█" * filled, style)
@@ -266,7 +266,7 @@ def make_sparkline(
     top = len(SPARK_BLOCKS) - 1
     out = []
     for v in list(values)[-width:]:
-        level = int(round((min(hi, max(lo, v)) - lo) / span * top))
+        level = round((min(hi, max(lo, v)) - lo) / span * top)
         out.append(SPARK_BLOCKS[level])
     return "".join(out)
 

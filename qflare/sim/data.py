@@ -127,7 +127,7 @@ def load_digits(test_fraction: float = 0.2) -> SplitData:
     x = np.asarray(bunch.data, dtype=np.float32)
     y = np.asarray(bunch.target, dtype=np.int64)
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(y))
-    n_test = int(round(len(y) * test_fraction))
+    n_test = round(len(y) * test_fraction)
     test_idx, train_idx = order[:n_test], order[n_test:]
     train_x, test_x = _standardise(x[train_idx], x[test_idx])
     return SplitData(

@@ -73,7 +73,7 @@ def attack_names() -> list[str]:
     """Every attack the simulator can run: ``none`` and every attack of qflare.robust."""
     from qflare.robust.attacks import list_attacks
 
-    return [NO_ATTACK] + list(list_attacks())
+    return [NO_ATTACK, *list(list_attacks())]
 
 
 def _attack_kwargs(name: str, options: Mapping[str, Any] | None, rule_spec: str) -> dict[str, Any]:
@@ -113,10 +113,12 @@ def coalition_updates(
 
     ``rule_spec`` is the server's rule: the "optimal" variants optimise against it.
     """
-    from qflare.robust.attacks import get_attack
+    from qflare.robust.attacks import Attack, get_attack
 
-    rng = np.random.default_rng(list(seed) + [4])
+    rng = np.random.default_rng([*list(seed), 4])
     fn = get_attack(attack, **_attack_kwargs(attack, options, rule_spec))
+    if not isinstance(fn, Attack):
+        raise ValueError(f"{attack} poisons data, not updates: it has no updates to send")
     out = np.asarray(fn(honest, f, rng=rng), dtype=np.float32)
     if out.shape != (f, honest.shape[1]):
         raise ValueError(

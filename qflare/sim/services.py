@@ -447,10 +447,8 @@ def _logs_to(path: Path | None) -> Iterator[None]:
 async def _delete_topology(bus: Bus) -> None:
     delete_all = getattr(bus, "delete_all", None)
     if delete_all is not None:
-        try:
+        with contextlib.suppress(Exception):
             await delete_all()
-        except Exception:
-            pass
 
 
 async def _watch_in_tui(

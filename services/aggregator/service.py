@@ -151,7 +151,7 @@ class Aggregator(Service):
         self._model_readers[job_id] = await self.bus.read_stream(
             topology.model_stream(job_id), self._on_model_appended, offset="next", prefetch=4
         )
-        assert self.ctx.trust is not None
+        assert self.ctx.trust is not None and self.ctx.identity.kem is not None
         feed = UpdateFeed(
             self.bus,
             job_id,
@@ -194,7 +194,8 @@ class Aggregator(Service):
         )
         data = await seal(self, ModelPublished.KIND, body, job=spec.job_id, round=row.round)
         key = (spec.job_id, peek_header(data).body_digest)
-        waiter = self._appended[key] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._appended[key] = waiter
         try:
             await self.bus.publish(
                 topology.BROADCAST, broadcast_key(spec.job_id, ModelPublished.KIND), data

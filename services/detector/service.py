@@ -114,6 +114,7 @@ class Detector(Service):
         if not spec.detection or job_id in self._feeds:
             return
         assert self.ctx.identity is not None and self.ctx.trust is not None
+        assert self.ctx.identity.kem is not None, "the detector needs its KEM key to unseal"
         participants = frozenset(spec.participants)
         feed = UpdateFeed(
             self.bus,

@@ -10,6 +10,7 @@ gradient steps, so a round costs milliseconds and the test measures the system, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -202,10 +203,8 @@ class Recorder:
                     f"timed out after {timeout}s waiting for {what}; "
                     f"saw {[(k, r) for _t, k, r, _b in self.events][-15:]}"
                 )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
-            except TimeoutError:
-                pass
 
 
 # -- service processes -------------------------------------------------------------------------
@@ -244,10 +243,8 @@ class Cluster:
             path = self.root / "logs" / f"{key}-{n}.log"
             for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
                 if line.startswith("{"):
-                    try:
+                    with contextlib.suppress(ValueError):
                         lines.append(json.loads(line))
-                    except ValueError:
-                        pass
         return lines
 
     async def ready(self, key: str, timeout: float = 60.0) -> None:
@@ -269,10 +266,8 @@ class Cluster:
         out = []
         for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(ValueError):
                     out.append(json.loads(line))
-                except ValueError:
-                    pass
         return out
 
     def kill9(self, key: str) -> None:

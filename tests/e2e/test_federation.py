@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import uuid
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ def test_job_stops_at_the_budget_with_epsilon_growing(clean_run: RunResult) -> N
     rounds = [r for r, _e in granted]
     eps = [e for _r, e in granted]
     assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= 2
-    assert all(b > a for a, b in zip(eps, eps[1:])), eps
+    assert all(b > a for a, b in itertools.pairwise(eps)), eps
     assert eps[-1] <= BUDGET
     denied = clean_run.recorder.of("privacy.denied")
     assert {r for r, _b in denied} == {len(rounds) + 1}

@@ -67,7 +67,7 @@ async def test_restart_continues_exactly_where_it_stopped(tmp_path: Path) -> Non
     assert [(d.job, d.round, d.granted, d.reason, d.rounds_granted) for d in answers] == [
         (d.job, d.round, d.granted, d.reason, d.rounds_granted) for d in reference
     ]
-    for mine, theirs in zip(answers, reference):
+    for mine, theirs in zip(answers, reference, strict=True):
         assert mine.epsilon_total == pytest.approx(theirs.epsilon_total, rel=1e-9)
     assert [d.granted for d in answers if d.job == "a"] == [True] * 5 + [False] * 3
 

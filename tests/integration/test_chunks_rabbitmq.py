@@ -27,8 +27,7 @@ BODY_MB = 200
 CHUNK = 8 * 1024 * 1024
 JOB = "job-big"
 
-CONSUMER = (
-    r"""
+CONSUMER = rf"""
 import asyncio, hashlib, json, sys, tracemalloc
 
 def status_kb(field):
@@ -54,7 +53,7 @@ async def main(url, prefix, trust_dir, queue):
     bus = await connect_bus(url, prefix=prefix)
     done = asyncio.get_running_loop().create_future()
     reassembler = Reassembler(trust)
-    stats = {"chunks": 0}
+    stats = {{"chunks": 0}}
 
     async def handler(delivery):
         if stats["chunks"] == 0:
@@ -66,7 +65,7 @@ async def main(url, prefix, trust_dir, queue):
         whole = reassembler.feed(delivery.body)
         if whole is not None:
             env = open_envelope(whole, trust, max_bytes=Limits().max_body_bytes,
-                                expect_kind="update", expect_job="%s")
+                                expect_kind="update", expect_job="{JOB}")
             digest = hashlib.sha256()
             for name in sorted(env.body.tensors):
                 digest.update(env.body.tensors[name].data)
@@ -86,8 +85,6 @@ async def main(url, prefix, trust_dir, queue):
 
 asyncio.run(main(*sys.argv[1:]))
 """
-    % JOB
-)
 
 
 async def test_200mb_body_over_rabbitmq_in_chunks(

@@ -176,9 +176,7 @@ def test_service_kinds_round_trip(fed: MemoryFederation) -> None:
     )
     assert env.body.offset == 42
     with pytest.raises(ValueError):  # a verdict carries no tensors: the bytes stay in the stream
-        encode(
-            "update.accepted", {**accepted, "tensors": {}}, fed["ingest"], job=JOB, round=2
-        )
+        encode("update.accepted", {**accepted, "tensors": {}}, fed["ingest"], job=JOB, round=2)
 
 
 def test_sealed_round_trip(fed: MemoryFederation, tensors: dict[str, np.ndarray]) -> None:

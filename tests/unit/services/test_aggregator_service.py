@@ -411,7 +411,7 @@ async def test_detection_without_a_bound_is_noise_only(
 ) -> None:
     h, _ = await run_job(federation, tmp_path / "no", job(rounds=1, rule="mean", detection=True))
     assert h.requests == [(1, 1.0, 0.5, "noise_only")] and h.coverages == ["noise_only"]
-    kept, flagged = h.verdicts[1]
+    _kept, flagged = h.verdicts[1]
     assert set(flagged) == BYZANTINE  # no bound: every flagged update is removed
 
 
