@@ -34,36 +34,47 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-class JobSpec(BaseModel):
-    """Everything the services need to run one job. Immutable once submitted."""
+class JobSettings(BaseModel):
+    """How a job's rounds run, are filtered and noised: what a job spec and a simulation
+    share (``qflare.sim.config.SimConfig`` is built on it). Checked here, once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    job_id: str
     rounds: int = Field(
         ge=1, le=100_000, description="rounds to run unless the budget ends it first"
     )
-    participants: tuple[str, ...] = Field(min_length=1, description="enrolled client ids")
     rule: str = Field(default="mean", description="robust rule spec for qflare.robust.get_rule")
-    f: int = Field(default=0, ge=0, description="Byzantine clients tolerated per round")
     detection: bool = Field(default=True, description="run the detector; off keeps every update")
     sample_rate: float = Field(default=1.0, gt=0.0, le=1.0, description="Poisson rate q")
     noise_multiplier: float = Field(
         default=1.0,
         ge=0.0,
+        allow_inf_nan=False,
         description="z: noise std = z * clip; 0 turns DP off (no accountant, epsilon inf)",
     )
-    clip: float = Field(default=1.0, gt=0.0, description="L2 clip norm C per update")
+    clip: float = Field(
+        default=1.0, gt=0.0, allow_inf_nan=False, description="L2 clip norm C per update"
+    )
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     epsilon_budget: float = Field(default=10.0, gt=0.0)
     dp_filter_bound: int | None = Field(
         default=None,
         ge=0,
+        strict=True,
         description="k: detection removes at most k updates per round (the k highest-scored "
         "flagged) and rounds are charged at z/(2k+1), q=1; None: no bound, the "
         "epsilon of a filtering job is not a DP guarantee",
     )
     server_lr: float = Field(default=1.0, gt=0.0, description="step applied to the noised mean")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="secret job seed: selection and noise")
+
+
+class JobSpec(JobSettings):
+    """Everything the services need to run one job. Immutable once submitted."""
+
+    job_id: str
+    participants: tuple[str, ...] = Field(min_length=1, description="enrolled client ids")
+    f: int = Field(default=0, ge=0, description="Byzantine clients tolerated per round")
     min_updates: int = Field(default=1, ge=1, description="fewest updates a round closes with")
     deadline_s: float = Field(default=60.0, gt=0.0, description="seconds a round stays open")
     on_short: Literal["extend", "abort"] = Field(
@@ -71,7 +82,6 @@ class JobSpec(BaseModel):
         description="at the deadline with < min_updates: extend once more or abort the job",
     )
     max_extensions: int = Field(default=3, ge=0)
-    seed: int = Field(default=0, ge=0, lt=2**63, description="secret job seed: selection and noise")
     initial_model: Path | None = Field(
         default=None, description="safetensors file of the round-0 model (required to run)"
     )

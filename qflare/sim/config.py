@@ -12,12 +12,13 @@ will see, so the check can never drift from the rule.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from pydantic import Field, ValidationError, field_validator
 
 from qflare.errors import QflareError
+from qflare.messages.jobs import JobSettings
 from qflare.sim.data import dataset_names
 from qflare.sim.model import MODEL_NAMES
 
@@ -32,40 +33,44 @@ class SimConfigError(QflareError, ValueError):
     """A simulation setting (or combination) that cannot run; the message says why."""
 
 
-@dataclass(frozen=True)
-class SimConfig:
+class SimConfig(JobSettings):
+    """A simulation: the job's settings (:class:`qflare.messages.jobs.JobSettings`, checked
+    there) with the simulator's own (data, model, clients, attack, local training). Four
+    job settings have simulation defaults: 20 rounds, DP off, clip 5, no budget (unbounded).
+    A field a simulation cannot take raises :class:`SimConfigError` naming its flag."""
+
     dataset: str = "digits"
     model: str = "mlp"
-    clients: int = 20
-    byzantine: int = 6
+    clients: int = Field(default=20, ge=2, le=1000)
+    byzantine: int = Field(default=6, ge=0)
     attack: str = "sign_flip"
-    rule: str = "mean"
-    detection: bool = True
-    rounds: int = 20
-    local_epochs: int = 2
-    lr: float = 0.1
-    batch_size: int = 16
+    local_epochs: int = Field(default=2, ge=1)
+    lr: float = Field(default=0.1, gt=0, allow_inf_nan=False)
+    batch_size: int = Field(default=16, ge=1)
     alpha: float | None = 0.5
-    sample_rate: float = 1.0
-    server_lr: float = 1.0
-    noise_multiplier: float = 0.0
-    target_epsilon: float | None = None
-    clip: float = 5.0
-    delta: float = 1e-5
-    epsilon_budget: float | None = None
-    #: k: detection removes at most k updates per round, charged at z/(2k+1), q=1
-    #: (JobSpec.dp_filter_bound); None: no bound
-    dp_filter_bound: int | None = None
-    seed: int = 0
-    attack_options: dict[str, Any] = field(default_factory=dict)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    attack_options: dict[str, Any] = Field(default_factory=dict)
+    # the job settings whose defaults differ in a simulation
+    rounds: int = Field(default=20, ge=1, le=100_000)
+    noise_multiplier: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    clip: float = Field(default=5.0, gt=0.0, allow_inf_nan=False)
+    epsilon_budget: float | None = Field(default=None, gt=0.0)
 
-    def __post_init__(self) -> None:
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise SimConfigError(_flag_errors(exc)) from None
+
+    @field_validator("attack")
+    @classmethod
+    def _canonical_attack(cls, value: str) -> str:
         from qflare.sim.robust_glue import canonical_attack
 
-        object.__setattr__(self, "attack", canonical_attack(self.attack))
+        return canonical_attack(value)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = self.model_dump(mode="json")
         data["rule_resolved"] = self.rule_spec
         return data
 
@@ -81,11 +86,21 @@ class SimConfig:
         return resolve_rule_spec(self.rule, self.byzantine)
 
     def with_(self, **changes: Any) -> SimConfig:
-        return replace(self, **changes)
+        return SimConfig(**{**self.model_dump(), **changes})
+
+
+def _flag_errors(exc: ValidationError) -> str:
+    """pydantic's errors as the command line's flags: ``--clip: Input should be ...``."""
+    parts = []
+    for err in exc.errors():
+        flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+        parts.append(f"{flag}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
 
 
 def validate(config: SimConfig) -> None:
-    """Raise :class:`SimConfigError` for anything that cannot run; cheap, starts nothing."""
+    """Raise :class:`SimConfigError` for anything that cannot run; cheap, starts nothing.
+    Single settings are checked when the config is built; here: names and combinations."""
     from qflare.sim import robust_glue
 
     def fail(message: str) -> None:
@@ -95,49 +110,17 @@ def validate(config: SimConfig) -> None:
         fail(f"unknown data set {config.dataset!r}; known: {', '.join(dataset_names())}")
     if config.model not in MODEL_NAMES:
         fail(f"unknown model {config.model!r}; known: {', '.join(MODEL_NAMES)}")
-    if config.clients < 2:
-        fail(f"--clients must be >= 2, got {config.clients}")
-    if config.clients > 1000:
-        fail(f"--clients must be <= 1000 in a simulation, got {config.clients}")
-    if config.byzantine < 0:
-        fail(f"--byzantine must be >= 0, got {config.byzantine}")
     if config.byzantine >= config.clients:
         fail(
             f"--byzantine {config.byzantine} must be smaller than --clients {config.clients} "
             "(someone has to be honest)"
         )
-    if config.rounds < 1:
-        fail(f"--rounds must be >= 1, got {config.rounds}")
-    if config.local_epochs < 1:
-        fail(f"--local-epochs must be >= 1, got {config.local_epochs}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        fail(f"--lr must be a positive number, got {config.lr}")
-    if config.batch_size < 1:
-        fail(f"--batch-size must be >= 1, got {config.batch_size}")
     if config.alpha is not None and not (config.alpha > 0 and math.isfinite(config.alpha)):
         fail(
             f"--alpha (Dirichlet concentration) must be > 0, got {config.alpha}; use --iid for an IID split"
         )
-    if not 0 < config.sample_rate <= 1:
-        fail(f"--sample-rate must be in (0, 1], got {config.sample_rate}")
-    if not config.server_lr > 0:
-        fail(f"--server-lr must be > 0, got {config.server_lr}")
-    if not (config.clip > 0 and math.isfinite(config.clip)):
-        fail(f"--clip must be > 0, got {config.clip}")
-    if not 0 < config.delta < 1:
-        fail(f"--delta must be in (0, 1), got {config.delta}")
-    if config.noise_multiplier < 0 or not math.isfinite(config.noise_multiplier):
-        fail(f"--noise-multiplier must be >= 0, got {config.noise_multiplier}")
-    if config.target_epsilon is not None and not config.target_epsilon > 0:
-        fail(f"--target-epsilon must be > 0, got {config.target_epsilon}")
-    if config.epsilon_budget is not None and not config.epsilon_budget > 0:
-        fail(f"--epsilon-budget must be > 0, got {config.epsilon_budget}")
-    if config.seed < 0:
-        fail(f"--seed must be >= 0, got {config.seed}")
     k = config.dp_filter_bound
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            fail(f"--dp-filter-bound must be an integer >= 0, got {k!r}")
         if not (config.dp_on or config.target_epsilon is not None):
             fail(
                 f"--dp-filter-bound {k} only applies with DP on (--noise-multiplier or "

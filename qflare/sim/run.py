@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -47,7 +46,7 @@ def plan_noise(config: SimConfig) -> SimConfig:
     except ValueError as exc:
         raise SimConfigError(f"--target-epsilon {config.target_epsilon}: {exc}") from None
     budget = config.epsilon_budget if config.epsilon_budget is not None else config.target_epsilon
-    return replace(config, noise_multiplier=z, epsilon_budget=budget)
+    return config.with_(noise_multiplier=z, epsilon_budget=budget)
 
 
 def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
@@ -162,7 +161,7 @@ def run_simulation(
     )
     base: RunResult | None = None
     if baseline:
-        base_config = replace(config, attack=NO_ATTACK)
+        base_config = config.with_(attack=NO_ATTACK)
         base = execute(
             base_config,
             direct=direct,

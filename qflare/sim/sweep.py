@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,7 @@ class SweepPlan:
 
     def config(self, attack: str, defence: Defence) -> SimConfig:
         # the filter bound limits detection; a column without detection has nothing to bound
-        return replace(
-            self.base,
+        return self.base.with_(
             attack=attack,
             rule=defence.rule,
             detection=defence.detection,

@@ -25,10 +25,11 @@ from qflare.sim.robust_glue import resolve_rule_spec
         ({"alpha": 0.0}, "alpha"),
         ({"alpha": -0.5}, "alpha"),
         ({"byzantine": 0}, "needs --byzantine >= 1"),
-        ({"rounds": 0}, "--rounds must be >= 1"),
-        ({"lr": 0.0}, "--lr must be a positive number"),
-        ({"clip": -1.0}, "--clip must be > 0"),
-        ({"delta": 1.0}, r"--delta must be in \(0, 1\)"),
+        ({"rounds": 0}, "--rounds: Input should be greater than or equal to 1"),
+        ({"lr": 0.0}, "--lr: Input should be greater than 0"),
+        ({"clip": -1.0}, "--clip: Input should be greater than 0"),
+        ({"clip": float("inf")}, "--clip: Input should be a finite number"),
+        ({"delta": 1.0}, "--delta: Input should be less than 1"),
         ({"dataset": "imagenet"}, "unknown data set 'imagenet'"),
         ({"attack": "gaussian", "attack_options": {"sigma": -1.0}}, "sigma"),
         ({"byzantine": 10, "clients": 20, "rule": "mean"}, "detection needs 2f < n"),
@@ -38,13 +39,32 @@ from qflare.sim.robust_glue import resolve_rule_spec
         ),
         ({"dp_filter_bound": 1}, "only applies with DP on"),
         ({"dp_filter_bound": 1, "noise_multiplier": 1.0, "detection": False}, "detection is off"),
-        ({"dp_filter_bound": -1, "noise_multiplier": 1.0}, "must be an integer >= 0, got -1"),
-        ({"dp_filter_bound": 1.5, "noise_multiplier": 1.0}, "must be an integer >= 0, got 1.5"),
+        (
+            {"dp_filter_bound": -1, "noise_multiplier": 1.0},
+            "--dp-filter-bound: Input should be greater than or equal to 0",
+        ),
+        (
+            {"dp_filter_bound": 1.5, "noise_multiplier": 1.0},
+            "--dp-filter-bound: Input should be a valid integer",
+        ),
+        ({"clients": 1}, "--clients: Input should be greater than or equal to 2"),
+        ({"sample_rate": 1.5}, "--sample-rate: Input should be less than or equal to 1"),
     ],
 )
 def test_impossible_settings_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(SimConfigError, match=message):
         validate(SimConfig(**changes))
+
+
+def test_the_job_settings_are_the_job_specs() -> None:
+    """A simulation is built on the job's settings: same fields, same checks (one home)."""
+    from qflare.messages.jobs import JobSettings, JobSpec
+
+    assert set(JobSettings.model_fields) <= set(SimConfig.model_fields)
+    assert set(JobSettings.model_fields) <= set(JobSpec.model_fields)
+    assert SimConfig().noise_multiplier == 0.0 and SimConfig().epsilon_budget is None
+    for name in ("delta", "sample_rate", "dp_filter_bound", "seed"):
+        assert SimConfig.model_fields[name].metadata == JobSettings.model_fields[name].metadata
 
 
 def test_defaults_and_crude_attack_aliases_are_valid() -> None:
@@ -78,7 +98,7 @@ def test_rule_spec_gets_f_only_where_missing() -> None:
         ),
         (
             ["--dp-filter-bound", "-1", "--noise-multiplier", "1"],
-            "--dp-filter-bound must be an integer >= 0",
+            "--dp-filter-bound: Input should be greater than or equal to 0",
         ),
     ],
 )
