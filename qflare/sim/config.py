@@ -54,7 +54,7 @@ class SimConfig(JobSettings):
     rounds: int = Field(default=20, ge=1, le=100_000)
     noise_multiplier: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     clip: float = Field(default=5.0, gt=0.0, allow_inf_nan=False)
-    epsilon_budget: float | None = Field(default=None, gt=0.0)
+    epsilon_budget: float | None = Field(default=None, gt=0.0)  # type: ignore[assignment]  # None: no budget (unbounded)
 
     def __init__(self, **data: Any) -> None:
         try:
