@@ -144,12 +144,24 @@ def open_sealed(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> byte
         key, nonce = _derive(
             ss_m, ss_x, ct_m, ct_x, public[:MLKEM_PUBLIC_SIZE], public[MLKEM_PUBLIC_SIZE:]
         )
-        return AESGCM(key).decrypt(nonce, view[MLKEM_CIPHERTEXT_SIZE + X25519_SIZE :], bytes(aad))
+    except ValueError as exc:
+        raise _unseal_failed("this key and header", exc) from None
+    return _decrypt(
+        key, nonce, view[MLKEM_CIPHERTEXT_SIZE + X25519_SIZE :], aad, "this key and header"
+    )
+
+
+def _decrypt(key: bytes, nonce: bytes, ciphertext: Buffer, aad: Buffer, what: str) -> bytes:
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, bytes(aad))
     except (InvalidTag, ValueError) as exc:
-        raise TrustRejected(
-            "UNSEAL_FAILED",
-            f"sealed body does not open with this key and header ({type(exc).__name__})",
-        ) from None
+        raise _unseal_failed(what, exc) from None
+
+
+def _unseal_failed(what: str, exc: Exception) -> TrustRejected:
+    return TrustRejected(
+        "UNSEAL_FAILED", f"sealed body does not open with {what} ({type(exc).__name__})"
+    )
 
 
 def seal_for(recipients: Sequence[bytes], plaintext: Buffer, aad: Buffer) -> bytes:
@@ -185,10 +197,4 @@ def open_for(private_key: KemPrivateKey, sealed: Buffer, aad: Buffer) -> bytes:
     else:
         raise TrustRejected("UNSEAL_FAILED", "body is not sealed for this key")
     nonce = bytes(view[start : start + NONCE_SIZE])
-    try:
-        return AESGCM(content_key).decrypt(nonce, view[start + NONCE_SIZE :], bytes(aad))
-    except (InvalidTag, ValueError) as exc:
-        raise TrustRejected(
-            "UNSEAL_FAILED",
-            f"sealed body does not open with its content key ({type(exc).__name__})",
-        ) from None
+    return _decrypt(content_key, nonce, view[start + NONCE_SIZE :], aad, "its content key")

@@ -44,35 +44,37 @@ STREAM_RETRY_DELAY = 0.05
 def update_stream(job: str) -> StreamSpec:
     """The job's update stream: each client update written once, read by ingest (which
     checks it), the detector and the aggregator (which use it once ingest accepted it)."""
-    return StreamSpec(
-        f"updates.{job}",
-        bindings=((CLIENT, f"update.{job}"),),
-        max_age_s=UPDATE_RETENTION_S,
-        max_bytes=STREAM_MAX_BYTES,
-        retry_delay=STREAM_RETRY_DELAY,
-    )
+    return _job_stream(f"updates.{job}", ((CLIENT, f"update.{job}"),), UPDATE_RETENTION_S)
 
 
 def model_stream(job: str) -> StreamSpec:
     """The job's model stream: each global model version written once, with its tensors;
     ``round.opened`` names the offset of the version a round trains on."""
-    return StreamSpec(
-        f"models.{job}",
-        bindings=((BROADCAST, f"{job}.model.published"),),
-        max_age_s=MODEL_RETENTION_S,
-        max_bytes=STREAM_MAX_BYTES,
-        retry_delay=STREAM_RETRY_DELAY,
-    )
+    return _job_stream(f"models.{job}", ((BROADCAST, f"{job}.model.published"),), MODEL_RETENTION_S)
 
 
 def broadcast_stream(job: str) -> StreamSpec:
     """The job's announcements to participants (``round.opened``, ``job.ended``): a
     participant that starts late reads the newest one and joins the open round."""
-    return StreamSpec(
+    return _job_stream(
         f"broadcast.{job}",
-        bindings=((BROADCAST, f"{job}.round.opened"), (BROADCAST, f"{job}.job.ended")),
-        max_age_s=MODEL_RETENTION_S,
-        max_bytes=BROADCAST_MAX_BYTES,
+        ((BROADCAST, f"{job}.round.opened"), (BROADCAST, f"{job}.job.ended")),
+        MODEL_RETENTION_S,
+        BROADCAST_MAX_BYTES,
+    )
+
+
+def _job_stream(
+    name: str,
+    bindings: tuple[tuple[str, str], ...],
+    max_age_s: int,
+    max_bytes: int = STREAM_MAX_BYTES,
+) -> StreamSpec:
+    return StreamSpec(
+        name,
+        bindings=bindings,
+        max_age_s=max_age_s,
+        max_bytes=max_bytes,
         retry_delay=STREAM_RETRY_DELAY,
     )
 

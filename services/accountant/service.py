@@ -93,22 +93,12 @@ class Accountant(Service):
                     budget=decision.budget_epsilon,
                     coverage=body.coverage,
                 )
-        if decision.granted:
-            await emit(
-                self,
-                "privacy.granted",
-                PrivacyGranted(**granted_fields(decision), coverage=body.coverage),
-                job=env.job,
-                round=env.round,
-            )
-        else:
-            await emit(
-                self,
-                "privacy.denied",
-                PrivacyDenied(**denied_fields(decision), coverage=body.coverage),
-                job=env.job,
-                round=env.round,
-            )
+        answer: PrivacyGranted | PrivacyDenied = (
+            PrivacyGranted(**granted_fields(decision), coverage=body.coverage)
+            if decision.granted
+            else PrivacyDenied(**denied_fields(decision), coverage=body.coverage)
+        )
+        await emit(self, answer.KIND, answer, job=env.job, round=env.round)
 
 
 def build(ctx: ServiceContext) -> Service:
