@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=600.0, help="seconds to wait for the job to end"
     )
     args = p.parse_args(argv)
-    # the SDK logs "participant <id> following <job>" once its queue is bound (run_federation.sh waits for it)
+    # the SDK logs "participant <id> following <job>" when it starts reading the job's streams
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     index = client_index(args.kit) if args.index is None else args.index

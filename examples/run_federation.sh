@@ -6,15 +6,19 @@
 #   examples/run_federation.sh [WORK_DIR]         # default: a fresh temporary folder
 #
 # Environment: QFLARE_BROKER (default amqp://guest:guest@127.0.0.1:5672/), QFLARE_PREFIX
-# (default example-<pid>-: exchanges and queues of this run, deleted at the end),
+# (default example-<pid>-: exchanges, queues and streams of this run, deleted at the end),
 # ROUNDS (default: the 5 of examples/federation.toml), KEEP_TOPOLOGY=1 keeps them.
 #
 # Why RabbitMQ and not memory://: `qflare up` on memory:// runs the services in one process
 # on an embedded bus that no other process can reach, so separate participant processes
-# need a broker. Everyone connects as guest here; the definitions file (defs.json: per-client
-# and per-role users, permissions, queues) is written but not imported, since importing it
-# (`rabbitmqctl import_definitions`) changes the whole broker. What it would create that
-# the run needs, the participants' queues, examples/topology.py declares instead.
+# need a broker. Nothing is declared beforehand: the services declare the exchanges and their
+# queues, the aggregator declares the job's streams (updates.digits, models.digits,
+# broadcast.digits) when it starts the job, and a participant reads the broadcast stream from
+# its newest message, so one that starts before or after the round opened joins it.
+# Everyone connects as guest here; the definitions file (defs.json: per-client and per-role
+# users and permissions, a participant's limited to the streams of its jobs in
+# federation.toml) is written but not imported, since importing it (`rabbitmqctl
+# import_definitions`) changes the whole broker's users.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,29 +40,26 @@ cleanup() {
         wait "$up_pid" 2>/dev/null || true
     fi
     if [[ "${KEEP_TOPOLOGY:-0}" != 1 ]]; then
-        python "$HERE/topology.py" delete --broker "$BROKER" --prefix "$PREFIX" --pki pki || true
+        python "$HERE/teardown.py" --broker "$BROKER" --prefix "$PREFIX" --job digits || true
     fi
     exit $rc
 }
 trap cleanup EXIT
 
-# 1. identities: a CA, one per service, a kit per client; broker users and queues
+# 1. identities: a CA, one per service, a kit per client
 [[ -d pki ]] || qflare provision --out pki --clients "$CLIENTS"
-qflare broker-definitions --kit pki --prefix "$PREFIX" --out defs.json  # for a real broker (rabbitmqctl import_definitions); unused here
 
-# 2. the job and its round-0 model
+# 2. the job and its round-0 model; broker users and permissions for a real broker (the
+#    participants of each [[jobs]] may read its streams and publish its updates); unused here
 cp "$HERE/federation.toml" federation.toml
 if [[ -n "${ROUNDS:-}" ]]; then
     sed -i "s/^rounds = .*/rounds = $ROUNDS/" federation.toml
 fi
 python "$HERE/make_model.py" --out digits-mlp.safetensors
-echo "[$(date -u +%T)] kits and model ready"
+qflare broker-definitions --kit pki --config federation.toml --prefix "$PREFIX" --out defs.json
+echo "[$(date -u +%T)] kits, model and broker definitions ready"
 
-# 3. the participants' queues (what importing defs.json does on a real broker): the
-#    aggregator broadcasts each round once, to the queues that exist at that moment
-python "$HERE/topology.py" declare --broker "$BROKER" --prefix "$PREFIX" --pki pki --job digits
-
-# 4. the five services, one process each (logs: up.log), and ten participants, each in
+# 3. the five services, one process each (logs: up.log), and ten participants, each in
 #    its own process with its own kit and share of digits (logs: client-<i>.log)
 qflare up --config federation.toml --broker "$BROKER" --prefix "$PREFIX" > up.log 2>&1 &
 up_pid=$!
@@ -70,7 +71,7 @@ for i in $(seq 0 $((CLIENTS - 1))); do
 done
 echo "[$(date -u +%T)] qflare up and $CLIENTS participants started"
 
-# 5. the job ends when every participant has received job.ended
+# 4. the job ends when every participant has received job.ended
 failed=0
 for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || failed=1
@@ -80,6 +81,6 @@ echo "[$(date -u +%T)] the job ended"
 tail -n 1 -q client-*.log
 [[ $failed == 0 ]] || { echo "a participant failed; see $WORK/client-*.log and up.log"; exit 1; }
 
-# 6. what the services stored
+# 5. what the services stored
 qflare status --config federation.toml
 qflare alerts --config federation.toml --limit 10

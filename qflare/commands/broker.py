@@ -2,18 +2,40 @@
 
 The file (RabbitMQ's JSON definitions format, loaded with ``load_definitions`` or
 ``rabbitmqctl import_definitions``) declares the vhost, QFLARE's five topic exchanges, the
-queues whose shape is fixed (ingest, alerting, the dead-letter drain, one broadcast queue
-per client, and every queue a service module lists in ``QUEUES``), policies that bound what
-can pile up, and one broker user per client and per service role.
+queues whose shape is fixed (every queue a service module lists in ``QUEUES``: alerting's
+two), a policy that bounds the dead-letter drain, and one broker user per client and per
+service role, with their permissions.
 
-Permissions are the broker half of the trust model (docs/architecture.md): signatures already stop a client from
-forging a model, the broker additionally stops it from *writing* anywhere but
-``qflare.client`` (and only ``update.*`` routing keys there, via a topic permission) and from
-*reading* anything but its own queue ``client.<id>``. RabbitMQ permissions are three regexes
-per user and vhost (configure, write, read) checked against resource names; ``queue.bind``
-needs write on the queue and read on the exchange, so a client gets write on its own queue
-(to bind it to ``<job>.#``), which does not let it publish into it (publishing goes through an
-exchange). The exchanges are pre-declared here, so a client never needs configure on them.
+Permissions are the broker half of the trust model (docs/architecture.md, "The data
+plane"): signatures already stop a client from forging a model, the broker additionally
+limits what each user may touch. RabbitMQ checks three regexes per user and vhost against
+resource names: *configure* (declare, delete), *write* (publish to an exchange; bind a queue,
+as its destination) and *read* (consume from a queue; bind, as the source exchange); a
+passive declaration needs none. A topic permission adds a regex over routing keys that a
+user may publish to a topic exchange.
+
+* **A participant** may publish to ``qflare.client`` only with the routing keys
+  ``update.<job>`` of its own jobs (topic permission), and read only its jobs' streams
+  ``broadcast.<job>`` and ``models.<job>``. It configures nothing: it checks the exchanges
+  and streams passively (``declare="passive"``) and reads the streams by name. It cannot
+  read ``updates.<job>`` (other clients' updates), bind anything (no write on a queue), or
+  publish to the default exchange (which would put bytes straight into a stream).
+* **The aggregator** declares, binds, reads and deletes every job's three streams and
+  publishes to ``qflare.events`` and ``qflare.broadcast``.
+* **Ingest and the detector** read every job's update stream, by name (they cannot declare,
+  bind or delete it), and publish to ``qflare.events``.
+* **Every service** declares the five exchanges when it connects (configure on them) and
+  its own queues (``<role>``, ``<role>.<suffix>``; the operator's console queues
+  ``console.<...>``), bound to the exchanges it reads; a role whose queues dead-letter gets
+  write on ``qflare.dead`` (RabbitMQ checks it when such a queue is declared).
+
+Job streams are never pre-declared here (the aggregator declares them when a job is
+submitted and deletes them when it ends; a file loaded at every broker boot would re-create
+them). Service users may touch any job's streams; a participant's permissions name its jobs,
+which come from the configuration's ``[[jobs]]`` (``--config``, default ``$QFLARE_CONFIG``:
+each job's ``participants``) and from ``--job`` (a job every client listed takes part in).
+A client in no job can log in and do nothing else; for a new job, write the file again and
+import it (an import adds and updates users and permissions; passwords are kept).
 
 Queue arguments come from the bus's own :func:`qflare.bus.rabbitmq.queue_arguments`: a
 re-declaration with other arguments fails with PRECONDITION_FAILED, so the file and the
@@ -31,43 +53,73 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qflare.bus import QueueSpec, topology
 
-#: Service roles that get a broker user, with the exchanges each may publish to.
-SERVICE_WRITES: dict[str, tuple[str, ...]] = {
-    "ingest": (topology.EVENTS,),
-    "detector": (topology.EVENTS,),
-    "aggregator": (topology.EVENTS, topology.BROADCAST),
-    "accountant": (topology.EVENTS,),
-    "alerting": (topology.EVENTS, topology.ALERTS),
-    "operator": (topology.EVENTS,),
-}
-#: ... and the exchanges each may bind its queues to (read).
-SERVICE_READS: dict[str, tuple[str, ...]] = {
-    "ingest": (topology.CLIENT, topology.EVENTS),
-    "detector": (topology.EVENTS,),
-    "aggregator": (topology.EVENTS,),
-    "accountant": (topology.EVENTS,),
-    "alerting": (topology.EVENTS, topology.DEAD),
-    "operator": (topology.EVENTS, topology.ALERTS),
+
+@dataclass(frozen=True)
+class Role:
+    """What one service role does on the broker; its permissions follow from it."""
+
+    publishes: tuple[str, ...]
+    """Exchanges it publishes to (write)."""
+    binds_from: tuple[str, ...]
+    """Exchanges its queues or streams are bound to (read on the exchange)."""
+    declares_streams: tuple[str, ...] = ()
+    """Kinds of job stream it declares, binds and deletes (configure and write)."""
+    reads_streams: tuple[str, ...] = ()
+    """Kinds of job stream it reads (read)."""
+    queues: tuple[str, ...] = ()
+    """Regexes of its own queues (configure, write, read), prefix excluded; default
+    ``<role>`` and ``<role>.<suffix>``."""
+    dead_letters: bool = True
+    """Its queues dead-letter to ``qflare.dead`` (write on it, checked at declaration)."""
+
+
+#: Kinds of job stream, named as in :mod:`qflare.bus.topology` (``<kind>.<job>``).
+UPDATES, MODELS, BROADCASTS = "updates", "models", "broadcast"
+
+#: The service roles that get a broker user.
+ROLES: dict[str, Role] = {
+    "ingest": Role(
+        publishes=(topology.EVENTS,), binds_from=(topology.EVENTS,), reads_streams=(UPDATES,)
+    ),
+    "detector": Role(
+        publishes=(topology.EVENTS,), binds_from=(topology.EVENTS,), reads_streams=(UPDATES,)
+    ),
+    "aggregator": Role(
+        publishes=(topology.EVENTS, topology.BROADCAST),
+        binds_from=(topology.EVENTS, topology.CLIENT, topology.BROADCAST),
+        declares_streams=(UPDATES, MODELS, BROADCASTS),
+        reads_streams=(UPDATES, MODELS),
+    ),
+    "accountant": Role(publishes=(topology.EVENTS,), binds_from=(topology.EVENTS,)),
+    "alerting": Role(
+        publishes=(topology.EVENTS, topology.ALERTS),
+        binds_from=(topology.EVENTS, topology.DEAD),
+    ),
+    # the operator's console (qflare tui): a transient queue console.<host>.<pid>.<tag>
+    # bound to events and alerts, which does not dead-letter
+    "operator": Role(
+        publishes=(topology.EVENTS,),
+        binds_from=(topology.EVENTS, topology.ALERTS),
+        queues=(r"console\..+",),
+        dead_letters=False,
+    ),
 }
 
-#: Policies (bounded backlogs). A client offline for long keeps only its latest broadcasts.
-#: Ingest's per-replica round queues and the consoles' queues need none: they are transient
-#: (exclusive, auto-delete), so the broker removes them with their connection.
-CLIENT_QUEUE_MAX_LENGTH = 64
+#: A job id (``messages.jobs.check_id``): a routing-key word.
+JOB_WORD = r"[A-Za-z0-9_\-]+"
+#: Policies (bounded backlogs). Ingest's per-replica round queues and the consoles' queues
+#: need none: they are transient (exclusive, auto-delete), so the broker removes them with
+#: their connection. Streams carry their own retention (``topology.*_RETENTION_S``).
 DEAD_QUEUE_MAX_LENGTH = 100_000
-
-
-def client_queue(client_id: str, job_pattern: str = "#") -> QueueSpec:
-    """A client's broadcast queue; the SDK binds it to ``<job>.#`` (same name and
-    arguments, so both declarations agree)."""
-    return QueueSpec(name=f"client.{client_id}", bindings=((topology.BROADCAST, job_pattern),))
+#: No resource: RabbitMQ checks the default exchange under the name ``amq.default``.
+NOTHING = "^$"
 
 
 def rabbit_password_hash(password: str, salt: bytes | None = None) -> str:
@@ -90,39 +142,66 @@ def _alt(names: Iterable[str]) -> str:
     return "|".join(re.escape(n) for n in names)
 
 
-def _own(prefix: str, stem: str) -> str:
-    # the queue `stem` and any `stem.<suffix>` (e.g. ingest.rounds.<replica>)
-    return f"{re.escape(prefix + stem)}(\\..*)?"
+def _any_of(parts: Iterable[str]) -> str:
+    parts = [p for p in parts if p]
+    return f"^({'|'.join(parts)})$" if parts else NOTHING
 
 
-def permissions(role: str, user: str, vhost: str, prefix: str = "") -> dict[str, str]:
+def _streams(prefix: str, kinds: Iterable[str], jobs: str) -> str:
+    kinds = list(kinds)
+    if not kinds:
+        return ""
+    return f"{re.escape(prefix)}({'|'.join(re.escape(k) for k in kinds)})\\.{jobs}"
+
+
+def client_permissions(
+    user: str, jobs: Iterable[str], vhost: str, prefix: str = ""
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The permissions and the ``qflare.client`` topic permission of participant ``user``
+    taking part in ``jobs``."""
+    jobs = sorted(set(jobs))
+    names = _alt(jobs)
+    perms = {
+        "user": user,
+        "vhost": vhost,
+        "configure": NOTHING,
+        "write": f"^{re.escape(prefix + topology.CLIENT)}$" if jobs else NOTHING,
+        "read": f"^{_streams(prefix, (BROADCASTS, MODELS), f'({names})')}$" if jobs else NOTHING,
+    }
+    topic = {
+        "user": user,
+        "vhost": vhost,
+        "exchange": prefix + topology.CLIENT,
+        "write": f"^update\\.({names})$" if jobs else NOTHING,
+        "read": NOTHING,
+    }
+    return perms, topic
+
+
+def permissions(
+    role: str, user: str, vhost: str, prefix: str = "", jobs: Iterable[str] = ()
+) -> dict[str, str]:
     """Configure/write/read regexes for a service role or, with ``role == "client"``, for the
-    client whose id is ``user``."""
-    p = prefix
+    client whose id is ``user`` taking part in ``jobs``."""
     if role == "client":
-        own = re.escape(f"{p}client.{user}")
-        return {
-            "user": user,
-            "vhost": vhost,
-            "configure": f"^{own}$",
-            "write": f"^({re.escape(p + topology.CLIENT)}|{own})$",
-            "read": f"^({re.escape(p + topology.BROADCAST)}|{own})$",
-        }
-    if role not in SERVICE_WRITES:
+        return client_permissions(user, jobs, vhost, prefix)[0]
+    spec = ROLES.get(role)
+    if spec is None:
         raise ValueError(
-            f"no broker permissions for role {role!r}; known: client, {', '.join(SERVICE_WRITES)}"
+            f"no broker permissions for role {role!r}; known: client, {', '.join(ROLES)}"
         )
-    exchanges = [p + e for e in topology.EXCHANGES]
-    own = _own(p, role)
+    p = re.escape(prefix)
+    own = "|".join(f"{p}{q}" for q in (spec.queues or (f"{re.escape(role)}(\\..*)?",)))
+    declared = _streams(prefix, spec.declares_streams, JOB_WORD)
+    read = _streams(prefix, spec.reads_streams, JOB_WORD)
+    writes = (*spec.publishes, *((topology.DEAD,) if spec.dead_letters else ()))
     return {
         "user": user,
         "vhost": vhost,
-        "configure": f"^({_alt(exchanges)}|{own})$",
-        # write on qflare.dead: RabbitMQ checks it when a queue with that dead-letter
-        # exchange is created (the broker republishes into it on the queue's behalf); services
-        # create queues the file does not pre-declare (e.g. ingest.rounds.<replica>).
-        "write": f"^({_alt(p + e for e in (*SERVICE_WRITES[role], topology.DEAD))}|{own})$",
-        "read": f"^({_alt(p + e for e in SERVICE_READS[role])}|{own})$",
+        # every service declares the five exchanges when it connects (declare="full")
+        "configure": _any_of((_alt(prefix + e for e in topology.EXCHANGES), own, declared)),
+        "write": _any_of((_alt(prefix + e for e in writes), own, declared)),
+        "read": _any_of((_alt(prefix + e for e in spec.binds_from), own, read)),
     }
 
 
@@ -175,27 +254,22 @@ def build_definitions(
     *,
     vhost: str = "qflare",
     prefix: str = "",
+    jobs: Mapping[str, Iterable[str]] | None = None,
     queues: Iterable[QueueSpec] | None = None,
 ) -> dict[str, Any]:
-    """The definitions document. ``services`` users are named ``qflare-<role>`` or pass
-    ``BrokerUser("qflare-ingest", ...)``; their role is the part after ``qflare-``."""
+    """The definitions document. ``jobs`` maps each client id to the jobs it takes part in
+    (a client not in it gets no job). ``services`` users are named ``qflare-<role>`` or
+    pass ``BrokerUser("qflare-ingest", ...)``; their role is the part after ``qflare-``."""
     clients = list(clients)
     services = list(services)
+    jobs = jobs or {}
     specs = list(service_queues() if queues is None else queues)
-    specs += [client_queue(c.name) for c in clients]
     users, perms, topic_perms = [], [], []
     for u in clients:
         users.append(_user(u))
-        perms.append(permissions("client", u.name, vhost, prefix))
-        topic_perms.append(
-            {
-                "user": u.name,
-                "vhost": vhost,
-                "exchange": prefix + topology.CLIENT,
-                "write": "^update\\.[^.]+$",
-                "read": "^$",
-            }
-        )
+        perm, topic = client_permissions(u.name, jobs.get(u.name, ()), vhost, prefix)
+        perms.append(perm)
+        topic_perms.append(topic)
     for u in services:
         role = u.name.removeprefix("qflare-")
         users.append(_user(u))
@@ -210,20 +284,11 @@ def build_definitions(
         q, b = _queue(spec, vhost, prefix)
         queues_out.append(q)
         bindings_out.extend(b)
-    p = re.escape(prefix)
     policies = [
         {
             "vhost": vhost,
-            "name": "qflare-client-queues",
-            "pattern": f"^{p}client\\.",
-            "apply-to": "queues",
-            "priority": 1,
-            "definition": {"max-length": CLIENT_QUEUE_MAX_LENGTH, "overflow": "drop-head"},
-        },
-        {
-            "vhost": vhost,
             "name": "qflare-dead-letters",
-            "pattern": f"^{p}alerting\\.dead$",
+            "pattern": f"^{re.escape(prefix)}alerting\\.dead$",
             "apply-to": "queues",
             "priority": 1,
             "definition": {"max-length": DEAD_QUEUE_MAX_LENGTH, "overflow": "drop-head"},
@@ -261,6 +326,22 @@ def _user(u: BrokerUser) -> dict[str, Any]:
     }
 
 
+def jobs_by_client(
+    clients: Iterable[str], config_jobs: Iterable[Any] = (), every: Iterable[str] = ()
+) -> dict[str, set[str]]:
+    """Each client's jobs: those of the configuration's ``[[jobs]]`` that list it among
+    their ``participants``, and every job in ``every``."""
+    from qflare.messages.jobs import check_id
+
+    every = {check_id(j, "--job") for j in every}
+    out = {c: set(every) for c in clients}
+    for spec in config_jobs:
+        for client in spec.participants:
+            if client in out:
+                out[client].add(spec.job_id)
+    return out
+
+
 def client_ids_from_kit(kit: Path) -> list[str]:
     """Client ids from a ``qflare provision`` output folder (``clients/<id>/``)."""
     folder = kit / "clients"
@@ -284,12 +365,19 @@ def _password_for(folder: Path | None, write: bool) -> str:
     return password
 
 
-def definitions_for_kit(kit: Path, *, vhost: str, prefix: str, example: bool) -> dict[str, Any]:
+def definitions_for_kit(
+    kit: Path,
+    *,
+    vhost: str,
+    prefix: str,
+    example: bool,
+    jobs: Mapping[str, Iterable[str]] | None = None,
+) -> dict[str, Any]:
     clients, services = [], []
     for cid in client_ids_from_kit(kit):
         folder = kit / "clients" / cid
         clients.append(BrokerUser(cid, None if example else _password_for(folder, True)))
-    for role in SERVICE_WRITES:
+    for role in ROLES:
         own = kit / "services" / role
         services.append(
             BrokerUser(
@@ -297,28 +385,34 @@ def definitions_for_kit(kit: Path, *, vhost: str, prefix: str, example: bool) ->
                 None if example else _password_for(own if own.is_dir() else None, True),
             )
         )
-    return build_definitions(clients, services, vhost=vhost, prefix=prefix)
+    return build_definitions(clients, services, vhost=vhost, prefix=prefix, jobs=jobs)
 
 
 def _cmd(args: argparse.Namespace) -> int:
     from qflare.commands._common import output_file
     from qflare.errors import UsageError
+    from qflare.runtime import load_settings
 
     if args.kit is None and not args.clients:
         raise UsageError("give --kit DIR (a `qflare provision` folder) or --clients ID ...")
     if args.out != "-":
         output_file(args.out)
+    settings = load_settings(args.config)  # [[jobs]] and prefix; a ConfigError exits 2
+    prefix = settings.prefix if args.prefix is None else args.prefix
     try:
+        ids = client_ids_from_kit(Path(args.kit)) if args.kit is not None else list(args.clients)
+        jobs = jobs_by_client(ids, settings.jobs, args.job)
         if args.kit is not None:
             doc = definitions_for_kit(
-                Path(args.kit), vhost=args.vhost, prefix=args.prefix, example=args.example
+                Path(args.kit), vhost=args.vhost, prefix=prefix, example=args.example, jobs=jobs
             )
         else:
             doc = build_definitions(
                 [BrokerUser(c, None) for c in args.clients],
-                [BrokerUser(f"qflare-{r}", None) for r in SERVICE_WRITES],
+                [BrokerUser(f"qflare-{r}", None) for r in ROLES],
                 vhost=args.vhost,
-                prefix=args.prefix,
+                prefix=prefix,
+                jobs=jobs,
             )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -327,34 +421,65 @@ def _cmd(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     else:
         Path(args.out).write_text(text)
-        print(
-            f"wrote {args.out}: {len(doc['users'])} users, {len(doc['queues'])} queues",
-            file=sys.stderr,
-        )
+    named = sorted(set().union(*jobs.values())) if jobs else []
+    print(
+        f"{'wrote ' + args.out if args.out != '-' else 'definitions'}: {len(doc['users'])} "
+        f"users, {len(doc['queues'])} queues, jobs: {', '.join(named) or 'none'}"
+        + (
+            ""
+            if named
+            else " (participants can log in but read and write nothing; "
+            "give --config with [[jobs]] or --job)"
+        ),
+        file=sys.stderr,
+    )
     return 0
 
 
 def register(subparsers: Any) -> None:
+    from qflare.commands._common import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
         "broker-definitions",
         help="write RabbitMQ definitions (exchanges, queues, policies, users, permissions)",
+        formatter_class=DefaultsHelpFormatter,
         description="Write a RabbitMQ definitions file for a provisioned federation. With "
         "--kit, a random broker password is created per client and service (kept in "
-        f"<kit>/.../{PASSWORD_FILE}, mode 0600) unless one exists.",
+        f"<kit>/.../{PASSWORD_FILE}, mode 0600) unless one exists. A participant may read "
+        "the streams of its jobs and publish its updates to them, nothing else: its jobs "
+        "come from the configuration's [[jobs]] (their participants) and from --job. Write "
+        "the file again and import it when a job is added.",
     )
     p.add_argument("--kit", help="folder written by `qflare provision`")
     p.add_argument("--clients", nargs="*", default=[], help="client ids (users without passwords)")
     p.add_argument("--example", action="store_true", help="users without passwords (a sample file)")
+    p.add_argument(
+        "--config",
+        help="TOML config file whose [[jobs]] name the participants (default $QFLARE_CONFIG)",
+    )
+    p.add_argument(
+        "--job",
+        action="append",
+        default=[],
+        metavar="JOB",
+        help="a job every client takes part in (repeat for more)",
+    )
     p.add_argument("--vhost", default="qflare")
-    p.add_argument("--prefix", default="", help="exchange/queue name prefix (QFLARE_PREFIX)")
+    p.add_argument(
+        "--prefix",
+        help="exchange/queue name prefix (default: the configuration's, $QFLARE_PREFIX, none)",
+    )
     p.add_argument("--out", default="-", help="output file (default stdout)")
     p.set_defaults(func=_cmd)
 
 
 __all__ = [
+    "ROLES",
     "BrokerUser",
+    "Role",
     "build_definitions",
-    "client_queue",
+    "client_permissions",
+    "jobs_by_client",
     "permissions",
     "rabbit_password_hash",
     "register",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qflare.bus import Bus, Delivery, Outcome, StreamReader, topology
+from qflare.bus import Bus, Delivery, Outcome, StreamNotFound, StreamReader, topology
 from qflare.bus.port import StreamOffset
 from qflare.crypto.pki import TrustStore
 from qflare.crypto.sealing import KemPrivateKey
@@ -38,6 +38,10 @@ from qflare.messages.errors import MessageRejected, Reason
 
 #: Updates the read-ahead verifies and decodes at a time (hashing and AES-GCM release the GIL).
 READ_AHEAD_WORKERS = 2
+#: A feed whose stream the aggregator has not declared yet looks for it again after this
+#: long, doubling up to the cap (a detector that starts first, or a job that ended).
+STREAM_WAIT_S = 0.2
+STREAM_WAIT_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,7 @@ class UpdateFeed:
         self.limits = limits
         self.log = log or logging.getLogger("qflare.updates")
         self._reader: StreamReader | None = None
+        self._waiting: asyncio.Task[None] | None = None
         self._workers = asyncio.Semaphore(READ_AHEAD_WORKERS)
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -107,13 +112,46 @@ class UpdateFeed:
         return self._reader is not None
 
     async def start(self, offset: StreamOffset = "next") -> None:
-        """Read ahead from ``offset`` (declares the stream: idempotent)."""
-        if self._reader is None:
-            self._reader = await self.bus.read_stream(
-                topology.update_stream(self.job), self._read_ahead, offset=offset, prefetch=8
-            )
+        """Read ahead from ``offset``. The stream is read by name, never declared: the
+        aggregator declares a job's streams (and deletes them when the job ends), and the
+        other readers' broker users may read ``updates.<job>`` but not configure it, so a
+        reader can neither re-create a deleted stream nor delete one. If the stream does not
+        exist yet, the feed waits for it in the background and then reads it from its first
+        message (nothing in it is older than this call)."""
+        if self._reader is not None or self._waiting is not None:
+            return
+        try:
+            await self._attach(offset)
+        except StreamNotFound:
+            start: StreamOffset = "first" if offset in ("next", "last") else offset
+            self._waiting = asyncio.get_running_loop().create_task(self._wait_for_stream(start))
+
+    async def _attach(self, offset: StreamOffset) -> None:
+        self._reader = await self.bus.read_stream(
+            topology.update_stream(self.job).name, self._read_ahead, offset=offset, prefetch=8
+        )
+
+    async def _wait_for_stream(self, offset: StreamOffset) -> None:
+        delay = STREAM_WAIT_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._attach(offset)
+            except StreamNotFound:
+                delay = min(2 * delay, STREAM_WAIT_MAX_S)
+                continue
+            except Exception:
+                self.log.warning("reading the update stream of %r failed", self.job, exc_info=True)
+                delay = min(2 * delay, STREAM_WAIT_MAX_S)
+                continue
+            self.log.debug("update stream of %r found; reading ahead", self.job)
+            return
 
     async def stop(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.cancel()

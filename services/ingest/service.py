@@ -34,6 +34,7 @@ revocation takes effect on the next message without a restart.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qflare.bus import Delivery, QueueSpec, StreamReader, topology
+from qflare.bus import Delivery, QueueSpec, StreamNotFound, StreamReader, topology
 from qflare.crypto.errors import TrustRejected
 from qflare.crypto.pki import RevocationList
 from qflare.messages import (
@@ -262,15 +263,22 @@ class IngestService(Service):
         self._tell_news()
 
     async def _read_updates(self, job: str, offset: int) -> None:
-        """Start checking the job's update stream from ``offset`` (once per job)."""
+        """Start checking the job's update stream from ``offset`` (once per job). The stream
+        is read by name, not declared: the aggregator declares it before the round opens, and
+        ingest's broker user may read ``updates.<job>`` but not configure it. A stream that is
+        gone (the job ended) has nothing to check; a later ``round.opened`` tries again."""
         if job in self._readers or not self.running:
             return
-        reader = await self.bus.read_stream(
-            topology.update_stream(job),
-            self._wrap(lambda delivery: self.on_update(job, delivery)),
-            offset=offset,
-            prefetch=8,
-        )
+        try:
+            reader = await self.bus.read_stream(
+                topology.update_stream(job).name,
+                self._wrap(lambda delivery: self.on_update(job, delivery)),
+                offset=offset,
+                prefetch=8,
+            )
+        except StreamNotFound as exc:
+            event(self.log, "updates.missing", logging.WARNING, job=job, error=str(exc))
+            return
         self._readers[job] = reader
         self._subs.append(reader)
         event(

@@ -2,8 +2,10 @@
 participant processes (examples/participant.py, torch + the client SDK), ``qflare up``
 (five service processes) against the real RabbitMQ, then ``qflare status``.
 
-The run uses its own prefix and two rounds; the script removes its exchanges and queues at
-the end, which the test checks too."""
+Nothing is declared before the run: the services declare their queues, the aggregator the
+job's streams, and participants that start before the job read its broadcast stream once it
+exists. The run uses its own prefix and two rounds; the script removes its exchanges, queues
+and streams at the end, which the test checks too."""
 
 from __future__ import annotations
 
@@ -64,21 +66,12 @@ async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        if (work / "pki").is_dir():  # idempotent; covers a script killed before its trap ran
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(EXAMPLES / "teardown.py"),
-                    "--broker",
-                    amqp,
-                    "--prefix",
-                    prefix,
-                    "--pki",
-                    str(work / "pki"),
-                ],
-                capture_output=True,
-                timeout=60,
-            )
+        # idempotent; covers a script killed before its trap ran
+        subprocess.run(
+            [sys.executable, str(EXAMPLES / "teardown.py"), "--broker", amqp, "--prefix", prefix],
+            capture_output=True,
+            timeout=60,
+        )
     log = out + "".join(p.read_text()[-2000:] for p in sorted(work.glob("*.log")))
     assert proc.returncode == 0, log[-6000:]
 
@@ -116,5 +109,5 @@ async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
     assert models, "the aggregator stored no model files"
 
     # the script removed its topology from the broker
-    assert not await _queue_exists(amqp, f"{prefix}aggregator")
-    assert not await _queue_exists(amqp, f"{prefix}client.client-000")
+    for name in ("aggregator", "updates.digits", "models.digits", "broadcast.digits"):
+        assert not await _queue_exists(amqp, f"{prefix}{name}"), name

@@ -1,8 +1,12 @@
 """The RabbitMQ definitions file, loaded into a throwaway vhost of the real broker.
 
-Shows the broker half of the trust model (docs/architecture.md): a client user can publish only to ``qflare.client``
-(with ``update.*`` keys) and read only its own broadcast queue; a service user cannot publish
-where its role does not. Needs ``rabbitmqctl`` with rights on the local node (root here).
+Shows the broker half of the trust model (docs/architecture.md, "The data plane"), as each
+service role and as a participant, every allowed and every forbidden operation: a
+participant reads only its jobs' ``broadcast.<job>`` and ``models.<job>`` streams and
+publishes only ``update.<its job>`` to ``qflare.client``; the aggregator declares, reads and
+deletes the job streams; ingest and the detector read the update streams by name and cannot
+declare or delete them; no service publishes where its role does not. Needs ``rabbitmqctl``
+with rights on the local node (root here).
 """
 
 from __future__ import annotations
@@ -13,69 +17,78 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiormq
+import numpy as np
 import pytest
 
 from qflare.bus import topology
-from qflare.commands.broker import BrokerUser, build_definitions, client_queue, rabbit_password_hash
+from qflare.commands.broker import (
+    ROLES,
+    BrokerUser,
+    build_definitions,
+    client_permissions,
+    permissions,
+    rabbit_password_hash,
+)
 
 pytestmark = [pytest.mark.rabbitmq]
 
 HOST = "127.0.0.1:5672"
+#: Each participant's one job; the aggregator declares these jobs' streams in the fixture.
+#: j7 is declared by a test (a reader that starts first), j9 deleted by one.
+JOB_OF = {"a": "j1", "b": "j2", "p": "j8"}
+STREAM_OF = {
+    "updates": topology.update_stream,
+    "models": topology.model_stream,
+    "broadcast": topology.broadcast_stream,
+}
 
 
-def _ctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, input=stdin
-    )
+def _ctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def loaded() -> Iterator[dict]:
+def loaded() -> Iterator[dict[str, Any]]:
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not installed")
     from qflare.crypto.testing import make_federation
 
     tag = uuid.uuid4().hex[:8]
     vhost = f"qflare-test-{tag}"
-    # a real client identity whose id is its broker user, for the SDK test
-    fed = make_federation(1, services=("aggregator",), client_prefix=f"cp{tag}")
-    names = {
-        "a": f"ca{tag}",
-        "b": f"cb{tag}",
-        "ingest": f"qflare-ingest-{tag}",
-        "p": f"cp{tag}-000",
-    }
+    # real identities: a client whose id is its broker user (the SDK test) and every service
+    fed = make_federation(1, client_prefix=f"cp{tag}")
+    clients = {"a": f"ca{tag}", "b": f"cb{tag}", "p": f"cp{tag}-000"}
+    # broker users are global, not per vhost: the roles' users get names of their own
+    roles = {role: f"qflare-{role}-{tag}" for role in ROLES}
+    names = {**clients, **roles}
     pw = {k: uuid.uuid4().hex for k in names}
     doc = build_definitions(
-        [
-            BrokerUser(names["a"], pw["a"]),
-            BrokerUser(names["b"], pw["b"]),
-            BrokerUser(names["p"], pw["p"]),
-        ],
+        [BrokerUser(clients[k], pw[k]) for k in clients],
         [],
         vhost=vhost,  # queues: the services' own QUEUES
+        jobs={clients[k]: {job} for k, job in JOB_OF.items()},
     )
-    # a service user under a unique name with the ingest role's permissions
-    from qflare.commands.broker import permissions
-
-    doc["users"].append(
-        {
-            "name": names["ingest"],
-            "password_hash": rabbit_password_hash(pw["ingest"]),
-            "hashing_algorithm": "rabbit_password_hashing_sha256",
-            "tags": [],
-        }
-    )
-    doc["permissions"].append(permissions("ingest", names["ingest"], vhost))
-    # the test itself plays operator through guest
+    for role, user in roles.items():
+        doc["users"].append(
+            {
+                "name": user,
+                "password_hash": rabbit_password_hash(pw[role]),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }
+        )
+        doc["permissions"].append(permissions(role, user, vhost))
+    # the test itself plays an administrator through guest
     doc["permissions"].append(
         {"user": "guest", "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
     )
@@ -83,14 +96,17 @@ def loaded() -> Iterator[dict]:
     # (pytest's tmp_path is 0700), and this rabbitmqctl does not read "-" (stdin).
     fd, name = tempfile.mkstemp(prefix="qflare-defs-", suffix=".json")
     path = Path(name)
+    info = {"vhost": vhost, "names": names, "pw": pw, "doc": doc, "fed": fed, "tag": tag}
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(doc, fh)
         path.chmod(0o644)
         result = _ctl("import_definitions", str(path))
         assert result.returncode == 0, result.stderr + result.stdout
-        asyncio.run(_wait_imported(vhost, names["b"], pw["b"]))
-        yield {"vhost": vhost, "names": names, "pw": pw, "doc": doc, "fed": fed}
+        asyncio.run(_wait_imported(info))
+        # what the aggregator does when a job is submitted, as its own user
+        asyncio.run(_declare_jobs(_url(info, "aggregator"), sorted(JOB_OF.values())))
+        yield info
     finally:
         path.unlink(missing_ok=True)
         # in parallel: each rabbitmqctl start costs about a second of Erlang boot
@@ -104,119 +120,485 @@ def loaded() -> Iterator[dict]:
             proc.wait(timeout=60)
 
 
-async def _wait_imported(vhost: str, user: str, password: str, timeout: float = 30.0) -> None:
+async def _wait_imported(info: dict[str, Any], timeout: float = 30.0) -> None:
     # import_definitions returns before the import finished ("asynchronous" in 3.10): wait
-    # until the last user can log in and see its queue (over AMQP: cheaper than rabbitmqctl)
+    # until the last user can log in and see the queues (over AMQP: cheaper than rabbitmqctl)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            conn = await aio_pika.connect(f"amqp://{user}:{password}@{HOST}/{vhost}", timeout=5)
+            conn = await aio_pika.connect(_url(info, "operator"), timeout=5)
             try:
                 ch = await conn.channel()
-                await ch.get_queue(f"client.{user}", ensure=True)
+                await ch.get_queue("alerting.dead", ensure=True)  # passive: no right needed
                 return
             finally:
                 await conn.close()
         except Exception:
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"definitions for {vhost} not imported within {timeout}s"
+                    f"definitions for {info['vhost']} not imported within {timeout}s"
                 ) from None
             await asyncio.sleep(0.3)
 
 
-def _url(loaded: dict, who: str) -> str:
-    return f"amqp://{loaded['names'][who]}:{loaded['pw'][who]}@{HOST}/{loaded['vhost']}"
+async def _declare_jobs(url: str, jobs: list[str]) -> None:
+    from qflare.bus import connect_bus
+
+    bus = await connect_bus(url, connect_timeout=5)
+    try:
+        for job in jobs:
+            for stream in topology.job_streams(job):
+                await bus.declare_stream(stream)
+    finally:
+        await bus.close()
 
 
-async def _publish(conn: aio_pika.abc.AbstractConnection, exchange: str, key: str) -> None:
-    ch = await conn.channel(publisher_confirms=True)
-    ex = await ch.get_exchange(exchange, ensure=True)  # passive declare: no configure right needed
-    await ex.publish(aio_pika.Message(b"x"), key, timeout=10)
-    await ch.close()
+def _url(info: dict[str, Any], who: str) -> str:
+    return f"amqp://{info['names'][who]}:{info['pw'][who]}@{HOST}/{info['vhost']}"
 
 
-async def _read(
-    conn: aio_pika.abc.AbstractConnection, queue: str
-) -> aio_pika.abc.AbstractIncomingMessage | None:
-    ch = await conn.channel()
-    q = await ch.get_queue(queue, ensure=True)
-    async with q.iterator(timeout=5) as it:
-        async for message in it:
-            await message.ack()
-            await ch.close()
-            return message
-    return None
+def _admin(info: dict[str, Any]) -> str:
+    return f"amqp://guest:guest@{HOST}/{info['vhost']}"
 
 
-def test_definitions_declare_the_topology(loaded: dict) -> None:
+# -- every operation, allowed or not, as each user --------------------------------------------
+#: An operation on the broker, done on a channel of its own: ("publish", exchange, key)
+#: ("" is the default exchange), ("read", stream) from its first offset, ("declare", stream)
+#: with the job stream's own arguments, ("delete", queue), ("bind", queue, exchange, key),
+#: ("queue", name) a transient queue of that name.
+Op = tuple[str, ...]
+
+
+async def _do(ch: aio_pika.abc.AbstractChannel, op: Op) -> None:
+    from qflare.bus.rabbitmq import stream_arguments
+
+    what, target, *rest = op
+    if what == "publish":
+        ex = ch.default_exchange if target == "" else await ch.get_exchange(target, ensure=True)
+        await ex.publish(aio_pika.Message(b"x"), rest[0], timeout=10)
+    elif what == "read":
+        await ch.set_qos(prefetch_count=1)
+        q = await ch.get_queue(target, ensure=True)  # passive: no right needed
+        tag = await q.consume(_ack, arguments={"x-stream-offset": "first"})
+        await q.cancel(tag)
+    elif what == "declare":
+        kind, job = target.split(".", 1)
+        spec = STREAM_OF[kind](job)
+        await ch.declare_queue(target, durable=True, arguments=stream_arguments(spec))
+    elif what == "delete":
+        await ch.queue_delete(target)
+    elif what == "bind":
+        q = await ch.get_queue(target, ensure=True)
+        await q.bind(rest[0], rest[1])
+    elif what == "queue":
+        await ch.declare_queue(
+            target, exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
+        )
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+
+
+async def _ack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    await message.ack()
+
+
+async def _allowed(url: str, op: Op) -> bool:
+    """Whether the broker lets the user of ``url`` do ``op`` (False: ACCESS_REFUSED)."""
+    conn = await aio_pika.connect(url, timeout=10)
+    try:
+        ch = await conn.channel(publisher_confirms=True)
+        try:
+            await _do(ch, op)
+        except aiormq.exceptions.ChannelAccessRefused:
+            return False
+        return True
+    finally:
+        await conn.close()
+
+
+C, E, B, A = topology.CLIENT, topology.EVENTS, topology.BROADCAST, topology.ALERTS
+#: (who, operation, allowed). "a" is a participant of j1 only; the job streams of j1 and
+#: j2 exist (declared by the aggregator's user).
+CASES: list[tuple[str, Op, bool]] = [
+    # a participant: its job's announcements and models, its own job's updates, nothing else
+    ("a", ("publish", C, "update.j1"), True),
+    ("a", ("read", "broadcast.j1"), True),
+    ("a", ("read", "models.j1"), True),
+    ("a", ("read", "broadcast.j2"), False),  # another job's streams
+    ("a", ("read", "models.j2"), False),
+    ("a", ("read", "updates.j1"), False),  # other participants' updates
+    ("a", ("publish", C, "update.j2"), False),  # topic permission: its jobs only
+    ("a", ("publish", C, "round.opened.j1"), False),
+    ("a", ("publish", B, "j1.model.published"), False),  # a model
+    ("a", ("publish", B, "j1.round.opened"), False),
+    ("a", ("publish", E, "update.accepted.j1"), False),
+    ("a", ("publish", "", "models.j1"), False),  # straight into a stream
+    ("a", ("declare", "broadcast.j1"), False),  # configure: nothing
+    ("a", ("delete", "models.j1"), False),
+    ("a", ("bind", "broadcast.j1", B, "#"), False),  # every job's models into its stream
+    ("a", ("queue", "client.a"), False),  # no queue of its own any more
+    # the aggregator: the job streams, events and broadcasts
+    ("aggregator", ("publish", E, "round.opened.j1"), True),
+    ("aggregator", ("publish", B, "j1.round.opened"), True),
+    ("aggregator", ("read", "updates.j1"), True),
+    ("aggregator", ("read", "models.j1"), True),
+    ("aggregator", ("declare", "updates.j1"), True),  # idempotent: needs configure
+    ("aggregator", ("declare", "models.j1"), True),
+    ("aggregator", ("declare", "broadcast.j1"), True),
+    ("aggregator", ("bind", "models.j1", B, "j1.model.published"), True),
+    ("aggregator", ("queue", "aggregator.probe"), True),
+    ("aggregator", ("publish", A, "critical.x.j1"), False),
+    ("aggregator", ("publish", C, "update.j1"), False),  # no client's update
+    ("aggregator", ("publish", "", "updates.j1"), False),
+    ("aggregator", ("queue", "detector.probe"), False),  # another role's queue
+    ("aggregator", ("delete", "alerting"), False),
+    # ingest and the detector: the update streams, read by name
+    ("ingest", ("publish", E, "update.accepted.j1"), True),
+    ("ingest", ("read", "updates.j1"), True),
+    ("ingest", ("read", "updates.j2"), True),
+    ("ingest", ("queue", "ingest.rounds.probe"), True),
+    ("ingest", ("declare", "updates.j1"), False),
+    ("ingest", ("delete", "updates.j1"), False),
+    ("ingest", ("bind", "updates.j1", E, "#"), False),
+    ("ingest", ("read", "models.j1"), False),
+    ("ingest", ("read", "broadcast.j1"), False),
+    ("ingest", ("publish", B, "j1.model.published"), False),
+    ("ingest", ("publish", A, "critical.x.j1"), False),
+    ("ingest", ("publish", C, "update.j1"), False),
+    ("detector", ("publish", E, "round.verdict.j1"), True),
+    ("detector", ("read", "updates.j1"), True),
+    ("detector", ("queue", "detector.probe"), True),
+    ("detector", ("declare", "updates.j1"), False),
+    ("detector", ("delete", "updates.j1"), False),
+    ("detector", ("read", "models.j1"), False),
+    ("detector", ("publish", B, "j1.model.published"), False),
+    ("detector", ("publish", A, "critical.x.j1"), False),
+    # the accountant, alerting and the operator's console: no stream at all
+    ("accountant", ("publish", E, "privacy.granted.j1"), True),
+    ("accountant", ("queue", "accountant.probe"), True),
+    ("accountant", ("read", "updates.j1"), False),
+    ("accountant", ("read", "models.j1"), False),
+    ("accountant", ("publish", B, "j1.round.opened"), False),
+    ("accountant", ("publish", A, "critical.x.j1"), False),
+    ("alerting", ("publish", A, "critical.x.j1"), True),
+    ("alerting", ("publish", E, "alert.raised.j1"), True),
+    ("alerting", ("read", "updates.j1"), False),
+    ("alerting", ("read", "broadcast.j1"), False),
+    ("alerting", ("publish", B, "j1.round.opened"), False),
+    ("alerting", ("publish", C, "update.j1"), False),
+    ("operator", ("publish", E, "job.ended.j1"), True),
+    ("operator", ("queue", "console.probe"), True),
+    ("operator", ("read", "updates.j1"), False),
+    ("operator", ("read", "models.j1"), False),
+    ("operator", ("publish", A, "critical.x.j1"), False),
+    ("operator", ("publish", B, "j1.job.ended"), False),
+    ("operator", ("queue", "aggregator.probe"), False),
+]
+
+
+def _case_id(case: tuple[str, Op, bool]) -> str:
+    who, op, allowed = case
+    what = " ".join(part or "''" for part in op)
+    return f"{'participant' if who == 'a' else who} {'may' if allowed else 'may not'} {what}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+async def test_each_user_may_do_what_its_role_needs_and_nothing_else(
+    loaded: dict[str, Any], case: tuple[str, Op, bool]
+) -> None:
+    who, op, allowed = case
+    assert await _allowed(_url(loaded, who), op) is allowed
+
+
+def test_definitions_declare_the_topology_but_no_job_stream(loaded: dict[str, Any]) -> None:
     doc = loaded["doc"]
     assert {e["name"] for e in doc["exchanges"]} == set(topology.EXCHANGES)
-    queues = {q["name"]: q for q in doc["queues"]}
-    a = loaded["names"]["a"]
-    assert queues[f"client.{a}"]["arguments"]["x-queue-type"] == "quorum"
-    listed = _ctl("list_queues", "-p", loaded["vhost"], "name", "policy")
-    assert f"client.{a}" in listed.stdout and "qflare-client-queues" in listed.stdout
+    # no per-client queue and no ingest queue: updates and models travel in job streams,
+    # which the aggregator declares at submission (a file loaded at every broker boot would
+    # re-create deleted ones)
+    assert {q["name"] for q in doc["queues"]} == {"alerting", "alerting.dead"}
+    assert {p["name"] for p in doc["policies"]} == {"qflare-dead-letters"}
+    listed = _ctl("list_queues", "-p", loaded["vhost"], "name", "type")
+    assert re.search(r"^broadcast\.j1\s+stream$", listed.stdout, re.M), listed.stdout
 
 
-async def test_client_writes_only_to_qflare_client_and_reads_only_its_queue(loaded: dict) -> None:
-    a, b = loaded["names"]["a"], loaded["names"]["b"]
-    conn = await aio_pika.connect(_url(loaded, "a"), timeout=10)
+def test_participant_permissions_name_only_its_jobs() -> None:
+    perm, topic = client_permissions("c1", ["j1", "j-2"], "v", prefix="P.")
+    read, write = re.compile(perm["read"]), re.compile(topic["write"])
+    assert perm["configure"] == "^$" and perm["write"] == r"^P\.qflare\.client$"
+    for name, ok in [
+        ("P.broadcast.j1", True),
+        ("P.models.j-2", True),
+        ("P.updates.j1", False),
+        ("P.broadcast.j10", False),  # a job whose id starts like one of its own
+        ("broadcast.j1", False),  # another federation's prefix
+        ("P.qflare.broadcast", False),
+    ]:
+        assert bool(read.fullmatch(name)) is ok, name
+    for key, ok in [("update.j1", True), ("update.j-2", True), ("update.j10", False)]:
+        assert bool(write.fullmatch(key)) is ok, key
+    assert topic["exchange"] == "P.qflare.client" and topic["read"] == "^$"
+    # a client in no job can log in (a permission row exists) and do nothing else
+    none, none_topic = client_permissions("c2", [], "v")
+    assert none["configure"] == none["write"] == none["read"] == none_topic["write"] == "^$"
+
+
+async def test_aggregator_declares_reads_and_deletes_a_jobs_streams_as_its_own_user(
+    loaded: dict[str, Any],
+) -> None:
+    from qflare.bus import Outcome, StreamNotFound, connect_bus
+
+    async def ignore(_: object) -> Outcome:
+        return Outcome.ACK
+
+    bus = await connect_bus(_url(loaded, "aggregator"), connect_timeout=5)
     try:
-        await _publish(conn, topology.CLIENT, "update.j1")  # allowed
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _publish(conn, topology.EVENTS, "update.accepted.j1")
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _publish(conn, topology.BROADCAST, "j1.model.published")
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _publish(
-                conn, topology.CLIENT, "round.opened.j1"
-            )  # topic permission: update.* only
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _read(conn, f"client.{b}")
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _read(conn, "ingest")
-        ch = await conn.channel()
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await ch.declare_exchange(topology.EVENTS, aio_pika.ExchangeType.TOPIC, durable=True)
+        for stream in topology.job_streams("j9"):  # as the aggregator does at submission
+            await bus.declare_stream(stream)
+        reader = await bus.read_stream(topology.model_stream("j9"), ignore, offset="next")
+        await reader.cancel()
+        for stream in topology.job_streams("j9"):  # ... and when the job ended
+            await bus.delete_stream(stream.name)
     finally:
-        await conn.close()
-
-    # the broadcast the aggregator (here: the ingest-role user cannot, see below) would send
-    # reaches client a's own queue, which it may read and bind to a job.
-    admin = await aio_pika.connect(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", timeout=10)
+        await bus.close()
+    admin = await connect_bus(_admin(loaded), connect_timeout=5)
     try:
-        await _publish(admin, topology.BROADCAST, "j1.round.opened")
+        for stream in topology.job_streams("j9"):
+            with pytest.raises(StreamNotFound):
+                await admin.read_stream(stream.name, ignore)
     finally:
         await admin.close()
-    conn = await aio_pika.connect(_url(loaded, "a"), timeout=10)
+
+
+@pytest.mark.parametrize("role", ["ingest", "detector"])
+async def test_update_readers_read_by_name_and_cannot_declare(
+    loaded: dict[str, Any], role: str
+) -> None:
+    # why ingest and the detector read the update stream by name: declaring it again, even
+    # with the same arguments, needs configure on it, which would also let them delete it
+    from qflare.bus import AccessRefused, Outcome, connect_bus
+
+    async def ignore(_: object) -> Outcome:
+        return Outcome.ACK
+
+    bus = await connect_bus(_url(loaded, role), connect_timeout=5)
     try:
-        message = await _read(conn, f"client.{a}")
-        assert message is not None and message.routing_key == "j1.round.opened"
-        ch = await conn.channel()
-        spec = client_queue(a, "j2.#")
-        from qflare.bus.rabbitmq import queue_arguments
-
-        q = await ch.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec, ""))
-        await q.bind(topology.BROADCAST, "j2.#")  # binding its own queue is allowed
-        await ch.close()
+        reader = await bus.read_stream(topology.update_stream("j1").name, ignore, offset="first")
+        await reader.cancel()
+        with pytest.raises(AccessRefused):
+            await bus.read_stream(topology.update_stream("j1"), ignore)
+        with pytest.raises(AccessRefused):
+            await bus.delete_stream(topology.update_stream("j2").name)
     finally:
-        await conn.close()
+        await bus.close()
 
 
-async def test_ingest_role_publishes_events_but_not_broadcasts(loaded: dict) -> None:
-    conn = await aio_pika.connect(_url(loaded, "ingest"), timeout=10)
+async def test_update_feed_waits_for_a_stream_the_aggregator_declares_later(
+    loaded: dict[str, Any],
+) -> None:
+    # the detector starts before the aggregator (qflare up's order): its read-ahead of a
+    # job whose stream does not exist yet waits for it instead of declaring it
+    from qflare.bus import connect_bus
+    from qflare.messages import Update, encode
+    from qflare.runtime.updates import UpdateFeed
+
+    fed, pid = loaded["fed"], loaded["names"]["p"]
+    seen: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+    def wants(round_no: int, sender: str) -> bool:
+        seen.put_nowait((round_no, sender))
+        return False  # only the header is looked at
+
+    async def sink(_: object) -> None:
+        raise AssertionError("nothing is wanted")
+
+    bus = await connect_bus(_url(loaded, "detector"), connect_timeout=5)
+    feed = UpdateFeed(
+        bus, "j7", trust=fed.trust(), kem_key=fed["detector"].kem, wants=wants, sink=sink
+    )
     try:
-        await _publish(conn, topology.EVENTS, "update.accepted.j1")
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _publish(conn, topology.BROADCAST, "j1.model.published")
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await _publish(conn, topology.ALERTS, "critical.x.j1")
+        await feed.start("next")
+        assert feed.next_offset is None  # waiting: no reader yet
+        await _declare_jobs(_url(loaded, "aggregator"), ["j7"])
+        update = Update(base_version=0, num_samples=1, tensors={"w": np.zeros(2, np.float32)})
+        data = encode("update", update, fed[pid], job="j7", round=1)
+        admin = await connect_bus(_admin(loaded), connect_timeout=5)
+        try:
+            assert await admin.publish(topology.CLIENT, "update.j7", data) is True
+        finally:
+            await admin.close()
+        # written after the feed started, before or after it found the stream: read anyway
+        assert await asyncio.wait_for(seen.get(), 15) == (1, pid)
     finally:
-        await conn.close()
+        await feed.stop()
+        await bus.close()
 
 
-def test_wrong_password_cannot_log_in(loaded: dict) -> None:
+async def test_participant_bus_reads_its_jobs_streams_by_name_as_its_restricted_user(
+    loaded: dict[str, Any],
+) -> None:
+    from qflare.bus import AccessRefused, Delivery, Outcome, connect_bus
+
+    a = _url(loaded, "a")
+    # full declaration needs configure on the exchanges, which a client user lacks
+    with pytest.raises(AccessRefused) as info:
+        await connect_bus(a, connect_timeout=5)
+    assert info.value.reason == "ACCESS_REFUSED" and "passive" in str(info.value)
+
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def keep(d: Delivery) -> Outcome:
+        await got.put(d)
+        return Outcome.ACK
+
+    bus = await connect_bus(a, connect_timeout=5, declare="passive")
+    aggregator = await connect_bus(_url(loaded, "aggregator"), connect_timeout=5)
+    try:
+        reader = await bus.read_stream("broadcast.j1", keep, offset="next")
+        assert await aggregator.publish(topology.BROADCAST, "j1.round.opened", b"announce")
+        d = await asyncio.wait_for(got.get(), 10)
+        assert (d.body, d.routing_key, d.offset is not None) == (
+            b"announce",
+            "j1.round.opened",
+            True,
+        )
+        await reader.cancel()
+
+        with pytest.raises(AccessRefused):  # declaring (even idempotently) needs configure
+            await bus.read_stream(topology.broadcast_stream("j1"), keep)
+        with pytest.raises(AccessRefused):
+            await bus.read_stream("updates.j1", keep)
+        with pytest.raises(AccessRefused):
+            await bus.read_stream("models.j2", keep)
+        with pytest.raises(AccessRefused):
+            await bus.publish(topology.EVENTS, "update.accepted.j1", b"forged")
+        with pytest.raises(AccessRefused):  # topic permission: update.<its job> only
+            await bus.publish(topology.CLIENT, "update.j2", b"forged")
+        # the refusals closed channels, not the bus: its own update still goes, into the
+        # job's update stream
+        updates = await aggregator.read_stream("updates.j1", keep, offset="next")
+        assert await bus.publish(topology.CLIENT, "update.j1", b"delta") is True
+        d = await asyncio.wait_for(got.get(), 10)
+        assert (d.body, d.routing_key) == (b"delta", "update.j1")
+        await updates.cancel()
+    finally:
+        await bus.close()
+        await aggregator.close()
+
+
+async def test_sdk_participant_follows_its_job_as_its_own_broker_user(
+    loaded: dict[str, Any],
+) -> None:
+    from qflare.client import Kit, Participant
+    from qflare.client.participant import declare_mode
+
+    fed, pid = loaded["fed"], loaded["names"]["p"]
+    assert declare_mode(_url(loaded, "p"), pid) == "passive"
+    assert declare_mode(f"amqp://guest:guest@{HOST}/", pid) == "full"
+    kit = Kit(fed[pid], fed.trust(), None, broker_password=loaded["pw"]["p"])
+    p = Participant(
+        kit,
+        None,
+        lambda model, info: 1,
+        broker=f"amqp://{HOST}/{loaded['vhost']}",
+        jobs=[JOB_OF["p"]],
+        seal=False,
+    )
+    await p.start()  # the kit's credentials are filled in: its own user, so passive
+    try:
+        assert p.bus is not None and p.bus.passive is True
+        conn = await aio_pika.connect(_url(loaded, "aggregator"), timeout=10)
+        try:
+            ch = await conn.channel(publisher_confirms=True)
+            ex = await ch.get_exchange(topology.BROADCAST, ensure=True)
+            deadline = time.monotonic() + 15
+            # not an envelope: it arrives through broadcast.j8 and is refused as garbage
+            # (again until the participant's reader, which starts at the newest, is attached)
+            while p.stats.rejected < 1:
+                assert time.monotonic() < deadline, "the broadcast did not reach the participant"
+                await ex.publish(aio_pika.Message(b"x"), f"{JOB_OF['p']}.round.opened", timeout=10)
+                await asyncio.sleep(0.3)
+        finally:
+            await conn.close()
+    finally:
+        await p.stop()
+
+
+async def test_services_declare_their_queues_as_their_own_users_without_conflict(
+    loaded: dict[str, Any], tmp_path: Path
+) -> None:
+    # each service's real queue specs (its consumers), declared and consumed as its own
+    # broker user; a re-declaration with other arguments than the file's would fail
+    # (PRECONDITION_FAILED -> TopologyError), so the file and the services agree
+    from qflare.bus import QueueSpec, connect_bus
+    from qflare.commands.broker import service_queues
+    from qflare.runtime import load_settings
+    from qflare.runtime.bootstrap import SERVICES, build_service
+
+    fed = loaded["fed"]
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))
+    memory = await connect_bus("memory://")
+    specs: dict[str, list[QueueSpec]] = {}
+    try:
+        for name in SERVICES:
+            service = await build_service(
+                name, settings, bus=memory, identity=fed[name], trust=fed.trust()
+            )
+            specs[name] = [c.spec for c in service.consumers()]
+    finally:
+        await memory.close()
+    # the operator's console queue (tui/feed.py)
+    specs["operator"] = [
+        QueueSpec(
+            f"console.test.{os.getpid()}",
+            bindings=((topology.EVENTS, "#"), (topology.ALERTS, "#")),
+            dead_letter=False,
+            transient=True,
+        )
+    ]
+    declared = {q["name"] for q in loaded["doc"]["queues"]}
+    assert declared == {s.name for s in service_queues()}
+    assert declared <= {s.name for ss in specs.values() for s in ss}
+    for role, role_specs in specs.items():
+        bus = await connect_bus(_url(loaded, role), connect_timeout=5)
+        try:
+            for spec in role_specs:
+                sub = await bus.consume(spec, _noop)
+                await sub.cancel()
+        finally:
+            await bus.close()
+
+
+async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(
+    loaded: dict[str, Any],
+) -> None:
+    from qflare.bus import TopologyError, connect_bus
+    from qflare.services.ingest.service import rounds_queue
+
+    spec = rounds_queue("r-test")
+    bus = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
+    try:
+        sub = await bus.consume(spec, _noop)
+        other = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
+        try:
+            with pytest.raises(TopologyError):  # a second live replica of the same name
+                await other.consume(spec, _noop)
+        finally:
+            await other.close()
+        await sub.cancel()
+    finally:
+        await bus.close()
+    listed = _ctl("list_queues", "-p", loaded["vhost"], "name")
+    assert "ingest.rounds.r-test" not in listed.stdout, "the broker removed it with its consumer"
+
+
+async def _noop(_: object) -> object:
+    from qflare.bus import Outcome
+
+    return Outcome.ACK
+
+
+def test_wrong_password_cannot_log_in(loaded: dict[str, Any]) -> None:
     async def attempt() -> None:
         url = f"amqp://{loaded['names']['a']}:nope@{HOST}/{loaded['vhost']}"
         conn = await aio_pika.connect(url, timeout=10)
@@ -241,30 +623,80 @@ def test_password_hash_matches_rabbitmq_scheme() -> None:
         rabbit_password_hash("x", salt=b"ab")
 
 
-def test_example_file_in_compose_is_current() -> None:
-    path = Path(__file__).resolve().parents[2] / "compose" / "definitions.json"
-    doc = json.loads(path.read_text())
-    assert {e["name"] for e in doc["exchanges"]} == set(topology.EXCHANGES)
-    clients = [p for p in doc["permissions"] if p["user"].startswith("client-")]
-    assert clients and all(
-        p["read"].endswith(re.escape(f"client.{p['user']}") + ")$") for p in clients
+# -- the command: where the jobs come from ----------------------------------------------------
+def _definitions(argv: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> Any:
+    out = tmp_path / "defs.json"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QFLARE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qflare", "broker-definitions", *argv, "--out", str(out)],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert {q["name"] for q in doc["queues"]} >= {
-        "ingest",
-        "alerting",
-        "alerting.dead",
-        "client.client-000",
-    }
-    # ingest's round queues are transient: no expiry policy, nothing pre-declared
-    assert "qflare-ingest-rounds" not in {p["name"] for p in doc["policies"]}
-    assert not any(q["name"].startswith("ingest.rounds.") for q in doc["queues"])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stderr
+
+
+def test_jobs_come_from_the_configs_participants_and_from_job_flags(tmp_path: Path) -> None:
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    config = tmp_path / "fed.toml"
+    config.write_text(
+        '[qflare]\nprefix = "P-"\n'
+        '[[jobs]]\njob_id = "alpha"\nrounds = 1\nparticipants = ["c1", "c2"]\n'
+        'initial_model = "m.safetensors"\n'
+        '[[jobs]]\njob_id = "beta"\nrounds = 1\nparticipants = ["c2", "c9"]\n'
+        'initial_model = "m.safetensors"\n'
+    )
+    doc, err = _definitions(
+        ["--clients", "c1", "c2", "c3", "--job", "gamma"],
+        tmp_path,
+        env={"QFLARE_CONFIG": str(config)},
+    )
+    assert "jobs: alpha, beta, gamma" in err
+    read = {p["user"]: p["read"] for p in doc["permissions"]}
+    topic = {t["user"]: t["write"] for t in doc["topic_permissions"]}
+    assert read["c1"] == r"^P\-(broadcast|models)\.(alpha|gamma)$"
+    assert topic["c2"] == r"^update\.(alpha|beta|gamma)$"
+    assert topic["c3"] == r"^update\.(gamma)$"  # c9 has no user: not a listed client
+    assert {e["name"] for e in doc["exchanges"]} == {"P-" + e for e in topology.EXCHANGES}
+    # --prefix wins over the configuration's
+    doc, _ = _definitions(["--clients", "c1", "--config", str(config), "--prefix", ""], tmp_path)
+    assert doc["permissions"][0]["read"] == r"^(broadcast|models)\.(alpha)$"
+
+
+def test_without_jobs_participants_get_nothing_and_the_command_says_so(tmp_path: Path) -> None:
+    doc, err = _definitions(["--clients", "c1"], tmp_path)
+    assert "jobs: none" in err and "--job" in err
+    (perm,) = [p for p in doc["permissions"] if p["user"] == "c1"]
+    assert perm["configure"] == perm["write"] == perm["read"] == "^$"
+
+
+# -- compose/ ------------------------------------------------------------------------------------
+COMPOSE = Path(__file__).resolve().parents[2] / "compose"
+#: compose/definitions.json is written by this command (a sample: no passwords, one job):
+#:   qflare broker-definitions --clients client-000 ... client-009 --job digits \
+#:       --vhost qflare --out compose/definitions.json
+SAMPLE_CLIENTS = [f"client-{i:03d}" for i in range(10)]
+SAMPLE_JOB = "digits"
+
+
+def test_example_file_in_compose_is_current() -> None:
+    doc = json.loads((COMPOSE / "definitions.json").read_text())
+    expected = build_definitions(
+        [BrokerUser(c, None) for c in SAMPLE_CLIENTS],
+        [BrokerUser(f"qflare-{r}", None) for r in ROLES],
+        vhost="qflare",
+        jobs={c: {SAMPLE_JOB} for c in SAMPLE_CLIENTS},
+    )
+    assert doc == expected, "regenerate it with the command above"
+    assert not any(q["name"].startswith(("client.", "ingest")) for q in doc["queues"])
 
 
 def test_compose_file_runs_a_service_per_role_with_its_own_broker_user() -> None:
     import yaml
 
-    root = Path(__file__).resolve().parents[2] / "compose"
-    doc = yaml.safe_load((root / "docker-compose.yml").read_text())
+    doc = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
     services = doc["services"]
     replicas = {
         name: services[name]["deploy"]["replicas"]
@@ -281,12 +713,16 @@ def test_compose_file_runs_a_service_per_role_with_its_own_broker_user() -> None
         )
     assert (
         "load_definitions = /etc/qflare-broker/definitions.json"
-        in (root / "rabbitmq.conf").read_text()
+        in (COMPOSE / "rabbitmq.conf").read_text()
     )
     assert all(not v.startswith("pki:") for v in services["rabbitmq"]["volumes"]), (
         "the broker sees no keys"
     )
-    assert "qflare broker-definitions --kit /pki" in " ".join(services["provision"]["command"])
+    provision = services["provision"]
+    assert "qflare broker-definitions --kit /pki" in " ".join(provision["command"])
+    # the definitions take the participants' jobs from the configuration ($QFLARE_CONFIG)
+    assert any(v.endswith(":/etc/qflare/qflare.toml:ro") for v in provision["volumes"])
+    assert "client." not in (COMPOSE / "docker-compose.yml").read_text()
 
 
 def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> None:
@@ -306,149 +742,12 @@ def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> No
     assert pw.read_text() == first and len(again["users"]) == len(doc["users"])
 
 
-async def test_services_declare_their_queues_against_the_file_without_conflict(
-    loaded: dict,
-) -> None:
-    # a re-declaration with other arguments fails (PRECONDITION_FAILED -> TopologyError), so
-    # this shows the file and the services agree on every queue the file declares
-    from qflare.bus import connect_bus
-    from qflare.commands.broker import service_queues
-    from qflare.services.alerting.service import ALERTS_IN, DEAD_IN
-    from qflare.services.ingest.service import UPDATES
-
-    specs = service_queues()
-    assert {s.name for s in specs} >= {UPDATES.name, ALERTS_IN.name, DEAD_IN.name}
-    declared = {q["name"] for q in loaded["doc"]["queues"]}
-    bus = await connect_bus(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", connect_timeout=5)
-    try:
-        for spec in [*specs, client_queue(loaded["names"]["a"], "j1.#")]:
-            assert spec.name in declared
-            sub = await bus.consume(spec, _noop)
-            await sub.cancel()
-    finally:
-        await bus.close()
-
-
-async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(
-    loaded: dict,
-) -> None:
-    from qflare.bus import TopologyError, connect_bus
-    from qflare.services.ingest.service import rounds_queue
-
-    spec = rounds_queue("r-test")
-    bus = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
-    try:
-        sub = await bus.consume(spec, _noop)
-        other = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
-        try:
-            with pytest.raises(TopologyError):  # a second live replica of the same name
-                await other.consume(spec, _noop)
-        finally:
-            await other.close()
-        await sub.cancel()
-    finally:
-        await bus.close()
-    listed = _ctl("list_queues", "-p", loaded["vhost"], "name")
-    assert "ingest.rounds.r-test" not in listed.stdout, "the broker removed it with its consumer"
-
-
-async def test_participant_connects_through_the_bus_as_its_restricted_user(loaded: dict) -> None:
-    from qflare.bus import AccessRefused, Delivery, Outcome, QueueSpec, connect_bus
-
-    a = loaded["names"]["a"]
-    # full declaration needs configure on the exchanges, which a client user lacks
-    with pytest.raises(AccessRefused) as info:
-        await connect_bus(_url(loaded, "a"), connect_timeout=5)
-    assert info.value.reason == "ACCESS_REFUSED" and "passive" in str(info.value)
-
-    got: asyncio.Queue[Delivery] = asyncio.Queue()
-
-    async def keep(d: Delivery) -> Outcome:
-        await got.put(d)
-        return Outcome.ACK
-
-    bus = await connect_bus(_url(loaded, "a"), connect_timeout=5, declare="passive")
-    admin = await connect_bus(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", connect_timeout=5)
-    try:
-        # the queue the file created, bound to one job as the SDK does
-        await bus.consume(QueueSpec(f"client.{a}", bindings=((topology.BROADCAST, "j7.#"),)), keep)
-        assert await admin.publish(topology.BROADCAST, "j7.round.opened", b"broadcast") is True
-        d = await asyncio.wait_for(got.get(), 10)
-        assert (d.body, d.exchange, d.routing_key) == (
-            b"broadcast",
-            topology.BROADCAST,
-            "j7.round.opened",
-        )
-
-        with pytest.raises(AccessRefused) as info:
-            await bus.publish(topology.EVENTS, "update.accepted.j7", b"forged")
-        assert info.value.reason == "ACCESS_REFUSED"
-        with pytest.raises(AccessRefused):  # topic permission: update.<job> only
-            await bus.publish(topology.CLIENT, "round.opened.j7", b"forged")
-        # the refusals closed a channel, not the bus: its own kind of message still goes
-        seen: asyncio.Queue[Delivery] = asyncio.Queue()
-
-        async def keep_update(d: Delivery) -> Outcome:
-            await seen.put(d)
-            return Outcome.ACK
-
-        await admin.consume(
-            QueueSpec("", bindings=((topology.CLIENT, "update.*"),), transient=True), keep_update
-        )
-        assert await bus.publish(topology.CLIENT, "update.j7", b"delta") is True
-        assert (await asyncio.wait_for(seen.get(), 10)).body == b"delta"
-        with pytest.raises(AccessRefused):  # another client's queue
-            await bus.consume(QueueSpec(f"client.{loaded['names']['b']}"), keep)
-    finally:
-        await bus.close()
-        await admin.close()
-
-
-async def test_sdk_declares_passively_as_its_own_broker_user(loaded: dict) -> None:
-    from qflare.client import Kit, Participant
-    from qflare.client.participant import declare_mode
-
-    fed, pid = loaded["fed"], loaded["names"]["p"]
-    assert declare_mode(_url(loaded, "p"), pid) == "passive"
-    assert declare_mode(f"amqp://guest:guest@{HOST}/", pid) == "full"
-    kit = Kit(fed[pid], fed.trust(), None, broker_password=loaded["pw"]["p"])
-    p = Participant(
-        kit,
-        None,
-        lambda model, info: 1,
-        broker=f"amqp://{HOST}/{loaded['vhost']}",
-        jobs=["j8"],
-        seal=False,
-    )
-    await p.start()  # the kit's credentials are filled in: its own user, so passive
-    try:
-        assert p.bus is not None and p.bus.passive is True
-        admin = await aio_pika.connect(f"amqp://guest:guest@{HOST}/{loaded['vhost']}", timeout=10)
-        try:
-            await _publish(admin, topology.BROADCAST, "j8.round.opened")  # not an envelope
-        finally:
-            await admin.close()
-        deadline = time.monotonic() + 10
-        while p.stats.rejected < 1:  # it arrived, and was refused as garbage
-            assert time.monotonic() < deadline, "the broadcast did not reach the participant"
-            await asyncio.sleep(0.05)
-    finally:
-        await p.stop()
-
-
-async def _noop(_: object) -> object:
-    from qflare.bus import Outcome
-
-    return Outcome.ACK
-
-
 def test_compose_config_file_loads() -> None:
     from qflare.runtime import load_settings
     from qflare.services.ingest.service import IngestOptions
 
-    root = Path(__file__).resolve().parents[2] / "compose"
     settings = load_settings(
-        root / "qflare.toml", env={"QFLARE_BROKER": "amqp://u:p@rabbitmq:5672/qflare"}
+        COMPOSE / "qflare.toml", env={"QFLARE_BROKER": "amqp://u:p@rabbitmq:5672/qflare"}
     )
     assert settings.broker.startswith("amqp://") and str(settings.data_dir) == "/data"
     assert IngestOptions.from_settings(settings.options("ingest"), None).max_update_norm is None
