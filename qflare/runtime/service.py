@@ -11,6 +11,12 @@ FastStream ``exceptions.py``):
 * the handler returns ``None`` or ``Outcome.ACK``         -> ACK (its effect is durable)
 * it raises :class:`~qflare.messages.MessageRejected`      -> an ``alert.raised`` is published
   (reason code, detail, routing key), then REJECT (no requeue: to the dead-letter exchange)
+* it raises one of :data:`STORAGE_ERRORS` (its own disk or database fails: full, read-only,
+  I/O error, locked)                                       -> HOLD: the message is kept (not
+  settled), one critical ``storage.fault`` alert goes out for the episode, and the handler is
+  called again with a growing back-off until the store works; nothing accepted reaches the
+  dead-letter queue because of a local fault, and a held delivery occupies its prefetch slot,
+  so a service whose store is down stops taking new messages
 * it raises one of :data:`TRANSIENT_ERRORS`                -> RETRY (bounded by the queue's
   delivery limit, then dead-lettered)
 * it returns ``Outcome.RETRY`` itself                      -> RETRY (e.g. "wait for the rest")
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
 import logging
 import sqlite3
 import time
@@ -60,6 +67,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+
+#: A service's own store failing (docs/architecture.md, "Exactly-once effects"): the
+#: message is held, never dropped, while the store is retried.
+#: (SQLite's "disk I/O error", "database or disk is full", "attempt to write a readonly
+#: database", "database is locked"; an OSError counts when its errno says the disk refused.)
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+#: Back-off between attempts while a store fails: doubling from the first to the cap.
+STORAGE_RETRY_S = (0.2, 5.0)
 
 ServiceHandler = Callable[[Delivery], Awaitable[Outcome | None]]
 #: A handler of one message kind: receives the opened, verified envelope of that kind.
@@ -134,6 +149,7 @@ class Service(abc.ABC):
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False
+        self._storage_down = False
 
     # -- life cycle ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -208,6 +224,45 @@ class Service(abc.ABC):
         return settle
 
     async def handle(self, handler: ServiceHandler, delivery: Delivery) -> Outcome:
+        delay = STORAGE_RETRY_S[0]
+        while True:
+            try:
+                return await self._settle(handler, delivery)
+            except (*STORAGE_ERRORS, OSError) as exc:
+                if isinstance(exc, OSError) and not _is_storage_fault(exc):
+                    raise
+                await self._storage_fault(exc, delivery)
+                if not self._running:
+                    return Outcome.RETRY  # stopping: give the message back, unharmed
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORAGE_RETRY_S[1])
+
+    async def _storage_fault(self, exc: BaseException, delivery: Delivery) -> None:
+        """Log every failed attempt; alert once per episode (until a handler succeeds)."""
+        event(
+            self.log,
+            "storage.fault",
+            logging.ERROR,
+            error=repr(exc),
+            routing_key=delivery.routing_key,
+        )
+        if self._storage_down:
+            return
+        self._storage_down = True
+        try:
+            await self.alert(
+                kind="storage.fault",
+                severity="critical",
+                job="-",
+                round=0,
+                reason="storage",
+                detail=f"{self.name} cannot write its store ({exc!r}); holding messages until "
+                "it works again",
+            )
+        except TRANSIENT_ERRORS:
+            event(self.log, "alert.deferred", logging.WARNING, error=repr(exc))
+
+    async def _settle(self, handler: ServiceHandler, delivery: Delivery) -> Outcome:
         try:
             result = await handler(delivery)
         except MessageRejected as exc:
@@ -228,6 +283,10 @@ class Service(abc.ABC):
                 return Outcome.RETRY
             return Outcome.REJECT
         except TRANSIENT_ERRORS as exc:
+            if isinstance(exc, STORAGE_ERRORS) or (
+                isinstance(exc, OSError) and _is_storage_fault(exc)
+            ):
+                raise
             event(
                 self.log,
                 "handler.transient",
@@ -237,6 +296,9 @@ class Service(abc.ABC):
                 delivery_count=delivery.delivery_count,
             )
             return Outcome.RETRY
+        if self._storage_down:
+            self._storage_down = False
+            event(self.log, "storage.recovered")
         if result is None:
             return Outcome.ACK
         return result
@@ -278,6 +340,14 @@ class Service(abc.ABC):
             detail=detail,
             client=client,
         )
+
+
+#: errno values that mean "the local disk cannot take the write".
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES})
+
+
+def _is_storage_fault(exc: OSError) -> bool:
+    return exc.errno in _STORAGE_ERRNOS
 
 
 def _job_of(routing_key: str) -> str:

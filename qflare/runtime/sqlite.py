@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -111,37 +111,3 @@ def fsync_write(path: Path, data: bytes | memoryview) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-class RoundFiles:
-    """The update files of each (job, round) under ``root/updates/<job>/r<round>/``, with
-    the writes in flight counted per round so that dropping a round's files waits for them
-    (a write that starts after the drop must check its round's state itself)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._writing: dict[tuple[str, int], int] = {}
-        self._idle: dict[tuple[str, int], asyncio.Event] = {}
-
-    @contextlib.contextmanager
-    def writing(self, job_id: str, round_no: int) -> Iterator[None]:
-        key = (job_id, round_no)
-        self._writing[key] = self._writing.get(key, 0) + 1
-        self._idle.setdefault(key, asyncio.Event())
-        try:
-            yield
-        finally:
-            self._writing[key] -= 1
-            if self._writing[key] <= 0:
-                del self._writing[key]
-                self._idle.pop(key).set()
-
-    async def drop(self, job_id: str, round_no: int) -> None:
-        """Delete the round's files once no write for it is in flight."""
-        while (idle := self._idle.get((job_id, round_no))) is not None:
-            await idle.wait()
-        folder = self.root / "updates" / job_id / f"r{round_no}"
-        if folder.is_dir():
-            for path in folder.iterdir():
-                path.unlink(missing_ok=True)
-            folder.rmdir()

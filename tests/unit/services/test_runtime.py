@@ -250,6 +250,124 @@ async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(
     assert "probe says bad" in env.body.detail
 
 
+class FailingStore(Service):
+    """A service whose store fails for its first ``failures`` attempts of each message."""
+
+    name = "aggregator"
+
+    def __init__(self, ctx: ServiceContext, failures: int, error: BaseException) -> None:
+        super().__init__(ctx)
+        self.failures, self.error = failures, error
+        self.attempts: dict[bytes, int] = {}
+        self.done: list[bytes] = []
+
+    def consumers(self) -> list[Consumer]:
+        return [
+            Consumer(
+                QueueSpec("store-probe", bindings=((topology.EVENTS, "sp.*"),), delivery_limit=2),
+                self.on_message,
+            )
+        ]
+
+    async def on_message(self, delivery: Delivery) -> None:
+        n = self.attempts[delivery.body] = self.attempts.get(delivery.body, 0) + 1
+        if n <= self.failures:
+            raise self.error
+        self.done.append(delivery.body)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.OperationalError("disk I/O error"),
+        sqlite3.OperationalError("database or disk is full"),
+        OSError(28, "No space left on device"),  # ENOSPC
+        OSError(30, "Read-only file system"),  # EROFS
+    ],
+    ids=["sqlite-io", "sqlite-full", "enospc", "erofs"],
+)
+async def test_a_failing_store_holds_the_message_and_alerts_once(
+    federation: Federation, tmp_path: Path, error: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage faults hold, never drop: more failures than the queue's delivery limit (2), no
+    dead letter, one critical alert for the whole episode, and the message is handled once
+    the store works again."""
+    monkeypatch.setattr("qflare.runtime.service.STORAGE_RETRY_S", (0.01, 0.05))
+    bus = await connect_bus(f"memory://store-{type(error).__name__}-{id(error)}")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))
+    ctx = ServiceContext(
+        name="aggregator",
+        settings=settings,
+        bus=bus,
+        identity=federation.identity("aggregator"),
+        trust=federation.trust(),
+        data_dir=tmp_path,
+    )
+    svc = FailingStore(ctx, failures=6, error=error)
+    alerts: list[bytes] = []
+    dead: list[Delivery] = []
+
+    async def on_alert(d: Delivery) -> Outcome:
+        alerts.append(d.body)
+        return Outcome.ACK
+
+    async def on_dead(d: Delivery) -> Outcome:
+        dead.append(d)
+        return Outcome.ACK
+
+    await bus.consume(
+        QueueSpec("alerts", bindings=((topology.EVENTS, "alert.raised.*"),)), on_alert
+    )
+    await bus.consume(topology.dead_letters(), on_dead)
+    await svc.start()
+    for body in (b"m1", b"m2"):
+        await bus.publish(topology.EVENTS, "sp.j", body)
+    for _ in range(500):
+        if sorted(svc.done) == [b"m1", b"m2"]:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    await svc.stop()
+    await bus.close()
+    assert sorted(svc.done) == [b"m1", b"m2"] and dead == []
+    assert svc.attempts == {b"m1": 7, b"m2": 7}
+    kinds = [open_envelope(a, federation.trust()).body for a in alerts]
+    assert [(k.alert_kind, k.severity) for k in kinds] == [("storage.fault", "critical")]
+
+
+async def test_an_oserror_that_is_not_the_disk_is_retried_as_before(
+    federation: Federation, tmp_path: Path
+) -> None:
+    bus = await connect_bus("memory://store-notdisk")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))
+    ctx = ServiceContext(
+        name="aggregator",
+        settings=settings,
+        bus=bus,
+        identity=federation.identity("aggregator"),
+        trust=federation.trust(),
+        data_dir=tmp_path,
+    )
+    svc = FailingStore(ctx, failures=5, error=ConnectionResetError("peer went away"))
+    dead: list[Delivery] = []
+
+    async def on_dead(d: Delivery) -> Outcome:
+        dead.append(d)
+        return Outcome.ACK
+
+    await bus.consume(topology.dead_letters(), on_dead)
+    await svc.start()
+    await bus.publish(topology.EVENTS, "sp.j", b"m")
+    for _ in range(300):
+        if dead:
+            break
+        await asyncio.sleep(0.01)
+    await svc.stop()
+    await bus.close()
+    # a transient fault that is not the local store keeps the queue's bound: 2 deliveries
+    assert svc.attempts == {b"m": 2} and [d.death_reason for d in dead] == ["delivery_limit"]
+
+
 async def test_envelopes_round_trip_and_forgery_is_rejected(
     federation: Federation, tmp_path: Path
 ) -> None:
