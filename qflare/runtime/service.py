@@ -228,7 +228,7 @@ class Service(abc.ABC):
         while True:
             try:
                 return await self._settle(handler, delivery)
-            except (*STORAGE_ERRORS, OSError) as exc:
+            except (sqlite3.OperationalError, OSError) as exc:  # STORAGE_ERRORS or the disk
                 if isinstance(exc, OSError) and not _is_storage_fault(exc):
                     raise
                 await self._storage_fault(exc, delivery)
