@@ -216,9 +216,10 @@ class Participant:
         stream = topology.broadcast_stream(job)
         while True:
             try:
-                target = stream if self._declare_mode() == "full" else stream.name
+                # by name: the aggregator declares a job's streams (and deletes them when the
+                # job ends); a participant never re-creates one
                 reader = await self.bus.read_stream(
-                    target, self._on_broadcast, offset="last", prefetch=self.prefetch
+                    stream.name, self._on_broadcast, offset="last", prefetch=self.prefetch
                 )
             except StreamNotFound:
                 await asyncio.sleep(STREAM_WAIT_S)
