@@ -190,6 +190,10 @@ class IngestService(Service):
         self.counts: dict[str, int] = {"accepted": 0, "rejected": 0}
         self._inflight: set[tuple[str, int, str]] = set()
         self._readers: dict[str, StreamReader] = {}
+        # round events are handled concurrently: copies of round.opened (the aggregator's
+        # re-announcements) must not each start a reader of the job's stream
+        self._readers_lock = asyncio.Lock()
+        self._waited: set[tuple[str, int]] = set()  # (job, round) an update waited news of
 
     def consumers(self) -> list[Consumer]:
         return [
@@ -267,20 +271,21 @@ class IngestService(Service):
         is read by name, not declared: the aggregator declares it before the round opens, and
         ingest's broker user may read ``updates.<job>`` but not configure it. A stream that is
         gone (the job ended) has nothing to check; a later ``round.opened`` tries again."""
-        if job in self._readers or not self.running:
-            return
-        try:
-            reader = await self.bus.read_stream(
-                topology.update_stream(job).name,
-                self._wrap(lambda delivery: self.on_update(job, delivery)),
-                offset=offset,
-                prefetch=8,
-            )
-        except StreamNotFound as exc:
-            event(self.log, "updates.missing", logging.WARNING, job=job, error=str(exc))
-            return
-        self._readers[job] = reader
-        self._subs.append(reader)
+        async with self._readers_lock:
+            if job in self._readers or not self.running:
+                return
+            try:
+                reader = await self.bus.read_stream(
+                    topology.update_stream(job).name,
+                    self._wrap(lambda delivery: self.on_update(job, delivery)),
+                    offset=offset,
+                    prefetch=8,
+                )
+            except StreamNotFound as exc:
+                event(self.log, "updates.missing", logging.WARNING, job=job, error=str(exc))
+                return
+            self._readers[job] = reader
+            self._subs.append(reader)
         event(
             self.log,
             "updates.reading",
@@ -297,16 +302,30 @@ class IngestService(Service):
 
     async def on_job_ended(self, env: Envelope[JobEnded]) -> None:
         self.book.ended(env.job)
-        reader = self._readers.pop(env.job, None)
-        if reader is not None:
-            self._subs.remove(reader)
-            await reader.cancel()
+        self._waited = {w for w in self._waited if w[0] != env.job}
+        async with self._readers_lock:
+            reader = self._readers.pop(env.job, None)
+            if reader is not None:
+                self._subs.remove(reader)
+                await reader.cancel()
         self._tell_news()
 
     def _tell_news(self) -> None:
         """Wake the updates that wait for news of their round."""
         self._news.set()
         self._news = asyncio.Event()
+
+    def _may_wait(self, job: str, round_: int) -> bool:
+        """Whether an update for a round this replica has not heard of may wait for its
+        ``round.opened``. The stream is read in order, so a wait holds every update behind
+        it: only the round after the latest can be announced late (the announcement comes on
+        another queue), and only its first update waits, so a participant writing updates
+        for unannounced rounds cannot stall the honest ones."""
+        latest = self.book.latest(job)
+        if (latest is not None and round_ != latest + 1) or (job, round_) in self._waited:
+            return False
+        self._waited.add((job, round_))
+        return True
 
     async def _await_news(self, job: str, round_: int) -> None:
         loop = asyncio.get_running_loop()
@@ -343,7 +362,9 @@ class IngestService(Service):
                     f"the stream of job {key_job!r} holds an update for {env.job!r}",
                 )
             body = env.body
-            if needs_round_news(self.book, env.job, env.round):
+            if needs_round_news(self.book, env.job, env.round) and self._may_wait(
+                env.job, env.round
+            ):
                 await self._await_news(env.job, env.round)
             info = check_round(
                 self.book,
@@ -370,10 +391,12 @@ class IngestService(Service):
                 )
             self._inflight.add(natural)
         except MessageRejected as exc:
+            # the verdict names the stream it judged (the offset is one of updates.<key_job>);
+            # an update of another job written there is in no round of this job
             raise _Refused(
                 exc,
-                job=env.job if env is not None else key_job,
-                round_=env.round if env is not None else 0,
+                job=key_job,
+                round_=env.round if env is not None and env.job == key_job else 0,
                 client=env.sender if env is not None else None,
                 claimed=None if env is not None else _claimed_sender(delivery.body),
                 digest=env.body_digest if env is not None else None,

@@ -1,11 +1,18 @@
-"""Ingest on a real bus (memory and RabbitMQ): every hostile input is rejected with its
-reason code, an ``update.rejected`` and an alert, is dead-lettered, and the next honest
-update is still accepted and re-signed by ingest."""
+"""Ingest on a real bus (memory and RabbitMQ), on the data plane of docs/architecture.md
+("The data plane"): the test writes client updates into the job's stream ``updates.<job>``
+as clients do, plays the aggregator (declares the stream, announces and closes rounds) and
+reads ingest's verdicts. Every message in the stream gets exactly one verdict naming its
+offset: ``update.accepted`` with the digest of the bytes at that offset, or
+``update.rejected`` with the reason code and an alert; hostile messages never stop the
+honest ones behind them. Deadlines are the aggregator's: ingest refuses ROUND_CLOSED only
+once it heard ``round.closed``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +22,29 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, StreamReader, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
-from qflare.messages import Envelope, Reason, RoundOpened, Update, encode, open_envelope
+from qflare.messages import (
+    Envelope,
+    Reason,
+    RoundClosed,
+    RoundOpened,
+    Update,
+    encode,
+    open_envelope,
+)
+from qflare.messages.envelope import peek_header
 from qflare.messages.tensors import model_digest
 from qflare.runtime import Settings, build_service
+from qflare.services.ingest.service import SHARE_ENV
 
 JOB = "j1"
 SPEC = [
     {"name": "w", "dtype": "float32", "shape": [4, 3]},
     {"name": "b", "dtype": "float32", "shape": [3]},
 ]
+#: The services an update is sealed for (docs/architecture.md, "The data plane").
+READERS = ("ingest", "aggregator", "detector")
 
 
 def tensors(scale: float = 0.1) -> dict[str, np.ndarray]:
@@ -38,6 +57,7 @@ def round_opened(
     *,
     version: int,
     participants: list[str],
+    updates_from: int = 0,
     deadline: float | None = None,
     job: str = JOB,
 ) -> bytes:
@@ -50,6 +70,8 @@ def round_opened(
         clip_norm=1.0,
         tensor_spec=SPEC,
         rule="mean",
+        model_offset=version,
+        updates_from=updates_from,
     )
     return encode("round.opened", body, fed["aggregator"], job=job, round=round_)
 
@@ -62,55 +84,80 @@ def update(
     version: int = 0,
     job: str = JOB,
     t: dict[str, np.ndarray] | None = None,
-    seal: bool = False,
+    seal_to: tuple[str, ...] = READERS,
     identity: Any = None,
 ) -> bytes:
+    """A client's update as clients write it: signed, sealed once for ``seal_to``."""
     ident = identity or fed[client]
     body = Update(base_version=version, num_samples=10, tensors=t if t is not None else tensors())
-    return encode(
-        "update", body, ident, job=job, round=round_, seal_to=fed["ingest"].cert if seal else None
-    )
+    readers = [fed[r].cert for r in seal_to] or None
+    return encode("update", body, ident, job=job, round=round_, seal_to=readers)
+
+
+@dataclass
+class Tap:
+    """The job's update stream as written, read by the test from its first message: the
+    offsets the verdicts must name."""
+
+    written: list[tuple[int, bytes]] = field(default_factory=list)
+    grew: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_message(self, d: Delivery) -> Outcome:
+        assert d.offset is not None
+        self.written.append((d.offset, d.body))
+        self.grew.set()
+        return Outcome.ACK
+
+    @property
+    def offsets(self) -> list[int]:
+        return [o for o, _ in self.written]
 
 
 @dataclass
 class Watcher:
-    """Collects the verified events ingest publishes, in arrival order."""
+    """The verified events ingest publishes: verdicts by (job, offset), alerts in order."""
 
     trust: Any
-    events: asyncio.Queue[Envelope] = field(default_factory=asyncio.Queue)
-    dead: list[Delivery] = field(default_factory=list)
+    verdicts: dict[tuple[str, int], list[Envelope[Any]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    alerts: list[Envelope[Any]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def on_event(self, d: Delivery) -> Outcome:
-        await self.events.put(open_envelope(d.body, self.trust))
+        env = open_envelope(d.body, self.trust)
+        if env.kind == "alert.raised":
+            self.alerts.append(env)
+        else:
+            self.verdicts[(env.job, env.body.offset)].append(env)
+        self.changed.set()
         return Outcome.ACK
 
-    async def on_dead(self, d: Delivery) -> Outcome:
-        self.dead.append(d)
-        return Outcome.ACK
-
-    async def next(self, kind: str, timeout: float = 10.0) -> Envelope:
+    async def until(self, pred: Callable[[], bool], timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
-            while True:
-                env = await self.events.get()
-                if env.kind == kind:
-                    return env
+            while not pred():
+                self.changed.clear()
+                await self.changed.wait()
 
-    async def outcome(self, timeout: float = 10.0) -> Envelope:
-        """The next update.accepted or update.rejected (alerts are read by ``alert``)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                env = await self.events.get()
-                if env.kind in ("update.accepted", "update.rejected"):
-                    return env
-                if env.kind == "alert.raised":
-                    self._alerts.append(env)
+    async def verdict(self, offset: int, job: str = JOB) -> Envelope[Any]:
+        """The verdict on the message at ``offset``."""
+        await self.until(lambda: bool(self.verdicts.get((job, offset))))
+        return self.verdicts[(job, offset)][0]
 
-    _alerts: list[Envelope] = field(default_factory=list)
+    async def alert(self, reason: Reason) -> Envelope[Any]:
+        """The oldest alert with ``reason`` not taken yet."""
 
-    async def alert(self, timeout: float = 10.0) -> Envelope:
-        if self._alerts:
-            return self._alerts.pop(0)
-        return await self.next("alert.raised", timeout)
+        def found() -> Envelope[Any] | None:
+            return next((a for a in self.alerts if a.body.reason == reason.value), None)
+
+        await self.until(lambda: found() is not None)
+        alert = found()
+        assert alert is not None
+        self.alerts.remove(alert)
+        return alert
+
+    def verdicts_of(self, job: str = JOB) -> dict[int, list[Envelope[Any]]]:
+        return {o: envs for (j, o), envs in self.verdicts.items() if j == job}
 
 
 @dataclass
@@ -120,57 +167,103 @@ class Rig:
     watcher: Watcher
     service: Any
     crl_path: Path
+    taps: dict[str, Tap] = field(default_factory=dict)
+    readers: list[StreamReader] = field(default_factory=list)
 
-    async def send(self, data: bytes, job: str = JOB) -> None:
-        await self.bus.publish(topology.CLIENT, f"update.{job}", data)
+    async def declare_job(self, job: str) -> Tap:
+        """What the aggregator does when a job is submitted: declare its update stream
+        (the test also reads it, to know each message's offset)."""
+        if job not in self.taps:
+            tap = self.taps[job] = Tap()
+            spec = topology.update_stream(job)
+            await self.bus.declare_stream(spec)
+            self.readers.append(await self.bus.read_stream(spec, tap.on_message, offset="first"))
+        return self.taps[job]
 
-    async def open_round(self, round_: int, version: int, **kw: Any) -> None:
-        await self.bus.publish(
-            topology.EVENTS,
-            f"round.opened.{kw.get('job', JOB)}",
-            round_opened(self.fed, round_, version=version, participants=self.fed.clients, **kw),
-        )
-        await asyncio.wait_for(
-            _until(lambda: (self.service.book.get(kw.get("job", JOB)) or _NoRound).round == round_),
-            10,
-        )
+    async def send(self, data: bytes, job: str = JOB) -> int:
+        """Write ``data`` into the job's update stream, as a client does; its offset."""
+        tap = await self.declare_job(job)
+        n = len(tap.written)
+        assert await self.bus.publish(topology.CLIENT, f"update.{job}", data)
+        async with asyncio.timeout(10):
+            while len(tap.written) <= n:
+                tap.grew.clear()
+                await tap.grew.wait()
+        offset, written = tap.written[n]
+        assert written == data
+        return offset
 
-    async def close_round(self, round_: int) -> None:
-        from qflare.messages import RoundClosed
+    def next_offset(self, job: str = JOB) -> int:
+        """No update of a round opened now sits before this offset (``updates_from``)."""
+        tap = self.taps.get(job)
+        return tap.written[-1][0] + 1 if tap and tap.written else 0
 
+    async def announce(self, round_: int, version: int, **kw: Any) -> None:
+        job = kw.setdefault("job", JOB)
+        await self.declare_job(job)
+        kw.setdefault("updates_from", self.next_offset(job))
+        data = round_opened(self.fed, round_, version=version, participants=self.fed.clients, **kw)
+        await self.bus.publish(topology.EVENTS, f"round.opened.{job}", data)
+
+    async def open_round(
+        self, round_: int, version: int, *, replicas: tuple[Any, ...] = (), **kw: Any
+    ) -> None:
+        """Announce the round and wait until ``replicas`` (default: the rig's) read it."""
+        job = kw.get("job", JOB)
+        await self.announce(round_, version, **kw)
+        for service in replicas or (self.service,):
+            await until(lambda s=service: (s.book.get(job) or _NoRound).round == round_)
+            await until(lambda s=service: job in s._readers)
+
+    async def close_round(self, round_: int, job: str = JOB) -> None:
         data = encode(
-            "round.closed", RoundClosed(updates=[]), self.fed["aggregator"], job=JOB, round=round_
+            "round.closed", RoundClosed(updates=[]), self.fed["aggregator"], job=job, round=round_
         )
-        await self.bus.publish(topology.EVENTS, f"round.closed.{JOB}", data)
-        await asyncio.wait_for(_until(lambda: self.service.book.get(JOB) is None), 10)
+        await self.bus.publish(topology.EVENTS, f"round.closed.{job}", data)
+        await until(lambda: self.service.book.get(job) is None)
+
+    async def check(self, data: bytes) -> Envelope[Any]:
+        """Write ``data`` and return ingest's verdict on it (offset checked)."""
+        offset = await self.send(data)
+        got = await self.watcher.verdict(offset)
+        assert got.sender == "ingest" and got.body.offset == offset
+        return got
+
+    def assert_each_message_judged_once(self, job: str = JOB) -> None:
+        verdicts = self.watcher.verdicts_of(job)
+        tap = self.taps[job]
+        assert sorted(verdicts) == tap.offsets, "a message without a verdict, or a stray one"
+        twice = {o: [e.kind for e in envs] for o, envs in verdicts.items() if len(envs) > 1}
+        assert not twice, f"offsets judged more than once: {twice}"
 
 
 class _NoRound:
     round = -1
 
 
-async def _until(pred: Callable[[], bool]) -> None:
-    while not pred():
-        await asyncio.sleep(0.01)
+async def until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-async def rig(bus: Bus, tmp_path: Path) -> AsyncIterator[Rig]:
-    fed = make_federation(clients=24)
-    crl_path = tmp_path / "crl.qrl"
-    crl_path.write_bytes(fed.crl.to_bytes())
-    settings = Settings(
+def ingest_settings(tmp_path: Path, replica: str, **options: Any) -> Settings:
+    return Settings(
         data_dir=tmp_path,
         services=MappingProxyType(
-            {
-                "ingest": {
-                    "replica": "r1",
-                    "crl_path": str(crl_path),
-                    "round_news_wait_s": 0.3,
-                    "max_update_norm": 100.0,
-                }
-            }
+            {"ingest": {"replica": replica, "round_news_wait_s": 0.3, **options}}
         ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_rig(bus: Bus, tmp_path: Path, **options: Any) -> AsyncIterator[Rig]:
+    fed = make_federation(clients=24)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    crl_path = tmp_path / "crl.qrl"
+    crl_path.write_bytes(fed.crl.to_bytes())
+    settings = ingest_settings(
+        tmp_path, "r1", crl_path=str(crl_path), max_update_norm=100.0, **options
     )
     watcher = Watcher(fed.trust())
     watch = await bus.consume(
@@ -178,8 +271,8 @@ async def rig(bus: Bus, tmp_path: Path) -> AsyncIterator[Rig]:
             "watch", bindings=((topology.EVENTS, "update.*.*"), (topology.EVENTS, "alert.raised.*"))
         ),
         watcher.on_event,
+        prefetch=64,
     )
-    dead = await bus.consume(topology.dead_letters("watch-dead", "update.*"), watcher.on_dead)
     service = await build_service(
         "ingest", settings, bus=bus, identity=fed["ingest"], trust=fed.trust()
     )
@@ -189,9 +282,16 @@ async def rig(bus: Bus, tmp_path: Path) -> AsyncIterator[Rig]:
     try:
         yield rig
     finally:
-        await service.stop()
+        await rig.service.stop()
+        for reader in rig.readers:
+            await reader.cancel()
         await watch.cancel()
-        await dead.cancel()
+
+
+@pytest.fixture
+async def rig(bus: Bus, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with running_rig(bus, tmp_path) as rig:
+        yield rig
 
 
 def _other_ca_client() -> Any:
@@ -209,9 +309,15 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
 
     def forged() -> bytes:
         data = bytearray(update(fed, "client-009", 1))
-        # the envelope's own "sig" key comes after the certificate's; skip the bin16 header
-        i = data.rindex(b"\xa3sig") + 4 + 3 + 100
+        # a byte inside the envelope's ML-DSA signature (it follows body_digest; bin16: 3
+        # header bytes), not inside the certificate's
+        i = data.index(b"\xa3sig\xc5", data.index(b"\xabbody_digest")) + 4 + 3 + 100
         data[i] ^= 0x01
+        return bytes(data)
+
+    def tampered() -> bytes:
+        data = bytearray(update(fed, "client-009", 1))
+        data[-1] ^= 0x01  # the body comes last: it no longer hashes to the signed digest
         return bytes(data)
 
     def signed_under_another_context() -> bytes:
@@ -233,19 +339,37 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
     nan = tensors()
     nan["w"] = nan["w"].copy()
     nan["w"][0, 0] = np.nan
+    # (name, the message, its reason, the client the verdict names)
     cases: list[tuple[str, Callable[[], bytes], Reason, str]] = [
-        ("forged", forged, Reason.BAD_SIGNATURE, JOB),
-        ("wrong-kind", chunk_as_update, Reason.WRONG_KIND, JOB),
-        ("wrong-context", signed_under_another_context, Reason.BAD_SIGNATURE, JOB),
+        ("forged", forged, Reason.BAD_SIGNATURE, "client-009 (unverified)"),
+        ("tampered", tampered, Reason.BAD_DIGEST, "client-009 (unverified)"),
+        ("wrong-kind", chunk_as_update, Reason.WRONG_KIND, "client-009 (unverified)"),
+        (
+            "wrong-context",
+            signed_under_another_context,
+            Reason.BAD_SIGNATURE,
+            "client-009 (unverified)",
+        ),
         (
             "unknown-signer",
             lambda: update(fed, "client-000", 1, identity=_other_ca_client()),
             Reason.UNKNOWN_SIGNER,
-            JOB,
+            "client-000 (unverified)",
         ),
-        ("expired", lambda: update(fed, "client-old", 1, identity=expired), Reason.EXPIRED, JOB),
-        ("revoked", lambda: update(fed, revoked_client, 1), Reason.REVOKED, JOB),
-        ("malformed", lambda: b"\x8b\xa1v\x01garbage", Reason.MALFORMED, JOB),
+        (
+            "expired",
+            lambda: update(fed, "client-old", 1, identity=expired),
+            Reason.EXPIRED,
+            "client-old (unverified)",
+        ),
+        (
+            "revoked",
+            lambda: update(fed, revoked_client, 1),
+            Reason.REVOKED,
+            "client-011 (unverified)",
+        ),
+        ("garbage", lambda: b"\x8b\xa1v\x01garbage", Reason.MALFORMED, "?"),
+        ("random-bytes", lambda: bytes(range(256)) * 4, Reason.MALFORMED, "?"),
         (
             "oversized",
             lambda: update(
@@ -255,9 +379,9 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
                 t={"w": np.zeros((4, 3), np.float32), "b": np.zeros(200_000, np.float32)},
             ),
             Reason.TOO_LARGE,
-            JOB,
+            "client-009 (unverified)",
         ),
-        ("nan", lambda: update(fed, "client-009", 1, t=nan), Reason.NON_FINITE, JOB),
+        ("nan", lambda: update(fed, "client-009", 1, t=nan), Reason.NON_FINITE, "client-009"),
         (
             "wrong-shape",
             lambda: update(
@@ -267,7 +391,7 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
                 t={"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)},
             ),
             Reason.SHAPE_MISMATCH,
-            JOB,
+            "client-009",
         ),
         (
             "wrong-dtype",
@@ -278,155 +402,253 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
                 t={"w": np.zeros((4, 3), np.float64), "b": np.zeros(3, np.float32)},
             ),
             Reason.DTYPE_NOT_ALLOWED,
-            JOB,
+            "client-009",
         ),
-        ("huge-norm", lambda: update(fed, "client-009", 1, t=tensors(1e3)), Reason.TOO_LARGE, JOB),
-        ("wrong-job", lambda: update(fed, "client-009", 1, job="j9"), Reason.WRONG_JOB, "j9"),
-        ("job-key-mismatch", lambda: update(fed, "client-009", 1, job="j9"), Reason.WRONG_JOB, JOB),
-        ("future-round", lambda: update(fed, "client-009", 7), Reason.STALE_ROUND, JOB),
-        ("stale-base", lambda: update(fed, "client-009", 1, version=5), Reason.STALE_BASE, JOB),
+        (
+            "huge-norm",
+            lambda: update(fed, "client-009", 1, t=tensors(1e3)),
+            Reason.TOO_LARGE,
+            "client-009",
+        ),
+        # an update for another job written into this job's stream
+        (
+            "wrong-job",
+            lambda: update(fed, "client-009", 1, job="j9"),
+            Reason.WRONG_JOB,
+            "client-009",
+        ),
+        ("future-round", lambda: update(fed, "client-009", 7), Reason.STALE_ROUND, "client-009"),
+        (
+            "stale-base",
+            lambda: update(fed, "client-009", 1, version=5),
+            Reason.STALE_BASE,
+            "client-009",
+        ),
         (
             "not-participant",
-            lambda: update(fed, "client-old2", 1, identity=fed.add("client-x", "client")),
+            lambda: update(fed, "client-x", 1, identity=fed.add("client-x", "client")),
             Reason.NOT_PARTICIPANT,
-            JOB,
+            "client-x",
         ),
         (
-            "sealed-to-another",
-            lambda: encode(
-                "update",
-                Update(base_version=0, num_samples=1, tensors=tensors()),
-                fed["client-009"],
-                job=JOB,
-                round=1,
-                seal_to=fed["detector"].cert,
-            ),
+            "sealed-to-others",
+            lambda: update(fed, "client-009", 1, seal_to=("aggregator", "detector")),
             Reason.UNSEAL_FAILED,
-            JOB,
+            "client-009 (unverified)",
         ),
-        ("duplicate", lambda: first_good, Reason.DUPLICATE, JOB),
+        ("replayed", lambda: first_good, Reason.DUPLICATE, "client-010"),
     ]
-    # an honest update first, so "duplicate" has something to duplicate
-    await rig.send(first_good)
-    ok = await rig.watcher.outcome()
-    assert ok.kind == "update.accepted" and ok.sender == "ingest" and ok.body.client == "client-010"
+    # an honest update first, so "replayed" has something to replay
+    ok = await rig.check(first_good)
+    assert ok.kind == "update.accepted" and ok.body.client == "client-010"
+    assert ok.body.update_digest == peek_header(first_good).body_digest
     # revoke through the file, as `qflare revoke` does: ingest reloads it without restart
     rig.crl_path.write_bytes(fed.revoke(revoked_client).to_bytes())
 
-    for name, make, reason, key_job in cases:
-        await rig.send(make(), job=key_job)
-        got = await rig.watcher.outcome()
-        assert got.kind == "update.rejected", f"{name}: expected a rejection, got {got.kind}"
+    for name, make, reason, who in cases:
+        data = make()
+        got = await rig.check(data)
+        assert got.kind == "update.rejected", f"{name}: expected a rejection, got {got.body}"
         assert got.body.reason is reason, f"{name}: {got.body.reason} ({got.body.detail})"
-        alert = await rig.watcher.alert()
-        assert alert.body.reason == reason.value and alert.body.alert_kind == "update.rejected", (
-            name
-        )
-        # the service keeps serving: the next honest update goes through, re-signed by ingest
+        # a client is named only once its signature verified: a forger cannot blame one
+        assert got.body.client == who, name
+        if name == "wrong-job":  # reported for the stream it sits in, in none of its rounds
+            assert (got.job, got.round) == (JOB, 0)
+        alert = await rig.watcher.alert(reason)
+        assert alert.body.alert_kind == "update.rejected", name
+        assert alert.body.client == (None if who.endswith(("(unverified)", "?")) else who), name
+        # the reader moves on: the next honest update behind it is accepted, with the
+        # digest of exactly the bytes at its offset
         client = next(good_clients)
-        sealed = name.endswith("another")
-        await rig.send(update(fed, client, 1, seal=sealed))
-        ok = await rig.watcher.outcome()
+        data = update(fed, client, 1)
+        ok = await rig.check(data)
         assert ok.kind == "update.accepted", f"after {name}: {ok.body}"
-        assert ok.body.client == client and ok.sender == "ingest"
-        np.testing.assert_array_equal(ok.body.tensors["w"], tensors()["w"])
+        assert ok.body.client == client and ok.body.update_digest == peek_header(data).body_digest
+        assert (ok.body.base_version, ok.body.num_samples) == (0, 10)
 
-    # forged and other unverified senders are not attributed to a client
-    assert rig.service.counts["rejected"] == len(cases)
-    await asyncio.wait_for(_until(lambda: len(rig.watcher.dead) >= len(cases)), 10)
-    assert {d.death_reason for d in rig.watcher.dead} == {"rejected"}
+    # a replica counts a verdict just after publishing it: wait for the counters too
+    expected = {"accepted": len(cases) + 1, "rejected": len(cases)}
+    await until(lambda: rig.service.counts == expected)
+    rig.assert_each_message_judged_once()
 
 
 async def test_replayed_update_from_an_older_round_is_stale(rig: Rig) -> None:
     fed = rig.fed
     old = update(fed, "client-001", 1)
-    await rig.send(old)
-    assert (await rig.watcher.outcome()).kind == "update.accepted"
+    assert (await rig.check(old)).kind == "update.accepted"
     await rig.close_round(1)
     # the latest round, closed: ROUND_CLOSED
-    await rig.send(update(fed, "client-002", 1))
-    got = await rig.watcher.outcome()
-    assert got.body.reason is Reason.ROUND_CLOSED
+    got = await rig.check(update(fed, "client-002", 1))
+    assert got.body.reason is Reason.ROUND_CLOSED and got.body.client == "client-002"
     await rig.open_round(2, version=1)
-    await rig.send(old)  # replayed from round 1
-    got = await rig.watcher.outcome()
+    got = await rig.check(old)  # replayed from round 1
     assert got.kind == "update.rejected" and got.body.reason is Reason.STALE_ROUND
     assert got.body.client == "client-001"  # verified, so attributed
-    await rig.send(update(fed, "client-001", 2, version=1))
-    assert (await rig.watcher.outcome()).kind == "update.accepted"
+    assert (await rig.check(update(fed, "client-001", 2, version=1))).kind == "update.accepted"
+    rig.assert_each_message_judged_once()
 
 
-async def test_update_past_the_deadline_is_refused(rig: Rig) -> None:
-    await rig.open_round(2, version=1, deadline=time.time() - 1)
-    await rig.send(update(rig.fed, "client-003", 2, version=1))
-    got = await rig.watcher.outcome()
-    assert got.body.reason is Reason.ROUND_CLOSED
+async def test_an_update_past_the_deadline_is_accepted_until_round_closed(rig: Rig) -> None:
+    """One truth for deadlines (issue 16): the aggregator closes rounds. Ingest accepts an
+    update after the deadline ``round.opened`` names and refuses ROUND_CLOSED only once it
+    heard ``round.closed``."""
+    await rig.open_round(2, version=1, deadline=time.time() - 60)
+    got = await rig.check(update(rig.fed, "client-003", 2, version=1))
+    assert got.kind == "update.accepted" and got.body.client == "client-003"
+    await rig.close_round(2)
+    got = await rig.check(update(rig.fed, "client-004", 2, version=1))
+    assert got.kind == "update.rejected" and got.body.reason is Reason.ROUND_CLOSED
+    assert got.body.client == "client-004"
+    rig.assert_each_message_judged_once()
 
 
 async def test_update_racing_its_round_announcement_waits_for_it(rig: Rig) -> None:
-    # the update for round 2 arrives before round.opened(2): ingest waits for the news
-    await rig.send(update(rig.fed, "client-004", 2, version=1))
-    await asyncio.sleep(0.05)
-    await rig.bus.publish(
-        topology.EVENTS,
-        f"round.opened.{JOB}",
-        round_opened(rig.fed, 2, version=1, participants=rig.fed.clients),
-    )
-    got = await rig.watcher.outcome()
-    assert got.kind == "update.accepted" and got.round == 2
+    # the update for round 2 is in the stream before round.opened(2): ingest waits for news
+    offset = await rig.send(update(rig.fed, "client-004", 2, version=1))
+    await rig.announce(2, version=1, updates_from=offset)
+    got = await rig.watcher.verdict(offset)
+    assert got.kind == "update.accepted" and got.round == 2 and got.body.offset == offset
+    rig.assert_each_message_judged_once()
 
 
 async def test_forged_round_announcement_is_ignored(rig: Rig) -> None:
-    # a client cannot open a round: the role check in open_envelope refuses it
     fake = bytearray(round_opened(rig.fed, 5, version=9, participants=["client-001"]))
     fake[-10] ^= 0xFF  # tamper with the body: BAD_DIGEST
     await rig.bus.publish(topology.EVENTS, f"round.opened.{JOB}", bytes(fake))
-    alert = await rig.watcher.alert()
-    assert alert.body.reason in (Reason.BAD_DIGEST.value, Reason.BAD_SIGNATURE.value)
+    alert = await rig.watcher.alert(Reason.BAD_DIGEST)
+    assert alert.body.alert_kind == "message.rejected"
     assert rig.service.book.get(JOB).round == 1
+    # and round 1 still takes its updates
+    assert (await rig.check(update(rig.fed, "client-001", 1))).kind == "update.accepted"
 
 
-async def test_two_replicas_share_the_load_and_each_learns_the_rounds(
+async def test_two_replicas_split_the_offsets_and_judge_every_update_once(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica r1 has ``share = "0/2"`` in its options, r2 ``1/2`` from QFLARE_INGEST_SHARE;
+    r2 starts late and reads from the ``updates_from`` of the round it hears of. Each checks
+    the offsets of its share; together every message gets exactly one verdict."""
+    async with running_rig(bus, tmp_path / "r1", share="0/2") as rig:
+        monkeypatch.setenv(SHARE_ENV, "1/2")
+        second = await build_service(
+            "ingest",
+            ingest_settings(tmp_path / "r2", "r2"),
+            bus=bus,
+            identity=rig.fed["ingest"],
+            trust=rig.fed.trust(),
+        )
+        monkeypatch.delenv(SHARE_ENV)
+        assert (rig.service.options.share, rig.service.options.shares) == (0, 2)
+        assert (second.options.share, second.options.shares) == (1, 2)
+        await second.start()
+        try:
+            # r2 learns round 2 from its own round queue and reads from its updates_from
+            start = rig.next_offset()
+            await rig.open_round(2, version=1, replicas=(rig.service, second))
+            clients = rig.fed.clients[:20]
+            offsets, hostile = [], []
+            for i, c in enumerate(clients):
+                offsets.append(await rig.send(update(rig.fed, c, 2, version=1)))
+                if i % 7 == 3:  # a rejection now and then, on either replica
+                    hostile.append(await rig.send(b"\x8b\xa1v\x01garbage"))
+            written = [o for o in rig.taps[JOB].offsets if o >= start]
+            assert sorted(offsets + hostile) == written
+            await rig.watcher.until(lambda: all((JOB, o) in rig.watcher.verdicts for o in written))
+
+            # the counters tell what each replica published: wait for them to add up too
+            def total(s: Any) -> int:
+                return int(s.counts["accepted"] + s.counts["rejected"])
+
+            await until(lambda: total(rig.service) + total(second) >= len(written))
+            assert total(rig.service) == sum(1 for o in written if o % 2 == 0)
+            assert total(second) == sum(1 for o in written if o % 2 == 1)
+            assert total(rig.service) > 0 and total(second) > 0
+            verdicts = {o: rig.watcher.verdicts[(JOB, o)] for o in written}
+            assert all(len(v) == 1 for v in verdicts.values()), verdicts
+            accepted = {
+                o: v[0].body.client for o, v in verdicts.items() if v[0].kind == "update.accepted"
+            }
+            assert sorted(accepted) == offsets and sorted(accepted.values()) == sorted(clients)
+            assert {verdicts[o][0].body.reason for o in hostile} == {Reason.MALFORMED}
+            rig.assert_each_message_judged_once()
+        finally:
+            await second.stop()
+
+
+async def test_a_restarted_replica_reads_the_open_round_again_with_the_same_verdicts(
     rig: Rig, tmp_path: Path
 ) -> None:
-    second = await build_service(
+    """Ingest keeps nothing durable: a fresh replica that hears the open round (the
+    aggregator re-announces it) reads again from its ``updates_from`` and judges each
+    message as before (same offsets, digests, reasons): idempotent for the services."""
+    first = [
+        await rig.check(update(rig.fed, "client-001", 1)),
+        await rig.check(b"garbage"),
+        await rig.check(update(rig.fed, "client-002", 1)),
+    ]
+    await rig.service.stop()
+    rig.service = await build_service(
         "ingest",
-        Settings(
-            data_dir=tmp_path / "second",
-            services=MappingProxyType({"ingest": {"replica": "r2", "round_news_wait_s": 0.3}}),
-        ),
+        ingest_settings(tmp_path / "again", "r1"),
         bus=rig.bus,
         identity=rig.fed["ingest"],
         trust=rig.fed.trust(),
     )
-    await second.start()
-    try:
-        # the second replica learns round 2 from its own round queue
-        await rig.open_round(2, version=1)
-        await asyncio.wait_for(_until(lambda: (second.book.get(JOB) or _NoRound).round == 2), 10)
-        clients = rig.fed.clients[:20]
-        for c in clients:
-            await rig.send(update(rig.fed, c, 2, version=1))
-        got = [await rig.watcher.outcome() for _ in clients]
-        assert all(e.kind == "update.accepted" for e in got)
-        assert sorted(e.body.client for e in got) == sorted(clients)
-        # a replica counts an update just after publishing it: wait for the counters too
-        await asyncio.wait_for(
-            _until(
-                lambda: rig.service.counts["accepted"] + second.counts["accepted"] >= len(clients)
-            ),
-            10,
-        )
-        a, b = rig.service.counts["accepted"], second.counts["accepted"]
-        assert a + b == len(clients) and a > 0 and b > 0, (a, b)
-    finally:
-        await second.stop()
+    await rig.service.start()
+    await rig.open_round(1, version=0, updates_from=0)
+    await rig.watcher.until(lambda: all(len(v) == 2 for v in rig.watcher.verdicts_of().values()))
+    for before in first:
+        again = rig.watcher.verdicts[(JOB, before.body.offset)][1]
+        assert again.kind == before.kind and again.body == before.body
 
 
-async def test_concurrent_copies_of_one_update_are_accepted_once(rig: Rig) -> None:
+async def test_copies_of_one_update_are_accepted_once(rig: Rig) -> None:
     data = update(rig.fed, "client-005", 1)
-    for _ in range(4):  # delivered together: ingest handles up to its prefetch concurrently
-        await rig.send(data)
-    got = [await rig.watcher.outcome() for _ in range(4)]
-    assert sorted(e.kind for e in got) == ["update.accepted"] + ["update.rejected"] * 3
-    assert {e.body.reason for e in got if e.kind == "update.rejected"} == {Reason.DUPLICATE}
+    got = [await rig.check(data) for _ in range(4)]
+    assert [e.kind for e in got] == ["update.accepted"] + ["update.rejected"] * 3
+    assert {e.body.reason for e in got[1:]} == {Reason.DUPLICATE}
+    assert len({e.body.offset for e in got}) == 4
+    rig.assert_each_message_judged_once()
+
+
+async def test_repeated_round_announcements_start_one_reader_per_job(rig: Rig) -> None:
+    """The aggregator announces an open round again (its ticker, a redelivery); copies that
+    arrive together must not start a second reader of the job's stream, which would judge
+    every update twice."""
+    job = "j2"
+    await rig.declare_job(job)
+    for _ in range(4):
+        await rig.announce(1, version=0, job=job, updates_from=0)
+    await until(lambda: job in rig.service._readers)
+    for c in ("client-001", "client-002"):
+        offset = await rig.send(update(rig.fed, c, 1, job=job), job=job)
+        got = await rig.watcher.verdict(offset, job=job)
+        assert got.kind == "update.accepted" and got.body.client == c
+    readers = [s for s in rig.service._subs if isinstance(s, StreamReader)]
+    assert len(readers) == 2, "one reader per job (j1 and j2)"
+    await until(lambda: rig.service.counts == {"accepted": 2, "rejected": 0})
+    rig.assert_each_message_judged_once(job)
+
+
+async def test_updates_for_unannounced_rounds_hold_the_reader_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream is read strictly in order, so an update that waits for news of its round
+    holds every update behind it. Only the next round can be announced late (round.opened
+    reaches ingest on another queue than the update), and only its first update waits: a
+    participant writing many updates for unannounced rounds cannot stall the honest ones."""
+    waits: list[tuple[str, int]] = []
+    real = type(rig.service)._await_news
+
+    async def await_news(self: Any, job: str, round_: int) -> None:
+        waits.append((job, round_))
+        await real(self, job, round_)
+
+    monkeypatch.setattr(type(rig.service), "_await_news", await_news)
+    stale = [update(rig.fed, "client-007", r, version=r - 1) for r in (2, 2, 2, 9, 9, 40)]
+    for data in stale:
+        got = await rig.check(data)
+        assert got.kind == "update.rejected" and got.body.reason is Reason.STALE_ROUND
+    assert waits == [(JOB, 2)]
+    assert (await rig.check(update(rig.fed, "client-008", 1))).kind == "update.accepted"
+    rig.assert_each_message_judged_once()
