@@ -236,9 +236,14 @@ class UpdateFeed:
                 done.set()
             return Outcome.ACK
 
-        reader = await self.bus.read_stream(
-            topology.update_stream(self.job).name, take, offset=min(wanted), prefetch=8
-        )
+        try:
+            reader = await self.bus.read_stream(
+                topology.update_stream(self.job).name, take, offset=min(wanted), prefetch=8
+            )
+        except StreamNotFound as exc:  # deleted: the job ended
+            raise UpdateNotFound(
+                f"round {round_no} of {self.job!r}: the update stream is gone ({exc})"
+            ) from exc
         try:
             await asyncio.wait_for(done.wait(), timeout)
         except TimeoutError:

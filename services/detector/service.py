@@ -34,7 +34,7 @@ from qflare.runtime.envelopes import emit
 from qflare.runtime.service import Routes
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.detector.core import RoundRows, decide, decide_rows
-from qflare.services.detector.store import DetectorStore
+from qflare.services.detector.store import DetectorStore, PendingRef
 
 QUEUE = "detector"
 
@@ -78,7 +78,10 @@ class Detector(Service):
         for job_id, round_no, verdict in await self.store.unpublished():
             await self._publish(job_id, round_no, verdict)
         for job_id, round_no, _refs in await self.store.pending():
-            await self._try_decide(job_id, round_no)
+            # in the background: a round whose updates cannot be read any more (its job ended
+            # and the stream is gone) must not stop every start; it stays pending, is logged,
+            # and is tried again on the next start or a redelivered round.closed
+            self.spawn(self._try_decide(job_id, round_no), name=f"pending-{job_id}-{round_no}")
         self.spawn(self._republisher(), name="detector-republisher")
 
     async def _republisher(self) -> None:
@@ -179,17 +182,14 @@ class Detector(Service):
             reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
             if spec.detection:
                 rows = self._rows.setdefault((job_id, round_no), RoundRows(max(1, len(refs))))
-                rest = [Ref(c, d, o) for c, d, o in refs if (c, d) not in rows]
-                if rest:  # not read ahead (a restart, or it arrived before the reader)
-                    event(
-                        self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest)
-                    )
-                    await self._read_ahead(job_id)
-                    fetched = await self._feeds[job_id].fetch(round_no, rest)
-                    for update in fetched.values():
-                        await asyncio.to_thread(
-                            rows.add, (update.client, update.digest), update.tensors
-                        )
+                try:
+                    await self._read_listed(job_id, round_no, rows, refs)
+                except ValueError:
+                    # the round's first row read ahead (verified, but not yet judged by
+                    # ingest) fixed another layout than the listed updates have: judge them
+                    # alone, all read again, in rows the read-ahead cannot reach
+                    rows = RoundRows(max(1, len(refs)))
+                    await self._read_listed(job_id, round_no, rows, refs)
 
                 def judge() -> Any:
                     clients, x = rows.matrix([(c, d) for c, d, _o in refs])
@@ -224,6 +224,21 @@ class Detector(Service):
                 )
                 self._forget(job_id, round_no)
                 await self._publish(job_id, round_no, verdict)
+
+    async def _read_listed(
+        self, job_id: str, round_no: int, rows: RoundRows, refs: list[PendingRef]
+    ) -> None:
+        """Read again from the stream whatever of ``refs`` ``rows`` does not hold, and add it
+        (ValueError: it does not fit the layout of the rows held)."""
+        rest = [Ref(c, d, o) for c, d, o in refs if (c, d) not in rows]
+        if not rest:  # all read ahead
+            return
+        # not read ahead: a restart, or it arrived before the reader
+        event(self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest))
+        await self._read_ahead(job_id)
+        fetched = await self._feeds[job_id].fetch(round_no, rest)
+        for update in fetched.values():
+            await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
 
     def _forget(self, job_id: str, round_no: int) -> None:
         """A decided round needs no rows; nothing for it or earlier is read ahead again."""

@@ -1,37 +1,53 @@
-"""The detector's (and the aggregator's) crash safety around a decided round, on the
-embedded bus through the production bootstrap. The test plays ingest (``update.accepted``) and the aggregator
-(``round.closed``, sent again as the aggregator's ticker does while it waits for a verdict).
+"""The detector on the data plane (docs/architecture.md, "The data plane" and "One round"
+step 6), on the memory bus and on RabbitMQ, through the production bootstrap. The test plays
+the clients (real updates, signed and sealed for ingest, the aggregator and the detector,
+written once into the job's stream ``updates.<job>``) and the aggregator (it declares the
+stream and sends ``round.closed`` listing client, digest and offset, again as the
+aggregator's ticker does while it waits).
 
-The bug these pin down: a copy of ``round.closed`` that read "no verdict yet" before the
-verdict committed stored the round as pending again after the verdict had removed it and
-deleted the round's update files; deciding that pending round then read a deleted file
-(FileNotFoundError), and the stale row made every later start of the detector fail the
-same way.
+What is pinned down: the verdict is the one :func:`qflare.services.detector.core.decide`
+gives over exactly the listed updates, whether the detector read them ahead or read them
+again from the stream at the listed offsets (a restart, a detector started late); an update
+in the stream that ``round.closed`` does not list is never used; the detector keeps no
+files; a copy of ``round.closed`` racing the verdict leaves no pending round behind; a job
+submitted at run time survives a restart. :meth:`UpdateFeed.fetch`, which the detector and
+the aggregator both rely on after a restart, returns only the bytes that were vouched for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
-from qflare.crypto import Federation, provision
-from qflare.messages import encode, open_envelope
-from qflare.runtime import JobSpec, load_settings, run_in_process
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, topology
+from qflare.crypto.testing import MemoryFederation, make_federation
+from qflare.messages import Envelope, encode, open_envelope
+from qflare.messages.envelope import peek_header
+from qflare.robust import Reputation
+from qflare.runtime import JobSpec, build_service, load_settings
+from qflare.runtime.updates import Ref, UpdateFeed, UpdateNotFound
+from qflare.services.detector import service as detector_module
+from qflare.services.detector.core import decide
+from qflare.services.detector.service import Detector
 from qflare.services.detector.store import DetectorStore
 
-CLIENTS = tuple(f"c{i}" for i in range(6))
+CLIENTS = tuple(f"c-{i:03d}" for i in range(6))
+BYZANTINE = "c-005"
 JOB = "jd"
+READERS = ("ingest", "aggregator", "detector")
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
-    return provision(tmp_path_factory.mktemp("pki"), clients=0)
+def fed() -> MemoryFederation:
+    return make_federation(clients=len(CLIENTS), client_prefix="c")
 
 
 def spec() -> JobSpec:
@@ -53,100 +69,345 @@ def spec() -> JobSpec:
     )
 
 
-def tensors(client: str, round_no: int) -> dict[str, np.ndarray]:
+def tensors(client: str, round_no: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """An honest delta near the round's direction; the Byzantine client's points away."""
+    direction = np.random.default_rng(round_no).standard_normal(12).astype(np.float32)
     seed = int.from_bytes(hashlib.sha256(f"{client}/{round_no}".encode()).digest()[:4], "big")
-    return {"w": np.random.default_rng(seed).standard_normal(12).astype(np.float32)}
+    noise = 0.2 * np.random.default_rng(seed).standard_normal(12).astype(np.float32)
+    flat = (-6.0 * direction) if client == BYZANTINE else (0.1 * direction + 0.02 * noise)
+    flat = (scale * flat).astype(np.float32)
+    return {"w": flat[:8].reshape(2, 4), "b": flat[8:]}
 
 
-def digest(client: str, round_no: int) -> bytes:
-    return hashlib.sha256(f"{client}/{round_no}".encode()).digest()
+def flat(t: dict[str, np.ndarray]) -> np.ndarray:
+    """An update as a matrix row: its tensors in sorted-name order."""
+    return np.concatenate([t[name].ravel() for name in sorted(t)])
+
+
+def expected(round_no: int, updates: dict[str, dict[str, np.ndarray]]) -> Any:
+    """The verdict over exactly ``updates`` (a fresh reputation: the job's first round)."""
+    return decide(round_no, updates, f=spec().f, detection=True, reputation=Reputation())
+
+
+def assert_verdict(env: Envelope[Any], want: Any) -> None:
+    body = env.body
+    assert body.kept == list(want.kept)
+    got = [(f.client, f.score, f.reasons) for f in body.flagged]
+    assert got == [(x.client, x.score, list(x.reasons)) for x in want.flagged]
+    assert body.note == want.note[:2000]
 
 
 class Wire:
-    """Signs as ingest / aggregator and records the verdicts the detector publishes."""
+    """The clients, the aggregator and the detector under test, on one bus."""
 
-    def __init__(self, fed: Federation, bus: Bus) -> None:
-        self.fed, self.bus = fed, bus
-        self.verdicts: list[int] = []
+    def __init__(self, fed: MemoryFederation, bus: Bus, data_dir: Path) -> None:
+        self.fed, self.bus, self.data_dir = fed, bus, data_dir
+        self.detector: Detector | None = None
+        self.verdicts: dict[int, list[Envelope[Any]]] = defaultdict(list)
+        self.written: list[tuple[int, bytes]] = []
         self.changed = asyncio.Event()
+        self._subs: list[Any] = []
 
     async def start(self) -> None:
-        await self.bus.consume(
-            QueueSpec("watch", bindings=((topology.EVENTS, "round.verdict.*"),)), self.on_verdict
-        )
+        """Declare the job's update stream (the aggregator does when the job is submitted),
+        read it to learn each write's offset, and watch the verdicts."""
+        stream = topology.update_stream(JOB)
+        await self.bus.declare_stream(stream)
+        self._subs.append(await self.bus.read_stream(stream, self.on_written, offset="first"))
+        watch = QueueSpec("watch", bindings=((topology.EVENTS, "round.verdict.*"),))
+        self._subs.append(await self.bus.consume(watch, self.on_verdict, prefetch=32))
 
-    async def on_verdict(self, d: Delivery) -> Outcome:
-        self.verdicts.append(open_envelope(d.body, self.fed.trust()).round)
+    async def close(self) -> None:
+        await self.stop_detector()
+        for sub in self._subs:
+            await sub.cancel()
+
+    async def on_written(self, d: Delivery) -> Outcome:
+        assert d.offset is not None
+        self.written.append((d.offset, d.body))
         self.changed.set()
         return Outcome.ACK
 
-    async def send(self, role: str, kind: str, body: dict[str, Any], round_no: int) -> None:
-        data = encode(kind, body, self.fed.identity(role), job=JOB, round=round_no)
-        await self.bus.publish(topology.EVENTS, f"{kind}.{JOB}", data)
+    async def on_verdict(self, d: Delivery) -> Outcome:
+        env = open_envelope(d.body, self.fed.trust())
+        self.verdicts[env.round].append(env)
+        self.changed.set()
+        return Outcome.ACK
 
-    async def update(self, client: str, round_no: int) -> None:
-        await self.send(
-            "ingest",
-            "update.accepted",
-            {
-                "client": client,
-                "update_digest": digest(client, round_no),
-                "base_version": round_no - 1,
-                "num_samples": 10,
-                "tensors": tensors(client, round_no),
-            },
-            round_no,
+    # -- the detector ---------------------------------------------------------------------
+    async def start_detector(self, *, submit: bool = True) -> Detector:
+        settings = load_settings(None, env={}, data_dir=str(self.data_dir))  # no [[jobs]]
+        service = await build_service(
+            "detector",
+            settings,
+            bus=self.bus,
+            identity=self.fed["detector"],
+            trust=self.fed.trust(),
         )
+        await service.start()
+        assert isinstance(service, Detector)
+        self.detector = service
+        if submit:
+            await service.submit_job(spec())
+        return service
 
-    async def closed(self, round_no: int) -> None:
-        await self.send(
-            "aggregator",
-            "round.closed",
-            {"updates": [{"client": c, "digest": digest(c, round_no)} for c in CLIENTS]},
-            round_no,
-        )
+    async def stop_detector(self) -> None:
+        detector, self.detector = self.detector, None
+        if detector is not None:
+            await detector.stop()
 
-    async def verdict_count(self, round_no: int, n: int, timeout: float = 10.0) -> None:
-        async def wait() -> None:
-            while self.verdicts.count(round_no) < n:
+    async def restart(self, *, submit: bool = True) -> Detector:
+        await self.stop_detector()
+        return await self.start_detector(submit=submit)
+
+    # -- the clients and the aggregator -----------------------------------------------------
+    async def write(self, data: bytes) -> int:
+        """Write ``data`` into the job's update stream; its offset."""
+        n = len(self.written)
+        assert await self.bus.publish(topology.CLIENT, f"update.{JOB}", data)
+        await self.until(lambda: len(self.written) > n)
+        offset, body = self.written[n]
+        assert body == data
+        return offset
+
+    def encode(self, client: str, round_no: int, t: dict[str, np.ndarray], **kw: Any) -> bytes:
+        body = {"base_version": round_no - 1, "num_samples": 10, "tensors": t}
+        readers = [self.fed[r].cert for r in READERS]
+        identity = kw.pop("identity", None) or self.fed[client]
+        return encode("update", body, identity, job=JOB, round=round_no, seal_to=readers, **kw)
+
+    async def update(
+        self, client: str, round_no: int, t: dict[str, np.ndarray] | None = None
+    ) -> Ref:
+        """A client's update, as written into the stream: (client, digest, offset)."""
+        data = self.encode(client, round_no, tensors(client, round_no) if t is None else t)
+        return Ref(client, peek_header(data).body_digest, await self.write(data))
+
+    async def closed(self, round_no: int, refs: Sequence[Ref]) -> None:
+        body = {
+            "updates": [{"client": r.client, "digest": r.digest, "offset": r.offset} for r in refs]
+        }
+        data = encode("round.closed", body, self.fed["aggregator"], job=JOB, round=round_no)
+        await self.bus.publish(topology.EVENTS, f"round.closed.{JOB}", data)
+
+    async def verdict(self, round_no: int, n: int = 1) -> Envelope[Any]:
+        """The ``n``-th verdict published for the round."""
+        await self.until(lambda: len(self.verdicts[round_no]) >= n)
+        return self.verdicts[round_no][n - 1]
+
+    async def until(self, pred: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not pred():
                 self.changed.clear()
                 await self.changed.wait()
 
-        await asyncio.wait_for(wait(), timeout)
+    def held(self, round_no: int) -> Any:
+        """The rows the detector's read-ahead holds for the round (empty if none)."""
+        assert self.detector is not None
+        return self.detector._rows.get((JOB, round_no), ())
 
 
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    async def wait() -> None:
-        while not await predicate():
+async def until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` (plain or async) until it holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
             await asyncio.sleep(0.01)
 
-    await asyncio.wait_for(wait(), timeout)
+
+@pytest.fixture
+async def wire(fed: MemoryFederation, bus: Bus, tmp_path: Path) -> AsyncIterator[Wire]:
+    wire = Wire(fed, bus, tmp_path)
+    await wire.start()
+    try:
+        yield wire
+    finally:
+        await wire.close()
+
+
+@pytest.fixture
+def fetches(monkeypatch: pytest.MonkeyPatch) -> list[list[Ref]]:
+    """What :meth:`UpdateFeed.fetch` is asked to read again, call by call."""
+    calls: list[list[Ref]] = []
+    real = UpdateFeed.fetch
+
+    async def fetch(
+        self: UpdateFeed, round_no: int, refs: Sequence[Ref], timeout: float = 60.0
+    ) -> Any:
+        calls.append(sorted(refs, key=lambda r: r.offset))
+        return await real(self, round_no, refs, timeout)
+
+    monkeypatch.setattr(UpdateFeed, "fetch", fetch)
+    return calls
+
+
+@pytest.fixture
+def matrices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], np.ndarray]]:
+    """The (clients, matrix) each verdict with detection on is computed from."""
+    seen: list[tuple[list[str], np.ndarray]] = []
+    real = detector_module.decide_rows
+
+    def decide_rows(round_no: int, clients: list[str], x: np.ndarray, **kw: Any) -> Any:
+        seen.append((list(clients), np.array(x, copy=True)))
+        return real(round_no, clients, x, **kw)
+
+    monkeypatch.setattr(detector_module, "decide_rows", decide_rows)
+    return seen
+
+
+async def test_the_verdict_is_decided_from_updates_read_ahead(
+    wire: Wire, fetches: list[list[Ref]], matrices: list[tuple[list[str], np.ndarray]]
+) -> None:
+    """Updates written while the round collects are read ahead into the round's matrix; on
+    ``round.closed`` nothing is read again, the verdict is the core's over exactly the
+    listed updates, the rows are dropped, and the detector keeps no files."""
+    detector = await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    await until(lambda: all((r.client, r.digest) in wire.held(1) for r in refs))
+    await wire.closed(1, refs)
+    verdict = await wire.verdict(1)
+    assert_verdict(verdict, expected(1, {c: tensors(c, 1) for c in CLIENTS}))
+    assert [f.client for f in verdict.body.flagged] == [BYZANTINE]
+    assert fetches == [], "read ahead: nothing to read again"
+    clients, x = matrices[-1]
+    assert clients == list(CLIENTS)
+    np.testing.assert_array_equal(x, np.stack([flat(tensors(c, 1)) for c in CLIENTS]))
+    assert (JOB, 1) not in detector._rows
+    kept = {p.name for p in (wire.data_dir / "detector").rglob("*") if p.is_file()}
+    assert kept <= {"detector.sqlite", "detector.sqlite-wal", "detector.sqlite-shm"}, kept
+    assert await detector.store.pending() == []
+
+
+@pytest.mark.parametrize("how", ["pending-at-restart", "closed-while-away", "started-after-writes"])
+async def test_a_detector_without_the_updates_reads_them_at_the_listed_offsets(
+    wire: Wire, fetches: list[list[Ref]], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A detector that holds none of the round's updates (restarted with the round pending,
+    restarted while ``round.closed`` waited in its queue, or started after the updates were
+    written) reads exactly the listed offsets from the stream and gives the verdict the
+    read-ahead gives (the core's over the listed updates)."""
+    if how == "started-after-writes":
+        refs = [await wire.update(c, 1) for c in CLIENTS]
+        await wire.start_detector()
+        await wire.closed(1, refs)
+    else:
+        detector = await wire.start_detector()
+        refs = [await wire.update(c, 1) for c in CLIENTS]
+        await until(lambda: len(wire.held(1)) == len(CLIENTS))
+        if how == "pending-at-restart":
+            # round.closed is stored as pending, then the detector stops before deciding
+            real_try = Detector._try_decide
+
+            async def no_decision(self: Detector, *args: Any) -> None:
+                return None
+
+            monkeypatch.setattr(Detector, "_try_decide", no_decision)
+            await wire.closed(1, refs)
+            await until(lambda: _pending(detector.store, 1))
+            await wire.stop_detector()
+            monkeypatch.setattr(Detector, "_try_decide", real_try)
+            assert not wire.verdicts[1]
+            await wire.start_detector(submit=False)  # started() tries the pending round
+        else:
+            await wire.stop_detector()
+            await wire.closed(1, refs)  # waits in the detector's durable queue
+            await wire.start_detector()
+    verdict = await wire.verdict(1)
+    assert_verdict(verdict, expected(1, {c: tensors(c, 1) for c in CLIENTS}))
+    assert fetches == [sorted(refs, key=lambda r: r.offset)]
+    assert wire.detector is not None and await wire.detector.store.pending() == []
+
+
+@pytest.mark.parametrize("path", ["read-ahead", "read-again"])
+async def test_an_update_round_closed_does_not_list_is_never_used(
+    wire: Wire,
+    fed: MemoryFederation,
+    fetches: list[list[Ref]],
+    matrices: list[tuple[list[str], np.ndarray]],
+    path: str,
+) -> None:
+    """The stream holds more than the round: c-000 writes two other updates before the one
+    the aggregator lists, a client of another CA writes as c-001, and a copy of c-002's
+    update has a broken signature. The verdict's matrix is made of exactly the listed
+    digests, in client order, whether read ahead (which keeps at most two updates per
+    client: c-000's listed one is then read again) or read again after the fact."""
+    detector = await wire.start_detector() if path == "read-ahead" else None
+    outsider = make_federation(clients=2, services=(), client_prefix="c")["c-001"]
+    forged = bytearray(wire.encode("c-002", 1, tensors("c-002", 1, scale=40.0)))
+    sig = forged.index(b"\xa3sig\xc5", forged.index(b"\xabbody_digest")) + 4 + 3 + 100
+    forged[sig] ^= 0x01
+    unlisted = [
+        await wire.write(wire.encode("c-000", 1, tensors("c-000", 1, scale=-50.0))),
+        await wire.write(wire.encode("c-000", 1, tensors("c-000", 1, scale=30.0))),
+        await wire.write(
+            wire.encode("c-001", 1, tensors("c-001", 1, scale=60.0), identity=outsider)
+        ),
+        await wire.write(bytes(forged)),
+    ]
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    assert max(unlisted) < min(r.offset for r in refs)
+    if detector is not None:
+        # the read-ahead holds c-000's two unlisted updates and the others' listed ones;
+        # the forgeries do not verify
+        await until(lambda: len(wire.held(1)) == len(CLIENTS) - 1 + 2)
+        feed = detector._feeds[JOB]
+        await until(lambda: (feed.next_offset or 0) > refs[-1].offset and not feed._pending)
+        assert (refs[0].client, refs[0].digest) not in wire.held(1)
+    else:
+        await wire.start_detector()
+    await wire.closed(1, refs)
+    verdict = await wire.verdict(1)
+    assert_verdict(verdict, expected(1, {c: tensors(c, 1) for c in CLIENTS}))
+    clients, x = matrices[-1]
+    assert clients == list(CLIENTS)
+    np.testing.assert_array_equal(x, np.stack([flat(tensors(c, 1)) for c in CLIENTS]))
+    # what is read again is exactly what the read-ahead lacks, at the listed offsets
+    assert fetches == [[refs[0]] if path == "read-ahead" else refs]
 
 
 async def test_a_round_closed_copy_racing_the_verdict_leaves_no_pending_round(
-    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    wire: Wire, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Copy B of ``round.closed`` reads "no verdict" while copy A decides; B stores the
-    round as pending only after A's verdict committed and its files were dropped. B must
-    not bring the decided round back, and the detector must start again afterwards."""
-    from qflare.services.detector.service import Detector
-
+    round as pending only after A's verdict committed. B must not bring the decided round
+    back, the detector must start again afterwards without a pending round, and the next
+    round is decided."""
+    checked = 0
+    both_checked = asyncio.Event()
     decided = asyncio.Event()
     b_done = asyncio.Event()
     calls = 0
+    stored_by_b: list[Any] = []  # pending rounds right after B's add_pending
+    real_verdict = DetectorStore.verdict
     real_add_pending = DetectorStore.add_pending
     real_record = DetectorStore.record_verdict
     real_try = Detector._try_decide
 
+    async def verdict(self: DetectorStore, *args: Any) -> Any:
+        nonlocal checked
+        out = await real_verdict(self, *args)
+        checked += 1
+        if checked == 2:
+            both_checked.set()
+        return out
+
     async def add_pending(self: DetectorStore, *args: Any) -> Any:
         nonlocal calls
         calls += 1
-        if calls == 2:  # copy B: its verdict check is done, A has not decided yet
-            await asyncio.wait_for(decided.wait(), 10)
-            await until(lambda: _no_files(tmp_path / "detector", 1))
-        return await real_add_pending(self, *args)
+        if calls != 2:
+            return await real_add_pending(self, *args)
+        # copy B: its verdict check is done; it stores the round after A's verdict committed
+        await asyncio.wait_for(decided.wait(), 10)
+        out = await real_add_pending(self, *args)
+        stored_by_b.extend(await self.pending())
+        return out
 
     async def record_verdict(self: DetectorStore, *args: Any) -> Any:
+        await asyncio.wait_for(both_checked.wait(), 10)  # B has read "no verdict"
         out = await real_record(self, *args)
         decided.set()
         return out
@@ -159,193 +420,156 @@ async def test_a_round_closed_copy_racing_the_verdict_leaves_no_pending_round(
             if after_b:
                 b_done.set()
 
+    monkeypatch.setattr(DetectorStore, "verdict", verdict)
     monkeypatch.setattr(DetectorStore, "add_pending", add_pending)
     monkeypatch.setattr(DetectorStore, "record_verdict", record_verdict)
     monkeypatch.setattr(Detector, "_try_decide", try_decide)
-    bus = await connect_bus(f"memory://det-{tmp_path.name}")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path))
-    ids = {"detector": (federation.identity("detector"), federation.trust())}
-    wire = Wire(federation, bus)
-    await wire.start()
-    try:
-        async with run_in_process(settings, bus, services=["detector"], identities=ids) as running:
-            await running.services["detector"].submit_job(spec())
-            for c in CLIENTS:
-                await wire.update(c, 1)
-            store = running.services["detector"].store
-            await until(lambda: _held(store, 1))
-            await wire.closed(1)
-            await wire.closed(1)  # the aggregator's ticker re-sends while it waits
-            await wire.verdict_count(1, 1)
-            await asyncio.wait_for(b_done.wait(), 10)  # copy B has stored and tried the round
-            assert calls == 2
-            assert await store.pending() == [], "a decided round came back as pending"
-            monkeypatch.undo()
-            # the next start re-tries pending rounds: it must not meet a dropped file
-            await running.restart("detector", identities=ids)
-            await running.services["detector"].submit_job(spec())
-            store = running.services["detector"].store
-            assert await store.pending() == []
-            # and the detector still works: the next round is decided
-            for c in CLIENTS:
-                await wire.update(c, 2)
-            await wire.closed(2)
-            await wire.verdict_count(2, 1)
-    finally:
-        await bus.close()
+    detector = await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    await until(lambda: len(wire.held(1)) == len(CLIENTS))
+    await wire.closed(1, refs)
+    await wire.closed(1, refs)  # the aggregator's ticker re-sends while it waits
+    await wire.verdict(1)
+    await asyncio.wait_for(b_done.wait(), 10)  # copy B has stored and tried the round
+    assert calls == 2
+    # the store refuses it in the same statement (a crash before B's decision must not
+    # leave it behind), and B's decision attempt finds nothing to do
+    assert stored_by_b == [], "a decided round came back as pending"
+    assert await detector.store.pending() == []
+    monkeypatch.undo()
+    # the next start re-tries pending rounds: there must be none
+    detector = await wire.restart()
+    assert await detector.store.pending() == []
+    # and the detector still works: the next round is decided
+    refs = [await wire.update(c, 2) for c in CLIENTS]
+    await wire.closed(2, refs)
+    await wire.verdict(2)
+    assert len(wire.verdicts[1]) == 1
 
 
-async def test_a_late_update_of_a_decided_round_writes_no_file(
-    federation: Federation, tmp_path: Path
-) -> None:
-    """An ``update.accepted`` of a round already decided (a client outside the closed set,
-    or a copy arriving after the verdict) is acknowledged without a file: the round's files
-    are gone and nothing would ever remove a new one."""
-    store = await DetectorStore.open(tmp_path)
-    try:
-        for c in CLIENTS:
-            assert await store.add_update(JOB, 1, c, digest(c, 1), tensors(c, 1)) == "stored"
-        assert await store.add_update(JOB, 1, "c0", digest("c0", 1), tensors("c0", 1)) == "held"
-        from qflare.robust import Reputation
-
-        await store.add_pending(JOB, 1, [(c, digest(c, 1)) for c in CLIENTS])
-        assert await store.record_verdict(
-            JOB, 1, {"kept": list(CLIENTS), "flagged": []}, Reputation()
-        )
-        await store.drop_round_files(JOB, 1)
-        assert (
-            await store.add_update(JOB, 1, "late", digest("late", 1), tensors("late", 1))
-            == "decided"
-        )
-        assert not (tmp_path / "updates" / JOB / "r1").exists()
-        # a round.closed copy after the verdict does not make the round pending again
-        await store.add_pending(JOB, 1, [(c, digest(c, 1)) for c in CLIENTS])
-        assert await store.pending() == []
-    finally:
-        await store.close()
-
-
-async def test_dropping_a_round_waits_for_a_write_in_flight(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A late update whose file is being written when the round's files are dropped: the
-    drop waits for it, so the write neither loses its temporary file nor leaves a file
-    behind in a folder nobody will clean."""
-    import threading
-
-    from qflare.robust import Reputation
-    from qflare.services.detector import store as store_module
-
-    gate = threading.Event()
-    entered = threading.Event()
-    real_write = store_module.fsync_write
-
-    def slow_write(path: Path, data: bytes) -> None:
-        if "late" in path.name:
-            entered.set()
-            gate.wait(10)
-        real_write(path, data)
-
-    monkeypatch.setattr(store_module, "fsync_write", slow_write)
-    store = await DetectorStore.open(tmp_path)
-    try:
-        for c in CLIENTS:
-            await store.add_update(JOB, 1, c, digest(c, 1), tensors(c, 1))
-        late = asyncio.create_task(
-            store.add_update(JOB, 1, "late", digest("late", 1), tensors("late", 1))
-        )
-        await asyncio.to_thread(entered.wait, 10)
-        assert await store.record_verdict(
-            JOB, 1, {"kept": list(CLIENTS), "flagged": []}, Reputation()
-        )
-        drop = asyncio.create_task(store.drop_round_files(JOB, 1))
-        await asyncio.sleep(0.1)
-        assert not drop.done(), "the drop did not wait for the write in flight"
-        gate.set()
-        assert await late == "stored"
-        await drop
-        assert not (tmp_path / "updates" / JOB / "r1").exists()
-    finally:
-        gate.set()
-        await store.close()
-
-
-async def _held(store: DetectorStore, round_no: int, count: int = len(CLIENTS)) -> bool:
-    return len(await store.held(JOB, round_no)) == count
-
-
-async def _no_files(root: Path, round_no: int) -> bool:
-    return not (root / "updates" / JOB / f"r{round_no}").exists()
-
-
-async def test_the_aggregator_drops_a_round_only_after_its_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The aggregator's store has the same hazard: a late update being written (the round
-    closed at its deadline meanwhile) while the published round's files are dropped."""
-    import threading
-
-    from qflare.services.aggregator import store as agg_module
-    from qflare.services.aggregator.store import AggregatorStore
-
-    gate, entered = threading.Event(), threading.Event()
-    real_write = agg_module.fsync_write
-
-    def slow_write(path: Path, data: bytes) -> None:
-        if path.name.startswith("late"):
-            entered.set()
-            gate.wait(10)
-        real_write(path, data)
-
-    monkeypatch.setattr(agg_module, "fsync_write", slow_write)
-    store = await AggregatorStore.open(tmp_path)
-    try:
-        await store.add_update(JOB, 1, "c0", digest("c0", 1), b"n0", 10, tensors("c0", 1))
-        late = asyncio.create_task(
-            store.add_update(JOB, 1, "late", digest("late", 1), b"n1", 10, tensors("late", 1))
-        )
-        await asyncio.to_thread(entered.wait, 10)
-        drop = asyncio.create_task(store.drop_round_files(JOB, 1))
-        await asyncio.sleep(0.1)
-        assert not drop.done(), "the drop did not wait for the write in flight"
-        gate.set()
-        assert await late is None
-        await drop
-        assert not (tmp_path / "updates" / JOB / "r1").exists()
-    finally:
-        gate.set()
-        await store.close()
+async def test_a_late_update_of_a_decided_round_is_not_kept(wire: Wire) -> None:
+    """After the verdict the round holds no rows, and an update of it written later is not
+    read into one; a redelivered ``round.closed`` re-publishes the stored verdict without
+    making the round pending again."""
+    detector = await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    await wire.closed(1, refs)
+    first = await wire.verdict(1)
+    late = await wire.update("c-000", 1, tensors("c-000", 1, scale=3.0))
+    nxt = await wire.update("c-001", 2)
+    # the read-ahead passed the late update: it holds round 2's, and nothing of round 1
+    await until(lambda: (nxt.client, nxt.digest) in wire.held(2))
+    assert (JOB, 1) not in detector._rows and late.offset < nxt.offset
+    await wire.closed(1, refs)
+    again = await wire.verdict(1, n=2)
+    assert again.body == first.body
+    assert await detector.store.pending() == []
 
 
 async def test_a_job_submitted_at_run_time_survives_a_restart(
-    federation: Federation, tmp_path: Path
+    wire: Wire, fetches: list[list[Ref]]
 ) -> None:
     """A job given to the detector in process (not in its configuration) is remembered in
-    its store: after a restart in the middle of a round it still takes the round's last
-    update and decides the pending round."""
-    bus = await connect_bus(f"memory://det-{tmp_path.name}")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path))  # no [[jobs]]
-    ids = {"detector": (federation.identity("detector"), federation.trust())}
-    wire = Wire(federation, bus)
-    await wire.start()
-    try:
-        async with run_in_process(settings, bus, services=["detector"], identities=ids) as running:
-            await running.services["detector"].submit_job(spec())
-            for c in CLIENTS[:-1]:
-                await wire.update(c, 1)
-            store = running.services["detector"].store
-            await until(lambda: _held(store, 1, len(CLIENTS) - 1))
-            await wire.closed(1)  # pending: the last client's update is still on its way
-            await until(lambda: _pending(store, 1))
-            await running.restart("detector", identities=ids)  # no submit_job this time
-            restarted = running.services["detector"]
-            assert restarted.specs[JOB].f == 1 and restarted.specs[JOB].detection
-            assert restarted.specs[JOB].seed == 0, "the secret seed is not kept by the detector"
-            await wire.update(CLIENTS[-1], 1)
-            await wire.verdict_count(1, 1)
-    finally:
-        await bus.close()
+    its store, without its secret seed: restarted in the middle of a round, the detector
+    reads the job's stream ahead again, takes the round's last update as it is written,
+    reads the earlier ones again at their offsets, and decides the round."""
+    await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in CLIENTS[:-1]]
+    await until(lambda: len(wire.held(1)) == len(refs))
+    restarted = await wire.restart(submit=False)
+    assert restarted.specs[JOB].f == 1 and restarted.specs[JOB].detection
+    assert restarted.specs[JOB].seed == 0, "the secret seed is not kept by the detector"
+    last = await wire.update(CLIENTS[-1], 1)
+    await until(lambda: (last.client, last.digest) in wire.held(1))
+    await wire.closed(1, [*refs, last])
+    verdict = await wire.verdict(1)
+    assert_verdict(verdict, expected(1, {c: tensors(c, 1) for c in CLIENTS}))
+    assert fetches == [refs]
 
 
-async def _pending(store: DetectorStore, round_no: int) -> bool:
+async def test_fetch_returns_only_the_vouched_bytes(wire: Wire) -> None:
+    """:meth:`UpdateFeed.fetch` (the detector's and the aggregator's way back to an update
+    after a restart) reads exactly the given offsets and takes an update only under the
+    digest and client vouched for, in the round asked for; anything else, a deleted stream
+    included, is :class:`UpdateNotFound`."""
+    a, b, c = [await wire.update(x, 1) for x in CLIENTS[:3]]
+    other_round = await wire.update(CLIENTS[3], 2)
+    feed = UpdateFeed(
+        wire.bus,
+        JOB,
+        trust=wire.fed.trust(),
+        kem_key=wire.fed["aggregator"].kem,
+        wants=lambda _round, _sender: False,
+        sink=_never,
+    )
+    got = await feed.fetch(1, [a, c])
+    assert sorted(got) == [a.client, c.client]
+    for ref in (a, c):
+        update = got[ref.client]
+        assert (update.digest, update.offset, update.round) == (ref.digest, ref.offset, 1)
+        np.testing.assert_array_equal(update.tensors["w"], tensors(ref.client, 1)["w"])
+    # (what is wrong with the reference, what the error names)
+    bad = [
+        (Ref(a.client, b.digest, a.offset), "BAD_DIGEST"),  # another digest at the offset
+        (Ref(b.client, a.digest, a.offset), "SENDER_MISMATCH"),  # another client's update
+        (other_round, "STALE_ROUND"),  # an update of another round
+        (Ref(a.client, a.digest, other_round.offset + 1000), "not all in"),  # not written
+    ]
+    for ref, words in bad:
+        with pytest.raises(UpdateNotFound, match=words):
+            await feed.fetch(1, [ref, c], timeout=1.0)
+    # the aggregator deletes the job's streams when the job ends
+    await wire.bus.delete_stream(topology.update_stream(JOB).name)
+    with pytest.raises(UpdateNotFound, match="stream is gone"):
+        await feed.fetch(1, [a])
+
+
+async def _never(update: Any) -> None:
+    raise AssertionError(f"nothing is read ahead: {update}")
+
+
+async def _pending(store: DetectorStore | None, round_no: int) -> bool:
+    assert store is not None
     return any(r == round_no for _j, r, _refs in await store.pending(JOB))
+
+
+async def test_a_pending_round_whose_updates_are_gone_does_not_stop_a_start(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round left pending whose updates can no longer be read (its job ended and the
+    aggregator deleted the job's streams) must not make every later start of the detector
+    fail: the detector starts and serves; the round stays pending."""
+    detector = await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    real_try = Detector._try_decide
+
+    async def no_decision(self: Detector, *args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(Detector, "_try_decide", no_decision)
+    await wire.closed(1, refs)
+    await until(lambda: _pending(detector.store, 1))
+    await wire.stop_detector()
+    monkeypatch.setattr(Detector, "_try_decide", real_try)
+    await wire.bus.delete_stream(topology.update_stream(JOB).name)
+    detector = await asyncio.wait_for(wire.start_detector(submit=False), 10)
+    assert detector.running
+    assert await _pending(detector.store, 1)
+    assert not wire.verdicts[1]
+
+
+async def test_a_misshapen_update_read_ahead_first_does_not_decide_the_layout(
+    wire: Wire, fetches: list[list[Ref]]
+) -> None:
+    """The read-ahead keeps what verifies, before ingest judged it. A participant whose
+    first write has tensors of another layout (ingest refuses it) must not stop the round
+    from being decided on the listed updates."""
+    detector = await wire.start_detector()
+    odd = {"w": np.ones((3, 3), np.float32), "b": np.ones(1, np.float32)}
+    await wire.write(wire.encode("c-000", 1, odd))
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    feed = detector._feeds[JOB]
+    await until(lambda: (feed.next_offset or 0) > refs[-1].offset and not feed._pending)
+    await wire.closed(1, refs)
+    verdict = await wire.verdict(1)
+    assert_verdict(verdict, expected(1, {c: tensors(c, 1) for c in CLIENTS}))
