@@ -17,6 +17,14 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   number of participants ``q*N`` (DP off: by the number kept); docs/architecture.md, "One
   round" step 7, and docs/privacy.md. With adaptive clipping the round also yields the
   next round's clip norm. The same inputs give the same model bit for bit.
+* The round itself is a pure state machine (:func:`step`, docs/architecture.md "One
+  round"): a frozen :class:`Round` and one input (:data:`Input`: a grant, a denial, an
+  accepted or refused update, a verdict, a tick, a restart) give the new :class:`Round` and
+  the effects to perform (:data:`Effect`: announce, close, aggregate, publish, request,
+  end, alert, reject). The aggregator service loads the round from its store, steps it,
+  persists the new state with a compare-and-set, then performs the effects; the
+  simulator's ``--direct`` mode drives the same machine in a loop, so the two cannot drift
+  (the functional core / imperative shell of cosmicpython, docs/STYLE item 12).
 """
 
 from __future__ import annotations
@@ -25,14 +33,18 @@ import enum
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from qflare.messages.bodies import Coverage
+from qflare.messages.errors import Reason
+from qflare.messages.jobs import JobSpec
 from qflare.messages.tensors import Array, Layout, Tensors
 from qflare.privacy import AdaptiveClipping, NoiseSource, dp_fedavg, poisson_sample
+from qflare.privacy.policy import charge_of
 from qflare.robust import get_rule
 
 # Distinct streams drawn from one job seed (SeedSequence spawn keys).
@@ -230,3 +242,556 @@ def _takes_f(rule: str) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def aggregate(
+    spec: JobSpec,
+    command: Aggregate,
+    base: Tensors,
+    updates: Mapping[str, Tensors],
+    *,
+    clip: float | None = None,
+    adaptive: AdaptiveClipping | None = None,
+) -> AggregationResult:
+    """Perform an :class:`Aggregate` effect of job ``spec``: :func:`aggregate_round` over the
+    kept updates with the job's rule, clip norm, noise and denominator (``max(q*N, 1)``,
+    :func:`expected_participants`), the one place where a job's settings become the
+    round's arithmetic. ``clip`` overrides the job's clip norm (adaptive clipping carries
+    it from round to round)."""
+    return aggregate_round(
+        job=spec.job_id,
+        round_no=command.round,
+        seed=spec.seed,
+        base=base,
+        updates=updates,
+        kept=command.kept,
+        rule=spec.rule,
+        f=spec.f,
+        clip=spec.clip if clip is None else clip,
+        noise_multiplier=spec.noise_multiplier,
+        expected_clients=expected_participants(spec.sample_rate, len(spec.participants)),
+        server_lr=spec.server_lr,
+        adaptive=adaptive,
+    )
+
+
+# -- the round as a state machine ------------------------------------------------------------
+#
+#   REQUESTED --Granted--> OPEN --all in / all in or refused / deadline--> CLOSED
+#       |                   |  \--deadline, too few--> OPEN (extended) | ABORTED
+#       \--Denied--> DENIED  \                    CLOSED --Verdict--> PUBLISHED
+#
+# ``step`` is a pure function of (job spec, round, input, now); it never reads a clock or a
+# store. Every input that was already applied is answered with no change and no effect (a
+# redelivery), so the shell can acknowledge it; an input that must be refused yields one
+# :class:`Reject` and no change.
+
+
+@dataclass(frozen=True)
+class Held:
+    """The update a round holds for ``client``: the digest ingest accepted and where its
+    bytes sit in the job's update stream."""
+
+    client: str
+    digest: bytes
+    offset: int
+    num_samples: int = 0
+
+
+UpdateRef = tuple[str, bytes, int]  # (client, digest, stream offset)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of one job, as stored. ``held`` (sorted by client, first wins per client)
+    and ``refused`` (client, reason; the first refusal kept) are what the round collected
+    while OPEN; ``closed`` is the exact (client, digest, offset) set ``round.closed`` named;
+    ``kept``/``removed`` are the verdict after ``dp_filter_bound``; ``updated`` is when the
+    state last moved (a stale round is re-announced)."""
+
+    job: str
+    round: int
+    state: RoundState
+    base_version: int
+    participants: tuple[str, ...] = ()
+    deadline: float | None = None
+    extensions: int = 0
+    epsilon: float | None = None
+    updates_from: int = 0
+    held: tuple[Held, ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
+    closed: tuple[UpdateRef, ...] | None = None
+    kept: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    updated: float = 0.0
+
+    def holding(self, client: str) -> Held | None:
+        return next((h for h in self.held if h.client == client), None)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Granted:
+    """``privacy.granted``: the round may run, the job's epsilon is then ``epsilon``;
+    ``updates_from`` is where the round's updates can start in the update stream."""
+
+    epsilon: float
+    updates_from: int = 0
+
+
+@dataclass(frozen=True)
+class Denied:
+    """``privacy.denied``: the round would exceed the job's budget."""
+
+    reason: str
+    epsilon_spent: float = 0.0
+    budget: float = 0.0
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """``update.accepted``: ingest checked ``client``'s update, the bytes at ``offset``."""
+
+    client: str
+    digest: bytes
+    offset: int
+    num_samples: int
+    base_version: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """``update.rejected`` naming a client (its signature verified): the client answered."""
+
+    client: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``round.verdict``: the detector's kept clients and flagged (client, score) pairs."""
+
+    kept: tuple[str, ...]
+    flagged: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The clock moved: an open round checks its deadline. With ``remind_after`` (seconds)
+    it is also a re-announcement pass: an open round is announced again (events only), and
+    a round whose state has not moved for ``remind_after`` re-sends what it waits for (a
+    publish may have been lost)."""
+
+    remind_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Restart:
+    """The shell (re)started: re-send whatever the round waits for."""
+
+
+Input = Granted | Denied | Accepted | Refused | Verdict | Tick | Restart
+
+
+# -- effects ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something happened that the shell logs (a structured event), nothing to send."""
+
+    event: str
+    fields: Mapping[str, str | int | float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestPrivacy:
+    """Send ``privacy.request`` for the round: the (q, z) to charge and what it covers."""
+
+    q: float
+    z: float
+    clip: float
+    coverage: Coverage
+
+
+@dataclass(frozen=True)
+class OpenUnaccounted:
+    """DP off: nothing to account. The shell grants the round itself at once (step
+    ``Granted(epsilon=inf)``); epsilon is unbounded and reported as such."""
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Send ``round.opened`` on events and, with ``broadcast``, into the job's broadcast
+    stream (a participant that connects late reads it there)."""
+
+    broadcast: bool
+    base_version: int
+    participants: tuple[str, ...]
+    deadline: float
+    min_updates: int
+    updates_from: int
+
+
+@dataclass(frozen=True)
+class Close:
+    """Send ``round.closed`` with exactly these (client, digest, offset)."""
+
+    updates: tuple[UpdateRef, ...]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Compute the round's model from ``base_version`` and the kept updates (``updates``:
+    their refs) with :func:`aggregate`, and store it with the PUBLISHED state in one
+    transaction (the shell's commit of this step)."""
+
+    round: int
+    base_version: int
+    kept: tuple[str, ...]
+    removed: tuple[str, ...]
+    updates: tuple[UpdateRef, ...]
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Send ``model.published`` for model ``version`` (stored)."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class NextRound:
+    """Create round ``round`` (on model ``base_version``) and request it (:func:`begin`)."""
+
+    round: int
+    base_version: int
+
+
+@dataclass(frozen=True)
+class EndJob:
+    """Announce the job's end (final model, ``job.ended``) and mark the job ended."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Raise an alert about the round."""
+
+    kind: str
+    severity: str
+    reason: str
+    detail: str
+    client: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Refuse the input (the shell dead-letters the message with this reason)."""
+
+    reason: Reason
+    detail: str
+
+
+Effect = (
+    Note
+    | RequestPrivacy
+    | OpenUnaccounted
+    | Announce
+    | Close
+    | Aggregate
+    | Publish
+    | NextRound
+    | EndJob
+    | Alert
+    | Reject
+)
+Step = tuple[Round, tuple[Effect, ...]]
+
+
+# -- the machine --------------------------------------------------------------------------------
+
+
+def begin(spec: JobSpec, round_no: int, base_version: int, now: float) -> Step:
+    """A new round of ``spec`` on model ``base_version``: REQUESTED, and its request."""
+    r = Round(spec.job_id, round_no, RoundState.REQUESTED, base_version, updated=now)
+    return r, (_request(spec),)
+
+
+def unknown_round(spec: JobSpec, round_no: int, event: Input) -> tuple[Effect, ...]:
+    """The effects of ``event`` for a round of ``spec`` that does not exist (never
+    requested): an update or a verdict for it is refused, anything else is dropped."""
+    if isinstance(event, Accepted):
+        return (_stale(spec, round_no),)
+    if isinstance(event, Verdict):
+        return (Reject(Reason.STALE_ROUND, f"round {round_no} is not waiting for a verdict"),)
+    return ()
+
+
+def step(spec: JobSpec, r: Round, event: Input, now: float) -> Step:
+    """The round ``r`` of job ``spec`` after ``event`` at time ``now``, and what to do."""
+    match event:
+        case Granted():
+            return _granted(spec, r, event, now)
+        case Denied():
+            return _denied(r, event, now)
+        case Accepted():
+            return _accepted(spec, r, event, now)
+        case Refused():
+            return _refused(spec, r, event, now)
+        case Verdict():
+            return _verdict(spec, r, event, now)
+        case Tick():
+            return _tick(spec, r, event, now)
+        case Restart():
+            return r, _remind(spec, r, restart=True)
+
+
+def _request(spec: JobSpec) -> RequestPrivacy | OpenUnaccounted:
+    if spec.noise_multiplier == 0:
+        return OpenUnaccounted()
+    # the charged (q, z) and coverage per docs/privacy.md; the noise added stays z * C
+    charge = charge_of(spec)
+    return RequestPrivacy(q=charge.q, z=charge.z, clip=spec.clip, coverage=charge.coverage)
+
+
+def _stale(spec: JobSpec, round_no: int) -> Reject:
+    return Reject(Reason.STALE_ROUND, f"round {round_no} of {spec.job_id} is not open")
+
+
+def _announce(spec: JobSpec, r: Round, *, broadcast: bool) -> Announce:
+    assert r.deadline is not None
+    return Announce(
+        broadcast=broadcast,
+        base_version=r.base_version,
+        participants=r.participants,
+        deadline=r.deadline,
+        min_updates=max(1, min(spec.min_updates, len(r.participants))),
+        updates_from=r.updates_from,
+    )
+
+
+def _granted(spec: JobSpec, r: Round, g: Granted, now: float) -> Step:
+    if r.state != RoundState.REQUESTED:
+        return r, ()  # a redelivered grant: the round moved on already
+    participants = select_participants(
+        spec.participants, spec.sample_rate, spec.seed, spec.job_id, r.round
+    )
+    new = replace(
+        r,
+        state=RoundState.OPEN,
+        participants=participants,
+        deadline=now + spec.deadline_s,
+        epsilon=g.epsilon,
+        updates_from=g.updates_from,
+        updated=now,
+    )
+    opened = Note("round.opened", {"participants": len(participants), "epsilon": g.epsilon})
+    return new, (opened, _announce(spec, new, broadcast=True))
+
+
+def _denied(r: Round, d: Denied, now: float) -> Step:
+    if r.state != RoundState.REQUESTED:
+        return r, ()
+    alert = Alert(
+        kind="budget.exhausted",
+        severity="warning",
+        reason=d.reason,
+        detail=f"epsilon spent {d.epsilon_spent:.4g} of {d.budget:.4g}; "
+        f"round {r.round} not released",
+    )
+    end = EndJob("budget_exhausted", f"accountant denied round {r.round}: {d.reason}")
+    return replace(r, state=RoundState.DENIED, updated=now), (alert, end)
+
+
+def _accepted(spec: JobSpec, r: Round, a: Accepted, now: float) -> Step:
+    if r.state == RoundState.REQUESTED:
+        return r, (_stale(spec, r.round),)
+    held = r.holding(a.client)
+    if r.state != RoundState.OPEN:
+        if held is not None:
+            return _again(r, held, a)
+        return r, (
+            Reject(
+                Reason.ROUND_CLOSED, f"update of {a.client} for round {r.round} after it closed"
+            ),
+        )
+    if a.client not in r.participants:
+        return r, (
+            Reject(Reason.NOT_PARTICIPANT, f"{a.client} is not selected for round {r.round}"),
+        )
+    if a.base_version != r.base_version:
+        return r, (
+            Reject(
+                Reason.STALE_BASE,
+                f"update on version {a.base_version}, round uses {r.base_version}",
+            ),
+        )
+    if held is not None:
+        return _again(r, held, a)
+    entry = Held(a.client, a.digest, a.offset, a.num_samples)
+    new = replace(r, held=tuple(sorted((*r.held, entry), key=lambda h: h.client)))
+    note = Note("update.held", {"client": a.client, "offset": a.offset})
+    return _then_settle(spec, new, (note,), now)
+
+
+def _again(r: Round, held: Held, a: Accepted) -> Step:
+    """A client the round holds an update of: the same digest again is the same update (a
+    redelivered verdict, or ingest checking it twice after a restart), another digest a
+    second submission."""
+    if held.digest == a.digest:
+        return r, ()
+    return r, (Reject(Reason.DUPLICATE, f"{a.client} already has an update in round {r.round}"),)
+
+
+def _refused(spec: JobSpec, r: Round, x: Refused, now: float) -> Step:
+    # Ingest reports every refusal; only a selected client of an open round counts (an
+    # unverified sender is named "<id> (unverified)", no participant id), and only the first:
+    # it does not ban, a later valid update of the client still enters while the round is open.
+    if r.state != RoundState.OPEN or x.client not in r.participants:
+        return r, ()
+    if any(c == x.client for c, _reason in r.refused):
+        return r, ()
+    new = replace(r, refused=tuple(sorted((*r.refused, (x.client, x.reason)))))
+    note = Note("update.refused", {"client": x.client, "reason": x.reason})
+    return _then_settle(spec, new, (note,), now)
+
+
+def _then_settle(spec: JobSpec, r: Round, before: tuple[Effect, ...], now: float) -> Step:
+    new, effects = _settle(spec, r, now)
+    return new, (*before, *effects)
+
+
+def _settle(spec: JobSpec, r: Round, now: float) -> Step:
+    """An open round closes, extends its deadline, aborts, or waits (:func:`close_decision`)."""
+    if r.state != RoundState.OPEN or r.deadline is None:
+        return r, ()
+    received = len(r.held)
+    answered = {c for c, _reason in r.refused} - {h.client for h in r.held}
+    decision = close_decision(
+        received=received,
+        selected=len(r.participants),
+        refused=len(answered & set(r.participants)),
+        min_updates=spec.min_updates,
+        now=now,
+        deadline=r.deadline,
+        extensions=r.extensions,
+        max_extensions=spec.max_extensions,
+        on_short=spec.on_short,
+    )
+    if decision == CloseDecision.WAIT:
+        return r, ()
+    if decision == CloseDecision.CLOSE:
+        closed = tuple((h.client, h.digest, h.offset) for h in r.held)
+        new = replace(r, state=RoundState.CLOSED, closed=closed, updated=now)
+        return new, (Note("round.closed", {"updates": len(closed)}), Close(closed))
+    if decision == CloseDecision.EXTEND:
+        ext = r.extensions + 1
+        new = replace(r, deadline=now + spec.deadline_s, extensions=ext, updated=now)
+        alert = Alert(
+            kind="round.extended",
+            severity="info",
+            reason="too_few_updates",
+            detail=f"{received} of {len(r.participants)} updates at the deadline; "
+            f"extension {ext} of {spec.max_extensions}",
+        )
+        # announced again with the model: a participant that connected late gets its
+        # chance in the extension; the SDK sends at most once per round
+        return new, (alert, _announce(spec, new, broadcast=True))
+    alert = Alert(
+        kind="round.aborted",
+        severity="critical",
+        reason="too_few_updates",
+        detail=f"{received} updates, {spec.min_updates} needed",
+    )
+    end = EndJob("too_few_updates", f"round {r.round} had {received} updates")
+    return replace(r, state=RoundState.ABORTED, updated=now), (alert, end)
+
+
+def _verdict(spec: JobSpec, r: Round, v: Verdict, now: float) -> Step:
+    if r.state == RoundState.PUBLISHED:
+        return r, ()  # a redelivered verdict
+    if r.state != RoundState.CLOSED or r.closed is None:
+        return r, (Reject(Reason.STALE_ROUND, f"round {r.round} is not waiting for a verdict"),)
+    covered = sorted([*v.kept, *(c for c, _s in v.flagged)])
+    closed = sorted(c for c, _d, _o in r.closed)
+    if covered != closed:
+        return r, (
+            Reject(
+                Reason.BAD_SCHEMA,
+                f"verdict covers {covered}, round {r.round} closed with {closed}",
+            ),
+        )
+    # dp_filter_bound k: the privacy charge (z/(2k+1)) holds only if at most k updates are
+    # removed, whatever the detector flagged; the rest are kept
+    kept, removed = cap_removals(v.kept, v.flagged, spec.dp_filter_bound)
+    effects: list[Effect] = []
+    bound = spec.dp_filter_bound
+    if bound is not None and len(v.flagged) > bound:
+        effects.append(
+            Note(
+                "verdict.capped",
+                {"flagged": len(v.flagged), "removed": len(removed), "bound": bound},
+            )
+        )
+    new = replace(
+        r, state=RoundState.PUBLISHED, kept=tuple(kept), removed=tuple(removed), updated=now
+    )
+    refs = tuple(ref for ref in r.closed if ref[0] in set(kept))
+    effects += [
+        Aggregate(r.round, r.base_version, tuple(kept), tuple(removed), refs),
+        Note(
+            "model.published",
+            {
+                "version": r.round,
+                "kept": len(kept),
+                "flagged": len(removed),
+                "epsilon": r.epsilon,
+            },
+        ),
+        Publish(r.round),
+        _after(spec, r),
+    ]
+    return new, tuple(effects)
+
+
+def _after(spec: JobSpec, r: Round) -> NextRound | EndJob:
+    """What follows a published round: the next one, or the job's end."""
+    if r.round >= spec.rounds:
+        return EndJob("completed", f"{spec.rounds} rounds done")
+    return NextRound(r.round + 1, base_version=r.round)
+
+
+def _tick(spec: JobSpec, r: Round, t: Tick, now: float) -> Step:
+    if r.state == RoundState.OPEN:
+        new, effects = _settle(spec, r, now)
+        if t.remind_after is not None and new.state == RoundState.OPEN:
+            # so that an ingest replica or detector started mid-round learns the open
+            # round (events only: model bytes stay off the broadcast)
+            effects = (*effects, _announce(spec, new, broadcast=False))
+        return new, effects
+    if t.remind_after is None or now - r.updated < t.remind_after:
+        return r, ()
+    return r, _remind(spec, r, restart=False)
+
+
+def _remind(spec: JobSpec, r: Round, *, restart: bool) -> tuple[Effect, ...]:
+    """What the round waits for, sent again (every peer is idempotent on (job, round))."""
+    match r.state:
+        case RoundState.REQUESTED:
+            return (_request(spec),)
+        case RoundState.OPEN:
+            return (_announce(spec, r, broadcast=True),) if restart else ()
+        case RoundState.CLOSED:
+            assert r.closed is not None
+            return (Close(r.closed),)
+        case RoundState.PUBLISHED:
+            return (*((Publish(r.round),) if restart else ()), _after(spec, r))
+        case RoundState.DENIED:
+            return (EndJob("budget_exhausted", f"round {r.round} {r.state.value}"),)
+        case RoundState.ABORTED:
+            return (EndJob("too_few_updates", f"round {r.round} {r.state.value}"),)

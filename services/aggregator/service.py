@@ -1,5 +1,8 @@
-"""The aggregator's shell: the round state machine over the bus (docs/architecture.md,
-"One round").
+"""The aggregator's shell around the round state machine (``core.step``,
+docs/architecture.md "One round"): each handler decodes a message into the machine's input,
+loads the round from the store, steps it, persists the new state (a compare-and-set on the
+state it was read in) and then performs the effects the machine returned (publish, alert,
+aggregate, append the model, end the job). It decides nothing about the round itself.
 
 Per job: ``privacy.request`` -> (``privacy.granted``) select participants, ``round.opened``
 (on ``qflare.events`` for ingest/detector, and into the job's broadcast stream for clients;
@@ -14,11 +17,11 @@ while the round collects, docs/architecture.md "The data plane") -> new model ve
 ``model.published`` -> next round, until the job's rounds are done or the accountant denies
 (``job.ended``, naming the final model's offset).
 
-Every handler is idempotent on its natural key and every transition is a compare-and-set
-on the round's stored state, so a redelivered message is acknowledged without effect. At
-start the service re-announces whatever its stored rounds wait for (a request, an open
-round, a closed round, a published model), so a restart after ``kill -9`` picks up where
-the last commit left off; peers are idempotent too.
+A redelivered message steps the machine to no change and no effect, and every transition
+is a compare-and-set on the round's stored state, so it is acknowledged without effect. At
+start the service steps ``Restart`` on each job's latest round, which re-sends whatever it
+waits for (a request, an open round, a closed round, a published model), so a restart after
+``kill -9`` picks up where the last commit left off; peers are idempotent too.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,21 +57,40 @@ from qflare.messages import (
 )
 from qflare.messages.envelope import peek_header
 from qflare.messages.tensors import Layout, model_digest
-from qflare.privacy.policy import charge_of
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import broadcast_key, emit, seal
 from qflare.runtime.jobs import check_model_size
 from qflare.runtime.service import Routes
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.aggregator.core import (
-    CloseDecision,
+    Accepted,
+    Aggregate,
+    Alert,
+    Announce,
+    Close,
+    Denied,
+    Effect,
+    EndJob,
+    Granted,
+    Input,
+    NextRound,
+    Note,
+    OpenUnaccounted,
+    Publish,
+    Refused,
+    Reject,
+    RequestPrivacy,
+    Restart,
+    Round,
     RoundState,
-    aggregate_round,
-    cap_removals,
-    close_decision,
-    select_participants,
+    Tick,
+    Verdict,
+    aggregate,
+    begin,
+    step,
+    unknown_round,
 )
-from qflare.services.aggregator.store import AggregatorStore, RoundRow
+from qflare.services.aggregator.store import AggregatorStore
 
 QUEUE = "aggregator"
 #: How long a model append may take to show up in the job's model stream.
@@ -250,394 +271,233 @@ class Aggregator(Service):
                 return reason
         return None
 
-    # -- dispatch ---------------------------------------------------------------------------
+    # -- dispatch: decode, step the round, persist, perform ----------------------------------
     def _job(self, env: Envelope[Body]) -> JobSpec:
         spec = self.specs.get(env.job)
         if spec is None:
             raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} here")
         return spec
 
-    async def on_refused(self, env: Envelope[UpdateRejected]) -> None:
-        # ingest reports every refusal, also for jobs and rounds that are not ours (or not
-        # open); only a refusal of a selected client of an open round counts
-        spec = self.specs.get(env.job)
-        if spec is not None:
-            await self._on_refused(spec, env)
-
-    async def on_update(self, env: Envelope[UpdateAccepted]) -> None:
-        await self._on_update(self._job(env), env)
-
-    async def on_verdict(self, env: Envelope[RoundVerdict]) -> None:
-        await self._on_verdict(self._job(env), env)
-
     async def on_granted(self, env: Envelope[PrivacyGranted]) -> None:
         spec = self._job(env)
         async with self._lock(spec.job_id):
-            await self._open_round(spec, env.round, env.body.epsilon_total)
-
-    # -- privacy ----------------------------------------------------------------------------
-    async def _open_round(self, spec: JobSpec, round_no: int, epsilon: float) -> None:
-        """REQUESTED -> OPEN: select participants, set the deadline, announce. Caller holds
-        the job lock."""
-        assert self.store is not None
-        r = await self.store.get_round(spec.job_id, round_no)
-        if r is None or r.state != RoundState.REQUESTED:
-            return  # redelivered grant: the round moved on already
-        participants = select_participants(
-            spec.participants, spec.sample_rate, spec.seed, spec.job_id, round_no
-        )
-        deadline = self.ctx.clock() + spec.deadline_s
-        # every update of this round is written after round.opened goes out, so no later
-        # than where the read-ahead stands now (a lower bound is all readers need)
-        feed = self._feeds[spec.job_id]
-        updates_from = feed.next_offset or await self.store.feed_start(spec.job_id)
-        await self.store.transition(
-            spec.job_id,
-            round_no,
-            RoundState.REQUESTED,
-            RoundState.OPEN,
-            participants=participants,
-            deadline=deadline,
-            epsilon=epsilon,
-            updates_from=updates_from,
-        )
-        self._collecting[(spec.job_id, round_no)] = frozenset(participants)
-        r = await self.store.get_round(spec.job_id, round_no)
-        assert r is not None
-        event(
-            self.log,
-            "round.opened",
-            job=spec.job_id,
-            round=r.round,
-            participants=len(participants),
-            epsilon=epsilon,
-        )
-        await self._announce_open(spec, r, broadcast=True)
+            await self._grant(spec, env.round, env.body.epsilon_total)
 
     async def on_denied(self, env: Envelope[PrivacyDenied]) -> None:
-        assert self.store is not None
-        spec = self._job(env)
-        async with self._lock(spec.job_id):
-            r = await self.store.get_round(spec.job_id, env.round)
-            if r is None or r.state != RoundState.REQUESTED:
-                return
-            await self.store.transition(
-                spec.job_id, env.round, RoundState.REQUESTED, RoundState.DENIED
-            )
-            body = env.body
-            await self.alert(
-                kind="budget.exhausted",
-                severity="warning",
-                job=spec.job_id,
-                round=env.round,
-                reason=body.reason,
-                detail=f"epsilon spent {body.epsilon_spent:.4g} of {body.budget:.4g}; round {env.round} not released",
-            )
-            await self._end(
-                spec,
-                env.round,
-                "budget_exhausted",
-                f"accountant denied round {env.round}: {body.reason}",
-            )
-
-    # -- updates ----------------------------------------------------------------------------
-    async def _on_update(self, spec: JobSpec, env: Envelope[UpdateAccepted]) -> None:
-        assert self.store is not None
         body = env.body
-        r = await self.store.get_round(spec.job_id, env.round)
-        if r is None or r.state == RoundState.REQUESTED:
-            raise MessageRejected(
-                Reason.STALE_ROUND, f"round {env.round} of {spec.job_id} is not open"
-            )
-        mine = body.update_digest
-        if r.state != RoundState.OPEN:
-            held = await self.store.held(spec.job_id, env.round, body.client)
-            if held is not None and held[0] == mine:
-                return  # the same update again (a redelivery, or ingest checked it twice)
-            if held is not None:
-                raise MessageRejected(
-                    Reason.DUPLICATE, f"{body.client} already has an update in round {env.round}"
-                )
-            raise MessageRejected(
-                Reason.ROUND_CLOSED,
-                f"update of {body.client} for round {env.round} after it closed",
-            )
-        if body.client not in r.participants:
-            raise MessageRejected(
-                Reason.NOT_PARTICIPANT, f"{body.client} is not selected for round {env.round}"
-            )
-        if body.base_version != r.base_version:
-            raise MessageRejected(
-                Reason.STALE_BASE,
-                f"update on version {body.base_version}, round uses {r.base_version}",
-            )
-        held = await self.store.add_update(
-            spec.job_id, env.round, body.client, body.update_digest, body.offset, body.num_samples
-        )
-        if held is not None:
-            # The same digest again is the same update (a redelivered verdict, or ingest
-            # checking it twice after a restart); another digest for the client is a second
-            # submission.
-            if held[0] == mine:
-                return
-            raise MessageRejected(
-                Reason.DUPLICATE, f"{body.client} already has an update in round {env.round}"
-            )
-        async with self._lock(spec.job_id):
-            now = await self.store.get_round(spec.job_id, env.round)
-            in_set = now is not None and (
-                now.state == RoundState.OPEN
-                or any(
-                    c == body.client and d == body.update_digest
-                    for c, d, _o in now.closed_set or ()
-                )
-            )
-            if not in_set:
-                # closed at its deadline while this update was being written: it is not in
-                # the round's set, and the sender hears so
-                raise MessageRejected(
-                    Reason.ROUND_CLOSED,
-                    f"round {env.round} closed while {body.client}'s update was stored",
-                )
-        event(
-            self.log,
-            "update.held",
-            job=spec.job_id,
-            round=env.round,
-            client=body.client,
-            offset=body.offset,
-        )
-        await self._maybe_close(spec, env.round)
+        denied = Denied(body.reason, body.epsilon_spent, body.budget)
+        await self._step(self._job(env), env.round, denied)
 
-    async def _on_refused(self, spec: JobSpec, env: Envelope[UpdateRejected]) -> None:
-        """Ingest refused a client's update (a signed ``update.rejected``): that client has
-        answered, so the round need not wait for its deadline on its account. Ingest names a
-        client only once its signature verified (an unverified claim reads "<id>
-        (unverified)", which is no participant id), so a forger cannot close a round early
-        in an honest client's name. A refusal does not ban: a later valid update of the
-        client still enters the round while it is open."""
+    async def on_update(self, env: Envelope[UpdateAccepted]) -> None:
+        body = env.body
+        accepted = Accepted(
+            body.client, body.update_digest, body.offset, body.num_samples, body.base_version
+        )
+        await self._step(self._job(env), env.round, accepted)
+
+    async def on_refused(self, env: Envelope[UpdateRejected]) -> None:
+        # ingest reports every refusal, also for jobs and rounds that are not ours (or not
+        # open); the machine counts only a selected client of an open round
+        spec = self.specs.get(env.job)
+        if spec is not None:
+            await self._step(spec, env.round, Refused(env.body.client, str(env.body.reason)))
+
+    async def on_verdict(self, env: Envelope[RoundVerdict]) -> None:
+        body = env.body
+        verdict = Verdict(tuple(body.kept), tuple((f.client, float(f.score)) for f in body.flagged))
+        await self._step(self._job(env), env.round, verdict)
+
+    async def _grant(self, spec: JobSpec, round_no: int, epsilon: float) -> None:
+        """Step ``Granted``: every update of the round is written after round.opened goes
+        out, so no earlier than where the read-ahead stands now (a lower bound is all
+        readers need). Caller holds the job lock."""
         assert self.store is not None
-        client = env.body.client
-        r = await self.store.get_round(spec.job_id, env.round)
-        if r is None or r.state != RoundState.OPEN or client not in r.participants:
+        feed = self._feeds.get(spec.job_id)
+        updates_from = (feed.next_offset if feed is not None else 0) or await self.store.feed_start(
+            spec.job_id
+        )
+        await self._step_locked(spec, round_no, Granted(epsilon, updates_from))
+
+    async def _step(self, spec: JobSpec, round_no: int, event: Input) -> None:
+        async with self._lock(spec.job_id):
+            await self._step_locked(spec, round_no, event)
+
+    async def _step_locked(self, spec: JobSpec, round_no: int, event: Input) -> None:
+        """Load the round, step the machine (``core.step``), persist the new state (a
+        compare-and-set on the state it was read in), then perform the effects. A
+        redelivered message steps to no change and no effect. Caller holds the job lock."""
+        assert self.store is not None
+        r = await self.store.load_round(spec.job_id, round_no)
+        if r is None:
+            for effect in unknown_round(spec, round_no, event):
+                if isinstance(effect, Reject):
+                    raise MessageRejected(effect.reason, effect.detail)
             return
-        await self.store.add_refusal(spec.job_id, env.round, client, str(env.body.reason))
-        event(
-            self.log,
-            "update.refused",
-            job=spec.job_id,
-            round=env.round,
-            client=client,
-            reason=str(env.body.reason),
+        new, effects = step(spec, r, event, self.ctx.clock())
+        if await self._commit(spec, r, new, effects):
+            await self._perform(spec, new, effects)
+
+    async def _commit(
+        self, spec: JobSpec, old: Round, new: Round, effects: tuple[Effect, ...]
+    ) -> bool:
+        """Persist the step; False when the stored round had moved (nothing to perform)."""
+        assert self.store is not None
+        command = next((e for e in effects if isinstance(e, Aggregate)), None)
+        if command is not None:
+            return await self._aggregate(spec, new, command)
+        if new == old:
+            return True
+        if not await self.store.save_round(old, new):
+            return False
+        if new.state == RoundState.OPEN:
+            self._collecting[(spec.job_id, new.round)] = frozenset(new.participants)
+        return True
+
+    async def _perform(self, spec: JobSpec, r: Round, effects: tuple[Effect, ...]) -> None:
+        """The effects of a committed step, in order."""
+        for effect in effects:
+            match effect:
+                case Note():
+                    fields: dict[str, Any] = {"job": spec.job_id, "round": r.round}
+                    event(self.log, effect.event, **fields | dict(effect.fields))
+                case RequestPrivacy():
+                    request = PrivacyRequest(
+                        q=effect.q, z=effect.z, clip=effect.clip, coverage=effect.coverage
+                    )
+                    await emit(self, "privacy.request", request, job=spec.job_id, round=r.round)
+                case OpenUnaccounted():
+                    # DP off: nothing to account; epsilon is unbounded and reported as such
+                    await self._grant(spec, r.round, math.inf)
+                case Announce():
+                    await self._announce_open(spec, r.round, effect)
+                case Close():
+                    closed = RoundClosed(
+                        updates=[
+                            UpdateRef(client=c, digest=d, offset=o) for c, d, o in effect.updates
+                        ]
+                    )
+                    await emit(self, "round.closed", closed, job=spec.job_id, round=r.round)
+                case Aggregate():
+                    pass  # performed by the commit: the model is stored with the state
+                case Publish():
+                    await self._announce_published(spec, effect.version)
+                case NextRound():
+                    await self._begin(spec, effect.round, effect.base_version)
+                case EndJob():
+                    await self._end(spec, r.round, effect.reason, effect.detail)
+                case Alert():
+                    await self.alert(
+                        kind=effect.kind,
+                        severity=effect.severity,
+                        job=spec.job_id,
+                        round=r.round,
+                        reason=effect.reason,
+                        detail=effect.detail,
+                        client=effect.client,
+                    )
+                case Reject():
+                    raise MessageRejected(effect.reason, effect.detail)
+
+    async def _begin(self, spec: JobSpec, round_no: int, base_version: int) -> None:
+        """Create round ``round_no`` (REQUESTED; a round stored already stays) and request
+        it. Caller holds the job lock."""
+        assert self.store is not None
+        r, effects = begin(spec, round_no, base_version, self.ctx.clock())
+        await self.store.request_round(spec.job_id, round_no, base_version=base_version)
+        await self._perform(spec, r, effects)
+
+    # -- aggregation --------------------------------------------------------------------------
+    async def _aggregate(self, spec: JobSpec, r: Round, command: Aggregate) -> bool:
+        """The ``Aggregate`` effect, performed as the commit of its step: the new model is
+        stored in the same transaction that marks the round PUBLISHED (a compare-and-set on
+        CLOSED: False for a verdict handled already)."""
+        assert self.store is not None
+        base = await self._model(spec.job_id, command.base_version)
+        updates = await self._kept_updates(spec, command)
+        result = await asyncio.to_thread(aggregate, spec, command, base, updates)
+        verdict = {
+            "kept": list(command.kept),
+            "flagged": list(command.removed),
+            "step_norm": result.update_norm,
+        }
+        stored = await self.store.publish_model(
+            spec.job_id,
+            command.round,
+            command.round,
+            result.model,
+            model_digest(result.model),
+            r.epsilon or 0.0,
+            verdict,
         )
-        await self._maybe_close(spec, env.round)
-
-    async def _maybe_close(self, spec: JobSpec, round_no: int) -> None:
-        assert self.store is not None
-        async with self._lock(spec.job_id):
-            r = await self.store.get_round(spec.job_id, round_no)
-            if r is None or r.state != RoundState.OPEN or r.deadline is None:
-                return
-            received = await self.store.round_updates(spec.job_id, round_no)
-            refused = await self.store.refused(spec.job_id, round_no)
-            refused -= {c for c, _d, _o in received}
-            decision = close_decision(
-                received=len(received),
-                selected=len(r.participants),
-                refused=len(refused & set(r.participants)),
-                min_updates=spec.min_updates,
-                now=self.ctx.clock(),
-                deadline=r.deadline,
-                extensions=r.extensions,
-                max_extensions=spec.max_extensions,
-                on_short=spec.on_short,
-            )
-            if decision == CloseDecision.WAIT:
-                return
-            if decision == CloseDecision.CLOSE:
-                closed = tuple(received)
-                await self.store.transition(
-                    spec.job_id, round_no, RoundState.OPEN, RoundState.CLOSED, closed_set=closed
-                )
-                r = await self.store.get_round(spec.job_id, round_no)
-                assert r is not None
-                event(
-                    self.log, "round.closed", job=spec.job_id, round=round_no, updates=len(closed)
-                )
-                await self._send_closed(spec, r)
-            elif decision == CloseDecision.EXTEND:
-                deadline = self.ctx.clock() + spec.deadline_s
-                await self.store.extend(spec.job_id, round_no, deadline, r.extensions + 1)
-                await self.alert(
-                    kind="round.extended",
-                    severity="info",
-                    job=spec.job_id,
-                    round=round_no,
-                    reason="too_few_updates",
-                    detail=f"{len(received)} of {len(r.participants)} updates at the deadline; "
-                    f"extension {r.extensions + 1} of {spec.max_extensions}",
-                )
-                r = await self.store.get_round(spec.job_id, round_no)
-                assert r is not None
-                # broadcast again with the model: a participant whose queue did not exist when
-                # the round opened (it connected late) gets its chance in the extension; the
-                # SDK sends at most once per round, so the others are not disturbed
-                await self._announce_open(spec, r, broadcast=True)
-            else:
-                await self.store.transition(
-                    spec.job_id, round_no, RoundState.OPEN, RoundState.ABORTED
-                )
-                await self.alert(
-                    kind="round.aborted",
-                    severity="critical",
-                    job=spec.job_id,
-                    round=round_no,
-                    reason="too_few_updates",
-                    detail=f"{len(received)} updates, {spec.min_updates} needed",
-                )
-                await self._end(
-                    spec,
-                    round_no,
-                    "too_few_updates",
-                    f"round {round_no} had {len(received)} updates",
-                )
-
-    # -- verdict and aggregation --------------------------------------------------------------
-    async def _on_verdict(self, spec: JobSpec, env: Envelope[RoundVerdict]) -> None:
-        assert self.store is not None
-        async with self._lock(spec.job_id):
-            r = await self.store.get_round(spec.job_id, env.round)
-            if r is not None and r.state == RoundState.PUBLISHED:
-                return
-            if r is None or r.state != RoundState.CLOSED or r.closed_set is None:
-                raise MessageRejected(
-                    Reason.STALE_ROUND, f"round {env.round} is not waiting for a verdict"
-                )
-            kept = list(env.body.kept)
-            flagged = [f.client for f in env.body.flagged]
-            closed = [c for c, _d, _o in r.closed_set]
-            if sorted(kept + flagged) != sorted(closed):
-                raise MessageRejected(
-                    Reason.BAD_SCHEMA,
-                    f"verdict covers {sorted(kept + flagged)}, round {env.round} closed with {sorted(closed)}",
-                )
-            # dp_filter_bound k: the privacy charge (z/(2k+1)) holds only if at most k
-            # updates are removed, whatever the detector flagged; the rest are kept
-            kept, flagged = cap_removals(
-                kept, [(f.client, float(f.score)) for f in env.body.flagged], spec.dp_filter_bound
-            )
-            if spec.dp_filter_bound is not None and len(env.body.flagged) > spec.dp_filter_bound:
-                event(
-                    self.log,
-                    "verdict.capped",
-                    job=spec.job_id,
-                    round=env.round,
-                    flagged=len(env.body.flagged),
-                    removed=len(flagged),
-                    bound=spec.dp_filter_bound,
-                )
-            base = await self._model(spec.job_id, r.base_version)
-            updates = await self._kept_updates(spec, r, kept)
-            result = await asyncio.to_thread(
-                aggregate_round,
-                job=spec.job_id,
-                round_no=env.round,
-                seed=spec.seed,
-                base=base,
-                updates=updates,
-                kept=kept,
-                rule=spec.rule,
-                f=spec.f,
-                clip=spec.clip,
-                noise_multiplier=spec.noise_multiplier,
-                expected_clients=max(spec.sample_rate * len(spec.participants), 1.0),
-                server_lr=spec.server_lr,
-            )
-            digest = model_digest(result.model)
-            verdict = {
-                "kept": sorted(kept),
-                "flagged": sorted(flagged),
-                "step_norm": result.update_norm,
-            }
-            stored = await self.store.publish_model(
-                spec.job_id, env.round, env.round, result.model, digest, r.epsilon or 0.0, verdict
-            )
-            if not stored:
-                return
-            self._models[(spec.job_id, env.round)] = result.model
-            event(
-                self.log,
-                "model.published",
-                job=spec.job_id,
-                round=env.round,
-                version=env.round,
-                kept=len(kept),
-                flagged=len(flagged),
-                epsilon=r.epsilon,
-            )
-            r = await self.store.get_round(spec.job_id, env.round)
-            assert r is not None
-            await self._announce_published(spec, r)
-            self._held.pop((spec.job_id, env.round), None)
-            self._collecting.pop((spec.job_id, env.round), None)
-            await self._next(spec, r)
+        if not stored:
+            return False
+        self._models[(spec.job_id, command.round)] = result.model
+        self._held.pop((spec.job_id, command.round), None)
+        self._collecting.pop((spec.job_id, command.round), None)
+        return True
 
     async def _kept_updates(
-        self, spec: JobSpec, r: RoundRow, kept: list[str]
+        self, spec: JobSpec, command: Aggregate
     ) -> dict[str, Mapping[str, np.ndarray]]:
         """The tensors of the kept clients' updates, each under the digest ingest accepted:
         from the read-ahead, or read again from the stream at the recorded offsets."""
-        assert r.closed_set is not None
-        held = self._held.get((spec.job_id, r.round), {})
-        refs = {c: Ref(c, d, o) for c, d, o in r.closed_set if c in set(kept)}
+        held = self._held.get((spec.job_id, command.round), {})
+        refs = {c: Ref(c, d, o) for c, d, o in command.updates}
         updates = {
             c: held[c][ref.digest] for c, ref in refs.items() if ref.digest in held.get(c, {})
         }
         missing = [ref for c, ref in refs.items() if c not in updates]
         if missing:
-            event(self.log, "updates.rereading", job=spec.job_id, round=r.round, count=len(missing))
-            fetched = await self._feeds[spec.job_id].fetch(r.round, missing)
+            event(
+                self.log,
+                "updates.rereading",
+                job=spec.job_id,
+                round=command.round,
+                count=len(missing),
+            )
+            fetched = await self._feeds[spec.job_id].fetch(command.round, missing)
             updates.update({c: u.tensors for c, u in fetched.items()})
         return updates
 
     # -- announcements ------------------------------------------------------------------------
-    async def _announce_open(self, spec: JobSpec, r: RoundRow, *, broadcast: bool) -> None:
-        assert self.store is not None and r.deadline is not None
-        base = await self._model(spec.job_id, r.base_version)
-        row = await self.store.model(spec.job_id, r.base_version)
+    async def _announce_open(self, spec: JobSpec, round_no: int, a: Announce) -> None:
+        assert self.store is not None
+        base = await self._model(spec.job_id, a.base_version)
+        row = await self.store.model(spec.job_id, a.base_version)
         assert row is not None
         layout = Layout.of(base)
         body = RoundOpened(
-            model_version=r.base_version,
+            model_version=a.base_version,
             model_digest=row.digest,
-            participants=list(r.participants),
-            deadline=r.deadline,
-            min_updates=max(1, min(spec.min_updates, len(r.participants))),
+            participants=list(a.participants),
+            deadline=a.deadline,
+            min_updates=a.min_updates,
             clip_norm=spec.clip,
             tensor_spec=[
                 TensorSpec.model_validate({"name": n, "dtype": d, "shape": list(s)})
                 for n, s, d in zip(layout.names, layout.shapes, layout.dtypes, strict=True)
             ],
             rule=spec.rule,
-            model_offset=await self._model_offset(spec, r.base_version),
-            updates_from=r.updates_from,
+            model_offset=await self._model_offset(spec, a.base_version),
+            updates_from=a.updates_from,
         )
-        await emit(self, "round.opened", body, job=spec.job_id, round=r.round)
-        if broadcast:
+        await emit(self, "round.opened", body, job=spec.job_id, round=round_no)
+        if a.broadcast:
             # into the job's broadcast stream: a participant that starts later reads it there
             await emit(
                 self,
                 "round.opened",
                 body,
                 job=spec.job_id,
-                round=r.round,
+                round=round_no,
                 exchange=topology.BROADCAST,
             )
 
-    async def _announce_published(self, spec: JobSpec, r: RoundRow) -> None:
+    async def _announce_published(self, spec: JobSpec, version: int) -> None:
         assert self.store is not None
-        row = await self.store.model(spec.job_id, r.round)
-        assert row is not None
+        row = await self.store.model(spec.job_id, version)
+        r = await self.store.get_round(spec.job_id, row.round if row is not None else version)
+        assert row is not None and r is not None
         verdict = r.verdict or {}
         metrics = {
             "kept": float(len(verdict.get("kept", []))),
@@ -648,31 +508,6 @@ class Aggregator(Service):
             version=row.version, digest=row.digest, epsilon=row.epsilon, metrics=metrics
         )
         await emit(self, "model.published", body, job=spec.job_id, round=r.round)
-
-    async def _send_closed(self, spec: JobSpec, r: RoundRow) -> None:
-        assert r.closed_set is not None
-        body = RoundClosed(
-            updates=[UpdateRef(client=c, digest=d, offset=o) for c, d, o in r.closed_set]
-        )
-        await emit(self, "round.closed", body, job=spec.job_id, round=r.round)
-
-    async def _send_request(self, spec: JobSpec, round_no: int) -> None:
-        if spec.noise_multiplier == 0:
-            # DP off: nothing to account; epsilon is unbounded and reported as such.
-            await self._open_round(spec, round_no, math.inf)
-            return
-        # charged (q, z) and coverage per docs/privacy.md; the noise added stays z * C
-        charge = charge_of(spec)
-        body = PrivacyRequest(q=charge.q, z=charge.z, clip=spec.clip, coverage=charge.coverage)
-        await emit(self, "privacy.request", body, job=spec.job_id, round=round_no)
-
-    async def _next(self, spec: JobSpec, r: RoundRow) -> None:
-        assert self.store is not None
-        if r.round >= spec.rounds:
-            await self._end(spec, r.round, "completed", f"{spec.rounds} rounds done")
-            return
-        await self.store.request_round(spec.job_id, r.round + 1, base_version=r.round)
-        await self._send_request(spec, r.round + 1)
 
     async def _end(self, spec: JobSpec, round_no: int, reason: str, detail: str) -> None:
         """Announce the end (final model, job.ended), then mark the job ended: a failed
@@ -718,62 +553,44 @@ class Aggregator(Service):
 
     # -- restart and timers -------------------------------------------------------------------
     async def _resume(self, job_id: str, *, stale_after: float | None = None) -> None:
-        """Re-announce whatever the job's latest stored round waits for. At start
-        (``stale_after`` None) always; from the ticker only for a round whose state has not
-        moved for ``stale_after`` seconds (a publish lost to a broker outage). Every peer is
-        idempotent on (job, round), so a repeat costs a message, never an effect."""
+        """At start (``stale_after`` None) step ``Restart`` on the job's latest round: it
+        re-sends whatever the round waits for (the first round is begun here). From the
+        ticker, step ``Tick(remind_after=stale_after)``: an open round checks its deadline
+        and is announced again on events; another re-sends what it waits for once its state
+        has not moved for ``stale_after`` seconds (a publish lost to a broker outage). Every
+        peer is idempotent on (job, round), so a repeat costs a message, never an effect."""
         assert self.store is not None
         spec = self.specs[job_id]
         async with self._lock(job_id):
             if await self.store.job_ended(job_id):
                 self._ended_event(job_id).set()
                 return
-            r = await self.store.latest_round(job_id)
-            if stale_after is not None and (
-                r is None or r.state == RoundState.OPEN or time.time() - r.updated < stale_after
-            ):
-                return  # open rounds are re-announced by the ticker itself
-            if r is None:
-                await self.store.request_round(job_id, 1, base_version=0)
-                await self._send_request(spec, 1)
-            elif r.state == RoundState.REQUESTED:
-                await self._send_request(spec, r.round)
-            elif r.state == RoundState.OPEN:
-                await self._announce_open(spec, r, broadcast=True)
-            elif r.state == RoundState.CLOSED:
-                await self._send_closed(spec, r)
-            elif r.state == RoundState.PUBLISHED:
+            latest = await self.store.latest_round(job_id)
+            if latest is None:
                 if stale_after is None:
-                    await self._announce_published(spec, r)
-                await self._next(spec, r)
-            else:
-                reason = "budget_exhausted" if r.state == RoundState.DENIED else "too_few_updates"
-                await self._end(spec, r.round, reason, f"round {r.round} {r.state.value}")
+                    await self._begin(spec, 1, base_version=0)
+                return
+            tick: Input = Restart() if stale_after is None else Tick(remind_after=stale_after)
+            await self._step_locked(spec, latest.round, tick)
 
     async def _ticker(self) -> None:
-        """Deadlines; periodic ``round.opened`` re-announcements so that an ingest replica
-        started mid-round learns the open rounds; and nudges for rounds stuck because a
-        publish was lost."""
+        """Deadlines; every ``reopen_interval_s`` a pass that re-announces open rounds (so
+        that an ingest replica started mid-round learns them) and nudges rounds stuck because
+        a publish was lost."""
         assert self.store is not None
         last_announce = self.ctx.clock()
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                rounds = await self.store.open_rounds()
-                announce = self.ctx.clock() - last_announce >= self.reopen_interval_s
-                for r in rounds:
-                    spec = self.specs.get(r.job_id)
-                    if spec is None:
-                        continue
-                    await self._maybe_close(spec, r.round)
-                    if announce:
-                        fresh = await self.store.get_round(r.job_id, r.round)
-                        if fresh is not None and fresh.state == RoundState.OPEN:
-                            await self._announce_open(spec, fresh, broadcast=False)
-                if announce:
+                if self.ctx.clock() - last_announce >= self.reopen_interval_s:
                     last_announce = self.ctx.clock()
                     for job_id in list(self.specs):
                         await self._resume(job_id, stale_after=self.reopen_interval_s)
+                    continue
+                for r in await self.store.open_rounds():
+                    spec = self.specs.get(r.job_id)
+                    if spec is not None:
+                        await self._step(spec, r.round, Tick())
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -9,6 +9,12 @@ in the stream (``updates_from``), a model version the offset of its copy in the 
 Model files are written (fsynced, atomically renamed) before the row that names them
 commits. Natural keys: (job, round) for rounds, (job, round, client) for updates (first
 wins), (job, version) for models.
+
+The round state machine's :class:`~qflare.services.aggregator.core.Round` is read from the
+round's row with its updates and refusals (:meth:`AggregatorStore.load_round`) and written
+back in one transaction, compare-and-set on the state it was read in
+(:meth:`AggregatorStore.save_round`); a round becomes PUBLISHED only with its model
+(:meth:`AggregatorStore.publish_model`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from safetensors.numpy import save as st_save
 
 from qflare.messages.jobs import JobSpec
 from qflare.runtime import Database, fsync_write
-from qflare.services.aggregator.core import RoundState
+from qflare.services.aggregator.core import Held, Round, RoundState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -246,6 +252,110 @@ class AggregatorStore:
             )
             return cur.rowcount == 1
 
+    async def load_round(self, job_id: str, round_no: int) -> Round | None:
+        """The round as the state machine sees it: its row, the updates it holds and the
+        refusals it recorded (each by client)."""
+        row = await self.db.fetchone(
+            "SELECT * FROM rounds WHERE job_id=? AND round=?", (job_id, round_no)
+        )
+        if row is None:
+            return None
+        updates = await self.db.fetchall(
+            "SELECT client, digest, stream_offset, num_samples FROM updates "
+            "WHERE job_id=? AND round=? ORDER BY client",
+            (job_id, round_no),
+        )
+        refusals = await self.db.fetchall(
+            "SELECT client, reason FROM refusals WHERE job_id=? AND round=? ORDER BY client",
+            (job_id, round_no),
+        )
+        r = _round(row)
+        verdict = r.verdict or {}
+        return Round(
+            job=r.job_id,
+            round=r.round,
+            state=r.state,
+            base_version=r.base_version,
+            participants=r.participants,
+            deadline=r.deadline,
+            extensions=r.extensions,
+            epsilon=r.epsilon,
+            updates_from=r.updates_from,
+            held=tuple(
+                Held(u["client"], bytes(u["digest"]), u["stream_offset"], u["num_samples"])
+                for u in updates
+            ),
+            refused=tuple((x["client"], x["reason"]) for x in refusals),
+            closed=r.closed_set,
+            kept=tuple(verdict.get("kept", ())),
+            removed=tuple(verdict.get("flagged", ())),
+            updated=r.updated,
+        )
+
+    async def save_round(self, old: Round, new: Round) -> bool:
+        """Write the state machine's step from ``old`` to ``new`` in one transaction: the
+        round's row (compare-and-set on ``old``'s state and extension count), the updates
+        and refusals it gained. False, with nothing written, when the stored round is not
+        ``old`` any more (another writer moved it) or holds another update of a client."""
+        if (new.job, new.round) != (old.job, old.round):
+            raise ValueError(f"round {old.job}/{old.round} cannot become {new.job}/{new.round}")
+        if new.state == RoundState.PUBLISHED:
+            raise ValueError("a round is published with its model: use publish_model")
+        known = {h.client for h in old.held}
+        refused = {c for c, _reason in old.refused}
+        closed = (
+            None if new.closed is None else json.dumps([[c, d.hex(), o] for c, d, o in new.closed])
+        )
+        try:
+            async with self.db.transaction() as conn:
+                cur = await conn.execute(
+                    "UPDATE rounds SET state=?, participants=?, deadline=?, extensions=?, "
+                    "epsilon=?, closed_set=?, updates_from=?, updated=? "
+                    "WHERE job_id=? AND round=? AND state=? AND extensions=?",
+                    (
+                        new.state.value,
+                        json.dumps(list(new.participants)),
+                        new.deadline,
+                        new.extensions,
+                        new.epsilon,
+                        closed,
+                        new.updates_from,
+                        new.updated,
+                        old.job,
+                        old.round,
+                        old.state.value,
+                        old.extensions,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise _Moved
+                for h in new.held:
+                    if h.client in known:
+                        continue
+                    cur = await conn.execute(
+                        "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            new.job,
+                            new.round,
+                            h.client,
+                            h.digest,
+                            h.offset,
+                            h.num_samples,
+                            time.time(),
+                        ),
+                    )
+                    if cur.rowcount != 1:
+                        raise _Moved
+                for client, reason in new.refused:
+                    if client not in refused:
+                        await conn.execute(
+                            "INSERT OR IGNORE INTO refusals VALUES (?, ?, ?, ?, ?)",
+                            (new.job, new.round, client, reason, time.time()),
+                        )
+        except _Moved:
+            return False
+        return True
+
     async def extend(self, job_id: str, round_no: int, deadline: float, extensions: int) -> None:
         await self.db.execute(
             "UPDATE rounds SET deadline=?, extensions=?, updated=? WHERE job_id=? AND round=? AND state=?",
@@ -378,6 +488,10 @@ class AggregatorStore:
 
     async def load_model(self, row: ModelRow) -> dict[str, np.ndarray]:
         return await asyncio.to_thread(_load_file, row.path)
+
+
+class _Moved(Exception):
+    """The stored round is not the one a step started from (rolls the transaction back)."""
 
 
 def _load_file(path: Path) -> dict[str, np.ndarray]:
