@@ -1,39 +1,59 @@
-"""The direct path: the same rounds as the services run, by calling the pure cores in a loop.
+"""The direct path: the same rounds as the services run, by driving the same pure cores in
+a loop.
 
-No bus, no signatures, no stores: selection, detection, the robust rule and the DP-FedAvg
-step are called as functions. It exists for sweeps (dozens of runs, where the services'
-per-message costs add up) and as a cross-check of the services path; ``qflare simulate``
-uses the services path unless ``--direct`` is given.
-
-Selection, the verdict and aggregation are the services' own pure functions, called with
-the same job id and seed, so a direct run and a services run of one configuration agree
-round by round: the aggregator core's ``select_participants`` and ``aggregate_round``
-(whose step is ``qflare.privacy.dp_fedavg``: with DP off the kept updates' mean divides by
-the number kept, with DP on by the expected ``q*N``), the detector core's ``decide`` with
-a default :class:`Reputation`, and the accountant's ``AccountantCore`` ledger.
+No bus, no signatures, no stores: the aggregator's round is its own state machine
+(``qflare.services.aggregator.core``: ``begin``/``step``), fed the inputs the services would
+feed it, in the same order, under the services path's own job spec (``job_spec``): the
+accountant's answer (``AccountantCore``), then an ``Accepted`` for each participant's update
+(a ``Refused`` where ingest would refuse it: non-finite tensors), then the clock (a round
+whose participants all answered closes at once; else at its deadline), then the detector
+core's ``decide`` over exactly the closed set as the ``Verdict``; its ``Aggregate`` effect
+is computed by the core's ``aggregate`` (the job's rule, clip, noise and denominator), and
+its ``NextRound``/``EndJob`` effect says what follows. Selection, the close, the removals
+under ``dp_filter_bound`` and the arithmetic are therefore the services' own, so a direct
+run and a services run of one configuration agree round by round and cannot drift apart.
+It exists for sweeps (dozens of runs, where the services' per-message costs add up) and as
+a cross-check of the services path; ``qflare simulate`` uses the services path unless
+``--direct`` is given.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from qflare.messages.jobs import JobSpec
 from qflare.privacy import AdaptiveClipping, BudgetPolicy
-from qflare.privacy.policy import privacy_charge
 from qflare.robust import Reputation
 from qflare.services.accountant.core import AccountantCore
 from qflare.services.aggregator.core import (
-    aggregate_round,
-    cap_removals,
-    expected_participants,
-    select_participants,
+    Accepted,
+    Aggregate,
+    Denied,
+    Effect,
+    EndJob,
+    Granted,
+    NextRound,
+    Refused,
+    RequestPrivacy,
+    Round,
+    RoundState,
+    Step,
+    Tick,
+    Verdict,
+    aggregate,
+    begin,
+    step,
 )
 from qflare.services.detector.core import decide
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.report import RoundRecord, RunResult
+from qflare.sim.services import job_spec
 
 RoundCallback = Callable[[RoundRecord], None]
 
@@ -48,6 +68,7 @@ def run_direct(
     and each round's aggregation gives the next round's (docs/privacy.md, "Adaptive
     clipping"); the accountant is asked about the clip norm of the round it charges."""
     fed = federation if federation is not None else Federation.build(config)
+    spec = job_spec(config, fed.ids)  # the job the services path submits
     names = fed.names
     params = {k: v.copy() for k, v in fed.initial.items()}
     model = fed.new_model()
@@ -60,93 +81,82 @@ def run_direct(
         if config.dp_on
         else None
     )
-    # what the aggregator asks the accountant to charge (coverage, q, z): docs/privacy.md
-    charge = (
-        privacy_charge(
-            rule=config.rule_spec,
-            detection=config.detection,
-            sample_rate=config.sample_rate,
-            noise_multiplier=config.noise_multiplier,
-            dp_filter_bound=config.dp_filter_bound,
-        )
-        if accountant is not None
-        else None
-    )
     clip = config.clip
+    now = 0.0  # the machine's clock: rounds close when everyone answered, never by timing
     start = time.perf_counter()
-    for round_index in range(1, config.rounds + 1):
+    r, effects = begin(spec, 1, 0, now)
+    while True:
+        t0 = time.perf_counter()
+        # the accountant decides before the round opens; a denial ends the job with
+        # nothing more released
+        (request,) = effects
         epsilon: float | None = None
-        if accountant is not None:
-            # As the services do: the accountant decides before the round opens, and a
-            # denial ends the job with nothing more released.
-            assert charge is not None
-            decision = accountant.decide(SIM_JOB, round_index, charge.q, charge.z, clip)
+        if isinstance(request, RequestPrivacy):
+            assert accountant is not None
+            decision = accountant.decide(SIM_JOB, r.round, request.q, request.z, clip)
             if not decision.granted:
-                ended = "budget_exhausted"
+                denied = Denied(
+                    decision.reason or "", decision.epsilon_total, decision.budget_epsilon
+                )
+                r, effects = step(spec, r, denied, now)
+                ended = _end_of(effects).reason
                 notes.append(
-                    f"job ended: budget_exhausted (round {round_index} would reach "
+                    f"job ended: {ended} (round {r.round} would reach "
                     f"epsilon {decision.epsilon_requested:.3f} > {decision.budget_epsilon})"
                 )
                 break
             accountant.apply(decision)
             epsilon = decision.epsilon_total
-        t0 = time.perf_counter()
-        participants = select_participants(
-            fed.ids, config.sample_rate, config.seed, SIM_JOB, round_index
-        )
-        sent = fed.round_updates(round_index, params, participants)
-        # Ingest refuses non-finite tensors (NON_FINITE) before the detector sees anything.
-        rejected = tuple(
-            c for c in participants if not all(np.isfinite(v).all() for v in sent[c].values())
-        )
-        updates = {c: u for c, u in sent.items() if c not in rejected}
-        verdict = decide(
-            round_index,
-            updates,
-            f=config.byzantine,
-            detection=config.detection,
-            reputation=reputation,
-        )
-        flagged = tuple(sorted(x.client for x in verdict.flagged))
-        # as the aggregator does: with dp_filter_bound k only the k highest-scored go
-        kept, removed = cap_removals(
-            list(verdict.kept),
-            [(x.client, float(x.score)) for x in verdict.flagged],
-            config.dp_filter_bound,
-        )
-        result = aggregate_round(
-            job=SIM_JOB,
-            round_no=round_index,
-            seed=config.seed,
-            base=params,
-            updates=updates,
-            kept=kept,
-            rule=config.rule_spec,
-            f=config.byzantine,
-            clip=clip,
-            noise_multiplier=config.noise_multiplier,
-            expected_clients=expected_participants(config.sample_rate, config.clients),
-            server_lr=config.server_lr,
-            adaptive=adaptive,
-        )
+            r, effects = step(spec, r, Granted(decision.epsilon_total), now)
+        else:  # DP off: nothing to account
+            r, effects = step(spec, r, Granted(math.inf), now)
+        sent = fed.round_updates(r.round, params, r.participants)
+        # what ingest tells the aggregator: it refuses non-finite tensors (NON_FINITE)
+        # before the detector sees anything, and accepts the rest
+        for offset, c in enumerate(r.participants):
+            if all(np.isfinite(v).all() for v in sent[c].values()):
+                update = Accepted(c, _digest(r, c), offset, len(fed.shards[c]), r.base_version)
+                r, effects = step(spec, r, update, now)
+            else:
+                r, effects = step(spec, r, Refused(c, "NON_FINITE"), now)
+        r, effects = _tick_until_settled(spec, r, now)
+        if r.state == RoundState.ABORTED:
+            end = _end_of(effects)
+            ended = end.reason
+            notes.append(f"job ended: {ended} ({end.detail})")
+            break
+        assert r.closed is not None
+        updates = {c: sent[c] for c, _digest, _offset in r.closed}
+        found = decide(r.round, updates, f=spec.f, detection=spec.detection, reputation=reputation)
+        verdict = Verdict(found.kept, tuple((x.client, float(x.score)) for x in found.flagged))
+        r, effects = step(spec, r, verdict, now)
+        (command,) = (e for e in effects if isinstance(e, Aggregate))
+        result = aggregate(spec, command, params, updates, clip=clip, adaptive=adaptive)
         clip = result.next_clip
         params = {k: result.model[k].astype(np.float32) for k in names}
         evaluation = fed.evaluate(params, model)
+        flagged = tuple(sorted(x.client for x in found.flagged))
         record = RoundRecord(
-            round=round_index,
+            round=r.round,
             accuracy=evaluation.accuracy,
             loss=evaluation.loss,
-            participants=tuple(participants),
+            participants=r.participants,
             flagged=flagged,
-            byzantine=tuple(c for c in participants if c in fed.byzantine),
+            byzantine=tuple(c for c in r.participants if c in fed.byzantine),
             epsilon=epsilon,
             latency_s=time.perf_counter() - t0,
-            rejected=rejected,
-            kept_flagged=tuple(sorted(set(flagged) - set(removed))),
+            rejected=tuple(c for c, _reason in r.refused if r.holding(c) is None),
+            kept_flagged=tuple(sorted(set(flagged) - set(command.removed))),
         )
         records.append(record)
         if on_round is not None:
             on_round(record)
+        after = effects[-1]
+        if isinstance(after, EndJob):
+            ended = after.reason
+            break
+        assert isinstance(after, NextRound)
+        r, effects = begin(spec, after.round, after.base_version, now)
     return RunResult(
         config=config.to_json(),
         rounds=records,
@@ -157,3 +167,25 @@ def run_direct(
         ended=ended,
         notes=notes,
     )
+
+
+def _digest(r: Round, client: str) -> bytes:
+    """A stand-in for the digest ingest vouches for: one update per (round, client)."""
+    return hashlib.sha256(f"{r.job}/{r.round}/{client}".encode()).digest()
+
+
+def _tick_until_settled(spec: JobSpec, r: Round, now: float) -> Step:
+    """The round after the clock: it closes at once when everyone answered (or nobody was
+    selected), else at its deadline (extended, then aborted, when too few came)."""
+    r, effects = step(spec, r, Tick(), now)
+    out = list(effects)
+    while r.state == RoundState.OPEN:
+        assert r.deadline is not None
+        r, effects = step(spec, r, Tick(), r.deadline)
+        out += effects
+    return r, tuple(out)
+
+
+def _end_of(effects: Sequence[Effect]) -> EndJob:
+    (end,) = (e for e in effects if isinstance(e, EndJob))
+    return end

@@ -37,3 +37,33 @@ def test_adaptive_clipping_with_dp_on_runs_and_charges_z(federation: Federation)
     assert len(result.rounds) == 3 and result.ended == "completed"
     # the accountant charges z whatever the split: the same epsilon as without adaptive
     assert [r.epsilon for r in result.rounds] == [r.epsilon for r in plain.rounds]
+
+
+def test_the_direct_path_drives_the_aggregators_round_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each round is the services' state machine fed what the services would feed it: the
+    grant, each participant's update (ingest refuses the non-finite ones), the clock, the
+    detector's verdict; what follows (the next round, the job's end) is the machine's."""
+    import qflare.sim.direct as direct
+    from qflare.services.aggregator import core
+
+    seen: list[tuple[int, str]] = []
+
+    def spy(spec: core.JobSpec, r: core.Round, event: core.Input, now: float) -> core.Step:
+        seen.append((r.round, type(event).__name__))
+        return core.step(spec, r, event, now)
+
+    monkeypatch.setattr(direct, "step", spy)
+    config = _config(rounds=2, byzantine=1, attack="inf")
+    result = run_direct(config, Federation.build(config))
+    assert result.ended == "completed" and len(result.rounds) == 2
+    for n, record in enumerate(result.rounds, 1):
+        (byz,) = record.rejected
+        inputs = [kind for r, kind in seen if r == n]
+        assert inputs == [
+            "Granted",
+            *("Refused" if c == byz else "Accepted" for c in record.participants),
+            "Tick",
+            "Verdict",
+        ]
