@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ from qflare.services.aggregator.core import (
     step,
     unknown_round,
 )
+from qflare.services.aggregator.store import AggregatorStore
 
 CLIENTS = ("a", "b", "c", "d")
 D1, D2 = b"\x01" * 32, b"\x02" * 32
@@ -606,3 +608,52 @@ def test_the_whole_round_through_the_machine() -> None:
         "NextRound",
     ]
     assert r.state == RoundState.PUBLISHED and r.epsilon == math.inf
+
+
+# -- the store keeps the machine's rounds --------------------------------------------------------
+
+
+async def test_the_store_saves_each_step_with_a_compare_and_set(tmp_path: Path) -> None:
+    store = await AggregatorStore.open(tmp_path)
+    try:
+        model = {"w": np.zeros(2, np.float32)}
+        await store.add_job(SPEC, model, b"\0" * 32)
+        assert await store.request_round("j", 1, base_version=0)
+        r = await store.load_round("j", 1)
+        assert r is not None and r.state == RoundState.REQUESTED and r.base_version == 0
+        assert await store.load_round("j", 2) is None
+        steps: list[Input] = [
+            Granted(0.5, updates_from=7),
+            accepted("b", offset=9),
+            Refused("c", "NON_FINITE"),
+            accepted("a", offset=8),
+            Refused("d", "NON_FINITE"),  # everyone answered: closed
+        ]
+        for event in steps:
+            new, _effects = step(SPEC, r, event, T0)
+            assert await store.save_round(r, new)
+            assert await store.load_round("j", 1) == new
+            if event == steps[1]:
+                # from a stale copy: another digest for a held client writes nothing
+                stale, _ = step(SPEC, r, accepted("b", D2, offset=11), T0)
+                assert not await store.save_round(r, stale)
+                assert await store.load_round("j", 1) == new
+            r = new
+        assert r.state == RoundState.CLOSED and r.closed == (("a", D1, 8), ("b", D1, 9))
+        assert await store.held("j", 1, "b") == (D1, 9)
+        # a stale copy of the open round cannot take an update any more
+        late, _ = step(SPEC, replace(r, state=RoundState.OPEN, closed=None), accepted("c"), T0)
+        assert not await store.save_round(replace(r, state=RoundState.OPEN), late)
+        published, _effects = step(SPEC, r, Verdict(("a",), (("b", 3.0),)), T0)
+        with pytest.raises(ValueError, match="publish_model"):
+            await store.save_round(r, published)
+        verdict = {"kept": ["a"], "flagged": ["b"], "step_norm": 0.0}
+        assert await store.publish_model("j", 1, 1, model, b"\1" * 32, 0.5, verdict)
+        loaded = await store.load_round("j", 1)
+        assert loaded is not None and (loaded.state, loaded.kept, loaded.removed) == (
+            RoundState.PUBLISHED,
+            ("a",),
+            ("b",),
+        )
+    finally:
+        await store.close()
