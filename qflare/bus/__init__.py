@@ -1,4 +1,4 @@
-"""Transport port (DESIGN §5): ``connect_bus`` picks the adapter from the URL.
+"""Transport port (docs/architecture.md, "The data plane"): ``connect_bus`` picks the adapter from the URL.
 
 ``memory://[name]`` (or no URL) gives the embedded broker, ``amqp://``/``amqps://`` RabbitMQ.
 """

@@ -1,6 +1,6 @@
 """The transport port: the few names every service uses to talk over a message bus.
 
-Two adapters sit behind it (DESIGN §5): RabbitMQ via aio-pika (``qflare.bus.rabbitmq``) and
+Two adapters sit behind it (docs/architecture.md): RabbitMQ via aio-pika (``qflare.bus.rabbitmq``) and
 an embedded in-memory broker (``qflare.bus.memory``) with the same semantics, so the same
 service code runs in ``qflare serve`` and in ``qflare simulate``/tests.
 
@@ -55,7 +55,7 @@ from qflare.errors import QflareError
 
 log = logging.getLogger("qflare.bus")
 
-#: RabbitMQ's default ``max_message_size`` (FACTS.md). Larger bodies must go as chunks.
+#: RabbitMQ's default ``max_message_size``. Larger bodies must go as chunks.
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 
 #: ``read_stream(offset=...)``: a named position, an offset (int >= 0) or an aware datetime.

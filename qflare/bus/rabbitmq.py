@@ -1,4 +1,4 @@
-"""RabbitMQ adapter (aio-pika) for the transport port (DESIGN §5).
+"""RabbitMQ adapter (aio-pika) for the transport port (docs/architecture.md).
 
 Every queue is a durable quorum queue with a dead-letter exchange (``qflare.dead``) and a
 delivery limit; stateful consumers get ``x-single-active-consumer``. Publishes are
@@ -6,7 +6,7 @@ persistent, mandatory and confirmed. The connection is aio-pika's robust connect
 reconnect it re-opens channels and re-declares the exchanges, queues, bindings, QoS and
 consumers declared through it, so topology survives broker restarts.
 
-What aio-pika leaves to us (FACTS.md): publishes during an outage raise at once and are not
+What aio-pika leaves to us (measured here; docs/CONTRACTS.md, "qflare.bus"): publishes during an outage raise at once and are not
 buffered, so :meth:`RabbitBus.publish` retries a bounded time with backoff (a lost confirm
 can therefore duplicate a message: consumers are idempotent, delivery is at-least-once);
 the first connect does not retry under ``fail_fast``, so :meth:`RabbitBus.connect` does;
@@ -41,7 +41,7 @@ reconnect the reader consumes again itself, after the last offset it handed over
 handed nothing yet, from the original offset, or for "next"/"last" from the second it was
 attached (at least everything that is new to it).
 
-Restricted broker users (a participant's, DESIGN §4) have no configure permission on the
+Restricted broker users (a participant's: docs/CONTRACTS.md, broker set-up) have no configure permission on the
 exchanges: with ``declare="passive"`` the bus only checks, by passive declarations, that the
 exchanges and the durable queues it consumes exist (the definitions file creates them), and
 binds queues, which needs only write on the queue and read on the exchange. A refused

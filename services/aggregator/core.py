@@ -24,7 +24,7 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   end, alert, reject). The aggregator service loads the round from its store, steps it,
   persists the new state with a compare-and-set, then performs the effects; the
   simulator's ``--direct`` mode drives the same machine in a loop, so the two cannot drift
-  (cosmicpython's functional core and imperative shell; STYLE.md item 12).
+  (cosmicpython's functional core and imperative shell; docs/architecture.md, "One round").
 """
 
 from __future__ import annotations
