@@ -8,10 +8,16 @@ rounds (centered clipping's reference, bucketing's shuffle) is an explicit call 
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+
+from qflare.errors import QflareError
 
 from ._core import (
     ArrayLike,
@@ -25,21 +31,198 @@ from ._core import (
     require,
 )
 
-_A = TypeVar("_A", bound="type[Aggregator]")
-_P = TypeVar("_P", bound="type[PreAggregator]")
+_N = TypeVar("_N", bound="type[_Named]")
 
 RULES: dict[str, type[Aggregator]] = {}
 PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {}
 
+#: entry-point group of installed rule and pre-aggregator plug-ins
+RULES_GROUP = "qflare.rules"
 
-def register_rule(cls: _A) -> _A:
-    RULES[cls.name] = cls
+
+class PluginError(QflareError, ValueError):
+    """A plug-in (``module:name`` or an installed entry point) that cannot be used: it does
+    not import, does not exist, is not of the kind asked for, or its name is taken. The
+    message is one line naming the plug-in and the reason."""
+
+
+_REGISTERED_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_reference(name: str) -> bool:
+    """Whether ``name`` names an object by ``module:name`` (rather than a registered name)."""
+    return ":" in name
+
+
+def qualified_name(obj: object) -> str:
+    """``module:qualname`` of a class or function, as a reference to it would be written."""
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def load_reference(ref: str) -> object:
+    """The object ``ref`` (``package.module:attr`` or ``...:Class.attr``) names, imported.
+
+    Raises :class:`PluginError` with the reason alone (callers put the flag or setting in
+    front): ``module mypkg.rules has no attribute 'nosuch'``.
+    """
+    module_name, _, attr = ref.strip().partition(":")
+    if not _DOTTED.match(module_name) or not _DOTTED.match(attr):
+        raise PluginError(
+            f"{ref!r} is not a plug-in reference; write module:name, e.g. mypkg.rules:MyRule"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise PluginError(
+                f"no module named {missing}; is it installed, or on sys.path (PYTHONPATH)?"
+            ) from None
+        raise PluginError(f"module {module_name} does not import: {exc}") from None
+    except Exception as exc:  # the plug-in's own import-time failure, named as such
+        raise PluginError(
+            f"module {module_name} does not import: {type(exc).__name__}: {exc}"
+        ) from None
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginError(f"module {module_name} has no attribute {attr!r}") from None
+    return obj
+
+
+def entry_point_names(group: str) -> list[str]:
+    """Names of the entry points installed in ``group`` (nothing is imported)."""
+    return sorted({ep.name for ep in importlib.metadata.entry_points(group=group)})
+
+
+def load_entry_point(group: str, name: str) -> object | None:
+    """The object the installed entry point ``name`` of ``group`` names, or None when no
+    distribution declares one; a declared one that does not load raises PluginError."""
+    found = {
+        f"{ep.module}:{ep.attr}": ep
+        for ep in importlib.metadata.entry_points(group=group)
+        if ep.name == name
+    }
+    if not found:
+        return None
+    if len(found) > 1:
+        raise PluginError(
+            f"entry point {name!r} of group {group} is declared more than once: "
+            f"{', '.join(sorted(found))}; uninstall one"
+        )
+    (ref,) = found
+    try:
+        return load_reference(ref)
+    except PluginError as exc:
+        raise PluginError(f"entry point {name!r} of group {group} ({ref}): {exc}") from None
+
+
+def load_plugin(name: str, group: str) -> object | None:
+    """What a plug-in name stands for: ``module:name`` is imported, any other name is
+    looked up among the entry points of ``group``; None when it is neither."""
+    if is_reference(name):
+        return load_reference(name)
+    return load_entry_point(group, name)
+
+
+class PluginNames(list[str]):
+    """Names a table knows (what it lists), whose ``in`` also accepts plug-ins:
+    ``resolve(name)`` is called for a name not in the list and answers whether it stands
+    for something usable (a ``module:name`` or an installed entry point). A resolver may
+    raise instead of answering False, so that ``x in names`` fails with the reason (a
+    plug-in that does not import) rather than a bare "unknown"."""
+
+    def __init__(self, names: Iterable[str], resolve: Callable[[str], bool]) -> None:
+        super().__init__(names)
+        self._resolve = resolve
+
+    def __contains__(self, name: object) -> bool:
+        if super().__contains__(name):
+            return True
+        return isinstance(name, str) and self._resolve(name)
+
+
+def check_registered_name(kind: str, cls: type, name: object) -> str:
+    """The ``name`` a plug-in class registers under, checked: a lowercase identifier."""
+    if not isinstance(name, str) or not _REGISTERED_NAME.match(name):
+        raise PluginError(
+            f"{kind} {qualified_name(cls)} needs name = '<lowercase identifier>' (letters, "
+            f"digits and _, e.g. 'my_rule'), got {name!r}"
+        )
+    return name
+
+
+def register_in(
+    table: dict[str, Any], kind: str, cls: type, others: Iterable[dict[str, Any]] = ()
+) -> None:
+    """Put ``cls`` into ``table`` under its ``name``: a second class may not take a name
+    registered in ``table`` or ``others`` (the same class again, or one re-imported, may)."""
+    name = check_registered_name(kind, cls, getattr(cls, "name", None))
+    held = next((t[name] for t in (table, *others) if name in t), None)
+    if held is not None and held is not cls and qualified_name(held) != qualified_name(cls):
+        raise PluginError(
+            f"{kind} name {name!r} is taken by {qualified_name(held)}; give "
+            f"{qualified_name(cls)} another name"
+        )
+    table[name] = cls
+
+
+def register_rule(cls: _N) -> _N:
+    """Make a rule (an :class:`Aggregator` subclass) or a pre-aggregator (a
+    :class:`PreAggregator` subclass) available to rule specs by its ``name``; usable as a
+    class decorator. The class is built with the spec's parameters (``my_rule(f=2)``), so
+    its constructor should check them (ByzFL's shape: check at construction, again at
+    call). Raises :class:`PluginError` for a class of neither kind, a name that is not a
+    lowercase identifier, or a name another class holds."""
+    if isinstance(cls, type) and issubclass(cls, Aggregator) and not issubclass(cls, Chain):
+        register_in(RULES, "rule", cls, [PRE_AGGREGATORS])
+    elif isinstance(cls, type) and issubclass(cls, PreAggregator):
+        register_in(PRE_AGGREGATORS, "pre-aggregator", cls, [RULES])
+    else:
+        raise PluginError(
+            f"{qualified_name(cls)} is not a rule: subclass qflare.robust.Aggregator "
+            "(or PreAggregator) and give it a name"
+        )
     return cls
 
 
-def register_pre(cls: _P) -> _P:
-    PRE_AGGREGATORS[cls.name] = cls
-    return cls
+#: pre-aggregators register the same way (the class's base decides the table)
+register_pre = register_rule
+
+
+def load_rule_plugin(name: str) -> type[Aggregator] | type[PreAggregator] | None:
+    """The rule or pre-aggregator class a plug-in name stands for (``module:Class`` or an
+    entry point of ``qflare.rules``), registered under its own name; None when ``name`` is
+    neither. Raises :class:`PluginError` when it is one that cannot be used."""
+    obj = load_plugin(name, RULES_GROUP)
+    if obj is None:
+        return None
+    where = name if is_reference(name) else f"entry point {name!r} ({RULES_GROUP})"
+    if not (isinstance(obj, type) and issubclass(obj, (Aggregator, PreAggregator))):
+        raise PluginError(
+            f"{where} is not a subclass of qflare.robust.Aggregator or PreAggregator "
+            f"(it is {describe(obj)})"
+        )
+    if not is_reference(name) and getattr(obj, "name", None) != name:
+        raise PluginError(
+            f"{where} loads {qualified_name(obj)}, whose name is {getattr(obj, 'name', None)!r}; "
+            "the entry point's name and the class's name must agree"
+        )
+    register_rule(obj)
+    return obj
+
+
+def describe(obj: object) -> str:
+    """What a plug-in reference turned out to be, for an error message."""
+    if isinstance(obj, type):
+        bases = ", ".join(b.__name__ for b in obj.__bases__)
+        return f"a class deriving from {bases}"
+    if callable(obj):
+        return "a function"
+    return f"a {type(obj).__name__}"
 
 
 def drop_nonfinite(

@@ -19,6 +19,10 @@ the Byzantine client applies to its labels before training.
   form: each side is a quadratic in gamma, so no bisection is needed.
 - optimal IPM/ALIE: Allouah et al., "Fixing by Mixing", AISTATS 2023 (ByzFL's search of
   the scale that moves the rule's output furthest from the honest mean).
+
+Plug-ins: :func:`register_attack` adds an :class:`Attack` subclass by its ``name``;
+``get_attack("mypkg.attacks:MyAttack")`` imports one, and a name not registered is looked up
+among the installed entry points of the group ``qflare.attacks``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from ._base import Aggregator
+from ._base import (
+    Aggregator,
+    PluginError,
+    describe,
+    entry_point_names,
+    is_reference,
+    load_plugin,
+    qualified_name,
+    register_in,
+)
 from ._core import (
     F64,
     ArrayLike,
@@ -42,13 +55,31 @@ from ._core import (
 
 ATTACKS: dict[str, type[Attack]] = {}
 
+#: entry-point group of installed attack plug-ins
+ATTACKS_GROUP = "qflare.attacks"
+_LABEL_FLIP = "label_flip"  # LabelFlip.name: data-level, not in ATTACKS
 
 _AT = TypeVar("_AT", bound="type[Attack]")
 
 
-def _register(cls: _AT) -> _AT:
-    ATTACKS[cls.name] = cls
+def register_attack(cls: _AT) -> _AT:
+    """Make an :class:`Attack` subclass available to :func:`get_attack` (and the
+    simulator's ``--attack``) by its ``name``; usable as a class decorator. It implements
+    ``forge(honest [h, d], f, rng) -> [f, d]`` (or the one [d] update all f send) and checks
+    its parameters in the constructor. Raises :class:`PluginError` for anything else, a name
+    that is not a lowercase identifier, or a name another attack holds."""
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise PluginError(
+            f"{qualified_name(cls)} is not an attack: subclass qflare.robust.Attack, give it a "
+            "name and implement forge(honest, f, rng)"
+        )
+    if getattr(cls, "name", None) == _LABEL_FLIP:
+        raise PluginError(f"attack name {_LABEL_FLIP!r} is taken by the data-level label flip")
+    register_in(ATTACKS, "attack", cls)
     return cls
+
+
+_register = register_attack
 
 
 class Attack:
@@ -310,7 +341,7 @@ def flip_labels(labels: Any, num_classes: int) -> Any:
 class LabelFlip:
     """``get_attack("label_flip", num_classes=10)``: a function on labels, not updates."""
 
-    name = "label_flip"
+    name = _LABEL_FLIP
     data_level = True
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -321,17 +352,48 @@ class LabelFlip:
 
 
 def list_attacks() -> list[str]:
+    """Registered attacks, installed plug-ins (entry points of ``qflare.attacks``) included."""
+    for name in entry_point_names(ATTACKS_GROUP):
+        if name not in ATTACKS:
+            load_attack_plugin(name)
     return sorted([*ATTACKS, LabelFlip.name])
 
 
+def load_attack_plugin(name: str) -> type[Attack] | None:
+    """The attack class a plug-in name stands for (``module:Class`` or an entry point of
+    ``qflare.attacks``), registered under its own name; None when ``name`` is neither.
+    Raises :class:`PluginError` when it is one that cannot be used."""
+    obj = load_plugin(name, ATTACKS_GROUP)
+    if obj is None:
+        return None
+    where = name if is_reference(name) else f"entry point {name!r} ({ATTACKS_GROUP})"
+    if not (isinstance(obj, type) and issubclass(obj, Attack)):
+        raise PluginError(
+            f"{where} is not a subclass of qflare.robust.Attack (it is {describe(obj)})"
+        )
+    if not is_reference(name) and getattr(obj, "name", None) != name:
+        raise PluginError(
+            f"{where} loads {qualified_name(obj)}, whose name is {getattr(obj, 'name', None)!r}; "
+            "the entry point's name and the class's name must agree"
+        )
+    return register_attack(obj)
+
+
 def get_attack(name: str, **kwargs: Any) -> Attack | LabelFlip:
-    """An attack by name (see ``list_attacks()``), constructed with ``kwargs``."""
-    key = name.strip().lower()
+    """An attack by name (see ``list_attacks()``) or plug-in (``module:Class``, an entry
+    point of ``qflare.attacks``), constructed with ``kwargs``."""
+    key = name.strip()
+    if not is_reference(key):
+        key = key.lower()
     if key == LabelFlip.name:
         return LabelFlip(**kwargs)
-    if key not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {list_attacks()}")
+    cls = ATTACKS.get(key) or load_attack_plugin(key)
+    if cls is None:
+        raise ValueError(
+            f"unknown attack {name!r}; known: {list_attacks()} (plug-ins: module:Class, or an "
+            f"entry point of group {ATTACKS_GROUP})"
+        )
     try:
-        return ATTACKS[key](**kwargs)
+        return cls(**kwargs)
     except TypeError as exc:
         raise TypeError(f"attack {key}: {exc}") from None

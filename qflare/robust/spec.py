@@ -6,6 +6,11 @@ build the same chain. A pre-aggregator that takes f and is given none inherits t
 rule's f: ``"nnm+multikrum(f=3)"`` is ``"nnm(f=3)+multikrum(f=3)"``. Config forms: a
 list of parts (strings or ``{"name": ..., **params}``), or a mapping
 ``{"rule": name | part, "pre": [parts], **params_of_the_rule}``.
+
+A part may also name a plug-in: ``mypkg.rules:MyRule(f=2)`` imports the class (an
+:class:`Aggregator` or :class:`PreAggregator` subclass) and registers it under its ``name``;
+a name that is not registered is looked up among the installed entry points of the group
+``qflare.rules``. A plug-in that cannot be used raises :class:`PluginError` with the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from typing import Any
 
 from . import pre as _pre  # noqa: F401  (registers pre-aggregators)
 from . import rules as _rules  # noqa: F401  (registers rules)
-from ._base import PRE_AGGREGATORS, RULES, Aggregator, Chain, PreAggregator
+from ._base import (
+    PRE_AGGREGATORS,
+    RULES,
+    RULES_GROUP,
+    Aggregator,
+    Chain,
+    PreAggregator,
+    entry_point_names,
+    is_reference,
+    load_rule_plugin,
+)
 
 ALIASES = {
     "fedavg": "mean",
@@ -32,11 +47,18 @@ ALIASES = {
     "static_clip": "clip",
 }
 
-_PART = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"
+_PART = re.compile(rf"^\s*({_IDENT}|{_DOTTED}:{_DOTTED})\s*(?:\((.*)\))?\s*$", re.S)
+_PLUGINS_HINT = f"plug-ins: module:Class, or an entry point of group {RULES_GROUP}"
 
 
 def list_rules() -> dict[str, list[str]]:
-    """Registered names: {"rules": [...], "pre": [...]}."""
+    """Registered names, installed plug-ins (entry points of ``qflare.rules``) included:
+    {"rules": [...], "pre": [...]}."""
+    for name in entry_point_names(RULES_GROUP):
+        if name not in RULES and name not in PRE_AGGREGATORS:
+            load_rule_plugin(name)
     return {"rules": sorted(RULES), "pre": sorted(PRE_AGGREGATORS)}
 
 
@@ -44,7 +66,9 @@ def _parse_part(text: str) -> tuple[str, dict[str, Any]]:
     m = _PART.match(text)
     if not m:
         raise ValueError(f"cannot parse rule part {text!r}; expected name or name(k=v, ...)")
-    name, args = m.group(1).lower(), m.group(2)
+    name, args = m.group(1), m.group(2)
+    if not is_reference(name):
+        name = name.lower()
     params: dict[str, Any] = {}
     if args and args.strip():
         try:
@@ -89,6 +113,18 @@ def _build(cls: Part, name: str, params: dict[str, Any]) -> Aggregator | PreAggr
     return cls(**params)
 
 
+def _resolve(name: str, *, last: bool) -> Part:
+    """The class a part names: registered, or a plug-in (``module:Class``, entry point)."""
+    cls: Part | None = RULES.get(name) or PRE_AGGREGATORS.get(name)
+    if cls is None:
+        cls = load_rule_plugin(name)  # None: no such plug-in
+    kind, table = ("rule", RULES) if last else ("pre-aggregator", PRE_AGGREGATORS)
+    if cls is not None and issubclass(cls, Aggregator if last else PreAggregator):
+        return cls
+    hint = "" if cls is None else " (rules go last, pre-aggregators before them)"
+    raise ValueError(f"unknown {kind} {name!r}{hint}; known: {sorted(table)} ({_PLUGINS_HINT})")
+
+
 def get_rule(spec: str | Sequence[Any] | Mapping[str, Any], **overrides: Any) -> Aggregator:
     """Build a rule or chain. ``overrides`` go to every part that takes that parameter."""
     if isinstance(spec, str):
@@ -111,17 +147,7 @@ def get_rule(spec: str | Sequence[Any] | Mapping[str, Any], **overrides: Any) ->
     resolved: list[tuple[Part, str, dict[str, Any]]] = []
     for i, (name, params) in enumerate(parts):
         name = ALIASES.get(name, name)
-        last = i == len(parts) - 1
-        table: Mapping[str, Part] = RULES if last else PRE_AGGREGATORS
-        if name not in table:
-            kind = "rule" if last else "pre-aggregator"
-            hint = (
-                ""
-                if name not in (PRE_AGGREGATORS if last else RULES)
-                else (" (rules go last, pre-aggregators before them)")
-            )
-            raise ValueError(f"unknown {kind} {name!r}{hint}; known: {sorted(table)}")
-        resolved.append((table[name], name, dict(params)))
+        resolved.append((_resolve(name, last=i == len(parts) - 1), name, dict(params)))
     for key, value in overrides.items():
         takers = [r for r in resolved if _accepts(r[0], key)]
         if not takers:

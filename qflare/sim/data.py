@@ -6,7 +6,8 @@ files that Debian's ``dataset-fashion-mnist`` package installs. A user's own dat
 through :func:`from_torch_dataset` (any object with ``__len__`` and ``__getitem__`` returning
 ``(features, label)``, which every ``torch.utils.data.Dataset`` of that shape is) or by
 building an :class:`ArrayDataset` directly, and registering a loader with
-:func:`register_dataset`.
+:func:`register_dataset`, installing one as an entry point of the group ``qflare.datasets``,
+or naming it ``module:function`` (a loader is ``loader() -> SplitData``).
 
 Non-IID splits follow the label-Dirichlet scheme of Hsu, Qi and Brown, "Measuring the Effects
 of Non-Identical Data Distribution for Federated Visual Classification" (2019): for every
@@ -225,25 +226,55 @@ _LOADERS: dict[str, Callable[[], SplitData]] = {
 }
 
 
+#: entry-point group of installed data-set loaders
+DATASETS_GROUP = "qflare.datasets"
+
+
 def register_dataset(name: str, loader: Callable[[], SplitData]) -> None:
     """Make ``loader`` available as ``--dataset name`` (e.g. wrapping :func:`from_torch_dataset`)."""
-    if not name or name in _LOADERS:
-        raise ValueError(f"data set name {name!r} is empty or already registered")
+    if not name or name in _LOADERS or ":" in name:
+        raise ValueError(f"data set name {name!r} is empty, has a ':' or is already registered")
     _LOADERS[name] = loader
 
 
+def _plugin_loader(name: str) -> Callable[[], SplitData] | None:
+    """The loader a plug-in name stands for (``module:function`` or an entry point of
+    ``qflare.datasets``); None when it is neither. A plug-in that cannot be used raises
+    :class:`qflare.sim.config.SimConfigError` naming ``--dataset`` and the reason."""
+    from qflare.robust import PluginError, load_plugin
+    from qflare.sim.config import SimConfigError
+
+    try:
+        obj = load_plugin(name, DATASETS_GROUP)
+    except PluginError as exc:
+        raise SimConfigError(f"--dataset {name}: {exc}") from None
+    if obj is not None and not callable(obj):
+        raise SimConfigError(
+            f"--dataset {name}: {type(obj).__name__} is not callable; a data-set plug-in is "
+            "loader() -> qflare.sim.data.SplitData"
+        )
+    return obj
+
+
 def dataset_names() -> list[str]:
-    return sorted(_LOADERS)
+    """Data sets ``--dataset`` takes: registered ones and installed plug-ins (listed), and
+    (by ``in``) any ``module:function`` that loads."""
+    from qflare.robust import PluginNames, entry_point_names
+
+    names = sorted({*_LOADERS, *entry_point_names(DATASETS_GROUP)})
+    return PluginNames(names, lambda name: _plugin_loader(name) is not None)
 
 
 def load_dataset(name: str) -> SplitData:
-    try:
-        loader = _LOADERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown data set {name!r}; known: {', '.join(dataset_names())}"
-        ) from None
-    return loader()
+    loader = _LOADERS.get(name) or _plugin_loader(name)
+    if loader is None:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(dataset_names())}")
+    data = loader()
+    if not isinstance(data, SplitData):
+        raise TypeError(
+            f"data set {name!r} returned {type(data).__name__}, not qflare.sim.data.SplitData"
+        )
+    return data
 
 
 def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:

@@ -8,22 +8,31 @@ the same numbers as one flat vector in sorted-name order, through the services' 
 Determinism: every client's local training draws its batch order from a generator seeded
 by ``(seed, round, client)`` and torch runs on one thread, so two runs with the same seed
 give bit-identical updates whichever bus carries them.
+
+Models by name: ``mlp`` and ``cnn``, any builder added with :func:`register_model`, an
+installed entry point of the group ``qflare.models``, or ``module:function``; a builder is
+``builder(sample_shape, num_classes) -> nn.Module`` and runs after ``torch.manual_seed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from qflare.robust import PluginError, PluginNames, load_plugin
 from qflare.sim.data import ArrayDataset
 
 Params = dict[str, np.ndarray]
 
-MODEL_NAMES = ("mlp", "cnn")
+#: ``builder(sample_shape, num_classes) -> nn.Module``, called after ``torch.manual_seed``
+ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
+
+#: entry-point group of installed model builders
+MODELS_GROUP = "qflare.models"
 
 
 def set_deterministic() -> None:
@@ -32,42 +41,93 @@ def set_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_model(name: str, sample_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """A small classifier for ``sample_shape`` inputs, initialised from ``seed``.
-
-    ``mlp``: flatten -> 64 -> ReLU -> classes (digits: 4810 parameters).
-    ``cnn``: two 3x3 conv layers (16 and 32 channels) with 2x2 max-pooling, then a linear
-    layer; for image inputs ``(c, h, w)``.
-    """
-    torch.manual_seed(seed)
+def _mlp(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """flatten -> 64 -> ReLU -> classes (digits: 4810 parameters)."""
     in_features = int(np.prod(sample_shape))
-    if name == "mlp":
-        return nn.Sequential(
-            nn.Flatten(), nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, num_classes)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, num_classes)
+    )
+
+
+def _cnn(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Two 3x3 conv layers (16 and 32 channels) with 2x2 max-pooling, then a linear layer;
+    for image inputs ``(c, h, w)`` or square flat ones."""
+    in_features = int(np.prod(sample_shape))
+    if len(sample_shape) == 1:
+        side = round(in_features**0.5)
+        if side * side != in_features:
+            raise ValueError(f"cnn needs square images; got {in_features} features")
+        channels, height, width = 1, side, side
+    elif len(sample_shape) == 3:
+        channels, height, width = sample_shape
+    else:
+        raise ValueError(f"cnn needs (c, h, w) or square flat inputs, got {sample_shape}")
+    flat = 32 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        nn.Unflatten(1, (channels, height, width)),
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, num_classes),
+    )
+
+
+_BUILDERS: dict[str, ModelBuilder] = {"mlp": _mlp, "cnn": _cnn}
+
+
+def _plugin_builder(name: str) -> ModelBuilder | None:
+    """The builder a plug-in name stands for (``module:function`` or an entry point of
+    ``qflare.models``); None when it is neither. A plug-in that cannot be used raises
+    :class:`qflare.sim.config.SimConfigError` naming ``--model`` and the reason."""
+    from qflare.sim.config import SimConfigError
+
+    try:
+        obj = load_plugin(name, MODELS_GROUP)
+    except PluginError as exc:
+        raise SimConfigError(f"--model {name}: {exc}") from None
+    if obj is not None and not callable(obj):
+        raise SimConfigError(
+            f"--model {name}: {type(obj).__name__} is not callable; a model plug-in is "
+            "builder(sample_shape, num_classes) -> torch.nn.Module"
         )
-    if name == "cnn":
-        if len(sample_shape) == 1:
-            side = round(in_features**0.5)
-            if side * side != in_features:
-                raise ValueError(f"cnn needs square images; got {in_features} features")
-            channels, height, width = 1, side, side
-        elif len(sample_shape) == 3:
-            channels, height, width = sample_shape
-        else:
-            raise ValueError(f"cnn needs (c, h, w) or square flat inputs, got {sample_shape}")
-        flat = 32 * (height // 4) * (width // 4)
-        return nn.Sequential(
-            nn.Unflatten(1, (channels, height, width)),
-            nn.Conv2d(channels, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(flat, num_classes),
-        )
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return obj
+
+
+def _builder(name: str) -> ModelBuilder | None:
+    return _BUILDERS.get(name) or _plugin_builder(name)
+
+
+#: Models ``--model`` takes: the listed names, and (by ``in``) any plug-in that loads.
+MODEL_NAMES = PluginNames(_BUILDERS, lambda name: _plugin_builder(name) is not None)
+
+
+def register_model(name: str, builder: ModelBuilder) -> None:
+    """Make ``builder(sample_shape, num_classes) -> nn.Module`` available as ``--model name``."""
+    if not name or name in _BUILDERS or ":" in name:
+        raise ValueError(f"model name {name!r} is empty, has a ':' or is already registered")
+    if not callable(builder):
+        raise TypeError(f"the builder of model {name!r} must be callable, got {builder!r}")
+    _BUILDERS[name] = builder
+    MODEL_NAMES.append(name)
+
+
+def build_model(name: str, sample_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """A classifier for ``sample_shape`` inputs, initialised from ``seed``: ``mlp``
+    (flatten -> 64 -> ReLU -> classes; digits: 4810 parameters), ``cnn`` (two 3x3 conv
+    layers with 16 and 32 channels and 2x2 max-pooling, then a linear layer), or a
+    registered or plug-in builder."""
+    builder = _builder(name)
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    torch.manual_seed(seed)
+    model = builder(sample_shape, num_classes)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def get_params(model: nn.Module) -> Params:

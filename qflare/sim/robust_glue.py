@@ -2,6 +2,8 @@
 
 Kept apart so that the rest of the simulator reads in its own terms (client ids, named
 parameter dicts) and a change in the robustness core's call shapes touches one file.
+``--rule`` and ``--attack`` take plug-ins as the core does: ``module:Class`` or the name of
+an installed entry point (``qflare.rules``, ``qflare.attacks``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from qflare.robust import Aggregator, get_rule
+from qflare.robust import Aggregator, PluginNames, get_rule, is_reference
 from qflare.sim.config import LABEL_FLIP, NO_ATTACK
 
 
@@ -33,7 +35,9 @@ def resolve_rule_spec(spec: str, f: int) -> str:
             # aggregators are built as a chain ending in "mean" to satisfy the parser.
             probe = part if i == len(out) - 1 else f"{part}+mean"
             get_rule(probe, f=f)
-        except TypeError:
+        except (TypeError, ValueError):
+            # takes no f, or is wrong in itself: left as written, for --rule's own check
+            # (build_rule) to name the mistake
             resolved.append(part)
             continue
         name, _, args = part.partition("(")
@@ -64,16 +68,22 @@ _ALIASES = {
 
 
 def canonical_attack(name: str) -> str:
-    """The robust core's name for an attack (``sign-flip`` -> ``sign_flip``)."""
-    key = name.strip().lower()
+    """The robust core's name for an attack (``sign-flip`` -> ``sign_flip``); a plug-in's
+    ``module:Class`` as written."""
+    key = name.strip()
+    if is_reference(key):
+        return key
+    key = key.lower()
     return _ALIASES.get(key, key)
 
 
 def attack_names() -> list[str]:
-    """Every attack the simulator can run: ``none`` and every attack of qflare.robust."""
+    """Every attack the simulator can run: ``none`` and every attack of qflare.robust
+    (installed plug-ins included); ``in`` also accepts a ``module:Class``, which
+    :func:`check_attack` then loads."""
     from qflare.robust.attacks import list_attacks
 
-    return [NO_ATTACK, *list(list_attacks())]
+    return PluginNames([NO_ATTACK, *list(list_attacks())], is_reference)
 
 
 def _attack_kwargs(name: str, options: Mapping[str, Any] | None, rule_spec: str) -> dict[str, Any]:
