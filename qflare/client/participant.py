@@ -15,7 +15,8 @@ participant
    ``torch.load``), calls the user's ``train(model, round_info) -> num_samples`` in a worker
    thread (the event loop keeps the broker connection alive meanwhile), and takes
    ``delta = local - global`` per tensor;
-3. applies ``update_transform`` if one is given (the simulator's Byzantine hook), signs the
+3. applies ``update_transform`` if one is given (the simulator's Byzantine hook), then
+   ``local_dp`` if one is given (:class:`qflare.privacy.LocalLaplace`: local DP), signs the
    update with its ML-DSA key, seals it once for the three services that read it (ingest,
    the aggregator, the detector: their KEM keys), and publishes it to ``qflare.client`` as
    ``update.<job>``, which writes it into the job's update stream, with publisher confirms.
@@ -38,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -50,6 +51,9 @@ from qflare.messages import Body, Envelope, JobEnded, ModelPublished, RoundOpene
 from qflare.messages.envelope import by_kind, of_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.tensors import model_digest
+
+if TYPE_CHECKING:
+    from qflare.privacy.mechanism import LocalLaplace
 
 log = logging.getLogger("qflare.client")
 
@@ -141,6 +145,7 @@ class Participant:
         prefetch: int = 4,
         clock: Callable[[], float] = time.time,
         declare: str | None = None,
+        local_dp: LocalLaplace | None = None,
     ) -> None:
         if train is None and type(self).compute_update is Participant.compute_update:
             raise TypeError("give a train(model, round_info) function, or override compute_update")
@@ -153,6 +158,7 @@ class Participant:
         self.train = train
         self.seal = seal
         self.update_transform = update_transform
+        self.local_dp = local_dp
         self.model_wait_s = model_wait_s
         self.prefetch = prefetch
         self.clock = clock
@@ -426,6 +432,10 @@ class Participant:
         if self.update_transform is not None:
             update = LocalUpdate(
                 dict(self.update_transform(dict(update.tensors), info)), update.num_samples
+            )
+        if self.local_dp is not None:  # the last change before the update is signed and sealed
+            update = LocalUpdate(
+                self.local_dp(update.tensors, job=info.job, round=info.round), update.num_samples
             )
         return update
 

@@ -21,7 +21,12 @@ uses ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (their Theorem 1), so the acco
 charges ``z`` and nothing else.
 
 Local DP (:func:`local_dp_update`) lets a client clip and noise its own update before it
-leaves the device, for clients that do not trust the server to add the noise.
+leaves the device, for clients that do not trust the server to add the noise. The Laplace
+mechanism (Dwork, McSherry, Nissim and Smith 2006, "Calibrating Noise to Sensitivity in
+Private Data Analysis", TCC) gives such a client pure epsilon per release
+(:func:`local_laplace_update`, :class:`LocalLaplace`): L1 clipping to ``C``, then
+Laplace(b = 2C / epsilon) per coordinate; releases add up by basic composition
+(Dwork and Roth 2014, Theorem 3.14).
 
 Noise comes from :class:`NoiseSource`, a NumPy generator seeded from the operating system's
 CSPRNG (``secrets``); an explicit seed is accepted for reproducible simulations and is
@@ -106,6 +111,10 @@ class NoiseSource:
 
     def uniform(self, n: int) -> F64:
         return self._generator.random(n)
+
+    def laplace(self, scale: float, shape: tuple[int, ...]) -> F64:
+        """float64 Laplace(0, scale) samples (density exp(-|x| / scale) / (2 scale))."""
+        return self._generator.laplace(0.0, scale, size=shape)
 
 
 def poisson_sample(clients: Sequence[str], q: float, noise: NoiseSource) -> list[str]:
@@ -329,3 +338,149 @@ def local_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
     z = _positive("noise_multiplier", noise_multiplier)
     return epsilon(1.0, z / 2.0, rounds, delta)
+
+
+# -- local DP by the Laplace mechanism (pure epsilon) -------------------------------------
+
+
+def l1_norm(row: Floats) -> float:
+    """L1 norm of a vector, accumulated in float64 by NumPy's pairwise summation."""
+    return float(np.add.reduce(np.abs(row.astype(np.float64))))
+
+
+def clip_l1(vec: Floats, clip: float) -> float:
+    """Scale the vector ``vec`` in place to L1 norm at most ``clip`` (unchanged when
+    already inside); returns its norm before. A non-finite vector is refused."""
+    clip = _positive("clip", clip)
+    norm = l1_norm(vec)
+    if not math.isfinite(norm):
+        raise PrivacyError(INVALID_PARAMETERS, "the update has non-finite values")
+    if norm > clip:
+        vec *= clip / norm
+    return norm
+
+
+def laplace_scale(clip: float, epsilon: float) -> float:
+    """The Laplace scale ``b = 2 C / epsilon`` of one local release.
+
+    Local DP treats the client as the whole database: two neighbouring inputs are any two
+    of its data sets, so their updates, each clipped to the L1 ball of radius C, differ by
+    at most 2C in L1 (the triangle inequality). Laplace noise of scale Delta_1 / epsilon on
+    every coordinate is epsilon-DP (Dwork et al. 2006), with Delta_1 = 2C."""
+    return 2.0 * _positive("clip", clip) / _positive("epsilon", epsilon)
+
+
+def local_laplace_update(
+    update: Tensors, clip: float, epsilon: float, noise: NoiseSource | None = None
+) -> dict[str, Array]:
+    """What a client sends under local Laplace DP: its update (all tensors as one vector)
+    clipped to L1 norm ``clip``, plus Laplace(``laplace_scale(clip, epsilon)``) on every
+    coordinate, in the update's own layout and dtypes. Pure ``epsilon``-DP with respect to
+    everything that client holds, against anyone who sees the release (the server too)."""
+    scale = laplace_scale(clip, epsilon)
+    noise = noise if noise is not None else NoiseSource()
+    layout = Layout.of(update)
+    vec = layout.flatten(update, dtype=np.float64)
+    clip_l1(vec, clip)
+    return layout.unflatten(vec + noise.laplace(scale, (layout.size,)))
+
+
+def laplace_epsilon(epsilons: Sequence[float]) -> float:
+    """Total epsilon of pure-DP releases by basic composition: their sum (Dwork and Roth
+    2014, Theorem 3.14). Delta stays 0. An upper bound: advanced composition or the PLD
+    accountant give less at some delta > 0, which pure DP does not need."""
+    total = 0.0
+    for i, eps in enumerate(epsilons):
+        total += _positive(f"epsilons[{i}]", eps)
+    return total
+
+
+@dataclass(frozen=True)
+class LaplaceRelease:
+    """One local Laplace release: the (job, round) it was made for and its epsilon."""
+
+    job: str
+    round: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class LaplaceAccount:
+    """What a participant's local Laplace releases cost it, by basic composition."""
+
+    epsilon_per_release: float
+    clip: float
+    releases: tuple[LaplaceRelease, ...]
+
+    @property
+    def epsilon(self) -> float:
+        """The sum over the releases (pure DP: delta is 0)."""
+        return laplace_epsilon([r.epsilon for r in self.releases])
+
+    def epsilon_of(self, job: str) -> float:
+        """The sum over the releases made for ``job``."""
+        return laplace_epsilon([r.epsilon for r in self.releases if r.job == job])
+
+    def report(
+        self, central_epsilon: float | None = None, central_delta: float | None = None
+    ) -> dict[str, Any]:
+        """The local guarantee beside the job's central one (``central_epsilon`` and
+        ``central_delta`` as the aggregator reports them, e.g. ``qflare status --json``).
+        Two separate guarantees against different adversaries; neither is added to the
+        other (docs/privacy.md, "Local DP with the Laplace mechanism")."""
+        central = None
+        if central_epsilon is not None:
+            central = {
+                "mechanism": "gaussian",
+                "epsilon": float(central_epsilon),
+                "delta": None if central_delta is None else float(central_delta),
+                "composition": "pld",
+                "protects_against": "everyone who sees the released models",
+            }
+        return {
+            "local": {
+                "mechanism": "laplace",
+                "epsilon_per_release": self.epsilon_per_release,
+                "releases": len(self.releases),
+                "epsilon": self.epsilon,
+                "delta": 0.0,
+                "clip_l1": self.clip,
+                "composition": "basic",
+                "protects_against": "everyone who sees the updates, the server included",
+            },
+            "central": central,
+        }
+
+
+class LocalLaplace:
+    """A participant's local DP with the Laplace mechanism:
+    ``Participant(..., local_dp=LocalLaplace(epsilon=1.0, clip=0.1))``.
+
+    Each update, just before it is signed and sealed, is clipped to L1 norm ``clip`` and
+    gets Laplace(2 clip / epsilon) noise per coordinate (:func:`local_laplace_update`):
+    pure ``epsilon`` per release. Every release is recorded (also one that was made but,
+    say, not delivered: counting it is the safe side) and :meth:`account` sums them.
+    ``seed`` is for reproducible tests and simulations only."""
+
+    def __init__(self, epsilon: float, clip: float, *, seed: int | None = None) -> None:
+        self.epsilon = _positive("epsilon", epsilon)
+        self.clip = _positive("clip", clip)
+        self._noise = NoiseSource(seed)
+        self._releases: list[LaplaceRelease] = []
+
+    def __repr__(self) -> str:
+        return f"LocalLaplace(epsilon={self.epsilon!r}, clip={self.clip!r})"
+
+    @property
+    def scale(self) -> float:
+        """The Laplace scale b = 2 clip / epsilon of every release."""
+        return laplace_scale(self.clip, self.epsilon)
+
+    def __call__(self, update: Tensors, *, job: str = "", round: int = 0) -> dict[str, Array]:
+        """The noised update to send in place of ``update`` (recorded as one release)."""
+        released = local_laplace_update(update, self.clip, self.epsilon, self._noise)
+        self._releases.append(LaplaceRelease(job, round, self.epsilon))
+        return released
+
+    def account(self) -> LaplaceAccount:
+        return LaplaceAccount(self.epsilon, self.clip, tuple(self._releases))
