@@ -9,6 +9,8 @@
 
 See :mod:`qflare.client.participant` for what happens each round, and docs/CONTRACTS.md
 ("qflare.client") for the hooks simulations use (``compute_update``, ``update_transform``).
+A Flower ``NumPyClient`` runs as a participant through :func:`qflare.client.flower.run_numpy_client`;
+local DP: ``Participant(..., local_dp=qflare.privacy.LocalLaplace(epsilon=..., clip=...))``.
 """
 
 from qflare.client.kit import Kit
@@ -21,7 +23,7 @@ from qflare.client.participant import (
     UpdateTransform,
     run_participants,
 )
-from qflare.client.tensors import delta, load_tensors, model_tensors
+from qflare.client.tensors import delta, load_tensors, model_tensors, plain_name
 
 __all__ = [
     "Kit",
@@ -34,5 +36,6 @@ __all__ = [
     "delta",
     "load_tensors",
     "model_tensors",
+    "plain_name",
     "run_participants",
 ]
