@@ -213,6 +213,8 @@ def _unknown_rule_name(spec: str) -> str | None:
     names = {*known["rules"], *known["pre"], *ALIASES}
     for part in spec.split("+"):
         name = part.split("(", 1)[0].strip().lower()
+        if ":" in name:
+            continue  # a plug-in (module:name): get_rule's own error says what is wrong
         if name and name not in names:
             what = (
                 f"unknown rule {name!r}"

@@ -60,7 +60,7 @@ def test_the_issue_example(tmp_path: Path) -> None:
     message = _error(tmp_path, "[services.ingest]\nmax_update_nrom = 5\n")
     assert message.endswith(
         "[services.ingest] max_update_nrom: unknown option; allowed: replica, max_update_norm, "
-        "round_news_wait_s, dedup_capacity, crl_path"
+        "round_news_wait_s, dedup_capacity, share, crl_path"
     )
 
 
