@@ -97,8 +97,8 @@ class Usage:
         for g, pids in self.groups.items():
             now = [proc_usage(p) for p in pids]
             out[g] = (
-                sum(max(0.0, b[0] - a[0]) for a, b in zip(self.start[g], now)),
-                sum(max(0, b[1] - a[1]) for a, b in zip(self.start[g], now)),
+                sum(max(0.0, b[0] - a[0]) for a, b in zip(self.start[g], now, strict=True)),
+                sum(max(0, b[1] - a[1]) for a, b in zip(self.start[g], now, strict=True)),
             )
         return out
 
