@@ -146,9 +146,10 @@ def test_qflare_simulate_takes_plugins_by_module_and_name(plugin: ModuleType, tm
             "--attack {r}: {r} is not a subclass of qflare.robust.Attack",
             id="a-rule-as-attack",
         ),
-        # --rule's message comes from the job-spec check (qflare.runtime.config), which
-        # names the part it does not know
-        pytest.param("--rule", "nosuch", "--rule '{r}': unknown rule", id="rule"),
+        # --rule's message is get_rule's own: it names the module and the missing attribute
+        pytest.param(
+            "--rule", "nosuch", "--rule '{r}': module {m} has no attribute 'nosuch'", id="rule"
+        ),
     ],
 )
 def test_a_bad_plugin_name_is_one_line_and_exit_2(
