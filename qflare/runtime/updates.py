@@ -178,21 +178,35 @@ class UpdateFeed:
 
     async def _open_ahead(self, delivery: Delivery) -> None:
         try:
-            env = await open_off_loop(
-                delivery.body,
-                self.trust,
-                limits=self.limits,
-                expect_kind=Update.KIND,
-                expect_job=self.job,
-                kem_key=self.kem_key,
-            )
             assert delivery.offset is not None
-            await self.sink(_stream_update(of_kind(env, Update), delivery.offset))
+            await self.sink(await self._open(delivery.body, delivery.offset))
         except MessageRejected as exc:
             # ingest judges and reports it; if a verdict vouches for it anyway, fetch reads it
             self.log.debug("read-ahead skipped offset %s: %s", delivery.offset, exc)
         finally:
             self._workers.release()
+
+    async def _open(
+        self,
+        data: bytes,
+        offset: int,
+        *,
+        round_no: int | None = None,
+        vouched: bytes | None = None,
+    ) -> StreamUpdate:
+        """The update at ``offset``, opened with this reader's key: verified in full, or
+        under a ``vouched`` digest (the bytes must hash to it)."""
+        env = await open_off_loop(
+            data,
+            self.trust,
+            limits=self.limits,
+            expect_kind=Update.KIND,
+            expect_job=self.job,
+            expect_round=round_no,
+            kem_key=self.kem_key,
+            vouched_digest=vouched,
+        )
+        return _stream_update(of_kind(env, Update), offset)
 
     async def fetch(
         self, round_no: int, refs: Sequence[Ref], timeout: float = 60.0
@@ -213,23 +227,16 @@ class UpdateFeed:
             ref = wanted.get(delivery.offset)
             if ref is not None and ref.client not in found:
                 try:
-                    env = await open_off_loop(
-                        delivery.body,
-                        self.trust,
-                        limits=self.limits,
-                        expect_kind=Update.KIND,
-                        expect_job=self.job,
-                        expect_round=round_no,
-                        kem_key=self.kem_key,
-                        vouched_digest=ref.digest,
+                    update = await self._open(
+                        delivery.body, ref.offset, round_no=round_no, vouched=ref.digest
                     )
-                    if env.sender != ref.client:
+                    if update.client != ref.client:
                         raise MessageRejected(
                             Reason.SENDER_MISMATCH,
-                            f"offset {ref.offset} holds an update of {env.sender!r}, "
+                            f"offset {ref.offset} holds an update of {update.client!r}, "
                             f"vouched for {ref.client!r}",
                         )
-                    found[ref.client] = _stream_update(of_kind(env, Update), delivery.offset)
+                    found[ref.client] = update
                 except MessageRejected as exc:
                     failed.append(f"offset {ref.offset} ({ref.client}): {exc}")
             if delivery.offset >= last or len(found) + len(failed) == len(wanted):
