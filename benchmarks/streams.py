@@ -16,6 +16,9 @@ Trials of the routes alternate, so drift on a shared machine hits all of them; t
 to the floor of the same repetition is the figure that matters. Every trial uses a prefix
 of its own and deletes its queues, streams and exchanges.
 
+``trial`` is also what ``benchmarks/round.py`` measures its floors with (its own bodies, a
+probe around the timed part); each consumer process reports its CPU seconds and peak RSS.
+
     python benchmarks/streams.py [--url amqp://...] [--count 100] [--size-mib 4]
                                  [--window 16] [--prefetch 16] [--reps 3]
 """
@@ -25,13 +28,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 from qflare.bus import Delivery, Outcome, QueueSpec, StreamSpec, connect_bus, topology
+from qflare.bus.port import StreamOffset
 
 KEY = "bench.stream"
 BINDINGS = ((topology.EVENTS, "bench.#"),)
@@ -60,66 +68,151 @@ class Countdown:
         return Outcome.ACK
 
 
-async def consumer(url: str, prefix: str, kind: str, name: str, count: int, prefetch: int) -> None:
-    """A consumer process: prints ``ready`` once attached, ``done <time>`` after ``count``."""
+def _offset(text: str) -> StreamOffset:
+    """``--offset`` as the bus takes it: a number, or one of the bus's words."""
+    return int(text) if text.isdigit() else cast(StreamOffset, text)
+
+
+async def consumer(
+    url: str,
+    prefix: str,
+    kind: str,
+    name: str,
+    count: int,
+    prefetch: int,
+    offset: StreamOffset = "first",
+    readers: int = 1,
+) -> None:
+    """A consumer process: prints ``ready`` once attached, then ``done <time> <cpu-s>
+    <peak-rss-bytes>`` after each of its ``readers`` handled ``count`` messages (a stream
+    is read by each reader from ``offset``; ``readers`` > 1 only for streams)."""
     bus = await connect_bus(url, prefix=prefix)
-    handler = Countdown(count)
+    handlers = [Countdown(count) for _ in range(readers)]
     try:
         if kind == "queue":
-            await bus.consume(QueueSpec(name, bindings=BINDINGS), handler, prefetch=prefetch)
+            await bus.consume(QueueSpec(name, bindings=BINDINGS), handlers[0], prefetch=prefetch)
         else:
-            await bus.read_stream(name, handler, offset="first", prefetch=prefetch)
+            for handler in handlers:
+                await bus.read_stream(name, handler, offset=offset, prefetch=prefetch)
         print("ready", flush=True)
-        await handler.done.wait()
-        print(f"done {time.time():.6f}", flush=True)
+        await asyncio.gather(*(h.done.wait() for h in handlers))
+        end = time.time()
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        print(
+            f"done {end:.6f} {use.ru_utime + use.ru_stime:.3f} {use.ru_maxrss * 1024}", flush=True
+        )
     finally:
         await bus.close(timeout=1.0)
 
 
 def start_consumer(
-    args: argparse.Namespace, kind: str, prefix: str, name: str
+    url: str,
+    kind: str,
+    prefix: str,
+    name: str,
+    count: int,
+    prefetch: int,
+    offset: StreamOffset = "first",
+    readers: int = 1,
 ) -> subprocess.Popen[str]:
     """This script again, as a consumer process (``--consumer``)."""
-    argv = [sys.executable, __file__, "--url", args.url, "--consumer", kind, prefix, name]
-    argv += [str(args.count), str(args.prefetch)]
+    argv = [sys.executable, __file__, "--url", url, "--consumer", kind, prefix, name]
+    argv += [str(count), str(prefetch), "--offset", str(offset), "--readers", str(readers)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 
 
-async def trial(args: argparse.Namespace, route: str, body: bytes) -> float:
+@dataclass(frozen=True)
+class Ended:
+    """A consumer process's ``done`` line: when, its CPU seconds, its peak RSS in bytes."""
+
+    at: float
+    cpu_s: float
+    peak_rss: int
+
+    @classmethod
+    def parse(cls, line: str, what: str) -> Ended:
+        parts = line.split()
+        if len(parts) != 4 or parts[0] != "done":
+            raise RuntimeError(f"{what} ended without its done line: {line!r}")
+        return cls(float(parts[1]), float(parts[2]), int(parts[3]))
+
+
+async def wait_ready(children: Sequence[subprocess.Popen[str]], what: str) -> None:
+    for child in children:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), timeout=60)
+        if line.strip() != "ready":
+            raise RuntimeError(f"consumer for {what} did not start: {line!r}")
+
+
+async def wait_done(
+    children: Sequence[subprocess.Popen[str]], what: str, timeout: float = 300
+) -> list[Ended]:
+    ends = []
+    for child in children:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), timeout=timeout)
+        ends.append(Ended.parse(line, what))
+    return ends
+
+
+class Probe(Protocol):
+    """What a caller measures around the timed part of a trial (``benchmarks/round.py``:
+    CPU seconds and disk writes of the broker and of each process)."""
+
+    def start(self, pids: Sequence[int]) -> None:
+        """Just before the first publish; ``pids`` are the consumer processes."""
+
+    def stop(self) -> None:
+        """Once the last consumer reported done (the consumers are still alive)."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    seconds: float
+    consumers: list[Ended]
+
+
+async def trial(
+    url: str,
+    route: str,
+    bodies: Sequence[bytes],
+    *,
+    window: int = 16,
+    prefetch: int = 16,
+    probe: Probe | None = None,
+) -> Trial:
+    """Publish ``bodies`` along ``route`` (one of ``ROUTES``) with ``window`` publishes in
+    flight and time it from the first publish until the last consumer process handled the
+    last one. Uses a prefix of its own and deletes what it declared."""
     kind, readers = ROUTES[route]
     prefix = f"bench-streams-{uuid.uuid4().hex[:8]}-"
-    bus = await connect_bus(args.url, prefix=prefix)
+    bus = await connect_bus(url, prefix=prefix)
     if kind == "stream":
         # retention well above what one trial writes, so nothing is dropped mid-trial
         await bus.declare_stream(StreamSpec("log", bindings=BINDINGS, max_bytes=2**32))
         names = ["log"] * readers
     else:
         names = [f"q{i}" for i in range(readers)]
-    children = [start_consumer(args, kind, prefix, name) for name in names]
+    children = [start_consumer(url, kind, prefix, name, len(bodies), prefetch) for name in names]
     try:
-        for child in children:
-            assert child.stdout is not None
-            line = await asyncio.to_thread(child.stdout.readline)
-            if line.strip() != "ready":
-                raise RuntimeError(f"consumer for {route} did not start: {line!r}")
-        sem = asyncio.Semaphore(args.window)
+        await wait_ready(children, route)
+        sem = asyncio.Semaphore(window)
 
-        async def publish(i: int) -> None:
+        async def publish(i: int, body: bytes) -> None:
             async with sem:
                 await bus.publish(topology.EVENTS, KEY, body, {"i": i})
 
+        if probe is not None:
+            probe.start([c.pid for c in children])
         t0 = time.time()
-        await asyncio.gather(*(publish(i) for i in range(args.count)))
-        ends = []
-        for child in children:
-            line = await asyncio.wait_for(
-                asyncio.to_thread(child.stdout.readline),  # type: ignore[union-attr]
-                timeout=300,
-            )
-            ends.append(float(line.split()[1]))
+        await asyncio.gather(*(publish(i, body) for i, body in enumerate(bodies)))
+        ends = await wait_done(children, route)
+        if probe is not None:
+            probe.stop()
         for child in children:
             child.wait(30)
-        return max(ends) - t0
+        return Trial(max(e.at for e in ends) - t0, ends)
     finally:
         for child in children:
             if child.poll() is None:
@@ -139,7 +232,10 @@ async def main(args: argparse.Namespace) -> int:
     floor = next(iter(ROUTES))
     for rep in range(args.reps):
         for route in ROUTES:
-            elapsed = await trial(args, route, body)
+            run = await trial(
+                args.url, route, [body] * args.count, window=args.window, prefetch=args.prefetch
+            )
+            elapsed = run.seconds
             times[route].append(elapsed)
             print(f"  rep {rep + 1} {route:<11} {elapsed:6.2f} s", flush=True)
     print(
@@ -173,6 +269,8 @@ def parse() -> argparse.Namespace:
         metavar=("KIND", "PREFIX", "NAME", "COUNT", "PREFETCH"),
         help=argparse.SUPPRESS,  # how the benchmark starts its consumer processes
     )
+    parser.add_argument("--offset", default="first", help=argparse.SUPPRESS)
+    parser.add_argument("--readers", type=int, default=1, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -180,6 +278,17 @@ if __name__ == "__main__":
     arguments = parse()
     if arguments.consumer:
         kind, prefix, name, count, prefetch = arguments.consumer
-        asyncio.run(consumer(arguments.url, prefix, kind, name, int(count), int(prefetch)))
+        asyncio.run(
+            consumer(
+                arguments.url,
+                prefix,
+                kind,
+                name,
+                int(count),
+                int(prefetch),
+                _offset(arguments.offset),
+                arguments.readers,
+            )
+        )
         sys.exit(0)
     sys.exit(asyncio.run(main(arguments)))
