@@ -406,6 +406,7 @@ class _RabbitStreamReader(port.StreamReader):
 
     async def _reattach(self) -> None:
         attempt = 0
+        missing_since: float | None = None
         while not (self._cancelled or self._ended):
             async with self._lock:
                 try:
@@ -416,8 +417,14 @@ class _RabbitStreamReader(port.StreamReader):
                     log.info("stream reader %s resumed at %r", self.queue_name, offset)
                     return
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    self._end("the stream is gone")
-                    return
+                    # Right after a broker restart a durable stream answers NOT_FOUND until its
+                    # replica is up again: only a stream missing for a while is gone.
+                    now = time.monotonic()
+                    missing_since = missing_since if missing_since is not None else now
+                    if now - missing_since > STREAM_GONE_AFTER_S:
+                        self._end("the stream is gone")
+                        return
+                    attempt += 1
                 except Exception as exc:
                     attempt += 1
                     log.warning(
@@ -456,6 +463,10 @@ class _RabbitStreamReader(port.StreamReader):
 def _offset_of(message: AbstractIncomingMessage) -> int:
     offset = (message.headers or {}).get("x-stream-offset")
     return offset if isinstance(offset, int) else -1
+
+
+#: How long a stream may answer NOT_FOUND after a reconnect before its reader stops.
+STREAM_GONE_AFTER_S = 30.0
 
 
 class RabbitBus(Bus):

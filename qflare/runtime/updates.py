@@ -41,7 +41,7 @@ READ_AHEAD_WORKERS = 2
 #: A feed whose stream the aggregator has not declared yet looks for it again after this
 #: long, doubling up to the cap (a detector that starts first, or a job that ended).
 STREAM_WAIT_S = 0.2
-STREAM_WAIT_MAX_S = 30.0
+STREAM_WAIT_MAX_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
