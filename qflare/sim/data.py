@@ -239,19 +239,26 @@ def register_dataset(name: str, loader: Callable[[], SplitData]) -> None:
 
 def _plugin_loader(name: str) -> Callable[[], SplitData] | None:
     """The loader a plug-in name stands for (``module:function`` or an entry point of
-    ``qflare.datasets``); None when it is neither. A plug-in that cannot be used raises
-    :class:`qflare.sim.config.SimConfigError` naming ``--dataset`` and the reason."""
+    ``qflare.datasets``); None when it is neither."""
+    return callable_plugin(
+        name, DATASETS_GROUP, "--dataset", "loader() -> qflare.sim.data.SplitData"
+    )
+
+
+def callable_plugin(name: str, group: str, flag: str, shape: str) -> Any:
+    """A simulator plug-in (``module:function`` or an entry point of ``group``) that must be
+    callable; None when ``name`` is neither. One that cannot be used raises
+    :class:`qflare.sim.config.SimConfigError` naming ``flag`` and the reason."""
     from qflare.robust import PluginError, load_plugin
     from qflare.sim.config import SimConfigError
 
     try:
-        obj = load_plugin(name, DATASETS_GROUP)
+        obj = load_plugin(name, group)
     except PluginError as exc:
-        raise SimConfigError(f"--dataset {name}: {exc}") from None
+        raise SimConfigError(f"{flag} {name}: {exc}") from None
     if obj is not None and not callable(obj):
         raise SimConfigError(
-            f"--dataset {name}: {type(obj).__name__} is not callable; a data-set plug-in is "
-            "loader() -> qflare.sim.data.SplitData"
+            f"{flag} {name}: {type(obj).__name__} is not callable; a plug-in here is {shape}"
         )
     return obj
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qflare.robust import PluginError, PluginNames, load_plugin
-from qflare.sim.data import ArrayDataset
+from qflare.robust import PluginNames
+from qflare.sim.data import ArrayDataset, callable_plugin
 
 Params = dict[str, np.ndarray]
 
@@ -81,20 +81,11 @@ _BUILDERS: dict[str, ModelBuilder] = {"mlp": _mlp, "cnn": _cnn}
 
 def _plugin_builder(name: str) -> ModelBuilder | None:
     """The builder a plug-in name stands for (``module:function`` or an entry point of
-    ``qflare.models``); None when it is neither. A plug-in that cannot be used raises
-    :class:`qflare.sim.config.SimConfigError` naming ``--model`` and the reason."""
-    from qflare.sim.config import SimConfigError
-
-    try:
-        obj = load_plugin(name, MODELS_GROUP)
-    except PluginError as exc:
-        raise SimConfigError(f"--model {name}: {exc}") from None
-    if obj is not None and not callable(obj):
-        raise SimConfigError(
-            f"--model {name}: {type(obj).__name__} is not callable; a model plug-in is "
-            "builder(sample_shape, num_classes) -> torch.nn.Module"
-        )
-    return obj
+    ``qflare.models``); None when it is neither."""
+    builder: ModelBuilder | None = callable_plugin(
+        name, MODELS_GROUP, "--model", "builder(sample_shape, num_classes) -> torch.nn.Module"
+    )
+    return builder
 
 
 def _builder(name: str) -> ModelBuilder | None:
