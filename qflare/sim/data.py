@@ -240,9 +240,10 @@ def register_dataset(name: str, loader: Callable[[], SplitData]) -> None:
 def _plugin_loader(name: str) -> Callable[[], SplitData] | None:
     """The loader a plug-in name stands for (``module:function`` or an entry point of
     ``qflare.datasets``); None when it is neither."""
-    return callable_plugin(
+    loader: Callable[[], SplitData] | None = callable_plugin(
         name, DATASETS_GROUP, "--dataset", "loader() -> qflare.sim.data.SplitData"
     )
+    return loader
 
 
 def callable_plugin(name: str, group: str, flag: str, shape: str) -> Any:
