@@ -449,6 +449,8 @@ async def run_scenario(
             "alerting.dead",
             "ingest",
             *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas),
+            # the job's streams: the aggregator deletes them after a linger it may not live to
+            *(stream.name for stream in topology.job_streams(job_id)),
         ]
         try:
             await bus.delete_all(queues)
