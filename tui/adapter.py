@@ -229,6 +229,15 @@ def rejected_event(
     )
 
 
+def event_kinds(*, raw_alerts: bool = False) -> tuple[str, ...]:
+    """The kinds the console reads from ``qflare.events``: every kind it draws something
+    from (raw ``alert.raised`` only with ``raw_alerts``). The console's queue binds just
+    these (``<kind>.#``), so the broker never hands it an envelope it would only decode
+    and drop, and it verifies no signature it does not need."""
+    skipped = IGNORED_KINDS if raw_alerts else IGNORED_KINDS | {"alert.raised"}
+    return tuple(sorted(set(wire.BODY_TYPES) - skipped))
+
+
 def decode_delivery(
     data: bytes,
     exchange: str,

@@ -52,7 +52,8 @@ def build_console(
             sink, url=url, bus=bus, prefix=prefix, trust=trust, raw_alerts=raw_alerts, clock=clock
         )
 
-    source = describe_source(url) + ("" if trust is not None else "  (signatures not verified)")
+    unverified = "  (signatures not re-verified)" if url is None else "  (signatures not verified)"
+    source = describe_source(url) + ("" if trust is not None else unverified)
     return ConsoleApp(feed=feed, history=history, clock=clock, source=source)
 
 
@@ -94,25 +95,32 @@ async def run_console_in_process(
     log_file: Path | None = None,
     exit_when: Awaitable[object] | None = None,
     headless: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> ConsoleApp:
     """Run the console on ``bus`` in the running event loop until the operator quits
     (``q``) or someone calls ``app.exit()``; returns the app (its ``state`` holds what was
     shown). ``jobs`` declares epsilon budgets the wire does not carry. The console binds its
     own queue on ``bus`` and deletes it on exit; it never closes ``bus``. Log handlers that
     write to the terminal go to ``log_file`` (or nowhere) while it runs. ``exit_when``
-    (e.g. the simulation's task) closes the console when it completes."""
+    (e.g. the simulation's task) closes the console when it completes; quitting the console
+    first leaves it running (a coroutine given here is the console's own and is cancelled).
+    ``size`` (columns, lines) is the screen of a ``headless`` console."""
     app = build_console(bus=bus, trust=trust, jobs=jobs, state_dir=state_dir, raw_alerts=raw_alerts)
+    watched = asyncio.ensure_future(exit_when) if exit_when is not None else None
 
-    async def close_after(done: Awaitable[object]) -> None:
-        with contextlib.suppress(Exception):
-            await done
+    async def close_after(done: asyncio.Future[object]) -> None:
+        # asyncio.wait, unlike awaiting `done`, does not cancel it when this watcher is
+        # cancelled: `q` must leave the job it watches running (it used to cancel it).
+        await asyncio.wait([done])
         await app.action_quit()
 
-    watcher = asyncio.ensure_future(close_after(exit_when)) if exit_when is not None else None
+    watcher = asyncio.ensure_future(close_after(watched)) if watched is not None else None
     try:
         with terminal_logs_to(log_file):
-            await app.run_async(headless=headless)
+            await app.run_async(headless=headless, size=size)
     finally:
         if watcher is not None and not watcher.done():
             watcher.cancel()
+        if watched is not None and watched is not exit_when and not watched.done():
+            watched.cancel()
     return app

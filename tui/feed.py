@@ -1,8 +1,10 @@
 """The console's broker side: one private queue on ``qflare.events`` and ``qflare.alerts``.
 
-The console binds one queue of its own to both exchanges (``#``), named per console
-(``console.<host>.<pid>.<random>``) so several operators each see every message. The queue
-is transient (``QueueSpec.transient``: exclusive, auto-delete on RabbitMQ), so the broker
+The console binds one queue of its own to both exchanges, named per console
+(``console.<host>.<pid>.<random>``) so several operators each see every message: all of
+``qflare.alerts`` and, of ``qflare.events``, the kinds it draws (``<kind>.#``, see
+:func:`~qflare.tui.adapter.event_kinds`; raw ``alert.raised`` only with ``raw_alerts``).
+The queue is transient (``QueueSpec.transient``: exclusive, auto-delete on RabbitMQ), so the broker
 removes it when the console stops, however it stops: a killed console leaves nothing behind.
 The queue does not dead-letter: a message the console cannot read is shown as a local
 alert and acknowledged, never fed back into ``qflare.dead`` (which the alerting service
@@ -41,7 +43,7 @@ from qflare.bus import (
 from qflare.crypto.pki import TrustStore
 from qflare.messages import Severity
 from qflare.messages.limits import OFF_LOOP_BYTES
-from qflare.tui.adapter import decode_delivery
+from qflare.tui.adapter import decode_delivery, event_kinds
 from qflare.tui.events import AlertRaised, Event, Link, LinkChanged
 
 log = logging.getLogger("qflare.tui")
@@ -191,9 +193,13 @@ class Feed:
         try:
             if self.bus is None:
                 self.bus = await self._connect()
+            kinds = event_kinds(raw_alerts=self.raw_alerts)
             spec = QueueSpec(
                 self.queue,
-                bindings=((topology.EVENTS, "#"), (topology.ALERTS, "#")),
+                bindings=(
+                    *((topology.EVENTS, f"{kind}.#") for kind in kinds),
+                    (topology.ALERTS, "#"),
+                ),
                 dead_letter=False,
                 transient=True,
             )

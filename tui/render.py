@@ -42,6 +42,8 @@ LINK_STYLE: dict[Link, str] = {
 }
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 DASH = "–"
+#: A table cell: a ``str`` is shown literally (never parsed as markup).
+Cell = str | Text
 
 
 def format_clock(ts: float | None) -> str:
@@ -115,18 +117,34 @@ def make_updates_cell(row: RoundRow) -> str:
     return f"{len(row.received)}/{expected}"
 
 
+ROUND_PANEL_COLUMNS = ("job", "round", "state", "updates", "deadline", "model")
+
+
 def make_round_panel(state: ConsoleState) -> RenderableType:
     """The current round of each job: state, updates received/expected, deadline."""
-    if not state.jobs:
+    return make_round_table(make_round_panel_rows(state))
+
+
+def make_round_table(rows: Sequence[tuple[Cell, ...]]) -> RenderableType:
+    """The current-round panel from :func:`make_round_panel_rows`."""
+    if not rows:
         return Text("waiting for round events…", style="dim")
     table = Table(expand=True, box=None, pad_edge=False, header_style="bold")
-    for name in ("job", "round", "state", "updates", "deadline", "model"):
+    for name in ROUND_PANEL_COLUMNS:
         table.add_column(name, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def make_round_panel_rows(state: ConsoleState) -> list[tuple[Cell, ...]]:
+    """The current-round panel's lines, one per job (comparable: redraw when they differ)."""
+    rows: list[tuple[Cell, ...]] = []
     for job in sorted(state.jobs):
         view = state.jobs[job]
         row = state.current_round(job)
         if row is None:
-            table.add_row(job, DASH, Text("no round yet", "dim"), DASH, DASH, DASH)
+            rows.append((job, DASH, Text("no round yet", "dim"), DASH, DASH, DASH))
             continue
         status = Text(row.state, STATE_STYLE.get(row.state, ""))
         if view.ended:
@@ -137,18 +155,20 @@ def make_round_panel(state: ConsoleState) -> RenderableType:
             else DASH
         )
         total = f"/{view.rounds_planned}" if view.rounds_planned else ""
-        table.add_row(
-            job,
-            f"{row.round}{total}",
-            status,
-            make_updates_cell(row),
-            countdown,
-            DASH if view.model_version is None else f"v{view.model_version}",
+        rows.append(
+            (
+                job,
+                f"{row.round}{total}",
+                status,
+                make_updates_cell(row),
+                countdown,
+                DASH if view.model_version is None else f"v{view.model_version}",
+            )
         )
-    return table
+    return rows
 
 
-def make_round_cells(row: RoundRow) -> tuple[RenderableType, ...]:
+def make_round_cells(row: RoundRow) -> tuple[Cell, ...]:
     """One line of the rounds table."""
     flagged = Text(str(len(row.flagged)), "bold red" if row.flagged else "")
     latency = DASH if row.latency is None else f"{row.latency:.2f}s"
@@ -168,7 +188,7 @@ def make_round_cells(row: RoundRow) -> tuple[RenderableType, ...]:
 ROUND_COLUMNS = ("job", "round", "state", "upd", "kept", "flagged", "rule", "ε", "latency")
 
 
-def make_alert_cells(alert: AlertRow) -> tuple[RenderableType, ...]:
+def make_alert_cells(alert: AlertRow) -> tuple[Cell, ...]:
     style = SEVERITY_STYLE[alert.severity]
     ack = "✓" if alert.acknowledged else ""
     return (
@@ -191,7 +211,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def make_client_cells(client: ClientRow, now: float) -> tuple[RenderableType, ...]:
+def make_client_cells(client: ClientRow, now: float) -> tuple[Cell, ...]:
     rep = client.reputation
     if rep is None:
         rep_cell = Text(DASH)
@@ -272,8 +292,15 @@ def make_sparkline(
 
 
 def make_privacy_panel(state: ConsoleState, width: int = 20) -> RenderableType:
-    if not state.jobs:
-        return Text("no jobs yet", style="dim")
+    return make_lines(make_privacy_lines(state, width), "no jobs yet")
+
+
+def make_lines(lines: Sequence[Text], empty: str) -> RenderableType:
+    """A panel of ``lines``, or ``empty`` (dim) when there are none."""
+    return Group(*lines) if lines else Text(empty, style="dim")
+
+
+def make_privacy_lines(state: ConsoleState, width: int = 20) -> list[Text]:
     lines = []
     for job in sorted(state.jobs):
         view = state.jobs[job]
@@ -284,10 +311,14 @@ def make_privacy_panel(state: ConsoleState, width: int = 20) -> RenderableType:
         if view.denied:
             line.append("  DENIED", "bold red")
         lines.append(line)
-    return Group(*lines)
+    return lines
 
 
 def make_accuracy_panel(state: ConsoleState, width: int = 30) -> RenderableType:
+    return make_lines(make_accuracy_lines(state, width), "no evaluation metrics published yet")
+
+
+def make_accuracy_lines(state: ConsoleState, width: int = 30) -> list[Text]:
     lines = []
     for job in sorted(state.jobs):
         series = state.jobs[job].accuracy
@@ -298,9 +329,7 @@ def make_accuracy_panel(state: ConsoleState, width: int = 30) -> RenderableType:
         version, acc = series[-1]
         line.append(f"  {100 * acc:.1f}% (v{version})")
         lines.append(line)
-    if not lines:
-        return Text("no evaluation metrics published yet", style="dim")
-    return Group(*lines)
+    return lines
 
 
 def make_alert_detail(alert: AlertRow) -> RenderableType:

@@ -73,6 +73,7 @@ class RoundRow:
     epsilon_round: float | None = None
     epsilon_total: float | None = None
     model_version: int | None = None
+    rev: int = 0  # bumped whenever the state touches the row (what to redraw)
 
     @property
     def latency(self) -> float | None:
@@ -117,6 +118,7 @@ class AlertRow:
     detail: str
     source: str
     acknowledged: bool = False
+    rev: int = 0
 
 
 @dataclass(slots=True)
@@ -131,6 +133,7 @@ class ClientRow:
     last_score: float | None = None
     last_reasons: tuple[str, ...] = ()
     revoked: bool = False
+    rev: int = 0
     _decided: set[tuple[str, int]] = field(default_factory=set)
 
     @property
@@ -229,6 +232,11 @@ class ConsoleState:
         self.dropped_while_paused = 0
         self.events_seen = 0
         self.version = 0
+        # per table: bumped when any of its rows changes, so a screen redraws only the
+        # tables (and, by each row's ``rev``, the rows) that changed
+        self.rounds_rev = 0
+        self.clients_rev = 0
+        self.alerts_rev = 0
         self._alert_keys: OrderedDict[str, None] = OrderedDict()
         self._seq = 0
 
@@ -267,6 +275,8 @@ class ConsoleState:
         for alert in self.alerts:
             if alert.seq == seq:
                 alert.acknowledged = True
+                alert.rev += 1
+                self.alerts_rev += 1
                 self.version += 1
                 return True
         return False
@@ -315,6 +325,8 @@ class ConsoleState:
             row = self.rounds[key] = RoundRow(job, round_, first_ts=ts)
             while len(self.rounds) > MAX_ROUNDS:
                 self.rounds.popitem(last=False)
+        row.rev += 1
+        self.rounds_rev += 1
         view = self._job(job)
         if view.current_round is None or round_ > view.current_round:
             view.current_round = round_
@@ -324,6 +336,8 @@ class ConsoleState:
         row = self.clients.get(client)
         if row is None:
             row = self.clients[client] = ClientRow(client)
+        row.rev += 1
+        self.clients_rev += 1
         return row
 
     def _apply(self, event: FeedEvent) -> None:
@@ -454,6 +468,7 @@ class ConsoleState:
                 source=e.source,
             )
         )
+        self.alerts_rev += 1
         if e.job and e.job != "-":
             self._job(e.job)
         if e.client:
@@ -492,3 +507,5 @@ class ConsoleState:
         row = self.rounds.get((e.job, e.round))
         if row is not None and row.state != "published":
             row.advance("ended")
+            row.rev += 1
+            self.rounds_rev += 1

@@ -214,6 +214,9 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     _check_login(args.broker)
     output_folder(args.out)
+    if args.tui:
+        # Textual loads now, not in the event loop of the running job it will watch
+        import qflare.tui.console  # noqa: F401
     from qflare.bus import BusError
     from qflare.sim.services import SimulationFailed
 

@@ -7,7 +7,7 @@ import pytest
 from qflare.bus import topology
 from qflare.messages import Reason
 from qflare.tui import events as ev
-from qflare.tui.adapter import KIND_CONSOLE_REJECTED, decode_delivery
+from qflare.tui.adapter import KIND_CONSOLE_REJECTED, decode_delivery, event_kinds
 
 from .wire import DIGEST, envelope, federation
 
@@ -208,3 +208,12 @@ def test_unverified_decode_still_checks_the_body_digest() -> None:
     data[data.index(b"completed")] ^= 1
     (alert,) = decode_delivery(bytes(data), topology.EVENTS, "job.ended.j", None, T)
     assert alert.reason == "BAD_DIGEST"
+
+
+def test_the_console_reads_only_the_kinds_it_draws() -> None:
+    """Its queue binds these kinds (``<kind>.#``): client uploads, chunks, the aggregator's
+    privacy requests and raw alerts are never delivered, so never decoded or verified."""
+    kinds = event_kinds()
+    assert {"round.opened", "update.accepted", "round.verdict", "model.published"} <= set(kinds)
+    assert not {"update", "chunk", "chunk.manifest", "privacy.request", "alert.raised"} & set(kinds)
+    assert "alert.raised" in event_kinds(raw_alerts=True)

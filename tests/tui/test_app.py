@@ -12,13 +12,14 @@ from collections.abc import Callable
 
 import pytest
 from rich.console import Console
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import Input, Static
 
 from qflare.bus import connect_bus
 from qflare.tui import events as ev
 from qflare.tui.app import AlertDetail, ConsoleApp
 from qflare.tui.console import build_console
 from qflare.tui.state import ConsoleState
+from qflare.tui.table import RowTable
 
 from .scenario import NOW, job_events
 from .wire import Publisher, federation
@@ -26,12 +27,12 @@ from .wire import Publisher, federation
 SIZE = (160, 48)
 
 
-def cells(table: DataTable, key: str) -> list[str]:
-    return [str(getattr(c, "plain", c)) for c in table.get_row(key)]
+def cells(table: RowTable, key: str) -> list[str]:
+    return [c.plain for c in table.get_row(key)]
 
 
-def keys(table: DataTable) -> list[str]:
-    return [str(k.value) for k in table.rows]
+def keys(table: RowTable) -> list[str]:
+    return table.keys
 
 
 def text(app, selector: str) -> str:
@@ -81,8 +82,8 @@ async def test_live_signed_events_appear_in_the_right_panels(fed) -> None:
         await pub.round_opened(1, t, participants, deadline=t + 60)
         for c in participants[:3]:
             await pub.accepted(1, t + 0.5, c)
-        await until(pilot, lambda: "j:1" in keys(app.query_one("#rounds", DataTable)))
-        rounds = app.query_one("#rounds", DataTable)
+        await until(pilot, lambda: "j:1" in keys(app.query_one("#rounds", RowTable)))
+        rounds = app.query_one("#rounds", RowTable)
         await until(pilot, lambda: cells(rounds, "j:1")[3] == "3/4")
         assert cells(rounds, "j:1")[:4] == ["j", "1", "collecting", "3/4"]
         current = text(app, "#current")
@@ -100,8 +101,8 @@ async def test_live_signed_events_appear_in_the_right_panels(fed) -> None:
             client="client-002",
             detail="krum score 9.0",
         )
-        clients = app.query_one("#clients", DataTable)
-        alerts = app.query_one("#alerts", DataTable)
+        clients = app.query_one("#clients", RowTable)
+        alerts = app.query_one("#alerts", RowTable)
         await until(pilot, lambda: alerts.row_count == 1)
         await until(pilot, lambda: cells(clients, "client-002")[2] == "1")
         assert keys(clients)[0] == "client-002"  # most suspicious on top
@@ -142,7 +143,7 @@ def static_app() -> ConsoleApp:
 async def test_filter_bar_severity_cycle_and_clear() -> None:
     app = static_app()
     async with app.run_test(size=SIZE) as pilot:
-        alerts = app.query_one("#alerts", DataTable)
+        alerts = app.query_one("#alerts", RowTable)
         assert alerts.row_count == 7
         await pilot.press("f")
         box = app.query_one("#filter", Input)
@@ -183,7 +184,7 @@ async def test_a_redraw_while_the_console_closes_draws_nothing_and_does_not_rais
 async def test_acknowledge_and_detail_view() -> None:
     app = static_app()
     async with app.run_test(size=SIZE) as pilot:
-        alerts = app.query_one("#alerts", DataTable)
+        alerts = app.query_one("#alerts", RowTable)
         await pilot.press("down")  # second newest: a critical flag of client-006
         seq = app.selected_alert()
         assert seq is not None and app.state.alert(seq).client == "client-006"
@@ -211,11 +212,10 @@ async def test_pause_holds_the_feed_until_resumed(fed) -> None:
         await pilot.press("p")
         await pub.round_opened(1, t, ["client-000"], deadline=t + 30)
         await until(pilot, lambda: len(app.state.pending) == 1)
-        await pilot.pause(0.3)
-        assert app.query_one("#rounds", DataTable).row_count == 0
-        assert "feed paused (1 waiting)" in banner(app)
+        await until(pilot, lambda: "feed paused (1 waiting)" in banner(app))
+        assert app.query_one("#rounds", RowTable).row_count == 0
         await pilot.press("p")
-        await until(pilot, lambda: app.query_one("#rounds", DataTable).row_count == 1)
+        await until(pilot, lambda: app.query_one("#rounds", RowTable).row_count == 1)
     await bus.close()
 
 
@@ -276,4 +276,109 @@ async def test_run_console_in_process_shares_the_bus_and_keeps_logs_off_the_scre
         assert handler.stream is sys.stderr  # restored afterwards
     finally:
         logger.removeHandler(handler)
+        await bus.close()
+
+
+async def test_panels_stay_current_while_a_dialog_is_open_and_after() -> None:
+    """Rounds keep arriving while the operator reads an alert: the rounds panel shows the
+    newest rounds behind the dialog and after it closes (it used to show old rows: its
+    cursor stuck to the first round it was on and scrolled the panel after it)."""
+    app = static_app()
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one("#rounds", RowTable)
+        await pilot.press("d")
+        assert isinstance(app.screen, AlertDetail)
+        t = NOW
+        for r in range(5, 45):  # far more rounds than the panel has lines
+            t += 1
+            participants = tuple(f"client-{i:03d}" for i in range(8))
+            app.ingest([ev.RoundOpened("mnist-1", r, t, participants=participants)])
+            app.ingest([ev.UpdateAccepted("mnist-1", r, t + 0.1, client="client-000")])
+            await pilot.pause(0.02)
+        await until(pilot, lambda: keys(table)[0] == "mnist-1:44")
+        assert isinstance(app.screen, AlertDetail)  # still open
+        assert table.scroll_y == 0
+        assert table.render_line(1).text.split()[:4] == ["mnist-1", "44", "collecting", "1/8"]
+        assert "44/10" in text(app, "#current")
+
+        await pilot.press("escape")
+        assert not isinstance(app.screen, AlertDetail)
+        app.ingest([ev.RoundOpened("mnist-1", 45, t + 1, participants=("client-000",))])
+        await until(pilot, lambda: keys(table)[0] == "mnist-1:45")
+        assert table.scroll_y == 0
+        assert table.render_line(1).text.split()[:3] == ["mnist-1", "45", "open"]
+
+
+async def test_a_frame_draws_only_what_changed() -> None:
+    app = static_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        tables = {name: app.query_one(f"#{name}", RowTable) for name in ("rounds", "clients")}
+        tables["alerts"] = app.query_one("#alerts", RowTable)
+        before = {name: t.lines_rendered for name, t in tables.items()}
+        app.redraw()  # nothing changed
+        await pilot.pause()
+        assert {name: t.lines_rendered for name, t in tables.items()} == before
+
+        # one update: one line of the rounds panel and one of the clients panel
+        app.ingest([ev.UpdateAccepted("mnist-1", 4, NOW, client="client-004")])
+        await until(pilot, lambda: tables["rounds"].lines_rendered > before["rounds"])
+        await pilot.pause(0.2)
+        assert tables["rounds"].lines_rendered == before["rounds"] + 1
+        assert tables["clients"].lines_rendered == before["clients"] + 1
+        assert tables["alerts"].lines_rendered == before["alerts"]
+        assert cells(tables["rounds"], "mnist-1:4")[3] == "5/8"
+
+
+async def test_frames_are_throttled_while_events_keep_coming() -> None:
+    from qflare.tui.app import MIN_FRAME_S
+
+    app = static_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        frames = app.frames
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:  # 2 s of events, 100 a second
+            app.ingest([ev.UpdateAccepted("mnist-1", 4, NOW, client="client-004")])
+            await pilot.pause(0.01)
+        drawn = app.frames - frames
+        assert 1 <= drawn <= 2.0 / MIN_FRAME_S + 2
+        # a lone event after a quiet spell gets a frame of its own
+        await pilot.pause(MIN_FRAME_S + 0.1)
+        app.ingest([ev.RoundOpened("mnist-1", 9, NOW, participants=("client-000",))])
+        await until(pilot, lambda: "mnist-1:9" in keys(app.query_one("#rounds", RowTable)))
+        assert app.frames > frames + drawn
+
+
+async def test_quitting_the_console_leaves_the_job_it_watches_running(monkeypatch) -> None:
+    """`q` in `qflare simulate --tui`: the job's future must not be cancelled (it was:
+    the console's watcher awaited it directly and was cancelled on exit)."""
+    import qflare.tui.console as console
+
+    bus = await connect_bus(f"memory://{uuid.uuid4().hex}")
+    apps: list[ConsoleApp] = []
+    build = console.build_console
+
+    def capture(**kwargs):  # type: ignore[no-untyped-def]
+        apps.append(build(**kwargs))
+        return apps[-1]
+
+    monkeypatch.setattr(console, "build_console", capture)
+    job: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def press_q() -> None:
+        while not (apps and apps[0].is_running):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        await apps[0].action_quit()
+
+    quitter = asyncio.create_task(press_q())
+    try:
+        await asyncio.wait_for(
+            console.run_console_in_process(bus, exit_when=job, headless=True), timeout=20
+        )
+        await quitter
+        assert not job.done(), "quitting the console ended the job"
+        job.set_result(None)  # the job goes on and ends by itself
+    finally:
         await bus.close()

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
 import pytest
-from textual.widgets import DataTable
 
 from qflare.tui import events as ev
 from qflare.tui.console import build_console
 from qflare.tui.feed import delete_queue
+from qflare.tui.table import RowTable
 
 from .test_app import SIZE, banner, cells, keys, until
 from .wire import Publisher, federation
@@ -87,7 +87,7 @@ async def test_broker_drop_shows_reconnecting_then_recovers(
     try:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: "● connected" in banner(app), timeout=15)
-            rounds = app.query_one("#rounds", DataTable)
+            rounds = app.query_one("#rounds", RowTable)
             await pub.round_opened(1, t, ["client-000", "client-001"], deadline=t + 60)
             await until(pilot, lambda: "j:1" in keys(rounds))
 

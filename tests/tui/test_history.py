@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from textual.widgets import DataTable
 
 from qflare.messages import Severity
 from qflare.messages.jobs import JobSpec
@@ -19,6 +18,7 @@ from qflare.services.alerting.store import AlertStore
 from qflare.tui.app import ConsoleApp
 from qflare.tui.history import load_history
 from qflare.tui.state import ConsoleState
+from qflare.tui.table import RowTable
 
 from .test_app import SIZE, cells, keys
 
@@ -132,14 +132,14 @@ async def test_console_opened_mid_job_shows_history(tmp_path: Path) -> None:
     await write_state(tmp_path)
     app = ConsoleApp(history=lambda: load_history(tmp_path))
     async with app.run_test(size=SIZE) as pilot:
-        rounds = app.query_one("#rounds", DataTable)
+        rounds = app.query_one("#rounds", RowTable)
         for _ in range(100):
             if rounds.row_count == 2:
                 break
             await pilot.pause(0.05)
         assert keys(rounds) == ["j:2", "j:1"]
         assert cells(rounds, "j:1")[2:6] == ["published", "3/3", "2", "1"]
-        assert app.query_one("#alerts", DataTable).row_count == 1
+        assert app.query_one("#alerts", RowTable).row_count == 1
 
 
 def test_missing_or_foreign_state_is_skipped(tmp_path: Path) -> None:
