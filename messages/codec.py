@@ -128,6 +128,36 @@ _I32 = struct.Struct(">i")
 _I64 = struct.Struct(">q")
 _F32 = struct.Struct(">f")
 _F64 = struct.Struct(">d")
+_U8 = struct.Struct(">B")
+
+_NUMBER, _STR, _BIN, _ARRAY, _MAP, _EXT = range(6)
+#: The leading bytes followed by one big-endian number: what the number is (the value itself,
+#: or the length of a str, bin, array, map or ext payload) and how it is packed.
+_SIZED: dict[int, tuple[int, struct.Struct]] = {
+    0xC4: (_BIN, _U8),
+    0xC5: (_BIN, _U16),
+    0xC6: (_BIN, _U32),
+    0xC7: (_EXT, _U8),
+    0xC8: (_EXT, _U16),
+    0xC9: (_EXT, _U32),
+    0xCA: (_NUMBER, _F32),
+    0xCB: (_NUMBER, _F64),
+    0xCC: (_NUMBER, _U8),
+    0xCD: (_NUMBER, _U16),
+    0xCE: (_NUMBER, _U32),
+    0xCF: (_NUMBER, _U64),
+    0xD0: (_NUMBER, _I8),
+    0xD1: (_NUMBER, _I16),
+    0xD2: (_NUMBER, _I32),
+    0xD3: (_NUMBER, _I64),
+    0xD9: (_STR, _U8),
+    0xDA: (_STR, _U16),
+    0xDB: (_STR, _U32),
+    0xDC: (_ARRAY, _U16),
+    0xDD: (_ARRAY, _U32),
+    0xDE: (_MAP, _U16),
+    0xDF: (_MAP, _U32),
+}
 
 
 class _Reader:
@@ -184,58 +214,24 @@ class _Reader:
             return False
         if b == 0xC3:
             return True
-        if b == 0xC4:
-            return self._bin(self._u(_I8) & 0xFF)
-        if b == 0xC5:
-            return self._bin(self._u(_U16))
-        if b == 0xC6:
-            return self._bin(self._u(_U32))
-        if b == 0xC7:
-            n = self._u(_I8) & 0xFF
+        sized = _SIZED.get(b)
+        if sized is not None:
+            what, width = sized
+            n = width.unpack_from(self.buf, self._take(width.size))[0]
+            if what == _NUMBER:
+                return n
+            if what == _STR:
+                return self._str(n)
+            if what == _BIN:
+                return self._bin(n)
+            if what == _ARRAY:
+                return self._array(n, depth)
+            if what == _MAP:
+                return self._map(n, depth)
             return self._ext(n, self._u(_I8), depth)
-        if b == 0xC8:
-            n = self._u(_U16)
-            return self._ext(n, self._u(_I8), depth)
-        if b == 0xC9:
-            n = self._u(_U32)
-            return self._ext(n, self._u(_I8), depth)
-        if b == 0xCA:
-            return self._u(_F32)
-        if b == 0xCB:
-            return self._u(_F64)
-        if b == 0xCC:
-            return self._u(_I8) & 0xFF
-        if b == 0xCD:
-            return self._u(_U16)
-        if b == 0xCE:
-            return self._u(_U32)
-        if b == 0xCF:
-            return self._u(_U64)
-        if b == 0xD0:
-            return self._u(_I8)
-        if b == 0xD1:
-            return self._u(_I16)
-        if b == 0xD2:
-            return self._u(_I32)
-        if b == 0xD3:
-            return self._u(_I64)
         if 0xD4 <= b <= 0xD8:
             code = self._u(_I8)
             return self._ext(1 << (b - 0xD4), code, depth)
-        if b == 0xD9:
-            return self._str(self._u(_I8) & 0xFF)
-        if b == 0xDA:
-            return self._str(self._u(_U16))
-        if b == 0xDB:
-            return self._str(self._u(_U32))
-        if b == 0xDC:
-            return self._array(self._u(_U16), depth)
-        if b == 0xDD:
-            return self._array(self._u(_U32), depth)
-        if b == 0xDE:
-            return self._map(self._u(_U16), depth)
-        if b == 0xDF:
-            return self._map(self._u(_U32), depth)
         raise MessageRejected(Reason.MALFORMED, f"invalid msgpack byte 0x{b:02x} at {self.pos - 1}")
 
     def _str(self, n: int) -> str:
