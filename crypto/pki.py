@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, cast
 
 import msgpack
 
@@ -81,8 +81,30 @@ def _unpack_map(data: bytes, limit: int, what: str) -> dict[str, Any]:
     return obj
 
 
+class _Signed:
+    """A CA-signed record (a dataclass): its wire form is the canonical map of its fields,
+    and the CA signs that map without ``sig``."""
+
+    __slots__ = ()
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cast(Any, cls))}
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(cast(Any, self))}
+
+    def signed_fields(self) -> dict[str, Any]:
+        out = self.wire_fields()
+        del out["sig"]
+        return out
+
+    def to_bytes(self) -> bytes:
+        return canonical(self.wire_fields())
+
+
 @dataclass(frozen=True, slots=True)
-class Certificate:
+class Certificate(_Signed):
     """A CA-signed binding of (id, role, public keys, validity)."""
 
     serial: bytes
@@ -96,39 +118,11 @@ class Certificate:
     sig: bytes = b""
     v: int = CERT_VERSION
 
-    def signed_fields(self) -> dict[str, Any]:
-        return {
-            "v": self.v,
-            "serial": self.serial,
-            "id": self.id,
-            "role": self.role,
-            "public_key": self.public_key,
-            "kem_public_key": self.kem_public_key,
-            "issuer": self.issuer,
-            "not_before": self.not_before,
-            "not_after": self.not_after,
-        }
-
-    def to_bytes(self) -> bytes:
-        return canonical({**self.signed_fields(), "sig": self.sig})
-
     @classmethod
     def from_bytes(cls, data: bytes) -> Certificate:
         """Parse (not verify) a certificate; bad bytes raise TrustRejected(MALFORMED)."""
         obj = _unpack_map(bytes(data), MAX_CERT_BYTES, "certificate")
-        expected = {
-            "v",
-            "serial",
-            "id",
-            "role",
-            "public_key",
-            "kem_public_key",
-            "issuer",
-            "not_before",
-            "not_after",
-            "sig",
-        }
-        if set(obj) != expected:
+        if set(obj) != cls.field_names():
             raise TrustRejected("MALFORMED", f"certificate fields {sorted(obj)}")
         if obj["v"] != CERT_VERSION:
             raise TrustRejected("UNSUPPORTED_VERSION", f"certificate v={obj['v']!r}")
@@ -167,7 +161,7 @@ class Certificate:
 
 
 @dataclass(frozen=True, slots=True)
-class RevocationList:
+class RevocationList(_Signed):
     """The CA-signed set of revoked certificate serials; ``number`` increases per issue."""
 
     issuer: str
@@ -177,22 +171,13 @@ class RevocationList:
     sig: bytes = b""
     v: int = CERT_VERSION
 
-    def signed_fields(self) -> dict[str, Any]:
-        return {
-            "v": self.v,
-            "issuer": self.issuer,
-            "number": self.number,
-            "issued_at": self.issued_at,
-            "serials": sorted(self.serials),
-        }
-
-    def to_bytes(self) -> bytes:
-        return canonical({**self.signed_fields(), "sig": self.sig})
+    def wire_fields(self) -> dict[str, Any]:
+        return {**_Signed.wire_fields(self), "serials": sorted(self.serials)}
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RevocationList:
         obj = _unpack_map(bytes(data), MAX_CRL_BYTES, "revocation list")
-        if set(obj) != {"v", "issuer", "number", "issued_at", "serials", "sig"}:
+        if set(obj) != cls.field_names():
             raise TrustRejected("MALFORMED", f"revocation list fields {sorted(obj)}")
         if obj["v"] != CERT_VERSION:
             raise TrustRejected("UNSUPPORTED_VERSION", f"revocation list v={obj['v']!r}")
