@@ -28,6 +28,10 @@ class ClientRecord:
 
 
 class Reputation:
+    #: The tunables, by name: what :meth:`to_dict` exports besides the clients and what a
+    #: service reads from its configuration.
+    PARAMS = ("decay", "penalty", "threshold", "quarantine_rounds")
+
     def __init__(
         self,
         decay: float = 0.8,
@@ -76,23 +80,13 @@ class Reputation:
         return newly
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "penalty": self.penalty,
-            "threshold": self.threshold,
-            "quarantine_rounds": self.quarantine_rounds,
-            "clients": {c: r.to_dict() for c, r in sorted(self.clients.items())},
-        }
+        params = {name: getattr(self, name) for name in self.PARAMS}
+        return {**params, "clients": {c: r.to_dict() for c, r in sorted(self.clients.items())}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Reputation:
         try:
-            rep = cls(
-                decay=data["decay"],
-                penalty=data["penalty"],
-                threshold=data["threshold"],
-                quarantine_rounds=data["quarantine_rounds"],
-            )
+            rep = cls(**{name: data[name] for name in cls.PARAMS})
             for c, r in data.get("clients", {}).items():
                 rep.clients[str(c)] = ClientRecord(
                     score=check_float("score", r["score"]),
