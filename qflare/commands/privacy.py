@@ -94,6 +94,12 @@ def _fail(error: PrivacyError) -> NoReturn:
     raise UsageError(error.detail) from None
 
 
+def _answer(args: argparse.Namespace, key: str, value: float, sentence: str) -> int:
+    """``{key: value}`` as JSON with --json, else the sentence."""
+    print(json.dumps({key: value}) if args.json else sentence)
+    return 0
+
+
 def _epsilon(args: argparse.Namespace) -> int:
     from qflare.privacy import PrivacyError, epsilon
 
@@ -101,38 +107,26 @@ def _epsilon(args: argparse.Namespace) -> int:
         value = epsilon(args.q, args.z, args.rounds, args.delta)
     except PrivacyError as error:
         return _fail(error)
-    if args.json:
-        print(json.dumps({"epsilon": value}))
-    else:
-        print(
-            f"epsilon = {value:.4f} at delta = {args.delta:g} after {args.rounds} rounds "
-            f"(q = {args.q:g}, z = {args.z:g}; PLD accountant, user-level, Poisson sampling)"
-        )
-    return 0
+    return _answer(
+        args,
+        "epsilon",
+        value,
+        f"epsilon = {value:.4f} at delta = {args.delta:g} after {args.rounds} rounds "
+        f"(q = {args.q:g}, z = {args.z:g}; PLD accountant, user-level, Poisson sampling)",
+    )
 
 
 def _plan(args: argparse.Namespace) -> int:
     from qflare.privacy import PrivacyError, plan_noise, plan_rounds
 
+    budget = f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)"
     try:
         if args.rounds is not None:
             z = plan_noise(args.epsilon, args.delta, args.q, args.rounds)
-            if args.json:
-                print(json.dumps({"z": z}))
-            else:
-                print(
-                    f"z = {z:.4f} keeps {args.rounds} rounds at q = {args.q:g} within "
-                    f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)"
-                )
-        else:
-            rounds = plan_rounds(args.epsilon, args.delta, args.q, args.z)
-            if args.json:
-                print(json.dumps({"rounds": rounds}))
-            else:
-                print(
-                    f"at most {rounds} rounds at q = {args.q:g}, z = {args.z:g} fit in "
-                    f"epsilon = {args.epsilon:g}, delta = {args.delta:g} (PLD accountant)"
-                )
+            sentence = f"z = {z:.4f} keeps {args.rounds} rounds at q = {args.q:g} within {budget}"
+            return _answer(args, "z", z, sentence)
+        rounds = plan_rounds(args.epsilon, args.delta, args.q, args.z)
     except PrivacyError as error:
         return _fail(error)
-    return 0
+    sentence = f"at most {rounds} rounds at q = {args.q:g}, z = {args.z:g} fit in {budget}"
+    return _answer(args, "rounds", rounds, sentence)
