@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from qflare.cli import add_federation_flags
 from qflare.client import Participant
 
 SPLIT_SEED = 1797  # one permutation for every participant: shares and test set are disjoint
@@ -71,15 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kit", required=True, type=Path, help="clients/<id>/ folder written by `qflare provision`"
     )
-    p.add_argument(
-        "--broker",
-        default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
-        help="amqp:// URL ($QFLARE_BROKER); without user:pass the kit's broker_password is used",
-    )
-    p.add_argument(
-        "--prefix",
-        default=os.environ.get("QFLARE_PREFIX", ""),
-        help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)",
+    add_federation_flags(
+        p, broker_help="amqp:// URL; without user:pass the kit's broker_password is used"
     )
     p.add_argument("--job", default="digits", help="job id to follow")
     p.add_argument(

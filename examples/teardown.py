@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 from qflare.bus import connect_bus, topology
+from qflare.cli import add_federation_flags
 
 SERVICE_QUEUES = ("aggregator", "detector", "accountant", "alerting", "alerting.dead")
 
@@ -36,16 +36,7 @@ async def teardown(broker: str, prefix: str, jobs: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--broker",
-        default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
-        help="amqp:// URL ($QFLARE_BROKER)",
-    )
-    p.add_argument(
-        "--prefix",
-        default=os.environ.get("QFLARE_PREFIX", ""),
-        help="the federation's exchange/queue name prefix ($QFLARE_PREFIX)",
-    )
+    add_federation_flags(p, broker_help="amqp:// URL")
     p.add_argument("--job", action="append", help="a job whose streams to delete (default: digits)")
     args = p.parse_args(argv)
     if not args.prefix:

@@ -55,6 +55,29 @@ class Parser(argparse.ArgumentParser):
         raise ArgumentError(self.prog, message)
 
 
+#: The broker a tool that joins a running federation tries when neither a flag nor
+#: ``$QFLARE_BROKER`` names one: RabbitMQ's default account on this machine.
+LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def add_federation_flags(
+    parser: argparse.ArgumentParser, broker_help: str = "amqp://user:pass@host:port/"
+) -> None:
+    """``--broker`` and ``--prefix`` of a command or script that joins a running federation
+    (``qflare tui``, examples/): defaults from ``$QFLARE_BROKER`` (else
+    :data:`LOCAL_BROKER`) and ``$QFLARE_PREFIX`` (else none)."""
+    parser.add_argument(
+        "--broker",
+        default=os.environ.get("QFLARE_BROKER", LOCAL_BROKER),
+        help=f"{broker_help} ($QFLARE_BROKER)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=os.environ.get("QFLARE_PREFIX", ""),
+        help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="qflare",

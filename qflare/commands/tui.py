@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qflare.cli import add_federation_flags
 from qflare.commands._common import DefaultsHelpFormatter
 
 
@@ -31,16 +32,7 @@ def register(subparsers: Any) -> None:
         "q quit.",
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--broker",
-        default=os.environ.get("QFLARE_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
-        help="amqp://user:pass@host:port/ ($QFLARE_BROKER)",
-    )
-    p.add_argument(
-        "--prefix",
-        default=os.environ.get("QFLARE_PREFIX", ""),
-        help="exchange/queue name prefix of the federation ($QFLARE_PREFIX)",
-    )
+    add_federation_flags(p)
     p.add_argument(
         "--pki",
         type=Path,
