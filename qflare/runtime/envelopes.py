@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from qflare.bus import Delivery, topology
 from qflare.messages import Body, Envelope, encode
 from qflare.messages.envelope import open_off_loop
+from qflare.runtime import metrics
 
 if TYPE_CHECKING:
     from qflare.runtime.service import Service
@@ -62,6 +63,7 @@ async def emit(
         broadcast_key(job, kind) if exchange == topology.BROADCAST else event_key(kind, job)
     )
     await service.bus.publish(exchange, key, data)
+    metrics.published(service.name, kind)
     return data
 
 

@@ -5,8 +5,10 @@ conventions and Prometheus' exposition format).
 loop, so a blocked loop shows as a probe that times out). ``GET /readyz``: 200 once every
 service of the process has started (its consumers are attached), 503 while it starts or
 stops. ``GET /metrics``: everything registered with ``prometheus_client``'s default
-registry, among it ``qflare_service_ready{service}``. ``qflare up`` starts the next
-service when the previous one's ``/readyz`` answers 200, whatever the log format.
+registry: the metrics of :mod:`qflare.runtime.metrics` (``qflare_service_ready{service}``,
+handler latency, updates accepted and rejected, rounds, epsilon, ...). ``qflare up``
+starts the next service when the previous one's ``/readyz`` answers 200, whatever the log
+format.
 
 The address is ``[qflare] metrics_host`` / ``metrics_port`` (0: any free port; the bound
 port is in the ``serve.ready`` log event).
@@ -18,14 +20,13 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-SERVICE_READY = Gauge(
-    "qflare_service_ready",
-    "1 once the service consumes its queues, 0 while it starts or stops",
-    ["service"],
-)
+from qflare.runtime import metrics
+from qflare.runtime.metrics import SERVICE_READY
+
+__all__ = ["SERVICE_READY", "HealthServer", "probe_ready"]
 
 _REASONS = {
     200: "OK",
@@ -53,7 +54,7 @@ class HealthServer:
         self._stopping = False
         self._server: asyncio.Server | None = None
         for name in self._ready:
-            SERVICE_READY.labels(name).set(0)
+            metrics.set_ready(name, False)
 
     @property
     def ready(self) -> bool:
@@ -66,7 +67,7 @@ class HealthServer:
 
     def set_ready(self, service: str, ready: bool = True) -> None:
         self._ready[service] = ready
-        SERVICE_READY.labels(service).set(1 if ready else 0)
+        metrics.set_ready(service, ready)
 
     def stopping(self) -> None:
         """From now on ``/readyz`` answers 503 (the process is shutting down)."""

@@ -33,6 +33,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,6 +54,7 @@ from qflare.crypto.pki import TrustStore
 from qflare.messages import Body, Envelope
 from qflare.messages.envelope import by_kind
 from qflare.messages.errors import MessageRejected
+from qflare.runtime import metrics
 from qflare.runtime.config import Settings
 from qflare.runtime.envelopes import open_delivery, publish_alert
 from qflare.runtime.logging import event
@@ -81,6 +83,11 @@ ServiceHandler = Callable[[Delivery], Awaitable[Outcome | None]]
 EnvelopeHandler = Callable[[Envelope[Any]], Awaitable[Outcome | None]]
 #: A consumer's message map: body type (its ``KIND``) -> the handler of that kind.
 Routes = Mapping[type[Body], EnvelopeHandler]
+
+#: The ``kind`` label of the delivery being settled (``qflare_handler_seconds``): the queue's
+#: or stream's name until the dispatcher has opened the envelope, then the envelope's kind.
+#: A context variable: the dispatcher runs in the task (the context) of ``Service._settle``.
+_KIND: ContextVar[str] = ContextVar("qflare_handler_kind", default="-")
 
 
 @dataclass
@@ -170,7 +177,9 @@ class Service(abc.ABC):
         for consumer in self.consumers():
             handler = consumer.handler or self._dispatcher(consumer.routes)
             sub = await self.bus.consume(
-                consumer.spec, self._wrap(handler), prefetch=consumer.prefetch
+                consumer.spec,
+                self._wrap(handler, kind=consumer.spec.name),
+                prefetch=consumer.prefetch,
             )
             self._subs.append(sub)
         await self.started()
@@ -213,21 +222,30 @@ class Service(abc.ABC):
 
         async def dispatch(delivery: Delivery) -> Outcome | None:
             env = await open_delivery(self, delivery, expect_kind=table.keys())
+            _KIND.set(env.kind)
+            metrics.message_age(self.name, env.kind, env.ts)
             return await table[env.kind](env)
 
         return dispatch
 
-    def _wrap(self, handler: ServiceHandler) -> Callable[[Delivery], Awaitable[Outcome]]:
+    def _wrap(
+        self, handler: ServiceHandler, kind: str = "-"
+    ) -> Callable[[Delivery], Awaitable[Outcome]]:
+        """The bus handler of ``handler``: settles each delivery (:meth:`handle`). ``kind``
+        labels its metrics until the dispatcher knows the envelope's kind (a queue's or a
+        stream's name; ingest's update stream: ``update``)."""
+
         async def settle(delivery: Delivery) -> Outcome:
-            return await self.handle(handler, delivery)
+            with metrics.in_flight(self.name):
+                return await self.handle(handler, delivery, kind)
 
         return settle
 
-    async def handle(self, handler: ServiceHandler, delivery: Delivery) -> Outcome:
+    async def handle(self, handler: ServiceHandler, delivery: Delivery, kind: str = "-") -> Outcome:
         delay = STORAGE_RETRY_S[0]
         while True:
             try:
-                return await self._settle(handler, delivery)
+                return await self._timed_settle(handler, delivery, kind)
             except (sqlite3.OperationalError, OSError) as exc:  # STORAGE_ERRORS or the disk
                 if isinstance(exc, OSError) and not _is_storage_fault(exc):
                     raise
@@ -246,6 +264,7 @@ class Service(abc.ABC):
             error=repr(exc),
             routing_key=delivery.routing_key,
         )
+        metrics.storage_fault(self.name)
         if self._storage_down:
             return
         self._storage_down = True
@@ -262,10 +281,29 @@ class Service(abc.ABC):
         except TRANSIENT_ERRORS:
             event(self.log, "alert.deferred", logging.WARNING, error=repr(exc))
 
+    async def _timed_settle(
+        self, handler: ServiceHandler, delivery: Delivery, kind: str
+    ) -> Outcome:
+        """One attempt, observed as ``qflare_handler_seconds{service, kind, outcome}``."""
+        token = _KIND.set(kind)
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._settle(handler, delivery)
+            outcome = result.value
+            return result
+        except (sqlite3.OperationalError, OSError):
+            outcome = "held"  # its store failed: handle() holds the message and retries
+            raise
+        finally:
+            metrics.handled(self.name, _KIND.get(), outcome, time.perf_counter() - start)
+            _KIND.reset(token)
+
     async def _settle(self, handler: ServiceHandler, delivery: Delivery) -> Outcome:
         try:
             result = await handler(delivery)
         except MessageRejected as exc:
+            metrics.rejected(self.name, exc.reason.value)
             event(
                 self.log,
                 "message.rejected",

@@ -5,6 +5,10 @@ WAL mode lets readers (``qflare status``, the TUI) read while the service writes
 what "durable before ack" needs. Transactions are explicit (``BEGIN IMMEDIATE`` takes the
 write lock up front, so two writers fail fast with ``busy_timeout`` instead of deadlocking
 on lock upgrade).
+
+Each transaction, autocommit write and read is timed as ``qflare_store_seconds{service,
+op}`` (:mod:`qflare.runtime.metrics`); ``service`` is the name given to :meth:`Database.open`,
+by default the file's stem (``aggregator.sqlite`` -> ``aggregator``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 
 import aiosqlite
 
+from qflare.runtime import metrics
+
 #: Errors worth retrying: a locked database or a full/failing disk may clear.
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
 
@@ -31,13 +37,18 @@ class Database:
     never lands inside another's transaction. Reads do not take it.
     """
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: Path, name: str = "") -> None:
         self.conn = conn
         self.path = path
+        self.name = name or path.stem
         self._write = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], schema: str = "") -> Database:
+    async def open(
+        cls, path: str | os.PathLike[str], schema: str = "", *, name: str = ""
+    ) -> Database:
+        """Open (create) the database at ``path`` and run ``schema``; ``name`` labels its
+        metrics (default: the file's stem)."""
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +58,7 @@ class Database:
         await conn.execute("PRAGMA synchronous=FULL")
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=5000")
-        db = cls(conn, path)
+        db = cls(conn, path, name)
         if schema:
             async with db.transaction():
                 for statement in _split(schema):
@@ -58,26 +69,30 @@ class Database:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception)."""
         async with self._write:
-            await self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                await self.conn.execute("ROLLBACK")
-                raise
-            await self.conn.execute("COMMIT")
+            with metrics.store_timer(self.name, "transaction"):
+                await self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                except BaseException:
+                    await self.conn.execute("ROLLBACK")
+                    raise
+                await self.conn.execute("COMMIT")
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
-        async with self.conn.execute(sql, tuple(params)) as cur:
-            return await cur.fetchone()
+        with metrics.store_timer(self.name, "read"):
+            async with self.conn.execute(sql, tuple(params)) as cur:
+                return await cur.fetchone()
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.conn.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
+        with metrics.store_timer(self.name, "read"):
+            async with self.conn.execute(sql, tuple(params)) as cur:
+                return list(await cur.fetchall())
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
         """One statement in its own (autocommit) transaction."""
         async with self._write:
-            await self.conn.execute(sql, tuple(params))
+            with metrics.store_timer(self.name, "write"):
+                await self.conn.execute(sql, tuple(params))
 
     async def close(self) -> None:
         await self.conn.close()

@@ -29,7 +29,15 @@ from qflare.messages import (
 )
 from qflare.privacy import BudgetPolicy, PrivacyError
 from qflare.privacy.errors import UNKNOWN_JOB
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
+from qflare.runtime import (
+    Consumer,
+    JobSpec,
+    Service,
+    ServiceContext,
+    event,
+    metrics,
+    stateful_queue,
+)
 from qflare.runtime.envelopes import emit
 from qflare.runtime.service import Routes
 from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
@@ -60,6 +68,10 @@ class Accountant(Service):
         self.store = await LedgerStore.open(self.ctx.data_dir / "accountant.sqlite")
         jobs, decisions = await self.store.load()
         self.core = AccountantCore.restore(self.policy_for, jobs, decisions)
+        for job, policy in self.core.jobs().items():
+            ledger = self.core.ledger(job)
+            spent = ledger.epsilon if ledger is not None else 0.0
+            metrics.epsilon(self.name, job, spent, policy.epsilon)
 
     async def close(self) -> None:
         if self.store is not None:
@@ -82,6 +94,13 @@ class Accountant(Service):
             if decision.fresh:
                 await self.store.record(decision)
                 self.core.apply(decision)
+                metrics.privacy_decision(
+                    self.name,
+                    env.job,
+                    granted=decision.granted,
+                    spent=decision.epsilon_total,
+                    budget=decision.budget_epsilon,
+                )
                 event(
                     self.log,
                     "privacy.decided",

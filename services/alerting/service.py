@@ -23,6 +23,7 @@ from typing import Any
 
 from qflare.bus import Delivery, QueueSpec, topology
 from qflare.messages import AlertRaised, Envelope, RoundVerdict, Severity
+from qflare.runtime import metrics
 from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
 from qflare.runtime.service import Consumer, Service, ServiceContext, event_bindings
@@ -117,6 +118,7 @@ class AlertingService(Service):
 
     async def on_dead(self, delivery: Delivery) -> None:
         self.counters.dead_letters += 1
+        metrics.dead_letter(self.name, delivery.death_reason)
         alert = dead_letter_alert(
             delivery.routing_key,
             delivery.death_reason,
@@ -142,6 +144,7 @@ class AlertingService(Service):
         now = self.ctx.clock()
         decision = self.desk.decide(alert, now)
         alert_id = await self.store.record(message_id, decision, now)
+        metrics.alert(self.name, decision.alert.severity.label, decision.action.value)
         if decision.publish:
             await self._publish(alert_id, decision.alert)
         elif decision.action.value == "duplicate":

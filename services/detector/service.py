@@ -29,7 +29,15 @@ from qflare.messages import (
     RoundVerdict,
 )
 from qflare.robust import Reputation
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
+from qflare.runtime import (
+    Consumer,
+    JobSpec,
+    Service,
+    ServiceContext,
+    event,
+    metrics,
+    stateful_queue,
+)
 from qflare.runtime.envelopes import emit
 from qflare.runtime.service import Routes
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
@@ -221,6 +229,13 @@ class Detector(Service):
                     round=round_no,
                     kept=len(result.kept),
                     flagged=[x.client for x in result.flagged],
+                )
+                metrics.verdict(
+                    self.name,
+                    job_id,
+                    kept=len(result.kept),
+                    flagged=len(result.flagged),
+                    quarantined=len(result.newly_quarantined),
                 )
                 self._forget(job_id, round_no)
                 await self._publish(job_id, round_no, verdict)

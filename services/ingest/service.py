@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qflare.bus import Delivery, QueueSpec, StreamNotFound, StreamReader, topology
+from qflare.bus import Delivery, Outcome, QueueSpec, StreamNotFound, StreamReader, topology
 from qflare.crypto.errors import TrustRejected
 from qflare.crypto.pki import RevocationList
 from qflare.messages import (
@@ -60,6 +60,7 @@ from qflare.messages import (
 from qflare.messages.envelope import of_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import OFF_LOOP_BYTES
+from qflare.runtime import metrics
 from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
 from qflare.runtime.service import Consumer, Service, ServiceContext, event_bindings
@@ -271,13 +272,21 @@ class IngestService(Service):
         is read by name, not declared: the aggregator declares it before the round opens, and
         ingest's broker user may read ``updates.<job>`` but not configure it. A stream that is
         gone (the job ended) has nothing to check; a later ``round.opened`` tries again."""
+        settle = self._wrap(lambda delivery: self.on_update(job, delivery), kind=Update.KIND)
+
+        async def mine(delivery: Delivery) -> Outcome:
+            # another replica's share is passed over here, outside the handler's metrics
+            if not self._mine(delivery.offset):
+                return Outcome.ACK
+            return await settle(delivery)
+
         async with self._readers_lock:
             if job in self._readers or not self.running:
                 return
             try:
                 reader = await self.bus.read_stream(
                     topology.update_stream(job).name,
-                    self._wrap(lambda delivery: self.on_update(job, delivery)),
+                    mine,
                     offset=offset,
                     prefetch=8,
                 )
@@ -343,7 +352,7 @@ class IngestService(Service):
     async def on_update(self, key_job: str, delivery: Delivery) -> None:
         """One message of the job's update stream (this replica's share of the offsets)."""
         offset = delivery.offset
-        if offset is None or offset % self.options.shares != self.options.share:
+        if offset is None or not self._mine(offset):
             return
         env: Envelope[Update] | None = None
         try:
@@ -356,6 +365,7 @@ class IngestService(Service):
                     f"for round {info.round} of {key_job!r} can take",
                 )
             env = await self._open(delivery.body)
+            metrics.message_age(self.name, Update.KIND, env.ts)
             if env.job != key_job:
                 raise MessageRejected(
                     Reason.WRONG_JOB,
@@ -415,6 +425,7 @@ class IngestService(Service):
         finally:
             self._inflight.discard(natural)
         self.counts["accepted"] += 1
+        metrics.update_accepted(self.name, env.job)
         event(
             self.log,
             "update.accepted",
@@ -426,6 +437,10 @@ class IngestService(Service):
             bytes=len(delivery.body),
             sealed=env.sealed,
         )
+
+    def _mine(self, offset: int | None) -> bool:
+        """Whether the update at ``offset`` is in this replica's share."""
+        return offset is not None and offset % self.options.shares == self.options.share
 
     async def _open(self, data: bytes) -> Envelope[Update]:
         assert self.ctx.identity is not None and self.ctx.trust is not None
@@ -453,6 +468,7 @@ class IngestService(Service):
             offset=exc.offset,
         )
         await emit(self, "update.rejected", rejected, job=exc.job, round=exc.round)
+        metrics.update_rejected(self.name, exc.job, exc.reason.value)
         await self.alert(
             kind="update.rejected",
             severity="warning",
