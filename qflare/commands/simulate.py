@@ -156,32 +156,17 @@ def register(subparsers: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    """The flags as a :class:`~qflare.sim.config.SimConfig`: a flag sets the field of its
+    name (``--local-epochs`` sets ``local_epochs``), but for the split, DP off and the
+    attack's options."""
     from qflare.sim.config import SimConfig
 
-    return SimConfig(
-        dataset=args.dataset,
-        model=args.model,
-        clients=args.clients,
-        byzantine=args.byzantine,
-        attack=args.attack,
-        rule=args.rule,
-        detection=args.detection,
-        rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        alpha=None if args.iid else args.alpha,
-        sample_rate=args.sample_rate,
-        server_lr=args.server_lr,
-        noise_multiplier=args.noise_multiplier or 0.0,
-        target_epsilon=args.target_epsilon,
-        clip=args.clip,
-        delta=args.delta,
-        epsilon_budget=args.epsilon_budget,
-        dp_filter_bound=args.dp_filter_bound,
-        seed=args.seed,
-        attack_options=dict(args.attack_option),
-    )
+    given = vars(args)
+    fields = {name: given[name] for name in SimConfig.model_fields if name in given}
+    fields["alpha"] = None if args.iid else args.alpha
+    fields["noise_multiplier"] = args.noise_multiplier or 0.0
+    fields["attack_options"] = dict(args.attack_option)
+    return SimConfig(**fields)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -220,26 +205,17 @@ def main(args: argparse.Namespace) -> int:
     from qflare.bus import BusError
     from qflare.sim.services import SimulationFailed
 
+    running = {
+        "out": args.out,
+        "broker": args.broker,
+        "direct": args.direct,
+        "console": console,
+        "progress": not args.quiet,
+    }
     try:
         if args.sweep:
-            return run_sweep(
-                plan,
-                out=args.out,
-                direct=args.direct,
-                broker=args.broker,
-                console=console,
-                progress=not args.quiet,
-            )
-        return run_simulation(
-            config,
-            out=args.out,
-            broker=args.broker,
-            direct=args.direct,
-            baseline=args.baseline,
-            tui=args.tui,
-            console=console,
-            progress=not args.quiet,
-        )
+            return run_sweep(plan, **running)
+        return run_simulation(config, baseline=args.baseline, tui=args.tui, **running)
     except BusError as exc:
         raise CommandFailed(f"the broker failed: {exc}") from None
     except (SimulationFailed, TimeoutError) as exc:
