@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from qflare.bus import Bus, connect_bus
@@ -37,14 +36,7 @@ def load_identity(settings: Settings, name: str) -> tuple[Any, Any]:
     by ``qflare provision``)."""
     from qflare.crypto.keystore import Identity, load_trust
 
-    if settings.pki_dir is None:
-        raise ValueError(
-            f"service {name!r} needs its keys: set pki_dir in the config file or "
-            "QFLARE_PKI_DIR to the folder `qflare provision` wrote"
-        )
-    folder = Path(settings.pki_dir) / "services" / name
-    if not folder.is_dir():
-        raise ValueError(f"no identity for service {name!r} at {folder}; run `qflare provision`")
+    folder = settings.identity_dir(name)
     passphrase = settings.passphrase.encode() if settings.passphrase else None
     return Identity.load(folder, passphrase), load_trust(folder)
 

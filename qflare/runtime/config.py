@@ -346,6 +346,22 @@ class Settings(QflareConfig):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def identity_dir(self, service: str) -> Path:
+        """The folder ``qflare provision`` wrote the service's keys and trust store in,
+        ``<pki_dir>/services/<service>/``; a :class:`ConfigError` when there is none."""
+        if self.pki_dir is None:
+            raise ConfigError(
+                f"service {service!r} needs its keys: set pki_dir in [qflare], QFLARE_PKI_DIR "
+                "or --pki-dir to the folder `qflare provision` wrote"
+            )
+        folder = Path(self.pki_dir) / "services" / service
+        if not folder.is_dir():
+            raise ConfigError(
+                f"no identity for service {service!r} at {folder}: pki_dir must be the folder "
+                "`qflare provision` wrote"
+            )
+        return folder
+
     def service_options(self, service: str) -> BaseModel:
         """The typed ``[services.<service>]`` table (defaults filled in)."""
         if service not in SERVICE_OPTIONS:

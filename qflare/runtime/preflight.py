@@ -114,17 +114,7 @@ def check_can_serve(settings: Settings, services: Iterable[str]) -> None:
     """Raise :class:`ConfigError` unless ``services`` can start here: their identities
     under ``pki_dir`` exist and the data folder can be written."""
     for name in services:
-        if settings.pki_dir is None:
-            raise ConfigError(
-                f"service {name!r} needs its keys: set pki_dir in [qflare], QFLARE_PKI_DIR or "
-                "--pki-dir to the folder `qflare provision` wrote"
-            )
-        folder = Path(settings.pki_dir) / "services" / name
-        if not folder.is_dir():
-            raise ConfigError(
-                f"no identity for service {name!r} at {folder}: pki_dir must be the folder "
-                "`qflare provision` wrote"
-            )
+        settings.identity_dir(name)
     check_writable_folder(settings.data_dir, "data_dir")
 
 
