@@ -73,27 +73,46 @@ def _offset(text: str) -> StreamOffset:
     return int(text) if text.isdigit() else cast(StreamOffset, text)
 
 
-async def consumer(
-    url: str,
-    prefix: str,
-    kind: str,
-    name: str,
-    count: int,
-    prefetch: int,
-    offset: StreamOffset = "first",
-    readers: int = 1,
-) -> None:
+@dataclass(frozen=True)
+class Reader:
+    """What one consumer process reads: ``count`` messages from the queue or stream
+    (``kind``) ``name`` under ``prefix``, by each of its ``readers`` (a stream is read by
+    each reader from ``offset``; ``readers`` > 1 only for streams)."""
+
+    kind: str
+    prefix: str
+    name: str
+    count: int
+    prefetch: int
+    offset: StreamOffset = "first"
+    readers: int = 1
+
+    def argv(self) -> list[str]:
+        """The command-line words :func:`parse` reads this back from."""
+        words = [self.kind, self.prefix, self.name, str(self.count), str(self.prefetch)]
+        return ["--consumer", *words, "--offset", str(self.offset), "--readers", str(self.readers)]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Reader:
+        kind, prefix, name, count, prefetch = args.consumer
+        offset = _offset(args.offset)
+        return cls(kind, prefix, name, int(count), int(prefetch), offset, args.readers)
+
+
+async def consumer(url: str, reader: Reader) -> None:
     """A consumer process: prints ``ready`` once attached, then ``done <time> <cpu-s>
-    <peak-rss-bytes>`` after each of its ``readers`` handled ``count`` messages (a stream
-    is read by each reader from ``offset``; ``readers`` > 1 only for streams)."""
-    bus = await connect_bus(url, prefix=prefix)
-    handlers = [Countdown(count) for _ in range(readers)]
+    <peak-rss-bytes>`` after each of its readers handled its messages."""
+    bus = await connect_bus(url, prefix=reader.prefix)
+    handlers = [Countdown(reader.count) for _ in range(reader.readers)]
     try:
-        if kind == "queue":
-            await bus.consume(QueueSpec(name, bindings=BINDINGS), handlers[0], prefetch=prefetch)
+        if reader.kind == "queue":
+            spec = QueueSpec(reader.name, bindings=BINDINGS)
+            await bus.consume(spec, handlers[0], prefetch=reader.prefetch)
         else:
             for handler in handlers:
-                await bus.read_stream(name, handler, offset=offset, prefetch=prefetch)
+                await bus.read_stream(
+                    reader.name, handler, offset=reader.offset, prefetch=reader.prefetch
+                )
         print("ready", flush=True)
         await asyncio.gather(*(h.done.wait() for h in handlers))
         end = time.time()
@@ -105,19 +124,9 @@ async def consumer(
         await bus.close(timeout=1.0)
 
 
-def start_consumer(
-    url: str,
-    kind: str,
-    prefix: str,
-    name: str,
-    count: int,
-    prefetch: int,
-    offset: StreamOffset = "first",
-    readers: int = 1,
-) -> subprocess.Popen[str]:
+def start_consumer(url: str, reader: Reader) -> subprocess.Popen[str]:
     """This script again, as a consumer process (``--consumer``)."""
-    argv = [sys.executable, __file__, "--url", url, "--consumer", kind, prefix, name]
-    argv += [str(count), str(prefetch), "--offset", str(offset), "--readers", str(readers)]
+    argv = [sys.executable, __file__, "--url", url, *reader.argv()]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 
 
@@ -194,7 +203,9 @@ async def trial(
         names = ["log"] * readers
     else:
         names = [f"q{i}" for i in range(readers)]
-    children = [start_consumer(url, kind, prefix, name, len(bodies), prefetch) for name in names]
+    children = [
+        start_consumer(url, Reader(kind, prefix, name, len(bodies), prefetch)) for name in names
+    ]
     try:
         await wait_ready(children, route)
         sem = asyncio.Semaphore(window)
@@ -277,18 +288,6 @@ def parse() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     if arguments.consumer:
-        kind, prefix, name, count, prefetch = arguments.consumer
-        asyncio.run(
-            consumer(
-                arguments.url,
-                prefix,
-                kind,
-                name,
-                int(count),
-                int(prefetch),
-                _offset(arguments.offset),
-                arguments.readers,
-            )
-        )
+        asyncio.run(consumer(arguments.url, Reader.from_args(arguments)))
         sys.exit(0)
     sys.exit(asyncio.run(main(arguments)))
