@@ -102,6 +102,28 @@ class _Signed:
     def to_bytes(self) -> bytes:
         return canonical(self.wire_fields())
 
+    @classmethod
+    def _read_map(
+        cls, data: bytes, limit: int, what: str, types: dict[str, type]
+    ) -> dict[str, Any]:
+        """``data`` (at most ``limit`` bytes) as this record's map: exactly its fields, of
+        this code's version, each named in ``types`` of that type (exactly: no bool for int).
+        ``what`` names the record in errors."""
+        obj = _unpack_map(bytes(data), limit, what)
+        if set(obj) != cls.field_names():
+            raise TrustRejected("MALFORMED", f"{what} fields {sorted(obj)}")
+        if obj["v"] != CERT_VERSION:
+            raise TrustRejected("UNSUPPORTED_VERSION", f"{what} v={obj['v']!r}")
+        for name, typ in types.items():
+            if type(obj[name]) is not typ:
+                raise TrustRejected("MALFORMED", f"{what} field {name} type")
+        return obj
+
+    def _check_canonical(self, data: bytes, what: str) -> None:
+        """One encoding per record: no malleable variants of the same signed content."""
+        if self.to_bytes() != bytes(data):
+            raise TrustRejected("MALFORMED", f"{what} is not canonically encoded")
+
 
 @dataclass(frozen=True, slots=True)
 class Certificate(_Signed):
@@ -121,11 +143,6 @@ class Certificate(_Signed):
     @classmethod
     def from_bytes(cls, data: bytes) -> Certificate:
         """Parse (not verify) a certificate; bad bytes raise TrustRejected(MALFORMED)."""
-        obj = _unpack_map(bytes(data), MAX_CERT_BYTES, "certificate")
-        if set(obj) != cls.field_names():
-            raise TrustRejected("MALFORMED", f"certificate fields {sorted(obj)}")
-        if obj["v"] != CERT_VERSION:
-            raise TrustRejected("UNSUPPORTED_VERSION", f"certificate v={obj['v']!r}")
         types = {
             "serial": bytes,
             "id": str,
@@ -136,18 +153,14 @@ class Certificate(_Signed):
             "not_after": int,
             "sig": bytes,
         }
-        for name, typ in types.items():
-            if type(obj[name]) is not typ:
-                raise TrustRejected("MALFORMED", f"certificate field {name} type")
+        obj = cls._read_map(data, MAX_CERT_BYTES, "certificate", types)
         kem = obj["kem_public_key"]
         if kem is not None and (type(kem) is not bytes or len(kem) != KEM_PUBLIC_KEY_SIZE):
             raise TrustRejected("MALFORMED", "certificate kem_public_key")
         if len(obj["public_key"]) != PUBLIC_KEY_SIZE:
             raise TrustRejected("MALFORMED", "certificate public_key size")
         cert = cls(**obj)
-        if cert.to_bytes() != bytes(data):
-            # One encoding per certificate: no malleable variants of the same signed content.
-            raise TrustRejected("MALFORMED", "certificate is not canonically encoded")
+        cert._check_canonical(data, "certificate")
         return cert
 
     def is_valid_at(self, now: float) -> bool:
@@ -176,26 +189,13 @@ class RevocationList(_Signed):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RevocationList:
-        obj = _unpack_map(bytes(data), MAX_CRL_BYTES, "revocation list")
-        if set(obj) != cls.field_names():
-            raise TrustRejected("MALFORMED", f"revocation list fields {sorted(obj)}")
-        if obj["v"] != CERT_VERSION:
-            raise TrustRejected("UNSUPPORTED_VERSION", f"revocation list v={obj['v']!r}")
+        types = {"issuer": str, "number": int, "issued_at": int, "sig": bytes}
+        obj = cls._read_map(data, MAX_CRL_BYTES, "revocation list", types)
         serials = obj["serials"]
         if not isinstance(serials, list) or not all(type(s) is bytes for s in serials):
             raise TrustRejected("MALFORMED", "revocation list serials")
-        if (
-            type(obj["issuer"]) is not str
-            or type(obj["number"]) is not int
-            or type(obj["issued_at"]) is not int
-            or type(obj["sig"]) is not bytes
-        ):
-            raise TrustRejected("MALFORMED", "revocation list field types")
-        crl = cls(
-            obj["issuer"], obj["number"], obj["issued_at"], frozenset(serials), obj["sig"], obj["v"]
-        )
-        if crl.to_bytes() != bytes(data):
-            raise TrustRejected("MALFORMED", "revocation list is not canonically encoded")
+        crl = cls(**{**obj, "serials": frozenset(serials)})
+        crl._check_canonical(data, "revocation list")
         return crl
 
     def __contains__(self, cert: object) -> bool:
