@@ -17,7 +17,7 @@ from qflare.runtime.service import (
     event_bindings,
     stateful_queue,
 )
-from qflare.runtime.sqlite import Database, fsync_write, open_readonly
+from qflare.runtime.sqlite import Database, ServiceStore, fsync_write, open_readonly
 
 __all__ = [
     "SERVICES",
@@ -28,6 +28,7 @@ __all__ = [
     "JobSpec",
     "Service",
     "ServiceContext",
+    "ServiceStore",
     "Settings",
     "build_service",
     "configure_logging",

@@ -19,7 +19,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import aiosqlite
 
@@ -96,6 +96,25 @@ class Database:
 
     async def close(self) -> None:
         await self.conn.close()
+
+
+class ServiceStore:
+    """A service's store: one :class:`Database`, the file ``FILE`` created with ``SCHEMA``,
+    in the service's data folder ``root`` (where a store may keep other files too)."""
+
+    FILE: ClassVar[str]
+    SCHEMA: ClassVar[str]
+
+    def __init__(self, db: Database, root: Path) -> None:
+        self.db = db
+        self.root = root
+
+    @classmethod
+    async def open(cls, root: Path) -> Self:
+        return cls(await Database.open(root / cls.FILE, cls.SCHEMA), root)
+
+    async def close(self) -> None:
+        await self.db.close()
 
 
 def _split(schema: str) -> list[str]:

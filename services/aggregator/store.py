@@ -31,7 +31,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from qflare.messages.jobs import JobSpec
-from qflare.runtime import Database, fsync_write
+from qflare.runtime import ServiceStore, fsync_write
 from qflare.services.aggregator.core import Held, Round, RoundState
 
 SCHEMA = """
@@ -148,18 +148,9 @@ def _model(row: Any, root: Path) -> ModelRow:
     )
 
 
-class AggregatorStore:
-    def __init__(self, db: Database, root: Path) -> None:
-        self.db = db
-        self.root = root
-
-    @classmethod
-    async def open(cls, root: Path) -> AggregatorStore:
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(await Database.open(root / "aggregator.sqlite", SCHEMA), root)
-
-    async def close(self) -> None:
-        await self.db.close()
+class AggregatorStore(ServiceStore):
+    FILE = "aggregator.sqlite"
+    SCHEMA = SCHEMA
 
     # -- jobs ------------------------------------------------------------------------------
     async def add_job(self, spec: JobSpec, model: dict[str, np.ndarray], digest: bytes) -> bool:

@@ -12,10 +12,9 @@ escalation state across restarts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from qflare.messages.bodies import Severity
-from qflare.runtime.sqlite import Database
+from qflare.runtime.sqlite import ServiceStore
 from qflare.services.alerting.core import Action, Alert, Decision
 
 SCHEMA = """
@@ -61,16 +60,9 @@ class Seen:
     published: bool
 
 
-class AlertStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    @classmethod
-    async def open(cls, folder: Path) -> AlertStore:
-        return cls(await Database.open(folder / DB_FILE, SCHEMA))
-
-    async def close(self) -> None:
-        await self.db.close()
+class AlertStore(ServiceStore):
+    FILE = DB_FILE
+    SCHEMA = SCHEMA
 
     async def seen(self, message_id: str) -> Seen | None:
         row = await self.db.fetchone(

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any, cast
 
 from qflare.messages.jobs import JobSpec
 from qflare.robust import Reputation
-from qflare.runtime import Database
+from qflare.runtime import ServiceStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -51,18 +50,9 @@ CREATE TABLE IF NOT EXISTS clients (
 PendingRef = tuple[str, bytes, int]
 
 
-class DetectorStore:
-    def __init__(self, db: Database, root: Path) -> None:
-        self.db = db
-        self.root = root
-
-    @classmethod
-    async def open(cls, root: Path) -> DetectorStore:
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(await Database.open(root / "detector.sqlite", SCHEMA), root)
-
-    async def close(self) -> None:
-        await self.db.close()
+class DetectorStore(ServiceStore):
+    FILE = "detector.sqlite"
+    SCHEMA = SCHEMA
 
     async def add_job(self, spec: JobSpec) -> None:
         """Remember a job submitted at run time (not in the configuration), without its
