@@ -51,6 +51,7 @@ from qflare.messages import (
     open_envelope,
 )
 from qflare.messages.envelope import by_kind
+from qflare.messages.jobs import JobSettings
 from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.services.aggregator.core import cap_removals
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
@@ -265,27 +266,21 @@ class Observer:
 
 
 def job_spec(config: SimConfig, ids: tuple[str, ...]) -> JobSpec:
-    budget = job_budget(config)
+    """The simulated job: ``config``'s job settings (the :class:`JobSettings` both share,
+    with f filled into the rule and the budget resolved) and how the simulator's rounds
+    close (one update suffices; a short round aborts the job)."""
+    settings = {name: getattr(config, name) for name in JobSettings.model_fields}
+    settings.update(rule=config.rule_spec, epsilon_budget=job_budget(config))
+    rejects = config.attack in ATTACKS_INGEST_REJECTS
+    deadline = REJECTED_ROUND_DEADLINE_S if rejects else ROUND_DEADLINE_S
     return JobSpec(
+        **settings,
         job_id=SIM_JOB,
-        rounds=config.rounds,
         participants=ids,
-        rule=config.rule_spec,
         f=config.byzantine,
-        detection=config.detection,
-        sample_rate=config.sample_rate,
-        noise_multiplier=config.noise_multiplier,
-        clip=config.clip,
-        delta=config.delta,
-        epsilon_budget=budget,
-        dp_filter_bound=config.dp_filter_bound,
-        server_lr=config.server_lr,
         min_updates=1,
-        deadline_s=REJECTED_ROUND_DEADLINE_S
-        if config.attack in ATTACKS_INGEST_REJECTS
-        else ROUND_DEADLINE_S,
+        deadline_s=deadline,
         on_short="abort",
-        seed=config.seed,
     )
 
 
