@@ -12,7 +12,8 @@ Every metric carries a ``service`` label, so the single registry of an in-proces
 (``qflare up`` on ``memory://``, ``qflare simulate``, tests) reads like one scrape per
 service. Label values stay bounded: service names, message kinds (the registered ones),
 :class:`~qflare.messages.errors.Reason` codes, round states, outcomes, job ids (configured
-or submitted by the operator); never a client id, a routing key or anything a sender
+or submitted by the operator; the label is ``job_id``, since Prometheus gives every scraped
+series a ``job`` label of its own); never a client id, a routing key or anything a sender
 chooses. :data:`METRICS` lists them all (README, "Metrics and health", shows the same list;
 a unit test keeps the two together).
 """
@@ -101,64 +102,64 @@ ROUNDS = Counter(
     "qflare_rounds",
     "Rounds that entered each state (requested, open, closed, published; denied and "
     "aborted end the job), per job",
-    ["service", "job", "state"],
+    ["service", "job_id", "state"],
 )
 ROUND = Gauge(
     "qflare_round",
     "The latest round of each job that changed state",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 
 # -- ingest -----------------------------------------------------------------------------------
 UPDATES_ACCEPTED = Counter(
     "qflare_updates_accepted",
     "Client updates ingest accepted (update.accepted published), per job",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 UPDATES_REJECTED = Counter(
     "qflare_updates_rejected",
     "Client updates ingest refused (update.rejected published), per job and reason code",
-    ["service", "job", "reason"],
+    ["service", "job_id", "reason"],
 )
 
 # -- detector ---------------------------------------------------------------------------------
 VERDICTS = Counter(
     "qflare_verdicts",
     "Round verdicts the detector decided, per job",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 UPDATES_KEPT = Counter(
     "qflare_updates_kept",
     "Updates a verdict kept, per job",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 CLIENTS_FLAGGED = Counter(
     "qflare_clients_flagged",
     "Updates a verdict flagged (one per flagged client and round), per job",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 CLIENTS_QUARANTINED = Counter(
     "qflare_clients_quarantined",
     "Clients a verdict put in quarantine, per job",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 
 # -- accountant -------------------------------------------------------------------------------
 EPSILON_SPENT = Gauge(
     "qflare_epsilon_spent",
     "Privacy loss (epsilon, PLD accounting) spent by each job so far",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 EPSILON_BUDGET = Gauge(
     "qflare_epsilon_budget",
     "Each job's epsilon budget",
-    ["service", "job"],
+    ["service", "job_id"],
 )
 PRIVACY_DECISIONS = Counter(
     "qflare_privacy_decisions",
     "Privacy requests decided (decision=granted or denied), per job; a repeated request "
     "answered from the ledger is not counted",
-    ["service", "job", "decision"],
+    ["service", "job_id", "decision"],
 )
 
 # -- alerting ---------------------------------------------------------------------------------

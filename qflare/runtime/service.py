@@ -22,6 +22,11 @@ FastStream ``exceptions.py``):
 * it returns ``Outcome.RETRY`` itself                      -> RETRY (e.g. "wait for the rest")
 * anything else propagates to the bus's ``settle_outcome``, which logs it with the traceback
   and retries within the delivery limit: a handler bug never stops a consumer.
+
+Each attempt is observed here too (:mod:`qflare.runtime.metrics`): its time as
+``qflare_handler_seconds{service, kind, outcome}`` (``ack``, ``reject``, ``retry``, ``held``,
+``error``), a rejection by its reason code, a storage fault, the deliveries in flight, and
+the age of each envelope the dispatcher opens (the queue's lag).
 """
 
 from __future__ import annotations

@@ -191,14 +191,18 @@ def test_each_service_exports_counters_that_move_during_a_job(
 
     # ingest: updates accepted, and rejected by reason code, as it told the services
     ingest_during, ingest_end = during["ingest-a"], end["ingest-a"]
-    accepted = total(ingest_end, "qflare_updates_accepted_total", job=JOB)
-    assert accepted > total(ingest_during, "qflare_updates_accepted_total", job=JOB) > 0
+    accepted = total(ingest_end, "qflare_updates_accepted_total", job_id=JOB)
+    assert accepted > total(ingest_during, "qflare_updates_accepted_total", job_id=JOB) > 0
     assert accepted == len(rec.of("update.accepted"))
     published_rejections = Counter(str(b.reason) for _r, b in rec.of("update.rejected"))
     assert {"MALFORMED", "BAD_SIGNATURE"} <= set(published_rejections), published_rejections
     for reason, count in published_rejections.items():
-        assert total(ingest_end, "qflare_updates_rejected_total", job=JOB, reason=reason) == count
-        assert total(ingest_during, "qflare_updates_rejected_total", job=JOB, reason=reason) < count
+        assert (
+            total(ingest_end, "qflare_updates_rejected_total", job_id=JOB, reason=reason) == count
+        )
+        assert (
+            total(ingest_during, "qflare_updates_rejected_total", job_id=JOB, reason=reason) < count
+        )
         assert (
             total(ingest_end, "qflare_messages_rejected_total", service="ingest", reason=reason)
             >= count
@@ -208,27 +212,29 @@ def test_each_service_exports_counters_that_move_during_a_job(
     # accountant: epsilon per job, the figure it granted last
     acc_during, acc_end = during["accountant"], end["accountant"]
     grants = [b.epsilon_total for _r, b in sorted(rec.of("privacy.granted"), key=lambda x: x[0])]
-    spent = total(acc_end, "qflare_epsilon_spent", job=JOB)
-    assert spent > total(acc_during, "qflare_epsilon_spent", job=JOB) > 0
+    spent = total(acc_end, "qflare_epsilon_spent", job_id=JOB)
+    assert spent > total(acc_during, "qflare_epsilon_spent", job_id=JOB) > 0
     assert spent == pytest.approx(grants[-1])
-    assert total(acc_end, "qflare_epsilon_budget", job=JOB) == 50.0
-    assert total(acc_end, "qflare_privacy_decisions_total", job=JOB, decision="granted") == ROUNDS
+    assert total(acc_end, "qflare_epsilon_budget", job_id=JOB) == 50.0
+    assert (
+        total(acc_end, "qflare_privacy_decisions_total", job_id=JOB, decision="granted") == ROUNDS
+    )
 
     # aggregator: rounds by state
     agg_during, agg_end = during["aggregator"], end["aggregator"]
     for state in ("requested", "open", "closed", "published"):
-        assert total(agg_end, "qflare_rounds_total", job=JOB, state=state) == ROUNDS, state
-    assert total(agg_during, "qflare_rounds_total", job=JOB, state="published") == 1
-    assert total(agg_during, "qflare_rounds_total", job=JOB, state="open") == 2
-    assert total(agg_end, "qflare_round", job=JOB) == ROUNDS
+        assert total(agg_end, "qflare_rounds_total", job_id=JOB, state=state) == ROUNDS, state
+    assert total(agg_during, "qflare_rounds_total", job_id=JOB, state="published") == 1
+    assert total(agg_during, "qflare_rounds_total", job_id=JOB, state="open") == 2
+    assert total(agg_end, "qflare_round", job_id=JOB) == ROUNDS
 
     # detector: a verdict per round, the Byzantine clients flagged
     det_during, det_end = during["detector"], end["detector"]
-    assert total(det_end, "qflare_verdicts_total", job=JOB) == ROUNDS
-    assert total(det_during, "qflare_verdicts_total", job=JOB) == 1
+    assert total(det_end, "qflare_verdicts_total", job_id=JOB) == ROUNDS
+    assert total(det_during, "qflare_verdicts_total", job_id=JOB) == 1
     flags = flagged_updates(rec)
     assert flags > 0
-    assert total(det_end, "qflare_clients_flagged_total", job=JOB) == flags
+    assert total(det_end, "qflare_clients_flagged_total", job_id=JOB) == flags
 
     # alerting: the rejections and flags became alerts
     assert total(end["alerting"], "qflare_alerts_total") > total(

@@ -181,30 +181,32 @@ async def test_the_sqlite_helper_times_transactions_writes_and_reads(tmp_path: P
 def test_service_functions_label_by_service_job_and_reason() -> None:
     metrics.round_entered("agg-t", "job-a", 3, "published")
     metrics.round_entered("agg-t", "job-a", 4, "requested")
-    assert value("qflare_rounds_total", service="agg-t", job="job-a", state="published") == 1
-    assert value("qflare_round", service="agg-t", job="job-a") == 4
+    assert value("qflare_rounds_total", service="agg-t", job_id="job-a", state="published") == 1
+    assert value("qflare_round", service="agg-t", job_id="job-a") == 4
 
     metrics.update_accepted("ing-t", "job-a")
     metrics.update_rejected("ing-t", "job-a", Reason.BAD_SIGNATURE.value)
     metrics.update_rejected("ing-t", "job-a", Reason.BAD_SIGNATURE.value)
-    assert value("qflare_updates_accepted_total", service="ing-t", job="job-a") == 1
+    assert value("qflare_updates_accepted_total", service="ing-t", job_id="job-a") == 1
     assert (
-        value("qflare_updates_rejected_total", service="ing-t", job="job-a", reason="BAD_SIGNATURE")
+        value(
+            "qflare_updates_rejected_total", service="ing-t", job_id="job-a", reason="BAD_SIGNATURE"
+        )
         == 2
     )
 
     metrics.verdict("det-t", "job-a", kept=7, flagged=3, quarantined=1)
-    assert value("qflare_verdicts_total", service="det-t", job="job-a") == 1
-    assert value("qflare_updates_kept_total", service="det-t", job="job-a") == 7
-    assert value("qflare_clients_flagged_total", service="det-t", job="job-a") == 3
-    assert value("qflare_clients_quarantined_total", service="det-t", job="job-a") == 1
+    assert value("qflare_verdicts_total", service="det-t", job_id="job-a") == 1
+    assert value("qflare_updates_kept_total", service="det-t", job_id="job-a") == 7
+    assert value("qflare_clients_flagged_total", service="det-t", job_id="job-a") == 3
+    assert value("qflare_clients_quarantined_total", service="det-t", job_id="job-a") == 1
 
     metrics.privacy_decision("acc-t", "job-a", granted=True, spent=2.75, budget=5.5)
     metrics.privacy_decision("acc-t", "job-a", granted=False, spent=2.75, budget=5.5)
-    assert value("qflare_epsilon_spent", service="acc-t", job="job-a") == 2.75
-    assert value("qflare_epsilon_budget", service="acc-t", job="job-a") == 5.5
+    assert value("qflare_epsilon_spent", service="acc-t", job_id="job-a") == 2.75
+    assert value("qflare_epsilon_budget", service="acc-t", job_id="job-a") == 5.5
     assert (
-        value("qflare_privacy_decisions_total", service="acc-t", job="job-a", decision="denied")
+        value("qflare_privacy_decisions_total", service="acc-t", job_id="job-a", decision="denied")
         == 1
     )
 
@@ -241,7 +243,7 @@ async def test_metrics_endpoint_serves_an_exposition_prometheus_parses() -> None
     assert rejected.type == "counter"
     assert any(
         s.name == "qflare_updates_rejected_total"
-        and s.labels == {"service": "ing-http", "job": "job-h", "reason": "MALFORMED"}
+        and s.labels == {"service": "ing-http", "job_id": "job-h", "reason": "MALFORMED"}
         and s.value == 1
         for s in rejected.samples
     )
@@ -257,6 +259,8 @@ def test_every_metric_is_named_documented_and_labelled_by_service() -> None:
         labels = metric._labelnames
         assert labels[0] == "service", (name, labels)
         assert not {"client", "sender", "routing_key"} & set(labels), (name, labels)
+        # Prometheus' own target labels would rename ours to exported_job/exported_instance
+        assert not {"job", "instance"} & set(labels), (name, labels)
     exposed = {n: f"{n}_total" if isinstance(m, Counter) else n for n, m in metrics.METRICS.items()}
     text = generate_latest(REGISTRY).decode()
     for name in exposed:
