@@ -4,13 +4,14 @@ wire vocabulary: :class:`qflare.messages.jobs.JobSpec`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qflare.errors import QflareError
-from qflare.messages import DEFAULT_LIMITS
+from qflare.messages import DEFAULT_LIMITS, MessageRejected, Reason
 from qflare.messages.jobs import JobSpec
 
 #: What one envelope carries besides the tensors: header, certificate, signature, sealing
@@ -34,6 +35,15 @@ class ModelTooLarge(ValueError, QflareError):
             f"{limit / 2**20:.1f} MiB of tensors (the envelope limit under RabbitMQ's 128 MiB "
             f"message size); the services do not yet send models or updates in chunks"
         )
+
+
+def job_of(specs: Mapping[str, JobSpec], job: str) -> JobSpec:
+    """The spec of ``job`` among the jobs a service runs (``specs``, by job id); a message
+    for any other job is refused with ``WRONG_JOB``."""
+    spec = specs.get(job)
+    if spec is None:
+        raise MessageRejected(Reason.WRONG_JOB, f"no job {job!r} here")
+    return spec
 
 
 def max_model_bytes(

@@ -20,7 +20,6 @@ import math
 from typing import Any
 
 from qflare.messages import (
-    Body,
     Envelope,
     Flagged,
     MessageRejected,
@@ -39,6 +38,7 @@ from qflare.runtime import (
     stateful_queue,
 )
 from qflare.runtime.envelopes import emit
+from qflare.runtime.jobs import job_of
 from qflare.runtime.service import Routes
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.detector.core import RoundRows, decide, decide_rows
@@ -53,9 +53,7 @@ class Detector(Service):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         opts = self.settings.options(self.name)
-        self.reputation_params = {
-            k: opts[k] for k in ("decay", "penalty", "threshold", "quarantine_rounds") if k in opts
-        }
+        self.reputation_params = {k: opts[k] for k in Reputation.PARAMS if k in opts}
         self.republish_s = float(opts.get("republish_s", 2.0))
         self.store: DetectorStore | None = None
         self.specs: dict[str, JobSpec] = {}
@@ -157,15 +155,9 @@ class Detector(Service):
         except ValueError as exc:  # not the model's layout: ingest refuses it too
             self.log.debug("read-ahead row refused: %s", exc)
 
-    def _job(self, env: Envelope[Body]) -> JobSpec:
-        spec = self.specs.get(env.job)
-        if spec is None:
-            raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} configured here")
-        return spec
-
     async def on_closed(self, env: Envelope[RoundClosed]) -> None:
         assert self.store is not None
-        self._job(env)
+        job_of(self.specs, env.job)
         refs = [(u.client, u.digest, u.offset) for u in env.body.updates]
         if len({c for c, _d, _o in refs}) != len(refs):
             raise MessageRejected(Reason.BAD_SCHEMA, "round.closed lists a client twice")
