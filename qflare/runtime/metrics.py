@@ -118,7 +118,8 @@ UPDATES_ACCEPTED = Counter(
 )
 UPDATES_REJECTED = Counter(
     "qflare_updates_rejected",
-    "Client updates ingest refused (update.rejected published), per job and reason code",
+    "Client updates ingest refused, per job and reason code (every refusal, also one not "
+    "reported one by one)",
     ["service", "job_id", "reason"],
 )
 
