@@ -24,6 +24,14 @@ from pydantic import (
 )
 
 from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.values import (
+    Finite,
+    Metrics,
+    RoundConfig,
+    check_metrics,
+    finite,
+    reason_of,
+)
 
 Digest = Annotated[bytes, Field(min_length=32, max_length=32)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -101,8 +109,39 @@ class Flagged(Part):
     """Names of the detectors that flagged it."""
 
 
+class Evaluation(Part):
+    """A participant's evaluation of a global model on its own held-out data."""
+
+    loss: Finite
+    """Mean loss (a finite number)."""
+    num_examples: int = Field(gt=0)
+    """Held-out examples used (the weight of this evaluation)."""
+    metrics: Metrics = Field(default_factory=dict)
+    """Further metrics by name (at most 32, finite)."""
+
+    @classmethod
+    def of(cls, result: Any, what: str = "evaluate()") -> Evaluation:
+        """What an evaluation function returned, Flower's shape ``(loss, num_examples,
+        metrics)`` or ``(loss, num_examples)``, or an :class:`Evaluation`: TypeError for
+        another shape, MessageRejected(BAD_METRICS) for a value out of bounds."""
+        if isinstance(result, Evaluation):
+            return result
+        if not (isinstance(result, tuple) and len(result) in (2, 3)):
+            raise TypeError(f"{what} must return (loss, num_examples, metrics), got {result!r:.80}")
+        loss, count = result[0], result[1]
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise TypeError(f"{what}: num_examples must be an int >= 1, got {count!r:.40}")
+        return cls(
+            loss=finite(loss, f"{what} loss"),
+            num_examples=int(count),
+            metrics=check_metrics(result[2] if len(result) == 3 else {}, f"{what} metrics"),
+        )
+
+
 class Update(Body):
-    """A client's model update for the round in the header."""
+    """A client's model update for the round in the header, with what the client measured:
+    its training metrics, and its evaluation of the round's global model (`base_version`)
+    before it trained."""
 
     KIND = "update"
     SENDERS = ("client",)
@@ -112,6 +151,10 @@ class Update(Body):
     """Local training examples used (FedAvg weight)."""
     tensors: Tensors
     """The update (model delta) per tensor name; must match the round's `tensor_spec`."""
+    metrics: Metrics = Field(default_factory=dict)
+    """Training metrics by name (at most 32, finite; BAD_METRICS otherwise)."""
+    evaluation: Evaluation | None = None
+    """The client's evaluation of model `base_version` on its held-out data, if it ran one."""
 
 
 class UpdateAccepted(Body):
@@ -175,6 +218,11 @@ class RoundOpened(Body):
     """Where `model_version` sits in the job's model stream (`models.<job>`)."""
     updates_from: NonNegInt
     """No update of this round sits before this offset of the job's update stream."""
+    config: RoundConfig = Field(default_factory=dict)
+    """The job's config for this round (e.g. learning rate, local epochs), which the
+    participants' `train` and `evaluate` get as `round_info.config`: a JSON-like map of at
+    most 4 levels, 256 values, 1024 characters per string and 16 KiB as JSON (TOO_LARGE;
+    another type: BAD_SCHEMA)."""
 
 
 class RoundClosed(Body):
@@ -273,20 +321,26 @@ class ModelPublished(Body):
 
 
 class MetricsEvaluated(Body):
-    """Evaluation of a model version on held-out data."""
+    """Evaluation of a model version on held-out data: `central` (the job's `evaluate_fn`,
+    or the simulator's test set) or `federated` (the participants' evaluations of the
+    version, weighted by their example counts)."""
 
     KIND = "metrics.evaluated"
     SENDERS = ("aggregator", "operator")
     model_version: NonNegInt
     """Evaluated model version."""
-    accuracy: float = Field(ge=0, le=1)
-    """Accuracy on held-out data."""
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Accuracy on held-out data (the `accuracy` metric, when there is one in [0, 1])."""
     loss: float
     """Mean loss on held-out data."""
     num_examples: NonNegInt = 0
     """Held-out examples used."""
-    metrics: dict[Name, float] = Field(default_factory=dict)
-    """Further metrics by name."""
+    metrics: Metrics = Field(default_factory=dict)
+    """Further metrics by name (at most 32, finite)."""
+    source: Literal["central", "federated"] = "central"
+    """Who evaluated: the server side (`central`) or the round's participants (`federated`)."""
+    clients: NonNegInt = 0
+    """Participants whose evaluations are in it (`federated`)."""
 
 
 class Severity(enum.IntEnum):
@@ -423,7 +477,8 @@ def _wire(value: Any) -> Any:
 
 
 def body_from_wire(kind: str, obj: Any) -> Body:
-    """Validate a decoded body against its kind's model; failures are BAD_SCHEMA."""
+    """Validate a decoded body against its kind's model; failures are BAD_SCHEMA, or the
+    code a bounded value's check gives (BAD_METRICS, TOO_LARGE: :mod:`qflare.messages.values`)."""
     cls = BODY_TYPES.get(kind)
     if cls is None:
         raise MessageRejected(Reason.UNKNOWN_KIND, f"unknown kind {kind[:64]!r}")
@@ -432,9 +487,11 @@ def body_from_wire(kind: str, obj: Any) -> Body:
     try:
         return cls.model_validate(obj)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[:3]
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[:3]
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in first)
-        raise MessageRejected(Reason.BAD_SCHEMA, f"{kind}: {detail}") from None
+        reason = reason_of(errors) or Reason.BAD_SCHEMA
+        raise MessageRejected(reason, f"{kind}: {detail}") from None
 
 
 def make_body(kind: str, body: Body | dict[str, Any]) -> Body:

@@ -144,6 +144,12 @@ class Reason(StrEnum):
         "A chunk does not fit its manifest: unknown transfer, index out of range, wrong "
         "size, or the transfer is incomplete.",
     )
+    BAD_METRICS = (
+        "BAD_METRICS",
+        "Metrics (an update's training metrics, an evaluation's metrics or loss) outside "
+        "their bounds: more than 32 names, a name that is not 1-64 characters of letters, "
+        "digits and ``_.:/-``, or a value that is not a finite number.",
+    )
 
 
 class MessageRejected(QflareError):

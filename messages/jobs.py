@@ -21,7 +21,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qflare.messages.errors import MessageRejected
+from qflare.messages.values import check_round_config
+
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_WORD = r"[A-Za-z_][A-Za-z0-9_]*"
+_REFERENCE = re.compile(rf"^{_WORD}(?:\.{_WORD})*:{_WORD}(?:\.{_WORD})*$")
+
+
+def check_reference(value: str, what: str) -> str:
+    """A ``module:function`` reference, by its form (it is imported where the job is
+    accepted: :mod:`qflare.services.aggregator.hooks`)."""
+    if not isinstance(value, str) or not _REFERENCE.match(value):
+        raise ValueError(
+            f"{what} must be a module:function reference (e.g. mypkg.evaluation:evaluate), "
+            f"got {value!r:.80}"
+        )
+    return value
 
 
 def check_id(value: str, what: str) -> str:
@@ -85,11 +101,38 @@ class JobSpec(JobSettings):
     initial_model: Path | None = Field(
         default=None, description="safetensors file of the round-0 model (required to run)"
     )
+    round_config: dict[str, Any] | str = Field(
+        default_factory=dict,
+        description="what each round.opened carries to the participants (round_info.config): "
+        "a bounded JSON-like table (e.g. {lr = 0.05, local_epochs = 1}), or a "
+        "module:function reference called with the round number that returns one",
+    )
+    evaluate_fn: str | None = Field(
+        default=None,
+        description="module:function the aggregator calls on each new model, "
+        "evaluate_fn(version, tensors, config) -> (loss, num_examples, metrics); its result "
+        "is published as metrics.evaluated (source central)",
+    )
 
     @field_validator("job_id")
     @classmethod
     def _job_id(cls, v: str) -> str:
         return check_id(v, "job_id")
+
+    @field_validator("round_config", mode="before")
+    @classmethod
+    def _round_config(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return check_reference(v, "round_config")
+        try:
+            return check_round_config(v, "round_config")
+        except MessageRejected as exc:
+            raise ValueError(f"{exc.reason.value}: {exc.detail}") from None
+
+    @field_validator("evaluate_fn")
+    @classmethod
+    def _evaluate_fn(cls, v: str | None) -> str | None:
+        return None if v is None else check_reference(v, "evaluate_fn")
 
     @field_validator("participants")
     @classmethod

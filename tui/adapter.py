@@ -26,6 +26,8 @@ from qflare.tui import events as ev
 
 #: Kinds the console draws nothing from (client uploads, chunks, the aggregator's requests).
 IGNORED_KINDS = frozenset({"update", "privacy.request", "chunk", "chunk.manifest"})
+#: ``model.published`` metrics named ``train/<name>``: the round's weighted training metrics.
+TRAIN = "train/"
 KIND_CONSOLE_REJECTED = "console.rejected"
 _FIELDS = frozenset(
     {"v", "kind", "sender", "cert", "job", "round", "ts", "nonce", "body_digest", "body", "sig"}
@@ -175,8 +177,13 @@ def to_events(
             )
         ]
     if isinstance(body, wire.ModelPublished):
+        train = {
+            name.removeprefix(TRAIN): value
+            for name, value in body.metrics.items()
+            if name.startswith(TRAIN) and name != f"{TRAIN}num_samples"
+        }
         out: list[ev.FeedEvent] = [
-            ev.ModelPublished(**head, version=body.version, epsilon=body.epsilon)
+            ev.ModelPublished(**head, version=body.version, epsilon=body.epsilon, train=train)
         ]
         if "accuracy" in body.metrics:
             out.append(
@@ -191,7 +198,12 @@ def to_events(
     if isinstance(body, wire.MetricsEvaluated):
         return [
             ev.MetricsEvaluated(
-                **head, model_version=body.model_version, accuracy=body.accuracy, loss=body.loss
+                **head,
+                model_version=body.model_version,
+                accuracy=body.accuracy,
+                loss=body.loss,
+                source=body.source,
+                metrics=body.metrics,
             )
         ]
     if isinstance(body, wire.JobEnded):

@@ -160,7 +160,7 @@ class ConsoleApp(App[None]):
             yield Static(id="current", classes="panel")
             with Vertical(id="side"):
                 yield Static(id="privacy", classes="panel")
-                yield Static(id="accuracy", classes="panel")
+                yield Static(id="accuracy", classes="panel")  # accuracy and round metrics
         with Horizontal(id="middle"):
             yield RowTable(render.ROUND_COLUMNS, id="rounds", classes="panel")
             yield RowTable(render.CLIENT_COLUMNS, id="clients", classes="panel")
@@ -174,7 +174,7 @@ class ConsoleApp(App[None]):
     def on_mount(self) -> None:
         self.query_one("#current").border_title = "current round"
         self.query_one("#privacy").border_title = "privacy budget (ε)"
-        self.query_one("#accuracy").border_title = "accuracy"
+        self.query_one("#accuracy").border_title = "metrics"
         self.query_one("#rounds").border_title = "rounds"
         self.query_one("#clients").border_title = "clients"
         self.query_one("#filter", Input).display = False

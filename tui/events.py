@@ -13,6 +13,7 @@ screen shows does not depend on when the console happened to receive a message.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # One severity scale for the whole system: the alerting service's (a pure module).
@@ -105,13 +106,21 @@ class PrivacyDenied(FeedEvent):
 class ModelPublished(FeedEvent):
     version: int = 0
     epsilon: float = 0.0
+    train: Mapping[str, float] = field(default_factory=dict)
+    """The round's training metrics, weighted by samples (``model.published`` metrics
+    ``train/<name>``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsEvaluated(FeedEvent):
+    """An evaluation of ``model_version``: ``central`` (the job's evaluate_fn, the
+    simulator's test set) or ``federated`` (the round's participants, weighted)."""
+
     model_version: int = 0
-    accuracy: float = 0.0
+    accuracy: float | None = 0.0
     loss: float = 0.0
+    source: str = "central"
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +156,8 @@ class RoundSnapshot(FeedEvent):
     rule: str = ""
     epsilon_total: float | None = None
     model_version: int | None = None
+    train: Mapping[str, float] = field(default_factory=dict)
+    """The round's weighted training metrics, as stored with it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from qflare.tui.events import (
     FeedEvent,
     JobDeclared,
     JobEnded,
+    MetricsEvaluated,
     RoundSnapshot,
 )
 
@@ -151,8 +152,10 @@ def _aggregator(path: Path) -> list[FeedEvent]:
                     rule=rules.get(job, ""),
                     epsilon_total=row["epsilon"] if "epsilon" in cols else None,
                     model_version=int(row["base_version"]) if "base_version" in cols else None,
+                    train=_stored_train(verdict),
                 )
             )
+            out += _stored_evaluations(job, rnd, float(row["updated"]), verdict)
         if _has(conn, "jobs", "ended", "end_reason"):
             for row in conn.execute(
                 "SELECT j.job_id, j.end_reason, j.created, MAX(r.round) AS last, "
@@ -167,6 +170,41 @@ def _aggregator(path: Path) -> list[FeedEvent]:
                         reason=row["end_reason"] or "ended",
                     )
                 )
+    return out
+
+
+def _stored_train(verdict: Any) -> dict[str, float]:
+    """The round's weighted training metrics from its stored verdict (``metrics.train``)."""
+    try:
+        return {str(k): float(v) for k, v in verdict["metrics"]["train"]["metrics"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
+
+
+def _stored_evaluations(job: str, rnd: int, ts: float, verdict: Any) -> list[FeedEvent]:
+    """The evaluations stored with a round, as the ``metrics.evaluated`` the aggregator
+    published for them (participants' as ``federated``, evaluate_fn's as ``central``)."""
+    out: list[FeedEvent] = []
+    stored = verdict.get("metrics") if isinstance(verdict, dict) else None
+    for source, key in (("federated", "evaluate"), ("central", "central")):
+        try:
+            part = stored[key]  # type: ignore[index]
+            metrics = {str(k): float(v) for k, v in part.get("metrics", {}).items()}
+            accuracy = metrics.get("accuracy")
+            out.append(
+                MetricsEvaluated(
+                    job,
+                    rnd,
+                    ts,
+                    model_version=int(part["model_version"]),
+                    accuracy=accuracy if accuracy is not None and 0 <= accuracy <= 1 else None,
+                    loss=float(part["loss"]),
+                    source=source,
+                    metrics=metrics,
+                )
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # not measured (or failed: an error, no loss)
     return out
 
 

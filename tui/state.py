@@ -73,6 +73,9 @@ class RoundRow:
     epsilon_round: float | None = None
     epsilon_total: float | None = None
     model_version: int | None = None
+    # the round's weighted metrics: "train" (its updates'), "federated" (its participants'
+    # evaluation of its base model), "central" (evaluate_fn on its model); name -> value
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     rev: int = 0  # bumped whenever the state touches the row (what to redraw)
 
     @property
@@ -101,6 +104,8 @@ class JobView:
     rounds_planned: int | None = None
     model_version: int | None = None
     accuracy: list[tuple[int, float]] = field(default_factory=list)
+    accuracy_source: str = ""  # central once a central evaluation came (it wins)
+    metrics_round: int | None = None  # the newest round with weighted metrics
     ended: str | None = None
     denied: bool = False
 
@@ -434,12 +439,27 @@ class ConsoleState:
         if row.epsilon_total is None:  # DP off: no grant, the model says epsilon = inf
             row.epsilon_total = e.epsilon
         row.advance("published")
+        if e.train:
+            self._measured(row, "train", dict(e.train))
         view = self._job(e.job)
         view.model_version = max(view.model_version or 0, e.version)
         view.epsilon_spent = max(view.epsilon_spent, e.epsilon)
 
     def _on_MetricsEvaluated(self, e: MetricsEvaluated) -> None:
-        series = self._job(e.job).accuracy
+        row = self._round(e.job, e.round, e.ts)
+        values = {"loss": e.loss, **e.metrics}
+        if e.accuracy is not None:
+            values["accuracy"] = e.accuracy
+        self._measured(row, e.source, values)
+        if e.accuracy is None:
+            return
+        view = self._job(e.job)
+        if view.accuracy_source != e.source:
+            if view.accuracy_source == "central":
+                return  # the sparkline shows the central evaluation once there is one
+            view.accuracy.clear()
+            view.accuracy_source = e.source
+        series = view.accuracy
         if any(v == e.model_version for v, _ in series):
             return
         series.append((e.model_version, e.accuracy))
@@ -488,6 +508,8 @@ class ConsoleState:
             view.epsilon_spent = max(view.epsilon_spent, e.epsilon_total)
         if e.model_version is not None:
             row.model_version = e.model_version
+        if e.train:
+            self._measured(row, "train", dict(e.train))
         if e.state in ROUND_STATES or e.state in FAILED_STATES:
             row.advance(e.state)
         if e.kept is not None:
@@ -500,6 +522,11 @@ class ConsoleState:
                     flagged=tuple(FlaggedClient(c, float("nan")) for c in e.flagged),
                 )
             )
+
+    def _measured(self, row: RoundRow, part: str, values: dict[str, float]) -> None:
+        row.metrics[part] = values
+        view = self._job(row.job)
+        view.metrics_round = max(view.metrics_round or row.round, row.round)
 
     def _on_JobEnded(self, e: JobEnded) -> None:
         view = self._job(e.job)

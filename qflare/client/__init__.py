@@ -2,9 +2,16 @@
 
     from qflare.client import Participant
 
-    def train(model, round_info) -> int:       # a few local epochs; returns #samples
+    def train(model, round_info):              # a few local epochs
+        lr = round_info.config.get("lr", 0.05)  # the job's config for this round
         ...
-    Participant.from_kit("pki/clients/client-003", model, train,
+        return num_samples, {"loss": loss}      # or just num_samples
+
+    def evaluate(model, round_info):           # optional: the round's global model
+        ...
+        return loss, num_examples, {"accuracy": accuracy}
+
+    Participant.from_kit("pki/clients/client-003", model, train, evaluate=evaluate,
                          broker="amqp://rabbit.example/qflare", jobs=["mnist"]).run_blocking()
 
 See :mod:`qflare.client.participant` for what happens each round, and docs/CONTRACTS.md
@@ -15,6 +22,7 @@ local DP: ``Participant(..., local_dp=qflare.privacy.LocalLaplace(epsilon=..., c
 
 from qflare.client.kit import Kit
 from qflare.client.participant import (
+    EvaluateFn,
     LocalUpdate,
     Participant,
     RoundInfo,
@@ -24,8 +32,11 @@ from qflare.client.participant import (
     run_participants,
 )
 from qflare.client.tensors import delta, load_tensors, model_tensors, plain_name
+from qflare.messages.bodies import Evaluation
 
 __all__ = [
+    "EvaluateFn",
+    "Evaluation",
     "Kit",
     "LocalUpdate",
     "Participant",

@@ -12,14 +12,22 @@ participant
    the signed ``round.opened`` names (once per version) and checks that its tensors hash to
    the digest it names (:func:`qflare.messages.tensors.model_digest`);
 2. copies the global tensors into the torch model (numpy from the envelope; never
-   ``torch.load``), calls the user's ``train(model, round_info) -> num_samples`` in a worker
-   thread (the event loop keeps the broker connection alive meanwhile), and takes
-   ``delta = local - global`` per tensor;
+   ``torch.load``); calls the user's ``evaluate(model, round_info) -> (loss, num_examples,
+   metrics)`` on it, if one is given (the participant's evaluation of the round's global
+   model on its own held-out data); loads the global tensors again and calls
+   ``train(model, round_info) -> num_samples`` (or ``(num_samples, metrics)``), both in a
+   worker thread (the event loop keeps the broker connection alive meanwhile), and takes
+   ``delta = local - global`` per tensor. ``round_info.config`` is the job's config for
+   the round (the learning rate, local epochs, ...: ``round.opened``'s ``config``, signed);
+   metrics are name -> finite float, at most 32 names
+   (:func:`qflare.messages.values.check_metrics`: the update is not sent otherwise);
 3. applies ``update_transform`` if one is given (the simulator's Byzantine hook), then
    ``local_dp`` if one is given (:class:`qflare.privacy.LocalLaplace`: local DP), signs the
    update with its ML-DSA key, seals it once for the three services that read it (ingest,
    the aggregator, the detector: their KEM keys), and publishes it to ``qflare.client`` as
    ``update.<job>``, which writes it into the job's update stream, with publisher confirms.
+   The update carries the training metrics and the evaluation; the aggregator weighs them
+   per round (docs/architecture.md, "Metrics and round configs").
 
 Reconnection is the bus's: the robust connection re-opens the channel and the stream reader
 after a broker restart (from the next message it had not handled), and a publish during the
@@ -37,7 +45,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -48,9 +56,11 @@ from qflare.bus import Bus, Delivery, Outcome, StreamNotFound, StreamReader, con
 from qflare.client.kit import Kit
 from qflare.client.tensors import delta, load_tensors, model_tensors
 from qflare.messages import Body, Envelope, JobEnded, ModelPublished, RoundOpened, Update, encode
+from qflare.messages.bodies import Evaluation
 from qflare.messages.envelope import by_kind, of_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.tensors import model_digest
+from qflare.messages.values import check_metrics
 
 if TYPE_CHECKING:
     from qflare.privacy.mechanism import LocalLaplace
@@ -76,6 +86,8 @@ class RoundInfo:
     clip_norm: float
     participants: tuple[str, ...]
     rule: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """The job's config for this round (``round.opened``'s ``config``: a JSON-like map)."""
 
     @property
     def selected(self) -> bool:
@@ -84,14 +96,20 @@ class RoundInfo:
 
 @dataclass
 class LocalUpdate:
-    """An update as sent: tensors by name (the round's names, dtypes and shapes) and the
-    number of local samples it was computed on."""
+    """An update as sent: tensors by name (the round's names, dtypes and shapes), the
+    number of local samples it was computed on, the training metrics, and the evaluation
+    of the round's global model (None: none was run)."""
 
     tensors: dict[str, np.ndarray]
     num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    evaluation: Evaluation | None = None
 
 
-TrainFn = Callable[[Any, RoundInfo], int]
+#: ``train(model, round_info)`` returns the number of samples, or (that number, metrics).
+TrainFn = Callable[[Any, RoundInfo], int | tuple[int, Mapping[str, float]]]
+#: ``evaluate(model, round_info)`` returns (loss, num_examples, metrics), Flower's shape.
+EvaluateFn = Callable[[Any, RoundInfo], tuple[float, int, Mapping[str, float]] | Evaluation]
 UpdateTransform = Callable[[dict[str, np.ndarray], RoundInfo], Mapping[str, np.ndarray]]
 
 
@@ -103,6 +121,7 @@ class Stats:
     updates_sent: int = 0
     rounds_missed: int = 0
     rejected: int = 0
+    updates_refused: int = 0  # updates this participant did not send (metrics out of bounds)
     last_error: str = ""
     sent: list[tuple[str, int]] = field(default_factory=list)
 
@@ -128,6 +147,9 @@ class Participant:
     them); ``"full"`` creates them (guest/admin URLs, a broker without definitions).
     Default: passive when the URL's user is this client's id (its own, restricted user, as
     when the kit's ``broker_password`` is filled in), full otherwise.
+
+    ``evaluate(model, round_info) -> (loss, num_examples, metrics)``: run on each round's
+    global model before ``train``; the result travels in the update.
     """
 
     def __init__(
@@ -146,6 +168,7 @@ class Participant:
         clock: Callable[[], float] = time.time,
         declare: str | None = None,
         local_dp: LocalLaplace | None = None,
+        evaluate: EvaluateFn | None = None,
     ) -> None:
         if train is None and type(self).compute_update is Participant.compute_update:
             raise TypeError("give a train(model, round_info) function, or override compute_update")
@@ -156,6 +179,7 @@ class Participant:
         self.kit = kit
         self.model = model
         self.train = train
+        self.evaluate = evaluate
         self.seal = seal
         self.update_transform = update_transform
         self.local_dp = local_dp
@@ -276,16 +300,17 @@ class Participant:
     def compute_update(
         self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo
     ) -> LocalUpdate:
-        """Load the global model, train, and return ``local - global``. Runs in a worker
-        thread. Override it to produce updates without torch (simulations, attacks)."""
+        """Load the global model, evaluate it (with ``evaluate``), load it again, train,
+        and return ``local - global`` with the metrics. Runs in a worker thread. Override it
+        to produce updates without torch (simulations, attacks)."""
         load_tensors(self.model, global_tensors)
-        num_samples = self.train(self.model, info)  # type: ignore[misc]
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise TypeError(
-                f"train() must return the number of samples (an int >= 1), got {num_samples!r}"
-            )
+        evaluation = None
+        if self.evaluate is not None:
+            evaluation = Evaluation.of(self.evaluate(self.model, info), "evaluate()")
+            load_tensors(self.model, global_tensors)  # train starts from the global model
+        num_samples, metrics = _trained(self.train(self.model, info))  # type: ignore[misc]
         local = model_tensors(self.model, list(global_tensors))
-        return LocalUpdate(delta(local, global_tensors), num_samples)
+        return LocalUpdate(delta(local, global_tensors), num_samples, metrics, evaluation)
 
     # -- broadcast handling ------------------------------------------------------------------
     async def _on_broadcast(self, delivery: Delivery) -> Outcome:
@@ -296,14 +321,14 @@ class Participant:
             return await self._routes[env.kind](env)
         except MessageRejected as exc:
             self.stats.rejected += 1
-            self.stats.last_error = f"{exc.reason.value}: {exc.detail}"
-            log.warning(
-                "participant %s rejected a broadcast (%s): %s",
-                self.id,
-                exc.reason.value,
-                exc.detail,
-            )
+            self._note(exc, logging.WARNING, "participant %s rejected a broadcast", self.id)
             return Outcome.REJECT
+
+    def _note(self, exc: MessageRejected, level: int, what: str, *args: object) -> None:
+        """Log a refusal (``what`` with ``args``, then its reason and detail); keep it as
+        ``stats.last_error``."""
+        self.stats.last_error = f"{exc.reason.value}: {exc.detail}"
+        log.log(level, what + " (%s): %s", *args, exc.reason.value, exc.detail)
 
     @property
     def _routes(self) -> dict[str, Callable[[Any], Awaitable[Outcome]]]:
@@ -387,6 +412,7 @@ class Participant:
             clip_norm=body.clip_norm,
             participants=tuple(body.participants),
             rule=body.rule,
+            config=body.config,
         )
         if not info.selected or (env.job, env.round) in self.submitted or env.job in self.ended:
             return Outcome.ACK
@@ -409,7 +435,13 @@ class Participant:
             if self.clock() > info.deadline:
                 self.stats.rounds_missed += 1
                 return Outcome.ACK
-            update = await asyncio.to_thread(self._make_update, global_tensors, info)
+            try:
+                update = await asyncio.to_thread(self._make_update, global_tensors, info)
+            except MessageRejected as exc:
+                self.stats.updates_refused += 1
+                what = "participant %s: its update for round %d of %s is not sent"
+                self._note(exc, logging.ERROR, what, self.id, env.round, env.job)
+                return Outcome.ACK
             data = await self._encode(update, info)
             assert self.bus is not None
             await self.bus.publish(topology.CLIENT, f"update.{env.job}", data)
@@ -429,19 +461,27 @@ class Participant:
         self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo
     ) -> LocalUpdate:
         update = self.compute_update(global_tensors, info)
+        # bounded before anything is sent (BAD_METRICS): ingest would refuse the update
+        update = replace(
+            update,
+            metrics=check_metrics(update.metrics, "train() metrics"),
+            evaluation=None if update.evaluation is None else Evaluation.of(update.evaluation),
+        )
         if self.update_transform is not None:
-            update = LocalUpdate(
-                dict(self.update_transform(dict(update.tensors), info)), update.num_samples
-            )
+            tensors = self.update_transform(dict(update.tensors), info)
+            update = replace(update, tensors=dict(tensors))
         if self.local_dp is not None:  # the last change before the update is signed and sealed
-            update = LocalUpdate(
-                self.local_dp(update.tensors, job=info.job, round=info.round), update.num_samples
-            )
+            noised = self.local_dp(update.tensors, job=info.job, round=info.round)
+            update = replace(update, tensors=noised)
         return update
 
     async def _encode(self, update: LocalUpdate, info: RoundInfo) -> bytes:
         body = Update(
-            base_version=info.model_version, num_samples=update.num_samples, tensors=update.tensors
+            base_version=info.model_version,
+            num_samples=update.num_samples,
+            tensors=update.tensors,
+            metrics=dict(update.metrics),
+            evaluation=update.evaluation,
         )
         seal_to = self.kit.readers if self.seal else None
         return await asyncio.to_thread(
@@ -475,6 +515,19 @@ class Participant:
         log.info("participant %s: job %s ended (%s)", self.id, env.job, reason)
         self.ended_event(env.job).set()
         return Outcome.ACK
+
+
+def _trained(result: Any) -> tuple[int, Mapping[str, float]]:
+    """``train``'s answer as (num_samples, metrics): an int, or (int, metrics)."""
+    num_samples, metrics = (
+        result if isinstance(result, tuple) and len(result) == 2 else (result, {})
+    )
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise TypeError(
+            "train() must return the number of samples (an int >= 1) or (that number, "
+            f"metrics), got {result!r:.80}"
+        )
+    return num_samples, metrics
 
 
 async def run_participants(

@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # qflare.runtime loads messages, numpy, pydantic models: only
     from qflare.runtime.config import Settings
 
 SEVERITIES = ("info", "warning", "critical")
+#: Rounds whose metrics ``status`` shows per job (the newest), and of those in the table.
+METRIC_ROUNDS = 100
+METRIC_ROUNDS_SHOWN = 5
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -137,6 +140,7 @@ def status_data(data_dir: Path) -> dict[str, Any]:
             jobs.append(
                 {
                     "job": jid,
+                    "metrics": round_metrics(agg, jid),
                     "state": ("ended: " + (job["end_reason"] or "")) if job["ended"] else "running",
                     "rounds": spec.get("rounds"),
                     "round": last[0]["round"] if last else None,
@@ -165,6 +169,26 @@ def status_data(data_dir: Path) -> dict[str, Any]:
         for name in ("aggregator", "detector", "accountant", "alerting")
     }
     return {"data_dir": str(data_dir), "stores": services, "jobs": jobs}
+
+
+def round_metrics(conn: sqlite3.Connection | None, job: str) -> list[dict[str, Any]]:
+    """The weighted metrics of the job's newest published rounds, oldest first: per round
+    ``train`` (the kept updates' training metrics, weighted by samples), ``evaluate`` (their
+    evaluations of the round's base model, weighted by examples) and ``central`` (the job's
+    evaluate_fn on the round's model), as the aggregator stored them with the round."""
+    rows = _rows(
+        conn,
+        "SELECT round, verdict FROM rounds WHERE job_id=? AND verdict IS NOT NULL "
+        "ORDER BY round DESC LIMIT ?",
+        (job, METRIC_ROUNDS),
+    )
+    out = []
+    for row in reversed(rows):
+        with contextlib.suppress(ValueError, TypeError):
+            metrics = json.loads(row["verdict"]).get("metrics")
+            if metrics:
+                out.append({"round": row["round"], **metrics})
+    return out
 
 
 def alerts_data(
@@ -324,7 +348,36 @@ def run_status(args: argparse.Namespace) -> int:
             for j in data["jobs"]
         ],
     )
+    rows = [[j["job"], m] for j in data["jobs"] for m in j["metrics"][-METRIC_ROUNDS_SHOWN:]]
+    if rows:
+        _table(
+            f"round metrics (newest {METRIC_ROUNDS_SHOWN} rounds per job; weighted means)",
+            ["job", "round", "train (samples)", "evaluated by participants", "central"],
+            [
+                [
+                    job,
+                    m["round"],
+                    _measured(m.get("train"), "num_samples"),
+                    _measured(m.get("evaluate"), "num_examples"),
+                    _measured(m.get("central"), "num_examples"),
+                ]
+                for job, m in rows
+            ],
+        )
     return 0
+
+
+def _measured(part: dict[str, Any] | None, weight: str) -> str:
+    """One stored part of a round's metrics as a table cell."""
+    if not part:
+        return ""
+    if "error" in part:
+        return f"v{part.get('model_version')} failed: {str(part['error'])[:40]}"
+    values = {"loss": part["loss"]} if "loss" in part else {}
+    values.update(part.get("metrics", {}))
+    head = f"v{part['model_version']} " if "model_version" in part else ""
+    shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+    return f"{head}{shown} (n={part.get(weight, 0)})"
 
 
 def _listing(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from qflare.crypto.pki import TrustStore
 from qflare.crypto.sealing import KemPrivateKey
 from qflare.errors import QflareError
 from qflare.messages import DEFAULT_LIMITS, Limits, Update
+from qflare.messages.bodies import Evaluation
 from qflare.messages.envelope import Envelope, of_kind, open_off_loop, peek_header
 from qflare.messages.errors import MessageRejected, Reason
 
@@ -55,6 +56,8 @@ class StreamUpdate:
     base_version: int
     num_samples: int
     tensors: Mapping[str, np.ndarray]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    evaluation: Evaluation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,4 +279,6 @@ def _stream_update(env: Envelope[Update], offset: int) -> StreamUpdate:
         base_version=body.base_version,
         num_samples=body.num_samples,
         tensors=body.tensors,
+        metrics=body.metrics,
+        evaluation=body.evaluation,
     )

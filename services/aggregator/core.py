@@ -25,6 +25,9 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   persists the new state with a compare-and-set, then performs the effects; the
   simulator's ``--direct`` mode drives the same machine in a loop, so the two cannot drift
   (cosmicpython's functional core and imperative shell; docs/architecture.md, "One round").
+* A round's metrics (:func:`round_metrics`) are what its kept participants reported, each
+  name's mean weighted by the reporters' sample counts (training metrics) or example
+  counts (their evaluations of the round's base model).
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qflare.messages.bodies import Coverage
+from qflare.messages.bodies import Coverage, Evaluation
 from qflare.messages.errors import Reason
 from qflare.messages.jobs import JobSpec
 from qflare.messages.tensors import Array, Layout, Tensors
+from qflare.messages.values import MAX_METRICS
 from qflare.privacy import AdaptiveClipping, NoiseSource, dp_fedavg, poisson_sample
 from qflare.privacy.policy import charge_of
 from qflare.robust import get_rule
@@ -273,6 +277,68 @@ def aggregate(
         server_lr=spec.server_lr,
         adaptive=adaptive,
     )
+
+
+# -- a round's metrics --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one kept update says besides its tensors: its sample count, its training
+    metrics, and its evaluation of the round's base model (if the participant ran one)."""
+
+    client: str
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    evaluation: Evaluation | None = None
+
+
+def weighted_means(
+    entries: Sequence[tuple[float, Mapping[str, float]]], limit: int = MAX_METRICS
+) -> dict[str, float]:
+    """Per name, the mean of the values weighted by the weight of each entry that reports
+    the name (an entry without it is not a zero). At most ``limit`` names: those with the
+    most weight behind them (ties by name), so a participant inventing names cannot grow
+    the result. Sums run in the entries' order, exactly (``math.fsum``)."""
+    weight: dict[str, list[float]] = {}
+    total: dict[str, list[float]] = {}
+    for w, metrics in entries:
+        for name, value in metrics.items():
+            weight.setdefault(name, []).append(w)
+            total.setdefault(name, []).append(w * value)
+    kept = sorted(weight, key=lambda name: (-math.fsum(weight[name]), name))[:limit]
+    return {name: math.fsum(total[name]) / math.fsum(weight[name]) for name in sorted(kept)}
+
+
+def round_metrics(reports: Sequence[Report], base_version: int) -> dict[str, Any]:
+    """The round's weighted metrics from its kept updates (in client order), as stored and
+    published: ``train`` (clients, num_samples, metrics) over the updates with training
+    metrics, weighted by num_samples; ``evaluate`` (model_version = ``base_version``,
+    clients, num_examples, loss, metrics) over the updates with an evaluation, weighted by
+    num_examples. A part nobody reported is absent."""
+    ordered = sorted(reports, key=lambda r: r.client)
+    out: dict[str, Any] = {}
+    train = [(float(r.num_samples), r.metrics) for r in ordered if r.metrics]
+    if train:
+        out["train"] = {
+            "clients": len(train),
+            "num_samples": int(sum(w for w, _m in train)),
+            "metrics": weighted_means(train),
+        }
+    evals = [r.evaluation for r in ordered if r.evaluation is not None]
+    if evals:
+        weights = [float(e.num_examples) for e in evals]
+        out["evaluate"] = {
+            "model_version": base_version,
+            "clients": len(evals),
+            "num_examples": sum(e.num_examples for e in evals),
+            "loss": math.fsum(w * e.loss for w, e in zip(weights, evals, strict=True))
+            / math.fsum(weights),
+            "metrics": weighted_means(
+                [(w, e.metrics) for w, e in zip(weights, evals, strict=True)]
+            ),
+        }
+    return out
 
 
 # -- the round as a state machine ------------------------------------------------------------

@@ -17,6 +17,13 @@ while the round collects, docs/architecture.md "The data plane") -> new model ve
 ``model.published`` -> next round, until the job's rounds are done or the accountant denies
 (``job.ended``, naming the final model's offset).
 
+Metrics (docs/architecture.md "Metrics and round configs"): ``round.opened`` carries the
+round's config (the job's ``round_config``, or its function's answer); the kept updates'
+training metrics and evaluations are weighted per round (``core.round_metrics``), the job's
+``evaluate_fn`` runs on the new model, and both are stored with the model in the round's
+verdict and published (``model.published`` metrics ``train/<name>``, ``metrics.evaluated``
+of source ``federated`` and ``central``).
+
 A redelivered message steps the machine to no change and no effect, and every transition
 is a compare-and-set on the round's stored state, so it is acknowledged without effect. At
 start the service steps ``Restart`` on each job's latest round, which re-sends whatever it
@@ -42,6 +49,7 @@ from qflare.messages import (
     Envelope,
     JobEnded,
     MessageRejected,
+    MetricsEvaluated,
     ModelPublished,
     PrivacyDenied,
     PrivacyGranted,
@@ -80,6 +88,7 @@ from qflare.services.aggregator.core import (
     Publish,
     Refused,
     Reject,
+    Report,
     RequestPrivacy,
     Restart,
     Round,
@@ -88,9 +97,11 @@ from qflare.services.aggregator.core import (
     Verdict,
     aggregate,
     begin,
+    round_metrics,
     step,
     unknown_round,
 )
+from qflare.services.aggregator.hooks import HookFailed, JobHooks, load_hooks, reload_hooks
 from qflare.services.aggregator.store import AggregatorStore
 
 QUEUE = "aggregator"
@@ -109,6 +120,7 @@ class Aggregator(Service):
         self.stream_linger_s = float(opts.get("stream_linger_s", 60.0))
         self.store: AggregatorStore | None = None
         self.specs: dict[str, JobSpec] = {}
+        self.hooks: dict[str, JobHooks] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._ended: dict[str, asyncio.Event] = {}
         self._models: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -118,7 +130,7 @@ class Aggregator(Service):
         # missed is read again from the stream at the offsets the store recorded.
         self._feeds: dict[str, UpdateFeed] = {}
         self._collecting: dict[tuple[str, int], frozenset[str]] = {}
-        self._held: dict[tuple[str, int], dict[str, dict[bytes, Mapping[str, np.ndarray]]]] = {}
+        self._held: dict[tuple[str, int], dict[str, dict[bytes, StreamUpdate]]] = {}
         # The job's model stream, read from "next": the offset of each model this run
         # appends, by the body digest of its envelope.
         self._model_readers: dict[str, StreamReader] = {}
@@ -141,6 +153,8 @@ class Aggregator(Service):
             self.specs[spec.job_id] = spec
             if ended:
                 self._ended_event(spec.job_id).set()
+            else:
+                self.hooks[spec.job_id] = reload_hooks(spec)
 
     async def started(self) -> None:
         for spec in self.settings.jobs:
@@ -193,7 +207,7 @@ class Aggregator(Service):
         if update.client in self._collecting.get(key, ()):
             held = self._held.setdefault(key, {}).setdefault(update.client, {})
             if len(held) < 2:
-                held[update.digest] = update.tensors
+                held[update.digest] = update
 
     async def _on_model_appended(self, delivery: Delivery) -> Outcome:
         head = peek_header(delivery.body)
@@ -256,8 +270,10 @@ class Aggregator(Service):
             check_model_size(
                 spec.job_id, model
             )  # before storing: a job that cannot run is not kept
+            hooks = await asyncio.to_thread(load_hooks, spec)  # PluginError naming the key
             await self.store.add_job(spec, model, model_digest(model))
             self.specs[spec.job_id] = spec
+            self.hooks[spec.job_id] = hooks
             event(self.log, "job.submitted", **spec.public())
         if self.running:
             await self._attach(spec.job_id)
@@ -418,11 +434,18 @@ class Aggregator(Service):
         assert self.store is not None
         base = await self._model(spec.job_id, command.base_version)
         updates = await self._kept_updates(spec, command)
-        result = await asyncio.to_thread(aggregate, spec, command, base, updates)
+        tensors = {c: u.tensors for c, u in updates.items()}
+        result = await asyncio.to_thread(aggregate, spec, command, base, tensors)
+        reports = [Report(c, u.num_samples, u.metrics, u.evaluation) for c, u in updates.items()]
+        metrics = round_metrics(reports, command.base_version)
+        central = await self._evaluate(spec, command.round, result.model)
+        if central is not None:
+            metrics["central"] = central
         verdict = {
             "kept": list(command.kept),
             "flagged": list(command.removed),
             "step_norm": result.update_norm,
+            "metrics": metrics,
         }
         stored = await self.store.publish_model(
             spec.job_id,
@@ -440,9 +463,37 @@ class Aggregator(Service):
         self._collecting.pop((spec.job_id, command.round), None)
         return True
 
-    async def _kept_updates(
-        self, spec: JobSpec, command: Aggregate
-    ) -> dict[str, Mapping[str, np.ndarray]]:
+    async def _evaluate(
+        self, spec: JobSpec, version: int, model: Mapping[str, np.ndarray]
+    ) -> dict[str, Any] | None:
+        """The job's ``evaluate_fn`` on model ``version`` (None: the job has none), in a
+        worker thread; a failure is stored as ``error`` and alerted, never fatal."""
+        hooks = self._hooks(spec)
+        if spec.evaluate_fn is None:
+            return None
+        try:
+            config = await asyncio.to_thread(hooks.round_config, version)
+            evaluation = await asyncio.to_thread(hooks.evaluate, version, model, config)
+        except HookFailed as exc:
+            await self._hook_failed(spec, version, "evaluate_fn.failed", "warning", exc)
+            return {"model_version": version, "error": str(exc)[:1000]}
+        assert evaluation is not None
+        return {"model_version": version, **evaluation.model_dump()}
+
+    async def _hook_failed(
+        self, spec: JobSpec, round_no: int, kind: str, severity: str, exc: HookFailed
+    ) -> None:
+        """Alert that one of the job's plug-ins failed (the detail names it and why)."""
+        await self.alert(
+            kind=kind,
+            severity=severity,
+            job=spec.job_id,
+            round=round_no,
+            reason=HookFailed.reason,
+            detail=str(exc)[:4000],
+        )
+
+    async def _kept_updates(self, spec: JobSpec, command: Aggregate) -> dict[str, StreamUpdate]:
         """The tensors of the kept clients' updates, each under the digest ingest accepted:
         from the read-ahead, or read again from the stream at the recorded offsets."""
         held = self._held.get((spec.job_id, command.round), {})
@@ -460,12 +511,19 @@ class Aggregator(Service):
                 count=len(missing),
             )
             fetched = await self._feeds[spec.job_id].fetch(command.round, missing)
-            updates.update({c: u.tensors for c, u in fetched.items()})
+            updates.update(fetched)
         return updates
 
     # -- announcements ------------------------------------------------------------------------
     async def _announce_open(self, spec: JobSpec, round_no: int, a: Announce) -> None:
         assert self.store is not None
+        try:
+            config = await asyncio.to_thread(self._hooks(spec).round_config, round_no)
+        except HookFailed as exc:
+            # no config, no round: the participants would train without what the job says
+            await self._hook_failed(spec, round_no, "round_config.failed", "critical", exc)
+            await self._end(spec, round_no, "round_config_failed", str(exc)[:4000])
+            return
         base = await self._model(spec.job_id, a.base_version)
         row = await self.store.model(spec.job_id, a.base_version)
         assert row is not None
@@ -484,6 +542,7 @@ class Aggregator(Service):
             rule=spec.rule,
             model_offset=await self._model_offset(spec, a.base_version),
             updates_from=a.updates_from,
+            config=config,
         )
         await emit(self, "round.opened", body, job=spec.job_id, round=round_no)
         if a.broadcast:
@@ -503,15 +562,29 @@ class Aggregator(Service):
         r = await self.store.get_round(spec.job_id, row.round if row is not None else version)
         assert row is not None and r is not None
         verdict = r.verdict or {}
+        measured = verdict.get("metrics", {})
+        train = measured.get("train", {})
         metrics = {
             "kept": float(len(verdict.get("kept", []))),
             "flagged": float(len(verdict.get("flagged", []))),
             "step_norm": float(verdict.get("step_norm", 0.0)),
+            **({"train/num_samples": float(train["num_samples"])} if train else {}),
+            **{f"train/{k}": v for k, v in train.get("metrics", {}).items()},
         }
         body = ModelPublished(
             version=row.version, digest=row.digest, epsilon=row.epsilon, metrics=metrics
         )
         await emit(self, "model.published", body, job=spec.job_id, round=r.round)
+        for source, key in (("federated", "evaluate"), ("central", "central")):
+            evaluated = measured.get(key)
+            if evaluated is not None and "loss" in evaluated:
+                await emit(
+                    self,
+                    "metrics.evaluated",
+                    evaluated_body(evaluated, source),
+                    job=spec.job_id,
+                    round=r.round,
+                )
 
     async def _end(self, spec: JobSpec, round_no: int, reason: str, detail: str) -> None:
         """Announce the end (final model, job.ended), then mark the job ended: a failed
@@ -593,7 +666,7 @@ class Aggregator(Service):
                     continue
                 for r in await self.store.open_rounds():
                     spec = self.specs.get(r.job_id)
-                    if spec is not None:
+                    if spec is not None and not self._ended_event(r.job_id).is_set():
                         await self._step(spec, r.round, Tick())
             except asyncio.CancelledError:
                 raise
@@ -606,6 +679,12 @@ class Aggregator(Service):
 
     def _ended_event(self, job_id: str) -> asyncio.Event:
         return self._ended.setdefault(job_id, asyncio.Event())
+
+    def _hooks(self, spec: JobSpec) -> JobHooks:
+        hooks = self.hooks.get(spec.job_id)
+        if hooks is None:
+            hooks = self.hooks[spec.job_id] = reload_hooks(spec)
+        return hooks
 
     async def _model(self, job_id: str, version: int) -> dict[str, np.ndarray]:
         key = (job_id, version)
@@ -621,6 +700,22 @@ class Aggregator(Service):
             self._models.pop(next(iter(self._models)))
         self._models[key] = model
         return model
+
+
+def evaluated_body(evaluated: Mapping[str, Any], source: str) -> MetricsEvaluated:
+    """``metrics.evaluated`` for a stored evaluation (``round_metrics``' ``evaluate`` or the
+    central one): its ``accuracy`` metric, when in [0, 1], is the body's accuracy too."""
+    metrics = dict(evaluated.get("metrics", {}))
+    accuracy = metrics.get("accuracy")
+    return MetricsEvaluated(
+        model_version=int(evaluated["model_version"]),
+        accuracy=accuracy if accuracy is not None and 0.0 <= accuracy <= 1.0 else None,
+        loss=float(evaluated["loss"]),
+        num_examples=int(evaluated.get("num_examples", 0)),
+        metrics=metrics,
+        source=source,  # type: ignore[arg-type]
+        clients=int(evaluated.get("clients", 0)),
+    )
 
 
 def build(ctx: ServiceContext) -> Service:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,8 @@ from qflare.client import (
     model_tensors,
 )
 from qflare.crypto.testing import make_federation
-from qflare.messages import MessageRejected, Reason
+from qflare.messages import MessageRejected, Reason, open_envelope
+from qflare.messages.bodies import Evaluation
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +176,71 @@ def test_participant_follows_only_its_jobs(fed) -> None:
     kit = full_kit(fed, "client-001")
     p = Participant(kit, None, lambda m, i: 1, jobs=["b", "a", "b"])
     assert p.jobs == ("a", "b")
+
+
+def test_evaluate_and_train_report_metrics_and_get_the_round_config(fed) -> None:
+    kit = full_kit(fed, "client-000")
+    seen: list[tuple[str, float, dict]] = []
+
+    def evaluate(model: torch.nn.Module, info: RoundInfo) -> tuple[float, int, dict]:
+        seen.append(("evaluate", model.weight.sum().item(), dict(info.config)))
+        with torch.no_grad():
+            model.weight += 100.0  # an evaluate that changes the model: train must not care
+        return 0.5, 9, {"accuracy": np.float32(0.75)}
+
+    def train(model: torch.nn.Module, info: RoundInfo) -> tuple[int, dict]:
+        seen.append(("train", model.weight.sum().item(), dict(info.config)))
+        with torch.no_grad():
+            model.weight += info.config["lr"]
+        return 7, {"loss": 0.25}
+
+    p = Participant(kit, torch.nn.Linear(2, 1), train, evaluate=evaluate, jobs=["j"])
+    g = {"weight": np.ones((1, 2), np.float32), "bias": np.zeros(1, np.float32)}
+    info = replace(_info(), config={"lr": 0.5, "epochs": 1})
+    up = p._make_update(g, info)
+    assert seen == [("evaluate", 2.0, info.config), ("train", 2.0, info.config)]
+    np.testing.assert_allclose(up.tensors["weight"], 0.5)
+    assert (up.num_samples, up.metrics) == (7, {"loss": 0.25})
+    assert up.evaluation == Evaluation(loss=0.5, num_examples=9, metrics={"accuracy": 0.75})
+    # both travel in the signed update
+    body = open_envelope(asyncio.run(p._encode(up, info)), fed.trust(), kem_key=fed["ingest"].kem)
+    assert body.body.metrics == {"loss": 0.25} and body.body.evaluation == up.evaluation
+
+
+def test_metrics_survive_update_transform_and_local_dp(fed) -> None:
+    from qflare.privacy import LocalLaplace
+
+    kit = full_kit(fed, "client-000")
+    p = Participant(
+        kit,
+        torch.nn.Linear(2, 1),
+        lambda model, info: (3, {"loss": 1.5}),
+        evaluate=lambda model, info: (2.0, 4),
+        update_transform=lambda update, info: {k: 2 * v for k, v in update.items()},
+        local_dp=LocalLaplace(epsilon=1.0, clip=1.0, seed=1),
+        jobs=["j"],
+    )
+    up = p._make_update(
+        {"weight": np.ones((1, 2), np.float32), "bias": np.zeros(1, np.float32)}, _info()
+    )
+    assert up.metrics == {"loss": 1.5} and up.evaluation == Evaluation(loss=2.0, num_examples=4)
+
+
+@pytest.mark.parametrize(
+    ("train", "evaluate", "error"),
+    [
+        (lambda m, i: (3, {"loss": float("nan")}), None, "BAD_METRICS"),
+        (lambda m, i: (3, {f"m{k}": 1.0 for k in range(33)}), None, "BAD_METRICS"),
+        (lambda m, i: 3, lambda m, i: (float("inf"), 3, {}), "BAD_METRICS"),
+        (lambda m, i: (0, {"loss": 1.0}), None, "number of samples"),
+        (lambda m, i: 3, lambda m, i: {"loss": 1.0}, "must return"),
+    ],
+)
+def test_metrics_out_of_bounds_are_refused_before_sending(fed, train, evaluate, error) -> None:
+    p = Participant(
+        full_kit(fed, "client-000"), torch.nn.Linear(1, 1), train, evaluate=evaluate, jobs=["j"]
+    )
+    with pytest.raises((MessageRejected, TypeError), match=error):
+        p._make_update(
+            {"weight": np.zeros((1, 1), np.float32), "bias": np.zeros(1, np.float32)}, _info()
+        )

@@ -4,6 +4,7 @@ code cannot be added without a case here). Codes only services produce are liste
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -137,6 +138,9 @@ CASES: dict[Reason, Callable[[], object]] = {
     ),
     Reason.UNSEAL_FAILED: opened(env(seal_to=FED["ingest"].cert), kem_key=FED["aggregator"].kem),
     Reason.CHUNK_MISMATCH: chunk_case("range"),
+    Reason.BAD_METRICS: opened(
+        raw(packb({"base_version": 0, "num_samples": 1, "tensors": T, "metrics": {"x": math.nan}}))
+    ),
 }
 
 
