@@ -6,7 +6,10 @@
 Client ``client-<i>`` of ``--clients N`` trains on every N-th training image starting at
 ``i`` (the same fixed split for everyone, so shares are disjoint). The lines that talk to
 QFLARE are the ones README.md shows under "Writing a participant": a torch model, a
-``train(model, round_info) -> num_samples`` function and ``Participant.from_kit(...)``.
+``train(model, round_info) -> (num_samples, metrics)`` function that takes its learning rate
+and local epochs from the job's round config (``round_config`` in examples/federation.toml),
+an ``evaluate(model, round_info) -> (loss, num_examples, metrics)`` function (the round's
+global model on this client's slice of the held-out digits) and ``Participant.from_kit(...)``.
 When the job ends the SDK has loaded the final global model into ``model``; the script
 prints its accuracy on the held-out fifth of digits, which no participant trains on.
 """
@@ -25,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from qflare.cli import add_federation_flags
-from qflare.client import Participant
+from qflare.client import Participant, RoundInfo
 
 SPLIT_SEED = 1797  # one permutation for every participant: shares and test set are disjoint
 
@@ -81,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--index", type=int, help="this client's share (default: the number ending the kit's name)"
     )
-    p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    p.add_argument("--lr", type=float, default=0.3, help="local SGD learning rate")
+    p.add_argument(
+        "--epochs", type=int, default=2, help="local epochs per round, unless the job says"
+    )
+    p.add_argument(
+        "--lr", type=float, default=0.3, help="local SGD learning rate, unless the job says"
+    )
     p.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for the job to end"
     )
@@ -99,17 +106,34 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model()
 
-    def train(model: torch.nn.Module, round_info: object) -> int:
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-        for _ in range(args.epochs):
+    def train(model: torch.nn.Module, round_info: RoundInfo) -> tuple[int, dict[str, float]]:
+        config = round_info.config  # the job's config for this round
+        opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", args.lr))
+        for _ in range(config.get("local_epochs", args.epochs)):
             for x, y in my_loader:  # your local data
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
                 opt.step()
-        return len(my_loader.dataset)
+        return len(my_loader.dataset), {"loss": loss.item()}
+
+    x_val, y_val = (t[index :: args.clients] for t in test.tensors)  # my slice of held-out
+
+    def evaluate(model: torch.nn.Module, round_info: RoundInfo) -> tuple[float, int, dict]:
+        with torch.no_grad():
+            logits = model(x_val)
+            loss = torch.nn.functional.cross_entropy(logits, y_val).item()
+            accuracy = (logits.argmax(1) == y_val).float().mean().item()
+        return loss, len(y_val), {"accuracy": accuracy}
 
     participant = Participant.from_kit(
-        args.kit, model, train, broker=args.broker, prefix=args.prefix, jobs=[args.job]
+        args.kit,
+        model,
+        train,
+        evaluate=evaluate,
+        broker=args.broker,
+        prefix=args.prefix,
+        jobs=[args.job],
     )
     reason = participant.run_blocking(timeout=args.timeout)
     stats = participant.stats
