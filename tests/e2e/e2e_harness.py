@@ -345,6 +345,8 @@ class Scenario:
     timeout: float = 120.0
     stateful: tuple[str, ...] = ("alerting", "accountant", "detector")
     broker_restart: tuple[str, int, int] | None = None  # (kind, round, count): stop_app/start_app
+    # the participants, if not NumpyParticipant: participant(kit, broker=, prefix=, jobs=)
+    participant: Callable[..., Participant] | None = None
 
 
 async def run_scenario(
@@ -378,15 +380,16 @@ async def run_scenario(
     bus = await connect_bus(amqp, prefix=prefix)
     recorder = Recorder(fed, job_id)
     gate = threading.Event()
+    where: dict[str, Any] = {"broker": amqp, "prefix": prefix, "jobs": [job_id]}
     clients = {
-        cid: NumpyParticipant(
+        cid: scenario.participant(Kit.load(fed.clients[cid]), **where)
+        if scenario.participant is not None
+        else NumpyParticipant(
             Kit.load(fed.clients[cid]),
             byzantine=cid in byzantine,
             gate=gate if cid == scenario.hold_client else None,
             gate_round=scenario.hostile_round,
-            broker=amqp,
-            prefix=prefix,
-            jobs=[job_id],
+            **where,
         )
         for cid in participants
     }
