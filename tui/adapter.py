@@ -15,7 +15,7 @@ that service and is ignored unless ``raw_alerts`` is set (e.g. when no alerting 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from qflare.bus import topology
@@ -29,6 +29,34 @@ IGNORED_KINDS = frozenset({"update", "privacy.request", "chunk", "chunk.manifest
 #: ``model.published`` metrics named ``train/<name>``: the round's weighted training metrics.
 TRAIN = "train/"
 KIND_CONSOLE_REJECTED = "console.rejected"
+_HEAD = frozenset(f.name for f in fields(ev.FeedEvent))
+
+
+def _same_names(
+    pairs: dict[type[wire.Body], type[ev.FeedEvent]],
+) -> dict[type[wire.Body], tuple[type[ev.FeedEvent], tuple[str, ...]]]:
+    """Each body type with its event type and the event's fields past the header, which
+    the body must have too."""
+    out = {}
+    for body_type, event_type in pairs.items():
+        names = tuple(f.name for f in fields(event_type) if f.name not in _HEAD)
+        missing = [n for n in names if n not in body_type.model_fields]
+        if missing:
+            raise TypeError(f"{body_type.__name__} has no {missing}")
+        out[body_type] = (event_type, names)
+    return out
+
+
+#: Bodies whose console event is the body's fields of the same names, as they are.
+COPIED = _same_names(
+    {
+        wire.UpdateAccepted: ev.UpdateAccepted,
+        wire.PrivacyGranted: ev.PrivacyGranted,
+        wire.PrivacyDenied: ev.PrivacyDenied,
+        wire.MetricsEvaluated: ev.MetricsEvaluated,
+        wire.JobEnded: ev.JobEnded,
+    }
+)
 _FIELDS = frozenset(
     {"v", "kind", "sender", "cert", "job", "round", "ts", "nonce", "body_digest", "body", "sig"}
 )
@@ -110,6 +138,10 @@ def to_events(
     kind = msg.kind
     if kind in IGNORED_KINDS:
         return []
+    copied = COPIED.get(type(body))
+    if copied is not None:
+        event_type, names = copied
+        return [event_type(**head, **{name: getattr(body, name) for name in names})]
     if isinstance(body, wire.AlertRaised):
         if exchange != topology.ALERTS and not raw_alerts:
             return []
@@ -136,8 +168,6 @@ def to_events(
                 model_version=body.model_version,
             )
         ]
-    if isinstance(body, wire.UpdateAccepted):
-        return [ev.UpdateAccepted(**head, client=body.client)]
     if isinstance(body, wire.UpdateRejected):
         return [
             ev.UpdateRejected(
@@ -154,26 +184,6 @@ def to_events(
                 flagged=tuple(
                     ev.FlaggedClient(f.client, f.score, tuple(f.reasons)) for f in body.flagged
                 ),
-            )
-        ]
-    if isinstance(body, wire.PrivacyGranted):
-        return [
-            ev.PrivacyGranted(
-                **head,
-                epsilon_round=body.epsilon_round,
-                epsilon_total=body.epsilon_total,
-                delta=body.delta,
-                coverage=body.coverage,
-            )
-        ]
-    if isinstance(body, wire.PrivacyDenied):
-        return [
-            ev.PrivacyDenied(
-                **head,
-                reason=body.reason,
-                epsilon_spent=body.epsilon_spent,
-                budget=body.budget,
-                coverage=body.coverage,
             )
         ]
     if isinstance(body, wire.ModelPublished):
@@ -195,19 +205,6 @@ def to_events(
                 )
             )
         return out
-    if isinstance(body, wire.MetricsEvaluated):
-        return [
-            ev.MetricsEvaluated(
-                **head,
-                model_version=body.model_version,
-                accuracy=body.accuracy,
-                loss=body.loss,
-                source=body.source,
-                metrics=body.metrics,
-            )
-        ]
-    if isinstance(body, wire.JobEnded):
-        return [ev.JobEnded(**head, reason=body.reason, detail=body.detail)]
     return []
 
 

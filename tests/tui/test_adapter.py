@@ -217,3 +217,13 @@ def test_the_console_reads_only_the_kinds_it_draws() -> None:
     assert {"round.opened", "update.accepted", "round.verdict", "model.published"} <= set(kinds)
     assert not {"update", "chunk", "chunk.manifest", "privacy.request", "alert.raised"} & set(kinds)
     assert "alert.raised" in event_kinds(raw_alerts=True)
+
+
+def test_an_event_copied_from_a_body_names_only_fields_the_body_has() -> None:
+    # the console would fail on every such message; the adapter refuses to load instead
+    from qflare.messages import bodies as wire
+    from qflare.tui.adapter import COPIED, _same_names
+
+    assert COPIED[wire.JobEnded] == (ev.JobEnded, ("reason", "detail"))
+    with pytest.raises(TypeError, match="JobEnded has no"):
+        _same_names({wire.JobEnded: ev.PrivacyGranted})
