@@ -45,7 +45,6 @@ from safetensors.numpy import load as st_load
 
 from qflare.bus import Delivery, Outcome, StreamReader, topology
 from qflare.messages import (
-    Body,
     Envelope,
     JobEnded,
     MessageRejected,
@@ -54,7 +53,6 @@ from qflare.messages import (
     PrivacyDenied,
     PrivacyGranted,
     PrivacyRequest,
-    Reason,
     RoundClosed,
     RoundOpened,
     RoundVerdict,
@@ -67,7 +65,7 @@ from qflare.messages.envelope import peek_header
 from qflare.messages.tensors import Layout, model_digest
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
 from qflare.runtime.envelopes import broadcast_key, emit, seal
-from qflare.runtime.jobs import check_model_size
+from qflare.runtime.jobs import check_model_size, job_of
 from qflare.runtime.metrics import round_entered
 from qflare.runtime.service import Routes
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
@@ -289,28 +287,22 @@ class Aggregator(Service):
         return None
 
     # -- dispatch: decode, step the round, persist, perform ----------------------------------
-    def _job(self, env: Envelope[Body]) -> JobSpec:
-        spec = self.specs.get(env.job)
-        if spec is None:
-            raise MessageRejected(Reason.WRONG_JOB, f"no job {env.job!r} here")
-        return spec
-
     async def on_granted(self, env: Envelope[PrivacyGranted]) -> None:
-        spec = self._job(env)
+        spec = job_of(self.specs, env.job)
         async with self._lock(spec.job_id):
             await self._grant(spec, env.round, env.body.epsilon_total)
 
     async def on_denied(self, env: Envelope[PrivacyDenied]) -> None:
         body = env.body
         denied = Denied(body.reason, body.epsilon_spent, body.budget)
-        await self._step(self._job(env), env.round, denied)
+        await self._step(job_of(self.specs, env.job), env.round, denied)
 
     async def on_update(self, env: Envelope[UpdateAccepted]) -> None:
         body = env.body
         accepted = Accepted(
             body.client, body.update_digest, body.offset, body.num_samples, body.base_version
         )
-        await self._step(self._job(env), env.round, accepted)
+        await self._step(job_of(self.specs, env.job), env.round, accepted)
 
     async def on_refused(self, env: Envelope[UpdateRejected]) -> None:
         # ingest reports every refusal, also for jobs and rounds that are not ours (or not
@@ -322,7 +314,7 @@ class Aggregator(Service):
     async def on_verdict(self, env: Envelope[RoundVerdict]) -> None:
         body = env.body
         verdict = Verdict(tuple(body.kept), tuple((f.client, float(f.score)) for f in body.flagged))
-        await self._step(self._job(env), env.round, verdict)
+        await self._step(job_of(self.specs, env.job), env.round, verdict)
 
     async def _grant(self, spec: JobSpec, round_no: int, epsilon: float) -> None:
         """Step ``Granted``: every update of the round is written after round.opened goes
