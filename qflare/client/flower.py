@@ -24,9 +24,16 @@ in the client's order). Integer arrays (BatchNorm's ``num_batches_tracked`` in a
 ``state_dict``-based client) are not part of the job: the bridge hands the client its own
 values back and sends nothing for them.
 
-Evaluation: ``evaluate`` runs on the final global model of each job when it ends (and, with
-``evaluate_rounds=True``, on each round's global model before ``fit``); the results stay on
-the participant (:attr:`FlowerParticipant.evaluations`), as do ``fit``'s metrics.
+Config: ``fit`` and ``evaluate`` get the job's server-sent round config (``round.opened``'s
+``config``, e.g. a learning rate) with ``server_round``, ``job``, ``model_version`` and
+``clip_norm`` added, as a Flower strategy's ``on_fit_config_fn`` would send it.
+
+Metrics: the numeric entries of ``fit``'s metrics travel with the update (the aggregator
+weighs them by ``num_examples``, docs/architecture.md); with ``evaluate_rounds=True``,
+``evaluate`` runs on each round's global model before ``fit`` and its result travels too, as
+the participant's evaluation. Flower's metrics may also hold strings and bytes: those stay on
+the participant (:attr:`FlowerParticipant.fit_metrics`, :attr:`FlowerParticipant.evaluations`),
+as does ``evaluate`` on the final global model of each job when it ends.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import numpy as np
 from qflare.client.kit import Kit
 from qflare.client.participant import LocalUpdate, Participant, RoundInfo
 from qflare.client.tensors import delta
+from qflare.messages.bodies import Evaluation
 from qflare.messages.errors import MessageRejected, Reason
 
 #: Flower's ``Scalar``: what its configs and metrics hold
@@ -77,10 +85,21 @@ class FlowerEvaluation:
 def round_config(info: RoundInfo) -> dict[str, Scalar]:
     """The ``config`` a round's ``fit`` and ``evaluate`` get (Flower's ``server_round``)."""
     return {
+        **info.config,
         "server_round": info.round,
         "job": info.job,
         "model_version": info.model_version,
         "clip_norm": info.clip_norm,
+    }
+
+
+def numeric(metrics: Mapping[str, Scalar]) -> dict[str, float]:
+    """The entries of Flower metrics that QFLARE's metrics can carry (numbers, not bools,
+    strings or bytes); ``check_metrics`` bounds them before the update is sent."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
     }
 
 
@@ -196,8 +215,14 @@ class FlowerParticipant(Participant):
     ) -> LocalUpdate:
         config = round_config(info)
         params, slots = self._parameters(global_tensors, config)
+        evaluation = None
         if self.evaluate_rounds:
-            self._evaluate([p.copy() for p in params], config, info.job, info.model_version)
+            result = self._evaluate(
+                [p.copy() for p in params], config, info.job, info.model_version
+            )
+            evaluation = Evaluation.of(
+                (result.loss, result.num_examples, numeric(result.metrics)), "NumPyClient.evaluate"
+            )
         new, num_examples, metrics = _three(
             self.client.fit(params, config), "fit", "(parameters, num_examples, metrics)"
         )
@@ -218,7 +243,12 @@ class FlowerParticipant(Participant):
                 )
             trained[name] = a
         self.fit_metrics[(info.job, info.round)] = dict(metrics)
-        return LocalUpdate(delta(trained, global_tensors), _count(num_examples, "fit"))
+        return LocalUpdate(
+            delta(trained, global_tensors),
+            _count(num_examples, "fit"),
+            numeric(metrics),
+            evaluation,
+        )
 
     def evaluate_final(self, job: str) -> FlowerEvaluation | None:
         """``evaluate`` on the newest verified global model of ``job`` (None: none yet)."""

@@ -2,7 +2,9 @@
 written as Flower's PyTorch examples write them (parameters = the state dict's values, in
 its order, BatchNorm's int64 counter included), launched by
 ``qflare.client.flower.serve_numpy_client`` against the five real services in one process
-on the embedded bus.
+on the embedded bus. The job sends the learning rate (``round_config``) that ``fit`` uses;
+``fit``'s metrics and each round's ``evaluate`` travel with the updates and ``qflare
+status`` shows them weighted per round.
 
 ``from flwr.client import NumPyClient``: ``.ci/peers.sh`` installs flwr 1.42 and the
 dependencies its client imports. Without it the test is skipped, saying so (under CI it
@@ -23,6 +25,7 @@ from torch import nn
 
 from qflare.bus import connect_bus
 from qflare.client.flower import FlowerParticipant, initial_tensors, serve_numpy_client
+from qflare.commands.admin import status_data
 from qflare.crypto import Federation, provision
 from qflare.runtime import JobSpec, load_settings, run_in_process
 
@@ -73,7 +76,7 @@ def client_class(base: type) -> type:
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
             self.set_parameters(parameters)
             x, y = data(zlib.crc32(f"{self.cid}/{config['server_round']}".encode()))
-            opt = torch.optim.SGD(self.net.parameters(), lr=0.05)
+            opt = torch.optim.SGD(self.net.parameters(), lr=float(config["lr"]))  # server-sent
             self.net.train()
             for _ in range(10):
                 opt.zero_grad()
@@ -120,16 +123,25 @@ async def test_a_flower_numpy_client_trains_in_a_qflare_job(fed: Federation, tmp
             seed=5,
             deadline_s=60.0,
             min_updates=len(clients),
+            round_config={"lr": 0.05},
         )
     )
+    data = tmp_path / "data"
     bus = await connect_bus(f"memory://{tmp_path.name}")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path / "data"), pki_dir=str(fed.root))
+    settings = load_settings(None, env={}, data_dir=str(data), pki_dir=str(fed.root))
     services = ["alerting", "accountant", "detector", "ingest", "aggregator"]
     ids = {n: (fed.identity(n), fed.trust()) for n in services}
     async with run_in_process(settings, bus, services=services, identities=ids) as running:
         runs = [
             asyncio.create_task(
-                serve_numpy_client(c, fed.clients[cid], broker=bus, jobs=["flower"], timeout=90)
+                serve_numpy_client(
+                    c,
+                    fed.clients[cid],
+                    broker=bus,
+                    jobs=["flower"],
+                    timeout=90,
+                    evaluate_rounds=True,
+                )
             )
             for cid, c in zip(clients, flower_clients, strict=True)
         ]
@@ -140,6 +152,17 @@ async def test_a_flower_numpy_client_trains_in_a_qflare_job(fed: Federation, tmp
     assert [p.ended["flower"] for p in parts] == ["completed"] * 3
     assert all(p.stats.updates_sent == ROUNDS and p.stats.rejected == 0 for p in parts)
     assert all(sorted(p.fit_metrics) == [("flower", r) for r in (1, 2, 3)] for p in parts)
+    # fit's numbers and each round's evaluate travelled with the updates; the aggregator
+    # weighed them by num_examples (64 each, so the plain mean) and stored them per round
+    (job,) = status_data(data)["jobs"]
+    assert [m["round"] for m in job["metrics"]] == [1, 2, 3]
+    for m in job["metrics"]:
+        sent = [p.fit_metrics[("flower", m["round"])]["train_loss"] for p in parts]
+        assert m["train"]["metrics"]["train_loss"] == pytest.approx(float(np.mean(sent)))
+        seen = [e for p in parts for e in p.evaluations if e.model_version == m["round"] - 1]
+        assert len(seen) == 3
+        assert m["evaluate"]["loss"] == pytest.approx(float(np.mean([e.loss for e in seen])))
+        assert m["evaluate"]["metrics"]["mse"] == pytest.approx(m["evaluate"]["loss"])
     # each evaluated the same final global model, which fits better than the initial one
     finals = [p.evaluations[-1] for p in parts]
     assert {(e.model_version, e.num_examples) for e in finals} == {(ROUNDS, 256)}
