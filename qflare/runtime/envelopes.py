@@ -81,27 +81,5 @@ async def open_delivery(
     return await open_off_loop(delivery.body, trust, expect_kind=expect_kind, expect_job=expect_job)
 
 
-async def publish_alert(
-    service: Service,
-    *,
-    kind: str,
-    severity: str,
-    job: str,
-    round: int,
-    reason: str,
-    detail: str = "",
-    client: str | None = None,
-) -> None:
-    """A signed ``alert.raised`` on ``qflare.events`` (``alert.raised.<job>``)."""
-    body: dict[str, Any] = {
-        "severity": severity,
-        "alert_kind": kind,
-        "client": client,
-        "reason": reason or kind,
-        "detail": detail[:4000],
-    }
-    await emit(service, "alert.raised", body, job=job or "-", round=max(0, int(round)))
-
-
 def _has_tensors(body: Body) -> bool:
     return bool(getattr(body, "tensors", None))

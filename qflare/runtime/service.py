@@ -61,7 +61,7 @@ from qflare.messages.envelope import by_kind
 from qflare.messages.errors import MessageRejected
 from qflare.runtime import metrics
 from qflare.runtime.config import Settings
-from qflare.runtime.envelopes import open_delivery, publish_alert
+from qflare.runtime.envelopes import emit, open_delivery
 from qflare.runtime.logging import event
 
 #: Faults that may clear by themselves: the broker is away, the disk or DB is busy.
@@ -371,18 +371,16 @@ class Service(abc.ABC):
         detail: str = "",
         client: str | None = None,
     ) -> None:
-        """Publish an ``alert.raised`` (signed) on ``qflare.events``; alerting stores,
-        deduplicates and republishes it on ``qflare.alerts``."""
-        await publish_alert(
-            self,
-            kind=kind,
-            severity=severity,
-            job=job,
-            round=round,
-            reason=reason,
-            detail=detail,
-            client=client,
-        )
+        """Publish an ``alert.raised`` (signed) on ``qflare.events`` (``alert.raised.<job>``);
+        alerting stores, deduplicates and republishes it on ``qflare.alerts``."""
+        body: dict[str, Any] = {
+            "severity": severity,
+            "alert_kind": kind,
+            "client": client,
+            "reason": reason or kind,
+            "detail": detail[:4000],
+        }
+        await emit(self, "alert.raised", body, job=job or "-", round=max(0, int(round)))
 
 
 #: errno values that mean "the local disk cannot take the write".
