@@ -9,7 +9,10 @@ so that others can seal bodies to it. Times are integer Unix seconds.
 
 The revocation list is the same idea: ``{v, issuer, number, issued_at, serials, sig}``
 signed under ``qflare/v1/crl``; ``number`` only grows, so a verifier never goes back to an
-older list. Verifiers need just the CA certificate and the current list (a
+older list. It also names the ids of the revoked certificates' holders (``holders``, absent
+while there are none, so a list that names none has the bytes it always had): a service that
+never sees the revoked certificate (the aggregator, which selects participants by id) acts on
+the revocation too. Verifiers need just the CA certificate and the current list (a
 :class:`TrustStore`), which keeps ingest stateless.
 """
 
@@ -91,6 +94,12 @@ class _Signed:
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cast(Any, cls))}
 
+    @classmethod
+    def optional_names(cls) -> frozenset[str]:
+        """Fields left off the wire while empty (the record's bytes then are those of a
+        record without the field)."""
+        return frozenset()
+
     def wire_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(cast(Any, self))}
 
@@ -110,7 +119,8 @@ class _Signed:
         this code's version, each named in ``types`` of that type (exactly: no bool for int).
         ``what`` names the record in errors."""
         obj = _unpack_map(bytes(data), limit, what)
-        if set(obj) != cls.field_names():
+        names = cls.field_names()
+        if not names - cls.optional_names() <= set(obj) <= names:
             raise TrustRejected("MALFORMED", f"{what} fields {sorted(obj)}")
         if obj["v"] != CERT_VERSION:
             raise TrustRejected("UNSUPPORTED_VERSION", f"{what} v={obj['v']!r}")
@@ -175,7 +185,8 @@ class Certificate(_Signed):
 
 @dataclass(frozen=True, slots=True)
 class RevocationList(_Signed):
-    """The CA-signed set of revoked certificate serials; ``number`` increases per issue."""
+    """The CA-signed set of revoked certificate serials; ``number`` increases per issue.
+    ``holders``: the ids of the revoked certificates' holders, as the CA issued them."""
 
     issuer: str
     number: int
@@ -183,9 +194,18 @@ class RevocationList(_Signed):
     serials: frozenset[bytes]
     sig: bytes = b""
     v: int = CERT_VERSION
+    holders: frozenset[str] = frozenset()
+
+    @classmethod
+    def optional_names(cls) -> frozenset[str]:
+        return frozenset({"holders"})
 
     def wire_fields(self) -> dict[str, Any]:
-        return {**_Signed.wire_fields(self), "serials": sorted(self.serials)}
+        out = {**_Signed.wire_fields(self), "serials": sorted(self.serials)}
+        out["holders"] = sorted(self.holders)
+        if not self.holders:
+            del out["holders"]
+        return out
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RevocationList:
@@ -194,7 +214,10 @@ class RevocationList(_Signed):
         serials = obj["serials"]
         if not isinstance(serials, list) or not all(type(s) is bytes for s in serials):
             raise TrustRejected("MALFORMED", "revocation list serials")
-        crl = cls(**{**obj, "serials": frozenset(serials)})
+        holders = obj.get("holders", [])
+        if not isinstance(holders, list) or not all(type(h) is str for h in holders):
+            raise TrustRejected("MALFORMED", "revocation list holders")
+        crl = cls(**{**obj, "serials": frozenset(serials), "holders": frozenset(holders)})
         crl._check_canonical(data, "revocation list")
         return crl
 
@@ -265,19 +288,35 @@ class CertificateAuthority:
         return replace(cert, sig=self.key.sign(canonical(cert.signed_fields()), CERT_CONTEXT))
 
     def revocation_list(
-        self, serials: frozenset[bytes] = frozenset(), number: int = 1, now: float | None = None
+        self,
+        serials: frozenset[bytes] = frozenset(),
+        number: int = 1,
+        now: float | None = None,
+        holders: frozenset[str] = frozenset(),
     ) -> RevocationList:
         crl = RevocationList(
-            self.cert.id, number, int(time.time() if now is None else now), frozenset(serials)
+            self.cert.id,
+            number,
+            int(time.time() if now is None else now),
+            frozenset(serials),
+            holders=frozenset(check_id(h) for h in holders),
         )
         return replace(crl, sig=self.key.sign(canonical(crl.signed_fields()), CRL_CONTEXT))
 
     def revoke(
-        self, crl: RevocationList, *revoked: Certificate | bytes, now: float | None = None
+        self,
+        crl: RevocationList,
+        *revoked: Certificate | bytes,
+        now: float | None = None,
+        holders: frozenset[str] = frozenset(),
     ) -> RevocationList:
-        """A new, higher-numbered list that also revokes ``revoked`` (certs or serials)."""
+        """A new, higher-numbered list that also revokes ``revoked`` (certs or serials) and
+        names their holders: each certificate's id, and ``holders`` (those of serials)."""
         serials = {c.serial if isinstance(c, Certificate) else bytes(c) for c in revoked}
-        return self.revocation_list(crl.serials | serials, crl.number + 1, now)
+        named = {c.id for c in revoked if isinstance(c, Certificate)} | set(holders)
+        return self.revocation_list(
+            crl.serials | serials, crl.number + 1, now, holders=crl.holders | named
+        )
 
 
 @dataclass(slots=True)

@@ -170,20 +170,29 @@ def revoke(
     root: Path | str, targets: Iterable[str | bytes], passphrase: bytes | None = None
 ) -> RevocationList:
     """Revoke participants by id (or certificate serial, bytes or hex) and write the new,
-    higher-numbered revocation list to ``ca/`` and to every kit under ``root``.
+    higher-numbered revocation list to ``ca/`` and to every kit under ``root``. The list
+    names the holder of each revoked certificate the CA issued (``ca/issued/``), also of one
+    revoked by serial.
 
     Verifiers pick it up by loading ``crl.qrl`` again (:meth:`TrustStore.update_crl`)."""
     r = Path(root)
     ca = load_ca(r, passphrase)
     current = RevocationList.from_bytes((r / "ca" / CRL_FILE).read_bytes())
+    issued = {
+        cert.serial: cert.id
+        for cert in (
+            Certificate.from_bytes(path.read_bytes())
+            for path in sorted((r / "ca" / "issued").glob("*.qc"))
+        )
+    }
     serials: list[bytes] = []
     for target in targets:
         if isinstance(target, bytes):
             serials.append(target)
             continue
-        issued = r / "ca" / "issued" / f"{check_id(target)}.qc" if _is_id(target) else None
-        if issued is not None and issued.exists():
-            serials.append(Certificate.from_bytes(issued.read_bytes()).serial)
+        cert = r / "ca" / "issued" / f"{check_id(target)}.qc" if _is_id(target) else None
+        if cert is not None and cert.exists():
+            serials.append(Certificate.from_bytes(cert.read_bytes()).serial)
         else:
             try:
                 serials.append(bytes.fromhex(target))
@@ -191,7 +200,8 @@ def revoke(
                 raise ValueError(
                     f"{target!r} is neither an issued id under {r} nor a hex serial"
                 ) from None
-    crl = ca.revoke(current, *serials)
+    holders = frozenset(issued[s] for s in serials if s in issued)
+    crl = ca.revoke(current, *serials, holders=holders)
     data = crl.to_bytes()
     for path in [
         r / "ca" / CRL_FILE,

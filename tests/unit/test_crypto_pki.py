@@ -95,6 +95,34 @@ def test_revocation_and_crl_numbers(ca: CertificateAuthority) -> None:
     assert RevocationList.from_bytes(crl2.to_bytes()) == crl2
 
 
+def test_crl_names_the_revoked_holders(ca: CertificateAuthority) -> None:
+    import msgpack
+
+    cert = _issue(ca, "client-7")
+    empty = ca.revocation_list()
+    assert "holders" not in msgpack.unpackb(empty.to_bytes()), "no holders: the old bytes"
+    assert RevocationList.from_bytes(empty.to_bytes()).holders == frozenset()
+    crl = ca.revoke(empty, cert)
+    assert crl.holders == {"client-7"}
+    crl = ca.revoke(crl, b"\x01" * 16, holders=frozenset({"client-8"}))
+    assert crl.holders == {"client-7", "client-8"} and len(crl.serials) == 2
+    assert RevocationList.from_bytes(crl.to_bytes()) == crl
+    trust = TrustStore(ca.cert)
+    assert trust.update_crl(crl)  # the CA signed the holders with the serials
+    # the holders are signed: another list of them does not verify
+    fields = msgpack.unpackb(crl.to_bytes())
+    fields["holders"] = ["client-7"]
+    forged = RevocationList.from_bytes(msgpack.packb(dict(sorted(fields.items()))))
+    assert _reason(TrustStore(ca.cert).update_crl, forged) is Reason.BAD_SIGNATURE
+    # an empty holders list on the wire is a second encoding of a list without it
+    fields = msgpack.unpackb(empty.to_bytes())
+    fields["holders"] = []
+    padded = msgpack.packb(dict(sorted(fields.items())))
+    assert _reason(RevocationList.from_bytes, padded) is Reason.MALFORMED
+    fields["holders"] = [b"client-7"]
+    assert _reason(RevocationList.from_bytes, msgpack.packb(fields)) is Reason.MALFORMED
+
+
 def test_crl_from_another_ca_is_refused(ca: CertificateAuthority) -> None:
     other = CertificateAuthority.create("test-ca")
     trust = TrustStore(ca.cert)
@@ -159,6 +187,17 @@ def test_provision_layout_passphrase_and_revoke(tmp_path: Path) -> None:
     assert load_ca(tmp_path, b"s3cret").cert == trust.ca
     with pytest.raises(FileExistsError):
         provision(tmp_path, 1)
+
+
+def test_revoke_by_serial_names_the_holder(tmp_path: Path) -> None:
+    fed = provision(tmp_path, 2)
+    serial = Federation.at(tmp_path).identity("client-001").cert.serial
+    crl = revoke(tmp_path, [serial.hex()])
+    assert crl.holders == {"client-001"}
+    crl = revoke(tmp_path, [b"\x02" * 16])  # a serial the CA did not issue: no holder
+    assert crl.holders == {"client-001"} and len(crl.serials) == 2
+    kit = RevocationList.from_bytes((fed.clients["client-000"] / "crl.qrl").read_bytes())
+    assert kit == crl
 
 
 def test_revoke_unknown_target_is_a_configuration_error(tmp_path: Path) -> None:
