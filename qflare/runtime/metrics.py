@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
@@ -97,70 +98,61 @@ STORE_SECONDS = Histogram(
     buckets=_STORE_BUCKETS,
 )
 
+_Metric = TypeVar("_Metric", Counter, Gauge)
+
+
+def _per_job(kind: type[_Metric], name: str, documentation: str, *labels: str) -> _Metric:
+    """A metric of each job a service runs: labelled ``service``, ``job_id``, then ``labels``."""
+    return kind(name, documentation, ["service", "job_id", *labels])
+
+
 # -- aggregator -------------------------------------------------------------------------------
-ROUNDS = Counter(
+ROUNDS = _per_job(
+    Counter,
     "qflare_rounds",
     "Rounds that entered each state (requested, open, closed, published; denied and "
     "aborted end the job), per job",
-    ["service", "job_id", "state"],
+    "state",
 )
-ROUND = Gauge(
-    "qflare_round",
-    "The latest round of each job that changed state",
-    ["service", "job_id"],
-)
+ROUND = _per_job(Gauge, "qflare_round", "The latest round of each job that changed state")
 
 # -- ingest -----------------------------------------------------------------------------------
-UPDATES_ACCEPTED = Counter(
+UPDATES_ACCEPTED = _per_job(
+    Counter,
     "qflare_updates_accepted",
     "Client updates ingest accepted (update.accepted published), per job",
-    ["service", "job_id"],
 )
-UPDATES_REJECTED = Counter(
+UPDATES_REJECTED = _per_job(
+    Counter,
     "qflare_updates_rejected",
     "Client updates ingest refused, per job and reason code (every refusal, also one not "
     "reported one by one)",
-    ["service", "job_id", "reason"],
+    "reason",
 )
 
 # -- detector ---------------------------------------------------------------------------------
-VERDICTS = Counter(
-    "qflare_verdicts",
-    "Round verdicts the detector decided, per job",
-    ["service", "job_id"],
-)
-UPDATES_KEPT = Counter(
-    "qflare_updates_kept",
-    "Updates a verdict kept, per job",
-    ["service", "job_id"],
-)
-CLIENTS_FLAGGED = Counter(
+VERDICTS = _per_job(Counter, "qflare_verdicts", "Round verdicts the detector decided, per job")
+UPDATES_KEPT = _per_job(Counter, "qflare_updates_kept", "Updates a verdict kept, per job")
+CLIENTS_FLAGGED = _per_job(
+    Counter,
     "qflare_clients_flagged",
     "Updates a verdict flagged (one per flagged client and round), per job",
-    ["service", "job_id"],
 )
-CLIENTS_QUARANTINED = Counter(
-    "qflare_clients_quarantined",
-    "Clients a verdict put in quarantine, per job",
-    ["service", "job_id"],
+CLIENTS_QUARANTINED = _per_job(
+    Counter, "qflare_clients_quarantined", "Clients a verdict put in quarantine, per job"
 )
 
 # -- accountant -------------------------------------------------------------------------------
-EPSILON_SPENT = Gauge(
-    "qflare_epsilon_spent",
-    "Privacy loss (epsilon, PLD accounting) spent by each job so far",
-    ["service", "job_id"],
+EPSILON_SPENT = _per_job(
+    Gauge, "qflare_epsilon_spent", "Privacy loss (epsilon, PLD accounting) spent by each job so far"
 )
-EPSILON_BUDGET = Gauge(
-    "qflare_epsilon_budget",
-    "Each job's epsilon budget",
-    ["service", "job_id"],
-)
-PRIVACY_DECISIONS = Counter(
+EPSILON_BUDGET = _per_job(Gauge, "qflare_epsilon_budget", "Each job's epsilon budget")
+PRIVACY_DECISIONS = _per_job(
+    Counter,
     "qflare_privacy_decisions",
     "Privacy requests decided (decision=granted or denied), per job; a repeated request "
     "answered from the ledger is not counted",
-    ["service", "job_id", "decision"],
+    "decision",
 )
 
 # -- alerting ---------------------------------------------------------------------------------
