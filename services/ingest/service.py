@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from qflare.bus import Delivery, Outcome, QueueSpec, StreamNotFound, StreamReader, topology
-from qflare.crypto.errors import TrustRejected
-from qflare.crypto.pki import RevocationList
 from qflare.messages import (
     DEFAULT_LIMITS,
     Envelope,
@@ -63,6 +61,7 @@ from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.runtime import metrics
 from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
+from qflare.runtime.revocation import RevocationWatch
 from qflare.runtime.service import Consumer, Service, ServiceContext, event_bindings
 from qflare.services.ingest.core import (
     OpenRound,
@@ -187,7 +186,7 @@ class IngestService(Service):
         self.seen = SeenUpdates(self.options.dedup_capacity)
         self.limits: Limits = DEFAULT_LIMITS
         self._news = asyncio.Event()
-        self._crl_stamp: tuple[int, int] | None = None
+        self.crl: RevocationWatch | None = None  # at open(), with the trust store
         self.counts: dict[str, int] = {"accepted": 0, "rejected": 0}
         self._inflight: set[tuple[str, int, str]] = set()
         self._readers: dict[str, StreamReader] = {}
@@ -214,33 +213,14 @@ class IngestService(Service):
             raise ValueError(
                 "ingest needs its identity (to re-sign and unseal) and the CA trust store"
             )
+        self.crl = RevocationWatch(self.options.crl_path, self.ctx.trust, self.log)
         self.reload_crl()
 
     # -- revocation list ------------------------------------------------------------------
     def reload_crl(self) -> bool:
-        """Adopt the revocation list file if it changed; True when a newer one was adopted.
-        A half-written or foreign file is ignored until it is whole and CA-signed."""
-        path = self.options.crl_path
-        if path is None:
-            return False
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return False
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._crl_stamp:
-            return False
-        try:
-            crl = RevocationList.from_bytes(path.read_bytes())
-            assert self.ctx.trust is not None
-            adopted = self.ctx.trust.update_crl(crl)
-        except (TrustRejected, OSError, ValueError) as exc:
-            event(self.log, "crl.unreadable", path=str(path), error=repr(exc))
-            return False
-        self._crl_stamp = stamp
-        if adopted:
-            event(self.log, "crl.reloaded", number=crl.number, revoked=len(crl.serials))
-        return adopted
+        """Adopt the revocation list file if it changed (:class:`RevocationWatch`); True
+        when a newer one was adopted."""
+        return self.crl is not None and self.crl.reload()
 
     # -- round events ---------------------------------------------------------------------
     async def on_round_opened(self, env: Envelope[RoundOpened]) -> None:
