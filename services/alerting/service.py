@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 from qflare.bus import Delivery, QueueSpec, topology
@@ -28,6 +27,7 @@ from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
 from qflare.runtime.service import Consumer, Service, ServiceContext, event_bindings
 from qflare.services.alerting.core import (
+    Action,
     Alert,
     AlertDesk,
     AlertPolicy,
@@ -54,14 +54,6 @@ def policy_from(options: Any) -> AlertPolicy:
     return AlertPolicy(**{k: options[k] for k in keys if k in options})
 
 
-@dataclass
-class Counters:
-    published: int = 0
-    duplicate: int = 0
-    rate_limited: int = 0
-    dead_letters: int = 0
-
-
 class AlertingService(Service):
     name = "alerting"
 
@@ -69,7 +61,6 @@ class AlertingService(Service):
         super().__init__(ctx)
         self.desk = AlertDesk(policy_from(ctx.settings.options("alerting")))
         self.store: AlertStore | None = None
-        self.counters = Counters()
         # One SQLite connection and a check-then-record per message: handlers run
         # concurrently (prefetch), so each message's store work is serialised.
         self._lock = asyncio.Lock()
@@ -117,7 +108,6 @@ class AlertingService(Service):
         await self._handle(f"{env.sender}:{env.nonce.hex()}", alert)
 
     async def on_dead(self, delivery: Delivery) -> None:
-        self.counters.dead_letters += 1
         metrics.dead_letter(self.name, delivery.death_reason)
         alert = dead_letter_alert(
             delivery.routing_key,
@@ -147,10 +137,7 @@ class AlertingService(Service):
         metrics.alert(self.name, decision.alert.severity.label, decision.action.value)
         if decision.publish:
             await self._publish(alert_id, decision.alert)
-        elif decision.action.value == "duplicate":
-            self.counters.duplicate += 1
-        else:
-            self.counters.rate_limited += 1
+        elif decision.action is Action.RATE_LIMITED:
             event(self.log, "alert.rate_limited", job=alert.job, kind=alert.kind)
 
     async def _publish(self, alert_id: int, alert: Alert) -> None:
@@ -172,7 +159,6 @@ class AlertingService(Service):
             routing_key=alert.routing_key(),
         )
         await self.store.mark_published(alert_id)
-        self.counters.published += 1
         event(
             self.log,
             "alert.published",
