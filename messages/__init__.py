@@ -35,7 +35,6 @@ from qflare.messages.codec import packb, unpack
 from qflare.messages.envelope import (
     Envelope,
     encode,
-    encode_parts,
     open_envelope,
     peek_kind,
 )
@@ -76,7 +75,6 @@ __all__ = [
     "UpdateRef",
     "UpdateRejected",
     "encode",
-    "encode_parts",
     "open_envelope",
     "packb",
     "peek_kind",

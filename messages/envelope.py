@@ -39,7 +39,6 @@ from qflare.crypto.signing import SIGNATURE_SIZE, context_for, verify
 from qflare.messages.bodies import BODY_TYPES, Body, body_from_wire, body_to_wire, make_body
 from qflare.messages.codec import (
     SEALED_EXT,
-    Part,
     bin_header,
     ext_header,
     pack_parts,
@@ -123,7 +122,7 @@ def _seal_aad(header: dict[str, Any]) -> bytes:
     return b"qflare/v1/seal-aad" + canonical(header)
 
 
-def encode_parts(
+def encode(
     kind: str,
     body: Body | dict[str, Any],
     identity: Identity,
@@ -133,9 +132,11 @@ def encode_parts(
     seal_to: SealTo | None = None,
     ts: int | None = None,
     nonce: bytes | None = None,
-) -> list[Part]:
-    """The envelope as a list of parts (tensor data by reference), for callers that write
-    them out without joining; :func:`encode` joins them."""
+) -> bytes:
+    """Sign and encode one message. ``body`` is the kind's model or a dict for it;
+    ``seal_to`` (a certificate with a KEM key or a raw hybrid key, or several of them)
+    encrypts the body once, readable by each of them.
+    Configuration mistakes (unknown kind, role not allowed, bad body) raise ValueError."""
     if not isinstance(job, str) or not 0 < len(job) <= _MAX_HEADER_STR:
         raise ValueError(f"job must be a non-empty string of at most {_MAX_HEADER_STR} chars")
     if not isinstance(round, int) or round < 0:
@@ -170,7 +171,7 @@ def encode_parts(
         head.append(_pack_small(name))
         head.append(_pack_small(value))
     head += [_pack_small("sig"), _pack_small(sig), _pack_small("body"), bin_header(size)]
-    return [b"".join(head), *parts]
+    return b"".join([*head, *parts])
 
 
 @lru_cache(maxsize=64)
@@ -181,28 +182,6 @@ def _cert_bytes(cert: Certificate) -> bytes:
 def _pack_small(value: Any) -> bytes:
     data: bytes = msgpack.packb(value, use_bin_type=True)
     return data
-
-
-def encode(
-    kind: str,
-    body: Body | dict[str, Any],
-    identity: Identity,
-    *,
-    job: str,
-    round: int,
-    seal_to: SealTo | None = None,
-    ts: int | None = None,
-    nonce: bytes | None = None,
-) -> bytes:
-    """Sign and encode one message. ``body`` is the kind's model or a dict for it;
-    ``seal_to`` (a certificate with a KEM key or a raw hybrid key, or several of them)
-    encrypts the body once, readable by each of them.
-    Configuration mistakes (unknown kind, role not allowed, bad body) raise ValueError."""
-    return b"".join(
-        encode_parts(
-            kind, body, identity, job=job, round=round, seal_to=seal_to, ts=ts, nonce=nonce
-        )
-    )
 
 
 def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
