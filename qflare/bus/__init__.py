@@ -1,6 +1,8 @@
 """Transport port (docs/architecture.md, "The data plane"): ``connect_bus`` picks the adapter from the URL.
 
-``memory://[name]`` (or no URL) gives the embedded broker, ``amqp://``/``amqps://`` RabbitMQ.
+``memory://[name]`` (or no URL) gives the embedded broker, ``amqp://``/``amqps://`` RabbitMQ:
+one node, or the nodes of a cluster as URLs separated by commas (:func:`broker_addresses`),
+failed over in turn.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qflare.bus.port import (
     StreamSpec,
     Subscription,
     TopologyError,
+    broker_addresses,
 )
 
 
@@ -42,8 +45,9 @@ async def connect_bus(
     """Connect and declare QFLARE's exchanges (idempotent).
 
     ``options`` go to the RabbitMQ adapter (``connect_timeout``, ``publish_timeout``,
-    ``reconnect_interval``, ``connection_name``, ``declare``); the in-memory adapter takes
-    none. ``declare="passive"`` only checks that the exchanges (and the durable queues it
+    ``reconnect_interval``, ``connection_name``, ``declare``, ``replicas``: the replica
+    count of each quorum queue and stream on a cluster, None for the broker's default); the
+    in-memory adapter takes none. ``declare="passive"`` only checks that the exchanges (and the durable queues it
     consumes) exist, for a broker user without configure permission on them, such as a
     participant's user from ``qflare broker-definitions``; ``declare="full"`` (default)
     creates them.
@@ -89,6 +93,7 @@ __all__ = [
     "StreamSpec",
     "Subscription",
     "TopologyError",
+    "broker_addresses",
     "connect_bus",
     "topology",
 ]

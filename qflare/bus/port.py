@@ -46,6 +46,7 @@ import datetime as _dt
 import decimal
 import enum
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -479,6 +480,29 @@ class Bus(abc.ABC):
             death_reason=reason,
             death_queue=self.logical(death_queue),
         )
+
+
+#: Where one broker address ends and the next begins in a list of them.
+_ADDRESS_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def broker_addresses(url: str) -> tuple[str, ...]:
+    """The broker addresses in ``url``: one URL, or the URLs of a RabbitMQ cluster's nodes
+    separated by commas (``amqp://u:p@node1:5672/,amqp://u:p@node2:5672/``). A comma splits
+    only where a URL (``scheme://``) follows, so one inside a URL's query stays.
+    Raises :class:`ValueError` for an empty list, an empty item, or a list whose items are
+    not all ``amqp``/``amqps`` URLs (only RabbitMQ has several nodes)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("a broker URL is required")
+    parts = tuple(_ADDRESS_SEPARATOR.split(url.strip()))
+    if len(parts) == 1:
+        return parts
+    for part in parts:
+        if not part or not re.match(r"^amqps?://[^/,]", part):
+            raise ValueError(
+                f"{part!r} in a list of broker addresses: each must be an amqp:// or amqps:// URL"
+            )
+    return parts
 
 
 def transient_name() -> str:

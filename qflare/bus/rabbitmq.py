@@ -41,6 +41,18 @@ reconnect the reader consumes again itself, after the last offset it handed over
 handed nothing yet, from the original offset, or for "next"/"last" from the second it was
 attached (at least everything that is new to it).
 
+A RabbitMQ cluster: ``url`` may name several nodes, comma-separated
+(:func:`qflare.bus.port.broker_addresses`). The bus connects to the first that answers, and
+when the node in use goes away (killed, partitioned) each reconnect attempt goes to the next
+address in the list, round robin, so the robust connection restores its channels, queues,
+bindings and consumers (and the stream readers theirs) on a node that is up. Quorum queues
+and streams are replicated by the broker: RabbitMQ 3.x places a replica of each on every node
+of the cluster by default, and ``replicas`` (``[qflare] broker_replicas``) sets the count
+explicitly (``x-quorum-initial-group-size``, ``x-initial-cluster-size``). That argument is
+part of the topology contract like every other: every service of a deployment must use the
+same value, and a queue declared with another one is a :class:`TopologyError`. Unset (the
+default) declares no such argument, which is what a single node needs.
+
 Restricted broker users (a participant's: docs/CONTRACTS.md, broker set-up) have no configure permission on the
 exchanges: with ``declare="passive"`` the bus only checks, by passive declarations, that the
 exchanges and the durable queues it consumes exist (the definitions file creates them), and
@@ -75,6 +87,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     AbstractRobustQueue,
 )
+from yarl import URL
 
 from qflare.bus import port, topology
 from qflare.bus.port import (
@@ -89,6 +102,7 @@ from qflare.bus.port import (
     QueueSpec,
     Subscription,
     TopologyError,
+    broker_addresses,
     check_prefetch,
     finish_tasks,
     settle_outcome,
@@ -110,6 +124,11 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 
+
+#: The most replicas ``replicas=`` accepts (RabbitMQ recommends 3 or 5 for quorum queues).
+MAX_REPLICAS = 9
+#: aio-pika's method that makes one connection attempt (name-mangled; see _FailoverConnection).
+FAILOVER_HOOK = "_RobustConnection__connect_transport"
 
 #: RabbitMQ's default stream segment size; smaller segments make retention finer.
 MAX_SEGMENT_BYTES = 500_000_000
@@ -139,9 +158,10 @@ def _from_amqp(value: Any) -> Any:
     return _map_leaves(value, lambda v: bytes(v) if isinstance(v, bytearray) else v)
 
 
-def queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
+def queue_arguments(spec: QueueSpec, prefix: str, replicas: int | None = None) -> dict[str, Any]:
     """The ``x-`` arguments of ``spec``: part of the topology contract (a re-declaration
-    with other arguments fails with PRECONDITION_FAILED)."""
+    with other arguments fails with PRECONDITION_FAILED). ``replicas``: the quorum queue's
+    replica count on a cluster (None: the broker's default; transient queues have one)."""
     if spec.transient:
         # exclusive/auto-delete queues cannot be quorum queues; say "classic" explicitly
         # so a vhost whose default queue type is quorum does not refuse them
@@ -157,17 +177,60 @@ def queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
         args["x-dead-letter-exchange"] = prefix + topology.DEAD
     if spec.single_active:
         args["x-single-active-consumer"] = True
+    if replicas is not None:
+        args["x-quorum-initial-group-size"] = check_replicas(replicas)
     return args
 
 
-def stream_arguments(spec: port.StreamSpec) -> dict[str, Any]:
-    """The ``x-`` arguments of a stream: part of the topology contract, as for queues."""
-    return {
+def stream_arguments(spec: port.StreamSpec, replicas: int | None = None) -> dict[str, Any]:
+    """The ``x-`` arguments of a stream: part of the topology contract, as for queues.
+    ``replicas``: its replica count on a cluster (None: the broker's default)."""
+    args: dict[str, Any] = {
         "x-queue-type": "stream",
         "x-max-age": f"{spec.max_age_s}s",
         "x-max-length-bytes": spec.max_bytes,
         "x-stream-max-segment-size-bytes": min(MAX_SEGMENT_BYTES, spec.max_bytes // 4),
     }
+    if replicas is not None:
+        args["x-initial-cluster-size"] = check_replicas(replicas)
+    return args
+
+
+def check_replicas(replicas: int) -> int:
+    """A replica count: an int from 1 to :data:`MAX_REPLICAS`."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int):
+        raise TypeError(f"replicas must be an int, got {replicas!r}")
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be 1..{MAX_REPLICAS}, got {replicas}")
+    return replicas
+
+
+class _FailoverConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection over several broker addresses (a cluster's nodes): the
+    first attempt goes to the first address, every later one (a failed attempt, or the
+    reconnect after the node in use went away) to the next, round robin. Everything else
+    (restoring channels, topology and consumers) is aio-pika's.
+
+    aio-pika reads ``self.url`` in each attempt, which starts in its private
+    ``__connect_transport``; :data:`FAILOVER_HOOK` names it, and :meth:`RabbitBus.connect`
+    refuses several addresses when the installed aio-pika has no such method (a test
+    connects through a dead address first, so a silent change cannot pass)."""
+
+    def __init__(self, url: Any, *args: Any, addresses: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(url, *args, **kwargs)
+        first = self.url
+        # the parameters aio-pika added to the first URL (connection name, reconnect
+        # interval) go to every address; an address's own query parameters win
+        self.addresses = tuple(
+            URL(a).with_query({**first.query, **URL(a).query}) for a in addresses
+        ) or (first,)
+        self.attempts = 0
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        self.url = self.addresses[self.attempts % len(self.addresses)]
+        self.attempts += 1
+        hook = getattr(super(), FAILOVER_HOOK)
+        await hook()
 
 
 @contextlib.contextmanager
@@ -480,10 +543,12 @@ class RabbitBus(Bus):
         max_message_size: int,
         publish_timeout: float,
         connection_name: str,
+        replicas: int | None = None,
     ) -> None:
         super().__init__(prefix, max_message_size)
         self.publish_timeout = publish_timeout
         self.connection_name = connection_name
+        self.replicas = replicas
         self.passive = False
         self._connection = connection
         self._channel = channel
@@ -502,14 +567,26 @@ class RabbitBus(Bus):
         reconnect_interval: float = 1.0,
         connection_name: str | None = None,
         declare: str = "full",
+        replicas: int | None = None,
     ) -> RabbitBus:
         """Connect, retrying for up to ``connect_timeout`` seconds, and declare the
-        exchanges (``declare="passive"``: check that they exist). Raises
+        exchanges (``declare="passive"``: check that they exist). ``url`` may name several
+        nodes of a cluster, comma-separated: each attempt, and each reconnect, goes to the
+        next (module docstring); ``replicas`` is the replica count of the quorum queues and
+        streams this bus declares (None: the broker's default). Raises
         :class:`BusUnavailable` when the broker stays unreachable, :class:`TopologyError`
         when a passively declared exchange is missing, :class:`AccessRefused` when the user
         may not declare them."""
         if declare not in DECLARE_MODES:
             raise ValueError(f"declare must be one of {DECLARE_MODES}, got {declare!r}")
+        if replicas is not None:
+            check_replicas(replicas)
+        addresses = broker_addresses(url)
+        if len(addresses) > 1 and not hasattr(aio_pika.RobustConnection, FAILOVER_HOOK):
+            raise BusUnavailable(
+                f"this aio-pika ({aio_pika.__version__}) has no {FAILOVER_HOOK}: it cannot "
+                "fail over between several broker addresses; give one"
+            )
         name = connection_name or (
             f"qflare:{prefix or '-'}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
@@ -517,17 +594,21 @@ class RabbitBus(Bus):
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
+            # each attempt starts at the next address, and fails over from there
+            turn = attempt % len(addresses)
+            order = (*addresses[turn:], *addresses[:turn])
             try:
                 connection = await aio_pika.connect_robust(
-                    url,
+                    order[0],
                     client_properties={"connection_name": name},
                     reconnect_interval=reconnect_interval,
                     timeout=max(1.0, min(10.0, remaining)),
+                    connection_class=functools.partial(_FailoverConnection, addresses=order),
                 )
                 break
             except RETRYABLE_ERRORS as exc:
                 attempt += 1
-                wait = _backoff(attempt)
+                wait = 0.0 if attempt % len(addresses) else _backoff(attempt // len(addresses))
                 if time.monotonic() + wait >= deadline:
                     raise BusUnavailable(
                         f"cannot reach RabbitMQ at {_redact(url)} after {attempt} attempts "
@@ -538,7 +619,9 @@ class RabbitBus(Bus):
                 await asyncio.sleep(wait)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
-            bus = cls(connection, channel, prefix, max_message_size, publish_timeout, name)
+            bus = cls(
+                connection, channel, prefix, max_message_size, publish_timeout, name, replicas
+            )
             bus.passive = declare == "passive"
             await bus._declare_exchanges()
         except BaseException:
@@ -645,7 +728,9 @@ class RabbitBus(Bus):
         passive = self.passive and not spec.transient
         try:
             await channel.set_qos(prefetch_count=prefetch)
-            arguments = queue_arguments(spec, self.prefix)
+            arguments = queue_arguments(
+                spec, self.prefix, None if spec.transient else self.replicas
+            )
             with _declaring("queue", logical, arguments):
                 queue = await channel.declare_queue(
                     self.name(logical),
@@ -685,7 +770,7 @@ class RabbitBus(Bus):
     async def declare_stream(self, spec: port.StreamSpec) -> None:
         self._check_open()
         self._check_bindable(spec.name, spec.bindings)
-        arguments = stream_arguments(spec)
+        arguments = stream_arguments(spec, self.replicas)
         physical = self.name(spec.name)
         # A refused declaration closes its channel: try it on a channel of its own first,
         # so that the channel which re-declares the streams on reconnect never sees one.
@@ -792,11 +877,24 @@ class RabbitBus(Bus):
 def _redact(url: str) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
+    def one(address: str) -> str:
+        parts = urlsplit(address)
+        if parts.password:
+            netloc = f"{parts.username}:***@{parts.hostname}" + (
+                f":{parts.port}" if parts.port else ""
+            )
+            parts = parts._replace(netloc=netloc)
+        return urlunsplit(parts)
+
+    return ",".join(one(a) for a in broker_addresses(url))
 
 
-__all__ = ["DECLARE_MODES", "RETRYABLE_ERRORS", "RabbitBus", "queue_arguments"]
+__all__ = [
+    "DECLARE_MODES",
+    "MAX_REPLICAS",
+    "RETRYABLE_ERRORS",
+    "RabbitBus",
+    "check_replicas",
+    "queue_arguments",
+    "stream_arguments",
+]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from qflare.bus.port import broker_addresses
 from qflare.crypto.keystore import Identity, load_trust
 from qflare.crypto.pki import Certificate, TrustStore
 from qflare.crypto.provision import READER_CERT_FILES
@@ -93,7 +94,11 @@ class Kit:
 
     def broker_url(self, url: str) -> str:
         """``url`` with this client's credentials filled in when it names none
-        (``amqp://host:5672/qflare`` -> ``amqp://<id>:<password>@host:5672/qflare``)."""
+        (``amqp://host:5672/qflare`` -> ``amqp://<id>:<password>@host:5672/qflare``); each
+        URL of a cluster's comma-separated list."""
+        addresses = broker_addresses(url) if url.strip() else (url,)
+        if len(addresses) > 1:
+            return ",".join(self.broker_url(a) for a in addresses)
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps") or parts.username or self.broker_password is None:
             return url

@@ -78,4 +78,4 @@ async def build_service(
 def _bus_options(settings: Settings, name: str) -> dict[str, Any]:
     if settings.embedded:
         return {}
-    return {"connection_name": f"qflare-{name}"}
+    return {"connection_name": f"qflare-{name}", "replicas": settings.broker_replicas}

@@ -4,7 +4,10 @@ Flags win over the environment, the environment over the file, the file over the
 The file (``--config`` or ``QFLARE_CONFIG``) looks like::
 
     [qflare]
-    broker = "amqp://guest:guest@127.0.0.1:5672/"   # QFLARE_BROKER; default memory://
+    broker = "amqp://guest:guest@127.0.0.1:5672/"   # QFLARE_BROKER; default memory://; a
+                                                     # cluster: its nodes' URLs, comma-separated
+    broker_replicas = 3                              # QFLARE_BROKER_REPLICAS: replicas of each
+                                                     # queue/stream; unset: the broker's default
     prefix = ""                                      # QFLARE_PREFIX: exchange/queue prefix
     data_dir = "./qflare-data"                       # QFLARE_DATA_DIR: one sub-folder per service
     pki_dir = "./pki"                                # QFLARE_PKI_DIR: output of `qflare provision`
@@ -32,6 +35,7 @@ Secrets (key passphrase) come only from the environment (``QFLARE_PASSPHRASE``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -52,6 +56,7 @@ from pydantic import (
     model_validator,
 )
 
+from qflare.bus.port import broker_addresses
 from qflare.errors import ConfigError
 from qflare.messages.jobs import JobSpec
 
@@ -62,6 +67,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: ``QFLARE_*`` variable -> ``[qflare]`` key.
 ENV: dict[str, str] = {
     "QFLARE_BROKER": "broker",
+    "QFLARE_BROKER_REPLICAS": "broker_replicas",
     "QFLARE_PREFIX": "prefix",
     "QFLARE_DATA_DIR": "data_dir",
     "QFLARE_PKI_DIR": "pki_dir",
@@ -257,7 +263,19 @@ class QflareConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    broker: str = Field(default=DEFAULT_BROKER, description="memory://, amqp:// or amqps:// URL")
+    broker: str = Field(
+        default=DEFAULT_BROKER,
+        description="memory://, amqp:// or amqps:// URL; a RabbitMQ cluster: its nodes' URLs, "
+        "comma-separated (or a list in the file), failed over in turn",
+    )
+    broker_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=9,
+        description="replicas of each quorum queue and stream on a RabbitMQ cluster "
+        "(unset: the broker's default, every node on RabbitMQ 3.x; one node needs none); "
+        "the same for every service of the deployment",
+    )
     prefix: str = Field(default="", description="exchange/queue name prefix")
     data_dir: Path = Field(default=Path("qflare-data"), description="one sub-folder per service")
     pki_dir: Path | None = Field(default=None, description="folder `qflare provision` wrote")
@@ -280,11 +298,19 @@ class QflareConfig(BaseModel):
         default=120.0, gt=0, description="how long `qflare up` waits for a service to be ready"
     )
 
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _broker_list(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and v and all(isinstance(a, str) for a in v):
+            return ",".join(v)
+        return v
+
     @field_validator("broker")
     @classmethod
     def _broker(cls, v: str) -> str:
         if v.split("://")[0] not in ("memory", "amqp", "amqps") or "://" not in v:
             raise ValueError("must be a memory://, amqp:// or amqps:// URL")
+        broker_addresses(v)  # several: each an amqp:// or amqps:// URL (ValueError says which)
         return v
 
     @field_validator("log_level", mode="before")
@@ -399,7 +425,11 @@ class Settings(QflareConfig):
 
 
 def redact_url(url: str) -> str:
-    """``amqp://user:secret@host/`` -> ``amqp://user:***@host/``."""
+    """``amqp://user:secret@host/`` -> ``amqp://user:***@host/`` (each URL of a list)."""
+    with contextlib.suppress(ValueError):
+        addresses = broker_addresses(url)
+        if len(addresses) > 1:
+            return ",".join(redact_url(a) for a in addresses)
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from qflare.bus import AccessRefused, BusUnavailable
+from qflare.bus import AccessRefused, BusUnavailable, broker_addresses
 from qflare.errors import ConfigError
 from qflare.runtime.config import Settings, redact_url
 
@@ -31,25 +31,25 @@ def login_of(url: str) -> tuple[str, str]:
 
 
 async def wait_for_broker(url: str, timeout: float = 30.0) -> None:
-    """Return once a connection to ``url`` opens (and close it). Raises
-    :class:`~qflare.bus.AccessRefused` at once when the broker refuses the login or the
-    virtual host, :class:`~qflare.bus.BusUnavailable` when nothing answers within
-    ``timeout`` seconds. ``memory://`` needs nothing."""
+    """Return once a connection to ``url`` (to one of a cluster's comma-separated nodes,
+    tried in turn) opens (and close it). Raises :class:`~qflare.bus.AccessRefused` at once
+    when the broker refuses the login or the virtual host,
+    :class:`~qflare.bus.BusUnavailable` when nothing answers within ``timeout`` seconds.
+    ``memory://`` needs nothing."""
     if urlsplit(url).scheme not in ("amqp", "amqps"):
         return
-    user, vhost = login_of(url)
     where = redact_url(url)
     # aiormq logs each failed attempt at ERROR; the outcome is reported once, here.
     quiet = logging.getLogger("aiormq")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        await _connect_once_ready(url, timeout, user, vhost, where)
+        await _connect_once_ready(broker_addresses(url), timeout, where)
     finally:
         quiet.setLevel(level)
 
 
-async def _connect_once_ready(url: str, timeout: float, user: str, vhost: str, where: str) -> None:
+async def _connect_once_ready(addresses: tuple[str, ...], timeout: float, where: str) -> None:
     import aiormq
     import aiormq.exceptions as amqp
 
@@ -57,6 +57,8 @@ async def _connect_once_ready(url: str, timeout: float, user: str, vhost: str, w
     attempt = 0
     while True:
         remaining = deadline - time.monotonic()
+        url = addresses[attempt % len(addresses)]
+        user, vhost = login_of(url)
         try:
             connection = await asyncio.wait_for(aiormq.connect(url), max(0.5, min(5.0, remaining)))
         except (amqp.ProbableAuthenticationError, amqp.AuthenticationError) as exc:
@@ -78,7 +80,8 @@ async def _connect_once_ready(url: str, timeout: float, user: str, vhost: str, w
             ) from exc
         except (TimeoutError, OSError, amqp.AMQPConnectionError) as exc:
             attempt += 1
-            wait = min(2.0, 0.1 * 2**attempt)
+            turns = attempt // len(addresses)  # the next node at once; after a round, wait
+            wait = 0.0 if attempt % len(addresses) else min(2.0, 0.1 * 2**turns)
             if time.monotonic() + wait >= deadline:
                 raise BusUnavailable(
                     f"cannot reach RabbitMQ at {where} within {timeout:g} s ({_first(exc)}); "

@@ -222,7 +222,10 @@ async def run_in_process(
     name to ``(identity, trust)`` when they are not loaded from ``settings.pki_dir``."""
     own_bus = bus is None
     if bus is None:
-        bus = await connect_bus(settings.broker, prefix=settings.prefix)
+        options: dict[str, Any] = {}
+        if not settings.embedded:
+            options["replicas"] = settings.broker_replicas
+        bus = await connect_bus(settings.broker, prefix=settings.prefix, **options)
     running = InProcess(bus=bus, settings=settings)
     names = [n for n in SERVICES if n in set(services)]
     try:

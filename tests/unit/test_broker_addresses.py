@@ -1,0 +1,88 @@
+"""A RabbitMQ cluster's addresses and replica count: parsing, configuration, redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from qflare.bus import QueueSpec, StreamSpec, broker_addresses
+from qflare.bus.rabbitmq import _redact, check_replicas, queue_arguments, stream_arguments
+from qflare.errors import ConfigError
+from qflare.runtime.config import load_settings, redact_url
+
+NODES = "amqp://u:p1@n1:5672/v,amqp://u:p2@n2:5673/v, amqps://u:p3@n3:5671/v"
+
+
+def test_a_list_of_nodes_splits_only_before_a_url() -> None:
+    assert broker_addresses(NODES) == (
+        "amqp://u:p1@n1:5672/v",
+        "amqp://u:p2@n2:5673/v",
+        "amqps://u:p3@n3:5671/v",
+    )
+    # one URL, commas in its query included, stays one
+    assert broker_addresses("amqp://h/?a=1,2") == ("amqp://h/?a=1,2",)
+    assert broker_addresses("memory://x") == ("memory://x",)
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "amqp://h1/,memory://x", "memory://,amqp://h/"])
+def test_a_bad_list_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        broker_addresses(bad)
+
+
+def test_the_config_takes_a_list_in_the_file_or_a_string(tmp_path) -> None:
+    config = tmp_path / "q.toml"
+    config.write_text(
+        '[qflare]\nbroker = ["amqp://u:p@n1/", "amqp://u:p@n2/"]\nbroker_replicas = 3\n'
+    )
+    settings = load_settings(config, env={})
+    assert settings.broker == "amqp://u:p@n1/,amqp://u:p@n2/"
+    assert settings.broker_replicas == 3
+    assert settings.safe_dict()["broker"] == "amqp://u:***@n1/,amqp://u:***@n2/"
+    from_env = load_settings(env={"QFLARE_BROKER": NODES, "QFLARE_BROKER_REPLICAS": "5"})
+    assert broker_addresses(from_env.broker)[2] == "amqps://u:p3@n3:5671/v"
+    assert from_env.broker_replicas == 5
+    assert load_settings(env={}).broker_replicas is None
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"QFLARE_BROKER": "amqp://n1/,memory://x"}, "each must be an amqp:// or amqps:// URL"),
+        ({"QFLARE_BROKER_REPLICAS": "0"}, "broker_replicas"),
+        ({"QFLARE_BROKER_REPLICAS": "10"}, "broker_replicas"),
+    ],
+)
+def test_the_config_refuses_bad_cluster_settings(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_settings(env=env)
+
+
+def test_every_password_of_a_list_is_redacted() -> None:
+    for redact in (redact_url, _redact):
+        text = redact(NODES)
+        assert "p1" not in text and "p2" not in text and "p3" not in text
+        assert text.count("***") == 3
+
+
+def test_replicas_go_to_durable_queues_and_streams_only() -> None:
+    durable = QueueSpec("q", bindings=(("qflare.events", "k"),))
+    assert "x-quorum-initial-group-size" not in queue_arguments(durable, "p-")
+    assert queue_arguments(durable, "p-", 3)["x-quorum-initial-group-size"] == 3
+    stream = StreamSpec("s", max_bytes=1 << 20)
+    assert "x-initial-cluster-size" not in stream_arguments(stream)
+    assert stream_arguments(stream, 3)["x-initial-cluster-size"] == 3
+    for bad, error in ((0, ValueError), (10, ValueError), (True, TypeError), ("3", TypeError)):
+        with pytest.raises(error):
+            check_replicas(bad)  # type: ignore[arg-type]
+
+
+def test_a_kit_fills_its_login_into_every_node() -> None:
+    from qflare.client.kit import Kit
+
+    class _Kit:
+        id = "client-001"
+        broker_password = "s3cret"
+        broker_url = Kit.broker_url
+
+    filled = _Kit().broker_url("amqp://n1:5672/q,amqp://n2:5672/q")
+    assert filled == "amqp://client-001:s3cret@n1:5672/q,amqp://client-001:s3cret@n2:5672/q"
