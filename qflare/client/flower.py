@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from qflare.aio import blocking
 from qflare.client.kit import Kit
 from qflare.client.participant import LocalUpdate, Participant, RoundInfo
 from qflare.client.tensors import delta
@@ -271,7 +272,13 @@ async def serve_numpy_client(
     passphrase: bytes | None = None,
     **kwargs: Any,
 ) -> FlowerParticipant:
-    """:func:`run_numpy_client` inside a running event loop."""
+    """Run a Flower ``NumPyClient`` as a QFLARE participant of ``jobs`` until they all end
+    (or ``timeout`` seconds pass: :class:`TimeoutError`), inside a running event loop;
+    then ``evaluate`` each job's final model. ``kit``: a :class:`Kit` or the kit's folder.
+    Returns the participant (``ended``, ``evaluations``, ``fit_metrics``, ``stats``).
+    Other keywords go to :class:`FlowerParticipant` (``names``, ``evaluate_rounds``,
+    ``local_dp``, ``prefix``, ...). :func:`run_numpy_client` is the blocking form, for
+    scripts."""
     if not isinstance(kit, Kit):
         kit = Kit.load(kit, passphrase)
     participant = FlowerParticipant(kit, client, broker=broker, jobs=jobs, **kwargs)
@@ -288,29 +295,4 @@ async def serve_numpy_client(
     return participant
 
 
-def run_numpy_client(
-    client: NumPyClientLike,
-    kit: Kit | str | Path,
-    *,
-    broker: Any = "memory://",
-    jobs: Iterable[str],
-    timeout: float | None = None,
-    passphrase: bytes | None = None,
-    **kwargs: Any,
-) -> FlowerParticipant:
-    """Run a Flower ``NumPyClient`` as a QFLARE participant of ``jobs`` until they all end;
-    then ``evaluate`` each job's final model. ``kit``: a :class:`Kit` or the kit's folder.
-    Returns the participant (``ended``, ``evaluations``, ``fit_metrics``, ``stats``).
-    Other keywords go to :class:`FlowerParticipant` (``names``, ``evaluate_rounds``,
-    ``local_dp``, ``prefix``, ...)."""
-    return asyncio.run(
-        serve_numpy_client(
-            client,
-            kit,
-            broker=broker,
-            jobs=jobs,
-            timeout=timeout,
-            passphrase=passphrase,
-            **kwargs,
-        )
-    )
+run_numpy_client = blocking(serve_numpy_client, "run_numpy_client")
