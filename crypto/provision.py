@@ -178,29 +178,9 @@ def revoke(
     r = Path(root)
     ca = load_ca(r, passphrase)
     current = RevocationList.from_bytes((r / "ca" / CRL_FILE).read_bytes())
-    issued = {
-        cert.serial: cert.id
-        for cert in (
-            Certificate.from_bytes(path.read_bytes())
-            for path in sorted((r / "ca" / "issued").glob("*.qc"))
-        )
-    }
-    serials: list[bytes] = []
-    for target in targets:
-        if isinstance(target, bytes):
-            serials.append(target)
-            continue
-        cert = r / "ca" / "issued" / f"{check_id(target)}.qc" if _is_id(target) else None
-        if cert is not None and cert.exists():
-            serials.append(Certificate.from_bytes(cert.read_bytes()).serial)
-        else:
-            try:
-                serials.append(bytes.fromhex(target))
-            except ValueError:
-                raise ValueError(
-                    f"{target!r} is neither an issued id under {r} nor a hex serial"
-                ) from None
-    holders = frozenset(issued[s] for s in serials if s in issued)
+    resolved = resolve_targets(r, targets)
+    serials = [t.serial if isinstance(t, Certificate) else t for t in resolved]
+    holders = frozenset(t.id for t in resolved if isinstance(t, Certificate))
     crl = ca.revoke(current, *serials, holders=holders)
     data = crl.to_bytes()
     for path in [
@@ -210,6 +190,37 @@ def revoke(
     ]:
         path.write_bytes(data)
     return crl
+
+
+def resolve_targets(root: Path | str, targets: Iterable[str | bytes]) -> list[Certificate | bytes]:
+    """What to revoke: an id, or a serial (bytes or hex) of a certificate the CA issued
+    (``ca/issued/``), is that certificate; another serial stays a serial. ValueError for a
+    target that is neither an issued id nor a serial."""
+    r = Path(root)
+    issued = {
+        cert.serial: cert
+        for cert in (
+            Certificate.from_bytes(path.read_bytes())
+            for path in sorted((r / "ca" / "issued").glob("*.qc"))
+        )
+    }
+    out: list[Certificate | bytes] = []
+    for target in targets:
+        if isinstance(target, bytes):
+            out.append(issued.get(target, target))
+            continue
+        path = r / "ca" / "issued" / f"{check_id(target)}.qc" if _is_id(target) else None
+        if path is not None and path.exists():
+            out.append(Certificate.from_bytes(path.read_bytes()))
+            continue
+        try:
+            serial = bytes.fromhex(target)
+        except ValueError:
+            raise ValueError(
+                f"{target!r} is neither an issued id under {r} nor a hex serial"
+            ) from None
+        out.append(issued.get(serial, serial))
+    return out
 
 
 def _is_id(value: str) -> bool:

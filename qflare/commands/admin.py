@@ -6,8 +6,12 @@ alerting history. A file or table that does not exist yet (a service that never 
 reported as empty, not as an error; a configuration, a data folder or a file that cannot be
 read is one line on stderr (:func:`qflare.cli.main`). ``revoke`` issues a new revocation list through
 :func:`qflare.crypto.provision.revoke`, which rewrites ``crl.qrl`` in every identity folder;
-ingest re-reads its copy when the file changes, so the revocation takes effect on the next
-update without a restart.
+ingest and the aggregator re-read their copies when the file changes, so without a restart
+ingest refuses the client's next update and the aggregator stops selecting and waiting for it
+(docs/architecture.md, "Revocation"). With a management URL (``--management-url``,
+``[qflare] management_url``) it also deletes each revoked client's broker user and closes its
+connections (:mod:`qflare.bus.management`); without one it says, in one line, that the
+broker was not told.
 """
 
 from __future__ import annotations
@@ -463,10 +467,12 @@ def run_clients(args: argparse.Namespace) -> int:
 
 def run_revoke(args: argparse.Namespace) -> int:
     from qflare.crypto.keystore import passphrase_from_env
-    from qflare.crypto.provision import revoke
+    from qflare.crypto.pki import Certificate
+    from qflare.crypto.provision import resolve_targets, revoke
     from qflare.errors import UsageError
+    from qflare.runtime.config import load_settings
 
-    settings = _settings(args)
+    settings = load_settings(args.config, pki_dir=args.pki_dir, management_url=args.management_url)
     if settings.pki_dir is None:
         raise UsageError(
             "give --pki-dir (the folder `qflare provision` wrote) or set QFLARE_PKI_DIR"
@@ -478,13 +484,53 @@ def run_revoke(args: argparse.Namespace) -> int:
             else (settings.passphrase.encode() if settings.passphrase else None)
         )
         crl = revoke(settings.pki_dir, args.clients, passphrase)
+        clients = [
+            t.id
+            for t in resolve_targets(settings.pki_dir, args.clients)
+            if isinstance(t, Certificate) and t.role == "client"
+        ]
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     print(
         f"revoked {', '.join(args.clients)}: revocation list #{crl.number} ({len(crl.serials)} "
-        f"certificates) written to every kit under {settings.pki_dir}; ingest applies it on its next update"
+        f"certificates) written to every kit under {settings.pki_dir}; ingest and the "
+        "aggregator apply it without a restart"
     )
+    if clients:
+        tell_broker(settings.management_url, clients)
     return 0
+
+
+def tell_broker(management_url: str | None, clients: list[str]) -> None:
+    """Delete the broker users of ``clients`` and close their connections through the
+    management API; without a URL, say in one line that the broker was not told."""
+    from qflare.commands.broker import client_user
+    from qflare.errors import CommandFailed
+
+    users = [client_user(c) for c in clients]
+    if not management_url:
+        print(
+            f"broker not told (no management URL): {', '.join(users)} can still log in; give "
+            "--management-url or [qflare] management_url, or run `rabbitmqctl delete_user "
+            f"{' '.join(users)}` on the broker"
+        )
+        return
+    from qflare.bus.management import Management, ManagementError
+
+    api = Management.from_url(management_url)
+    for user in users:
+        try:
+            done = api.disable_user(user, reason=f"client {user} revoked")
+        except ManagementError as exc:
+            raise CommandFailed(
+                f"revocation list written, but the broker was not told: {exc} (run the "
+                "command again once the management API answers)"
+            ) from None
+        print(
+            f"broker: user {user} "
+            + ("deleted" if done.deleted else "was not there")
+            + f", {len(done.closed)} connection(s) closed"
+        )
 
 
 def register(subparsers: Any) -> None:
@@ -526,5 +572,12 @@ def register(subparsers: Any) -> None:
         "--passphrase-env",
         metavar="VAR",
         help="env variable holding the CA key passphrase (default QFLARE_PASSPHRASE)",
+    )
+    r.add_argument(
+        "--management-url",
+        metavar="URL",
+        help="RabbitMQ management API, http://<admin>:<password>@<host>:15672/: delete the "
+        "revoked clients' broker users and close their connections (default [qflare] "
+        "management_url, $QFLARE_MANAGEMENT_URL)",
     )
     r.set_defaults(func=run_revoke)

@@ -37,6 +37,13 @@ each job's ``participants``) and from ``--job`` (a job every client listed takes
 A client in no job can log in and do nothing else; for a new job, write the file again and
 import it (an import adds and updates users and permissions; passwords are kept).
 
+A participant's broker user is its client id (:func:`client_user`; the SDK logs in as its
+kit's id). A client whose certificate is revoked (the kit's ``ca/crl.qrl`` names it) gets no
+user in a file written from a kit. An import never deletes a user, though: ``qflare revoke``
+with a management URL deletes the revoked client's user and closes its connections
+(:mod:`qflare.bus.management`); without one, delete it on the broker
+(``rabbitmqctl delete_user <client id>``).
+
 Queue arguments come from the bus's own :func:`qflare.bus.rabbitmq.queue_arguments`: a
 re-declaration with other arguments fails with PRECONDITION_FAILED, so the file and the
 services cannot drift apart.
@@ -342,12 +349,24 @@ def jobs_by_client(
     return out
 
 
+def client_user(client_id: str) -> str:
+    """The broker user of participant ``client_id``: its id."""
+    return client_id
+
+
 def client_ids_from_kit(kit: Path) -> list[str]:
-    """Client ids from a ``qflare provision`` output folder (``clients/<id>/``)."""
+    """Client ids from a ``qflare provision`` output folder (``clients/<id>/``), without
+    those the CA's revocation list (``ca/crl.qrl``) names."""
     folder = kit / "clients"
     if not folder.is_dir():
         raise ValueError(f"{kit} has no clients/ folder; pass the folder `qflare provision` wrote")
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+    revoked: frozenset[str] = frozenset()
+    crl = kit / "ca" / "crl.qrl"
+    if crl.is_file():
+        from qflare.crypto.pki import RevocationList
+
+        revoked = RevocationList.from_bytes(crl.read_bytes()).holders
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in revoked)
 
 
 PASSWORD_FILE = "broker_password"
@@ -376,7 +395,9 @@ def definitions_for_kit(
     clients, services = [], []
     for cid in client_ids_from_kit(kit):
         folder = kit / "clients" / cid
-        clients.append(BrokerUser(cid, None if example else _password_for(folder, True)))
+        clients.append(
+            BrokerUser(client_user(cid), None if example else _password_for(folder, True))
+        )
     for role in ROLES:
         own = kit / "services" / role
         services.append(
@@ -408,7 +429,7 @@ def _cmd(args: argparse.Namespace) -> int:
             )
         else:
             doc = build_definitions(
-                [BrokerUser(c, None) for c in args.clients],
+                [BrokerUser(client_user(c), None) for c in args.clients],
                 [BrokerUser(f"qflare-{r}", None) for r in ROLES],
                 vhost=args.vhost,
                 prefix=prefix,
@@ -479,6 +500,7 @@ __all__ = [
     "Role",
     "build_definitions",
     "client_permissions",
+    "client_user",
     "jobs_by_client",
     "permissions",
     "rabbit_password_hash",

@@ -15,6 +15,8 @@ The file (``--config`` or ``QFLARE_CONFIG``) looks like::
     log_format = "json"                              # QFLARE_LOG_FORMAT: json | text
     metrics_host = "127.0.0.1"                       # QFLARE_METRICS_HOST: /metrics, /healthz, /readyz
     metrics_port = 0                                 # QFLARE_METRICS_PORT: 0 = any free port
+    management_url = "http://admin:pw@127.0.0.1:15672/"  # QFLARE_MANAGEMENT_URL: RabbitMQ's
+                                                     # management API, for `qflare revoke`
 
     [services.aggregator]                            # one table per service: see *Options below
     reopen_interval_s = 3.0
@@ -77,6 +79,7 @@ ENV: dict[str, str] = {
     "QFLARE_METRICS_PORT": "metrics_port",
     "QFLARE_CONNECT_TIMEOUT_S": "connect_timeout_s",
     "QFLARE_START_TIMEOUT_S": "start_timeout_s",
+    "QFLARE_MANAGEMENT_URL": "management_url",
 }
 
 _WORD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -103,6 +106,12 @@ class AggregatorOptions(_Table):
         default=60.0,
         ge=0,
         description="after a job ends, keep its model and broadcast streams this long",
+    )
+    crl_path: Path | None = Field(
+        default=None,
+        strict=False,
+        description="revocation list, re-read when it changes: the clients it names are not "
+        "selected or waited for (default <pki_dir>/services/aggregator/crl.qrl)",
     )
 
 
@@ -297,6 +306,12 @@ class QflareConfig(BaseModel):
     start_timeout_s: float = Field(
         default=120.0, gt=0, description="how long `qflare up` waits for a service to be ready"
     )
+    management_url: str | None = Field(
+        default=None,
+        description="RabbitMQ's management API, http(s)://<admin>:<password>@<host>:15672/: "
+        "`qflare revoke` deletes the revoked clients' broker users and closes their "
+        "connections there (unset: the broker is not told)",
+    )
 
     @field_validator("broker", mode="before")
     @classmethod
@@ -331,6 +346,15 @@ class QflareConfig(BaseModel):
         if v is not None and not v.is_dir():
             raise ValueError(f"no such folder; run `qflare provision --out {v}` or fix the path")
         return v
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_url(cls, v: str | None) -> str | None:
+        if v:
+            from qflare.bus.management import Management
+
+            Management.from_url(v)  # ValueError naming what is wrong, password redacted
+        return v or None
 
 
 FILE_KEYS: tuple[str, ...] = tuple(QflareConfig.model_fields)
@@ -512,11 +536,12 @@ def _read_file(source: Path, origin: str) -> dict[str, Any]:
         if data[key] is None:
             del data[key]
     services = doc.get("services", {})
-    if isinstance(services, dict) and isinstance(services.get("ingest"), dict):
-        ingest = dict(services["ingest"])
-        if "crl_path" in ingest:
-            ingest["crl_path"] = _relative_to(base, ingest["crl_path"])
-        services = {**services, "ingest": ingest}
+    for name in ("ingest", "aggregator"):
+        if isinstance(services, dict) and isinstance(services.get(name), dict):
+            table = dict(services[name])
+            if "crl_path" in table:
+                table["crl_path"] = _relative_to(base, table["crl_path"])
+            services = {**services, name: table}
     jobs = doc.get("jobs", [])
     if isinstance(jobs, list):
         jobs = [
@@ -555,7 +580,8 @@ def explain(exc: ValidationError, data: Mapping[str, Any], origins: Mapping[str,
         value = err.get("input")
         shown = ""
         if loc and isinstance(loc[-1], str) and kind != "missing" and _scalar(value):
-            shown = f" = {value!r}"
+            # a URL's password never reaches the message
+            shown = f" = {redact_url(value) if isinstance(value, str) else value!r}"
         sep = ": "
         if len(loc) == 2 and loc[0] == "jobs" and message.split(" ", 1)[0].rstrip(":") in allowed:
             sep = " "  # a check of the whole job that names its key ("rule = ...: ...")
