@@ -37,6 +37,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "broker_restart: stops and starts the shared RabbitMQ (opt in with "
         "QFLARE_BROKER_RESTART=1; never while others use the broker)",
     )
+    config.addinivalue_line(
+        "markers",
+        "cluster: starts a three-node RabbitMQ cluster of its own (opt in with QFLARE_CLUSTER=1; "
+        "on when CI=true)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "soak: a long run with faults on a clock (opt in with QFLARE_SOAK=1)",
+    )
 
 
 def _reachable(url: str) -> bool:
