@@ -15,6 +15,7 @@ from qflare.runtime.service import (
     Service,
     ServiceContext,
     event_bindings,
+    stateful_consumer,
     stateful_queue,
 )
 from qflare.runtime.sqlite import Database, ServiceStore, fsync_write, open_readonly
@@ -40,5 +41,6 @@ __all__ = [
     "run_in_process",
     "run_service",
     "serve",
+    "stateful_consumer",
     "stateful_queue",
 ]

@@ -146,6 +146,12 @@ def stateful_queue(name: str, kinds: Iterable[type[Body]]) -> QueueSpec:
     )
 
 
+def stateful_consumer(name: str, routes: Routes, *, prefetch: int = 16) -> Consumer:
+    """A stateful service's one consumer: its :func:`stateful_queue` ``name``, bound to
+    exactly the kinds ``routes`` handles."""
+    return Consumer(stateful_queue(name, routes), routes=routes, prefetch=prefetch)
+
+
 class Service(abc.ABC):
     """Base of every service. Subclasses set ``name``, return their :class:`Consumer` list
     from :meth:`consumers`, and may override :meth:`open` (stores), :meth:`started`

@@ -36,10 +36,9 @@ from qflare.runtime import (
     ServiceContext,
     event,
     metrics,
-    stateful_queue,
+    stateful_consumer,
 )
 from qflare.runtime.envelopes import emit
-from qflare.runtime.service import Routes
 from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 from qflare.services.accountant.store import LedgerStore
 
@@ -57,8 +56,7 @@ class Accountant(Service):
         self._lock = asyncio.Lock()
 
     def consumers(self) -> list[Consumer]:
-        routes: Routes = {PrivacyRequest: self.on_request}
-        return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=8)]
+        return [stateful_consumer(QUEUE, {PrivacyRequest: self.on_request}, prefetch=8)]
 
     def policy_for(self, job: str) -> BudgetPolicy | None:
         spec = self.specs.get(job)

@@ -35,11 +35,10 @@ from qflare.runtime import (
     ServiceContext,
     event,
     metrics,
-    stateful_queue,
+    stateful_consumer,
 )
 from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import job_of
-from qflare.runtime.service import Routes
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.detector.core import RoundRows, decide, decide_rows
 from qflare.services.detector.store import DetectorStore, PendingRef
@@ -66,8 +65,7 @@ class Detector(Service):
         self._feeds: dict[str, UpdateFeed] = {}
 
     def consumers(self) -> list[Consumer]:
-        routes: Routes = {RoundClosed: self.on_closed}
-        return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=32)]
+        return [stateful_consumer(QUEUE, {RoundClosed: self.on_closed}, prefetch=32)]
 
     async def open(self) -> None:
         self.store = await DetectorStore.open(self.ctx.data_dir)
