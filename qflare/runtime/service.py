@@ -147,8 +147,8 @@ def stateful_queue(name: str, kinds: Iterable[type[Body]]) -> QueueSpec:
 
 
 def stateful_consumer(name: str, routes: Routes, *, prefetch: int = 16) -> Consumer:
-    """A stateful service's one consumer: its :func:`stateful_queue` ``name``, bound to
-    exactly the kinds ``routes`` handles."""
+    """A stateful service's one consumer: its :func:`stateful_queue` ``name`` (the
+    service's name), bound to exactly the kinds ``routes`` handles."""
     return Consumer(stateful_queue(name, routes), routes=routes, prefetch=prefetch)
 
 

@@ -42,8 +42,6 @@ from qflare.runtime.envelopes import emit
 from qflare.services.accountant.core import AccountantCore, denied_fields, granted_fields
 from qflare.services.accountant.store import LedgerStore
 
-QUEUE = "accountant"
-
 
 class Accountant(Service):
     name = "accountant"
@@ -56,7 +54,7 @@ class Accountant(Service):
         self._lock = asyncio.Lock()
 
     def consumers(self) -> list[Consumer]:
-        return [stateful_consumer(QUEUE, {PrivacyRequest: self.on_request}, prefetch=8)]
+        return [stateful_consumer(self.name, {PrivacyRequest: self.on_request}, prefetch=8)]
 
     def policy_for(self, job: str) -> BudgetPolicy | None:
         spec = self.specs.get(job)

@@ -43,8 +43,6 @@ from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.detector.core import RoundRows, decide, decide_rows
 from qflare.services.detector.store import DetectorStore, PendingRef
 
-QUEUE = "detector"
-
 
 class Detector(Service):
     name = "detector"
@@ -65,7 +63,7 @@ class Detector(Service):
         self._feeds: dict[str, UpdateFeed] = {}
 
     def consumers(self) -> list[Consumer]:
-        return [stateful_consumer(QUEUE, {RoundClosed: self.on_closed}, prefetch=32)]
+        return [stateful_consumer(self.name, {RoundClosed: self.on_closed}, prefetch=32)]
 
     async def open(self) -> None:
         self.store = await DetectorStore.open(self.ctx.data_dir)
