@@ -141,6 +141,15 @@ class IngestOptions(_Table):
         default=5.0, ge=0, description="how long an update waits for news of its round"
     )
     dedup_capacity: int = Field(default=100_000, ge=1, description="updates remembered")
+    report_burst: float = Field(
+        default=8.0, ge=1, description="rejections reported one by one per sender, at once"
+    )
+    report_per_s: float = Field(
+        default=2.0, ge=0, description="... and then per second; the rest are shed and counted"
+    )
+    shed_report_s: float = Field(
+        default=5.0, gt=0, description="how often the shed rejections are summarised (an alert)"
+    )
     share: str = Field(
         default="0/1",
         pattern=r"^[0-9]+/[1-9][0-9]*$",

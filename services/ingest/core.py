@@ -17,7 +17,7 @@ stores updates keyed by ``(job, round, client)``, is authoritative.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -225,3 +225,75 @@ class SeenUpdates:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+#: The bucket every sender whose signature did not verify shares: a claimed id costs a forger
+#: nothing, so it cannot buy a budget of its own (nor spend an honest client's).
+UNVERIFIED = "?"
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """The rejections of one job that were counted instead of reported one by one."""
+
+    job: str
+    count: int
+    by_reason: dict[str, int]
+    by_sender: dict[str, int]
+
+
+@dataclass
+class RejectionBudget:
+    """How many rejections ingest reports one by one, per sender.
+
+    Each reported rejection costs two signatures and two publishes (``update.rejected`` and
+    an alert), about a hundred times what checking a garbage message costs, so a flood of
+    rejections reported one by one would hold every update behind it in the stream. A sender
+    (a verified client id, or :data:`UNVERIFIED` for everyone else) has a token bucket of
+    ``burst`` reports refilled at ``per_s``; a rejection beyond it is shed: counted per
+    (job, sender, reason) and reported with the others of its job once per interval
+    (:meth:`drain`). An honest client, refused once in a while, always gets its own
+    ``update.rejected`` (which the aggregator needs to close a round early)."""
+
+    burst: float = 8.0
+    per_s: float = 2.0
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _shed: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        if not self.burst >= 1 or not self.per_s >= 0:
+            raise ValueError(f"need burst >= 1 and per_s >= 0, got {self.burst}, {self.per_s}")
+
+    def take(self, sender: str, now: float) -> bool:
+        """Whether a rejection of ``sender`` at ``now`` is reported (spends a token)."""
+        tokens, last = self._buckets.get(sender, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.per_s)
+        if tokens < 1.0:
+            self._buckets[sender] = (tokens, now)
+            return False
+        self._buckets[sender] = (tokens - 1.0, now)
+        return True
+
+    def shed(self, job: str, sender: str, reason: str) -> None:
+        self._shed[(job, sender, reason)] += 1
+
+    @property
+    def pending(self) -> int:
+        return sum(self._shed.values())
+
+    def drain(self, now: float) -> list[Shed]:
+        """What was shed since the last drain, per job; forgets the buckets that have
+        filled up again (so memory follows the senders active lately)."""
+        jobs: dict[str, tuple[Counter[str], Counter[str]]] = {}
+        for (job, sender, reason), n in self._shed.items():
+            by_reason, by_sender = jobs.setdefault(job, (Counter(), Counter()))
+            by_reason[reason] += n
+            by_sender[sender] += n
+        self._shed.clear()
+        for sender, (tokens, last) in list(self._buckets.items()):
+            if tokens + max(0.0, now - last) * self.per_s >= self.burst:
+                del self._buckets[sender]
+        return [
+            Shed(job, sum(r.values()), dict(r.most_common()), dict(s.most_common()))
+            for job, (r, s) in sorted(jobs.items())
+        ]

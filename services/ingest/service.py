@@ -25,7 +25,15 @@ update:
 Any failure is a :class:`MessageRejected`: :meth:`IngestService.on_rejected` publishes
 ``update.rejected`` (with the offset) and an ``alert.raised`` naming the reason, and the
 reader moves on. A client is named in them only once its signature verified, so a forger
-cannot get an honest client flagged.
+cannot get an honest client flagged. Reporting costs two signatures and two publishes, far
+more than refusing garbage, so a flood must not be reported one by one: each sender (a
+verified client, or all unverified senders together) has a budget of reported rejections
+(``report_burst``, then ``report_per_s``); the rest are shed, counted and summarised in one
+``updates.shed`` warning per job every ``shed_report_s`` (:class:`.core.RejectionBudget`).
+Reports about unverified senders, which the aggregator ignores, go out beside the reader;
+an update for the next round, not announced yet, waits for its ``round.opened`` beside the
+reader too (one per client and round), so nothing a sender writes holds the updates behind
+it in the stream for longer than ingest takes to refuse it.
 
 The revocation list is re-read when its file changes (``qflare revoke`` rewrites it), so a
 revocation takes effect on the next message without a restart.
@@ -62,9 +70,17 @@ from qflare.runtime import metrics
 from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
 from qflare.runtime.revocation import RevocationWatch
-from qflare.runtime.service import Consumer, Service, ServiceContext, event_bindings
+from qflare.runtime.service import (
+    TRANSIENT_ERRORS,
+    Consumer,
+    Service,
+    ServiceContext,
+    event_bindings,
+)
 from qflare.services.ingest.core import (
+    UNVERIFIED,
     OpenRound,
+    RejectionBudget,
     RoundBook,
     SeenUpdates,
     check_round,
@@ -134,6 +150,9 @@ class IngestOptions:
     crl_path: Path | None = None
     share: int = 0
     shares: int = 1
+    report_burst: float = 8.0
+    report_per_s: float = 2.0
+    shed_report_s: float = 5.0
 
     @classmethod
     def from_settings(cls, options: Any, pki_dir: Path | None) -> IngestOptions:
@@ -148,6 +167,9 @@ class IngestOptions:
         if wait < 0:
             raise ValueError(f"round_news_wait_s must be >= 0, got {wait}")
         share, shares = parse_share(str(os.environ.get(SHARE_ENV) or options.get("share", "0/1")))
+        shed_report_s = float(options.get("shed_report_s", 5.0))
+        if not shed_report_s > 0:
+            raise ValueError(f"shed_report_s must be > 0, got {shed_report_s}")
         return cls(
             replica=replica,
             max_update_norm=float(norm) if norm else None,
@@ -156,6 +178,9 @@ class IngestOptions:
             crl_path=Path(crl) if crl else None,
             share=share,
             shares=shares,
+            report_burst=float(options.get("report_burst", 8.0)),
+            report_per_s=float(options.get("report_per_s", 2.0)),
+            shed_report_s=shed_report_s,
         )
 
 
@@ -187,13 +212,16 @@ class IngestService(Service):
         self.limits: Limits = DEFAULT_LIMITS
         self._news = asyncio.Event()
         self.crl: RevocationWatch | None = None  # at open(), with the trust store
-        self.counts: dict[str, int] = {"accepted": 0, "rejected": 0}
+        self.counts: dict[str, int] = {"accepted": 0, "rejected": 0, "shed": 0}
+        self.budget = RejectionBudget(self.options.report_burst, self.options.report_per_s)
+        self._shed_since = 0.0
         self._inflight: set[tuple[str, int, str]] = set()
         self._readers: dict[str, StreamReader] = {}
         # round events are handled concurrently: copies of round.opened (the aggregator's
         # re-announcements) must not each start a reader of the job's stream
         self._readers_lock = asyncio.Lock()
-        self._waited: set[tuple[str, int]] = set()  # (job, round) an update waited news of
+        # (job, round, client) of the updates that wait for news of their round
+        self._waited: set[tuple[str, int, str]] = set()
 
     def consumers(self) -> list[Consumer]:
         return [
@@ -215,6 +243,13 @@ class IngestService(Service):
             )
         self.crl = RevocationWatch(self.options.crl_path, self.ctx.trust, self.log)
         self.reload_crl()
+
+    async def started(self) -> None:
+        self._shed_since = asyncio.get_running_loop().time()
+        self.spawn(self._report_shed_every(), name="ingest-shed-report")
+
+    async def close(self) -> None:
+        await self.report_shed()
 
     # -- revocation list ------------------------------------------------------------------
     def reload_crl(self) -> bool:
@@ -287,6 +322,7 @@ class IngestService(Service):
     async def on_round_closed(self, env: Envelope[RoundClosed]) -> None:
         self.book.closed(env.job, env.round)
         self.seen.forget_round(env.job, env.round + 1)
+        self._waited = {w for w in self._waited if w[0] != env.job or w[1] > env.round}
         self._tell_news()
 
     async def on_job_ended(self, env: Envelope[JobEnded]) -> None:
@@ -304,16 +340,17 @@ class IngestService(Service):
         self._news.set()
         self._news = asyncio.Event()
 
-    def _may_wait(self, job: str, round_: int) -> bool:
-        """Whether an update for a round this replica has not heard of may wait for its
-        ``round.opened``. The stream is read in order, so a wait holds every update behind
-        it: only the round after the latest can be announced late (the announcement comes on
-        another queue), and only its first update waits, so a participant writing updates
-        for unannounced rounds cannot stall the honest ones."""
+    def _may_wait(self, job: str, round_: int, client: str) -> bool:
+        """Whether a (verified) update for a round this replica has not heard of may wait
+        for its ``round.opened``: only the round after the latest can be announced late (the
+        announcement comes on another queue), and only one update per client and round
+        waits, so what waits is bounded by the certified clients. It waits beside the
+        reader, never in it: a participant writing updates for rounds not open yet cannot
+        stall the updates behind them in the stream."""
         latest = self.book.latest(job)
-        if (latest is not None and round_ != latest + 1) or (job, round_) in self._waited:
+        if (latest is not None and round_ != latest + 1) or (job, round_, client) in self._waited:
             return False
-        self._waited.add((job, round_))
+        self._waited.add((job, round_, client))
         return True
 
     async def _await_news(self, job: str, round_: int) -> None:
@@ -351,11 +388,26 @@ class IngestService(Service):
                     Reason.WRONG_JOB,
                     f"the stream of job {key_job!r} holds an update for {env.job!r}",
                 )
-            body = env.body
-            if needs_round_news(self.book, env.job, env.round) and self._may_wait(
-                env.job, env.round
-            ):
-                await self._await_news(env.job, env.round)
+        except MessageRejected as exc:
+            self._refuse(exc, key_job, env, delivery)
+            return
+        if needs_round_news(self.book, env.job, env.round) and self._may_wait(
+            env.job, env.round, env.sender
+        ):
+            self.spawn(self._judge_later(key_job, delivery, env), name="ingest-round-news")
+            return
+        await self._judge(key_job, delivery, env)
+
+    async def _judge_later(self, key_job: str, delivery: Delivery, env: Envelope[Update]) -> None:
+        """Judge an update for a round not announced yet once its news came (or after
+        ``round_news_wait_s``), settled as the reader settles the others."""
+        await self._await_news(env.job, env.round)
+        await self.handle(lambda d: self._judge(key_job, d, env), delivery, Update.KIND)
+
+    async def _judge(self, key_job: str, delivery: Delivery, env: Envelope[Update]) -> None:
+        """The verified update ``env`` against the open round, then its verdict."""
+        body = env.body
+        try:
             info = check_round(
                 self.book,
                 job=env.job,
@@ -381,17 +433,10 @@ class IngestService(Service):
                 )
             self._inflight.add(natural)
         except MessageRejected as exc:
-            # the verdict names the stream it judged (the offset is one of updates.<key_job>);
-            # an update of another job written there is in no round of this job
-            raise _Refused(
-                exc,
-                job=key_job,
-                round_=env.round if env is not None and env.job == key_job else 0,
-                client=env.sender if env is not None else None,
-                claimed=None if env is not None else _claimed_sender(delivery.body),
-                digest=env.body_digest if env is not None else None,
-                offset=offset,
-            ) from None
+            self._refuse(exc, key_job, env, delivery)
+            return
+        offset = delivery.offset
+        assert offset is not None  # a stream delivery (on_update returns on one without)
         accepted = UpdateAccepted(
             client=env.sender,
             update_digest=env.body_digest,
@@ -418,6 +463,77 @@ class IngestService(Service):
             sealed=env.sealed,
         )
 
+    def _refuse(
+        self,
+        exc: MessageRejected,
+        key_job: str,
+        env: Envelope[Update] | None,
+        delivery: Delivery,
+    ) -> None:
+        """Raise the rejection for :meth:`on_rejected` to report, or shed it: count it
+        for the summary (:meth:`report_shed`) when its sender spent its budget of reported
+        rejections (:class:`~qflare.services.ingest.core.RejectionBudget`)."""
+        # the verdict names the stream it judged (the offset is one of updates.<key_job>);
+        # an update of another job written there is in no round of this job
+        sender = env.sender if env is not None else UNVERIFIED
+        if not self.budget.take(sender, asyncio.get_running_loop().time()):
+            self.budget.shed(key_job, sender, exc.reason.value)
+            self.counts["shed"] += 1
+            metrics.update_rejected(self.name, key_job, exc.reason.value)
+            return
+        raise _Refused(
+            exc,
+            job=key_job,
+            round_=env.round if env is not None and env.job == key_job else 0,
+            client=env.sender if env is not None else None,
+            claimed=None if env is not None else _claimed_sender(delivery.body),
+            digest=env.body_digest if env is not None else None,
+            offset=delivery.offset,
+        ) from None
+
+    async def _report_shed_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.shed_report_s)
+            await self.report_shed()
+
+    async def report_shed(self) -> None:
+        """One ``updates.shed`` warning per job for the rejections shed since the last
+        report: how many, at what rate, by reason and by sender."""
+        now = asyncio.get_running_loop().time()
+        seconds, self._shed_since = max(now - self._shed_since, 1e-9), now
+        for shed in self.budget.drain(now):
+            reasons = ", ".join(f"{r} {n}" for r, n in shed.by_reason.items())
+            senders = ", ".join(
+                f"{'unverified senders' if c == UNVERIFIED else c} {n}"
+                for c, n in list(shed.by_sender.items())[:10]
+            )
+            event(
+                self.log,
+                "updates.shed",
+                logging.WARNING,
+                job=shed.job,
+                count=shed.count,
+                seconds=round(seconds, 3),
+                per_s=round(shed.count / seconds, 1),
+                reasons=shed.by_reason,
+                senders=dict(list(shed.by_sender.items())[:10]),
+            )
+            try:
+                await self.alert(
+                    kind="updates.shed",
+                    severity="warning",
+                    job=shed.job,
+                    round=self.book.latest(shed.job) or 0,
+                    reason=next(iter(shed.by_reason)),
+                    detail=(
+                        f"{shed.count} rejected messages in {seconds:.1f}s not reported one by "
+                        f"one (over {self.options.report_burst:g} per sender, then "
+                        f"{self.options.report_per_s:g}/s): {reasons}; from {senders}"
+                    )[:4000],
+                )
+            except TRANSIENT_ERRORS as exc:
+                event(self.log, "alert.deferred", logging.WARNING, error=repr(exc))
+
     def _mine(self, offset: int | None) -> bool:
         """Whether the update at ``offset`` is in this replica's share."""
         return offset is not None and offset % self.options.shares == self.options.share
@@ -439,6 +555,14 @@ class IngestService(Service):
             await super().on_rejected(delivery, exc)
             return
         self.counts["rejected"] += 1
+        if exc.client is None:
+            # about a sender whose signature did not verify, which the aggregator ignores:
+            # reported beside the reader, so that reporting it holds no update behind it
+            self.spawn(self._report(exc), name="ingest-report")
+            return
+        await self._report(exc)
+
+    async def _report(self, exc: _Refused) -> None:
         who = exc.client or (f"{exc.claimed} (unverified)" if exc.claimed else "?")
         rejected = UpdateRejected(
             client=who[:256],

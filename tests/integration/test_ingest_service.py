@@ -251,7 +251,14 @@ def ingest_settings(tmp_path: Path, replica: str, **options: Any) -> Settings:
     return Settings(
         data_dir=tmp_path,
         services=MappingProxyType(
-            {"ingest": {"replica": replica, "round_news_wait_s": 0.3, **options}}
+            {
+                "ingest": {
+                    "replica": replica,
+                    "round_news_wait_s": 0.3,
+                    "report_burst": 1000,
+                    **options,
+                }
+            }
         ),
     )
 
@@ -467,7 +474,7 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
         assert (ok.body.base_version, ok.body.num_samples) == (0, 10)
 
     # a replica counts a verdict just after publishing it: wait for the counters too
-    expected = {"accepted": len(cases) + 1, "rejected": len(cases)}
+    expected = {"accepted": len(cases) + 1, "rejected": len(cases), "shed": 0}
     await until(lambda: rig.service.counts == expected)
     rig.assert_each_message_judged_once()
 
@@ -626,17 +633,16 @@ async def test_repeated_round_announcements_start_one_reader_per_job(rig: Rig) -
         assert got.kind == "update.accepted" and got.body.client == c
     readers = [s for s in rig.service._subs if isinstance(s, StreamReader)]
     assert len(readers) == 2, "one reader per job (j1 and j2)"
-    await until(lambda: rig.service.counts == {"accepted": 2, "rejected": 0})
+    await until(lambda: rig.service.counts == {"accepted": 2, "rejected": 0, "shed": 0})
     rig.assert_each_message_judged_once(job)
 
 
-async def test_updates_for_unannounced_rounds_hold_the_reader_once(
+async def test_updates_for_unannounced_rounds_wait_once_per_client(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The stream is read strictly in order, so an update that waits for news of its round
-    holds every update behind it. Only the next round can be announced late (round.opened
-    reaches ingest on another queue than the update), and only its first update waits: a
-    participant writing many updates for unannounced rounds cannot stall the honest ones."""
+    """Only the next round can be announced late (round.opened reaches ingest on another
+    queue than the update), and only one update per client and round waits for it: a
+    participant writing many updates for unannounced rounds keeps nothing waiting but one."""
     waits: list[tuple[str, int]] = []
     real = type(rig.service)._await_news
 
@@ -652,3 +658,57 @@ async def test_updates_for_unannounced_rounds_hold_the_reader_once(
     assert waits == [(JOB, 2)]
     assert (await rig.check(update(rig.fed, "client-008", 1))).kind == "update.accepted"
     rig.assert_each_message_judged_once()
+
+
+async def test_an_update_waiting_for_its_round_does_not_hold_the_reader(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """A participant's update for the next round waits for ``round.opened`` beside the
+    reader: the honest updates behind it in the stream are judged meanwhile (a participant
+    cannot stall ingest for ``round_news_wait_s`` with one update per round), and it is
+    judged when its round is announced."""
+    async with running_rig(bus, tmp_path, round_news_wait_s=30.0) as rig:
+        early = await rig.send(update(rig.fed, "client-007", 2, version=1))
+        honest = update(rig.fed, "client-008", 1)
+        got = await rig.check(honest)
+        assert got.kind == "update.accepted" and got.body.client == "client-008"
+        assert not rig.watcher.verdicts.get((JOB, early)), "judged before its round was announced"
+        await rig.close_round(1)
+        await rig.announce(2, version=1, updates_from=early)
+        got = await rig.watcher.verdict(early)
+        assert got.kind == "update.accepted" and got.round == 2 and got.body.client == "client-007"
+        rig.assert_each_message_judged_once()
+
+
+async def test_a_flood_of_rejections_is_shed_and_summarised_not_reported_one_by_one(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Beyond a burst per sender, rejections are counted, not signed and published one by
+    one (two signatures each): garbage (no verified sender) shares one budget, a client's
+    own bad updates another, and one ``updates.shed`` alert per interval summarises them.
+    The honest update behind the flood is accepted; an honest client keeps its own budget."""
+    async with running_rig(
+        bus, tmp_path, report_burst=3, report_per_s=0.0, shed_report_s=0.2
+    ) as rig:
+        for i in range(40):
+            await rig.send(b"\x93garbage" + bytes([i]))
+        for r in (5, 6, 7, 8, 9):  # client-009's own key, rounds that are not open
+            await rig.send(update(rig.fed, "client-009", r, version=r - 1))
+        # a forger cannot spend client-001's budget: its refusal is still reported
+        refused = await rig.check(update(rig.fed, "client-001", 1, version=4))
+        assert refused.body.reason is Reason.STALE_BASE and refused.body.client == "client-001"
+        ok = await rig.check(update(rig.fed, "client-002", 1))
+        assert ok.kind == "update.accepted"
+        await until(lambda: rig.service.counts["shed"] == 37 + 2)
+        verdicts = rig.watcher.verdicts_of()
+        rejected = [e for envs in verdicts.values() for e in envs if e.kind == "update.rejected"]
+        assert (
+            sorted(e.body.client for e in rejected)
+            == ["?"] * 3 + ["client-001"] + ["client-009"] * 3
+        )
+        await until(lambda: any(a.body.alert_kind == "updates.shed" for a in rig.watcher.alerts))
+        (shed,) = [a for a in rig.watcher.alerts if a.body.alert_kind == "updates.shed"]
+        assert shed.body.severity == "warning" and shed.body.reason == "MALFORMED"
+        assert "39 rejected messages" in shed.body.detail, shed.body.detail
+        assert "unverified senders 37" in shed.body.detail and "client-009 2" in shed.body.detail
+        assert rig.service.counts == {"accepted": 1, "rejected": 7, "shed": 39}

@@ -60,7 +60,8 @@ def test_the_issue_example(tmp_path: Path) -> None:
     message = _error(tmp_path, "[services.ingest]\nmax_update_nrom = 5\n")
     assert message.endswith(
         "[services.ingest] max_update_nrom: unknown option; allowed: replica, max_update_norm, "
-        "round_news_wait_s, dedup_capacity, share, crl_path"
+        "round_news_wait_s, dedup_capacity, report_burst, report_per_s, shed_report_s, share, "
+        "crl_path"
     )
 
 
@@ -197,6 +198,8 @@ def test_defaults_are_the_services_own() -> None:
     runtime = IngestRuntime.from_settings({}, None)
     assert runtime.round_news_wait_s == IngestOptions().round_news_wait_s
     assert runtime.dedup_capacity == IngestOptions().dedup_capacity
+    for key in ("report_burst", "report_per_s", "shed_report_s"):
+        assert getattr(runtime, key) == getattr(IngestOptions(), key)
 
 
 def test_the_shipped_compose_config_loads() -> None:

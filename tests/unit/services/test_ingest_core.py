@@ -9,9 +9,12 @@ from pydantic import ValidationError
 from qflare.messages import TensorSpec
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.services.ingest.core import (
+    UNVERIFIED,
     OpenRound,
+    RejectionBudget,
     RoundBook,
     SeenUpdates,
+    Shed,
     check_round,
     check_tensors,
     max_envelope_bytes,
@@ -181,3 +184,36 @@ def test_tensor_specs_validate() -> None:
         tensor_specs([("w", "float32", (-1,))])
     with pytest.raises(ValidationError):
         tensor_specs([("w", "float99", (1,))])
+
+
+def test_rejection_budget_reports_a_burst_per_sender_then_sheds_and_refills() -> None:
+    budget = RejectionBudget(burst=3, per_s=2.0)
+    assert [budget.take(UNVERIFIED, 0.0) for _ in range(5)] == [True, True, True, False, False]
+    # another sender has a bucket of its own: a forger cannot spend an honest client's
+    assert budget.take("c1", 0.0) is True
+    assert budget.take(UNVERIFIED, 0.25) is False  # half a token
+    assert budget.take(UNVERIFIED, 0.5) is True  # one token after 0.5 s at 2/s
+    assert budget.take(UNVERIFIED, 0.5) is False
+    assert [budget.take(UNVERIFIED, 100.0) for _ in range(4)] == [True, True, True, False]
+
+
+def test_shed_rejections_are_summarised_per_job_and_the_buckets_forgotten() -> None:
+    budget = RejectionBudget(burst=1, per_s=1.0)
+    for _ in range(3):
+        budget.shed("j1", UNVERIFIED, "MALFORMED")
+    budget.shed("j1", "c1", "STALE_ROUND")
+    budget.shed("j2", UNVERIFIED, "UNKNOWN_SIGNER")
+    assert budget.pending == 5
+    budget.take("c1", 0.0)
+    budget.take("c2", 0.0)
+    budget.take("c2", 0.0)  # refused: c2's bucket is empty
+    assert budget.drain(0.5) == [
+        Shed("j1", 4, {"MALFORMED": 3, "STALE_ROUND": 1}, {UNVERIFIED: 3, "c1": 1}),
+        Shed("j2", 1, {"UNKNOWN_SIGNER": 1}, {UNVERIFIED: 1}),
+    ]
+    assert budget.pending == 0 and budget.drain(0.5) == []
+    # buckets that filled up again are forgotten (memory follows the active senders)
+    budget.drain(10.0)
+    assert budget._buckets == {}
+    with pytest.raises(ValueError):
+        RejectionBudget(burst=0)
