@@ -82,6 +82,35 @@ class JobSettings(BaseModel):
         "epsilon of a filtering job is not a DP guarantee",
     )
     server_lr: float = Field(default=1.0, gt=0.0, description="step applied to the noised mean")
+    adaptive_clip: bool = Field(
+        default=False,
+        strict=True,
+        description="adaptive clipping (Andrew et al. 2021): clip is round 1's clip norm, each "
+        "round's aggregation moves it towards the clip_target_quantile of the update norms "
+        "for the next round; with DP on the update sum's noise multiplier is raised so that "
+        "the round, count included, still costs noise_multiplier (docs/privacy.md)",
+    )
+    clip_target_quantile: float = Field(
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        description="adaptive clipping: the fraction of updates the clip norm should leave "
+        "unclipped",
+    )
+    clip_learning_rate: float = Field(
+        default=0.2,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="adaptive clipping: C <- C * exp(-rate * (unclipped fraction - target))",
+    )
+    clip_count_noise_std: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="adaptive clipping with DP on: std sigma_b of the noise on the count of "
+        "unclipped updates; None: the paper's expected clients per round / 20. Needs "
+        "2 * sigma_b > noise_multiplier",
+    )
     seed: int = Field(default=0, ge=0, lt=2**63, description="secret job seed: selection and noise")
 
 
@@ -150,6 +179,16 @@ class JobSpec(JobSettings):
             raise ValueError(f"min_updates={self.min_updates} exceeds the {n} participants")
         if 2 * self.f >= n:
             raise ValueError(f"f={self.f} needs 2f < n participants, got n={n}")
+        if self.adaptive_clip and self.noise_multiplier > 0:
+            # the update sum's noise multiplier must exist (a local import: the privacy core
+            # is heavy, and only a job with adaptive clipping and DP needs it here)
+            from qflare.privacy.errors import PrivacyError
+            from qflare.privacy.policy import adaptive_of
+
+            try:
+                adaptive_of(self)
+            except PrivacyError as exc:
+                raise ValueError(exc.detail) from None
         return self
 
     def __repr__(self) -> str:  # the seed is secret: never print it

@@ -101,7 +101,38 @@ def register(subparsers: Any) -> None:
         default=None,
         help="plan z so the whole run spends this epsilon",
     )
-    d.add_argument("--clip", type=float, default=5.0, help="L2 clip norm C of each update")
+    d.add_argument(
+        "--clip",
+        type=float,
+        default=5.0,
+        help="L2 clip norm C of each update (with --adaptive-clip: of round 1)",
+    )
+    d.add_argument(
+        "--adaptive-clip",
+        action="store_true",
+        help="adaptive clipping (Andrew et al. 2021): each round moves the clip norm towards "
+        "--clip-target-quantile of the update norms; with DP the round still costs z "
+        "(the update sum takes a little more noise, the count the rest)",
+    )
+    d.add_argument(
+        "--clip-target-quantile",
+        type=float,
+        default=0.5,
+        help="adaptive clipping: fraction of updates the clip norm should leave unclipped",
+    )
+    d.add_argument(
+        "--clip-learning-rate",
+        type=float,
+        default=0.2,
+        help="adaptive clipping: C <- C * exp(-rate * (unclipped fraction - target))",
+    )
+    d.add_argument(
+        "--clip-count-noise-std",
+        type=float,
+        default=None,
+        help="adaptive clipping with DP: noise std on the count of unclipped updates "
+        "(default: expected clients per round / 20; must exceed z / 2)",
+    )
     d.add_argument("--delta", type=float, default=1e-5, help="DP delta")
     d.add_argument(
         "--dp-filter-bound",

@@ -17,6 +17,15 @@ request, the grant and every report carry:
 * ``noise_only``: any other filtering (detection with no bound, or a rule other than
   ``mean``): charged at (q, z), but the epsilon is only that of the noise added, not a DP
   guarantee for the pipeline that ran.
+
+Adaptive clipping (``adaptive_clip``, :func:`adaptive_clipping`; Andrew, Thakkar, McMahan and
+Ramaswamy 2021) changes none of this: each round also releases a noised count of the kept
+updates whose norm was at most the round's clip, and the update sum's noise multiplier is
+raised to ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` so that the two releases together
+are one Gaussian mechanism with multiplier ``z`` (their Theorem 1). A removal by a bounded
+filter moves the count by at most (2k + 1)/2 as it moves the sum by (2k + 1) C, so
+``filter_bounded`` stays ``z/(2k+1)`` at q = 1. The accountant is charged the same (q, z)
+with or without it; the clip norm a request names is the one in effect in its round.
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qflare.messages.bodies import Coverage
-from qflare.messages.jobs import JobSpec
+from qflare.messages.jobs import JobSettings, JobSpec
 from qflare.privacy.accounting import filtered_noise_multiplier
+from qflare.privacy.errors import INVALID_PARAMETERS, PrivacyError
+from qflare.privacy.mechanism import AdaptiveClipping, default_count_noise_std
 
 
 @dataclass(frozen=True)
@@ -77,3 +88,54 @@ def charge_of(spec: JobSpec) -> PrivacyCharge:
         noise_multiplier=spec.noise_multiplier,
         dp_filter_bound=spec.dp_filter_bound,
     )
+
+
+def expected_participants(sample_rate: float, population: int) -> float:
+    """DP-FedAvg's fixed denominator ``q*N`` for a job of ``population`` enrolled clients,
+    at least 1 (a fraction of a client would scale the step up)."""
+    return max(sample_rate * population, 1.0)
+
+
+def adaptive_clipping(settings: JobSettings, population: int) -> AdaptiveClipping | None:
+    """The adaptive clipping of a job of ``population`` enrolled clients with ``settings``
+    (None: its clip norm is fixed). The count's noise ``sigma_b`` is ``clip_count_noise_std``,
+    or Andrew et al.'s ``m / 20`` for ``m`` = :func:`expected_participants`. With DP on, the
+    update sum's multiplier ``z_delta`` must exist (``2 sigma_b > z``): otherwise
+    ``PrivacyError(INVALID_PARAMETERS)`` whose detail names the key to change."""
+    if not settings.adaptive_clip:
+        return None
+    given = settings.clip_count_noise_std
+    expected = expected_participants(settings.sample_rate, population)
+    sigma_b = default_count_noise_std(expected) if given is None else given
+    adaptive = AdaptiveClipping(
+        count_noise_std=sigma_b,
+        target_quantile=settings.clip_target_quantile,
+        learning_rate=settings.clip_learning_rate,
+    )
+    z = settings.noise_multiplier
+    try:
+        adaptive.sum_noise_multiplier(z)  # z_delta, undefined unless 2 sigma_b > z
+    except PrivacyError:
+        default = "" if given is not None else f" (the default: {expected:g} expected clients / 20)"
+        raise PrivacyError(
+            INVALID_PARAMETERS,
+            f"clip_count_noise_std = {sigma_b:g}{default} is too small for noise_multiplier = "
+            f"{z:g}: adaptive clipping needs 2 * clip_count_noise_std > noise_multiplier, so "
+            f"that the update sum's noise multiplier (z^-2 - (2 sigma_b)^-2)^-1/2 exists; set "
+            f"clip_count_noise_std above {z / 2:g} or sample more clients per round",
+        ) from None
+    return adaptive
+
+
+def adaptive_of(spec: JobSpec) -> AdaptiveClipping | None:
+    """The adaptive clipping of the job ``spec`` (:func:`adaptive_clipping`)."""
+    return adaptive_clipping(spec, len(spec.participants))
+
+
+def sum_noise_multiplier(spec: JobSpec) -> float:
+    """The multiplier of the noise the aggregator adds to the update sum of each round of
+    ``spec``: ``noise_multiplier`` (0 with DP off), or ``z_delta`` with adaptive clipping."""
+    adaptive = adaptive_of(spec)
+    if adaptive is None:
+        return spec.noise_multiplier
+    return adaptive.sum_noise_multiplier(spec.noise_multiplier)

@@ -4,7 +4,8 @@ Every impossible combination is refused here with a message naming the numbers: 
 Byzantine clients than clients, a rule whose own requirement (``2f < n`` for Krum,
 ``n >= 4f + 3`` for Bulyan, ...) the numbers break, an unknown attack or rule, a Dirichlet
 alpha that is not positive, DP asked for both by noise multiplier and by target epsilon, a
-filter bound without DP or without detection.
+filter bound without DP or without detection, adaptive clipping whose count noise is too
+small for the noise multiplier.
 The rule's requirement is checked by calling the rule itself on a batch of the size it
 will see, so the check can never drift from the rule.
 """
@@ -179,6 +180,23 @@ def validate(config: SimConfig) -> None:
         fail(
             f"detection needs 2f < n: --byzantine {config.byzantine} with --clients {config.clients}"
         )
+    check_adaptive_clip(config)
+
+
+def check_adaptive_clip(config: SimConfig) -> None:
+    """``--adaptive-clip`` with DP on needs ``2 * sigma_b > z`` (the job's own check,
+    :func:`qflare.privacy.policy.adaptive_clipping`, with the flags' names); run again once
+    ``--target-epsilon`` has become a noise multiplier."""
+    from qflare.privacy.errors import PrivacyError
+    from qflare.privacy.policy import adaptive_clipping
+
+    try:
+        adaptive_clipping(config, config.clients)
+    except PrivacyError as exc:
+        detail = exc.detail
+        for key in ("clip_count_noise_std", "noise_multiplier"):
+            detail = detail.replace(key, "--" + key.replace("_", "-"))
+        raise SimConfigError(f"--adaptive-clip: {detail}") from None
 
 
 #: The budget a job gets when DP is on but no budget was asked for: large enough never to

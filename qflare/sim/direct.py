@@ -9,7 +9,8 @@ accountant's answer (``AccountantCore``), then an ``Accepted`` for each particip
 whose participants all answered closes at once; else at its deadline), then the detector
 core's ``decide`` over exactly the closed set as the ``Verdict``; its ``Aggregate`` effect
 is computed by the core's ``aggregate`` (the job's rule, clip, noise and denominator), and
-its ``NextRound``/``EndJob`` effect says what follows. Selection, the close, the removals
+its ``NextRound``/``EndJob`` effect says what follows, begun at the clip norm the
+aggregation gave (adaptive clipping, the job's ``adaptive_clip``). Selection, the close, the removals
 under ``dp_filter_bound`` and the arithmetic are therefore the services' own, so a direct
 run and a services run of one configuration agree round by round and cannot drift apart.
 It exists for sweeps (dozens of runs, where the services' per-message costs add up) and as
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from qflare.messages.jobs import JobSpec
-from qflare.privacy import AdaptiveClipping, BudgetPolicy
+from qflare.privacy import BudgetPolicy
 from qflare.robust import Reputation
 from qflare.services.accountant.core import AccountantCore
 from qflare.services.aggregator.core import (
@@ -62,11 +63,11 @@ def run_direct(
     config: SimConfig,
     federation: Federation | None = None,
     on_round: RoundCallback | None = None,
-    adaptive: AdaptiveClipping | None = None,
 ) -> RunResult:
-    """Run ``config``'s rounds. With ``adaptive``, the clip norm starts at ``config.clip``
-    and each round's aggregation gives the next round's (docs/privacy.md, "Adaptive
-    clipping"); the accountant is asked about the clip norm of the round it charges."""
+    """Run ``config``'s rounds. With ``config.adaptive_clip`` the clip norm starts at
+    ``config.clip`` and each round's aggregation gives the next round's (docs/privacy.md,
+    "Adaptive clipping"); the accountant is asked about the clip norm of the round it
+    charges, as the services path's request names it."""
     fed = federation if federation is not None else Federation.build(config)
     spec = job_spec(config, fed.ids)  # the job the services path submits
     names = fed.names
@@ -81,7 +82,6 @@ def run_direct(
         if config.dp_on
         else None
     )
-    clip = config.clip
     now = 0.0  # the machine's clock: rounds close when everyone answered, never by timing
     start = time.perf_counter()
     r, effects = begin(spec, 1, 0, now)
@@ -93,7 +93,7 @@ def run_direct(
         epsilon: float | None = None
         if isinstance(request, RequestPrivacy):
             assert accountant is not None
-            decision = accountant.decide(SIM_JOB, r.round, request.q, request.z, clip)
+            decision = accountant.decide(SIM_JOB, r.round, request.q, request.z, request.clip)
             if not decision.granted:
                 denied = Denied(
                     decision.reason or "", decision.epsilon_total, decision.budget_epsilon
@@ -131,8 +131,7 @@ def run_direct(
         verdict = Verdict(found.kept, tuple((x.client, float(x.score)) for x in found.flagged))
         r, effects = step(spec, r, verdict, now)
         (command,) = (e for e in effects if isinstance(e, Aggregate))
-        result = aggregate(spec, command, params, updates, clip=clip, adaptive=adaptive)
-        clip = result.next_clip
+        result = aggregate(spec, command, params, updates)
         params = {k: result.model[k].astype(np.float32) for k in names}
         evaluation = fed.evaluate(params, model)
         flagged = tuple(sorted(x.client for x in found.flagged))
@@ -147,6 +146,7 @@ def run_direct(
             latency_s=time.perf_counter() - t0,
             rejected=tuple(c for c, _reason in r.refused if r.holding(c) is None),
             kept_flagged=tuple(sorted(set(flagged) - set(command.removed))),
+            clip=command.clip,
         )
         records.append(record)
         if on_round is not None:
@@ -156,7 +156,7 @@ def run_direct(
             ended = after.reason
             break
         assert isinstance(after, NextRound)
-        r, effects = begin(spec, after.round, after.base_version, now)
+        r, effects = begin(spec, after.round, after.base_version, now, clip=result.next_clip)
     return RunResult(
         config=config.to_json(),
         rounds=records,

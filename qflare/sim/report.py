@@ -37,6 +37,8 @@ class RoundRecord:
     #: flagged by the detector but kept in the round: the job's dp_filter_bound k lets the
     #: aggregator remove only the k highest-scored
     kept_flagged: tuple[str, ...] = ()
+    #: the clip norm the round ran at (it moves from round to round with adaptive clipping)
+    clip: float | None = None
 
     @property
     def stopped(self) -> set[str]:
@@ -296,11 +298,17 @@ def _dp_on(cfg: dict[str, Any]) -> bool:
 
 
 def _dp_line(cfg: dict[str, Any]) -> str:
+    clip = f"C={cfg.get('clip')}"
+    if cfg.get("adaptive_clip"):
+        clip += (
+            f" in round 1, then adaptive (target quantile {cfg.get('clip_target_quantile')}, "
+            f"learning rate {cfg.get('clip_learning_rate')})"
+        )
     if not _dp_on(cfg):
-        return f"off (updates clipped to C={cfg.get('clip')}, no noise, no privacy guarantee)"
+        return f"off (updates clipped to {clip}, no noise, no privacy guarantee)"
     target = cfg.get("target_epsilon")
     return (
-        f"noise multiplier z={cfg.get('noise_multiplier'):.4g}, clip C={cfg.get('clip')}, "
+        f"noise multiplier z={cfg.get('noise_multiplier'):.4g}, clip {clip}, "
         f"delta={cfg.get('delta')}" + (f", planned for epsilon={target}" if target else "")
     )
 

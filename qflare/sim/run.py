@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from qflare.sim.config import NO_ATTACK, SimConfig, SimConfigError, validate
+from qflare.sim.config import NO_ATTACK, SimConfig, SimConfigError, check_adaptive_clip, validate
 from qflare.sim.console import round_progress, summary_table
 from qflare.sim.data import DatasetUnavailable, dataset_names, load_dataset
 from qflare.sim.federation import Federation
@@ -64,6 +64,7 @@ def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
     if config.dp_on and config.target_epsilon is not None:
         raise SimConfigError("give either --noise-multiplier or --target-epsilon, not both")
     config = plan_noise(config)
+    check_adaptive_clip(config)  # with the noise multiplier --target-epsilon planned
     if config.dataset not in dataset_names():  # pragma: no cover - validate() checked it
         raise SimConfigError(f"unknown data set {config.dataset!r}")
     try:

@@ -140,6 +140,7 @@ class _Round:
     opened_at: float | None = None
     published_at: float | None = None
     tensors: Mapping[str, np.ndarray] | None = None
+    clip: float | None = None
 
 
 @dataclass
@@ -199,6 +200,7 @@ class Observer:
         if from_events and r.participants is None:
             r.participants = tuple(sorted(env.body.participants))
             r.opened_at = time.perf_counter()
+            r.clip = float(env.body.clip_norm)
 
     def _refused(self, env: Envelope[UpdateRejected], from_events: bool) -> None:
         self._round(env.round).rejected.add(env.body.client)
@@ -256,6 +258,7 @@ class Observer:
                 # refused duplicate of an accepted update is not a stopped attack).
                 rejected=tuple(sorted(r.rejected - r.in_round)),
                 kept_flagged=r.kept_flagged,
+                clip=r.clip,
             )
             r.tensors = None  # the model is evaluated; drop it
             self.records.append(record)

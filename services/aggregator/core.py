@@ -15,8 +15,12 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   robust rule (``qflare.robust``) as the combining step: clip each row to ``C``, combine,
   clip the result, scale by the number kept, add N(0, (zC)^2) and divide by the expected
   number of participants ``q*N`` (DP off: by the number kept); docs/architecture.md, "One
-  round" step 7, and docs/privacy.md. With adaptive clipping the round also yields the
-  next round's clip norm. The same inputs give the same model bit for bit.
+  round" step 7, and docs/privacy.md. With adaptive clipping (the job's ``adaptive_clip``)
+  the round also yields the next round's clip norm, its count noise seeded per (job, round)
+  too: a round's clip is ``Round.clip``, set when the round begins from what the previous
+  round's aggregation gave (round 1: the job's ``clip``), and it is the clip the round's
+  privacy request, announcement and aggregation use. The same inputs give the same model
+  and the same next clip bit for bit.
 * The round itself is a pure state machine (:func:`step`, docs/architecture.md "One
   round"): a frozen :class:`Round` and one input (:data:`Input`: a grant, a denial, an
   accepted or refused update, a verdict, a tick, a restart) give the new :class:`Round` and
@@ -48,7 +52,7 @@ from qflare.messages.jobs import JobSpec
 from qflare.messages.tensors import Array, Layout, Tensors
 from qflare.messages.values import MAX_METRICS
 from qflare.privacy import AdaptiveClipping, NoiseSource, dp_fedavg, poisson_sample
-from qflare.privacy.policy import charge_of
+from qflare.privacy.policy import adaptive_of, charge_of, expected_participants
 from qflare.robust import get_rule
 
 # Distinct streams drawn from one job seed (SeedSequence spawn keys).
@@ -166,12 +170,6 @@ def cap_removals(
     return sorted([*kept, *back]), sorted(removed)
 
 
-def expected_participants(sample_rate: float, population: int) -> float:
-    """DP-FedAvg's fixed denominator ``q*N`` for a job of ``population`` enrolled clients,
-    at least 1 (a fraction of a client would scale the step up)."""
-    return max(sample_rate * population, 1.0)
-
-
 @dataclass(frozen=True)
 class AggregationResult:
     model: dict[str, Array]
@@ -249,19 +247,13 @@ def _takes_f(rule: str) -> bool:
 
 
 def aggregate(
-    spec: JobSpec,
-    command: Aggregate,
-    base: Tensors,
-    updates: Mapping[str, Tensors],
-    *,
-    clip: float | None = None,
-    adaptive: AdaptiveClipping | None = None,
+    spec: JobSpec, command: Aggregate, base: Tensors, updates: Mapping[str, Tensors]
 ) -> AggregationResult:
     """Perform an :class:`Aggregate` effect of job ``spec``: :func:`aggregate_round` over the
-    kept updates with the job's rule, clip norm, noise and denominator (``max(q*N, 1)``,
-    :func:`expected_participants`), the one place where a job's settings become the
-    round's arithmetic. ``clip`` overrides the job's clip norm (adaptive clipping carries
-    it from round to round)."""
+    kept updates with the job's rule, noise, denominator (``max(q*N, 1)``,
+    :func:`expected_participants`) and adaptive clipping (:func:`adaptive_of`), at the
+    round's clip norm (``command.clip``; the job's ``clip`` when it names none), the one
+    place where a job's settings become the round's arithmetic."""
     return aggregate_round(
         job=spec.job_id,
         round_no=command.round,
@@ -271,11 +263,11 @@ def aggregate(
         kept=command.kept,
         rule=spec.rule,
         f=spec.f,
-        clip=spec.clip if clip is None else clip,
+        clip=spec.clip if command.clip is None else command.clip,
         noise_multiplier=spec.noise_multiplier,
         expected_clients=expected_participants(spec.sample_rate, len(spec.participants)),
         server_lr=spec.server_lr,
-        adaptive=adaptive,
+        adaptive=adaptive_of(spec),
     )
 
 
@@ -373,7 +365,8 @@ class Round:
     and ``refused`` (client, reason; the first refusal kept) are what the round collected
     while OPEN; ``closed`` is the exact (client, digest, offset) set ``round.closed`` named;
     ``kept``/``removed`` are the verdict after ``dp_filter_bound``; ``updated`` is when the
-    state last moved (a stale round is re-announced)."""
+    state last moved (a stale round is re-announced). ``clip`` is the round's clip norm
+    (:func:`begin`; None: the job's ``clip``, see :func:`round_clip`)."""
 
     job: str
     round: int
@@ -390,6 +383,7 @@ class Round:
     kept: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     updated: float = 0.0
+    clip: float | None = None
 
     def holding(self, client: str) -> Held | None:
         return next((h for h in self.held if h.client == client), None)
@@ -499,6 +493,7 @@ class Announce:
     deadline: float
     min_updates: int
     updates_from: int
+    clip: float
 
 
 @dataclass(frozen=True)
@@ -511,14 +506,16 @@ class Close:
 @dataclass(frozen=True)
 class Aggregate:
     """Compute the round's model from ``base_version`` and the kept updates (``updates``:
-    their refs) with :func:`aggregate`, and store it with the PUBLISHED state in one
-    transaction (the shell's commit of this step)."""
+    their refs) with :func:`aggregate` at clip norm ``clip`` (None: the job's), and store it
+    with the PUBLISHED state and the next round's clip in one transaction (the shell's
+    commit of this step)."""
 
     round: int
     base_version: int
     kept: tuple[str, ...]
     removed: tuple[str, ...]
     updates: tuple[UpdateRef, ...]
+    clip: float | None = None
 
 
 @dataclass(frozen=True)
@@ -582,10 +579,28 @@ Step = tuple[Round, tuple[Effect, ...]]
 # -- the machine --------------------------------------------------------------------------------
 
 
-def begin(spec: JobSpec, round_no: int, base_version: int, now: float) -> Step:
-    """A new round of ``spec`` on model ``base_version``: REQUESTED, and its request."""
-    r = Round(spec.job_id, round_no, RoundState.REQUESTED, base_version, updated=now)
-    return r, (_request(spec),)
+def begin(
+    spec: JobSpec, round_no: int, base_version: int, now: float, clip: float | None = None
+) -> Step:
+    """A new round of ``spec`` on model ``base_version``: REQUESTED, and its request.
+    ``clip`` is the round's clip norm: the ``next_clip`` the previous round's aggregation
+    gave (adaptive clipping), None for the job's ``clip`` (round 1, or a fixed clip)."""
+    if clip is not None and not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"round {round_no} of {spec.job_id}: clip norm {clip!r} must be > 0")
+    r = Round(
+        spec.job_id,
+        round_no,
+        RoundState.REQUESTED,
+        base_version,
+        updated=now,
+        clip=spec.clip if clip is None else float(clip),
+    )
+    return r, (_request(spec, r),)
+
+
+def round_clip(spec: JobSpec, r: Round) -> float:
+    """The clip norm in effect in round ``r`` of ``spec``."""
+    return spec.clip if r.clip is None else r.clip
 
 
 def unknown_round(spec: JobSpec, round_no: int, event: Input) -> tuple[Effect, ...]:
@@ -617,12 +632,15 @@ def step(spec: JobSpec, r: Round, event: Input, now: float) -> Step:
             return r, _remind(spec, r, restart=True)
 
 
-def _request(spec: JobSpec) -> RequestPrivacy | OpenUnaccounted:
+def _request(spec: JobSpec, r: Round) -> RequestPrivacy | OpenUnaccounted:
     if spec.noise_multiplier == 0:
         return OpenUnaccounted()
-    # the charged (q, z) and coverage per docs/privacy.md; the noise added stays z * C
+    # the charged (q, z) and coverage per docs/privacy.md (the noise added stays z * C, or
+    # z_delta * C on the sum plus the count's with adaptive clipping), at the round's clip
     charge = charge_of(spec)
-    return RequestPrivacy(q=charge.q, z=charge.z, clip=spec.clip, coverage=charge.coverage)
+    return RequestPrivacy(
+        q=charge.q, z=charge.z, clip=round_clip(spec, r), coverage=charge.coverage
+    )
 
 
 def _stale(spec: JobSpec, round_no: int) -> Reject:
@@ -638,6 +656,7 @@ def _announce(spec: JobSpec, r: Round, *, broadcast: bool) -> Announce:
         deadline=r.deadline,
         min_updates=max(1, min(spec.min_updates, len(r.participants))),
         updates_from=r.updates_from,
+        clip=round_clip(spec, r),
     )
 
 
@@ -809,7 +828,7 @@ def _verdict(spec: JobSpec, r: Round, v: Verdict, now: float) -> Step:
     )
     refs = tuple(ref for ref in r.closed if ref[0] in set(kept))
     effects += [
-        Aggregate(r.round, r.base_version, tuple(kept), tuple(removed), refs),
+        Aggregate(r.round, r.base_version, tuple(kept), tuple(removed), refs, round_clip(spec, r)),
         Note(
             "model.published",
             {
@@ -817,6 +836,7 @@ def _verdict(spec: JobSpec, r: Round, v: Verdict, now: float) -> Step:
                 "kept": len(kept),
                 "flagged": len(removed),
                 "epsilon": r.epsilon,
+                "clip": round_clip(spec, r),
             },
         ),
         Publish(r.round),
@@ -849,7 +869,7 @@ def _remind(spec: JobSpec, r: Round, *, restart: bool) -> tuple[Effect, ...]:
     """What the round waits for, sent again (every peer is idempotent on (job, round))."""
     match r.state:
         case RoundState.REQUESTED:
-            return (_request(spec),)
+            return (_request(spec, r),)
         case RoundState.OPEN:
             return (_announce(spec, r, broadcast=True),) if restart else ()
         case RoundState.CLOSED:

@@ -410,11 +410,15 @@ class Aggregator(Service):
                     raise MessageRejected(effect.reason, effect.detail)
 
     async def _begin(self, spec: JobSpec, round_no: int, base_version: int) -> None:
-        """Create round ``round_no`` (REQUESTED; a round stored already stays) and request
+        """Create round ``round_no`` (REQUESTED; a round stored already stays) at the clip
+        norm the previous round's aggregation stored for it (round 1: the job's) and request
         it. Caller holds the job lock."""
         assert self.store is not None
-        r, effects = begin(spec, round_no, base_version, self.ctx.clock())
-        if await self.store.request_round(spec.job_id, round_no, base_version=base_version):
+        clip = await self.store.next_clip(spec.job_id, round_no - 1) if round_no > 1 else None
+        r, effects = begin(spec, round_no, base_version, self.ctx.clock(), clip=clip)
+        if await self.store.request_round(
+            spec.job_id, round_no, base_version=base_version, clip=r.clip
+        ):
             round_entered(self.name, spec.job_id, round_no, r.state.value)
         await self._perform(spec, r, effects)
 
@@ -447,6 +451,7 @@ class Aggregator(Service):
             model_digest(result.model),
             r.epsilon or 0.0,
             verdict,
+            next_clip=result.next_clip,
         )
         if not stored:
             return False
@@ -526,7 +531,7 @@ class Aggregator(Service):
             participants=list(a.participants),
             deadline=a.deadline,
             min_updates=a.min_updates,
-            clip_norm=spec.clip,
+            clip_norm=a.clip,
             tensor_spec=[
                 TensorSpec.model_validate({"name": n, "dtype": d, "shape": list(s)})
                 for n, s, d in zip(layout.names, layout.shapes, layout.dtypes, strict=True)
@@ -560,6 +565,10 @@ class Aggregator(Service):
             "kept": float(len(verdict.get("kept", []))),
             "flagged": float(len(verdict.get("flagged", []))),
             "step_norm": float(verdict.get("step_norm", 0.0)),
+            # the clip norm the round ran at, and the one the next round runs at (they
+            # differ with adaptive clipping: an operator sees it adapt)
+            "clip": r.clip if r.clip is not None else spec.clip,
+            "next_clip": r.next_clip if r.next_clip is not None else spec.clip,
             **({"train/num_samples": float(train["num_samples"])} if train else {}),
             **{f"train/{k}": v for k, v in train.get("metrics", {}).items()},
         }

@@ -15,6 +15,11 @@ round's row with its updates and refusals (:meth:`AggregatorStore.load_round`) a
 back in one transaction, compare-and-set on the state it was read in
 (:meth:`AggregatorStore.save_round`); a round becomes PUBLISHED only with its model
 (:meth:`AggregatorStore.publish_model`).
+
+A round's clip norm (``clip``) is stored when the round is created, and the clip its
+aggregation gave the next round (``next_clip``, adaptive clipping) with its model, in the
+same transaction: a restarted aggregator begins the next round, requests it and aggregates it
+at the same clip, so its models stay bit for bit those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     verdict TEXT,
     updates_from INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
+    clip REAL,
+    next_clip REAL,
     PRIMARY KEY (job_id, round)
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -103,6 +110,8 @@ class RoundRow:
     verdict: dict[str, Any] | None
     updated: float = 0.0
     updates_from: int = 0
+    clip: float | None = None  # the round's clip norm (None: the job's)
+    next_clip: float | None = None  # what its aggregation gave the next round
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,8 @@ def _round(row: Any) -> RoundRow:
         verdict=json.loads(row["verdict"]) if row["verdict"] else None,
         updated=row["updated"],
         updates_from=row["updates_from"],
+        clip=row["clip"],
+        next_clip=row["next_clip"],
     )
 
 
@@ -208,15 +219,27 @@ class AggregatorStore(ServiceStore):
         )
         return [_round(r) for r in rows]
 
-    async def request_round(self, job_id: str, round_no: int, base_version: int) -> bool:
-        """Create round ``round_no`` in REQUESTED; False when it exists already."""
+    async def request_round(
+        self, job_id: str, round_no: int, base_version: int, clip: float | None = None
+    ) -> bool:
+        """Create round ``round_no`` in REQUESTED at clip norm ``clip`` (None: the job's);
+        False when it exists already (with the clip it was created with)."""
         async with self.db.transaction() as conn:
             cur = await conn.execute(
-                "INSERT OR IGNORE INTO rounds (job_id, round, state, base_version, updated) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (job_id, round_no, RoundState.REQUESTED.value, base_version, time.time()),
+                "INSERT OR IGNORE INTO rounds (job_id, round, state, base_version, updated, clip) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, round_no, RoundState.REQUESTED.value, base_version, time.time(), clip),
             )
             return cur.rowcount == 1
+
+    async def next_clip(self, job_id: str, round_no: int) -> float | None:
+        """The clip norm round ``round_no``'s aggregation gave the round after it (None: the
+        round is not published, or was published without one)."""
+        row = await self.db.fetchone(
+            "SELECT next_clip FROM rounds WHERE job_id=? AND round=? AND state=?",
+            (job_id, round_no, RoundState.PUBLISHED.value),
+        )
+        return None if row is None else row["next_clip"]
 
     async def transition(
         self, job_id: str, round_no: int, old: RoundState, new: RoundState, **fields: Any
@@ -281,6 +304,7 @@ class AggregatorStore(ServiceStore):
             kept=tuple(verdict.get("kept", ())),
             removed=tuple(verdict.get("flagged", ())),
             updated=r.updated,
+            clip=r.clip,
         )
 
     async def save_round(self, old: Round, new: Round) -> bool:
@@ -434,16 +458,20 @@ class AggregatorStore(ServiceStore):
         digest: bytes,
         epsilon: float,
         verdict: dict[str, Any],
+        next_clip: float | None = None,
     ) -> bool:
-        """Store version ``version`` and mark the round PUBLISHED, atomically; False when
-        the round was not CLOSED (already published: a redelivered verdict)."""
+        """Store version ``version`` and mark the round PUBLISHED with the clip norm its
+        aggregation gave the next round, atomically; False when the round was not CLOSED
+        (already published: a redelivered verdict)."""
         rel = await self._write_model_file(job_id, version, model)
         async with self.db.transaction() as conn:
             cur = await conn.execute(
-                "UPDATE rounds SET state=?, verdict=?, updated=? WHERE job_id=? AND round=? AND state=?",
+                "UPDATE rounds SET state=?, verdict=?, next_clip=?, updated=? "
+                "WHERE job_id=? AND round=? AND state=?",
                 (
                     RoundState.PUBLISHED.value,
                     json.dumps(verdict),
+                    next_clip,
                     time.time(),
                     job_id,
                     round_no,

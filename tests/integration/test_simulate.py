@@ -82,6 +82,33 @@ def test_services_path_matches_the_direct_path(changes: dict) -> None:
         assert 0 < services.rounds[0].epsilon < services.rounds[1].epsilon <= 7.0
 
 
+def test_adaptive_clipping_moves_the_clip_alike_on_both_paths() -> None:
+    """--adaptive-clip with DP: the clip each round ran at (round.opened's clip norm on the
+    services path) moves from round to round, the same on both paths, and the rounds are
+    charged at the job's z."""
+    from qflare.privacy import epsilon
+
+    config = SimConfig(
+        clients=8,
+        byzantine=2,
+        rounds=3,
+        attack="sign_flip",
+        noise_multiplier=0.5,
+        clip=0.5,
+        adaptive_clip=True,
+        epsilon_budget=1e6,
+    )
+    federation = Federation.build(config)
+    direct = run_direct(config, federation)
+    services = run_services(config, federation)
+    assert comparable(services.to_json()) == comparable(direct.to_json())
+    clips = [r.clip for r in services.rounds]
+    assert clips[0] == 0.5 and len(set(clips)) == 3, clips
+    assert services.rounds[-1].epsilon == pytest.approx(
+        epsilon(1.0, 0.5, 3, config.delta), rel=1e-6
+    )
+
+
 def test_a_filter_bound_removes_at_most_k_alike_on_both_paths() -> None:
     """--dp-filter-bound 1: the detector flags both attackers, the aggregator removes only
     the higher-scored one and keeps the other (reported as kept_flagged, not stopped); the

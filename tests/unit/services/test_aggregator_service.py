@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,11 @@ class Harness:
     refuse_label: str = "{}"  # how ingest names the client ("{} (unverified)": signature failed)
     refuse_then_send: tuple[str, ...] = ()  # refused first, then a valid update
     broadcast_opened: list[int] = field(default_factory=list)  # round.opened seen by clients
+    # the clip norm each round's privacy.request and round.opened named, and what
+    # model.published reported (adaptive clipping)
+    request_clips: dict[int, float] = field(default_factory=dict)
+    opened_clips: dict[int, float] = field(default_factory=dict)
+    published_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
 
     async def start(self) -> None:
         watch = QueueSpec(
@@ -104,6 +110,12 @@ class Harness:
 
     async def on_event(self, d: Delivery) -> Outcome:
         env = open_envelope(d.body, self.fed.trust())
+        if env.kind == "privacy.request":
+            self.request_clips.setdefault(env.round, env.body.clip)
+        elif env.kind == "round.opened":
+            self.opened_clips.setdefault(env.round, env.body.clip_norm)
+        elif env.kind == "model.published":
+            self.published_metrics.setdefault(env.body.version, dict(env.body.metrics))
         if env.kind == "privacy.request" and self.play_accountant:
             if env.round > self.budget_rounds:
                 body = {
@@ -494,3 +506,61 @@ async def test_a_refusal_of_an_unverified_sender_does_not_count(
     assert asyncio.get_running_loop().time() - t0 >= 1.5, (
         "an unverified refusal must not close the round"
     )
+
+
+# -- adaptive clipping (docs/privacy.md, "Adaptive clipping") ---------------------------------
+
+
+def adaptive_job(**kw: object) -> JobSpec:
+    # rule mean without detection: every update enters the count, the three attackers'
+    # (norm ~44) above any clip, the honest ones (~0.75) below it
+    settings: dict[str, object] = dict(
+        rounds=4,
+        rule="mean",
+        detection=False,
+        noise_multiplier=0.5,
+        adaptive_clip=True,
+        clip_learning_rate=0.5,
+        epsilon_budget=100.0,
+    )
+    return job(**{**settings, **kw})
+
+
+async def test_adaptive_clipping_moves_the_clip_round_to_round_and_charges_z(
+    federation: Federation, tmp_path: Path
+) -> None:
+    from qflare.privacy import epsilon
+    from qflare.privacy.policy import adaptive_of, charge_of, sum_noise_multiplier
+
+    spec = adaptive_job()
+    h, _final = await run_job(federation, tmp_path / "ad", spec, accountant=True)
+    assert h.end_reason == "completed" and sorted(h.published) == [1, 2, 3, 4]
+    clips = [h.opened_clips[r] for r in (1, 2, 3, 4)]
+    assert clips[0] == spec.clip
+    assert all(a != b for a, b in itertools.pairwise(clips)), clips
+    # 7 of 10 updates below the clip, target 0.5: the clip shrinks towards the honest norms
+    assert clips[-1] < clips[0]
+    # the request, the announcement and the published model name the clip in effect; each
+    # round's next_clip is the clip of the round after it
+    assert [h.request_clips[r] for r in (1, 2, 3, 4)] == clips
+    assert [h.published_metrics[r]["clip"] for r in (1, 2, 3, 4)] == clips
+    assert [h.published_metrics[r]["next_clip"] for r in (1, 2, 3)] == clips[1:]
+    # the round (sum at z_delta plus the count at sigma_b) is charged at z: the accountant's
+    # epsilon is privacy_charge's for the job's z, not for the larger z_delta
+    charge = charge_of(spec)
+    assert adaptive_of(spec) is not None and charge.z == spec.noise_multiplier
+    assert sum_noise_multiplier(spec) > charge.z
+    for r, eps in h.grants:
+        assert eps == pytest.approx(epsilon(charge.q, charge.z, r, spec.delta), rel=1e-9)
+
+
+async def test_adaptive_clipping_survives_a_restart_bit_for_bit(
+    federation: Federation, tmp_path: Path
+) -> None:
+    spec = adaptive_job(rounds=3)
+    once, uninterrupted = await run_job(federation, tmp_path / "u", spec)
+    for n in (2, 3):
+        h, restarted = await run_job(federation, tmp_path / f"r{n}", spec, restart_in_round=n)
+        assert h.end_reason == "completed"
+        assert h.opened_clips == once.opened_clips and h.request_clips == once.request_clips
+        assert all(np.array_equal(uninterrupted[k], restarted[k]) for k in uninterrupted)

@@ -153,6 +153,7 @@ def test_a_grant_opens_the_round_with_the_sampled_participants() -> None:
         deadline=T0 + 10.0,
         min_updates=min(3, len(chosen)),
         updates_from=40,
+        clip=s.clip,
     )
 
 
@@ -377,8 +378,11 @@ def test_a_verdict_publishes_the_round_and_requests_the_next() -> None:
     assert (new.kept, new.removed) == (("a", "c", "d"), ("b",))
     refs = tuple(ref for ref in r.closed or () if ref[0] != "b")
     assert effects == (
-        Aggregate(1, 0, ("a", "c", "d"), ("b",), refs),
-        Note("model.published", {"version": 1, "kept": 3, "flagged": 1, "epsilon": 0.5}),
+        Aggregate(1, 0, ("a", "c", "d"), ("b",), refs, SPEC.clip),
+        Note(
+            "model.published",
+            {"version": 1, "kept": 3, "flagged": 1, "epsilon": 0.5, "clip": SPEC.clip},
+        ),
         Publish(1),
         NextRound(2, base_version=1),
     )
@@ -453,7 +457,7 @@ def test_the_aggregate_effect_uses_the_jobs_settings() -> None:
         server_lr=0.5,
     )
     assert np.array_equal(got.model["w"], want.model["w"]) and got.kept == ("a", "c", "d")
-    other = aggregate(s, command, base, updates, clip=0.5)
+    other = aggregate(s, replace(command, clip=0.5), base, updates)
     assert not np.array_equal(other.model["w"], got.model["w"])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from qflare.privacy import AdaptiveClipping
 from qflare.sim.config import SimConfig
 from qflare.sim.direct import run_direct
 from qflare.sim.federation import Federation
@@ -25,14 +24,17 @@ def _config(**changes: object) -> SimConfig:
 def test_adaptive_clipping_moves_the_clip_from_the_second_round_on(federation: Federation) -> None:
     # every update is far above clip 0.05: the clip grows, and only later rounds see it
     fixed = run_direct(_config(), federation)
-    adaptive = run_direct(_config(), federation, adaptive=AdaptiveClipping(count_noise_std=1.0))
+    adaptive = run_direct(_config(adaptive_clip=True), federation)
     assert fixed.rounds[0].loss == adaptive.rounds[0].loss
     assert fixed.rounds[1].loss != adaptive.rounds[1].loss
+    assert [r.clip for r in fixed.rounds] == [0.05] * 3
+    clips = [r.clip for r in adaptive.rounds]
+    assert clips[0] == 0.05 and clips[0] < clips[1] < clips[2]  # exp(0.2 * 0.5) per round
 
 
 def test_adaptive_clipping_with_dp_on_runs_and_charges_z(federation: Federation) -> None:
     config = _config(noise_multiplier=0.5, epsilon_budget=1e6, sample_rate=1.0)
-    result = run_direct(config, federation, adaptive=AdaptiveClipping(count_noise_std=1.0))
+    result = run_direct(config.with_(adaptive_clip=True, clip_count_noise_std=1.0), federation)
     plain = run_direct(config, federation)
     assert len(result.rounds) == 3 and result.ended == "completed"
     # the accountant charges z whatever the split: the same epsilon as without adaptive
