@@ -1,6 +1,6 @@
 """What several commands share: output paths checked before any work (a path a command
 cannot write is a usage error naming the flag, exit code 2, not a failure after the work is
-done) and the help formatter.
+done), argparse value types (numbers in a range, ``KEY=VALUE``) and the help formatter.
 
 Kept free of heavy imports: building the parser must stay fast (tests/unit/test_cli_startup.py).
 """
@@ -8,7 +8,9 @@ Kept free of heavy imports: building the parser must stay fast (tests/unit/test_
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from qflare.errors import UsageError
@@ -41,6 +43,61 @@ def output_file(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):
         raise UsageError(f"{flag} {file}: not writable")
     return file
+
+
+def number_in(
+    name: str,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in the interval from ``low`` to ``high`` (each
+    end closed unless said open); anything else is an error naming ``name`` and the interval."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        ok = (
+            math.isfinite(value)
+            and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high)
+        )
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def whole_number_in(name: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high`` (unset: no upper bound);
+    anything else is an error naming ``name`` and the range."""
+    bounds = f">= {low}" if high is None else f"in {low}..{high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{name} must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def key_value(text: str, form: str = "KEY=VALUE") -> tuple[str, str]:
+    """``text`` split at its first ``=``; no ``=`` or nothing before it is an argparse error
+    that shows the expected ``form``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+    return key, value
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -11,53 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
+
+from qflare.commands._common import number_in, whole_number_in
 
 if TYPE_CHECKING:  # qflare.privacy loads dp_accounting and scipy (about 1 s): only in handlers
     from qflare.privacy import PrivacyError
 
 
-def _float_in(
-    name: str, low: float, high: float, low_open: bool, high_open: bool
-) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        ok = (
-            math.isfinite(value)
-            and (value > low if low_open else value >= low)
-            and (value < high if high_open else value <= high)
-        )
-        if not ok:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text}")
-        return value
-
-    return parse
-
-
-def _positive_int(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {text}")
-        return value
-
-    return parse
-
-
-_Q = _float_in("--q", 0.0, 1.0, True, False)
-_Z = _float_in("--z", 0.0, math.inf, True, True)
-_DELTA = _float_in("--delta", 0.0, 1.0, True, True)
-_EPS = _float_in("--epsilon", 0.0, math.inf, True, True)
-_ROUNDS = _positive_int("--rounds")
+_Q = number_in("--q", 0.0, 1.0, low_open=True)
+_Z = number_in("--z", 0.0, low_open=True, high_open=True)
+_DELTA = number_in("--delta", 0.0, 1.0, low_open=True, high_open=True)
+_EPS = number_in("--epsilon", 0.0, low_open=True, high_open=True)
+_ROUNDS = whole_number_in("--rounds", 1)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -17,6 +17,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from qflare.commands._common import whole_number_in
+
 if TYPE_CHECKING:  # qflare.runtime loads messages, numpy, pydantic models: only in handlers
     from qflare.runtime.config import Settings
 
@@ -37,20 +39,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", help="json (one object per line) or text")
     p.add_argument(
         "--metrics-port",
-        type=_port,
+        type=whole_number_in("--metrics-port", 0, 65535),
         help="port of /metrics, /healthz and /readyz (default [qflare] metrics_port; 0: any "
         "free port; `up` gives its children this port and the next ones)",
     )
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {text!r}")
-    return value
 
 
 #: Flags a child of ``qflare up`` gets from its parent's command line.

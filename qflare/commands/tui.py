@@ -8,18 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from qflare.cli import add_federation_flags
-from qflare.commands._common import DefaultsHelpFormatter
+from qflare.commands._common import DefaultsHelpFormatter, key_value, number_in
+
+_EPSILON = number_in("EPSILON (--budget JOB=EPSILON)", 0.0, low_open=True, high_open=True)
 
 
 def _budget(text: str) -> tuple[str, float]:
-    job, sep, value = text.partition("=")
-    try:
-        eps = float(value)
-    except ValueError:
-        eps = -1.0
-    if not sep or not job or eps <= 0:
-        raise argparse.ArgumentTypeError(f"expected JOB=EPSILON with EPSILON > 0, got {text!r}")
-    return job, eps
+    job, epsilon = key_value(text, "JOB=EPSILON")
+    return job, _EPSILON(epsilon)
 
 
 def register(subparsers: Any) -> None:
