@@ -5,8 +5,11 @@ service role and as a participant, every allowed and every forbidden operation: 
 participant reads only its jobs' ``broadcast.<job>`` and ``models.<job>`` streams and
 publishes only ``update.<its job>`` to ``qflare.client``; the aggregator declares, reads and
 deletes the job streams; ingest and the detector read the update streams by name and cannot
-declare or delete them; no service publishes where its role does not. Needs ``rabbitmqctl``
-with rights on the local node (root here).
+declare or delete them; no service publishes where its role does not. The matrix at the end
+tries, as each of the seven users, every operation on every resource of the vhost (publish,
+declare and delete on the five exchanges and the default one; read, declare, delete and bind
+on the six streams of two jobs and the queues) and compares with what the role needs
+(``MAY``). Needs ``rabbitmqctl`` with rights on the local node (root here).
 """
 
 from __future__ import annotations
@@ -751,3 +754,183 @@ def test_compose_config_file_loads() -> None:
     )
     assert settings.broker.startswith("amqp://") and str(settings.data_dir) == "/data"
     assert IngestOptions.from_settings(settings.options("ingest"), None).max_update_norm is None
+
+
+# -- the whole matrix: every user, every operation on every resource ---------------------------
+#: Every operation the matrix tries, as each user. Exchanges: publish (write; the participant's
+#: topic permission decides per routing key), declare and delete (configure; a delete is
+#: ``if_unused`` on an exchange kept in use, so a permitted one fails PRECONDITION_FAILED
+#: instead of deleting it). Queues and streams: read (consume), declare and delete
+#: (configure; a permitted delete is undone at once), bind a queue or stream to an exchange
+#: (write on the queue, read on the exchange). ``<role>.own`` is a queue of each role's own
+#: name space (``console.own`` the operator's), made by the test; ``<role>.fresh`` one that
+#: does not exist yet. "a" takes part in job j1 only.
+X_KEYS = {C: "update.j1", E: "round.opened.j1", B: "j1.round.opened", A: "critical.x.j1"}
+D = topology.DEAD
+X_KEYS[D] = "update.j1"
+PROBE_OWNERS = ("ingest", "detector", "aggregator", "accountant", "alerting", "console")
+STREAMS = [f"{k}.{j}" for j in ("j1", "j2") for k in ("updates", "models", "broadcast")]
+USERS = ("a", "ingest", "detector", "aggregator", "accountant", "alerting", "operator")
+
+
+def _universe() -> list[Op]:
+    ops: list[Op] = [("publish", x, key) for x, key in X_KEYS.items()]
+    ops += [("publish", C, "update.j2"), ("publish", "", "updates.j1")]
+    ops += [("xdeclare", x) for x in X_KEYS] + [("xdelete", x) for x in X_KEYS]
+    queues = [*STREAMS, "alerting", "alerting.dead", *(f"{o}.own" for o in PROBE_OWNERS)]
+    ops += [("read", q) for q in queues]
+    ops += [("declare", s) for s in STREAMS[:3]]
+    ops += [("queue", f"{o}.fresh") for o in PROBE_OWNERS] + [("queue", "client.a")]
+    ops += [("delete", s) for s in STREAMS[:3]] + [("delete", f"{o}.own") for o in PROBE_OWNERS]
+    ops += [("bind", "updates.j1", C, "update.#"), ("bind", "models.j1", B, "#")]
+    return ops
+
+
+def _own(probe: str, *exchanges: str) -> set[Op]:
+    """What a service role may do in its own name space: read, declare (a new queue), delete
+    and bind ``probe`` from the exchanges it reads."""
+    new = probe.replace(".own", ".fresh")
+    return {("read", probe), ("queue", new), ("delete", probe)} | {
+        ("bind", probe, x, "#") for x in exchanges
+    }
+
+
+#: Every service role declares the five exchanges when it connects (configure on each, which
+#: lets it delete them too) and, when its queues dead-letter, may publish to qflare.dead.
+_EXCHANGES = {("xdeclare", x) for x in X_KEYS} | {("xdelete", x) for x in X_KEYS}
+_DEAD = {("publish", D, X_KEYS[D])}
+_UPDATES = {("read", "updates.j1"), ("read", "updates.j2")}
+#: What each user may do; everything else in the universe is refused.
+MAY: dict[str, set[Op]] = {
+    "a": {("publish", C, "update.j1"), ("read", "broadcast.j1"), ("read", "models.j1")},
+    "ingest": {("publish", E, X_KEYS[E])} | _EXCHANGES | _DEAD | _UPDATES | _own("ingest.own", E),
+    "detector": {("publish", E, X_KEYS[E])}
+    | _EXCHANGES
+    | _DEAD
+    | _UPDATES
+    | _own("detector.own", E),
+    "aggregator": {("publish", E, X_KEYS[E]), ("publish", B, X_KEYS[B])}
+    | _EXCHANGES
+    | _DEAD
+    | _UPDATES
+    | {("read", "models.j1"), ("read", "models.j2")}
+    | {("declare", s) for s in STREAMS[:3]}
+    | {("delete", s) for s in STREAMS[:3]}
+    | {("bind", "updates.j1", C, "update.#"), ("bind", "models.j1", B, "#")}
+    | _own("aggregator.own", E, C, B),
+    "accountant": {("publish", E, X_KEYS[E])} | _EXCHANGES | _DEAD | _own("accountant.own", E),
+    "alerting": {("publish", E, X_KEYS[E]), ("publish", A, X_KEYS[A])}
+    | _EXCHANGES
+    | _DEAD
+    | {("read", "alerting"), ("read", "alerting.dead")}
+    | _own("alerting.own", E, D),
+    # the console's queues do not dead-letter: no write on qflare.dead
+    "operator": {("publish", E, X_KEYS[E])} | _EXCHANGES | _own("console.own", E, A),
+}
+
+
+def _matrix_ops(user: str) -> list[Op]:
+    ops = _universe()
+    probe = "console.own" if user == "operator" else f"{user}.own"
+    if user != "a":
+        ops += [("bind", probe, x, "#") for x in X_KEYS]
+    return ops
+
+
+@pytest.fixture(scope="module")
+def probes(loaded: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The probe queues, and a queue of the test's own bound to every exchange (so an
+    exchange delete that is permitted finds it in use)."""
+
+    async def setup() -> None:
+        conn = await aio_pika.connect(_admin(loaded), timeout=10)
+        try:
+            ch = await conn.channel()
+            for owner in PROBE_OWNERS:
+                await ch.declare_queue(f"{owner}.own", durable=True)
+            guard = await ch.declare_queue("guard.in-use", durable=True)
+            for x in X_KEYS:
+                await guard.bind(x, "#")
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    yield loaded
+
+
+async def _try(conn: aio_pika.abc.AbstractConnection, op: Op) -> bool:
+    """Whether the broker lets the connection's user do ``op``: False for ACCESS_REFUSED; a
+    permitted ``if_unused`` delete of an exchange in use answers PRECONDITION_FAILED."""
+    from qflare.bus.rabbitmq import stream_arguments
+
+    ch = await conn.channel(publisher_confirms=True)
+    try:
+        what, target, *_rest = op
+        if what == "xdeclare":
+            await ch.declare_exchange(target, aio_pika.ExchangeType.TOPIC, durable=True)
+        elif what == "xdelete":
+            ex = await ch.get_exchange(target, ensure=True)
+            try:
+                await ex.delete(if_unused=True)
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                return True
+            raise AssertionError(f"exchange {target} was not in use: the test deleted it")
+        elif what == "read" and not target.startswith(tuple(STREAM_OF)):
+            q = await ch.get_queue(target, ensure=True)
+            tag = await q.consume(_ack)
+            await q.cancel(tag)
+        elif what == "declare":
+            kind, job = target.split(".", 1)
+            await ch.declare_queue(
+                target, durable=True, arguments=stream_arguments(STREAM_OF[kind](job))
+            )
+        else:
+            await _do(ch, op)
+        return True
+    except aiormq.exceptions.ChannelAccessRefused:
+        return False
+    finally:
+        if not ch.is_closed:
+            await ch.close()
+
+
+async def _restore(info: dict[str, Any], op: Op) -> None:
+    """Undo a delete the broker permitted: the stream (as the aggregator declares it) or
+    the probe queue."""
+    target = op[1]
+    if target.startswith(tuple(STREAM_OF)):
+        await _declare_jobs(_url(info, "aggregator"), [target.split(".", 1)[1]])
+        return
+    conn = await aio_pika.connect(_admin(info), timeout=10)
+    try:
+        await (await conn.channel()).declare_queue(target, durable=True)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("user", USERS, ids=lambda u: "participant" if u == "a" else u)
+def test_each_user_is_refused_everything_its_role_does_not_need(
+    probes: dict[str, Any], user: str
+) -> None:
+    """As ``user``, every operation of the matrix (about 60 on 5 exchanges, the default
+    exchange, 6 streams of two jobs and 8 queues): exactly the ones in ``MAY[user]`` are
+    permitted. Each mismatch is listed."""
+    ops = _matrix_ops(user)
+    assert MAY[user] <= set(ops), sorted(MAY[user] - set(ops))
+
+    async def run() -> list[str]:
+        wrong: list[str] = []
+        conn = await aio_pika.connect(_url(probes, user), timeout=10)
+        try:
+            for op in ops:
+                allowed = await _try(conn, op)
+                if allowed and op[0] == "delete":
+                    await _restore(probes, op)
+                if allowed is not (op in MAY[user]):
+                    what = " ".join(part or "''" for part in op)
+                    wrong.append(f"{what}: {'permitted' if allowed else 'refused'}")
+        finally:
+            await conn.close()
+        return wrong
+
+    assert asyncio.run(run()) == []
