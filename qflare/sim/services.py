@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from qflare.aio import blocking
 from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.client import Kit, LocalUpdate, Participant, RoundInfo
 from qflare.crypto import provision
@@ -297,6 +298,9 @@ async def run_services_async(
     workdir: Path | None = None,
     log_path: Path | None = None,
 ) -> RunResult:
+    """Run the simulation ``config`` on the real services (the steps above) and report what
+    they published; ``workdir`` keeps the federation's files (default: a temporary folder),
+    ``log_path`` the services' log. :func:`run_services` is the blocking form."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qflare-sim-") as tmp, _logs_to(log_path):
         root = Path(workdir) if workdir is not None else Path(tmp)
@@ -486,17 +490,4 @@ async def _watch_in_tui(
         )
 
 
-def run_services(
-    config: SimConfig,
-    federation: Federation,
-    *,
-    broker: str = "memory://",
-    on_round: RoundCallback | None = None,
-    tui: bool = False,
-    log_path: Path | None = None,
-) -> RunResult:
-    return asyncio.run(
-        run_services_async(
-            config, federation, broker=broker, on_round=on_round, tui=tui, log_path=log_path
-        )
-    )
+run_services = blocking(run_services_async, "run_services")
