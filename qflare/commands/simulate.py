@@ -12,15 +12,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qflare.commands._common import DefaultsHelpFormatter, output_folder
+from qflare.commands._common import DefaultsHelpFormatter, key_value, output_folder
 
 
 def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE a Python literal where it reads as one, else the string."""
     import ast
 
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = key_value(text)
     try:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
