@@ -104,7 +104,7 @@ def status_data(data_dir: Path) -> dict[str, Any]:
                 )
             last = _rows(
                 agg,
-                "SELECT round, state, participants, epsilon FROM rounds WHERE job_id=? "
+                "SELECT round, state, participants, epsilon, clip FROM rounds WHERE job_id=? "
                 "ORDER BY round DESC LIMIT 1",
                 (jid,),
             )
@@ -149,6 +149,10 @@ def status_data(data_dir: Path) -> dict[str, Any]:
                     "rounds": spec.get("rounds"),
                     "round": last[0]["round"] if last else None,
                     "round_state": last[0]["state"] if last else None,
+                    # the clip norm of the latest round (it moves with adaptive clipping)
+                    "clip": last[0]["clip"]
+                    if last and last[0]["clip"] is not None
+                    else spec.get("clip"),
                     "participants": len(json.loads(last[0]["participants"] or "[]")) if last else 0,
                     "updates": updates[0]["n"] if updates else 0,
                     "model_version": model[0]["version"] if model else None,

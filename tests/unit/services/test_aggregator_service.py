@@ -529,6 +529,7 @@ def adaptive_job(**kw: object) -> JobSpec:
 async def test_adaptive_clipping_moves_the_clip_round_to_round_and_charges_z(
     federation: Federation, tmp_path: Path
 ) -> None:
+    from qflare.commands.admin import status_data
     from qflare.privacy import epsilon
     from qflare.privacy.policy import adaptive_of, charge_of, sum_noise_multiplier
 
@@ -545,6 +546,8 @@ async def test_adaptive_clipping_moves_the_clip_round_to_round_and_charges_z(
     assert [h.request_clips[r] for r in (1, 2, 3, 4)] == clips
     assert [h.published_metrics[r]["clip"] for r in (1, 2, 3, 4)] == clips
     assert [h.published_metrics[r]["next_clip"] for r in (1, 2, 3)] == clips[1:]
+    (status,) = status_data(tmp_path / "ad")["jobs"]  # qflare status --json
+    assert status["clip"] == clips[-1]
     # the round (sum at z_delta plus the count at sigma_b) is charged at z: the accountant's
     # epsilon is privacy_charge's for the job's z, not for the larger z_delta
     charge = charge_of(spec)
