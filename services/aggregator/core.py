@@ -7,7 +7,11 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   sampling that the privacy amplification of DP-SGD/DP-FedAvg assumes (Abadi et al., "Deep
   Learning with Differential Privacy", CCS 2016; McMahan et al., "Learning Differentially
   Private Recurrent Language Models", ICLR 2018). It is seeded per (job, round) from the
-  job's secret seed, so a restarted aggregator selects the same clients.
+  job's secret seed, so a restarted aggregator selects the same clients. Clients the
+  revocation list names (the shell passes their ids to :func:`step`) are not selected, and a
+  round open when one of its clients is revoked neither waits for it nor uses its update; the
+  round's DP denominator ``q*N`` counts the ``N`` clients it sampled from
+  (``Round.population``; docs/architecture.md, "Revocation").
 * Sampling coins and noise come from :class:`qflare.privacy.NoiseSource`
   (:func:`qflare.privacy.poisson_sample`), seeded per (job, round, purpose).
 * Aggregation is :func:`qflare.privacy.dp_fedavg` over the kept updates (deltas from the
@@ -39,7 +43,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,15 +108,27 @@ def round_noise(seed: int, job: str, round_no: int, stream: int) -> NoiseSource:
 
 
 def select_participants(
-    participants: Sequence[str], q: float, seed: int, job: str, round_no: int
+    participants: Sequence[str],
+    q: float,
+    seed: int,
+    job: str,
+    round_no: int,
+    revoked: Collection[str] = frozenset(),
 ) -> tuple[str, ...]:
-    """Poisson sampling: each client in independently with probability ``q``."""
+    """Poisson sampling: each client not ``revoked`` in independently with probability
+    ``q``. Every enrolled client draws its coin, revoked or not, so a revocation changes no
+    one else's selection."""
     if not 0.0 < q <= 1.0:
         raise ValueError(f"sample rate q must be in (0, 1], got {q}")
     ordered = sorted(participants)
-    if q == 1.0:
-        return tuple(ordered)
-    return tuple(poisson_sample(ordered, q, round_noise(seed, job, round_no, _SELECT)))
+    if q < 1.0:
+        ordered = list(poisson_sample(ordered, q, round_noise(seed, job, round_no, _SELECT)))
+    return tuple(c for c in ordered if c not in revoked)
+
+
+def sampled_population(spec: JobSpec, revoked: Collection[str] = frozenset()) -> int:
+    """How many of the job's enrolled clients a round samples from: those not revoked."""
+    return sum(1 for c in spec.participants if c not in revoked)
 
 
 def close_decision(
@@ -265,7 +281,10 @@ def aggregate(
         f=spec.f,
         clip=spec.clip if command.clip is None else command.clip,
         noise_multiplier=spec.noise_multiplier,
-        expected_clients=expected_participants(spec.sample_rate, len(spec.participants)),
+        expected_clients=expected_participants(
+            spec.sample_rate,
+            len(spec.participants) if command.population is None else command.population,
+        ),
         server_lr=spec.server_lr,
         adaptive=adaptive_of(spec),
     )
@@ -383,6 +402,9 @@ class Round:
     kept: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     updated: float = 0.0
+    #: how many enrolled clients the round's selection sampled from (those not revoked at
+    #: its grant): the N of its DP denominator q*N (None: all, a round stored before)
+    population: int | None = None
     clip: float | None = None
 
     def holding(self, client: str) -> Held | None:
@@ -515,6 +537,7 @@ class Aggregate:
     kept: tuple[str, ...]
     removed: tuple[str, ...]
     updates: tuple[UpdateRef, ...]
+    population: int | None = field(default=None, kw_only=True)  # the round's N (q*N)
     clip: float | None = None
 
 
@@ -613,21 +636,25 @@ def unknown_round(spec: JobSpec, round_no: int, event: Input) -> tuple[Effect, .
     return ()
 
 
-def step(spec: JobSpec, r: Round, event: Input, now: float) -> Step:
-    """The round ``r`` of job ``spec`` after ``event`` at time ``now``, and what to do."""
+def step(
+    spec: JobSpec, r: Round, event: Input, now: float, revoked: Collection[str] = frozenset()
+) -> Step:
+    """The round ``r`` of job ``spec`` after ``event`` at time ``now``, and what to do.
+    ``revoked``: the ids the revocation list names (the shell's current copy); they are not
+    selected, and an open round neither waits for nor keeps an update of theirs."""
     match event:
         case Granted():
-            return _granted(spec, r, event, now)
+            return _granted(spec, r, event, now, revoked)
         case Denied():
             return _denied(r, event, now)
         case Accepted():
-            return _accepted(spec, r, event, now)
+            return _accepted(spec, r, event, now, revoked)
         case Refused():
-            return _refused(spec, r, event, now)
+            return _refused(spec, r, event, now, revoked)
         case Verdict():
             return _verdict(spec, r, event, now)
         case Tick():
-            return _tick(spec, r, event, now)
+            return _tick(spec, r, event, now, revoked)
         case Restart():
             return r, _remind(spec, r, restart=True)
 
@@ -660,12 +687,13 @@ def _announce(spec: JobSpec, r: Round, *, broadcast: bool) -> Announce:
     )
 
 
-def _granted(spec: JobSpec, r: Round, g: Granted, now: float) -> Step:
+def _granted(spec: JobSpec, r: Round, g: Granted, now: float, revoked: Collection[str]) -> Step:
     if r.state != RoundState.REQUESTED:
         return r, ()  # a redelivered grant: the round moved on already
     participants = select_participants(
-        spec.participants, spec.sample_rate, spec.seed, spec.job_id, r.round
+        spec.participants, spec.sample_rate, spec.seed, spec.job_id, r.round, revoked
     )
+    population = sampled_population(spec, revoked)
     new = replace(
         r,
         state=RoundState.OPEN,
@@ -674,8 +702,12 @@ def _granted(spec: JobSpec, r: Round, g: Granted, now: float) -> Step:
         epsilon=g.epsilon,
         updates_from=g.updates_from,
         updated=now,
+        population=population,
     )
-    opened = Note("round.opened", {"participants": len(participants), "epsilon": g.epsilon})
+    opened = Note(
+        "round.opened",
+        {"participants": len(participants), "population": population, "epsilon": g.epsilon},
+    )
     return new, (opened, _announce(spec, new, broadcast=True))
 
 
@@ -693,7 +725,7 @@ def _denied(r: Round, d: Denied, now: float) -> Step:
     return replace(r, state=RoundState.DENIED, updated=now), (alert, end)
 
 
-def _accepted(spec: JobSpec, r: Round, a: Accepted, now: float) -> Step:
+def _accepted(spec: JobSpec, r: Round, a: Accepted, now: float, revoked: Collection[str]) -> Step:
     if r.state == RoundState.REQUESTED:
         return r, (_stale(spec, r.round),)
     held = r.holding(a.client)
@@ -705,6 +737,9 @@ def _accepted(spec: JobSpec, r: Round, a: Accepted, now: float) -> Step:
                 Reason.ROUND_CLOSED, f"update of {a.client} for round {r.round} after it closed"
             ),
         )
+    if a.client in revoked:
+        # ingest accepted it before it read the new revocation list
+        return r, (Reject(Reason.REVOKED, f"{a.client} is revoked"),)
     if a.client not in r.participants:
         return r, (
             Reject(Reason.NOT_PARTICIPANT, f"{a.client} is not selected for round {r.round}"),
@@ -721,7 +756,7 @@ def _accepted(spec: JobSpec, r: Round, a: Accepted, now: float) -> Step:
     entry = Held(a.client, a.digest, a.offset, a.num_samples)
     new = replace(r, held=tuple(sorted((*r.held, entry), key=lambda h: h.client)))
     note = Note("update.held", {"client": a.client, "offset": a.offset})
-    return _then_settle(spec, new, (note,), now)
+    return _then_settle(spec, new, (note,), now, revoked)
 
 
 def _again(r: Round, held: Held, a: Accepted) -> Step:
@@ -733,7 +768,7 @@ def _again(r: Round, held: Held, a: Accepted) -> Step:
     return r, (Reject(Reason.DUPLICATE, f"{a.client} already has an update in round {r.round}"),)
 
 
-def _refused(spec: JobSpec, r: Round, x: Refused, now: float) -> Step:
+def _refused(spec: JobSpec, r: Round, x: Refused, now: float, revoked: Collection[str]) -> Step:
     # Ingest reports every refusal; only a selected client of an open round counts (an
     # unverified sender is named "<id> (unverified)", no participant id), and only the first:
     # it does not ban, a later valid update of the client still enters while the round is open.
@@ -743,24 +778,29 @@ def _refused(spec: JobSpec, r: Round, x: Refused, now: float) -> Step:
         return r, ()
     new = replace(r, refused=tuple(sorted((*r.refused, (x.client, x.reason)))))
     note = Note("update.refused", {"client": x.client, "reason": x.reason})
-    return _then_settle(spec, new, (note,), now)
+    return _then_settle(spec, new, (note,), now, revoked)
 
 
-def _then_settle(spec: JobSpec, r: Round, before: tuple[Effect, ...], now: float) -> Step:
-    new, effects = _settle(spec, r, now)
+def _then_settle(
+    spec: JobSpec, r: Round, before: tuple[Effect, ...], now: float, revoked: Collection[str]
+) -> Step:
+    new, effects = _settle(spec, r, now, revoked)
     return new, (*before, *effects)
 
 
-def _settle(spec: JobSpec, r: Round, now: float) -> Step:
-    """An open round closes, extends its deadline, aborts, or waits (:func:`close_decision`)."""
+def _settle(spec: JobSpec, r: Round, now: float, revoked: Collection[str]) -> Step:
+    """An open round closes, extends its deadline, aborts, or waits (:func:`close_decision`).
+    Its ``revoked`` clients are out of it: not waited for, their updates not closed over."""
     if r.state != RoundState.OPEN or r.deadline is None:
         return r, ()
-    received = len(r.held)
-    answered = {c for c, _reason in r.refused} - {h.client for h in r.held}
+    waiting = {c for c in r.participants if c not in revoked}
+    held = [h for h in r.held if h.client in waiting]
+    received = len(held)
+    answered = {c for c, _reason in r.refused} - {h.client for h in held}
     decision = close_decision(
         received=received,
-        selected=len(r.participants),
-        refused=len(answered & set(r.participants)),
+        selected=len(waiting),
+        refused=len(answered & waiting),
         min_updates=spec.min_updates,
         now=now,
         deadline=r.deadline,
@@ -771,9 +811,12 @@ def _settle(spec: JobSpec, r: Round, now: float) -> Step:
     if decision == CloseDecision.WAIT:
         return r, ()
     if decision == CloseDecision.CLOSE:
-        closed = tuple((h.client, h.digest, h.offset) for h in r.held)
+        closed = tuple((h.client, h.digest, h.offset) for h in held)
         new = replace(r, state=RoundState.CLOSED, closed=closed, updated=now)
-        return new, (Note("round.closed", {"updates": len(closed)}), Close(closed))
+        fields = {"updates": len(closed)}
+        if len(waiting) < len(r.participants):
+            fields["revoked"] = len(r.participants) - len(waiting)
+        return new, (Note("round.closed", fields), Close(closed))
     if decision == CloseDecision.EXTEND:
         ext = r.extensions + 1
         new = replace(r, deadline=now + spec.deadline_s, extensions=ext, updated=now)
@@ -781,7 +824,7 @@ def _settle(spec: JobSpec, r: Round, now: float) -> Step:
             kind="round.extended",
             severity="info",
             reason="too_few_updates",
-            detail=f"{received} of {len(r.participants)} updates at the deadline; "
+            detail=f"{received} of {len(waiting)} updates at the deadline; "
             f"extension {ext} of {spec.max_extensions}",
         )
         # announced again with the model: a participant that connected late gets its
@@ -828,7 +871,15 @@ def _verdict(spec: JobSpec, r: Round, v: Verdict, now: float) -> Step:
     )
     refs = tuple(ref for ref in r.closed if ref[0] in set(kept))
     effects += [
-        Aggregate(r.round, r.base_version, tuple(kept), tuple(removed), refs, round_clip(spec, r)),
+        Aggregate(
+            r.round,
+            r.base_version,
+            tuple(kept),
+            tuple(removed),
+            refs,
+            round_clip(spec, r),
+            population=r.population,
+        ),
         Note(
             "model.published",
             {
@@ -852,9 +903,9 @@ def _after(spec: JobSpec, r: Round) -> NextRound | EndJob:
     return NextRound(r.round + 1, base_version=r.round)
 
 
-def _tick(spec: JobSpec, r: Round, t: Tick, now: float) -> Step:
+def _tick(spec: JobSpec, r: Round, t: Tick, now: float, revoked: Collection[str]) -> Step:
     if r.state == RoundState.OPEN:
-        new, effects = _settle(spec, r, now)
+        new, effects = _settle(spec, r, now, revoked)
         if t.remind_after is not None and new.state == RoundState.OPEN:
             # so that an ingest replica or detector started mid-round learns the open
             # round (events only: model bytes stay off the broadcast)

@@ -29,6 +29,12 @@ is a compare-and-set on the round's stored state, so it is acknowledged without 
 start the service steps ``Restart`` on each job's latest round, which re-sends whatever it
 waits for (a request, an open round, a closed round, a published model), so a restart after
 ``kill -9`` picks up where the last commit left off; peers are idempotent too.
+
+Revocation (docs/architecture.md, "Revocation"): the service watches its copy of the
+revocation list (``[services.aggregator] crl_path``, default
+``<pki_dir>/services/aggregator/crl.qrl``, which ``qflare revoke`` rewrites) and steps every
+round with the ids it names; the machine selects none of them and an open round stops
+waiting for them.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, st
 from qflare.runtime.envelopes import broadcast_key, emit, seal
 from qflare.runtime.jobs import check_model_size, job_of
 from qflare.runtime.metrics import round_entered
+from qflare.runtime.revocation import RevocationWatch
 from qflare.runtime.service import Routes
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.aggregator.core import (
@@ -116,6 +123,13 @@ class Aggregator(Service):
         self.tick_s = float(opts.get("tick_s", 0.2))
         self.reopen_interval_s = float(opts.get("reopen_interval_s", 3.0))
         self.stream_linger_s = float(opts.get("stream_linger_s", 60.0))
+        crl = opts.get("crl_path")
+        if crl is None and self.settings.pki_dir is not None:
+            crl = Path(self.settings.pki_dir) / "services" / self.name / "crl.qrl"
+        self.crl_path: Path | None = None if crl is None else Path(crl)
+        # the revocation list, re-read on each step: its holders are not selected or waited
+        # for (core.step's ``revoked``); at open(), with the trust store
+        self.crl: RevocationWatch | None = None
         self.store: AggregatorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self.hooks: dict[str, JobHooks] = {}
@@ -147,6 +161,8 @@ class Aggregator(Service):
     # -- life cycle -------------------------------------------------------------------------
     async def open(self) -> None:
         self.store = await AggregatorStore.open(self.ctx.data_dir)
+        if self.ctx.trust is not None:
+            self.crl = RevocationWatch(self.crl_path, self.ctx.trust, self.log)
         for spec, ended, _reason in await self.store.jobs():
             self.specs[spec.job_id] = spec
             if ended:
@@ -342,7 +358,7 @@ class Aggregator(Service):
                 if isinstance(effect, Reject):
                     raise MessageRejected(effect.reason, effect.detail)
             return
-        new, effects = step(spec, r, event, self.ctx.clock())
+        new, effects = step(spec, r, event, self.ctx.clock(), self._revoked())
         if await self._commit(spec, r, new, effects):
             if new.state != r.state:
                 round_entered(self.name, spec.job_id, new.round, new.state.value)
@@ -675,6 +691,14 @@ class Aggregator(Service):
                 self.log.warning("ticker pass failed; retrying", exc_info=True)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _revoked(self) -> frozenset[str]:
+        """The ids the revocation list names, its file re-read if it changed (a stat per
+        step: ``qflare revoke`` takes effect by the next tick)."""
+        if self.crl is None:
+            return frozenset()
+        self.crl.reload()
+        return self.crl.holders
+
     def _lock(self, job_id: str) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
 

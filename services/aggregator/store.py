@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     closed_set TEXT,
     verdict TEXT,
     updates_from INTEGER NOT NULL DEFAULT 0,
+    population INTEGER,
     updated REAL NOT NULL,
     clip REAL,
     next_clip REAL,
@@ -110,6 +111,7 @@ class RoundRow:
     verdict: dict[str, Any] | None
     updated: float = 0.0
     updates_from: int = 0
+    population: int | None = None  # the clients its selection sampled from (q*N's N)
     clip: float | None = None  # the round's clip norm (None: the job's)
     next_clip: float | None = None  # what its aggregation gave the next round
 
@@ -142,6 +144,7 @@ def _round(row: Any) -> RoundRow:
         verdict=json.loads(row["verdict"]) if row["verdict"] else None,
         updated=row["updated"],
         updates_from=row["updates_from"],
+        population=row["population"],
         clip=row["clip"],
         next_clip=row["next_clip"],
     )
@@ -304,6 +307,7 @@ class AggregatorStore(ServiceStore):
             kept=tuple(verdict.get("kept", ())),
             removed=tuple(verdict.get("flagged", ())),
             updated=r.updated,
+            population=r.population,
             clip=r.clip,
         )
 
@@ -325,7 +329,7 @@ class AggregatorStore(ServiceStore):
             async with self.db.transaction() as conn:
                 cur = await conn.execute(
                     "UPDATE rounds SET state=?, participants=?, deadline=?, extensions=?, "
-                    "epsilon=?, closed_set=?, updates_from=?, updated=? "
+                    "epsilon=?, closed_set=?, updates_from=?, population=?, updated=? "
                     "WHERE job_id=? AND round=? AND state=? AND extensions=?",
                     (
                         new.state.value,
@@ -335,6 +339,7 @@ class AggregatorStore(ServiceStore):
                         new.epsilon,
                         closed,
                         new.updates_from,
+                        new.population,
                         new.updated,
                         old.job,
                         old.round,

@@ -145,7 +145,9 @@ def test_a_grant_opens_the_round_with_the_sampled_participants() -> None:
     assert r.state == RoundState.OPEN and r.participants == chosen
     assert (r.deadline, r.epsilon, r.updates_from, r.updated) == (T0 + 10.0, 1.25, 40, T0)
     note, announce = effects
-    assert note == Note("round.opened", {"participants": len(chosen), "epsilon": 1.25})
+    assert note == Note(
+        "round.opened", {"participants": len(chosen), "population": 20, "epsilon": 1.25}
+    )
     assert announce == Announce(
         broadcast=True,
         base_version=0,
@@ -378,7 +380,7 @@ def test_a_verdict_publishes_the_round_and_requests_the_next() -> None:
     assert (new.kept, new.removed) == (("a", "c", "d"), ("b",))
     refs = tuple(ref for ref in r.closed or () if ref[0] != "b")
     assert effects == (
-        Aggregate(1, 0, ("a", "c", "d"), ("b",), refs, SPEC.clip),
+        Aggregate(1, 0, ("a", "c", "d"), ("b",), refs, SPEC.clip, population=4),
         Note(
             "model.published",
             {"version": 1, "kept": 3, "flagged": 1, "epsilon": 0.5, "clip": SPEC.clip},
