@@ -209,7 +209,7 @@ class RoundOpened(Body):
     min_updates: int = Field(gt=0)
     """Updates needed to close at the deadline."""
     clip_norm: float = Field(gt=0)
-    """L2 clip norm C applied to each update (DP-FedAvg)."""
+    """L2 clip norm C of this round's updates (DP-FedAvg; adaptive clipping moves it)."""
     tensor_spec: list[TensorSpec]
     """Names, dtypes and shapes every update must have."""
     rule: Name
