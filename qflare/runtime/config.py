@@ -127,7 +127,8 @@ class DetectorOptions(_Table):
 
 
 class IngestOptions(_Table):
-    """``[services.ingest]`` (services/ingest/service.py ``IngestOptions``)."""
+    """``[services.ingest]``, read by services/ingest/service.py as it is (the replica name,
+    share and revocation list are resolved there, at start)."""
 
     replica: str | None = Field(
         default=None,
@@ -168,6 +169,11 @@ class IngestOptions(_Table):
         if v is not None and not _WORD.match(v):
             raise ValueError("must be 1-64 letters, digits, '_' or '-' (a routing-key word)")
         return v
+
+    @property
+    def norm_bound(self) -> float | None:
+        """The L2 bound ingest applies: ``max_update_norm``; None (finiteness only) for 0."""
+        return self.max_update_norm or None
 
 
 class AccountantOptions(_Table):
@@ -420,6 +426,17 @@ class Settings(QflareConfig):
                 "`qflare provision` wrote"
             )
         return folder
+
+    def crl_path(self, service: str) -> Path | None:
+        """The revocation list ``service`` watches: its table's ``crl_path``, else its copy
+        in its identity folder, ``<pki_dir>/services/<service>/crl.qrl``, which ``qflare
+        revoke`` rewrites (None: no pki_dir and none configured)."""
+        configured: Path | None = getattr(self.service_options(service), "crl_path", None)
+        if configured is not None:
+            return configured
+        return (
+            None if self.pki_dir is None else Path(self.pki_dir) / "services" / service / "crl.qrl"
+        )
 
     def service_options(self, service: str) -> BaseModel:
         """The typed ``[services.<service>]`` table (defaults filled in)."""

@@ -46,9 +46,6 @@ import logging
 import os
 import re
 import socket
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from qflare.bus import Delivery, Outcome, QueueSpec, StreamNotFound, StreamReader, topology
 from qflare.messages import (
@@ -67,6 +64,7 @@ from qflare.messages.envelope import of_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.runtime import metrics
+from qflare.runtime.config import IngestOptions
 from qflare.runtime.envelopes import emit
 from qflare.runtime.logging import event
 from qflare.runtime.revocation import RevocationWatch
@@ -92,8 +90,6 @@ from qflare.services.ingest.core import (
 #: Ingest's durable queues: none (updates are read from each job's stream, round events
 #: from a transient queue per replica).
 QUEUES: tuple[QueueSpec, ...] = ()
-
-_WORD = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def rounds_queue(replica: str) -> QueueSpec:
@@ -139,51 +135,6 @@ class _Refused(MessageRejected):
         self.offset = offset
 
 
-@dataclass(frozen=True)
-class IngestOptions:
-    """``[services.ingest]`` options."""
-
-    replica: str
-    max_update_norm: float | None = None
-    round_news_wait_s: float = 5.0
-    dedup_capacity: int = 100_000
-    crl_path: Path | None = None
-    share: int = 0
-    shares: int = 1
-    report_burst: float = 8.0
-    report_per_s: float = 2.0
-    shed_report_s: float = 5.0
-
-    @classmethod
-    def from_settings(cls, options: Any, pki_dir: Path | None) -> IngestOptions:
-        norm = options.get("max_update_norm")
-        crl = options.get("crl_path")
-        if crl is None and pki_dir is not None:
-            crl = Path(pki_dir) / "services" / "ingest" / "crl.qrl"
-        replica = str(options.get("replica") or default_replica())
-        if not _WORD.match(replica):
-            raise ValueError(f"ingest replica must be a routing-key word, got {replica!r}")
-        wait = float(options.get("round_news_wait_s", 5.0))
-        if wait < 0:
-            raise ValueError(f"round_news_wait_s must be >= 0, got {wait}")
-        share, shares = parse_share(str(os.environ.get(SHARE_ENV) or options.get("share", "0/1")))
-        shed_report_s = float(options.get("shed_report_s", 5.0))
-        if not shed_report_s > 0:
-            raise ValueError(f"shed_report_s must be > 0, got {shed_report_s}")
-        return cls(
-            replica=replica,
-            max_update_norm=float(norm) if norm else None,
-            round_news_wait_s=wait,
-            dedup_capacity=int(options.get("dedup_capacity", 100_000)),
-            crl_path=Path(crl) if crl else None,
-            share=share,
-            shares=shares,
-            report_burst=float(options.get("report_burst", 8.0)),
-            report_per_s=float(options.get("report_per_s", 2.0)),
-            shed_report_s=shed_report_s,
-        )
-
-
 #: ``i/N``: this replica checks the stream offsets ``o`` with ``o % N == i``.
 SHARE_ENV = "QFLARE_INGEST_SHARE"
 
@@ -204,9 +155,10 @@ class IngestService(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.options = IngestOptions.from_settings(
-            ctx.settings.options("ingest"), ctx.settings.pki_dir
-        )
+        #: ``[services.ingest]``, checked and with its defaults (qflare.runtime.config)
+        self.options: IngestOptions = ctx.settings.services.ingest
+        self.replica = self.options.replica or default_replica()
+        self.share, self.shares = parse_share(os.environ.get(SHARE_ENV) or self.options.share)
         self.book = RoundBook()
         self.seen = SeenUpdates(self.options.dedup_capacity)
         self.limits: Limits = DEFAULT_LIMITS
@@ -226,7 +178,7 @@ class IngestService(Service):
     def consumers(self) -> list[Consumer]:
         return [
             Consumer(
-                rounds_queue(self.options.replica),
+                rounds_queue(self.replica),
                 routes={
                     RoundOpened: self.on_round_opened,
                     RoundClosed: self.on_round_closed,
@@ -241,7 +193,7 @@ class IngestService(Service):
             raise ValueError(
                 "ingest needs its identity (to re-sign and unseal) and the CA trust store"
             )
-        self.crl = RevocationWatch(self.options.crl_path, self.ctx.trust, self.log)
+        self.crl = RevocationWatch(self.settings.crl_path(self.name), self.ctx.trust, self.log)
         self.reload_crl()
 
     async def started(self) -> None:
@@ -269,7 +221,7 @@ class IngestService(Service):
             tensors=tuple(body.tensor_spec),
             participants=frozenset(body.participants),
             deadline=None,  # the aggregator closes rounds; ingest hears of it (round.closed)
-            max_norm=self.options.max_update_norm,
+            max_norm=self.options.norm_bound,
         )
         if self.book.opened(info):
             event(
@@ -315,8 +267,8 @@ class IngestService(Service):
             "updates.reading",
             job=job,
             offset=offset,
-            share=self.options.share,
-            shares=self.options.shares,
+            share=self.share,
+            shares=self.shares,
         )
 
     async def on_round_closed(self, env: Envelope[RoundClosed]) -> None:
@@ -536,7 +488,7 @@ class IngestService(Service):
 
     def _mine(self, offset: int | None) -> bool:
         """Whether the update at ``offset`` is in this replica's share."""
-        return offset is not None and offset % self.options.shares == self.options.share
+        return offset is not None and offset % self.shares == self.share
 
     async def _open(self, data: bytes) -> Envelope[Update]:
         assert self.ctx.identity is not None and self.ctx.trust is not None

@@ -747,13 +747,12 @@ def test_kit_command_writes_passwords_beside_each_identity(tmp_path: Path) -> No
 
 def test_compose_config_file_loads() -> None:
     from qflare.runtime import load_settings
-    from qflare.services.ingest.service import IngestOptions
 
     settings = load_settings(
         COMPOSE / "qflare.toml", env={"QFLARE_BROKER": "amqp://u:p@rabbitmq:5672/qflare"}
     )
     assert settings.broker.startswith("amqp://") and str(settings.data_dir) == "/data"
-    assert IngestOptions.from_settings(settings.options("ingest"), None).max_update_norm is None
+    assert settings.services.ingest.norm_bound is None  # max_update_norm = 0: finiteness only
 
 
 # -- the whole matrix: every user, every operation on every resource ---------------------------

@@ -545,8 +545,8 @@ async def test_two_replicas_split_the_offsets_and_judge_every_update_once(
             trust=rig.fed.trust(),
         )
         monkeypatch.delenv(SHARE_ENV)
-        assert (rig.service.options.share, rig.service.options.shares) == (0, 2)
-        assert (second.options.share, second.options.shares) == (1, 2)
+        assert (rig.service.share, rig.service.shares) == (0, 2)
+        assert (second.share, second.shares) == (1, 2)
         await second.start()
         try:
             # r2 learns round 2 from its own round queue and reads from its updates_from

@@ -185,7 +185,6 @@ def test_settings_built_in_code_are_validated_too(tmp_path: Path) -> None:
 def test_defaults_are_the_services_own() -> None:
     from qflare.robust.reputation import Reputation
     from qflare.services.alerting.core import AlertPolicy
-    from qflare.services.ingest.service import IngestOptions as IngestRuntime
 
     policy = AlertPolicy()
     assert {k: getattr(policy, k) for k in AlertingOptions.model_fields} == (
@@ -195,11 +194,23 @@ def test_defaults_are_the_services_own() -> None:
     detector = DetectorOptions()
     for key in ("decay", "penalty", "threshold", "quarantine_rounds"):
         assert params[key].default == getattr(detector, key)
-    runtime = IngestRuntime.from_settings({}, None)
-    assert runtime.round_news_wait_s == IngestOptions().round_news_wait_s
-    assert runtime.dedup_capacity == IngestOptions().dedup_capacity
-    for key in ("report_burst", "report_per_s", "shed_report_s"):
-        assert getattr(runtime, key) == getattr(IngestOptions(), key)
+    # ingest runs with its table as it is (services/ingest/service.py): no defaults of its own
+
+
+def test_a_services_revocation_list_and_ingests_norm_bound(tmp_path: Path) -> None:
+    (tmp_path / "pki").mkdir()
+    settings = Settings(
+        data_dir=tmp_path,
+        pki_dir=tmp_path / "pki",
+        services=MappingProxyType(
+            {"ingest": {"crl_path": str(tmp_path / "mine.qrl"), "max_update_norm": 0.0}}
+        ),
+    )
+    assert settings.crl_path("ingest") == tmp_path / "mine.qrl"
+    assert settings.crl_path("aggregator") == tmp_path / "pki/services/aggregator/crl.qrl"
+    assert Settings(data_dir=tmp_path).crl_path("ingest") is None
+    assert settings.services.ingest.norm_bound is None  # 0: finiteness only
+    assert IngestOptions(max_update_norm=2.5).norm_bound == 2.5
 
 
 def test_the_shipped_compose_config_loads() -> None:
