@@ -69,7 +69,7 @@ from qflare.messages import (
 )
 from qflare.messages.envelope import peek_header
 from qflare.messages.tensors import Layout, model_digest
-from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_queue
+from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_consumer
 from qflare.runtime.envelopes import broadcast_key, emit, seal
 from qflare.runtime.jobs import check_model_size, job_of
 from qflare.runtime.metrics import round_entered
@@ -109,7 +109,6 @@ from qflare.services.aggregator.core import (
 from qflare.services.aggregator.hooks import HookFailed, JobHooks, load_hooks, reload_hooks
 from qflare.services.aggregator.store import AggregatorStore
 
-QUEUE = "aggregator"
 #: How long a model append may take to show up in the job's model stream.
 MODEL_APPEND_TIMEOUT_S = 30.0
 
@@ -119,14 +118,10 @@ class Aggregator(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        opts = self.settings.options(self.name)
-        self.tick_s = float(opts.get("tick_s", 0.2))
-        self.reopen_interval_s = float(opts.get("reopen_interval_s", 3.0))
-        self.stream_linger_s = float(opts.get("stream_linger_s", 60.0))
-        crl = opts.get("crl_path")
-        if crl is None and self.settings.pki_dir is not None:
-            crl = Path(self.settings.pki_dir) / "services" / self.name / "crl.qrl"
-        self.crl_path: Path | None = None if crl is None else Path(crl)
+        opts = self.settings.services.aggregator  # checked, defaults filled in
+        self.tick_s = opts.tick_s
+        self.reopen_interval_s = opts.reopen_interval_s
+        self.stream_linger_s = opts.stream_linger_s
         # the revocation list, re-read on each step: its holders are not selected or waited
         # for (core.step's ``revoked``); at open(), with the trust store
         self.crl: RevocationWatch | None = None
@@ -156,13 +151,13 @@ class Aggregator(Service):
             PrivacyGranted: self.on_granted,
             PrivacyDenied: self.on_denied,
         }
-        return [Consumer(stateful_queue(QUEUE, routes), routes=routes, prefetch=32)]
+        return [stateful_consumer(self.name, routes, prefetch=32)]
 
     # -- life cycle -------------------------------------------------------------------------
     async def open(self) -> None:
         self.store = await AggregatorStore.open(self.ctx.data_dir)
         if self.ctx.trust is not None:
-            self.crl = RevocationWatch(self.crl_path, self.ctx.trust, self.log)
+            self.crl = RevocationWatch(self.settings.crl_path(self.name), self.ctx.trust, self.log)
         for spec, ended, _reason in await self.store.jobs():
             self.specs[spec.job_id] = spec
             if ended:
