@@ -61,6 +61,10 @@ def job(root: Path) -> dict[str, Any]:
         "sample_rate": 1.0,
         "noise_multiplier": 1.5,
         "clip": 2.0,
+        # adaptive clipping: each round's clip comes from the previous round's stored
+        # aggregation, so the crashes below must carry it too (sum noise z_delta = 2.27)
+        "adaptive_clip": True,
+        "clip_count_noise_std": 1.0,
         "delta": 1e-5,
         "epsilon_budget": BUDGET,
         "min_updates": 7,
@@ -292,6 +296,10 @@ def test_crashes_lose_nothing_and_change_nothing(
     for round_no, b in crash_run.recorder.of("round.closed"):
         assert sorted(u.client for u in b.updates) == sorted(PARTICIPANTS), round_no
     assert released_rounds(crash_run) == released_rounds(clean_run)
+    # every round at the same clip norm, and the clip moved from round to round
+    clips = {r: b.clip_norm for r, b in crash_run.recorder.of("round.opened")}
+    assert clips == {r: b.clip_norm for r, b in clean_run.recorder.of("round.opened")}
+    assert clips[1] == 2.0 and len(set(clips.values())) == len(clips) > 1, clips
     assert crash_run.final_version == clean_run.final_version
     for name, tensor in clean_run.final_model.items():
         assert np.array_equal(tensor, crash_run.final_model[name]), name
