@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
 
 from qflare.bus import Delivery, QueueSpec, topology
 from qflare.messages import AlertRaised, Envelope, RoundVerdict, Severity
@@ -44,22 +43,13 @@ DEAD_IN = topology.dead_letters("alerting.dead", "#")
 QUEUES: tuple[QueueSpec, ...] = (ALERTS_IN, DEAD_IN)
 
 
-def policy_from(options: Any) -> AlertPolicy:
-    keys = ("dedup_window_s", "burst", "rate_per_s", "escalate_after", "max_keys")
-    unknown = set(options) - set(keys)
-    if unknown:
-        raise ValueError(
-            f"[services.alerting]: unknown options {sorted(unknown)}; known: {', '.join(keys)}"
-        )
-    return AlertPolicy(**{k: options[k] for k in keys if k in options})
-
-
 class AlertingService(Service):
     name = "alerting"
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.desk = AlertDesk(policy_from(ctx.settings.options("alerting")))
+        # [services.alerting] is checked with AlertPolicy's own fields and defaults
+        self.desk = AlertDesk(AlertPolicy(**ctx.settings.services.alerting.model_dump()))
         self.store: AlertStore | None = None
         # One SQLite connection and a check-then-record per message: handlers run
         # concurrently (prefetch), so each message's store work is serialised.

@@ -49,9 +49,9 @@ class Detector(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        opts = self.settings.options(self.name)
-        self.reputation_params = {k: opts[k] for k in Reputation.PARAMS if k in opts}
-        self.republish_s = float(opts.get("republish_s", 2.0))
+        opts = self.settings.services.detector  # checked, defaults filled in
+        self.reputation_params = {k: getattr(opts, k) for k in Reputation.PARAMS}
+        self.republish_s = opts.republish_s
         self.store: DetectorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
