@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,6 +347,9 @@ class Scenario:
     broker_restart: tuple[str, int, int] | None = None  # (kind, round, count): stop_app/start_app
     # the participants, if not NumpyParticipant: participant(kit, broker=, prefix=, jobs=)
     participant: Callable[..., Participant] | None = None
+    # more recorder hooks: hook(kind, round, body), awaited if it returns a coroutine
+    hooks: tuple[Callable[[str, int, Any], Any], ...] = ()
+    before_stop: Callable[[], Awaitable[Any]] | None = None  # awaited before services stop
 
 
 async def run_scenario(
@@ -399,6 +402,7 @@ async def run_scenario(
         await recorder.start(bus, scenario.name)
         for p in clients.values():
             await p.start()
+        recorder.hooks.extend(scenario.hooks)
         _install_kills(scenario, recorder, cluster, result)
         _install_broker_restart(scenario, recorder, result, gate)
         if scenario.hostile is not None:
@@ -436,6 +440,8 @@ async def run_scenario(
         result.final_version = latest[0]
         result.final_model = {k: np.array(v) for k, v in latest[1].items()}
         result.seconds = time.monotonic() - started
+        if scenario.before_stop is not None:
+            await scenario.before_stop()
     finally:
         gate.set()
         for task in result.tasks:  # a broker restart in progress finishes first
