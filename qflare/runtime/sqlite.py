@@ -2,7 +2,8 @@
 
 WAL mode lets readers (``qflare status``, the TUI) read while the service writes;
 ``synchronous=FULL`` makes a committed transaction survive power loss in WAL mode, which is
-what "durable before ack" needs. Transactions are explicit (``BEGIN IMMEDIATE`` takes the
+what "durable before ack" needs. A file written by an older QFLARE gets the columns the
+schema added since (``ALTER TABLE ... ADD COLUMN``, with their defaults), keeping its rows. Transactions are explicit (``BEGIN IMMEDIATE`` takes the
 write lock up front, so two writers fail fast with ``busy_timeout`` instead of deadlocking
 on lock upgrade).
 
@@ -63,6 +64,8 @@ class Database:
             async with db.transaction():
                 for statement in _split(schema):
                     await conn.execute(statement)
+                for statement in await _missing_columns(conn, schema, path):
+                    await conn.execute(statement)
         return db
 
     @contextlib.asynccontextmanager
@@ -115,6 +118,43 @@ class ServiceStore:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+async def _missing_columns(conn: aiosqlite.Connection, schema: str, path: Path) -> list[str]:
+    """The ``ALTER TABLE ... ADD COLUMN`` statements that bring a file written by an older
+    QFLARE up to ``schema`` (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it
+    was). The schema is laid out in a scratch in-memory database and each table's columns
+    compared; a missing column is added with its declared type and default, so the rows a
+    service already stored stay. A missing column that is NOT NULL without a default cannot
+    be added to existing rows: that raises :class:`sqlite3.DatabaseError` naming it."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        for statement in _split(schema):
+            scratch.execute(statement)
+        tables = [
+            r[0] for r in scratch.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        ]
+        wanted = {t: scratch.execute(f"PRAGMA table_info({t})").fetchall() for t in tables}
+    finally:
+        scratch.close()
+    statements = []
+    for table, columns in wanted.items():
+        async with conn.execute(f"PRAGMA table_info({table})") as cur:
+            have = {row[1] for row in await cur.fetchall()}
+        for _cid, column, kind, notnull, default, _pk in columns:
+            if column in have:
+                continue
+            if notnull and default is None:
+                raise sqlite3.DatabaseError(
+                    f"{path}: table {table} lacks column {column} ({kind} NOT NULL, no default), "
+                    "which this version cannot add to the rows already stored"
+                )
+            statements.append(
+                f"ALTER TABLE {table} ADD COLUMN {column} {kind}"
+                + (" NOT NULL" if notnull else "")
+                + ("" if default is None else f" DEFAULT {default}")
+            )
+    return statements
 
 
 def _split(schema: str) -> list[str]:

@@ -120,6 +120,37 @@ async def test_database_transactions_and_wal(tmp_path: Path) -> None:
     await db.close()
 
 
+async def test_a_file_from_an_older_version_gains_the_new_columns_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    """The aggregator's rounds table as it was before adaptive clipping (no clip,
+    next_clip): the store opens it, adds the columns, and the stored round is still there."""
+    from qflare.services.aggregator.store import SCHEMA, AggregatorStore
+
+    old = SCHEMA.replace("    clip REAL,\n    next_clip REAL,\n", "")
+    assert old != SCHEMA
+    path = tmp_path / AggregatorStore.FILE
+    with sqlite3.connect(path) as conn:
+        for statement in old.split(";"):
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO rounds (job_id, round, state, base_version, updated) "
+            "VALUES ('j', 1, 'published', 0, 1.0)"
+        )
+    store = await AggregatorStore.open(tmp_path)
+    try:
+        row = await store.db.fetchone("SELECT state, clip, next_clip FROM rounds WHERE round=1")
+        assert row is not None and tuple(row) == ("published", None, None)
+    finally:
+        await store.close()
+    # a column the old rows cannot have (NOT NULL, no default) is refused, naming it
+    with pytest.raises(sqlite3.DatabaseError, match="lacks column created"):
+        await Database.open(
+            tmp_path / AggregatorStore.FILE,
+            "CREATE TABLE IF NOT EXISTS rounds (created REAL NOT NULL)",
+        )
+
+
 async def test_concurrent_writers_on_one_connection_do_not_collide(tmp_path: Path) -> None:
     db = await Database.open(tmp_path / "c.sqlite", "CREATE TABLE t (k INT PRIMARY KEY)")
 
