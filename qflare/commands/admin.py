@@ -533,7 +533,7 @@ def tell_broker(management_url: str | None, clients: list[str]) -> None:
         print(
             f"broker: user {user} "
             + ("deleted" if done.deleted else "was not there")
-            + f", {len(done.closed)} connection(s) closed"
+            + f", {len(done.closed)} open connection(s) closed"
         )
 
 
