@@ -322,6 +322,23 @@ class Bus(abc.ABC):
         self._closed = False
         self._subscriptions: set[Subscription] = set()
         self._declared: set[str] = set()  # logical names of durable queues and streams
+        self.refused: str | None = None  # why the broker refused a login (set once)
+        self._on_refused: list[Callable[[str], None]] = []
+
+    def on_refused(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(detail)`` when the broker refuses this bus's login on a reconnect
+        (the user was deleted or lost the virtual host: a revoked participant). The bus goes
+        on retrying; what to do is the caller's decision."""
+        self._on_refused.append(callback)
+        if self.refused is not None:
+            callback(self.refused)
+
+    def _refused(self, detail: str) -> None:
+        first = self.refused is None
+        self.refused = detail
+        if first:
+            for callback in self._on_refused:
+                callback(detail)
 
     async def publish(
         self,

@@ -129,6 +129,13 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
 MAX_REPLICAS = 9
 #: aio-pika's method that makes one connection attempt (name-mangled; see _FailoverConnection).
 FAILOVER_HOOK = "_RobustConnection__connect_transport"
+#: A login the broker refuses: the user is gone (revoked), its password changed, or it may
+#: no longer use the virtual host.
+LOGIN_REFUSED: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.AuthenticationError,
+    aiormq.exceptions.ConnectionNotAllowed,
+)
 
 #: RabbitMQ's default stream segment size; smaller segments make retention finer.
 MAX_SEGMENT_BYTES = 500_000_000
@@ -216,8 +223,16 @@ class _FailoverConnection(aio_pika.RobustConnection):
     refuses several addresses when the installed aio-pika has no such method (a test
     connects through a dead address first, so a silent change cannot pass)."""
 
-    def __init__(self, url: Any, *args: Any, addresses: tuple[str, ...], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        url: Any,
+        *args: Any,
+        addresses: tuple[str, ...],
+        refused: list[Callable[[str], None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(url, *args, **kwargs)
+        self.refused = refused if refused is not None else []
         first = self.url
         # the parameters aio-pika added to the first URL (connection name, reconnect
         # interval) go to every address; an address's own query parameters win
@@ -230,7 +245,13 @@ class _FailoverConnection(aio_pika.RobustConnection):
         self.url = self.addresses[self.attempts % len(self.addresses)]
         self.attempts += 1
         hook = getattr(super(), FAILOVER_HOOK)
-        await hook()
+        try:
+            await hook()
+        except LOGIN_REFUSED as exc:
+            # aio-pika logs it and retries; the bus's owner is told (Bus.on_refused)
+            for callback in self.refused:
+                callback(f"RabbitMQ refused the login of {self.url.user!r}: {exc}")
+            raise
 
 
 @contextlib.contextmanager
@@ -592,6 +613,7 @@ class RabbitBus(Bus):
         )
         deadline = time.monotonic() + connect_timeout
         attempt = 0
+        refused: list[Callable[[str], None]] = []  # the bus's, once it exists
         while True:
             remaining = deadline - time.monotonic()
             # each attempt starts at the next address, and fails over from there
@@ -603,7 +625,9 @@ class RabbitBus(Bus):
                     client_properties={"connection_name": name},
                     reconnect_interval=reconnect_interval,
                     timeout=max(1.0, min(10.0, remaining)),
-                    connection_class=functools.partial(_FailoverConnection, addresses=order),
+                    connection_class=functools.partial(
+                        _FailoverConnection, addresses=order, refused=refused
+                    ),
                 )
                 break
             except RETRYABLE_ERRORS as exc:
@@ -623,6 +647,7 @@ class RabbitBus(Bus):
                 connection, channel, prefix, max_message_size, publish_timeout, name, replicas
             )
             bus.passive = declare == "passive"
+            refused.append(bus._refused)
             await bus._declare_exchanges()
         except BaseException:
             await connection.close()

@@ -106,6 +106,9 @@ class LocalUpdate:
     evaluation: Evaluation | None = None
 
 
+#: How a job ends for a participant whose broker login was refused (revoked).
+ACCESS_REFUSED = "access_refused"
+
 #: ``train(model, round_info)`` returns the number of samples, or (that number, metrics).
 TrainFn = Callable[[Any, RoundInfo], int | tuple[int, Mapping[str, float]]]
 #: ``evaluate(model, round_info)`` returns (loss, num_examples, metrics), Flower's shape.
@@ -227,10 +230,24 @@ class Participant:
                 options["connection_name"] = f"qflare-client-{self.id}"
                 options["declare"] = self._declare_mode(url)
             self.bus = await connect_bus(url, prefix=self._prefix, **options)
+        self.bus.on_refused(self._login_refused)
         for job in self.jobs:
             task = asyncio.get_running_loop().create_task(self._follow(job))
             self._followers.append(task)
         log.info("participant %s following %s", self.id, ", ".join(self.jobs))
+
+    def _login_refused(self, detail: str) -> None:
+        """The broker refused this participant's login on a reconnect (its broker user was
+        deleted: ``qflare revoke`` with the management API): every job it follows ends for
+        it as ``access_refused``, so :meth:`run` returns instead of retrying forever."""
+        self.stats.last_error = f"{ACCESS_REFUSED}: {detail}"
+        log.error(
+            "participant %s: %s; it stops following %s", self.id, detail, ", ".join(self.jobs)
+        )
+        for job in self.jobs:
+            if job not in self.ended:
+                self.ended[job] = ACCESS_REFUSED
+                self.ended_event(job).set()
 
     def _declare_mode(self, url: str | None = None) -> str:
         if self.declare is not None:

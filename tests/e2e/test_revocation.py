@@ -246,6 +246,13 @@ async def test_a_revoked_participant_is_not_waited_for_and_loses_its_broker_logi
         # ... while the others still can
         conn = await aio_pika.connect(login(ids[0]), timeout=5)
         await conn.close()
+        # the revoked participant's SDK is told by its own reconnect: the job ends for it
+        # as access_refused, instead of a login retried every second forever
+        await recorder.until(
+            lambda: job_id in participants[revoked].ended, 30, "the revoked SDK to give up"
+        )
+        assert participants[revoked].ended[job_id] == "access_refused"
+        assert "ACCESS_REFUSED" in (participants[revoked].stats.last_error or "")
 
         await recorder.until(lambda: bool(recorder.of("job.ended")), 120, "job.ended")
         assert recorder.of("job.ended")[-1][1].reason == "completed"
