@@ -5,8 +5,9 @@ letter into a stored alert and republishes it on ``qflare.alerts`` as
 ``<severity>.<kind>.<job>``. Which alerts are republished is decided here, with plain data
 and an explicit clock, so the policy is unit-tested without a broker or a database:
 
-* **dedup** - an alert with the same ``(job, kind, client, reason)`` as one published less
-  than ``dedup_window_s`` ago is folded into it (its count grows) instead of republished;
+* **dedup** - an alert from the same service (``source``) with the same ``(job, kind, client,
+  reason)`` as one published less than ``dedup_window_s`` ago is folded into it (its count
+  grows) instead of republished;
 * **rate limit** - a token bucket per job (``burst`` alerts, refilled at ``rate_per_s``)
   bounds what a flood of hostile traffic can push to operators; critical alerts always pass,
   so an escalation is never lost to the limit;
@@ -54,8 +55,10 @@ class Alert:
     ts: float = 0.0
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.job, self.kind, self.client or "", self.reason)
+    def key(self) -> tuple[str, str, str, str, str]:
+        """What makes two alerts the same one: the same service saying the same thing
+        (two services whose stores fail raise two alerts, not one)."""
+        return (self.job, self.kind, self.client or "", self.reason, self.source)
 
     def routing_key(self) -> str:
         """``<severity>.<kind>.<job>`` on ``qflare.alerts``; a dotted kind keeps its dots so
@@ -128,7 +131,7 @@ class AlertDesk:
     """The mutable policy state of one alerting replica. ``now`` is always passed in."""
 
     policy: AlertPolicy = field(default_factory=AlertPolicy)
-    _last: OrderedDict[tuple[str, str, str, str], float] = field(default_factory=OrderedDict)
+    _last: OrderedDict[tuple[str, ...], float] = field(default_factory=OrderedDict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _streaks: dict[tuple[str, str], _Streak] = field(default_factory=dict)
 
@@ -144,13 +147,28 @@ class AlertDesk:
                 )
                 escalated = True
         key = (*alert.key, alert.severity.label)
-        last = self._last.get(key)  # type: ignore[arg-type]
+        last = self._last.get(key)
         if last is not None and now - last < self.policy.dedup_window_s:
             return Decision(Action.DUPLICATE, alert, escalated, streak)
         if alert.severity < Severity.CRITICAL and not self._take_token(alert.job, now):
             return Decision(Action.RATE_LIMITED, alert, escalated, streak)
         self._remember(key, now)
         return Decision(Action.PUBLISH, alert, escalated, streak)
+
+    def retract(self, decision: Decision, now: float) -> None:
+        """Undo what :meth:`decide` took note of for a decision that was never stored (the
+        store failed): the retry decides afresh instead of finding its own first attempt a
+        duplicate (or its rate-limit token spent), so a storage fault holds an alert and
+        never drops it. A client's flag streak needs nothing: a round counts once."""
+        if not decision.publish:
+            return
+        alert = decision.alert
+        key = (*alert.key, alert.severity.label)
+        if self._last.get(key) == now:
+            del self._last[key]
+        bucket = self._buckets.get(alert.job)
+        if alert.severity < Severity.CRITICAL and bucket is not None:
+            bucket.tokens = min(float(self.policy.burst), bucket.tokens + 1.0)
 
     def note_kept(self, job: str, clients: Iterable[str], round_: int | None = None) -> None:
         """A verdict kept these clients: their flag streaks end."""
@@ -187,8 +205,8 @@ class AlertDesk:
         return False
 
     def _remember(self, key: tuple[str, ...], now: float) -> None:
-        self._last[key] = now  # type: ignore[index]
-        self._last.move_to_end(key)  # type: ignore[arg-type]
+        self._last[key] = now
+        self._last.move_to_end(key)
         while len(self._last) > self.policy.max_keys:
             self._last.popitem(last=False)
 

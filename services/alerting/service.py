@@ -123,7 +123,11 @@ class AlertingService(Service):
             return
         now = self.ctx.clock()
         decision = self.desk.decide(alert, now)
-        alert_id = await self.store.record(message_id, decision, now)
+        try:
+            alert_id = await self.store.record(message_id, decision, now)
+        except BaseException:
+            self.desk.retract(decision, now)  # not stored: the retry decides afresh
+            raise
         metrics.alert(self.name, decision.alert.severity.label, decision.action.value)
         if decision.publish:
             await self._publish(alert_id, decision.alert)

@@ -83,8 +83,8 @@ class AlertStore(ServiceStore):
             if decision.action is Action.DUPLICATE:
                 async with conn.execute(
                     "SELECT id FROM alerts WHERE job=? AND kind=? AND IFNULL(client,'')=? "
-                    "AND reason=? AND severity=? ORDER BY id DESC LIMIT 1",
-                    (a.job, a.kind, a.client or "", a.reason, a.severity.label),
+                    "AND reason=? AND severity=? AND source=? ORDER BY id DESC LIMIT 1",
+                    (a.job, a.kind, a.client or "", a.reason, a.severity.label, a.source),
                 ) as cur:
                     row = await cur.fetchone()
                 if row is not None:

@@ -143,3 +143,33 @@ def test_restored_streak_continues() -> None:
     desk.restore_streak("j1", "c1", 2, 5)
     d = desk.decide(_alert(KIND_CLIENT_FLAGGED, round_=6), now=0)
     assert d.streak == 3 and d.escalated
+
+
+def test_the_same_alert_from_two_services_is_two_alerts() -> None:
+    desk = AlertDesk(AlertPolicy(dedup_window_s=60))
+    fault = {"job": "-", "kind": "storage.fault", "client": None, "reason": "storage"}
+    first = Alert(severity=Severity.CRITICAL, source="aggregator", **fault)  # type: ignore[arg-type]
+    second = Alert(severity=Severity.CRITICAL, source="detector", **fault)  # type: ignore[arg-type]
+    assert desk.decide(first, now=0).publish
+    assert desk.decide(second, now=1).publish
+    assert desk.decide(first, now=2).action is Action.DUPLICATE
+
+
+def test_a_retracted_decision_leaves_no_trace() -> None:
+    """The store failed to keep an alert: its retry must publish, not count as a duplicate
+    of itself, nor pay a second rate-limit token."""
+    desk = AlertDesk(AlertPolicy(dedup_window_s=60, burst=1, rate_per_s=0.0))
+    decision = desk.decide(_alert(), now=5)
+    assert decision.publish
+    desk.retract(decision, now=5)
+    again = desk.decide(_alert(), now=6)
+    assert again.publish  # neither DUPLICATE nor RATE_LIMITED
+    assert desk.decide(_alert(), now=7).action is Action.DUPLICATE
+
+
+def test_retracting_a_duplicate_keeps_the_first() -> None:
+    desk = AlertDesk(AlertPolicy(dedup_window_s=60))
+    assert desk.decide(_alert(), now=0).publish
+    duplicate = desk.decide(_alert(), now=1)
+    desk.retract(duplicate, now=1)
+    assert desk.decide(_alert(), now=2).action is Action.DUPLICATE
