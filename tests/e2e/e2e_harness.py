@@ -345,6 +345,9 @@ class Scenario:
     timeout: float = 120.0
     stateful: tuple[str, ...] = ("alerting", "accountant", "detector")
     broker_restart: tuple[str, int, int] | None = None  # (kind, round, count): stop_app/start_app
+    # chaos(cluster, recorder, bus): started once every service is ready, cancelled when the
+    # job has ended (its failure fails the run); for faults on a clock, not on an event
+    chaos: Callable[[Cluster, Recorder, Bus], Awaitable[Any]] | None = None
     # the participants, if not NumpyParticipant: participant(kit, broker=, prefix=, jobs=)
     participant: Callable[..., Participant] | None = None
     # more recorder hooks: hook(kind, round, body), awaited if it returns a coroutine
@@ -398,6 +401,7 @@ async def run_scenario(
     }
     result = RunResult(recorder, cluster, clients, -1, {})
     started = time.monotonic()
+    chaos: asyncio.Task[Any] | None = None
     try:
         await recorder.start(bus, scenario.name)
         for p in clients.values():
@@ -429,7 +433,18 @@ async def run_scenario(
             await cluster.ready(key)
         cluster.start("aggregator")
         await cluster.ready("aggregator")
-        await recorder.until(lambda: bool(recorder.of("job.ended")), scenario.timeout, "job.ended")
+        if scenario.chaos is not None:
+            chaos = asyncio.get_running_loop().create_task(scenario.chaos(cluster, recorder, bus))
+
+        def over() -> bool:
+            failed = chaos is not None and chaos.done() and chaos.exception() is not None
+            return failed or bool(recorder.of("job.ended"))
+
+        await recorder.until(over, scenario.timeout, "job.ended")
+        if chaos is not None:
+            chaos.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await chaos  # raises what made the chaos routine fail
         result.end_reason = recorder.of("job.ended")[-1][1].reason
         # the final model reaches the clients on the broadcast after job.ended is decided
         await recorder.until(
@@ -444,6 +459,9 @@ async def run_scenario(
             await scenario.before_stop()
     finally:
         gate.set()
+        if chaos is not None and not chaos.done():
+            chaos.cancel()
+            await asyncio.gather(chaos, return_exceptions=True)
         for task in result.tasks:  # a broker restart in progress finishes first
             await asyncio.gather(task, return_exceptions=True)
         for p in clients.values():
