@@ -3,7 +3,9 @@
 Every setting is checked before anything starts (exit code 2 with the reason, on one line:
 :func:`qflare.cli.main`), the output folder and the broker's login too; a run
 writes report.json, report.md and plots into ``--out``. ``--sweep`` runs a grid of
-attacks x rules and writes one comparison table and a heat map.
+attacks x rules and writes one comparison table and a heat map; ``--protocol`` runs the
+evaluation protocol (``qflare.sim.protocol``: many seeds, alphas, populations, every attack,
+each with no defence, detection and an oracle) and writes protocol.json and protocol.md.
 """
 
 from __future__ import annotations
@@ -182,6 +184,31 @@ def register(subparsers: Any) -> None:
         default=None,
         help="comma-separated rule specs (default: a set of defences)",
     )
+    e = p.add_argument_group("evaluation protocol")
+    e.add_argument(
+        "--protocol",
+        action="store_true",
+        help="run the evaluation protocol (direct path): every --sweep-attacks attack x "
+        "--protocol-alphas x --protocol-populations, on --seeds seeds of --seed-set, each "
+        "with no defence, detection and an oracle, all with --rule",
+    )
+    e.add_argument(
+        "--seed-set",
+        choices=("tune", "heldout"),
+        default="tune",
+        help="tune: seeds 0, 1, ...; heldout: seeds 1000, 1001, ... (published tables only)",
+    )
+    e.add_argument("--seeds", type=int, default=5, help="how many seeds of the set")
+    e.add_argument(
+        "--protocol-populations",
+        default=None,
+        help="comma-separated CLIENTS/BYZANTINE (default: 20/6,100/33)",
+    )
+    e.add_argument(
+        "--protocol-alphas",
+        default=None,
+        help="comma-separated Dirichlet alphas (default: 0.1,0.5,1)",
+    )
     p.set_defaults(func=main)
 
 
@@ -208,19 +235,35 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console(stderr=False)
     if args.out is None:
-        args.out = Path("runs/sweep" if args.sweep else "runs/simulate")
+        args.out = Path(
+            "runs/protocol" if args.protocol else "runs/sweep" if args.sweep else "runs/simulate"
+        )
     if args.list:
         from qflare.sim.run import list_choices
 
         console.print(list_choices())
         return 0
     try:
-        if args.tui and (args.direct or args.sweep):
+        if args.tui and (args.direct or args.sweep or args.protocol):
             raise SimConfigError(
-                "--tui watches the services; it does not combine with --direct or --sweep"
+                "--tui watches the services; it does not combine with --direct, --sweep "
+                "or --protocol"
             )
+        if args.protocol and args.sweep:
+            raise SimConfigError("--protocol and --sweep are different grids: pick one")
         _check_rule(args.rule, args.byzantine)
         config = prepare(config_from_args(args), broker=args.broker)
+        if args.protocol:
+            from qflare.sim.protocol import plan_protocol, run_protocol
+
+            protocol = plan_protocol(
+                config,
+                seed_set=args.seed_set,
+                seeds=args.seeds,
+                attacks=args.sweep_attacks,
+                populations=args.protocol_populations,
+                alphas=args.protocol_alphas,
+            )
         if args.sweep:
             from qflare.sim.sweep import plan_sweep, run_sweep
 
@@ -243,6 +286,13 @@ def main(args: argparse.Namespace) -> int:
         "progress": not args.quiet,
     }
     try:
+        if args.protocol:
+            import shlex
+            import sys
+
+            argv = sys.argv[sys.argv.index("simulate") + 1 :] if "simulate" in sys.argv else []
+            command = shlex.join(["qflare", "simulate", *argv])
+            return run_protocol(protocol, out=args.out, console=console, command=command)
         if args.sweep:
             return run_sweep(plan, **running)
         return run_simulation(config, baseline=args.baseline, tui=args.tui, **running)

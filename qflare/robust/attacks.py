@@ -19,6 +19,8 @@ the Byzantine client applies to its labels before training.
   form: each side is a quadratic in gamma, so no bisection is needed.
 - optimal IPM/ALIE: Allouah et al., "Fixing by Mixing", AISTATS 2023 (ByzFL's search of
   the scale that moves the rule's output furthest from the honest mean).
+- noisy IPM/ALIE: the IPM/ALIE vector plus independent per-attacker noise scaled by the
+  honest per-coordinate spread, so the coalition's updates are not near-copies.
 
 Plug-ins: :func:`register_attack` adds an :class:`Attack` subclass by its ``name``;
 ``get_attack("mypkg.attacks:MyAttack")`` imports one, and a name not registered is looked up
@@ -320,6 +322,39 @@ class OptimalIPM(_Optimal):
 @_register
 class OptimalALIE(_Optimal):
     name = "optimal_alie"
+    base = ALIE
+
+
+class _Noisy(Attack):
+    """A coalition that adds independent noise per attacker to its one vector, so its
+    members are not copies of each other (a duplicate check does not group them): each
+    attacker sends ``base + noise * s * e`` with ``e ~ N(0, I)`` of its own and ``s`` the
+    honest updates' per-coordinate standard deviation (``noise`` = 1 spreads the attackers
+    about as the honest updates spread)."""
+
+    base: ClassVar[type[_Scaled]]
+
+    def __init__(self, tau: float | None = None, noise: float = 1.0) -> None:
+        self.inner = self.base(tau)
+        self.tau = self.inner.tau
+        self.noise = check_float("noise", noise)
+
+    def forge(self, h: FloatArray, f: int, rng: np.random.Generator) -> FloatArray:
+        centre = np.asarray(self.inner.forge(h, f, rng), np.float64)
+        std = h.std(axis=0, ddof=1, dtype=np.float64) if h.shape[0] > 1 else np.zeros(h.shape[1])
+        out: F64 = centre + self.noise * std * rng.standard_normal((f, h.shape[1]))
+        return out
+
+
+@_register
+class NoisyIPM(_Noisy):
+    name = "noisy_ipm"
+    base = IPM
+
+
+@_register
+class NoisyALIE(_Noisy):
+    name = "noisy_alie"
     base = ALIE
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -50,8 +50,8 @@ from qflare.services.aggregator.core import (
     begin,
     step,
 )
-from qflare.services.detector.core import decide
-from qflare.sim.config import SIM_JOB, SimConfig, job_budget
+from qflare.services.detector.core import FlaggedClient, RoundVerdict, decide
+from qflare.sim.config import NO_ATTACK, SIM_JOB, SimConfig, job_budget
 from qflare.sim.federation import Federation
 from qflare.sim.report import RoundRecord, RunResult
 from qflare.sim.services import job_spec
@@ -63,8 +63,13 @@ def run_direct(
     config: SimConfig,
     federation: Federation | None = None,
     on_round: RoundCallback | None = None,
+    *,
+    oracle: bool = False,
 ) -> RunResult:
-    """Run ``config``'s rounds. With ``config.adaptive_clip`` the clip norm starts at
+    """Run ``config``'s rounds. ``oracle`` puts a perfect detector in the detector core's
+    place (for the evaluation protocol, ``qflare.sim.protocol``): each round's verdict
+    flags exactly the attackers among the closed set (none when the attack is ``none``),
+    and the aggregator treats it as any verdict. With ``config.adaptive_clip`` the clip norm starts at
     ``config.clip`` and each round's aggregation gives the next round's (docs/privacy.md,
     "Adaptive clipping"); the accountant is asked about the clip norm of the round it
     charges, as the services path's request names it."""
@@ -127,7 +132,12 @@ def run_direct(
             break
         assert r.closed is not None
         updates = {c: sent[c] for c, _digest, _offset in r.closed}
-        found = decide(r.round, updates, f=spec.f, detection=spec.detection, reputation=reputation)
+        if oracle:
+            found = _oracle_verdict(updates, fed.byzantine if config.attack != NO_ATTACK else ())
+        else:
+            found = decide(
+                r.round, updates, f=spec.f, detection=spec.detection, reputation=reputation
+            )
         verdict = Verdict(found.kept, tuple((x.client, float(x.score)) for x in found.flagged))
         r, effects = step(spec, r, verdict, now)
         (command,) = (e for e in effects if isinstance(e, Aggregate))
@@ -167,6 +177,15 @@ def run_direct(
         ended=ended,
         notes=notes,
     )
+
+
+def _oracle_verdict(updates: Mapping[str, object], attackers: Sequence[str]) -> RoundVerdict:
+    """A perfect detector's verdict: exactly the attackers flagged, everyone else kept."""
+    bad = set(attackers)
+    clients = sorted(updates)
+    flagged = tuple(FlaggedClient(c, 0.0, ("oracle",)) for c in clients if c in bad)
+    kept = tuple(c for c in clients if c not in bad)
+    return RoundVerdict(kept, flagged, (), "oracle")
 
 
 def _digest(r: Round, client: str) -> bytes:

@@ -1,0 +1,117 @@
+"""The evaluation protocol (qflare.sim.protocol): seed sets, metrics, and a small real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qflare.robust.attacks import get_attack
+from qflare.sim.config import SimConfig, SimConfigError
+from qflare.sim.protocol import (
+    DEFENCES,
+    execute_protocol,
+    plan_protocol,
+    protocol_seeds,
+    run_metrics,
+    summary_rows,
+    write_protocol,
+)
+from qflare.sim.report import RoundRecord, RunResult
+
+
+def test_seed_sets_are_fixed_and_disjoint() -> None:
+    assert protocol_seeds("tune", 3) == (0, 1, 2)
+    assert protocol_seeds("heldout", 2) == (1000, 1001)
+    assert not set(protocol_seeds("tune", 100)) & set(protocol_seeds("heldout", 100))
+    with pytest.raises(SimConfigError, match="--seed-set"):
+        protocol_seeds("lucky", 3)
+    with pytest.raises(SimConfigError, match="--seeds"):
+        protocol_seeds("tune", 0)
+
+
+def test_plan_checks_every_condition() -> None:
+    plan = plan_protocol(
+        SimConfig(), seeds=2, attacks="none,sign-flip", populations="20/6,12/3", alphas="0.1,1"
+    )
+    assert len(plan.conditions) == 2 * 2 * 2 and plan.seeds == (0, 1)
+    assert {c.attack for c in plan.conditions} == {"none", "sign_flip"}
+    with pytest.raises(SimConfigError, match="protocol 10/5"):
+        plan_protocol(SimConfig(), attacks="sign_flip", populations="10/5", alphas="0.5")
+    with pytest.raises(SimConfigError, match="CLIENTS/BYZANTINE"):
+        plan_protocol(SimConfig(), populations="20-6")
+
+
+def _rec(n: int, participants: tuple[str, ...], flagged: tuple[str, ...]) -> RoundRecord:
+    return RoundRecord(n, 0.5, 1.0, participants, flagged, ("a",), None, 0.0)
+
+
+def test_metrics_count_pairs_and_the_most_excluded_honest_client() -> None:
+    rounds = [
+        _rec(1, ("a", "b", "c"), ("a", "b")),
+        _rec(2, ("a", "b", "c"), ("b",)),
+        _rec(3, ("a", "b"), ()),
+        _rec(4, ("a", "c"), ("a", "c")),
+    ]
+    result = RunResult({}, rounds, ("a",), "direct", None, 1.0)
+    m = run_metrics(result, "sign_flip")
+    assert m.recall == pytest.approx(2 / 4)
+    assert m.false_positive_rate == pytest.approx(3 / 6)
+    # b: excluded in 2 of its 3 rounds; c: 1 of 3
+    assert m.excluded_most == "b" and m.honest_exclusion == pytest.approx(2 / 3)
+    # with no attack every client is honest: a's flags are false positives
+    clean = run_metrics(result, "none")
+    assert clean.recall is None and clean.false_positive_rate == pytest.approx(5 / 10)
+    assert clean.excluded_most == "b" and clean.honest_exclusion == pytest.approx(2 / 3)
+
+
+def test_noisy_coalitions_are_not_copies() -> None:
+    h = np.random.default_rng(0).normal(size=(12, 400)).astype(np.float32)
+    for name, base in (("noisy_alie", "alie"), ("noisy_ipm", "ipm")):
+        out = get_attack(name)(h, 5, rng=1)
+        centre = get_attack(base)(h, 1)[0]
+        spread = np.linalg.norm(h - h.mean(axis=0), axis=1).mean()
+        gaps = [np.linalg.norm(out[i] - out[j]) for i in range(5) for j in range(i + 1, 5)]
+        assert min(gaps) > 0.5 * spread  # as far apart as honest updates, not near-copies
+        assert np.linalg.norm(out.mean(axis=0) - centre) < spread  # around the attack's vector
+        assert np.array_equal(get_attack(name, noise=0)(h, 3, rng=1)[1], centre)
+
+
+def test_small_protocol_run(tmp_path: Path) -> None:
+    """A real (direct-path) run of a tiny grid: the report's shape, and the oracle and the
+    undefended rows as their definitions say."""
+    base = SimConfig(rounds=2, local_epochs=1)
+    plan = plan_protocol(
+        base,
+        seed_set="tune",
+        seeds=2,
+        attacks="none,sign_flip,label_flip",
+        populations="10/3",
+        alphas="0.5",
+    )
+    runs = execute_protocol(plan)
+    assert len(runs.runs) == len(plan.conditions) * len(plan.seeds) * len(DEFENCES)
+    for (cond, defence, _seed), m in runs.runs.items():
+        attacked = cond.attack != "none"
+        if defence == "oracle":
+            assert m.recall == (1.0 if attacked else None)
+            assert m.false_positive_rate == 0.0 and m.honest_exclusion == 0.0
+        if defence == "none":
+            assert m.recall == (0.0 if attacked else None)  # no attack here is non-finite
+            assert m.false_positive_rate == 0.0 and m.honest_exclusion == 0.0
+    rows = summary_rows(runs)
+    assert len(rows) == len(plan.conditions) * len(DEFENCES)
+    oracle_rows = [r for r in rows if r["defence"] == "oracle"]
+    assert all(r["gap_to_oracle_points"] == {"worst": 0.0, "median": 0.0} for r in oracle_rows)
+    flip = next(r for r in rows if r["attack"] == "sign_flip" and r["defence"] == "none")
+    assert flip["undefended_harm_points"]["worst"] >= flip["undefended_harm_points"]["median"]
+    assert flip["accuracy"]["worst"] <= flip["accuracy"]["median"]
+    written = write_protocol(tmp_path, runs, wall_s=1.0, command="qflare simulate --protocol")
+    data = json.loads(written[0].read_text())
+    assert data["seed_set"] == "tune" and data["seeds"] == [0, 1]
+    assert len(data["runs"]) == len(runs.runs) and len(data["summary"]) == len(rows)
+    md = written[1].read_text()
+    assert "Reproduce: `qflare simulate --protocol`" in md
+    assert "| 10/3 | 0.5 | sign_flip |" in md
