@@ -44,9 +44,10 @@ with a management URL deletes the revoked client's user and closes its connectio
 (:mod:`qflare.bus.management`); without one, delete it on the broker
 (``rabbitmqctl delete_user <client id>``).
 
-Queue arguments come from the bus's own :func:`qflare.bus.rabbitmq.queue_arguments`: a
-re-declaration with other arguments fails with PRECONDITION_FAILED, so the file and the
-services cannot drift apart.
+Queue arguments come from the bus's own :func:`qflare.bus.rabbitmq.queue_arguments`, with
+the configuration's ``broker_replicas`` (a cluster's replica count): a re-declaration with
+other arguments fails with PRECONDITION_FAILED, so the file and the services cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -212,19 +213,21 @@ def permissions(
     }
 
 
-def _queue_arguments(spec: QueueSpec, prefix: str) -> dict[str, Any]:
+def _queue_arguments(spec: QueueSpec, prefix: str, replicas: int | None) -> dict[str, Any]:
     from qflare.bus.rabbitmq import queue_arguments  # loads aio_pika: only when needed
 
-    return queue_arguments(spec, prefix)
+    return queue_arguments(spec, prefix, replicas)
 
 
-def _queue(spec: QueueSpec, vhost: str, prefix: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _queue(
+    spec: QueueSpec, vhost: str, prefix: str, replicas: int | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     queue = {
         "name": prefix + spec.name,
         "vhost": vhost,
         "durable": True,
         "auto_delete": False,
-        "arguments": _queue_arguments(spec, prefix),
+        "arguments": _queue_arguments(spec, prefix, replicas),
     }
     bindings = [
         {
@@ -263,10 +266,12 @@ def build_definitions(
     prefix: str = "",
     jobs: Mapping[str, Iterable[str]] | None = None,
     queues: Iterable[QueueSpec] | None = None,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
     """The definitions document. ``jobs`` maps each client id to the jobs it takes part in
     (a client not in it gets no job). ``services`` users are named ``qflare-<role>`` or
-    pass ``BrokerUser("qflare-ingest", ...)``; their role is the part after ``qflare-``."""
+    pass ``BrokerUser("qflare-ingest", ...)``; their role is the part after ``qflare-``.
+    ``replicas``: the services' ``broker_replicas``, part of each queue's arguments."""
     clients = list(clients)
     services = list(services)
     jobs = jobs or {}
@@ -288,7 +293,7 @@ def build_definitions(
         if spec.name in seen or spec.transient:
             continue
         seen.add(spec.name)
-        q, b = _queue(spec, vhost, prefix)
+        q, b = _queue(spec, vhost, prefix, replicas)
         queues_out.append(q)
         bindings_out.extend(b)
     policies = [
@@ -391,6 +396,7 @@ def definitions_for_kit(
     prefix: str,
     example: bool,
     jobs: Mapping[str, Iterable[str]] | None = None,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
     clients, services = [], []
     for cid in client_ids_from_kit(kit):
@@ -406,7 +412,9 @@ def definitions_for_kit(
                 None if example else _password_for(own if own.is_dir() else None, True),
             )
         )
-    return build_definitions(clients, services, vhost=vhost, prefix=prefix, jobs=jobs)
+    return build_definitions(
+        clients, services, vhost=vhost, prefix=prefix, jobs=jobs, replicas=replicas
+    )
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -425,7 +433,12 @@ def _cmd(args: argparse.Namespace) -> int:
         jobs = jobs_by_client(ids, settings.jobs, args.job)
         if args.kit is not None:
             doc = definitions_for_kit(
-                Path(args.kit), vhost=args.vhost, prefix=prefix, example=args.example, jobs=jobs
+                Path(args.kit),
+                vhost=args.vhost,
+                prefix=prefix,
+                example=args.example,
+                jobs=jobs,
+                replicas=settings.broker_replicas,
             )
         else:
             doc = build_definitions(
@@ -434,6 +447,7 @@ def _cmd(args: argparse.Namespace) -> int:
                 vhost=args.vhost,
                 prefix=prefix,
                 jobs=jobs,
+                replicas=settings.broker_replicas,
             )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

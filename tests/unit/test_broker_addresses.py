@@ -86,3 +86,16 @@ def test_a_kit_fills_its_login_into_every_node() -> None:
 
     filled = _Kit().broker_url("amqp://n1:5672/q,amqp://n2:5672/q")
     assert filled == "amqp://client-001:s3cret@n1:5672/q,amqp://client-001:s3cret@n2:5672/q"
+
+
+def test_the_definitions_file_declares_the_replicas_the_services_do() -> None:
+    from qflare.commands.broker import ROLES, BrokerUser, build_definitions
+
+    services = [BrokerUser(f"qflare-{r}", None) for r in ROLES]
+    plain = build_definitions([], services)
+    cluster = build_definitions([], services, replicas=3)
+    assert plain["queues"] and len(plain["queues"]) == len(cluster["queues"])
+    for queue in plain["queues"]:
+        assert "x-quorum-initial-group-size" not in queue["arguments"]
+    for queue in cluster["queues"]:
+        assert queue["arguments"]["x-quorum-initial-group-size"] == 3
