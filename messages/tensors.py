@@ -3,6 +3,9 @@
 * :class:`Layout` maps a dict of tensors to one flat vector and back (sorted names, C order).
   The aggregator, the detector, the privacy mechanism and the simulator all flatten through
   it, so a row of the round's matrix means the same coordinates everywhere.
+* :class:`RoundRows` holds one round's updates as the rows of one float32 matrix in that
+  layout, each written into its row as it arrives; the aggregator and the detector both
+  keep their round there (and reuse its memory from round to round).
 * :func:`model_digest` is the SHA-256 a ``round.opened`` / ``model.published`` names and a
   participant recomputes over the tensors it loads (docs/messages.md).
 """
@@ -10,7 +13,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +88,171 @@ class Layout:
             )
             offset += n
         return out
+
+
+Rows = npt.NDArray[np.float32]
+#: what a round's row is held under: (client, digest of its update)
+RowRef = tuple[str, bytes]
+
+
+class RoundRows:
+    """One round's updates as the rows of one float32 matrix, each update written straight
+    into its row as it arrives (:class:`Layout`: tensors in sorted-name order, the same
+    coordinates in every service). A verdict or an aggregation then needs no stacking after
+    the round closes: no second copy of the round, and no allocation of n x d at the moment
+    latency counts (a fresh 400 MB array costs up to a second of page faults on small
+    machines). :meth:`reset` empties it for another round and keeps the matrix, whose pages
+    are touched already.
+
+    ``clients`` (optional, unique) gives each client a home row, its index there: a
+    client's first update goes to its home row, anything else (a second digest, a client
+    not named) to the rows after them, in arrival order. With ``clients`` in client-id
+    order (the aggregator passes a round's selected participants, sorted) the matrix of a
+    round whose every client sent and was kept is already in order: :meth:`matrix` moves
+    nothing. ``layout`` (optional) fixes the rows' layout; otherwise the round's first
+    update fixes it. ``capacity`` rows are reserved (address space only: a row's memory is
+    touched when it is written); more rows double it. Safe to call from worker threads."""
+
+    def __init__(
+        self, capacity: int, clients: Sequence[str] = (), layout: Layout | None = None
+    ) -> None:
+        self._x: Rows | None = None
+        self._lock = threading.Lock()
+        self.generation = 0
+        self._start(capacity, clients, layout)
+
+    def _start(self, capacity: int, clients: Sequence[str], layout: Layout | None) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        homes = {c: i for i, c in enumerate(clients)}
+        if len(homes) != len(clients):
+            raise ValueError("clients must be unique")
+        self._capacity = max(capacity, len(clients))
+        self._homes = homes
+        self._layout = layout
+        self._rows: dict[RowRef, int] = {}
+        self._owners: list[RowRef | None] = [None] * len(clients)
+
+    def reset(
+        self, capacity: int, clients: Sequence[str] = (), layout: Layout | None = None
+    ) -> int:
+        """Empty the rows for another round (the arguments as for a new one) and return the
+        new :attr:`generation`. The matrix is kept when the next round's rows fit it."""
+        with self._lock:
+            self._start(capacity, clients, layout)
+            if self._x is not None and (
+                self._x.shape[0] < self._capacity
+                or (layout is not None and self._x.shape[1] != layout.size)
+            ):
+                self._x = None
+            self.generation += 1
+            return self.generation
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def layout(self) -> Layout | None:
+        return self._layout
+
+    def add(self, ref: RowRef, tensors: Tensors, generation: int | None = None) -> bool:
+        """Write ``tensors`` as the row of ``ref``; False when ``ref`` is held already or
+        ``generation`` is not the current one (a write meant for the round before a
+        :meth:`reset`). Raises ValueError when their names, shapes or dtypes differ from the
+        rows' layout."""
+        with self._lock:
+            if ref in self._rows or (generation is not None and generation != self.generation):
+                return False
+            layout = self._layout
+            if layout is None:
+                layout = Layout.of(tensors)
+            else:
+                layout.check(tensors, f"update of {ref[0]}")
+            i = self._free_row(ref[0])
+            x = self._reserve(layout.size, i + 1)
+            layout.flatten(tensors, out=x[i])
+            self._layout = layout
+            if i == len(self._owners):
+                self._owners.append(None)
+            self._owners[i] = ref
+            self._rows[ref] = i
+            return True
+
+    def _free_row(self, client: str) -> int:
+        home = self._homes.get(client)
+        if home is not None and self._owners[home] is None:
+            return home
+        for i in range(len(self._homes), len(self._owners)):
+            if self._owners[i] is None:
+                return i
+        return len(self._owners)
+
+    def _reserve(self, width: int, rows: int) -> Rows:
+        """The matrix, allocated (or grown, keeping the rows written) to hold ``rows``."""
+        x = self._x
+        if x is None or x.shape[1] != width:
+            x = self._x = np.empty((max(self._capacity, rows), width), np.float32)
+        elif rows > x.shape[0]:
+            grown = np.empty((max(2 * x.shape[0], rows), width), np.float32)
+            used = len(self._owners)
+            grown[:used] = x[:used]
+            x = self._x = grown
+        return x
+
+    def matrix(self, refs: Sequence[RowRef]) -> tuple[list[str], Rows]:
+        """The rows of ``refs`` (one per client, all held: KeyError otherwise) in client-id
+        order, and those clients: a view of the first ``len(refs)`` rows, reordered in place
+        (the other rows stay held, after them). The view is the caller's until the next
+        :meth:`add`, :meth:`matrix` or :meth:`reset`; it may change it (the aggregation
+        clips it in place)."""
+        order = sorted(refs)
+        clients = [c for c, _d in order]
+        if len(set(clients)) != len(clients):
+            raise ValueError(f"one row per client: {clients}")
+        with self._lock:
+            width = self._layout.size if self._layout is not None else 0
+            if self._x is None or not order:
+                if order:
+                    raise KeyError(order[0])
+                return clients, np.empty((0, width), np.float32)
+            idx = [self._rows[r] for r in order]
+            chosen = set(idx)
+            perm = idx + [i for i in range(len(self._owners)) if i not in chosen]
+            if perm != list(range(len(perm))):
+                live = [o is not None for o in self._owners]
+                _gather_rows(self._x, perm, live)
+                self._owners = [self._owners[i] for i in perm]
+                self._rows = {r: i for i, r in enumerate(self._owners) if r is not None}
+            return clients, self._x[: len(order)]
+
+
+def _gather_rows(x: Rows, idx: Sequence[int], live: Sequence[bool] | None = None) -> None:
+    """``x[i] = x[idx[i]]`` for every i of the permutation ``idx``, in place, following its
+    cycles with one spare row. A row whose ``live`` is False holds nothing: it is
+    overwritten without being saved, and nothing is copied into its new place."""
+    done = [False] * len(idx)
+    spare = np.empty(x.shape[1], x.dtype)
+    for start in range(len(idx)):
+        if done[start] or idx[start] == start:
+            done[start] = True
+            continue
+        saved = live is None or live[start]
+        if saved:
+            spare[:] = x[start]
+        j = start
+        while True:
+            done[j] = True
+            k = idx[j]
+            if k == start:
+                if saved:
+                    x[j] = spare
+                break
+            if live is None or live[k]:
+                x[j] = x[k]
+            j = k
 
 
 def model_digest(tensors: Tensors) -> bytes:

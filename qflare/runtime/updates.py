@@ -13,8 +13,10 @@ To overlap that work with the round, a feed also reads ahead (:meth:`UpdateFeed.
 each message the service may want (its ``wants`` callback, asked with the unverified header)
 is verified in full (the client's certificate and signature, the body digest), unsealed and
 decoded, and handed to ``sink``; the service keeps it under its (client, digest) key and
-uses it only once a verdict names that digest. Whatever the read-ahead missed (a restart, a
-message it could not open) :meth:`fetch` reads again. Nothing is copied to disk: the stream
+uses it only once a verdict names that digest. At a verdict the service first waits, for a
+bounded time, until the read-ahead has passed the vouched offsets
+(:meth:`UpdateFeed.wait_past`: updates it is still decoding are not read twice); whatever
+it missed (a restart, a message it could not open) :meth:`fetch` reads again. Nothing is copied to disk: the stream
 is the durable copy, and each service commits the offsets it used with its own state.
 """
 
@@ -43,6 +45,9 @@ READ_AHEAD_WORKERS = 2
 #: long, doubling up to the cap (a detector that starts first, or a job that ended).
 STREAM_WAIT_S = 0.2
 STREAM_WAIT_MAX_S = 1.0
+#: At a verdict, how long a service waits for its read-ahead to pass the vouched offsets
+#: before it reads what is still missing again (:meth:`UpdateFeed.wait_past`).
+READ_AHEAD_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,9 @@ class UpdateFeed:
         self._waiting: asyncio.Task[None] | None = None
         self._workers = asyncio.Semaphore(READ_AHEAD_WORKERS)
         self._pending: set[asyncio.Task[None]] = set()
+        # offsets handed to the read-ahead and not yet done with (the sink not returned)
+        self._in_flight: set[int] = set()
+        self._progress = asyncio.Event()
 
     @property
     def next_offset(self) -> int | None:
@@ -113,6 +121,38 @@ class UpdateFeed:
     @property
     def running(self) -> bool:
         return self._reader is not None
+
+    def passed(self, offset: int) -> bool:
+        """Whether the read-ahead is done with every message up to ``offset``: handed over
+        and, where it wanted one, verified, decoded and given to the sink."""
+        reader = self._reader
+        if reader is None or reader.next_offset is None or reader.next_offset <= offset:
+            return False
+        return not any(o <= offset for o in self._in_flight)
+
+    async def wait_past(self, offset: int, timeout: float = READ_AHEAD_WAIT_S) -> bool:
+        """Wait until the read-ahead :meth:`passed` ``offset``, at most ``timeout`` seconds
+        (at once False when it is not reading, or has handed over nothing since it attached
+        at "next": it may never reach ``offset``). The read-ahead's sink has then had every
+        update up to ``offset`` it wanted; what it did not keep is the caller's to
+        :meth:`fetch`."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while not self.passed(offset):
+            reader = self._reader
+            left = until - loop.time()
+            if reader is None or reader.next_offset is None or left <= 0:
+                return False
+            progress = self._progress
+            try:
+                await asyncio.wait_for(progress.wait(), left)
+            except TimeoutError:
+                return self.passed(offset)
+        return True
+
+    def _moved(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
 
     async def start(self, offset: StreamOffset = "next") -> None:
         """Read ahead from ``offset``. The stream is read by name, never declared: the
@@ -162,32 +202,42 @@ class UpdateFeed:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def _read_ahead(self, delivery: Delivery) -> Outcome:
-        assert delivery.offset is not None
+        offset = delivery.offset
+        assert offset is not None
         try:
             head = peek_header(delivery.body, self.limits)
         except MessageRejected:
+            self._moved()
             return Outcome.ACK  # garbage: ingest reports it
         if (
             head.kind != Update.KIND
             or head.job != self.job
             or not self.wants(head.round, head.sender)
         ):
+            self._moved()
             return Outcome.ACK
-        await self._workers.acquire()
+        self._in_flight.add(offset)
+        try:
+            await self._workers.acquire()
+        except BaseException:
+            self._in_flight.discard(offset)
+            raise
         task = asyncio.get_running_loop().create_task(self._open_ahead(delivery))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return Outcome.ACK
 
     async def _open_ahead(self, delivery: Delivery) -> None:
+        assert delivery.offset is not None
         try:
-            assert delivery.offset is not None
             await self.sink(await self._open(delivery.body, delivery.offset))
         except MessageRejected as exc:
             # ingest judges and reports it; if a verdict vouches for it anyway, fetch reads it
             self.log.debug("read-ahead skipped offset %s: %s", delivery.offset, exc)
         finally:
             self._workers.release()
+            self._in_flight.discard(delivery.offset)
+            self._moved()
 
     async def _open(
         self,

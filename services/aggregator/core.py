@@ -53,7 +53,7 @@ import numpy.typing as npt
 from qflare.messages.bodies import Coverage, Evaluation
 from qflare.messages.errors import Reason
 from qflare.messages.jobs import JobSpec
-from qflare.messages.tensors import Array, Layout, Tensors
+from qflare.messages.tensors import Array, Layout, RoundRows, Rows, Tensors
 from qflare.messages.values import MAX_METRICS
 from qflare.privacy import AdaptiveClipping, NoiseSource, dp_fedavg, poisson_sample
 from qflare.privacy.policy import adaptive_of, charge_of, expected_participants
@@ -225,12 +225,58 @@ def aggregate_round(
     missing = [c for c in chosen if c not in updates]
     if missing:
         raise ValueError(f"kept clients {missing} have no stored update")
+    rows = RoundRows(max(1, len(chosen)), chosen, layout)
+    for c in chosen:
+        rows.add((c, b""), updates[c])
+    clients, x = rows.matrix([(c, b"") for c in chosen])
+    return aggregate_rows(
+        job=job,
+        round_no=round_no,
+        seed=seed,
+        base=base,
+        clients=clients,
+        rows=x,
+        rule=rule,
+        f=f,
+        clip=clip,
+        noise_multiplier=noise_multiplier,
+        expected_clients=expected_clients,
+        server_lr=server_lr,
+        adaptive=adaptive,
+    )
+
+
+def aggregate_rows(
+    *,
+    job: str,
+    round_no: int,
+    seed: int,
+    base: Tensors,
+    clients: Sequence[str],
+    rows: Rows,
+    rule: str,
+    f: int,
+    clip: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    server_lr: float = 1.0,
+    adaptive: AdaptiveClipping | None = None,
+) -> AggregationResult:
+    """:func:`aggregate_round` over the kept updates already flattened: ``rows`` holds one
+    float32 row per client of ``clients`` (client-id order, the order
+    :meth:`RoundRows.matrix <qflare.messages.tensors.RoundRows.matrix>` gives), in
+    :class:`Layout` order of ``base``. The rows are clipped in place."""
+    layout = Layout.of(base)
+    chosen = tuple(clients)
+    if list(chosen) != sorted(set(chosen)):
+        raise ValueError(f"rows must be of distinct clients in client-id order, got {chosen}")
+    if rows.shape != (len(chosen), layout.size) and not (len(chosen) == 0 and rows.size == 0):
+        raise ValueError(
+            f"{len(chosen)} rows of {layout.size} values needed, got shape {rows.shape}"
+        )
     if expected_clients <= 0:
         raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
-    x = np.empty((len(chosen), layout.size), dtype=np.float32)
-    for i, c in enumerate(chosen):
-        layout.check(updates[c], f"update of {c}")
-        layout.flatten(updates[c], out=x[i])
+    x = rows if rows.shape[0] else np.empty((0, layout.size), np.float32)
 
     def combine(rows: npt.NDArray[np.floating[Any]]) -> npt.ArrayLike:
         f_eff = min(f, (rows.shape[0] - 1) // 2)
@@ -271,23 +317,38 @@ def aggregate(
     round's clip norm (``command.clip``; the job's ``clip`` when it names none), the one
     place where a job's settings become the round's arithmetic."""
     return aggregate_round(
-        job=spec.job_id,
-        round_no=command.round,
-        seed=spec.seed,
-        base=base,
-        updates=updates,
-        kept=command.kept,
-        rule=spec.rule,
-        f=spec.f,
-        clip=spec.clip if command.clip is None else command.clip,
-        noise_multiplier=spec.noise_multiplier,
-        expected_clients=expected_participants(
+        base=base, updates=updates, kept=command.kept, **_round_arithmetic(spec, command)
+    )
+
+
+def aggregate_matrix(
+    spec: JobSpec, command: Aggregate, base: Tensors, clients: Sequence[str], rows: Rows
+) -> AggregationResult:
+    """:func:`aggregate` over the kept updates as rows (:func:`aggregate_rows`: one float32
+    row per kept client, in client-id order, clipped in place): the same model, bit for
+    bit, as :func:`aggregate` over the same updates."""
+    if tuple(clients) != tuple(sorted(set(command.kept))):
+        raise ValueError(f"rows of {list(clients)}, the round keeps {list(command.kept)}")
+    return aggregate_rows(base=base, clients=clients, rows=rows, **_round_arithmetic(spec, command))
+
+
+def _round_arithmetic(spec: JobSpec, command: Aggregate) -> dict[str, Any]:
+    """The arguments of :func:`aggregate_round` a job's settings and the round give."""
+    return {
+        "job": spec.job_id,
+        "round_no": command.round,
+        "seed": spec.seed,
+        "rule": spec.rule,
+        "f": spec.f,
+        "clip": spec.clip if command.clip is None else command.clip,
+        "noise_multiplier": spec.noise_multiplier,
+        "expected_clients": expected_participants(
             spec.sample_rate,
             len(spec.participants) if command.population is None else command.population,
         ),
-        server_lr=spec.server_lr,
-        adaptive=adaptive_of(spec),
-    )
+        "server_lr": spec.server_lr,
+        "adaptive": adaptive_of(spec),
+    }
 
 
 # -- a round's metrics --------------------------------------------------------------------------

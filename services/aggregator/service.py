@@ -13,7 +13,8 @@ once, and the offset from which the round's updates sit in the update stream) ->
 in or was refused by ingest (``update.rejected``, signed by ingest), or at the deadline ->
 (``round.verdict``, at most ``dp_filter_bound`` removals) robust rule + DP noise over the
 kept updates, read from the update stream under the digests ingest accepted (read ahead
-while the round collects, docs/architecture.md "The data plane") -> new model version ->
+while the round collects, each written as it arrives into a row of the round's matrix,
+docs/architecture.md "The data plane") -> new model version ->
 ``model.published`` -> next round, until the job's rounds are done or the accountant denies
 (``job.ended``, naming the final model's offset).
 
@@ -40,6 +41,7 @@ waiting for them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -68,7 +70,7 @@ from qflare.messages import (
     UpdateRejected,
 )
 from qflare.messages.envelope import peek_header
-from qflare.messages.tensors import Layout, model_digest
+from qflare.messages.tensors import Layout, RoundRows, model_digest
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_consumer
 from qflare.runtime.envelopes import broadcast_key, emit, seal
 from qflare.runtime.jobs import check_model_size, job_of
@@ -100,14 +102,14 @@ from qflare.services.aggregator.core import (
     RoundState,
     Tick,
     Verdict,
-    aggregate,
+    aggregate_matrix,
     begin,
     round_metrics,
     step,
     unknown_round,
 )
 from qflare.services.aggregator.hooks import HookFailed, JobHooks, load_hooks, reload_hooks
-from qflare.services.aggregator.store import AggregatorStore
+from qflare.services.aggregator.store import AggregatorStore, RoundRow
 
 #: How long a model append may take to show up in the job's model stream.
 MODEL_APPEND_TIMEOUT_S = 30.0
@@ -131,12 +133,19 @@ class Aggregator(Service):
         self._locks: dict[str, asyncio.Lock] = {}
         self._ended: dict[str, asyncio.Event] = {}
         self._models: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-        # The job's update stream, read ahead: (job, round) -> client -> digest -> tensors of
-        # the rounds still collecting or waiting for their verdict (``_collecting``: their
-        # participants). A verdict uses only the digest ingest accepted; what the read-ahead
-        # missed is read again from the stream at the offsets the store recorded.
+        # The job's update stream, read ahead for the rounds still collecting or waiting for
+        # their verdict (``_collecting``: (job, round) -> their participants): each update's
+        # tensors go as it arrives into a row of the round's matrix (``_rows``: the matrix
+        # and the generation of its rows; a row per selected participant in client-id
+        # order, the order the aggregation takes), the rest of it into ``_held`` (client ->
+        # digest -> the update without its tensors). A verdict uses only the digest ingest
+        # accepted; what the read-ahead missed is read again from the stream at the offsets
+        # the store recorded. An aggregated round's matrix (clipped in place) is the next
+        # round's (``_spare``): its memory is touched already.
         self._feeds: dict[str, UpdateFeed] = {}
         self._collecting: dict[tuple[str, int], frozenset[str]] = {}
+        self._rows: dict[tuple[str, int], tuple[RoundRows, int]] = {}
+        self._spare: dict[str, RoundRows] = {}
         self._held: dict[tuple[str, int], dict[str, dict[bytes, StreamUpdate]]] = {}
         # The job's model stream, read from "next": the offset of each model this run
         # appends, by the body digest of its envelope.
@@ -192,7 +201,7 @@ class Aggregator(Service):
             await self.bus.declare_stream(stream)
         latest = await self.store.latest_round(job_id)
         if latest is not None and latest.state in (RoundState.OPEN, RoundState.CLOSED):
-            self._collecting[(job_id, latest.round)] = frozenset(latest.participants)
+            await self._collect(job_id, latest)  # rebuilt from the stream after a restart
         self._model_readers[job_id] = await self.bus.read_stream(
             topology.model_stream(job_id), self._on_model_appended, offset="next", prefetch=4
         )
@@ -209,14 +218,58 @@ class Aggregator(Service):
         self._feeds[job_id] = feed
         await feed.start(await self.store.feed_start(job_id))
 
+    async def _collect(self, job_id: str, r: Round | RoundRow) -> None:
+        """Round ``r`` (open, or closed and waiting for its verdict) collects: the
+        read-ahead keeps its participants' updates, in the rows of its matrix."""
+        self._collecting[(job_id, r.round)] = frozenset(r.participants)
+        await self._round_rows(job_id, r)
+
+    async def _round_rows(self, job_id: str, r: Round | RoundRow) -> tuple[RoundRows, int]:
+        """The matrix of round ``r`` and its generation: a row per selected participant in
+        client-id order, in the layout of the round's base model (the job's spare matrix,
+        reset, when it has one)."""
+        key = (job_id, r.round)
+        entry = self._rows.get(key)
+        if entry is None:
+            layout = Layout.of(await self._model(job_id, r.base_version))
+            clients = sorted(r.participants)
+            rows = self._spare.pop(job_id, None)
+            if rows is None:
+                rows = RoundRows(max(1, len(clients)), clients, layout)
+                entry = (rows, rows.generation)
+            else:
+                entry = (rows, rows.reset(max(1, len(clients)), clients, layout))
+            self._rows[key] = entry
+        return entry
+
+    def _spend(self, job_id: str, round_no: int) -> None:
+        """The round's matrix is used up (clipped in place by its aggregation): it becomes
+        the job's spare, and the round keeps nothing read ahead (an aggregation tried again
+        reads the stream)."""
+        entry = self._rows.pop((job_id, round_no), None)
+        if entry is not None:
+            self._spare[job_id] = entry[0]
+        self._held.pop((job_id, round_no), None)
+
     async def _keep(self, job_id: str, update: StreamUpdate) -> None:
-        """Read-ahead sink: keep a participant's update of a collecting round (two digests
-        per client at most: a client that sends many cannot fill memory)."""
+        """Read-ahead sink: a participant's update of a collecting round goes into a row
+        of the round's matrix (in a worker thread), the rest of it into ``_held`` (two
+        digests per client at most: a client that sends many cannot fill memory)."""
         key = (job_id, update.round)
-        if update.client in self._collecting.get(key, ()):
-            held = self._held.setdefault(key, {}).setdefault(update.client, {})
-            if len(held) < 2:
-                held[update.digest] = update
+        entry = self._rows.get(key)
+        if entry is None or update.client not in self._collecting.get(key, ()):
+            return
+        held = self._held.setdefault(key, {}).setdefault(update.client, {})
+        if len(held) >= 2 or update.digest in held:
+            return
+        held[update.digest] = dataclasses.replace(update, tensors={})
+        rows, generation = entry
+        ref = (update.client, update.digest)
+        try:
+            await asyncio.to_thread(rows.add, ref, update.tensors, generation)
+        except ValueError as exc:  # not the model's layout: ingest refuses it too
+            self.log.debug("read-ahead row refused: %s", exc)
+            held.pop(update.digest, None)
 
     async def _on_model_appended(self, delivery: Delivery) -> Outcome:
         head = peek_header(delivery.body)
@@ -372,7 +425,7 @@ class Aggregator(Service):
         if not await self.store.save_round(old, new):
             return False
         if new.state == RoundState.OPEN:
-            self._collecting[(spec.job_id, new.round)] = frozenset(new.participants)
+            await self._collect(spec.job_id, new)
         return True
 
     async def _perform(self, spec: JobSpec, r: Round, effects: tuple[Effect, ...]) -> None:
@@ -440,9 +493,16 @@ class Aggregator(Service):
         CLOSED: False for a verdict handled already)."""
         assert self.store is not None
         base = await self._model(spec.job_id, command.base_version)
-        updates = await self._kept_updates(spec, command)
-        tensors = {c: u.tensors for c, u in updates.items()}
-        result = await asyncio.to_thread(aggregate, spec, command, base, tensors)
+        rows, updates = await self._kept_rows(spec, r, command)
+
+        def run() -> Any:
+            clients, x = rows.matrix([(c, d) for c, d, _o in command.updates])
+            return aggregate_matrix(spec, command, base, clients, x)
+
+        try:
+            result = await asyncio.to_thread(run)
+        finally:
+            self._spend(spec.job_id, command.round)
         reports = [Report(c, u.num_samples, u.metrics, u.evaluation) for c, u in updates.items()]
         metrics = round_metrics(reports, command.base_version)
         central = await self._evaluate(spec, command.round, result.model)
@@ -467,7 +527,6 @@ class Aggregator(Service):
         if not stored:
             return False
         self._models[(spec.job_id, command.round)] = result.model
-        self._held.pop((spec.job_id, command.round), None)
         self._collecting.pop((spec.job_id, command.round), None)
         return True
 
@@ -501,26 +560,39 @@ class Aggregator(Service):
             detail=str(exc)[:4000],
         )
 
-    async def _kept_updates(self, spec: JobSpec, command: Aggregate) -> dict[str, StreamUpdate]:
-        """The tensors of the kept clients' updates, each under the digest ingest accepted:
-        from the read-ahead, or read again from the stream at the recorded offsets."""
-        held = self._held.get((spec.job_id, command.round), {})
-        refs = {c: Ref(c, d, o) for c, d, o in command.updates}
-        updates = {
-            c: held[c][ref.digest] for c, ref in refs.items() if ref.digest in held.get(c, {})
-        }
-        missing = [ref for c, ref in refs.items() if c not in updates]
-        if missing:
+    async def _kept_rows(
+        self, spec: JobSpec, r: Round, command: Aggregate
+    ) -> tuple[RoundRows, dict[str, StreamUpdate]]:
+        """The round's matrix holding a row of each kept update, each under the digest
+        ingest accepted, and those updates without their tensors: from the read-ahead
+        (waited for while it is still decoding them), or read again from the stream at the
+        recorded offsets (after a restart, the whole round)."""
+        rows, _generation = await self._round_rows(spec.job_id, r)
+        held = self._held.setdefault((spec.job_id, command.round), {})
+        refs = [Ref(c, d, o) for c, d, o in command.updates]
+
+        def missing() -> list[Ref]:
+            return [
+                ref
+                for ref in refs
+                if (ref.client, ref.digest) not in rows
+                or ref.digest not in held.get(ref.client, {})
+            ]
+
+        rest = missing()
+        feed = self._feeds[spec.job_id]
+        if rest and await feed.wait_past(max(ref.offset for ref in rest)):
+            rest = missing()
+        if rest:
             event(
-                self.log,
-                "updates.rereading",
-                job=spec.job_id,
-                round=command.round,
-                count=len(missing),
+                self.log, "updates.rereading", job=spec.job_id, round=command.round, count=len(rest)
             )
-            fetched = await self._feeds[spec.job_id].fetch(command.round, missing)
-            updates.update(fetched)
-        return updates
+            for update in (await feed.fetch(command.round, rest)).values():
+                await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+                held.setdefault(update.client, {})[update.digest] = dataclasses.replace(
+                    update, tensors={}
+                )
+        return rows, {c: held[c][d] for c, d, _o in command.updates}
 
     # -- announcements ------------------------------------------------------------------------
     async def _announce_open(self, spec: JobSpec, round_no: int, a: Announce) -> None:
@@ -620,6 +692,9 @@ class Aggregator(Service):
             del self._held[key]
         for key in [k for k in self._collecting if k[0] == spec.job_id]:
             del self._collecting[key]
+        for key in [k for k in self._rows if k[0] == spec.job_id]:
+            del self._rows[key]
+        self._spare.pop(spec.job_id, None)
         event(self.log, "job.ended", job=spec.job_id, round=round_no, reason=reason)
         self._ended_event(spec.job_id).set()
         self.spawn(self._retire(spec.job_id), name=f"retire-{spec.job_id}")

@@ -567,3 +567,55 @@ async def test_adaptive_clipping_survives_a_restart_bit_for_bit(
         assert h.end_reason == "completed"
         assert h.opened_clips == once.opened_clips and h.request_clips == once.request_clips
         assert all(np.array_equal(uninterrupted[k], restarted[k]) for k in uninterrupted)
+
+
+async def test_the_round_matrix_gives_the_stacked_model_and_is_reused(
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each update goes into a row of its round's matrix as the read-ahead decodes it; at
+    the verdict nothing is read again, even while the read-ahead is still decoding (it is
+    waited for), the model is the one stacking the decoded updates gives, bit for bit, and
+    every round after the first reuses the first round's matrix."""
+    from qflare.messages.tensors import RoundRows
+    from qflare.runtime.updates import UpdateFeed
+    from qflare.services.aggregator import service as aggregator_module
+    from qflare.services.aggregator.core import Aggregate, aggregate, cap_removals
+
+    fetched: list[int] = []
+    real_fetch = UpdateFeed.fetch
+
+    async def fetch(self: UpdateFeed, round_no: int, refs: Any, timeout: float = 60.0) -> Any:
+        if self.log.name.endswith("aggregator"):  # the detector's feed is another
+            fetched.append(round_no)
+        return await real_fetch(self, round_no, refs, timeout)
+
+    monkeypatch.setattr(UpdateFeed, "fetch", fetch)
+    real_keep = aggregator_module.Aggregator._keep
+
+    async def slow_keep(self: Any, job_id: str, update: Any) -> None:
+        await asyncio.sleep(0.15)  # still decoding when the round closes
+        await real_keep(self, job_id, update)
+
+    monkeypatch.setattr(aggregator_module.Aggregator, "_keep", slow_keep)
+    matrices: dict[int, RoundRows] = {}
+    real_round_rows = aggregator_module.Aggregator._round_rows
+
+    async def round_rows(self: Any, job_id: str, r: Any) -> tuple[RoundRows, int]:
+        entry = await real_round_rows(self, job_id, r)
+        matrices.setdefault(r.round, entry[0])
+        return entry
+
+    monkeypatch.setattr(aggregator_module.Aggregator, "_round_rows", round_rows)
+    spec = job(rounds=3)
+    h, final = await run_job(federation, tmp_path / "m", spec)
+    assert h.end_reason == "completed" and fetched == []
+    assert sorted(matrices) == [1, 2, 3]
+    assert matrices[2] is matrices[1] and matrices[3] is matrices[1]
+    model = initial_model()
+    for r in (1, 2, 3):
+        kept, flagged = h.verdicts[r]
+        kept, removed = cap_removals(kept, [(c, 1.0) for c in flagged], spec.dp_filter_bound)
+        command = Aggregate(r, r - 1, tuple(kept), tuple(removed), (), spec.clip, population=10)
+        model = aggregate(spec, command, model, {c: delta(c, r) for c in kept}).model
+    for name, tensor in model.items():
+        assert np.array_equal(tensor, final[name]), name

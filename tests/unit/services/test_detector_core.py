@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
-import pytest
 
+from qflare.messages.tensors import RoundRows
 from qflare.robust import Reputation
-from qflare.services.detector.core import RoundRows, _gather_rows, decide, decide_rows
+from qflare.services.detector.core import decide, decide_rows
 
 
 def _round(
@@ -56,72 +54,6 @@ def test_detection_off_keeps_everyone() -> None:
     rep = Reputation()
     v = decide(1, _round(1), f=3, detection=False, reputation=rep)
     assert v.kept == tuple(sorted(_round(1))) and v.flagged == () and rep.clients == {}
-
-
-def test_rows_hold_tensors_in_name_order_as_float32() -> None:
-    rows = RoundRows(2)
-    rows.add(("c1", b"d"), {"b": np.array([3.0]), "a": np.array([[1.0, 2.0]])})
-    clients, x = rows.matrix([("c1", b"d")])
-    assert clients == ["c1"] and x.tolist() == [[1.0, 2.0, 3.0]] and x.dtype == np.float32
-
-
-@pytest.mark.parametrize("capacity", [1, 3, 10])
-def test_rows_in_any_arrival_order_give_the_sorted_matrix(capacity: int) -> None:
-    updates = _round(5)
-    expected = np.stack(
-        [np.concatenate([updates[c]["b"], updates[c]["w"].ravel()]) for c in sorted(updates)]
-    )
-    for arrival in (
-        sorted(updates),
-        sorted(updates, reverse=True),
-        list(np.random.default_rng(0).permutation(sorted(updates))),
-    ):
-        rows = RoundRows(capacity)  # small capacities grow while rows arrive
-        for c in arrival:
-            rows.add((c, c.encode()), updates[c])
-        rows.add((arrival[0], arrival[0].encode()), updates[arrival[1]])  # a redelivery: ignored
-        assert len(rows) == 10
-        refs = [(c, c.encode()) for c in arrival]
-        clients, x = rows.matrix(refs)
-        assert clients == sorted(updates) and np.array_equal(x, expected)
-        clients, again = rows.matrix(refs)  # asking again after the reorder
-        assert np.array_equal(again, expected)
-
-
-def test_a_subset_of_the_rows_is_a_copy_in_client_order() -> None:
-    updates = _round(6)
-    rows = RoundRows(10)
-    for c in sorted(updates, reverse=True):
-        rows.add((c, b""), updates[c])
-    clients, x = rows.matrix([("c4", b""), ("c1", b"")])
-    assert clients == ["c1", "c4"]
-    assert np.array_equal(x[1], np.concatenate([updates["c4"]["b"], updates["c4"]["w"].ravel()]))
-    with pytest.raises(KeyError):
-        rows.matrix([("c1", b"other digest")])
-
-
-def test_an_update_of_another_layout_is_refused() -> None:
-    rows = RoundRows(4)
-    rows.add(("c0", b""), {"w": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError, match="c1"):
-        rows.add(("c1", b""), {"w": np.zeros(4, np.float32)})
-    with pytest.raises(ValueError, match="c2"):
-        rows.add(("c2", b""), {"v": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError, match="c3"):  # same size, another shape
-        rows.add(("c3", b""), {"w": np.zeros((3, 1), np.float32)})
-    with pytest.raises(ValueError, match="c4"):  # same shape, another dtype
-        rows.add(("c4", b""), {"w": np.zeros(3, np.float64)})
-    assert len(rows) == 1
-    with pytest.raises(ValueError):
-        RoundRows(0)
-
-
-def test_gather_rows_applies_every_permutation_in_place() -> None:
-    base = np.arange(5, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
-    for perm in itertools.permutations(range(5)):
-        x = base.copy()
-        _gather_rows(x, list(perm))
-        assert np.array_equal(x, base[list(perm)])
 
 
 def test_decide_rows_is_decide_over_the_same_matrix() -> None:
