@@ -1,0 +1,54 @@
+"""Reputation.review: a consistently honest outlier is let back in; attackers are not."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qflare.robust import Reputation, detect
+from qflare.robust.reputation import PARDONABLE
+
+
+def _round(rng: np.random.Generator, mu: np.ndarray, skew: np.ndarray) -> np.ndarray:
+    d = mu.shape[0]
+    h = mu + 0.9 * rng.normal(size=(16, d)) / np.sqrt(d)
+    h[13] = -2 * mu + 0.05 * rng.normal(size=d) / np.sqrt(d)  # consistent, against the consensus
+    h[14] = 2 * mu + 4 * skew + 0.1 * rng.normal(size=d) / np.sqrt(d)  # honest outlier
+    h[15] = 9 * rng.normal(size=d) / np.sqrt(d)  # a new random direction each round
+    return h.astype(np.float32)
+
+
+def test_a_consistent_honest_outlier_is_let_back_in() -> None:
+    rng = np.random.default_rng(0)
+    d = 300
+    mu = rng.normal(size=d)
+    mu /= np.linalg.norm(mu)
+    skew = rng.normal(size=d)
+    skew -= (skew @ mu) * mu
+    skew /= np.linalg.norm(skew)
+    ids = [f"c{i:02d}" for i in range(16)]
+    rep = Reputation(min_history=2)
+    for r in range(1, 7):
+        x = _round(rng, mu, skew)
+        v = detect(x, 3, ids=ids)
+        assert {"c13", "c14", "c15"} <= set(v.flagged)
+        assert set(v.reasons["c14"]) <= PARDONABLE  # flagged for being far and large only
+        w = rep.review(r, ids, x, v)
+        # two rounds of history first, then the outlier is back; the others never
+        assert ("c14" in w.flagged) == (r <= 2)
+        assert {"c13", "c15"} <= set(w.flagged)
+        assert set(w.kept) | set(w.flagged) == set(ids)
+        assert w.scores["c15"]["consistency"] < 0.5
+        if r > 2:
+            assert w.scores["c14"]["consistency"] > 0.9 and "consistent history" in w.message
+    back = Reputation.from_dict(json.loads(json.dumps(rep.to_dict())))
+    assert back.to_dict() == rep.to_dict() and back.history.keys() == rep.history.keys()
+    # a state saved before the history existed still loads, with the default tunables
+    old = {k: v for k, v in rep.to_dict().items() if k in Reputation.PARAMS or k == "clients"}
+    assert Reputation.from_dict(old).consistency == 0.9
+    with pytest.raises(ValueError, match="rows for"):
+        rep.review(7, ids[:3], x, v)
+    with pytest.raises(ValueError, match="memory must be in"):
+        Reputation(memory=1.0)
