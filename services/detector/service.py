@@ -6,8 +6,10 @@ and "The data plane").
 The read-ahead keeps a participant's update as a row of its round's matrix under its
 (client, digest) key (verified in full: certificate, signature, digest, unsealed with the
 detector's own key); the verdict uses only the digests the aggregator's signed
-``round.closed`` lists, and reads whatever it does not hold again from the stream at their
-offsets (after a restart: all of them). ``round.closed`` is stored as pending before it is
+``round.closed`` lists. At the close it waits (a bounded time) for the read-ahead to pass
+the listed offsets, and reads whatever it still does not hold again from the stream at their
+offsets (after a restart: all of them). A decided round's matrix is the next round's: its
+memory is touched already. ``round.closed`` is stored as pending before it is
 acknowledged; the verdict and the reputation it changes commit together, so redeliveries do
 not count twice. A redelivered ``round.closed`` of a decided round re-publishes the stored
 verdict.
@@ -27,6 +29,7 @@ from qflare.messages import (
     RoundClosed,
     RoundVerdict,
 )
+from qflare.messages.tensors import RoundRows
 from qflare.robust import Reputation
 from qflare.runtime import (
     Consumer,
@@ -40,7 +43,7 @@ from qflare.runtime import (
 from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import job_of
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
-from qflare.services.detector.core import RoundRows, decide, decide_rows
+from qflare.services.detector.core import decide, decide_rows
 from qflare.services.detector.store import DetectorStore, PendingRef
 
 
@@ -56,8 +59,10 @@ class Detector(Service):
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # (job, round) -> the round's updates as matrix rows (detection on only), filled by
-        # the read-ahead as they arrive; the stream serves restarts
-        self._rows: dict[tuple[str, int], RoundRows] = {}
+        # the read-ahead as they arrive, and the generation of those rows; the stream serves
+        # restarts. A decided round's matrix is the job's spare, reset for its next round.
+        self._rows: dict[tuple[str, int], tuple[RoundRows, int]] = {}
+        self._spare: dict[str, RoundRows] = {}
         self._per_client: dict[tuple[str, int, str], int] = {}
         self._decided_up_to: dict[str, int] = {}
         self._feeds: dict[str, UpdateFeed] = {}
@@ -140,16 +145,34 @@ class Detector(Service):
         most); the copy into the row runs in a worker thread."""
         if update.round <= self._decided_up_to.get(job_id, 0):
             return
-        spec = self.specs[job_id]
         count = (job_id, update.round, update.client)
         if self._per_client.get(count, 0) >= 2:
             return
-        rows = self._rows.setdefault((job_id, update.round), RoundRows(_expected_updates(spec)))
+        rows, generation = self._round_rows(job_id, update.round)
         self._per_client[count] = self._per_client.get(count, 0) + 1
+        ref = (update.client, update.digest)
         try:
-            await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+            await asyncio.to_thread(rows.add, ref, update.tensors, generation)
         except ValueError as exc:  # not the model's layout: ingest refuses it too
             self.log.debug("read-ahead row refused: %s", exc)
+
+    def _round_rows(self, job_id: str, round_no: int) -> tuple[RoundRows, int]:
+        """The matrix of a round and its generation (the job's spare matrix, reset, when it
+        has one). With every participant selected (q = 1) each has a home row in client-id
+        order, so a round whose every update came in is in order as it stands."""
+        entry = self._rows.get((job_id, round_no))
+        if entry is None:
+            spec = self.specs[job_id]
+            capacity = _expected_updates(spec)
+            homes = sorted(spec.participants) if spec.sample_rate >= 1.0 else []
+            rows = self._spare.pop(job_id, None)
+            if rows is None:
+                rows = RoundRows(capacity, homes)
+                entry = (rows, rows.generation)
+            else:
+                entry = (rows, rows.reset(capacity, homes))
+            self._rows[(job_id, round_no)] = entry
+        return entry
 
     async def on_closed(self, env: Envelope[RoundClosed]) -> None:
         assert self.store is not None
@@ -177,7 +200,7 @@ class Detector(Service):
             spec = self.specs[job_id]
             reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
             if spec.detection:
-                rows = self._rows.setdefault((job_id, round_no), RoundRows(max(1, len(refs))))
+                rows, _generation = self._round_rows(job_id, round_no)
                 try:
                     await self._read_listed(job_id, round_no, rows, refs)
                 except ValueError:
@@ -236,16 +259,24 @@ class Detector(Service):
         rest = [Ref(c, d, o) for c, d, o in refs if (c, d) not in rows]
         if not rest:  # all read ahead
             return
+        await self._read_ahead(job_id)
+        feed = self._feeds[job_id]
+        if await feed.wait_past(max(r.offset for r in rest)):  # it was still decoding them
+            rest = [r for r in rest if (r.client, r.digest) not in rows]
+            if not rest:
+                return
         # not read ahead: a restart, or it arrived before the reader
         event(self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest))
-        await self._read_ahead(job_id)
-        fetched = await self._feeds[job_id].fetch(round_no, rest)
+        fetched = await feed.fetch(round_no, rest)
         for update in fetched.values():
             await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
 
     def _forget(self, job_id: str, round_no: int) -> None:
         """A decided round needs no rows; nothing for it or earlier is read ahead again."""
         self._decided_up_to[job_id] = max(self._decided_up_to.get(job_id, 0), round_no)
+        decided = self._rows.get((job_id, round_no))
+        if decided is not None:
+            self._spare[job_id] = decided[0]
         for key in [k for k in self._rows if k[0] == job_id and k[1] <= round_no]:
             del self._rows[key]
         for count in [k for k in self._per_client if k[0] == job_id and k[1] <= round_no]:

@@ -204,7 +204,8 @@ class Wire:
     def held(self, round_no: int) -> Any:
         """The rows the detector's read-ahead holds for the round (empty if none)."""
         assert self.detector is not None
-        return self.detector._rows.get((JOB, round_no), ())
+        entry = self.detector._rows.get((JOB, round_no))
+        return () if entry is None else entry[0]
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
@@ -573,3 +574,33 @@ async def test_a_misshapen_update_read_ahead_first_does_not_decide_the_layout(
     await wire.closed(1, refs)
     verdict = await wire.verdict(1)
     assert_verdict(verdict, expected(1, {c: tensors(c, 1) for c in CLIENTS}))
+
+
+async def test_the_close_waits_for_the_read_ahead_and_reuses_the_matrix(
+    wire: Wire,
+    fetches: list[list[Ref]],
+    matrices: list[tuple[list[str], np.ndarray]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``round.closed`` arrives while the read-ahead is still decoding the round's updates:
+    the detector waits for it to pass the listed offsets instead of reading them again, and
+    the next round's rows go into the decided round's matrix."""
+    real_keep = Detector._keep
+
+    async def slow_keep(self: Detector, job_id: str, update: Any) -> None:
+        await asyncio.sleep(0.1)
+        await real_keep(self, job_id, update)
+
+    monkeypatch.setattr(Detector, "_keep", slow_keep)
+    detector = await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    assert len(wire.held(1)) < len(CLIENTS)  # the read-ahead has not kept them all yet
+    await wire.closed(1, refs)
+    assert_verdict(await wire.verdict(1), expected(1, {c: tensors(c, 1) for c in CLIENTS}))
+    assert fetches == [], "waited for the read-ahead: nothing read again"
+    first = detector._spare[JOB]
+    refs = [await wire.update(c, 2) for c in CLIENTS]
+    await wire.closed(2, refs)
+    assert_verdict(await wire.verdict(2), expected(2, {c: tensors(c, 2) for c in CLIENTS}))
+    assert fetches == [] and detector._spare[JOB] is first
+    assert [m[0] for m in matrices] == [list(CLIENTS)] * 2
