@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qflare.messages import tensors as tensors_module
-from qflare.messages.tensors import Layout, RoundRows, _gather_rows
+from qflare.messages.tensors import Layout, RoundRows, _gather_rows, fresh_rows
 
 CLIENTS = tuple(f"c{i}" for i in range(10))
 
@@ -197,3 +197,11 @@ def test_gather_rows_moves_every_live_row() -> None:
         for i, k in enumerate(perm):
             if live[k]:
                 assert np.array_equal(x[i], base[k]), (perm, live)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (0, 4), (2, 0), (64, 1 << 16)])
+def test_fresh_rows_are_a_writable_float32_matrix(shape: tuple[int, int]) -> None:
+    x = fresh_rows(*shape)
+    assert x.shape == shape and x.dtype == np.float32 and x.flags.c_contiguous
+    x[...] = 1.5
+    assert np.all(x == 1.5)
