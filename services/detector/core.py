@@ -69,7 +69,8 @@ def decide_rows(
     in the order of ``clients``, sorted); updates ``reputation`` in place."""
     if not clients:
         return RoundVerdict((), (), (), "empty round")
-    verdict = detect(x, f, ids=clients)
+    # a consistently honest outlier (non-IID data) is let back in by its own history
+    verdict = reputation.review(round_no, clients, x, detect(x, f, ids=clients))
     reasons: dict[str, list[str]] = {c: list(verdict.reasons.get(c, ())) for c in clients}
     for c in clients:
         if reputation.is_quarantined(c, round_no):
