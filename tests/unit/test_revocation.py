@@ -2,7 +2,7 @@
 management-API client's URL handling (qflare.bus.management), the definitions leaving a revoked
 client out, and ``qflare revoke`` telling the broker or saying it did not.
 
-The management API itself, on the real broker: tests/e2e/test_revocation.py."""
+The management API itself, on the real broker: tests/e2e/test_revocation_job.py."""
 
 from __future__ import annotations
 
