@@ -254,20 +254,35 @@ class Service(abc.ABC):
 
     async def handle(self, handler: ServiceHandler, delivery: Delivery, kind: str = "-") -> Outcome:
         delay = STORAGE_RETRY_S[0]
+        held = False
         while True:
             try:
-                return await self._timed_settle(handler, delivery, kind)
+                outcome = await self._timed_settle(handler, delivery, kind)
             except (sqlite3.OperationalError, OSError) as exc:  # STORAGE_ERRORS or the disk
                 if isinstance(exc, OSError) and not _is_storage_fault(exc):
                     raise
+                held = True
                 await self._storage_fault(exc, delivery)
                 if not self._running:
                     return Outcome.RETRY  # stopping: give the message back, unharmed
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, STORAGE_RETRY_S[1])
+                continue
+            if held:
+                self._storage_recovered()
+            return outcome
+
+    def _storage_recovered(self) -> None:
+        """A held message went through: the store takes writes again, the episode ends.
+        Only a held message's success says so: a handler that writes nothing can succeed
+        while the disk is still full (and, with several deliveries in flight, often does)."""
+        if self._storage_down:
+            self._storage_down = False
+            event(self.log, "storage.recovered")
 
     async def _storage_fault(self, exc: BaseException, delivery: Delivery) -> None:
-        """Log every failed attempt; alert once per episode (until a handler succeeds)."""
+        """Log every failed attempt; alert once per episode (until a held message goes
+        through: :meth:`_storage_recovered`)."""
         event(
             self.log,
             "storage.fault",
@@ -345,9 +360,6 @@ class Service(abc.ABC):
                 delivery_count=delivery.delivery_count,
             )
             return Outcome.RETRY
-        if self._storage_down:
-            self._storage_down = False
-            event(self.log, "storage.recovered")
         if result is None:
             return Outcome.ACK
         return result

@@ -302,9 +302,10 @@ class FailingStore(Service):
 
     async def on_message(self, delivery: Delivery) -> None:
         n = self.attempts[delivery.body] = self.attempts.get(delivery.body, 0) + 1
-        if n <= self.failures:
-            raise self.error
-        self.done.append(delivery.body)
+        if delivery.body.startswith(b"free") or n > self.failures:
+            self.done.append(delivery.body)  # "free...": a handler that writes nothing
+            return
+        raise self.error
 
 
 @pytest.mark.parametrize(
@@ -364,6 +365,50 @@ async def test_a_failing_store_holds_the_message_and_alerts_once(
     assert svc.attempts == {b"m1": 7, b"m2": 7}
     kinds = [open_envelope(a, federation.trust()).body for a in alerts]
     assert [(k.alert_kind, k.severity) for k in kinds] == [("storage.fault", "critical")]
+
+
+async def test_handlers_that_write_nothing_do_not_end_a_storage_episode(
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a held message keeps failing, others that touch no store go through (several
+    deliveries are in flight): the episode stays one alert until the held message itself
+    goes through."""
+    monkeypatch.setattr("qflare.runtime.service.STORAGE_RETRY_S", (0.02, 0.02))
+    bus = await connect_bus("memory://store-episode")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path))
+    ctx = ServiceContext(
+        name="aggregator",
+        settings=settings,
+        bus=bus,
+        identity=federation.identity("aggregator"),
+        trust=federation.trust(),
+        data_dir=tmp_path,
+    )
+    svc = FailingStore(ctx, failures=20, error=OSError(28, "No space left on device"))
+    alerts: list[bytes] = []
+
+    async def on_alert(d: Delivery) -> Outcome:
+        alerts.append(d.body)
+        return Outcome.ACK
+
+    await bus.consume(
+        QueueSpec("alerts", bindings=((topology.EVENTS, "alert.raised.*"),)), on_alert
+    )
+    await svc.start()
+    await bus.publish(topology.EVENTS, "sp.j", b"held")
+    for i in range(6):
+        await asyncio.sleep(0.03)
+        await bus.publish(topology.EVENTS, "sp.j", b"free%d" % i)
+    for _ in range(500):
+        if b"held" in svc.done:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    await svc.stop()
+    await bus.close()
+    assert svc.done[-1] == b"held" and len(svc.done) == 7
+    assert svc.attempts[b"held"] == 21
+    assert len(alerts) == 1
 
 
 async def test_an_oserror_that_is_not_the_disk_is_retried_as_before(
