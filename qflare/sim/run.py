@@ -82,21 +82,31 @@ def prepare(config: SimConfig, broker: str = "memory://") -> SimConfig:
 
 def check_broker_reachable(url: str, timeout: float = 3.0) -> None:
     """A TCP connect to the broker, so a wrong URL fails in seconds, before anything starts
-    (the bus itself retries for half a minute, as a service should)."""
+    (the bus itself retries for half a minute, as a service should). With a cluster's
+    comma-separated addresses, one node that answers is enough (the bus fails over)."""
     import socket
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    from qflare.bus.port import broker_addresses
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise SimConfigError(
-            f"cannot reach the broker at {host}:{port} ({exc.strerror or exc}); is RabbitMQ running "
-            "(rabbitmq-server -detached)?"
-        ) from None
+        addresses = broker_addresses(url)
+    except ValueError as exc:
+        raise SimConfigError(f"--broker: {exc}") from None
+    tried: list[str] = []
+    for address in addresses:
+        parts = urlsplit(address)
+        host = parts.hostname or "localhost"
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return
+        except OSError as exc:
+            tried.append(f"{host}:{port} ({exc.strerror or exc})")
+    raise SimConfigError(
+        f"cannot reach the broker at {', '.join(tried)}; is RabbitMQ running "
+        "(rabbitmq-server -detached)?"
+    )
 
 
 def list_choices() -> Table:

@@ -90,6 +90,11 @@ def test_rule_spec_gets_f_only_where_missing() -> None:
         (["--alpha", "0"], "alpha"),
         (["--broker", "http://x"], "--broker must start with"),
         (["--broker", "amqp://guest:guest@127.0.0.1:1/"], "cannot reach the broker at 127.0.0.1:1"),
+        (
+            ["--broker", "amqp://guest:guest@127.0.0.1:1/,amqp://guest:guest@127.0.0.1:2/"],
+            "cannot reach the broker at 127.0.0.1:1 (Connection refused), 127.0.0.1:2",
+        ),
+        (["--broker", "amqp://g:g@127.0.0.1:1/,http://x/"], "each must be an amqp://"),
         (["--dataset", "fashion-mnist-typo"], "unknown data set"),
         (["--dp-filter-bound", "1"], "--dp-filter-bound 1 only applies with DP on"),
         (
@@ -181,3 +186,15 @@ def test_a_target_epsilon_with_a_filter_bound_is_planned_at_the_charged_noise() 
     spent = epsilon(1.0, charged, 5, config.delta)
     assert spent <= 8.0 and spent > 7.5, (config.noise_multiplier, spent)
     assert config.epsilon_budget == 8.0
+
+
+def test_one_answering_node_of_a_cluster_list_is_enough() -> None:
+    import socket
+
+    from qflare.sim.run import check_broker_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        check_broker_reachable(f"amqp://g:g@127.0.0.1:1/,amqp://g:g@127.0.0.1:{port}/")
