@@ -5,8 +5,9 @@ received body (SHA-256, binding it to the signature), verify one ML-DSA-65 signa
 sender's certificate, decrypt the body (ML-KEM-768 + X25519 decapsulation, AES-256-GCM),
 hash the re-signed body it publishes and sign it. That is the *floor*, timed here with the
 same primitives on the same bytes. The *pipeline* is what the service's handler runs per
-update, minus the broker: ``open_envelope`` (with unsealing), the round checks,
-``validate_update`` + the norm, and encoding + signing ``update.accepted``. The ratio
+update, minus the broker, through the same functions: ``open_envelope`` (with unsealing),
+the round checks, the tensor checks and the norm, and encoding + signing the
+``update.accepted`` that names the update's stream offset. The ratio
 pipeline / floor says what the decoding, validation and re-encoding add on top of the
 cryptography (1.0 = nothing). Trials alternate floor and pipeline so machine noise hits
 both.
@@ -27,16 +28,15 @@ from qflare.crypto.pki import canonical
 from qflare.crypto.sealing import seal
 from qflare.crypto.signing import context_for, verify
 from qflare.crypto.testing import make_federation
-from qflare.messages import (
-    RoundOpened,
-    Update,
-    UpdateAccepted,
-    encode,
-    open_envelope,
-    validate_update,
-)
+from qflare.messages import RoundOpened, Update, encode, open_envelope
 from qflare.messages.tensors import model_digest
-from qflare.services.ingest.core import RoundBook, check_norm, check_round
+from qflare.services.ingest.core import (
+    OpenRound,
+    RoundBook,
+    accepted_update,
+    check_tensors,
+    check_update_round,
+)
 
 
 def main() -> None:
@@ -75,10 +75,10 @@ def main() -> None:
         clip_norm=1.0,
         tensor_spec=spec,
         rule="mean",
+        model_offset=0,
+        updates_from=0,
     )
     book = RoundBook()
-    from qflare.services.ingest.core import OpenRound
-
     info = OpenRound(
         job="b",
         round=1,
@@ -113,32 +113,11 @@ def main() -> None:
 
     def pipeline() -> float:
         t0 = time.perf_counter()
-        for data in updates:
+        for offset, data in enumerate(updates):
             env = open_envelope(data, trust, expect_kind="update", kem_key=ingest.kem)
-            body = env.body
-            got = check_round(
-                book,
-                job=env.job,
-                round_=env.round,
-                base_version=body.base_version,
-                client=env.sender,
-                now=time.time(),
-            )
-            validate_update(body.tensors, opened.tensor_spec)
-            check_norm(got, body.tensors)
-            encode(
-                "update.accepted",
-                UpdateAccepted(
-                    client=env.sender,
-                    update_digest=env.body_digest,
-                    base_version=0,
-                    num_samples=body.num_samples,
-                    tensors=dict(body.tensors),
-                ),
-                ingest,
-                job="b",
-                round=1,
-            )
+            got = check_update_round(book, env, time.time())
+            check_tensors(got, env.body.tensors)
+            encode("update.accepted", accepted_update(env, offset), ingest, job="b", round=1)
         return time.perf_counter() - t0
 
     floor()

@@ -5,7 +5,8 @@ learnt from ``round.opened`` / ``round.closed`` events, and a bounded memory of 
 ``(job, round, client)`` triples it has accepted. Everything here works on plain data
 (numpy arrays, ints, strings) and raises :class:`MessageRejected` with a stable
 :class:`Reason`, so each rule is unit-tested without a broker, and the service shell only
-decodes, calls :func:`check_update` and publishes.
+decodes, calls :func:`check_update_round` and :func:`check_tensors`, and publishes
+:func:`accepted_update`.
 
 Order of checks: identity and round first (cheap, and they decide whether the tensors are
 worth looking at), then tensor names, dtypes and shapes (metadata only), then the values
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qflare.messages.bodies import TensorSpec
+from qflare.messages.bodies import TensorSpec, Update, UpdateAccepted
+from qflare.messages.envelope import Envelope
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.validate import validate_update
 
@@ -139,6 +141,31 @@ def check_round(
             f"round {info.round} of {job!r} passed its deadline {now - info.deadline:.1f}s ago",
         )
     return info
+
+
+def check_update_round(book: RoundBook, env: Envelope[Update], now: float) -> OpenRound:
+    """:func:`check_round` for the verified update ``env``: its header names the job, the
+    round and the sender, its body the base version."""
+    return check_round(
+        book,
+        job=env.job,
+        round_=env.round,
+        base_version=env.body.base_version,
+        client=env.sender,
+        now=now,
+    )
+
+
+def accepted_update(env: Envelope[Update], offset: int) -> UpdateAccepted:
+    """Ingest's verdict on the update ``env`` that passed every check: it names the bytes
+    (their digest and ``offset`` in the job's update stream), not the tensors."""
+    return UpdateAccepted(
+        client=env.sender,
+        update_digest=env.body_digest,
+        base_version=env.body.base_version,
+        num_samples=env.body.num_samples,
+        offset=offset,
+    )
 
 
 def needs_round_news(book: RoundBook, job: str, round_: int) -> bool:

@@ -56,7 +56,6 @@ from qflare.messages import (
     RoundClosed,
     RoundOpened,
     Update,
-    UpdateAccepted,
     UpdateRejected,
     unpack,
 )
@@ -81,8 +80,9 @@ from qflare.services.ingest.core import (
     RejectionBudget,
     RoundBook,
     SeenUpdates,
-    check_round,
+    accepted_update,
     check_tensors,
+    check_update_round,
     max_envelope_bytes,
     needs_round_news,
 )
@@ -360,14 +360,7 @@ class IngestService(Service):
         """The verified update ``env`` against the open round, then its verdict."""
         body = env.body
         try:
-            info = check_round(
-                self.book,
-                job=env.job,
-                round_=env.round,
-                base_version=body.base_version,
-                client=env.sender,
-                now=self.ctx.clock(),
-            )
+            info = check_update_round(self.book, env, self.ctx.clock())
             self.seen.check(env.job, env.round, env.sender)
             if len(delivery.body) > OFF_LOOP_BYTES:
                 # finiteness and norm read every element: off the loop for large updates
@@ -389,13 +382,7 @@ class IngestService(Service):
             return
         offset = delivery.offset
         assert offset is not None  # a stream delivery (on_update returns on one without)
-        accepted = UpdateAccepted(
-            client=env.sender,
-            update_digest=env.body_digest,
-            base_version=body.base_version,
-            num_samples=body.num_samples,
-            offset=offset,
-        )
+        accepted = accepted_update(env, offset)
         try:
             await emit(self, "update.accepted", accepted, job=env.job, round=env.round)
             self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())

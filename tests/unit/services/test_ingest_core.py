@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from qflare.messages import TensorSpec
+from qflare.messages import TensorSpec, Update
+from qflare.messages.envelope import Envelope
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.services.ingest.core import (
     UNVERIFIED,
@@ -15,8 +16,10 @@ from qflare.services.ingest.core import (
     RoundBook,
     SeenUpdates,
     Shed,
+    accepted_update,
     check_round,
     check_tensors,
+    check_update_round,
     max_envelope_bytes,
     needs_round_news,
 )
@@ -64,6 +67,39 @@ def test_good_update_passes_and_returns_norm() -> None:
     info = check_round(_book(), job="j1", round_=4, base_version=3, client="c1", now=50)
     assert info.round == 4
     assert check_tensors(info, _good()) == pytest.approx(np.sqrt(6 * 0.25 + 2))
+
+
+def _update_env(*, sender: str = "c1", round_: int = 4, base_version: int = 3) -> Envelope:
+    body = Update(base_version=base_version, num_samples=7, tensors=_good())
+    return Envelope(
+        kind="update",
+        sender=sender,
+        cert=None,
+        job="j1",
+        round=round_,
+        ts=0,
+        nonce=b"n",
+        body_digest=b"d" * 32,
+        body=body,
+        sealed=False,
+        size=0,
+    )
+
+
+def test_update_envelope_is_checked_by_its_header_and_base_version() -> None:
+    assert check_update_round(_book(), _update_env(), 50).round == 4
+    assert (
+        _code(check_update_round, _book(), _update_env(sender="c9"), 50) == Reason.NOT_PARTICIPANT
+    )
+    assert _code(check_update_round, _book(), _update_env(round_=3), 50) == Reason.STALE_ROUND
+    assert _code(check_update_round, _book(), _update_env(base_version=2), 50) == Reason.STALE_BASE
+    assert _code(check_update_round, _book(), _update_env(), 101) == Reason.ROUND_CLOSED
+
+
+def test_accepted_update_names_the_bytes_not_the_tensors() -> None:
+    got = accepted_update(_update_env(), 12)
+    assert (got.client, got.update_digest, got.offset) == ("c1", b"d" * 32, 12)
+    assert (got.base_version, got.num_samples) == (3, 7)
 
 
 @pytest.mark.parametrize(
