@@ -44,7 +44,7 @@ from qflare.messages.codec import (
     pack_parts,
     unpack,
 )
-from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.errors import MessageRejected, Reason, SignedBodyRejected
 from qflare.messages.limits import DEFAULT_LIMITS, OFF_LOOP_BYTES, Limits
 
 VERSION = 1
@@ -338,10 +338,21 @@ def open_envelope(
     if hashlib.sha256(body).digest() != signed["body_digest"]:
         raise MessageRejected(Reason.BAD_DIGEST, "body does not match the signed body_digest")
     sealed = len(body) > 0 and body[0] in (0xC7, 0xC8, 0xC9)
-    if sealed:
-        body = _unseal(body, kem_key, _seal_aad(header))
-    decoded = unpack(body, limits, max_bytes=cap)
-    model = body_from_wire(kind, decoded)
+    try:
+        if sealed:
+            body = _unseal(body, kem_key, _seal_aad(header))
+        decoded = unpack(body, limits, max_bytes=cap)
+        model = body_from_wire(kind, decoded)
+    except MessageRejected as exc:
+        if vouched_digest is not None:
+            raise
+        raise SignedBodyRejected(
+            exc,
+            sender=cert.id,
+            job=values["job"],
+            round=values["round"],
+            body_digest=signed["body_digest"],
+        ) from None
     if expect_round is not None and values["round"] != expect_round:
         raise MessageRejected(
             Reason.STALE_ROUND, f"expected round {expect_round}, got {values['round']}"

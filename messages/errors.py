@@ -171,3 +171,20 @@ class MessageRejected(QflareError):
     def of(cls, exc: TrustRejected) -> MessageRejected:
         """The rejection for a failed cryptographic check (same code, same detail)."""
         return cls(Reason(exc.code), exc.detail)
+
+
+class SignedBodyRejected(MessageRejected):
+    """A refused message whose signature and body digest verified: its signer sent exactly
+    these bytes (a body that does not unseal, decode or fit its schema), so the refusal may
+    name the signer, its job and round. A failure before that point (a bad signature, a body
+    that does not hash to the signed digest) names no one: anyone can claim a sender or pair
+    a signed header with other bytes."""
+
+    def __init__(
+        self, cause: MessageRejected, *, sender: str, job: str, round: int, body_digest: bytes
+    ) -> None:
+        super().__init__(cause.reason, cause.detail)
+        self.sender, self.job, self.round, self.body_digest = sender, job, round, body_digest
+
+    def __reduce__(self) -> tuple[type, tuple[Reason, str]]:
+        return (MessageRejected, (self.reason, self.detail))

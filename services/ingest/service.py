@@ -24,8 +24,9 @@ update:
 
 Any failure is a :class:`MessageRejected`: :meth:`IngestService.on_rejected` publishes
 ``update.rejected`` (with the offset) and an ``alert.raised`` naming the reason, and the
-reader moves on. A client is named in them only once its signature verified, so a forger
-cannot get an honest client flagged. Reporting costs two signatures and two publishes, far
+reader moves on. A client is named in them only once its signature verified (and, for a
+body that fails, once the body hashed to the signed digest: ``SignedBodyRejected``), so a
+forger cannot get an honest client flagged. Reporting costs two signatures and two publishes, far
 more than refusing garbage, so a flood must not be reported one by one: each sender (a
 verified client, or all unverified senders together) has a budget of reported rejections
 (``report_burst``, then ``report_per_s``); the rest are shed, counted and summarised in one
@@ -60,7 +61,7 @@ from qflare.messages import (
     unpack,
 )
 from qflare.messages.envelope import of_kind, open_off_loop
-from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.errors import MessageRejected, Reason, SignedBodyRejected
 from qflare.messages.limits import OFF_LOOP_BYTES
 from qflare.runtime import metrics
 from qflare.runtime.config import IngestOptions
@@ -413,8 +414,15 @@ class IngestService(Service):
         for the summary (:meth:`report_shed`) when its sender spent its budget of reported
         rejections (:class:`~qflare.services.ingest.core.RejectionBudget`)."""
         # the verdict names the stream it judged (the offset is one of updates.<key_job>);
-        # an update of another job written there is in no round of this job
-        sender = env.sender if env is not None else UNVERIFIED
+        # an update of another job written there is in no round of this job. A body that
+        # fails after its signature and digest verified is its signer's: named, so that the
+        # aggregator need not wait for the deadline (a later valid update still enters)
+        signed: tuple[str, str, int, bytes] | None = None
+        if env is not None:
+            signed = (env.sender, env.job, env.round, env.body_digest)
+        elif isinstance(exc, SignedBodyRejected):
+            signed = (exc.sender, exc.job, exc.round, exc.body_digest)
+        sender = signed[0] if signed is not None else UNVERIFIED
         if not self.budget.take(sender, asyncio.get_running_loop().time()):
             self.budget.shed(key_job, sender, exc.reason.value)
             self.counts["shed"] += 1
@@ -423,10 +431,10 @@ class IngestService(Service):
         raise _Refused(
             exc,
             job=key_job,
-            round_=env.round if env is not None and env.job == key_job else 0,
-            client=env.sender if env is not None else None,
-            claimed=None if env is not None else _claimed_sender(delivery.body),
-            digest=env.body_digest if env is not None else None,
+            round_=signed[2] if signed is not None and signed[1] == key_job else 0,
+            client=signed[0] if signed is not None else None,
+            claimed=None if signed is not None else _claimed_sender(delivery.body),
+            digest=signed[3] if signed is not None else None,
             offset=delivery.offset,
         ) from None
 

@@ -339,6 +339,17 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
         finally:
             envelope_module.context_for = real
 
+    def bad_schema() -> bytes:
+        # signed by client-009 over exactly this body, which is no update
+        import qflare.messages.envelope as envelope_module
+
+        real = envelope_module.body_to_wire
+        envelope_module.body_to_wire = lambda _model: {"base_version": "one"}
+        try:
+            return update(fed, "client-009", 1)
+        finally:
+            envelope_module.body_to_wire = real
+
     def chunk_as_update() -> bytes:
         body = {"transfer": b"\x00" * 16, "index": 0, "data": b"x"}
         return encode("chunk", body, fed["client-009"], job=JOB, round=1)
@@ -437,12 +448,14 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
             Reason.NOT_PARTICIPANT,
             "client-x",
         ),
+        # signed bodies that fail after the signature and digest verified: the signer's own
         (
             "sealed-to-others",
             lambda: update(fed, "client-009", 1, seal_to=("aggregator", "detector")),
             Reason.UNSEAL_FAILED,
-            "client-009 (unverified)",
+            "client-009",
         ),
+        ("bad-schema", bad_schema, Reason.BAD_SCHEMA, "client-009"),
         ("replayed", lambda: first_good, Reason.DUPLICATE, "client-010"),
     ]
     # an honest update first, so "replayed" has something to replay

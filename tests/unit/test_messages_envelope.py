@@ -353,6 +353,39 @@ def test_body_not_a_map_is_bad_schema(fed) -> None:  # type: ignore[no-untyped-d
     )
 
 
+def test_a_signed_body_that_fails_names_its_signer_and_a_tampered_one_does_not(
+    fed: MemoryFederation, tensors: dict[str, np.ndarray]
+) -> None:
+    """A body refused after the signature and its digest verified is the signer's own
+    (SignedBodyRejected names it); a body that does not hash to the signed digest may be
+    anyone's (plain MessageRejected). Pickled, the rejection stays a MessageRejected."""
+    import pickle
+
+    from qflare.messages.errors import SignedBodyRejected
+
+    body = {"base_version": "0", "num_samples": 1, "tensors": {}}
+    data = raw_envelope(fed["client-001"], "update", packb(body), round=4)
+    with pytest.raises(SignedBodyRejected) as signed:
+        open_envelope(data, fed.trust())
+    got = signed.value
+    assert (got.reason, got.sender, got.job, got.round) == (
+        Reason.BAD_SCHEMA,
+        "client-001",
+        JOB,
+        4,
+    )
+    assert got.body_digest == hashlib.sha256(packb(body)).digest()
+    again = pickle.loads(pickle.dumps(got))
+    assert type(again) is MessageRejected and again.reason is Reason.BAD_SCHEMA
+
+    tampered = bytearray(_good(fed, tensors))
+    tampered[-5] ^= 0x01
+    with pytest.raises(MessageRejected) as plain:
+        open_envelope(tampered, fed.trust())
+    assert not isinstance(plain.value, SignedBodyRejected)
+    assert plain.value.reason is Reason.BAD_DIGEST
+
+
 def test_expectations(fed, tensors) -> None:  # type: ignore[no-untyped-def]
     data = _good(fed, tensors)
     assert reason_of(data, fed, expect_kind="round.opened") is Reason.WRONG_KIND
