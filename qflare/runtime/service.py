@@ -259,7 +259,7 @@ class Service(abc.ABC):
             try:
                 outcome = await self._timed_settle(handler, delivery, kind)
             except (sqlite3.OperationalError, OSError) as exc:  # STORAGE_ERRORS or the disk
-                if isinstance(exc, OSError) and not _is_storage_fault(exc):
+                if not _is_storage_fault(exc):
                     raise
                 held = True
                 await self._storage_fault(exc, delivery)
@@ -347,9 +347,7 @@ class Service(abc.ABC):
                 return Outcome.RETRY
             return Outcome.REJECT
         except TRANSIENT_ERRORS as exc:
-            if isinstance(exc, STORAGE_ERRORS) or (
-                isinstance(exc, OSError) and _is_storage_fault(exc)
-            ):
+            if _is_storage_fault(exc):
                 raise
             event(
                 self.log,
@@ -405,8 +403,12 @@ class Service(abc.ABC):
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES})
 
 
-def _is_storage_fault(exc: OSError) -> bool:
-    return exc.errno in _STORAGE_ERRNOS
+def _is_storage_fault(exc: BaseException) -> bool:
+    """The service's own store failed (:data:`STORAGE_ERRORS`, or an OSError whose errno
+    says the local disk refused the write): the message is held, not retried or dropped."""
+    return isinstance(exc, STORAGE_ERRORS) or (
+        isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+    )
 
 
 def _job_of(routing_key: str) -> str:
