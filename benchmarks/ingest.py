@@ -28,8 +28,7 @@ from qflare.crypto.pki import canonical
 from qflare.crypto.sealing import seal
 from qflare.crypto.signing import context_for, verify
 from qflare.crypto.testing import make_federation
-from qflare.messages import RoundOpened, Update, encode, open_envelope
-from qflare.messages.tensors import model_digest
+from qflare.messages import TensorSpec, Update, encode, open_envelope
 from qflare.services.ingest.core import (
     OpenRound,
     RoundBook,
@@ -50,7 +49,6 @@ def main() -> None:
     ingest = fed["ingest"]
     trust = fed.trust()
     rows = max(1, args.params // 1000)
-    spec = [{"name": "w", "dtype": "float32", "shape": [rows, 1000]}]
     rng = np.random.default_rng(0)
     tensors = [
         {"w": rng.standard_normal((rows, 1000)).astype(np.float32) * 0.01} for _ in fed.clients
@@ -66,24 +64,12 @@ def main() -> None:
         )
         for c, t in zip(fed.clients, tensors, strict=True)
     ]
-    opened = RoundOpened(
-        model_version=0,
-        model_digest=model_digest(tensors[0]),
-        participants=fed.clients,
-        deadline=time.time() + 3600,
-        min_updates=1,
-        clip_norm=1.0,
-        tensor_spec=spec,
-        rule="mean",
-        model_offset=0,
-        updates_from=0,
-    )
-    book = RoundBook()
+    book = RoundBook()  # what ingest learns from the round's round.opened
     info = OpenRound(
         job="b",
         round=1,
         base_version=0,
-        tensors=tuple(opened.tensor_spec),
+        tensors=(TensorSpec(name="w", dtype="float32", shape=[rows, 1000]),),
         participants=frozenset(fed.clients),
     )
     book.opened(info)
