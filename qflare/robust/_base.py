@@ -13,6 +13,8 @@ import importlib.metadata
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -20,9 +22,11 @@ import numpy as np
 from qflare.errors import QflareError
 
 from ._core import (
+    F64,
     ArrayLike,
     BoolArray,
     FloatArray,
+    IntArray,
     RngLike,
     Weights,
     as_batch,
@@ -235,11 +239,132 @@ def drop_nonfinite(
     """
     if mask is None:
         mask = finite_rows(x)
-    bad = int(x.shape[0] - mask.sum())
-    if bad == 0:
+    f_left = lowered_f(mask, f, rule)
+    if f_left == f:
         return x, w, f
+    return x[mask], (None if w is None else w[mask]), f_left
+
+
+def lowered_f(mask: BoolArray, f: int, rule: str) -> int:
+    """f less the rows ``mask`` leaves out, refused when more than f are left out."""
+    bad = int(mask.size - mask.sum())
     require(bad <= f, rule, f"{bad} updates are non-finite but f={f}")
-    return x[mask], (None if w is None else w[mask]), f - bad
+    return f - bad
+
+
+class BlockwiseUnsupported(QflareError, TypeError):
+    """A rule or pre-aggregator that has no block-wise form (no ``plan``): it can only run
+    on the whole n x d matrix in memory. The message names it and what to implement."""
+
+
+class GramView:
+    """Rows known only by their geometry, as a rule sees them when the n x d matrix is read
+    one column block at a time: the float64 Gram matrix of the rows and, when a reference
+    vector was given, their inner products with it (the reference is row n of ``aug``).
+
+    ``load`` is called at most once, on first use of the geometry: a coordinate-wise rule
+    with no pre-aggregator never needs it, so its round is one pass over the blocks.
+    ``dtype`` is the rows' dtype: a row whose squared norm overflows it counts as
+    non-finite, as :func:`finite_rows` counts it in memory.
+    """
+
+    def __init__(
+        self, n: int, dtype: np.dtype[Any], load: Callable[[], F64], *, has_ref: bool = False
+    ) -> None:
+        self.n = n
+        self.dtype = dtype
+        self.has_ref = has_ref
+        self._load = load
+
+    @cached_property
+    def aug(self) -> F64:
+        """Gram matrix of the rows, then the reference ([n + 1, n + 1] with one)."""
+        g = self._load()
+        size = self.n + int(self.has_ref)
+        if g.shape != (size, size):
+            raise ValueError(f"Gram matrix of shape {g.shape} for {size} rows")
+        return g
+
+    @property
+    def g(self) -> F64:
+        out: F64 = self.aug[: self.n, : self.n]
+        return out
+
+    @property
+    def ref_dots(self) -> F64 | None:
+        """x_i . reference for every row, None without a reference."""
+        return self.aug[: self.n, self.n] if self.has_ref else None
+
+    @cached_property
+    def finite(self) -> BoolArray:
+        """Rows the geometry can use: finite, squared norm representable in ``dtype``."""
+        sq = np.diag(self.g)
+        with np.errstate(invalid="ignore"):
+            ok: BoolArray = np.isfinite(sq) & (sq <= float(np.finfo(self.dtype).max))
+        return ok
+
+    def sub(self, idx: IntArray) -> F64:
+        """Gram matrix of the rows ``idx``."""
+        out: F64 = self.g[np.ix_(idx, idx)]
+        return out
+
+    def mapped(self, t: F64) -> GramView:
+        """The view of the rows ``t @ X`` ([m, n] coefficients; the reference is kept).
+
+        Non-finite rows enter only where ``t`` reads them: 0 * NaN must not poison the
+        rows that leave them out, and a row that does read one is non-finite.
+        """
+        ok = self.finite
+        has_ref = self.has_ref
+
+        def load() -> F64:
+            m = t.shape[0]
+            ext = np.zeros((m + int(has_ref), self.n + int(has_ref)))
+            ext[:m, : self.n][:, ok] = t[:, ok]
+            if has_ref:
+                ext[m, self.n] = 1.0
+            cols = np.flatnonzero(np.concatenate([ok, [True] * int(has_ref)]))
+            e = ext[:, cols]
+            out: F64 = e @ self.aug[np.ix_(cols, cols)] @ e.T
+            tainted = np.any(t[:, ~ok] != 0, axis=1) if not ok.all() else np.zeros(m, bool)
+            out[:m][tainted] = np.nan
+            out[:, :m][:, tainted] = np.nan
+            return (out + out.T) * 0.5
+
+        return GramView(t.shape[0], self.dtype, load, has_ref=has_ref)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How a rule's result is built from rows it saw only through a :class:`GramView`:
+    the rows ``coef @ X`` ([m, n] coefficients, plus ``ref_coef`` [m] times the reference
+    when given) are formed one column block at a time, and ``per_block`` maps each block
+    of them ([m, b]) to the result's block [b]; None means m == 1 and that row is the
+    result. Coordinate-wise rules are ``per_block`` over the rows they keep; distance-
+    based ones are one row of coefficients."""
+
+    coef: F64
+    per_block: Callable[[FloatArray], FloatArray] | None = None
+    ref_coef: F64 | None = None
+
+
+def linear_plan(n: int, idx: IntArray, coef: F64) -> RowPlan:
+    """The plan whose result is ``sum_j coef_j x_idx[j]``: coefficients over the rows
+    ``idx`` of n (the finite ones a rule kept) spread back over all n."""
+    full: F64 = np.zeros((1, n))
+    full[0, idx] = coef
+    return RowPlan(full)
+
+
+def rows_plan(n: int, idx: IntArray, per_block: Callable[[FloatArray], FloatArray]) -> RowPlan:
+    """The plan that hands the rows ``idx`` of n (in that order) to ``per_block``."""
+    sel: F64 = np.zeros((len(idx), n))
+    sel[np.arange(len(idx)), idx] = 1.0
+    return RowPlan(sel, per_block)
+
+
+def as_generator(rng: RngLike) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
 class _Named(ABC):
@@ -276,6 +401,9 @@ class Aggregator(_Named):
 
     #: whether the rule has a defined weighted form; others refuse unequal weights.
     weighted: ClassVar[bool] = False
+    #: whether ``apply`` works coordinate by coordinate on all rows, so that it runs on
+    #: column blocks as it is (mean, median, trimmed mean)
+    coordinatewise: ClassVar[bool] = False
 
     def __call__(
         self,
@@ -305,6 +433,17 @@ class Aggregator(_Named):
         """The rule on validated rows and weights, for rules without call arguments."""
         raise NotImplementedError(f"{type(self).__name__} implements neither aggregate nor apply")
 
+    def plan(self, view: GramView, w: Weights, *, rng: RngLike = None) -> RowPlan:
+        """The rule on rows known by their Gram matrix (``qflare.robust.blocks``): what to
+        form from them block by block. Must give what ``aggregate`` gives on the rows."""
+        if type(self).coordinatewise:
+            return rows_plan(view.n, np.arange(view.n), lambda xb: self.apply(xb, w))
+        raise BlockwiseUnsupported(
+            f"rule {self.name} ({qualified_name(type(self))}) has no block-wise form; "
+            "implement plan(view, w, rng=) or set coordinatewise = True if apply works "
+            "column by column"
+        )
+
 
 class PreAggregator(_Named):
     """Maps ``(updates [n, d], weights) -> (updates' [m, d], weights')`` ahead of a rule."""
@@ -325,6 +464,14 @@ class PreAggregator(_Named):
         self, x: FloatArray, w: Weights, *, rng: RngLike = None
     ) -> tuple[FloatArray, Weights]:
         """New rows (never a view that aliases the input when values change)."""
+
+    def plan(self, view: GramView, w: Weights, *, rng: RngLike = None) -> tuple[F64, Weights]:
+        """``transform`` as a linear map of rows known by their Gram matrix: the new rows
+        are ``t @ X`` for the returned t [m, n], with the new weights."""
+        raise BlockwiseUnsupported(
+            f"pre-aggregator {self.name} ({qualified_name(type(self))}) has no block-wise "
+            "form; implement plan(view, w, rng=) returning its rows as coefficients"
+        )
 
 
 class Chain(Aggregator):
@@ -350,6 +497,18 @@ class Chain(Aggregator):
             x, w = p.transform(x, w, rng=gen)
         refuse_unequal_weights(self.rule, w, "its pre-aggregators left unequal weights")
         return self.rule.aggregate(x, w, reference=reference, rng=gen)
+
+    def plan(self, view: GramView, w: Weights, *, rng: RngLike = None) -> RowPlan:
+        """The pre-aggregators' maps composed into one, then the rule's plan through it."""
+        gen = as_generator(rng)
+        m: F64 = np.eye(view.n)
+        for p in self.pres:
+            t, w = p.plan(view, w, rng=gen)
+            view = view.mapped(t)
+            m = t @ m
+        refuse_unequal_weights(self.rule, w, "its pre-aggregators left unequal weights")
+        out = self.rule.plan(view, w, rng=gen)
+        return RowPlan(out.coef @ m, out.per_block, out.ref_coef)
 
     def __repr__(self) -> str:
         return "+".join([repr(p) for p in self.pres] + [repr(self.rule)])

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._base import PreAggregator, register_pre
-from .._core import FloatArray, IntArray, RngLike, Weights, check_int
+from .._base import GramView, PreAggregator, as_generator, register_pre
+from .._core import F64, FloatArray, IntArray, RngLike, Weights, check_int
 
 
 def buckets(n: int, s: int, perm: IntArray) -> list[IntArray]:
@@ -41,15 +41,32 @@ class Bucketing(PreAggregator):
         perm: npt.ArrayLike | None = None,
     ) -> tuple[FloatArray, Weights]:
         """``perm`` (tests: a peer's shuffle) replaces the one drawn from ``rng``."""
-        n = x.shape[0]
-        if perm is None:
-            gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-            order = gen.permutation(n)
-        else:
-            order = np.asarray(perm, dtype=np.intp)
-        groups = buckets(n, self.s, order)
+        groups = self.groups(x.shape[0], rng, perm)
         out = np.empty((len(groups), x.shape[1]), dtype=x.dtype)
         for i, g in enumerate(groups):
             out[i] = x[g].mean(axis=0)  # s rows gathered at a time: no n x d temporary
-        wout: Weights = None if w is None else np.array([w[g].sum() for g in groups])
-        return out, wout
+        return out, bucket_weights(groups, w)
+
+    def plan(
+        self,
+        view: GramView,
+        w: Weights,
+        *,
+        rng: RngLike = None,
+        perm: npt.ArrayLike | None = None,
+    ) -> tuple[F64, Weights]:
+        groups = self.groups(view.n, rng, perm)
+        t: F64 = np.zeros((len(groups), view.n))
+        for i, g in enumerate(groups):
+            t[i, g] = 1.0 / len(g)
+        return t, bucket_weights(groups, w)
+
+    def groups(self, n: int, rng: RngLike, perm: npt.ArrayLike | None) -> list[IntArray]:
+        """The buckets: one permutation drawn from ``rng`` (unless ``perm`` is given)."""
+        order = as_generator(rng).permutation(n) if perm is None else np.asarray(perm, np.intp)
+        return buckets(n, self.s, order)
+
+
+def bucket_weights(groups: list[IntArray], w: Weights) -> Weights:
+    """A bucket weighs the sum of its members' weights."""
+    return None if w is None else np.array([w[g].sum() for g in groups])

@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._base import FParam, PreAggregator, drop_nonfinite, register_pre
-from .._core import F64, FloatArray, RngLike, Weights, mm, pairwise_sq_dists, require
+from .._base import FParam, GramView, PreAggregator, drop_nonfinite, lowered_f, register_pre
+from .._core import (
+    F64,
+    FloatArray,
+    RngLike,
+    Weights,
+    mm,
+    pairwise_sq_dists,
+    require,
+    sq_dists_from_gram,
+)
 
 
 def nnm_matrix(d2: F64, f: int) -> F64:
@@ -38,3 +47,12 @@ class NNM(FParam, PreAggregator):
         x, w, f = drop_nonfinite(x, w, self.f, self.name)
         m = nnm_matrix(pairwise_sq_dists(x), f)
         return mm(m, x), w
+
+    def plan(self, view: GramView, w: Weights, *, rng: RngLike = None) -> tuple[F64, Weights]:
+        n = view.n
+        require(self.f < n, self.name, f"needs f < n, got f={self.f}, n={n}")
+        f = lowered_f(view.finite, self.f, self.name)
+        idx = np.flatnonzero(view.finite)
+        t: F64 = np.zeros((len(idx), n))
+        t[:, idx] = nnm_matrix(sq_dists_from_gram(view.sub(idx)), f)
+        return t, (None if w is None else w[idx])

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._core import F64, FloatArray, IntArray, Weights, check_int, combine, require
-from ._fbase import FRule
+from .._core import F64, IntArray, Weights, check_int, require
+from ._fbase import GramRule
 
 DEFAULT_MAX_SUBSETS = 200_000
 
@@ -36,7 +36,7 @@ def subset_chunks(
         yield np.asarray(block, dtype=np.intp)
 
 
-class SubsetRule(FRule):
+class SubsetRule(GramRule):
     """The (weighted) mean of the n - f updates whose subset scores lowest.
 
     A subset's score is computed from its k x k block of an n x n matrix of the updates;
@@ -44,8 +44,8 @@ class SubsetRule(FRule):
     """
 
     weighted = True
-    #: the n x n matrix the subsets' blocks are taken from
-    pair_matrix: ClassVar[Callable[[FloatArray], F64]]
+    #: the n x n matrix the subsets' blocks are taken from, made from the Gram matrix
+    pair_matrix: ClassVar[Callable[[F64], F64]]
     #: one score per [k, k] block of [m, k, k] blocks; the lowest wins
     block_scores: ClassVar[Callable[[F64], F64]]
 
@@ -53,11 +53,10 @@ class SubsetRule(FRule):
         super().__init__(f)
         self.max_subsets = check_int("max_subsets", max_subsets, minimum=1)
 
-    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
-        x, w, f = self.finite(x, w)
-        n = x.shape[0]
+    def coefficients(self, g: F64, w: Weights, f: int) -> F64:
+        n = g.shape[0]
         cls = type(self)
-        m = cls.pair_matrix(x)
+        m = cls.pair_matrix(g)
         best: IntArray = np.arange(n - f)
         best_score = np.inf
         for c in subset_chunks(n, n - f, self.name, self.max_subsets):
@@ -67,4 +66,5 @@ class SubsetRule(FRule):
                 best, best_score = c[i], float(scores[i])
         coef: F64 = np.zeros(n)
         coef[best] = 1.0 if w is None else w[best]
-        return combine(x, coef / coef.sum())
+        out: F64 = coef / coef.sum()
+        return out

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._base import register_rule
+from .._base import GramView, RowPlan, register_rule, rows_plan
 from .._core import (
     F64,
     FloatArray,
+    IntArray,
+    RngLike,
+    Weights,
     closest_window_mean,
     median_from_sorted,
     pairwise_sq_dists,
     require,
+    sq_dists_from_gram,
 )
 from ._fbase import FiniteRule
 
@@ -45,14 +49,25 @@ def bulyan_select(d2: F64, f: int, theta: int, neighbour_offset: int = 1) -> lis
 
 def bulyan(x: FloatArray, f: int, neighbour_offset: int = 1) -> FloatArray:
     """Bulyan of finite rows x."""
-    n = x.shape[0]
+    picked, beta = bulyan_picks(pairwise_sq_dists(x), f, neighbour_offset)
+    return bulyan_coordinates(x[picked], beta)
+
+
+def bulyan_picks(d2: F64, f: int, neighbour_offset: int = 1) -> tuple[IntArray, int]:
+    """The rows the first phase picks (in index order) from the squared distances of
+    finite rows, and beta, how many values per coordinate the second phase averages."""
+    n = d2.shape[0]
     require_n(n, f)
     theta = n - 2 * f
-    beta = theta - 2 * f
-    picked = bulyan_select(pairwise_sq_dists(x), f, theta, neighbour_offset)
-    s = x[np.sort(picked)]
-    s.sort(axis=0)  # in place on the gathered copy: one n x d copy, not two
-    return closest_window_mean(s, median_from_sorted(s), beta)
+    picked = np.sort(bulyan_select(d2, f, theta, neighbour_offset))
+    return picked, theta - 2 * f
+
+
+def bulyan_coordinates(picked: FloatArray, beta: int) -> FloatArray:
+    """Bulyan's second phase on the picked rows (a gathered copy, sorted in place: one
+    copy, not two): per coordinate, the mean of the beta values nearest their median."""
+    picked.sort(axis=0)
+    return closest_window_mean(picked, median_from_sorted(picked), beta)
 
 
 @register_rule
@@ -62,3 +77,9 @@ class Bulyan(FiniteRule):
 
     def check_n(self, n: int) -> None:
         require_n(n, self.f)
+
+    def plan(self, view: GramView, w: Weights, *, rng: RngLike = None) -> RowPlan:
+        """Krum's picks from the Gram matrix; the second phase per column block."""
+        idx, _, f = self.finite_view(view, None)
+        picked, beta = bulyan_picks(sq_dists_from_gram(view.sub(idx)), f)
+        return rows_plan(view.n, idx[picked], lambda xb: bulyan_coordinates(xb, beta))

@@ -16,16 +16,22 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import register_rule
-from .._core import F64, FloatArray, centred_gram, combine
-from ._fbase import FiniteRule
+from .._core import F64, FloatArray, Weights, centre_gram, combine, gram
+from ._fbase import GramRule
 
 
 def caf(x: FloatArray, f: int, tau_over: str = "weighted") -> F64:
     """CAF on finite rows; ``tau_over="all"`` reproduces ByzFL's tau_max (tests only)."""
-    n = x.shape[0]
-    g = centred_gram(x)
+    return combine(x, caf_coefficients(gram(x), f, tau_over))
+
+
+def caf_coefficients(g_raw: F64, f: int, tau_over: str = "weighted") -> F64:
+    """CAF's weights [n] of the rows, from their raw Gram matrix."""
+    n = g_raw.shape[0]
+    g = centre_gram(g_raw)
     c: F64 = np.ones(n)
-    best_a, best_val = c / n, np.inf
+    best_a: F64 = c / n
+    best_val = np.inf
     while c.sum() > n - 2 * f:
         a = c / c.sum()
         ga = g @ a
@@ -47,10 +53,12 @@ def caf(x: FloatArray, f: int, tau_over: str = "weighted") -> F64:
         if tau_max <= 0:
             break
         c = np.maximum(c * (1.0 - tau / tau_max), 0.0)
-    return combine(x, best_a)
+    return best_a
 
 
 @register_rule
-class CAF(FiniteRule):
+class CAF(GramRule):
     name = "caf"
-    on_finite = caf
+
+    def coefficients(self, g: F64, w: Weights, f: int) -> F64:
+        return caf_coefficients(g, f)

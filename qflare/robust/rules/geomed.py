@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from .._base import Aggregator, register_rule
+from .._base import Aggregator, GramView, RowPlan, linear_plan, register_rule
 from .._core import (
+    F64,
     FloatArray,
+    RngLike,
     Weights,
     centre_gram,
     check_float,
@@ -46,19 +48,32 @@ class GeometricMedian(Aggregator):
         if not mask.all():
             x = x[mask]
             w = None if w is None else w[mask]
-        n = x.shape[0]
-        alpha = np.full(n, 1.0 / n) if w is None else w / w.sum()
         if self.T == 0:
             return np.zeros(x.shape[1])
-        g_raw = gram(x)
+        return combine(x, self.coefficients(gram(x), w))
+
+    def plan(self, view: GramView, w: Weights, *, rng: RngLike = None) -> RowPlan:
+        ok = view.finite
+        require(bool(ok.any()), self.name, f"all {view.n} updates are non-finite")
+        idx = np.flatnonzero(ok)
+        if self.T == 0:
+            return linear_plan(view.n, idx, np.zeros(len(idx)))
+        return linear_plan(
+            view.n, idx, self.coefficients(view.sub(idx), None if w is None else w[idx])
+        )
+
+    def coefficients(self, g_raw: F64, w: Weights) -> F64:
+        """Weiszfeld's weights [n] of the (finite) rows after T >= 1 iterations."""
+        n = g_raw.shape[0]
+        alpha = np.full(n, 1.0 / n) if w is None else w / w.sum()
         g = centre_gram(g_raw)
         norms = np.sqrt(np.maximum(np.diag(g_raw), 0.0))  # first step starts at the origin
         beta = alpha / np.maximum(norms, self.nu)
-        a = beta / beta.sum()
+        a: F64 = beta / beta.sum()
         diag = np.diag(g)
         for _ in range(self.T - 1):
             ga = g @ a
             dist = np.sqrt(np.maximum(diag - 2.0 * ga + a @ ga, 0.0))
             beta = alpha / np.maximum(dist, self.nu)
             a = beta / beta.sum()
-        return combine(x, a)
+        return a

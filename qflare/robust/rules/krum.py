@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import register_rule
-from .._core import F64, FloatArray, Weights, combine, gram, sq_dists_from_gram
-from ._fbase import FRule
+from .._core import F64, FloatArray, Weights, gram, sq_dists_from_gram
+from ._fbase import FRule, GramRule
 
 
 def krum_scores(d2: F64, f: int) -> F64:
@@ -34,26 +34,32 @@ def krum_setup(rule: FRule, x: FloatArray, w: Weights) -> tuple[FloatArray, Weig
 
 
 @register_rule
-class Krum(FRule):
+class Krum(GramRule):
     name = "krum"
 
+    def coefficients(self, g: F64, w: Weights, f: int) -> F64:
+        coef: F64 = np.zeros(g.shape[0])
+        coef[int(np.argmin(krum_scores(sq_dists_from_gram(g), f)))] = 1.0
+        return coef
+
     def apply(self, x: FloatArray, w: Weights) -> FloatArray:
+        # The chosen row itself, not a GEMV over all rows that multiplies the rest by 0.
         x, _, _, scores = krum_setup(self, x, w)
         best: FloatArray = x[int(np.argmin(scores))]
         return best
 
 
 @register_rule
-class MultiKrum(FRule):
+class MultiKrum(GramRule):
     name = "multikrum"
     weighted = True
 
-    def apply(self, x: FloatArray, w: Weights) -> FloatArray:
-        x, w, f, scores = krum_setup(self, x, w)
-        n = x.shape[0]
-        chosen = np.argsort(scores, kind="stable")[: n - f]
+    def coefficients(self, g: F64, w: Weights, f: int) -> F64:
+        n = g.shape[0]
+        chosen = np.argsort(krum_scores(sq_dists_from_gram(g), f), kind="stable")[: n - f]
         coef: F64 = np.zeros(n)
         coef[chosen] = 1.0 if w is None else w[chosen]
         if coef.sum() == 0:
             coef[chosen] = 1.0
-        return combine(x, coef / coef.sum())
+        out: F64 = coef / coef.sum()
+        return out

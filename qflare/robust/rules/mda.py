@@ -10,7 +10,7 @@ distance is smallest; ties go to the first subset in lexicographic order, as Byz
 from __future__ import annotations
 
 from .._base import register_rule
-from .._core import F64, pairwise_sq_dists
+from .._core import F64, sq_dists_from_gram
 from ._subsets import SubsetRule
 
 
@@ -23,5 +23,5 @@ def diameters(blocks: F64) -> F64:
 @register_rule
 class MDA(SubsetRule):
     name = "mda"
-    pair_matrix = pairwise_sq_dists
+    pair_matrix = sq_dists_from_gram
     block_scores = diameters

@@ -24,3 +24,4 @@ def meamed(x: FloatArray, f: int) -> FloatArray:
 class Meamed(FiniteRule):
     name = "meamed"
     on_finite = meamed
+    coordinatewise = True

@@ -14,6 +14,7 @@ from .._core import FloatArray, Weights, weighted_mean
 class Mean(Aggregator):
     name = "mean"
     weighted = True
+    coordinatewise = True
 
     def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         return weighted_mean(x, w)

@@ -16,6 +16,7 @@ from .._core import FloatArray, Weights, median_from_sorted, sorted_rows
 @register_rule
 class Median(Aggregator):
     name = "median"
+    coordinatewise = True
 
     def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         return median_from_sorted(sorted_rows(x))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._base import register_rule
-from .._core import F64, centred_gram
+from .._core import F64, centre_gram
 from ._subsets import SubsetRule
 
 
@@ -35,5 +35,5 @@ def top_scatter_eigenvalues(blocks: F64) -> F64:
 @register_rule
 class SMEA(SubsetRule):
     name = "smea"
-    pair_matrix = centred_gram
+    pair_matrix = centre_gram
     block_scores = top_scatter_eigenvalues

@@ -15,6 +15,7 @@ from ._fbase import FRule
 @register_rule
 class TrimmedMean(FRule):
     name = "trimmed_mean"
+    coordinatewise = True
 
     def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         n = x.shape[0]
