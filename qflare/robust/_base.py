@@ -311,8 +311,9 @@ class GramView:
     def mapped(self, t: F64) -> GramView:
         """The view of the rows ``t @ X`` ([m, n] coefficients; the reference is kept).
 
-        Non-finite rows enter only where ``t`` reads them: 0 * NaN must not poison the
-        rows that leave them out, and a row that does read one is non-finite.
+        Non-finite rows enter only where ``t`` reads them (:func:`reads`): 0 * NaN must
+        not poison the rows that leave them out, and a row that does read one is
+        non-finite.
         """
         ok = self.finite
         has_ref = self.has_ref
@@ -326,12 +327,28 @@ class GramView:
             cols = np.flatnonzero(np.concatenate([ok, [True] * int(has_ref)]))
             e = ext[:, cols]
             out: F64 = e @ self.aug[np.ix_(cols, cols)] @ e.T
-            tainted = np.any(t[:, ~ok] != 0, axis=1) if not ok.all() else np.zeros(m, bool)
+            tainted = np.any(reads(t)[:, ~ok], axis=1)
             out[:m][tainted] = np.nan
             out[:, :m][:, tainted] = np.nan
             return (out + out.T) * 0.5
 
         return GramView(t.shape[0], self.dtype, load, has_ref=has_ref)
+
+
+def is_scaling(t: F64) -> bool:
+    """Whether a pre-aggregator's map only scales each row (clipping, ARC)."""
+    n = t.shape[0]
+    return t.shape == (n, n) and not np.any(t[~np.eye(n, dtype=bool)])
+
+
+def reads(t: F64) -> BoolArray:
+    """Which input rows each row of a pre-aggregator's map reads: those with a nonzero
+    coefficient (NNM's neighbours, a bucket's members), and for a row scaling its own
+    row even at scale 0 (clipping an Inf row: 0 * Inf is NaN in memory too)."""
+    r: BoolArray = t != 0
+    if is_scaling(t):
+        np.fill_diagonal(r, True)
+    return r
 
 
 @dataclass(frozen=True)
@@ -341,11 +358,14 @@ class RowPlan:
     when given) are formed one column block at a time, and ``per_block`` maps each block
     of them ([m, b]) to the result's block [b]; None means m == 1 and that row is the
     result. Coordinate-wise rules are ``per_block`` over the rows they keep; distance-
-    based ones are one row of coefficients."""
+    based ones are one row of coefficients. In a chain, X is first replaced by
+    ``maps[-1] @ ... @ maps[0] @ X`` (the pre-aggregators' maps, each applied to the
+    block as the pre-aggregator would: :func:`reads`), which ``coef`` then reads."""
 
     coef: F64
     per_block: Callable[[FloatArray], FloatArray] | None = None
     ref_coef: F64 | None = None
+    maps: tuple[F64, ...] = ()
 
 
 def linear_plan(n: int, idx: IntArray, coef: F64) -> RowPlan:
@@ -499,16 +519,16 @@ class Chain(Aggregator):
         return self.rule.aggregate(x, w, reference=reference, rng=gen)
 
     def plan(self, view: GramView, w: Weights, *, rng: RngLike = None) -> RowPlan:
-        """The pre-aggregators' maps composed into one, then the rule's plan through it."""
+        """The pre-aggregators' maps in order, the rule's plan on the rows they give."""
         gen = as_generator(rng)
-        m: F64 = np.eye(view.n)
+        maps = []
         for p in self.pres:
             t, w = p.plan(view, w, rng=gen)
             view = view.mapped(t)
-            m = t @ m
+            maps.append(t)
         refuse_unequal_weights(self.rule, w, "its pre-aggregators left unequal weights")
         out = self.rule.plan(view, w, rng=gen)
-        return RowPlan(out.coef @ m, out.per_block, out.ref_coef)
+        return RowPlan(out.coef, out.per_block, out.ref_coef, (*maps, *out.maps))
 
     def __repr__(self) -> str:
         return "+".join([repr(p) for p in self.pres] + [repr(self.rule)])

@@ -9,12 +9,12 @@ G = sum_b X[:, b] X[:, b]^T. So a round is at most two passes over the blocks:
 1. accumulate the Gram matrix of the rows (and the reference, as row n) in float64;
 2. ask the rule for its :class:`~qflare.robust._base.RowPlan` (``Aggregator.plan``): the
    pre-aggregators are linear maps of the rows (NNM: neighbour means, clipping and ARC:
-   row scales, bucketing: bucket means), composed into one coefficient matrix; a
-   distance-based rule adds one row of coefficients (Krum's pick, Weiszfeld's weights,
+   row scales, bucketing: bucket means) whose Gram matrix follows as T G T^T; a
+   distance-based rule gives one row of coefficients (Krum's pick, Weiszfeld's weights,
    CAF's filter ...), a coordinate-wise rule (median, trimmed mean, Meamed, Bulyan's
-   second phase) the function it applies to each column;
-3. per column block, form the rows the plan reads (coefficients @ block) and map them to
-   the block of the result.
+   second phase) the rows it keeps and the function it applies to each column;
+3. per column block, apply the pre-aggregators' maps to the block, form the rows the
+   rule reads (coefficients @ rows) and map them to the block of the result.
 
 Each rule's maths has one home, its class: ``plan`` runs the same functions on the
 accumulated Gram matrix that ``aggregate`` runs on ``gram(x)``. A coordinate-wise rule
@@ -26,7 +26,7 @@ so :func:`detect_blocks` hands it a factor F (n x n, F F^T = G) in place of the 
 Sources: :class:`ArrayBlocks` over an array or ``np.memmap``, :class:`FileBlocks` over a
 raw row-major file read block by block. Measured here (20 x 5M float32 rows, a 400 MB
 file, blocks of 2^18 columns, ``nnm(f=4)+multikrum(f=4)``): peak resident memory (VmHWM)
-298 MB from a FileBlocks, 668 MB from a memmap (its touched pages count), 1075 MB for
+337 MB from a FileBlocks, 749 MB from a memmap (its touched pages count), 1075 MB for
 the file loaded whole and the in-memory rule; the interpreter with torch and NumPy imported starts at 235 MB.
 
 Numbers: the block-wise Gram matrix sums per-block products (in the rows' dtype) in
@@ -46,7 +46,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._base import Aggregator, GramView, RowPlan, as_reference, refuse_unequal_weights
+from ._base import (
+    Aggregator,
+    GramView,
+    RowPlan,
+    as_reference,
+    is_scaling,
+    refuse_unequal_weights,
+)
 from ._core import F64, BoolArray, FloatArray, RngLike, check_int, check_weights, gram, mm
 from .detection import Thresholds, Verdict, detect
 from .spec import get_rule
@@ -245,11 +252,17 @@ def iter_aggregate(
     n, d = s.shape
     ref = _reference_source(reference, d)
     plan = plan_blocks(rule, s, size, weights, reference=reference, rng=rng)
-    if plan.coef.shape[1] != n:
-        raise ValueError(f"plan over {plan.coef.shape[1]} rows for a source of {n}")
+    m = n
+    for t in (*plan.maps, plan.coef):
+        if t.shape[1] != m:
+            raise ValueError(f"a plan's map reads {t.shape[1]} rows, given {m}")
+        m = t.shape[0]
     read = _reader(plan.coef)
     for a, b in spans(d, size):
-        rows = read(s.block(a, b))
+        rows = s.block(a, b)
+        for t in plan.maps:
+            rows = apply_map(t, rows)
+        rows = read(rows)
         if plan.ref_coef is not None and ref is not None:
             rows = rows + np.outer(plan.ref_coef, ref.block(a, b)).astype(rows.dtype)
         out = rows[0] if plan.per_block is None else plan.per_block(rows)
@@ -276,6 +289,27 @@ def aggregate_blocks(
         raise ValueError(f"out must have shape ({d},), got {tuple(out.shape)}")
     for a, block in iter_aggregate(rule, s, size, weights, reference=reference, rng=rng):
         out[a : a + len(block)] = block
+    return out
+
+
+def apply_map(t: F64, rows: FloatArray) -> FloatArray:
+    """A pre-aggregator's map applied to a block of its input rows, in their dtype, with
+    what it reads (:func:`~qflare.robust._base.reads`): a row scaling multiplies
+    element-wise (as clipping does in memory), any other map sums each output row's
+    nonzero terms only (a NaN row it leaves out does not poison it)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if is_scaling(t):
+            scaled: FloatArray = rows * np.diag(t).astype(rows.dtype)[:, None]
+            return scaled
+        bad = ~np.isfinite(rows).all(axis=1)
+        if not bad.any():
+            # Contiguous and writable for torch's GEMM (a read-only memmap is neither).
+            return mm(t, np.require(rows, requirements=["C", "W"]))
+        good = np.flatnonzero(~bad)
+        out = mm(t[:, good], np.ascontiguousarray(rows[good]))
+        for i in np.flatnonzero(np.any(t[:, bad] != 0, axis=1)):
+            nz = np.flatnonzero(t[i])
+            out[i] = mm(t[i : i + 1, nz], np.ascontiguousarray(rows[nz]))[0]
     return out
 
 

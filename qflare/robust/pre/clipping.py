@@ -24,7 +24,8 @@ def clip_scales(limits: F64, norms: F64) -> F64:
 
 def clip_rows(x: FloatArray, limits: F64, norms: F64) -> FloatArray:
     """New rows: row i scaled down to norm limits[i] where its norm is above it."""
-    out: FloatArray = x * clip_scales(limits, norms).astype(x.dtype)[:, None]
+    with np.errstate(invalid="ignore"):  # an Inf row scaled by 0 is NaN, and non-finite
+        out: FloatArray = x * clip_scales(limits, norms).astype(x.dtype)[:, None]
     return out
 
 
