@@ -18,6 +18,15 @@ bounded time, until the read-ahead has passed the vouched offsets
 (:meth:`UpdateFeed.wait_past`: updates it is still decoding are not read twice); whatever
 it missed (a restart, a message it could not open) :meth:`fetch` reads again. Nothing is copied to disk: the stream
 is the durable copy, and each service commits the offsets it used with its own state.
+
+Reading in order costs every message its delivery, wanted or not: a flood written between
+the updates of a round would hold the read-ahead (and the CPU it shares with ingest) on
+messages no verdict will name. So a service tells its feed where the verdicts point
+(:meth:`UpdateFeed.vouched`, a hint only: what is read still passes the read-ahead's full
+checks); a read-ahead more than :data:`READ_AHEAD_MAX_LAG` messages behind a vouched offset
+jumps to it, and the vouched updates it jumped over are read one by one at their offsets.
+:meth:`fetch` likewise reads far-apart offsets apart, not in one pass over what lies
+between them.
 """
 
 from __future__ import annotations
@@ -48,6 +57,13 @@ STREAM_WAIT_MAX_S = 1.0
 #: At a verdict, how long a service waits for its read-ahead to pass the vouched offsets
 #: before it reads what is still missing again (:meth:`UpdateFeed.wait_past`).
 READ_AHEAD_WAIT_S = 5.0
+#: A read-ahead further than this many messages behind an offset a verdict names stops
+#: reading in order and jumps to it (:meth:`UpdateFeed.vouched`); offsets further apart
+#: than this are read apart by :meth:`UpdateFeed.fetch`. A round's own updates lie closer
+#: together than this unless something else was written between them.
+READ_AHEAD_MAX_LAG = 256
+#: How long reading one vouched offset on its own may take before it is left to the verdict.
+FETCH_ONE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +127,15 @@ class UpdateFeed:
         # offsets handed to the read-ahead and not yet done with (the sink not returned)
         self._in_flight: set[int] = set()
         self._progress = asyncio.Event()
+        # vouched offsets the read-ahead has not reached, the ranges it jumped over, and
+        # the jump under way (one at a time)
+        self._hinted: dict[int, Ref] = {}
+        self._skipped: list[tuple[int, int]] = []
+        self._jump: asyncio.Task[None] | None = None
+        # messages the in-order reader handed over since it last kept an update, and
+        # whether it stopped on them
+        self._unwanted = 0
+        self._stopped = False
 
     @property
     def next_offset(self) -> int | None:
@@ -143,6 +168,8 @@ class UpdateFeed:
             left = until - loop.time()
             if reader is None or reader.next_offset is None or left <= 0:
                 return False
+            if self._stopped and self._jump is None and not self._in_flight:
+                return False  # stopped in a flood: only a verdict moves it on
             progress = self._progress
             try:
                 await asyncio.wait_for(progress.wait(), left)
@@ -191,19 +218,159 @@ class UpdateFeed:
             return
 
     async def stop(self) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.cancel()
-            await asyncio.gather(waiting, return_exceptions=True)
+        for task in (self._waiting, self._jump):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._waiting = self._jump = None
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.cancel()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
+    # -- following the verdicts ----------------------------------------------------------
+    def vouched(self, ref: Ref) -> None:
+        """A verdict names ``ref`` (a hint of where to read; the update read there still
+        passes the read-ahead's checks). A read-ahead more than :data:`READ_AHEAD_MAX_LAG`
+        messages behind it, or stopped in a flood, jumps to it; an offset it jumped over is
+        read on its own."""
+        reader = self._reader
+        if reader is None or reader.next_offset is None:
+            return
+        if any(a <= ref.offset < b for a, b in self._skipped):
+            self._read_alone(ref.offset)
+            return
+        if ref.offset < reader.next_offset:
+            return  # handed over already
+        self._hinted[ref.offset] = ref
+        self._plan()
+
+    def _plan(self) -> None:
+        """Jump when a vouched offset lies far ahead of the reader, or any lies ahead of a
+        reader that stopped in a flood (one jump at a time; the next is planned after it)."""
+        reader = self._reader
+        if self._jump is not None or reader is None or reader.next_offset is None:
+            return
+        position = reader.next_offset
+        self._hinted = {o: r for o, r in self._hinted.items() if o >= position}
+        if not self._hinted:
+            return
+        target = max(self._hinted)
+        if self._stopped or target - position > READ_AHEAD_MAX_LAG:
+            self._jump = asyncio.get_running_loop().create_task(self._jump_to(target))
+
+    def _stop_in_flood(self) -> None:
+        """The in-order reader handed over :data:`READ_AHEAD_MAX_LAG` messages since it last
+        kept an update: it stops there (its position stays) until a verdict points further
+        on."""
+        reader = self._reader
+        if reader is None or self._stopped:
+            return
+        self._stopped = True
+        self._cancel_beside(reader)
+        self.log.info(
+            "read-ahead of %r stopped at offset %s: %d messages since it kept an update",
+            self.job,
+            reader.next_offset,
+            self._unwanted,
+        )
+        self._moved()
+        self._plan()
+
+    def _cancel_beside(self, reader: StreamReader) -> None:
+        # beside, not awaited: its handler may be the caller, or wait for a worker (what it
+        # holds is in flight, and waited for by passed())
+        stopping = asyncio.get_running_loop().create_task(reader.cancel())
+        self._pending.add(stopping)
+        stopping.add_done_callback(self._pending.discard)
+
+    async def _jump_to(self, offset: int) -> None:
+        """Stop reading in order, read the vouched offsets passed over one by one, and go on
+        in order from ``offset``."""
+        try:
+            old = self._reader
+            if old is None or old.next_offset is None or old.next_offset > offset:
+                return
+            start = old.next_offset
+            if not self._stopped:
+                self._cancel_beside(old)
+            passed = sorted(o for o in self._hinted if start <= o < offset)
+            for o in passed:
+                self._read_alone(o)  # in flight before the new reader says it passed them
+            if start < offset:
+                self._skipped.append((start, offset))
+            self._hinted = {o: r for o, r in self._hinted.items() if o >= offset}
+            self.log.info(
+                "read-ahead of %r jumped %d messages to offset %d (%d vouched among them)",
+                self.job,
+                offset - start,
+                offset,
+                len(passed),
+            )
+            await self._attach(offset)
+            self._stopped, self._unwanted = False, 0
+            self._moved()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.warning("read-ahead of %r could not jump", self.job, exc_info=True)
+        finally:
+            self._jump = None
+        self._plan()
+
+    def _read_alone(self, offset: int) -> None:
+        """Read the update at ``offset`` on its own and hand it to the sink as the
+        read-ahead would (what fails is left to the verdict's :meth:`fetch`)."""
+        if offset in self._in_flight:
+            return
+        self._in_flight.add(offset)
+        task = asyncio.get_running_loop().create_task(self._open_alone(offset))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _open_alone(self, offset: int) -> None:
+        got: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+
+        async def take(delivery: Delivery) -> Outcome:
+            if delivery.offset == offset and not got.done():
+                got.set_result(delivery)
+            return Outcome.ACK
+
+        try:
+            reader = await self.bus.read_stream(
+                topology.update_stream(self.job).name, take, offset=offset, prefetch=2
+            )
+            try:
+                delivery = await asyncio.wait_for(got, FETCH_ONE_S)
+            finally:
+                await reader.cancel()
+            head = peek_header(delivery.body, self.limits)
+            if (
+                head.kind == Update.KIND
+                and head.job == self.job
+                and self.wants(head.round, head.sender)
+            ):
+                async with self._workers:
+                    await self.sink(await self._open(delivery.body, offset))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the verdict's fetch reads it again, or says why not
+            self.log.debug("reading offset %s on its own failed: %r", offset, exc)
+        finally:
+            self._in_flight.discard(offset)
+            self._moved()
+
     async def _read_ahead(self, delivery: Delivery) -> Outcome:
         offset = delivery.offset
         assert offset is not None
+        if self._stopped:
+            return Outcome.ACK  # stopped in a flood: its cancel is on the way
+        # every message counts until one opens and is kept: a forged header can claim to
+        # be wanted, a forged signature cannot
+        self._unwanted += 1
+        if self._unwanted > READ_AHEAD_MAX_LAG:
+            self._stop_in_flood()
         try:
             head = peek_header(delivery.body, self.limits)
         except MessageRejected:
@@ -231,6 +398,7 @@ class UpdateFeed:
         assert delivery.offset is not None
         try:
             await self.sink(await self._open(delivery.body, delivery.offset))
+            self._unwanted = 0
         except MessageRejected as exc:
             # ingest judges and reports it; if a verdict vouches for it anyway, fetch reads it
             self.log.debug("read-ahead skipped offset %s: %s", delivery.offset, exc)
@@ -264,16 +432,38 @@ class UpdateFeed:
     async def fetch(
         self, round_no: int, refs: Sequence[Ref], timeout: float = 60.0
     ) -> dict[str, StreamUpdate]:
-        """Read exactly ``refs`` from the stream (one pass from the lowest offset), each under
-        its vouched digest; raises :class:`UpdateNotFound` if any is missing or not the
+        """Read exactly ``refs`` from the stream, each under its vouched digest: one pass
+        over each run of offsets less than :data:`READ_AHEAD_MAX_LAG` apart (not over a
+        flood between them); raises :class:`UpdateNotFound` if any is missing or not the
         bytes vouched for."""
-        if not refs:
-            return {}
-        wanted = {r.offset: r for r in refs}
-        last = max(wanted)
         found: dict[str, StreamUpdate] = {}
         failed: list[str] = []
+        for run in _runs(sorted(refs, key=lambda r: r.offset), READ_AHEAD_MAX_LAG):
+            await self._fetch_run(round_no, run, found, failed, timeout)
+        missing = sorted(r.client for r in refs if r.client not in found)
+        if missing:
+            detail = (
+                "; ".join(failed)
+                or f"offsets {sorted(r.offset for r in refs)} not all in the stream"
+            )
+            raise UpdateNotFound(
+                f"round {round_no} of {self.job!r}: updates of {missing} cannot be read: {detail}"
+            )
+        return found
+
+    async def _fetch_run(
+        self,
+        round_no: int,
+        refs: Sequence[Ref],
+        found: dict[str, StreamUpdate],
+        failed: list[str],
+        timeout: float,
+    ) -> None:
+        """One pass from the lowest offset of ``refs`` to the highest, into ``found``."""
+        wanted = {r.offset: r for r in refs}
+        last = max(wanted)
         done = asyncio.Event()
+        start = len(found) + len(failed)
 
         async def take(delivery: Delivery) -> Outcome:
             assert delivery.offset is not None
@@ -292,7 +482,7 @@ class UpdateFeed:
                     found[ref.client] = update
                 except MessageRejected as exc:
                     failed.append(f"offset {ref.offset} ({ref.client}): {exc}")
-            if delivery.offset >= last or len(found) + len(failed) == len(wanted):
+            if delivery.offset >= last or len(found) + len(failed) - start == len(wanted):
                 done.set()
             return Outcome.ACK
 
@@ -310,13 +500,17 @@ class UpdateFeed:
             pass
         finally:
             await reader.cancel()
-        missing = sorted(r.client for r in refs if r.client not in found)
-        if missing:
-            detail = "; ".join(failed) or f"offsets {sorted(wanted)} not all in the stream"
-            raise UpdateNotFound(
-                f"round {round_no} of {self.job!r}: updates of {missing} cannot be read: {detail}"
-            )
-        return found
+
+
+def _runs(refs: Sequence[Ref], gap: int) -> list[list[Ref]]:
+    """``refs`` (sorted by offset) cut where two neighbours lie more than ``gap`` apart."""
+    runs: list[list[Ref]] = []
+    for ref in refs:
+        if runs and ref.offset - runs[-1][-1].offset <= gap:
+            runs[-1].append(ref)
+        else:
+            runs.append([ref])
+    return runs
 
 
 def _stream_update(env: Envelope[Update], offset: int) -> StreamUpdate:

@@ -366,6 +366,9 @@ class Aggregator(Service):
         accepted = Accepted(
             body.client, body.update_digest, body.offset, body.num_samples, body.base_version
         )
+        feed = self._feeds.get(env.job)
+        if feed is not None:  # a read-ahead far behind (a flood) jumps to what is vouched
+            feed.vouched(Ref(body.client, body.update_digest, body.offset))
         await self._step(job_of(self.specs, env.job), env.round, accepted)
 
     async def on_refused(self, env: Envelope[UpdateRejected]) -> None:

@@ -3,7 +3,9 @@
 ``round.verdict`` and an alert per flagged client (docs/architecture.md, "One round" step 6
 and "The data plane").
 
-The read-ahead keeps a participant's update as a row of its round's matrix under its
+Ingest's ``update.accepted`` verdicts are read as hints of where the updates lie, so that
+a read-ahead held up by a flood between them can jump (:meth:`UpdateFeed.vouched`); they
+vouch for nothing here. The read-ahead keeps a participant's update as a row of its round's matrix under its
 (client, digest) key (verified in full: certificate, signature, digest, unsealed with the
 detector's own key); the verdict uses only the digests the aggregator's signed
 ``round.closed`` lists. At the close it waits (a bounded time) for the read-ahead to pass
@@ -28,6 +30,7 @@ from qflare.messages import (
     Reason,
     RoundClosed,
     RoundVerdict,
+    UpdateAccepted,
 )
 from qflare.messages.tensors import RoundRows
 from qflare.robust import Reputation
@@ -68,7 +71,22 @@ class Detector(Service):
         self._feeds: dict[str, UpdateFeed] = {}
 
     def consumers(self) -> list[Consumer]:
-        return [stateful_consumer(self.name, {RoundClosed: self.on_closed}, prefetch=32)]
+        return [
+            stateful_consumer(
+                self.name,
+                {RoundClosed: self.on_closed, UpdateAccepted: self.on_accepted},
+                prefetch=32,
+            )
+        ]
+
+    async def on_accepted(self, env: Envelope[UpdateAccepted]) -> None:
+        """Ingest's verdict, a hint of where to read only (the detector trusts no update
+        before the aggregator's round.closed lists it): a read-ahead far behind it (a
+        flood between the updates) jumps to it (UpdateFeed.vouched)."""
+        feed = self._feeds.get(env.job)
+        if feed is not None:
+            body = env.body
+            feed.vouched(Ref(body.client, body.update_digest, body.offset))
 
     async def open(self) -> None:
         self.store = await DetectorStore.open(self.ctx.data_dir)

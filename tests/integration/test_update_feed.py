@@ -1,0 +1,191 @@
+"""The read-ahead of a job's update stream (qflare.runtime.updates.UpdateFeed) follows the
+verdicts past a flood, on both buses (memory and RabbitMQ).
+
+Honest updates lie in the stream with thousands of garbage messages between them, as a
+flooding participant would write them. A read-ahead far behind an offset a verdict names
+jumps to it instead of delivering every message in between, reads the vouched updates it
+jumped over one by one, and still hands the sink every wanted update; ``fetch`` reads
+far-apart offsets apart. Counted here: the deliveries each reader took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qflare.bus import Bus, Delivery, Outcome, topology
+from qflare.crypto.testing import MemoryFederation, make_federation
+from qflare.messages import Update, encode
+from qflare.messages.envelope import peek_header
+from qflare.runtime.updates import READ_AHEAD_MAX_LAG, Ref, StreamUpdate, UpdateFeed, _runs
+
+JOB = "jf"
+GARBAGE = 3 * READ_AHEAD_MAX_LAG
+
+
+@pytest.fixture(scope="module")
+def fed() -> MemoryFederation:
+    return make_federation(clients=5, client_prefix="c")
+
+
+def update(fed: MemoryFederation, client: str) -> bytes:
+    body = Update(base_version=0, num_samples=3, tensors={"w": np.full(4, 0.5, np.float32)})
+    return encode("update", body, fed[client], job=JOB, round=1, seal_to=[fed["aggregator"].cert])
+
+
+def counted(bus: Bus, deliveries: list[int], flow: asyncio.Event, free: int) -> None:
+    """Count every delivery any reader of ``bus`` takes (offsets, in order); after the
+    first ``free`` ones, each waits for ``flow`` (a reader slower than the writer)."""
+    real = bus.read_stream
+
+    async def read_stream(stream: Any, handler: Any, **kw: Any) -> Any:
+        async def take(delivery: Delivery) -> Outcome:
+            assert delivery.offset is not None
+            deliveries.append(delivery.offset)
+            if len(deliveries) > free:
+                await flow.wait()
+            await asyncio.sleep(0)  # a delivery comes from the network, not in a tight loop
+            result: Outcome = await handler(delivery)
+            return result
+
+        return await real(stream, take, **kw)
+
+    bus.read_stream = read_stream  # type: ignore[method-assign]
+
+
+async def write(bus: Bus, messages: list[bytes]) -> None:
+    for data in messages:
+        await bus.publish(topology.CLIENT, f"update.{JOB}", data)
+
+
+async def test_a_lagging_read_ahead_jumps_to_the_vouched_offsets(
+    fed: MemoryFederation,
+    bus: Bus,
+    wait_for: Callable[..., Awaitable[Any]],
+) -> None:
+    await bus.declare_stream(topology.update_stream(JOB))
+    honest = {c: update(fed, c) for c in fed.clients}
+    garbage = [b"\x93garbage %d" % i for i in range(GARBAGE)]
+    # c-000 c-001 | garbage | c-002 | garbage | c-003 c-004
+    stream = [
+        honest["c-000"],
+        honest["c-001"],
+        *garbage,
+        honest["c-002"],
+        *garbage,
+        honest["c-003"],
+        honest["c-004"],
+    ]
+    await write(bus, stream)
+    offsets: dict[str, int] = {}
+    tap: list[tuple[int, bytes]] = []
+
+    async def on_tap(d: Delivery) -> Outcome:
+        assert d.offset is not None
+        tap.append((d.offset, d.body))
+        return Outcome.ACK
+
+    tapper = await bus.read_stream(topology.update_stream(JOB).name, on_tap, offset="first")
+    await wait_for(lambda: len(tap) == len(stream), 30, message="the tap")
+    await tapper.cancel()
+    for offset, data in tap:
+        if data in honest.values():
+            offsets[peek_header(data).sender] = offset
+    assert len(offsets) == 5
+
+    deliveries: list[int] = []
+    flow = asyncio.Event()
+    counted(bus, deliveries, flow, free=3)  # the read-ahead stalls in the first garbage
+    kept: dict[str, StreamUpdate] = {}
+
+    async def sink(u: StreamUpdate) -> None:
+        kept[u.client] = u
+
+    feed = UpdateFeed(
+        bus,
+        JOB,
+        trust=fed.trust(),
+        kem_key=fed["aggregator"].kem,
+        wants=lambda round_no, sender: round_no == 1,
+        sink=sink,
+    )
+    await feed.start(offsets["c-000"])
+    await wait_for(lambda: len(deliveries) > 3, 10, message="the read-ahead's start")
+    far = offsets["c-003"]
+    assert not feed.passed(far)
+    feed.vouched(Ref("c-003", b"", far))
+    await wait_for(lambda: (feed.next_offset or 0) >= far, 10, message="the jump")
+    flow.set()
+    # vouched after the jump, inside the range it jumped over: read on its own
+    feed.vouched(Ref("c-002", b"", offsets["c-002"]))
+    assert await feed.wait_past(offsets["c-004"], timeout=20)
+    await wait_for(lambda: len(kept) == 5, 20, message="every update in the sink")
+    await feed.stop()
+    assert {c: u.offset for c, u in kept.items()} == offsets
+    # it did not deliver the garbage between c-000 and c-003
+    assert len(deliveries) < GARBAGE, len(deliveries)
+
+    # fetch reads far-apart offsets apart, not the flood between them
+    deliveries.clear()
+    refs = [Ref(c, kept[c].digest, o) for c, o in offsets.items()]
+    got = await feed.fetch(1, refs)
+    assert {c: u.offset for c, u in got.items()} == offsets
+    assert all(np.array_equal(u.tensors["w"], np.full(4, 0.5, np.float32)) for u in got.values())
+    assert len(deliveries) < GARBAGE, len(deliveries)
+
+
+def test_runs_cut_where_offsets_lie_far_apart() -> None:
+    refs = [Ref(str(o), b"", o) for o in (1, 2, 300, 301, 900)]
+    assert [[r.offset for r in run] for run in _runs(refs, 256)] == [[1, 2], [300, 301], [900]]
+    assert _runs([], 256) == []
+
+
+async def test_a_read_ahead_stops_in_a_flood_until_a_verdict_points_past_it(
+    fed: MemoryFederation,
+    bus: Bus,
+    wait_for: Callable[..., Awaitable[Any]],
+) -> None:
+    """In order, the read-ahead reads READ_AHEAD_MAX_LAG messages without keeping an update
+    (garbage, and forgeries whose headers claim a participant of the round), then stops;
+    the verdict for the update behind the flood moves it on, there."""
+    await bus.declare_stream(topology.update_stream(JOB))
+    deliveries: list[int] = []
+    flow = asyncio.Event()
+    flow.set()
+    counted(bus, deliveries, flow, free=0)
+    kept: dict[str, StreamUpdate] = {}
+
+    async def sink(u: StreamUpdate) -> None:
+        kept[u.client] = u
+
+    feed = UpdateFeed(
+        bus,
+        JOB,
+        trust=fed.trust(),
+        kem_key=fed["aggregator"].kem,
+        wants=lambda round_no, sender: round_no == 1,
+        sink=sink,
+    )
+    await feed.start("next")
+    forger = make_federation(clients=2, services=("aggregator",), client_prefix="c")  # another CA
+    forged = update(forger, "c-001")
+    flood = [forged if i % 10 == 0 else b"\x93flood %d" % i for i in range(GARBAGE)]
+    await write(bus, [update(fed, "c-000"), *flood])
+    await write(bus, [update(fed, "c-001")])
+    await wait_for(lambda: "c-000" in kept, 10, message="the update before the flood")
+    await wait_for(lambda: feed._stopped, 10, message="the read-ahead stopping")
+    first = kept["c-000"].offset
+    behind = first + GARBAGE + 1
+    assert not await feed.wait_past(behind, timeout=5)  # at once: it does not move by itself
+    read = len(deliveries)
+    assert read <= READ_AHEAD_MAX_LAG + 16, read
+    feed.vouched(Ref("c-001", b"", behind))
+    await wait_for(lambda: "c-001" in kept, 10, message="the update behind the flood")
+    assert await feed.wait_past(behind, timeout=5)
+    await feed.stop()
+    assert kept["c-001"].offset == behind
+    assert len(deliveries) - read <= 16, len(deliveries) - read
