@@ -47,6 +47,10 @@ A score past its threshold gives a reason; a client with any reason is flagged. 
 updates, and those whose squared norm overflows their dtype, are flagged ``non_finite``
 before anything else. With fewer finite updates than
 ``max(3, 2f + 1)`` the verdict says ``insufficient`` and flags only non-finite ones.
+
+:func:`limit_flags` keeps at most f clients flagged on scores (the defence assumes at most
+f Byzantine clients): it is applied after the evidence across rounds
+(:meth:`qflare.robust.Reputation.review`), which adds and removes flags.
 """
 
 from __future__ import annotations
@@ -253,6 +257,60 @@ def two_means(d2: F64, g: F64, iters: int = 20) -> tuple[IntArray, float]:
         within.append(dd)
     spread = float(np.mean(np.concatenate(within)))
     return labels, centre_gap / max(spread, 1e-12 * (1 + centre_gap))
+
+
+#: Reasons that are facts about the update, not scores: never dropped by :func:`limit_flags`.
+HARD_REASONS = frozenset({"non_finite", "duplicate"})
+
+
+#: Reasons that rest on a client's history across rounds (:meth:`Reputation.review`):
+#: evidence from many rounds outranks one round's scores in :func:`limit_flags`.
+HISTORY_REASONS = frozenset({"inconsistent"})
+
+
+def _evidence(scores: dict[str, float], reasons: Sequence[str]) -> tuple[bool, int, float]:
+    """How strongly a flagged client stands out: evidence across rounds first, then its
+    number of reasons, then its largest robust |z| (the order in which :func:`limit_flags`
+    keeps flags)."""
+    zs = [abs(v) for k, v in scores.items() if k.endswith("_z") and np.isfinite(v)]
+    return bool(HISTORY_REASONS & set(reasons)), len(reasons), max(zs, default=0.0)
+
+
+def limit_flags(verdict: Verdict) -> Verdict:
+    """``verdict`` with at most ``verdict.f`` clients flagged on scores.
+
+    The defence assumes at most f Byzantine clients per round, so flags beyond f are honest
+    clients flagged by their scores; copies and non-finite updates (:data:`HARD_REASONS`)
+    always stay flagged, and of the others those with the most reasons, then the largest
+    robust z, fill what is left of f. Under attacks that send copies on strongly non-IID
+    data (digits, Dirichlet 0.1) the f copies were flagged and, besides them, one honest
+    client whose unusual data put it past a score threshold, round after round."""
+    if verdict.status != OK or len(verdict.flagged) <= verdict.f:
+        return verdict
+    hard = [c for c in verdict.flagged if HARD_REASONS & set(verdict.reasons[c])]
+    soft = [c for c in verdict.flagged if c not in set(hard)]
+    room = max(0, verdict.f - len(hard))
+    ranked = sorted(
+        soft,
+        key=lambda c: _evidence(verdict.scores.get(c, {}), verdict.reasons[c]),
+        reverse=True,
+    )
+    released = set(ranked[room:])
+    if not released:
+        return verdict
+    reasons = {k: v for k, v in verdict.reasons.items() if k not in released}
+    kept = set(verdict.kept) | released
+    order = [*verdict.kept, *verdict.flagged]
+    return Verdict(
+        verdict.status,
+        tuple(c for c in order if c in kept),
+        tuple(c for c in verdict.flagged if c not in released),
+        reasons,
+        verdict.scores,
+        f"{verdict.message}; kept, beyond f={verdict.f} flags: {', '.join(sorted(released))}",
+        verdict.n,
+        verdict.f,
+    )
 
 
 def detect(

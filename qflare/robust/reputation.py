@@ -16,14 +16,40 @@ direction relative to the consensus (its label skew does not change), while stil
 with the consensus; the per-round scores flag it every round (``krum``, ``distance``,
 ``norm``). FLDetector (Zhang et al., KDD 2022) checks that a client's update is consistent
 with what its history predicts, and FoolsGold (Fung et al., RAID 2020) keeps a per-client
-aggregate of its updates over time; here a client flagged *only* for being far or large is
-let back in when its residual direction agrees with its own history (cosine at least
-``consistency``, after ``min_history`` rounds of history) and its update has a positive
-cosine with the consensus. Flags on direction (``cosine``, ``neighbourhood``), copies
-(``duplicate``), clusters and non-finite values are never pardoned, so a coalition that
-pushes against the consensus stays out; random or noisy attack updates are not consistent
-with their own history. The detector core is to call it between ``detect`` and
-:meth:`observe` (``verdict = reputation.review(round_no, clients, x, verdict)``), so that a
+aggregate of its updates over time. Three uses of that history:
+
+- *Pardon*: a client flagged *only* for being far or large is let back in when its residual
+  direction agrees with its own history (cosine at least ``consistency``, after
+  ``min_history`` rounds of history), none of its fired scores exceeds ``pardon_z`` (a
+  boosted update, a fixed direction scaled far past the honest spread, is as consistent
+  as an honest outlier: on the tune seeds honest outliers reached z 6.5, label flippers
+  at Dirichlet 0.5 4.6-8), and its record of flags a history does not excuse (direction,
+  copies, clusters, ``inconsistent``; decayed by ``decay`` per round) is below
+  ``pardon_after`` (1: one stray flag does not withhold the pardon, two in a row do for a
+  few rounds): a coalition caught on direction in recent rounds is not pardoned when it
+  drifts to being merely far (label flipping at Dirichlet 0.5, tune seed 2: six flippers
+  caught by ``neighbourhood`` in rounds 4-7 were all let back in from round 8; with 0.3
+  instead of 1, an honest outlier flagged on its cosine in round 1, before it had a
+  history, lost the pardon and was quarantined, tune seed 1 under Inf).
+  Flags on direction (``cosine``, ``neighbourhood``), copies (``duplicate``), clusters and
+  non-finite values are never pardoned.
+- *Steadiness* (FLDetector's consistency, as a running mean): the per-round agreement of a
+  client's residual with its history, exponentially weighted by ``steadiness_memory``.
+  A coalition that adds fresh noise every round (noisy IPM/ALIE) keeps no direction: on
+  the tune seeds its steadiness was 0.5-0.87 against 0.88-1.0 (median about 0.97) for
+  honest non-IID clients. A client whose steadiness lies below the round's median by
+  more than ``inconsistency`` and by more than 3.5 robust deviations is flagged
+  ``inconsistent`` (:func:`unsteady_clients`; relative to the round, so that IID clients,
+  whose residuals are all fresh noise, do not stand out).
+- *At most f flags* (:func:`~qflare.robust.detection.limit_flags`): copies and
+  non-finite updates first, then ``inconsistent`` (evidence from many rounds), then the
+  most reasons and the largest z.
+
+The history, steadiness and record of unexcused flags are part of :meth:`to_dict`, so a
+detector that restores its state decides as one that never stopped.
+
+The detector core calls it between ``detect`` and :meth:`observe`
+(``verdict = reputation.review(round_no, clients, x, verdict)``), so that a
 pardoned client is neither excluded nor penalised.
 """
 
@@ -36,10 +62,31 @@ from typing import Any
 import numpy as np
 
 from ._core import F64, FloatArray, check_float, check_int, finite_rows
-from .detection import Verdict
+from .detection import Verdict, limit_flags
 
 #: reasons a consistent history may pardon: position and magnitude, not direction
 PARDONABLE = frozenset({"krum", "distance", "norm"})
+
+
+def unsteady_clients(steadiness: dict[str, float], margin: float) -> set[str]:
+    """The clients whose steadiness lies below the round's median by more than ``margin``
+    and by more than 3.5 robust deviations (MAD) of the round's steadiness values.
+
+    Relative, not absolute: where every client's update is mostly fresh noise around the
+    mean (IID data), every steadiness is low and none stands out; on non-IID data honest
+    clients keep their residual direction (tune seeds, digits: steadiness >= 0.88, median
+    about 0.97) and a coalition adding fresh noise every round does not (0.5-0.87)."""
+    if len(steadiness) < 3:
+        return set()
+    v = np.array(list(steadiness.values()))
+    med = float(np.median(v))
+    gap = max(margin, 3.5 * 1.4826 * float(np.median(np.abs(v - med))))
+    return {c for c, s in steadiness.items() if s < med - gap}
+
+
+def _largest_z(scores: dict[str, float], reasons: set[str]) -> float:
+    """The largest robust z among the scores that gave ``reasons``."""
+    return max((abs(scores.get(f"{r}_z", 0.0)) for r in reasons), default=0.0)
 
 
 @dataclass
@@ -59,7 +106,16 @@ class Reputation:
     PARAMS = ("decay", "penalty", "threshold", "quarantine_rounds")
     #: The tunables of the evidence across rounds (:meth:`review`), with their defaults
     #: where a saved state lacks them.
-    HISTORY_PARAMS = ("consistency", "memory", "min_history", "sketch")
+    HISTORY_PARAMS = (
+        "consistency",
+        "memory",
+        "min_history",
+        "sketch",
+        "inconsistency",
+        "steadiness_memory",
+        "pardon_z",
+        "pardon_after",
+    )
 
     def __init__(
         self,
@@ -72,6 +128,10 @@ class Reputation:
         memory: float = 0.5,
         min_history: int = 2,
         sketch: int = 512,
+        inconsistency: float = 0.1,
+        steadiness_memory: float = 0.7,
+        pardon_z: float = 8.0,
+        pardon_after: float = 1.0,
     ) -> None:
         self.decay = check_float("decay", decay)
         if self.decay > 1:
@@ -86,14 +146,31 @@ class Reputation:
             raise ValueError(f"memory must be in [0, 1), got {memory!r}")
         self.min_history = check_int("min_history", min_history, minimum=1)
         self.sketch = check_int("sketch", sketch, minimum=1)
+        self.inconsistency = check_float("inconsistency", inconsistency)
+        self.pardon_z = check_float("pardon_z", pardon_z)
+        self.pardon_after = check_float("pardon_after", pardon_after, strict=True)
+        self.steadiness_memory = check_float("steadiness_memory", steadiness_memory)
+        if self.steadiness_memory >= 1:
+            raise ValueError(f"steadiness_memory must be in [0, 1), got {steadiness_memory!r}")
         #: client -> (rounds of history, unit residual direction on the sketch coordinates)
         self.history: dict[str, tuple[int, F64]] = {}
+        #: client -> running mean (exponentially weighted by ``steadiness_memory``) of its
+        #: rounds' ``consistency``, from its ``min_history``-th round of history on
+        self.steadiness: dict[str, float] = {}
+        #: client -> (decayed count of flags a history does not excuse, its last round)
+        self.grave: dict[str, tuple[float, int]] = {}
 
     def score(self, client: str, round_: int) -> float:
         rec = self.clients.get(client)
         if rec is None:
             return 0.0
         return rec.score * self.decay ** max(0, round_ - rec.last_round)
+
+    def grave_score(self, client: str, round_: int) -> float:
+        """Decayed count (by ``decay`` per round) of the client's flags that a consistent
+        history does not excuse (direction, copies, clusters, ``inconsistent``)."""
+        score, last = self.grave.get(client, (0.0, round_))
+        return score * self.decay ** max(0, round_ - last)
 
     def is_quarantined(self, client: str, round_: int) -> bool:
         rec = self.clients.get(client)
@@ -129,10 +206,13 @@ class Reputation:
         return np.sort(np.random.default_rng([d, 13]).choice(d, size=m, replace=False))
 
     def review(self, round_: int, ids: Sequence[str], x: FloatArray, verdict: Verdict) -> Verdict:
-        """``verdict`` (of ``detect(x, f, ids=ids)``) with the consistently honest outliers
-        let back in (class docstring), and every finite row's residual direction added to
-        its client's history; each scored client gains a ``consistency`` score. A verdict
-        without scores (``insufficient``) is returned as it is."""
+        """``verdict`` (of ``detect(x, f, ids=ids)``) after the evidence across rounds: the
+        consistently honest outliers let back in, the clients whose residual direction keeps
+        changing flagged ``inconsistent`` (class docstring), and at most ``verdict.f``
+        clients flagged (:func:`~qflare.robust.detection.limit_flags`). Every finite row's
+        residual direction is added to its client's history; each scored client gains a
+        ``consistency`` and a ``steadiness`` score. A verdict without scores
+        (``insufficient``) is returned as it is."""
         check_int("round", round_)
         names = [str(i) for i in ids]
         if x.shape[0] != len(names):
@@ -142,72 +222,85 @@ class Reputation:
         finite = finite_rows(x)
         cols = self._columns(int(x.shape[1]), self.sketch)
         sub = np.asarray(x[:, cols], np.float64)
-        kept = np.array([n in set(verdict.kept) for n in names]) & finite
+        kept_now = set(verdict.kept)
+        kept = np.array([n in kept_now for n in names]) & finite
         base = kept if kept.any() else finite
         centre = sub[base].mean(axis=0)
         res = sub - centre
         res_norm = np.linalg.norm(res, axis=1)
         unit = res / np.maximum(res_norm, 1e-30)[:, None]
-        cos_centre = (sub @ centre) / np.maximum(
-            np.linalg.norm(sub, axis=1) * float(np.linalg.norm(centre)), 1e-30
-        )
         pardoned: list[str] = []
         scores = {k: dict(v) for k, v in verdict.scores.items()}
         for i, name in enumerate(names):
             if not finite[i] or name not in scores:
                 continue
             seen, past = self.history.get(name, (0, np.zeros(0)))
-            agree = float(unit[i] @ past) if seen and past.shape == unit[i].shape else 0.0
+            known = bool(seen) and past.shape == unit[i].shape
+            agree = float(unit[i] @ past) if known else 0.0
             scores[name]["consistency"] = agree
+            if known and seen >= self.min_history:
+                before = self.steadiness.get(name)
+                steady = (
+                    agree
+                    if before is None
+                    else self.steadiness_memory * before + (1 - self.steadiness_memory) * agree
+                )
+                self.steadiness[name] = steady
+                scores[name]["steadiness"] = steady
+            mixed = unit[i] if not known else (self.memory * past + (1 - self.memory) * unit[i])
+            self.history[name] = (seen + 1, mixed / max(float(np.linalg.norm(mixed)), 1e-30))
+        steady_now = {c: v["steadiness"] for c, v in scores.items() if "steadiness" in v}
+        unsteady = unsteady_clients(steady_now, self.inconsistency)
+        for i, name in enumerate(names):
+            if not finite[i] or name not in scores:
+                continue
             why = set(verdict.reasons.get(name, ()))
             if (
                 why
                 and why <= PARDONABLE
-                and seen >= self.min_history
-                and agree >= self.consistency
-                and cos_centre[i] > 0
+                and name not in unsteady
+                and self.history[name][0] > self.min_history  # history before this round
+                and scores[name]["consistency"] >= self.consistency
+                and _largest_z(scores[name], why) <= self.pardon_z
+                and self.grave_score(name, round_) < self.pardon_after
             ):
                 pardoned.append(name)
-            mixed = (
-                unit[i]
-                if not seen or past.shape != unit[i].shape
-                else (self.memory * past + (1 - self.memory) * unit[i])
-            )
-            self.history[name] = (seen + 1, mixed / max(float(np.linalg.norm(mixed)), 1e-30))
-        if not pardoned:
-            return Verdict(
-                verdict.status,
-                verdict.kept,
-                verdict.flagged,
-                verdict.reasons,
-                scores,
-                verdict.message,
-                verdict.n,
-                verdict.f,
-            )
-        back = set(pardoned)
-        reasons = {k: v for k, v in verdict.reasons.items() if k not in back}
-        return Verdict(
+        for name in names:
+            if set(verdict.reasons.get(name, ())) - PARDONABLE or name in unsteady:
+                self.grave[name] = (self.grave_score(name, round_) + 1.0, round_)
+        reasons = {k: list(v) for k, v in verdict.reasons.items() if k not in set(pardoned)}
+        for name in unsteady:
+            reasons.setdefault(name, []).append("inconsistent")
+        notes = [verdict.message]
+        if pardoned:
+            notes.append(f"let back in on a consistent history: {', '.join(sorted(pardoned))}")
+        if unsteady:
+            notes.append(f"inconsistent with their history: {', '.join(sorted(unsteady))}")
+        out = Verdict(
             verdict.status,
             tuple(n for n in names if n not in reasons),
             tuple(n for n in names if n in reasons),
-            reasons,
+            {k: tuple(v) for k, v in reasons.items()},
             scores,
-            f"{verdict.message}; let back in on a consistent history: {', '.join(sorted(back))}",
+            "; ".join(notes),
             verdict.n,
             verdict.f,
         )
+        return limit_flags(out)
 
     def to_dict(self) -> dict[str, Any]:
         params = {name: getattr(self, name) for name in (*self.PARAMS, *self.HISTORY_PARAMS)}
-        history = {
+        history: dict[str, dict[str, Any]] = {
             c: {"rounds": seen, "direction": [float(v) for v in d]}
             for c, (seen, d) in sorted(self.history.items())
         }
+        for c, steady in self.steadiness.items():
+            history.setdefault(c, {"rounds": 0, "direction": []})["steadiness"] = float(steady)
         return {
             **params,
             "clients": {c: r.to_dict() for c, r in sorted(self.clients.items())},
             "history": history,
+            "grave": {c: [float(v), int(r)] for c, (v, r) in sorted(self.grave.items())},
         }
 
     @classmethod
@@ -220,6 +313,12 @@ class Reputation:
                 if d.ndim != 1 or not np.isfinite(d).all():
                     raise ValueError(f"history of {c!r} is not a finite vector")
                 rep.history[str(c)] = (check_int("rounds", h["rounds"]), d)
+                if "steadiness" in h:
+                    rep.steadiness[str(c)] = check_float(
+                        "steadiness", h["steadiness"], minimum=-np.inf
+                    )
+            for c, (v, r) in data.get("grave", {}).items():
+                rep.grave[str(c)] = (check_float("grave", v), check_int("round", r))
             for c, r in data.get("clients", {}).items():
                 rep.clients[str(c)] = ClientRecord(
                     score=check_float("score", r["score"]),

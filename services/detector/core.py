@@ -2,7 +2,10 @@
 
 Detection itself is :func:`qflare.robust.detect` (Krum scores after Blanchard et al.,
 NeurIPS 2017; distance/cosine to the geometric median; norm outliers; two-means
-clustering after Auror, Shen et al., ACSAC 2016). This module adds what a round needs
+clustering after Auror, Shen et al., ACSAC 2016), followed by the evidence across rounds of
+:meth:`qflare.robust.Reputation.review` (a consistently honest outlier let back in, a
+client whose residual keeps changing direction flagged, at most f flagged; its history is
+part of the reputation state the service persists). This module adds what a round needs
 around it: the updates in client-id order (so the verdict does not depend on arrival
 order), quarantine from :class:`qflare.robust.Reputation` (a client quarantined in earlier
 rounds is dropped even when it behaves in this one), a score per flagged client, and the

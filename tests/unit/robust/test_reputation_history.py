@@ -15,7 +15,7 @@ def _round(rng: np.random.Generator, mu: np.ndarray, skew: np.ndarray) -> np.nda
     d = mu.shape[0]
     h = mu + 0.9 * rng.normal(size=(16, d)) / np.sqrt(d)
     h[13] = -2 * mu + 0.05 * rng.normal(size=d) / np.sqrt(d)  # consistent, against the consensus
-    h[14] = 2 * mu + 4 * skew + 0.1 * rng.normal(size=d) / np.sqrt(d)  # honest outlier
+    h[14] = 1.35 * mu + 1.0 * skew + 0.1 * rng.normal(size=d) / np.sqrt(d)  # honest outlier
     h[15] = 9 * rng.normal(size=d) / np.sqrt(d)  # a new random direction each round
     return h.astype(np.float32)
 
@@ -52,3 +52,24 @@ def test_a_consistent_honest_outlier_is_let_back_in() -> None:
         rep.review(7, ids[:3], x, v)
     with pytest.raises(ValueError, match="memory must be in"):
         Reputation(memory=1.0)
+
+
+def test_a_consistent_but_extreme_update_is_not_let_back_in() -> None:
+    """A boosted update (a fixed direction scaled far beyond the honest spread, round after
+    round) is as consistent as an honest outlier; past ``pardon_z`` it stays flagged."""
+    rng = np.random.default_rng(3)
+    d = 300
+    mu = rng.normal(size=d)
+    mu /= np.linalg.norm(mu)
+    push = rng.normal(size=d)
+    push /= np.linalg.norm(push)
+    ids = [f"c{i:02d}" for i in range(16)]
+    rep = Reputation(min_history=2)
+    for r in range(1, 7):
+        x = (mu + 0.9 * rng.normal(size=(16, d)) / np.sqrt(d)).astype(np.float32)
+        x[14] = 2 * mu + 4 * push
+        v = detect(x, 3, ids=ids)
+        w = rep.review(r, ids, x, v)
+        assert "c14" in w.flagged
+        if r > 2:
+            assert w.scores["c14"]["consistency"] > 0.9

@@ -1,0 +1,150 @@
+"""Evidence across rounds: steadiness (Reputation.review), the pardon's ceiling, and the cap
+of at most f flags (limit_flags)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from qflare.robust import Reputation, Verdict, detect
+from qflare.robust.detection import OK, limit_flags
+from qflare.robust.reputation import unsteady_clients
+
+D = 400
+IDS = [f"c{i:02d}" for i in range(20)]
+
+
+def _unit(rng: np.random.Generator, d: int = D) -> np.ndarray:
+    v = rng.normal(size=d)
+    return v / np.linalg.norm(v)
+
+
+def _noisy_coalition_rounds(seed: int, rounds: int) -> list[np.ndarray]:
+    """14 non-IID honest clients (the consensus plus a skew of their own, kept across
+    rounds) and 6 attackers whose offset from the consensus is as large but drawn afresh
+    every round (a noisy coalition): one round alone does not tell them apart."""
+    rng = np.random.default_rng(seed)
+    mu = _unit(rng)
+    skews = [_unit(rng) for _ in range(14)]
+    out = []
+    for _ in range(rounds):
+        x = np.empty((20, D))
+        for i in range(14):
+            x[i] = mu + 0.8 * skews[i] + 0.15 * _unit(rng)
+        for i in range(14, 20):
+            x[i] = mu + 0.8 * _unit(rng)
+        out.append(x.astype(np.float32))
+    return out
+
+
+def test_a_noisy_coalition_is_inconsistent_with_its_history() -> None:
+    rep = Reputation()
+    caught = []
+    for r, x in enumerate(_noisy_coalition_rounds(0, 8), start=1):
+        v = detect(x, 6, ids=IDS)
+        assert not set(v.flagged) & set(IDS[14:])  # no single-round score finds them
+        w = rep.review(r, IDS, x, v)
+        assert not set(w.flagged) & set(IDS[:14])  # no honest client flagged
+        caught.append({c for c in w.flagged if "inconsistent" in w.reasons[c]})
+    # the steadiness starts after min_history rounds of history (round 3)
+    assert caught[:2] == [set(), set()]
+    assert all(c == set(IDS[14:]) for c in caught[2:])
+
+
+def test_iid_noise_is_not_inconsistent() -> None:
+    """When every update is the consensus plus fresh noise (IID data), every steadiness is
+    low and none stands out: the threshold is relative to the round."""
+    rng = np.random.default_rng(1)
+    mu = _unit(rng)
+    rep = Reputation()
+    for r in range(1, 9):
+        x = np.stack([mu + 0.8 * _unit(rng) for _ in range(20)]).astype(np.float32)
+        w = rep.review(r, IDS, x, detect(x, 6, ids=IDS))
+        assert not any("inconsistent" in w.reasons.get(c, ()) for c in IDS)
+
+
+def test_unsteady_clients_threshold() -> None:
+    honest = {f"h{i}": 0.97 + 0.001 * i for i in range(14)}
+    assert unsteady_clients({**honest, "a": 0.8, "b": 0.9}, 0.1) == {"a"}
+    assert unsteady_clients({"a": 0.1, "b": 0.9}, 0.1) == set()  # too few to compare
+
+
+def test_steadiness_survives_a_restart() -> None:
+    """Decisions after a save/restore equal those of the reputation that never stopped."""
+    rounds = _noisy_coalition_rounds(2, 8)
+    live = Reputation()
+    verdicts = [live.review(r, IDS, x, detect(x, 6, ids=IDS)) for r, x in enumerate(rounds, 1)]
+    restored = Reputation()
+    for r, x in enumerate(rounds, 1):
+        restored = Reputation.from_dict(json.loads(json.dumps(restored.to_dict())))
+        w = restored.review(r, IDS, x, detect(x, 6, ids=IDS))
+        assert w.flagged == verdicts[r - 1].flagged
+        assert w.scores == verdicts[r - 1].scores
+    assert restored.steadiness == live.steadiness
+
+
+def _verdict(reasons: dict[str, tuple[str, ...]], z: dict[str, float], f: int) -> Verdict:
+    names = [f"c{i}" for i in range(10)]
+    return Verdict(
+        OK,
+        tuple(c for c in names if c not in reasons),
+        tuple(c for c in names if c in reasons),
+        reasons,
+        {c: {"krum_z": z.get(c, 0.0)} for c in names},
+        "",
+        len(names),
+        f,
+    )
+
+
+def test_limit_flags_keeps_at_most_f() -> None:
+    reasons = {
+        "c0": ("duplicate",),
+        "c1": ("duplicate",),
+        "c2": ("krum",),
+        "c3": ("krum", "distance"),
+        "c4": ("inconsistent",),
+        "c5": ("krum",),
+    }
+    v = limit_flags(_verdict(reasons, {"c2": 9.0, "c5": 4.0}, f=4))
+    # copies always; then evidence across rounds; then the most reasons
+    assert set(v.flagged) == {"c0", "c1", "c4", "c3"}
+    assert set(v.kept) == {f"c{i}" for i in range(10)} - set(v.flagged)
+    assert "beyond f=4" in v.message
+    # copies beyond f stay flagged: they are facts, not scores
+    many = {f"c{i}": ("duplicate",) for i in range(6)}
+    assert set(limit_flags(_verdict(many, {}, f=4)).flagged) == set(many)
+    # within f nothing changes
+    few = _verdict({"c2": ("krum",)}, {}, f=4)
+    assert limit_flags(few) is few
+
+
+def test_a_recent_direction_flag_withholds_the_pardon_for_a_while() -> None:
+    """A client caught on direction is not let back in on its history in the next rounds
+    (a coalition drifting from 'against the consensus' to 'merely far'); once that record
+    has decayed below ``pardon_after``, a consistently honest outlier is back in."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(0)
+    d = 300
+    mu = _unit(rng, d)
+    skew = rng.normal(size=d)
+    skew -= (skew @ mu) * mu
+    skew /= np.linalg.norm(skew)
+    ids = [f"c{i:02d}" for i in range(16)]
+    rep = Reputation(min_history=2, decay=0.8, pardon_after=1.0)
+    back = []
+    for r in range(1, 13):
+        x = mu + 0.9 * rng.normal(size=(16, d)) / np.sqrt(d)
+        x[14] = 1.35 * mu + 1.0 * skew + 0.1 * rng.normal(size=d) / np.sqrt(d)
+        x = x.astype(np.float32)
+        v = detect(x, 3, ids=ids)
+        assert "c14" in v.flagged
+        if r in (3, 4):  # two rounds in which it was (also) flagged on direction
+            v = replace(v, reasons={**v.reasons, "c14": (*v.reasons["c14"], "cosine")})
+        w = rep.review(r, ids, x, v)
+        back.append("c14" in w.kept)
+    # rounds 1-2: no history; 3-4: the direction flags; 5-6: record 1.44, 1.15 >= 1.0;
+    # from 7 on (0.92, ...) back in
+    assert back == [False] * 6 + [True] * 6
