@@ -274,10 +274,10 @@ def _declaring(what: str, logical: str, arguments: dict[str, Any]) -> Iterator[N
         ) from exc
 
 
-async def _ack(message: AbstractIncomingMessage) -> None:
+async def _ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> None:
     # On a stream an ack only returns credit; one that fails (channel gone) loses nothing.
     try:
-        await message.ack()
+        await message.ack(multiple=multiple)
     except Exception as exc:
         log.debug("ack on a stream failed: %r", exc)
 
@@ -454,11 +454,18 @@ class _RabbitStreamReader(port.StreamReader):
             await _ack(drop)
 
     async def _run(self) -> None:
+        # Credit goes back in batches: one ack (multiple) for up to half the prefetch, sent
+        # at once when nothing else is waiting. An ack is a frame and a write each; a flood
+        # of small messages would pay for as many acks as messages. The reader has a channel
+        # of its own, so a multiple ack covers its deliveries only.
+        batch = max(1, self.read.prefetch // 2)
+        unacked = 0
         while True:
             generation, message = await self._buffer.get()
             if self._cancelled or message is None:
                 return
             if generation != self._generation:
+                unacked = 0  # its channel is gone, and the credit with it
                 continue
             headers = _from_amqp(dict(message.headers or {}))
             offset = headers.pop("x-stream-offset", None)
@@ -475,7 +482,10 @@ class _RabbitStreamReader(port.StreamReader):
                     offset=offset,
                 )
                 await self._hand_over(delivery)
-            await _ack(message)
+            unacked += 1
+            if unacked >= batch or self._buffer.empty():
+                await _ack(message, multiple=unacked > 1)
+                unacked = 0
 
     def _resume_at(self) -> port.StreamOffset:
         if self.next_offset is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -21,15 +21,27 @@ from qflare.bus.rabbitmq import _RabbitStreamReader
 
 
 class FakeMessage:
+    #: every fake delivery, in delivery-tag order (a multiple ack covers those before it)
+    sent: ClassVar[list[FakeMessage]] = []
+
     def __init__(self, offset: int) -> None:
         self.headers: dict[str, Any] = {"x-stream-offset": offset, "n": offset}
         self.body = str(offset).encode()
         self.routing_key = "update.j1"
         self.exchange = "p-qflare.client"
         self.acked = False
+        FakeMessage.sent.append(self)
 
-    async def ack(self) -> None:
-        self.acked = True
+    async def ack(self, multiple: bool = False) -> None:
+        if not multiple:
+            assert not self.acked, "acked twice: a channel error on the broker"
+            self.acked = True
+            return
+        for message in FakeMessage.sent[: FakeMessage.sent.index(self) + 1]:
+            message.acked = True
+        FakeMessage.multiple_acks += 1
+
+    multiple_acks: ClassVar[int] = 0
 
 
 class FakeChannel:
@@ -79,6 +91,22 @@ async def test_offsets_before_the_start_are_skipped_but_acked() -> None:
     d = handler.seen[0]
     assert (d.exchange, d.body, d.headers) == ("qflare.client", b"5", {"n": 5})
     assert reader.next_offset == 8
+    await reader.cancel()
+
+
+async def test_credit_goes_back_in_batches_of_half_the_prefetch() -> None:
+    """20 messages waiting (prefetch 16): acked 8 at a time with one multiple ack, the rest
+    at once when nothing else waits; every one acked."""
+    handler = Handler()
+    reader = await _reader(0, handler)
+    before = FakeMessage.multiple_acks
+    messages = [FakeMessage(o) for o in range(20)]
+    for message in messages:
+        await reader._on_message(reader._generation, message)  # type: ignore[arg-type]
+    await _settle(reader, handler, 20)
+    assert handler.offsets == list(range(20))
+    assert all(m.acked for m in messages)
+    assert FakeMessage.multiple_acks - before == 3  # 0-7, 8-15, 16-19
     await reader.cancel()
 
 
