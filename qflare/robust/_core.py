@@ -79,13 +79,19 @@ def as_batch(updates: Any, weights: Any = None) -> Batch:
         raise TypeError(
             f"updates must be a numpy array or torch tensor, got {type(updates).__name__}"
         )
-    if x.ndim != 2:
-        raise ValueError(f"updates must have shape [n, d], got shape {tuple(x.shape)}")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"updates must be float32 or float64, got {x.dtype}")
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"updates must have n >= 1 and d >= 1, got shape {tuple(x.shape)}")
+    check_matrix("updates", x)
     return Batch(x, check_weights(weights, x.shape[0]), is_torch)
+
+
+def check_matrix(what: str, x: np.ndarray) -> None:
+    """Refuse anything but an [n, d] float32/float64 array with n, d >= 1 (the updates of a
+    round, in memory or as a block source), naming ``what``."""
+    if x.ndim != 2:
+        raise ValueError(f"{what} must have shape [n, d], got shape {tuple(x.shape)}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{what} must be float32 or float64, got {x.dtype}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{what} must have n >= 1 and d >= 1, got shape {tuple(x.shape)}")
 
 
 def check_weights(weights: Any, n: int) -> Weights:

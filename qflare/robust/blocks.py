@@ -54,7 +54,17 @@ from ._base import (
     is_scaling,
     refuse_unequal_weights,
 )
-from ._core import F64, BoolArray, FloatArray, RngLike, check_int, check_weights, gram, mm
+from ._core import (
+    F64,
+    BoolArray,
+    FloatArray,
+    RngLike,
+    check_int,
+    check_matrix,
+    check_weights,
+    gram,
+    mm,
+)
 from .detection import Thresholds, Verdict, detect
 from .spec import get_rule
 
@@ -80,12 +90,7 @@ class ArrayBlocks:
     def __init__(self, x: FloatArray) -> None:
         if not isinstance(x, np.ndarray):
             raise TypeError(f"blocks come from a numpy array or memmap, got {type(x).__name__}")
-        if x.ndim != 2:
-            raise ValueError(f"a block source is [n, d], got shape {tuple(x.shape)}")
-        if x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"a block source holds float32 or float64, got {x.dtype}")
-        if x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"a block source needs n >= 1 and d >= 1, got {tuple(x.shape)}")
+        check_matrix("a block source", x)
         self._x = x
 
     @property
