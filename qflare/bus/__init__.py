@@ -49,8 +49,9 @@ async def connect_bus(
     count of each quorum queue and stream on a cluster, None for the broker's default); the
     in-memory adapter takes none. ``declare="passive"`` only checks that the exchanges (and the durable queues it
     consumes) exist, for a broker user without configure permission on them, such as a
-    participant's user from ``qflare broker-definitions``; ``declare="full"`` (default)
-    creates them.
+    participant's or a service role's user from ``qflare broker-definitions`` (transient
+    queues and job streams are declared all the same: no definitions file holds them);
+    ``declare="full"`` (default) creates them.
     """
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be str, got {type(prefix).__name__}")

@@ -376,8 +376,9 @@ class Bus(abc.ABC):
         """Create the stream and its bindings, or check that it exists with the same
         retention (idempotent; other retention: :class:`TopologyError`, as is a queue of
         that name). Bindings add up over declarations, as for queues. On RabbitMQ the
-        stream and its bindings are declared again after a reconnect; with
-        ``declare="passive"`` the stream must exist already."""
+        stream and its bindings are declared again after a reconnect, also with
+        ``declare="passive"`` (no definitions file holds a job's streams: the user that
+        declares them needs configure on them)."""
 
     async def read_stream(
         self,

@@ -53,10 +53,13 @@ part of the topology contract like every other: every service of a deployment mu
 same value, and a queue declared with another one is a :class:`TopologyError`. Unset (the
 default) declares no such argument, which is what a single node needs.
 
-Restricted broker users (a participant's: docs/CONTRACTS.md, broker set-up) have no configure permission on the
-exchanges: with ``declare="passive"`` the bus only checks, by passive declarations, that the
-exchanges and the durable queues it consumes exist (the definitions file creates them), and
-binds queues, which needs only write on the queue and read on the exchange. A refused
+Restricted broker users (a participant's and each service role's: docs/CONTRACTS.md, broker
+set-up) have no configure permission on the exchanges: with ``declare="passive"`` the bus only
+checks, by passive declarations, that the exchanges and the durable queues it consumes exist
+(the definitions file creates them), and binds queues, which needs only write on the queue and
+read on the exchange. What no definitions file can hold is still declared: transient queues
+(they belong to a connection) and job streams (the aggregator declares a job's streams at
+submission and deletes them when it ends; its user has configure on them). A refused
 permission is :class:`AccessRefused`, never retried.
 """
 
@@ -687,7 +690,8 @@ class RabbitBus(Bus):
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 raise AccessRefused(
                     f"may not declare exchange {self.name(logical)!r} (a restricted broker "
-                    f"user connects with declare='passive'): {exc}"
+                    f"user connects with declare='passive'; a service: [qflare] "
+                    f"broker_declare = 'passive' or QFLARE_BROKER_DECLARE=passive): {exc}"
                 ) from exc
 
     async def _publish(
@@ -809,19 +813,17 @@ class RabbitBus(Bus):
         physical = self.name(spec.name)
         # A refused declaration closes its channel: try it on a channel of its own first,
         # so that the channel which re-declares the streams on reconnect never sees one.
+        # Declared even by a passive bus: a job's streams exist only from its submission on,
+        # so no definitions file creates them (a user without configure on them is refused).
         probe = await self._connection.channel(publisher_confirms=False)
         try:
             with self._access(spec.name), _declaring("stream", spec.name, arguments):
-                await probe.declare_queue(
-                    physical, durable=True, arguments=arguments, passive=self.passive, robust=False
-                )
+                await probe.declare_queue(physical, durable=True, arguments=arguments, robust=False)
         finally:
             await _close_quietly(probe, spec.name)
         channel = await self._streams()
         with self._access(spec.name):
-            queue = await channel.declare_queue(
-                physical, durable=True, arguments=arguments, passive=self.passive
-            )
+            queue = await channel.declare_queue(physical, durable=True, arguments=arguments)
             self._declared.add(spec.name)
             for exchange, pattern in spec.bindings:
                 await queue.bind(self.name(exchange), pattern)

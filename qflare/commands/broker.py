@@ -1,10 +1,13 @@
 """RabbitMQ set-up as code: ``qflare broker-definitions`` writes a definitions file.
 
 The file (RabbitMQ's JSON definitions format, loaded with ``load_definitions`` or
-``rabbitmqctl import_definitions``) declares the vhost, QFLARE's five topic exchanges, the
-queues whose shape is fixed (every queue a service module lists in ``QUEUES``: alerting's
-two), a policy that bounds the dead-letter drain, and one broker user per client and per
-service role, with their permissions.
+``rabbitmqctl import_definitions``) declares the vhost, QFLARE's five topic exchanges, every
+durable queue a service consumes (:func:`service_queues`: the aggregator's, the detector's and
+the accountant's work queues, alerting's two), a policy that bounds the dead-letter drain, and
+one broker user per client and per service role, with their permissions. Services under these
+users run with ``[qflare] broker_declare = "passive"`` (``QFLARE_BROKER_DECLARE``): they only
+check that the exchanges and their durable queues exist, so no role needs configure on an
+exchange, which would also let it delete one.
 
 Permissions are the broker half of the trust model (docs/architecture.md, "The data
 plane"): signatures already stop a client from forging a model, the broker additionally
@@ -24,10 +27,14 @@ user may publish to a topic exchange.
   publishes to ``qflare.events`` and ``qflare.broadcast``.
 * **Ingest and the detector** read every job's update stream, by name (they cannot declare,
   bind or delete it), and publish to ``qflare.events``.
-* **Every service** declares the five exchanges when it connects (configure on them) and
-  its own queues (``<role>``, ``<role>.<suffix>``; the operator's console queues
-  ``console.<...>``), bound to the exchanges it reads; a role whose queues dead-letter gets
-  write on ``qflare.dead`` (RabbitMQ checks it when such a queue is declared).
+* **Every service** configures only its own queues (``<role>``, ``<role>.<suffix>``; the
+  operator's console queues ``console.<...>``) and binds them to the exchanges it reads. It
+  configures no exchange: the file creates the exchanges and the durable queues, and a
+  passive service only checks them. The one queue a service still declares is a transient one
+  (ingest's ``ingest.rounds.<replica>``, a console's), which no file can hold; RabbitMQ checks
+  write on the dead-letter exchange when a queue that dead-letters is declared, so the role
+  whose transient queue dead-letters (ingest) keeps write on ``qflare.dead`` and no other
+  does (a durable queue's dead-lettering is set by the file and checked at its import).
 
 Job streams are never pre-declared here (the aggregator declares them when a job is
 submitted and deletes them when it ends; a file loaded at every broker boot would re-create
@@ -53,7 +60,9 @@ apart.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import importlib
 import json
@@ -84,8 +93,9 @@ class Role:
     queues: tuple[str, ...] = ()
     """Regexes of its own queues (configure, write, read), prefix excluded; default
     ``<role>`` and ``<role>.<suffix>``."""
-    dead_letters: bool = True
-    """Its queues dead-letter to ``qflare.dead`` (write on it, checked at declaration)."""
+    dead_letters: bool = False
+    """It declares a transient queue that dead-letters to ``qflare.dead``: write on it, which
+    RabbitMQ checks at that declaration (its durable queues the definitions file declares)."""
 
 
 #: Kinds of job stream, named as in :mod:`qflare.bus.topology` (``<kind>.<job>``).
@@ -93,8 +103,13 @@ UPDATES, MODELS, BROADCASTS = "updates", "models", "broadcast"
 
 #: The service roles that get a broker user.
 ROLES: dict[str, Role] = {
+    # ingest.rounds.<replica>: transient (one per replica), dead-lettering a round event
+    # that fails 3 times
     "ingest": Role(
-        publishes=(topology.EVENTS,), binds_from=(topology.EVENTS,), reads_streams=(UPDATES,)
+        publishes=(topology.EVENTS,),
+        binds_from=(topology.EVENTS,),
+        reads_streams=(UPDATES,),
+        dead_letters=True,
     ),
     "detector": Role(
         publishes=(topology.EVENTS,), binds_from=(topology.EVENTS,), reads_streams=(UPDATES,)
@@ -116,7 +131,6 @@ ROLES: dict[str, Role] = {
         publishes=(topology.EVENTS,),
         binds_from=(topology.EVENTS, topology.ALERTS),
         queues=(r"console\..+",),
-        dead_letters=False,
     ),
 }
 
@@ -206,8 +220,8 @@ def permissions(
     return {
         "user": user,
         "vhost": vhost,
-        # every service declares the five exchanges when it connects (declare="full")
-        "configure": _any_of((_alt(prefix + e for e in topology.EXCHANGES), own, declared)),
+        # no exchange: services run passive (broker_declare), the file creates them
+        "configure": _any_of((own, declared)),
         "write": _any_of((_alt(prefix + e for e in writes), own, declared)),
         "read": _any_of((_alt(prefix + e for e in spec.binds_from), own, read)),
     }
@@ -244,17 +258,30 @@ def _queue(
 
 
 def service_queues() -> list[QueueSpec]:
-    """Queues that services declare with a fixed shape: every ``QUEUES`` tuple a service
-    module exposes (modules that are absent or list none contribute nothing)."""
-    specs: list[QueueSpec] = []
-    from qflare.runtime.bootstrap import SERVICES
+    """The durable queues the services consume, as their own :meth:`consumers` say: each
+    service is built (not started, no identity) on an in-memory bus and asked. A passive
+    service only checks that these exist, so the file must hold every one; asking the
+    services themselves keeps it from missing one. Transient queues are left out (they
+    belong to the connection that declares them)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # asyncio.run, also from a loop
+        return pool.submit(asyncio.run, _consumed_queues()).result()
 
-    for name in SERVICES:
-        try:
-            module = importlib.import_module(f"qflare.services.{name}.service")
-        except ImportError:
-            continue
-        specs.extend(getattr(module, "QUEUES", ()))
+
+async def _consumed_queues() -> list[QueueSpec]:
+    from qflare.bus import connect_bus
+    from qflare.runtime.bootstrap import SERVICES, service_module
+    from qflare.runtime.config import Settings
+    from qflare.runtime.service import ServiceContext
+
+    specs: list[QueueSpec] = []
+    bus = await connect_bus("memory://")
+    try:
+        for name in SERVICES:
+            module = importlib.import_module(service_module(name))
+            service = module.build(ServiceContext(name=name, settings=Settings(), bus=bus))
+            specs.extend(c.spec for c in service.consumers() if not c.spec.transient)
+    finally:
+        await bus.close()
     return specs
 
 

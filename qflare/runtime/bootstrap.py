@@ -77,5 +77,9 @@ async def build_service(
 
 def _bus_options(settings: Settings, name: str) -> dict[str, Any]:
     if settings.embedded:
-        return {}
-    return {"connection_name": f"qflare-{name}", "replicas": settings.broker_replicas}
+        return {}  # the in-memory bus takes no options
+    return {
+        "connection_name": f"qflare-{name}",
+        "replicas": settings.broker_replicas,
+        "declare": settings.broker_declare,
+    }

@@ -8,6 +8,9 @@ The file (``--config`` or ``QFLARE_CONFIG``) looks like::
                                                      # cluster: its nodes' URLs, comma-separated
     broker_replicas = 3                              # QFLARE_BROKER_REPLICAS: replicas of each
                                                      # queue/stream; unset: the broker's default
+    broker_declare = "passive"                       # QFLARE_BROKER_DECLARE: full (default) creates
+                                                     # exchanges and queues; passive only checks
+                                                     # them (the definitions file made them)
     prefix = ""                                      # QFLARE_PREFIX: exchange/queue prefix
     data_dir = "./qflare-data"                       # QFLARE_DATA_DIR: one sub-folder per service
     pki_dir = "./pki"                                # QFLARE_PKI_DIR: output of `qflare provision`
@@ -70,6 +73,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ENV: dict[str, str] = {
     "QFLARE_BROKER": "broker",
     "QFLARE_BROKER_REPLICAS": "broker_replicas",
+    "QFLARE_BROKER_DECLARE": "broker_declare",
     "QFLARE_PREFIX": "prefix",
     "QFLARE_DATA_DIR": "data_dir",
     "QFLARE_PKI_DIR": "pki_dir",
@@ -299,6 +303,13 @@ class QflareConfig(BaseModel):
         description="replicas of each quorum queue and stream on a RabbitMQ cluster "
         "(unset: the broker's default, every node on RabbitMQ 3.x; one node needs none); "
         "the same for every service of the deployment",
+    )
+    broker_declare: Literal["full", "passive"] = Field(
+        default="full",
+        description="full: each service declares the exchanges and its queues when it "
+        "connects (needs configure on them); passive: it only checks that they exist, as a "
+        "service role's user from `qflare broker-definitions` must (the definitions file "
+        "creates them; transient queues and job streams are still declared)",
     )
     prefix: str = Field(default="", description="exchange/queue name prefix")
     data_dir: Path = Field(default=Path("qflare-data"), description="one sub-folder per service")

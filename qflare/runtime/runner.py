@@ -223,8 +223,9 @@ async def run_in_process(
     own_bus = bus is None
     if bus is None:
         options: dict[str, Any] = {}
-        if not settings.embedded:
+        if not settings.embedded:  # the in-memory bus takes no options
             options["replicas"] = settings.broker_replicas
+            options["declare"] = settings.broker_declare
         bus = await connect_bus(settings.broker, prefix=settings.prefix, **options)
     running = InProcess(bus=bus, settings=settings)
     names = [n for n in SERVICES if n in set(services)]

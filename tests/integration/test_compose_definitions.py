@@ -5,7 +5,9 @@ service role and as a participant, every allowed and every forbidden operation: 
 participant reads only its jobs' ``broadcast.<job>`` and ``models.<job>`` streams and
 publishes only ``update.<its job>`` to ``qflare.client``; the aggregator declares, reads and
 deletes the job streams; ingest and the detector read the update streams by name and cannot
-declare or delete them; no service publishes where its role does not. The matrix at the end
+declare or delete them; no service publishes where its role does not, and none may declare
+or delete an exchange (services run with ``declare="passive"``, ``[qflare]
+broker_declare``: the file creates the exchanges and their durable queues). The matrix at the end
 tries, as each of the seven users, every operation on every resource of the vhost (publish,
 declare and delete on the five exchanges and the default one; read, declare, delete and bind
 on the six streams of two jobs and the queues) and compares with what the role needs
@@ -147,7 +149,7 @@ async def _wait_imported(info: dict[str, Any], timeout: float = 30.0) -> None:
 async def _declare_jobs(url: str, jobs: list[str]) -> None:
     from qflare.bus import connect_bus
 
-    bus = await connect_bus(url, connect_timeout=5)
+    bus = await connect_bus(url, connect_timeout=5, declare="passive")
     try:
         for job in jobs:
             for stream in topology.job_streams(job):
@@ -316,10 +318,17 @@ async def test_each_user_may_do_what_its_role_needs_and_nothing_else(
 def test_definitions_declare_the_topology_but_no_job_stream(loaded: dict[str, Any]) -> None:
     doc = loaded["doc"]
     assert {e["name"] for e in doc["exchanges"]} == set(topology.EXCHANGES)
-    # no per-client queue and no ingest queue: updates and models travel in job streams,
-    # which the aggregator declares at submission (a file loaded at every broker boot would
+    # every durable queue a service consumes (a passive service only checks it); no
+    # per-client queue and no ingest queue: updates and models travel in job streams, which
+    # the aggregator declares at submission (a file loaded at every broker boot would
     # re-create deleted ones)
-    assert {q["name"] for q in doc["queues"]} == {"alerting", "alerting.dead"}
+    assert {q["name"] for q in doc["queues"]} == {
+        "alerting",
+        "alerting.dead",
+        "accountant",
+        "detector",
+        "aggregator",
+    }
     assert {p["name"] for p in doc["policies"]} == {"qflare-dead-letters"}
     listed = _ctl("list_queues", "-p", loaded["vhost"], "name", "type")
     assert re.search(r"^broadcast\.j1\s+stream$", listed.stdout, re.M), listed.stdout
@@ -354,7 +363,7 @@ async def test_aggregator_declares_reads_and_deletes_a_jobs_streams_as_its_own_u
     async def ignore(_: object) -> Outcome:
         return Outcome.ACK
 
-    bus = await connect_bus(_url(loaded, "aggregator"), connect_timeout=5)
+    bus = await connect_bus(_url(loaded, "aggregator"), connect_timeout=5, declare="passive")
     try:
         for stream in topology.job_streams("j9"):  # as the aggregator does at submission
             await bus.declare_stream(stream)
@@ -384,7 +393,7 @@ async def test_update_readers_read_by_name_and_cannot_declare(
     async def ignore(_: object) -> Outcome:
         return Outcome.ACK
 
-    bus = await connect_bus(_url(loaded, role), connect_timeout=5)
+    bus = await connect_bus(_url(loaded, role), connect_timeout=5, declare="passive")
     try:
         reader = await bus.read_stream(topology.update_stream("j1").name, ignore, offset="first")
         await reader.cancel()
@@ -415,7 +424,7 @@ async def test_update_feed_waits_for_a_stream_the_aggregator_declares_later(
     async def sink(_: object) -> None:
         raise AssertionError("nothing is wanted")
 
-    bus = await connect_bus(_url(loaded, "detector"), connect_timeout=5)
+    bus = await connect_bus(_url(loaded, "detector"), connect_timeout=5, declare="passive")
     feed = UpdateFeed(
         bus, "j7", trust=fed.trust(), kem_key=fed["detector"].kem, wants=wants, sink=sink
     )
@@ -455,7 +464,7 @@ async def test_participant_bus_reads_its_jobs_streams_by_name_as_its_restricted_
         return Outcome.ACK
 
     bus = await connect_bus(a, connect_timeout=5, declare="passive")
-    aggregator = await connect_bus(_url(loaded, "aggregator"), connect_timeout=5)
+    aggregator = await connect_bus(_url(loaded, "aggregator"), connect_timeout=5, declare="passive")
     try:
         reader = await bus.read_stream("broadcast.j1", keep, offset="next")
         assert await aggregator.publish(topology.BROADCAST, "j1.round.opened", b"announce")
@@ -533,7 +542,7 @@ async def test_services_declare_their_queues_as_their_own_users_without_conflict
     # each service's real queue specs (its consumers), declared and consumed as its own
     # broker user; a re-declaration with other arguments than the file's would fail
     # (PRECONDITION_FAILED -> TopologyError), so the file and the services agree
-    from qflare.bus import QueueSpec, connect_bus
+    from qflare.bus import AccessRefused, QueueSpec, connect_bus
     from qflare.commands.broker import service_queues
     from qflare.runtime import load_settings
     from qflare.runtime.bootstrap import SERVICES, build_service
@@ -563,13 +572,41 @@ async def test_services_declare_their_queues_as_their_own_users_without_conflict
     assert declared == {s.name for s in service_queues()}
     assert declared <= {s.name for ss in specs.values() for s in ss}
     for role, role_specs in specs.items():
-        bus = await connect_bus(_url(loaded, role), connect_timeout=5)
+        # a full declaration (the exchanges) is refused: services run passive
+        with pytest.raises(AccessRefused, match="broker_declare"):
+            await connect_bus(_url(loaded, role), connect_timeout=5)
+        bus = await connect_bus(_url(loaded, role), connect_timeout=5, declare="passive")
         try:
             for spec in role_specs:
                 sub = await bus.consume(spec, _noop)
                 await sub.cancel()
         finally:
             await bus.close()
+
+
+@pytest.mark.parametrize("role", ["aggregator", "ingest"])
+async def test_a_service_started_by_bootstrap_runs_passive_as_its_own_user(
+    loaded: dict[str, Any], tmp_path: Path, role: str
+) -> None:
+    # the wiring a `qflare serve` process uses: broker_declare from the settings reaches
+    # the bus, and the service starts (consumes its queue) without configure on an exchange
+    from qflare.runtime import load_settings
+    from qflare.runtime.bootstrap import build_service
+
+    fed = loaded["fed"]
+    settings = load_settings(
+        None,
+        env={"QFLARE_BROKER_DECLARE": "passive"},
+        broker=_url(loaded, role),
+        data_dir=str(tmp_path),
+    )
+    service = await build_service(role, settings, identity=fed[role], trust=fed.trust())
+    try:
+        assert service.bus.passive is True  # type: ignore[attr-defined]
+        await service.start()
+        await service.stop()
+    finally:
+        await service.bus.close()
 
 
 async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(
@@ -579,10 +616,10 @@ async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user
     from qflare.services.ingest.service import rounds_queue
 
     spec = rounds_queue("r-test")
-    bus = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
+    bus = await connect_bus(_url(loaded, "ingest"), connect_timeout=5, declare="passive")
     try:
-        sub = await bus.consume(spec, _noop)
-        other = await connect_bus(_url(loaded, "ingest"), connect_timeout=5)
+        sub = await bus.consume(spec, _noop)  # transient: declared even by a passive bus
+        other = await connect_bus(_url(loaded, "ingest"), connect_timeout=5, declare="passive")
         try:
             with pytest.raises(TopologyError):  # a second live replica of the same name
                 await other.consume(spec, _noop)
@@ -752,6 +789,7 @@ def test_compose_config_file_loads() -> None:
         COMPOSE / "qflare.toml", env={"QFLARE_BROKER": "amqp://u:p@rabbitmq:5672/qflare"}
     )
     assert settings.broker.startswith("amqp://") and str(settings.data_dir) == "/data"
+    assert settings.broker_declare == "passive"  # the roles' users configure no exchange
     assert settings.services.ingest.norm_bound is None  # max_update_norm = 0: finiteness only
 
 
@@ -794,37 +832,28 @@ def _own(probe: str, *exchanges: str) -> set[Op]:
     }
 
 
-#: Every service role declares the five exchanges when it connects (configure on each, which
-#: lets it delete them too) and, when its queues dead-letter, may publish to qflare.dead.
-_EXCHANGES = {("xdeclare", x) for x in X_KEYS} | {("xdelete", x) for x in X_KEYS}
+#: No role declares or deletes an exchange: services run passive (the file creates the
+#: exchanges). Only ingest declares a queue that dead-letters (its transient round queue;
+#: RabbitMQ checks write on qflare.dead at that declaration), so only ingest may publish there.
 _DEAD = {("publish", D, X_KEYS[D])}
 _UPDATES = {("read", "updates.j1"), ("read", "updates.j2")}
 #: What each user may do; everything else in the universe is refused.
 MAY: dict[str, set[Op]] = {
     "a": {("publish", C, "update.j1"), ("read", "broadcast.j1"), ("read", "models.j1")},
-    "ingest": {("publish", E, X_KEYS[E])} | _EXCHANGES | _DEAD | _UPDATES | _own("ingest.own", E),
-    "detector": {("publish", E, X_KEYS[E])}
-    | _EXCHANGES
-    | _DEAD
-    | _UPDATES
-    | _own("detector.own", E),
+    "ingest": {("publish", E, X_KEYS[E])} | _DEAD | _UPDATES | _own("ingest.own", E),
+    "detector": {("publish", E, X_KEYS[E])} | _UPDATES | _own("detector.own", E),
     "aggregator": {("publish", E, X_KEYS[E]), ("publish", B, X_KEYS[B])}
-    | _EXCHANGES
-    | _DEAD
     | _UPDATES
     | {("read", "models.j1"), ("read", "models.j2")}
     | {("declare", s) for s in STREAMS[:3]}
     | {("delete", s) for s in STREAMS[:3]}
     | {("bind", "updates.j1", C, "update.#"), ("bind", "models.j1", B, "#")}
     | _own("aggregator.own", E, C, B),
-    "accountant": {("publish", E, X_KEYS[E])} | _EXCHANGES | _DEAD | _own("accountant.own", E),
+    "accountant": {("publish", E, X_KEYS[E])} | _own("accountant.own", E),
     "alerting": {("publish", E, X_KEYS[E]), ("publish", A, X_KEYS[A])}
-    | _EXCHANGES
-    | _DEAD
     | {("read", "alerting"), ("read", "alerting.dead")}
     | _own("alerting.own", E, D),
-    # the console's queues do not dead-letter: no write on qflare.dead
-    "operator": {("publish", E, X_KEYS[E])} | _EXCHANGES | _own("console.own", E, A),
+    "operator": {("publish", E, X_KEYS[E])} | _own("console.own", E, A),
 }
 
 

@@ -57,6 +57,43 @@ def test_the_config_refuses_bad_cluster_settings(env: dict[str, str], says: str)
         load_settings(env=env)
 
 
+def test_the_declare_mode_comes_from_the_file_or_the_environment(tmp_path) -> None:
+    from qflare.runtime.bootstrap import _bus_options
+
+    assert load_settings(env={}).broker_declare == "full"  # creates what it needs
+    config = tmp_path / "q.toml"
+    config.write_text('[qflare]\nbroker = "amqp://u:p@n1/"\nbroker_declare = "passive"\n')
+    passive = load_settings(config, env={})
+    assert passive.broker_declare == "passive"
+    assert _bus_options(passive, "ingest")["declare"] == "passive"
+    from_env = load_settings(
+        env={"QFLARE_BROKER": "amqp://u:p@n1/", "QFLARE_BROKER_DECLARE": "passive"}
+    )
+    assert _bus_options(from_env, "aggregator") == {
+        "connection_name": "qflare-aggregator",
+        "replicas": None,
+        "declare": "passive",
+    }
+    # the environment wins over the file; the in-memory bus takes no options at all
+    assert load_settings(config, env={"QFLARE_BROKER_DECLARE": "full"}).broker_declare == "full"
+    assert _bus_options(load_settings(env={"QFLARE_BROKER_DECLARE": "passive"}), "ingest") == {}
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"QFLARE_BROKER_DECLARE": "lazy"},
+            r"broker_declare = 'lazy': must be 'full' or 'passive'",
+        ),
+        ({"QFLARE_BROKER_DECLARE": "PASSIVE"}, "QFLARE_BROKER_DECLARE"),
+    ],
+)
+def test_the_config_refuses_an_unknown_declare_mode(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_settings(env=env)
+
+
 def test_every_password_of_a_list_is_redacted() -> None:
     for redact in (redact_url, _redact):
         text = redact(NODES)
