@@ -37,7 +37,7 @@ from typing import Any
 from rich.console import Console
 
 from qflare.sim.config import NO_ATTACK, SimConfig, SimConfigError, validate
-from qflare.sim.report import RunResult
+from qflare.sim.report import RunResult, score_detection
 from qflare.sim.sweep import DEFAULT_ATTACKS
 
 #: The first seeds of each set (``--seeds N`` takes N consecutive ones). The held-out set
@@ -180,27 +180,20 @@ class RunMetrics:
 def run_metrics(result: RunResult, attack: str) -> RunMetrics:
     """The protocol's figures of one run. Under ``none`` every client is honest."""
     attackers = set(result.byzantine_clients) if attack != NO_ATTACK else set()
-    tp = fn = fp = tn = 0
+    score = score_detection(result.rounds, attackers)
     seen: dict[str, int] = {}
     out: dict[str, int] = {}
     for r in result.rounds:
-        caught = set(r.flagged) | set(r.rejected)
-        stopped = r.stopped
         for c in r.participants:
-            if c in attackers:
-                tp += c in caught
-                fn += c not in caught
-            else:
-                fp += c in caught
-                tn += c not in caught
+            if c not in attackers:
                 seen[c] = seen.get(c, 0) + 1
-                out[c] = out.get(c, 0) + (c in stopped)
+                out[c] = out.get(c, 0) + (c in r.stopped)
     frac = {c: out[c] / seen[c] for c in seen}
     worst = max(sorted(frac), key=lambda c: frac[c], default=None)
     return RunMetrics(
         accuracy=float(result.final_accuracy or 0.0),
-        recall=tp / (tp + fn) if tp + fn else None,
-        false_positive_rate=fp / (fp + tn) if fp + tn else None,
+        recall=score.recall,
+        false_positive_rate=score.false_positive_rate,
         honest_exclusion=frac[worst] if worst is not None else 0.0,
         excluded_most=worst,
     )

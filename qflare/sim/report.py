@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +92,16 @@ class DetectionScore:
         }
 
 
-def score_detection(rounds: Sequence[RoundRecord]) -> DetectionScore:
+def score_detection(
+    rounds: Sequence[RoundRecord], attackers: Collection[str] | None = None
+) -> DetectionScore:
     """A Byzantine client counts as caught when ingest rejected its update or the detector
     flagged it (also when a dp_filter_bound then kept it: this scores the detector); an
-    honest client caught either way is a false positive."""
+    honest client caught either way is a false positive. ``attackers``: who attacked, when
+    not each round's ``byzantine`` (a run with no attack has none)."""
     tp = fp = fn = tn = 0
     for r in rounds:
-        byz = set(r.byzantine)
+        byz = set(r.byzantine if attackers is None else attackers)
         flagged = set(r.flagged) | set(r.rejected)
         for client in r.participants:
             if client in byz:
