@@ -57,6 +57,22 @@ def counted(bus: Bus, deliveries: list[int], flow: asyncio.Event, free: int) -> 
     bus.read_stream = read_stream  # type: ignore[method-assign]
 
 
+def aggregator_feed(bus: Bus, fed: MemoryFederation, kept: dict[str, StreamUpdate]) -> UpdateFeed:
+    """The aggregator's feed of round 1, keeping each update it reads in ``kept``."""
+
+    async def sink(u: StreamUpdate) -> None:
+        kept[u.client] = u
+
+    return UpdateFeed(
+        bus,
+        JOB,
+        trust=fed.trust(),
+        kem_key=fed["aggregator"].kem,
+        wants=lambda round_no, sender: round_no == 1,
+        sink=sink,
+    )
+
+
 async def write(bus: Bus, messages: list[bytes]) -> None:
     for data in messages:
         await bus.publish(topology.CLIENT, f"update.{JOB}", data)
@@ -101,18 +117,7 @@ async def test_a_lagging_read_ahead_jumps_to_the_vouched_offsets(
     flow = asyncio.Event()
     counted(bus, deliveries, flow, free=3)  # the read-ahead stalls in the first garbage
     kept: dict[str, StreamUpdate] = {}
-
-    async def sink(u: StreamUpdate) -> None:
-        kept[u.client] = u
-
-    feed = UpdateFeed(
-        bus,
-        JOB,
-        trust=fed.trust(),
-        kem_key=fed["aggregator"].kem,
-        wants=lambda round_no, sender: round_no == 1,
-        sink=sink,
-    )
+    feed = aggregator_feed(bus, fed, kept)
     await feed.start(offsets["c-000"])
     await wait_for(lambda: len(deliveries) > 3, 10, message="the read-ahead's start")
     far = offsets["c-003"]
@@ -158,18 +163,7 @@ async def test_a_read_ahead_stops_in_a_flood_until_a_verdict_points_past_it(
     flow.set()
     counted(bus, deliveries, flow, free=0)
     kept: dict[str, StreamUpdate] = {}
-
-    async def sink(u: StreamUpdate) -> None:
-        kept[u.client] = u
-
-    feed = UpdateFeed(
-        bus,
-        JOB,
-        trust=fed.trust(),
-        kem_key=fed["aggregator"].kem,
-        wants=lambda round_no, sender: round_no == 1,
-        sink=sink,
-    )
+    feed = aggregator_feed(bus, fed, kept)
     await feed.start("next")
     forger = make_federation(clients=2, services=("aggregator",), client_prefix="c")  # another CA
     forged = update(forger, "c-001")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
+from qflare.bus import Bus, Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.crypto import Federation, provision
 from qflare.messages import MessageRejected, Reason, open_envelope
 from qflare.runtime import (
@@ -224,19 +224,23 @@ class Probe(Service):
                 raise RuntimeError("a bug")
 
 
+def _context(federation: Federation, tmp_path: Path, bus: Bus, name: str) -> ServiceContext:
+    """The context of service ``name`` on ``bus``, its data in ``tmp_path``."""
+    return ServiceContext(
+        name=name,
+        settings=load_settings(None, env={}, data_dir=str(tmp_path)),
+        bus=bus,
+        identity=federation.identity(name),
+        trust=federation.trust(),
+        data_dir=tmp_path,
+    )
+
+
 async def test_wrapper_settles_by_outcome_and_alerts_on_rejects(
     federation: Federation, tmp_path: Path
 ) -> None:
     bus = await connect_bus("memory://wrapper")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path))
-    ctx = ServiceContext(
-        name="detector",
-        settings=settings,
-        bus=bus,
-        identity=federation.identity("detector"),
-        trust=federation.trust(),
-        data_dir=tmp_path,
-    )
+    ctx = _context(federation, tmp_path, bus, "detector")
     probe = Probe(ctx)
     alerts: list[bytes] = []
     dead: list[Delivery] = []
@@ -326,15 +330,7 @@ async def test_a_failing_store_holds_the_message_and_alerts_once(
     the store works again."""
     monkeypatch.setattr("qflare.runtime.service.STORAGE_RETRY_S", (0.01, 0.05))
     bus = await connect_bus(f"memory://store-{type(error).__name__}-{id(error)}")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path))
-    ctx = ServiceContext(
-        name="aggregator",
-        settings=settings,
-        bus=bus,
-        identity=federation.identity("aggregator"),
-        trust=federation.trust(),
-        data_dir=tmp_path,
-    )
+    ctx = _context(federation, tmp_path, bus, "aggregator")
     svc = FailingStore(ctx, failures=6, error=error)
     alerts: list[bytes] = []
     dead: list[Delivery] = []
@@ -375,15 +371,7 @@ async def test_handlers_that_write_nothing_do_not_end_a_storage_episode(
     goes through."""
     monkeypatch.setattr("qflare.runtime.service.STORAGE_RETRY_S", (0.02, 0.02))
     bus = await connect_bus("memory://store-episode")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path))
-    ctx = ServiceContext(
-        name="aggregator",
-        settings=settings,
-        bus=bus,
-        identity=federation.identity("aggregator"),
-        trust=federation.trust(),
-        data_dir=tmp_path,
-    )
+    ctx = _context(federation, tmp_path, bus, "aggregator")
     svc = FailingStore(ctx, failures=20, error=OSError(28, "No space left on device"))
     alerts: list[bytes] = []
 
@@ -415,15 +403,7 @@ async def test_an_oserror_that_is_not_the_disk_is_retried_as_before(
     federation: Federation, tmp_path: Path
 ) -> None:
     bus = await connect_bus("memory://store-notdisk")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path))
-    ctx = ServiceContext(
-        name="aggregator",
-        settings=settings,
-        bus=bus,
-        identity=federation.identity("aggregator"),
-        trust=federation.trust(),
-        data_dir=tmp_path,
-    )
+    ctx = _context(federation, tmp_path, bus, "aggregator")
     svc = FailingStore(ctx, failures=5, error=ConnectionResetError("peer went away"))
     dead: list[Delivery] = []
 
@@ -448,15 +428,7 @@ async def test_envelopes_round_trip_and_forgery_is_rejected(
     federation: Federation, tmp_path: Path
 ) -> None:
     bus = await connect_bus("memory://env")
-    settings = load_settings(None, env={}, data_dir=str(tmp_path))
-    ctx = ServiceContext(
-        name="detector",
-        settings=settings,
-        bus=bus,
-        identity=federation.identity("detector"),
-        trust=federation.trust(),
-        data_dir=tmp_path,
-    )
+    ctx = _context(federation, tmp_path, bus, "detector")
     probe = Probe(ctx)
     got: list[Delivery] = []
     await bus.consume(
