@@ -8,8 +8,15 @@ its digest against the manifest) before its bytes are copied in; out-of-range, d
 oversized and foreign chunks are refused. The reassembled bytes are the original signed
 envelope, opened as usual (its own signature covers the inner kind).
 
-Chunks of one transfer must reach the same consumer (publish them with one routing key to
-a queue with a single active consumer, or route by sender).
+Chunks of one transfer must reach the same consumer in the order they were written (a
+stream, or a queue with a single active consumer): a chunk out of order is refused. Any
+refusal of a message whose signature verified (its sender's own: out of order, repeated,
+surplus, the wrong size or bytes) drops that sender's transfer at once, so nothing is left
+half-built and nothing half-built is ever used; a chunk whose signature does not verify
+names no one and drops nothing. A transfer whose chunks stop coming (a sender that
+crashed) is dropped after ``ttl_s``; a reader that starts after a transfer's manifest (a
+restart) refuses its chunks as belonging to no transfer, and one that reads again from the
+manifest rebuilds it whole.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qflare.crypto.keystore import Identity
 from qflare.crypto.pki import TrustStore
@@ -74,12 +81,8 @@ class _Transfer:
     round: int
     manifest: ChunkManifest
     buffer: bytearray
-    received: bytearray
     started: float
-    remaining: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.remaining = len(self.manifest.chunk_digests)
+    next_index: int = 0
 
 
 class Reassembler:
@@ -109,6 +112,11 @@ class Reassembler:
     def inflight_bytes(self) -> int:
         return sum(len(t.buffer) for t in self._transfers.values())
 
+    @property
+    def pending(self) -> int:
+        """Transfers started and not complete."""
+        return len(self._transfers)
+
     def expire(self, now: float | None = None) -> list[tuple[str, bytes]]:
         """Drop transfers older than ``ttl_s``; returns their (sender, transfer) keys."""
         t = time.monotonic() if now is None else now
@@ -128,10 +136,16 @@ class Reassembler:
             return data
         self.expire()
         env = open_envelope(data, self.trust, limits=self.limits, now=now)
-        if kind == "chunk.manifest":
-            self._start(env.sender, env.job, env.round, env.body)  # type: ignore[arg-type]
-            return None
-        return self._add(env.sender, env.job, env.round, env.body)  # type: ignore[arg-type]
+        # signed by env.sender from here on: a refusal drops that sender's transfer
+        key = (env.sender, env.body.transfer)  # type: ignore[attr-defined]
+        try:
+            if kind == "chunk.manifest":
+                self._start(env.sender, env.job, env.round, env.body)  # type: ignore[arg-type]
+                return None
+            return self._add(env.sender, env.job, env.round, env.body)  # type: ignore[arg-type]
+        except MessageRejected:
+            self._transfers.pop(key, None)
+            raise
 
     def _start(self, sender: str, job: str, round_: int, m: ChunkManifest) -> None:
         key = (sender, m.transfer)
@@ -152,7 +166,7 @@ class Reassembler:
         if self.inflight_bytes + m.total_size > self.max_inflight_bytes:
             raise MessageRejected(Reason.TOO_LARGE, "too many bytes in unfinished transfers")
         self._transfers[key] = _Transfer(
-            sender, job, round_, m, bytearray(m.total_size), bytearray(count), time.monotonic()
+            sender, job, round_, m, bytearray(m.total_size), time.monotonic()
         )
 
     def _add(self, sender: str, job: str, round_: int, c: Chunk) -> bytearray | None:
@@ -171,8 +185,12 @@ class Reassembler:
                 Reason.CHUNK_MISMATCH,
                 f"chunk index {c.index} out of range 0..{len(m.chunk_digests) - 1}",
             )
-        if tr.received[c.index]:
+        if c.index < tr.next_index:
             raise MessageRejected(Reason.DUPLICATE, f"chunk {c.index} received twice")
+        if c.index > tr.next_index:
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH, f"chunk {c.index} out of order: {tr.next_index} is next"
+            )
         start = c.index * m.chunk_size
         expected = min(m.chunk_size, m.total_size - start)
         if len(c.data) != expected:
@@ -183,9 +201,8 @@ class Reassembler:
         if hashlib.sha256(c.data).digest() != m.chunk_digests[c.index]:
             raise MessageRejected(Reason.BAD_DIGEST, f"chunk {c.index} does not match manifest")
         tr.buffer[start : start + expected] = c.data
-        tr.received[c.index] = 1
-        tr.remaining -= 1
-        if tr.remaining:
+        tr.next_index += 1
+        if tr.next_index < len(m.chunk_digests):
             return None
         del self._transfers[key]
         # Every byte was checked against a digest in the signed manifest, so hashing the

@@ -50,14 +50,14 @@ def reason(r: Reassembler, data: bytes) -> Reason:
     return exc.value.reason
 
 
-def test_reassembles_in_any_chunk_order(fed, envelope) -> None:  # type: ignore[no-untyped-def]
+def test_reassembles_in_order(fed, envelope) -> None:  # type: ignore[no-untyped-def]
     ps = parts(fed, envelope)
     assert len(ps) == 1 + -(-len(envelope) // 30_000)
     r = Reassembler(fed.trust())
     assert r.feed(ps[0]) is None
     chunks = ps[1:]
     out = None
-    for i, c in enumerate(reversed(chunks)):
+    for i, c in enumerate(chunks):
         out = r.feed(c)
         assert (out is None) == (i < len(chunks) - 1)
     assert bytes(out) == envelope and r.inflight_bytes == 0
@@ -76,13 +76,26 @@ def test_chunk_without_manifest(fed, envelope) -> None:  # type: ignore[no-untyp
     assert reason(Reassembler(fed.trust()), parts(fed, envelope)[1]) is Reason.CHUNK_MISMATCH
 
 
-def test_duplicate_chunk_and_manifest(fed, envelope) -> None:  # type: ignore[no-untyped-def]
+def test_duplicate_chunk_and_manifest_drop_the_transfer(fed, envelope) -> None:  # type: ignore[no-untyped-def]
     ps = parts(fed, envelope)
     r = Reassembler(fed.trust())
     r.feed(ps[0])
     assert reason(r, ps[0]) is Reason.DUPLICATE
+    assert r.pending == 0 and r.inflight_bytes == 0  # nothing half-built is kept
+    assert reason(r, ps[1]) is Reason.CHUNK_MISMATCH  # of no transfer now
+    r.feed(ps[0])
     r.feed(ps[1])
     assert reason(r, ps[1]) is Reason.DUPLICATE
+    assert r.pending == 0
+
+
+def test_a_chunk_out_of_order_drops_the_transfer(fed, envelope) -> None:  # type: ignore[no-untyped-def]
+    ps = parts(fed, envelope)
+    r = Reassembler(fed.trust())
+    r.feed(ps[0])
+    r.feed(ps[1])
+    assert reason(r, ps[3]) is Reason.CHUNK_MISMATCH
+    assert r.pending == 0 and r.inflight_bytes == 0
 
 
 def test_chunk_from_another_sender_or_transfer(fed, envelope) -> None:  # type: ignore[no-untyped-def]
