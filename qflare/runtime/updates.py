@@ -32,6 +32,7 @@ between them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,8 @@ class UpdateFeed:
         # whether it stopped on them
         self._unwanted = 0
         self._stopped = False
+        # the in-order reader's generation: one stopped or replaced hands over nothing more
+        self._generation = 0
 
     @property
     def next_offset(self) -> int | None:
@@ -198,7 +201,10 @@ class UpdateFeed:
 
     async def _attach(self, offset: StreamOffset) -> None:
         self._reader = await self.bus.read_stream(
-            topology.update_stream(self.job).name, self._read_ahead, offset=offset, prefetch=8
+            topology.update_stream(self.job).name,
+            functools.partial(self._read_ahead, self._generation),
+            offset=offset,
+            prefetch=8,
         )
 
     async def _wait_for_stream(self, offset: StreamOffset) -> None:
@@ -280,7 +286,9 @@ class UpdateFeed:
 
     def _cancel_beside(self, reader: StreamReader) -> None:
         # beside, not awaited: its handler may be the caller, or wait for a worker (what it
-        # holds is in flight, and waited for by passed())
+        # holds is in flight, and waited for by passed()); whatever it hands over until the
+        # cancel lands is passed over (another generation)
+        self._generation += 1
         stopping = asyncio.get_running_loop().create_task(reader.cancel())
         self._pending.add(stopping)
         stopping.add_done_callback(self._pending.discard)
@@ -361,11 +369,11 @@ class UpdateFeed:
             self._in_flight.discard(offset)
             self._moved()
 
-    async def _read_ahead(self, delivery: Delivery) -> Outcome:
+    async def _read_ahead(self, generation: int, delivery: Delivery) -> Outcome:
         offset = delivery.offset
         assert offset is not None
-        if self._stopped:
-            return Outcome.ACK  # stopped in a flood: its cancel is on the way
+        if self._stopped or generation != self._generation:
+            return Outcome.ACK  # a reader stopped or replaced: its cancel is on the way
         # every message counts until one opens and is kept: a forged header can claim to
         # be wanted, a forged signature cannot
         self._unwanted += 1

@@ -167,8 +167,10 @@ class Detector(Service):
         if self._per_client.get(count, 0) >= 2:
             return
         rows, generation = self._round_rows(job_id, update.round)
-        self._per_client[count] = self._per_client.get(count, 0) + 1
         ref = (update.client, update.digest)
+        if ref in rows:
+            return  # read twice (a read-ahead that jumped, and the same offset read alone)
+        self._per_client[count] = self._per_client.get(count, 0) + 1
         try:
             await asyncio.to_thread(rows.add, ref, update.tensors, generation)
         except ValueError as exc:  # not the model's layout: ingest refuses it too
