@@ -35,6 +35,7 @@ def build_console(
     jobs: Iterable[JobDeclared] = (),
     raw_alerts: bool = False,
     clock: Callable[[], float] = time.time,
+    declare: str = "full",
 ) -> ConsoleApp:
     """A console on ``url`` (its own connection) or ``bus`` (shared); see :class:`Feed`."""
     declared = list(jobs)
@@ -49,7 +50,14 @@ def build_console(
 
     def feed(sink: Callable[[Sequence[Event]], None]) -> Feed:
         return Feed(
-            sink, url=url, bus=bus, prefix=prefix, trust=trust, raw_alerts=raw_alerts, clock=clock
+            sink,
+            url=url,
+            bus=bus,
+            prefix=prefix,
+            trust=trust,
+            raw_alerts=raw_alerts,
+            clock=clock,
+            declare=declare,
         )
 
     unverified = "  (signatures not re-verified)" if url is None else "  (signatures not verified)"

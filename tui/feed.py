@@ -102,6 +102,9 @@ class Feed:
 
     Give ``bus`` to share one that is already connected (``qflare simulate --tui``), or
     ``url`` (+ ``prefix``) to own a connection. ``trust`` verifies every envelope.
+    ``declare`` (RabbitMQ): ``"passive"`` only checks that the exchanges exist, as the
+    operator's broker user from ``qflare broker-definitions`` must (it may configure its
+    console queues only); ``"full"`` declares them.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Feed:
         clock: Callable[[], float] = time.time,
         probe_interval: float = 0.25,
         retry_interval: float = 1.0,
+        declare: str = "full",
     ) -> None:
         if (url is None) == (bus is None):
             raise ValueError("give exactly one of url= (own connection) or bus= (shared)")
@@ -131,6 +135,7 @@ class Feed:
         self.clock = clock
         self.probe_interval = probe_interval
         self.retry_interval = retry_interval
+        self.declare = declare
         self._sub: Subscription | None = None
         self._closed = False
         self._down_since: float | None = None
@@ -179,7 +184,9 @@ class Feed:
         while True:
             try:
                 options: dict[str, Any] = (
-                    {"connect_timeout": 2.0} if not (self.url or "").startswith("memory") else {}
+                    {"connect_timeout": 2.0, "declare": self.declare}
+                    if not (self.url or "").startswith("memory")
+                    else {}
                 )
                 return await connect_bus(self.url, prefix=self.prefix, **options)
             except BusError as exc:

@@ -32,6 +32,7 @@ from qflare.bus.port import (
     Subscription,
     TopologyError,
     broker_addresses,
+    with_login,
 )
 
 
@@ -97,4 +98,5 @@ __all__ = [
     "broker_addresses",
     "connect_bus",
     "topology",
+    "with_login",
 ]

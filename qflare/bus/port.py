@@ -51,6 +51,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from qflare.errors import QflareError
 
@@ -521,6 +522,27 @@ def broker_addresses(url: str) -> tuple[str, ...]:
                 f"{part!r} in a list of broker addresses: each must be an amqp:// or amqps:// URL"
             )
     return parts
+
+
+#: The file beside a kit's or a service's keys that holds its broker password (``qflare
+#: broker-definitions --kit`` writes it, mode 0600).
+PASSWORD_FILE = "broker_password"
+
+
+def with_login(url: str, user: str, password: str | None) -> str:
+    """``url`` with ``user`` and ``password`` filled in when it names no user
+    (``amqp://host:5672/qflare`` -> ``amqp://<user>:<password>@host:5672/qflare``), in each
+    URL of a cluster's comma-separated list; unchanged when it names one, when ``password``
+    is None, or for a scheme other than ``amqp``/``amqps``. The one place a kit's or a
+    service's own broker login (``qflare broker-definitions --kit``) joins a URL."""
+    addresses = broker_addresses(url) if url.strip() else (url,)
+    if len(addresses) > 1:
+        return ",".join(with_login(a, user, password) for a in addresses)
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps") or parts.username or password is None:
+        return url
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.netloc}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def transient_name() -> str:

@@ -41,6 +41,15 @@ BROADCAST_MAX_BYTES = 64 * 2**20
 STREAM_RETRY_DELAY = 0.05
 
 
+def service_user(role: str, prefix: str = "") -> str:
+    """The broker user of a service role in the federation whose names carry ``prefix``:
+    ``<prefix>qflare-<role>`` (``qflare broker-definitions`` writes it; a service whose broker
+    URL names no user logs in as it). The prefix keeps two federations on one broker from
+    overwriting each other's users (broker users are global, not per vhost); a client's user
+    is its id, which the federation chose (``qflare provision --client-prefix``)."""
+    return f"{prefix}qflare-{role}"
+
+
 def update_stream(job: str) -> StreamSpec:
     """The job's update stream: each client update written once, read by ingest (which
     checks it), the detector and the aggregator (which use it once ingest accepted it)."""

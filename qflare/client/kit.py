@@ -13,14 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
-from qflare.bus.port import broker_addresses
+from qflare.bus.port import PASSWORD_FILE, with_login
 from qflare.crypto.keystore import Identity, load_trust
 from qflare.crypto.pki import Certificate, TrustStore
 from qflare.crypto.provision import READER_CERT_FILES
-
-PASSWORD_FILE = "broker_password"
 
 
 @dataclass(frozen=True)
@@ -95,15 +92,8 @@ class Kit:
     def broker_url(self, url: str) -> str:
         """``url`` with this client's credentials filled in when it names none
         (``amqp://host:5672/qflare`` -> ``amqp://<id>:<password>@host:5672/qflare``); each
-        URL of a cluster's comma-separated list."""
-        addresses = broker_addresses(url) if url.strip() else (url,)
-        if len(addresses) > 1:
-            return ",".join(self.broker_url(a) for a in addresses)
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps") or parts.username or self.broker_password is None:
-            return url
-        netloc = f"{quote(self.id, safe='')}:{quote(self.broker_password, safe='')}@{parts.netloc}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        URL of a cluster's comma-separated list (:func:`qflare.bus.with_login`)."""
+        return with_login(url, self.id, self.broker_password)
 
     def with_(self, **changes: Any) -> Kit:
         from dataclasses import replace

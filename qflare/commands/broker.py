@@ -44,8 +44,14 @@ each job's ``participants``) and from ``--job`` (a job every client listed takes
 A client in no job can log in and do nothing else; for a new job, write the file again and
 import it (an import adds and updates users and permissions; passwords are kept).
 
-A participant's broker user is its client id (:func:`client_user`; the SDK logs in as its
-kit's id). A client whose certificate is revoked (the kit's ``ca/crl.qrl`` names it) gets no
+A service role's broker user is ``<prefix>qflare-<role>``
+(:func:`qflare.bus.topology.service_user`, with the federation's ``prefix``: broker users are
+global, so two federations on one broker keep theirs apart; so is the dead-letter policy's
+name, per vhost). With ``--kit`` its password is written to its identity folder, and a
+service whose broker URL names no user logs in as that user with that password
+(:meth:`qflare.runtime.config.Settings.broker_for`). A participant's broker user is its client
+id (:func:`client_user`; the SDK logs in as its kit's id; the federation picks its ids,
+``qflare provision --client-prefix``). A client whose certificate is revoked (the kit's ``ca/crl.qrl`` names it) gets no
 user in a file written from a kit. An import never deletes a user, though: ``qflare revoke``
 with a management URL deletes the revoked client's user and closes its connections
 (:mod:`qflare.bus.management`); without one, delete it on the broker
@@ -76,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from qflare.bus import QueueSpec, topology
+from qflare.bus.port import PASSWORD_FILE
 
 
 @dataclass(frozen=True)
@@ -296,8 +303,10 @@ def build_definitions(
     replicas: int | None = None,
 ) -> dict[str, Any]:
     """The definitions document. ``jobs`` maps each client id to the jobs it takes part in
-    (a client not in it gets no job). ``services`` users are named ``qflare-<role>`` or
-    pass ``BrokerUser("qflare-ingest", ...)``; their role is the part after ``qflare-``.
+    (a client not in it gets no job). ``services`` users are named
+    :func:`~qflare.bus.topology.service_user` (``<prefix>qflare-<role>``, e.g.
+    ``BrokerUser("qflare-ingest", ...)`` without a prefix); their role is the part after
+    ``qflare-``.
     ``replicas``: the services' ``broker_replicas``, part of each queue's arguments."""
     clients = list(clients)
     services = list(services)
@@ -310,7 +319,7 @@ def build_definitions(
         perms.append(perm)
         topic_perms.append(topic)
     for u in services:
-        role = u.name.removeprefix("qflare-")
+        role = u.name.removeprefix(prefix).removeprefix("qflare-")
         users.append(_user(u))
         perms.append(permissions(role, u.name, vhost, prefix))
     queues_out, bindings_out, seen = [], [], set()
@@ -326,7 +335,8 @@ def build_definitions(
     policies = [
         {
             "vhost": vhost,
-            "name": "qflare-dead-letters",
+            # named per federation, as its users: one vhost may hold several
+            "name": f"{prefix}qflare-dead-letters",
             "pattern": f"^{re.escape(prefix)}alerting\\.dead$",
             "apply-to": "queues",
             "priority": 1,
@@ -401,9 +411,6 @@ def client_ids_from_kit(kit: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in revoked)
 
 
-PASSWORD_FILE = "broker_password"
-
-
 def _password_for(folder: Path | None, write: bool) -> str:
     """A participant's broker password, kept beside its keys (0600) so its SDK can read it."""
     if folder is not None and (folder / PASSWORD_FILE).exists():
@@ -435,7 +442,7 @@ def definitions_for_kit(
         own = kit / "services" / role
         services.append(
             BrokerUser(
-                f"qflare-{role}",
+                topology.service_user(role, prefix),
                 None if example else _password_for(own if own.is_dir() else None, True),
             )
         )
@@ -470,7 +477,7 @@ def _cmd(args: argparse.Namespace) -> int:
         else:
             doc = build_definitions(
                 [BrokerUser(client_user(c), None) for c in args.clients],
-                [BrokerUser(f"qflare-{r}", None) for r in ROLES],
+                [BrokerUser(topology.service_user(r, prefix), None) for r in ROLES],
                 vhost=args.vhost,
                 prefix=prefix,
                 jobs=jobs,

@@ -6,7 +6,11 @@ children, ``--replicas ingest=2`` for more ingest replicas; a child that dies is
 unless ``--no-restart``; they start in dependency order, each once the previous one's
 ``/readyz`` answers, and if one fails to start the others are stopped:
 :mod:`qflare.runtime.supervisor`); on the embedded bus (``memory://``, the default) or with
-``--in-process`` they share one process and one bus. Configuration comes from ``--config``
+``--in-process`` they share one process and one bus. A broker URL that names no user
+(``amqp://host:5672/vhost``) logs each service in as its own role's user with the password
+``qflare broker-definitions --kit`` wrote beside its keys
+(:meth:`qflare.runtime.config.Settings.broker_for`; ``--in-process`` has one connection, so
+it needs a URL whose user may do what every service does). Configuration comes from ``--config``
 (or ``$QFLARE_CONFIG``) plus ``QFLARE_*`` variables; flags override both. It is checked
 whole (:mod:`qflare.runtime.config`) before anything starts.
 """
@@ -66,7 +70,10 @@ def register(subparsers: Any) -> None:
         description="Run every QFLARE service: one OS process each against a broker URL, "
         "each started once the previous one's /readyz answers, or all in one process on the "
         "embedded bus. The configuration is checked before any service starts; if one fails "
-        "to start, the others are stopped and up exits 1.",
+        "to start, the others are stopped and up exits 1. A broker URL without user:password "
+        "logs each service in as its own broker user (<prefix>qflare-<service>, the password "
+        "from <pki_dir>/services/<service>/broker_password, written by `qflare "
+        "broker-definitions --kit`).",
     )
     _common(u)
     u.add_argument(
@@ -145,7 +152,11 @@ def _up_processes(args: argparse.Namespace, settings: Settings, replicas: dict[s
     from qflare.runtime.supervisor import Child, Supervisor, free_ports
     from qflare.services.ingest.service import SHARE_ENV
 
-    asyncio.run(wait_for_broker(settings.broker, settings.connect_timeout_s))
+    async def logins() -> None:  # each service's own user when the URL names none
+        for url in dict.fromkeys(settings.broker_for(name) for name in SERVICES):
+            await wait_for_broker(url, settings.connect_timeout_s)
+
+    asyncio.run(logins())
     plan = [(name, i) for name in SERVICES for i in range(replicas[name])]
     if settings.metrics_port:
         ports = [settings.metrics_port + k for k in range(len(plan))]

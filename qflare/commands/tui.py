@@ -53,6 +53,13 @@ def register(subparsers: Any) -> None:
         help="a job's epsilon budget, for the gauge (the wire carries spend only)",
     )
     p.add_argument(
+        "--declare",
+        choices=("full", "passive"),
+        default=os.environ.get("QFLARE_BROKER_DECLARE") or "full",
+        help="passive: only check that the exchanges exist, as the operator's broker user "
+        "from `qflare broker-definitions` must; full: declare them ($QFLARE_BROKER_DECLARE)",
+    )
+    p.add_argument(
         "--raw-alerts",
         action="store_true",
         help="also show alert.raised from qflare.events (when no alerting service runs)",
@@ -103,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         jobs=jobs,
         raw_alerts=args.raw_alerts,
+        declare=args.declare,
     )
     app.run()
     return 0

@@ -1,7 +1,8 @@
 """The one wiring place per service (after cosmicpython's ``bootstrap.py``).
 
 :func:`build_service` turns a service name and :class:`Settings` into a ready (not yet
-started) service: it connects the bus named by ``settings.broker`` unless one is passed in,
+started) service: it connects the bus named by ``settings.broker`` (as the service's own
+broker user when the URL names none: :meth:`Settings.broker_for`) unless one is passed in,
 loads the service's identity and the CA trust store from ``settings.pki_dir`` unless passed
 in, and gives it its own data folder. Tests and ``run_in_process`` pass their own bus (and
 identities) through this same function.
@@ -60,7 +61,7 @@ async def build_service(
     module = importlib.import_module(module_name)
     if bus is None:
         bus = await connect_bus(
-            settings.broker, prefix=settings.prefix, **_bus_options(settings, name)
+            settings.broker_for(name), prefix=settings.prefix, **_bus_options(settings, name)
         )
     ctx = ServiceContext(
         name=name,

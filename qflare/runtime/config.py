@@ -61,7 +61,7 @@ from pydantic import (
     model_validator,
 )
 
-from qflare.bus.port import broker_addresses
+from qflare.bus.port import PASSWORD_FILE, broker_addresses, with_login
 from qflare.errors import ConfigError
 from qflare.messages.jobs import JobSpec
 
@@ -437,6 +437,25 @@ class Settings(QflareConfig):
                 "`qflare provision` wrote"
             )
         return folder
+
+    def broker_for(self, service: str) -> str:
+        """The broker URL ``service`` connects with: ``broker`` with the service's own login
+        filled in when the URL names no user, namely its role's user
+        (:func:`qflare.bus.topology.service_user`, ``<prefix>qflare-<service>``) and the
+        password ``qflare broker-definitions --kit`` wrote beside its keys
+        (``<pki_dir>/services/<service>/broker_password``). Unchanged when the URL names a
+        user, when there is no such file, and for ``memory://``, so one URL without
+        credentials (``qflare up --broker amqp://host/vhost``) gives each service its own
+        user, as a kit does for a participant (:func:`qflare.bus.with_login`)."""
+        from qflare.bus import topology
+
+        if self.embedded or self.pki_dir is None:
+            return self.broker
+        file = Path(self.pki_dir) / "services" / service / PASSWORD_FILE
+        if not file.is_file():
+            return self.broker
+        password = file.read_text().strip()
+        return with_login(self.broker, topology.service_user(service, self.prefix), password)
 
     def crl_path(self, service: str) -> Path | None:
         """The revocation list ``service`` watches: its table's ``crl_path``, else its copy

@@ -114,7 +114,7 @@ def run_service(name: str, settings: Settings, *, metrics_port: int | None = Non
     health = HealthServer([name], settings.metrics_host, port)
 
     async def body(stop: asyncio.Event) -> int:
-        await wait_for_broker(settings.broker, settings.connect_timeout_s)
+        await wait_for_broker(settings.broker_for(name), settings.connect_timeout_s)
         configure_logging(name, settings.log_level, settings.log_format)
         try:
             await serve(name, settings, stop, health=health)

@@ -57,6 +57,46 @@ def require_broker(url: str) -> None:
         pytest.skip(message)
 
 
+def require_management(api: Any) -> None:
+    """The management API answers; on this machine's broker, as root, the plugin is enabled
+    if it is off (``rabbitmq-plugins enable``, as CI needs; it stays on). Skips otherwise
+    (fails under CI=true). ``api``: a :class:`qflare.bus.management.Management`."""
+    import shutil
+
+    import pytest
+
+    from qflare.bus.management import ManagementError
+
+    try:
+        api.request("GET", "/api/overview")
+        return
+    except ManagementError as exc:
+        error = exc
+    local = "QFLARE_TEST_MANAGEMENT" not in os.environ
+    if local and os.geteuid() == 0 and shutil.which("rabbitmq-plugins"):
+        subprocess.run(
+            ["rabbitmq-plugins", "enable", "rabbitmq_management"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                api.request("GET", "/api/overview")
+                return
+            except ManagementError as exc:
+                error = exc
+                time.sleep(0.5)
+    message = (
+        f"RabbitMQ's management API is not reachable ({error}); enable it with "
+        "`rabbitmq-plugins enable rabbitmq_management` or set QFLARE_TEST_MANAGEMENT"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 SERVICE_NAMES = ("alerting", "accountant", "detector", "ingest", "aggregator")
 
 

@@ -2,10 +2,15 @@
 participant processes (examples/participant.py, torch + the client SDK), ``qflare up``
 (five service processes) against the real RabbitMQ, then ``qflare status``.
 
-Nothing is declared before the run: the services declare their queues, the aggregator the
-job's streams, and participants that start before the job read its broadcast stream once it
-exists. The run uses its own prefix and two rounds; the script removes its exchanges, queues
-and streams at the end, which the test checks too."""
+The run has a vhost of its own, loaded with the definitions ``qflare broker-definitions
+--kit`` wrote (examples/broker_vhost.py, through the management API), and nobody in it is
+an administrator: while the job runs the test lists the vhost's connections and
+permissions, and every connection logs in as one of the run's generated users (the five
+service roles', <prefix>qflare-<role>, and the ten clients'), never ``guest``; only those
+users hold permissions there. The services declare nothing but ingest's transient queue
+(passive: the definitions made the exchanges and their queues), the aggregator the job's
+streams, and participants that start before the job read its broadcast stream once it
+exists. The script deletes the vhost and its users at the end, which the test checks too."""
 
 from __future__ import annotations
 
@@ -14,13 +19,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
-import aio_pika
-import aiormq
 import pytest
-from e2e_harness import require_broker
+from e2e_harness import SERVICE_NAMES, require_broker, require_management
+
+from qflare.bus.management import Management, ManagementError
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -29,26 +36,51 @@ EXAMPLES = ROOT / "examples"
 ROUNDS = 2
 
 
-async def _queue_exists(amqp: str, name: str) -> bool:
-    conn = await aio_pika.connect(amqp, timeout=10)
-    try:
-        ch = await conn.channel()
-        try:
-            await ch.declare_queue(name, passive=True)
-            return True
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
-    finally:
-        await conn.close()
+MANAGEMENT = os.environ.get("QFLARE_TEST_MANAGEMENT", "http://guest:guest@127.0.0.1:15672/")
 
 
-async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
+class Logins(threading.Thread):
+    """Lists, every 0.3 s until stopped, the users of the vhost's open connections and,
+    while there are any (the run: after the load step took the administrator's permissions
+    back), the users that hold permissions in it (the management API)."""
+
+    def __init__(self, api: Management, vhost: str) -> None:
+        super().__init__(daemon=True)
+        self.api, self.path = api, f"/api/vhosts/{quote(vhost, safe='')}"
+        self.connected: set[str] = set()
+        self.permitted: set[str] = set()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.3):
+            try:
+                rows = self.api.request("GET", f"{self.path}/connections?columns=user") or []
+                self.connected |= {str(r["user"]) for r in rows}
+                if rows:
+                    perms = self.api.request("GET", f"{self.path}/permissions") or []
+                    self.permitted |= {str(r["user"]) for r in perms}
+            except (LookupError, ManagementError):
+                continue  # the vhost does not exist yet, or no more
+
+
+def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
     amqp = os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
     require_broker(amqp)
-    prefix = f"e2e-ex-{uuid.uuid4().hex[:8]}-"
+    api = Management.from_url(MANAGEMENT)
+    require_management(api)
+    tag = uuid.uuid4().hex[:8]
+    prefix, vhost = f"e2e-ex-{tag}-", f"qflare-e2e-ex-{tag}"
     work = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith("QFLARE_")}
-    env.update(QFLARE_BROKER=amqp, QFLARE_PREFIX=prefix, ROUNDS=str(ROUNDS))
+    env.update(
+        QFLARE_PREFIX=prefix,
+        VHOST=vhost,
+        QFLARE_MANAGEMENT_URL=MANAGEMENT,
+        BROKER_HOST=amqp.rsplit("@", 1)[-1].split("/", 1)[0],
+        ROUNDS=str(ROUNDS),
+    )
+    logins = Logins(api, vhost)
+    logins.start()
     proc = subprocess.Popen(
         ["bash", str(EXAMPLES / "run_federation.sh"), str(work)],
         env=env,
@@ -64,20 +96,25 @@ async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
         pytest.fail(f"run_federation.sh did not finish in 240 s:\n{out[-4000:]}")
     finally:
+        logins.stop.set()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        # idempotent; covers a script killed before its trap ran
-        subprocess.run(
-            [sys.executable, str(EXAMPLES / "teardown.py"), "--broker", amqp, "--prefix", prefix],
-            capture_output=True,
-            timeout=60,
-        )
+        if (work / "defs.json").exists():  # idempotent; covers a script killed before its trap
+            subprocess.run(
+                [sys.executable, str(EXAMPLES / "broker_vhost.py"), "remove", "defs.json"],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+    logins.join(10)
     log = out + "".join(p.read_text()[-2000:] for p in sorted(work.glob("*.log")))
     assert proc.returncode == 0, log[-6000:]
 
     # every participant followed the job to its end and sent one update per round
     results = [json.loads(line) for line in out.splitlines() if line.startswith('{"client"')]
-    assert sorted(r["client"] for r in results) == [f"client-{i:03d}" for i in range(10)], out
+    clients = [f"{prefix}client-{i:03d}" for i in range(10)]
+    assert sorted(r["client"] for r in results) == clients, out
     assert all(r["ended"] == "completed" and r["updates_sent"] == ROUNDS for r in results), results
     # all hold the same final global model (the one the aggregator signed last)
     assert len({r["final_accuracy"] for r in results}) == 1, results
@@ -108,6 +145,18 @@ async def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
     models = sorted((work / "state" / "aggregator").rglob("*.safetensors"))
     assert models, "the aggregator stored no model files"
 
-    # the script removed its topology from the broker
-    for name in ("aggregator", "updates.digits", "models.digits", "broadcast.digits"):
-        assert not await _queue_exists(amqp, f"{prefix}{name}"), name
+    # nobody logged in as guest (or any administrator): every connection of the run was one
+    # of its generated users, each service its role's, each participant its own; and only
+    # the generated users (and the operator's, unused here) held permissions in the vhost
+    services = {f"{prefix}qflare-{name}" for name in SERVICE_NAMES}
+    assert logins.connected == services | set(clients), sorted(logins.connected)
+    users = {u["name"] for u in json.loads((work / "defs.json").read_text())["users"]}
+    assert users == services | set(clients) | {f"{prefix}qflare-operator"}
+    assert logins.permitted == users, sorted(logins.permitted)
+
+    # the script removed its vhost (exchanges, queues and streams with it) and its users
+    with pytest.raises(LookupError):
+        api.request("GET", f"/api/vhosts/{quote(vhost, safe='')}")
+    for user in sorted(users):
+        with pytest.raises(LookupError):
+            api.request("GET", f"/api/users/{quote(user, safe='')}")

@@ -26,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -46,6 +44,7 @@ from e2e_harness import (
     Recorder,
     config_text,
     require_broker,
+    require_management,
     write_initial_model,
 )
 
@@ -64,39 +63,6 @@ DEADLINE_S = 30.0
 #: What a round after the revocation may take: well under its deadline (a quiet round of
 #: this job takes well under a second; round 2 also waits for `qflare revoke` to finish).
 LATER_ROUND_MAX_S = 10.0
-
-
-def require_management(api: Management) -> None:
-    """The management API answers; on this machine's broker, as root, the plugin is enabled
-    if it is off (``rabbitmq-plugins enable``, as CI needs; it stays on)."""
-    try:
-        api.request("GET", "/api/overview")
-        return
-    except ManagementError as exc:
-        error = exc
-    local = "QFLARE_TEST_MANAGEMENT" not in os.environ
-    if local and os.geteuid() == 0 and shutil.which("rabbitmq-plugins"):
-        subprocess.run(
-            ["rabbitmq-plugins", "enable", "rabbitmq_management"],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            try:
-                api.request("GET", "/api/overview")
-                return
-            except ManagementError as exc:
-                error = exc
-                time.sleep(0.5)
-    message = (
-        f"RabbitMQ's management API is not reachable ({error}); enable it with "
-        "`rabbitmq-plugins enable rabbitmq_management` or set QFLARE_TEST_MANAGEMENT"
-    )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def job(root: Path, job_id: str, participants: list[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ on the six streams of two jobs and the queues) and compares with what the role n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -607,6 +608,36 @@ async def test_a_service_started_by_bootstrap_runs_passive_as_its_own_user(
         await service.stop()
     finally:
         await service.bus.close()
+
+
+@pytest.mark.parametrize("declare", ["full", "passive"])
+async def test_operator_console_watches_only_passively_as_its_own_user(
+    loaded: dict[str, Any], declare: str
+) -> None:
+    # `qflare tui --declare passive` (or QFLARE_BROKER_DECLARE): the operator's user may
+    # declare its console queue but no exchange, so a full declaration never connects
+    from qflare.tui.events import Link, LinkChanged
+    from qflare.tui.feed import Feed
+
+    links: list[LinkChanged] = []
+
+    def sink(events: Any) -> None:
+        links.extend(e for e in events if isinstance(e, LinkChanged))
+
+    feed = Feed(sink, url=_url(loaded, "operator"), declare=declare, retry_interval=0.2)
+    task = asyncio.create_task(feed.run())
+    try:
+        deadline = time.monotonic() + (10 if declare == "passive" else 3)
+        while time.monotonic() < deadline and not any(e.link is Link.CONNECTED for e in links):
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    connected = any(e.link is Link.CONNECTED for e in links)
+    assert connected is (declare == "passive"), links[-3:]
+    if declare == "full":
+        assert any("ACCESS_REFUSED" in e.detail for e in links), links[-3:]
 
 
 async def test_ingest_replica_declares_its_transient_round_queue_as_its_own_user(

@@ -136,3 +136,42 @@ def test_the_definitions_file_declares_the_replicas_the_services_do() -> None:
         assert "x-quorum-initial-group-size" not in queue["arguments"]
     for queue in cluster["queues"]:
         assert queue["arguments"]["x-quorum-initial-group-size"] == 3
+
+
+def test_a_url_without_a_user_logs_each_service_in_as_its_own_user(tmp_path) -> None:
+    # `qflare up --broker amqp://host/vhost`: each service as <prefix>qflare-<service>, with
+    # the password `qflare broker-definitions --kit` wrote beside its keys
+    pki = tmp_path / "pki"
+    for name in ("ingest", "aggregator"):
+        (pki / "services" / name).mkdir(parents=True)
+    (pki / "services" / "ingest" / "broker_password").write_text("s3cret/+\n")
+    settings = load_settings(
+        env={}, broker="amqp://n1:5672/v,amqp://n2:5672/v", pki_dir=str(pki), prefix="fed-"
+    )
+    assert settings.broker_for("ingest") == (
+        "amqp://fed-qflare-ingest:s3cret%2F%2B@n1:5672/v,"
+        "amqp://fed-qflare-ingest:s3cret%2F%2B@n2:5672/v"
+    )
+    assert settings.broker_for("aggregator") == settings.broker  # no password file: as given
+    named = load_settings(env={}, broker="amqp://admin:pw@n1/v", pki_dir=str(pki))
+    assert named.broker_for("ingest") == "amqp://admin:pw@n1/v"  # a URL's own user wins
+    assert load_settings(env={}, pki_dir=str(pki)).broker_for("ingest") == "memory://"
+
+
+def test_service_users_and_the_policy_carry_the_federation_prefix() -> None:
+    from qflare.bus import topology
+    from qflare.commands.broker import ROLES, BrokerUser, build_definitions
+
+    doc = build_definitions(
+        [BrokerUser("fed-client-000", None)],
+        [BrokerUser(topology.service_user(r, "fed-"), None) for r in ROLES],
+        prefix="fed-",
+        queues=[],
+    )
+    assert {u["name"] for u in doc["users"]} == {
+        "fed-client-000",
+        *(f"fed-qflare-{r}" for r in ROLES),
+    }
+    ingest = next(p for p in doc["permissions"] if p["user"] == "fed-qflare-ingest")
+    assert ingest["configure"] == r"^(fed\-ingest(\..*)?)$"  # the ingest role's, prefixed
+    assert [p["name"] for p in doc["policies"]] == ["fed-qflare-dead-letters"]
