@@ -129,18 +129,58 @@ def poisson_sample(clients: Sequence[str], q: float, noise: NoiseSource) -> list
     return [c for c, u in zip(clients, coins, strict=True) if u < q]
 
 
-def l2_norm(row: Floats) -> float:
-    """L2 norm of a vector accumulated in float64 by NumPy's pairwise summation: the same
-    bits on every run (a BLAS dot product may split the sum by its thread count)."""
-    r = row.astype(np.float64)
+#: The column grid of every L2 norm here: squares are summed per chunk of this many
+#: coordinates (NumPy's pairwise summation, float64), then the chunks' sums (pairwise
+#: again). A block-wise aggregator reading a row in any blocks reproduces the same sums
+#: chunk by chunk, so a norm, and the clip it decides, does not depend on the block size;
+#: a row of at most this many values is one chunk, the plain pairwise sum.
+NORM_CHUNK = 1 << 16
+
+
+def square_sums(block: Floats) -> F64:
+    """Per row of ``block`` ([n, w], w at most :data:`NORM_CHUNK`: one chunk of the norm
+    grid), the sum of its squares in float64 (exact squares of float32 values, then
+    NumPy's pairwise summation)."""
+    if block.ndim != 2 or block.shape[1] > NORM_CHUNK:
+        raise ValueError(f"one chunk of at most {NORM_CHUNK} columns needed, got {block.shape}")
+    r = np.array(block, dtype=np.float64, order="C")
     np.square(r, out=r)
-    return float(np.sqrt(np.add.reduce(r)))
+    sums: F64 = np.add.reduce(r, axis=1)
+    return sums
+
+
+def norm_of_sums(sums: Floats) -> float:
+    """The L2 norm from a row's chunk sums (:func:`square_sums`, in grid order)."""
+    return float(np.sqrt(np.add.reduce(np.ascontiguousarray(sums, dtype=np.float64))))
+
+
+def l2_norm(row: Floats) -> float:
+    """L2 norm of a vector accumulated in float64 by NumPy's pairwise summation over the
+    chunks of :data:`NORM_CHUNK` values: the same bits on every run (a BLAS dot product
+    may split the sum by its thread count) and whatever blocks the row is read in."""
+    flat = row.reshape(1, -1)
+    sums = [
+        square_sums(flat[:, a : a + NORM_CHUNK])[0] for a in range(0, flat.shape[1], NORM_CHUNK)
+    ]
+    return norm_of_sums(np.array(sums, dtype=np.float64))
+
+
+def clip_factor(norm: float, clip: float, dtype: npt.DTypeLike) -> float | None:
+    """What a row of ``dtype`` with L2 norm ``norm`` is multiplied by to be clipped to
+    ``clip`` (a float32 row by the float32 factor), None when it is inside. A non-finite
+    norm would escape the bound, so it is refused."""
+    if not math.isfinite(norm):
+        raise PrivacyError(INVALID_PARAMETERS, "the update has non-finite values")
+    if norm <= clip:
+        return None
+    return float(np.float32(clip / norm)) if np.dtype(dtype) == np.float32 else clip / norm
 
 
 def clip_rows(x: Floats, clip: float) -> F64:
     """Scale each row of ``x`` in place to L2 norm at most ``clip`` (rows already inside
-    are untouched; a float32 row is scaled by the float32 factor); returns the norms
-    before clipping. A non-finite row would escape the bound, so it is refused."""
+    are untouched; a float32 row is scaled by the float32 factor, :func:`clip_factor`);
+    returns the norms before clipping. A non-finite row would escape the bound, so it is
+    refused."""
     clip = _positive("clip", clip)
     if x.ndim != 2:
         raise ValueError(f"clip_rows needs one row per update, got shape {x.shape}")
@@ -150,8 +190,9 @@ def clip_rows(x: Floats, clip: float) -> F64:
         if not math.isfinite(norm):
             raise PrivacyError(INVALID_PARAMETERS, f"update {i} has non-finite values")
         norms[i] = norm
-        if norm > clip:
-            x[i] *= np.float32(clip / norm) if x.dtype == np.float32 else clip / norm
+        factor = clip_factor(norm, clip, x.dtype)
+        if factor is not None:
+            x[i] *= np.float32(factor) if x.dtype == np.float32 else factor
     return norms
 
 
@@ -259,6 +300,48 @@ class DPStep:
     next_clip: float
 
 
+@dataclass(frozen=True)
+class Release:
+    """How :func:`dp_fedavg` turns the clipped combined vector of ``n`` rows into the step:
+    times ``n``, plus N(0, ``std``^2) per coordinate, divided by ``denominator``. Every
+    coordinate on its own, so a block-wise aggregator applies it block by block with the
+    noise drawn block by block from the same source: a NumPy generator's normal draws of
+    sizes a and b are its draw of size a + b:
+    tests/unit/services/test_aggregate_blocks.py)."""
+
+    n: int
+    std: float
+    denominator: float
+
+    @classmethod
+    def of(
+        cls,
+        n: int,
+        *,
+        clip: float,
+        noise_multiplier: float,
+        expected_clients: float,
+        adaptive: AdaptiveClipping | None = None,
+    ) -> Release:
+        clip = _positive("clip", clip)
+        z = _non_negative("noise_multiplier", noise_multiplier)
+        _positive("expected_clients", expected_clients)
+        sum_z = adaptive.sum_noise_multiplier(z) if adaptive is not None else z
+        return cls(n, sum_z * clip, fedavg_denominator(n, expected_clients, z))
+
+    def step(self, combined: F64 | None, width: int, noise: NoiseSource) -> F64:
+        """The step over ``width`` coordinates of the clipped ``combined`` vector (None when
+        no row was kept: noise only), drawing their noise from ``noise`` (none when
+        ``std`` is 0)."""
+        step = np.zeros(width, dtype=np.float64)
+        if combined is not None:
+            step += combined * self.n
+        if self.std > 0:
+            step += noise.gaussian(self.std, (width,))
+        step /= self.denominator
+        return step
+
+
 def dp_fedavg(
     rows: Floats,
     combine: Combine,
@@ -278,8 +361,8 @@ def dp_fedavg(
     stands for the clipped sum. N(0, (z C)^2) is added with ``z = noise_multiplier``
     (``z_delta`` with ``adaptive``, the rest of the budget going to the count of
     :func:`next_clip`, drawn from ``clip_noise``), also when no row was kept, and the
-    total is divided by :func:`fedavg_denominator`. With ``noise_multiplier`` 0 no noise
-    is drawn.
+    total is divided by :func:`fedavg_denominator` (:class:`Release`). With
+    ``noise_multiplier`` 0 no noise is drawn.
     """
     clip = _positive("clip", clip)
     z = _non_negative("noise_multiplier", noise_multiplier)
@@ -289,18 +372,17 @@ def dp_fedavg(
     if adaptive is not None and z > 0 and clip_noise is None:
         raise ValueError("adaptive clipping with DP on needs clip_noise for the count")
     n, dim = rows.shape
-    step = np.zeros(dim, dtype=np.float64)
+    release = Release.of(
+        n, clip=clip, noise_multiplier=z, expected_clients=expected_clients, adaptive=adaptive
+    )
     norms = clip_rows(rows, clip)
+    combined = None
     if n:
         combined = np.array(combine(rows), dtype=np.float64)  # our own copy: clipped in place
         if combined.shape != (dim,):
             raise ValueError(f"combine returned shape {combined.shape}, expected ({dim},)")
         clip_rows(combined.reshape(1, dim), clip)
-        step += combined * n
-    sum_z = adaptive.sum_noise_multiplier(z) if adaptive is not None else z
-    if sum_z > 0:
-        step += noise.gaussian(sum_z * clip, (dim,))
-    step /= fedavg_denominator(n, expected_clients, z)
+    step = release.step(combined, dim, noise)
     following = clip
     if adaptive is not None:
         following = next_clip(

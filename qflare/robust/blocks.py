@@ -32,8 +32,11 @@ the file loaded whole and the in-memory rule; the interpreter with torch and Num
 Numbers: the block-wise Gram matrix sums per-block products (in the rows' dtype) in
 float64, so it is no less exact than the in-memory one; results agree with the in-memory
 rules to float32 rounding (tests/unit/robust/test_blocks.py checks relative error <= 1e-5
-for every registered rule and pre-aggregator and every detection score). Nothing in the
-services uses this module yet.
+for every registered rule and pre-aggregator and every detection score). The aggregator
+runs its rule through :func:`aggregate_blocks` on a fixed column grid
+(:class:`GridBlocks`; ``services/aggregator/core.py``, ``GRID``), in memory and block by
+block alike, so that its model does not depend on the block size; the detector does not
+use this module yet.
 """
 
 from __future__ import annotations
@@ -153,6 +156,50 @@ class FileBlocks:
                     raise ValueError(f"{self._path}: short read of row {i} ({got} of {want} bytes)")
         finally:
             os.close(fd)
+        return out
+
+
+class GridBlocks:
+    """A :class:`BlockSource` that serves any column span of ``inner`` as a C-contiguous
+    array while reading ``inner`` only in blocks of ``read`` columns (aligned at multiples
+    of ``read``, one held at a time; a span across two is joined).
+
+    So a computation runs on a grid of its own choosing (the aggregator's, whose sums
+    must not depend on how the rows are read) in memory O(n * (read + span))."""
+
+    def __init__(self, inner: BlockSource | FloatArray, read: int) -> None:
+        self._inner = as_source(inner)
+        self._read = check_int("block size", read, minimum=1)
+        self._held: tuple[int, int, FloatArray] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._inner.shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._inner.dtype
+
+    def block(self, start: int, stop: int) -> FloatArray:
+        n, d = self.shape
+        if not 0 <= start < stop <= d:
+            raise ValueError(f"columns [{start}, {stop}) are not within [0, {d})")
+        parts: list[FloatArray] = []
+        pos = start
+        while pos < stop:
+            if self._held is None or not self._held[0] <= pos < self._held[1]:
+                a = pos - pos % self._read
+                b = min(a + self._read, d)
+                got = self._inner.block(a, b)
+                if got.shape != (n, b - a):
+                    raise ValueError(f"a block of columns [{a}, {b}) has shape {got.shape}")
+                self._held = (a, b, got)
+            a, b, held = self._held
+            end = min(stop, b)
+            parts.append(held[:, pos - a : end - a])
+            pos = end
+        joined = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        out: FloatArray = np.ascontiguousarray(joined)
         return out
 
 
@@ -371,6 +418,7 @@ __all__ = [
     "ArrayBlocks",
     "BlockSource",
     "FileBlocks",
+    "GridBlocks",
     "accumulate_gram",
     "aggregate_blocks",
     "detect_blocks",

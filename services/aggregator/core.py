@@ -25,6 +25,12 @@ Nothing here does I/O; the shell (``service.py``) feeds it stored rows and array
   round's aggregation gave (round 1: the job's ``clip``), and it is the clip the round's
   privacy request, announcement and aggregation use. The same inputs give the same model
   and the same next clip bit for bit.
+* The same round block by block (:func:`aggregate_blocks`, :func:`aggregate_source`): the
+  kept rows read from a block source (a memmap, a raw file) a few columns at a time, never
+  n x d in memory, give the model of :func:`aggregate_rows` bit for bit whatever the block
+  size, because both compute on one column grid (:data:`GRID`): the clip norms per grid
+  chunk (:data:`qflare.privacy.mechanism.NORM_CHUNK`), the rule through
+  :mod:`qflare.robust.blocks`, the noise drawn chunk after chunk from the same generator.
 * The round itself is a pure state machine (:func:`step`, docs/architecture.md "One
   round"): a frozen :class:`Round` and one input (:data:`Input`: a grant, a denial, an
   accepted or refused update, a verdict, a tick, a restart) give the new :class:`Round` and
@@ -55,9 +61,19 @@ from qflare.messages.errors import Reason
 from qflare.messages.jobs import JobSpec
 from qflare.messages.tensors import Array, Layout, RoundRows, Rows, Tensors
 from qflare.messages.values import MAX_METRICS
-from qflare.privacy import AdaptiveClipping, NoiseSource, dp_fedavg, poisson_sample
+from qflare.privacy import AdaptiveClipping, NoiseSource, dp_fedavg, next_clip, poisson_sample
+from qflare.privacy.errors import INVALID_PARAMETERS, PrivacyError
+from qflare.privacy.mechanism import (
+    NORM_CHUNK,
+    Release,
+    clip_factor,
+    l2_norm,
+    norm_of_sums,
+    square_sums,
+)
 from qflare.privacy.policy import adaptive_of, charge_of, expected_participants
-from qflare.robust import get_rule
+from qflare.robust import Aggregator, get_rule
+from qflare.robust import blocks as rb
 
 # Distinct streams drawn from one job seed (SeedSequence spawn keys).
 _SELECT = 1
@@ -279,9 +295,13 @@ def aggregate_rows(
     x = rows if rows.shape[0] else np.empty((0, layout.size), np.float32)
 
     def combine(rows: npt.NDArray[np.floating[Any]]) -> npt.ArrayLike:
-        f_eff = min(f, (rows.shape[0] - 1) // 2)
-        agg = get_rule(rule, f=f_eff) if _takes_f(rule) else get_rule(rule)
-        return agg(rows, rng=round_rng(seed, job, round_no, _RULE))
+        # on the grid, as aggregate_blocks runs it: the same bits whatever the block size
+        return rb.aggregate_blocks(
+            _round_rule(rule, f, rows.shape[0]),
+            rb.GridBlocks(rows, rows.shape[1]),
+            GRID,
+            rng=round_rng(seed, job, round_no, _RULE),
+        )
 
     dp = dp_fedavg(
         x,
@@ -297,7 +317,214 @@ def aggregate_rows(
     step *= server_lr
     base_flat = layout.flatten(base, dtype=np.float64)
     new = layout.unflatten(base_flat + step)
-    return AggregationResult(new, chosen, float(np.linalg.norm(step)), dp.next_clip)
+    return AggregationResult(new, chosen, l2_norm(step), dp.next_clip)
+
+
+#: The column grid of a round's arithmetic: the rule (its Gram matrix and its combination),
+#: the L2 norms (:data:`qflare.privacy.mechanism.NORM_CHUNK`) and the noise run chunk by
+#: chunk on it, in memory or block by block, so the model does not depend on the block size.
+GRID = NORM_CHUNK
+
+
+def aggregate_blocks(
+    *,
+    job: str,
+    round_no: int,
+    seed: int,
+    base: Tensors,
+    clients: Sequence[str],
+    rows: rb.BlockSource | Rows | None,
+    block: int,
+    rule: str,
+    f: int,
+    clip: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    server_lr: float = 1.0,
+    adaptive: AdaptiveClipping | None = None,
+) -> AggregationResult:
+    """:func:`aggregate_rows` over rows read ``block`` columns at a time (a
+    :class:`~qflare.robust.blocks.BlockSource`, e.g. a memmap or a raw file, or an array):
+    the same :class:`AggregationResult`, bit for bit, for every block size, with nothing of
+    size n x d in memory (O(n * (block + GRID)) and the combined vector, d values of the
+    rows' dtype, besides the new model). The rows are not modified.
+
+    Three passes over the rows, each on the :data:`GRID` chunks (:class:`GridBlocks
+    <qflare.robust.blocks.GridBlocks>`): the rows' chunk sums of squares give the norms
+    and clip factors of :func:`~qflare.privacy.mechanism.clip_rows`; the rule's Gram matrix
+    (when it reads geometry, :func:`qflare.robust.blocks.plan_blocks`); the rule's result
+    over the clipped chunks (:func:`~qflare.robust.blocks.iter_aggregate`). Then, chunk by
+    chunk, the result is clipped, released (:class:`~qflare.privacy.mechanism.Release`,
+    the noise drawn from the round's source chunk after chunk: the same stream as one
+    draw) and added to ``base``. Adaptive clipping's count noise is drawn as
+    :func:`aggregate_rows` draws it."""
+    layout = Layout.of(base)
+    chosen = tuple(clients)
+    if list(chosen) != sorted(set(chosen)):
+        raise ValueError(f"rows must be of distinct clients in client-id order, got {chosen}")
+    if isinstance(block, bool) or not isinstance(block, int | np.integer) or block < 1:
+        raise ValueError(f"block size must be an int >= 1, got {block!r}")
+    if expected_clients <= 0:
+        raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
+    n, d = len(chosen), layout.size
+    src = _block_source(rows, n, d)
+    release = Release.of(
+        n,
+        clip=clip,
+        noise_multiplier=noise_multiplier,
+        expected_clients=expected_clients,
+        adaptive=adaptive,
+    )
+    grid = list(rb.spans(d, GRID))
+    norms = np.zeros(0, dtype=np.float64)
+    combined: npt.NDArray[np.floating[Any]] | None = None
+    combined_factor: float | None = None
+    if src is not None:
+        read = rb.GridBlocks(src, int(block))
+        norms, factors = _clip_factors(read, grid, clip)
+        clipped = _Clipped(read, factors)
+        combined = np.empty(d, dtype=src.dtype)
+        sums = np.empty(len(grid), dtype=np.float64)
+        agg = _round_rule(rule, f, n)
+        rng = round_rng(seed, job, round_no, _RULE)
+        for k, (a, part) in enumerate(rb.iter_aggregate(agg, clipped, GRID, rng=rng)):
+            combined[a : a + len(part)] = part
+            sums[k] = square_sums(part.reshape(1, -1))[0]
+        combined_factor = clip_factor(norm_of_sums(sums), clip, np.float64)
+    noise = round_noise(seed, job, round_no, _NOISE)
+    model = {name: np.empty(shape, dtype=dtype) for name, shape, dtype in layout.entries()}
+    step_sums = np.empty(len(grid), dtype=np.float64)
+    for k, (a, b) in enumerate(grid):
+        ours = None if combined is None else combined[a:b].astype(np.float64)
+        if ours is not None and combined_factor is not None:
+            ours *= combined_factor  # as clip_rows scales the float64 combined vector
+        step = release.step(ours, b - a, noise)
+        step *= server_lr
+        step_sums[k] = square_sums(step.reshape(1, -1))[0]
+        _write_span(layout, model, a, _base_span(layout, base, a, b) + step)
+    following = clip
+    if adaptive is not None:
+        following = next_clip(
+            clip,
+            norms,
+            adaptive=adaptive,
+            expected_clients=expected_clients,
+            noise_multiplier=noise_multiplier,
+            noise=round_noise(seed, job, round_no, _CLIP),
+        )
+    return AggregationResult(model, chosen, norm_of_sums(step_sums), following)
+
+
+def aggregate_source(
+    spec: JobSpec,
+    command: Aggregate,
+    base: Tensors,
+    clients: Sequence[str],
+    rows: rb.BlockSource | Rows | None,
+    block: int,
+) -> AggregationResult:
+    """:func:`aggregate_matrix` over rows read ``block`` columns at a time
+    (:func:`aggregate_blocks`): the same model, bit for bit."""
+    if tuple(clients) != tuple(sorted(set(command.kept))):
+        raise ValueError(f"rows of {list(clients)}, the round keeps {list(command.kept)}")
+    return aggregate_blocks(
+        base=base,
+        clients=clients,
+        rows=rows,
+        block=block,
+        **_round_arithmetic(spec, command),
+    )
+
+
+def _block_source(rows: rb.BlockSource | Rows | None, n: int, d: int) -> rb.BlockSource | None:
+    """The kept rows as a block source (None when nothing was kept), their shape checked."""
+    shape = None if rows is None else tuple(rows.shape)
+    if n == 0:
+        if shape is not None and shape != (0, d) and math.prod(shape) != 0:
+            raise ValueError(f"no rows kept, got rows of shape {shape}")
+        return None
+    if rows is None or shape != (n, d):
+        raise ValueError(f"{n} rows of {d} values needed, got shape {shape}")
+    src = rb.as_source(rows)
+    if src.dtype not in (np.float32, np.float64):
+        raise TypeError(f"rows must be float32 or float64, got {src.dtype}")
+    return src
+
+
+def _clip_factors(
+    src: rb.BlockSource, grid: Sequence[tuple[int, int]], clip: float
+) -> tuple[npt.NDArray[np.float64], list[float | None]]:
+    """The rows' norms from their chunk sums of squares (what ``clip_rows`` computes row by
+    row) and the factor clipping each to ``clip`` (None: inside)."""
+    n = src.shape[0]
+    sums = np.empty((n, len(grid)), dtype=np.float64)
+    for k, (a, b) in enumerate(grid):
+        sums[:, k] = square_sums(src.block(a, b))
+    norms = np.array([norm_of_sums(sums[i]) for i in range(n)], dtype=np.float64)
+    for i, norm in enumerate(norms):
+        if not math.isfinite(norm):
+            raise PrivacyError(INVALID_PARAMETERS, f"update {i} has non-finite values")
+    return norms, [clip_factor(float(norm), clip, src.dtype) for norm in norms]
+
+
+class _Clipped:
+    """The rows of ``src`` each times its clip factor, block by block: the bits
+    ``clip_rows`` leaves in place (a float32 row times the float32 factor)."""
+
+    def __init__(self, src: rb.BlockSource, factors: Sequence[float | None]) -> None:
+        self._src = src
+        self._scale = np.array([1.0 if c is None else c for c in factors], dtype=src.dtype)
+        self._scaled = any(c is not None for c in factors)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._src.shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._src.dtype
+
+    def block(self, start: int, stop: int) -> npt.NDArray[np.floating[Any]]:
+        x = self._src.block(start, stop)
+        if not self._scaled:
+            return x
+        out: npt.NDArray[np.floating[Any]] = x * self._scale[:, None]
+        return out
+
+
+def _tensor_spans(layout: Layout, a: int, b: int) -> list[tuple[str, int, int, int]]:
+    """(name, offset of the tensor, first, stop) of the layout's flat coordinates [a, b)
+    that each tensor holds."""
+    out = []
+    offset = 0
+    for name, shape, _dtype in layout.entries():
+        size = math.prod(shape)
+        lo, hi = max(a, offset), min(b, offset + size)
+        if lo < hi:
+            out.append((name, offset, lo, hi))
+        offset += size
+    return out
+
+
+def _base_span(layout: Layout, base: Tensors, a: int, b: int) -> npt.NDArray[np.float64]:
+    """Coordinates [a, b) of ``layout.flatten(base, dtype=np.float64)``."""
+    out = np.empty(b - a, dtype=np.float64)
+    for name, offset, lo, hi in _tensor_spans(layout, a, b):
+        out[lo - a : hi - a] = np.asarray(base[name]).reshape(-1)[lo - offset : hi - offset]
+    return out
+
+
+def _write_span(layout: Layout, model: dict[str, Array], a: int, values: Any) -> None:
+    """Write ``values`` at flat coordinates [a, a + len) of ``model`` (as ``unflatten``
+    casts them)."""
+    for name, offset, lo, hi in _tensor_spans(layout, a, a + len(values)):
+        model[name].reshape(-1)[lo - offset : hi - offset] = values[lo - a : hi - a]
+
+
+def _round_rule(rule: str, f: int, n: int) -> Aggregator:
+    """The job's rule for ``n`` kept rows (``f`` capped so that 2f < n)."""
+    f_eff = min(f, (n - 1) // 2)
+    return get_rule(rule, f=f_eff) if _takes_f(rule) else get_rule(rule)
 
 
 def _takes_f(rule: str) -> bool:
