@@ -534,6 +534,17 @@ class Chain(Aggregator):
         return "+".join([repr(p) for p in self.pres] + [repr(self.rule)])
 
 
+def has_blockwise_form(agg: Aggregator | PreAggregator) -> bool:
+    """Whether ``agg`` (a chain: each of its parts) runs on column blocks: it overrides
+    ``plan``, or is a coordinate-wise rule. A plug-in without one runs in memory only."""
+    if isinstance(agg, Chain):
+        return all(has_blockwise_form(p) for p in agg.pres) and has_blockwise_form(agg.rule)
+    base = PreAggregator if isinstance(agg, PreAggregator) else Aggregator
+    if type(agg).plan is not base.plan:
+        return True
+    return isinstance(agg, Aggregator) and type(agg).coordinatewise
+
+
 def refuse_unequal_weights(rule: Aggregator, w: Weights, fix: str) -> None:
     if w is not None and not rule.weighted and not np.all(w == w[0]):
         raise ValueError(f"{rule.name} has no weighted form; {fix}")

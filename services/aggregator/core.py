@@ -72,7 +72,7 @@ from qflare.privacy.mechanism import (
     square_sums,
 )
 from qflare.privacy.policy import adaptive_of, charge_of, expected_participants
-from qflare.robust import Aggregator, get_rule
+from qflare.robust import Aggregator, get_rule, has_blockwise_form
 from qflare.robust import blocks as rb
 
 # Distinct streams drawn from one job seed (SeedSequence spawn keys).
@@ -295,13 +295,14 @@ def aggregate_rows(
     x = rows if rows.shape[0] else np.empty((0, layout.size), np.float32)
 
     def combine(rows: npt.NDArray[np.floating[Any]]) -> npt.ArrayLike:
+        agg = _round_rule(rule, f, rows.shape[0])
+        rng = round_rng(seed, job, round_no, _RULE)
+        if not has_blockwise_form(agg):
+            # a plug-in rule with no block-wise form runs in memory, as it was written
+            # (aggregate_blocks refuses it: BlockwiseUnsupported)
+            return agg(rows, rng=rng)
         # on the grid, as aggregate_blocks runs it: the same bits whatever the block size
-        return rb.aggregate_blocks(
-            _round_rule(rule, f, rows.shape[0]),
-            rb.GridBlocks(rows, rows.shape[1]),
-            GRID,
-            rng=round_rng(seed, job, round_no, _RULE),
-        )
+        return rb.aggregate_blocks(agg, rb.GridBlocks(rows, rows.shape[1]), GRID, rng=rng)
 
     dp = dp_fedavg(
         x,

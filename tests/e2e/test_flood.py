@@ -23,8 +23,8 @@ Each participant trains ``TRAIN_S`` a round (on its own machine: a sleep here), 
 lasts a few seconds and the flood falls into it. It costs about two minutes (two runs of
 six service processes) and measures time on a shared machine, so it runs only when asked
 locally (QFLARE_FLOOD=1, which also asserts the 2x time bound) and in CI (CI=true: the
-model, the judged messages and the printed figures, without the time bound, which this
-machine does not meet yet).
+model, the judged messages and the printed figures, without the time bound: a timed bound on
+a shared 2-core machine is not asserted in the default run; measured here 1.16-1.82x).
 The figures it prints are in docs/architecture.md ("Hostile traffic").
 """
 
@@ -340,7 +340,7 @@ def test_a_flood_during_a_round_costs_at_most_twice_its_quiet_time(
     assert flooded.final_version == quiet.final_version == 3
     assert model_digest(flooded.final_model) == model_digest(quiet.final_model)
     # the time bound (issue 16: at most 2x) is asserted where it was asked for; in CI the
-    # figures are printed and everything above is checked (on 2 shared cores the flooded
-    # round took 3.0-3.6x here: docs/architecture.md, "Hostile traffic")
+    # figures are printed and everything above is checked (docs/architecture.md, "Hostile
+    # traffic": 1.16-1.82x on this 2-core machine)
     if os.environ.get("QFLARE_FLOOD") == "1":
         assert flood_s <= MAX_RATIO * quiet_s, (quiet_s, flood_s)

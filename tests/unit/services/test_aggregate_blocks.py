@@ -321,3 +321,31 @@ def test_no_read_is_wider_than_the_block() -> None:
     kw = arithmetic("multikrum", dp=True, adaptive=False)
     aggregate_blocks(base=base, clients=clients(N), rows=Counted(x), block=50_000, **kw)
     assert max(widths) == 50_000 and sum(widths) == 3 * x.shape[1]
+
+
+def test_a_plugin_rule_without_a_blockwise_form_runs_in_memory_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plug-in rule as a user writes one (``apply`` only): the in-memory round runs it as
+    written (the job works as before); the block-wise round refuses it by name
+    (BlockwiseUnsupported), never a different model."""
+    from qflare.robust import RULES, Aggregator, BlockwiseUnsupported, has_blockwise_form
+
+    class MeanOfMedianAndMean(Aggregator):
+        name = "test_no_plan_rule"
+
+        def apply(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+            return (np.median(x, axis=0) + x.mean(axis=0)) / 2
+
+    monkeypatch.setitem(RULES, MeanOfMedianAndMean.name, MeanOfMedianAndMean)
+    rule = MeanOfMedianAndMean()
+    assert not has_blockwise_form(rule)
+    x = rows_of(N, D, seed=3)
+    kw = arithmetic("test_no_plan_rule", dp=False, adaptive=False)
+    got = in_memory(BASE, x, **kw)
+    assert_same(in_memory(BASE, x, **kw), got)  # as written, deterministic
+    for other in ("mean", "median"):  # its own arithmetic, not a built-in's
+        built_in = in_memory(BASE, x, **{**kw, "rule": other})
+        assert not np.array_equal(built_in.model["c.weight"], got.model["c.weight"])
+    with pytest.raises(BlockwiseUnsupported, match="test_no_plan_rule"):
+        aggregate_blocks(base=BASE, clients=clients(N), rows=x, block=7, **kw)
