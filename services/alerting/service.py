@@ -54,6 +54,9 @@ class AlertingService(Service):
         # One SQLite connection and a check-then-record per message: handlers run
         # concurrently (prefetch), so each message's store work is serialised.
         self._lock = asyncio.Lock()
+        # alerts sent whose "published" mark failed to commit (the store refused it): a
+        # retry commits the mark without sending them again
+        self._sent: set[int] = set()
 
     def consumers(self) -> list[Consumer]:
         return [
@@ -143,16 +146,21 @@ class AlertingService(Service):
             reason=alert.reason,
             detail=alert.detail[:4096],
         )
-        await emit(
-            self,
-            "alert.raised",
-            body,
-            job=alert.job,
-            round=max(0, alert.round or 0),
-            exchange=topology.ALERTS,
-            routing_key=alert.routing_key(),
-        )
+        if alert_id not in self._sent:
+            await emit(
+                self,
+                "alert.raised",
+                body,
+                job=alert.job,
+                round=max(0, alert.round or 0),
+                exchange=topology.ALERTS,
+                routing_key=alert.routing_key(),
+            )
+            self._sent.add(alert_id)
+        # a full disk refuses the mark: the retry marks it again, without a second copy
+        # (after a restart the alert goes out once more: at least once)
         await self.store.mark_published(alert_id)
+        self._sent.discard(alert_id)
         event(
             self.log,
             "alert.published",

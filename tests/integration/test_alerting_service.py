@@ -206,3 +206,37 @@ async def test_forged_alert_is_not_republished(rig: Rig) -> None:
 async def _until(pred: Any) -> None:
     while not pred():
         await asyncio.sleep(0.01)
+
+
+async def test_a_store_that_refuses_the_published_mark_sends_the_alert_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alert is stored, sent, then its "published" mark fails to commit (a full disk)
+    four times: the message is held and retried, and each retry commits the mark without
+    sending the alert again."""
+    import sqlite3
+
+    monkeypatch.setattr("qflare.runtime.service.STORAGE_RETRY_S", (0.01, 0.02))
+    store = rig.service.store
+    real = store.mark_published
+    failures = {"left": 4}
+
+    async def mark_published(alert_id: int) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        await real(alert_id)
+
+    monkeypatch.setattr(store, "mark_published", mark_published)
+    await rig.send(rig.raised("client.flagged", client="client-001", severity="critical"))
+    for _ in range(300):
+        if not failures["left"] and rig.rows() and rig.rows()[0]["published"]:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    sent = []
+    while not rig.out.empty():
+        sent.append(rig.out.get_nowait()[0])
+    # one copy of the alert; alerting's own alert about its store comes beside it
+    assert sent.count("critical.client.flagged.j1") == 1, sent
+    assert failures["left"] == 0 and rig.rows()[0]["published"] == 1
