@@ -260,19 +260,22 @@ def next_clip(
     clip: float,
     norms: Sequence[float] | F64,
     *,
-    adaptive: AdaptiveClipping,
+    adaptive: AdaptiveClipping | None,
     expected_clients: float,
     noise_multiplier: float,
     noise: NoiseSource,
 ) -> float:
     """The clip norm of the next round, from this round's ``clip`` and the pre-clipping
-    ``norms`` of the updates it kept (a pure function of them and ``noise``).
+    ``norms`` of the updates it kept (a pure function of them and ``noise``); ``clip``
+    itself without ``adaptive`` clipping (nothing drawn).
 
     With DP on, the centred count ``sum(1[norm <= C] - 1/2)`` gets N(0, sigma_b^2) and is
     divided by the fixed denominator, as the update sum is; the result depends on the
     updates only through that noised count, so publishing the clip norm is post-processing.
     With DP off the fraction is exact (and a round with nothing kept leaves ``clip``
     unchanged)."""
+    if adaptive is None:
+        return clip
     clip = _positive("clip", clip)
     z = _non_negative("noise_multiplier", noise_multiplier)
     values = np.asarray(norms, dtype=np.float64)
@@ -383,16 +386,14 @@ def dp_fedavg(
             raise ValueError(f"combine returned shape {combined.shape}, expected ({dim},)")
         clip_rows(combined.reshape(1, dim), clip)
     step = release.step(combined, dim, noise)
-    following = clip
-    if adaptive is not None:
-        following = next_clip(
-            clip,
-            norms,
-            adaptive=adaptive,
-            expected_clients=expected_clients,
-            noise_multiplier=z,
-            noise=clip_noise if clip_noise is not None else noise,
-        )
+    following = next_clip(
+        clip,
+        norms,
+        adaptive=adaptive,
+        expected_clients=expected_clients,
+        noise_multiplier=z,
+        noise=clip_noise if clip_noise is not None else noise,
+    )
     return DPStep(step, norms, following)
 
 

@@ -403,16 +403,14 @@ def aggregate_blocks(
         step *= server_lr
         step_sums[k] = square_sums(step.reshape(1, -1))[0]
         _write_span(layout, model, a, _base_span(layout, base, a, b) + step)
-    following = clip
-    if adaptive is not None:
-        following = next_clip(
-            clip,
-            norms,
-            adaptive=adaptive,
-            expected_clients=expected_clients,
-            noise_multiplier=noise_multiplier,
-            noise=round_noise(seed, job, round_no, _CLIP),
-        )
+    following = next_clip(
+        clip,
+        norms,
+        adaptive=adaptive,
+        expected_clients=expected_clients,
+        noise_multiplier=noise_multiplier,
+        noise=round_noise(seed, job, round_no, _CLIP),
+    )
     return AggregationResult(model, chosen, norm_of_sums(step_sums), following)
 
 

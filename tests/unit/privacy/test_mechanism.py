@@ -235,6 +235,10 @@ def test_next_clip_is_a_pure_function_of_clip_norms_and_noise() -> None:
     off = next_clip(1.0, norms, noise=NoiseSource(5), **{**kw, "noise_multiplier": 0.0})
     assert off == pytest.approx(math.exp(-0.2 * (0.25 - 0.5)))
     assert next_clip(1.0, [], noise=NoiseSource(5), **{**kw, "noise_multiplier": 0.0}) == 1.0
+    # a fixed clip (no adaptive clipping): the same clip, and nothing drawn
+    fixed = NoiseSource(5)
+    assert next_clip(1.0, norms, noise=fixed, **{**kw, "adaptive": None}) == 1.0
+    assert float(fixed.gaussian(2.0, (1,))[0]) == noise
 
 
 def test_adaptive_clipping_tracks_the_target_quantile() -> None:
