@@ -391,24 +391,26 @@ class _Named(ABC):
     """Registered by ``name``; shown as ``name(param=value, ...)``, which parses back."""
 
     name: ClassVar[str]
+    #: the constructor's arguments that ``repr`` shows, each read back from the attribute
+    #: of the same name
+    param_names: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{self.name}({params})"
 
     def params(self) -> dict[str, Any]:
-        return {}
+        return {name: getattr(self, name) for name in self.param_names}
 
 
 class FParam:
     """Mixin for a rule or pre-aggregator parametrised by f, the number of Byzantine
     updates it tolerates (ByzFL's f)."""
 
+    param_names: ClassVar[tuple[str, ...]] = ("f",)
+
     def __init__(self, f: int = 0) -> None:
         self.f = check_int("f", f)
-
-    def params(self) -> dict[str, Any]:
-        return {"f": self.f}
 
 
 class Aggregator(_Named):

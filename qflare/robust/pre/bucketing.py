@@ -9,8 +9,6 @@ weight is the sum of its members' weights. The shuffle comes from the ``rng`` ar
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import numpy.typing as npt
 
@@ -25,12 +23,10 @@ def buckets(n: int, s: int, perm: IntArray) -> list[IntArray]:
 @register_pre
 class Bucketing(PreAggregator):
     name = "bucketing"
+    param_names = ("s",)
 
     def __init__(self, s: int = 1) -> None:
         self.s = check_int("s", s, minimum=1)
-
-    def params(self) -> dict[str, Any]:
-        return {"s": self.s}
 
     def transform(
         self,

@@ -7,8 +7,6 @@ Requirement: c >= 0. Returns new rows; ByzFL's Clipping rescales its input in pl
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .._base import GramView, PreAggregator, register_pre
@@ -39,12 +37,10 @@ def view_norms(view: GramView) -> F64:
 @register_pre
 class Clipping(PreAggregator):
     name = "clip"
+    param_names = ("c",)
 
     def __init__(self, c: float = 2.0) -> None:
         self.c = check_float("c", c)
-
-    def params(self) -> dict[str, Any]:
-        return {"c": self.c}
 
     def transform(
         self, x: FloatArray, w: Weights, *, rng: RngLike = None

@@ -11,8 +11,6 @@ moves the centre by the (weighted) mean of the differences clipped to norm tau.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .._base import Aggregator, GramView, RowPlan, drop_nonfinite, lowered_f, register_rule
@@ -32,15 +30,13 @@ def clipped_step(norms: F64, base: F64, tau: float) -> F64:
 class CenteredClipping(Aggregator):
     name = "cc"
     weighted = True
+    param_names = ("tau", "L")
 
     def __init__(self, tau: float = 100.0, L: int = 1, f: int | None = None) -> None:
         self.tau = check_float("tau", tau)
         self.L = check_int("L", L)
         # f is accepted so that specs like cc(f=2,tau=1) read alike; CC itself needs none.
         self.f = None if f is None else check_int("f", f)
-
-    def params(self) -> dict[str, Any]:
-        return {"tau": self.tau, "L": self.L}
 
     def tolerated(self, n: int) -> int:
         return n - 1 if self.f is None else self.f

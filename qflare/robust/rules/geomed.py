@@ -10,8 +10,6 @@ affine combination of the rows, so the iterations run on the n x n Gram matrix a
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .._base import Aggregator, GramView, RowPlan, linear_plan, register_rule
@@ -34,13 +32,11 @@ from .._core import (
 class GeometricMedian(Aggregator):
     name = "geomed"
     weighted = True
+    param_names = ("nu", "T")
 
     def __init__(self, nu: float = 0.1, T: int = 3) -> None:
         self.nu = check_float("nu", nu, strict=True)
         self.T = check_int("T", T)
-
-    def params(self) -> dict[str, Any]:
-        return {"nu": self.nu, "T": self.T}
 
     def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         mask = finite_rows(x)

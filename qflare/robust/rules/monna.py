@@ -7,8 +7,6 @@ with Linear Gradient Overhead", ICML 2023. Requirement: n > 2f and idx < n, the 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .._base import GramView, RowPlan, register_rule
@@ -31,13 +29,11 @@ from ._fbase import FRule
 class MoNNA(FRule):
     name = "monna"
     weighted = True
+    param_names = ("f", "idx")
 
     def __init__(self, f: int = 0, idx: int = 0) -> None:
         super().__init__(f)
         self.idx = check_int("idx", idx)
-
-    def params(self) -> dict[str, Any]:
-        return {"f": self.f, "idx": self.idx}
 
     def apply(self, x: FloatArray, w: Weights) -> FloatArray:
         n = x.shape[0]
