@@ -30,7 +30,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +168,7 @@ class RunMetrics:
     excluded_most: str | None  # that client
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "accuracy": self.accuracy,
-            "recall": self.recall,
-            "false_positive_rate": self.false_positive_rate,
-            "honest_exclusion": self.honest_exclusion,
-            "excluded_most": self.excluded_most,
-        }
+        return asdict(self)
 
 
 def run_metrics(result: RunResult, attack: str) -> RunMetrics:

@@ -82,10 +82,7 @@ class DetectionScore:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "true_positives": self.true_positives,
-            "false_positives": self.false_positives,
-            "false_negatives": self.false_negatives,
-            "true_negatives": self.true_negatives,
+            **asdict(self),
             "precision": self.precision,
             "recall": self.recall,
             "false_positive_rate": self.false_positive_rate,
