@@ -159,18 +159,12 @@ class FileBlocks:
         return out
 
 
-class GridBlocks:
-    """A :class:`BlockSource` that serves any column span of ``inner`` as a C-contiguous
-    array while reading ``inner`` only in blocks of ``read`` columns (aligned at multiples
-    of ``read``, one held at a time; a span across two is joined).
+class DerivedBlocks:
+    """Base of a :class:`BlockSource` whose blocks are made from those of ``inner``
+    (subclasses define ``block``): the same shape and dtype as ``inner``."""
 
-    So a computation runs on a grid of its own choosing (the aggregator's, whose sums
-    must not depend on how the rows are read) in memory O(n * (read + span))."""
-
-    def __init__(self, inner: BlockSource | FloatArray, read: int) -> None:
+    def __init__(self, inner: BlockSource | FloatArray) -> None:
         self._inner = as_source(inner)
-        self._read = check_int("block size", read, minimum=1)
-        self._held: tuple[int, int, FloatArray] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -179,6 +173,20 @@ class GridBlocks:
     @property
     def dtype(self) -> np.dtype[Any]:
         return self._inner.dtype
+
+
+class GridBlocks(DerivedBlocks):
+    """A :class:`BlockSource` that serves any column span of ``inner`` as a C-contiguous
+    array while reading ``inner`` only in blocks of ``read`` columns (aligned at multiples
+    of ``read``, one held at a time; a span across two is joined).
+
+    So a computation runs on a grid of its own choosing (the aggregator's, whose sums
+    must not depend on how the rows are read) in memory O(n * (read + span))."""
+
+    def __init__(self, inner: BlockSource | FloatArray, read: int) -> None:
+        super().__init__(inner)
+        self._read = check_int("block size", read, minimum=1)
+        self._held: tuple[int, int, FloatArray] | None = None
 
     def block(self, start: int, stop: int) -> FloatArray:
         n, d = self.shape
@@ -417,6 +425,7 @@ def detect_blocks(
 __all__ = [
     "ArrayBlocks",
     "BlockSource",
+    "DerivedBlocks",
     "FileBlocks",
     "GridBlocks",
     "accumulate_gram",

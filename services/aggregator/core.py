@@ -57,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qflare.messages.bodies import Coverage, Evaluation
-from qflare.messages.errors import Reason
+from qflare.messages.errors import MALFORMED_UPDATE, Reason
 from qflare.messages.jobs import JobSpec
 from qflare.messages.tensors import Array, Layout, RoundRows, Rows, Tensors
 from qflare.messages.values import MAX_METRICS
@@ -466,25 +466,17 @@ def _clip_factors(
     return norms, [clip_factor(float(norm), clip, src.dtype) for norm in norms]
 
 
-class _Clipped:
+class _Clipped(rb.DerivedBlocks):
     """The rows of ``src`` each times its clip factor, block by block: the bits
     ``clip_rows`` leaves in place (a float32 row times the float32 factor)."""
 
     def __init__(self, src: rb.BlockSource, factors: Sequence[float | None]) -> None:
-        self._src = src
+        super().__init__(src)
         self._scale = np.array([1.0 if c is None else c for c in factors], dtype=src.dtype)
         self._scaled = any(c is not None for c in factors)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._src.shape
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return self._src.dtype
-
     def block(self, start: int, stop: int) -> npt.NDArray[np.floating[Any]]:
-        x = self._src.block(start, stop)
+        x = self._inner.block(start, stop)
         if not self._scaled:
             return x
         out: npt.NDArray[np.floating[Any]] = x * self._scale[:, None]
@@ -807,9 +799,11 @@ class Announce:
 
 @dataclass(frozen=True)
 class Close:
-    """Send ``round.closed`` with exactly these (client, digest, offset)."""
+    """Send ``round.closed`` with exactly these (client, digest, offset), and the number of
+    selected clients refused for a malformed update (``MALFORMED_UPDATE``) with none kept."""
 
     updates: tuple[UpdateRef, ...]
+    malformed: int = 0
 
 
 @dataclass(frozen=True)
@@ -1068,6 +1062,13 @@ def _refused(spec: JobSpec, r: Round, x: Refused, now: float, revoked: Collectio
     return _then_settle(spec, new, (note,), now, revoked)
 
 
+def malformed_of(r: Round) -> int:
+    """Selected clients of ``r`` refused for a malformed update (``MALFORMED_UPDATE``) that
+    have no update held: ``round.closed.malformed``."""
+    held = {h.client for h in r.held}
+    return sum(1 for c, why in r.refused if c not in held and why in MALFORMED_UPDATE)
+
+
 def _then_settle(
     spec: JobSpec, r: Round, before: tuple[Effect, ...], now: float, revoked: Collection[str]
 ) -> Step:
@@ -1103,7 +1104,10 @@ def _settle(spec: JobSpec, r: Round, now: float, revoked: Collection[str]) -> St
         fields = {"updates": len(closed)}
         if len(waiting) < len(r.participants):
             fields["revoked"] = len(r.participants) - len(waiting)
-        return new, (Note("round.closed", fields), Close(closed))
+        malformed = malformed_of(r)
+        if malformed:
+            fields["malformed"] = malformed
+        return new, (Note("round.closed", fields), Close(closed, malformed))
     if decision == CloseDecision.EXTEND:
         ext = r.extensions + 1
         new = replace(r, deadline=now + spec.deadline_s, extensions=ext, updated=now)
