@@ -232,6 +232,10 @@ class RoundClosed(Body):
     SENDERS = ("aggregator",)
     updates: list[UpdateRef]
     """The accepted updates in the round."""
+    malformed: NonNegInt = 0
+    """Selected clients whose update ingest refused for its content (``MALFORMED_UPDATE``:
+    non-finite, wrong shapes or dtype, bad metrics) and who have no accepted update: the
+    detector assumes at most ``f`` minus this many Byzantine clients among ``updates``."""
 
 
 class RoundVerdict(Body):

@@ -152,6 +152,16 @@ class Reason(StrEnum):
     )
 
 
+#: Refusals that show a participant's own update was unusable: ingest verified the
+#: signature, then found the content wrong. A round's clients refused for these (and
+#: without an accepted update) are counted in ``round.closed.malformed``: if at most f
+#: participants per round are Byzantine, at most f minus that many remain among the
+#: accepted updates, and detection assumes no more (:func:`qflare.robust.detect`).
+MALFORMED_UPDATE = frozenset(
+    {Reason.NON_FINITE, Reason.SHAPE_MISMATCH, Reason.DTYPE_NOT_ALLOWED, Reason.BAD_METRICS}
+)
+
+
 class MessageRejected(QflareError):
     """Bad input: the message is refused with a stable :class:`Reason` and a human detail.
 

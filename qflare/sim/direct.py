@@ -48,6 +48,7 @@ from qflare.services.aggregator.core import (
     Verdict,
     aggregate,
     begin,
+    malformed_of,
     step,
 )
 from qflare.services.detector.core import FlaggedClient, RoundVerdict, decide
@@ -136,7 +137,12 @@ def run_direct(
             found = _oracle_verdict(updates, fed.byzantine if config.attack != NO_ATTACK else ())
         else:
             found = decide(
-                r.round, updates, f=spec.f, detection=spec.detection, reputation=reputation
+                r.round,
+                updates,
+                f=spec.f,
+                detection=spec.detection,
+                reputation=reputation,
+                malformed=malformed_of(r),
             )
         verdict = Verdict(found.kept, tuple((x.client, float(x.score)) for x in found.flagged))
         r, effects = step(spec, r, verdict, now)

@@ -452,7 +452,8 @@ class Aggregator(Service):
                     closed = RoundClosed(
                         updates=[
                             UpdateRef(client=c, digest=d, offset=o) for c, d, o in effect.updates
-                        ]
+                        ],
+                        malformed=effect.malformed,
                     )
                     await emit(self, "round.closed", closed, job=spec.job_id, round=r.round)
                 case Aggregate():

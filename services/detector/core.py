@@ -45,9 +45,10 @@ def decide(
     f: int,
     detection: bool,
     reputation: Reputation,
+    malformed: int = 0,
 ) -> RoundVerdict:
     """The verdict over exactly ``updates`` (client -> delta tensors); updates
-    ``reputation`` in place with this round's flags."""
+    ``reputation`` in place with this round's flags. ``malformed``: see :func:`decide_rows`."""
     clients = sorted(updates)
     if not detection or not clients:
         return RoundVerdict(
@@ -57,7 +58,7 @@ def decide(
     for c in clients:
         rows.add((c, b""), updates[c])
     clients, x = rows.matrix([(c, b"") for c in clients])
-    return decide_rows(round_no, clients, x, f=f, reputation=reputation)
+    return decide_rows(round_no, clients, x, f=f, reputation=reputation, malformed=malformed)
 
 
 def decide_rows(
@@ -67,13 +68,22 @@ def decide_rows(
     *,
     f: int,
     reputation: Reputation,
+    malformed: int = 0,
 ) -> RoundVerdict:
     """The verdict with detection on over the updates ``x`` (one float32 row per client,
-    in the order of ``clients``, sorted); updates ``reputation`` in place."""
+    in the order of ``clients``, sorted); updates ``reputation`` in place.
+
+    ``malformed`` clients of the round were refused by ingest for their content
+    (``round.closed.malformed``): with at most ``f`` Byzantine clients per round, at most
+    ``f - malformed`` remain among ``x``, and detection assumes that many (its Krum
+    neighbourhood and the at-most-f cap on flags). Without it, a round whose f attackers
+    all sent non-finite updates had one honest outlier flagged in their place every round
+    (the Inf attack at Dirichlet 0.1)."""
     if not clients:
         return RoundVerdict((), (), (), "empty round")
+    f_left = max(0, f - malformed)
     # a consistently honest outlier (non-IID data) is let back in by its own history
-    verdict = reputation.review(round_no, clients, x, detect(x, f, ids=clients))
+    verdict = reputation.review(round_no, clients, x, detect(x, f_left, ids=clients))
     reasons: dict[str, list[str]] = {c: list(verdict.reasons.get(c, ())) for c in clients}
     for c in clients:
         if reputation.is_quarantined(c, round_no):

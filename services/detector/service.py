@@ -47,7 +47,7 @@ from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import job_of
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.detector.core import decide, decide_rows
-from qflare.services.detector.store import DetectorStore, PendingRef
+from qflare.services.detector.store import DetectorStore, Pending, PendingRef
 
 
 class Detector(Service):
@@ -102,7 +102,8 @@ class Detector(Service):
             await self._read_ahead(job_id)
         for job_id, round_no, verdict in await self.store.unpublished():
             await self._publish(job_id, round_no, verdict)
-        for job_id, round_no, _refs in await self.store.pending():
+        for p in await self.store.pending():
+            job_id, round_no = p.job_id, p.round
             # in the background: a round whose updates cannot be read any more (its job ended
             # and the stream is gone) must not stop every start; it stays pending, is logged,
             # and is tried again on the next start or a redelivered round.closed
@@ -204,19 +205,19 @@ class Detector(Service):
         if stored is not None:
             await self._publish(env.job, env.round, stored)
             return
-        await self.store.add_pending(env.job, env.round, refs)
+        await self.store.add_pending(Pending(env.job, env.round, refs, env.body.malformed))
         await self._try_decide(env.job, env.round)
 
     async def _try_decide(self, job_id: str, round_no: int) -> None:
         assert self.store is not None
         async with self._locks.setdefault(job_id, asyncio.Lock()):
-            pending = [p for p in await self.store.pending(job_id) if p[1] == round_no]
+            pending = [p for p in await self.store.pending(job_id) if p.round == round_no]
             if not pending:
                 return
             if await self.store.decided(job_id, round_no):
                 await self.store.discard_pending(job_id, round_no)
                 return
-            refs = pending[0][2]
+            refs, malformed = pending[0].refs, pending[0].malformed
             spec = self.specs[job_id]
             reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
             if spec.detection:
@@ -232,7 +233,9 @@ class Detector(Service):
 
                 def judge() -> Any:
                     clients, x = rows.matrix([(c, d) for c, d, _o in refs])
-                    return decide_rows(round_no, clients, x, f=spec.f, reputation=reputation)
+                    return decide_rows(
+                        round_no, clients, x, f=spec.f, reputation=reputation, malformed=malformed
+                    )
 
                 result = await asyncio.to_thread(judge)
             else:

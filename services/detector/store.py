@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 from qflare.messages.jobs import JobSpec
@@ -25,6 +26,7 @@ from qflare.runtime import ServiceStore
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
     job_id TEXT NOT NULL, round INTEGER NOT NULL, closed_set TEXT NOT NULL,
+    malformed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, round)
 );
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -48,6 +50,17 @@ CREATE TABLE IF NOT EXISTS clients (
 
 #: An update of a closed round: client, digest (vouched by the aggregator) and stream offset.
 PendingRef = tuple[str, bytes, int]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A closed round waiting for its verdict: ``round.closed``'s updates and its count of
+    clients refused for a malformed update."""
+
+    job_id: str
+    round: int
+    refs: list[PendingRef]
+    malformed: int = 0
 
 
 class DetectorStore(ServiceStore):
@@ -75,13 +88,14 @@ class DetectorStore(ServiceStore):
             is not None
         )
 
-    async def add_pending(self, job_id: str, round_no: int, refs: list[PendingRef]) -> None:
+    async def add_pending(self, p: Pending) -> None:
         """Store the closed round as waiting for its verdict, unless it has one already
         (checked in the same statement: see the module docstring)."""
+        closed_set = json.dumps([[c, d.hex(), o] for c, d, o in p.refs])
         await self.db.execute(
-            "INSERT OR IGNORE INTO pending SELECT ?, ?, ? "
+            "INSERT OR IGNORE INTO pending SELECT ?, ?, ?, ? "
             "WHERE NOT EXISTS (SELECT 1 FROM verdicts WHERE job_id=? AND round=?)",
-            (job_id, round_no, json.dumps([[c, d.hex(), o] for c, d, o in refs]), job_id, round_no),
+            (p.job_id, p.round, closed_set, p.malformed, p.job_id, p.round),
         )
 
     async def discard_pending(self, job_id: str, round_no: int) -> None:
@@ -89,16 +103,17 @@ class DetectorStore(ServiceStore):
         could leave behind)."""
         await self.db.execute("DELETE FROM pending WHERE job_id=? AND round=?", (job_id, round_no))
 
-    async def pending(self, job_id: str | None = None) -> list[tuple[str, int, list[PendingRef]]]:
+    async def pending(self, job_id: str | None = None) -> list[Pending]:
         sql, args = "SELECT * FROM pending", cast(tuple[str, ...], ())
         if job_id is not None:
             sql, args = sql + " WHERE job_id=?", (job_id,)
         rows = await self.db.fetchall(sql, args)
         return [
-            (
+            Pending(
                 r["job_id"],
                 r["round"],
                 [(c, bytes.fromhex(d), o) for c, d, o in json.loads(r["closed_set"])],
+                r["malformed"],
             )
             for r in rows
         ]

@@ -531,7 +531,7 @@ async def _never(update: Any) -> None:
 
 async def _pending(store: DetectorStore | None, round_no: int) -> bool:
     assert store is not None
-    return any(r == round_no for _j, r, _refs in await store.pending(JOB))
+    return any(p.round == round_no for p in await store.pending(JOB))
 
 
 async def test_a_pending_round_whose_updates_are_gone_does_not_stop_a_start(

@@ -65,3 +65,18 @@ def test_decide_rows_is_decide_over_the_same_matrix() -> None:
     clients, x = rows.matrix([(c, b"") for c in updates])
     b = decide_rows(2, clients, x, f=3, reputation=Reputation())
     assert a == b and {f.client for f in a.flagged} == {"c7", "c8", "c9"}
+
+
+def test_clients_refused_for_malformed_updates_count_against_f() -> None:
+    # f = 3 and all three attackers were refused by ingest (round.closed.malformed = 3):
+    # what is left is honest, so an unusual honest client is not flagged in their place
+    updates = {c: u for c, u in _round(4, byzantine=()).items() if c not in ("c7", "c8", "c9")}
+    updates["c6"] = {k: 6.0 * v for k, v in updates["c6"].items()}
+    flagged = decide(1, updates, f=3, detection=True, reputation=Reputation()).flagged
+    assert [x.client for x in flagged] == ["c6"]
+    v = decide(1, updates, f=3, detection=True, reputation=Reputation(), malformed=3)
+    assert v.flagged == () and len(v.kept) == 7
+    # one of three refused: the two attackers left are still caught
+    updates = _round(4, byzantine=("c8", "c9"))
+    v = decide(1, updates, f=3, detection=True, reputation=Reputation(), malformed=1)
+    assert {x.client for x in v.flagged} == {"c8", "c9"}

@@ -44,6 +44,7 @@ from qflare.services.aggregator.core import (
     aggregate_round,
     begin,
     expected_participants,
+    malformed_of,
     select_participants,
     step,
     unknown_round,
@@ -274,6 +275,23 @@ def test_refused_clients_count_as_answered_once_the_minimum_is_in() -> None:
     assert [c for c, _d, _o in r.closed or ()] == ["a", "b"]  # the refused are not in the set
     assert kinds(effects) == ["Note", "Note", "Close"]
     assert effects[0] == Note("update.refused", {"client": "d", "reason": "BAD_SIGNATURE"})
+
+
+def test_the_close_counts_clients_refused_for_a_malformed_update() -> None:
+    # non-finite and wrong shapes are the client's own update; a bad signature names no one
+    # for sure, and a client whose later update was accepted is in the set
+    r, _ = feed(
+        SPEC,
+        opened(),
+        Refused("a", "NON_FINITE"),
+        accepted("a"),
+        accepted("b"),
+        Refused("c", "SHAPE_MISMATCH"),
+    )
+    r, effects = step(SPEC, r, Refused("d", "BAD_SIGNATURE"), T0 + 1)
+    assert r.state == RoundState.CLOSED and malformed_of(r) == 1
+    assert effects[-2] == Note("round.closed", {"updates": 2, "malformed": 1})
+    assert effects[-1] == Close(r.closed or (), 1)
 
 
 def test_refusals_below_the_minimum_wait_for_the_deadline() -> None:
