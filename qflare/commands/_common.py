@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qflare.errors import UsageError
 
@@ -98,6 +99,24 @@ def key_value(text: str, form: str = "KEY=VALUE") -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
     return key, value
+
+
+def add_pairs_option(
+    parser: argparse._ActionsContainer,
+    flag: str,
+    value: Callable[[str], Any],
+    *,
+    form: str = "KEY=VALUE",
+    help: str,
+) -> None:
+    """A repeatable ``flag KEY=VALUE`` option: the parsed list holds (KEY, ``value(VALUE)``)
+    pairs; text without ``=`` is an error showing ``form``, as is what ``value`` refuses."""
+
+    def pair(text: str) -> tuple[str, Any]:
+        key, raw = key_value(text, form)
+        return key, value(raw)
+
+    parser.add_argument(flag, type=pair, action="append", default=[], metavar=form, help=help)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -14,18 +14,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qflare.commands._common import DefaultsHelpFormatter, key_value, output_folder
+from qflare.commands._common import DefaultsHelpFormatter, add_pairs_option, output_folder
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE a Python literal where it reads as one, else the string."""
+def _literal(value: str) -> Any:
+    """VALUE of ``KEY=VALUE``: a Python literal where it reads as one, else the string."""
     import ast
 
-    key, value = key_value(text)
     try:
-        return key, ast.literal_eval(value)
+        return ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return key, value
+        return value
 
 
 def register(subparsers: Any) -> None:
@@ -53,13 +52,8 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--attack", default="sign-flip", help="attack name; 'none' for no attack (see --list)"
     )
-    g.add_argument(
-        "--attack-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="parameter passed to the attack, e.g. scale=3",
+    add_pairs_option(
+        g, "--attack-option", _literal, help="parameter passed to the attack, e.g. scale=3"
     )
     g.add_argument(
         "--rule",

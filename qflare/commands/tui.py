@@ -8,14 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from qflare.cli import add_federation_flags
-from qflare.commands._common import DefaultsHelpFormatter, key_value, number_in
+from qflare.commands._common import DefaultsHelpFormatter, add_pairs_option, number_in
 
 _EPSILON = number_in("EPSILON (--budget JOB=EPSILON)", 0.0, low_open=True, high_open=True)
-
-
-def _budget(text: str) -> tuple[str, float]:
-    job, epsilon = key_value(text, "JOB=EPSILON")
-    return job, _EPSILON(epsilon)
 
 
 def register(subparsers: Any) -> None:
@@ -44,12 +39,11 @@ def register(subparsers: Any) -> None:
         help="the services' data folder: load recent alerts and rounds from their "
         "SQLite files (read-only) on start",
     )
-    p.add_argument(
+    add_pairs_option(
+        p,
         "--budget",
-        type=_budget,
-        action="append",
-        default=[],
-        metavar="JOB=EPSILON",
+        _EPSILON,
+        form="JOB=EPSILON",
         help="a job's epsilon budget, for the gauge (the wire carries spend only)",
     )
     p.add_argument(
