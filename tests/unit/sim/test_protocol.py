@@ -12,6 +12,7 @@ from qflare.robust.attacks import get_attack
 from qflare.sim.config import SimConfig, SimConfigError
 from qflare.sim.protocol import (
     DEFENCES,
+    SEED_SETS,
     execute_protocol,
     plan_protocol,
     protocol_seeds,
@@ -25,7 +26,10 @@ from qflare.sim.report import RoundRecord, RunResult
 def test_seed_sets_are_fixed_and_disjoint() -> None:
     assert protocol_seeds("tune", 3) == (0, 1, 2)
     assert protocol_seeds("heldout", 2) == (1000, 1001)
-    assert not set(protocol_seeds("tune", 100)) & set(protocol_seeds("heldout", 100))
+    assert protocol_seeds("heldout2", 2) == (2000, 2001)
+    sets = [set(protocol_seeds(name, 100)) for name in SEED_SETS]
+    assert sum(map(len, sets)) == len(set().union(*sets))  # disjoint
+    assert SEED_SETS.keys() == {"tune", "heldout", "heldout2"}
     with pytest.raises(SimConfigError, match="--seed-set"):
         protocol_seeds("lucky", 3)
     with pytest.raises(SimConfigError, match="--seeds"):
@@ -115,3 +119,12 @@ def test_small_protocol_run(tmp_path: Path) -> None:
     md = written[1].read_text()
     assert "Reproduce: `qflare simulate --protocol`" in md
     assert "| 10/3 | 0.5 | sign_flip |" in md
+
+
+def test_the_cli_offers_every_seed_set() -> None:
+    from qflare.cli import build_parser
+
+    parser = build_parser()
+    for name in SEED_SETS:
+        args = parser.parse_args(["simulate", "--protocol", "--seed-set", name])
+        assert args.seed_set == name
