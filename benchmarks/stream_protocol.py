@@ -26,7 +26,9 @@ every reader checking every body against its sha256 (hashing is not timed); the 
 check counts and sizes only. Every trial declares one stream or queue under a prefix of its
 own (over AMQP, through the bus) and deletes it.
 
-Needs ``rabbitmq-plugins enable rabbitmq_stream`` and ``pip install rstream==1.1.1``.
+Needs ``rabbitmq-plugins enable rabbitmq_stream`` (no broker restart; the plugin listens on
+every interface at 5552 unless ``stream.listeners.tcp.1`` says otherwise) and
+``pip install -e ".[stream-protocol]"`` (rstream 1.1.1).
 
     python benchmarks/stream_protocol.py [--url amqp://...] [--stream-port 5552]
                                          [--count 100] [--size-mib 4] [--window 16]
@@ -51,7 +53,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from round import Meter, broker_pid
-from streams import BINDINGS, KEY, trial
+from streams import BINDINGS, KEY, add_payload_args, trial
 
 from qflare.bus import StreamSpec, connect_bus, topology
 
@@ -383,16 +385,9 @@ async def main(args: argparse.Namespace) -> int:
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--url", default=os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
-    )
+    add_payload_args(parser)
     parser.add_argument("--stream-port", type=int, default=5552)
-    parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--size-mib", type=int, default=4)
-    parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--prefetch", type=int, default=16)
     parser.add_argument("--credit", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
         "--rstream-reader",
         nargs=3,

@@ -264,8 +264,8 @@ async def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_payload_args(parser: argparse.ArgumentParser) -> None:
+    """The broker and the bulk payload a transport benchmark moves (also stream_protocol.py's)."""
     parser.add_argument(
         "--url", default=os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
     )
@@ -274,6 +274,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--prefetch", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_payload_args(parser)
     parser.add_argument(
         "--consumer",
         nargs=5,
