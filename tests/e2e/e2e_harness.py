@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -526,6 +526,46 @@ async def run_scenario(
         finally:
             await bus.close()
     return result
+
+
+async def delete_prefix(amqp: str, prefix: str, queues: Iterable[str]) -> None:
+    """Delete what services under ``prefix`` declared: the logical ``queues`` named and the
+    exchanges. For a test that starts services without :func:`run_scenario`."""
+    from qflare.bus import connect_bus
+
+    bus = await connect_bus(amqp, prefix=prefix)
+    try:
+        await bus.delete_all(queues)
+    finally:
+        await bus.close()
+
+
+async def remaining(amqp: str, prefix: str, queues: Iterable[str]) -> list[str]:
+    """Which of the prefix's logical ``queues`` and exchanges still exist on the broker
+    (passive declares on a fresh connection, which declare nothing)."""
+    import aio_pika
+    import aiormq
+
+    found = []
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        for kind, names in (("queue", queues), ("exchange", topology.EXCHANGES)):
+            for logical in names:
+                channel = await connection.channel()  # a NOT_FOUND closes it
+                try:
+                    if kind == "queue":
+                        await channel.declare_queue(prefix + logical, passive=True)
+                    else:
+                        await channel.declare_exchange(prefix + logical, passive=True)
+                    found.append(prefix + logical)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    pass
+                except aiormq.exceptions.ChannelLockedResource:
+                    found.append(prefix + logical)  # exclusive to its owner, but there
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+    return found
 
 
 def _install_kills(

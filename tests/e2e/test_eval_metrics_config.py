@@ -39,7 +39,15 @@ from typing import Any
 import job_hooks
 import pytest
 import torch
-from e2e_harness import Cluster, Scenario, config_text, require_broker, run_scenario
+from e2e_harness import (
+    Cluster,
+    Scenario,
+    config_text,
+    delete_prefix,
+    remaining,
+    require_broker,
+    run_scenario,
+)
 from safetensors.numpy import save_file
 
 from qflare.bus import topology
@@ -303,13 +311,15 @@ def test_metrics_config_and_central_evaluation_over_rabbitmq(
 def run_aggregator_once(root: Path, fed: Federation, config: str) -> tuple[int, str]:
     """Start ``qflare serve aggregator`` with ``config`` and wait for it to exit; its exit
     code and everything it wrote."""
+    require_broker(AMQP)
     root.mkdir(parents=True, exist_ok=True)
     (root / "qflare.toml").write_text(config)
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}-"
     cluster = Cluster(
         root,
         {
             "QFLARE_BROKER": AMQP,
-            "QFLARE_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}-",
+            "QFLARE_PREFIX": prefix,
             "QFLARE_DATA_DIR": str(root / "state"),
             "QFLARE_PKI_DIR": str(fed.root),
             "QFLARE_CONFIG": str(root / "qflare.toml"),
@@ -320,8 +330,13 @@ def run_aggregator_once(root: Path, fed: Federation, config: str) -> tuple[int, 
     try:
         code = cluster.procs["aggregator"].wait(60)
     except subprocess.TimeoutExpired:
-        cluster.stop_all()
         raise AssertionError("the aggregator did not refuse the job") from None
+    finally:
+        cluster.stop_all()
+        # the aggregator declares its queue (and the exchanges) before it loads the job
+        queues = ["aggregator", *(stream.name for stream in topology.job_streams(JOB))]
+        asyncio.run(delete_prefix(AMQP, prefix, queues))
+    assert asyncio.run(remaining(AMQP, prefix, queues)) == []
     return code, cluster.log_path("aggregator").read_text()
 
 
