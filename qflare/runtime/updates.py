@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -65,6 +66,11 @@ READ_AHEAD_WAIT_S = 5.0
 READ_AHEAD_MAX_LAG = 256
 #: How long reading one vouched offset on its own may take before it is left to the verdict.
 FETCH_ONE_S = 30.0
+#: The ranges a read-ahead jumped over that a feed remembers, the latest ones (a job's feed
+#: lives as long as the job, and every jump adds one). An offset in a range it forgot is not
+#: read on its own when a verdict names it: the read-ahead has passed it, so the verdict's
+#: :meth:`UpdateFeed.fetch` reads it, as it reads any update the read-ahead did not keep.
+MAX_SKIPPED_RANGES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +137,7 @@ class UpdateFeed:
         # vouched offsets the read-ahead has not reached, the ranges it jumped over, and
         # the jump under way (one at a time)
         self._hinted: dict[int, Ref] = {}
-        self._skipped: list[tuple[int, int]] = []
+        self._skipped: deque[tuple[int, int]] = deque(maxlen=MAX_SKIPPED_RANGES)
         self._jump: asyncio.Task[None] | None = None
         # messages the in-order reader handed over since it last kept an update, and
         # whether it stopped on them
@@ -307,7 +313,7 @@ class UpdateFeed:
             for o in passed:
                 self._read_alone(o)  # in flight before the new reader says it passed them
             if start < offset:
-                self._skipped.append((start, offset))
+                self._skip(start, offset)
             self._hinted = {o: r for o, r in self._hinted.items() if o >= offset}
             self.log.info(
                 "read-ahead of %r jumped %d messages to offset %d (%d vouched among them)",
@@ -326,6 +332,14 @@ class UpdateFeed:
         finally:
             self._jump = None
         self._plan()
+
+    def _skip(self, start: int, end: int) -> None:
+        """Remember that the read-ahead jumped over ``[start, end)``: joined to the range
+        before it when they touch (a jump before the new reader handed anything over), the
+        oldest forgotten past :data:`MAX_SKIPPED_RANGES`."""
+        if self._skipped and self._skipped[-1][1] == start:
+            start = self._skipped.pop()[0]
+        self._skipped.append((start, end))
 
     def _read_alone(self, offset: int) -> None:
         """Read the update at ``offset`` on its own and hand it to the sink as the

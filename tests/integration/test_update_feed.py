@@ -11,6 +11,7 @@ far-apart offsets apart. Counted here: the deliveries each reader took.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from qflare.bus import Bus, Delivery, Outcome, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import Update, encode
 from qflare.messages.envelope import peek_header
+from qflare.runtime import updates
 from qflare.runtime.updates import READ_AHEAD_MAX_LAG, Ref, StreamUpdate, UpdateFeed, _runs
 
 JOB = "jf"
@@ -183,3 +185,94 @@ async def test_a_read_ahead_stops_in_a_flood_until_a_verdict_points_past_it(
     await feed.stop()
     assert kept["c-001"].offset == behind
     assert len(deliveries) - read <= 16, len(deliveries) - read
+
+
+async def test_a_feed_that_jumps_again_and_again_remembers_only_the_latest_ranges(
+    fed: MemoryFederation,
+    bus: Bus,
+    wait_for: Callable[..., Awaitable[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every jump remembers the range it passed over, for a verdict naming an offset in it
+    later; a feed jumps for the whole job, so it keeps only the latest
+    MAX_SKIPPED_RANGES. An update in a remembered range is still read on its own when it is
+    vouched for; one in a forgotten range is the verdict's fetch to read."""
+    monkeypatch.setattr(updates, "READ_AHEAD_MAX_LAG", 4)
+    monkeypatch.setattr(updates, "MAX_SKIPPED_RANGES", 3)
+    await bus.declare_stream(topology.update_stream(JOB))
+    jumps = 8
+    # a block: the update a verdict points a jump at, garbage, an update jumped over, garbage
+    block = [b"target", b"\x93g", b"\x93g", b"\x93g", b"inner", b"\x93g", b"\x93g", b"\x93g"]
+    messages = [
+        update(fed, "c-000") if m == b"target" else update(fed, "c-001") if m == b"inner" else m
+        for _ in range(jumps + 1)
+        for m in block
+    ]
+    await write(bus, messages)
+    tap: list[tuple[int, bytes]] = []
+
+    async def on_tap(d: Delivery) -> Outcome:
+        assert d.offset is not None
+        tap.append((d.offset, d.body))
+        return Outcome.ACK
+
+    tapper = await bus.read_stream(topology.update_stream(JOB).name, on_tap, offset="first")
+    await wait_for(lambda: len(tap) == len(messages), 30, message="the tap")
+    await tapper.cancel()
+    targets = [o for o, _ in tap[:: len(block)]]
+    inner = [(o, data) for o, data in tap[block.index(b"inner") :: len(block)]]
+
+    deliveries: list[int] = []
+    flow = asyncio.Event()
+    counted(bus, deliveries, flow, free=1)  # past the first message, every reader stalls
+    kept: dict[int, StreamUpdate] = {}
+
+    async def sink(u: StreamUpdate) -> None:
+        kept[u.offset] = u
+
+    feed = UpdateFeed(
+        bus,
+        JOB,
+        trust=fed.trust(),
+        kem_key=fed["aggregator"].kem,
+        wants=lambda round_no, sender: round_no == 1,
+        sink=sink,
+    )
+    await feed.start(targets[0])
+    await wait_for(lambda: feed.next_offset == targets[0] + 2, 10, message="the first stall")
+    for target in targets[1:]:
+        feed.vouched(Ref("c-000", b"", target))
+        # the new reader stalls on the target, handed over: the next jump starts after it
+        await wait_for(lambda t=target: feed.next_offset == t + 1, 10, message="a jump")
+    jumped = [
+        (targets[0] + 2, targets[1]),
+        *((a + 1, b) for a, b in itertools.pairwise(targets[1:])),
+    ]
+    assert len(jumped) == jumps
+    assert list(feed._skipped) == jumped[-3:]
+    flow.set()
+
+    # vouched in the latest range: read on its own, as before
+    latest, data = inner[-2]
+    assert jumped[-1][0] <= latest < jumped[-1][1]
+    feed.vouched(Ref("c-001", peek_header(data).body_digest, latest))
+    await wait_for(lambda: latest in kept, 20, message="the update read on its own")
+    # vouched in a forgotten range: the read-ahead has passed it; fetch reads it
+    oldest, data = inner[0]
+    assert jumped[0][0] <= oldest < jumped[0][1]
+    assert await feed.wait_past(oldest, timeout=20)
+    digest = peek_header(data).body_digest
+    got = await feed.fetch(1, [Ref("c-001", digest, oldest)])
+    assert got["c-001"].offset == oldest and got["c-001"].digest == digest
+    await feed.stop()
+
+
+async def test_jumped_ranges_that_touch_are_remembered_as_one(
+    fed: MemoryFederation, memory_bus: Bus
+) -> None:
+    """A jump made before the new reader handed anything over starts where the last one
+    ended: one range, not two."""
+    feed = aggregator_feed(memory_bus, fed, {})
+    for start, end in ((2, 8), (8, 16), (17, 30), (30, 31)):
+        feed._skip(start, end)
+    assert list(feed._skipped) == [(2, 16), (17, 31)]
