@@ -41,6 +41,7 @@ Secrets (key passphrase) come only from the environment (``QFLARE_PASSPHRASE``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
@@ -49,6 +50,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -64,6 +66,8 @@ from pydantic import (
 from qflare.bus.port import PASSWORD_FILE, broker_addresses, with_login
 from qflare.errors import ConfigError
 from qflare.messages.jobs import JobSpec
+
+log = logging.getLogger("qflare.config")
 
 DEFAULT_BROKER = "memory://"
 LOG_FORMATS = ("json", "text")
@@ -383,6 +387,30 @@ class QflareConfig(BaseModel):
         return v or None
 
 
+#: (service, broker URL) pairs already warned about in this process: once is enough.
+_WARNED_WITHOUT_LOGIN: set[tuple[str, str]] = set()
+
+
+def _warn_without_login(service: str, broker: str, password_file: Path | None) -> None:
+    """Warn, once per service and URL, that ``service`` connects with no login of its own
+    when an address of ``broker`` names no user and there is no password file for it."""
+    # only the addresses without a user are named: another one's password stays out
+    bare = [a for a in broker_addresses(broker) if not urlsplit(a).username]
+    if not bare or (service, broker) in _WARNED_WITHOUT_LOGIN:
+        return
+    _WARNED_WITHOUT_LOGIN.add((service, broker))
+    missing = "no pki_dir" if password_file is None else f"no {password_file}"
+    log.warning(
+        "service %r connects to the broker without credentials: %s names no user and there "
+        "is %s, so the client logs in as its default (guest, which RabbitMQ admits only from "
+        "localhost). Give it a login: credentials in the URL (amqp://user:password@host/vhost) "
+        "or the password file `qflare broker-definitions --kit` writes beside its keys",
+        service,
+        ", ".join(bare),
+        missing,
+    )
+
+
 FILE_KEYS: tuple[str, ...] = tuple(QflareConfig.model_fields)
 
 
@@ -446,13 +474,19 @@ class Settings(QflareConfig):
         (``<pki_dir>/services/<service>/broker_password``). Unchanged when the URL names a
         user, when there is no such file, and for ``memory://``, so one URL without
         credentials (``qflare up --broker amqp://host/vhost``) gives each service its own
-        user, as a kit does for a participant (:func:`qflare.bus.with_login`)."""
+        user, as a kit does for a participant (:func:`qflare.bus.with_login`). A URL left
+        without a user logs in as the client library's default (``guest``, which RabbitMQ
+        admits only from localhost): fine for development, so it is only warned about, once
+        per service and URL in a process."""
         from qflare.bus import topology
 
-        if self.embedded or self.pki_dir is None:
+        if self.embedded:
             return self.broker
-        file = Path(self.pki_dir) / "services" / service / PASSWORD_FILE
-        if not file.is_file():
+        file = None
+        if self.pki_dir is not None:
+            file = Path(self.pki_dir) / "services" / service / PASSWORD_FILE
+        if file is None or not file.is_file():
+            _warn_without_login(service, self.broker, file)
             return self.broker
         password = file.read_text().strip()
         return with_login(self.broker, topology.service_user(service, self.prefix), password)

@@ -158,6 +158,38 @@ def test_a_url_without_a_user_logs_each_service_in_as_its_own_user(tmp_path) -> 
     assert load_settings(env={}, pki_dir=str(pki)).broker_for("ingest") == "memory://"
 
 
+def test_a_service_left_without_a_login_is_warned_about_once(
+    tmp_path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `qflare up --broker amqp://host/` for development: the URL goes on as given (the
+    # client's default login, guest), and each service says so once, with what to do
+    from qflare.runtime import config
+
+    monkeypatch.setattr(config, "_WARNED_WITHOUT_LOGIN", set())
+    pki = tmp_path / "pki"
+    for name in ("ingest", "aggregator"):
+        (pki / "services" / name).mkdir(parents=True)
+    (pki / "services" / "ingest" / "broker_password").write_text("s3cret\n")
+    bare = load_settings(env={}, broker="amqp://u:p9@n1/v,amqp://n2/v", pki_dir=str(pki))
+    with caplog.at_level("WARNING", logger="qflare.config"):
+        for _ in range(3):
+            assert bare.broker_for("aggregator") == bare.broker
+        assert bare.broker_for("ingest") != bare.broker  # its password file: no warning
+        assert load_settings(env={}, broker="amqp://n1/").broker_for("detector") == "amqp://n1/"
+        named = load_settings(env={}, broker="amqp://admin:pw@n1/v", pki_dir=str(pki))
+        assert named.broker_for("alerting") == "amqp://admin:pw@n1/v"
+        assert load_settings(env={}, pki_dir=str(pki)).broker_for("accountant") == "memory://"
+    warned = [r for r in caplog.records if r.name == "qflare.config"]
+    assert [r.levelname for r in warned] == ["WARNING", "WARNING"]
+    aggregator, detector = (r.getMessage() for r in warned)
+    assert aggregator.startswith("service 'aggregator' connects to the broker without credentials")
+    assert "amqp://n2/v" in aggregator and "p9" not in aggregator  # another node's password
+    assert str(pki / "services" / "aggregator" / "broker_password") in aggregator
+    assert "amqp://user:password@host/vhost" in aggregator
+    assert "broker-definitions --kit" in aggregator
+    assert detector.startswith("service 'detector' ") and "no pki_dir" in detector
+
+
 def test_service_users_and_the_policy_carry_the_federation_prefix() -> None:
     from qflare.bus import topology
     from qflare.commands.broker import ROLES, BrokerUser, build_definitions
