@@ -119,6 +119,21 @@ def add_pairs_option(
     parser.add_argument(flag, type=pair, action="append", default=[], metavar=form, help=help)
 
 
+def add_config_option(parser: argparse._ActionsContainer, *, read_for: str = "") -> None:
+    """``--config``, the TOML file :func:`qflare.runtime.config.load_settings` reads
+    (``$QFLARE_CONFIG`` when the flag is not given); ``read_for`` says, after "TOML config
+    file", what a command reads in it."""
+    parser.add_argument("--config", help=f"TOML config file{read_for} (default $QFLARE_CONFIG)")
+
+
+def add_pki_dir_option(parser: argparse._ActionsContainer) -> None:
+    """``--pki-dir``, the folder ``qflare provision`` wrote (``$QFLARE_PKI_DIR`` when the
+    flag is not given, as :func:`qflare.runtime.config.load_settings` reads it)."""
+    parser.add_argument(
+        "--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)"
+    )
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to an option's help once: not when the help already says
     what the default is (``default``, ``unset``, ``%(default)s``), and not for defaults

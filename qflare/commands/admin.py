@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qflare.commands._common import add_config_option, add_pki_dir_option
+
 if TYPE_CHECKING:  # qflare.runtime loads messages, numpy, pydantic models: only in handlers
     from qflare.runtime.config import Settings
 
@@ -35,7 +37,7 @@ METRIC_ROUNDS_SHOWN = 5
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (default $QFLARE_CONFIG)")
+    add_config_option(p)
     p.add_argument("--data-dir", help="the services' state folder (default from the config)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -557,9 +559,7 @@ def register(subparsers: Any) -> None:
     )
     _common(c)
     c.add_argument("--job")
-    c.add_argument(
-        "--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)"
-    )
+    add_pki_dir_option(c)
     c.set_defaults(func=run_clients)
 
     r = subparsers.add_parser(
@@ -568,10 +568,8 @@ def register(subparsers: Any) -> None:
     r.add_argument(
         "clients", nargs="+", metavar="CLIENT", help="client id (or certificate serial in hex)"
     )
-    r.add_argument("--config", help="TOML config file (default $QFLARE_CONFIG)")
-    r.add_argument(
-        "--pki-dir", help="folder written by `qflare provision` (default $QFLARE_PKI_DIR)"
-    )
+    add_config_option(r)
+    add_pki_dir_option(r)
     r.add_argument(
         "--passphrase-env",
         metavar="VAR",

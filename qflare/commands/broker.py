@@ -506,7 +506,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from qflare.commands._common import DefaultsHelpFormatter
+    from qflare.commands._common import DefaultsHelpFormatter, add_config_option
 
     p = subparsers.add_parser(
         "broker-definitions",
@@ -522,10 +522,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kit", help="folder written by `qflare provision`")
     p.add_argument("--clients", nargs="*", default=[], help="client ids (users without passwords)")
     p.add_argument("--example", action="store_true", help="users without passwords (a sample file)")
-    p.add_argument(
-        "--config",
-        help="TOML config file whose [[jobs]] name the participants (default $QFLARE_CONFIG)",
-    )
+    add_config_option(p, read_for=" whose [[jobs]] name the participants")
     p.add_argument(
         "--job",
         action="append",

@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from qflare.commands._common import whole_number_in
+from qflare.commands._common import add_config_option, add_pki_dir_option, whole_number_in
 
 if TYPE_CHECKING:  # qflare.runtime loads messages, numpy, pydantic models: only in handlers
     from qflare.runtime.config import Settings
@@ -32,13 +32,13 @@ SERVICES: tuple[str, ...] = ("alerting", "accountant", "detector", "ingest", "ag
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (default $QFLARE_CONFIG)")
+    add_config_option(p)
     p.add_argument(
         "--broker", help="memory:// or amqp://user:pass@host:port/ (default $QFLARE_BROKER)"
     )
     p.add_argument("--prefix", help="exchange/queue name prefix (default $QFLARE_PREFIX)")
     p.add_argument("--data-dir", help="state folder, one sub-folder per service")
-    p.add_argument("--pki-dir", help="folder written by `qflare provision`")
+    add_pki_dir_option(p)
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     p.add_argument("--log-format", help="json (one object per line) or text")
     p.add_argument(

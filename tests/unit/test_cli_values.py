@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 import pytest
 
+from qflare.cli import build_parser
 from qflare.cli import main as cli
-from qflare.commands._common import key_value, number_in, whole_number_in
+from qflare.commands._common import (
+    add_config_option,
+    add_pki_dir_option,
+    key_value,
+    number_in,
+    whole_number_in,
+)
 
 
 def test_number_in_honours_open_and_closed_ends() -> None:
@@ -51,3 +59,41 @@ def test_a_bad_metrics_port_is_a_usage_error(capsys: pytest.CaptureFixture[str])
         cli(["serve", "ingest", "--metrics-port", "70000"])
     assert exited.value.code == 2
     assert "--metrics-port must be in 0..65535, got 70000" in capsys.readouterr().err
+
+
+def _commands(parser: argparse.ArgumentParser, path: str = "qflare") -> dict[str, Any]:
+    """Every (sub)command's parser under ``parser``, by its full name."""
+    found = {path: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= _commands(sub, f"{path} {name}")
+    return found
+
+
+def test_config_and_pki_dir_say_the_same_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--config`` and ``--pki-dir`` come from one helper each, so every command that takes
+    them names the same variable the default comes from; and every --help still prints."""
+    one = argparse.ArgumentParser()
+    add_config_option(one)
+    add_pki_dir_option(one)
+    config, pki_dir = (one._option_string_actions[f].help for f in ("--config", "--pki-dir"))
+    helps: dict[str, dict[str, str | None]] = {"--config": {}, "--pki-dir": {}}
+    commands = _commands(build_parser())
+    for name, parser in commands.items():
+        for flag, seen in helps.items():
+            action = parser._option_string_actions.get(flag)
+            if action is not None:
+                seen[name] = action.help
+    assert {"qflare serve", "qflare up", "qflare revoke", "qflare status"} <= set(helps["--config"])
+    assert {"qflare serve", "qflare up", "qflare revoke", "qflare clients"} <= set(
+        helps["--pki-dir"]
+    )
+    assert set(helps["--pki-dir"].values()) == {pki_dir}
+    read_for = " whose [[jobs]] name the participants"
+    assert set(helps["--config"].values()) == {config, config.replace(" (", read_for + " (", 1)}
+    for name in commands:
+        with pytest.raises(SystemExit) as exited:
+            cli([*name.split()[1:], "--help"])
+        assert exited.value.code == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: {name}"), name
