@@ -173,14 +173,18 @@ class RoundRows:
             else:
                 layout.check(tensors, f"update of {ref[0]}")
             i = self._free_row(ref[0])
-            x = self._reserve(layout.size, i + 1)
-            layout.flatten(tensors, out=x[i])
+            self._write_row(i, layout, tensors)
             self._layout = layout
             if i == len(self._owners):
                 self._owners.append(None)
             self._owners[i] = ref
             self._rows[ref] = i
             return True
+
+    def _write_row(self, i: int, layout: Layout, tensors: Tensors) -> None:
+        """Row ``i`` := ``tensors`` flattened (the matrix grown to hold it)."""
+        x = self._reserve(layout.size, i + 1)
+        layout.flatten(tensors, out=x[i])
 
     def _free_row(self, client: str) -> int:
         home = self._homes.get(client)

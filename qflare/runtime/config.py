@@ -121,6 +121,12 @@ class AggregatorOptions(_Table):
         description="revocation list, re-read when it changes: the clients it names are not "
         "selected or waited for (default <pki_dir>/services/aggregator/crl.qrl)",
     )
+    rows_in_memory_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="a round's matrix (participants x model values, float32) larger than "
+        "this is kept in a file under the data folder and aggregated block by block",
+    )
 
 
 class DetectorOptions(_Table):

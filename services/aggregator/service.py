@@ -77,6 +77,7 @@ from qflare.runtime.jobs import check_model_size, job_of
 from qflare.runtime.metrics import round_entered
 from qflare.runtime.revocation import RevocationWatch
 from qflare.runtime.service import Routes
+from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.aggregator.core import (
     Accepted,
@@ -103,6 +104,7 @@ from qflare.services.aggregator.core import (
     Tick,
     Verdict,
     aggregate_matrix,
+    aggregate_source,
     begin,
     round_metrics,
     step,
@@ -124,6 +126,7 @@ class Aggregator(Service):
         self.tick_s = opts.tick_s
         self.reopen_interval_s = opts.reopen_interval_s
         self.stream_linger_s = opts.stream_linger_s
+        self.rows_budget = opts.rows_in_memory_mb * 2**20
         # the revocation list, re-read on each step: its holders are not selected or waited
         # for (core.step's ``revoked``); at open(), with the trust store
         self.crl: RevocationWatch | None = None
@@ -233,12 +236,16 @@ class Aggregator(Service):
         if entry is None:
             layout = Layout.of(await self._model(job_id, r.base_version))
             clients = sorted(r.participants)
-            rows = self._spare.pop(job_id, None)
-            if rows is None:
-                rows = RoundRows(max(1, len(clients)), clients, layout)
-                entry = (rows, rows.generation)
+            capacity = max(1, len(clients))
+            folder = self.ctx.data_dir / "rows"
+            rows = round_rows(folder, self.rows_budget, capacity, clients, layout)
+            spare = self._spare.pop(job_id, None)
+            if spare is not None and type(spare) is type(rows) is RoundRows:
+                entry = (spare, spare.reset(capacity, clients, layout))  # memory touched already
             else:
-                entry = (rows, rows.reset(max(1, len(clients)), clients, layout))
+                if spare is not None:
+                    release(spare)
+                entry = (rows, rows.generation)
             self._rows[key] = entry
         return entry
 
@@ -248,6 +255,9 @@ class Aggregator(Service):
         reads the stream)."""
         entry = self._rows.pop((job_id, round_no), None)
         if entry is not None:
+            old = self._spare.pop(job_id, None)
+            if old is not None and old is not entry[0]:
+                release(old)
             self._spare[job_id] = entry[0]
         self._held.pop((job_id, round_no), None)
 
@@ -500,7 +510,12 @@ class Aggregator(Service):
         rows, updates = await self._kept_rows(spec, r, command)
 
         def run() -> Any:
-            clients, x = rows.matrix([(c, d) for c, d, _o in command.updates])
+            refs = [(c, d) for c, d, _o in command.updates]
+            if isinstance(rows, SpilledRows):  # block by block: the same model, bit for bit
+                clients, src = rows.source(refs)
+                block = spill_block(self.rows_budget, len(clients))
+                return aggregate_source(spec, command, base, clients, src, block)
+            clients, x = rows.matrix(refs)
             return aggregate_matrix(spec, command, base, clients, x)
 
         try:
@@ -697,8 +712,10 @@ class Aggregator(Service):
         for key in [k for k in self._collecting if k[0] == spec.job_id]:
             del self._collecting[key]
         for key in [k for k in self._rows if k[0] == spec.job_id]:
-            del self._rows[key]
-        self._spare.pop(spec.job_id, None)
+            release(self._rows.pop(key)[0])
+        spare = self._spare.pop(spec.job_id, None)
+        if spare is not None:
+            release(spare)
         event(self.log, "job.ended", job=spec.job_id, round=round_no, reason=reason)
         self._ended_event(spec.job_id).set()
         self.spawn(self._retire(spec.job_id), name=f"retire-{spec.job_id}")

@@ -250,9 +250,12 @@ async def run_job(
     restart_in_round: int | None = None,
     restart: str = "aggregator",
     accountant: bool = False,
+    aggregator_options: dict[str, object] | None = None,
 ) -> tuple[Harness, dict[str, np.ndarray]]:
     bus = await connect_bus(f"memory://agg-{data.name}")
     settings = load_settings(None, env={}, data_dir=str(data))
+    if aggregator_options:
+        settings = type(settings)(data_dir=data, services={"aggregator": aggregator_options})
     names = ["detector", "aggregator", *(["accountant"] if accountant else [])]
     ids = {n: (fed.identity(n), fed.trust()) for n in names}
     h = Harness(
@@ -619,3 +622,41 @@ async def test_the_round_matrix_gives_the_stacked_model_and_is_reused(
         model = aggregate(spec, command, model, {c: delta(c, r) for c in kept}).model
     for name, tensor in model.items():
         assert np.array_equal(tensor, final[name]), name
+
+
+@pytest.mark.parametrize("rule", ["median", "krum"])
+async def test_a_round_past_the_memory_budget_is_spilled_and_gives_the_same_model(
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rule: str
+) -> None:
+    """``rows_in_memory_mb = 0``: every round's matrix is kept in a file under the data
+    folder and aggregated block by block; the models are those of the in-memory rounds, bit
+    for bit, also across a restart mid-round, and no file is left behind."""
+    from qflare.runtime.spill import SpilledRows
+    from qflare.services.aggregator import service as aggregator_module
+
+    kinds: set[type] = set()
+    real_round_rows = aggregator_module.Aggregator._round_rows
+
+    async def round_rows(self: Any, job_id: str, r: Any) -> Any:
+        entry = await real_round_rows(self, job_id, r)
+        kinds.add(type(entry[0]))
+        return entry
+
+    monkeypatch.setattr(aggregator_module.Aggregator, "_round_rows", round_rows)
+    spec = job(rounds=2, rule=rule)
+    h1, in_memory = await run_job(federation, tmp_path / "mem", spec)
+    assert kinds == {aggregator_module.RoundRows}
+    kinds.clear()
+    spill = {"rows_in_memory_mb": 0}
+    h2, spilled = await run_job(federation, tmp_path / "spill", spec, aggregator_options=spill)
+    assert kinds == {SpilledRows}
+    h3, restarted = await run_job(
+        federation, tmp_path / "again", spec, restart_in_round=2, aggregator_options=spill
+    )
+    assert h1.end_reason == h2.end_reason == h3.end_reason == "completed"
+    assert h1.published == h2.published == h3.published
+    for name, tensor in in_memory.items():
+        assert np.array_equal(tensor, spilled[name]) and np.array_equal(tensor, restarted[name])
+    for folder in ("spill", "again"):
+        rows = tmp_path / folder / "aggregator" / "rows"
+        assert rows.is_dir() and list(rows.iterdir()) == []  # unlinked files only

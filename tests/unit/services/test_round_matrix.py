@@ -6,6 +6,7 @@ of the matrix for the next round, or a rebuild from the stream after a restart."
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,9 @@ from qflare.services.aggregator.core import (
     aggregate,
     aggregate_matrix,
     aggregate_rows,
+    aggregate_source,
 )
+from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
 
 CLIENTS = tuple(f"c{i:03d}" for i in range(24))
 BASE = {
@@ -176,3 +179,72 @@ def test_rows_of_other_clients_than_the_kept_are_refused() -> None:
         aggregate_rows(clients=["c001", "c000"], rows=x, **common)
     with pytest.raises(ValueError, match="rows of"):
         aggregate_rows(clients=["c000", "c001"], rows=x[:, :5], **common)
+
+
+# -- a round too large for memory: the rows in a file (qflare.runtime.spill) -----------------
+@pytest.mark.parametrize(
+    "rule,kw",
+    [
+        ("mean", {}),
+        ("median", {}),
+        ("krum", {}),
+        ("trimmed_mean", {}),
+        ("mean", {"noise_multiplier": 0.0}),
+        ("mean", {"adaptive_clip": True, "clip_count_noise_std": 2.0}),
+    ],
+)
+@pytest.mark.parametrize("block", [1, 7, 64, 10_000])
+def test_spilled_rows_aggregated_by_blocks_give_the_model_of_stacking(
+    rule: str, kw: dict[str, Any], block: int, tmp_path: Path
+) -> None:
+    s = spec(rule, **kw)
+    participants = list(CLIENTS[:20])
+    sent = [c for c in participants if c not in ("c003", "c011")]
+    kept = [c for c in sent if c not in ("c007", "c019")]
+    cmd = command(1, kept)
+    rows = SpilledRows(tmp_path, len(participants), participants, Layout.of(BASE))
+    arrival = sent.copy()
+    random.Random(block).shuffle(arrival)
+    fill(rows, arrival, 1)
+    rows.add(("c007", b"a second digest"), update("c008", 1))  # held, never kept
+    clients, src = rows.source([(c, d) for c, d, _o in cmd.updates])
+    assert_same(aggregate_source(s, cmd, BASE, clients, src, block), stacked(s, cmd))
+    rows.close()
+
+
+def test_spilled_rows_hold_what_was_written_and_nothing_in_memory(tmp_path: Path) -> None:
+    layout = Layout.of(BASE)
+    rows = SpilledRows(tmp_path / "rows", 2, ["c001", "c002"], layout)
+    assert list(tmp_path.joinpath("rows").iterdir()) == []  # unlinked at once
+    generation = rows.generation
+    fill(rows, ["c002", "c001", "c005"], 1, generation)  # c005: no home row, grows past 2
+    assert len(rows) == 3 and ("c005", digest("c005", 1)) in rows
+    clients, src = rows.source([(c, digest(c, 1)) for c in ("c005", "c001")])
+    assert clients == ["c001", "c005"] and src.shape == (2, layout.size)
+    want = np.stack([layout.flatten(update(c, 1)) for c in clients])
+    assert np.array_equal(src.block(0, layout.size), want)
+    assert np.array_equal(src.block(3, 11), want[:, 3:11])
+    with pytest.raises(TypeError, match="source"):
+        rows.matrix([("c001", digest("c001", 1))])
+    with pytest.raises(KeyError):
+        rows.source([("c003", digest("c003", 1))])
+    with pytest.raises(ValueError, match="within"):
+        src.block(5, layout.size + 1)
+    # a write for the round before a reset is dropped; the next round reuses the rows
+    later = rows.reset(2, ["c001", "c002"], layout)
+    assert not rows.add(("c002", digest("c002", 2)), update("c002", 2), generation)
+    assert rows.add(("c002", digest("c002", 2)), update("c002", 2), later)
+    _clients, again = rows.source([("c002", digest("c002", 2))])
+    assert np.array_equal(again.block(0, layout.size)[0], layout.flatten(update("c002", 2)))
+    rows.close()
+
+
+def test_a_round_spills_only_past_its_budget(tmp_path: Path) -> None:
+    layout = Layout.of(BASE)
+    size = 20 * layout.size * 4
+    assert type(round_rows(tmp_path, size, 20, CLIENTS[:20], layout)) is RoundRows
+    spilled = round_rows(tmp_path, size - 1, 20, CLIENTS[:20], layout)
+    assert isinstance(spilled, SpilledRows)
+    release(spilled)
+    assert type(round_rows(tmp_path, 0, 20, CLIENTS[:20])) is RoundRows  # no layout yet
+    assert spill_block(2**30, 100) == 2**30 // 1600 and spill_block(0, 100) == 65_536
