@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--model",
         default="mlp",
-        help="mlp (64 hidden units), a small cnn, or a plug-in (module:function or an "
+        help="linear (logistic regression), mlp (64 hidden units), a small cnn, or a plug-in "
+        "(module:function or an "
         "entry point of qflare.models); an unknown name is refused before anything starts",
     )
     g.add_argument("--clients", type=int, default=20, help="simulated participants")

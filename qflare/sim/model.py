@@ -9,7 +9,7 @@ Determinism: every client's local training draws its batch order from a generato
 by ``(seed, round, client)`` and torch runs on one thread, so two runs with the same seed
 give bit-identical updates whichever bus carries them.
 
-Models by name: ``mlp`` and ``cnn``, any builder added with :func:`register_model`, an
+Models by name: ``linear``, ``mlp`` and ``cnn``, any builder added with :func:`register_model`, an
 installed entry point of the group ``qflare.models``, or ``module:function``; a builder is
 ``builder(sample_shape, num_classes) -> nn.Module`` and runs after ``torch.manual_seed``.
 """
@@ -39,6 +39,14 @@ def set_deterministic() -> None:
     """One intra-op thread: parallel reductions may change the order of float sums."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _linear(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """flatten -> classes: multinomial logistic regression (digits: 650 parameters). The
+    fewest parameters of the built-in models, so DP's noise, whose norm grows with the
+    square root of the parameter count, costs it the least (docs/privacy.md, "DP that
+    learns")."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(sample_shape)), num_classes))
 
 
 def _mlp(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -76,7 +84,7 @@ def _cnn(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
-_BUILDERS: dict[str, ModelBuilder] = {"mlp": _mlp, "cnn": _cnn}
+_BUILDERS: dict[str, ModelBuilder] = {"linear": _linear, "mlp": _mlp, "cnn": _cnn}
 
 
 def _plugin_builder(name: str) -> ModelBuilder | None:
@@ -107,8 +115,9 @@ def register_model(name: str, builder: ModelBuilder) -> None:
 
 
 def build_model(name: str, sample_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """A classifier for ``sample_shape`` inputs, initialised from ``seed``: ``mlp``
-    (flatten -> 64 -> ReLU -> classes; digits: 4810 parameters), ``cnn`` (two 3x3 conv
+    """A classifier for ``sample_shape`` inputs, initialised from ``seed``: ``linear``
+    (flatten -> classes; digits: 650 parameters), ``mlp`` (flatten -> 64 -> ReLU ->
+    classes; digits: 4810 parameters), ``cnn`` (two 3x3 conv
     layers with 16 and 32 channels and 2x2 max-pooling, then a linear layer), or a
     registered or plug-in builder."""
     builder = _builder(name)

@@ -62,3 +62,15 @@ def test_cnn_on_images_and_flat_round_trip(digits) -> None:
     assert 0.0 <= evaluate(model, params, digits.test).accuracy <= 1.0
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet", (64,), 10, seed=0)
+
+
+def test_linear_is_logistic_regression_and_learns(digits) -> None:
+    set_deterministic()
+    model = build_model("linear", (64,), 10, seed=0)
+    params = get_params(model)
+    assert {k: v.shape for k, v in params.items()} == {"1.weight": (10, 64), "1.bias": (10,)}
+    assert Layout.of(params).size == 650
+    before = evaluate(model, params, digits.test)
+    delta = local_update(model, params, digits.train, TrainConfig(2, 0.1, 32), 0, 1, 0)
+    after = evaluate(model, {k: params[k] + delta[k] for k in params}, digits.test)
+    assert after.accuracy > max(0.8, before.accuracy + 0.5)
