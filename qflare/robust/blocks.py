@@ -35,8 +35,10 @@ rules to float32 rounding (tests/unit/robust/test_blocks.py checks relative erro
 for every registered rule and pre-aggregator and every detection score). The aggregator
 runs its rule through :func:`aggregate_blocks` on a fixed column grid
 (:class:`GridBlocks`; ``services/aggregator/core.py``, ``GRID``), in memory and block by
-block alike, so that its model does not depend on the block size; the detector does not
-use this module yet.
+block alike, so that its model does not depend on the block size. The detector judges a
+round kept in a file (``services/detector/core.py``, ``decide_source``) by
+:func:`detect_view` on the Gram matrix, with a :class:`TapColumns` gathering its
+reputation's sketch columns in the same pass.
 """
 
 from __future__ import annotations
@@ -418,8 +420,51 @@ def detect_blocks(
 ) -> Verdict:
     """:func:`~qflare.robust.detect` over column blocks: every score it computes is a
     function of the Gram matrix, so it runs on a factor of the accumulated one."""
-    view = gram_view(src, size)
+    return detect_view(gram_view(src, size), f, ids=ids, thresholds=thresholds)
+
+
+def detect_view(
+    view: GramView,
+    f: int,
+    *,
+    ids: Sequence[str] | None = None,
+    thresholds: Thresholds | None = None,
+) -> Verdict:
+    """:func:`detect_blocks` given the rows' :class:`GramView` (accumulated on first use),
+    for a caller that reads more of it (the detector's review reads ``view.finite``)."""
     return detect(gram_factor(view.g, view.finite), f, ids=ids, thresholds=thresholds)
+
+
+class TapColumns(DerivedBlocks):
+    """``inner``'s blocks as they are, keeping a copy of its columns ``cols`` as the
+    blocks pass: after one pass over every column (e.g. :func:`accumulate_gram`'s),
+    :attr:`columns` is ``inner[:, cols]`` with no read of its own (a random subset of
+    columns read alone costs one positioned read per row and column from a file)."""
+
+    def __init__(self, inner: BlockSource | FloatArray, cols: Any) -> None:
+        super().__init__(inner)
+        n, d = self.shape
+        self._cols = np.asarray(cols, dtype=np.intp).reshape(-1)
+        if len(self._cols) and (self._cols.min() < 0 or self._cols.max() >= d):
+            raise ValueError(f"columns must lie in [0, {d})")
+        self._got: FloatArray = np.empty((n, len(self._cols)), dtype=self.dtype)
+        self._seen = np.zeros(len(self._cols), dtype=bool)
+
+    def block(self, start: int, stop: int) -> FloatArray:
+        xb = self._inner.block(start, stop)
+        hit = (self._cols >= start) & (self._cols < stop)
+        if hit.any():
+            self._got[:, hit] = xb[:, self._cols[hit] - start]
+            self._seen |= hit
+        return xb
+
+    @property
+    def columns(self) -> FloatArray:
+        """``inner[:, cols]`` ([n, len(cols)], the rows' dtype)."""
+        if not self._seen.all():
+            missing = self._cols[~self._seen]
+            raise ValueError(f"columns {missing[:5].tolist()}... have not been read yet")
+        return self._got
 
 
 __all__ = [
@@ -428,9 +473,11 @@ __all__ = [
     "DerivedBlocks",
     "FileBlocks",
     "GridBlocks",
+    "TapColumns",
     "accumulate_gram",
     "aggregate_blocks",
     "detect_blocks",
+    "detect_view",
     "gram_factor",
     "gram_view",
     "iter_aggregate",

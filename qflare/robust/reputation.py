@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from ._core import F64, FloatArray, check_float, check_int, finite_rows
+from ._core import F64, BoolArray, FloatArray, IntArray, check_float, check_int, finite_rows
 from .detection import Verdict, limit_flags
 
 #: reasons a consistent history may pardon: position and magnitude, not direction
@@ -205,6 +205,12 @@ class Reputation:
             return slice(None)
         return np.sort(np.random.default_rng([d, 13]).choice(d, size=m, replace=False))
 
+    def sketch_columns(self, d: int) -> IntArray:
+        """The columns of rows of length ``d`` that :meth:`review` reads (sorted; all of
+        them when ``d`` is at most ``sketch``): what :meth:`review_sketch` is given."""
+        cols: IntArray = np.arange(d)[self._columns(d, self.sketch)]
+        return cols
+
     def review(self, round_: int, ids: Sequence[str], x: FloatArray, verdict: Verdict) -> Verdict:
         """``verdict`` (of ``detect(x, f, ids=ids)``) after the evidence across rounds: the
         consistently honest outliers let back in, the clients whose residual direction keeps
@@ -214,14 +220,37 @@ class Reputation:
         ``consistency`` and a ``steadiness`` score. A verdict without scores
         (``insufficient``) is returned as it is."""
         check_int("round", round_)
-        names = [str(i) for i in ids]
-        if x.shape[0] != len(names):
-            raise ValueError(f"{x.shape[0]} rows for {len(names)} ids")
+        if x.shape[0] != len(ids):
+            raise ValueError(f"{x.shape[0]} rows for {len(ids)} ids")
         if not verdict.scores:
             return verdict
-        finite = finite_rows(x)
-        cols = self._columns(int(x.shape[1]), self.sketch)
-        sub = np.asarray(x[:, cols], np.float64)
+        sub = x[:, self._columns(int(x.shape[1]), self.sketch)]
+        return self.review_sketch(round_, ids, sub, finite_rows(x), verdict)
+
+    def review_sketch(
+        self,
+        round_: int,
+        ids: Sequence[str],
+        sketch: FloatArray,
+        finite: BoolArray,
+        verdict: Verdict,
+    ) -> Verdict:
+        """:meth:`review` given only what it reads of the rows: their
+        :meth:`sketch_columns` (``sketch``, [n, m]) and which rows are finite (``finite``,
+        as :func:`~qflare.robust._core.finite_rows` counts them), so that a round read in
+        column blocks is reviewed without its full matrix."""
+        check_int("round", round_)
+        names = [str(i) for i in ids]
+        if sketch.shape[0] != len(names) or len(finite) != len(names):
+            raise ValueError(
+                f"{sketch.shape[0]} sketch rows and {len(finite)} finite flags for {len(names)} ids"
+            )
+        if not verdict.scores:
+            return verdict
+        finite = np.asarray(finite, dtype=bool)
+        # C order whatever the source: x[:, cols] is Fortran-ordered, and the sums below
+        # (mean, norm) round differently in another memory order
+        sub = np.ascontiguousarray(sketch, dtype=np.float64)
         kept_now = set(verdict.kept)
         kept = np.array([n in kept_now for n in names]) & finite
         base = kept if kept.any() else finite

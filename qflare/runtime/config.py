@@ -131,13 +131,20 @@ class AggregatorOptions(_Table):
 
 class DetectorOptions(_Table):
     """``[services.detector]``: the reputation of :class:`qflare.robust.reputation.Reputation`
-    (same defaults) and how often pending verdicts are republished."""
+    (same defaults), how often pending verdicts are republished, and the memory a round's
+    matrix may take."""
 
     decay: float = Field(default=0.8, ge=0, le=1, description="per-round decay of a score")
     penalty: float = Field(default=1.0, gt=0, description="score added per flagged round")
     threshold: float = Field(default=2.5, gt=0, description="score that quarantines a client")
     quarantine_rounds: int = Field(default=5, ge=1, description="rounds a quarantine lasts")
     republish_s: float = Field(default=2.0, gt=0, description="republish pending verdicts")
+    rows_in_memory_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="a round's matrix (updates x model values, float32) larger than this is "
+        "kept in a file under the data folder and judged block by block",
+    )
 
 
 class IngestOptions(_Table):

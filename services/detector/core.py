@@ -9,7 +9,9 @@ part of the reputation state the service persists). This module adds what a roun
 around it: the updates in client-id order (so the verdict does not depend on arrival
 order), quarantine from :class:`qflare.robust.Reputation` (a client quarantined in earlier
 rounds is dropped even when it behaves in this one), a score per flagged client, and the
-"detection off" case, which keeps every update.
+"detection off" case, which keeps every update. A round too large for memory, kept in a
+file, is judged in column blocks (:func:`decide_source`) with the verdict of the
+in-memory round.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qflare.messages.tensors import RoundRows, Rows, Tensors
-from qflare.robust import Reputation, detect
+from qflare.robust import Reputation, Verdict, detect
+from qflare.robust.blocks import BlockSource, TapColumns, detect_view, gram_view
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,43 @@ def decide_rows(
     f_left = max(0, f - malformed)
     # a consistently honest outlier (non-IID data) is let back in by its own history
     verdict = reputation.review(round_no, clients, x, detect(x, f_left, ids=clients))
+    return _outcome(round_no, clients, verdict, reputation)
+
+
+def decide_source(
+    round_no: int,
+    clients: list[str],
+    src: BlockSource,
+    *,
+    f: int,
+    reputation: Reputation,
+    malformed: int = 0,
+    block: int,
+) -> RoundVerdict:
+    """:func:`decide_rows` over rows read in column blocks of ``block`` columns (a round
+    kept in a file: :meth:`~qflare.runtime.spill.SpilledRows.source`), in one pass over
+    them. Every detection score is a function of the rows' Gram matrix, accumulated block
+    by block (:func:`~qflare.robust.blocks.detect_view`: the in-memory scores to float32
+    rounding); the review reads only the reputation's sketch columns, gathered as the
+    blocks pass, and which rows are finite, known from the Gram matrix's diagonal."""
+    if not clients:
+        return RoundVerdict((), (), (), "empty round")
+    n, d = src.shape
+    if n != len(clients):
+        raise ValueError(f"{n} rows for {len(clients)} clients")
+    f_left = max(0, f - malformed)
+    tap = TapColumns(src, reputation.sketch_columns(d))
+    view = gram_view(tap, block)
+    detected = detect_view(view, f_left, ids=clients)  # the one pass over the blocks
+    verdict = reputation.review_sketch(round_no, clients, tap.columns, view.finite, detected)
+    return _outcome(round_no, clients, verdict, reputation)
+
+
+def _outcome(
+    round_no: int, clients: list[str], verdict: Verdict, reputation: Reputation
+) -> RoundVerdict:
+    """The round's verdict from the reviewed detection: quarantined clients dropped too,
+    this round's flags observed by ``reputation``."""
     reasons: dict[str, list[str]] = {c: list(verdict.reasons.get(c, ())) for c in clients}
     for c in clients:
         if reputation.is_quarantined(c, round_no):

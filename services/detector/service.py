@@ -11,7 +11,10 @@ detector's own key); the verdict uses only the digests the aggregator's signed
 ``round.closed`` lists. At the close it waits (a bounded time) for the read-ahead to pass
 the listed offsets, and reads whatever it still does not hold again from the stream at their
 offsets (after a restart: all of them). A decided round's matrix is the next round's: its
-memory is touched already. ``round.closed`` is stored as pending before it is
+memory is touched already. A round whose matrix would pass ``rows_in_memory_mb`` keeps its
+rows in an unlinked file under the data folder (:mod:`qflare.runtime.spill`) and is judged
+in column blocks (:func:`~qflare.services.detector.core.decide_source`, the verdict of the
+in-memory round), its file given back once the round is decided. ``round.closed`` is stored as pending before it is
 acknowledged; the verdict and the reputation it changes commit together, so redeliveries do
 not count twice. A redelivered ``round.closed`` of a decided round re-publishes the stored
 verdict.
@@ -32,7 +35,7 @@ from qflare.messages import (
     RoundVerdict,
     UpdateAccepted,
 )
-from qflare.messages.tensors import RoundRows
+from qflare.messages.tensors import Layout, RoundRows
 from qflare.robust import Reputation
 from qflare.runtime import (
     Consumer,
@@ -45,8 +48,9 @@ from qflare.runtime import (
 )
 from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import job_of
+from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
-from qflare.services.detector.core import decide, decide_rows
+from qflare.services.detector.core import decide, decide_rows, decide_source
 from qflare.services.detector.store import DetectorStore, Pending, PendingRef
 
 
@@ -58,14 +62,20 @@ class Detector(Service):
         opts = self.settings.services.detector  # checked, defaults filled in
         self.reputation_params = {k: getattr(opts, k) for k in Reputation.PARAMS}
         self.republish_s = opts.republish_s
+        self.rows_budget = opts.rows_in_memory_mb * 2**20
         self.store: DetectorStore | None = None
         self.specs: dict[str, JobSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # (job, round) -> the round's updates as matrix rows (detection on only), filled by
         # the read-ahead as they arrive, and the generation of those rows; the stream serves
-        # restarts. A decided round's matrix is the job's spare, reset for its next round.
+        # restarts. A decided round's matrix, in memory, is the job's spare, reset for its
+        # next round; one in a file is given back (release).
         self._rows: dict[tuple[str, int], tuple[RoundRows, int]] = {}
         self._spare: dict[str, RoundRows] = {}
+        # job -> the layout of its updates (the model's), once known: from the model handed
+        # in with the job, else from the listed updates of a round judged; it sizes a
+        # round's matrix before its first update is read
+        self._layouts: dict[str, Layout] = {}
         self._per_client: dict[tuple[str, int, str], int] = {}
         self._decided_up_to: dict[str, int] = {}
         self._feeds: dict[str, UpdateFeed] = {}
@@ -131,6 +141,8 @@ class Detector(Service):
 
     async def submit_job(self, spec: JobSpec, model: Any = None) -> None:
         self.specs.setdefault(spec.job_id, spec)
+        if model is not None:  # in process: the updates have the model's layout
+            self._layouts.setdefault(spec.job_id, Layout.of(model))
         if self.store is not None:
             await self.store.add_job(spec)
         if self.running:
@@ -167,7 +179,7 @@ class Detector(Service):
         count = (job_id, update.round, update.client)
         if self._per_client.get(count, 0) >= 2:
             return
-        rows, generation = self._round_rows(job_id, update.round)
+        rows, generation = self._round_rows(job_id, update.round, Layout.of(update.tensors))
         ref = (update.client, update.digest)
         if ref in rows:
             return  # read twice (a read-ahead that jumped, and the same offset read alone)
@@ -177,23 +189,37 @@ class Detector(Service):
         except ValueError as exc:  # not the model's layout: ingest refuses it too
             self.log.debug("read-ahead row refused: %s", exc)
 
-    def _round_rows(self, job_id: str, round_no: int) -> tuple[RoundRows, int]:
+    def _round_rows(
+        self, job_id: str, round_no: int, first: Layout | None = None
+    ) -> tuple[RoundRows, int]:
         """The matrix of a round and its generation (the job's spare matrix, reset, when it
-        has one). With every participant selected (q = 1) each has a home row in client-id
-        order, so a round whose every update came in is in order as it stands."""
+        has one and the round fits in memory). With every participant selected (q = 1)
+        each has a home row in client-id order, so a round whose every update came in is in
+        order as it stands. The rows have the job's layout when it is known, else that of
+        ``first``, the update about to be added (a misshapen one read ahead first fixes a
+        layout the listed updates do not fit: :meth:`_try_decide` then judges them apart);
+        without either they stay in memory."""
         entry = self._rows.get((job_id, round_no))
         if entry is None:
             spec = self.specs[job_id]
             capacity = _expected_updates(spec)
             homes = sorted(spec.participants) if spec.sample_rate >= 1.0 else []
-            rows = self._spare.pop(job_id, None)
-            if rows is None:
-                rows = RoundRows(capacity, homes)
-                entry = (rows, rows.generation)
+            layout = self._layouts.get(job_id, first)
+            rows = self._new_rows(capacity, homes, layout)
+            spare = self._spare.pop(job_id, None)
+            if spare is not None and type(spare) is type(rows) is RoundRows:
+                entry = (spare, spare.reset(capacity, homes, layout))  # memory touched already
             else:
-                entry = (rows, rows.reset(capacity, homes))
+                if spare is not None:
+                    _release(spare)
+                entry = (rows, rows.generation)
             self._rows[(job_id, round_no)] = entry
         return entry
+
+    def _new_rows(self, capacity: int, homes: list[str], layout: Layout | None) -> RoundRows:
+        """Rows in memory, or in a file under the data folder past ``rows_in_memory_mb``."""
+        folder = self.ctx.data_dir / "rows"
+        return round_rows(folder, self.rows_budget, capacity, homes, layout)
 
     async def on_closed(self, env: Envelope[RoundClosed]) -> None:
         assert self.store is not None
@@ -221,23 +247,41 @@ class Detector(Service):
             spec = self.specs[job_id]
             reputation = await self.store.reputation(job_id, Reputation(**self.reputation_params))
             if spec.detection:
-                rows, _generation = self._round_rows(job_id, round_no)
+                apart = False
                 try:
-                    await self._read_listed(job_id, round_no, rows, refs)
+                    rows = await self._read_listed(job_id, round_no, refs)
                 except ValueError:
                     # the round's first row read ahead (verified, but not yet judged by
                     # ingest) fixed another layout than the listed updates have: judge them
                     # alone, all read again, in rows the read-ahead cannot reach
-                    rows = RoundRows(max(1, len(refs)))
-                    await self._read_listed(job_id, round_no, rows, refs)
+                    apart = True
+                    rows = await self._read_listed(job_id, round_no, refs, apart=True)
+                if refs and rows.layout is not None:  # the listed updates': ingest's check
+                    self._layouts[job_id] = rows.layout
 
                 def judge() -> Any:
-                    clients, x = rows.matrix([(c, d) for c, d, _o in refs])
+                    listed = [(c, d) for c, d, _o in refs]
+                    if isinstance(rows, SpilledRows):  # block by block: the same verdict
+                        clients, src = rows.source(listed)
+                        return decide_source(
+                            round_no,
+                            clients,
+                            src,
+                            f=spec.f,
+                            reputation=reputation,
+                            malformed=malformed,
+                            block=spill_block(self.rows_budget, len(clients)),
+                        )
+                    clients, x = rows.matrix(listed)
                     return decide_rows(
                         round_no, clients, x, f=spec.f, reputation=reputation, malformed=malformed
                     )
 
-                result = await asyncio.to_thread(judge)
+                try:
+                    result = await asyncio.to_thread(judge)
+                finally:
+                    if apart:
+                        _release(rows)
             else:
                 result = decide(
                     round_no,
@@ -275,33 +319,54 @@ class Detector(Service):
                 await self._publish(job_id, round_no, verdict)
 
     async def _read_listed(
-        self, job_id: str, round_no: int, rows: RoundRows, refs: list[PendingRef]
-    ) -> None:
-        """Read again from the stream whatever of ``refs`` ``rows`` does not hold, and add it
-        (ValueError: it does not fit the layout of the rows held)."""
-        rest = [Ref(c, d, o) for c, d, o in refs if (c, d) not in rows]
-        if not rest:  # all read ahead
-            return
+        self, job_id: str, round_no: int, refs: list[PendingRef], *, apart: bool = False
+    ) -> RoundRows:
+        """Rows holding every update of ``refs``: the round's, into which whatever the
+        read-ahead did not keep is read again from the stream (ValueError: it does not fit
+        the layout of the rows held), or with ``apart`` new rows, all read again, that the
+        read-ahead cannot reach (the caller releases them). Rows made here take the layout
+        of the updates read (listed: ingest checked it), so that a round too large for
+        memory goes to a file also when none of it was read ahead (a restart)."""
+
+        def held() -> RoundRows | None:
+            entry = None if apart else self._rows.get((job_id, round_no))
+            return None if entry is None else entry[0]
+
+        def missing() -> list[Ref]:
+            rows = held()
+            return [Ref(c, d, o) for c, d, o in refs if rows is None or (c, d) not in rows]
+
+        rest = missing()
         await self._read_ahead(job_id)
         feed = self._feeds[job_id]
-        if await feed.wait_past(max(r.offset for r in rest)):  # it was still decoding them
-            rest = [r for r in rest if (r.client, r.digest) not in rows]
-            if not rest:
-                return
-        # not read ahead: a restart, or it arrived before the reader
-        event(self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest))
-        fetched = await feed.fetch(round_no, rest)
-        for update in fetched.values():
-            await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+        if rest and not apart and await feed.wait_past(max(r.offset for r in rest)):
+            rest = missing()  # it was still decoding them
+        fetched: dict[str, StreamUpdate] = {}
+        if rest:  # not read ahead: a restart, or it arrived before the reader
+            event(self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest))
+            fetched = await feed.fetch(round_no, rest)
+        first = next((Layout.of(u.tensors) for u in fetched.values()), None)
+        rows = self._new_rows(max(1, len(refs)), [], first) if apart else held()
+        if rows is None:
+            rows = self._round_rows(job_id, round_no, first)[0]
+        try:
+            for update in fetched.values():
+                await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+        except BaseException:
+            if apart:
+                _release(rows)
+            raise
+        return rows
 
     def _forget(self, job_id: str, round_no: int) -> None:
         """A decided round needs no rows; nothing for it or earlier is read ahead again."""
         self._decided_up_to[job_id] = max(self._decided_up_to.get(job_id, 0), round_no)
-        decided = self._rows.get((job_id, round_no))
-        if decided is not None:
-            self._spare[job_id] = decided[0]
         for key in [k for k in self._rows if k[0] == job_id and k[1] <= round_no]:
-            del self._rows[key]
+            rows = self._rows.pop(key)[0]
+            if key[1] == round_no and type(rows) is RoundRows:
+                self._spare[job_id] = rows  # in memory: its pages are touched already
+            else:
+                _release(rows)  # a file's rows: nothing to gain from keeping them
         for count in [k for k in self._per_client if k[0] == job_id and k[1] <= round_no]:
             del self._per_client[count]
 
@@ -346,6 +411,14 @@ def _expected_updates(spec: JobSpec) -> int:
     if spec.sample_rate >= 1.0:
         return n
     return max(1, min(n, math.ceil(n * spec.sample_rate * 1.25) + 8))
+
+
+def _release(rows: RoundRows) -> None:
+    """:func:`~qflare.runtime.spill.release`, not while a worker thread writes a row into
+    ``rows`` (a read-ahead's late update): its file descriptor, closed under the write,
+    could be reused by the next round's file before the write lands."""
+    with rows._lock:
+        release(rows)
 
 
 def build(ctx: ServiceContext) -> Service:

@@ -103,6 +103,8 @@ class Wire:
     def __init__(self, fed: MemoryFederation, bus: Bus, data_dir: Path) -> None:
         self.fed, self.bus, self.data_dir = fed, bus, data_dir
         self.detector: Detector | None = None
+        self.options: dict[str, object] = {}  # [services.detector]
+        self.model: dict[str, np.ndarray] | None = None  # handed in with the job
         self.verdicts: dict[int, list[Envelope[Any]]] = defaultdict(list)
         self.written: list[tuple[int, bytes]] = []
         self.changed = asyncio.Event()
@@ -137,6 +139,8 @@ class Wire:
     # -- the detector ---------------------------------------------------------------------
     async def start_detector(self, *, submit: bool = True) -> Detector:
         settings = load_settings(None, env={}, data_dir=str(self.data_dir))  # no [[jobs]]
+        if self.options:
+            settings = type(settings)(data_dir=self.data_dir, services={"detector": self.options})
         service = await build_service(
             "detector",
             settings,
@@ -148,7 +152,7 @@ class Wire:
         assert isinstance(service, Detector)
         self.detector = service
         if submit:
-            await service.submit_job(spec())
+            await service.submit_job(spec(), self.model)
         return service
 
     async def stop_detector(self) -> None:
@@ -604,3 +608,79 @@ async def test_the_close_waits_for_the_read_ahead_and_reuses_the_matrix(
     assert_verdict(await wire.verdict(2), expected(2, {c: tensors(c, 2) for c in CLIENTS}))
     assert fetches == [] and detector._spare[JOB] is first
     assert [m[0] for m in matrices] == [list(CLIENTS)] * 2
+
+
+@pytest.mark.parametrize(
+    ("budget", "model"),
+    [("default", False), ("spilled", False), ("spilled", True)],
+    ids=["in-memory", "spilled-layout-from-updates", "spilled-layout-from-model"],
+)
+async def test_a_round_past_the_memory_budget_is_judged_from_a_file(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch, budget: str, model: bool
+) -> None:
+    """``rows_in_memory_mb = 0``: every round's rows go into a file under the detector's
+    data folder (sized from the job's model when it came with the job, else from the first
+    update read), also a round read again after a restart, and are judged in column blocks;
+    the verdicts are the in-memory ones over a job of three rounds (scores within 1e-5),
+    and no file is left behind."""
+    from qflare.runtime.spill import SpilledRows
+
+    kinds: dict[int, set[str]] = defaultdict(set)
+    real_round_rows = Detector._round_rows
+
+    def round_rows(self: Detector, job_id: str, round_no: int, *args: Any) -> Any:
+        entry = real_round_rows(self, job_id, round_no, *args)
+        kinds[round_no].add(type(entry[0]).__name__)
+        return entry
+
+    judged: list[str] = []
+    real_rows, real_source = detector_module.decide_rows, detector_module.decide_source
+    monkeypatch.setattr(Detector, "_round_rows", round_rows)
+    monkeypatch.setattr(
+        detector_module,
+        "decide_rows",
+        lambda *a, **kw: judged.append("rows") or real_rows(*a, **kw),
+    )
+    monkeypatch.setattr(
+        detector_module,
+        "decide_source",
+        lambda *a, **kw: judged.append("source") or real_source(*a, **kw),
+    )
+    if budget == "spilled":
+        wire.options = {"rows_in_memory_mb": 0}
+    if model:
+        wire.model = {k: np.zeros_like(v) for k, v in tensors(CLIENTS[0], 0).items()}
+    reputation = Reputation()  # the in-memory verdicts, round after round
+    await wire.start_detector()
+    for round_no in (1, 2, 3):
+        refs = [await wire.update(c, round_no) for c in CLIENTS]
+        if round_no == 2:  # closed while the detector is away: read again after the start
+            await wire.stop_detector()
+            await wire.closed(round_no, refs)
+            await wire.start_detector(submit=False)
+        else:
+            await until(lambda: len(wire.held(round_no)) == len(CLIENTS))  # noqa: B023
+            await wire.closed(round_no, refs)
+        got = (await wire.verdict(round_no)).body
+        want = decide(
+            round_no,
+            {c: tensors(c, round_no) for c in CLIENTS},
+            f=spec().f,
+            detection=True,
+            reputation=reputation,
+        )
+        assert got.kept == list(want.kept) and got.note == want.note
+        assert [(f.client, f.reasons) for f in got.flagged] == [
+            (x.client, list(x.reasons)) for x in want.flagged
+        ]
+        assert [f.client for f in got.flagged] == [BYZANTINE]
+        np.testing.assert_allclose(
+            [f.score for f in got.flagged], [x.score for x in want.flagged], rtol=1e-5
+        )
+    spilled = budget == "spilled"
+    assert dict(kinds) == {r: {"SpilledRows" if spilled else "RoundRows"} for r in (1, 2, 3)}
+    assert judged == ["source" if spilled else "rows"] * 3
+    assert wire.detector is not None and not wire.detector._rows
+    assert not any(isinstance(r, SpilledRows) for r in wire.detector._spare.values())
+    folder = wire.data_dir / "detector" / "rows"
+    assert folder.is_dir() == spilled and not (spilled and list(folder.iterdir()))

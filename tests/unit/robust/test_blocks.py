@@ -22,6 +22,7 @@ from qflare.robust.blocks import (
     ArrayBlocks,
     BlockSource,
     FileBlocks,
+    TapColumns,
     accumulate_gram,
     aggregate_blocks,
     detect_blocks,
@@ -341,3 +342,20 @@ def test_a_rule_without_plan_is_refused_by_name() -> None:
 
     with pytest.raises(BlockwiseUnsupported, match="pre-aggregator shift_pre_for_blocks_test"):
         aggregate_blocks(Chain([ShiftPre()], get_rule("mean")), x, 7)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_tapped_columns_are_gathered_in_the_gram_pass(size: int) -> None:
+    """TapColumns hands its blocks on unchanged and, after the one pass accumulate_gram
+    makes, holds exactly the asked columns (unsorted, repeated, at block edges); before
+    that pass it refuses to answer."""
+    x = np.random.default_rng(5).standard_normal((6, D)).astype(np.float32)
+    cols = [40, 0, 11, 12, 11, 6, 7]
+    tap = TapColumns(x, cols)
+    with pytest.raises(ValueError, match="not been read"):
+        _ = tap.columns
+    np.testing.assert_array_equal(accumulate_gram(tap, size), accumulate_gram(x, size))
+    np.testing.assert_array_equal(tap.columns, x[:, cols])
+    assert tap.columns.dtype == np.float32
+    with pytest.raises(ValueError, match="lie in"):
+        TapColumns(x, [D])
