@@ -46,9 +46,16 @@ class SpilledRows(RoundRows):
         super().__init__(capacity, clients, layout)
 
     def close(self) -> None:
-        self._file.close()
+        """Give the file back. Under the rows' lock, and a new generation: a write still in
+        flight for this round (a late update in a worker thread) finishes first or is
+        dropped, and never lands in whatever file reuses the descriptor."""
+        with self._lock:
+            self.generation += 1
+            self._file.close()
 
     def _write_row(self, i: int, layout: Layout, tensors: Tensors) -> None:
+        if self._file.closed:
+            raise ValueError("the round's rows were released")
         offset = i * layout.size * _ITEM
         fd = self._file.fileno()
         for name in layout.names:

@@ -211,7 +211,7 @@ class Detector(Service):
                 entry = (spare, spare.reset(capacity, homes, layout))  # memory touched already
             else:
                 if spare is not None:
-                    _release(spare)
+                    release(spare)
                 entry = (rows, rows.generation)
             self._rows[(job_id, round_no)] = entry
         return entry
@@ -281,7 +281,7 @@ class Detector(Service):
                     result = await asyncio.to_thread(judge)
                 finally:
                     if apart:
-                        _release(rows)
+                        release(rows)
             else:
                 result = decide(
                     round_no,
@@ -354,7 +354,7 @@ class Detector(Service):
                 await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
         except BaseException:
             if apart:
-                _release(rows)
+                release(rows)
             raise
         return rows
 
@@ -366,7 +366,7 @@ class Detector(Service):
             if key[1] == round_no and type(rows) is RoundRows:
                 self._spare[job_id] = rows  # in memory: its pages are touched already
             else:
-                _release(rows)  # a file's rows: nothing to gain from keeping them
+                release(rows)  # a file's rows: nothing to gain from keeping them
         for count in [k for k in self._per_client if k[0] == job_id and k[1] <= round_no]:
             del self._per_client[count]
 
@@ -411,14 +411,6 @@ def _expected_updates(spec: JobSpec) -> int:
     if spec.sample_rate >= 1.0:
         return n
     return max(1, min(n, math.ceil(n * spec.sample_rate * 1.25) + 8))
-
-
-def _release(rows: RoundRows) -> None:
-    """:func:`~qflare.runtime.spill.release`, not while a worker thread writes a row into
-    ``rows`` (a read-ahead's late update): its file descriptor, closed under the write,
-    could be reused by the next round's file before the write lands."""
-    with rows._lock:
-        release(rows)
 
 
 def build(ctx: ServiceContext) -> Service:

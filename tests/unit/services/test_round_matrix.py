@@ -14,6 +14,7 @@ import pytest
 
 from qflare.messages.jobs import JobSpec
 from qflare.messages.tensors import Layout, RoundRows
+from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
 from qflare.services.aggregator.core import (
     Aggregate,
     AggregationResult,
@@ -22,7 +23,6 @@ from qflare.services.aggregator.core import (
     aggregate_rows,
     aggregate_source,
 )
-from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
 
 CLIENTS = tuple(f"c{i:03d}" for i in range(24))
 BASE = {
@@ -248,3 +248,14 @@ def test_a_round_spills_only_past_its_budget(tmp_path: Path) -> None:
     release(spilled)
     assert type(round_rows(tmp_path, 0, 20, CLIENTS[:20])) is RoundRows  # no layout yet
     assert spill_block(2**30, 100) == 2**30 // 1600 and spill_block(0, 100) == 65_536
+
+
+def test_released_spilled_rows_take_no_more_writes(tmp_path: Path) -> None:
+    layout = Layout.of(BASE)
+    rows = SpilledRows(tmp_path, 2, ["c001", "c002"], layout)
+    generation = rows.generation
+    release(rows)
+    # a late write for the round is dropped; one without a generation is refused
+    assert not rows.add(("c001", digest("c001", 1)), update("c001", 1), generation)
+    with pytest.raises(ValueError, match="released"):
+        rows.add(("c002", digest("c002", 1)), update("c002", 1))
