@@ -32,6 +32,7 @@ between them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections import deque
@@ -452,16 +453,24 @@ class UpdateFeed:
         return _stream_update(of_kind(env, Update), offset)
 
     async def fetch(
-        self, round_no: int, refs: Sequence[Ref], timeout: float = 60.0
+        self,
+        round_no: int,
+        refs: Sequence[Ref],
+        timeout: float = 60.0,
+        *,
+        sink: Callable[[StreamUpdate], Awaitable[None]] | None = None,
     ) -> dict[str, StreamUpdate]:
         """Read exactly ``refs`` from the stream, each under its vouched digest: one pass
         over each run of offsets less than :data:`READ_AHEAD_MAX_LAG` apart (not over a
         flood between them); raises :class:`UpdateNotFound` if any is missing or not the
-        bytes vouched for."""
+        bytes vouched for. With ``sink`` each update is handed to it as it is read and
+        returned without its tensors: one update's tensors in memory at a time (a round
+        read again after a restart, whatever its size); what ``sink`` raises stops the read
+        and is raised."""
         found: dict[str, StreamUpdate] = {}
         failed: list[str] = []
         for run in _runs(sorted(refs, key=lambda r: r.offset), READ_AHEAD_MAX_LAG):
-            await self._fetch_run(round_no, run, found, failed, timeout)
+            await self._fetch_run(round_no, run, found, failed, timeout, sink)
         missing = sorted(r.client for r in refs if r.client not in found)
         if missing:
             detail = (
@@ -480,11 +489,14 @@ class UpdateFeed:
         found: dict[str, StreamUpdate],
         failed: list[str],
         timeout: float,
+        sink: Callable[[StreamUpdate], Awaitable[None]] | None = None,
     ) -> None:
-        """One pass from the lowest offset of ``refs`` to the highest, into ``found``."""
+        """One pass from the lowest offset of ``refs`` to the highest, into ``found`` (and
+        ``sink``: see :meth:`fetch`)."""
         wanted = {r.offset: r for r in refs}
         last = max(wanted)
         done = asyncio.Event()
+        sunk: list[Exception] = []  # what ``sink`` raised: the pass stops, fetch raises it
         start = len(found) + len(failed)
 
         async def take(delivery: Delivery) -> Outcome:
@@ -501,6 +513,14 @@ class UpdateFeed:
                             f"offset {ref.offset} holds an update of {update.client!r}, "
                             f"vouched for {ref.client!r}",
                         )
+                    if sink is not None:
+                        try:
+                            await sink(update)
+                        except Exception as exc:  # the caller's: raised by fetch, not here
+                            sunk.append(exc)
+                            done.set()
+                            return Outcome.ACK
+                        update = dataclasses.replace(update, tensors={})
                     found[ref.client] = update
                 except MessageRejected as exc:
                     failed.append(f"offset {ref.offset} ({ref.client}): {exc}")
@@ -522,6 +542,8 @@ class UpdateFeed:
             pass
         finally:
             await reader.cancel()
+        if sunk:
+            raise sunk[0]
 
 
 def _runs(refs: Sequence[Ref], gap: int) -> list[list[Ref]]:

@@ -606,11 +606,13 @@ class Aggregator(Service):
             event(
                 self.log, "updates.rereading", job=spec.job_id, round=command.round, count=len(rest)
             )
-            for update in (await feed.fetch(command.round, rest)).values():
+
+            async def sink(update: StreamUpdate) -> None:
+                # one update's tensors in memory at a time, into its row as it is read
                 await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
-                held.setdefault(update.client, {})[update.digest] = dataclasses.replace(
-                    update, tensors={}
-                )
+
+            for update in (await feed.fetch(command.round, rest, sink=sink)).values():
+                held.setdefault(update.client, {})[update.digest] = update  # tensors dropped
         return rows, {c: held[c][d] for c, d, _o in command.updates}
 
     # -- announcements ------------------------------------------------------------------------

@@ -341,22 +341,30 @@ class Detector(Service):
         feed = self._feeds[job_id]
         if rest and not apart and await feed.wait_past(max(r.offset for r in rest)):
             rest = missing()  # it was still decoding them
-        fetched: dict[str, StreamUpdate] = {}
-        if rest:  # not read ahead: a restart, or it arrived before the reader
-            event(self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest))
-            fetched = await feed.fetch(round_no, rest)
-        first = next((Layout.of(u.tensors) for u in fetched.values()), None)
-        rows = self._new_rows(max(1, len(refs)), [], first) if apart else held()
-        if rows is None:
-            rows = self._round_rows(job_id, round_no, first)[0]
+        made: list[RoundRows] = [] if apart else [r for r in (held(),) if r is not None]
+
+        def rows_for(layout: Layout | None) -> RoundRows:
+            if not made:
+                if apart:
+                    made.append(self._new_rows(max(1, len(refs)), [], layout))
+                else:
+                    made.append(self._round_rows(job_id, round_no, layout)[0])
+            return made[0]
+
+        async def sink(update: StreamUpdate) -> None:
+            # one update's tensors in memory at a time, into the rows as it is read
+            rows = rows_for(Layout.of(update.tensors))
+            await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+
         try:
-            for update in fetched.values():
-                await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+            if rest:  # not read ahead: a restart, or it arrived before the reader
+                event(self.log, "updates.rereading", job=job_id, round=round_no, count=len(rest))
+                await feed.fetch(round_no, rest, sink=sink)
         except BaseException:
-            if apart:
-                release(rows)
+            if apart and made:
+                release(made[0])
             raise
-        return rows
+        return rows_for(None)
 
     def _forget(self, job_id: str, round_no: int) -> None:
         """A decided round needs no rows; nothing for it or earlier is read ahead again."""

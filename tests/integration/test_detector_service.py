@@ -241,10 +241,10 @@ def fetches(monkeypatch: pytest.MonkeyPatch) -> list[list[Ref]]:
     real = UpdateFeed.fetch
 
     async def fetch(
-        self: UpdateFeed, round_no: int, refs: Sequence[Ref], timeout: float = 60.0
+        self: UpdateFeed, round_no: int, refs: Sequence[Ref], timeout: float = 60.0, **kw: Any
     ) -> Any:
         calls.append(sorted(refs, key=lambda r: r.offset))
-        return await real(self, round_no, refs, timeout)
+        return await real(self, round_no, refs, timeout, **kw)
 
     monkeypatch.setattr(UpdateFeed, "fetch", fetch)
     return calls

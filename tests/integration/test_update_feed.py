@@ -276,3 +276,36 @@ async def test_jumped_ranges_that_touch_are_remembered_as_one(
     for start, end in ((2, 8), (8, 16), (17, 30), (30, 31)):
         feed._skip(start, end)
     assert list(feed._skipped) == [(2, 16), (17, 31)]
+
+
+async def test_fetch_hands_each_update_to_a_sink_and_raises_what_it_raises(
+    fed: MemoryFederation, bus: Bus
+) -> None:
+    """With ``sink`` each update goes to it as it is read and comes back without its
+    tensors (one update's tensors in memory at a time); what the sink raises stops the
+    read and is raised by fetch, not left to a timeout."""
+    await bus.declare_stream(topology.update_stream(JOB))
+    await write(bus, [update(fed, c) for c in fed.clients])
+    kept: dict[str, StreamUpdate] = {}
+    feed = aggregator_feed(bus, fed, kept)
+    await feed.start(0)
+    assert await feed.wait_past(len(fed.clients) - 1, timeout=20)
+    await feed.stop()
+    refs = [Ref(c, kept[c].digest, kept[c].offset) for c in fed.clients]
+    sunk: list[StreamUpdate] = []
+
+    async def sink(u: StreamUpdate) -> None:
+        assert np.array_equal(u.tensors["w"], np.full(4, 0.5, np.float32))
+        sunk.append(u)
+
+    got = await feed.fetch(1, refs, sink=sink)
+    assert sorted(u.client for u in sunk) == sorted(fed.clients)
+    assert sorted(got) == sorted(fed.clients) and all(u.tensors == {} for u in got.values())
+    assert {c: u.digest for c, u in got.items()} == {r.client: r.digest for r in refs}
+
+    async def refuse(u: StreamUpdate) -> None:
+        raise ValueError(f"no room for {u.client}")
+
+    # without it, the read would end at its timeout and fetch raise UpdateNotFound
+    with pytest.raises(ValueError, match="no room"):
+        await feed.fetch(1, refs, timeout=5.0, sink=refuse)

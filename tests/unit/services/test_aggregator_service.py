@@ -587,10 +587,12 @@ async def test_the_round_matrix_gives_the_stacked_model_and_is_reused(
     fetched: list[int] = []
     real_fetch = UpdateFeed.fetch
 
-    async def fetch(self: UpdateFeed, round_no: int, refs: Any, timeout: float = 60.0) -> Any:
+    async def fetch(
+        self: UpdateFeed, round_no: int, refs: Any, timeout: float = 60.0, **kw: Any
+    ) -> Any:
         if self.log.name.endswith("aggregator"):  # the detector's feed is another
             fetched.append(round_no)
-        return await real_fetch(self, round_no, refs, timeout)
+        return await real_fetch(self, round_no, refs, timeout, **kw)
 
     monkeypatch.setattr(UpdateFeed, "fetch", fetch)
     real_keep = aggregator_module.Aggregator._keep
