@@ -101,6 +101,17 @@ class _Table(BaseModel):
 
 
 # -- [services.<name>] ---------------------------------------------------------------------
+def _rows_in_memory(done: str) -> Any:
+    """The aggregator's and the detector's memory budget for a round's matrix
+    (qflare.runtime.spill)."""
+    return Field(
+        default=1024,
+        ge=0,
+        description=f"a round's matrix (updates x model values, float32) larger than this is "
+        f"kept in a file under the data folder and {done} block by block",
+    )
+
+
 class AggregatorOptions(_Table):
     """``[services.aggregator]`` (services/aggregator/service.py)."""
 
@@ -121,12 +132,7 @@ class AggregatorOptions(_Table):
         description="revocation list, re-read when it changes: the clients it names are not "
         "selected or waited for (default <pki_dir>/services/aggregator/crl.qrl)",
     )
-    rows_in_memory_mb: int = Field(
-        default=1024,
-        ge=0,
-        description="a round's matrix (participants x model values, float32) larger than "
-        "this is kept in a file under the data folder and aggregated block by block",
-    )
+    rows_in_memory_mb: int = _rows_in_memory("aggregated")
 
 
 class DetectorOptions(_Table):
@@ -139,12 +145,7 @@ class DetectorOptions(_Table):
     threshold: float = Field(default=2.5, gt=0, description="score that quarantines a client")
     quarantine_rounds: int = Field(default=5, ge=1, description="rounds a quarantine lasts")
     republish_s: float = Field(default=2.0, gt=0, description="republish pending verdicts")
-    rows_in_memory_mb: int = Field(
-        default=1024,
-        ge=0,
-        description="a round's matrix (updates x model values, float32) larger than this is "
-        "kept in a file under the data folder and judged block by block",
-    )
+    rows_in_memory_mb: int = _rows_in_memory("judged")
 
 
 class IngestOptions(_Table):

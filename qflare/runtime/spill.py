@@ -128,6 +128,25 @@ def round_rows(
     return RoundRows(capacity, clients, layout)
 
 
+def next_rows(
+    spare: RoundRows | None,
+    folder: str | os.PathLike[str],
+    budget_bytes: int,
+    capacity: int,
+    clients: Sequence[str] = (),
+    layout: Layout | None = None,
+) -> tuple[RoundRows, int]:
+    """A round's matrix (:func:`round_rows`) and its generation: the job's ``spare`` from
+    the round before, reset, when both are in memory (its pages are touched already); else
+    new rows, and the spare given back (:func:`release`)."""
+    rows = round_rows(folder, budget_bytes, capacity, clients, layout)
+    if spare is not None and type(spare) is type(rows) is RoundRows:
+        return spare, spare.reset(capacity, clients, layout)
+    if spare is not None:
+        release(spare)
+    return rows, rows.generation
+
+
 def release(rows: RoundRows) -> None:
     """Give back what ``rows`` holds outside memory (a spilled round's file)."""
     if isinstance(rows, SpilledRows):

@@ -77,7 +77,7 @@ from qflare.runtime.jobs import check_model_size, job_of
 from qflare.runtime.metrics import round_entered
 from qflare.runtime.revocation import RevocationWatch
 from qflare.runtime.service import Routes
-from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
+from qflare.runtime.spill import SpilledRows, next_rows, release, spill_block
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.aggregator.core import (
     Accepted,
@@ -236,16 +236,11 @@ class Aggregator(Service):
         if entry is None:
             layout = Layout.of(await self._model(job_id, r.base_version))
             clients = sorted(r.participants)
-            capacity = max(1, len(clients))
-            folder = self.ctx.data_dir / "rows"
-            rows = round_rows(folder, self.rows_budget, capacity, clients, layout)
             spare = self._spare.pop(job_id, None)
-            if spare is not None and type(spare) is type(rows) is RoundRows:
-                entry = (spare, spare.reset(capacity, clients, layout))  # memory touched already
-            else:
-                if spare is not None:
-                    release(spare)
-                entry = (rows, rows.generation)
+            folder = self.ctx.data_dir / "rows"
+            entry = next_rows(
+                spare, folder, self.rows_budget, max(1, len(clients)), clients, layout
+            )
             self._rows[key] = entry
         return entry
 

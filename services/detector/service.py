@@ -48,7 +48,7 @@ from qflare.runtime import (
 )
 from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import job_of
-from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
+from qflare.runtime.spill import SpilledRows, next_rows, release, round_rows, spill_block
 from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
 from qflare.services.detector.core import decide, decide_rows, decide_source
 from qflare.services.detector.store import DetectorStore, Pending, PendingRef
@@ -205,14 +205,9 @@ class Detector(Service):
             capacity = _expected_updates(spec)
             homes = sorted(spec.participants) if spec.sample_rate >= 1.0 else []
             layout = self._layouts.get(job_id, first)
-            rows = self._new_rows(capacity, homes, layout)
             spare = self._spare.pop(job_id, None)
-            if spare is not None and type(spare) is type(rows) is RoundRows:
-                entry = (spare, spare.reset(capacity, homes, layout))  # memory touched already
-            else:
-                if spare is not None:
-                    release(spare)
-                entry = (rows, rows.generation)
+            folder = self.ctx.data_dir / "rows"
+            entry = next_rows(spare, folder, self.rows_budget, capacity, homes, layout)
             self._rows[(job_id, round_no)] = entry
         return entry
 
