@@ -433,7 +433,7 @@ def test_what_a_plugin_returns_is_checked(plugin: Plugin) -> None:
 def test_unknown_plain_names_stay_unknown() -> None:
     assert "resnet" not in sim_model.MODEL_NAMES
     assert "no-such-data" not in sim_data.dataset_names()
-    with pytest.raises(ValueError, match=r"unknown model 'resnet'; known: mlp, cnn"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet'; known: linear, mlp, cnn"):
         sim_model.build_model("resnet", (4,), 2, seed=0)
     with pytest.raises(ValueError, match=r"unknown rule 'nosuch'.*plug-ins: module:Class"):
         get_rule("nosuch")
