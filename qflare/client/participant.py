@@ -71,6 +71,9 @@ log = logging.getLogger("qflare.client")
 _MODELS_KEPT = 2
 #: How often a participant looks for a job's streams that do not exist yet.
 STREAM_WAIT_S = 1.0
+#: First pause before an update that no stream took is published again (doubling, capped).
+UPDATE_RETRY_S = 0.2
+UPDATE_RETRY_MAX_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -460,8 +463,16 @@ class Participant:
                 self._note(exc, logging.ERROR, what, self.id, env.round, env.job)
                 return Outcome.ACK
             data = await self._encode(update, info)
-            assert self.bus is not None
-            await self.bus.publish(topology.CLIENT, f"update.{env.job}", data)
+            if not await self._send_update(data, info):
+                self.stats.rounds_missed += 1
+                log.warning(
+                    "participant %s: no update stream of %s took its update for round %d "
+                    "before the round's deadline",
+                    self.id,
+                    env.job,
+                    env.round,
+                )
+                return Outcome.ACK
             self.submitted.add((env.job, env.round))
             self.stats.updates_sent += 1
             self.stats.sent.append((env.job, env.round))
@@ -473,6 +484,27 @@ class Participant:
             update.num_samples,
         )
         return Outcome.ACK
+
+    async def _send_update(self, data: bytes, info: RoundInfo) -> bool:
+        """Publish the update into its job's stream; True once a stream took it. A publish
+        no binding matched (the stream not bound yet, or again: a broker restarting) would
+        leave the update in no stream while the participant counts it as sent, so it is
+        published again, after a pause that doubles, until the round's deadline."""
+        assert self.bus is not None
+        pause = UPDATE_RETRY_S
+        while not await self.bus.publish(topology.CLIENT, f"update.{info.job}", data):
+            if self.clock() + pause > info.deadline:
+                return False
+            log.info(
+                "participant %s: no stream took its update for round %d of %s; again in %.1fs",
+                self.id,
+                info.round,
+                info.job,
+                pause,
+            )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, UPDATE_RETRY_MAX_S)
+        return True
 
     def _make_update(
         self, global_tensors: Mapping[str, np.ndarray], info: RoundInfo

@@ -270,6 +270,58 @@ async def test_a_participant_that_starts_after_its_round_opened_trains_in_it(wor
         await p.stop()
 
 
+async def test_an_update_no_stream_took_is_published_again(world) -> None:
+    """A publish that no binding matched (the job's update stream not bound, as for a moment
+    when a broker restarts) is not an update sent: the participant publishes it again
+    until a stream takes it, and counts it sent only then."""
+    driver, fed, bus_factory = world
+    a = fed.clients[0]
+    p = participant(fed, a, await bus_factory())
+    await p.start()
+    assert p.bus is not None
+    real = p.bus.publish
+    refused: list[str] = []
+
+    async def publish(exchange: str, key: str, body: bytes, headers: Any = None) -> bool:
+        if key.startswith("update.") and len(refused) < 3:
+            refused.append(key)
+            return False  # what an unroutable publish returns
+        return await real(exchange, key, body, headers)
+
+    p.bus.publish = publish  # type: ignore[method-assign]
+    try:
+        v0 = await driver.publish_model(0)
+        await driver.open_round(1, [a], v0)
+        env = await driver.next_accepted()
+        assert env.round == 1 and env.body.client == a and len(refused) == 3
+        assert p.stats.updates_sent == 1 and p.stats.rounds_missed == 0
+    finally:
+        await p.stop()
+
+
+async def test_an_update_no_stream_takes_before_the_deadline_is_not_counted_sent(world) -> None:
+    from qflare.client.participant import RoundInfo
+
+    _driver, fed, bus_factory = world
+    a = fed.clients[0]
+    p = participant(fed, a, await bus_factory())
+    await p.start()
+    assert p.bus is not None
+    tries: list[str] = []
+
+    async def publish(exchange: str, key: str, body: bytes, headers: Any = None) -> bool:
+        tries.append(key)
+        return False
+
+    p.bus.publish = publish  # type: ignore[method-assign]
+    try:
+        info = RoundInfo(JOB, 1, a, 0, b"", time.time() + 0.5, 1.0, (a,), "mean")
+        assert not await p._send_update(b"an update", info)
+        assert len(tries) >= 2 and set(tries) == {f"update.{JOB}"}
+    finally:
+        await p.stop()
+
+
 async def test_a_participant_started_before_its_job_exists_waits_for_the_streams(
     bus_factory,
 ) -> None:
