@@ -29,6 +29,7 @@ from typing import Any
 from qflare.messages import (
     Envelope,
     Flagged,
+    JobEnded,
     MessageRejected,
     Reason,
     RoundClosed,
@@ -79,12 +80,17 @@ class Detector(Service):
         self._per_client: dict[tuple[str, int, str], int] = {}
         self._decided_up_to: dict[str, int] = {}
         self._feeds: dict[str, UpdateFeed] = {}
+        self._ended: set[str] = set()  # jobs whose job.ended came: nothing read ahead
 
     def consumers(self) -> list[Consumer]:
         return [
             stateful_consumer(
                 self.name,
-                {RoundClosed: self.on_closed, UpdateAccepted: self.on_accepted},
+                {
+                    RoundClosed: self.on_closed,
+                    UpdateAccepted: self.on_accepted,
+                    JobEnded: self.on_job_ended,
+                },
                 prefetch=32,
             )
         ]
@@ -108,6 +114,7 @@ class Detector(Service):
     async def started(self) -> None:
         assert self.store is not None
         self._decided_up_to = await self.store.last_decided()
+        self._ended = await self.store.ended()
         for job_id in list(self.specs):
             await self._read_ahead(job_id)
         for job_id, round_no, verdict in await self.store.unpublished():
@@ -148,12 +155,43 @@ class Detector(Service):
         if self.running:
             await self._read_ahead(spec.job_id)
 
+    async def on_job_ended(self, env: Envelope[JobEnded]) -> None:
+        """The job is over: stop reading its update stream (the aggregator deletes it) and
+        give back its rows, in memory or in files, unless a round of it still waits for its
+        verdict (it keeps what that round needs). Remembered, so a restart reads nothing
+        of the job ahead."""
+        assert self.store is not None
+        if env.job not in self.specs:
+            return  # a job this detector never ran
+        await self.store.end_job(env.job)
+        self._ended.add(env.job)
+        if any(p.job_id == env.job for p in await self.store.pending(env.job)):
+            return
+        feed = self._feeds.pop(env.job, None)
+        if feed is not None:
+            await feed.stop()
+        for key in [k for k in self._rows if k[0] == env.job]:
+            release(self._rows.pop(key)[0])
+        spare = self._spare.pop(env.job, None)
+        if spare is not None:
+            release(spare)
+        self._layouts.pop(env.job, None)
+        for count in [k for k in self._per_client if k[0] == env.job]:
+            del self._per_client[count]
+        event(self.log, "job.ended", job=env.job, reason=env.body.reason)
+
     async def _read_ahead(self, job_id: str) -> None:
         """Start reading the job's update stream from now on (detection on only: without
         detection the verdict needs no update)."""
         spec = self.specs[job_id]
-        if not spec.detection or job_id in self._feeds:
+        if not spec.detection or job_id in self._feeds or job_id in self._ended:
             return
+        await self._new_feed(job_id).start("next")
+
+    def _new_feed(self, job_id: str) -> UpdateFeed:
+        """The job's feed, registered, not started: :meth:`_read_ahead` starts it; an ended
+        job's pending round only fetches what it lists."""
+        spec = self.specs[job_id]
         assert self.ctx.identity is not None and self.ctx.trust is not None
         assert self.ctx.identity.kem is not None, "the detector needs its KEM key to unseal"
         participants = frozenset(spec.participants)
@@ -169,7 +207,7 @@ class Detector(Service):
             log=self.log,
         )
         self._feeds[job_id] = feed
-        await feed.start("next")
+        return feed
 
     async def _keep(self, job_id: str, update: StreamUpdate) -> None:
         """Read-ahead sink: the update as a row of its round (two digests per client at
@@ -333,7 +371,9 @@ class Detector(Service):
 
         rest = missing()
         await self._read_ahead(job_id)
-        feed = self._feeds[job_id]
+        feed = self._feeds.get(job_id)
+        if feed is None:  # an ended job's round, pending since before a restart
+            feed = self._new_feed(job_id)
         if rest and not apart and await feed.wait_past(max(r.offset for r in rest)):
             rest = missing()  # it was still decoding them
         made: list[RoundRows] = [] if apart else [r for r in (held(),) if r is not None]

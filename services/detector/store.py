@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS reputation (
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, spec TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ended (
+    job_id TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS clients (
     job_id TEXT NOT NULL, client TEXT NOT NULL, score REAL NOT NULL, offences INTEGER NOT NULL,
     last_round INTEGER NOT NULL, quarantined_until INTEGER NOT NULL,
@@ -75,6 +78,14 @@ class DetectorStore(ServiceStore):
             "INSERT OR IGNORE INTO jobs VALUES (?, ?)",
             (spec.job_id, json.dumps(spec.public(), default=str)),
         )
+
+    async def end_job(self, job_id: str) -> None:
+        """Remember that the job ended (``job.ended``): a restart reads nothing of it ahead."""
+        await self.db.execute("INSERT OR IGNORE INTO ended VALUES (?)", (job_id,))
+
+    async def ended(self) -> set[str]:
+        rows = await self.db.fetchall("SELECT job_id FROM ended")
+        return {row["job_id"] for row in rows}
 
     async def jobs(self) -> list[JobSpec]:
         rows = await self.db.fetchall("SELECT spec FROM jobs ORDER BY job_id")

@@ -492,6 +492,30 @@ async def test_a_job_submitted_at_run_time_survives_a_restart(
     assert fetches == [refs]
 
 
+async def test_a_job_that_ended_is_read_no_more_and_gives_its_rows_back(wire: Wire) -> None:
+    """``job.ended``: the detector stops reading the job's update stream (the aggregator
+    deletes it), gives back the round matrices it kept, and after a restart reads nothing
+    of the job ahead. A job.ended of a job it never ran changes nothing."""
+    detector = await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    await wire.closed(1, refs)
+    await wire.verdict(1)
+    assert JOB in detector._feeds and JOB in detector._spare
+
+    async def ended(job: str) -> None:
+        body = {"reason": "completed"}
+        data = encode("job.ended", body, wire.fed["aggregator"], job=job, round=1)
+        await wire.bus.publish(topology.EVENTS, f"job.ended.{job}", data)
+
+    await ended("another-job")
+    await ended(JOB)
+    await until(lambda: JOB not in detector._feeds)
+    assert JOB not in detector._spare and not [k for k in detector._rows if k[0] == JOB]
+    assert await detector.store.ended() == {JOB}
+    restarted = await wire.restart(submit=False)
+    assert JOB in restarted.specs and JOB not in restarted._feeds
+
+
 async def test_fetch_returns_only_the_vouched_bytes(wire: Wire) -> None:
     """:meth:`UpdateFeed.fetch` (the detector's and the aggregator's way back to an update
     after a restart) reads exactly the given offsets and takes an update only under the
