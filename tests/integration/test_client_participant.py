@@ -270,6 +270,23 @@ async def test_a_participant_that_starts_after_its_round_opened_trains_in_it(wor
         await p.stop()
 
 
+def unroutable_updates(p: Participant, times: int) -> list[str]:
+    """Make the participant's first ``times`` update publishes come back unroutable (what
+    publish returns when no binding matched); returns the keys so refused."""
+    assert p.bus is not None
+    real = p.bus.publish
+    refused: list[str] = []
+
+    async def publish(exchange: str, key: str, body: bytes, headers: Any = None) -> bool:
+        if key.startswith("update.") and len(refused) < times:
+            refused.append(key)
+            return False
+        return await real(exchange, key, body, headers)
+
+    p.bus.publish = publish  # type: ignore[method-assign]
+    return refused
+
+
 async def test_an_update_no_stream_took_is_published_again(world) -> None:
     """A publish that no binding matched (the job's update stream not bound, as for a moment
     when a broker restarts) is not an update sent: the participant publishes it again
@@ -279,16 +296,7 @@ async def test_an_update_no_stream_took_is_published_again(world) -> None:
     p = participant(fed, a, await bus_factory())
     await p.start()
     assert p.bus is not None
-    real = p.bus.publish
-    refused: list[str] = []
-
-    async def publish(exchange: str, key: str, body: bytes, headers: Any = None) -> bool:
-        if key.startswith("update.") and len(refused) < 3:
-            refused.append(key)
-            return False  # what an unroutable publish returns
-        return await real(exchange, key, body, headers)
-
-    p.bus.publish = publish  # type: ignore[method-assign]
+    refused = unroutable_updates(p, 3)
     try:
         v0 = await driver.publish_model(0)
         await driver.open_round(1, [a], v0)
@@ -300,20 +308,12 @@ async def test_an_update_no_stream_took_is_published_again(world) -> None:
 
 
 async def test_an_update_no_stream_takes_before_the_deadline_is_not_counted_sent(world) -> None:
-    from qflare.client.participant import RoundInfo
-
     _driver, fed, bus_factory = world
     a = fed.clients[0]
     p = participant(fed, a, await bus_factory())
     await p.start()
     assert p.bus is not None
-    tries: list[str] = []
-
-    async def publish(exchange: str, key: str, body: bytes, headers: Any = None) -> bool:
-        tries.append(key)
-        return False
-
-    p.bus.publish = publish  # type: ignore[method-assign]
+    tries = unroutable_updates(p, 1_000_000)
     try:
         info = RoundInfo(JOB, 1, a, 0, b"", time.time() + 0.5, 1.0, (a,), "mean")
         assert not await p._send_update(b"an update", info)

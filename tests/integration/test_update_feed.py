@@ -80,6 +80,23 @@ async def write(bus: Bus, messages: list[bytes]) -> None:
         await bus.publish(topology.CLIENT, f"update.{JOB}", data)
 
 
+async def written(
+    bus: Bus, count: int, wait_for: Callable[..., Awaitable[Any]]
+) -> list[tuple[int, bytes]]:
+    """The first ``count`` messages of the job's update stream: (offset, body)."""
+    tap: list[tuple[int, bytes]] = []
+
+    async def on_tap(d: Delivery) -> Outcome:
+        assert d.offset is not None
+        tap.append((d.offset, d.body))
+        return Outcome.ACK
+
+    tapper = await bus.read_stream(topology.update_stream(JOB).name, on_tap, offset="first")
+    await wait_for(lambda: len(tap) == count, 30, message="the tap")
+    await tapper.cancel()
+    return tap
+
+
 async def test_a_lagging_read_ahead_jumps_to_the_vouched_offsets(
     fed: MemoryFederation,
     bus: Bus,
@@ -100,16 +117,7 @@ async def test_a_lagging_read_ahead_jumps_to_the_vouched_offsets(
     ]
     await write(bus, stream)
     offsets: dict[str, int] = {}
-    tap: list[tuple[int, bytes]] = []
-
-    async def on_tap(d: Delivery) -> Outcome:
-        assert d.offset is not None
-        tap.append((d.offset, d.body))
-        return Outcome.ACK
-
-    tapper = await bus.read_stream(topology.update_stream(JOB).name, on_tap, offset="first")
-    await wait_for(lambda: len(tap) == len(stream), 30, message="the tap")
-    await tapper.cancel()
+    tap = await written(bus, len(stream), wait_for)
     for offset, data in tap:
         if data in honest.values():
             offsets[peek_header(data).sender] = offset
@@ -209,16 +217,7 @@ async def test_a_feed_that_jumps_again_and_again_remembers_only_the_latest_range
         for m in block
     ]
     await write(bus, messages)
-    tap: list[tuple[int, bytes]] = []
-
-    async def on_tap(d: Delivery) -> Outcome:
-        assert d.offset is not None
-        tap.append((d.offset, d.body))
-        return Outcome.ACK
-
-    tapper = await bus.read_stream(topology.update_stream(JOB).name, on_tap, offset="first")
-    await wait_for(lambda: len(tap) == len(messages), 30, message="the tap")
-    await tapper.cancel()
+    tap = await written(bus, len(messages), wait_for)
     targets = [o for o, _ in tap[:: len(block)]]
     inner = [(o, data) for o, data in tap[block.index(b"inner") :: len(block)]]
 

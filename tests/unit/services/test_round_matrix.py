@@ -81,22 +81,23 @@ def assert_same(a: AggregationResult, b: AggregationResult) -> None:
         assert np.array_equal(tensor, b.model[name]), name
 
 
+#: rules and settings every way of building the round's rows must agree on
+RULE_CASES = [
+    ("mean", {}),
+    ("median", {}),
+    ("krum", {}),
+    ("trimmed_mean", {}),
+    ("mean", {"noise_multiplier": 0.0}),
+    ("mean", {"adaptive_clip": True, "clip_count_noise_std": 2.0}),
+]
+
+
 def fill(rows: RoundRows, clients: list[str], round_no: int, generation: int | None = None) -> None:
     for c in clients:
         rows.add((c, digest(c, round_no)), update(c, round_no), generation)
 
 
-@pytest.mark.parametrize(
-    "rule,kw",
-    [
-        ("mean", {}),
-        ("median", {}),
-        ("krum", {}),
-        ("trimmed_mean", {}),
-        ("mean", {"noise_multiplier": 0.0}),
-        ("mean", {"adaptive_clip": True, "clip_count_noise_std": 2.0}),
-    ],
-)
+@pytest.mark.parametrize("rule,kw", RULE_CASES)
 def test_any_arrival_order_gives_the_model_of_stacking(rule: str, kw: dict[str, Any]) -> None:
     s = spec(rule, **kw)
     participants = list(CLIENTS[:20])  # the round's selection, in client-id order
@@ -182,17 +183,7 @@ def test_rows_of_other_clients_than_the_kept_are_refused() -> None:
 
 
 # -- a round too large for memory: the rows in a file (qflare.runtime.spill) -----------------
-@pytest.mark.parametrize(
-    "rule,kw",
-    [
-        ("mean", {}),
-        ("median", {}),
-        ("krum", {}),
-        ("trimmed_mean", {}),
-        ("mean", {"noise_multiplier": 0.0}),
-        ("mean", {"adaptive_clip": True, "clip_count_noise_std": 2.0}),
-    ],
-)
+@pytest.mark.parametrize("rule,kw", RULE_CASES)
 @pytest.mark.parametrize("block", [1, 7, 64, 10_000])
 def test_spilled_rows_aggregated_by_blocks_give_the_model_of_stacking(
     rule: str, kw: dict[str, Any], block: int, tmp_path: Path
