@@ -283,13 +283,7 @@ class Service(abc.ABC):
     async def _storage_fault(self, exc: BaseException, delivery: Delivery) -> None:
         """Log every failed attempt; alert once per episode (until a held message goes
         through: :meth:`_storage_recovered`)."""
-        event(
-            self.log,
-            "storage.fault",
-            logging.ERROR,
-            error=repr(exc),
-            routing_key=delivery.routing_key,
-        )
+        self._delivery_event("storage.fault", logging.ERROR, delivery, error=repr(exc))
         metrics.storage_fault(self.name)
         if self._storage_down:
             return
@@ -330,13 +324,12 @@ class Service(abc.ABC):
             result = await handler(delivery)
         except MessageRejected as exc:
             metrics.rejected(self.name, exc.reason.value)
-            event(
-                self.log,
+            self._delivery_event(
                 "message.rejected",
                 logging.WARNING,
+                delivery,
                 reason=exc.reason.value,
                 detail=exc.detail,
-                routing_key=delivery.routing_key,
                 exchange=delivery.exchange,
             )
             try:
@@ -349,18 +342,21 @@ class Service(abc.ABC):
         except TRANSIENT_ERRORS as exc:
             if _is_storage_fault(exc):
                 raise
-            event(
-                self.log,
+            self._delivery_event(
                 "handler.transient",
                 logging.WARNING,
+                delivery,
                 error=repr(exc),
-                routing_key=delivery.routing_key,
                 delivery_count=delivery.delivery_count,
             )
             return Outcome.RETRY
         if result is None:
             return Outcome.ACK
         return result
+
+    def _delivery_event(self, name: str, level: int, delivery: Delivery, **fields: Any) -> None:
+        """Log ``name`` about a delivery that did not go through, with its routing key."""
+        event(self.log, name, level, routing_key=delivery.routing_key, **fields)
 
     async def on_rejected(self, delivery: Delivery, exc: MessageRejected) -> None:
         """Report a rejected message. Default: an ``alert.raised`` naming the reason.
