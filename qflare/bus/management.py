@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.error import HTTPError, URLError
@@ -27,12 +28,25 @@ from urllib.request import Request, urlopen
 
 from qflare.errors import QflareError
 
+#: How long to wait before each new try of a call the management API failed with a 5xx
+#: status: under load RabbitMQ 3.10's API answers 500 now and then (an internal call that
+#: timed out), and every call made here is idempotent, so it is made again.
+SERVER_ERROR_RETRY_S = (0.5, 1.0, 2.0, 4.0)
+
 
 class ManagementError(QflareError):
     """The management API refused a call or could not be reached (the message says which
     call, and the status or error)."""
 
     reason = "BROKER_MANAGEMENT"
+
+
+class _ServerError(Exception):
+    """A 5xx answer: the call is made again (:meth:`Management.request`)."""
+
+
+class GoneAfterRetry(LookupError):
+    """A 404 on a try made again after a 5xx: gone now, perhaps by the try that failed."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,25 @@ class Management:
 
     def request(self, method: str, path: str, body: Any = None, reason: str = "") -> Any:
         """One call (``path`` from ``/api/``); the decoded JSON answer, or None for an empty
-        one. A 404 raises :class:`LookupError`; any other failure :class:`ManagementError`."""
+        one. A 5xx answer is tried again after each of :data:`SERVER_ERROR_RETRY_S`. A 404
+        raises :class:`LookupError` (:class:`GoneAfterRetry` when an earlier try failed with
+        a 5xx: that try may have done the work); any other failure :class:`ManagementError`."""
+        retried = False
+        for wait in (*SERVER_ERROR_RETRY_S, None):
+            try:
+                return self._request_once(method, path, body, reason)
+            except _ServerError as exc:
+                if wait is None:
+                    raise ManagementError(str(exc)) from None
+                retried = True
+                time.sleep(wait)
+            except LookupError as exc:
+                if retried:
+                    raise GoneAfterRetry(str(exc)) from None
+                raise
+        raise AssertionError("unreachable")  # the last try returns or raises
+
+    def _request_once(self, method: str, path: str, body: Any, reason: str) -> Any:
         data = None if body is None else json.dumps(body).encode()
         token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
@@ -89,7 +121,10 @@ class Management:
             if exc.code == 404:
                 raise LookupError(f"{method} {path}: not found") from None
             detail = exc.read()[:300].decode(errors="replace")
-            raise ManagementError(f"{method} {path}: HTTP {exc.code} {detail}".strip()) from None
+            failure = f"{method} {path}: HTTP {exc.code} {detail}".strip()
+            if exc.code >= 500:
+                raise _ServerError(failure) from None
+            raise ManagementError(failure) from None
         except (URLError, OSError) as exc:
             reason_ = getattr(exc, "reason", exc)
             raise ManagementError(
@@ -98,9 +133,12 @@ class Management:
         return json.loads(raw) if raw.strip() else None
 
     def delete_user(self, user: str) -> bool:
-        """Delete broker user ``user``; False when there was none."""
+        """Delete broker user ``user``; False when there was none (True when a try that
+        failed with a 5xx had deleted it)."""
         try:
             self.request("DELETE", f"/api/users/{quote(user, safe='')}")
+        except GoneAfterRetry:
+            return True
         except LookupError:
             return False
         return True

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from qflare.bus.management import Management, redact
+from qflare.bus.management import Management, ManagementError, redact
 from qflare.cli import main
 from qflare.crypto import CertificateAuthority, Federation, TrustStore, provision, revoke
 from qflare.crypto.pki import RevocationList
@@ -119,3 +122,67 @@ def test_revoke_with_an_unreachable_management_api_fails_after_writing_the_list(
     bad = ["revoke", "client-001", "--pki-dir", str(tmp_path), "--management-url", "amqp://x:y@h/"]
     assert main(bad) == 2
     assert "client-001" not in Federation.at(tmp_path).trust().crl.holders  # type: ignore[union-attr]
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers each call with the next status of the server's ``script`` (then 204)."""
+
+    def _answer(self) -> None:
+        script: list[int] = self.server.script  # type: ignore[attr-defined]
+        self.server.calls.append((self.command, self.path))  # type: ignore[attr-defined]
+        status = script.pop(0) if script else 204
+        body = b'{"error":"Internal Server Error"}' if status >= 500 else b""
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Management, ThreadingHTTPServer]]:
+    monkeypatch.setattr("qflare.bus.management.SERVER_ERROR_RETRY_S", (0.01, 0.01))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    server.script, server.calls = [], []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Management.from_url(f"http://a:b@127.0.0.1:{server.server_port}/"), server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_management_call_that_fails_with_a_5xx_is_made_again(
+    flaky_api: tuple[Management, ThreadingHTTPServer],
+) -> None:
+    api, server = flaky_api
+    server.script[:] = [500, 503]  # type: ignore[attr-defined]
+    assert api.delete_user("client-000") is True
+    assert server.calls == [("DELETE", "/api/users/client-000")] * 3  # type: ignore[attr-defined]
+    # a 404 after a 5xx: the failed try may have deleted the user; it is gone either way
+    server.script[:] = [500, 404]  # type: ignore[attr-defined]
+    assert api.delete_user("client-001") is True
+    # a plain 404 is a user that was not there; a connection already gone is no failure
+    server.script[:] = [404, 500, 404]  # type: ignore[attr-defined]
+    assert api.delete_user("client-002") is False
+    assert api.close_connection("c", "revoked") is False
+
+
+def test_a_management_api_that_keeps_failing_is_an_error_and_a_4xx_is_not_retried(
+    flaky_api: tuple[Management, ThreadingHTTPServer],
+) -> None:
+    api, server = flaky_api
+    server.script[:] = [500, 500, 500]  # type: ignore[attr-defined]
+    with pytest.raises(ManagementError, match="HTTP 500"):
+        api.connections_of("client-000")
+    assert len(server.calls) == 3  # type: ignore[attr-defined]
+    server.calls.clear()  # type: ignore[attr-defined]
+    server.script[:] = [401]  # type: ignore[attr-defined]
+    with pytest.raises(ManagementError, match="HTTP 401"):
+        api.delete_user("client-000")
+    assert len(server.calls) == 1  # type: ignore[attr-defined]
