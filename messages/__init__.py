@@ -27,6 +27,8 @@ from qflare.messages.bodies import (
     TensorSpec,
     Update,
     UpdateAccepted,
+    UpdateManifest,
+    UpdatePart,
     UpdateRef,
     UpdateRejected,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "TensorSpec",
     "Update",
     "UpdateAccepted",
+    "UpdateManifest",
+    "UpdatePart",
     "UpdateRef",
     "UpdateRejected",
     "encode",

@@ -440,6 +440,57 @@ class ChunkManifest(Body):
     """SHA-256 of the whole inner envelope."""
 
 
+class TensorShape(Part):
+    """One tensor of an update sent in parts: its name and shape (values float32, C order)."""
+
+    name: Name
+    """Tensor name."""
+    shape: list[NonNegInt] = Field(max_length=8)
+    """Its shape."""
+
+
+class UpdateManifest(Body):
+    """Announces an update sent in parts (see :mod:`qflare.messages.parts`): what an
+    `update` carries besides its tensors, the tensors' layout, and the signed body digest of
+    every `update.part` that follows, in order. The tensors' values, flattened in this order
+    (sorted names, C order) into one float32 vector, travel `part_values` at a time."""
+
+    KIND = "update.manifest"
+    SENDERS = ("client",)
+    base_version: NonNegInt
+    """Global model version the update was computed on."""
+    num_samples: int = Field(gt=0)
+    """Local training examples used (FedAvg weight)."""
+    metrics: Metrics = Field(default_factory=dict)
+    """Training metrics by name (at most 32, finite; BAD_METRICS otherwise)."""
+    evaluation: Evaluation | None = None
+    """The client's evaluation of model `base_version` on its held-out data, if it ran one."""
+    transfer: bytes = Field(min_length=16, max_length=16)
+    """Random transfer id (per sender), repeated in each part."""
+    tensors: list[TensorShape] = Field(min_length=1)
+    """Name and shape of each tensor, names sorted and unique (the flat vector's order)."""
+    dtype: Literal["float32"] = "float32"
+    """dtype of the values in every part."""
+    part_values: int = Field(gt=0)
+    """Values per part (the last part may hold fewer)."""
+    part_digests: list[Digest] = Field(min_length=1)
+    """The `body_digest` of each part's envelope, in order: ceil(values / `part_values`)."""
+
+
+class UpdatePart(Body):
+    """Values `index * part_values` up to `(index + 1) * part_values` (or the end) of an
+    update announced by an `update.manifest` of the same sender, job and round."""
+
+    KIND = "update.part"
+    SENDERS = ("client",)
+    transfer: bytes = Field(min_length=16, max_length=16)
+    """Transfer id from the manifest."""
+    index: NonNegInt
+    """Position of this part (0-based)."""
+    values: Tensor
+    """The part's values: a one-dimensional float32 tensor."""
+
+
 BODY_TYPES: dict[str, type[Body]] = {
     cls.KIND: cls
     for cls in (
@@ -458,6 +509,8 @@ BODY_TYPES: dict[str, type[Body]] = {
         JobEnded,
         Chunk,
         ChunkManifest,
+        UpdateManifest,
+        UpdatePart,
     )
 }
 KINDS: tuple[str, ...] = tuple(BODY_TYPES)

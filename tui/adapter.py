@@ -25,7 +25,9 @@ from qflare.messages import bodies as wire
 from qflare.tui import events as ev
 
 #: Kinds the console draws nothing from (client uploads, chunks, the aggregator's requests).
-IGNORED_KINDS = frozenset({"update", "privacy.request", "chunk", "chunk.manifest"})
+IGNORED_KINDS = frozenset(
+    {"update", "update.manifest", "update.part", "privacy.request", "chunk", "chunk.manifest"}
+)
 #: ``model.published`` metrics named ``train/<name>``: the round's weighted training metrics.
 TRAIN = "train/"
 KIND_CONSOLE_REJECTED = "console.rejected"
