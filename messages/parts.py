@@ -54,6 +54,8 @@ from qflare.messages.tensors import Layout, Tensors
 _F32 = np.dtype("<f4")
 #: Values per part: 8 MiB of float32, the chunk size RabbitMQ's client moves fastest.
 DEFAULT_PART_VALUES = DEFAULT_CHUNK_SIZE // _F32.itemsize
+#: An update whose tensor bytes exceed this travels in parts; a smaller one as one ``update``.
+PART_THRESHOLD_BYTES = 64 * MiB
 #: Bytes of a part envelope besides its values: header, certificate (~6.5 KB), signature
 #: (3309), seal framing (~1.2 KB) and tensor header, with room to spare.
 PART_OVERHEAD = 64 * 1024
