@@ -51,7 +51,7 @@ import hashlib
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -202,6 +202,29 @@ def cap_removals(
     return sorted([*kept, *back]), sorted(removed)
 
 
+@runtime_checkable
+class SpanReader(Protocol):
+    """A model read a range of its flat (layout-order) values at a time, e.g. a model file
+    (:class:`qflare.runtime.modelfile.ModelFile`)."""
+
+    @property
+    def layout(self) -> Layout: ...
+
+    def read(self, a: int, b: int, dtype: npt.DTypeLike = ...) -> npt.NDArray[Any]: ...
+
+
+class SpanWriter(Protocol):
+    """Where a new model's flat values go, a range at a time (cast to each tensor's dtype)."""
+
+    def write_values(self, a: int, values: npt.ArrayLike) -> None: ...
+
+
+class SpanStore(SpanWriter, Protocol):
+    """A vector of values written and read back a range at a time."""
+
+    def read(self, a: int, b: int, dtype: npt.DTypeLike = ...) -> npt.NDArray[Any]: ...
+
+
 @dataclass(frozen=True)
 class AggregationResult:
     model: dict[str, Array]
@@ -332,7 +355,7 @@ def aggregate_blocks(
     job: str,
     round_no: int,
     seed: int,
-    base: Tensors,
+    base: Tensors | SpanReader,
     clients: Sequence[str],
     rows: rb.BlockSource | Rows | None,
     block: int,
@@ -343,6 +366,8 @@ def aggregate_blocks(
     expected_clients: float,
     server_lr: float = 1.0,
     adaptive: AdaptiveClipping | None = None,
+    out: SpanWriter | None = None,
+    scratch: SpanStore | None = None,
 ) -> AggregationResult:
     """:func:`aggregate_rows` over rows read ``block`` columns at a time (a
     :class:`~qflare.robust.blocks.BlockSource`, e.g. a memmap or a raw file, or an array):
@@ -358,8 +383,15 @@ def aggregate_blocks(
     chunk, the result is clipped, released (:class:`~qflare.privacy.mechanism.Release`,
     the noise drawn from the round's source chunk after chunk: the same stream as one
     draw) and added to ``base``. Adaptive clipping's count noise is drawn as
-    :func:`aggregate_rows` draws it."""
-    layout = Layout.of(base)
+    :func:`aggregate_rows` draws it.
+
+    For a model too large to hold (docs/architecture.md, "Large models"): ``base`` may be
+    a :class:`SpanReader` (a model file read range by range), ``out`` a
+    :class:`SpanWriter` that takes the new model's values chunk by chunk instead of a dict
+    (the result's ``model`` is then empty), and ``scratch`` a :class:`SpanStore` of d
+    values that holds the combined vector instead of memory. The values are the same, bit
+    for bit."""
+    layout = base.layout if isinstance(base, SpanReader) else Layout.of(base)
     chosen = tuple(clients)
     if list(chosen) != sorted(set(chosen)):
         raise ValueError(f"rows must be of distinct clients in client-id order, got {chosen}")
@@ -384,25 +416,42 @@ def aggregate_blocks(
         read = rb.GridBlocks(src, int(block))
         norms, factors = _clip_factors(read, grid, clip)
         clipped = _Clipped(read, factors)
-        combined = np.empty(d, dtype=src.dtype)
+        combined = np.empty(d if scratch is None else 0, dtype=src.dtype)
         sums = np.empty(len(grid), dtype=np.float64)
         agg = _round_rule(rule, f, n)
         rng = round_rng(seed, job, round_no, _RULE)
         for k, (a, part) in enumerate(rb.iter_aggregate(agg, clipped, GRID, rng=rng)):
-            combined[a : a + len(part)] = part
+            if scratch is None:
+                combined[a : a + len(part)] = part
+            else:
+                scratch.write_values(a, part)
             sums[k] = square_sums(part.reshape(1, -1))[0]
         combined_factor = clip_factor(norm_of_sums(sums), clip, np.float64)
     noise = round_noise(seed, job, round_no, _NOISE)
-    model = {name: np.empty(shape, dtype=dtype) for name, shape, dtype in layout.entries()}
+    model: dict[str, Array] = (
+        {name: np.empty(shape, dtype=dtype) for name, shape, dtype in layout.entries()}
+        if out is None
+        else {}
+    )
     step_sums = np.empty(len(grid), dtype=np.float64)
     for k, (a, b) in enumerate(grid):
-        ours = None if combined is None else combined[a:b].astype(np.float64)
+        ours = None
+        if combined is not None:
+            held = combined[a:b] if scratch is None else scratch.read(a, b, combined.dtype)
+            ours = held.astype(np.float64)
         if ours is not None and combined_factor is not None:
             ours *= combined_factor  # as clip_rows scales the float64 combined vector
         step = release.step(ours, b - a, noise)
         step *= server_lr
         step_sums[k] = square_sums(step.reshape(1, -1))[0]
-        _write_span(layout, model, a, _base_span(layout, base, a, b) + step)
+        if isinstance(base, SpanReader):
+            new = base.read(a, b, np.float64) + step
+        else:
+            new = _base_span(layout, base, a, b) + step
+        if out is None:
+            _write_span(layout, model, a, new)
+        else:
+            out.write_values(a, new)
     following = next_clip(
         clip,
         norms,
@@ -417,13 +466,17 @@ def aggregate_blocks(
 def aggregate_source(
     spec: JobSpec,
     command: Aggregate,
-    base: Tensors,
+    base: Tensors | SpanReader,
     clients: Sequence[str],
     rows: rb.BlockSource | Rows | None,
     block: int,
+    *,
+    out: SpanWriter | None = None,
+    scratch: SpanStore | None = None,
 ) -> AggregationResult:
     """:func:`aggregate_matrix` over rows read ``block`` columns at a time
-    (:func:`aggregate_blocks`): the same model, bit for bit."""
+    (:func:`aggregate_blocks`): the same model, bit for bit (into ``out``, with the
+    combined vector in ``scratch``, when given: see :func:`aggregate_blocks`)."""
     if tuple(clients) != tuple(sorted(set(command.kept))):
         raise ValueError(f"rows of {list(clients)}, the round keeps {list(command.kept)}")
     return aggregate_blocks(
@@ -431,6 +484,8 @@ def aggregate_source(
         clients=clients,
         rows=rows,
         block=block,
+        out=out,
+        scratch=scratch,
         **_round_arithmetic(spec, command),
     )
 

@@ -21,7 +21,9 @@ import pytest
 
 from qflare.messages.jobs import JobSpec
 from qflare.privacy import AdaptiveClipping, PrivacyError, mechanism
+from qflare.messages.tensors import Layout
 from qflare.robust.blocks import ArrayBlocks, FileBlocks, open_memmap
+from qflare.runtime.modelfile import ModelFile
 from qflare.services.aggregator import core
 from qflare.services.aggregator.core import (
     Aggregate,
@@ -136,6 +138,49 @@ def test_memmap_and_file_rows_give_the_in_memory_model(rule: str, tmp_path: Path
         ):
             got = aggregate_blocks(base=BASE, clients=clients(N), rows=rows, block=size, **kw)
             assert_same(got, want)
+
+
+@pytest.mark.usefixtures("small_grid")
+@pytest.mark.parametrize("rule", ["mean", "trimmed_mean", "multikrum"])
+@pytest.mark.parametrize("dp", [False, True], ids=["dp-off", "dp-on"])
+def test_a_model_read_from_and_written_to_files_is_the_in_memory_model(
+    rule: str, dp: bool, tmp_path: Path
+) -> None:
+    """Base model read from its file, the new model written into one and the combined
+    vector kept in a scratch file (a model too large to hold): the same bits."""
+    x = rows_of(N, D, seed=9)
+    kw = arithmetic(rule, dp=dp, adaptive=dp)
+    want = in_memory(BASE, x, **kw)
+    base = ModelFile.write(tmp_path / "base.safetensors", BASE)
+    for size in (1, 7, D + 1):
+        out = ModelFile.create(tmp_path / f"new{size}.safetensors", Layout.of(BASE))
+        scratch = ModelFile.create(
+            tmp_path / f"scratch{size}", Layout(("v",), ((D,),), ("float32",))
+        )
+        got = aggregate_blocks(
+            base=base,
+            clients=clients(N),
+            rows=FileBlocks(_rows_file(tmp_path, x), (N, D)),
+            block=size,
+            out=out,
+            scratch=scratch,
+            **kw,
+        )
+        scratch.discard()
+        assert got.model == {}
+        out.commit()
+        with ModelFile.open(out.path) as f:
+            assert_same(
+                AggregationResult(f.tensors(), got.kept, got.update_norm, got.next_clip), want
+            )
+        out.close()
+    base.close()
+
+
+def _rows_file(folder: Path, x: np.ndarray) -> Path:
+    path = folder / "rows.f32"
+    x.tofile(path)
+    return path
 
 
 @pytest.mark.usefixtures("small_grid")

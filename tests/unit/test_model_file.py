@@ -1,0 +1,122 @@
+"""qflare.runtime.modelfile: a model's safetensors file read and written by flat ranges."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from qflare.messages.tensors import Layout, model_digest
+from qflare.runtime.modelfile import ModelFile, ModelFileError
+
+
+def _model(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "z.bias": rng.standard_normal(7).astype(np.float32),
+        "a.weight": rng.standard_normal((5, 3)).astype(np.float32),
+        "m.table": rng.standard_normal((2, 2, 3)).astype(np.float64),
+        "n.count": np.arange(4, dtype=np.int64),
+    }
+
+
+@pytest.mark.parametrize("bounds", [(0, 0), (0, 5), (3, 17), (14, 36), (0, 38), (37, 38)])
+def test_reads_any_range_of_the_flat_model(tmp_path: Path, bounds: tuple[int, int]) -> None:
+    model = _model(np.random.default_rng(0))
+    layout = Layout.of(model)
+    flat = layout.flatten(model, dtype=np.float64)
+    with ModelFile.write(tmp_path / "m.safetensors", model) as f:
+        a, b = bounds
+        np.testing.assert_array_equal(f.read(a, b), flat[a:b])
+        assert f.layout == layout and f.size == layout.size == 38
+
+
+def test_a_written_file_is_safetensors_and_a_safetensors_file_opens(tmp_path: Path) -> None:
+    model = _model(np.random.default_rng(1))
+    path = tmp_path / "m.safetensors"
+    ModelFile.write(path, model).close()
+    loaded = st_load(path.read_bytes())
+    assert sorted(loaded) == sorted(model)
+    for name in model:
+        np.testing.assert_array_equal(loaded[name], model[name])
+    # a file safetensors wrote itself (its own order of tensors) reads the same
+    other = tmp_path / "st.safetensors"
+    other.write_bytes(st_save(model))
+    with ModelFile.open(other) as f:
+        for name in model:
+            np.testing.assert_array_equal(f.tensor(name), model[name])
+        assert f.digest() == model_digest(model)
+
+
+def test_values_written_by_range_make_the_model_and_its_digest(tmp_path: Path) -> None:
+    model = _model(np.random.default_rng(2))
+    layout = Layout.of(model)
+    flat = layout.flatten(model, dtype=np.float64)
+    path = tmp_path / "v1.safetensors"
+    f = ModelFile.create(path, layout)
+    assert not path.exists()  # under a temporary name until committed
+    for a in range(0, layout.size, 6):  # blocks that cut tensors
+        f.write_values(a, flat[a : a + 6])
+    f.commit()
+    f.close()
+    assert path.exists() and [p.name for p in tmp_path.iterdir()] == ["v1.safetensors"]
+    with ModelFile.open(path) as g:
+        got = g.tensors()
+        assert g.digest() == model_digest(model)
+    for name in model:
+        assert got[name].dtype == model[name].dtype
+        np.testing.assert_array_equal(got[name], model[name])
+
+
+def test_a_discarded_or_abandoned_file_leaves_nothing(tmp_path: Path) -> None:
+    layout = Layout.of(_model(np.random.default_rng(3)))
+    ModelFile.create(tmp_path / "a.safetensors", layout).discard()
+    with ModelFile.create(tmp_path / "b.safetensors", layout) as f:
+        f.write_values(0, np.ones(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reads_outside_the_model_are_refused(tmp_path: Path) -> None:
+    with ModelFile.write(tmp_path / "m.safetensors", _model(np.random.default_rng(4))) as f:
+        for a, b in [(-1, 2), (3, 39), (5, 4)]:
+            with pytest.raises(IndexError):
+                f.read(a, b)
+        with pytest.raises(IndexError):
+            f.write_values(36, np.zeros(3))
+
+
+def _raw(header: dict[str, object], data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"abc", "shorter than 8 bytes"),
+        (struct.pack("<Q", 2**40), "header of"),
+        (_raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "bytes"),
+        (_raw({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "bad"),
+        (_raw({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "fit"),
+        (
+            _raw(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                b"\0" * 12,
+            ),
+            "overlaps",
+        ),
+        (struct.pack("<Q", 4) + b"[1] ", "not a JSON object"),
+    ],
+)
+def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path, content: bytes, why: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=why):
+        ModelFile.open(path)
