@@ -184,6 +184,11 @@ class IngestOptions(_Table):
         strict=False,
         description="revocation list (default <pki_dir>/services/ingest/crl.qrl)",
     )
+    part_ttl_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="an update sent in parts whose parts stop coming this long is refused",
+    )
 
     @field_validator("replica")
     @classmethod

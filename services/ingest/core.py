@@ -21,12 +21,14 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
-from qflare.messages.bodies import TensorSpec, Update, UpdateAccepted
+from qflare.messages.bodies import TensorSpec, Update, UpdateAccepted, UpdateManifest
 from qflare.messages.envelope import Envelope
 from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.tensors import Layout
 from qflare.messages.validate import validate_update
 
 #: Rounds remembered as closed per job, so a late ``round.opened`` redelivery cannot reopen one.
@@ -324,3 +326,147 @@ class RejectionBudget:
             Shed(job, sum(r.values()), dict(r.most_common()), dict(s.most_common()))
             for job, (r, s) in sorted(jobs.items())
         ]
+
+
+# --- updates in parts (qflare.messages.parts) -------------------------------------------
+
+
+def round_layout(info: OpenRound) -> Layout:
+    """The round's tensors as an update in parts must lay them out: sorted names, their
+    shapes (the values are float32 whatever the model's dtype)."""
+    spec = sorted(info.tensors, key=lambda t: t.name)
+    return Layout(
+        tuple(t.name for t in spec),
+        tuple(tuple(t.shape) for t in spec),
+        ("float32",) * len(spec),
+    )
+
+
+def check_layout(info: OpenRound, layout: Layout) -> None:
+    """A manifest's tensor names and shapes against the round's (SHAPE_MISMATCH)."""
+    ours = round_layout(info)
+    if (layout.names, layout.shapes) != (ours.names, ours.shapes):
+        theirs = list(zip(layout.names, layout.shapes, strict=True))
+        raise MessageRejected(
+            Reason.SHAPE_MISMATCH,
+            f"tensors {theirs[:5]} differ from the round's "
+            f"{list(zip(ours.names, ours.shapes, strict=True))[:5]}",
+        )
+
+
+def check_norm_bound(info: OpenRound, norm: float) -> None:
+    """An L2 norm computed as the parts came (finite: :class:`RunningCheck` refused any
+    value that was not) against ``info.max_norm``."""
+    if info.max_norm is not None and norm > info.max_norm:
+        raise MessageRejected(
+            Reason.TOO_LARGE, f"update L2 norm {norm:.4g} exceeds the limit {info.max_norm:.4g}"
+        )
+
+
+def accepted_manifest(env: Envelope[UpdateManifest], offset: int) -> UpdateAccepted:
+    """Ingest's verdict on an update sent in parts whose every part passed: it names the
+    manifest (its ``offset`` in the stream and its body digest, which covers every part's)."""
+    return UpdateAccepted(
+        client=env.sender,
+        update_digest=env.body_digest,
+        base_version=env.body.base_version,
+        num_samples=env.body.num_samples,
+        offset=offset,
+    )
+
+
+class Route(StrEnum):
+    """What a replica does with a message of a transfer (:class:`PartRoutes`)."""
+
+    MINE = "mine"
+    """Its transfer is this replica's: open the part and check it."""
+    OTHERS = "others"
+    """Another replica checks its transfer: pass it over."""
+    CLOSED = "closed"
+    """Its transfer was accepted, refused or expired: pass it over."""
+    UNKNOWN = "unknown"
+    """No manifest read here names it: the replica whose offset share holds it refuses it."""
+
+
+@dataclass
+class _Routed:
+    mine: bool
+    digests: tuple[bytes, ...]
+    seen: float
+    next_index: int = 0
+    closed: bool = False
+
+
+@dataclass
+class PartRoutes:
+    """Which replica checks each part, as every replica reads every manifest.
+
+    With ``share = "i/N"`` a replica checks the offsets ``o`` with ``o % N == i``; an update
+    in parts belongs as a whole to the replica whose share holds its manifest's offset. Each
+    replica therefore opens every manifest (a few hundred bytes plus 32 per part) and notes
+    the signed body digest of each of its parts; a part's header (read unverified, without
+    opening the body) then tells whose it is: its digest, or else the claimed sender's open
+    transfer. A part that no manifest read here names (its transfer started before this
+    replica began reading, or a part no one announced) is :attr:`Route.UNKNOWN`. Transfers
+    are remembered after they end (their late or repeated parts are passed over), at most
+    ``capacity`` of them."""
+
+    capacity: int = 10_000
+    _transfers: OrderedDict[tuple[str, bytes], _Routed] = field(default_factory=OrderedDict)
+    _digests: dict[bytes, tuple[str, bytes]] = field(default_factory=dict)
+
+    def announce(
+        self, sender: str, transfer: bytes, digests: list[bytes], *, mine: bool, now: float
+    ) -> None:
+        """A manifest opened: its parts (by digest) go to this replica when ``mine``."""
+        key = (sender, transfer)
+        self._forget(key)
+        self._transfers[key] = _Routed(mine, tuple(digests), now)
+        for d in digests:
+            self._digests[d] = key
+        while len(self._transfers) > self.capacity:
+            self._forget(next(iter(self._transfers)))
+
+    def _forget(self, key: tuple[str, bytes]) -> None:
+        routed = self._transfers.pop(key, None)
+        if routed is not None:
+            for d in routed.digests:
+                if self._digests.get(d) == key:
+                    del self._digests[d]
+
+    def route(self, sender: str, digest: bytes, now: float) -> Route:
+        """Whose is the part that claims ``sender`` and has the signed ``digest``."""
+        key = self._digests.get(digest)
+        if key is None:
+            # a part no manifest named: the claimed sender's open transfer (if any) decides,
+            # so its owner refuses it with that transfer (out of range, forged, ...)
+            open_ = [r for (s, _), r in self._transfers.items() if s == sender and not r.closed]
+            if not open_:
+                return Route.UNKNOWN
+            return Route.MINE if open_[-1].mine else Route.OTHERS
+        routed = self._transfers[key]
+        if routed.closed:
+            return Route.CLOSED
+        routed.seen = now
+        if not routed.mine:
+            # another replica's transfer: it ends here when its last part goes by
+            if routed.digests.index(digest) == len(routed.digests) - 1:
+                routed.closed = True
+            return Route.OTHERS
+        return Route.MINE
+
+    def close(self, sender: str, transfer: bytes) -> None:
+        """The transfer was accepted, refused or expired: its parts are passed over."""
+        routed = self._transfers.get((sender, transfer))
+        if routed is not None:
+            routed.closed = True
+
+    def expire(self, ttl_s: float, now: float) -> None:
+        """Close the other replicas' transfers quiet for ``ttl_s`` (this replica's own are
+        expired by its :class:`~qflare.messages.parts.PartAssembler`, which reports them)."""
+        for routed in self._transfers.values():
+            if not routed.mine and now - routed.seen > ttl_s:
+                routed.closed = True
+
+    def __len__(self) -> int:
+        return len(self._transfers)

@@ -47,6 +47,9 @@ import logging
 import os
 import re
 import socket
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 from qflare.bus import Delivery, Outcome, QueueSpec, StreamNotFound, StreamReader, topology
 from qflare.messages import (
@@ -60,9 +63,11 @@ from qflare.messages import (
     UpdateRejected,
     unpack,
 )
-from qflare.messages.envelope import of_kind, open_off_loop
+from qflare.messages.bodies import UpdateManifest, UpdatePart
+from qflare.messages.envelope import Header, of_kind, open_off_loop, peek_header
 from qflare.messages.errors import MessageRejected, Reason, SignedBodyRejected
 from qflare.messages.limits import OFF_LOOP_BYTES
+from qflare.messages.parts import PART_KINDS, PartAssembler, RunningCheck, TransferKey
 from qflare.runtime import metrics
 from qflare.runtime.config import IngestOptions
 from qflare.runtime.envelopes import emit
@@ -78,15 +83,42 @@ from qflare.runtime.service import (
 from qflare.services.ingest.core import (
     UNVERIFIED,
     OpenRound,
+    PartRoutes,
     RejectionBudget,
     RoundBook,
+    Route,
     SeenUpdates,
+    accepted_manifest,
     accepted_update,
+    check_layout,
+    check_norm_bound,
+    check_round,
     check_tensors,
     check_update_round,
     max_envelope_bytes,
     needs_round_news,
+    round_layout,
 )
+
+#: The kinds of message a job's update stream holds.
+UPDATE_KINDS = (Update.KIND, UpdateManifest.KIND, UpdatePart.KIND)
+#: Refusals of a part or manifest remembered until their report went out (a report that
+#: failed is made again when the reader hands the message over again).
+_REFUSALS_KEPT = 256
+
+
+@dataclass
+class _Transfer:
+    """An update in parts this replica checks: its verified manifest, the manifest's offset
+    in the stream, the running check of its values, and the last offset it took a part from."""
+
+    manifest: Envelope[UpdateManifest]
+    offset: int
+    check: RunningCheck
+    round_checked: bool
+    last_offset: int
+    nbytes: int
+
 
 #: Ingest's durable queues: none (updates are read from each job's stream, round events
 #: from a transient queue per replica).
@@ -175,6 +207,13 @@ class IngestService(Service):
         self._readers_lock = asyncio.Lock()
         # (job, round, client) of the updates that wait for news of their round
         self._waited: set[tuple[str, int, str]] = set()
+        # updates in parts: the transfers this replica checks, whose parts are whose
+        self.assembler = PartAssembler(
+            self.limits, ttl_s=self.options.part_ttl_s, clock=self._monotonic
+        )
+        self.routes = PartRoutes()
+        self._transfers: dict[TransferKey, _Transfer] = {}
+        self._refusals: OrderedDict[tuple[str, int], _Refused] = OrderedDict()
 
     def consumers(self) -> list[Consumer]:
         return [
@@ -200,6 +239,11 @@ class IngestService(Service):
     async def started(self) -> None:
         self._shed_since = asyncio.get_running_loop().time()
         self.spawn(self._report_shed_every(), name="ingest-shed-report")
+        self.spawn(self._expire_every(), name="ingest-expire-transfers")
+
+    @staticmethod
+    def _monotonic() -> float:
+        return asyncio.get_running_loop().time()
 
     async def close(self) -> None:
         await self.report_shed()
@@ -243,8 +287,9 @@ class IngestService(Service):
         settle = self._wrap(lambda delivery: self.on_update(job, delivery), kind=Update.KIND)
 
         async def mine(delivery: Delivery) -> Outcome:
-            # another replica's share is passed over here, outside the handler's metrics
-            if not self._mine(delivery.offset):
+            # another replica's share is passed over here, outside the handler's metrics;
+            # every replica reads the manifests and part headers (PartRoutes)
+            if not self._mine(delivery.offset) and _kind(delivery.body) not in PART_KINDS:
                 return Outcome.ACK
             return await settle(delivery)
 
@@ -322,7 +367,13 @@ class IngestService(Service):
     async def on_update(self, key_job: str, delivery: Delivery) -> None:
         """One message of the job's update stream (this replica's share of the offsets)."""
         offset = delivery.offset
-        if offset is None or not self._mine(offset):
+        if offset is None:
+            return
+        header = _header(delivery.body)
+        if header is not None and header.kind in PART_KINDS:
+            await self._on_transfer_message(key_job, delivery, header)
+            return
+        if not self._mine(offset):
             return
         env: Envelope[Update] | None = None
         try:
@@ -334,7 +385,7 @@ class IngestService(Service):
                     f"{len(delivery.body)} bytes exceed the {max_envelope_bytes(info)} an update "
                     f"for round {info.round} of {key_job!r} can take",
                 )
-            env = await self._open(delivery.body)
+            env = of_kind(await self._open(delivery.body), Update)
             metrics.message_age(self.name, Update.KIND, env.ts)
             if env.job != key_job:
                 raise MessageRejected(
@@ -403,16 +454,292 @@ class IngestService(Service):
             sealed=env.sealed,
         )
 
+    # -- updates in parts -----------------------------------------------------------------
+    async def _on_transfer_message(self, key_job: str, delivery: Delivery, header: Header) -> None:
+        """An ``update.manifest`` or ``update.part`` (every replica reads them; only the
+        owner of a transfer, the replica whose share holds its manifest's offset, checks its
+        parts and reports). A refusal whose report fails is raised again when the reader
+        hands the same offset over again (the transfer is gone by then)."""
+        offset = delivery.offset
+        assert offset is not None
+        again = self._refusals.get((key_job, offset))
+        if again is not None:
+            raise again
+        self.reload_crl()
+        now = self._monotonic()
+        self._expire(now)
+        try:
+            if header.kind == UpdateManifest.KIND:
+                await self._on_manifest(key_job, delivery, now)
+                return
+            route = self.routes.route(header.sender, header.body_digest, now)
+            if route is Route.MINE or (route is Route.UNKNOWN and self._mine(offset)):
+                await self._on_part(key_job, delivery, now)
+        except _Refused as exc:
+            self._refusals[(key_job, offset)] = exc
+            while len(self._refusals) > _REFUSALS_KEPT:
+                self._refusals.popitem(last=False)
+            raise
+
+    def _bounded(self, key_job: str, data: bytes) -> None:
+        info = self.book.get(key_job)
+        if info is not None and len(data) > max_envelope_bytes(info):
+            raise MessageRejected(
+                Reason.TOO_LARGE,
+                f"{len(data)} bytes exceed the {max_envelope_bytes(info)} an update "
+                f"for round {info.round} of {key_job!r} can take",
+            )
+
+    async def _on_manifest(self, key_job: str, delivery: Delivery, now: float) -> None:
+        """Open the manifest and note its parts' digests; the owner checks it as it would
+        an ``update`` (round, base version, participant, duplicate), its layout against the
+        round's tensors, and starts following its parts."""
+        offset = delivery.offset
+        assert offset is not None
+        mine = self._mine(offset)
+        env: Envelope[UpdateManifest] | None = None
+        try:
+            self._bounded(key_job, delivery.body)
+            env = of_kind(await self._open(delivery.body), UpdateManifest)
+            metrics.message_age(self.name, UpdateManifest.KIND, env.ts)
+            if env.job != key_job:
+                raise MessageRejected(
+                    Reason.WRONG_JOB,
+                    f"the stream of job {key_job!r} holds an update for {env.job!r}",
+                )
+        except MessageRejected as exc:
+            if mine:
+                self._refuse(exc, key_job, env, delivery)
+            return
+        m = env.body
+        self.routes.announce(env.sender, m.transfer, list(m.part_digests), mine=mine, now=now)
+        if not mine:
+            return
+        key = (env.sender, m.transfer)
+        self._transfers.pop(key, None)  # a second manifest: the assembler refuses it below
+        # the round's news may not have come yet: the parts are checked meanwhile, and the
+        # round when the last part is in (the wait is beside the reader, see _finish)
+        known = not (
+            needs_round_news(self.book, env.job, env.round)
+            and self._may_wait(env.job, env.round, env.sender)
+        )
+        try:
+            info = None
+            if known:
+                info = check_round(
+                    self.book,
+                    job=env.job,
+                    round_=env.round,
+                    base_version=m.base_version,
+                    client=env.sender,
+                    now=self.ctx.clock(),
+                )
+                self.seen.check(env.job, env.round, env.sender)
+            expected = None if info is None else round_layout(info)
+            transfer = self.assembler.start(env, expected=expected, now=now)
+        except MessageRejected as exc:
+            self.routes.close(*key)
+            self._refuse(exc, key_job, env, delivery)
+            return
+        self._transfers[key] = _Transfer(
+            env, offset, RunningCheck(transfer.layout), known, offset, len(delivery.body)
+        )
+        event(
+            self.log,
+            "transfer.started",
+            job=env.job,
+            round=env.round,
+            client=env.sender,
+            offset=offset,
+            parts=transfer.count,
+            values=transfer.total,
+        )
+
+    async def _on_part(self, key_job: str, delivery: Delivery, now: float) -> None:
+        """A part of a transfer this replica checks (or of none it knows: refused)."""
+        offset = delivery.offset
+        assert offset is not None
+        env: Envelope[UpdatePart] | None = None
+        try:
+            self._bounded(key_job, delivery.body)
+            env = of_kind(await self._open(delivery.body), UpdatePart)
+            if env.job != key_job:
+                raise MessageRejected(
+                    Reason.WRONG_JOB,
+                    f"the stream of job {key_job!r} holds an update for {env.job!r}",
+                )
+        except MessageRejected as exc:
+            # a part that does not open names no one: its transfer waits for the real one
+            self._refuse(exc, key_job, env, delivery)
+            return
+        key = (env.sender, env.body.transfer)
+        held = self._transfers.get(key)
+        if held is not None and held.last_offset == offset:
+            # handed over again (its verdict did not go out): judge, do not count it twice
+            if self.assembler.done(*key):
+                await self._finish(key_job, key, delivery)
+            return
+        try:
+            start, values = self.assembler.add(env, now=now)
+            assert held is not None  # the assembler holds only the transfers started here
+            held.last_offset = offset
+            held.nbytes += len(delivery.body)
+            if values.nbytes > OFF_LOOP_BYTES:
+                await asyncio.to_thread(held.check.update, start, values)
+            else:
+                held.check.update(start, values)
+        except MessageRejected as exc:
+            if held is None:  # a part of no transfer held here: its own verdict
+                self._refuse(exc, key_job, env, delivery)
+                return
+            self._end_transfer(key)
+            where = f"part {env.body.index} at offset {offset}: {exc.detail}"
+            self._refuse(
+                MessageRejected(exc.reason, where), key_job, held.manifest, delivery, held.offset
+            )
+            return
+        if self.assembler.done(*key):
+            await self._finish(key_job, key, delivery)
+
+    async def _finish(
+        self, key_job: str, key: TransferKey, delivery: Delivery, waited: bool = False
+    ) -> None:
+        """Every part is in and passed: check the round again (it may have closed, or been
+        unknown at the manifest), the norm and duplicates, then accept the manifest."""
+        held = self._transfers.get(key)
+        if held is None:
+            return
+        env = held.manifest
+        if (
+            not waited
+            and not held.round_checked
+            and needs_round_news(self.book, env.job, env.round)
+        ):
+            self.spawn(self._finish_later(key_job, key, delivery), name="ingest-round-news")
+            return
+        natural = (env.job, env.round, env.sender)
+        try:
+            info = check_round(
+                self.book,
+                job=env.job,
+                round_=env.round,
+                base_version=env.body.base_version,
+                client=env.sender,
+                now=self.ctx.clock(),
+            )
+            check_layout(info, held.check.layout)
+            check_norm_bound(info, held.check.norm)
+            self.seen.check(*natural)
+            if natural in self._inflight:
+                raise MessageRejected(
+                    Reason.DUPLICATE,
+                    f"{env.sender!r} has an update for round {env.round} of {env.job!r} in flight",
+                )
+        except MessageRejected as exc:
+            self._end_transfer(key)
+            self._refuse(exc, key_job, env, delivery, held.offset)
+            return
+        self._inflight.add(natural)
+        try:
+            await emit(
+                self,
+                "update.accepted",
+                accepted_manifest(env, held.offset),
+                job=env.job,
+                round=env.round,
+            )
+            self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())
+        finally:
+            self._inflight.discard(natural)
+        self._end_transfer(key)  # only now: a verdict that failed is made again
+        self.counts["accepted"] += 1
+        metrics.update_accepted(self.name, env.job)
+        event(
+            self.log,
+            "update.accepted",
+            job=env.job,
+            round=env.round,
+            client=env.sender,
+            norm=round(held.check.norm, 6),
+            offset=held.offset,
+            bytes=held.nbytes,
+            parts=len(env.body.part_digests),
+            sealed=env.sealed,
+        )
+
+    async def _finish_later(self, key_job: str, key: TransferKey, delivery: Delivery) -> None:
+        held = self._transfers.get(key)
+        if held is None:
+            return
+        await self._await_news(held.manifest.job, held.manifest.round)
+        await self.handle(
+            lambda d: self._finish(key_job, key, d, waited=True), delivery, UpdatePart.KIND
+        )
+
+    def _end_transfer(self, key: TransferKey) -> None:
+        self.assembler.drop(*key)
+        self._transfers.pop(key, None)
+        self.routes.close(*key)
+
+    def _expire(self, now: float) -> None:
+        """Refuse (CHUNK_MISMATCH) the transfers whose parts stopped coming for
+        ``part_ttl_s``; reported beside the reader."""
+        self.routes.expire(self.options.part_ttl_s, now)
+        for key in self.assembler.expire(now):
+            held = self._transfers.pop(key, None)
+            self.routes.close(*key)
+            if held is None:
+                continue
+            count = len(held.manifest.body.part_digests)
+            exc = MessageRejected(
+                Reason.CHUNK_MISMATCH,
+                f"update in parts incomplete: {held.check.values} of {held.check.layout.size} "
+                f"values ({count} parts) after {self.options.part_ttl_s:g}s without a part",
+            )
+            refused = self._refusal(exc, held.manifest.job, held.manifest, b"", held.offset)
+            if refused is not None:
+                self.counts["rejected"] += 1
+                self.spawn(self._report_soon(refused), name="ingest-report")
+
+    async def _report_soon(self, refused: _Refused) -> None:
+        try:
+            await self._report(refused)
+        except TRANSIENT_ERRORS as exc:
+            event(self.log, "report.deferred", logging.WARNING, error=repr(exc))
+
+    async def _expire_every(self) -> None:
+        pause = max(0.05, min(self.options.part_ttl_s / 4, 5.0))
+        while True:
+            await asyncio.sleep(pause)
+            self._expire(self._monotonic())
+
     def _refuse(
         self,
         exc: MessageRejected,
         key_job: str,
-        env: Envelope[Update] | None,
+        env: Envelope[Any] | None,
         delivery: Delivery,
+        offset: int | None = None,
     ) -> None:
         """Raise the rejection for :meth:`on_rejected` to report, or shed it: count it
         for the summary (:meth:`report_shed`) when its sender spent its budget of reported
-        rejections (:class:`~qflare.services.ingest.core.RejectionBudget`)."""
+        rejections (:class:`~qflare.services.ingest.core.RejectionBudget`). ``offset``
+        (default: the delivery's) is the one the verdict names: an update in parts is
+        named by its manifest's."""
+        at = delivery.offset if offset is None else offset
+        refused = self._refusal(exc, key_job, env, delivery.body, at)
+        if refused is not None:
+            raise refused from None
+
+    def _refusal(
+        self,
+        exc: MessageRejected,
+        key_job: str,
+        env: Envelope[Any] | None,
+        data: bytes,
+        offset: int | None,
+    ) -> _Refused | None:
+        """The rejection to report, or None when it was shed (:meth:`_refuse`)."""
         # the verdict names the stream it judged (the offset is one of updates.<key_job>);
         # an update of another job written there is in no round of this job. A body that
         # fails after its signature and digest verified is its signer's: named, so that the
@@ -427,16 +754,16 @@ class IngestService(Service):
             self.budget.shed(key_job, sender, exc.reason.value)
             self.counts["shed"] += 1
             metrics.update_rejected(self.name, key_job, exc.reason.value)
-            return
-        raise _Refused(
+            return None
+        return _Refused(
             exc,
             job=key_job,
             round_=signed[2] if signed is not None and signed[1] == key_job else 0,
             client=signed[0] if signed is not None else None,
-            claimed=None if signed is not None else _claimed_sender(delivery.body),
+            claimed=None if signed is not None else _claimed_sender(data),
             digest=signed[3] if signed is not None else None,
-            offset=delivery.offset,
-        ) from None
+            offset=offset,
+        )
 
     async def _report_shed_every(self) -> None:
         while True:
@@ -485,23 +812,24 @@ class IngestService(Service):
         """Whether the update at ``offset`` is in this replica's share."""
         return offset is not None and offset % self.shares == self.share
 
-    async def _open(self, data: bytes) -> Envelope[Update]:
+    async def _open(self, data: bytes) -> Envelope[Any]:
+        """Open a message of the update stream (an update, a manifest or a part)."""
         assert self.ctx.identity is not None and self.ctx.trust is not None
-        env = await open_off_loop(
+        return await open_off_loop(
             data,
             self.ctx.trust,
             limits=self.limits,
-            expect_kind=Update.KIND,
+            expect_kind=UPDATE_KINDS,
             kem_key=self.ctx.identity.kem,
             now=self.ctx.clock(),
         )
-        return of_kind(env, Update)
 
     async def on_rejected(self, delivery: Delivery, exc: MessageRejected) -> None:
         if not isinstance(exc, _Refused):
             await super().on_rejected(delivery, exc)
             return
         self.counts["rejected"] += 1
+        self._refusals.pop((exc.job, -1 if delivery.offset is None else delivery.offset), None)
         if exc.client is None:
             # about a sender whose signature did not verify, which the aggregator ignores:
             # reported beside the reader, so that reporting it holds no update behind it
@@ -529,6 +857,19 @@ class IngestService(Service):
             detail=f"{who}: {exc.detail}"[:4000],
             client=exc.client,
         )
+
+
+def _header(data: bytes) -> Header | None:
+    """The envelope's unverified header (its kind decides the path), None if unreadable."""
+    try:
+        return peek_header(data)
+    except MessageRejected:
+        return None
+
+
+def _kind(data: bytes) -> str | None:
+    header = _header(data)
+    return None if header is None else header.kind
 
 
 def _claimed_sender(data: bytes) -> str | None:

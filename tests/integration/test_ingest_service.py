@@ -33,7 +33,9 @@ from qflare.messages import (
     encode,
     open_envelope,
 )
+from qflare.messages.bodies import TensorShape, UpdateManifest, UpdatePart
 from qflare.messages.envelope import peek_header
+from qflare.messages.parts import encode_update_parts
 from qflare.messages.tensors import model_digest
 from qflare.runtime import Settings, build_service
 from qflare.services.ingest.service import SHARE_ENV
@@ -725,3 +727,308 @@ async def test_a_flood_of_rejections_is_shed_and_summarised_not_reported_one_by_
         assert "39 rejected messages" in shed.body.detail, shed.body.detail
         assert "unverified senders 37" in shed.body.detail and "client-009 2" in shed.body.detail
         assert rig.service.counts == {"accepted": 1, "rejected": 7, "shed": 39}
+
+
+# --- updates in parts (qflare.messages.parts) -------------------------------------------
+#
+# SPEC's 15 values (b: 3, then w: 12, the Layout order) travel 4 a part: 4 parts of 4, 4,
+# 4 and 3 values. The verdict names the manifest (its offset and body digest); the parts get
+# no verdict of their own unless they belong to no transfer ingest knows.
+
+PART_VALUES = 4
+
+
+def parts(
+    fed: MemoryFederation,
+    client: str,
+    round_: int = 1,
+    *,
+    version: int = 0,
+    t: dict[str, np.ndarray] | None = None,
+    seal_to: tuple[str, ...] = READERS,
+) -> list[bytes]:
+    """A client's update as a participant sends it in parts: manifest, then each part."""
+    readers = [fed[r].cert for r in seal_to] or None
+    return list(
+        encode_update_parts(
+            fed[client],
+            t if t is not None else tensors(),
+            job=JOB,
+            round=round_,
+            base_version=version,
+            num_samples=10,
+            seal_to=readers,
+            part_values=PART_VALUES,
+        )
+    )
+
+
+def crafted(
+    fed: MemoryFederation, client: str, values: list[np.ndarray], *, transfer: bytes
+) -> list[bytes]:
+    """A manifest naming exactly these parts (whatever their sizes), then the parts."""
+    encoded = [
+        encode(
+            UpdatePart.KIND,
+            UpdatePart(transfer=transfer, index=i, values=v),
+            fed[client],
+            job=JOB,
+            round=1,
+            seal_to=[fed[r].cert for r in READERS],
+        )
+        for i, v in enumerate(values)
+    ]
+    manifest = UpdateManifest(
+        base_version=0,
+        num_samples=10,
+        transfer=transfer,
+        tensors=[TensorShape(name="b", shape=[3]), TensorShape(name="w", shape=[4, 3])],
+        part_values=PART_VALUES,
+        part_digests=[peek_header(e).body_digest for e in encoded],
+    )
+    head = encode(
+        UpdateManifest.KIND,
+        manifest,
+        fed[client],
+        job=JOB,
+        round=1,
+        seal_to=[fed[r].cert for r in READERS],
+    )
+    return [head, *encoded]
+
+
+def transfer_of(fed: MemoryFederation, manifest: bytes) -> bytes:
+    env = open_envelope(manifest, fed.trust(), kem_key=fed["ingest"].kem)
+    return bytes(env.body.transfer)
+
+
+async def send_all(rig: Rig, messages: list[bytes]) -> list[int]:
+    return [await rig.send(m) for m in messages]
+
+
+async def assert_no_transfer_left(rig: Rig) -> None:
+    await until(lambda: not rig.service._transfers and rig.service.assembler.pending == 0)
+
+
+@pytest.fixture
+async def prig(bus: Bus, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with running_rig(bus, tmp_path, part_ttl_s=0.5) as rig:
+        yield rig
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "plain"])
+async def test_an_update_in_parts_is_accepted_under_its_manifest(prig: Rig, sealed: bool) -> None:
+    rig = prig
+    messages = parts(rig.fed, "client-001", seal_to=READERS if sealed else ())
+    assert len(messages) == 1 + 4
+    offsets = await send_all(rig, messages)
+    got = await rig.watcher.verdict(offsets[0])
+    assert got.kind == "update.accepted" and got.sender == "ingest"
+    assert got.body.client == "client-001" and got.body.offset == offsets[0]
+    assert got.body.update_digest == peek_header(messages[0]).body_digest
+    assert got.body.num_samples == 10 and got.body.base_version == 0
+    await assert_no_transfer_left(rig)
+    # one verdict, on the manifest; the parts get none
+    assert sorted(rig.watcher.verdicts_of()) == [offsets[0]]
+    # a second update of that client for the round, in parts or whole, is a duplicate
+    again = parts(rig.fed, "client-001")
+    refused = await rig.watcher.verdict((await send_all(rig, again))[0])
+    assert refused.body.reason is Reason.DUPLICATE
+    assert (await rig.check(update(rig.fed, "client-001", 1))).body.reason is Reason.DUPLICATE
+    await assert_no_transfer_left(rig)
+
+
+async def refused_transfer(rig: Rig, manifest_offset: int, reason: Reason) -> Envelope[Any]:
+    """The refusal of the transfer whose manifest sits at ``manifest_offset``: the verdict
+    names the reason, an alert goes out, ingest holds nothing of it."""
+    got = await rig.watcher.verdict(manifest_offset)
+    assert got.kind == "update.rejected" and got.body.reason is reason, got.body
+    alert = await rig.watcher.alert(reason)
+    assert alert.body.alert_kind == "update.rejected"
+    await assert_no_transfer_left(rig)
+    return got
+
+
+async def test_a_transfer_whose_parts_stop_coming_is_refused_after_its_ttl(prig: Rig) -> None:
+    rig = prig
+    messages = parts(rig.fed, "client-002")
+    offsets = await send_all(rig, messages[:3])  # manifest and parts 0, 1 of 4
+    assert rig.service._transfers, "the transfer is held while its parts come"
+    got = await refused_transfer(rig, offsets[0], Reason.CHUNK_MISMATCH)
+    assert got.body.client == "client-002" and "incomplete" in got.body.detail
+    assert got.body.update_digest == peek_header(messages[0]).body_digest
+    # its late parts are passed over, not accepted, not reported one by one
+    late = await send_all(rig, messages[3:])
+    assert (await rig.check(update(rig.fed, "client-003", 1))).kind == "update.accepted"
+    assert not any((JOB, o) in rig.watcher.verdicts for o in late)
+
+
+@pytest.mark.parametrize(
+    ("order", "reason"),
+    [
+        ([0, 2, 1, 3], Reason.CHUNK_MISMATCH),  # reordered
+        ([0, 1, 3], Reason.CHUNK_MISMATCH),  # one missing, the next one comes
+        ([0, 1, 1, 2, 3], Reason.DUPLICATE),  # a part twice
+    ],
+    ids=["reordered", "missing", "duplicated"],
+)
+async def test_parts_out_of_order_are_refused_with_their_transfer(
+    prig: Rig, order: list[int], reason: Reason
+) -> None:
+    rig = prig
+    manifest, *rest = parts(rig.fed, "client-004")
+    offsets = await send_all(rig, [manifest, *(rest[i] for i in order)])
+    got = await refused_transfer(rig, offsets[0], reason)
+    assert got.body.client == "client-004"
+    # nothing but the manifest has a verdict; the rest of the transfer is passed over
+    assert (await rig.check(update(rig.fed, "client-005", 1))).kind == "update.accepted"
+    assert sorted(o for o in rig.watcher.verdicts_of() if o in offsets) == [offsets[0]]
+
+
+async def test_a_surplus_part_refuses_its_transfer(prig: Rig) -> None:
+    rig = prig
+    messages = parts(rig.fed, "client-006")
+    transfer = transfer_of(rig.fed, messages[0])
+    surplus = encode(
+        UpdatePart.KIND,
+        UpdatePart(transfer=transfer, index=4, values=np.zeros(3, np.float32)),
+        rig.fed["client-006"],
+        job=JOB,
+        round=1,
+        seal_to=[rig.fed[r].cert for r in READERS],
+    )
+    offsets = await send_all(rig, [*messages[:3], surplus, *messages[3:]])
+    got = await refused_transfer(rig, offsets[0], Reason.CHUNK_MISMATCH)
+    assert "out of range" in got.body.detail
+
+
+async def test_an_oversized_part_is_too_large(prig: Rig) -> None:
+    rig = prig
+    values = [np.ones(n, np.float32) for n in (4, 6, 4, 3)]  # part 1 holds 6 values, not 4
+    messages = crafted(rig.fed, "client-007", values, transfer=b"\x07" * 16)
+    offsets = await send_all(rig, messages)
+    got = await refused_transfer(rig, offsets[0], Reason.TOO_LARGE)
+    assert "part 1" in got.body.detail
+
+
+async def test_forged_parts_are_refused_and_the_honest_transfer_goes_on(prig: Rig) -> None:
+    """A part signed by another client with the transfer's id belongs to no transfer of its
+    signer (refused, naming the signer); a part whose bytes were changed does not open
+    (refused, naming no one) and the transfer, missing that part, is refused at the next."""
+    rig = prig
+    manifest, *rest = parts(rig.fed, "client-008")
+    transfer = transfer_of(rig.fed, manifest)
+    by_other = encode(
+        UpdatePart.KIND,
+        UpdatePart(transfer=transfer, index=1, values=np.ones(4, np.float32)),
+        rig.fed["client-009"],
+        job=JOB,
+        round=1,
+        seal_to=[rig.fed[r].cert for r in READERS],
+    )
+    offsets = await send_all(rig, [manifest, rest[0], by_other, *rest[1:]])
+    forged = await rig.watcher.verdict(offsets[2])
+    assert forged.kind == "update.rejected" and forged.body.reason is Reason.CHUNK_MISMATCH
+    assert forged.body.client == "client-009" and forged.body.offset == offsets[2]
+    await rig.watcher.alert(Reason.CHUNK_MISMATCH)
+    honest = await rig.watcher.verdict(offsets[0])
+    assert honest.kind == "update.accepted" and honest.body.client == "client-008"
+    await assert_no_transfer_left(rig)
+
+    manifest, *rest = parts(rig.fed, "client-010")
+    tampered = bytearray(rest[1])
+    tampered[-1] ^= 0x01
+    offsets = await send_all(rig, [manifest, rest[0], bytes(tampered), *rest[2:]])
+    bad = await rig.watcher.verdict(offsets[2])
+    assert bad.kind == "update.rejected" and bad.body.client.endswith("(unverified)")
+    await rig.watcher.alert(bad.body.reason)
+    await refused_transfer(rig, offsets[0], Reason.CHUNK_MISMATCH)
+
+
+async def test_a_manifest_whose_layout_differs_from_the_round_is_shape_mismatch(
+    prig: Rig,
+) -> None:
+    rig = prig
+    t = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(4, np.float32)}
+    offsets = await send_all(rig, parts(rig.fed, "client-011", t=t))
+    got = await refused_transfer(rig, offsets[0], Reason.SHAPE_MISMATCH)
+    assert got.body.client == "client-011"
+    assert sorted(o for o in rig.watcher.verdicts_of() if o in offsets) == [offsets[0]]
+
+
+async def test_a_part_with_nan_is_non_finite(prig: Rig) -> None:
+    rig = prig
+    t = tensors()
+    t["w"][2, 1] = np.nan
+    offsets = await send_all(rig, parts(rig.fed, "client-012", t=t))
+    got = await refused_transfer(rig, offsets[0], Reason.NON_FINITE)
+    assert "w[2, 1]" in got.body.detail
+
+
+async def test_a_restarted_replica_never_accepts_a_transfer_it_did_not_read_whole(
+    prig: Rig, tmp_path: Path
+) -> None:
+    """Ingest commits no offset: a replica reads the job's stream from the open round's
+    ``updates_from``, where every manifest of the round lies after. One started between a
+    manifest and its parts (a stream read from a later offset) refuses those parts as
+    belonging to no transfer; one that reads from the round's start accepts the update."""
+    rig = prig
+    messages = parts(rig.fed, "client-013")
+    first = await send_all(rig, messages[:2])
+    await rig.service.stop()
+
+    async def fresh(name: str, updates_from: int) -> None:
+        rig.service = await build_service(
+            "ingest",
+            ingest_settings(tmp_path / name, name, part_ttl_s=0.5),
+            bus=rig.bus,
+            identity=rig.fed["ingest"],
+            trust=rig.fed.trust(),
+        )
+        await rig.service.start()
+        await rig.open_round(1, version=0, updates_from=updates_from)
+
+    rest = await send_all(rig, messages[2:])
+    await fresh("late", rest[0])
+    for o in rest:
+        got = await rig.watcher.verdict(o)
+        assert got.kind == "update.rejected" and got.body.reason is Reason.CHUNK_MISMATCH
+        assert got.body.client == "client-013"
+    assert not rig.watcher.verdicts.get((JOB, first[0]))
+    await rig.service.stop()
+
+    await fresh("again", first[0])
+    got = await rig.watcher.verdict(first[0])
+    assert got.kind == "update.accepted" and got.body.client == "client-013"
+    await assert_no_transfer_left(rig)
+
+
+async def test_two_replicas_check_each_transfer_once_by_its_manifest_offset(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_rig(bus, tmp_path / "r1", share="0/2") as rig:
+        monkeypatch.setenv(SHARE_ENV, "1/2")
+        second = await build_service(
+            "ingest",
+            ingest_settings(tmp_path / "r2", "r2"),
+            bus=bus,
+            identity=rig.fed["ingest"],
+            trust=rig.fed.trust(),
+        )
+        monkeypatch.delenv(SHARE_ENV)
+        await second.start()
+        try:
+            await rig.open_round(2, version=1, replicas=(rig.service, second))
+            manifests = []
+            for c in ("client-001", "client-002", "client-003"):
+                manifests.append((await send_all(rig, parts(rig.fed, c, 2, version=1)))[0])
+            for o in manifests:
+                got = await rig.watcher.verdict(o)
+                assert got.kind == "update.accepted"
+            assert {m % 2 for m in manifests} == {0, 1}, "both replicas own a transfer"
+            await until(lambda: rig.service.counts["accepted"] + second.counts["accepted"] == 3)
+            assert rig.service.counts["accepted"] == sum(1 for m in manifests if m % 2 == 0)
+            assert rig.service.counts["rejected"] + second.counts["rejected"] == 0
+            assert sorted(rig.watcher.verdicts_of()) == manifests
+        finally:
+            await second.stop()

@@ -61,7 +61,7 @@ def test_the_issue_example(tmp_path: Path) -> None:
     assert message.endswith(
         "[services.ingest] max_update_nrom: unknown option; allowed: replica, max_update_norm, "
         "round_news_wait_s, dedup_capacity, report_burst, report_per_s, shed_report_s, share, "
-        "crl_path"
+        "crl_path, part_ttl_s"
     )
 
 
