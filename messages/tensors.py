@@ -5,7 +5,9 @@
   it, so a row of the round's matrix means the same coordinates everywhere.
 * :class:`RoundRows` holds one round's updates as the rows of one float32 matrix in that
   layout, each written into its row as it arrives; the aggregator and the detector both
-  keep their round there (and reuse its memory from round to round).
+  keep their round there (and reuse its memory from round to round). An update received
+  in parts goes into its row a range at a time (:meth:`RoundRows.writer`) and counts as
+  held only once every value is in.
 * :func:`model_digest` is the SHA-256 a ``round.opened`` / ``model.published`` names and a
   participant recomputes over the tensors it loads (docs/messages.md).
 """
@@ -133,6 +135,10 @@ class RoundRows:
         self._layout = layout
         self._rows: dict[RowRef, int] = {}
         self._owners: list[RowRef | None] = [None] * len(clients)
+        # rows being written a range at a time (an update in parts), not held yet, and how
+        # many writers each has (one the read-ahead's, one a fetch's: the same values)
+        self._partial: dict[RowRef, int] = {}
+        self._writers: dict[RowRef, int] = {}
 
     def reset(
         self, capacity: int, clients: Sequence[str] = (), layout: Layout | None = None
@@ -186,6 +192,84 @@ class RoundRows:
         x = self._reserve(layout.size, i + 1)
         layout.flatten(tensors, out=x[i])
 
+    def _write_range(self, i: int, width: int, start: int, values: Flat) -> None:
+        """Row ``i``'s values ``start:start + values.size`` := ``values``."""
+        x = self._reserve(width, i + 1)
+        x[i, start : start + values.size] = values
+
+    def writer(
+        self, ref: RowRef, layout: Layout, generation: int | None = None
+    ) -> RowWriter | None:
+        """A row for ``ref`` written a range at a time (an update received in parts): it
+        counts as holding ``ref`` only once the writer wrote every value and
+        :meth:`RowWriter.commit` ran; until then the row is reserved, and an aborted one is
+        free again. None when ``ref`` is held already or ``generation`` is not the current
+        one. A second writer of a ref being written shares its row (the same digest: the
+        same values). Raises ValueError when ``layout``'s names or shapes differ from the
+        rows' (the values are float32 whatever the rows' dtypes say)."""
+        with self._lock:
+            if ref in self._rows or (generation is not None and generation != self.generation):
+                return None
+            ours = self._layout
+            if ours is None:
+                self._layout = layout
+            elif (ours.names, ours.shapes) != (layout.names, layout.shapes):
+                raise ValueError(
+                    f"update of {ref[0]}: tensors {layout.entries()} do not match the "
+                    f"model's {ours.entries()}"
+                )
+            if ref in self._partial:
+                self._writers[ref] += 1
+            else:
+                i = self._free_row(ref[0])
+                if i == len(self._owners):
+                    self._owners.append(None)
+                self._owners[i] = ref
+                self._partial[ref] = i
+                self._writers[ref] = 1
+            return RowWriter(self, ref, self.generation, layout.size)
+
+    def _put(self, w: RowWriter, start: int, values: Flat) -> bool:
+        with self._lock:
+            i = self._partial.get(w.ref)
+            if i is None or w.generation != self.generation:
+                return False
+            if start < 0 or start + values.size > w.width:
+                raise ValueError(
+                    f"values {start}..{start + values.size} outside a row of {w.width}"
+                )
+            self._write_range(i, w.width, start, values)
+            return True
+
+    def _commit(self, w: RowWriter, complete: bool) -> bool:
+        with self._lock:
+            if w.generation != self.generation:
+                return False
+            if w.ref in self._rows:
+                return True  # another writer of the same values finished first
+            if not complete:
+                self._release(w)
+                return False
+            i = self._partial.pop(w.ref, None)
+            if i is None:
+                return False
+            del self._writers[w.ref]
+            self._rows[w.ref] = i
+            return True
+
+    def _abort(self, w: RowWriter) -> None:
+        with self._lock:
+            if w.generation == self.generation:
+                self._release(w)
+
+    def _release(self, w: RowWriter) -> None:
+        if w.ref not in self._partial:
+            return
+        self._writers[w.ref] -= 1
+        if self._writers[w.ref] == 0:
+            del self._writers[w.ref]
+            self._owners[self._partial.pop(w.ref)] = None
+
     def _free_row(self, client: str) -> int:
         home = self._homes.get(client)
         if home is not None and self._owners[home] is None:
@@ -230,8 +314,47 @@ class RoundRows:
                 live = [o is not None for o in self._owners]
                 _gather_rows(self._x, perm, live)
                 self._owners = [self._owners[i] for i in perm]
-                self._rows = {r: i for i, r in enumerate(self._owners) if r is not None}
+                owned = [(r, i) for i, r in enumerate(self._owners) if r is not None]
+                self._rows = {r: i for r, i in owned if r not in self._partial}
+                self._partial = {r: i for r, i in owned if r in self._partial}
             return clients, self._x[: len(order)]
+
+
+class RowWriter:
+    """One writer of a row of :class:`RoundRows` (:meth:`RoundRows.writer`): each part of
+    an update received in parts is written at its place (:meth:`write`), then
+    :meth:`commit` makes the row count as holding the update if this writer wrote every
+    value, or :meth:`abort` gives the row back. Safe to call from worker threads."""
+
+    def __init__(self, rows: RoundRows, ref: RowRef, generation: int, width: int) -> None:
+        self.rows, self.ref, self.generation, self.width = rows, ref, generation, width
+        self.written = 0
+        """Values this writer wrote (each part once: the feed refuses repeated parts)."""
+        self._closed = False
+
+    def write(self, start: int, values: Flat) -> bool:
+        """Write ``values`` (1-D) at the row's flat index ``start``; False when the row is
+        no longer being written (the round was reset, the writer aborted, or another writer
+        finished it: :meth:`commit` tells which). ValueError outside the row."""
+        if self._closed or not self.rows._put(self, start, values):
+            return False
+        self.written += int(values.size)
+        return True
+
+    def commit(self) -> bool:
+        """Whether the row now holds the update: True once this writer wrote all
+        :attr:`width` values (or another writer of the same ref did); otherwise the row is
+        given back and False."""
+        if self._closed:
+            return False
+        self._closed = True
+        return self.rows._commit(self, self.written == self.width)
+
+    def abort(self) -> None:
+        """Give the row back, unless it is held or another writer still writes it."""
+        if not self._closed:
+            self._closed = True
+            self.rows._abort(self)
 
 
 def fresh_rows(n: int, width: int) -> Rows:

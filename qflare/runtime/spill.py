@@ -5,10 +5,11 @@ The aggregator and the detector keep each round's updates as the rows of one n x
 matrix. Its size grows with the number of participants times the model's: 100 clients of
 a 100 MB model make 10 GB. Past a service's ``rows_in_memory_mb`` the rows go, as each
 update arrives, into an unlinked file in the service's data folder (one positioned write
-per tensor, no flattened copy), and the round is computed on column blocks read back
-from it (:meth:`SpilledRows.source`, a :class:`~qflare.robust.blocks.BlockSource`): the
-aggregation by :func:`~qflare.services.aggregator.core.aggregate_source`, bit for bit the
-model of the in-memory round. Reads go through ``preadv`` rather than a memory map: a
+per tensor, no flattened copy; one per part of an update received in parts), and the
+round is computed on column blocks read back from it (:meth:`SpilledRows.source`, a
+:class:`~qflare.robust.blocks.BlockSource`): the aggregation by
+:func:`~qflare.services.aggregator.core.aggregate_source`, bit for bit the model of the
+in-memory round. Reads go through ``preadv`` rather than a memory map: a
 map's pages, once touched, count in the process's resident set.
 """
 
@@ -64,6 +65,16 @@ class SpilledRows(RoundRows):
             while data:
                 written = os.pwritev(fd, [data], offset)
                 data, offset = data[written:], offset + written
+
+    def _write_range(self, i: int, width: int, start: int, values: Any) -> None:
+        if self._file.closed:
+            raise ValueError("the round's rows were released")
+        offset = (i * width + start) * _ITEM
+        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        data = flat.data.cast("B")
+        while data:
+            written = os.pwritev(self._file.fileno(), [data], offset)
+            data, offset = data[written:], offset + written
 
     def matrix(self, refs: Sequence[RowRef]) -> tuple[list[str], Rows]:
         raise TypeError("a spilled round is read in column blocks: use source()")

@@ -27,6 +27,16 @@ checks); a read-ahead more than :data:`READ_AHEAD_MAX_LAG` messages behind a vou
 jumps to it, and the vouched updates it jumped over are read one by one at their offsets.
 :meth:`fetch` likewise reads far-apart offsets apart, not in one pass over what lies
 between them.
+
+An update may also come in parts (:mod:`qflare.messages.parts`): one ``update.manifest``
+and its ``update.part`` messages after it, interleaved with other senders' messages. A
+verdict names the manifest (its offset and body digest). The feed never holds such an
+update whole: the sink gets it with no tensors and its :attr:`StreamUpdate.layout`, and
+returns a :class:`PartWriter` (a row of the round's matrix: :func:`into_rows`), into which
+each part's values go as the part is read and checked (``PartAssembler``: in order, under the
+digest the manifest signed); the writer is committed when the last part is in and aborted
+when the transfer fails, so a half-written row never counts as holding the update. A
+transfer counts as read (:meth:`UpdateFeed.passed`) only once its last part is in.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,9 +58,11 @@ from qflare.crypto.pki import TrustStore
 from qflare.crypto.sealing import KemPrivateKey
 from qflare.errors import QflareError
 from qflare.messages import DEFAULT_LIMITS, Limits, Update
-from qflare.messages.bodies import Evaluation
-from qflare.messages.envelope import Envelope, of_kind, open_off_loop, peek_header
+from qflare.messages.bodies import Evaluation, UpdateManifest, UpdatePart
+from qflare.messages.envelope import Envelope, Header, of_kind, open_off_loop, peek_header
 from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.parts import PartAssembler, TransferKey, Values
+from qflare.messages.tensors import Layout, RoundRows, RowWriter
 
 #: Updates the read-ahead verifies and decodes at a time (hashing and AES-GCM release the GIL).
 READ_AHEAD_WORKERS = 2
@@ -72,6 +85,13 @@ FETCH_ONE_S = 30.0
 #: read on its own when a verdict names it: the read-ahead has passed it, so the verdict's
 #: :meth:`UpdateFeed.fetch` reads it, as it reads any update the read-ahead did not keep.
 MAX_SKIPPED_RANGES = 64
+#: An update in parts none of whose parts came in the last this many messages: the
+#: read-ahead no longer waits for it (:meth:`UpdateFeed.passed`), and :meth:`UpdateFeed.fetch`
+#: counts its remaining parts missing. A transfer's parts follow each other, interleaved
+#: with other senders' parts (one each, per round of a fair broker).
+MAX_PART_GAP = 16 * READ_AHEAD_MAX_LAG
+#: What the read-ahead reads: one-message updates, and updates in parts.
+_KINDS = frozenset({Update.KIND, UpdateManifest.KIND, UpdatePart.KIND})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +107,73 @@ class StreamUpdate:
     tensors: Mapping[str, np.ndarray]
     metrics: Mapping[str, float] = field(default_factory=dict)
     evaluation: Evaluation | None = None
+    layout: Layout | None = None
+    """Set for an update sent in parts (``digest`` and ``offset`` are its manifest's):
+    ``tensors`` is empty, and the values go, part by part, into the :class:`PartWriter`
+    the sink returns."""
+
+
+class PartWriter(Protocol):
+    """Where a sink wants an update in parts written (:class:`RowWriter`: a row of the
+    round's matrix). :meth:`write` runs in a worker thread; False: it no longer wants them."""
+
+    def write(self, start: int, values: Values) -> bool: ...
+
+    def commit(self) -> bool: ...
+
+    def abort(self) -> None: ...
+
+
+#: A feed's sink: a one-message update is the sink's to keep (it returns None); for an
+#: update in parts it returns where the values go, or None when it does not want them.
+Sink = Callable[[StreamUpdate], Awaitable[PartWriter | None]]
+
+
+async def into_rows(
+    rows: RoundRows, update: StreamUpdate, generation: int | None = None
+) -> RowWriter | None:
+    """What a service's sink does with an update: a one-message update's tensors go into
+    its row (in a worker thread; nothing when the row is held or ``generation`` is gone);
+    an update in parts gets a writer into its row (None when held). ValueError: not the
+    rows' layout."""
+    ref = (update.client, update.digest)
+    if update.layout is not None:
+        return rows.writer(ref, update.layout, generation)
+    await asyncio.to_thread(rows.add, ref, update.tensors, generation)
+    return None
+
+
+class _FlatWriter:
+    """A :class:`PartWriter` into one flat vector: :meth:`UpdateFeed.fetch` without a sink
+    returns such an update whole, as it returns one-message updates."""
+
+    def __init__(self, size: int) -> None:
+        self.values = np.empty(size, np.float32)
+        self.written = 0
+
+    def write(self, start: int, values: Values) -> bool:
+        self.values[start : start + values.size] = values
+        self.written += int(values.size)
+        return True
+
+    def commit(self) -> bool:
+        return self.written == self.values.size
+
+    def abort(self) -> None:
+        pass
+
+
+@dataclass
+class _Incoming:
+    """An update in parts being read: what the sink got for it, where its values go, the
+    next part, and the offset of the last message of it read."""
+
+    update: StreamUpdate
+    key: TransferKey
+    digests: Sequence[bytes]
+    writer: PartWriter
+    last: int
+    next: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +203,7 @@ class UpdateFeed:
         trust: TrustStore,
         kem_key: KemPrivateKey,
         wants: Callable[[int, str], bool],
-        sink: Callable[[StreamUpdate], Awaitable[None]],
+        sink: Sink,
         limits: Limits = DEFAULT_LIMITS,
         log: logging.Logger | None = None,
     ) -> None:
@@ -146,6 +233,11 @@ class UpdateFeed:
         self._stopped = False
         # the in-order reader's generation: one stopped or replaced hands over nothing more
         self._generation = 0
+        # updates in parts the in-order reader follows, and each sender's latest message
+        # of that kind in flight (its parts are taken in order, one after another)
+        self._parts = PartAssembler(limits)
+        self._incoming: dict[TransferKey, _Incoming] = {}
+        self._chains: dict[str, asyncio.Task[None]] = {}
 
     @property
     def next_offset(self) -> int | None:
@@ -159,11 +251,22 @@ class UpdateFeed:
 
     def passed(self, offset: int) -> bool:
         """Whether the read-ahead is done with every message up to ``offset``: handed over
-        and, where it wanted one, verified, decoded and given to the sink."""
+        and, where it wanted one, verified, decoded and given to the sink; an update in
+        parts whose manifest lies there, once its last part is in (or it failed, or no part
+        of it came in the last :data:`MAX_PART_GAP` messages, or its round is no longer
+        wanted)."""
         reader = self._reader
-        if reader is None or reader.next_offset is None or reader.next_offset <= offset:
+        position = None if reader is None else reader.next_offset
+        if position is None or position <= offset:
             return False
-        return not any(o <= offset for o in self._in_flight)
+        if any(o <= offset for o in self._in_flight):
+            return False
+        return not any(
+            t.update.offset <= offset
+            and position - t.last <= MAX_PART_GAP
+            and self.wants(t.update.round, t.update.client)
+            for t in self._incoming.values()
+        )
 
     async def wait_past(self, offset: int, timeout: float = READ_AHEAD_WAIT_S) -> bool:
         """Wait until the read-ahead :meth:`passed` ``offset``, at most ``timeout`` seconds
@@ -231,6 +334,7 @@ class UpdateFeed:
             return
 
     async def stop(self) -> None:
+        self._drop_incoming()
         for task in (self._waiting, self._jump):
             if task is not None:
                 task.cancel()
@@ -296,6 +400,7 @@ class UpdateFeed:
         # holds is in flight, and waited for by passed()); whatever it hands over until the
         # cancel lands is passed over (another generation)
         self._generation += 1
+        self._drop_incoming()  # their parts may lie in what is passed over: fetch reads them
         stopping = asyncio.get_running_loop().create_task(reader.cancel())
         self._pending.add(stopping)
         stopping.add_done_callback(self._pending.discard)
@@ -369,13 +474,16 @@ class UpdateFeed:
             finally:
                 await reader.cancel()
             head = peek_header(delivery.body, self.limits)
-            if (
-                head.kind == Update.KIND
-                and head.job == self.job
-                and self.wants(head.round, head.sender)
-            ):
+            if head.job != self.job or not self.wants(head.round, head.sender):
+                return
+            if head.kind == Update.KIND:
                 async with self._workers:
                     await self.sink(await self._open(delivery.body, offset))
+            elif head.kind == UpdateManifest.KIND:
+                # verified in full (a hint vouches for nothing), then read on for its parts
+                env = await self._open_env(delivery.body, UpdateManifest.KIND)
+                ref = Ref(env.sender, env.body_digest, offset)
+                await self._fetch_run(env.round, [ref], {}, [], FETCH_ONE_S, self.sink)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the verdict's fetch reads it again, or says why not
@@ -400,7 +508,7 @@ class UpdateFeed:
             self._moved()
             return Outcome.ACK  # garbage: ingest reports it
         if (
-            head.kind != Update.KIND
+            head.kind not in _KINDS
             or head.job != self.job
             or not self.wants(head.round, head.sender)
         ):
@@ -412,10 +520,109 @@ class UpdateFeed:
         except BaseException:
             self._in_flight.discard(offset)
             raise
-        task = asyncio.get_running_loop().create_task(self._open_ahead(delivery))
+        loop = asyncio.get_running_loop()
+        if head.kind == Update.KIND:
+            task = loop.create_task(self._open_ahead(delivery))
+        else:  # after the sender's message before it: its parts are checked in order
+            before = self._chains.get(head.sender)
+            task = loop.create_task(self._part_ahead(generation, delivery, head, before))
+            self._chains[head.sender] = task
+            task.add_done_callback(functools.partial(self._unchain, head.sender))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return Outcome.ACK
+
+    def _unchain(self, sender: str, task: asyncio.Task[None]) -> None:
+        if self._chains.get(sender) is task:
+            del self._chains[sender]
+
+    async def _part_ahead(
+        self,
+        generation: int,
+        delivery: Delivery,
+        head: Header,
+        before: asyncio.Task[None] | None,
+    ) -> None:
+        """A manifest or part the in-order reader handed over, taken after ``before`` (the
+        same sender's message before it). A part opens only while a transfer of its sender
+        is followed (it may belong to another, or be a forgery: it then changes nothing)."""
+        offset = delivery.offset
+        assert offset is not None
+        try:
+            if before is not None:
+                await asyncio.wait([before])  # its outcome is its own
+            if generation != self._generation:
+                return  # a reader stopped or replaced: what it followed is dropped
+            if head.kind == UpdateManifest.KIND:
+                await self._manifest_ahead(generation, delivery.body, offset)
+            elif any(sender == head.sender for sender, _t in self._incoming):
+                await self._part_in(delivery.body, offset)
+        except MessageRejected as exc:
+            self.log.debug("read-ahead skipped offset %s: %s", offset, exc)
+        except Exception:
+            self.log.warning("read-ahead failed at offset %s", offset, exc_info=True)
+        finally:
+            self._workers.release()
+            self._in_flight.discard(offset)
+            self._moved()
+
+    async def _manifest_ahead(self, generation: int, data: bytes, offset: int) -> None:
+        env = await self._open_env(data, UpdateManifest.KIND)
+        self._reap()
+        transfer = self._parts.start(env)
+        update = _manifest_update(env, offset, transfer.layout)
+        try:
+            writer = await self.sink(update)
+        except BaseException:
+            self._parts.drop(*transfer.key)
+            raise
+        self._unwanted = 0
+        if writer is None or generation != self._generation:
+            self._parts.drop(*transfer.key)
+            if writer is not None:
+                writer.abort()
+            return
+        digests = transfer.manifest.part_digests
+        self._incoming[transfer.key] = _Incoming(update, transfer.key, digests, writer, offset)
+
+    async def _part_in(self, data: bytes, offset: int) -> None:
+        env = await self._open_env(data, UpdatePart.KIND)
+        self._reap()
+        key = (env.sender, of_kind(env, UpdatePart).body.transfer)
+        t = self._incoming.get(key)
+        if t is None:
+            return  # a part of a transfer not followed
+        try:
+            start, values = self._parts.add(env)
+            wrote = await asyncio.to_thread(t.writer.write, start, values)
+        except BaseException:
+            self._forget(t)
+            raise
+        t.last, t.next = offset, t.next + 1
+        self._unwanted = 0
+        if not wrote:  # the sink wants no more (its round was reset)
+            self._forget(t)
+        elif self._parts.done(*key):
+            self._parts.finish(*key)
+            del self._incoming[key]
+            if not t.writer.commit():
+                self.log.debug("update in parts at offset %s not kept", t.update.offset)
+
+    def _forget(self, t: _Incoming) -> None:
+        """Stop following a transfer: its row, half written, is given back."""
+        self._incoming.pop(t.key, None)
+        self._parts.drop(*t.key)
+        t.writer.abort()
+
+    def _reap(self) -> None:
+        """Give back the rows of transfers whose parts stopped coming (``ttl_s``)."""
+        self._parts.expire()
+        for t in [t for key, t in self._incoming.items() if key not in self._parts]:
+            self._forget(t)
+
+    def _drop_incoming(self) -> None:
+        for t in list(self._incoming.values()):
+            self._forget(t)
 
     async def _open_ahead(self, delivery: Delivery) -> None:
         assert delivery.offset is not None
@@ -440,17 +647,27 @@ class UpdateFeed:
     ) -> StreamUpdate:
         """The update at ``offset``, opened with this reader's key: verified in full, or
         under a ``vouched`` digest (the bytes must hash to it)."""
-        env = await open_off_loop(
+        env = await self._open_env(data, Update.KIND, round_no=round_no, vouched=vouched)
+        return _stream_update(of_kind(env, Update), offset)
+
+    async def _open_env(
+        self,
+        data: bytes,
+        kind: str,
+        *,
+        round_no: int | None = None,
+        vouched: bytes | None = None,
+    ) -> Envelope[Any]:
+        return await open_off_loop(
             data,
             self.trust,
             limits=self.limits,
-            expect_kind=Update.KIND,
+            expect_kind=kind,
             expect_job=self.job,
             expect_round=round_no,
             kem_key=self.kem_key,
             vouched_digest=vouched,
         )
-        return _stream_update(of_kind(env, Update), offset)
 
     async def fetch(
         self,
@@ -458,7 +675,7 @@ class UpdateFeed:
         refs: Sequence[Ref],
         timeout: float = 60.0,
         *,
-        sink: Callable[[StreamUpdate], Awaitable[None]] | None = None,
+        sink: Sink | None = None,
     ) -> dict[str, StreamUpdate]:
         """Read exactly ``refs`` from the stream, each under its vouched digest: one pass
         over each run of offsets less than :data:`READ_AHEAD_MAX_LAG` apart (not over a
@@ -466,7 +683,14 @@ class UpdateFeed:
         bytes vouched for. With ``sink`` each update is handed to it as it is read and
         returned without its tensors: one update's tensors in memory at a time (a round
         read again after a restart, whatever its size); what ``sink`` raises stops the read
-        and is raised."""
+        and is raised.
+
+        A ref may name an update in parts (its manifest's offset and digest): the pass then
+        reads on until every part of it is in, each opened under the digest the vouched
+        manifest names, its values written as they come into the writer ``sink`` returns
+        (without ``sink``, into one vector returned as the update's tensors); a part missing
+        (none of the transfer's parts in :data:`MAX_PART_GAP` messages, or the stream ends
+        before ``timeout``) is :class:`UpdateNotFound`, its writer aborted."""
         found: dict[str, StreamUpdate] = {}
         failed: list[str] = []
         for run in _runs(sorted(refs, key=lambda r: r.offset), READ_AHEAD_MAX_LAG):
@@ -489,42 +713,109 @@ class UpdateFeed:
         found: dict[str, StreamUpdate],
         failed: list[str],
         timeout: float,
-        sink: Callable[[StreamUpdate], Awaitable[None]] | None = None,
+        sink: Sink | None = None,
     ) -> None:
-        """One pass from the lowest offset of ``refs`` to the highest, into ``found`` (and
-        ``sink``: see :meth:`fetch`)."""
+        """One pass from the lowest offset of ``refs`` to the highest, and on until the
+        parts of every update in parts among them are in, into ``found`` (and ``sink``:
+        see :meth:`fetch`)."""
         wanted = {r.offset: r for r in refs}
         last = max(wanted)
         done = asyncio.Event()
-        sunk: list[Exception] = []  # what ``sink`` raised: the pass stops, fetch raises it
-        start = len(found) + len(failed)
+        sunk: list[BaseException] = []  # what ``sink`` raised: the pass stops, fetch raises it
+        settled: set[str] = set()  # the clients of ``refs`` found or failed in this pass
+        parts = PartAssembler(self.limits)
+        incoming: dict[str, _Incoming] = {}  # by client: the updates in parts being read
+
+        def fail(ref: Ref, why: str) -> None:
+            failed.append(f"offset {ref.offset} ({ref.client}): {why}")
+            settled.add(ref.client)
+
+        async def first(ref: Ref, data: bytes) -> None:
+            """The message at a vouched offset: an update, or the manifest of one."""
+            kind = peek_header(data, self.limits).kind
+            if kind != UpdateManifest.KIND:
+                update = await self._open(data, ref.offset, round_no=round_no, vouched=ref.digest)
+                _check_sender(update.client, ref)
+                if sink is not None:
+                    await _sunk(sink(update))
+                    update = dataclasses.replace(update, tensors={})
+                found[ref.client] = update
+                settled.add(ref.client)
+                return
+            env = await self._open_env(
+                data, UpdateManifest.KIND, round_no=round_no, vouched=ref.digest
+            )
+            _check_sender(env.sender, ref)
+            transfer = parts.start(env)
+            update = _manifest_update(env, ref.offset, transfer.layout)
+            writer = _FlatWriter(transfer.total) if sink is None else await _sunk(sink(update))
+            if writer is None:  # the sink holds it already
+                found[ref.client] = update
+                settled.add(ref.client)
+                return
+            digests = transfer.manifest.part_digests
+            incoming[ref.client] = _Incoming(update, transfer.key, digests, writer, ref.offset)
+
+        async def part(t: _Incoming, data: bytes, offset: int) -> None:
+            """A part of ``t``'s sender: the next one of ``t`` if it hashes to its digest
+            (another transfer's part, or a forgery, changes nothing)."""
+            try:
+                env = await self._open_env(
+                    data, UpdatePart.KIND, round_no=round_no, vouched=t.digests[t.next]
+                )
+            except MessageRejected:
+                return
+            ref = wanted[t.update.offset]
+            try:
+                start, values = parts.add(env)
+            except MessageRejected as exc:
+                del incoming[ref.client]
+                t.writer.abort()
+                fail(ref, f"part {t.next}: {exc}")
+                return
+            wrote = await _sunk(asyncio.to_thread(t.writer.write, start, values))
+            t.last, t.next = offset, t.next + 1
+            if wrote and not parts.done(*t.key):
+                return
+            del incoming[ref.client]
+            parts.drop(*t.key)
+            if not t.writer.commit():
+                fail(ref, "its row was given back while its parts were read")
+            elif isinstance(t.writer, _FlatWriter):
+                tensors = t.update.layout.unflatten(t.writer.values) if t.update.layout else {}
+                found[ref.client] = dataclasses.replace(t.update, tensors=tensors)
+                settled.add(ref.client)
+            else:
+                found[ref.client] = t.update
+                settled.add(ref.client)
 
         async def take(delivery: Delivery) -> Outcome:
-            assert delivery.offset is not None
-            ref = wanted.get(delivery.offset)
-            if ref is not None and ref.client not in found:
-                try:
-                    update = await self._open(
-                        delivery.body, ref.offset, round_no=round_no, vouched=ref.digest
-                    )
-                    if update.client != ref.client:
-                        raise MessageRejected(
-                            Reason.SENDER_MISMATCH,
-                            f"offset {ref.offset} holds an update of {update.client!r}, "
-                            f"vouched for {ref.client!r}",
-                        )
-                    if sink is not None:
-                        try:
-                            await sink(update)
-                        except Exception as exc:  # the caller's: raised by fetch, not here
-                            sunk.append(exc)
-                            done.set()
-                            return Outcome.ACK
-                        update = dataclasses.replace(update, tensors={})
-                    found[ref.client] = update
-                except MessageRejected as exc:
-                    failed.append(f"offset {ref.offset} ({ref.client}): {exc}")
-            if delivery.offset >= last or len(found) + len(failed) - start == len(wanted):
+            offset = delivery.offset
+            assert offset is not None
+            if done.is_set():
+                return Outcome.ACK
+            ref = wanted.get(offset)
+            try:
+                if ref is not None and ref.client not in settled:
+                    try:
+                        await first(ref, delivery.body)
+                    except MessageRejected as exc:
+                        fail(ref, str(exc))
+                elif incoming:
+                    head = _peek(delivery.body, self.limits)
+                    t = None if head is None else incoming.get(head.sender)
+                    if t is not None and head is not None and head.kind == UpdatePart.KIND:
+                        await part(t, delivery.body, offset)
+            except _SinkFailed as exc:  # the caller's: raised by fetch, not here
+                sunk.append(exc.error)
+                done.set()
+                return Outcome.ACK
+            for client, t in list(incoming.items()):
+                if offset - t.last > MAX_PART_GAP:
+                    del incoming[client]
+                    t.writer.abort()
+                    fail(wanted[t.update.offset], _parts_missing(t, offset))
+            if not incoming and (offset >= last or len(settled) == len(wanted)):
                 done.set()
             return Outcome.ACK
 
@@ -542,8 +833,50 @@ class UpdateFeed:
             pass
         finally:
             await reader.cancel()
+            for t in incoming.values():  # the stream ended before their last part
+                t.writer.abort()
+                fail(wanted[t.update.offset], _parts_missing(t, None))
+            incoming.clear()
         if sunk:
             raise sunk[0]
+
+
+class _SinkFailed(Exception):
+    """What a fetch's sink (or the writer it returned) raised, carried out of the pass."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+async def _sunk(call: Awaitable[Any]) -> Any:
+    """Await a call of the caller's (a sink, a writer): what it raises is :class:`_SinkFailed`."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise _SinkFailed(exc) from exc
+
+
+def _check_sender(sender: str, ref: Ref) -> None:
+    if sender != ref.client:
+        raise MessageRejected(
+            Reason.SENDER_MISMATCH,
+            f"offset {ref.offset} holds an update of {sender!r}, vouched for {ref.client!r}",
+        )
+
+
+def _peek(data: bytes, limits: Limits) -> Header | None:
+    try:
+        return peek_header(data, limits)
+    except MessageRejected:
+        return None
+
+
+def _parts_missing(t: _Incoming, at: int | None) -> str:
+    where = "before the stream ended" if at is None else f"by offset {at}"
+    return f"parts {t.next}..{len(t.digests) - 1} of the update in parts not found {where}"
 
 
 def _runs(refs: Sequence[Ref], gap: int) -> list[list[Ref]]:
@@ -555,6 +888,23 @@ def _runs(refs: Sequence[Ref], gap: int) -> list[list[Ref]]:
         else:
             runs.append([ref])
     return runs
+
+
+def _manifest_update(env: Envelope[Any], offset: int, layout: Layout) -> StreamUpdate:
+    """An update in parts as its manifest names it: no tensors, its ``layout``."""
+    m = of_kind(env, UpdateManifest).body
+    return StreamUpdate(
+        round=env.round,
+        client=env.sender,
+        digest=env.body_digest,
+        offset=offset,
+        base_version=m.base_version,
+        num_samples=m.num_samples,
+        tensors={},
+        metrics=m.metrics,
+        evaluation=m.evaluation,
+        layout=layout,
+    )
 
 
 def _stream_update(env: Envelope[Update], offset: int) -> StreamUpdate:

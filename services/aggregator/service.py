@@ -78,7 +78,7 @@ from qflare.runtime.metrics import round_entered
 from qflare.runtime.revocation import RevocationWatch
 from qflare.runtime.service import Routes
 from qflare.runtime.spill import SpilledRows, next_rows, release, spill_block
-from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
+from qflare.runtime.updates import PartWriter, Ref, StreamUpdate, UpdateFeed, into_rows
 from qflare.services.aggregator.core import (
     Accepted,
     Aggregate,
@@ -256,25 +256,27 @@ class Aggregator(Service):
             self._spare[job_id] = entry[0]
         self._held.pop((job_id, round_no), None)
 
-    async def _keep(self, job_id: str, update: StreamUpdate) -> None:
+    async def _keep(self, job_id: str, update: StreamUpdate) -> PartWriter | None:
         """Read-ahead sink: a participant's update of a collecting round goes into a row
-        of the round's matrix (in a worker thread), the rest of it into ``_held`` (two
-        digests per client at most: a client that sends many cannot fill memory)."""
+        of the round's matrix (in a worker thread; an update in parts through the writer
+        returned, part by part), the rest of it into ``_held`` (two digests per client at
+        most: a client that sends many cannot fill memory)."""
         key = (job_id, update.round)
         entry = self._rows.get(key)
         if entry is None or update.client not in self._collecting.get(key, ()):
-            return
+            return None
         held = self._held.setdefault(key, {}).setdefault(update.client, {})
-        if len(held) >= 2 or update.digest in held:
-            return
-        held[update.digest] = dataclasses.replace(update, tensors={})
+        if update.digest not in held:
+            if len(held) >= 2:
+                return None
+            held[update.digest] = dataclasses.replace(update, tensors={})
         rows, generation = entry
-        ref = (update.client, update.digest)
         try:
-            await asyncio.to_thread(rows.add, ref, update.tensors, generation)
+            return await into_rows(rows, update, generation)
         except ValueError as exc:  # not the model's layout: ingest refuses it too
             self.log.debug("read-ahead row refused: %s", exc)
             held.pop(update.digest, None)
+            return None
 
     async def _on_model_appended(self, delivery: Delivery) -> Outcome:
         head = peek_header(delivery.body)
@@ -602,9 +604,9 @@ class Aggregator(Service):
                 self.log, "updates.rereading", job=spec.job_id, round=command.round, count=len(rest)
             )
 
-            async def sink(update: StreamUpdate) -> None:
-                # one update's tensors in memory at a time, into its row as it is read
-                await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+            async def sink(update: StreamUpdate) -> PartWriter | None:
+                # one update's tensors (or one part) in memory at a time, into its row
+                return await into_rows(rows, update)
 
             for update in (await feed.fetch(command.round, rest, sink=sink)).values():
                 held.setdefault(update.client, {})[update.digest] = update  # tensors dropped

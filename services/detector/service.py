@@ -50,7 +50,7 @@ from qflare.runtime import (
 from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import job_of
 from qflare.runtime.spill import SpilledRows, next_rows, release, round_rows, spill_block
-from qflare.runtime.updates import Ref, StreamUpdate, UpdateFeed
+from qflare.runtime.updates import PartWriter, Ref, StreamUpdate, UpdateFeed, into_rows
 from qflare.services.detector.core import decide, decide_rows, decide_source
 from qflare.services.detector.store import DetectorStore, Pending, PendingRef
 
@@ -209,23 +209,25 @@ class Detector(Service):
         self._feeds[job_id] = feed
         return feed
 
-    async def _keep(self, job_id: str, update: StreamUpdate) -> None:
+    async def _keep(self, job_id: str, update: StreamUpdate) -> PartWriter | None:
         """Read-ahead sink: the update as a row of its round (two digests per client at
-        most); the copy into the row runs in a worker thread."""
+        most); the copy into the row runs in a worker thread (an update in parts: the
+        writer returned takes it part by part)."""
         if update.round <= self._decided_up_to.get(job_id, 0):
-            return
+            return None
         count = (job_id, update.round, update.client)
         if self._per_client.get(count, 0) >= 2:
-            return
-        rows, generation = self._round_rows(job_id, update.round, Layout.of(update.tensors))
+            return None
+        rows, generation = self._round_rows(job_id, update.round, _layout_of(update))
         ref = (update.client, update.digest)
         if ref in rows:
-            return  # read twice (a read-ahead that jumped, and the same offset read alone)
+            return None  # read twice (a read-ahead that jumped, and the offset read alone)
         self._per_client[count] = self._per_client.get(count, 0) + 1
         try:
-            await asyncio.to_thread(rows.add, ref, update.tensors, generation)
+            return await into_rows(rows, update, generation)
         except ValueError as exc:  # not the model's layout: ingest refuses it too
             self.log.debug("read-ahead row refused: %s", exc)
+            return None
 
     def _round_rows(
         self, job_id: str, round_no: int, first: Layout | None = None
@@ -386,10 +388,9 @@ class Detector(Service):
                     made.append(self._round_rows(job_id, round_no, layout)[0])
             return made[0]
 
-        async def sink(update: StreamUpdate) -> None:
-            # one update's tensors in memory at a time, into the rows as it is read
-            rows = rows_for(Layout.of(update.tensors))
-            await asyncio.to_thread(rows.add, (update.client, update.digest), update.tensors)
+        async def sink(update: StreamUpdate) -> PartWriter | None:
+            # one update's tensors (or one part) in memory at a time, into its row
+            return await into_rows(rows_for(_layout_of(update)), update)
 
         try:
             if rest:  # not read ahead: a restart, or it arrived before the reader
@@ -445,6 +446,11 @@ class Detector(Service):
             )
         await emit(self, "round.verdict", body, job=job_id, round=round_no)
         await self.store.mark_published(job_id, round_no)
+
+
+def _layout_of(update: StreamUpdate) -> Layout:
+    """An update's layout: its manifest's when it came in parts."""
+    return update.layout if update.layout is not None else Layout.of(update.tensors)
 
 
 def _expected_updates(spec: JobSpec) -> int:
