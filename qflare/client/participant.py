@@ -42,9 +42,10 @@ poisoning); data poisoning such as label flipping belongs in ``train``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ from qflare.messages import Body, Envelope, JobEnded, ModelPublished, RoundOpene
 from qflare.messages.bodies import Evaluation
 from qflare.messages.envelope import by_kind, of_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.parts import DEFAULT_PART_VALUES, PART_THRESHOLD_BYTES, encode_update_parts
 from qflare.messages.tensors import model_digest
 from qflare.messages.values import check_metrics
 
@@ -156,6 +158,10 @@ class Participant:
 
     ``evaluate(model, round_info) -> (loss, num_examples, metrics)``: run on each round's
     global model before ``train``; the result travels in the update.
+
+    ``part_threshold_bytes``: an update whose tensors take more bytes than this is sent as
+    a manifest and parts of ``part_values`` float32 values each (:mod:`qflare.messages.parts`),
+    encoded and published one part at a time; a smaller one as one ``update`` envelope.
     """
 
     def __init__(
@@ -175,6 +181,8 @@ class Participant:
         declare: str | None = None,
         local_dp: LocalLaplace | None = None,
         evaluate: EvaluateFn | None = None,
+        part_threshold_bytes: int = PART_THRESHOLD_BYTES,
+        part_values: int = DEFAULT_PART_VALUES,
     ) -> None:
         if train is None and type(self).compute_update is Participant.compute_update:
             raise TypeError("give a train(model, round_info) function, or override compute_update")
@@ -182,6 +190,14 @@ class Participant:
             kit.readers  # noqa: B018  (raises a ValueError naming what the kit lacks)
         if jobs is None or not list(jobs):
             raise ValueError("name the jobs to follow (jobs=[...]): each job has its own streams")
+        for name, value in (
+            ("part_threshold_bytes", part_threshold_bytes),
+            ("part_values", part_values),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.part_threshold_bytes = part_threshold_bytes
+        self.part_values = part_values
         self.kit = kit
         self.model = model
         self.train = train
@@ -462,8 +478,7 @@ class Participant:
                 what = "participant %s: its update for round %d of %s is not sent"
                 self._note(exc, logging.ERROR, what, self.id, env.round, env.job)
                 return Outcome.ACK
-            data = await self._encode(update, info)
-            if not await self._send_update(data, info):
+            if not await self._send_update(self._update_messages(update, info), info):
                 self.stats.rounds_missed += 1
                 log.warning(
                     "participant %s: no update stream of %s took its update for round %d "
@@ -485,11 +500,25 @@ class Participant:
         )
         return Outcome.ACK
 
-    async def _send_update(self, data: bytes, info: RoundInfo) -> bool:
-        """Publish the update into its job's stream; True once a stream took it. A publish
-        no binding matched (the stream not bound yet, or again: a broker restarting) would
-        leave the update in no stream while the participant counts it as sent, so it is
-        published again, after a pause that doubles, until the round's deadline."""
+    async def _send_update(
+        self, data: bytes | AsyncGenerator[bytes, None], info: RoundInfo
+    ) -> bool:
+        """Publish the update into its job's stream (one envelope, or its manifest then
+        each part, in order); True once a stream took every message. A publish no binding
+        matched (the stream not bound yet, or again: a broker restarting) would leave a
+        message in no stream while the participant counts the update as sent, so it is
+        published again, after a pause that doubles, until the round's deadline; a message
+        no stream took by then ends the sending (ingest refuses the incomplete transfer)."""
+        if isinstance(data, bytes):
+            return await self._publish_update(data, info)
+        async with contextlib.aclosing(data):
+            async for message in data:
+                if not await self._publish_update(message, info):
+                    return False
+        return True
+
+    async def _publish_update(self, data: bytes, info: RoundInfo) -> bool:
+        """One message of an update, published until a stream takes it (:meth:`_send_update`)."""
         assert self.bus is not None
         pause = UPDATE_RETRY_S
         while not await self.bus.publish(topology.CLIENT, f"update.{info.job}", data):
@@ -523,6 +552,35 @@ class Participant:
             noised = self.local_dp(update.tensors, job=info.job, round=info.round)
             update = replace(update, tensors=noised)
         return update
+
+    async def _update_messages(
+        self, update: LocalUpdate, info: RoundInfo
+    ) -> AsyncGenerator[bytes, None]:
+        """The encoded messages of ``update``, each made when asked (in a worker thread):
+        one ``update`` envelope (:meth:`_encode`), or, for tensors of more than
+        ``part_threshold_bytes``, its manifest then its parts
+        (:func:`~qflare.messages.parts.encode_update_parts`, sealed for the same readers):
+        a few parts' bytes in memory at a time, never the whole encoded update."""
+        if sum(np.asarray(t).nbytes for t in update.tensors.values()) <= self.part_threshold_bytes:
+            yield await self._encode(update, info)
+            return
+        messages = encode_update_parts(  # a generator: closed below
+            self.kit.identity,
+            update.tensors,
+            job=info.job,
+            round=info.round,
+            base_version=info.model_version,
+            num_samples=update.num_samples,
+            metrics=dict(update.metrics),
+            evaluation=update.evaluation,
+            seal_to=self.kit.readers if self.seal else None,
+            part_values=self.part_values,
+        )
+        try:
+            while (data := await asyncio.to_thread(next, messages, None)) is not None:
+                yield data
+        finally:
+            getattr(messages, "close", lambda: None)()  # a sealed update's spooled parts go
 
     async def _encode(self, update: LocalUpdate, info: RoundInfo) -> bytes:
         body = Update(

@@ -461,3 +461,59 @@ async def _close_our_connection(name: str) -> None:
 async def _until(pred: Any) -> None:
     while not pred():
         await asyncio.sleep(0.01)
+
+
+async def test_an_update_above_the_part_threshold_goes_as_parts_that_ingest_accepts(
+    world,
+) -> None:
+    """Past ``part_threshold_bytes`` the participant sends its update as a manifest and
+    parts (sealed like an update); ingest vouches for the manifest, and a reader opens each
+    part under the digest the manifest names. One update counts once, whatever its parts."""
+    driver, fed, bus_factory = world
+    a = fed.clients[0]
+    p = participant(fed, a, await bus_factory(), part_threshold_bytes=1, part_values=2)
+    await p.start()
+    try:
+        v0 = await driver.publish_model(0)
+        await driver.open_round(1, [a], v0)
+        env = await driver.next_accepted()
+        assert env.body.client == a and env.body.num_samples == 5
+        assert p.stats.updates_sent == 1 and p.stats.sent == [(JOB, 1)]
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def take(d: Delivery) -> Outcome:
+            got.append(d.body)
+            if len(got) == 3:
+                done.set()
+            return Outcome.ACK
+
+        reader = await driver.bus.read_stream(
+            topology.update_stream(JOB).name, take, offset=env.body.offset
+        )
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            await reader.cancel()
+        kem = fed["aggregator"].kem
+        manifest = open_envelope(
+            got[0], fed.trust(), kem_key=kem, vouched_digest=env.body.update_digest
+        )
+        assert manifest.kind == "update.manifest" and manifest.sender == a
+        assert [t.name for t in manifest.body.tensors] == ["bias", "weight"]
+        values = [
+            open_envelope(data, fed.trust(), kem_key=kem, vouched_digest=digest).body.values
+            for data, digest in zip(got[1:], manifest.body.part_digests, strict=True)
+        ]
+        # Layout order: bias (1 value), then weight (2); 2 values a part
+        np.testing.assert_allclose(np.concatenate(values), [0.0, 0.25, 0.25])
+    finally:
+        await p.stop()
+
+
+async def test_part_options_are_checked(world) -> None:
+    _driver, fed, bus_factory = world
+    bus = await bus_factory()
+    for option in ("part_values", "part_threshold_bytes"):
+        with pytest.raises(ValueError, match=f"{option} must be an int >= 1"):
+            participant(fed, fed.clients[0], bus, **{option: 0})
