@@ -9,19 +9,25 @@ from pydantic import ValidationError
 from qflare.messages import TensorSpec, Update
 from qflare.messages.envelope import Envelope
 from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.tensors import Layout
 from qflare.services.ingest.core import (
     UNVERIFIED,
     OpenRound,
+    PartRoutes,
     RejectionBudget,
     RoundBook,
+    Route,
     SeenUpdates,
     Shed,
     accepted_update,
+    check_layout,
+    check_norm_bound,
     check_round,
     check_tensors,
     check_update_round,
     max_envelope_bytes,
     needs_round_news,
+    round_layout,
 )
 
 
@@ -253,3 +259,63 @@ def test_shed_rejections_are_summarised_per_job_and_the_buckets_forgotten() -> N
     assert budget._buckets == {}
     with pytest.raises(ValueError):
         RejectionBudget(burst=0)
+
+
+# --- updates in parts --------------------------------------------------------------------
+
+
+def test_round_layout_is_sorted_float32_and_a_manifest_must_match_it() -> None:
+    info = _round()
+    layout = round_layout(info)
+    assert layout == Layout(("b", "w"), ((2,), (3, 2)), ("float32", "float32"))
+    check_layout(info, layout)
+    for bad in (
+        Layout(("b", "w"), ((2,), (2, 3)), ("float32", "float32")),
+        Layout(("b",), ((2,),), ("float32",)),
+        Layout(("a", "w"), ((2,), (3, 2)), ("float32", "float32")),
+    ):
+        with pytest.raises(MessageRejected) as err:
+            check_layout(info, bad)
+        assert err.value.reason is Reason.SHAPE_MISMATCH
+
+
+def test_a_running_norm_is_bounded_like_a_whole_update() -> None:
+    check_norm_bound(_round(max_norm=None), 1e30)
+    check_norm_bound(_round(max_norm=2.0), 2.0)
+    with pytest.raises(MessageRejected) as err:
+        check_norm_bound(_round(max_norm=2.0), 2.5)
+    assert err.value.reason is Reason.TOO_LARGE
+
+
+D = [bytes([i]) * 32 for i in range(8)]
+T1, T2 = b"\x01" * 16, b"\x02" * 16
+
+
+def test_parts_go_to_the_replica_that_owns_their_manifest() -> None:
+    routes = PartRoutes()
+    routes.announce("a", T1, D[0:3], mine=True, now=0.0)
+    routes.announce("b", T2, D[3:5], mine=False, now=0.0)
+    assert [routes.route("a", d, 1.0) for d in D[0:3]] == [Route.MINE] * 3
+    # a part no manifest names: the claimed sender's open transfer decides
+    assert routes.route("a", D[7], 1.0) is Route.MINE
+    assert routes.route("b", D[7], 1.0) is Route.OTHERS
+    assert routes.route("c", D[7], 1.0) is Route.UNKNOWN
+    # another replica's transfer is over once its last part went by
+    assert [routes.route("b", d, 1.0) for d in D[3:5]] == [Route.OTHERS] * 2
+    assert routes.route("b", D[3], 1.0) is Route.CLOSED
+    assert routes.route("b", D[7], 1.0) is Route.UNKNOWN
+    # this replica's transfer ends when it says so; its late parts are passed over
+    routes.close("a", T1)
+    assert routes.route("a", D[1], 2.0) is Route.CLOSED
+    assert routes.route("a", D[7], 2.0) is Route.UNKNOWN
+
+
+def test_routes_expire_other_replicas_quiet_transfers_and_stay_bounded() -> None:
+    routes = PartRoutes(capacity=2)
+    routes.announce("a", T1, D[0:2], mine=False, now=0.0)
+    routes.announce("b", T2, D[2:4], mine=True, now=0.0)
+    routes.expire(ttl_s=5.0, now=6.0)
+    assert routes.route("a", D[0], 6.0) is Route.CLOSED
+    assert routes.route("b", D[2], 6.0) is Route.MINE  # the assembler expires its own
+    routes.announce("c", b"\x03" * 16, D[4:6], mine=True, now=7.0)
+    assert len(routes) == 2 and routes.route("a", D[0], 7.0) is Route.UNKNOWN
