@@ -491,6 +491,46 @@ class UpdatePart(Body):
     """The part's values: a one-dimensional float32 tensor."""
 
 
+class ModelManifest(Body):
+    """Announces a model version sent in parts into the job's model stream (a model too large
+    for one `model.published`; see :mod:`qflare.messages.parts`): what `model.published`
+    carries besides its tensors, the tensors' layout, and the signed body digest of every
+    `model.part` that follows, in order. The tensors' little-endian C-order bytes, one tensor
+    after another by sorted name, travel `part_bytes` at a time."""
+
+    KIND = "model.manifest"
+    SENDERS = ("aggregator",)
+    version: NonNegInt
+    """Global model version."""
+    digest: Digest
+    """The model's digest (`model_digest`: what `round.opened` names), checked once every
+    part is in."""
+    epsilon: NonNegFloat
+    """Total epsilon spent to produce it."""
+    transfer: bytes = Field(min_length=16, max_length=16)
+    """Random transfer id, repeated in each part."""
+    tensors: list[TensorSpec] = Field(min_length=1)
+    """Name, dtype and shape of each tensor, names sorted and unique (the bytes' order)."""
+    part_bytes: int = Field(gt=0)
+    """Bytes per part (the last part may hold fewer)."""
+    part_digests: list[Digest] = Field(min_length=1)
+    """The `body_digest` of each part's envelope, in order: ceil(bytes / `part_bytes`)."""
+
+
+class ModelPart(Body):
+    """Bytes `index * part_bytes` up to `(index + 1) * part_bytes` (or the end) of a model
+    announced by a `model.manifest`."""
+
+    KIND = "model.part"
+    SENDERS = ("aggregator",)
+    transfer: bytes = Field(min_length=16, max_length=16)
+    """Transfer id from the manifest."""
+    index: NonNegInt
+    """Position of this part (0-based)."""
+    data: Tensor
+    """The part's bytes: a one-dimensional uint8 tensor."""
+
+
 BODY_TYPES: dict[str, type[Body]] = {
     cls.KIND: cls
     for cls in (
@@ -511,6 +551,8 @@ BODY_TYPES: dict[str, type[Body]] = {
         ChunkManifest,
         UpdateManifest,
         UpdatePart,
+        ModelManifest,
+        ModelPart,
     )
 }
 KINDS: tuple[str, ...] = tuple(BODY_TYPES)

@@ -32,6 +32,7 @@ to no transfer, and one that reads again from the manifest rebuilds the update.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 import os
 import tempfile
@@ -44,7 +45,15 @@ import numpy as np
 import numpy.typing as npt
 
 from qflare.crypto.keystore import Identity
-from qflare.messages.bodies import Evaluation, TensorShape, UpdateManifest, UpdatePart
+from qflare.messages.bodies import (
+    Evaluation,
+    ModelManifest,
+    ModelPart,
+    TensorShape,
+    TensorSpec,
+    UpdateManifest,
+    UpdatePart,
+)
 from qflare.messages.chunks import DEFAULT_CHUNK_SIZE
 from qflare.messages.envelope import Envelope, SealTo, encode, of_kind, peek_header
 from qflare.messages.errors import MessageRejected, Reason
@@ -541,3 +550,319 @@ class RunningCheck:
         name, shape = self.layout.names[t], self.layout.shapes[t]
         at = tuple(int(k) for k in np.unravel_index(index - self._starts[t], shape))
         return f"{name}{list(at)} is {value}"
+
+
+# --- models in parts -------------------------------------------------------------------
+#
+# A model version too large for one ``model.published`` travels into the job's model stream
+# as one ``model.manifest`` (what ``model.published`` carries besides its tensors, the
+# tensors' names, dtypes and shapes, and each part's signed body digest) followed by
+# ``model.part`` envelopes, each ``part_bytes`` consecutive bytes of the model's canonical
+# byte string: every tensor's little-endian C-order bytes, by sorted name, the bytes
+# :func:`~qflare.messages.tensors.model_digest` hashes. A model keeps its dtypes, so its
+# parts are bytes rather than float32 values. The aggregator signs them; nobody seals them.
+
+#: Bytes per model part: the chunk size RabbitMQ's client moves fastest (as an update's).
+DEFAULT_MODEL_PART_BYTES = DEFAULT_CHUNK_SIZE
+MODEL_PART_KINDS = frozenset({ModelManifest.KIND, ModelPart.KIND})
+_U8 = np.dtype("u1")
+
+
+def max_model_part_bytes(limits: Limits = DEFAULT_LIMITS) -> int:
+    """The most bytes one model part may hold so that its envelope fits ``limits``."""
+    return limits.max_envelope_bytes - PART_OVERHEAD
+
+
+def model_nbytes(tensors: Tensors) -> int:
+    """The bytes of a model's tensors (what decides whether it travels in parts)."""
+    return sum(int(np.asarray(a).nbytes) for a in tensors.values())
+
+
+class _ModelBytes:
+    """A model's tensors as one canonical byte string (tensors by sorted name, each in
+    little-endian C order), read a range at a time, and the running
+    :func:`~qflare.messages.tensors.model_digest` of the bytes given to :meth:`hash` in
+    order. Each tensor is a uint8 view of its array (a copy only for a non-contiguous or
+    big-endian one)."""
+
+    def __init__(self, specs: Sequence[tuple[str, np.dtype[Any], tuple[int, ...]]]) -> None:
+        self.specs = list(specs)
+        self.starts = [0]
+        for _name, dtype, shape in self.specs:
+            self.starts.append(self.starts[-1] + math.prod(shape) * dtype.itemsize)
+        self.flat: list[npt.NDArray[np.uint8]] = []
+        self._sha = hashlib.sha256()
+        self._hashed = 0  # bytes hashed so far
+        self._headed = 0  # tensors whose name, dtype and shape are hashed
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1]
+
+    @classmethod
+    def of(cls, tensors: Tensors) -> _ModelBytes:
+        names = sorted(tensors)
+        arrays = [np.asarray(tensors[n]) for n in names]
+        les = [a.astype(a.dtype.newbyteorder("<"), copy=False) for a in arrays]
+        out = cls(
+            [
+                (n, le.dtype, tuple(int(s) for s in le.shape))
+                for n, le in zip(names, les, strict=True)
+            ]
+        )
+        out.flat = [np.ascontiguousarray(le).reshape(-1).view(_U8) for le in les]
+        return out
+
+    def read(self, a: int, b: int) -> npt.NDArray[np.uint8]:
+        """Bytes ``[a, b)``: a view when they lie in one tensor, else a copy."""
+        pieces = [self.flat[t][lo:hi] for t, lo, hi in self._spans(a, b)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def write(self, a: int, data: npt.NDArray[np.uint8]) -> None:
+        """Copy ``data`` into bytes ``[a, a + len(data))``."""
+        at = 0
+        for t, lo, hi in self._spans(a, a + data.size):
+            self.flat[t][lo:hi] = data[at : at + hi - lo]
+            at += hi - lo
+
+    def _spans(self, a: int, b: int) -> Iterator[tuple[int, int, int]]:
+        t = bisect.bisect_right(self.starts, a) - 1
+        while a < b:
+            while self.starts[t + 1] <= a:  # zero-size tensors
+                t += 1
+            hi = min(b, self.starts[t + 1])
+            yield t, a - self.starts[t], hi - self.starts[t]
+            a, t = hi, t + 1
+
+    def hash(self, a: int, data: npt.NDArray[np.uint8]) -> None:
+        """Hash bytes ``[a, a + len(data))``, the next in order; each tensor's name, dtype
+        and shape go in before its first byte, as :func:`model_digest` hashes them."""
+        if a != self._hashed:
+            raise ValueError(f"bytes from {a} hashed out of order ({self._hashed} is next)")
+        end = a + data.size
+        while True:
+            self._head()
+            if self._hashed >= end:
+                return
+            t = self._headed - 1  # the tensor the next byte lies in
+            hi = min(end, self.starts[t + 1])
+            self._sha.update(data[self._hashed - a : hi - a].data)
+            self._hashed = hi
+
+    def _head(self) -> None:
+        # the name, dtype and shape of every tensor that starts at or before the next byte
+        while self._headed < len(self.specs) and self.starts[self._headed] <= self._hashed:
+            name, dtype, shape = self.specs[self._headed]
+            self._sha.update(name.encode())
+            self._sha.update(b"\x00")
+            self._sha.update(dtype.str.encode())
+            self._sha.update(repr(shape).encode())
+            self._headed += 1
+
+    def digest(self) -> bytes:
+        """The model's digest, once every byte is hashed."""
+        if self._hashed != self.total:
+            raise ValueError(f"{self._hashed} of {self.total} bytes hashed")
+        self._head()
+        return self._sha.digest()
+
+
+def encode_model_parts(
+    identity: Identity,
+    tensors: Tensors,
+    *,
+    job: str,
+    round: int,
+    version: int,
+    epsilon: float,
+    digest: bytes | None = None,
+    part_bytes: int = DEFAULT_MODEL_PART_BYTES,
+    transfer: bytes | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Iterator[bytes]:
+    """Yield the encoded ``model.manifest``, then each encoded ``model.part``, of model
+    ``version``: publish them in this order into the job's model stream.
+
+    The manifest names each part's body digest and the model's digest, both computed in a
+    first pass over the tensors (each part encoded, hashed and dropped); the parts are
+    encoded again after the manifest is out, and a part whose digest differs (the tensors
+    changed meanwhile) raises RuntimeError before it is yielded. ``digest``, when given
+    (the stored model's), must be the tensors' (ValueError otherwise). At most a part's
+    bytes are copied at a time. Configuration mistakes raise ValueError."""
+    if not tensors:
+        raise ValueError("a model needs at least one tensor")
+    if isinstance(part_bytes, bool) or not isinstance(part_bytes, int) or part_bytes <= 0:
+        raise ValueError(f"part_bytes must be a positive int, got {part_bytes!r}")
+    if part_bytes > max_model_part_bytes(limits):
+        raise ValueError(
+            f"part_bytes {part_bytes} makes parts larger than one envelope; at most "
+            f"{max_model_part_bytes(limits)} bytes fit in {limits.max_envelope_bytes}"
+        )
+    transfer = os.urandom(16) if transfer is None else transfer
+    model = _ModelBytes.of(tensors)
+    if model.total == 0:
+        raise ValueError("a model needs at least one value")
+    specs = [
+        TensorSpec.model_validate({"name": n, "dtype": d.name, "shape": list(s)})
+        for n, d, s in model.specs
+    ]  # a dtype a round cannot name (not float) fails here, before any work
+    bounds = [(a, min(a + part_bytes, model.total)) for a in range(0, model.total, part_bytes)]
+
+    def encode_part(index: int) -> bytes:
+        a, b = bounds[index]
+        body = ModelPart(transfer=transfer, index=index, data=model.read(a, b))
+        return encode(ModelPart.KIND, body, identity, job=job, round=round)
+
+    def digest_of(data: bytes) -> bytes:
+        return peek_header(data, limits).body_digest
+
+    digests = []
+    for index, (a, b) in enumerate(bounds):
+        model.hash(a, model.read(a, b))
+        digests.append(digest_of(encode_part(index)))
+    computed = model.digest()
+    if digest is not None and digest != computed:
+        raise ValueError(
+            f"model version {version}'s tensors hash to {computed.hex()[:16]}, "
+            f"not the digest given ({digest.hex()[:16]})"
+        )
+    manifest = ModelManifest(
+        version=version,
+        digest=computed,
+        epsilon=epsilon,
+        transfer=transfer,
+        tensors=specs,
+        part_bytes=part_bytes,
+        part_digests=digests,
+    )
+    yield encode(ModelManifest.KIND, manifest, identity, job=job, round=round)
+    for index, expected in enumerate(digests):
+        data = encode_part(index)
+        if digest_of(data) != expected:
+            raise RuntimeError(
+                f"model part {index} differs from the manifest: the tensors changed "
+                "while their parts were being sent"
+            )
+        yield data
+
+
+class ModelAssembler:
+    """One model version received in parts: built from its verified ``model.manifest``
+    (the tensors are allocated here, empty), filled by each verified ``model.part`` in
+    order (:meth:`add`), and handed out by :meth:`finish` only when every part is in and
+    the bytes hash to the manifest's digest. Any refusal leaves it unusable: a reader drops
+    it and never uses what it holds."""
+
+    def __init__(self, env: Envelope[Any], limits: Limits = DEFAULT_LIMITS) -> None:
+        m = of_kind(env, ModelManifest).body
+        names = [s.name for s in m.tensors]
+        if names != sorted(set(names)):
+            raise MessageRejected(
+                Reason.SHAPE_MISMATCH, "tensor names must be sorted and unique (layout order)"
+            )
+        specs = [(s.name, np.dtype(s.dtype).newbyteorder("<"), tuple(s.shape)) for s in m.tensors]
+        # Python ints: a declared shape cannot overflow on its way to the size check
+        total = sum(math.prod(shape) * dtype.itemsize for _n, dtype, shape in specs)
+        if total > limits.max_body_bytes:
+            raise MessageRejected(
+                Reason.TOO_LARGE, f"a model of {total} bytes exceeds {limits.max_body_bytes}"
+            )
+        if m.part_bytes > max_model_part_bytes(limits):
+            raise MessageRejected(
+                Reason.TOO_LARGE,
+                f"parts of {m.part_bytes} bytes exceed one envelope "
+                f"(at most {max_model_part_bytes(limits)})",
+            )
+        count = part_count(total, m.part_bytes)
+        if count != len(m.part_digests):
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH, f"{len(m.part_digests)} part digests for {count} parts"
+            )
+        self.job, self.round, self.manifest = env.job, env.round, m
+        self.tensors = {name: np.empty(shape, dtype) for name, dtype, shape in specs}
+        self._bytes = _ModelBytes(specs)
+        self._bytes.flat = [self.tensors[n].reshape(-1).view(_U8) for n, _d, _s in specs]
+        self.next_index = 0
+        self.failed = False
+
+    @property
+    def count(self) -> int:
+        return len(self.manifest.part_digests)
+
+    @property
+    def done(self) -> bool:
+        return self.next_index == self.count and not self.failed
+
+    @property
+    def expected(self) -> bytes | None:
+        """The body digest of the next part (None once all are in)."""
+        return (
+            None if self.next_index >= self.count else self.manifest.part_digests[self.next_index]
+        )
+
+    def add(self, env: Envelope[Any]) -> None:
+        """Check a verified ``model.part`` and copy its bytes into place; a part that is not
+        the next one the manifest names is refused (CHUNK_MISMATCH, DUPLICATE, BAD_DIGEST,
+        TOO_LARGE) and fails the whole model."""
+        try:
+            self._add(of_kind(env, ModelPart).body, env)
+        except MessageRejected:
+            self.failed = True
+            raise
+
+    def _add(self, p: ModelPart, env: Envelope[Any]) -> None:
+        m = self.manifest
+        if self.failed:
+            raise MessageRejected(Reason.CHUNK_MISMATCH, "the model's transfer failed before")
+        if (env.job, env.round) != (self.job, self.round) or p.transfer != m.transfer:
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH,
+                f"part of transfer {p.transfer.hex()} (job {env.job!r} round {env.round}), "
+                f"expected {m.transfer.hex()} (job {self.job!r} round {self.round})",
+            )
+        if p.index >= self.count:
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH, f"part {p.index} out of range 0..{self.count - 1}"
+            )
+        if p.index < self.next_index:
+            raise MessageRejected(Reason.DUPLICATE, f"part {p.index} received twice")
+        if p.index > self.next_index:
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH, f"part {self.next_index} missing: part {p.index} came"
+            )
+        if env.body_digest != m.part_digests[p.index]:
+            raise MessageRejected(
+                Reason.BAD_DIGEST, f"part {p.index} is not the one the manifest names"
+            )
+        start = p.index * m.part_bytes
+        expected = min(m.part_bytes, self._bytes.total - start)
+        data = p.data
+        if data.dtype != _U8 or data.ndim != 1:
+            raise MessageRejected(
+                Reason.DTYPE_NOT_ALLOWED, f"part {p.index} is {data.dtype} {data.shape}, not bytes"
+            )
+        if data.size != expected:
+            reason = Reason.TOO_LARGE if data.size > expected else Reason.CHUNK_MISMATCH
+            raise MessageRejected(
+                reason, f"part {p.index} holds {data.size} bytes, expected {expected}"
+            )
+        self._bytes.write(start, data)
+        self._bytes.hash(start, data)
+        self.next_index += 1
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The model's tensors, once every part is in and they hash to the manifest's
+        digest (BAD_DIGEST otherwise; CHUNK_MISMATCH while parts are missing)."""
+        if not self.done:
+            raise MessageRejected(
+                Reason.CHUNK_MISMATCH,
+                f"model version {self.manifest.version} is incomplete: "
+                f"{self.next_index} of {self.count} parts",
+            )
+        if self._bytes.digest() != self.manifest.digest:
+            self.failed = True
+            raise MessageRejected(
+                Reason.BAD_DIGEST,
+                f"model version {self.manifest.version} does not hash to its signed digest",
+            )
+        return self.tensors

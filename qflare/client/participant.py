@@ -56,12 +56,12 @@ import numpy as np
 from qflare.bus import Bus, Delivery, Outcome, StreamNotFound, StreamReader, connect_bus, topology
 from qflare.client.kit import Kit
 from qflare.client.tensors import delta, load_tensors, model_tensors
-from qflare.messages import Body, Envelope, JobEnded, ModelPublished, RoundOpened, Update, encode
+from qflare.messages import Body, Envelope, JobEnded, RoundOpened, Update, encode
 from qflare.messages.bodies import Evaluation
-from qflare.messages.envelope import by_kind, of_kind, open_off_loop
+from qflare.messages.envelope import by_kind, open_off_loop
 from qflare.messages.errors import MessageRejected, Reason
+from qflare.messages.models import ModelReader, ReceivedModel, opener
 from qflare.messages.parts import DEFAULT_PART_VALUES, PART_THRESHOLD_BYTES, encode_update_parts
-from qflare.messages.tensors import model_digest
 from qflare.messages.values import check_metrics
 
 if TYPE_CHECKING:
@@ -391,42 +391,36 @@ class Participant:
         if cached is not None and cached[0] == digest:
             return cached[1]
         assert self.bus is not None
-        got: asyncio.Future[Envelope[ModelPublished]] = asyncio.get_running_loop().create_future()
+        got: asyncio.Future[ReceivedModel] = asyncio.get_running_loop().create_future()
+        # one model.published, or a manifest and its parts (read into tensors allocated from
+        # the manifest); either way handed out only once it hashes to its signed digest
+        models = ModelReader(opener(self.kit.trust, now=self.clock), expect=(version, digest))
 
         async def take(delivery: Delivery) -> Outcome:
-            if delivery.offset == offset and not got.done():
-                try:
-                    env = await self._open(delivery.body, (ModelPublished.KIND,))
-                    got.set_result(of_kind(env, ModelPublished))
-                except MessageRejected as exc:
-                    got.set_exception(exc)
+            at = delivery.offset
+            if got.done() or at is None or at < offset or (at > offset and not models.building):
+                return Outcome.ACK
+            try:
+                model = await models.take(delivery.body)
+                if model is not None:
+                    got.set_result(model)
+            except MessageRejected as exc:
+                got.set_exception(exc)
             return Outcome.ACK
 
         reader = await self.bus.read_stream(
             topology.model_stream(job).name, take, offset=offset, prefetch=1
         )
         try:
-            env = await asyncio.wait_for(got, self.model_wait_s)
+            model = await asyncio.wait_for(got, self.model_wait_s)
         finally:
             await reader.cancel()
-        body = env.body
-        if body.tensors is None or body.version != version or body.digest != digest:
-            raise MessageRejected(
-                Reason.BAD_DIGEST,
-                f"offset {offset} of the model stream of {job!r} is not version {version} "
-                f"with digest {digest.hex()[:16]}",
-            )
-        if model_digest(body.tensors) != digest:
-            raise MessageRejected(
-                Reason.BAD_DIGEST,
-                f"model version {version} of {job!r} does not hash to its signed digest",
-            )
         versions = self.models.setdefault(job, {})
-        versions[version] = (digest, body.tensors)
+        versions[version] = (digest, model.tensors)
         for old in sorted(versions)[:-_MODELS_KEPT]:
             del versions[old]
         self.stats.models_verified += 1
-        return body.tensors
+        return model.tensors
 
     def latest_model(self, job: str) -> tuple[int, Mapping[str, np.ndarray]] | None:
         versions = self.models.get(job)

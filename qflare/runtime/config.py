@@ -66,6 +66,11 @@ from pydantic import (
 from qflare.bus.port import PASSWORD_FILE, broker_addresses, with_login
 from qflare.errors import ConfigError
 from qflare.messages.jobs import JobSpec
+from qflare.messages.parts import (
+    DEFAULT_MODEL_PART_BYTES,
+    PART_THRESHOLD_BYTES,
+    max_model_part_bytes,
+)
 
 log = logging.getLogger("qflare.config")
 
@@ -133,6 +138,18 @@ class AggregatorOptions(_Table):
         "selected or waited for (default <pki_dir>/services/aggregator/crl.qrl)",
     )
     rows_in_memory_mb: int = _rows_in_memory("aggregated")
+    model_part_threshold_bytes: int = Field(
+        default=PART_THRESHOLD_BYTES,
+        gt=0,
+        description="a model version whose tensors take more bytes than this is written into "
+        "the model stream as a manifest and parts (qflare.messages.models)",
+    )
+    model_part_bytes: int = Field(
+        default=DEFAULT_MODEL_PART_BYTES,
+        gt=0,
+        le=max_model_part_bytes(),
+        description="bytes per model part",
+    )
 
 
 class DetectorOptions(_Table):

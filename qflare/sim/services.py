@@ -12,8 +12,9 @@ One run:
    training; a Byzantine client's update goes through the SDK's ``update_transform`` hook,
    which swaps in the coalition's poisoned update;
 4. an observer queue reads what the services publish — ``round.opened`` (who was
-   selected), ``round.verdict`` (who was flagged), ``model.published`` (epsilon, and on the
-   broadcast exchange the model's tensors) and ``job.ended`` — verifies each envelope,
+   selected), ``round.verdict`` (who was flagged), ``model.published`` (epsilon) and
+   ``job.ended``, and the job's model stream (each version's tensors, whole or in parts:
+   :class:`qflare.messages.models.ModelReader`) — verifies each envelope and model digest,
    evaluates every published model on the test set and publishes ``metrics.evaluated``
    (signed as the operator) for the TUI. The report is built only from those messages.
 """
@@ -52,7 +53,9 @@ from qflare.messages import (
     open_envelope,
 )
 from qflare.messages.envelope import by_kind
+from qflare.messages.errors import MessageRejected
 from qflare.messages.jobs import JobSettings
+from qflare.messages.models import ModelReader, opener
 from qflare.runtime import JobSpec, load_settings, run_in_process
 from qflare.services.aggregator.core import cap_removals
 from qflare.sim.config import SIM_JOB, SimConfig, job_budget
@@ -165,6 +168,21 @@ class Observer:
 
     def __post_init__(self) -> None:
         self._model = self.federation.new_model()
+        self._models = ModelReader(opener(self.trust))
+
+    async def on_model(self, delivery: Delivery) -> Outcome:
+        """An envelope of the job's model stream: a model version is evaluated once it is
+        whole (one ``model.published``, or a manifest and its parts) and hashes to its
+        signed digest."""
+        try:
+            model = await self._models.take(delivery.body)
+        except MessageRejected as exc:
+            self.errors.append(f"{delivery.routing_key}: {exc}")
+            return Outcome.REJECT
+        if model is not None and model.job == SIM_JOB and model.version == model.round > 0:
+            self._round(model.round).tensors = model.tensors
+            await self._emit_ready()
+        return Outcome.ACK
 
     def _round(self, r: int) -> _Round:
         return self.rounds.setdefault(r, _Round())
@@ -221,8 +239,6 @@ class Observer:
 
     def _published(self, env: Envelope[ModelPublished], from_events: bool) -> None:
         body, r = env.body, self._round(env.round)
-        if body.tensors is not None and body.version == env.round and env.round > 0:
-            r.tensors = body.tensors
         if body.tensors is None and not r.published:
             r.published = True
             r.published_at = time.perf_counter()
@@ -383,7 +399,7 @@ async def run_services_async(
             sub = await bus.consume(watch, observer.on_delivery, prefetch=1)
             # each model version with its tensors, for the evaluation
             models = await bus.read_stream(
-                topology.model_stream(SIM_JOB), observer.on_delivery, offset="first", prefetch=1
+                topology.model_stream(SIM_JOB), observer.on_model, offset="first", prefetch=1
             )
             async with run_in_process(
                 settings, bus, services=names, identities=identities

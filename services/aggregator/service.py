@@ -70,9 +70,11 @@ from qflare.messages import (
     UpdateRejected,
 )
 from qflare.messages.envelope import peek_header
+from qflare.messages.models import model_envelopes
+from qflare.messages.parts import model_nbytes
 from qflare.messages.tensors import Layout, RoundRows, model_digest
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_consumer
-from qflare.runtime.envelopes import broadcast_key, emit, seal
+from qflare.runtime.envelopes import broadcast_key, emit
 from qflare.runtime.jobs import check_model_size, job_of
 from qflare.runtime.metrics import round_entered
 from qflare.runtime.revocation import RevocationWatch
@@ -115,6 +117,9 @@ from qflare.services.aggregator.store import AggregatorStore, RoundRow
 
 #: How long a model append may take to show up in the job's model stream.
 MODEL_APPEND_TIMEOUT_S = 30.0
+#: Bytes of model versions the aggregator keeps in memory (_models; the last one cached
+#: is kept whatever its size).
+MODEL_CACHE_BYTES = 256 * 2**20
 
 
 class Aggregator(Service):
@@ -293,21 +298,34 @@ class Aggregator(Service):
         assert row is not None
         if row.stream_offset is not None:
             return row.stream_offset
-        tensors = await self._model(spec.job_id, version)
-        body = ModelPublished(
-            version=version, digest=row.digest, epsilon=row.epsilon, tensors=tensors
+        assert self.ctx.identity is not None
+        opts = self.settings.services.aggregator
+        envelopes = model_envelopes(
+            self.ctx.identity,
+            await self._model(spec.job_id, version),
+            job=spec.job_id,
+            round=row.round,
+            version=version,
+            digest=row.digest,
+            epsilon=row.epsilon,
+            threshold=opts.model_part_threshold_bytes,
+            part_bytes=opts.model_part_bytes,
         )
-        data = await seal(self, ModelPublished.KIND, body, job=spec.job_id, round=row.round)
-        key = (spec.job_id, peek_header(data).body_digest)
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._appended[key] = waiter
+        key: tuple[str, bytes] | None = None
         try:
-            await self.bus.publish(
-                topology.BROADCAST, broadcast_key(spec.job_id, ModelPublished.KIND), data
-            )
+            # one model.published, or a manifest and its parts: the first names the model
+            async for data in envelopes:
+                if key is None:
+                    key = (spec.job_id, peek_header(data).body_digest)
+                    self._appended[key] = waiter
+                await self.bus.publish(
+                    topology.BROADCAST, broadcast_key(spec.job_id, ModelPublished.KIND), data
+                )
             offset = await asyncio.wait_for(waiter, MODEL_APPEND_TIMEOUT_S)
         finally:
-            self._appended.pop(key, None)
+            if key is not None:
+                self._appended.pop(key, None)
         await self.store.set_model_offset(spec.job_id, version, offset)
         event(self.log, "model.appended", job=spec.job_id, version=version, offset=offset)
         return offset
@@ -542,7 +560,7 @@ class Aggregator(Service):
         )
         if not stored:
             return False
-        self._models[(spec.job_id, command.round)] = result.model
+        self._cache_model((spec.job_id, command.round), result.model)
         self._collecting.pop((spec.job_id, command.round), None)
         return True
 
@@ -811,10 +829,19 @@ class Aggregator(Service):
         if row is None:
             raise LookupError(f"no model version {version} of job {job_id}")
         model = await self.store.load_model(row)
-        if len(self._models) > 8:
-            self._models.pop(next(iter(self._models)))
-        self._models[key] = model
+        self._cache_model(key, model)
         return model
+
+    def _cache_model(self, key: tuple[str, int], model: dict[str, np.ndarray]) -> None:
+        """Keep ``model`` for the next use (a round's base, its announcement, the next
+        aggregation), and as many of the most recently cached ones as fit in
+        MODEL_CACHE_BYTES besides: never fewer than the one just cached, so a large model
+        is held once, not once per version."""
+        self._models.pop(key, None)
+        self._models[key] = model
+        total = sum(model_nbytes(m) for m in self._models.values())
+        while len(self._models) > 1 and total > MODEL_CACHE_BYTES:
+            total -= model_nbytes(self._models.pop(next(iter(self._models))))
 
 
 def evaluated_body(evaluated: Mapping[str, Any], source: str) -> MetricsEvaluated:
