@@ -6,12 +6,13 @@ parts; never whole in the sink; a missing or tampered part leaves no row held.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from test_update_feed import JOB, write, written
+from test_update_feed import JOB, counted, write, written
 
 from qflare.bus import Bus, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
@@ -20,6 +21,7 @@ from qflare.messages.bodies import UpdatePart
 from qflare.messages.envelope import peek_header
 from qflare.messages.parts import encode_update_parts
 from qflare.messages.tensors import RoundRows
+from qflare.runtime import updates
 from qflare.runtime.updates import (
     PartWriter,
     Ref,
@@ -279,3 +281,35 @@ async def test_the_read_ahead_passes_an_update_in_parts_only_with_its_last_part(
     assert (ref.client, ref.digest) in ahead.rows
     await feed.stop()
     assert ahead.matrix([ref]).tobytes() == one_message_rows(("c-000",)).tobytes()
+
+
+async def test_a_manifest_the_read_ahead_jumps_over_is_read_alone_with_its_parts(
+    fed: MemoryFederation,
+    bus: Bus,
+    wait_for: Callable[..., Awaitable[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read-ahead far behind a vouched offset jumps to it; a vouched manifest in the
+    range it jumped over is read on its own, with its parts after it, into its row."""
+    monkeypatch.setattr(updates, "READ_AHEAD_MAX_LAG", 4)
+    await bus.declare_stream(topology.update_stream(JOB))
+    a, c = parted(fed, "c-000"), whole(fed, "c-002")
+    flood = [b"\x93flood %d" % i for i in range(20)]
+    offsets = await lay_out(bus, [*flood[:10], *a, *flood[10:], c], wait_for)
+    refs = [ref_of(a[0], offsets), ref_of(c, offsets)]
+    deliveries: list[int] = []
+    flow = asyncio.Event()
+    counted(bus, deliveries, flow, free=3)  # the read-ahead stalls in the first flood
+    ahead = Reader()
+    feed = ahead.feed(bus, fed)
+    await feed.start(0)
+    await wait_for(lambda: len(deliveries) > 3, 10, message="the read-ahead's start")
+    feed.vouched(refs[1])
+    await wait_for(lambda: (feed.next_offset or 0) >= refs[1].offset, 10, message="the jump")
+    flow.set()
+    feed.vouched(refs[0])  # in the range jumped over: read on its own
+    assert await feed.wait_past(refs[1].offset, timeout=20)
+    assert all((r.client, r.digest) in ahead.rows for r in refs)
+    await feed.stop()
+    assert ahead.matrix(refs[:1]).tobytes() == one_message_rows(("c-000",)).tobytes()
+    ahead.assert_never_whole()
