@@ -160,6 +160,42 @@ class ModelFile:
             raise
         return f
 
+    @property
+    def writing(self) -> bool:
+        """Whether this file is being written (created here and not committed yet)."""
+        return self._final is not None
+
+    @property
+    def target(self) -> Path:
+        """Where the file is (or, while being written, where :meth:`commit` puts it)."""
+        return self.path if self._final is None else self._final
+
+    def copy_to(self, path: str | os.PathLike[str]) -> ModelFile:
+        """This model stored again at ``path`` (committed; in layout order), copied a few MB
+        at a time; returned open for reading."""
+        out = ModelFile.create(path, self.layout)
+        try:
+            step = max(1, _IO_BYTES // 8)
+            for a in range(0, self.size, step):
+                b = min(a + step, self.size)
+                for i, start, lo, hi in self._spans(a, b):
+                    dt = np.dtype(self.layout.dtypes[i]).newbyteorder("<")
+                    raw = _pread_all(
+                        self._fd,
+                        (hi - lo) * dt.itemsize,
+                        self._data_start + self._bytes[i] + (lo - start) * dt.itemsize,
+                    )
+                    _pwrite_all(
+                        out._fd,
+                        memoryview(raw),
+                        out._data_start + out._bytes[i] + (lo - start) * dt.itemsize,
+                    )
+            out.commit()
+        except BaseException:
+            out.discard()
+            raise
+        return out
+
     def commit(self) -> None:
         """Sync a file being written and rename it into place (then sync its folder)."""
         if self._final is None:

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from qflare.messages.jobs import JobSpec
-from qflare.runtime import ServiceStore, fsync_write
+from qflare.runtime import ServiceStore
+from qflare.runtime.modelfile import ModelFile
 from qflare.services.aggregator.core import Held, Round, RoundState
 
 SCHEMA = """
@@ -167,8 +166,11 @@ class AggregatorStore(ServiceStore):
     SCHEMA = SCHEMA
 
     # -- jobs ------------------------------------------------------------------------------
-    async def add_job(self, spec: JobSpec, model: dict[str, np.ndarray], digest: bytes) -> bool:
-        """Register a job with its version-0 model; False when it exists already."""
+    async def add_job(
+        self, spec: JobSpec, model: dict[str, np.ndarray] | ModelFile, digest: bytes
+    ) -> bool:
+        """Register a job with its version-0 model (tensors, or a model file copied a range
+        at a time); False when it exists already."""
         if await self.db.fetchone("SELECT 1 FROM jobs WHERE job_id=?", (spec.job_id,)):
             return False
         rel = await self._write_model_file(spec.job_id, 0, model)
@@ -446,12 +448,37 @@ class AggregatorStore(ServiceStore):
         return int(row["o"]) if row is not None else 0
 
     # -- models ----------------------------------------------------------------------------
+    def model_path(self, job_id: str, version: int) -> Path:
+        """Where version ``version`` of ``job_id`` is stored (a model written straight into
+        it, :class:`ModelFile.create <qflare.runtime.modelfile.ModelFile>`, is committed
+        there by :meth:`publish_model`)."""
+        return self.root / self._model_rel(job_id, version)
+
+    @staticmethod
+    def _model_rel(job_id: str, version: int) -> str:
+        return f"models/{job_id}/v{version:05d}.safetensors"
+
     async def _write_model_file(
-        self, job_id: str, version: int, model: dict[str, np.ndarray]
+        self, job_id: str, version: int, model: dict[str, np.ndarray] | ModelFile
     ) -> str:
-        rel = f"models/{job_id}/v{version:05d}.safetensors"
-        data = st_save({k: np.ascontiguousarray(v) for k, v in model.items()})
-        await asyncio.to_thread(fsync_write, self.root / rel, data)
+        """Store ``model`` as the file of ``version``: tensors written one at a time, a
+        file being written committed in place, another model file copied a block at a
+        time (never the whole model in memory twice)."""
+        rel = self._model_rel(job_id, version)
+        path = self.root / rel
+
+        def write() -> None:
+            if isinstance(model, ModelFile):
+                if model.writing:
+                    if model.target != path:
+                        raise ValueError(f"{model.target} is not the file of version {version}")
+                    model.commit()
+                else:
+                    model.copy_to(path).close()
+            else:
+                ModelFile.write(path, model).close()
+
+        await asyncio.to_thread(write)
         return rel
 
     async def publish_model(
@@ -459,7 +486,7 @@ class AggregatorStore(ServiceStore):
         job_id: str,
         round_no: int,
         version: int,
-        model: dict[str, np.ndarray],
+        model: dict[str, np.ndarray] | ModelFile,
         digest: bytes,
         epsilon: float,
         verdict: dict[str, Any],
@@ -511,7 +538,12 @@ class AggregatorStore(ServiceStore):
         return None if row is None else _model(row, self.root)
 
     async def load_model(self, row: ModelRow) -> dict[str, np.ndarray]:
+        """The whole model in memory (for models that fit; :meth:`open_model` otherwise)."""
         return await asyncio.to_thread(_load_file, row.path)
+
+    async def open_model(self, row: ModelRow) -> ModelFile:
+        """The stored model as a file read a range at a time (the caller closes it)."""
+        return await asyncio.to_thread(ModelFile.open, row.path)
 
 
 class _Moved(Exception):
@@ -519,5 +551,6 @@ class _Moved(Exception):
 
 
 def _load_file(path: Path) -> dict[str, np.ndarray]:
-    # Our own files, written by this service; safetensors never executes code on load.
-    return st_load(path.read_bytes())
+    # Our own files, written by this service (raw tensors: nothing in them is executed).
+    with ModelFile.open(path) as f:
+        return dict(f.tensors())

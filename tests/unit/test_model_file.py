@@ -120,3 +120,16 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path: Path, content: bytes, w
     path.write_bytes(content)
     with pytest.raises(ModelFileError, match=why):
         ModelFile.open(path)
+
+
+def test_a_copy_is_the_same_model_in_layout_order(tmp_path: Path) -> None:
+    model = _model(np.random.default_rng(5))
+    src = tmp_path / "st.safetensors"
+    src.write_bytes(st_save(model))  # safetensors' own order of tensors
+    with ModelFile.open(src) as f, f.copy_to(tmp_path / "copy" / "v0.safetensors") as g:
+        assert not g.writing and g.target == tmp_path / "copy" / "v0.safetensors"
+        assert g.digest() == f.digest() == model_digest(model)
+        np.testing.assert_array_equal(g.read(0, g.size), f.read(0, f.size))
+    w = ModelFile.create(tmp_path / "w.safetensors", Layout.of(model))
+    assert w.writing and w.target == tmp_path / "w.safetensors" and w.path != w.target
+    w.discard()
