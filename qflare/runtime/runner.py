@@ -30,7 +30,6 @@ from qflare.messages.jobs import JobSpec
 from qflare.runtime.bootstrap import SERVICES, build_service
 from qflare.runtime.config import Settings
 from qflare.runtime.health import HealthServer
-from qflare.runtime.jobs import check_model_size
 from qflare.runtime.logging import configure_logging, event
 from qflare.runtime.preflight import check_can_serve, wait_for_broker
 from qflare.runtime.service import Service
@@ -178,10 +177,7 @@ class InProcess:
 
     async def submit_job(self, spec: JobSpec, model: dict[str, Any] | None = None) -> None:
         """Hand a job to every service that runs jobs, the aggregator last (it starts the
-        job). ``model`` gives the version-0 tensors instead of ``spec.initial_model``.
-        A model too large for one message is refused before any service stores the job."""
-        if model is not None:
-            check_model_size(spec.job_id, model)
+        job). ``model`` gives the version-0 tensors instead of ``spec.initial_model``."""
         for service in self.services.values():
             submit = getattr(service, "submit_job", None)
             if submit is not None:

@@ -75,7 +75,7 @@ from qflare.messages.parts import model_nbytes
 from qflare.messages.tensors import Layout, RoundRows, model_digest
 from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, stateful_consumer
 from qflare.runtime.envelopes import broadcast_key, emit
-from qflare.runtime.jobs import check_model_size, job_of
+from qflare.runtime.jobs import job_of
 from qflare.runtime.metrics import round_entered
 from qflare.runtime.revocation import RevocationWatch
 from qflare.runtime.service import Routes
@@ -354,9 +354,6 @@ class Aggregator(Service):
                     )
                 model = st_load(Path(spec.initial_model).read_bytes())
             model = {k: np.ascontiguousarray(v) for k, v in model.items()}
-            check_model_size(
-                spec.job_id, model
-            )  # before storing: a job that cannot run is not kept
             hooks = await asyncio.to_thread(load_hooks, spec)  # PluginError naming the key
             await self.store.add_job(spec, model, model_digest(model))
             self.specs[spec.job_id] = spec

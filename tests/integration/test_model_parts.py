@@ -71,7 +71,8 @@ async def test_the_aggregator_writes_large_models_in_parts_and_participants_load
     fed: Federation, bus_factory: Any, tmp_path: Path
 ) -> None:
     """The real services, the model (16 bytes) over a threshold of 8 bytes, parts of 5
-    bytes (4 parts, two across the bias/weight boundary)."""
+    bytes (4 parts, two across the bias/weight boundary); the participants' updates in
+    parts too, so a model over the threshold travels both ways."""
     clients = sorted(fed.clients)
     job = f"{JOB}{uuid.uuid4().hex[:6]}"
     spec = JobSpec.model_validate(
@@ -101,7 +102,14 @@ async def test_the_aggregator_writes_large_models_in_parts_and_participants_load
     ids = {n: (fed.identity(n), fed.trust()) for n in services}
     parts = [
         Participant.from_kit(
-            fed.clients[c], make_model(), train, broker=bus, prefix=bus.prefix, jobs=[job]
+            fed.clients[c],
+            make_model(),
+            train,
+            broker=bus,
+            prefix=bus.prefix,
+            jobs=[job],
+            part_threshold_bytes=8,  # the updates in parts too: 4 values, 3 a part
+            part_values=3,
         )
         for c in clients
     ]
