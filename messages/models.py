@@ -92,6 +92,8 @@ class ReceivedModel:
     digest: bytes
     epsilon: float
     tensors: dict[str, np.ndarray]
+    parted: bool = False
+    """Whether it came as a manifest and parts (a model too large for one message)."""
 
 
 class ModelReader:
@@ -162,7 +164,7 @@ class ModelReader:
             raise
         self._building = None
         m = a.manifest
-        return ReceivedModel(a.job, a.round, m.version, m.digest, m.epsilon, tensors)
+        return ReceivedModel(a.job, a.round, m.version, m.digest, m.epsilon, tensors, parted=True)
 
     def _check(self, version: int, digest: bytes, job: str) -> None:
         if self.expect is not None and (version, digest) != self.expect:

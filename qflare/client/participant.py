@@ -69,7 +69,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qflare.client")
 
-#: Verified global models kept per job (the current one and its predecessor).
+#: Verified global models kept per job (the current one and its predecessor), while the
+#: models are small: a job whose model travels in parts keeps only the newest, and gives the
+#: older one up before reading a new one (a participant holds a large model once).
 _MODELS_KEPT = 2
 #: How often a participant looks for a job's streams that do not exist yet.
 STREAM_WAIT_S = 1.0
@@ -219,6 +221,7 @@ class Participant:
         self._followers: list[asyncio.Task[None]] = []
         self._readers: list[StreamReader] = []
         self.models: dict[str, dict[int, tuple[bytes, Mapping[str, np.ndarray]]]] = {}
+        self._parted: set[str] = set()  # jobs whose model comes in parts (held once)
         self.submitted: set[tuple[str, int]] = set()
         self.ended: dict[str, str] = {}
         self._ended_events: dict[str, asyncio.Event] = {}
@@ -391,15 +394,20 @@ class Participant:
         if cached is not None and cached[0] == digest:
             return cached[1]
         assert self.bus is not None
+        versions = self.models.setdefault(job, {})
+        if job in self._parted:
+            versions.clear()  # too large for one message: hold the model once
         got: asyncio.Future[ReceivedModel] = asyncio.get_running_loop().create_future()
         # one model.published, or a manifest and its parts (read into tensors allocated from
         # the manifest); either way handed out only once it hashes to its signed digest
         models = ModelReader(opener(self.kit.trust, now=self.clock), expect=(version, digest))
+        moved = asyncio.Event()  # a message of the model came in
 
         async def take(delivery: Delivery) -> Outcome:
             at = delivery.offset
             if got.done() or at is None or at < offset or (at > offset and not models.building):
                 return Outcome.ACK
+            moved.set()
             try:
                 model = await models.take(delivery.body)
                 if model is not None:
@@ -412,11 +420,30 @@ class Participant:
             topology.model_stream(job).name, take, offset=offset, prefetch=1
         )
         try:
-            model = await asyncio.wait_for(got, self.model_wait_s)
+            # model_wait_s bounds the silence, not the whole read: a model in parts takes
+            # as long as its bytes take, and times out only when its parts stop coming
+            while not got.done():
+                moved.clear()
+                progress: asyncio.Future[Any] = asyncio.ensure_future(moved.wait())
+                waiting: list[asyncio.Future[Any]] = [got, progress]
+                try:
+                    done, _ = await asyncio.wait(
+                        waiting,
+                        timeout=self.model_wait_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    progress.cancel()
+                if not done:
+                    raise TimeoutError(
+                        f"model {version} of {job}: nothing read for {self.model_wait_s} s"
+                    )
+            model = got.result()
         finally:
             await reader.cancel()
-        versions = self.models.setdefault(job, {})
         versions[version] = (digest, model.tensors)
+        if model.parted:
+            self._parted.add(job)
         for old in sorted(versions)[:-_MODELS_KEPT]:
             del versions[old]
         self.stats.models_verified += 1

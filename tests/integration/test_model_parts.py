@@ -141,6 +141,7 @@ async def test_the_aggregator_writes_large_models_in_parts_and_participants_load
         version, tensors = p.latest_model(job)  # type: ignore[misc]
         assert version == 2 and model_digest(tensors) == model_digest(stored)
         assert all(np.array_equal(tensors[k], stored[k]) for k in stored)
+        assert list(p.models[job]) == [2]  # a model in parts is held once, not two versions
 
 
 # -- a participant against a hand-written model stream -----------------------------------
@@ -282,5 +283,36 @@ async def test_a_bad_model_part_is_refused_and_never_trained_on(bus_factory, cas
         assert all(
             got[k].dtype == v.dtype and np.array_equal(got[k], v) for k, v in _model().items()
         )
+    finally:
+        await p.stop()
+
+
+async def test_a_model_read_times_out_on_silence_not_on_its_length(bus_factory) -> None:
+    """model_wait_s bounds the time with nothing read: parts that keep coming slower than
+    it in total still make the model; parts that stop give TimeoutError."""
+    fed = make_federation(clients=1, client_prefix=f"s{uuid.uuid4().hex[:6]}")
+    bus = await bus_factory()
+    for stream in topology.job_streams(JOB):
+        await bus.declare_stream(stream)
+    kit = Kit(fed[fed.clients[0]], fed.trust(), fed["ingest"].cert)
+    p = Participant(
+        kit, torch.nn.Linear(2, 1), train, broker=bus, prefix=bus.prefix, jobs=[JOB], seal=False
+    )
+    p.model_wait_s = 1.5
+    await p.start()
+    try:
+        genuine = await _parts(fed)
+        digest = model_digest(_model())
+        first = await _append(bus, genuine[:3])
+        fetch = asyncio.get_running_loop().create_task(p._fetch_model(JOB, 0, digest, first))
+        for d in genuine[3:]:  # 4 more parts, about 0.5 s apart: 2 s in all, > model_wait_s
+            await asyncio.sleep(0.3)
+            await _append(bus, [d])
+        got = await asyncio.wait_for(fetch, 10)
+        assert model_digest(dict(got)) == digest
+        p.models.clear()
+        cut = await _append(bus, (await _parts(fed))[:4])  # its last parts never come
+        with pytest.raises(TimeoutError, match="nothing read"):
+            await p._fetch_model(JOB, 0, digest, cut)
     finally:
         await p.stop()
