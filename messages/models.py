@@ -32,6 +32,7 @@ from qflare.messages.parts import (
     DEFAULT_MODEL_PART_BYTES,
     PART_THRESHOLD_BYTES,
     ModelAssembler,
+    ModelSource,
     encode_model_parts,
     model_nbytes,
 )
@@ -45,7 +46,7 @@ MODEL_KINDS = (ModelPublished.KIND, ModelManifest.KIND, ModelPart.KIND)
 
 async def model_envelopes(
     identity: Identity,
-    tensors: Tensors,
+    tensors: Tensors | ModelSource,
     *,
     job: str,
     round: int,
@@ -59,9 +60,8 @@ async def model_envelopes(
     """The envelopes that write model ``version`` into the job's model stream, in order;
     the first one's offset names the model. Encoding runs in a worker thread."""
     if model_nbytes(tensors) <= threshold:
-        body = ModelPublished(
-            version=version, digest=digest, epsilon=epsilon, tensors=dict(tensors)
-        )
+        whole = tensors.tensors() if isinstance(tensors, ModelSource) else dict(tensors)
+        body = ModelPublished(version=version, digest=digest, epsilon=epsilon, tensors=whole)
         yield await asyncio.to_thread(
             encode, ModelPublished.KIND, body, identity, job=job, round=round
         )

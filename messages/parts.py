@@ -39,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -573,8 +573,27 @@ def max_model_part_bytes(limits: Limits = DEFAULT_LIMITS) -> int:
     return limits.max_envelope_bytes - PART_OVERHEAD
 
 
-def model_nbytes(tensors: Tensors) -> int:
+@runtime_checkable
+class ModelSource(Protocol):
+    """A model too large to hold, read a range of its canonical bytes at a time (every
+    tensor's little-endian C-order bytes, by sorted name), e.g. the aggregator's model
+    file (:class:`qflare.runtime.modelfile.ModelFile`)."""
+
+    @property
+    def layout(self) -> Layout: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def read_bytes(self, a: int, b: int) -> bytes: ...
+
+    def tensors(self) -> dict[str, Any]: ...
+
+
+def model_nbytes(tensors: Tensors | ModelSource) -> int:
     """The bytes of a model's tensors (what decides whether it travels in parts)."""
+    if isinstance(tensors, ModelSource):
+        return tensors.nbytes
     return sum(int(np.asarray(a).nbytes) for a in tensors.values())
 
 
@@ -591,6 +610,7 @@ class _ModelBytes:
         for _name, dtype, shape in self.specs:
             self.starts.append(self.starts[-1] + math.prod(shape) * dtype.itemsize)
         self.flat: list[npt.NDArray[np.uint8]] = []
+        self.source: ModelSource | None = None  # read from it instead of ``flat``
         self._sha = hashlib.sha256()
         self._hashed = 0  # bytes hashed so far
         self._headed = 0  # tensors whose name, dtype and shape are hashed
@@ -600,7 +620,17 @@ class _ModelBytes:
         return self.starts[-1]
 
     @classmethod
-    def of(cls, tensors: Tensors) -> _ModelBytes:
+    def of(cls, tensors: Tensors | ModelSource) -> _ModelBytes:
+        if isinstance(tensors, ModelSource):
+            layout = tensors.layout
+            out = cls(
+                [
+                    (name, np.dtype(dtype).newbyteorder("<"), tuple(int(x) for x in shape))
+                    for name, shape, dtype in layout.entries()
+                ]
+            )
+            out.source = tensors
+            return out
         names = sorted(tensors)
         arrays = [np.asarray(tensors[n]) for n in names]
         les = [a.astype(a.dtype.newbyteorder("<"), copy=False) for a in arrays]
@@ -615,6 +645,8 @@ class _ModelBytes:
 
     def read(self, a: int, b: int) -> npt.NDArray[np.uint8]:
         """Bytes ``[a, b)``: a view when they lie in one tensor, else a copy."""
+        if self.source is not None:
+            return np.frombuffer(self.source.read_bytes(a, b), dtype=_U8)
         pieces = [self.flat[t][lo:hi] for t, lo, hi in self._spans(a, b)]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
@@ -669,7 +701,7 @@ class _ModelBytes:
 
 def encode_model_parts(
     identity: Identity,
-    tensors: Tensors,
+    tensors: Tensors | ModelSource,
     *,
     job: str,
     round: int,

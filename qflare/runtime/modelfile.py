@@ -107,6 +107,7 @@ class ModelFile:
             self._bytes.append(byte)
             flat += math.prod(shape)
             byte += math.prod(shape) * np.dtype(dtype).itemsize
+        self._canonical = [*self._bytes, byte]  # each tensor's first byte in layout order
         if starts is not None:  # a file written elsewhere: its tensors in its own order
             self._bytes = list(starts)
         self.nbytes = byte
@@ -261,6 +262,19 @@ class ModelFile:
             )
             out[lo - a : hi - a] = np.frombuffer(raw, dtype=dt)
         return out
+
+    def read_bytes(self, a: int, b: int) -> bytes:
+        """Bytes [a, b) of the model's canonical byte string: every tensor's little-endian
+        C-order bytes, by sorted name (what ``model_digest`` hashes and model parts carry)."""
+        if not 0 <= a <= b <= self._canonical[-1]:
+            raise IndexError(f"bytes [{a}, {b}) outside a model of {self._canonical[-1]}")
+        pieces = []
+        for i, start in enumerate(self._canonical[:-1]):
+            lo, hi = max(a, start), min(b, self._canonical[i + 1])
+            if lo < hi:
+                at = self._data_start + self._bytes[i] + lo - start
+                pieces.append(_pread_all(self._fd, hi - lo, at))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def write_values(self, a: int, values: npt.ArrayLike) -> None:
         """Write ``values`` at coordinates [a, a + len), each cast to its tensor's dtype."""

@@ -133,3 +133,45 @@ def test_a_copy_is_the_same_model_in_layout_order(tmp_path: Path) -> None:
     w = ModelFile.create(tmp_path / "w.safetensors", Layout.of(model))
     assert w.writing and w.target == tmp_path / "w.safetensors" and w.path != w.target
     w.discard()
+
+
+@pytest.mark.parametrize("part_bytes", [7, 64, 1000])
+async def test_a_model_file_is_published_in_the_parts_its_tensors_make(
+    tmp_path: Path, part_bytes: int
+) -> None:
+    """The aggregator publishes a large model from its file (never loaded whole): the same
+    parts, bit for bit, as from the tensors, read back into the same model."""
+    from qflare.crypto.testing import make_federation
+    from qflare.messages import open_envelope
+    from qflare.messages.models import ModelReader, model_envelopes, opener
+
+    fed = make_federation(clients=1)
+    model = _model(np.random.default_rng(6))
+    model["n.count"] = model["n.count"].astype(np.float32)  # a model's tensors are floats
+    digest = model_digest(model)
+    kw = dict(job="j", round=1, version=1, digest=digest, epsilon=0.5, threshold=16)
+    with ModelFile.write(tmp_path / "m.safetensors", model) as f:
+        assert f.read_bytes(0, f.nbytes) == b"".join(
+            np.ascontiguousarray(model[n]).astype(model[n].dtype.newbyteorder("<")).tobytes()
+            for n in sorted(model)
+        )
+        from_file = [
+            d async for d in model_envelopes(fed["aggregator"], f, part_bytes=part_bytes, **kw)
+        ]
+    from_tensors = [
+        d async for d in model_envelopes(fed["aggregator"], model, part_bytes=part_bytes, **kw)
+    ]
+    trust = fed.trust()
+    assert len(from_file) == len(from_tensors) >= 2
+    # the parts carry the same bytes (the transfer ids differ: random per transfer)
+
+    def parts(data: list[bytes]) -> list[tuple[int, bytes]]:
+        bodies = [open_envelope(d, trust).body for d in data[1:]]
+        return [(b.index, np.asarray(b.data).tobytes()) for b in bodies]
+
+    assert parts(from_file) == parts(from_tensors)
+    reader = ModelReader(opener(trust))
+    got = [m for d in from_file if (m := await reader.take(d)) is not None]
+    assert len(got) == 1 and got[0].parted and model_digest(got[0].tensors) == digest
+    for name in model:
+        np.testing.assert_array_equal(got[0].tensors[name], model[name])
