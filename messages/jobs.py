@@ -112,6 +112,26 @@ class JobSettings(BaseModel):
         "2 * sigma_b > noise_multiplier",
     )
     seed: int = Field(default=0, ge=0, lt=2**63, description="secret job seed: selection and noise")
+    output_layer: tuple[str, str] | None = Field(
+        default=None,
+        description="the model's output layer as (weight tensor name, bias tensor name), "
+        "shapes [classes, hidden] and [classes]: detection then scores each client's label "
+        "consistency from it (label flipping, qflare.robust.detection.label_consistency); "
+        "None: that score is off",
+    )
+
+    @field_validator("output_layer")
+    @classmethod
+    def _output_layer(cls, v: tuple[str, str] | None) -> tuple[str, str] | None:
+        if v is None:
+            return v
+        weight, bias = v
+        if not weight or not bias or weight == bias:
+            raise ValueError(
+                "output_layer must name two different tensors (weight, bias), "
+                f"e.g. ['fc.weight', 'fc.bias'], got {list(v)!r}"
+            )
+        return v
 
 
 class JobSpec(JobSettings):

@@ -48,6 +48,11 @@ updates, and those whose squared norm overflows their dtype, are flagged ``non_f
 before anything else. With fewer finite updates than
 ``max(3, 2f + 1)`` the verdict says ``insufficient`` and flags only non-finite ones.
 
+:func:`label_consistency` scores, from the output layer alone, whether the images a client
+labels c look like the images everyone else labels c (label flipping at strong non-IID,
+where the scores above cannot tell a flipper from an honest client with two classes); its
+flag rests on a running mean across rounds (:meth:`qflare.robust.Reputation.review`).
+
 :func:`limit_flags` keeps at most f clients flagged on scores (the defence assumes at most
 f Byzantine clients): it is applied after the evidence across rounds
 (:meth:`qflare.robust.Reputation.review`), which adds and removes flags.
@@ -64,6 +69,7 @@ import numpy as np
 from ._core import (
     F64,
     BoolArray,
+    FloatArray,
     IntArray,
     as_batch,
     centre_gram,
@@ -259,13 +265,135 @@ def two_means(d2: F64, g: F64, iters: int = 20) -> tuple[IntArray, float]:
     return labels, centre_gap / max(spread, 1e-12 * (1 + centre_gap))
 
 
+#: Rows of the output layer's update counted as "pushed up": bias update above this
+#: fraction of the client's largest |bias update| (smaller ones divide by noise).
+LABEL_FLOOR = 0.1
+
+
+def _loo_median(vals: F64, member: BoolArray) -> tuple[F64, BoolArray]:
+    """For each row i of ``vals`` [n, H]: the coordinate-wise median of the ``member`` rows
+    other than i, and whether there was one (all at once: the median of the sorted members
+    with the row's own rank skipped)."""
+    n = vals.shape[0]
+    out = np.zeros(vals.shape)
+    ok = np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(member)
+    m = len(idx)
+    if m == 0:
+        return out, ok
+    sub = vals[idx]
+    order = np.argsort(sub, axis=0, kind="stable")
+    srt = np.take_along_axis(sub, order, axis=0)
+    out[~member] = (srt[(m - 1) // 2] + srt[m // 2]) / 2
+    ok[~member] = True
+    if m >= 2:
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(m)[:, None], axis=0)
+        lo, hi = (m - 2) // 2, (m - 1) // 2  # middle of the m - 1 others
+        a = np.take_along_axis(srt, lo + (rank <= lo), axis=0)
+        b = np.take_along_axis(srt, hi + (rank <= hi), axis=0)
+        out[idx] = (a + b) / 2
+        ok[idx] = True
+    return out, ok
+
+
+def _label_margins(weight: F64, bias: F64, use: BoolArray, floor: float) -> F64:
+    """One pass of :func:`label_consistency`: every client's b-weighted mean margin, the
+    consensus of each class taken over the ``use`` clients other than itself."""
+    n, c, _ = weight.shape
+    top = np.abs(bias).max(axis=1, keepdims=True)
+    up = (bias > floor * top) & (top > 0)
+    phi = weight / np.where(up, bias, 1.0)[:, :, None]
+    cons = np.zeros_like(phi)
+    ok = np.zeros((n, c), dtype=bool)
+    for k in range(c):
+        cons[:, k], ok[:, k] = _loo_median(phi[:, k], use & up[:, k])
+    # the median over each client's classes with a consensus (NaN sorts last)
+    srt = np.sort(np.where(ok[:, :, None], cons, np.nan), axis=1)
+    k = ok.sum(axis=1)
+    lo = np.maximum(k - 1, 0) // 2
+    hi = k // 2 - (k == 0)
+    centre = (
+        np.take_along_axis(srt, lo[:, None, None], axis=1)[:, 0]
+        + np.take_along_axis(srt, np.maximum(hi, 0)[:, None, None], axis=1)[:, 0]
+    ) / 2
+    centre = np.where((k > 0)[:, None], centre, 0.0)
+    p = phi - centre[:, None, :]
+    q = cons - centre[:, None, :]
+    cos = np.einsum("irh,ich->irc", p, q) / np.maximum(
+        np.linalg.norm(p, axis=2)[:, :, None] * np.linalg.norm(q, axis=2)[:, None, :], 1e-30
+    )
+    cos = np.where(ok[:, None, :], cos, -np.inf)
+    own = np.einsum("irr->ir", cos).copy()
+    diag = np.eye(c, dtype=bool)[None]
+    rival = np.where(diag, -np.inf, cos).max(axis=2)
+    rows = up & ok & (ok.sum(axis=1, keepdims=True) >= 2)
+    w = np.where(rows, bias, 0.0)
+    total = w.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        margin = np.where(rows, own - rival, 0.0)
+    out = np.full(n, np.nan)
+    has = total > 0
+    out[has] = (w * margin).sum(axis=1)[has] / total[has]
+    return out
+
+
+def label_consistency(
+    weight: FloatArray, bias: FloatArray, f: int, *, floor: float = LABEL_FLOOR
+) -> F64:
+    """Per client, whether the images it labels c look like those the others label c: [n],
+    higher is more consistent, NaN where it cannot be told (a non-finite output layer, no
+    class pushed up, fewer than two classes with a consensus).
+
+    ``weight`` [n, C, H] and ``bias`` [n, C] are each client's update of the output layer
+    (logits = W h + b). Under SGD with cross-entropy, the row of a class the client's data
+    pushes up (its bias update b[c] > ``floor`` x max |b|) is, divided by b[c], a weighted
+    mean of the hidden features h of the images it labels c: phi[c] = W[c] / b[c]. The
+    consensus of class c is the coordinate-wise median of phi[c] over the other clients
+    that push c up; all is centred by the median of the consensus over classes. A row
+    scores the cosine to its own class's consensus minus the largest to any other class's;
+    the client scores the b-weighted mean over its rows. Label flipping trains on images
+    of one class labelled as another, so its rows point at another class's consensus
+    (tune seeds, digits, Dirichlet 0.1: flippers -0.2 to -0.9, honest clients mostly
+    above 0, single rounds down to -0.4); an honest client with one or two classes pushes
+    few rows, each at its own class. Two passes: the second leaves out of the consensus
+    the at most ``f`` clients scored lowest below 0 by the first, so that a coalition
+    flipping the same classes does not set the consensus of the classes it claims.
+
+    A statistic of our own (cf. the output-layer analyses of label flipping in Tolpegin
+    et al., "Data Poisoning Attacks Against Federated Learning Systems", ESORICS 2020)."""
+    f = check_int("f", f)
+    floor = check_float("floor", floor)
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    if w.ndim != 3 or b.shape != w.shape[:2]:
+        raise ValueError(f"weight [n, C, H] and bias [n, C] needed, got {w.shape} and {b.shape}")
+    n = w.shape[0]
+    use: BoolArray = np.asarray(np.isfinite(w).all(axis=(1, 2)) & np.isfinite(b).all(axis=1))
+    if not use.all():
+        w = np.where(use[:, None, None], w, 0.0)
+        b = np.where(use[:, None], b, 0.0)
+    first = _label_margins(w, b, use, floor)
+    scored = use & np.isfinite(first)
+    low = np.flatnonzero(scored)[np.argsort(first[scored], kind="stable")][:f]
+    low = low[first[low] < 0]
+    if len(low):
+        use2 = use.copy()
+        use2[low] = False
+        out = _label_margins(w, b, use2, floor)
+    else:
+        out = first
+    out[~use] = np.nan
+    return out if n else np.zeros(0)
+
+
 #: Reasons that are facts about the update, not scores: never dropped by :func:`limit_flags`.
 HARD_REASONS = frozenset({"non_finite", "duplicate"})
 
 
 #: Reasons that rest on a client's history across rounds (:meth:`Reputation.review`):
 #: evidence from many rounds outranks one round's scores in :func:`limit_flags`.
-HISTORY_REASONS = frozenset({"inconsistent"})
+HISTORY_REASONS = frozenset({"inconsistent", "label_consistency"})
 
 
 def _evidence(scores: dict[str, float], reasons: Sequence[str]) -> tuple[bool, int, float]:

@@ -41,6 +41,14 @@ aggregate of its updates over time. Three uses of that history:
   more than ``inconsistency`` and by more than 3.5 robust deviations is flagged
   ``inconsistent`` (:func:`unsteady_clients`; relative to the round, so that IID clients,
   whose residuals are all fresh noise, do not stand out).
+- *Label consistency* (:func:`~qflare.robust.detection.label_consistency`, when the job
+  names its output layer): the mean of the client's scores over its last ``label_window``
+  rounds; below ``label_threshold`` it is flagged ``label_consistency``. One round is not
+  enough (tune seeds, digits, Dirichlet 0.1: honest single rounds reached -0.4, 3.9% of
+  honest (client, round) pairs below -0.15), the running mean of the round's scores was
+  (honest clients never below -0.15, label flippers below it from round 1-2; any threshold
+  from -0.20 to -0.12 did). A window, not a mean over all rounds: an honest client with a
+  few bad rounds is back in once ``label_window`` good ones have passed.
 - *At most f flags* (:func:`~qflare.robust.detection.limit_flags`): copies and
   non-finite updates first, then ``inconsistent`` (evidence from many rounds), then the
   most reasons and the largest z.
@@ -55,7 +63,7 @@ pardoned client is neither excluded nor penalised.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,6 +123,8 @@ class Reputation:
         "steadiness_memory",
         "pardon_z",
         "pardon_after",
+        "label_threshold",
+        "label_window",
     )
 
     def __init__(
@@ -132,6 +142,8 @@ class Reputation:
         steadiness_memory: float = 0.7,
         pardon_z: float = 8.0,
         pardon_after: float = 1.0,
+        label_threshold: float = -0.15,
+        label_window: int = 20,
     ) -> None:
         self.decay = check_float("decay", decay)
         if self.decay > 1:
@@ -159,6 +171,10 @@ class Reputation:
         self.steadiness: dict[str, float] = {}
         #: client -> (decayed count of flags a history does not excuse, its last round)
         self.grave: dict[str, tuple[float, int]] = {}
+        self.label_threshold = check_float("label_threshold", label_threshold, minimum=-np.inf)
+        self.label_window = check_int("label_window", label_window, minimum=1)
+        #: client -> its last ``label_window`` label-consistency scores, oldest first
+        self.labels: dict[str, list[float]] = {}
 
     def score(self, client: str, round_: int) -> float:
         rec = self.clients.get(client)
@@ -211,21 +227,37 @@ class Reputation:
         cols: IntArray = np.arange(d)[self._columns(d, self.sketch)]
         return cols
 
-    def review(self, round_: int, ids: Sequence[str], x: FloatArray, verdict: Verdict) -> Verdict:
+    def label_mean(self, client: str) -> float | None:
+        """The mean of the client's last ``label_window`` label-consistency scores (None
+        before its first)."""
+        seen = self.labels.get(client)
+        return float(np.mean(seen)) if seen else None
+
+    def review(
+        self,
+        round_: int,
+        ids: Sequence[str],
+        x: FloatArray,
+        verdict: Verdict,
+        labels: Mapping[str, float] | None = None,
+    ) -> Verdict:
         """``verdict`` (of ``detect(x, f, ids=ids)``) after the evidence across rounds: the
         consistently honest outliers let back in, the clients whose residual direction keeps
         changing flagged ``inconsistent`` (class docstring), and at most ``verdict.f``
         clients flagged (:func:`~qflare.robust.detection.limit_flags`). Every finite row's
         residual direction is added to its client's history; each scored client gains a
-        ``consistency`` and a ``steadiness`` score. A verdict without scores
-        (``insufficient``) is returned as it is."""
+        ``consistency`` and a ``steadiness`` score. ``labels``: this round's
+        label-consistency score per client (:func:`~qflare.robust.detection.label_consistency`;
+        None or absent: not scored), added to the client's window; a client whose window's
+        mean is below ``label_threshold`` is flagged ``label_consistency``. A verdict
+        without scores (``insufficient``) is returned as it is."""
         check_int("round", round_)
         if x.shape[0] != len(ids):
             raise ValueError(f"{x.shape[0]} rows for {len(ids)} ids")
         if not verdict.scores:
             return verdict
         sub = x[:, self._columns(int(x.shape[1]), self.sketch)]
-        return self.review_sketch(round_, ids, sub, finite_rows(x), verdict)
+        return self.review_sketch(round_, ids, sub, finite_rows(x), verdict, labels)
 
     def review_sketch(
         self,
@@ -234,6 +266,7 @@ class Reputation:
         sketch: FloatArray,
         finite: BoolArray,
         verdict: Verdict,
+        labels: Mapping[str, float] | None = None,
     ) -> Verdict:
         """:meth:`review` given only what it reads of the rows: their
         :meth:`sketch_columns` (``sketch``, [n, m]) and which rows are finite (``finite``,
@@ -278,6 +311,7 @@ class Reputation:
                 scores[name]["steadiness"] = steady
             mixed = unit[i] if not known else (self.memory * past + (1 - self.memory) * unit[i])
             self.history[name] = (seen + 1, mixed / max(float(np.linalg.norm(mixed)), 1e-30))
+        mislabelled = self._review_labels(names, finite, scores, labels or {})
         steady_now = {c: v["steadiness"] for c, v in scores.items() if "steadiness" in v}
         unsteady = unsteady_clients(steady_now, self.inconsistency)
         for i, name in enumerate(names):
@@ -288,6 +322,7 @@ class Reputation:
                 why
                 and why <= PARDONABLE
                 and name not in unsteady
+                and name not in mislabelled
                 and self.history[name][0] > self.min_history  # history before this round
                 and scores[name]["consistency"] >= self.consistency
                 and _largest_z(scores[name], why) <= self.pardon_z
@@ -295,16 +330,24 @@ class Reputation:
             ):
                 pardoned.append(name)
         for name in names:
-            if set(verdict.reasons.get(name, ())) - PARDONABLE or name in unsteady:
+            if (
+                set(verdict.reasons.get(name, ())) - PARDONABLE
+                or name in unsteady
+                or name in mislabelled
+            ):
                 self.grave[name] = (self.grave_score(name, round_) + 1.0, round_)
         reasons = {k: list(v) for k, v in verdict.reasons.items() if k not in set(pardoned)}
         for name in unsteady:
             reasons.setdefault(name, []).append("inconsistent")
+        for name in mislabelled:
+            reasons.setdefault(name, []).append("label_consistency")
         notes = [verdict.message]
         if pardoned:
             notes.append(f"let back in on a consistent history: {', '.join(sorted(pardoned))}")
         if unsteady:
             notes.append(f"inconsistent with their history: {', '.join(sorted(unsteady))}")
+        if mislabelled:
+            notes.append(f"labels unlike the others': {', '.join(sorted(mislabelled))}")
         out = Verdict(
             verdict.status,
             tuple(n for n in names if n not in reasons),
@@ -316,6 +359,29 @@ class Reputation:
             verdict.f,
         )
         return limit_flags(out)
+
+    def _review_labels(
+        self,
+        names: Sequence[str],
+        finite: BoolArray,
+        scores: dict[str, dict[str, float]],
+        labels: Mapping[str, float],
+    ) -> set[str]:
+        """Add this round's label-consistency scores to the clients' windows; the clients
+        whose window's mean is below ``label_threshold``."""
+        out: set[str] = set()
+        for i, name in enumerate(names):
+            value = labels.get(name)
+            if not finite[i] or name not in scores or value is None or not np.isfinite(value):
+                continue
+            window = [*self.labels.get(name, []), float(value)][-self.label_window :]
+            self.labels[name] = window
+            mean = float(np.mean(window))
+            scores[name]["label_consistency"] = float(value)
+            scores[name]["label_mean"] = mean
+            if mean < self.label_threshold:
+                out.add(name)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         params = {name: getattr(self, name) for name in (*self.PARAMS, *self.HISTORY_PARAMS)}
@@ -330,6 +396,7 @@ class Reputation:
             "clients": {c: r.to_dict() for c, r in sorted(self.clients.items())},
             "history": history,
             "grave": {c: [float(v), int(r)] for c, (v, r) in sorted(self.grave.items())},
+            "labels": {c: [float(v) for v in w] for c, w in sorted(self.labels.items())},
         }
 
     @classmethod
@@ -348,6 +415,9 @@ class Reputation:
                     )
             for c, (v, r) in data.get("grave", {}).items():
                 rep.grave[str(c)] = (check_float("grave", v), check_int("round", r))
+            for c, w in data.get("labels", {}).items():
+                values = [check_float("label score", v, minimum=-np.inf) for v in w]
+                rep.labels[str(c)] = values[-rep.label_window :]
             for c, r in data.get("clients", {}).items():
                 rep.clients[str(c)] = ClientRecord(
                     score=check_float("score", r["score"]),

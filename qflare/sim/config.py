@@ -16,12 +16,12 @@ import math
 from typing import Any
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from qflare.errors import QflareError
 from qflare.messages.jobs import JobSettings
 from qflare.sim.data import dataset_names
-from qflare.sim.model import MODEL_NAMES
+from qflare.sim.model import MODEL_NAMES, OUTPUT_LAYERS
 
 #: attacks the simulator applies itself, besides the model-poisoning attacks of qflare.robust
 NO_ATTACK = "none"
@@ -63,6 +63,14 @@ class SimConfig(JobSettings):
         except ValidationError as exc:
             raise SimConfigError(_flag_errors(exc)) from None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_output_layer(cls, data: Any) -> Any:
+        """A built-in model's output layer unless ``output_layer`` is given (None: off)."""
+        if isinstance(data, dict) and "output_layer" not in data:
+            return {**data, "output_layer": OUTPUT_LAYERS.get(data.get("model", "mlp"))}
+        return data
+
     @field_validator("attack")
     @classmethod
     def _canonical_attack(cls, value: str) -> str:
@@ -87,7 +95,14 @@ class SimConfig(JobSettings):
         return resolve_rule_spec(self.rule, self.byzantine)
 
     def with_(self, **changes: Any) -> SimConfig:
-        return SimConfig(**{**self.model_dump(), **changes})
+        data = {**self.model_dump(), **changes}
+        if (
+            "output_layer" not in changes
+            and data["model"] != self.model
+            and self.output_layer == OUTPUT_LAYERS.get(self.model)
+        ):
+            del data["output_layer"]  # the new model's own
+        return SimConfig(**data)
 
 
 def _flag_errors(exc: ValidationError) -> str:

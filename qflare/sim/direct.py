@@ -143,6 +143,7 @@ def run_direct(
                 detection=spec.detection,
                 reputation=reputation,
                 malformed=malformed_of(r),
+                output_layer=spec.output_layer,
             )
         verdict = Verdict(found.kept, tuple((x.client, float(x.score)) for x in found.flagged))
         r, effects = step(spec, r, verdict, now)

@@ -22,8 +22,9 @@ import numpy as np
 from torch import nn
 
 from qflare.messages.tensors import Layout
+from qflare.services.detector.core import OutputLayer
 from qflare.sim import robust_glue
-from qflare.sim.config import LABEL_FLIP, NO_ATTACK, SimConfig
+from qflare.sim.config import LABEL_FLIP, NO_ATTACK, SimConfig, SimConfigError
 from qflare.sim.data import (
     ArrayDataset,
     SplitData,
@@ -90,7 +91,13 @@ class Federation:
         model = build_model(
             config.model, data.train.sample_shape, data.train.num_classes, config.seed
         )
-        return cls(config, data, ids, byzantine, shards, get_params(model))
+        initial = get_params(model)
+        if config.output_layer is not None:
+            try:
+                OutputLayer.of(Layout.of(initial), config.output_layer)
+            except ValueError as exc:
+                raise SimConfigError(f"--model {config.model}: {exc}") from None
+        return cls(config, data, ids, byzantine, shards, initial)
 
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (weights are set per call that uses it)."""

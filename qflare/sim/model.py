@@ -86,6 +86,15 @@ def _cnn(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 _BUILDERS: dict[str, ModelBuilder] = {"linear": _linear, "mlp": _mlp, "cnn": _cnn}
 
+#: The built-in models' output layers, (weight, bias) as their ``state_dict`` names them: a
+#: simulation's job names its model's (``JobSpec.output_layer``) so that detection scores
+#: label consistency. A plug-in model's is the user's to give.
+OUTPUT_LAYERS: dict[str, tuple[str, str]] = {
+    "linear": ("1.weight", "1.bias"),
+    "mlp": ("3.weight", "3.bias"),
+    "cnn": ("8.weight", "8.bias"),
+}
+
 
 def _plugin_builder(name: str) -> ModelBuilder | None:
     """The builder a plug-in name stands for (``module:function`` or an entry point of

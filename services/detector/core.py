@@ -12,6 +12,11 @@ rounds is dropped even when it behaves in this one), a score per flagged client,
 "detection off" case, which keeps every update. A round too large for memory, kept in a
 file, is judged in column blocks (:func:`decide_source`) with the verdict of the
 in-memory round.
+
+Where the job names its output layer (``JobSpec.output_layer``, resolved against the
+model's layout by :meth:`OutputLayer.of`), each client's label consistency
+(:func:`qflare.robust.detection.label_consistency`) is scored from those columns of its
+row and goes to the review, whose running mean flags label flipping.
 """
 
 from __future__ import annotations
@@ -20,10 +25,65 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-from qflare.messages.tensors import RoundRows, Rows, Tensors
+from qflare.messages.tensors import Layout, RoundRows, Rows, Tensors
 from qflare.robust import Reputation, Verdict, detect
 from qflare.robust.blocks import BlockSource, TapColumns, detect_view, gram_view
+from qflare.robust.detection import label_consistency
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """Where a model's output layer lies in its flat update (:class:`Layout` order): the
+    weight [classes, hidden] from column ``weight_at``, the bias [classes] from ``bias_at``."""
+
+    weight_at: int
+    bias_at: int
+    classes: int
+    hidden: int
+
+    @classmethod
+    def of(cls, layout: Layout, names: tuple[str, str]) -> OutputLayer:
+        """The output layer named (weight, bias) in ``layout``; ValueError naming the
+        tensors the layout has when a name is missing or the shapes are not [C, H], [C]."""
+        weight, bias = names
+        offsets: dict[str, int] = {}
+        at = 0
+        for name, shape in zip(layout.names, layout.shapes, strict=True):
+            offsets[name] = at
+            at += int(np.prod(shape, dtype=np.int64))
+        shapes = dict(zip(layout.names, layout.shapes, strict=True))
+        for name in names:
+            if name not in shapes:
+                raise ValueError(
+                    f"output_layer names {name!r}, which the model does not have; its tensors: "
+                    f"{', '.join(layout.names)}"
+                )
+        ws, bs = shapes[weight], shapes[bias]
+        if len(ws) != 2 or bs != ws[:1] or ws[0] < 2:
+            raise ValueError(
+                f"output_layer must name a weight [classes, hidden] and a bias [classes] with "
+                f"at least 2 classes; {weight!r} has shape {list(ws)}, {bias!r} {list(bs)}"
+            )
+        return cls(offsets[weight], offsets[bias], int(ws[0]), int(ws[1]))
+
+    @property
+    def columns(self) -> npt.NDArray[np.intp]:
+        """The weight's columns, then the bias's."""
+        w = np.arange(self.weight_at, self.weight_at + self.classes * self.hidden)
+        b = np.arange(self.bias_at, self.bias_at + self.classes)
+        return np.concatenate([w, b]).astype(np.intp)
+
+    def scores(
+        self, clients: list[str], cols: npt.NDArray[np.floating], f: int
+    ) -> dict[str, float]:
+        """Each client's label consistency from its row's :attr:`columns` (``cols``, [n,
+        C * H + C]); the clients it cannot score are left out."""
+        n, size = len(clients), self.classes * self.hidden
+        weight = cols[:, :size].reshape(n, self.classes, self.hidden)
+        values = label_consistency(weight, cols[:, size:], f)
+        return {c: float(v) for c, v in zip(clients, values, strict=True) if np.isfinite(v)}
 
 
 @dataclass(frozen=True)
@@ -49,9 +109,11 @@ def decide(
     detection: bool,
     reputation: Reputation,
     malformed: int = 0,
+    output_layer: tuple[str, str] | None = None,
 ) -> RoundVerdict:
     """The verdict over exactly ``updates`` (client -> delta tensors); updates
-    ``reputation`` in place with this round's flags. ``malformed``: see :func:`decide_rows`."""
+    ``reputation`` in place with this round's flags. ``malformed``: see :func:`decide_rows`;
+    ``output_layer``: the job's (weight, bias) names (None: label consistency off)."""
     clients = sorted(updates)
     if not detection or not clients:
         return RoundVerdict(
@@ -61,7 +123,13 @@ def decide(
     for c in clients:
         rows.add((c, b""), updates[c])
     clients, x = rows.matrix([(c, b"") for c in clients])
-    return decide_rows(round_no, clients, x, f=f, reputation=reputation, malformed=malformed)
+    layout = rows.layout
+    output = (
+        None if output_layer is None or layout is None else OutputLayer.of(layout, output_layer)
+    )
+    return decide_rows(
+        round_no, clients, x, f=f, reputation=reputation, malformed=malformed, output=output
+    )
 
 
 def decide_rows(
@@ -72,6 +140,7 @@ def decide_rows(
     f: int,
     reputation: Reputation,
     malformed: int = 0,
+    output: OutputLayer | None = None,
 ) -> RoundVerdict:
     """The verdict with detection on over the updates ``x`` (one float32 row per client,
     in the order of ``clients``, sorted); updates ``reputation`` in place.
@@ -81,12 +150,14 @@ def decide_rows(
     ``f - malformed`` remain among ``x``, and detection assumes that many (its Krum
     neighbourhood and the at-most-f cap on flags). Without it, a round whose f attackers
     all sent non-finite updates had one honest outlier flagged in their place every round
-    (the Inf attack at Dirichlet 0.1)."""
+    (the Inf attack at Dirichlet 0.1). ``output``: where the model's output layer lies in
+    a row (None: label consistency off)."""
     if not clients:
         return RoundVerdict((), (), (), "empty round")
     f_left = max(0, f - malformed)
+    labels = None if output is None else output.scores(clients, x[:, output.columns], f_left)
     # a consistently honest outlier (non-IID data) is let back in by its own history
-    verdict = reputation.review(round_no, clients, x, detect(x, f_left, ids=clients))
+    verdict = reputation.review(round_no, clients, x, detect(x, f_left, ids=clients), labels)
     return _outcome(round_no, clients, verdict, reputation)
 
 
@@ -99,23 +170,31 @@ def decide_source(
     reputation: Reputation,
     malformed: int = 0,
     block: int,
+    output: OutputLayer | None = None,
 ) -> RoundVerdict:
     """:func:`decide_rows` over rows read in column blocks of ``block`` columns (a round
     kept in a file: :meth:`~qflare.runtime.spill.SpilledRows.source`), in one pass over
     them. Every detection score is a function of the rows' Gram matrix, accumulated block
     by block (:func:`~qflare.robust.blocks.detect_view`: the in-memory scores to float32
     rounding); the review reads only the reputation's sketch columns, gathered as the
-    blocks pass, and which rows are finite, known from the Gram matrix's diagonal."""
+    blocks pass, and which rows are finite, known from the Gram matrix's diagonal; the
+    output layer's columns (``output``) are gathered in the same pass."""
     if not clients:
         return RoundVerdict((), (), (), "empty round")
     n, d = src.shape
     if n != len(clients):
         raise ValueError(f"{n} rows for {len(clients)} clients")
     f_left = max(0, f - malformed)
-    tap = TapColumns(src, reputation.sketch_columns(d))
+    sketch = reputation.sketch_columns(d)
+    wanted = sketch if output is None else np.concatenate([sketch, output.columns])
+    tap = TapColumns(src, wanted)
     view = gram_view(tap, block)
     detected = detect_view(view, f_left, ids=clients)  # the one pass over the blocks
-    verdict = reputation.review_sketch(round_no, clients, tap.columns, view.finite, detected)
+    got = tap.columns
+    labels = None if output is None else output.scores(clients, got[:, len(sketch) :], f_left)
+    verdict = reputation.review_sketch(
+        round_no, clients, got[:, : len(sketch)], view.finite, detected, labels
+    )
     return _outcome(round_no, clients, verdict, reputation)
 
 

@@ -10,7 +10,7 @@ import pytest
 from qflare.messages.tensors import Layout, RoundRows
 from qflare.robust import Reputation
 from qflare.runtime.spill import SpilledRows, release
-from qflare.services.detector.core import decide, decide_rows, decide_source
+from qflare.services.detector.core import OutputLayer, decide, decide_rows, decide_source
 
 
 def _round(
@@ -178,3 +178,121 @@ def test_a_spilled_round_read_in_blocks_gets_the_in_memory_verdict(
     # the rounds went through direction, copies, non-finite rows, history and quarantine
     assert caught == 6
     assert {"cosine", "duplicate", "non_finite", "inconsistent", "quarantined"} <= seen, seen
+
+
+HEAD = ("head.weight", "head.bias")
+FLIPPERS = ("c01", "c05", "c07")
+
+
+def _label_round(
+    round_no: int, body: int, *, nan: bool = False
+) -> dict[str, dict[str, np.ndarray]]:
+    """Twelve clients of a classifier whose output layer ``head`` (10 classes, 16 hidden
+    features) is updated as one SGD step of cross-entropy at uniform predictions: each
+    client's images of class k have features proto[k] + noise, its class mix is its own
+    (Dirichlet 0.3, fixed across rounds), FLIPPERS label class k as 9 - k; ``body`` other
+    values are ordinary noise around a shared direction. With ``nan`` c08's head is not
+    finite."""
+    classes, hidden = 10, 16
+    protos = np.abs(np.random.default_rng(7).standard_normal((classes, hidden))) + 0.5
+    direction = np.random.default_rng([round_no, 1]).standard_normal(body)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for i in range(12):
+        cid = f"c{i:02d}"
+        counts = np.round(60 * np.random.default_rng([i, 5]).dirichlet(np.full(classes, 0.3)))
+        rng = np.random.default_rng([round_no, i, 6])
+        weight, bias = np.zeros((classes, hidden)), np.zeros(classes)
+        for k in np.flatnonzero(counts):
+            h = protos[k] + 0.3 * rng.standard_normal((int(counts[k]), hidden))
+            label = classes - 1 - k if cid in FLIPPERS else k
+            weight[label] += h.sum(axis=0)
+            bias[label] += len(h)
+            weight -= h.sum(axis=0) / classes
+            bias -= len(h) / classes
+        if cid == "c08" and nan:
+            weight[3, 2] = np.nan
+        out[cid] = {
+            "body": (direction + 0.3 * rng.standard_normal(body)).astype(np.float32),
+            "head.weight": (weight / 60).astype(np.float32),
+            "head.bias": (bias / 60).astype(np.float32),
+        }
+    return out
+
+
+def test_label_flippers_are_flagged_on_their_labels_and_no_one_else() -> None:
+    rep, off = Reputation(), Reputation()
+    for round_no in range(1, 6):
+        updates = _label_round(round_no, 200)
+        v = decide(1 + round_no, updates, f=3, detection=True, reputation=rep, output_layer=HEAD)
+        on_labels = {x.client for x in v.flagged if "label_consistency" in x.reasons}
+        # at most f flags: in round 5 a client flagged on its steadiness takes one of them
+        # from a flipper, which is quarantined by then
+        assert on_labels <= set(FLIPPERS) and not set(FLIPPERS) & set(v.kept)
+        assert on_labels == set(FLIPPERS) or round_no == 5
+        plain = decide(1 + round_no, updates, f=3, detection=True, reputation=off)
+        assert not any("label_consistency" in x.reasons for x in plain.flagged)
+    assert set(rep.labels) == set(_label_round(1, 200)) and off.labels == {}
+
+
+@pytest.mark.parametrize(("body", "block"), [(1200, 100), (1200, 4096), (100, 7)])
+def test_label_consistency_read_in_blocks_gets_the_in_memory_verdict(
+    tmp_path: Path, body: int, block: int
+) -> None:
+    """decide_source gathers the output layer's columns in its one pass and gives
+    decide_rows' verdict, label flags and windows included, round after round."""
+    in_memory, spilled = Reputation(), Reputation()
+    for round_no in range(1, 6):
+        updates = _label_round(round_no, body, nan=round_no == 3)
+        clients = sorted(updates)
+        refs = [(c, b"d") for c in clients]
+        rows, file_rows = RoundRows(len(clients)), SpilledRows(tmp_path, len(clients))
+        for ref in refs:
+            rows.add(ref, updates[ref[0]])
+            file_rows.add(ref, updates[ref[0]])
+        layout = rows.layout
+        assert layout is not None
+        output = OutputLayer.of(layout, HEAD)
+        try:
+            ids, x = rows.matrix(refs)
+            want = decide_rows(round_no, ids, x, f=3, reputation=in_memory, output=output)
+            ids_s, src = file_rows.source(refs)
+            got = decide_source(
+                round_no, ids_s, src, f=3, reputation=spilled, block=block, output=output
+            )
+        finally:
+            release(file_rows)
+        assert got.kept == want.kept
+        assert [(c.client, c.reasons) for c in got.flagged] == [
+            (c.client, c.reasons) for c in want.flagged
+        ]
+        assert in_memory.labels == spilled.labels
+        # every flipper is flagged on its labels (the f cap lets one go in round 3, where
+        # c08's non-finite update takes a flag), no one else is
+        on_labels = {c.client for c in want.flagged if "label_consistency" in c.reasons}
+        assert on_labels <= set(FLIPPERS) and (round_no == 3 or not set(FLIPPERS) & set(want.kept))
+    assert "c08" in in_memory.labels and len(in_memory.labels["c08"]) == 4  # not round 3
+
+
+def test_the_output_layer_is_found_in_the_layout_or_refused() -> None:
+    layout = Layout.of(_label_round(1, 30)["c00"])  # body [30], head.bias [10], head.weight
+    out = OutputLayer.of(layout, HEAD)
+    assert (out.weight_at, out.bias_at, out.classes, out.hidden) == (40, 30, 10, 16)
+    assert out.columns.tolist() == [*range(40, 200), *range(30, 40)]
+    with pytest.raises(ValueError, match=r"'head\.w', which the model does not have"):
+        OutputLayer.of(layout, ("head.w", "head.bias"))
+    with pytest.raises(ValueError, match=r"'body' has shape \[30\]"):
+        OutputLayer.of(layout, ("body", "head.bias"))
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \[10, 16\], 'body' \[30\]"):
+        OutputLayer.of(layout, ("head.weight", "body"))
+    one = Layout.of({"w": np.zeros((1, 4), np.float32), "b": np.zeros(1, np.float32)})
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        OutputLayer.of(one, ("w", "b"))
+    with pytest.raises(ValueError, match="which the model does not have"):
+        decide(
+            1,
+            _label_round(1, 30),
+            f=3,
+            detection=True,
+            reputation=Reputation(),
+            output_layer=("w", "b"),
+        )

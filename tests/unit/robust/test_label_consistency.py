@@ -1,0 +1,154 @@
+"""Label consistency (qflare.robust.detection.label_consistency) on synthetic output layers,
+and its running mean and flag in the reputation (qflare.robust.Reputation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qflare.robust import Reputation, detect
+from qflare.robust.detection import _loo_median, label_consistency
+
+C, H = 10, 32
+
+
+def _layer(
+    rng: np.random.Generator, protos: np.ndarray, counts: np.ndarray, flip: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One client's output-layer update under one SGD step of cross-entropy at uniform
+    predictions: dW[c] = sum over its images of (1[label = c] - 1/C) h, db[c] likewise;
+    its images of class k have features protos[k] + noise; a flipper labels class k as
+    C - 1 - k."""
+    weight = np.zeros((C, H))
+    bias = np.zeros(C)
+    for k in np.flatnonzero(counts):
+        h = protos[k] + 0.3 * rng.standard_normal((int(counts[k]), H))
+        label = C - 1 - k if flip else k
+        weight[label] += h.sum(axis=0)
+        bias[label] += len(h)
+        weight -= h.sum(axis=0) / C
+        bias -= len(h) / C
+    return weight, bias
+
+
+def _round(
+    seed: int, n: int = 20, flippers: tuple[int, ...] = (), one_class: tuple[int, ...] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """n clients with Dirichlet(0.3) label skew; ``one_class`` clients hold one class."""
+    rng = np.random.default_rng(seed)
+    protos = np.abs(rng.standard_normal((C, H))) + 0.5
+    ws, bs = [], []
+    for i in range(n):
+        if i in one_class:
+            counts = np.zeros(C)
+            counts[i % C] = 60
+        else:
+            counts = np.round(60 * rng.dirichlet(np.full(C, 0.3)))
+        w, b = _layer(rng, protos, counts, flip=i in flippers)
+        ws.append(w)
+        bs.append(b)
+    return np.stack(ws).astype(np.float32), np.stack(bs).astype(np.float32)
+
+
+def test_the_leave_one_out_median_is_the_median_of_the_others() -> None:
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 3, 6, 7):
+        vals = rng.standard_normal((9, 5))
+        vals[1, 2] = vals[3, 2]  # a tie
+        member = np.zeros(9, dtype=bool)
+        member[rng.choice(9, size=m, replace=False)] = True
+        out, ok = _loo_median(vals, member)
+        for i in range(9):
+            others = member.copy()
+            others[i] = False
+            assert ok[i] == bool(others.any())
+            if others.any():
+                np.testing.assert_allclose(out[i], np.median(vals[others], axis=0), rtol=1e-15)
+
+
+def test_flippers_score_low_and_honest_clients_with_one_class_do_not() -> None:
+    flippers, one_class = (2, 5, 11, 17), (0, 8)
+    for seed in range(5):
+        w, b = _round(seed, flippers=flippers, one_class=one_class)
+        s = label_consistency(w, b, f=6)
+        honest = np.array([i not in flippers for i in range(20)])
+        assert np.isfinite(s).all()
+        assert s[~honest].max() < -0.15 < 0 < s[honest].min(), (seed, np.round(s, 2))
+        assert s[list(one_class)].min() > 0.15
+
+
+def test_nothing_to_score_is_nan_and_non_finite_rows_stay_out() -> None:
+    w, b = _round(1, n=8, flippers=(3,))
+    w[5, 0, 0] = np.nan
+    b[6] = 0.0  # pushes nothing up
+    s = label_consistency(w, b, f=2)
+    assert np.isnan(s[5]) and np.isnan(s[6])
+    assert np.isfinite(np.delete(s, [5, 6])).all() and s[3] < 0
+    # the NaN row did not enter anyone's consensus
+    w2, b2 = np.delete(w, 5, axis=0), np.delete(b, 5, axis=0)
+    np.testing.assert_allclose(np.delete(s, 5), label_consistency(w2, b2, f=2), equal_nan=True)
+    assert label_consistency(np.zeros((0, C, H)), np.zeros((0, C)), f=0).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias"),
+    [((4, C, H), (4, C + 1)), ((4, C * H), (4, C)), ((4, C, H), (3, C))],
+    ids=["classes", "flat-weight", "rows"],
+)
+def test_shapes_that_are_not_an_output_layer_are_refused(
+    weight: tuple[int, ...], bias: tuple[int, ...]
+) -> None:
+    with pytest.raises(ValueError, match=r"weight \[n, C, H\] and bias \[n, C\]"):
+        label_consistency(np.zeros(weight), np.zeros(bias), f=1)
+
+
+def _review(rep: Reputation, round_no: int, labels: dict[str, float]) -> tuple[str, ...]:
+    """One round of ten ordinary updates reviewed with ``labels`` and observed; the clients
+    flagged ``label_consistency``."""
+    rng = np.random.default_rng(round_no)
+    ids = [f"c{i}" for i in range(10)]
+    x = (rng.standard_normal(40) + 0.3 * rng.standard_normal((10, 40))).astype(np.float32)
+    out = rep.review(round_no, ids, x, detect(x, 3, ids=ids), labels)
+    rep.observe(round_no, out.flagged)
+    return tuple(c for c in out.flagged if "label_consistency" in out.reasons[c])
+
+
+def test_the_running_mean_flags_a_client_one_bad_round_does_not() -> None:
+    rep = Reputation()
+    good = {f"c{i}": 0.4 for i in range(10)}
+    assert _review(rep, 1, {**good, "c1": -0.3}) == ("c1",)  # its mean is its one round
+    assert _review(rep, 2, {**good, "c1": 0.5}) == ()  # (-0.3 + 0.5) / 2
+    for r in range(3, 8):
+        assert _review(rep, r, {**good, "c2": -0.8}) == (("c2",) if r > 3 else ())
+    assert rep.label_mean("c2") == pytest.approx((0.4 * 2 - 0.8 * 5) / 7)
+
+
+def test_an_honest_client_with_bad_early_rounds_is_back_in_after_the_window() -> None:
+    rep = Reputation(label_window=4)
+    good = {f"c{i}": 0.4 for i in range(10)}
+    flagged = [_review(rep, r, {**good, "c4": -0.8}) for r in range(1, 4)]
+    assert flagged == [("c4",)] * 3
+    after = [_review(rep, r, good) for r in range(4, 30)]
+    # flagged while its window holds two or more of its bad rounds (mean -0.5, -0.2), then
+    # never again; quarantined on its fourth flag (round 4) for five rounds, not after
+    assert [bool(f) for f in after[:3]] == [True, True, False] and not any(after[3:])
+    assert rep.is_quarantined("c4", 9) and not rep.is_quarantined("c4", 10)
+    assert rep.quarantined(29) == set()
+
+
+def test_the_windows_survive_a_restart() -> None:
+    rep = Reputation(label_window=3)
+    scores = {f"c{i}": 0.1 * i - 0.3 for i in range(10)}
+    for r in range(1, 5):
+        _review(rep, r, scores)
+    data = rep.to_dict()
+    assert data["labels"]["c0"] == pytest.approx([-0.3] * 3) and data["label_window"] == 3
+    again = Reputation.from_dict(data)
+    assert again.to_dict() == data
+    assert _review(again, 5, scores) == _review(rep, 5, scores) == ("c0", "c1")
+    assert again.to_dict() == rep.to_dict()
+    # a state saved before label consistency existed has no windows
+    old = {k: v for k, v in data.items() if k not in ("labels", "label_window", "label_threshold")}
+    assert Reputation.from_dict(old).labels == {}
+    with pytest.raises(ValueError, match="label score"):
+        Reputation.from_dict({**data, "labels": {"c0": [float("nan")]}})
