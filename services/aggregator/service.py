@@ -45,11 +45,9 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as st_load
 
 from qflare.bus import Delivery, Outcome, StreamReader, topology
 from qflare.messages import (
@@ -77,6 +75,7 @@ from qflare.runtime import Consumer, JobSpec, Service, ServiceContext, event, st
 from qflare.runtime.envelopes import broadcast_key, emit
 from qflare.runtime.jobs import job_of
 from qflare.runtime.metrics import round_entered
+from qflare.runtime.modelfile import ModelFile
 from qflare.runtime.revocation import RevocationWatch
 from qflare.runtime.service import Routes
 from qflare.runtime.spill import SpilledRows, next_rows, release, spill_block
@@ -120,6 +119,10 @@ MODEL_APPEND_TIMEOUT_S = 30.0
 #: Bytes of model versions the aggregator keeps in memory (_models; the last one cached
 #: is kept whatever its size).
 MODEL_CACHE_BYTES = 256 * 2**20
+#: A model version larger than this is never loaded whole (docs/architecture.md, "Large
+#: models"): its round is aggregated from its file into the next version's file block by
+#: block, and it is published in parts from its file.
+MODEL_IN_MEMORY_BYTES = MODEL_CACHE_BYTES
 
 
 class Aggregator(Service):
@@ -141,6 +144,8 @@ class Aggregator(Service):
         self._locks: dict[str, asyncio.Lock] = {}
         self._ended: dict[str, asyncio.Event] = {}
         self._models: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        # (job, version) -> the version's layout and bytes, read from its file's header
+        self._shapes: dict[tuple[str, int], tuple[Layout, int]] = {}
         # The job's update stream, read ahead for the rounds still collecting or waiting for
         # their verdict (``_collecting``: (job, round) -> their participants): each update's
         # tensors go as it arrives into a row of the round's matrix (``_rows``: the matrix
@@ -239,7 +244,7 @@ class Aggregator(Service):
         key = (job_id, r.round)
         entry = self._rows.get(key)
         if entry is None:
-            layout = Layout.of(await self._model(job_id, r.base_version))
+            layout, _nbytes = await self._shape(job_id, r.base_version)
             clients = sorted(r.participants)
             spare = self._spare.pop(job_id, None)
             folder = self.ctx.data_dir / "rows"
@@ -300,9 +305,10 @@ class Aggregator(Service):
             return row.stream_offset
         assert self.ctx.identity is not None
         opts = self.settings.services.aggregator
+        source = await self._source(spec.job_id, version)
         envelopes = model_envelopes(
             self.ctx.identity,
-            await self._model(spec.job_id, version),
+            source,
             job=spec.job_id,
             round=row.round,
             version=version,
@@ -326,6 +332,8 @@ class Aggregator(Service):
         finally:
             if key is not None:
                 self._appended.pop(key, None)
+            if isinstance(source, ModelFile):
+                source.close()
         await self.store.set_model_offset(spec.job_id, version, offset)
         event(self.log, "model.appended", job=spec.job_id, version=version, offset=offset)
         return offset
@@ -347,15 +355,23 @@ class Aggregator(Service):
                     )
                 self.specs[spec.job_id] = stored
                 return
+            hooks = await asyncio.to_thread(load_hooks, spec)  # PluginError naming the key
             if model is None:
                 if spec.initial_model is None:
                     raise ValueError(
                         f"job {spec.job_id!r} needs initial_model (a safetensors file)"
                     )
-                model = st_load(Path(spec.initial_model).read_bytes())
-            model = {k: np.ascontiguousarray(v) for k, v in model.items()}
-            hooks = await asyncio.to_thread(load_hooks, spec)  # PluginError naming the key
-            await self.store.add_job(spec, model, model_digest(model))
+                # read from its file a range at a time: a large model is copied into the
+                # store, never loaded whole
+                with await asyncio.to_thread(ModelFile.open, spec.initial_model) as f:
+                    if f.nbytes > MODEL_IN_MEMORY_BYTES:
+                        await self.store.add_job(spec, f, await asyncio.to_thread(f.digest))
+                    else:
+                        tensors = await asyncio.to_thread(f.tensors)
+                        await self.store.add_job(spec, tensors, model_digest(tensors))
+            else:
+                model = {k: np.ascontiguousarray(v) for k, v in model.items()}
+                await self.store.add_job(spec, model, model_digest(model))
             self.specs[spec.job_id] = spec
             self.hooks[spec.job_id] = hooks
             event(self.log, "job.submitted", **spec.public())
@@ -518,6 +534,9 @@ class Aggregator(Service):
         stored in the same transaction that marks the round PUBLISHED (a compare-and-set on
         CLOSED: False for a verdict handled already)."""
         assert self.store is not None
+        _layout, nbytes = await self._shape(spec.job_id, command.base_version)
+        if nbytes > MODEL_IN_MEMORY_BYTES:
+            return await self._aggregate_files(spec, r, command)
         base = await self._model(spec.job_id, command.base_version)
         rows, updates = await self._kept_rows(spec, r, command)
 
@@ -534,9 +553,82 @@ class Aggregator(Service):
             result = await asyncio.to_thread(run)
         finally:
             self._spend(spec.job_id, command.round)
+        published = await self._publish_result(
+            spec, r, command, updates, result, result.model, model_digest(result.model)
+        )
+        if published:
+            self._cache_model((spec.job_id, command.round), result.model)
+        return published
+
+    async def _aggregate_files(self, spec: JobSpec, r: Round, command: Aggregate) -> bool:
+        """:meth:`_aggregate` for a model too large to hold: the base version read from its
+        file, the new one written into its own (committed with the round's PUBLISHED state),
+        the combined vector kept in a scratch file; the same model, bit for bit."""
+        assert self.store is not None
+        row = await self.store.model(spec.job_id, command.base_version)
+        assert row is not None
+        base = await self.store.open_model(row)
+        folder = self.ctx.data_dir / "rows"
+        try:
+            rows, updates = await self._kept_rows(spec, r, command)
+            out = ModelFile.create(self.store.model_path(spec.job_id, command.round), base.layout)
+            scratch = ModelFile.create(
+                folder / f"combined-{spec.job_id}-{command.round}",
+                Layout(("combined",), ((base.layout.size,),), ("float32",)),
+            )
+
+            def run() -> Any:
+                refs = [(c, d) for c, d, _o in command.updates]
+                if isinstance(rows, SpilledRows):
+                    clients, src = rows.source(refs)
+                else:
+                    clients, src = rows.matrix(refs)
+                block = spill_block(self.rows_budget, len(clients))
+                return aggregate_source(
+                    spec, command, base, clients, src, block, out=out, scratch=scratch
+                )
+
+            try:
+                result = await asyncio.to_thread(run)
+                digest = await asyncio.to_thread(out.digest)
+                whole = await asyncio.to_thread(out.tensors) if spec.evaluate_fn else {}
+            except BaseException:
+                out.discard()
+                raise
+            finally:
+                scratch.discard()
+                self._spend(spec.job_id, command.round)
+            try:
+                return await self._publish_result(
+                    spec, r, command, updates, result, out, digest, whole
+                )
+            finally:
+                if out.writing:  # not stored: nothing half-written stays
+                    out.discard()
+                else:
+                    out.close()
+        finally:
+            base.close()
+
+    async def _publish_result(
+        self,
+        spec: JobSpec,
+        r: Round,
+        command: Aggregate,
+        updates: Mapping[str, StreamUpdate],
+        result: Any,
+        model: dict[str, np.ndarray] | ModelFile,
+        digest: bytes,
+        evaluated: Mapping[str, np.ndarray] | None = None,
+    ) -> bool:
+        """Store the round's new model with its PUBLISHED state and verdict (False when the
+        round was published already: a redelivered verdict)."""
+        assert self.store is not None
         reports = [Report(c, u.num_samples, u.metrics, u.evaluation) for c, u in updates.items()]
         metrics = round_metrics(reports, command.base_version)
-        central = await self._evaluate(spec, command.round, result.model)
+        whole = evaluated if evaluated is not None else model
+        assert not isinstance(whole, ModelFile)
+        central = await self._evaluate(spec, command.round, whole)
         if central is not None:
             metrics["central"] = central
         verdict = {
@@ -549,15 +641,14 @@ class Aggregator(Service):
             spec.job_id,
             command.round,
             command.round,
-            result.model,
-            model_digest(result.model),
+            model,
+            digest,
             r.epsilon or 0.0,
             verdict,
             next_clip=result.next_clip,
         )
         if not stored:
             return False
-        self._cache_model((spec.job_id, command.round), result.model)
         self._collecting.pop((spec.job_id, command.round), None)
         return True
 
@@ -637,10 +728,9 @@ class Aggregator(Service):
             await self._hook_failed(spec, round_no, "round_config.failed", "critical", exc)
             await self._end(spec, round_no, "round_config_failed", str(exc)[:4000])
             return
-        base = await self._model(spec.job_id, a.base_version)
+        layout, _nbytes = await self._shape(spec.job_id, a.base_version)
         row = await self.store.model(spec.job_id, a.base_version)
         assert row is not None
-        layout = Layout.of(base)
         body = RoundOpened(
             model_version=a.base_version,
             model_digest=row.digest,
@@ -828,6 +918,35 @@ class Aggregator(Service):
         model = await self.store.load_model(row)
         self._cache_model(key, model)
         return model
+
+    async def _shape(self, job_id: str, version: int) -> tuple[Layout, int]:
+        """The layout and bytes of model ``version`` (from memory, or its file's header)."""
+        key = (job_id, version)
+        known = self._shapes.get(key)
+        if known is None:
+            cached = self._models.get(key)
+            if cached is not None:
+                known = (Layout.of(cached), model_nbytes(cached))
+            else:
+                assert self.store is not None
+                row = await self.store.model(job_id, version)
+                if row is None:
+                    raise LookupError(f"no model version {version} of job {job_id}")
+                with await self.store.open_model(row) as f:
+                    known = (f.layout, f.nbytes)
+            self._shapes[key] = known
+        return known
+
+    async def _source(self, job_id: str, version: int) -> dict[str, np.ndarray] | ModelFile:
+        """Model ``version`` in memory, or, past MODEL_IN_MEMORY_BYTES, its file open for
+        range reads (the caller closes it)."""
+        _layout, nbytes = await self._shape(job_id, version)
+        if nbytes <= MODEL_IN_MEMORY_BYTES:
+            return await self._model(job_id, version)
+        assert self.store is not None
+        row = await self.store.model(job_id, version)
+        assert row is not None
+        return await self.store.open_model(row)
 
     def _cache_model(self, key: tuple[str, int], model: dict[str, np.ndarray]) -> None:
         """Keep ``model`` for the next use (a round's base, its announcement, the next

@@ -93,3 +93,43 @@ async def test_rounds_on_updates_in_parts_give_the_model_of_whole_updates(
     for name, tensor in whole.items():
         assert np.array_equal(tensor, parted[name]), name
     assert kept and all(u.tensors == {} and u.layout is not None for u in kept)
+
+
+@pytest.mark.parametrize(
+    ("options", "restart"),
+    [({}, None), ({"rows_in_memory_mb": 0}, None), ({"rows_in_memory_mb": 0}, 2)],
+    ids=["rows-in-memory", "rows-spilled", "restart-mid-round"],
+)
+async def test_a_model_too_large_to_hold_is_aggregated_file_to_file_bit_for_bit(
+    federation: Federation,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    options: dict[str, Any],
+    restart: int | None,
+) -> None:
+    """Past MODEL_IN_MEMORY_BYTES (here 0: every model) the aggregator never loads a model
+    whole: the job's initial model is copied into its store, each round reads its base from
+    the file and writes the new version into its own, and publishes it from there. The
+    models are those of the in-memory path, bit for bit."""
+    from qflare.services.aggregator import service as aggregator_module
+
+    spec = job(rounds=3)
+    kw: dict[str, Any] = dict(aggregator_options=options or None, restart_in_round=restart)
+    h1, whole = await run_job(federation, tmp_path / "memory", spec, **kw)
+    loaded: list[Any] = []
+    real_model = aggregator_module.Aggregator._model
+
+    async def model(self: Any, job_id: str, version: int) -> Any:
+        loaded.append(version)
+        return await real_model(self, job_id, version)
+
+    monkeypatch.setattr(aggregator_module, "MODEL_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(aggregator_module.Aggregator, "_model", model)
+    monkeypatch.setattr(base, "Harness", PartsHarness)
+    h2, files = await run_job(federation, tmp_path / "files", spec, **kw)
+    assert h1.end_reason == h2.end_reason == "completed"
+    assert h1.verdicts == h2.verdicts and h1.published == h2.published
+    for name, tensor in whole.items():
+        assert np.array_equal(tensor, files[name]), name
+    assert loaded == []  # no version was loaded whole
+    assert not list((tmp_path / "files").rglob("combined-*"))  # scratch files given back
