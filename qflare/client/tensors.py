@@ -18,11 +18,14 @@ overwritten.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from qflare.messages.errors import MessageRejected, Reason
+
+if TYPE_CHECKING:  # imported where used: a participant without a torch model never loads it
+    import torch
 
 #: what wrappers put in front of the wrapped module's names: Opacus (``_module.``), DDP and
 #: DataParallel (``module.``), torch.compile (``_orig_mod.``)
@@ -110,6 +113,8 @@ def load_tensors(model: torch.nn.Module, tensors: Mapping[str, np.ndarray]) -> N
             Reason.SHAPE_MISMATCH,
             f"the global model has tensors this model lacks: {missing[:5]}",
         )
+    import torch
+
     with torch.no_grad():
         for name, array in tensors.items():
             key = keys[name]

@@ -244,3 +244,15 @@ def test_metrics_out_of_bounds_are_refused_before_sending(fed, train, evaluate, 
         p._make_update(
             {"weight": np.zeros((1, 1), np.float32), "bias": np.zeros(1, np.float32)}, _info()
         )
+
+
+def test_the_sdk_does_not_load_torch_until_a_torch_model_needs_it() -> None:
+    """A participant that computes its update without torch (numpy, a simulator) never pays
+    for importing it: about 190 MB of resident memory, which counts against a participant
+    of a large model (issue 12: under 2.5x the model's size)."""
+    import subprocess
+    import sys
+
+    code = "import sys, qflare.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
