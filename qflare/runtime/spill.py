@@ -164,7 +164,14 @@ def release(rows: RoundRows) -> None:
         rows.close()
 
 
+#: Bytes of rows a block read from a spilled round holds at most (a block computation
+#: holds a few arrays of that size at once): what a service needs on top of its imports
+#: when its round is in a file, whatever the round's size.
+SPILL_BLOCK_BYTES = 32 * 2**20
+
+
 def spill_block(budget_bytes: int, n: int) -> int:
-    """Columns a block of ``n`` spilled rows may span: a quarter of the budget (a block
-    computation holds a few such arrays at once), at least 65,536 (the aggregation's grid)."""
-    return max(65_536, budget_bytes // (4 * max(n, 1) * _ITEM))
+    """Columns a block of ``n`` spilled rows may span: :data:`SPILL_BLOCK_BYTES` of rows
+    (a quarter of the budget if that is less), at least 65,536 (the aggregation's grid)."""
+    limit = min(SPILL_BLOCK_BYTES, budget_bytes // 4)
+    return max(65_536, limit // (max(n, 1) * _ITEM))

@@ -14,7 +14,13 @@ import pytest
 
 from qflare.messages.jobs import JobSpec
 from qflare.messages.tensors import Layout, RoundRows
-from qflare.runtime.spill import SpilledRows, release, round_rows, spill_block
+from qflare.runtime.spill import (
+    SPILL_BLOCK_BYTES,
+    SpilledRows,
+    release,
+    round_rows,
+    spill_block,
+)
 from qflare.services.aggregator.core import (
     Aggregate,
     AggregationResult,
@@ -238,7 +244,11 @@ def test_a_round_spills_only_past_its_budget(tmp_path: Path) -> None:
     assert isinstance(spilled, SpilledRows)
     release(spilled)
     assert type(round_rows(tmp_path, 0, 20, CLIENTS[:20])) is RoundRows  # no layout yet
-    assert spill_block(2**30, 100) == 2**30 // 1600 and spill_block(0, 100) == 65_536
+    assert spill_block(0, 100) == 65_536  # never narrower than the aggregation's grid
+    # a block holds at most SPILL_BLOCK_BYTES of rows (a quarter of the budget if less),
+    # whatever the budget: a spilled round costs the same memory at any size
+    assert spill_block(2**30, 100) == SPILL_BLOCK_BYTES // 400 == spill_block(2**40, 100)
+    assert spill_block(2**26, 2) == 2**24 // 8
 
 
 def test_released_spilled_rows_take_no_more_writes(tmp_path: Path) -> None:
