@@ -403,17 +403,24 @@ class Participant:
         models = ModelReader(opener(self.kit.trust, now=self.clock), expect=(version, digest))
         moved = asyncio.Event()  # a message of the model came in
 
+        # what the handler reaches, dropped once the read is over: a bus may keep a
+        # cancelled reader's handler for a while, and must not keep the model through it
+        reading: dict[str, Any] = {"got": got, "models": models}
+
         async def take(delivery: Delivery) -> Outcome:
             at = delivery.offset
-            if got.done() or at is None or at < offset or (at > offset and not models.building):
+            fut, reader_ = reading.get("got"), reading.get("models")
+            if fut is None or reader_ is None or fut.done() or at is None or at < offset:
+                return Outcome.ACK
+            if at > offset and not reader_.building:
                 return Outcome.ACK
             moved.set()
             try:
-                model = await models.take(delivery.body)
+                model = await reader_.take(delivery.body)
                 if model is not None:
-                    got.set_result(model)
+                    fut.set_result(model)
             except MessageRejected as exc:
-                got.set_exception(exc)
+                fut.set_exception(exc)
             return Outcome.ACK
 
         reader = await self.bus.read_stream(
@@ -441,6 +448,7 @@ class Participant:
             model = got.result()
         finally:
             await reader.cancel()
+            reading.clear()
         versions[version] = (digest, model.tensors)
         if model.parted:
             self._parted.add(job)

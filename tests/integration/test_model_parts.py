@@ -316,3 +316,30 @@ async def test_a_model_read_times_out_on_silence_not_on_its_length(bus_factory) 
             await p._fetch_model(JOB, 0, digest, cut)
     finally:
         await p.stop()
+
+
+async def test_a_model_read_is_let_go_once_the_participant_gives_it_up(bus_factory) -> None:
+    """Nothing of a finished read keeps the model alive (the bus may keep a cancelled
+    reader's handler for a while): a participant of a large model holds it once."""
+    import gc
+    import weakref
+
+    fed = make_federation(clients=1, client_prefix=f"g{uuid.uuid4().hex[:6]}")
+    bus = await bus_factory()
+    for stream in topology.job_streams(JOB):
+        await bus.declare_stream(stream)
+    kit = Kit(fed[fed.clients[0]], fed.trust(), fed["ingest"].cert)
+    p = Participant(
+        kit, torch.nn.Linear(2, 1), train, broker=bus, prefix=bus.prefix, jobs=[JOB], seal=False
+    )
+    await p.start()
+    try:
+        offset = await _append(bus, await _parts(fed))
+        got = await p._fetch_model(JOB, 0, model_digest(_model()), offset)
+        alive = [weakref.ref(a) for a in got.values()]
+        del got
+        p.models.clear()
+        gc.collect()
+        assert [r() is None for r in alive] == [True] * len(alive)
+    finally:
+        await p.stop()
