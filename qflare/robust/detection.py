@@ -339,7 +339,12 @@ def _label_margins(weight: F64, bias: F64, use: BoolArray, floor: float) -> F64:
 
 
 def label_consistency(
-    weight: FloatArray, bias: FloatArray, f: int, *, floor: float = LABEL_FLOOR
+    weight: FloatArray,
+    bias: FloatArray,
+    f: int,
+    *,
+    floor: float = LABEL_FLOOR,
+    exclude: BoolArray | None = None,
 ) -> F64:
     """Per client, whether the images it labels c look like those the others label c: [n],
     higher is more consistent, NaN where it cannot be told (a non-finite output layer, no
@@ -359,6 +364,11 @@ def label_consistency(
     few rows, each at its own class. Two passes: the second leaves out of the consensus
     the at most ``f`` clients scored lowest below 0 by the first, so that a coalition
     flipping the same classes does not set the consensus of the classes it claims.
+    ``exclude`` [n]: clients left out of every consensus (still scored), e.g. those the
+    round's other scores flagged: a coalition of noisy copies (noisy IPM) pushes random
+    classes up with random rows, and where only two or three honest clients hold a class
+    (Dirichlet 0.1) it set that class's consensus and an honest client's score fell below
+    the threshold (tune seed 2: one honest client excluded in 40% of rounds).
 
     A statistic of our own (cf. the output-layer analyses of label flipping in Tolpegin
     et al., "Data Poisoning Attacks Against Federated Learning Systems", ESORICS 2020)."""
@@ -370,9 +380,14 @@ def label_consistency(
         raise ValueError(f"weight [n, C, H] and bias [n, C] needed, got {w.shape} and {b.shape}")
     n = w.shape[0]
     use: BoolArray = np.asarray(np.isfinite(w).all(axis=(1, 2)) & np.isfinite(b).all(axis=1))
-    if not use.all():
-        w = np.where(use[:, None, None], w, 0.0)
-        b = np.where(use[:, None], b, 0.0)
+    finite = use.copy()
+    if exclude is not None:
+        if np.shape(exclude) != (n,):
+            raise ValueError(f"exclude must be {n} flags, got shape {np.shape(exclude)}")
+        use &= ~np.asarray(exclude, dtype=bool)
+    if not finite.all():
+        w = np.where(finite[:, None, None], w, 0.0)
+        b = np.where(finite[:, None], b, 0.0)
     first = _label_margins(w, b, use, floor)
     scored = use & np.isfinite(first)
     low = np.flatnonzero(scored)[np.argsort(first[scored], kind="stable")][:f]
@@ -383,7 +398,7 @@ def label_consistency(
         out = _label_margins(w, b, use2, floor)
     else:
         out = first
-    out[~use] = np.nan
+    out[~finite] = np.nan
     return out if n else np.zeros(0)
 
 

@@ -76,13 +76,16 @@ class OutputLayer:
         return np.concatenate([w, b]).astype(np.intp)
 
     def scores(
-        self, clients: list[str], cols: npt.NDArray[np.floating], f: int
+        self, clients: list[str], cols: npt.NDArray[np.floating], verdict: Verdict
     ) -> dict[str, float]:
         """Each client's label consistency from its row's :attr:`columns` (``cols``, [n,
-        C * H + C]); the clients it cannot score are left out."""
+        C * H + C]), the clients ``verdict`` (the round's other scores) flagged left out of
+        the consensus; the clients it cannot score are left out."""
         n, size = len(clients), self.classes * self.hidden
         weight = cols[:, :size].reshape(n, self.classes, self.hidden)
-        values = label_consistency(weight, cols[:, size:], f)
+        flagged = set(verdict.flagged)
+        exclude = np.array([c in flagged for c in clients], dtype=bool)
+        values = label_consistency(weight, cols[:, size:], verdict.f, exclude=exclude)
         return {c: float(v) for c, v in zip(clients, values, strict=True) if np.isfinite(v)}
 
 
@@ -155,9 +158,10 @@ def decide_rows(
     if not clients:
         return RoundVerdict((), (), (), "empty round")
     f_left = max(0, f - malformed)
-    labels = None if output is None else output.scores(clients, x[:, output.columns], f_left)
+    detected = detect(x, f_left, ids=clients)
+    labels = None if output is None else output.scores(clients, x[:, output.columns], detected)
     # a consistently honest outlier (non-IID data) is let back in by its own history
-    verdict = reputation.review(round_no, clients, x, detect(x, f_left, ids=clients), labels)
+    verdict = reputation.review(round_no, clients, x, detected, labels)
     return _outcome(round_no, clients, verdict, reputation)
 
 
@@ -191,7 +195,7 @@ def decide_source(
     view = gram_view(tap, block)
     detected = detect_view(view, f_left, ids=clients)  # the one pass over the blocks
     got = tap.columns
-    labels = None if output is None else output.scores(clients, got[:, len(sketch) :], f_left)
+    labels = None if output is None else output.scores(clients, got[:, len(sketch) :], detected)
     verdict = reputation.review_sketch(
         round_no, clients, got[:, : len(sketch)], view.finite, detected, labels
     )

@@ -152,3 +152,17 @@ def test_the_windows_survive_a_restart() -> None:
     assert Reputation.from_dict(old).labels == {}
     with pytest.raises(ValueError, match="label score"):
         Reputation.from_dict({**data, "labels": {"c0": [float("nan")]}})
+
+
+def test_excluded_clients_are_scored_but_set_no_consensus() -> None:
+    w, b = _round(3, flippers=(2, 5, 11))
+    rng = np.random.default_rng(9)
+    noise_w = rng.standard_normal((6, C, H)).astype(np.float32)
+    noise_b = rng.standard_normal((6, C)).astype(np.float32)
+    w_all, b_all = np.concatenate([w, noise_w]), np.concatenate([b, noise_b])
+    exclude = np.arange(26) >= 20
+    s = label_consistency(w_all, b_all, f=6, exclude=exclude)
+    np.testing.assert_array_equal(s[:20], label_consistency(w, b, f=6))
+    assert np.isfinite(s[20:]).all()
+    with pytest.raises(ValueError, match="exclude must be 26 flags"):
+        label_consistency(w_all, b_all, f=6, exclude=exclude[:5])
