@@ -224,7 +224,11 @@ class Reputation:
     def sketch_columns(self, d: int) -> IntArray:
         """The columns of rows of length ``d`` that :meth:`review` reads (sorted; all of
         them when ``d`` is at most ``sketch``): what :meth:`review_sketch` is given."""
-        cols: IntArray = np.arange(d)[self._columns(d, self.sketch)]
+        if d <= self.sketch:
+            return np.arange(d)
+        # the chosen indices themselves (np.arange(d)[...] would first build all d of them:
+        # 1 GB of int64 for a model of 125M values)
+        cols: IntArray = np.asarray(self._columns(d, self.sketch), dtype=np.intp)
         return cols
 
     def label_mean(self, client: str) -> float | None:
