@@ -151,7 +151,11 @@ def test_every_pre_aggregator_sizes(pre: str, n: int, f: int) -> None:
 
 
 def test_pre_aggregators_chained() -> None:
-    x = updates(16, 3, np.float32, seed=1)
+    # float64: in float32 a selection in the chain can flip on a near-tie between two
+    # distances the in-memory path (differences) and the block path (Gram matrix) round
+    # differently (seed 1 on this machine's BLAS: another client kept, 11% apart; the
+    # single rules' float32 agreement is checked above)
+    x = updates(16, 3, np.float64, seed=1)
     check_same(get_rule("clip(c=3.0)+bucketing(s=2)+nnm(f=1)+multikrum(f=1)"), x, rng=2)
     check_same(get_rule("arc(f=3)+nnm(f=3)+trimmed_mean(f=3)"), x)
 
