@@ -23,6 +23,7 @@ verdict.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from typing import Any
 
@@ -51,7 +52,7 @@ from qflare.runtime.envelopes import emit
 from qflare.runtime.jobs import job_of
 from qflare.runtime.spill import SpilledRows, next_rows, release, round_rows, spill_block
 from qflare.runtime.updates import PartWriter, Ref, StreamUpdate, UpdateFeed, into_rows
-from qflare.services.detector.core import decide, decide_rows, decide_source
+from qflare.services.detector.core import OutputLayer, decide, decide_rows, decide_source
 from qflare.services.detector.store import DetectorStore, Pending, PendingRef
 
 
@@ -77,6 +78,7 @@ class Detector(Service):
         # in with the job, else from the listed updates of a round judged; it sizes a
         # round's matrix before its first update is read
         self._layouts: dict[str, Layout] = {}
+        self._output_refused: set[str] = set()  # jobs whose output_layer the model lacks
         self._per_client: dict[tuple[str, int, str], int] = {}
         self._decided_up_to: dict[str, int] = {}
         self._feeds: dict[str, UpdateFeed] = {}
@@ -269,6 +271,26 @@ class Detector(Service):
         await self.store.add_pending(Pending(env.job, env.round, refs, env.body.malformed))
         await self._try_decide(env.job, env.round)
 
+    def _output_layer(self, spec: JobSpec, layout: Layout | None) -> OutputLayer | None:
+        """Where the job's ``output_layer`` lies in its updates (label consistency), or None:
+        none named, no layout yet, or one the model does not have (said once per job, and
+        detection goes on without it)."""
+        if spec.output_layer is None or layout is None:
+            return None
+        try:
+            return OutputLayer.of(layout, spec.output_layer)
+        except ValueError as exc:
+            if spec.job_id not in self._output_refused:
+                self._output_refused.add(spec.job_id)
+                event(
+                    self.log,
+                    "detection.output_layer_ignored",
+                    logging.WARNING,
+                    job=spec.job_id,
+                    error=str(exc),
+                )
+            return None
+
     async def _try_decide(self, job_id: str, round_no: int) -> None:
         assert self.store is not None
         async with self._locks.setdefault(job_id, asyncio.Lock()):
@@ -294,6 +316,8 @@ class Detector(Service):
                 if refs and rows.layout is not None:  # the listed updates': ingest's check
                     self._layouts[job_id] = rows.layout
 
+                output = self._output_layer(spec, rows.layout)
+
                 def judge() -> Any:
                     listed = [(c, d) for c, d, _o in refs]
                     if isinstance(rows, SpilledRows):  # block by block: the same verdict
@@ -306,10 +330,17 @@ class Detector(Service):
                             reputation=reputation,
                             malformed=malformed,
                             block=spill_block(self.rows_budget, len(clients)),
+                            output=output,
                         )
                     clients, x = rows.matrix(listed)
                     return decide_rows(
-                        round_no, clients, x, f=spec.f, reputation=reputation, malformed=malformed
+                        round_no,
+                        clients,
+                        x,
+                        f=spec.f,
+                        reputation=reputation,
+                        malformed=malformed,
+                        output=output,
                     )
 
                 try:

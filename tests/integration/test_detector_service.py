@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ from qflare.robust import Reputation
 from qflare.runtime import JobSpec, build_service, load_settings
 from qflare.runtime.updates import Ref, UpdateFeed, UpdateNotFound
 from qflare.services.detector import service as detector_module
-from qflare.services.detector.core import decide
+from qflare.services.detector.core import OutputLayer, decide
 from qflare.services.detector.service import Detector
 from qflare.services.detector.store import DetectorStore
 
@@ -708,3 +709,52 @@ async def test_a_round_past_the_memory_budget_is_judged_from_a_file(
     assert not any(isinstance(r, SpilledRows) for r in wire.detector._spare.values())
     folder = wire.data_dir / "detector" / "rows"
     assert folder.is_dir() == spilled and not (spilled and list(folder.iterdir()))
+
+
+@pytest.mark.parametrize("named", [("w", "b"), ("nope", "b")], ids=["present", "missing"])
+async def test_the_job_s_output_layer_reaches_the_verdict(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, named: Any
+) -> None:
+    """A job that names its output layer (label consistency, docs/robust.md) is judged with
+    it, as the core judges it; one whose model lacks the tensors named is judged without it,
+    said once in the log, never a failure."""
+    with_layer = spec().model_copy(update={"output_layer": named})
+    here = sys.modules[__name__]
+    monkeypatch.setattr(here, "spec", lambda: with_layer)
+    shaped = tensors
+
+    def as_output_layer(client: str, round_no: int, scale: float = 1.0) -> dict[str, Any]:
+        t = shaped(client, round_no, scale)  # w [4 classes, 2 hidden], b [4]
+        return {"w": t["w"].reshape(4, 2), "b": t["b"]}
+
+    monkeypatch.setattr(here, "tensors", as_output_layer)
+    given: list[Any] = []
+    real = detector_module.decide_rows
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        given.append(kw.get("output"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(detector_module, "decide_rows", spy)
+    await wire.start_detector()
+    updates = {c: as_output_layer(c, 1) for c in CLIENTS}
+    refs = [await wire.update(c, 1) for c in CLIENTS]
+    await until(lambda: all((r.client, r.digest) in wire.held(1) for r in refs))
+    await wire.closed(1, refs)
+    verdict = await wire.verdict(1)
+    present = named == ("w", "b")
+    want = decide(
+        1,
+        updates,
+        f=with_layer.f,
+        detection=True,
+        reputation=Reputation(),
+        output_layer=named if present else None,
+    )
+    assert_verdict(verdict, want)
+    ignored = [r for r in caplog.records if "detection.output_layer_ignored" in r.getMessage()]
+    assert len(ignored) == (0 if present else 1)
+    if present:  # w from column 0 (sorted: "b" first, 4 values), 4 classes x 2 hidden
+        assert given == [OutputLayer(weight_at=4, bias_at=0, classes=4, hidden=2)]
+    else:
+        assert given == [None]
