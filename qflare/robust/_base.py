@@ -31,6 +31,7 @@ from ._core import (
     Weights,
     as_batch,
     check_int,
+    finite_from_gram,
     finite_rows,
     require,
 )
@@ -298,10 +299,7 @@ class GramView:
     @cached_property
     def finite(self) -> BoolArray:
         """Rows the geometry can use: finite, squared norm representable in ``dtype``."""
-        sq = np.diag(self.g)
-        with np.errstate(invalid="ignore"):
-            ok: BoolArray = np.isfinite(sq) & (sq <= float(np.finfo(self.dtype).max))
-        return ok
+        return finite_from_gram(self.g, self.dtype)
 
     def sub(self, idx: IntArray) -> F64:
         """Gram matrix of the rows ``idx``."""

@@ -9,6 +9,7 @@ share a large common component lose digits (docs/robust.md, "Precision").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -145,6 +146,58 @@ def gram(x: FloatArray) -> F64:
     # The GEMM may round G_ij and G_ji differently; a tie between d(i, j) and d(j, i)
     # (Krum's scores of two copies) must stay a tie, broken by index.
     return (g + g.T) * 0.5
+
+
+#: The column grid of detection's Gram matrix (:func:`grid_gram`): 65536 columns a chunk,
+#: as the aggregator's (``services/aggregator/core.py``, ``GRID``).
+GRAM_GRID = 1 << 16
+
+#: The address to which :func:`gram_sum` aligns a chunk (bytes): MKL's float32 GEMM rounds
+#: differently by the operand's address modulo 64 (measured here: of 15 misalignments of
+#: the same 7 x 5000 rows, 12 gave other bits; at 64-byte alignment none did).
+_ALIGN = 64
+
+
+def _aligned(x: FloatArray) -> FloatArray:
+    """x itself when C-contiguous, writable (torch's GEMM) and 64-byte aligned, otherwise
+    such a copy."""
+    if x.flags.c_contiguous and x.flags.writeable and x.ctypes.data % _ALIGN == 0:
+        return x
+    raw = np.empty(x.nbytes + _ALIGN, dtype=np.uint8)
+    at = -raw.ctypes.data % _ALIGN
+    out: FloatArray = raw[at : at + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def gram_sum(chunks: Iterable[FloatArray], m: int) -> F64:
+    """sum of :func:`gram` over ``chunks`` (each [m, w], in order): each chunk's product in
+    its dtype, at one alignment, summed in float64. The same chunks give the same bits
+    however they were read; a non-finite row poisons only its own row and column."""
+    g: F64 = np.zeros((m, m))
+    with np.errstate(invalid="ignore", over="ignore"):
+        for xb in chunks:
+            if xb.shape[0] != m:
+                raise ValueError(f"a chunk of {xb.shape[0]} rows for a Gram matrix of {m}")
+            g += gram(_aligned(xb))
+    return g
+
+
+def grid_gram(x: FloatArray) -> F64:
+    """X X^T of an [n, d] array on the column grid :data:`GRAM_GRID`: what
+    :func:`qflare.robust.blocks.grid_view` accumulates from the same rows read in blocks
+    of any size, bit for bit."""
+    d = x.shape[1]
+    return gram_sum((x[:, a : a + GRAM_GRID] for a in range(0, d, GRAM_GRID)), x.shape[0])
+
+
+def finite_from_gram(g: F64, dtype: np.dtype[Any]) -> BoolArray:
+    """Rows of Gram matrix ``g`` the geometry can use: a finite squared norm representable
+    in the rows' ``dtype`` (what :func:`finite_rows` counts, from the Gram matrix)."""
+    sq = np.diag(g)
+    with np.errstate(invalid="ignore"):
+        ok: BoolArray = np.isfinite(sq) & (sq <= float(np.finfo(dtype).max))
+    return ok
 
 
 def centred_gram(x: FloatArray) -> F64:

@@ -20,8 +20,11 @@ Each rule's maths has one home, its class: ``plan`` runs the same functions on t
 accumulated Gram matrix that ``aggregate`` runs on ``gram(x)``. A coordinate-wise rule
 that drops no rows (mean, median, trimmed mean) with no pre-aggregator skips pass 1.
 
-Detection: :func:`qflare.robust.detect` is a function of the updates' Gram matrix alone,
-so :func:`detect_blocks` hands it a factor F (n x n, F F^T = G) in place of the rows.
+Detection: :func:`qflare.robust.detect` is a function of the updates' Gram matrix alone
+(:func:`~qflare.robust.detection.detect_gram`), which it computes on a fixed column grid
+(:data:`GRAM_GRID`); :func:`detect_blocks` accumulates the same grid's chunks from blocks
+of any size (:func:`grid_view`), so its verdict and scores are the in-memory ones, bit for
+bit.
 
 Sources: :class:`ArrayBlocks` over an array or ``np.memmap``, :class:`FileBlocks` over a
 raw row-major file read block by block. Measured here (20 x 5M float32 rows, a 400 MB
@@ -32,13 +35,15 @@ the file loaded whole and the in-memory rule; the interpreter with torch and Num
 Numbers: the block-wise Gram matrix sums per-block products (in the rows' dtype) in
 float64, so it is no less exact than the in-memory one; results agree with the in-memory
 rules to float32 rounding (tests/unit/robust/test_blocks.py checks relative error <= 1e-5
-for every registered rule and pre-aggregator and every detection score). The aggregator
-runs its rule through :func:`aggregate_blocks` on a fixed column grid
+for every registered rule and pre-aggregator). On one grid the sum is the same bits
+whatever the block size: each chunk's GEMM runs on a 64-byte aligned copy
+(:func:`~qflare.robust._core.gram_sum`; MKL rounds by the operand's alignment). The
+aggregator runs its rule through :func:`aggregate_blocks` on a fixed column grid
 (:class:`GridBlocks`; ``services/aggregator/core.py``, ``GRID``), in memory and block by
 block alike, so that its model does not depend on the block size. The detector judges a
-round kept in a file (``services/detector/core.py``, ``decide_source``) by
-:func:`detect_view` on the Gram matrix, with a :class:`TapColumns` gathering its
-reputation's sketch columns in the same pass.
+round (``services/detector/core.py``, ``decide_source``; in memory too) by
+:func:`detect_view` on the Gram matrix on :data:`GRAM_GRID` (:func:`grid_view`), with a
+:class:`TapColumns` gathering its reputation's sketch columns in the same pass.
 """
 
 from __future__ import annotations
@@ -61,16 +66,16 @@ from ._base import (
 )
 from ._core import (
     F64,
-    BoolArray,
+    GRAM_GRID,
     FloatArray,
     RngLike,
     check_int,
     check_matrix,
     check_weights,
-    gram,
+    gram_sum,
     mm,
 )
-from .detection import Thresholds, Verdict, detect
+from .detection import Thresholds, Verdict, detect_gram
 from .spec import get_rule
 
 
@@ -249,21 +254,23 @@ def accumulate_gram(
     """Gram matrix of the rows (then the reference as row n), one block at a time.
 
     Each block's product is :func:`~qflare.robust._core.gram` (the rows' dtype, as in
-    memory) summed in float64; a non-finite row poisons only its own row and column.
+    memory) summed in float64 (:func:`~qflare.robust._core.gram_sum`); a non-finite row
+    poisons only its own row and column. The sum depends on ``size``:
+    :func:`grid_view` sums on a fixed grid instead.
     """
     src = as_source(src)
     n, d = src.shape
     ref = _reference_source(reference, d)
-    m = n + int(ref is not None)
-    g: F64 = np.zeros((m, m))
-    with np.errstate(invalid="ignore", over="ignore"):
+
+    def chunks() -> Iterator[FloatArray]:
         for a, b in spans(d, size):
-            # Contiguous and writable for torch's GEMM (a read-only memmap is neither).
-            xb = np.require(src.block(a, b), requirements=["C", "W"])
-            if ref is not None:
-                xb = np.concatenate([xb, ref.block(a, b).astype(xb.dtype)])
-            g += gram(xb)
-    return g
+            xb = src.block(a, b)
+            if ref is None:
+                yield xb
+            else:
+                yield np.concatenate([xb, ref.block(a, b).astype(xb.dtype)])
+
+    return gram_sum(chunks(), n + int(ref is not None))
 
 
 def gram_view(
@@ -278,6 +285,14 @@ def gram_view(
     return GramView(
         n, s.dtype, lambda: accumulate_gram(s, size, reference), has_ref=reference is not None
     )
+
+
+def grid_view(src: BlockSource | FloatArray, size: int) -> GramView:
+    """The rows' :class:`GramView` on the column grid :data:`GRAM_GRID`, reading ``src``
+    in blocks of ``size`` columns (:class:`GridBlocks`; memory O(n * (size + grid))): the
+    Gram matrix :func:`~qflare.robust._core.grid_gram` gives the same rows in memory, bit
+    for bit, whatever ``size``. Detection's view (:func:`detect_blocks`)."""
+    return gram_view(GridBlocks(src, size), GRAM_GRID)
 
 
 def plan_blocks(
@@ -398,18 +413,6 @@ def _reader(coef: F64) -> Any:
     return combine
 
 
-def gram_factor(g: F64, usable: BoolArray) -> F64:
-    """Rows F with F F^T = g on the ``usable`` rows (eigendecomposition, negative rounding
-    eigenvalues clipped), NaN on the others: the same geometry as the updates, n wide."""
-    n = g.shape[0]
-    idx = np.flatnonzero(usable)
-    out: F64 = np.full((n, max(1, len(idx))), np.nan)
-    if len(idx):
-        vals, vecs = np.linalg.eigh(g[np.ix_(idx, idx)])
-        out[idx] = vecs * np.sqrt(np.maximum(vals, 0.0))
-    return out
-
-
 def detect_blocks(
     src: BlockSource | FloatArray,
     f: int,
@@ -418,9 +421,11 @@ def detect_blocks(
     ids: Sequence[str] | None = None,
     thresholds: Thresholds | None = None,
 ) -> Verdict:
-    """:func:`~qflare.robust.detect` over column blocks: every score it computes is a
-    function of the Gram matrix, so it runs on a factor of the accumulated one."""
-    return detect_view(gram_view(src, size), f, ids=ids, thresholds=thresholds)
+    """:func:`~qflare.robust.detect` over column blocks of ``size``: every score it
+    computes is a function of the Gram matrix, accumulated on the column grid
+    (:func:`grid_view`) as :func:`~qflare.robust.detect` computes it in memory, so the
+    verdict and scores are the in-memory ones, bit for bit."""
+    return detect_view(grid_view(src, size), f, ids=ids, thresholds=thresholds)
 
 
 def detect_view(
@@ -430,9 +435,10 @@ def detect_view(
     ids: Sequence[str] | None = None,
     thresholds: Thresholds | None = None,
 ) -> Verdict:
-    """:func:`detect_blocks` given the rows' :class:`GramView` (accumulated on first use),
-    for a caller that reads more of it (the detector's review reads ``view.finite``)."""
-    return detect(gram_factor(view.g, view.finite), f, ids=ids, thresholds=thresholds)
+    """:func:`~qflare.robust.detection.detect_gram` on the rows' :class:`GramView`
+    (accumulated on first use; :func:`grid_view` for the in-memory verdict), for a caller
+    that reads more of it (the detector's review reads ``view.finite``)."""
+    return detect_gram(view.g, view.finite, f, ids=ids, thresholds=thresholds)
 
 
 class TapColumns(DerivedBlocks):
@@ -468,6 +474,7 @@ class TapColumns(DerivedBlocks):
 
 
 __all__ = [
+    "GRAM_GRID",
     "ArrayBlocks",
     "BlockSource",
     "DerivedBlocks",
@@ -478,8 +485,8 @@ __all__ = [
     "aggregate_blocks",
     "detect_blocks",
     "detect_view",
-    "gram_factor",
     "gram_view",
+    "grid_view",
     "iter_aggregate",
     "open_memmap",
     "plan_blocks",

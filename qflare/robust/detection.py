@@ -11,7 +11,10 @@ the reference: the robust centre and the median/MAD of every score below are com
 the other updates only. A coalition that adds independent noise of more than that
 fraction of the honest spread is not a duplicate group and meets the scores below.
 
-Each update then gets six scores, computed on the n x n Gram matrix (so d costs one GEMM):
+Each update then gets six scores, computed on the n x n Gram matrix (so d costs one GEMM
+per chunk of :data:`~qflare.robust._core.GRAM_GRID` columns: the chunks' float32 products
+summed in float64, the same bits whether the rows are in memory or read in column blocks
+of any size, :mod:`qflare.robust.blocks`):
 - ``krum``: the Krum score (Blanchard et al., NeurIPS 2017) taken as the root mean square
   of the distances to the r - f' - 1 nearest reference updates (r of them, f' = f less
   the copies already flagged; a distance, like the next score: a sum of squares is
@@ -75,8 +78,8 @@ from ._core import (
     centre_gram,
     check_float,
     check_int,
-    finite_rows,
-    gram,
+    finite_from_gram,
+    grid_gram,
     sq_dists_from_gram,
 )
 
@@ -459,10 +462,36 @@ def limit_flags(verdict: Verdict) -> Verdict:
 def detect(
     updates: Any, f: int, *, ids: Sequence[str] | None = None, thresholds: Thresholds | None = None
 ) -> Verdict:
-    """Score the round's updates [n, d]; ``ids`` name the rows (default "0".."n-1")."""
-    b = as_batch(updates)
-    x = b.x
-    n = x.shape[0]
+    """Score the round's updates [n, d]; ``ids`` name the rows (default "0".."n-1").
+
+    The scores are those of :func:`detect_gram` on the rows' Gram matrix on the column grid
+    (:func:`~qflare.robust._core.grid_gram`), so the rows read in column blocks of any size
+    (:func:`qflare.robust.blocks.detect_blocks`) get the same verdict and scores, bit for
+    bit."""
+    x = as_batch(updates).x
+    g = grid_gram(x)
+    return detect_gram(g, finite_from_gram(g, x.dtype), f, ids=ids, thresholds=thresholds)
+
+
+def detect_gram(
+    g: F64,
+    finite: BoolArray,
+    f: int,
+    *,
+    ids: Sequence[str] | None = None,
+    thresholds: Thresholds | None = None,
+) -> Verdict:
+    """:func:`detect` given the rows' Gram matrix ``g`` [n, n] and which rows are finite
+    (``finite`` [n], as :func:`~qflare.robust._core.finite_from_gram` counts them; the
+    other rows' entries of ``g`` are not read): every score is a function of the Gram
+    matrix."""
+    g = np.asarray(g, dtype=np.float64)
+    finite = np.asarray(finite, dtype=bool)
+    if g.ndim != 2 or g.shape[0] != g.shape[1] or finite.shape != g.shape[:1]:
+        raise ValueError(
+            f"a Gram matrix [n, n] and n finite flags needed, got {g.shape} and {finite.shape}"
+        )
+    n = g.shape[0]
     f = check_int("f", f)
     th = thresholds or Thresholds()
     names = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
@@ -470,7 +499,6 @@ def detect(
         raise ValueError(
             f"ids must be {n} distinct names, got {len(names)} ({len(set(names))} distinct)"
         )
-    finite = finite_rows(x)
     reasons: dict[str, list[str]] = {nm: [] for nm in names}
     for i in np.flatnonzero(~finite):
         reasons[names[i]].append("non_finite")
@@ -490,8 +518,7 @@ def detect(
             n,
             f,
         )
-    xf = x[idx] if m < n else x
-    g_raw = gram(xf)
+    g_raw = g[np.ix_(idx, idx)] if m < n else g
     g = centre_gram(g_raw)
     d2 = sq_dists_from_gram(g)
     scores: dict[str, F64] = {}

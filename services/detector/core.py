@@ -11,7 +11,8 @@ order), quarantine from :class:`qflare.robust.Reputation` (a client quarantined 
 rounds is dropped even when it behaves in this one), a score per flagged client, and the
 "detection off" case, which keeps every update. A round too large for memory, kept in a
 file, is judged in column blocks (:func:`decide_source`) with the verdict of the
-in-memory round.
+in-memory round, bit for bit: both compute on one column grid (:func:`decide_rows` is
+:func:`decide_source` over the rows in memory).
 
 Where the job names its output layer (``JobSpec.output_layer``, resolved against the
 model's layout by :meth:`OutputLayer.of`), each client's label consistency
@@ -28,8 +29,15 @@ import numpy as np
 import numpy.typing as npt
 
 from qflare.messages.tensors import Layout, RoundRows, Rows, Tensors
-from qflare.robust import Reputation, Verdict, detect
-from qflare.robust.blocks import BlockSource, TapColumns, detect_view, gram_view
+from qflare.robust import Reputation, Verdict
+from qflare.robust.blocks import (
+    GRAM_GRID,
+    ArrayBlocks,
+    BlockSource,
+    TapColumns,
+    detect_view,
+    grid_view,
+)
 from qflare.robust.detection import label_consistency
 
 
@@ -157,12 +165,18 @@ def decide_rows(
     a row (None: label consistency off)."""
     if not clients:
         return RoundVerdict((), (), (), "empty round")
-    f_left = max(0, f - malformed)
-    detected = detect(x, f_left, ids=clients)
-    labels = None if output is None else output.scores(clients, x[:, output.columns], detected)
-    # a consistently honest outlier (non-IID data) is let back in by its own history
-    verdict = reputation.review(round_no, clients, x, detected, labels)
-    return _outcome(round_no, clients, verdict, reputation)
+    # The rows as a block source read one grid chunk at a time: the same arithmetic, bit
+    # for bit, as decide_source's over the same rows read in blocks of any size.
+    return decide_source(
+        round_no,
+        clients,
+        ArrayBlocks(x),
+        f=f,
+        reputation=reputation,
+        malformed=malformed,
+        block=GRAM_GRID,
+        output=output,
+    )
 
 
 def decide_source(
@@ -178,11 +192,13 @@ def decide_source(
 ) -> RoundVerdict:
     """:func:`decide_rows` over rows read in column blocks of ``block`` columns (a round
     kept in a file: :meth:`~qflare.runtime.spill.SpilledRows.source`), in one pass over
-    them. Every detection score is a function of the rows' Gram matrix, accumulated block
-    by block (:func:`~qflare.robust.blocks.detect_view`: the in-memory scores to float32
-    rounding); the review reads only the reputation's sketch columns, gathered as the
-    blocks pass, and which rows are finite, known from the Gram matrix's diagonal; the
-    output layer's columns (``output``) are gathered in the same pass."""
+    them: the verdict of :func:`decide_rows`, bit for bit, whatever ``block``. Every
+    detection score is a function of the rows' Gram matrix, accumulated on the column
+    grid (:func:`~qflare.robust.blocks.grid_view`, whose chunks are assembled from the
+    blocks; :func:`decide_rows` runs this on the rows in memory); the review reads only
+    the reputation's sketch columns, gathered as the blocks pass, and which rows are
+    finite, known from the Gram matrix's diagonal; the output layer's columns
+    (``output``) are gathered in the same pass."""
     if not clients:
         return RoundVerdict((), (), (), "empty round")
     n, d = src.shape
@@ -192,10 +208,11 @@ def decide_source(
     sketch = reputation.sketch_columns(d)
     wanted = sketch if output is None else np.concatenate([sketch, output.columns])
     tap = TapColumns(src, wanted)
-    view = gram_view(tap, block)
+    view = grid_view(tap, block)
     detected = detect_view(view, f_left, ids=clients)  # the one pass over the blocks
     got = tap.columns
     labels = None if output is None else output.scores(clients, got[:, len(sketch) :], detected)
+    # a consistently honest outlier (non-IID data) is let back in by its own history
     verdict = reputation.review_sketch(
         round_no, clients, got[:, : len(sketch)], view.finite, detected, labels
     )
