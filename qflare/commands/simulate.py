@@ -189,7 +189,12 @@ def register(subparsers: Any) -> None:
     )
     e.add_argument(
         "--seed-set",
-        choices=("tune", "heldout", "heldout2", "heldout3"),  # qflare.sim.protocol.SEED_SETS (imported late)
+        choices=(
+            "tune",
+            "heldout",
+            "heldout2",
+            "heldout3",
+        ),  # qflare.sim.protocol.SEED_SETS (imported late)
         default="tune",
         help="tune: seeds 0, 1, ...; heldout: seeds 1000, 1001, ... (published tables only); "
         "heldout2: seeds 2000, 2001, ... (a second held-out set); heldout3: seeds 3000, "

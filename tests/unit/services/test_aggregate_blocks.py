@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from qflare.messages.jobs import JobSpec
-from qflare.privacy import AdaptiveClipping, PrivacyError, mechanism
 from qflare.messages.tensors import Layout
+from qflare.privacy import AdaptiveClipping, PrivacyError, mechanism
 from qflare.robust.blocks import ArrayBlocks, FileBlocks, open_memmap
 from qflare.runtime.modelfile import ModelFile
 from qflare.services.aggregator import core
