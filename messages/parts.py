@@ -310,6 +310,25 @@ class _State:
     next_index: int = 0
 
 
+def check_part(index: int, next_index: int, digest: bytes, digests: Sequence[bytes]) -> None:
+    """A part (update or model) against its manifest: in range, the next one in order (one
+    sender's messages on one stream keep their order), and the one the manifest names.
+    MessageRejected otherwise: CHUNK_MISMATCH (out of range, a part missing before it),
+    DUPLICATE (seen before), BAD_DIGEST (other bytes)."""
+    if index >= len(digests):
+        raise MessageRejected(
+            Reason.CHUNK_MISMATCH, f"part {index} out of range 0..{len(digests) - 1}"
+        )
+    if index < next_index:
+        raise MessageRejected(Reason.DUPLICATE, f"part {index} received twice")
+    if index > next_index:
+        raise MessageRejected(
+            Reason.CHUNK_MISMATCH, f"part {next_index} missing: part {index} came (out of order)"
+        )
+    if digest != digests[index]:
+        raise MessageRejected(Reason.BAD_DIGEST, f"part {index} is not the one the manifest names")
+
+
 class PartAssembler:
     """Follows the updates a receiver gets in parts; pass it each opened ``update.manifest``
     (:meth:`start`) and ``update.part`` (:meth:`add`). It keeps no values: :meth:`add`
@@ -474,20 +493,7 @@ class PartAssembler:
                 f"part for job {env.job!r} round {env.round}, manifest for job {info.job!r} "
                 f"round {info.round}",
             )
-        if p.index >= info.count:
-            raise MessageRejected(
-                Reason.CHUNK_MISMATCH, f"part {p.index} out of range 0..{info.count - 1}"
-            )
-        if p.index < state.next_index:
-            raise MessageRejected(Reason.DUPLICATE, f"part {p.index} received twice")
-        if p.index > state.next_index:
-            raise MessageRejected(
-                Reason.CHUNK_MISMATCH, f"part {p.index} out of order: {state.next_index} is next"
-            )
-        if env.body_digest != m.part_digests[p.index]:
-            raise MessageRejected(
-                Reason.BAD_DIGEST, f"part {p.index} is not the one the manifest names"
-            )
+        check_part(p.index, state.next_index, env.body_digest, m.part_digests)
         start = p.index * m.part_values
         expected = min(m.part_values, info.total - start)
         values = p.values
@@ -852,20 +858,7 @@ class ModelAssembler:
                 f"part of transfer {p.transfer.hex()} (job {env.job!r} round {env.round}), "
                 f"expected {m.transfer.hex()} (job {self.job!r} round {self.round})",
             )
-        if p.index >= self.count:
-            raise MessageRejected(
-                Reason.CHUNK_MISMATCH, f"part {p.index} out of range 0..{self.count - 1}"
-            )
-        if p.index < self.next_index:
-            raise MessageRejected(Reason.DUPLICATE, f"part {p.index} received twice")
-        if p.index > self.next_index:
-            raise MessageRejected(
-                Reason.CHUNK_MISMATCH, f"part {self.next_index} missing: part {p.index} came"
-            )
-        if env.body_digest != m.part_digests[p.index]:
-            raise MessageRejected(
-                Reason.BAD_DIGEST, f"part {p.index} is not the one the manifest names"
-            )
+        check_part(p.index, self.next_index, env.body_digest, m.part_digests)
         start = p.index * m.part_bytes
         expected = min(m.part_bytes, self._bytes.total - start)
         data = p.data
