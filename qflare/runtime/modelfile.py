@@ -178,19 +178,10 @@ class ModelFile:
         try:
             step = max(1, _IO_BYTES // 8)
             for a in range(0, self.size, step):
-                b = min(a + step, self.size)
-                for i, start, lo, hi in self._spans(a, b):
-                    dt = np.dtype(self.layout.dtypes[i]).newbyteorder("<")
-                    raw = _pread_all(
-                        self._fd,
-                        (hi - lo) * dt.itemsize,
-                        self._data_start + self._bytes[i] + (lo - start) * dt.itemsize,
-                    )
-                    _pwrite_all(
-                        out._fd,
-                        memoryview(raw),
-                        out._data_start + out._bytes[i] + (lo - start) * dt.itemsize,
-                    )
+                for lo, hi, dt, at in self._runs(a, min(a + step, self.size)):
+                    raw = _pread_all(self._fd, (hi - lo) * dt.itemsize, at)
+                    for _lo, _hi, _dt, there in out._runs(lo, hi):
+                        _pwrite_all(out._fd, memoryview(raw), there)
             out.commit()
         except BaseException:
             out.discard()
@@ -246,6 +237,13 @@ class ModelFile:
             if lo < hi:
                 yield i, start, lo, hi
 
+    def _runs(self, a: int, b: int) -> Iterator[tuple[int, int, np.dtype[Any], int]]:
+        """(lo, hi, dtype, at) for each tensor's piece of coordinates [a, b): values [lo, hi)
+        lie from byte ``at`` of the file, little-endian ``dtype``."""
+        for i, start, lo, hi in self._spans(a, b):
+            dt = np.dtype(self.layout.dtypes[i]).newbyteorder("<")
+            yield lo, hi, dt, self._data_start + self._bytes[i] + (lo - start) * dt.itemsize
+
     def read(
         self, a: int, b: int, dtype: npt.DTypeLike = np.float64
     ) -> npt.NDArray[np.floating[Any]]:
@@ -253,13 +251,8 @@ class ModelFile:
         if not 0 <= a <= b <= self.size:
             raise IndexError(f"values [{a}, {b}) outside a model of {self.size}")
         out = np.empty(b - a, dtype=dtype)
-        for i, start, lo, hi in self._spans(a, b):
-            dt = np.dtype(self.layout.dtypes[i]).newbyteorder("<")
-            raw = _pread_all(
-                self._fd,
-                (hi - lo) * dt.itemsize,
-                self._data_start + self._bytes[i] + (lo - start) * dt.itemsize,
-            )
+        for lo, hi, dt, at in self._runs(a, b):
+            raw = _pread_all(self._fd, (hi - lo) * dt.itemsize, at)
             out[lo - a : hi - a] = np.frombuffer(raw, dtype=dt)
         return out
 
@@ -279,14 +272,9 @@ class ModelFile:
     def write_values(self, a: int, values: npt.ArrayLike) -> None:
         """Write ``values`` at coordinates [a, a + len), each cast to its tensor's dtype."""
         v = np.asarray(values).reshape(-1)
-        for i, start, lo, hi in self._spans(a, a + v.size):
-            dt = np.dtype(self.layout.dtypes[i]).newbyteorder("<")
+        for lo, hi, dt, at in self._runs(a, a + v.size):
             chunk = np.ascontiguousarray(v[lo - a : hi - a].astype(dt, copy=False))
-            _pwrite_all(
-                self._fd,
-                _bytes_of(chunk),
-                self._data_start + self._bytes[i] + (lo - start) * dt.itemsize,
-            )
+            _pwrite_all(self._fd, _bytes_of(chunk), at)
 
     def tensor(self, name: str) -> Array:
         """One tensor, read whole."""

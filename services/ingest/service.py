@@ -378,20 +378,10 @@ class IngestService(Service):
         env: Envelope[Update] | None = None
         try:
             self.reload_crl()
-            info = self.book.get(key_job)
-            if info is not None and len(delivery.body) > max_envelope_bytes(info):
-                raise MessageRejected(
-                    Reason.TOO_LARGE,
-                    f"{len(delivery.body)} bytes exceed the {max_envelope_bytes(info)} an update "
-                    f"for round {info.round} of {key_job!r} can take",
-                )
+            self._bounded(key_job, delivery.body)
             env = of_kind(await self._open(delivery.body), Update)
             metrics.message_age(self.name, Update.KIND, env.ts)
-            if env.job != key_job:
-                raise MessageRejected(
-                    Reason.WRONG_JOB,
-                    f"the stream of job {key_job!r} holds an update for {env.job!r}",
-                )
+            _same_job(key_job, env)
         except MessageRejected as exc:
             self._refuse(exc, key_job, env, delivery)
             return
@@ -482,6 +472,7 @@ class IngestService(Service):
             raise
 
     def _bounded(self, key_job: str, data: bytes) -> None:
+        """TOO_LARGE for a message larger than an update of the job's round can be."""
         info = self.book.get(key_job)
         if info is not None and len(data) > max_envelope_bytes(info):
             raise MessageRejected(
@@ -502,11 +493,7 @@ class IngestService(Service):
             self._bounded(key_job, delivery.body)
             env = of_kind(await self._open(delivery.body), UpdateManifest)
             metrics.message_age(self.name, UpdateManifest.KIND, env.ts)
-            if env.job != key_job:
-                raise MessageRejected(
-                    Reason.WRONG_JOB,
-                    f"the stream of job {key_job!r} holds an update for {env.job!r}",
-                )
+            _same_job(key_job, env)
         except MessageRejected as exc:
             if mine:
                 self._refuse(exc, key_job, env, delivery)
@@ -563,11 +550,7 @@ class IngestService(Service):
         try:
             self._bounded(key_job, delivery.body)
             env = of_kind(await self._open(delivery.body), UpdatePart)
-            if env.job != key_job:
-                raise MessageRejected(
-                    Reason.WRONG_JOB,
-                    f"the stream of job {key_job!r} holds an update for {env.job!r}",
-                )
+            _same_job(key_job, env)
         except MessageRejected as exc:
             # a part that does not open names no one: its transfer waits for the real one
             self._refuse(exc, key_job, env, delivery)
@@ -856,6 +839,14 @@ class IngestService(Service):
             reason=exc.reason.value,
             detail=f"{who}: {exc.detail}"[:4000],
             client=exc.client,
+        )
+
+
+def _same_job(key_job: str, env: Envelope[Any]) -> None:
+    """WRONG_JOB for a message in the stream of ``key_job`` that names another job."""
+    if env.job != key_job:
+        raise MessageRejected(
+            Reason.WRONG_JOB, f"the stream of job {key_job!r} holds an update for {env.job!r}"
         )
 
 
