@@ -158,9 +158,12 @@ def check_update_round(book: RoundBook, env: Envelope[Update], now: float) -> Op
     )
 
 
-def accepted_update(env: Envelope[Update], offset: int) -> UpdateAccepted:
+def accepted_update(
+    env: Envelope[Update] | Envelope[UpdateManifest], offset: int
+) -> UpdateAccepted:
     """Ingest's verdict on the update ``env`` that passed every check: it names the bytes
-    (their digest and ``offset`` in the job's update stream), not the tensors."""
+    (their digest and ``offset`` in the job's update stream), not the tensors. For an
+    update sent in parts, ``env`` is its manifest, whose body digest covers every part's."""
     return UpdateAccepted(
         client=env.sender,
         update_digest=env.body_digest,
@@ -361,18 +364,6 @@ def check_norm_bound(info: OpenRound, norm: float) -> None:
         raise MessageRejected(
             Reason.TOO_LARGE, f"update L2 norm {norm:.4g} exceeds the limit {info.max_norm:.4g}"
         )
-
-
-def accepted_manifest(env: Envelope[UpdateManifest], offset: int) -> UpdateAccepted:
-    """Ingest's verdict on an update sent in parts whose every part passed: it names the
-    manifest (its ``offset`` in the stream and its body digest, which covers every part's)."""
-    return UpdateAccepted(
-        client=env.sender,
-        update_digest=env.body_digest,
-        base_version=env.body.base_version,
-        num_samples=env.body.num_samples,
-        offset=offset,
-    )
 
 
 class Route(StrEnum):

@@ -88,7 +88,6 @@ from qflare.services.ingest.core import (
     RoundBook,
     Route,
     SeenUpdates,
-    accepted_manifest,
     accepted_update,
     check_layout,
     check_norm_bound,
@@ -627,7 +626,7 @@ class IngestService(Service):
             await emit(
                 self,
                 "update.accepted",
-                accepted_manifest(env, held.offset),
+                accepted_update(env, held.offset),
                 job=env.job,
                 round=env.round,
             )
