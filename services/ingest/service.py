@@ -423,25 +423,7 @@ class IngestService(Service):
             return
         offset = delivery.offset
         assert offset is not None  # a stream delivery (on_update returns on one without)
-        accepted = accepted_update(env, offset)
-        try:
-            await emit(self, "update.accepted", accepted, job=env.job, round=env.round)
-            self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())
-        finally:
-            self._inflight.discard(natural)
-        self.counts["accepted"] += 1
-        metrics.update_accepted(self.name, env.job)
-        event(
-            self.log,
-            "update.accepted",
-            job=env.job,
-            round=env.round,
-            client=env.sender,
-            norm=round(norm, 6),
-            offset=offset,
-            bytes=len(delivery.body),
-            sealed=env.sealed,
-        )
+        await self._accept(env, offset, natural, norm=norm, nbytes=len(delivery.body))
 
     # -- updates in parts -----------------------------------------------------------------
     async def _on_transfer_message(self, key_job: str, delivery: Delivery, header: Header) -> None:
@@ -469,6 +451,41 @@ class IngestService(Service):
             while len(self._refusals) > _REFUSALS_KEPT:
                 self._refusals.popitem(last=False)
             raise
+
+    async def _accept(
+        self,
+        env: Envelope[Update] | Envelope[UpdateManifest],
+        offset: int,
+        natural: tuple[str, int, str],
+        *,
+        norm: float,
+        nbytes: int,
+        **fields: Any,
+    ) -> None:
+        """Publish ``update.accepted`` for the update (or manifest) at ``offset``, remember
+        its digest, count and log it; ``natural`` leaves the in-flight set whatever
+        happens."""
+        try:
+            await emit(
+                self, "update.accepted", accepted_update(env, offset), job=env.job, round=env.round
+            )
+            self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())
+        finally:
+            self._inflight.discard(natural)
+        self.counts["accepted"] += 1
+        metrics.update_accepted(self.name, env.job)
+        event(
+            self.log,
+            "update.accepted",
+            job=env.job,
+            round=env.round,
+            client=env.sender,
+            norm=round(norm, 6),
+            offset=offset,
+            bytes=nbytes,
+            **fields,
+            sealed=env.sealed,
+        )
 
     def _bounded(self, key_job: str, data: bytes) -> None:
         """TOO_LARGE for a message larger than an update of the job's round can be."""
@@ -622,32 +639,15 @@ class IngestService(Service):
             self._refuse(exc, key_job, env, delivery, held.offset)
             return
         self._inflight.add(natural)
-        try:
-            await emit(
-                self,
-                "update.accepted",
-                accepted_update(env, held.offset),
-                job=env.job,
-                round=env.round,
-            )
-            self.seen.add(env.job, env.round, env.sender, env.body_digest.hex())
-        finally:
-            self._inflight.discard(natural)
-        self._end_transfer(key)  # only now: a verdict that failed is made again
-        self.counts["accepted"] += 1
-        metrics.update_accepted(self.name, env.job)
-        event(
-            self.log,
-            "update.accepted",
-            job=env.job,
-            round=env.round,
-            client=env.sender,
-            norm=round(held.check.norm, 6),
-            offset=held.offset,
-            bytes=held.nbytes,
+        await self._accept(
+            env,
+            held.offset,
+            natural,
+            norm=held.check.norm,
+            nbytes=held.nbytes,
             parts=len(env.body.part_digests),
-            sealed=env.sealed,
         )
+        self._end_transfer(key)  # only now: a verdict that failed is made again
 
     async def _finish_later(self, key_job: str, key: TransferKey, delivery: Delivery) -> None:
         held = self._transfers.get(key)
