@@ -458,6 +458,9 @@ class Participant:
         return model.tensors
 
     def latest_model(self, job: str) -> tuple[int, Mapping[str, np.ndarray]] | None:
+        """The newest verified model of ``job`` this participant holds (version, tensors).
+        A job whose model comes in parts holds it only while a round computes and after
+        the job ended (the final model): None in between."""
         versions = self.models.get(job)
         if not versions:
             return None
@@ -507,6 +510,12 @@ class Participant:
                 what = "participant %s: its update for round %d of %s is not sent"
                 self._note(exc, logging.ERROR, what, self.id, env.round, env.job)
                 return Outcome.ACK
+            if env.job in self._parted:
+                # a model too large for one message is not needed while its update is sent
+                # (the next round reads its own): given up now, the participant holds the
+                # model and the update at once only while it computes
+                self.models.get(env.job, {}).pop(body.model_version, None)
+                del global_tensors
             if not await self._send_update(self._update_messages(update, info), info):
                 self.stats.rounds_missed += 1
                 log.warning(
