@@ -187,13 +187,7 @@ def split_update(
     ``transfer`` defaults to 16 random bytes. Nothing is read or copied yet."""
     if not tensors:
         raise ValueError("an update needs at least one tensor")
-    if isinstance(part_values, bool) or not isinstance(part_values, int) or part_values <= 0:
-        raise ValueError(f"part_values must be a positive int, got {part_values!r}")
-    if part_values > max_part_values(limits):
-        raise ValueError(
-            f"part_values {part_values} makes parts larger than one envelope; at most "
-            f"{max_part_values(limits)} values fit in {limits.max_envelope_bytes} bytes"
-        )
+    _check_part_size("part_values", part_values, max_part_values(limits), "values", limits)
     for name, array in tensors.items():
         if np.asarray(array).dtype.kind != "f":
             raise ValueError(
@@ -308,6 +302,18 @@ class _State:
     info: Transfer
     seen: float
     next_index: int = 0
+
+
+def _check_part_size(name: str, value: object, most: int, unit: str, limits: Limits) -> None:
+    """ValueError unless ``value`` (a part's size, ``name``) is a positive int of at most
+    ``most`` (what one envelope of ``limits`` holds)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value > most:
+        raise ValueError(
+            f"{name} {value} makes parts larger than one envelope; at most {most} {unit} fit "
+            f"in {limits.max_envelope_bytes} bytes"
+        )
 
 
 def check_part(index: int, next_index: int, digest: bytes, digests: Sequence[bytes]) -> None:
@@ -729,13 +735,7 @@ def encode_model_parts(
     bytes are copied at a time. Configuration mistakes raise ValueError."""
     if not tensors:
         raise ValueError("a model needs at least one tensor")
-    if isinstance(part_bytes, bool) or not isinstance(part_bytes, int) or part_bytes <= 0:
-        raise ValueError(f"part_bytes must be a positive int, got {part_bytes!r}")
-    if part_bytes > max_model_part_bytes(limits):
-        raise ValueError(
-            f"part_bytes {part_bytes} makes parts larger than one envelope; at most "
-            f"{max_model_part_bytes(limits)} bytes fit in {limits.max_envelope_bytes}"
-        )
+    _check_part_size("part_bytes", part_bytes, max_model_part_bytes(limits), "bytes", limits)
     transfer = os.urandom(16) if transfer is None else transfer
     model = _ModelBytes.of(tensors)
     if model.total == 0:
