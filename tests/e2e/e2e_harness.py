@@ -315,6 +315,21 @@ class Cluster:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
+    def trouble(self, most: int = 12) -> str:
+        """The last ``most`` warnings and errors of each service, one line each."""
+        out = []
+        for key in self.procs:
+            bad = [
+                rec
+                for rec in self.logs(key)
+                if rec.get("level") in ("WARNING", "ERROR", "CRITICAL")
+            ]
+            out.append(f"-- {key}: {len(bad)} warnings/errors, the last {min(most, len(bad))}:")
+            for rec in bad[-most:]:
+                fields = {k: v for k, v in rec.items() if k not in ("ts", "service", "pid", "exc")}
+                out.append("   " + json.dumps(fields, default=str)[:400])
+        return "\n".join(out)
+
     def stop_all(self, timeout: float = 15.0) -> dict[str, int]:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -480,7 +495,14 @@ async def run_scenario(
             failed = chaos is not None and chaos.done() and chaos.exception() is not None
             return failed or bool(recorder.of("job.ended"))
 
-        await recorder.until(over, scenario.timeout, "job.ended")
+        try:
+            await recorder.until(over, scenario.timeout, "job.ended")
+        except AssertionError as exc:
+            # what the services said about it: a CI failure has no other trace of them
+            rejected = recorder.of("update.rejected")[-3:]
+            raise AssertionError(
+                f"{exc}\nthe last rejections: {rejected}\n{cluster.trouble()}"
+            ) from None
         if chaos is not None:
             chaos.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -189,10 +189,18 @@ async def test_negative_confirm_raises_publish_failed(rabbit_bus, amqp_url, bus_
         )
         await full.bind(bus_prefix + topology.EVENTS, "full.#")
         try:
+            nacked = rabbit_bus._channel
             with pytest.raises(PublishFailed) as info:
                 await rabbit_bus.publish(topology.EVENTS, "full.k", b"refused")
             assert info.value.reason == "PUBLISH_FAILED"
+            # published again once, on a fresh channel (refused there too), which stays
+            fresh = rabbit_bus._channel
+            assert fresh is not nacked and not fresh.is_closed
             assert await rabbit_bus.publish(topology.EVENTS, "other", b"") is False  # still usable
+            # a second refusal within RENEW_MIN_S does not open yet another channel
+            with pytest.raises(PublishFailed):
+                await rabbit_bus.publish(topology.EVENTS, "full.k", b"refused")
+            assert rabbit_bus._channel is fresh
         finally:
             await full.delete(if_unused=False, if_empty=False)
 
