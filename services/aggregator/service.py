@@ -113,6 +113,7 @@ from qflare.services.aggregator.core import (
 )
 from qflare.services.aggregator.hooks import HookFailed, JobHooks, load_hooks, reload_hooks
 from qflare.services.aggregator.store import AggregatorStore, RoundRow
+from qflare.services.detector.core import OutputLayer
 
 #: How long a model append may take to show up in the job's model stream.
 MODEL_APPEND_TIMEOUT_S = 30.0
@@ -364,6 +365,7 @@ class Aggregator(Service):
                 # read from its file a range at a time: a large model is copied into the
                 # store, never loaded whole
                 with await asyncio.to_thread(ModelFile.open, spec.initial_model) as f:
+                    _check_output_layer(spec, f.layout)
                     if f.nbytes > MODEL_IN_MEMORY_BYTES:
                         await self.store.add_job(spec, f, await asyncio.to_thread(f.digest))
                     else:
@@ -371,6 +373,7 @@ class Aggregator(Service):
                         await self.store.add_job(spec, tensors, model_digest(tensors))
             else:
                 model = {k: np.ascontiguousarray(v) for k, v in model.items()}
+                _check_output_layer(spec, Layout.of(model))
                 await self.store.add_job(spec, model, model_digest(model))
             self.specs[spec.job_id] = spec
             self.hooks[spec.job_id] = hooks
@@ -974,6 +977,18 @@ def evaluated_body(evaluated: Mapping[str, Any], source: str) -> MetricsEvaluate
         source=source,  # type: ignore[arg-type]
         clients=int(evaluated.get("clients", 0)),
     )
+
+
+def _check_output_layer(spec: JobSpec, layout: Layout) -> None:
+    """A job whose ``output_layer`` the model does not have (or not as [classes, hidden] and
+    [classes]) is refused at submission: label consistency would otherwise be off for it,
+    said only in the detector's log."""
+    if spec.output_layer is None:
+        return
+    try:
+        OutputLayer.of(layout, spec.output_layer)
+    except ValueError as exc:
+        raise ValueError(f"job {spec.job_id!r}: {exc}") from None
 
 
 def build(ctx: ServiceContext) -> Service:

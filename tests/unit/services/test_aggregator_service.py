@@ -662,3 +662,41 @@ async def test_a_round_past_the_memory_budget_is_spilled_and_gives_the_same_mode
     for folder in ("spill", "again"):
         rows = tmp_path / folder / "aggregator" / "rows"
         assert rows.is_dir() and list(rows.iterdir()) == []  # unlinked files only
+
+
+@pytest.mark.parametrize(
+    ("named", "says"),
+    [
+        (("nope", "b"), "output_layer names 'nope', which the model does not have"),
+        (("w", "b"), "output_layer must name a weight [classes, hidden]"),
+    ],
+    ids=["missing", "shape"],
+)
+@pytest.mark.parametrize("given", ["in-process", "file"])
+async def test_a_job_whose_output_layer_the_model_lacks_is_refused_at_submission(
+    federation: Federation, tmp_path: Path, named: tuple[str, str], says: str, given: str
+) -> None:
+    """Label consistency needs the output layer the job names: a model without it (or with
+    it in other shapes: w is [8, 6] and b [6] here) is refused when the job is submitted,
+    naming the job and the model's tensors, and nothing is stored."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "m0.safetensors"
+    save_file(initial_model(), str(path))
+    spec = job(output_layer=named, initial_model=str(path) if given == "file" else None)
+    bus = await connect_bus(f"memory://agg-layer-{given}-{named[0]}")
+    settings = load_settings(None, env={}, data_dir=str(tmp_path / "data"))
+    ids = {"aggregator": (federation.identity("aggregator"), federation.trust())}
+    async with run_in_process(settings, bus, services=["aggregator"], identities=ids) as running:
+        with pytest.raises(ValueError, match=r"job 'j1'") as info:
+            await running.submit_job(spec, initial_model() if given == "in-process" else None)
+        assert says in str(info.value)
+        agg = running.services["aggregator"]
+        assert await agg.store.job_spec(spec.job_id) is None
+        # the same job without a layer goes in
+        await running.submit_job(
+            spec.model_copy(update={"output_layer": None}),
+            initial_model() if given == "in-process" else None,
+        )
+        assert await agg.store.job_spec(spec.job_id) is not None
+    await bus.close()
