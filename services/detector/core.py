@@ -84,14 +84,20 @@ class OutputLayer:
         return np.concatenate([w, b]).astype(np.intp)
 
     def scores(
-        self, clients: list[str], cols: npt.NDArray[np.floating], verdict: Verdict
+        self,
+        clients: list[str],
+        cols: npt.NDArray[np.floating],
+        verdict: Verdict,
+        suspects: frozenset[str] | set[str] = frozenset(),
     ) -> dict[str, float]:
         """Each client's label consistency from its row's :attr:`columns` (``cols``, [n,
-        C * H + C]), the clients ``verdict`` (the round's other scores) flagged left out of
-        the consensus; the clients it cannot score are left out."""
+        C * H + C]), the clients ``verdict`` (the round's other scores) flagged and the
+        ``suspects`` (those the evidence of earlier rounds holds against,
+        :meth:`Reputation.suspects`) left out of the consensus; the clients it cannot score
+        are left out."""
         n, size = len(clients), self.classes * self.hidden
         weight = cols[:, :size].reshape(n, self.classes, self.hidden)
-        flagged = set(verdict.flagged)
+        flagged = set(verdict.flagged) | set(suspects)
         exclude = np.array([c in flagged for c in clients], dtype=bool)
         values = label_consistency(weight, cols[:, size:], verdict.f, exclude=exclude)
         return {c: float(v) for c, v in zip(clients, values, strict=True) if np.isfinite(v)}
@@ -211,7 +217,16 @@ def decide_source(
     view = grid_view(tap, block)
     detected = detect_view(view, f_left, ids=clients)  # the one pass over the blocks
     got = tap.columns
-    labels = None if output is None else output.scores(clients, got[:, len(sketch) :], detected)
+    # the clients the evidence of earlier rounds holds against stay out of the label
+    # consensus too: a noisy coalition that the round's own scores stop seeing (it is
+    # caught from then on by its history alone) would otherwise set it again
+    labels = (
+        None
+        if output is None
+        else output.scores(
+            clients, got[:, len(sketch) :], detected, reputation.suspects(round_no, clients)
+        )
+    )
     # a consistently honest outlier (non-IID data) is let back in by its own history
     verdict = reputation.review_sketch(
         round_no, clients, got[:, : len(sketch)], view.finite, detected, labels

@@ -3,6 +3,8 @@ and its running mean and flag in the reputation (qflare.robust.Reputation)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,25 @@ def test_excluded_clients_are_scored_but_set_no_consensus() -> None:
     assert np.isfinite(s[20:]).all()
     with pytest.raises(ValueError, match="exclude must be 26 flags"):
         label_consistency(w_all, b_all, f=6, exclude=exclude[:5])
+
+
+def test_suspects_are_the_clients_earlier_rounds_hold_against() -> None:
+    """Reputation.suspects (left out of the label consensus by the detector core):
+    quarantined, a label window below the threshold, or unsteady among the clients named;
+    read from the persisted state, so a restored reputation names the same."""
+    ids = [f"c{i}" for i in range(10)]
+    rep = Reputation()
+    rep.labels = {c: [0.4] for c in ids}
+    rep.labels["c1"] = [0.4, -0.9]  # mean -0.25 < -0.15
+    rep.labels["c5"] = [0.4, -0.6]  # mean -0.1: not below
+    rep.steadiness = {c: 0.97 + 0.001 * i for i, c in enumerate(ids)}
+    rep.steadiness["c2"] = 0.6
+    for r in range(1, 5):
+        rep.observe(r, ["c3"])  # quarantined from round 4 to 9
+    assert rep.suspects(5, ids) == {"c1", "c2", "c3"}
+    again = Reputation.from_dict(json.loads(json.dumps(rep.to_dict())))
+    assert again.suspects(5, ids) == rep.suspects(5, ids)
+    assert rep.suspects(10, ids) == {"c1", "c2"}
+    # steadiness is judged among the clients named: two are too few to compare
+    assert rep.suspects(10, ["c2", "c4"]) == set()
+    assert rep.suspects(10, ["c4", "c6", "c7"]) == set()
