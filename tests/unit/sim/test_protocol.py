@@ -29,9 +29,17 @@ def test_seed_sets_are_fixed_and_disjoint() -> None:
     assert protocol_seeds("heldout2", 2) == (2000, 2001)
     assert protocol_seeds("heldout3", 2) == (3000, 3001)
     assert protocol_seeds("heldout4", 2) == (4000, 4001)
+    assert protocol_seeds("heldout5", 2) == (5000, 5001)
     sets = [set(protocol_seeds(name, 100)) for name in SEED_SETS]
     assert sum(map(len, sets)) == len(set().union(*sets))  # disjoint
-    assert SEED_SETS.keys() == {"tune", "heldout", "heldout2", "heldout3", "heldout4"}
+    assert SEED_SETS.keys() == {
+        "tune",
+        "heldout",
+        "heldout2",
+        "heldout3",
+        "heldout4",
+        "heldout5",
+    }
     with pytest.raises(SimConfigError, match="--seed-set"):
         protocol_seeds("lucky", 3)
     with pytest.raises(SimConfigError, match="--seeds"):
