@@ -238,27 +238,21 @@ class Reputation:
         return float(np.mean(seen)) if seen else None
 
     def suspects(self, round_: int, ids: Iterable[str]) -> set[str]:
-        """The clients of ``ids`` that the evidence of the rounds before ``round_`` holds
-        against: quarantined, a label-consistency window whose mean is below
-        ``label_threshold``, or a steadiness that :func:`unsteady_clients` finds among
-        those of ``ids`` (as reviewed so far). Read from the persisted state only, so a
-        restored reputation gives the same set. The detector core leaves them out of the
-        label consensus (:func:`~qflare.robust.detection.label_consistency`'s ``exclude``)
-        besides the clients the round's own scores flag: a noisy coalition (noisy IPM at
-        Dirichlet 0.1) that those scores stop flagging after a few rounds, still caught on
-        its history, otherwise sets the consensus of the classes only two or three honest
-        clients hold (tune seeds 10, 14, 17, 27: an honest client's score fell from about
-        0.5 to -1 in the round the coalition's per-round flags stopped, and it was
-        excluded in 20-35% of rounds)."""
+        """The clients of ``ids`` quarantined at ``round_``: the decision earlier rounds
+        took against them. Read from the persisted state only, so a restored reputation
+        gives the same set. The detector core leaves them out of the label consensus
+        (:func:`~qflare.robust.detection.label_consistency`'s ``exclude``) besides the
+        clients the round's own scores flag: a noisy coalition (noisy IPM at Dirichlet 0.1)
+        that those scores stop flagging after a few rounds, still quarantined on its
+        history, otherwise sets the consensus of the classes only two or three honest
+        clients hold (tune seeds 10, 14, 17, 27: an honest client excluded in 20-35% of
+        rounds; quarantine alone removes all of it). Not a label window below its
+        threshold: that is the label score's own output fed back into its consensus, and
+        under label flipping it names honest holders of rare classes (tune seeds 24, 26),
+        whose removal thins the consensus of the very classes they hold. Not unsteadiness:
+        on tune seeds 0-29 it never named a client the others did not."""
         round_ = check_int("round", round_)
-        names = [str(i) for i in ids]
-        out = {c for c in names if self.is_quarantined(c, round_)}
-        for c in names:
-            mean = self.label_mean(c)
-            if mean is not None and mean < self.label_threshold:
-                out.add(c)
-        steady = {c: self.steadiness[c] for c in names if c in self.steadiness}
-        return out | unsteady_clients(steady, self.inconsistency)
+        return {c for c in (str(i) for i in ids) if self.is_quarantined(c, round_)}
 
     def review(
         self,
