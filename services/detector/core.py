@@ -92,9 +92,8 @@ class OutputLayer:
     ) -> dict[str, float]:
         """Each client's label consistency from its row's :attr:`columns` (``cols``, [n,
         C * H + C]), the clients ``verdict`` (the round's other scores) flagged and the
-        ``suspects`` (those the evidence of earlier rounds holds against,
-        :meth:`Reputation.suspects`) left out of the consensus; the clients it cannot score
-        are left out."""
+        ``suspects`` (the quarantined, :meth:`Reputation.suspects`) left out of the
+        consensus; the clients it cannot score are left out."""
         n, size = len(clients), self.classes * self.hidden
         weight = cols[:, :size].reshape(n, self.classes, self.hidden)
         flagged = set(verdict.flagged) | set(suspects)
@@ -217,9 +216,9 @@ def decide_source(
     view = grid_view(tap, block)
     detected = detect_view(view, f_left, ids=clients)  # the one pass over the blocks
     got = tap.columns
-    # the clients the evidence of earlier rounds holds against stay out of the label
-    # consensus too: a noisy coalition that the round's own scores stop seeing (it is
-    # caught from then on by its history alone) would otherwise set it again
+    # the quarantined clients stay out of the label consensus too: a noisy coalition that
+    # the round's own scores stop seeing (quarantined on its history from then on) would
+    # otherwise set it again
     labels = (
         None
         if output is None
