@@ -36,10 +36,8 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import zlib
@@ -49,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from workdir import work_folder
 
 HERE = Path(__file__).resolve().parent
 JOB = "large"
@@ -362,23 +361,17 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="qflare-bench-large-"))
     print(
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {args.clients} participants, {args.rounds} "
         f"round(s), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
     )
-    try:
+    with work_folder("qflare-bench-large-", keep=args.keep) as work:
         figures = await run_job(args, work)
         if args.floor:
             figures["floor"] = await floor(args, figures["model_bytes"])
         report(args, figures)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))
-    finally:
-        if args.keep:
-            print(f"work folder: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

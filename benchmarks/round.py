@@ -50,11 +50,9 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -67,6 +65,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from safetensors.numpy import save_file
 from streams import Countdown, trial
+from workdir import work_folder
 
 from qflare.bus import Delivery, Outcome, QueueSpec, connect_bus, topology
 from qflare.crypto import Certificate, provision
@@ -693,7 +692,6 @@ async def run(args: argparse.Namespace) -> int:
         print(f"round.py: {exc}", file=sys.stderr)
         return 1
     broker = broker_pid(args.url)
-    work = Path(tempfile.mkdtemp(prefix="qflare-bench-round-"))
     prefix = f"bench-round-{uuid.uuid4().hex[:8]}-"
     print(
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {args.clients} clients, {args.params:,} float32 "
@@ -704,7 +702,7 @@ async def run(args: argparse.Namespace) -> int:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
         + ("" if broker else "; broker not on this machine: no broker CPU or disk figures")
     )
-    try:
+    with work_folder("qflare-bench-round-", keep=args.keep) as work:
         fed = provision(work / "pki", clients=args.clients)
         rows = 1000 if args.params % 1000 == 0 else 1
         shape = (rows, args.params // rows)
@@ -739,11 +737,6 @@ async def run(args: argparse.Namespace) -> int:
         rounds, phase = await measure(args, work, fed, prefix, updates, broker)
         after = await floors(args, updates[1], broker)
         report(args, rounds, phase, before, after, sizes)
-    finally:
-        if args.keep:
-            print(f"work folder: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

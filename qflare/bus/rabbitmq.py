@@ -261,24 +261,33 @@ class _FailoverConnection(aio_pika.RobustConnection):
             raise
 
 
+#: The broker's refusals of a declaration, each with what it means for QFLARE's topology.
+_DECLARE_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
+    (
+        aiormq.exceptions.ChannelPreconditionFailed,
+        "{what} {logical!r} exists with other arguments than {arguments}",
+    ),
+    (
+        aiormq.exceptions.ChannelLockedResource,
+        "transient {what} {logical!r} belongs to another connection",
+    ),
+    (
+        aiormq.exceptions.ChannelNotFoundEntity,
+        "{what} {logical!r} does not exist; with declare='passive' the broker's "
+        "definitions must create it",
+    ),
+)
+
+
 @contextlib.contextmanager
 def _declaring(what: str, logical: str, arguments: dict[str, Any]) -> Iterator[None]:
     """Turn the broker's refusals of a declaration into :class:`TopologyError`."""
     try:
         yield
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        raise TopologyError(
-            f"{what} {logical!r} exists with other arguments than {arguments}: {exc}"
-        ) from exc
-    except aiormq.exceptions.ChannelLockedResource as exc:
-        raise TopologyError(
-            f"transient {what} {logical!r} belongs to another connection: {exc}"
-        ) from exc
-    except aiormq.exceptions.ChannelNotFoundEntity as exc:
-        raise TopologyError(
-            f"{what} {logical!r} does not exist; with declare='passive' the broker's "
-            f"definitions must create it: {exc}"
-        ) from exc
+    except tuple(cls for cls, _ in _DECLARE_REFUSALS) as exc:
+        text = next(t for cls, t in _DECLARE_REFUSALS if isinstance(exc, cls))
+        meaning = text.format(what=what, logical=logical, arguments=arguments)
+        raise TopologyError(f"{meaning}: {exc}") from exc
 
 
 async def _ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> None:
@@ -723,16 +732,17 @@ class RabbitBus(Bus):
                     mandatory=True,
                     timeout=max(0.5, deadline - time.monotonic()),
                 )
-            except aio_pika.exceptions.DeliveryError as exc:
-                # A nack: a queue it was routed to did not take it. Once on a fresh channel
-                # (a channel can go on refusing everything after a cluster node died).
-                if not renewed and await self._renew_channel(channel, exc):
+            except (
+                aio_pika.exceptions.DeliveryError,
+                aiormq.exceptions.ChannelPreconditionFailed,
+            ) as exc:
+                # A nack (DeliveryError): a queue it was routed to did not take it. Once on a
+                # fresh channel (a channel can go on refusing everything after a cluster node
+                # died).
+                nacked = isinstance(exc, aio_pika.exceptions.DeliveryError)
+                if nacked and not renewed and await self._renew_channel(channel, exc):
                     renewed = True
                     continue
-                raise PublishFailed(
-                    f"broker refused the message to {exchange}/{routing_key}: {exc!r}"
-                ) from exc
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise PublishFailed(
                     f"broker refused the message to {exchange}/{routing_key}: {exc!r}"
                 ) from exc

@@ -570,7 +570,7 @@ class UpdateFeed:
         env = await self._open_env(data, UpdateManifest.KIND)
         self._reap()
         transfer = self._parts.start(env)
-        update = _manifest_update(env, offset, transfer.layout)
+        update = _stream_update(of_kind(env, UpdateManifest), offset, transfer.layout)
         try:
             writer = await self.sink(update)
         except BaseException:
@@ -747,7 +747,7 @@ class UpdateFeed:
             )
             _check_sender(env.sender, ref)
             transfer = parts.start(env)
-            update = _manifest_update(env, ref.offset, transfer.layout)
+            update = _stream_update(of_kind(env, UpdateManifest), ref.offset, transfer.layout)
             writer = _FlatWriter(transfer.total) if sink is None else await _sunk(sink(update))
             if writer is None:  # the sink holds it already
                 found[ref.client] = update
@@ -890,24 +890,11 @@ def _runs(refs: Sequence[Ref], gap: int) -> list[list[Ref]]:
     return runs
 
 
-def _manifest_update(env: Envelope[Any], offset: int, layout: Layout) -> StreamUpdate:
-    """An update in parts as its manifest names it: no tensors, its ``layout``."""
-    m = of_kind(env, UpdateManifest).body
-    return StreamUpdate(
-        round=env.round,
-        client=env.sender,
-        digest=env.body_digest,
-        offset=offset,
-        base_version=m.base_version,
-        num_samples=m.num_samples,
-        tensors={},
-        metrics=m.metrics,
-        evaluation=m.evaluation,
-        layout=layout,
-    )
-
-
-def _stream_update(env: Envelope[Update], offset: int) -> StreamUpdate:
+def _stream_update(
+    env: Envelope[Update] | Envelope[UpdateManifest], offset: int, layout: Layout | None = None
+) -> StreamUpdate:
+    """The update ``env`` carries: its tensors, or for an update in parts (``env`` is its
+    manifest) no tensors and the ``layout`` its parts fill."""
     body = env.body
     return StreamUpdate(
         round=env.round,
@@ -916,7 +903,8 @@ def _stream_update(env: Envelope[Update], offset: int) -> StreamUpdate:
         offset=offset,
         base_version=body.base_version,
         num_samples=body.num_samples,
-        tensors=body.tensors,
+        tensors=body.tensors if isinstance(body, Update) else {},
         metrics=body.metrics,
         evaluation=body.evaluation,
+        layout=layout,
     )

@@ -474,18 +474,19 @@ class IngestService(Service):
             self._inflight.discard(natural)
         self.counts["accepted"] += 1
         metrics.update_accepted(self.name, env.job)
-        event(
-            self.log,
+        self._client_event(
             "update.accepted",
-            job=env.job,
-            round=env.round,
-            client=env.sender,
+            env,
             norm=round(norm, 6),
             offset=offset,
             bytes=nbytes,
             **fields,
             sealed=env.sealed,
         )
+
+    def _client_event(self, name: str, env: Envelope[Any], **fields: Any) -> None:
+        """Log ``name`` about the client message ``env``: its job, round and sender."""
+        event(self.log, name, job=env.job, round=env.round, client=env.sender, **fields)
 
     def _bounded(self, key_job: str, data: bytes) -> None:
         """TOO_LARGE for a message larger than an update of the job's round can be."""
@@ -547,15 +548,8 @@ class IngestService(Service):
         self._transfers[key] = _Transfer(
             env, offset, RunningCheck(transfer.layout), known, offset, len(delivery.body)
         )
-        event(
-            self.log,
-            "transfer.started",
-            job=env.job,
-            round=env.round,
-            client=env.sender,
-            offset=offset,
-            parts=transfer.count,
-            values=transfer.total,
+        self._client_event(
+            "transfer.started", env, offset=offset, parts=transfer.count, values=transfer.total
         )
 
     async def _on_part(self, key_job: str, delivery: Delivery, now: float) -> None:
