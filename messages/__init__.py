@@ -11,8 +11,6 @@ from qflare.messages.bodies import (
     KINDS,
     AlertRaised,
     Body,
-    Chunk,
-    ChunkManifest,
     Flagged,
     JobEnded,
     MetricsEvaluated,
@@ -34,7 +32,6 @@ from qflare.messages.bodies import (
     UpdateRef,
     UpdateRejected,
 )
-from qflare.messages.chunks import DEFAULT_CHUNK_SIZE, Reassembler, split
 from qflare.messages.codec import packb, unpack
 from qflare.messages.envelope import (
     Envelope,
@@ -44,6 +41,7 @@ from qflare.messages.envelope import (
 )
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, Limits
+from qflare.messages.parts import DEFAULT_CHUNK_SIZE
 from qflare.messages.validate import validate_update
 
 __all__ = [
@@ -54,8 +52,6 @@ __all__ = [
     "KINDS",
     "AlertRaised",
     "Body",
-    "Chunk",
-    "ChunkManifest",
     "Envelope",
     "Flagged",
     "JobEnded",
@@ -70,7 +66,6 @@ __all__ = [
     "PrivacyRequest",
     "QflareError",
     "Reason",
-    "Reassembler",
     "RoundClosed",
     "RoundOpened",
     "RoundVerdict",
@@ -86,7 +81,6 @@ __all__ = [
     "open_envelope",
     "packb",
     "peek_kind",
-    "split",
     "unpack",
     "validate_update",
 ]

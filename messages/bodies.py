@@ -408,38 +408,6 @@ class JobEnded(Body):
     """Where it sits in the job's model stream."""
 
 
-class Chunk(Body):
-    """One slice of a large envelope (see :mod:`qflare.messages.chunks`)."""
-
-    KIND = "chunk"
-    SENDERS = ("client", "ingest", "detector", "aggregator", "accountant", "alerting", "operator")
-    transfer: bytes = Field(min_length=16, max_length=16)
-    """Transfer id from the manifest."""
-    index: NonNegInt
-    """Position of this chunk (0-based)."""
-    data: bytes
-    """The chunk's bytes of the inner envelope."""
-
-
-class ChunkManifest(Body):
-    """Announces a chunked envelope: its size, digest, and the digest of every chunk."""
-
-    KIND = "chunk.manifest"
-    SENDERS = Chunk.SENDERS
-    transfer: bytes = Field(min_length=16, max_length=16)
-    """Random transfer id (per sender)."""
-    inner_kind: Name
-    """Kind of the chunked envelope."""
-    total_size: int = Field(gt=0)
-    """Bytes of the inner envelope."""
-    chunk_size: int = Field(gt=0)
-    """Bytes per chunk (the last may be shorter)."""
-    chunk_digests: list[Digest] = Field(min_length=1)
-    """SHA-256 of each chunk, in order."""
-    envelope_digest: Digest
-    """SHA-256 of the whole inner envelope."""
-
-
 class TensorShape(Part):
     """One tensor of an update sent in parts: its name and shape (values float32, C order)."""
 
@@ -547,8 +515,6 @@ BODY_TYPES: dict[str, type[Body]] = {
         MetricsEvaluated,
         AlertRaised,
         JobEnded,
-        Chunk,
-        ChunkManifest,
         UpdateManifest,
         UpdatePart,
         ModelManifest,

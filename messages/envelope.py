@@ -271,8 +271,7 @@ def open_envelope(
     the caller does not take costs a parse, not a verification.
 
     Tensors in the body are read-only views into ``data`` (zero-copy). ``kem_key`` opens
-    sealed bodies. ``max_bytes`` overrides ``limits.max_envelope_bytes`` (reassembled chunked
-    envelopes use ``limits.max_body_bytes``).
+    sealed bodies. ``max_bytes`` overrides ``limits.max_envelope_bytes``.
     """
     cap = limits.max_envelope_bytes if max_bytes is None else max_bytes
     obj = _parse(data, limits, cap)

@@ -59,7 +59,7 @@ class Reason(StrEnum):
     )
     BAD_DIGEST = (
         "BAD_DIGEST",
-        "The body does not hash to the signed ``body_digest`` (or a chunk to its manifest entry).",
+        "The body does not hash to the signed ``body_digest`` (or a part to its manifest entry).",
     )
     BAD_SIGNATURE = (
         "BAD_SIGNATURE",
@@ -120,7 +120,7 @@ class Reason(StrEnum):
     )
     DUPLICATE = (
         "DUPLICATE",
-        "Already seen (same natural key: job, round, client / digest / chunk index).",
+        "Already seen (same natural key: job, round, client / digest / part index).",
     )
     DTYPE_NOT_ALLOWED = (
         "DTYPE_NOT_ALLOWED",
@@ -141,8 +141,8 @@ class Reason(StrEnum):
     )
     CHUNK_MISMATCH = (
         "CHUNK_MISMATCH",
-        "A chunk does not fit its manifest: unknown transfer, index out of range, wrong "
-        "size, or the transfer is incomplete.",
+        "A part does not fit its manifest: unknown transfer, index out of range or out of "
+        "order, wrong size, or the transfer is incomplete.",
     )
     BAD_METRICS = (
         "BAD_METRICS",

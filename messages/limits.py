@@ -33,12 +33,12 @@ OFF_LOOP_BYTES = 256 * 1024
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Bounds on what a decoder accepts. Defaults suit model updates of a few hundred MB
-    sent in chunks; ``max_envelope_bytes`` stays under RabbitMQ's 128 MiB message limit."""
+    sent in parts; ``max_envelope_bytes`` stays under RabbitMQ's 128 MiB message limit."""
 
     max_envelope_bytes: int = 120 * MiB
-    """One envelope on the wire (a chunk, or a whole small message)."""
+    """One envelope on the wire (a part, or a whole small message)."""
     max_body_bytes: int = 1024 * MiB
-    """A reassembled chunked envelope."""
+    """An update or a model sent in parts, whole (the size its manifest declares)."""
     max_depth: int = 8
     """Container nesting (maps/arrays) inside a body."""
     max_container_len: int = 100_000

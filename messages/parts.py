@@ -8,11 +8,10 @@ values of the update flattened in :class:`~qflare.messages.tensors.Layout` order
 names, C order). All are ordinary envelopes of one sender, job and round: peeked, sealed
 (each part on its own) and opened like any other message.
 
-Unlike :mod:`qflare.messages.chunks`, which cuts an encoded envelope and must rebuild it
-whole before it can be opened, each part opens by itself and its values (a read-only view
-into the received bytes) go straight to where they belong: a row of the round's matrix, a
-model's tensors. Nothing here keeps an update's values; a transfer in progress is its
-manifest (32 bytes of digest per part) and a counter.
+Each part opens by itself and its values (a read-only view into the received bytes) go
+straight to where they belong: a row of the round's matrix, a model's tensors. Nothing here
+keeps an update's values; a transfer in progress is its manifest (32 bytes of digest per
+part) and a counter.
 
 The manifest's signature covers every part's body digest, so the manifest's own body digest
 names the whole update: ingest can accept it as the ``update_digest``, and a reader that
@@ -54,12 +53,13 @@ from qflare.messages.bodies import (
     UpdateManifest,
     UpdatePart,
 )
-from qflare.messages.chunks import DEFAULT_CHUNK_SIZE
 from qflare.messages.envelope import Envelope, SealTo, encode, of_kind, peek_header
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import DEFAULT_LIMITS, Limits, MiB
 from qflare.messages.tensors import Layout, Tensors
 
+#: A few MB: RabbitMQ's client copies whole bodies, so mid-sized frames move fastest.
+DEFAULT_CHUNK_SIZE = 8 * MiB
 _F32 = np.dtype("<f4")
 #: Values per part: 8 MiB of float32, the chunk size RabbitMQ's client moves fastest.
 DEFAULT_PART_VALUES = DEFAULT_CHUNK_SIZE // _F32.itemsize

@@ -24,8 +24,8 @@ from qflare.messages import DEFAULT_LIMITS, MessageRejected, Reason, Severity, o
 from qflare.messages import bodies as wire
 from qflare.tui import events as ev
 
-#: Kinds the console draws nothing from (client uploads, chunks, models in parts, the
-#: aggregator's requests).
+#: Kinds the console draws nothing from (client uploads, models in parts, the aggregator's
+#: requests).
 IGNORED_KINDS = frozenset(
     {
         "update",
@@ -34,8 +34,6 @@ IGNORED_KINDS = frozenset(
         "model.manifest",
         "model.part",
         "privacy.request",
-        "chunk",
-        "chunk.manifest",
     }
 )
 #: ``model.published`` metrics named ``train/<name>``: the round's weighted training metrics.

@@ -57,7 +57,7 @@ from qflare.errors import QflareError
 
 log = logging.getLogger("qflare.bus")
 
-#: RabbitMQ's default ``max_message_size``. Larger bodies must go as chunks.
+#: RabbitMQ's default ``max_message_size``. Larger bodies go in parts (qflare.messages.parts).
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 
 #: ``read_stream(offset=...)``: a named position, an offset (int >= 0) or an aware datetime.
@@ -85,14 +85,12 @@ class BusError(QflareError):
 
 
 class MessageTooLarge(BusError):
-    """The body exceeds the bus's ``max_message_size``; send it as chunks instead."""
+    """The body exceeds the bus's ``max_message_size``; send it in parts instead."""
 
     reason = "TOO_LARGE"
 
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"body of {size} bytes exceeds max_message_size={limit}; split it into chunks"
-        )
+        super().__init__(f"body of {size} bytes exceeds max_message_size={limit}; send it in parts")
         self.size = size
         self.limit = limit
 

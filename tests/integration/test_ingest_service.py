@@ -332,11 +332,12 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
 
     def signed_under_another_context() -> bytes:
         # a valid update envelope whose ML-DSA signature was made with the context string
-        # of another kind (qflare/v1/chunk): domain separation must refuse it
+        # of another kind the client signs (qflare/v1/update.part): domain separation must
+        # refuse it
         import qflare.messages.envelope as envelope_module
 
         real = envelope_module.context_for
-        envelope_module.context_for = lambda kind: real("chunk")
+        envelope_module.context_for = lambda kind: real("update.part")
         try:
             return update(fed, "client-009", 1)
         finally:
@@ -353,9 +354,11 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
         finally:
             envelope_module.body_to_wire = real
 
-    def chunk_as_update() -> bytes:
-        body = {"transfer": b"\x00" * 16, "index": 0, "data": b"x"}
-        return encode("chunk", body, fed["client-009"], job=JOB, round=1)
+    def model_part_as_update() -> bytes:
+        # a signed envelope of a kind ingest does not take: the aggregator's model part,
+        # which every participant reads, written back into the update stream
+        body = {"transfer": b"\x00" * 16, "index": 0, "data": np.zeros(8, np.uint8)}
+        return encode("model.part", body, fed["aggregator"], job=JOB, round=1)
 
     nan = tensors()
     nan["w"] = nan["w"].copy()
@@ -364,7 +367,7 @@ async def test_hostile_updates_are_rejected_with_codes_and_good_ones_keep_flowin
     cases: list[tuple[str, Callable[[], bytes], Reason, str]] = [
         ("forged", forged, Reason.BAD_SIGNATURE, "client-009 (unverified)"),
         ("tampered", tampered, Reason.BAD_DIGEST, "client-009 (unverified)"),
-        ("wrong-kind", chunk_as_update, Reason.WRONG_KIND, "client-009 (unverified)"),
+        ("wrong-kind", model_part_as_update, Reason.WRONG_KIND, "aggregator (unverified)"),
         (
             "wrong-context",
             signed_under_another_context,

@@ -18,19 +18,17 @@ from qflare.crypto import context_for
 from qflare.crypto.pki import canonical
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import (
-    Chunk,
     Limits,
     MessageRejected,
     Reason,
-    Reassembler,
     TensorSpec,
     Update,
     encode,
     open_envelope,
     packb,
-    split,
     validate_update,
 )
+from qflare.messages.parts import PartAssembler, encode_update_parts
 
 # Decided by services against their state (ingest: open round, participants, base version).
 SERVICE_ONLY = {Reason.STALE_BASE, Reason.NOT_PARTICIPANT, Reason.ROUND_CLOSED}
@@ -84,24 +82,18 @@ def flip(data: bytes, pos: int) -> bytes:
     return bytes(b)
 
 
-def chunk_case(kind: str) -> Callable[[], object]:
+def parts_case(then: int) -> Callable[[], object]:
+    """An update in parts (one value each) whose manifest and part 0 came: part ``then`` next."""
+
     def run() -> object:
-        r = Reassembler(FED.trust())
-        ps = list(split(env(), FED["client-000"], job="j", round=1, chunk_size=1000))
-        r.feed(ps[0])
-        if kind == "dup":
-            r.feed(ps[1])
-            return r.feed(ps[1])
-        transfer = msgpack.unpackb(msgpack.unpackb(ps[0])["body"])["transfer"]
-        return r.feed(
-            encode(
-                "chunk",
-                Chunk(transfer=transfer, index=99, data=b"x"),
-                FED["client-000"],
-                job="j",
-                round=1,
-            )
+        datas = encode_update_parts(
+            FED["client-000"], T, job="j", round=1, base_version=0, num_samples=1, part_values=1
         )
+        manifest, *parts = (open_envelope(d, FED.trust()) for d in datas)
+        asm = PartAssembler()
+        asm.start(manifest)
+        asm.add(parts[0])
+        return asm.add(parts[then])
 
     return run
 
@@ -130,14 +122,14 @@ CASES: dict[Reason, Callable[[], object]] = {
     Reason.WRONG_KIND: opened(env(), expect_kind="update.accepted"),
     Reason.WRONG_JOB: opened(env(), expect_job="other"),
     Reason.STALE_ROUND: opened(env(), expect_round=7),
-    Reason.DUPLICATE: chunk_case("dup"),
+    Reason.DUPLICATE: parts_case(0),  # part 0 again
     Reason.DTYPE_NOT_ALLOWED: opened(raw(tensor_body(["complex64", [1]], bytes(8)))),
     Reason.SHAPE_MISMATCH: opened(raw(tensor_body(["float32", [9]], bytes(16)))),
     Reason.NON_FINITE: lambda: validate_update(
         {"w": np.array([0, 1, np.nan, 2], np.float32)}, SPEC
     ),
     Reason.UNSEAL_FAILED: opened(env(seal_to=FED["ingest"].cert), kem_key=FED["aggregator"].kem),
-    Reason.CHUNK_MISMATCH: chunk_case("range"),
+    Reason.CHUNK_MISMATCH: parts_case(2),  # part 1 missing
     Reason.BAD_METRICS: opened(
         raw(packb({"base_version": 0, "num_samples": 1, "tensors": T, "metrics": {"x": math.nan}}))
     ),
