@@ -316,11 +316,24 @@ def _check_part_size(name: str, value: object, most: int, unit: str, limits: Lim
         )
 
 
-def check_part(index: int, next_index: int, digest: bytes, digests: Sequence[bytes]) -> None:
+def check_part(
+    index: int,
+    next_index: int,
+    digest: bytes,
+    digests: Sequence[bytes],
+    *,
+    received: np.ndarray,
+    dtype: np.dtype[Any],
+    per_part: int,
+    total: int,
+) -> int:
     """A part (update or model) against its manifest: in range, the next one in order (one
-    sender's messages on one stream keep their order), and the one the manifest names.
-    MessageRejected otherwise: CHUNK_MISMATCH (out of range, a part missing before it),
-    DUPLICATE (seen before), BAD_DIGEST (other bytes)."""
+    sender's messages on one stream keep their order), the one the manifest names, and
+    holding ``received``, a flat array of ``dtype``, of the size its place among ``total``
+    items cut ``per_part`` to a part gives it. Returns the index of its first item.
+    MessageRejected otherwise: CHUNK_MISMATCH (out of range, a part missing before it, too
+    few items), DUPLICATE (seen before), BAD_DIGEST (other bytes), DTYPE_NOT_ALLOWED,
+    TOO_LARGE (too many items)."""
     if index >= len(digests):
         raise MessageRejected(
             Reason.CHUNK_MISMATCH, f"part {index} out of range 0..{len(digests) - 1}"
@@ -333,6 +346,18 @@ def check_part(index: int, next_index: int, digest: bytes, digests: Sequence[byt
         )
     if digest != digests[index]:
         raise MessageRejected(Reason.BAD_DIGEST, f"part {index} is not the one the manifest names")
+    if received.dtype != dtype:
+        raise MessageRejected(
+            Reason.DTYPE_NOT_ALLOWED, f"part {index} is {received.dtype}, not {dtype}"
+        )
+    start = index * per_part
+    expected = min(per_part, total - start)
+    if received.ndim != 1 or received.size != expected:
+        reason = Reason.TOO_LARGE if received.size > expected else Reason.CHUNK_MISMATCH
+        raise MessageRejected(
+            reason, f"part {index} has shape {received.shape}, expected ({expected},)"
+        )
+    return start
 
 
 class PartAssembler:
@@ -499,20 +524,16 @@ class PartAssembler:
                 f"part for job {env.job!r} round {env.round}, manifest for job {info.job!r} "
                 f"round {info.round}",
             )
-        check_part(p.index, state.next_index, env.body_digest, m.part_digests)
-        start = p.index * m.part_values
-        expected = min(m.part_values, info.total - start)
-        values = p.values
-        if values.dtype != _F32:
-            raise MessageRejected(
-                Reason.DTYPE_NOT_ALLOWED, f"part {p.index} is {values.dtype}, not float32"
-            )
-        if values.ndim != 1 or values.size != expected:
-            reason = Reason.TOO_LARGE if values.size > expected else Reason.CHUNK_MISMATCH
-            raise MessageRejected(
-                reason, f"part {p.index} has shape {values.shape}, expected ({expected},)"
-            )
-        return start
+        return check_part(
+            p.index,
+            state.next_index,
+            env.body_digest,
+            m.part_digests,
+            received=p.values,
+            dtype=_F32,
+            per_part=m.part_values,
+            total=info.total,
+        )
 
 
 # --- checking values as they stream ----------------------------------------------------
@@ -858,19 +879,17 @@ class ModelAssembler:
                 f"part of transfer {p.transfer.hex()} (job {env.job!r} round {env.round}), "
                 f"expected {m.transfer.hex()} (job {self.job!r} round {self.round})",
             )
-        check_part(p.index, self.next_index, env.body_digest, m.part_digests)
-        start = p.index * m.part_bytes
-        expected = min(m.part_bytes, self._bytes.total - start)
         data = p.data
-        if data.dtype != _U8 or data.ndim != 1:
-            raise MessageRejected(
-                Reason.DTYPE_NOT_ALLOWED, f"part {p.index} is {data.dtype} {data.shape}, not bytes"
-            )
-        if data.size != expected:
-            reason = Reason.TOO_LARGE if data.size > expected else Reason.CHUNK_MISMATCH
-            raise MessageRejected(
-                reason, f"part {p.index} holds {data.size} bytes, expected {expected}"
-            )
+        start = check_part(
+            p.index,
+            self.next_index,
+            env.body_digest,
+            m.part_digests,
+            received=data,
+            dtype=_U8,
+            per_part=m.part_bytes,
+            total=self._bytes.total,
+        )
         self._bytes.write(start, data)
         self._bytes.hash(start, data)
         self.next_index += 1
