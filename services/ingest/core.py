@@ -273,6 +273,20 @@ class Shed:
     by_reason: dict[str, int]
     by_sender: dict[str, int]
 
+    def merged(self, later: Shed) -> Shed:
+        """This summary and a ``later`` one of the same job as one (a summary whose alert
+        could not be published goes out with the next)."""
+        if later.job != self.job:
+            raise ValueError(f"summaries of jobs {self.job!r} and {later.job!r}")
+        by_reason = Counter(self.by_reason) + Counter(later.by_reason)
+        by_sender = Counter(self.by_sender) + Counter(later.by_sender)
+        return Shed(
+            self.job,
+            self.count + later.count,
+            dict(by_reason.most_common()),
+            dict(by_sender.most_common()),
+        )
+
 
 @dataclass
 class RejectionBudget:

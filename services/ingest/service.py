@@ -88,6 +88,7 @@ from qflare.services.ingest.core import (
     RoundBook,
     Route,
     SeenUpdates,
+    Shed,
     accepted_update,
     check_layout,
     check_norm_bound,
@@ -199,6 +200,9 @@ class IngestService(Service):
         self.counts: dict[str, int] = {"accepted": 0, "rejected": 0, "shed": 0}
         self.budget = RejectionBudget(self.options.report_burst, self.options.report_per_s)
         self._shed_since = 0.0
+        #: job -> (a summary whose alert could not be published, when it began): it goes
+        #: out with the job's next summary
+        self._unsent: dict[str, tuple[Shed, float]] = {}
         self._inflight: set[tuple[str, int, str]] = set()
         self._readers: dict[str, StreamReader] = {}
         # round events are handled concurrently: copies of round.opened (the aggregator's
@@ -748,15 +752,14 @@ class IngestService(Service):
 
     async def report_shed(self) -> None:
         """One ``updates.shed`` warning per job for the rejections shed since the last
-        report: how many, at what rate, by reason and by sender."""
+        report: how many, at what rate, by reason and by sender. A summary whose alert
+        cannot be published now is kept and sent with the job's next one."""
         now = asyncio.get_running_loop().time()
-        seconds, self._shed_since = max(now - self._shed_since, 1e-9), now
+        since, self._shed_since = self._shed_since, now
+        due = dict(self._unsent)
+        self._unsent.clear()
         for shed in self.budget.drain(now):
-            reasons = ", ".join(f"{r} {n}" for r, n in shed.by_reason.items())
-            senders = ", ".join(
-                f"{'unverified senders' if c == UNVERIFIED else c} {n}"
-                for c, n in list(shed.by_sender.items())[:10]
-            )
+            seconds = max(now - since, 1e-9)
             event(
                 self.log,
                 "updates.shed",
@@ -768,21 +771,33 @@ class IngestService(Service):
                 reasons=shed.by_reason,
                 senders=dict(list(shed.by_sender.items())[:10]),
             )
+            earlier, began = due.get(shed.job, (None, since))
+            due[shed.job] = (shed if earlier is None else earlier.merged(shed), began)
+        for job, (shed, began) in sorted(due.items()):
             try:
-                await self.alert(
-                    kind="updates.shed",
-                    severity="warning",
-                    job=shed.job,
-                    round=self.book.latest(shed.job) or 0,
-                    reason=next(iter(shed.by_reason)),
-                    detail=(
-                        f"{shed.count} rejected messages in {seconds:.1f}s not reported one by "
-                        f"one (over {self.options.report_burst:g} per sender, then "
-                        f"{self.options.report_per_s:g}/s): {reasons}; from {senders}"
-                    )[:4000],
-                )
+                await self._alert_shed(shed, max(now - began, 1e-9))
             except TRANSIENT_ERRORS as exc:
-                event(self.log, "alert.deferred", logging.WARNING, error=repr(exc))
+                self._unsent[job] = (shed, began)
+                event(self.log, "alert.deferred", logging.WARNING, job=job, error=repr(exc))
+
+    async def _alert_shed(self, shed: Shed, seconds: float) -> None:
+        reasons = ", ".join(f"{r} {n}" for r, n in shed.by_reason.items())
+        senders = ", ".join(
+            f"{'unverified senders' if c == UNVERIFIED else c} {n}"
+            for c, n in list(shed.by_sender.items())[:10]
+        )
+        await self.alert(
+            kind="updates.shed",
+            severity="warning",
+            job=shed.job,
+            round=self.book.latest(shed.job) or 0,
+            reason=next(iter(shed.by_reason)),
+            detail=(
+                f"{shed.count} rejected messages in {seconds:.1f}s not reported one by "
+                f"one (over {self.options.report_burst:g} per sender, then "
+                f"{self.options.report_per_s:g}/s): {reasons}; from {senders}"
+            )[:4000],
+        )
 
     def _mine(self, offset: int | None) -> bool:
         """Whether the update at ``offset`` is in this replica's share."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, StreamReader, topology
+from qflare.bus import Bus, BusUnavailable, Delivery, Outcome, QueueSpec, StreamReader, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import (
     Envelope,
@@ -774,6 +774,46 @@ async def test_a_flood_of_rejections_is_shed_and_summarised_not_reported_one_by_
         # one summary per interval, not one alert per rejection
         assert 1 <= len(summaries) <= elapsed / interval + 1, (len(summaries), elapsed)
         assert rig.service.counts == {"accepted": 1, "rejected": 7, "shed": 39}
+
+
+async def test_a_shed_summary_whose_alert_fails_goes_out_with_the_next(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alert of a summary that cannot be published (the broker away) is not lost: the
+    next summary of the job counts its rejections too."""
+    async with running_rig(
+        bus, tmp_path, report_burst=1, report_per_s=0.0, shed_report_s=3600.0
+    ) as rig:
+        for i in range(5):
+            await rig.send(b"\x93garbage" + bytes([i]))
+        await until(lambda: rig.service.counts["shed"] == 4)
+        publish = rig.service.alert
+        tries: list[str] = []
+
+        async def away(**fields: Any) -> None:
+            tries.append(fields["kind"])
+            raise BusUnavailable("the broker is away")
+
+        monkeypatch.setattr(rig.service, "alert", away)
+        await rig.service.report_shed()
+        assert tries == ["updates.shed"] and rig.service.budget.pending == 0
+        for i in range(2):
+            await rig.send(b"\x93garbage" + bytes([10 + i]))
+        await until(lambda: rig.service.counts["shed"] == 6)
+        monkeypatch.setattr(rig.service, "alert", publish)
+        await rig.service.report_shed()
+
+        def sheds() -> list[Envelope[Any]]:
+            return [a for a in rig.watcher.alerts if a.body.alert_kind == "updates.shed"]
+
+        await rig.watcher.until(lambda: bool(sheds()))
+        (alert,) = sheds()
+        count, reasons, senders = shed_summary(alert)
+        assert count == 6 and reasons == {Reason.MALFORMED.value: 6}
+        assert senders == {"unverified senders": 6}
+        await rig.service.report_shed()  # nothing new, nothing kept: no further alert
+        await asyncio.sleep(0.2)
+        assert len(sheds()) == 1
 
 
 # --- updates in parts (qflare.messages.parts) -------------------------------------------

@@ -261,6 +261,18 @@ def test_shed_rejections_are_summarised_per_job_and_the_buckets_forgotten() -> N
         RejectionBudget(burst=0)
 
 
+def test_a_summary_not_sent_merges_into_the_next_of_its_job() -> None:
+    first = Shed("j1", 4, {"MALFORMED": 3, "STALE_ROUND": 1}, {UNVERIFIED: 3, "c1": 1})
+    later = Shed("j1", 3, {"STALE_ROUND": 3}, {"c1": 2, "c2": 1})
+    both = first.merged(later)
+    assert both == Shed(
+        "j1", 7, {"STALE_ROUND": 4, "MALFORMED": 3}, {UNVERIFIED: 3, "c1": 3, "c2": 1}
+    )
+    assert list(both.by_reason) == ["STALE_ROUND", "MALFORMED"]  # most common first
+    with pytest.raises(ValueError, match="jobs"):
+        first.merged(Shed("j2", 1, {"MALFORMED": 1}, {UNVERIFIED: 1}))
+
+
 # --- updates in parts --------------------------------------------------------------------
 
 
