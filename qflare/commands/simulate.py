@@ -197,12 +197,14 @@ def register(subparsers: Any) -> None:
             "heldout4",
             "heldout5",
             "heldout6",
+            "heldout7",
         ),  # qflare.sim.protocol.SEED_SETS (imported late)
         default="tune",
         help="tune: seeds 0, 1, ...; heldout: seeds 1000, 1001, ... (published tables only); "
         "heldout2: seeds 2000, 2001, ... (a second held-out set); heldout3: seeds 3000, "
         "3001, ... (a third); heldout4: seeds 4000, 4001, ... (a fourth); heldout5: seeds "
-        "5000, 5001, ... (a fifth); heldout6: seeds 6000, 6001, ... (a sixth)",
+        "5000, 5001, ... (a fifth); heldout6: seeds 6000, 6001, ... (a sixth); heldout7: "
+        "seeds 7000, 7001, ... (a seventh)",
     )
     e.add_argument("--seeds", type=int, default=5, help="how many seeds of the set")
     e.add_argument(

@@ -25,8 +25,10 @@ failure seen on ``heldout`` (a fix checked on the seeds that showed the failure 
 tuned on them); ``heldout3`` (3000, 3001, ...) likewise after heldout2's failures (label
 flipping at strong non-IID), ``heldout4`` (4000, 4001, ...) after heldout3's (noisy IPM),
 ``heldout5`` (5000, 5001, ...) after heldout4's (noisy IPM again, at alpha 0.1),
-``heldout6`` (6000, 6001, ...) after heldout5's (label flipping at alpha 0.1). ``--seeds N`` takes the first N of the set. Runs use the direct path (``qflare.sim.direct``), which drives the
-services' own cores.
+``heldout6`` (6000, 6001, ...) after heldout5's (label flipping at alpha 0.1), ``heldout7``
+(7000, 7001, ...) after heldout6's (an honest outlier quarantined with no attack). ``--seeds
+N`` takes the first N of the set. Runs use the direct path (``qflare.sim.direct``), which
+drives the services' own cores.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ SEED_SETS = {
     "heldout4": 4000,
     "heldout5": 5000,
     "heldout6": 6000,
+    "heldout7": 7000,
 }
 MAX_SEEDS = 100
 #: Every attack of the library, label flipping and the noisy coalitions.

@@ -148,3 +148,47 @@ def test_a_recent_direction_flag_withholds_the_pardon_for_a_while() -> None:
     # rounds 1-2: no history; 3-4: the direction flags; 5-6: record 1.44, 1.15 >= 1.0;
     # from 7 on (0.92, ...) back in
     assert back == [False] * 6 + [True] * 6
+
+
+def test_a_pardon_ends_a_quarantine_and_a_clean_round_does_not() -> None:
+    """A consistently honest outlier quarantined on the flags it drew before it had a
+    history is let out of the quarantine by the first pardon (it would otherwise stay out
+    for ``quarantine_rounds`` more rounds, drifting further from a model trained without
+    it); its score keeps only the flags a history does not excuse. A quarantined client
+    that is merely not flagged, or flagged on direction, stays quarantined."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(3)
+    d = 300
+    mu = _unit(rng, d)
+    skew = rng.normal(size=d)
+    skew -= (skew @ mu) * mu
+    skew /= np.linalg.norm(skew)
+    ids = [f"c{i:02d}" for i in range(16)]
+    rep = Reputation(min_history=2, decay=0.8, pardon_after=1.0, quarantine_rounds=5)
+    # c13 is quarantined from the start on an earlier offence; it behaves in every round
+    rep.observe(0, ["c13"])
+    rep.clients["c13"].quarantined_until = 20
+    quarantined, kept = [], []
+    for r in range(1, 9):
+        x = mu + 0.9 * rng.normal(size=(16, d)) / np.sqrt(d)
+        x[14] = 1.35 * mu + 1.0 * skew + 0.1 * rng.normal(size=d) / np.sqrt(d)
+        x[15] = 1.35 * mu - 1.0 * skew + 0.1 * rng.normal(size=d) / np.sqrt(d)
+        x = x.astype(np.float32)
+        v = detect(x, 3, ids=ids)
+        assert {"c14", "c15"} <= set(v.flagged)
+        # c15 is flagged on direction in every round: never pardoned
+        v = replace(v, reasons={**v.reasons, "c15": (*v.reasons["c15"], "cosine")})
+        if r in (1, 2):  # c14 too, before it has a history (as honest outliers are)
+            v = replace(v, reasons={**v.reasons, "c14": (*v.reasons["c14"], "cosine")})
+        w = rep.review(r, ids, x, v)
+        rep.observe(r, w.flagged)
+        quarantined.append({c for c in ("c13", "c14", "c15") if rep.is_quarantined(c, r)})
+        # kept in the round: not flagged, and not quarantined (the detector core's outcome)
+        kept.append("c14" in w.kept and not rep.is_quarantined("c14", r))
+    # c14: flags in rounds 1-4 (the record 1.8 and 1.44 withhold the pardon in 3 and 4)
+    # quarantine it at round 4; round 5's pardon (record 1.15 -> 0.92 < 1) ends it
+    assert kept == [False] * 4 + [True] * 4
+    assert [("c14" in q) for q in quarantined] == [False] * 3 + [True] + [False] * 4
+    assert rep.score("c14", 8) <= rep.grave_score("c14", 8) + 1e-12
+    assert all("c13" in q and "c15" in q for q in quarantined[3:])

@@ -31,6 +31,7 @@ def test_seed_sets_are_fixed_and_disjoint() -> None:
     assert protocol_seeds("heldout4", 2) == (4000, 4001)
     assert protocol_seeds("heldout5", 2) == (5000, 5001)
     assert protocol_seeds("heldout6", 2) == (6000, 6001)
+    assert protocol_seeds("heldout7", 2) == (7000, 7001)
     sets = [set(protocol_seeds(name, 100)) for name in SEED_SETS]
     assert sum(map(len, sets)) == len(set().union(*sets))  # disjoint
     assert SEED_SETS.keys() == {
@@ -41,6 +42,7 @@ def test_seed_sets_are_fixed_and_disjoint() -> None:
         "heldout4",
         "heldout5",
         "heldout6",
+        "heldout7",
     }
     with pytest.raises(SimConfigError, match="--seed-set"):
         protocol_seeds("lucky", 3)
