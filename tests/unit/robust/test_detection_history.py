@@ -120,19 +120,28 @@ def test_limit_flags_keeps_at_most_f() -> None:
     assert limit_flags(few) is few
 
 
+#: rounds of 16 clients with one consistently honest outlier (the pardon tests)
+D_OUTLIER = 300
+
+
+def _consensus_and_skew(seed: int, d: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """A generator, the consensus direction and a unit skew orthogonal to it."""
+    rng = np.random.default_rng(seed)
+    mu = _unit(rng, d)
+    skew = rng.normal(size=d)
+    skew -= (skew @ mu) * mu
+    return rng, mu, skew / np.linalg.norm(skew)
+
+
 def test_a_recent_direction_flag_withholds_the_pardon_for_a_while() -> None:
     """A client caught on direction is not let back in on its history in the next rounds
     (a coalition drifting from 'against the consensus' to 'merely far'); once that record
     has decayed below ``pardon_after``, a consistently honest outlier is back in."""
     from dataclasses import replace
 
-    rng = np.random.default_rng(0)
-    d = 300
-    mu = _unit(rng, d)
-    skew = rng.normal(size=d)
-    skew -= (skew @ mu) * mu
-    skew /= np.linalg.norm(skew)
-    ids = [f"c{i:02d}" for i in range(16)]
+    rng, mu, skew = _consensus_and_skew(0, D_OUTLIER)
+    d = D_OUTLIER
+    ids = IDS[:16]
     rep = Reputation(min_history=2, decay=0.8, pardon_after=1.0)
     back = []
     for r in range(1, 13):
@@ -158,13 +167,9 @@ def test_a_pardon_ends_a_quarantine_and_a_clean_round_does_not() -> None:
     that is merely not flagged, or flagged on direction, stays quarantined."""
     from dataclasses import replace
 
-    rng = np.random.default_rng(3)
-    d = 300
-    mu = _unit(rng, d)
-    skew = rng.normal(size=d)
-    skew -= (skew @ mu) * mu
-    skew /= np.linalg.norm(skew)
-    ids = [f"c{i:02d}" for i in range(16)]
+    rng, mu, skew = _consensus_and_skew(3, D_OUTLIER)
+    d = D_OUTLIER
+    ids = IDS[:16]
     rep = Reputation(min_history=2, decay=0.8, pardon_after=1.0, quarantine_rounds=5)
     # c13 is quarantined from the start on an earlier offence; it behaves in every round
     rep.observe(0, ["c13"])
