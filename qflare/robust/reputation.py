@@ -23,10 +23,10 @@ aggregate of its updates over time. Three uses of that history:
   ``min_history`` rounds of history), none of its fired scores exceeds ``pardon_z`` (a
   boosted update, a fixed direction scaled far past the honest spread, is as consistent
   as an honest outlier: on the tune seeds honest outliers reached z 6.5, and 9.8 after a
-  quarantine, label flippers at Dirichlet 0.5 4.6-8), and its record of flags a history does not excuse (direction,
-  copies, clusters, ``inconsistent``; decayed by ``decay`` per round) is below
-  ``pardon_after`` (1: one stray flag does not withhold the pardon, two in a row do for a
-  few rounds): a coalition caught on direction in recent rounds is not pardoned when it
+  quarantine, label flippers at Dirichlet 0.5 4.6-8), and its record of flags a history
+  does not excuse (direction, copies, clusters, ``inconsistent``; decayed by ``decay`` per
+  round) is below ``pardon_after`` (1: one stray flag does not withhold the pardon, two in a
+  row do for a few rounds): a coalition caught on direction in recent rounds is not pardoned when it
   drifts to being merely far (label flipping at Dirichlet 0.5, tune seed 2: six flippers
   caught by ``neighbourhood`` in rounds 4-7 were all let back in from round 8; with 0.3
   instead of 1, an honest outlier flagged on its cosine in round 1, before it had a
