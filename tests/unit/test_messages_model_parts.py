@@ -12,7 +12,7 @@ import pytest
 from qflare.crypto.testing import make_federation
 from qflare.messages import MessageRejected, Reason, encode, open_envelope
 from qflare.messages.models import ModelReader, model_envelopes, opener
-from qflare.messages.parts import ModelAssembler, encode_model_parts
+from qflare.messages.parts import ModelAssembler, check_part, encode_model_parts
 from qflare.messages.tensors import model_digest
 
 FED = make_federation(clients=1)
@@ -105,6 +105,40 @@ def test_each_wrong_part_is_refused_and_fails_the_model() -> None:
         assert not a.done
         with pytest.raises(MessageRejected):
             a.finish()
+
+
+@pytest.mark.parametrize(
+    ("received", "reason"),
+    [
+        (np.zeros(4, np.uint8), Reason.TOO_LARGE),  # the last of 10 bytes in parts of 4 holds 2
+        (np.zeros(1, np.uint8), Reason.CHUNK_MISMATCH),
+        (np.zeros(2, np.int8), Reason.DTYPE_NOT_ALLOWED),
+        (np.zeros((2, 1), np.uint8), Reason.CHUNK_MISMATCH),
+    ],
+    ids=["oversized", "short", "int8", "two-dimensional"],
+)
+def test_a_model_part_of_the_wrong_size_or_type_is_refused(
+    received: np.ndarray, reason: Reason
+) -> None:
+    """The check a model part meets after its place and digest (the same as an update
+    part's, on bytes): a signed part the manifest names but whose bytes do not fit."""
+    digests = [b"0" * 32, b"1" * 32, b"2" * 32]
+    ok = check_part(
+        2,
+        2,
+        b"2" * 32,
+        digests,
+        received=np.zeros(2, np.uint8),
+        dtype=np.dtype("u1"),
+        per_part=4,
+        total=10,
+    )
+    assert ok == 8
+    with pytest.raises(MessageRejected) as err:
+        check_part(
+            2, 2, b"2" * 32, digests, received=received, dtype=np.dtype("u1"), per_part=4, total=10
+        )
+    assert err.value.reason is reason
 
 
 def test_a_manifest_whose_digest_the_bytes_do_not_match_is_refused_at_the_end() -> None:
