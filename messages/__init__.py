@@ -41,14 +41,14 @@ from qflare.messages.envelope import (
 )
 from qflare.messages.errors import MessageRejected, Reason
 from qflare.messages.limits import ALLOWED_DTYPES, DEFAULT_LIMITS, Limits
-from qflare.messages.parts import DEFAULT_CHUNK_SIZE
+from qflare.messages.parts import DEFAULT_PART_BYTES
 from qflare.messages.validate import validate_update
 
 __all__ = [
     "ALLOWED_DTYPES",
     "BODY_TYPES",
-    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LIMITS",
+    "DEFAULT_PART_BYTES",
     "KINDS",
     "AlertRaised",
     "Body",

@@ -59,10 +59,10 @@ from qflare.messages.limits import DEFAULT_LIMITS, Limits, MiB
 from qflare.messages.tensors import Layout, Tensors
 
 #: A few MB: RabbitMQ's client copies whole bodies, so mid-sized frames move fastest.
-DEFAULT_CHUNK_SIZE = 8 * MiB
+DEFAULT_PART_BYTES = 8 * MiB
 _F32 = np.dtype("<f4")
-#: Values per part: 8 MiB of float32, the chunk size RabbitMQ's client moves fastest.
-DEFAULT_PART_VALUES = DEFAULT_CHUNK_SIZE // _F32.itemsize
+#: Values per part: 8 MiB of float32, the size RabbitMQ's client moves fastest.
+DEFAULT_PART_VALUES = DEFAULT_PART_BYTES // _F32.itemsize
 #: An update whose tensor bytes exceed this travels in parts; a smaller one as one ``update``.
 PART_THRESHOLD_BYTES = 64 * MiB
 #: Bytes of a part envelope besides its values: header, certificate (~6.5 KB), signature
@@ -596,7 +596,7 @@ class RunningCheck:
 # parts are bytes rather than float32 values. The aggregator signs them; nobody seals them.
 
 #: Bytes per model part: the chunk size RabbitMQ's client moves fastest (as an update's).
-DEFAULT_MODEL_PART_BYTES = DEFAULT_CHUNK_SIZE
+DEFAULT_MODEL_PART_BYTES = DEFAULT_PART_BYTES
 MODEL_PART_KINDS = frozenset({ModelManifest.KIND, ModelPart.KIND})
 _U8 = np.dtype("u1")
 
