@@ -257,12 +257,7 @@ async def run_job(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 p.kill()
                 p.wait(10)
         names = [
-            "aggregator",
-            "detector",
-            "accountant",
-            "alerting",
-            "alerting.dead",
-            "ingest",
+            *topology.SERVICE_QUEUES,
             *(f"client.{c}" for c in ids),
             *(s.name for s in topology.job_streams(JOB)),
         ]

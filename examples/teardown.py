@@ -21,11 +21,9 @@ import sys
 from qflare.bus import connect_bus, topology
 from qflare.cli import add_federation_flags
 
-SERVICE_QUEUES = ("aggregator", "detector", "accountant", "alerting", "alerting.dead")
-
 
 async def teardown(broker: str, prefix: str, jobs: list[str]) -> int:
-    names = [*SERVICE_QUEUES, *(s.name for job in jobs for s in topology.job_streams(job))]
+    names = [*topology.SERVICE_QUEUES, *(s.name for job in jobs for s in topology.job_streams(job))]
     bus = await connect_bus(broker, prefix=prefix)
     try:
         await bus.delete_all(names)

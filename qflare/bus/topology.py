@@ -1,5 +1,5 @@
-"""QFLARE's exchanges, each job's streams and the dead-letter queue helper
-(docs/architecture.md, "Processes" and "The data plane").
+"""QFLARE's exchanges, the services' durable queues, each job's streams and the dead-letter
+queue helper (docs/architecture.md, "Processes" and "The data plane").
 
 All exchanges are durable topic exchanges; adapters prefix every name with the bus prefix.
 Routing keys are dotted words; alerts use ``<severity>.<kind>.<job>``.
@@ -26,6 +26,26 @@ DEAD = "qflare.dead"
 
 #: Every exchange a bus declares at connect, dead-letter exchange included.
 EXCHANGES: tuple[str, ...] = (CLIENT, EVENTS, BROADCAST, ALERTS, DEAD)
+
+#: The durable queues the services consume, each named after its service (a role's broker
+#: permissions cover ``<role>`` and ``<role>.<suffix>``, :mod:`qflare.commands.broker`). Ingest
+#: has none: it reads updates from each job's stream and round events from a transient
+#: ``ingest.rounds.<replica>`` the broker drops with its connection.
+AGGREGATOR_QUEUE = "aggregator"
+DETECTOR_QUEUE = "detector"
+ACCOUNTANT_QUEUE = "accountant"
+ALERTING_QUEUE = "alerting"
+#: Alerting's drain of ``qflare.dead`` (:func:`dead_letters`).
+ALERTING_DEAD_QUEUE = "alerting.dead"
+#: Every durable queue a service declares: what a run leaves on the broker besides its
+#: exchanges and job streams (``examples/teardown.py`` and the tests' clean-ups delete them).
+SERVICE_QUEUES: tuple[str, ...] = (
+    AGGREGATOR_QUEUE,
+    DETECTOR_QUEUE,
+    ACCOUNTANT_QUEUE,
+    ALERTING_QUEUE,
+    ALERTING_DEAD_QUEUE,
+)
 
 #: Reasons a message reaches ``qflare.dead`` (the ``x-death`` reasons RabbitMQ uses).
 DEATH_REJECTED = "rejected"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 
+from qflare.bus import topology
 from qflare.messages import (
     Envelope,
     MessageRejected,
@@ -54,7 +55,11 @@ class Accountant(Service):
         self._lock = asyncio.Lock()
 
     def consumers(self) -> list[Consumer]:
-        return [stateful_consumer(self.name, {PrivacyRequest: self.on_request}, prefetch=8)]
+        return [
+            stateful_consumer(
+                topology.ACCOUNTANT_QUEUE, {PrivacyRequest: self.on_request}, prefetch=8
+            )
+        ]
 
     def policy_for(self, job: str) -> BudgetPolicy | None:
         spec = self.specs.get(job)

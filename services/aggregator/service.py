@@ -174,7 +174,7 @@ class Aggregator(Service):
             PrivacyGranted: self.on_granted,
             PrivacyDenied: self.on_denied,
         }
-        return [stateful_consumer(self.name, routes, prefetch=32)]
+        return [stateful_consumer(topology.AGGREGATOR_QUEUE, routes, prefetch=32)]
 
     # -- life cycle -------------------------------------------------------------------------
     async def open(self) -> None:

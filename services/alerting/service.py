@@ -35,11 +35,11 @@ from qflare.services.alerting.core import (
 from qflare.services.alerting.store import AlertStore
 
 ALERTS_IN = QueueSpec(
-    "alerting",
+    topology.ALERTING_QUEUE,
     bindings=event_bindings((AlertRaised, RoundVerdict)),
     delivery_limit=5,
 )
-DEAD_IN = topology.dead_letters("alerting.dead", "#")
+DEAD_IN = topology.dead_letters(topology.ALERTING_DEAD_QUEUE, "#")
 QUEUES: tuple[QueueSpec, ...] = (ALERTS_IN, DEAD_IN)
 
 

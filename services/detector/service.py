@@ -27,6 +27,7 @@ import logging
 import math
 from typing import Any
 
+from qflare.bus import topology
 from qflare.messages import (
     Envelope,
     Flagged,
@@ -87,7 +88,7 @@ class Detector(Service):
     def consumers(self) -> list[Consumer]:
         return [
             stateful_consumer(
-                self.name,
+                topology.DETECTOR_QUEUE,
                 {
                     RoundClosed: self.on_closed,
                     UpdateAccepted: self.on_accepted,

@@ -531,12 +531,7 @@ async def run_scenario(
         result.stop_codes = cluster.stop_all()
         queues = [
             *(f"client.{c}" for c in participants),
-            "aggregator",
-            "detector",
-            "accountant",
-            "alerting",
-            "alerting.dead",
-            "ingest",
+            *topology.SERVICE_QUEUES,
             *(f"ingest.rounds.{r}" for r in scenario.ingest_replicas),
             # the job's streams: the aggregator deletes them after a linger it may not live to
             *(stream.name for stream in topology.job_streams(job_id)),

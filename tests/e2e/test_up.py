@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from e2e_harness import require_broker
 
-from qflare.bus import connect_bus
+from qflare.bus import connect_bus, topology
 from qflare.crypto import Federation
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -98,23 +98,12 @@ async def test_up_runs_each_service_as_a_process(
             if x.startswith("{") and '"service":"ingest"' in x and '"pid"' in x
         ]
         ingest_queues = [f"ingest.rounds.{host}-{pid}"[:78] for pid in set(pids)]
-        await bus.delete_all(
-            [
-                "aggregator",
-                "detector",
-                "accountant",
-                "alerting",
-                "alerting.dead",
-                "ingest",
-                *ingest_queues,
-            ]
-        )
+        await bus.delete_all([*topology.SERVICE_QUEUES, *ingest_queues])
         await bus.close()
 
 
 # -- readiness from the services, fail fast, interrupt -----------------------------------------
 STARTING = re.compile(r"^qflare up: starting (\w+)\[(\d+)\] \(pid (\d+), (http://[^)]+)\)$")
-DURABLE = ["aggregator", "detector", "accountant", "alerting", "alerting.dead", "ingest"]
 
 
 class Up:
@@ -158,7 +147,7 @@ class Up:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         bus = await connect_bus(self.amqp, prefix=self.prefix)
-        await bus.delete_all(DURABLE)
+        await bus.delete_all(topology.SERVICE_QUEUES)
         await bus.close()
 
 
