@@ -45,20 +45,9 @@ from rich.console import Console
 
 from qflare.sim.config import NO_ATTACK, SimConfig, SimConfigError, validate
 from qflare.sim.report import RunResult, score_detection
+from qflare.sim.seed_sets import SEED_SETS
 from qflare.sim.sweep import DEFAULT_ATTACKS
 
-#: The first seeds of each set (``--seeds N`` takes N consecutive ones). The held-out set
-#: is never run while tuning detection; published tables use it.
-SEED_SETS = {
-    "tune": 0,
-    "heldout": 1000,
-    "heldout2": 2000,
-    "heldout3": 3000,
-    "heldout4": 4000,
-    "heldout5": 5000,
-    "heldout6": 6000,
-    "heldout7": 7000,
-}
 MAX_SEEDS = 100
 #: Every attack of the library, label flipping and the noisy coalitions.
 PROTOCOL_ATTACKS = (*DEFAULT_ATTACKS, "noisy_alie", "noisy_ipm")

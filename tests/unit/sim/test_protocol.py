@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from qflare.robust.attacks import get_attack
 from qflare.sim.config import SimConfig, SimConfigError
 from qflare.sim.protocol import (
     DEFENCES,
-    SEED_SETS,
+    MAX_SEEDS,
     execute_protocol,
     plan_protocol,
     protocol_seeds,
@@ -21,29 +23,27 @@ from qflare.sim.protocol import (
     write_protocol,
 )
 from qflare.sim.report import RoundRecord, RunResult
+from qflare.sim.seed_sets import SEED_SETS
+
+
+def _first_seed(name: str) -> int:
+    """The published rule: tune starts at 0, heldout at 1000, heldoutN at N * 1000 (a table
+    names its set; changing a set's seeds would change every table run on it)."""
+    if name == "tune":
+        return 0
+    match = re.fullmatch(r"heldout(\d*)", name)
+    assert match is not None, f"seed set {name!r} is neither tune nor heldoutN"
+    return 1000 * int(match[1] or 1)
 
 
 def test_seed_sets_are_fixed_and_disjoint() -> None:
-    assert protocol_seeds("tune", 3) == (0, 1, 2)
-    assert protocol_seeds("heldout", 2) == (1000, 1001)
-    assert protocol_seeds("heldout2", 2) == (2000, 2001)
-    assert protocol_seeds("heldout3", 2) == (3000, 3001)
-    assert protocol_seeds("heldout4", 2) == (4000, 4001)
-    assert protocol_seeds("heldout5", 2) == (5000, 5001)
-    assert protocol_seeds("heldout6", 2) == (6000, 6001)
-    assert protocol_seeds("heldout7", 2) == (7000, 7001)
-    sets = [set(protocol_seeds(name, 100)) for name in SEED_SETS]
+    assert {"tune", "heldout"} <= SEED_SETS.keys()
+    for name in SEED_SETS:
+        first = _first_seed(name)
+        assert SEED_SETS[name] == first, name
+        assert protocol_seeds(name, 3) == (first, first + 1, first + 2)
+    sets = [set(protocol_seeds(name, MAX_SEEDS)) for name in SEED_SETS]
     assert sum(map(len, sets)) == len(set().union(*sets))  # disjoint
-    assert SEED_SETS.keys() == {
-        "tune",
-        "heldout",
-        "heldout2",
-        "heldout3",
-        "heldout4",
-        "heldout5",
-        "heldout6",
-        "heldout7",
-    }
     with pytest.raises(SimConfigError, match="--seed-set"):
         protocol_seeds("lucky", 3)
     with pytest.raises(SimConfigError, match="--seeds"):
@@ -135,10 +135,19 @@ def test_small_protocol_run(tmp_path: Path) -> None:
     assert "| 10/3 | 0.5 | sign_flip |" in md
 
 
-def test_the_cli_offers_every_seed_set() -> None:
-    from qflare.cli import build_parser
+def test_the_cli_offers_exactly_the_seed_sets_and_names_their_first_seeds() -> None:
+    from qflare.cli import ArgumentError, build_parser
 
     parser = build_parser()
     for name in SEED_SETS:
         args = parser.parse_args(["simulate", "--protocol", "--seed-set", name])
         assert args.seed_set == name
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    simulate = subparsers.choices["simulate"]
+    (seed_set,) = (a for a in simulate._actions if a.dest == "seed_set")
+    assert seed_set.choices is not None and list(seed_set.choices) == list(SEED_SETS)
+    assert seed_set.default in SEED_SETS and seed_set.help is not None
+    for name, first in SEED_SETS.items():
+        assert f"{name}: seeds {first}, {first + 1}, ..." in seed_set.help
+    with pytest.raises(ArgumentError, match="--seed-set: invalid choice: 'lucky'"):
+        parser.parse_args(["simulate", "--protocol", "--seed-set", "lucky"])
