@@ -560,8 +560,8 @@ async def measure(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        queues = ["aggregator", "detector", "accountant", "alerting", "alerting.dead"]
-        await bus.delete_all([*queues, *(s.name for s in topology.job_streams(JOB))])
+        streams = (s.name for s in topology.job_streams(JOB))
+        await bus.delete_all([*topology.SERVICE_QUEUES, *streams])
         await bus.close()
     return rounds, phase
 
