@@ -323,13 +323,7 @@ def test_definitions_declare_the_topology_but_no_job_stream(loaded: dict[str, An
     # per-client queue and no ingest queue: updates and models travel in job streams, which
     # the aggregator declares at submission (a file loaded at every broker boot would
     # re-create deleted ones)
-    assert {q["name"] for q in doc["queues"]} == {
-        "alerting",
-        "alerting.dead",
-        "accountant",
-        "detector",
-        "aggregator",
-    }
+    assert {q["name"] for q in doc["queues"]} == set(topology.SERVICE_QUEUES)
     assert {p["name"] for p in doc["policies"]} == {"qflare-dead-letters"}
     listed = _ctl("list_queues", "-p", loaded["vhost"], "name", "type")
     assert re.search(r"^broadcast\.j1\s+stream$", listed.stdout, re.M), listed.stdout
