@@ -17,4 +17,5 @@ SEED_SETS: dict[str, int] = {
     "heldout5": 5000,
     "heldout6": 6000,
     "heldout7": 7000,
+    "heldout8": 8000,
 }
