@@ -321,8 +321,13 @@ def _label_margins(weight: F64, bias: F64, use: BoolArray, floor: float) -> F64:
         + np.take_along_axis(srt, np.maximum(hi, 0)[:, None, None], axis=1)[:, 0]
     ) / 2
     centre = np.where((k > 0)[:, None], centre, 0.0)
-    p = phi - centre[:, None, :]
-    q = cons - centre[:, None, :]
+    # the centre's direction projected out rather than the centre subtracted: what every
+    # class shares is removed whatever its share in a row (a row of a client holding one
+    # class carries the class's whole mean, one of a client holding several a contrast
+    # against its other classes, with less of the shared part)
+    u = centre / np.maximum(np.linalg.norm(centre, axis=1, keepdims=True), 1e-30)
+    p = phi - np.einsum("irh,ih->ir", phi, u)[:, :, None] * u[:, None, :]
+    q = cons - np.einsum("irh,ih->ir", cons, u)[:, :, None] * u[:, None, :]
     cos = np.einsum("irh,ich->irc", p, q) / np.maximum(
         np.linalg.norm(p, axis=2)[:, :, None] * np.linalg.norm(q, axis=2)[:, None, :], 1e-30
     )
@@ -358,8 +363,16 @@ def label_consistency(
     pushes up (its bias update b[c] > ``floor`` x max |b|) is, divided by b[c], a weighted
     mean of the hidden features h of the images it labels c: phi[c] = W[c] / b[c]. The
     consensus of class c is the coordinate-wise median of phi[c] over the other clients
-    that push c up; all is centred by the median of the consensus over classes. A row
-    scores the cosine to its own class's consensus minus the largest to any other class's;
+    that push c up. What the classes share is removed by projecting out the direction of
+    the median of the consensus over classes (not by subtracting it: a client holding
+    mostly one class pushes that row up with the class's whole mean, one holding several
+    with a contrast against its other classes that carries less of the shared part; on
+    fashion-mnist, whose class means are alike, subtracting left honest rows pointing away
+    from their own class: tune seeds 0-3, 20/6, alpha 0.1 and 0.5, no attack and label
+    flipping, running means from round 3: honest ones down to -0.54 and 4.3% of honest
+    (client, round) pairs below -0.15, 95% of flippers'; projecting: -0.35, 1.1% and 93%;
+    digits, seeds 0-2: the honest minimum 0.07 -> 0.19, every flipper below). A row scores
+    the cosine to its own class's consensus minus the largest to any other class's;
     the client scores the b-weighted mean over its rows. Label flipping trains on images
     of one class labelled as another, so its rows point at another class's consensus
     (tune seeds, digits, Dirichlet 0.1: flippers -0.2 to -0.9, honest clients mostly

@@ -187,3 +187,28 @@ def test_suspects_are_the_quarantined_clients() -> None:
     assert again.suspects(5, ids) == {"c3"}
     assert rep.suspects(5, ["c1", "c2"]) == set()
     assert rep.suspects(10, ids) == set()
+
+
+def test_what_the_classes_share_does_not_move_a_clients_score() -> None:
+    """The direction the classes share (that of the median of a client's class consensus)
+    is projected out of every row: however much of it a client's rows carry (a client
+    holding mostly one class pushes that row up with the class's whole mean, one holding
+    several with a contrast against its other classes), its score is the same. Subtracting
+    the median instead, as before, moved it (fashion-mnist, whose class means are alike)."""
+    w, b = _round(11, one_class=(0,))
+    w, b = w.astype(np.float64), b.astype(np.float64)
+    top = np.abs(b).max(axis=1, keepdims=True)
+    up = b > 0.1 * top  # the rows each client pushes up (LABEL_FLOOR)
+    phi = w / np.where(up, b, 1.0)[:, :, None]
+    others = np.arange(1, len(w))
+    cons = [
+        np.median(phi[others[up[others, k]], k], axis=0) for k in range(C) if up[others, k].any()
+    ]
+    shared = np.median(np.stack(cons), axis=0)
+    shared /= np.linalg.norm(shared)
+    before = label_consistency(w, b, f=0)
+    for scale in (-3.0, 0.5, 4.0):
+        moved = w.copy()
+        moved[0] += scale * np.where(up[0], b[0], 0.0)[:, None] * shared  # phi[0] += scale * u
+        after = label_consistency(moved, b, f=0)
+        assert after[0] == pytest.approx(before[0], abs=1e-9)
