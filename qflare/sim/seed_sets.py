@@ -18,4 +18,5 @@ SEED_SETS: dict[str, int] = {
     "heldout6": 6000,
     "heldout7": 7000,
     "heldout8": 8000,
+    "heldout9": 9000,
 }
