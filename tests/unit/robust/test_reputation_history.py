@@ -85,6 +85,9 @@ def test_the_consistency_a_pardon_needs_follows_the_round() -> None:
     assert rep.consistency_bar([0.99, 0.98, 0.97]) == pytest.approx(0.9 * 0.98)
     assert rep.consistency_bar([1.0, 1.0]) == 0.9
     assert rep.consistency_bar([0.1, 0.0, -0.1]) == 0.5  # residuals of fresh noise (IID)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="consistency_floor"):
+            Reputation(consistency_floor=bad)
 
     rng = np.random.default_rng(5)
     d, n = 300, 16
