@@ -351,8 +351,10 @@ class Bus(abc.ABC):
         Returns True when at least one queue or stream took the message and False when no
         binding matched: for topic fan-out an unroutable message is a normal event (nobody
         listens yet), not an error. Raises :class:`MessageTooLarge` before sending,
-        :class:`BusUnavailable` after bounded retries, :class:`PublishFailed` on a
-        negative confirm, :class:`TopologyError` for an undeclared exchange.
+        :class:`BusUnavailable` after bounded retries, :class:`PublishFailed` when the
+        broker goes on refusing it (negative confirms, retried for a bounded time: a queue
+        that took it meanwhile may get it twice), :class:`TopologyError` for an undeclared
+        exchange.
         """
         table = self._check_publish(routing_key, body, headers)
         return await self._publish(

@@ -11,8 +11,10 @@ buffered, so :meth:`RabbitBus.publish` retries a bounded time with backoff (a lo
 can therefore duplicate a message: consumers are idempotent, delivery is at-least-once);
 the first connect does not retry under ``fail_fast``, so :meth:`RabbitBus.connect` does;
 and the broker's ``max_message_size`` is only enforced after the whole body was sent, so the
-size is checked before sending. A nack renews the publishing channel (:meth:`RabbitBus._renew_channel`):
-on a cluster a channel reopened after a node died can refuse everything it is given.
+size is checked before sending. A nack (a queue of the fan-out refused the message; others may
+have taken it) is retried like an outage, until ``publish_timeout``, on a renewed publishing
+channel (:meth:`RabbitBus._renew_channel`): on a cluster a quorum queue refuses until a new
+leader is elected, and a channel reopened after a node died can refuse everything it is given.
 
 RabbitMQ's ``x-delivery-limit`` counts *returns* (a message is dead-lettered when it was
 returned more than that many times); :class:`QueueSpec.delivery_limit` counts deliveries,
@@ -722,7 +724,6 @@ class RabbitBus(Bus):
         )
         deadline = time.monotonic() + self.publish_timeout
         attempt = 0
-        renewed = False
         while True:
             channel, target = self._channel, self._exchanges[exchange]
             try:
@@ -732,20 +733,32 @@ class RabbitBus(Bus):
                     mandatory=True,
                     timeout=max(0.5, deadline - time.monotonic()),
                 )
-            except (
-                aio_pika.exceptions.DeliveryError,
-                aiormq.exceptions.ChannelPreconditionFailed,
-            ) as exc:
-                # A nack (DeliveryError): a queue it was routed to did not take it. Once on a
-                # fresh channel (a channel can go on refusing everything after a cluster node
-                # died).
-                nacked = isinstance(exc, aio_pika.exceptions.DeliveryError)
-                if nacked and not renewed and await self._renew_channel(channel, exc):
-                    renewed = True
-                    continue
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise PublishFailed(
                     f"broker refused the message to {exchange}/{routing_key}: {exc!r}"
                 ) from exc
+            except aio_pika.exceptions.DeliveryError as exc:
+                # A nack: a queue it was routed to did not take it, while the others may
+                # have (a fan-out is confirmed as a whole). Refusals pass: a quorum queue
+                # whose leader died refuses until another is elected, and a channel can go
+                # on refusing everything after a cluster node died. So publish again, on a
+                # fresh channel (at most one a RENEW_MIN_S), until publish_timeout: a queue
+                # that took it gets it twice, and every consumer is idempotent; giving up
+                # at the first refusal left the queues that refused without it while the
+                # others moved on (tests/e2e/test_cluster.py: round.closed reached the
+                # detector and ingest but never the console's queue).
+                if self._closed:
+                    raise BusClosed("the bus was closed during publish") from exc
+                attempt += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PublishFailed(
+                        f"broker refused the message to {exchange}/{routing_key} {attempt} "
+                        f"times in {self.publish_timeout:.0f}s: {exc!r}"
+                    ) from exc
+                await self._renew_channel(channel, exc)
+                await asyncio.sleep(min(_backoff(attempt), remaining))
+                continue
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 # before RETRYABLE_ERRORS: a missing permission does not heal by retrying
                 raise AccessRefused(

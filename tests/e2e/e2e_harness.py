@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -381,6 +382,18 @@ class RunResult:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     broker_down: float = 0.0
     broker_up: float = 0.0
+
+    def story(self, since: float = -math.inf) -> str:
+        """What the recorder saw from ``since`` (monotonic) on, an event a line, then the
+        services' warnings: what a failed assertion on a finished run prints, since a CI
+        failure leaves no other trace of them."""
+        lines = [f"end reason {self.end_reason!r}; events from {since:.2f}:"]
+        for t, kind, round_no, body in self.recorder.events:
+            if t >= since:
+                client = getattr(body, "client", "")
+                reason = getattr(body, "reason", "")
+                lines.append(f"   {t:.2f} {kind} round {round_no} {client} {reason}".rstrip())
+        return "\n".join([*lines[-80:], self.cluster.trouble()])
 
 
 @dataclass

@@ -212,6 +212,7 @@ def test_a_job_survives_kill_9_of_the_broker_node_in_use(
     assert "killed_at" in seen, "the node was never killed"
     killed_at = seen["killed_at"]
     closed_at = first_seen(run, "round.closed")
+    assert 2 in closed_at, f"the recorder never saw round 2 close\n{run.story(killed_at - 5)}"
     assert closed_at[2] > killed_at > closed_at[1]
     assert seen["victim"] not in cluster.running_nodes()
     assert "reconnected_after" in seen, "the services did not reconnect within 60 s"
@@ -225,7 +226,7 @@ def test_a_job_survives_kill_9_of_the_broker_node_in_use(
         assert sorted(q["members"]) == sorted(n.name for n in cluster.nodes), q
 
     # and the job ended as the quiet one did
-    assert run.end_reason == quiet.end_reason == "completed"
+    assert run.end_reason == quiet.end_reason == "completed", run.story(killed_at - 5)
     assert run.final_version == quiet.final_version == ROUNDS
     closed = {r: sorted(u.client for u in b.updates) for r, b in run.recorder.of("round.closed")}
     assert closed == {r: sorted(PARTICIPANTS) for r in range(1, ROUNDS + 1)}
