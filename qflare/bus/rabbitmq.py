@@ -756,7 +756,8 @@ class RabbitBus(Bus):
                         f"broker refused the message to {exchange}/{routing_key} {attempt} "
                         f"times in {self.publish_timeout:.0f}s: {exc!r}"
                     ) from exc
-                await self._renew_channel(channel, exc)
+                with contextlib.suppress(*RETRYABLE_ERRORS):  # the next attempt tries again
+                    await self._renew_channel(channel, exc)
                 await asyncio.sleep(min(_backoff(attempt), remaining))
                 continue
             except aiormq.exceptions.ChannelAccessRefused as exc:
