@@ -131,6 +131,12 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: What a publish is tried again after, until ``publish_timeout``: a nack, or an outage.
+PUBLISH_AGAIN: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.DeliveryError,
+    *RETRYABLE_ERRORS,
+)
+
 #: The least time between two renewals of a bus's publishing channel after a nack (seconds).
 RENEW_MIN_S = 1.0
 
@@ -737,47 +743,44 @@ class RabbitBus(Bus):
                 raise PublishFailed(
                     f"broker refused the message to {exchange}/{routing_key}: {exc!r}"
                 ) from exc
-            except aio_pika.exceptions.DeliveryError as exc:
-                # A nack: a queue it was routed to did not take it, while the others may
-                # have (a fan-out is confirmed as a whole). Refusals pass: a quorum queue
-                # whose leader died refuses until another is elected, and a channel can go
-                # on refusing everything after a cluster node died. So publish again, on a
-                # fresh channel (at most one a RENEW_MIN_S), until publish_timeout: a queue
-                # that took it gets it twice, and every consumer is idempotent; giving up
-                # at the first refusal left the queues that refused without it while the
-                # others moved on (tests/e2e/test_cluster.py: round.closed reached the
-                # detector and ingest but never the console's queue).
-                if self._closed:
-                    raise BusClosed("the bus was closed during publish") from exc
-                attempt += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise PublishFailed(
-                        f"broker refused the message to {exchange}/{routing_key} {attempt} "
-                        f"times in {self.publish_timeout:.0f}s: {exc!r}"
-                    ) from exc
-                with contextlib.suppress(*RETRYABLE_ERRORS):  # the next attempt tries again
-                    await self._renew_channel(channel, exc)
-                await asyncio.sleep(min(_backoff(attempt), remaining))
-                continue
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 # before RETRYABLE_ERRORS: a missing permission does not heal by retrying
                 raise AccessRefused(
                     f"this broker user may not publish to {exchange}/{routing_key}: {exc}"
                 ) from exc
-            except RETRYABLE_ERRORS as exc:
+            except PUBLISH_AGAIN as exc:
+                # A nack (DeliveryError): a queue it was routed to did not take it, while the
+                # others may have (a fan-out is confirmed as a whole). Refusals pass like
+                # outages: a quorum queue whose leader died refuses until another is elected,
+                # and a channel can go on refusing everything after a cluster node died. So
+                # both are published again until publish_timeout, a refused one on a fresh
+                # channel (at most one a RENEW_MIN_S): a queue that took it gets it twice,
+                # and every consumer is idempotent. Giving up at the first refusal left the
+                # queues that refused without it while the others moved on
+                # (tests/e2e/test_cluster.py: round.closed reached the detector and ingest
+                # but never the console's queue).
                 if self._closed:
                     raise BusClosed("the bus was closed during publish") from exc
+                nacked = isinstance(exc, aio_pika.exceptions.DeliveryError)
                 attempt += 1
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise BusUnavailable(
-                        f"publish to {exchange}/{routing_key} failed {attempt} times in "
-                        f"{self.publish_timeout:.0f}s: {exc!r}"
-                    ) from exc
-                log.info("publish failed (%r); retry %d", exc, attempt)
+                    what = (
+                        f"{exchange}/{routing_key} {attempt} times in {self.publish_timeout:.0f}s"
+                    )
+                    if nacked:
+                        raise PublishFailed(
+                            f"broker refused the message to {what}: {exc!r}"
+                        ) from exc
+                    raise BusUnavailable(f"publish to {what} failed: {exc!r}") from exc
+                if nacked:
+                    with contextlib.suppress(*RETRYABLE_ERRORS):  # the next attempt tries again
+                        await self._renew_channel(channel, exc)
+                else:
+                    log.info("publish failed (%r); retry %d", exc, attempt)
                 await asyncio.sleep(min(_backoff(attempt), remaining))
-                await self._wait_ready(deadline)
+                if not nacked:
+                    await self._wait_ready(deadline)
                 continue
             return not isinstance(result, aiormq.abc.DeliveredMessage)
 
