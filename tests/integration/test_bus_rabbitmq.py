@@ -177,6 +177,20 @@ async def test_publish_during_a_long_outage_raises_typed_error(rabbit_bus_factor
     await bus.close(timeout=0)  # closing a bus whose connection is down must not hang
 
 
+async def _refusing_queue(
+    channel: aio_pika.abc.AbstractChannel, prefix: str, name: str, room: int, pattern: str
+) -> aio_pika.abc.AbstractQueue:
+    """A classic queue bound to the prefix's ``qflare.events`` (``pattern``) that holds
+    ``room`` messages and refuses (nacks) every publish beyond them."""
+    queue = await channel.declare_queue(
+        prefix + name,
+        durable=True,
+        arguments={"x-max-length": room, "x-overflow": "reject-publish"},
+    )
+    await queue.bind(prefix + topology.EVENTS, pattern)
+    return queue
+
+
 async def test_a_queue_that_goes_on_refusing_raises_publish_failed(
     rabbit_bus_factory, amqp_url, bus_prefix
 ) -> None:
@@ -186,12 +200,7 @@ async def test_a_queue_that_goes_on_refusing_raises_publish_failed(
     admin = await aio_pika.connect(amqp_url)
     async with admin:
         channel = await admin.channel()
-        full = await channel.declare_queue(
-            bus_prefix + "full",
-            durable=True,
-            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-        )
-        await full.bind(bus_prefix + topology.EVENTS, "full.#")
+        full = await _refusing_queue(channel, bus_prefix, "full", 0, "full.#")
         try:
             nacked = bus._channel
             started = time.monotonic()
@@ -214,14 +223,9 @@ async def test_a_refusal_that_passes_is_not_an_error(rabbit_bus, amqp_url, bus_p
     admin = await aio_pika.connect(amqp_url)
     async with admin:
         channel = await admin.channel()
-        full = await channel.declare_queue(
-            bus_prefix + "refusing",
-            durable=True,
-            arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
-        )
+        full = await _refusing_queue(channel, bus_prefix, "refusing", 1, "fan.#")
         taker = await channel.declare_queue(bus_prefix + "taker", durable=True)
-        for q in (full, taker):
-            await q.bind(bus_prefix + topology.EVENTS, "fan.#")
+        await taker.bind(bus_prefix + topology.EVENTS, "fan.#")
         try:
             await channel.default_exchange.publish(aio_pika.Message(b"filler"), full.name)
 
