@@ -423,6 +423,11 @@ class _RabbitStreamReader(port.StreamReader):
     async def attach(self) -> None:
         """Start consuming at the offset asked for; for "last", wait for the last chunk
         and keep only its newest message."""
+        # The reopen hook first: a channel that reopens during the attach (the connection
+        # dropped while the reader waited for the last chunk) must still be read again.
+        # Its resumption waits for the lock, then consumes again unless this attach's
+        # consume already went to the reopened channel.
+        self.channel.reopen_callbacks.add(self._on_reopen)
         async with self._lock:
             self._settling = self.read.start == "last"
             try:
@@ -431,7 +436,6 @@ class _RabbitStreamReader(port.StreamReader):
                     await self._settle_last()
             finally:
                 self._settling = False
-        self.channel.reopen_callbacks.add(self._on_reopen)
 
     async def _settle_last(self) -> None:
         wait = LAST_FIRST_WAIT
@@ -612,6 +616,8 @@ class RabbitBus(Bus):
         self._renewing = asyncio.Lock()
         self._renewed_at = -math.inf
         self._retiring: set[asyncio.Task[None]] = set()
+        self._drops = 0  # how often the connection was lost (each before a reconnect)
+        connection.close_callbacks.add(self._dropped)
 
     @classmethod
     async def connect(
@@ -923,6 +929,36 @@ class RabbitBus(Bus):
             ) from exc
 
     async def _read_stream(self, read: port.StreamRead) -> port.StreamReader:
+        """Attach a reader; an attach that fails because the connection dropped meanwhile
+        (a channel that could not open, a consume cut off) is tried again once the
+        connection is back, until ``publish_timeout``, then :class:`BusUnavailable`. Other
+        refusals (a missing stream, a missing permission) are raised at once."""
+        deadline = time.monotonic() + self.publish_timeout
+        attempt = 0
+        while True:
+            drops = self._drops
+            try:
+                return await self._attach_reader(read)
+            except Exception as exc:
+                if self._closed:
+                    raise BusClosed("the bus was closed while a stream reader attached") from exc
+                if not isinstance(exc, RETRYABLE_ERRORS) and self._drops == drops:
+                    raise
+                attempt += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BusUnavailable(
+                        f"could not start reading stream {read.name!r}: the connection "
+                        f"failed {attempt} times in {self.publish_timeout:.0f}s: {exc!r}"
+                    ) from exc
+                log.info("reading stream %s failed (%r); retry %d", read.name, exc, attempt)
+                await asyncio.sleep(min(_backoff(attempt), remaining))
+                await self._wait_ready(deadline)
+
+    def _dropped(self, *_: object) -> None:
+        self._drops += 1
+
+    async def _attach_reader(self, read: port.StreamRead) -> port.StreamReader:
         name = read.name
         channel = await self._connection.channel(publisher_confirms=False)
         try:

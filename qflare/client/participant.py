@@ -30,8 +30,9 @@ participant
    per round (docs/architecture.md, "Metrics and round configs").
 
 Reconnection is the bus's: the robust connection re-opens the channel and the stream reader
-after a broker restart (from the next message it had not handled), and a publish during the
-outage is retried; the participant is idempotent per ``(job, round)``, so an announcement
+after a broker restart (from the next message it had not handled), also one whose attach
+the drop cut off, and a publish during the outage is retried; a broker away for longer
+than the bus retries is waited for (the participant tries its job's stream again); the participant is idempotent per ``(job, round)``, so an announcement
 read twice sends nothing twice.
 
 Extension points for simulations: override :meth:`Participant.compute_update` (any update,
@@ -53,7 +54,17 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from qflare.bus import Bus, Delivery, Outcome, StreamNotFound, StreamReader, connect_bus, topology
+from qflare.bus import (
+    AccessRefused,
+    Bus,
+    BusUnavailable,
+    Delivery,
+    Outcome,
+    StreamNotFound,
+    StreamReader,
+    connect_bus,
+    topology,
+)
 from qflare.client.kit import Kit
 from qflare.client.tensors import delta, load_tensors, model_tensors
 from qflare.messages import Body, Envelope, JobEnded, RoundOpened, Update, encode
@@ -258,15 +269,15 @@ class Participant:
             self._followers.append(task)
         log.info("participant %s following %s", self.id, ", ".join(self.jobs))
 
-    def _login_refused(self, detail: str) -> None:
+    def _login_refused(self, detail: str, jobs: Iterable[str] | None = None) -> None:
         """The broker refused this participant's login on a reconnect (its broker user was
-        deleted: ``qflare revoke`` with the management API): every job it follows ends for
-        it as ``access_refused``, so :meth:`run` returns instead of retrying forever."""
+        deleted: ``qflare revoke`` with the management API), or the reading of ``jobs``'
+        streams: each of those jobs (default: every job it follows) ends for it as
+        ``access_refused``, so :meth:`run` returns instead of retrying forever."""
+        jobs = self.jobs if jobs is None else tuple(jobs)
         self.stats.last_error = f"{ACCESS_REFUSED}: {detail}"
-        log.error(
-            "participant %s: %s; it stops following %s", self.id, detail, ", ".join(self.jobs)
-        )
-        for job in self.jobs:
+        log.error("participant %s: %s; it stops following %s", self.id, detail, ", ".join(jobs))
+        for job in jobs:
             if job not in self.ended:
                 self.ended[job] = ACCESS_REFUSED
                 self.ended_event(job).set()
@@ -280,7 +291,10 @@ class Participant:
 
     async def _follow(self, job: str) -> None:
         """Read the job's broadcast stream from its newest message on, once it exists (a
-        participant may start before its job is submitted)."""
+        participant may start before its job is submitted). A broker that stays away longer
+        than the bus retries an attach is waited for: a participant that stopped following
+        would wait for its job's end until its timeout. A broker user that may not read the
+        stream ends the job for this participant (``access_refused``)."""
         assert self.bus is not None
         stream = topology.broadcast_stream(job)
         while True:
@@ -293,6 +307,13 @@ class Participant:
             except StreamNotFound:
                 await asyncio.sleep(STREAM_WAIT_S)
                 continue
+            except BusUnavailable as exc:
+                log.warning("participant %s cannot read %s yet: %s", self.id, stream.name, exc)
+                await asyncio.sleep(STREAM_WAIT_S)
+                continue
+            except AccessRefused as exc:
+                self._login_refused(str(exc), [job])
+                return
             self._readers.append(reader)
             return
 

@@ -457,6 +457,51 @@ async def test_stream_reader_resumes_after_a_server_closed_connection(
     assert offsets == sorted(set(offsets))
 
 
+def _drop_connection(bus: Any) -> None:
+    """Drop the bus's connection under it, as a broker that closes it (a crashed channel
+    closes its whole connection with INTERNAL_ERROR) or a network that fails would: the
+    robust connection sees a transport loss, not a close it asked for."""
+    transport = bus.connection.transport
+    assert transport is not None
+    asyncio.get_running_loop().create_task(
+        transport.connection.close(ConnectionResetError("qflare test: the connection dropped"))
+    )
+
+
+@pytest.mark.parametrize("drop_after", [0.0, 0.2], ids=["opening", "waiting-for-last"])
+async def test_a_reader_whose_connection_drops_while_it_attaches_still_reads(
+    rabbit_bus_factory, wait_for, drop_after
+) -> None:
+    """The connection drops while ``read_stream(offset="last")`` opens its channel (0 s) or
+    waits for the last chunk (0.2 s of its 0.5 s): ``read_stream`` still returns a reader,
+    and the reader hands over what is written after the reconnect. Before, the first raised
+    out of ``read_stream`` (a participant's broadcast follower died of it) and the second
+    returned a reader that never read again (its reopen hook came after the attach): a
+    participant that followed nothing until its timeout (the CI failure of stop 24)."""
+    writer = await rabbit_bus_factory()
+    bus = await rabbit_bus_factory(reconnect_interval=0.3)
+    # empty: "last" waits its whole 0.5 s for a chunk that does not come
+    await writer.declare_stream(StreamSpec("attach-drop", bindings=((topology.EVENTS, "#"),)))
+    seen: list[int] = []
+
+    async def handler(delivery: Delivery) -> Outcome:
+        seen.append(int(delivery.body))
+        return Outcome.ACK
+
+    reconnected = asyncio.Event()
+    bus.connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+    attaching = asyncio.ensure_future(bus.read_stream("attach-drop", handler, offset="last"))
+    await asyncio.sleep(drop_after)
+    _drop_connection(bus)
+    await wait_for(reconnected, timeout=30)
+    await asyncio.wait_for(attaching, 30)
+    await asyncio.sleep(1.5)  # past the reader's resumption
+    for i in range(1, 4):
+        await writer.publish(topology.EVENTS, "x", str(i).encode())
+    await wait_for(lambda: {1, 2, 3} <= set(seen), timeout=20, message=f"read after: {seen}")
+    assert set(seen) == {1, 2, 3}
+
+
 @restarts_broker
 async def test_broker_restart_stream_reader_resumes(rabbit_bus_factory, wait_for) -> None:
     bus = await rabbit_bus_factory(publish_timeout=60.0)

@@ -20,8 +20,18 @@ import numpy as np
 import pytest
 import torch
 
-from qflare.bus import Bus, Delivery, Outcome, QueueSpec, StreamReader, topology
+from qflare.bus import (
+    AccessRefused,
+    Bus,
+    BusUnavailable,
+    Delivery,
+    Outcome,
+    QueueSpec,
+    StreamReader,
+    topology,
+)
 from qflare.client import Kit, Participant, RoundInfo
+from qflare.client.participant import ACCESS_REFUSED
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import Envelope, JobEnded, ModelPublished, RoundOpened, encode, open_envelope
 from qflare.messages.tensors import model_digest
@@ -340,6 +350,52 @@ async def test_a_participant_started_before_its_job_exists_waits_for_the_streams
         await driver.close()
     finally:
         await p.stop()
+
+
+def failing_broadcast_reads(bus: Bus, errors: list[Exception]) -> list[str]:
+    """Make ``bus.read_stream`` raise ``errors`` in turn for the broadcast stream (then read
+    it); returns the streams asked for."""
+    read = bus.read_stream
+    asked: list[str] = []
+
+    async def flaky(stream: Any, handler: Any, **kw: Any) -> StreamReader:
+        asked.append(str(stream))
+        if str(stream) == topology.broadcast_stream(JOB).name and errors:
+            raise errors.pop(0)
+        return await read(stream, handler, **kw)
+
+    bus.read_stream = flaky  # type: ignore[method-assign]
+    return asked
+
+
+async def test_a_participant_whose_broadcast_read_fails_for_a_while_goes_on_trying(world) -> None:
+    """The broker stays away longer than the bus retries an attach (BusUnavailable): the
+    participant tries again and trains when the round opens. Before, its follower died of
+    the error and the participant waited for its job's end until its timeout."""
+    driver, fed, bus_factory = world
+    a = fed.clients[0]
+    bus = await bus_factory()
+    asked = failing_broadcast_reads(bus, [BusUnavailable("broker away"), BusUnavailable("still")])
+    p = participant(fed, a, bus)
+    await p.start()
+    try:
+        await asyncio.wait_for(_until(lambda: len(asked) >= 3), 15)
+        v0 = await driver.publish_model(0)
+        await driver.open_round(1, [a], v0)
+        assert (await driver.next_accepted(timeout=30)).body.client == a
+    finally:
+        await p.stop()
+
+
+async def test_a_participant_that_may_not_read_its_jobs_stream_ends_that_job(world) -> None:
+    """A refused read of the broadcast stream does not heal by retrying: the job ends for
+    the participant as ``access_refused`` and ``run`` returns."""
+    _, fed, bus_factory = world
+    bus = await bus_factory()
+    failing_broadcast_reads(bus, [AccessRefused("may not read broadcast.jc")])
+    p = participant(fed, fed.clients[0], bus)
+    assert await asyncio.wait_for(p.run(JOB), 15) == ACCESS_REFUSED
+    assert p.stats.last_error is not None and "may not read" in p.stats.last_error
 
 
 async def test_tampered_or_mismatched_models_are_never_trained_on(world) -> None:
