@@ -929,8 +929,9 @@ class RabbitBus(Bus):
             ) from exc
 
     async def _read_stream(self, read: port.StreamRead) -> port.StreamReader:
-        """Attach a reader; an attach that fails because the connection dropped meanwhile
-        (a channel that could not open, a consume cut off) is tried again once the
+        """Attach a reader; an attach that fails because the connection is down or dropped
+        meanwhile (a channel that could not open, a consume cut off: aio-pika and aiormq
+        raise RuntimeError for a connection being replaced) is tried again once the
         connection is back, until ``publish_timeout``, then :class:`BusUnavailable`. Other
         refusals (a missing stream, a missing permission) are raised at once."""
         deadline = time.monotonic() + self.publish_timeout
@@ -942,7 +943,8 @@ class RabbitBus(Bus):
             except Exception as exc:
                 if self._closed:
                     raise BusClosed("the bus was closed while a stream reader attached") from exc
-                if not isinstance(exc, RETRYABLE_ERRORS) and self._drops == drops:
+                lost = self._drops != drops or self._connection_down()
+                if not (isinstance(exc, RETRYABLE_ERRORS) or lost):
                     raise
                 attempt += 1
                 remaining = deadline - time.monotonic()
@@ -957,6 +959,15 @@ class RabbitBus(Bus):
 
     def _dropped(self, *_: object) -> None:
         self._drops += 1
+
+    def _connection_down(self) -> bool:
+        """The connection is lost and not yet back (aio-pika is reconnecting)."""
+        transport = self._connection.transport
+        return (
+            transport is None
+            or transport.connection.is_closed
+            or not self._connection.connected.is_set()
+        )
 
     async def _attach_reader(self, read: port.StreamRead) -> port.StreamReader:
         name = read.name

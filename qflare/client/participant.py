@@ -57,6 +57,7 @@ import numpy as np
 from qflare.bus import (
     AccessRefused,
     Bus,
+    BusClosed,
     BusUnavailable,
     Delivery,
     Outcome,
@@ -307,13 +308,26 @@ class Participant:
             except StreamNotFound:
                 await asyncio.sleep(STREAM_WAIT_S)
                 continue
-            except BusUnavailable as exc:
-                log.warning("participant %s cannot read %s yet: %s", self.id, stream.name, exc)
-                await asyncio.sleep(STREAM_WAIT_S)
-                continue
             except AccessRefused as exc:
                 self._login_refused(str(exc), [job])
                 return
+            except BusClosed:
+                return
+            except Exception as exc:
+                # BusUnavailable (the broker away for longer than the bus retried), or
+                # anything else: a follower that died of it would leave the participant
+                # waiting for its job's end until its timeout, following nothing
+                level = logging.WARNING if isinstance(exc, BusUnavailable) else logging.ERROR
+                log.log(
+                    level,
+                    "participant %s cannot read %s yet (%r); trying again",
+                    self.id,
+                    stream.name,
+                    exc,
+                    exc_info=level == logging.ERROR,
+                )
+                await asyncio.sleep(STREAM_WAIT_S)
+                continue
             self._readers.append(reader)
             return
 

@@ -468,12 +468,15 @@ def _drop_connection(bus: Any) -> None:
     )
 
 
-@pytest.mark.parametrize("drop_after", [0.0, 0.2], ids=["opening", "waiting-for-last"])
+@pytest.mark.parametrize(
+    "drop_after", [-1.0, 0.0, 0.2], ids=["down", "opening", "waiting-for-last"]
+)
 async def test_a_reader_whose_connection_drops_while_it_attaches_still_reads(
     rabbit_bus_factory, wait_for, drop_after
 ) -> None:
-    """The connection drops while ``read_stream(offset="last")`` opens its channel (0 s) or
-    waits for the last chunk (0.2 s of its 0.5 s): ``read_stream`` still returns a reader,
+    """The connection is down when ``read_stream(offset="last")`` is called, or drops while
+    it opens its channel (0 s) or waits for the last chunk (0.2 s of its 0.5 s): ``read_stream``
+    still returns a reader,
     and the reader hands over what is written after the reconnect. Before, the first raised
     out of ``read_stream`` (a participant's broadcast follower died of it) and the second
     returned a reader that never read again (its reopen hook came after the attach): a
@@ -490,9 +493,13 @@ async def test_a_reader_whose_connection_drops_while_it_attaches_still_reads(
 
     reconnected = asyncio.Event()
     bus.connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+    if drop_after < 0:  # called while the connection is down, before the reconnect
+        _drop_connection(bus)
+        await asyncio.sleep(0.05)
     attaching = asyncio.ensure_future(bus.read_stream("attach-drop", handler, offset="last"))
-    await asyncio.sleep(drop_after)
-    _drop_connection(bus)
+    if drop_after >= 0:
+        await asyncio.sleep(drop_after)
+        _drop_connection(bus)
     await wait_for(reconnected, timeout=30)
     await asyncio.wait_for(attaching, 30)
     await asyncio.sleep(1.5)  # past the reader's resumption

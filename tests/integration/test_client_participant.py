@@ -369,13 +369,15 @@ def failing_broadcast_reads(bus: Bus, errors: list[Exception]) -> list[str]:
 
 
 async def test_a_participant_whose_broadcast_read_fails_for_a_while_goes_on_trying(world) -> None:
-    """The broker stays away longer than the bus retries an attach (BusUnavailable): the
-    participant tries again and trains when the round opens. Before, its follower died of
-    the error and the participant waited for its job's end until its timeout."""
+    """The broker stays away longer than the bus retries an attach (BusUnavailable), then
+    an error nobody foresaw: the participant tries again and trains when the round opens.
+    Before, its follower died of the error and the participant waited for its job's end
+    until its timeout."""
     driver, fed, bus_factory = world
     a = fed.clients[0]
     bus = await bus_factory()
-    asked = failing_broadcast_reads(bus, [BusUnavailable("broker away"), BusUnavailable("still")])
+    errors: list[Exception] = [BusUnavailable("broker away"), RuntimeError("an unforeseen fault")]
+    asked = failing_broadcast_reads(bus, errors)
     p = participant(fed, a, bus)
     await p.start()
     try:
