@@ -32,8 +32,9 @@ participant
 Reconnection is the bus's: the robust connection re-opens the channel and the stream reader
 after a broker restart (from the next message it had not handled), also one whose attach
 the drop cut off, and a publish during the outage is retried; a broker away for longer
-than the bus retries is waited for (the participant tries its job's stream again); the participant is idempotent per ``(job, round)``, so an announcement
-read twice sends nothing twice.
+than the bus retries is waited for (the participant tries its job's stream again). The
+participant is idempotent per ``(job, round)``, so an announcement read twice sends
+nothing twice.
 
 Extension points for simulations: override :meth:`Participant.compute_update` (any update,
 no torch needed) or pass ``update_transform(update, round_info) -> update`` (model
