@@ -43,8 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as _dt
 import functools
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +55,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from qflare.bus import Bus, Delivery, Outcome, StreamNotFound, StreamReader, topology
+from qflare.bus import Bus, BusClosed, Delivery, Outcome, StreamNotFound, StreamReader, topology
 from qflare.bus.port import StreamOffset
 from qflare.crypto.pki import TrustStore
 from qflare.crypto.sealing import KemPrivateKey
@@ -300,14 +303,24 @@ class UpdateFeed:
         other readers' broker users may read ``updates.<job>`` but not configure it, so a
         reader can neither re-create a deleted stream nor delete one. If the stream does not
         exist yet, the feed waits for it in the background and then reads it from its first
-        message (nothing in it is older than this call)."""
+        message (nothing in it is older than this call). If reading it fails otherwise (the
+        broker away for longer than the bus retries an attach), the feed tries again in the
+        background, ``"next"`` then meaning from the second of this call on: a feed that
+        gave up would stay registered with its service and never read."""
         if self._reader is not None or self._waiting is not None:
             return
+        called = _dt.datetime.fromtimestamp(math.floor(time.time()), _dt.UTC)
         try:
             await self._attach(offset)
         except StreamNotFound:
             start: StreamOffset = "first" if offset in ("next", "last") else offset
             self._waiting = asyncio.get_running_loop().create_task(self._wait_for_stream(start))
+        except BusClosed:
+            raise
+        except Exception:
+            self.log.warning("reading the update stream of %r failed", self.job, exc_info=True)
+            again: StreamOffset = called if offset == "next" else offset
+            self._waiting = asyncio.get_running_loop().create_task(self._wait_for_stream(again))
 
     async def _attach(self, offset: StreamOffset) -> None:
         self._reader = await self.bus.read_stream(

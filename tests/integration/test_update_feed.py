@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qflare.bus import Bus, Delivery, Outcome, topology
+from qflare.bus import Bus, BusUnavailable, Delivery, Outcome, topology
 from qflare.crypto.testing import MemoryFederation, make_federation
 from qflare.messages import Update, encode
 from qflare.messages.envelope import peek_header
@@ -308,3 +308,31 @@ async def test_fetch_hands_each_update_to_a_sink_and_raises_what_it_raises(
     # without it, the read would end at its timeout and fetch raise UpdateNotFound
     with pytest.raises(ValueError, match="no room"):
         await feed.fetch(1, refs, timeout=5.0, sink=refuse)
+
+
+async def test_a_feed_whose_first_read_fails_reads_in_the_background(
+    fed: MemoryFederation, bus: Bus, wait_for: Callable[..., Awaitable[Any]]
+) -> None:
+    """The stream exists but reading it fails at ``start`` (the broker away for longer than
+    the bus retries an attach): ``start`` returns, the feed tries again in the background
+    and reads what was written since the call. Before, ``start`` raised while the service
+    kept the feed registered, so the job's updates were never read ahead."""
+    await bus.declare_stream(topology.update_stream(JOB))
+    real = bus.read_stream
+    failures = [BusUnavailable("the broker is away")]
+
+    async def flaky(stream: Any, handler: Any, **kw: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(stream, handler, **kw)
+
+    bus.read_stream = flaky  # type: ignore[method-assign]
+    kept: dict[str, StreamUpdate] = {}
+    feed = aggregator_feed(bus, fed, kept)
+    await feed.start("next")
+    assert not failures, "start read once and failed"
+    await write(bus, [update(fed, c) for c in fed.clients])  # before the retry attaches
+    try:
+        await wait_for(lambda: len(kept) == len(fed.clients), 20, message=f"kept {sorted(kept)}")
+    finally:
+        await feed.stop()
