@@ -475,12 +475,12 @@ async def test_a_reader_whose_connection_drops_while_it_attaches_still_reads(
     rabbit_bus_factory, wait_for, drop_after
 ) -> None:
     """The connection is down when ``read_stream(offset="last")`` is called, or drops while
-    it opens its channel (0 s) or waits for the last chunk (0.2 s of its 0.5 s): ``read_stream``
-    still returns a reader,
-    and the reader hands over what is written after the reconnect. Before, the first raised
-    out of ``read_stream`` (a participant's broadcast follower died of it) and the second
-    returned a reader that never read again (its reopen hook came after the attach): a
-    participant that followed nothing until its timeout (the CI failure of stop 24)."""
+    it opens its channel (0 s) or waits for the last chunk (0.2 s of its 0.5 s):
+    ``read_stream`` still returns a reader, and the reader hands over what is written after
+    the reconnect. Before, the first two raised out of ``read_stream`` (a participant's
+    broadcast follower died of it) and the third returned a reader that never read again
+    (its reopen hook came after the attach): a participant that followed nothing until its
+    timeout (a CI rehearsal's failure, 2026-12-06)."""
     writer = await rabbit_bus_factory()
     bus = await rabbit_bus_factory(reconnect_interval=0.3)
     # empty: "last" waits its whole 0.5 s for a chunk that does not come
