@@ -76,13 +76,15 @@ class ScriptRun:
     work: Path
     env: dict[str, str]
     out: str
+    helper: Any  # what ``beside`` made, or None
 
 
 def _run_script(
     tmp_path: Path, rounds: int, beside: Callable[[str, str], Any] | None = None
 ) -> ScriptRun:
     """examples/run_federation.sh in a vhost of its own, ``rounds`` rounds; ``beside(prefix,
-    vhost)`` returns a thread started with the script and stopped (``.stop`` set) after it.
+    vhost)`` makes a thread started with the script and stopped (``.stop`` set) after it
+    (returned as ``helper``).
     Asserts that the script exited 0 and that every participant followed the job to its end
     and sent one update per round, all holding the same final model."""
     amqp = os.environ.get("QFLARE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
@@ -141,21 +143,14 @@ def _run_script(
     assert all(r["ended"] == "completed" and r["updates_sent"] == rounds for r in results), results
     # all hold the same final global model (the one the aggregator signed last)
     assert len({r["final_accuracy"] for r in results}) == 1, results
-    return ScriptRun(prefix, vhost, work, env, out)
+    return ScriptRun(prefix, vhost, work, env, out, helper)
 
 
 def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
     api = Management.from_url(MANAGEMENT)
-    logins: Logins | None = None
-
-    def watch(prefix: str, vhost: str) -> Logins:
-        nonlocal logins
-        logins = Logins(api, vhost)
-        return logins
-
-    run = _run_script(tmp_path, ROUNDS, watch)
-    assert logins is not None
+    run = _run_script(tmp_path, ROUNDS, lambda prefix, vhost: Logins(api, vhost))
     prefix, vhost, work, env, out = run.prefix, run.vhost, run.work, run.env, run.out
+    logins: Logins = run.helper
     clients = [f"{prefix}client-{i:03d}" for i in range(10)]
 
     # qflare status, as the script printed it and as JSON from the services' stores
@@ -204,7 +199,7 @@ def test_run_federation_script_completes_the_job(tmp_path: Path) -> None:
 class ChannelCrasher(threading.Thread):
     """Kills, every 0.5-1.5 s for ``for_s`` seconds, one channel process of a participant of
     the run on the broker (``rabbitmqctl eval``): RabbitMQ closes a connection whose channel
-    crashed with INTERNAL_ERROR (541), as the CI run of stop 24 saw it do once on its own."""
+    crashed with INTERNAL_ERROR (541), as a CI rehearsal saw it do once on its own (2026-12-06)."""
 
     def __init__(self, prefix: str, for_s: float = 40.0, seed: int = 0) -> None:
         super().__init__(daemon=True)
@@ -240,16 +235,9 @@ def test_participants_whose_connections_the_broker_closes_still_finish(tmp_path:
     """The example federation while the broker crashes participants' channels (each crash
     closes that participant's connection with INTERNAL_ERROR, at any point: attaching a
     reader, reading a model, publishing an update): every participant reconnects, takes part
-    in every round and follows the job to its end. Before a3a95b6 one of two runs of the
-    same kind (a script outside the repository) left a participant that followed nothing until the script's
-    timeout; with a3a95b6 alone this test failed 2 of 4 runs (a participant killed while it
-    polled for the job's stream), with df2f4f9 it passed 8 of 8."""
-    crasher: ChannelCrasher | None = None
-
-    def crash(prefix: str, vhost: str) -> ChannelCrasher:
-        nonlocal crasher
-        crasher = ChannelCrasher(prefix)
-        return crasher
-
-    _run_script(tmp_path, 3, crash)
-    assert crasher is not None and len(crasher.killed) >= 5, crasher and crasher.killed
+    in every round and follows the job to its end. Before a3a95b6, one of two runs of the
+    same kind (a script outside the repository) left a participant that followed nothing
+    until the script's timeout; with a3a95b6 alone this test failed 2 of 4 runs (a
+    participant killed while it polled for the job's stream), with df2f4f9 it passed 8 of 8."""
+    run = _run_script(tmp_path, 3, lambda prefix, vhost: ChannelCrasher(prefix))
+    assert len(run.helper.killed) >= 5, run.helper.killed

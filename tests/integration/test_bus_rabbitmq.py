@@ -485,18 +485,13 @@ async def test_a_reader_whose_connection_drops_while_it_attaches_still_reads(
     bus = await rabbit_bus_factory(reconnect_interval=0.3)
     # empty: "last" waits its whole 0.5 s for a chunk that does not come
     await writer.declare_stream(StreamSpec("attach-drop", bindings=((topology.EVENTS, "#"),)))
-    seen: list[int] = []
-
-    async def handler(delivery: Delivery) -> Outcome:
-        seen.append(int(delivery.body))
-        return Outcome.ACK
-
+    rec = Sequence()
     reconnected = asyncio.Event()
     bus.connection.reconnect_callbacks.add(lambda *_: reconnected.set())
     if drop_after < 0:  # called while the connection is down, before the reconnect
         _drop_connection(bus)
         await asyncio.sleep(0.05)
-    attaching = asyncio.ensure_future(bus.read_stream("attach-drop", handler, offset="last"))
+    attaching = asyncio.ensure_future(bus.read_stream("attach-drop", rec, offset="last"))
     if drop_after >= 0:
         await asyncio.sleep(drop_after)
         _drop_connection(bus)
@@ -505,8 +500,8 @@ async def test_a_reader_whose_connection_drops_while_it_attaches_still_reads(
     await asyncio.sleep(1.5)  # past the reader's resumption
     for i in range(1, 4):
         await writer.publish(topology.EVENTS, "x", str(i).encode())
-    await wait_for(lambda: {1, 2, 3} <= set(seen), timeout=20, message=f"read after: {seen}")
-    assert set(seen) == {1, 2, 3}
+    await wait_for(lambda: {1, 2, 3} <= rec.seen, timeout=20, message=f"read after: {rec.seen}")
+    assert rec.seen == {1, 2, 3}
 
 
 @restarts_broker
