@@ -406,6 +406,7 @@ class _RabbitStreamReader(port.StreamReader):
         self._attached_at = time.time()
         self._attached_to: object = None  # the underlying channel the consumer lives on
         self._generation = 0
+        self._stale: set[str] = set()  # earlier consumers on the live channel, cancelled
         self._buffer: asyncio.Queue[tuple[int, AbstractIncomingMessage | None]] = asyncio.Queue()
         self._settling = False
         self._latest: AbstractIncomingMessage | None = None
@@ -467,7 +468,9 @@ class _RabbitStreamReader(port.StreamReader):
 
     async def _on_message(self, generation: int, message: AbstractIncomingMessage) -> None:
         if generation != self._generation or self._cancelled:
-            return  # from a channel that is gone; the resumed consumer reads it again
+            # an earlier consume's: the resumed consumer reads it again
+            self._cancel_stale(message)
+            return
         if not self._settling:
             self._buffer.put_nowait((generation, message))
             return
@@ -480,6 +483,24 @@ class _RabbitStreamReader(port.StreamReader):
         self._arrived.set()
         if drop is not None:
             await _ack(drop)
+
+    def _cancel_stale(self, message: AbstractIncomingMessage) -> None:
+        """A delivery for an earlier consumer of this reader that still lives: a reopen
+        between :meth:`_consume`'s channel lookup and its ``basic.consume`` put that consume
+        on the new channel, where the resumption consumed again. Cancel it, or it would
+        keep its prefetch window filled with deliveries nobody takes."""
+        tag = message.consumer_tag
+        if self._cancelled or not tag or tag == self.consumer_tag or tag in self._stale:
+            return
+        self._stale.add(tag)
+        self._spawn(self._cancel_consumer(tag))
+
+    async def _cancel_consumer(self, tag: str) -> None:
+        try:
+            await self.queue.cancel(tag)
+            log.info("stream reader %s cancelled an earlier consumer %s", self.queue_name, tag)
+        except Exception as exc:
+            log.debug("basic.cancel of %s on stream %s failed: %r", tag, self.queue_name, exc)
 
     async def _run(self) -> None:
         # Credit goes back in batches: one ack (multiple) for up to half the prefetch, sent

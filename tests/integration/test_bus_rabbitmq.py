@@ -504,6 +504,55 @@ async def test_a_reader_whose_connection_drops_while_it_attaches_still_reads(
     assert rec.seen == {1, 2, 3}
 
 
+@needs_ctl
+async def test_an_earlier_consumer_left_on_the_live_channel_is_cancelled(
+    rabbit_bus, wait_for, bus_prefix
+) -> None:
+    """A reopen between a reader's channel lookup and its ``basic.consume`` leaves the
+    attach's consumer on the new channel beside the one the resumption made. Made here by
+    consuming again on the same channel: every message still reaches the handler once, in
+    order, and the earlier consumer is cancelled at its first delivery instead of holding
+    its prefetch window (before, the stream kept two consumers)."""
+    await rabbit_bus.declare_stream(StreamSpec("stale", bindings=((topology.EVENTS, "#"),)))
+    seen: list[int] = []
+
+    async def take(delivery: Delivery) -> Outcome:
+        seen.append(int(delivery.body))
+        return Outcome.ACK
+
+    reader = await rabbit_bus.read_stream("stale", take, offset="first", prefetch=4)
+    for i in range(5):
+        await rabbit_bus.publish(topology.EVENTS, "x", str(i).encode())
+    await wait_for(lambda: len(seen) == 5, timeout=20)
+    earlier = reader.consumer_tag
+    async with reader._lock:  # as the resumption does, on a channel the attach already used
+        await reader._consume(reader._resume_at())
+    assert reader.consumer_tag != earlier
+
+    async def consumers() -> int:  # a stream's declare-ok counts none: ask the broker
+        listing = await _ctl("list_queues", "-q", "--no-table-headers", "name", "consumers")
+        return sum(
+            int(n)
+            for q, n in (line.split() for line in listing.splitlines())
+            if q == bus_prefix + "stale"
+        )
+
+    assert await consumers() == 2
+    for i in range(5, 15):
+        await rabbit_bus.publish(topology.EVENTS, "x", str(i).encode())
+    await wait_for(lambda: len(seen) >= 15, timeout=20, message=f"read: {seen}")
+    deadline = asyncio.get_running_loop().time() + 10
+    while await consumers() != 1 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    assert await consumers() == 1
+    assert reader._stale == {earlier}
+    await asyncio.sleep(0.2)  # room for a repeat to show up
+    assert seen == list(range(15))
+    # the reader's channel survived the cancel and still reads
+    await rabbit_bus.publish(topology.EVENTS, "x", b"15")
+    await wait_for(lambda: len(seen) == 16, timeout=20)
+
+
 @restarts_broker
 async def test_broker_restart_stream_reader_resumes(rabbit_bus_factory, wait_for) -> None:
     bus = await rabbit_bus_factory(publish_timeout=60.0)
