@@ -257,7 +257,6 @@ def open_envelope(
     expect_round: int | None = None,
     kem_key: KemPrivateKey | None = None,
     now: float | None = None,
-    max_bytes: int | None = None,
     vouched_digest: bytes | None = None,
 ) -> Envelope[Body]:
     """Verify and decode one envelope; any problem raises :class:`MessageRejected`.
@@ -271,9 +270,9 @@ def open_envelope(
     the caller does not take costs a parse, not a verification.
 
     Tensors in the body are read-only views into ``data`` (zero-copy). ``kem_key`` opens
-    sealed bodies. ``max_bytes`` overrides ``limits.max_envelope_bytes``.
+    sealed bodies. ``limits.max_envelope_bytes`` caps ``data``.
     """
-    cap = limits.max_envelope_bytes if max_bytes is None else max_bytes
+    cap = limits.max_envelope_bytes
     obj = _parse(data, limits, cap)
     values = {name: _field(obj, name, typ) for name, typ in _HEADER_TYPES.items()}
     views = {name: _field(obj, name, bytes) for name in _BIN_FIELDS}
