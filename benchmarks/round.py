@@ -175,6 +175,9 @@ class Meter:
         self._start = {n: (_cpu(p), _written(p)) for n, p in self.pids.items()}
         self._busy = _machine_busy()
 
+    def written_at_start(self, name: str) -> int:
+        return self._start[name][1] if name in self._start else 0
+
     def stop(self) -> None:
         busy = _machine_busy() - self._busy
         self.used = {
@@ -264,6 +267,11 @@ class ModelPhase:
     used: dict[str, Use] = field(default_factory=dict)
     stream: int | None = None
     attach_written: int | None = None
+    #: the broker's writes until round 2's ``round.opened`` reached this process (the
+    #: grant, the append, the announcement), the rest being the participants' reads
+    until_opened: int | None = None
+    #: the broker's writes over as long a time with nothing asked of it, right after
+    idle_written: int | None = None
 
 
 def parse() -> argparse.Namespace:
@@ -515,6 +523,8 @@ async def measure(
         await timeline.stop()
         first.timeline, first.step = timeline.rows, timeline.step
         _t, opened = await wait_for("round.opened", 2, 120)
+        if broker is not None:
+            phase.until_opened = _written(broker) - meter.written_at_start("broker")
         readers = [Countdown(1) for _ in range(args.clients)]
 
         async def participant(reader: Countdown) -> None:
@@ -543,6 +553,10 @@ async def measure(
         await asyncio.gather(*(sub.cancel() for sub in subs))
         meter.stop()
         phase.attach_written = meter.used["broker"].written if "broker" in meter.used else None
+        if broker is not None:  # what the broker writes meanwhile on its own, for comparison
+            before = _written(broker)
+            await asyncio.sleep(phase.seconds)
+            phase.idle_written = _written(broker) - before
         stages(first, t0)
         rounds.append(first)
 
@@ -674,6 +688,17 @@ def report(
             f"the model stream grew {_mib(phase.stream)}"
             + ("" if phase.stream is None else f" = {phase.stream / model:.3f}x")
         )
+        if phase.until_opened is not None:
+            print(
+                f"  of which until round 2's round.opened arrived (grant, append, announcement) "
+                f"{_mib(phase.until_opened)}, during the {args.clients} reads "
+                f"{_mib(written - phase.until_opened)}"
+            )
+        if phase.idle_written is not None:
+            print(
+                f"  the broker with nothing asked of it, over as long right after: "
+                f"{_mib(phase.idle_written)} (its background writes: quorum segments, logs)"
+            )
         if phase.attach_written is not None:
             print(
                 f"  {args.clients} readers attached and cancelled, reading nothing: "
