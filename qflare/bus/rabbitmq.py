@@ -498,7 +498,7 @@ class _RabbitStreamReader(port.StreamReader):
     async def _cancel_consumer(self, tag: str) -> None:
         try:
             await self.queue.cancel(tag)
-            log.info("stream reader %s cancelled an earlier consumer %s", self.queue_name, tag)
+            log.info("stream reader %s: earlier consumer %s cancelled", self.queue_name, tag)
         except Exception as exc:
             log.debug("basic.cancel of %s on stream %s failed: %r", tag, self.queue_name, exc)
 
