@@ -424,7 +424,7 @@ HARD_REASONS = frozenset({"non_finite", "duplicate"})
 
 #: Reasons that rest on a client's history across rounds (:meth:`Reputation.review`):
 #: evidence from many rounds outranks one round's scores in :func:`limit_flags`.
-HISTORY_REASONS = frozenset({"inconsistent", "label_consistency"})
+HISTORY_REASONS = frozenset({"inconsistent", "label_consistency", "noise_like"})
 
 
 def _evidence(scores: dict[str, float], reasons: Sequence[str]) -> tuple[bool, int, float]:

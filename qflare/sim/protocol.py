@@ -29,7 +29,9 @@ flipping at strong non-IID), ``heldout4`` (4000, 4001, ...) after heldout3's (no
 (7000, 7001, ...) after heldout6's (an honest outlier quarantined with no attack),
 ``heldout8`` (8000, 8001, ...) after heldout7's (honest outliers flagged far in every
 round on fashion-mnist), ``heldout9`` (9000, 9001, ...) after heldout8's (honest clients
-flagged on label consistency on fashion-mnist). ``--seeds N`` takes the first N of the set. Runs use the direct
+flagged on label consistency on fashion-mnist), ``heldout10`` (10000, 10001, ...) after
+heldout9's (a noisy coalition missed and honest outliers held unsteady on fashion-mnist).
+``--seeds N`` takes the first N of the set. Runs use the direct
 path (``qflare.sim.direct``), which drives the services' own cores.
 """
 

@@ -19,4 +19,5 @@ SEED_SETS: dict[str, int] = {
     "heldout7": 7000,
     "heldout8": 8000,
     "heldout9": 9000,
+    "heldout10": 10000,
 }

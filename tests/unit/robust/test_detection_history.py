@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from qflare.robust import Reputation, Verdict, detect
+from qflare.robust.attacks import get_attack
 from qflare.robust.detection import OK, limit_flags
-from qflare.robust.reputation import unsteady_clients
+from qflare.robust.reputation import noise_like_clients, tail_weights, unsteady_clients
 
 D = 400
 IDS = [f"c{i:02d}" for i in range(20)]
@@ -197,3 +199,112 @@ def test_a_pardon_ends_a_quarantine_and_a_clean_round_does_not() -> None:
     assert [("c14" in q) for q in quarantined] == [False] * 3 + [True] + [False] * 4
     assert rep.score("c14", 8) <= rep.grave_score("c14", 8) + 1e-12
     assert all("c13" in q and "c15" in q for q in quarantined[3:])
+
+
+# --- tails: residuals like noise, not data (Reputation's "Tails") ---------------------------
+
+
+def _data_like_rounds(seed: int, rounds: int, *, fresh: tuple[int, ...] = ()) -> list[np.ndarray]:
+    """14 honest clients whose residual is data-like: a skew of their own on a random 10% of
+    the coordinates (the few its classes drive), kept across rounds, plus a little noise;
+    the clients in ``fresh`` draw that skew afresh every round (an honest client whose
+    direction wanders). Clients 14-19 are the library's noisy ALIE coalition, forged from
+    the honest rows (the mean shifted by a multiple of the honest spread, plus independent
+    noise scaled by it)."""
+    rng = np.random.default_rng(seed)
+    mu = _unit(rng)
+
+    def skew() -> np.ndarray:
+        v = np.zeros(D)
+        on = rng.choice(D, size=D // 10, replace=False)
+        v[on] = rng.normal(size=len(on))
+        return v / np.linalg.norm(v)
+
+    skews = [skew() for _ in range(14)]
+    out = []
+    for _ in range(rounds):
+        h = np.stack(
+            [mu + 0.8 * (skew() if i in fresh else skews[i]) + 0.1 * _unit(rng) for i in range(14)]
+        )
+        bad = get_attack("noisy_alie").forge(h, 6, rng)
+        out.append(np.concatenate([h, bad]).astype(np.float32))
+    return out
+
+
+def test_tail_weights_tell_noise_from_data() -> None:
+    rng = np.random.default_rng(5)
+    gaussian = rng.normal(size=(20, 2000))
+    t = tail_weights(gaussian, np.ones(20, dtype=bool))
+    assert np.all(np.abs(t - 1.0) < 0.15)  # noise: about 1 after the k-row correction
+    (x,) = _data_like_rounds(1, 1)
+    t = tail_weights(x.astype(np.float64), np.ones(20, dtype=bool))
+    assert t[:14].min() > 1.5  # data: heavy tails
+    assert t[14:].max() < 0.87  # the coalition: lighter than noise
+    # a non-finite row is not scored and does not count in the spread
+    y = x.astype(np.float64).copy()
+    y[3, 7] = np.nan
+    finite = np.isfinite(y).all(axis=1)
+    u = tail_weights(y, finite)
+    assert np.isnan(u[3]) and np.isfinite(np.delete(u, 3)).all()
+    # too few rows, or too few columns that vary: nothing to tell
+    assert np.isnan(tail_weights(x[:2], np.ones(2, dtype=bool))).all()
+    flat = np.ones((20, 40))
+    flat[:, :10] = rng.normal(size=(20, 10))
+    assert np.isnan(tail_weights(flat, np.ones(20, dtype=bool))).all()
+
+
+def test_noise_like_clients_threshold() -> None:
+    honest = {f"h{i}": 1.2 + 0.05 * i for i in range(14)}
+    assert noise_like_clients({**honest, "a": 0.8, "b": 0.9}, 0.87, 0.15) == {"a"}
+    # below the bar but not below the round's median by the margin: a round of noise
+    assert noise_like_clients({f"n{i}": 0.85 + 0.001 * i for i in range(20)}, 0.87, 0.15) == set()
+    assert noise_like_clients({"a": 0.5, "b": 1.5}, 0.87, 0.15) == set()  # too few
+
+
+def test_a_noisy_coalition_is_noise_like_from_its_first_round() -> None:
+    rep = Reputation()
+    for r, x in enumerate(_data_like_rounds(2, 6), start=1):
+        w = rep.review(r, IDS, x, detect(x, 6, ids=IDS))
+        noisy = {c for c in w.flagged if "noise_like" in w.reasons[c]}
+        assert noisy == set(IDS[14:]), r
+        assert not set(w.flagged) & set(IDS[:14])
+        assert all("tails" in w.scores[c] and "tails_mean" in w.scores[c] for c in IDS)
+
+
+def test_a_data_like_client_whose_direction_wanders_is_not_held_unsteady() -> None:
+    """Honest client c03 draws a new skew every round: its steadiness falls below the
+    others', but its residual is data (heavy tails), so unsteadiness is not held against
+    it; with no tails excused (``unsteady_tails`` 100) it is flagged ``inconsistent``."""
+    rounds = _data_like_rounds(3, 8, fresh=(3,))
+    reps = {"excused": Reputation(), "not": Reputation(unsteady_tails=100.0)}
+    seen: dict[str, set[str]] = {k: set() for k in reps}
+    ids = IDS[:14]  # the honest clients alone
+    for r, x in enumerate(rounds, start=1):
+        for key, rep in reps.items():
+            w = rep.review(r, ids, x[:14], detect(x[:14], 3, ids=ids))
+            seen[key] |= {c for c in w.flagged if "inconsistent" in w.reasons[c]}
+    assert seen["not"] == {"c03"}
+    assert seen["excused"] == set()
+
+
+def test_tails_survive_a_restart_and_bad_state_is_refused() -> None:
+    rounds = _data_like_rounds(4, 5)
+    live = Reputation()
+    verdicts = [live.review(r, IDS, x, detect(x, 6, ids=IDS)) for r, x in enumerate(rounds, 1)]
+    restored = Reputation()
+    for r, x in enumerate(rounds, 1):
+        restored = Reputation.from_dict(json.loads(json.dumps(restored.to_dict())))
+        w = restored.review(r, IDS, x, detect(x, 6, ids=IDS))
+        assert w.flagged == verdicts[r - 1].flagged
+        assert w.scores == verdicts[r - 1].scores
+    assert restored.tails == live.tails
+    state = live.to_dict()
+    state["history"]["c00"]["tails"] = "heavy"
+    with pytest.raises(TypeError, match="tails"):
+        Reputation.from_dict(state)
+    state["history"]["c00"]["tails"] = float("nan")
+    with pytest.raises(ValueError, match="tails"):
+        Reputation.from_dict(state)
+    for bad in ({"tails_bar": -1.0}, {"tails_margin": float("inf")}, {"unsteady_tails": -0.1}):
+        with pytest.raises(ValueError):
+            Reputation(**bad)  # type: ignore[arg-type]
