@@ -209,6 +209,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="comma-separated Dirichlet alphas (default: 0.1,0.5,1)",
     )
+    e.add_argument(
+        "--protocol-defences",
+        default=None,
+        help="comma-separated defences to run, of none, detect, oracle (default: all three; "
+        "without none no undefended harm is reported, without oracle no gap to it)",
+    )
     p.set_defaults(func=main)
 
 
@@ -263,6 +269,7 @@ def main(args: argparse.Namespace) -> int:
                 attacks=args.sweep_attacks,
                 populations=args.protocol_populations,
                 alphas=args.protocol_alphas,
+                defences=args.protocol_defences,
             )
         if args.sweep:
             from qflare.sim.sweep import plan_sweep, run_sweep

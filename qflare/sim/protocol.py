@@ -113,12 +113,31 @@ class Condition:
         return f"{self.clients}/{self.byzantine} alpha={self.alpha:g} {self.attack}"
 
 
+def parse_defences(text: str | None) -> tuple[str, ...]:
+    """``"detect,oracle"`` -> ("detect", "oracle"), in the protocol's order; None: all."""
+    if text is None:
+        return DEFENCES
+    asked = {x.strip() for x in text.split(",") if x.strip()}
+    unknown = sorted(asked - set(DEFENCES))
+    if unknown:
+        raise SimConfigError(
+            f"--protocol-defences: unknown {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(DEFENCES)}"
+        )
+    if not asked:
+        raise SimConfigError("--protocol-defences is empty")
+    return tuple(d for d in DEFENCES if d in asked)
+
+
 @dataclass(frozen=True)
 class ProtocolPlan:
     base: SimConfig
     seed_set: str
     seeds: tuple[int, ...]
     conditions: tuple[Condition, ...]
+    #: the defences run (all of :data:`DEFENCES` unless ``--protocol-defences`` says less:
+    #: without ``none`` no harm is reported, without ``oracle`` no gap to it)
+    defences: tuple[str, ...] = DEFENCES
 
     def config(self, cond: Condition, defence: str, seed: int) -> SimConfig:
         detect = defence == "detect"
@@ -142,6 +161,7 @@ def plan_protocol(
     attacks: str | None = None,
     populations: str | None = None,
     alphas: str | None = None,
+    defences: str | None = None,
 ) -> ProtocolPlan:
     """Check every condition before running any (exit code 2 on the first bad one)."""
     from qflare.sim.robust_glue import canonical_attack
@@ -158,9 +178,11 @@ def plan_protocol(
         for a in parse_alphas(alphas)
         for attack in attack_list
     )
-    plan = ProtocolPlan(base, seed_set, protocol_seeds(seed_set, seeds), conditions)
+    plan = ProtocolPlan(
+        base, seed_set, protocol_seeds(seed_set, seeds), conditions, parse_defences(defences)
+    )
     for cond in conditions:
-        for defence in DEFENCES:
+        for defence in plan.defences:
             try:
                 validate(plan.config(cond, defence, plan.seeds[0]))
             except SimConfigError as exc:
@@ -239,8 +261,8 @@ def execute_protocol(
     out = ProtocolRuns(plan)
     for cond in plan.conditions:
         for seed in plan.seeds:
-            for defence in DEFENCES:
-                if defence == "oracle" and cond.attack == NO_ATTACK:
+            for defence in plan.defences:
+                if defence == "oracle" and cond.attack == NO_ATTACK and "none" in plan.defences:
                     out.runs[(cond, defence, seed)] = out.runs[(cond, "none", seed)]
                     continue
                 t0 = time.perf_counter()
@@ -270,14 +292,15 @@ def summary_rows(runs: ProtocolRuns) -> list[dict[str, Any]]:
         harm: list[float | None] = []
         for seed in plan.seeds:
             ref = runs.runs.get((clean, "none", seed))
+            attacked = runs.runs.get((cond, "none", seed))
             harm.append(
                 None
-                if ref is None
-                else 100 * (ref.accuracy - runs.runs[(cond, "none", seed)].accuracy)
+                if ref is None or attacked is None
+                else 100 * (ref.accuracy - attacked.accuracy)
             )
-        for defence in DEFENCES:
+        for defence in plan.defences:
             ms = [runs.runs[(cond, defence, s)] for s in plan.seeds]
-            oracle = [runs.runs[(cond, "oracle", s)] for s in plan.seeds]
+            oracle = [runs.runs.get((cond, "oracle", s)) for s in plan.seeds]
             rows.append(
                 {
                     "clients": cond.clients,
@@ -288,7 +311,10 @@ def summary_rows(runs: ProtocolRuns) -> list[dict[str, Any]]:
                     "seeds": len(ms),
                     "accuracy": _stats([m.accuracy for m in ms], "min"),
                     "gap_to_oracle_points": _stats(
-                        [100 * (m.accuracy - o.accuracy) for m, o in zip(ms, oracle, strict=True)],
+                        [
+                            None if o is None else 100 * (m.accuracy - o.accuracy)
+                            for m, o in zip(ms, oracle, strict=True)
+                        ],
                         "min",
                     ),
                     "recall": _stats([m.recall for m in ms], "min"),
@@ -351,7 +377,7 @@ def write_protocol(out: Path, runs: ProtocolRuns, *, wall_s: float, command: str
         "base_config": plan.base.to_json(),
         "seed_set": plan.seed_set,
         "seeds": list(plan.seeds),
-        "defences": list(DEFENCES),
+        "defences": list(plan.defences),
         "command": command,
         "wall_s": round(wall_s, 1),
         "summary": summary_rows(runs),
@@ -375,7 +401,7 @@ def write_protocol(out: Path, runs: ProtocolRuns, *, wall_s: float, command: str
 
 def run_protocol(plan: ProtocolPlan, *, out: Path, console: Console, command: str) -> int:
     start = time.perf_counter()
-    total = len(plan.conditions) * len(plan.seeds) * len(DEFENCES)
+    total = len(plan.conditions) * len(plan.seeds) * len(plan.defences)
     done = [0]
 
     def report(label: str, m: RunMetrics, wall: float) -> None:

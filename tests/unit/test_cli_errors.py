@@ -258,3 +258,9 @@ def test_interrupt_during_simulate_exits_130(tmp_path: Path) -> None:
     argv += ["--out", str(out)]
     err = _interrupt(argv, _env(tmp_path), lambda: (out / "services.log").exists(), "simulate")
     assert err.strip() == "qflare simulate: interrupted"
+
+
+def test_simulate_protocol_names_an_unknown_defence(tmp_path: Path) -> None:
+    argv = _argv("simulate", tmp_path, "--protocol", "--protocol-defences", "detect,best")
+    line = _one_line(_run(argv, _env(tmp_path)), "simulate", 2)
+    assert "--protocol-defences" in line and "'best'" in line

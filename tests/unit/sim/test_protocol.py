@@ -151,3 +151,44 @@ def test_the_cli_offers_exactly_the_seed_sets_and_names_their_first_seeds() -> N
         assert f"{name}: seeds {first}, {first + 1}, ..." in seed_set.help
     with pytest.raises(ArgumentError, match="--seed-set: invalid choice: 'lucky'"):
         parser.parse_args(["simulate", "--protocol", "--seed-set", "lucky"])
+
+
+def test_a_protocol_of_some_defences(tmp_path: Path) -> None:
+    """--protocol-defences runs only those asked: without none no harm, without oracle no
+    gap; the oracle of a no-attack condition runs itself when none is not run."""
+    base = SimConfig(rounds=2, local_epochs=1)
+    plan = plan_protocol(
+        base,
+        seed_set="tune",
+        seeds=1,
+        attacks="none,sign_flip",
+        populations="10/3",
+        alphas="0.5",
+        defences="oracle, detect",
+    )
+    assert plan.defences == ("detect", "oracle")  # the protocol's order
+    runs = execute_protocol(plan)
+    assert {d for (_c, d, _s) in runs.runs} == {"detect", "oracle"}
+    rows = summary_rows(runs)
+    assert len(rows) == len(plan.conditions) * 2
+    assert all(r["undefended_harm_points"] == {"worst": None, "median": None} for r in rows)
+    assert all(r["gap_to_oracle_points"]["worst"] is not None for r in rows)
+    clean = next(m for (c, d, _s), m in runs.runs.items() if c.attack == "none" and d == "oracle")
+    assert clean.false_positive_rate == 0.0 and clean.recall is None
+    only = plan_protocol(
+        base, seeds=1, attacks="none", populations="10/3", alphas="0.5", defences="detect"
+    )
+    rows = summary_rows(execute_protocol(only))
+    assert [r["defence"] for r in rows] == ["detect"]
+    assert rows[0]["gap_to_oracle_points"] == {"worst": None, "median": None}
+    written = write_protocol(tmp_path, execute_protocol(only), wall_s=1.0, command="x")
+    assert json.loads(written[0].read_text())["defences"] == ["detect"]
+    assert "| detect | " in written[1].read_text() and "n/a (n/a)" in written[1].read_text()
+
+
+@pytest.mark.parametrize("text", ["", " , ", "detect,best", "oracles"])
+def test_protocol_defences_are_checked(text: str) -> None:
+    with pytest.raises(SimConfigError, match="--protocol-defences"):
+        plan_protocol(
+            SimConfig(), seeds=1, attacks="none", populations="10/3", alphas="0.5", defences=text
+        )
