@@ -411,12 +411,7 @@ class Reputation:
             agree = float(unit[i] @ past) if known else 0.0
             scores[name]["consistency"] = agree
             if known and seen >= self.min_history:
-                before = self.steadiness.get(name)
-                steady = (
-                    agree
-                    if before is None
-                    else self.steadiness_memory * before + (1 - self.steadiness_memory) * agree
-                )
+                steady = self._running(self.steadiness.get(name), agree)
                 self.steadiness[name] = steady
                 scores[name]["steadiness"] = steady
                 typical.append(agree)
@@ -508,6 +503,12 @@ class Reputation:
         relative = self.consistency * float(np.median(agreements))
         return min(self.consistency, max(self.consistency_floor, relative))
 
+    def _running(self, before: float | None, value: float) -> float:
+        """A running mean weighted by ``steadiness_memory`` (``value`` alone at first)."""
+        if before is None:
+            return value
+        return self.steadiness_memory * before + (1 - self.steadiness_memory) * value
+
     def _review_tails(
         self,
         names: Sequence[str],
@@ -521,13 +522,8 @@ class Reputation:
         for i, name in enumerate(names):
             if not finite[i] or name not in scores or not np.isfinite(tails[i]):
                 continue
-            before = self.tails.get(name)
             value = float(tails[i])
-            run = (
-                value
-                if before is None
-                else self.steadiness_memory * before + (1 - self.steadiness_memory) * value
-            )
+            run = self._running(self.tails.get(name), value)
             self.tails[name] = run
             scores[name]["tails"] = value
             scores[name]["tails_mean"] = run

@@ -72,9 +72,9 @@ def test_unsteady_clients_threshold() -> None:
     assert unsteady_clients({"a": 0.1, "b": 0.9}, 0.1) == set()  # too few to compare
 
 
-def test_steadiness_survives_a_restart() -> None:
-    """Decisions after a save/restore equal those of the reputation that never stopped."""
-    rounds = _noisy_coalition_rounds(2, 8)
+def _live_and_restored(rounds: list[np.ndarray]) -> tuple[Reputation, Reputation]:
+    """One reputation that never stopped and one saved and restored before every round,
+    after asserting that both decided every round alike."""
     live = Reputation()
     verdicts = [live.review(r, IDS, x, detect(x, 6, ids=IDS)) for r, x in enumerate(rounds, 1)]
     restored = Reputation()
@@ -83,6 +83,12 @@ def test_steadiness_survives_a_restart() -> None:
         w = restored.review(r, IDS, x, detect(x, 6, ids=IDS))
         assert w.flagged == verdicts[r - 1].flagged
         assert w.scores == verdicts[r - 1].scores
+    return live, restored
+
+
+def test_steadiness_survives_a_restart() -> None:
+    """Decisions after a save/restore equal those of the reputation that never stopped."""
+    live, restored = _live_and_restored(_noisy_coalition_rounds(2, 8))
     assert restored.steadiness == live.steadiness
 
 
@@ -288,15 +294,7 @@ def test_a_data_like_client_whose_direction_wanders_is_not_held_unsteady() -> No
 
 
 def test_tails_survive_a_restart_and_bad_state_is_refused() -> None:
-    rounds = _data_like_rounds(4, 5)
-    live = Reputation()
-    verdicts = [live.review(r, IDS, x, detect(x, 6, ids=IDS)) for r, x in enumerate(rounds, 1)]
-    restored = Reputation()
-    for r, x in enumerate(rounds, 1):
-        restored = Reputation.from_dict(json.loads(json.dumps(restored.to_dict())))
-        w = restored.review(r, IDS, x, detect(x, 6, ids=IDS))
-        assert w.flagged == verdicts[r - 1].flagged
-        assert w.scores == verdicts[r - 1].scores
+    live, restored = _live_and_restored(_data_like_rounds(4, 5))
     assert restored.tails == live.tails
     state = live.to_dict()
     state["history"]["c00"]["tails"] = "heavy"
