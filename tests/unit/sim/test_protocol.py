@@ -15,6 +15,7 @@ from qflare.sim.config import SimConfig, SimConfigError
 from qflare.sim.protocol import (
     DEFENCES,
     MAX_SEEDS,
+    ProtocolPlan,
     execute_protocol,
     plan_protocol,
     protocol_seeds,
@@ -97,18 +98,23 @@ def test_noisy_coalitions_are_not_copies() -> None:
         assert np.array_equal(get_attack(name, noise=0)(h, 3, rng=1)[1], centre)
 
 
+def _tiny_plan(attacks: str, seeds: int, defences: str | None = None) -> ProtocolPlan:
+    """A protocol of 10 clients / 3 Byzantine at alpha 0.5, 2 rounds of 1 local epoch."""
+    return plan_protocol(
+        SimConfig(rounds=2, local_epochs=1),
+        seed_set="tune",
+        seeds=seeds,
+        attacks=attacks,
+        populations="10/3",
+        alphas="0.5",
+        defences=defences,
+    )
+
+
 def test_small_protocol_run(tmp_path: Path) -> None:
     """A real (direct-path) run of a tiny grid: the report's shape, and the oracle and the
     undefended rows as their definitions say."""
-    base = SimConfig(rounds=2, local_epochs=1)
-    plan = plan_protocol(
-        base,
-        seed_set="tune",
-        seeds=2,
-        attacks="none,sign_flip,label_flip",
-        populations="10/3",
-        alphas="0.5",
-    )
+    plan = _tiny_plan("none,sign_flip,label_flip", seeds=2)
     runs = execute_protocol(plan)
     assert len(runs.runs) == len(plan.conditions) * len(plan.seeds) * len(DEFENCES)
     for (cond, defence, _seed), m in runs.runs.items():
@@ -156,16 +162,7 @@ def test_the_cli_offers_exactly_the_seed_sets_and_names_their_first_seeds() -> N
 def test_a_protocol_of_some_defences(tmp_path: Path) -> None:
     """--protocol-defences runs only those asked: without none no harm, without oracle no
     gap; the oracle of a no-attack condition runs itself when none is not run."""
-    base = SimConfig(rounds=2, local_epochs=1)
-    plan = plan_protocol(
-        base,
-        seed_set="tune",
-        seeds=1,
-        attacks="none,sign_flip",
-        populations="10/3",
-        alphas="0.5",
-        defences="oracle, detect",
-    )
+    plan = _tiny_plan("none,sign_flip", seeds=1, defences="oracle, detect")
     assert plan.defences == ("detect", "oracle")  # the protocol's order
     runs = execute_protocol(plan)
     assert {d for (_c, d, _s) in runs.runs} == {"detect", "oracle"}
@@ -175,13 +172,11 @@ def test_a_protocol_of_some_defences(tmp_path: Path) -> None:
     assert all(r["gap_to_oracle_points"]["worst"] is not None for r in rows)
     clean = next(m for (c, d, _s), m in runs.runs.items() if c.attack == "none" and d == "oracle")
     assert clean.false_positive_rate == 0.0 and clean.recall is None
-    only = plan_protocol(
-        base, seeds=1, attacks="none", populations="10/3", alphas="0.5", defences="detect"
-    )
-    rows = summary_rows(execute_protocol(only))
+    only = execute_protocol(_tiny_plan("none", seeds=1, defences="detect"))
+    rows = summary_rows(only)
     assert [r["defence"] for r in rows] == ["detect"]
     assert rows[0]["gap_to_oracle_points"] == {"worst": None, "median": None}
-    written = write_protocol(tmp_path, execute_protocol(only), wall_s=1.0, command="x")
+    written = write_protocol(tmp_path, only, wall_s=1.0, command="x")
     assert json.loads(written[0].read_text())["defences"] == ["detect"]
     assert "| detect | " in written[1].read_text() and "n/a (n/a)" in written[1].read_text()
 
