@@ -777,9 +777,18 @@ class Accepted:
     base_version: int
 
 
+#: Refusals that are not the client's answer to the round: an update computed on another
+#: model than the round's was trained before the client had the round's model (sent before
+#: the round opened, which ingest holds until it opens, or on an old announcement). Counting
+#: it would let a client's early message close the round before its real update, so the
+#: round waits for such a client as for a silent one (until its deadline).
+NOT_AN_ANSWER = frozenset({Reason.STALE_BASE})
+
+
 @dataclass(frozen=True)
 class Refused:
-    """``update.rejected`` naming a client (its signature verified): the client answered."""
+    """``update.rejected`` naming a client (its signature verified): the client answered,
+    unless the reason is one of :data:`NOT_AN_ANSWER`."""
 
     client: str
     reason: str
@@ -1110,6 +1119,11 @@ def _refused(spec: JobSpec, r: Round, x: Refused, now: float, revoked: Collectio
     # it does not ban, a later valid update of the client still enters while the round is open.
     if r.state != RoundState.OPEN or x.client not in r.participants:
         return r, ()
+    if x.reason in NOT_AN_ANSWER:
+        # logged, not counted: the round waits for the client as for a silent one
+        return r, (
+            Note("update.refused", {"client": x.client, "reason": x.reason, "answer": False}),
+        )
     if any(c == x.client for c, _reason in r.refused):
         return r, ()
     new = replace(r, refused=tuple(sorted((*r.refused, (x.client, x.reason)))))

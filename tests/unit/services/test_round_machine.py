@@ -301,6 +301,26 @@ def test_refusals_below_the_minimum_wait_for_the_deadline() -> None:
     assert r.state == RoundState.OPEN and kinds(effects) == ["Note"] * 4
 
 
+def test_an_update_on_another_model_is_not_an_answer() -> None:
+    # the client's message was trained before it had the round's model (sent before the
+    # round opened, held by ingest until it did): the round waits for its real update
+    r, _ = feed(SPEC, opened(), accepted("a"), accepted("b"), accepted("c"))
+    r, effects = step(SPEC, r, Refused("d", "STALE_BASE"), T0 + 1)
+    assert r.state == RoundState.OPEN and r.refused == ()
+    assert effects == (
+        Note("update.refused", {"client": "d", "reason": "STALE_BASE", "answer": False}),
+    )
+    r, _ = step(SPEC, r, accepted("d", offset=53), T0 + 2)
+    assert r.state == RoundState.CLOSED
+    assert [c for c, _d, _o in r.closed or ()] == ["a", "b", "c", "d"]
+
+
+def test_a_stale_base_does_not_hide_the_clients_later_refusal() -> None:
+    r, _ = feed(SPEC, opened(), accepted("a"), accepted("b"), Refused("c", "STALE_BASE"))
+    r, _ = feed(SPEC, r, Refused("c", "NON_FINITE"), Refused("d", "NON_FINITE"))
+    assert r.state == RoundState.CLOSED and malformed_of(r) == 2
+
+
 def test_a_refusal_does_not_ban_a_later_valid_update() -> None:
     r, _ = feed(SPEC, opened(), Refused("a", "NON_FINITE"), accepted("a"))
     assert r.holding("a") == Held("a", D1, 50, 10)
