@@ -108,7 +108,8 @@ class Reason(StrEnum):
     )
     STALE_BASE = (
         "STALE_BASE",
-        "An update computed on another model version than the round's.",
+        "An update computed on another model version than the round's. Not the client's "
+        "answer to the round: the aggregator waits for its real update.",
     )
     NOT_PARTICIPANT = (
         "NOT_PARTICIPANT",
