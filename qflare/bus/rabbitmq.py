@@ -306,6 +306,13 @@ async def _ack(message: AbstractIncomingMessage, *, multiple: bool = False) -> N
         log.debug("ack on a stream failed: %r", exc)
 
 
+async def _close_connection(connection: aio_pika.abc.AbstractRobustConnection) -> None:
+    try:
+        await connection.close()
+    except Exception as exc:
+        log.debug("closing a connection that failed to set up failed: %r", exc)
+
+
 async def _close_quietly(channel: AbstractRobustChannel, what: str) -> None:
     try:
         await channel.close()
@@ -677,12 +684,13 @@ class RabbitBus(Bus):
         )
         deadline = time.monotonic() + connect_timeout
         attempt = 0
-        refused: list[Callable[[str], None]] = []  # the bus's, once it exists
         while True:
             remaining = deadline - time.monotonic()
             # each attempt starts at the next address, and fails over from there
             turn = attempt % len(addresses)
             order = (*addresses[turn:], *addresses[:turn])
+            refused: list[Callable[[str], None]] = []  # the bus's, once it exists
+            connection: aio_pika.abc.AbstractRobustConnection | None = None
             try:
                 connection = await aio_pika.connect_robust(
                     order[0],
@@ -693,8 +701,20 @@ class RabbitBus(Bus):
                         _FailoverConnection, addresses=order, refused=refused
                     ),
                 )
-                break
+                # the first channel and the exchanges in the same attempt: a connection the
+                # broker closes while they open (INTERNAL_ERROR when a channel process
+                # crashes) is one more failed attempt, not a participant that dies at start
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
+                bus = cls(
+                    connection, channel, prefix, max_message_size, publish_timeout, name, replicas
+                )
+                bus.passive = declare == "passive"
+                refused.append(bus._refused)
+                await bus._declare_exchanges()
+                return bus
             except RETRYABLE_ERRORS as exc:
+                if connection is not None:
+                    await _close_connection(connection)
                 attempt += 1
                 wait = 0.0 if attempt % len(addresses) else _backoff(attempt // len(addresses))
                 if time.monotonic() + wait >= deadline:
@@ -705,18 +725,10 @@ class RabbitBus(Bus):
                     ) from exc
                 log.info("RabbitMQ not reachable yet (%r); retrying in %.1fs", exc, wait)
                 await asyncio.sleep(wait)
-        try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=False)
-            bus = cls(
-                connection, channel, prefix, max_message_size, publish_timeout, name, replicas
-            )
-            bus.passive = declare == "passive"
-            refused.append(bus._refused)
-            await bus._declare_exchanges()
-        except BaseException:
-            await connection.close()
-            raise
-        return bus
+            except BaseException:
+                if connection is not None:
+                    await _close_connection(connection)
+                raise
 
     async def _declare_exchanges(self) -> None:
         # Declared through the robust channel, so they are declared again on reconnect.

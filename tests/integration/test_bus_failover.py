@@ -16,6 +16,7 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 import pytest
 
 from qflare.bus import (
@@ -65,6 +66,47 @@ async def test_the_first_connect_passes_over_a_dead_address(amqp, wait_for) -> N
         await bus.consume(QueueSpec("q", bindings=((topology.EVENTS, "k"),)), on)
         await bus.publish(topology.EVENTS, "k", b"over the second address")
         await wait_for(lambda: seen == [b"over the second address"], timeout=10)
+    finally:
+        await bus.delete_all()
+        await bus.close()
+
+
+async def test_a_connection_closed_while_its_first_channel_opens_is_one_more_attempt(
+    amqp, wait_for, monkeypatch
+) -> None:
+    """The broker closed a participant's connection (INTERNAL_ERROR: the crash of its
+    channel process) while the bus opened its first channel; before, the error went out of
+    ``connect_bus`` and the participant died at start (a CI rehearsal, 2026-12-07). The
+    first connection is real; its first channel fails as the broker's close made it fail."""
+    import qflare.bus.rabbitmq as rabbitmq
+
+    real = aio_pika.connect_robust
+    opened: list[aio_pika.abc.AbstractRobustConnection] = []
+
+    async def connect_robust(*args: object, **kwargs: object) -> object:
+        connection = await real(*args, **kwargs)
+        opened.append(connection)
+        if len(opened) == 1:
+
+            async def crashed(*_a: object, **_k: object) -> object:
+                raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+
+            connection.channel = crashed  # type: ignore[method-assign]
+        return connection
+
+    monkeypatch.setattr(rabbitmq.aio_pika, "connect_robust", connect_robust)
+    bus = await connect_bus(amqp, prefix=f"t-{uuid.uuid4().hex[:8]}-")
+    try:
+        assert len(opened) == 2 and opened[0].is_closed and bus.connection is opened[1]
+        seen: list[bytes] = []
+
+        async def on(d: Delivery) -> Outcome:
+            seen.append(d.body)
+            return Outcome.ACK
+
+        await bus.consume(QueueSpec("q", bindings=((topology.EVENTS, "k"),)), on)
+        await bus.publish(topology.EVENTS, "k", b"on the second attempt")
+        await wait_for(lambda: seen == [b"on the second attempt"], timeout=10)
     finally:
         await bus.delete_all()
         await bus.close()
