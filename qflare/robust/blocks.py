@@ -434,11 +434,12 @@ def detect_view(
     *,
     ids: Sequence[str] | None = None,
     thresholds: Thresholds | None = None,
+    arrival: Sequence[float] | None = None,
 ) -> Verdict:
     """:func:`~qflare.robust.detection.detect_gram` on the rows' :class:`GramView`
     (accumulated on first use; :func:`grid_view` for the in-memory verdict), for a caller
     that reads more of it (the detector's review reads ``view.finite``)."""
-    return detect_gram(view.g, view.finite, f, ids=ids, thresholds=thresholds)
+    return detect_gram(view.g, view.finite, f, ids=ids, thresholds=thresholds, arrival=arrival)
 
 
 class TapColumns(DerivedBlocks):

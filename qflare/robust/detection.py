@@ -188,13 +188,22 @@ def upper_z(v: F64, ref: BoolArray, drop: int, min_scale: float) -> F64:
     return (v - med) / max(mad, min_scale, 1e-12)
 
 
-def duplicate_groups(d2: F64, ratio: float) -> BoolArray:
+def duplicate_groups(
+    d2: F64, ratio: float, *, f: int | None = None, arrival: F64 | Sequence[float] | None = None
+) -> BoolArray:
     """Mask of rows in a group of >= 2 (near-)copies that is a strict minority.
 
     Rows i, j are linked when their distance is at most ``ratio`` x the median pairwise
     distance; groups are the connected components. A group of half the rows or more is
     the round's consensus by the honest-majority assumption and is not flagged (e.g. every
-    client sending a zero update)."""
+    client sending a zero update).
+
+    A group of more than ``f`` rows holds an honest update, since at most ``f`` clients are
+    Byzantine: the others copied it (Mimic, Karimireddy et al., ICLR 2022), so the group's
+    content is honest. Given ``arrival`` (one value per row, lower is earlier: where the
+    update sits in the update stream), its earliest member is left unflagged and the rest
+    are flagged: a copy cannot be sent before the update it copies. Without ``arrival``
+    (or ``f``) every member is flagged."""
     n = d2.shape[0]
     if n < 3:
         return np.zeros(n, dtype=bool)
@@ -208,11 +217,18 @@ def duplicate_groups(d2: F64, ratio: float) -> BoolArray:
         a, b = label[i], label[j]
         if a != b:
             label[label == b] = a
+    order = None if arrival is None else np.asarray(arrival, dtype=np.float64)
+    if order is not None and order.shape != (n,):
+        raise ValueError(f"arrival must be {n} values, got shape {order.shape}")
     out = np.zeros(n, dtype=bool)
     for lab in np.unique(label):
         members = label == lab
-        if 2 <= members.sum() < n / 2:
+        size = int(members.sum())
+        if 2 <= size < n / 2:
             out |= members
+            if order is not None and f is not None and size > f:
+                rows = np.flatnonzero(members)
+                out[rows[np.argmin(order[rows])]] = False  # the original (ties: first row)
     return out
 
 
@@ -473,7 +489,12 @@ def limit_flags(verdict: Verdict) -> Verdict:
 
 
 def detect(
-    updates: Any, f: int, *, ids: Sequence[str] | None = None, thresholds: Thresholds | None = None
+    updates: Any,
+    f: int,
+    *,
+    ids: Sequence[str] | None = None,
+    thresholds: Thresholds | None = None,
+    arrival: Sequence[float] | None = None,
 ) -> Verdict:
     """Score the round's updates [n, d]; ``ids`` name the rows (default "0".."n-1").
 
@@ -483,7 +504,9 @@ def detect(
     bit."""
     x = as_batch(updates).x
     g = grid_gram(x)
-    return detect_gram(g, finite_from_gram(g, x.dtype), f, ids=ids, thresholds=thresholds)
+    return detect_gram(
+        g, finite_from_gram(g, x.dtype), f, ids=ids, thresholds=thresholds, arrival=arrival
+    )
 
 
 def detect_gram(
@@ -493,11 +516,13 @@ def detect_gram(
     *,
     ids: Sequence[str] | None = None,
     thresholds: Thresholds | None = None,
+    arrival: Sequence[float] | None = None,
 ) -> Verdict:
     """:func:`detect` given the rows' Gram matrix ``g`` [n, n] and which rows are finite
     (``finite`` [n], as :func:`~qflare.robust._core.finite_from_gram` counts them; the
     other rows' entries of ``g`` are not read): every score is a function of the Gram
-    matrix."""
+    matrix. ``arrival`` [n]: the rows' order in the update stream (lower is earlier), which
+    tells the original of a group of copies larger than ``f`` (:func:`duplicate_groups`)."""
     g = np.asarray(g, dtype=np.float64)
     finite = np.asarray(finite, dtype=bool)
     if g.ndim != 2 or g.shape[0] != g.shape[1] or finite.shape != g.shape[:1]:
@@ -535,7 +560,10 @@ def detect_gram(
     g = centre_gram(g_raw)
     d2 = sq_dists_from_gram(g)
     scores: dict[str, F64] = {}
-    dup = duplicate_groups(d2, th.duplicate)
+    if arrival is not None and len(arrival) != n:
+        raise ValueError(f"arrival must be {n} values, got {len(arrival)}")
+    arr = None if arrival is None else np.asarray(arrival, dtype=np.float64)[idx]
+    dup = duplicate_groups(d2, th.duplicate, f=f, arrival=arr)
     ref = ~dup
     scores["duplicate"] = dup.astype(float)
     # Krum against the reference rows only, with f reduced by the copies already found.

@@ -118,8 +118,11 @@ def run_direct(
             r, effects = step(spec, r, Granted(math.inf), now)
         sent = fed.round_updates(r.round, params, r.participants)
         # what ingest tells the aggregator: it refuses non-finite tensors (NON_FINITE)
-        # before the detector sees anything, and accepts the rest
-        for offset, c in enumerate(r.participants):
+        # before the detector sees anything, and accepts the rest. The coalition's updates
+        # enter the stream after the honest ones: an omniscient attack is built from them
+        order = sorted(r.participants, key=lambda c: c in fed.byzantine)
+        arrival = {c: float(offset) for offset, c in enumerate(order)}
+        for offset, c in enumerate(order):
             if all(np.isfinite(v).all() for v in sent[c].values()):
                 update = Accepted(c, _digest(r, c), offset, len(fed.shards[c]), r.base_version)
                 r, effects = step(spec, r, update, now)
@@ -144,6 +147,7 @@ def run_direct(
                 reputation=reputation,
                 malformed=malformed_of(r),
                 output_layer=spec.output_layer,
+                arrival=arrival,
             )
         verdict = Verdict(found.kept, tuple((x.client, float(x.score)) for x in found.flagged))
         r, effects = step(spec, r, verdict, now)

@@ -30,7 +30,9 @@ flipping at strong non-IID), ``heldout4`` (4000, 4001, ...) after heldout3's (no
 ``heldout8`` (8000, 8001, ...) after heldout7's (honest outliers flagged far in every
 round on fashion-mnist), ``heldout9`` (9000, 9001, ...) after heldout8's (honest clients
 flagged on label consistency on fashion-mnist), ``heldout10`` (10000, 10001, ...) after
-heldout9's (a noisy coalition missed and honest outliers held unsteady on fashion-mnist).
+heldout9's (a noisy coalition missed and honest outliers held unsteady on fashion-mnist),
+``heldout11`` (11000, 11001, ...) after heldout10's (Mimic's copied honest client excluded
+with its copies).
 ``--seeds N`` takes the first N of the set. Runs use the direct
 path (``qflare.sim.direct``), which drives the services' own cores.
 """

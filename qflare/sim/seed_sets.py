@@ -20,4 +20,5 @@ SEED_SETS: dict[str, int] = {
     "heldout8": 8000,
     "heldout9": 9000,
     "heldout10": 10000,
+    "heldout11": 11000,
 }

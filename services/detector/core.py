@@ -126,10 +126,12 @@ def decide(
     reputation: Reputation,
     malformed: int = 0,
     output_layer: tuple[str, str] | None = None,
+    arrival: Mapping[str, float] | None = None,
 ) -> RoundVerdict:
     """The verdict over exactly ``updates`` (client -> delta tensors); updates
-    ``reputation`` in place with this round's flags. ``malformed``: see :func:`decide_rows`;
-    ``output_layer``: the job's (weight, bias) names (None: label consistency off)."""
+    ``reputation`` in place with this round's flags. ``malformed`` and ``arrival``: see
+    :func:`decide_rows`; ``output_layer``: the job's (weight, bias) names (None: label
+    consistency off)."""
     clients = sorted(updates)
     if not detection or not clients:
         return RoundVerdict(
@@ -144,7 +146,14 @@ def decide(
         None if output_layer is None or layout is None else OutputLayer.of(layout, output_layer)
     )
     return decide_rows(
-        round_no, clients, x, f=f, reputation=reputation, malformed=malformed, output=output
+        round_no,
+        clients,
+        x,
+        f=f,
+        reputation=reputation,
+        malformed=malformed,
+        output=output,
+        arrival=arrival,
     )
 
 
@@ -157,9 +166,14 @@ def decide_rows(
     reputation: Reputation,
     malformed: int = 0,
     output: OutputLayer | None = None,
+    arrival: Mapping[str, float] | None = None,
 ) -> RoundVerdict:
     """The verdict with detection on over the updates ``x`` (one float32 row per client,
     in the order of ``clients``, sorted); updates ``reputation`` in place.
+
+    ``arrival``: client -> where its update sits in the update stream (lower is earlier);
+    of a group of copies larger than ``f`` it keeps the earliest, the original
+    (:func:`~qflare.robust.detection.duplicate_groups`). None: every copy is flagged.
 
     ``malformed`` clients of the round were refused by ingest for their content
     (``round.closed.malformed``): with at most ``f`` Byzantine clients per round, at most
@@ -181,6 +195,7 @@ def decide_rows(
         malformed=malformed,
         block=GRAM_GRID,
         output=output,
+        arrival=arrival,
     )
 
 
@@ -194,6 +209,7 @@ def decide_source(
     malformed: int = 0,
     block: int,
     output: OutputLayer | None = None,
+    arrival: Mapping[str, float] | None = None,
 ) -> RoundVerdict:
     """:func:`decide_rows` over rows read in column blocks of ``block`` columns (a round
     kept in a file: :meth:`~qflare.runtime.spill.SpilledRows.source`), in one pass over
@@ -214,7 +230,8 @@ def decide_source(
     wanted = sketch if output is None else np.concatenate([sketch, output.columns])
     tap = TapColumns(src, wanted)
     view = grid_view(tap, block)
-    detected = detect_view(view, f_left, ids=clients)  # the one pass over the blocks
+    order = None if arrival is None else [float(arrival[c]) for c in clients]
+    detected = detect_view(view, f_left, ids=clients, arrival=order)  # one pass over the blocks
     got = tap.columns
     # the quarantined clients stay out of the label consensus too: a noisy coalition that
     # the round's own scores stop seeing (quarantined on its history from then on) would

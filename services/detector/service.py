@@ -321,6 +321,8 @@ class Detector(Service):
 
                 def judge() -> Any:
                     listed = [(c, d) for c, d, _o in refs]
+                    # the updates' order in the stream: the original of a group of copies
+                    arrival = {c: float(o) for c, _d, o in refs}
                     if isinstance(rows, SpilledRows):  # block by block: the same verdict
                         clients, src = rows.source(listed)
                         return decide_source(
@@ -332,6 +334,7 @@ class Detector(Service):
                             malformed=malformed,
                             block=spill_block(self.rows_budget, len(clients)),
                             output=output,
+                            arrival=arrival,
                         )
                     clients, x = rows.matrix(listed)
                     return decide_rows(
@@ -342,6 +345,7 @@ class Detector(Service):
                         reputation=reputation,
                         malformed=malformed,
                         output=output,
+                        arrival=arrival,
                     )
 
                 try:

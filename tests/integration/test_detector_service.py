@@ -288,6 +288,27 @@ async def test_the_verdict_is_decided_from_updates_read_ahead(
     assert await detector.store.pending() == []
 
 
+async def test_the_verdict_is_given_the_updates_stream_order(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The core is told where each listed update sits in the stream: of a group of copies
+    larger than f, the earliest is the original (docs/robust.md, ``duplicate``)."""
+    given: list[Any] = []
+    real = detector_module.decide_rows
+
+    def decide_rows(round_no: int, clients: list[str], x: np.ndarray, **kw: Any) -> Any:
+        given.append(kw.get("arrival"))
+        return real(round_no, clients, x, **kw)
+
+    monkeypatch.setattr(detector_module, "decide_rows", decide_rows)
+    await wire.start_detector()
+    refs = [await wire.update(c, 1) for c in reversed(CLIENTS)]
+    await wire.closed(1, refs)
+    await wire.verdict(1)
+    assert given == [{r.client: float(r.offset) for r in refs}]
+    assert len({r.offset for r in refs}) == len(refs)
+
+
 @pytest.mark.parametrize("how", ["pending-at-restart", "closed-while-away", "started-after-writes"])
 async def test_a_detector_without_the_updates_reads_them_at_the_listed_offsets(
     wire: Wire, fetches: list[list[Ref]], monkeypatch: pytest.MonkeyPatch, how: str
@@ -510,8 +531,9 @@ async def test_a_job_that_ended_is_read_no_more_and_gives_its_rows_back(wire: Wi
 
     await ended("another-job")
     await ended(JOB)
-    await until(lambda: JOB not in detector._feeds)
-    assert JOB not in detector._spare and not [k for k in detector._rows if k[0] == JOB]
+    # the feed goes first, then (after its reader stopped) the rows: wait for both
+    await until(lambda: JOB not in detector._feeds and JOB not in detector._spare)
+    assert not [k for k in detector._rows if k[0] == JOB]
     assert await detector.store.ended() == {JOB}
     restarted = await wire.restart(submit=False)
     assert JOB in restarted.specs and JOB not in restarted._feeds

@@ -144,6 +144,47 @@ def test_duplicate_groups_by_hand() -> None:
     assert not duplicate_groups(d2, 0.1).any()
 
 
+def test_a_group_of_copies_larger_than_f_keeps_its_earliest_member() -> None:
+    from qflare.robust.detection import duplicate_groups
+
+    # Points on a line: three copies at 0 (of nine points: a minority), the rest apart.
+    pts = np.array([0.0, 0.0, 0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    d2 = (pts[:, None] - pts[None, :]) ** 2
+    everyone = [True] * 3 + [False] * 6
+    # three copies and at most two Byzantine clients: one of the three is honest, the one
+    # that arrived first (row 1 here); the other two copied it
+    arrival = [5.0, 1.0, 7.0, 0.0, 2.0, 3.0, 4.0, 6.0, 8.0]
+    assert (
+        duplicate_groups(d2, 0.1, f=2, arrival=arrival).tolist()
+        == [True, False, True] + [False] * 6
+    )
+    # as many copies as f could all be Byzantine; no arrival order: nothing tells the
+    # original, every copy is flagged
+    assert duplicate_groups(d2, 0.1, f=3, arrival=arrival).tolist() == everyone
+    assert duplicate_groups(d2, 0.1, f=2).tolist() == everyone
+    with pytest.raises(ValueError, match="arrival"):
+        duplicate_groups(d2, 0.1, f=2, arrival=[0.0, 1.0])
+
+
+def test_mimic_keeps_the_copied_client_when_the_stream_order_is_known() -> None:
+    # Mimic: the f Byzantine clients send one honest client's update. With the rows'
+    # order in the update stream the original is kept, only its copies go; without it the
+    # original goes with them.
+    honest = non_iid_honest(7)[: N - F]
+    x = np.concatenate([honest, np.repeat(honest[3:4], F, axis=0)])
+    copies = {str(i) for i in range(N - F, N)}
+    arrival = [float(i) for i in range(N)]  # the copies were sent after the honest ones
+    v = detect(x, F, arrival=arrival)
+    assert copies <= set(v.flagged) and "3" not in v.flagged
+    assert all("duplicate" in v.reasons[c] for c in copies)
+    assert "3" in detect(x, F).flagged
+    # a copy that came first would be the one kept: the order is the evidence
+    early = [float(i) for i in range(N)]
+    early[N - 1] = -1.0
+    v = detect(x, F, arrival=early)
+    assert "3" in v.flagged and str(N - 1) not in v.flagged
+
+
 def test_low_side_cosine_scale_is_not_set_by_the_low_group() -> None:
     from qflare.robust.detection import low_side_z, robust_z
 

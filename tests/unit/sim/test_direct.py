@@ -45,7 +45,8 @@ def test_the_direct_path_drives_the_aggregators_round_machine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each round is the services' state machine fed what the services would feed it: the
-    grant, each participant's update (ingest refuses the non-finite ones), the clock, the
+    grant, each participant's update (ingest refuses the non-finite ones; the coalition's
+    come after the honest ones, as an attack built from them must), the clock, the
     detector's verdict; what follows (the next round, the job's end) is the machine's."""
     import qflare.sim.direct as direct
     from qflare.services.aggregator import core
@@ -65,7 +66,8 @@ def test_the_direct_path_drives_the_aggregators_round_machine(
         inputs = [kind for r, kind in seen if r == n]
         assert inputs == [
             "Granted",
-            *("Refused" if c == byz else "Accepted" for c in record.participants),
+            *("Accepted" for c in record.participants if c != byz),
+            "Refused",
             "Tick",
             "Verdict",
         ]
