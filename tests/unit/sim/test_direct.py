@@ -71,3 +71,19 @@ def test_the_direct_path_drives_the_aggregators_round_machine(
             "Tick",
             "Verdict",
         ]
+
+
+def test_mimic_flags_the_copies_and_keeps_the_copied_client() -> None:
+    """Mimic's coalition sends one honest client's update; the direct path sends the
+    coalition's updates after the honest ones (an attack built from them must), so the
+    detector keeps the original and flags only the copies, as the oracle does: the same
+    model."""
+    config = SimConfig(
+        clients=10, byzantine=3, attack="mimic", detection=True, rounds=2, local_epochs=1
+    )
+    fed = Federation.build(config)
+    detected = run_direct(config, fed)
+    oracle = run_direct(config, fed, oracle=True)
+    for record in detected.rounds:
+        assert record.flagged == tuple(sorted(fed.byzantine)), record.flagged
+    assert [r.loss for r in detected.rounds] == [r.loss for r in oracle.rounds]
