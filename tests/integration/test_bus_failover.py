@@ -13,6 +13,7 @@ import asyncio
 import shutil
 import socket
 import uuid
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -52,20 +53,25 @@ def _with_host(url: str, host: str, port: int | None = None) -> str:
     return urlunsplit(parts._replace(netloc=f"{auth}{host}:{port or parts.port or 5672}"))
 
 
+async def _delivers(bus: Any, wait_for: Any, body: bytes) -> None:
+    """A message published through ``bus`` reaches its consumer on ``bus``."""
+    seen: list[bytes] = []
+
+    async def on(d: Delivery) -> Outcome:
+        seen.append(d.body)
+        return Outcome.ACK
+
+    await bus.consume(QueueSpec("q", bindings=((topology.EVENTS, "k"),)), on)
+    await bus.publish(topology.EVENTS, "k", body)
+    await wait_for(lambda: seen == [body], timeout=10)
+
+
 async def test_the_first_connect_passes_over_a_dead_address(amqp, wait_for) -> None:
     dead = _with_host(amqp, "127.0.0.1", _dead_port())
     bus = await connect_bus(f"{dead},{amqp}", prefix=f"t-{uuid.uuid4().hex[:8]}-")
     try:
         assert bus.connection.url.port == (urlsplit(amqp).port or 5672)
-        seen: list[bytes] = []
-
-        async def on(d: Delivery) -> Outcome:
-            seen.append(d.body)
-            return Outcome.ACK
-
-        await bus.consume(QueueSpec("q", bindings=((topology.EVENTS, "k"),)), on)
-        await bus.publish(topology.EVENTS, "k", b"over the second address")
-        await wait_for(lambda: seen == [b"over the second address"], timeout=10)
+        await _delivers(bus, wait_for, b"over the second address")
     finally:
         await bus.delete_all()
         await bus.close()
@@ -98,15 +104,7 @@ async def test_a_connection_closed_while_its_first_channel_opens_is_one_more_att
     bus = await connect_bus(amqp, prefix=f"t-{uuid.uuid4().hex[:8]}-")
     try:
         assert len(opened) == 2 and opened[0].is_closed and bus.connection is opened[1]
-        seen: list[bytes] = []
-
-        async def on(d: Delivery) -> Outcome:
-            seen.append(d.body)
-            return Outcome.ACK
-
-        await bus.consume(QueueSpec("q", bindings=((topology.EVENTS, "k"),)), on)
-        await bus.publish(topology.EVENTS, "k", b"on the second attempt")
-        await wait_for(lambda: seen == [b"on the second attempt"], timeout=10)
+        await _delivers(bus, wait_for, b"on the second attempt")
     finally:
         await bus.delete_all()
         await bus.close()
