@@ -218,8 +218,8 @@ def duplicate_groups(
         if a != b:
             label[label == b] = a
     order = None if arrival is None else np.asarray(arrival, dtype=np.float64)
-    if order is not None and order.shape != (n,):
-        raise ValueError(f"arrival must be {n} values, got shape {order.shape}")
+    if order is not None and (order.shape != (n,) or not np.isfinite(order).all()):
+        raise ValueError(f"arrival must be {n} finite values, got {order.shape}: {order}")
     out = np.zeros(n, dtype=bool)
     for lab in np.unique(label):
         members = label == lab

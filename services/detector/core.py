@@ -230,6 +230,8 @@ def decide_source(
     wanted = sketch if output is None else np.concatenate([sketch, output.columns])
     tap = TapColumns(src, wanted)
     view = grid_view(tap, block)
+    if arrival is not None and set(arrival) != set(clients):
+        raise ValueError(f"arrival names {sorted(arrival)}, the rows are of {clients}")
     order = None if arrival is None else [float(arrival[c]) for c in clients]
     detected = detect_view(view, f_left, ids=clients, arrival=order)  # one pass over the blocks
     got = tap.columns

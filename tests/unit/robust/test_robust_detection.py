@@ -164,6 +164,8 @@ def test_a_group_of_copies_larger_than_f_keeps_its_earliest_member() -> None:
     assert duplicate_groups(d2, 0.1, f=2).tolist() == everyone
     with pytest.raises(ValueError, match="arrival"):
         duplicate_groups(d2, 0.1, f=2, arrival=[0.0, 1.0])
+    with pytest.raises(ValueError, match="arrival"):
+        duplicate_groups(d2, 0.1, f=2, arrival=[float("nan"), *arrival[1:]])
 
 
 def test_mimic_keeps_the_copied_client_when_the_stream_order_is_known() -> None:

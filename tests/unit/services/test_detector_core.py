@@ -71,6 +71,15 @@ def test_decide_rows_is_decide_over_the_same_matrix() -> None:
     assert a == b and {f.client for f in a.flagged} == {"c7", "c8", "c9"}
 
 
+def test_an_arrival_order_must_name_exactly_the_rows() -> None:
+    updates = _round(2)
+    order = {c: float(i) for i, c in enumerate(sorted(updates))}
+    decide(2, updates, f=3, detection=True, reputation=Reputation(), arrival=order)
+    for bad in ({c: v for c, v in order.items() if c != "c0"}, {**order, "stranger": 99.0}):
+        with pytest.raises(ValueError, match="arrival"):
+            decide(2, updates, f=3, detection=True, reputation=Reputation(), arrival=bad)
+
+
 def test_clients_refused_for_malformed_updates_count_against_f() -> None:
     # f = 3 and all three attackers were refused by ingest (round.closed.malformed = 3):
     # what is left is honest, so an unusual honest client is not flagged in their place
