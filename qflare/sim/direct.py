@@ -147,7 +147,7 @@ def run_direct(
                 reputation=reputation,
                 malformed=malformed_of(r),
                 output_layer=spec.output_layer,
-                arrival=arrival,
+                arrival={c: arrival[c] for c in updates},  # the closed set's
             )
         verdict = Verdict(found.kept, tuple((x.client, float(x.score)) for x in found.flagged))
         r, effects = step(spec, r, verdict, now)
