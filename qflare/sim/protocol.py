@@ -32,7 +32,8 @@ round on fashion-mnist), ``heldout9`` (9000, 9001, ...) after heldout8's (honest
 flagged on label consistency on fashion-mnist), ``heldout10`` (10000, 10001, ...) after
 heldout9's (a noisy coalition missed and honest outliers held unsteady on fashion-mnist),
 ``heldout11`` (11000, 11001, ...) after heldout10's (Mimic's copied honest client excluded
-with its copies).
+with its copies), ``heldout12`` (12000, 12001, ...) after heldout11's (an honest client
+excluded in 40% of rounds with no attack).
 ``--seeds N`` takes the first N of the set. Runs use the direct
 path (``qflare.sim.direct``), which drives the services' own cores.
 """

@@ -21,4 +21,5 @@ SEED_SETS: dict[str, int] = {
     "heldout9": 9000,
     "heldout10": 10000,
     "heldout11": 11000,
+    "heldout12": 12000,
 }

@@ -168,20 +168,22 @@ def test_a_recent_direction_flag_withholds_the_pardon_for_a_while() -> None:
 
 
 def test_a_pardon_ends_a_quarantine_and_a_clean_round_does_not() -> None:
-    """A consistently honest outlier quarantined on the flags it drew before it had a
-    history is let out of the quarantine by the first pardon (it would otherwise stay out
-    for ``quarantine_rounds`` more rounds, drifting further from a model trained without
-    it); its score keeps only the flags a history does not excuse. A quarantined client
-    that is merely not flagged, or flagged on direction, stays quarantined."""
+    """A consistently honest outlier quarantined on earlier flags is let out of the
+    quarantine by the first pardon (it would otherwise stay out for ``quarantine_rounds``
+    more rounds, drifting further from a model trained without it); its score keeps only
+    the flags a history does not excuse. A quarantined client that is merely not flagged,
+    or flagged on direction, stays quarantined."""
     from dataclasses import replace
 
     rng, mu, skew = _consensus_and_skew(3, D_OUTLIER)
     d = D_OUTLIER
     ids = IDS[:16]
     rep = Reputation(min_history=2, decay=0.8, pardon_after=1.0, quarantine_rounds=5)
-    # c13 is quarantined from the start on an earlier offence; it behaves in every round
-    rep.observe(0, ["c13"])
-    rep.clients["c13"].quarantined_until = 20
+    # c13 and c14 are quarantined from the start on earlier offences; c13 behaves in every
+    # round, c14 is an honest outlier (far, in a direction of its own, every round)
+    for c in ("c13", "c14"):
+        rep.observe(0, [c])
+        rep.clients[c].quarantined_until = 20
     quarantined, kept = [], []
     for r in range(1, 9):
         x = mu + 0.9 * rng.normal(size=(16, d)) / np.sqrt(d)
@@ -192,19 +194,55 @@ def test_a_pardon_ends_a_quarantine_and_a_clean_round_does_not() -> None:
         assert {"c14", "c15"} <= set(v.flagged)
         # c15 is flagged on direction in every round: never pardoned
         v = replace(v, reasons={**v.reasons, "c15": (*v.reasons["c15"], "cosine")})
-        if r in (1, 2):  # c14 too, before it has a history (as honest outliers are)
-            v = replace(v, reasons={**v.reasons, "c14": (*v.reasons["c14"], "cosine")})
         w = rep.review(r, ids, x, v)
         rep.observe(r, w.flagged)
         quarantined.append({c for c in ("c13", "c14", "c15") if rep.is_quarantined(c, r)})
         # kept in the round: not flagged, and not quarantined (the detector core's outcome)
         kept.append("c14" in w.kept and not rep.is_quarantined("c14", r))
-    # c14: flags in rounds 1-4 (the record 1.8 and 1.44 withhold the pardon in 3 and 4)
-    # quarantine it at round 4; round 5's pardon (record 1.15 -> 0.92 < 1) ends it
-    assert kept == [False] * 4 + [True] * 4
-    assert [("c14" in q) for q in quarantined] == [False] * 3 + [True] + [False] * 4
+    # c14: no history in rounds 1-2; round 3's pardon ends its quarantine
+    assert kept == [False] * 2 + [True] * 6
+    assert [("c14" in q) for q in quarantined] == [True] * 2 + [False] * 6
     assert rep.score("c14", 8) <= rep.grave_score("c14", 8) + 1e-12
     assert all("c13" in q and "c15" in q for q in quarantined[3:])
+
+
+def test_direction_flags_before_a_history_do_not_withhold_the_pardon() -> None:
+    """An honest outlier flagged on direction in its first rounds, before it has a history
+    (as in round 1 of a run, when the model is random), is let back in as soon as its
+    history speaks for it; the same flags once it has a history withhold the pardon
+    (``test_a_recent_direction_flag_withholds_the_pardon_for_a_while``). Flags that are
+    not of direction (copies) count from the first round."""
+    from dataclasses import replace
+
+    rng, mu, dense = _consensus_and_skew(0, D_OUTLIER)
+    # data-like skews: large on a few coordinates (an honest client's classes), not noise
+    skew = np.where(np.arange(D_OUTLIER) % 10 == 0, dense, 0.0)
+    other = np.where(np.arange(D_OUTLIER) % 10 == 5, dense, 0.0)
+    skew, other = skew / np.linalg.norm(skew), other / np.linalg.norm(other)
+    d = D_OUTLIER
+    ids = IDS[:16]
+    rep = Reputation(min_history=2, decay=0.8, pardon_after=1.0, quarantine_rounds=5)
+    kept, out_13 = [], []
+    for r in range(1, 9):
+        x = mu + 0.9 * rng.normal(size=(16, d)) / np.sqrt(d)
+        x[14] = 1.35 * mu + 1.0 * skew + 0.1 * rng.normal(size=d) / np.sqrt(d)
+        x[13] = 1.35 * mu + 1.0 * other + 0.1 * rng.normal(size=d) / np.sqrt(d)
+        x = x.astype(np.float32)
+        v = detect(x, 3, ids=ids)
+        assert {"c13", "c14"} <= set(v.flagged)
+        if r in (1, 2, 3):  # c14 on direction; its history holds from round 3 on
+            v = replace(v, reasons={**v.reasons, "c14": (*v.reasons["c14"], "cosine")})
+        if r in (1, 2):  # c13 as copies
+            v = replace(v, reasons={**v.reasons, "c13": (*v.reasons["c13"], "duplicate")})
+        w = rep.review(r, ids, x, v)
+        rep.observe(r, w.flagged)
+        kept.append("c14" in w.kept and not rep.is_quarantined("c14", r))
+        out_13.append("c13" in w.flagged)
+    # c14: rounds 1-2 do not count, round 3's does (record 1.0, then 0.8 < 1 in round 4)
+    assert kept == [False] * 3 + [True] * 5
+    assert rep.grave_score("c14", 3) == 1.0
+    # c13: the copies of rounds 1-2 leave a record of 1.8 (1.44, 1.15 in rounds 3-4)
+    assert out_13 == [True] * 4 + [False] * 4
 
 
 # --- tails: residuals like noise, not data (Reputation's "Tails") ---------------------------
