@@ -312,7 +312,8 @@ async def test_an_update_no_stream_took_is_published_again(world) -> None:
         await driver.open_round(1, [a], v0)
         env = await driver.next_accepted()
         assert env.round == 1 and env.body.client == a and len(refused) == 3
-        assert p.stats.updates_sent == 1 and p.stats.rounds_missed == 0
+        await asyncio.wait_for(_until(lambda: p.stats.updates_sent == 1), 10)
+        assert p.stats.rounds_missed == 0
     finally:
         await p.stop()
 
@@ -536,7 +537,10 @@ async def test_an_update_above_the_part_threshold_goes_as_parts_that_ingest_acce
         await driver.open_round(1, [a], v0)
         env = await driver.next_accepted()
         assert env.body.client == a and env.body.num_samples == 5
-        assert p.stats.updates_sent == 1 and p.stats.sent == [(JOB, 1)]
+        # the participant counts its update once its send returns, which can be after
+        # ingest has accepted it (the last parts' confirmations)
+        await asyncio.wait_for(_until(lambda: p.stats.updates_sent == 1), 10)
+        assert p.stats.sent == [(JOB, 1)]
         got: list[bytes] = []
         done = asyncio.Event()
 
