@@ -464,12 +464,12 @@ class Reputation:
                 rec.score = min(rec.score, self.grave_score(name, round_))
         for name in names:
             unexcused = set(verdict.reasons.get(name, ())) - PARDONABLE
-            if name in unsteady or name in mislabelled or name in noisy:
-                unexcused.add("history")
+            of_history = name in unsteady or name in mislabelled or name in noisy
             # a direction flag raised before the client had a history protects its round
             # but stays off its record: nothing yet told an honest outlier from an
             # attacker, and its history decides from here on (class docstring, "Pardon")
-            if unexcused and not (unexcused <= DIRECTION and self._early(name)):
+            early = not of_history and unexcused <= DIRECTION and self._early(name)
+            if (unexcused or of_history) and not early:
                 self.grave[name] = (self.grave_score(name, round_) + 1.0, round_)
         reasons = {k: list(v) for k, v in verdict.reasons.items() if k not in set(pardoned)}
         for name in unsteady:
