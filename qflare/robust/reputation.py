@@ -25,8 +25,8 @@ aggregate of its updates over time. The uses of that history:
   boosted update, a fixed direction scaled far past the honest spread, is as consistent
   as an honest outlier: on the tune seeds honest outliers reached z 6.5, and 9.8 after a
   quarantine, label flippers at Dirichlet 0.5 4.6-8), and its record of flags a history
-  does not excuse (direction, copies, clusters, ``inconsistent``; decayed by ``decay`` per
-  round) is below ``pardon_after`` (1: one stray flag does not withhold the pardon, two in a
+  does not excuse (direction, copies, clusters, ``inconsistent``, ``noise_like``; decayed
+  by ``decay`` per round) is below ``pardon_after`` (1: one stray flag does not withhold the pardon, two in a
   row do for a few rounds): a coalition caught on direction in recent rounds is not pardoned when it
   drifts to being merely far (label flipping at Dirichlet 0.5, tune seed 2: six flippers
   caught by ``neighbourhood`` in rounds 4-7 were all let back in from round 8; with 0.3
@@ -89,7 +89,16 @@ aggregate of its updates over time. The uses of that history:
   honest (client, round) pairs below -0.15), the running mean of the round's scores was
   (honest clients never below -0.15, label flippers below it from round 1-2; any threshold
   from -0.20 to -0.12 did). A window, not a mean over all rounds: an honest client with a
-  few bad rounds is back in once ``label_window`` good ones have passed.
+  few bad rounds is back in once ``label_window`` good ones have passed. The window is the
+  label score's own record across rounds: a label flag does not enter the record of
+  unexcused flags (a client whose window is below the threshold is never pardoned, and
+  one whose window cleared owes nothing to the rounds it held), and a quarantine that
+  began while the client's window was below the threshold ends in the first round its
+  window is back above it, the client not flagged otherwise and its record of unexcused
+  flags below ``pardon_after`` (fashion-mnist, Dirichlet 0.1, no attack, tune seed 0: an
+  honest client flagged on its labels in rounds 1-5 was quarantined at round 4 and kept
+  out through round 9 although its window cleared at round 6: out in 45% of rounds, 30%
+  with the release).
 - *At most f flags* (:func:`~qflare.robust.detection.limit_flags`): copies and
   non-finite updates first, then ``inconsistent`` (evidence from many rounds), then the
   most reasons and the largest z.
@@ -268,6 +277,8 @@ class Reputation:
         self.label_window = check_int("label_window", label_window, minimum=1)
         #: client -> its last ``label_window`` label-consistency scores, oldest first
         self.labels: dict[str, list[float]] = {}
+        #: client -> the last round it was flagged ``label_consistency``
+        self.label_flagged: dict[str, int] = {}
         self.tails_bar = check_float("tails_bar", tails_bar)
         self.tails_margin = check_float("tails_margin", tails_margin)
         self.unsteady_tails = check_float("unsteady_tails", unsteady_tails)
@@ -283,7 +294,8 @@ class Reputation:
 
     def grave_score(self, client: str, round_: int) -> float:
         """Decayed count (by ``decay`` per round) of the client's flags that a consistent
-        history does not excuse (direction, copies, clusters, ``inconsistent``)."""
+        history does not excuse (direction, copies, clusters, ``inconsistent``,
+        ``noise_like``; not labels, whose window is their own record)."""
         score, last = self.grave.get(client, (0.0, round_))
         return score * self.decay ** max(0, round_ - last)
 
@@ -456,7 +468,23 @@ class Reputation:
                 and self.grave_score(name, round_) < self.pardon_after
             ):
                 pardoned.append(name)
-        for name in pardoned:
+        for name in mislabelled:
+            self.label_flagged[name] = round_
+        # a quarantine that rests on a client's labels ends when its window clears, as a
+        # pardon ends one (class docstring, "Label consistency")
+        cleared = [
+            name
+            for i, name in enumerate(names)
+            if finite[i]
+            and name in scores
+            and not verdict.reasons.get(name)
+            and name not in unsteady
+            and name not in mislabelled
+            and name not in noisy
+            and self._held_on_labels(name, round_)
+            and self.grave_score(name, round_) < self.pardon_after
+        ]
+        for name in [*pardoned, *cleared]:
             # the pardon is evidence the quarantine did not have: it ends it
             rec = self.clients.get(name)
             if rec is not None and self.is_quarantined(name, round_):
@@ -464,7 +492,10 @@ class Reputation:
                 rec.score = min(rec.score, self.grave_score(name, round_))
         for name in names:
             unexcused = set(verdict.reasons.get(name, ())) - PARDONABLE
-            of_history = name in unsteady or name in mislabelled or name in noisy
+            # the label window is its own record across rounds: a client whose window is
+            # below the threshold is neither pardoned nor released, and one whose window
+            # cleared owes nothing to the rounds it held
+            of_history = name in unsteady or name in noisy
             # a direction flag raised before the client had a history protects its round
             # but stays off its record: nothing yet told an honest outlier from an
             # attacker, and its history decides from here on (class docstring, "Pardon")
@@ -481,6 +512,10 @@ class Reputation:
         notes = [verdict.message]
         if pardoned:
             notes.append(f"let back in on a consistent history: {', '.join(sorted(pardoned))}")
+        if cleared:
+            notes.append(
+                f"let back in, labels like the others' again: {', '.join(sorted(cleared))}"
+            )
         if unsteady:
             notes.append(f"inconsistent with their history: {', '.join(sorted(unsteady))}")
         if mislabelled:
@@ -498,6 +533,16 @@ class Reputation:
             verdict.f,
         )
         return limit_flags(out)
+
+    def _held_on_labels(self, client: str, round_: int) -> bool:
+        """Whether ``client`` is quarantined at ``round_`` in a quarantine that began while
+        its label window was below the threshold (flagged ``label_consistency`` in the
+        round the quarantine began or since)."""
+        rec = self.clients.get(client)
+        if rec is None or not self.is_quarantined(client, round_):
+            return False
+        began = rec.quarantined_until - self.quarantine_rounds
+        return self.label_flagged.get(client, began - 1) >= began
 
     def _early(self, client: str) -> bool:
         """Whether ``client`` had fewer than ``min_history`` rounds of history before the
@@ -586,6 +631,7 @@ class Reputation:
             "history": history,
             "grave": {c: [float(v), int(r)] for c, (v, r) in sorted(self.grave.items())},
             "labels": {c: [float(v) for v in w] for c, w in sorted(self.labels.items())},
+            "label_flagged": {c: int(r) for c, r in sorted(self.label_flagged.items())},
         }
 
     @classmethod
@@ -609,6 +655,8 @@ class Reputation:
             for c, w in data.get("labels", {}).items():
                 values = [check_float("label score", v, minimum=-np.inf) for v in w]
                 rep.labels[str(c)] = values[-rep.label_window :]
+            for c, r in data.get("label_flagged", {}).items():
+                rep.label_flagged[str(c)] = check_int("round", r)
             for c, r in data.get("clients", {}).items():
                 rep.clients[str(c)] = ClientRecord(
                     score=check_float("score", r["score"]),

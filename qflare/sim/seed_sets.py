@@ -22,4 +22,5 @@ SEED_SETS: dict[str, int] = {
     "heldout10": 10000,
     "heldout11": 11000,
     "heldout12": 12000,
+    "heldout13": 13000,
 }

@@ -132,10 +132,34 @@ def test_an_honest_client_with_bad_early_rounds_is_back_in_after_the_window() ->
     assert flagged == [("c4",)] * 3
     after = [_review(rep, r, good) for r in range(4, 30)]
     # flagged while its window holds two or more of its bad rounds (mean -0.5, -0.2), then
-    # never again; quarantined on its fourth flag (round 4) for five rounds, not after
+    # never again; quarantined on its fourth flag (round 4), and the quarantine, which
+    # rested on its labels, ends with them (round 6) instead of running to round 9
     assert [bool(f) for f in after[:3]] == [True, True, False] and not any(after[3:])
-    assert rep.is_quarantined("c4", 9) and not rep.is_quarantined("c4", 10)
+    assert rep.is_quarantined("c4", 5) and not rep.is_quarantined("c4", 6)
     assert rep.quarantined(29) == set()
+
+
+def test_a_quarantine_on_labels_ends_only_when_nothing_else_is_held() -> None:
+    """The release is for a quarantine that began while the labels were flagged, once the
+    window has cleared and no record of unexcused flags remains; a client quarantined on
+    other evidence that is merely not flagged stays quarantined."""
+    good = {f"c{i}": 0.4 for i in range(10)}
+    rep = Reputation(label_window=4)
+    for r in range(1, 4):
+        _review(rep, r, {**good, "c4": -0.8})
+    rep.grave["c4"] = (2.0, 3)  # e.g. two rounds flagged on direction besides
+    for r in range(4, 7):
+        _review(rep, r, good)
+    assert rep.is_quarantined("c4", 6)  # window clear from round 6, the record is not
+    # quarantined without a label flag: not released by a clear window
+    other = Reputation()
+    for r in range(1, 5):
+        other.observe(r, ["c5"])
+    assert other.is_quarantined("c5", 4)
+    for r in range(5, 8):
+        assert _review(other, r, good) == ()
+        assert other.is_quarantined("c5", r)
+    assert other.label_flagged == {}
 
 
 def test_the_windows_survive_a_restart() -> None:
@@ -145,6 +169,7 @@ def test_the_windows_survive_a_restart() -> None:
         _review(rep, r, scores)
     data = rep.to_dict()
     assert data["labels"]["c0"] == pytest.approx([-0.3] * 3) and data["label_window"] == 3
+    assert data["label_flagged"] == {"c0": 4, "c1": 4}
     again = Reputation.from_dict(data)
     assert again.to_dict() == data
     assert _review(again, 5, scores) == _review(rep, 5, scores) == ("c0", "c1")
@@ -152,6 +177,11 @@ def test_the_windows_survive_a_restart() -> None:
     # a state saved before label consistency existed has no windows
     old = {k: v for k, v in data.items() if k not in ("labels", "label_window", "label_threshold")}
     assert Reputation.from_dict(old).labels == {}
+    # nor, before the release on labels, their last flags
+    older = {k: v for k, v in data.items() if k != "label_flagged"}
+    assert Reputation.from_dict(older).label_flagged == {}
+    with pytest.raises(TypeError, match="round must be an int"):
+        Reputation.from_dict({**data, "label_flagged": {"c0": "4"}})
     with pytest.raises(ValueError, match="label score"):
         Reputation.from_dict({**data, "labels": {"c0": [float("nan")]}})
 
