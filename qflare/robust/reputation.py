@@ -20,7 +20,9 @@ aggregate of its updates over time. The uses of that history:
 
 - *Pardon*: a client flagged *only* for being far or large is let back in when its residual
   direction agrees with its own history (cosine at least :meth:`Reputation.consistency_bar`:
-  ``consistency`` times the round's median agreement, at least ``consistency_floor``; after
+  ``consistency`` times the round's median agreement, at least ``consistency_floor``; only
+  ``consistency_floor`` for a client whose running tails reach ``unsteady_tails``, its
+  residual clearly data, as unsteadiness is not held against such a client; after
   ``min_history`` rounds of history), none of its fired scores exceeds ``pardon_z`` (a
   boosted update, a fixed direction scaled far past the honest spread, is as consistent
   as an honest outlier: on the tune seeds honest outliers reached z 6.5, and 9.8 after a
@@ -463,7 +465,12 @@ class Reputation:
                 and name not in mislabelled
                 and name not in noisy
                 and self.history[name][0] > self.min_history  # history before this round
-                and scores[name]["consistency"] >= bar
+                and scores[name]["consistency"]
+                >= (
+                    self.consistency_floor
+                    if self.tails.get(name, 0.0) >= self.unsteady_tails
+                    else bar
+                )
                 and _largest_z(scores[name], why) <= self.pardon_z
                 and self.grave_score(name, round_) < self.pardon_after
             ):
@@ -559,7 +566,13 @@ class Reputation:
         fashion-mnist, where an honest outlier flagged far in every round agreed 0.72-0.81
         and was never pardoned against a fixed 0.9. The floor keeps out a client whose
         residual is fresh noise every round (agreement about 0 +- 1/sqrt(``sketch``)) where
-        every client's residual is mostly noise (IID data)."""
+        every client's residual is mostly noise (IID data). :meth:`review_sketch` asks
+        only the floor of a client whose running tails reach ``unsteady_tails``: on
+        fashion-mnist at Dirichlet 0.1 (no attack, tune seed 2) an honest client far in
+        every round agreed with its history 0.47-0.81 against bars of 0.70-0.75, its tails
+        1.23-1.62, and was out in 75% of rounds (60% with the floor: its label window, near
+        -0.15 throughout, keeps it out of most of the rest); the noisy coalitions whose
+        agreement is as low have tails of 0.96 or less."""
         if not agreements:
             return self.consistency
         relative = self.consistency * float(np.median(agreements))

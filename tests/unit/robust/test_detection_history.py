@@ -344,3 +344,38 @@ def test_tails_survive_a_restart_and_bad_state_is_refused() -> None:
     for bad in ({"tails_bar": -1.0}, {"tails_margin": float("inf")}, {"unsteady_tails": -0.1}):
         with pytest.raises(ValueError):
             Reputation(**bad)  # type: ignore[arg-type]
+
+
+def test_a_far_client_whose_residual_is_data_needs_only_the_floor_to_be_pardoned() -> None:
+    """An honest outlier far from the others in every round whose residual is data (heavy
+    tails) but keeps only part of its direction (fashion-mnist at Dirichlet 0.1: agreement
+    0.5-0.76 where the round's median was 0.8) is pardoned at ``consistency_floor``
+    instead of the round's relative bar."""
+    rng = np.random.default_rng(21)
+    mu = _unit(rng)
+
+    def sparse() -> np.ndarray:
+        v = np.zeros(D)
+        on = rng.choice(D, size=D // 10, replace=False)
+        v[on] = rng.normal(size=len(on))
+        return v / np.linalg.norm(v)
+
+    skews = [sparse() for _ in range(14)]
+    ids = IDS[:14]
+    rep = Reputation()
+    kept, agree, bars = [], [], []
+    for r in range(1, 9):
+        x = np.stack([mu + 0.8 * skews[i] + 0.1 * _unit(rng) for i in range(14)])
+        x[13] = 1.35 * mu + 1.1 * (0.8 * skews[13] + 0.6 * sparse())  # far, half its own
+        x = x.astype(np.float32)
+        v = detect(x, 3, ids=ids)
+        assert v.reasons.get("c13") and set(v.reasons["c13"]) <= {"krum", "distance", "norm"}
+        w = rep.review(r, ids, x, v)
+        kept.append("c13" in w.kept)
+        agree.append(w.scores["c13"]["consistency"])
+        others = [w.scores[c]["consistency"] for c in ids[:13]]
+        bars.append(rep.consistency_bar(others))
+    assert rep.tails["c13"] >= rep.unsteady_tails
+    late = range(3, 8)  # rounds with a history before them
+    assert all(rep.consistency_floor <= agree[i] < bars[i] for i in late)  # only the floor
+    assert all(kept[i] for i in late)
