@@ -248,6 +248,14 @@ def test_direction_flags_before_a_history_do_not_withhold_the_pardon() -> None:
 # --- tails: residuals like noise, not data (Reputation's "Tails") ---------------------------
 
 
+def _sparse_unit(rng: np.random.Generator) -> np.ndarray:
+    """A unit vector on a random 10% of the coordinates (what a few classes drive)."""
+    v = np.zeros(D)
+    on = rng.choice(D, size=D // 10, replace=False)
+    v[on] = rng.normal(size=len(on))
+    return v / np.linalg.norm(v)
+
+
 def _data_like_rounds(seed: int, rounds: int, *, fresh: tuple[int, ...] = ()) -> list[np.ndarray]:
     """14 honest clients whose residual is data-like: a skew of their own on a random 10% of
     the coordinates (the few its classes drive), kept across rounds, plus a little noise;
@@ -257,18 +265,14 @@ def _data_like_rounds(seed: int, rounds: int, *, fresh: tuple[int, ...] = ()) ->
     noise scaled by it)."""
     rng = np.random.default_rng(seed)
     mu = _unit(rng)
-
-    def skew() -> np.ndarray:
-        v = np.zeros(D)
-        on = rng.choice(D, size=D // 10, replace=False)
-        v[on] = rng.normal(size=len(on))
-        return v / np.linalg.norm(v)
-
-    skews = [skew() for _ in range(14)]
+    skews = [_sparse_unit(rng) for _ in range(14)]
     out = []
     for _ in range(rounds):
         h = np.stack(
-            [mu + 0.8 * (skew() if i in fresh else skews[i]) + 0.1 * _unit(rng) for i in range(14)]
+            [
+                mu + 0.8 * (_sparse_unit(rng) if i in fresh else skews[i]) + 0.1 * _unit(rng)
+                for i in range(14)
+            ]
         )
         bad = get_attack("noisy_alie").forge(h, 6, rng)
         out.append(np.concatenate([h, bad]).astype(np.float32))
@@ -353,20 +357,13 @@ def test_a_far_client_whose_residual_is_data_needs_only_the_floor_to_be_pardoned
     instead of the round's relative bar."""
     rng = np.random.default_rng(21)
     mu = _unit(rng)
-
-    def sparse() -> np.ndarray:
-        v = np.zeros(D)
-        on = rng.choice(D, size=D // 10, replace=False)
-        v[on] = rng.normal(size=len(on))
-        return v / np.linalg.norm(v)
-
-    skews = [sparse() for _ in range(14)]
+    skews = [_sparse_unit(rng) for _ in range(14)]
     ids = IDS[:14]
     rep = Reputation()
     kept, agree, bars = [], [], []
     for r in range(1, 9):
         x = np.stack([mu + 0.8 * skews[i] + 0.1 * _unit(rng) for i in range(14)])
-        x[13] = 1.35 * mu + 1.1 * (0.8 * skews[13] + 0.6 * sparse())  # far, half its own
+        x[13] = 1.35 * mu + 1.1 * (0.8 * skews[13] + 0.6 * _sparse_unit(rng))  # far, half its own
         x = x.astype(np.float32)
         v = detect(x, 3, ids=ids)
         assert v.reasons.get("c13") and set(v.reasons["c13"]) <= {"krum", "distance", "norm"}
