@@ -50,7 +50,8 @@ aggregate of its updates over time. The uses of that history:
   from its data, its z grows past ``pardon_z`` and the quarantine renews (tune seed 13,
   Dirichlet 0.1, no attack: z 7.7 before the quarantine, 9.5-9.8 in it; the client out in
   75% of rounds with ``pardon_z`` 8 and no release, 20% with both). A quarantined client
-  that is merely not flagged stays quarantined (an attacker that behaves for a round).
+  that is merely not flagged stays quarantined (an attacker that behaves for a round),
+  unless the quarantine rested on its labels and its window has cleared ("Label consistency").
 - *Steadiness* (FLDetector's consistency, as a running mean): the per-round agreement of a
   client's residual with its history, exponentially weighted by ``steadiness_memory``.
   A coalition that adds fresh noise every round (noisy IPM/ALIE) keeps no direction: on
