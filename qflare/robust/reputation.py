@@ -682,4 +682,6 @@ class Reputation:
                 )
         except KeyError as exc:
             raise ValueError(f"reputation state lacks {exc.args[0]!r}") from None
+        except AttributeError:  # a section that is not a mapping (``.items()``)
+            raise ValueError("reputation state has a section that is not a mapping") from None
         return rep

@@ -182,6 +182,9 @@ def test_the_windows_survive_a_restart() -> None:
     assert Reputation.from_dict(older).label_flagged == {}
     with pytest.raises(TypeError, match="round must be an int"):
         Reputation.from_dict({**data, "label_flagged": {"c0": "4"}})
+    for section in ("label_flagged", "labels", "grave"):
+        with pytest.raises(ValueError, match="not a mapping"):
+            Reputation.from_dict({**data, section: [["c0", 4]]})
     with pytest.raises(ValueError, match="label score"):
         Reputation.from_dict({**data, "labels": {"c0": [float("nan")]}})
 
