@@ -245,3 +245,61 @@ def test_what_the_classes_share_does_not_move_a_clients_score() -> None:
         moved[0] += scale * np.where(up[0], b[0], 0.0)[:, None] * shared  # phi[0] += scale * u
         after = label_consistency(moved, b, f=0)
         assert after[0] == pytest.approx(before[0], abs=1e-9)
+
+
+def _paired_classes_round(seed: int) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """Twenty clients, six flipping, where the flippers push up most rows of the paired
+    classes 1 and 8 (each flipper's images of 8 become its label 1, of 1 its label 8): as
+    on fashion-mnist at Dirichlet 0.1 (tune seed 4). Two honest clients hold each of the
+    two classes; four flippers hold images of only one of the two, three a class the
+    honest clients are the most of."""
+    rng = np.random.default_rng(seed)
+    protos = np.abs(rng.standard_normal((C, H))) + 0.5
+    counts = np.zeros((20, C))
+    counts[0, 1], counts[1, [1, 3]] = 60, (40, 20)
+    counts[2, 8], counts[3, [8, 5]] = 60, (40, 20)
+    rest = [0, 2, 3, 4, 5, 6, 7, 9]
+    for i in range(4, 14):  # honest clients of the other classes, two or three each
+        counts[i, rng.choice(rest, size=2, replace=False)] = (40, 20)
+    # images of 8 (labelled 1) or of 1 (labelled 8), some of the other, and a third class
+    coalition = [(8, 1, 2), (8, 1, 3), (8, None, 4), (1, 8, 0), (1, None, 6), (1, 8, 7)]
+    for i, (held, also, other) in enumerate(coalition):
+        counts[14 + i, [held, other]] = (50, 20)
+        if also is not None:
+            counts[14 + i, also] = 15
+    ws, bs = zip(*(_layer(rng, protos, counts[i], flip=i >= 14) for i in range(20)), strict=True)
+    return np.stack(ws), np.stack(bs), [0, 1, 2, 3], list(range(14, 20))
+
+
+def test_a_coalition_holding_most_rows_of_two_classes_does_not_set_their_consensus() -> None:
+    """Where flippers push up most rows of a class, the class's median is theirs and the
+    honest holders look flipped (so they were scored, fashion-mnist tune seed 4, until
+    the coalition was found first); the flippers still disagree with the honest majority
+    as a group, and the consensus is taken without them."""
+    from qflare.robust.detection import _label_coalition
+
+    for seed in range(5):
+        w, b, holders, flippers = _paired_classes_round(seed)
+        use = np.ones(20, dtype=bool)
+        found = set(np.flatnonzero(_label_coalition(w, b, use, 0.1, 6)))
+        # those holding images of both classes at least; the others then fall to the
+        # second pass
+        assert {14, 15, 17, 19} <= found <= set(flippers), (seed, found)
+        s = label_consistency(w, b, f=6)
+        assert s[flippers].max() < -0.15 < 0.15 < s[holders].min(), (seed, np.round(s, 2))
+        # the per-class median alone (the coalition not looked for, no second pass)
+        # names the honest holders of the two classes
+        alone = label_consistency(w, b, f=0)
+        assert alone[holders].max() < 0, (seed, np.round(alone, 2))
+        # at most f, and none where f is 0
+        assert set(np.flatnonzero(_label_coalition(w, b, use, 0.1, 2))) <= found
+        assert _label_coalition(w, b, use, 0.1, 2).sum() == 2
+        assert not _label_coalition(w, b, use, 0.1, 0).any()
+
+
+def test_no_coalition_is_found_among_honest_clients() -> None:
+    from qflare.robust.detection import _label_coalition
+
+    for seed in range(5):
+        w, b = _round(seed, one_class=(0, 8))
+        assert not _label_coalition(w, b, np.ones(20, dtype=bool), 0.1, 6).any(), seed
