@@ -23,4 +23,5 @@ SEED_SETS: dict[str, int] = {
     "heldout11": 11000,
     "heldout12": 12000,
     "heldout13": 13000,
+    "heldout14": 14000,
 }

@@ -303,3 +303,31 @@ def test_no_coalition_is_found_among_honest_clients() -> None:
     for seed in range(5):
         w, b = _round(seed, one_class=(0, 8))
         assert not _label_coalition(w, b, np.ones(20, dtype=bool), 0.1, 6).any(), seed
+
+
+def test_a_row_whose_nearest_class_looks_like_its_own_weighs_little() -> None:
+    """Classes 2 and 4 look alike (pullover and coat on fashion-mnist); client 0's coats
+    lean further towards pullovers. Its row of 4 is then about as near the consensus of 2
+    as its own, and the margin between them is noise (it scored -0.29 on seed 1, as honest
+    fashion-mnist clients holding such classes hover about -0.15): a row's margin is
+    weighed by how unlike its own class's consensus and its rival's are. Flippers, whose
+    rows point at a class unlike their own, keep their scores."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        protos = np.abs(rng.standard_normal((C, H))) + 0.5
+        protos[4] = protos[2] + 0.5 * rng.standard_normal(H)
+        ws, bs = [], []
+        for i in range(20):
+            counts = np.round(60 * rng.dirichlet(np.full(C, 0.3)))
+            mine = protos
+            if i == 0:
+                counts = np.zeros(C)
+                counts[[4, 0]] = (60, 20)
+                mine = protos.copy()
+                mine[4] = protos[4] + 0.8 * (protos[2] - protos[4])
+            w, b = _layer(rng, mine, counts, flip=i >= 15)
+            ws.append(w)
+            bs.append(b)
+        s = label_consistency(np.stack(ws), np.stack(bs), f=6)
+        assert s[0] > 0, (seed, np.round(s, 2))
+        assert s[15:].max() < -0.15 < 0 < s[1:15].min(), (seed, np.round(s, 2))
