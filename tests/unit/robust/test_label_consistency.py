@@ -303,6 +303,26 @@ def test_no_coalition_is_found_among_honest_clients() -> None:
     for seed in range(5):
         w, b = _round(seed, one_class=(0, 8))
         assert not _label_coalition(w, b, np.ones(20, dtype=bool), 0.1, 6).any(), seed
+    # nothing to compare: no client, none in use, nothing pushed up
+    assert _label_coalition(
+        np.zeros((0, C, H)), np.zeros((0, C)), np.zeros(0, bool), 0.1, 2
+    ).shape == (0,)
+    assert not _label_coalition(w, b, np.zeros(20, dtype=bool), 0.1, 6).any()
+    assert not _label_coalition(w, np.zeros_like(b), np.ones(20, dtype=bool), 0.1, 6).any()
+
+
+def test_the_coalition_follows_its_clients_not_their_order() -> None:
+    from qflare.robust.detection import _label_coalition
+
+    w, b, _, flippers = _paired_classes_round(2)
+    found = _label_coalition(w, b, np.ones(20, dtype=bool), 0.1, 6)
+    order = np.random.default_rng(5).permutation(20)
+    again = _label_coalition(w[order], b[order], np.ones(20, dtype=bool), 0.1, 6)
+    np.testing.assert_array_equal(again, found[order])
+    # a client left out of use (flagged by the round's other scores) is in no coalition
+    use = np.ones(20, dtype=bool)
+    use[flippers[0]] = False
+    assert not _label_coalition(w, b, use, 0.1, 6)[flippers[0]]
 
 
 def test_a_row_whose_nearest_class_looks_like_its_own_weighs_little() -> None:
