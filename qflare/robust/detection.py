@@ -412,17 +412,32 @@ def _label_coalition(weight: F64, bias: F64, use: BoolArray, floor: float, f: in
     wt = np.where(up, bias, 0.0)
     wt = wt / np.maximum(wt.sum(axis=1, keepdims=True), 1e-30)
     several = up.sum(axis=1) >= 2
-    eye = np.eye(c, dtype=bool)
+    # only the rows pushed up, in client order: a client pushes up a few classes at
+    # Dirichlet 0.1, so R rows, not n x C
+    client, cls = np.nonzero(up)
+    rows = p[client, cls]  # [R, H]
+    weight_of = wt[client, cls]
+    at = np.full((n, c), -1)
+    at[client, cls] = np.arange(len(client))
+    starts = np.flatnonzero(np.r_[True, client[1:] != client[:-1]])
+    owners = client[starts]
     pair = np.zeros((n, n))
-    chunk = max(1, 2_000_000 // max(1, n * c * c))
-    for s in range(0, n, chunk):
-        cos = np.einsum("ikh,jlh->ijkl", p[s : s + chunk], p)  # [m, n, C, C]
-        same = np.einsum("ijkk->ijk", cos)
-        other = np.where(eye | ~up[None, :, None, :], -np.inf, cos).max(axis=3)
-        valid = up[s : s + chunk, None, :] & up[None, :, :] & several[None, :, None]
+    block = max(1, 4_000_000 // len(client))
+    for s in range(0, len(client), block):
+        r = slice(s, s + block)
+        g = rows[r] @ rows.T  # [B, R]: cosines of the block's rows with every row
+        # each client's row of the row's own class (where it has one) ...
+        col = at[:, cls[r]].T  # [B, n]
+        same = np.take_along_axis(g, np.maximum(col, 0), axis=1)
+        # ... against its closest row of another class
+        other = np.full(col.shape, -np.inf)
+        other[:, owners] = np.maximum.reduceat(
+            np.where(cls[None, :] == cls[r, None], -np.inf, g), starts, axis=1
+        )
+        valid = (col >= 0) & several[None, :]
         with np.errstate(invalid="ignore"):
-            margin = np.where(valid, same - other, 0.0)
-        pair[s : s + chunk] = (wt[s : s + chunk, None, :] * margin).sum(axis=2)
+            margin = np.where(valid, same - other, 0.0) * weight_of[r, None]
+        np.add.at(pair, client[r], margin)
     np.fill_diagonal(pair, 0.0)
     graph = (pair + pair.T) / 2
     vals, vecs = np.linalg.eigh(graph)
