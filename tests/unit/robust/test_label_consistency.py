@@ -251,15 +251,15 @@ def _paired_classes_round(seed: int) -> tuple[np.ndarray, np.ndarray, list[int],
     """Twenty clients, six flipping, where the flippers push up most rows of the paired
     classes 1 and 8 (each flipper's images of 8 become its label 1, of 1 its label 8): as
     on fashion-mnist at Dirichlet 0.1 (tune seed 4). Two honest clients hold each of the
-    two classes; four flippers hold images of only one of the two, three a class the
-    honest clients are the most of."""
+    two classes; four flippers hold images of both, two of only one, and each flipper a
+    third class whose rows are mostly honest clients'."""
     rng = np.random.default_rng(seed)
     protos = np.abs(rng.standard_normal((C, H))) + 0.5
     counts = np.zeros((20, C))
     counts[0, 1], counts[1, [1, 3]] = 60, (40, 20)
     counts[2, 8], counts[3, [8, 5]] = 60, (40, 20)
     rest = [0, 2, 3, 4, 5, 6, 7, 9]
-    for i in range(4, 14):  # honest clients of the other classes, two or three each
+    for i in range(4, 14):  # honest clients each holding two of the other classes
         counts[i, rng.choice(rest, size=2, replace=False)] = (40, 20)
     # images of 8 (labelled 1) or of 1 (labelled 8), some of the other, and a third class
     coalition = [(8, 1, 2), (8, 1, 3), (8, None, 4), (1, 8, 0), (1, None, 6), (1, 8, 7)]
@@ -309,6 +309,22 @@ def test_no_coalition_is_found_among_honest_clients() -> None:
     ).shape == (0,)
     assert not _label_coalition(w, b, np.zeros(20, dtype=bool), 0.1, 6).any()
     assert not _label_coalition(w, np.zeros_like(b), np.ones(20, dtype=bool), 0.1, 6).any()
+
+
+def test_one_client_at_odds_with_the_rest_is_no_coalition() -> None:
+    """With every flipper but one out of use (flagged by the round's other scores), the
+    one left disagrees with the rest alone: no coalition. Without the rule that a
+    coalition's members agree among themselves (at least two of them), the lone flipper
+    was named, and on seed 1 two honest holders of the contested classes were (digits tune
+    seed 9: an honest client holding a class with two flippers, named alone)."""
+    from qflare.robust.detection import _label_coalition
+
+    for seed in range(5):
+        w, b, _, flippers = _paired_classes_round(seed)
+        for kept in flippers:
+            use = np.ones(20, dtype=bool)
+            use[[c for c in flippers if c != kept]] = False
+            assert not _label_coalition(w, b, use, 0.1, 6).any(), (seed, kept)
 
 
 def test_the_coalition_follows_its_clients_not_their_order() -> None:
