@@ -37,7 +37,8 @@ excluded in 40% of rounds with no attack), ``heldout13`` (13000, 13001, ...) aft
 heldout12's (on fashion-mnist, honest clients out in 50-60% of rounds with no attack and
 label flipping caught 89.2% of the time), ``heldout14`` (14000, 14001, ...) after
 heldout13's (on fashion-mnist, label flipping at alpha 0.1 caught 40.8% of the time on one
-seed, an honest client out in 90% of rounds).
+seed, an honest client out in 90% of rounds), ``heldout15`` (15000, 15001, ...) after
+heldout14's (on fashion-mnist with no attack, honest clients out in 45-75% of rounds).
 ``--seeds N`` takes the first N of the set. Runs use the direct
 path (``qflare.sim.direct``), which drives the services' own cores.
 """

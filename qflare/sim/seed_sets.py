@@ -24,4 +24,5 @@ SEED_SETS: dict[str, int] = {
     "heldout12": 12000,
     "heldout13": 13000,
     "heldout14": 14000,
+    "heldout15": 15000,
 }

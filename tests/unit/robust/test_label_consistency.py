@@ -4,6 +4,7 @@ and its running mean and flag in the reputation (qflare.robust.Reputation)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +368,21 @@ def test_a_row_whose_nearest_class_looks_like_its_own_weighs_little() -> None:
         s = label_consistency(np.stack(ws), np.stack(bs), f=6)
         assert s[0] > 0, (seed, np.round(s, 2))
         assert s[15:].max() < -0.15 < 0 < s[1:15].min(), (seed, np.round(s, 2))
+
+
+ROUND = Path(__file__).parent / "data" / "fashion_alpha05_seed2_round15.npz"
+
+
+def test_the_majoritys_margin_is_the_zero_where_it_is_below_zero() -> None:
+    """A recorded round (fashion-mnist, 20 clients, alpha 0.5, no attack, tune seed 2,
+    round 15: the output layers the detector scored, and the client the round's other
+    scores flagged): late in training the rows carry the clients' confusions more than
+    their classes' means, and the median client scored -0.069, six honest clients below
+    the threshold of -0.15 (one of them out from round 13 on its window, 45% of rounds).
+    Scores are then measured from the median of the clients that set the consensus."""
+    with np.load(ROUND, allow_pickle=False) as rec:
+        w, b, exclude, f = rec["weight"], rec["bias"], rec["exclude"], int(rec["f"])
+    s = label_consistency(w, b, f, exclude=exclude)
+    assert np.isfinite(s).all()
+    assert np.median(s[~exclude]) == pytest.approx(0.0, abs=1e-12)
+    assert (s < -0.15).sum() == 3, np.round(s, 2)
