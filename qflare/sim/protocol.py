@@ -38,7 +38,9 @@ heldout12's (on fashion-mnist, honest clients out in 50-60% of rounds with no at
 label flipping caught 89.2% of the time), ``heldout14`` (14000, 14001, ...) after
 heldout13's (on fashion-mnist, label flipping at alpha 0.1 caught 40.8% of the time on one
 seed, an honest client out in 90% of rounds), ``heldout15`` (15000, 15001, ...) after
-heldout14's (on fashion-mnist with no attack, honest clients out in 45-75% of rounds).
+heldout14's (on fashion-mnist with no attack, honest clients out in 45-75% of rounds),
+``heldout16`` (16000, 16001, ...) after heldout15's (on fashion-mnist at alpha 0.1 with no
+attack, honest clients far in every round out in 45-90% of rounds).
 ``--seeds N`` takes the first N of the set. Runs use the direct
 path (``qflare.sim.direct``), which drives the services' own cores.
 """

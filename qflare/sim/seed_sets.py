@@ -25,4 +25,5 @@ SEED_SETS: dict[str, int] = {
     "heldout13": 13000,
     "heldout14": 14000,
     "heldout15": 15000,
+    "heldout16": 16000,
 }

@@ -47,7 +47,7 @@ def test_a_consistent_honest_outlier_is_let_back_in() -> None:
     assert back.to_dict() == rep.to_dict() and back.history.keys() == rep.history.keys()
     # a state saved before the history existed still loads, with the default tunables
     old = {k: v for k, v in rep.to_dict().items() if k in Reputation.PARAMS or k == "clients"}
-    assert Reputation.from_dict(old).consistency == 0.9
+    assert Reputation.from_dict(old).consistency == 0.8
     with pytest.raises(ValueError, match="rows for"):
         rep.review(7, ids[:3], x, v)
     with pytest.raises(ValueError, match="memory must be in"):
@@ -81,10 +81,10 @@ def test_the_consistency_a_pardon_needs_follows_the_round() -> None:
     steady as the round's typical client is let back in; against a fixed bar of 0.9 it
     would stay out. The bar never rises above ``consistency`` nor falls below the floor."""
     rep = Reputation()
-    assert rep.consistency_bar([]) == 0.9
-    assert rep.consistency_bar([0.99, 0.98, 0.97]) == pytest.approx(0.9 * 0.98)
-    assert rep.consistency_bar([1.0, 1.0]) == 0.9
-    assert rep.consistency_bar([0.1, 0.0, -0.1]) == 0.5  # residuals of fresh noise (IID)
+    assert rep.consistency_bar([]) == 0.8
+    assert rep.consistency_bar([0.99, 0.98, 0.97]) == pytest.approx(0.8 * 0.98)
+    assert rep.consistency_bar([1.0, 1.0]) == 0.8
+    assert rep.consistency_bar([0.1, 0.0, -0.1]) == 0.4  # residuals of fresh noise (IID)
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="consistency_floor"):
             Reputation(consistency_floor=bad)
@@ -97,7 +97,7 @@ def test_the_consistency_a_pardon_needs_follows_the_round() -> None:
     skew -= np.outer(skew @ mu, mu)
     skew /= np.linalg.norm(skew, axis=1, keepdims=True)
     ids = [f"c{i:02d}" for i in range(n)]
-    relative, fixed = Reputation(), Reputation(consistency_floor=0.9)
+    relative, fixed = Reputation(), Reputation(consistency=0.9, consistency_floor=0.9)
     for r in range(1, 9):
         noise = rng.normal(size=(n, d)) / np.sqrt(d)
         x = mu + 0.5 * skew + 0.3 * noise  # each client's own label skew, and SGD noise
